@@ -1,0 +1,4 @@
+//! The moe-operator: controllers that reconcile MoETrainingJob and
+//! MoEInferenceService into Kubernetes objects, plus what `moectl` shares
+//! with them. It never depends on the worker or kernels crates, so its image
+//! carries no CUDA.

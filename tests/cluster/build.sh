@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the pinned control-plane binaries from Go modules into a cache outside
+# git, keyed by version. Builds only what is missing, so a warm call is instant.
+# Usage: tests/cluster/build.sh   (prints the bin directory on its last line)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.sh
+source "$here/versions.sh"
+
+command -v go >/dev/null || { echo "build.sh: go is required (Go $GO_VERSION_REQUIRED.x)" >&2; exit 1; }
+gov=$(go env GOVERSION)
+case "$gov" in go"$GO_VERSION_REQUIRED"*) ;; *) echo "build.sh: need Go $GO_VERSION_REQUIRED.x, found $gov" >&2; exit 1;; esac
+
+bin="$KBIN_CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$gov"
+mkdir -p "$bin"
+export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+flags=(-trimpath -tags=selinux,notest,grpcnotrace)
+
+require_pin() { # module dir, module path, version: the wrapper must pin what versions.sh says
+  grep -qE "^\s*(require )?$2 $3( // indirect)?$" "$here/go/$1/go.mod" ||
+    { echo "build.sh: go/$1/go.mod does not require $2 $3 (versions.sh)" >&2; exit 1; }
+}
+
+step() { # name, then the command that builds it into $bin/name
+  local name=$1; shift
+  if [[ -x "$bin/$name" ]]; then return; fi
+  local t0=$SECONDS
+  echo "build.sh: building $name ..." >&2
+  "$@"
+  echo "build.sh: built $name in $((SECONDS - t0))s" >&2
+}
+
+k8s_ldflags() {
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local f="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    f+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    f+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$f"
+}
+
+build_k8s() {
+  require_pin k8s k8s.io/kubernetes "$K8S_VERSION"
+  (cd "$here/go/k8s" && go build "${flags[@]}" -ldflags "$(k8s_ldflags)" -o "$bin/$1.tmp" "k8s.io/kubernetes/cmd/$1")
+  mv "$bin/$1.tmp" "$bin/$1"
+}
+build_etcd() {
+  require_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+  (cd "$here/go/etcd" && go build "${flags[@]}" -ldflags "-s -w" -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3)
+  mv "$bin/etcd.tmp" "$bin/etcd"
+}
+build_kwok() {
+  require_pin kwok sigs.k8s.io/kwok "$KWOK_VERSION"
+  (cd "$here/go/kwok" && go build "${flags[@]}" \
+    -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" -o "$bin/kwok.tmp" sigs.k8s.io/kwok/cmd/kwok)
+  mv "$bin/kwok.tmp" "$bin/kwok"
+}
+build_helm() {
+  require_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local f="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    f+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
+  (cd "$here/go/helm" && go build "${flags[@]}" -ldflags "$f" -o "$bin/helm.tmp" helm.sh/helm/v3/cmd/helm)
+  mv "$bin/helm.tmp" "$bin/helm"
+}
+
+# Fast ones first, so a partial cache is still useful; the apiserver is the big one.
+step etcd build_etcd
+step kwok build_kwok
+step helm build_helm
+for c in kubectl kube-scheduler kube-controller-manager kube-apiserver; do step "$c" build_k8s "$c"; done
+
+# The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
+kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+if [[ ! -d "$bin/kwok-stages" ]]; then
+  cp -r "$kwok_dir/kustomize/stage" "$bin/kwok-stages.tmp" && chmod -R u+w "$bin/kwok-stages.tmp" && mv "$bin/kwok-stages.tmp" "$bin/kwok-stages"
+fi
+echo "$bin"

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Prints the fake node pool as YAML (applied by up.sh): N H100 GPU nodes
+# (8 GPUs each, GPU taint, block/rack topology), 2 A100 nodes (a non-Hopper
+# pool, for placement tests) and 3 CPU-only nodes. KWOK manages every node
+# annotated kwok.x-k8s.io/node=fake and marks it Ready.
+# Usage: nodes.sh [GPU_NODES]   (default 16)
+set -euo pipefail
+gpu_nodes=${1:-16}
+per_rack=4 racks_per_block=2
+
+node() { # name, extra label lines, extra capacity, taints
+  cat <<YAML
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $1
+  annotations: {kwok.x-k8s.io/node: fake}
+  labels:
+    type: kwok
+    kubernetes.io/hostname: $1
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    topology.kubernetes.io/region: region-a
+    topology.kubernetes.io/zone: zone-a
+$2
+spec:
+  taints: [$4]
+status:
+  capacity:    {cpu: "192", memory: 2048Gi, pods: "110", ephemeral-storage: 8Ti$3}
+  allocatable: {cpu: "190", memory: 2000Gi, pods: "110", ephemeral-storage: 8Ti$3}
+YAML
+}
+gpu_taint='{key: nvidia.com/gpu, value: present, effect: NoSchedule}'
+gpu_labels() { # product, block, rack
+  printf '    %s\n' 'nvidia.com/gpu.present: "true"' 'nvidia.com/gpu.count: "8"' \
+    "nvidia.com/gpu.product: $1" "topology.moe.dev/block: $2" "topology.moe.dev/rack: $3"
+}
+for ((i = 0; i < gpu_nodes; i++)); do
+  rack=$((i / per_rack))
+  block=$((rack / racks_per_block))
+  node "gpu-h100-$i" "$(gpu_labels NVIDIA-H100-80GB-HBM3 "block-$block" "rack-$rack")" ', nvidia.com/gpu: "8"' "$gpu_taint"
+done
+for i in 0 1; do
+  node "gpu-a100-$i" "$(gpu_labels NVIDIA-A100-SXM4-80GB block-a100 rack-a100)" ', nvidia.com/gpu: "8"' "$gpu_taint"
+done
+for i in 0 1 2; do
+  node "cpu-$i" "    node.moe.dev/pool: cpu" "" ""
+done

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Starts a real Kubernetes control plane on 127.0.0.1 for tests: etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler and KWOK with a fake
+# GPU node pool. Builds what is missing first (build.sh, cached by version).
+#
+# Writes tests/cluster/.state/env, which exports KUBECONFIG (admin) and puts the
+# pinned kubectl/helm first on PATH:   source tests/cluster/.state/env
+# Idempotent: while the plane is running a second call returns at once.
+#
+# Knobs (environment): MOE_KWOK_GPU_NODES (default 16), MOE_CLUSTER_PORT_BASE
+# (default 16000: apiserver on +443, etcd on +379/+380, KCM +257, scheduler +259).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/versions.sh"
+state="$here/.state"
+gpu_nodes=${MOE_KWOK_GPU_NODES:-16}
+base=${MOE_CLUSTER_PORT_BASE:-16000}
+api_port=$((base + 443)) etcd_port=$((base + 379)) etcd_peer=$((base + 380))
+kcm_port=$((base + 257)) sched_port=$((base + 259))
+server="https://127.0.0.1:$api_port"
+t_start=$SECONDS
+
+log() { echo "up.sh: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+alive() { [[ -f "$state/pids/$1" ]] && kill -0 "$(cat "$state/pids/$1")" 2>/dev/null; }
+
+if [[ -f "$state/env" ]] && alive etcd && alive kube-apiserver && alive kube-controller-manager &&
+  alive kube-scheduler && alive kwok &&
+  curl -fsS --cacert "$state/pki/ca.crt" "$server/readyz" >/dev/null 2>&1; then
+  log "control plane already running ($server); source $state/env"
+  exit 0
+fi
+# Half-started leftovers (a crash, a killed run): clear them before starting anew.
+if [[ -d "$state" ]]; then "$here/down.sh" >/dev/null 2>&1 || true; fi
+
+t0=$SECONDS
+bin=$("$here/build.sh" | tail -n 1)
+log "binaries ready in $((SECONDS - t0))s: $bin"
+mkdir -p "$state"/{pki,logs,pids,etcd}
+echo "$bin" >"$state/bin"
+
+# ---------------------------------------------------------------- PKI
+# One CA; a serving certificate with IP SAN 127.0.0.1 (rustls checks IP SANs);
+# client certificates per identity; the ServiceAccount signing key pair.
+pki="$state/pki"
+ossl() { openssl "$@" >/dev/null 2>&1 || { openssl "$@"; exit 1; }; }
+ossl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -out "$pki/ca.crt" -days 3650 \
+  -subj "/CN=moe-test-ca" -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+sign() { # name, subject, extensions
+  ossl req -newkey rsa:2048 -nodes -keyout "$pki/$1.key" -out "$pki/$1.csr" -subj "$2"
+  printf '%s\n' "$3" >"$pki/$1.ext"
+  ossl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -out "$pki/$1.crt" -days 3650 -extfile "$pki/$1.ext"
+}
+sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1"
+client_ext="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+sign admin "/O=system:masters/CN=kubernetes-admin" "$client_ext"
+sign kcm "/CN=system:kube-controller-manager" "$client_ext"
+sign scheduler "/CN=system:kube-scheduler" "$client_ext"
+sign kwok "/O=system:masters/CN=kwok-controller" "$client_ext"
+ossl genrsa -out "$pki/sa.key" 2048
+ossl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
+
+kubeconfig() { # identity -> $pki/<identity>.kubeconfig, certificates embedded
+  cat >"$pki/$1.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: moe-test
+  cluster:
+    server: $server
+    certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
+users:
+- name: $1
+  user:
+    client-certificate-data: $(base64 -w0 "$pki/$1.crt")
+    client-key-data: $(base64 -w0 "$pki/$1.key")
+contexts:
+- name: moe-test
+  context: {cluster: moe-test, user: $1}
+current-context: moe-test
+EOF
+}
+for id in admin kcm scheduler kwok; do kubeconfig "$id"; done
+
+# ---------------------------------------------------------------- processes
+start() { # name, args...: runs bin/name in the background, logs to logs/name.log
+  local name=$1; shift
+  setsid "$bin/$name" "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$state/pids/$name"
+}
+wait_for() { # what, seconds, command...
+  local what=$1 limit=$2 t=$SECONDS; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS - t > limit)); then die "$what not healthy after ${limit}s; see $state/logs/"; fi
+    sleep 0.5
+  done
+  log "$what healthy after $((SECONDS - t))s"
+}
+
+start etcd --name=node0 --data-dir="$state/etcd" \
+  --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls="http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls="http://127.0.0.1:$etcd_peer" \
+  --initial-cluster="node0=http://127.0.0.1:$etcd_peer" --listen-metrics-urls="" \
+  --unsafe-no-fsync=true --auto-compaction-retention=1 --quota-backend-bytes=2147483648 --log-level=warn
+wait_for etcd 60 curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
+  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+  --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+  --client-ca-file="$pki/ca.crt" \
+  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+  --api-audiences=https://kubernetes.default.svc.cluster.local \
+  --service-cluster-ip-range=10.96.0.0/16 \
+  --authorization-mode=Node,RBAC \
+  --enable-admission-plugins=OwnerReferencesPermissionEnforcement \
+  --allow-privileged=true \
+  --enable-priority-and-fairness=false --profiling=false --v=1 \
+  --cert-dir="$state/apiserver-certs"
+wait_for kube-apiserver 180 curl -fsS --cacert "$pki/ca.crt" "$server/readyz"
+
+# Slim controller set for 2 cores: what Jobs, GC, namespaces, ServiceAccounts,
+# node loss, workloads and PDBs need. node-monitor-grace-period is short so a
+# NotReady node is acted on within seconds in tests.
+start kube-controller-manager --kubeconfig="$pki/kcm.kubeconfig" \
+  --authentication-kubeconfig="$pki/kcm.kubeconfig" --authorization-kubeconfig="$pki/kcm.kubeconfig" \
+  --bind-address=127.0.0.1 --secure-port="$kcm_port" --leader-elect=false \
+  --use-service-account-credentials=true \
+  --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+  --cluster-name=moe-test --node-monitor-grace-period=20s --node-monitor-period=2s \
+  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller \
+  --cert-dir="$state/kcm-certs" --v=1
+cat >"$state/scheduler.yaml" <<EOF
+apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+clientConnection: {kubeconfig: $pki/scheduler.kubeconfig}
+leaderElection: {leaderElect: false}
+EOF
+start kube-scheduler --config="$state/scheduler.yaml" \
+  --authentication-kubeconfig="$pki/scheduler.kubeconfig" --authorization-kubeconfig="$pki/scheduler.kubeconfig" \
+  --bind-address=127.0.0.1 --secure-port="$sched_port" --cert-dir="$state/scheduler-certs" --v=1
+
+# KWOK: upstream stages from the pinned module plus our own (kwok-stages.yaml).
+{
+  cat <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  cidr: 10.244.0.0/16
+  manageAllNodes: false
+  manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
+  nodeLeaseDurationSeconds: 40
+EOF
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease node/chaos/node-not-ready \
+    pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete \
+    pod/chaos/pod-container-running-failed pod/chaos/pod-init-container-running-failed; do
+    echo "---"; cat "$bin/kwok-stages/$f.yaml"
+  done
+  echo "---"; cat "$here/kwok-stages.yaml"
+} >"$state/kwok.yaml"
+start kwok --kubeconfig="$pki/kwok.kubeconfig" --config="$state/kwok.yaml"
+
+wait_for kube-controller-manager 120 curl -fsSk "https://127.0.0.1:$kcm_port/healthz"
+wait_for kube-scheduler 120 curl -fsSk "https://127.0.0.1:$sched_port/healthz"
+
+export KUBECONFIG="$pki/admin.kubeconfig"
+kubectl() { "$bin/kubectl" "$@"; }
+wait_for "default ServiceAccount" 120 kubectl get serviceaccount default -n default
+
+# ---------------------------------------------------------------- fake nodes
+"$here/nodes.sh" "$gpu_nodes" | kubectl apply -f - >/dev/null
+wait_for "kwok" 60 kill -0 "$(cat "$state/pids/kwok")"
+t=$SECONDS
+kubectl wait --for=condition=Ready node -l type=kwok --timeout=180s >/dev/null ||
+  die "fake nodes not Ready; see $state/logs/kwok.log"
+# Ready nodes lose the not-ready taint shortly after; scheduling needs that.
+until [[ -z "$(kubectl get nodes -l type=kwok -o jsonpath='{range .items[*]}{.spec.taints[?(@.key=="node.kubernetes.io/not-ready")].key}{end}')" ]]; do
+  ((SECONDS - t < 120)) || die "not-ready taint still on fake nodes"
+  sleep 0.5
+done
+log "$(kubectl get nodes -l type=kwok --no-headers | wc -l) fake nodes Ready after $((SECONDS - t))s"
+
+cat >"$state/env" <<EOF
+# Generated by tests/cluster/up.sh: source it to talk to the test control plane.
+export KUBECONFIG="$pki/admin.kubeconfig"
+export PATH="$bin:\$PATH"
+export MOE_CLUSTER_STATE="$state"
+export MOE_CLUSTER_SERVER="$server"
+EOF
+log "control plane up in $((SECONDS - t_start))s at $server; source $state/env"

@@ -1,0 +1,11 @@
+# Pinned versions of everything the test control plane is built from.
+# Sourced by build.sh and up.sh. Changing one changes the cache key, so the
+# next build.sh rebuilds only what changed. Keep these in step with the
+# wrapper modules under go/ (build.sh checks that they agree).
+K8S_VERSION=v1.36.3      # kube-apiserver, controller-manager, scheduler, kubectl
+ETCD_VERSION=v3.6.16     # the 3.6 line is what Kubernetes 1.36 ships its client for
+KWOK_VERSION=v0.8.0      # built against the 1.36 libraries
+HELM_VERSION=v3.21.4     # built with client-go v0.36
+GO_VERSION_REQUIRED=1.26
+
+KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}

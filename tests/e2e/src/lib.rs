@@ -1,0 +1,163 @@
+//! Helpers for end-to-end tests against the real control plane that
+//! `tests/cluster/up.sh` starts (kube-apiserver, etcd, controller-manager,
+//! scheduler, KWOK). Run them with `tests/run.sh` or, with the plane up:
+//!
+//! ```sh
+//! source tests/cluster/.state/env && cargo test -p moe-e2e
+//! ```
+//!
+//! Every test makes its own namespace, so tests run in parallel and a failed
+//! run leaves its objects behind for inspection until `down.sh`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// The admin client of the test control plane, from `KUBECONFIG`.
+///
+/// Fails with a message that says how to start the plane when none is running.
+pub async fn admin_client() -> Result<Client> {
+    let path = std::env::var("KUBECONFIG").context(
+        "KUBECONFIG is not set: start the control plane with tests/cluster/up.sh, \
+         then `source tests/cluster/.state/env` (tests/run.sh does both)",
+    )?;
+    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {path}"))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    client.apiserver_version().await.with_context(|| {
+        format!("no apiserver answers for {path}: is tests/cluster/up.sh running?")
+    })?;
+    Ok(client)
+}
+
+/// A client that authenticates with a bearer `token` (e.g. a ServiceAccount
+/// token from the TokenRequest API) against the same apiserver and CA as the
+/// admin kubeconfig, and nothing else of the admin's identity.
+pub async fn token_client(token: &str) -> Result<Client> {
+    let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
+    let admin = Kubeconfig::read_from(&path)?;
+    let cluster = admin
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .context("admin kubeconfig has no cluster")?;
+    let yaml = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": cluster.server,
+            "certificate-authority-data": cluster.certificate_authority_data,
+        }}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    });
+    let kubeconfig: Kubeconfig = serde_json::from_value(yaml)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// A namespace made for one test, named `<prefix>-<unique suffix>`.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates the namespace with the given labels (e.g. Pod Security levels).
+    pub async fn create(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> Result<Self> {
+        let suffix = format!("{:x}", std::process::id() ^ (unique() as u32));
+        let name = format!("{prefix}-{suffix}");
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+
+    /// Deletes the namespace (and, through the namespace controller, what is in it).
+    /// Called at the end of a passing test; a failing one leaves it for inspection.
+    pub async fn delete(self) -> Result<()> {
+        Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::background())
+            .await?;
+        Ok(())
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, or fails after `timeout`
+/// saying what was awaited and what `check` last saw.
+///
+/// Polling (rather than a watch) keeps each wait independent of watch-cache
+/// timing; every check is a fresh read from the apiserver.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_error {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The HTTP status code of an apiserver error, if `err` is one.
+pub fn api_status(err: &kube::Error) -> Option<u16> {
+    match err {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// The apiserver's message of an error, or its display form.
+pub fn api_message(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}

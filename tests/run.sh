@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The project's one test command (README, and .ci/run calls exactly this).
+#
+#   1. lint:  cargo fmt --check, cargo clippy -D warnings
+#   2. unit:  cargo test (crds, operator, worker, kernels)
+#   3. harness: build the pinned control-plane binaries (cached), start them
+#   4. e2e:   cargo test -p moe-e2e against the real control plane
+#   5. down:  stop the control plane (also when something failed)
+#
+# Knobs: MOE_SKIP_LINT=1 skips phase 1; MOE_SKIP_E2E=1 stops after phase 2;
+# MOE_KEEP_CLUSTER=1 leaves the control plane running afterwards.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+declare -a timings=()
+phase() { # name, command...
+  local name=$1 t0=$SECONDS; shift
+  echo "=== phase: $name" >&2
+  "$@"
+  timings+=("$(printf '%-8s %5ss' "$name" $((SECONDS - t0)))")
+}
+report() {
+  echo "=== phase timings" >&2
+  for t in "${timings[@]}"; do echo "    $t" >&2; done
+}
+trap report EXIT
+
+command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required" >&2; exit 1; }
+
+lint() {
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+}
+[[ ${MOE_SKIP_LINT:-} == 1 ]] || phase lint lint
+phase unit cargo test --locked
+
+[[ ${MOE_SKIP_E2E:-} == 1 ]] && exit 0
+
+cluster_down() {
+  [[ ${MOE_KEEP_CLUSTER:-} == 1 ]] || tests/cluster/down.sh || true
+  report
+}
+trap cluster_down EXIT
+phase build tests/cluster/build.sh >/dev/null
+phase up tests/cluster/up.sh
+# shellcheck source=/dev/null
+source tests/cluster/.state/env
+phase e2e cargo test --locked -p moe-e2e -- --test-threads=4
