@@ -1,7 +1,16 @@
 //! The MoE worker: model, ops (a CPU reference and, behind `cuda`, a CUDA
 //! launcher per op), training loop, checkpoints, collectives and serving.
 //!
-//! Only the crate boundary exists so far; see the worker issue for the plan.
+//! So far: the CPU reference ops ([`ops`]: matmul, RMSNorm, SwiGLU, softmax,
+//! cross-entropy, embedding, RoPE, causal grouped-query attention) and the
+//! Mixture-of-Experts feed-forward layer ([`moe`]), all generic over `f32`
+//! (training) and `f64` (gradient checks) through [`scalar::Scalar`].
+
+pub mod gradcheck;
+pub mod moe;
+pub mod ops;
+pub mod rng;
+pub mod scalar;
 
 /// Compute backends a worker can be built with, as reported by `moe-worker --version`.
 pub fn backends() -> &'static [&'static str] {

@@ -1,0 +1,287 @@
+//! The MoE feed-forward layer: route, dispatch by expert, run each expert
+//! over its tokens, scatter-add the gated outputs back, add the shared experts.
+
+use crate::moe::balance;
+use crate::moe::config::{MoeConfig, MoeConfigError};
+use crate::moe::dispatch::Dispatch;
+use crate::moe::expert::SwiGluActivations;
+use crate::moe::params::MoeParams;
+use crate::moe::routing::{self, Routing};
+use crate::ops::matmul;
+use crate::scalar::Scalar;
+
+/// One MoE layer: validated config, weights and the load-balancing bias.
+#[derive(Clone, Debug)]
+pub struct MoeLayer<T> {
+    config: MoeConfig,
+    pub params: MoeParams<T>,
+    /// Per-expert bias added to the scores for top-k selection only; moved by
+    /// [`MoeLayer::update_selection_bias`], never by gradients.
+    pub selection_bias: Vec<T>,
+}
+
+/// The forward pass's output and everything its backward needs.
+#[derive(Clone, Debug)]
+pub struct MoeForward<T> {
+    /// `[tokens, hidden]`.
+    pub output: Vec<T>,
+    pub routing: Routing<T>,
+    pub dispatch: Dispatch,
+    /// The sequence-wise balance loss (0 when `aux_loss_alpha` is 0); part of
+    /// the training objective, and [`MoeLayer::backward`] includes its gradient.
+    pub aux_loss: T,
+    seq_len: usize,
+    routed: Vec<ExpertPass<T>>,
+    shared: Option<SwiGluActivations<T>>,
+}
+
+/// One routed expert's batch: its gathered input rows, activations and output rows.
+#[derive(Clone, Debug)]
+struct ExpertPass<T> {
+    input: Vec<T>,
+    activations: SwiGluActivations<T>,
+    output: Vec<T>,
+}
+
+impl<T> MoeForward<T> {
+    /// Tokens routed to each expert in this pass (for metrics and the bias update).
+    pub fn expert_load(&self) -> Vec<usize> {
+        self.dispatch.load()
+    }
+}
+
+impl<T: Scalar> MoeLayer<T> {
+    /// A layer with a zero selection bias.
+    pub fn new(config: MoeConfig, params: MoeParams<T>) -> Result<Self, MoeConfigError> {
+        config.validate()?;
+        if !params.matches(&config) {
+            return Err(MoeConfigError::ParamsDoNotMatch);
+        }
+        let selection_bias = vec![T::ZERO; config.n_routed_experts];
+        Ok(Self {
+            config,
+            params,
+            selection_bias,
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// Runs the layer on `x: [tokens, hidden]`, made of whole sequences of
+    /// `seq_len` tokens (the unit the balance loss is computed over).
+    pub fn forward(&self, x: &[T], seq_len: usize) -> MoeForward<T> {
+        let (config, hidden) = (&self.config, self.config.hidden);
+        assert_eq!(x.len() % hidden, 0, "MoE input is not [tokens, hidden]");
+        let tokens = x.len() / hidden;
+        assert!(
+            seq_len > 0 && tokens.is_multiple_of(seq_len),
+            "MoE input is not whole sequences of seq_len tokens"
+        );
+
+        let n_experts = config.n_routed_experts;
+        let mut logits = vec![T::ZERO; tokens * n_experts];
+        matmul::forward(&mut logits, x, &self.params.router, hidden, n_experts);
+        let routing = routing::route(config, &logits, &self.selection_bias);
+        let dispatch = Dispatch::new(&routing.experts, config.top_k, n_experts);
+
+        let mut output = vec![T::ZERO; x.len()];
+        let routed = (0..n_experts)
+            .map(|e| self.routed_expert_forward(e, x, &routing, &dispatch, &mut output))
+            .collect();
+        let shared = self.params.shared(config).map(|mlp| {
+            let mut shared_output = vec![T::ZERO; x.len()];
+            let activations = mlp.forward(&mut shared_output, x);
+            for (o, s) in output.iter_mut().zip(shared_output) {
+                *o += s;
+            }
+            activations
+        });
+        let aux_loss = if config.aux_loss_alpha > 0.0 {
+            balance::sequence_balance_loss(&routing, seq_len, config.aux_loss_alpha)
+        } else {
+            T::ZERO
+        };
+        MoeForward {
+            output,
+            routing,
+            dispatch,
+            aux_loss,
+            seq_len,
+            routed,
+            shared,
+        }
+    }
+
+    /// Gathers expert `e`'s tokens, runs the expert on them as one batch and
+    /// scatter-adds the gated rows into `output`.
+    fn routed_expert_forward(
+        &self,
+        e: usize,
+        x: &[T],
+        routing: &Routing<T>,
+        dispatch: &Dispatch,
+        output: &mut [T],
+    ) -> ExpertPass<T> {
+        let hidden = self.config.hidden;
+        let slots = dispatch.slots(e);
+        let mut input = Vec::with_capacity(slots.len() * hidden);
+        for &slot in slots {
+            input.extend_from_slice(row(x, dispatch.token(slot), hidden));
+        }
+        let mut expert_output = vec![T::ZERO; input.len()];
+        let activations = self
+            .params
+            .expert(&self.config, e)
+            .forward(&mut expert_output, &input);
+        for (&slot, y) in slots.iter().zip(expert_output.chunks_exact(hidden)) {
+            let gate = routing.gates[slot];
+            for (o, &v) in row_mut(output, dispatch.token(slot), hidden)
+                .iter_mut()
+                .zip(y)
+            {
+                *o += gate * v;
+            }
+        }
+        ExpertPass {
+            input,
+            activations,
+            output: expert_output,
+        }
+    }
+
+    /// Adds d loss / d x into `dx` and the weight gradients into `grads`, given
+    /// `dout` = d loss / d output, for `loss = downstream(output) + aux_loss`.
+    ///
+    /// Gradients reach the router only through the gate values (and the
+    /// balance loss); the top-k choice itself is piecewise constant.
+    pub fn backward(
+        &self,
+        pass: &MoeForward<T>,
+        x: &[T],
+        dout: &[T],
+        dx: &mut [T],
+        grads: &mut MoeParams<T>,
+    ) {
+        let config = &self.config;
+        assert!(
+            dout.len() == x.len() && dx.len() == x.len(),
+            "MoE gradient shapes"
+        );
+        let mut dgates = vec![T::ZERO; pass.routing.gates.len()];
+        for e in 0..config.n_routed_experts {
+            self.routed_expert_backward(e, pass, dout, dx, &mut dgates, grads);
+        }
+        if let (Some(mlp), Some(activations)) = (self.params.shared(config), &pass.shared) {
+            mlp.backward(dx, grads.shared_grads(), dout, x, activations);
+        }
+        self.router_backward(pass, x, &dgates, dx, &mut grads.router);
+    }
+
+    /// Backward of [`Self::routed_expert_forward`]: fills expert `e`'s entries
+    /// of `dgates` (d loss / d gate = dout_row . expert_output_row) and adds
+    /// its weight gradients and its scattered input gradient.
+    fn routed_expert_backward(
+        &self,
+        e: usize,
+        pass: &MoeForward<T>,
+        dout: &[T],
+        dx: &mut [T],
+        dgates: &mut [T],
+        grads: &mut MoeParams<T>,
+    ) {
+        let hidden = self.config.hidden;
+        let (expert, slots) = (&pass.routed[e], pass.dispatch.slots(e));
+        let mut dexpert_output = vec![T::ZERO; expert.output.len()];
+        let rows = slots
+            .iter()
+            .zip(expert.output.chunks_exact(hidden))
+            .zip(dexpert_output.chunks_exact_mut(hidden));
+        for ((&slot, y), dy) in rows {
+            let dout_row = row(dout, pass.dispatch.token(slot), hidden);
+            dgates[slot] = dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum();
+            let gate = pass.routing.gates[slot];
+            for (dyi, &d) in dy.iter_mut().zip(dout_row) {
+                *dyi = gate * d;
+            }
+        }
+        let mut dinput = vec![T::ZERO; expert.input.len()];
+        self.params.expert(&self.config, e).backward(
+            &mut dinput,
+            grads.expert_grads(&self.config, e),
+            &dexpert_output,
+            &expert.input,
+            &expert.activations,
+        );
+        for (&slot, d) in slots.iter().zip(dinput.chunks_exact(hidden)) {
+            for (dxi, &di) in row_mut(dx, pass.dispatch.token(slot), hidden)
+                .iter_mut()
+                .zip(d)
+            {
+                *dxi += di;
+            }
+        }
+    }
+
+    /// From d loss / d gates (plus the balance loss) back to the scores, the
+    /// logits, and finally the router weights and the input.
+    fn router_backward(
+        &self,
+        pass: &MoeForward<T>,
+        x: &[T],
+        dgates: &[T],
+        dx: &mut [T],
+        drouter: &mut [T],
+    ) {
+        let config = &self.config;
+        let (routing, n_experts, k) = (&pass.routing, config.n_routed_experts, config.top_k);
+        let mut dscores = vec![T::ZERO; routing.scores.len()];
+        let per_token = dscores
+            .chunks_exact_mut(n_experts)
+            .zip(routing.scores.chunks_exact(n_experts))
+            .zip(dgates.chunks_exact(k).zip(routing.experts.chunks_exact(k)));
+        for ((dscores_row, scores_row), (dgates_row, experts_row)) in per_token {
+            routing::gates_backward(config, dscores_row, dgates_row, scores_row, experts_row);
+        }
+        if config.aux_loss_alpha > 0.0 {
+            balance::sequence_balance_loss_backward(
+                &mut dscores,
+                routing,
+                pass.seq_len,
+                config.aux_loss_alpha,
+            );
+        }
+        let mut dlogits = vec![T::ZERO; dscores.len()];
+        routing::scores_backward(
+            config.score_function,
+            &mut dlogits,
+            &dscores,
+            &routing.scores,
+            n_experts,
+        );
+        matmul::backward(
+            dx,
+            drouter,
+            &dlogits,
+            x,
+            &self.params.router,
+            config.hidden,
+            n_experts,
+        );
+    }
+
+    /// The auxiliary-loss-free balancing step, run once per training step with
+    /// the step's [`MoeForward::expert_load`]: see [`balance::update_selection_bias`].
+    pub fn update_selection_bias(&mut self, load: &[usize], rate: T) {
+        balance::update_selection_bias(&mut self.selection_bias, load, rate);
+    }
+}
+
+fn row<T>(m: &[T], r: usize, width: usize) -> &[T] {
+    &m[r * width..(r + 1) * width]
+}
+
+fn row_mut<T>(m: &mut [T], r: usize, width: usize) -> &mut [T] {
+    &mut m[r * width..(r + 1) * width]
+}

@@ -1,0 +1,359 @@
+//! Causal scaled dot-product attention with grouped-query heads (Ainslie et
+//! al., 2023): `n_heads` query heads share `n_kv_heads` key/value heads, query
+//! head `h` reading key/value head `h / (n_heads / n_kv_heads)`. Queries and
+//! keys arrive already projected and rotated (see [`crate::ops::rope`]).
+//!
+//! Naive O(T^2) per head with the probabilities kept for the backward pass,
+//! as in llm.c; a flash-style kernel is the CUDA backend's business.
+
+use crate::ops::vector::{axpy, dot};
+use crate::scalar::Scalar;
+
+/// Sequence and head layout. Tokens are whole sequences of `seq_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub seq_len: usize,
+    pub n_heads: usize,
+    /// Must divide `n_heads`; equal to it is plain multi-head attention.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Sequences in a batch of `q: [tokens, n_heads, head_dim]`.
+    fn sequences(&self, q_len: usize) -> usize {
+        assert!(
+            self.seq_len > 0
+                && self.head_dim > 0
+                && self.n_kv_heads > 0
+                && self.n_heads.is_multiple_of(self.n_kv_heads),
+            "attention shape {self:?}"
+        );
+        let sequence_width = self.seq_len * self.n_heads * self.head_dim;
+        assert!(
+            q_len.is_multiple_of(sequence_width),
+            "queries are not whole sequences"
+        );
+        q_len / sequence_width
+    }
+
+    /// Length of the stored probabilities: `[sequences, n_heads, seq_len, seq_len]`.
+    pub fn probs_len(&self, tokens: usize) -> usize {
+        tokens * self.n_heads * self.seq_len
+    }
+}
+
+/// Queries `[tokens, n_heads, head_dim]`, keys and values `[tokens, n_kv_heads, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+}
+
+/// Gradient buffers shaped like [`Qkv`].
+#[derive(Debug)]
+pub struct QkvGrads<'a, T> {
+    pub q: &'a mut [T],
+    pub k: &'a mut [T],
+    pub v: &'a mut [T],
+}
+
+/// Index helper: the start of (token, head) in a `[tokens, heads, head_dim]` tensor.
+struct Layout {
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Layout {
+    fn at(&self, token: usize, head: usize) -> std::ops::Range<usize> {
+        let start = (token * self.heads + head) * self.head_dim;
+        start..start + self.head_dim
+    }
+}
+
+/// `out: [tokens, n_heads, head_dim]` and the attention probabilities
+/// `probs: [sequences, n_heads, seq_len, seq_len]` (zero above the diagonal).
+pub fn forward<T: Scalar>(out: &mut [T], probs: &mut [T], qkv: Qkv<'_, T>, shape: AttentionShape) {
+    let sequences = shape.sequences(qkv.q.len());
+    let (t_len, hd) = (shape.seq_len, shape.head_dim);
+    let (q_layout, kv_layout) = layouts(shape);
+    check_lengths(&qkv, shape, sequences);
+    assert!(
+        out.len() == qkv.q.len() && probs.len() == shape.probs_len(sequences * t_len),
+        "attention output shapes"
+    );
+    let scale = T::ONE / T::from_usize(hd).sqrt();
+    let group = shape.n_heads / shape.n_kv_heads;
+    out.fill(T::ZERO);
+    probs.fill(T::ZERO);
+    for b in 0..sequences {
+        for h in 0..shape.n_heads {
+            let kv_head = h / group;
+            for t in 0..t_len {
+                let token = b * t_len + t;
+                let q = &qkv.q[q_layout.at(token, h)];
+                let row_start = ((b * shape.n_heads + h) * t_len + t) * t_len;
+                let row = &mut probs[row_start..row_start + t + 1];
+                for (t2, p) in row.iter_mut().enumerate() {
+                    *p = scale * dot(q, &qkv.k[kv_layout.at(b * t_len + t2, kv_head)]);
+                }
+                softmax_in_place(row);
+                let out_row = &mut out[q_layout.at(token, h)];
+                for (t2, &p) in row.iter().enumerate() {
+                    let v = &qkv.v[kv_layout.at(b * t_len + t2, kv_head)];
+                    for (o, &vi) in out_row.iter_mut().zip(v) {
+                        *o += p * vi;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the gradients of `q`, `k` and `v` into `grads` given `dout`.
+///
+/// Per query row: `dp_j = dout . v_j`; through the softmax
+/// `ds_j = p_j (dp_j - sum_i p_i dp_i)`; then `dq += scale ds_j k_j`,
+/// `dk_j += scale ds_j q` and `dv_j += p_j dout`. Key/value gradients of a
+/// shared head collect every query head in its group.
+pub fn backward<T: Scalar>(
+    grads: QkvGrads<'_, T>,
+    dout: &[T],
+    qkv: Qkv<'_, T>,
+    probs: &[T],
+    shape: AttentionShape,
+) {
+    let sequences = shape.sequences(qkv.q.len());
+    let (t_len, hd) = (shape.seq_len, shape.head_dim);
+    let (q_layout, kv_layout) = layouts(shape);
+    check_lengths(&qkv, shape, sequences);
+    assert!(
+        dout.len() == qkv.q.len()
+            && grads.q.len() == qkv.q.len()
+            && grads.k.len() == qkv.k.len()
+            && grads.v.len() == qkv.v.len()
+            && probs.len() == shape.probs_len(sequences * t_len),
+        "attention gradient shapes"
+    );
+    let scale = T::ONE / T::from_usize(hd).sqrt();
+    let group = shape.n_heads / shape.n_kv_heads;
+    let mut dscores = vec![T::ZERO; t_len];
+    for b in 0..sequences {
+        for h in 0..shape.n_heads {
+            let kv_head = h / group;
+            for t in 0..t_len {
+                let token = b * t_len + t;
+                let row_start = ((b * shape.n_heads + h) * t_len + t) * t_len;
+                let p_row = &probs[row_start..row_start + t + 1];
+                let dout_row = &dout[q_layout.at(token, h)];
+                let ds = &mut dscores[..t + 1];
+                for (t2, d) in ds.iter_mut().enumerate() {
+                    *d = dot(dout_row, &qkv.v[kv_layout.at(b * t_len + t2, kv_head)]);
+                }
+                let projection: T = ds.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
+                for (d, &p) in ds.iter_mut().zip(p_row) {
+                    *d = scale * p * (*d - projection);
+                }
+                let q = &qkv.q[q_layout.at(token, h)];
+                for (t2, (&d, &p)) in ds.iter().zip(p_row).enumerate() {
+                    let kv = kv_layout.at(b * t_len + t2, kv_head);
+                    axpy(&mut grads.q[q_layout.at(token, h)], d, &qkv.k[kv.clone()]);
+                    axpy(&mut grads.k[kv.clone()], d, q);
+                    axpy(&mut grads.v[kv], p, dout_row);
+                }
+            }
+        }
+    }
+}
+
+fn layouts(shape: AttentionShape) -> (Layout, Layout) {
+    let q = Layout {
+        heads: shape.n_heads,
+        head_dim: shape.head_dim,
+    };
+    let kv = Layout {
+        heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+    };
+    (q, kv)
+}
+
+fn check_lengths<T>(qkv: &Qkv<'_, T>, shape: AttentionShape, sequences: usize) {
+    let kv_len = sequences * shape.seq_len * shape.n_kv_heads * shape.head_dim;
+    assert!(
+        qkv.k.len() == kv_len && qkv.v.len() == kv_len,
+        "key/value shapes"
+    );
+}
+
+/// Softmax of a row already holding the scores; the causal prefix is never empty.
+fn softmax_in_place<T: Scalar>(row: &mut [T]) {
+    let max = row.iter().fold(row[0], |m, &s| m.max(s));
+    let mut sum = T::ZERO;
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in row.iter_mut() {
+        *s /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::rope::RopeTable;
+    use crate::ops::testing::{assert_gradient, random};
+
+    /// Two sequences of three tokens, four query heads sharing two key/value heads.
+    const GQA: AttentionShape = AttentionShape {
+        seq_len: 3,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 4,
+    };
+    const TOKENS: usize = 6;
+
+    fn run(q: &[f64], k: &[f64], v: &[f64], shape: AttentionShape) -> (Vec<f64>, Vec<f64>) {
+        let mut out = vec![0.0; q.len()];
+        let mut probs = vec![0.0; shape.probs_len(q.len() / (shape.n_heads * shape.head_dim))];
+        forward(&mut out, &mut probs, Qkv { q, k, v }, shape);
+        (out, probs)
+    }
+
+    fn qkv_lengths(shape: AttentionShape) -> (usize, usize) {
+        (
+            TOKENS * shape.n_heads * shape.head_dim,
+            TOKENS * shape.n_kv_heads * shape.head_dim,
+        )
+    }
+
+    #[test]
+    fn first_token_sees_only_itself_and_future_tokens_change_nothing_before_them() {
+        let (q_len, kv_len) = qkv_lengths(GQA);
+        let (q, k, v) = (random(q_len, 71), random(kv_len, 72), random(kv_len, 73));
+        let (out, probs) = run(&q, &k, &v, GQA);
+        let kv_width = GQA.n_kv_heads * GQA.head_dim;
+        // Token 0 of each sequence: every head outputs its key/value head's v exactly.
+        for b in 0..2 {
+            for h in 0..GQA.n_heads {
+                let v_row = &v[b * 3 * kv_width + (h / 2) * 4..][..4];
+                assert_eq!(&out[(b * 3 * GQA.n_heads + h) * 4..][..4], v_row);
+            }
+        }
+        // Probability rows sum to 1 over the causal prefix and are 0 beyond it.
+        for (i, row) in probs.chunks_exact(3).enumerate() {
+            let t = i % 3;
+            assert!((row[..=t].iter().sum::<f64>() - 1.0).abs() < 1e-15);
+            assert!(row[t + 1..].iter().all(|&p| p == 0.0));
+        }
+        // Changing the last token's key and value leaves the first two tokens' output alone.
+        let (mut k2, mut v2) = (k.clone(), v.clone());
+        for i in 2 * kv_width..3 * kv_width {
+            k2[i] += 1.0;
+            v2[i] -= 1.0;
+        }
+        let (out2, _) = run(&q, &k2, &v2, GQA);
+        let q_width = GQA.n_heads * GQA.head_dim;
+        assert_eq!(out2[..2 * q_width], out[..2 * q_width]);
+        assert_ne!(
+            out2[2 * q_width..3 * q_width],
+            out[2 * q_width..3 * q_width]
+        );
+    }
+
+    #[test]
+    fn grouped_query_heads_equal_multi_head_with_repeated_key_value_heads() {
+        let (q_len, kv_len) = qkv_lengths(GQA);
+        let (q, k, v) = (random(q_len, 74), random(kv_len, 75), random(kv_len, 76));
+        let repeat = |kv: &[f64]| -> Vec<f64> {
+            kv.chunks_exact(4)
+                .flat_map(|head| head.iter().chain(head).copied())
+                .collect()
+        };
+        let mha = AttentionShape {
+            n_kv_heads: 4,
+            ..GQA
+        };
+        let (gqa_out, _) = run(&q, &k, &v, GQA);
+        let (mha_out, _) = run(&q, &repeat(&k), &repeat(&v), mha);
+        assert_eq!(gqa_out, mha_out);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (q_len, kv_len) = qkv_lengths(GQA);
+        let (q, k, v) = (random(q_len, 77), random(kv_len, 78), random(kv_len, 79));
+        let dout = random(q_len, 80);
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+            let (out, _) = run(q, k, v, GQA);
+            out.iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let (_, probs) = run(&q, &k, &v, GQA);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q_len], vec![0.0; kv_len], vec![0.0; kv_len]);
+        let grads = QkvGrads {
+            q: &mut dq,
+            k: &mut dk,
+            v: &mut dv,
+        };
+        backward(
+            grads,
+            &dout,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            &probs,
+            GQA,
+        );
+        assert_gradient("dq", &dq, &q, |x| loss(x, &k, &v));
+        assert_gradient("dk", &dk, &k, |x| loss(&q, x, &v));
+        assert_gradient("dv", &dv, &v, |x| loss(&q, &k, x));
+    }
+
+    /// RoPE on queries and keys, then attention: the composition the model
+    /// uses, with the gradient carried back through the rotation.
+    #[test]
+    fn rotary_attention_backward_matches_finite_differences() {
+        let (q_len, kv_len) = qkv_lengths(GQA);
+        let (q, k, v) = (random(q_len, 81), random(kv_len, 82), random(kv_len, 83));
+        let dout = random(q_len, 84);
+        let rope = RopeTable::new(GQA.seq_len, GQA.head_dim, 10.0);
+        let rotated = |q: &[f64], k: &[f64]| {
+            let (mut q, mut k) = (q.to_vec(), k.to_vec());
+            rope.forward(&mut q, GQA.n_heads);
+            rope.forward(&mut k, GQA.n_kv_heads);
+            (q, k)
+        };
+        let loss = |q: &[f64], k: &[f64]| {
+            let (q, k) = rotated(q, k);
+            let (out, _) = run(&q, &k, &v, GQA);
+            out.iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let (q_rot, k_rot) = rotated(&q, &k);
+        let (_, probs) = run(&q_rot, &k_rot, &v, GQA);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q_len], vec![0.0; kv_len], vec![0.0; kv_len]);
+        let grads = QkvGrads {
+            q: &mut dq,
+            k: &mut dk,
+            v: &mut dv,
+        };
+        backward(
+            grads,
+            &dout,
+            Qkv {
+                q: &q_rot,
+                k: &k_rot,
+                v: &v,
+            },
+            &probs,
+            GQA,
+        );
+        rope.backward(&mut dq, GQA.n_heads);
+        rope.backward(&mut dk, GQA.n_kv_heads);
+        assert_gradient("dq", &dq, &q, |x| loss(x, &k));
+        assert_gradient("dk", &dk, &k, |x| loss(&q, x));
+    }
+}

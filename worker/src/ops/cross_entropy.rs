@@ -1,0 +1,106 @@
+//! Softmax cross-entropy over a vocabulary, fused as in llm.c: the backward
+//! of `-ln softmax(z)[target]` is simply `softmax(z) - onehot(target)`, which
+//! is both cheaper and better conditioned than chaining the two backwards.
+
+use crate::ops::softmax;
+use crate::scalar::Scalar;
+
+/// For each row of `logits: [rows, vocab]`: `probs[r, :] = softmax(logits[r, :])`
+/// and `losses[r] = -ln probs[r, targets[r]]`. Targets must be below `vocab`.
+pub fn forward<T: Scalar>(
+    losses: &mut [T],
+    probs: &mut [T],
+    logits: &[T],
+    targets: &[u32],
+    vocab: usize,
+) {
+    assert_eq!(losses.len(), targets.len(), "cross-entropy loss shape");
+    assert_eq!(
+        logits.len(),
+        targets.len() * vocab,
+        "cross-entropy logits shape"
+    );
+    softmax::forward(probs, logits, vocab);
+    for ((loss, p_row), &target) in losses
+        .iter_mut()
+        .zip(probs.chunks_exact(vocab))
+        .zip(targets)
+    {
+        *loss = -p_row[target as usize].ln();
+    }
+}
+
+/// Adds `dlosses[r] * (probs[r, :] - onehot(targets[r]))` into `dlogits`.
+/// For a mean over rows, pass `dlosses[r] = 1 / rows`.
+pub fn backward<T: Scalar>(
+    dlogits: &mut [T],
+    dlosses: &[T],
+    probs: &[T],
+    targets: &[u32],
+    vocab: usize,
+) {
+    assert_eq!(
+        dlosses.len(),
+        targets.len(),
+        "cross-entropy loss gradient shape"
+    );
+    assert_eq!(
+        probs.len(),
+        targets.len() * vocab,
+        "cross-entropy probs shape"
+    );
+    assert_eq!(
+        dlogits.len(),
+        probs.len(),
+        "cross-entropy logits gradient shape"
+    );
+    let rows = dlogits
+        .chunks_exact_mut(vocab)
+        .zip(probs.chunks_exact(vocab));
+    for (((dz_row, p_row), &dloss), &target) in rows.zip(dlosses).zip(targets) {
+        for (dz, &p) in dz_row.iter_mut().zip(p_row) {
+            *dz += dloss * p;
+        }
+        dz_row[target as usize] -= dloss;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_gradient, random};
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn uniform_logits_give_ln_vocab() {
+        let (mut losses, mut probs) = ([0.0f64; 2], [0.0; 8]);
+        forward(&mut losses, &mut probs, &[0.5; 8], &[0, 3], 4);
+        for loss in losses {
+            assert!((loss - 4f64.ln()).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_of_the_mean_loss() {
+        let (rows, vocab) = (5, 7);
+        let logits = random(rows * vocab, 41);
+        let mut rng = SplitMix64::new(42);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+        let mean_loss = |z: &[f64]| {
+            let (mut losses, mut probs) = (vec![0.0; rows], vec![0.0; z.len()]);
+            forward(&mut losses, &mut probs, z, &targets, vocab);
+            losses.iter().sum::<f64>() / rows as f64
+        };
+        let (mut losses, mut probs) = (vec![0.0; rows], vec![0.0; logits.len()]);
+        forward(&mut losses, &mut probs, &logits, &targets, vocab);
+        let mut dlogits = vec![0.0; logits.len()];
+        backward(
+            &mut dlogits,
+            &vec![1.0 / rows as f64; rows],
+            &probs,
+            &targets,
+            vocab,
+        );
+        assert_gradient("dlogits", &dlogits, &logits, mean_loss);
+    }
+}

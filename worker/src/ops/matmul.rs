@@ -1,0 +1,133 @@
+//! The linear layer without bias: `out = x @ w^T`, `w` stored `[out_dim, in_dim]`
+//! as in llm.c and PyTorch, so each output is a dot product of two contiguous rows.
+//! Zero rows (an expert no token was routed to) is valid and does nothing.
+
+use crate::ops::vector::{axpy, dot};
+use crate::scalar::Scalar;
+
+/// Rows of `x` processed together, so each row of `w` is loaded once per tile
+/// rather than once per row.
+const ROW_TILE: usize = 4;
+
+/// `out[r, o] = sum_i x[r, i] * w[o, i]` for `x: [rows, in_dim]`,
+/// `w: [out_dim, in_dim]`, `out: [rows, out_dim]`.
+pub fn forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, out_dim: usize) {
+    let rows = rows_of(x, in_dim, out_dim);
+    assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
+    assert_eq!(out.len(), rows * out_dim, "matmul output shape");
+    for (x_tile, out_tile) in x
+        .chunks(ROW_TILE * in_dim)
+        .zip(out.chunks_mut(ROW_TILE * out_dim))
+    {
+        for (o, w_row) in w.chunks_exact(in_dim).enumerate() {
+            for (x_row, out_row) in x_tile
+                .chunks_exact(in_dim)
+                .zip(out_tile.chunks_exact_mut(out_dim))
+            {
+                out_row[o] = dot(x_row, w_row);
+            }
+        }
+    }
+}
+
+/// Adds `dout @ w` into `dx` and `dout^T @ x` into `dw`.
+pub fn backward<T: Scalar>(
+    dx: &mut [T],
+    dw: &mut [T],
+    dout: &[T],
+    x: &[T],
+    w: &[T],
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let rows = rows_of(x, in_dim, out_dim);
+    assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
+    assert_eq!(dw.len(), w.len(), "matmul weight gradient shape");
+    assert_eq!(dx.len(), x.len(), "matmul input gradient shape");
+    assert_eq!(dout.len(), rows * out_dim, "matmul output gradient shape");
+    for (dx_row, dout_row) in dx.chunks_exact_mut(in_dim).zip(dout.chunks_exact(out_dim)) {
+        for (&d, w_row) in dout_row.iter().zip(w.chunks_exact(in_dim)) {
+            axpy(dx_row, d, w_row);
+        }
+    }
+    // Output-major so one row of `dw` stays in cache while every row of `x` streams past.
+    for (o, dw_row) in dw.chunks_exact_mut(in_dim).enumerate() {
+        for (x_row, dout_row) in x.chunks_exact(in_dim).zip(dout.chunks_exact(out_dim)) {
+            axpy(dw_row, dout_row[o], x_row);
+        }
+    }
+}
+
+fn rows_of<T>(x: &[T], in_dim: usize, out_dim: usize) -> usize {
+    assert!(
+        in_dim > 0 && out_dim > 0,
+        "matmul dimensions must be positive"
+    );
+    assert_eq!(
+        x.len() % in_dim,
+        0,
+        "matmul input length is not a multiple of in_dim"
+    );
+    x.len() / in_dim
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_gradient, random};
+
+    #[test]
+    fn forward_matches_hand_computed_product() {
+        // x = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]] (5 rows: one full tile and a remainder),
+        // w = [[1, 0], [0, 1], [1, -1]].
+        let x: Vec<f64> = (1..=10).map(f64::from).collect();
+        let w = [1.0, 0.0, 0.0, 1.0, 1.0, -1.0];
+        let mut out = vec![0.0; 15];
+        forward(&mut out, &x, &w, 2, 3);
+        let expected = [
+            1., 2., -1., 3., 4., -1., 5., 6., -1., 7., 8., -1., 9., 10., -1.,
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (rows, in_dim, out_dim) = (6, 5, 3);
+        let x = random(rows * in_dim, 1);
+        let w = random(out_dim * in_dim, 2);
+        let dout = random(rows * out_dim, 3);
+        let mut dx = vec![0.0; x.len()];
+        let mut dw = vec![0.0; w.len()];
+        backward(&mut dx, &mut dw, &dout, &x, &w, in_dim, out_dim);
+        let loss = |x: &[f64], w: &[f64]| {
+            let mut out = vec![0.0; rows * out_dim];
+            forward(&mut out, x, w, in_dim, out_dim);
+            out.iter().zip(&dout).map(|(o, d)| o * d).sum::<f64>()
+        };
+        assert_gradient("dx", &dx, &x, |v| loss(v, &w));
+        assert_gradient("dw", &dw, &w, |v| loss(&x, v));
+    }
+
+    #[test]
+    fn backward_accumulates_into_existing_gradients() {
+        let x = random(8, 4);
+        let w = random(6, 5);
+        let dout = random(12, 6);
+        let (mut dx, mut dw) = (vec![0.0; 8], vec![0.0; 6]);
+        backward(&mut dx, &mut dw, &dout, &x, &w, 2, 3);
+        let (mut dx2, mut dw2) = (dx.clone(), dw.clone());
+        backward(&mut dx2, &mut dw2, &dout, &x, &w, 2, 3);
+        for (once, twice) in dx.iter().chain(&dw).zip(dx2.iter().chain(&dw2)) {
+            assert!((2.0 * once - twice).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn no_rows_is_a_no_op() {
+        let mut out: Vec<f32> = vec![];
+        forward(&mut out, &[], &[1.0; 6], 2, 3);
+        let mut dw = vec![0.0f32; 6];
+        backward(&mut [], &mut dw, &[], &[], &[1.0; 6], 2, 3);
+        assert!(dw.iter().all(|&g| g == 0.0));
+    }
+}

@@ -1,0 +1,25 @@
+//! The CPU reference ops, one module per op, each a `forward` and a
+//! `backward` over plain row-major slices with explicit dimensions.
+//!
+//! Conventions, shared so a CUDA launcher per op can slot in beside each
+//! function with the same signature:
+//! - the leading dimension (rows: tokens) is implied by the slice lengths;
+//!   mismatched lengths are a caller bug and panic;
+//! - `forward` overwrites its outputs;
+//! - `backward` *adds* into its gradient outputs (as llm.c does), so a tensor
+//!   used twice (a residual, the input of two projections) collects both
+//!   contributions; callers zero gradients once per step. The one exception
+//!   is RoPE, a pure rotation, whose backward rotates the gradient in place.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+mod vector;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -1,0 +1,14 @@
+//! The two inner loops the ops share.
+
+use crate::scalar::Scalar;
+
+pub(crate) fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
+}
+
+/// `y += alpha * x`.
+pub(crate) fn axpy<T: Scalar>(y: &mut [T], alpha: T, x: &[T]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}

@@ -1,0 +1,103 @@
+//! The element type every op is generic over.
+//!
+//! Training runs in `f32`; the same code instantiated at `f64` is what the
+//! finite-difference gradient checks run, so the checks test the very loops
+//! that train rather than a separate reference.
+
+use std::fmt::Debug;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// A real floating-point number: the arithmetic and the few functions the ops need.
+pub trait Scalar:
+    Copy
+    + Default
+    + PartialOrd
+    + Debug
+    + Send
+    + Sync
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + Sum
+{
+    const ZERO: Self;
+    const ONE: Self;
+
+    /// Rounds an `f64` to this type (exact for `f64`).
+    fn from_f64(value: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// The larger of the two; `self` when they compare equal or either is NaN.
+    fn max(self, other: Self) -> Self;
+
+    /// Counts (token counts, dimensions) as a scalar, for means.
+    fn from_usize(value: usize) -> Self {
+        Self::from_f64(value as f64)
+    }
+
+    /// The logistic function 1 / (1 + e^-x), written so it cannot overflow.
+    fn sigmoid(self) -> Self {
+        if self >= Self::ZERO {
+            Self::ONE / (Self::ONE + (-self).exp())
+        } else {
+            let e = self.exp();
+            e / (Self::ONE + e)
+        }
+    }
+}
+
+macro_rules! impl_scalar {
+    ($t:ty) => {
+        impl Scalar for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn max(self, other: Self) -> Self {
+                if other > self { other } else { self }
+            }
+        }
+    };
+}
+
+impl_scalar!(f32);
+impl_scalar!(f64);
+
+#[cfg(test)]
+mod tests {
+    use super::Scalar;
+
+    #[test]
+    fn sigmoid_is_finite_and_symmetric_at_extremes() {
+        for x in [-1000.0f64, -30.0, -1.0, 0.0, 1.0, 30.0, 1000.0] {
+            let s = Scalar::sigmoid(x);
+            assert!(s.is_finite(), "sigmoid({x}) = {s}");
+            assert!((s + Scalar::sigmoid(-x) - 1.0).abs() < 1e-15, "x = {x}");
+        }
+        assert_eq!(Scalar::sigmoid(0.0f32), 0.5);
+    }
+}
