@@ -1,8 +1,21 @@
-//! API types of the moe-operator custom resources.
+//! API types of the moe-operator custom resources (`moe.dev/v1alpha1`).
 //!
-//! This crate holds only types and pure helpers (defaults, validation, label and
-//! condition names); it never talks to a cluster, so the operator, `moectl` and
-//! tests share one definition of the API.
+//! This crate holds only types and pure helpers (defaults, CEL rules, label
+//! and condition names); it never talks to a cluster, so the operator,
+//! `moectl` and tests share one definition of the API. The CRD YAML under
+//! `deploy/crds/` is generated from these types (`moectl crds`) and a test
+//! fails when the committed copy is stale.
+
+pub mod common;
+pub mod contract;
+pub mod training;
+
+use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+pub use common::*;
+pub use contract::{CheckpointConfig, WorkerConfig};
+pub use training::*;
 
 /// API group of every moe-operator resource.
 pub const GROUP: &str = "moe.dev";
@@ -12,6 +25,21 @@ pub const VERSION: &str = "v1alpha1";
 /// `group/version`, as written in `apiVersion`.
 pub fn api_version() -> String {
     format!("{GROUP}/{VERSION}")
+}
+
+/// Every CRD this project defines, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![MoETrainingJob::crd()]
+}
+
+/// The CRDs as one multi-document YAML stream, as committed under `deploy/crds/`.
+pub fn crds_yaml() -> String {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).expect("a CRD always serialises"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -17,10 +17,13 @@ struct Cli {
 enum Command {
     /// Print what this build of moe-operator can do so far.
     Status,
+    /// Print the CustomResourceDefinitions as YAML (what `deploy/crds/` holds).
+    Crds,
 }
 
 fn main() {
     match Cli::parse().command {
+        Command::Crds => print!("{}", moe_crds::crds_yaml()),
         Command::Status => {
             println!(
                 "moe-operator {} — API group {}",

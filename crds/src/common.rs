@@ -1,0 +1,198 @@
+//! Types shared by both custom resources: where pods go, what they run, and
+//! the kstatus-compatible condition vocabulary.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// GPU models the operator knows how to place on. Each maps to the value of
+/// the `nvidia.com/gpu.product` node label that GPU feature discovery sets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GpuType {
+    /// NVIDIA H100 80GB HBM3 (SXM). Hopper: FP8 tensor cores.
+    H100,
+    /// NVIDIA H200 141GB HBM3e (SXM). Hopper: FP8 tensor cores.
+    H200,
+    /// NVIDIA A100 80GB (SXM4). Ampere: no FP8.
+    A100,
+}
+
+impl GpuType {
+    /// The `nvidia.com/gpu.product` label value of nodes with this GPU.
+    pub fn product_label(self) -> &'static str {
+        match self {
+            GpuType::H100 => "NVIDIA-H100-80GB-HBM3",
+            GpuType::H200 => "NVIDIA-H200",
+            GpuType::A100 => "NVIDIA-A100-SXM4-80GB",
+        }
+    }
+
+    /// Hopper GPUs have FP8 (E4M3/E5M2) tensor cores; the FP8 recipe needs them.
+    pub fn supports_fp8(self) -> bool {
+        matches!(self, GpuType::H100 | GpuType::H200)
+    }
+}
+
+/// Where worker pods are scheduled.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// GPU model to run on. Adds a required node affinity on
+    /// `nvidia.com/gpu.product`. Unset: any node that satisfies `nodeSelector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_type: Option<GpuType>,
+    /// Extra node labels every worker node must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations added to worker pods. The toleration for the
+    /// `nvidia.com/gpu` taint is added automatically for CUDA workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity merged into worker pods (the GPU-type node affinity is added to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Scheduler that places worker pods (e.g. a gang scheduler). Default: the cluster default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+    /// Kueue LocalQueue. When set, the job is created suspended with the
+    /// `kueue.x-k8s.io/queue-name` label so Kueue admits the whole gang at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub queue_name: Option<String>,
+}
+
+/// Compute device of the worker processes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// One process per GPU; kernels compiled at run time by NVRTC; NCCL collectives.
+    #[default]
+    Cuda,
+    /// CPU reference implementation with TCP collectives (tests, demos, clusters without GPUs).
+    Cpu,
+}
+
+/// NCCL settings passed to CUDA workers as environment variables.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NcclSettings {
+    /// `NCCL_SOCKET_IFNAME`: network interface(s) for bootstrap and socket transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_ifname: Option<String>,
+    /// `NCCL_IB_HCA`: InfiniBand/RoCE adapters to use (e.g. `mlx5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ib_hca: Option<String>,
+    /// `NCCL_DEBUG`: NCCL log level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<NcclDebug>,
+    /// Further `NCCL_*` variables, verbatim. Keys must start with `NCCL_`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Values of `NCCL_DEBUG`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum NcclDebug {
+    Version,
+    Warn,
+    Info,
+    Trace,
+}
+
+/// Labels and annotations added to every worker pod (for example, for
+/// service meshes, cost attribution or test fault injection).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The worker container and its pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Worker image. Unset: the operator's default worker image (chart value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// Image pull policy of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Compute device of the worker processes.
+    #[serde(default)]
+    pub device: Device,
+    /// Resources of the worker container (one per node). For CUDA workers the
+    /// operator sets `nvidia.com/gpu` to `parallelism.processesPerNode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// NCCL settings (CUDA workers).
+    #[serde(default)]
+    pub nccl: NcclSettings,
+    /// Size of the memory-backed `/dev/shm` volume (NCCL and data loaders need more than the runtime's 64Mi).
+    #[serde(default = "default_shm_size")]
+    pub shm_size: String,
+    /// Extra labels and annotations for worker pods. Keys under `moe.dev/` are reserved.
+    #[serde(default)]
+    pub pod_metadata: PodMetadata,
+    /// ServiceAccount of worker pods. Default: the namespace's `default`, with no token mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            device: Device::default(),
+            resources: None,
+            env: Vec::new(),
+            nccl: NcclSettings::default(),
+            shm_size: default_shm_size(),
+            pod_metadata: PodMetadata::default(),
+            service_account_name: None,
+        }
+    }
+}
+
+fn default_shm_size() -> String {
+    "8Gi".into()
+}
+
+/// Container image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Condition types, kstatus-compatible: `Ready` is the summary; `Reconciling`
+/// and `Stalled` are "abnormal-true" conditions that kstatus, Flux and Argo CD read.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+}

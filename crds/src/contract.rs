@@ -1,0 +1,73 @@
+//! The contract between the operator and the worker: the one JSON config file
+//! the operator renders into a ConfigMap (mounted at [`CONFIG_PATH`]), and
+//! the environment variables that tell each pod where it stands in the gang.
+//! Both sides use these definitions, so they cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+
+use crate::common::Device;
+use crate::training::{DataSpec, ModelSpec, ParallelismSpec, ResumePolicy, TrainingSpec};
+
+/// Environment variables set on every worker container.
+pub mod env {
+    /// Total worker processes (nodes × processes per node).
+    pub const WORLD_SIZE: &str = "MOE_WORLD_SIZE";
+    /// Worker pods (nodes).
+    pub const NODES: &str = "MOE_NODES";
+    /// Index of this pod in the gang, 0-based; rank of local process `i` is
+    /// `NODE_RANK × PROCS_PER_NODE + i`. From the Indexed Job completion index.
+    pub const NODE_RANK: &str = "MOE_NODE_RANK";
+    /// Worker processes in this pod (one per GPU for CUDA workers).
+    pub const PROCS_PER_NODE: &str = "MOE_PROCS_PER_NODE";
+    /// `host:port` of rank 0's rendezvous store.
+    pub const COORDINATOR: &str = "MOE_COORDINATOR";
+    /// Attempt number, from 0; bumped on every gang restart. Ranks of different
+    /// attempts refuse to rendezvous with each other.
+    pub const ATTEMPT: &str = "MOE_ATTEMPT";
+    /// Path of the worker config file (JSON, [`super::WorkerConfig`]).
+    pub const CONFIG: &str = "MOE_CONFIG";
+    /// `namespace/name` of the MoETrainingJob, for logs and metrics.
+    pub const JOB: &str = "MOE_JOB";
+
+    /// Every name above: user-supplied `worker.env` may not set them.
+    pub const RESERVED: &[&str] = &[WORLD_SIZE, NODES, NODE_RANK, PROCS_PER_NODE, COORDINATOR, ATTEMPT, CONFIG, JOB];
+}
+
+/// Where the operator mounts the worker config inside the container.
+pub const CONFIG_PATH: &str = "/etc/moe/config.json";
+/// Port of rank 0's rendezvous store (exposed by the headless Service).
+pub const COORDINATOR_PORT: u16 = 29400;
+/// Port of the worker's Prometheus `/metrics` and progress endpoint.
+pub const METRICS_PORT: u16 = 9400;
+
+/// The resolved configuration a worker runs: everything about the model and
+/// training from the MoETrainingJob, with defaults filled in and paths made
+/// absolute for inside the container (or the local run directory).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// `namespace/name` of the job (for logs; `local/<name>` for local runs).
+    pub job: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub training: TrainingSpec,
+    pub parallelism: ParallelismSpec,
+    pub checkpoint: CheckpointConfig,
+    pub device: Device,
+    /// Directory of a `volume` data source, as mounted (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
+    /// Directory for `metrics.jsonl` and other run outputs (rank 0 writes).
+    pub output_dir: String,
+}
+
+/// Checkpoint settings as the worker sees them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory holding this job's checkpoints (one subdirectory per step).
+    pub dir: String,
+    pub interval_steps: i64,
+    pub keep: i32,
+    pub resume: ResumePolicy,
+}

@@ -1,0 +1,783 @@
+//! `MoETrainingJob`: one distributed training run of a Mixture-of-Experts
+//! transformer, run by a gang of worker pods (one per node, one worker process
+//! per GPU) and restarted as a gang from the newest checkpoint on failure.
+//!
+//! Everything that can never run is rejected at admission by CEL rules in the
+//! schema (see the `x_kube(validation)` attributes), each naming its field.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Placement, WorkerSpec};
+
+/// Longest `metadata.name`: the Job of attempt N is `<name>-a<N>` and its pods'
+/// hostnames are `<name>-a<N>-<index>`, which must fit a 63-character DNS label
+/// with room for 4-digit attempts and indices.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// Specification of a MoETrainingJob.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "moe.dev",
+    version = "v1alpha1",
+    kind = "MoETrainingJob",
+    plural = "moetrainingjobs",
+    shortname = "mtj",
+    category = "moe",
+    namespaced,
+    cel,
+    status = "MoETrainingJobStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.parallelism.nodes"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.display"),
+    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 40")
+        .message("metadata.name must be at most 40 characters: pod hostnames <name>-a<attempt>-<index> must fit a 63-character DNS label"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter): it names the headless Service"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    // Parallel sizes against the world size (nodes × processesPerNode).
+    validation = Rule::new("(self.parallelism.nodes * self.parallelism.processesPerNode) % self.parallelism.sequenceParallel == 0")
+        .message("parallelism.sequenceParallel must divide the world size (nodes × processesPerNode)")
+        .field_path(".parallelism.sequenceParallel"),
+    validation = Rule::new("(self.parallelism.nodes * self.parallelism.processesPerNode) % self.parallelism.expertParallel == 0")
+        .message("parallelism.expertParallel must divide the world size (nodes × processesPerNode)")
+        .field_path(".parallelism.expertParallel"),
+    // Ulysses sequence parallelism shards tokens, then attention heads.
+    validation = Rule::new("self.model.attentionHeads % self.parallelism.sequenceParallel == 0")
+        .message("model.attentionHeads must be divisible by parallelism.sequenceParallel (attention is sharded by head)")
+        .field_path(".model.attentionHeads"),
+    validation = Rule::new("self.model.kvHeads % self.parallelism.sequenceParallel == 0")
+        .message("model.kvHeads must be divisible by parallelism.sequenceParallel (attention is sharded by head)")
+        .field_path(".model.kvHeads"),
+    validation = Rule::new("self.model.seqLen % self.parallelism.sequenceParallel == 0")
+        .message("model.seqLen must be divisible by parallelism.sequenceParallel (each rank holds seqLen/sequenceParallel tokens)")
+        .field_path(".model.seqLen"),
+    validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
+        .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
+        .field_path(".model.moe.experts"),
+    validation = Rule::new("self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.nodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
+        .message("training.globalBatchSize must be a multiple of microBatchSize × data-parallel size (nodes × processesPerNode / sequenceParallel)")
+        .field_path(".training.globalBatchSize"),
+    // FP8 tensor cores exist on Hopper only; the CPU worker emulates FP8 exactly.
+    validation = Rule::new("!self.training.precision.fp8.enabled || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
+        .message("training.precision.fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which emulates FP8)")
+        .field_path(".training.precision.fp8.enabled"),
+    // What a running gang was started with cannot change under it; suspend first.
+    validation = Rule::new("oldSelf.runPolicy.suspend || self.model == oldSelf.model")
+        .message("model is immutable while the job is not suspended")
+        .field_path(".model"),
+    validation = Rule::new("oldSelf.runPolicy.suspend || self.parallelism == oldSelf.parallelism")
+        .message("parallelism is immutable while the job is not suspended")
+        .field_path(".parallelism"),
+    validation = Rule::new("oldSelf.runPolicy.suspend || self.training == oldSelf.training")
+        .message("training is immutable while the job is not suspended")
+        .field_path(".training"),
+    validation = Rule::new("oldSelf.runPolicy.suspend || self.data == oldSelf.data")
+        .message("data is immutable while the job is not suspended")
+        .field_path(".data"),
+    validation = Rule::new("self.checkpoint == oldSelf.checkpoint")
+        .message("checkpoint is immutable: resuming needs the same storage")
+        .field_path(".checkpoint"),
+    validation = Rule::new("oldSelf.runPolicy.suspend || self.placement.queueName == oldSelf.placement.queueName")
+        .message("placement.queueName is immutable while the job is not suspended")
+        .field_path(".placement.queueName"),
+)]
+pub struct MoETrainingJobSpec {
+    /// The transformer and its Mixture-of-Experts layers.
+    pub model: ModelSpec,
+    /// Training data.
+    #[serde(default)]
+    pub data: DataSpec,
+    /// Optimisation: steps, batch, optimizer, precision.
+    pub training: TrainingSpec,
+    /// How the world (nodes × processesPerNode ranks) is split.
+    #[serde(default)]
+    pub parallelism: ParallelismSpec,
+    /// Where and how often checkpoints are written; attempts resume from the newest.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// Where worker pods are scheduled.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Suspension, retries, deadlines and clean-up.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+    /// The worker container and its pod.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+}
+
+/// Transformer shape. Attention is causal with RoPE and grouped-query heads.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.hiddenSize % self.attentionHeads == 0")
+        .message("model.hiddenSize must be divisible by model.attentionHeads")
+        .field_path(".hiddenSize"),
+    validation = Rule::new("(self.hiddenSize / self.attentionHeads) % 2 == 0")
+        .message("model.hiddenSize / model.attentionHeads (the head dimension) must be even for rotary embeddings")
+        .field_path(".hiddenSize"),
+    validation = Rule::new("self.attentionHeads % self.kvHeads == 0")
+        .message("model.attentionHeads must be a multiple of model.kvHeads (grouped-query attention)")
+        .field_path(".kvHeads"),
+    validation = Rule::new("self.denseLayers < self.layers")
+        .message("model.denseLayers must be less than model.layers (at least one MoE layer)")
+        .field_path(".denseLayers"),
+)]
+pub struct ModelSpec {
+    /// Vocabulary size. 256 with the byte-level tokenizer.
+    #[serde(default = "default_vocab")]
+    #[schemars(range(min = 2, max = 1048576))]
+    pub vocab_size: i32,
+    /// Width of the residual stream.
+    #[schemars(range(min = 2, max = 65536))]
+    pub hidden_size: i32,
+    /// Transformer blocks.
+    #[schemars(range(min = 1, max = 1024))]
+    pub layers: i32,
+    /// Leading blocks with a dense feed-forward layer instead of MoE (DeepSeek-V3 uses 3).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub dense_layers: i32,
+    /// Hidden size of the dense feed-forward layers. Default: 4 × hiddenSize.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub dense_hidden_size: Option<i32>,
+    /// Query heads.
+    #[schemars(range(min = 1, max = 1024))]
+    pub attention_heads: i32,
+    /// Key/value heads (grouped-query attention).
+    #[schemars(range(min = 1, max = 1024))]
+    pub kv_heads: i32,
+    /// Training sequence length in tokens.
+    #[schemars(range(min = 2, max = 1048576))]
+    pub seq_len: i32,
+    /// Base of the rotary position embedding.
+    #[serde(default = "default_rope_theta")]
+    #[schemars(range(min = 1.0))]
+    pub rope_theta: f64,
+    /// The Mixture-of-Experts feed-forward layers.
+    pub moe: MoeSpec,
+}
+
+fn default_vocab() -> i32 {
+    256
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+/// Mixture-of-Experts layer: a router picks `topK` of `experts` routed
+/// experts per token (optionally within `topGroups` of `groups` groups);
+/// `sharedExperts` see every token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.topK <= self.experts")
+        .message("model.moe.topK must be at most model.moe.experts")
+        .field_path(".topK"),
+    validation = Rule::new("self.experts % self.groups == 0")
+        .message("model.moe.groups must divide model.moe.experts")
+        .field_path(".groups"),
+    validation = Rule::new("self.topGroups <= self.groups")
+        .message("model.moe.topGroups must be at most model.moe.groups")
+        .field_path(".topGroups"),
+    validation = Rule::new("self.topK <= self.topGroups * (self.experts / self.groups)")
+        .message("model.moe.topK must be at most topGroups × experts/groups (the experts left after group-limited routing)")
+        .field_path(".topK"),
+)]
+pub struct MoeSpec {
+    /// Routed experts per MoE layer.
+    #[schemars(range(min = 1, max = 4096))]
+    pub experts: i32,
+    /// Routed experts each token is sent to.
+    #[schemars(range(min = 1, max = 64))]
+    pub top_k: i32,
+    /// Experts every token goes through, beside the routed ones.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub shared_experts: i32,
+    /// Hidden size of each (routed and shared) expert's SwiGLU MLP.
+    #[schemars(range(min = 1, max = 65536))]
+    pub expert_hidden_size: i32,
+    /// Score function of the router.
+    #[serde(default)]
+    pub router: RouterScore,
+    /// Expert groups for group-limited routing (1: no grouping).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub groups: i32,
+    /// Groups a token may route into.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub top_groups: i32,
+    /// Multiplier of the routed experts' gate weights.
+    #[serde(default = "default_scaling")]
+    #[schemars(range(min = 0.0))]
+    pub routed_scaling_factor: f64,
+    /// Load balancing.
+    #[serde(default)]
+    pub balancing: BalancingSpec,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_scaling() -> f64 {
+    1.0
+}
+
+/// Router score function.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterScore {
+    /// Softmax over experts (Mixtral, DeepSeek-V2).
+    Softmax,
+    /// Independent sigmoid per expert, gates renormalised over the chosen ones (DeepSeek-V3).
+    #[default]
+    Sigmoid,
+}
+
+/// Expert load balancing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancingSpec {
+    /// Aux-loss-free balancing: a per-expert bias added to the scores for
+    /// selection only, moved by `biasUpdateRate` toward balance after each step.
+    #[serde(default)]
+    pub aux_loss_free: AuxLossFree,
+    /// Coefficient of the sequence-level auxiliary balance loss (0: off).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sequence_aux_loss_coef: f64,
+}
+
+impl Default for BalancingSpec {
+    fn default() -> Self {
+        Self { aux_loss_free: AuxLossFree::default(), sequence_aux_loss_coef: 0.0 }
+    }
+}
+
+/// Aux-loss-free balancing settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuxLossFree {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Step of the selection-bias update (DeepSeek-V3 uses 0.001).
+    #[serde(default = "default_bias_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub bias_update_rate: f64,
+}
+
+impl Default for AuxLossFree {
+    fn default() -> Self {
+        Self { enabled: true, bias_update_rate: default_bias_rate() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_bias_rate() -> f64 {
+    0.001
+}
+
+/// Where training tokens come from. Exactly one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.builtin) != has(self.volume)")
+    .message("data needs exactly one source: builtin or volume"))]
+pub struct DataSpec {
+    /// A corpus shipped inside the worker image (demos, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinData>,
+    /// Token files on a PersistentVolumeClaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeData>,
+    /// Tokenizer.
+    #[serde(default)]
+    pub tokenizer: Tokenizer,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self { builtin: Some(BuiltinData::default()), volume: None, tokenizer: Tokenizer::default() }
+    }
+}
+
+/// A corpus bundled with the worker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuiltinData {
+    /// Name of the bundled corpus.
+    #[serde(default = "default_corpus")]
+    #[schemars(length(min = 1, max = 63))]
+    pub corpus: String,
+}
+
+impl Default for BuiltinData {
+    fn default() -> Self {
+        Self { corpus: default_corpus() }
+    }
+}
+
+fn default_corpus() -> String {
+    "tiny".into()
+}
+
+/// Training data on a PersistentVolumeClaim, mounted read-only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeData {
+    /// The claim holding the data.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Path of the data file or directory inside the claim.
+    #[serde(default)]
+    pub path: String,
+}
+
+/// Tokenizer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Tokenizer {
+    /// One token per byte (vocabulary 256).
+    #[default]
+    Byte,
+}
+
+/// Optimisation settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.optimizer.warmupSteps <= self.steps")
+        .message("training.optimizer.warmupSteps must be at most training.steps")
+        .field_path(".optimizer.warmupSteps"),
+    validation = Rule::new("self.globalBatchSize >= self.microBatchSize")
+        .message("training.globalBatchSize must be at least training.microBatchSize")
+        .field_path(".globalBatchSize"),
+)]
+pub struct TrainingSpec {
+    /// Optimizer steps to run.
+    #[schemars(range(min = 1))]
+    pub steps: i64,
+    /// Sequences per optimizer step, over all data-parallel ranks.
+    #[schemars(range(min = 1))]
+    pub global_batch_size: i32,
+    /// Sequences per forward/backward on one rank; the rest is gradient accumulation.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub micro_batch_size: i32,
+    /// AdamW and its schedule.
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    /// Numeric precision.
+    #[serde(default)]
+    pub precision: PrecisionSpec,
+    /// Recompute each layer's forward pass in backward instead of keeping activations.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Seed of parameter initialisation and data order.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub seed: i64,
+    /// Steps between progress reports and metric lines.
+    #[serde(default = "default_log_interval")]
+    #[schemars(range(min = 1))]
+    pub log_interval_steps: i32,
+}
+
+fn default_log_interval() -> i32 {
+    10
+}
+
+/// AdamW with linear warm-up and cosine decay to `minLearningRate`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minLearningRate <= self.learningRate")
+    .message("training.optimizer.minLearningRate must be at most learningRate")
+    .field_path(".minLearningRate"))]
+pub struct OptimizerSpec {
+    #[serde(default = "default_lr")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub learning_rate: f64,
+    #[serde(default = "default_min_lr")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub min_learning_rate: f64,
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub warmup_steps: i64,
+    #[serde(default = "default_wd")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub epsilon: f64,
+    /// Global gradient-norm clip (0: off).
+    #[serde(default = "default_clip")]
+    #[schemars(range(min = 0.0))]
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            learning_rate: default_lr(),
+            min_learning_rate: default_min_lr(),
+            warmup_steps: 0,
+            weight_decay: default_wd(),
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            epsilon: default_eps(),
+            grad_clip: default_clip(),
+        }
+    }
+}
+
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_min_lr() -> f64 {
+    3e-5
+}
+fn default_wd() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+/// Numeric precision. Master weights and optimizer state are always FP32.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrecisionSpec {
+    /// Precision of activations and of the GEMMs not run in FP8.
+    #[serde(default)]
+    pub compute: ComputePrecision,
+    /// FP8 (E4M3) GEMMs for experts and projections.
+    #[serde(default)]
+    pub fp8: Fp8Spec,
+}
+
+/// Compute precision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputePrecision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+/// FP8 training.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fp8Spec {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scaling recipe.
+    #[serde(default)]
+    pub recipe: Fp8Recipe,
+}
+
+/// FP8 scaling recipe.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Fp8Recipe {
+    /// Fine-grained scales: 1×128 activation tiles, 128×128 weight blocks (DeepSeek-V3).
+    #[default]
+    Blockwise,
+    /// One delayed scale per tensor (for comparison).
+    Tensorwise,
+}
+
+/// How the world of `nodes × processesPerNode` ranks is split. Data
+/// parallelism takes what sequence parallelism leaves; expert parallel groups
+/// are carved out of the same ranks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParallelismSpec {
+    /// Worker pods (one per node).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub nodes: i32,
+    /// Worker processes per pod: one per GPU for CUDA workers.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub processes_per_node: i32,
+    /// Ranks a sequence is split across (Ulysses style).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub sequence_parallel: i32,
+    /// Ranks the experts of each layer are split across.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub expert_parallel: i32,
+}
+
+impl Default for ParallelismSpec {
+    fn default() -> Self {
+        Self { nodes: 1, processes_per_node: 1, sequence_parallel: 1, expert_parallel: 1 }
+    }
+}
+
+impl ParallelismSpec {
+    /// Total worker processes.
+    pub fn world_size(&self) -> i32 {
+        self.nodes * self.processes_per_node
+    }
+}
+
+/// Checkpoints: a directory per step, written under a temporary name and
+/// renamed when complete.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// PersistentVolumeClaim (ReadWriteMany for more than one node) holding checkpoints.
+    /// Unset: a pod-local emptyDir, so a gang restart starts from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// Directory inside the claim; each job writes under `<path>/<namespace>/<name>`.
+    #[serde(default)]
+    pub path: String,
+    /// Steps between checkpoints.
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 1))]
+    pub interval_steps: i64,
+    /// Newest complete checkpoints kept.
+    #[serde(default = "default_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: i32,
+    /// Whether an attempt resumes from the newest complete checkpoint.
+    #[serde(default)]
+    pub resume: ResumePolicy,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            claim_name: None,
+            path: String::new(),
+            interval_steps: default_interval(),
+            keep: default_keep(),
+            resume: ResumePolicy::default(),
+        }
+    }
+}
+
+fn default_interval() -> i64 {
+    100
+}
+fn default_keep() -> i32 {
+    3
+}
+
+/// Resume policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ResumePolicy {
+    /// Resume from the newest complete checkpoint if there is one.
+    #[default]
+    Auto,
+    /// Always start from step 0 (existing checkpoints are left alone).
+    Never,
+}
+
+/// Suspension, retries, deadlines and clean-up.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    /// Suspended: no worker pods exist; resuming starts a new attempt from the newest checkpoint.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Gang restarts allowed after failures before the job is Failed. Restarts
+    /// caused by disruptions (preemption, node loss) do not count.
+    #[serde(default = "default_backoff")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub backoff_limit: i32,
+    /// Wall-clock limit of the whole job while not suspended, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Seconds after Succeeded or Failed before the job (and its children) is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Rules on worker exit codes, checked in order; the first match decides.
+    /// Unmatched failures restart the gang and count against backoffLimit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub failure_rules: Vec<FailureRule>,
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        Self {
+            suspend: false,
+            backoff_limit: default_backoff(),
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            failure_rules: Vec::new(),
+        }
+    }
+}
+
+fn default_backoff() -> i32 {
+    3
+}
+
+/// What to do when a worker fails with matching exit codes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRule {
+    pub action: FailureAction,
+    /// Exit codes of the worker container that this rule matches.
+    pub on_exit_codes: ExitCodes,
+}
+
+/// Action of a failure rule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FailureAction {
+    /// Fail the job now, with no further attempts (e.g. a configuration error).
+    FailJob,
+    /// Restart the gang without using the backoffLimit budget.
+    Ignore,
+    /// Restart the gang and count it against backoffLimit (the default).
+    Count,
+}
+
+/// A set of exit codes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitCodes {
+    pub operator: ExitCodeOperator,
+    #[schemars(length(min = 1, max = 255))]
+    pub values: Vec<i32>,
+}
+
+/// How `values` are matched.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ExitCodeOperator {
+    In,
+    NotIn,
+}
+
+impl ExitCodes {
+    pub fn matches(&self, code: i32) -> bool {
+        let listed = self.values.contains(&code);
+        match self.operator {
+            ExitCodeOperator::In => listed,
+            ExitCodeOperator::NotIn => !listed,
+        }
+    }
+}
+
+/// Observed state of a MoETrainingJob.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoETrainingJobStatus {
+    /// `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Lifecycle phase (a summary of the conditions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TrainingPhase>,
+    /// Current attempt, from 0; each gang restart starts a new one.
+    #[serde(default)]
+    pub attempt: i32,
+    /// Gang restarts counted against `runPolicy.backoffLimit`.
+    #[serde(default)]
+    pub restarts: i32,
+    /// Gang restarts caused by disruptions (preemption, node loss), not counted.
+    #[serde(default)]
+    pub disruptions: i32,
+    /// Worker pods of the current attempt.
+    #[serde(default)]
+    pub workers: WorkerCounts,
+    /// kstatus conditions (`Ready`, `Reconciling`, `Stalled`) and lifecycle
+    /// conditions (`Created`, `Running`, `Restarting`, `Suspended`, `Succeeded`, `Failed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Training progress as reported by rank 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TrainingProgress>,
+}
+
+/// Lifecycle phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TrainingPhase {
+    /// Accepted; worker pods are being created or scheduled.
+    Pending,
+    /// Every worker pod is running.
+    Running,
+    /// The gang is being torn down to start the next attempt.
+    Restarting,
+    /// Suspended by the user or by Kueue; no worker pods.
+    Suspended,
+    /// Training finished.
+    Succeeded,
+    /// Out of retries, past the deadline, or a FailJob rule matched.
+    Failed,
+}
+
+impl TrainingPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(self, TrainingPhase::Succeeded | TrainingPhase::Failed)
+    }
+}
+
+/// Worker pod counts of the current attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCounts {
+    pub expected: i32,
+    pub active: i32,
+    pub ready: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+}
+
+/// Training progress.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingProgress {
+    pub step: i64,
+    pub total_steps: i64,
+    /// `step/totalSteps (percent%)`, for the printer column.
+    pub display: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint_step: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<Time>,
+}
