@@ -1,4 +1,9 @@
-//! The moe-operator: controllers that reconcile MoETrainingJob and
-//! MoEInferenceService into Kubernetes objects, plus what `moectl` shares
+//! The moe-operator: controllers that reconcile MoETrainingJob (and, later,
+//! MoEInferenceService) into Kubernetes objects, plus what `moectl` shares
 //! with them. It never depends on the worker or kernels crates, so its image
 //! carries no CUDA.
+
+pub mod labels;
+pub mod metrics;
+pub mod server;
+pub mod training;

@@ -1,0 +1,140 @@
+//! `moe-operator`: runs the controllers, with leader election so that of
+//! several replicas exactly one acts at a time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube_lease_manager::LeaseManagerBuilder;
+use moe_operator::metrics::Metrics;
+use moe_operator::server::{self, Health};
+use moe_operator::training::{build::BuildContext, controller};
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(name = "moe-operator", version, about = "Kubernetes operator for MoE training and serving")]
+struct Args {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "MOE_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Worker image for jobs that do not name one.
+    #[arg(long, env = "MOE_WORKER_IMAGE")]
+    worker_image: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "MOE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader-election Lease (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Identity in the Lease (default: the pod name, from POD_NAME, or the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Run without leader election (one replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Log format.
+    #[arg(long, env = "MOE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+const LEASE_NAME: &str = "moe-operator-leader";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_format == "json" { fmt.json().flatten_event(true).init() } else { fmt.init() }
+
+    let client = Client::try_default().await.context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("moe-operator-{}", std::process::id()));
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health { ready: ready.clone(), metrics: metrics.clone() };
+    let http = tokio::spawn(server::serve(args.http_addr, health));
+    info!(addr = %args.http_addr, identity, "moe-operator starting");
+
+    // Leader election: wait for the Lease before acting; exit if it is lost,
+    // so the replacement replica starts from a clean slate (as controller-runtime does).
+    let mut leadership = None;
+    if !args.no_leader_election {
+        let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .with_field_manager("moe-operator")
+            .build()
+            .await
+            .context("leader election set-up")?;
+        let (mut channel, task) = manager.watch().await;
+        ready.store(true, Ordering::Relaxed); // a standby replica is healthy and ready
+        info!(lease = LEASE_NAME, namespace = %args.lease_namespace, "waiting for leadership");
+        while !*channel.borrow_and_update() {
+            channel.changed().await.context("lease manager stopped")?;
+        }
+        info!("acquired leadership");
+        leadership = Some((channel, task));
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let build = BuildContext { default_worker_image: args.worker_image.unwrap_or_else(|| BuildContext::default().default_worker_image) };
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "moe-operator".into(), instance: Some(identity) });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    let stop_reason = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let stop_reason = stop_reason.clone();
+        async move {
+            let reason = stop_rx.await.unwrap_or("shutdown");
+            *stop_reason.lock().expect("not poisoned") = Some(reason);
+        }
+    };
+    tokio::spawn(async move {
+        let lost = async {
+            match leadership {
+                Some((mut channel, _task)) => {
+                    while *channel.borrow_and_update() {
+                        if channel.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let reason = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "signal",
+            _ = terminate() => "signal",
+            _ = lost => "lost leadership",
+        };
+        let _ = stop_tx.send(reason);
+    });
+    controller::run(client, args.watch_namespace, build, recorder, metrics, shutdown).await;
+    http.abort();
+    let reason = stop_reason.lock().expect("not poisoned").unwrap_or("shutdown");
+    if reason == "lost leadership" {
+        error!("lost leadership; exiting so a fresh replica takes over");
+        std::process::exit(1);
+    }
+    info!(reason, "stopped");
+    Ok(())
+}
+
+async fn terminate() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}

@@ -1,0 +1,92 @@
+//! Prometheus metrics of the operator (`/metrics`).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use moe_crds::{MoETrainingJob, TrainingPhase};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    verb: String,
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    api_calls: Family<CallLabels, Counter>,
+    jobs_by_phase: Family<PhaseLabels, Gauge>,
+    /// Last phase seen per job, to keep `jobs_by_phase` exact.
+    phases: Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("moe_operator");
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let api_calls = Family::<CallLabels, Counter>::default();
+        let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed, by error class", errors.clone());
+        registry.register("reconcile_duration_seconds", "Duration of reconciles", duration.clone());
+        registry.register("api_writes", "API writes made by reconciles, by verb and resource", api_calls.clone());
+        registry.register("training_jobs", "MoETrainingJobs by phase", jobs_by_phase.clone());
+        Self { registry, reconciles, errors, duration, api_calls, jobs_by_phase, phases: Default::default() }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_error(&self, class: &str) {
+        self.errors.get_or_create(&ErrorLabels { error: class.into() }).inc();
+    }
+
+    pub fn api_call(&self, verb: &str, resource: &str) {
+        self.api_calls.get_or_create(&CallLabels { verb: verb.into(), resource: resource.into() }).inc();
+    }
+
+    pub fn observe_phase(&self, job: &MoETrainingJob, phase: Option<TrainingPhase>) {
+        let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+        let new = phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "Unknown".into());
+        let mut phases = self.phases.lock().expect("not poisoned");
+        let old = phases.insert(key, new.clone());
+        if old.as_ref() != Some(&new) {
+            if let Some(old) = old {
+                self.jobs_by_phase.get_or_create(&PhaseLabels { phase: old }).dec();
+            }
+            self.jobs_by_phase.get_or_create(&PhaseLabels { phase: new }).inc();
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,381 @@
+//! The MoETrainingJob controller: thin I/O around the pure steps.
+//!
+//! reconcile = observe (stores; pods only when an attempt failed)
+//!           → validate (pure) → decide (pure) → build (pure)
+//!           → apply children → create/delete attempts → status (only if changed) → events
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use moe_crds::{MoETrainingJob, MoETrainingJobStatus};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::build::{self, BuildContext, Counters};
+use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, decide};
+use super::validate::validate;
+use crate::labels;
+use crate::metrics::Metrics;
+
+/// Errors of one reconcile; all are transient API failures and retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub build: BuildContext,
+    pub jobs: Store<Job>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<MoETrainingJob>, u32>>,
+}
+
+/// Periodic resync: repairs anything a missed watch event left behind.
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Runs the controller until `shutdown` resolves. `namespace`: watch one namespace, or all.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    build: BuildContext,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    // Children are watched with a label selector and reflected into stores, so
+    // reconcile reads them from memory: no API reads, and no writes when nothing changed.
+    let children = watcher::Config::default().labels(&labels::managed_selector());
+    let (jobs, job_writer) = reflector::store::<Job>();
+    let job_stream = watcher(api::<Job>(&client, &namespace), children.clone())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(job_writer)
+        .touched_objects();
+    let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
+    let cm_stream = watcher(api::<ConfigMap>(&client, &namespace), children.clone())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(cm_writer)
+        .touched_objects();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let svc_stream = watcher(api::<Service>(&client, &namespace), children)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(svc_writer)
+        .touched_objects();
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build,
+        jobs,
+        config_maps,
+        services,
+        recorder,
+        metrics,
+        failures: Mutex::new(HashMap::new()),
+    });
+    Controller::new(api::<MoETrainingJob>(&client, &namespace), watcher::Config::default().any_semantic())
+        .owns_stream(job_stream)
+        .owns_stream(cm_stream)
+        .owns_stream(svc_stream)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                // ObjectNotFound and friends: the object went away; nothing to do.
+                tracing::debug!(error = %e, "reconcile dispatch");
+            }
+        })
+        .await;
+}
+
+fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(job.as_ref());
+    let n = {
+        let mut failures = ctx.failures.lock().expect("not poisoned");
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    // 1s, 2s, 4s, ... capped at 5 minutes.
+    let delay = Duration::from_secs(1u64 << (n - 1).min(8)).min(Duration::from_secs(300));
+    warn!(job = %job.name_any(), namespace = ?job.namespace(), error = %err, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.reconcile_error(err.metric_label());
+    Action::requeue(delay)
+}
+
+async fn reconcile(job: Arc<MoETrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&job, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    if result.is_ok() {
+        ctx.failures.lock().expect("not poisoned").remove(&ObjectRef::from_obj(job.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, Error> {
+    if job.meta().deletion_timestamp.is_some() {
+        // Children go with it by owner-reference garbage collection.
+        return Ok(Action::await_change());
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let invalid = validate(job).err();
+    let attempts = observe_attempts(ctx, job, &ns).await?;
+    let plan = decide(job, &Observed { attempts, now: Timestamp::now(), invalid: invalid.clone() });
+
+    let finished = plan.status.phase.is_some_and(|p| p.is_finished());
+    if invalid.is_none() && !finished && !plan.delete_self {
+        apply_if_changed(ctx, &ns, build::config_map(job), &ctx.config_maps).await?;
+        apply_if_changed(ctx, &ns, build::service(job), &ctx.services).await?;
+    }
+    execute(ctx, job, &ns, &plan).await?;
+    if plan.delete_self {
+        return Ok(Action::await_change());
+    }
+    write_status(ctx, job, &ns, &plan.status).await?;
+    for t in &plan.transitions {
+        publish(ctx, job, t.warning, &t.reason, &t.message).await;
+    }
+    ctx.metrics.observe_phase(job, plan.status.phase);
+    Ok(match plan.requeue_after {
+        Some(d) => Action::requeue(d.min(RESYNC)),
+        None => Action::requeue(RESYNC),
+    })
+}
+
+/// The attempt Jobs of `job`, from the store; pods are listed only for a failed attempt.
+async fn observe_attempts(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Result<Vec<AttemptState>, Error> {
+    let uid = job.uid();
+    let mut out = Vec::new();
+    for j in ctx.jobs.state() {
+        let owned = j.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
+        if j.namespace().as_deref() != Some(ns) || !owned {
+            continue;
+        }
+        let Some(attempt) = j.labels().get(labels::ATTEMPT).and_then(|a| a.parse().ok()) else { continue };
+        let annotation = |k: &str| j.annotations().get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let status = j.status.clone().unwrap_or_default();
+        let has = |t: &str| status.conditions.iter().flatten().any(|c| c.type_ == t && c.status == "True");
+        let outcome = if has("Complete") {
+            AttemptOutcome::Complete
+        } else if has("Failed") || has("FailureTarget") {
+            AttemptOutcome::Failed { cause: failure_cause(ctx, ns, &job.name_any(), attempt, &status).await? }
+        } else if j.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
+            AttemptOutcome::Queued
+        } else {
+            AttemptOutcome::Running
+        };
+        out.push(AttemptState {
+            attempt,
+            name: j.name_any(),
+            counters: Counters { restarts: annotation(labels::RESTARTS), disruptions: annotation(labels::DISRUPTIONS) },
+            being_deleted: j.meta().deletion_timestamp.is_some(),
+            outcome,
+            active: status.active.unwrap_or(0),
+            ready: status.ready.unwrap_or(0),
+            succeeded: status.succeeded.unwrap_or(0),
+            failed: status.failed.unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+/// Why a failed attempt failed: a disrupted pod explains everything (other
+/// ranks then fail on collective timeouts); else the first failed worker's exit code.
+async fn failure_cause(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    attempt: i32,
+    status: &k8s_openapi::api::batch::v1::JobStatus,
+) -> Result<FailureCause, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!("{}={name},{}={attempt}", labels::JOB_NAME, labels::ATTEMPT);
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    ctx.metrics.api_call("list", "pods");
+    Ok(classify_failure(&list.items, status))
+}
+
+/// Pure part of [`failure_cause`].
+pub fn classify_failure(pods: &[Pod], job_status: &k8s_openapi::api::batch::v1::JobStatus) -> FailureCause {
+    for pod in pods {
+        let conds = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+        if let Some(c) = conds.into_iter().flatten().find(|c| c.type_ == "DisruptionTarget" && c.status == "True") {
+            return FailureCause::Disruption {
+                pod: pod.name_any(),
+                reason: c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()),
+            };
+        }
+    }
+    let mut failed: Vec<(&Pod, i32)> = pods
+        .iter()
+        .filter_map(|p| {
+            let st = p.status.as_ref()?;
+            let code = st.container_statuses.iter().flatten().find_map(|c| {
+                c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code).filter(|code| *code != 0)
+            })?;
+            Some((p, code))
+        })
+        .collect();
+    // The earliest failure is the cause; later ones are usually its echo.
+    failed.sort_by_key(|(p, _)| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.first())
+            .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone())
+            .map(|t| t.0)
+    });
+    if let Some((pod, code)) = failed.first() {
+        return FailureCause::ExitCode { pod: pod.name_any(), code: *code };
+    }
+    let message = job_status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True")
+        .map(|c| format!("Job failed: {}", c.message.clone().unwrap_or_else(|| c.reason.clone().unwrap_or_default())))
+        .unwrap_or_else(|| "Job failed for an unknown reason".into());
+    FailureCause::Unknown { message }
+}
+
+/// Server-side apply `desired` unless the stored copy already has every field it sets.
+async fn apply_if_changed<K>(ctx: &Context, ns: &str, desired: K, store: &Store<K>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = desired.name_any();
+    let current = store.get(&ObjectRef::new(&name).within(ns));
+    let want = serde_json::to_value(&desired).expect("objects serialise");
+    if let Some(cur) = current {
+        let have = serde_json::to_value(cur.as_ref()).expect("objects serialise");
+        if is_subset(&want, &have) {
+            return Ok(());
+        }
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let mut body = want;
+    body["apiVersion"] = json!(K::api_version(&()));
+    body["kind"] = json!(K::kind(&()));
+    api.patch(&name, &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    ctx.metrics.api_call("apply", &K::plural(&()));
+    Ok(())
+}
+
+/// Whether every field set in `want` has the same value in `have` (server
+/// defaults may add more). Lists must match element by element.
+pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value::*;
+    match (want, have) {
+        (Object(w), Object(h)) => w.iter().all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| is_subset(v, hv))),
+        (Array(w), Array(h)) => w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b)),
+        (w, h) => w == h,
+    }
+}
+
+async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some((attempt, counters)) = plan.create {
+        let child = build::attempt_job(job, &ctx.build, attempt, counters);
+        match jobs.create(&PostParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() }, &child).await {
+            Ok(_) => info!(job = %job.name_any(), namespace = ns, attempt, "created attempt"),
+            // Already there: a previous reconcile created it before the store saw it.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("create", "jobs");
+    }
+    for name in &plan.delete {
+        // Background: the attempt Job goes now, its pods follow; the next attempt need not wait.
+        let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+        match jobs.delete(name, &dp).await {
+            Ok(_) => info!(job = %job.name_any(), namespace = ns, child = %name, "deleted attempt"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("delete", "jobs");
+    }
+    if plan.delete_self {
+        let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
+        match api.delete(&job.name_any(), &DeleteParams::background()).await {
+            Ok(_) => info!(job = %job.name_any(), namespace = ns, "deleted after ttlSecondsAfterFinished"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("delete", "moetrainingjobs");
+    }
+    Ok(())
+}
+
+async fn write_status(ctx: &Context, job: &MoETrainingJob, ns: &str, status: &MoETrainingJobStatus) -> Result<(), Error> {
+    if job.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({
+        "apiVersion": MoETrainingJob::api_version(&()),
+        "kind": MoETrainingJob::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&job.name_any(), &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await?;
+    ctx.metrics.api_call("apply", "moetrainingjobs/status");
+    Ok(())
+}
+
+async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &str, message: &str) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(message.chars().take(1024).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // Events are best effort: a failure to record one must not fail the reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
+    ctx.metrics.api_call("create", "events");
+}

@@ -1,0 +1,359 @@
+//! Pure decision logic (no client): from what is observed about a
+//! MoETrainingJob and its attempt Jobs, decide what to create or delete,
+//! the new status, and which transitions deserve an Event.
+//!
+//! All state needed to decide lives in the API: the attempt number is in the
+//! child Job's name and labels, the restart counters in its annotations. So an
+//! operator restarted at any point makes the same decision again, and never
+//! creates a duplicate attempt.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use moe_crds::condition::{READY, RECONCILING, STALLED};
+use moe_crds::{FailureAction, MoETrainingJob, MoETrainingJobStatus, TrainingPhase, WorkerCounts};
+
+use super::build::Counters;
+
+/// What is known about one attempt Job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptState {
+    pub attempt: i32,
+    pub name: String,
+    /// Counters the attempt was started with.
+    pub counters: Counters,
+    pub being_deleted: bool,
+    pub outcome: AttemptOutcome,
+    pub active: i32,
+    pub ready: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+}
+
+/// Where an attempt Job stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptOutcome {
+    /// Created suspended, waiting for Kueue to admit it.
+    Queued,
+    Running,
+    Complete,
+    /// The Job failed; `cause` says why, from its pods.
+    Failed { cause: FailureCause },
+}
+
+/// Why an attempt failed, as read from its pods.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FailureCause {
+    /// A pod was disrupted (preemption, eviction, node loss): not the job's fault.
+    Disruption { pod: String, reason: String },
+    /// A worker container exited non-zero.
+    ExitCode { pod: String, code: i32 },
+    /// The Job failed without a failed pod to explain it (e.g. a pod deleted by hand).
+    Unknown { message: String },
+}
+
+/// Everything the decision needs besides the resource itself.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub attempts: Vec<AttemptState>,
+    pub now: Timestamp,
+    /// An error that makes the spec unrunnable although the apiserver accepted it.
+    pub invalid: Option<String>,
+}
+
+/// A transition worth a Kubernetes Event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The outcome of one reconcile decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Attempt Job to create (its number and counters).
+    pub create: Option<(i32, Counters)>,
+    /// Attempt Jobs to delete (names).
+    pub delete: Vec<String>,
+    /// Delete the MoETrainingJob itself (TTL after finishing).
+    pub delete_self: bool,
+    pub status: MoETrainingJobStatus,
+    pub transitions: Vec<Transition>,
+    /// Look again after this long even if nothing changes (deadline, TTL, pending work).
+    pub requeue_after: Option<Duration>,
+}
+
+/// Decide the next step for `job` given what was `observed`.
+pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
+    let old = job.status.clone().unwrap_or_default();
+    let mut plan = Plan {
+        create: None,
+        delete: vec![],
+        delete_self: false,
+        status: MoETrainingJobStatus { observed_generation: job.metadata.generation, ..old.clone() },
+        transitions: vec![],
+        requeue_after: None,
+    };
+    let spec = &job.spec;
+    let now = Time(observed.now);
+
+    // The newest attempt that is not already going away is the current one;
+    // older ones are leftovers of a restart and are deleted.
+    let current = observed.attempts.iter().filter(|a| !a.being_deleted).max_by_key(|a| a.attempt);
+    let newest_attempt = observed.attempts.iter().map(|a| a.attempt).max();
+    for a in &observed.attempts {
+        if !a.being_deleted && Some(a.attempt) != current.map(|c| c.attempt) {
+            plan.delete.push(a.name.clone());
+        }
+    }
+    let counters = current.map(|c| c.counters).unwrap_or(Counters { restarts: old.restarts, disruptions: old.disruptions });
+    plan.status.restarts = counters.restarts;
+    plan.status.disruptions = counters.disruptions;
+    plan.status.workers.expected = spec.parallelism.nodes;
+
+    if let Some(message) = &observed.invalid {
+        // Stalled, not Failed: fixing the spec (a new generation) lets it run.
+        plan.delete.extend(current.map(|c| c.name.clone()));
+        let phase = old.phase.filter(|p| !p.is_finished()).unwrap_or(TrainingPhase::Pending);
+        set_phase(&mut plan, &old, phase, "InvalidSpec", message, &now);
+        plan.transitions.clear();
+        let generation = plan.status.observed_generation;
+        set(&mut plan.status.conditions, READY, false, "InvalidSpec", message, generation, &now);
+        set(&mut plan.status.conditions, RECONCILING, false, "InvalidSpec", message, generation, &now);
+        set(&mut plan.status.conditions, STALLED, true, "InvalidSpec", message, generation, &now);
+        if !has_true(&old, STALLED) {
+            plan.transitions.push(warning("InvalidSpec", message.clone()));
+        }
+        return plan;
+    }
+
+    if old.phase.is_some_and(TrainingPhase::is_finished) {
+        return finished(job, &old, current, plan, observed.now);
+    }
+
+    if spec.run_policy.suspend {
+        plan.delete.extend(current.map(|c| c.name.clone()));
+        plan.status.workers = WorkerCounts { expected: spec.parallelism.nodes, ..Default::default() };
+        // The deadline clock stops while suspended and restarts on resume.
+        plan.status.start_time = None;
+        set_phase(&mut plan, &old, TrainingPhase::Suspended, "Suspended", "suspended: no worker pods run", &now);
+        return plan;
+    }
+
+    // Deadline, measured from the start of the current (unsuspended) run.
+    let start = old.start_time.clone().unwrap_or_else(|| now.clone());
+    plan.status.start_time = Some(start.clone());
+    if let Some(limit) = spec.run_policy.active_deadline_seconds {
+        let elapsed = observed.now.duration_since(start.0).as_secs_f64();
+        if elapsed >= limit as f64 {
+            plan.delete.extend(current.map(|c| c.name.clone()));
+            let msg = format!("ran longer than runPolicy.activeDeadlineSeconds ({limit}s)");
+            fail(&mut plan, &old, "DeadlineExceeded", &msg, &now);
+            return plan;
+        }
+        plan.requeue_after = Some(Duration::from_secs_f64(limit as f64 - elapsed).max(Duration::from_secs(1)));
+    }
+
+    let Some(cur) = current else {
+        // No attempt running: start one. A fresh job starts at 0; after a
+        // suspension (or any other teardown) the next number is used.
+        let attempt = match (newest_attempt, old.phase) {
+            (Some(n), _) => n + 1,
+            (None, None) => 0,
+            (None, Some(_)) => old.attempt + 1,
+        };
+        plan.create = Some((attempt, counters));
+        plan.status.attempt = attempt;
+        plan.status.workers = WorkerCounts { expected: spec.parallelism.nodes, ..Default::default() };
+        if old.phase == Some(TrainingPhase::Suspended) {
+            plan.transitions.push(info("Resumed", format!("resumed: starting attempt {attempt}")));
+        }
+        let msg = format!("attempt {attempt}: creating {} worker pod(s)", spec.parallelism.nodes);
+        set_phase(&mut plan, &old, TrainingPhase::Pending, "AttemptCreated", &msg, &now);
+        return plan;
+    };
+
+    plan.status.attempt = cur.attempt;
+    plan.status.workers = WorkerCounts {
+        expected: spec.parallelism.nodes,
+        active: cur.active,
+        ready: cur.ready,
+        succeeded: cur.succeeded,
+        failed: cur.failed,
+    };
+    match &cur.outcome {
+        AttemptOutcome::Queued => {
+            let msg = format!("attempt {}: waiting for Kueue to admit the gang", cur.attempt);
+            set_phase(&mut plan, &old, TrainingPhase::Pending, "WaitingForAdmission", &msg, &now);
+        }
+        AttemptOutcome::Running => {
+            let all_up = cur.ready + cur.succeeded >= spec.parallelism.nodes;
+            if all_up {
+                let msg = format!("attempt {}: all {} worker pod(s) running", cur.attempt, spec.parallelism.nodes);
+                set_phase(&mut plan, &old, TrainingPhase::Running, "AllWorkersRunning", &msg, &now);
+            } else {
+                let msg = format!(
+                    "attempt {}: {}/{} worker pod(s) ready",
+                    cur.attempt,
+                    cur.ready + cur.succeeded,
+                    spec.parallelism.nodes
+                );
+                set_phase(&mut plan, &old, TrainingPhase::Pending, "WorkersStarting", &msg, &now);
+            }
+        }
+        AttemptOutcome::Complete => {
+            plan.status.completion_time = Some(now.clone());
+            let msg = format!("training finished in attempt {}", cur.attempt);
+            set_phase(&mut plan, &old, TrainingPhase::Succeeded, "Succeeded", &msg, &now);
+            if let Some(ttl) = spec.run_policy.ttl_seconds_after_finished {
+                plan.requeue_after = Some(Duration::from_secs(ttl.max(0) as u64));
+            } else {
+                plan.requeue_after = None;
+            }
+        }
+        AttemptOutcome::Failed { cause } => restart_or_fail(job, &old, cur, cause, &mut plan, &now),
+    }
+    plan
+}
+
+/// Apply the failure policy to a failed attempt: restart the gang (counted
+/// or not) or fail the job.
+fn restart_or_fail(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    cur: &AttemptState,
+    cause: &FailureCause,
+    plan: &mut Plan,
+    now: &Time,
+) {
+    let policy = &job.spec.run_policy;
+    let (action, why) = match cause {
+        FailureCause::Disruption { pod, reason } => (FailureAction::Ignore, format!("pod {pod} was disrupted ({reason})")),
+        FailureCause::ExitCode { pod, code } => {
+            let rule = policy.failure_rules.iter().find(|r| r.on_exit_codes.matches(*code));
+            (rule.map(|r| r.action).unwrap_or(FailureAction::Count), format!("pod {pod} exited with code {code}"))
+        }
+        FailureCause::Unknown { message } => (FailureAction::Count, message.clone()),
+    };
+    let mut next = cur.counters;
+    match action {
+        FailureAction::FailJob => {
+            plan.delete.push(cur.name.clone());
+            let msg = format!("attempt {}: {why}, which a failure rule marks fatal", cur.attempt);
+            return fail(plan, old, "FailureRuleMatched", &msg, now);
+        }
+        FailureAction::Ignore => next.disruptions += 1,
+        FailureAction::Count => {
+            if next.restarts >= policy.backoff_limit {
+                plan.delete.push(cur.name.clone());
+                let msg = format!(
+                    "attempt {}: {why}; no restarts left (runPolicy.backoffLimit is {})",
+                    cur.attempt, policy.backoff_limit
+                );
+                return fail(plan, old, "BackoffLimitExceeded", &msg, now);
+            }
+            next.restarts += 1;
+        }
+    }
+    // The next attempt is created before the failed one is deleted, so an
+    // operator restart in between finds both and simply finishes the switch.
+    let attempt = cur.attempt + 1;
+    plan.create = Some((attempt, next));
+    plan.delete.push(cur.name.clone());
+    plan.status.attempt = attempt;
+    plan.status.restarts = next.restarts;
+    plan.status.disruptions = next.disruptions;
+    plan.status.workers = WorkerCounts { expected: job.spec.parallelism.nodes, ..Default::default() };
+    let counted = if action == FailureAction::Count { "counted" } else { "not counted" };
+    let msg = format!("attempt {} failed: {why}; restarting the gang as attempt {attempt} ({counted})", cur.attempt);
+    plan.transitions.push(warning("GangRestart", msg.clone()));
+    set_phase(plan, old, TrainingPhase::Restarting, "GangRestart", &msg, now);
+}
+
+fn finished(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    current: Option<&AttemptState>,
+    mut plan: Plan,
+    now: Timestamp,
+) -> Plan {
+    // A failed job keeps no pods; a succeeded one keeps its completed Job for the record.
+    if old.phase == Some(TrainingPhase::Failed) {
+        plan.delete.extend(current.map(|c| c.name.clone()));
+    }
+    if let (Some(ttl), Some(done)) = (job.spec.run_policy.ttl_seconds_after_finished, &old.completion_time) {
+        let due = done.0.as_second() + ttl as i64;
+        if now.as_second() >= due {
+            plan.delete_self = true;
+        } else {
+            plan.requeue_after = Some(Duration::from_secs((due - now.as_second()) as u64));
+        }
+    }
+    plan
+}
+
+fn fail(plan: &mut Plan, old: &MoETrainingJobStatus, reason: &str, message: &str, now: &Time) {
+    plan.status.completion_time = Some(now.clone());
+    plan.status.workers = WorkerCounts { expected: plan.status.workers.expected, ..Default::default() };
+    set_phase(plan, old, TrainingPhase::Failed, reason, message, now);
+}
+
+fn has_true(status: &MoETrainingJobStatus, type_: &str) -> bool {
+    status.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn info(reason: &str, message: String) -> Transition {
+    Transition { warning: false, reason: reason.into(), message }
+}
+
+fn warning(reason: &str, message: String) -> Transition {
+    Transition { warning: true, reason: reason.into(), message }
+}
+
+/// Set the phase and derive every condition from it; record a transition when the phase changes.
+fn set_phase(plan: &mut Plan, old: &MoETrainingJobStatus, phase: TrainingPhase, reason: &str, message: &str, now: &Time) {
+    use TrainingPhase::*;
+    plan.status.phase = Some(phase);
+    if old.phase != Some(phase) {
+        let warn = phase == Failed;
+        plan.transitions.push(Transition { warning: warn, reason: reason.into(), message: message.into() });
+    }
+    let generation = plan.status.observed_generation;
+    let conds = &mut plan.status.conditions;
+    let is = |p: &[TrainingPhase]| p.contains(&phase);
+    // kstatus: Ready is the summary; Reconciling while working toward
+    // running; Stalled when it will not get there without a change.
+    set(conds, READY, is(&[Running, Succeeded]), reason, message, generation, now);
+    set(conds, RECONCILING, is(&[Pending, Restarting]), reason, message, generation, now);
+    set(conds, STALLED, is(&[Failed]), reason, message, generation, now);
+    set(conds, "Created", true, reason, message, generation, now);
+    set(conds, "Running", is(&[Running]), reason, message, generation, now);
+    set(conds, "Restarting", is(&[Restarting]), reason, message, generation, now);
+    set(conds, "Suspended", is(&[Suspended]), reason, message, generation, now);
+    set(conds, "Succeeded", is(&[Succeeded]), reason, message, generation, now);
+    set(conds, "Failed", is(&[Failed]), reason, message, generation, now);
+}
+
+/// Upsert a condition; `lastTransitionTime` moves only when the status flips.
+fn set(conds: &mut Vec<Condition>, type_: &str, on: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) {
+    let status = if on { "True" } else { "False" };
+    let new = Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    match conds.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) if c.status == status => {
+            c.reason = new.reason;
+            c.message = new.message;
+            c.observed_generation = generation;
+        }
+        Some(c) => *c = new,
+        None => conds.push(new),
+    }
+}

@@ -1,0 +1,6 @@
+//! MoETrainingJob: builders, decisions and the controller.
+
+pub mod build;
+pub mod controller;
+pub mod decide;
+pub mod validate;
