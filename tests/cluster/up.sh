@@ -157,6 +157,12 @@ options:
   manageAllNodes: false
   manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
   nodeLeaseDurationSeconds: 40
+  # kwok applies its defaults only to a config it generates itself; set the
+  # parallelism it refuses to start without.
+  podPlayStageParallelism: 4
+  nodePlayStageParallelism: 4
+  nodeLeaseParallelism: 4
+  podsOnNodeSyncParallelism: 1
 EOF
   for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease node/chaos/node-not-ready \
     pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete \

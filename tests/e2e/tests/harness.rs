@@ -412,7 +412,7 @@ async fn serviceaccount_token_with_narrow_role_is_refused_outside_it() -> Result
             ..Default::default()
         },
         role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
             name: "configmap-reader".into(),
         },
@@ -428,16 +428,13 @@ async fn serviceaccount_token_with_narrow_role_is_refused_outside_it() -> Result
         .await?;
 
     let request = TokenRequest {
-        spec: TokenRequestSpec {
-            expiration_seconds: Some(600),
-            ..Default::default()
-        },
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() }),
         ..Default::default()
     };
     let issued = sas
         .create_token_request("reader", &PostParams::default(), &request)
         .await?;
-    let token = issued.status.map(|s| s.token).unwrap_or_default();
+    let token = issued.status.and_then(|s| s.token).unwrap_or_default();
     ensure!(!token.is_empty(), "TokenRequest returned no token");
     let sa = token_client(&token).await?;
 
