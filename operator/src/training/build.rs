@@ -14,10 +14,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -36,7 +38,12 @@ pub struct BuildContext {
 
 impl Default for BuildContext {
     fn default() -> Self {
-        Self { default_worker_image: format!("ghcr.io/moe-operator/moe-worker:{}", env!("CARGO_PKG_VERSION")) }
+        Self {
+            default_worker_image: format!(
+                "ghcr.io/moe-operator/moe-worker:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+        }
     }
 }
 
@@ -62,19 +69,28 @@ pub fn attempt_job_name(job: &MoETrainingJob, attempt: i32) -> String {
 
 /// The coordinator (rank 0's rendezvous store) of an attempt, by stable pod DNS name.
 pub fn coordinator(job: &MoETrainingJob, attempt: i32) -> String {
-    format!("{}-0.{}:{COORDINATOR_PORT}", attempt_job_name(job, attempt), service_name(job))
+    format!(
+        "{}-0.{}:{COORDINATOR_PORT}",
+        attempt_job_name(job, attempt),
+        service_name(job)
+    )
 }
 
 /// The worker config, resolved for paths inside the container.
 pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
     let spec = &job.spec;
     let ns = job.namespace().unwrap_or_default();
-    let base = [STATE_MOUNT, spec.checkpoint.path.trim_matches('/'), &ns, &job.name_any()]
-        .iter()
-        .filter(|p| !p.is_empty())
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("/");
+    let base = [
+        STATE_MOUNT,
+        spec.checkpoint.path.trim_matches('/'),
+        &ns,
+        &job.name_any(),
+    ]
+    .iter()
+    .filter(|p| !p.is_empty())
+    .cloned()
+    .collect::<Vec<_>>()
+    .join("/");
     WorkerConfig {
         job: format!("{ns}/{}", job.name_any()),
         model: spec.model.clone(),
@@ -90,7 +106,11 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
         device: spec.worker.device,
         data_dir: spec.data.volume.as_ref().map(|v| {
             let p = v.path.trim_matches('/');
-            if p.is_empty() { DATA_MOUNT.to_string() } else { format!("{DATA_MOUNT}/{p}") }
+            if p.is_empty() {
+                DATA_MOUNT.to_string()
+            } else {
+                format!("{DATA_MOUNT}/{p}")
+            }
         }),
         output_dir: base,
     }
@@ -98,18 +118,22 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
 
 /// The config file's text, and a short hash of it (stamped on attempt Jobs).
 pub fn worker_config_json(job: &MoETrainingJob) -> (String, String) {
-    let text = serde_json::to_string_pretty(&worker_config(job)).expect("WorkerConfig always serialises");
+    let text =
+        serde_json::to_string_pretty(&worker_config(job)).expect("WorkerConfig always serialises");
     let hash = fnv1a64(text.as_bytes());
     (text, format!("{hash:016x}"))
 }
 
 /// FNV-1a: a stable, dependency-free content hash; not for security.
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn owner_ref(job: &MoETrainingJob) -> OwnerReference {
-    job.controller_owner_ref(&()).expect("a MoETrainingJob read from the API has a name and uid")
+    job.controller_owner_ref(&())
+        .expect("a MoETrainingJob read from the API has a name and uid")
 }
 
 fn child_labels(job: &MoETrainingJob) -> BTreeMap<String, String> {
@@ -157,7 +181,11 @@ pub fn service(job: &MoETrainingJob) -> Service {
                     port: COORDINATOR_PORT.into(),
                     ..Default::default()
                 },
-                ServicePort { name: Some("metrics".into()), port: METRICS_PORT.into(), ..Default::default() },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: METRICS_PORT.into(),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         }),
@@ -175,7 +203,12 @@ pub struct Counters {
 
 /// The Indexed Job of one attempt: `nodes` pods, each running
 /// `processesPerNode` worker processes.
-pub fn attempt_job(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, counters: Counters) -> Job {
+pub fn attempt_job(
+    job: &MoETrainingJob,
+    ctx: &BuildContext,
+    attempt: i32,
+    counters: Counters,
+) -> Job {
     let spec = &job.spec;
     let nodes = spec.parallelism.nodes;
     let (_, config_hash) = worker_config_json(job);
@@ -218,10 +251,15 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     pod_labels.extend(child_labels(job));
     pod_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
     pod_labels.insert(labels::ROLE.into(), labels::ROLE_WORKER.into());
-    let annotations = (!worker.pod_metadata.annotations.is_empty()).then(|| worker.pod_metadata.annotations.clone());
+    let annotations = (!worker.pod_metadata.annotations.is_empty())
+        .then(|| worker.pod_metadata.annotations.clone());
 
     PodTemplateSpec {
-        metadata: Some(ObjectMeta { labels: Some(pod_labels), annotations, ..Default::default() }),
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations,
+            ..Default::default()
+        }),
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
             subdomain: Some(service_name(job)),
@@ -233,10 +271,14 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
                 run_as_user: Some(WORKER_UID),
                 run_as_group: Some(WORKER_UID),
                 fs_group: Some(WORKER_UID),
-                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
-            node_selector: (!spec.placement.node_selector.is_empty()).then(|| spec.placement.node_selector.clone()),
+            node_selector: (!spec.placement.node_selector.is_empty())
+                .then(|| spec.placement.node_selector.clone()),
             affinity: affinity(job),
             tolerations: tolerations(job),
             priority_class_name: spec.placement.priority_class_name.clone(),
@@ -251,29 +293,43 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
 /// The user's affinity, with the GPU type ANDed into every required node selector term.
 fn affinity(job: &MoETrainingJob) -> Option<Affinity> {
     let placement = &job.spec.placement;
-    let Some(gpu) = placement.gpu_type else { return placement.affinity.clone() };
+    let Some(gpu) = placement.gpu_type else {
+        return placement.affinity.clone();
+    };
     let requirement = NodeSelectorRequirement {
         key: "nvidia.com/gpu.product".into(),
         operator: "In".into(),
         values: Some(vec![gpu.product_label().into()]),
     };
     let mut affinity = placement.affinity.clone().unwrap_or_default();
-    let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let node = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
     let required = node
         .required_during_scheduling_ignored_during_execution
-        .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![] });
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: vec![],
+        });
     if required.node_selector_terms.is_empty() {
-        required.node_selector_terms.push(NodeSelectorTerm::default());
+        required
+            .node_selector_terms
+            .push(NodeSelectorTerm::default());
     }
     for term in &mut required.node_selector_terms {
-        term.match_expressions.get_or_insert_with(Vec::new).push(requirement.clone());
+        term.match_expressions
+            .get_or_insert_with(Vec::new)
+            .push(requirement.clone());
     }
     Some(affinity)
 }
 
 fn tolerations(job: &MoETrainingJob) -> Option<Vec<Toleration>> {
     let mut out = job.spec.placement.tolerations.clone();
-    if job.spec.worker.device == Device::Cuda && !out.iter().any(|t| t.key.as_deref() == Some("nvidia.com/gpu")) {
+    if job.spec.worker.device == Device::Cuda
+        && !out
+            .iter()
+            .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
+    {
         out.push(Toleration {
             key: Some("nvidia.com/gpu".into()),
             operator: Some("Exists".into()),
@@ -290,7 +346,10 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
     if worker.device == Device::Cuda {
         // One process per GPU: the GPU count follows processesPerNode, whatever the user wrote.
         let gpus = Quantity(job.spec.parallelism.processes_per_node.to_string());
-        resources.limits.get_or_insert_with(BTreeMap::new).insert("nvidia.com/gpu".into(), gpus.clone());
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert("nvidia.com/gpu".into(), gpus.clone());
         if let Some(requests) = resources.requests.as_mut() {
             requests.insert("nvidia.com/gpu".into(), gpus);
         }
@@ -306,18 +365,39 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
     }
     Container {
         name: CONTAINER.into(),
-        image: Some(worker.image.clone().unwrap_or_else(|| ctx.default_worker_image.clone())),
+        image: Some(
+            worker
+                .image
+                .clone()
+                .unwrap_or_else(|| ctx.default_worker_image.clone()),
+        ),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec!["moe-worker".into(), "train".into(), "--config".into(), CONFIG_PATH.into()]),
+        command: Some(vec![
+            "moe-worker".into(),
+            "train".into(),
+            "--config".into(),
+            CONFIG_PATH.into(),
+        ]),
         env: Some(env_vars(job, attempt)),
         ports: Some(vec![
-            ContainerPort { name: Some("rendezvous".into()), container_port: COORDINATOR_PORT.into(), ..Default::default() },
-            ContainerPort { name: Some("metrics".into()), container_port: METRICS_PORT.into(), ..Default::default() },
+            ContainerPort {
+                name: Some("rendezvous".into()),
+                container_port: COORDINATOR_PORT.into(),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT.into(),
+                ..Default::default()
+            },
         ]),
         resources: Some(ResourceRequirements { ..resources }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
             ..Default::default()
@@ -329,11 +409,20 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
-    VolumeMount { name: name.into(), mount_path: path.into(), read_only: read_only.then_some(true), ..Default::default() }
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
 }
 
 fn plain(name: &str, value: impl ToString) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.to_string()), ..Default::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        ..Default::default()
+    }
 }
 
 /// The worker environment contract ([`contract::env`]), then NCCL settings, then the user's env.
@@ -357,7 +446,10 @@ pub fn env_vars(job: &MoETrainingJob, attempt: i32) -> Vec<EnvVar> {
         plain(env::COORDINATOR, coordinator(job, attempt)),
         plain(env::ATTEMPT, attempt),
         plain(env::CONFIG, contract::CONFIG_PATH),
-        plain(env::JOB, format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())),
+        plain(
+            env::JOB,
+            format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any()),
+        ),
     ];
     let nccl = &job.spec.worker.nccl;
     if let Some(v) = &nccl.socket_ifname {
@@ -367,7 +459,13 @@ pub fn env_vars(job: &MoETrainingJob, attempt: i32) -> Vec<EnvVar> {
         out.push(plain("NCCL_IB_HCA", v));
     }
     if let Some(v) = nccl.debug {
-        out.push(plain("NCCL_DEBUG", serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()));
+        out.push(plain(
+            "NCCL_DEBUG",
+            serde_json::to_value(v)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+        ));
     }
     out.extend(nccl.env.iter().map(|(k, v)| plain(k, v)));
     out.extend(job.spec.worker.env.iter().cloned());
@@ -379,7 +477,10 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
     let mut out = vec![
         Volume {
             name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource { name: config_map_name(job), ..Default::default() }),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(job),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         match &spec.checkpoint.claim_name {
@@ -412,7 +513,10 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
 fn empty_dir(name: &str, medium: Option<&str>, size: Option<String>) -> Volume {
     Volume {
         name: name.into(),
-        empty_dir: Some(EmptyDirVolumeSource { medium: medium.map(String::from), size_limit: size.map(Quantity) }),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: medium.map(String::from),
+            size_limit: size.map(Quantity),
+        }),
         ..Default::default()
     }
 }

@@ -111,19 +111,22 @@ pub async fn run(
         metrics,
         failures: Mutex::new(HashMap::new()),
     });
-    Controller::new(api::<MoETrainingJob>(&client, &namespace), watcher::Config::default().any_semantic())
-        .owns_stream(job_stream)
-        .owns_stream(cm_stream)
-        .owns_stream(svc_stream)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                // ObjectNotFound and friends: the object went away; nothing to do.
-                tracing::debug!(error = %e, "reconcile dispatch");
-            }
-        })
-        .await;
+    Controller::new(
+        api::<MoETrainingJob>(&client, &namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns_stream(job_stream)
+    .owns_stream(cm_stream)
+    .owns_stream(svc_stream)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            // ObjectNotFound and friends: the object went away; nothing to do.
+            tracing::debug!(error = %e, "reconcile dispatch");
+        }
+    })
+    .await;
 }
 
 fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -146,7 +149,10 @@ async fn reconcile(job: Arc<MoETrainingJob>, ctx: Arc<Context>) -> Result<Action
     let result = reconcile_inner(&job, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     if result.is_ok() {
-        ctx.failures.lock().expect("not poisoned").remove(&ObjectRef::from_obj(job.as_ref()));
+        ctx.failures
+            .lock()
+            .expect("not poisoned")
+            .remove(&ObjectRef::from_obj(job.as_ref()));
     }
     result
 }
@@ -159,7 +165,14 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
     let ns = job.namespace().unwrap_or_default();
     let invalid = validate(job).err();
     let attempts = observe_attempts(ctx, job, &ns).await?;
-    let plan = decide(job, &Observed { attempts, now: Timestamp::now(), invalid: invalid.clone() });
+    let plan = decide(
+        job,
+        &Observed {
+            attempts,
+            now: Timestamp::now(),
+            invalid: invalid.clone(),
+        },
+    );
 
     let finished = plan.status.phase.is_some_and(|p| p.is_finished());
     if invalid.is_none() && !finished && !plan.delete_self {
@@ -182,22 +195,44 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
 }
 
 /// The attempt Jobs of `job`, from the store; pods are listed only for a failed attempt.
-async fn observe_attempts(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Result<Vec<AttemptState>, Error> {
+async fn observe_attempts(
+    ctx: &Context,
+    job: &MoETrainingJob,
+    ns: &str,
+) -> Result<Vec<AttemptState>, Error> {
     let uid = job.uid();
     let mut out = Vec::new();
     for j in ctx.jobs.state() {
-        let owned = j.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
+        let owned = j
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
         if j.namespace().as_deref() != Some(ns) || !owned {
             continue;
         }
-        let Some(attempt) = j.labels().get(labels::ATTEMPT).and_then(|a| a.parse().ok()) else { continue };
-        let annotation = |k: &str| j.annotations().get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some(attempt) = j.labels().get(labels::ATTEMPT).and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        let annotation = |k: &str| {
+            j.annotations()
+                .get(k)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
         let status = j.status.clone().unwrap_or_default();
-        let has = |t: &str| status.conditions.iter().flatten().any(|c| c.type_ == t && c.status == "True");
+        let has = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == t && c.status == "True")
+        };
         let outcome = if has("Complete") {
             AttemptOutcome::Complete
         } else if has("Failed") || has("FailureTarget") {
-            AttemptOutcome::Failed { cause: failure_cause(ctx, ns, &job.name_any(), attempt, &status).await? }
+            AttemptOutcome::Failed {
+                cause: failure_cause(ctx, ns, &job.name_any(), attempt, &status).await?,
+            }
         } else if j.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
             AttemptOutcome::Queued
         } else {
@@ -206,7 +241,10 @@ async fn observe_attempts(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Resu
         out.push(AttemptState {
             attempt,
             name: j.name_any(),
-            counters: Counters { restarts: annotation(labels::RESTARTS), disruptions: annotation(labels::DISRUPTIONS) },
+            counters: Counters {
+                restarts: annotation(labels::RESTARTS),
+                disruptions: annotation(labels::DISRUPTIONS),
+            },
             being_deleted: j.meta().deletion_timestamp.is_some(),
             outcome,
             active: status.active.unwrap_or(0),
@@ -235,13 +273,23 @@ async fn failure_cause(
 }
 
 /// Pure part of [`failure_cause`].
-pub fn classify_failure(pods: &[Pod], job_status: &k8s_openapi::api::batch::v1::JobStatus) -> FailureCause {
+pub fn classify_failure(
+    pods: &[Pod],
+    job_status: &k8s_openapi::api::batch::v1::JobStatus,
+) -> FailureCause {
     for pod in pods {
         let conds = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-        if let Some(c) = conds.into_iter().flatten().find(|c| c.type_ == "DisruptionTarget" && c.status == "True") {
+        if let Some(c) = conds
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        {
             return FailureCause::Disruption {
                 pod: pod.name_any(),
-                reason: c.reason.clone().unwrap_or_else(|| "DisruptionTarget".into()),
+                reason: c
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "DisruptionTarget".into()),
             };
         }
     }
@@ -250,7 +298,12 @@ pub fn classify_failure(pods: &[Pod], job_status: &k8s_openapi::api::batch::v1::
         .filter_map(|p| {
             let st = p.status.as_ref()?;
             let code = st.container_statuses.iter().flatten().find_map(|c| {
-                c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code).filter(|code| *code != 0)
+                c.state
+                    .as_ref()?
+                    .terminated
+                    .as_ref()
+                    .map(|t| t.exit_code)
+                    .filter(|code| *code != 0)
             })?;
             Some((p, code))
         })
@@ -265,20 +318,35 @@ pub fn classify_failure(pods: &[Pod], job_status: &k8s_openapi::api::batch::v1::
             .map(|t| t.0)
     });
     if let Some((pod, code)) = failed.first() {
-        return FailureCause::ExitCode { pod: pod.name_any(), code: *code };
+        return FailureCause::ExitCode {
+            pod: pod.name_any(),
+            code: *code,
+        };
     }
     let message = job_status
         .conditions
         .iter()
         .flatten()
         .find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True")
-        .map(|c| format!("Job failed: {}", c.message.clone().unwrap_or_else(|| c.reason.clone().unwrap_or_default())))
+        .map(|c| {
+            format!(
+                "Job failed: {}",
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+            )
+        })
         .unwrap_or_else(|| "Job failed for an unknown reason".into());
     FailureCause::Unknown { message }
 }
 
 /// Server-side apply `desired` unless the stored copy already has every field it sets.
-async fn apply_if_changed<K>(ctx: &Context, ns: &str, desired: K, store: &Store<K>) -> Result<(), Error>
+async fn apply_if_changed<K>(
+    ctx: &Context,
+    ns: &str,
+    desired: K,
+    store: &Store<K>,
+) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -299,7 +367,12 @@ where
     let mut body = want;
     body["apiVersion"] = json!(K::api_version(&()));
     body["kind"] = json!(K::kind(&()));
-    api.patch(&name, &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    api.patch(
+        &name,
+        &PatchParams::apply(labels::FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     ctx.metrics.api_call("apply", &K::plural(&()));
     Ok(())
 }
@@ -309,7 +382,9 @@ where
 pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
     use serde_json::Value::*;
     match (want, have) {
-        (Object(w), Object(h)) => w.iter().all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| is_subset(v, hv))),
+        (Object(w), Object(h)) => w
+            .iter()
+            .all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| is_subset(v, hv))),
         (Array(w), Array(h)) => w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b)),
         (w, h) => w == h,
     }
@@ -319,7 +394,16 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     if let Some((attempt, counters)) = plan.create {
         let child = build::attempt_job(job, &ctx.build, attempt, counters);
-        match jobs.create(&PostParams { field_manager: Some(labels::FIELD_MANAGER.into()), ..Default::default() }, &child).await {
+        match jobs
+            .create(
+                &PostParams {
+                    field_manager: Some(labels::FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &child,
+            )
+            .await
+        {
             Ok(_) => info!(job = %job.name_any(), namespace = ns, attempt, "created attempt"),
             // Already there: a previous reconcile created it before the store saw it.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -329,7 +413,10 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
     }
     for name in &plan.delete {
         // Background: the attempt Job goes now, its pods follow; the next attempt need not wait.
-        let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+        let dp = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..Default::default()
+        };
         match jobs.delete(name, &dp).await {
             Ok(_) => info!(job = %job.name_any(), namespace = ns, child = %name, "deleted attempt"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -339,8 +426,13 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
     }
     if plan.delete_self {
         let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
-        match api.delete(&job.name_any(), &DeleteParams::background()).await {
-            Ok(_) => info!(job = %job.name_any(), namespace = ns, "deleted after ttlSecondsAfterFinished"),
+        match api
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {
+                info!(job = %job.name_any(), namespace = ns, "deleted after ttlSecondsAfterFinished")
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
@@ -349,7 +441,12 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
     Ok(())
 }
 
-async fn write_status(ctx: &Context, job: &MoETrainingJob, ns: &str, status: &MoETrainingJobStatus) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    job: &MoETrainingJob,
+    ns: &str,
+    status: &MoETrainingJobStatus,
+) -> Result<(), Error> {
     if job.status.as_ref() == Some(status) {
         return Ok(());
     }
@@ -359,15 +456,23 @@ async fn write_status(ctx: &Context, job: &MoETrainingJob, ns: &str, status: &Mo
         "kind": MoETrainingJob::kind(&()),
         "status": status,
     });
-    api.patch_status(&job.name_any(), &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body))
-        .await?;
+    api.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(labels::FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     ctx.metrics.api_call("apply", "moetrainingjobs/status");
     Ok(())
 }
 
 async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &str, message: &str) {
     let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         note: Some(message.chars().take(1024).collect()),
         action: "Reconcile".into(),

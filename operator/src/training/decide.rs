@@ -39,7 +39,9 @@ pub enum AttemptOutcome {
     Running,
     Complete,
     /// The Job failed; `cause` says why, from its pods.
-    Failed { cause: FailureCause },
+    Failed {
+        cause: FailureCause,
+    },
 }
 
 /// Why an attempt failed, as read from its pods.
@@ -92,7 +94,10 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         create: None,
         delete: vec![],
         delete_self: false,
-        status: MoETrainingJobStatus { observed_generation: job.metadata.generation, ..old.clone() },
+        status: MoETrainingJobStatus {
+            observed_generation: job.metadata.generation,
+            ..old.clone()
+        },
         transitions: vec![],
         requeue_after: None,
     };
@@ -101,14 +106,21 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
 
     // The newest attempt that is not already going away is the current one;
     // older ones are leftovers of a restart and are deleted.
-    let current = observed.attempts.iter().filter(|a| !a.being_deleted).max_by_key(|a| a.attempt);
+    let current = observed
+        .attempts
+        .iter()
+        .filter(|a| !a.being_deleted)
+        .max_by_key(|a| a.attempt);
     let newest_attempt = observed.attempts.iter().map(|a| a.attempt).max();
     for a in &observed.attempts {
         if !a.being_deleted && Some(a.attempt) != current.map(|c| c.attempt) {
             plan.delete.push(a.name.clone());
         }
     }
-    let counters = current.map(|c| c.counters).unwrap_or(Counters { restarts: old.restarts, disruptions: old.disruptions });
+    let counters = current.map(|c| c.counters).unwrap_or(Counters {
+        restarts: old.restarts,
+        disruptions: old.disruptions,
+    });
     plan.status.restarts = counters.restarts;
     plan.status.disruptions = counters.disruptions;
     plan.status.workers.expected = spec.parallelism.nodes;
@@ -116,15 +128,43 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     if let Some(message) = &observed.invalid {
         // Stalled, not Failed: fixing the spec (a new generation) lets it run.
         plan.delete.extend(current.map(|c| c.name.clone()));
-        let phase = old.phase.filter(|p| !p.is_finished()).unwrap_or(TrainingPhase::Pending);
+        let phase = old
+            .phase
+            .filter(|p| !p.is_finished())
+            .unwrap_or(TrainingPhase::Pending);
         set_phase(&mut plan, &old, phase, "InvalidSpec", message, &now);
         plan.transitions.clear();
         let generation = plan.status.observed_generation;
-        set(&mut plan.status.conditions, READY, false, "InvalidSpec", message, generation, &now);
-        set(&mut plan.status.conditions, RECONCILING, false, "InvalidSpec", message, generation, &now);
-        set(&mut plan.status.conditions, STALLED, true, "InvalidSpec", message, generation, &now);
+        set(
+            &mut plan.status.conditions,
+            READY,
+            false,
+            "InvalidSpec",
+            message,
+            generation,
+            &now,
+        );
+        set(
+            &mut plan.status.conditions,
+            RECONCILING,
+            false,
+            "InvalidSpec",
+            message,
+            generation,
+            &now,
+        );
+        set(
+            &mut plan.status.conditions,
+            STALLED,
+            true,
+            "InvalidSpec",
+            message,
+            generation,
+            &now,
+        );
         if !has_true(&old, STALLED) {
-            plan.transitions.push(warning("InvalidSpec", message.clone()));
+            plan.transitions
+                .push(warning("InvalidSpec", message.clone()));
         }
         return plan;
     }
@@ -135,10 +175,20 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
 
     if spec.run_policy.suspend {
         plan.delete.extend(current.map(|c| c.name.clone()));
-        plan.status.workers = WorkerCounts { expected: spec.parallelism.nodes, ..Default::default() };
+        plan.status.workers = WorkerCounts {
+            expected: spec.parallelism.nodes,
+            ..Default::default()
+        };
         // The deadline clock stops while suspended and restarts on resume.
         plan.status.start_time = None;
-        set_phase(&mut plan, &old, TrainingPhase::Suspended, "Suspended", "suspended: no worker pods run", &now);
+        set_phase(
+            &mut plan,
+            &old,
+            TrainingPhase::Suspended,
+            "Suspended",
+            "suspended: no worker pods run",
+            &now,
+        );
         return plan;
     }
 
@@ -153,7 +203,8 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
             fail(&mut plan, &old, "DeadlineExceeded", &msg, &now);
             return plan;
         }
-        plan.requeue_after = Some(Duration::from_secs_f64(limit as f64 - elapsed).max(Duration::from_secs(1)));
+        plan.requeue_after =
+            Some(Duration::from_secs_f64(limit as f64 - elapsed).max(Duration::from_secs(1)));
     }
 
     let Some(cur) = current else {
@@ -166,12 +217,28 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         };
         plan.create = Some((attempt, counters));
         plan.status.attempt = attempt;
-        plan.status.workers = WorkerCounts { expected: spec.parallelism.nodes, ..Default::default() };
+        plan.status.workers = WorkerCounts {
+            expected: spec.parallelism.nodes,
+            ..Default::default()
+        };
         if old.phase == Some(TrainingPhase::Suspended) {
-            plan.transitions.push(info("Resumed", format!("resumed: starting attempt {attempt}")));
+            plan.transitions.push(info(
+                "Resumed",
+                format!("resumed: starting attempt {attempt}"),
+            ));
         }
-        let msg = format!("attempt {attempt}: creating {} worker pod(s)", spec.parallelism.nodes);
-        set_phase(&mut plan, &old, TrainingPhase::Pending, "AttemptCreated", &msg, &now);
+        let msg = format!(
+            "attempt {attempt}: creating {} worker pod(s)",
+            spec.parallelism.nodes
+        );
+        set_phase(
+            &mut plan,
+            &old,
+            TrainingPhase::Pending,
+            "AttemptCreated",
+            &msg,
+            &now,
+        );
         return plan;
     };
 
@@ -185,14 +252,34 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     };
     match &cur.outcome {
         AttemptOutcome::Queued => {
-            let msg = format!("attempt {}: waiting for Kueue to admit the gang", cur.attempt);
-            set_phase(&mut plan, &old, TrainingPhase::Pending, "WaitingForAdmission", &msg, &now);
+            let msg = format!(
+                "attempt {}: waiting for Kueue to admit the gang",
+                cur.attempt
+            );
+            set_phase(
+                &mut plan,
+                &old,
+                TrainingPhase::Pending,
+                "WaitingForAdmission",
+                &msg,
+                &now,
+            );
         }
         AttemptOutcome::Running => {
             let all_up = cur.ready + cur.succeeded >= spec.parallelism.nodes;
             if all_up {
-                let msg = format!("attempt {}: all {} worker pod(s) running", cur.attempt, spec.parallelism.nodes);
-                set_phase(&mut plan, &old, TrainingPhase::Running, "AllWorkersRunning", &msg, &now);
+                let msg = format!(
+                    "attempt {}: all {} worker pod(s) running",
+                    cur.attempt, spec.parallelism.nodes
+                );
+                set_phase(
+                    &mut plan,
+                    &old,
+                    TrainingPhase::Running,
+                    "AllWorkersRunning",
+                    &msg,
+                    &now,
+                );
             } else {
                 let msg = format!(
                     "attempt {}: {}/{} worker pod(s) ready",
@@ -200,13 +287,27 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     cur.ready + cur.succeeded,
                     spec.parallelism.nodes
                 );
-                set_phase(&mut plan, &old, TrainingPhase::Pending, "WorkersStarting", &msg, &now);
+                set_phase(
+                    &mut plan,
+                    &old,
+                    TrainingPhase::Pending,
+                    "WorkersStarting",
+                    &msg,
+                    &now,
+                );
             }
         }
         AttemptOutcome::Complete => {
             plan.status.completion_time = Some(now.clone());
             let msg = format!("training finished in attempt {}", cur.attempt);
-            set_phase(&mut plan, &old, TrainingPhase::Succeeded, "Succeeded", &msg, &now);
+            set_phase(
+                &mut plan,
+                &old,
+                TrainingPhase::Succeeded,
+                "Succeeded",
+                &msg,
+                &now,
+            );
             if let Some(ttl) = spec.run_policy.ttl_seconds_after_finished {
                 plan.requeue_after = Some(Duration::from_secs(ttl.max(0) as u64));
             } else {
@@ -230,10 +331,19 @@ fn restart_or_fail(
 ) {
     let policy = &job.spec.run_policy;
     let (action, why) = match cause {
-        FailureCause::Disruption { pod, reason } => (FailureAction::Ignore, format!("pod {pod} was disrupted ({reason})")),
+        FailureCause::Disruption { pod, reason } => (
+            FailureAction::Ignore,
+            format!("pod {pod} was disrupted ({reason})"),
+        ),
         FailureCause::ExitCode { pod, code } => {
-            let rule = policy.failure_rules.iter().find(|r| r.on_exit_codes.matches(*code));
-            (rule.map(|r| r.action).unwrap_or(FailureAction::Count), format!("pod {pod} exited with code {code}"))
+            let rule = policy
+                .failure_rules
+                .iter()
+                .find(|r| r.on_exit_codes.matches(*code));
+            (
+                rule.map(|r| r.action).unwrap_or(FailureAction::Count),
+                format!("pod {pod} exited with code {code}"),
+            )
         }
         FailureCause::Unknown { message } => (FailureAction::Count, message.clone()),
     };
@@ -241,7 +351,10 @@ fn restart_or_fail(
     match action {
         FailureAction::FailJob => {
             plan.delete.push(cur.name.clone());
-            let msg = format!("attempt {}: {why}, which a failure rule marks fatal", cur.attempt);
+            let msg = format!(
+                "attempt {}: {why}, which a failure rule marks fatal",
+                cur.attempt
+            );
             return fail(plan, old, "FailureRuleMatched", &msg, now);
         }
         FailureAction::Ignore => next.disruptions += 1,
@@ -265,11 +378,28 @@ fn restart_or_fail(
     plan.status.attempt = attempt;
     plan.status.restarts = next.restarts;
     plan.status.disruptions = next.disruptions;
-    plan.status.workers = WorkerCounts { expected: job.spec.parallelism.nodes, ..Default::default() };
-    let counted = if action == FailureAction::Count { "counted" } else { "not counted" };
-    let msg = format!("attempt {} failed: {why}; restarting the gang as attempt {attempt} ({counted})", cur.attempt);
+    plan.status.workers = WorkerCounts {
+        expected: job.spec.parallelism.nodes,
+        ..Default::default()
+    };
+    let counted = if action == FailureAction::Count {
+        "counted"
+    } else {
+        "not counted"
+    };
+    let msg = format!(
+        "attempt {} failed: {why}; restarting the gang as attempt {attempt} ({counted})",
+        cur.attempt
+    );
     plan.transitions.push(warning("GangRestart", msg.clone()));
-    set_phase(plan, old, TrainingPhase::Restarting, "GangRestart", &msg, now);
+    set_phase(
+        plan,
+        old,
+        TrainingPhase::Restarting,
+        "GangRestart",
+        &msg,
+        now,
+    );
 }
 
 fn finished(
@@ -283,7 +413,10 @@ fn finished(
     if old.phase == Some(TrainingPhase::Failed) {
         plan.delete.extend(current.map(|c| c.name.clone()));
     }
-    if let (Some(ttl), Some(done)) = (job.spec.run_policy.ttl_seconds_after_finished, &old.completion_time) {
+    if let (Some(ttl), Some(done)) = (
+        job.spec.run_policy.ttl_seconds_after_finished,
+        &old.completion_time,
+    ) {
         let due = done.0.as_second() + ttl as i64;
         if now.as_second() >= due {
             plan.delete_self = true;
@@ -296,48 +429,145 @@ fn finished(
 
 fn fail(plan: &mut Plan, old: &MoETrainingJobStatus, reason: &str, message: &str, now: &Time) {
     plan.status.completion_time = Some(now.clone());
-    plan.status.workers = WorkerCounts { expected: plan.status.workers.expected, ..Default::default() };
+    plan.status.workers = WorkerCounts {
+        expected: plan.status.workers.expected,
+        ..Default::default()
+    };
     set_phase(plan, old, TrainingPhase::Failed, reason, message, now);
 }
 
 fn has_true(status: &MoETrainingJobStatus, type_: &str) -> bool {
-    status.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }
 
 fn info(reason: &str, message: String) -> Transition {
-    Transition { warning: false, reason: reason.into(), message }
+    Transition {
+        warning: false,
+        reason: reason.into(),
+        message,
+    }
 }
 
 fn warning(reason: &str, message: String) -> Transition {
-    Transition { warning: true, reason: reason.into(), message }
+    Transition {
+        warning: true,
+        reason: reason.into(),
+        message,
+    }
 }
 
 /// Set the phase and derive every condition from it; record a transition when the phase changes.
-fn set_phase(plan: &mut Plan, old: &MoETrainingJobStatus, phase: TrainingPhase, reason: &str, message: &str, now: &Time) {
+fn set_phase(
+    plan: &mut Plan,
+    old: &MoETrainingJobStatus,
+    phase: TrainingPhase,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) {
     use TrainingPhase::*;
     plan.status.phase = Some(phase);
     if old.phase != Some(phase) {
         let warn = phase == Failed;
-        plan.transitions.push(Transition { warning: warn, reason: reason.into(), message: message.into() });
+        plan.transitions.push(Transition {
+            warning: warn,
+            reason: reason.into(),
+            message: message.into(),
+        });
     }
     let generation = plan.status.observed_generation;
     let conds = &mut plan.status.conditions;
     let is = |p: &[TrainingPhase]| p.contains(&phase);
     // kstatus: Ready is the summary; Reconciling while working toward
     // running; Stalled when it will not get there without a change.
-    set(conds, READY, is(&[Running, Succeeded]), reason, message, generation, now);
-    set(conds, RECONCILING, is(&[Pending, Restarting]), reason, message, generation, now);
-    set(conds, STALLED, is(&[Failed]), reason, message, generation, now);
+    set(
+        conds,
+        READY,
+        is(&[Running, Succeeded]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        RECONCILING,
+        is(&[Pending, Restarting]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        STALLED,
+        is(&[Failed]),
+        reason,
+        message,
+        generation,
+        now,
+    );
     set(conds, "Created", true, reason, message, generation, now);
-    set(conds, "Running", is(&[Running]), reason, message, generation, now);
-    set(conds, "Restarting", is(&[Restarting]), reason, message, generation, now);
-    set(conds, "Suspended", is(&[Suspended]), reason, message, generation, now);
-    set(conds, "Succeeded", is(&[Succeeded]), reason, message, generation, now);
-    set(conds, "Failed", is(&[Failed]), reason, message, generation, now);
+    set(
+        conds,
+        "Running",
+        is(&[Running]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        "Restarting",
+        is(&[Restarting]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        "Suspended",
+        is(&[Suspended]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        "Succeeded",
+        is(&[Succeeded]),
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set(
+        conds,
+        "Failed",
+        is(&[Failed]),
+        reason,
+        message,
+        generation,
+        now,
+    );
 }
 
 /// Upsert a condition; `lastTransitionTime` moves only when the status flips.
-fn set(conds: &mut Vec<Condition>, type_: &str, on: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) {
+fn set(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
     let status = if on { "True" } else { "False" };
     let new = Condition {
         type_: type_.into(),
@@ -357,3 +587,7 @@ fn set(conds: &mut Vec<Condition>, type_: &str, on: bool, reason: &str, message:
         None => conds.push(new),
     }
 }
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,474 @@
+//! The gang-restart state machine, case by case, on inline specs.
+
+use super::*;
+use moe_crds::{ExitCodeOperator, ExitCodes, FailureRule, MoETrainingJobSpec};
+
+fn job(yaml: &str) -> MoETrainingJob {
+    let spec: MoETrainingJobSpec = serde_yaml::from_str(yaml).expect("spec parses");
+    let mut job = MoETrainingJob::new("train", spec);
+    job.metadata.namespace = Some("ns".into());
+    job.metadata.uid = Some("uid-1".into());
+    job.metadata.generation = Some(1);
+    job
+}
+
+const SPEC: &str = r#"
+model: {hiddenSize: 64, layers: 2, attentionHeads: 4, kvHeads: 2, seqLen: 64,
+        moe: {experts: 8, topK: 2, expertHiddenSize: 32}}
+training: {steps: 10, globalBatchSize: 8}
+parallelism: {nodes: 4}
+runPolicy: {backoffLimit: 2}
+"#;
+
+fn now() -> Timestamp {
+    "2026-11-28T12:00:00Z".parse().unwrap()
+}
+
+fn observed(attempts: Vec<AttemptState>) -> Observed {
+    Observed {
+        attempts,
+        now: now(),
+        invalid: None,
+    }
+}
+
+fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState {
+    AttemptState {
+        attempt: n,
+        name: format!("train-a{n}"),
+        counters,
+        being_deleted: false,
+        outcome,
+        active: 4,
+        ready: 4,
+        succeeded: 0,
+        failed: 0,
+    }
+}
+
+/// Feed a plan's status back into the job, as the status write would.
+fn after(mut job: MoETrainingJob, plan: &Plan) -> MoETrainingJob {
+    job.status = Some(plan.status.clone());
+    job
+}
+
+fn condition(plan: &Plan, type_: &str) -> String {
+    plan.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+        .unwrap_or_default()
+}
+
+fn exit(code: i32) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        cause: FailureCause::ExitCode {
+            pod: "train-a0-1-x".into(),
+            code,
+        },
+    }
+}
+
+#[test]
+fn a_new_job_creates_attempt_zero_and_is_pending() {
+    let plan = decide(&job(SPEC), &observed(vec![]));
+    assert_eq!(plan.create, Some((0, Counters::default())));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    assert_eq!(condition(&plan, "Reconciling"), "True");
+    assert_eq!(condition(&plan, "Ready"), "False");
+    assert_eq!(plan.status.observed_generation, Some(1));
+    assert_eq!(plan.status.workers.expected, 4);
+    assert_eq!(plan.transitions.len(), 1);
+}
+
+#[test]
+fn all_workers_ready_is_running_and_ready() {
+    let j = job(SPEC);
+    let plan = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(plan.create, None);
+    assert!(plan.delete.is_empty());
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(condition(&plan, "Ready"), "True");
+    assert_eq!(condition(&plan, "Reconciling"), "False");
+    assert_eq!(condition(&plan, "Stalled"), "False");
+}
+
+#[test]
+fn partially_ready_gang_is_still_pending() {
+    let mut a = attempt(0, AttemptOutcome::Running, Counters::default());
+    a.ready = 3;
+    let plan = decide(&job(SPEC), &observed(vec![a]));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    assert_eq!(plan.status.workers.ready, 3);
+}
+
+#[test]
+fn an_unchanged_world_gives_an_identical_status_and_no_event() {
+    let j = job(SPEC);
+    let obs = observed(vec![attempt(
+        0,
+        AttemptOutcome::Running,
+        Counters::default(),
+    )]);
+    let first = decide(&j, &obs);
+    let second = decide(
+        &after(j, &first),
+        &Observed {
+            now: "2026-11-28T12:05:00Z".parse().unwrap(),
+            ..obs
+        },
+    );
+    assert_eq!(
+        second.status, first.status,
+        "status must not churn (no write storms)"
+    );
+    assert!(second.transitions.is_empty());
+}
+
+#[test]
+fn a_failed_pod_restarts_the_gang_as_the_next_attempt_counting_the_restart() {
+    let j = job(SPEC);
+    let plan = decide(
+        &j,
+        &observed(vec![attempt(0, exit(1), Counters::default())]),
+    );
+    assert_eq!(
+        plan.create,
+        Some((
+            1,
+            Counters {
+                restarts: 1,
+                disruptions: 0
+            }
+        ))
+    );
+    assert_eq!(plan.delete, vec!["train-a0".to_string()]);
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Restarting));
+    assert_eq!(plan.status.restarts, 1);
+    assert_eq!(plan.status.attempt, 1);
+    assert!(
+        plan.transitions
+            .iter()
+            .any(|t| t.reason == "GangRestart" && t.message.contains("exited with code 1"))
+    );
+}
+
+#[test]
+fn restarts_stop_at_the_backoff_limit_and_the_job_fails() {
+    let j = job(SPEC); // backoffLimit 2
+    let plan = decide(
+        &j,
+        &observed(vec![attempt(
+            2,
+            exit(1),
+            Counters {
+                restarts: 2,
+                disruptions: 0,
+            },
+        )]),
+    );
+    assert_eq!(plan.create, None);
+    assert_eq!(plan.delete, vec!["train-a2".to_string()]);
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Failed));
+    assert_eq!(condition(&plan, "Stalled"), "True");
+    assert_eq!(condition(&plan, "Failed"), "True");
+    let failed = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.reason, "BackoffLimitExceeded");
+    assert!(plan.status.completion_time.is_some());
+}
+
+#[test]
+fn disruptions_restart_without_using_the_budget() {
+    let j = job(SPEC);
+    let cause = FailureCause::Disruption {
+        pod: "train-a2-0-x".into(),
+        reason: "DeletionByTaintManager".into(),
+    };
+    let plan = decide(
+        &j,
+        &observed(vec![attempt(
+            2,
+            AttemptOutcome::Failed { cause },
+            Counters {
+                restarts: 2,
+                disruptions: 0,
+            },
+        )]),
+    );
+    assert_eq!(
+        plan.create,
+        Some((
+            3,
+            Counters {
+                restarts: 2,
+                disruptions: 1
+            }
+        ))
+    );
+    assert_eq!(plan.status.disruptions, 1);
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Restarting));
+}
+
+#[test]
+fn failure_rules_decide_by_exit_code() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.failure_rules = vec![
+        FailureRule {
+            action: FailureAction::FailJob,
+            on_exit_codes: ExitCodes {
+                operator: ExitCodeOperator::In,
+                values: vec![3],
+            },
+        },
+        FailureRule {
+            action: FailureAction::Ignore,
+            on_exit_codes: ExitCodes {
+                operator: ExitCodeOperator::In,
+                values: vec![137],
+            },
+        },
+    ];
+    let fatal = decide(
+        &j,
+        &observed(vec![attempt(0, exit(3), Counters::default())]),
+    );
+    assert_eq!(fatal.status.phase, Some(TrainingPhase::Failed));
+    assert_eq!(fatal.create, None);
+    let ignored = decide(
+        &j,
+        &observed(vec![attempt(0, exit(137), Counters::default())]),
+    );
+    assert_eq!(
+        ignored.create,
+        Some((
+            1,
+            Counters {
+                restarts: 0,
+                disruptions: 1
+            }
+        ))
+    );
+    let counted = decide(
+        &j,
+        &observed(vec![attempt(0, exit(1), Counters::default())]),
+    );
+    assert_eq!(
+        counted.create,
+        Some((
+            1,
+            Counters {
+                restarts: 1,
+                disruptions: 0
+            }
+        ))
+    );
+}
+
+#[test]
+fn an_operator_restart_mid_switch_finishes_it_without_duplicates() {
+    // The next attempt was created but the failed one not yet deleted.
+    let j = job(SPEC);
+    let counters = Counters {
+        restarts: 1,
+        disruptions: 0,
+    };
+    let plan = decide(
+        &j,
+        &observed(vec![
+            attempt(0, exit(1), Counters::default()),
+            attempt(1, AttemptOutcome::Running, counters),
+        ]),
+    );
+    assert_eq!(plan.create, None, "attempt 1 exists: nothing to create");
+    assert_eq!(plan.delete, vec!["train-a0".to_string()]);
+    assert_eq!(plan.status.attempt, 1);
+    assert_eq!(
+        plan.status.restarts, 1,
+        "counters come from the attempt Job, not from a stale status"
+    );
+}
+
+#[test]
+fn suspend_deletes_the_attempt_and_resume_starts_the_next_one() {
+    let mut j = job(SPEC);
+    let running = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    j = after(j, &running);
+    j.spec.run_policy.suspend = true;
+    let suspended = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(suspended.delete, vec!["train-a0".to_string()]);
+    assert_eq!(suspended.status.phase, Some(TrainingPhase::Suspended));
+    assert_eq!(condition(&suspended, "Suspended"), "True");
+    assert_eq!(
+        suspended.status.start_time, None,
+        "the deadline clock stops"
+    );
+
+    j = after(j, &suspended);
+    j.spec.run_policy.suspend = false;
+    let resumed = decide(&j, &observed(vec![]));
+    assert_eq!(
+        resumed.create,
+        Some((1, Counters::default())),
+        "a resume is a new attempt, not a counted restart"
+    );
+    assert!(resumed.transitions.iter().any(|t| t.reason == "Resumed"));
+}
+
+#[test]
+fn a_queued_attempt_waits_for_admission() {
+    let plan = decide(
+        &job(SPEC),
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Queued,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    let reconciling = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Reconciling")
+        .unwrap();
+    assert_eq!(reconciling.reason, "WaitingForAdmission");
+    assert_eq!(plan.create, None);
+}
+
+#[test]
+fn completion_succeeds_and_the_ttl_then_deletes_the_job() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.ttl_seconds_after_finished = Some(60);
+    let done = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Complete,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
+    assert_eq!(condition(&done, "Ready"), "True");
+    assert_eq!(done.requeue_after, Some(Duration::from_secs(60)));
+    j = after(j, &done);
+    let early = decide(
+        &j,
+        &Observed {
+            now: "2026-11-28T12:00:30Z".parse().unwrap(),
+            ..observed(vec![])
+        },
+    );
+    assert!(!early.delete_self);
+    assert_eq!(early.requeue_after, Some(Duration::from_secs(30)));
+    let due = decide(
+        &j,
+        &Observed {
+            now: "2026-11-28T12:01:00Z".parse().unwrap(),
+            ..observed(vec![])
+        },
+    );
+    assert!(due.delete_self);
+}
+
+#[test]
+fn the_active_deadline_fails_the_job() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.active_deadline_seconds = Some(100);
+    let first = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(first.requeue_after, Some(Duration::from_secs(100)));
+    j = after(j, &first);
+    let late = decide(
+        &j,
+        &Observed {
+            now: "2026-11-28T12:01:40Z".parse().unwrap(),
+            ..observed(vec![attempt(
+                0,
+                AttemptOutcome::Running,
+                Counters::default(),
+            )])
+        },
+    );
+    assert_eq!(late.status.phase, Some(TrainingPhase::Failed));
+    assert_eq!(late.delete, vec!["train-a0".to_string()]);
+    let failed = late
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.reason, "DeadlineExceeded");
+}
+
+#[test]
+fn an_invalid_spec_stalls_without_failing_for_good() {
+    let j = job(SPEC);
+    let plan = decide(
+        &j,
+        &Observed {
+            invalid: Some("spec.x: bad".into()),
+            ..observed(vec![])
+        },
+    );
+    assert_eq!(plan.create, None);
+    assert_eq!(condition(&plan, "Stalled"), "True");
+    assert_eq!(condition(&plan, "Reconciling"), "False");
+    assert_ne!(plan.status.phase, Some(TrainingPhase::Failed));
+    assert_eq!(plan.transitions.len(), 1);
+    // Reconciling it again changes nothing and emits nothing: no hot loop of events.
+    let again = decide(
+        &after(j, &plan),
+        &Observed {
+            invalid: Some("spec.x: bad".into()),
+            ..observed(vec![])
+        },
+    );
+    assert_eq!(again.status, plan.status);
+    assert!(again.transitions.is_empty());
+}
+
+#[test]
+fn stale_older_attempts_are_cleaned_up() {
+    let plan = decide(
+        &job(SPEC),
+        &observed(vec![
+            attempt(0, AttemptOutcome::Complete, Counters::default()),
+            attempt(3, AttemptOutcome::Running, Counters::default()),
+        ]),
+    );
+    assert_eq!(plan.delete, vec!["train-a0".to_string()]);
+    assert_eq!(plan.status.attempt, 3);
+}
