@@ -16,7 +16,11 @@ use moe_operator::training::{build::BuildContext, controller};
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
-#[command(name = "moe-operator", version, about = "Kubernetes operator for MoE training and serving")]
+#[command(
+    name = "moe-operator",
+    version,
+    about = "Kubernetes operator for MoE training and serving"
+)]
 struct Args {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "MOE_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -33,6 +37,9 @@ struct Args {
     /// Identity in the Lease (default: the pod name, from POD_NAME, or the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "MOE_LEASE_NAME", default_value = "moe-operator-leader")]
+    lease_name: String,
     /// Run without leader election (one replica only).
     #[arg(long)]
     no_leader_election: bool,
@@ -41,16 +48,21 @@ struct Args {
     log_format: String,
 }
 
-const LEASE_NAME: &str = "moe-operator-leader";
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_format == "json" { fmt.json().flatten_event(true).init() } else { fmt.init() }
+    if args.log_format == "json" {
+        fmt.json().flatten_event(true).init()
+    } else {
+        fmt.init()
+    }
 
-    let client = Client::try_default().await.context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
     let identity = args
         .identity
         .clone()
@@ -58,7 +70,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("moe-operator-{}", std::process::id()));
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let health = Health { ready: ready.clone(), metrics: metrics.clone() };
+    let health = Health {
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+    };
     let http = tokio::spawn(server::serve(args.http_addr, health));
     info!(addr = %args.http_addr, identity, "moe-operator starting");
 
@@ -66,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     // so the replacement replica starts from a clean slate (as controller-runtime does).
     let mut leadership = None;
     if !args.no_leader_election {
-        let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
             .with_namespace(&args.lease_namespace)
             .with_identity(&identity)
             .with_duration(15)
@@ -77,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
             .context("leader election set-up")?;
         let (mut channel, task) = manager.watch().await;
         ready.store(true, Ordering::Relaxed); // a standby replica is healthy and ready
-        info!(lease = LEASE_NAME, namespace = %args.lease_namespace, "waiting for leadership");
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, "waiting for leadership");
         while !*channel.borrow_and_update() {
             channel.changed().await.context("lease manager stopped")?;
         }
@@ -86,8 +101,18 @@ async fn main() -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::Relaxed);
 
-    let build = BuildContext { default_worker_image: args.worker_image.unwrap_or_else(|| BuildContext::default().default_worker_image) };
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "moe-operator".into(), instance: Some(identity) });
+    let build = BuildContext {
+        default_worker_image: args
+            .worker_image
+            .unwrap_or_else(|| BuildContext::default().default_worker_image),
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "moe-operator".into(),
+            instance: Some(identity),
+        },
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
     let stop_reason = Arc::new(std::sync::Mutex::new(None));
     let shutdown = {
@@ -117,9 +142,20 @@ async fn main() -> anyhow::Result<()> {
         };
         let _ = stop_tx.send(reason);
     });
-    controller::run(client, args.watch_namespace, build, recorder, metrics, shutdown).await;
+    controller::run(
+        client,
+        args.watch_namespace,
+        build,
+        recorder,
+        metrics,
+        shutdown,
+    )
+    .await;
     http.abort();
-    let reason = stop_reason.lock().expect("not poisoned").unwrap_or("shutdown");
+    let reason = stop_reason
+        .lock()
+        .expect("not poisoned")
+        .unwrap_or("shutdown");
     if reason == "lost leadership" {
         error!("lost leadership; exiting so a fresh replica takes over");
         std::process::exit(1);
@@ -131,7 +167,8 @@ async fn main() -> anyhow::Result<()> {
 async fn terminate() {
     #[cfg(unix)]
     {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
             return;
         }

@@ -48,11 +48,35 @@ impl Default for Metrics {
         let api_calls = Family::<CallLabels, Counter>::default();
         let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by error class", errors.clone());
-        registry.register("reconcile_duration_seconds", "Duration of reconciles", duration.clone());
-        registry.register("api_writes", "API writes made by reconciles, by verb and resource", api_calls.clone());
-        registry.register("training_jobs", "MoETrainingJobs by phase", jobs_by_phase.clone());
-        Self { registry, reconciles, errors, duration, api_calls, jobs_by_phase, phases: Default::default() }
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error class",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconciles",
+            duration.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "API writes made by reconciles, by verb and resource",
+            api_calls.clone(),
+        );
+        registry.register(
+            "training_jobs",
+            "MoETrainingJobs by phase",
+            jobs_by_phase.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            api_calls,
+            jobs_by_phase,
+            phases: Default::default(),
+        }
     }
 }
 
@@ -63,30 +87,46 @@ impl Metrics {
     }
 
     pub fn reconcile_error(&self, class: &str) {
-        self.errors.get_or_create(&ErrorLabels { error: class.into() }).inc();
+        self.errors
+            .get_or_create(&ErrorLabels {
+                error: class.into(),
+            })
+            .inc();
     }
 
     pub fn api_call(&self, verb: &str, resource: &str) {
-        self.api_calls.get_or_create(&CallLabels { verb: verb.into(), resource: resource.into() }).inc();
+        self.api_calls
+            .get_or_create(&CallLabels {
+                verb: verb.into(),
+                resource: resource.into(),
+            })
+            .inc();
     }
 
     pub fn observe_phase(&self, job: &MoETrainingJob, phase: Option<TrainingPhase>) {
         let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
-        let new = phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "Unknown".into());
+        let new = phase
+            .map(|p| format!("{p:?}"))
+            .unwrap_or_else(|| "Unknown".into());
         let mut phases = self.phases.lock().expect("not poisoned");
         let old = phases.insert(key, new.clone());
         if old.as_ref() != Some(&new) {
             if let Some(old) = old {
-                self.jobs_by_phase.get_or_create(&PhaseLabels { phase: old }).dec();
+                self.jobs_by_phase
+                    .get_or_create(&PhaseLabels { phase: old })
+                    .dec();
             }
-            self.jobs_by_phase.get_or_create(&PhaseLabels { phase: new }).inc();
+            self.jobs_by_phase
+                .get_or_create(&PhaseLabels { phase: new })
+                .inc();
         }
     }
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -12,7 +12,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity, NodeSelector,
@@ -234,6 +237,7 @@ pub fn attempt_job(
             // Gang semantics: the first failed pod fails the attempt, and the
             // Job controller stops the others. The operator decides what next.
             backoff_limit: Some(0),
+            pod_failure_policy: Some(gang_failure_policy()),
             // Queued jobs start suspended; Kueue admits the whole gang by
             // unsuspending. The operator never writes `suspend` afterwards.
             suspend: spec.placement.queue_name.as_ref().map(|_| true),
@@ -243,6 +247,39 @@ pub fn attempt_job(
         ..Default::default()
     }
 }
+
+/// Fail the attempt on the first disrupted or failed pod. backoffLimit 0
+/// alone would too; the rules make the Job's Failed condition name the pod
+/// and the exit code or disruption, which the operator reads when the pod
+/// itself is already gone (e.g. evicted from a lost node).
+fn gang_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: Some("True".into()),
+                }]),
+                ..Default::default()
+            },
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(CONTAINER.into()),
+                    operator: "NotIn".into(),
+                    values: vec![0],
+                }),
+                ..Default::default()
+            },
+        ],
+    }
+}
+
+/// How long worker pods stay on a NotReady or unreachable node before they
+/// are evicted. A gang cannot make progress without every rank, so waiting
+/// the cluster default (300 s) only delays the restart on healthy nodes.
+pub const NODE_LOSS_TOLERATION_SECONDS: i64 = 30;
 
 fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTemplateSpec {
     let spec = &job.spec;
@@ -325,6 +362,20 @@ fn affinity(job: &MoETrainingJob) -> Option<Affinity> {
 
 fn tolerations(job: &MoETrainingJob) -> Option<Vec<Toleration>> {
     let mut out = job.spec.placement.tolerations.clone();
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        if !out.iter().any(|t| t.key.as_deref() == Some(key)) {
+            out.push(Toleration {
+                key: Some(key.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                toleration_seconds: Some(NODE_LOSS_TOLERATION_SECONDS),
+                ..Default::default()
+            });
+        }
+    }
     if job.spec.worker.device == Device::Cuda
         && !out
             .iter()

@@ -323,21 +323,91 @@ pub fn classify_failure(
             code: *code,
         };
     }
-    let message = job_status
+    // The pods are gone (e.g. evicted from a lost node and removed): the Job's
+    // pod failure policy message still names the pod and what matched.
+    let condition = job_status
         .conditions
         .iter()
         .flatten()
-        .find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True")
-        .map(|c| {
-            format!(
-                "Job failed: {}",
-                c.message
-                    .clone()
-                    .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-            )
-        })
-        .unwrap_or_else(|| "Job failed for an unknown reason".into());
+        .find(|c| (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True");
+    let text = condition
+        .and_then(|c| c.message.clone().or_else(|| c.reason.clone()))
+        .unwrap_or_default();
+    classify_job_message(&text)
+}
+
+/// Reads the Job controller's pod-failure-policy message, e.g. "Pod ns/p has
+/// condition DisruptionTarget matching FailJob rule at index 0" or "Container
+/// worker for pod ns/p failed with exit code 3 matching FailJob rule at index 1".
+fn classify_job_message(text: &str) -> FailureCause {
+    let pod = text
+        .split_whitespace()
+        .skip_while(|w| !w.eq_ignore_ascii_case("pod"))
+        .nth(1)
+        .unwrap_or("?");
+    let pod = pod.rsplit('/').next().unwrap_or(pod).to_string();
+    if text.contains("condition DisruptionTarget") {
+        return FailureCause::Disruption {
+            pod,
+            reason: "DisruptionTarget".into(),
+        };
+    }
+    if let Some(code) = text
+        .split("exit code ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+    {
+        return FailureCause::ExitCode { pod, code };
+    }
+    let message = if text.is_empty() {
+        "Job failed for an unknown reason".into()
+    } else {
+        format!("Job failed: {text}")
+    };
     FailureCause::Unknown { message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_failure_messages_are_classified() {
+        assert_eq!(
+            classify_job_message(
+                "Pod ns/train-a0-1-abcde has condition DisruptionTarget matching FailJob rule at index 0"
+            ),
+            FailureCause::Disruption {
+                pod: "train-a0-1-abcde".into(),
+                reason: "DisruptionTarget".into()
+            }
+        );
+        assert_eq!(
+            classify_job_message(
+                "Container worker for pod ns/train-a0-2-xyz failed with exit code 3 matching FailJob rule at index 1"
+            ),
+            FailureCause::ExitCode {
+                pod: "train-a0-2-xyz".into(),
+                code: 3
+            }
+        );
+        assert!(matches!(
+            classify_job_message("Job has reached the specified backoff limit"),
+            FailureCause::Unknown { .. }
+        ));
+    }
+
+    #[test]
+    fn subset_ignores_server_defaults_but_not_changes() {
+        let want = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}]}});
+        let have = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1, "protocol": "TCP"}], "type": "ClusterIP"}});
+        assert!(is_subset(&want, &have));
+        let changed =
+            serde_json::json!({"spec": {"ports": [{"name": "a", "port": 2, "protocol": "TCP"}]}});
+        assert!(!is_subset(&want, &changed));
+        let more = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}});
+        assert!(!is_subset(&want, &more));
+    }
 }
 
 /// Server-side apply `desired` unless the stored copy already has every field it sets.
