@@ -1,16 +1,24 @@
 //! The MoE worker: model, ops (a CPU reference and, behind `cuda`, a CUDA
 //! launcher per op), training loop, checkpoints, collectives and serving.
 //!
-//! So far: the CPU reference ops ([`ops`]: matmul, RMSNorm, SwiGLU, softmax,
-//! cross-entropy, embedding, RoPE, causal grouped-query attention) and the
-//! Mixture-of-Experts feed-forward layer ([`moe`]), all generic over `f32`
-//! (training) and `f64` (gradient checks) through [`scalar::Scalar`].
+//! So far: the CPU reference ops ([`ops`]), the Mixture-of-Experts
+//! feed-forward layer ([`moe`]) and the whole transformer ([`model`]), all
+//! generic over `f32` (training) and `f64` (gradient checks) through
+//! [`scalar::Scalar`]; and single-process training on the CPU ([`run`]):
+//! config ([`settings`]), data ([`data`]), optimizer ([`train`]) and
+//! checkpoints ([`checkpoint`]).
 
+pub mod checkpoint;
+pub mod data;
 pub mod gradcheck;
+pub mod model;
 pub mod moe;
 pub mod ops;
 pub mod rng;
+pub mod run;
 pub mod scalar;
+pub mod settings;
+pub mod train;
 
 /// Compute backends a worker can be built with, as reported by `moe-worker --version`.
 pub fn backends() -> &'static [&'static str] {

@@ -1,23 +1,81 @@
 //! `moe-worker`: the process each training or serving pod runs.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use moe_crds::contract::{CONFIG_PATH, env};
+
+/// `--version` output: the crate version and the compiled-in backends.
+const VERSION: &str = if moe_kernels::CUDA_ENABLED {
+    concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, cuda)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu)")
+};
+
+#[derive(Parser)]
+#[command(name = "moe-worker", version = VERSION, about = "Trains Mixture-of-Experts transformers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train as the worker config says; prints a one-line JSON summary on stdout.
+    Train {
+        /// The worker config (JSON). Default: $MOE_CONFIG, else /etc/moe/config.json.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
 
 fn main() -> ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version") => {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match cli.command {
+        Command::Train { config } => train(config),
+    }
+}
+
+fn train(config: Option<PathBuf>) -> ExitCode {
+    let path = config
+        .or_else(|| std::env::var_os(env::CONFIG).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(CONFIG_PATH));
+    let config = match moe_worker::settings::read_worker_config(&path) {
+        Ok(config) => config,
+        Err(e) => return fail(&format!("{}: {e}", path.display()), 2),
+    };
+    // SIGTERM (pod deletion, preemption) and SIGINT set the flag; training
+    // checkpoints at the next step boundary and exits 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
+            return fail(
+                &format!("cannot install the handler for signal {signal}: {e}"),
+                1,
+            );
+        }
+    }
+    match moe_worker::run::train(&config, &stop) {
+        Ok(summary) => {
             println!(
-                "moe-worker {} (backends: {})",
-                env!("CARGO_PKG_VERSION"),
-                moe_worker::backends().join(", ")
+                "{}",
+                serde_json::to_string(&summary).expect("the summary always serialises")
             );
             ExitCode::SUCCESS
         }
-        _ => {
-            eprintln!(
-                "moe-worker: training and serving are not implemented yet (see the worker issue); try --version"
-            );
-            ExitCode::from(2)
-        }
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
+}
+
+fn fail(message: &str, code: u8) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("moe-worker: {message}");
+    ExitCode::from(code)
 }

@@ -1,33 +1,55 @@
 //! The linear layer without bias: `out = x @ w^T`, `w` stored `[out_dim, in_dim]`
-//! as in llm.c and PyTorch, so each output is a dot product of two contiguous rows.
+//! as in llm.c and PyTorch.
 //! Zero rows (an expert no token was routed to) is valid and does nothing.
 
-use crate::ops::vector::{axpy, dot};
+use crate::ops::vector::axpy;
 use crate::scalar::Scalar;
 
-/// Rows of `x` processed together, so each row of `w` is loaded once per tile
-/// rather than once per row.
+/// Rows of `x` processed together, so each row of `w^T` is loaded once per
+/// tile rather than once per row.
 const ROW_TILE: usize = 4;
 
 /// `out[r, o] = sum_i x[r, i] * w[o, i]` for `x: [rows, in_dim]`,
 /// `w: [out_dim, in_dim]`, `out: [rows, out_dim]`.
+///
+/// Computed as rows of `x` times the transpose of `w` (built once per call,
+/// a small cost next to `rows` times as many multiply-adds): the inner loop
+/// is then an `axpy` over an output row, which vectorises, where a dot
+/// product's single running sum would be one long dependency chain. Each
+/// output still sums over `i` in ascending order.
 pub fn forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, out_dim: usize) {
     let rows = rows_of(x, in_dim, out_dim);
     assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
     assert_eq!(out.len(), rows * out_dim, "matmul output shape");
+    out.fill(T::ZERO);
+    if rows == 0 {
+        return;
+    }
+    let w_t = transpose(w, out_dim, in_dim);
     for (x_tile, out_tile) in x
         .chunks(ROW_TILE * in_dim)
         .zip(out.chunks_mut(ROW_TILE * out_dim))
     {
-        for (o, w_row) in w.chunks_exact(in_dim).enumerate() {
+        for (i, w_t_row) in w_t.chunks_exact(out_dim).enumerate() {
             for (x_row, out_row) in x_tile
                 .chunks_exact(in_dim)
                 .zip(out_tile.chunks_exact_mut(out_dim))
             {
-                out_row[o] = dot(x_row, w_row);
+                axpy(out_row, x_row[i], w_t_row);
             }
         }
     }
+}
+
+/// `m: [rows, cols]` transposed to `[cols, rows]`.
+fn transpose<T: Scalar>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::ZERO; m.len()];
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
 }
 
 /// Adds `dout @ w` into `dx` and `dout^T @ x` into `dw`.

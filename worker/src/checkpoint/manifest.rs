@@ -1,0 +1,88 @@
+//! `manifest.json`: what a checkpoint holds and what it was written for.
+//! It is written last, so a directory with a valid manifest is complete.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use moe_crds::ModelSpec;
+
+use crate::data::DataPosition;
+
+/// Bumped whenever the layout of the directory or of its tensors changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The model shape the weights belong to; a resume must match it.
+    pub model: ModelSpec,
+    /// `training.seed` of the run (a different seed on resume only changes
+    /// nothing already drawn, so it is reported, not refused).
+    pub seed: u64,
+    /// Where the data stream stands, including its generator state.
+    pub data: DataPosition,
+    /// Loss of the run's first step, so a resumed run's summary still compares against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_loss: Option<f64>,
+    /// Loss of the checkpoint's own step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    pub state_file: String,
+    pub state_bytes: u64,
+    /// FNV-1a (64-bit, hex) of the state file: catches truncation and bit rot.
+    pub state_fnv1a: String,
+}
+
+/// FNV-1a, 64-bit: not cryptographic, but any accidental change of a few bytes shows.
+pub fn fnv1a(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// Every field where the two model specs differ, as
+/// `model.hiddenSize is 64 in the checkpoint but 128 in the config`.
+pub fn model_differences(checkpoint: &ModelSpec, config: &ModelSpec) -> Vec<String> {
+    let as_value = |spec: &ModelSpec| serde_json::to_value(spec).unwrap_or(Value::Null);
+    let mut out = Vec::new();
+    diff("model", &as_value(checkpoint), &as_value(config), &mut out);
+    out
+}
+
+fn diff(path: &str, checkpoint: &Value, config: &Value, out: &mut Vec<String>) {
+    match (checkpoint, config) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let (x, y) = (
+                    a.get(key).unwrap_or(&Value::Null),
+                    b.get(key).unwrap_or(&Value::Null),
+                );
+                diff(&format!("{path}.{key}"), x, y, out);
+            }
+        }
+        (a, b) if a != b => {
+            out.push(format!(
+                "{path} is {a} in the checkpoint but {b} in the config"
+            ));
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_known_vectors() {
+        assert_eq!(fnv1a(b""), "cbf29ce484222325");
+        assert_eq!(fnv1a(b"a"), "af63dc4c8601ec8c");
+    }
+}

@@ -1,0 +1,272 @@
+//! Checkpoints: one directory per optimizer step under `checkpoint.dir`.
+//!
+//! A checkpoint is written into `.tmp-step-N`, every file fsynced, the
+//! manifest written last, then the directory renamed to `step-N` (zero
+//! padded) and the parent fsynced. A crash at any point leaves either a
+//! complete `step-*` directory or a `.tmp-*` one, which loading ignores and
+//! the next save removes. Loading never falls back silently: a newest
+//! checkpoint that is corrupt or belongs to another model shape is an error.
+
+mod manifest;
+mod state_file;
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use moe_crds::ModelSpec;
+
+use crate::data::DataPosition;
+use crate::model::{Model, ModelConfig};
+use crate::train::{AdamW, TrainerState};
+
+pub use manifest::{FORMAT_VERSION, Manifest};
+
+const MANIFEST: &str = "manifest.json";
+const STATE: &str = "state.safetensors";
+const PREFIX: &str = "step-";
+const TEMPORARY_PREFIX: &str = ".tmp-";
+
+#[derive(Debug)]
+pub enum CheckpointError {
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Corrupt {
+        path: PathBuf,
+        problem: String,
+    },
+    /// The checkpoint's model differs from the config's; each entry names a field.
+    ModelMismatch {
+        path: PathBuf,
+        differences: Vec<String>,
+    },
+}
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { path, error } => write!(f, "checkpoint I/O on {}: {error}", path.display()),
+            Self::Corrupt { path, problem } => write!(
+                f,
+                "checkpoint {} is corrupt: {problem}; remove it to resume from an older one, or set checkpoint.resume to Never",
+                path.display()
+            ),
+            Self::ModelMismatch { path, differences } => write!(
+                f,
+                "checkpoint {} was written for a different model shape: {}; use another checkpoint.dir or set checkpoint.resume to Never",
+                path.display(),
+                differences.join("; ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CheckpointError {}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |error| CheckpointError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// What a checkpoint records besides the tensors.
+#[derive(Clone, Debug)]
+pub struct Snapshot<'a> {
+    pub model_spec: &'a ModelSpec,
+    pub seed: u64,
+    pub data: DataPosition,
+    pub initial_loss: Option<f64>,
+    pub loss: Option<f64>,
+    pub model: &'a Model<f32>,
+    pub optimizer: &'a AdamW,
+}
+
+/// A loaded checkpoint.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub state: TrainerState,
+}
+
+/// The directory name of step `step`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("{PREFIX}{step:08}")
+}
+
+/// Writes the checkpoint of step `snapshot.optimizer.updates` under `dir`
+/// (replacing one of the same step), then deletes all but the newest `keep`
+/// complete checkpoints up to that step. Returns its path.
+pub fn save(dir: &Path, keep: usize, snapshot: &Snapshot<'_>) -> Result<PathBuf, CheckpointError> {
+    let step = snapshot.optimizer.updates;
+    let final_path = dir.join(step_dir_name(step));
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    remove_temporaries(dir)?;
+    let temporary = dir.join(format!("{TEMPORARY_PREFIX}{}", step_dir_name(step)));
+    fs::create_dir(&temporary).map_err(io(&temporary))?;
+
+    let state = state_file::encode(
+        snapshot.model,
+        &snapshot.optimizer.first_moment,
+        &snapshot.optimizer.second_moment,
+    )
+    .map_err(|problem| CheckpointError::Corrupt {
+        path: temporary.clone(),
+        problem,
+    })?;
+    write_synced(&temporary.join(STATE), &state)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step,
+        model: snapshot.model_spec.clone(),
+        seed: snapshot.seed,
+        data: snapshot.data,
+        initial_loss: snapshot.initial_loss,
+        loss: snapshot.loss,
+        state_file: STATE.to_owned(),
+        state_bytes: state.len() as u64,
+        state_fnv1a: manifest::fnv1a(&state),
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
+    write_synced(&temporary.join(MANIFEST), &json)?;
+    sync_dir(&temporary)?;
+    if final_path.exists() {
+        // Same step from an earlier run (resume Never): move it aside first so
+        // a crash in between still leaves one complete checkpoint or a `.tmp-*`.
+        let replaced = dir.join(format!(
+            "{TEMPORARY_PREFIX}replaced-{}",
+            step_dir_name(step)
+        ));
+        fs::rename(&final_path, &replaced).map_err(io(&final_path))?;
+        fs::rename(&temporary, &final_path).map_err(io(&final_path))?;
+        fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
+    } else {
+        fs::rename(&temporary, &final_path).map_err(io(&final_path))?;
+    }
+    sync_dir(dir)?;
+    prune(dir, step, keep)?;
+    Ok(final_path)
+}
+
+/// The newest complete checkpoint under `dir` (a `step-N` directory with a
+/// manifest), if any; `.tmp-*` directories are ignored. A missing `dir` has none.
+pub fn newest(dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    Ok(complete_checkpoints(dir)?
+        .into_iter()
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, path)| path))
+}
+
+/// Loads the checkpoint at `path` for a run of `model_spec` (`config` its
+/// checked form), refusing a different model shape and anything corrupt.
+pub fn load(
+    path: &Path,
+    model_spec: &ModelSpec,
+    config: &ModelConfig,
+) -> Result<Restored, CheckpointError> {
+    let corrupt = |problem: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let manifest_path = path.join(MANIFEST);
+    let json = fs::read(&manifest_path).map_err(io(&manifest_path))?;
+    let manifest: Manifest = serde_json::from_slice(&json)
+        .map_err(|e| corrupt(format!("{MANIFEST} is not a valid manifest: {e}")))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version {} is not the supported {FORMAT_VERSION}",
+            manifest.format_version
+        )));
+    }
+    let differences = manifest::model_differences(&manifest.model, model_spec);
+    if !differences.is_empty() {
+        return Err(CheckpointError::ModelMismatch {
+            path: path.to_path_buf(),
+            differences,
+        });
+    }
+    let state_path = path.join(&manifest.state_file);
+    let state = fs::read(&state_path).map_err(io(&state_path))?;
+    if state.len() as u64 != manifest.state_bytes || manifest::fnv1a(&state) != manifest.state_fnv1a
+    {
+        return Err(corrupt(format!(
+            "{} does not match the checksum and size in {MANIFEST}",
+            manifest.state_file
+        )));
+    }
+    let state = state_file::decode(&state, config, manifest.step, manifest.data)
+        .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+    Ok(Restored {
+        path: path.to_path_buf(),
+        manifest,
+        state,
+    })
+}
+
+/// `(step, path)` of every `step-N` directory holding a manifest.
+fn complete_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io(dir))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step
+            && path.join(MANIFEST).is_file()
+        {
+            found.push((step, path));
+        }
+    }
+    Ok(found)
+}
+
+fn remove_temporaries(dir: &Path) -> Result<(), CheckpointError> {
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let is_temporary = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TEMPORARY_PREFIX));
+        if is_temporary {
+            tracing::info!(path = %path.display(), "removing an incomplete checkpoint");
+            fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` checkpoints up to `step`, the one just written.
+/// Later steps can only be an earlier run's (resume Never); they are left alone.
+fn prune(dir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
+    let mut complete = complete_checkpoints(dir)?;
+    complete.retain(|(s, _)| *s <= step);
+    complete.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    for (_, path) in complete.into_iter().skip(keep) {
+        fs::remove_dir_all(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = File::create(path).map_err(io(path))?;
+    file.write_all(bytes).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// Makes a directory's entries (new files, a rename) durable.
+fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(path))
+}

@@ -1,0 +1,221 @@
+//! One pre-norm transformer block:
+//! `mid = x + Wo attention(rope(Wq n1), rope(Wk n1), Wv n1)` with `n1 = rmsnorm(x)`,
+//! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
+
+use crate::model::config::{ModelConfig, NORM_EPS};
+use crate::model::weights::{BlockWeights, FeedForward};
+use crate::moe::expert::SwiGluActivations;
+use crate::moe::{MoeForward, MoeLayer, MoeParams};
+use crate::ops::attention::{self, AttentionShape, Qkv, QkvGrads};
+use crate::ops::rope::RopeTable;
+use crate::ops::{matmul, rmsnorm};
+use crate::scalar::Scalar;
+
+/// The block's activations, kept for its backward pass.
+#[derive(Clone, Debug)]
+pub(crate) struct BlockPass<T> {
+    input: Vec<T>,
+    attention_normed: Vec<T>,
+    attention_rstd: Vec<T>,
+    /// Queries and keys after RoPE, as attention saw them.
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    attention_out: Vec<T>,
+    probs: Vec<T>,
+    /// The residual stream between the two sublayers.
+    mid: Vec<T>,
+    ffn_normed: Vec<T>,
+    ffn_rstd: Vec<T>,
+    pub(crate) ffn: FeedForwardPass<T>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum FeedForwardPass<T> {
+    Dense(SwiGluActivations<T>),
+    Moe(MoeForward<T>),
+}
+
+/// Everything a block needs besides its weights.
+pub(crate) struct BlockContext<'a, T> {
+    pub config: &'a ModelConfig,
+    pub rope: &'a RopeTable<T>,
+}
+
+impl<T: Scalar> BlockContext<'_, T> {
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            seq_len: self.config.seq_len,
+            n_heads: self.config.heads,
+            n_kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// Runs the block on `input: [tokens, hidden]` (whole sequences); returns its output.
+    pub fn forward(
+        &self,
+        block: &BlockWeights<T, MoeLayer<T>>,
+        input: Vec<T>,
+    ) -> (Vec<T>, BlockPass<T>) {
+        let config = self.config;
+        let (h, kv) = (config.hidden, config.kv_width());
+        let tokens = input.len() / h;
+        let eps = T::from_f64(NORM_EPS);
+
+        let mut attention_normed = vec![T::ZERO; input.len()];
+        let mut attention_rstd = vec![T::ZERO; tokens];
+        rmsnorm::forward(
+            &mut attention_normed,
+            &mut attention_rstd,
+            &input,
+            &block.attention_norm,
+            eps,
+        );
+        let mut q = vec![T::ZERO; tokens * h];
+        let mut k = vec![T::ZERO; tokens * kv];
+        let mut v = vec![T::ZERO; tokens * kv];
+        matmul::forward(&mut q, &attention_normed, &block.wq, h, h);
+        matmul::forward(&mut k, &attention_normed, &block.wk, h, kv);
+        matmul::forward(&mut v, &attention_normed, &block.wv, h, kv);
+        self.rope.forward(&mut q, config.heads);
+        self.rope.forward(&mut k, config.kv_heads);
+        let shape = self.attention_shape();
+        let mut attention_out = vec![T::ZERO; tokens * h];
+        let mut probs = vec![T::ZERO; shape.probs_len(tokens)];
+        attention::forward(
+            &mut attention_out,
+            &mut probs,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            shape,
+        );
+        let mut mid = vec![T::ZERO; tokens * h];
+        matmul::forward(&mut mid, &attention_out, &block.wo, h, h);
+        add_into(&mut mid, &input);
+
+        let mut ffn_normed = vec![T::ZERO; mid.len()];
+        let mut ffn_rstd = vec![T::ZERO; tokens];
+        rmsnorm::forward(&mut ffn_normed, &mut ffn_rstd, &mid, &block.ffn_norm, eps);
+        let (mut output, ffn) = match &block.ffn {
+            FeedForward::Dense(dense) => {
+                let mut out = vec![T::ZERO; mid.len()];
+                let activations = dense.mlp(config).forward(&mut out, &ffn_normed);
+                (out, FeedForwardPass::Dense(activations))
+            }
+            FeedForward::Moe(layer) => {
+                let mut pass = layer.forward(&ffn_normed, config.seq_len);
+                (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
+            }
+        };
+        add_into(&mut output, &mid);
+        let pass = BlockPass {
+            input,
+            attention_normed,
+            attention_rstd,
+            q,
+            k,
+            v,
+            attention_out,
+            probs,
+            mid,
+            ffn_normed,
+            ffn_rstd,
+            ffn,
+        };
+        (output, pass)
+    }
+
+    /// Turns `dres` from d loss / d output into d loss / d input, adding the
+    /// weight gradients into `grads`.
+    pub fn backward(
+        &self,
+        block: &BlockWeights<T, MoeLayer<T>>,
+        pass: &BlockPass<T>,
+        dres: &mut [T],
+        grads: &mut BlockWeights<T, MoeParams<T>>,
+    ) {
+        let config = self.config;
+        let (h, kv) = (config.hidden, config.kv_width());
+
+        // The feed-forward sublayer; the residual path passes `dres` through unchanged.
+        let mut dffn_normed = vec![T::ZERO; dres.len()];
+        match (&block.ffn, &pass.ffn, &mut grads.ffn) {
+            (FeedForward::Dense(dense), FeedForwardPass::Dense(acts), FeedForward::Dense(g)) => {
+                dense.mlp(config).backward(
+                    &mut dffn_normed,
+                    g.grads(),
+                    dres,
+                    &pass.ffn_normed,
+                    acts,
+                );
+            }
+            (FeedForward::Moe(layer), FeedForwardPass::Moe(moe_pass), FeedForward::Moe(g)) => {
+                layer.backward(moe_pass, &pass.ffn_normed, dres, &mut dffn_normed, g);
+            }
+            _ => unreachable!("a block's weights, activations and gradients share one layout"),
+        }
+        rmsnorm::backward(
+            dres,
+            &mut grads.ffn_norm,
+            &dffn_normed,
+            &pass.mid,
+            &block.ffn_norm,
+            &pass.ffn_rstd,
+        );
+
+        // The attention sublayer.
+        let mut dattention = vec![T::ZERO; dres.len()];
+        matmul::backward(
+            &mut dattention,
+            &mut grads.wo,
+            dres,
+            &pass.attention_out,
+            &block.wo,
+            h,
+            h,
+        );
+        let mut dq = vec![T::ZERO; pass.q.len()];
+        let mut dk = vec![T::ZERO; pass.k.len()];
+        let mut dv = vec![T::ZERO; pass.v.len()];
+        attention::backward(
+            QkvGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            },
+            &dattention,
+            Qkv {
+                q: &pass.q,
+                k: &pass.k,
+                v: &pass.v,
+            },
+            &pass.probs,
+            self.attention_shape(),
+        );
+        self.rope.backward(&mut dq, config.heads);
+        self.rope.backward(&mut dk, config.kv_heads);
+        let mut dnormed = vec![T::ZERO; dres.len()];
+        let x = &pass.attention_normed;
+        matmul::backward(&mut dnormed, &mut grads.wq, &dq, x, &block.wq, h, h);
+        matmul::backward(&mut dnormed, &mut grads.wk, &dk, x, &block.wk, h, kv);
+        matmul::backward(&mut dnormed, &mut grads.wv, &dv, x, &block.wv, h, kv);
+        rmsnorm::backward(
+            dres,
+            &mut grads.attention_norm,
+            &dnormed,
+            &pass.input,
+            &block.attention_norm,
+            &pass.attention_rstd,
+        );
+    }
+}
+
+fn add_into<T: Scalar>(target: &mut [T], addend: &[T]) {
+    for (t, &a) in target.iter_mut().zip(addend) {
+        *t += a;
+    }
+}

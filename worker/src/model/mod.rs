@@ -1,0 +1,327 @@
+//! The MoE transformer: token embedding, `layers` pre-norm blocks (causal
+//! grouped-query attention with RoPE, then a dense SwiGLU or MoE
+//! feed-forward layer), a final RMSNorm, the LM head and the mean
+//! cross-entropy of next-token prediction, with a hand-written backward pass.
+
+mod block;
+pub mod config;
+pub mod weights;
+
+use std::fmt;
+
+use crate::model::block::{BlockContext, BlockPass, FeedForwardPass};
+use crate::moe::{MoeLayer, MoeParams};
+use crate::ops::rope::RopeTable;
+use crate::ops::{cross_entropy, embedding, matmul, rmsnorm};
+use crate::rng::SplitMix64;
+use crate::scalar::Scalar;
+
+pub use config::ModelConfig;
+pub use weights::{FeedForward, Gradients, NamedTensor, TensorKind, Weights};
+
+/// The model: its shape, weights (with the MoE layers' selection biases) and RoPE table.
+#[derive(Clone, Debug)]
+pub struct Model<T> {
+    config: ModelConfig,
+    pub weights: Weights<T, MoeLayer<T>>,
+    rope: RopeTable<T>,
+}
+
+/// Why weights do not fit a model config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShapeMismatch {
+    /// Different blocks, or a dense feed-forward layer where the config has MoE (or back).
+    Layout,
+    /// One tensor (by canonical name) has the wrong number of values.
+    Tensor {
+        name: String,
+        expected: usize,
+        found: usize,
+    },
+}
+
+impl fmt::Display for ShapeMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Layout => write!(
+                f,
+                "the blocks (count, dense or MoE) differ from what the model config implies"
+            ),
+            Self::Tensor {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {name} has {found} values, but the model config implies {expected}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShapeMismatch {}
+
+/// A forward pass: the losses and every activation the backward pass needs.
+#[derive(Clone, Debug)]
+pub struct ForwardPass<T> {
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    blocks: Vec<BlockPass<T>>,
+    final_input: Vec<T>,
+    final_normed: Vec<T>,
+    final_rstd: Vec<T>,
+    probs: Vec<T>,
+    /// Mean next-token cross-entropy, in nats.
+    pub cross_entropy: f64,
+    /// Sum of the MoE layers' sequence-wise balance losses (0 when off).
+    pub aux_loss: f64,
+}
+
+impl<T> ForwardPass<T> {
+    /// The training objective the backward pass differentiates.
+    pub fn loss(&self) -> f64 {
+        self.cross_entropy + self.aux_loss
+    }
+
+    /// Each MoE block's routing choice, `[tokens, top_k]` expert indices:
+    /// a gradient check uses it to confirm a nudge did not change the
+    /// (piecewise constant) selection.
+    pub fn selected_experts(&self) -> Vec<&[usize]> {
+        self.blocks
+            .iter()
+            .filter_map(|block| match &block.ffn {
+                FeedForwardPass::Moe(pass) => Some(pass.routing.experts.as_slice()),
+                FeedForwardPass::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// Tokens routed to each expert, one list per MoE block in order.
+    pub fn expert_loads(&self) -> Vec<Vec<usize>> {
+        self.blocks
+            .iter()
+            .filter_map(|block| match &block.ffn {
+                FeedForwardPass::Moe(pass) => Some(pass.expert_load()),
+                FeedForwardPass::Dense(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl<T: Scalar> Model<T> {
+    /// Freshly initialised weights, deterministic in `seed` (see [`weights::initial_weights`]).
+    pub fn initial(config: ModelConfig, seed: u64) -> Self {
+        let weights = weights::initial_weights(&config, &mut SplitMix64::new(seed));
+        Self::new(config, weights).expect("initial weights are shaped from the config")
+    }
+
+    /// A model from given weights (with zero selection biases), checking every tensor's size.
+    pub fn new(
+        config: ModelConfig,
+        weights: Weights<T, MoeParams<T>>,
+    ) -> Result<Self, ShapeMismatch> {
+        check_shapes(&config, &weights)?;
+        let blocks = weights
+            .blocks
+            .into_iter()
+            .map(|block| {
+                let ffn = match block.ffn {
+                    FeedForward::Dense(dense) => FeedForward::Dense(dense),
+                    FeedForward::Moe(params) => FeedForward::Moe(
+                        MoeLayer::new(config.moe.clone(), params)
+                            .map_err(|_| ShapeMismatch::Layout)?,
+                    ),
+                };
+                Ok(weights::BlockWeights {
+                    attention_norm: block.attention_norm,
+                    wq: block.wq,
+                    wk: block.wk,
+                    wv: block.wv,
+                    wo: block.wo,
+                    ffn_norm: block.ffn_norm,
+                    ffn,
+                })
+            })
+            .collect::<Result<_, ShapeMismatch>>()?;
+        let rope = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        Ok(Self {
+            weights: Weights {
+                embedding: weights.embedding,
+                blocks,
+                final_norm: weights.final_norm,
+                lm_head: weights.lm_head,
+            },
+            config,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Every trainable tensor in canonical order.
+    pub fn tensors(&self) -> Vec<NamedTensor<'_, T>> {
+        self.weights.tensors(&self.config)
+    }
+
+    /// The MoE layers in block order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer<T>> {
+        self.weights.blocks.iter().filter_map(|b| match &b.ffn {
+            FeedForward::Moe(layer) => Some(layer),
+            FeedForward::Dense(_) => None,
+        })
+    }
+
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut MoeLayer<T>> {
+        self.weights
+            .blocks
+            .iter_mut()
+            .filter_map(|b| match &mut b.ffn {
+                FeedForward::Moe(layer) => Some(layer),
+                FeedForward::Dense(_) => None,
+            })
+    }
+
+    /// The aux-loss-free balancing step after an optimizer step, given each
+    /// MoE layer's load over the step; nothing when it is disabled.
+    pub fn update_selection_biases(&mut self, loads: &[Vec<usize>]) {
+        if let Some(rate) = self.config.bias_update_rate {
+            let rate = T::from_f64(rate);
+            for (layer, load) in self.moe_layers_mut().zip(loads) {
+                layer.update_selection_bias(load, rate);
+            }
+        }
+    }
+
+    fn context(&self) -> BlockContext<'_, T> {
+        BlockContext {
+            config: &self.config,
+            rope: &self.rope,
+        }
+    }
+
+    /// Runs the model on `tokens` (whole sequences of `seq_len`), predicting
+    /// `targets` (the next token at each position). Every id must be below
+    /// the vocabulary size; the data loader guarantees both.
+    pub fn forward(&self, tokens: &[u32], targets: &[u32]) -> ForwardPass<T> {
+        let config = &self.config;
+        let (h, vocab) = (config.hidden, config.vocab);
+        assert!(
+            tokens.len() == targets.len() && tokens.len().is_multiple_of(config.seq_len),
+            "tokens and targets must be the same whole number of sequences"
+        );
+        assert!(
+            tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
+            "token id beyond the vocabulary"
+        );
+        let n = tokens.len();
+        let mut x = vec![T::ZERO; n * h];
+        embedding::forward(&mut x, tokens, &self.weights.embedding, h);
+        let context = self.context();
+        let mut blocks = Vec::with_capacity(config.layers);
+        for block in &self.weights.blocks {
+            let (output, pass) = context.forward(block, x);
+            blocks.push(pass);
+            x = output;
+        }
+        let mut final_normed = vec![T::ZERO; n * h];
+        let mut final_rstd = vec![T::ZERO; n];
+        rmsnorm::forward(
+            &mut final_normed,
+            &mut final_rstd,
+            &x,
+            &self.weights.final_norm,
+            T::from_f64(config::NORM_EPS),
+        );
+        let mut logits = vec![T::ZERO; n * vocab];
+        matmul::forward(&mut logits, &final_normed, &self.weights.lm_head, h, vocab);
+        let mut losses = vec![T::ZERO; n];
+        let mut probs = vec![T::ZERO; n * vocab];
+        cross_entropy::forward(&mut losses, &mut probs, &logits, targets, vocab);
+        let cross_entropy = losses.iter().map(|l| l.to_f64()).sum::<f64>() / n as f64;
+        let aux_loss = blocks
+            .iter()
+            .map(|b| match &b.ffn {
+                FeedForwardPass::Moe(pass) => pass.aux_loss.to_f64(),
+                FeedForwardPass::Dense(_) => 0.0,
+            })
+            .sum();
+        ForwardPass {
+            tokens: tokens.to_vec(),
+            targets: targets.to_vec(),
+            blocks,
+            final_input: x,
+            final_normed,
+            final_rstd,
+            probs,
+            cross_entropy,
+            aux_loss,
+        }
+    }
+
+    /// Adds the gradient of [`ForwardPass::loss`] with respect to every weight into `grads`.
+    pub fn backward(&self, pass: &ForwardPass<T>, grads: &mut Gradients<T>) {
+        let config = &self.config;
+        let (h, vocab, n) = (config.hidden, config.vocab, pass.tokens.len());
+        let mut dlogits = vec![T::ZERO; n * vocab];
+        let mean = vec![T::ONE / T::from_usize(n); n];
+        cross_entropy::backward(&mut dlogits, &mean, &pass.probs, &pass.targets, vocab);
+        let mut dfinal_normed = vec![T::ZERO; n * h];
+        matmul::backward(
+            &mut dfinal_normed,
+            &mut grads.lm_head,
+            &dlogits,
+            &pass.final_normed,
+            &self.weights.lm_head,
+            h,
+            vocab,
+        );
+        let mut dres = vec![T::ZERO; n * h];
+        rmsnorm::backward(
+            &mut dres,
+            &mut grads.final_norm,
+            &dfinal_normed,
+            &pass.final_input,
+            &self.weights.final_norm,
+            &pass.final_rstd,
+        );
+        let context = self.context();
+        let layers = self
+            .weights
+            .blocks
+            .iter()
+            .zip(&pass.blocks)
+            .zip(&mut grads.blocks);
+        for ((block, block_pass), block_grads) in layers.rev() {
+            context.backward(block, block_pass, &mut dres, block_grads);
+        }
+        embedding::backward(&mut grads.embedding, &dres, &pass.tokens, h);
+    }
+}
+
+/// Compares every tensor's name and length against what `config` implies.
+fn check_shapes<T: Scalar>(
+    config: &ModelConfig,
+    weights: &Weights<T, MoeParams<T>>,
+) -> Result<(), ShapeMismatch> {
+    let expected = Gradients::<T>::zeros(config);
+    let (want, got) = (expected.tensors(config), weights.tensors(config));
+    let same_layout =
+        want.len() == got.len() && want.iter().zip(&got).all(|(w, g)| w.name == g.name);
+    if !same_layout {
+        return Err(ShapeMismatch::Layout);
+    }
+    match want
+        .iter()
+        .zip(&got)
+        .find(|(w, g)| w.values.len() != g.values.len())
+    {
+        Some((w, g)) => Err(ShapeMismatch::Tensor {
+            name: w.name.clone(),
+            expected: w.values.len(),
+            found: g.values.len(),
+        }),
+        None => Ok(()),
+    }
+}

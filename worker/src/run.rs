@@ -1,0 +1,346 @@
+//! `moe-worker train`: one single-process training run from a worker
+//! config, with metrics, checkpoints, resumption and graceful stopping.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use moe_crds::WorkerConfig;
+
+use crate::checkpoint::{self, CheckpointError, Snapshot};
+use crate::data::{self, DataError, DataLoader, tokenizer};
+use crate::settings::{DataSource, SettingsError, TrainSettings};
+use crate::train::{StepReport, Trainer};
+
+/// File in `outputDir` with one JSON object per logged step.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+#[derive(Debug)]
+pub enum RunError {
+    Settings(SettingsError),
+    Data(DataError),
+    Checkpoint(CheckpointError),
+    Output {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// 2 for a config or data problem another attempt cannot fix (an
+    /// operator failure rule can fail the job on it), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Settings(_) | Self::Data(_) => 2,
+            Self::Checkpoint(_) | Self::Output { .. } => 1,
+        }
+    }
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Settings(e) => write!(f, "invalid config: {e}"),
+            Self::Data(e) => write!(f, "training data: {e}"),
+            Self::Checkpoint(e) => e.fmt(f),
+            Self::Output { path, error } => write!(f, "cannot write {}: {error}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<SettingsError> for RunError {
+    fn from(e: SettingsError) -> Self {
+        Self::Settings(e)
+    }
+}
+
+impl From<DataError> for RunError {
+    fn from(e: DataError) -> Self {
+        Self::Data(e)
+    }
+}
+
+impl From<CheckpointError> for RunError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Checkpoint(e)
+    }
+}
+
+/// The one-line result printed on stdout.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// Optimizer steps completed (over all attempts).
+    pub steps: u64,
+    /// Cross-entropy of the last step, in nats.
+    pub final_loss: Option<f64>,
+    /// Cross-entropy of the run's first step (kept across resumes), in nats.
+    pub initial_loss: Option<f64>,
+    /// Unigram entropy of the training tokens, in nats (comparable with the losses).
+    pub unigram_entropy: f64,
+    pub unigram_entropy_bits: f64,
+    /// Training throughput of this process.
+    pub tokens_per_second: f64,
+    pub wall_seconds: f64,
+    /// The newest checkpoint written or resumed from.
+    pub checkpoint: Option<PathBuf>,
+    /// Stopped early by SIGTERM or SIGINT.
+    pub interrupted: bool,
+}
+
+/// One `metrics.jsonl` line.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MetricsLine {
+    step: u64,
+    loss: f64,
+    aux_loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens_per_second: f64,
+    /// The most tokens any expert of any MoE layer received in the step.
+    expert_load_max: usize,
+    /// Tokens per expert if perfectly balanced (`tokens * topK / experts`).
+    expert_load_mean: f64,
+}
+
+/// Trains as `config` says until `training.steps` or until `stop` is set
+/// (SIGTERM/SIGINT), checkpointing every `intervalSteps`, at the end and on stop.
+pub fn train(config: &WorkerConfig, stop: &AtomicBool) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let settings = TrainSettings::from_config(config)?;
+    let corpus = data::load_corpus(&settings.data)?;
+    let tokens = tokenizer::encode(&corpus);
+    let unigram_entropy = tokenizer::unigram_entropy(&tokens);
+    let source = match &settings.data {
+        DataSource::Builtin(name) => format!("built-in corpus {name:?}"),
+        DataSource::Volume(path) => format!("data.volume {}", path.display()),
+    };
+    tracing::info!(
+        job = %settings.job,
+        data = %source,
+        tokens = tokens.len(),
+        unigram_entropy_nats = unigram_entropy,
+        "loaded training data"
+    );
+    let loader = DataLoader::new(
+        tokens,
+        settings.model.seq_len,
+        settings.training.seed,
+        &source,
+    )?;
+    let mut trainer = Trainer::new(settings.model.clone(), settings.training.clone(), loader);
+
+    let mut run = RunState::default();
+    if settings.checkpoint.resume {
+        resume(&settings, &mut trainer, &mut run)?;
+    } else if let Ok(Some(path)) = checkpoint::newest(&settings.checkpoint.dir) {
+        tracing::warn!(
+            newest = %path.display(),
+            "checkpoint.resume is Never: existing checkpoints are not loaded; this run's replace those of the same step"
+        );
+    }
+    fs::create_dir_all(&settings.output_dir).map_err(|error| RunError::Output {
+        path: settings.output_dir.clone(),
+        error,
+    })?;
+    let metrics_path = settings.output_dir.join(METRICS_FILE);
+    let mut metrics = open_append(&metrics_path)?;
+
+    let training_started = Instant::now();
+    let (mut tokens_done, mut interval) = (0usize, Interval::new());
+    let total_steps = settings.training.steps;
+    let mut interrupted = false;
+    while trainer.steps_done() < total_steps {
+        let Some(report) = trainer.step(&|| stop.load(Ordering::Relaxed)) else {
+            interrupted = true;
+            break;
+        };
+        run.initial_loss.get_or_insert(report.loss);
+        run.last_loss = Some(report.loss);
+        tokens_done += report.tokens;
+        interval.tokens += report.tokens;
+        if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
+        {
+            let line = metrics_line(&report, interval.tokens_per_second(), &settings);
+            tracing::info!(
+                step = report.step,
+                loss = report.loss,
+                lr = report.learning_rate,
+                grad_norm = report.grad_norm,
+                tokens_per_second = line.tokens_per_second,
+                "step"
+            );
+            write_line(&mut metrics, &metrics_path, &line)?;
+            interval = Interval::new();
+        }
+        if report
+            .step
+            .is_multiple_of(settings.checkpoint.interval_steps)
+            || report.step == total_steps
+        {
+            save(&settings, &trainer, &mut run)?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
+            break;
+        }
+    }
+    if interrupted {
+        tracing::info!(
+            step = trainer.steps_done(),
+            "stop requested: checkpointing and exiting"
+        );
+        if trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done()) {
+            save(&settings, &trainer, &mut run)?;
+        }
+    }
+    let training_seconds = training_started.elapsed().as_secs_f64();
+    Ok(Summary {
+        steps: trainer.steps_done(),
+        final_loss: run.last_loss,
+        initial_loss: run.initial_loss,
+        unigram_entropy,
+        unigram_entropy_bits: unigram_entropy / std::f64::consts::LN_2,
+        tokens_per_second: if training_seconds > 0.0 {
+            tokens_done as f64 / training_seconds
+        } else {
+            0.0
+        },
+        wall_seconds: started.elapsed().as_secs_f64(),
+        checkpoint: run.checkpoint,
+        interrupted,
+    })
+}
+
+/// What the run carries besides the trainer.
+#[derive(Default)]
+struct RunState {
+    initial_loss: Option<f64>,
+    last_loss: Option<f64>,
+    checkpoint: Option<PathBuf>,
+    saved_step: Option<u64>,
+}
+
+/// Tokens and time since the last metrics line.
+struct Interval {
+    started: Instant,
+    tokens: usize,
+}
+
+impl Interval {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            tokens: 0,
+        }
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if seconds > 0.0 {
+            self.tokens as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Loads the newest complete checkpoint, if there is one.
+fn resume(
+    settings: &TrainSettings,
+    trainer: &mut Trainer,
+    run: &mut RunState,
+) -> Result<(), RunError> {
+    let Some(path) = checkpoint::newest(&settings.checkpoint.dir)? else {
+        tracing::info!(dir = %settings.checkpoint.dir.display(), "no checkpoint: starting from step 0");
+        return Ok(());
+    };
+    let restored = checkpoint::load(&path, &settings.model_spec, &settings.model)?;
+    let manifest = &restored.manifest;
+    if manifest.seed != settings.training.seed {
+        tracing::warn!(
+            checkpoint_seed = manifest.seed,
+            config_seed = settings.training.seed,
+            "training.seed differs from the checkpoint's; continuing with the checkpoint's data position"
+        );
+    }
+    tracing::info!(checkpoint = %path.display(), step = manifest.step, "resuming");
+    run.initial_loss = manifest.initial_loss;
+    run.last_loss = manifest.loss;
+    run.saved_step = Some(manifest.step);
+    run.checkpoint = Some(restored.path);
+    trainer.restore(restored.state);
+    Ok(())
+}
+
+fn save(settings: &TrainSettings, trainer: &Trainer, run: &mut RunState) -> Result<(), RunError> {
+    let snapshot = Snapshot {
+        model_spec: &settings.model_spec,
+        seed: settings.training.seed,
+        data: trainer.data_position(),
+        initial_loss: run.initial_loss,
+        loss: run.last_loss,
+        model: trainer.model(),
+        optimizer: trainer.optimizer(),
+    };
+    let path = checkpoint::save(
+        &settings.checkpoint.dir,
+        settings.checkpoint.keep,
+        &snapshot,
+    )?;
+    tracing::info!(checkpoint = %path.display(), "checkpoint written");
+    run.saved_step = Some(trainer.steps_done());
+    run.checkpoint = Some(path);
+    Ok(())
+}
+
+fn metrics_line(
+    report: &StepReport,
+    tokens_per_second: f64,
+    settings: &TrainSettings,
+) -> MetricsLine {
+    let moe = &settings.model.moe;
+    MetricsLine {
+        step: report.step,
+        loss: report.loss,
+        aux_loss: report.aux_loss,
+        lr: report.learning_rate,
+        grad_norm: report.grad_norm,
+        tokens_per_second,
+        expert_load_max: report
+            .expert_loads
+            .iter()
+            .flatten()
+            .copied()
+            .max()
+            .unwrap_or(0),
+        expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, RunError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| RunError::Output {
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
+fn write_line(file: &mut File, path: &Path, line: &MetricsLine) -> Result<(), RunError> {
+    let json = serde_json::to_string(line).expect("metrics always serialise");
+    writeln!(file, "{json}").map_err(|error| RunError::Output {
+        path: path.to_path_buf(),
+        error,
+    })
+}

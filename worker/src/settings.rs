@@ -1,0 +1,326 @@
+//! The worker config (`moe_crds::WorkerConfig`, JSON) read strictly and
+//! turned into checked training settings: every error names the field.
+//!
+//! The operator validates jobs at admission, but the worker is also run by
+//! hand and by other tools, so it re-checks everything it relies on and
+//! rejects what it cannot honour rather than silently ignoring it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use moe_crds::{ComputePrecision, Device, ModelSpec, ResumePolicy, WorkerConfig};
+
+use crate::model::ModelConfig;
+
+/// Why a worker config cannot be run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettingsError {
+    /// Not JSON, a wrong type, a missing required field, or an unknown
+    /// top-level field (serde's message names it).
+    Parse(String),
+    /// Fields (dotted paths) that no part of `WorkerConfig` knows.
+    UnknownFields(Vec<String>),
+    /// A field whose value the worker cannot run with.
+    Invalid { field: String, problem: String },
+}
+
+impl SettingsError {
+    pub fn new(field: &str, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Parse(message) => write!(
+                f,
+                "the worker config is not a valid WorkerConfig: {message}"
+            ),
+            Self::UnknownFields(fields) => {
+                write!(
+                    f,
+                    "unknown field(s) in the worker config: {}",
+                    fields.join(", ")
+                )
+            }
+            Self::Invalid { field, problem } => write!(f, "{field}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// `Err` naming `field` unless `condition` holds.
+pub(crate) fn require(condition: bool, field: &str, problem: String) -> Result<(), SettingsError> {
+    if condition {
+        Ok(())
+    } else {
+        Err(SettingsError::new(field, problem))
+    }
+}
+
+/// A count that must be at least 1.
+pub(crate) fn positive<I>(field: &str, value: I) -> Result<usize, SettingsError>
+where
+    I: Copy + fmt::Display + TryInto<usize>,
+{
+    match value.try_into() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(SettingsError::new(
+            field,
+            format!("is {value}, but must be at least 1"),
+        )),
+    }
+}
+
+/// Parses a worker config, rejecting unknown fields at any depth.
+///
+/// Only `WorkerConfig` itself denies unknown fields in its serde derive; the
+/// nested API types accept them (the API server prunes unknown fields before
+/// they get there). A misspelt `topk` in a hand-written config would
+/// otherwise silently fall back to a default, so every ignored key is
+/// collected and reported by its path.
+pub fn parse_worker_config(json: &str) -> Result<WorkerConfig, SettingsError> {
+    let mut unknown = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let config: WorkerConfig =
+        serde_ignored::deserialize(&mut deserializer, |path| unknown.push(path.to_string()))
+            .map_err(|e| SettingsError::Parse(e.to_string()))?;
+    deserializer
+        .end()
+        .map_err(|e| SettingsError::Parse(e.to_string()))?;
+    if unknown.is_empty() {
+        Ok(config)
+    } else {
+        Err(SettingsError::UnknownFields(unknown))
+    }
+}
+
+/// Reads and parses the config file at `path`.
+pub fn read_worker_config(path: &Path) -> Result<WorkerConfig, SettingsError> {
+    let json = std::fs::read_to_string(path)
+        .map_err(|e| SettingsError::Parse(format!("cannot read {}: {e}", path.display())))?;
+    parse_worker_config(&json)
+}
+
+/// Everything a single-process training run needs, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSettings {
+    pub job: String,
+    /// As given, for checkpoint manifests (a resumed run must match it).
+    pub model_spec: ModelSpec,
+    pub model: ModelConfig,
+    pub training: TrainingSettings,
+    pub data: DataSource,
+    pub checkpoint: CheckpointSettings,
+    pub output_dir: PathBuf,
+}
+
+/// Optimisation settings, as counts and plain floats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingSettings {
+    pub steps: u64,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Forward/backward passes per optimizer step (gradient accumulation).
+    pub micro_steps: usize,
+    pub optimizer: OptimizerSettings,
+    pub seed: u64,
+    pub log_interval: u64,
+}
+
+/// AdamW and its schedule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerSettings {
+    pub learning_rate: f64,
+    pub min_learning_rate: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    /// Global gradient-norm limit; 0 turns clipping off.
+    pub grad_clip: f64,
+}
+
+/// Where training text comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataSource {
+    /// A corpus built into the worker, by name.
+    Builtin(String),
+    /// A file, or a directory whose files are read in name order.
+    Volume(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    pub interval_steps: u64,
+    pub keep: usize,
+    pub resume: bool,
+}
+
+impl TrainSettings {
+    /// Checks `config` and converts it; the error names the first bad field.
+    pub fn from_config(config: &WorkerConfig) -> Result<Self, SettingsError> {
+        let parallelism = &config.parallelism;
+        let world_size = i64::from(parallelism.nodes) * i64::from(parallelism.processes_per_node);
+        require(
+            world_size == 1
+                && parallelism.sequence_parallel == 1
+                && parallelism.expert_parallel == 1,
+            "parallelism",
+            format!(
+                "world size {world_size} (nodes {} × processesPerNode {}), sequenceParallel {}, expertParallel {}: distributed training is not implemented yet; only a single process (all 1) is supported",
+                parallelism.nodes,
+                parallelism.processes_per_node,
+                parallelism.sequence_parallel,
+                parallelism.expert_parallel
+            ),
+        )?;
+        require(
+            config.device == Device::Cpu,
+            "device",
+            "is cuda, but CUDA training is not implemented yet; use cpu".to_owned(),
+        )?;
+        let model = ModelConfig::from_spec(&config.model)?;
+        let training = training_settings(config)?;
+        Ok(Self {
+            job: config.job.clone(),
+            model_spec: config.model.clone(),
+            model,
+            training,
+            data: data_source(config)?,
+            checkpoint: checkpoint_settings(config)?,
+            output_dir: PathBuf::from(&config.output_dir),
+        })
+    }
+}
+
+fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, SettingsError> {
+    let spec = &config.training;
+    let steps = positive("training.steps", spec.steps)? as u64;
+    let global_batch = positive("training.globalBatchSize", spec.global_batch_size)?;
+    let micro_batch = positive("training.microBatchSize", spec.micro_batch_size)?;
+    require(
+        global_batch.is_multiple_of(micro_batch),
+        "training.globalBatchSize",
+        format!("{global_batch} is not a multiple of training.microBatchSize {micro_batch}"),
+    )?;
+    require(
+        spec.precision.compute == ComputePrecision::Fp32 && !spec.precision.fp8.enabled,
+        "training.precision",
+        "only fp32 compute without fp8 is implemented on the CPU worker so far".to_owned(),
+    )?;
+    let seed = u64::try_from(spec.seed).map_err(|_| {
+        SettingsError::new(
+            "training.seed",
+            format!("is {}, but must not be negative", spec.seed),
+        )
+    })?;
+    let log_interval = positive("training.logIntervalSteps", spec.log_interval_steps)? as u64;
+    Ok(TrainingSettings {
+        steps,
+        micro_batch,
+        micro_steps: global_batch / micro_batch,
+        optimizer: optimizer_settings(config, steps)?,
+        seed,
+        log_interval,
+    })
+}
+
+fn optimizer_settings(
+    config: &WorkerConfig,
+    steps: u64,
+) -> Result<OptimizerSettings, SettingsError> {
+    let spec = &config.training.optimizer;
+    let in_range = |field: &str, value: f64, low: f64, high: f64| {
+        require(
+            value.is_finite() && (low..=high).contains(&value),
+            field,
+            format!("is {value}, but must be in [{low}, {high}]"),
+        )
+    };
+    in_range(
+        "training.optimizer.learningRate",
+        spec.learning_rate,
+        0.0,
+        10.0,
+    )?;
+    in_range(
+        "training.optimizer.minLearningRate",
+        spec.min_learning_rate,
+        0.0,
+        spec.learning_rate,
+    )?;
+    in_range(
+        "training.optimizer.weightDecay",
+        spec.weight_decay,
+        0.0,
+        1.0,
+    )?;
+    // A beta of exactly 1 never updates the moment and divides by zero in the bias correction.
+    in_range("training.optimizer.beta1", spec.beta1, 0.0, 0.999_999)?;
+    in_range("training.optimizer.beta2", spec.beta2, 0.0, 0.999_999)?;
+    in_range("training.optimizer.epsilon", spec.epsilon, 0.0, 1.0)?;
+    in_range("training.optimizer.gradClip", spec.grad_clip, 0.0, f64::MAX)?;
+    let warmup_steps = u64::try_from(spec.warmup_steps).unwrap_or(u64::MAX);
+    require(
+        warmup_steps <= steps,
+        "training.optimizer.warmupSteps",
+        format!(
+            "is {}, but must be in 0..={steps} (training.steps)",
+            spec.warmup_steps
+        ),
+    )?;
+    Ok(OptimizerSettings {
+        learning_rate: spec.learning_rate,
+        min_learning_rate: spec.min_learning_rate,
+        warmup_steps,
+        weight_decay: spec.weight_decay,
+        beta1: spec.beta1,
+        beta2: spec.beta2,
+        epsilon: spec.epsilon,
+        grad_clip: spec.grad_clip,
+    })
+}
+
+fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
+    match (&config.data.builtin, &config.data.volume) {
+        (Some(builtin), None) => Ok(DataSource::Builtin(builtin.corpus.clone())),
+        (None, Some(volume)) => {
+            let dir = config.data_dir.as_deref().ok_or_else(|| {
+                SettingsError::new(
+                    "dataDir",
+                    "is not set, but data.volume needs the directory the claim is mounted at",
+                )
+            })?;
+            // The path is inside the claim even when written with a leading '/'.
+            let inside = volume.path.trim_start_matches('/');
+            Ok(DataSource::Volume(Path::new(dir).join(inside)))
+        }
+        _ => Err(SettingsError::new(
+            "data",
+            "needs exactly one source: builtin or volume",
+        )),
+    }
+}
+
+fn checkpoint_settings(config: &WorkerConfig) -> Result<CheckpointSettings, SettingsError> {
+    let spec = &config.checkpoint;
+    require(
+        !spec.dir.is_empty(),
+        "checkpoint.dir",
+        "must not be empty".to_owned(),
+    )?;
+    Ok(CheckpointSettings {
+        dir: PathBuf::from(&spec.dir),
+        interval_steps: positive("checkpoint.intervalSteps", spec.interval_steps)? as u64,
+        keep: positive("checkpoint.keep", spec.keep)?,
+        resume: spec.resume == ResumePolicy::Auto,
+    })
+}

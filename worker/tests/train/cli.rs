@@ -1,0 +1,223 @@
+//! The `moe-worker train` binary: config errors name the field and exit 2;
+//! a run prints a JSON summary and writes metrics; SIGTERM checkpoints and exits 0.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{config_json, scratch_dir};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
+
+fn write_config(dir: &Path, config: &Value) -> std::path::PathBuf {
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    path
+}
+
+fn run(dir: &Path, config: &Value) -> Output {
+    let path = write_config(dir, config);
+    Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+/// Runs a config that must be rejected; returns its stderr.
+fn rejected(name: &str, patch: impl FnOnce(&mut Value)) -> String {
+    let dir = scratch_dir(name);
+    let mut config = config_json(&dir);
+    patch(&mut config);
+    let output = run(&dir, &config);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+    assert!(output.stdout.is_empty(), "{name}: printed a summary");
+    stderr
+}
+
+#[test]
+fn unknown_fields_are_named_at_any_depth() {
+    let nested = rejected("unknown-nested", |c| {
+        c["model"]["moe"]["topk"] = 2.into();
+        c["training"]["optimizer"]["lr"] = 0.1.into();
+    });
+    assert!(
+        nested.contains("unknown field(s)")
+            && nested.contains("model.moe.topk")
+            && nested.contains("training.optimizer.lr"),
+        "{nested}"
+    );
+    let top = rejected("unknown-top", |c| c["bogus"] = true.into());
+    assert!(top.contains("unknown field `bogus`"), "{top}");
+}
+
+#[test]
+fn impossible_shapes_name_the_field() {
+    type Patch = fn(&mut Value);
+    let cases: [(&str, Patch, &str); 5] = [
+        (
+            "heads",
+            |c| c["model"]["hiddenSize"] = 30.into(),
+            "model.hiddenSize: 30 is not divisible by model.attentionHeads 4",
+        ),
+        (
+            "top-k",
+            |c| c["model"]["moe"]["topK"] = 5.into(),
+            "model.moe.topK: 5 is more than model.moe.experts 4",
+        ),
+        (
+            "batch",
+            |c| c["training"]["globalBatchSize"] = 5.into(),
+            "training.globalBatchSize: 5 is not a multiple of training.microBatchSize 2",
+        ),
+        (
+            "negative",
+            |c| c["model"]["layers"] = (-1).into(),
+            "model.layers: is -1, but must be at least 1",
+        ),
+        (
+            "world",
+            |c| c["parallelism"]["nodes"] = 2.into(),
+            "distributed training is not implemented yet",
+        ),
+    ];
+    for (name, patch, expected) in cases {
+        let stderr = rejected(name, patch);
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unreadable_data_volume_is_a_clear_error() {
+    let stderr = rejected("volume", |c| {
+        c["data"] =
+            serde_json::json!({"volume": {"claimName": "data", "path": "missing/corpus.txt"}});
+        c["dataDir"] = "/nonexistent-data-dir".into();
+    });
+    assert!(
+        stderr.contains("data.volume: cannot read /nonexistent-data-dir/missing/corpus.txt"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_run_on_a_data_volume_prints_a_summary_and_writes_metrics() {
+    let dir = scratch_dir("cli-run");
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("b")).unwrap();
+    std::fs::write(data.join("a.txt"), "the cat sat on the mat. ".repeat(40)).unwrap();
+    std::fs::write(
+        data.join("b").join("c.txt"),
+        "a dog ran in the fog. ".repeat(40),
+    )
+    .unwrap();
+    let mut config = config_json(&dir);
+    config["data"] = serde_json::json!({"volume": {"claimName": "data", "path": ""}});
+    config["dataDir"] = data.to_str().unwrap().into();
+    config["training"]["steps"] = 4.into();
+    let output = run(&dir, &config);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["steps"], 4);
+    for key in [
+        "finalLoss",
+        "initialLoss",
+        "unigramEntropy",
+        "tokensPerSecond",
+        "wallSeconds",
+    ] {
+        assert!(
+            summary[key].as_f64().is_some_and(f64::is_finite),
+            "{key}: {summary}"
+        );
+    }
+    assert!(
+        summary["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("step-00000004")
+    );
+
+    let metrics = std::fs::read_to_string(dir.join("out").join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // logIntervalSteps = 2: steps 2 and 4.
+    assert_eq!(lines.len(), 2, "{metrics}");
+    assert_eq!(lines[1]["step"], 4);
+    for key in [
+        "loss",
+        "lr",
+        "gradNorm",
+        "tokensPerSecond",
+        "expertLoadMax",
+        "expertLoadMean",
+    ] {
+        assert!(lines[1][key].as_f64().is_some(), "{key}: {metrics}");
+    }
+    // 4 sequences of 32 tokens, top-2 of 4 experts: 64 per expert on average.
+    assert_eq!(lines[1]["expertLoadMean"], 64.0);
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_zero() {
+    let dir = scratch_dir("sigterm");
+    let mut config = config_json(&dir);
+    config["training"]["steps"] = 100_000.into();
+    config["training"]["logIntervalSteps"] = 1.into();
+    config["checkpoint"]["intervalSteps"] = 100_000.into();
+    let path = write_config(&dir, &config);
+    let child = Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("out").join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.lines().count() >= 2) {
+        assert!(
+            Instant::now() < deadline,
+            "no training progress within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped_at = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "slow to stop"
+    );
+    assert!(output.status.success(), "{:?}", output.status);
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let steps = summary["steps"].as_u64().unwrap();
+    assert!(steps >= 2);
+    let expected = format!("step-{steps:08}");
+    assert!(
+        summary["checkpoint"].as_str().unwrap().ends_with(&expected),
+        "{summary}"
+    );
+    assert!(
+        dir.join("checkpoints")
+            .join(expected)
+            .join("manifest.json")
+            .is_file()
+    );
+}

@@ -1,0 +1,109 @@
+//! The whole model's backward pass against central differences in f64,
+//! for every parameter tensor.
+
+use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
+use moe_worker::model::{Gradients, Model, ModelConfig};
+use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
+use moe_worker::rng::SplitMix64;
+
+/// Worst scaled error tolerated; see `FLOOR`. Measured worst case over these
+/// tests: 6e-8 (h = 1e-5 balances truncation and rounding). A missing or
+/// wrong term in any backward shows up at 1e-3 or more.
+const TOLERANCE: f64 = 1e-6;
+/// The mean loss over 8 tokens gives gradients of order 1e-3 to 1e-1; below
+/// the floor errors count as absolute. Rounding in the central differences
+/// is about `f64::EPSILON * loss / STEP` ≈ 1e-10, far below `FLOOR * TOLERANCE`.
+const FLOOR: f64 = 1e-3;
+
+/// Two blocks (dense then MoE) over a 16-token vocabulary: every tensor kind
+/// the model has, small enough to difference each of its ~2 000 weights.
+fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
+    ModelConfig {
+        vocab: 16,
+        hidden: 8,
+        layers: 2,
+        dense_layers: 1,
+        dense_hidden: 12,
+        heads,
+        kv_heads,
+        seq_len: 4,
+        rope_theta: 100.0,
+        moe,
+        bias_update_rate: Some(0.01),
+    }
+}
+
+fn moe(score_function: ScoreFunction) -> MoeConfig {
+    MoeConfig {
+        hidden: 8,
+        n_routed_experts: 4,
+        expert_hidden: 6,
+        n_shared_experts: 1,
+        shared_expert_hidden: 6,
+        top_k: 2,
+        score_function,
+        group_limit: None,
+        normalize_gates: false,
+        routed_scaling_factor: 1.0,
+        aux_loss_alpha: 0.0,
+    }
+}
+
+fn check_model(config: ModelConfig, seed: u64) {
+    let model = Model::<f64>::initial(config.clone(), seed);
+    let mut rng = SplitMix64::new(seed + 1);
+    // Two sequences of four tokens.
+    let tokens: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    let targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    let pass = model.forward(&tokens, &targets);
+    let selection: Vec<Vec<usize>> = pass.selected_experts().iter().map(|s| s.to_vec()).collect();
+    if config.moe.aux_loss_alpha > 0.0 {
+        assert!(pass.aux_loss > 0.0);
+    }
+    let mut grads = Gradients::zeros(&config);
+    model.backward(&pass, &mut grads);
+
+    let loss_with = |index: usize, values: &[f64]| {
+        let mut moved = model.clone();
+        *moved.weights.tensors_mut()[index] = values.to_vec();
+        let pass = moved.forward(&tokens, &targets);
+        assert_eq!(
+            pass.selected_experts(),
+            selection,
+            "a finite-difference step changed the top-k choice"
+        );
+        pass.loss()
+    };
+    let tensors = model.tensors();
+    assert!(tensors.iter().any(|t| t.name.contains(".dense.")));
+    assert!(tensors.iter().any(|t| t.name.contains(".moe.shared_w2")));
+    for (index, (tensor, grad)) in tensors.iter().zip(grads.tensors(&config)).enumerate() {
+        let numeric = numeric_gradient(tensor.values, STEP, |v| loss_with(index, v));
+        assert!(
+            numeric.iter().any(|g| g.abs() > FLOOR),
+            "{}: gradient is ~0 everywhere",
+            tensor.name
+        );
+        let error = max_scaled_error(grad.values, &numeric, FLOOR);
+        assert!(error < TOLERANCE, "{}: scaled error {error:e}", tensor.name);
+    }
+}
+
+#[test]
+fn sigmoid_routing_with_groups_balance_loss_and_grouped_query_heads() {
+    let moe = MoeConfig {
+        group_limit: Some(GroupLimit {
+            n_groups: 2,
+            top_groups: 1,
+        }),
+        routed_scaling_factor: 2.5,
+        aux_loss_alpha: 0.1,
+        ..moe(ScoreFunction::Sigmoid)
+    };
+    check_model(tiny_config(moe, 2, 1), 10);
+}
+
+#[test]
+fn softmax_routing_with_multi_head_attention() {
+    check_model(tiny_config(moe(ScoreFunction::Softmax), 2, 2), 20);
+}

@@ -1,0 +1,52 @@
+//! Tests of the whole model, training, checkpoints and the `moe-worker` binary.
+
+mod checkpoints;
+mod cli;
+mod gradients;
+mod learning;
+
+use std::path::{Path, PathBuf};
+
+use moe_crds::WorkerConfig;
+use serde_json::{Value, json};
+
+/// A worker config as JSON: a small model on the built-in corpus, with
+/// checkpoints and outputs under `dir`. Tests patch fields of the returned value.
+fn config_json(dir: &Path) -> Value {
+    json!({
+        "job": "local/test",
+        "model": {
+            "hiddenSize": 32, "layers": 2, "denseLayers": 1, "denseHiddenSize": 64,
+            "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+            "moe": {"experts": 4, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32,
+                    "router": "sigmoid", "groups": 2, "topGroups": 2,
+                    "balancing": {"auxLossFree": {"enabled": true, "biasUpdateRate": 0.01},
+                                  "sequenceAuxLossCoef": 0.001}}
+        },
+        "data": {"builtin": {"corpus": "tiny"}},
+        "training": {
+            "steps": 6, "globalBatchSize": 4, "microBatchSize": 2, "seed": 7, "logIntervalSteps": 2,
+            "optimizer": {"learningRate": 0.01, "minLearningRate": 0.001, "warmupSteps": 2}
+        },
+        "parallelism": {},
+        "checkpoint": {"dir": dir.join("checkpoints"), "intervalSteps": 3, "keep": 2, "resume": "Auto"},
+        "device": "cpu",
+        "outputDir": dir.join("out")
+    })
+}
+
+fn worker_config(value: &Value) -> WorkerConfig {
+    serde_json::from_value(value.clone()).expect("test configs are valid WorkerConfigs")
+}
+
+/// A fresh, empty directory for one test under Cargo's per-target scratch space.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("train-tests")
+        .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).expect("scratch directory is removable");
+    }
+    std::fs::create_dir_all(&dir).expect("scratch directory is creatable");
+    dir
+}
