@@ -428,7 +428,10 @@ async fn serviceaccount_token_with_narrow_role_is_refused_outside_it() -> Result
         .await?;
 
     let request = TokenRequest {
-        spec: Some(TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() }),
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(600),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let issued = sas

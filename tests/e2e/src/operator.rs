@@ -1,0 +1,221 @@
+//! Runs the real `moe-operator` binary as a local process against the test
+//! control plane, authenticated with the token of its own ServiceAccount bound
+//! to the RBAC the Helm chart renders (the one copy of it). A Pod cannot run it
+//! on KWOK's fake nodes, so the process stands in for the Deployment.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// Namespace and ServiceAccount the chart installs the operator with.
+pub const OPERATOR_NAMESPACE: &str = "moe-system";
+pub const RELEASE: &str = "moe";
+pub const SERVICE_ACCOUNT: &str = "moe-moe-operator";
+
+/// The repository root (this crate lives in tests/e2e).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root exists")
+}
+
+fn state_dir() -> Result<PathBuf> {
+    Ok(PathBuf::from(std::env::var("MOE_CLUSTER_STATE").context(
+        "MOE_CLUSTER_STATE unset: source tests/cluster/.state/env",
+    )?))
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `sh -c` with the test environment (pinned kubectl/helm first on PATH).
+pub fn sh(script: &str) -> Result<String> {
+    run(Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(repo_root()))
+}
+
+static INSTALL: Once = Once::new();
+
+/// Installs the CRDs (generated YAML) and the chart's ServiceAccount and RBAC, once per test process.
+pub fn install() -> Result<()> {
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = sh(&format!(
+            "set -euo pipefail
+             kubectl apply --server-side --force-conflicts -f deploy/crds/moe-crds.yaml >/dev/null
+             kubectl wait --for=condition=Established crd/moetrainingjobs.moe.dev --timeout=60s >/dev/null
+             kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+             helm template {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
+               --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null"
+        ))
+        .map(|_| ());
+    });
+    result
+}
+
+/// The operator binary built by `cargo build -p moe-operator` (tests/run.sh does).
+fn operator_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("MOE_OPERATOR_BIN") {
+        return Ok(p.into());
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    let bin = target.join("debug/moe-operator");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: run `cargo build -p moe-operator` first (tests/run.sh does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running operator process; killed on drop.
+pub struct Operator {
+    child: Child,
+    pub name: String,
+    pub http: String,
+    pid_file: PathBuf,
+}
+
+impl Operator {
+    /// Starts an operator that watches only `namespace`, with its own Lease,
+    /// so tests run side by side without sharing an operator.
+    pub async fn start(namespace: &str) -> Result<Self> {
+        install()?;
+        let state = state_dir()?;
+        let name = format!("operator-{namespace}");
+        let token = sh(&format!(
+            "kubectl create token {SERVICE_ACCOUNT} --namespace {OPERATOR_NAMESPACE} --duration=2h"
+        ))?;
+        let kubeconfig = state.join(format!("{name}.kubeconfig"));
+        write_token_kubeconfig(&kubeconfig, token.trim())?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = std::fs::File::create(state.join("logs").join(format!("{name}.log")))?;
+        let child = Command::new(operator_binary()?)
+            .args([
+                "--watch-namespace",
+                namespace,
+                "--lease-namespace",
+                OPERATOR_NAMESPACE,
+            ])
+            .args([
+                "--lease-name",
+                &format!("e2e-{namespace}"),
+                "--identity",
+                &name,
+            ])
+            .args([
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--log-format",
+                "text",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info,moe_operator=debug")
+            .env("MOE_WORKER_IMAGE", "moe-worker:e2e")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        let pid_file = state.join("pids").join(&name);
+        std::fs::write(&pid_file, child.id().to_string())?;
+        let op = Self {
+            child,
+            name,
+            http: format!("http://127.0.0.1:{port}"),
+            pid_file,
+        };
+        crate::eventually(
+            "the operator to serve /readyz",
+            Duration::from_secs(30),
+            || async {
+                Ok(http_get(&format!("{}/readyz", op.http))
+                    .await
+                    .ok()
+                    .filter(|b| b == "ok")
+                    .map(|_| ()))
+            },
+        )
+        .await?;
+        Ok(op)
+    }
+
+    /// The operator's Prometheus metrics.
+    pub async fn metrics(&self) -> Result<String> {
+        http_get(&format!("{}/metrics", self.http)).await
+    }
+
+    /// Whether the process has exited (e.g. it panicked).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+fn write_token_kubeconfig(path: &Path, token: &str) -> Result<()> {
+    let admin = std::env::var("KUBECONFIG").context("KUBECONFIG unset")?;
+    let admin = kube::config::Kubeconfig::read_from(&admin)?;
+    let cluster = admin
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .context("admin kubeconfig has no cluster")?;
+    let yaml = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.server,
+                      "certificate-authority-data": cluster.certificate_authority_data}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "operator"}}],
+        "current-context": "x",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&yaml)?)?;
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET on loopback (enough for /readyz and /metrics).
+async fn http_get(url: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http only")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await?;
+    let (head, body) = buf
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{url}: {head}"
+    );
+    Ok(body.to_string())
+}

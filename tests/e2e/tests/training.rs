@@ -1,0 +1,798 @@
+//! MoETrainingJob end to end: the real operator binary, with its own
+//! ServiceAccount token and the chart's RBAC, against the real control plane.
+//! Each test has its own Pod Security "restricted" namespace and operator.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use moe_crds::{MoETrainingJob, TrainingPhase};
+use moe_e2e::operator::{Operator, install, sh};
+use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+const HOLD: &str = "kwok.test/hold";
+const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
+
+/// A GPU job of `nodes` × 8 ranks whose pods KWOK holds Running until released.
+fn gpu_job(name: &str, nodes: i32, extra: Value) -> MoETrainingJob {
+    let mut v = json!({
+        "apiVersion": "moe.dev/v1alpha1",
+        "kind": "MoETrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
+                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
+            "training": {"steps": 100, "globalBatchSize": nodes * 8},
+            "parallelism": {"nodes": nodes, "processesPerNode": 8, "expertParallel": 8},
+            "placement": {"gpuType": "H100"},
+            "worker": {"podMetadata": {"labels": {HOLD: "true"}}},
+            "runPolicy": {"backoffLimit": 1}
+        }
+    });
+    merge(&mut v, &extra);
+    serde_json::from_value(v).expect("valid MoETrainingJob")
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
+    TestNamespace::create(
+        client,
+        prefix,
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await
+}
+
+async fn wait_phase(
+    jobs: &Api<MoETrainingJob>,
+    name: &str,
+    phase: TrainingPhase,
+) -> Result<MoETrainingJob> {
+    eventually(&format!("{name} to be {phase:?}"), WAIT, || async {
+        let j = jobs.get(name).await?;
+        let now = j.status.as_ref().and_then(|s| s.phase);
+        Ok((now == Some(phase)).then_some(j))
+    })
+    .await
+}
+
+async fn pods_of(pods: &Api<Pod>, job: &str, attempt: i32) -> Result<Vec<Pod>> {
+    let sel = format!("moe.dev/job-name={job},moe.dev/attempt={attempt}");
+    Ok(pods.list(&ListParams::default().labels(&sel)).await?.items)
+}
+
+fn env_of(pod: &Pod, name: &str) -> Option<String> {
+    let c = pod.spec.as_ref()?.containers.first()?;
+    let var = c.env.as_ref()?.iter().find(|e| e.name == name)?;
+    var.value.clone().or_else(|| {
+        var.value_from
+            .as_ref()?
+            .field_ref
+            .as_ref()
+            .map(|f| format!("fieldRef:{}", f.field_path))
+    })
+}
+
+fn condition<'a>(
+    job: &'a MoETrainingJob,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    job.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Fail a held pod with `code` through KWOK's failure stage.
+async fn fail_pod(pods: &Api<Pod>, name: &str, code: i32) -> Result<()> {
+    let patch = json!({"metadata": {
+        "labels": {HOLD: null, FAIL: "true"},
+        "annotations": {format!("{FAIL}/exit-code"): code.to_string(), format!("{FAIL}/delay"): "100ms"}
+    }});
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn release_pods(pods: &Api<Pod>, list: &[Pod]) -> Result<()> {
+    for p in list {
+        let patch = json!({"metadata": {"labels": {HOLD: null}}});
+        pods.patch(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = events.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect())
+}
+
+fn counter(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn gpu_job_lands_on_h100_pool_runs_and_succeeds() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-run").await?;
+    let op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("train", 2, json!({})))
+        .await?;
+
+    let running = wait_phase(&jobs, "train", TrainingPhase::Running).await?;
+    let status = running.status.clone().unwrap();
+    ensure!(
+        status.observed_generation == running.metadata.generation,
+        "observedGeneration lags"
+    );
+    ensure!(
+        status.workers.ready == 2 && status.workers.expected == 2,
+        "workers {:?}",
+        status.workers
+    );
+    ensure!(
+        condition(&running, "Ready").is_some_and(|c| c.status == "True"),
+        "not Ready"
+    );
+    ensure!(condition(&running, "Reconciling").is_some_and(|c| c.status == "False"));
+
+    let list = pods_of(&pods, "train", 0).await?;
+    ensure!(list.len() == 2, "{} pods", list.len());
+    for pod in &list {
+        let spec = pod.spec.as_ref().unwrap();
+        let node = spec.node_name.clone().unwrap_or_default();
+        ensure!(
+            node.starts_with("gpu-h100-"),
+            "{} on {node}",
+            pod.name_any()
+        );
+        ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("16"));
+        ensure!(env_of(pod, "MOE_NODES").as_deref() == Some("2"));
+        ensure!(env_of(pod, "MOE_PROCS_PER_NODE").as_deref() == Some("8"));
+        ensure!(env_of(pod, "MOE_ATTEMPT").as_deref() == Some("0"));
+        ensure!(env_of(pod, "MOE_COORDINATOR").as_deref() == Some("train-a0-0.train:29400"));
+        ensure!(
+            env_of(pod, "MOE_NODE_RANK").as_deref()
+                == Some(
+                    "fieldRef:metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                )
+        );
+        let c = &spec.containers[0];
+        let gpus = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("nvidia.com/gpu"));
+        ensure!(
+            gpus.map(|q| q.0.as_str()) == Some("8"),
+            "gpu limit {gpus:?}"
+        );
+        let tolerations = spec.tolerations.clone().unwrap_or_default();
+        ensure!(
+            tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some("nvidia.com/gpu")),
+            "no GPU toleration"
+        );
+        let volumes: Vec<_> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        for v in ["config", "state", "shm", "tmp"] {
+            ensure!(volumes.contains(&v), "volume {v} missing: {volumes:?}");
+        }
+        ensure!(
+            spec.automount_service_account_token == Some(false),
+            "workers must not get API tokens"
+        );
+        ensure!(spec.subdomain.as_deref() == Some("train"));
+    }
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("train-config")
+        .await?;
+    let config: Value = serde_json::from_str(&cm.data.unwrap()["config.json"])?;
+    ensure!(
+        config["parallelism"]["expertParallel"] == 8,
+        "config {config}"
+    );
+    ensure!(
+        config["checkpoint"]["dir"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("/train/checkpoints"))
+    );
+    let svc = Api::<Service>::namespaced(client.clone(), &ns.name)
+        .get("train")
+        .await?;
+    ensure!(
+        svc.spec.and_then(|s| s.cluster_ip).as_deref() == Some("None"),
+        "Service is not headless"
+    );
+
+    // Steady state: a reconcile with nothing to change makes no API writes.
+    let writes_before = counter(&op.metrics().await?, "moe_operator_api_writes_total");
+    let reconciles_before = counter(&op.metrics().await?, "moe_operator_reconciles_total");
+    let nudge = json!({"metadata": {"annotations": {"e2e/nudge": "1"}}});
+    jobs.patch("train", &PatchParams::default(), &Patch::Merge(&nudge))
+        .await?;
+    eventually("a reconcile after the nudge", WAIT, || async {
+        Ok(
+            (counter(&op.metrics().await?, "moe_operator_reconciles_total") > reconciles_before)
+                .then_some(()),
+        )
+    })
+    .await?;
+    let writes_after = counter(&op.metrics().await?, "moe_operator_api_writes_total");
+    ensure!(
+        writes_after == writes_before,
+        "steady-state reconcile wrote: {writes_before} -> {writes_after}"
+    );
+
+    release_pods(&pods, &list).await?;
+    let done = wait_phase(&jobs, "train", TrainingPhase::Succeeded).await?;
+    ensure!(done.status.as_ref().unwrap().completion_time.is_some());
+    ensure!(condition(&done, "Succeeded").is_some_and(|c| c.status == "True"));
+    let reasons = event_reasons(&client, &ns.name, "train").await?;
+    for r in ["AttemptCreated", "AllWorkersRunning", "Succeeded"] {
+        ensure!(
+            reasons.iter().any(|x| x == r),
+            "event {r} missing: {reasons:?}"
+        );
+    }
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_failed_pod_restarts_the_gang_until_the_backoff_limit() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-gang").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("gang", 2, json!({})))
+        .await?;
+    wait_phase(&jobs, "gang", TrainingPhase::Running).await?;
+
+    let first = pods_of(&pods, "gang", 0).await?;
+    fail_pod(&pods, &first[1].name_any(), 1).await?;
+    // The whole gang restarts as attempt 1; the failure is counted.
+    let restarted = eventually("attempt 1 to run", WAIT, || async {
+        let j = jobs.get("gang").await?;
+        let s = j.status.clone().unwrap_or_default();
+        Ok((s.attempt == 1 && s.phase == Some(TrainingPhase::Running)).then_some(j))
+    })
+    .await?;
+    ensure!(restarted.status.as_ref().unwrap().restarts == 1);
+    eventually("attempt 0's Job to be deleted", WAIT, || async {
+        Ok(k8s_jobs.get_opt("gang-a0").await?.is_none().then_some(()))
+    })
+    .await?;
+    let second = pods_of(&pods, "gang", 1).await?;
+    ensure!(second.len() == 2, "attempt 1 has {} pods", second.len());
+    ensure!(
+        second
+            .iter()
+            .all(|p| env_of(p, "MOE_ATTEMPT").as_deref() == Some("1"))
+    );
+    ensure!(
+        second
+            .iter()
+            .all(|p| env_of(p, "MOE_COORDINATOR").as_deref() == Some("gang-a1-0.gang:29400"))
+    );
+
+    // backoffLimit is 1: the next failure ends the job.
+    fail_pod(&pods, &second[0].name_any(), 7).await?;
+    let failed = wait_phase(&jobs, "gang", TrainingPhase::Failed).await?;
+    let cond = condition(&failed, "Failed").unwrap();
+    ensure!(
+        cond.reason == "BackoffLimitExceeded",
+        "reason {}",
+        cond.reason
+    );
+    ensure!(
+        cond.message.contains("exited with code 7"),
+        "message {}",
+        cond.message
+    );
+    ensure!(condition(&failed, "Stalled").is_some_and(|c| c.status == "True"));
+    ensure!(
+        k8s_jobs.get_opt("gang-a2").await?.is_none(),
+        "no attempt after the limit"
+    );
+    eventually("no worker pods left", WAIT, || async {
+        let left = pods
+            .list(&ListParams::default().labels("moe.dev/job-name=gang"))
+            .await?
+            .items;
+        Ok(left
+            .iter()
+            .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running"))
+            .then_some(()))
+    })
+    .await?;
+    let reasons = event_reasons(&client, &ns.name, "gang").await?;
+    ensure!(
+        reasons.iter().any(|r| r == "GangRestart"),
+        "no GangRestart event: {reasons:?}"
+    );
+    ensure!(
+        reasons.iter().any(|r| r == "BackoffLimitExceeded"),
+        "no failure event: {reasons:?}"
+    );
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_failure_rule_fails_the_job_at_once() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-rule").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let rule = json!({"spec": {"runPolicy": {"backoffLimit": 5, "failureRules": [
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [3]}}]}}});
+    jobs.create(&PostParams::default(), &gpu_job("rule", 1, rule))
+        .await?;
+    wait_phase(&jobs, "rule", TrainingPhase::Running).await?;
+    let list = pods_of(&pods, "rule", 0).await?;
+    fail_pod(&pods, &list[0].name_any(), 3).await?;
+    let failed = wait_phase(&jobs, "rule", TrainingPhase::Failed).await?;
+    let cond = condition(&failed, "Failed").unwrap();
+    ensure!(
+        cond.reason == "FailureRuleMatched",
+        "reason {}",
+        cond.reason
+    );
+    ensure!(failed.status.unwrap().restarts == 0);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn node_loss_restarts_the_gang_without_using_the_budget() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-node").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let nodes: Api<Node> = Api::all(client.clone());
+    // Pin to the last H100 node so this test's chaos cannot hit other tests' pods.
+    let pin = json!({"spec": {"runPolicy": {"backoffLimit": 0},
+        "placement": {"nodeSelector": {"kubernetes.io/hostname": "gpu-h100-15"}}}});
+    jobs.create(&PostParams::default(), &gpu_job("nodeloss", 1, pin))
+        .await?;
+    wait_phase(&jobs, "nodeloss", TrainingPhase::Running).await?;
+    let node = "gpu-h100-15";
+    let set = |v: Option<&str>| json!({"metadata": {"labels": {"node-not-ready.stage.kwok.x-k8s.io": v}}});
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(&set(Some("true"))),
+        )
+        .await?;
+    // NotReady → NoExecute taint → eviction after the workers' 30 s toleration → gang restart.
+    let restarted = eventually("a disruption restart", Duration::from_secs(150), || async {
+        let j = jobs.get("nodeloss").await?;
+        let s = j.status.clone().unwrap_or_default();
+        Ok((s.attempt >= 1).then_some(j))
+    })
+    .await;
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&set(None)))
+        .await?;
+    let restarted = restarted?;
+    let s = restarted.status.unwrap();
+    ensure!(
+        s.restarts == 0 && s.disruptions == 1,
+        "restarts {} disruptions {}",
+        s.restarts,
+        s.disruptions
+    );
+    ensure!(
+        s.phase != Some(TrainingPhase::Failed),
+        "backoffLimit 0 must not fail a disrupted job"
+    );
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn suspend_removes_the_pods_and_resume_starts_a_new_attempt() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-susp").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("susp", 2, json!({})))
+        .await?;
+    wait_phase(&jobs, "susp", TrainingPhase::Running).await?;
+
+    let suspend = |v: bool| json!({"spec": {"runPolicy": {"suspend": v}}});
+    jobs.patch(
+        "susp",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(true)),
+    )
+    .await?;
+    let suspended = wait_phase(&jobs, "susp", TrainingPhase::Suspended).await?;
+    ensure!(condition(&suspended, "Suspended").is_some_and(|c| c.status == "True"));
+    eventually("the pods to go", WAIT, || async {
+        Ok(pods
+            .list(&ListParams::default().labels("moe.dev/job-name=susp"))
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    // Suspended, the model may change; running, it may not (CEL transition rule).
+    let edit = json!({"spec": {"model": {"layers": 3}}});
+    jobs.patch("susp", &PatchParams::default(), &Patch::Merge(&edit))
+        .await?;
+
+    jobs.patch(
+        "susp",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(false)),
+    )
+    .await?;
+    let resumed = eventually("attempt 1 to run", WAIT, || async {
+        let j = jobs.get("susp").await?;
+        let s = j.status.clone().unwrap_or_default();
+        Ok((s.attempt == 1 && s.phase == Some(TrainingPhase::Running)).then_some(j))
+    })
+    .await?;
+    ensure!(
+        resumed.status.as_ref().unwrap().restarts == 0,
+        "a resume is not a counted restart"
+    );
+    let edit = json!({"spec": {"model": {"layers": 4}}});
+    let err = jobs
+        .patch("susp", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect_err("immutable");
+    ensure!(
+        api_message(&err).contains("model is immutable while the job is not suspended"),
+        "{err}"
+    );
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn deleting_a_job_garbage_collects_its_children() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-gc").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("gc", 1, json!({})))
+        .await?;
+    wait_phase(&jobs, "gc", TrainingPhase::Running).await?;
+    jobs.delete("gc", &DeleteParams::background()).await?;
+    let (cms, svcs, k8s_jobs, pods) = (
+        Api::<ConfigMap>::namespaced(client.clone(), &ns.name),
+        Api::<Service>::namespaced(client.clone(), &ns.name),
+        Api::<Job>::namespaced(client.clone(), &ns.name),
+        Api::<Pod>::namespaced(client.clone(), &ns.name),
+    );
+    eventually(
+        "children to be garbage-collected",
+        Duration::from_secs(120),
+        || async {
+            let gone = cms.get_opt("gc-config").await?.is_none()
+                && svcs.get_opt("gc").await?.is_none()
+                && k8s_jobs.get_opt("gc-a0").await?.is_none()
+                && pods
+                    .list(&ListParams::default().labels("moe.dev/job-name=gc"))
+                    .await?
+                    .items
+                    .is_empty();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await?;
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-restart").await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let op = Operator::start(&ns.name).await?;
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job(
+            "mid",
+            2,
+            json!({"spec": {"runPolicy": {"backoffLimit": 3}}}),
+        ),
+    )
+    .await?;
+    wait_phase(&jobs, "mid", TrainingPhase::Running).await?;
+    drop(op);
+
+    // While no operator runs, a worker fails and the attempt's Job fails.
+    let list = pods_of(&pods, "mid", 0).await?;
+    fail_pod(&pods, &list[0].name_any(), 1).await?;
+    eventually("Job mid-a0 to fail", WAIT, || async {
+        let j = k8s_jobs.get("mid-a0").await?;
+        let failed = j
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.status == "True");
+        Ok(failed.then_some(()))
+    })
+    .await?;
+
+    let _op = Operator::start(&ns.name).await?;
+    eventually("attempt 1 to run", WAIT, || async {
+        let s = jobs.get("mid").await?.status.unwrap_or_default();
+        Ok(
+            (s.attempt == 1 && s.phase == Some(TrainingPhase::Running) && s.restarts == 1)
+                .then_some(()),
+        )
+    })
+    .await?;
+    // Give a duplicate every chance to appear, then check there is none.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = k8s_jobs
+        .list(&ListParams::default().labels("moe.dev/job-name=mid"))
+        .await?
+        .items;
+    let names: Vec<_> = all
+        .iter()
+        .filter(|j| j.metadata.deletion_timestamp.is_none())
+        .map(|j| j.name_any())
+        .collect();
+    ensure!(names == ["mid-a1"], "attempt Jobs: {names:?}");
+    ensure!(pods_of(&pods, "mid", 1).await?.len() == 2);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_queued_job_waits_for_kueue_and_the_operator_leaves_suspend_to_it() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-kueue").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job(
+            "queued",
+            2,
+            json!({"spec": {"placement": {"queueName": "team-a"}}}),
+        ),
+    )
+    .await?;
+    let child = eventually("the suspended attempt Job", WAIT, || async {
+        Ok(k8s_jobs.get_opt("queued-a0").await?)
+    })
+    .await?;
+    ensure!(
+        child
+            .labels()
+            .get("kueue.x-k8s.io/queue-name")
+            .map(String::as_str)
+            == Some("team-a")
+    );
+    ensure!(
+        child.spec.as_ref().and_then(|s| s.suspend) == Some(true),
+        "queued Job must start suspended"
+    );
+    eventually("WaitingForAdmission", WAIT, || async {
+        let j = jobs.get("queued").await?;
+        Ok(condition(&j, "Reconciling")
+            .is_some_and(|c| c.reason == "WaitingForAdmission")
+            .then_some(()))
+    })
+    .await?;
+    // Kueue admits the gang by unsuspending the Job (as Kueue's job integration does).
+    let admit = json!({"spec": {"suspend": false}});
+    k8s_jobs
+        .patch("queued-a0", &PatchParams::default(), &Patch::Merge(&admit))
+        .await?;
+    wait_phase(&jobs, "queued", TrainingPhase::Running).await?;
+    let child = k8s_jobs.get("queued-a0").await?;
+    ensure!(
+        child.spec.and_then(|s| s.suspend) == Some(false),
+        "the operator must not re-suspend an admitted Job"
+    );
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn deadline_fails_a_job_and_ttl_deletes_a_finished_one() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-time").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job(
+            "slow",
+            1,
+            json!({"spec": {"runPolicy": {"activeDeadlineSeconds": 3}}}),
+        ),
+    )
+    .await?;
+    // Not held: KWOK completes the pods at once, and the TTL then removes the job.
+    let quick = json!({"spec": {"runPolicy": {"ttlSecondsAfterFinished": 0}, "worker": {"podMetadata": null}}});
+    jobs.create(&PostParams::default(), &gpu_job("quick", 1, quick))
+        .await?;
+    let failed = wait_phase(&jobs, "slow", TrainingPhase::Failed).await?;
+    ensure!(condition(&failed, "Failed").is_some_and(|c| c.reason == "DeadlineExceeded"));
+    eventually("quick to be deleted by its TTL", WAIT, || async {
+        Ok(jobs.get_opt("quick").await?.is_none().then_some(()))
+    })
+    .await?;
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_by_the_apiserver_naming_the_field() -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Table {
+        base: Value,
+        cases: Vec<Case>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Case {
+        name: String,
+        patch: Value,
+        expect: Vec<String>,
+    }
+    install()?;
+    let client = admin_client().await?;
+    let ns = TestNamespace::create(&client, "mtj-invalid", &[]).await?;
+    let path = moe_e2e::operator::repo_root().join("tests/fixtures/invalid-training-jobs.yaml");
+    let table: Table = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+    ensure!(
+        table.cases.len() >= 15,
+        "the table has {} cases",
+        table.cases.len()
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "moe.dev",
+            "v1alpha1",
+            "MoETrainingJob",
+        )),
+    );
+    // The base itself is accepted (dry run), so each rejection is the case's own doing.
+    api.create(
+        &PostParams {
+            dry_run: true,
+            ..Default::default()
+        },
+        &serde_json::from_value(table.base.clone())?,
+    )
+    .await?;
+    let mut problems = vec![];
+    for case in &table.cases {
+        let mut obj = table.base.clone();
+        merge(&mut obj, &case.patch);
+        let obj: DynamicObject = serde_json::from_value(obj)?;
+        match api
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &obj,
+            )
+            .await
+        {
+            Ok(_) => problems.push(format!("{}: accepted", case.name)),
+            Err(e) => {
+                let msg = api_message(&e);
+                if api_status(&e) != Some(422) {
+                    problems.push(format!("{}: status {:?}: {msg}", case.name, api_status(&e)));
+                }
+                for want in &case.expect {
+                    if !msg.contains(want.as_str()) {
+                        problems.push(format!("{}: {msg:?} lacks {want:?}", case.name));
+                    }
+                }
+            }
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn the_operator_role_is_least_privilege() -> Result<()> {
+    install()?;
+    let sa = format!(
+        "system:serviceaccount:{}:{}",
+        moe_e2e::operator::OPERATOR_NAMESPACE,
+        moe_e2e::operator::SERVICE_ACCOUNT
+    );
+    let can = |verb: &str, resource: &str| {
+        // `kubectl auth can-i` exits 1 for "no"; the answer is on stdout either way.
+        let out = std::process::Command::new("kubectl")
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "--all-namespaces",
+                "--as",
+                &sa,
+            ])
+            .output()
+            .expect("kubectl runs");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (verb, resource) in [
+        ("create", "jobs.batch"),
+        ("delete", "jobs.batch"),
+        ("list", "pods"),
+        ("patch", "configmaps"),
+        ("patch", "moetrainingjobs.moe.dev/status"),
+    ] {
+        ensure!(can(verb, resource), "the operator needs {verb} {resource}");
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("update", "moetrainingjobs.moe.dev"),
+        ("patch", "nodes"),
+        ("create", "clusterrolebindings"),
+    ] {
+        ensure!(
+            !can(verb, resource),
+            "the operator must not {verb} {resource}"
+        );
+    }
+    ensure!(sh("kubectl get clusterrole moe-moe-operator -o name")?.contains("moe-moe-operator"));
+    Ok(())
+}
