@@ -3,6 +3,7 @@
 //! with them. It never depends on the worker or kernels crates, so its image
 //! carries no CUDA.
 
+pub mod cli;
 pub mod labels;
 pub mod metrics;
 pub mod server;

@@ -1,0 +1,207 @@
+//! `moectl run --local`: train on this machine as a cluster would. The worker
+//! config comes from the operator's builder with its paths moved into a run
+//! directory, the environment from the operator's contract with the values a
+//! pod learns from the cluster (its node rank, the coordinator) made local,
+//! and one worker process per node rank runs as a gang.
+
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use kube::ResourceExt;
+use moe_crds::contract::env;
+use moe_crds::{MoETrainingJob, WorkerConfig};
+
+use crate::cli::gang;
+use crate::training::build;
+
+/// Stands for the namespace in `MOE_JOB` and the config's `job`.
+pub const LOCAL_NAMESPACE: &str = "local";
+/// A local run is always the first attempt; re-running resumes from its checkpoints.
+const ATTEMPT: i32 = 0;
+
+/// Where a local run keeps its files, and the config its workers read.
+#[derive(Clone, Debug)]
+pub struct LocalRun {
+    /// `<workdir>/<name>`: config.json, the worker's outputs and `checkpoints/`.
+    pub dir: PathBuf,
+    /// `<dir>/config.json`, passed as `--config` and `MOE_CONFIG`.
+    pub config_path: String,
+    pub config: WorkerConfig,
+}
+
+impl LocalRun {
+    /// The run of `job` under `workdir`. Paths stay relative when `workdir`
+    /// is: workers start in moectl's current directory.
+    pub fn plan(job: &MoETrainingJob, workdir: &Path) -> anyhow::Result<Self> {
+        let dir = workdir.join(job.name_any());
+        let text = |path: &Path| {
+            path.to_str()
+                .map(String::from)
+                .with_context(|| format!("{} is not valid UTF-8", path.display()))
+        };
+        let mut config = build::worker_config(job);
+        config.job = format!("{LOCAL_NAMESPACE}/{}", job.name_any());
+        config.checkpoint.dir = text(&dir.join("checkpoints"))?;
+        config.output_dir = text(&dir)?;
+        // A volume's path is taken relative to the current directory: the
+        // claim is whatever directory holds the data here.
+        config.data_dir = job.spec.data.volume.as_ref().map(|volume| {
+            let path = volume.path.trim_end_matches('/');
+            if path.is_empty() { "." } else { path }.to_string()
+        });
+        Ok(Self {
+            config_path: text(&dir.join("config.json"))?,
+            dir,
+            config,
+        })
+    }
+
+    /// The environment of node rank `node_rank`: the operator's
+    /// ([`build::env_vars`]), with the pod-specific values made local.
+    /// Variables a pod reads from the cluster (`valueFrom`) are left out;
+    /// see [`unresolvable_env`].
+    pub fn worker_env(
+        &self,
+        job: &MoETrainingJob,
+        node_rank: i32,
+        coordinator: &str,
+    ) -> Vec<(String, String)> {
+        build::env_vars(job, ATTEMPT)
+            .into_iter()
+            .filter_map(|var| {
+                let value = match var.name.as_str() {
+                    env::NODE_RANK => node_rank.to_string(),
+                    env::COORDINATOR => coordinator.to_string(),
+                    env::CONFIG => self.config_path.clone(),
+                    env::JOB => self.config.job.clone(),
+                    _ => var.value?,
+                };
+                Some((var.name, value))
+            })
+            .collect()
+    }
+}
+
+/// Names of the job's extra worker variables that take their value from the
+/// cluster (secrets, fields), which a local run cannot resolve.
+pub fn unresolvable_env(job: &MoETrainingJob) -> Vec<&str> {
+    job.spec
+        .worker
+        .env
+        .iter()
+        .filter(|var| var.value.is_none() && var.value_from.is_some())
+        .map(|var| var.name.as_str())
+        .collect()
+}
+
+/// Writes the run's config and runs the gang of workers to completion;
+/// returns moectl's exit status (see [`gang::run`]).
+pub fn run(job: &MoETrainingJob, workdir: &Path, worker: &Path) -> anyhow::Result<u8> {
+    let run = LocalRun::plan(job, workdir)?;
+    std::fs::create_dir_all(&run.dir)
+        .with_context(|| format!("cannot create {}", run.dir.display()))?;
+    let config = serde_json::to_string_pretty(&run.config)? + "\n";
+    std::fs::write(&run.config_path, config)
+        .with_context(|| format!("cannot write {}", run.config_path))?;
+    for name in unresolvable_env(job) {
+        eprintln!(
+            "moectl: warning: worker env {name} uses valueFrom, which a local run cannot resolve; left unset"
+        );
+    }
+    let coordinator = format!("{}:{}", Ipv4Addr::LOCALHOST, free_port()?);
+    let members = (0..job.spec.parallelism.nodes)
+        .map(|rank| run.worker_env(job, rank, &coordinator))
+        .collect::<Vec<_>>();
+    let p = &job.spec.parallelism;
+    eprintln!(
+        "moectl: running {} ({} node(s) × {} process(es)) with {}, in {}",
+        job.name_any(),
+        p.nodes,
+        p.processes_per_node,
+        worker.display(),
+        run.dir.display()
+    );
+    let args = ["train", "--config", &run.config_path].map(OsStr::new);
+    gang::run(worker, &args, &members)
+}
+
+/// A port nobody listens on now, for rank 0's rendezvous store. Another
+/// process could take it before the worker binds it; on one machine that
+/// is unlikely enough, and the run would then fail visibly, not silently.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("cannot find a free port for the coordinator")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use moe_crds::VolumeData;
+
+    use super::*;
+
+    fn job() -> MoETrainingJob {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
+            "metadata": {"name": "tiny", "namespace": "team"},
+            "spec": {
+                "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 2,
+                          "seqLen": 64, "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 64}},
+                "training": {"steps": 10, "globalBatchSize": 8},
+                "parallelism": {"nodes": 2},
+                "worker": {"env": [
+                    {"name": "EXTRA", "value": "1"},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                ]}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn moves_every_path_into_the_run_directory() {
+        let run = LocalRun::plan(&job(), Path::new("runs")).unwrap();
+        assert_eq!(run.dir, Path::new("runs/tiny"));
+        assert_eq!(run.config_path, "runs/tiny/config.json");
+        assert_eq!(run.config.job, "local/tiny");
+        assert_eq!(run.config.checkpoint.dir, "runs/tiny/checkpoints");
+        assert_eq!(run.config.output_dir, "runs/tiny");
+        assert_eq!(run.config.data_dir, None);
+    }
+
+    #[test]
+    fn reads_volume_data_relative_to_the_current_directory() {
+        let mut job = job();
+        job.spec.data.builtin = None;
+        job.spec.data.volume = Some(VolumeData {
+            claim_name: "data".into(),
+            path: "corpora/web/".into(),
+        });
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        assert_eq!(run.config.data_dir.as_deref(), Some("corpora/web"));
+        job.spec.data.volume.as_mut().unwrap().path = String::new();
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        assert_eq!(run.config.data_dir.as_deref(), Some("."));
+    }
+
+    #[test]
+    fn sets_the_contract_with_local_values() {
+        let job = job();
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        let env = run.worker_env(&job, 1, "127.0.0.1:5000");
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get(env::WORLD_SIZE), Some("2"));
+        assert_eq!(get(env::NODES), Some("2"));
+        assert_eq!(get(env::NODE_RANK), Some("1"));
+        assert_eq!(get(env::PROCS_PER_NODE), Some("1"));
+        assert_eq!(get(env::COORDINATOR), Some("127.0.0.1:5000"));
+        assert_eq!(get(env::ATTEMPT), Some("0"));
+        assert_eq!(get(env::CONFIG), Some("runs/tiny/config.json"));
+        assert_eq!(get(env::JOB), Some("local/tiny"));
+        assert_eq!(get("EXTRA"), Some("1"));
+        assert_eq!(get("TOKEN"), None);
+        assert_eq!(unresolvable_env(&job), vec!["TOKEN"]);
+    }
+}
