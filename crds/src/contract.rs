@@ -30,7 +30,16 @@ pub mod env {
     pub const JOB: &str = "MOE_JOB";
 
     /// Every name above: user-supplied `worker.env` may not set them.
-    pub const RESERVED: &[&str] = &[WORLD_SIZE, NODES, NODE_RANK, PROCS_PER_NODE, COORDINATOR, ATTEMPT, CONFIG, JOB];
+    pub const RESERVED: &[&str] = &[
+        WORLD_SIZE,
+        NODES,
+        NODE_RANK,
+        PROCS_PER_NODE,
+        COORDINATOR,
+        ATTEMPT,
+        CONFIG,
+        JOB,
+    ];
 }
 
 /// Where the operator mounts the worker config inside the container.

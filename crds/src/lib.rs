@@ -10,8 +10,8 @@ pub mod common;
 pub mod contract;
 pub mod training;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 pub use common::*;
 pub use contract::{CheckpointConfig, WorkerConfig};

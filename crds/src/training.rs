@@ -84,7 +84,8 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.checkpoint == oldSelf.checkpoint")
         .message("checkpoint is immutable: resuming needs the same storage")
         .field_path(".checkpoint"),
-    validation = Rule::new("oldSelf.runPolicy.suspend || self.placement.queueName == oldSelf.placement.queueName")
+    // `has()` on both sides: the rule also runs on status writes, where an absent queueName must pass.
+    validation = Rule::new("oldSelf.runPolicy.suspend || (has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName))")
         .message("placement.queueName is immutable while the job is not suspended")
         .field_path(".placement.queueName"),
 )]
@@ -260,7 +261,10 @@ pub struct BalancingSpec {
 
 impl Default for BalancingSpec {
     fn default() -> Self {
-        Self { aux_loss_free: AuxLossFree::default(), sequence_aux_loss_coef: 0.0 }
+        Self {
+            aux_loss_free: AuxLossFree::default(),
+            sequence_aux_loss_coef: 0.0,
+        }
     }
 }
 
@@ -278,7 +282,10 @@ pub struct AuxLossFree {
 
 impl Default for AuxLossFree {
     fn default() -> Self {
-        Self { enabled: true, bias_update_rate: default_bias_rate() }
+        Self {
+            enabled: true,
+            bias_update_rate: default_bias_rate(),
+        }
     }
 }
 
@@ -308,7 +315,11 @@ pub struct DataSpec {
 
 impl Default for DataSpec {
     fn default() -> Self {
-        Self { builtin: Some(BuiltinData::default()), volume: None, tokenizer: Tokenizer::default() }
+        Self {
+            builtin: Some(BuiltinData::default()),
+            volume: None,
+            tokenizer: Tokenizer::default(),
+        }
     }
 }
 
@@ -324,7 +335,9 @@ pub struct BuiltinData {
 
 impl Default for BuiltinData {
     fn default() -> Self {
-        Self { corpus: default_corpus() }
+        Self {
+            corpus: default_corpus(),
+        }
     }
 }
 
@@ -538,7 +551,12 @@ pub struct ParallelismSpec {
 
 impl Default for ParallelismSpec {
     fn default() -> Self {
-        Self { nodes: 1, processes_per_node: 1, sequence_parallel: 1, expert_parallel: 1 }
+        Self {
+            nodes: 1,
+            processes_per_node: 1,
+            sequence_parallel: 1,
+            expert_parallel: 1,
+        }
     }
 }
 

@@ -367,49 +367,6 @@ fn classify_job_message(text: &str) -> FailureCause {
     FailureCause::Unknown { message }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_failure_messages_are_classified() {
-        assert_eq!(
-            classify_job_message(
-                "Pod ns/train-a0-1-abcde has condition DisruptionTarget matching FailJob rule at index 0"
-            ),
-            FailureCause::Disruption {
-                pod: "train-a0-1-abcde".into(),
-                reason: "DisruptionTarget".into()
-            }
-        );
-        assert_eq!(
-            classify_job_message(
-                "Container worker for pod ns/train-a0-2-xyz failed with exit code 3 matching FailJob rule at index 1"
-            ),
-            FailureCause::ExitCode {
-                pod: "train-a0-2-xyz".into(),
-                code: 3
-            }
-        );
-        assert!(matches!(
-            classify_job_message("Job has reached the specified backoff limit"),
-            FailureCause::Unknown { .. }
-        ));
-    }
-
-    #[test]
-    fn subset_ignores_server_defaults_but_not_changes() {
-        let want = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}]}});
-        let have = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1, "protocol": "TCP"}], "type": "ClusterIP"}});
-        assert!(is_subset(&want, &have));
-        let changed =
-            serde_json::json!({"spec": {"ports": [{"name": "a", "port": 2, "protocol": "TCP"}]}});
-        assert!(!is_subset(&want, &changed));
-        let more = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}});
-        assert!(!is_subset(&want, &more));
-    }
-}
-
 /// Server-side apply `desired` unless the stored copy already has every field it sets.
 async fn apply_if_changed<K>(
     ctx: &Context,
@@ -553,4 +510,47 @@ async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &st
         warn!(error = %e, reason, "could not publish event");
     }
     ctx.metrics.api_call("create", "events");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_failure_messages_are_classified() {
+        assert_eq!(
+            classify_job_message(
+                "Pod ns/train-a0-1-abcde has condition DisruptionTarget matching FailJob rule at index 0"
+            ),
+            FailureCause::Disruption {
+                pod: "train-a0-1-abcde".into(),
+                reason: "DisruptionTarget".into()
+            }
+        );
+        assert_eq!(
+            classify_job_message(
+                "Container worker for pod ns/train-a0-2-xyz failed with exit code 3 matching FailJob rule at index 1"
+            ),
+            FailureCause::ExitCode {
+                pod: "train-a0-2-xyz".into(),
+                code: 3
+            }
+        );
+        assert!(matches!(
+            classify_job_message("Job has reached the specified backoff limit"),
+            FailureCause::Unknown { .. }
+        ));
+    }
+
+    #[test]
+    fn subset_ignores_server_defaults_but_not_changes() {
+        let want = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}]}});
+        let have = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1, "protocol": "TCP"}], "type": "ClusterIP"}});
+        assert!(is_subset(&want, &have));
+        let changed =
+            serde_json::json!({"spec": {"ports": [{"name": "a", "port": 2, "protocol": "TCP"}]}});
+        assert!(!is_subset(&want, &changed));
+        let more = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}});
+        assert!(!is_subset(&want, &more));
+    }
 }
