@@ -293,20 +293,19 @@ pub fn classify_failure(
             };
         }
     }
-    let mut failed: Vec<(&Pod, i32)> = pods
+    // Pods the Job controller deleted while tearing the gang down fail too
+    // (killed); they are echoes of the cause, so they count only if nothing else failed.
+    let (undeleted, deleted): (Vec<&Pod>, Vec<&Pod>) = pods
         .iter()
-        .filter_map(|p| {
-            let st = p.status.as_ref()?;
-            let code = st.container_statuses.iter().flatten().find_map(|c| {
-                c.state
-                    .as_ref()?
-                    .terminated
-                    .as_ref()
-                    .map(|t| t.exit_code)
-                    .filter(|code| *code != 0)
-            })?;
-            Some((p, code))
-        })
+        .partition(|p| p.metadata.deletion_timestamp.is_none());
+    let candidates = if undeleted.iter().any(|p| exit_code(p).is_some()) {
+        undeleted
+    } else {
+        deleted
+    };
+    let mut failed: Vec<(&Pod, i32)> = candidates
+        .into_iter()
+        .filter_map(|p| Some((p, exit_code(p)?)))
         .collect();
     // The earliest failure is the cause; later ones are usually its echo.
     failed.sort_by_key(|(p, _)| {
@@ -365,6 +364,19 @@ fn classify_job_message(text: &str) -> FailureCause {
         format!("Job failed: {text}")
     };
     FailureCause::Unknown { message }
+}
+
+/// The non-zero exit code of a pod's terminated container, if any.
+fn exit_code(pod: &Pod) -> Option<i32> {
+    let st = pod.status.as_ref()?;
+    st.container_statuses.iter().flatten().find_map(|c| {
+        c.state
+            .as_ref()?
+            .terminated
+            .as_ref()
+            .map(|t| t.exit_code)
+            .filter(|code| *code != 0)
+    })
 }
 
 /// Server-side apply `desired` unless the stored copy already has every field it sets.

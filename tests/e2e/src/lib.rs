@@ -64,6 +64,9 @@ pub async fn token_client(token: &str) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Label on every test namespace: the pid of the test process that made it.
+pub const RUN_LABEL: &str = "moe.dev/e2e-run";
+
 /// A namespace made for one test, named `<prefix>-<unique suffix>`.
 pub struct TestNamespace {
     pub name: String,
@@ -82,6 +85,7 @@ impl TestNamespace {
                     labels
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .chain([(RUN_LABEL.to_string(), std::process::id().to_string())])
                         .collect(),
                 ),
                 ..Default::default()

@@ -56,13 +56,18 @@ static INSTALL: Once = Once::new();
 pub fn install() -> Result<()> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
+        // Namespaces that failed tests of earlier runs left behind (for
+        // inspection) would keep holding fake GPUs: remove them first.
         result = sh(&format!(
             "set -euo pipefail
+             kubectl delete namespace --wait=false -l '{run},{run}!={pid}' >/dev/null
              kubectl apply --server-side --force-conflicts -f deploy/crds/moe-crds.yaml >/dev/null
              kubectl wait --for=condition=Established crd/moetrainingjobs.moe.dev --timeout=60s >/dev/null
              kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null
              helm template {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
-               --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null"
+               --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null",
+            run = crate::RUN_LABEL,
+            pid = std::process::id()
         ))
         .map(|_| ());
     });
@@ -71,7 +76,10 @@ pub fn install() -> Result<()> {
 
 /// The operator binary built by `cargo build -p moe-operator` (tests/run.sh does).
 fn operator_binary() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("MOE_OPERATOR_BIN") {
+    if let Some(p) = std::env::var("MOE_OPERATOR_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         return Ok(p.into());
     }
     let target = std::env::var("CARGO_TARGET_DIR")

@@ -442,7 +442,7 @@ async fn suspend_removes_the_pods_and_resume_starts_a_new_attempt() -> Result<()
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    jobs.create(&PostParams::default(), &gpu_job("susp", 2, json!({})))
+    jobs.create(&PostParams::default(), &gpu_job("susp", 1, json!({})))
         .await?;
     wait_phase(&jobs, "susp", TrainingPhase::Running).await?;
 
@@ -756,16 +756,23 @@ async fn the_operator_role_is_least_privilege() -> Result<()> {
     );
     let can = |verb: &str, resource: &str| {
         // `kubectl auth can-i` exits 1 for "no"; the answer is on stdout either way.
+        let (resource, sub) = resource
+            .split_once('/')
+            .map_or((resource, None), |(r, s)| (r, Some(s)));
+        let mut args = vec![
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--all-namespaces",
+            "--as",
+            &sa,
+        ];
+        if let Some(sub) = sub {
+            args.extend(["--subresource", sub]);
+        }
         let out = std::process::Command::new("kubectl")
-            .args([
-                "auth",
-                "can-i",
-                verb,
-                resource,
-                "--all-namespaces",
-                "--as",
-                &sa,
-            ])
+            .args(&args)
             .output()
             .expect("kubectl runs");
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
