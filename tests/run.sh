@@ -46,4 +46,5 @@ phase build tests/cluster/build.sh >/dev/null
 phase up tests/cluster/up.sh
 # shellcheck source=/dev/null
 source tests/cluster/.state/env
-phase e2e cargo test --locked -p moe-e2e -- --test-threads=4
+# The e2e tests run the real operator binary as a process.
+phase e2e bash -c 'cargo build --locked -p moe-operator && cargo test --locked -p moe-e2e -- --test-threads=12'

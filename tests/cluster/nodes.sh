@@ -3,7 +3,7 @@
 # (8 GPUs each, GPU taint, block/rack topology), 2 A100 nodes (a non-Hopper
 # pool, for placement tests) and 3 CPU-only nodes. KWOK manages every node
 # annotated kwok.x-k8s.io/node=fake and marks it Ready.
-# Usage: nodes.sh [GPU_NODES]   (default 16)
+# Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
 gpu_nodes=${1:-16}
 per_rack=4 racks_per_block=2

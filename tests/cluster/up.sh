@@ -7,13 +7,13 @@
 # pinned kubectl/helm first on PATH:   source tests/cluster/.state/env
 # Idempotent: while the plane is running a second call returns at once.
 #
-# Knobs (environment): MOE_KWOK_GPU_NODES (default 16), MOE_CLUSTER_PORT_BASE
+# Knobs (environment): MOE_KWOK_GPU_NODES (default 24), MOE_CLUSTER_PORT_BASE
 # (default 16000: apiserver on +443, etcd on +379/+380, KCM +257, scheduler +259).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.sh"
 state="$here/.state"
-gpu_nodes=${MOE_KWOK_GPU_NODES:-16}
+gpu_nodes=${MOE_KWOK_GPU_NODES:-24}
 base=${MOE_CLUSTER_PORT_BASE:-16000}
 api_port=$((base + 443)) etcd_port=$((base + 379)) etcd_peer=$((base + 380))
 kcm_port=$((base + 257)) sched_port=$((base + 259))

@@ -803,3 +803,76 @@ async fn the_operator_role_is_least_privilege() -> Result<()> {
     ensure!(sh("kubectl get clusterrole moe-moe-operator -o name")?.contains("moe-moe-operator"));
     Ok(())
 }
+
+/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
+async fn bound_claim(ns: &str, name: &str) -> Result<()> {
+    sh(&format!(
+        "set -euo pipefail
+         cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {ns}-{name}}}
+spec:
+  capacity: {{storage: 1Ti}}
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: /tmp/{ns}-{name}}}
+  claimRef: {{namespace: {ns}, name: {name}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  volumeName: {ns}-{name}
+  resources: {{requests: {{storage: 1Ti}}}}
+EOF
+         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null"
+    ))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-examples").await?;
+    let _op = Operator::start(&ns.name).await?;
+    for claim in ["moe-data", "moe-checkpoints"] {
+        bound_claim(&ns.name, claim).await?;
+    }
+    let dir = moe_e2e::operator::repo_root().join("examples/training");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    files.sort();
+    ensure!(files.len() >= 3, "examples: {files:?}");
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    for file in &files {
+        let mut job: MoETrainingJob = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
+        job.metadata.namespace = Some(ns.name.clone());
+        let name = job.name_any();
+        let queued = job.spec.placement.queue_name.is_some();
+        let cpu = job.spec.worker.device == moe_crds::Device::Cpu;
+        jobs.create(&PostParams::default(), &job).await?;
+        if queued {
+            // No Kueue here: the gang waits, suspended, for admission.
+            eventually(&format!("{name} to wait for admission"), WAIT, || async {
+                let j = jobs.get(&name).await?;
+                Ok(condition(&j, "Reconciling").is_some_and(|c| c.reason == "WaitingForAdmission").then_some(()))
+            })
+            .await?;
+            continue;
+        }
+        // KWOK completes the pods at once: the job runs to Succeeded.
+        wait_phase(&jobs, &name, TrainingPhase::Succeeded).await?;
+        let list = pods_of(&pods, &name, 0).await?;
+        ensure!(list.len() as i32 == job.spec.parallelism.nodes, "{name}: {} pods", list.len());
+        for pod in &list {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            let want = if cpu { "cpu-" } else { "gpu-h100-" };
+            ensure!(node.starts_with(want), "{name}: pod {} on {node}", pod.name_any());
+        }
+    }
+    ns.delete().await
+}
