@@ -8,6 +8,7 @@
 
 pub mod common;
 pub mod contract;
+pub mod fixtures;
 pub mod training;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -65,22 +65,6 @@ fn write_yaml(path: &Path, value: &Value) {
     std::fs::write(path, serde_yaml::to_string(value).unwrap()).unwrap();
 }
 
-/// RFC 7386 JSON merge patch, as the fixture table is written.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
 #[test]
 fn validate_accepts_every_example() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo("examples/training"))
@@ -101,35 +85,20 @@ fn validate_accepts_every_example() {
     }
 }
 
-#[derive(Deserialize)]
-struct Table {
-    base: Value,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    patch: Value,
-    expect: Vec<String>,
-}
-
 #[test]
 fn validate_rejects_every_invalid_case_naming_its_field_and_reason() {
-    let table: Table = serde_yaml::from_str(
-        &std::fs::read_to_string(repo("tests/fixtures/invalid-training-jobs.yaml")).unwrap(),
-    )
-    .unwrap();
+    let cases = moe_crds::fixtures::invalid_training_jobs();
     let dir = scratch("invalid-cases");
-    let files: Vec<PathBuf> = (0..table.cases.len())
+    let files: Vec<PathBuf> = (0..cases.len())
         .map(|i| dir.join(format!("case-{i:02}.yaml")))
         .collect();
-    for (case, file) in table.cases.iter().zip(&files) {
-        let mut job = table.base.clone();
-        merge(&mut job, &case.patch);
-        write_yaml(file, &job);
+    for (case, file) in cases.iter().zip(&files) {
+        write_yaml(file, &case.object);
     }
-    write_yaml(&dir.join("base.yaml"), &table.base);
+    write_yaml(
+        &dir.join("base.yaml"),
+        &moe_crds::fixtures::valid_training_job(),
+    );
 
     let output = moectl()
         .arg("validate")
@@ -143,7 +112,7 @@ fn validate_rejects_every_invalid_case_naming_its_field_and_reason() {
         text.contains("base.yaml: ok\n"),
         "the base must be valid: {text}"
     );
-    for (case, file) in table.cases.iter().zip(&files) {
+    for (case, file) in cases.iter().zip(&files) {
         let prefix = format!("{}: ", file.display());
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
         assert!(

@@ -37,10 +37,10 @@ pub async fn admin_client() -> Result<Client> {
     Ok(client)
 }
 
-/// A client that authenticates with a bearer `token` (e.g. a ServiceAccount
+/// A kubeconfig that authenticates with a bearer `token` (e.g. a ServiceAccount
 /// token from the TokenRequest API) against the same apiserver and CA as the
-/// admin kubeconfig, and nothing else of the admin's identity.
-pub async fn token_client(token: &str) -> Result<Client> {
+/// admin kubeconfig, and carries nothing else of the admin's identity.
+pub fn token_kubeconfig(token: &str) -> Result<serde_json::Value> {
     let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
     let admin = Kubeconfig::read_from(&path)?;
     let cluster = admin
@@ -48,7 +48,7 @@ pub async fn token_client(token: &str) -> Result<Client> {
         .first()
         .and_then(|c| c.cluster.clone())
         .context("admin kubeconfig has no cluster")?;
-    let yaml = serde_json::json!({
+    Ok(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "c", "cluster": {
@@ -58,8 +58,12 @@ pub async fn token_client(token: &str) -> Result<Client> {
         "users": [{"name": "u", "user": {"token": token}}],
         "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "x",
-    });
-    let kubeconfig: Kubeconfig = serde_json::from_value(yaml)?;
+    }))
+}
+
+/// A client for [`token_kubeconfig`].
+pub async fn token_client(token: &str) -> Result<Client> {
+    let kubeconfig: Kubeconfig = serde_json::from_value(token_kubeconfig(token)?)?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
 }

@@ -114,7 +114,10 @@ impl Operator {
             "kubectl create token {SERVICE_ACCOUNT} --namespace {OPERATOR_NAMESPACE} --duration=2h"
         ))?;
         let kubeconfig = state.join(format!("{name}.kubeconfig"));
-        write_token_kubeconfig(&kubeconfig, token.trim())?;
+        std::fs::write(
+            &kubeconfig,
+            serde_json::to_string_pretty(&crate::token_kubeconfig(token.trim())?)?,
+        )?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = std::fs::File::create(state.join("logs").join(format!("{name}.log")))?;
         let child = Command::new(operator_binary()?)
@@ -182,26 +185,6 @@ impl Drop for Operator {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.pid_file);
     }
-}
-
-fn write_token_kubeconfig(path: &Path, token: &str) -> Result<()> {
-    let admin = std::env::var("KUBECONFIG").context("KUBECONFIG unset")?;
-    let admin = kube::config::Kubeconfig::read_from(&admin)?;
-    let cluster = admin
-        .clusters
-        .first()
-        .and_then(|c| c.cluster.clone())
-        .context("admin kubeconfig has no cluster")?;
-    let yaml = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.server,
-                      "certificate-authority-data": cluster.certificate_authority_data}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "operator"}}],
-        "current-context": "x",
-    });
-    std::fs::write(path, serde_json::to_string_pretty(&yaml)?)?;
-    Ok(())
 }
 
 /// A minimal HTTP/1.0 GET on loopback (enough for /readyz and /metrics).

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, install, sh};
 use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually};
@@ -35,24 +36,8 @@ fn gpu_job(name: &str, nodes: i32, extra: Value) -> MoETrainingJob {
             "runPolicy": {"backoffLimit": 1}
         }
     });
-    merge(&mut v, &extra);
+    merge_patch(&mut v, &extra);
     serde_json::from_value(v).expect("valid MoETrainingJob")
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
 }
 
 async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
@@ -674,27 +659,11 @@ async fn deadline_fails_a_job_and_ttl_deletes_a_finished_one() -> Result<()> {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_the_apiserver_naming_the_field() -> Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Table {
-        base: Value,
-        cases: Vec<Case>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Case {
-        name: String,
-        patch: Value,
-        expect: Vec<String>,
-    }
     install()?;
     let client = admin_client().await?;
     let ns = TestNamespace::create(&client, "mtj-invalid", &[]).await?;
-    let path = moe_e2e::operator::repo_root().join("tests/fixtures/invalid-training-jobs.yaml");
-    let table: Table = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    ensure!(
-        table.cases.len() >= 15,
-        "the table has {} cases",
-        table.cases.len()
-    );
+    let cases = invalid_training_jobs();
+    ensure!(cases.len() >= 15, "the table has {} cases", cases.len());
     let api: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         &ns.name,
@@ -710,14 +679,12 @@ async fn invalid_specs_are_rejected_by_the_apiserver_naming_the_field() -> Resul
             dry_run: true,
             ..Default::default()
         },
-        &serde_json::from_value(table.base.clone())?,
+        &serde_json::from_value(valid_training_job())?,
     )
     .await?;
     let mut problems = vec![];
-    for case in &table.cases {
-        let mut obj = table.base.clone();
-        merge(&mut obj, &case.patch);
-        let obj: DynamicObject = serde_json::from_value(obj)?;
+    for case in &cases {
+        let obj: DynamicObject = serde_json::from_value(case.object.clone())?;
         match api
             .create(
                 &PostParams {
@@ -843,7 +810,9 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
         bound_claim(&ns.name, claim).await?;
     }
     let dir = moe_e2e::operator::repo_root().join("examples/training");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
     files.sort();
     ensure!(files.len() >= 3, "examples: {files:?}");
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
@@ -859,7 +828,9 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
             // No Kueue here: the gang waits, suspended, for admission.
             eventually(&format!("{name} to wait for admission"), WAIT, || async {
                 let j = jobs.get(&name).await?;
-                Ok(condition(&j, "Reconciling").is_some_and(|c| c.reason == "WaitingForAdmission").then_some(()))
+                Ok(condition(&j, "Reconciling")
+                    .is_some_and(|c| c.reason == "WaitingForAdmission")
+                    .then_some(()))
             })
             .await?;
             continue;
@@ -867,11 +838,23 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
         // KWOK completes the pods at once: the job runs to Succeeded.
         wait_phase(&jobs, &name, TrainingPhase::Succeeded).await?;
         let list = pods_of(&pods, &name, 0).await?;
-        ensure!(list.len() as i32 == job.spec.parallelism.nodes, "{name}: {} pods", list.len());
+        ensure!(
+            list.len() as i32 == job.spec.parallelism.nodes,
+            "{name}: {} pods",
+            list.len()
+        );
         for pod in &list {
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
             let want = if cpu { "cpu-" } else { "gpu-h100-" };
-            ensure!(node.starts_with(want), "{name}: pod {} on {node}", pod.name_any());
+            ensure!(
+                node.starts_with(want),
+                "{name}: pod {} on {node}",
+                pod.name_any()
+            );
         }
     }
     ns.delete().await
