@@ -105,6 +105,14 @@ impl TestNamespace {
         })
     }
 
+    /// A handle on an existing namespace.
+    pub fn from_name(client: &Client, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            client: client.clone(),
+        }
+    }
+
     /// Deletes the namespace (and, through the namespace controller, what is in it).
     /// Called at the end of a passing test; a failing one leaves it for inspection.
     pub async fn delete(self) -> Result<()> {

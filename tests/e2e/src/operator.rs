@@ -173,9 +173,9 @@ impl Operator {
         http_get(&format!("{}/metrics", self.http)).await
     }
 
-    /// Whether the process has exited (e.g. it panicked).
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    /// The operator's process id.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
     }
 }
 

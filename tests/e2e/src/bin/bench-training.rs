@@ -1,0 +1,279 @@
+//! Control-plane benchmark of the MoETrainingJob operator (docs/benchmarks.md).
+//!
+//! Applies N MoETrainingJobs of 4 workers each to the fake H100 pool and
+//! measures the time until all are Running; then, in the same run, applies
+//! the same pods as N plain Indexed Jobs (what the operator builds, without
+//! the operator) — the Kubernetes floor — and reports the ratio. Also:
+//! reconcile latency p50/p99, API writes per reconcile in steady state, and
+//! the operator's peak RSS.
+//!
+//! ```sh
+//! tests/cluster/up.sh && source tests/cluster/.state/env
+//! cargo build --release -p moe-operator -p moe-e2e
+//! MOE_OPERATOR_BIN=target/release/moe-operator target/release/bench-training --jobs 100
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use futures::future::try_join_all;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use moe_crds::{MoETrainingJob, TrainingPhase};
+use moe_e2e::operator::{Operator, sh};
+use moe_e2e::{TestNamespace, admin_client};
+use moe_operator::training::build::{self, BuildContext, Counters};
+use serde_json::json;
+
+const WORKERS: i32 = 4;
+
+struct Args {
+    jobs: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut jobs = 100;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--jobs" => jobs = it.next().context("--jobs N")?.parse()?,
+            other => anyhow::bail!("unknown argument {other} (usage: bench-training [--jobs N])"),
+        }
+    }
+    Ok(Args { jobs })
+}
+
+/// A job of 4 nodes × 1 GPU whose pods KWOK holds Running.
+fn training_job(name: &str) -> MoETrainingJob {
+    serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 4, "seqLen": 64,
+                      "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 32}},
+            "training": {"steps": 100, "globalBatchSize": WORKERS},
+            "parallelism": {"nodes": WORKERS, "processesPerNode": 1},
+            "placement": {"gpuType": "H100"},
+            "worker": {"podMetadata": {"labels": {"kwok.test/hold": "true"}}}
+        }
+    }))
+    .expect("valid job")
+}
+
+/// The attempt Job the operator would build for `name`, as a standalone Job.
+fn plain_job(name: &str, ns: &str) -> Job {
+    let mut job = training_job(name);
+    job.metadata.namespace = Some(ns.into());
+    job.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    let mut child = build::attempt_job(&job, &BuildContext::default(), 0, Counters::default());
+    child.metadata.owner_references = None;
+    child
+}
+
+async fn wait_all(
+    what: &str,
+    timeout: Duration,
+    mut done: impl AsyncFnMut() -> Result<usize>,
+    n: usize,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let k = done().await?;
+        if k >= n {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < timeout,
+            "{what}: only {k}/{n} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Quantile from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
+}
+
+fn counter(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+async fn operator_run(client: &Client, n: usize) -> Result<(Duration, Operator)> {
+    let ns = TestNamespace::create(client, "bench-mtj", &[]).await?;
+    let op = Operator::start(&ns.name).await?;
+    let api: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let start = Instant::now();
+    try_join_all((0..n).map(|i| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &training_job(&format!("b{i}")))
+                .await
+        }
+    }))
+    .await?;
+    wait_all(
+        "MoETrainingJobs Running",
+        Duration::from_secs(600),
+        async || {
+            let list = api.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(TrainingPhase::Running))
+                .count())
+        },
+        n,
+    )
+    .await?;
+    Ok((start.elapsed(), op))
+}
+
+async fn plain_run(client: &Client, n: usize) -> Result<Duration> {
+    let ns = TestNamespace::create(client, "bench-job", &[]).await?;
+    let api: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let start = Instant::now();
+    try_join_all((0..n).map(|i| {
+        let api = api.clone();
+        let job = plain_job(&format!("b{i}"), &ns.name);
+        async move { api.create(&PostParams::default(), &job).await }
+    }))
+    .await?;
+    wait_all(
+        "plain Jobs with all pods ready",
+        Duration::from_secs(600),
+        async || {
+            let list = api.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .filter(|j| j.status.as_ref().and_then(|s| s.ready) == Some(WORKERS))
+                .count())
+        },
+        n,
+    )
+    .await?;
+    let took = start.elapsed();
+    ns.delete().await?;
+    Ok(took)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Args { jobs: n } = args()?;
+    let client = admin_client().await?;
+    // Enough fake H100 nodes for 2 × N × 4 one-GPU pods at once, plus the e2e pool.
+    let nodes = (2 * n * WORKERS as usize).div_ceil(8) + 24;
+    sh(&format!(
+        "tests/cluster/nodes.sh {nodes} | kubectl apply -f - >/dev/null"
+    ))?;
+    sh("kubectl wait --for=condition=Ready node -l type=kwok --timeout=300s >/dev/null")?;
+
+    // Floor first, then the operator, then the floor again: the machine is shared and noisy.
+    let floor_a = plain_run(&client, n).await?;
+    let (with_operator, op) = operator_run(&client, n).await?;
+    let floor_b = plain_run(&client, n).await?;
+    let floor = (floor_a + floor_b) / 2;
+
+    // Steady state: touch every job (a metadata change triggers a reconcile) and count writes.
+    let metrics = op.metrics().await?;
+    let (writes0, reconciles0) = (
+        counter(&metrics, "moe_operator_api_writes_total"),
+        counter(&metrics, "moe_operator_reconciles_total"),
+    );
+    let ns = op.name.trim_start_matches("operator-").to_string();
+    let api: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns);
+    for j in api.list(&ListParams::default()).await?.items {
+        let touch = json!({"metadata": {"annotations": {"bench/touch": "1"}}});
+        api.patch(
+            &j.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&touch),
+        )
+        .await?;
+    }
+    let mut metrics = op.metrics().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter(&metrics, "moe_operator_reconciles_total") < reconciles0 + n as f64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        metrics = op.metrics().await?;
+    }
+    let steady_reconciles = counter(&metrics, "moe_operator_reconciles_total") - reconciles0;
+    let steady_writes = counter(&metrics, "moe_operator_api_writes_total") - writes0;
+    let p50 = histogram_quantile(&metrics, "moe_operator_reconcile_duration_seconds", 0.5)
+        .unwrap_or(f64::NAN);
+    let p99 = histogram_quantile(&metrics, "moe_operator_reconcile_duration_seconds", 0.99)
+        .unwrap_or(f64::NAN);
+    let rss = op.pid().and_then(peak_rss_mib).unwrap_or(f64::NAN);
+
+    println!(
+        "jobs: {n} MoETrainingJobs × {WORKERS} workers ({} pods)",
+        n * WORKERS as usize
+    );
+    println!(
+        "time to all Running, operator:     {:>8.2} s",
+        with_operator.as_secs_f64()
+    );
+    println!(
+        "time to all ready, plain Jobs:     {:>8.2} s  (mean of {:.2} s before and {:.2} s after)",
+        floor.as_secs_f64(),
+        floor_a.as_secs_f64(),
+        floor_b.as_secs_f64()
+    );
+    println!(
+        "overhead ratio (operator / floor): {:>8.3}  (target ≤ 1.15)",
+        with_operator.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "reconcile latency p50 / p99:       ≤ {:.4} s / ≤ {:.4} s  (histogram bucket bounds)",
+        p50, p99
+    );
+    println!(
+        "steady-state writes per reconcile: {:>8.3}  ({steady_writes} writes in {steady_reconciles} reconciles; target 0)",
+        if steady_reconciles > 0.0 {
+            steady_writes / steady_reconciles
+        } else {
+            f64::NAN
+        }
+    );
+    println!("operator peak RSS:                 {rss:>8.1} MiB");
+    TestNamespace::from_name(&client, &ns).delete().await?;
+    Ok(())
+}
