@@ -107,9 +107,18 @@ impl Operator {
     /// Starts an operator that watches only `namespace`, with its own Lease,
     /// so tests run side by side without sharing an operator.
     pub async fn start(namespace: &str) -> Result<Self> {
+        Self::start_replica(namespace, None).await
+    }
+
+    /// Like [`Operator::start`], as one of several replicas sharing the
+    /// namespace's Lease: only the holder acts.
+    pub async fn start_replica(namespace: &str, replica: Option<&str>) -> Result<Self> {
         install()?;
         let state = state_dir()?;
-        let name = format!("operator-{namespace}");
+        let name = match replica {
+            Some(r) => format!("operator-{namespace}-{r}"),
+            None => format!("operator-{namespace}"),
+        };
         let token = sh(&format!(
             "kubectl create token {SERVICE_ACCOUNT} --namespace {OPERATOR_NAMESPACE} --duration=2h"
         ))?;

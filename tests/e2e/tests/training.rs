@@ -859,3 +859,62 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
     }
     ns.delete().await
 }
+
+#[tokio::test]
+async fn of_two_replicas_only_the_lease_holder_acts_and_the_other_takes_over() -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-ha").await?;
+    let a = Operator::start_replica(&ns.name, Some("a")).await?;
+    let b = Operator::start_replica(&ns.name, Some("b")).await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), moe_e2e::operator::OPERATOR_NAMESPACE);
+    let lease = format!("e2e-{}", ns.name);
+    let holder = eventually("a lease holder", WAIT, || async {
+        Ok(leases
+            .get_opt(&lease)
+            .await?
+            .and_then(|l| l.spec?.holder_identity))
+    })
+    .await?;
+    ensure!(holder == a.name || holder == b.name, "holder {holder}");
+    let (leader, standby) = if holder == a.name { (a, b) } else { (b, a) };
+
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("ha", 1, json!({})))
+        .await?;
+    wait_phase(&jobs, "ha", TrainingPhase::Running).await?;
+    let reconciles = |m: &str| counter(m, "moe_operator_reconciles_total");
+    ensure!(
+        reconciles(&leader.metrics().await?) > 0.0,
+        "the leader did not reconcile"
+    );
+    ensure!(
+        reconciles(&standby.metrics().await?) == 0.0,
+        "the standby reconciled while not leading"
+    );
+
+    // The leader goes away; the standby takes the Lease once it expires, and acts.
+    let standby_name = standby.name.clone();
+    drop(leader);
+    eventually(
+        "the standby to take the lease",
+        Duration::from_secs(60),
+        || async {
+            let l = leases.get(&lease).await?;
+            Ok(
+                (l.spec.and_then(|s| s.holder_identity).as_deref() == Some(standby_name.as_str()))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    jobs.patch(
+        "ha",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"runPolicy": {"suspend": true}}})),
+    )
+    .await?;
+    wait_phase(&jobs, "ha", TrainingPhase::Suspended).await?;
+    ensure!(reconciles(&standby.metrics().await?) > 0.0);
+    ns.delete().await
+}
