@@ -153,7 +153,9 @@ start kube-scheduler --config="$state/scheduler.yaml" \
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokConfiguration
 options:
-  cidr: 10.244.0.0/16
+  # Pod IPs from a loopback range: nothing here can route to pods, but a test
+  # can listen on a pod's IP (all of 127/8 is local) to play that pod's server.
+  cidr: 127.244.0.0/16
   manageAllNodes: false
   manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
   nodeLeaseDurationSeconds: 40

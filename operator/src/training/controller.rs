@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
 use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, decide};
+use super::progress;
 use super::validate::validate;
 use crate::labels;
 use crate::metrics::Metrics;
@@ -165,12 +166,14 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
     let ns = job.namespace().unwrap_or_default();
     let invalid = validate(job).err();
     let attempts = observe_attempts(ctx, job, &ns).await?;
+    let progress = read_progress(ctx, job, &ns, &attempts).await?;
     let plan = decide(
         job,
         &Observed {
             attempts,
             now: Timestamp::now(),
             invalid: invalid.clone(),
+            progress,
         },
     );
 
@@ -192,6 +195,42 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
         Some(d) => Action::requeue(d.min(RESYNC)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// Progress from rank 0 of the current attempt, once its whole gang is up.
+async fn read_progress(
+    ctx: &Context,
+    job: &MoETrainingJob,
+    ns: &str,
+    attempts: &[AttemptState],
+) -> Result<Option<moe_crds::TrainingProgress>, Error> {
+    let Some(cur) = attempts
+        .iter()
+        .filter(|a| !a.being_deleted)
+        .max_by_key(|a| a.attempt)
+    else {
+        return Ok(None);
+    };
+    if cur.outcome != AttemptOutcome::Running || cur.ready < job.spec.parallelism.nodes {
+        return Ok(None);
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!(
+        "{}={},{}={},{}=0",
+        labels::JOB_NAME,
+        job.name_any(),
+        labels::ATTEMPT,
+        cur.attempt,
+        labels::JOB_COMPLETION_INDEX
+    );
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let ip = list
+        .items
+        .iter()
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone());
+    let Some(ip) = ip else { return Ok(None) };
+    let report = progress::fetch(&ip, moe_crds::contract::METRICS_PORT).await;
+    Ok(report.map(|r| progress::to_status(&r, Timestamp::now())))
 }
 
 /// The attempt Jobs of `job`, from the store; pods are listed only for a failed attempt.

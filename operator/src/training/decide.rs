@@ -12,7 +12,10 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use moe_crds::condition::{READY, RECONCILING, STALLED};
-use moe_crds::{FailureAction, MoETrainingJob, MoETrainingJobStatus, TrainingPhase, WorkerCounts};
+use moe_crds::{
+    FailureAction, MoETrainingJob, MoETrainingJobStatus, TrainingPhase, TrainingProgress,
+    WorkerCounts,
+};
 
 use super::build::Counters;
 
@@ -62,6 +65,8 @@ pub struct Observed {
     pub now: Timestamp,
     /// An error that makes the spec unrunnable although the apiserver accepted it.
     pub invalid: Option<String>,
+    /// Training progress just read from rank 0, if it answered.
+    pub progress: Option<TrainingProgress>,
 }
 
 /// A transition worth a Kubernetes Event.
@@ -267,7 +272,22 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         }
         AttemptOutcome::Running => {
             let all_up = cur.ready + cur.succeeded >= spec.parallelism.nodes;
+            if let Some(p) = &observed.progress {
+                // The report's time alone changing is no reason to write the status.
+                let same = old.progress.as_ref().is_some_and(|o| {
+                    TrainingProgress {
+                        update_time: o.update_time.clone(),
+                        ..p.clone()
+                    } == *o
+                });
+                if !same {
+                    plan.status.progress = Some(p.clone());
+                }
+            }
             if all_up {
+                // Poll rank 0 for progress while the gang runs.
+                let poll = super::progress::POLL_INTERVAL;
+                plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
                 let msg = format!(
                     "attempt {}: all {} worker pod(s) running",
                     cur.attempt, spec.parallelism.nodes

@@ -29,6 +29,7 @@ fn observed(attempts: Vec<AttemptState>) -> Observed {
         attempts,
         now: now(),
         invalid: None,
+        progress: None,
     }
 }
 
@@ -401,14 +402,10 @@ fn completion_succeeds_and_the_ttl_then_deletes_the_job() {
 fn the_active_deadline_fails_the_job() {
     let mut j = job(SPEC);
     j.spec.run_policy.active_deadline_seconds = Some(100);
-    let first = decide(
-        &j,
-        &observed(vec![attempt(
-            0,
-            AttemptOutcome::Running,
-            Counters::default(),
-        )]),
-    );
+    // Still starting (no progress polling yet): the next look is at the deadline.
+    let mut starting = attempt(0, AttemptOutcome::Running, Counters::default());
+    starting.ready = 2;
+    let first = decide(&j, &observed(vec![starting]));
     assert_eq!(first.requeue_after, Some(Duration::from_secs(100)));
     j = after(j, &first);
     let late = decide(
@@ -471,4 +468,42 @@ fn stale_older_attempts_are_cleaned_up() {
     );
     assert_eq!(plan.delete, vec!["train-a0".to_string()]);
     assert_eq!(plan.status.attempt, 3);
+}
+
+#[test]
+fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not() {
+    let j = job(SPEC);
+    let report = super::super::progress::Report {
+        step: 5,
+        total_steps: 10,
+        loss: Some(2.5),
+        tokens_per_second: Some(100.0),
+        last_checkpoint_step: None,
+    };
+    let p = super::super::progress::to_status(&report, now());
+    let running = vec![attempt(0, AttemptOutcome::Running, Counters::default())];
+    let first = decide(
+        &j,
+        &Observed {
+            progress: Some(p.clone()),
+            ..observed(running.clone())
+        },
+    );
+    assert_eq!(
+        first.status.progress.as_ref().map(|p| p.display.as_str()),
+        Some("5/10 (50%)")
+    );
+    assert_eq!(
+        first.requeue_after,
+        Some(super::super::progress::POLL_INTERVAL)
+    );
+    let later = super::super::progress::to_status(&report, "2026-11-28T12:00:30Z".parse().unwrap());
+    let second = decide(
+        &after(j, &first),
+        &Observed {
+            progress: Some(later),
+            ..observed(running)
+        },
+    );
+    assert_eq!(second.status, first.status);
 }

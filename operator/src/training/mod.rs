@@ -3,4 +3,5 @@
 pub mod build;
 pub mod controller;
 pub mod decide;
+pub mod progress;
 pub mod validate;

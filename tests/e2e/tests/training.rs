@@ -918,3 +918,65 @@ async fn of_two_replicas_only_the_lease_holder_acts_and_the_other_takes_over() -
     ensure!(reconciles(&standby.metrics().await?) > 0.0);
     ns.delete().await
 }
+
+#[tokio::test]
+async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-progress").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(&PostParams::default(), &gpu_job("prog", 2, json!({})))
+        .await?;
+    wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
+    let rank0 = pods
+        .list(
+            &ListParams::default()
+                .labels("moe.dev/job-name=prog,batch.kubernetes.io/job-completion-index=0"),
+        )
+        .await?
+        .items;
+    let ip = rank0
+        .first()
+        .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+        .unwrap_or_default();
+    ensure!(
+        ip.starts_with("127."),
+        "KWOK pod IPs come from a loopback range (up.sh); got {ip:?}"
+    );
+    // Play rank 0's worker: answer /progress as moe-worker does.
+    let listener = tokio::net::TcpListener::bind((ip.as_str(), 9400)).await?;
+    let server = tokio::spawn(async move {
+        let body = r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40}"#;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        }
+    });
+    let progress = eventually(
+        "progress in the status",
+        Duration::from_secs(60),
+        || async { Ok(jobs.get("prog").await?.status.and_then(|s| s.progress)) },
+    )
+    .await;
+    server.abort();
+    let progress = progress?;
+    ensure!(
+        progress.display == "42/100 (42%)",
+        "display {}",
+        progress.display
+    );
+    ensure!(
+        progress.loss == Some(1.2346) && progress.last_checkpoint_step == Some(40),
+        "{progress:?}"
+    );
+    let table = sh(&format!("kubectl get mtj prog -n {} --no-headers", ns.name))?;
+    ensure!(table.contains("42/100 (42%)"), "printer column: {table}");
+    ns.delete().await
+}

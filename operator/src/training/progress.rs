@@ -1,0 +1,115 @@
+//! Training progress, read by the operator from rank 0's HTTP endpoint
+//! (`GET http://<rank-0 pod IP>:9400/progress`). Pulling keeps workers free
+//! of any API credentials (they mount no ServiceAccount token) and costs one
+//! small request per running job per poll interval.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use moe_crds::TrainingProgress;
+use serde::Deserialize;
+
+/// How often a running job's progress is read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(30);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What rank 0 reports (the worker's `/progress` JSON).
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub step: i64,
+    pub total_steps: i64,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub last_checkpoint_step: Option<i64>,
+}
+
+/// The status block for a report. Loss and throughput are rounded so that
+/// noise in the last digits does not turn every poll into a status write.
+pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
+    let percent = if report.total_steps > 0 {
+        report.step.saturating_mul(100) / report.total_steps
+    } else {
+        0
+    };
+    TrainingProgress {
+        step: report.step,
+        total_steps: report.total_steps,
+        display: format!("{}/{} ({percent}%)", report.step, report.total_steps),
+        loss: report
+            .loss
+            .filter(|l| l.is_finite())
+            .map(|l| (l * 1e4).round() / 1e4),
+        tokens_per_second: report
+            .tokens_per_second
+            .filter(|t| t.is_finite())
+            .map(|t| t.round()),
+        last_checkpoint_step: report.last_checkpoint_step,
+        update_time: Some(Time(now)),
+    }
+}
+
+/// Reads rank 0's report; `None` when it does not answer (starting, or no endpoint).
+pub async fn fetch(pod_ip: &str, port: u16) -> Option<Report> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: http::Uri = format!("http://{pod_ip}:{port}/progress").parse().ok()?;
+    let response = tokio::time::timeout(TIMEOUT, client.get(uri))
+        .await
+        .ok()?
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = tokio::time::timeout(TIMEOUT, response.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_and_rounding() {
+        let now: Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        let p = to_status(
+            &Report {
+                step: 42,
+                total_steps: 300,
+                loss: Some(1.234_567_8),
+                tokens_per_second: Some(5123.4),
+                last_checkpoint_step: Some(0),
+            },
+            now,
+        );
+        assert_eq!(p.display, "42/300 (14%)");
+        assert_eq!(p.loss, Some(1.2346));
+        assert_eq!(p.tokens_per_second, Some(5123.0));
+        let zero = to_status(
+            &Report {
+                step: 0,
+                total_steps: 0,
+                loss: Some(f64::NAN),
+                tokens_per_second: None,
+                last_checkpoint_step: None,
+            },
+            now,
+        );
+        assert_eq!(zero.display, "0/0 (0%)");
+        assert_eq!(
+            zero.loss, None,
+            "NaN cannot go into a status (JSON has no NaN)"
+        );
+    }
+}
