@@ -6,11 +6,14 @@
 //! generic over `f32` (training) and `f64` (gradient checks) through
 //! [`scalar::Scalar`]; and single-process training on the CPU ([`run`]):
 //! config ([`settings`]), data ([`data`]), optimizer ([`train`]) and
-//! checkpoints ([`checkpoint`]).
+//! checkpoints ([`checkpoint`]); and FP8 training emulated exactly on the
+//! CPU ([`fp8`], wired into the model through [`linear`]).
 
 pub mod checkpoint;
 pub mod data;
+pub mod fp8;
 pub mod gradcheck;
+pub mod linear;
 pub mod model;
 pub mod moe;
 pub mod ops;

@@ -8,8 +8,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use moe_crds::{ComputePrecision, Device, ModelSpec, ResumePolicy, WorkerConfig};
+use moe_crds::{ComputePrecision, Device, Fp8Recipe, ModelSpec, ResumePolicy, WorkerConfig};
 
+use crate::fp8;
+use crate::linear::GemmPrecision;
 use crate::model::ModelConfig;
 
 /// Why a worker config cannot be run.
@@ -187,7 +189,8 @@ impl TrainSettings {
             "device",
             "is cuda, but CUDA training is not implemented yet; use cpu".to_owned(),
         )?;
-        let model = ModelConfig::from_spec(&config.model)?;
+        let mut model = ModelConfig::from_spec(&config.model)?;
+        model.gemm_precision = gemm_precision(config)?;
         let training = training_settings(config)?;
         Ok(Self {
             job: config.job.clone(),
@@ -211,11 +214,6 @@ fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, Settings
         "training.globalBatchSize",
         format!("{global_batch} is not a multiple of training.microBatchSize {micro_batch}"),
     )?;
-    require(
-        spec.precision.compute == ComputePrecision::Fp32 && !spec.precision.fp8.enabled,
-        "training.precision",
-        "only fp32 compute without fp8 is implemented on the CPU worker so far".to_owned(),
-    )?;
     let seed = u64::try_from(spec.seed).map_err(|_| {
         SettingsError::new(
             "training.seed",
@@ -231,6 +229,24 @@ fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, Settings
         seed,
         log_interval,
     })
+}
+
+/// The GEMM arithmetic from `training.precision`. FP8 GEMMs are emulated
+/// exactly on the CPU (see [`crate::fp8`]); bf16 compute is not implemented.
+fn gemm_precision(config: &WorkerConfig) -> Result<GemmPrecision, SettingsError> {
+    let precision = &config.training.precision;
+    require(
+        precision.compute == ComputePrecision::Fp32,
+        "training.precision.compute",
+        "is bf16, but only fp32 compute is implemented on the CPU worker so far (fp8 GEMMs are available: training.precision.fp8)".to_owned(),
+    )?;
+    if !precision.fp8.enabled {
+        return Ok(GemmPrecision::Fp32);
+    }
+    Ok(GemmPrecision::Fp8(match precision.fp8.recipe {
+        Fp8Recipe::Blockwise => fp8::Fp8Recipe::Blockwise,
+        Fp8Recipe::Tensorwise => fp8::Fp8Recipe::Tensorwise,
+    }))
 }
 
 fn optimizer_settings(

@@ -3,12 +3,13 @@
 //! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
 
 use crate::model::config::{ModelConfig, NORM_EPS};
+use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
 use crate::moe::expert::SwiGluActivations;
 use crate::moe::{MoeForward, MoeLayer, MoeParams};
 use crate::ops::attention::{self, AttentionShape, Qkv, QkvGrads};
+use crate::ops::rmsnorm;
 use crate::ops::rope::RopeTable;
-use crate::ops::{matmul, rmsnorm};
 use crate::scalar::Scalar;
 
 /// The block's activations, kept for its backward pass.
@@ -56,6 +57,7 @@ impl<T: Scalar> BlockContext<'_, T> {
     pub fn forward(
         &self,
         block: &BlockWeights<T, MoeLayer<T>>,
+        linears: BlockLinears<'_>,
         input: Vec<T>,
     ) -> (Vec<T>, BlockPass<T>) {
         let config = self.config;
@@ -75,9 +77,11 @@ impl<T: Scalar> BlockContext<'_, T> {
         let mut q = vec![T::ZERO; tokens * h];
         let mut k = vec![T::ZERO; tokens * kv];
         let mut v = vec![T::ZERO; tokens * kv];
-        matmul::forward(&mut q, &attention_normed, &block.wq, h, h);
-        matmul::forward(&mut k, &attention_normed, &block.wk, h, kv);
-        matmul::forward(&mut v, &attention_normed, &block.wv, h, kv);
+        let projections = linears.attention;
+        let x = &attention_normed;
+        projections.get(WQ).forward(&mut q, x, &block.wq, h, h);
+        projections.get(WK).forward(&mut k, x, &block.wk, h, kv);
+        projections.get(WV).forward(&mut v, x, &block.wv, h, kv);
         self.rope.forward(&mut q, config.heads);
         self.rope.forward(&mut k, config.kv_heads);
         let shape = self.attention_shape();
@@ -94,7 +98,9 @@ impl<T: Scalar> BlockContext<'_, T> {
             shape,
         );
         let mut mid = vec![T::ZERO; tokens * h];
-        matmul::forward(&mut mid, &attention_out, &block.wo, h, h);
+        projections
+            .get(WO)
+            .forward(&mut mid, &attention_out, &block.wo, h, h);
         add_into(&mut mid, &input);
 
         let mut ffn_normed = vec![T::ZERO; mid.len()];
@@ -103,11 +109,12 @@ impl<T: Scalar> BlockContext<'_, T> {
         let (mut output, ffn) = match &block.ffn {
             FeedForward::Dense(dense) => {
                 let mut out = vec![T::ZERO; mid.len()];
-                let activations = dense.mlp(config).forward(&mut out, &ffn_normed);
+                let mlp = dense.mlp(config).with_linears(linears.ffn);
+                let activations = mlp.forward(&mut out, &ffn_normed);
                 (out, FeedForwardPass::Dense(activations))
             }
             FeedForward::Moe(layer) => {
-                let mut pass = layer.forward(&ffn_normed, config.seq_len);
+                let mut pass = layer.forward_with(linears.ffn, &ffn_normed, config.seq_len);
                 (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
             }
         };
@@ -134,6 +141,7 @@ impl<T: Scalar> BlockContext<'_, T> {
     pub fn backward(
         &self,
         block: &BlockWeights<T, MoeLayer<T>>,
+        linears: BlockLinears<'_>,
         pass: &BlockPass<T>,
         dres: &mut [T],
         grads: &mut BlockWeights<T, MoeParams<T>>,
@@ -145,7 +153,7 @@ impl<T: Scalar> BlockContext<'_, T> {
         let mut dffn_normed = vec![T::ZERO; dres.len()];
         match (&block.ffn, &pass.ffn, &mut grads.ffn) {
             (FeedForward::Dense(dense), FeedForwardPass::Dense(acts), FeedForward::Dense(g)) => {
-                dense.mlp(config).backward(
+                dense.mlp(config).with_linears(linears.ffn).backward(
                     &mut dffn_normed,
                     g.grads(),
                     dres,
@@ -154,7 +162,14 @@ impl<T: Scalar> BlockContext<'_, T> {
                 );
             }
             (FeedForward::Moe(layer), FeedForwardPass::Moe(moe_pass), FeedForward::Moe(g)) => {
-                layer.backward(moe_pass, &pass.ffn_normed, dres, &mut dffn_normed, g);
+                layer.backward_with(
+                    linears.ffn,
+                    moe_pass,
+                    &pass.ffn_normed,
+                    dres,
+                    &mut dffn_normed,
+                    g,
+                );
             }
             _ => unreachable!("a block's weights, activations and gradients share one layout"),
         }
@@ -169,7 +184,8 @@ impl<T: Scalar> BlockContext<'_, T> {
 
         // The attention sublayer.
         let mut dattention = vec![T::ZERO; dres.len()];
-        matmul::backward(
+        let projections = linears.attention;
+        projections.get(WO).backward(
             &mut dattention,
             &mut grads.wo,
             dres,
@@ -200,9 +216,16 @@ impl<T: Scalar> BlockContext<'_, T> {
         self.rope.backward(&mut dk, config.kv_heads);
         let mut dnormed = vec![T::ZERO; dres.len()];
         let x = &pass.attention_normed;
-        matmul::backward(&mut dnormed, &mut grads.wq, &dq, x, &block.wq, h, h);
-        matmul::backward(&mut dnormed, &mut grads.wk, &dk, x, &block.wk, h, kv);
-        matmul::backward(&mut dnormed, &mut grads.wv, &dv, x, &block.wv, h, kv);
+        let dx = &mut dnormed;
+        projections
+            .get(WQ)
+            .backward(dx, &mut grads.wq, &dq, x, &block.wq, h, h);
+        projections
+            .get(WK)
+            .backward(dx, &mut grads.wk, &dk, x, &block.wk, h, kv);
+        projections
+            .get(WV)
+            .backward(dx, &mut grads.wv, &dv, x, &block.wv, h, kv);
         rmsnorm::backward(
             dres,
             &mut grads.attention_norm,

@@ -3,6 +3,7 @@
 
 use moe_crds::{ModelSpec, RouterScore};
 
+use crate::linear::GemmPrecision;
 use crate::moe::{GroupLimit, MoeConfig, ScoreFunction};
 use crate::settings::{SettingsError, positive, require};
 
@@ -27,6 +28,10 @@ pub struct ModelConfig {
     pub moe: MoeConfig,
     /// Step of the aux-loss-free selection-bias update; `None` when disabled.
     pub bias_update_rate: Option<f64>,
+    /// The arithmetic of the attention projections' and the MLPs' GEMMs
+    /// (`training.precision.fp8`; see [`crate::linear`]). Not part of the
+    /// `ModelSpec`: [`Self::from_spec`] leaves it f32.
+    pub gemm_precision: GemmPrecision,
 }
 
 impl ModelConfig {
@@ -99,6 +104,7 @@ impl ModelConfig {
             rope_theta: spec.rope_theta,
             moe,
             bias_update_rate,
+            gemm_precision: GemmPrecision::Fp32,
         })
     }
 

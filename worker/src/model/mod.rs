@@ -5,11 +5,13 @@
 
 mod block;
 pub mod config;
+mod scales;
 pub mod weights;
 
 use std::fmt;
 
 use crate::model::block::{BlockContext, BlockPass, FeedForwardPass};
+use crate::model::scales::BlockScales;
 use crate::moe::{MoeLayer, MoeParams};
 use crate::ops::rope::RopeTable;
 use crate::ops::{cross_entropy, embedding, matmul, rmsnorm};
@@ -25,6 +27,9 @@ pub struct Model<T> {
     config: ModelConfig,
     pub weights: Weights<T, MoeLayer<T>>,
     rope: RopeTable<T>,
+    /// Per block; holds delayed scales only for the tensorwise FP8 recipe.
+    /// Not checkpointed: a resumed run rebuilds its amax histories.
+    scales: Vec<BlockScales>,
 }
 
 /// Why weights do not fit a model config.
@@ -144,6 +149,7 @@ impl<T: Scalar> Model<T> {
             })
             .collect::<Result<_, ShapeMismatch>>()?;
         let rope = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        let scales = BlockScales::for_model(&config);
         Ok(Self {
             weights: Weights {
                 embedding: weights.embedding,
@@ -153,6 +159,7 @@ impl<T: Scalar> Model<T> {
             },
             config,
             rope,
+            scales,
         })
     }
 
@@ -194,6 +201,15 @@ impl<T: Scalar> Model<T> {
         }
     }
 
+    /// Ends a training step for the tensorwise FP8 recipe: the amaxes the
+    /// step's passes observed join each tensor's history, setting the next
+    /// step's scales. Nothing for the other precisions.
+    pub fn advance_fp8_scales(&mut self) {
+        for block in &mut self.scales {
+            block.advance();
+        }
+    }
+
     fn context(&self) -> BlockContext<'_, T> {
         BlockContext {
             config: &self.config,
@@ -220,8 +236,9 @@ impl<T: Scalar> Model<T> {
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
         let context = self.context();
         let mut blocks = Vec::with_capacity(config.layers);
-        for block in &self.weights.blocks {
-            let (output, pass) = context.forward(block, x);
+        let precision = config.gemm_precision;
+        for (block, scales) in self.weights.blocks.iter().zip(&self.scales) {
+            let (output, pass) = context.forward(block, scales.linears(precision), x);
             blocks.push(pass);
             x = output;
         }
@@ -287,14 +304,17 @@ impl<T: Scalar> Model<T> {
             &pass.final_rstd,
         );
         let context = self.context();
+        let precision = config.gemm_precision;
         let layers = self
             .weights
             .blocks
             .iter()
+            .zip(&self.scales)
             .zip(&pass.blocks)
             .zip(&mut grads.blocks);
-        for ((block, block_pass), block_grads) in layers.rev() {
-            context.backward(block, block_pass, &mut dres, block_grads);
+        for (((block, scales), block_pass), block_grads) in layers.rev() {
+            let linears = scales.linears(precision);
+            context.backward(block, linears, block_pass, &mut dres, block_grads);
         }
         embedding::backward(&mut grads.embedding, &dres, &pass.tokens, h);
     }

@@ -2,6 +2,7 @@
 //! and optimizer moments. One listing, [`Weights::tensors`], fixes the order
 //! and names every consumer (optimizer, checkpoint, gradient check) uses.
 
+use crate::linear::Linears;
 use crate::model::config::ModelConfig;
 use crate::moe::expert::{SwiGluGrads, SwiGluMlp};
 use crate::moe::{MoeConfig, MoeLayer, MoeParams};
@@ -63,6 +64,7 @@ impl<T> DenseWeights<T> {
             w2: &self.w2,
             model: config.hidden,
             hidden: config.dense_hidden,
+            linears: Linears::FP32,
         }
     }
 

@@ -1,8 +1,17 @@
 //! One SwiGLU MLP (a routed expert, or the fused shared experts) applied to a
 //! batch of rows: `out = (silu(x @ w1^T) * (x @ w3^T)) @ w2^T`.
 
-use crate::ops::{matmul, swiglu};
+use crate::linear::Linears;
+use crate::ops::swiglu;
 use crate::scalar::Scalar;
+
+/// Positions of the three matrices in an MLP's [`Linears`].
+const W1: usize = 0;
+const W3: usize = 1;
+const W2: usize = 2;
+
+/// Linear layers in one MLP.
+pub const MLP_LINEARS: usize = 3;
 
 /// Borrowed weights of one MLP: `w1, w3: [hidden, model]`, `w2: [model, hidden]`.
 #[derive(Clone, Copy, Debug)]
@@ -14,6 +23,8 @@ pub struct SwiGluMlp<'a, T> {
     pub model: usize,
     /// Intermediate width.
     pub hidden: usize,
+    /// How the three GEMMs compute, in the order `w1, w3, w2`.
+    pub linears: Linears<'a>,
 }
 
 /// Gradient buffers matching a [`SwiGluMlp`]'s weights.
@@ -33,6 +44,13 @@ pub struct SwiGluActivations<T> {
     pub h: Vec<T>,
 }
 
+impl<'a, T> SwiGluMlp<'a, T> {
+    /// The same MLP with its GEMMs computed as `linears` (`w1, w3, w2`) say.
+    pub fn with_linears(self, linears: Linears<'a>) -> Self {
+        Self { linears, ..self }
+    }
+}
+
 impl<T: Scalar> SwiGluMlp<'_, T> {
     /// Writes `out: [rows, model]` for `x: [rows, model]`.
     pub fn forward(&self, out: &mut [T], x: &[T]) -> SwiGluActivations<T> {
@@ -42,10 +60,14 @@ impl<T: Scalar> SwiGluMlp<'_, T> {
             b: vec![T::ZERO; rows * self.hidden],
             h: vec![T::ZERO; rows * self.hidden],
         };
-        matmul::forward(&mut acts.a, x, self.w1, self.model, self.hidden);
-        matmul::forward(&mut acts.b, x, self.w3, self.model, self.hidden);
+        let l = self.linears;
+        l.get(W1)
+            .forward(&mut acts.a, x, self.w1, self.model, self.hidden);
+        l.get(W3)
+            .forward(&mut acts.b, x, self.w3, self.model, self.hidden);
         swiglu::forward(&mut acts.h, &acts.a, &acts.b);
-        matmul::forward(out, &acts.h, self.w2, self.hidden, self.model);
+        l.get(W2)
+            .forward(out, &acts.h, self.w2, self.hidden, self.model);
         acts
     }
 
@@ -60,7 +82,8 @@ impl<T: Scalar> SwiGluMlp<'_, T> {
     ) {
         let n = acts.h.len();
         let mut dh = vec![T::ZERO; n];
-        matmul::backward(
+        let l = self.linears;
+        l.get(W2).backward(
             &mut dh,
             grads.w2,
             dout,
@@ -71,7 +94,9 @@ impl<T: Scalar> SwiGluMlp<'_, T> {
         );
         let (mut da, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
         swiglu::backward(&mut da, &mut db, &dh, &acts.a, &acts.b);
-        matmul::backward(dx, grads.w1, &da, x, self.w1, self.model, self.hidden);
-        matmul::backward(dx, grads.w3, &db, x, self.w3, self.model, self.hidden);
+        l.get(W1)
+            .backward(dx, grads.w1, &da, x, self.w1, self.model, self.hidden);
+        l.get(W3)
+            .backward(dx, grads.w3, &db, x, self.w3, self.model, self.hidden);
     }
 }

@@ -1,10 +1,11 @@
 //! The MoE feed-forward layer: route, dispatch by expert, run each expert
 //! over its tokens, scatter-add the gated outputs back, add the shared experts.
 
+use crate::linear::Linears;
 use crate::moe::balance;
 use crate::moe::config::{MoeConfig, MoeConfigError};
 use crate::moe::dispatch::Dispatch;
-use crate::moe::expert::SwiGluActivations;
+use crate::moe::expert::{MLP_LINEARS, SwiGluActivations, SwiGluMlp};
 use crate::moe::params::MoeParams;
 use crate::moe::routing::{self, Routing};
 use crate::ops::matmul;
@@ -69,9 +70,38 @@ impl<T: Scalar> MoeLayer<T> {
         &self.config
     }
 
+    /// Linear layers in [`Self::forward_with`]'s `linears`: `w1, w3, w2` of
+    /// each routed expert in order, then of the fused shared experts.
+    pub fn linear_count(config: &MoeConfig) -> usize {
+        let shared = usize::from(config.shared_hidden() > 0);
+        MLP_LINEARS * (config.n_routed_experts + shared)
+    }
+
+    /// Routed expert `e`'s MLP, computing as `linears` say.
+    fn expert<'a>(&'a self, linears: Linears<'a>, e: usize) -> SwiGluMlp<'a, T> {
+        self.params
+            .expert(&self.config, e)
+            .with_linears(linears.sub(MLP_LINEARS * e, MLP_LINEARS))
+    }
+
+    /// The fused shared experts' MLP, if any, computing as `linears` say.
+    fn shared<'a>(&'a self, linears: Linears<'a>) -> Option<SwiGluMlp<'a, T>> {
+        let start = MLP_LINEARS * self.config.n_routed_experts;
+        self.params
+            .shared(&self.config)
+            .map(|mlp| mlp.with_linears(linears.sub(start, MLP_LINEARS)))
+    }
+
     /// Runs the layer on `x: [tokens, hidden]`, made of whole sequences of
-    /// `seq_len` tokens (the unit the balance loss is computed over).
+    /// `seq_len` tokens (the unit the balance loss is computed over), every
+    /// GEMM in f32.
     pub fn forward(&self, x: &[T], seq_len: usize) -> MoeForward<T> {
+        self.forward_with(Linears::FP32, x, seq_len)
+    }
+
+    /// [`Self::forward`] with the experts' GEMMs computed as `linears` say
+    /// (see [`Self::linear_count`]); the router's is always f32.
+    pub fn forward_with(&self, linears: Linears<'_>, x: &[T], seq_len: usize) -> MoeForward<T> {
         let (config, hidden) = (&self.config, self.config.hidden);
         assert_eq!(x.len() % hidden, 0, "MoE input is not [tokens, hidden]");
         let tokens = x.len() / hidden;
@@ -88,9 +118,12 @@ impl<T: Scalar> MoeLayer<T> {
 
         let mut output = vec![T::ZERO; x.len()];
         let routed = (0..n_experts)
-            .map(|e| self.routed_expert_forward(e, x, &routing, &dispatch, &mut output))
+            .map(|e| {
+                let expert = self.expert(linears, e);
+                self.routed_expert_forward(expert, e, x, &routing, &dispatch, &mut output)
+            })
             .collect();
-        let shared = self.params.shared(config).map(|mlp| {
+        let shared = self.shared(linears).map(|mlp| {
             let mut shared_output = vec![T::ZERO; x.len()];
             let activations = mlp.forward(&mut shared_output, x);
             for (o, s) in output.iter_mut().zip(shared_output) {
@@ -118,6 +151,7 @@ impl<T: Scalar> MoeLayer<T> {
     /// scatter-adds the gated rows into `output`.
     fn routed_expert_forward(
         &self,
+        expert: SwiGluMlp<'_, T>,
         e: usize,
         x: &[T],
         routing: &Routing<T>,
@@ -131,10 +165,7 @@ impl<T: Scalar> MoeLayer<T> {
             input.extend_from_slice(row(x, dispatch.token(slot), hidden));
         }
         let mut expert_output = vec![T::ZERO; input.len()];
-        let activations = self
-            .params
-            .expert(&self.config, e)
-            .forward(&mut expert_output, &input);
+        let activations = expert.forward(&mut expert_output, &input);
         for (&slot, y) in slots.iter().zip(expert_output.chunks_exact(hidden)) {
             let gate = routing.gates[slot];
             for (o, &v) in row_mut(output, dispatch.token(slot), hidden)
@@ -164,6 +195,19 @@ impl<T: Scalar> MoeLayer<T> {
         dx: &mut [T],
         grads: &mut MoeParams<T>,
     ) {
+        self.backward_with(Linears::FP32, pass, x, dout, dx, grads);
+    }
+
+    /// [`Self::backward`] for a pass of [`Self::forward_with`] with the same `linears`.
+    pub fn backward_with(
+        &self,
+        linears: Linears<'_>,
+        pass: &MoeForward<T>,
+        x: &[T],
+        dout: &[T],
+        dx: &mut [T],
+        grads: &mut MoeParams<T>,
+    ) {
         let config = &self.config;
         assert!(
             dout.len() == x.len() && dx.len() == x.len(),
@@ -171,9 +215,10 @@ impl<T: Scalar> MoeLayer<T> {
         );
         let mut dgates = vec![T::ZERO; pass.routing.gates.len()];
         for e in 0..config.n_routed_experts {
-            self.routed_expert_backward(e, pass, dout, dx, &mut dgates, grads);
+            let expert = self.expert(linears, e);
+            self.routed_expert_backward(expert, e, pass, dout, dx, &mut dgates, grads);
         }
-        if let (Some(mlp), Some(activations)) = (self.params.shared(config), &pass.shared) {
+        if let (Some(mlp), Some(activations)) = (self.shared(linears), &pass.shared) {
             mlp.backward(dx, grads.shared_grads(), dout, x, activations);
         }
         self.router_backward(pass, x, &dgates, dx, &mut grads.router);
@@ -182,8 +227,10 @@ impl<T: Scalar> MoeLayer<T> {
     /// Backward of [`Self::routed_expert_forward`]: fills expert `e`'s entries
     /// of `dgates` (d loss / d gate = dout_row . expert_output_row) and adds
     /// its weight gradients and its scattered input gradient.
+    #[allow(clippy::too_many_arguments)] // one expert's share of `backward_with`'s arguments
     fn routed_expert_backward(
         &self,
+        expert_mlp: SwiGluMlp<'_, T>,
         e: usize,
         pass: &MoeForward<T>,
         dout: &[T],
@@ -207,7 +254,7 @@ impl<T: Scalar> MoeLayer<T> {
             }
         }
         let mut dinput = vec![T::ZERO; expert.input.len()];
-        self.params.expert(&self.config, e).backward(
+        expert_mlp.backward(
             &mut dinput,
             grads.expert_grads(&self.config, e),
             &dexpert_output,

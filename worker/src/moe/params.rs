@@ -1,5 +1,6 @@
 //! The trainable weights of one MoE layer, each tensor a flat row-major `Vec`.
 
+use crate::linear::Linears;
 use crate::moe::config::MoeConfig;
 use crate::moe::expert::{SwiGluGrads, SwiGluMlp};
 use crate::rng::SplitMix64;
@@ -74,6 +75,7 @@ impl<T: Scalar> MoeParams<T> {
             w2: &self.experts_w2[range],
             model: config.hidden,
             hidden: config.expert_hidden,
+            linears: Linears::FP32,
         }
     }
 
@@ -95,6 +97,7 @@ impl<T: Scalar> MoeParams<T> {
             w2: &self.shared_w2,
             model: config.hidden,
             hidden: config.shared_hidden(),
+            linears: Linears::FP32,
         })
     }
 

@@ -62,16 +62,34 @@ pub fn backward<T: Scalar>(
     in_dim: usize,
     out_dim: usize,
 ) {
-    let rows = rows_of(x, in_dim, out_dim);
-    assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
-    assert_eq!(dw.len(), w.len(), "matmul weight gradient shape");
     assert_eq!(dx.len(), x.len(), "matmul input gradient shape");
+    backward_input(dx, dout, w, in_dim, out_dim);
+    backward_weight(dw, dout, x, in_dim, out_dim);
+}
+
+/// Adds `dout @ w` into `dx: [rows, in_dim]` (the input-gradient GEMM alone).
+pub fn backward_input<T: Scalar>(dx: &mut [T], dout: &[T], w: &[T], in_dim: usize, out_dim: usize) {
+    let rows = rows_of(dx, in_dim, out_dim);
+    assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
     assert_eq!(dout.len(), rows * out_dim, "matmul output gradient shape");
     for (dx_row, dout_row) in dx.chunks_exact_mut(in_dim).zip(dout.chunks_exact(out_dim)) {
         for (&d, w_row) in dout_row.iter().zip(w.chunks_exact(in_dim)) {
             axpy(dx_row, d, w_row);
         }
     }
+}
+
+/// Adds `dout^T @ x` into `dw: [out_dim, in_dim]` (the weight-gradient GEMM alone).
+pub fn backward_weight<T: Scalar>(
+    dw: &mut [T],
+    dout: &[T],
+    x: &[T],
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let rows = rows_of(x, in_dim, out_dim);
+    assert_eq!(dw.len(), out_dim * in_dim, "matmul weight gradient shape");
+    assert_eq!(dout.len(), rows * out_dim, "matmul output gradient shape");
     // Output-major so one row of `dw` stays in cache while every row of `x` streams past.
     for (o, dw_row) in dw.chunks_exact_mut(in_dim).enumerate() {
         for (x_row, dout_row) in x.chunks_exact(in_dim).zip(dout.chunks_exact(out_dim)) {

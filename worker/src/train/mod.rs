@@ -1,6 +1,7 @@
 //! Single-process training: gradient accumulation over micro-batches,
 //! global norm clipping, AdamW with a warm-up + cosine schedule, and the MoE
-//! selection-bias update after every optimizer step.
+//! selection-bias update (and, for tensorwise FP8, the amax-history update)
+//! after every optimizer step.
 
 pub mod optimizer;
 pub mod schedule;
@@ -136,6 +137,7 @@ impl Trainer {
         self.optimizer
             .update(&mut self.model, &self.grads, clip_scale / micro_steps, lr);
         self.model.update_selection_biases(&expert_loads);
+        self.model.advance_fp8_scales();
         Some(StepReport {
             step: step + 1,
             loss: loss / micro_steps,

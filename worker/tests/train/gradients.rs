@@ -2,6 +2,7 @@
 //! for every parameter tensor.
 
 use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
+use moe_worker::linear::GemmPrecision;
 use moe_worker::model::{Gradients, Model, ModelConfig};
 use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
 use moe_worker::rng::SplitMix64;
@@ -30,6 +31,7 @@ fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
         rope_theta: 100.0,
         moe,
         bias_update_rate: Some(0.01),
+        gemm_precision: GemmPrecision::Fp32,
     }
 }
 

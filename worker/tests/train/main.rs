@@ -2,6 +2,7 @@
 
 mod checkpoints;
 mod cli;
+mod fp8;
 mod gradients;
 mod learning;
 
