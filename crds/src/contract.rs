@@ -29,7 +29,11 @@ pub mod env {
     /// `namespace/name` of the MoETrainingJob, for logs and metrics.
     pub const JOB: &str = "MOE_JOB";
 
-    /// Every name above: user-supplied `worker.env` may not set them.
+    /// Optional: where rank 0 serves `/progress` and `/metrics` (default
+    /// `0.0.0.0:<METRICS_PORT>`; `off` disables). Local runs use loopback.
+    pub const STATUS_ADDR: &str = "MOE_STATUS_ADDR";
+
+    /// Every name above but STATUS_ADDR: user-supplied `worker.env` may not set them.
     pub const RESERVED: &[&str] = &[
         WORLD_SIZE,
         NODES,

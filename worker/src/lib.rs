@@ -21,6 +21,7 @@ pub mod rng;
 pub mod run;
 pub mod scalar;
 pub mod settings;
+pub mod status;
 pub mod train;
 
 /// Compute backends a worker can be built with, as reported by `moe-worker --version`.

@@ -62,7 +62,8 @@ fn train(config: Option<PathBuf>) -> ExitCode {
             );
         }
     }
-    match moe_worker::run::train(&config, &stop) {
+    let board = status_board();
+    match moe_worker::run::train_reporting(&config, &stop, board.as_ref()) {
         Ok(summary) => {
             println!(
                 "{}",
@@ -72,6 +73,24 @@ fn train(config: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => fail(&e.to_string(), e.exit_code()),
     }
+}
+
+/// Rank 0 serves `/progress` and `/metrics` (default `0.0.0.0:9400`, or
+/// `MOE_STATUS_ADDR`; `off` disables it). A port already taken (e.g. two local
+/// runs at once) only costs the endpoint, never the training run.
+fn status_board() -> Option<moe_worker::status::Board> {
+    let rank0 = std::env::var(env::NODE_RANK).map_or(true, |r| r == "0");
+    let addr = std::env::var(env::STATUS_ADDR)
+        .unwrap_or_else(|_| format!("0.0.0.0:{}", moe_crds::contract::METRICS_PORT));
+    if !rank0 || addr == "off" {
+        return None;
+    }
+    let board = moe_worker::status::Board::default();
+    match board.serve(&addr) {
+        Ok(bound) => tracing::info!(%bound, "serving /progress and /metrics"),
+        Err(e) => tracing::warn!(%addr, error = %e, "status endpoint not available"),
+    }
+    Some(board)
 }
 
 fn fail(message: &str, code: u8) -> ExitCode {

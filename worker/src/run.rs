@@ -15,6 +15,7 @@ use moe_crds::WorkerConfig;
 use crate::checkpoint::{self, CheckpointError, Snapshot};
 use crate::data::{self, DataError, DataLoader, tokenizer};
 use crate::settings::{DataSource, SettingsError, TrainSettings};
+use crate::status::Progress;
 use crate::train::{StepReport, Trainer};
 
 /// File in `outputDir` with one JSON object per logged step.
@@ -114,6 +115,15 @@ struct MetricsLine {
 /// Trains as `config` says until `training.steps` or until `stop` is set
 /// (SIGTERM/SIGINT), checkpointing every `intervalSteps`, at the end and on stop.
 pub fn train(config: &WorkerConfig, stop: &AtomicBool) -> Result<Summary, RunError> {
+    train_reporting(config, stop, None)
+}
+
+/// [`train`], also publishing progress on `board` (rank 0's status endpoint).
+pub fn train_reporting(
+    config: &WorkerConfig,
+    stop: &AtomicBool,
+    board: Option<&crate::status::Board>,
+) -> Result<Summary, RunError> {
     let started = Instant::now();
     let settings = TrainSettings::from_config(config)?;
     let corpus = data::load_corpus(&settings.data)?;
@@ -180,6 +190,15 @@ pub fn train(config: &WorkerConfig, stop: &AtomicBool) -> Result<Summary, RunErr
             );
             write_line(&mut metrics, &metrics_path, &line)?;
             interval = Interval::new();
+            if let Some(board) = board {
+                board.publish(Progress {
+                    step: report.step,
+                    total_steps,
+                    loss: Some(report.loss),
+                    tokens_per_second: Some(line.tokens_per_second),
+                    last_checkpoint_step: run.saved_step,
+                });
+            }
         }
         if report
             .step
@@ -187,6 +206,12 @@ pub fn train(config: &WorkerConfig, stop: &AtomicBool) -> Result<Summary, RunErr
             || report.step == total_steps
         {
             save(&settings, &trainer, &mut run)?;
+            if let Some(board) = board {
+                board.publish(Progress {
+                    last_checkpoint_step: run.saved_step,
+                    ..board.progress()
+                });
+            }
         }
         if stop.load(Ordering::Relaxed) {
             interrupted = true;

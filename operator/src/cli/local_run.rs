@@ -80,6 +80,13 @@ impl LocalRun {
                 };
                 Some((var.name, value))
             })
+            // Rank 0's status endpoint on loopback only: a laptop is not a pod network.
+            .chain((node_rank == 0).then(|| {
+                (
+                    env::STATUS_ADDR.to_string(),
+                    format!("127.0.0.1:{}", moe_crds::contract::METRICS_PORT),
+                )
+            }))
             .collect()
     }
 }

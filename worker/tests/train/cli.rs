@@ -221,3 +221,53 @@ fn sigterm_checkpoints_and_exits_zero() {
             .is_file()
     );
 }
+
+#[test]
+fn rank_0_serves_its_progress_while_training() {
+    use std::io::{Read, Write};
+    let dir = scratch_dir("status");
+    let mut config = config_json(&dir);
+    config["training"]["steps"] = 100_000.into();
+    config["training"]["logIntervalSteps"] = 1.into();
+    config["checkpoint"]["intervalSteps"] = 100_000.into();
+    let path = write_config(&dir, &config);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(path)
+        .env("MOE_NODE_RANK", "0")
+        .env("MOE_STATUS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.split("\r\n\r\n").nth(1)?.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let progress = loop {
+        let p: Option<Value> = get("/progress").and_then(|b| serde_json::from_str(&b).ok());
+        if let Some(p) = p.filter(|p| p["step"].as_u64().unwrap_or(0) >= 2) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no progress served within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let metrics = get("/metrics").unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(progress["totalSteps"], 100_000, "{progress}");
+    assert!(
+        progress["loss"].as_f64().is_some_and(f64::is_finite),
+        "{progress}"
+    );
+    assert!(metrics.contains("moe_worker_step "), "{metrics}");
+}
