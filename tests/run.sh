@@ -20,9 +20,19 @@ phase() { # name, command...
   "$@"
   timings+=("$(printf '%-8s %5ss' "$name" $((SECONDS - t0)))")
 }
+# Every cargo test summary line is collected, so the run ends with one total.
+results=$(mktemp)
+tested() { # command...: runs it, keeping a copy of its output for the totals
+  set -o pipefail
+  "$@" 2>&1 | tee -a "$results"
+}
 report() {
   echo "=== phase timings" >&2
   for t in "${timings[@]}"; do echo "    $t" >&2; done
+  # The closing line: totals over all test binaries of this run.
+  awk '{for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) }}
+       END {printf "tests/run.sh: %d passed, %d failed\n", p, f}' <(grep -E '^test result:' "$results")
+  rm -f "$results"
 }
 trap report EXIT
 
@@ -35,7 +45,7 @@ lint() {
   cargo clippy -p moe-kernels --features cuda --locked -- -D warnings
 }
 [[ ${MOE_SKIP_LINT:-} == 1 ]] || phase lint lint
-phase unit cargo test --locked
+phase unit tested cargo test --locked
 
 [[ ${MOE_SKIP_E2E:-} == 1 ]] && exit 0
 
@@ -49,4 +59,5 @@ phase up tests/cluster/up.sh
 # shellcheck source=/dev/null
 source tests/cluster/.state/env
 # The e2e tests run the real operator binary as a process.
-phase e2e bash -c 'cargo build --locked -p moe-operator && cargo test --locked -p moe-e2e -- --test-threads=12'
+phase e2e-build cargo build --locked -p moe-operator
+phase e2e tested cargo test --locked -p moe-e2e -- --test-threads=12
