@@ -179,3 +179,12 @@ pub fn api_message(err: &kube::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// Sum of the Prometheus samples whose line starts with `prefix` (all label sets).
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

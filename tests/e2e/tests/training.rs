@@ -13,7 +13,7 @@ use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, install, sh};
-use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually};
+use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually, metric_sum};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -125,14 +125,6 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<Stri
         .collect())
 }
 
-fn counter(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn gpu_job_lands_on_h100_pool_runs_and_succeeds() -> Result<()> {
     let client = admin_client().await?;
@@ -235,19 +227,19 @@ async fn gpu_job_lands_on_h100_pool_runs_and_succeeds() -> Result<()> {
     );
 
     // Steady state: a reconcile with nothing to change makes no API writes.
-    let writes_before = counter(&op.metrics().await?, "moe_operator_api_writes_total");
-    let reconciles_before = counter(&op.metrics().await?, "moe_operator_reconciles_total");
+    let writes_before = metric_sum(&op.metrics().await?, "moe_operator_api_writes_total");
+    let reconciles_before = metric_sum(&op.metrics().await?, "moe_operator_reconciles_total");
     let nudge = json!({"metadata": {"annotations": {"e2e/nudge": "1"}}});
     jobs.patch("train", &PatchParams::default(), &Patch::Merge(&nudge))
         .await?;
     eventually("a reconcile after the nudge", WAIT, || async {
         Ok(
-            (counter(&op.metrics().await?, "moe_operator_reconciles_total") > reconciles_before)
+            (metric_sum(&op.metrics().await?, "moe_operator_reconciles_total") > reconciles_before)
                 .then_some(()),
         )
     })
     .await?;
-    let writes_after = counter(&op.metrics().await?, "moe_operator_api_writes_total");
+    let writes_after = metric_sum(&op.metrics().await?, "moe_operator_api_writes_total");
     ensure!(
         writes_after == writes_before,
         "steady-state reconcile wrote: {writes_before} -> {writes_after}"
@@ -883,7 +875,7 @@ async fn of_two_replicas_only_the_lease_holder_acts_and_the_other_takes_over() -
     jobs.create(&PostParams::default(), &gpu_job("ha", 1, json!({})))
         .await?;
     wait_phase(&jobs, "ha", TrainingPhase::Running).await?;
-    let reconciles = |m: &str| counter(m, "moe_operator_reconciles_total");
+    let reconciles = |m: &str| metric_sum(m, "moe_operator_reconciles_total");
     ensure!(
         reconciles(&leader.metrics().await?) > 0.0,
         "the leader did not reconcile"

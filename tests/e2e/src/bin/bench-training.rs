@@ -22,7 +22,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, sh};
-use moe_e2e::{TestNamespace, admin_client};
+use moe_e2e::{TestNamespace, admin_client, metric_sum};
 use moe_operator::training::build::{self, BuildContext, Counters};
 use serde_json::json;
 
@@ -112,14 +112,6 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
         .iter()
         .find(|(_, c)| *c >= q * total)
         .map(|(le, _)| *le)
-}
-
-fn counter(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
@@ -213,8 +205,8 @@ async fn main() -> Result<()> {
     // Steady state: touch every job (a metadata change triggers a reconcile) and count writes.
     let metrics = op.metrics().await?;
     let (writes0, reconciles0) = (
-        counter(&metrics, "moe_operator_api_writes_total"),
-        counter(&metrics, "moe_operator_reconciles_total"),
+        metric_sum(&metrics, "moe_operator_api_writes_total"),
+        metric_sum(&metrics, "moe_operator_reconciles_total"),
     );
     let ns = op.name.trim_start_matches("operator-").to_string();
     let api: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns);
@@ -229,14 +221,14 @@ async fn main() -> Result<()> {
     }
     let mut metrics = op.metrics().await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while counter(&metrics, "moe_operator_reconciles_total") < reconciles0 + n as f64
+    while metric_sum(&metrics, "moe_operator_reconciles_total") < reconciles0 + n as f64
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
         metrics = op.metrics().await?;
     }
-    let steady_reconciles = counter(&metrics, "moe_operator_reconciles_total") - reconciles0;
-    let steady_writes = counter(&metrics, "moe_operator_api_writes_total") - writes0;
+    let steady_reconciles = metric_sum(&metrics, "moe_operator_reconciles_total") - reconciles0;
+    let steady_writes = metric_sum(&metrics, "moe_operator_api_writes_total") - writes0;
     let p50 = histogram_quantile(&metrics, "moe_operator_reconcile_duration_seconds", 0.5)
         .unwrap_or(f64::NAN);
     let p99 = histogram_quantile(&metrics, "moe_operator_reconcile_duration_seconds", 0.99)
