@@ -57,6 +57,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<MoETrainingJob>, u32>>,
+    /// Validation verdict per object uid and generation: the spec only
+    /// changes with the generation, and compiling the CEL rules on every
+    /// reconcile (each pod status change triggers one) would dominate CPU.
+    verdicts: Mutex<HashMap<String, Verdict>>,
 }
 
 /// Periodic resync: repairs anything a missed watch event left behind.
@@ -111,6 +115,7 @@ pub async fn run(
         recorder,
         metrics,
         failures: Mutex::new(HashMap::new()),
+        verdicts: Mutex::new(HashMap::new()),
     });
     Controller::new(
         api::<MoETrainingJob>(&client, &namespace),
@@ -160,11 +165,15 @@ async fn reconcile(job: Arc<MoETrainingJob>, ctx: Arc<Context>) -> Result<Action
 
 async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, Error> {
     if job.meta().deletion_timestamp.is_some() {
+        ctx.verdicts
+            .lock()
+            .expect("not poisoned")
+            .remove(&job.uid().unwrap_or_default());
         // Children go with it by owner-reference garbage collection.
         return Ok(Action::await_change());
     }
     let ns = job.namespace().unwrap_or_default();
-    let invalid = validate(job).err();
+    let invalid = verdict(ctx, job);
     let attempts = observe_attempts(ctx, job, &ns).await?;
     let progress = read_progress(ctx, job, &ns, &attempts).await?;
     let plan = decide(
@@ -195,6 +204,33 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
         Some(d) => Action::requeue(d.min(RESYNC)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// A validation result and the generation it was computed for.
+struct Verdict {
+    generation: Option<i64>,
+    invalid: Option<String>,
+}
+
+/// [`validate`], once per generation of each object.
+fn verdict(ctx: &Context, job: &MoETrainingJob) -> Option<String> {
+    let uid = job.uid().unwrap_or_default();
+    let generation = job.metadata.generation;
+    if let Some(v) = ctx.verdicts.lock().expect("not poisoned").get(&uid)
+        && v.generation == generation
+    {
+        return v.invalid.clone();
+    }
+    let invalid = validate(job).err();
+    let verdict = Verdict {
+        generation,
+        invalid: invalid.clone(),
+    };
+    ctx.verdicts
+        .lock()
+        .expect("not poisoned")
+        .insert(uid, verdict);
+    invalid
 }
 
 /// Progress from rank 0 of the current attempt, once its whole gang is up.
