@@ -87,24 +87,10 @@ pub async fn run(
     // Children are watched with a label selector and reflected into stores, so
     // reconcile reads them from memory: no API reads, and no writes when nothing changed.
     let children = watcher::Config::default().labels(&labels::managed_selector());
-    let (jobs, job_writer) = reflector::store::<Job>();
-    let job_stream = watcher(api::<Job>(&client, &namespace), children.clone())
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(job_writer)
-        .touched_objects();
-    let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
-    let cm_stream = watcher(api::<ConfigMap>(&client, &namespace), children.clone())
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(cm_writer)
-        .touched_objects();
-    let (services, svc_writer) = reflector::store::<Service>();
-    let svc_stream = watcher(api::<Service>(&client, &namespace), children)
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(svc_writer)
-        .touched_objects();
+    let (jobs, job_stream) = reflected(api::<Job>(&client, &namespace), children.clone());
+    let (config_maps, cm_stream) =
+        reflected(api::<ConfigMap>(&client, &namespace), children.clone());
+    let (services, svc_stream) = reflected(api::<Service>(&client, &namespace), children);
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -133,6 +119,34 @@ pub async fn run(
         }
     })
     .await;
+}
+
+/// A watch of one child kind reflected into a store (managed fields dropped:
+/// they are most of an object's size and never read), and the stream of
+/// changed objects that triggers reconciles of their owners.
+fn reflected<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    (store, stream)
 }
 
 fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
