@@ -140,33 +140,17 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         set_phase(&mut plan, &old, phase, "InvalidSpec", message, &now);
         plan.transitions.clear();
         let generation = plan.status.observed_generation;
-        set(
-            &mut plan.status.conditions,
-            READY,
-            false,
-            "InvalidSpec",
-            message,
-            generation,
-            &now,
-        );
-        set(
-            &mut plan.status.conditions,
-            RECONCILING,
-            false,
-            "InvalidSpec",
-            message,
-            generation,
-            &now,
-        );
-        set(
-            &mut plan.status.conditions,
-            STALLED,
-            true,
-            "InvalidSpec",
-            message,
-            generation,
-            &now,
-        );
+        for (type_, on) in [(READY, false), (RECONCILING, false), (STALLED, true)] {
+            set(
+                &mut plan.status.conditions,
+                type_,
+                on,
+                "InvalidSpec",
+                message,
+                generation,
+                &now,
+            );
+        }
         if !has_true(&old, STALLED) {
             plan.transitions
                 .push(warning("InvalidSpec", message.clone()));
@@ -203,7 +187,6 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     if let Some(limit) = spec.run_policy.active_deadline_seconds {
         let elapsed = observed.now.duration_since(start.0).as_secs_f64();
         if elapsed >= limit as f64 {
-            plan.delete.extend(current.map(|c| c.name.clone()));
             let msg = format!("ran longer than runPolicy.activeDeadlineSeconds ({limit}s)");
             fail(&mut plan, &old, "DeadlineExceeded", &msg, &now);
             return plan;
@@ -370,7 +353,6 @@ fn restart_or_fail(
     let mut next = cur.counters;
     match action {
         FailureAction::FailJob => {
-            plan.delete.push(cur.name.clone());
             let msg = format!(
                 "attempt {}: {why}, which a failure rule marks fatal",
                 cur.attempt
@@ -380,7 +362,6 @@ fn restart_or_fail(
         FailureAction::Ignore => next.disruptions += 1,
         FailureAction::Count => {
             if next.restarts >= policy.backoff_limit {
-                plan.delete.push(cur.name.clone());
                 let msg = format!(
                     "attempt {}: {why}; no restarts left (runPolicy.backoffLimit is {})",
                     cur.attempt, policy.backoff_limit
@@ -429,7 +410,11 @@ fn finished(
     mut plan: Plan,
     now: Timestamp,
 ) -> Plan {
-    // A failed job keeps no pods; a succeeded one keeps its completed Job for the record.
+    // A failed job keeps no pods; a succeeded one keeps its completed Job for
+    // the record. The attempt is deleted only here, once the Failed status is
+    // what we read back: deleting it in the same reconcile that fails the job
+    // let a reconcile on a not-yet-updated copy of the resource see "running,
+    // no attempt" and start a new one (seen in e2e).
     if old.phase == Some(TrainingPhase::Failed) {
         plan.delete.extend(current.map(|c| c.name.clone()));
     }

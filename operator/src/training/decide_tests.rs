@@ -177,7 +177,10 @@ fn restarts_stop_at_the_backoff_limit_and_the_job_fails() {
         )]),
     );
     assert_eq!(plan.create, None);
-    assert_eq!(plan.delete, vec!["train-a2".to_string()]);
+    assert!(
+        plan.delete.is_empty(),
+        "the attempt goes only once Failed is read back"
+    );
     assert_eq!(plan.status.phase, Some(TrainingPhase::Failed));
     assert_eq!(condition(&plan, "Stalled"), "True");
     assert_eq!(condition(&plan, "Failed"), "True");
@@ -420,7 +423,18 @@ fn the_active_deadline_fails_the_job() {
         },
     );
     assert_eq!(late.status.phase, Some(TrainingPhase::Failed));
-    assert_eq!(late.delete, vec!["train-a0".to_string()]);
+    assert!(late.delete.is_empty());
+    // Once the Failed status is read back, the still-running attempt goes.
+    let cleanup = decide(
+        &after(j, &late),
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(cleanup.delete, vec!["train-a0".to_string()]);
+    assert_eq!(cleanup.create, None);
     let failed = late
         .status
         .conditions
@@ -506,4 +520,38 @@ fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not()
         },
     );
     assert_eq!(second.status, first.status);
+}
+
+#[test]
+fn failing_a_job_never_lets_a_stale_reconcile_start_another_attempt() {
+    // Reconciles may run on a copy of the resource older than the status just
+    // written. The failing reconcile therefore keeps the failed attempt, so a
+    // stale copy (still Running) sees the same failed attempt and decides the
+    // same thing, instead of seeing no attempt and starting a new one.
+    let mut j = job(SPEC);
+    j.spec.run_policy.failure_rules = vec![FailureRule {
+        action: FailureAction::FailJob,
+        on_exit_codes: ExitCodes {
+            operator: ExitCodeOperator::In,
+            values: vec![3],
+        },
+    }];
+    let running = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    let stale = after(j, &running);
+    let failed = vec![attempt(0, exit(3), Counters::default())];
+    let first = decide(&stale, &observed(failed.clone()));
+    assert_eq!(first.status.phase, Some(TrainingPhase::Failed));
+    assert!(first.delete.is_empty() && first.create.is_none());
+    let again = decide(&stale, &observed(failed.clone()));
+    assert_eq!(again.create, None, "a stale copy must not start attempt 1");
+    let fresh = decide(&after(stale, &first), &observed(failed));
+    assert_eq!(fresh.delete, vec!["train-a0".to_string()]);
+    assert_eq!(fresh.create, None);
 }
