@@ -11,6 +11,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually, token_client};
 use serde_json::json;
@@ -189,22 +190,28 @@ async fn indexed_gpu_job_lands_on_h100_pool_and_completes() -> Result<()> {
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
 
+    // Held Running, all four pods hold their 8 GPUs at once: KWOK would
+    // otherwise complete each at once and free its node for the next.
     jobs.create(
         &PostParams::default(),
-        &gpu_job("train", 4, json!({}), json!({})),
+        &gpu_job("train", 4, json!({"kwok.test/hold": "true"}), json!({})),
     )
     .await?;
-    eventually(
-        "Job train to complete",
+    let running = eventually(
+        "4 pods running at once",
         Duration::from_secs(120),
-        || async { Ok(job_condition(&jobs.get("train").await?, "Complete").then_some(())) },
+        || async {
+            let ps = job_pods(&pods, "train").await?;
+            let up = ps
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            Ok((up == 4).then_some(ps))
+        },
     )
     .await?;
-
-    let done = job_pods(&pods, "train").await?;
-    ensure!(done.len() == 4, "expected 4 pods, found {}", done.len());
     let mut nodes = BTreeMap::new();
-    for pod in &done {
+    for pod in &running {
         let node = pod
             .spec
             .as_ref()
@@ -213,16 +220,6 @@ async fn indexed_gpu_job_lands_on_h100_pool_and_completes() -> Result<()> {
         ensure!(
             node.starts_with("gpu-h100-"),
             "pod {:?} ran on {node}",
-            pod.metadata.name
-        );
-        let phase = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_default();
-        ensure!(
-            phase == "Succeeded",
-            "pod {:?} is {phase}",
             pod.metadata.name
         );
         let index = pod
@@ -238,6 +235,30 @@ async fn indexed_gpu_job_lands_on_h100_pool_and_completes() -> Result<()> {
     ensure!(
         nodes.keys().cloned().collect::<Vec<_>>() == ["0", "1", "2", "3"],
         "indices {nodes:?}"
+    );
+
+    // Released, they complete, and so does the Job.
+    for pod in &running {
+        let patch = json!({"metadata": {"labels": {"kwok.test/hold": null}}});
+        pods.patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    eventually(
+        "Job train to complete",
+        Duration::from_secs(120),
+        || async { Ok(job_condition(&jobs.get("train").await?, "Complete").then_some(())) },
+    )
+    .await?;
+    let done = job_pods(&pods, "train").await?;
+    ensure!(done.len() == 4, "expected 4 pods, found {}", done.len());
+    ensure!(
+        done.iter()
+            .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")),
+        "not every pod succeeded"
     );
 
     // Negative control: without the GPU toleration nothing fits, so the taint is real.
