@@ -44,6 +44,7 @@ lint() {
   cargo clippy --workspace --all-targets --locked -- -D warnings
   # The CUDA glue must keep building without CUDA installed (libraries load at run time).
   cargo clippy -p moe-kernels --features cuda --all-targets --locked -- -D warnings
+  cargo clippy -p moe-worker --features cuda --all-targets --locked -- -D warnings
 }
 [[ ${MOE_SKIP_LINT:-} == 1 ]] || phase lint lint
 phase unit tested cargo test --locked
@@ -52,6 +53,8 @@ phase unit tested cargo test --locked
 cuda_compile() {
   kernels/setup-cuda.sh >/dev/null
   (export CI=true; tested cargo test --locked -p moe-kernels --features cuda -- --nocapture)
+  # The worker's CUDA backend: its host-side logic and its error without a driver.
+  tested cargo test --locked -p moe-worker --features cuda --lib cuda::
 }
 phase cuda cuda_compile
 

@@ -10,6 +10,8 @@
 //! CPU ([`fp8`], wired into the model through [`linear`]).
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod fp8;
 pub mod gradcheck;

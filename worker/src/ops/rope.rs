@@ -42,6 +42,20 @@ impl<T: Scalar> RopeTable<T> {
         }
     }
 
+    /// Cosines, `[seq_len, head_dim / 2]` (what a device-side rotation uploads).
+    pub fn cos(&self) -> &[T] {
+        &self.cos
+    }
+
+    /// Sines, `[seq_len, head_dim / 2]`.
+    pub fn sin(&self) -> &[T] {
+        &self.sin
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     /// Rotates `x: [tokens, heads, head_dim]` in place; token `t` is at
     /// position `t % seq_len` (the batch is whole sequences).
     pub fn forward(&self, x: &mut [T], heads: usize) {

@@ -34,16 +34,10 @@ impl AdamW {
         grad_scale: f64,
         lr: f64,
     ) {
-        let s = self.settings;
         self.updates += 1;
-        let t = self.updates as i32;
-        let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
-        let correction1 = (1.0 - s.beta1.powi(t)) as f32;
-        let correction2 = (1.0 - s.beta2.powi(t)) as f32;
-        let (lr, eps, scale) = (lr as f32, s.epsilon as f32, grad_scale as f32);
+        let step = AdamWStep::new(&self.settings, self.updates, lr, grad_scale);
         let config = model.config().clone();
         let decays: Vec<bool> = model.tensors().iter().map(|t| t.kind.decays()).collect();
-        let decay_factor = 1.0 - lr * s.weight_decay as f32;
         let tensors = model
             .weights
             .tensors_mut()
@@ -53,19 +47,67 @@ impl AdamW {
             .zip(self.second_moment.tensors_mut())
             .zip(decays);
         for ((((weights, grad), m), v), decays) in tensors {
-            let decay = if decays { decay_factor } else { 1.0 };
-            let per_value = weights
-                .iter_mut()
-                .zip(grad.values)
-                .zip(m.iter_mut())
-                .zip(v.iter_mut());
-            for (((w, &g), m), v) in per_value {
-                let g = g * scale;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let step = (*m / correction1) / ((*v / correction2).sqrt() + eps);
-                *w = *w * decay - lr * step;
-            }
+            let step = if decays { step } else { step.without_decay() };
+            step.apply(weights, m, v, grad.values);
+        }
+    }
+}
+
+/// The scalars of one AdamW update, in f32 as the update computes them; the
+/// CUDA kernel (kernels/cuda/adamw.cu) takes exactly these and does the same
+/// operations in the same order, so both give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    /// `1 - lr * weight_decay`, or 1 for tensors that do not decay.
+    pub decay_factor: f32,
+    /// Bias corrections `1 - beta^t` for update number `t` (from 1).
+    pub correction1: f32,
+    pub correction2: f32,
+    /// Multiplies every gradient (accumulation mean and norm clipping).
+    pub grad_scale: f32,
+}
+
+impl AdamWStep {
+    pub fn new(settings: &OptimizerSettings, update: u64, lr: f64, grad_scale: f64) -> Self {
+        let t = update as i32;
+        let lr32 = lr as f32;
+        Self {
+            lr: lr32,
+            beta1: settings.beta1 as f32,
+            beta2: settings.beta2 as f32,
+            epsilon: settings.epsilon as f32,
+            decay_factor: 1.0 - lr32 * settings.weight_decay as f32,
+            correction1: (1.0 - settings.beta1.powi(t)) as f32,
+            correction2: (1.0 - settings.beta2.powi(t)) as f32,
+            grad_scale: grad_scale as f32,
+        }
+    }
+
+    /// The same step for a tensor exempt from weight decay (norm gains).
+    pub fn without_decay(self) -> Self {
+        Self {
+            decay_factor: 1.0,
+            ..self
+        }
+    }
+
+    /// Updates `weights` and both moments in place from `grads`.
+    pub fn apply(&self, weights: &mut [f32], m: &mut [f32], v: &mut [f32], grads: &[f32]) {
+        assert!(
+            weights.len() == m.len() && m.len() == v.len() && v.len() == grads.len(),
+            "AdamW tensor shapes"
+        );
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((w, &g), m), v) in weights.iter_mut().zip(grads).zip(m).zip(v) {
+            let g = g * self.grad_scale;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let step = (*m / self.correction1) / ((*v / self.correction2).sqrt() + self.epsilon);
+            *w = *w * self.decay_factor - self.lr * step;
         }
     }
 }

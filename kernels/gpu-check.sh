@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check, run on a GPU machine from the repository root. Builds
+# nothing: it runs the `moe-gpu-check` binary built beforehand on a build host
+#
+#   cargo build --release -p moe-worker --features cuda --bin moe-gpu-check
+#   mkdir -p .gpu && cp target/release/moe-gpu-check .gpu/
+#
+# and carried along (.gpu/ is git-ignored). It finds NVRTC, cuBLASLt and the
+# CUDA headers on the machine (a CUDA toolkit, or NVIDIA's Python wheels),
+# checks every CUDA op against its CPU reference, runs the benchmarks, and
+# writes gpu-report.md / gpu-report.json (and the full log) to $OUT, or to
+# the directory given as the first argument. Exits non-zero when a check fails.
+set -uo pipefail
+out=${1:-${OUT:-gpu-report}}
+bin=${MOE_GPU_CHECK_BIN:-.gpu/moe-gpu-check}
+mkdir -p "$out"
+log=$out/gpu-check.log
+exec > >(tee "$log") 2>&1
+
+[ -x "$bin" ] || { echo "gpu-check: $bin missing: build it first (see the header of $0)"; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+
+# CUDA libraries: the machine's toolkit first, then the pip wheels beside python3.
+libdirs=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libdirs+=("$d")
+done
+wheels=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null || true)
+[ -n "$wheels" ] && [ -d "$wheels/lib" ] && libdirs+=("$wheels/lib")
+export LD_LIBRARY_PATH=$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if [ -z "${MOE_CUDA_HOME:-}" ]; then
+  for home in /usr/local/cuda "$wheels"; do
+    if [ -n "$home" ] && [ -f "$home/include/cuda_bf16.h" ]; then export MOE_CUDA_HOME=$home; break; fi
+  done
+fi
+echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH MOE_CUDA_HOME=${MOE_CUDA_HOME:-unset}"
+
+start=$SECONDS
+timeout 420 "$bin" --out "$out"
+status=$?
+echo "gpu-check: moe-gpu-check exited $status after $((SECONDS - start)) s"
+exit $status

@@ -1,0 +1,137 @@
+//! `moe-gpu-check`: every CUDA op against its CPU reference, then the GPU
+//! benchmarks, on this host's GPU; writes a Markdown and a JSON report.
+//! Exits 1 when any check fails, 2 when the GPU or CUDA libraries are
+//! missing. Run by kernels/gpu-check.sh on a GPU machine.
+
+use clap::Parser;
+use moe_worker::cuda::{Gpu, bench, check};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Checks every CUDA op against the CPU reference and benchmarks the GPU")]
+struct Args {
+    /// Directory for gpu-report.md and gpu-report.json.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Skip the benchmarks (correctness checks only).
+    #[arg(long)]
+    checks_only: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let started = Instant::now();
+    let gpu = match Gpu::new(args.device) {
+        Ok(gpu) => gpu,
+        Err(error) => {
+            eprintln!("moe-gpu-check: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut md = String::new();
+    let name = gpu.name().unwrap_or_else(|e| format!("unknown ({e})"));
+    md.push_str(&format!(
+        "# moe-gpu-check\n\ndevice: {name}, kernels compiled for {}\n\n",
+        gpu.arch()
+    ));
+    let compile_started = Instant::now();
+    if let Err(error) = gpu.warm_up() {
+        eprintln!("moe-gpu-check: {error}");
+        return ExitCode::from(2);
+    }
+    md.push_str(&format!(
+        "NVRTC compile + load of every family: {:.2} s\n\n",
+        compile_started.elapsed().as_secs_f64()
+    ));
+    print!("{md}");
+
+    let checks = match check::run_all(&gpu) {
+        Ok(checks) => checks,
+        Err(error) => {
+            eprintln!("moe-gpu-check: CUDA error during the checks: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    let mut section = format!(
+        "## Checks vs the CPU reference: {} passed, {failed} failed\n\n```\n",
+        checks.len() - failed
+    );
+    for c in &checks {
+        section.push_str(&format!("{c}\n"));
+    }
+    section.push_str("```\n\n");
+    print!("{section}");
+    md.push_str(&section);
+
+    let mut figures = Vec::new();
+    if !args.checks_only {
+        match bench::run_all(&gpu) {
+            Ok(f) => figures = f,
+            Err(error) => {
+                eprintln!("moe-gpu-check: CUDA error during the benchmarks: {error}");
+            }
+        }
+        let mut section = String::from(
+            "## Benchmarks\n\n| benchmark | ms | value | vs same-run baseline | of H200 datasheet |\n|---|---|---|---|---|\n",
+        );
+        for f in &figures {
+            section.push_str(&format!(
+                "| {} | {:.3} | {:.1} {} | {} | {} |\n",
+                f.name,
+                f.ms,
+                f.value,
+                f.unit,
+                f.ratio
+                    .as_ref()
+                    .map_or("-".into(), |(base, r)| format!("{r:.2}x {base}")),
+                f.of_datasheet
+                    .map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+            ));
+        }
+        print!("{section}");
+        md.push_str(&section);
+    }
+    md.push_str(&format!(
+        "\nwall time {:.1} s\n",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let json = serde_json::json!({
+        "device": name,
+        "arch": gpu.arch(),
+        "checks": checks.iter().map(|c| serde_json::json!({
+            "op": c.op, "case": c.case, "passed": c.passed, "error": c.error, "bound": c.bound,
+        })).collect::<Vec<_>>(),
+        "benchmarks": figures.iter().map(|f| serde_json::json!({
+            "name": f.name, "ms": f.ms, "value": f.value, "unit": f.unit,
+            "ratio": f.ratio.as_ref().map(|(b, r)| serde_json::json!({"baseline": b, "ratio": r})),
+            "of_datasheet": f.of_datasheet,
+        })).collect::<Vec<_>>(),
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    let written = std::fs::create_dir_all(&args.out)
+        .and_then(|()| std::fs::write(args.out.join("gpu-report.md"), &md))
+        .and_then(|()| {
+            std::fs::write(
+                args.out.join("gpu-report.json"),
+                serde_json::to_string_pretty(&json).unwrap_or_default(),
+            )
+        });
+    if let Err(error) = written {
+        eprintln!(
+            "moe-gpu-check: writing the report to {}: {error}",
+            args.out.display()
+        );
+    }
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

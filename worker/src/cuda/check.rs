@@ -1,0 +1,787 @@
+//! Every CUDA op against its CPU reference, on random inputs and on the
+//! edge cases that break kernels: one token or row, tail tiles, uneven and
+//! empty experts, saturating and non-finite FP8 inputs. Run by
+//! `moe-gpu-check` on a GPU host (kernels/gpu-check.sh); each case reports
+//! its worst error next to its bound.
+//!
+//! Bounds: ops that repeat the CPU's operations in its order (AdamW, FP8
+//! quantisation, dispatch, permute) must agree exactly; the others differ
+//! by the order of float sums and by `expf` vs Rust's `exp`, a few ulps,
+//! hence `|gpu - cpu| <= atol + rtol |cpu|` with rtol around 1e-5; the GEMMs
+//! run on tensor cores (TF32 and bf16 inputs) and are bounded relative to
+//! the output's largest magnitude.
+
+use super::{
+    Gpu, Result, adamw, cross_entropy, dispatch, fp8, matmul, rmsnorm, rope, routing, swiglu,
+};
+use crate::fp8::quantize::{Fp8Matrix, TileShape};
+use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
+use crate::moe::dispatch::Dispatch;
+use crate::ops;
+use crate::rng::SplitMix64;
+use crate::settings::OptimizerSettings;
+use crate::train::optimizer::AdamWStep;
+use half::bf16;
+use std::fmt;
+
+/// The outcome of one op on one case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub op: &'static str,
+    pub case: String,
+    pub passed: bool,
+    /// The worst disagreement, in the bound's terms.
+    pub error: String,
+    pub bound: String,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:<22} {:<40} error {:<28} bound {}",
+            if self.passed { "PASS" } else { "FAIL" },
+            self.op,
+            self.case,
+            self.error,
+            self.bound
+        )
+    }
+}
+
+/// `|gpu - cpu| <= atol + rtol |cpu|` everywhere (NaN only where the CPU has NaN).
+pub fn close(
+    op: &'static str,
+    case: &str,
+    gpu: &[f32],
+    cpu: &[f32],
+    atol: f64,
+    rtol: f64,
+) -> Check {
+    let mut worst = 0.0f64;
+    let mut worst_abs = 0.0f64;
+    let mut passed = gpu.len() == cpu.len();
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        if g.is_nan() || c.is_nan() {
+            passed &= g.is_nan() && c.is_nan();
+            continue;
+        }
+        let abs = (f64::from(g) - f64::from(c)).abs();
+        let ratio = abs / (atol + rtol * f64::from(c).abs());
+        worst_abs = worst_abs.max(abs);
+        worst = worst.max(ratio);
+    }
+    Check {
+        op,
+        case: case.to_string(),
+        passed: passed && worst <= 1.0,
+        error: format!("max |d| {worst_abs:.2e} ({:.0}% of bound)", worst * 100.0),
+        bound: format!("atol {atol:.0e} + rtol {rtol:.0e}"),
+    }
+}
+
+/// Bounded by a fraction of the reference's largest magnitude (GEMMs on
+/// tensor cores, whose per-product rounding scales with the output).
+fn close_to_scale(op: &'static str, case: &str, gpu: &[f32], cpu: &[f32], fraction: f64) -> Check {
+    let scale = cpu.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+    let mut check = close(
+        op,
+        case,
+        gpu,
+        cpu,
+        fraction * scale.max(f64::MIN_POSITIVE),
+        0.0,
+    );
+    check.bound = format!("{fraction:.0e} x max|ref| ({scale:.2e})");
+    check
+}
+
+/// Equal element for element (floats by their bits).
+pub fn exact<T: PartialEq + fmt::Debug>(
+    op: &'static str,
+    case: &str,
+    gpu: &[T],
+    cpu: &[T],
+) -> Check {
+    let mismatches: Vec<usize> = (0..gpu.len().max(cpu.len()))
+        .filter(|&i| gpu.get(i) != cpu.get(i))
+        .collect();
+    let error = match mismatches.first() {
+        None => "identical".to_string(),
+        Some(&i) => format!(
+            "{} of {} differ; first [{i}] gpu {:?} cpu {:?}",
+            mismatches.len(),
+            cpu.len(),
+            gpu.get(i),
+            cpu.get(i)
+        ),
+    };
+    Check {
+        op,
+        case: case.to_string(),
+        passed: mismatches.is_empty(),
+        error,
+        bound: "bit-identical".to_string(),
+    }
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    SplitMix64::new(seed).normal_vec(n, 1.0)
+}
+
+/// Runs every check; an error is a CUDA failure (not a mismatch).
+pub fn run_all(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    checks.extend(check_rmsnorm(gpu)?);
+    checks.extend(check_swiglu(gpu)?);
+    checks.extend(check_cross_entropy(gpu)?);
+    checks.extend(check_rope(gpu)?);
+    checks.extend(check_adamw(gpu)?);
+    checks.extend(check_routing_and_dispatch(gpu)?);
+    checks.extend(check_fp8(gpu)?);
+    checks.extend(check_matmul(gpu)?);
+    Ok(checks)
+}
+
+fn check_rmsnorm(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (rows, dim) in [(1, 7), (33, 1024), (5, 4097), (256, 7168)] {
+        let case = format!("rows {rows} dim {dim}");
+        let (x, w) = (random(rows * dim, 1), random(dim, 2));
+        let (dout, dx0, dw0) = (random(rows * dim, 3), random(rows * dim, 4), random(dim, 5));
+        let eps = 1e-6;
+        let (mut out, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
+        ops::rmsnorm::forward(&mut out, &mut rstd, &x, &w, eps);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        ops::rmsnorm::backward(&mut dx, &mut dw, &dout, &x, &w, &rstd);
+
+        let (x_d, w_d, dout_d) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dout)?);
+        let (mut out_d, mut rstd_d) = (gpu.zeros(rows * dim)?, gpu.zeros(rows)?);
+        rmsnorm::forward(gpu, &mut out_d, &mut rstd_d, &x_d, &w_d, eps)?;
+        let (mut dx_d, mut dw_d) = (gpu.upload(&dx0)?, gpu.upload(&dw0)?);
+        rmsnorm::backward(gpu, &mut dx_d, &mut dw_d, &dout_d, &x_d, &w_d, &rstd_d)?;
+        checks.push(close(
+            "rmsnorm.forward",
+            &case,
+            &gpu.download(&out_d)?,
+            &out,
+            1e-6,
+            1e-5,
+        ));
+        checks.push(close(
+            "rmsnorm.rstd",
+            &case,
+            &gpu.download(&rstd_d)?,
+            &rstd,
+            0.0,
+            1e-5,
+        ));
+        checks.push(close(
+            "rmsnorm.backward.dx",
+            &case,
+            &gpu.download(&dx_d)?,
+            &dx,
+            1e-5,
+            1e-4,
+        ));
+        // dweight sums over rows: error grows with sqrt(rows).
+        checks.push(close(
+            "rmsnorm.backward.dweight",
+            &case,
+            &gpu.download(&dw_d)?,
+            &dw,
+            1e-4,
+            1e-4,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_swiglu(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for n in [1usize, 1000, 1 << 20] {
+        let case = format!("n {n}");
+        let (a, b, dh) = (random(n, 6), random(n, 7), random(n, 8));
+        let (da0, db0) = (random(n, 9), random(n, 10));
+        let mut h = vec![0.0; n];
+        ops::swiglu::forward(&mut h, &a, &b);
+        let (mut da, mut db) = (da0.clone(), db0.clone());
+        ops::swiglu::backward(&mut da, &mut db, &dh, &a, &b);
+        let (a_d, b_d, dh_d) = (gpu.upload(&a)?, gpu.upload(&b)?, gpu.upload(&dh)?);
+        let mut h_d = gpu.zeros(n)?;
+        swiglu::forward(gpu, &mut h_d, &a_d, &b_d)?;
+        let (mut da_d, mut db_d) = (gpu.upload(&da0)?, gpu.upload(&db0)?);
+        swiglu::backward(gpu, &mut da_d, &mut db_d, &dh_d, &a_d, &b_d)?;
+        checks.push(close(
+            "swiglu.forward",
+            &case,
+            &gpu.download(&h_d)?,
+            &h,
+            1e-6,
+            1e-5,
+        ));
+        checks.push(close(
+            "swiglu.backward.da",
+            &case,
+            &gpu.download(&da_d)?,
+            &da,
+            1e-6,
+            1e-5,
+        ));
+        checks.push(close(
+            "swiglu.backward.db",
+            &case,
+            &gpu.download(&db_d)?,
+            &db,
+            1e-6,
+            1e-5,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_cross_entropy(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (rows, vocab) in [(1, 2), (17, 256), (8, 50_257)] {
+        let case = format!("rows {rows} vocab {vocab}");
+        let logits: Vec<f32> = random(rows * vocab, 11).iter().map(|v| 3.0 * v).collect();
+        let mut rng = SplitMix64::new(12);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+        let dlosses = vec![1.0 / rows as f32; rows];
+        let dz0 = random(rows * vocab, 13);
+        let (mut losses, mut probs) = (vec![0.0; rows], vec![0.0; rows * vocab]);
+        ops::cross_entropy::forward(&mut losses, &mut probs, &logits, &targets, vocab);
+        let mut dz = dz0.clone();
+        ops::cross_entropy::backward(&mut dz, &dlosses, &probs, &targets, vocab);
+
+        let (z_d, t_d, dl_d) = (
+            gpu.upload(&logits)?,
+            gpu.upload(&targets)?,
+            gpu.upload(&dlosses)?,
+        );
+        let (mut losses_d, mut probs_d) = (gpu.zeros(rows)?, gpu.zeros(rows * vocab)?);
+        cross_entropy::forward(gpu, &mut losses_d, &mut probs_d, &z_d, &t_d, vocab)?;
+        let mut dz_d = gpu.upload(&dz0)?;
+        cross_entropy::backward(gpu, &mut dz_d, &dl_d, &probs_d, &t_d, vocab)?;
+        checks.push(close(
+            "cross_entropy.loss",
+            &case,
+            &gpu.download(&losses_d)?,
+            &losses,
+            1e-5,
+            1e-5,
+        ));
+        checks.push(close(
+            "cross_entropy.probs",
+            &case,
+            &gpu.download(&probs_d)?,
+            &probs,
+            1e-7,
+            1e-5,
+        ));
+        checks.push(close(
+            "cross_entropy.backward",
+            &case,
+            &gpu.download(&dz_d)?,
+            &dz,
+            1e-6,
+            1e-5,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_rope(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (seq_len, sequences, heads, head_dim) in [(16, 2, 4, 64), (5, 1, 3, 2), (1, 1, 1, 128)] {
+        let case = format!("seq {seq_len} x{sequences} heads {heads} dim {head_dim}");
+        let table = ops::rope::RopeTable::<f32>::new(seq_len, head_dim, 10_000.0);
+        let x = random(seq_len * sequences * heads * head_dim, 14);
+        let mut forward = x.clone();
+        table.forward(&mut forward, heads);
+        let mut back = forward.clone();
+        table.backward(&mut back, heads);
+        let device = rope::DeviceRope::new(gpu, &table, head_dim)?;
+        let mut x_d = gpu.upload(&x)?;
+        device.forward(gpu, &mut x_d, heads)?;
+        checks.push(close(
+            "rope.forward",
+            &case,
+            &gpu.download(&x_d)?,
+            &forward,
+            1e-6,
+            1e-5,
+        ));
+        device.backward(gpu, &mut x_d, heads)?;
+        checks.push(close(
+            "rope.backward",
+            &case,
+            &gpu.download(&x_d)?,
+            &back,
+            1e-6,
+            1e-5,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_adamw(gpu: &Gpu) -> Result<Vec<Check>> {
+    let settings = OptimizerSettings {
+        learning_rate: 3e-3,
+        min_learning_rate: 0.0,
+        warmup_steps: 0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        epsilon: 1e-8,
+        grad_clip: 1.0,
+    };
+    let mut checks = Vec::new();
+    for (n, decays) in [(1usize, true), (100_003, true), (4099, false)] {
+        let case = format!("n {n} decay {decays} 3 steps");
+        let mut w = random(n, 15);
+        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut w_d = gpu.upload(&w)?;
+        let (mut m_d, mut v_d) = (gpu.zeros(n)?, gpu.zeros(n)?);
+        for update in 1..=3u64 {
+            let grads = random(n, 16 + update);
+            let step = AdamWStep::new(&settings, update, 3e-3 / update as f64, 0.7);
+            let step = if decays { step } else { step.without_decay() };
+            step.apply(&mut w, &mut m, &mut v, &grads);
+            adamw::apply(
+                gpu,
+                &step,
+                &mut w_d,
+                &mut m_d,
+                &mut v_d,
+                &gpu.upload(&grads)?,
+            )?;
+        }
+        checks.push(exact(
+            "adamw.weights",
+            &case,
+            &bits(&gpu.download(&w_d)?),
+            &bits(&w),
+        ));
+        checks.push(exact(
+            "adamw.moments",
+            &case,
+            &bits(&gpu.download(&m_d)?),
+            &bits(&m),
+        ));
+        checks.push(exact(
+            "adamw.second_moments",
+            &case,
+            &bits(&gpu.download(&v_d)?),
+            &bits(&v),
+        ));
+    }
+    Ok(checks)
+}
+
+fn moe_config(
+    experts: usize,
+    top_k: usize,
+    score_function: ScoreFunction,
+    group_limit: Option<GroupLimit>,
+    normalize_gates: bool,
+    routed_scaling_factor: f64,
+) -> MoeConfig {
+    MoeConfig {
+        hidden: 64,
+        n_routed_experts: experts,
+        expert_hidden: 32,
+        n_shared_experts: 0,
+        shared_expert_hidden: 0,
+        top_k,
+        score_function,
+        group_limit,
+        normalize_gates,
+        routed_scaling_factor,
+        aux_loss_alpha: 0.0,
+    }
+}
+
+fn check_routing_and_dispatch(gpu: &Gpu) -> Result<Vec<Check>> {
+    let deepseek = GroupLimit {
+        n_groups: 8,
+        top_groups: 4,
+    };
+    // Skewed bias: experts 0-3 favoured, 40-63 never chosen (empty).
+    let skewed: Vec<f32> = (0..64)
+        .map(|e| match e {
+            0..4 => 1.0,
+            40.. => -10.0,
+            _ => 0.0,
+        })
+        .collect();
+    let cases = [
+        (
+            "softmax E8 k2",
+            moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0),
+            64,
+            vec![0.0; 8],
+        ),
+        (
+            "one token softmax E16 k4 norm",
+            moe_config(16, 4, ScoreFunction::Softmax, None, true, 1.0),
+            1,
+            vec![0.0; 16],
+        ),
+        (
+            "deepseek-v3 E256 k8 g8/4",
+            moe_config(256, 8, ScoreFunction::Sigmoid, Some(deepseek), true, 2.5),
+            4096,
+            random(256, 20).iter().map(|b| 0.01 * b).collect(),
+        ),
+        (
+            "uneven+empty E64 k6",
+            moe_config(64, 6, ScoreFunction::Sigmoid, None, true, 1.0),
+            333,
+            skewed,
+        ),
+    ];
+    let mut checks = Vec::new();
+    for (name, config, tokens, bias) in cases {
+        let e = config.n_routed_experts;
+        let logits = random(tokens * e, 21);
+        let cpu = crate::moe::routing::route(&config, &logits, &bias);
+        let device = routing::route(gpu, &config, &gpu.upload(&logits)?, &gpu.upload(&bias)?)?;
+        let experts: Vec<i32> = gpu.download(&device.experts)?;
+        let cpu_experts: Vec<i32> = cpu.experts.iter().map(|&x| x as i32).collect();
+        checks.push(exact("routing.experts", name, &experts, &cpu_experts));
+        checks.push(close(
+            "routing.scores",
+            name,
+            &gpu.download(&device.scores)?,
+            &cpu.scores,
+            1e-7,
+            1e-5,
+        ));
+        checks.push(close(
+            "routing.gates",
+            name,
+            &gpu.download(&device.gates)?,
+            &cpu.gates,
+            1e-7,
+            1e-5,
+        ));
+        // Dispatch from the CPU's choice, so a routing mismatch above cannot hide here.
+        checks.extend(check_dispatch(
+            gpu,
+            name,
+            &cpu.experts,
+            &cpu.gates,
+            config.top_k,
+            e,
+        )?);
+    }
+    Ok(checks)
+}
+
+fn check_dispatch(
+    gpu: &Gpu,
+    name: &str,
+    experts: &[usize],
+    gates: &[f32],
+    top_k: usize,
+    n_experts: usize,
+) -> Result<Vec<Check>> {
+    let cpu = Dispatch::new(experts, top_k, n_experts);
+    let cpu_slot_of_row: Vec<i32> = (0..n_experts)
+        .flat_map(|e| cpu.slots(e).iter().map(|&s| s as i32))
+        .collect();
+    let mut cpu_offsets = vec![0i32];
+    for load in cpu.load() {
+        cpu_offsets.push(cpu_offsets.last().unwrap() + load as i32);
+    }
+    let experts_i32: Vec<i32> = experts.iter().map(|&e| e as i32).collect();
+    let device = dispatch::dispatch(gpu, &gpu.upload(&experts_i32)?, top_k, n_experts)?;
+    let slot_of_row = gpu.download(&device.slot_of_row)?;
+    let row_of_slot = gpu.download(&device.row_of_slot)?;
+    let mut checks = vec![
+        exact(
+            "dispatch.offsets",
+            name,
+            &gpu.download(&device.offsets)?,
+            &cpu_offsets,
+        ),
+        exact("dispatch.slot_of_row", name, &slot_of_row, &cpu_slot_of_row),
+    ];
+    let mut inverse = vec![-1i32; cpu_slot_of_row.len()];
+    for (row, &slot) in cpu_slot_of_row.iter().enumerate() {
+        inverse[slot as usize] = row as i32;
+    }
+    checks.push(exact("dispatch.row_of_slot", name, &row_of_slot, &inverse));
+
+    // Naive references for the data movement: index arithmetic only.
+    let hidden = 64;
+    let tokens = experts.len() / top_k;
+    let rows = experts.len();
+    let x = random(tokens * hidden, 30);
+    let y = random(rows * hidden, 31);
+    let dout = random(tokens * hidden, 32);
+    let row = |slot: usize| inverse[slot] as usize;
+    let mut xp = vec![0.0f32; rows * hidden];
+    for (r, chunk) in xp.chunks_exact_mut(hidden).enumerate() {
+        let token = cpu_slot_of_row[r] as usize / top_k;
+        chunk.copy_from_slice(&x[token * hidden..][..hidden]);
+    }
+    let mut out = vec![0.0f32; tokens * hidden];
+    let mut dy = vec![0.0f32; rows * hidden];
+    let mut dgates = vec![0.0f32; rows];
+    let mut dx = vec![0.0f32; tokens * hidden];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let slot = t * top_k + j;
+            let r = row(slot);
+            for i in 0..hidden {
+                out[t * hidden + i] += gates[slot] * y[r * hidden + i];
+                dy[r * hidden + i] += gates[slot] * dout[t * hidden + i];
+                dgates[slot] += dout[t * hidden + i] * y[r * hidden + i];
+                dx[t * hidden + i] += xp[r * hidden + i];
+            }
+        }
+    }
+    let gates_d = gpu.upload(gates)?;
+    let mut xp_d = gpu.zeros(rows * hidden)?;
+    dispatch::permute(gpu, &mut xp_d, &gpu.upload(&x)?, &device, hidden)?;
+    checks.push(exact(
+        "dispatch.permute",
+        name,
+        &bits(&gpu.download(&xp_d)?),
+        &bits(&xp),
+    ));
+    // The permute's backward gathers each token's rows: with xp as the
+    // incoming gradient it must give top_k copies of x summed (dx above).
+    let mut dx_d = gpu.zeros(tokens * hidden)?;
+    dispatch::permute_backward(gpu, &mut dx_d, &xp_d, &device, hidden)?;
+    checks.push(close(
+        "dispatch.permute_backward",
+        name,
+        &gpu.download(&dx_d)?,
+        &dx,
+        1e-6,
+        1e-6,
+    ));
+    let y_d = gpu.upload(&y)?;
+    let mut out_d = gpu.zeros(tokens * hidden)?;
+    dispatch::unpermute(gpu, &mut out_d, &y_d, &gates_d, &device, hidden)?;
+    checks.push(close(
+        "dispatch.unpermute",
+        name,
+        &gpu.download(&out_d)?,
+        &out,
+        1e-6,
+        1e-5,
+    ));
+    let (mut dy_d, mut dgates_d) = (gpu.zeros(rows * hidden)?, gpu.zeros(rows)?);
+    dispatch::unpermute_backward(
+        gpu,
+        &mut dy_d,
+        &mut dgates_d,
+        &gpu.upload(&dout)?,
+        &y_d,
+        &gates_d,
+        &device,
+        hidden,
+    )?;
+    checks.push(close(
+        "dispatch.unpermute_backward.dy",
+        name,
+        &gpu.download(&dy_d)?,
+        &dy,
+        1e-6,
+        1e-5,
+    ));
+    checks.push(close(
+        "dispatch.unpermute_backward.dgates",
+        name,
+        &gpu.download(&dgates_d)?,
+        &dgates,
+        1e-5,
+        1e-5,
+    ));
+    // bf16: the same sums of bf16 inputs, rounded once to bf16 at the end.
+    let y_bf: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut out_bf_ref = vec![0.0f32; tokens * hidden];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let slot = t * top_k + j;
+            for i in 0..hidden {
+                out_bf_ref[t * hidden + i] += gates[slot] * y_bf[row(slot) * hidden + i].to_f32();
+            }
+        }
+    }
+    let mut out_bf_d = gpu.zeros::<bf16>(tokens * hidden)?;
+    dispatch::unpermute_bf16(
+        gpu,
+        &mut out_bf_d,
+        &gpu.upload(&y_bf)?,
+        &gates_d,
+        &device,
+        hidden,
+    )?;
+    let out_bf: Vec<f32> = gpu
+        .download(&out_bf_d)?
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    checks.push(close(
+        "dispatch.unpermute_bf16",
+        name,
+        &out_bf,
+        &out_bf_ref,
+        1e-6,
+        1.0 / 256.0,
+    ));
+    Ok(checks)
+}
+
+fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    // Edge rows: all zeros; an infinity (saturates, scale 1); a NaN (kept,
+    // ignored by amax); tiny values near f32's normal limit; a row of
+    // values that land on E4M3's rounding midpoints after scaling.
+    let cols = 256;
+    let mut edge = random(5 * cols, 40);
+    edge[..cols].fill(0.0);
+    edge[cols + 3] = f32::INFINITY;
+    edge[2 * cols + 7] = f32::NAN;
+    for v in &mut edge[3 * cols..4 * cols] {
+        *v *= 1e-36;
+    }
+    for (i, v) in edge[4 * cols..].iter_mut().enumerate() {
+        *v = 448.0 * (i as f32 - 128.0) / 128.0 + 0.5;
+    }
+    let matrices = [
+        ("random 3x300 (tail tile)", random(3 * 300, 41), 3, 300),
+        ("random 64x1024", random(64 * 1024, 42), 64, 1024),
+        ("edge rows 5x256", edge, 5, cols),
+        (
+            "random 300x260 (tail blocks)",
+            random(300 * 260, 43),
+            300,
+            260,
+        ),
+    ];
+    for (name, m, rows, cols) in matrices {
+        for (tile_name, tile) in [("1x128", TileShape::ROW), ("128x128", TileShape::BLOCK)] {
+            let cpu = Fp8Matrix::quantize(&m, rows, cols, tile);
+            let device = fp8::quantize(gpu, &gpu.upload(&m)?, rows, cols, tile)?;
+            let case = format!("{tile_name} {name}");
+            checks.push(exact(
+                "fp8.codes",
+                &case,
+                &gpu.download(&device.codes)?,
+                cpu.codes(),
+            ));
+            checks.push(exact(
+                "fp8.scales",
+                &case,
+                &bits(&gpu.download(&device.scales)?),
+                &bits(cpu.scales()),
+            ));
+        }
+    }
+    Ok(checks)
+}
+
+fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (rows, in_dim, out_dim) in [(100, 512, 384), (1, 64, 32), (0, 64, 32)] {
+        let case = format!("f32/tf32 {rows}x{in_dim} -> {out_dim}");
+        let (x, w) = (random(rows * in_dim, 50), random(out_dim * in_dim, 51));
+        let mut out = vec![0.0; rows * out_dim];
+        ops::matmul::forward(&mut out, &x, &w, in_dim, out_dim);
+        let mut out_d = gpu.zeros(rows * out_dim)?;
+        let x_d = if rows == 0 {
+            gpu.zeros(0)?
+        } else {
+            gpu.upload(&x)?
+        };
+        matmul::forward(gpu, &mut out_d, &x_d, &gpu.upload(&w)?, in_dim, out_dim)?;
+        checks.push(close_to_scale(
+            "matmul.forward",
+            &case,
+            &gpu.download(&out_d)?,
+            &out,
+            1e-2,
+        ));
+    }
+    let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
+    let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+    let (x, w) = (
+        round(random(groups * rows * in_dim, 52)),
+        round(random(groups * out_dim * in_dim, 53)),
+    );
+    let mut expected = Vec::new();
+    for g in 0..groups {
+        let xg: Vec<f32> = x[g * rows * in_dim..][..rows * in_dim]
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let wg: Vec<f32> = w[g * out_dim * in_dim..][..out_dim * in_dim]
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let mut out = vec![0.0; rows * out_dim];
+        ops::matmul::forward(&mut out, &xg, &wg, in_dim, out_dim);
+        expected.extend(out);
+    }
+    let mut out_d = gpu.zeros::<bf16>(groups * rows * out_dim)?;
+    matmul::forward_grouped_bf16(
+        gpu,
+        &mut out_d,
+        &gpu.upload(&x)?,
+        &gpu.upload(&w)?,
+        groups,
+        in_dim,
+        out_dim,
+    )?;
+    let out: Vec<f32> = gpu.download(&out_d)?.iter().map(|v| v.to_f32()).collect();
+    checks.push(close_to_scale(
+        "matmul.grouped_bf16",
+        "3 groups 64x256 -> 128",
+        &out,
+        &expected,
+        1e-2,
+    ));
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_bounds_each_element_by_atol_plus_rtol() {
+        let cpu = [1.0f32, -2.0, 100.0];
+        assert!(close("op", "case", &[1.0, -2.0, 100.0], &cpu, 0.0, 0.0).passed);
+        // 100 * 1e-3 = 0.1 allowed on the last element, 1e-3 on the first.
+        assert!(close("op", "case", &[1.0005, -2.0, 100.09], &cpu, 0.0, 1e-3).passed);
+        assert!(!close("op", "case", &[1.002, -2.0, 100.0], &cpu, 0.0, 1e-3).passed);
+        // A NaN passes only where the reference has one; lengths must agree.
+        assert!(!close("op", "case", &[f32::NAN, -2.0, 100.0], &cpu, 1.0, 0.0).passed);
+        assert!(close("op", "case", &[f32::NAN], &[f32::NAN], 0.0, 0.0).passed);
+        assert!(!close("op", "case", &[1.0], &cpu, 1.0, 1.0).passed);
+    }
+
+    #[test]
+    fn exact_reports_the_first_difference() {
+        assert!(exact("op", "case", &[1, 2, 3], &[1, 2, 3]).passed);
+        let check = exact("op", "case", &[1, 5, 3, 9], &[1, 2, 3, 4]);
+        assert!(!check.passed);
+        assert!(
+            check.error.starts_with("2 of 4 differ; first [1]"),
+            "{}",
+            check.error
+        );
+        // Floats compared by bits: -0.0 differs from 0.0.
+        assert!(!exact("op", "case", &bits(&[-0.0]), &bits(&[0.0])).passed);
+    }
+}

@@ -1,0 +1,83 @@
+//! GEMMs through cuBLASLt; CPU reference: [`crate::ops::matmul`]. Row-major
+//! `out[rows, out] = x[rows, in] @ w[out, in]^T` is, column-major,
+//! `out^T = w^T(col) ... `: cuBLASLt computes `C = op(A) B` with A = w read
+//! transposed (m = out_dim), B = x (n = rows), k = in_dim.
+//!
+//! f32 uses TF32 tensor cores (cudarc's choice, as llm.c and PyTorch's
+//! default for matmuls): 10 mantissa bits per product, f32 accumulation.
+
+use super::{Gpu, Result};
+use half::bf16;
+use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
+use moe_kernels::cudarc::driver::CudaSlice;
+
+fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulConfig {
+    let batched = groups > 1;
+    MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: out_dim as u64,
+        n: rows as u64,
+        k: in_dim as u64,
+        alpha: 1.0,
+        lda: in_dim as i64,
+        ldb: in_dim as i64,
+        beta: 0.0,
+        ldc: out_dim as i64,
+        stride_a: batched.then_some((out_dim * in_dim) as i64),
+        stride_b: batched.then_some((rows * in_dim) as i64),
+        stride_c: batched.then_some((rows * out_dim) as i64),
+        stride_bias: None,
+        batch_size: batched.then_some(groups as i32),
+    }
+}
+
+/// As [`crate::ops::matmul::forward`] (TF32).
+pub fn forward(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    let rows = x.len() / in_dim;
+    assert!(
+        x.len() == rows * in_dim && w.len() == out_dim * in_dim && out.len() == rows * out_dim,
+        "matmul shapes"
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let blas = gpu.blas()?;
+    unsafe { blas.matmul(config(rows, in_dim, out_dim, 1), w, x, out, None, None) }?;
+    Ok(())
+}
+
+/// `groups` independent GEMMs of equal shape in bf16 (f32 accumulation):
+/// `out[g] = x[g] @ w[g]^T` with `x: [groups, rows, in]`, `w: [groups, out, in]`
+/// — the expert GEMM when every expert gets the same number of rows.
+pub fn forward_grouped_bf16(
+    gpu: &Gpu,
+    out: &mut CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    groups: usize,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    let rows = x.len() / (groups * in_dim);
+    assert!(
+        x.len() == groups * rows * in_dim
+            && w.len() == groups * out_dim * in_dim
+            && out.len() == groups * rows * out_dim,
+        "grouped matmul shapes"
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let blas = gpu.blas()?;
+    unsafe { blas.matmul(config(rows, in_dim, out_dim, groups), w, x, out, None, None) }?;
+    Ok(())
+}

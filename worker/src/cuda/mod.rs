@@ -1,0 +1,185 @@
+//! The CUDA backend (feature `cuda`): one module per op family, each a
+//! launcher with the CPU reference's arguments over device slices
+//! (`ops::rmsnorm::forward` ↔ `cuda::rmsnorm::forward`), so the two are
+//! checked against each other op by op ([`check`]) and a model can move
+//! between them. Kernels come from `moe-kernels`, compiled by NVRTC for the
+//! device on first use; cuBLASLt does the GEMMs. Libraries load at run time:
+//! on a host without them, [`Gpu::new`] returns a clear error and the CPU
+//! path is untouched.
+
+pub mod adamw;
+pub mod bench;
+pub mod check;
+pub mod cross_entropy;
+pub mod dispatch;
+pub mod fp8;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod routing;
+pub mod swiglu;
+
+use moe_kernels::cache::{KernelError, ModuleCache};
+use moe_kernels::cudarc::cublaslt::CudaBlasLT;
+use moe_kernels::cudarc::cublaslt::result::CublasError;
+use moe_kernels::cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    ValidAsZeroBits,
+};
+use moe_kernels::registry::Family;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "the CUDA driver library (libcuda.so.1) was not found: this host has no NVIDIA driver; \
+         run with device: cpu, or on a GPU node"
+    )]
+    DriverMissing,
+    #[error(
+        "cuBLASLt (libcublasLt.so.13) was not found: install the CUDA 13 cuBLAS libraries \
+         (the worker image ships them) or add their directory to LD_LIBRARY_PATH"
+    )]
+    BlasMissing,
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("cuBLASLt: {0:?}")]
+    Blas(CublasError),
+}
+
+impl From<CublasError> for GpuError {
+    fn from(error: CublasError) -> Self {
+        Self::Blas(error)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, GpuError>;
+
+/// One device: its context, the stream every op runs on, the compiled
+/// kernel families and (created on first GEMM) a cuBLASLt handle.
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: ModuleCache,
+    blas: Mutex<Option<Arc<CudaBlasLT>>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Fails with [`GpuError::DriverMissing`] on a
+    /// host without the driver, before cudarc would panic looking for it.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !moe_kernels::toolkit::driver_available() {
+            return Err(GpuError::DriverMissing);
+        }
+        let context = CudaContext::new(ordinal)?;
+        let stream = context.default_stream();
+        let kernels = ModuleCache::new(context.clone())?;
+        Ok(Self {
+            context,
+            stream,
+            kernels,
+            blas: Mutex::new(None),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The architecture the kernels are compiled for (e.g. `sm_90a`).
+    pub fn arch(&self) -> &'static str {
+        self.kernels.arch()
+    }
+
+    pub fn name(&self) -> Result<String> {
+        Ok(self.context.name()?)
+    }
+
+    /// Compiles every family now, so timings never include NVRTC.
+    pub fn warm_up(&self) -> Result<()> {
+        Ok(self.kernels.warm_up(moe_kernels::registry::FAMILIES)?)
+    }
+
+    pub(crate) fn function(&self, family: &Family, entry: &str) -> Result<CudaFunction> {
+        Ok(self.kernels.function(family, entry)?)
+    }
+
+    pub(crate) fn blas(&self) -> Result<Arc<CudaBlasLT>> {
+        let mut blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = blas.as_ref() {
+            return Ok(handle.clone());
+        }
+        // SAFETY: only probes the loader for the library's names.
+        if !unsafe { moe_kernels::cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(GpuError::BlasMissing);
+        }
+        let handle = Arc::new(CudaBlasLT::new(self.stream.clone())?);
+        *blas = Some(handle.clone());
+        Ok(handle)
+    }
+
+    /// Copies host values to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(values)?)
+    }
+
+    /// Copies a device buffer back (waits for the stream).
+    pub fn download<T: DeviceRepr>(&self, values: &CudaSlice<T>) -> Result<Vec<T>> {
+        let host = self.stream.clone_dtoh(values)?;
+        self.stream.synchronize()?;
+        Ok(host)
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros(len)?)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+/// A 1-D launch over `blocks` blocks of `threads` threads.
+pub(crate) fn grid(blocks: usize, threads: u32, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (u32::try_from(blocks).expect("grid too large"), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+/// Enough blocks of 256 threads for a grid-stride loop over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(256).clamp(1, 65_535), 256, 0)
+}
+
+/// A dimension as the kernels' `int`.
+pub(crate) fn int(n: usize) -> i32 {
+    i32::try_from(n).expect("dimension exceeds i32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a host without the NVIDIA driver (CI), opening a GPU is a clear
+    /// error, not a panic inside cudarc's loader. On a GPU host it opens.
+    #[test]
+    fn opening_a_gpu_without_the_driver_is_a_clear_error() {
+        match Gpu::new(0) {
+            Ok(gpu) => assert!(gpu.arch().starts_with("sm_")),
+            Err(GpuError::DriverMissing) => {
+                let message = GpuError::DriverMissing.to_string();
+                assert!(message.contains("libcuda.so.1") && message.contains("device: cpu"));
+            }
+            // A driver without a usable device, or without NVRTC: still an error value.
+            Err(other) => assert!(!other.to_string().is_empty()),
+        }
+    }
+}

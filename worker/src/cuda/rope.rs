@@ -1,0 +1,74 @@
+//! Rotary position embedding on the device; CPU reference: [`crate::ops::rope`].
+//! The cos/sin table is the CPU's own ([`RopeTable`]), uploaded once.
+
+use super::{Gpu, Result, elementwise, int};
+use crate::ops::rope::RopeTable;
+use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
+use moe_kernels::registry::ROPE;
+
+/// A [`RopeTable`] on the device.
+pub struct DeviceRope {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    seq_len: usize,
+    head_dim: usize,
+}
+
+impl DeviceRope {
+    pub fn new(gpu: &Gpu, table: &RopeTable<f32>, head_dim: usize) -> Result<Self> {
+        Ok(Self {
+            cos: gpu.upload(table.cos())?,
+            sin: gpu.upload(table.sin())?,
+            seq_len: table.seq_len(),
+            head_dim,
+        })
+    }
+
+    /// As [`RopeTable::forward`]: rotates `x: [tokens, heads, head_dim]` in place.
+    pub fn forward(&self, gpu: &Gpu, x: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
+        self.rotate(gpu, x, heads, 1.0)
+    }
+
+    /// As [`RopeTable::backward`]: rotates the gradient back in place.
+    pub fn backward(&self, gpu: &Gpu, dx: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
+        self.rotate(gpu, dx, heads, -1.0)
+    }
+
+    fn rotate(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        direction: f32,
+    ) -> Result<()> {
+        let token_width = heads * self.head_dim;
+        assert!(
+            token_width > 0 && x.len().is_multiple_of(token_width * self.seq_len),
+            "RoPE input is not whole sequences of [heads, head_dim] tokens"
+        );
+        let tokens = x.len() / token_width;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let pairs = x.len() / 2;
+        let f = gpu.function(&ROPE, "rope_f32")?;
+        let (tokens_i, heads_i, dim_i, seq_i) = (
+            int(tokens),
+            int(heads),
+            int(self.head_dim),
+            int(self.seq_len),
+        );
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch
+            .arg(x)
+            .arg(&self.cos)
+            .arg(&self.sin)
+            .arg(&tokens_i)
+            .arg(&heads_i)
+            .arg(&dim_i)
+            .arg(&seq_i)
+            .arg(&direction);
+        unsafe { launch.launch(elementwise(pairs)) }?;
+        Ok(())
+    }
+}
