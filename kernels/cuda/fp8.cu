@@ -12,9 +12,11 @@ __device__ __forceinline__ unsigned char encode_e4m3(float x, float scale) {
 }
 
 // 1x128 tiles (activations): one warp per (row, tile), 4 values per lane.
-// codes: [rows, cols]; scales: [rows, ceil(cols / 128)].
+// codes: [rows, cols]; scales: [rows, ceil(cols / 128)], or with
+// `outer_major` [ceil(cols / 128), rows], the layout cuBLASLt's VEC128
+// scales take (one row of scales per K slice).
 extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* scales, const float* x, int rows,
-                                                  int cols) {
+                                                  int cols, int outer_major) {
     const int lane = threadIdx.x & 31;
     const int tiles_per_row = (cols + 127) / 128;
     const size_t tile = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -33,7 +35,7 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
         const int col = col0 + lane + 32 * i;
         if (col < cols) codes[row * cols + col] = encode_e4m3(v[i], scale);
     }
-    if (lane == 0) scales[tile] = scale;
+    if (lane == 0) scales[outer_major ? (tile % tiles_per_row) * rows + row : tile] = scale;
 }
 
 // 128x128 blocks (weights): one block of 256 threads per tile.
@@ -54,4 +56,59 @@ extern "C" __global__ void fp8_quantize_128x128_f32(unsigned char* codes, float*
         codes[at] = encode_e4m3(w[at], scale);
     }
     if (threadIdx.x == 0) scales[tile_row * gridDim.x + tile_col] = scale;
+}
+
+// 128x1 tiles (activations and gradients for the weight-gradient GEMM, whose
+// inner dimension runs down the columns): one thread per (128-row tile,
+// column), so a warp reads 32 adjacent columns of a row at a time.
+// scales: [ceil(rows / 128), cols].
+extern "C" __global__ void fp8_quantize_128x1_f32(unsigned char* codes, float* scales, const float* x, int rows,
+                                                  int cols) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int tile_row = blockIdx.y;
+    if (col >= cols) return;
+    const int r0 = tile_row * 128, r1 = min(r0 + 128, rows);
+    float amax = 0.0f;
+    for (int r = r0; r < r1; ++r) amax = fmaxf(amax, fabsf(x[(size_t)r * cols + col]));
+    const float scale = scale_for_amax(amax);
+    for (int r = r0; r < r1; ++r) codes[(size_t)r * cols + col] = encode_e4m3(x[(size_t)r * cols + col], scale);
+    scales[(size_t)tile_row * cols + col] = scale;
+}
+
+__device__ __forceinline__ float decode_e4m3(unsigned char code) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
+}
+
+// out[m, n] = sum_k decode(a[m, k]) sa(m, k) decode(b[n, k]) sb(n, k): the
+// FP8 GEMM `a @ b^T` with a's scales one per (row, 128-wide K slice) (1x128)
+// and b's one per 128x128 block, products of one K slice summed in f32 and
+// then scaled (the promotion DeepSeek-V3 describes). A plain shared-memory
+// tiled kernel on CUDA cores: the numerics reference for the tensor-core path
+// (cuBLASLt's block-scaled FP8 GEMM), not the fast path itself.
+#define FP8_TILE 32
+extern "C" __global__ void fp8_gemm_abt_f32(float* out, const unsigned char* a, const float* a_scales,
+                                            const unsigned char* b, const float* b_scales, int m_rows,
+                                            int n_rows, int k_dim) {
+    __shared__ float a_tile[FP8_TILE][FP8_TILE + 1];
+    __shared__ float b_tile[FP8_TILE][FP8_TILE + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int m = blockIdx.y * FP8_TILE + ty, n = blockIdx.x * FP8_TILE + tx;
+    const int k_tiles = (k_dim + 127) / 128;
+    float total = 0.0f;
+    for (int kb = 0; kb < k_tiles; ++kb) {
+        float slice = 0.0f;
+        const int k_end = min((kb + 1) * 128, k_dim);
+        for (int k0 = kb * 128; k0 < k_end; k0 += FP8_TILE) {
+            const int am = blockIdx.y * FP8_TILE + ty, ak = k0 + tx;
+            a_tile[ty][tx] = (am < m_rows && ak < k_end) ? decode_e4m3(a[(size_t)am * k_dim + ak]) : 0.0f;
+            const int bn = blockIdx.x * FP8_TILE + ty, bk = k0 + tx;
+            b_tile[ty][tx] = (bn < n_rows && bk < k_end) ? decode_e4m3(b[(size_t)bn * k_dim + bk]) : 0.0f;
+            __syncthreads();
+            for (int i = 0; i < FP8_TILE; ++i) slice += a_tile[ty][i] * b_tile[tx][i];
+            __syncthreads();
+        }
+        if (m < m_rows && n < n_rows)
+            total += slice * a_scales[(size_t)m * k_tiles + kb] * b_scales[(size_t)(n / 128) * k_tiles + kb];
+    }
+    if (m < m_rows && n < n_rows) out[(size_t)m * n_rows + n] = total;
 }

@@ -69,7 +69,24 @@ pub const PERMUTE: Family = family!(
 );
 pub const FP8: Family = family!(
     "fp8",
-    ["fp8_quantize_1x128_f32", "fp8_quantize_128x128_f32"]
+    [
+        "fp8_quantize_1x128_f32",
+        "fp8_quantize_128x128_f32",
+        "fp8_quantize_128x1_f32",
+        "fp8_gemm_abt_f32",
+    ]
+);
+pub const ATTENTION: Family = family!(
+    "attention",
+    [
+        "attention_forward_f32",
+        "attention_backward_query_f32",
+        "attention_backward_key_value_f32",
+    ]
+);
+pub const EMBEDDING: Family = family!(
+    "embedding",
+    ["embedding_forward_f32", "embedding_backward_f32"]
 );
 
 /// All families, in the order the compile check reports them.
@@ -82,6 +99,8 @@ pub const FAMILIES: &[Family] = &[
     ROUTER,
     PERMUTE,
     FP8,
+    ATTENTION,
+    EMBEDDING,
 ];
 
 #[cfg(test)]

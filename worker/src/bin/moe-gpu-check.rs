@@ -50,13 +50,7 @@ fn main() -> ExitCode {
     ));
     print!("{md}");
 
-    let checks = match check::run_all(&gpu) {
-        Ok(checks) => checks,
-        Err(error) => {
-            eprintln!("moe-gpu-check: CUDA error during the checks: {error}");
-            return ExitCode::from(1);
-        }
-    };
+    let checks = check::run_all(&gpu);
     let failed = checks.iter().filter(|c| !c.passed).count();
     let mut section = format!(
         "## Checks vs the CPU reference: {} passed, {failed} failed\n\n```\n",
@@ -71,11 +65,13 @@ fn main() -> ExitCode {
 
     let mut figures = Vec::new();
     if !args.checks_only {
+        let mut failures = Vec::new();
         match bench::run_all(&gpu) {
-            Ok(f) => figures = f,
-            Err(error) => {
-                eprintln!("moe-gpu-check: CUDA error during the benchmarks: {error}");
+            Ok((f, failed)) => {
+                figures = f;
+                failures = failed;
             }
+            Err(error) => failures.push(format!("CUDA error during the benchmarks: {error}")),
         }
         let mut section = String::from(
             "## Benchmarks\n\n| benchmark | ms | value | vs same-run baseline | of H200 datasheet |\n|---|---|---|---|---|\n",
@@ -93,6 +89,9 @@ fn main() -> ExitCode {
                 f.of_datasheet
                     .map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
             ));
+        }
+        for failure in &failures {
+            section.push_str(&format!("\nbenchmark failed: {failure}\n"));
         }
         print!("{section}");
         md.push_str(&section);

@@ -72,9 +72,11 @@ fn uninit<T: DeviceRepr>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
     Ok(unsafe { gpu.stream().alloc::<T>(n) }?)
 }
 
-/// Runs every benchmark; figures in the order printed.
-pub fn run_all(gpu: &Gpu) -> Result<Vec<Figure>> {
+/// Runs every benchmark; figures in the order printed, and the benchmarks
+/// that failed with their errors.
+pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut figures = Vec::new();
+    let mut failures = Vec::new();
 
     // Baseline 1: device-to-device copy of 2 GiB.
     let n = 1usize << 29;
@@ -132,7 +134,16 @@ pub fn run_all(gpu: &Gpu) -> Result<Vec<Figure>> {
         of_datasheet: Some(grouped / H200_BF16_DENSE_FLOPS),
     });
 
-    figures.extend(routing_figures(gpu, copy_bw)?);
+    // These may meet an unsupported configuration (cuBLASLt's FP8 block
+    // scales need CUDA 12.9+ on Hopper): report it and go on.
+    match fp8_gemm_figures(gpu, dense) {
+        Ok(f) => figures.extend(f),
+        Err(error) => failures.push(format!("fp8 grouped GEMM: {error}")),
+    }
+    match routing_figures(gpu, copy_bw) {
+        Ok(f) => figures.extend(f),
+        Err(error) => failures.push(format!("routing/dispatch: {error}")),
+    }
 
     // FP8 1x128 quantisation of a [16384, 7168] f32 activation.
     let (rows, cols) = (16_384, 7168);
@@ -147,7 +158,7 @@ pub fn run_all(gpu: &Gpu) -> Result<Vec<Figure>> {
         bytes,
         copy_bw,
     ));
-    Ok(figures)
+    Ok((figures, failures))
 }
 
 fn bandwidth(name: &str, ms: f64, bytes: f64, copy_bw: f64) -> Figure {
@@ -254,4 +265,44 @@ fn routing_figures(gpu: &Gpu, copy_bw: f64) -> Result<Vec<Figure>> {
             copy_bw,
         ),
     ])
+}
+
+/// The grouped expert GEMM in FP8 (cuBLASLt block scales, bf16 output) on
+/// DeepGEMM's shape, operands quantised once beforehand; and the
+/// quantisation itself.
+fn fp8_gemm_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>> {
+    let (groups, rows, n_out, k) = (4, 8192, 4096, 7168);
+    let mut xs = Vec::new();
+    let mut ws = Vec::new();
+    for g in 0..groups {
+        let x = gpu.upload(&random_f32(rows * k, 10 + g as u64))?;
+        let w = gpu.upload(&random_f32(n_out * k, 20 + g as u64))?;
+        xs.push(fp8::quantize_with_layout(
+            gpu,
+            &x,
+            rows,
+            k,
+            TileShape::ROW,
+            true,
+        )?);
+        ws.push(fp8::quantize(gpu, &w, n_out, k, TileShape::BLOCK)?);
+    }
+    let mut outs = (0..groups)
+        .map(|_| uninit::<bf16>(gpu, rows * n_out))
+        .collect::<Result<Vec<_>>>()?;
+    let ms = time_ms(gpu, 10, || {
+        for ((out, x), w) in outs.iter_mut().zip(&xs).zip(&ws) {
+            super::fp8_gemm::gemm_abt(gpu, out, x, w)?;
+        }
+        Ok(())
+    })?;
+    let flops = 2.0 * (groups * rows * n_out * k) as f64 / (ms * 1e-3);
+    Ok(vec![Figure {
+        name: "cuBLASLt fp8 block-scaled grouped GEMM 4x8192 N4096 K7168".into(),
+        ms,
+        value: flops / 1e12,
+        unit: "TFLOP/s",
+        ratio: Some(("dense bf16 GEMM".into(), flops / dense_flops)),
+        of_datasheet: Some(flops / (2.0 * H200_BF16_DENSE_FLOPS)),
+    }])
 }

@@ -12,7 +12,8 @@
 //! the output's largest magnitude.
 
 use super::{
-    Gpu, Result, adamw, cross_entropy, dispatch, fp8, matmul, rmsnorm, rope, routing, swiglu,
+    Gpu, Result, adamw, attention, cross_entropy, dispatch, embedding, fp8, matmul, rmsnorm, rope,
+    routing, swiglu,
 };
 use crate::fp8::quantize::{Fp8Matrix, TileShape};
 use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
@@ -133,18 +134,42 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     SplitMix64::new(seed).normal_vec(n, 1.0)
 }
 
-/// Runs every check; an error is a CUDA failure (not a mismatch).
-pub fn run_all(gpu: &Gpu) -> Result<Vec<Check>> {
+type CheckGroup = fn(&Gpu) -> Result<Vec<Check>>;
+
+/// Every check group, by op family.
+pub const GROUPS: &[(&str, CheckGroup)] = &[
+    ("rmsnorm", check_rmsnorm),
+    ("swiglu", check_swiglu),
+    ("cross_entropy", check_cross_entropy),
+    ("rope", check_rope),
+    ("adamw", check_adamw),
+    ("routing+dispatch", check_routing_and_dispatch),
+    ("fp8 quantize", check_fp8),
+    ("fp8 gemm", check_fp8_gemm),
+    ("fp8 gemm cublaslt", check_fp8_gemm_cublaslt),
+    ("matmul", check_matmul),
+    ("attention", check_attention),
+    ("embedding", check_embedding),
+];
+
+/// Runs every check group. A CUDA error inside a group (a launch failure,
+/// an unsupported cuBLASLt configuration) fails that group with the error
+/// and the run goes on, so one broken op cannot hide the others' results.
+pub fn run_all(gpu: &Gpu) -> Vec<Check> {
     let mut checks = Vec::new();
-    checks.extend(check_rmsnorm(gpu)?);
-    checks.extend(check_swiglu(gpu)?);
-    checks.extend(check_cross_entropy(gpu)?);
-    checks.extend(check_rope(gpu)?);
-    checks.extend(check_adamw(gpu)?);
-    checks.extend(check_routing_and_dispatch(gpu)?);
-    checks.extend(check_fp8(gpu)?);
-    checks.extend(check_matmul(gpu)?);
-    Ok(checks)
+    for &(name, group) in GROUPS {
+        match group(gpu) {
+            Ok(results) => checks.extend(results),
+            Err(error) => checks.push(Check {
+                op: name,
+                case: "(whole group)".to_string(),
+                passed: false,
+                error: format!("CUDA error: {error}"),
+                bound: "-".to_string(),
+            }),
+        }
+    }
+    checks
 }
 
 fn check_rmsnorm(gpu: &Gpu) -> Result<Vec<Check>> {
@@ -670,7 +695,11 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
         ),
     ];
     for (name, m, rows, cols) in matrices {
-        for (tile_name, tile) in [("1x128", TileShape::ROW), ("128x128", TileShape::BLOCK)] {
+        for (tile_name, tile) in [
+            ("1x128", TileShape::ROW),
+            ("128x128", TileShape::BLOCK),
+            ("128x1", TileShape::COLUMN),
+        ] {
             let cpu = Fp8Matrix::quantize(&m, rows, cols, tile);
             let device = fp8::quantize(gpu, &gpu.upload(&m)?, rows, cols, tile)?;
             let case = format!("{tile_name} {name}");
@@ -687,6 +716,238 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 &bits(cpu.scales()),
             ));
         }
+    }
+    Ok(checks)
+}
+
+/// The FP8 forward GEMM against [`crate::fp8::gemm::forward`]: identical
+/// quantised operands, so only the f32 summation order differs.
+fn check_fp8_gemm(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (rows, in_dim, out_dim) in [(1, 128, 128), (70, 300, 200), (256, 512, 384)] {
+        let case = format!("{rows}x{in_dim} -> {out_dim}");
+        let (x, w) = (random(rows * in_dim, 60), random(out_dim * in_dim, 61));
+        let mut expected = vec![0.0f32; rows * out_dim];
+        crate::fp8::gemm::forward(
+            crate::fp8::gemm::Scaling::Blockwise,
+            &mut expected,
+            &x,
+            &w,
+            in_dim,
+            out_dim,
+        );
+        let a = fp8::quantize(gpu, &gpu.upload(&x)?, rows, in_dim, TileShape::ROW)?;
+        let b = fp8::quantize(gpu, &gpu.upload(&w)?, out_dim, in_dim, TileShape::BLOCK)?;
+        let mut out = gpu.zeros(rows * out_dim)?;
+        fp8::gemm_abt(gpu, &mut out, &a, &b)?;
+        checks.push(close_to_scale(
+            "fp8.gemm_abt",
+            &case,
+            &gpu.download(&out)?,
+            &expected,
+            1e-5,
+        ));
+    }
+    Ok(checks)
+}
+
+/// cuBLASLt's block-scaled FP8 GEMM against the CPU emulation on the same
+/// quantised operands (shapes within cuBLASLt's FP8 alignment rules).
+fn check_fp8_gemm_cublaslt(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (rows, in_dim, out_dim) in [(128, 256, 256), (64, 384, 256), (256, 1024, 512)] {
+        let case = format!("{rows}x{in_dim} -> {out_dim}");
+        let (x, w) = (random(rows * in_dim, 62), random(out_dim * in_dim, 63));
+        let mut expected = vec![0.0f32; rows * out_dim];
+        crate::fp8::gemm::forward(
+            crate::fp8::gemm::Scaling::Blockwise,
+            &mut expected,
+            &x,
+            &w,
+            in_dim,
+            out_dim,
+        );
+        let a =
+            fp8::quantize_with_layout(gpu, &gpu.upload(&x)?, rows, in_dim, TileShape::ROW, true)?;
+        let b = fp8::quantize(gpu, &gpu.upload(&w)?, out_dim, in_dim, TileShape::BLOCK)?;
+        let mut out = gpu.zeros::<f32>(rows * out_dim)?;
+        super::fp8_gemm::gemm_abt(gpu, &mut out, &a, &b)?;
+        // Tensor cores accumulate in f32 with their own rounding points.
+        checks.push(close_to_scale(
+            "fp8.gemm_abt_cublaslt",
+            &case,
+            &gpu.download(&out)?,
+            &expected,
+            1e-4,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_attention(gpu: &Gpu) -> Result<Vec<Check>> {
+    use crate::ops::attention::{AttentionShape, Qkv, QkvGrads};
+    let mut checks = Vec::new();
+    let shapes = [
+        (
+            1,
+            AttentionShape {
+                seq_len: 1,
+                n_heads: 1,
+                n_kv_heads: 1,
+                head_dim: 8,
+            },
+        ),
+        (
+            2,
+            AttentionShape {
+                seq_len: 37,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 32,
+            },
+        ),
+        (
+            1,
+            AttentionShape {
+                seq_len: 128,
+                n_heads: 8,
+                n_kv_heads: 1,
+                head_dim: 64,
+            },
+        ),
+    ];
+    for (sequences, shape) in shapes {
+        let case = format!(
+            "B{sequences} T{} H{}/{} D{}",
+            shape.seq_len, shape.n_heads, shape.n_kv_heads, shape.head_dim
+        );
+        let tokens = sequences * shape.seq_len;
+        let q_len = tokens * shape.n_heads * shape.head_dim;
+        let kv_len = tokens * shape.n_kv_heads * shape.head_dim;
+        let (q, k, v) = (random(q_len, 70), random(kv_len, 71), random(kv_len, 72));
+        let dout = random(q_len, 73);
+        let (mut out, mut probs) = (vec![0.0; q_len], vec![0.0; shape.probs_len(tokens)]);
+        ops::attention::forward(
+            &mut out,
+            &mut probs,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            shape,
+        );
+        let (mut dq, mut dk, mut dv) = (random(q_len, 74), random(kv_len, 75), random(kv_len, 76));
+        let (dq0, dk0, dv0) = (dq.clone(), dk.clone(), dv.clone());
+        ops::attention::backward(
+            QkvGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            },
+            &dout,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            &probs,
+            shape,
+        );
+        let (q_d, k_d, v_d) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?);
+        let (mut out_d, mut probs_d) = (gpu.zeros(q_len)?, gpu.zeros(probs.len())?);
+        attention::forward(gpu, &mut out_d, &mut probs_d, &q_d, &k_d, &v_d, shape)?;
+        let (mut dq_d, mut dk_d, mut dv_d) =
+            (gpu.upload(&dq0)?, gpu.upload(&dk0)?, gpu.upload(&dv0)?);
+        attention::backward(
+            gpu,
+            attention::AttentionGrads {
+                q: &mut dq_d,
+                k: &mut dk_d,
+                v: &mut dv_d,
+            },
+            &gpu.upload(&dout)?,
+            &q_d,
+            &k_d,
+            &v_d,
+            &probs_d,
+            shape,
+        )?;
+        checks.push(close(
+            "attention.forward",
+            &case,
+            &gpu.download(&out_d)?,
+            &out,
+            1e-5,
+            1e-4,
+        ));
+        checks.push(close(
+            "attention.probs",
+            &case,
+            &gpu.download(&probs_d)?,
+            &probs,
+            1e-6,
+            1e-4,
+        ));
+        checks.push(close(
+            "attention.backward.dq",
+            &case,
+            &gpu.download(&dq_d)?,
+            &dq,
+            1e-4,
+            1e-4,
+        ));
+        checks.push(close(
+            "attention.backward.dk",
+            &case,
+            &gpu.download(&dk_d)?,
+            &dk,
+            1e-4,
+            1e-4,
+        ));
+        checks.push(close(
+            "attention.backward.dv",
+            &case,
+            &gpu.download(&dv_d)?,
+            &dv,
+            1e-4,
+            1e-4,
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_embedding(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (vocab, dim) = (256, 96);
+    let mut checks = Vec::new();
+    // Repeated tokens accumulate; one token is the smallest batch.
+    for tokens in [vec![7u32], vec![1, 5, 1, 255, 0, 5, 5, 1]] {
+        let case = format!("{} tokens", tokens.len());
+        let table = random(vocab * dim, 80);
+        let dout = random(tokens.len() * dim, 81);
+        let dtable0 = random(vocab * dim, 82);
+        let mut out = vec![0.0; tokens.len() * dim];
+        ops::embedding::forward(&mut out, &tokens, &table, dim);
+        let mut dtable = dtable0.clone();
+        ops::embedding::backward(&mut dtable, &dout, &tokens, dim);
+        let tokens_d = gpu.upload(&tokens)?;
+        let mut out_d = gpu.zeros(out.len())?;
+        embedding::forward(gpu, &mut out_d, &tokens_d, &gpu.upload(&table)?, dim)?;
+        let mut dtable_d = gpu.upload(&dtable0)?;
+        embedding::backward(gpu, &mut dtable_d, &gpu.upload(&dout)?, &tokens_d, dim)?;
+        checks.push(exact(
+            "embedding.forward",
+            &case,
+            &bits(&gpu.download(&out_d)?),
+            &bits(&out),
+        ));
+        // Same additions in the same (token) order: identical bits.
+        checks.push(exact(
+            "embedding.backward",
+            &case,
+            &bits(&gpu.download(&dtable_d)?),
+            &bits(&dtable),
+        ));
     }
     Ok(checks)
 }

@@ -13,8 +13,10 @@ pub struct DeviceFp8 {
     pub tile: TileShape,
     /// `[rows, cols]` E4M3 codes.
     pub codes: CudaSlice<u8>,
-    /// Row-major over the tile grid.
+    /// Row-major over the tile grid; for 1×128 tiles with `outer_major`,
+    /// transposed (`[tile_cols, rows]`, cuBLASLt's layout).
     pub scales: CudaSlice<f32>,
+    pub outer_major: bool,
 }
 
 /// Quantises `m: [rows, cols]` with 1×128 tiles ([`TileShape::ROW`],
@@ -26,9 +28,27 @@ pub fn quantize(
     cols: usize,
     tile: TileShape,
 ) -> Result<DeviceFp8> {
+    quantize_with_layout(gpu, m, rows, cols, tile, false)
+}
+
+/// [`quantize`], with 1×128 scales stored transposed when `outer_major`
+/// (what [`super::fp8_gemm`] hands cuBLASLt).
+pub fn quantize_with_layout(
+    gpu: &Gpu,
+    m: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    tile: TileShape,
+    outer_major: bool,
+) -> Result<DeviceFp8> {
+    assert!(
+        !outer_major || tile == TileShape::ROW,
+        "only 1x128 scales have an outer-major layout"
+    );
     assert_eq!(m.len(), rows * cols, "fp8 input shape");
     let tile_cols = cols.div_ceil(TILE);
     let (rows_i, cols_i) = (int(rows), int(cols));
+
     let (entry, tile_rows, config) = if tile == TileShape::ROW {
         // One warp per tile, 8 warps per block.
         let tiles = rows * tile_cols;
@@ -42,8 +62,17 @@ pub fn quantize(
             shared_mem_bytes: 0,
         };
         ("fp8_quantize_128x128_f32", tile_rows, config)
+    } else if tile == TileShape::COLUMN {
+        // One thread per (128-row tile, column).
+        let tile_rows = rows.div_ceil(TILE);
+        let config = LaunchConfig {
+            grid_dim: (cols.div_ceil(128).max(1) as u32, tile_rows.max(1) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return quantize_columns(gpu, m, rows, cols, tile_rows, config);
     } else {
-        panic!("the CUDA quantiser supports 1x128 and 128x128 tiles, not {tile:?}");
+        panic!("the CUDA quantiser supports 1x128, 128x1 and 128x128 tiles, not {tile:?}");
     };
     let mut quantized = DeviceFp8 {
         rows,
@@ -51,11 +80,49 @@ pub fn quantize(
         tile,
         codes: gpu.zeros(rows * cols)?,
         scales: gpu.zeros(tile_rows * tile_cols)?,
+        outer_major,
     };
     if rows == 0 || cols == 0 {
         return Ok(quantized);
     }
     let f = gpu.function(&FP8, entry)?;
+    let outer_major_i = i32::from(outer_major);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(&mut quantized.codes)
+        .arg(&mut quantized.scales)
+        .arg(m)
+        .arg(&rows_i)
+        .arg(&cols_i);
+    if tile == TileShape::ROW {
+        launch.arg(&outer_major_i);
+    }
+    unsafe { launch.launch(config) }?;
+    Ok(quantized)
+}
+
+/// 128×1 tiles: scales `[ceil(rows / 128), cols]`.
+fn quantize_columns(
+    gpu: &Gpu,
+    m: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    tile_rows: usize,
+    config: LaunchConfig,
+) -> Result<DeviceFp8> {
+    let mut quantized = DeviceFp8 {
+        rows,
+        cols,
+        tile: TileShape::COLUMN,
+        codes: gpu.zeros(rows * cols)?,
+        scales: gpu.zeros(tile_rows * cols)?,
+        outer_major: false,
+    };
+    if rows == 0 || cols == 0 {
+        return Ok(quantized);
+    }
+    let f = gpu.function(&FP8, "fp8_quantize_128x1_f32")?;
+    let (rows_i, cols_i) = (int(rows), int(cols));
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(&mut quantized.codes)
@@ -65,4 +132,41 @@ pub fn quantize(
         .arg(&cols_i);
     unsafe { launch.launch(config) }?;
     Ok(quantized)
+}
+
+/// `out[m, n] = Σ_k a[m, k] b[n, k]` from FP8 operands: `a` in 1×128 tiles
+/// (activations, or output gradients), `b` in 128×128 blocks (weights) — the
+/// forward `x @ wᵀ` of [`crate::fp8::gemm::forward`] on CUDA cores, its
+/// numerics reference on the device.
+pub fn gemm_abt(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &DeviceFp8, b: &DeviceFp8) -> Result<()> {
+    assert!(
+        a.tile == TileShape::ROW && b.tile == TileShape::BLOCK,
+        "fp8 GEMM operand tiles"
+    );
+    assert!(
+        a.cols == b.cols && out.len() == a.rows * b.rows,
+        "fp8 GEMM shapes"
+    );
+    if a.rows == 0 || b.rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&FP8, "fp8_gemm_abt_f32")?;
+    let (m_i, n_i, k_i) = (int(a.rows), int(b.rows), int(a.cols));
+    let config = LaunchConfig {
+        grid_dim: (b.rows.div_ceil(32) as u32, a.rows.div_ceil(32) as u32, 1),
+        block_dim: (32, 32, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(out)
+        .arg(&a.codes)
+        .arg(&a.scales)
+        .arg(&b.codes)
+        .arg(&b.scales)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i);
+    unsafe { launch.launch(config) }?;
+    Ok(())
 }

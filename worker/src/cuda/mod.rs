@@ -8,11 +8,14 @@
 //! path is untouched.
 
 pub mod adamw;
+pub mod attention;
 pub mod bench;
 pub mod check;
 pub mod cross_entropy;
 pub mod dispatch;
+pub mod embedding;
 pub mod fp8;
+pub mod fp8_gemm;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
@@ -64,6 +67,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     kernels: ModuleCache,
     blas: Mutex<Option<Arc<CudaBlasLT>>>,
+    /// cuBLASLt workspace for the calls that bypass cudarc's safe API.
+    workspace: std::sync::OnceLock<CudaSlice<u8>>,
 }
 
 impl Gpu {
@@ -81,6 +86,7 @@ impl Gpu {
             stream,
             kernels,
             blas: Mutex::new(None),
+            workspace: std::sync::OnceLock::new(),
         })
     }
 
@@ -122,6 +128,15 @@ impl Gpu {
         let handle = Arc::new(CudaBlasLT::new(self.stream.clone())?);
         *blas = Some(handle.clone());
         Ok(handle)
+    }
+
+    /// 32 MiB of cuBLASLt workspace (NVIDIA's recommendation on Hopper).
+    pub(crate) fn workspace(&self) -> Result<&CudaSlice<u8>> {
+        if let Some(workspace) = self.workspace.get() {
+            return Ok(workspace);
+        }
+        let buffer = self.zeros::<u8>(32 << 20)?;
+        Ok(self.workspace.get_or_init(|| buffer))
     }
 
     /// Copies host values to a new device buffer.

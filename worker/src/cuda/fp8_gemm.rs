@@ -1,0 +1,197 @@
+//! The fast FP8 GEMM: cuBLASLt's block-scaled E4M3 matmul on Hopper (CUDA
+//! 12.9+), DeepSeek-V3's recipe — activations with one f32 scale per 1×128
+//! tile (`VEC128_32F`), weights with one per 128×128 block
+//! (`BLK128x128_32F`), f32 accumulation. cudarc's safe cuBLASLt API covers
+//! only f32/f16/bf16, so this drives the `result`/`sys` layer directly.
+//!
+//! Numerics reference: [`super::fp8::gemm_abt`] (same quantised operands,
+//! CUDA cores), itself checked against the CPU emulation.
+//!
+//! Layout, in cuBLASLt's column-major terms for row-major
+//! `out[rows, n] = x[rows, k] @ w[n, k]^T`: A = `w` read transposed
+//! (m = n, the "TN" form FP8 requires), B = `x`, D = `out`. The weight
+//! scales are `[n / 128, k / 128]` row-major (our layout); the activation
+//! scales are one row per K slice, `[k / 128, rows]` (quantise with
+//! `outer_major`).
+
+use super::fp8::DeviceFp8;
+use super::{Gpu, GpuError, Result};
+use crate::fp8::quantize::TileShape;
+use half::bf16;
+use moe_kernels::cudarc::cublaslt::{MatmulShared, result, sys};
+use moe_kernels::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::ffi::c_void;
+use std::mem::size_of;
+
+/// An output element type cuBLASLt can write from an FP8 GEMM.
+pub trait Fp8Output: DeviceRepr {
+    const DATA_TYPE: sys::cudaDataType_t;
+}
+
+impl Fp8Output for f32 {
+    const DATA_TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_32F;
+}
+
+impl Fp8Output for bf16 {
+    const DATA_TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_16BF;
+}
+
+/// Destroys cuBLASLt descriptors when the call ends, also on errors.
+struct Descriptors {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: Vec<sys::cublasLtMatrixLayout_t>,
+    pref: sys::cublasLtMatmulPreference_t,
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt and is destroyed once.
+        unsafe {
+            for &layout in &self.layouts {
+                let _ = result::destroy_matrix_layout(layout);
+            }
+            if !self.pref.is_null() {
+                let _ = result::destroy_matmul_pref(self.pref);
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attribute: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: `value` lives for the call and has the attribute's size.
+    unsafe {
+        result::set_matmul_desc_attribute(
+            desc,
+            attribute,
+            (value as *const T).cast::<c_void>(),
+            size_of::<T>(),
+        )
+    }?;
+    Ok(())
+}
+
+/// `out[rows, n] = x[rows, k] @ w[n, k]^T` from FP8 operands: `x` quantised
+/// 1×128 with outer-major scales, `w` quantised 128×128.
+pub fn gemm_abt<O: Fp8Output>(
+    gpu: &Gpu,
+    out: &mut CudaSlice<O>,
+    x: &DeviceFp8,
+    w: &DeviceFp8,
+) -> Result<()> {
+    assert!(
+        x.tile == TileShape::ROW && x.outer_major && w.tile == TileShape::BLOCK,
+        "cuBLASLt FP8 operands: x 1x128 with outer-major scales, w 128x128"
+    );
+    assert!(
+        x.cols == w.cols && out.len() == x.rows * w.rows,
+        "fp8 GEMM shapes"
+    );
+    let (m, n, k) = (w.rows as u64, x.rows as u64, x.cols as u64);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let blas = gpu.blas()?;
+    let workspace = gpu.workspace()?;
+    let stream = gpu.stream();
+    let (a_ptr, _a) = w.codes.device_ptr(stream);
+    let (b_ptr, _b) = x.codes.device_ptr(stream);
+    let (a_scale, _as) = w.scales.device_ptr(stream);
+    let (b_scale, _bs) = x.scales.device_ptr(stream);
+    let (d_ptr, _d) = out.device_ptr_mut(stream);
+    let (w_ptr, _w) = workspace.device_ptr(stream);
+    let workspace_bytes = workspace.len();
+
+    let mut descriptors = Descriptors {
+        desc: result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )?,
+        layouts: Vec::new(),
+        pref: std::ptr::null_mut(),
+    };
+    use sys::cublasLtMatmulDescAttributes_t as Attr;
+    let desc = descriptors.desc;
+    // SAFETY: attribute values have the types cuBLASLt documents (int32
+    // enums, device pointers); the pointers outlive the call.
+    unsafe {
+        // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+        let block =
+            sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32;
+        let vec128 =
+            sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &block)?;
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec128)?;
+        set_desc(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            &(a_scale as *const c_void),
+        )?;
+        set_desc(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            &(b_scale as *const c_void),
+        )?;
+    }
+    let e4m3 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
+    let a_layout = result::create_matrix_layout(e4m3, k, m, k as i64)?;
+    descriptors.layouts.push(a_layout);
+    let b_layout = result::create_matrix_layout(e4m3, k, n, k as i64)?;
+    descriptors.layouts.push(b_layout);
+    let d_layout = result::create_matrix_layout(O::DATA_TYPE, m, n, m as i64)?;
+    descriptors.layouts.push(d_layout);
+    descriptors.pref = result::create_matmul_pref()?;
+    let bytes = workspace_bytes as u64;
+    // SAFETY: as above; the preference takes a u64 byte count.
+    unsafe {
+        result::set_matmul_pref_attribute(
+            descriptors.pref,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&bytes as *const u64).cast::<c_void>(),
+            size_of::<u64>(),
+        )?;
+    }
+    let handle = *blas.handle();
+    // SAFETY: every descriptor is live; buffers are device allocations of
+    // the sizes the layouts describe; beta = 0 so C is never read.
+    unsafe {
+        let heuristic = result::get_matmul_algo_heuristic(
+            handle,
+            desc,
+            a_layout,
+            b_layout,
+            d_layout,
+            d_layout,
+            descriptors.pref,
+        )
+        .map_err(GpuError::from)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        result::matmul(
+            handle,
+            desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a_ptr as *const c_void,
+            a_layout,
+            b_ptr as *const c_void,
+            b_layout,
+            d_ptr as *const c_void,
+            d_layout,
+            d_ptr as *mut c_void,
+            d_layout,
+            &heuristic.algo,
+            w_ptr as *mut c_void,
+            workspace_bytes,
+            stream.cu_stream() as sys::cudaStream_t,
+        )?;
+    }
+    Ok(())
+}
