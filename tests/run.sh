@@ -4,7 +4,8 @@
 #   1. lint:  cargo fmt --check, cargo clippy -D warnings
 #   2. unit:  cargo test (crds, operator, worker, kernels)
 #      cuda:  every CUDA kernel compiled by NVRTC for sm_90a/sm_80 (no GPU needed)
-#   3. harness: build the pinned control-plane binaries (cached), start them
+#   3. harness: build the pinned control-plane binaries (cached), check the Helm
+#      chart (charts/check.sh), start the control plane
 #   4. e2e:   cargo test -p moe-e2e against the real control plane
 #   5. down:  stop the control plane (also when something failed)
 #
@@ -66,6 +67,9 @@ cluster_down() {
 }
 trap cluster_down EXIT
 phase build tests/cluster/build.sh >/dev/null
+# The chart: helm lint --strict and template with default and full values, the values
+# schema, CRD gating and the Argo CD health checks (charts/check.sh; needs no cluster).
+phase chart tested charts/check.sh
 phase up tests/cluster/up.sh
 # shellcheck source=/dev/null
 source tests/cluster/.state/env

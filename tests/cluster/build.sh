@@ -73,6 +73,19 @@ step kwok build_kwok
 step helm build_helm
 for c in kubectl kube-scheduler kube-controller-manager kube-apiserver; do step "$c" build_k8s "$c"; done
 
+# The kstatus harness tool: its main.go lives in this repository, so a hash of
+# its sources (in a stamp beside it) decides whether to rebuild it.
+build_kstatus() {
+  require_pin kstatus sigs.k8s.io/cli-utils "$KSTATUS_VERSION"
+  require_pin kstatus github.com/yuin/gopher-lua "$GOPHER_LUA_VERSION"
+  (cd "$here/go/kstatus" && go build "${flags[@]}" -ldflags "-s -w" -o "$bin/kstatus.tmp" .)
+  mv "$bin/kstatus.tmp" "$bin/kstatus"
+}
+kstatus_sum=$(cat "$here/go/kstatus/go.mod" "$here/go/kstatus/go.sum" "$here/go/kstatus/main.go" | sha256sum | cut -c1-16)
+[[ "$(cat "$bin/kstatus.stamp" 2>/dev/null)" == "$kstatus_sum" ]] || rm -f "$bin/kstatus"
+step kstatus build_kstatus
+echo "$kstatus_sum" >"$bin/kstatus.stamp"
+
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
 kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then

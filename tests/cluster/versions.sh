@@ -7,5 +7,9 @@ ETCD_VERSION=v3.6.16     # the 3.6 line is what Kubernetes 1.36 ships its client
 KWOK_VERSION=v0.8.0      # built against the 1.36 libraries
 HELM_VERSION=v3.21.4     # built with client-go v0.36
 GO_VERSION_REQUIRED=1.26
+# The kstatus harness tool (go/kstatus): kstatus verdicts and Argo CD Lua health
+# checks. Not part of the cache key: build.sh rebuilds it when its sources change.
+KSTATUS_VERSION=v0.37.2  # sigs.k8s.io/cli-utils (pkg/kstatus)
+GOPHER_LUA_VERSION=v1.1.2 # github.com/yuin/gopher-lua, the Lua that Argo CD embeds
 
 KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}
