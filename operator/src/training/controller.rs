@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
 use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, decide};
+use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
 use crate::labels;
@@ -61,6 +62,9 @@ pub struct Context {
     /// changes with the generation, and compiling the CEL rules on every
     /// reconcile (each pod status change triggers one) would dominate CPU.
     verdicts: Mutex<HashMap<String, Verdict>>,
+    /// When this process last wrote each object's status (by uid), to pace
+    /// tally-only updates (see [`super::pacing`]).
+    status_writes: Mutex<HashMap<String, Instant>>,
 }
 
 /// Periodic resync: repairs anything a missed watch event left behind.
@@ -102,6 +106,7 @@ pub async fn run(
         metrics,
         failures: Mutex::new(HashMap::new()),
         verdicts: Mutex::new(HashMap::new()),
+        status_writes: Mutex::new(HashMap::new()),
     });
     Controller::new(
         api::<MoETrainingJob>(&client, &namespace),
@@ -179,10 +184,9 @@ async fn reconcile(job: Arc<MoETrainingJob>, ctx: Arc<Context>) -> Result<Action
 
 async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, Error> {
     if job.meta().deletion_timestamp.is_some() {
-        ctx.verdicts
-            .lock()
-            .expect("not poisoned")
-            .remove(&job.uid().unwrap_or_default());
+        let uid = job.uid().unwrap_or_default();
+        ctx.verdicts.lock().expect("not poisoned").remove(&uid);
+        ctx.status_writes.lock().expect("not poisoned").remove(&uid);
         // Children go with it by owner-reference garbage collection.
         return Ok(Action::await_change());
     }
@@ -222,9 +226,13 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
             .map(|t| publish(ctx, job, t.warning, &t.reason, &t.message)),
     );
     let (status, _) = futures::join!(write_status(ctx, job, &ns, &plan.status), events);
-    status?;
+    let status_deferred = status?;
     ctx.metrics.observe_phase(job, plan.status.phase);
-    Ok(match plan.requeue_after {
+    let requeue_after = match (plan.requeue_after, status_deferred) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(match requeue_after {
         Some(d) => Action::requeue(d.min(RESYNC)),
         None => Action::requeue(RESYNC),
     })
@@ -584,9 +592,19 @@ async fn write_status(
     job: &MoETrainingJob,
     ns: &str,
     status: &MoETrainingJobStatus,
-) -> Result<(), Error> {
-    if job.status.as_ref() == Some(status) {
-        return Ok(());
+) -> Result<Option<Duration>, Error> {
+    let uid = job.uid().unwrap_or_default();
+    let since_last_write = ctx
+        .status_writes
+        .lock()
+        .expect("not poisoned")
+        .get(&uid)
+        .map(Instant::elapsed);
+    match pacing::status_write(job.status.as_ref(), status, since_last_write) {
+        StatusWrite::Unchanged => return Ok(None),
+        // The requeue writes it (or a newer status) once the interval is over.
+        StatusWrite::After(wait) => return Ok(Some(wait)),
+        StatusWrite::Now => {}
     }
     let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
     let body = json!({
@@ -601,7 +619,11 @@ async fn write_status(
     )
     .await?;
     ctx.metrics.api_call("apply", "moetrainingjobs/status");
-    Ok(())
+    ctx.status_writes
+        .lock()
+        .expect("not poisoned")
+        .insert(uid, Instant::now());
+    Ok(None)
 }
 
 async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &str, message: &str) {

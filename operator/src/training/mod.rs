@@ -3,5 +3,6 @@
 pub mod build;
 pub mod controller;
 pub mod decide;
+pub mod pacing;
 pub mod progress;
 pub mod validate;
