@@ -84,6 +84,7 @@ pub const ATTENTION: Family = family!(
         "attention_backward_key_value_f32",
     ]
 );
+pub const GEMM: Family = family!("gemm", ["gemm_abt_f32_exact"]);
 pub const EMBEDDING: Family = family!(
     "embedding",
     ["embedding_forward_f32", "embedding_backward_f32"]
@@ -101,6 +102,7 @@ pub const FAMILIES: &[Family] = &[
     FP8,
     ATTENTION,
     EMBEDDING,
+    GEMM,
 ];
 
 #[cfg(test)]

@@ -150,6 +150,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("matmul", check_matmul),
     ("attention", check_attention),
     ("embedding", check_embedding),
+    ("moe layer", check_moe_layer),
 ];
 
 /// Runs every check group. A CUDA error inside a group (a launch failure,
@@ -973,6 +974,14 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
             &out,
             1e-2,
         ));
+        let mut exact_d = gpu.zeros(rows * out_dim)?;
+        matmul::forward_exact(gpu, &mut exact_d, &x_d, &gpu.upload(&w)?, in_dim, out_dim)?;
+        checks.push(exact(
+            "matmul.forward_exact",
+            &case,
+            &bits(&gpu.download(&exact_d)?),
+            &bits(&out),
+        ));
     }
     let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
     let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
@@ -1012,6 +1021,63 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         &expected,
         1e-2,
     ));
+    Ok(checks)
+}
+
+/// The whole MoE layer forward against the CPU layer: DeepSeek-style
+/// routing with a shared expert, uneven loads from a skewed selection bias.
+fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
+    use crate::moe::layer::MoeLayer;
+    use crate::moe::params::MoeParams;
+    let mut checks = Vec::new();
+    let configs = [
+        ("sigmoid E16 k4 g4/2 +shared", {
+            let mut c = moe_config(
+                16,
+                4,
+                ScoreFunction::Sigmoid,
+                Some(GroupLimit {
+                    n_groups: 4,
+                    top_groups: 2,
+                }),
+                true,
+                2.5,
+            );
+            c.n_shared_experts = 1;
+            c.shared_expert_hidden = 48;
+            c
+        }),
+        (
+            "softmax E8 k2 no shared",
+            moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0),
+        ),
+    ];
+    for (name, config) in configs {
+        let params = MoeParams::random(&config, &mut SplitMix64::new(90), 0.1);
+        let mut layer = MoeLayer::new(config.clone(), params).expect("valid layer");
+        // Skew: expert 0 favoured, the last one never chosen (an empty expert).
+        let last = config.n_routed_experts - 1;
+        layer.selection_bias[0] = 0.3;
+        layer.selection_bias[last] = -10.0;
+        let (seq_len, tokens) = (16, 64);
+        let x = random(tokens * config.hidden, 91);
+        let cpu = layer.forward(&x, seq_len);
+        let device = super::moe_layer::DeviceMoeLayer::upload(gpu, &layer)?;
+        let forward = device.forward(gpu, &gpu.upload(&x)?)?;
+        checks.push(exact(
+            "moe_layer.load",
+            name,
+            &forward.load,
+            &cpu.expert_load(),
+        ));
+        checks.push(close_to_scale(
+            "moe_layer.output",
+            name,
+            &gpu.download(&forward.output)?,
+            &cpu.output,
+            1e-2,
+        ));
+    }
     Ok(checks)
 }
 

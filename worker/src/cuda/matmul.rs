@@ -1,15 +1,17 @@
 //! GEMMs through cuBLASLt; CPU reference: [`crate::ops::matmul`]. Row-major
-//! `out[rows, out] = x[rows, in] @ w[out, in]^T` is, column-major,
-//! `out^T = w^T(col) ... `: cuBLASLt computes `C = op(A) B` with A = w read
-//! transposed (m = out_dim), B = x (n = rows), k = in_dim.
+//! `out[rows, out] = x[rows, in] @ w[out, in]^T` is, read column-major,
+//! `out^T = w x^T`: cuBLASLt's `C = op(A) B` with A = `w` transposed
+//! (m = out_dim), B = `x` (n = rows), k = in_dim.
 //!
 //! f32 uses TF32 tensor cores (cudarc's choice, as llm.c and PyTorch's
 //! default for matmuls): 10 mantissa bits per product, f32 accumulation.
 
-use super::{Gpu, Result};
+use super::{Gpu, Result, int};
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
-use moe_kernels::cudarc::driver::CudaSlice;
+use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
+use moe_kernels::registry::GEMM;
 
 fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulConfig {
     let batched = groups > 1;
@@ -31,6 +33,36 @@ fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulCo
         stride_bias: None,
         batch_size: batched.then_some(groups as i32),
     }
+}
+
+/// `out (+)= x @ w^T` on views into larger buffers (an expert's rows and
+/// weights inside the stacked tensors); with `accumulate`, adds into `out`
+/// (cuBLASLt's beta = 1) instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_view(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    in_dim: usize,
+    out_dim: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let rows = x.len() / in_dim;
+    assert!(
+        x.len() == rows * in_dim && w.len() == out_dim * in_dim && out.len() == rows * out_dim,
+        "matmul shapes"
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let blas = gpu.blas()?;
+    let mut cfg = config(rows, in_dim, out_dim, 1);
+    if accumulate {
+        cfg.beta = 1.0;
+    }
+    unsafe { blas.matmul(cfg, w, x, out, None, None) }?;
+    Ok(())
 }
 
 /// As [`crate::ops::matmul::forward`] (TF32).
@@ -79,5 +111,37 @@ pub fn forward_grouped_bf16(
     }
     let blas = gpu.blas()?;
     unsafe { blas.matmul(config(rows, in_dim, out_dim, groups), w, x, out, None, None) }?;
+    Ok(())
+}
+
+/// As [`crate::ops::matmul::forward`], bit for bit: f32 on CUDA cores with
+/// the CPU's operation order (see kernels/cuda/gemm.cu). For small GEMMs
+/// whose consumers must not see last-bit differences (the router).
+pub fn forward_exact(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    let rows = x.len() / in_dim;
+    assert!(
+        x.len() == rows * in_dim && w.len() == out_dim * in_dim && out.len() == rows * out_dim,
+        "matmul shapes"
+    );
+    if rows == 0 || out_dim == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&GEMM, "gemm_abt_f32_exact")?;
+    let (m_i, n_i, k_i) = (int(rows), int(out_dim), int(in_dim));
+    let config = LaunchConfig {
+        grid_dim: (out_dim.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
+        block_dim: (32, 32, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(out).arg(x).arg(w).arg(&m_i).arg(&n_i).arg(&k_i);
+    unsafe { launch.launch(config) }?;
     Ok(())
 }

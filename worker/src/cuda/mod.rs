@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod matmul;
+pub mod moe_layer;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
