@@ -16,6 +16,7 @@ pub mod data;
 pub mod fp8;
 pub mod gradcheck;
 pub mod linear;
+pub mod memory;
 pub mod model;
 pub mod moe;
 pub mod ops;

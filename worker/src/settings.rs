@@ -12,7 +12,7 @@ use moe_crds::{ComputePrecision, Device, Fp8Recipe, ModelSpec, ResumePolicy, Wor
 
 use crate::fp8;
 use crate::linear::GemmPrecision;
-use crate::model::ModelConfig;
+use crate::model::{ActivationMemory, ModelConfig};
 
 /// Why a worker config cannot be run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +133,9 @@ pub struct TrainingSettings {
     pub optimizer: OptimizerSettings,
     pub seed: u64,
     pub log_interval: u64,
+    /// `training.activationCheckpointing`: recompute each block's
+    /// activations in the backward pass instead of keeping them.
+    pub activation_memory: ActivationMemory,
 }
 
 /// AdamW and its schedule.
@@ -228,6 +231,11 @@ fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, Settings
         optimizer: optimizer_settings(config, steps)?,
         seed,
         log_interval,
+        activation_memory: if spec.activation_checkpointing {
+            ActivationMemory::RecomputeBlocks
+        } else {
+            ActivationMemory::KeepAll
+        },
     })
 }
 

@@ -2,6 +2,7 @@
 //! `mid = x + Wo attention(rope(Wq n1), rope(Wk n1), Wv n1)` with `n1 = rmsnorm(x)`,
 //! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
 
+use crate::memory::HeldBytes;
 use crate::model::config::{ModelConfig, NORM_EPS};
 use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
@@ -35,6 +36,39 @@ pub(crate) struct BlockPass<T> {
 pub(crate) enum FeedForwardPass<T> {
     Dense(SwiGluActivations<T>),
     Moe(MoeForward<T>),
+}
+
+impl<T> BlockPass<T> {
+    /// The block's input: all activation checkpointing keeps of the block.
+    pub fn into_input(self) -> Vec<T> {
+        self.input
+    }
+}
+
+impl<T> HeldBytes for BlockPass<T> {
+    fn held_bytes(&self) -> usize {
+        let ffn = match &self.ffn {
+            FeedForwardPass::Dense(activations) => activations.held_bytes(),
+            FeedForwardPass::Moe(pass) => pass.held_bytes(),
+        };
+        [
+            &self.input,
+            &self.attention_normed,
+            &self.attention_rstd,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attention_out,
+            &self.probs,
+            &self.mid,
+            &self.ffn_normed,
+            &self.ffn_rstd,
+        ]
+        .iter()
+        .map(|v| v.held_bytes())
+        .sum::<usize>()
+            + ffn
+    }
 }
 
 /// Everything a block needs besides its weights.

@@ -5,12 +5,15 @@
 
 mod block;
 pub mod config;
+mod recompute;
 mod scales;
 pub mod weights;
 
 use std::fmt;
 
-use crate::model::block::{BlockContext, BlockPass, FeedForwardPass};
+use crate::memory::HeldBytes;
+use crate::model::block::{BlockContext, FeedForwardPass};
+use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
 use crate::moe::{MoeLayer, MoeParams};
 use crate::ops::rope::RopeTable;
@@ -19,6 +22,7 @@ use crate::rng::SplitMix64;
 use crate::scalar::Scalar;
 
 pub use config::ModelConfig;
+pub use recompute::ActivationMemory;
 pub use weights::{FeedForward, Gradients, NamedTensor, TensorKind, Weights};
 
 /// The model: its shape, weights (with the MoE layers' selection biases) and RoPE table.
@@ -71,7 +75,7 @@ impl std::error::Error for ShapeMismatch {}
 pub struct ForwardPass<T> {
     tokens: Vec<u32>,
     targets: Vec<u32>,
-    blocks: Vec<BlockPass<T>>,
+    blocks: Vec<BlockActivations<T>>,
     final_input: Vec<T>,
     final_normed: Vec<T>,
     final_rstd: Vec<T>,
@@ -94,10 +98,7 @@ impl<T> ForwardPass<T> {
     pub fn selected_experts(&self) -> Vec<&[usize]> {
         self.blocks
             .iter()
-            .filter_map(|block| match &block.ffn {
-                FeedForwardPass::Moe(pass) => Some(pass.routing.experts.as_slice()),
-                FeedForwardPass::Dense(_) => None,
-            })
+            .filter_map(BlockActivations::selected_experts)
             .collect()
     }
 
@@ -105,11 +106,28 @@ impl<T> ForwardPass<T> {
     pub fn expert_loads(&self) -> Vec<Vec<usize>> {
         self.blocks
             .iter()
-            .filter_map(|block| match &block.ffn {
-                FeedForwardPass::Moe(pass) => Some(pass.expert_load()),
-                FeedForwardPass::Dense(_) => None,
-            })
+            .filter_map(BlockActivations::expert_load)
             .collect()
+    }
+
+    /// Bytes of activations this pass holds for the backward pass: every
+    /// buffer it owns (token ids and the final softmax included), counted by
+    /// capacity. With [`ActivationMemory::RecomputeBlocks`] the backward pass
+    /// additionally holds one recomputed block at a time.
+    pub fn activation_bytes(&self) -> usize {
+        let blocks: usize = self.block_activation_bytes().iter().sum();
+        blocks
+            + self.tokens.held_bytes()
+            + self.targets.held_bytes()
+            + self.final_input.held_bytes()
+            + self.final_normed.held_bytes()
+            + self.final_rstd.held_bytes()
+            + self.probs.held_bytes()
+    }
+
+    /// The part of [`Self::activation_bytes`] each block holds, in block order.
+    pub fn block_activation_bytes(&self) -> Vec<usize> {
+        self.blocks.iter().map(HeldBytes::held_bytes).collect()
     }
 }
 
@@ -218,9 +236,20 @@ impl<T: Scalar> Model<T> {
     }
 
     /// Runs the model on `tokens` (whole sequences of `seq_len`), predicting
-    /// `targets` (the next token at each position). Every id must be below
-    /// the vocabulary size; the data loader guarantees both.
+    /// `targets` (the next token at each position), keeping every
+    /// activation. Every id must be below the vocabulary size; the data
+    /// loader guarantees both.
     pub fn forward(&self, tokens: &[u32], targets: &[u32]) -> ForwardPass<T> {
+        self.forward_with(tokens, targets, ActivationMemory::KeepAll)
+    }
+
+    /// [`Self::forward`], keeping what `memory` says for the backward pass.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+    ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
         assert!(
@@ -237,9 +266,13 @@ impl<T: Scalar> Model<T> {
         let context = self.context();
         let mut blocks = Vec::with_capacity(config.layers);
         let precision = config.gemm_precision;
+        let mut aux_loss = 0.0;
         for (block, scales) in self.weights.blocks.iter().zip(&self.scales) {
             let (output, pass) = context.forward(block, scales.linears(precision), x);
-            blocks.push(pass);
+            if let FeedForwardPass::Moe(moe) = &pass.ffn {
+                aux_loss += moe.aux_loss.to_f64();
+            }
+            blocks.push(BlockActivations::keep(pass, memory));
             x = output;
         }
         let mut final_normed = vec![T::ZERO; n * h];
@@ -257,13 +290,6 @@ impl<T: Scalar> Model<T> {
         let mut probs = vec![T::ZERO; n * vocab];
         cross_entropy::forward(&mut losses, &mut probs, &logits, targets, vocab);
         let cross_entropy = losses.iter().map(|l| l.to_f64()).sum::<f64>() / n as f64;
-        let aux_loss = blocks
-            .iter()
-            .map(|b| match &b.ffn {
-                FeedForwardPass::Moe(pass) => pass.aux_loss.to_f64(),
-                FeedForwardPass::Dense(_) => 0.0,
-            })
-            .sum();
         ForwardPass {
             tokens: tokens.to_vec(),
             targets: targets.to_vec(),
@@ -312,8 +338,18 @@ impl<T: Scalar> Model<T> {
             .zip(&self.scales)
             .zip(&pass.blocks)
             .zip(&mut grads.blocks);
-        for (((block, scales), block_pass), block_grads) in layers.rev() {
+        for (((block, scales), activations), block_grads) in layers.rev() {
             let linears = scales.linears(precision);
+            // A checkpointed block is rerun from its input; the rerun's
+            // activations live only until the block's backward is done.
+            let recomputed;
+            let block_pass = match activations {
+                BlockActivations::Kept(pass) => pass,
+                BlockActivations::Checkpointed { input, .. } => {
+                    recomputed = context.forward(block, linears, input.clone()).1;
+                    &recomputed
+                }
+            };
             context.backward(block, linears, block_pass, &mut dres, block_grads);
         }
         embedding::backward(&mut grads.embedding, &dres, &pass.tokens, h);

@@ -5,6 +5,8 @@
 //! expert) and the one a grouped GEMM consumes; no token is ever dropped for
 //! capacity.
 
+use crate::memory::HeldBytes;
+
 /// Assignments sorted by expert (a counting sort, so stable: tokens stay in order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dispatch {
@@ -52,6 +54,12 @@ impl Dispatch {
     /// Tokens routed to each expert.
     pub fn load(&self) -> Vec<usize> {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+}
+
+impl HeldBytes for Dispatch {
+    fn held_bytes(&self) -> usize {
+        self.offsets.held_bytes() + self.slots.held_bytes()
     }
 }
 

@@ -2,6 +2,7 @@
 //! batch of rows: `out = (silu(x @ w1^T) * (x @ w3^T)) @ w2^T`.
 
 use crate::linear::Linears;
+use crate::memory::HeldBytes;
 use crate::ops::swiglu;
 use crate::scalar::Scalar;
 
@@ -42,6 +43,12 @@ pub struct SwiGluActivations<T> {
     pub a: Vec<T>,
     pub b: Vec<T>,
     pub h: Vec<T>,
+}
+
+impl<T> HeldBytes for SwiGluActivations<T> {
+    fn held_bytes(&self) -> usize {
+        self.a.held_bytes() + self.b.held_bytes() + self.h.held_bytes()
+    }
 }
 
 impl<'a, T> SwiGluMlp<'a, T> {

@@ -2,6 +2,7 @@
 //! over its tokens, scatter-add the gated outputs back, add the shared experts.
 
 use crate::linear::Linears;
+use crate::memory::HeldBytes;
 use crate::moe::balance;
 use crate::moe::config::{MoeConfig, MoeConfigError};
 use crate::moe::dispatch::Dispatch;
@@ -48,6 +49,22 @@ impl<T> MoeForward<T> {
     /// Tokens routed to each expert in this pass (for metrics and the bias update).
     pub fn expert_load(&self) -> Vec<usize> {
         self.dispatch.load()
+    }
+}
+
+impl<T> HeldBytes for MoeForward<T> {
+    fn held_bytes(&self) -> usize {
+        let routed: usize = self
+            .routed
+            .iter()
+            .map(|e| e.input.held_bytes() + e.activations.held_bytes() + e.output.held_bytes())
+            .sum();
+        self.output.held_bytes()
+            + self.routing.held_bytes()
+            + self.dispatch.held_bytes()
+            + routed
+            + self.routed.held_bytes()
+            + self.shared.held_bytes()
     }
 }
 

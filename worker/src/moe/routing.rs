@@ -6,6 +6,7 @@
 //! balancing "auxiliary-loss-free": steering load never distorts the output
 //! or the router's gradient.
 
+use crate::memory::HeldBytes;
 use crate::moe::config::{MoeConfig, ScoreFunction};
 use crate::ops::softmax;
 use crate::scalar::Scalar;
@@ -39,6 +40,12 @@ impl<T: Scalar> Routing<T> {
             load[e] += 1;
         }
         load
+    }
+}
+
+impl<T> HeldBytes for Routing<T> {
+    fn held_bytes(&self) -> usize {
+        self.scores.held_bytes() + self.experts.held_bytes() + self.gates.held_bytes()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod matmul;
+mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;

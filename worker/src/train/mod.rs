@@ -107,7 +107,9 @@ impl Trainer {
                 return None;
             }
             let batch = self.data.next_batch(settings.micro_batch);
-            let pass = self.model.forward(&batch.inputs, &batch.targets);
+            let pass =
+                self.model
+                    .forward_with(&batch.inputs, &batch.targets, settings.activation_memory);
             self.model.backward(&pass, &mut self.grads);
             loss += pass.cross_entropy;
             aux_loss += pass.aux_loss;

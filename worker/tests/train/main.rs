@@ -1,10 +1,12 @@
 //! Tests of the whole model, training, checkpoints and the `moe-worker` binary.
 
+mod activation_checkpointing;
 mod checkpoints;
 mod cli;
 mod fp8;
 mod gradients;
 mod learning;
+mod sigkill;
 
 use std::path::{Path, PathBuf};
 

@@ -193,7 +193,9 @@ async fn plain_run(client: &Client, n: usize, children: bool) -> Result<Duration
         let (api, config_maps, services) = (api.clone(), config_maps.clone(), services.clone());
         let name = format!("b{i}");
         let job = plain_job(&name, &ns.name);
-        let owner = training_job(&name);
+        let mut owner = training_job(&name);
+        owner.metadata.namespace = Some(ns.name.clone());
+        owner.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
         async move {
             if children {
                 let mut cm = build::config_map(&owner);
