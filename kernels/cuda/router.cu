@@ -107,3 +107,49 @@ extern "C" __global__ void router_topk_f32(float* scores, int* experts, float* g
         for (int j = 0; j < top_k; ++j) token_gates[j] *= scale;
     }
 }
+
+// The routing backward, fused, one warp per token: d loss / d gates ->
+// d scores of the selected experts (normalisation and scaling undone, as
+// worker/src/moe/routing.rs gates_backward) -> d logits through the score
+// function (scores_backward). Overwrites dlogits [tokens, n_experts].
+extern "C" __global__ void router_backward_f32(float* dlogits, const float* dgates, const float* scores,
+                                               const int* experts, int tokens, int n_experts, int top_k,
+                                               int sigmoid_scores, int normalize, float scaling) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int token = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (token >= tokens) return;
+    const float* s = scores + (size_t)token * n_experts;
+    const int* chosen = experts + (size_t)token * top_k;
+    const float* dg = dgates + (size_t)token * top_k;
+    float* dz = dlogits + (size_t)token * n_experts;
+
+    // Every lane computes the (few) selected experts' score gradients itself.
+    float denominator = 1e-20f, weighted = 0.0f;
+    if (normalize) {
+        for (int j = 0; j < top_k; ++j) denominator += s[chosen[j]];
+        for (int j = 0; j < top_k; ++j) weighted += dg[j] * s[chosen[j]];
+    }
+    // d score of expert e (0 unless selected).
+    auto dscore = [&](int e) {
+        float d = 0.0f;
+        for (int j = 0; j < top_k; ++j) {
+            if (chosen[j] != e) continue;
+            d += normalize ? scaling * (dg[j] / denominator - weighted / (denominator * denominator))
+                           : scaling * dg[j];
+        }
+        return d;
+    };
+    if (sigmoid_scores) {
+        for (int e = lane; e < n_experts; e += 32) dz[e] = dscore(e) * s[e] * (1.0f - s[e]);
+    } else {
+        // Softmax: dz_e = p_e (ds_e - sum_i ds_i p_i); ds is non-zero only on the selected experts.
+        float projection = 0.0f;
+        for (int j = 0; j < top_k; ++j) {
+            const int e = chosen[j];
+            bool first = true;  // count an expert once even if listed twice
+            for (int i = 0; i < j; ++i) first &= chosen[i] != e;
+            if (first) projection += dscore(e) * s[e];
+        }
+        for (int e = lane; e < n_experts; e += 32) dz[e] = s[e] * (dscore(e) - projection);
+    }
+}

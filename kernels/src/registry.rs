@@ -53,7 +53,7 @@ pub const CROSS_ENTROPY: Family = family!(
 );
 pub const ROPE: Family = family!("rope", ["rope_f32"]);
 pub const ADAMW: Family = family!("adamw", ["adamw_f32"]);
-pub const ROUTER: Family = family!("router", ["router_topk_f32"]);
+pub const ROUTER: Family = family!("router", ["router_topk_f32", "router_backward_f32"]);
 pub const PERMUTE: Family = family!(
     "permute",
     [

@@ -1077,6 +1077,69 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
             &cpu.output,
             1e-2,
         ));
+        // Backward: the same dout on both sides, gradients accumulated from zero
+        // (dx from a non-zero start, to check that it adds).
+        let dout = random(tokens * config.hidden, 92);
+        let dx0 = random(tokens * config.hidden, 93);
+        let mut dx = dx0.clone();
+        let mut grads = MoeParams::zeros(&config);
+        layer.backward(&cpu, &x, &dout, &mut dx, &mut grads);
+        let x_d = gpu.upload(&x)?;
+        let mut dx_d = gpu.upload(&dx0)?;
+        let mut grads_d = super::moe_layer::DeviceMoeGrads::zeros(gpu, &device)?;
+        device.backward(
+            gpu,
+            &forward,
+            &x_d,
+            &gpu.upload(&dout)?,
+            &mut dx_d,
+            &mut grads_d,
+        )?;
+        let pairs = [
+            ("moe_layer.backward.dx", &dx_d, &dx),
+            ("moe_layer.backward.router", &grads_d.router, &grads.router),
+            (
+                "moe_layer.backward.experts_w1",
+                &grads_d.w1,
+                &grads.experts_w1,
+            ),
+            (
+                "moe_layer.backward.experts_w3",
+                &grads_d.w3,
+                &grads.experts_w3,
+            ),
+            (
+                "moe_layer.backward.experts_w2",
+                &grads_d.w2,
+                &grads.experts_w2,
+            ),
+            (
+                "moe_layer.backward.shared_w1",
+                &grads_d.shared_w1,
+                &grads.shared_w1,
+            ),
+            (
+                "moe_layer.backward.shared_w3",
+                &grads_d.shared_w3,
+                &grads.shared_w3,
+            ),
+            (
+                "moe_layer.backward.shared_w2",
+                &grads_d.shared_w2,
+                &grads.shared_w2,
+            ),
+        ];
+        for (op, device_grad, cpu_grad) in pairs {
+            if !cpu_grad.is_empty() {
+                checks.push(close_to_scale(
+                    op,
+                    name,
+                    &gpu.download(device_grad)?,
+                    cpu_grad,
+                    1e-2,
+                ));
+            }
+        }
     }
     Ok(checks)
 }

@@ -145,3 +145,56 @@ pub fn forward_exact(
     unsafe { launch.launch(config) }?;
     Ok(())
 }
+
+/// Row-major `c (+)= op_a(a) @ op_b(b)` with `op_a(a): [m, k]`, `op_b(b): [k, n]`;
+/// `a_transposed` means `a` is stored `[k, m]`, `b_transposed` that `b` is
+/// stored `[n, k]`. The backward GEMMs: `dx = dy @ w` (`w` as stored) and
+/// `dw += dyᵀ @ x` (`dy` transposed). TF32, like [`forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    gpu: &Gpu,
+    c: &mut CudaViewMut<'_, f32>,
+    a: &CudaView<'_, f32>,
+    a_transposed: bool,
+    b: &CudaView<'_, f32>,
+    b_transposed: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    assert!(
+        a.len() == m * k && b.len() == k * n && c.len() == m * n,
+        "gemm shapes"
+    );
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // An empty sum: nothing to add, but an overwrite means zeros.
+        if !accumulate {
+            gpu.stream().memset_zeros(c)?;
+        }
+        return Ok(());
+    }
+    // Column-major, cᵀ [n, m] = op_b(b)ᵀ op_a(a)ᵀ: cuBLASLt's A is `b`, its B is `a`.
+    let cfg = MatmulConfig {
+        transa: b_transposed,
+        transb: a_transposed,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: if b_transposed { k } else { n } as i64,
+        ldb: if a_transposed { m } else { k } as i64,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let blas = gpu.blas()?;
+    unsafe { blas.matmul(cfg, b, a, c, None, None) }?;
+    Ok(())
+}

@@ -51,6 +51,8 @@ pub enum GpuError {
     Driver(#[from] DriverError),
     #[error("cuBLASLt: {0:?}")]
     Blas(CublasError),
+    #[error("not supported on the device yet: {0}")]
+    Unsupported(String),
 }
 
 impl From<CublasError> for GpuError {

@@ -4,7 +4,7 @@
 //! its contiguous segment of rows (cuBLASLt, TF32) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::{Gpu, Result, dispatch, matmul, routing, swiglu};
+use super::{Gpu, GpuError, Result, dispatch, matmul, routing, swiglu};
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
 use moe_kernels::cudarc::driver::CudaSlice;
@@ -36,6 +36,33 @@ pub struct DeviceMoeForward {
     pub b: CudaSlice<f32>,
     pub h: CudaSlice<f32>,
     pub expert_out: CudaSlice<f32>,
+    /// The shared experts' activations (a, b, h), when there are any.
+    pub shared: Option<[CudaSlice<f32>; 3]>,
+}
+
+/// Gradients of a layer's weights, laid out as [`crate::moe::params::MoeParams`].
+pub struct DeviceMoeGrads {
+    pub router: CudaSlice<f32>,
+    pub w1: CudaSlice<f32>,
+    pub w3: CudaSlice<f32>,
+    pub w2: CudaSlice<f32>,
+    pub shared_w1: CudaSlice<f32>,
+    pub shared_w3: CudaSlice<f32>,
+    pub shared_w2: CudaSlice<f32>,
+}
+
+impl DeviceMoeGrads {
+    pub fn zeros(gpu: &Gpu, layer: &DeviceMoeLayer) -> Result<Self> {
+        Ok(Self {
+            router: gpu.zeros(layer.router.len())?,
+            w1: gpu.zeros(layer.w1.len())?,
+            w3: gpu.zeros(layer.w3.len())?,
+            w2: gpu.zeros(layer.w2.len())?,
+            shared_w1: gpu.zeros(layer.shared_w1.len())?,
+            shared_w3: gpu.zeros(layer.shared_w3.len())?,
+            shared_w2: gpu.zeros(layer.shared_w2.len())?,
+        })
+    }
 }
 
 impl DeviceMoeLayer {
@@ -133,13 +160,14 @@ impl DeviceMoeLayer {
             hidden,
         )?;
 
-        let shared = c.shared_hidden();
-        if shared > 0 {
-            let mut sa = gpu.zeros::<f32>(tokens * shared)?;
-            let mut sb = gpu.zeros::<f32>(tokens * shared)?;
-            let mut sh = gpu.zeros::<f32>(tokens * shared)?;
-            matmul::forward(gpu, &mut sa, x, &self.shared_w1, hidden, shared)?;
-            matmul::forward(gpu, &mut sb, x, &self.shared_w3, hidden, shared)?;
+        let shared_width = c.shared_hidden();
+        let mut shared = None;
+        if shared_width > 0 {
+            let mut sa = gpu.zeros::<f32>(tokens * shared_width)?;
+            let mut sb = gpu.zeros::<f32>(tokens * shared_width)?;
+            let mut sh = gpu.zeros::<f32>(tokens * shared_width)?;
+            matmul::forward(gpu, &mut sa, x, &self.shared_w1, hidden, shared_width)?;
+            matmul::forward(gpu, &mut sb, x, &self.shared_w3, hidden, shared_width)?;
             swiglu::forward(gpu, &mut sh, &sa, &sb)?;
             // output += shared(x), accumulated by the GEMM itself.
             matmul::forward_view(
@@ -147,10 +175,11 @@ impl DeviceMoeLayer {
                 &mut output.slice_mut(..),
                 &sh.slice(..),
                 &self.shared_w2.slice(..),
-                shared,
+                shared_width,
                 hidden,
                 true,
             )?;
+            shared = Some([sa, sb, sh]);
         }
         Ok(DeviceMoeForward {
             output,
@@ -162,6 +191,240 @@ impl DeviceMoeLayer {
             b,
             h,
             expert_out,
+            shared,
         })
+    }
+}
+
+impl DeviceMoeLayer {
+    /// As [`MoeLayer::backward`]: adds d loss / d x into `dx` and the weight
+    /// gradients into `grads`, given `dout` = d loss / d output. The
+    /// sequence-wise aux loss's gradient is not on the device yet: layers
+    /// with `aux_loss_alpha > 0` are refused.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        pass: &DeviceMoeForward,
+        x: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut DeviceMoeGrads,
+    ) -> Result<()> {
+        let c = &self.config;
+        if c.aux_loss_alpha > 0.0 {
+            return Err(GpuError::Unsupported(
+                "the sequence-wise aux loss (aux_loss_alpha > 0) has no device backward yet".into(),
+            ));
+        }
+        let (hidden, inner, n_experts) = (c.hidden, c.expert_hidden, c.n_routed_experts);
+        let tokens = x.len() / hidden;
+        let rows = pass.dispatch.rows();
+        let weights = inner * hidden;
+
+        // Combine's backward: each row's output gradient and each gate's.
+        let mut dy = gpu.zeros::<f32>(rows * hidden)?;
+        let mut dgates = gpu.zeros::<f32>(rows)?;
+        dispatch::unpermute_backward(
+            gpu,
+            &mut dy,
+            &mut dgates,
+            dout,
+            &pass.expert_out,
+            &pass.routing.gates,
+            &pass.dispatch,
+            hidden,
+        )?;
+
+        // Experts, segment by segment: down projection, SwiGLU, up projections.
+        let mut dh = gpu.zeros::<f32>(rows * inner)?;
+        let segments: Vec<(usize, usize, usize)> = pass
+            .load
+            .iter()
+            .enumerate()
+            .scan(0usize, |start, (e, &len)| {
+                let segment = (e, *start, len);
+                *start += len;
+                Some(segment)
+            })
+            .filter(|&(_, _, len)| len > 0)
+            .collect();
+        for &(e, start, len) in &segments {
+            let dy_e = dy.slice(start * hidden..(start + len) * hidden);
+            let w2_e = self.w2.slice(e * weights..(e + 1) * weights);
+            let h_e = pass.h.slice(start * inner..(start + len) * inner);
+            let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
+            matmul::gemm(
+                gpu,
+                &mut dh_e,
+                &dy_e,
+                false,
+                &w2_e,
+                false,
+                (len, inner, hidden),
+                false,
+            )?;
+            let mut dw2_e = grads.w2.slice_mut(e * weights..(e + 1) * weights);
+            matmul::gemm(
+                gpu,
+                &mut dw2_e,
+                &dy_e,
+                true,
+                &h_e,
+                false,
+                (hidden, inner, len),
+                true,
+            )?;
+        }
+        let mut da = gpu.zeros::<f32>(rows * inner)?;
+        let mut db = gpu.zeros::<f32>(rows * inner)?;
+        swiglu::backward(gpu, &mut da, &mut db, &dh, &pass.a, &pass.b)?;
+        let mut dxp = gpu.zeros::<f32>(rows * hidden)?;
+        for &(e, start, len) in &segments {
+            let da_e = da.slice(start * inner..(start + len) * inner);
+            let db_e = db.slice(start * inner..(start + len) * inner);
+            let xp_e = pass.permuted.slice(start * hidden..(start + len) * hidden);
+            let w1_e = self.w1.slice(e * weights..(e + 1) * weights);
+            let w3_e = self.w3.slice(e * weights..(e + 1) * weights);
+            let mut dxp_e = dxp.slice_mut(start * hidden..(start + len) * hidden);
+            matmul::gemm(
+                gpu,
+                &mut dxp_e,
+                &da_e,
+                false,
+                &w1_e,
+                false,
+                (len, hidden, inner),
+                false,
+            )?;
+            matmul::gemm(
+                gpu,
+                &mut dxp_e,
+                &db_e,
+                false,
+                &w3_e,
+                false,
+                (len, hidden, inner),
+                true,
+            )?;
+            let mut dw1_e = grads.w1.slice_mut(e * weights..(e + 1) * weights);
+            matmul::gemm(
+                gpu,
+                &mut dw1_e,
+                &da_e,
+                true,
+                &xp_e,
+                false,
+                (inner, hidden, len),
+                true,
+            )?;
+            let mut dw3_e = grads.w3.slice_mut(e * weights..(e + 1) * weights);
+            matmul::gemm(
+                gpu,
+                &mut dw3_e,
+                &db_e,
+                true,
+                &xp_e,
+                false,
+                (inner, hidden, len),
+                true,
+            )?;
+        }
+        dispatch::permute_backward(gpu, dx, &dxp, &pass.dispatch, hidden)?;
+
+        // Shared experts, on every token.
+        if let Some([sa, sb, sh]) = &pass.shared {
+            let width = c.shared_hidden();
+            let mut dsh = gpu.zeros::<f32>(tokens * width)?;
+            let (dout_v, x_v) = (dout.slice(..), x.slice(..));
+            matmul::gemm(
+                gpu,
+                &mut dsh.slice_mut(..),
+                &dout_v,
+                false,
+                &self.shared_w2.slice(..),
+                false,
+                (tokens, width, hidden),
+                false,
+            )?;
+            matmul::gemm(
+                gpu,
+                &mut grads.shared_w2.slice_mut(..),
+                &dout_v,
+                true,
+                &sh.slice(..),
+                false,
+                (hidden, width, tokens),
+                true,
+            )?;
+            let mut dsa = gpu.zeros::<f32>(tokens * width)?;
+            let mut dsb = gpu.zeros::<f32>(tokens * width)?;
+            swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb)?;
+            matmul::gemm(
+                gpu,
+                &mut dx.slice_mut(..),
+                &dsa.slice(..),
+                false,
+                &self.shared_w1.slice(..),
+                false,
+                (tokens, hidden, width),
+                true,
+            )?;
+            matmul::gemm(
+                gpu,
+                &mut dx.slice_mut(..),
+                &dsb.slice(..),
+                false,
+                &self.shared_w3.slice(..),
+                false,
+                (tokens, hidden, width),
+                true,
+            )?;
+            matmul::gemm(
+                gpu,
+                &mut grads.shared_w1.slice_mut(..),
+                &dsa.slice(..),
+                true,
+                &x_v,
+                false,
+                (width, hidden, tokens),
+                true,
+            )?;
+            matmul::gemm(
+                gpu,
+                &mut grads.shared_w3.slice_mut(..),
+                &dsb.slice(..),
+                true,
+                &x_v,
+                false,
+                (width, hidden, tokens),
+                true,
+            )?;
+        }
+
+        // Router: gates → scores → logits → router weights and input.
+        let mut dlogits = gpu.zeros::<f32>(tokens * n_experts)?;
+        routing::backward(gpu, c, &mut dlogits, &dgates, &pass.routing)?;
+        let dlogits_v = dlogits.slice(..);
+        matmul::gemm(
+            gpu,
+            &mut dx.slice_mut(..),
+            &dlogits_v,
+            false,
+            &self.router.slice(..),
+            false,
+            (tokens, hidden, n_experts),
+            true,
+        )?;
+        matmul::gemm(
+            gpu,
+            &mut grads.router.slice_mut(..),
+            &dlogits_v,
+            true,
+            &x.slice(..),
+            false,
+            (n_experts, hidden, tokens),
+            true,
+        )?;
+        Ok(())
     }
 }

@@ -95,3 +95,43 @@ pub fn route(
     unsafe { launch.launch(config) }?;
     Ok(routing)
 }
+
+/// The routing backward: d loss / d gates → d loss / d logits (overwritten),
+/// as [`crate::moe::routing::gates_backward`] then
+/// [`crate::moe::routing::scores_backward`], fused. The sequence aux loss's
+/// gradient is not included (see [`super::moe_layer`]).
+pub fn backward(
+    gpu: &Gpu,
+    config: &MoeConfig,
+    dlogits: &mut CudaSlice<f32>,
+    dgates: &CudaSlice<f32>,
+    routing: &DeviceRouting,
+) -> Result<()> {
+    let tokens = routing.tokens();
+    assert!(
+        dlogits.len() == routing.scores.len() && dgates.len() == routing.gates.len(),
+        "routing gradient shapes"
+    );
+    if tokens == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&ROUTER, "router_backward_f32")?;
+    let sigmoid = i32::from(config.score_function == ScoreFunction::Sigmoid);
+    let normalize = i32::from(config.normalizes_gates());
+    let scaling = config.routed_scaling_factor as f32;
+    let (tokens_i, experts_i, k_i) = (int(tokens), int(routing.n_experts), int(routing.top_k));
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(dlogits)
+        .arg(dgates)
+        .arg(&routing.scores)
+        .arg(&routing.experts)
+        .arg(&tokens_i)
+        .arg(&experts_i)
+        .arg(&k_i)
+        .arg(&sigmoid)
+        .arg(&normalize)
+        .arg(&scaling);
+    unsafe { launch.launch(grid(tokens.div_ceil(WARPS), (WARPS * 32) as u32, 0)) }?;
+    Ok(())
+}
