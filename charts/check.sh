@@ -69,12 +69,12 @@ check "default values render the operator, its RBAC, metrics Service, PDB, CRDs 
   ClusterRole/moe-moe-operator ClusterRoleBinding/moe-moe-operator Role/moe-moe-operator-leader-election \
   RoleBinding/moe-moe-operator-leader-election ServiceAccount/moe-moe-operator Service/moe-moe-operator \
   Deployment/moe-moe-operator PodDisruptionBudget/moe-moe-operator Pod/moe-moe-operator-test-ready \
-  CustomResourceDefinition/moetrainingjobs.moe.dev
+  CustomResourceDefinition/moetrainingjobs.moe.dev CustomResourceDefinition/moeinferenceservices.moe.dev
 check "full values add the ServiceMonitor and NetworkPolicy; watchNamespace makes the RBAC a Role" want_kinds "$tmp/full.yaml" \
   Role/moe-moe-operator RoleBinding/moe-moe-operator Role/moe-moe-operator-leader-election \
   RoleBinding/moe-moe-operator-leader-election ServiceAccount/moe-operator-full Service/moe-moe-operator \
   Deployment/moe-moe-operator PodDisruptionBudget/moe-moe-operator Pod/moe-moe-operator-test-ready \
-  CustomResourceDefinition/moetrainingjobs.moe.dev ServiceMonitor/moe-moe-operator NetworkPolicy/moe-moe-operator
+  CustomResourceDefinition/moetrainingjobs.moe.dev CustomResourceDefinition/moeinferenceservices.moe.dev ServiceMonitor/moe-moe-operator NetworkPolicy/moe-moe-operator
 check "the worker image reaches the operator as --worker-image" \
   grep -qF -- "- --worker-image=registry.example.com/moe/moe-worker:9.9.9-cuda12.8" "$tmp/full.yaml"
 check "the default worker image is the appVersion's" \

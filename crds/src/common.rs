@@ -130,8 +130,9 @@ pub struct WorkerSpec {
     /// Compute device of the worker processes.
     #[serde(default)]
     pub device: Device,
-    /// Resources of the worker container (one per node). For CUDA workers the
-    /// operator sets `nvidia.com/gpu` to `parallelism.processesPerNode`.
+    /// Resources of the worker container (one per pod). For CUDA workers the
+    /// operator sets `nvidia.com/gpu` to the processes per pod
+    /// (`parallelism.processesPerNode` in training, `processesPerPod` in serving).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved.
@@ -195,4 +196,10 @@ pub mod condition {
     pub const READY: &str = "Ready";
     pub const RECONCILING: &str = "Reconciling";
     pub const STALLED: &str = "Stalled";
+    /// Serving: enough replicas are ready to serve (Deployment semantics).
+    pub const AVAILABLE: &str = "Available";
+    /// Serving: working toward the spec (creating, updating, waiting for a model or capacity).
+    pub const PROGRESSING: &str = "Progressing";
+    /// Serving: serving, but with fewer ready replicas than asked for.
+    pub const DEGRADED: &str = "Degraded";
 }

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::common::Device;
+use crate::inference::{ModelFormat, ServingParallelism, ServingPrecision};
 use crate::training::{DataSpec, ModelSpec, ParallelismSpec, ResumePolicy, TrainingSpec};
 
 /// Environment variables set on every worker container.
@@ -28,6 +29,8 @@ pub mod env {
     pub const CONFIG: &str = "MOE_CONFIG";
     /// `namespace/name` of the MoETrainingJob, for logs and metrics.
     pub const JOB: &str = "MOE_JOB";
+    /// `namespace/name` of the MoEInferenceService a server pod belongs to.
+    pub const SERVICE: &str = "MOE_SERVICE";
 
     /// Optional: where rank 0 serves `/progress` and `/metrics` (default
     /// `0.0.0.0:<METRICS_PORT>`; `off` disables). Local runs use loopback.
@@ -43,6 +46,7 @@ pub mod env {
         ATTEMPT,
         CONFIG,
         JOB,
+        SERVICE,
     ];
 }
 
@@ -52,6 +56,15 @@ pub const CONFIG_PATH: &str = "/etc/moe/config.json";
 pub const COORDINATOR_PORT: u16 = 29400;
 /// Port of the worker's Prometheus `/metrics` and progress endpoint.
 pub const METRICS_PORT: u16 = 9400;
+/// Default port of a server's HTTP API (`spec.serving.port`), which also
+/// answers [`HEALTH_PATH`] and [`READY_PATH`].
+pub const SERVING_PORT: u16 = 8000;
+/// Liveness of a server: 200 once the process is up (also while it loads).
+/// The startup probe reads it too, so a long load is never killed early.
+pub const HEALTH_PATH: &str = "/healthz";
+/// Readiness of a server: 200 only when its replica's weights are loaded and
+/// it accepts requests; the Service sends traffic only to ready pods.
+pub const READY_PATH: &str = "/readyz";
 
 /// The resolved configuration a worker runs: everything about the model and
 /// training from the MoETrainingJob, with defaults filled in and paths made
@@ -83,4 +96,29 @@ pub struct CheckpointConfig {
     pub interval_steps: i64,
     pub keep: i32,
     pub resume: ResumePolicy,
+}
+
+/// The resolved configuration a server (`moe-worker serve`) runs, rendered by
+/// the operator into the MoEInferenceService's ConfigMap.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingConfig {
+    /// `namespace/name` of the MoEInferenceService.
+    pub service: String,
+    /// Directory of the weights, as mounted (read-only).
+    pub model_dir: String,
+    pub format: ModelFormat,
+    /// Checkpoint step to load; unset: the newest complete one in `modelDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_step: Option<i64>,
+    /// The model shape, when known before loading (carried over from the
+    /// training job); otherwise read from the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    pub parallelism: ServingParallelism,
+    pub port: u16,
+    pub max_batch_tokens: i32,
+    pub max_concurrent_requests: i32,
+    pub precision: ServingPrecision,
+    pub device: Device,
 }

@@ -1,7 +1,8 @@
 //! Test support shared by the crds unit tests, `moectl`'s tests and the e2e
-//! suite: the table of MoETrainingJobs the API must reject
-//! (`tests/fixtures/invalid-training-jobs.yaml`, embedded at build time) and
-//! the JSON merge patch its cases are written in.
+//! suite: the tables of objects the API must reject, one per kind
+//! (`tests/fixtures/invalid-training-jobs.yaml` and
+//! `tests/fixtures/invalid-inference-services.yaml`, embedded at build time),
+//! and the JSON merge patch their cases are written in.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -33,17 +34,15 @@ struct RawCase {
     by: Option<String>,
 }
 
-const TABLE: &str = include_str!("../../tests/fixtures/invalid-training-jobs.yaml");
+const TRAINING_TABLE: &str = include_str!("../../tests/fixtures/invalid-training-jobs.yaml");
+const INFERENCE_TABLE: &str = include_str!("../../tests/fixtures/invalid-inference-services.yaml");
 
-/// The valid base of the table.
-pub fn valid_training_job() -> Value {
-    let table: Table = serde_yaml::from_str(TABLE).expect("the fixture table parses");
-    table.base
+fn table(text: &str) -> Table {
+    serde_yaml::from_str(text).expect("the fixture table parses")
 }
 
-/// Every case of the table, patched onto the base.
-pub fn invalid_training_jobs() -> Vec<InvalidCase> {
-    let table: Table = serde_yaml::from_str(TABLE).expect("the fixture table parses");
+/// Every case of a table, patched onto its base.
+fn cases(table: Table) -> Vec<InvalidCase> {
     table
         .cases
         .into_iter()
@@ -58,6 +57,26 @@ pub fn invalid_training_jobs() -> Vec<InvalidCase> {
             }
         })
         .collect()
+}
+
+/// The valid base of the MoETrainingJob table.
+pub fn valid_training_job() -> Value {
+    table(TRAINING_TABLE).base
+}
+
+/// Every case of the MoETrainingJob table, patched onto the base.
+pub fn invalid_training_jobs() -> Vec<InvalidCase> {
+    cases(table(TRAINING_TABLE))
+}
+
+/// The valid base of the MoEInferenceService table.
+pub fn valid_inference_service() -> Value {
+    table(INFERENCE_TABLE).base
+}
+
+/// Every case of the MoEInferenceService table, patched onto the base.
+pub fn invalid_inference_services() -> Vec<InvalidCase> {
+    cases(table(INFERENCE_TABLE))
 }
 
 /// RFC 7386 JSON merge patch: objects merge recursively, `null` removes a key,

@@ -9,13 +9,15 @@
 pub mod common;
 pub mod contract;
 pub mod fixtures;
+pub mod inference;
 pub mod training;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 pub use common::*;
-pub use contract::{CheckpointConfig, WorkerConfig};
+pub use contract::{CheckpointConfig, ServingConfig, WorkerConfig};
+pub use inference::*;
 pub use training::*;
 
 /// API group of every moe-operator resource.
@@ -30,7 +32,7 @@ pub fn api_version() -> String {
 
 /// Every CRD this project defines, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MoETrainingJob::crd()]
+    vec![MoETrainingJob::crd(), MoEInferenceService::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, as committed under `deploy/crds/`.

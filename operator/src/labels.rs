@@ -11,9 +11,26 @@ pub const MANAGED_BY_VALUE: &str = "moe-operator";
 pub const JOB_NAME: &str = "moe.dev/job-name";
 /// Attempt number, on attempt Jobs and their pods.
 pub const ATTEMPT: &str = "moe.dev/attempt";
-/// Role of a pod in the job (`worker`).
+/// Role of a pod in the job (`worker`) or service (`server`).
 pub const ROLE: &str = "moe.dev/role";
 pub const ROLE_WORKER: &str = "worker";
+pub const ROLE_SERVER: &str = "server";
+/// Name of the owning MoEInferenceService, on every child and server pod.
+pub const SERVICE_NAME: &str = "moe.dev/service-name";
+/// Index of a server pod's replica group (`podsPerReplica > 1`), on its StatefulSet and pods.
+pub const GROUP: &str = "moe.dev/group";
+/// Incarnation of a replica group: a restart or rollout replaces the group by the next one.
+pub const INCARNATION: &str = "moe.dev/incarnation";
+/// On a group StatefulSet: hash of its pod template (a different one is replaced).
+pub const REVISION: &str = "moe.dev/revision";
+/// On a group StatefulSet: the uids of its pods when all were first ready. A
+/// pod missing from it later is a replacement, so the group restarts as a
+/// whole. (Uids, not a time: no clock skew between operator and apiserver.)
+pub const FORMED_PODS: &str = "moe.dev/formed-pods";
+/// Pod index label the StatefulSet controller sets; index 0 leads a group.
+pub const POD_INDEX: &str = "apps.kubernetes.io/pod-index";
+/// On a server pod template: the model revision it serves (a change rolls the replicas).
+pub const MODEL_REVISION: &str = "moe.dev/model-revision";
 
 /// On an attempt Job: gang restarts counted against backoffLimit before this attempt.
 pub const RESTARTS: &str = "moe.dev/restarts";

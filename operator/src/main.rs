@@ -7,12 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::Parser;
+use futures::FutureExt;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube_lease_manager::LeaseManagerBuilder;
+use moe_operator::inference;
 use moe_operator::metrics::Metrics;
+use moe_operator::pods::BuildContext;
 use moe_operator::server::{self, Health};
-use moe_operator::training::{build::BuildContext, controller};
+use moe_operator::training;
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
@@ -115,13 +118,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
     let stop_reason = Arc::new(std::sync::Mutex::new(None));
+    // One stop signal for both controllers (they drain together).
     let shutdown = {
         let stop_reason = stop_reason.clone();
         async move {
             let reason = stop_rx.await.unwrap_or("shutdown");
             *stop_reason.lock().expect("not poisoned") = Some(reason);
         }
-    };
+    }
+    .shared();
     tokio::spawn(async move {
         let lost = async {
             match leadership {
@@ -142,15 +147,24 @@ async fn main() -> anyhow::Result<()> {
         };
         let _ = stop_tx.send(reason);
     });
-    controller::run(
-        client,
-        args.watch_namespace,
-        build,
-        recorder,
-        metrics,
-        shutdown,
-    )
-    .await;
+    futures::join!(
+        training::controller::run(
+            client.clone(),
+            args.watch_namespace.clone(),
+            build.clone(),
+            recorder.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        inference::controller::run(
+            client,
+            args.watch_namespace,
+            build,
+            recorder,
+            metrics,
+            shutdown,
+        ),
+    );
     http.abort();
     let reason = stop_reason
         .lock()

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use moe_crds::{MoETrainingJob, TrainingPhase};
+use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +37,14 @@ pub struct Metrics {
     jobs_by_phase: Family<PhaseLabels, Gauge>,
     /// Last phase seen per job, to keep `jobs_by_phase` exact.
     phases: Mutex<std::collections::HashMap<String, String>>,
+    services_by_reason: Family<ReasonLabels, Gauge>,
+    /// Last Ready reason seen per service, to keep `services_by_reason` exact.
+    service_reasons: Mutex<std::collections::HashMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 impl Default for Metrics {
@@ -68,6 +76,12 @@ impl Default for Metrics {
             "MoETrainingJobs by phase",
             jobs_by_phase.clone(),
         );
+        let services_by_reason = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "inference_services",
+            "MoEInferenceServices by the reason of their Ready condition",
+            services_by_reason.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -76,6 +90,8 @@ impl Default for Metrics {
             api_calls,
             jobs_by_phase,
             phases: Default::default(),
+            services_by_reason,
+            service_reasons: Default::default(),
         }
     }
 }
@@ -119,6 +135,39 @@ impl Metrics {
             self.jobs_by_phase
                 .get_or_create(&PhaseLabels { phase: new })
                 .inc();
+        }
+    }
+
+    /// Counts `svc` under the reason of its Ready condition.
+    pub fn observe_inference(&self, svc: &MoEInferenceService, reason: Option<&str>) {
+        let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        let new = reason.unwrap_or("Unknown").to_string();
+        let mut reasons = self.service_reasons.lock().expect("not poisoned");
+        let old = reasons.insert(key, new.clone());
+        if old.as_ref() != Some(&new) {
+            if let Some(old) = old {
+                self.services_by_reason
+                    .get_or_create(&ReasonLabels { reason: old })
+                    .dec();
+            }
+            self.services_by_reason
+                .get_or_create(&ReasonLabels { reason: new })
+                .inc();
+        }
+    }
+
+    /// Stops counting a deleted service.
+    pub fn forget_inference(&self, svc: &MoEInferenceService) {
+        let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        if let Some(old) = self
+            .service_reasons
+            .lock()
+            .expect("not poisoned")
+            .remove(&key)
+        {
+            self.services_by_reason
+                .get_or_create(&ReasonLabels { reason: old })
+                .dec();
         }
     }
 

@@ -459,3 +459,110 @@ fn run_local_says_when_there_is_no_worker() {
         stderr(&output)
     );
 }
+
+#[test]
+fn validate_and_render_understand_inference_services() {
+    let dir = scratch("inference");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("examples/inference"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    let cases = moe_crds::fixtures::invalid_inference_services();
+    let bad: Vec<PathBuf> = (0..cases.len())
+        .map(|i| dir.join(format!("case-{i:02}.yaml")))
+        .collect();
+    for (case, file) in cases.iter().zip(&bad) {
+        write_yaml(file, &case.object);
+    }
+    let base = dir.join("base.yaml");
+    write_yaml(&base, &moe_crds::fixtures::valid_inference_service());
+    let output = moectl()
+        .arg("validate")
+        .args(&files)
+        .arg(&base)
+        .args(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stdout(&output);
+    for file in files.iter().chain([&base]) {
+        assert!(
+            text.contains(&format!("{}: ok\n", file.display())),
+            "{text}"
+        );
+    }
+    for (case, file) in cases.iter().zip(&bad) {
+        let prefix = format!("{}: ", file.display());
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert!(
+            lines
+                .iter()
+                .any(|line| case.expect.iter().all(|e| line.contains(e.as_str()))),
+            "{}: no line has all of {:?}: {lines:#?}",
+            case.name,
+            case.expect
+        );
+    }
+
+    // render: ConfigMap, Service, Deployment, PDB and (autoscaling) HPA.
+    let output = moectl()
+        .args(["render", "--namespace", "serve"])
+        .arg(repo("examples/inference/h100-ep8.yaml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let docs = yaml_documents(&stdout(&output));
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Service",
+            "Deployment",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler"
+        ]
+    );
+    let pod = &docs[2]["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        json!("8")
+    );
+    assert!(
+        docs.iter()
+            .all(|d| d["metadata"]["namespace"] == json!("serve"))
+    );
+
+    // Multi-pod replicas: a headless Service and a StatefulSet per group instead of the Deployment.
+    let output = moectl()
+        .arg("render")
+        .arg(repo("examples/inference/h100-2node-ep16.yaml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let docs = yaml_documents(&stdout(&output));
+    let names: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ConfigMap/moe-big-chat-config",
+            "Service/moe-big-chat",
+            "Service/moe-big-chat-pods",
+            "StatefulSet/moe-big-chat-g0-0",
+            "StatefulSet/moe-big-chat-g1-0",
+            "PodDisruptionBudget/moe-big-chat"
+        ]
+    );
+    assert_eq!(docs[3]["spec"]["replicas"], json!(2));
+}

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use moe_operator::cli::check::{Checker, load_job};
-use moe_operator::cli::render::{RenderOptions, render};
+use moe_operator::cli::check::{Checker, Manifest, load_job, load_manifest};
+use moe_operator::cli::render::{RenderOptions, render, render_inference};
 use moe_operator::cli::{local_run, manifest, worker_bin};
 
 #[derive(Parser)]
@@ -29,7 +29,7 @@ enum Command {
     Status,
     /// Print the CustomResourceDefinitions as YAML (what `deploy/crds/` holds).
     Crds,
-    /// Check MoETrainingJob manifests as the apiserver and the operator would.
+    /// Check MoETrainingJob and MoEInferenceService manifests as the apiserver and the operator would.
     ///
     /// Checks unknown fields, schema bounds, the CEL rules and the operator's
     /// own checks, after applying defaults. Prints `FILE: ok` or one `FILE: kind/name: problem` line per problem;
@@ -39,13 +39,15 @@ enum Command {
         #[arg(required = true)]
         files: Vec<String>,
     },
-    /// Print the objects the operator creates for one attempt of a job.
+    /// Print the objects the operator creates for a job (one attempt) or a service.
     ///
-    /// The ConfigMap with the worker config, the headless Service and the
-    /// attempt Job, as a multi-document YAML stream, from the operator's own
-    /// builders. The uid in owner references is a placeholder.
+    /// For a MoETrainingJob: the ConfigMap with the worker config, the
+    /// headless Service and the attempt Job. For a MoEInferenceService: the
+    /// ConfigMap, Service, Deployment, PodDisruptionBudget and (with
+    /// autoscaling) HorizontalPodAutoscaler. A multi-document YAML stream from
+    /// the operator's own builders; the uid in owner references is a placeholder.
     Render {
-        /// The manifest (one MoETrainingJob); `-` reads standard input.
+        /// The manifest (one MoETrainingJob or MoEInferenceService); `-` reads standard input.
         file: String,
         /// Attempt number: 0 is the first, each gang restart adds one.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..))]
@@ -95,14 +97,17 @@ fn main() -> ExitCode {
             attempt,
             namespace,
             worker_image,
-        } => load_job(&file)
-            .and_then(|job| {
+        } => load_manifest(&file)
+            .and_then(|manifest| {
                 let options = RenderOptions {
                     attempt,
                     namespace,
                     worker_image,
                 };
-                Ok(render(job, &options)?)
+                Ok(match manifest {
+                    Manifest::Training(job) => render(*job, &options)?,
+                    Manifest::Inference(svc) => render_inference(*svc, &options)?,
+                })
             })
             .and_then(|yaml| {
                 // Not print!: a closed pipe (`| head`) is an error to report, not a panic.
@@ -140,11 +145,8 @@ fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
         };
         let several = documents.len() > 1;
         for document in documents {
-            match checker.check(document) {
-                Ok(job) if several => println!(
-                    "{file}: MoETrainingJob/{}: ok",
-                    job.metadata.name.unwrap_or_default()
-                ),
+            match checker.check_any(document) {
+                Ok(manifest) if several => println!("{file}: {}: ok", manifest.object()),
                 Ok(_) => println!("{file}: ok"),
                 Err(rejection) => {
                     println!("{}", rejection.report(file));
@@ -182,5 +184,8 @@ fn status() {
         "  test control plane: tests/cluster/up.sh (etcd, kube-apiserver, KCM, scheduler, KWOK GPU pool)"
     );
     println!("  moectl: crds, validate, render, run --local");
-    println!("  not yet: submitting to a cluster from moectl, serving");
+    println!(
+        "  operator: MoETrainingJob, MoEInferenceService (one pod per replica; multi-pod replica groups not yet)"
+    );
+    println!("  not yet: submitting to a cluster from moectl, the worker's serve command");
 }

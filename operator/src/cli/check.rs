@@ -1,18 +1,42 @@
 //! The checks `moectl validate` makes on one document, in the apiserver's
 //! order: the structural schema (unknown fields, types, bounds), then
 //! defaults, then the CEL rules, then the operator's own checks
-//! ([`crate::training::validate`]). A document that passes is one the
-//! apiserver admits and the operator runs.
+//! ([`crate::training::validate`], [`crate::inference::validate`]). A
+//! document that passes is one the apiserver admits and the operator runs.
+//! Both kinds go through the same walk, each against its own generated CRD.
 
 use anyhow::{Context, anyhow};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::schemars::generate::SchemaSettings;
 use kube::{CustomResourceExt, Resource};
-use moe_crds::MoETrainingJob;
+use moe_crds::{MoEInferenceService, MoETrainingJob};
 use serde_json::Value;
 
 use crate::cli::{manifest, schema};
 use crate::training::validate;
+
+/// A checked document of either kind.
+#[derive(Clone, Debug)]
+pub enum Manifest {
+    Training(Box<MoETrainingJob>),
+    Inference(Box<MoEInferenceService>),
+}
+
+impl Manifest {
+    /// `Kind/name`, as `validate` reports it.
+    pub fn object(&self) -> String {
+        match self {
+            Manifest::Training(j) => format!(
+                "MoETrainingJob/{}",
+                j.metadata.name.clone().unwrap_or_default()
+            ),
+            Manifest::Inference(s) => format!(
+                "MoEInferenceService/{}",
+                s.metadata.name.clone().unwrap_or_default()
+            ),
+        }
+    }
+}
 
 /// A document that would be rejected, with every reason found.
 #[derive(Debug)]
@@ -34,25 +58,31 @@ impl Rejection {
     }
 }
 
-/// Checks documents against the MoETrainingJob CRD generated from the same
-/// types the operator uses, so it cannot drift from what is installed.
+/// Checks documents against the CRDs generated from the same types the
+/// operator uses, so it cannot drift from what is installed.
 pub struct Checker {
     schema: Value,
+    inference_schema: Value,
     /// `metadata` is not in a CRD's schema; the apiserver checks it as ObjectMeta.
     metadata_schema: Value,
 }
 
 impl Checker {
     pub fn new() -> anyhow::Result<Self> {
-        let crd = MoETrainingJob::crd();
-        let schema = crd
-            .spec
-            .versions
-            .into_iter()
-            .find(|v| v.name == moe_crds::VERSION)
-            .and_then(|v| v.schema)
-            .and_then(|s| s.open_api_v3_schema)
-            .context("the MoETrainingJob CRD has no openAPIV3Schema")?;
+        fn schema_of(
+            crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        ) -> anyhow::Result<Value> {
+            let kind = crd.spec.names.kind.clone();
+            let schema = crd
+                .spec
+                .versions
+                .into_iter()
+                .find(|v| v.name == moe_crds::VERSION)
+                .and_then(|v| v.schema)
+                .and_then(|s| s.open_api_v3_schema)
+                .with_context(|| format!("the {kind} CRD has no openAPIV3Schema"))?;
+            Ok(serde_json::to_value(schema)?)
+        }
         // ObjectMeta's schema as kube renders a CRD's: OpenAPI 3, inlined.
         let metadata_schema = SchemaSettings::openapi3()
             .with(|s| {
@@ -62,7 +92,8 @@ impl Checker {
             .into_generator()
             .into_root_schema_for::<ObjectMeta>();
         Ok(Self {
-            schema: serde_json::to_value(schema)?,
+            schema: schema_of(MoETrainingJob::crd())?,
+            inference_schema: schema_of(MoEInferenceService::crd())?,
             metadata_schema: serde_json::to_value(metadata_schema)?,
         })
     }
@@ -103,6 +134,52 @@ impl Checker {
         Ok(job)
     }
 
+    /// Either kind, by its `kind`: the resource with defaults applied, or why
+    /// the apiserver or the operator would refuse it.
+    pub fn check_any(&self, mut document: Value) -> Result<Manifest, Rejection> {
+        let inference_kind = MoEInferenceService::kind(&());
+        if document.get("kind").and_then(Value::as_str) != Some(&inference_kind) {
+            return match self.check(document) {
+                Ok(job) => Ok(Manifest::Training(Box::new(job))),
+                Err(mut r) if r.problems[0].starts_with("not a MoETrainingJob") => {
+                    r.problems = vec![format!(
+                        "not a moe-operator resource: expected apiVersion {} and kind MoETrainingJob or {inference_kind}",
+                        moe_crds::api_version()
+                    )];
+                    Err(r)
+                }
+                Err(r) => Err(r),
+            };
+        }
+        let object = object_ref(&document);
+        let reject = |problems| Rejection {
+            object: object.clone(),
+            problems,
+        };
+        let api_version = moe_crds::api_version();
+        if document.get("apiVersion").and_then(Value::as_str) != Some(&api_version) {
+            return Err(reject(vec![format!(
+                "expected apiVersion {api_version} for {inference_kind}"
+            )]));
+        }
+        drop_nulls(&mut document);
+        let mut problems = self.metadata_problems(&document);
+        problems.extend(schema::problems(&self.inference_schema, &document));
+        if !problems.is_empty() {
+            return Err(reject(problems));
+        }
+        let svc: MoEInferenceService = serde_json::from_value(document).map_err(|e| {
+            reject(vec![format!(
+                "cannot be read as a MoEInferenceService: {e}"
+            )])
+        })?;
+        if let Err(errors) = svc.validate_cel() {
+            return Err(reject(errors.iter().map(ToString::to_string).collect()));
+        }
+        crate::inference::validate::validate(&svc).map_err(|e| reject(vec![e]))?;
+        Ok(Manifest::Inference(Box::new(svc)))
+    }
+
     /// ObjectMeta's structural problems; besides, moectl needs a name
     /// (children are named after it; `generateName` cannot be rendered).
     fn metadata_problems(&self, document: &Value) -> Vec<String> {
@@ -136,6 +213,22 @@ pub fn load_job(source: &str) -> anyhow::Result<MoETrainingJob> {
     })?;
     Checker::new()?
         .check(document)
+        .map_err(|rejection| anyhow!("{}", rejection.report(source)))
+}
+
+/// The one resource (either kind) in `source`, checked: `render` acts on exactly one.
+pub fn load_manifest(source: &str) -> anyhow::Result<Manifest> {
+    let documents = manifest::read(source)
+        .and_then(|text| manifest::documents(&text))
+        .with_context(|| source.to_string())?;
+    let [document] = <[Value; 1]>::try_from(documents).map_err(|found| {
+        anyhow!(
+            "{source}: expected one resource, found {} documents",
+            found.len()
+        )
+    })?;
+    Checker::new()?
+        .check_any(document)
         .map_err(|rejection| anyhow!("{}", rejection.report(source)))
 }
 
@@ -213,6 +306,54 @@ mod tests {
             "{:?}",
             rejection.problems
         );
+    }
+
+    #[test]
+    fn checks_inference_services_against_their_own_schema_and_rules() {
+        let checker = Checker::new().unwrap();
+        let mut doc = json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+            "metadata": {"name": "chat"},
+            "spec": {"model": {"volume": {"claimName": "w"}}, "replicas": 2}
+        });
+        let ok = checker.check_any(doc.clone()).unwrap();
+        assert_eq!(ok.object(), "MoEInferenceService/chat");
+        let Manifest::Inference(svc) = ok else {
+            panic!()
+        };
+        assert_eq!(svc.spec.serving.port, 8000);
+
+        doc["spec"]["parallelism"] = json!({"processesPerPod": 2, "expertParallel": 3});
+        doc["spec"]["servng"] = json!({});
+        let r = checker.check_any(doc.clone()).unwrap_err();
+        assert!(
+            r.problems[0].starts_with("spec.servng: unknown field"),
+            "{:?}",
+            r.problems
+        );
+        doc.as_object_mut().unwrap()["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("servng");
+        let r = checker.check_any(doc.clone()).unwrap_err();
+        assert!(
+            r.problems[0].starts_with("spec.parallelism.expertParallel: "),
+            "{:?}",
+            r.problems
+        );
+        doc["spec"]["parallelism"] = json!({"podsPerReplica": 2});
+        doc["spec"]["worker"] = json!({"env": [{"name": "MOE_SERVICE", "value": "x"}]});
+        let r = checker.check_any(doc).unwrap_err();
+        assert!(
+            r.problems[0].starts_with("spec.worker.env[0].name: "),
+            "{:?}",
+            r.problems
+        );
+        // Training jobs still go through check_any.
+        assert!(matches!(
+            checker.check_any(tiny()),
+            Ok(Manifest::Training(_))
+        ));
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! review them (or diff two versions of a job) without a cluster.
 
 use kube::ResourceExt;
-use moe_crds::MoETrainingJob;
+use moe_crds::{MoEInferenceService, MoETrainingJob};
 use serde::Serialize;
 
+use crate::inference::build as serving;
+use crate::inference::decide::{ModelState, resolve_model};
+use crate::inference::groups;
 use crate::training::build::{self, BuildContext, Counters};
 
 /// Stands in for the uid the apiserver assigns, which owner references
@@ -54,4 +57,78 @@ fn push_document(out: &mut String, object: &impl Serialize) -> serde_yaml::Resul
     out.push_str("---\n");
     out.push_str(&serde_yaml::to_string(object)?);
     Ok(())
+}
+
+/// The children of a MoEInferenceService: ConfigMap, Service, Deployment (or,
+/// for multi-pod replicas, the headless Service and a StatefulSet per group),
+/// PodDisruptionBudget and (with autoscaling) the HorizontalPodAutoscaler.
+/// A `fromTrainingJob` model needs the job (the cluster has it; a file does
+/// not): the model is rendered as the operator resolves it once the job has
+/// Succeeded, with its checkpoint claim shown as `<job>-checkpoints`.
+pub fn render_inference(
+    mut svc: MoEInferenceService,
+    options: &RenderOptions,
+) -> serde_yaml::Result<String> {
+    let namespace = options
+        .namespace
+        .clone()
+        .or_else(|| svc.namespace())
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    svc.metadata.namespace = Some(namespace);
+    svc.metadata.uid = Some(PLACEHOLDER_UID.into());
+    let context = match &options.worker_image {
+        Some(image) => BuildContext {
+            default_worker_image: image.clone(),
+        },
+        None => BuildContext::default(),
+    };
+    let model = match resolve_model(&svc, None) {
+        ModelState::Ready(m) => m,
+        _ => {
+            let job = svc.spec.model.from_training_job.clone().unwrap_or_else(|| {
+                moe_crds::TrainingJobModel {
+                    name: "unknown".into(),
+                    checkpoint: None,
+                }
+            });
+            serving::ResolvedModel {
+                claim_name: format!("{}-checkpoints", job.name),
+                path: String::new(),
+                format: moe_crds::ModelFormat::Native,
+                checkpoint_step: job.checkpoint,
+                model: None,
+                revision: format!(
+                    "moetrainingjob/{}@{}",
+                    job.name,
+                    job.checkpoint
+                        .map_or("latest".to_string(), |s| format!("step-{s}"))
+                ),
+            }
+        }
+    };
+    let mut out = String::new();
+    push_document(&mut out, &serving::config_map(&svc, &model))?;
+    push_document(&mut out, &serving::service(&svc))?;
+    if svc.spec.parallelism.pods_per_replica > 1 {
+        // Replica groups: the headless Service of their pods and the first
+        // incarnation of each group's StatefulSet.
+        push_document(&mut out, &groups::pods_service(&svc))?;
+        for index in 0..svc.spec.replicas {
+            let group = serving::Group {
+                index,
+                incarnation: 0,
+            };
+            push_document(
+                &mut out,
+                &groups::group_set(&svc, &context, &model, group, 0),
+            )?;
+        }
+    } else {
+        push_document(&mut out, &serving::deployment(&svc, &context, &model))?;
+    }
+    push_document(&mut out, &serving::pod_disruption_budget(&svc))?;
+    if let Some(hpa) = serving::horizontal_pod_autoscaler(&svc) {
+        push_document(&mut out, &hpa)?;
+    }
+    Ok(out)
 }

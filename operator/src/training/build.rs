@@ -17,46 +17,27 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Service,
+    ServicePort, ServiceSpec, Volume,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use moe_crds::contract::{self, CONFIG_PATH, COORDINATOR_PORT, METRICS_PORT, env};
-use moe_crds::{CheckpointConfig, Device, MoETrainingJob, WorkerConfig};
+use moe_crds::{CheckpointConfig, MoETrainingJob, WorkerConfig};
 
 use crate::labels;
-
-/// Operator-wide settings the builders need (from the chart's values).
-#[derive(Clone, Debug)]
-pub struct BuildContext {
-    /// Worker image used when `spec.worker.image` is unset.
-    pub default_worker_image: String,
-}
-
-impl Default for BuildContext {
-    fn default() -> Self {
-        Self {
-            default_worker_image: format!(
-                "ghcr.io/moe-operator/moe-worker:{}",
-                env!("CARGO_PKG_VERSION")
-            ),
-        }
-    }
-}
+pub use crate::pods::{BuildContext, NODE_LOSS_TOLERATION_SECONDS};
+use crate::pods::{
+    affinity, container_security_context, empty_dir, fnv1a64, mount, nccl_env, plain,
+    pod_security_context, resources, tolerations,
+};
 
 /// Where the checkpoint volume is mounted in worker containers.
 pub const STATE_MOUNT: &str = "/var/lib/moe";
 /// Where a `data.volume` claim is mounted (read-only).
 pub const DATA_MOUNT: &str = "/data";
 const CONTAINER: &str = "worker";
-/// UID/GID of the worker (the distroless `nonroot` user).
-const WORKER_UID: i64 = 65532;
 
 pub fn config_map_name(job: &MoETrainingJob) -> String {
     format!("{}-config", job.name_any())
@@ -125,13 +106,6 @@ pub fn worker_config_json(job: &MoETrainingJob) -> (String, String) {
         serde_json::to_string_pretty(&worker_config(job)).expect("WorkerConfig always serialises");
     let hash = fnv1a64(text.as_bytes());
     (text, format!("{hash:016x}"))
-}
-
-/// FNV-1a: a stable, dependency-free content hash; not for security.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn owner_ref(job: &MoETrainingJob) -> OwnerReference {
@@ -276,11 +250,6 @@ fn gang_failure_policy() -> PodFailurePolicy {
     }
 }
 
-/// How long worker pods stay on a NotReady or unreachable node before they
-/// are evicted. A gang cannot make progress without every rank, so waiting
-/// the cluster default (300 s) only delays the restart on healthy nodes.
-pub const NODE_LOSS_TOLERATION_SECONDS: i64 = 30;
-
 fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTemplateSpec {
     let spec = &job.spec;
     let worker = &spec.worker;
@@ -303,21 +272,11 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
             service_account_name: worker.service_account_name.clone(),
             // Workers never talk to the API: progress is read from rank 0 by the operator.
             automount_service_account_token: Some(false),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(WORKER_UID),
-                run_as_group: Some(WORKER_UID),
-                fs_group: Some(WORKER_UID),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(job),
-            tolerations: tolerations(job),
+            affinity: affinity(&spec.placement),
+            tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
             containers: vec![container(job, ctx, attempt)],
@@ -327,84 +286,10 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     }
 }
 
-/// The user's affinity, with the GPU type ANDed into every required node selector term.
-fn affinity(job: &MoETrainingJob) -> Option<Affinity> {
-    let placement = &job.spec.placement;
-    let Some(gpu) = placement.gpu_type else {
-        return placement.affinity.clone();
-    };
-    let requirement = NodeSelectorRequirement {
-        key: "nvidia.com/gpu.product".into(),
-        operator: "In".into(),
-        values: Some(vec![gpu.product_label().into()]),
-    };
-    let mut affinity = placement.affinity.clone().unwrap_or_default();
-    let node = affinity
-        .node_affinity
-        .get_or_insert_with(NodeAffinity::default);
-    let required = node
-        .required_during_scheduling_ignored_during_execution
-        .get_or_insert_with(|| NodeSelector {
-            node_selector_terms: vec![],
-        });
-    if required.node_selector_terms.is_empty() {
-        required
-            .node_selector_terms
-            .push(NodeSelectorTerm::default());
-    }
-    for term in &mut required.node_selector_terms {
-        term.match_expressions
-            .get_or_insert_with(Vec::new)
-            .push(requirement.clone());
-    }
-    Some(affinity)
-}
-
-fn tolerations(job: &MoETrainingJob) -> Option<Vec<Toleration>> {
-    let mut out = job.spec.placement.tolerations.clone();
-    for key in [
-        "node.kubernetes.io/not-ready",
-        "node.kubernetes.io/unreachable",
-    ] {
-        if !out.iter().any(|t| t.key.as_deref() == Some(key)) {
-            out.push(Toleration {
-                key: Some(key.into()),
-                operator: Some("Exists".into()),
-                effect: Some("NoExecute".into()),
-                toleration_seconds: Some(NODE_LOSS_TOLERATION_SECONDS),
-                ..Default::default()
-            });
-        }
-    }
-    if job.spec.worker.device == Device::Cuda
-        && !out
-            .iter()
-            .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
-    {
-        out.push(Toleration {
-            key: Some("nvidia.com/gpu".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Default::default()
-        });
-    }
-    (!out.is_empty()).then_some(out)
-}
-
 fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Container {
     let worker = &job.spec.worker;
-    let mut resources = worker.resources.clone().unwrap_or_default();
-    if worker.device == Device::Cuda {
-        // One process per GPU: the GPU count follows processesPerNode, whatever the user wrote.
-        let gpus = Quantity(job.spec.parallelism.processes_per_node.to_string());
-        resources
-            .limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert("nvidia.com/gpu".into(), gpus.clone());
-        if let Some(requests) = resources.requests.as_mut() {
-            requests.insert("nvidia.com/gpu".into(), gpus);
-        }
-    }
+    // One process per GPU: the GPU count follows processesPerNode, whatever the user wrote.
+    let resources = resources(worker, job.spec.parallelism.processes_per_node);
     let mut mounts = vec![
         mount("config", "/etc/moe", true),
         mount("state", STATE_MOUNT, false),
@@ -416,12 +301,7 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
     }
     Container {
         name: CONTAINER.into(),
-        image: Some(
-            worker
-                .image
-                .clone()
-                .unwrap_or_else(|| ctx.default_worker_image.clone()),
-        ),
+        image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec![
             "moe-worker".into(),
@@ -442,36 +322,10 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
                 ..Default::default()
             },
         ]),
-        resources: Some(ResourceRequirements { ..resources }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            ..Default::default()
-        }),
+        resources: Some(resources),
+        security_context: Some(container_security_context()),
         volume_mounts: Some(mounts),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        ..Default::default()
-    }
-}
-
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
-    VolumeMount {
-        name: name.into(),
-        mount_path: path.into(),
-        read_only: read_only.then_some(true),
-        ..Default::default()
-    }
-}
-
-fn plain(name: &str, value: impl ToString) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.to_string()),
         ..Default::default()
     }
 }
@@ -502,23 +356,7 @@ pub fn env_vars(job: &MoETrainingJob, attempt: i32) -> Vec<EnvVar> {
             format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any()),
         ),
     ];
-    let nccl = &job.spec.worker.nccl;
-    if let Some(v) = &nccl.socket_ifname {
-        out.push(plain("NCCL_SOCKET_IFNAME", v));
-    }
-    if let Some(v) = &nccl.ib_hca {
-        out.push(plain("NCCL_IB_HCA", v));
-    }
-    if let Some(v) = nccl.debug {
-        out.push(plain(
-            "NCCL_DEBUG",
-            serde_json::to_value(v)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-        ));
-    }
-    out.extend(nccl.env.iter().map(|(k, v)| plain(k, v)));
+    out.extend(nccl_env(&job.spec.worker.nccl));
     out.extend(job.spec.worker.env.iter().cloned());
     out
 }
@@ -559,17 +397,6 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
         });
     }
     out
-}
-
-fn empty_dir(name: &str, medium: Option<&str>, size: Option<String>) -> Volume {
-    Volume {
-        name: name.into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            medium: medium.map(String::from),
-            size_limit: size.map(Quantity),
-        }),
-        ..Default::default()
-    }
 }
 
 /// Kind and API version of the owner, for selecting children by owner reference.

@@ -12,14 +12,13 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use moe_crds::{MoETrainingJob, MoETrainingJobStatus};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
@@ -29,23 +28,8 @@ use super::progress;
 use super::validate::validate;
 use crate::labels;
 use crate::metrics::Metrics;
-
-/// Errors of one reconcile; all are transient API failures and retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl Error {
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "transport",
-        }
-    }
-}
+pub use crate::reconcile::Error;
+use crate::reconcile::{Backoff, api, apply_if_changed, apply_status, reflected};
 
 /// Shared state of the controller.
 pub struct Context {
@@ -57,7 +41,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
-    failures: Mutex<HashMap<ObjectRef<MoETrainingJob>, u32>>,
+    failures: Backoff<MoETrainingJob>,
     /// Validation verdict per object uid and generation: the spec only
     /// changes with the generation, and compiling the CEL rules on every
     /// reconcile (each pod status change triggers one) would dominate CPU.
@@ -65,6 +49,11 @@ pub struct Context {
     /// When this process last wrote each object's status (by uid), to pace
     /// tally-only updates (see [`super::pacing`]).
     status_writes: Mutex<HashMap<String, Instant>>,
+    /// Rank 0's pod IP per (uid, attempt). An attempt's pods are never
+    /// replaced (a failed pod fails the attempt), so one lookup per attempt
+    /// serves every progress poll; a list per poll cost the apiserver more
+    /// than everything else the operator does.
+    rank0_ips: Mutex<HashMap<(String, i32), String>>,
 }
 
 /// Periodic resync: repairs anything a missed watch event left behind.
@@ -79,15 +68,6 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     // Children are watched with a label selector and reflected into stores, so
     // reconcile reads them from memory: no API reads, and no writes when nothing changed.
     let children = watcher::Config::default().labels(&labels::managed_selector());
@@ -104,9 +84,10 @@ pub async fn run(
         services,
         recorder,
         metrics,
-        failures: Mutex::new(HashMap::new()),
+        failures: Backoff::default(),
         verdicts: Mutex::new(HashMap::new()),
         status_writes: Mutex::new(HashMap::new()),
+        rank0_ips: Mutex::new(HashMap::new()),
     });
     Controller::new(
         api::<MoETrainingJob>(&client, &namespace),
@@ -126,44 +107,9 @@ pub async fn run(
     .await;
 }
 
-/// A watch of one child kind reflected into a store (managed fields dropped:
-/// they are most of an object's size and never read), and the stream of
-/// changed objects that triggers reconciles of their owners.
-fn reflected<K>(
-    api: Api<K>,
-    config: watcher::Config,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
-        .touched_objects();
-    (store, stream)
-}
-
 fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = ObjectRef::from_obj(job.as_ref());
-    let n = {
-        let mut failures = ctx.failures.lock().expect("not poisoned");
-        let n = failures.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
     // 1s, 2s, 4s, ... capped at 5 minutes.
-    let delay = Duration::from_secs(1u64 << (n - 1).min(8)).min(Duration::from_secs(300));
+    let delay = ctx.failures.failed(job.as_ref());
     warn!(job = %job.name_any(), namespace = ?job.namespace(), error = %err, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_error(err.metric_label());
     Action::requeue(delay)
@@ -174,10 +120,7 @@ async fn reconcile(job: Arc<MoETrainingJob>, ctx: Arc<Context>) -> Result<Action
     let result = reconcile_inner(&job, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     if result.is_ok() {
-        ctx.failures
-            .lock()
-            .expect("not poisoned")
-            .remove(&ObjectRef::from_obj(job.as_ref()));
+        ctx.failures.succeeded(job.as_ref());
     }
     result
 }
@@ -187,6 +130,10 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
         let uid = job.uid().unwrap_or_default();
         ctx.verdicts.lock().expect("not poisoned").remove(&uid);
         ctx.status_writes.lock().expect("not poisoned").remove(&uid);
+        ctx.rank0_ips
+            .lock()
+            .expect("not poisoned")
+            .retain(|(owner, _), _| *owner != uid);
         // Children go with it by owner-reference garbage collection.
         return Ok(Action::await_change());
     }
@@ -210,8 +157,20 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
     let children = async {
         if invalid.is_none() && !finished && !plan.delete_self {
             futures::try_join!(
-                apply_if_changed(ctx, &ns, build::config_map(job), &ctx.config_maps),
-                apply_if_changed(ctx, &ns, build::service(job), &ctx.services),
+                apply_if_changed(
+                    &ctx.client,
+                    &ctx.metrics,
+                    &ns,
+                    build::config_map(job),
+                    &ctx.config_maps
+                ),
+                apply_if_changed(
+                    &ctx.client,
+                    &ctx.metrics,
+                    &ns,
+                    build::service(job),
+                    &ctx.services
+                ),
             )?;
         }
         Ok::<(), Error>(())
@@ -225,7 +184,7 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
             .iter()
             .map(|t| publish(ctx, job, t.warning, &t.reason, &t.message)),
     );
-    let (status, _) = futures::join!(write_status(ctx, job, &ns, &plan.status), events);
+    let (status, _) = futures::join!(write_status(ctx, job, &plan.status), events);
     let status_deferred = status?;
     ctx.metrics.observe_phase(job, plan.status.phase);
     let requeue_after = match (plan.requeue_after, status_deferred) {
@@ -282,21 +241,42 @@ async fn read_progress(
     if cur.outcome != AttemptOutcome::Running || cur.ready < job.spec.parallelism.nodes {
         return Ok(None);
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let selector = format!(
-        "{}={},{}={},{}=0",
-        labels::JOB_NAME,
-        job.name_any(),
-        labels::ATTEMPT,
-        cur.attempt,
-        labels::JOB_COMPLETION_INDEX
-    );
-    let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let ip = list
-        .items
-        .iter()
-        .find_map(|p| p.status.as_ref()?.pod_ip.clone());
-    let Some(ip) = ip else { return Ok(None) };
+    let key = (job.uid().unwrap_or_default(), cur.attempt);
+    let cached = ctx
+        .rank0_ips
+        .lock()
+        .expect("not poisoned")
+        .get(&key)
+        .cloned();
+    let ip = match cached {
+        Some(ip) => ip,
+        None => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+            let selector = format!(
+                "{}={},{}={},{}=0",
+                labels::JOB_NAME,
+                job.name_any(),
+                labels::ATTEMPT,
+                cur.attempt,
+                labels::JOB_COMPLETION_INDEX
+            );
+            // From the apiserver's watch cache (resourceVersion 0), not a
+            // quorum read through etcd: any pod that is ready has its IP there.
+            let list = pods
+                .list(&ListParams::default().labels(&selector).match_any())
+                .await?;
+            let ip = list
+                .items
+                .iter()
+                .find_map(|p| p.status.as_ref()?.pod_ip.clone());
+            let Some(ip) = ip else { return Ok(None) };
+            ctx.rank0_ips
+                .lock()
+                .expect("not poisoned")
+                .insert(key, ip.clone());
+            ip
+        }
+    };
     let report = progress::fetch(&ip, moe_crds::contract::METRICS_PORT).await;
     Ok(report.map(|r| progress::to_status(&r, Timestamp::now())))
 }
@@ -486,56 +466,6 @@ fn exit_code(pod: &Pod) -> Option<i32> {
     })
 }
 
-/// Server-side apply `desired` unless the stored copy already has every field it sets.
-async fn apply_if_changed<K>(
-    ctx: &Context,
-    ns: &str,
-    desired: K,
-    store: &Store<K>,
-) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = desired.name_any();
-    let current = store.get(&ObjectRef::new(&name).within(ns));
-    let want = serde_json::to_value(&desired).expect("objects serialise");
-    if let Some(cur) = current {
-        let have = serde_json::to_value(cur.as_ref()).expect("objects serialise");
-        if is_subset(&want, &have) {
-            return Ok(());
-        }
-    }
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let mut body = want;
-    body["apiVersion"] = json!(K::api_version(&()));
-    body["kind"] = json!(K::kind(&()));
-    api.patch(
-        &name,
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.api_call("apply", &K::plural(&()));
-    Ok(())
-}
-
-/// Whether every field set in `want` has the same value in `have` (server
-/// defaults may add more). Lists must match element by element.
-pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
-    use serde_json::Value::*;
-    match (want, have) {
-        (Object(w), Object(h)) => w
-            .iter()
-            .all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| is_subset(v, hv))),
-        (Array(w), Array(h)) => w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b)),
-        (w, h) => w == h,
-    }
-}
-
 async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     if let Some((attempt, counters)) = plan.create {
@@ -590,7 +520,6 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
 async fn write_status(
     ctx: &Context,
     job: &MoETrainingJob,
-    ns: &str,
     status: &MoETrainingJobStatus,
 ) -> Result<Option<Duration>, Error> {
     let uid = job.uid().unwrap_or_default();
@@ -606,19 +535,7 @@ async fn write_status(
         StatusWrite::After(wait) => return Ok(Some(wait)),
         StatusWrite::Now => {}
     }
-    let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
-    let body = json!({
-        "apiVersion": MoETrainingJob::api_version(&()),
-        "kind": MoETrainingJob::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(labels::FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.api_call("apply", "moetrainingjobs/status");
+    apply_status(&ctx.client, &ctx.metrics, job, status).await?;
     ctx.status_writes
         .lock()
         .expect("not poisoned")
@@ -627,22 +544,7 @@ async fn write_status(
 }
 
 async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &str, message: &str) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(message.chars().take(1024).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    // Events are best effort: a failure to record one must not fail the reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
-    ctx.metrics.api_call("create", "events");
+    crate::reconcile::publish(&ctx.recorder, &ctx.metrics, job, warning, reason, message).await
 }
 
 #[cfg(test)]
@@ -673,17 +575,5 @@ mod tests {
             classify_job_message("Job has reached the specified backoff limit"),
             FailureCause::Unknown { .. }
         ));
-    }
-
-    #[test]
-    fn subset_ignores_server_defaults_but_not_changes() {
-        let want = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}]}});
-        let have = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1, "protocol": "TCP"}], "type": "ClusterIP"}});
-        assert!(is_subset(&want, &have));
-        let changed =
-            serde_json::json!({"spec": {"ports": [{"name": "a", "port": 2, "protocol": "TCP"}]}});
-        assert!(!is_subset(&want, &changed));
-        let more = serde_json::json!({"spec": {"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]}});
-        assert!(!is_subset(&want, &more));
     }
 }

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use moe_crds::condition::{READY, RECONCILING, STALLED};
 use moe_crds::{
@@ -18,6 +18,8 @@ use moe_crds::{
 };
 
 use super::build::Counters;
+// The condition upsert is shared with the serving controller.
+use crate::reconcile::set_condition as set;
 
 /// What is known about one attempt Job.
 #[derive(Clone, Debug, PartialEq)]
@@ -561,36 +563,6 @@ fn set_phase(
         generation,
         now,
     );
-}
-
-/// Upsert a condition; `lastTransitionTime` moves only when the status flips.
-fn set(
-    conds: &mut Vec<Condition>,
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: &Time,
-) {
-    let status = if on { "True" } else { "False" };
-    let new = Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: now.clone(),
-    };
-    match conds.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) if c.status == status => {
-            c.reason = new.reason;
-            c.message = new.message;
-            c.observed_generation = generation;
-        }
-        Some(c) => *c = new,
-        None => conds.push(new),
-    }
 }
 
 #[cfg(test)]

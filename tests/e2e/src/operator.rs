@@ -57,12 +57,18 @@ pub fn install() -> Result<()> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
         // Namespaces that failed tests of earlier runs left behind (for
-        // inspection) would keep holding fake GPUs: remove them first.
+        // inspection) would keep holding fake GPUs: remove them first. Only
+        // those of test processes that are gone: several suites (training,
+        // inference, the benchmark) may share one plane at the same time.
         result = sh(&format!(
             "set -euo pipefail
-             kubectl delete namespace --wait=false -l '{run},{run}!={pid}' >/dev/null
+             kubectl get namespace -l '{run},{run}!={pid}' \
+               -o jsonpath='{{range .items[*]}}{{.metadata.name}} {{.metadata.labels.moe\\.dev/e2e-run}}{{\"\\n\"}}{{end}}' |
+             while read -r ns owner; do
+               [ -n \"$ns\" ] && ! kill -0 \"$owner\" 2>/dev/null && kubectl delete namespace --wait=false \"$ns\" >/dev/null || true
+             done
              kubectl apply --server-side --force-conflicts -f deploy/crds/moe-crds.yaml >/dev/null
-             kubectl wait --for=condition=Established crd/moetrainingjobs.moe.dev --timeout=60s >/dev/null
+             kubectl wait --for=condition=Established crd/moetrainingjobs.moe.dev crd/moeinferenceservices.moe.dev --timeout=60s >/dev/null
              kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null
              helm template {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
                --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null",

@@ -212,16 +212,17 @@ async fn install_runs_a_job_upgrade_upgrades_the_crd_and_uninstall_keeps_crds_an
          --set workerImage.repository=moe-worker --set workerImage.tag=chart-e2e",
         users = users.name
     );
-    // The CRD may already exist (applied with kubectl by other tests, or kept
+    // The CRDs may already exist (applied with kubectl by other tests, or kept
     // by an earlier run): Helm adopts an object that carries its release's
-    // ownership metadata, as docs/install.md says.
+    // ownership metadata, as docs/install.md says. Every moe.dev CRD: the
+    // chart installs them all.
     sh(&format!(
         "set -euo pipefail
-         if kubectl get crd {CRD} >/dev/null 2>&1; then
-           kubectl label crd {CRD} app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
-           kubectl annotate crd {CRD} meta.helm.sh/release-name={release} \
+         for crd in $(kubectl get crd -o name | grep '[.]moe[.]dev$'); do
+           kubectl label $crd app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+           kubectl annotate $crd meta.helm.sh/release-name={release} \
              meta.helm.sh/release-namespace={release} --overwrite >/dev/null
-         fi
+         done
          helm install {release} '{old}' -n {release} {values} --wait --timeout 120s",
         old = old.display()
     ))

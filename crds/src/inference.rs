@@ -1,0 +1,352 @@
+//! `MoEInferenceService`: a Mixture-of-Experts model served by `replicas`
+//! identical replicas behind one stable Service, each replica spread over
+//! `podsPerReplica × processesPerPod` GPUs with expert parallelism.
+//!
+//! It shares placement, the worker container and the condition vocabulary
+//! with `MoETrainingJob` (`crate::common`), and can serve a training job's
+//! checkpoint directly (`model.fromTrainingJob`). The `/scale` subresource
+//! makes `kubectl scale`, HPA and KEDA work on it. As for training, every spec
+//! that can never run is rejected at admission by CEL rules naming the field.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Placement, WorkerSpec};
+
+/// Longest `metadata.name`. Children are `<name>` (Service, Deployment, PDB,
+/// HPA), `<name>-config`, `<name>-pods`, and for multi-pod replicas the
+/// StatefulSets `<name>-g<group>-<incarnation>`, whose names must leave room
+/// for the 11 characters of their revision-hash label value (≤ 52 in all:
+/// 4-digit groups and 5-digit incarnations fit), and whose pods
+/// `<name>-g<group>-<incarnation>-<index>` must fit a 63-character DNS label.
+pub const MAX_SERVICE_NAME_LEN: usize = 40;
+
+/// Specification of a MoEInferenceService.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "moe.dev",
+    version = "v1alpha1",
+    kind = "MoEInferenceService",
+    plural = "moeinferenceservices",
+    shortname = "mis",
+    category = "moe",
+    namespaced,
+    cel,
+    status = "MoEInferenceServiceStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Available", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Up-to-date", type_ = "integer", json_path = ".status.updatedReplicas"),
+    printcolumn(name = "URL", type_ = "string", json_path = ".status.url", priority = 1),
+    printcolumn(name = "Model", type_ = "string", json_path = ".status.modelRevision", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 40")
+        .message("metadata.name must be at most 40 characters: replica group StatefulSets <name>-g<group>-<incarnation> and their pods must fit DNS labels"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter): it names the Service"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    // A scale request (kubectl scale, HPA) outside the autoscaling bounds is
+    // refused rather than silently clamped, so the owner of `replicas` sees it.
+    validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)")
+        .message("replicas must be within autoscaling.minReplicas and autoscaling.maxReplicas")
+        .field_path(".replicas"),
+    // FP8 tensor cores exist on Hopper only; the CPU worker emulates FP8 exactly.
+    validation = Rule::new("self.serving.precision != 'fp8' || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
+        .message("serving.precision fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which emulates FP8)")
+        .field_path(".serving.precision"),
+    // Kueue admits workloads that finish; a service never does. Placement is
+    // shared with MoETrainingJob, so the field exists but is refused here.
+    validation = Rule::new("!has(self.placement.queueName)")
+        .message("placement.queueName is not supported for MoEInferenceService (Kueue admits finite workloads)")
+        .field_path(".placement.queueName"),
+    // One-pod replicas are a Deployment, multi-pod ones StatefulSet groups:
+    // switching is a different topology, not an update.
+    validation = Rule::new("self.parallelism.podsPerReplica == oldSelf.parallelism.podsPerReplica")
+        .message("parallelism.podsPerReplica is immutable: create a new service to change between one-pod and multi-pod replicas")
+        .field_path(".parallelism.podsPerReplica"),
+    // A rolling update must be allowed to take a replica down or add one.
+    validation = Rule::new("self.rollout.maxUnavailable + self.rollout.maxSurge >= 1")
+        .message("rollout.maxUnavailable and rollout.maxSurge cannot both be 0: a rollout could never progress")
+        .field_path(".rollout.maxUnavailable"),
+)]
+pub struct MoEInferenceServiceSpec {
+    /// Which weights to serve.
+    pub model: ModelSource,
+    /// Serving replicas; each is one complete copy of the model. The `/scale`
+    /// subresource reads and writes it (kubectl scale, HPA, KEDA).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+    /// How one replica is split over pods and GPUs.
+    #[serde(default)]
+    pub parallelism: ServingParallelism,
+    /// The HTTP server of each replica.
+    #[serde(default)]
+    pub serving: ServingSpec,
+    /// A HorizontalPodAutoscaler (owned by the operator) that moves `replicas`
+    /// through the `/scale` subresource. Unset: `replicas` is left to you.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// How replicas are replaced when the model, config or image changes.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Where server pods are scheduled (`queueName` is not supported here).
+    #[serde(default)]
+    pub placement: Placement,
+    /// The server container and its pod.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// Where the weights come from. Exactly one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.fromTrainingJob) != has(self.volume)")
+    .message("model needs exactly one source: fromTrainingJob or volume"))]
+pub struct ModelSource {
+    /// A MoETrainingJob in the same namespace: its checkpoint claim, path and
+    /// model shape are carried over. Serving starts once the job has Succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_training_job: Option<TrainingJobModel>,
+    /// Weights on a PersistentVolumeClaim, mounted read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<ModelVolume>,
+}
+
+/// A training job's checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobModel {
+    /// Name of the MoETrainingJob (same namespace).
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Step of the checkpoint to serve. Unset: the newest complete checkpoint
+    /// (the final one of a Succeeded job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub checkpoint: Option<i64>,
+}
+
+/// Weights on a volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelVolume {
+    /// The claim holding the weights.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory of the weights inside the claim.
+    #[serde(default)]
+    pub path: String,
+    /// Layout of the weights.
+    #[serde(default)]
+    pub format: ModelFormat,
+}
+
+/// Layout of weights on a volume.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// A moe-worker checkpoint directory (manifest + per-rank shards).
+    #[default]
+    Native,
+    /// A Hugging Face MoE checkpoint (`config.json` + safetensors shards).
+    Huggingface,
+}
+
+/// How one replica is laid out: `podsPerReplica` pods of `processesPerPod`
+/// worker processes (one per GPU), experts split over `expertParallel` ranks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(self.podsPerReplica * self.processesPerPod) % self.expertParallel == 0")
+    .message("parallelism.expertParallel must divide the GPUs per replica (podsPerReplica × processesPerPod)")
+    .field_path(".expertParallel"))]
+pub struct ServingParallelism {
+    /// Worker processes per pod: one per GPU for CUDA workers.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub processes_per_pod: i32,
+    /// Pods per replica (more than one: a multi-node group whose pod 0 leads).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub pods_per_replica: i32,
+    /// Ranks the experts of each MoE layer are split across within a replica.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub expert_parallel: i32,
+}
+
+impl Default for ServingParallelism {
+    fn default() -> Self {
+        Self {
+            processes_per_pod: 1,
+            pods_per_replica: 1,
+            expert_parallel: 1,
+        }
+    }
+}
+
+impl ServingParallelism {
+    /// Worker processes (GPUs for CUDA) of one replica.
+    pub fn ranks_per_replica(&self) -> i32 {
+        self.pods_per_replica * self.processes_per_pod
+    }
+}
+
+/// The HTTP server of each replica.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.port != 9400 && self.port != 29400")
+        .message("serving.port must not be 9400 (worker metrics) or 29400 (rendezvous)")
+        .field_path(".port"),
+)]
+pub struct ServingSpec {
+    /// Port of the HTTP API (and of the health endpoints the probes read).
+    /// Workers run as non-root without capabilities, so it must be ≥ 1024.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+    /// Tokens batched into one forward pass, over all running requests.
+    #[serde(default = "default_batch_tokens")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_batch_tokens: i32,
+    /// Requests a replica runs at once; more wait in its queue.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_concurrent_requests: i32,
+    /// Numeric precision of the weights and GEMMs.
+    #[serde(default)]
+    pub precision: ServingPrecision,
+    /// How long a replica may take to load its weights and become healthy
+    /// before it is restarted. MoE checkpoints are large: loading one can take
+    /// many minutes, and a probe that kills it early never lets it finish.
+    #[serde(default = "default_startup")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub startup_timeout_seconds: i32,
+}
+
+impl Default for ServingSpec {
+    fn default() -> Self {
+        Self {
+            port: default_port(),
+            max_batch_tokens: default_batch_tokens(),
+            max_concurrent_requests: default_concurrency(),
+            precision: ServingPrecision::default(),
+            startup_timeout_seconds: default_startup(),
+        }
+    }
+}
+
+fn default_port() -> i32 {
+    crate::contract::SERVING_PORT as i32
+}
+fn default_batch_tokens() -> i32 {
+    8192
+}
+fn default_concurrency() -> i32 {
+    64
+}
+fn default_startup() -> i32 {
+    1800
+}
+
+/// Serving precision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServingPrecision {
+    #[default]
+    Bf16,
+    Fp32,
+    /// FP8 (E4M3) expert and projection GEMMs with blockwise scales. Needs Hopper.
+    Fp8,
+}
+
+/// Autoscaling through an operator-owned HorizontalPodAutoscaler whose target
+/// is this resource's `/scale` subresource.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("autoscaling.minReplicas must be at most autoscaling.maxReplicas")
+    .field_path(".minReplicas"))]
+pub struct AutoscalingSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: i32,
+    /// In-flight requests per replica the autoscaler aims for (the worker's
+    /// `moe_serving_inflight_requests` metric, through a custom metrics adapter).
+    #[schemars(range(min = 1, max = 65536))]
+    pub target_concurrency: i32,
+}
+
+/// Rolling update of the replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Replicas that may be unavailable during an update. The default (1, with
+    /// maxSurge 0) needs no spare GPUs.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_unavailable: i32,
+    /// Replicas that may be created above `replicas` during an update (needs
+    /// spare GPUs for their pods).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_surge: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: 1,
+            max_surge: 0,
+        }
+    }
+}
+
+/// Observed state of a MoEInferenceService.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoEInferenceServiceStatus {
+    /// `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replicas that exist (old and new), for the `/scale` subresource.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Replicas whose every pod is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Replicas running the current spec (model, config and image).
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Label selector of the server pods, for the `/scale` subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// In-cluster URL of the stable endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The model being rolled out: `moetrainingjob/<name>@<step|latest>` or
+    /// `pvc/<claim>/<path>`, with the format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_revision: Option<String>,
+    /// kstatus conditions (`Ready`, `Reconciling`, `Stalled`) and
+    /// `Available`, `Progressing`, `Degraded`, each with a classified reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,653 @@
+//! Pure builders (no client): the objects a MoEInferenceService becomes.
+//!
+//! ```text
+//! MoEInferenceService <name>
+//!  ├── ConfigMap  <name>-config   server config (config.json), the serving contract
+//!  ├── Service    <name>          ClusterIP: the stable endpoint, ready pods only
+//!  ├── Deployment <name>          one pod per replica (podsPerReplica == 1), rolling
+//!  │    └── Pod   <name>-*        updates within rollout.maxUnavailable/maxSurge
+//!  ├── PodDisruptionBudget <name> voluntary evictions one replica at a time (at least)
+//!  └── HorizontalPodAutoscaler <name>  (autoscaling set) scales this resource's /scale
+//! ```
+//!
+//! Pod placement and Pod Security come from [`crate::pods`], shared with
+//! training. `moectl render` prints exactly these objects.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+    MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use moe_crds::contract::{
+    self, CONFIG_PATH, COORDINATOR_PORT, HEALTH_PATH, METRICS_PORT, READY_PATH, env,
+};
+use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig};
+
+use crate::labels;
+use crate::pods::{
+    BuildContext, affinity, container_security_context, empty_dir, fnv1a64, mount, nccl_env, plain,
+    pod_security_context, resources, tolerations,
+};
+
+/// Where the model claim is mounted (read-only) in server containers.
+pub const MODEL_MOUNT: &str = "/models";
+const CONTAINER: &str = "server";
+/// The worker's metric the autoscaler reads (through a custom metrics adapter).
+pub const CONCURRENCY_METRIC: &str = "moe_serving_inflight_requests";
+/// Probe period of the startup probe; its failure threshold is the startup budget divided by it.
+const STARTUP_PERIOD_SECONDS: i32 = 10;
+
+/// The model a service serves, resolved from its source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedModel {
+    /// The claim holding the weights.
+    pub claim_name: String,
+    /// Directory of the weights inside the claim.
+    pub path: String,
+    pub format: ModelFormat,
+    /// Checkpoint step to load (unset: the newest).
+    pub checkpoint_step: Option<i64>,
+    /// Model shape when known ahead (a training job's).
+    pub model: Option<ModelSpec>,
+    /// Shown in `status.modelRevision` and stamped on the pod template, so a
+    /// new model rolls the replicas.
+    pub revision: String,
+}
+
+impl ResolvedModel {
+    /// Directory of the weights inside the container.
+    pub fn dir(&self) -> String {
+        let p = self.path.trim_matches('/');
+        if p.is_empty() {
+            MODEL_MOUNT.to_string()
+        } else {
+            format!("{MODEL_MOUNT}/{p}")
+        }
+    }
+}
+
+pub fn config_map_name(svc: &MoEInferenceService) -> String {
+    format!("{}-config", svc.name_any())
+}
+
+/// The Service, Deployment, PDB and HPA share the resource's name.
+pub fn child_name(svc: &MoEInferenceService) -> String {
+    svc.name_any()
+}
+
+/// Labels selecting the server pods of `svc` (Service, Deployment, PDB, `/scale`).
+pub fn selector_labels(svc: &MoEInferenceService) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::SERVICE_NAME.to_string(), svc.name_any()),
+        (labels::ROLE.to_string(), labels::ROLE_SERVER.to_string()),
+    ])
+}
+
+/// Labels of the pods that take requests: every server pod, or with replica
+/// groups only the leaders (index 0). The stable Service and `/scale` select them.
+pub fn serving_labels(svc: &MoEInferenceService) -> BTreeMap<String, String> {
+    let mut out = selector_labels(svc);
+    if svc.spec.parallelism.pods_per_replica > 1 {
+        out.insert(labels::POD_INDEX.into(), "0".into());
+    }
+    out
+}
+
+/// [`serving_labels`] as a label selector string, for `status.selector`.
+pub fn selector_string(svc: &MoEInferenceService) -> String {
+    serving_labels(svc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The stable in-cluster URL of the service.
+pub fn url(svc: &MoEInferenceService) -> String {
+    format!(
+        "http://{}.{}.svc:{}",
+        child_name(svc),
+        svc.namespace().unwrap_or_default(),
+        svc.spec.serving.port
+    )
+}
+
+pub fn child_meta(svc: &MoEInferenceService, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: svc.namespace(),
+        labels: Some(BTreeMap::from([
+            (labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into()),
+            (labels::SERVICE_NAME.into(), svc.name_any()),
+        ])),
+        owner_references: Some(vec![
+            svc.controller_owner_ref(&())
+                .expect("a MoEInferenceService read from the API has a name and uid"),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// The server config, resolved for paths inside the container.
+pub fn serving_config(svc: &MoEInferenceService, model: &ResolvedModel) -> ServingConfig {
+    let spec = &svc.spec;
+    ServingConfig {
+        service: format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()),
+        model_dir: model.dir(),
+        format: model.format,
+        checkpoint_step: model.checkpoint_step,
+        model: model.model.clone(),
+        parallelism: spec.parallelism.clone(),
+        // The schema bounds the port to 1024..=65535.
+        port: u16::try_from(spec.serving.port).unwrap_or(contract::SERVING_PORT),
+        max_batch_tokens: spec.serving.max_batch_tokens,
+        max_concurrent_requests: spec.serving.max_concurrent_requests,
+        precision: spec.serving.precision,
+        device: spec.worker.device,
+    }
+}
+
+/// The config file's text, and a short hash of it (stamped on the pod template).
+pub fn serving_config_json(svc: &MoEInferenceService, model: &ResolvedModel) -> (String, String) {
+    let text = serde_json::to_string_pretty(&serving_config(svc, model))
+        .expect("ServingConfig always serialises");
+    let hash = fnv1a64(text.as_bytes());
+    (text, format!("{hash:016x}"))
+}
+
+pub fn config_map(svc: &MoEInferenceService, model: &ResolvedModel) -> ConfigMap {
+    let (text, _) = serving_config_json(svc, model);
+    ConfigMap {
+        metadata: child_meta(svc, config_map_name(svc)),
+        data: Some(BTreeMap::from([("config.json".to_string(), text)])),
+        ..Default::default()
+    }
+}
+
+/// The stable endpoint: a ClusterIP Service over the ready server pods.
+pub fn service(svc: &MoEInferenceService) -> Service {
+    Service {
+        metadata: child_meta(svc, child_name(svc)),
+        spec: Some(ServiceSpec {
+            selector: Some(serving_labels(svc)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: svc.spec.serving.port,
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: METRICS_PORT.into(),
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The replicas, one pod each, rolled within `rollout`.
+pub fn deployment(
+    svc: &MoEInferenceService,
+    ctx: &BuildContext,
+    model: &ResolvedModel,
+) -> Deployment {
+    let spec = &svc.spec;
+    let mut meta = child_meta(svc, child_name(svc));
+    meta.annotations = Some(BTreeMap::from([(
+        labels::MODEL_REVISION.into(),
+        model.revision.clone(),
+    )]));
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(svc)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(spec.rollout.max_unavailable)),
+                    max_surge: Some(IntOrString::Int(spec.rollout.max_surge)),
+                }),
+            }),
+            // The Deployment reports ProgressDeadlineExceeded past this; a
+            // replica may legitimately spend the whole startup budget loading.
+            progress_deadline_seconds: Some(spec.serving.startup_timeout_seconds + 600),
+            template: pod_template(svc, ctx, model, None),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One incarnation of one replica group (`podsPerReplica > 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub index: i32,
+    pub incarnation: i32,
+}
+
+/// The server pod template: of the Deployment (`group` None) or of one group's StatefulSet.
+pub fn pod_template(
+    svc: &MoEInferenceService,
+    ctx: &BuildContext,
+    model: &ResolvedModel,
+    group: Option<Group>,
+) -> PodTemplateSpec {
+    let spec = &svc.spec;
+    let worker = &spec.worker;
+    let (_, config_hash) = serving_config_json(svc, model);
+    let mut pod_labels = worker.pod_metadata.labels.clone();
+    pod_labels.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
+    pod_labels.extend(selector_labels(svc));
+    if let Some(g) = group {
+        pod_labels.insert(labels::GROUP.into(), g.index.to_string());
+        pod_labels.insert(labels::INCARNATION.into(), g.incarnation.to_string());
+    }
+    let mut annotations = worker.pod_metadata.annotations.clone();
+    // The config's hash and the model revision: a change to either rolls the replicas.
+    annotations.insert(labels::CONFIG_HASH.into(), config_hash);
+    annotations.insert(labels::MODEL_REVISION.into(), model.revision.clone());
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(annotations),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: worker.service_account_name.clone(),
+            // Servers never talk to the API.
+            automount_service_account_token: Some(false),
+            // Many Services in a namespace would otherwise become many env vars.
+            enable_service_links: Some(false),
+            // Time to finish the requests in flight after SIGTERM.
+            termination_grace_period_seconds: Some(60),
+            security_context: Some(pod_security_context()),
+            node_selector: (!spec.placement.node_selector.is_empty())
+                .then(|| spec.placement.node_selector.clone()),
+            affinity: affinity(&spec.placement),
+            tolerations: tolerations(&spec.placement, worker.device),
+            priority_class_name: spec.placement.priority_class_name.clone(),
+            scheduler_name: spec.placement.scheduler_name.clone(),
+            containers: vec![container(svc, ctx, group)],
+            volumes: Some(volumes(svc, model)),
+            ..Default::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>) -> Container {
+    let spec = &svc.spec;
+    let worker = &spec.worker;
+    // Startup: the whole load budget (liveness waits until it succeeds, so a
+    // long MoE load is never killed by it). Liveness: a minute of silence.
+    // Readiness: only a replica that has loaded its weights takes traffic.
+    let startup_failures = (spec.serving.startup_timeout_seconds + STARTUP_PERIOD_SECONDS - 1)
+        / STARTUP_PERIOD_SECONDS;
+    Container {
+        name: CONTAINER.into(),
+        image: Some(ctx.image(worker)),
+        image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec![
+            "moe-worker".into(),
+            "serve".into(),
+            "--config".into(),
+            CONFIG_PATH.into(),
+        ]),
+        env: Some(env_vars(svc, group)),
+        ports: Some(
+            [
+                Some(ContainerPort {
+                    name: Some("http".into()),
+                    container_port: spec.serving.port,
+                    ..Default::default()
+                }),
+                Some(ContainerPort {
+                    name: Some("metrics".into()),
+                    container_port: METRICS_PORT.into(),
+                    ..Default::default()
+                }),
+                // The group leader's rendezvous store.
+                group.map(|_| ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: COORDINATOR_PORT.into(),
+                    ..Default::default()
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
+        startup_probe: Some(http_probe(
+            HEALTH_PATH,
+            STARTUP_PERIOD_SECONDS,
+            startup_failures,
+        )),
+        liveness_probe: Some(http_probe(HEALTH_PATH, 10, 6)),
+        readiness_probe: Some(http_probe(READY_PATH, 5, 3)),
+        resources: Some(resources(worker, spec.parallelism.processes_per_pod)),
+        security_context: Some(container_security_context()),
+        volume_mounts: Some(vec![
+            mount("config", "/etc/moe", true),
+            mount("model", MODEL_MOUNT, true),
+            mount("shm", "/dev/shm", false),
+            mount("tmp", "/tmp", false),
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
+/// The worker environment contract (a one-pod replica, or a pod of a group:
+/// its rank from the StatefulSet pod index, the leader as coordinator), then
+/// NCCL, then the user's env.
+pub fn env_vars(svc: &MoEInferenceService, group: Option<Group>) -> Vec<EnvVar> {
+    let p = &svc.spec.parallelism;
+    let mut out = vec![
+        plain(env::WORLD_SIZE, p.ranks_per_replica()),
+        plain(env::NODES, p.pods_per_replica),
+    ];
+    match group {
+        None => out.push(plain(env::NODE_RANK, 0)),
+        Some(g) => {
+            out.push(EnvVar {
+                name: env::NODE_RANK.into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: format!("metadata.labels['{}']", labels::POD_INDEX),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            out.push(plain(
+                env::COORDINATOR,
+                format!(
+                    "{}-0.{}:{COORDINATOR_PORT}",
+                    group_set_name(svc, g),
+                    pods_service_name(svc)
+                ),
+            ));
+        }
+    }
+    out.extend([
+        plain(env::PROCS_PER_NODE, p.processes_per_pod),
+        plain(env::CONFIG, CONFIG_PATH),
+        plain(
+            env::SERVICE,
+            format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()),
+        ),
+    ]);
+    out.extend(nccl_env(&svc.spec.worker.nccl));
+    out.extend(svc.spec.worker.env.iter().cloned());
+    out
+}
+
+/// Name of the headless Service giving group pods stable DNS names.
+pub fn pods_service_name(svc: &MoEInferenceService) -> String {
+    format!("{}-pods", svc.name_any())
+}
+
+/// Name of one group incarnation's StatefulSet; its pods are `<this>-<index>`.
+pub fn group_set_name(svc: &MoEInferenceService, g: Group) -> String {
+    format!("{}-g{}-{}", svc.name_any(), g.index, g.incarnation)
+}
+
+fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(svc),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: model.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        },
+        empty_dir(
+            "shm",
+            Some("Memory"),
+            Some(svc.spec.worker.shm_size.clone()),
+        ),
+        empty_dir("tmp", None, None),
+    ]
+}
+
+/// Voluntary evictions (drains) take at most `max(1, rollout.maxUnavailable)`
+/// replicas at a time; a replica that is not ready anyway may always go, so a
+/// broken pod never blocks a drain.
+pub fn pod_disruption_budget(svc: &MoEInferenceService) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: child_meta(svc, child_name(svc)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(svc.spec.rollout.max_unavailable.max(1))),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(svc)),
+                ..Default::default()
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The autoscaler, when `spec.autoscaling` is set. Its target is this
+/// resource's `/scale` subresource, not the Deployment: it moves
+/// `spec.replicas`, which the operator carries to the Deployment, so one
+/// field owns the replica count whoever changes it (HPA, kubectl scale, GitOps).
+pub fn horizontal_pod_autoscaler(svc: &MoEInferenceService) -> Option<HorizontalPodAutoscaler> {
+    let a = svc.spec.autoscaling.as_ref()?;
+    Some(HorizontalPodAutoscaler {
+        metadata: child_meta(svc, child_name(svc)),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some(MoEInferenceService::api_version(&()).into()),
+                kind: MoEInferenceService::kind(&()).into(),
+                name: svc.name_any(),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Pods".into(),
+                pods: Some(PodsMetricSource {
+                    metric: MetricIdentifier {
+                        name: CONCURRENCY_METRIC.into(),
+                        selector: None,
+                    },
+                    target: MetricTarget {
+                        type_: "AverageValue".into(),
+                        average_value: Some(Quantity(a.target_concurrency.to_string())),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_crds::Device;
+
+    pub fn service_fixture(extra: serde_json::Value) -> MoEInferenceService {
+        let mut v = serde_json::json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+            "metadata": {"name": "chat", "namespace": "serve", "uid": "u-1", "generation": 1},
+            "spec": {
+                "model": {"volume": {"claimName": "weights", "path": "/moe/9b/"}},
+                "replicas": 2,
+                "parallelism": {"processesPerPod": 8, "expertParallel": 8},
+                "placement": {"gpuType": "H100"}
+            }
+        });
+        moe_crds::fixtures::merge_patch(&mut v, &extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn model() -> ResolvedModel {
+        ResolvedModel {
+            claim_name: "weights".into(),
+            path: "moe/9b".into(),
+            format: ModelFormat::Native,
+            checkpoint_step: None,
+            model: None,
+            revision: "pvc/weights/moe/9b".into(),
+        }
+    }
+
+    #[test]
+    fn deployment_places_one_replica_per_pod_on_the_gpu_pool() {
+        let svc = service_fixture(serde_json::json!({}));
+        let d = deployment(&svc, &BuildContext::default(), &model());
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let ru = spec.strategy.unwrap().rolling_update.unwrap();
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(ru.max_surge, Some(IntOrString::Int(0)));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"],
+            Quantity("8".into())
+        );
+        let tolerations = pod.tolerations.unwrap();
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
+        );
+        let terms = pod
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(
+            terms[0].match_expressions.as_ref().unwrap()[0].values,
+            Some(vec!["NVIDIA-H100-80GB-HBM3".to_string()])
+        );
+        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(
+            c.security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        // The selector selects the template's pods.
+        let selector = spec.selector.match_labels.unwrap();
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn startup_probe_covers_the_whole_load_budget() {
+        let svc = service_fixture(
+            serde_json::json!({"spec": {"serving": {"startupTimeoutSeconds": 1805}}}),
+        );
+        let d = deployment(&svc, &BuildContext::default(), &model());
+        let c = d.spec.unwrap().template.spec.unwrap().containers.remove(0);
+        let startup = c.startup_probe.unwrap();
+        let budget = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
+        assert!(budget >= 1805, "startup budget {budget}s");
+        assert_eq!(startup.http_get.unwrap().path.as_deref(), Some(HEALTH_PATH));
+        assert_eq!(
+            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
+            Some(READY_PATH)
+        );
+    }
+
+    #[test]
+    fn a_new_model_revision_changes_the_pod_template() {
+        let svc = service_fixture(serde_json::json!({}));
+        let a = deployment(&svc, &BuildContext::default(), &model());
+        let mut other = model();
+        other.revision = "pvc/weights/moe/9b-v2".into();
+        other.path = "moe/9b-v2".into();
+        let b = deployment(&svc, &BuildContext::default(), &other);
+        assert_ne!(a.spec.unwrap().template, b.spec.unwrap().template);
+    }
+
+    #[test]
+    fn config_points_at_the_mounted_model() {
+        let svc = service_fixture(serde_json::json!({}));
+        let config = serving_config(&svc, &model());
+        assert_eq!(config.model_dir, "/models/moe/9b");
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.device, Device::Cuda);
+    }
+
+    #[test]
+    fn hpa_targets_the_scale_subresource_only_with_autoscaling() {
+        let svc = service_fixture(serde_json::json!({}));
+        assert!(horizontal_pod_autoscaler(&svc).is_none());
+        let svc = service_fixture(serde_json::json!({"spec": {"autoscaling":
+            {"minReplicas": 1, "maxReplicas": 4, "targetConcurrency": 16}}}));
+        let hpa = horizontal_pod_autoscaler(&svc).unwrap().spec;
+        assert_eq!(hpa.scale_target_ref.kind, "MoEInferenceService");
+        assert_eq!(hpa.max_replicas, 4);
+    }
+
+    #[test]
+    fn pdb_allows_at_least_one_eviction() {
+        let svc = service_fixture(
+            serde_json::json!({"spec": {"rollout": {"maxUnavailable": 0, "maxSurge": 1}}}),
+        );
+        let pdb = pod_disruption_budget(&svc).spec.unwrap();
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            selector_string(&svc),
+            "moe.dev/role=server,moe.dev/service-name=chat"
+        );
+    }
+}

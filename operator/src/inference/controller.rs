@@ -1,0 +1,544 @@
+//! The MoEInferenceService controller: thin I/O around the pure steps.
+//!
+//! reconcile = observe (stores; pods only while replicas are missing)
+//!           → validate (pure, once per generation) → resolve model + decide (pure)
+//!           → apply children (only fields that changed) → status (only if changed) → events
+//!
+//! Children and MoETrainingJobs are reflected into stores, so a reconcile with
+//! nothing to do reads nothing from the API and writes nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use moe_crds::{MoEInferenceService, MoETrainingJob};
+use tracing::{info, warn};
+
+use super::build;
+use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, resolve_model};
+use super::groups::{self, GroupPlan, GroupState};
+use super::validate::validate;
+use crate::labels;
+use crate::metrics::Metrics;
+use crate::pods::BuildContext;
+use crate::reconcile::{Backoff, Error, api, apply_if_changed, apply_status, publish, reflected};
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub build: BuildContext,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    config_maps: Store<ConfigMap>,
+    services: Store<Service>,
+    deployments: Store<Deployment>,
+    pdbs: Store<PodDisruptionBudget>,
+    hpas: Store<HorizontalPodAutoscaler>,
+    stateful_sets: Store<StatefulSet>,
+    training_jobs: Store<MoETrainingJob>,
+    failures: Backoff<MoEInferenceService>,
+    /// Validation verdict per object uid and generation: the spec only changes
+    /// with the generation, and CEL compilation on every pod change would dominate CPU.
+    verdicts: Mutex<HashMap<String, Verdict>>,
+}
+
+/// A validation result (`Some(message)` when invalid) and the generation it was computed for.
+type Verdict = (Option<i64>, Option<String>);
+
+/// Periodic resync: repairs anything a missed watch event left behind.
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Runs the controller until `shutdown` resolves. `namespace`: watch one namespace, or all.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    build: BuildContext,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let children = watcher::Config::default().labels(&labels::managed_selector());
+    let (config_maps, cm_stream) =
+        reflected(api::<ConfigMap>(&client, &namespace), children.clone());
+    let (services, svc_stream) = reflected(api::<Service>(&client, &namespace), children.clone());
+    let (deployments, dep_stream) =
+        reflected(api::<Deployment>(&client, &namespace), children.clone());
+    let (pdbs, pdb_stream) = reflected(
+        api::<PodDisruptionBudget>(&client, &namespace),
+        children.clone(),
+    );
+    let (hpas, hpa_stream) = reflected(
+        api::<HorizontalPodAutoscaler>(&client, &namespace),
+        children.clone(),
+    );
+    let (stateful_sets, sts_stream) = reflected(api::<StatefulSet>(&client, &namespace), children);
+    // Training jobs: a service waiting for one reconciles when it changes.
+    let (training_jobs, job_stream) = reflected(
+        api::<MoETrainingJob>(&client, &namespace),
+        watcher::Config::default(),
+    );
+
+    let controller = Controller::new(
+        api::<MoEInferenceService>(&client, &namespace),
+        watcher::Config::default().any_semantic(),
+    );
+    let services_store = controller.store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build,
+        recorder,
+        metrics,
+        config_maps,
+        services,
+        deployments,
+        pdbs,
+        hpas,
+        stateful_sets,
+        training_jobs,
+        failures: Backoff::default(),
+        verdicts: Mutex::new(HashMap::new()),
+    });
+    controller
+        .owns_stream(cm_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(dep_stream)
+        .owns_stream(pdb_stream)
+        .owns_stream(hpa_stream)
+        .owns_stream(sts_stream)
+        .watches_stream(job_stream, move |job: MoETrainingJob| {
+            let ns = job.namespace();
+            let name = job.name_any();
+            services_store
+                .state()
+                .into_iter()
+                .filter(|s| {
+                    s.namespace() == ns
+                        && s.spec
+                            .model
+                            .from_training_job
+                            .as_ref()
+                            .is_some_and(|f| f.name == name)
+                })
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile dispatch");
+            }
+        })
+        .await;
+}
+
+fn error_policy(svc: Arc<MoEInferenceService>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.failures.failed(svc.as_ref());
+    warn!(service = %svc.name_any(), namespace = ?svc.namespace(), error = %err, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.reconcile_error(err.metric_label());
+    Action::requeue(delay)
+}
+
+async fn reconcile(svc: Arc<MoEInferenceService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&svc, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    if result.is_ok() {
+        ctx.failures.succeeded(svc.as_ref());
+    }
+    result
+}
+
+/// A child of `svc` named `name` from `store`, if `svc` controls it.
+fn owned<K>(store: &Store<K>, svc: &MoEInferenceService, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let ns = svc.namespace().unwrap_or_default();
+    let obj = store.get(&ObjectRef::new(name).within(&ns))?;
+    let uid = svc.uid();
+    obj.owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
+        .then_some(obj)
+}
+
+async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Action, Error> {
+    if svc.meta().deletion_timestamp.is_some() {
+        ctx.verdicts
+            .lock()
+            .expect("not poisoned")
+            .remove(&svc.uid().unwrap_or_default());
+        ctx.metrics.forget_inference(svc);
+        // Children go with it by owner-reference garbage collection.
+        return Ok(Action::await_change());
+    }
+    let ns = svc.namespace().unwrap_or_default();
+    let invalid = verdict(ctx, svc);
+    let job = svc
+        .spec
+        .model
+        .from_training_job
+        .as_ref()
+        .and_then(|f| ctx.training_jobs.get(&ObjectRef::new(&f.name).within(&ns)));
+    let model = resolve_model(svc, job.as_deref());
+    let grouped = svc.spec.parallelism.pods_per_replica > 1;
+    let mut group_plan = None;
+    let (deployment, unschedulable) = if grouped {
+        // Replica groups: pods are listed every time (a failed pod restarts its group).
+        let pods = server_pods(ctx, svc, &ns).await?;
+        let states = observe_groups(ctx, svc, &pods);
+        let gplan = match &model {
+            ModelState::Ready(m) => {
+                groups::plan_groups(svc, &states, &groups::revision(svc, &ctx.build, m))
+            }
+            _ => GroupPlan::default(),
+        };
+        let counts = (!states.is_empty()).then(|| gplan.counts.clone());
+        group_plan = Some(gplan);
+        (counts, unschedulable_of(&pods))
+    } else {
+        let name = build::child_name(svc);
+        let deployment = owned(&ctx.deployments, svc, &name).map(|d| deployment_state(&d));
+        let unschedulable = match &deployment {
+            Some(d) if d.ready < svc.spec.replicas || d.updated < svc.spec.replicas => {
+                unschedulable_of(&server_pods(ctx, svc, &ns).await?)
+            }
+            _ => vec![],
+        };
+        (deployment, unschedulable)
+    };
+    let mut plan = decide(
+        svc,
+        &Observed {
+            invalid,
+            model,
+            deployment,
+            unschedulable,
+            exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
+            now: Timestamp::now(),
+        },
+    );
+    if let Some(g) = &group_plan
+        && plan.apply.is_some()
+    {
+        plan.transitions.extend(g.transitions.iter().cloned());
+    }
+    apply_children(ctx, svc, &ns, &plan).await?;
+    if let (Some(model), Some(gplan)) = (&plan.apply, &group_plan) {
+        execute_groups(ctx, svc, &ns, model, gplan).await?;
+    }
+    let events = futures::future::join_all(plan.transitions.iter().map(|t| {
+        publish(
+            &ctx.recorder,
+            &ctx.metrics,
+            svc,
+            t.warning,
+            &t.reason,
+            &t.message,
+        )
+    }));
+    let write = async {
+        if svc.status.as_ref() != Some(&plan.status) {
+            apply_status(&ctx.client, &ctx.metrics, svc, &plan.status).await?;
+        }
+        Ok::<(), Error>(())
+    };
+    let (status, _) = futures::join!(write, events);
+    status?;
+    let reason = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == moe_crds::condition::READY)
+        .map(|c| c.reason.clone());
+    ctx.metrics.observe_inference(svc, reason.as_deref());
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The writes of one reconcile are independent: issued together.
+async fn apply_children(
+    ctx: &Context,
+    svc: &MoEInferenceService,
+    ns: &str,
+    plan: &Plan,
+) -> Result<(), Error> {
+    let Some(model) = &plan.apply else {
+        return Ok(());
+    };
+    let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
+    let hpa = async {
+        match build::horizontal_pod_autoscaler(svc) {
+            Some(hpa) => apply_if_changed(client, metrics, ns, hpa, &ctx.hpas).await,
+            None => {
+                // Autoscaling was switched off: the operator's HPA goes with it.
+                let name = build::child_name(svc);
+                if owned(&ctx.hpas, svc, &name).is_none() {
+                    return Ok(());
+                }
+                let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => info!(service = %svc.name_any(), namespace = ns, "deleted autoscaler"),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                metrics.api_call("delete", "horizontalpodautoscalers");
+                Ok(())
+            }
+        }
+    };
+    // One-pod replicas: the Deployment. Groups: the headless Service of their pods
+    // (the StatefulSets are created and replaced by [`execute_groups`]).
+    let replicas = async {
+        if svc.spec.parallelism.pods_per_replica > 1 {
+            let pods_service = groups::pods_service(svc);
+            apply_if_changed(client, metrics, ns, pods_service, &ctx.services).await
+        } else {
+            let deployment = build::deployment(svc, &ctx.build, model);
+            apply_if_changed(client, metrics, ns, deployment, &ctx.deployments).await
+        }
+    };
+    futures::try_join!(
+        apply_if_changed(
+            client,
+            metrics,
+            ns,
+            build::config_map(svc, model),
+            &ctx.config_maps
+        ),
+        apply_if_changed(client, metrics, ns, build::service(svc), &ctx.services),
+        replicas,
+        apply_if_changed(
+            client,
+            metrics,
+            ns,
+            build::pod_disruption_budget(svc),
+            &ctx.pdbs
+        ),
+        hpa,
+    )?;
+    Ok(())
+}
+
+fn deployment_state(d: &Deployment) -> DeploymentState {
+    let status = d.status.clone().unwrap_or_default();
+    DeploymentState {
+        generation: d.metadata.generation,
+        observed_generation: status.observed_generation,
+        desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        replicas: status.replicas.unwrap_or(0),
+        ready: status.ready_replicas.unwrap_or(0),
+        updated: status.updated_replicas.unwrap_or(0),
+    }
+}
+
+/// The live server pods of `svc`. Listed only when needed: while replicas
+/// are missing (to tell a capacity shortage from slow pods), and for groups.
+async fn server_pods(
+    ctx: &Context,
+    svc: &MoEInferenceService,
+    ns: &str,
+) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = build::selector_labels(svc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    ctx.metrics.api_call("list", "pods");
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+/// Why server pods are Pending, from the scheduler's PodScheduled condition.
+fn unschedulable_of(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter_map(|p| {
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+            (c.reason.as_deref() == Some("Unschedulable"))
+                .then(|| c.message.clone().unwrap_or_else(|| "Unschedulable".into()))
+        })
+        .collect()
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A pod that failed or whose container restarted: its group's ranks cannot
+/// continue without it (collectives span the group).
+fn has_failed(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    status.phase.as_deref() == Some("Failed")
+        || status
+            .container_statuses
+            .iter()
+            .flatten()
+            .any(|c| c.restart_count > 0)
+}
+
+/// The group StatefulSets `svc` owns, with their pods.
+fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec<GroupState> {
+    let uid = svc.uid();
+    let ns = svc.namespace();
+    let size = svc.spec.parallelism.pods_per_replica;
+    let mut out = Vec::new();
+    for set in ctx.stateful_sets.state() {
+        let owned = set
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
+        if set.namespace() != ns || !owned {
+            continue;
+        }
+        let label = |k: &str| set.labels().get(k).and_then(|v| v.parse::<i32>().ok());
+        let (Some(index), Some(incarnation)) = (label(labels::GROUP), label(labels::INCARNATION))
+        else {
+            continue;
+        };
+        let annotation = |k: &str| set.annotations().get(k).cloned();
+        let mine: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| {
+                p.labels().get(labels::GROUP) == Some(&index.to_string())
+                    && p.labels().get(labels::INCARNATION) == Some(&incarnation.to_string())
+            })
+            .collect();
+        let formed = annotation(labels::FORMED_PODS);
+        let replaced = formed.as_ref().is_some_and(|uids| {
+            let formed: Vec<&str> = uids.split(',').collect();
+            mine.len() < size as usize
+                || mine
+                    .iter()
+                    .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
+        });
+        out.push(GroupState {
+            name: set.name_any(),
+            index,
+            incarnation,
+            being_deleted: set.meta().deletion_timestamp.is_some(),
+            revision: annotation(labels::REVISION).unwrap_or_default(),
+            restarts: annotation(labels::RESTARTS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            pods: mine.len() as i32,
+            ready: mine.iter().filter(|p| is_ready(p)).count() as i32,
+            formed: formed.is_some(),
+            failed: replaced || mine.iter().any(|p| has_failed(p)),
+        });
+    }
+    out
+}
+
+/// Creates new group incarnations before deleting the ones they replace, and
+/// records which pods formed a group.
+async fn execute_groups(
+    ctx: &Context,
+    svc: &MoEInferenceService,
+    ns: &str,
+    model: &build::ResolvedModel,
+    plan: &GroupPlan,
+) -> Result<(), Error> {
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    for (group, restarts) in &plan.create {
+        let set = groups::group_set(svc, &ctx.build, model, *group, *restarts);
+        let params = PostParams {
+            field_manager: Some(labels::FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match sets.create(&params, &set).await {
+            Ok(_) => {
+                info!(service = %svc.name_any(), namespace = ns, group = group.index, incarnation = group.incarnation, "created replica group")
+            }
+            // Already there: a previous reconcile created it before the store saw it.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("create", "statefulsets");
+    }
+    for name in &plan.delete {
+        // Background: the group goes now, its pods follow; its replacement need not wait.
+        let dp = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..Default::default()
+        };
+        match sets.delete(name, &dp).await {
+            Ok(_) => {
+                info!(service = %svc.name_any(), namespace = ns, group = %name, "deleted replica group")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("delete", "statefulsets");
+    }
+    if !plan.mark_formed.is_empty() {
+        let pods = server_pods(ctx, svc, ns).await?;
+        for name in &plan.mark_formed {
+            let Some(set) = ctx.stateful_sets.get(&ObjectRef::new(name).within(ns)) else {
+                continue;
+            };
+            let (group, incarnation) = (
+                set.labels().get(labels::GROUP).cloned(),
+                set.labels().get(labels::INCARNATION).cloned(),
+            );
+            let mut uids: Vec<String> = pods
+                .iter()
+                .filter(|p| {
+                    p.labels().get(labels::GROUP) == group.as_ref()
+                        && p.labels().get(labels::INCARNATION) == incarnation.as_ref()
+                })
+                .filter_map(|p| p.uid())
+                .collect();
+            uids.sort();
+            let patch = serde_json::json!({"metadata": {"annotations": {labels::FORMED_PODS: uids.join(",")}}});
+            sets.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.metrics.api_call("patch", "statefulsets");
+        }
+    }
+    Ok(())
+}
+
+/// [`validate`], once per generation of each object.
+fn verdict(ctx: &Context, svc: &MoEInferenceService) -> Option<String> {
+    let uid = svc.uid().unwrap_or_default();
+    let generation = svc.metadata.generation;
+    if let Some((g, v)) = ctx.verdicts.lock().expect("not poisoned").get(&uid)
+        && *g == generation
+    {
+        return v.clone();
+    }
+    let invalid = validate(svc).err();
+    ctx.verdicts
+        .lock()
+        .expect("not poisoned")
+        .insert(uid, (generation, invalid.clone()));
+    invalid
+}

@@ -1,0 +1,625 @@
+//! Pure decisions (no client) for a MoEInferenceService: resolve the model
+//! source, and from the observed Deployment and pods compute the status —
+//! kstatus `Ready`/`Reconciling`/`Stalled` plus `Available`/`Progressing`/
+//! `Degraded`, each with a classified reason — and the transitions that
+//! deserve an Event. Everything needed is in the API objects, so a restarted
+//! operator decides the same again.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use moe_crds::condition::{AVAILABLE, DEGRADED, PROGRESSING, READY, RECONCILING, STALLED};
+use moe_crds::{MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainingPhase};
+
+use super::build::{self, ResolvedModel};
+use crate::reconcile::set_condition;
+use crate::training::build as training_build;
+
+/// Reasons of the Ready condition (and of the others where they apply).
+pub mod reason {
+    pub const READY: &str = "ReplicasReady";
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+    pub const CREATING: &str = "Creating";
+    pub const UPDATING: &str = "Updating";
+    pub const PODS_NOT_READY: &str = "PodsNotReady";
+    pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
+    pub const WAITING_FOR_TRAINING_JOB: &str = "WaitingForTrainingJob";
+    pub const TRAINING_JOB_NOT_FOUND: &str = "TrainingJobNotFound";
+    pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
+    pub const MODEL_NOT_PERSISTED: &str = "ModelNotPersisted";
+    pub const MODEL_INCOMPATIBLE: &str = "ModelIncompatible";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const GROUP_RESTART_LIMIT: &str = "GroupRestartLimit";
+}
+
+/// Where the model stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelState {
+    /// Servable.
+    Ready(ResolvedModel),
+    /// Not yet (e.g. the training job is still running): Progressing.
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
+    /// Never without a change: Stalled.
+    Broken {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The model of `svc`, given the training job it names (if it names one and it exists).
+pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) -> ModelState {
+    let source = &svc.spec.model;
+    if let Some(v) = &source.volume {
+        let path = v.path.trim_matches('/').to_string();
+        return ModelState::Ready(ResolvedModel {
+            claim_name: v.claim_name.clone(),
+            revision: format!(
+                "pvc/{}/{path} ({})",
+                v.claim_name,
+                serde_json::to_value(v.format)
+                    .ok()
+                    .and_then(|f| f.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+            path,
+            format: v.format,
+            checkpoint_step: None,
+            model: None,
+        });
+    }
+    let Some(from) = &source.from_training_job else {
+        // The CEL rule requires one source; an object that got past it anyway is invalid.
+        return ModelState::Broken {
+            reason: reason::INVALID_SPEC,
+            message: "spec.model needs exactly one source: fromTrainingJob or volume".into(),
+        };
+    };
+    let Some(job) = job else {
+        return ModelState::Waiting {
+            reason: reason::TRAINING_JOB_NOT_FOUND,
+            message: format!(
+                "MoETrainingJob {} does not exist (yet) in this namespace",
+                from.name
+            ),
+        };
+    };
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    match phase {
+        Some(TrainingPhase::Succeeded) => {}
+        Some(TrainingPhase::Failed) => {
+            return ModelState::Broken {
+                reason: reason::TRAINING_JOB_FAILED,
+                message: format!(
+                    "MoETrainingJob {} failed: it has no final checkpoint to serve",
+                    from.name
+                ),
+            };
+        }
+        other => {
+            let phase = other.map_or("Pending".to_string(), |p| format!("{p:?}"));
+            return ModelState::Waiting {
+                reason: reason::WAITING_FOR_TRAINING_JOB,
+                message: format!(
+                    "MoETrainingJob {} is {phase}; serving starts when it has Succeeded",
+                    from.name
+                ),
+            };
+        }
+    }
+    let Some(claim) = job.spec.checkpoint.claim_name.clone() else {
+        return ModelState::Broken {
+            reason: reason::MODEL_NOT_PERSISTED,
+            message: format!(
+                "MoETrainingJob {} keeps its checkpoints in an emptyDir (spec.checkpoint.claimName unset): nothing survives to serve",
+                from.name
+            ),
+        };
+    };
+    let experts = job.spec.model.moe.experts;
+    let ep = svc.spec.parallelism.expert_parallel;
+    // checked_rem: a zero from an object that bypassed the schema must not panic.
+    if experts.checked_rem(ep) != Some(0) {
+        return ModelState::Broken {
+            reason: reason::MODEL_INCOMPATIBLE,
+            message: format!(
+                "spec.parallelism.expertParallel ({ep}) must divide the {experts} experts of MoETrainingJob {}",
+                from.name
+            ),
+        };
+    }
+    // The training job writes under <mount>/<path>/<ns>/<name>/checkpoints on its claim.
+    let dir = training_build::worker_config(job).checkpoint.dir;
+    let path = dir
+        .strip_prefix(training_build::STATE_MOUNT)
+        .unwrap_or(&dir)
+        .trim_matches('/')
+        .to_string();
+    let uid: String = job.uid().unwrap_or_default().chars().take(8).collect();
+    let at = from
+        .checkpoint
+        .map_or("latest".to_string(), |s| format!("step-{s}"));
+    ModelState::Ready(ResolvedModel {
+        claim_name: claim,
+        path,
+        format: moe_crds::ModelFormat::Native,
+        checkpoint_step: from.checkpoint,
+        model: Some(job.spec.model.clone()),
+        revision: format!("moetrainingjob/{}/{uid}@{at}", from.name),
+    })
+}
+
+/// The owned Deployment, as far as the decision needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeploymentState {
+    pub generation: Option<i64>,
+    pub observed_generation: Option<i64>,
+    /// `spec.replicas` of the Deployment.
+    pub desired: i32,
+    /// Pods of every revision.
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+}
+
+/// Everything the decision needs besides the resource itself.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// An error that makes the spec unrunnable although the apiserver accepted it.
+    pub invalid: Option<String>,
+    pub model: ModelState,
+    pub deployment: Option<DeploymentState>,
+    /// Messages of server pods the scheduler cannot place.
+    pub unschedulable: Vec<String>,
+    /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
+    pub exhausted: Option<String>,
+    pub now: Timestamp,
+}
+
+/// A transition worth a Kubernetes Event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The outcome of one decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: MoEInferenceServiceStatus,
+    pub transitions: Vec<Transition>,
+    /// Apply the children (ConfigMap, Service, Deployment, PDB, HPA) for this model.
+    pub apply: Option<ResolvedModel>,
+}
+
+/// What the service is doing, in one word (the Ready condition's reason).
+struct Verdict {
+    ready: bool,
+    stalled: bool,
+    reason: &'static str,
+    message: String,
+}
+
+pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
+    let old = svc.status.clone().unwrap_or_default();
+    let now = Time(observed.now);
+    let generation = svc.metadata.generation;
+    let desired = svc.spec.replicas;
+    let dep = observed.deployment.clone();
+    let counts = dep.clone().unwrap_or_default();
+
+    let mut apply = None;
+    let verdict = if let Some(invalid) = &observed.invalid {
+        stalled(reason::INVALID_SPEC, invalid.clone())
+    } else {
+        match &observed.model {
+            ModelState::Broken { reason, message } => stalled(reason, message.clone()),
+            ModelState::Waiting { reason, message } => progressing(reason, message.clone()),
+            ModelState::Ready(model) => {
+                apply = Some(model.clone());
+                match &observed.exhausted {
+                    // Will not recover without a change (a new revision or a deletion).
+                    Some(message) => stalled(reason::GROUP_RESTART_LIMIT, message.clone()),
+                    None => replicas_verdict(desired, dep.as_ref(), &observed.unschedulable),
+                }
+            }
+        }
+    };
+
+    let status = MoEInferenceServiceStatus {
+        observed_generation: generation,
+        replicas: counts.replicas,
+        ready_replicas: counts.ready,
+        updated_replicas: counts.updated,
+        selector: Some(build::selector_string(svc)),
+        url: Some(build::url(svc)),
+        model_revision: match &observed.model {
+            ModelState::Ready(m) => Some(m.revision.clone()),
+            _ => old.model_revision.clone(),
+        },
+        conditions: old.conditions.clone(),
+    };
+    let mut plan = Plan {
+        status,
+        transitions: vec![],
+        apply,
+    };
+
+    let reconciling = !verdict.ready && !verdict.stalled;
+    // Available: the service takes traffic with at most maxUnavailable replicas missing.
+    let floor = (desired - svc.spec.rollout.max_unavailable).max(1);
+    let available = desired > 0 && counts.ready >= floor && observed.invalid.is_none();
+    // Degraded: serving, but below the asked-for capacity outside a rollout.
+    let degraded = verdict.reason == reason::GROUP_RESTART_LIMIT
+        || (!verdict.ready
+            && counts.ready > 0
+            && matches!(
+                verdict.reason,
+                reason::PODS_NOT_READY | reason::INSUFFICIENT_CAPACITY
+            ));
+    let (r, m) = (verdict.reason, verdict.message.as_str());
+    let conds = &mut plan.status.conditions;
+    set_condition(conds, READY, verdict.ready, r, m, generation, &now);
+    set_condition(conds, RECONCILING, reconciling, r, m, generation, &now);
+    set_condition(conds, STALLED, verdict.stalled, r, m, generation, &now);
+    let (ar, am) = if available {
+        (
+            "MinimumReplicasAvailable",
+            format!(
+                "{} of {desired} replicas ready (at most {} may be unavailable)",
+                counts.ready, svc.spec.rollout.max_unavailable
+            ),
+        )
+    } else {
+        (r, m.to_string())
+    };
+    set_condition(conds, AVAILABLE, available, ar, &am, generation, &now);
+    set_condition(conds, PROGRESSING, reconciling, r, m, generation, &now);
+    set_condition(conds, DEGRADED, degraded, r, m, generation, &now);
+
+    // An Event when the summary (Ready's status and reason) changes.
+    let before = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    let after = Some((
+        if verdict.ready { "True" } else { "False" }.to_string(),
+        r.to_string(),
+    ));
+    if before != after {
+        plan.transitions.push(Transition {
+            warning: verdict.stalled || r == reason::INSUFFICIENT_CAPACITY,
+            reason: r.into(),
+            message: m.into(),
+        });
+    }
+    plan
+}
+
+fn stalled(reason: &'static str, message: String) -> Verdict {
+    Verdict {
+        ready: false,
+        stalled: true,
+        reason,
+        message,
+    }
+}
+
+fn progressing(reason: &'static str, message: String) -> Verdict {
+    Verdict {
+        ready: false,
+        stalled: false,
+        reason,
+        message,
+    }
+}
+
+/// Classifies the replicas: creating, updating, short of capacity, pods not
+/// ready, or ready.
+fn replicas_verdict(
+    desired: i32,
+    dep: Option<&DeploymentState>,
+    unschedulable: &[String],
+) -> Verdict {
+    let Some(d) = dep else {
+        return progressing(reason::CREATING, "creating the replicas".into());
+    };
+    let stale = d.observed_generation < d.generation || d.desired != desired;
+    let rolling = stale || d.updated < desired || d.replicas > desired;
+    let capacity = || {
+        progressing(
+            reason::INSUFFICIENT_CAPACITY,
+            format!(
+                "{} server pod(s) cannot be scheduled: {}",
+                unschedulable.len(),
+                unschedulable.first().map(String::as_str).unwrap_or("")
+            ),
+        )
+    };
+    if rolling {
+        // A rollout that cannot place its new pods is short of capacity, not just slow.
+        if !unschedulable.is_empty() && !stale {
+            return capacity();
+        }
+        return progressing(
+            reason::UPDATING,
+            format!(
+                "rolling out: {} of {desired} replicas updated, {} ready",
+                d.updated, d.ready
+            ),
+        );
+    }
+    if desired == 0 {
+        return Verdict {
+            ready: true,
+            stalled: false,
+            reason: reason::SCALED_TO_ZERO,
+            message: "scaled to 0 replicas".into(),
+        };
+    }
+    if d.ready < desired {
+        if !unschedulable.is_empty() {
+            return capacity();
+        }
+        return progressing(
+            reason::PODS_NOT_READY,
+            format!("{} of {desired} replicas ready", d.ready),
+        );
+    }
+    Verdict {
+        ready: true,
+        stalled: false,
+        reason: reason::READY,
+        message: format!("{desired} of {desired} replicas ready"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(extra: serde_json::Value) -> MoEInferenceService {
+        let mut v = json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+            "metadata": {"name": "chat", "namespace": "serve", "uid": "u-1", "generation": 3},
+            "spec": {"model": {"volume": {"claimName": "weights"}}, "replicas": 3}
+        });
+        moe_crds::fixtures::merge_patch(&mut v, &extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn job(phase: Option<&str>, claim: Option<&str>) -> MoETrainingJob {
+        let mut v = json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
+            "metadata": {"name": "train", "namespace": "serve", "uid": "0123456789ab"},
+            "spec": {
+                "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 64,
+                          "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 32}},
+                "training": {"steps": 10, "globalBatchSize": 8},
+                "checkpoint": {"path": "ckpt"}
+            }
+        });
+        if let Some(c) = claim {
+            v["spec"]["checkpoint"]["claimName"] = json!(c);
+        }
+        if let Some(p) = phase {
+            v["status"] = json!({"phase": p});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn observed(model: ModelState, dep: Option<DeploymentState>) -> Observed {
+        Observed {
+            invalid: None,
+            model,
+            deployment: dep,
+            unschedulable: vec![],
+            exhausted: None,
+            now: Timestamp::from_second(1_000).unwrap(),
+        }
+    }
+
+    fn dep(desired: i32, replicas: i32, ready: i32, updated: i32) -> DeploymentState {
+        DeploymentState {
+            generation: Some(2),
+            observed_generation: Some(2),
+            desired,
+            replicas,
+            ready,
+            updated,
+        }
+    }
+
+    fn cond<'a>(plan: &'a Plan, t: &str) -> (&'a str, &'a str) {
+        let c = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn ready_model(s: &MoEInferenceService) -> ModelState {
+        resolve_model(s, None)
+    }
+
+    #[test]
+    fn a_running_training_job_keeps_the_service_progressing_naming_it() {
+        let s =
+            svc(json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}}}}));
+        let running = job(Some("Running"), Some("ckpt"));
+        let model = resolve_model(&s, Some(&running));
+        let ModelState::Waiting { reason, message } = &model else {
+            panic!("{model:?}")
+        };
+        assert_eq!(*reason, reason::WAITING_FOR_TRAINING_JOB);
+        assert!(message.contains("train is Running"), "{message}");
+        let plan = decide(&s, &observed(model, None));
+        assert!(plan.apply.is_none(), "no replicas before the model exists");
+        assert_eq!(cond(&plan, PROGRESSING), ("True", "WaitingForTrainingJob"));
+        assert_eq!(cond(&plan, READY), ("False", "WaitingForTrainingJob"));
+        assert_eq!(cond(&plan, STALLED).0, "False");
+        assert_eq!(plan.transitions.len(), 1);
+        assert!(!plan.transitions[0].warning);
+        // Missing job: waiting as well, with its own reason.
+        assert!(matches!(
+            resolve_model(&s, None),
+            ModelState::Waiting {
+                reason: reason::TRAINING_JOB_NOT_FOUND,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_succeeded_training_job_is_served_from_its_checkpoint_claim() {
+        let s = svc(
+            json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": 500}}}}),
+        );
+        let ModelState::Ready(m) =
+            resolve_model(&s, Some(&job(Some("Succeeded"), Some("ckpt-pvc"))))
+        else {
+            panic!()
+        };
+        assert_eq!(m.claim_name, "ckpt-pvc");
+        assert_eq!(m.path, "ckpt/serve/train/checkpoints");
+        assert_eq!(m.dir(), "/models/ckpt/serve/train/checkpoints");
+        assert_eq!(m.checkpoint_step, Some(500));
+        assert_eq!(m.revision, "moetrainingjob/train/01234567@step-500");
+        assert_eq!(m.model.unwrap().moe.experts, 8);
+    }
+
+    #[test]
+    fn unservable_training_jobs_stall_with_a_reason() {
+        let s =
+            svc(json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}}}}));
+        let failed = resolve_model(&s, Some(&job(Some("Failed"), Some("c"))));
+        assert!(matches!(
+            failed,
+            ModelState::Broken {
+                reason: reason::TRAINING_JOB_FAILED,
+                ..
+            }
+        ));
+        let no_claim = resolve_model(&s, Some(&job(Some("Succeeded"), None)));
+        assert!(matches!(
+            no_claim,
+            ModelState::Broken {
+                reason: reason::MODEL_NOT_PERSISTED,
+                ..
+            }
+        ));
+        let s16 = svc(
+            json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}},
+                                      "parallelism": {"processesPerPod": 16, "expertParallel": 16}}}),
+        );
+        let ModelState::Broken { reason, message } =
+            resolve_model(&s16, Some(&job(Some("Succeeded"), Some("c"))))
+        else {
+            panic!()
+        };
+        assert_eq!(reason, reason::MODEL_INCOMPATIBLE);
+        assert!(
+            message.starts_with("spec.parallelism.expertParallel"),
+            "{message}"
+        );
+        let plan = decide(
+            &s16,
+            &observed(
+                resolve_model(&s16, Some(&job(Some("Succeeded"), Some("c")))),
+                None,
+            ),
+        );
+        assert_eq!(cond(&plan, STALLED), ("True", "ModelIncompatible"));
+        assert_eq!(cond(&plan, RECONCILING).0, "False");
+        assert!(plan.transitions[0].warning);
+    }
+
+    #[test]
+    fn replicas_are_classified() {
+        let s = svc(json!({}));
+        let m = ready_model(&s);
+        let plan = decide(&s, &observed(m.clone(), None));
+        assert_eq!(cond(&plan, READY), ("False", "Creating"));
+        assert!(plan.apply.is_some());
+
+        let plan = decide(&s, &observed(m.clone(), Some(dep(3, 3, 1, 3))));
+        assert_eq!(cond(&plan, READY), ("False", "PodsNotReady"));
+        assert_eq!(cond(&plan, DEGRADED), ("True", "PodsNotReady"));
+        assert_eq!(
+            cond(&plan, AVAILABLE).0,
+            "False",
+            "1 ready < 3 - maxUnavailable 1"
+        );
+
+        let plan = decide(&s, &observed(m.clone(), Some(dep(3, 3, 2, 3))));
+        assert_eq!(cond(&plan, AVAILABLE), ("True", "MinimumReplicasAvailable"));
+
+        let mut o = observed(m.clone(), Some(dep(3, 3, 0, 3)));
+        o.unschedulable = vec!["0/29 nodes are available: 24 Insufficient nvidia.com/gpu".into()];
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "InsufficientCapacity"));
+        assert_eq!(cond(&plan, DEGRADED).0, "False", "nothing serves yet");
+        assert!(plan.transitions[0].warning);
+
+        let plan = decide(&s, &observed(m.clone(), Some(dep(3, 4, 3, 1))));
+        assert_eq!(cond(&plan, READY), ("False", "Updating"));
+        assert_eq!(cond(&plan, PROGRESSING), ("True", "Updating"));
+        assert_eq!(cond(&plan, AVAILABLE).0, "True");
+
+        // The Deployment has not seen the new replica count yet.
+        let plan = decide(&s, &observed(m.clone(), Some(dep(2, 2, 2, 2))));
+        assert_eq!(cond(&plan, READY), ("False", "Updating"));
+
+        let plan = decide(&s, &observed(m.clone(), Some(dep(3, 3, 3, 3))));
+        assert_eq!(cond(&plan, READY), ("True", "ReplicasReady"));
+        assert_eq!(cond(&plan, RECONCILING).0, "False");
+        assert_eq!(cond(&plan, PROGRESSING).0, "False");
+        assert_eq!(plan.status.ready_replicas, 3);
+        assert_eq!(plan.status.observed_generation, Some(3));
+        assert_eq!(
+            plan.status.selector.as_deref(),
+            Some("moe.dev/role=server,moe.dev/service-name=chat")
+        );
+        assert_eq!(
+            plan.status.url.as_deref(),
+            Some("http://chat.serve.svc:8000")
+        );
+
+        let zero = svc(json!({"spec": {"replicas": 0}}));
+        let plan = decide(&zero, &observed(m, Some(dep(0, 0, 0, 0))));
+        assert_eq!(cond(&plan, READY), ("True", "ScaledToZero"));
+        assert_eq!(cond(&plan, AVAILABLE), ("False", "ScaledToZero"));
+    }
+
+    #[test]
+    fn an_unchanged_world_gives_an_identical_status_and_no_event() {
+        let mut s = svc(json!({}));
+        let o = observed(ready_model(&s), Some(dep(3, 3, 3, 3)));
+        let first = decide(&s, &o);
+        assert_eq!(first.transitions.len(), 1);
+        s.status = Some(first.status.clone());
+        let mut later = o.clone();
+        later.now = Timestamp::from_second(5_000).unwrap();
+        let second = decide(&s, &later);
+        assert_eq!(second.status, first.status);
+        assert!(second.transitions.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_spec_stalls_and_applies_nothing() {
+        let s = svc(json!({}));
+        let mut o = observed(ready_model(&s), None);
+        o.invalid = Some("spec.parallelism.podsPerReplica: not supported".into());
+        let plan = decide(&s, &o);
+        assert!(plan.apply.is_none());
+        assert_eq!(cond(&plan, STALLED), ("True", "InvalidSpec"));
+        assert_eq!(cond(&plan, READY).0, "False");
+    }
+}

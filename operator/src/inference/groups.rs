@@ -1,0 +1,385 @@
+//! Replica groups (`podsPerReplica > 1`): a replica spans several pods that
+//! must run together (one model sharded over nodes), so a group is created,
+//! replaced and restarted as a whole.
+//!
+//! ```text
+//! Service     <name>-pods          headless: pod DNS <name>-g<i>-<k>-<j>.<name>-pods
+//! StatefulSet <name>-g<i>-<k>      group i, incarnation k: podsPerReplica pods, Parallel,
+//!   └── Pod   <name>-g<i>-<k>-<j>  OnDelete (never rolled pod by pod); pod 0 leads
+//! ```
+//!
+//! A failed pod, or a new revision of the pod template, replaces the whole
+//! group: incarnation k+1 is created *before* k is deleted, as training
+//! creates attempt N+1 before deleting N, so every counter lives in the API
+//! (the restart count in an annotation of the newest incarnation) and an
+//! operator restarted at any point decides the same again. Restarts of a group
+//! are bounded ([`MAX_GROUP_RESTARTS`]); past it the group is left alone and
+//! the service reports `GroupRestartLimit`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use moe_crds::MoEInferenceService;
+use moe_crds::contract::COORDINATOR_PORT;
+
+use super::build::{self, Group, ResolvedModel};
+use super::decide::{DeploymentState, Transition};
+use crate::labels;
+use crate::pods::{BuildContext, fnv1a64};
+
+/// Whole-group restarts allowed per group index before it is left alone
+/// (a group that keeps failing, e.g. on a broken node or a bad checkpoint,
+/// must not recreate forever).
+pub const MAX_GROUP_RESTARTS: i32 = 5;
+
+/// Headless Service: stable DNS names for group pods, published before they
+/// are ready so the ranks of a group can rendezvous while loading.
+pub fn pods_service(svc: &MoEInferenceService) -> Service {
+    Service {
+        metadata: build::child_meta(svc, build::pods_service_name(svc)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(build::selector_labels(svc)),
+            publish_not_ready_addresses: Some(true),
+            ports: Some(vec![ServicePort {
+                name: Some("rendezvous".into()),
+                port: COORDINATOR_PORT.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Hash of the group pod template without its group-specific parts: groups
+/// whose StatefulSet carries another revision are replaced.
+pub fn revision(svc: &MoEInferenceService, ctx: &BuildContext, model: &ResolvedModel) -> String {
+    let template = build::pod_template(svc, ctx, model, None);
+    let text = serde_json::to_string(&template).expect("a pod template serialises");
+    format!("{:016x}", fnv1a64(text.as_bytes()))
+}
+
+fn group_labels(svc: &MoEInferenceService, g: Group) -> BTreeMap<String, String> {
+    let mut out = build::selector_labels(svc);
+    out.insert(labels::GROUP.into(), g.index.to_string());
+    out.insert(labels::INCARNATION.into(), g.incarnation.to_string());
+    out
+}
+
+/// The StatefulSet of one group incarnation.
+pub fn group_set(
+    svc: &MoEInferenceService,
+    ctx: &BuildContext,
+    model: &ResolvedModel,
+    g: Group,
+    restarts: i32,
+) -> StatefulSet {
+    let mut meta = build::child_meta(svc, build::group_set_name(svc, g));
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(group_labels(svc, g));
+    meta.annotations = Some(BTreeMap::from([
+        (labels::REVISION.into(), revision(svc, ctx, model)),
+        (labels::RESTARTS.into(), restarts.to_string()),
+        (labels::MODEL_REVISION.into(), model.revision.clone()),
+    ]));
+    StatefulSet {
+        metadata: meta,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(svc.spec.parallelism.pods_per_replica),
+            service_name: Some(build::pods_service_name(svc)),
+            // All ranks start at once: they rendezvous with each other.
+            pod_management_policy: Some("Parallel".into()),
+            // Never rolled pod by pod: a group with ranks of two revisions
+            // cannot work; the operator replaces whole groups.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(group_labels(svc, g)),
+                ..Default::default()
+            },
+            template: build::pod_template(svc, ctx, model, Some(g)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What is known about one group incarnation (its StatefulSet and pods).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupState {
+    pub name: String,
+    pub index: i32,
+    pub incarnation: i32,
+    pub being_deleted: bool,
+    pub revision: String,
+    pub restarts: i32,
+    /// Live pods and ready pods.
+    pub pods: i32,
+    pub ready: i32,
+    /// Whether it was once complete and ready (`moe.dev/formed-pods` set).
+    pub formed: bool,
+    /// A pod failed, restarted, or was replaced after the group formed.
+    pub failed: bool,
+}
+
+/// What to do with the groups.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupPlan {
+    /// Group incarnations to create, with the restart count they carry.
+    pub create: Vec<(Group, i32)>,
+    /// StatefulSets to delete (with their pods).
+    pub delete: Vec<String>,
+    /// StatefulSets whose pods are all ready for the first time.
+    pub mark_formed: Vec<String>,
+    /// The replica counts, as the Deployment's would be.
+    pub counts: DeploymentState,
+    /// Set when a group is out of restarts.
+    pub exhausted: Option<String>,
+    pub transitions: Vec<Transition>,
+}
+
+/// Decides creations, replacements and deletions of groups, pure.
+pub fn plan_groups(svc: &MoEInferenceService, groups: &[GroupState], revision: &str) -> GroupPlan {
+    let replicas = svc.spec.replicas.max(0);
+    let size = svc.spec.parallelism.pods_per_replica;
+    let budget = svc.spec.rollout.max_unavailable.max(1);
+    let mut plan = GroupPlan::default();
+    let live: Vec<&GroupState> = groups.iter().filter(|g| !g.being_deleted).collect();
+    let current = |i: i32| {
+        live.iter()
+            .filter(|g| g.index == i)
+            .max_by_key(|g| g.incarnation)
+            .copied()
+    };
+    let healthy = |g: &GroupState| !g.failed && g.pods == size && g.ready == size;
+    // Scale-down and leftovers: groups past `replicas`, older incarnations.
+    for g in &live {
+        let newest = current(g.index).is_some_and(|c| c.incarnation == g.incarnation);
+        if g.index >= replicas || !newest {
+            plan.delete.push(g.name.clone());
+        }
+    }
+    let mut unavailable = (0..replicas)
+        .filter(|&i| !current(i).is_some_and(healthy))
+        .count() as i32;
+    let (mut ready, mut updated) = (0, 0);
+    for i in 0..replicas {
+        let Some(c) = current(i) else {
+            // Incarnations only grow, even across deletions still in flight.
+            let seen = groups.iter().filter(|g| g.index == i);
+            let next = seen.clone().map(|g| g.incarnation + 1).max().unwrap_or(0);
+            let restarts = seen.map(|g| g.restarts).max().unwrap_or(0);
+            plan.create.push((
+                Group {
+                    index: i,
+                    incarnation: next,
+                },
+                restarts,
+            ));
+            continue;
+        };
+        let next = Group {
+            index: i,
+            incarnation: c.incarnation + 1,
+        };
+        if c.revision != revision {
+            // A new revision replaces the group (a failed or out-of-restarts
+            // one too: the change is the fix, so its restart budget starts
+            // again). A serving group goes only within the unavailability budget.
+            if !healthy(c) {
+                plan.create.push((next, 0));
+                plan.delete.push(c.name.clone());
+            } else if unavailable < budget {
+                unavailable += 1;
+                plan.create.push((next, 0));
+                plan.delete.push(c.name.clone());
+            }
+            continue;
+        }
+        if c.failed {
+            if c.restarts >= MAX_GROUP_RESTARTS {
+                plan.exhausted.get_or_insert_with(|| {
+                    format!(
+                        "replica group {i} failed after {} restarts (limit {MAX_GROUP_RESTARTS}); left as is until the spec changes",
+                        c.restarts
+                    )
+                });
+                continue;
+            }
+            plan.create.push((next, c.restarts + 1));
+            plan.delete.push(c.name.clone());
+            plan.transitions.push(Transition {
+                warning: true,
+                reason: "GroupRestart".into(),
+                message: format!(
+                    "a pod of replica group {i} failed: recreating the group (restart {} of {MAX_GROUP_RESTARTS})",
+                    c.restarts + 1
+                ),
+            });
+            continue;
+        }
+        updated += 1;
+        if healthy(c) {
+            ready += 1;
+            if !c.formed {
+                plan.mark_formed.push(c.name.clone());
+            }
+        }
+    }
+    plan.counts = DeploymentState {
+        generation: Some(0),
+        observed_generation: Some(0),
+        desired: replicas,
+        // Every live incarnation, old ones being replaced included.
+        replicas: live.len() as i32,
+        ready,
+        updated,
+    };
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(replicas: i32) -> MoEInferenceService {
+        serde_json::from_value(json!({
+            "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+            "metadata": {"name": "chat", "namespace": "serve", "uid": "u-1", "generation": 1},
+            "spec": {"model": {"volume": {"claimName": "w"}}, "replicas": replicas,
+                     "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
+                     "placement": {"gpuType": "H100"}}
+        }))
+        .unwrap()
+    }
+
+    fn group(index: i32, incarnation: i32, ready: i32) -> GroupState {
+        GroupState {
+            name: format!("chat-g{index}-{incarnation}"),
+            index,
+            incarnation,
+            revision: "r1".into(),
+            pods: 2,
+            ready,
+            formed: ready == 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn missing_groups_are_created_and_extra_ones_deleted() {
+        let plan = plan_groups(&svc(2), &[group(1, 3, 2), group(2, 0, 2)], "r1");
+        assert_eq!(
+            plan.create,
+            vec![(
+                Group {
+                    index: 0,
+                    incarnation: 0
+                },
+                0
+            )]
+        );
+        assert_eq!(plan.delete, vec!["chat-g2-0".to_string()]);
+        assert_eq!(plan.counts.ready, 1);
+    }
+
+    #[test]
+    fn a_failed_group_is_replaced_whole_then_left_past_the_limit() {
+        let mut g = group(0, 4, 1);
+        g.failed = true;
+        g.restarts = 2;
+        let plan = plan_groups(&svc(1), &[g.clone()], "r1");
+        assert_eq!(
+            plan.create,
+            vec![(
+                Group {
+                    index: 0,
+                    incarnation: 5
+                },
+                3
+            )]
+        );
+        assert_eq!(plan.delete, vec!["chat-g0-4".to_string()]);
+        assert!(plan.transitions[0].warning);
+        // The new incarnation exists before the old one is gone: no duplicate.
+        let mut next = group(0, 5, 0);
+        next.restarts = 3;
+        let mut going = g.clone();
+        going.being_deleted = true;
+        let plan = plan_groups(&svc(1), &[going, next], "r1");
+        assert!(plan.create.is_empty() && plan.delete.is_empty(), "{plan:?}");
+        // Out of restarts: left alone, and said so.
+        g.restarts = MAX_GROUP_RESTARTS;
+        let plan = plan_groups(&svc(1), &[g], "r1");
+        assert!(plan.create.is_empty() && plan.delete.is_empty());
+        assert!(plan.exhausted.is_some());
+    }
+
+    #[test]
+    fn a_new_revision_replaces_groups_within_max_unavailable() {
+        let groups = [group(0, 0, 2), group(1, 0, 2), group(2, 0, 2)];
+        let plan = plan_groups(&svc(3), &groups, "r2");
+        assert_eq!(plan.create.len(), 1, "maxUnavailable 1: {plan:?}");
+        assert_eq!(plan.delete, vec!["chat-g0-0".to_string()]);
+        assert_eq!(plan.counts.updated, 0);
+        // The replacement not ready yet: nothing else is touched.
+        let groups = [group(0, 1, 0), group(1, 0, 2), group(2, 0, 2)];
+        let mut g0 = groups[0].clone();
+        g0.revision = "r2".into();
+        let plan = plan_groups(&svc(3), &[g0, groups[1].clone(), groups[2].clone()], "r2");
+        assert!(plan.create.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn a_group_that_became_ready_is_marked_formed() {
+        let mut g = group(0, 0, 2);
+        g.formed = false;
+        let plan = plan_groups(&svc(1), &[g], "r1");
+        assert_eq!(plan.mark_formed, vec!["chat-g0-0".to_string()]);
+        assert_eq!(plan.counts.ready, 1);
+    }
+
+    #[test]
+    fn group_pods_rendezvous_with_their_leader() {
+        let s = svc(1);
+        let model = ResolvedModel {
+            claim_name: "w".into(),
+            path: String::new(),
+            format: moe_crds::ModelFormat::Native,
+            checkpoint_step: None,
+            model: None,
+            revision: "pvc/w/".into(),
+        };
+        let g = Group {
+            index: 1,
+            incarnation: 7,
+        };
+        let set = group_set(&s, &BuildContext::default(), &model, g, 2);
+        assert_eq!(set.metadata.name.as_deref(), Some("chat-g1-7"));
+        let spec = set.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        assert_eq!(spec.service_name.as_deref(), Some("chat-pods"));
+        let env = spec.template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let coordinator = env.iter().find(|e| e.name == "MOE_COORDINATOR").unwrap();
+        assert_eq!(
+            coordinator.value.as_deref(),
+            Some("chat-g1-7-0.chat-pods:29400")
+        );
+        let rank = env.iter().find(|e| e.name == "MOE_NODE_RANK").unwrap();
+        assert!(rank.value_from.is_some());
+        assert_eq!(
+            build::selector_string(&s),
+            "apps.kubernetes.io/pod-index=0,moe.dev/role=server,moe.dev/service-name=chat"
+        );
+    }
+}

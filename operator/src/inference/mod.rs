@@ -1,0 +1,8 @@
+//! MoEInferenceService: builders, decisions and the controller, on the
+//! machinery shared with training ([`crate::reconcile`], [`crate::pods`]).
+
+pub mod build;
+pub mod controller;
+pub mod decide;
+pub mod groups;
+pub mod validate;

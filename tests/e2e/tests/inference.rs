@@ -1,0 +1,1003 @@
+//! MoEInferenceService end to end: the real operator binary, with its own
+//! ServiceAccount token and the chart's RBAC, against the real control plane
+//! (KWOK makes Deployment pods Running and Ready, as a kubelet would once the
+//! probes pass). Each test has its own Pod Security "restricted" namespace and
+//! operator.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
+use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
+use moe_e2e::operator::{Operator, install, sh};
+use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually, metric_sum};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+const HOLD: &str = "kwok.test/hold";
+const SELECTOR: &str = "moe.dev/role=server,moe.dev/service-name";
+
+async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
+    TestNamespace::create(
+        client,
+        prefix,
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await
+}
+
+/// A service of `replicas` one-pod replicas with 8 H100s each, from a volume.
+fn gpu_service(name: &str, replicas: i32, extra: Value) -> MoEInferenceService {
+    let mut v = json!({
+        "apiVersion": "moe.dev/v1alpha1",
+        "kind": "MoEInferenceService",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"volume": {"claimName": "moe-models", "path": "moe-9b"}},
+            "replicas": replicas,
+            "parallelism": {"processesPerPod": 8, "expertParallel": 8},
+            "placement": {"gpuType": "H100"},
+            "worker": {"image": "moe-worker:v1"}
+        }
+    });
+    merge_patch(&mut v, &extra);
+    serde_json::from_value(v).expect("valid MoEInferenceService")
+}
+
+fn condition<'a>(
+    svc: &'a MoEInferenceService,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits until Ready is True with `ready` ready and updated replicas, for the current generation.
+async fn wait_ready(
+    api: &Api<MoEInferenceService>,
+    name: &str,
+    ready: i32,
+) -> Result<MoEInferenceService> {
+    eventually(
+        &format!("{name} to be Ready with {ready} replicas"),
+        WAIT,
+        || async {
+            let s = api.get(name).await?;
+            let st = s.status.clone().unwrap_or_default();
+            Ok((condition(&s, "Ready").is_some_and(|c| c.status == "True")
+                && st.observed_generation == s.metadata.generation
+                && st.ready_replicas == ready
+                && st.updated_replicas == ready
+                && st.replicas == ready)
+                .then_some(s))
+        },
+    )
+    .await
+}
+
+async fn server_pods(pods: &Api<Pod>, name: &str) -> Result<Vec<Pod>> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{SELECTOR}={name}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
+async fn bound_claim(ns: &str, name: &str) -> Result<()> {
+    sh(&format!(
+        "set -euo pipefail
+         cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {ns}-{name}}}
+spec:
+  capacity: {{storage: 1Ti}}
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: /tmp/{ns}-{name}}}
+  claimRef: {{namespace: {ns}, name: {name}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  volumeName: {ns}-{name}
+  resources: {{requests: {{storage: 1Ti}}}}
+EOF
+         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null
+         # The test plane runs no pvc-protection controller: its finalizer would
+         # never be removed and would hold the namespace in Terminating forever.
+         kubectl patch pvc/{name} -n {ns} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null"
+    ))?;
+    Ok(())
+}
+
+/// (kstatus status, Argo CD status, Argo CD message) of the live object: the
+/// kstatus library's verdict (Flux, kpt) and the shipped Argo CD health check,
+/// run with gopher-lua by the `kstatus` harness tool (as tests/gitops.rs does).
+fn verdicts(ns: &str, name: &str) -> Result<(String, String, String)> {
+    let out = sh(&format!(
+        "set -o pipefail; kubectl get moeinferenceservice {name} -n {ns} -o json |
+         kstatus --argocd-lua deploy/argocd/resource_customizations/moe.dev/MoEInferenceService/health.lua"
+    ))?;
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("kstatus said {out}"))?;
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Ok((
+        s("/kstatus/status"),
+        s("/argocd/status"),
+        s("/argocd/message"),
+    ))
+}
+
+fn expect_verdicts(ns: &str, name: &str, kstatus: &str, argocd: &str, message: &str) -> Result<()> {
+    let (k, a, m) = verdicts(ns, name)?;
+    ensure!(
+        k == kstatus && a == argocd && m.contains(message),
+        "{name}: kstatus {k}, Argo CD {a} {m:?}; want {kstatus}, {argocd} ~{message:?}"
+    );
+    Ok(())
+}
+
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = events.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect())
+}
+
+#[tokio::test]
+async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-examples").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let dir = moe_e2e::operator::repo_root().join("examples/inference");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    ensure!(files.len() >= 3, "examples: {files:?}");
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    for file in &files {
+        let mut svc: MoEInferenceService = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
+        svc.metadata.namespace = Some(ns.name.clone());
+        let name = svc.name_any();
+        let cpu = svc.spec.worker.device == moe_crds::Device::Cpu;
+        api.create(&PostParams::default(), &svc).await?;
+        let ready = wait_ready(&api, &name, svc.spec.replicas).await?;
+        let status = ready.status.clone().unwrap_or_default();
+        ensure!(
+            status.url.as_deref() == Some(&format!("http://{name}.{}.svc:8000", ns.name)),
+            "{name}: url {:?}",
+            status.url
+        );
+        // Multi-pod replicas: only the leaders (pod index 0) take requests.
+        let leaders = if svc.spec.parallelism.pods_per_replica > 1 {
+            "apps.kubernetes.io/pod-index=0,"
+        } else {
+            ""
+        };
+        ensure!(
+            status.selector.as_deref() == Some(&format!("{leaders}{SELECTOR}={name}")),
+            "{name}: selector {:?}",
+            status.selector
+        );
+        ensure!(condition(&ready, "Available").is_some_and(|c| c.status == "True"));
+        ensure!(condition(&ready, "Reconciling").is_some_and(|c| c.status == "False"));
+        ensure!(condition(&ready, "Stalled").is_some_and(|c| c.status == "False"));
+        // The children, each owned by the service.
+        let svc_obj = services.get(&name).await?;
+        let port = svc_obj
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default();
+        ensure!(
+            port.iter()
+                .any(|p| p.name.as_deref() == Some("http") && p.port == 8000)
+        );
+        let per_replica = svc.spec.parallelism.pods_per_replica;
+        if per_replica == 1 {
+            let dep = deployments.get(&name).await?;
+            ensure!(dep.spec.as_ref().and_then(|s| s.replicas) == Some(svc.spec.replicas));
+        } else {
+            let groups = groups_of(&sets, &name).await?;
+            ensure!(
+                groups.len() as i32 == svc.spec.replicas,
+                "{name}: groups {groups:?}"
+            );
+        }
+        let live = server_pods(&pods, &name).await?;
+        ensure!(
+            live.len() as i32 == svc.spec.replicas * per_replica,
+            "{name}: {} pods",
+            live.len()
+        );
+        ensure!(pdbs.get_opt(&name).await?.is_some(), "{name}: no PDB");
+        ensure!(
+            hpas.get_opt(&name).await?.is_some() == svc.spec.autoscaling.is_some(),
+            "{name}: HPA iff autoscaling"
+        );
+        for pod in live {
+            let node = node_of(&pod);
+            let want = if cpu { "cpu-" } else { "gpu-h100-" };
+            ensure!(
+                node.starts_with(want),
+                "{name}: pod {} on {node}",
+                pod.name_any()
+            );
+        }
+        ensure!(
+            event_reasons(&client, &ns.name, &name)
+                .await?
+                .contains(&"ReplicasReady".to_string()),
+            "{name}: no ReplicasReady event"
+        );
+    }
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn scale_subresource_image_rollout_and_autoscaler_lifecycle() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-scale").await?;
+    let op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &gpu_service("chat", 2, json!({})))
+        .await?;
+    wait_ready(&api, "chat", 2).await?;
+
+    // An unchanged world: a reconcile (triggered by an annotation) writes nothing.
+    let writes = |m: &str| metric_sum(m, "moe_operator_api_writes_total");
+    let before = writes(&op.metrics().await?);
+    let touch = json!({"metadata": {"annotations": {"e2e/touch": "1"}}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&touch))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = writes(&op.metrics().await?);
+    ensure!(
+        after == before,
+        "a no-op reconcile wrote {} times",
+        after - before
+    );
+
+    // kubectl scale goes through the /scale subresource to spec.replicas and the Deployment.
+    sh(&format!(
+        "kubectl scale -n {} mis/chat --replicas=3",
+        ns.name
+    ))?;
+    let scale = sh(&format!(
+        "kubectl get -n {} mis/chat --subresource=scale -o jsonpath='{{.spec.replicas}} {{.status.selector}}'",
+        ns.name
+    ))?;
+    ensure!(scale.starts_with("3 "), "scale: {scale}");
+    wait_ready(&api, "chat", 3).await?;
+    let dep = deployments.get("chat").await?;
+    ensure!(dep.spec.as_ref().and_then(|s| s.replicas) == Some(3));
+    // The scale subresource's selector finds exactly the server pods.
+    let selector = scale
+        .trim()
+        .split_once(' ')
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_default();
+    let selected = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    ensure!(
+        selected
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count()
+            == 3,
+        "selector {selector} selects {} pods",
+        selected.len()
+    );
+
+    // A new image rolls the replicas, never more than replicas + maxSurge (0) at once.
+    let image = json!({"spec": {"worker": {"image": "moe-worker:v2"}}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&image))
+        .await?;
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    eventually("the rollout to v2 to finish", WAIT, || async {
+        let live = server_pods(&pods, "chat").await?;
+        most.fetch_max(live.len(), std::sync::atomic::Ordering::Relaxed);
+        let s = api.get("chat").await?;
+        let all_new = !live.is_empty()
+            && live.iter().all(|p| {
+                p.spec.as_ref().map(|s| s.containers[0].image.as_deref())
+                    == Some(Some("moe-worker:v2"))
+            });
+        let ready = condition(&s, "Ready").is_some_and(|c| c.status == "True")
+            && s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation;
+        Ok((all_new && live.len() == 3 && ready).then_some(()))
+    })
+    .await?;
+    let most = most.into_inner();
+    ensure!(
+        most <= 3,
+        "the rollout ran {most} pods at once (replicas 3, maxSurge 0)"
+    );
+    ensure!(
+        event_reasons(&client, &ns.name, "chat")
+            .await?
+            .contains(&"Updating".to_string()),
+        "no Updating event"
+    );
+
+    // A new model rolls the replicas too, and the status says which one is served.
+    let model = json!({"spec": {"model": {"volume": {"path": "moe-9b-v2"}}}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&model))
+        .await?;
+    eventually("the rollout to the new model to finish", WAIT, || async {
+        let s = api.get("chat").await?;
+        let revision = s.status.as_ref().and_then(|st| st.model_revision.clone());
+        let live = server_pods(&pods, "chat").await?;
+        let on_new = live.len() == 3
+            && live.iter().all(|p| {
+                p.annotations()
+                    .get("moe.dev/model-revision")
+                    .map(String::as_str)
+                    == Some("pvc/moe-models/moe-9b-v2 (native)")
+            });
+        let ready = condition(&s, "Ready").is_some_and(|c| c.status == "True")
+            && s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation;
+        Ok(
+            (on_new && ready && revision.as_deref() == Some("pvc/moe-models/moe-9b-v2 (native)"))
+                .then_some(()),
+        )
+    })
+    .await?;
+
+    // Autoscaling: the operator's HPA targets the service's /scale; replicas
+    // outside its bounds are refused, naming the field; switching it off deletes the HPA.
+    let auto = json!({"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetConcurrency": 16}}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&auto))
+        .await?;
+    let hpa = eventually("the HPA", WAIT, || async {
+        hpas.get_opt("chat").await.map_err(Into::into)
+    })
+    .await?;
+    ensure!(hpa.spec.scale_target_ref.kind == "MoEInferenceService");
+    ensure!(hpa.spec.max_replicas == 4);
+    let err = sh(&format!(
+        "kubectl scale -n {} mis/chat --replicas=5",
+        ns.name
+    ))
+    .expect_err("replicas above autoscaling.maxReplicas");
+    ensure!(
+        format!("{err:#}").contains("spec.replicas"),
+        "the rejection names the field: {err:#}"
+    );
+    let off = json!({"spec": {"autoscaling": null}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&off))
+        .await?;
+    eventually("the HPA to be deleted", WAIT, || async {
+        Ok(hpas.get_opt("chat").await?.is_none().then_some(()))
+    })
+    .await?;
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn from_a_running_training_job_it_waits_then_serves_the_checkpoint() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-train").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "ckpt").await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let job: MoETrainingJob = serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
+        "metadata": {"name": "train"},
+        "spec": {
+            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
+                      "moe": {"experts": 16, "topK": 2, "expertHiddenSize": 32}},
+            "training": {"steps": 100, "globalBatchSize": 8},
+            "parallelism": {"nodes": 1, "processesPerNode": 8, "expertParallel": 8},
+            "checkpoint": {"claimName": "ckpt", "path": "runs"},
+            "placement": {"gpuType": "H100"},
+            "worker": {"podMetadata": {"labels": {HOLD: "true"}}}
+        }
+    }))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    eventually("train to be Running", WAIT, || async {
+        let j = jobs.get("train").await?;
+        Ok((j.status.and_then(|s| s.phase) == Some(TrainingPhase::Running)).then_some(()))
+    })
+    .await?;
+    let svc = gpu_service(
+        "chat",
+        1,
+        json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}}}}),
+    );
+    api.create(&PostParams::default(), &svc).await?;
+    let waiting = eventually("chat to wait for the training job", WAIT, || async {
+        let s = api.get("chat").await?;
+        Ok(condition(&s, "Progressing")
+            .is_some_and(|c| c.status == "True" && c.reason == "WaitingForTrainingJob")
+            .then_some(s))
+    })
+    .await?;
+    let message = condition(&waiting, "Progressing")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message.contains("train is Running"), "message: {message}");
+    ensure!(condition(&waiting, "Ready").is_some_and(|c| c.status == "False"));
+    ensure!(condition(&waiting, "Stalled").is_some_and(|c| c.status == "False"));
+    expect_verdicts(
+        &ns.name,
+        "chat",
+        "InProgress",
+        "Progressing",
+        "train is Running",
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        deployments.get_opt("chat").await?.is_none(),
+        "no replicas while the model does not exist (no crash loop)"
+    );
+
+    // The job finishes: the service serves its checkpoint, from its claim.
+    for p in pods
+        .list(&ListParams::default().labels("moe.dev/job-name=train"))
+        .await?
+        .items
+    {
+        let patch = json!({"metadata": {"labels": {HOLD: null}}});
+        pods.patch(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    let ready = wait_ready(&api, "chat", 1).await?;
+    expect_verdicts(
+        &ns.name,
+        "chat",
+        "Current",
+        "Healthy",
+        "1 of 1 replicas ready",
+    )?;
+    let revision = ready
+        .status
+        .and_then(|s| s.model_revision)
+        .unwrap_or_default();
+    ensure!(
+        revision.starts_with("moetrainingjob/train/"),
+        "revision {revision}"
+    );
+    let dep = deployments.get("chat").await?;
+    let pod = dep.spec.and_then(|s| s.template.spec).context("pod spec")?;
+    let claim = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "model")
+        .and_then(|v| v.persistent_volume_claim)
+        .context("model volume")?;
+    ensure!(claim.claim_name == "ckpt" && claim.read_only == Some(true));
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config = cm.get("chat-config").await?.data.unwrap_or_default();
+    let config: Value = serde_json::from_str(config.get("config.json").context("config.json")?)?;
+    ensure!(
+        config["modelDir"] == json!(format!("/models/runs/{}/train/checkpoints", ns.name)),
+        "config {config}"
+    );
+    ensure!(
+        config["model"]["moe"]["experts"] == json!(16),
+        "the model shape is carried over"
+    );
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn no_gpus_to_land_on_and_unsupported_specs_are_classified() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-capacity").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    // The fake cluster has no H200 nodes: the pods stay Pending, Unschedulable.
+    let h200 = json!({"spec": {"placement": {"gpuType": "H200"}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 1, h200))
+        .await?;
+    let s = eventually("chat to report insufficient capacity", WAIT, || async {
+        let s = api.get("chat").await?;
+        Ok(condition(&s, "Ready")
+            .is_some_and(|c| c.status == "False" && c.reason == "InsufficientCapacity")
+            .then_some(s))
+    })
+    .await?;
+    let message = condition(&s, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        message.contains("cannot be scheduled"),
+        "message: {message}"
+    );
+    ensure!(condition(&s, "Progressing").is_some_and(|c| c.status == "True"));
+    ensure!(condition(&s, "Available").is_some_and(|c| c.status == "False"));
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let warned = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("InsufficientCapacity")
+                && e.type_.as_deref() == Some("Warning")
+        });
+    ensure!(warned, "no InsufficientCapacity warning event");
+    expect_verdicts(
+        &ns.name,
+        "chat",
+        "InProgress",
+        "Progressing",
+        "cannot be scheduled",
+    )?;
+
+    // What the operator refuses to run is Stalled, naming the field: kstatus Failed, Argo CD Degraded.
+    let reserved = json!({"spec": {"worker": {"env": [{"name": "MOE_SERVICE", "value": "x"}]}}});
+    api.create(
+        &PostParams::default(),
+        &gpu_service("reserved", 1, reserved),
+    )
+    .await?;
+    let s = eventually("reserved to stall", WAIT, || async {
+        let s = api.get("reserved").await?;
+        Ok(condition(&s, "Stalled")
+            .is_some_and(|c| c.status == "True" && c.reason == "InvalidSpec")
+            .then_some(s))
+    })
+    .await?;
+    let message = condition(&s, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        message.starts_with("spec.worker.env[0].name"),
+        "message: {message}"
+    );
+    expect_verdicts(&ns.name, "reserved", "Failed", "Degraded", "reserved")?;
+    ensure!(
+        Api::<Deployment>::namespaced(client.clone(), &ns.name)
+            .get_opt("reserved")
+            .await?
+            .is_none(),
+        "nothing runs for a stalled spec"
+    );
+    ns.delete().await
+}
+
+/// (group index, incarnation) of the group StatefulSets of `name` that are not being deleted.
+async fn groups_of(sets: &Api<StatefulSet>, name: &str) -> Result<Vec<(String, String)>> {
+    let list = sets
+        .list(&ListParams::default().labels(&format!("moe.dev/service-name={name}")))
+        .await?;
+    let mut out: Vec<(String, String)> = list
+        .items
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .map(|s| {
+            let l = |k: &str| s.labels().get(k).cloned().unwrap_or_default();
+            (l("moe.dev/group"), l("moe.dev/incarnation"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn multi_pod_replica_groups_are_created_restarted_scaled_and_rolled_whole() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-groups").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // Each replica: 2 pods × 8 H100s, experts split 16 ways across both.
+    let grouped = json!({"spec": {"parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 2, grouped))
+        .await?;
+    let ready = wait_ready(&api, "chat", 2).await?;
+    ensure!(
+        groups_of(&sets, "chat").await? == pairs(&[("0", "0"), ("1", "0")]),
+        "groups: {:?}",
+        groups_of(&sets, "chat").await?
+    );
+    // Leaders (pod index 0) take requests and are what /scale selects.
+    let selector = ready.status.and_then(|s| s.selector).unwrap_or_default();
+    ensure!(
+        selector.contains("apps.kubernetes.io/pod-index=0"),
+        "selector {selector}"
+    );
+    let leaders = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    ensure!(leaders.len() == 2, "{} leaders", leaders.len());
+    let all = server_pods(&pods, "chat").await?;
+    ensure!(all.len() == 4, "{} pods", all.len());
+    for pod in &all {
+        ensure!(
+            node_of(pod).starts_with("gpu-h100-"),
+            "{} on {}",
+            pod.name_any(),
+            node_of(pod)
+        );
+        let env = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers[0].env.clone().unwrap_or_default())
+            .unwrap_or_default();
+        let group = pod
+            .labels()
+            .get("moe.dev/group")
+            .cloned()
+            .unwrap_or_default();
+        let coordinator = env
+            .iter()
+            .find(|e| e.name == "MOE_COORDINATOR")
+            .and_then(|e| e.value.clone());
+        ensure!(
+            coordinator == Some(format!("chat-g{group}-0-0.chat-pods:29400")),
+            "{}: coordinator {coordinator:?}",
+            pod.name_any()
+        );
+    }
+    // The groups are recorded as formed before a failure can be told from a start.
+    eventually("both groups to be formed", WAIT, || async {
+        let list = sets
+            .list(&ListParams::default().labels("moe.dev/service-name=chat"))
+            .await?;
+        Ok((list.items.len() == 2
+            && list
+                .items
+                .iter()
+                .all(|s| s.annotations().contains_key("moe.dev/formed-pods")))
+        .then_some(()))
+    })
+    .await?;
+
+    // One pod of group 1 goes (as a kubelet would kill it): the whole group is replaced.
+    pods.delete("chat-g1-0-1", &DeleteParams::default()).await?;
+    eventually("group 1 to be replaced by incarnation 1", WAIT, || async {
+        Ok((groups_of(&sets, "chat").await? == pairs(&[("0", "0"), ("1", "1")])).then_some(()))
+    })
+    .await?;
+    let restarted = sets.get("chat-g1-1").await?;
+    ensure!(
+        restarted
+            .annotations()
+            .get("moe.dev/restarts")
+            .map(String::as_str)
+            == Some("1"),
+        "restarts {:?}",
+        restarted.annotations()
+    );
+    wait_ready(&api, "chat", 2).await?;
+    ensure!(
+        event_reasons(&client, &ns.name, "chat")
+            .await?
+            .contains(&"GroupRestart".to_string()),
+        "no GroupRestart event"
+    );
+
+    // Scaling adds a group; a new image replaces every group, whole.
+    sh(&format!(
+        "kubectl scale -n {} mis/chat --replicas=3",
+        ns.name
+    ))?;
+    wait_ready(&api, "chat", 3).await?;
+    let image = json!({"spec": {"worker": {"image": "moe-worker:v2"}}});
+    api.patch("chat", &PatchParams::default(), &Patch::Merge(&image))
+        .await?;
+    eventually("every group to run v2", WAIT, || async {
+        let s = api.get("chat").await?;
+        let groups = groups_of(&sets, "chat").await?;
+        let live = server_pods(&pods, "chat").await?;
+        let all_new = live.len() == 6
+            && live.iter().all(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.containers[0].image.clone())
+                    .as_deref()
+                    == Some("moe-worker:v2")
+            });
+        let ready = condition(&s, "Ready").is_some_and(|c| c.status == "True")
+            && s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation;
+        Ok(
+            (all_new && ready && groups == pairs(&[("0", "1"), ("1", "2"), ("2", "1")]))
+                .then_some(()),
+        )
+    })
+    .await?;
+    ns.delete().await
+}
+
+/// Waits until group `index` runs as `incarnation`, formed (all its pods once ready).
+async fn wait_formed(
+    sets: &Api<StatefulSet>,
+    name: &str,
+    index: i32,
+    incarnation: i32,
+) -> Result<()> {
+    let set = format!("{name}-g{index}-{incarnation}");
+    eventually(&format!("{set} to be formed"), WAIT, || async {
+        Ok(sets
+            .get_opt(&set)
+            .await?
+            .filter(|s| s.annotations().contains_key("moe.dev/formed-pods"))
+            .map(|_| ()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn group_restarts_survive_an_operator_restart_and_stop_at_the_limit() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-limit").await?;
+    let mut op = Some(Operator::start(&ns.name).await?);
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let grouped = json!({"spec": {"parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 1, grouped))
+        .await?;
+    wait_formed(&sets, "chat", 0, 0).await?;
+    let limit = moe_operator::inference::groups::MAX_GROUP_RESTARTS;
+    for restart in 1..=limit {
+        if restart == 3 {
+            // The operator goes away while a pod fails, and comes back: the
+            // restart count lives in the API, and nothing is duplicated.
+            drop(op.take());
+            pods.delete(
+                &format!("chat-g0-{}-1", restart - 1),
+                &DeleteParams::default(),
+            )
+            .await?;
+            op = Some(Operator::start(&ns.name).await?);
+        } else {
+            pods.delete(
+                &format!("chat-g0-{}-1", restart - 1),
+                &DeleteParams::default(),
+            )
+            .await?;
+        }
+        wait_formed(&sets, "chat", 0, restart).await?;
+        let set = sets.get(&format!("chat-g0-{restart}")).await?;
+        ensure!(
+            set.annotations().get("moe.dev/restarts") == Some(&restart.to_string()),
+            "incarnation {restart}: {:?}",
+            set.annotations()
+        );
+        ensure!(
+            groups_of(&sets, "chat").await? == pairs(&[("0", &restart.to_string())]),
+            "one group, incarnation {restart}: {:?}",
+            groups_of(&sets, "chat").await?
+        );
+    }
+    // One failure more: the group is left alone and the service says why.
+    pods.delete(&format!("chat-g0-{limit}-1"), &DeleteParams::default())
+        .await?;
+    let s = eventually("chat to stop at the restart limit", WAIT, || async {
+        let s = api.get("chat").await?;
+        Ok(condition(&s, "Stalled")
+            .is_some_and(|c| c.status == "True" && c.reason == "GroupRestartLimit")
+            .then_some(s))
+    })
+    .await?;
+    ensure!(condition(&s, "Degraded").is_some_and(|c| c.status == "True"));
+    expect_verdicts(&ns.name, "chat", "Failed", "Degraded", "restarts")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        groups_of(&sets, "chat").await? == pairs(&[("0", &limit.to_string())]),
+        "no incarnation past the limit: {:?}",
+        groups_of(&sets, "chat").await?
+    );
+    drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn deleting_a_service_garbage_collects_its_children() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-gc").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let auto = json!({"spec": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targetConcurrency": 8}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 1, auto))
+        .await?;
+    wait_ready(&api, "chat", 1).await?;
+    api.delete("chat", &DeleteParams::foreground()).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually("every child to be garbage-collected", WAIT, || async {
+        let left = [
+            Api::<Deployment>::namespaced(client.clone(), &ns.name)
+                .get_opt("chat")
+                .await?
+                .is_some(),
+            Api::<Service>::namespaced(client.clone(), &ns.name)
+                .get_opt("chat")
+                .await?
+                .is_some(),
+            Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+                .get_opt("chat-config")
+                .await?
+                .is_some(),
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns.name)
+                .get_opt("chat")
+                .await?
+                .is_some(),
+            Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns.name)
+                .get_opt("chat")
+                .await?
+                .is_some(),
+            !server_pods(&pods, "chat").await?.is_empty(),
+        ];
+        Ok((!left.iter().any(|l| *l)).then_some(()))
+    })
+    .await?;
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn invalid_services_are_rejected_by_the_apiserver_naming_the_field() -> Result<()> {
+    install()?;
+    let client = admin_client().await?;
+    let ns = TestNamespace::create(&client, "mis-invalid", &[]).await?;
+    let cases = invalid_inference_services();
+    ensure!(cases.len() >= 10, "the table has {} cases", cases.len());
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "moe.dev",
+            "v1alpha1",
+            "MoEInferenceService",
+        )),
+    );
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    // The base itself is accepted, so each rejection is the case's own doing.
+    api.create(&dry, &serde_json::from_value(valid_inference_service())?)
+        .await?;
+    let mut problems = vec![];
+    for case in &cases {
+        let obj: DynamicObject = serde_json::from_value(case.object.clone())?;
+        match api.create(&dry, &obj).await {
+            Ok(_) => problems.push(format!("{}: accepted", case.name)),
+            Err(e) => {
+                let msg = api_message(&e);
+                if api_status(&e) != Some(422) {
+                    problems.push(format!("{}: status {:?}: {msg}", case.name, api_status(&e)));
+                }
+                for want in &case.expect {
+                    if !msg.contains(want.as_str()) {
+                        problems.push(format!("{}: {msg:?} lacks {want:?}", case.name));
+                    }
+                }
+            }
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
+    install()?;
+    let sa = format!(
+        "system:serviceaccount:{}:{}",
+        moe_e2e::operator::OPERATOR_NAMESPACE,
+        moe_e2e::operator::SERVICE_ACCOUNT
+    );
+    let can = |verb: &str, resource: &str| {
+        let (resource, sub) = resource
+            .split_once('/')
+            .map_or((resource, None), |(r, s)| (r, Some(s)));
+        let mut args = vec![
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--all-namespaces",
+            "--as",
+            &sa,
+        ];
+        if let Some(sub) = sub {
+            args.extend(["--subresource", sub]);
+        }
+        let out = std::process::Command::new("kubectl")
+            .args(&args)
+            .output()
+            .expect("kubectl runs");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (verb, resource) in [
+        ("watch", "moeinferenceservices.moe.dev"),
+        ("patch", "moeinferenceservices.moe.dev/status"),
+        ("patch", "deployments.apps"),
+        ("create", "deployments.apps"),
+        ("patch", "poddisruptionbudgets.policy"),
+        ("patch", "horizontalpodautoscalers.autoscaling"),
+        ("delete", "horizontalpodautoscalers.autoscaling"),
+        ("create", "statefulsets.apps"),
+        ("delete", "statefulsets.apps"),
+    ] {
+        ensure!(can(verb, resource), "the operator needs {verb} {resource}");
+    }
+    for (verb, resource) in [
+        ("delete", "deployments.apps"),
+        ("delete", "poddisruptionbudgets.policy"),
+        ("update", "moeinferenceservices.moe.dev"),
+        ("delete", "moeinferenceservices.moe.dev"),
+        ("update", "moeinferenceservices.moe.dev/scale"),
+        ("delete", "pods"),
+        ("get", "secrets"),
+    ] {
+        ensure!(
+            !can(verb, resource),
+            "the operator must not {verb} {resource}"
+        );
+    }
+    Ok(())
+}
