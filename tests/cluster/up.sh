@@ -135,7 +135,7 @@ start kube-controller-manager --kubeconfig="$pki/kcm.kubeconfig" \
   --use-service-account-credentials=true \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --cluster-name=moe-test --node-monitor-grace-period=20s --node-monitor-period=2s \
-  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller \
+  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller \
   --cert-dir="$state/kcm-certs" --v=1
 cat >"$state/scheduler.yaml" <<EOF
 apiVersion: kubescheduler.config.k8s.io/v1
