@@ -188,3 +188,45 @@ pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Dry-run creates `base` of `kind` (moe.dev/v1alpha1) in `ns`, which must be
+/// accepted, so each rejection below is its case's own doing; then each case.
+/// Returns one line per case that was accepted, refused with a status other
+/// than 422, or refused without naming every text the case expects.
+pub async fn rejection_problems(
+    client: &Client,
+    ns: &str,
+    kind: &str,
+    base: serde_json::Value,
+    cases: &[moe_crds::fixtures::InvalidCase],
+) -> Result<Vec<String>> {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("moe.dev", "v1alpha1", kind));
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    api.create(&dry, &serde_json::from_value(base)?)
+        .await
+        .with_context(|| format!("the valid base {kind} was refused"))?;
+    let mut problems = vec![];
+    for case in cases {
+        let obj: DynamicObject = serde_json::from_value(case.object.clone())?;
+        match api.create(&dry, &obj).await {
+            Ok(_) => problems.push(format!("{}: accepted", case.name)),
+            Err(e) => {
+                let msg = api_message(&e);
+                if api_status(&e) != Some(422) {
+                    problems.push(format!("{}: status {:?}: {msg}", case.name, api_status(&e)));
+                }
+                for want in &case.expect {
+                    if !msg.contains(want.as_str()) {
+                        problems.push(format!("{}: {msg:?} lacks {want:?}", case.name));
+                    }
+                }
+            }
+        }
+    }
+    Ok(problems)
+}

@@ -225,3 +225,30 @@ async fn http_get(url: &str) -> Result<String> {
     );
     Ok(body.to_string())
 }
+
+/// Whether the operator's ServiceAccount may `verb` `resource` in every
+/// namespace (`resource` may name a subresource: `moetrainingjobs.moe.dev/status`).
+pub fn operator_can(verb: &str, resource: &str) -> bool {
+    let sa = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}");
+    let (resource, sub) = resource
+        .split_once('/')
+        .map_or((resource, None), |(r, s)| (r, Some(s)));
+    let mut args = vec![
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "--all-namespaces",
+        "--as",
+        &sa,
+    ];
+    if let Some(sub) = sub {
+        args.extend(["--subresource", sub]);
+    }
+    // `kubectl auth can-i` exits 1 for "no"; the answer is on stdout either way.
+    let out = std::process::Command::new("kubectl")
+        .args(&args)
+        .output()
+        .expect("kubectl runs");
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}

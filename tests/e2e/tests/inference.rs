@@ -12,12 +12,12 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
-use moe_e2e::operator::{Operator, install, sh};
-use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually, metric_sum};
+use moe_e2e::operator::{Operator, install, operator_can, sh};
+use moe_e2e::{TestNamespace, admin_client, eventually, metric_sum, rejection_problems};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -904,40 +904,14 @@ async fn invalid_services_are_rejected_by_the_apiserver_naming_the_field() -> Re
     let ns = TestNamespace::create(&client, "mis-invalid", &[]).await?;
     let cases = invalid_inference_services();
     ensure!(cases.len() >= 10, "the table has {} cases", cases.len());
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
+    let problems = rejection_problems(
+        &client,
         &ns.name,
-        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "moe.dev",
-            "v1alpha1",
-            "MoEInferenceService",
-        )),
-    );
-    let dry = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    // The base itself is accepted, so each rejection is the case's own doing.
-    api.create(&dry, &serde_json::from_value(valid_inference_service())?)
-        .await?;
-    let mut problems = vec![];
-    for case in &cases {
-        let obj: DynamicObject = serde_json::from_value(case.object.clone())?;
-        match api.create(&dry, &obj).await {
-            Ok(_) => problems.push(format!("{}: accepted", case.name)),
-            Err(e) => {
-                let msg = api_message(&e);
-                if api_status(&e) != Some(422) {
-                    problems.push(format!("{}: status {:?}: {msg}", case.name, api_status(&e)));
-                }
-                for want in &case.expect {
-                    if !msg.contains(want.as_str()) {
-                        problems.push(format!("{}: {msg:?} lacks {want:?}", case.name));
-                    }
-                }
-            }
-        }
-    }
+        "MoEInferenceService",
+        valid_inference_service(),
+        &cases,
+    )
+    .await?;
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     ns.delete().await
 }
@@ -945,33 +919,7 @@ async fn invalid_services_are_rejected_by_the_apiserver_naming_the_field() -> Re
 #[tokio::test]
 async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
     install()?;
-    let sa = format!(
-        "system:serviceaccount:{}:{}",
-        moe_e2e::operator::OPERATOR_NAMESPACE,
-        moe_e2e::operator::SERVICE_ACCOUNT
-    );
-    let can = |verb: &str, resource: &str| {
-        let (resource, sub) = resource
-            .split_once('/')
-            .map_or((resource, None), |(r, s)| (r, Some(s)));
-        let mut args = vec![
-            "auth",
-            "can-i",
-            verb,
-            resource,
-            "--all-namespaces",
-            "--as",
-            &sa,
-        ];
-        if let Some(sub) = sub {
-            args.extend(["--subresource", sub]);
-        }
-        let out = std::process::Command::new("kubectl")
-            .args(&args)
-            .output()
-            .expect("kubectl runs");
-        String::from_utf8_lossy(&out.stdout).trim() == "yes"
-    };
+    let can = operator_can;
     for (verb, resource) in [
         ("watch", "moeinferenceservices.moe.dev"),
         ("patch", "moeinferenceservices.moe.dev/status"),

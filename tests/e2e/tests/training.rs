@@ -8,12 +8,14 @@ use anyhow::{Result, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
-use moe_e2e::operator::{Operator, install, sh};
-use moe_e2e::{TestNamespace, admin_client, api_message, api_status, eventually, metric_sum};
+use moe_e2e::operator::{Operator, install, operator_can, sh};
+use moe_e2e::{
+    TestNamespace, admin_client, api_message, eventually, metric_sum, rejection_problems,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -656,51 +658,14 @@ async fn invalid_specs_are_rejected_by_the_apiserver_naming_the_field() -> Resul
     let ns = TestNamespace::create(&client, "mtj-invalid", &[]).await?;
     let cases = invalid_training_jobs();
     ensure!(cases.len() >= 15, "the table has {} cases", cases.len());
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
+    let problems = rejection_problems(
+        &client,
         &ns.name,
-        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "moe.dev",
-            "v1alpha1",
-            "MoETrainingJob",
-        )),
-    );
-    // The base itself is accepted (dry run), so each rejection is the case's own doing.
-    api.create(
-        &PostParams {
-            dry_run: true,
-            ..Default::default()
-        },
-        &serde_json::from_value(valid_training_job())?,
+        "MoETrainingJob",
+        valid_training_job(),
+        &cases,
     )
     .await?;
-    let mut problems = vec![];
-    for case in &cases {
-        let obj: DynamicObject = serde_json::from_value(case.object.clone())?;
-        match api
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &obj,
-            )
-            .await
-        {
-            Ok(_) => problems.push(format!("{}: accepted", case.name)),
-            Err(e) => {
-                let msg = api_message(&e);
-                if api_status(&e) != Some(422) {
-                    problems.push(format!("{}: status {:?}: {msg}", case.name, api_status(&e)));
-                }
-                for want in &case.expect {
-                    if !msg.contains(want.as_str()) {
-                        problems.push(format!("{}: {msg:?} lacks {want:?}", case.name));
-                    }
-                }
-            }
-        }
-    }
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     ns.delete().await
 }
@@ -708,34 +673,7 @@ async fn invalid_specs_are_rejected_by_the_apiserver_naming_the_field() -> Resul
 #[tokio::test]
 async fn the_operator_role_is_least_privilege() -> Result<()> {
     install()?;
-    let sa = format!(
-        "system:serviceaccount:{}:{}",
-        moe_e2e::operator::OPERATOR_NAMESPACE,
-        moe_e2e::operator::SERVICE_ACCOUNT
-    );
-    let can = |verb: &str, resource: &str| {
-        // `kubectl auth can-i` exits 1 for "no"; the answer is on stdout either way.
-        let (resource, sub) = resource
-            .split_once('/')
-            .map_or((resource, None), |(r, s)| (r, Some(s)));
-        let mut args = vec![
-            "auth",
-            "can-i",
-            verb,
-            resource,
-            "--all-namespaces",
-            "--as",
-            &sa,
-        ];
-        if let Some(sub) = sub {
-            args.extend(["--subresource", sub]);
-        }
-        let out = std::process::Command::new("kubectl")
-            .args(&args)
-            .output()
-            .expect("kubectl runs");
-        String::from_utf8_lossy(&out.stdout).trim() == "yes"
-    };
+    let can = operator_can;
     for (verb, resource) in [
         ("create", "jobs.batch"),
         ("delete", "jobs.batch"),
