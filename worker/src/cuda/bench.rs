@@ -10,8 +10,8 @@ use super::{Gpu, Result, dispatch, fp8, matmul, routing};
 use crate::fp8::quantize::TileShape;
 use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
 use half::bf16;
+use moe_kernels::cudarc::driver::CudaSlice;
 use moe_kernels::cudarc::driver::sys::CUevent_flags;
-use moe_kernels::cudarc::driver::{CudaSlice, DeviceRepr};
 
 /// H200 SXM datasheet figures, for context next to the measured baselines.
 pub const H200_HBM_BYTES_PER_S: f64 = 4.8e12;
@@ -67,11 +67,6 @@ fn upload_random_bf16(gpu: &Gpu, n: usize, seed: u64) -> Result<CudaSlice<bf16>>
     gpu.upload(&values)
 }
 
-fn uninit<T: DeviceRepr>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: every benchmark output is written before it is read.
-    Ok(unsafe { gpu.stream().alloc::<T>(n) }?)
-}
-
 /// Runs every benchmark; figures in the order printed, and the benchmarks
 /// that failed with their errors.
 pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
@@ -80,8 +75,8 @@ pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
 
     // Baseline 1: device-to-device copy of 2 GiB.
     let n = 1usize << 29;
-    let src = uninit::<f32>(gpu, n)?;
-    let mut dst = uninit::<f32>(gpu, n)?;
+    let src = gpu.zeros::<f32>(n)?;
+    let mut dst = gpu.output::<f32>(n)?;
     let copy_ms = time_ms(gpu, 10, || Ok(gpu.stream().memcpy_dtod(&src, &mut dst)?))?;
     drop((src, dst));
     let copy_bw = 2.0 * (n * 4) as f64 / (copy_ms * 1e-3);
@@ -100,7 +95,7 @@ pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
         upload_random_bf16(gpu, s * s, 1)?,
         upload_random_bf16(gpu, s * s, 2)?,
     );
-    let mut out = uninit::<bf16>(gpu, s * s)?;
+    let mut out = gpu.output::<bf16>(s * s)?;
     let dense_ms = time_ms(gpu, 10, || {
         matmul::forward_grouped_bf16(gpu, &mut out, &x, &w, 1, s, s)
     })?;
@@ -119,7 +114,7 @@ pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
     let (groups, rows, n_out, k) = (4, 8192, 4096, 7168);
     let x = upload_random_bf16(gpu, groups * rows * k, 3)?;
     let w = upload_random_bf16(gpu, groups * n_out * k, 4)?;
-    let mut out = uninit::<bf16>(gpu, groups * rows * n_out)?;
+    let mut out = gpu.output::<bf16>(groups * rows * n_out)?;
     let grouped_ms = time_ms(gpu, 10, || {
         matmul::forward_grouped_bf16(gpu, &mut out, &x, &w, groups, k, n_out)
     })?;
@@ -203,8 +198,8 @@ fn routing_figures(gpu: &Gpu, copy_bw: f64) -> Result<Vec<Figure>> {
             .collect::<Vec<_>>(),
     )?;
     let x = upload_random_bf16(gpu, tokens * hidden, 8)?;
-    let mut xp = uninit::<bf16>(gpu, rows * hidden)?;
-    let mut out = uninit::<bf16>(gpu, tokens * hidden)?;
+    let mut xp = gpu.output::<bf16>(rows * hidden)?;
+    let mut out = gpu.output::<bf16>(tokens * hidden)?;
 
     let routed = routing::route(gpu, &config, &logits, &bias)?;
     let dispatched = dispatch::dispatch(gpu, &routed.experts, top_k, experts)?;
@@ -288,7 +283,7 @@ fn fp8_gemm_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>> {
         ws.push(fp8::quantize(gpu, &w, n_out, k, TileShape::BLOCK)?);
     }
     let mut outs = (0..groups)
-        .map(|_| uninit::<bf16>(gpu, rows * n_out))
+        .map(|_| gpu.output::<bf16>(rows * n_out))
         .collect::<Result<Vec<_>>>()?;
     let ms = time_ms(gpu, 10, || {
         for ((out, x), w) in outs.iter_mut().zip(&xs).zip(&ws) {

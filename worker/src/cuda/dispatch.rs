@@ -48,16 +48,23 @@ pub fn dispatch(
     let mut dispatch = DeviceDispatch {
         top_k,
         n_experts,
-        offsets: gpu.zeros(n_experts + 1)?,
-        row_of_slot: gpu.zeros(slots)?,
-        slot_of_row: gpu.zeros(slots)?,
+        // With no slots no kernel runs: every expert's range is empty (zeros).
+        offsets: if slots == 0 {
+            gpu.zeros(n_experts + 1)?
+        } else {
+            gpu.output(n_experts + 1)?
+        },
+        // The scatter writes every slot's row and every row's slot.
+        row_of_slot: gpu.output(slots)?,
+        slot_of_row: gpu.output(slots)?,
     };
     if slots == 0 {
         return Ok(dispatch);
     }
     let chunks = slots.div_ceil(CHUNK);
-    let mut chunk_counts = gpu.zeros::<i32>(chunks * n_experts)?;
-    let mut chunk_base = gpu.zeros::<i32>(chunks * n_experts)?;
+    // Written in full by the count and scan kernels respectively.
+    let mut chunk_counts = gpu.output::<i32>(chunks * n_experts)?;
+    let mut chunk_base = gpu.output::<i32>(chunks * n_experts)?;
     let (slots_i, experts_i, chunk_i, chunks_i) =
         (int(slots), int(n_experts), int(CHUNK), int(chunks));
     let expert_ints = (n_experts * 4) as u32;

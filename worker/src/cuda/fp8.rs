@@ -78,8 +78,9 @@ pub fn quantize_with_layout(
         rows,
         cols,
         tile,
-        codes: gpu.zeros(rows * cols)?,
-        scales: gpu.zeros(tile_rows * tile_cols)?,
+        // Every code and scale is written by the quantiser.
+        codes: gpu.output(rows * cols)?,
+        scales: gpu.output(tile_rows * tile_cols)?,
         outer_major,
     };
     if rows == 0 || cols == 0 {
@@ -114,8 +115,9 @@ fn quantize_columns(
         rows,
         cols,
         tile: TileShape::COLUMN,
-        codes: gpu.zeros(rows * cols)?,
-        scales: gpu.zeros(tile_rows * cols)?,
+        // Every code and scale is written by the quantiser.
+        codes: gpu.output(rows * cols)?,
+        scales: gpu.output(tile_rows * cols)?,
         outer_major: false,
     };
     if rows == 0 || cols == 0 {

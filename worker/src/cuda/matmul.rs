@@ -49,20 +49,17 @@ pub fn forward_view(
     accumulate: bool,
 ) -> Result<()> {
     let rows = x.len() / in_dim;
-    assert!(
-        x.len() == rows * in_dim && w.len() == out_dim * in_dim && out.len() == rows * out_dim,
-        "matmul shapes"
-    );
-    if rows == 0 {
-        return Ok(());
-    }
-    let blas = gpu.blas()?;
-    let mut cfg = config(rows, in_dim, out_dim, 1);
-    if accumulate {
-        cfg.beta = 1.0;
-    }
-    unsafe { blas.matmul(cfg, w, x, out, None, None) }?;
-    Ok(())
+    assert_eq!(x.len(), rows * in_dim, "matmul input shape");
+    gemm(
+        gpu,
+        out,
+        x,
+        false,
+        w,
+        true,
+        (rows, out_dim, in_dim),
+        accumulate,
+    )
 }
 
 /// As [`crate::ops::matmul::forward`] (TF32).
@@ -74,17 +71,15 @@ pub fn forward(
     in_dim: usize,
     out_dim: usize,
 ) -> Result<()> {
-    let rows = x.len() / in_dim;
-    assert!(
-        x.len() == rows * in_dim && w.len() == out_dim * in_dim && out.len() == rows * out_dim,
-        "matmul shapes"
-    );
-    if rows == 0 {
-        return Ok(());
-    }
-    let blas = gpu.blas()?;
-    unsafe { blas.matmul(config(rows, in_dim, out_dim, 1), w, x, out, None, None) }?;
-    Ok(())
+    forward_view(
+        gpu,
+        &mut out.slice_mut(..),
+        &x.slice(..),
+        &w.slice(..),
+        in_dim,
+        out_dim,
+        false,
+    )
 }
 
 /// `groups` independent GEMMs of equal shape in bf16 (f32 accumulation):

@@ -154,6 +154,16 @@ impl Gpu {
         Ok(host)
     }
 
+    /// A buffer the next kernel writes in full, so it is not zeroed first:
+    /// a memset costs as much bandwidth as the memory-bound kernels it would
+    /// precede. Only for outputs that kernel writes element by element
+    /// before anything reads them.
+    pub(crate) fn output<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: uninitialised device memory is unsafe only to read, and
+        // callers overwrite all of it first (see above).
+        Ok(unsafe { self.stream.alloc::<T>(len) }?)
+    }
+
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         Ok(self.stream.alloc_zeros(len)?)
     }

@@ -55,12 +55,13 @@ pub fn route(
         shared <= 48 * 1024,
         "too many experts for one block's shared memory"
     );
+    // The kernel writes every score, expert and gate of every token.
     let mut routing = DeviceRouting {
         n_experts,
         top_k,
-        scores: gpu.zeros(tokens * n_experts)?,
-        experts: gpu.zeros(tokens * top_k)?,
-        gates: gpu.zeros(tokens * top_k)?,
+        scores: gpu.output(tokens * n_experts)?,
+        experts: gpu.output(tokens * top_k)?,
+        gates: gpu.output(tokens * top_k)?,
     };
     if tokens == 0 {
         return Ok(routing);
