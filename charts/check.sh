@@ -105,6 +105,12 @@ check "two replicas without leader election are refused" rejects "leaderElection
   --set leaderElection.enabled=false --set replicas=2
 if [[ -d deploy/argocd ]]; then
   check "Argo CD health checks (deploy/argocd)" kstatus test deploy/argocd
+  # Argo CD wants one script per kind; they are one script (the shared status
+  # contract) under different names, so their code must not drift apart.
+  custom=deploy/argocd/resource_customizations/moe.dev
+  check "every kind's health.lua is the same code" bash -c "
+    first=\$(ls $custom/*/health.lua | head -1)
+    for f in $custom/*/health.lua; do diff <(grep -v '^--' \$first) <(grep -v '^--' \$f) >/dev/null || exit 1; done"
 fi
 
 echo "test result: $([[ $failed == 0 ]] && echo ok || echo FAILED). $passed passed; $failed failed (charts/check.sh)"
