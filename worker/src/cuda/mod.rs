@@ -200,14 +200,21 @@ mod tests {
     /// error, not a panic inside cudarc's loader. On a GPU host it opens.
     #[test]
     fn opening_a_gpu_without_the_driver_is_a_clear_error() {
-        match Gpu::new(0) {
-            Ok(gpu) => assert!(gpu.arch().starts_with("sm_")),
-            Err(GpuError::DriverMissing) => {
-                let message = GpuError::DriverMissing.to_string();
-                assert!(message.contains("libcuda.so.1") && message.contains("device: cpu"));
+        let result = Gpu::new(0);
+        if moe_kernels::toolkit::driver_available() {
+            // A GPU host: opening succeeds unless NVRTC or the headers are missing.
+            if let Ok(gpu) = result {
+                assert!(gpu.arch().starts_with("sm_"));
             }
-            // A driver without a usable device, or without NVRTC: still an error value.
-            Err(other) => assert!(!other.to_string().is_empty()),
+            return;
         }
+        // No driver (CI): exactly this error, naming the library and the way out.
+        let error = result.err().expect("a host without the driver has no GPU");
+        assert!(matches!(error, GpuError::DriverMissing), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("libcuda.so.1") && message.contains("device: cpu"),
+            "{message}"
+        );
     }
 }
