@@ -39,9 +39,11 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
 }
 
 // 128x128 blocks (weights): one block of 256 threads per tile.
-// scales: [ceil(rows / 128), ceil(cols / 128)].
+// scales: [ceil(rows / 128), scale_stride], scale_stride >= ceil(cols / 128):
+// cuBLASLt's BLK128x128 scales want each row of K blocks padded to a
+// multiple of 4.
 extern "C" __global__ void fp8_quantize_128x128_f32(unsigned char* codes, float* scales, const float* w, int rows,
-                                                    int cols) {
+                                                    int cols, int scale_stride) {
     __shared__ float scratch[32];
     const int tile_row = blockIdx.y, tile_col = blockIdx.x;
     const int r0 = tile_row * 128, c0 = tile_col * 128;
@@ -55,7 +57,7 @@ extern "C" __global__ void fp8_quantize_128x128_f32(unsigned char* codes, float*
         const size_t at = (size_t)(r0 + i / width) * cols + c0 + i % width;
         codes[at] = encode_e4m3(w[at], scale);
     }
-    if (threadIdx.x == 0) scales[tile_row * gridDim.x + tile_col] = scale;
+    if (threadIdx.x == 0) scales[(size_t)tile_row * scale_stride + tile_col] = scale;
 }
 
 // 128x1 tiles (activations and gradients for the weight-gradient GEMM, whose

@@ -272,15 +272,23 @@ fn fp8_gemm_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>> {
     for g in 0..groups {
         let x = gpu.upload(&random_f32(rows * k, 10 + g as u64))?;
         let w = gpu.upload(&random_f32(n_out * k, 20 + g as u64))?;
+        let layout = fp8::ScaleLayout::Cublaslt;
         xs.push(fp8::quantize_with_layout(
             gpu,
             &x,
             rows,
             k,
             TileShape::ROW,
-            true,
+            layout,
         )?);
-        ws.push(fp8::quantize(gpu, &w, n_out, k, TileShape::BLOCK)?);
+        ws.push(fp8::quantize_with_layout(
+            gpu,
+            &w,
+            n_out,
+            k,
+            TileShape::BLOCK,
+            layout,
+        )?);
     }
     let mut outs = (0..groups)
         .map(|_| gpu.output::<bf16>(rows * n_out))

@@ -6,6 +6,21 @@ use crate::fp8::quantize::{TILE, TileShape};
 use moe_kernels::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use moe_kernels::registry::FP8;
 
+/// How a [`DeviceFp8`]'s scales are laid out in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleLayout {
+    /// Row-major over the tile grid, `[tile_rows, tile_cols]`: the CPU's
+    /// [`crate::fp8::quantize::Fp8Matrix`] layout, read by [`gemm_abt`].
+    RowMajor,
+    /// What cuBLASLt's block-scaled FP8 GEMM reads ([`super::fp8_gemm`]):
+    /// 1×128 tiles outer-major, `[tile_cols, rows]` (one row of scales per
+    /// K slice); 128×128 blocks row-major with each row of K blocks padded
+    /// to a multiple of 4, `[tile_rows, round_up(tile_cols, 4)]` (padding
+    /// zero). Measured on an H200: unpadded rows give garbage whenever
+    /// `ceil(K / 128)` is not a multiple of 4.
+    Cublaslt,
+}
+
 /// An [`crate::fp8::quantize::Fp8Matrix`] on the device.
 pub struct DeviceFp8 {
     pub rows: usize,
@@ -13,10 +28,32 @@ pub struct DeviceFp8 {
     pub tile: TileShape,
     /// `[rows, cols]` E4M3 codes.
     pub codes: CudaSlice<u8>,
-    /// Row-major over the tile grid; for 1×128 tiles with `outer_major`,
-    /// transposed (`[tile_cols, rows]`, cuBLASLt's layout).
+    /// One f32 per tile, laid out as `layout` says.
     pub scales: CudaSlice<f32>,
-    pub outer_major: bool,
+    pub layout: ScaleLayout,
+}
+
+impl DeviceFp8 {
+    /// The scales in the CPU's row-major tile-grid order, whatever the
+    /// device layout (for checks against [`crate::fp8::quantize::Fp8Matrix`]).
+    pub fn row_major_scales(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let stored = gpu.download(&self.scales)?;
+        let tile_cols = self.cols.div_ceil(TILE);
+        Ok(match (self.layout, self.tile) {
+            (ScaleLayout::RowMajor, _) => stored,
+            (ScaleLayout::Cublaslt, TileShape::ROW) => (0..self.rows * tile_cols)
+                .map(|i| stored[(i % tile_cols) * self.rows + i / tile_cols])
+                .collect(),
+            (ScaleLayout::Cublaslt, _) => {
+                let stride = tile_cols.next_multiple_of(4);
+                stored
+                    .chunks(stride)
+                    .flat_map(|row| &row[..tile_cols])
+                    .copied()
+                    .collect()
+            }
+        })
+    }
 }
 
 /// Quantises `m: [rows, cols]` with 1×128 tiles ([`TileShape::ROW`],
@@ -28,22 +65,22 @@ pub fn quantize(
     cols: usize,
     tile: TileShape,
 ) -> Result<DeviceFp8> {
-    quantize_with_layout(gpu, m, rows, cols, tile, false)
+    quantize_with_layout(gpu, m, rows, cols, tile, ScaleLayout::RowMajor)
 }
 
-/// [`quantize`], with 1×128 scales stored transposed when `outer_major`
-/// (what [`super::fp8_gemm`] hands cuBLASLt).
+/// [`quantize`], with the scales laid out as `layout` says
+/// ([`ScaleLayout::Cublaslt`] for [`super::fp8_gemm`]).
 pub fn quantize_with_layout(
     gpu: &Gpu,
     m: &CudaSlice<f32>,
     rows: usize,
     cols: usize,
     tile: TileShape,
-    outer_major: bool,
+    layout: ScaleLayout,
 ) -> Result<DeviceFp8> {
     assert!(
-        !outer_major || tile == TileShape::ROW,
-        "only 1x128 scales have an outer-major layout"
+        layout == ScaleLayout::RowMajor || tile != TileShape::COLUMN,
+        "128x1 scales have only the row-major layout"
     );
     assert_eq!(m.len(), rows * cols, "fp8 input shape");
     let tile_cols = cols.div_ceil(TILE);
@@ -74,20 +111,30 @@ pub fn quantize_with_layout(
     } else {
         panic!("the CUDA quantiser supports 1x128, 128x1 and 128x128 tiles, not {tile:?}");
     };
+    // 128×128 scale rows padded for cuBLASLt; the padding is zeroed, every
+    // other code and scale is written by the quantiser.
+    let scale_stride = if layout == ScaleLayout::Cublaslt && tile == TileShape::BLOCK {
+        tile_cols.next_multiple_of(4)
+    } else {
+        tile_cols
+    };
+    let scale_count = tile_rows * scale_stride;
     let mut quantized = DeviceFp8 {
         rows,
         cols,
         tile,
-        // Every code and scale is written by the quantiser.
         codes: gpu.output(rows * cols)?,
-        scales: gpu.output(tile_rows * tile_cols)?,
-        outer_major,
+        scales: if scale_stride == tile_cols {
+            gpu.output(scale_count)?
+        } else {
+            gpu.zeros(scale_count)?
+        },
+        layout,
     };
     if rows == 0 || cols == 0 {
         return Ok(quantized);
     }
     let f = gpu.function(&FP8, entry)?;
-    let outer_major_i = i32::from(outer_major);
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(&mut quantized.codes)
@@ -95,8 +142,12 @@ pub fn quantize_with_layout(
         .arg(m)
         .arg(&rows_i)
         .arg(&cols_i);
+    let outer_major_i = i32::from(layout == ScaleLayout::Cublaslt);
+    let scale_stride_i = int(scale_stride);
     if tile == TileShape::ROW {
         launch.arg(&outer_major_i);
+    } else {
+        launch.arg(&scale_stride_i);
     }
     unsafe { launch.launch(config) }?;
     Ok(quantized)
@@ -118,7 +169,7 @@ fn quantize_columns(
         // Every code and scale is written by the quantiser.
         codes: gpu.output(rows * cols)?,
         scales: gpu.output(tile_rows * cols)?,
-        outer_major: false,
+        layout: ScaleLayout::RowMajor,
     };
     if rows == 0 || cols == 0 {
         return Ok(quantized);
@@ -144,6 +195,10 @@ pub fn gemm_abt(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &DeviceFp8, b: &DeviceFp
     assert!(
         a.tile == TileShape::ROW && b.tile == TileShape::BLOCK,
         "fp8 GEMM operand tiles"
+    );
+    assert!(
+        a.layout == ScaleLayout::RowMajor && b.layout == ScaleLayout::RowMajor,
+        "the CUDA-core FP8 GEMM reads row-major scales"
     );
     assert!(
         a.cols == b.cols && out.len() == a.rows * b.rows,

@@ -9,12 +9,12 @@
 //!
 //! Layout, in cuBLASLt's column-major terms for row-major
 //! `out[rows, n] = x[rows, k] @ w[n, k]^T`: A = `w` read transposed
-//! (m = n, the "TN" form FP8 requires), B = `x`, D = `out`. The weight
-//! scales are `[n / 128, k / 128]` row-major (our layout); the activation
-//! scales are one row per K slice, `[k / 128, rows]` (quantise with
-//! `outer_major`).
+//! (m = n, the "TN" form FP8 requires), B = `x`, D = `out`. Both operands'
+//! scales in [`ScaleLayout::Cublaslt`]: the weight's `[n / 128, k / 128]`
+//! row-major with rows padded to 4 K blocks, the activation's one row per K
+//! slice, `[k / 128, rows]`.
 
-use super::fp8::DeviceFp8;
+use super::fp8::{DeviceFp8, ScaleLayout};
 use super::{Gpu, GpuError, Result};
 use crate::fp8::quantize::TileShape;
 use half::bf16;
@@ -86,8 +86,11 @@ pub fn gemm_abt<O: Fp8Output>(
     w: &DeviceFp8,
 ) -> Result<()> {
     assert!(
-        x.tile == TileShape::ROW && x.outer_major && w.tile == TileShape::BLOCK,
-        "cuBLASLt FP8 operands: x 1x128 with outer-major scales, w 128x128"
+        x.tile == TileShape::ROW
+            && w.tile == TileShape::BLOCK
+            && x.layout == ScaleLayout::Cublaslt
+            && w.layout == ScaleLayout::Cublaslt,
+        "cuBLASLt FP8 operands: x 1x128, w 128x128, both with cuBLASLt's scale layout"
     );
     assert!(
         x.cols == w.cols && out.len() == x.rows * w.rows,
