@@ -89,6 +89,7 @@ pub const EMBEDDING: Family = family!(
     "embedding",
     ["embedding_forward_f32", "embedding_backward_f32"]
 );
+pub const VECTOR: Family = family!("vector", ["add_f32", "sum_squares_f32"]);
 
 /// All families, in the order the compile check reports them.
 pub const FAMILIES: &[Family] = &[
@@ -103,6 +104,7 @@ pub const FAMILIES: &[Family] = &[
     ATTENTION,
     EMBEDDING,
     GEMM,
+    VECTOR,
 ];
 
 #[cfg(test)]

@@ -140,6 +140,11 @@ pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
         Err(error) => failures.push(format!("routing/dispatch: {error}")),
     }
 
+    match super::train_bench::training_step_figures(gpu, dense) {
+        Ok(f) => figures.extend(f),
+        Err(error) => failures.push(format!("training step: {error}")),
+    }
+
     // FP8 1x128 quantisation of a [16384, 7168] f32 activation.
     let (rows, cols) = (16_384, 7168);
     let m = gpu.upload(&random_f32(rows * cols, 5))?;

@@ -84,7 +84,13 @@ pub fn close(
 
 /// Bounded by a fraction of the reference's largest magnitude (GEMMs on
 /// tensor cores, whose per-product rounding scales with the output).
-fn close_to_scale(op: &'static str, case: &str, gpu: &[f32], cpu: &[f32], fraction: f64) -> Check {
+pub(crate) fn close_to_scale(
+    op: &'static str,
+    case: &str,
+    gpu: &[f32],
+    cpu: &[f32],
+    fraction: f64,
+) -> Check {
     let scale = cpu.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
     let mut check = close(
         op,
@@ -152,6 +158,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("attention", check_attention),
     ("embedding", check_embedding),
     ("moe layer", check_moe_layer),
+    ("training", super::train_check::check_training),
 ];
 
 /// Runs every check group. A CUDA error inside a group (a launch failure,

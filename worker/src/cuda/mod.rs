@@ -17,11 +17,16 @@ pub mod embedding;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod matmul;
+pub mod model;
 pub mod moe_layer;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
 pub mod swiglu;
+pub mod train_bench;
+pub mod train_check;
+pub mod trainer;
+pub mod vector;
 
 use moe_kernels::cache::{KernelError, ModuleCache};
 use moe_kernels::cudarc::cublaslt::CudaBlasLT;

@@ -428,3 +428,60 @@ impl DeviceMoeLayer {
         Ok(())
     }
 }
+
+impl DeviceMoeLayer {
+    /// Replaces the selection bias (the balancing update runs on the host:
+    /// one value per expert, once per step).
+    pub fn set_selection_bias(&mut self, gpu: &Gpu, bias: &[f32]) -> Result<()> {
+        assert_eq!(
+            bias.len(),
+            self.selection_bias.len(),
+            "selection bias shape"
+        );
+        Ok(gpu.stream().memcpy_htod(bias, &mut self.selection_bias)?)
+    }
+}
+
+impl super::model::DeviceTensors for DeviceMoeLayer {
+    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
+        let mut list = vec![&self.router, &self.w1, &self.w3, &self.w2];
+        if !self.shared_w1.is_empty() {
+            list.extend([&self.shared_w1, &self.shared_w3, &self.shared_w2]);
+        }
+        list
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+        let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
+        if !self.shared_w1.is_empty() {
+            list.extend([
+                &mut self.shared_w1,
+                &mut self.shared_w3,
+                &mut self.shared_w2,
+            ]);
+        }
+        list
+    }
+}
+
+impl super::model::DeviceTensors for DeviceMoeGrads {
+    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
+        let mut list = vec![&self.router, &self.w1, &self.w3, &self.w2];
+        if !self.shared_w1.is_empty() {
+            list.extend([&self.shared_w1, &self.shared_w3, &self.shared_w2]);
+        }
+        list
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+        let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
+        if !self.shared_w1.is_empty() {
+            list.extend([
+                &mut self.shared_w1,
+                &mut self.shared_w3,
+                &mut self.shared_w2,
+            ]);
+        }
+        list
+    }
+}

@@ -1,0 +1,697 @@
+//! The whole transformer on the device; CPU reference: [`crate::model::Model`]
+//! (forward, backward, same block structure and canonical tensor order).
+//! Every op is one of this backend's launchers, each checked against its CPU
+//! op in [`super::check`]; this module only composes them, and the check's
+//! "training" group compares whole steps with the CPU trainer.
+//!
+//! Precision: f32 storage, GEMMs on TF32 tensor cores (the router's in exact
+//! f32, see [`super::moe_layer`]). FP8 GEMM recipes, activation
+//! checkpointing and the sequence-wise aux loss are CPU-only for now and
+//! refused by [`DeviceModel::upload`] with a clear error.
+
+use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
+use super::rope::DeviceRope;
+use super::{
+    Gpu, GpuError, Result, attention, cross_entropy, embedding, matmul, rmsnorm, swiglu, vector,
+};
+use crate::linear::GemmPrecision;
+use crate::model::config::NORM_EPS;
+use crate::model::{FeedForward, Gradients, Model, ModelConfig};
+use crate::ops::attention::AttentionShape;
+use crate::ops::rope::RopeTable;
+use moe_kernels::cudarc::driver::CudaSlice;
+
+/// A set of device tensors listed in the CPU's canonical order.
+pub trait DeviceTensors {
+    fn tensors(&self) -> Vec<&CudaSlice<f32>>;
+    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>>;
+}
+
+/// [`crate::model::Weights`] on the device: `M` is the MoE part, a
+/// [`DeviceMoeLayer`] for the weights and [`DeviceMoeGrads`] for
+/// gradients and optimizer moments.
+pub struct DeviceWeights<M> {
+    pub embedding: CudaSlice<f32>,
+    pub blocks: Vec<DeviceBlock<M>>,
+    pub final_norm: CudaSlice<f32>,
+    pub lm_head: CudaSlice<f32>,
+}
+
+pub struct DeviceBlock<M> {
+    pub attention_norm: CudaSlice<f32>,
+    pub wq: CudaSlice<f32>,
+    pub wk: CudaSlice<f32>,
+    pub wv: CudaSlice<f32>,
+    pub wo: CudaSlice<f32>,
+    pub ffn_norm: CudaSlice<f32>,
+    pub ffn: DeviceFeedForward<M>,
+}
+
+pub enum DeviceFeedForward<M> {
+    Dense {
+        w1: CudaSlice<f32>,
+        w3: CudaSlice<f32>,
+        w2: CudaSlice<f32>,
+    },
+    Moe(M),
+}
+
+/// Gradients (and AdamW moments) of a [`DeviceModel`].
+pub type DeviceGradients = DeviceWeights<DeviceMoeGrads>;
+
+impl<M: DeviceTensors> DeviceTensors for DeviceWeights<M> {
+    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
+        let mut list = vec![&self.embedding];
+        for b in &self.blocks {
+            list.extend([&b.attention_norm, &b.wq, &b.wk, &b.wv, &b.wo, &b.ffn_norm]);
+            match &b.ffn {
+                DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
+                DeviceFeedForward::Moe(moe) => list.extend(moe.tensors()),
+            }
+        }
+        list.extend([&self.final_norm, &self.lm_head]);
+        list
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+        let mut list = vec![&mut self.embedding];
+        for b in &mut self.blocks {
+            list.extend([
+                &mut b.attention_norm,
+                &mut b.wq,
+                &mut b.wk,
+                &mut b.wv,
+                &mut b.wo,
+                &mut b.ffn_norm,
+            ]);
+            match &mut b.ffn {
+                DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
+                DeviceFeedForward::Moe(moe) => list.extend(moe.tensors_mut()),
+            }
+        }
+        list.extend([&mut self.final_norm, &mut self.lm_head]);
+        list
+    }
+}
+
+impl<M: DeviceTensors> DeviceWeights<M> {
+    /// Copies every tensor into `host`'s, in canonical order (the caller
+    /// checked the layouts agree).
+    pub fn download_into(&self, gpu: &Gpu, host: Vec<&mut Vec<f32>>) -> Result<()> {
+        let device = self.tensors();
+        assert_eq!(device.len(), host.len(), "device and host tensor lists");
+        for (d, h) in device.into_iter().zip(host) {
+            gpu.stream().memcpy_dtoh(d, h.as_mut_slice())?;
+        }
+        gpu.synchronize()
+    }
+
+    /// Overwrites every tensor with `host`'s, in canonical order.
+    pub fn upload_from(&mut self, gpu: &Gpu, host: Vec<&[f32]>) -> Result<()> {
+        let device = self.tensors_mut();
+        assert_eq!(device.len(), host.len(), "device and host tensor lists");
+        for (d, h) in device.into_iter().zip(host) {
+            gpu.stream().memcpy_htod(h, d)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes every tensor (gradients before a step).
+    pub fn zero(&mut self, gpu: &Gpu) -> Result<()> {
+        for t in self.tensors_mut() {
+            gpu.stream().memset_zeros(t)?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceGradients {
+    /// Zeros shaped like `weights`.
+    pub fn zeros_like(gpu: &Gpu, weights: &DeviceWeights<DeviceMoeLayer>) -> Result<Self> {
+        let zeros = |t: &CudaSlice<f32>| gpu.zeros::<f32>(t.len());
+        let blocks = weights
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(DeviceBlock {
+                    attention_norm: zeros(&b.attention_norm)?,
+                    wq: zeros(&b.wq)?,
+                    wk: zeros(&b.wk)?,
+                    wv: zeros(&b.wv)?,
+                    wo: zeros(&b.wo)?,
+                    ffn_norm: zeros(&b.ffn_norm)?,
+                    ffn: match &b.ffn {
+                        DeviceFeedForward::Dense { w1, w3, w2 } => DeviceFeedForward::Dense {
+                            w1: zeros(w1)?,
+                            w3: zeros(w3)?,
+                            w2: zeros(w2)?,
+                        },
+                        DeviceFeedForward::Moe(layer) => {
+                            DeviceFeedForward::Moe(DeviceMoeGrads::zeros(gpu, layer)?)
+                        }
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embedding: zeros(&weights.embedding)?,
+            blocks,
+            final_norm: zeros(&weights.final_norm)?,
+            lm_head: zeros(&weights.lm_head)?,
+        })
+    }
+
+    /// Copies the gradients into a host [`Gradients`] of the same layout.
+    pub fn to_host(&self, gpu: &Gpu, config: &ModelConfig) -> Result<Gradients<f32>> {
+        let mut host = Gradients::zeros(config);
+        self.download_into(gpu, host.tensors_mut())?;
+        Ok(host)
+    }
+}
+
+/// The model on the device: weights (MoE selection biases included) and
+/// the RoPE table.
+pub struct DeviceModel {
+    config: ModelConfig,
+    pub weights: DeviceWeights<DeviceMoeLayer>,
+    rope: DeviceRope,
+}
+
+/// One block's activations, kept for its backward pass.
+struct BlockPass {
+    input: CudaSlice<f32>,
+    attention_normed: CudaSlice<f32>,
+    attention_rstd: CudaSlice<f32>,
+    /// Queries and keys after RoPE.
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attention_out: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    mid: CudaSlice<f32>,
+    ffn_normed: CudaSlice<f32>,
+    ffn_rstd: CudaSlice<f32>,
+    ffn: FeedForwardPass,
+}
+
+enum FeedForwardPass {
+    /// SwiGLU's `a = x w1ᵀ`, `b = x w3ᵀ`, `h = silu(a) b`.
+    Dense([CudaSlice<f32>; 3]),
+    Moe(Box<DeviceMoeForward>),
+}
+
+/// A forward pass on the device: the loss and what the backward pass needs.
+pub struct DeviceForward {
+    tokens: CudaSlice<u32>,
+    targets: CudaSlice<u32>,
+    blocks: Vec<BlockPass>,
+    final_input: CudaSlice<f32>,
+    final_normed: CudaSlice<f32>,
+    final_rstd: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    /// Mean next-token cross-entropy, in nats.
+    pub cross_entropy: f64,
+}
+
+impl DeviceForward {
+    /// Tokens routed to each expert, one list per MoE block in order.
+    pub fn expert_loads(&self) -> Vec<Vec<usize>> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                FeedForwardPass::Moe(pass) => Some(pass.load.clone()),
+                FeedForwardPass::Dense(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// What the device path does not do yet, as an error naming the setting.
+fn unsupported(config: &ModelConfig) -> Option<String> {
+    if config.gemm_precision != GemmPrecision::Fp32 {
+        return Some(format!(
+            "GEMM precision {:?} (training.precision.fp8) on CUDA: the device model runs f32/TF32 only so far",
+            config.gemm_precision
+        ));
+    }
+    if config.moe.aux_loss_alpha > 0.0 {
+        return Some(
+            "the sequence-wise aux loss (moe auxLossAlpha > 0) on CUDA: use the aux-loss-free bias balancing".into(),
+        );
+    }
+    if !config.hidden.is_multiple_of(4) {
+        return Some(format!(
+            "hidden size {} on CUDA: rows are permuted as 16-byte vectors, so it must be a multiple of 4",
+            config.hidden
+        ));
+    }
+    None
+}
+
+impl DeviceModel {
+    /// Copies `model` to the device.
+    pub fn upload(gpu: &Gpu, model: &Model<f32>) -> Result<Self> {
+        let config = model.config().clone();
+        if let Some(reason) = unsupported(&config) {
+            return Err(GpuError::Unsupported(reason));
+        }
+        let w = &model.weights;
+        let blocks = w
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(DeviceBlock {
+                    attention_norm: gpu.upload(&b.attention_norm)?,
+                    wq: gpu.upload(&b.wq)?,
+                    wk: gpu.upload(&b.wk)?,
+                    wv: gpu.upload(&b.wv)?,
+                    wo: gpu.upload(&b.wo)?,
+                    ffn_norm: gpu.upload(&b.ffn_norm)?,
+                    ffn: match &b.ffn {
+                        FeedForward::Dense(d) => DeviceFeedForward::Dense {
+                            w1: gpu.upload(&d.w1)?,
+                            w3: gpu.upload(&d.w3)?,
+                            w2: gpu.upload(&d.w2)?,
+                        },
+                        FeedForward::Moe(layer) => {
+                            DeviceFeedForward::Moe(DeviceMoeLayer::upload(gpu, layer)?)
+                        }
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        let table = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        Ok(Self {
+            rope: DeviceRope::new(gpu, &table, config.head_dim())?,
+            weights: DeviceWeights {
+                embedding: gpu.upload(&w.embedding)?,
+                blocks,
+                final_norm: gpu.upload(&w.final_norm)?,
+                lm_head: gpu.upload(&w.lm_head)?,
+            },
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Copies the weights back into `model` (same config), e.g. to checkpoint.
+    pub fn download_into(&self, gpu: &Gpu, model: &mut Model<f32>) -> Result<()> {
+        self.weights.download_into(gpu, model.weights.tensors_mut())
+    }
+
+    /// The MoE layers in block order.
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut DeviceMoeLayer> {
+        self.weights
+            .blocks
+            .iter_mut()
+            .filter_map(|b| match &mut b.ffn {
+                DeviceFeedForward::Moe(layer) => Some(layer),
+                DeviceFeedForward::Dense { .. } => None,
+            })
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            seq_len: self.config.seq_len,
+            n_heads: self.config.heads,
+            n_kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// As [`Model::forward`]: `tokens` and `targets` whole sequences, every
+    /// id below the vocabulary size.
+    pub fn forward(&self, gpu: &Gpu, tokens: &[u32], targets: &[u32]) -> Result<DeviceForward> {
+        let c = &self.config;
+        let (h, vocab) = (c.hidden, c.vocab);
+        assert!(
+            tokens.len() == targets.len() && tokens.len().is_multiple_of(c.seq_len),
+            "tokens and targets must be the same whole number of sequences"
+        );
+        assert!(
+            tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
+            "token id beyond the vocabulary"
+        );
+        let n = tokens.len();
+        let (tokens, targets) = (gpu.upload(tokens)?, gpu.upload(targets)?);
+        let mut x = gpu.output::<f32>(n * h)?;
+        embedding::forward(gpu, &mut x, &tokens, &self.weights.embedding, h)?;
+        let mut blocks = Vec::with_capacity(c.layers);
+        for block in &self.weights.blocks {
+            let (output, pass) = self.block_forward(gpu, block, x)?;
+            blocks.push(pass);
+            x = output;
+        }
+        let mut final_normed = gpu.output::<f32>(n * h)?;
+        let mut final_rstd = gpu.output::<f32>(n)?;
+        let w = &self.weights;
+        rmsnorm::forward(
+            gpu,
+            &mut final_normed,
+            &mut final_rstd,
+            &x,
+            &w.final_norm,
+            NORM_EPS as f32,
+        )?;
+        let mut logits = gpu.output::<f32>(n * vocab)?;
+        matmul::forward(gpu, &mut logits, &final_normed, &w.lm_head, h, vocab)?;
+        let mut losses = gpu.output::<f32>(n)?;
+        let mut probs = gpu.output::<f32>(n * vocab)?;
+        cross_entropy::forward(gpu, &mut losses, &mut probs, &logits, &targets, vocab)?;
+        drop(logits);
+        let cross_entropy = gpu
+            .download(&losses)?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>()
+            / n as f64;
+        Ok(DeviceForward {
+            tokens,
+            targets,
+            blocks,
+            final_input: x,
+            final_normed,
+            final_rstd,
+            probs,
+            cross_entropy,
+        })
+    }
+
+    fn block_forward(
+        &self,
+        gpu: &Gpu,
+        block: &DeviceBlock<DeviceMoeLayer>,
+        input: CudaSlice<f32>,
+    ) -> Result<(CudaSlice<f32>, BlockPass)> {
+        let c = &self.config;
+        let (h, kv) = (c.hidden, c.kv_width());
+        let tokens = input.len() / h;
+        let eps = NORM_EPS as f32;
+
+        let mut attention_normed = gpu.output::<f32>(tokens * h)?;
+        let mut attention_rstd = gpu.output::<f32>(tokens)?;
+        rmsnorm::forward(
+            gpu,
+            &mut attention_normed,
+            &mut attention_rstd,
+            &input,
+            &block.attention_norm,
+            eps,
+        )?;
+        let mut q = gpu.output::<f32>(tokens * h)?;
+        let mut k = gpu.output::<f32>(tokens * kv)?;
+        let mut v = gpu.output::<f32>(tokens * kv)?;
+        matmul::forward(gpu, &mut q, &attention_normed, &block.wq, h, h)?;
+        matmul::forward(gpu, &mut k, &attention_normed, &block.wk, h, kv)?;
+        matmul::forward(gpu, &mut v, &attention_normed, &block.wv, h, kv)?;
+        self.rope.forward(gpu, &mut q, c.heads)?;
+        self.rope.forward(gpu, &mut k, c.kv_heads)?;
+        let shape = self.attention_shape();
+        let mut attention_out = gpu.output::<f32>(tokens * h)?;
+        let mut probs = gpu.output::<f32>(shape.probs_len(tokens))?;
+        attention::forward(gpu, &mut attention_out, &mut probs, &q, &k, &v, shape)?;
+        // mid = input + attention_out woᵀ, the GEMM adding onto a copy of the input.
+        let mut mid = gpu.stream().clone_dtod(&input)?;
+        matmul::forward_view(
+            gpu,
+            &mut mid.slice_mut(..),
+            &attention_out.slice(..),
+            &block.wo.slice(..),
+            h,
+            h,
+            true,
+        )?;
+
+        let mut ffn_normed = gpu.output::<f32>(tokens * h)?;
+        let mut ffn_rstd = gpu.output::<f32>(tokens)?;
+        rmsnorm::forward(
+            gpu,
+            &mut ffn_normed,
+            &mut ffn_rstd,
+            &mid,
+            &block.ffn_norm,
+            eps,
+        )?;
+        let (output, ffn) = match &block.ffn {
+            DeviceFeedForward::Dense { w1, w3, w2 } => {
+                let d = c.dense_hidden;
+                let mut a = gpu.output::<f32>(tokens * d)?;
+                let mut b = gpu.output::<f32>(tokens * d)?;
+                let mut hh = gpu.output::<f32>(tokens * d)?;
+                matmul::forward(gpu, &mut a, &ffn_normed, w1, h, d)?;
+                matmul::forward(gpu, &mut b, &ffn_normed, w3, h, d)?;
+                swiglu::forward(gpu, &mut hh, &a, &b)?;
+                let mut out = gpu.stream().clone_dtod(&mid)?;
+                matmul::forward_view(
+                    gpu,
+                    &mut out.slice_mut(..),
+                    &hh.slice(..),
+                    &w2.slice(..),
+                    d,
+                    h,
+                    true,
+                )?;
+                (out, FeedForwardPass::Dense([a, b, hh]))
+            }
+            DeviceFeedForward::Moe(layer) => {
+                let mut pass = layer.forward(gpu, &ffn_normed)?;
+                let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
+                vector::add(gpu, &mut out, &mid)?;
+                (out, FeedForwardPass::Moe(Box::new(pass)))
+            }
+        };
+        let pass = BlockPass {
+            input,
+            attention_normed,
+            attention_rstd,
+            q,
+            k,
+            v,
+            attention_out,
+            probs,
+            mid,
+            ffn_normed,
+            ffn_rstd,
+            ffn,
+        };
+        Ok((output, pass))
+    }
+
+    /// As [`Model::backward`]: adds the gradient of the pass's mean
+    /// cross-entropy with respect to every weight into `grads`.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        pass: &DeviceForward,
+        grads: &mut DeviceGradients,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (h, vocab, n) = (c.hidden, c.vocab, pass.tokens.len());
+        let w = &self.weights;
+        let mut dlogits = gpu.zeros::<f32>(n * vocab)?;
+        let mean = gpu.upload(&vec![1.0f32 / n as f32; n])?;
+        cross_entropy::backward(gpu, &mut dlogits, &mean, &pass.probs, &pass.targets, vocab)?;
+        let mut dfinal_normed = gpu.output::<f32>(n * h)?;
+        linear_backward(
+            gpu,
+            &mut dfinal_normed,
+            false,
+            &mut grads.lm_head,
+            &dlogits,
+            &pass.final_normed,
+            &w.lm_head,
+            (h, vocab),
+        )?;
+        drop(dlogits);
+        let mut dres = gpu.zeros::<f32>(n * h)?;
+        rmsnorm::backward(
+            gpu,
+            &mut dres,
+            &mut grads.final_norm,
+            &dfinal_normed,
+            &pass.final_input,
+            &w.final_norm,
+            &pass.final_rstd,
+        )?;
+        for ((block, block_pass), block_grads) in w
+            .blocks
+            .iter()
+            .zip(&pass.blocks)
+            .zip(&mut grads.blocks)
+            .rev()
+        {
+            self.block_backward(gpu, block, block_pass, &mut dres, block_grads)?;
+        }
+        embedding::backward(gpu, &mut grads.embedding, &dres, &pass.tokens, h)
+    }
+
+    fn block_backward(
+        &self,
+        gpu: &Gpu,
+        block: &DeviceBlock<DeviceMoeLayer>,
+        pass: &BlockPass,
+        dres: &mut CudaSlice<f32>,
+        grads: &mut DeviceBlock<DeviceMoeGrads>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (h, kv) = (c.hidden, c.kv_width());
+        let tokens = dres.len() / h;
+
+        // The feed-forward sublayer; the residual passes `dres` through.
+        let mut dffn_normed = gpu.zeros::<f32>(tokens * h)?;
+        match (&block.ffn, &pass.ffn, &mut grads.ffn) {
+            (
+                DeviceFeedForward::Dense { w1, w3, w2 },
+                FeedForwardPass::Dense([a, b, hh]),
+                DeviceFeedForward::Dense {
+                    w1: g1,
+                    w3: g3,
+                    w2: g2,
+                },
+            ) => {
+                let d = c.dense_hidden;
+                let mut dh = gpu.output::<f32>(tokens * d)?;
+                linear_backward(gpu, &mut dh, false, g2, dres, hh, w2, (d, h))?;
+                let mut da = gpu.zeros::<f32>(tokens * d)?;
+                let mut db = gpu.zeros::<f32>(tokens * d)?;
+                swiglu::backward(gpu, &mut da, &mut db, &dh, a, b)?;
+                let x = &pass.ffn_normed;
+                linear_backward(gpu, &mut dffn_normed, true, g1, &da, x, w1, (h, d))?;
+                linear_backward(gpu, &mut dffn_normed, true, g3, &db, x, w3, (h, d))?;
+            }
+            (
+                DeviceFeedForward::Moe(layer),
+                FeedForwardPass::Moe(moe_pass),
+                DeviceFeedForward::Moe(g),
+            ) => {
+                layer.backward(gpu, moe_pass, &pass.ffn_normed, dres, &mut dffn_normed, g)?;
+            }
+            _ => unreachable!("a block's weights, activations and gradients share one layout"),
+        }
+        rmsnorm::backward(
+            gpu,
+            dres,
+            &mut grads.ffn_norm,
+            &dffn_normed,
+            &pass.mid,
+            &block.ffn_norm,
+            &pass.ffn_rstd,
+        )?;
+        drop(dffn_normed);
+
+        // The attention sublayer.
+        let mut dattention = gpu.output::<f32>(tokens * h)?;
+        linear_backward(
+            gpu,
+            &mut dattention,
+            false,
+            &mut grads.wo,
+            dres,
+            &pass.attention_out,
+            &block.wo,
+            (h, h),
+        )?;
+        let mut dq = gpu.zeros::<f32>(pass.q.len())?;
+        let mut dk = gpu.zeros::<f32>(pass.k.len())?;
+        let mut dv = gpu.zeros::<f32>(pass.v.len())?;
+        attention::backward(
+            gpu,
+            attention::AttentionGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            },
+            &dattention,
+            &pass.q,
+            &pass.k,
+            &pass.v,
+            &pass.probs,
+            self.attention_shape(),
+        )?;
+        drop(dattention);
+        self.rope.backward(gpu, &mut dq, c.heads)?;
+        self.rope.backward(gpu, &mut dk, c.kv_heads)?;
+        let mut dnormed = gpu.output::<f32>(tokens * h)?;
+        let x = &pass.attention_normed;
+        linear_backward(
+            gpu,
+            &mut dnormed,
+            false,
+            &mut grads.wq,
+            &dq,
+            x,
+            &block.wq,
+            (h, h),
+        )?;
+        linear_backward(
+            gpu,
+            &mut dnormed,
+            true,
+            &mut grads.wk,
+            &dk,
+            x,
+            &block.wk,
+            (h, kv),
+        )?;
+        linear_backward(
+            gpu,
+            &mut dnormed,
+            true,
+            &mut grads.wv,
+            &dv,
+            x,
+            &block.wv,
+            (h, kv),
+        )?;
+        rmsnorm::backward(
+            gpu,
+            dres,
+            &mut grads.attention_norm,
+            &dnormed,
+            &pass.input,
+            &block.attention_norm,
+            &pass.attention_rstd,
+        )
+    }
+}
+
+/// The backward pass of `y = x wᵀ` (`x: [rows, in]`, `w: [out, in]`):
+/// `dx (+)= dy w` (added when `accumulate_dx`, else overwritten) and
+/// `dw += dyᵀ x`.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    gpu: &Gpu,
+    dx: &mut CudaSlice<f32>,
+    accumulate_dx: bool,
+    dw: &mut CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    (in_dim, out_dim): (usize, usize),
+) -> Result<()> {
+    let rows = x.len() / in_dim;
+    let (dy_v, x_v, w_v) = (dy.slice(..), x.slice(..), w.slice(..));
+    matmul::gemm(
+        gpu,
+        &mut dx.slice_mut(..),
+        &dy_v,
+        false,
+        &w_v,
+        false,
+        (rows, in_dim, out_dim),
+        accumulate_dx,
+    )?;
+    matmul::gemm(
+        gpu,
+        &mut dw.slice_mut(..),
+        &dy_v,
+        true,
+        &x_v,
+        false,
+        (out_dim, in_dim, rows),
+        true,
+    )
+}

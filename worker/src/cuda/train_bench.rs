@@ -1,0 +1,234 @@
+//! The training-step benchmark: model FLOPs utilisation (MFU) of
+//! [`super::trainer::DeviceTrainer`] on a ~1B-parameter MoE, next to the
+//! same run's dense bf16 GEMM baseline.
+//!
+//! FLOPs per token, as PaLM (appendix B) and llm.c count them: 6 per active
+//! parameter (forward 2, backward 4; the embedding lookup excluded, the LM
+//! head included; routed experts counted `top_k / experts` of their size),
+//! plus 12 · layers · hidden · seq_len for attention's score and value
+//! products. MFU divides those FLOPs per second by the bf16 dense peak.
+
+use super::bench::{Figure, H200_BF16_DENSE_FLOPS};
+use super::trainer::DeviceTrainer;
+use super::{Gpu, Result, attention};
+use crate::data::DataLoader;
+use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
+use crate::ops::attention::AttentionShape;
+use crate::settings::{OptimizerSettings, TrainingSettings};
+use moe_kernels::cudarc::driver::sys::CUevent_flags;
+
+/// About 1.5B parameters, 0.42B active: hidden 2048, 12 blocks (the first
+/// dense), 32 routed experts of 512 (top-4) plus one shared of 1024, GQA
+/// 16/4 heads, 32k vocabulary, sequences of 1024.
+pub fn billion_config() -> ModelConfig {
+    let spec: moe_crds::ModelSpec = serde_json::from_value(serde_json::json!({
+        "vocabSize": 32768, "hiddenSize": 2048, "layers": 12, "denseLayers": 1,
+        "denseHiddenSize": 5504, "attentionHeads": 16, "kvHeads": 4, "seqLen": 1024,
+        "moe": {"experts": 32, "topK": 4, "sharedExperts": 1, "expertHiddenSize": 512,
+                "router": "sigmoid", "groups": 4, "topGroups": 2, "routedScalingFactor": 2.5}
+    }))
+    .expect("a valid model spec");
+    ModelConfig::from_spec(&spec).expect("a valid model config")
+}
+
+/// Parameters (total, active per token) and training FLOPs per token.
+pub fn flops_per_token(model: &Model<f32>) -> (usize, usize, f64) {
+    let c = model.config();
+    let moe = &c.moe;
+    let routed_fraction = moe.top_k as f64 / moe.n_routed_experts as f64;
+    let mut total = 0;
+    let mut active = 0.0;
+    for t in model.tensors() {
+        let n = t.values.len();
+        total += n;
+        if t.name == "embedding" {
+            continue;
+        }
+        let routed = t.name.contains("moe.experts_");
+        active += if routed {
+            n as f64 * routed_fraction
+        } else {
+            n as f64
+        };
+    }
+    let attention = 12.0 * (c.layers * c.hidden * c.seq_len) as f64;
+    (total, active as usize, 6.0 * active + attention)
+}
+
+/// Weights drawn from a fast generator (scale 0.02, norm gains 1): the
+/// benchmark needs plausible routing, not a particular initialisation, and
+/// the CPU's Box–Muller over 1.5B values would cost device time.
+fn quick_model(config: &ModelConfig) -> Model<f32> {
+    let mut weights = Gradients::<f32>::zeros(config);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let names: Vec<String> = weights
+        .tensors(config)
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    for (tensor, name) in weights.tensors_mut().into_iter().zip(names) {
+        if name.ends_with("norm") {
+            tensor.fill(1.0);
+            continue;
+        }
+        for v in tensor.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *v = 0.04 * (((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5);
+        }
+    }
+    Model::new(config.clone(), weights).expect("weights shaped from the config")
+}
+
+/// One optimizer step per timed run: 16 sequences of 1024 tokens.
+pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>> {
+    let config = billion_config();
+    let model = quick_model(&config);
+    let (total, active, flops_per_token) = flops_per_token(&model);
+    let sequences = 16;
+    let settings = TrainingSettings {
+        steps: 1000,
+        micro_batch: sequences,
+        micro_steps: 1,
+        optimizer: OptimizerSettings {
+            learning_rate: 3e-4,
+            min_learning_rate: 3e-5,
+            warmup_steps: 0,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            epsilon: 1e-8,
+            grad_clip: 1.0,
+        },
+        seed: 1,
+        log_interval: 1,
+        activation_memory: ActivationMemory::KeepAll,
+    };
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let corpus: Vec<u32> = (0..(1 << 22))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % config.vocab as u64) as u32
+        })
+        .collect();
+    let data = DataLoader::new(corpus, config.seq_len, 1, "benchmark corpus")
+        .expect("the corpus is longer than a window");
+    let mut trainer = DeviceTrainer::new(gpu, &model, settings, data)?;
+    drop(model);
+    let tokens = (sequences * config.seq_len) as f64;
+
+    // Warm-up (NVRTC, cuBLASLt heuristics, allocator), then the timed steps.
+    let mut loss = f64::NAN;
+    let ms = time_runs(gpu, 2, 3, || {
+        loss = trainer.step(&|| false)?.map_or(f64::NAN, |r| r.loss);
+        Ok(())
+    })?;
+    let achieved = flops_per_token * tokens / (ms * 1e-3);
+    let mut figures = vec![Figure {
+        name: format!(
+            "training step, MoE {:.2}B params ({:.2}B active), 16x1024 tokens, TF32 (loss {loss:.3})",
+            total as f64 / 1e9,
+            active as f64 / 1e9
+        ),
+        ms,
+        value: tokens / (ms * 1e-3),
+        unit: "tok/s",
+        ratio: Some((
+            "dense bf16 GEMM (model FLOP/s)".into(),
+            achieved / dense_flops,
+        )),
+        of_datasheet: Some(achieved / H200_BF16_DENSE_FLOPS),
+    }];
+
+    // Where the step's time goes: the forward pass alone, and attention
+    // (forward and backward, every layer) on the same shapes.
+    let batch: Vec<u32> = (0..sequences * config.seq_len)
+        .map(|i| (i * 7919 % config.vocab) as u32)
+        .collect();
+    let forward_ms = time_runs(gpu, 1, 2, || {
+        trainer.model().forward(gpu, &batch, &batch).map(drop)
+    })?;
+    figures.push(share("  of which forward pass", forward_ms, ms));
+    let shape = AttentionShape {
+        seq_len: config.seq_len,
+        n_heads: config.heads,
+        n_kv_heads: config.kv_heads,
+        head_dim: config.head_dim(),
+    };
+    let n = sequences * config.seq_len;
+    let q = gpu.zeros::<f32>(n * config.hidden)?;
+    let kv = gpu.zeros::<f32>(n * config.kv_width())?;
+    let mut out = gpu.zeros::<f32>(n * config.hidden)?;
+    let mut probs = gpu.zeros::<f32>(shape.probs_len(n))?;
+    let attention_forward_ms = time_runs(gpu, 1, 2, || {
+        attention::forward(gpu, &mut out, &mut probs, &q, &kv, &kv, shape)
+    })?;
+    let (mut dq, mut dk, mut dv) = (
+        gpu.zeros(q.len())?,
+        gpu.zeros(kv.len())?,
+        gpu.zeros(kv.len())?,
+    );
+    let attention_backward_ms = time_runs(gpu, 1, 2, || {
+        attention::backward(
+            gpu,
+            attention::AttentionGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            },
+            &out,
+            &q,
+            &kv,
+            &kv,
+            &probs,
+            shape,
+        )
+    })?;
+    let layers = config.layers as f64;
+    figures.push(share(
+        "  of which attention forward (all layers)",
+        attention_forward_ms * layers,
+        ms,
+    ));
+    figures.push(share(
+        "  of which attention backward (all layers)",
+        attention_backward_ms * layers,
+        ms,
+    ));
+    Ok(figures)
+}
+
+/// A part of the step: its milliseconds and its share of the step's.
+fn share(name: &str, part_ms: f64, step_ms: f64) -> Figure {
+    Figure {
+        name: name.into(),
+        ms: part_ms,
+        value: 100.0 * part_ms / step_ms,
+        unit: "% of step",
+        ratio: None,
+        of_datasheet: None,
+    }
+}
+
+/// Mean milliseconds of `f` over `runs` runs after `warmups`, by CUDA events.
+fn time_runs(
+    gpu: &Gpu,
+    warmups: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmups {
+        f()?;
+    }
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = gpu.stream().record_event(flags)?;
+    for _ in 0..runs {
+        f()?;
+    }
+    let end = gpu.stream().record_event(flags)?;
+    end.synchronize()?;
+    Ok(f64::from(start.elapsed_ms(&end)?) / runs as f64)
+}

@@ -1,0 +1,217 @@
+//! Training on the device; CPU reference: [`crate::train::Trainer`], whose
+//! step this repeats operation for operation: gradient accumulation over
+//! micro-batches, the global gradient norm (f64, fixed order) and clipping,
+//! AdamW with the same schedule (the kernel is bit-identical to the CPU
+//! update), and the aux-loss-free selection-bias update after every step.
+//! Weights, gradients and both moments stay on the device; only the losses,
+//! the expert loads and the norm's partial sums come back each step.
+
+use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
+use super::{Gpu, Result, adamw, vector};
+use crate::data::{DataLoader, DataPosition};
+use crate::model::{Gradients, Model, ModelConfig};
+use crate::moe::balance;
+use crate::settings::TrainingSettings;
+use crate::train::optimizer::AdamWStep;
+use crate::train::{StepReport, TrainerState, schedule};
+
+/// The model, its gradients and AdamW moments on one device, and the data stream.
+pub struct DeviceTrainer<'g> {
+    gpu: &'g Gpu,
+    settings: TrainingSettings,
+    model: DeviceModel,
+    grads: DeviceGradients,
+    first_moment: DeviceGradients,
+    second_moment: DeviceGradients,
+    /// Whether AdamW's weight decay applies, per tensor in canonical order.
+    decays: Vec<bool>,
+    /// Each MoE layer's selection bias, kept on the host too: the balancing
+    /// update is a sign step per expert, done here and uploaded.
+    selection_biases: Vec<Vec<f32>>,
+    updates: u64,
+    data: DataLoader,
+}
+
+impl<'g> DeviceTrainer<'g> {
+    /// Moves `model` (step 0, zero moments) to the device.
+    pub fn new(
+        gpu: &'g Gpu,
+        model: &Model<f32>,
+        settings: TrainingSettings,
+        data: DataLoader,
+    ) -> Result<Self> {
+        let device = DeviceModel::upload(gpu, model)?;
+        let zeros = || DeviceGradients::zeros_like(gpu, &device.weights);
+        Ok(Self {
+            grads: zeros()?,
+            first_moment: zeros()?,
+            second_moment: zeros()?,
+            decays: model.tensors().iter().map(|t| t.kind.decays()).collect(),
+            selection_biases: model
+                .moe_layers()
+                .map(|l| l.selection_bias.clone())
+                .collect(),
+            model: device,
+            gpu,
+            settings,
+            updates: 0,
+            data,
+        })
+    }
+
+    /// Continues from a checkpoint's state (same model config).
+    pub fn restore(&mut self, state: &TrainerState) -> Result<()> {
+        let gpu = self.gpu;
+        let config = self.model.config().clone();
+        let weights: Vec<&[f32]> = state
+            .model
+            .tensors()
+            .into_iter()
+            .map(|t| t.values)
+            .collect();
+        self.model.weights.upload_from(gpu, weights)?;
+        self.first_moment
+            .upload_from(gpu, host_values(&state.first_moment, &config))?;
+        self.second_moment
+            .upload_from(gpu, host_values(&state.second_moment, &config))?;
+        self.selection_biases = state
+            .model
+            .moe_layers()
+            .map(|l| l.selection_bias.clone())
+            .collect();
+        for (layer, bias) in self.model.moe_layers_mut().zip(&self.selection_biases) {
+            layer.set_selection_bias(gpu, bias)?;
+        }
+        self.updates = state.step;
+        self.data.restore(state.data);
+        Ok(())
+    }
+
+    /// Copies the trainer's state into `state` (shaped for the same model
+    /// config), e.g. to write a checkpoint.
+    pub fn download_state(&self, state: &mut TrainerState) -> Result<()> {
+        let gpu = self.gpu;
+        self.model.download_into(gpu, &mut state.model)?;
+        for (layer, bias) in state.model.moe_layers_mut().zip(&self.selection_biases) {
+            layer.selection_bias.clone_from(bias);
+        }
+        self.first_moment
+            .download_into(gpu, state.first_moment.tensors_mut())?;
+        self.second_moment
+            .download_into(gpu, state.second_moment.tensors_mut())?;
+        state.step = self.updates;
+        state.data = self.data.position();
+        Ok(())
+    }
+
+    pub fn model(&self) -> &DeviceModel {
+        &self.model
+    }
+
+    /// The gradients of the last step, before scaling (as the CPU
+    /// trainer's): the mean over micro-batches times `micro_steps`.
+    pub fn grads(&self) -> &DeviceGradients {
+        &self.grads
+    }
+
+    pub fn data_position(&self) -> DataPosition {
+        self.data.position()
+    }
+
+    /// Optimizer steps completed.
+    pub fn steps_done(&self) -> u64 {
+        self.updates
+    }
+
+    /// One optimizer step, as [`crate::train::Trainer::step`]; `None` when
+    /// `stop` answered true before a micro-batch (the partial step is
+    /// discarded, data position included).
+    pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>> {
+        let gpu = self.gpu;
+        let settings = &self.settings;
+        let start = self.data.position();
+        self.grads.zero(gpu)?;
+        let (mut loss, mut tokens) = (0.0, 0);
+        let mut expert_loads: Vec<Vec<usize>> = Vec::new();
+        for _ in 0..settings.micro_steps {
+            if stop() {
+                self.data.restore(start);
+                return Ok(None);
+            }
+            let batch = self.data.next_batch(settings.micro_batch);
+            let pass = self.model.forward(gpu, &batch.inputs, &batch.targets)?;
+            self.model.backward(gpu, &pass, &mut self.grads)?;
+            loss += pass.cross_entropy;
+            tokens += batch.inputs.len();
+            let loads = pass.expert_loads();
+            if expert_loads.is_empty() {
+                expert_loads = loads;
+            } else {
+                for (total, layer) in expert_loads.iter_mut().zip(loads) {
+                    for (t, l) in total.iter_mut().zip(layer) {
+                        *t += l;
+                    }
+                }
+            }
+        }
+        let micro_steps = settings.micro_steps as f64;
+        let grad_norm = vector::sum_squares(gpu, &self.grads.tensors())?.sqrt() / micro_steps;
+        let clip = settings.optimizer.grad_clip;
+        let clip_scale = if clip > 0.0 && grad_norm > clip {
+            clip / grad_norm
+        } else {
+            1.0
+        };
+        let step = self.updates;
+        let lr = schedule::learning_rate(&settings.optimizer, step, settings.steps);
+        self.updates += 1;
+        let update = AdamWStep::new(
+            &settings.optimizer,
+            self.updates,
+            lr,
+            clip_scale / micro_steps,
+        );
+        let tensors = self
+            .model
+            .weights
+            .tensors_mut()
+            .into_iter()
+            .zip(self.grads.tensors())
+            .zip(self.first_moment.tensors_mut())
+            .zip(self.second_moment.tensors_mut())
+            .zip(&self.decays);
+        for ((((weights, grad), m), v), &decays) in tensors {
+            let update = if decays {
+                update
+            } else {
+                update.without_decay()
+            };
+            adamw::apply(gpu, &update, weights, m, v, grad)?;
+        }
+        if let Some(rate) = self.model.config().bias_update_rate {
+            let rate = rate as f32;
+            for ((layer, bias), load) in self
+                .model
+                .moe_layers_mut()
+                .zip(&mut self.selection_biases)
+                .zip(&expert_loads)
+            {
+                balance::update_selection_bias(bias, load, rate);
+                layer.set_selection_bias(gpu, bias)?;
+            }
+        }
+        Ok(Some(StepReport {
+            step: step + 1,
+            loss: loss / micro_steps,
+            aux_loss: 0.0,
+            learning_rate: lr,
+            grad_norm,
+            tokens,
+            expert_loads,
+        }))
+    }
+}
+
+fn host_values<'a>(g: &'a Gradients<f32>, config: &ModelConfig) -> Vec<&'a [f32]> {
+    g.tensors(config).into_iter().map(|t| t.values).collect()
+}
