@@ -123,3 +123,78 @@ extern "C" __global__ void attention_backward_key_value_f32(float* dk, float* dv
         dv[kv_at + i] += dv_acc;
     }
 }
+
+// ---------------------------------------------------------------------------
+// The tensor-core path (worker/src/cuda/attention.rs): the score and value
+// products are batched cuBLASLt GEMMs over head-major copies of q, k and v;
+// these kernels do the layout changes and the two softmax passes between
+// the GEMMs. Same `probs` layout and results as the kernels above, up to the
+// GEMMs' TF32 rounding.
+
+// dst [sequences, heads, seq_len, head_dim] = src [sequences, seq_len, heads, head_dim].
+extern "C" __global__ void attention_to_head_major_f32(float* dst, const float* src, int sequences, int seq_len,
+                                                       int heads, int head_dim) {
+    const size_t n = (size_t)sequences * seq_len * heads * head_dim;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int d = (int)(i % head_dim);
+        const int h = (int)((i / head_dim) % heads);
+        const size_t bt = i / ((size_t)head_dim * heads);
+        const int t = (int)(bt % seq_len);
+        const size_t b = bt / seq_len;
+        dst[((b * heads + h) * seq_len + t) * head_dim + d] = src[i];
+    }
+}
+
+// dst [sequences, seq_len, heads, head_dim] (+)= src [sequences, heads, seq_len, head_dim].
+extern "C" __global__ void attention_to_token_major_f32(float* dst, const float* src, int sequences, int seq_len,
+                                                        int heads, int head_dim, int accumulate) {
+    const size_t n = (size_t)sequences * seq_len * heads * head_dim;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int d = (int)(i % head_dim);
+        const int h = (int)((i / head_dim) % heads);
+        const size_t bt = i / ((size_t)head_dim * heads);
+        const int t = (int)(bt % seq_len);
+        const size_t b = bt / seq_len;
+        const float v = src[((b * heads + h) * seq_len + t) * head_dim + d];
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
+}
+
+// In place, one warp per row (sequence, head, position t) of
+// probs [sequences * heads * seq_len, seq_len]: raw scores q.k in, the
+// causal softmax of scale * scores out (zero above the diagonal).
+extern "C" __global__ void attention_softmax_causal_f32(float* probs, size_t rows, int seq_len, float scale) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int t = (int)(row % seq_len);
+    float* p = probs + row * seq_len;
+    float max = -INFINITY;
+    for (int j = lane; j <= t; j += 32) max = fmaxf(max, scale * p[j]);
+    max = warp_max(max);
+    float sum = 0.0f;
+    for (int j = lane; j <= t; j += 32) {
+        const float e = expf(scale * p[j] - max);
+        p[j] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    const float inv = 1.0f / sum;
+    for (int j = lane; j < seq_len; j += 32) p[j] = j <= t ? p[j] * inv : 0.0f;
+}
+
+// In place, one warp per row: d(probs) = dout . v_j in, the score gradient
+// ds_j = scale p_j (dp_j - sum_i p_i dp_i) out (zero above the diagonal).
+extern "C" __global__ void attention_softmax_backward_f32(float* dscores, const float* probs, size_t rows,
+                                                          int seq_len, float scale) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int t = (int)(row % seq_len);
+    float* ds = dscores + row * seq_len;
+    const float* p = probs + row * seq_len;
+    float projection = 0.0f;
+    for (int j = lane; j <= t; j += 32) projection += ds[j] * p[j];
+    projection = warp_sum(projection);
+    for (int j = lane; j < seq_len; j += 32) ds[j] = j <= t ? scale * p[j] * (ds[j] - projection) : 0.0f;
+}

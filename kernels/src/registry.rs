@@ -82,6 +82,10 @@ pub const ATTENTION: Family = family!(
         "attention_forward_f32",
         "attention_backward_query_f32",
         "attention_backward_key_value_f32",
+        "attention_to_head_major_f32",
+        "attention_to_token_major_f32",
+        "attention_softmax_causal_f32",
+        "attention_softmax_backward_f32",
     ]
 );
 pub const GEMM: Family = family!("gemm", ["gemm_abt_f32_exact"]);

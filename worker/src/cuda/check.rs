@@ -24,6 +24,7 @@ use crate::rng::SplitMix64;
 use crate::settings::OptimizerSettings;
 use crate::train::optimizer::AdamWStep;
 use half::bf16;
+use moe_kernels::cudarc::driver::CudaSlice;
 use std::fmt;
 
 /// The outcome of one op on one case.
@@ -899,67 +900,87 @@ fn check_attention(gpu: &Gpu) -> Result<Vec<Check>> {
             shape,
         );
         let (q_d, k_d, v_d) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?);
-        let (mut out_d, mut probs_d) = (gpu.zeros(q_len)?, gpu.zeros(probs.len())?);
-        attention::forward(gpu, &mut out_d, &mut probs_d, &q_d, &k_d, &v_d, shape)?;
-        let (mut dq_d, mut dk_d, mut dv_d) =
-            (gpu.upload(&dq0)?, gpu.upload(&dk0)?, gpu.upload(&dv0)?);
-        attention::backward(
-            gpu,
-            attention::AttentionGrads {
-                q: &mut dq_d,
-                k: &mut dk_d,
-                v: &mut dv_d,
-            },
-            &gpu.upload(&dout)?,
-            &q_d,
-            &k_d,
-            &v_d,
-            &probs_d,
-            shape,
-        )?;
-        checks.push(close(
-            "attention.forward",
-            &case,
-            &gpu.download(&out_d)?,
-            &out,
-            1e-5,
-            1e-4,
-        ));
-        checks.push(close(
-            "attention.probs",
-            &case,
-            &gpu.download(&probs_d)?,
-            &probs,
-            1e-6,
-            1e-4,
-        ));
-        checks.push(close(
-            "attention.backward.dq",
-            &case,
-            &gpu.download(&dq_d)?,
-            &dq,
-            1e-4,
-            1e-4,
-        ));
-        checks.push(close(
-            "attention.backward.dk",
-            &case,
-            &gpu.download(&dk_d)?,
-            &dk,
-            1e-4,
-            1e-4,
-        ));
-        checks.push(close(
-            "attention.backward.dv",
-            &case,
-            &gpu.download(&dv_d)?,
-            &dv,
-            1e-4,
-            1e-4,
-        ));
+        for path in ATTENTION_PATHS {
+            let case = format!("{case} {}", path.name);
+            let (mut out_d, mut probs_d) = (gpu.zeros(q_len)?, gpu.zeros(probs.len())?);
+            (path.forward)(gpu, &mut out_d, &mut probs_d, &q_d, &k_d, &v_d, shape)?;
+            let (mut dq_d, mut dk_d, mut dv_d) =
+                (gpu.upload(&dq0)?, gpu.upload(&dk0)?, gpu.upload(&dv0)?);
+            (path.backward)(
+                gpu,
+                attention::AttentionGrads {
+                    q: &mut dq_d,
+                    k: &mut dk_d,
+                    v: &mut dv_d,
+                },
+                &gpu.upload(&dout)?,
+                &q_d,
+                &k_d,
+                &v_d,
+                &probs_d,
+                shape,
+            )?;
+            let results = [
+                ("attention.forward", gpu.download(&out_d)?, &out, 1e-5),
+                ("attention.probs", gpu.download(&probs_d)?, &probs, 1e-6),
+                ("attention.backward.dq", gpu.download(&dq_d)?, &dq, 1e-4),
+                ("attention.backward.dk", gpu.download(&dk_d)?, &dk, 1e-4),
+                ("attention.backward.dv", gpu.download(&dv_d)?, &dv, 1e-4),
+            ];
+            for (op, got, want, atol) in results {
+                checks.push(match path.tf32 {
+                    false => close(op, &case, &got, want, atol, 1e-4),
+                    // The products' inputs rounded to TF32's 10 mantissa bits.
+                    true => close_to_scale(op, &case, &got, want, 1e-2),
+                });
+            }
+        }
     }
     Ok(checks)
 }
+
+type AttentionForward = fn(
+    &Gpu,
+    &mut CudaSlice<f32>,
+    &mut CudaSlice<f32>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    crate::ops::attention::AttentionShape,
+) -> Result<()>;
+type AttentionBackward = fn(
+    &Gpu,
+    attention::AttentionGrads<'_>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    &CudaSlice<f32>,
+    crate::ops::attention::AttentionShape,
+) -> Result<()>;
+
+/// The two device attention paths, each checked against the CPU.
+struct AttentionPath {
+    name: &'static str,
+    forward: AttentionForward,
+    backward: AttentionBackward,
+    tf32: bool,
+}
+
+const ATTENTION_PATHS: [AttentionPath; 2] = [
+    AttentionPath {
+        name: "exact",
+        forward: attention::forward_exact,
+        backward: attention::backward_exact,
+        tf32: false,
+    },
+    AttentionPath {
+        name: "tensor cores",
+        forward: attention::forward,
+        backward: attention::backward,
+        tf32: true,
+    },
+];
 
 fn check_embedding(gpu: &Gpu) -> Result<Vec<Check>> {
     let (vocab, dim) = (256, 96);

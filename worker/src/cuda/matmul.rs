@@ -193,3 +193,68 @@ pub fn gemm(
     unsafe { blas.matmul(cfg, b, a, c, None, None) }?;
     Ok(())
 }
+
+/// One operand of [`gemm_batched`]: a view at the first matrix, its
+/// row-major leading dimension (values between consecutive stored rows),
+/// the offset between consecutive matrices of the batch, and whether it is
+/// stored transposed (as in [`gemm`]).
+pub struct Operand<'a, 'b> {
+    pub view: &'b CudaView<'a, f32>,
+    pub ld: usize,
+    pub batch_stride: usize,
+    pub transposed: bool,
+}
+
+/// `batch` row-major GEMMs `c_i (+)= op(a_i) @ op(b_i)` (`[m, k] @ [k, n]`),
+/// the i-th matrices `batch_stride` values after the first; `c` has
+/// leading dimension `ldc` and batch stride `c_stride`. TF32, like [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched(
+    gpu: &Gpu,
+    c: &mut CudaViewMut<'_, f32>,
+    (ldc, c_stride): (usize, usize),
+    a: Operand<'_, '_>,
+    b: Operand<'_, '_>,
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    accumulate: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 || batch == 0 {
+        return Ok(());
+    }
+    // The last matrix's last element must lie inside each view.
+    let last = |rows: usize, cols: usize, ld: usize, stride: usize| {
+        (batch - 1) * stride + (rows - 1) * ld + cols
+    };
+    let (a_rows, a_cols) = if a.transposed { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if b.transposed { (n, k) } else { (k, n) };
+    assert!(
+        k > 0
+            && a.view.len() >= last(a_rows, a_cols, a.ld, a.batch_stride)
+            && b.view.len() >= last(b_rows, b_cols, b.ld, b.batch_stride)
+            && c.len() >= last(m, n, ldc, c_stride),
+        "batched gemm shapes"
+    );
+    // Column-major, cᵀ = op(b)ᵀ op(a)ᵀ: cuBLASLt's A is `b`, its B is `a`.
+    let cfg = MatmulConfig {
+        transa: b.transposed,
+        transb: a.transposed,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: b.ld as i64,
+        ldb: a.ld as i64,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ldc: ldc as i64,
+        stride_a: Some(b.batch_stride as i64),
+        stride_b: Some(a.batch_stride as i64),
+        stride_c: Some(c_stride as i64),
+        stride_bias: None,
+        batch_size: Some(i32::try_from(batch).expect("batch exceeds i32")),
+    };
+    let blas = gpu.blas()?;
+    unsafe { blas.matmul(cfg, b.view, a.view, c, None, None) }?;
+    Ok(())
+}

@@ -187,12 +187,21 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
             shape,
         )
     })?;
+    let exact_forward_ms = time_runs(gpu, 1, 2, || {
+        attention::forward_exact(gpu, &mut out, &mut probs, &q, &kv, &kv, shape)
+    })?;
     let layers = config.layers as f64;
-    figures.push(share(
-        "  of which attention forward (all layers)",
-        attention_forward_ms * layers,
-        ms,
-    ));
+    figures.push(Figure {
+        ratio: Some((
+            "speed-up over the exact kernels".into(),
+            exact_forward_ms / attention_forward_ms,
+        )),
+        ..share(
+            "  of which attention forward (all layers)",
+            attention_forward_ms * layers,
+            ms,
+        )
+    });
     figures.push(share(
         "  of which attention backward (all layers)",
         attention_backward_ms * layers,
