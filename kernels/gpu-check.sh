@@ -4,6 +4,8 @@
 #
 #   cargo build --release -p moe-worker --features cuda --bin moe-gpu-check
 #   mkdir -p .gpu && cp target/release/moe-gpu-check .gpu/
+#   cargo build --release -p moe-worker --features cuda --bin moe-worker   # optional:
+#   cp target/release/moe-worker .gpu/               # also runs gpu-train-check.sh
 #
 # and carried along (.gpu/ is git-ignored). It finds NVRTC, cuBLASLt and the
 # CUDA headers on the machine (a CUDA toolkit, or NVIDIA's Python wheels),
@@ -36,7 +38,17 @@ fi
 echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH MOE_CUDA_HOME=${MOE_CUDA_HOME:-unset}"
 
 start=$SECONDS
-timeout 420 "$bin" --out "$out"
+timeout 300 "$bin" --out "$out"
 status=$?
 echo "gpu-check: moe-gpu-check exited $status after $((SECONDS - start)) s"
+
+# `moe-worker train` end to end (device: cuda vs cpu, then a resume), when
+# the worker binary came along.
+if [ -x "${MOE_WORKER_BIN:-.gpu/moe-worker}" ]; then
+  start=$SECONDS
+  timeout 240 bash "$(dirname "$0")/gpu-train-check.sh" "$out"
+  train_status=$?
+  echo "gpu-check: gpu-train-check exited $train_status after $((SECONDS - start)) s"
+  [ "$status" -eq 0 ] && status=$train_status
+fi
 exit $status

@@ -30,6 +30,8 @@ pub enum RunError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The GPU: missing, or a CUDA or cuBLASLt failure.
+    Device(String),
 }
 
 impl RunError {
@@ -38,7 +40,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Settings(_) | Self::Data(_) => 2,
-            Self::Checkpoint(_) | Self::Output { .. } => 1,
+            Self::Checkpoint(_) | Self::Output { .. } | Self::Device(_) => 1,
         }
     }
 }
@@ -50,6 +52,7 @@ impl fmt::Display for RunError {
             Self::Data(e) => write!(f, "training data: {e}"),
             Self::Checkpoint(e) => e.fmt(f),
             Self::Output { path, error } => write!(f, "cannot write {}: {error}", path.display()),
+            Self::Device(e) => write!(f, "GPU: {e}"),
         }
     }
 }
@@ -65,6 +68,13 @@ impl From<SettingsError> for RunError {
 impl From<DataError> for RunError {
     fn from(e: DataError) -> Self {
         Self::Data(e)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<crate::cuda::GpuError> for RunError {
+    fn from(e: crate::cuda::GpuError) -> Self {
+        Self::Device(e.to_string())
     }
 }
 
@@ -146,11 +156,11 @@ pub fn train_reporting(
         settings.training.seed,
         &source,
     )?;
-    let mut trainer = Trainer::new(settings.model.clone(), settings.training.clone(), loader);
+    let mut host = Trainer::new(settings.model.clone(), settings.training.clone(), loader);
 
     let mut run = RunState::default();
     if settings.checkpoint.resume {
-        resume(&settings, &mut trainer, &mut run)?;
+        resume(&settings, &mut host, &mut run)?;
     } else if let Ok(Some(path)) = checkpoint::newest(&settings.checkpoint.dir) {
         tracing::warn!(
             newest = %path.display(),
@@ -161,6 +171,13 @@ pub fn train_reporting(
         path: settings.output_dir.clone(),
         error,
     })?;
+    #[cfg(feature = "cuda")]
+    let mut trainer = match settings.device {
+        moe_crds::Device::Cuda => Backend::cuda(open_gpu()?, host)?,
+        moe_crds::Device::Cpu => Backend::Cpu(Box::new(host)),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let mut trainer = Backend::Cpu(Box::new(host));
     let metrics_path = settings.output_dir.join(METRICS_FILE);
     let mut metrics = open_append(&metrics_path)?;
 
@@ -169,7 +186,7 @@ pub fn train_reporting(
     let total_steps = settings.training.steps;
     let mut interrupted = false;
     while trainer.steps_done() < total_steps {
-        let Some(report) = trainer.step(&|| stop.load(Ordering::Relaxed)) else {
+        let Some(report) = trainer.step(&|| stop.load(Ordering::Relaxed))? else {
             interrupted = true;
             break;
         };
@@ -205,7 +222,7 @@ pub fn train_reporting(
             .is_multiple_of(settings.checkpoint.interval_steps)
             || report.step == total_steps
         {
-            save(&settings, &trainer, &mut run)?;
+            save(&settings, &mut trainer, &mut run)?;
             if let Some(board) = board {
                 board.publish(Progress {
                     last_checkpoint_step: run.saved_step,
@@ -224,7 +241,7 @@ pub fn train_reporting(
             "stop requested: checkpointing and exiting"
         );
         if trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done()) {
-            save(&settings, &trainer, &mut run)?;
+            save(&settings, &mut trainer, &mut run)?;
         }
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
@@ -243,6 +260,76 @@ pub fn train_reporting(
         checkpoint: run.checkpoint,
         interrupted,
     })
+}
+
+/// The trainer a run drives: the CPU's, or the GPU's with the CPU one as
+/// the host copy that checkpoints are written from and restored into.
+enum Backend {
+    Cpu(Box<Trainer>),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        host: Box<Trainer>,
+        device: Box<crate::cuda::trainer::DeviceTrainer<'static>>,
+    },
+}
+
+impl Backend {
+    /// Moves `host` (fresh or resumed) onto the GPU.
+    #[cfg(feature = "cuda")]
+    fn cuda(gpu: &'static crate::cuda::Gpu, host: Trainer) -> Result<Self, RunError> {
+        let device = crate::cuda::trainer::DeviceTrainer::resume(gpu, &host)?;
+        Ok(Self::Cuda {
+            host: Box::new(host),
+            device: Box::new(device),
+        })
+    }
+
+    fn steps_done(&self) -> u64 {
+        match self {
+            Self::Cpu(trainer) => trainer.steps_done(),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { device, .. } => device.steps_done(),
+        }
+    }
+
+    fn step(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>, RunError> {
+        match self {
+            Self::Cpu(trainer) => Ok(trainer.step(stop)),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { device, .. } => Ok(device.step(stop)?),
+        }
+    }
+
+    /// The trainer to checkpoint from, brought up to date with the GPU's.
+    fn host_state(&mut self) -> Result<&Trainer, RunError> {
+        match self {
+            Self::Cpu(trainer) => Ok(trainer),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { host, device } => {
+                device.download_into(host)?;
+                Ok(host)
+            }
+        }
+    }
+}
+
+/// The pod's GPU: `LOCAL_RANK` when a launcher set it, else device 0. It
+/// lives as long as the process (one training run per process), so it is
+/// leaked rather than threaded through as a borrow.
+#[cfg(feature = "cuda")]
+fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
+    let ordinal = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let gpu = crate::cuda::Gpu::new(ordinal)?;
+    tracing::info!(
+        device = %gpu.name().unwrap_or_default(),
+        arch = gpu.arch(),
+        ordinal,
+        "training on the GPU"
+    );
+    Ok(Box::leak(Box::new(gpu)))
 }
 
 /// What the run carries besides the trainer.
@@ -306,7 +393,12 @@ fn resume(
     Ok(())
 }
 
-fn save(settings: &TrainSettings, trainer: &Trainer, run: &mut RunState) -> Result<(), RunError> {
+fn save(
+    settings: &TrainSettings,
+    backend: &mut Backend,
+    run: &mut RunState,
+) -> Result<(), RunError> {
+    let trainer = backend.host_state()?;
     let snapshot = Snapshot {
         model_spec: &settings.model_spec,
         seed: settings.training.seed,

@@ -113,6 +113,8 @@ pub fn read_worker_config(path: &Path) -> Result<WorkerConfig, SettingsError> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSettings {
     pub job: String,
+    /// Where the model trains: the CPU, or the pod's GPU (feature `cuda`).
+    pub device: Device,
     /// As given, for checkpoint manifests (a resumed run must match it).
     pub model_spec: ModelSpec,
     pub model: ModelConfig,
@@ -187,15 +189,14 @@ impl TrainSettings {
                 parallelism.expert_parallel
             ),
         )?;
-        require(
-            config.device == Device::Cpu,
-            "device",
-            "is cuda, but CUDA training is not implemented yet; use cpu".to_owned(),
-        )?;
         let mut model = ModelConfig::from_spec(&config.model)?;
         model.gemm_precision = gemm_precision(config)?;
         let training = training_settings(config)?;
+        if config.device == Device::Cuda {
+            check_cuda(config, &training)?;
+        }
         Ok(Self {
+            device: config.device,
             job: config.job.clone(),
             model_spec: config.model.clone(),
             model,
@@ -205,6 +206,41 @@ impl TrainSettings {
             output_dir: PathBuf::from(&config.output_dir),
         })
     }
+}
+
+/// `device: cuda` needs a worker built with CUDA, and the device trainer
+/// ([`crate::cuda::trainer`]) does not yet do everything the CPU one does:
+/// each gap is an error naming the setting, before any GPU is touched.
+fn check_cuda(config: &WorkerConfig, training: &TrainingSettings) -> Result<(), SettingsError> {
+    require(
+        moe_kernels::CUDA_ENABLED,
+        "device",
+        "is cuda, but this worker was built without CUDA (backends: cpu); use the CUDA worker image or device: cpu".to_owned(),
+    )?;
+    require(
+        !config.training.precision.fp8.enabled,
+        "training.precision.fp8",
+        "is enabled, but FP8 training runs on the CPU emulation only so far; disable it or use device: cpu".to_owned(),
+    )?;
+    require(
+        config.model.moe.balancing.sequence_aux_loss_coef == 0.0,
+        "model.moe.balancing.sequenceAuxLossCoef",
+        "is set, but the sequence-wise aux loss has no CUDA backward yet; use the aux-loss-free balancing (set it to 0) or device: cpu".to_owned(),
+    )?;
+    require(
+        config.model.hidden_size % 4 == 0,
+        "model.hiddenSize",
+        format!(
+            "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
+            config.model.hidden_size
+        ),
+    )?;
+    require(
+        training.activation_memory == ActivationMemory::KeepAll,
+        "training.activationCheckpointing",
+        "is on, but the CUDA trainer keeps every activation so far; turn it off or use device: cpu"
+            .to_owned(),
+    )
 }
 
 fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, SettingsError> {

@@ -13,7 +13,7 @@ use crate::model::{Gradients, Model, ModelConfig};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{StepReport, TrainerState, schedule};
+use crate::train::{StepReport, Trainer, schedule};
 
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
@@ -59,48 +59,42 @@ impl<'g> DeviceTrainer<'g> {
         })
     }
 
-    /// Continues from a checkpoint's state (same model config).
-    pub fn restore(&mut self, state: &TrainerState) -> Result<()> {
-        let gpu = self.gpu;
-        let config = self.model.config().clone();
-        let weights: Vec<&[f32]> = state
-            .model
-            .tensors()
-            .into_iter()
-            .map(|t| t.values)
-            .collect();
-        self.model.weights.upload_from(gpu, weights)?;
-        self.first_moment
-            .upload_from(gpu, host_values(&state.first_moment, &config))?;
-        self.second_moment
-            .upload_from(gpu, host_values(&state.second_moment, &config))?;
-        self.selection_biases = state
-            .model
-            .moe_layers()
-            .map(|l| l.selection_bias.clone())
-            .collect();
-        for (layer, bias) in self.model.moe_layers_mut().zip(&self.selection_biases) {
-            layer.set_selection_bias(gpu, bias)?;
-        }
-        self.updates = state.step;
-        self.data.restore(state.data);
-        Ok(())
+    /// Takes over from `host` (fresh or restored from a checkpoint): its
+    /// weights, moments, step count, settings and data position.
+    pub fn resume(gpu: &'g Gpu, host: &Trainer) -> Result<Self> {
+        let mut trainer = Self::new(
+            gpu,
+            host.model(),
+            host.settings().clone(),
+            host.data().clone(),
+        )?;
+        let config = host.model().config().clone();
+        let optimizer = host.optimizer();
+        trainer
+            .first_moment
+            .upload_from(gpu, host_values(&optimizer.first_moment, &config))?;
+        trainer
+            .second_moment
+            .upload_from(gpu, host_values(&optimizer.second_moment, &config))?;
+        trainer.updates = optimizer.updates;
+        Ok(trainer)
     }
 
-    /// Copies the trainer's state into `state` (shaped for the same model
-    /// config), e.g. to write a checkpoint.
-    pub fn download_state(&self, state: &mut TrainerState) -> Result<()> {
+    /// Brings `host` up to date (weights, selection biases, moments, step
+    /// count, data position), e.g. to write a checkpoint from it.
+    pub fn download_into(&self, host: &mut Trainer) -> Result<()> {
         let gpu = self.gpu;
-        self.model.download_into(gpu, &mut state.model)?;
-        for (layer, bias) in state.model.moe_layers_mut().zip(&self.selection_biases) {
+        let (model, optimizer, data) = host.parts_mut();
+        self.model.download_into(gpu, model)?;
+        for (layer, bias) in model.moe_layers_mut().zip(&self.selection_biases) {
             layer.selection_bias.clone_from(bias);
         }
         self.first_moment
-            .download_into(gpu, state.first_moment.tensors_mut())?;
+            .download_into(gpu, optimizer.first_moment.tensors_mut())?;
         self.second_moment
-            .download_into(gpu, state.second_moment.tensors_mut())?;
-        state.step = self.updates;
-        state.data = self.data.position();
+            .download_into(gpu, optimizer.second_moment.tensors_mut())?;
+        optimizer.updates = self.updates;
+        data.restore(self.data.position());
         Ok(())
     }
 

@@ -77,6 +77,20 @@ impl Trainer {
         &self.model
     }
 
+    pub fn settings(&self) -> &TrainingSettings {
+        &self.settings
+    }
+
+    pub fn data(&self) -> &DataLoader {
+        &self.data
+    }
+
+    /// The model, optimizer and data stream, for a device trainer that
+    /// keeps this one as its host copy (checkpoints are written from it).
+    pub fn parts_mut(&mut self) -> (&mut Model<f32>, &mut AdamW, &mut DataLoader) {
+        (&mut self.model, &mut self.optimizer, &mut self.data)
+    }
+
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
     }

@@ -90,6 +90,18 @@ fn impossible_shapes_name_the_field() {
     }
 }
 
+/// A CPU-only worker asked for the GPU says so and names the field, before
+/// looking for a driver.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_on_a_cpu_only_worker_names_the_field() {
+    let stderr = rejected("cuda", |c| c["device"] = "cuda".into());
+    assert!(
+        stderr.contains("device: is cuda, but this worker was built without CUDA (backends: cpu)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_unreadable_data_volume_is_a_clear_error() {
     let stderr = rejected("volume", |c| {

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `moe-worker train` end to end on the GPU, against the same run on the CPU.
+# Run by kernels/gpu-check.sh when .gpu/moe-worker was carried along:
+#
+#   cargo build --release -p moe-worker --features cuda --bin moe-worker
+#   cp target/release/moe-worker .gpu/
+#
+# 1. device: cuda, 40 steps, checkpoints every 20;  2. the same config on
+# device: cpu;  3. the CUDA run continued to 60 steps (resumes from step 40).
+# Passes when both runs learn (final loss well under the first), their final
+# losses agree within 3% (TF32 GEMMs drift apart step by step), and the
+# resumed run starts at step 40. Writes train-check.md to the given directory.
+set -uo pipefail
+out=${1:?usage: gpu-train-check.sh OUT_DIR}
+bin=${MOE_WORKER_BIN:-.gpu/moe-worker}
+work=$(mktemp -d)
+mkdir -p "$out"
+report=$out/train-check.md
+export MOE_STATUS_ADDR=off
+
+config() { # device steps dir
+  python3 - "$@" <<'EOF'
+import json, sys
+device, steps, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print(json.dumps({
+    "job": "local/gpu-train-check",
+    "model": {"hiddenSize": 256, "layers": 4, "denseLayers": 1, "denseHiddenSize": 512,
+              "attentionHeads": 8, "kvHeads": 2, "seqLen": 128,
+              "moe": {"experts": 16, "topK": 4, "sharedExperts": 1, "expertHiddenSize": 128,
+                      "router": "sigmoid", "groups": 4, "topGroups": 2,
+                      "balancing": {"auxLossFree": {"enabled": True, "biasUpdateRate": 0.001}}}},
+    "data": {"builtin": {"corpus": "tiny"}},
+    "training": {"steps": steps, "globalBatchSize": 16, "microBatchSize": 8, "seed": 3,
+                 "logIntervalSteps": 10,
+                 "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5}},
+    "parallelism": {},
+    "checkpoint": {"dir": d + "/checkpoints", "intervalSteps": 20, "keep": 2, "resume": "Auto"},
+    "device": device,
+    "outputDir": d + "/out"}))
+EOF
+}
+
+run() { # name device steps dir
+  config "$2" "$3" "$4" >"$work/$1.json"
+  local started=$SECONDS
+  "$bin" train --config "$work/$1.json" >"$work/$1.summary" 2>"$work/$1.log"
+  local status=$?
+  echo "$1: exit $status after $((SECONDS - started)) s: $(cat "$work/$1.summary")"
+  return $status
+}
+
+{
+  echo "# moe-worker train on the GPU vs the CPU"
+  echo
+  echo '```'
+  run cuda cuda 40 "$work/cuda" || { tail -20 "$work/cuda.log"; }
+  run cpu cpu 40 "$work/cpu" || { tail -20 "$work/cpu.log"; }
+  run resumed cuda 60 "$work/cuda" || { tail -20 "$work/resumed.log"; }
+  grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
+  echo '```'
+} | tee "$report"
+
+python3 - "$work" <<'EOF' | tee -a "$report"
+import json, sys
+work = sys.argv[1]
+def summary(name):
+    try:
+        return json.load(open(f"{work}/{name}.summary"))
+    except Exception as error:
+        return {"error": str(error)}
+cuda, cpu, resumed = summary("cuda"), summary("cpu"), summary("resumed")
+failures = []
+for name, s in (("cuda", cuda), ("cpu", cpu)):
+    if "finalLoss" not in s:
+        failures.append(f"{name}: no summary ({s})")
+    elif not s["finalLoss"] < 0.8 * s["initialLoss"]:
+        failures.append(f"{name}: did not learn ({s['initialLoss']:.3f} -> {s['finalLoss']:.3f})")
+if not failures:
+    gap = abs(cuda["finalLoss"] - cpu["finalLoss"]) / cpu["finalLoss"]
+    print(f"\nfinal loss after 40 steps: cuda {cuda['finalLoss']:.4f}, cpu {cpu['finalLoss']:.4f} "
+          f"(relative gap {gap:.2%}, bound 3%); tokens/s cuda {cuda['tokensPerSecond']:.0f}, "
+          f"cpu {cpu['tokensPerSecond']:.0f} ({cuda['tokensPerSecond'] / cpu['tokensPerSecond']:.1f}x)")
+    if gap > 0.03:
+        failures.append(f"final losses differ by {gap:.2%}")
+if resumed.get("steps") != 60 or resumed.get("initialLoss") != cuda.get("initialLoss"):
+    failures.append(f"resume: expected 60 steps continuing the first run, got {resumed}")
+print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
+sys.exit(1 if failures else 0)
+EOF
