@@ -23,6 +23,7 @@ pub mod ops;
 pub mod rng;
 pub mod run;
 pub mod scalar;
+pub mod serve;
 pub mod settings;
 pub mod status;
 pub mod train;

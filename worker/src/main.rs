@@ -16,7 +16,7 @@ const VERSION: &str = if moe_kernels::CUDA_ENABLED {
 };
 
 #[derive(Parser)]
-#[command(name = "moe-worker", version = VERSION, about = "Trains Mixture-of-Experts transformers")]
+#[command(name = "moe-worker", version = VERSION, about = "Trains and serves Mixture-of-Experts transformers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +30,47 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Serve a model over an OpenAI-compatible HTTP API (docs/serving.md).
+    Serve(ServeArgs),
+}
+
+/// `serve`'s flags; each overrides the same setting of `--config`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The server config (JSON `ServingConfig`) the operator renders. Default
+    /// when --model is not given: $MOE_CONFIG, else /etc/moe/config.json.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A checkpoint, a checkpoint directory or a run directory (e.g. runs/tiny).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The model's format; detected when not given.
+    #[arg(long, value_parser = ["native", "huggingface"])]
+    format: Option<String>,
+    /// Checkpoint step to load (default: the newest).
+    #[arg(long)]
+    checkpoint_step: Option<u64>,
+    /// The model id clients name (default: the run's directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on (default 0.0.0.0).
+    #[arg(long)]
+    host: Option<std::net::IpAddr>,
+    /// Port of the HTTP API (default 8000).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Tokens batched into one forward pass, over all running requests (default 8192).
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// Requests run at once; more wait in the queue (default 64).
+    #[arg(long)]
+    max_concurrent_requests: Option<usize>,
+    /// Requests that may wait; more get 429 (default 4 × max concurrent requests).
+    #[arg(long)]
+    max_queued_requests: Option<usize>,
+    /// KV cache budget in MiB (default 1024).
+    #[arg(long)]
+    kv_cache_mib: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +81,58 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Train { config } => train(config),
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    use moe_worker::serve::{self, options};
+    // The operator's pods pass --config; a hand-started server passes --model.
+    let config_path = args.config.or_else(|| {
+        args.model.is_none().then(|| {
+            std::env::var_os(env::CONFIG)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(CONFIG_PATH))
+        })
+    });
+    let config: Option<moe_crds::ServingConfig> = match &config_path {
+        None => None,
+        Some(path) => {
+            let parsed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(config) => Some(config),
+                Err(e) => return fail(&format!("{}: {e}", path.display()), 2),
+            }
+        }
+    };
+    let flags = options::Flags {
+        model: args.model,
+        format: args.format.map(|f| match f.as_str() {
+            "huggingface" => moe_crds::ModelFormat::Huggingface,
+            _ => moe_crds::ModelFormat::Native,
+        }),
+        checkpoint_step: args.checkpoint_step,
+        served_model_name: args.served_model_name,
+        host: args.host,
+        port: args.port,
+        max_batch_tokens: args.max_batch_tokens,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_queued_requests: args.max_queued_requests,
+        kv_cache_mib: args.kv_cache_mib,
+        metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
+    };
+    let (options, warnings) = match options::resolve(config.as_ref(), flags) {
+        Ok(resolved) => resolved,
+        Err(e) => return fail(&e.to_string(), e.exit_code()),
+    };
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    match serve::run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }
 

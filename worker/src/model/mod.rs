@@ -110,6 +110,12 @@ impl<T> ForwardPass<T> {
             .collect()
     }
 
+    /// The next-token distribution at every position, `[tokens, vocab]`
+    /// (the softmax of the logits): what serving's cached forward must reproduce.
+    pub fn next_token_probs(&self) -> &[T] {
+        &self.probs
+    }
+
     /// Bytes of activations this pass holds for the backward pass: every
     /// buffer it owns (token ids and the final softmax included), counted by
     /// capacity. With [`ActivationMemory::RecomputeBlocks`] the backward pass

@@ -1,0 +1,505 @@
+//! The OpenAI-compatible request bodies, their checks, and the error body.
+//!
+//! Parsing is lenient where the OpenAI clients are (unknown fields, such
+//! as `user` or `logit_bias`, are ignored) and strict where a silent
+//! ignore would change the answer (`n > 1`, `logprobs`, `echo` are refused
+//! until they are implemented).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::serve::runner::GenerationRequest;
+use crate::serve::sampler::SamplingParams;
+use crate::serve::text::Tokenizer;
+
+/// Default `max_tokens` of `/v1/completions` (OpenAI's legacy default);
+/// chat completions default to the rest of the context.
+pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
+/// OpenAI allows at most four stop strings.
+const MAX_STOPS: usize = 4;
+
+/// An error as the OpenAI API reports it:
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+    /// Seconds, for 429 and 503.
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model `{model}` does not exist"),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+            retry_after: None,
+        }
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(1),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after: Some(5),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = json_response(self.status, &self.body());
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// A JSON body with its content type (axum's `Json` needs a feature that
+/// pulls in another crate for what is one `to_string`).
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `prompt`: a string, a one-string array, or token ids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+}
+
+/// `stop`: one string or several.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Sampling {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    /// The chat endpoint's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// vLLM's extension; -1 or 0 is off.
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<i64>,
+    pub logprobs: Option<Value>,
+    pub echo: Option<bool>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Content,
+}
+
+/// Message content: a string, or parts of which only text is supported.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// Parses a request body: UTF-8 first (its own error), then JSON.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!("the request body is not valid UTF-8 ({e})"), None)
+    })?;
+    serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid(
+            format!("the request body is not a valid request: {e}"),
+            None,
+        )
+    })
+}
+
+/// A request checked against the served model.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub request: GenerationRequest,
+    pub stream: bool,
+}
+
+/// The model and generation limits a request is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Served<'a> {
+    pub name: &'a str,
+    pub tokenizer: Tokenizer,
+    pub context: usize,
+}
+
+impl CompletionRequest {
+    pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
+        let prompt = match self.prompt {
+            Prompt::Text(text) => served.tokenizer.encode(&text),
+            Prompt::Texts(texts) if texts.len() == 1 => served.tokenizer.encode(&texts[0]),
+            Prompt::Texts(_) => {
+                return Err(ApiError::invalid(
+                    "prompt: exactly one prompt per request is supported",
+                    Some("prompt"),
+                ));
+            }
+            Prompt::Tokens(ids) => ids
+                .iter()
+                .map(|&id| {
+                    u32::try_from(id)
+                        .ok()
+                        .filter(|&t| (t as usize) < served.tokenizer.vocab())
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                format!("prompt: token id {id} is outside the vocabulary"),
+                                Some("prompt"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        self.sampling
+            .check(prompt, DEFAULT_COMPLETION_TOKENS, served)
+    }
+}
+
+impl ChatRequest {
+    pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages: at least one message is required",
+                Some("messages"),
+            ));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for message in self.messages {
+            let content = match message.content {
+                Content::Text(text) => text,
+                Content::Parts(parts) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!(
+                                        "messages: content parts of type {kind:?} are not supported"
+                                    ),
+                                    Some("messages"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push((message.role, content));
+        }
+        let prompt = served
+            .tokenizer
+            .encode(&served.tokenizer.chat_prompt(&messages));
+        // No max_tokens: the rest of the context.
+        let rest = served.context.saturating_sub(prompt.len()).max(1);
+        self.sampling.check(prompt, rest, served)
+    }
+}
+
+impl Sampling {
+    fn check(
+        self,
+        prompt: Vec<u32>,
+        default_max_tokens: usize,
+        served: Served<'_>,
+    ) -> Result<Checked, ApiError> {
+        if let Some(model) = &self.model
+            && model != served.name
+        {
+            return Err(ApiError::model_not_found(model));
+        }
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt: must not be empty",
+                Some("prompt"),
+            ));
+        }
+        if prompt.len() >= served.context {
+            return Err(ApiError::invalid(
+                format!(
+                    "this model's context is {} tokens, and the prompt has {} (prompt and completion share the context); shorten the prompt",
+                    served.context,
+                    prompt.len()
+                ),
+                Some("prompt"),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => default_max_tokens,
+            Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    format!("max_tokens: {n} is not a positive number of tokens"),
+                    Some("max_tokens"),
+                ));
+            }
+        };
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("n: only 1 is supported", Some("n")));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &json!(false))
+        {
+            return Err(ApiError::invalid(
+                "logprobs: not supported yet",
+                Some("logprobs"),
+            ));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid("echo: not supported", Some("echo")));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                format!("temperature: {temperature} is outside [0, 2]"),
+                Some("temperature"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                format!("top_p: {top_p} is outside (0, 1]"),
+                Some("top_p"),
+            ));
+        }
+        let top_k = match self.top_k.unwrap_or(0) {
+            -1 | 0 => 0,
+            k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+            k => {
+                return Err(ApiError::invalid(
+                    format!("top_k: {k} is neither positive nor -1 (off)"),
+                    Some("top_k"),
+                ));
+            }
+        };
+        let stops = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(list)) => list,
+        };
+        if stops.len() > MAX_STOPS {
+            return Err(ApiError::invalid(
+                format!("stop: at most {MAX_STOPS} stop strings"),
+                Some("stop"),
+            ));
+        }
+        // Without a seed each request draws differently (time and a counter).
+        let seed = self.seed.map_or_else(fresh_seed, |s| s as u64);
+        Ok(Checked {
+            request: GenerationRequest {
+                prompt,
+                max_tokens,
+                sampling: SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k,
+                    seed,
+                },
+                stops,
+            },
+            stream: self.stream,
+        })
+    }
+}
+
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVED: Served<'static> = Served {
+        name: "tiny",
+        tokenizer: Tokenizer::Bytes,
+        context: 32,
+    };
+
+    fn completion(body: &str) -> Result<Checked, ApiError> {
+        parse::<CompletionRequest>(body.as_bytes())?.check(SERVED)
+    }
+
+    #[test]
+    fn a_plain_completion_gets_the_defaults() {
+        let checked = completion(r#"{"model":"tiny","prompt":"ab","seed":7}"#).unwrap();
+        let r = checked.request;
+        assert_eq!(r.prompt, [97, 98]);
+        assert_eq!(r.max_tokens, DEFAULT_COMPLETION_TOKENS);
+        assert_eq!(r.sampling.seed, 7);
+        assert_eq!(
+            (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k),
+            (1.0, 1.0, 0)
+        );
+        assert!(!checked.stream);
+    }
+
+    #[test]
+    fn bad_fields_name_themselves() {
+        let cases = [
+            (r#"{"prompt":"a","max_tokens":0}"#, "max_tokens"),
+            (r#"{"prompt":"a","max_tokens":-3}"#, "max_tokens"),
+            (r#"{"prompt":"a","temperature":-1}"#, "temperature"),
+            (r#"{"prompt":"a","top_p":0}"#, "top_p"),
+            (r#"{"prompt":"a","top_k":-2}"#, "top_k"),
+            (r#"{"prompt":"a","n":2}"#, "n"),
+            (r#"{"prompt":""}"#, "prompt"),
+            (r#"{"prompt":[1000]}"#, "prompt"),
+        ];
+        for (body, param) in cases {
+            let e = completion(body).unwrap_err();
+            assert_eq!(
+                (e.status, e.param),
+                (StatusCode::BAD_REQUEST, Some(param)),
+                "{body}"
+            );
+        }
+        let e = completion(r#"{"model":"other","prompt":"a"}"#).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::NOT_FOUND, Some("model_not_found"))
+        );
+        let long = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(32));
+        assert_eq!(
+            completion(&long).unwrap_err().code,
+            Some("context_length_exceeded")
+        );
+        assert!(
+            completion("{")
+                .unwrap_err()
+                .message
+                .contains("not a valid request")
+        );
+        let e = parse::<CompletionRequest>(b"{\"prompt\":\"\xff\"}").unwrap_err();
+        assert!(e.message.contains("UTF-8"));
+    }
+
+    #[test]
+    fn chat_messages_become_a_transcript() {
+        let body = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"max_completion_tokens":3,"stop":"\n"}"#;
+        let checked = parse::<ChatRequest>(body.as_bytes())
+            .unwrap()
+            .check(SERVED)
+            .unwrap();
+        assert_eq!(
+            checked.request.prompt,
+            Tokenizer::Bytes.encode("user: hi\nassistant:")
+        );
+        assert_eq!(checked.request.max_tokens, 3);
+        assert_eq!(checked.request.stops, ["\n"]);
+    }
+}

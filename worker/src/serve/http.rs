@@ -1,0 +1,341 @@
+//! The HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (JSON,
+//! or server-sent events with `"stream": true`), `/v1/models`, the probes
+//! and `/metrics`.
+//!
+//! Probes: `/healthz` answers 200 as soon as the process listens (liveness
+//! and the operator's startup probe, which must not kill a long load);
+//! `/health` and `/readyz` answer 200 only once the model is loaded.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use moe_crds::contract::{HEALTH_PATH, READY_PATH};
+
+use crate::serve::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Served};
+use crate::serve::metrics::Metrics;
+use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The id `/v1/models` lists and requests name.
+    pub model_name: Arc<str>,
+    /// Set once the model is loaded and the scheduler runs.
+    pub engine: Arc<OnceLock<EngineHandle>>,
+    pub metrics: Metrics,
+    /// Unix seconds when the server started (the model's `created`).
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(model_name: &str, metrics: Metrics) -> Self {
+        Self {
+            model_name: model_name.into(),
+            engine: Arc::new(OnceLock::new()),
+            metrics,
+            started: unix_now(),
+        }
+    }
+
+    fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        self.engine
+            .get()
+            .ok_or_else(|| ApiError::unavailable("the model is still loading"))
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(ready))
+        .route(READY_PATH, get(ready))
+        .route(HEALTH_PATH, get(alive))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Only `/metrics`, for the separate metrics port the operator's Service scrapes.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn alive() -> &'static str {
+    "ok"
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.engine.get() {
+        Some(_) => "ok".into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    let mut e = ApiError::invalid("no such endpoint", None);
+    e.status = StatusCode::NOT_FOUND;
+    e.into_response()
+}
+
+async fn models(State(state): State<AppState>) -> Response {
+    let context = state.engine.get().map(EngineHandle::context);
+    let body = json!({
+        "object": "list",
+        "data": [{
+            "id": &*state.model_name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "moe-operator",
+            "max_model_len": context,
+        }],
+    });
+    api::json_response(StatusCode::OK, &body)
+}
+
+/// The two generating endpoints differ only in their bodies' shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Completions => "/v1/completions",
+            Self::Chat => "/v1/chat/completions",
+        }
+    }
+}
+
+async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let response = generate(&state, Endpoint::Completions, &body).await;
+    state
+        .metrics
+        .response(Endpoint::Completions.path(), response.status().as_u16());
+    response
+}
+
+async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let response = generate(&state, Endpoint::Chat, &body).await;
+    state
+        .metrics
+        .response(Endpoint::Chat.path(), response.status().as_u16());
+    response
+}
+
+async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
+    match start(state, endpoint, body) {
+        Ok((events, stream)) => {
+            let reply = Reply::new(state, endpoint);
+            if stream {
+                stream_reply(reply, events).into_response()
+            } else {
+                collect_reply(reply, events).await
+            }
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Checks the request and submits it.
+fn start(
+    state: &AppState,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<(UnboundedReceiver<Event>, bool), ApiError> {
+    let engine = state.engine()?;
+    let served = Served {
+        name: &state.model_name,
+        tokenizer: engine.tokenizer(),
+        context: engine.context(),
+    };
+    let Checked { request, stream } = match endpoint {
+        Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served)?,
+        Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
+    };
+    let events = engine.submit(request).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
+        SubmitError::PromptTooLong { .. } => {
+            ApiError::invalid(e.to_string(), Some("prompt")).with_code("context_length_exceeded")
+        }
+        SubmitError::TooLarge { .. } => ApiError::invalid(e.to_string(), Some("max_tokens")),
+        SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+    })?;
+    Ok((events, stream))
+}
+
+/// Builds the response bodies of one request.
+struct Reply {
+    endpoint: Endpoint,
+    id: String,
+    model: Arc<str>,
+    created: u64,
+}
+
+impl Reply {
+    fn new(state: &AppState, endpoint: Endpoint) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let prefix = match endpoint {
+            Endpoint::Completions => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        };
+        Self {
+            endpoint,
+            id: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+            model: Arc::clone(&state.model_name),
+            created: unix_now(),
+        }
+    }
+
+    fn full(&self, text: &str, finish: FinishReason, prompt: usize, completion: usize) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish.as_str(),
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Completions => "text_completion",
+                Endpoint::Chat => "chat.completion",
+            },
+            "created": self.created,
+            "model": &*self.model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        })
+    }
+
+    /// One streamed chunk: a text piece, the assistant role (chat's first
+    /// chunk), or the finish.
+    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+            Endpoint::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(text) = text {
+                    delta.insert("content".into(), json!(text));
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Completions => "text_completion",
+                Endpoint::Chat => "chat.completion.chunk",
+            },
+            "created": self.created,
+            "model": &*self.model,
+            "choices": [choice],
+        })
+    }
+}
+
+/// Waits for the whole completion. If the client goes away, this future is
+/// dropped with the receiver, which cancels the request.
+async fn collect_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Response {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let body = reply.full(&text, finish, prompt_tokens, completion_tokens);
+                return api::json_response(StatusCode::OK, &body);
+            }
+            Event::Failed(message) => return ApiError::internal(message).into_response(),
+        }
+    }
+    ApiError::internal("the engine stopped before the completion finished").into_response()
+}
+
+/// Streams the completion as server-sent events, ending with `[DONE]`.
+/// When the client disconnects the body (and with it the receiver) is
+/// dropped, which cancels the request.
+fn stream_reply(
+    reply: Reply,
+    events: UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let opening = (reply.endpoint == Endpoint::Chat)
+        .then(|| SseEvent::default().data(reply.chunk(None, true, None).to_string()));
+    let reply = Arc::new(reply);
+    let body = stream::unfold(Some(events), move |events| {
+        let reply = Arc::clone(&reply);
+        async move {
+            let mut events = events?;
+            let (data, more) = match events.recv().await {
+                Some(Event::Text(piece)) => (reply.chunk(Some(&piece), false, None), true),
+                Some(Event::Done { finish, .. }) => (reply.chunk(None, false, Some(finish)), false),
+                Some(Event::Failed(message)) => (ApiError::internal(message).body(), false),
+                None => (
+                    ApiError::internal("the engine stopped before the completion finished").body(),
+                    false,
+                ),
+            };
+            let event = SseEvent::default().data(data.to_string());
+            Some((event, more.then_some(events)))
+        }
+    });
+    let done = stream::once(async { SseEvent::default().data("[DONE]") });
+    let all = stream::iter(opening)
+        .chain(body)
+        .chain(done)
+        .map(Ok::<_, Infallible>);
+    Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

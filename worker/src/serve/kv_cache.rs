@@ -1,0 +1,229 @@
+//! The paged key/value cache: a fixed pool of pages, each holding the keys
+//! and values of `page_size` consecutive positions of one sequence in every
+//! layer, handed out by a [`PageAllocator`] and freed when the sequence ends.
+//!
+//! Why pages: sequences of very different lengths share one memory budget
+//! without fragmentation, and a finished (or cancelled) sequence returns its
+//! memory at once. The allocator is pure bookkeeping (unit-tested apart from
+//! the storage); [`KvStore`] is the storage the engine reads and writes.
+
+use std::fmt;
+
+/// Index of a page in the pool.
+pub type PageId = u32;
+
+/// Which pages are free. Double frees and foreign ids are refused, so a
+/// bookkeeping bug shows up as an error instead of two sequences sharing a page.
+#[derive(Clone, Debug)]
+pub struct PageAllocator {
+    /// Free pages; allocation pops from the end (the most recently freed
+    /// page, still warm in the CPU caches).
+    free: Vec<PageId>,
+    in_use: Vec<bool>,
+}
+
+/// A page id that is not currently allocated was freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotAllocated(pub PageId);
+
+impl fmt::Display for NotAllocated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KV page {} was freed but is not allocated", self.0)
+    }
+}
+
+impl std::error::Error for NotAllocated {}
+
+impl PageAllocator {
+    pub fn new(pages: usize) -> Self {
+        let pages = u32::try_from(pages).unwrap_or(u32::MAX);
+        Self {
+            free: (0..pages).rev().collect(),
+            in_use: vec![false; pages as usize],
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.in_use.len()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used(&self) -> usize {
+        self.total() - self.free_count()
+    }
+
+    /// `count` pages, or none at all when fewer are free (a sequence never
+    /// holds part of what it needs).
+    pub fn allocate(&mut self, count: usize) -> Option<Vec<PageId>> {
+        if count > self.free.len() {
+            return None;
+        }
+        let pages = self.free.split_off(self.free.len() - count);
+        for &page in &pages {
+            self.in_use[page as usize] = true;
+        }
+        Some(pages)
+    }
+
+    /// Returns `pages` to the pool; stops at the first one not allocated.
+    pub fn free(&mut self, pages: &[PageId]) -> Result<(), NotAllocated> {
+        for &page in pages {
+            match self.in_use.get_mut(page as usize) {
+                Some(used) if *used => {
+                    *used = false;
+                    self.free.push(page);
+                }
+                _ => return Err(NotAllocated(page)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pages needed to hold `tokens` positions.
+pub fn pages_for(tokens: usize, page_size: usize) -> usize {
+    tokens.div_ceil(page_size)
+}
+
+/// The cache's shape: what one page holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    /// `kv_heads * head_dim`: one position's keys (or values) in one layer.
+    pub kv_width: usize,
+    pub page_size: usize,
+}
+
+impl KvShape {
+    /// Bytes of one page: keys and values, every layer, f32.
+    pub fn page_bytes(&self) -> usize {
+        2 * self.layers * self.page_size * self.kv_width * size_of::<f32>()
+    }
+
+    /// Pages a budget of `bytes` affords.
+    pub fn pages_within(&self, bytes: usize) -> usize {
+        bytes / self.page_bytes().max(1)
+    }
+}
+
+/// Keys and values for `pages` pages, laid out `[layer][page][slot][kv_width]`
+/// so one layer's attention reads each page as one contiguous block.
+#[derive(Clone, Debug)]
+pub struct KvStore {
+    shape: KvShape,
+    pages: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl KvStore {
+    pub fn new(shape: KvShape, pages: usize) -> Self {
+        let len = shape.layers * pages * shape.page_size * shape.kv_width;
+        Self {
+            shape,
+            pages,
+            keys: vec![0.0; len],
+            values: vec![0.0; len],
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Offset of `position` of the sequence holding `pages` in `layer`.
+    fn offset(&self, layer: usize, pages: &[PageId], position: usize) -> usize {
+        let KvShape {
+            page_size,
+            kv_width,
+            ..
+        } = self.shape;
+        let page = pages[position / page_size] as usize;
+        ((layer * self.pages + page) * page_size + position % page_size) * kv_width
+    }
+
+    /// Stores one position's key and value rows (`kv_width` each).
+    pub fn write(&mut self, layer: usize, pages: &[PageId], position: usize, k: &[f32], v: &[f32]) {
+        let at = self.offset(layer, pages, position);
+        let width = self.shape.kv_width;
+        self.keys[at..at + width].copy_from_slice(k);
+        self.values[at..at + width].copy_from_slice(v);
+    }
+
+    /// One position's key row in `layer`.
+    pub fn key(&self, layer: usize, pages: &[PageId], position: usize) -> &[f32] {
+        let at = self.offset(layer, pages, position);
+        &self.keys[at..at + self.shape.kv_width]
+    }
+
+    /// One position's value row in `layer`.
+    pub fn value(&self, layer: usize, pages: &[PageId], position: usize) -> &[f32] {
+        let at = self.offset(layer, pages, position);
+        &self.values[at..at + self.shape.kv_width]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_is_all_or_nothing_and_frees_return_pages() {
+        let mut pool = PageAllocator::new(4);
+        let a = pool.allocate(3).unwrap();
+        assert_eq!((pool.used(), pool.free_count()), (3, 1));
+        assert_eq!(pool.allocate(2), None, "only one page is free");
+        assert_eq!(pool.free_count(), 1, "a refused allocation takes nothing");
+        let b = pool.allocate(1).unwrap();
+        assert!(a.iter().all(|p| !b.contains(p)), "pages are never shared");
+        pool.free(&a).unwrap();
+        pool.free(&b).unwrap();
+        assert_eq!(pool.free_count(), 4);
+    }
+
+    #[test]
+    fn double_and_foreign_frees_are_refused() {
+        let mut pool = PageAllocator::new(2);
+        let a = pool.allocate(1).unwrap();
+        pool.free(&a).unwrap();
+        assert_eq!(pool.free(&a), Err(NotAllocated(a[0])));
+        assert_eq!(pool.free(&[7]), Err(NotAllocated(7)));
+        assert_eq!(pool.free_count(), 2);
+    }
+
+    #[test]
+    fn positions_map_through_the_page_table() {
+        let shape = KvShape {
+            layers: 2,
+            kv_width: 3,
+            page_size: 2,
+        };
+        let mut store = KvStore::new(shape, 4);
+        // A sequence holding pages 3 and 1, in that order.
+        let pages = [3, 1];
+        for position in 0..4 {
+            let k = [position as f32; 3];
+            let v = [10.0 + position as f32; 3];
+            store.write(1, &pages, position, &k, &v);
+        }
+        for position in 0..4 {
+            assert_eq!(store.key(1, &pages, position), [position as f32; 3]);
+            assert_eq!(
+                store.value(1, &pages, position),
+                [10.0 + position as f32; 3]
+            );
+            assert_eq!(
+                store.key(0, &pages, position),
+                [0.0; 3],
+                "layer 0 untouched"
+            );
+        }
+        // Position 2 is the first slot of the sequence's second page (page 1).
+        assert_eq!(store.offset(1, &pages, 2), ((4 + 1) * 2) * 3);
+        assert_eq!(pages_for(5, 2), 3);
+        assert_eq!(shape.page_bytes(), 2 * 2 * 2 * 3 * 4);
+    }
+}

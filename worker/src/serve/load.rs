@@ -1,0 +1,221 @@
+//! Finding and loading the model to serve.
+//!
+//! `--model` may name any of the directories a training run leaves, from
+//! the most to the least specific:
+//! - a checkpoint (`step-N/`, holding `manifest.json`);
+//! - a checkpoint directory (`checkpoints/`, holding `step-N/` directories:
+//!   the newest, or the step asked for);
+//! - a run directory (`runs/tiny/`, holding `checkpoints/`).
+//!
+//! A Hugging Face model directory (`config.json` naming a `model_type` or
+//! `architectures`, next to `*.safetensors`) is recognised too, so the
+//! error can say that it is not supported yet; its loader will be a second
+//! arm of [`load`] producing the same [`LoadedModel`].
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use moe_crds::ModelFormat;
+
+use crate::checkpoint::{self, CheckpointError, Manifest};
+use crate::model::{Model, ModelConfig};
+use crate::serve::text::Tokenizer;
+
+/// A model ready for the engine, with what the API reports about it.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Model<f32>,
+    pub tokenizer: Tokenizer,
+    /// The checkpoint directory the weights came from.
+    pub path: PathBuf,
+    /// Training step of the checkpoint.
+    pub step: u64,
+}
+
+/// Why no model could be loaded; each names the path and what is missing.
+#[derive(Debug)]
+pub enum LoadError {
+    NotFound(PathBuf),
+    /// Nothing in the directory looks like a model.
+    Unrecognised(PathBuf),
+    /// A checkpoint directory without the step asked for.
+    NoSuchStep {
+        dir: PathBuf,
+        step: u64,
+    },
+    /// A format this build cannot load yet.
+    Unsupported {
+        path: PathBuf,
+        format: &'static str,
+    },
+    /// The manifest's model spec fails the model's checks.
+    InvalidModel {
+        path: PathBuf,
+        problem: String,
+    },
+    Checkpoint(CheckpointError),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound(path) => write!(f, "model directory {} does not exist", path.display()),
+            Self::Unrecognised(path) => write!(
+                f,
+                "{} holds no model: expected manifest.json (a checkpoint), step-N/manifest.json \
+                 (a checkpoint directory), checkpoints/step-N/manifest.json (a run directory), \
+                 or config.json with *.safetensors (Hugging Face)",
+                path.display()
+            ),
+            Self::NoSuchStep { dir, step } => write!(
+                f,
+                "{} has no complete checkpoint of step {step} ({}/manifest.json is missing)",
+                dir.display(),
+                checkpoint::step_dir_name(*step)
+            ),
+            Self::Unsupported { path, format } => write!(
+                f,
+                "{} is a {format} model, which this worker cannot serve yet",
+                path.display()
+            ),
+            Self::InvalidModel { path, problem } => {
+                write!(
+                    f,
+                    "{}: the manifest's model is invalid: {problem}",
+                    path.display()
+                )
+            }
+            Self::Checkpoint(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl From<CheckpointError> for LoadError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Checkpoint(e)
+    }
+}
+
+/// What a directory holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// A worker checkpoint (the `step-N` directory itself).
+    Native(PathBuf),
+    HuggingFace(PathBuf),
+}
+
+/// Finds the model in `dir`: the checkpoint of `step`, else the newest.
+/// `format`, when given, skips the other format's detection.
+pub fn detect(
+    dir: &Path,
+    format: Option<ModelFormat>,
+    step: Option<u64>,
+) -> Result<Detected, LoadError> {
+    if !dir.is_dir() {
+        return Err(LoadError::NotFound(dir.to_path_buf()));
+    }
+    if format != Some(ModelFormat::Huggingface) {
+        if let Some(path) = native_checkpoint(dir, step)? {
+            return Ok(Detected::Native(path));
+        }
+        if format == Some(ModelFormat::Native) {
+            return Err(LoadError::Unrecognised(dir.to_path_buf()));
+        }
+    }
+    if is_hugging_face(dir) {
+        return Ok(Detected::HuggingFace(dir.to_path_buf()));
+    }
+    Err(LoadError::Unrecognised(dir.to_path_buf()))
+}
+
+/// Detects and loads the model in `dir`.
+pub fn load(
+    dir: &Path,
+    format: Option<ModelFormat>,
+    step: Option<u64>,
+) -> Result<LoadedModel, LoadError> {
+    match detect(dir, format, step)? {
+        Detected::Native(path) => load_native(&path),
+        Detected::HuggingFace(path) => Err(LoadError::Unsupported {
+            path,
+            format: "Hugging Face",
+        }),
+    }
+}
+
+/// The checkpoint directory to load in `dir`, if `dir` is one of the
+/// worker's layouts.
+fn native_checkpoint(dir: &Path, step: Option<u64>) -> Result<Option<PathBuf>, LoadError> {
+    if dir.join("manifest.json").is_file() {
+        return Ok(Some(dir.to_path_buf()));
+    }
+    for checkpoints in [dir.to_path_buf(), dir.join("checkpoints")] {
+        let found = match step {
+            Some(step) => {
+                let path = checkpoints.join(checkpoint::step_dir_name(step));
+                if path.join("manifest.json").is_file() {
+                    Some(path)
+                } else if checkpoint::newest(&checkpoints)?.is_some() {
+                    return Err(LoadError::NoSuchStep {
+                        dir: checkpoints,
+                        step,
+                    });
+                } else {
+                    None
+                }
+            }
+            None => checkpoint::newest(&checkpoints)?,
+        };
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+fn is_hugging_face(dir: &Path) -> bool {
+    let config = fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+    let names_an_architecture =
+        config.is_some_and(|c| c.get("model_type").is_some() || c.get("architectures").is_some());
+    let has_weights = fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json")
+            })
+        })
+    });
+    names_an_architecture && has_weights
+}
+
+/// Loads a worker checkpoint for serving: the model spec from its manifest,
+/// the weights and selection biases from its state file.
+fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
+    let manifest_path = path.join("manifest.json");
+    let bytes = fs::read(&manifest_path).map_err(|error| CheckpointError::Io {
+        path: manifest_path.clone(),
+        error,
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            problem: format!("manifest.json is not a valid manifest: {e}"),
+        })?;
+    let config = ModelConfig::from_spec(&manifest.model).map_err(|e| LoadError::InvalidModel {
+        path: path.to_path_buf(),
+        problem: e.to_string(),
+    })?;
+    // The state file also holds the optimizer moments; they are read and
+    // dropped here (a serving-only loader that skips them is a later step).
+    let restored = checkpoint::load(path, &manifest.model, &config)?;
+    Ok(LoadedModel {
+        model: restored.state.model,
+        tokenizer: Tokenizer::Bytes,
+        path: path.to_path_buf(),
+        step: manifest.step,
+    })
+}

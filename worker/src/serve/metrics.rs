@@ -1,0 +1,150 @@
+//! The server's Prometheus metrics, all under `moe_serving_`. The
+//! autoscaler reads `moe_serving_inflight_requests` (the operator's
+//! `CONCURRENCY_METRIC`): requests accepted and not yet answered.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One HTTP response, by route and status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: u16,
+}
+
+/// Cheap to clone: every metric is a shared atomic.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    /// Sequences in one step.
+    pub batch_size: Histogram,
+    /// Tokens fed into one step (prefill chunks and decodes).
+    pub batch_tokens: Histogram,
+    pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub inflight: Gauge,
+    pub kv_pages_used: Gauge,
+    pub kv_pages_total: Gauge,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("moe_serving");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let prompt_tokens = Counter::default();
+        let generation_tokens = Counter::default();
+        // 1 ms to about 33 s: a CPU token takes milliseconds, a long queue seconds.
+        let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let batch_tokens = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        let [
+            queue_depth,
+            running,
+            inflight,
+            kv_pages_used,
+            kv_pages_total,
+        ] = std::array::from_fn(|_| Gauge::default());
+        registry.register(
+            "requests",
+            "HTTP responses by endpoint and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens of admitted requests",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "generation_tokens",
+            "Tokens generated",
+            generation_tokens.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From accepting a request to its first token",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "inter_token_latency_seconds",
+            "Between consecutive tokens of one request",
+            inter_token_latency.clone(),
+        );
+        registry.register("batch_size", "Sequences per step", batch_size.clone());
+        registry.register("batch_tokens", "Tokens per step", batch_tokens.clone());
+        registry.register(
+            "queue_depth",
+            "Requests waiting for admission",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "running_requests",
+            "Sequences in the running batch",
+            running.clone(),
+        );
+        registry.register(
+            "inflight_requests",
+            "Requests accepted and not yet answered (waiting or running)",
+            inflight.clone(),
+        );
+        registry.register(
+            "kv_cache_pages_used",
+            "KV cache pages held by sequences",
+            kv_pages_used.clone(),
+        );
+        registry.register(
+            "kv_cache_pages_total",
+            "KV cache pages in the pool",
+            kv_pages_total.clone(),
+        );
+        Self {
+            requests,
+            prompt_tokens,
+            generation_tokens,
+            time_to_first_token,
+            inter_token_latency,
+            batch_size,
+            batch_tokens,
+            queue_depth,
+            running,
+            inflight,
+            kv_pages_used,
+            kv_pages_total,
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    /// Counts one HTTP response.
+    pub fn response(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}

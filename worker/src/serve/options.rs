@@ -1,0 +1,217 @@
+//! The server's options, from the operator's `ServingConfig` (the file its
+//! pods pass with `--config`) and command-line flags, flags winning. Pure:
+//! `main` reads the file and the environment.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use moe_crds::contract::{METRICS_PORT, SERVING_PORT};
+use moe_crds::{Device, ModelFormat, ServingConfig, ServingPrecision};
+
+use crate::serve::{DEFAULT_KV_CACHE_BYTES, DEFAULT_PAGE_SIZE, ServeError, ServeOptions};
+
+/// The operator's defaults (`spec.serving`), for a server started by hand.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 64;
+/// Waiting requests per running slot before 429s: enough to ride out a
+/// burst, few enough that a queued request is not answered minutes late.
+pub const QUEUE_PER_RUNNING_SLOT: usize = 4;
+
+/// What the command line set; `None` leaves the config's value or the default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flags {
+    pub model: Option<PathBuf>,
+    pub format: Option<ModelFormat>,
+    pub checkpoint_step: Option<u64>,
+    pub served_model_name: Option<String>,
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub max_batch_tokens: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
+    pub max_queued_requests: Option<usize>,
+    pub kv_cache_mib: Option<usize>,
+    /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
+    pub metrics_addr: Option<String>,
+}
+
+/// Merges `config` (if any) and `flags`; the returned warnings are for the log.
+pub fn resolve(
+    config: Option<&ServingConfig>,
+    flags: Flags,
+) -> Result<(ServeOptions, Vec<String>), ServeError> {
+    let mut warnings = Vec::new();
+    if let Some(config) = config {
+        check_supported(config, &mut warnings)?;
+    }
+    let model_dir = flags
+        .model
+        .or_else(|| config.map(|c| PathBuf::from(&c.model_dir)))
+        .ok_or_else(|| {
+            ServeError::Options("no model: pass --model <dir> or --config <file>".into())
+        })?;
+    let from_config = |f: fn(&ServingConfig) -> i64| config.map(f);
+    let count = |flag: Option<usize>, configured: Option<i64>, default: usize, what: &str| match (
+        flag, configured,
+    ) {
+        (Some(v), _) => Ok(v),
+        (None, Some(v)) => usize::try_from(v)
+            .map_err(|_| ServeError::Options(format!("{what} is {v}, which is negative"))),
+        (None, None) => Ok(default),
+    };
+    let max_batch_tokens = count(
+        flags.max_batch_tokens,
+        from_config(|c| i64::from(c.max_batch_tokens)),
+        DEFAULT_MAX_BATCH_TOKENS,
+        "maxBatchTokens",
+    )?;
+    let max_concurrent_requests = count(
+        flags.max_concurrent_requests,
+        from_config(|c| i64::from(c.max_concurrent_requests)),
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+        "maxConcurrentRequests",
+    )?;
+    let checkpoint_step = match (
+        flags.checkpoint_step,
+        config.and_then(|c| c.checkpoint_step),
+    ) {
+        (Some(step), _) => Some(step),
+        (None, Some(step)) => Some(u64::try_from(step).map_err(|_| {
+            ServeError::Options(format!("checkpointStep is {step}, which is negative"))
+        })?),
+        (None, None) => None,
+    };
+    let port = flags
+        .port
+        .or_else(|| config.map(|c| c.port))
+        .unwrap_or(SERVING_PORT);
+    let host = flags.host.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let metrics_listen = match flags.metrics_addr.as_deref() {
+        Some("off") => None,
+        Some(addr) => Some(addr.parse().map_err(|e| {
+            ServeError::Options(format!("metrics address {addr:?} is not host:port: {e}"))
+        })?),
+        None => Some(SocketAddr::new(host, METRICS_PORT)),
+    };
+    let options = ServeOptions {
+        model_dir,
+        format: flags.format.or_else(|| config.map(|c| c.format)),
+        checkpoint_step,
+        model_name: flags.served_model_name.or_else(|| {
+            // The service's name, as its clients know it (`namespace/name`).
+            config.and_then(|c| c.service.rsplit('/').next().map(str::to_owned))
+        }),
+        listen: SocketAddr::new(host, port),
+        metrics_listen,
+        max_batch_tokens,
+        max_concurrent_requests,
+        max_queued_requests: flags
+            .max_queued_requests
+            .unwrap_or(QUEUE_PER_RUNNING_SLOT * max_concurrent_requests),
+        kv_cache_bytes: flags
+            .kv_cache_mib
+            .map_or(DEFAULT_KV_CACHE_BYTES, |mib| mib.saturating_mul(1 << 20)),
+        page_size: DEFAULT_PAGE_SIZE,
+    };
+    Ok((options, warnings))
+}
+
+/// Refuses what this server cannot do at all; warns where it serves anyway.
+fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result<(), ServeError> {
+    let ranks = config.parallelism.ranks_per_replica();
+    if ranks > 1 || config.parallelism.expert_parallel > 1 {
+        return Err(ServeError::Options(format!(
+            "this replica has {ranks} ranks (expertParallel {}); multi-process serving is not implemented yet, use one process per replica",
+            config.parallelism.expert_parallel
+        )));
+    }
+    if config.device == Device::Cuda {
+        warnings.push(
+            "device cuda: serving runs on the CPU so far (the CUDA serving path is not built yet)"
+                .into(),
+        );
+    }
+    if config.precision != ServingPrecision::Fp32 {
+        warnings.push(format!(
+            "precision {:?}: serving computes in fp32 so far",
+            config.precision
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_crds::ServingParallelism;
+
+    fn config() -> ServingConfig {
+        ServingConfig {
+            service: "serve/chat".into(),
+            model_dir: "/models/run".into(),
+            format: ModelFormat::Native,
+            checkpoint_step: Some(300),
+            model: None,
+            parallelism: ServingParallelism::default(),
+            port: 8001,
+            max_batch_tokens: 512,
+            max_concurrent_requests: 8,
+            precision: ServingPrecision::Fp32,
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn the_config_file_sets_what_flags_leave() {
+        let (o, warnings) = resolve(Some(&config()), Flags::default()).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(o.model_dir, PathBuf::from("/models/run"));
+        assert_eq!(
+            (
+                o.listen.port(),
+                o.max_batch_tokens,
+                o.max_concurrent_requests
+            ),
+            (8001, 512, 8)
+        );
+        assert_eq!(o.max_queued_requests, 32);
+        assert_eq!(o.checkpoint_step, Some(300));
+        assert_eq!(o.served_name(), "chat");
+        assert_eq!(o.metrics_listen.map(|a| a.port()), Some(METRICS_PORT));
+    }
+
+    #[test]
+    fn flags_win_and_work_alone() {
+        let flags = Flags {
+            model: Some("runs/tiny".into()),
+            port: Some(9000),
+            max_batch_tokens: Some(64),
+            metrics_addr: Some("off".into()),
+            ..Flags::default()
+        };
+        let (o, _) = resolve(Some(&config()), flags.clone()).unwrap();
+        assert_eq!(
+            (o.model_dir.to_str(), o.listen.port(), o.max_batch_tokens),
+            (Some("runs/tiny"), 9000, 64)
+        );
+        assert_eq!(o.metrics_listen, None);
+        let (o, _) = resolve(None, flags).unwrap();
+        assert_eq!(o.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
+        assert!(
+            resolve(None, Flags::default()).is_err(),
+            "no model anywhere"
+        );
+    }
+
+    #[test]
+    fn multi_rank_replicas_are_refused_and_gpu_settings_warned() {
+        let mut c = config();
+        c.parallelism.expert_parallel = 2;
+        c.parallelism.processes_per_pod = 2;
+        assert!(resolve(Some(&c), Flags::default()).is_err());
+        let mut c = config();
+        c.device = Device::Cuda;
+        c.precision = ServingPrecision::Bf16;
+        let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
+        assert_eq!(warnings.len(), 2);
+    }
+}

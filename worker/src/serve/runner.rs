@@ -1,0 +1,460 @@
+//! The scheduler thread: the one thread that runs the model. It takes new
+//! requests from a channel, asks the [`Scheduler`] for each step's plan,
+//! runs it on the [`Engine`], samples, and sends each request its text as
+//! it is produced. A request whose receiver is gone (the client hung up)
+//! is cancelled at the next step and its KV pages return to the pool.
+//!
+//! Back-pressure is decided on the caller's side ([`EngineHandle::submit`])
+//! with a counter of requests not yet admitted, so an HTTP handler learns
+//! synchronously that the queue is full and can answer 429.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::serve::engine::{Chunk, Engine};
+use crate::serve::kv_cache::{KvStore, pages_for};
+use crate::serve::metrics::Metrics;
+use crate::serve::sampler::{Sampler, SamplingParams};
+use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
+use crate::serve::text::{TextAssembler, Tokenizer};
+
+/// What a request asks of the engine, already tokenised and validated.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// At least 1.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stops: Vec<String>,
+}
+
+/// Why a completion ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop string.
+    Stop,
+    /// `max_tokens`, or the end of the context.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// What the engine sends a request, in order: text pieces, then one `Done` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Too many requests wait already; retry later (HTTP 429).
+    QueueFull,
+    /// The prompt leaves no room for a completion in the context.
+    PromptTooLong { tokens: usize, context: usize },
+    /// The request can never fit in the KV cache.
+    TooLarge { pages: usize, total: usize },
+    /// The scheduler thread has stopped.
+    Stopped,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::QueueFull => write!(f, "the server is at capacity; retry later"),
+            Self::PromptTooLong { tokens, context } => write!(
+                f,
+                "the prompt has {tokens} tokens, but this model's context is {context} tokens \
+                 (prompt and completion together); shorten the prompt"
+            ),
+            Self::TooLarge { pages, total } => write!(
+                f,
+                "the request needs {pages} KV cache pages, more than the {total} the server has; \
+                 lower max_tokens or shorten the prompt"
+            ),
+            Self::Stopped => write!(f, "the engine has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// How the scheduler thread runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RunnerSettings {
+    pub limits: Limits,
+    pub kv_pages: usize,
+}
+
+struct Submission {
+    id: RequestId,
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+    accepted: Instant,
+}
+
+/// The HTTP side's way in: cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inbox: mpsc::Sender<Submission>,
+    next_id: Arc<AtomicU64>,
+    /// Requests accepted but not yet admitted into the running batch.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    context: usize,
+    page_size: usize,
+    kv_pages: usize,
+    tokenizer: Tokenizer,
+    pages_used: Arc<AtomicUsize>,
+}
+
+impl EngineHandle {
+    /// Longest sequence (prompt and completion) a request may reach.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    pub fn tokenizer(&self) -> Tokenizer {
+        self.tokenizer
+    }
+
+    /// KV pages held by sequences now (0 when nothing runs).
+    pub fn kv_pages_used(&self) -> usize {
+        self.pages_used.load(Ordering::Acquire)
+    }
+
+    pub fn kv_pages_total(&self) -> usize {
+        self.kv_pages
+    }
+
+    /// Queues `request`; its events arrive on the receiver. Dropping the
+    /// receiver cancels the request.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let prompt = request.prompt.len();
+        if prompt >= self.context {
+            return Err(SubmitError::PromptTooLong {
+                tokens: prompt,
+                context: self.context,
+            });
+        }
+        let max_len = (prompt + request.max_tokens).min(self.context);
+        let pages = pages_for(max_len, self.page_size);
+        if pages > self.kv_pages {
+            return Err(SubmitError::TooLarge {
+                pages,
+                total: self.kv_pages,
+            });
+        }
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.max_queued).then_some(q + 1)
+            })
+            .map_err(|_| SubmitError::QueueFull)?;
+        let (events, receiver) = unbounded_channel();
+        let submission = Submission {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            request,
+            events,
+            accepted: Instant::now(),
+        };
+        if self.inbox.send(submission).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(receiver)
+    }
+}
+
+/// Starts the scheduler thread for `engine`. It runs until every handle is dropped.
+pub fn start(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    settings: RunnerSettings,
+    metrics: Metrics,
+) -> std::io::Result<EngineHandle> {
+    let (inbox, receiver) = mpsc::channel();
+    let limits = settings.limits;
+    let handle = EngineHandle {
+        inbox,
+        next_id: Arc::new(AtomicU64::new(1)),
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_queued: limits.max_waiting,
+        context: engine.context(),
+        page_size: limits.page_size,
+        kv_pages: settings.kv_pages,
+        tokenizer,
+        pages_used: Arc::new(AtomicUsize::new(0)),
+    };
+    let store = KvStore::new(engine.kv_shape(limits.page_size), settings.kv_pages);
+    // The handle bounds the queue; the scheduler's own bound is only a backstop.
+    let scheduler_limits = Limits {
+        max_waiting: usize::MAX,
+        ..limits
+    };
+    metrics.kv_pages_total.set(settings.kv_pages as i64);
+    let mut runner = Runner {
+        engine,
+        tokenizer,
+        store,
+        scheduler: Scheduler::new(scheduler_limits, settings.kv_pages),
+        active: HashMap::new(),
+        metrics,
+        queued: Arc::clone(&handle.queued),
+        pages_used: Arc::clone(&handle.pages_used),
+    };
+    std::thread::Builder::new()
+        .name("moe-serve-scheduler".into())
+        .spawn(move || runner.run(&receiver))?;
+    Ok(handle)
+}
+
+/// A request the runner knows about.
+struct Active {
+    events: UnboundedSender<Event>,
+    /// The prompt, then every sampled token.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    text: TextAssembler,
+    admitted: bool,
+    accepted: Instant,
+    last_token: Option<Instant>,
+}
+
+impl Active {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+struct Runner {
+    engine: Engine,
+    tokenizer: Tokenizer,
+    store: KvStore,
+    scheduler: Scheduler,
+    active: HashMap<RequestId, Active>,
+    metrics: Metrics,
+    queued: Arc<AtomicUsize>,
+    pages_used: Arc<AtomicUsize>,
+}
+
+impl Runner {
+    fn run(&mut self, inbox: &mpsc::Receiver<Submission>) {
+        loop {
+            if self.scheduler.is_idle() {
+                match inbox.recv() {
+                    Ok(submission) => self.accept(submission),
+                    // Every handle is gone: the server is shutting down.
+                    Err(mpsc::RecvError) => return,
+                }
+            }
+            while let Ok(submission) = inbox.try_recv() {
+                self.accept(submission);
+            }
+            self.cancel_abandoned();
+            let work = self.scheduler.plan();
+            self.publish_gauges();
+            if work.is_empty() {
+                // Nothing can run (only possible if requests wait for pages
+                // that nothing will free); wait for news instead of spinning.
+                if let Ok(submission) = inbox.recv_timeout(Duration::from_millis(10)) {
+                    self.accept(submission);
+                }
+                continue;
+            }
+            self.run_step(&work);
+        }
+    }
+
+    fn accept(&mut self, submission: Submission) {
+        let Submission {
+            id,
+            request,
+            events,
+            accepted,
+        } = submission;
+        let prompt_len = request.prompt.len();
+        let max_len = (prompt_len + request.max_tokens).min(self.engine.context());
+        if let Err(e) = self.scheduler.enqueue(id, prompt_len, max_len) {
+            // The handle checked both limits already; this is a backstop.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = events.send(Event::Failed(format!("not scheduled: {e:?}")));
+            return;
+        }
+        self.active.insert(
+            id,
+            Active {
+                events,
+                tokens: request.prompt,
+                prompt_len,
+                max_tokens: request.max_tokens,
+                sampler: Sampler::new(request.sampling),
+                text: TextAssembler::new(request.stops),
+                admitted: false,
+                accepted,
+                last_token: None,
+            },
+        );
+    }
+
+    /// Drops every request whose client is gone.
+    fn cancel_abandoned(&mut self) {
+        let gone: Vec<RequestId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            tracing::debug!(id, "client gone; cancelling");
+            self.finish(id);
+        }
+    }
+
+    /// Removes a request from the scheduler (returning its pages) and from the runner.
+    fn finish(&mut self, id: RequestId) {
+        if let Some(active) = self.active.remove(&id)
+            && !active.admitted
+        {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Err(e) = self.scheduler.remove(id) {
+            // A bookkeeping bug; the pool stays consistent (the free stopped).
+            tracing::error!(id, error = %e, "KV page bookkeeping");
+        }
+    }
+
+    fn run_step(&mut self, work: &[Work]) {
+        for w in work {
+            if let Some(active) = self.active.get_mut(&w.id)
+                && !active.admitted
+            {
+                active.admitted = true;
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.metrics.prompt_tokens.inc_by(active.prompt_len as u64);
+            }
+        }
+        let chunks: Vec<Chunk<'_>> = work
+            .iter()
+            .map(|w| Chunk {
+                pages: &w.pages,
+                start: w.start,
+                tokens: self
+                    .active
+                    .get(&w.id)
+                    .map_or(&[][..], |a| &a.tokens[w.start..w.start + w.len]),
+                logits: w.sample,
+            })
+            .collect();
+        self.metrics.batch_size.observe(work.len() as f64);
+        self.metrics
+            .batch_tokens
+            .observe(work.iter().map(|w| w.len).sum::<usize>() as f64);
+        let logits = match self.engine.step(&mut self.store, &chunks) {
+            Ok(logits) => logits,
+            Err(e) => {
+                tracing::error!(error = %e, "step failed; failing its requests");
+                for w in work {
+                    if let Some(active) = self.active.get(&w.id) {
+                        let _ = active.events.send(Event::Failed(e.to_string()));
+                    }
+                    self.finish(w.id);
+                }
+                return;
+            }
+        };
+        self.scheduler.complete(work);
+        let vocab = self.engine.config().vocab;
+        let sampled = work.iter().filter(|w| w.sample);
+        for (w, row) in sampled.zip(logits.chunks_exact(vocab)) {
+            self.take_token(w.id, row);
+        }
+        self.publish_gauges();
+    }
+
+    /// Samples request `id`'s next token from `logits` and tells the client.
+    fn take_token(&mut self, id: RequestId, logits: &[f32]) {
+        let (tokenizer, context) = (self.tokenizer, self.engine.context());
+        let Some(active) = self.active.get_mut(&id) else {
+            return;
+        };
+        let decodable = &logits[..tokenizer.vocab().min(logits.len())];
+        let token = active.sampler.sample(decodable);
+        active.tokens.push(token);
+        let now = Instant::now();
+        match active.last_token {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - active.accepted).as_secs_f64()),
+            Some(last) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - last).as_secs_f64()),
+        }
+        active.last_token = Some(now);
+        self.metrics.generation_tokens.inc();
+        let delta = active.text.push(&tokenizer.token_bytes(token));
+        let finish = if delta.stopped {
+            Some(FinishReason::Stop)
+        } else if active.generated() >= active.max_tokens || active.tokens.len() >= context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let mut text = delta.text;
+        if finish == Some(FinishReason::Length) {
+            text.push_str(&active.text.finish());
+        }
+        // A failed send means the client is gone; the next step cancels it.
+        if !text.is_empty() {
+            let _ = active.events.send(Event::Text(text));
+        }
+        if let Some(finish) = finish {
+            let done = Event::Done {
+                finish,
+                prompt_tokens: active.prompt_len,
+                completion_tokens: active.generated(),
+            };
+            let events = active.events.clone();
+            // Free the pages and update the gauges before the client hears
+            // it is done: one that reads /metrics right after its response
+            // must not still count itself in flight.
+            self.finish(id);
+            self.publish_gauges();
+            let _ = events.send(done);
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        let (waiting, running) = (self.scheduler.waiting(), self.scheduler.running());
+        m.queue_depth.set(waiting as i64);
+        m.running.set(running as i64);
+        m.inflight.set((waiting + running) as i64);
+        let used = self.scheduler.pages_used();
+        m.kv_pages_used.set(used as i64);
+        self.pages_used.store(used, Ordering::Release);
+    }
+}

@@ -1,0 +1,174 @@
+//! Choosing the next token from the logits: greedy at temperature 0,
+//! otherwise a draw from the temperature-scaled softmax restricted to the
+//! `top_k` most likely tokens and then to the smallest set whose probability
+//! reaches `top_p` (nucleus sampling, Holtzman et al., 2020).
+//!
+//! Deterministic: a request with a seed draws from its own generator, so
+//! the same request gives the same tokens however it is batched.
+
+use crate::rng::SplitMix64;
+
+/// How a request wants its tokens drawn (already validated by the API layer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// In (0, 1]; 1 keeps every token.
+    pub top_p: f64,
+    /// 0 keeps every token.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// One request's sampler: its parameters and random stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        Self {
+            rng: SplitMix64::new(params.seed),
+            params,
+        }
+    }
+
+    /// The next token from `logits` (one per vocabulary entry the tokenizer
+    /// can decode). Non-finite logits are never chosen unless all are.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        // Candidates by descending logit, ties by ascending id (a total order,
+        // so the draw is reproducible).
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&t| logits[t as usize].is_finite())
+            .collect();
+        if order.is_empty() {
+            return 0;
+        }
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        if self.params.top_k > 0 {
+            order.truncate(self.params.top_k);
+        }
+        let max = f64::from(logits[order[0] as usize]);
+        let weights: Vec<f64> = order
+            .iter()
+            .map(|&t| ((f64::from(logits[t as usize]) - max) / self.params.temperature).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        // The nucleus: the shortest prefix whose probability reaches top_p.
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for w in &weights {
+            kept += 1;
+            mass += w / total;
+            if mass >= self.params.top_p {
+                break;
+            }
+        }
+        let kept_total: f64 = weights[..kept].iter().sum();
+        let mut u = self.rng.uniform() * kept_total;
+        for (&t, &w) in order.iter().zip(&weights[..kept]) {
+            if u < w {
+                return t;
+            }
+            u -= w;
+        }
+        // Rounding can leave u a hair above the last weight.
+        order[kept - 1]
+    }
+}
+
+/// The most likely token; the lowest id among equals.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (t, &l) in logits.iter().enumerate() {
+        if l > logits[best] || (logits[best].is_nan() && !l.is_nan()) {
+            best = t;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f64, top_p: f64, top_k: usize, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        }
+    }
+
+    fn frequencies(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<f64> {
+        let mut sampler = Sampler::new(params);
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            counts[sampler.sample(logits) as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.5, 2.0, 2.0, -1.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.0]), 1);
+        let mut sampler = Sampler::new(params(0.0, 1.0, 0, 9));
+        assert_eq!(sampler.sample(&[0.1, 0.3, 0.2]), 1);
+    }
+
+    #[test]
+    fn temperature_one_draws_from_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        let f = frequencies(params(1.0, 1.0, 0, 1), &logits, 40_000);
+        for (fi, &l) in f.iter().zip(&logits) {
+            let p = f64::from(l).exp() / z;
+            assert!((fi - p).abs() < 0.01, "frequency {fi} vs probability {p}");
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_tail() {
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let f = frequencies(params(1.0, 1.0, 2, 2), &logits, 10_000);
+        assert_eq!((f[2], f[3]), (0.0, 0.0), "top-k 2 keeps tokens 0 and 1");
+        // Softmax of [3, 2, 1, 0] is about [0.64, 0.24, 0.09, 0.03]: top-p 0.8
+        // keeps the first two (0.64 < 0.8 <= 0.88).
+        let f = frequencies(params(1.0, 0.8, 0, 3), &logits, 10_000);
+        assert_eq!((f[2], f[3]), (0.0, 0.0));
+        assert!(f[1] > 0.2, "the second token stays in the nucleus");
+    }
+
+    #[test]
+    fn a_seed_fixes_the_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(params(0.9, 0.95, 20, seed));
+            (0..30).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+}

@@ -1,0 +1,311 @@
+//! Continuous batching, as pure bookkeeping: which requests run, which
+//! tokens each feeds into the next step, and which KV pages each holds.
+//! No model and no I/O here; the runner executes the plans.
+//!
+//! Policy, per step:
+//! 1. every running sequence that is decoding feeds its one new token
+//!    (decodes go first: they are what keeps streams flowing);
+//! 2. running sequences still prefilling get chunks of their prompts, in
+//!    admission order, within what is left of `max_batch_tokens`;
+//! 3. waiting requests are admitted strictly first-in first-out while a
+//!    running slot, the token budget and KV pages allow; the head of the
+//!    queue is never overtaken, so a long prompt cannot starve.
+//!
+//! A request is admitted only with pages for its whole length (prompt plus
+//! the most tokens it may generate), so a running sequence never runs out
+//! of cache mid-flight and nothing has to be preempted. Pages return to the
+//! pool when the request finishes or is cancelled.
+
+use std::collections::VecDeque;
+
+use crate::serve::kv_cache::{NotAllocated, PageAllocator, PageId, pages_for};
+
+/// Identifies a request for its whole life.
+pub type RequestId = u64;
+
+/// The scheduler's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Tokens fed into one step, over all sequences (≥ `max_running`, so
+    /// every decoding sequence fits in every step).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Requests waiting for admission; more are refused.
+    pub max_waiting: usize,
+    pub page_size: usize,
+}
+
+/// Why a request was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The waiting queue is full: try again later.
+    QueueFull,
+    /// It needs more KV pages than the whole cache has.
+    TooLarge { pages: usize, total: usize },
+}
+
+#[derive(Clone, Debug)]
+struct Waiting {
+    id: RequestId,
+    prompt_len: usize,
+    /// Prompt plus the most tokens it may generate.
+    max_len: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Running {
+    id: RequestId,
+    pages: Vec<PageId>,
+    /// Tokens known: the prompt and every sampled token.
+    known: usize,
+    /// Tokens whose keys and values are in the cache.
+    cached: usize,
+    prompt_len: usize,
+}
+
+/// One sequence's work in a planned step: feed tokens `start..start + len`
+/// of it; sample the next token after them when `sample`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub id: RequestId,
+    pub start: usize,
+    pub len: usize,
+    pub sample: bool,
+    pub pages: Vec<PageId>,
+}
+
+/// The requests and the page pool.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    limits: Limits,
+    pages: PageAllocator,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Running>,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits, total_pages: usize) -> Self {
+        Self {
+            limits,
+            pages: PageAllocator::new(total_pages),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn pages_used(&self) -> usize {
+        self.pages.used()
+    }
+
+    pub fn pages_total(&self) -> usize {
+        self.pages.total()
+    }
+
+    /// Queues a request of `prompt_len` tokens that may grow to `max_len`.
+    pub fn enqueue(
+        &mut self,
+        id: RequestId,
+        prompt_len: usize,
+        max_len: usize,
+    ) -> Result<(), Rejected> {
+        let pages = pages_for(max_len, self.limits.page_size);
+        if pages > self.pages.total() {
+            return Err(Rejected::TooLarge {
+                pages,
+                total: self.pages.total(),
+            });
+        }
+        if self.waiting.len() >= self.limits.max_waiting {
+            return Err(Rejected::QueueFull);
+        }
+        self.waiting.push_back(Waiting {
+            id,
+            prompt_len,
+            max_len,
+        });
+        Ok(())
+    }
+
+    /// Plans the next step (admitting what fits). Empty when idle.
+    pub fn plan(&mut self) -> Vec<Work> {
+        let mut budget = self.limits.max_batch_tokens;
+        let mut work = Vec::new();
+        // 1. Decodes.
+        for seq in &self.running {
+            if seq.cached >= seq.prompt_len && seq.known - seq.cached == 1 && budget > 0 {
+                budget -= 1;
+                work.push(feed(seq, 1));
+            }
+        }
+        // 2. Prefills already under way, in admission order.
+        for seq in &self.running {
+            if seq.cached < seq.prompt_len && budget > 0 {
+                let len = budget.min(seq.known - seq.cached);
+                budget -= len;
+                work.push(feed(seq, len));
+            }
+        }
+        // 3. Admissions, first in first out.
+        while budget > 0 && self.running.len() < self.limits.max_running {
+            let Some(head) = self.waiting.front() else {
+                break;
+            };
+            let Some(pages) = self
+                .pages
+                .allocate(pages_for(head.max_len, self.limits.page_size))
+            else {
+                break;
+            };
+            let head = self.waiting.pop_front().expect("the head was just seen");
+            let seq = Running {
+                id: head.id,
+                pages,
+                known: head.prompt_len,
+                cached: 0,
+                prompt_len: head.prompt_len,
+            };
+            let len = budget.min(seq.known);
+            budget -= len;
+            work.push(feed(&seq, len));
+            self.running.push(seq);
+        }
+        work
+    }
+
+    /// Records that a planned step ran: `work`'s tokens are cached, and
+    /// each sampled sequence has one more known token.
+    pub fn complete(&mut self, work: &[Work]) {
+        for w in work {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == w.id) {
+                seq.cached = w.start + w.len;
+                if w.sample {
+                    seq.known += 1;
+                }
+            }
+        }
+    }
+
+    /// Removes a request, waiting or running, returning its pages. Unknown
+    /// ids are fine (a request can finish and be cancelled in the same step).
+    pub fn remove(&mut self, id: RequestId) -> Result<(), NotAllocated> {
+        self.waiting.retain(|w| w.id != id);
+        if let Some(at) = self.running.iter().position(|s| s.id == id) {
+            let seq = self.running.remove(at);
+            self.pages.free(&seq.pages)?;
+        }
+        Ok(())
+    }
+}
+
+fn feed(seq: &Running, len: usize) -> Work {
+    Work {
+        id: seq.id,
+        start: seq.cached,
+        len,
+        sample: seq.cached + len == seq.known,
+        pages: seq.pages.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_batch_tokens: usize, max_running: usize, max_waiting: usize) -> Limits {
+        Limits {
+            max_batch_tokens,
+            max_running,
+            max_waiting,
+            page_size: 4,
+        }
+    }
+
+    /// Plans and completes one step; returns `(id, len, sample)` per work item.
+    fn step(s: &mut Scheduler) -> Vec<(RequestId, usize, bool)> {
+        let work = s.plan();
+        s.complete(&work);
+        work.iter().map(|w| (w.id, w.len, w.sample)).collect()
+    }
+
+    #[test]
+    fn prompts_are_chunked_within_the_token_budget() {
+        let mut s = Scheduler::new(limits(8, 4, 8), 100);
+        s.enqueue(1, 10, 12).unwrap();
+        s.enqueue(2, 3, 5).unwrap();
+        assert_eq!(step(&mut s), [(1, 8, false)]);
+        // Request 1 finishes its prompt; 2 is admitted with what is left.
+        assert_eq!(step(&mut s), [(1, 2, true), (2, 3, true)]);
+        // Both decode.
+        assert_eq!(step(&mut s), [(1, 1, true), (2, 1, true)]);
+    }
+
+    #[test]
+    fn decodes_go_before_prefills() {
+        let mut s = Scheduler::new(limits(4, 4, 8), 100);
+        s.enqueue(1, 2, 6).unwrap();
+        assert_eq!(step(&mut s), [(1, 2, true)]);
+        s.enqueue(2, 9, 12).unwrap();
+        assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
+        assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
+    }
+
+    #[test]
+    fn admission_is_first_in_first_out_and_waits_for_pages() {
+        // 4 pages of 4 tokens: request 1 takes 3, request 2 needs 2.
+        let mut s = Scheduler::new(limits(64, 8, 8), 4);
+        s.enqueue(1, 4, 12).unwrap();
+        s.enqueue(2, 4, 8).unwrap();
+        s.enqueue(3, 1, 4).unwrap();
+        assert_eq!(step(&mut s), [(1, 4, true)]);
+        // Request 3 would fit, but 2 is first in line.
+        assert_eq!(step(&mut s), [(1, 1, true)]);
+        assert_eq!(s.pages_used(), 3);
+        s.remove(1).unwrap();
+        assert_eq!(s.pages_used(), 0);
+        assert_eq!(step(&mut s), [(2, 4, true), (3, 1, true)]);
+        s.remove(2).unwrap();
+        s.remove(3).unwrap();
+        assert!(s.is_idle());
+        assert_eq!(s.pages_used(), 0);
+    }
+
+    #[test]
+    fn running_slots_bound_the_batch() {
+        let mut s = Scheduler::new(limits(64, 2, 8), 100);
+        for id in 1..=3 {
+            s.enqueue(id, 1, 4).unwrap();
+        }
+        assert_eq!(step(&mut s), [(1, 1, true), (2, 1, true)]);
+        assert_eq!((s.running(), s.waiting()), (2, 1));
+        s.remove(1).unwrap();
+        assert_eq!(step(&mut s), [(2, 1, true), (3, 1, true)]);
+    }
+
+    #[test]
+    fn a_full_queue_and_an_oversized_request_are_refused() {
+        let mut s = Scheduler::new(limits(8, 1, 2), 3);
+        assert_eq!(
+            s.enqueue(9, 4, 13),
+            Err(Rejected::TooLarge { pages: 4, total: 3 })
+        );
+        s.enqueue(1, 1, 4).unwrap();
+        s.enqueue(2, 1, 4).unwrap();
+        assert_eq!(s.enqueue(3, 1, 4), Err(Rejected::QueueFull));
+        // Cancelling a waiting request frees its place in the queue.
+        s.remove(2).unwrap();
+        s.enqueue(3, 1, 4).unwrap();
+    }
+}

@@ -1,0 +1,228 @@
+//! Tokens in, text out: the tokenizer a served model uses, and the
+//! assembly of a completion's text with stop strings.
+//!
+//! Streaming has two hazards the [`TextAssembler`] handles: a token can end
+//! in the middle of a multi-byte UTF-8 character (its bytes are held until
+//! the character is complete), and the text just generated can be the
+//! beginning of a stop string (held until it is clear it is not, because
+//! text already sent cannot be taken back).
+
+use crate::data::tokenizer;
+
+/// How a served model turns text into token ids and back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// One token per byte, as the worker's training data path tokenises
+    /// ([`crate::data::tokenizer`]).
+    Bytes,
+}
+
+impl Tokenizer {
+    pub fn encode(self, text: &str) -> Vec<u32> {
+        match self {
+            Self::Bytes => tokenizer::encode(text.as_bytes()),
+        }
+    }
+
+    /// The bytes of one token (none for an id the tokenizer never produces).
+    pub fn token_bytes(self, token: u32) -> Vec<u8> {
+        match self {
+            Self::Bytes => tokenizer::decode(&[token]).unwrap_or_default(),
+        }
+    }
+
+    /// Ids below this can be decoded; the sampler draws only from them even
+    /// when the model's vocabulary is larger.
+    pub fn vocab(self) -> usize {
+        match self {
+            Self::Bytes => tokenizer::VOCAB,
+        }
+    }
+
+    /// The prompt for a chat. Own checkpoints carry no chat template, so
+    /// this is a plain transcript that ends where the assistant speaks.
+    pub fn chat_prompt(self, messages: &[(String, String)]) -> String {
+        let mut prompt = String::new();
+        for (role, content) in messages {
+            prompt.push_str(role);
+            prompt.push_str(": ");
+            prompt.push_str(content);
+            prompt.push('\n');
+        }
+        prompt.push_str("assistant:");
+        prompt
+    }
+}
+
+/// What one more token did to the completion's text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Text that is now final, to send.
+    pub text: String,
+    /// A stop string appeared: the completion ends (the stop string is not part of it).
+    pub stopped: bool,
+}
+
+/// A completion's text so far, with what has been released to the client.
+#[derive(Clone, Debug, Default)]
+pub struct TextAssembler {
+    stops: Vec<String>,
+    /// Bytes of an incomplete UTF-8 character.
+    pending: Vec<u8>,
+    /// Decoded text not yet released (it may begin a stop string).
+    held: String,
+}
+
+impl TextAssembler {
+    /// Empty stop strings are ignored (they would stop before any text).
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds one token's bytes.
+    pub fn push(&mut self, bytes: &[u8]) -> Delta {
+        self.pending.extend_from_slice(bytes);
+        let decoded = take_complete_utf8(&mut self.pending);
+        self.held.push_str(&decoded);
+        if let Some(at) = self.earliest_stop() {
+            self.held.truncate(at);
+            self.pending.clear();
+            return Delta {
+                text: std::mem::take(&mut self.held),
+                stopped: true,
+            };
+        }
+        let keep = self.stop_prefix_len();
+        let release = self.held.len() - keep;
+        let text = self.held[..release].to_owned();
+        self.held.drain(..release);
+        Delta {
+            text,
+            stopped: false,
+        }
+    }
+
+    /// The completion ended for another reason: everything still held is
+    /// final (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let mut text = std::mem::take(&mut self.held);
+        text.push_str(&String::from_utf8_lossy(&std::mem::take(&mut self.pending)));
+        text
+    }
+
+    /// Byte offset in `held` where the first stop string begins, if any.
+    fn earliest_stop(&self) -> Option<usize> {
+        self.stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+    }
+
+    /// Length of the longest end of `held` that begins some stop string.
+    fn stop_prefix_len(&self) -> usize {
+        let mut longest = 0;
+        for stop in &self.stops {
+            for (end, _) in stop.char_indices().skip(1) {
+                if end > longest && self.held.ends_with(&stop[..end]) {
+                    longest = end;
+                }
+            }
+        }
+        longest
+    }
+}
+
+/// Removes and returns the longest valid UTF-8 prefix of `bytes`, leaving an
+/// incomplete trailing character; bytes that can never be valid become U+FFFD.
+fn take_complete_utf8(bytes: &mut Vec<u8>) -> String {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                out.push_str(text);
+                bytes.clear();
+                return out;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
+                match e.error_len() {
+                    // Invalid bytes: replace them and go on.
+                    Some(bad) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        bytes.drain(..valid + bad);
+                    }
+                    // An incomplete character at the end: wait for more.
+                    None => {
+                        bytes.drain(..valid);
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(assembler: &mut TextAssembler, text: &[u8]) -> (String, bool) {
+        let mut out = String::new();
+        for &b in text {
+            let delta = assembler.push(&[b]);
+            out.push_str(&delta.text);
+            if delta.stopped {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn multibyte_characters_are_released_whole() {
+        let mut a = TextAssembler::new(vec![]);
+        let bytes = "é€".as_bytes();
+        assert_eq!(a.push(&bytes[..1]).text, "");
+        assert_eq!(a.push(&bytes[1..3]).text, "é");
+        assert_eq!(a.push(&bytes[3..]).text, "€");
+        assert_eq!(a.push(&[0xff]).text, "\u{fffd}");
+        a.push(&[0xe2]);
+        assert_eq!(a.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn stop_strings_end_the_text_before_them() {
+        let mut a = TextAssembler::new(vec!["\n\n".into(), "END".into()]);
+        assert_eq!(feed(&mut a, b"hello EN"), ("hello ".into(), false));
+        assert_eq!(feed(&mut a, b"D tail"), (String::new(), true));
+        let mut a = TextAssembler::new(vec!["END".into()]);
+        // A near miss is released once it cannot be a stop string.
+        assert_eq!(feed(&mut a, b"ENx EN"), ("ENx ".into(), false));
+        assert_eq!(a.finish(), "EN");
+    }
+
+    #[test]
+    fn the_earliest_stop_wins() {
+        let mut a = TextAssembler::new(vec!["cd".into(), "b".into()]);
+        let delta = a.push(b"abcd");
+        assert_eq!((delta.text.as_str(), delta.stopped), ("a", true));
+    }
+
+    #[test]
+    fn byte_tokens_round_trip() {
+        let t = Tokenizer::Bytes;
+        let ids = t.encode("hé");
+        assert_eq!(ids, [104, 195, 169]);
+        let mut a = TextAssembler::new(vec![]);
+        let text: String = ids
+            .iter()
+            .map(|&i| a.push(&t.token_bytes(i)).text)
+            .collect();
+        assert_eq!(text, "hé");
+        assert!(t.token_bytes(300).is_empty());
+    }
+}

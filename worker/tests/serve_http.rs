@@ -1,0 +1,290 @@
+//! The HTTP API end to end on loopback: bad input gets 4xx OpenAI-style
+//! errors and the server keeps answering; streaming and non-streaming give
+//! the same text; a full queue gets 429 with Retry-After; a client that hangs
+//! up mid-stream gets its request cancelled and its KV pages returned.
+
+mod serve_support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use serve_support::{
+    CONTEXT, TempDir, assert_kv_pages_return, full_text, options, post_json, request, send,
+    spec_with_context, start_server, start_server_for, streamed_text,
+};
+
+#[test]
+fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let dir = TempDir::new("bad-input");
+    let server = start_server(&dir, &options(&dir.0));
+    let addr = server.addr;
+    let long_prompt = "x".repeat(CONTEXT);
+    let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
+        (
+            "malformed JSON",
+            "/v1/completions",
+            b"{\"prompt\": \"a\",".to_vec(),
+            400,
+        ),
+        ("not an object", "/v1/completions", b"[1, 2]".to_vec(), 400),
+        (
+            "no prompt",
+            "/v1/completions",
+            b"{\"model\": \"tiny\"}".to_vec(),
+            400,
+        ),
+        (
+            "invalid UTF-8",
+            "/v1/completions",
+            b"{\"prompt\": \"\xff\xfe\"}".to_vec(),
+            400,
+        ),
+        (
+            "unknown model",
+            "/v1/completions",
+            json!({"model": "gpt-9", "prompt": "a"})
+                .to_string()
+                .into_bytes(),
+            404,
+        ),
+        (
+            "prompt longer than the context",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": long_prompt})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "negative max_tokens",
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": -1})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "zero max_tokens",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 0})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "no messages",
+            "/v1/chat/completions",
+            json!({"messages": []}).to_string().into_bytes(),
+            400,
+        ),
+        (
+            "temperature out of range",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "a"}], "temperature": 7})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        ("unknown endpoint", "/v1/embeddings", b"{}".to_vec(), 404),
+    ];
+    for (what, path, body, status) in cases {
+        let response = request(addr, "POST", path, &body);
+        assert_eq!(
+            response.status,
+            status,
+            "{what}: {:?}",
+            String::from_utf8_lossy(&response.body)
+        );
+        let error = &response.json()["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()) && error["type"].is_string(),
+            "{what}: not an OpenAI error body: {error}"
+        );
+    }
+    let too_long = request(
+        addr,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "x".repeat(CONTEXT)})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(too_long.json()["error"]["code"], "context_length_exceeded");
+
+    // Still serving.
+    let ok = post_json(
+        addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert!(!full_text(&ok).is_empty());
+    assert_eq!(
+        ok.json()["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9})
+    );
+    assert_kv_pages_return(&server);
+}
+
+#[test]
+fn models_probes_and_metrics_answer() {
+    let dir = TempDir::new("endpoints");
+    let server = start_server(&dir, &options(&dir.0));
+    let models = request(server.addr, "GET", "/v1/models", b"");
+    assert_eq!(models.status, 200);
+    assert_eq!(models.json()["data"][0]["id"], "tiny");
+    assert_eq!(models.json()["data"][0]["max_model_len"], CONTEXT);
+    for probe in ["/health", "/healthz", "/readyz"] {
+        assert_eq!(
+            request(server.addr, "GET", probe, b"").status,
+            200,
+            "{probe}"
+        );
+    }
+    post_json(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "ab", "max_tokens": 3}),
+    );
+    let metrics = request(server.addr, "GET", "/metrics", b"");
+    let text = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        "moe_serving_prompt_tokens_total 2",
+        "moe_serving_generation_tokens_total 3",
+        "moe_serving_inflight_requests 0",
+        "moe_serving_kv_cache_pages_used 0",
+        "moe_serving_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1",
+        "moe_serving_time_to_first_token_seconds_count 1",
+        "moe_serving_inter_token_latency_seconds_count 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+}
+
+#[test]
+fn streaming_gives_the_same_text_as_a_single_response() {
+    let dir = TempDir::new("streaming");
+    let server = start_server(&dir, &options(&dir.0));
+    let bodies = [
+        (
+            "/v1/completions",
+            json!({"prompt": "The quick brown", "max_tokens": 24, "temperature": 0}),
+        ),
+        // Seeded sampling is as reproducible as greedy decoding.
+        (
+            "/v1/completions",
+            json!({"prompt": "Once", "max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0}),
+        ),
+    ];
+    for (path, body) in bodies {
+        let single = post_json(server.addr, path, &body);
+        let mut streaming = body.clone();
+        streaming["stream"] = json!(true);
+        let streamed = post_json(server.addr, path, &streaming);
+        assert_eq!(streamed.status, 200);
+        assert!(
+            streamed
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("text/event-stream"))
+        );
+        let (text, finish) = streamed_text(&streamed);
+        assert_eq!(text, full_text(&single), "{path} {body}");
+        assert_eq!(
+            finish.as_deref(),
+            single.json()["choices"][0]["finish_reason"].as_str()
+        );
+    }
+    // A stop string ends the text before it, in both forms.
+    let unstopped = full_text(&post_json(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "abc", "max_tokens": 30, "temperature": 0}),
+    ));
+    let chars: Vec<char> = unstopped.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 1].iter().collect();
+    let expected = &unstopped[..unstopped.find(&stop).unwrap()];
+    let body = json!({"prompt": "abc", "max_tokens": 30, "temperature": 0, "stop": [stop]});
+    let single = post_json(server.addr, "/v1/completions", &body);
+    assert_eq!(full_text(&single), expected);
+    assert_eq!(single.json()["choices"][0]["finish_reason"], "stop");
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let (text, finish) = streamed_text(&post_json(server.addr, "/v1/completions", &streaming));
+    assert_eq!((text.as_str(), finish.as_deref()), (expected, Some("stop")));
+    assert_kv_pages_return(&server);
+}
+
+/// Reads from `stream` until `needle` appears.
+fn read_until(stream: &mut std::net::TcpStream, needle: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "closed before {:?}", String::from_utf8_lossy(needle));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+fn metric(server: &moe_worker::serve::Server, name: &str) -> f64 {
+    let metrics = request(server.addr, "GET", "/metrics", b"");
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn a_full_queue_gets_429_and_a_hang_up_cancels() {
+    // A long context, so the first request is still generating (thousands
+    // of tokens) while the test fills the queue and hangs up.
+    const LONG: usize = 4096;
+    let dir = TempDir::new("backpressure");
+    let mut opts = options(&dir.0);
+    opts.max_concurrent_requests = 1;
+    opts.max_queued_requests = 1;
+    let server = start_server_for(&dir, &opts, &spec_with_context(LONG));
+    let long =
+        json!({"prompt": "a", "max_tokens": LONG, "temperature": 0, "stream": true}).to_string();
+    let mut running = send(server.addr, "POST", "/v1/completions", long.as_bytes());
+    read_until(&mut running, b"data: ");
+    // The second waits in the queue (its response head comes at once)...
+    let mut queued = send(server.addr, "POST", "/v1/completions", long.as_bytes());
+    read_until(&mut queued, b"\r\n\r\n");
+    // ...and the third finds the queue full.
+    let refused = post_json(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 1}),
+    );
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
+
+    // Both clients hang up mid-stream: their requests are cancelled long
+    // before either could have generated all its tokens.
+    drop(running);
+    drop(queued);
+    assert_kv_pages_return(&server);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "moe_serving_inflight_requests") != 0.0 {
+        assert!(Instant::now() < deadline, "requests still in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = metric(&server, "moe_serving_generation_tokens_total");
+    assert!(
+        generated < (LONG - 1) as f64,
+        "{generated} tokens: the first request ran to its end"
+    );
+    let ok = post_json(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 2}),
+    );
+    assert_eq!(ok.status, 200);
+    assert_kv_pages_return(&server);
+}

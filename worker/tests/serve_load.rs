@@ -1,0 +1,70 @@
+//! Finding the model in what a training run leaves behind, and clear
+//! errors naming what is missing when there is none.
+
+mod serve_support;
+
+use moe_crds::ModelFormat;
+use moe_worker::serve::load::{self, Detected, LoadError};
+use serve_support::{TempDir, tiny_model, tiny_spec, write_checkpoint};
+
+#[test]
+fn a_run_a_checkpoint_directory_and_a_checkpoint_all_load() {
+    let dir = TempDir::new("load-layouts");
+    let model = tiny_model(21);
+    let step_dir = write_checkpoint(&dir.0, &tiny_spec(), &model);
+    let checkpoints = dir.0.join("checkpoints");
+    for path in [&dir.0, &checkpoints, &step_dir] {
+        assert_eq!(
+            load::detect(path, None, None).unwrap(),
+            Detected::Native(step_dir.clone()),
+            "{}",
+            path.display()
+        );
+        let loaded = load::load(path, Some(ModelFormat::Native), Some(0)).unwrap();
+        let values = |m: &moe_worker::model::Model<f32>| -> Vec<Vec<f32>> {
+            let tensors = m.tensors().into_iter().map(|t| t.values.to_vec());
+            let biases = m.moe_layers().map(|l| l.selection_bias.clone());
+            tensors.chain(biases).collect()
+        };
+        assert_eq!(
+            values(&loaded.model),
+            values(&model),
+            "every weight and selection bias"
+        );
+        assert_eq!(loaded.step, 0);
+    }
+}
+
+#[test]
+fn missing_or_foreign_models_are_named() {
+    let dir = TempDir::new("load-errors");
+    let error = |path: &std::path::Path, format, step| {
+        load::load(path, format, step).unwrap_err().to_string()
+    };
+    let absent = dir.0.join("absent");
+    assert!(error(&absent, None, None).contains("does not exist"));
+    let message = error(&dir.0, None, None);
+    assert!(
+        message.contains("manifest.json") && message.contains("config.json"),
+        "{message}"
+    );
+
+    // A Hugging Face directory is recognised, and refused by name.
+    let hf = dir.0.join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), r#"{"model_type": "qwen2_moe"}"#).unwrap();
+    std::fs::write(hf.join("model.safetensors"), b"").unwrap();
+    assert!(matches!(
+        load::load(&hf, None, None),
+        Err(LoadError::Unsupported { .. })
+    ));
+    assert!(error(&hf, Some(ModelFormat::Native), None).contains("holds no model"));
+
+    // A step that is not there, and a checkpoint with its state file gone.
+    let step_dir = write_checkpoint(&dir.0, &tiny_spec(), &tiny_model(1));
+    let message = error(&dir.0, None, Some(5));
+    assert!(message.contains("step-00000005/manifest.json"), "{message}");
+    std::fs::remove_file(step_dir.join("state.safetensors")).unwrap();
+    let message = error(&dir.0, None, None);
+    assert!(message.contains("state.safetensors"), "{message}");
+}
