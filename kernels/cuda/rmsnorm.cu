@@ -34,18 +34,32 @@ extern "C" __global__ void rmsnorm_backward_input_f32(float* dx, const float* do
         dx[base + i] += r * (weight[i] * dout[base + i] - x[base + i] * r2 * projection);
 }
 
-// Adds the weight gradient, sum over rows of dy x r. One thread per column
-// walking the rows: coalesced, and deterministic (no atomics), so a
-// training step gives the same bits on every run.
-extern "C" __global__ void rmsnorm_backward_weight_f32(float* dweight, const float* dout,
-                                                       const float* x, const float* rstd,
-                                                       int rows, int dim) {
+// The weight gradient, sum over rows of dy x r, in two deterministic
+// stages (no atomics, so a training step gives the same bits every run):
+// partial sums over chunks of `rows_per_chunk` rows, one thread per
+// (chunk, column), then one thread per column adding its chunks in order.
+// A single thread per column walking all rows used 16 of 132 SMs at 16k
+// tokens and dominated the backward pass.
+extern "C" __global__ void rmsnorm_backward_weight_partial_f32(float* partials, const float* dout,
+                                                               const float* x, const float* rstd, int rows,
+                                                               int dim, int rows_per_chunk) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int chunk = blockIdx.y;
     if (col >= dim) return;
+    const int begin = chunk * rows_per_chunk, end = min(begin + rows_per_chunk, rows);
     float sum = 0.0f;
-    for (int row = 0; row < rows; ++row) {
+    for (int row = begin; row < end; ++row) {
         const size_t at = (size_t)row * dim + col;
         sum += dout[at] * x[at] * rstd[row];
     }
+    partials[(size_t)chunk * dim + col] = sum;
+}
+
+// dweight[col] += the column's partial sums, in chunk order.
+extern "C" __global__ void rmsnorm_backward_weight_f32(float* dweight, const float* partials, int chunks, int dim) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= dim) return;
+    float sum = 0.0f;
+    for (int chunk = 0; chunk < chunks; ++chunk) sum += partials[(size_t)chunk * dim + col];
     dweight[col] += sum;
 }

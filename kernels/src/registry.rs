@@ -43,6 +43,7 @@ pub const RMSNORM: Family = family!(
     [
         "rmsnorm_forward_f32",
         "rmsnorm_backward_input_f32",
+        "rmsnorm_backward_weight_partial_f32",
         "rmsnorm_backward_weight_f32",
     ]
 );

@@ -6,10 +6,10 @@
 //! f32 uses TF32 tensor cores (cudarc's choice, as llm.c and PyTorch's
 //! default for matmuls): 10 mantissa bits per product, f32 accumulation.
 
-use super::{Gpu, Result, int};
+use super::{Gpu, Result, int, lt_plan};
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
-use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
 use moe_kernels::registry::GEMM;
 
@@ -189,9 +189,7 @@ pub fn gemm(
         stride_bias: None,
         batch_size: None,
     };
-    let blas = gpu.blas()?;
-    unsafe { blas.matmul(cfg, b, a, c, None, None) }?;
-    Ok(())
+    plan_matmul(gpu, &cfg, b, a, c)
 }
 
 /// One operand of [`gemm_batched`]: a view at the first matrix, its
@@ -254,7 +252,50 @@ pub fn gemm_batched(
         stride_bias: None,
         batch_size: Some(i32::try_from(batch).expect("batch exceeds i32")),
     };
-    let blas = gpu.blas()?;
-    unsafe { blas.matmul(cfg, b.view, a.view, c, None, None) }?;
-    Ok(())
+    plan_matmul(gpu, &cfg, b.view, a.view, c)
+}
+
+/// Runs `cfg` (cudarc's description of an f32 GEMM) through a cached plan
+/// ([`lt_plan`]): cuBLASLt's A is `a`, its B is `b`, as in `cfg`.
+fn plan_matmul(
+    gpu: &Gpu,
+    cfg: &MatmulConfig,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let shape = lt_plan::Shape {
+        transa: cfg.transa,
+        transb: cfg.transb,
+        m: cfg.m,
+        n: cfg.n,
+        k: cfg.k,
+        lda: cfg.lda,
+        ldb: cfg.ldb,
+        ldc: cfg.ldc,
+        batch: cfg.batch_size.map(|count| {
+            (
+                count,
+                cfg.stride_a.unwrap_or(0),
+                cfg.stride_b.unwrap_or(0),
+                cfg.stride_c.unwrap_or(0),
+            )
+        }),
+    };
+    let stream = gpu.stream();
+    let (a_ptr, _a) = a.device_ptr(stream);
+    let (b_ptr, _b) = b.device_ptr(stream);
+    let (c_ptr, _c) = c.device_ptr_mut(stream);
+    // SAFETY: the callers assert the views fit the shape; the views (and
+    // their stream records) live until the call has been enqueued.
+    unsafe {
+        lt_plan::matmul_f32(
+            gpu,
+            shape,
+            a_ptr as *const std::ffi::c_void,
+            b_ptr as *const std::ffi::c_void,
+            c_ptr as *mut std::ffi::c_void,
+            cfg.beta != 0.0,
+        )
+    }
 }

@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod embedding;
 pub mod fp8;
 pub mod fp8_gemm;
+pub mod lt_plan;
 pub mod matmul;
 pub mod model;
 pub mod moe_layer;
@@ -77,6 +78,8 @@ pub struct Gpu {
     blas: Mutex<Option<Arc<CudaBlasLT>>>,
     /// cuBLASLt workspace for the calls that bypass cudarc's safe API.
     workspace: std::sync::OnceLock<CudaSlice<u8>>,
+    /// f32 GEMM plans by shape ([`lt_plan`]).
+    plans: lt_plan::Plans,
 }
 
 impl Gpu {
@@ -87,6 +90,9 @@ impl Gpu {
             return Err(GpuError::DriverMissing);
         }
         let context = CudaContext::new(ordinal)?;
+        if context.has_async_alloc() {
+            keep_freed_memory(&context)?;
+        }
         let stream = context.default_stream();
         let kernels = ModuleCache::new(context.clone())?;
         Ok(Self {
@@ -95,6 +101,7 @@ impl Gpu {
             kernels,
             blas: Mutex::new(None),
             workspace: std::sync::OnceLock::new(),
+            plans: lt_plan::Plans::default(),
         })
     }
 
@@ -138,6 +145,10 @@ impl Gpu {
         Ok(handle)
     }
 
+    pub(crate) fn plans(&self) -> &lt_plan::Plans {
+        &self.plans
+    }
+
     /// 32 MiB of cuBLASLt workspace (NVIDIA's recommendation on Hopper).
     pub(crate) fn workspace(&self) -> Result<&CudaSlice<u8>> {
         if let Some(workspace) = self.workspace.get() {
@@ -176,6 +187,31 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+}
+
+/// Buffers come from the device's stream-ordered memory pool
+/// (`cuMemAllocAsync`), which by default hands freed memory back to the
+/// driver at every synchronisation — and a training step synchronises once
+/// per MoE layer (to size the expert GEMMs), so each layer's activations
+/// would be mapped afresh. Keeping freed memory in the pool makes the
+/// step's allocations cheap after the first.
+fn keep_freed_memory(context: &CudaContext) -> Result<()> {
+    use moe_kernels::cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool, which lives as long
+    // as the context; the attribute takes a u64 byte count.
+    unsafe {
+        context.bind_to_thread()?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
 }
 
 /// A 1-D launch over `blocks` blocks of `threads` threads.

@@ -1,7 +1,7 @@
 //! RMSNorm on the device; CPU reference: [`crate::ops::rmsnorm`].
 
 use super::{Gpu, Result, grid, int};
-use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
+use moe_kernels::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use moe_kernels::registry::RMSNORM;
 
 const THREADS: u32 = 256;
@@ -73,14 +73,34 @@ pub fn backward(
         .arg(&rows_i)
         .arg(&dim_i);
     unsafe { launch.launch(grid(rows, THREADS, 0)) }?;
-    let weight_grad = gpu.function(&RMSNORM, "rmsnorm_backward_weight_f32")?;
-    let mut launch = gpu.stream().launch_builder(&weight_grad);
+    // Chunks of 128 rows: at 16k tokens, 128 chunks x the columns' blocks
+    // fill the GPU; the final pass adds 128 partials per column.
+    let rows_per_chunk = 128;
+    let chunks = rows.div_ceil(rows_per_chunk);
+    let mut partials = gpu.output::<f32>(chunks * dim)?;
+    let partial = gpu.function(&RMSNORM, "rmsnorm_backward_weight_partial_f32")?;
+    let (chunk_rows_i, chunks_i) = (int(rows_per_chunk), int(chunks));
+    let mut launch = gpu.stream().launch_builder(&partial);
     launch
-        .arg(dweight)
+        .arg(&mut partials)
         .arg(dout)
         .arg(x)
         .arg(rstd)
         .arg(&rows_i)
+        .arg(&dim_i)
+        .arg(&chunk_rows_i);
+    let config = LaunchConfig {
+        grid_dim: (dim.div_ceil(128) as u32, chunks as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }?;
+    let total = gpu.function(&RMSNORM, "rmsnorm_backward_weight_f32")?;
+    let mut launch = gpu.stream().launch_builder(&total);
+    launch
+        .arg(dweight)
+        .arg(&partials)
+        .arg(&chunks_i)
         .arg(&dim_i);
     unsafe { launch.launch(grid(dim.div_ceil(128), 128, 0)) }?;
     Ok(())

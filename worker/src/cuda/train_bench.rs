@@ -152,13 +152,79 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         trainer.model().forward(gpu, &batch, &batch).map(drop)
     })?;
     figures.push(share("  of which forward pass", forward_ms, ms));
+    let mut grads = super::model::DeviceGradients::zeros_like(gpu, &trainer.model().weights)?;
+    let forward_backward_ms = time_runs(gpu, 1, 2, || {
+        let pass = trainer.model().forward(gpu, &batch, &batch)?;
+        trainer.model().backward(gpu, &pass, &mut grads)
+    })?;
+    drop(grads);
+    figures.push(share(
+        "  of which backward pass",
+        forward_backward_ms - forward_ms,
+        ms,
+    ));
+    figures.push(share(
+        "  of which optimizer (norm, clip, AdamW, balancing)",
+        ms - forward_backward_ms,
+        ms,
+    ));
+    // Inside the forward pass: one MoE layer (every MoE block), and the LM
+    // head with the cross-entropy.
+    let n = sequences * config.seq_len;
+    let x = gpu.upload(&vec![0.01f32; n * config.hidden])?;
+    let (moe_forward_ms, moe_backward_ms) =
+        match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
+            Some(super::model::DeviceFeedForward::Moe(layer)) => {
+                let forward = time_runs(gpu, 1, 2, || layer.forward(gpu, &x).map(drop))?;
+                let pass = layer.forward(gpu, &x)?;
+                let mut dx = gpu.zeros::<f32>(x.len())?;
+                let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
+                let backward = time_runs(gpu, 1, 2, || {
+                    layer.backward(gpu, &pass, &x, &x, &mut dx, &mut grads)
+                })?;
+                (forward, backward)
+            }
+            _ => (0.0, 0.0),
+        };
+    let moe_blocks = (config.layers - config.dense_layers) as f64;
+    figures.push(share(
+        "  of which MoE layer forwards (all MoE blocks)",
+        moe_forward_ms * moe_blocks,
+        ms,
+    ));
+    figures.push(share(
+        "  of which MoE layer backwards (all MoE blocks)",
+        moe_backward_ms * moe_blocks,
+        ms,
+    ));
+    let targets = gpu.upload(&batch)?;
+    let mut logits = gpu.output::<f32>(n * config.vocab)?;
+    let mut probs = gpu.output::<f32>(n * config.vocab)?;
+    let mut losses = gpu.output::<f32>(n)?;
+    let head_ms = time_runs(gpu, 1, 2, || {
+        let w = &trainer.model().weights.lm_head;
+        super::matmul::forward(gpu, &mut logits, &x, w, config.hidden, config.vocab)?;
+        super::cross_entropy::forward(
+            gpu,
+            &mut losses,
+            &mut probs,
+            &logits,
+            &targets,
+            config.vocab,
+        )
+    })?;
+    drop((logits, probs, losses, x));
+    figures.push(share(
+        "  of which LM head + cross-entropy forward",
+        head_ms,
+        ms,
+    ));
     let shape = AttentionShape {
         seq_len: config.seq_len,
         n_heads: config.heads,
         n_kv_heads: config.kv_heads,
         head_dim: config.head_dim(),
     };
-    let n = sequences * config.seq_len;
     let q = gpu.zeros::<f32>(n * config.hidden)?;
     let kv = gpu.zeros::<f32>(n * config.kv_width())?;
     let mut out = gpu.zeros::<f32>(n * config.hidden)?;

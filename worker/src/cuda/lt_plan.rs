@@ -1,0 +1,205 @@
+//! f32 GEMMs through cuBLASLt with their plans cached: descriptors, layouts
+//! and the heuristic's algorithm made once per shape, then reused. cudarc's
+//! safe `matmul` builds all of them and asks the heuristic on every call
+//! (tens of µs of host time), which is longer than an expert's GEMM runs
+//! on an H200 (2048 × 512 × 2048 in ~15 µs): a training step issuing
+//! thousands of them was bound by the host. Same compute type (TF32) and
+//! the same first heuristic choice as cudarc's path, so the same results.
+
+use super::{Gpu, GpuError, Result};
+use moe_kernels::cudarc::cublaslt::{MatmulShared, result, sys};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::{Arc, Mutex};
+
+/// Everything that decides a plan: column-major `C[m, n] = op(A) op(B)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub transa: bool,
+    pub transb: bool,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub lda: i64,
+    pub ldb: i64,
+    pub ldc: i64,
+    /// `(count, stride_a, stride_b, stride_c)` for a strided batch.
+    pub batch: Option<(i32, i64, i64, i64)>,
+}
+
+/// A shape's descriptors and algorithm. cuBLASLt only reads them in
+/// `cublasLtMatmul`, so one plan serves any number of calls.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the handles are host-side descriptors, never mutated after the
+// plan is built; cuBLASLt allows concurrent reads of them.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt and is destroyed once.
+        unsafe {
+            for layout in [self.a, self.b, self.c] {
+                if !layout.is_null() {
+                    let _ = result::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// The plans made so far on one device.
+#[derive(Default)]
+pub struct Plans(Mutex<HashMap<Shape, Arc<Plan>>>);
+
+impl Plans {
+    fn get(&self, gpu: &Gpu, shape: Shape) -> Result<Arc<Plan>> {
+        let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(plan) = plans.get(&shape) {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(make_plan(gpu, shape)?);
+        plans.insert(shape, plan.clone());
+        Ok(plan)
+    }
+}
+
+fn layout(
+    rows: u64,
+    cols: u64,
+    ld: i64,
+    batch: Option<(i32, i64)>,
+) -> Result<sys::cublasLtMatrixLayout_t> {
+    let layout = result::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, rows, cols, ld)?;
+    if let Some((count, stride)) = batch {
+        use sys::cublasLtMatrixLayoutAttribute_t as Attr;
+        // SAFETY: the attributes take an int32 count and an int64 stride.
+        unsafe {
+            result::set_matrix_layout_attribute(
+                layout,
+                Attr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                (&count as *const i32).cast(),
+                size_of::<i32>(),
+            )?;
+            result::set_matrix_layout_attribute(
+                layout,
+                Attr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                (&stride as *const i64).cast(),
+                size_of::<i64>(),
+            )?;
+        }
+    }
+    Ok(layout)
+}
+
+fn make_plan(gpu: &Gpu, s: Shape) -> Result<Plan> {
+    let (a_rows, a_cols) = if s.transa { (s.k, s.m) } else { (s.m, s.k) };
+    let (b_rows, b_cols) = if s.transb { (s.n, s.k) } else { (s.k, s.n) };
+    let mut plan = Plan {
+        desc: result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )?,
+        a: std::ptr::null_mut(),
+        b: std::ptr::null_mut(),
+        c: std::ptr::null_mut(),
+        // SAFETY: a plain C struct of integers, filled in by the heuristic below.
+        algo: unsafe { std::mem::zeroed() },
+    };
+    plan.a = layout(a_rows, a_cols, s.lda, s.batch.map(|(n, sa, _, _)| (n, sa)))?;
+    plan.b = layout(b_rows, b_cols, s.ldb, s.batch.map(|(n, _, sb, _)| (n, sb)))?;
+    plan.c = layout(s.m, s.n, s.ldc, s.batch.map(|(n, _, _, sc)| (n, sc)))?;
+    use sys::cublasLtMatmulDescAttributes_t as Attr;
+    // SAFETY: cublasOperation_t is an int32 (N = 0, T = 1).
+    unsafe {
+        for (attr, trans) in [
+            (Attr::CUBLASLT_MATMUL_DESC_TRANSA, s.transa),
+            (Attr::CUBLASLT_MATMUL_DESC_TRANSB, s.transb),
+        ] {
+            let op = i32::from(trans);
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                attr,
+                (&op as *const i32).cast(),
+                size_of::<i32>(),
+            )?;
+        }
+    }
+    let pref = result::create_matmul_pref()?;
+    let workspace_bytes = gpu.workspace()?.len() as u64;
+    let handle = *gpu.blas()?.handle();
+    // SAFETY: every descriptor is live; the preference takes a u64 byte count.
+    let heuristic = unsafe {
+        let set = result::set_matmul_pref_attribute(
+            pref,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_bytes as *const u64).cast(),
+            size_of::<u64>(),
+        );
+        let heuristic = set.and_then(|()| {
+            result::get_matmul_algo_heuristic(
+                handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
+            )
+        });
+        let _ = result::destroy_matmul_pref(pref);
+        heuristic
+    }
+    .map_err(GpuError::from)?;
+    plan.algo = heuristic.algo;
+    Ok(plan)
+}
+
+/// `C = A B (+ C)` in TF32 for `shape`, through its cached plan.
+///
+/// # Safety
+/// The pointers are device addresses of f32 buffers at least as large as
+/// `shape` describes, live until the stream has run the GEMM.
+pub unsafe fn matmul_f32(
+    gpu: &Gpu,
+    shape: Shape,
+    a: *const c_void,
+    b: *const c_void,
+    c: *mut c_void,
+    accumulate: bool,
+) -> Result<()> {
+    let plan = gpu.plans().get(gpu, shape)?;
+    let handle = *gpu.blas()?.handle();
+    let workspace = gpu.workspace()?;
+    let stream = gpu.stream();
+    let (w, _w) = moe_kernels::cudarc::driver::DevicePtr::device_ptr(workspace, stream);
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    // SAFETY: the plan's descriptors are live and describe the buffers the
+    // caller passes (checked by its shape assertions); beta = 0 never reads C.
+    unsafe {
+        result::matmul(
+            handle,
+            plan.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a,
+            plan.a,
+            b,
+            plan.b,
+            c as *const c_void,
+            plan.c,
+            c,
+            plan.c,
+            &plan.algo,
+            w as *mut c_void,
+            workspace.len(),
+            stream.cu_stream() as sys::cudaStream_t,
+        )?;
+    }
+    Ok(())
+}
