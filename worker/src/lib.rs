@@ -13,6 +13,7 @@ pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod fp8;
 pub mod gradcheck;
 pub mod linear;

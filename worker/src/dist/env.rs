@@ -1,0 +1,162 @@
+//! Where this process stands in the gang, from the environment the operator
+//! (or `moectl run --local`) sets: see `moe_crds::contract::env`.
+
+use std::fmt;
+
+use moe_crds::contract::env;
+
+/// Set by the worker's own launcher on each local rank it spawns (one per
+/// GPU): not part of the operator contract, which starts one process per pod.
+pub const LOCAL_RANK: &str = "MOE_LOCAL_RANK";
+
+/// This process's place in the gang.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DistEnv {
+    pub world_size: usize,
+    /// Global rank: `node_rank × procs_per_node + local_rank`.
+    pub rank: usize,
+    pub node_rank: usize,
+    pub procs_per_node: usize,
+    pub local_rank: usize,
+    /// Several local ranks and no [`LOCAL_RANK`]: this process is not a rank
+    /// but starts them ([`super::launch`]), as torchrun does.
+    pub launcher: bool,
+    /// `host:port` of rank 0's rendezvous store.
+    pub coordinator: String,
+    pub attempt: u64,
+}
+
+/// A missing or malformed variable, named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvError(pub String);
+
+impl fmt::Display for EnvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EnvError {}
+
+impl DistEnv {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup` (pure, for tests). Without
+    /// `MOE_WORLD_SIZE` the process is a world of one: single-process runs
+    /// need no variables at all.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let number = |name: &str, default: Option<u64>| -> Result<u64, EnvError> {
+            match lookup(name) {
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| EnvError(format!("{name}={v:?} is not a non-negative integer"))),
+                None => default.ok_or_else(|| EnvError(format!("{name} is not set"))),
+            }
+        };
+        let distributed = lookup(env::WORLD_SIZE).is_some();
+        let world_size = number(env::WORLD_SIZE, Some(1))? as usize;
+        let node_rank = number(env::NODE_RANK, Some(0))? as usize;
+        let procs_per_node = number(env::PROCS_PER_NODE, Some(1))? as usize;
+        let local_rank = number(LOCAL_RANK, Some(0))? as usize;
+        let launcher = procs_per_node > 1 && lookup(LOCAL_RANK).is_none();
+        let attempt = number(env::ATTEMPT, Some(0))?;
+        let coordinator = match lookup(env::COORDINATOR) {
+            Some(c) => c,
+            None if !distributed || world_size == 1 => "127.0.0.1:0".into(),
+            None => return Err(EnvError(format!("{} is not set", env::COORDINATOR))),
+        };
+        if world_size == 0 || procs_per_node == 0 {
+            return Err(EnvError(format!(
+                "{}={world_size} and {}={procs_per_node} must be positive",
+                env::WORLD_SIZE,
+                env::PROCS_PER_NODE
+            )));
+        }
+        if local_rank >= procs_per_node {
+            return Err(EnvError(format!(
+                "{LOCAL_RANK}={local_rank} but {}={procs_per_node}",
+                env::PROCS_PER_NODE
+            )));
+        }
+        let rank = node_rank * procs_per_node + local_rank;
+        if rank >= world_size {
+            return Err(EnvError(format!(
+                "rank {rank} ({}={node_rank} × {}={procs_per_node} + {LOCAL_RANK}={local_rank}) is not below {}={world_size}",
+                env::NODE_RANK,
+                env::PROCS_PER_NODE,
+                env::WORLD_SIZE
+            )));
+        }
+        Ok(Self {
+            world_size,
+            rank,
+            node_rank,
+            procs_per_node,
+            local_rank,
+            launcher,
+            coordinator,
+            attempt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(vars: &[(&str, &str)]) -> Result<DistEnv, EnvError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn rank_comes_from_node_rank_and_local_rank() {
+        let e = read(&[
+            (env::WORLD_SIZE, "8"),
+            (env::NODE_RANK, "1"),
+            (env::PROCS_PER_NODE, "4"),
+            (LOCAL_RANK, "2"),
+            (env::COORDINATOR, "job-a3-0.job:29400"),
+            (env::ATTEMPT, "3"),
+        ])
+        .unwrap();
+        assert_eq!((e.rank, e.world_size, e.attempt), (6, 8, 3));
+        assert!(!e.launcher);
+        assert_eq!(e.coordinator, "job-a3-0.job:29400");
+    }
+
+    #[test]
+    fn no_variables_is_a_world_of_one_and_bad_ones_are_named() {
+        let solo = read(&[]).unwrap();
+        assert_eq!((solo.rank, solo.world_size, solo.launcher), (0, 1, false));
+        let pod = read(&[
+            (env::WORLD_SIZE, "8"),
+            (env::PROCS_PER_NODE, "4"),
+            (env::COORDINATOR, "x:1"),
+        ])
+        .unwrap();
+        assert!(
+            pod.launcher,
+            "4 local ranks and no {LOCAL_RANK}: start them"
+        );
+        let err = read(&[(env::WORLD_SIZE, "2"), (env::NODE_RANK, "0")]).unwrap_err();
+        assert!(err.0.contains(env::COORDINATOR), "{err}");
+        let err = read(&[(env::WORLD_SIZE, "two")]).unwrap_err();
+        assert!(err.0.contains("MOE_WORLD_SIZE=\"two\""), "{err}");
+        let err = read(&[
+            (env::WORLD_SIZE, "2"),
+            (env::NODE_RANK, "2"),
+            (env::COORDINATOR, "x:1"),
+        ])
+        .unwrap_err();
+        assert!(err.0.contains("is not below MOE_WORLD_SIZE=2"), "{err}");
+    }
+}
