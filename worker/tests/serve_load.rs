@@ -27,7 +27,7 @@ fn a_run_a_checkpoint_directory_and_a_checkpoint_all_load() {
             tensors.chain(biases).collect()
         };
         assert_eq!(
-            values(&loaded.model),
+            values(loaded.model.native().expect("a worker checkpoint")),
             values(&model),
             "every weight and selection bias"
         );
@@ -49,15 +49,21 @@ fn missing_or_foreign_models_are_named() {
         "{message}"
     );
 
-    // A Hugging Face directory is recognised, and refused by name.
+    // A Hugging Face directory is recognised, and what it lacks is named.
     let hf = dir.0.join("hf");
     std::fs::create_dir_all(&hf).unwrap();
     std::fs::write(hf.join("config.json"), r#"{"model_type": "qwen2_moe"}"#).unwrap();
     std::fs::write(hf.join("model.safetensors"), b"").unwrap();
-    assert!(matches!(
-        load::load(&hf, None, None),
-        Err(LoadError::Unsupported { .. })
-    ));
+    assert_eq!(
+        load::detect(&hf, None, None).unwrap(),
+        Detected::HuggingFace(hf.clone())
+    );
+    let message = error(&hf, None, None);
+    assert!(
+        matches!(load::load(&hf, None, None), Err(LoadError::HuggingFace(_)))
+            && message.contains("hidden_size is missing"),
+        "{message}"
+    );
     assert!(error(&hf, Some(ModelFormat::Native), None).contains("holds no model"));
 
     // A step that is not there, and a checkpoint with its state file gone.

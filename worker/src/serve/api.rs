@@ -223,15 +223,21 @@ pub struct Checked {
 #[derive(Clone, Copy, Debug)]
 pub struct Served<'a> {
     pub name: &'a str,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: &'a Tokenizer,
     pub context: usize,
 }
 
 impl CompletionRequest {
     pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
         let prompt = match self.prompt {
-            Prompt::Text(text) => served.tokenizer.encode(&text),
-            Prompt::Texts(texts) if texts.len() == 1 => served.tokenizer.encode(&texts[0]),
+            Prompt::Text(text) => served
+                .tokenizer
+                .encode(&text)
+                .map_err(|e| ApiError::invalid(e, Some("prompt")))?,
+            Prompt::Texts(texts) if texts.len() == 1 => served
+                .tokenizer
+                .encode(&texts[0])
+                .map_err(|e| ApiError::invalid(e, Some("prompt")))?,
             Prompt::Texts(_) => {
                 return Err(ApiError::invalid(
                     "prompt: exactly one prompt per request is supported",
@@ -292,7 +298,8 @@ impl ChatRequest {
         }
         let prompt = served
             .tokenizer
-            .encode(&served.tokenizer.chat_prompt(&messages));
+            .encode_chat(&messages)
+            .map_err(|e| ApiError::invalid(e, Some("messages")))?;
         // No max_tokens: the rest of the context.
         let rest = served.context.saturating_sub(prompt.len()).max(1);
         self.sampling.check(prompt, rest, served)
@@ -426,7 +433,7 @@ mod tests {
 
     const SERVED: Served<'static> = Served {
         name: "tiny",
-        tokenizer: Tokenizer::Bytes,
+        tokenizer: &Tokenizer::Bytes,
         context: 32,
     };
 
@@ -497,7 +504,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             checked.request.prompt,
-            Tokenizer::Bytes.encode("user: hi\nassistant:")
+            Tokenizer::Bytes.encode("user: hi\nassistant:").unwrap()
         );
         assert_eq!(checked.request.max_tokens, 3);
         assert_eq!(checked.request.stops, ["\n"]);

@@ -10,12 +10,11 @@
 //! token, attention per sequence), so a sequence's logits do not depend on
 //! what else is in the batch: batching is invisible to the bit.
 
-use crate::model::config::NORM_EPS;
-use crate::model::weights::FeedForward;
-use crate::model::{Model, ModelConfig};
+use crate::model::Model;
 use crate::ops::rope::RopeTable;
 use crate::ops::{embedding, matmul, rmsnorm};
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
+use crate::serve::model::{RopeLayout, ServeConfig, ServeFfn, ServeModel};
 
 /// One sequence's share of a step.
 #[derive(Clone, Copy, Debug)]
@@ -60,26 +59,31 @@ impl std::error::Error for StepError {}
 /// The model, ready to serve.
 #[derive(Debug)]
 pub struct Engine {
-    model: Model<f32>,
+    model: ServeModel,
     rope: RopeTable<f32>,
 }
 
 impl Engine {
-    /// Serves `model` with a context of its training sequence length (the
-    /// positions RoPE was trained on).
+    /// Serves the worker's own `model` with a context of its training
+    /// sequence length (the positions RoPE was trained on).
     pub fn new(model: Model<f32>) -> Self {
-        let config = model.config();
-        let rope = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        Self::serve(ServeModel::from_native(model))
+    }
+
+    /// Serves any model, with a context of `model.config.context`.
+    pub fn serve(model: ServeModel) -> Self {
+        let config = &model.config;
+        let rope = RopeTable::new(config.context, config.head_dim, config.rope_theta);
         Self { model, rope }
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        self.model.config()
+    pub fn config(&self) -> &ServeConfig {
+        &self.model.config
     }
 
     /// Longest sequence (prompt and completion) the engine runs.
     pub fn context(&self) -> usize {
-        self.config().seq_len
+        self.config().context
     }
 
     pub fn kv_shape(&self, page_size: usize) -> KvShape {
@@ -94,7 +98,13 @@ impl Engine {
     /// returns `[chunks with logits, vocab]` logits, in chunk order.
     pub fn step(&self, cache: &mut KvStore, chunks: &[Chunk<'_>]) -> Result<Vec<f32>, StepError> {
         let config = self.config();
-        let (h, kv, vocab) = (config.hidden, config.kv_width(), config.vocab);
+        let (h, qw, kv, vocab) = (
+            config.hidden,
+            config.q_width(),
+            config.kv_width(),
+            config.vocab,
+        );
+        let head_dim = config.head_dim;
         self.check(cache, chunks)?;
         // Each row's sequence and position.
         let rows: Vec<(usize, usize)> = chunks
@@ -108,31 +118,44 @@ impl Engine {
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
         let mut x = vec![0.0; n * h];
-        embedding::forward(&mut x, &tokens, &self.model.weights.embedding, h);
-        let eps = NORM_EPS as f32;
+        embedding::forward(&mut x, &tokens, &self.model.embedding, h);
+        let eps = config.norm_eps;
         let mut normed = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
-        for (layer, block) in self.model.weights.blocks.iter().enumerate() {
+        for (layer, block) in self.model.blocks.iter().enumerate() {
             // Attention: x + Wo attention(rope(Wq n), rope(Wk n), Wv n).
             rmsnorm::forward(&mut normed, &mut rstd, &x, &block.attention_norm, eps);
-            let mut q = vec![0.0; n * h];
+            let mut q = vec![0.0; n * qw];
             let mut k = vec![0.0; n * kv];
             let mut v = vec![0.0; n * kv];
-            matmul::forward(&mut q, &normed, &block.wq, h, h);
+            matmul::forward(&mut q, &normed, &block.wq, h, qw);
             matmul::forward(&mut k, &normed, &block.wk, h, kv);
             matmul::forward(&mut v, &normed, &block.wv, h, kv);
+            if let Some(bias) = &block.bias {
+                add_bias(&mut q, &bias.q);
+                add_bias(&mut k, &bias.k);
+                add_bias(&mut v, &bias.v);
+            }
+            // Qwen3: q = q_norm(q), k = k_norm(k) per head, before RoPE.
+            if let Some((q_gain, k_gain)) = &block.qk_norm {
+                for (values, gain) in [(&mut q, q_gain), (&mut k, k_gain)] {
+                    let input = values.clone();
+                    let mut head_rstd = vec![0.0; input.len() / head_dim];
+                    rmsnorm::forward(values, &mut head_rstd, &input, gain, eps);
+                }
+            }
             for (r, &(c, position)) in rows.iter().enumerate() {
-                self.rotate(&mut q[r * h..(r + 1) * h], position);
+                self.rotate(&mut q[r * qw..(r + 1) * qw], position);
                 self.rotate(&mut k[r * kv..(r + 1) * kv], position);
                 let (kr, vr) = (&k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
                 cache.write(layer, chunks[c].pages, position, kr, vr);
             }
-            let mut attention = vec![0.0; n * h];
+            let mut attention = vec![0.0; n * qw];
             for (r, &(c, position)) in rows.iter().enumerate() {
-                let out = &mut attention[r * h..(r + 1) * h];
+                let out = &mut attention[r * qw..(r + 1) * qw];
                 self.attend(
                     out,
-                    &q[r * h..(r + 1) * h],
+                    &q[r * qw..(r + 1) * qw],
                     cache,
                     layer,
                     chunks[c].pages,
@@ -140,20 +163,46 @@ impl Engine {
                 );
             }
             let mut mid = vec![0.0; n * h];
-            matmul::forward(&mut mid, &attention, &block.wo, h, h);
+            matmul::forward(&mut mid, &attention, &block.wo, qw, h);
+            if let Some(o) = block.bias.as_ref().and_then(|b| b.o.as_ref()) {
+                add_bias(&mut mid, o);
+            }
             add_into(&mut mid, &x);
 
             // Feed-forward: mid + ffn(rmsnorm(mid)).
             rmsnorm::forward(&mut normed, &mut rstd, &mid, &block.ffn_norm, eps);
             let mut out = match &block.ffn {
-                FeedForward::Dense(dense) => {
+                ServeFfn::Dense(mlp) => {
                     let mut out = vec![0.0; n * h];
-                    dense.mlp(config).forward(&mut out, &normed);
+                    mlp.swiglu(h).forward(&mut out, &normed);
                     out
                 }
                 // Rows are unrelated tokens here, so each is its own
                 // "sequence" for the (training-only) balance loss.
-                FeedForward::Moe(layer) => layer.forward(&normed, 1).output,
+                ServeFfn::Moe {
+                    layer,
+                    gated_shared,
+                } => {
+                    let mut out = layer.forward(&normed, 1).output;
+                    // Qwen2-MoE: out += sigmoid(x · gate) * shared(x).
+                    if let Some(shared) = gated_shared {
+                        let mut shared_out = vec![0.0; n * h];
+                        shared.mlp.swiglu(h).forward(&mut shared_out, &normed);
+                        let mut gate = vec![0.0; n];
+                        matmul::forward(&mut gate, &normed, &shared.gate, h, 1);
+                        for ((row, shared_row), &g) in out
+                            .chunks_exact_mut(h)
+                            .zip(shared_out.chunks_exact(h))
+                            .zip(&gate)
+                        {
+                            let g = 1.0 / (1.0 + (-g).exp());
+                            for (o, &s) in row.iter_mut().zip(shared_row) {
+                                *o += g * s;
+                            }
+                        }
+                    }
+                    out
+                }
             };
             add_into(&mut out, &mid);
             x = out;
@@ -170,16 +219,15 @@ impl Engine {
         let m = last_rows.len() / h;
         let mut final_normed = vec![0.0; m * h];
         let mut final_rstd = vec![0.0; m];
-        let weights = &self.model.weights;
         rmsnorm::forward(
             &mut final_normed,
             &mut final_rstd,
             &last_rows,
-            &weights.final_norm,
+            &self.model.final_norm,
             eps,
         );
         let mut logits = vec![0.0; m * vocab];
-        matmul::forward(&mut logits, &final_normed, &weights.lm_head, h, vocab);
+        matmul::forward(&mut logits, &final_normed, self.model.lm_head(), h, vocab);
         Ok(logits)
     }
 
@@ -211,17 +259,31 @@ impl Engine {
     }
 
     /// RoPE at `position` for one token's heads (as [`RopeTable::forward`]
-    /// does for token `position` of a training sequence).
+    /// does for token `position` of a training sequence), pairing the
+    /// dimensions as the model's layout says.
     fn rotate(&self, x: &mut [f32], position: usize) {
-        let head_dim = self.config().head_dim();
+        let head_dim = self.config().head_dim;
         let pairs = head_dim / 2;
         let angles = position * pairs..(position + 1) * pairs;
         let (cos, sin) = (&self.rope.cos()[angles.clone()], &self.rope.sin()[angles]);
         for head in x.chunks_exact_mut(head_dim) {
-            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * c - b * s;
-                pair[1] = a * s + b * c;
+            match self.config().rope_layout {
+                RopeLayout::Interleaved => {
+                    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * c - b * s;
+                        pair[1] = a * s + b * c;
+                    }
+                }
+                // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
+                RopeLayout::Halves => {
+                    let (first, second) = head.split_at_mut(pairs);
+                    for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+                        let (x1, x2) = (*a, *b);
+                        *a = x1 * c - x2 * s;
+                        *b = x2 * c + x1 * s;
+                    }
+                }
             }
         }
     }
@@ -240,7 +302,7 @@ impl Engine {
         position: usize,
     ) {
         let config = self.config();
-        let head_dim = config.head_dim();
+        let head_dim = config.head_dim;
         let group = config.heads / config.kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let mut scores = vec![0.0f32; position + 1];
@@ -271,6 +333,13 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// Adds `bias` to every row of `rows`.
+fn add_bias(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        add_into(row, bias);
     }
 }
 

@@ -173,9 +173,10 @@ fn start(
     body: &[u8],
 ) -> Result<(UnboundedReceiver<Event>, bool), ApiError> {
     let engine = state.engine()?;
+    let tokenizer = engine.tokenizer();
     let served = Served {
         name: &state.model_name,
-        tokenizer: engine.tokenizer(),
+        tokenizer: &tokenizer,
         context: engine.context(),
     };
     let Checked { request, stream } = match endpoint {

@@ -7,10 +7,8 @@
 //!   the newest, or the step asked for);
 //! - a run directory (`runs/tiny/`, holding `checkpoints/`).
 //!
-//! A Hugging Face model directory (`config.json` naming a `model_type` or
-//! `architectures`, next to `*.safetensors`) is recognised too, so the
-//! error can say that it is not supported yet; its loader will be a second
-//! arm of [`load`] producing the same [`LoadedModel`].
+//! or a Hugging Face model directory (`config.json` naming a `model_type` or
+//! `architectures`, next to `*.safetensors`), loaded by [`crate::serve::hf`].
 
 use std::fmt;
 use std::fs;
@@ -20,17 +18,46 @@ use moe_crds::ModelFormat;
 
 use crate::checkpoint::{self, CheckpointError, Manifest};
 use crate::model::{Model, ModelConfig};
+use crate::serve::hf::{self, HfError};
+use crate::serve::model::ServeModel;
 use crate::serve::text::Tokenizer;
 
 /// A model ready for the engine, with what the API reports about it.
 #[derive(Debug)]
 pub struct LoadedModel {
-    pub model: Model<f32>,
+    pub model: LoadedWeights,
     pub tokenizer: Tokenizer,
-    /// The checkpoint directory the weights came from.
+    /// The checkpoint or model directory the weights came from.
     pub path: PathBuf,
-    /// Training step of the checkpoint.
+    /// Training step of the checkpoint (0 for a Hugging Face model).
     pub step: u64,
+}
+
+/// The weights, as the format has them.
+#[derive(Debug)]
+pub enum LoadedWeights {
+    /// A worker checkpoint: the training model.
+    Native(Box<Model<f32>>),
+    /// A Hugging Face model, already in the serving engine's form.
+    HuggingFace(ServeModel),
+}
+
+impl LoadedWeights {
+    /// The training model, for a worker checkpoint.
+    pub fn native(&self) -> Option<&Model<f32>> {
+        match self {
+            Self::Native(model) => Some(model),
+            Self::HuggingFace(_) => None,
+        }
+    }
+
+    /// The model as the engine serves it.
+    pub fn into_serve_model(self) -> ServeModel {
+        match self {
+            Self::Native(model) => ServeModel::from_native(*model),
+            Self::HuggingFace(model) => model,
+        }
+    }
 }
 
 /// Why no model could be loaded; each names the path and what is missing.
@@ -44,17 +71,13 @@ pub enum LoadError {
         dir: PathBuf,
         step: u64,
     },
-    /// A format this build cannot load yet.
-    Unsupported {
-        path: PathBuf,
-        format: &'static str,
-    },
     /// The manifest's model spec fails the model's checks.
     InvalidModel {
         path: PathBuf,
         problem: String,
     },
     Checkpoint(CheckpointError),
+    HuggingFace(HfError),
 }
 
 impl fmt::Display for LoadError {
@@ -74,11 +97,6 @@ impl fmt::Display for LoadError {
                 dir.display(),
                 checkpoint::step_dir_name(*step)
             ),
-            Self::Unsupported { path, format } => write!(
-                f,
-                "{} is a {format} model, which this worker cannot serve yet",
-                path.display()
-            ),
             Self::InvalidModel { path, problem } => {
                 write!(
                     f,
@@ -87,6 +105,7 @@ impl fmt::Display for LoadError {
                 )
             }
             Self::Checkpoint(e) => e.fmt(f),
+            Self::HuggingFace(e) => write!(f, "Hugging Face model: {e}"),
         }
     }
 }
@@ -139,10 +158,7 @@ pub fn load(
 ) -> Result<LoadedModel, LoadError> {
     match detect(dir, format, step)? {
         Detected::Native(path) => load_native(&path),
-        Detected::HuggingFace(path) => Err(LoadError::Unsupported {
-            path,
-            format: "Hugging Face",
-        }),
+        Detected::HuggingFace(path) => load_hugging_face(&path),
     }
 }
 
@@ -213,9 +229,27 @@ fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
     // dropped here (a serving-only loader that skips them is a later step).
     let restored = checkpoint::load(path, &manifest.model, &config)?;
     Ok(LoadedModel {
-        model: restored.state.model,
+        model: LoadedWeights::Native(Box::new(restored.state.model)),
         tokenizer: Tokenizer::Bytes,
         path: path.to_path_buf(),
         step: manifest.step,
+    })
+}
+
+/// Loads a Hugging Face model directory (see [`crate::serve::hf`]).
+fn load_hugging_face(path: &Path) -> Result<LoadedModel, LoadError> {
+    let loaded = hf::load(path).map_err(LoadError::HuggingFace)?;
+    tracing::info!(
+        architecture = ?loaded.config.architecture,
+        layers = loaded.config.layers,
+        experts = loaded.config.experts,
+        vocab = loaded.config.vocab,
+        "Hugging Face model read"
+    );
+    Ok(LoadedModel {
+        model: LoadedWeights::HuggingFace(loaded.model),
+        tokenizer: Tokenizer::HuggingFace(std::sync::Arc::new(loaded.tokenizer)),
+        path: path.to_path_buf(),
+        step: 0,
     })
 }

@@ -11,7 +11,8 @@
 //!  SSE / JSON  ◀── Event::Text/Done ───  Sampler + TextAssembler (stop strings)
 //! ```
 //!
-//! - [`load`]: finds and loads a checkpoint (format detected);
+//! - [`load`]: finds and loads a checkpoint or a Hugging Face model (format
+//!   detected; [`hf`] reads the latter); [`model`]: the model as served;
 //! - [`engine`]: the forward pass with a paged KV cache ([`kv_cache`]);
 //! - [`scheduler`], [`sampler`], [`text`]: the pure decisions;
 //! - [`runner`]: the scheduler thread tying them together;
@@ -19,10 +20,12 @@
 
 pub mod api;
 pub mod engine;
+pub mod hf;
 pub mod http;
 pub mod kv_cache;
 pub mod load;
 pub mod metrics;
+pub mod model;
 pub mod options;
 pub mod runner;
 pub mod sampler;
@@ -150,7 +153,7 @@ pub fn start_engine(
     metrics: &Metrics,
 ) -> Result<EngineHandle, ServeError> {
     options.check()?;
-    let engine = Engine::new(loaded.model);
+    let engine = Engine::serve(loaded.model.into_serve_model());
     let shape = engine.kv_shape(options.page_size);
     let kv_pages = shape.pages_within(options.kv_cache_bytes);
     if kv_pages == 0 {

@@ -20,7 +20,7 @@ use crate::serve::kv_cache::{KvStore, pages_for};
 use crate::serve::metrics::Metrics;
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
-use crate::serve::text::{TextAssembler, Tokenizer};
+use crate::serve::text::{Delta, TextAssembler, Tokenizer};
 
 /// What a request asks of the engine, already tokenised and validated.
 #[derive(Clone, Debug)]
@@ -35,7 +35,7 @@ pub struct GenerationRequest {
 /// Why a completion ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
-    /// A stop string.
+    /// A stop string, or an end-of-sequence token.
     Stop,
     /// `max_tokens`, or the end of the context.
     Length,
@@ -132,7 +132,7 @@ impl EngineHandle {
     }
 
     pub fn tokenizer(&self) -> Tokenizer {
-        self.tokenizer
+        self.tokenizer.clone()
     }
 
     /// KV pages held by sequences now (0 when nothing runs).
@@ -202,7 +202,7 @@ pub fn start(
         context: engine.context(),
         page_size: limits.page_size,
         kv_pages: settings.kv_pages,
-        tokenizer,
+        tokenizer: tokenizer.clone(),
         pages_used: Arc::new(AtomicUsize::new(0)),
     };
     let store = KvStore::new(engine.kv_shape(limits.page_size), settings.kv_pages);
@@ -395,7 +395,8 @@ impl Runner {
 
     /// Samples request `id`'s next token from `logits` and tells the client.
     fn take_token(&mut self, id: RequestId, logits: &[f32]) {
-        let (tokenizer, context) = (self.tokenizer, self.engine.context());
+        let context = self.engine.context();
+        let tokenizer = &self.tokenizer;
         let Some(active) = self.active.get_mut(&id) else {
             return;
         };
@@ -415,8 +416,14 @@ impl Runner {
         }
         active.last_token = Some(now);
         self.metrics.generation_tokens.inc();
-        let delta = active.text.push(&tokenizer.token_bytes(token));
-        let finish = if delta.stopped {
+        // An end-of-sequence token ends the completion and adds no text.
+        let eos = tokenizer.is_eos(token);
+        let delta = if eos {
+            Delta::default()
+        } else {
+            active.text.push(&tokenizer.token_bytes(token))
+        };
+        let finish = if delta.stopped || eos {
             Some(FinishReason::Stop)
         } else if active.generated() >= active.max_tokens || active.tokens.len() >= context {
             Some(FinishReason::Length)
@@ -424,7 +431,7 @@ impl Runner {
             None
         };
         let mut text = delta.text;
-        if finish == Some(FinishReason::Length) {
+        if finish.is_some() && !delta.stopped {
             text.push_str(&active.text.finish());
         }
         // A failed send means the client is gone; the next step cancels it.

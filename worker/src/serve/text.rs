@@ -7,51 +7,79 @@
 //! beginning of a stop string (held until it is clear it is not, because
 //! text already sent cannot be taken back).
 
+use std::sync::Arc;
+
 use crate::data::tokenizer;
+use crate::serve::hf::HfTokenizer;
 
 /// How a served model turns text into token ids and back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Tokenizer {
     /// One token per byte, as the worker's training data path tokenises
     /// ([`crate::data::tokenizer`]).
     Bytes,
+    /// A Hugging Face model's `tokenizer.json` and chat template.
+    HuggingFace(Arc<HfTokenizer>),
 }
 
 impl Tokenizer {
-    pub fn encode(self, text: &str) -> Vec<u32> {
+    /// A completion's prompt.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         match self {
-            Self::Bytes => tokenizer::encode(text.as_bytes()),
+            Self::Bytes => Ok(tokenizer::encode(text.as_bytes())),
+            Self::HuggingFace(t) => t.encode(text),
         }
     }
 
-    /// The bytes of one token (none for an id the tokenizer never produces).
-    pub fn token_bytes(self, token: u32) -> Vec<u8> {
+    /// A chat's prompt: the model's chat template, or for models without one
+    /// (own checkpoints) a plain [`transcript`]. The error is the template's
+    /// (e.g. roles that do not alternate).
+    pub fn encode_chat(&self, messages: &[(String, String)]) -> Result<Vec<u32>, String> {
+        match self {
+            Self::Bytes => self.encode(&transcript(messages)),
+            Self::HuggingFace(t) => t.encode_chat(messages),
+        }
+    }
+
+    /// The bytes of one token (none for an id the tokenizer never produces,
+    /// or a special token).
+    pub fn token_bytes(&self, token: u32) -> Vec<u8> {
         match self {
             Self::Bytes => tokenizer::decode(&[token]).unwrap_or_default(),
+            Self::HuggingFace(t) => t.token_bytes(token).to_vec(),
         }
     }
 
     /// Ids below this can be decoded; the sampler draws only from them even
     /// when the model's vocabulary is larger.
-    pub fn vocab(self) -> usize {
+    pub fn vocab(&self) -> usize {
         match self {
             Self::Bytes => tokenizer::VOCAB,
+            Self::HuggingFace(t) => t.vocab(),
         }
     }
 
-    /// The prompt for a chat. Own checkpoints carry no chat template, so
-    /// this is a plain transcript that ends where the assistant speaks.
-    pub fn chat_prompt(self, messages: &[(String, String)]) -> String {
-        let mut prompt = String::new();
-        for (role, content) in messages {
-            prompt.push_str(role);
-            prompt.push_str(": ");
-            prompt.push_str(content);
-            prompt.push('\n');
+    /// Whether `token` ends the completion (`finish_reason: "stop"`, no text).
+    pub fn is_eos(&self, token: u32) -> bool {
+        match self {
+            Self::Bytes => false,
+            Self::HuggingFace(t) => t.eos().contains(&token),
         }
-        prompt.push_str("assistant:");
-        prompt
     }
+}
+
+/// The prompt for a chat without a template: a plain transcript that ends
+/// where the assistant speaks.
+pub fn transcript(messages: &[(String, String)]) -> String {
+    let mut prompt = String::new();
+    for (role, content) in messages {
+        prompt.push_str(role);
+        prompt.push_str(": ");
+        prompt.push_str(content);
+        prompt.push('\n');
+    }
+    prompt.push_str("assistant:");
+    prompt
 }
 
 /// What one more token did to the completion's text.
@@ -215,7 +243,7 @@ mod tests {
     #[test]
     fn byte_tokens_round_trip() {
         let t = Tokenizer::Bytes;
-        let ids = t.encode("hé");
+        let ids = t.encode("hé").unwrap();
         assert_eq!(ids, [104, 195, 169]);
         let mut a = TextAssembler::new(vec![]);
         let text: String = ids

@@ -1,0 +1,378 @@
+//! Hugging Face MoE models served exactly as `transformers` runs them.
+//!
+//! `tests/fixtures/hf/` holds tiny random-weight Mixtral-, Qwen2-MoE- and
+//! Qwen3-MoE-style models in Hugging Face format and what `transformers`
+//! computes from them (`golden.json`), written by `generate.py` there. Each
+//! is loaded with the serving loader and must give, for every prompt:
+//! the same token ids, the same greedy tokens, logits within
+//! [`LOGIT_TOLERANCE`] at every step (a prefill, then one-token decodes from
+//! the KV cache), and the chat template's exact text and ids.
+
+mod serve_support;
+
+use std::path::{Path, PathBuf};
+
+use moe_crds::ModelFormat;
+use moe_worker::serve::engine::{Chunk, Engine};
+use moe_worker::serve::kv_cache::{KvStore, pages_for};
+use moe_worker::serve::load::{self, Detected, LoadError, LoadedModel};
+use moe_worker::serve::text::{TextAssembler, Tokenizer};
+use moe_worker::serve::{ServeOptions, Server};
+use serde::Deserialize;
+use serve_support::{TempDir, full_text, post_json};
+
+/// Largest difference allowed between a logit and `transformers`'. Both
+/// compute in f32 from the same weights, in different orders: the
+/// differences measured are ~1e-6 (printed by the test).
+const LOGIT_TOLERANCE: f32 = 1e-4;
+const GOLDEN_FORMAT: &str = "moe-worker-hf-golden";
+const GOLDEN_VERSION: u32 = 1;
+const PAGE_SIZE: usize = 16;
+
+#[derive(Deserialize)]
+struct Golden {
+    format: String,
+    version: u32,
+    transformers: String,
+    prompts: Vec<GoldenPrompt>,
+    chat: GoldenChat,
+}
+
+#[derive(Deserialize)]
+struct GoldenPrompt {
+    text: String,
+    ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    completion: String,
+}
+
+#[derive(Deserialize)]
+struct GoldenChat {
+    messages: Vec<Message>,
+    rendered: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+fn golden(dir: &Path) -> Golden {
+    let path = dir.join("golden.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let golden: Golden = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "{} is stale or corrupt ({e}); re-run tests/fixtures/hf/generate.py",
+            path.display()
+        )
+    });
+    assert!(
+        golden.format == GOLDEN_FORMAT && golden.version == GOLDEN_VERSION,
+        "{} is {} v{}, expected {GOLDEN_FORMAT} v{GOLDEN_VERSION}; re-run tests/fixtures/hf/generate.py",
+        path.display(),
+        golden.format,
+        golden.version
+    );
+    golden
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy decoding on the engine: the prompt prefilled in one chunk, then
+/// one token per step; returns each step's logits.
+fn greedy(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let total = prompt.len() + steps;
+    let pages: Vec<u32> = (0..pages_for(total, PAGE_SIZE) as u32).collect();
+    let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), pages.len());
+    let mut tokens = prompt.to_vec();
+    let mut all = Vec::new();
+    let mut start = 0;
+    for _ in 0..steps {
+        let chunk = Chunk {
+            pages: &pages,
+            start,
+            tokens: &tokens[start..],
+            logits: true,
+        };
+        let logits = engine.step(&mut store, &[chunk]).expect("a valid step");
+        start = tokens.len();
+        tokens.push(argmax(&logits));
+        all.push(logits);
+    }
+    all
+}
+
+/// Checks one fixture against its golden file; returns the largest logit difference.
+fn check_fixture(name: &str) -> f32 {
+    let dir = fixture(name);
+    let golden = golden(&dir);
+    assert_eq!(
+        load::detect(&dir, None, None).unwrap(),
+        Detected::HuggingFace(dir.clone())
+    );
+    let LoadedModel {
+        model, tokenizer, ..
+    } = load::load(&dir, None, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let engine = Engine::serve(model.into_serve_model());
+    let mut worst = 0.0f32;
+    for prompt in &golden.prompts {
+        let what = format!("{name}, prompt {:?}", prompt.text);
+        assert_eq!(
+            tokenizer.encode(&prompt.text).unwrap(),
+            prompt.ids,
+            "{what}: token ids"
+        );
+        let logits = greedy(&engine, &prompt.ids, prompt.greedy.len());
+        for (step, (ours, theirs)) in logits.iter().zip(&prompt.logits).enumerate() {
+            assert_eq!(ours.len(), theirs.len(), "{what}: vocabulary");
+            let diff = ours
+                .iter()
+                .zip(theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            worst = worst.max(diff);
+            assert!(
+                diff <= LOGIT_TOLERANCE,
+                "{what}: step {step}: logits differ by {diff:e} (> {LOGIT_TOLERANCE:e})"
+            );
+            assert_eq!(
+                argmax(ours),
+                prompt.greedy[step],
+                "{what}: greedy token of step {step}"
+            );
+        }
+        // The streamed text: token bytes joined, special tokens silent.
+        let mut text = TextAssembler::new(Vec::new());
+        let mut completion = String::new();
+        for &token in &prompt.greedy {
+            completion.push_str(&text.push(&tokenizer.token_bytes(token)).text);
+        }
+        completion.push_str(&text.finish());
+        assert_eq!(completion, prompt.completion, "{what}: completion text");
+    }
+    // The chat template, as apply_chat_template(add_generation_prompt=True).
+    let messages: Vec<(String, String)> = golden
+        .chat
+        .messages
+        .iter()
+        .map(|m| (m.role.clone(), m.content.clone()))
+        .collect();
+    let Tokenizer::HuggingFace(hf) = &tokenizer else {
+        panic!("{name}: not a Hugging Face tokenizer");
+    };
+    assert_eq!(
+        hf.render_chat(&messages).unwrap(),
+        golden.chat.rendered,
+        "{name}: chat template"
+    );
+    assert_eq!(
+        tokenizer.encode_chat(&messages).unwrap(),
+        golden.chat.ids,
+        "{name}: chat ids"
+    );
+    println!(
+        "{name}: largest logit difference from transformers {} is {worst:e}",
+        golden.transformers
+    );
+    worst
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_fixture("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_fixture("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_fixture("qwen3_moe");
+}
+
+/// A copy of a fixture, to break.
+fn copy_fixture(name: &str, into: &TempDir) -> PathBuf {
+    let dir = into.0.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    match load::load(dir, None, None) {
+        Err(e @ LoadError::HuggingFace(_)) => e.to_string(),
+        Err(e) => panic!("not a Hugging Face error: {e}"),
+        Ok(_) => panic!("{} loaded", dir.display()),
+    }
+}
+
+#[test]
+fn what_cannot_be_served_is_named() {
+    let tmp = TempDir::new("hf-errors");
+    let dir = copy_fixture("mixtral", &tmp);
+    edit_config(&dir, |c| {
+        c["architectures"] = serde_json::json!(["DbrxForCausalLM"])
+    });
+    let message = load_error(&dir);
+    assert!(
+        message.contains("DbrxForCausalLM") && message.contains("MixtralForCausalLM"),
+        "{message}"
+    );
+
+    // A config implying a third layer: its tensors are named as missing.
+    let dir = copy_fixture("qwen2_moe", &tmp);
+    edit_config(&dir, |c| c["num_hidden_layers"] = serde_json::json!(3));
+    let message = load_error(&dir);
+    assert!(
+        message.contains("model.layers.2.self_attn.q_proj.weight") && message.contains("more"),
+        "{message}"
+    );
+
+    let dir = copy_fixture("qwen3_moe", &tmp);
+    edit_config(&dir, |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+    });
+    assert!(load_error(&dir).contains("yarn"));
+
+    // The format can be forced: a Hugging Face directory is no worker checkpoint.
+    let message = load::load(&fixture("mixtral"), Some(ModelFormat::Native), None)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("holds no model"), "{message}");
+    assert!(load::load(&fixture("mixtral"), Some(ModelFormat::Huggingface), None).is_ok());
+}
+
+#[test]
+fn a_hugging_face_model_answers_over_http() {
+    let dir = fixture("qwen2_moe");
+    let golden = golden(&dir);
+    let options = ServeOptions {
+        model_name: Some("qwen".into()),
+        ..serve_support::options(&dir)
+    };
+    let server = Server::start(load::load(&dir, None, None).unwrap(), &options).unwrap();
+    let prompt = &golden.prompts[0];
+    let body = serde_json::json!({
+        "model": "qwen", "prompt": prompt.text, "max_tokens": prompt.greedy.len(),
+        "temperature": 0,
+    });
+    let response = post_json(server.addr, "/v1/completions", &body);
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let json = response.json();
+    assert_eq!(json["usage"]["prompt_tokens"], prompt.ids.len());
+    assert_eq!(full_text(&response), prompt.completion);
+
+    // A chat: the template's prompt; the reply ends at an end-of-sequence
+    // token or at max_tokens.
+    let body = serde_json::json!({
+        "model": "qwen", "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 4, "temperature": 0,
+    });
+    let response = post_json(server.addr, "/v1/chat/completions", &body);
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+}
+
+#[test]
+fn an_end_of_sequence_token_ends_the_completion() {
+    // A greedy token (not the first, and new at its step) declared
+    // end-of-sequence in generation_config.json: the completion stops
+    // there, without its text.
+    let tmp = TempDir::new("hf-eos");
+    let dir = copy_fixture("qwen2_moe", &tmp);
+    let golden = golden(&dir);
+    let (prompt, step) = golden
+        .prompts
+        .iter()
+        .find_map(|p| {
+            let step = (1..p.greedy.len()).find(|&k| !p.greedy[..k].contains(&p.greedy[k]))?;
+            Some((p, step))
+        })
+        .expect("a greedy token new at its step");
+    let eos = prompt.greedy[step];
+    let generation = serde_json::json!({"eos_token_id": [eos]});
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_vec(&generation).unwrap(),
+    )
+    .unwrap();
+    let loaded = load::load(&dir, None, None).unwrap();
+    let bytes: Vec<u8> = prompt.greedy[..step]
+        .iter()
+        .flat_map(|&t| loaded.tokenizer.token_bytes(t))
+        .collect();
+    let options = ServeOptions {
+        model_name: Some("qwen".into()),
+        ..serve_support::options(&dir)
+    };
+    let server = Server::start(loaded, &options).unwrap();
+    let body = serde_json::json!({
+        "model": "qwen", "prompt": prompt.text, "max_tokens": 8, "temperature": 0,
+    });
+    let response = post_json(server.addr, "/v1/completions", &body);
+    let json = response.json();
+    assert_eq!(json["choices"][0]["finish_reason"], "stop", "{json}");
+    assert_eq!(json["usage"]["completion_tokens"], step + 1, "{json}");
+    assert_eq!(full_text(&response), String::from_utf8_lossy(&bytes));
+}
+
+#[test]
+fn a_chat_template_can_refuse_a_conversation() {
+    // Mixtral's template raises an exception unless roles alternate.
+    let loaded = load::load(&fixture("mixtral"), None, None).unwrap();
+    let messages = [("assistant".to_owned(), "Hi".to_owned())];
+    let error = loaded.tokenizer.encode_chat(&messages).unwrap_err();
+    assert!(error.contains("roles must alternate"), "{error}");
+
+    let options = ServeOptions {
+        model_name: Some("mixtral".into()),
+        ..serve_support::options(&fixture("mixtral"))
+    };
+    let server = Server::start(loaded, &options).unwrap();
+    let body = serde_json::json!({
+        "model": "mixtral", "messages": [{"role": "assistant", "content": "Hi"}],
+    });
+    let response = post_json(server.addr, "/v1/chat/completions", &body);
+    assert_eq!(response.status, 400);
+    let json = response.json();
+    assert_eq!(json["error"]["param"], "messages", "{json}");
+}
