@@ -24,6 +24,49 @@ fn sequences(shape: AttentionShape, q_len: usize) -> usize {
     q_len / width
 }
 
+/// Checks a forward pass's buffers against `shape`; the number of sequences.
+fn forward_sequences(
+    shape: AttentionShape,
+    out: &CudaSlice<f32>,
+    probs: &CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+) -> usize {
+    let b = sequences(shape, q.len());
+    let kv_len = b * shape.seq_len * shape.n_kv_heads * shape.head_dim;
+    assert!(
+        k.len() == kv_len
+            && v.len() == kv_len
+            && out.len() == q.len()
+            && probs.len() == shape.probs_len(b * shape.seq_len),
+        "attention shapes"
+    );
+    b
+}
+
+/// Checks a backward pass's buffers against `shape`; the number of sequences.
+fn backward_sequences(
+    shape: AttentionShape,
+    grads: &AttentionGrads<'_>,
+    dout: &CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    probs: &CudaSlice<f32>,
+) -> usize {
+    let b = sequences(shape, q.len());
+    assert!(
+        dout.len() == q.len()
+            && grads.q.len() == q.len()
+            && grads.k.len() == k.len()
+            && grads.v.len() == v.len()
+            && probs.len() == shape.probs_len(b * shape.seq_len),
+        "attention gradient shapes"
+    );
+    b
+}
+
 /// As [`crate::ops::attention::forward`] in exact f32 (CUDA cores, 85% of
 /// a training step's time at sequence length 1024): `out` and `probs`
 /// overwritten.
@@ -36,15 +79,7 @@ pub fn forward_exact(
     v: &CudaSlice<f32>,
     shape: AttentionShape,
 ) -> Result<()> {
-    let b = sequences(shape, q.len());
-    let kv_len = b * shape.seq_len * shape.n_kv_heads * shape.head_dim;
-    assert!(
-        k.len() == kv_len
-            && v.len() == kv_len
-            && out.len() == q.len()
-            && probs.len() == shape.probs_len(b * shape.seq_len),
-        "attention shapes"
-    );
+    let b = forward_sequences(shape, out, probs, q, k, v);
     let rows = b * shape.n_heads * shape.seq_len;
     if rows == 0 {
         return Ok(());
@@ -88,15 +123,7 @@ pub fn backward_exact(
     probs: &CudaSlice<f32>,
     shape: AttentionShape,
 ) -> Result<()> {
-    let b = sequences(shape, q.len());
-    assert!(
-        dout.len() == q.len()
-            && grads.q.len() == q.len()
-            && grads.k.len() == k.len()
-            && grads.v.len() == v.len()
-            && probs.len() == shape.probs_len(b * shape.seq_len),
-        "attention gradient shapes"
-    );
+    let b = backward_sequences(shape, &grads, dout, q, k, v, probs);
     let rows = b * shape.n_heads * shape.seq_len;
     if rows == 0 {
         return Ok(());
@@ -299,15 +326,7 @@ pub fn forward(
     v: &CudaSlice<f32>,
     shape: AttentionShape,
 ) -> Result<()> {
-    let b = sequences(shape, q.len());
-    let kv_len = b * shape.seq_len * shape.n_kv_heads * shape.head_dim;
-    assert!(
-        k.len() == kv_len
-            && v.len() == kv_len
-            && out.len() == q.len()
-            && probs.len() == shape.probs_len(b * shape.seq_len),
-        "attention shapes"
-    );
+    let b = forward_sequences(shape, out, probs, q, k, v);
     let rows = b * shape.n_heads * shape.seq_len;
     if rows == 0 {
         return Ok(());
@@ -374,15 +393,7 @@ pub fn backward(
     probs: &CudaSlice<f32>,
     shape: AttentionShape,
 ) -> Result<()> {
-    let b = sequences(shape, q.len());
-    assert!(
-        dout.len() == q.len()
-            && grads.q.len() == q.len()
-            && grads.k.len() == k.len()
-            && grads.v.len() == v.len()
-            && probs.len() == shape.probs_len(b * shape.seq_len),
-        "attention gradient shapes"
-    );
+    let b = backward_sequences(shape, &grads, dout, q, k, v, probs);
     let rows = b * shape.n_heads * shape.seq_len;
     if rows == 0 {
         return Ok(());

@@ -32,8 +32,18 @@ pub struct Figure {
 }
 
 /// Mean milliseconds of `f` over `runs` runs after three warm-ups, by CUDA events.
-pub fn time_ms(gpu: &Gpu, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..3 {
+pub fn time_ms(gpu: &Gpu, runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    time_runs(gpu, 3, runs, f)
+}
+
+/// Mean milliseconds of `f` over `runs` runs after `warmups`, by CUDA events.
+pub fn time_runs(
+    gpu: &Gpu,
+    warmups: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmups {
         f()?;
     }
     let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);

@@ -442,46 +442,34 @@ impl DeviceMoeLayer {
     }
 }
 
-impl super::model::DeviceTensors for DeviceMoeLayer {
-    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
-        let mut list = vec![&self.router, &self.w1, &self.w3, &self.w2];
-        if !self.shared_w1.is_empty() {
-            list.extend([&self.shared_w1, &self.shared_w3, &self.shared_w2]);
-        }
-        list
-    }
+/// A layer's weights and its gradients (or AdamW moments) share one field
+/// layout; both list their tensors in the CPU's canonical order, shared
+/// experts only when there are any.
+macro_rules! moe_tensors {
+    ($type:ty) => {
+        impl super::model::DeviceTensors for $type {
+            fn tensors(&self) -> Vec<&CudaSlice<f32>> {
+                let mut list = vec![&self.router, &self.w1, &self.w3, &self.w2];
+                if !self.shared_w1.is_empty() {
+                    list.extend([&self.shared_w1, &self.shared_w3, &self.shared_w2]);
+                }
+                list
+            }
 
-    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
-        let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
-        if !self.shared_w1.is_empty() {
-            list.extend([
-                &mut self.shared_w1,
-                &mut self.shared_w3,
-                &mut self.shared_w2,
-            ]);
+            fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+                let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
+                if !self.shared_w1.is_empty() {
+                    list.extend([
+                        &mut self.shared_w1,
+                        &mut self.shared_w3,
+                        &mut self.shared_w2,
+                    ]);
+                }
+                list
+            }
         }
-        list
-    }
+    };
 }
 
-impl super::model::DeviceTensors for DeviceMoeGrads {
-    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
-        let mut list = vec![&self.router, &self.w1, &self.w3, &self.w2];
-        if !self.shared_w1.is_empty() {
-            list.extend([&self.shared_w1, &self.shared_w3, &self.shared_w2]);
-        }
-        list
-    }
-
-    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
-        let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
-        if !self.shared_w1.is_empty() {
-            list.extend([
-                &mut self.shared_w1,
-                &mut self.shared_w3,
-                &mut self.shared_w2,
-            ]);
-        }
-        list
-    }
-}
+moe_tensors!(DeviceMoeLayer);
+moe_tensors!(DeviceMoeGrads);

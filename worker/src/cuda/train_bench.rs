@@ -8,14 +8,13 @@
 //! plus 12 · layers · hidden · seq_len for attention's score and value
 //! products. MFU divides those FLOPs per second by the bf16 dense peak.
 
-use super::bench::{Figure, H200_BF16_DENSE_FLOPS};
+use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
 use super::trainer::DeviceTrainer;
 use super::{Gpu, Result, attention};
 use crate::data::DataLoader;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
 use crate::ops::attention::AttentionShape;
 use crate::settings::{OptimizerSettings, TrainingSettings};
-use moe_kernels::cudarc::driver::sys::CUevent_flags;
 
 /// About 1.5B parameters, 0.42B active: hidden 2048, 12 blocks (the first
 /// dense), 32 routed experts of 512 (top-4) plus one shared of 1024, GQA
@@ -286,24 +285,4 @@ fn share(name: &str, part_ms: f64, step_ms: f64) -> Figure {
         ratio: None,
         of_datasheet: None,
     }
-}
-
-/// Mean milliseconds of `f` over `runs` runs after `warmups`, by CUDA events.
-fn time_runs(
-    gpu: &Gpu,
-    warmups: usize,
-    runs: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
-    for _ in 0..warmups {
-        f()?;
-    }
-    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let start = gpu.stream().record_event(flags)?;
-    for _ in 0..runs {
-        f()?;
-    }
-    let end = gpu.stream().record_event(flags)?;
-    end.synchronize()?;
-    Ok(f64::from(start.elapsed_ms(&end)?) / runs as f64)
 }
