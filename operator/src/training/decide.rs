@@ -489,11 +489,15 @@ fn set_phase(
     let conds = &mut plan.status.conditions;
     let is = |p: &[TrainingPhase]| p.contains(&phase);
     // kstatus: Ready is the summary; Reconciling while working toward
-    // running; Stalled when it will not get there without a change.
+    // running; Stalled when it will not get there without a change. A
+    // suspended job is where its spec says it should be, so it is Ready:
+    // kstatus then calls it Current (a GitOps `wait` on it finishes rather
+    // than timing out), while the Suspended condition keeps it apart for
+    // Argo CD and people.
     set(
         conds,
         READY,
-        is(&[Running, Succeeded]),
+        is(&[Running, Succeeded, Suspended]),
         reason,
         message,
         generation,

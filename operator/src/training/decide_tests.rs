@@ -330,6 +330,12 @@ fn suspend_deletes_the_attempt_and_resume_starts_the_next_one() {
     assert_eq!(suspended.status.phase, Some(TrainingPhase::Suspended));
     assert_eq!(condition(&suspended, "Suspended"), "True");
     assert_eq!(
+        condition(&suspended, "Ready"),
+        "True",
+        "suspended is the declared state: kstatus Current"
+    );
+    assert_eq!(condition(&suspended, "Reconciling"), "False");
+    assert_eq!(
         suspended.status.start_time, None,
         "the deadline clock stops"
     );

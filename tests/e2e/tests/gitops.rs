@@ -162,8 +162,14 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
     )
     .await?;
     wait_phase(&jobs, "life", TrainingPhase::Suspended).await?;
-    // kstatus has no "suspended": Ready=False reads as InProgress.
-    expect(n, "life", "suspended", ["InProgress", "", "Suspended", ""])?;
+    // Suspended is the declared state: Ready, so kstatus says Current (a
+    // GitOps wait finishes); Argo CD tells it apart as Suspended.
+    expect(
+        n,
+        "life",
+        "suspended",
+        ["Current", "Resource is Ready", "Suspended", ""],
+    )?;
 
     // A spec change the operator has not seen yet: observedGeneration is behind.
     drop(op);
