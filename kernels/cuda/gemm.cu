@@ -1,5 +1,5 @@
-// out[m, n] = sum_k a[m, k] b[n, k] in f32 on CUDA cores, every product and
-// sum explicitly rounded (no FMA contraction) and k summed in ascending
+// out[m, n] = sum_k a[m, k] b[n, k] in f32 on CUDA cores, one explicit
+// fused multiply-add per product (__fmaf_rn) and k summed in ascending
 // order: the same operations as the CPU's matmul, so the same bits. Used
 // where exactness beats speed — the router logits, whose top-k selection
 // must not flip on a last-bit difference (DeepSeek-V3 keeps the gating in
@@ -18,7 +18,7 @@ extern "C" __global__ void gemm_abt_f32_exact(float* out, const float* a, const 
         b_tile[ty][tx] = (bn < n_rows && k < k_dim) ? b[(size_t)bn * k_dim + k] : 0.0f;
         __syncthreads();
         const int steps = min(GEMM_TILE, k_dim - k0);
-        for (int i = 0; i < steps; ++i) sum = __fadd_rn(sum, __fmul_rn(a_tile[ty][i], b_tile[tx][i]));
+        for (int i = 0; i < steps; ++i) sum = __fmaf_rn(a_tile[ty][i], b_tile[tx][i], sum);
         __syncthreads();
     }
     if (m < m_rows && n < n_rows) out[(size_t)m * n_rows + n] = sum;

@@ -37,6 +37,12 @@ pub trait Scalar:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    /// `self * a + b` as the GEMMs compute it ([`crate::ops::matmul`]):
+    /// fused, one rounding, for f32 (the AVX2 kernel's FMA, and the CUDA
+    /// exact router's); two roundings for f64, the gradient checks' type,
+    /// whose GEMMs no other path has to match and where a software fused
+    /// multiply-add would only cost time.
+    fn gemm_mul_add(self, a: Self, b: Self) -> Self;
     /// The larger of the two; `self` when they compare equal or either is NaN.
     fn max(self, other: Self) -> Self;
 
@@ -76,6 +82,13 @@ macro_rules! impl_scalar {
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
+            }
+            fn gemm_mul_add(self, a: Self, b: Self) -> Self {
+                if std::mem::size_of::<$t>() == 4 {
+                    self.mul_add(a, b)
+                } else {
+                    self * a + b
+                }
             }
             fn max(self, other: Self) -> Self {
                 if other > self { other } else { self }

@@ -3,11 +3,12 @@
 //! Zero rows (an expert no token was routed to) is valid and does nothing.
 //!
 //! Every output sums its products in ascending order of the inner index,
-//! each product and each sum rounded (no fused multiply-add), starting from
-//! zero (forward) or from the gradient already there (backward). The CUDA
-//! backend's exact router GEMM repeats these operations bit for bit.
+//! one fused multiply-add per product in f32 (one rounding; two in f64, see
+//! [`Scalar::gemm_mul_add`]), starting from zero (forward) or from the
+//! gradient already there (backward). The CUDA backend's exact router GEMM
+//! repeats these operations bit for bit.
 //!
-//! In `f32` on a CPU with AVX2 (any x86-64 since 2013-15) all three GEMMs
+//! In `f32` on a CPU with AVX2 and FMA (any x86-64 since 2013-15) all three GEMMs
 //! run on [`packed_gemm`], a blocked, packed kernel that performs exactly
 //! those operations in that order, many outputs at a time; otherwise (and
 //! always in `f64`, the gradient checks' type) on the portable loops below.
@@ -16,7 +17,7 @@
 use std::any::TypeId;
 
 use crate::ops::packed_gemm::{self, Strided};
-use crate::ops::vector::axpy;
+use crate::ops::vector::gemm_axpy;
 use crate::scalar::Scalar;
 
 /// `values` seen as `f32` when `T` is `f32` and the packed GEMM can run.
@@ -84,7 +85,7 @@ fn portable_forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, o
                 .chunks_exact(in_dim)
                 .zip(out_tile.chunks_exact_mut(out_dim))
             {
-                axpy(out_row, x_row[i], w_t_row);
+                gemm_axpy(out_row, x_row[i], w_t_row);
             }
         }
     }
@@ -138,7 +139,7 @@ fn portable_backward_input<T: Scalar>(
 ) {
     for (dx_row, dout_row) in dx.chunks_exact_mut(in_dim).zip(dout.chunks_exact(out_dim)) {
         for (&d, w_row) in dout_row.iter().zip(w.chunks_exact(in_dim)) {
-            axpy(dx_row, d, w_row);
+            gemm_axpy(dx_row, d, w_row);
         }
     }
 }
@@ -173,7 +174,7 @@ fn portable_backward_weight<T: Scalar>(
     // Output-major so one row of `dw` stays in cache while every row of `x` streams past.
     for (o, dw_row) in dw.chunks_exact_mut(in_dim).enumerate() {
         for (x_row, dout_row) in x.chunks_exact(in_dim).zip(dout.chunks_exact(out_dim)) {
-            axpy(dw_row, dout_row[o], x_row);
+            gemm_axpy(dw_row, dout_row[o], x_row);
         }
     }
 }

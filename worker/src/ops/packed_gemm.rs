@@ -53,7 +53,7 @@ impl Strided<'_> {
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -233,15 +233,14 @@ struct Tile {
 }
 
 /// `C[tile] += a_panel · b_panel` over `kc` steps, continuing each element's
-/// running sum from its value in `C`: per step `c = c + a * b`, the product
-/// and the sum each rounded (no fused multiply-add), exactly as the portable
-/// loops compute it.
+/// running sum from its value in `C`: per step `c = fma(a, b, c)`, one
+/// rounding, exactly as the portable loops compute it in f32.
 ///
 /// # Safety
 /// The CPU must support AVX2; `a_panel` must hold `kc * MR` and `b_panel`
 /// `kc * NR` values; the tile must lie inside `c`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2(kc: usize, a_panel: &[f32], b_panel: &[f32], c: &mut [f32], tile: Tile) {
     use std::arch::x86_64::*;
     assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
@@ -272,11 +271,11 @@ unsafe fn kernel_avx2(kc: usize, a_panel: &[f32], b_panel: &[f32], c: &mut [f32]
         for (i, row) in acc.iter_mut().enumerate() {
             // SAFETY: as above.
             let ai = _mm256_set1_ps(unsafe { *a.add(p * MR + i) });
-            // Multiply and add, each rounded: the only dependency chain is
-            // the add (the products are independent), and on CPUs with
-            // separate multiply and add pipes this runs as fast as an FMA.
-            row[0] = _mm256_add_ps(row[0], _mm256_mul_ps(ai, b0));
-            row[1] = _mm256_add_ps(row[1], _mm256_mul_ps(ai, b1));
+            // Fused: one instruction and one rounding per product; the
+            // 2 × MR accumulators are independent chains that keep both
+            // FMA pipes busy.
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
     }
     for (i, row) in acc.iter().enumerate().take(tile.rows) {

@@ -12,3 +12,12 @@ pub(crate) fn axpy<T: Scalar>(y: &mut [T], alpha: T, x: &[T]) {
         *yi += alpha * xi;
     }
 }
+
+/// `y += alpha * x` with the GEMMs' multiply-add ([`Scalar::gemm_mul_add`]):
+/// the portable loops of [`crate::ops::matmul`], which must give the AVX2
+/// kernel's bits.
+pub(crate) fn gemm_axpy<T: Scalar>(y: &mut [T], alpha: T, x: &[T]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi = alpha.gemm_mul_add(xi, *yi);
+    }
+}
