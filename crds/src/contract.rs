@@ -32,6 +32,12 @@ pub mod env {
     /// `namespace/name` of the MoEInferenceService a server pod belongs to.
     pub const SERVICE: &str = "MOE_SERVICE";
 
+    /// Set by the worker's own launcher on each local rank it starts (one
+    /// per GPU; every rank of `moectl run --local`), never by the operator,
+    /// which starts one process per pod. Its absence with `PROCS_PER_NODE`
+    /// above 1 is what makes a worker the launcher, so users may not set it.
+    pub const LOCAL_RANK: &str = "MOE_LOCAL_RANK";
+
     /// Optional: where rank 0 serves `/progress` and `/metrics` (default
     /// `0.0.0.0:<METRICS_PORT>`; `off` disables). Local runs use loopback.
     pub const STATUS_ADDR: &str = "MOE_STATUS_ADDR";
@@ -47,6 +53,7 @@ pub mod env {
         CONFIG,
         JOB,
         SERVICE,
+        LOCAL_RANK,
     ];
 }
 

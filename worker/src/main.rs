@@ -137,6 +137,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn train(config: Option<PathBuf>) -> ExitCode {
+    use moe_worker::dist::{DistEnv, env::Timeouts};
     let path = config
         .or_else(|| std::env::var_os(env::CONFIG).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(CONFIG_PATH));
@@ -144,8 +145,17 @@ fn train(config: Option<PathBuf>) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(&format!("{}: {e}", path.display()), 2),
     };
+    let (gang, timeouts) = match DistEnv::from_env().and_then(|g| Ok((g, Timeouts::from_env()?))) {
+        Ok(read) => read,
+        Err(e) => return fail(&format!("environment: {e}"), 2),
+    };
+    // Checked before any rank starts: a launcher refuses a bad config once.
+    if let Err(e) = moe_worker::run::gang_settings(&config, &gang) {
+        return fail(&e.to_string(), e.exit_code());
+    }
     // SIGTERM (pod deletion, preemption) and SIGINT set the flag; training
-    // checkpoints at the next step boundary and exits 0.
+    // checkpoints at the next step boundary and exits 0 (a launcher
+    // forwards it to its ranks).
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
@@ -155,16 +165,89 @@ fn train(config: Option<PathBuf>) -> ExitCode {
             );
         }
     }
-    let board = status_board();
-    match moe_worker::run::train_reporting(&config, &stop, board.as_ref()) {
+    if gang.launcher {
+        return launch_ranks(&gang, &timeouts, &stop);
+    }
+    let mut group = match connect(&gang, &config, &timeouts) {
+        Ok(group) => group,
+        Err(e) => return fail(&e.to_string(), e.exit_code()),
+    };
+    let board = (gang.rank == 0).then(status_board).flatten();
+    match moe_worker::run::train_as(&config, &stop, board.as_ref(), group.as_mut(), timeouts) {
         Ok(summary) => {
-            println!(
-                "{}",
-                serde_json::to_string(&summary).expect("the summary always serialises")
-            );
+            let line = serde_json::to_string(&summary).expect("the summary always serialises");
+            // One summary per run, as from a single process: rank 0's.
+            if gang.rank == 0 {
+                println!("{line}");
+            } else {
+                tracing::info!(rank = gang.rank, summary = %line, "rank done");
+            }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e.to_string(), e.exit_code()),
+        Err(e) => fail(&format!("rank {}: {e}", gang.rank), e.exit_code()),
+    }
+}
+
+/// This rank's data-parallel group: the whole world, over TCP when it has
+/// more than one rank.
+fn connect(
+    gang: &moe_worker::dist::DistEnv,
+    config: &moe_crds::WorkerConfig,
+    timeouts: &moe_worker::dist::env::Timeouts,
+) -> Result<Box<dyn moe_worker::dist::Collective>, moe_worker::run::RunError> {
+    use moe_worker::dist::{self, Solo, TcpCollective, TcpSetup};
+    if gang.world_size == 1 {
+        return Ok(Box::new(Solo));
+    }
+    tracing::info!(
+        rank = gang.rank,
+        world_size = gang.world_size,
+        coordinator = %gang.coordinator,
+        "joining the gang"
+    );
+    let setup = TcpSetup::from_env(
+        gang,
+        dist::config_hash(config),
+        timeouts.rendezvous,
+        timeouts.collective,
+    );
+    Ok(Box::new(TcpCollective::connect(setup)?))
+}
+
+/// Runs this node's ranks (this same command, once per local rank) and
+/// exits as the rank blamed for a failure did.
+fn launch_ranks(
+    gang: &moe_worker::dist::DistEnv,
+    timeouts: &moe_worker::dist::env::Timeouts,
+    stop: &AtomicBool,
+) -> ExitCode {
+    use moe_worker::dist::launch::{LocalLaunch, launch};
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(e) => return fail(&format!("cannot find this executable: {e}"), 1),
+    };
+    // The ranks fail by themselves within the collective timeout once one
+    // dies; a few seconds more before they are killed.
+    let grace = timeouts.collective + std::time::Duration::from_secs(5);
+    let args = std::env::args_os().skip(1).collect();
+    let plan = LocalLaunch::from_env(gang, program, args, grace);
+    tracing::info!(
+        ranks = gang.procs_per_node,
+        first_rank = gang.node_rank * gang.procs_per_node,
+        world_size = gang.world_size,
+        "launching local ranks"
+    );
+    match launch(&plan, stop) {
+        Ok(report) => {
+            if report.first_failure.is_some() {
+                tracing::error!("{}", report.summary());
+                eprintln!("moe-worker: {}", report.summary());
+            } else {
+                tracing::info!("{}", report.summary());
+            }
+            ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(1))
+        }
+        Err(e) => fail(&e.to_string(), 1),
     }
 }
 
@@ -172,10 +255,9 @@ fn train(config: Option<PathBuf>) -> ExitCode {
 /// `MOE_STATUS_ADDR`; `off` disables it). A port already taken (e.g. two local
 /// runs at once) only costs the endpoint, never the training run.
 fn status_board() -> Option<moe_worker::status::Board> {
-    let rank0 = std::env::var(env::NODE_RANK).map_or(true, |r| r == "0");
     let addr = std::env::var(env::STATUS_ADDR)
         .unwrap_or_else(|_| format!("0.0.0.0:{}", moe_crds::contract::METRICS_PORT));
-    if !rank0 || addr == "off" {
+    if addr == "off" {
         return None;
     }
     let board = moe_worker::status::Board::default();

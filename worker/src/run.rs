@@ -1,5 +1,6 @@
-//! `moe-worker train`: one single-process training run from a worker
-//! config, with metrics, checkpoints, resumption and graceful stopping.
+//! `moe-worker train`: one training run from a worker config, with
+//! metrics, checkpoints, resumption and graceful stopping; alone or as one
+//! rank of a data-parallel gang ([`train_as`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -14,6 +15,8 @@ use moe_crds::WorkerConfig;
 
 use crate::checkpoint::{self, CheckpointError, Snapshot};
 use crate::data::{self, DataError, DataLoader, tokenizer};
+use crate::dist::env::Timeouts;
+use crate::dist::{Collective, DistEnv, DistError, Solo};
 use crate::settings::{DataSource, SettingsError, TrainSettings};
 use crate::status::Progress;
 use crate::train::{StepReport, Trainer};
@@ -32,18 +35,28 @@ pub enum RunError {
     },
     /// The GPU: missing, or a CUDA or cuBLASLt failure.
     Device(String),
+    /// The gang: rendezvous, or a collective failing (often because
+    /// another rank died).
+    Dist(DistError),
 }
 
 impl RunError {
     /// 2 for a config or data problem another attempt cannot fix (an
-    /// operator failure rule can fail the job on it), 1 otherwise.
+    /// operator failure rule can fail the job on it); 3
+    /// ([`crate::dist::launch::PEER_FAILED_EXIT_CODE`]) when another rank's
+    /// failure caused this one, so a launcher blames that rank instead; 1
+    /// otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Settings(_) | Self::Data(_) => 2,
-            Self::Checkpoint(_) | Self::Output { .. } | Self::Device(_) => 1,
+            Self::Dist(e) if e.is_peer_failure() => PEER_FAILED,
+            Self::Checkpoint(_) | Self::Output { .. } | Self::Device(_) | Self::Dist(_) => 1,
         }
     }
 }
+
+/// [`crate::dist::launch::PEER_FAILED_EXIT_CODE`] as an exit status.
+const PEER_FAILED: u8 = crate::dist::launch::PEER_FAILED_EXIT_CODE as u8;
 
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,6 +66,7 @@ impl fmt::Display for RunError {
             Self::Checkpoint(e) => e.fmt(f),
             Self::Output { path, error } => write!(f, "cannot write {}: {error}", path.display()),
             Self::Device(e) => write!(f, "GPU: {e}"),
+            Self::Dist(e) => write!(f, "distributed training: {e}"),
         }
     }
 }
@@ -75,6 +89,12 @@ impl From<DataError> for RunError {
 impl From<crate::cuda::GpuError> for RunError {
     fn from(e: crate::cuda::GpuError) -> Self {
         Self::Device(e.to_string())
+    }
+}
+
+impl From<DistError> for RunError {
+    fn from(e: DistError) -> Self {
+        Self::Dist(e)
     }
 }
 
@@ -134,8 +154,61 @@ pub fn train_reporting(
     stop: &AtomicBool,
     board: Option<&crate::status::Board>,
 ) -> Result<Summary, RunError> {
+    train_as(config, stop, board, &mut Solo, Timeouts::default())
+}
+
+/// The settings of `config`, checked against the gang this process belongs
+/// to: before a launcher starts any rank, and in every rank.
+pub fn gang_settings(config: &WorkerConfig, env: &DistEnv) -> Result<TrainSettings, RunError> {
+    let settings = TrainSettings::from_config(config)?;
+    if settings.world_size != env.world_size {
+        return Err(SettingsError::new(
+            "parallelism",
+            format!(
+                "asks for {} ranks (nodes {} × processesPerNode {}), but this process was started as one of {} ({}; unset means 1): start multi-rank runs with `moectl run --local` or the operator",
+                settings.world_size,
+                config.parallelism.nodes,
+                config.parallelism.processes_per_node,
+                env.world_size,
+                moe_crds::contract::env::WORLD_SIZE
+            ),
+        )
+        .into());
+    }
+    Ok(settings)
+}
+
+/// One rank of a data-parallel run over `dp` (every rank calls it with the
+/// same config; [`Solo`] for a single process). Every rank trains its shard
+/// of each step's batch and holds identical weights after it; rank 0 alone
+/// writes checkpoints and metrics and publishes on `board`. All ranks
+/// resume from the same checkpoint, and stop at the same step boundary
+/// when any of them is asked to. While rank 0 writes a checkpoint the
+/// others wait up to `timeouts.checkpoint`, then `timeouts.collective` again.
+pub fn train_as(
+    config: &WorkerConfig,
+    stop: &AtomicBool,
+    board: Option<&crate::status::Board>,
+    dp: &mut dyn Collective,
+    timeouts: Timeouts,
+) -> Result<Summary, RunError> {
     let started = Instant::now();
     let settings = TrainSettings::from_config(config)?;
+    if settings.world_size != dp.size() {
+        return Err(SettingsError::new(
+            "parallelism",
+            format!(
+                "asks for {} ranks, but the gang has {}",
+                settings.world_size,
+                dp.size()
+            ),
+        )
+        .into());
+    }
+    let gang = Gang {
+        leader: dp.rank() == 0,
+        timeouts,
+    };
     let corpus = data::load_corpus(&settings.data)?;
     let tokens = tokenizer::encode(&corpus);
     let unigram_entropy = tokenizer::unigram_entropy(&tokens);
@@ -161,16 +234,26 @@ pub fn train_reporting(
     let mut run = RunState::default();
     if settings.checkpoint.resume {
         resume(&settings, &mut host, &mut run)?;
-    } else if let Ok(Some(path)) = checkpoint::newest(&settings.checkpoint.dir) {
+        same_step_everywhere(dp, host.steps_done())?;
+    } else if let (true, Ok(Some(path))) =
+        (gang.leader, checkpoint::newest(&settings.checkpoint.dir))
+    {
         tracing::warn!(
             newest = %path.display(),
             "checkpoint.resume is Never: existing checkpoints are not loaded; this run's replace those of the same step"
         );
     }
-    fs::create_dir_all(&settings.output_dir).map_err(|error| RunError::Output {
-        path: settings.output_dir.clone(),
-        error,
-    })?;
+    let metrics_path = settings.output_dir.join(METRICS_FILE);
+    // Rank 0 writes the run's outputs; the others only train.
+    let mut metrics = if gang.leader {
+        fs::create_dir_all(&settings.output_dir).map_err(|error| RunError::Output {
+            path: settings.output_dir.clone(),
+            error,
+        })?;
+        Some(open_append(&metrics_path)?)
+    } else {
+        None
+    };
     #[cfg(feature = "cuda")]
     let mut trainer = match settings.device {
         moe_crds::Device::Cuda => Backend::cuda(open_gpu()?, host)?,
@@ -178,15 +261,21 @@ pub fn train_reporting(
     };
     #[cfg(not(feature = "cuda"))]
     let mut trainer = Backend::Cpu(Box::new(host));
-    let metrics_path = settings.output_dir.join(METRICS_FILE);
-    let mut metrics = open_append(&metrics_path)?;
 
     let training_started = Instant::now();
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
+    // A single process stops between micro-batches; ranks must stop at the
+    // same step boundary, which they agree on before each step.
+    let solo = dp.size() == 1;
+    let stop_within_step = || solo && stop.load(Ordering::Relaxed);
     while trainer.steps_done() < total_steps {
-        let Some(report) = trainer.step(&|| stop.load(Ordering::Relaxed))? else {
+        if any_rank_stopping(dp, stop)? {
+            interrupted = true;
+            break;
+        }
+        let Some(report) = trainer.step(&stop_within_step, dp)? else {
             interrupted = true;
             break;
         };
@@ -197,16 +286,18 @@ pub fn train_reporting(
         if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
         {
             let line = metrics_line(&report, interval.tokens_per_second(), &settings);
-            tracing::info!(
-                step = report.step,
-                loss = report.loss,
-                lr = report.learning_rate,
-                grad_norm = report.grad_norm,
-                tokens_per_second = line.tokens_per_second,
-                "step"
-            );
-            write_line(&mut metrics, &metrics_path, &line)?;
             interval = Interval::new();
+            if let Some(metrics) = &mut metrics {
+                tracing::info!(
+                    step = report.step,
+                    loss = report.loss,
+                    lr = report.learning_rate,
+                    grad_norm = report.grad_norm,
+                    tokens_per_second = line.tokens_per_second,
+                    "step"
+                );
+                write_line(metrics, &metrics_path, &line)?;
+            }
             if let Some(board) = board {
                 board.publish(Progress {
                     step: report.step,
@@ -222,17 +313,13 @@ pub fn train_reporting(
             .is_multiple_of(settings.checkpoint.interval_steps)
             || report.step == total_steps
         {
-            save(&settings, &mut trainer, &mut run)?;
+            save(&settings, &mut trainer, &mut run, &gang, dp)?;
             if let Some(board) = board {
                 board.publish(Progress {
                     last_checkpoint_step: run.saved_step,
                     ..board.progress()
                 });
             }
-        }
-        if stop.load(Ordering::Relaxed) {
-            interrupted = true;
-            break;
         }
     }
     if interrupted {
@@ -241,7 +328,7 @@ pub fn train_reporting(
             "stop requested: checkpointing and exiting"
         );
         if trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done()) {
-            save(&settings, &mut trainer, &mut run)?;
+            save(&settings, &mut trainer, &mut run, &gang, dp)?;
         }
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
@@ -292,9 +379,15 @@ impl Backend {
         }
     }
 
-    fn step(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>, RunError> {
+    /// One step as a replica of `dp`: the settings refuse the GPU with
+    /// more than one rank, so the device trainer has no collective.
+    fn step(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        dp: &mut dyn Collective,
+    ) -> Result<Option<StepReport>, RunError> {
         match self {
-            Self::Cpu(trainer) => Ok(trainer.step(stop)),
+            Self::Cpu(trainer) => Ok(trainer.step_with(stop, dp)?),
             #[cfg(feature = "cuda")]
             Self::Cuda { device, .. } => Ok(device.step(stop)?),
         }
@@ -393,7 +486,78 @@ fn resume(
     Ok(())
 }
 
+/// This rank's part in a data-parallel run.
+struct Gang {
+    /// Rank 0: writes checkpoints and metrics.
+    leader: bool,
+    timeouts: Timeouts,
+}
+
+/// Whether any rank was asked to stop (SIGTERM): one tiny all-reduce per
+/// step, so that every rank stops after the same step and rank 0's last
+/// checkpoint is of a step every rank completed.
+fn any_rank_stopping(dp: &mut dyn Collective, stop: &AtomicBool) -> Result<bool, DistError> {
+    let mut flag = [if stop.load(Ordering::Relaxed) {
+        1.0
+    } else {
+        0.0
+    }];
+    if dp.size() > 1 {
+        dp.all_reduce_max(&mut flag)?;
+    }
+    Ok(flag[0] > 0.0)
+}
+
+/// Fails unless every rank resumed at the same step: ranks that read
+/// different checkpoints (a directory not shared between nodes, say) would
+/// otherwise train different models without noticing.
+fn same_step_everywhere(dp: &mut dyn Collective, step: u64) -> Result<(), RunError> {
+    let size = dp.size();
+    if size == 1 {
+        return Ok(());
+    }
+    let mut all = vec![0u8; 8 * size];
+    dp.all_gather_bytes(&step.to_le_bytes(), &vec![8; size], &mut all)?;
+    let steps: Vec<u64> = all
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .collect();
+    if steps.iter().any(|&s| s != step) {
+        return Err(SettingsError::new(
+            "checkpoint.dir",
+            format!(
+                "the ranks resumed from different steps {steps:?} (by rank): every rank must see the same checkpoint directory"
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Rank 0 writes a checkpoint; the others wait for it at a barrier, so no
+/// rank runs ahead of a checkpoint that may still fail, and the wait is
+/// bounded by the checkpoint timeout rather than the (short) collective one.
 fn save(
+    settings: &TrainSettings,
+    backend: &mut Backend,
+    run: &mut RunState,
+    gang: &Gang,
+    dp: &mut dyn Collective,
+) -> Result<(), RunError> {
+    if gang.leader {
+        write_checkpoint(settings, backend, run)?;
+    } else {
+        run.saved_step = Some(backend.steps_done());
+    }
+    if dp.size() > 1 {
+        dp.set_timeout(gang.timeouts.checkpoint)?;
+        dp.barrier()?;
+        dp.set_timeout(gang.timeouts.collective)?;
+    }
+    Ok(())
+}
+
+fn write_checkpoint(
     settings: &TrainSettings,
     backend: &mut Backend,
     run: &mut RunState,

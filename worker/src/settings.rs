@@ -109,10 +109,13 @@ pub fn read_worker_config(path: &Path) -> Result<WorkerConfig, SettingsError> {
     parse_worker_config(&json)
 }
 
-/// Everything a single-process training run needs, checked.
+/// Everything a training run needs, checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSettings {
     pub job: String,
+    /// Ranks (`parallelism.nodes × processesPerNode`), all data-parallel
+    /// replicas: sequence and expert parallelism are not implemented yet.
+    pub world_size: usize,
     /// Where the model trains: the CPU, or the pod's GPU (feature `cuda`).
     pub device: Device,
     /// As given, for checkpoint manifests (a resumed run must match it).
@@ -130,7 +133,9 @@ pub struct TrainingSettings {
     pub steps: u64,
     /// Sequences per forward/backward pass.
     pub micro_batch: usize,
-    /// Forward/backward passes per optimizer step (gradient accumulation).
+    /// Forward/backward passes per optimizer step (gradient accumulation)
+    /// on each data-parallel rank: `globalBatchSize / (microBatchSize ×
+    /// ranks)`.
     pub micro_steps: usize,
     pub optimizer: OptimizerSettings,
     pub seed: u64,
@@ -174,29 +179,16 @@ pub struct CheckpointSettings {
 impl TrainSettings {
     /// Checks `config` and converts it; the error names the first bad field.
     pub fn from_config(config: &WorkerConfig) -> Result<Self, SettingsError> {
-        let parallelism = &config.parallelism;
-        let world_size = i64::from(parallelism.nodes) * i64::from(parallelism.processes_per_node);
-        require(
-            world_size == 1
-                && parallelism.sequence_parallel == 1
-                && parallelism.expert_parallel == 1,
-            "parallelism",
-            format!(
-                "world size {world_size} (nodes {} × processesPerNode {}), sequenceParallel {}, expertParallel {}: distributed training is not implemented yet; only a single process (all 1) is supported",
-                parallelism.nodes,
-                parallelism.processes_per_node,
-                parallelism.sequence_parallel,
-                parallelism.expert_parallel
-            ),
-        )?;
+        let world_size = data_parallel_ranks(config)?;
         let mut model = ModelConfig::from_spec(&config.model)?;
         model.gemm_precision = gemm_precision(config)?;
-        let training = training_settings(config)?;
+        let training = training_settings(config, world_size)?;
         if config.device == Device::Cuda {
-            check_cuda(config, &training)?;
+            check_cuda(config, &training, world_size)?;
         }
         Ok(Self {
             device: config.device,
+            world_size,
             job: config.job.clone(),
             model_spec: config.model.clone(),
             model,
@@ -208,10 +200,48 @@ impl TrainSettings {
     }
 }
 
+/// `parallelism`: the number of ranks, every one a data-parallel replica.
+/// Sequence and expert parallelism are refused until they are implemented
+/// (issue #7), rather than run as plain data parallelism.
+fn data_parallel_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
+    let p = &config.parallelism;
+    let nodes = positive("parallelism.nodes", p.nodes)?;
+    let per_node = positive("parallelism.processesPerNode", p.processes_per_node)?;
+    let not_yet = |what: &str, value: i32| {
+        format!(
+            "is {value}, but {what} parallelism is not implemented yet; only data parallelism runs so far (sequenceParallel 1, expertParallel 1, any nodes × processesPerNode)"
+        )
+    };
+    require(
+        p.sequence_parallel == 1,
+        "parallelism.sequenceParallel",
+        not_yet("sequence", p.sequence_parallel),
+    )?;
+    require(
+        p.expert_parallel == 1,
+        "parallelism.expertParallel",
+        not_yet("expert", p.expert_parallel),
+    )?;
+    Ok(nodes * per_node)
+}
+
 /// `device: cuda` needs a worker built with CUDA, and the device trainer
 /// ([`crate::cuda::trainer`]) does not yet do everything the CPU one does:
 /// each gap is an error naming the setting, before any GPU is touched.
-fn check_cuda(config: &WorkerConfig, training: &TrainingSettings) -> Result<(), SettingsError> {
+fn check_cuda(
+    config: &WorkerConfig,
+    training: &TrainingSettings,
+    world_size: usize,
+) -> Result<(), SettingsError> {
+    // First, so that a CPU-only build says it too.
+    require(
+        world_size == 1,
+        "parallelism",
+        format!(
+            "asks for {world_size} ranks (nodes {} × processesPerNode {}) on device cuda, but data-parallel training runs on the CPU trainer only so far; use one process (nodes 1, processesPerNode 1) or device: cpu",
+            config.parallelism.nodes, config.parallelism.processes_per_node
+        ),
+    )?;
     require(
         moe_kernels::CUDA_ENABLED,
         "device",
@@ -243,7 +273,10 @@ fn check_cuda(config: &WorkerConfig, training: &TrainingSettings) -> Result<(), 
     )
 }
 
-fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, SettingsError> {
+fn training_settings(
+    config: &WorkerConfig,
+    world_size: usize,
+) -> Result<TrainingSettings, SettingsError> {
     let spec = &config.training;
     let steps = positive("training.steps", spec.steps)? as u64;
     let global_batch = positive("training.globalBatchSize", spec.global_batch_size)?;
@@ -252,6 +285,28 @@ fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, Settings
         global_batch.is_multiple_of(micro_batch),
         "training.globalBatchSize",
         format!("{global_batch} is not a multiple of training.microBatchSize {micro_batch}"),
+    )?;
+    // The global batch is split evenly: every rank runs as many
+    // micro-batches, so the ranks' mean gradient is the batch's.
+    require(
+        global_batch.is_multiple_of(micro_batch * world_size),
+        "training.globalBatchSize",
+        format!(
+            "{global_batch} does not split into {world_size} data-parallel ranks (parallelism) of whole micro-batches of training.microBatchSize {micro_batch}: use a multiple of {}",
+            micro_batch * world_size
+        ),
+    )?;
+    // The tensorwise recipe's amax histories would be each rank's own, so
+    // replicas would quantise differently and drift apart; reducing them
+    // (an all-reduce max) is not wired in yet.
+    require(
+        world_size == 1
+            || !spec.precision.fp8.enabled
+            || spec.precision.fp8.recipe != Fp8Recipe::Tensorwise,
+        "training.precision.fp8.recipe",
+        format!(
+            "is tensorwise, but its amax histories are not shared between data-parallel ranks yet ({world_size} ranks, parallelism); use the blockwise recipe or one process"
+        ),
     )?;
     let seed = u64::try_from(spec.seed).map_err(|_| {
         SettingsError::new(
@@ -263,7 +318,7 @@ fn training_settings(config: &WorkerConfig) -> Result<TrainingSettings, Settings
     Ok(TrainingSettings {
         steps,
         micro_batch,
-        micro_steps: global_batch / micro_batch,
+        micro_steps: global_batch / (micro_batch * world_size),
         optimizer: optimizer_settings(config, steps)?,
         seed,
         log_interval,
@@ -383,4 +438,77 @@ fn checkpoint_settings(config: &WorkerConfig) -> Result<CheckpointSettings, Sett
         keep: positive("checkpoint.keep", spec.keep)?,
         resume: spec.resume == ResumePolicy::Auto,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn config(patch: impl FnOnce(&mut Value)) -> WorkerConfig {
+        let mut value = json!({
+            "job": "local/test",
+            "model": {"hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+                      "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 32}},
+            "data": {"builtin": {"corpus": "tiny"}},
+            "training": {"steps": 6, "globalBatchSize": 8, "microBatchSize": 2},
+            "parallelism": {},
+            "checkpoint": {"dir": "ckpt", "intervalSteps": 3, "keep": 2, "resume": "Auto"},
+            "device": "cpu",
+            "outputDir": "out"
+        });
+        patch(&mut value);
+        serde_json::from_value(value).expect("a valid WorkerConfig")
+    }
+
+    fn refusal(patch: impl FnOnce(&mut Value)) -> (String, String) {
+        match TrainSettings::from_config(&config(patch)) {
+            Err(SettingsError::Invalid { field, problem }) => (field, problem),
+            other => panic!("expected a refusal naming a field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pure_data_parallelism_splits_the_global_batch_between_the_ranks() {
+        let one = TrainSettings::from_config(&config(|_| {})).unwrap();
+        assert_eq!((one.world_size, one.training.micro_steps), (1, 4));
+        let four = TrainSettings::from_config(&config(|c| {
+            c["parallelism"] = json!({"nodes": 2, "processesPerNode": 2});
+        }))
+        .unwrap();
+        assert_eq!((four.world_size, four.training.micro_steps), (4, 1));
+    }
+
+    #[test]
+    fn unimplemented_parallelism_and_uneven_splits_are_refused_by_field() {
+        let (field, problem) = refusal(|c| {
+            c["parallelism"] = json!({"processesPerNode": 2, "sequenceParallel": 2});
+        });
+        assert_eq!(field, "parallelism.sequenceParallel");
+        assert!(problem.contains("not implemented yet"), "{problem}");
+        let (field, problem) = refusal(|c| {
+            c["parallelism"] = json!({"nodes": 2, "expertParallel": 2});
+        });
+        assert_eq!(field, "parallelism.expertParallel");
+        assert!(problem.contains("not implemented yet"), "{problem}");
+        // 8 sequences do not make whole micro-batches of 2 on each of 8 ranks.
+        let (field, problem) = refusal(|c| c["parallelism"]["processesPerNode"] = 8.into());
+        assert_eq!(field, "training.globalBatchSize");
+        assert!(problem.contains("use a multiple of 16"), "{problem}");
+        let (field, _) = refusal(|c| {
+            c["parallelism"]["nodes"] = 2.into();
+            c["training"]["precision"] = json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
+        });
+        assert_eq!(field, "training.precision.fp8.recipe");
+    }
+
+    #[test]
+    fn data_parallelism_on_cuda_is_refused_naming_parallelism() {
+        let (field, problem) = refusal(|c| {
+            c["device"] = "cuda".into();
+            c["parallelism"]["processesPerNode"] = 2.into();
+        });
+        assert_eq!(field, "parallelism");
+        assert!(problem.contains("device cuda"), "{problem}");
+    }
 }

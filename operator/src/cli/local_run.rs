@@ -211,4 +211,21 @@ mod tests {
         assert_eq!(get("TOKEN"), None);
         assert_eq!(unresolvable_env(&job), vec!["TOKEN"]);
     }
+
+    /// One node of two processes: one worker, which launches the two ranks
+    /// itself because it gets the gang's size and no local rank.
+    #[test]
+    fn a_node_of_several_processes_runs_one_launcher() {
+        let mut job = job();
+        job.spec.parallelism.nodes = 1;
+        job.spec.parallelism.processes_per_node = 2;
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        let env = run.worker_env(&job, 0, "127.0.0.1:5000");
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get(env::WORLD_SIZE), Some("2"));
+        assert_eq!(get(env::PROCS_PER_NODE), Some("2"));
+        assert_eq!(get(env::NODE_RANK), Some("0"));
+        assert_eq!(get(env::COORDINATOR), Some("127.0.0.1:5000"));
+        assert_eq!(get(env::LOCAL_RANK), None, "the worker's launcher sets it");
+    }
 }

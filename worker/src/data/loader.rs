@@ -94,6 +94,18 @@ impl DataLoader {
         self.sequences += sequences as u64;
         batch
     }
+
+    /// Advances past the next `sequences` windows without reading them:
+    /// a data-parallel rank skips the windows of the other ranks' shards
+    /// (see [`crate::train::Shard`]). Draws exactly what [`Self::next_batch`]
+    /// would, so the position afterwards is the same.
+    pub fn skip(&mut self, sequences: usize) {
+        let starts = self.tokens.len() - self.seq_len;
+        for _ in 0..sequences {
+            self.rng.below(starts);
+        }
+        self.sequences += sequences as u64;
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +126,17 @@ mod tests {
         loader.restore(saved);
         assert_eq!(loader.next_batch(4), next);
         assert_ne!(next.inputs[..5], first.inputs[..5]);
+    }
+
+    #[test]
+    fn skipping_lands_where_reading_does() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let mut read = DataLoader::new(tokens, 5, 3, "test").unwrap();
+        let mut skipped = read.clone();
+        read.next_batch(3);
+        skipped.skip(3);
+        assert_eq!(skipped.position(), read.position());
+        assert_eq!(skipped.next_batch(2), read.next_batch(2));
     }
 
     #[test]

@@ -2,12 +2,21 @@
 //! (or `moectl run --local`) sets: see `moe_crds::contract::env`.
 
 use std::fmt;
+use std::time::Duration;
 
 use moe_crds::contract::env;
 
-/// Set by the worker's own launcher on each local rank it spawns (one per
-/// GPU): not part of the operator contract, which starts one process per pod.
-pub const LOCAL_RANK: &str = "MOE_LOCAL_RANK";
+/// Set by the worker's own launcher on each local rank it spawns; see
+/// [`env::LOCAL_RANK`].
+pub const LOCAL_RANK: &str = env::LOCAL_RANK;
+
+/// Optional, in seconds: how long the rendezvous may wait for every rank
+/// (default 600: pods of a gang can start minutes apart), which also bounds
+/// the wait for rank 0's checkpoint writes.
+pub const RENDEZVOUS_TIMEOUT: &str = "MOE_RENDEZVOUS_TIMEOUT_SECONDS";
+/// Optional, in seconds: the bound on every collective (default 300), so
+/// the time a rank's death takes to end the others. Tests set it short.
+pub const COLLECTIVE_TIMEOUT: &str = "MOE_COLLECTIVE_TIMEOUT_SECONDS";
 
 /// This process's place in the gang.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +113,53 @@ impl DistEnv {
     }
 }
 
+/// How long a rank waits for its peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub rendezvous: Duration,
+    pub collective: Duration,
+    /// The other ranks' wait while rank 0 writes a checkpoint (slow disks,
+    /// big models): the rendezvous timeout.
+    pub checkpoint: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            rendezvous: Duration::from_secs(600),
+            collective: Duration::from_secs(300),
+            checkpoint: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Reads [`RENDEZVOUS_TIMEOUT`] and [`COLLECTIVE_TIMEOUT`].
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the variables through `lookup` (pure, for tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let seconds = |name: &str, default: Duration| match lookup(name) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+                _ => Err(EnvError(format!(
+                    "{name}={v:?} is not a positive number of seconds"
+                ))),
+            },
+        };
+        let defaults = Self::default();
+        let rendezvous = seconds(RENDEZVOUS_TIMEOUT, defaults.rendezvous)?;
+        Ok(Self {
+            rendezvous,
+            collective: seconds(COLLECTIVE_TIMEOUT, defaults.collective)?,
+            checkpoint: rendezvous,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +214,18 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.0.contains("is not below MOE_WORLD_SIZE=2"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_default_to_minutes_and_read_seconds() {
+        let none = Timeouts::from_lookup(|_| None).unwrap();
+        assert_eq!(none, Timeouts::default());
+        let short =
+            Timeouts::from_lookup(|k| (k == COLLECTIVE_TIMEOUT).then(|| "1.5".into())).unwrap();
+        assert_eq!(short.collective, Duration::from_millis(1500));
+        assert_eq!(short.rendezvous, Duration::from_secs(600));
+        let err =
+            Timeouts::from_lookup(|k| (k == RENDEZVOUS_TIMEOUT).then(|| "0".into())).unwrap_err();
+        assert!(err.0.contains(RENDEZVOUS_TIMEOUT), "{err}");
     }
 }

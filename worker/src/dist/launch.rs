@@ -58,7 +58,7 @@ pub struct LocalLaunch {
 pub enum RankExit {
     /// Exit code, or `None` when killed by a signal.
     Exited(Option<i32>),
-    /// Still running after the grace period (or a stop), so killed.
+    /// Still running `grace` after the first failure or a stop, so killed.
     Killed,
 }
 
@@ -142,9 +142,12 @@ impl LocalLaunch {
     }
 }
 
-/// Starts every local rank and waits for them. `stop` (SIGTERM) kills them
-/// all; the workers' own SIGTERM handling (checkpoint, exit 0) needs the
-/// signal forwarded instead, which is left to the caller's signal handler.
+/// Starts every local rank and waits for them. When `stop` is set (the
+/// launcher got SIGTERM or SIGINT) every rank gets SIGTERM, on which the
+/// workers agree on a step, checkpoint and exit 0; ranks still running
+/// `grace` later are killed. Kubernetes signals only the container's main
+/// process, and `moectl run --local` only the worker it started, so without
+/// forwarding the ranks would never hear of the stop.
 pub fn launch(plan: &LocalLaunch, stop: &AtomicBool) -> Result<LaunchReport, DistError> {
     let first_rank = plan.node_rank * plan.procs_per_node;
     let mut children: Vec<Child> = Vec::with_capacity(plan.procs_per_node);
@@ -180,6 +183,7 @@ pub fn launch(plan: &LocalLaunch, stop: &AtomicBool) -> Result<LaunchReport, Dis
     // In the order seen.
     let mut failures: Vec<(usize, RankExit)> = Vec::new();
     let mut kill_at: Option<Instant> = None;
+    let mut forwarded = false;
     while exits.iter().any(Option::is_none) {
         for (local, child) in children.iter_mut().enumerate() {
             if exits[local].is_some() {
@@ -203,8 +207,17 @@ pub fn launch(plan: &LocalLaunch, stop: &AtomicBool) -> Result<LaunchReport, Dis
                 exits[local] = Some(exit);
             }
         }
+        if stop.load(Ordering::Relaxed) && !forwarded {
+            forwarded = true;
+            for (local, child) in children.iter().enumerate() {
+                if exits[local].is_none() {
+                    terminate(child);
+                }
+            }
+            kill_at.get_or_insert_with(|| Instant::now() + plan.grace);
+        }
         let overdue = kill_at.is_some_and(|at| Instant::now() >= at);
-        if overdue || stop.load(Ordering::Relaxed) {
+        if overdue {
             for (local, child) in children.iter_mut().enumerate() {
                 if exits[local].is_none() {
                     let _ = child.kill();
@@ -225,6 +238,17 @@ pub fn launch(plan: &LocalLaunch, stop: &AtomicBool) -> Result<LaunchReport, Dis
         first_failure,
         first_rank,
     })
+}
+
+/// Sends SIGTERM to a child that has not been reaped.
+fn terminate(child: &Child) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) reads no memory of ours. The caller only passes
+    // children whose exit `try_wait` has not collected, so the pid still
+    // names this child (a zombie at worst), never a reused one.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
 /// A free TCP port on loopback for a local run's coordinator. The port is

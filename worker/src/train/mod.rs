@@ -1,12 +1,14 @@
-//! Single-process training: gradient accumulation over micro-batches,
-//! global norm clipping, AdamW with a warm-up + cosine schedule, and the MoE
+//! Training steps: gradient accumulation over micro-batches, global norm
+//! clipping, AdamW with a warm-up + cosine schedule, and the MoE
 //! selection-bias update (and, for tensorwise FP8, the amax-history update)
-//! after every optimizer step.
+//! after every optimizer step; alone ([`Trainer::step`]) or as one
+//! data-parallel replica ([`Trainer::step_with`]).
 
 pub mod optimizer;
 pub mod schedule;
 
 use crate::data::{DataLoader, DataPosition};
+use crate::dist::{Collective, DistError, data_parallel};
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::settings::TrainingSettings;
 
@@ -24,8 +26,10 @@ pub struct StepReport {
     pub learning_rate: f64,
     /// Global L2 norm of the mean gradient, before clipping.
     pub grad_norm: f64,
+    /// Tokens of the step's global batch (every replica's).
     pub tokens: usize,
-    /// Tokens routed to each expert over the step, one list per MoE block.
+    /// Tokens routed to each expert over the step (by every replica), one
+    /// list per MoE block.
     pub expert_loads: Vec<Vec<usize>>,
 }
 
@@ -108,13 +112,61 @@ impl Trainer {
     /// answers true the partial step is discarded (data position included)
     /// and `None` returned, leaving the trainer exactly at the last step.
     pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Option<StepReport> {
+        let accumulated = self.accumulate(stop, Shard::WHOLE)?;
+        Some(self.apply(accumulated))
+    }
+
+    /// One optimizer step as one data-parallel replica of `dp`'s ranks:
+    /// this rank's shard of the global batch ([`Shard`]), then, before the
+    /// norm, clipping and update, the gradients averaged over `dp`
+    /// (bucketed), the expert loads summed (so every replica's selection
+    /// biases move alike) and the losses averaged. Every rank must call it
+    /// at the same step; with a world of one it is [`Self::step`].
+    ///
+    /// `stop` as for [`Self::step`], but a rank that stops mid-step leaves
+    /// its peers waiting in the reduction: distributed runs pass a `stop`
+    /// that is false and agree on stopping between steps instead.
+    ///
+    /// After an `Err` (a peer failed) the step is half done: the trainer
+    /// must not step again, only be dropped (the run restarts from its
+    /// last checkpoint).
+    pub fn step_with(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        dp: &mut dyn Collective,
+    ) -> Result<Option<StepReport>, DistError> {
+        let shard = Shard {
+            rank: dp.rank(),
+            ranks: dp.size(),
+        };
+        let Some(mut acc) = self.accumulate(stop, shard) else {
+            return Ok(None);
+        };
+        if shard.ranks > 1 {
+            let bucket = data_parallel::BUCKET_FLOATS;
+            data_parallel::all_reduce_mean(dp, &mut self.grads.tensors_mut(), bucket)?;
+            data_parallel::sum_counts(dp, &mut acc.expert_loads)?;
+            // Means of the ranks' means: every rank has as many micro-batches.
+            let micro_steps = self.settings.micro_steps as f64;
+            acc.loss = data_parallel::mean(dp, acc.loss / micro_steps)? * micro_steps;
+            acc.aux_loss = data_parallel::mean(dp, acc.aux_loss / micro_steps)? * micro_steps;
+            acc.tokens *= shard.ranks;
+        }
+        Ok(Some(self.apply(acc)))
+    }
+
+    /// This rank's micro-batches of one step: gradients summed into
+    /// `self.grads`, losses and loads summed. `None` when `stop` interrupted
+    /// it (the data position is then back at the step's start).
+    fn accumulate(&mut self, stop: &dyn Fn() -> bool, shard: Shard) -> Option<Accumulated> {
         let settings = &self.settings;
         let start = self.data.position();
         for g in self.grads.tensors_mut() {
             g.fill(0.0);
         }
-        let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
-        let mut expert_loads: Vec<Vec<usize>> = Vec::new();
+        let share = settings.micro_steps * settings.micro_batch;
+        self.data.skip(shard.rank * share);
+        let mut acc = Accumulated::default();
         for _ in 0..settings.micro_steps {
             if stop() {
                 self.data.restore(start);
@@ -125,20 +177,30 @@ impl Trainer {
                 self.model
                     .forward_with(&batch.inputs, &batch.targets, settings.activation_memory);
             self.model.backward(&pass, &mut self.grads);
-            loss += pass.cross_entropy;
-            aux_loss += pass.aux_loss;
-            tokens += batch.inputs.len();
+            acc.loss += pass.cross_entropy;
+            acc.aux_loss += pass.aux_loss;
+            acc.tokens += batch.inputs.len();
             let loads = pass.expert_loads();
-            if expert_loads.is_empty() {
-                expert_loads = loads;
+            if acc.expert_loads.is_empty() {
+                acc.expert_loads = loads;
             } else {
-                for (total, layer) in expert_loads.iter_mut().zip(loads) {
+                for (total, layer) in acc.expert_loads.iter_mut().zip(loads) {
                     for (t, l) in total.iter_mut().zip(layer) {
                         *t += l;
                     }
                 }
             }
         }
+        self.data
+            .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
+        Some(acc)
+    }
+
+    /// Ends a step whose gradient sum (over this rank's micro-batches,
+    /// averaged over the replicas) is in `self.grads`: clipping, the update,
+    /// the selection biases and FP8 scales.
+    fn apply(&mut self, acc: Accumulated) -> StepReport {
+        let settings = &self.settings;
         let micro_steps = settings.micro_steps as f64;
         // Each micro-batch's gradient is of its own mean loss; their mean is the step's.
         let grad_norm = global_norm(&self.grads, self.model.config()) / micro_steps;
@@ -152,18 +214,48 @@ impl Trainer {
         let lr = schedule::learning_rate(&settings.optimizer, step, settings.steps);
         self.optimizer
             .update(&mut self.model, &self.grads, clip_scale / micro_steps, lr);
-        self.model.update_selection_biases(&expert_loads);
+        self.model.update_selection_biases(&acc.expert_loads);
         self.model.advance_fp8_scales();
-        Some(StepReport {
+        StepReport {
             step: step + 1,
-            loss: loss / micro_steps,
-            aux_loss: aux_loss / micro_steps,
+            loss: acc.loss / micro_steps,
+            aux_loss: acc.aux_loss / micro_steps,
             learning_rate: lr,
             grad_norm,
-            tokens,
-            expert_loads,
-        })
+            tokens: acc.tokens,
+            expert_loads: acc.expert_loads,
+        }
     }
+}
+
+/// Which part of every step's global batch a data-parallel rank reads.
+///
+/// Every rank holds the same data stream (same seed, same position) and, at
+/// each step, goes through the windows of the whole global batch: rank `r`
+/// of `n` reads windows `[r·k, (r+1)·k)`, `k` being its share (micro-steps ×
+/// micro-batch), and skips the others' (skipping only draws the offsets).
+/// So the ranks together read exactly the micro-batches one process would,
+/// and the stream's position after a step is the same on every rank: a
+/// checkpoint's data position does not depend on the rank or the world size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Shard {
+    /// A single process reads the whole batch.
+    pub const WHOLE: Self = Self { rank: 0, ranks: 1 };
+}
+
+/// What a rank's micro-batches sum to over one step.
+#[derive(Default)]
+struct Accumulated {
+    loss: f64,
+    aux_loss: f64,
+    tokens: usize,
+    /// Per MoE block, per expert.
+    expert_loads: Vec<Vec<usize>>,
 }
 
 /// L2 norm over every gradient value, accumulated in `f64`.

@@ -81,12 +81,58 @@ fn impossible_shapes_name_the_field() {
         (
             "world",
             |c| c["parallelism"]["nodes"] = 2.into(),
-            "distributed training is not implemented yet",
+            "parallelism: asks for 2 ranks (nodes 2 × processesPerNode 1), but this process was started as one of 1 (MOE_WORLD_SIZE",
         ),
     ];
     for (name, patch, expected) in cases {
         let stderr = rejected(name, patch);
         assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+}
+
+/// Parallelism the worker cannot run yet is refused naming the field,
+/// before any rank would start (the process is started as a launcher of two
+/// local ranks here, which must not launch anything).
+#[test]
+fn unimplemented_parallelism_is_refused_naming_the_field() {
+    type Patch = fn(&mut Value);
+    let cases: [(&str, Patch, &str); 3] = [
+        (
+            "sp",
+            |c| c["parallelism"]["sequenceParallel"] = 2.into(),
+            "parallelism.sequenceParallel: is 2, but sequence parallelism is not implemented yet",
+        ),
+        (
+            "ep",
+            |c| c["parallelism"]["expertParallel"] = 2.into(),
+            "parallelism.expertParallel: is 2, but expert parallelism is not implemented yet",
+        ),
+        (
+            "cuda-dp",
+            |c| c["device"] = "cuda".into(),
+            "parallelism: asks for 2 ranks (nodes 1 × processesPerNode 2) on device cuda, but data-parallel training runs on the CPU trainer only so far",
+        ),
+    ];
+    for (name, patch, expected) in cases {
+        let dir = scratch_dir(&format!("parallelism-{name}"));
+        let mut config = config_json(&dir);
+        config["parallelism"]["processesPerNode"] = 2.into();
+        patch(&mut config);
+        let output = Command::new(BINARY)
+            .args(["train", "--config"])
+            .arg(write_config(&dir, &config))
+            .env("MOE_WORLD_SIZE", "2")
+            .env("MOE_PROCS_PER_NODE", "2")
+            .env("MOE_COORDINATOR", "127.0.0.1:1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            !stderr.contains("launching"),
+            "{name}: launched ranks: {stderr}"
+        );
     }
 }
 

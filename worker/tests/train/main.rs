@@ -3,6 +3,7 @@
 mod activation_checkpointing;
 mod checkpoints;
 mod cli;
+mod data_parallel;
 mod fp8;
 mod gradients;
 mod learning;
