@@ -406,12 +406,12 @@ impl Backend {
     }
 }
 
-/// The pod's GPU: `LOCAL_RANK` when a launcher set it, else device 0. It
-/// lives as long as the process (one training run per process), so it is
-/// leaked rather than threaded through as a borrow.
+/// The pod's GPU: the local rank (`MOE_LOCAL_RANK`) when the launcher set
+/// it, else device 0. It lives as long as the process (one training run per
+/// process), so it is leaked rather than threaded through as a borrow.
 #[cfg(feature = "cuda")]
 fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
-    let ordinal = std::env::var("LOCAL_RANK")
+    let ordinal = std::env::var(moe_crds::contract::env::LOCAL_RANK)
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(0);
