@@ -13,7 +13,7 @@ use moe_worker::checkpoint;
 use moe_worker::dist::launch::free_local_port;
 use serde_json::Value;
 
-use crate::{config_json, scratch_dir};
+use crate::{config_json, logged_steps, scratch_dir, state};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
 const STEPS: u64 = 24;
@@ -75,20 +75,6 @@ fn run_to_end(config: &Path, ranks: usize) -> (Value, String) {
     let stdout = String::from_utf8(stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "one summary, rank 0's: {stdout}");
     (serde_json::from_str(&stdout).unwrap(), stderr)
-}
-
-/// Each `metrics.jsonl` line as (step, loss), in file order.
-fn logged_steps(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("out").join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
-
-fn state(checkpoint: &Path) -> Vec<u8> {
-    std::fs::read(checkpoint.join("state.safetensors")).unwrap()
 }
 
 /// The pid of the process carrying `MARKER=marker` and `MOE_LOCAL_RANK=rank`.

@@ -54,3 +54,18 @@ fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch directory is creatable");
     dir
 }
+
+/// Each `metrics.jsonl` line of the run writing into `dir` as (step, loss), in file order.
+fn logged_steps(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("out").join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A checkpoint's state file, byte for byte.
+fn state(checkpoint: &Path) -> Vec<u8> {
+    std::fs::read(checkpoint.join("state.safetensors")).unwrap()
+}

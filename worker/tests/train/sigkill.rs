@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use moe_worker::checkpoint;
 use serde_json::Value;
 
-use crate::{config_json, scratch_dir};
+use crate::{config_json, logged_steps, scratch_dir, state};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
 const STEPS: u64 = 12;
@@ -46,20 +46,6 @@ fn run_to_end(config: &Path) -> (Value, String) {
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     assert!(status.success(), "{stderr}");
     (serde_json::from_slice(&stdout).unwrap(), stderr)
-}
-
-/// Each `metrics.jsonl` line as (step, loss), in file order.
-fn logged_steps(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("out").join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
-
-fn state(checkpoint: &Path) -> Vec<u8> {
-    std::fs::read(checkpoint.join("state.safetensors")).unwrap()
 }
 
 #[test]
