@@ -48,6 +48,8 @@ lint() {
   cargo clippy -p moe-worker --features cuda --all-targets --locked -- -D warnings
 }
 [[ ${MOE_SKIP_LINT:-} == 1 ]] || phase lint lint
+# The OpenAI Python client, for the serving test that uses it (pinned, cached).
+worker/tests/openai-client/setup.sh >/dev/null
 phase unit tested cargo test --locked
 # Every CUDA kernel compiles for sm_90a and sm_80 with NVRTC and ptxas from
 # PyPI wheels (no GPU, no toolkit); the test fails rather than skips under CI=true.

@@ -1,0 +1,37 @@
+"""The OpenAI Python client against `moe-worker serve`: run by
+worker/tests/serve_openai_client.rs with the server's base URL and model
+name. Exits non-zero (with the reason) when the client cannot use the
+server as it uses OpenAI's."""
+
+import sys
+
+import openai
+
+base_url, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+models = [m.id for m in client.models.list()]
+assert model in models, f"/v1/models lists {models}"
+
+completion = client.completions.create(model=model, prompt="the cat ", max_tokens=8, temperature=0)
+text = completion.choices[0].text
+assert text and completion.usage.completion_tokens > 0, completion
+
+messages = [{"role": "user", "content": "the dog"}]
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+reply = chat.choices[0].message.content
+assert reply and chat.choices[0].message.role == "assistant", chat
+
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, stream=True
+)
+streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+assert streamed == reply, f"streamed {streamed!r}, whole {reply!r}"
+
+try:
+    client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as error:
+    assert error.status_code == 404, error
+
+print(f"completion {text!r}; chat {reply!r} (streamed the same)")
