@@ -219,7 +219,7 @@ impl Server {
             error,
         })?;
         runtime.spawn(async move {
-            if let Err(e) = axum::serve(listener, http::router(state)).await {
+            if let Err(e) = axum::serve(no_delay(listener), http::router(state)).await {
                 tracing::error!(error = %e, "the HTTP server stopped");
             }
         });
@@ -254,6 +254,20 @@ pub fn run(options: &ServeOptions) -> Result<(), ServeError> {
     runtime.block_on(serve_until_stopped(options))
 }
 
+/// Streamed tokens are small writes: TCP_NODELAY sends each as soon as it
+/// is written instead of letting Nagle's algorithm hold it back for the
+/// client's ACK of the previous one (what serving stacks usually set).
+fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    })
+}
+
 async fn serve_until_stopped(options: &ServeOptions) -> Result<(), ServeError> {
     let metrics = Metrics::new();
     let state = AppState::new(&options.served_name(), metrics.clone());
@@ -279,7 +293,7 @@ async fn serve_until_stopped(options: &ServeOptions) -> Result<(), ServeError> {
     }
     let router = http::router(state.clone());
     let server = tokio::spawn(async move {
-        axum::serve(listener, router)
+        axum::serve(no_delay(listener), router)
             .with_graceful_shutdown(shutdown_signal())
             .await
     });
