@@ -61,6 +61,11 @@ pub fn forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, out_di
         return;
     }
     if let (Some(out), Some(x), Some(w)) = (packed_f32_mut(out), packed_f32(x), packed_f32(w)) {
+        if rows == 1 {
+            // One row (a decode step): stream the weights once, no packing.
+            packed_gemm::gemv(out, x, w);
+            return;
+        }
         // B(i, o) = w[o, i].
         let (a, b) = (strided(x, in_dim, 1), strided(w, 1, in_dim));
         packed_gemm::gemm(rows, out_dim, in_dim, a, b, out);
@@ -250,7 +255,7 @@ mod tests {
     #[test]
     fn f32_gemms_give_the_portable_loops_bits() {
         let mut rng = crate::rng::SplitMix64::new(7);
-        for (rows, in_dim, out_dim) in [(101, 300, 70), (7, 5, 17), (1, 513, 1)] {
+        for (rows, in_dim, out_dim) in [(101, 300, 70), (7, 5, 17), (1, 513, 1), (1, 300, 37)] {
             let x: Vec<f32> = rng.normal_vec(rows * in_dim, 1.0);
             let w: Vec<f32> = rng.normal_vec(out_dim * in_dim, 1.0);
             let dout: Vec<f32> = rng.normal_vec(rows * out_dim, 1.0);

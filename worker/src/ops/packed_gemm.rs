@@ -83,6 +83,47 @@ pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>,
     });
 }
 
+/// `out[o] = Σ_i x[i] · w[o, i]` for one row `x: [in_dim]` and
+/// `w: [out.len(), in_dim]` row-major: the decode step of serving, where
+/// packing the whole weight matrix for the blocked kernel cost more than
+/// the product. Each output is one fused multiply-add chain from zero in
+/// ascending `i` — the blocked kernel's operations, so the same bits — and
+/// eight outputs' chains run interleaved (FMA latency is 4 cycles, two
+/// issue per cycle), streaming each weight row once. Call only when
+/// [`available`] says so.
+pub(crate) fn gemv(out: &mut [f32], x: &[f32], w: &[f32]) {
+    let in_dim = x.len();
+    assert_eq!(w.len(), out.len() * in_dim, "gemv weight shape");
+    assert!(available(), "gemv needs AVX2 and FMA");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` checked the CPU's features; shapes checked above.
+    unsafe {
+        gemv_fma(out, x, w)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_fma(out: &mut [f32], x: &[f32], w: &[f32]) {
+    const LANES: usize = 8;
+    let in_dim = x.len();
+    for (block, out_block) in out.chunks_mut(LANES).enumerate() {
+        let count = out_block.len();
+        let mut rows: [&[f32]; LANES] = [&[]; LANES];
+        for (j, row) in rows.iter_mut().enumerate().take(count) {
+            let o = block * LANES + j;
+            *row = &w[o * in_dim..(o + 1) * in_dim];
+        }
+        let mut acc = [0.0f32; LANES];
+        for (i, &xi) in x.iter().enumerate() {
+            for (a, row) in acc[..count].iter_mut().zip(&rows[..count]) {
+                *a = xi.mul_add(row[i], *a);
+            }
+        }
+        out_block.copy_from_slice(&acc[..count]);
+    }
+}
+
 thread_local! {
     /// Each thread's packing buffers (`A` block, `B` block), kept between
     /// calls: at a megabyte each call, allocating them afresh cost more in
