@@ -845,7 +845,12 @@ async fn of_two_replicas_only_the_lease_holder_acts_and_the_other_takes_over() -
     )
     .await?;
     wait_phase(&jobs, "ha", TrainingPhase::Suspended).await?;
-    ensure!(reconciles(&standby.metrics().await?) > 0.0);
+    // The counter moves when a reconcile returns, just after its status
+    // write: read it until it has (a single read raced the write once).
+    eventually("the standby's reconciles to count", WAIT, || async {
+        Ok((reconciles(&standby.metrics().await?) > 0.0).then_some(()))
+    })
+    .await?;
     ns.delete().await
 }
 
