@@ -107,20 +107,25 @@ pub(crate) fn gemv(out: &mut [f32], x: &[f32], w: &[f32]) {
 unsafe fn gemv_fma(out: &mut [f32], x: &[f32], w: &[f32]) {
     const LANES: usize = 8;
     let in_dim = x.len();
-    for (block, out_block) in out.chunks_mut(LANES).enumerate() {
-        let count = out_block.len();
-        let mut rows: [&[f32]; LANES] = [&[]; LANES];
-        for (j, row) in rows.iter_mut().enumerate().take(count) {
-            let o = block * LANES + j;
-            *row = &w[o * in_dim..(o + 1) * in_dim];
-        }
+    let full = out.len() / LANES * LANES;
+    let (head, tail) = out.split_at_mut(full);
+    for (block, out_block) in head.chunks_exact_mut(LANES).enumerate() {
+        let base = block * LANES * in_dim;
+        let rows = w[base..base + LANES * in_dim].as_ptr();
         let mut acc = [0.0f32; LANES];
         for (i, &xi) in x.iter().enumerate() {
-            for (a, row) in acc[..count].iter_mut().zip(&rows[..count]) {
-                *a = xi.mul_add(row[i], *a);
+            // Eight independent chains in registers, one weight row each.
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: j < LANES and i < in_dim index inside the slice
+                // of LANES rows taken above.
+                *a = xi.mul_add(unsafe { *rows.add(j * in_dim + i) }, *a);
             }
         }
-        out_block.copy_from_slice(&acc[..count]);
+        out_block.copy_from_slice(&acc);
+    }
+    for (j, o) in tail.iter_mut().enumerate() {
+        let row = &w[(full + j) * in_dim..(full + j + 1) * in_dim];
+        *o = x.iter().zip(row).fold(0.0f32, |a, (&xi, &wi)| xi.mul_add(wi, a));
     }
 }
 
