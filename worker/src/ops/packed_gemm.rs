@@ -125,7 +125,10 @@ unsafe fn gemv_fma(out: &mut [f32], x: &[f32], w: &[f32]) {
     }
     for (j, o) in tail.iter_mut().enumerate() {
         let row = &w[(full + j) * in_dim..(full + j + 1) * in_dim];
-        *o = x.iter().zip(row).fold(0.0f32, |a, (&xi, &wi)| xi.mul_add(wi, a));
+        *o = x
+            .iter()
+            .zip(row)
+            .fold(0.0f32, |a, (&xi, &wi)| xi.mul_add(wi, a));
     }
 }
 
