@@ -63,11 +63,20 @@ impl Drop for Plan {
 #[derive(Default)]
 pub struct Plans(Mutex<HashMap<Shape, Arc<Plan>>>);
 
+/// At most this many plans are kept. An expert's row count changes from
+/// step to step, so over a long run the distinct shapes keep coming; when
+/// the cache is full it starts over (a miss costs what every call cost
+/// before plans were cached).
+const MAX_PLANS: usize = 4096;
+
 impl Plans {
     fn get(&self, gpu: &Gpu, shape: Shape) -> Result<Arc<Plan>> {
         let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(plan) = plans.get(&shape) {
             return Ok(plan.clone());
+        }
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
         }
         let plan = Arc::new(make_plan(gpu, shape)?);
         plans.insert(shape, plan.clone());
