@@ -294,6 +294,34 @@ impl Layout {
     }
 }
 
+/// `square[b, h] = query[b, h] · key[b, kv(h)]ᵀ` for every head (`[T, T]`
+/// per head, overwritten): the scores `q kᵀ`, and in the backward pass the
+/// probabilities' gradient `dout vᵀ`.
+fn query_key_products(
+    gpu: &Gpu,
+    l: &Layout,
+    square: &mut CudaSlice<f32>,
+    query: &CudaSlice<f32>,
+    key: &CudaView<'_, f32>,
+) -> Result<()> {
+    let (t, d) = (l.t, l.d);
+    for r in 0..l.group {
+        let query_r = query.slice(l.query_offset(r)..);
+        let mut square_r = square.slice_mut(l.square_offset(r)..);
+        matmul::gemm_batched(
+            gpu,
+            &mut square_r,
+            (t, l.group * t * t),
+            l.query(&query_r, false),
+            l.key(key, true),
+            (t, t, d),
+            l.batch,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
 fn warp_rows(
     gpu: &Gpu,
     entry: &str,
@@ -338,21 +366,8 @@ pub fn forward(
     let vh = to_head_major(gpu, v, b, shape, shape.n_kv_heads)?;
     let mut oh = gpu.output::<f32>(q.len())?;
     let (kh_v, vh_v) = (kh.slice(..), vh.slice(..));
-    for r in 0..l.group {
-        // Raw scores q kᵀ into probs, then the causal softmax in place.
-        let q_r = qh.slice(l.query_offset(r)..);
-        let mut p_r = probs.slice_mut(l.square_offset(r)..);
-        matmul::gemm_batched(
-            gpu,
-            &mut p_r,
-            (t, l.group * t * t),
-            l.query(&q_r, false),
-            l.key(&kh_v, true),
-            (t, t, d),
-            l.batch,
-            false,
-        )?;
-    }
+    // Raw scores q kᵀ into probs, then the causal softmax in place.
+    query_key_products(gpu, &l, probs, &qh, &kh_v)?;
     let scale = 1.0 / (d as f32).sqrt();
     warp_rows(
         gpu,
@@ -409,20 +424,7 @@ pub fn backward(
 
     // d(probs) = dout vᵀ, then the softmax's backward in place: dscores.
     let mut dscores = gpu.output::<f32>(probs.len())?;
-    for r in 0..l.group {
-        let do_r = doh.slice(l.query_offset(r)..);
-        let mut ds_r = dscores.slice_mut(l.square_offset(r)..);
-        matmul::gemm_batched(
-            gpu,
-            &mut ds_r,
-            (t, l.group * t * t),
-            l.query(&do_r, false),
-            l.key(&vh_v, true),
-            (t, t, d),
-            l.batch,
-            false,
-        )?;
-    }
+    query_key_products(gpu, &l, &mut dscores, &doh, &vh_v)?;
     let scale = 1.0 / (d as f32).sqrt();
     warp_rows(
         gpu,
