@@ -26,6 +26,10 @@ struct Args {
     shared: usize,
     #[arg(long, default_value_t = 256)]
     expert_hidden: usize,
+    /// Leave glibc's allocator at its defaults (returning freed memory to the
+    /// kernel) instead of the worker's policy, `memory::keep_freed_memory`.
+    #[arg(long)]
+    default_malloc: bool,
     /// Timed forward + backward passes (after one untimed warm-up); the best is reported.
     #[arg(long, default_value_t = 3)]
     iterations: usize,
@@ -63,6 +67,10 @@ fn thread_cpu_seconds() -> f64 {
 
 fn main() {
     let args = Args::parse();
+    if !args.default_malloc {
+        // As `moe-worker` runs.
+        moe_worker::memory::keep_freed_memory();
+    }
     let config = MoeConfig {
         hidden: args.hidden,
         n_routed_experts: args.experts,

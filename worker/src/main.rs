@@ -74,6 +74,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    moe_worker::memory::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

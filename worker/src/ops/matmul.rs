@@ -16,7 +16,7 @@
 
 use std::any::TypeId;
 
-use crate::ops::packed_gemm::{self, Strided};
+use crate::ops::packed_gemm::{self, Start, Strided};
 use crate::ops::vector::gemm_axpy;
 use crate::scalar::Scalar;
 
@@ -56,7 +56,6 @@ pub fn forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, out_di
     let rows = rows_of(x, in_dim, out_dim);
     assert_eq!(w.len(), out_dim * in_dim, "matmul weight shape");
     assert_eq!(out.len(), rows * out_dim, "matmul output shape");
-    out.fill(T::ZERO);
     if rows == 0 {
         return;
     }
@@ -68,9 +67,11 @@ pub fn forward<T: Scalar>(out: &mut [T], x: &[T], w: &[T], in_dim: usize, out_di
         }
         // B(i, o) = w[o, i].
         let (a, b) = (strided(x, in_dim, 1), strided(w, 1, in_dim));
-        packed_gemm::gemm(rows, out_dim, in_dim, a, b, out);
+        // Sums start from zero in the kernel: no pass to zero `out` first.
+        packed_gemm::gemm(rows, out_dim, in_dim, a, b, out, Start::Zero);
         return;
     }
+    out.fill(T::ZERO);
     portable_forward(out, x, w, in_dim, out_dim);
 }
 
@@ -129,7 +130,7 @@ pub fn backward_input<T: Scalar>(dx: &mut [T], dout: &[T], w: &[T], in_dim: usiz
     assert_eq!(dout.len(), rows * out_dim, "matmul output gradient shape");
     if let (Some(dx), Some(dout), Some(w)) = (packed_f32_mut(dx), packed_f32(dout), packed_f32(w)) {
         let (a, b) = (strided(dout, out_dim, 1), strided(w, in_dim, 1));
-        packed_gemm::gemm(rows, in_dim, out_dim, a, b, dx);
+        packed_gemm::gemm(rows, in_dim, out_dim, a, b, dx, Start::FromC);
         return;
     }
     portable_backward_input(dx, dout, w, in_dim, out_dim);
@@ -163,7 +164,7 @@ pub fn backward_weight<T: Scalar>(
     if let (Some(dw), Some(dout), Some(x)) = (packed_f32_mut(dw), packed_f32(dout), packed_f32(x)) {
         // A(o, r) = dout[r, o]; the sum runs over the rows.
         let (a, b) = (strided(dout, 1, out_dim), strided(x, in_dim, 1));
-        packed_gemm::gemm(out_dim, in_dim, rows, a, b, dw);
+        packed_gemm::gemm(out_dim, in_dim, rows, a, b, dw, Start::FromC);
         return;
     }
     portable_backward_weight(dw, dout, x, in_dim, out_dim);

@@ -61,10 +61,30 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// `C[m × n] += A[m × k] · B[k × n]`, `C` row-major and dense (`c.len() == m * n`).
-/// Call only when [`available`] says so.
-pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32]) {
+/// Where each element of `C`'s running sum starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// From zero: `C = A · B`, whatever `C` held (its old values are never read).
+    Zero,
+    /// From the value in `C`: `C += A · B`.
+    FromC,
+}
+
+/// `C[m × n] = A[m × k] · B[k × n]` (`Start::Zero`) or `C += A · B` (`Start::FromC`),
+/// `C` row-major and dense (`c.len() == m * n`). Call only when [`available`] says so.
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<'_>,
+    b: Strided<'_>,
+    c: &mut [f32],
+    start: Start,
+) {
     assert_eq!(c.len(), m * n, "gemm output shape");
+    if k == 0 && start == Start::Zero {
+        c.fill(0.0);
+    }
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -79,7 +99,7 @@ pub(crate) fn gemm(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>,
         if packed_a.len() < a_len {
             packed_a.resize(a_len, 0.0);
         }
-        blocked(m, n, k, a, b, c, packed_a, packed_b);
+        blocked(m, n, k, [a, b], c, start, [packed_a, packed_b]);
     });
 }
 
@@ -141,16 +161,14 @@ thread_local! {
 }
 
 /// The loops around the kernel, with the packing buffers lent.
-#[allow(clippy::too_many_arguments)] // gemm's arguments and the two buffers
 fn blocked(
     m: usize,
     n: usize,
     k: usize,
-    a: Strided<'_>,
-    b: Strided<'_>,
+    [a, b]: [Strided<'_>; 2],
     c: &mut [f32],
-    packed_a: &mut [f32],
-    packed_b: &mut [f32],
+    start: Start,
+    [packed_a, packed_b]: [&mut [f32]; 2],
 ) {
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
@@ -170,6 +188,9 @@ fn blocked(
                             rows: MR.min(mc - ir),
                             cols: NR.min(nc - jr),
                             ldc: n,
+                            // The first `KC` block starts each sum as `start`
+                            // says; later ones continue from what it stored.
+                            from_c: pc > 0 || start == Start::FromC,
                         };
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: `gemm` checked `available()`; the panels
@@ -255,7 +276,13 @@ fn pack_panel<const W: usize>(
         for (j, column) in columns.iter_mut().enumerate().take(width) {
             *column = &m.data[(j0 + j) * m.col_stride + p0..][..kc];
         }
-        for (p, row) in out.chunks_exact_mut(W).enumerate() {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if width == W {
+            // SAFETY: packing runs only inside `gemm`, which checked `available()`.
+            done = unsafe { transpose_columns_avx2::<W>(out, &columns) };
+        }
+        for (p, row) in out.chunks_exact_mut(W).enumerate().skip(done) {
             for (value, column) in row.iter_mut().zip(&columns[..width]) {
                 *value = column[p];
             }
@@ -271,7 +298,85 @@ fn pack_panel<const W: usize>(
     }
 }
 
-/// Where a register tile lands in `C`, and how much of it is real.
+/// The transpose of [`pack_panel`] for a full panel, 8 × 8 values at a
+/// time in registers (one at a time, bounds-checked, this loop was half the
+/// packing time): `out[p * W + j] = columns[j][p]`. Returns how many rows
+/// `p` it wrote; the caller writes the rest. A 6-wide panel is transposed
+/// as 8 wide with two empty columns, each row's two extra values landing on
+/// the next row's first two, which that row's store then overwrites — so
+/// the last row is always left to the caller.
+///
+/// # Safety
+/// The CPU must support AVX2; every column must hold `out.len() / W` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_columns_avx2<const W: usize>(out: &mut [f32], columns: &[&[f32]; W]) -> usize {
+    use std::arch::x86_64::*;
+    let kc = out.len() / W;
+    assert!(columns.iter().all(|c| c.len() == kc));
+    let rows = match W {
+        16 => kc / 8 * 8,
+        // Overlapping stores: row p writes out[p * 6 .. p * 6 + 8], so a
+        // vector block must be followed by at least one more row.
+        6 => kc.saturating_sub(1) / 8 * 8,
+        _ => return 0,
+    };
+    let dst = out.as_mut_ptr();
+    for p in (0..rows).step_by(8) {
+        for g in (0..W).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (j, v) in r.iter_mut().enumerate().take((W - g).min(8)) {
+                // SAFETY: p + 8 <= rows <= kc values in each column (asserted).
+                *v = unsafe { _mm256_loadu_ps(columns[g + j].as_ptr().add(p)) };
+            }
+            for (q, v) in transpose8x8(r).into_iter().enumerate() {
+                // SAFETY: row p + q < rows; for W = 16 the 8 values end inside
+                // the row, for W = 6 inside the next row (p + q + 1 < kc).
+                unsafe { _mm256_storeu_ps(dst.add((p + q) * W + g), v) };
+            }
+        }
+    }
+    rows
+}
+
+/// `r[j][q]` → `out[q][j]` for eight 8-wide vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose8x8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved: t0 = r0[0] r1[0] r0[1] r1[1] | r0[4] r1[4] r0[5] r1[5].
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    // Four rows' element q side by side: s0 = r0..r3[0] | r0..r3[4].
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    // Low halves give elements 0-3, high halves 4-7.
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
+}
+
+/// Where a register tile lands in `C`, how much of it is real, and whether
+/// its sums continue from `C` or start from zero.
 #[derive(Clone, Copy)]
 struct Tile {
     row: usize,
@@ -279,11 +384,13 @@ struct Tile {
     rows: usize,
     cols: usize,
     ldc: usize,
+    from_c: bool,
 }
 
 /// `C[tile] += a_panel · b_panel` over `kc` steps, continuing each element's
-/// running sum from its value in `C`: per step `c = fma(a, b, c)`, one
-/// rounding, exactly as the portable loops compute it in f32.
+/// running sum from its value in `C` (or from zero when `tile.from_c` is
+/// false): per step `c = fma(a, b, c)`, one rounding, exactly as the portable
+/// loops compute it in f32.
 ///
 /// # Safety
 /// The CPU must support AVX2; `a_panel` must hold `kc * MR` and `b_panel`
@@ -295,17 +402,39 @@ unsafe fn kernel_avx2(kc: usize, a_panel: &[f32], b_panel: &[f32], c: &mut [f32]
     assert!(a_panel.len() >= kc * MR && b_panel.len() >= kc * NR);
     assert!(tile.rows <= MR && tile.cols <= NR);
     assert!((tile.row + tile.rows - 1) * tile.ldc + tile.col + tile.cols <= c.len());
+    let ldc = tile.ldc;
+    let full = tile.rows == MR && tile.cols == NR;
+    let origin = c.as_mut_ptr().wrapping_add(tile.row * ldc + tile.col);
+    // The tile below this one is the kernel's next call (same columns, the
+    // next MR rows): start fetching its rows of `C` now, so their misses
+    // overlap this tile's arithmetic. Prefetches never fault, so rows past
+    // the end are harmless; the addresses are only computed, not read.
+    for i in MR..2 * MR {
+        let row = origin.wrapping_add(i * ldc);
+        _mm_prefetch::<_MM_HINT_T0>(row.cast());
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR - 1).cast());
+    }
     // The tile's current values; rows and columns past the edge start at 0
     // and are never written back.
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let mut values = [0.0f32; NR];
-    for (i, row) in acc.iter_mut().enumerate().take(tile.rows) {
-        let start = (tile.row + i) * tile.ldc + tile.col;
-        values[..tile.cols].copy_from_slice(&c[start..start + tile.cols]);
-        // SAFETY: `values` holds 16 f32s.
-        unsafe {
-            row[0] = _mm256_loadu_ps(values.as_ptr());
-            row[1] = _mm256_loadu_ps(values.as_ptr().add(8));
+    if tile.from_c && full {
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: a full tile's MR rows of NR values lie inside `c` (asserted).
+            unsafe {
+                row[0] = _mm256_loadu_ps(origin.add(i * ldc));
+                row[1] = _mm256_loadu_ps(origin.add(i * ldc + 8));
+            }
+        }
+    } else if tile.from_c {
+        for (i, row) in acc.iter_mut().enumerate().take(tile.rows) {
+            let start = (tile.row + i) * ldc + tile.col;
+            values[..tile.cols].copy_from_slice(&c[start..start + tile.cols]);
+            // SAFETY: `values` holds 16 f32s.
+            unsafe {
+                row[0] = _mm256_loadu_ps(values.as_ptr());
+                row[1] = _mm256_loadu_ps(values.as_ptr().add(8));
+            }
         }
     }
     let (a, b) = (a_panel.as_ptr(), b_panel.as_ptr());
@@ -327,13 +456,23 @@ unsafe fn kernel_avx2(kc: usize, a_panel: &[f32], b_panel: &[f32], c: &mut [f32]
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
     }
+    if full {
+        for (i, row) in acc.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe {
+                _mm256_storeu_ps(origin.add(i * ldc), row[0]);
+                _mm256_storeu_ps(origin.add(i * ldc + 8), row[1]);
+            }
+        }
+        return;
+    }
     for (i, row) in acc.iter().enumerate().take(tile.rows) {
         // SAFETY: `values` holds 16 f32s.
         unsafe {
             _mm256_storeu_ps(values.as_mut_ptr(), row[0]);
             _mm256_storeu_ps(values.as_mut_ptr().add(8), row[1]);
         }
-        let start = (tile.row + i) * tile.ldc + tile.col;
+        let start = (tile.row + i) * ldc + tile.col;
         c[start..start + tile.cols].copy_from_slice(&values[..tile.cols]);
     }
 }
@@ -379,7 +518,7 @@ mod tests {
                 };
                 let start: Vec<f32> = rng.normal_vec(m * n, 1.0);
                 let mut c = start.clone();
-                gemm(m, n, k, a, b, &mut c);
+                gemm(m, n, k, a, b, &mut c, Start::FromC);
                 let mut expected: Vec<f64> = start.iter().map(|&v| f64::from(v)).collect();
                 naive(m, n, k, a, b, &mut expected);
                 for (idx, (&got, &want)) in c.iter().zip(&expected).enumerate() {
@@ -391,6 +530,37 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// `Start::Zero` never reads `C` (NaN there must not leak in) and gives the
+    /// bits of accumulating into zeros, on full and ragged tiles and for `k = 0`.
+    #[test]
+    fn starting_from_zero_ignores_c_and_equals_accumulating_into_zeros() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2, and matmul never calls the packed GEMM");
+            return;
+        }
+        let mut rng = SplitMix64::new(4);
+        for (m, n, k) in [(12, 32, 300), (13, 33, 513), (5, 7, 0)] {
+            let a_data: Vec<f32> = rng.normal_vec(m * k, 1.0);
+            let b_data: Vec<f32> = rng.normal_vec(k * n, 1.0);
+            let a = Strided {
+                data: &a_data,
+                row_stride: k,
+                col_stride: 1,
+            };
+            let b = Strided {
+                data: &b_data,
+                row_stride: n,
+                col_stride: 1,
+            };
+            let mut into_zeros = vec![0.0f32; m * n];
+            gemm(m, n, k, a, b, &mut into_zeros, Start::FromC);
+            let mut over_nan = vec![f32::NAN; m * n];
+            gemm(m, n, k, a, b, &mut over_nan, Start::Zero);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&over_nan), bits(&into_zeros), "{m}x{n}x{k}");
         }
     }
 }
