@@ -7,6 +7,7 @@
 #   3. harness: build the pinned control-plane binaries (cached), check the Helm
 #      chart (charts/check.sh), start the control plane
 #   4. e2e:   cargo test -p moe-e2e against the real control plane
+#      rbac:  then the chart's RBAC against the audit trail of those tests
 #   5. down:  stop the control plane (also when something failed)
 #
 # Knobs: MOE_SKIP_LINT=1 skips phase 1; MOE_SKIP_E2E=1 stops after phase 2;
@@ -78,3 +79,6 @@ source tests/cluster/.state/env
 # The e2e tests run the real operator binary as a process.
 phase e2e-build cargo build --locked -p moe-operator
 phase e2e tested cargo test --locked -p moe-e2e -- --test-threads=12
+# Least privilege, from the apiserver's audit trail of the suites above: every
+# permission the chart grants the operator was used, and none was refused.
+phase rbac tested cargo test --locked -p moe-e2e --test rbac -- --ignored

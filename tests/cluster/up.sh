@@ -111,6 +111,19 @@ start etcd --name=node0 --data-dir="$state/etcd" \
   --unsafe-no-fsync=true --auto-compaction-retention=1 --quota-backend-bytes=2147483648 --log-level=warn
 wait_for etcd 60 curl -fsS "http://127.0.0.1:$etcd_port/health"
 
+# Audit trail of one identity only, the operator's ServiceAccount as the e2e
+# harness installs it with the chart (release moe in moe-system): the RBAC test
+# (tests/e2e/tests/rbac.rs) checks, after the training and inference suites,
+# that every permission the chart grants was used and that none was missing.
+cat >"$state/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: ["system:serviceaccount:moe-system:moe-moe-operator"]
+- level: None
+EOF
 start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -123,6 +136,7 @@ start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --enable-admission-plugins=OwnerReferencesPermissionEnforcement \
   --allow-privileged=true \
   --enable-priority-and-fairness=false --profiling=false --v=1 \
+  --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/logs/audit.log" \
   --cert-dir="$state/apiserver-certs"
 wait_for kube-apiserver 180 curl -fsS --cacert "$pki/ca.crt" "$server/readyz"
 

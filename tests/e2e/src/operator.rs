@@ -1,7 +1,9 @@
 //! Runs the real `moe-operator` binary as a local process against the test
-//! control plane, authenticated with the token of its own ServiceAccount bound
-//! to the RBAC the Helm chart renders (the one copy of it). A Pod cannot run it
-//! on KWOK's fake nodes, so the process stands in for the Deployment.
+//! control plane, authenticated with the token of the ServiceAccount that a
+//! real `helm install` of the chart created, so it has exactly the RBAC the
+//! chart grants (the one copy of it; tests/rbac.rs checks from the apiserver's
+//! audit trail that all of it is used). A Pod cannot run it on KWOK's fake
+//! nodes, so the process stands in for the Deployment's container.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -52,7 +54,16 @@ pub fn sh(script: &str) -> Result<String> {
 
 static INSTALL: Once = Once::new();
 
-/// Installs the CRDs (generated YAML) and the chart's ServiceAccount and RBAC, once per test process.
+/// Installs the CRDs (generated YAML) and the chart (release [`RELEASE`] in
+/// [`OPERATOR_NAMESPACE`], default values), once per test process.
+///
+/// The chart goes in with `helm upgrade --install`, as users install it, so
+/// the ServiceAccount and RBAC the operator runs with are what Helm created.
+/// Its CRD templates are off (`crds.enabled=false`): tests/chart.rs installs
+/// releases that own the CRDs, and a CRD can belong to one release only. The
+/// CRDs applied here are the same generated YAML (crds/tests/generated_yaml.rs).
+/// Several test processes may share one plane: a lock file serialises their
+/// installs, since Helm refuses a second operation on a release in progress.
 pub fn install() -> Result<()> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
@@ -70,8 +81,22 @@ pub fn install() -> Result<()> {
              kubectl apply --server-side --force-conflicts -f deploy/crds/moe-crds.yaml >/dev/null
              kubectl wait --for=condition=Established crd/moetrainingjobs.moe.dev crd/moeinferenceservices.moe.dev --timeout=60s >/dev/null
              kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-             helm template {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
-               --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null",
+             exec 9>\"$MOE_CLUSTER_STATE/helm-{RELEASE}.lock\"
+             flock 9
+             if ! helm status {RELEASE} --namespace {OPERATOR_NAMESPACE} >/dev/null 2>&1; then
+               # A plane started before the harness installed with Helm has
+               # these objects from `kubectl apply`: let the release adopt them.
+               for what in serviceaccount/{SERVICE_ACCOUNT} clusterrole/{RELEASE}-moe-operator \
+                   clusterrolebinding/{RELEASE}-moe-operator role/{RELEASE}-moe-operator-leader-election \
+                   rolebinding/{RELEASE}-moe-operator-leader-election; do
+                 kubectl get $what -n {OPERATOR_NAMESPACE} >/dev/null 2>&1 || continue
+                 kubectl label $what -n {OPERATOR_NAMESPACE} app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+                 kubectl annotate $what -n {OPERATOR_NAMESPACE} meta.helm.sh/release-name={RELEASE} \
+                   meta.helm.sh/release-namespace={OPERATOR_NAMESPACE} --overwrite >/dev/null
+               done
+             fi
+             helm upgrade --install {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
+               --set crds.enabled=false --history-max 3 >/dev/null",
             run = crate::RUN_LABEL,
             pid = std::process::id()
         ))

@@ -7,7 +7,9 @@
 //!
 //! KWOK's fake nodes run no containers: the Deployment's pods are admitted
 //! (Pod Security "restricted"), scheduled and marked Ready, but the operator
-//! itself runs as a local process, as in tests/training.rs.
+//! itself runs as a local process, as in tests/training.rs. `helm test` runs
+//! too, with this test playing the hook pod's kubelet (see
+//! `helm_test_passes_only_when_the_operator_answers_readyz`).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -122,16 +124,33 @@ struct ChartOperator {
 
 impl ChartOperator {
     async fn start(namespace: &str, deployment: &str, service_account: &str) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_at(
+            namespace,
+            deployment,
+            service_account,
+            &format!("127.0.0.1:{port}"),
+        )
+        .await
+    }
+
+    /// Like [`ChartOperator::start`], serving HTTP at `addr`: a pod's IP and
+    /// port, to play that pod (KWOK gives pods loopback IPs).
+    async fn start_at(
+        namespace: &str,
+        deployment: &str,
+        service_account: &str,
+        addr: &str,
+    ) -> Result<Self> {
         let state = state_dir()?;
         let args: Vec<String> = serde_json::from_str(&sh(&format!(
             "kubectl get deployment {deployment} -n {namespace} -o jsonpath='{{.spec.template.spec.containers[0].args}}'"
         ))?)?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let args: Vec<String> = args
             .into_iter()
             .map(|a| {
                 if a.starts_with("--http-addr=") {
-                    format!("--http-addr=127.0.0.1:{port}")
+                    format!("--http-addr={addr}")
                 } else {
                     a
                 }
@@ -163,7 +182,7 @@ impl ChartOperator {
             "the operator to serve /readyz",
             Duration::from_secs(30),
             || async {
-                Ok(sh(&format!("curl -sf http://127.0.0.1:{port}/readyz"))
+                Ok(sh(&format!("curl -sf http://{addr}/readyz"))
                     .ok()
                     .filter(|b| b == "ok")
                     .map(|_| ()))
@@ -407,5 +426,239 @@ async fn the_chart_pods_pass_pod_security_restricted() -> Result<()> {
     if out.contains("PodSecurity") {
         bail!("Pod Security warnings: {out}");
     }
+    ns.delete().await
+}
+
+/// Annotation through which a test reports the exit code of a `helm test`
+/// hook pod's command (stage test-pod-helm-test-exit, tests/cluster/kwok-stages.yaml).
+const EXIT_CODE: &str = "kwok.test/exit-code";
+
+/// Where the Service that `url` names (`http://<service>.<namespace>.svc:<port>/…`)
+/// sends a connection, as cluster DNS and kube-proxy would: a Ready pod of the
+/// Service's selector, at the container port its `targetPort` names. (Not the
+/// EndpointSlice: the apiserver refuses loopback addresses there, and KWOK's
+/// pod IPs are loopback ones.) Returns `host:port` as written in the URL and
+/// the `ip:port` it resolves to.
+async fn resolve_service(client: &Client, url: &str) -> Result<(String, String)> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let authority = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .with_context(|| format!("no host in {url}"))?;
+    let (host, port) = authority
+        .split_once(':')
+        .with_context(|| format!("no port in {url}"))?;
+    let port: i32 = port.parse()?;
+    let mut labels = host.split('.');
+    let (Some(name), Some(namespace), Some("svc")) = (labels.next(), labels.next(), labels.next())
+    else {
+        bail!("{host} is not a Service name (<service>.<namespace>.svc)");
+    };
+    let service = Api::<Service>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await?;
+    let spec = service.spec.context("Service without spec")?;
+    let target = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.port == port)
+        .with_context(|| format!("Service {name} has no port {port}"))?
+        .target_port
+        .unwrap_or(IntOrString::Int(port));
+    let selector = spec
+        .selector
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    for pod in pods.items {
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let (true, Some(ip)) = (ready, ip) else {
+            continue;
+        };
+        let target_port = match &target {
+            IntOrString::Int(p) => Some(*p),
+            IntOrString::String(named) => pod.spec.as_ref().and_then(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find(|p| p.name.as_deref() == Some(named.as_str()))
+                    .map(|p| p.container_port)
+            }),
+        };
+        if let Some(target_port) = target_port {
+            return Ok((authority.to_string(), format!("{ip}:{target_port}")));
+        }
+    }
+    bail!("Service {name} has no Ready pod serving {target:?}")
+}
+
+/// Plays the kubelet for the one `helm test` hook pod of `release` that KWOK
+/// holds Running: runs its container's command here (read from the Pod that
+/// Helm created, one URL argument's Service name resolved by [`resolve_service`]),
+/// and reports the exit code on the pod, which then ends Succeeded or Failed.
+/// Returns the exit code and the command's output.
+async fn run_hook_pod(client: &Client, namespace: &str, release: &str) -> Result<(i32, String)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=test");
+    let pod = eventually("the helm test pod to run", WAIT, || async {
+        Ok(pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .find(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && !p.annotations().contains_key(EXIT_CODE)
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            }))
+    })
+    .await?;
+    ensure!(
+        pod.annotations().get("helm.sh/hook").map(String::as_str) == Some("test"),
+        "not a helm test hook: {:?}",
+        pod.annotations()
+    );
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    let [container] = containers.as_slice() else {
+        bail!("the hook pod has {} containers, not 1", containers.len());
+    };
+    let mut argv: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .cloned()
+        .collect();
+    for arg in argv.iter_mut().filter(|a| a.starts_with("http://")) {
+        let (authority, endpoint) = resolve_service(client, arg).await?;
+        *arg = arg.replacen(&authority, &endpoint, 1);
+    }
+    let (program, args) = argv.split_first().context("the hook has no command")?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {argv:?}"))?;
+    let code = out.status.code().unwrap_or(128);
+    let output = format!(
+        "{argv:?} exited {code}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patch = json!({"metadata": {"annotations": {EXIT_CODE: code.to_string()}}});
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok((code, output))
+}
+
+/// `helm test <release>`, with the hook pod run by [`run_hook_pod`]: the exit
+/// status of `helm test`, its output, and the hook command's exit code and output.
+async fn helm_test(
+    client: &Client,
+    namespace: &str,
+    release: &str,
+) -> Result<(bool, String, i32, String)> {
+    let helm = Command::new("helm")
+        .args([
+            "test",
+            release,
+            "--namespace",
+            namespace,
+            "--timeout",
+            "90s",
+        ])
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let hook = run_hook_pod(client, namespace, release).await;
+    let out = tokio::task::spawn_blocking(move || helm.wait_with_output()).await??;
+    let (code, hook_output) = hook?;
+    let helm_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), helm_output, code, hook_output))
+}
+
+/// `helm test` run against an installed release, its verdict decided by the
+/// real operator process. KWOK's fake nodes run no containers, so nothing
+/// would execute the hook pod: the test plays its kubelet ([`run_hook_pod`]),
+/// running the pod's own command (GNU wget here, busybox's in the image: same
+/// flags) against the address the Service resolves to, and the exit code
+/// becomes the pod's outcome through a KWOK stage that decides nothing by
+/// itself. The operator process plays the Deployment's pod at that pod's IP
+/// and port, with the Deployment's arguments and the chart's ServiceAccount.
+/// First nothing answers there (KWOK marks the pod Ready all the same, so only
+/// the command can tell): `helm test` must fail. Then, with the operator
+/// running, it must pass.
+#[tokio::test]
+async fn helm_test_passes_only_when_the_operator_answers_readyz() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "chart-test").await?;
+    let release = ns.name.clone();
+    // Its own namespace only (a cluster-wide operator would act on other
+    // tests' objects), and no CRDs: other tests' releases own them.
+    sh(&format!(
+        "helm install {release} charts/moe-operator -n {release} --set crds.enabled=false \
+           --set watchNamespace={release} --set image.tag=e2e --wait --timeout 120s"
+    ))
+    .context("helm install")?;
+
+    let (passed, helm_out, code, hook_out) = helm_test(&client, &release, &release).await?;
+    ensure!(
+        !passed && code != 0,
+        "helm test passed with no operator answering: {helm_out}\n{hook_out}"
+    );
+    ensure!(
+        helm_out.contains(&format!("pod {release}-moe-operator-test-ready failed")),
+        "{helm_out}"
+    );
+
+    let (_, endpoint) = resolve_service(
+        &client,
+        &format!("http://{release}-moe-operator.{release}.svc:8080/readyz"),
+    )
+    .await?;
+    let op = ChartOperator::start_at(
+        &release,
+        &format!("{release}-moe-operator"),
+        &format!("{release}-moe-operator"),
+        &endpoint,
+    )
+    .await?;
+    let (passed, helm_out, code, hook_out) = helm_test(&client, &release, &release).await?;
+    ensure!(
+        passed && code == 0,
+        "helm test failed with the operator answering: {helm_out}\n{hook_out}"
+    );
+    ensure!(helm_out.contains("Phase:          Succeeded"), "{helm_out}");
+    ensure!(hook_out.ends_with("exited 0: ok"), "{hook_out}");
+    drop(op);
+
+    sh(&format!(
+        "helm uninstall {release} -n {release} --wait --timeout 60s"
+    ))?;
     ns.delete().await
 }
