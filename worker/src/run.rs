@@ -1,6 +1,6 @@
 //! `moe-worker train`: one training run from a worker config, with
 //! metrics, checkpoints, resumption and graceful stopping; alone or as one
-//! rank of a data-parallel gang ([`train_as`]).
+//! rank of a data- and expert-parallel gang ([`train_as`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +16,8 @@ use moe_crds::WorkerConfig;
 use crate::checkpoint::{self, CheckpointError, Snapshot};
 use crate::data::{self, DataError, DataLoader, tokenizer};
 use crate::dist::env::Timeouts;
+use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::layout::Layout;
 use crate::dist::{Collective, DistEnv, DistError, Solo};
 use crate::settings::{DataSource, SettingsError, TrainSettings};
 use crate::status::Progress;
@@ -243,6 +245,17 @@ pub fn train_as(
             "checkpoint.resume is Never: existing checkpoints are not loaded; this run's replace those of the same step"
         );
     }
+    // With expert parallelism each rank computes (and checkpoints) its slice
+    // of the routed experts; the checkpoint it resumed from holds them all.
+    let experts = if settings.expert_parallel > 1 {
+        let layout = Layout::new(dp.size(), 1, settings.expert_parallel)
+            .map_err(|e| SettingsError::new("parallelism.expertParallel", e.to_string()))?;
+        let n_experts = settings.model.moe.n_routed_experts;
+        Some(ExpertParallel::from_world(dp, &layout, n_experts)?)
+    } else {
+        None
+    };
+    let experts = experts.as_ref();
     let metrics_path = settings.output_dir.join(METRICS_FILE);
     // Rank 0 writes the run's outputs; the others only train.
     let mut metrics = if gang.leader {
@@ -263,6 +276,7 @@ pub fn train_as(
     let mut trainer = Backend::Cpu(Box::new(host));
 
     let training_started = Instant::now();
+    let resumed_at = trainer.steps_done();
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
@@ -275,7 +289,7 @@ pub fn train_as(
             interrupted = true;
             break;
         }
-        let Some(report) = trainer.step(&stop_within_step, dp)? else {
+        let Some(report) = trainer.step(&stop_within_step, dp, experts)? else {
             interrupted = true;
             break;
         };
@@ -313,7 +327,7 @@ pub fn train_as(
             .is_multiple_of(settings.checkpoint.interval_steps)
             || report.step == total_steps
         {
-            save(&settings, &mut trainer, &mut run, &gang, dp)?;
+            save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
             if let Some(board) = board {
                 board.publish(Progress {
                     last_checkpoint_step: run.saved_step,
@@ -328,10 +342,20 @@ pub fn train_as(
             "stop requested: checkpointing and exiting"
         );
         if trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done()) {
-            save(&settings, &mut trainer, &mut run, &gang, dp)?;
+            save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
         }
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
+    if let Some(ep) = experts {
+        // Each rank's own traffic: the tokens it routes depend on its data.
+        let steps = (trainer.steps_done() - resumed_at).max(1);
+        tracing::info!(
+            rank = dp.rank(),
+            steps,
+            bytes_per_step = ep.bytes_sent() / steps,
+            "expert-parallel token exchange: payload bytes this rank sent to other ranks"
+        );
+    }
     Ok(Summary {
         steps: trainer.steps_done(),
         final_loss: run.last_loss,
@@ -379,15 +403,20 @@ impl Backend {
         }
     }
 
-    /// One step as a replica of `dp`: the settings refuse the GPU with
-    /// more than one rank, so the device trainer has no collective.
+    /// One step as a replica of `dp` (with the routed experts spread over
+    /// `experts`, if given): the settings refuse the GPU with more than one
+    /// rank, so the device trainer has no collective.
     fn step(
         &mut self,
         stop: &dyn Fn() -> bool,
         dp: &mut dyn Collective,
+        experts: Option<&ExpertParallel>,
     ) -> Result<Option<StepReport>, RunError> {
         match self {
-            Self::Cpu(trainer) => Ok(trainer.step_with(stop, dp)?),
+            Self::Cpu(trainer) => Ok(match experts {
+                None => trainer.step_with(stop, dp)?,
+                Some(ep) => trainer.step_expert_parallel(stop, dp, ep)?,
+            }),
             #[cfg(feature = "cuda")]
             Self::Cuda { device, .. } => Ok(device.step(stop)?),
         }
@@ -537,15 +566,26 @@ fn same_step_everywhere(dp: &mut dyn Collective, step: u64) -> Result<(), RunErr
 /// Rank 0 writes a checkpoint; the others wait for it at a barrier, so no
 /// rank runs ahead of a checkpoint that may still fail, and the wait is
 /// bounded by the checkpoint timeout rather than the (short) collective one.
+/// With expert parallelism the owners of the routed experts write their
+/// shards first ([`save_sharded`]).
 fn save(
     settings: &TrainSettings,
     backend: &mut Backend,
     run: &mut RunState,
     gang: &Gang,
     dp: &mut dyn Collective,
+    experts: Option<&ExpertParallel>,
 ) -> Result<(), RunError> {
+    if let Some(ep) = experts {
+        dp.set_timeout(gang.timeouts.checkpoint)?;
+        save_sharded(settings, backend, run, gang, dp, ep)?;
+        dp.set_timeout(gang.timeouts.collective)?;
+        return Ok(());
+    }
     if gang.leader {
-        write_checkpoint(settings, backend, run)?;
+        let dir = &settings.checkpoint.dir;
+        let temporary = checkpoint::begin(dir, backend.steps_done())?;
+        write_checkpoint(settings, backend, run, &temporary, Vec::new())?;
     } else {
         run.saved_step = Some(backend.steps_done());
     }
@@ -557,13 +597,72 @@ fn save(
     Ok(())
 }
 
-fn write_checkpoint(
+/// A sharded checkpoint: rank 0 makes the temporary directory; the first
+/// expert-parallel group (world ranks `0..ep`, rank `q` owning the `q`-th
+/// slice of the experts; the other groups hold identical replicas) writes
+/// one shard each and tells rank 0 its size and checksum; rank 0 writes the
+/// rest and the manifest, the commit point, last. A rank failing anywhere
+/// fails the save for all (its peers see it leave), and no manifest names a
+/// shard that was not completely written.
+fn save_sharded(
     settings: &TrainSettings,
     backend: &mut Backend,
     run: &mut RunState,
+    gang: &Gang,
+    dp: &mut dyn Collective,
+    ep: &ExpertParallel,
 ) -> Result<(), RunError> {
-    let trainer = backend.host_state()?;
-    let snapshot = Snapshot {
+    let (dir, step) = (&settings.checkpoint.dir, backend.steps_done());
+    let temporary = if gang.leader {
+        checkpoint::begin(dir, step)?
+    } else {
+        checkpoint::temporary_dir(dir, step)
+    };
+    dp.barrier()?;
+    // first, end, bytes, checksum: what the manifest records of a shard.
+    let mut entry = [0u64; 4];
+    if dp.rank() < ep.size() {
+        let trainer = backend.host_state()?;
+        let shard = checkpoint::write_expert_shard(
+            &temporary,
+            &snapshot(settings, trainer, run),
+            ep.local_experts(),
+        )?;
+        let checksum = u64::from_str_radix(&shard.fnv1a, 16).unwrap_or_default();
+        entry = [shard.first as u64, shard.end as u64, shard.bytes, checksum];
+    }
+    let mine: Vec<u8> = entry.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut all = vec![0u8; 32 * dp.size()];
+    dp.all_gather_bytes(&mine, &vec![32; dp.size()], &mut all)?;
+    if gang.leader {
+        let shards = all
+            .chunks_exact(32)
+            .take(ep.size())
+            .map(|b| {
+                let word = |i: usize| {
+                    u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap_or_default())
+                };
+                let experts = word(0) as usize..word(1) as usize;
+                checkpoint::ExpertShard {
+                    file: checkpoint::expert_shard_name(&experts),
+                    first: experts.start,
+                    end: experts.end,
+                    bytes: word(2),
+                    fnv1a: format!("{:016x}", word(3)),
+                }
+            })
+            .collect();
+        write_checkpoint(settings, backend, run, &temporary, shards)?;
+    } else {
+        run.saved_step = Some(step);
+    }
+    dp.barrier()?;
+    Ok(())
+}
+
+/// What a checkpoint records of `trainer` and the run.
+fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunState) -> Snapshot<'a> {
+    Snapshot {
         model_spec: &settings.model_spec,
         seed: settings.training.seed,
         data: trainer.data_position(),
@@ -571,11 +670,24 @@ fn write_checkpoint(
         loss: run.last_loss,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
-    };
-    let path = checkpoint::save(
+    }
+}
+
+/// Rank 0's part of a save: everything but `expert_shards`, then the manifest.
+fn write_checkpoint(
+    settings: &TrainSettings,
+    backend: &mut Backend,
+    run: &mut RunState,
+    temporary: &Path,
+    expert_shards: Vec<checkpoint::ExpertShard>,
+) -> Result<(), RunError> {
+    let trainer = backend.host_state()?;
+    let path = checkpoint::commit(
         &settings.checkpoint.dir,
         settings.checkpoint.keep,
-        &snapshot,
+        &snapshot(settings, trainer, run),
+        temporary,
+        expert_shards,
     )?;
     tracing::info!(checkpoint = %path.display(), "checkpoint written");
     run.saved_step = Some(trainer.steps_done());

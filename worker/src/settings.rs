@@ -113,9 +113,13 @@ pub fn read_worker_config(path: &Path) -> Result<WorkerConfig, SettingsError> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSettings {
     pub job: String,
-    /// Ranks (`parallelism.nodes × processesPerNode`), all data-parallel
-    /// replicas: sequence and expert parallelism are not implemented yet.
+    /// Ranks (`parallelism.nodes × processesPerNode`); each reads its own
+    /// shard of the batch (sequence parallelism is not implemented yet).
     pub world_size: usize,
+    /// `parallelism.expertParallel`: ranks the routed experts are split
+    /// over (blocks of consecutive ranks; see [`crate::dist::layout`]).
+    /// Dividing the world size and the expert count, checked.
+    pub expert_parallel: usize,
     /// Where the model trains: the CPU, or the pod's GPU (feature `cuda`).
     pub device: Device,
     /// As given, for checkpoint manifests (a resumed run must match it).
@@ -181,6 +185,7 @@ impl TrainSettings {
     pub fn from_config(config: &WorkerConfig) -> Result<Self, SettingsError> {
         let world_size = data_parallel_ranks(config)?;
         let mut model = ModelConfig::from_spec(&config.model)?;
+        let expert_parallel = expert_parallel(config, world_size, &model)?;
         model.gemm_precision = gemm_precision(config)?;
         let training = training_settings(config, world_size)?;
         if config.device == Device::Cuda {
@@ -189,6 +194,7 @@ impl TrainSettings {
         Ok(Self {
             device: config.device,
             world_size,
+            expert_parallel,
             job: config.job.clone(),
             model_spec: config.model.clone(),
             model,
@@ -200,16 +206,16 @@ impl TrainSettings {
     }
 }
 
-/// `parallelism`: the number of ranks, every one a data-parallel replica.
-/// Sequence and expert parallelism are refused until they are implemented
-/// (issue #7), rather than run as plain data parallelism.
+/// `parallelism`: the number of ranks, each holding its own tokens.
+/// Sequence parallelism is refused until it is implemented (issue #7),
+/// rather than run as plain data parallelism.
 fn data_parallel_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
     let p = &config.parallelism;
     let nodes = positive("parallelism.nodes", p.nodes)?;
     let per_node = positive("parallelism.processesPerNode", p.processes_per_node)?;
     let not_yet = |what: &str, value: i32| {
         format!(
-            "is {value}, but {what} parallelism is not implemented yet; only data parallelism runs so far (sequenceParallel 1, expertParallel 1, any nodes × processesPerNode)"
+            "is {value}, but {what} parallelism is not implemented yet; data and expert parallelism run so far (sequenceParallel 1, any nodes × processesPerNode)"
         )
     };
     require(
@@ -217,12 +223,34 @@ fn data_parallel_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
         "parallelism.sequenceParallel",
         not_yet("sequence", p.sequence_parallel),
     )?;
-    require(
-        p.expert_parallel == 1,
-        "parallelism.expertParallel",
-        not_yet("expert", p.expert_parallel),
-    )?;
     Ok(nodes * per_node)
+}
+
+/// `parallelism.expertParallel`: it must divide the world (expert groups
+/// are blocks of consecutive ranks; the rest is data parallel) and the
+/// routed experts (each rank owns `experts / expertParallel` of each layer).
+fn expert_parallel(
+    config: &WorkerConfig,
+    world_size: usize,
+    model: &ModelConfig,
+) -> Result<usize, SettingsError> {
+    let field = "parallelism.expertParallel";
+    let ep = positive(field, config.parallelism.expert_parallel)?;
+    crate::dist::layout::Layout::new(world_size, 1, ep).map_err(|e| {
+        SettingsError::new(
+            field,
+            format!("is {ep}, but {e} (nodes × processesPerNode)"),
+        )
+    })?;
+    let experts = model.moe.n_routed_experts;
+    require(
+        experts.is_multiple_of(ep),
+        field,
+        format!(
+            "is {ep}, but it does not divide model.moe.experts {experts}: each rank owns experts / expertParallel routed experts of every layer"
+        ),
+    )?;
+    Ok(ep)
 }
 
 /// `device: cuda` needs a worker built with CUDA, and the device trainer
@@ -487,10 +515,22 @@ mod tests {
         assert_eq!(field, "parallelism.sequenceParallel");
         assert!(problem.contains("not implemented yet"), "{problem}");
         let (field, problem) = refusal(|c| {
-            c["parallelism"] = json!({"nodes": 2, "expertParallel": 2});
+            c["parallelism"] = json!({"nodes": 2, "expertParallel": 4});
         });
         assert_eq!(field, "parallelism.expertParallel");
-        assert!(problem.contains("not implemented yet"), "{problem}");
+        assert!(
+            problem.contains("expert parallel 4 does not divide the world size 2"),
+            "{problem}"
+        );
+        let (field, problem) = refusal(|c| {
+            c["parallelism"] = json!({"processesPerNode": 3, "expertParallel": 3});
+            c["training"]["globalBatchSize"] = 6.into();
+        });
+        assert_eq!(field, "parallelism.expertParallel");
+        assert!(
+            problem.contains("does not divide model.moe.experts 4"),
+            "{problem}"
+        );
         // 8 sequences do not make whole micro-batches of 2 on each of 8 ranks.
         let (field, problem) = refusal(|c| c["parallelism"]["processesPerNode"] = 8.into());
         assert_eq!(field, "training.globalBatchSize");
@@ -500,6 +540,18 @@ mod tests {
             c["training"]["precision"] = json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
         });
         assert_eq!(field, "training.precision.fp8.recipe");
+    }
+
+    #[test]
+    fn expert_parallelism_splits_the_experts_and_the_rest_is_data_parallel() {
+        let ep = TrainSettings::from_config(&config(|c| {
+            c["parallelism"] = json!({"nodes": 2, "processesPerNode": 2, "expertParallel": 2});
+        }))
+        .unwrap();
+        assert_eq!(
+            (ep.world_size, ep.expert_parallel, ep.training.micro_steps),
+            (4, 2, 1)
+        );
     }
 
     #[test]

@@ -34,6 +34,23 @@ pub struct Manifest {
     pub state_bytes: u64,
     /// FNV-1a (64-bit, hex) of the state file: catches truncation and bit rot.
     pub state_fnv1a: String,
+    /// With expert parallelism: the files holding the routed-expert tensors,
+    /// which the state file then leaves out. Together they cover every
+    /// expert exactly once, in order. Empty (and absent) otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_shards: Vec<ExpertShard>,
+}
+
+/// One rank's routed experts `first..end` of every MoE layer (weights and
+/// AdamW moments), written by that rank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExpertShard {
+    pub file: String,
+    pub first: usize,
+    pub end: usize,
+    pub bytes: u64,
+    pub fnv1a: String,
 }
 
 /// FNV-1a, 64-bit: not cryptographic, but any accidental change of a few bytes shows.

@@ -6,6 +6,16 @@
 //! complete `step-*` directory or a `.tmp-*` one, which loading ignores and
 //! the next save removes. Loading never falls back silently: a newest
 //! checkpoint that is corrupt or belongs to another model shape is an error.
+//!
+//! With expert parallelism the save is split between ranks ([`begin`],
+//! [`write_expert_shard`], [`commit`]): rank 0 makes the temporary
+//! directory, each owner of a slice of the routed experts writes its shard
+//! into it, and once every shard is written rank 0 writes the state file
+//! (everything else) and the manifest naming the shards with their sizes
+//! and checksums, then renames. The manifest is still the commit point, so
+//! a crash of any rank leaves a `.tmp-*` directory, never a half checkpoint.
+//! Loading reads every shard into full-size tensors, whatever expert
+//! parallelism wrote it: resuming with another one reshards.
 
 mod manifest;
 mod state_file;
@@ -13,6 +23,7 @@ mod state_file;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use moe_crds::ModelSpec;
@@ -21,7 +32,7 @@ use crate::data::DataPosition;
 use crate::model::{Model, ModelConfig};
 use crate::train::{AdamW, TrainerState};
 
-pub use manifest::{FORMAT_VERSION, Manifest};
+pub use manifest::{ExpertShard, FORMAT_VERSION, Manifest};
 
 const MANIFEST: &str = "manifest.json";
 const STATE: &str = "state.safetensors";
@@ -102,22 +113,89 @@ pub fn step_dir_name(step: u64) -> String {
 /// (replacing one of the same step), then deletes all but the newest `keep`
 /// complete checkpoints up to that step. Returns its path.
 pub fn save(dir: &Path, keep: usize, snapshot: &Snapshot<'_>) -> Result<PathBuf, CheckpointError> {
-    let step = snapshot.optimizer.updates;
-    let final_path = dir.join(step_dir_name(step));
+    let temporary = begin(dir, snapshot.optimizer.updates)?;
+    commit(dir, keep, snapshot, &temporary, Vec::new())
+}
+
+/// Where the checkpoint of `step` is assembled before its rename.
+pub fn temporary_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("{TEMPORARY_PREFIX}{}", step_dir_name(step)))
+}
+
+/// The file holding routed experts `experts` of a sharded checkpoint.
+pub fn expert_shard_name(experts: &Range<usize>) -> String {
+    format!(
+        "experts-{:05}-{:05}.safetensors",
+        experts.start, experts.end
+    )
+}
+
+/// The first part of a save (rank 0 alone): removes leftover temporaries and
+/// makes an empty [`temporary_dir`] for `step`.
+pub fn begin(dir: &Path, step: u64) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     remove_temporaries(dir)?;
-    let temporary = dir.join(format!("{TEMPORARY_PREFIX}{}", step_dir_name(step)));
+    let temporary = temporary_dir(dir, step);
     fs::create_dir(&temporary).map_err(io(&temporary))?;
+    Ok(temporary)
+}
 
+/// An expert owner's part of a sharded save, after [`begin`]: experts
+/// `experts` of every routed-expert tensor (weights and moments) into
+/// `temporary`, fsynced. Returns the manifest's entry for it.
+pub fn write_expert_shard(
+    temporary: &Path,
+    snapshot: &Snapshot<'_>,
+    experts: Range<usize>,
+) -> Result<ExpertShard, CheckpointError> {
+    let bytes = state_file::encode_experts(
+        snapshot.model,
+        &snapshot.optimizer.first_moment,
+        &snapshot.optimizer.second_moment,
+        experts.clone(),
+    )
+    .map_err(|problem| CheckpointError::Corrupt {
+        path: temporary.to_path_buf(),
+        problem,
+    })?;
+    let file = expert_shard_name(&experts);
+    write_synced(&temporary.join(&file), &bytes)?;
+    Ok(ExpertShard {
+        file,
+        first: experts.start,
+        end: experts.end,
+        bytes: bytes.len() as u64,
+        fnv1a: manifest::fnv1a(&bytes),
+    })
+}
+
+/// The last part of a save (rank 0, once every shard in `shards` is
+/// written): the state file (without the routed experts when there are
+/// shards), the manifest last, the rename, and pruning as in [`save`].
+pub fn commit(
+    dir: &Path,
+    keep: usize,
+    snapshot: &Snapshot<'_>,
+    temporary: &Path,
+    expert_shards: Vec<ExpertShard>,
+) -> Result<PathBuf, CheckpointError> {
+    let step = snapshot.optimizer.updates;
+    let final_path = dir.join(step_dir_name(step));
+    let corrupt = |problem: String| CheckpointError::Corrupt {
+        path: temporary.to_path_buf(),
+        problem,
+    };
+    let n_experts = snapshot.model.config().moe.n_routed_experts;
+    if !expert_shards.is_empty() {
+        shards_cover(&expert_shards, n_experts).map_err(corrupt)?;
+    }
     let state = state_file::encode(
         snapshot.model,
         &snapshot.optimizer.first_moment,
         &snapshot.optimizer.second_moment,
+        !expert_shards.is_empty(),
     )
-    .map_err(|problem| CheckpointError::Corrupt {
-        path: temporary.clone(),
-        problem,
-    })?;
+    .map_err(corrupt)?;
     write_synced(&temporary.join(STATE), &state)?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -130,10 +208,11 @@ pub fn save(dir: &Path, keep: usize, snapshot: &Snapshot<'_>) -> Result<PathBuf,
         state_file: STATE.to_owned(),
         state_bytes: state.len() as u64,
         state_fnv1a: manifest::fnv1a(&state),
+        expert_shards,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
     write_synced(&temporary.join(MANIFEST), &json)?;
-    sync_dir(&temporary)?;
+    sync_dir(temporary)?;
     if final_path.exists() {
         // Same step from an earlier run (resume Never): move it aside first so
         // a crash in between still leaves one complete checkpoint or a `.tmp-*`.
@@ -142,14 +221,34 @@ pub fn save(dir: &Path, keep: usize, snapshot: &Snapshot<'_>) -> Result<PathBuf,
             step_dir_name(step)
         ));
         fs::rename(&final_path, &replaced).map_err(io(&final_path))?;
-        fs::rename(&temporary, &final_path).map_err(io(&final_path))?;
+        fs::rename(temporary, &final_path).map_err(io(&final_path))?;
         fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
     } else {
-        fs::rename(&temporary, &final_path).map_err(io(&final_path))?;
+        fs::rename(temporary, &final_path).map_err(io(&final_path))?;
     }
     sync_dir(dir)?;
     prune(dir, step, keep)?;
     Ok(final_path)
+}
+
+/// Whether the shards hold experts `0..n_experts`, each once, in order.
+fn shards_cover(shards: &[ExpertShard], n_experts: usize) -> Result<(), String> {
+    let mut next = 0;
+    for shard in shards {
+        if shard.first != next || shard.end <= shard.first {
+            return Err(format!(
+                "expert shard {} holds experts {}..{} where {next}.. was expected",
+                shard.file, shard.first, shard.end
+            ));
+        }
+        next = shard.end;
+    }
+    if next != n_experts {
+        return Err(format!(
+            "the expert shards end at expert {next} of {n_experts}"
+        ));
+    }
+    Ok(())
 }
 
 /// The newest complete checkpoint under `dir` (a `step-N` directory with a
@@ -198,8 +297,24 @@ pub fn load(
             manifest.state_file
         )));
     }
-    let state = state_file::decode(&state, config, manifest.step, manifest.data)
+    let sharded = !manifest.expert_shards.is_empty();
+    let mut state = state_file::decode(&state, config, manifest.step, manifest.data, sharded)
         .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+    if sharded {
+        shards_cover(&manifest.expert_shards, config.moe.n_routed_experts).map_err(corrupt)?;
+    }
+    for shard in &manifest.expert_shards {
+        let shard_path = path.join(&shard.file);
+        let bytes = fs::read(&shard_path).map_err(io(&shard_path))?;
+        if bytes.len() as u64 != shard.bytes || manifest::fnv1a(&bytes) != shard.fnv1a {
+            return Err(corrupt(format!(
+                "{} does not match the checksum and size in {MANIFEST}",
+                shard.file
+            )));
+        }
+        state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state)
+            .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+    }
     Ok(Restored {
         path: path.to_path_buf(),
         manifest,

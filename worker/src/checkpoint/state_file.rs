@@ -1,8 +1,14 @@
 //! `state.safetensors`: weights, AdamW moments and MoE selection biases, all
-//! FP32 in the model's canonical tensor order and names.
+//! FP32 in the model's canonical tensor order and names. With expert
+//! parallelism the routed-expert tensors are left out of it and written by
+//! their owners as expert shards (`experts-A-B.safetensors`: the same names,
+//! experts `A..B` of each tensor, leading dimension `B - A`).
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use std::ops::Range;
+
+use crate::dist::expert_parallel::is_expert_tensor;
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::train::TrainerState;
 
@@ -11,11 +17,13 @@ const FIRST_MOMENT: &str = "adam_m";
 const SECOND_MOMENT: &str = "adam_v";
 const SELECTION_BIAS: &str = "selection_bias";
 
-/// The tensors of `model` and its optimizer moments as safetensors bytes.
+/// The tensors of `model` and its optimizer moments as safetensors bytes;
+/// without the routed-expert tensors when `experts_in_shards`.
 pub fn encode(
     model: &Model<f32>,
     first_moment: &Gradients<f32>,
     second_moment: &Gradients<f32>,
+    experts_in_shards: bool,
 ) -> Result<Vec<u8>, String> {
     let config = model.config();
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -26,6 +34,9 @@ pub fn encode(
     ];
     for (prefix, tensors) in groups {
         for t in tensors {
+            if experts_in_shards && is_expert_tensor(&t.name) {
+                continue;
+            }
             named.push((format!("{prefix}/{}", t.name), t.shape, to_bytes(t.values)));
         }
     }
@@ -37,6 +48,73 @@ pub fn encode(
             to_bytes(bias),
         ));
     }
+    serialize(&named)
+}
+
+/// Experts `experts` of every routed-expert tensor (weights and moments):
+/// one expert shard.
+pub fn encode_experts(
+    model: &Model<f32>,
+    first_moment: &Gradients<f32>,
+    second_moment: &Gradients<f32>,
+    experts: Range<usize>,
+) -> Result<Vec<u8>, String> {
+    let config = model.config();
+    let n_experts = config.moe.n_routed_experts;
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let groups = [
+        (WEIGHTS, model.tensors()),
+        (FIRST_MOMENT, first_moment.tensors(config)),
+        (SECOND_MOMENT, second_moment.tensors(config)),
+    ];
+    for (prefix, tensors) in groups {
+        for t in tensors.into_iter().filter(|t| is_expert_tensor(&t.name)) {
+            let per = t.values.len() / n_experts;
+            let mut shape = t.shape;
+            shape[0] = experts.len();
+            let values = &t.values[experts.start * per..experts.end * per];
+            named.push((format!("{prefix}/{}", t.name), shape, to_bytes(values)));
+        }
+    }
+    serialize(&named)
+}
+
+/// Copies an expert shard's slices (experts `experts`) into `state`.
+pub fn decode_experts_into(
+    bytes: &[u8],
+    experts: Range<usize>,
+    state: &mut TrainerState,
+) -> Result<(), String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let config = state.model.config().clone();
+    let n_experts = config.moe.n_routed_experts;
+    let names_and_shapes: Vec<(String, Vec<usize>)> = state
+        .model
+        .tensors()
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+    let targets = [
+        (WEIGHTS, state.model.weights.tensors_mut()),
+        (FIRST_MOMENT, state.first_moment.tensors_mut()),
+        (SECOND_MOMENT, state.second_moment.tensors_mut()),
+    ];
+    for (prefix, tensors) in targets {
+        for (values, (name, shape)) in tensors.into_iter().zip(&names_and_shapes) {
+            if !is_expert_tensor(name) {
+                continue;
+            }
+            let per = values.len() / n_experts;
+            let mut shape = shape.clone();
+            shape[0] = experts.len();
+            let slice = read(&file, &format!("{prefix}/{name}"), &shape)?;
+            values[experts.start * per..experts.end * per].copy_from_slice(&slice);
+        }
+    }
+    Ok(())
+}
+
+fn serialize(named: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, String> {
     let views = named
         .iter()
         .map(|(name, shape, bytes)| {
@@ -49,12 +127,15 @@ pub fn encode(
 }
 
 /// The trainer state in `bytes`, every tensor checked against `config`.
-/// `step` and the data position come from the manifest.
+/// `step` and the data position come from the manifest. With
+/// `experts_in_shards` the routed-expert tensors are not in `bytes`: they
+/// are left zero for [`decode_experts_into`].
 pub fn decode(
     bytes: &[u8],
     config: &ModelConfig,
     step: u64,
     data: crate::data::DataPosition,
+    experts_in_shards: bool,
 ) -> Result<TrainerState, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut model =
@@ -73,6 +154,9 @@ pub fn decode(
     ];
     for (prefix, tensors) in targets {
         for (values, (name, shape)) in tensors.into_iter().zip(&names_and_shapes) {
+            if experts_in_shards && is_expert_tensor(name) {
+                continue;
+            }
             *values = read(&file, &format!("{prefix}/{name}"), shape)?;
         }
     }

@@ -28,47 +28,64 @@ pub fn all_reduce_mean(
     if size == 1 {
         return Ok(());
     }
+    all_reduce_scaled(group, tensors, bucket_floats, size)
+}
+
+/// Replaces each tensor by its sum over the ranks of `group` divided by
+/// `divisor` (expert parallelism divides expert gradients by the world
+/// size, not by their group's). Bucketed as [`all_reduce_mean`].
+pub fn all_reduce_scaled<V: AsMut<[f32]>>(
+    group: &mut dyn Collective,
+    tensors: &mut [V],
+    bucket_floats: usize,
+    divisor: usize,
+) -> Result<(), DistError> {
     let mut bucket: Vec<f32> = Vec::new();
     // Indices of the tensors packed into `bucket`, in order.
     let mut packed: Vec<usize> = Vec::new();
     for i in 0..tensors.len() {
-        let n = tensors[i].len();
+        let n = tensors[i].as_mut().len();
         if n >= bucket_floats {
-            group.all_reduce_sum(tensors[i])?;
-            divide(tensors[i], size);
+            group.all_reduce_sum(tensors[i].as_mut())?;
+            divide(tensors[i].as_mut(), divisor);
             continue;
         }
         if bucket.len() + n > bucket_floats {
-            flush(group, tensors, &mut bucket, &mut packed)?;
+            flush(group, tensors, &mut bucket, &mut packed, divisor)?;
         }
-        bucket.extend_from_slice(tensors[i]);
+        bucket.extend_from_slice(tensors[i].as_mut());
         packed.push(i);
     }
-    flush(group, tensors, &mut bucket, &mut packed)
+    flush(group, tensors, &mut bucket, &mut packed, divisor)
 }
 
 fn divide(values: &mut [f32], size: usize) {
+    if size == 1 {
+        return;
+    }
     for v in values {
         *v /= size as f32;
     }
 }
 
-/// Reduces the packed tensors in one collective and unpacks their means.
-fn flush(
+/// Reduces the packed tensors in one collective and unpacks their scaled sums.
+fn flush<V: AsMut<[f32]>>(
     group: &mut dyn Collective,
-    tensors: &mut [&mut Vec<f32>],
+    tensors: &mut [V],
     bucket: &mut Vec<f32>,
     packed: &mut Vec<usize>,
+    divisor: usize,
 ) -> Result<(), DistError> {
     if packed.is_empty() {
         return Ok(());
     }
     group.all_reduce_sum(bucket)?;
-    divide(bucket, group.size());
+    divide(bucket, divisor);
     let mut at = 0;
     for &i in packed.iter() {
-        let n = tensors[i].len();
-        tensors[i].copy_from_slice(&bucket[at..at + n]);
+        let tensor = tensors[i].as_mut();
+        let n = tensor.len();
+        tensor.copy_from_slice(&bucket[at..at + n]);
         at += n;
     }
     bucket.clear();
@@ -108,18 +125,22 @@ pub fn sum_counts(group: &mut dyn Collective, counts: &mut [Vec<usize>]) -> Resu
 
 /// The mean of one `f64` per rank (the step's loss), summed in rank order.
 pub fn mean(group: &mut dyn Collective, value: f64) -> Result<f64, DistError> {
+    Ok(sum(group, value)? / group.size() as f64)
+}
+
+/// The sum of one `f64` per rank, in rank order: bit-identical on every rank.
+pub fn sum(group: &mut dyn Collective, value: f64) -> Result<f64, DistError> {
     let size = group.size();
     let mut all = vec![0u8; 8 * size];
     group.all_gather_bytes(&value.to_le_bytes(), &vec![8; size], &mut all)?;
-    let sum: f64 = all
+    Ok(all
         .chunks_exact(8)
         .map(|b| {
             let mut word = [0u8; 8];
             word.copy_from_slice(b);
             f64::from_le_bytes(word)
         })
-        .sum();
-    Ok(sum / size as f64)
+        .sum())
 }
 
 #[cfg(test)]

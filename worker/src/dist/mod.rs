@@ -16,6 +16,7 @@ pub mod collective;
 pub mod data_parallel;
 pub mod env;
 pub mod error;
+pub mod expert_parallel;
 mod frame;
 pub mod launch;
 pub mod layout;

@@ -2,11 +2,14 @@
 //! `mid = x + Wo attention(rope(Wq n1), rope(Wk n1), Wv n1)` with `n1 = rmsnorm(x)`,
 //! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
 
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::memory::HeldBytes;
 use crate::model::config::{ModelConfig, NORM_EPS};
 use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
 use crate::moe::expert::SwiGluActivations;
+use crate::moe::expert_parallel::{self, ExpertParallelForward};
+use crate::moe::routing::Routing;
 use crate::moe::{MoeForward, MoeLayer, MoeParams};
 use crate::ops::attention::{self, AttentionShape, Qkv, QkvGrads};
 use crate::ops::rmsnorm;
@@ -36,6 +39,19 @@ pub(crate) struct BlockPass<T> {
 pub(crate) enum FeedForwardPass<T> {
     Dense(SwiGluActivations<T>),
     Moe(MoeForward<T>),
+    /// An MoE layer whose routed experts are spread over an expert-parallel group.
+    MoeParallel(ExpertParallelForward<T>),
+}
+
+impl<T> FeedForwardPass<T> {
+    /// The routing and this rank's per-expert load, for an MoE layer.
+    pub fn routing(&self) -> Option<(&Routing<T>, Vec<usize>)> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Moe(pass) => Some((&pass.routing, pass.expert_load())),
+            Self::MoeParallel(pass) => Some((&pass.routing, pass.expert_load())),
+        }
+    }
 }
 
 impl<T> BlockPass<T> {
@@ -50,6 +66,7 @@ impl<T> HeldBytes for BlockPass<T> {
         let ffn = match &self.ffn {
             FeedForwardPass::Dense(activations) => activations.held_bytes(),
             FeedForwardPass::Moe(pass) => pass.held_bytes(),
+            FeedForwardPass::MoeParallel(pass) => pass.held_bytes(),
         };
         [
             &self.input,
@@ -75,6 +92,8 @@ impl<T> HeldBytes for BlockPass<T> {
 pub(crate) struct BlockContext<'a, T> {
     pub config: &'a ModelConfig,
     pub rope: &'a RopeTable<T>,
+    /// Where the MoE layers' routed experts live: here, or spread over this group.
+    pub experts: Option<&'a ExpertParallel>,
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
@@ -147,10 +166,23 @@ impl<T: Scalar> BlockContext<'_, T> {
                 let activations = mlp.forward(&mut out, &ffn_normed);
                 (out, FeedForwardPass::Dense(activations))
             }
-            FeedForward::Moe(layer) => {
-                let mut pass = layer.forward_with(linears.ffn, &ffn_normed, config.seq_len);
-                (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
-            }
+            FeedForward::Moe(layer) => match self.experts {
+                None => {
+                    let mut pass = layer.forward_with(linears.ffn, &ffn_normed, config.seq_len);
+                    (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
+                }
+                Some(ep) => {
+                    let mut pass = expert_parallel::forward(
+                        layer,
+                        ep,
+                        linears.ffn,
+                        &ffn_normed,
+                        config.seq_len,
+                    );
+                    let output = std::mem::take(&mut pass.output);
+                    (output, FeedForwardPass::MoeParallel(pass))
+                }
+            },
         };
         add_into(&mut output, &mid);
         let pass = BlockPass {
@@ -197,6 +229,25 @@ impl<T: Scalar> BlockContext<'_, T> {
             }
             (FeedForward::Moe(layer), FeedForwardPass::Moe(moe_pass), FeedForward::Moe(g)) => {
                 layer.backward_with(
+                    linears.ffn,
+                    moe_pass,
+                    &pass.ffn_normed,
+                    dres,
+                    &mut dffn_normed,
+                    g,
+                );
+            }
+            (
+                FeedForward::Moe(layer),
+                FeedForwardPass::MoeParallel(moe_pass),
+                FeedForward::Moe(g),
+            ) => {
+                let ep = self
+                    .experts
+                    .expect("an expert-parallel pass is differentiated with its group");
+                expert_parallel::backward(
+                    layer,
+                    ep,
                     linears.ffn,
                     moe_pass,
                     &pass.ffn_normed,

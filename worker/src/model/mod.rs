@@ -11,6 +11,8 @@ pub mod weights;
 
 use std::fmt;
 
+use crate::dist::DistError;
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::memory::HeldBytes;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
@@ -234,10 +236,11 @@ impl<T: Scalar> Model<T> {
         }
     }
 
-    fn context(&self) -> BlockContext<'_, T> {
+    fn context<'a>(&'a self, experts: Option<&'a ExpertParallel>) -> BlockContext<'a, T> {
         BlockContext {
             config: &self.config,
             rope: &self.rope,
+            experts,
         }
     }
 
@@ -256,6 +259,33 @@ impl<T: Scalar> Model<T> {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> ForwardPass<T> {
+        self.forward_in(tokens, targets, memory, None)
+    }
+
+    /// [`Self::forward_with`] on this rank's tokens, with the MoE layers'
+    /// routed experts spread over `experts` (this rank computes its own
+    /// experts for every rank's tokens). Every rank of the group must call
+    /// it at the same point; the pass must be differentiated with
+    /// [`Self::backward_expert_parallel`] and the same group.
+    pub fn forward_expert_parallel(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+        experts: &ExpertParallel,
+    ) -> Result<ForwardPass<T>, DistError> {
+        let pass = self.forward_in(tokens, targets, memory, Some(experts));
+        experts.take_failure()?;
+        Ok(pass)
+    }
+
+    fn forward_in(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+        experts: Option<&ExpertParallel>,
+    ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
         assert!(
@@ -269,14 +299,16 @@ impl<T: Scalar> Model<T> {
         let n = tokens.len();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
-        let context = self.context();
+        let context = self.context(experts);
         let mut blocks = Vec::with_capacity(config.layers);
         let precision = config.gemm_precision;
         let mut aux_loss = 0.0;
         for (block, scales) in self.weights.blocks.iter().zip(&self.scales) {
             let (output, pass) = context.forward(block, scales.linears(precision), x);
-            if let FeedForwardPass::Moe(moe) = &pass.ffn {
-                aux_loss += moe.aux_loss.to_f64();
+            match &pass.ffn {
+                FeedForwardPass::Moe(moe) => aux_loss += moe.aux_loss.to_f64(),
+                FeedForwardPass::MoeParallel(moe) => aux_loss += moe.aux_loss.to_f64(),
+                FeedForwardPass::Dense(_) => {}
             }
             blocks.push(BlockActivations::keep(pass, memory));
             x = output;
@@ -311,6 +343,29 @@ impl<T: Scalar> Model<T> {
 
     /// Adds the gradient of [`ForwardPass::loss`] with respect to every weight into `grads`.
     pub fn backward(&self, pass: &ForwardPass<T>, grads: &mut Gradients<T>) {
+        self.backward_in(pass, grads, None);
+    }
+
+    /// The backward pass of [`Self::forward_expert_parallel`]: the gradient
+    /// of this rank's loss for the replicated weights; for the routed
+    /// experts this rank owns, the gradient of every rank's loss (their
+    /// tokens were computed here); the other experts' gradients untouched.
+    pub fn backward_expert_parallel(
+        &self,
+        pass: &ForwardPass<T>,
+        grads: &mut Gradients<T>,
+        experts: &ExpertParallel,
+    ) -> Result<(), DistError> {
+        self.backward_in(pass, grads, Some(experts));
+        experts.take_failure()
+    }
+
+    fn backward_in(
+        &self,
+        pass: &ForwardPass<T>,
+        grads: &mut Gradients<T>,
+        experts: Option<&ExpertParallel>,
+    ) {
         let config = &self.config;
         let (h, vocab, n) = (config.hidden, config.vocab, pass.tokens.len());
         let mut dlogits = vec![T::ZERO; n * vocab];
@@ -335,7 +390,7 @@ impl<T: Scalar> Model<T> {
             &self.weights.final_norm,
             &pass.final_rstd,
         );
-        let context = self.context();
+        let context = self.context(experts);
         let precision = config.gemm_precision;
         let layers = self
             .weights

@@ -49,13 +49,10 @@ impl<T> BlockActivations<T> {
         match memory {
             ActivationMemory::KeepAll => Self::Kept(Box::new(pass)),
             ActivationMemory::RecomputeBlocks => {
-                let routing = match &pass.ffn {
-                    FeedForwardPass::Moe(moe) => Some(RoutingSummary {
-                        experts: moe.routing.experts.clone(),
-                        load: moe.expert_load(),
-                    }),
-                    FeedForwardPass::Dense(_) => None,
-                };
+                let routing = pass.ffn.routing().map(|(routing, load)| RoutingSummary {
+                    experts: routing.experts.clone(),
+                    load,
+                });
                 Self::Checkpointed {
                     input: pass.into_input(),
                     routing,
@@ -69,6 +66,7 @@ impl<T> BlockActivations<T> {
         match self {
             Self::Kept(pass) => match &pass.ffn {
                 FeedForwardPass::Moe(moe) => Some(&moe.routing.experts),
+                FeedForwardPass::MoeParallel(moe) => Some(&moe.routing.experts),
                 FeedForwardPass::Dense(_) => None,
             },
             Self::Checkpointed { routing, .. } => routing.as_ref().map(|r| r.experts.as_slice()),
@@ -78,10 +76,7 @@ impl<T> BlockActivations<T> {
     /// Tokens per expert, if the block is MoE.
     pub fn expert_load(&self) -> Option<Vec<usize>> {
         match self {
-            Self::Kept(pass) => match &pass.ffn {
-                FeedForwardPass::Moe(moe) => Some(moe.expert_load()),
-                FeedForwardPass::Dense(_) => None,
-            },
+            Self::Kept(pass) => pass.ffn.routing().map(|(_, load)| load),
             Self::Checkpointed { routing, .. } => routing.as_ref().map(|r| r.load.clone()),
         }
     }

@@ -95,14 +95,14 @@ impl<T: Scalar> MoeLayer<T> {
     }
 
     /// Routed expert `e`'s MLP, computing as `linears` say.
-    fn expert<'a>(&'a self, linears: Linears<'a>, e: usize) -> SwiGluMlp<'a, T> {
+    pub(crate) fn expert<'a>(&'a self, linears: Linears<'a>, e: usize) -> SwiGluMlp<'a, T> {
         self.params
             .expert(&self.config, e)
             .with_linears(linears.sub(MLP_LINEARS * e, MLP_LINEARS))
     }
 
     /// The fused shared experts' MLP, if any, computing as `linears` say.
-    fn shared<'a>(&'a self, linears: Linears<'a>) -> Option<SwiGluMlp<'a, T>> {
+    pub(crate) fn shared<'a>(&'a self, linears: Linears<'a>) -> Option<SwiGluMlp<'a, T>> {
         let start = MLP_LINEARS * self.config.n_routed_experts;
         self.params
             .shared(&self.config)
@@ -238,7 +238,14 @@ impl<T: Scalar> MoeLayer<T> {
         if let (Some(mlp), Some(activations)) = (self.shared(linears), &pass.shared) {
             mlp.backward(dx, grads.shared_grads(), dout, x, activations);
         }
-        self.router_backward(pass, x, &dgates, dx, &mut grads.router);
+        self.router_backward(
+            &pass.routing,
+            pass.seq_len,
+            x,
+            &dgates,
+            dx,
+            &mut grads.router,
+        );
     }
 
     /// Backward of [`Self::routed_expert_forward`]: fills expert `e`'s entries
@@ -290,16 +297,17 @@ impl<T: Scalar> MoeLayer<T> {
 
     /// From d loss / d gates (plus the balance loss) back to the scores, the
     /// logits, and finally the router weights and the input.
-    fn router_backward(
+    pub(crate) fn router_backward(
         &self,
-        pass: &MoeForward<T>,
+        routing: &Routing<T>,
+        seq_len: usize,
         x: &[T],
         dgates: &[T],
         dx: &mut [T],
         drouter: &mut [T],
     ) {
         let config = &self.config;
-        let (routing, n_experts, k) = (&pass.routing, config.n_routed_experts, config.top_k);
+        let (n_experts, k) = (config.n_routed_experts, config.top_k);
         let mut dscores = vec![T::ZERO; routing.scores.len()];
         let per_token = dscores
             .chunks_exact_mut(n_experts)
@@ -312,7 +320,7 @@ impl<T: Scalar> MoeLayer<T> {
             balance::sequence_balance_loss_backward(
                 &mut dscores,
                 routing,
-                pass.seq_len,
+                seq_len,
                 config.aux_loss_alpha,
             );
         }

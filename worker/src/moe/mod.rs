@@ -7,6 +7,7 @@ pub mod balance;
 pub mod config;
 pub mod dispatch;
 pub mod expert;
+pub mod expert_parallel;
 pub mod layer;
 pub mod params;
 pub mod routing;

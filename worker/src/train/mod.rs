@@ -8,6 +8,7 @@ pub mod optimizer;
 pub mod schedule;
 
 use crate::data::{DataLoader, DataPosition};
+use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::{Collective, DistError, data_parallel};
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::settings::TrainingSettings;
@@ -112,8 +113,11 @@ impl Trainer {
     /// answers true the partial step is discarded (data position included)
     /// and `None` returned, leaving the trainer exactly at the last step.
     pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Option<StepReport> {
-        let accumulated = self.accumulate(stop, Shard::WHOLE)?;
-        Some(self.apply(accumulated))
+        let accumulated = self
+            .accumulate(stop, Shard::WHOLE, None)
+            .expect("a single process has no peers to fail")?;
+        let grad_norm = global_norm(&self.grads, self.model.config());
+        Some(self.apply(accumulated, grad_norm))
     }
 
     /// One optimizer step as one data-parallel replica of `dp`'s ranks:
@@ -135,30 +139,87 @@ impl Trainer {
         stop: &dyn Fn() -> bool,
         dp: &mut dyn Collective,
     ) -> Result<Option<StepReport>, DistError> {
+        self.step_parallel(stop, dp, None)
+    }
+
+    /// [`Self::step_with`] with the MoE layers' routed experts spread over
+    /// `experts` (expert parallelism × data parallelism over `world`): every
+    /// rank of `world` reads its own shard of the batch; the replicated
+    /// weights' gradients are averaged over `world`, the owned experts' over
+    /// their replicas; the expert loads summed over `world` (the router and
+    /// the selection biases are replicated, and see every token).
+    pub fn step_expert_parallel(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        world: &mut dyn Collective,
+        experts: &ExpertParallel,
+    ) -> Result<Option<StepReport>, DistError> {
+        self.step_parallel(stop, world, Some(experts))
+    }
+
+    fn step_parallel(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        world: &mut dyn Collective,
+        experts: Option<&ExpertParallel>,
+    ) -> Result<Option<StepReport>, DistError> {
         let shard = Shard {
-            rank: dp.rank(),
-            ranks: dp.size(),
+            rank: world.rank(),
+            ranks: world.size(),
         };
-        let Some(mut acc) = self.accumulate(stop, shard) else {
+        let Some(mut acc) = self.accumulate(stop, shard, experts)? else {
             return Ok(None);
         };
+        let bucket = data_parallel::BUCKET_FLOATS;
+        let grad_norm = match experts {
+            None => {
+                data_parallel::all_reduce_mean(world, &mut self.grads.tensors_mut(), bucket)?;
+                global_norm(&self.grads, self.model.config())
+            }
+            Some(ep) => {
+                let config = self.model.config();
+                let is_expert: Vec<bool> = self
+                    .grads
+                    .tensors(config)
+                    .iter()
+                    .map(|t| expert_parallel::is_expert_tensor(&t.name))
+                    .collect();
+                let owned = ep.local_experts();
+                let (mut replicated, mut slices) = (Vec::new(), Vec::new());
+                for (tensor, expert) in self.grads.tensors_mut().into_iter().zip(is_expert) {
+                    if expert {
+                        let per_expert = tensor.len() / ep.n_experts();
+                        slices.push(&mut tensor[owned.start * per_expert..owned.end * per_expert]);
+                    } else {
+                        replicated.push(tensor.as_mut_slice());
+                    }
+                }
+                expert_parallel::reduce_gradients(world, ep, &mut replicated, &mut slices, bucket)?;
+                // Replicated weights count once, each owned slice once per group.
+                let owned_sq = ep.with_group(|g| data_parallel::sum(g, sum_of_squares(&slices)))?;
+                (sum_of_squares(&replicated) + owned_sq).sqrt()
+            }
+        };
         if shard.ranks > 1 {
-            let bucket = data_parallel::BUCKET_FLOATS;
-            data_parallel::all_reduce_mean(dp, &mut self.grads.tensors_mut(), bucket)?;
-            data_parallel::sum_counts(dp, &mut acc.expert_loads)?;
+            data_parallel::sum_counts(world, &mut acc.expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches.
             let micro_steps = self.settings.micro_steps as f64;
-            acc.loss = data_parallel::mean(dp, acc.loss / micro_steps)? * micro_steps;
-            acc.aux_loss = data_parallel::mean(dp, acc.aux_loss / micro_steps)? * micro_steps;
+            acc.loss = data_parallel::mean(world, acc.loss / micro_steps)? * micro_steps;
+            acc.aux_loss = data_parallel::mean(world, acc.aux_loss / micro_steps)? * micro_steps;
             acc.tokens *= shard.ranks;
         }
-        Ok(Some(self.apply(acc)))
+        Ok(Some(self.apply(acc, grad_norm)))
     }
 
     /// This rank's micro-batches of one step: gradients summed into
     /// `self.grads`, losses and loads summed. `None` when `stop` interrupted
     /// it (the data position is then back at the step's start).
-    fn accumulate(&mut self, stop: &dyn Fn() -> bool, shard: Shard) -> Option<Accumulated> {
+    fn accumulate(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        shard: Shard,
+        experts: Option<&ExpertParallel>,
+    ) -> Result<Option<Accumulated>, DistError> {
         let settings = &self.settings;
         let start = self.data.position();
         for g in self.grads.tensors_mut() {
@@ -170,13 +231,26 @@ impl Trainer {
         for _ in 0..settings.micro_steps {
             if stop() {
                 self.data.restore(start);
-                return None;
+                return Ok(None);
             }
             let batch = self.data.next_batch(settings.micro_batch);
-            let pass =
-                self.model
-                    .forward_with(&batch.inputs, &batch.targets, settings.activation_memory);
-            self.model.backward(&pass, &mut self.grads);
+            let (inputs, targets, memory) =
+                (&batch.inputs, &batch.targets, settings.activation_memory);
+            let pass = match experts {
+                None => {
+                    let pass = self.model.forward_with(inputs, targets, memory);
+                    self.model.backward(&pass, &mut self.grads);
+                    pass
+                }
+                Some(ep) => {
+                    let pass = self
+                        .model
+                        .forward_expert_parallel(inputs, targets, memory, ep)?;
+                    self.model
+                        .backward_expert_parallel(&pass, &mut self.grads, ep)?;
+                    pass
+                }
+            };
             acc.loss += pass.cross_entropy;
             acc.aux_loss += pass.aux_loss;
             acc.tokens += batch.inputs.len();
@@ -193,17 +267,18 @@ impl Trainer {
         }
         self.data
             .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
-        Some(acc)
+        Ok(Some(acc))
     }
 
     /// Ends a step whose gradient sum (over this rank's micro-batches,
     /// averaged over the replicas) is in `self.grads`: clipping, the update,
     /// the selection biases and FP8 scales.
-    fn apply(&mut self, acc: Accumulated) -> StepReport {
+    /// `grad_norm` is the L2 norm of that sum.
+    fn apply(&mut self, acc: Accumulated, grad_norm: f64) -> StepReport {
         let settings = &self.settings;
         let micro_steps = settings.micro_steps as f64;
         // Each micro-batch's gradient is of its own mean loss; their mean is the step's.
-        let grad_norm = global_norm(&self.grads, self.model.config()) / micro_steps;
+        let grad_norm = grad_norm / micro_steps;
         let clip = settings.optimizer.grad_clip;
         let clip_scale = if clip > 0.0 && grad_norm > clip {
             clip / grad_norm
@@ -256,6 +331,15 @@ struct Accumulated {
     tokens: usize,
     /// Per MoE block, per expert.
     expert_loads: Vec<Vec<usize>>,
+}
+
+/// Sum of every value squared, in `f64`.
+fn sum_of_squares(tensors: &[&mut [f32]]) -> f64 {
+    tensors
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum()
 }
 
 /// L2 norm over every gradient value, accumulated in `f64`.

@@ -90,9 +90,10 @@ fn impossible_shapes_name_the_field() {
     }
 }
 
-/// Parallelism the worker cannot run yet is refused naming the field,
-/// before any rank would start (the process is started as a launcher of two
-/// local ranks here, which must not launch anything).
+/// Parallelism the worker cannot run yet, or sizes that do not fit
+/// together, are refused naming the field, before any rank would start (the
+/// process is started as a launcher of two local ranks here, which must not
+/// launch anything).
 #[test]
 fn unimplemented_parallelism_is_refused_naming_the_field() {
     type Patch = fn(&mut Value);
@@ -104,8 +105,8 @@ fn unimplemented_parallelism_is_refused_naming_the_field() {
         ),
         (
             "ep",
-            |c| c["parallelism"]["expertParallel"] = 2.into(),
-            "parallelism.expertParallel: is 2, but expert parallelism is not implemented yet",
+            |c| c["parallelism"]["expertParallel"] = 4.into(),
+            "parallelism.expertParallel: is 4, but expert parallel 4 does not divide the world size 2",
         ),
         (
             "cuda-dp",
