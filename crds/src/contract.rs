@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::Device;
 use crate::inference::{ModelFormat, ServingParallelism, ServingPrecision};
-use crate::training::{DataSpec, ModelSpec, ParallelismSpec, ResumePolicy, TrainingSpec};
+use crate::training::{
+    DataSpec, ModelSpec, ParallelismSpec, PrecisionSpec, ResumePolicy, Tokenizer, TrainingSpec,
+};
 
 /// Environment variables set on every worker container.
 pub mod env {
@@ -105,6 +107,22 @@ pub struct CheckpointConfig {
     pub resume: ResumePolicy,
 }
 
+/// What a served checkpoint carries over from the MoETrainingJob that wrote it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainedWith {
+    /// `namespace/name` of the MoETrainingJob.
+    pub job: String,
+    /// The job's uid: a job deleted and recreated under the same name is another model.
+    pub uid: String,
+    /// The step of the checkpoint served (the job's final one unless one was chosen).
+    pub step: i64,
+    /// The tokenizer the job trained with: prompts must be tokenized the same way.
+    pub tokenizer: Tokenizer,
+    /// The job's numeric precision (compute, FP8 recipe): FP8 serving reuses its scaling recipe.
+    pub precision: PrecisionSpec,
+}
+
 /// The resolved configuration a server (`moe-worker serve`) runs, rendered by
 /// the operator into the MoEInferenceService's ConfigMap.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -122,6 +140,11 @@ pub struct ServingConfig {
     /// training job); otherwise read from the checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSpec>,
+    /// How the weights were trained, when they are a MoETrainingJob's
+    /// (`model.fromTrainingJob`): what the server needs besides the shape to
+    /// read and serve them as they were trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained: Option<TrainedWith>,
     pub parallelism: ServingParallelism,
     pub port: u16,
     pub max_batch_tokens: i32,

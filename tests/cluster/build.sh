@@ -86,6 +86,18 @@ kstatus_sum=$(cat "$here/go/kstatus/go.mod" "$here/go/kstatus/go.sum" "$here/go/
 step kstatus build_kstatus
 echo "$kstatus_sum" >"$bin/kstatus.stamp"
 
+# The metrics-adapter harness tool: upstream's custom metrics test adapter
+# behind a main of ours (a flag for its write address); rebuilt like kstatus.
+build_metrics_adapter() {
+  require_pin metrics-adapter sigs.k8s.io/custom-metrics-apiserver "$CUSTOM_METRICS_APISERVER_VERSION"
+  (cd "$here/go/metrics-adapter" && go build "${flags[@]}" -ldflags "-s -w" -o "$bin/metrics-adapter.tmp" .)
+  mv "$bin/metrics-adapter.tmp" "$bin/metrics-adapter"
+}
+adapter_sum=$(cat "$here/go/metrics-adapter/go.mod" "$here/go/metrics-adapter/go.sum" "$here/go/metrics-adapter/main.go" | sha256sum | cut -c1-16)
+[[ "$(cat "$bin/metrics-adapter.stamp" 2>/dev/null)" == "$adapter_sum" ]] || rm -f "$bin/metrics-adapter"
+step metrics-adapter build_metrics_adapter
+echo "$adapter_sum" >"$bin/metrics-adapter.stamp"
+
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
 kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then

@@ -8,7 +8,8 @@
 # Idempotent: while the plane is running a second call returns at once.
 #
 # Knobs (environment): MOE_KWOK_GPU_NODES (default 24), MOE_CLUSTER_PORT_BASE
-# (default 16000: apiserver on +443, etcd on +379/+380, KCM +257, scheduler +259).
+# (default 16000: apiserver on +443, etcd on +379/+380, KCM +257, scheduler +259,
+# custom metrics adapter +445 (HTTPS, aggregated) and +80 (plain HTTP, metric writes)).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.sh"
@@ -17,6 +18,7 @@ gpu_nodes=${MOE_KWOK_GPU_NODES:-24}
 base=${MOE_CLUSTER_PORT_BASE:-16000}
 api_port=$((base + 443)) etcd_port=$((base + 379)) etcd_peer=$((base + 380))
 kcm_port=$((base + 257)) sched_port=$((base + 259))
+adapter_port=$((base + 445)) adapter_write_port=$((base + 80))
 server="https://127.0.0.1:$api_port"
 t_start=$SECONDS
 
@@ -26,7 +28,7 @@ die() { log "ERROR: $*"; exit 1; }
 alive() { [[ -f "$state/pids/$1" ]] && kill -0 "$(cat "$state/pids/$1")" 2>/dev/null; }
 
 if [[ -f "$state/env" ]] && alive etcd && alive kube-apiserver && alive kube-controller-manager &&
-  alive kube-scheduler && alive kwok &&
+  alive kube-scheduler && alive kwok && alive metrics-adapter &&
   curl -fsS --cacert "$state/pki/ca.crt" "$server/readyz" >/dev/null 2>&1; then
   log "control plane already running ($server); source $state/env"
   exit 0
@@ -64,6 +66,20 @@ sign admin "/O=system:masters/CN=kubernetes-admin" "$client_ext"
 sign kcm "/CN=system:kube-controller-manager" "$client_ext"
 sign scheduler "/CN=system:kube-scheduler" "$client_ext"
 sign kwok "/O=system:masters/CN=kwok-controller" "$client_ext"
+# API aggregation: the apiserver proxies custom.metrics.k8s.io to the metrics
+# adapter with a front-proxy client certificate from a CA of its own (whoever
+# holds a certificate of that CA may assert any user in headers), and the
+# adapter serves under the name the aggregator checks: <service>.<namespace>.svc.
+ossl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" -days 3650 \
+  -subj "/CN=moe-test-front-proxy-ca" -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+ossl req -newkey rsa:2048 -nodes -keyout "$pki/front-proxy-client.key" -out "$pki/front-proxy-client.csr" -subj "/CN=front-proxy-client"
+printf '%s\n' "$client_ext" >"$pki/front-proxy-client.ext"
+ossl x509 -req -in "$pki/front-proxy-client.csr" -CA "$pki/front-proxy-ca.crt" -CAkey "$pki/front-proxy-ca.key" \
+  -CAcreateserial -out "$pki/front-proxy-client.crt" -days 3650 -extfile "$pki/front-proxy-client.ext"
+sign metrics-adapter "/CN=custom-metrics.kube-system.svc" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:custom-metrics.kube-system.svc,DNS:localhost,IP:127.0.0.1"
 ossl genrsa -out "$pki/sa.key" 2048
 ossl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
@@ -128,6 +144,10 @@ start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" \
+  --requestheader-client-ca-file="$pki/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --api-audiences=https://kubernetes.default.svc.cluster.local \
@@ -141,15 +161,17 @@ start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
 wait_for kube-apiserver 180 curl -fsS --cacert "$pki/ca.crt" "$server/readyz"
 
 # Slim controller set for 2 cores: what Jobs, GC, namespaces, ServiceAccounts,
-# node loss, workloads and PDBs need. node-monitor-grace-period is short so a
-# NotReady node is acted on within seconds in tests.
+# node loss, workloads, PDBs and HPAs need. node-monitor-grace-period is short so
+# a NotReady node is acted on within seconds in tests; the HPA syncs every 2s and
+# scales down after 10s of lower recommendations (defaults: 15s and 5 min).
 start kube-controller-manager --kubeconfig="$pki/kcm.kubeconfig" \
   --authentication-kubeconfig="$pki/kcm.kubeconfig" --authorization-kubeconfig="$pki/kcm.kubeconfig" \
   --bind-address=127.0.0.1 --secure-port="$kcm_port" --leader-elect=false \
   --use-service-account-credentials=true \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --cluster-name=moe-test --node-monitor-grace-period=20s --node-monitor-period=2s \
-  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller \
+  --horizontal-pod-autoscaler-sync-period=2s --horizontal-pod-autoscaler-downscale-stabilization=10s \
+  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,horizontal-pod-autoscaler-controller \
   --cert-dir="$state/kcm-certs" --v=1
 cat >"$state/scheduler.yaml" <<EOF
 apiVersion: kubescheduler.config.k8s.io/v1
@@ -189,12 +211,52 @@ EOF
 } >"$state/kwok.yaml"
 start kwok --kubeconfig="$pki/kwok.kubeconfig" --config="$state/kwok.yaml"
 
+# The custom metrics adapter (upstream's test adapter): custom.metrics.k8s.io
+# for the HPA, values written by tests over plain HTTP on loopback. It reads the
+# apiserver's requestheader CA at start, so it starts after the apiserver.
+start metrics-adapter --lister-kubeconfig="$pki/admin.kubeconfig" \
+  --authentication-kubeconfig="$pki/admin.kubeconfig" --authorization-kubeconfig="$pki/admin.kubeconfig" \
+  --bind-address=127.0.0.1 --secure-port="$adapter_port" \
+  --tls-cert-file="$pki/metrics-adapter.crt" --tls-private-key-file="$pki/metrics-adapter.key" \
+  --write-metrics-address="127.0.0.1:$adapter_write_port" --v=1
+
 wait_for kube-controller-manager 120 curl -fsSk "https://127.0.0.1:$kcm_port/healthz"
 wait_for kube-scheduler 120 curl -fsSk "https://127.0.0.1:$sched_port/healthz"
 
 export KUBECONFIG="$pki/admin.kubeconfig"
 kubectl() { "$bin/kubectl" "$@"; }
 wait_for "default ServiceAccount" 120 kubectl get serviceaccount default -n default
+
+# Register the adapter with the aggregator. No Service networking here: an
+# ExternalName Service makes the aggregator dial localhost:<port> (it resolves
+# Services itself, without --enable-aggregator-routing, which would need
+# Endpoints, and those refuse loopback addresses).
+wait_for metrics-adapter 120 curl -fsSk "https://127.0.0.1:$adapter_port/healthz"
+ca_bundle=$(base64 -w0 "$pki/ca.crt")
+{
+  cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: custom-metrics, namespace: kube-system}
+spec: {type: ExternalName, externalName: localhost}
+EOF
+  for v in v1beta2 v1beta1; do
+    cat <<EOF
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: $v.custom.metrics.k8s.io}
+spec:
+  group: custom.metrics.k8s.io
+  version: $v
+  service: {name: custom-metrics, namespace: kube-system, port: $adapter_port}
+  caBundle: $ca_bundle
+  groupPriorityMinimum: 100
+  versionPriority: $([[ $v == v1beta2 ]] && echo 200 || echo 100)
+EOF
+  done
+} | kubectl apply -f - >/dev/null
+wait_for "custom.metrics.k8s.io" 120 kubectl get --raw /apis/custom.metrics.k8s.io/v1beta2
 
 # ---------------------------------------------------------------- fake nodes
 "$here/nodes.sh" "$gpu_nodes" | kubectl apply -f - >/dev/null
@@ -215,5 +277,7 @@ export KUBECONFIG="$pki/admin.kubeconfig"
 export PATH="$bin:\$PATH"
 export MOE_CLUSTER_STATE="$state"
 export MOE_CLUSTER_SERVER="$server"
+# POST a value to \$MOE_METRICS_WRITE_URL/namespaces/<ns>/pods/<pod>/<metric> to set a custom metric.
+export MOE_METRICS_WRITE_URL="http://127.0.0.1:$adapter_write_port/write-metrics"
 EOF
 log "control plane up in $((SECONDS - t_start))s at $server; source $state/env"

@@ -11,5 +11,8 @@ GO_VERSION_REQUIRED=1.26
 # checks. Not part of the cache key: build.sh rebuilds it when its sources change.
 KSTATUS_VERSION=v0.37.2  # sigs.k8s.io/cli-utils (pkg/kstatus)
 GOPHER_LUA_VERSION=v1.1.2 # github.com/yuin/gopher-lua, the Lua that Argo CD embeds
+# The metrics-adapter harness tool (go/metrics-adapter): custom.metrics.k8s.io
+# for the HPA controller. Likewise rebuilt when its sources change.
+CUSTOM_METRICS_APISERVER_VERSION=v1.36.0 # sigs.k8s.io/custom-metrics-apiserver (test-adapter)
 
 KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}

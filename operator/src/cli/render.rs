@@ -83,7 +83,7 @@ pub fn render_inference(
         None => BuildContext::default(),
     };
     let model = match resolve_model(&svc, None) {
-        ModelState::Ready(m) => m,
+        ModelState::Ready(m) => *m,
         _ => {
             let job = svc.spec.model.from_training_job.clone().unwrap_or_else(|| {
                 moe_crds::TrainingJobModel {
@@ -97,6 +97,8 @@ pub fn render_inference(
                 format: moe_crds::ModelFormat::Native,
                 checkpoint_step: job.checkpoint,
                 model: None,
+                // Known only from the live job, which render does not read.
+                trained: None,
                 revision: format!(
                     "moetrainingjob/{}@{}",
                     job.name,

@@ -35,7 +35,7 @@ use kube::{Resource, ResourceExt};
 use moe_crds::contract::{
     self, CONFIG_PATH, COORDINATOR_PORT, HEALTH_PATH, METRICS_PORT, READY_PATH, env,
 };
-use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig};
+use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig, TrainedWith};
 
 use crate::labels;
 use crate::pods::{
@@ -59,10 +59,12 @@ pub struct ResolvedModel {
     /// Directory of the weights inside the claim.
     pub path: String,
     pub format: ModelFormat,
-    /// Checkpoint step to load (unset: the newest).
+    /// Checkpoint step to load (unset: the newest; a training job's is always pinned).
     pub checkpoint_step: Option<i64>,
     /// Model shape when known ahead (a training job's).
     pub model: Option<ModelSpec>,
+    /// What else a training job's checkpoint carries (tokenizer, precision, step).
+    pub trained: Option<TrainedWith>,
     /// Shown in `status.modelRevision` and stamped on the pod template, so a
     /// new model rolls the replicas.
     pub revision: String,
@@ -151,6 +153,7 @@ pub fn serving_config(svc: &MoEInferenceService, model: &ResolvedModel) -> Servi
         format: model.format,
         checkpoint_step: model.checkpoint_step,
         model: model.model.clone(),
+        trained: model.trained.clone(),
         parallelism: spec.parallelism.clone(),
         // The schema bounds the port to 1024..=65535.
         port: u16::try_from(spec.serving.port).unwrap_or(contract::SERVING_PORT),
@@ -539,6 +542,7 @@ mod tests {
             format: ModelFormat::Native,
             checkpoint_step: None,
             model: None,
+            trained: None,
             revision: "pvc/weights/moe/9b".into(),
         }
     }

@@ -9,7 +9,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use moe_crds::condition::{AVAILABLE, DEGRADED, PROGRESSING, READY, RECONCILING, STALLED};
-use moe_crds::{MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainingPhase};
+use moe_crds::{
+    MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainedWith, TrainingPhase,
+};
 
 use super::build::{self, ResolvedModel};
 use crate::reconcile::set_condition;
@@ -28,6 +30,7 @@ pub mod reason {
     pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
     pub const MODEL_NOT_PERSISTED: &str = "ModelNotPersisted";
     pub const MODEL_INCOMPATIBLE: &str = "ModelIncompatible";
+    pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const GROUP_RESTART_LIMIT: &str = "GroupRestartLimit";
 }
@@ -35,8 +38,8 @@ pub mod reason {
 /// Where the model stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelState {
-    /// Servable.
-    Ready(ResolvedModel),
+    /// Servable (boxed: a training job's model carries its whole shape and precision).
+    Ready(Box<ResolvedModel>),
     /// Not yet (e.g. the training job is still running): Progressing.
     Waiting {
         reason: &'static str,
@@ -54,7 +57,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
     let source = &svc.spec.model;
     if let Some(v) = &source.volume {
         let path = v.path.trim_matches('/').to_string();
-        return ModelState::Ready(ResolvedModel {
+        return ModelState::Ready(Box::new(ResolvedModel {
             claim_name: v.claim_name.clone(),
             revision: format!(
                 "pvc/{}/{path} ({})",
@@ -68,7 +71,8 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             format: v.format,
             checkpoint_step: None,
             model: None,
-        });
+            trained: None,
+        }));
     }
     let Some(from) = &source.from_training_job else {
         // The CEL rule requires one source; an object that got past it anyway is invalid.
@@ -137,18 +141,65 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
         .unwrap_or(&dir)
         .trim_matches('/')
         .to_string();
-    let uid: String = job.uid().unwrap_or_default().chars().take(8).collect();
-    let at = from
-        .checkpoint
-        .map_or("latest".to_string(), |s| format!("step-{s}"));
-    ModelState::Ready(ResolvedModel {
+    // The step is pinned: the job's final checkpoint unless one was chosen,
+    // and a chosen one must be among those the job keeps. "The newest in the
+    // directory" would change under the service if the directory changed.
+    let kept = kept_checkpoints(job);
+    let step = match from.checkpoint {
+        Some(step) if !kept.contains(&step) => {
+            return ModelState::Broken {
+                reason: reason::CHECKPOINT_NOT_FOUND,
+                message: format!(
+                    "spec.model.fromTrainingJob.checkpoint ({step}) is not a checkpoint MoETrainingJob {} keeps: it has steps {} (every checkpoint.intervalSteps ({}) and the final step, the newest checkpoint.keep ({}))",
+                    from.name,
+                    kept.iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    job.spec.checkpoint.interval_steps,
+                    job.spec.checkpoint.keep
+                ),
+            };
+        }
+        Some(step) => step,
+        None => job
+            .status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .and_then(|p| p.last_checkpoint_step)
+            .unwrap_or(job.spec.training.steps),
+    };
+    let uid = job.uid().unwrap_or_default();
+    let short_uid: String = uid.chars().take(8).collect();
+    ModelState::Ready(Box::new(ResolvedModel {
         claim_name: claim,
         path,
         format: moe_crds::ModelFormat::Native,
-        checkpoint_step: from.checkpoint,
+        checkpoint_step: Some(step),
         model: Some(job.spec.model.clone()),
-        revision: format!("moetrainingjob/{}/{uid}@{at}", from.name),
-    })
+        trained: Some(TrainedWith {
+            job: format!("{}/{}", job.namespace().unwrap_or_default(), from.name),
+            uid,
+            step,
+            tokenizer: job.spec.data.tokenizer,
+            precision: job.spec.training.precision.clone(),
+        }),
+        revision: format!("moetrainingjob/{}/{short_uid}@step-{step}", from.name),
+    }))
+}
+
+/// The checkpoint steps a finished job leaves on its claim, oldest first: the
+/// worker saves every `checkpoint.intervalSteps` and at the final step, and
+/// keeps the newest `checkpoint.keep`.
+pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
+    let steps = job.spec.training.steps.max(0);
+    let interval = job.spec.checkpoint.interval_steps.max(1);
+    let mut saved: Vec<i64> = (1..=steps / interval).map(|k| k * interval).collect();
+    if saved.last() != Some(&steps) && steps > 0 {
+        saved.push(steps);
+    }
+    let keep = usize::try_from(job.spec.checkpoint.keep.max(1)).unwrap_or(1);
+    saved.split_off(saved.len().saturating_sub(keep))
 }
 
 /// The owned Deployment, as far as the decision needs it.
@@ -219,7 +270,7 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
             ModelState::Broken { reason, message } => stalled(reason, message.clone()),
             ModelState::Waiting { reason, message } => progressing(reason, message.clone()),
             ModelState::Ready(model) => {
-                apply = Some(model.clone());
+                apply = Some(model.as_ref().clone());
                 match &observed.exhausted {
                     // Will not recover without a change (a new revision or a deletion).
                     Some(message) => stalled(reason::GROUP_RESTART_LIMIT, message.clone()),
@@ -400,8 +451,9 @@ mod tests {
             "spec": {
                 "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 64,
                           "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 32}},
-                "training": {"steps": 10, "globalBatchSize": 8},
-                "checkpoint": {"path": "ckpt"}
+                "training": {"steps": 1000, "globalBatchSize": 8,
+                             "precision": {"compute": "bf16", "fp8": {"enabled": true, "recipe": "tensorwise"}}},
+                "checkpoint": {"path": "ckpt", "intervalSteps": 300, "keep": 3}
             }
         });
         if let Some(c) = claim {
@@ -480,7 +532,7 @@ mod tests {
     #[test]
     fn a_succeeded_training_job_is_served_from_its_checkpoint_claim() {
         let s = svc(
-            json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": 500}}}}),
+            json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": 600}}}}),
         );
         let ModelState::Ready(m) =
             resolve_model(&s, Some(&job(Some("Succeeded"), Some("ckpt-pvc"))))
@@ -490,9 +542,59 @@ mod tests {
         assert_eq!(m.claim_name, "ckpt-pvc");
         assert_eq!(m.path, "ckpt/serve/train/checkpoints");
         assert_eq!(m.dir(), "/models/ckpt/serve/train/checkpoints");
-        assert_eq!(m.checkpoint_step, Some(500));
-        assert_eq!(m.revision, "moetrainingjob/train/01234567@step-500");
+        assert_eq!(m.checkpoint_step, Some(600));
+        assert_eq!(m.revision, "moetrainingjob/train/01234567@step-600");
         assert_eq!(m.model.unwrap().moe.experts, 8);
+        // Besides the shape: the job, the step, its tokenizer and precision.
+        let trained = m.trained.unwrap();
+        assert_eq!(
+            (trained.job.as_str(), trained.uid.as_str(), trained.step),
+            ("serve/train", "0123456789ab", 600)
+        );
+        assert_eq!(trained.tokenizer, moe_crds::Tokenizer::Byte);
+        assert!(trained.precision.fp8.enabled);
+        assert_eq!(
+            trained.precision.fp8.recipe,
+            moe_crds::Fp8Recipe::Tensorwise
+        );
+        assert_eq!(trained.precision.compute, moe_crds::ComputePrecision::Bf16);
+    }
+
+    #[test]
+    fn the_served_step_is_pinned_to_one_the_job_keeps() {
+        let latest =
+            svc(json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}}}}));
+        // Unset: the final checkpoint, as the job reports it (else its last step).
+        let mut done = job(Some("Succeeded"), Some("c"));
+        let ModelState::Ready(m) = resolve_model(&latest, Some(&done)) else {
+            panic!()
+        };
+        assert_eq!(m.checkpoint_step, Some(1000));
+        assert_eq!(m.revision, "moetrainingjob/train/01234567@step-1000");
+        done.status.as_mut().unwrap().progress = Some(moe_crds::TrainingProgress {
+            last_checkpoint_step: Some(990),
+            ..Default::default()
+        });
+        let ModelState::Ready(m) = resolve_model(&latest, Some(&done)) else {
+            panic!()
+        };
+        assert_eq!(m.checkpoint_step, Some(990));
+        // Saved every 300 steps and at 1000, the newest 3 kept: 600, 900, 1000.
+        assert_eq!(kept_checkpoints(&done), vec![600, 900, 1000]);
+        for gone in [300, 500, 1200] {
+            let s = svc(
+                json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": gone}}}}),
+            );
+            let ModelState::Broken { reason, message } = resolve_model(&s, Some(&done)) else {
+                panic!("step {gone}")
+            };
+            assert_eq!(reason, reason::CHECKPOINT_NOT_FOUND);
+            assert!(
+                message.starts_with(&format!("spec.model.fromTrainingJob.checkpoint ({gone})"))
+                    && message.contains("600, 900, 1000"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

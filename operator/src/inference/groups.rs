@@ -12,9 +12,10 @@
 //! group: incarnation k+1 is created *before* k is deleted, as training
 //! creates attempt N+1 before deleting N, so every counter lives in the API
 //! (the restart count in an annotation of the newest incarnation) and an
-//! operator restarted at any point decides the same again. Restarts of a group
-//! are bounded ([`MAX_GROUP_RESTARTS`]); past it the group is left alone and
-//! the service reports `GroupRestartLimit`.
+//! operator restarted at any point decides the same again. In a rollout within
+//! `maxSurge`, k even keeps serving until k+1 is ready ([`plan_groups`]).
+//! Restarts of a group are bounded ([`MAX_GROUP_RESTARTS`]); past it the group
+//! is left alone and the service reports `GroupRestartLimit`.
 
 use std::collections::BTreeMap;
 
@@ -145,31 +146,64 @@ pub struct GroupPlan {
 }
 
 /// Decides creations, replacements and deletions of groups, pure.
+///
+/// A rollout (a group whose revision is not `revision`) honours
+/// `rollout.maxSurge` and `rollout.maxUnavailable` as a Deployment does, per
+/// whole group: a *surged* group gets its successor while it keeps serving
+/// (deleted only once the successor is ready, at most `maxSurge` groups above
+/// `replicas` at once); a group replaced *in place* is deleted as its
+/// successor is created (at most `maxUnavailable` groups missing at once,
+/// counting groups that are not ready anyway). Both budgets are used together.
+/// A group that does not serve (not ready, failed) is replaced at once: that
+/// costs no availability.
 pub fn plan_groups(svc: &MoEInferenceService, groups: &[GroupState], revision: &str) -> GroupPlan {
     let replicas = svc.spec.replicas.max(0);
     let size = svc.spec.parallelism.pods_per_replica;
-    let budget = svc.spec.rollout.max_unavailable.max(1);
+    let (max_unavailable, max_surge) = (
+        svc.spec.rollout.max_unavailable.max(0),
+        svc.spec.rollout.max_surge.max(0),
+    );
     let mut plan = GroupPlan::default();
     let live: Vec<&GroupState> = groups.iter().filter(|g| !g.being_deleted).collect();
+    let healthy = |g: &GroupState| !g.failed && g.pods == size && g.ready == size;
     let current = |i: i32| {
         live.iter()
             .filter(|g| g.index == i)
             .max_by_key(|g| g.incarnation)
             .copied()
     };
-    let healthy = |g: &GroupState| !g.failed && g.pods == size && g.ready == size;
-    // Scale-down and leftovers: groups past `replicas`, older incarnations.
+    // The serving predecessor of a surged group: the newest older incarnation,
+    // kept while it is healthy and its successor is not ready yet. The state
+    // is all in the API (incarnations, readiness), so a restarted operator
+    // keeps the same one.
+    let predecessor = |i: i32| {
+        let c = current(i)?;
+        if healthy(c) {
+            return None;
+        }
+        live.iter()
+            .filter(|g| g.index == i && g.incarnation < c.incarnation)
+            .max_by_key(|g| g.incarnation)
+            .copied()
+            .filter(|p| healthy(p))
+    };
+    // Scale-down and leftovers: groups past `replicas`, older incarnations
+    // other than a serving predecessor.
     for g in &live {
         let newest = current(g.index).is_some_and(|c| c.incarnation == g.incarnation);
-        if g.index >= replicas || !newest {
+        let kept = predecessor(g.index).is_some_and(|p| p.incarnation == g.incarnation);
+        if g.index >= replicas || !(newest || kept) {
             plan.delete.push(g.name.clone());
         }
     }
-    let mut unavailable = (0..replicas)
-        .filter(|&i| !current(i).is_some_and(healthy))
-        .count() as i32;
+    let serving = |i: i32| current(i).is_some_and(healthy) || predecessor(i).is_some();
+    let mut unavailable = (0..replicas).filter(|&i| !serving(i)).count() as i32;
+    let mut surged = (0..replicas).filter(|&i| predecessor(i).is_some()).count() as i32;
     let (mut ready, mut updated) = (0, 0);
     for i in 0..replicas {
+        if serving(i) {
+            ready += 1;
+        }
         let Some(c) = current(i) else {
             // Incarnations only grow, even across deletions still in flight.
             let seen = groups.iter().filter(|g| g.index == i);
@@ -191,11 +225,14 @@ pub fn plan_groups(svc: &MoEInferenceService, groups: &[GroupState], revision: &
         if c.revision != revision {
             // A new revision replaces the group (a failed or out-of-restarts
             // one too: the change is the fix, so its restart budget starts
-            // again). A serving group goes only within the unavailability budget.
+            // again). A serving group goes only within the budgets.
             if !healthy(c) {
                 plan.create.push((next, 0));
                 plan.delete.push(c.name.clone());
-            } else if unavailable < budget {
+            } else if surged < max_surge {
+                surged += 1;
+                plan.create.push((next, 0));
+            } else if unavailable < max_unavailable {
                 unavailable += 1;
                 plan.create.push((next, 0));
                 plan.delete.push(c.name.clone());
@@ -225,19 +262,18 @@ pub fn plan_groups(svc: &MoEInferenceService, groups: &[GroupState], revision: &
             continue;
         }
         updated += 1;
-        if healthy(c) {
-            ready += 1;
-            if !c.formed {
-                plan.mark_formed.push(c.name.clone());
-            }
+        if healthy(c) && !c.formed {
+            plan.mark_formed.push(c.name.clone());
         }
     }
     plan.counts = DeploymentState {
         generation: Some(0),
         observed_generation: Some(0),
         desired: replicas,
-        // Every live incarnation, old ones being replaced included.
+        // Every live incarnation: old ones being replaced and surged ones included.
         replicas: live.len() as i32,
+        // Replica indices with a serving group (a new incarnation or the
+        // predecessor it surged from).
         ready,
         updated,
     };
@@ -337,6 +373,133 @@ mod tests {
         assert!(plan.create.is_empty(), "{plan:?}");
     }
 
+    fn rollout(replicas: i32, max_unavailable: i32, max_surge: i32) -> MoEInferenceService {
+        let mut s = svc(replicas);
+        s.spec.rollout.max_unavailable = max_unavailable;
+        s.spec.rollout.max_surge = max_surge;
+        s
+    }
+
+    fn at(mut g: GroupState, revision: &str) -> GroupState {
+        g.revision = revision.into();
+        g
+    }
+
+    fn created(plan: &GroupPlan) -> Vec<(i32, i32)> {
+        plan.create
+            .iter()
+            .map(|(g, _)| (g.index, g.incarnation))
+            .collect()
+    }
+
+    #[test]
+    fn max_surge_rolls_groups_by_adding_a_successor_before_removing_the_old_one() {
+        let s = rollout(3, 0, 1);
+        let old = [group(0, 0, 2), group(1, 0, 2), group(2, 0, 2)];
+        // One successor above `replicas`, nothing deleted (maxUnavailable 0).
+        let plan = plan_groups(&s, &old, "r2");
+        assert_eq!(created(&plan), vec![(0, 1)], "{plan:?}");
+        assert!(plan.delete.is_empty(), "{plan:?}");
+        assert_eq!(plan.counts.ready, 3);
+        // While the successor loads, the old group keeps serving and the
+        // surge budget is spent: nothing else moves.
+        let loading = [
+            old[0].clone(),
+            at(group(0, 1, 0), "r2"),
+            old[1].clone(),
+            old[2].clone(),
+        ];
+        let plan = plan_groups(&s, &loading, "r2");
+        assert!(plan.create.is_empty() && plan.delete.is_empty(), "{plan:?}");
+        assert_eq!(
+            (plan.counts.replicas, plan.counts.ready, plan.counts.updated),
+            (4, 3, 1)
+        );
+        // The successor is ready: the old group goes, and the next one surges.
+        let ready = [
+            old[0].clone(),
+            at(group(0, 1, 2), "r2"),
+            old[1].clone(),
+            old[2].clone(),
+        ];
+        let plan = plan_groups(&s, &ready, "r2");
+        assert_eq!(plan.delete, vec!["chat-g0-0".to_string()]);
+        assert_eq!(created(&plan), vec![(1, 1)]);
+        // A successor that fails restarts (bounded) while its predecessor still serves.
+        let mut failed = at(group(0, 1, 1), "r2");
+        failed.failed = true;
+        let plan = plan_groups(
+            &s,
+            &[old[0].clone(), failed, old[1].clone(), old[2].clone()],
+            "r2",
+        );
+        assert_eq!(
+            plan.create,
+            vec![(
+                Group {
+                    index: 0,
+                    incarnation: 2
+                },
+                1
+            )]
+        );
+        assert_eq!(plan.delete, vec!["chat-g0-1".to_string()]);
+        assert_eq!(plan.counts.ready, 3, "g0-0 still serves");
+    }
+
+    #[test]
+    fn max_surge_and_max_unavailable_are_spent_together() {
+        let old = [group(0, 0, 2), group(1, 0, 2), group(2, 0, 2)];
+        let plan = plan_groups(&rollout(3, 1, 1), &old, "r2");
+        // Group 0 surges (kept), group 1 is replaced in place, group 2 waits.
+        assert_eq!(created(&plan), vec![(0, 1), (1, 1)]);
+        assert_eq!(plan.delete, vec!["chat-g1-0".to_string()]);
+        // maxUnavailable 0 and no surge left: a serving group is never deleted.
+        let plan = plan_groups(
+            &rollout(3, 0, 1),
+            &[
+                old[0].clone(),
+                at(group(0, 1, 0), "r2"),
+                old[1].clone(),
+                old[2].clone(),
+            ],
+            "r2",
+        );
+        assert!(
+            !plan
+                .delete
+                .iter()
+                .any(|n| n == "chat-g1-0" || n == "chat-g2-0"),
+            "{plan:?}"
+        );
+        // A group that does not serve anyway is replaced at once, budget or not.
+        let mut broken = group(2, 0, 1);
+        broken.failed = true;
+        let plan = plan_groups(
+            &rollout(3, 0, 1),
+            &[
+                old[0].clone(),
+                at(group(0, 1, 0), "r2"),
+                old[1].clone(),
+                broken,
+            ],
+            "r2",
+        );
+        assert_eq!(created(&plan), vec![(2, 1)]);
+        assert_eq!(plan.delete, vec!["chat-g2-0".to_string()]);
+    }
+
+    #[test]
+    fn scaling_down_mid_surge_removes_both_incarnations_of_dropped_groups() {
+        let groups = [group(0, 0, 2), group(1, 0, 2), at(group(1, 1, 0), "r2")];
+        let plan = plan_groups(&rollout(1, 0, 1), &groups, "r2");
+        assert_eq!(
+            plan.delete,
+            vec!["chat-g1-0".to_string(), "chat-g1-1".to_string()]
+        );
+        assert_eq!(created(&plan), vec![(0, 1)]);
+    }
+
     #[test]
     fn a_group_that_became_ready_is_marked_formed() {
         let mut g = group(0, 0, 2);
@@ -355,6 +518,7 @@ mod tests {
             format: moe_crds::ModelFormat::Native,
             checkpoint_step: None,
             model: None,
+            trained: None,
             revision: "pvc/w/".into(),
         };
         let g = Group {

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
 const HOLD: &str = "kwok.test/hold";
+/// A KWOK stage of the test plane fails the readiness of Running pods with this label.
+const NOT_READY: &str = "kwok.test/not-ready";
 const SELECTOR: &str = "moe.dev/role=server,moe.dev/service-name";
 
 async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
@@ -423,6 +425,212 @@ async fn scale_subresource_image_rollout_and_autoscaler_lifecycle() -> Result<()
     ns.delete().await
 }
 
+/// Sets the autoscaling metric of every live server pod of `name` to `value`
+/// in the test plane's custom metrics adapter (what a metrics pipeline would
+/// report from the workers' `/metrics`).
+fn set_inflight(ns: &str, pods: &[Pod], value: i64) -> Result<()> {
+    let url = std::env::var("MOE_METRICS_WRITE_URL")
+        .context("MOE_METRICS_WRITE_URL unset: source tests/cluster/.state/env")?;
+    for pod in pods {
+        sh(&format!(
+            "curl -fsS -XPOST -H 'Content-Type: application/json' --data-raw '\"{value}\"' \
+             {url}/namespaces/{ns}/pods/{}/{}",
+            pod.name_any(),
+            moe_operator::inference::build::CONCURRENCY_METRIC
+        ))?;
+    }
+    Ok(())
+}
+
+/// Whether the last write of `spec.replicas` came through the `/scale`
+/// subresource from the controller-manager (the HPA), per managedFields.
+fn scaled_by_hpa(svc: &MoEInferenceService) -> bool {
+    svc.metadata.managed_fields.iter().flatten().any(|f| {
+        f.subresource.as_deref() == Some("scale")
+            && f.manager
+                .as_deref()
+                .is_some_and(|m| m.starts_with("kube-controller-manager"))
+    })
+}
+
+#[tokio::test]
+async fn an_hpa_scales_the_service_up_and_down_through_its_scale_subresource() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-hpa").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    let auto = json!({"spec": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetConcurrency": 16}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 1, auto))
+        .await?;
+    wait_ready(&api, "chat", 1).await?;
+    let start = std::time::Instant::now();
+
+    // 64 requests in flight per replica, 16 wanted: the HPA asks for 4 replicas
+    // (its maximum) through /scale, and the operator follows with pods. Every
+    // pod reports the load (new ones too, as soon as they exist).
+    let up = eventually("the HPA to scale chat to 4 replicas", WAIT, || async {
+        let live = server_pods(&pods, "chat").await?;
+        set_inflight(&ns.name, &live, 64)?;
+        let s = api.get("chat").await?;
+        let st = s.status.clone().unwrap_or_default();
+        Ok((s.spec.replicas == 4 && st.ready_replicas == 4 && live.len() == 4).then_some(s))
+    })
+    .await?;
+    let scaled_up = start.elapsed();
+    ensure!(
+        scaled_by_hpa(&up),
+        "replicas were not written through /scale by the HPA: {:?}",
+        up.metadata.managed_fields
+    );
+    let dep = deployments.get("chat").await?;
+    ensure!(
+        dep.spec.as_ref().and_then(|s| s.replicas) == Some(4),
+        "the Deployment follows spec.replicas"
+    );
+    let hpa = hpas.get("chat").await?;
+    let hpa_status = hpa.status.clone().unwrap_or_default();
+    ensure!(
+        hpa_status.desired_replicas == 4,
+        "HPA status {hpa_status:?}"
+    );
+    wait_ready(&api, "chat", 4).await?;
+
+    // Load falls to 1 per replica: after the (test plane's 10 s) downscale
+    // stabilization the HPA goes back to its minimum.
+    let down_from = std::time::Instant::now();
+    eventually("the HPA to scale chat back to 1 replica", WAIT, || async {
+        let live = server_pods(&pods, "chat").await?;
+        set_inflight(&ns.name, &live, 1)?;
+        let s = api.get("chat").await?;
+        Ok((s.spec.replicas == 1 && live.len() == 1).then_some(()))
+    })
+    .await?;
+    wait_ready(&api, "chat", 1).await?;
+    let rescaled = event_reasons(&client, &ns.name, "chat")
+        .await?
+        .iter()
+        .filter(|r| *r == "SuccessfulRescale")
+        .count();
+    ensure!(
+        rescaled >= 2,
+        "{rescaled} SuccessfulRescale events of the HPA"
+    );
+    eprintln!(
+        "hpa: 1 -> 4 replicas ready in {scaled_up:?}, 4 -> 1 in {:?}",
+        down_from.elapsed()
+    );
+    ns.delete().await
+}
+
+/// Sets or removes `kwok.test/not-ready` on a pod: a KWOK stage then fails
+/// (or passes again) its readiness, as a kubelet's readiness probe would.
+async fn set_not_ready(pods: &Api<Pod>, name: &str, not_ready: bool) -> Result<()> {
+    let value = if not_ready {
+        json!("true")
+    } else {
+        Value::Null
+    };
+    let patch = json!({"metadata": {"labels": {NOT_READY: value}}});
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_pod_replicas_that_cannot_get_ready_degrade_the_service() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-degraded").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // 3 one-pod replicas (a Deployment), maxUnavailable 1 (the default).
+    api.create(&PostParams::default(), &gpu_service("chat", 3, json!({})))
+        .await?;
+    wait_ready(&api, "chat", 3).await?;
+    let mut names: Vec<String> = server_pods(&pods, "chat")
+        .await?
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    names.sort();
+    let conditions = |s: &MoEInferenceService| {
+        ["Ready", "Available", "Degraded", "Progressing"].map(|t| {
+            condition(s, t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+                .unwrap_or_default()
+        })
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+
+    // One replica fails its readiness probe: still Available (within
+    // maxUnavailable), but Degraded, with the reason.
+    set_not_ready(&pods, &names[0], true).await?;
+    let s = eventually("chat to be Degraded with 2 of 3 ready", WAIT, || async {
+        let s = api.get("chat").await?;
+        Ok((conditions(&s)[2] == pair("True", "PodsNotReady")).then_some(s))
+    })
+    .await?;
+    let c = conditions(&s);
+    ensure!(
+        c[0] == pair("False", "PodsNotReady")
+            && c[1] == pair("True", "MinimumReplicasAvailable")
+            && c[3] == pair("True", "PodsNotReady"),
+        "conditions {c:?}"
+    );
+    let message = condition(&s, "Degraded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message == "2 of 3 replicas ready", "message: {message}");
+    ensure!(s.status.as_ref().map(|st| st.ready_replicas) == Some(2));
+    expect_verdicts(
+        &ns.name,
+        "chat",
+        "InProgress",
+        "Progressing",
+        "2 of 3 replicas ready",
+    )?;
+
+    // A second one: below replicas − maxUnavailable, so no longer Available.
+    set_not_ready(&pods, &names[1], true).await?;
+    let s = eventually("chat to be unavailable with 1 of 3 ready", WAIT, || async {
+        let s = api.get("chat").await?;
+        Ok((conditions(&s)[1] == pair("False", "PodsNotReady")).then_some(s))
+    })
+    .await?;
+    let c = conditions(&s);
+    ensure!(
+        c[0] == pair("False", "PodsNotReady") && c[2] == pair("True", "PodsNotReady"),
+        "conditions {c:?}"
+    );
+    let message = condition(&s, "Available")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message == "1 of 3 replicas ready", "message: {message}");
+    ensure!(
+        event_reasons(&client, &ns.name, "chat")
+            .await?
+            .contains(&"PodsNotReady".to_string()),
+        "no PodsNotReady event"
+    );
+
+    // The probes pass again: Ready, not Degraded.
+    for name in &names[..2] {
+        set_not_ready(&pods, name, false).await?;
+    }
+    let s = wait_ready(&api, "chat", 3).await?;
+    let c = conditions(&s);
+    ensure!(
+        c[1] == pair("True", "MinimumReplicasAvailable") && c[2].0 == "False",
+        "conditions {c:?}"
+    );
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn from_a_running_training_job_it_waits_then_serves_the_checkpoint() -> Result<()> {
     let client = admin_client().await?;
@@ -439,7 +647,8 @@ async fn from_a_running_training_job_it_waits_then_serves_the_checkpoint() -> Re
         "spec": {
             "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
                       "moe": {"experts": 16, "topK": 2, "expertHiddenSize": 32}},
-            "training": {"steps": 100, "globalBatchSize": 8},
+            "training": {"steps": 100, "globalBatchSize": 8,
+                         "precision": {"fp8": {"enabled": true, "recipe": "tensorwise"}}},
             "parallelism": {"nodes": 1, "processesPerNode": 8, "expertParallel": 8},
             "checkpoint": {"claimName": "ckpt", "path": "runs"},
             "placement": {"gpuType": "H100"},
@@ -534,6 +743,49 @@ async fn from_a_running_training_job_it_waits_then_serves_the_checkpoint() -> Re
     ensure!(
         config["model"]["moe"]["experts"] == json!(16),
         "the model shape is carried over"
+    );
+    // Besides the shape: the final step (pinned, not "the newest in the
+    // directory"), the job's tokenizer and precision.
+    ensure!(
+        config["checkpointStep"] == json!(100) && revision.ends_with("@step-100"),
+        "config {config}, revision {revision}"
+    );
+    let trained = &config["trained"];
+    ensure!(
+        trained["job"] == json!(format!("{}/train", ns.name))
+            && trained["step"] == json!(100)
+            && trained["tokenizer"] == json!("byte")
+            && trained["precision"]["fp8"]["enabled"] == json!(true)
+            && trained["precision"]["fp8"]["recipe"] == json!("tensorwise"),
+        "trained {trained}"
+    );
+
+    // A step the job never kept is refused with the steps it has, instead of
+    // servers crash-looping on a missing checkpoint.
+    let gone = gpu_service(
+        "gone",
+        1,
+        json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": 50}}}}),
+    );
+    api.create(&PostParams::default(), &gone).await?;
+    let s = eventually("gone to stall on its checkpoint", WAIT, || async {
+        let s = api.get("gone").await?;
+        Ok(condition(&s, "Stalled")
+            .is_some_and(|c| c.status == "True" && c.reason == "CheckpointNotFound")
+            .then_some(s))
+    })
+    .await?;
+    let message = condition(&s, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        message.starts_with("spec.model.fromTrainingJob.checkpoint (50)")
+            && message.contains("steps 100"),
+        "message: {message}"
+    );
+    ensure!(
+        deployments.get_opt("gone").await?.is_none(),
+        "nothing runs for a checkpoint that does not exist"
     );
     ns.delete().await
 }
@@ -766,6 +1018,138 @@ async fn multi_pod_replica_groups_are_created_restarted_scaled_and_rolled_whole(
         )
     })
     .await?;
+    ns.delete().await
+}
+
+/// Ready leader pods of `name` (one per serving replica group), not being deleted.
+async fn serving_leaders(pods: &Api<Pod>, name: &str) -> Result<usize> {
+    let list = pods
+        .list(
+            &ListParams::default()
+                .labels(&format!("apps.kubernetes.io/pod-index=0,{SELECTOR}={name}")),
+        )
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count())
+}
+
+#[tokio::test]
+async fn group_rollouts_surge_within_max_surge_and_never_drop_below_max_unavailable() -> Result<()>
+{
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-surge").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // 2 groups of 2 pods; a rollout may add 1 group and take none away.
+    let spec = json!({"spec": {
+        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
+        "rollout": {"maxUnavailable": 0, "maxSurge": 1}}});
+    api.create(&PostParams::default(), &gpu_service("chat", 2, spec))
+        .await?;
+    wait_ready(&api, "chat", 2).await?;
+    ensure!(groups_of(&sets, "chat").await? == pairs(&[("0", "0"), ("1", "0")]));
+
+    // The new revision's pods cannot get ready until the test lets them (a
+    // KWOK stage fails their readiness), so every step of the rollout can be seen.
+    let new_revision =
+        json!({"spec": {"worker": {"podMetadata": {"labels": {NOT_READY: "true"}}}}});
+    api.patch(
+        "chat",
+        &PatchParams::default(),
+        &Patch::Merge(&new_revision),
+    )
+    .await?;
+    // Each poll checks the bounds: at most replicas + maxSurge groups, at
+    // least replicas − maxUnavailable serving. Violations are collected (a
+    // failed check inside `eventually` would only be retried).
+    let violations = std::sync::Mutex::new(Vec::<String>::new());
+    let bounded = || async {
+        let groups = groups_of(&sets, "chat").await?;
+        let serving = serving_leaders(&pods, "chat").await?;
+        if groups.len() > 3 || serving < 2 {
+            violations
+                .lock()
+                .expect("not poisoned")
+                .push(format!("{serving} serving, groups {groups:?}"));
+        }
+        Ok::<_, anyhow::Error>(groups)
+    };
+    let release = |group: &'static str| {
+        let pods = pods.clone();
+        async move {
+            for p in pods
+                .list(&ListParams::default().labels(&format!(
+                    "{SELECTOR}=chat,moe.dev/group={group},{NOT_READY}=true"
+                )))
+                .await?
+                .items
+            {
+                set_not_ready(&pods, &p.name_any(), false).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    // Group 0 surges: its successor comes up beside it, the old one keeps serving.
+    eventually("group 0 to surge", WAIT, || async {
+        let groups = bounded().await?;
+        Ok((groups == pairs(&[("0", "0"), ("0", "1"), ("1", "0")])).then_some(()))
+    })
+    .await?;
+    let s = api.get("chat").await?;
+    ensure!(
+        condition(&s, "Progressing").is_some_and(|c| c.reason == "Updating")
+            && condition(&s, "Available").is_some_and(|c| c.status == "True")
+            && s.status.as_ref().map(|st| (st.replicas, st.ready_replicas)) == Some((3, 2)),
+        "mid-surge status {:?}",
+        s.status
+    );
+    // While the successor is not ready, the surge budget is spent: nothing else moves.
+    for _ in 0..6 {
+        let groups = bounded().await?;
+        ensure!(
+            groups == pairs(&[("0", "0"), ("0", "1"), ("1", "0")]),
+            "the rollout went on past maxSurge: {groups:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The successor gets ready: the old group 0 goes and group 1 surges.
+    // (Released on every poll: a pod of the group may be created after a
+    // release went by.)
+    eventually("group 1 to surge", WAIT, || async {
+        release("0").await?;
+        let groups = bounded().await?;
+        Ok((groups == pairs(&[("0", "1"), ("1", "0"), ("1", "1")])).then_some(()))
+    })
+    .await?;
+    eventually("the rollout to finish", WAIT, || async {
+        release("1").await?;
+        bounded().await?;
+        let s = api.get("chat").await?;
+        let ready = condition(&s, "Ready").is_some_and(|c| c.status == "True")
+            && s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation;
+        Ok(
+            (ready && groups_of(&sets, "chat").await? == pairs(&[("0", "1"), ("1", "1")]))
+                .then_some(()),
+        )
+    })
+    .await?;
+    let violations = violations.into_inner().expect("not poisoned");
+    ensure!(
+        violations.is_empty(),
+        "outside maxSurge 1 / maxUnavailable 0: {violations:?}"
+    );
     ns.delete().await
 }
 

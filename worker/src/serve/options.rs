@@ -151,6 +151,7 @@ mod tests {
             format: ModelFormat::Native,
             checkpoint_step: Some(300),
             model: None,
+            trained: None,
             parallelism: ServingParallelism::default(),
             port: 8001,
             max_batch_tokens: 512,
