@@ -17,8 +17,10 @@ use crate::checkpoint::{self, CheckpointError, Snapshot};
 use crate::data::{self, DataError, DataLoader, tokenizer};
 use crate::dist::env::Timeouts;
 use crate::dist::expert_parallel::ExpertParallel;
-use crate::dist::layout::Layout;
+use crate::dist::layout::{self, Layout};
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistEnv, DistError, Solo};
+use crate::model::Parallel;
 use crate::settings::{DataSource, SettingsError, TrainSettings};
 use crate::status::Progress;
 use crate::train::{StepReport, Trainer};
@@ -247,15 +249,34 @@ pub fn train_as(
     }
     // With expert parallelism each rank computes (and checkpoints) its slice
     // of the routed experts; the checkpoint it resumed from holds them all.
-    let experts = if settings.expert_parallel > 1 {
-        let layout = Layout::new(dp.size(), 1, settings.expert_parallel)
-            .map_err(|e| SettingsError::new("parallelism.expertParallel", e.to_string()))?;
-        let n_experts = settings.model.moe.n_routed_experts;
-        Some(ExpertParallel::from_world(dp, &layout, n_experts)?)
-    } else {
-        None
+    // With sequence parallelism each rank trains on its slice of every
+    // sequence; the weights stay replicated, so checkpoints do not change.
+    let (sp, ep) = (settings.sequence_parallel, settings.expert_parallel);
+    let (mut sequence, mut experts) = (None, None);
+    if sp > 1 || ep > 1 {
+        let layout = Layout::new(dp.size(), sp, ep)
+            .map_err(|e| SettingsError::new("parallelism", e.to_string()))?;
+        let groups = layout::make_groups(dp, &layout)?;
+        if sp > 1 {
+            sequence = Some(SequenceParallel::new(
+                groups.sequence,
+                settings.model.seq_len,
+            )?);
+        }
+        if ep > 1 {
+            let n_experts = settings.model.moe.n_routed_experts;
+            experts = Some(ExpertParallel::new(
+                groups.expert,
+                groups.expert_replicas,
+                n_experts,
+            )?);
+        }
+    }
+    let parallel = Parallel {
+        sequence: sequence.as_ref(),
+        experts: experts.as_ref(),
     };
-    let experts = experts.as_ref();
+    let experts = parallel.experts;
     let metrics_path = settings.output_dir.join(METRICS_FILE);
     // Rank 0 writes the run's outputs; the others only train.
     let mut metrics = if gang.leader {
@@ -289,7 +310,7 @@ pub fn train_as(
             interrupted = true;
             break;
         }
-        let Some(report) = trainer.step(&stop_within_step, dp, experts)? else {
+        let Some(report) = trainer.step(&stop_within_step, dp, parallel)? else {
             interrupted = true;
             break;
         };
@@ -356,6 +377,16 @@ pub fn train_as(
             "expert-parallel token exchange: payload bytes this rank sent to other ranks"
         );
     }
+    if let Some(sp) = parallel.sequence {
+        // The same on every rank: each switch sends (sp-1)/sp of a tensor.
+        let steps = (trainer.steps_done() - resumed_at).max(1);
+        tracing::info!(
+            rank = dp.rank(),
+            steps,
+            bytes_per_step = sp.bytes_sent() / steps,
+            "sequence-parallel attention all-to-alls: payload bytes this rank sent to other ranks"
+        );
+    }
     Ok(Summary {
         steps: trainer.steps_done(),
         final_loss: run.last_loss,
@@ -403,20 +434,17 @@ impl Backend {
         }
     }
 
-    /// One step as a replica of `dp` (with the routed experts spread over
-    /// `experts`, if given): the settings refuse the GPU with more than one
-    /// rank, so the device trainer has no collective.
+    /// One step as a rank of `dp` (with sequences and the routed experts
+    /// spread over `parallel`'s groups, if given): the settings refuse the
+    /// GPU with more than one rank, so the device trainer has no collective.
     fn step(
         &mut self,
         stop: &dyn Fn() -> bool,
         dp: &mut dyn Collective,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<Option<StepReport>, RunError> {
         match self {
-            Self::Cpu(trainer) => Ok(match experts {
-                None => trainer.step_with(stop, dp)?,
-                Some(ep) => trainer.step_expert_parallel(stop, dp, ep)?,
-            }),
+            Self::Cpu(trainer) => Ok(trainer.step_parallel(stop, dp, parallel)?),
             #[cfg(feature = "cuda")]
             Self::Cuda { device, .. } => Ok(device.step(stop)?),
         }

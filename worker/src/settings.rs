@@ -113,9 +113,14 @@ pub fn read_worker_config(path: &Path) -> Result<WorkerConfig, SettingsError> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSettings {
     pub job: String,
-    /// Ranks (`parallelism.nodes × processesPerNode`); each reads its own
-    /// shard of the batch (sequence parallelism is not implemented yet).
+    /// Ranks (`parallelism.nodes × processesPerNode`): `world_size /
+    /// sequence_parallel` data-parallel shards of the batch.
     pub world_size: usize,
+    /// `parallelism.sequenceParallel`: ranks each sequence is split over
+    /// (Ulysses; blocks of consecutive ranks, see [`crate::dist::layout`]).
+    /// Dividing the world size, the sequence length and the (key/value)
+    /// heads, checked.
+    pub sequence_parallel: usize,
     /// `parallelism.expertParallel`: ranks the routed experts are split
     /// over (blocks of consecutive ranks; see [`crate::dist::layout`]).
     /// Dividing the world size and the expert count, checked.
@@ -183,17 +188,19 @@ pub struct CheckpointSettings {
 impl TrainSettings {
     /// Checks `config` and converts it; the error names the first bad field.
     pub fn from_config(config: &WorkerConfig) -> Result<Self, SettingsError> {
-        let world_size = data_parallel_ranks(config)?;
+        let world_size = world_ranks(config)?;
         let mut model = ModelConfig::from_spec(&config.model)?;
-        let expert_parallel = expert_parallel(config, world_size, &model)?;
+        let sequence_parallel = sequence_parallel(config, world_size, &model)?;
+        let expert_parallel = expert_parallel(config, world_size, sequence_parallel, &model)?;
         model.gemm_precision = gemm_precision(config)?;
-        let training = training_settings(config, world_size)?;
+        let training = training_settings(config, world_size, sequence_parallel)?;
         if config.device == Device::Cuda {
             check_cuda(config, &training, world_size)?;
         }
         Ok(Self {
             device: config.device,
             world_size,
+            sequence_parallel,
             expert_parallel,
             job: config.job.clone(),
             model_spec: config.model.clone(),
@@ -206,24 +213,67 @@ impl TrainSettings {
     }
 }
 
-/// `parallelism`: the number of ranks, each holding its own tokens.
-/// Sequence parallelism is refused until it is implemented (issue #7),
-/// rather than run as plain data parallelism.
-fn data_parallel_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
+/// `parallelism`: the number of ranks.
+fn world_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
     let p = &config.parallelism;
     let nodes = positive("parallelism.nodes", p.nodes)?;
     let per_node = positive("parallelism.processesPerNode", p.processes_per_node)?;
-    let not_yet = |what: &str, value: i32| {
-        format!(
-            "is {value}, but {what} parallelism is not implemented yet; data and expert parallelism run so far (sequenceParallel 1, any nodes × processesPerNode)"
-        )
-    };
-    require(
-        p.sequence_parallel == 1,
-        "parallelism.sequenceParallel",
-        not_yet("sequence", p.sequence_parallel),
-    )?;
     Ok(nodes * per_node)
+}
+
+/// `parallelism.sequenceParallel`: it must divide the world (sequence
+/// groups are blocks of consecutive ranks), the sequence (each rank holds
+/// `seqLen / sequenceParallel` tokens of each) and, since attention runs
+/// sharded by head, the query and key/value heads; the same rules as the
+/// CRD's, naming the same fields. The sequence-wise balance loss needs
+/// whole sequences' routing statistics, which are not exchanged yet.
+fn sequence_parallel(
+    config: &WorkerConfig,
+    world_size: usize,
+    model: &ModelConfig,
+) -> Result<usize, SettingsError> {
+    let field = "parallelism.sequenceParallel";
+    let sp = positive(field, config.parallelism.sequence_parallel)?;
+    crate::dist::layout::Layout::new(world_size, sp, 1).map_err(|e| {
+        SettingsError::new(
+            field,
+            format!("is {sp}, but {e} (nodes × processesPerNode)"),
+        )
+    })?;
+    let sharded = [
+        (
+            "model.seqLen",
+            model.seq_len,
+            "each rank holds seqLen / sequenceParallel tokens of every sequence",
+        ),
+        (
+            "model.attentionHeads",
+            model.heads,
+            "attention is sharded by head",
+        ),
+        (
+            "model.kvHeads",
+            model.kv_heads,
+            "attention is sharded by head, key/value heads too",
+        ),
+    ];
+    for (name, value, why) in sharded {
+        require(
+            value.is_multiple_of(sp),
+            name,
+            format!(
+                "is {value}, but it is not divisible by parallelism.sequenceParallel {sp} ({why})"
+            ),
+        )?;
+    }
+    require(
+        sp == 1 || config.model.moe.balancing.sequence_aux_loss_coef == 0.0,
+        "model.moe.balancing.sequenceAuxLossCoef",
+        format!(
+            "is set, but the sequence-wise balance loss with parallelism.sequenceParallel {sp} would need each sequence's routing statistics from every rank, which are not exchanged yet; set it to 0 (aux-loss-free balancing works) or sequenceParallel to 1"
+        ),
+    )?;
+    Ok(sp)
 }
 
 /// `parallelism.expertParallel`: it must divide the world (expert groups
@@ -232,11 +282,12 @@ fn data_parallel_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
 fn expert_parallel(
     config: &WorkerConfig,
     world_size: usize,
+    sequence_parallel: usize,
     model: &ModelConfig,
 ) -> Result<usize, SettingsError> {
     let field = "parallelism.expertParallel";
     let ep = positive(field, config.parallelism.expert_parallel)?;
-    crate::dist::layout::Layout::new(world_size, 1, ep).map_err(|e| {
+    crate::dist::layout::Layout::new(world_size, sequence_parallel, ep).map_err(|e| {
         SettingsError::new(
             field,
             format!("is {ep}, but {e} (nodes × processesPerNode)"),
@@ -301,10 +352,14 @@ fn check_cuda(
     )
 }
 
+/// The ranks of a sequence group read the same sequences, so the global
+/// batch is split between `world_size / sequence_parallel` data-parallel shards.
 fn training_settings(
     config: &WorkerConfig,
     world_size: usize,
+    sequence_parallel: usize,
 ) -> Result<TrainingSettings, SettingsError> {
+    let shards = world_size / sequence_parallel;
     let spec = &config.training;
     let steps = positive("training.steps", spec.steps)? as u64;
     let global_batch = positive("training.globalBatchSize", spec.global_batch_size)?;
@@ -317,11 +372,11 @@ fn training_settings(
     // The global batch is split evenly: every rank runs as many
     // micro-batches, so the ranks' mean gradient is the batch's.
     require(
-        global_batch.is_multiple_of(micro_batch * world_size),
+        global_batch.is_multiple_of(micro_batch * shards),
         "training.globalBatchSize",
         format!(
-            "{global_batch} does not split into {world_size} data-parallel ranks (parallelism) of whole micro-batches of training.microBatchSize {micro_batch}: use a multiple of {}",
-            micro_batch * world_size
+            "{global_batch} does not split into {shards} data-parallel ranks (parallelism: nodes × processesPerNode / sequenceParallel) of whole micro-batches of training.microBatchSize {micro_batch}: use a multiple of {}",
+            micro_batch * shards
         ),
     )?;
     // The tensorwise recipe's amax histories would be each rank's own, so
@@ -346,7 +401,7 @@ fn training_settings(
     Ok(TrainingSettings {
         steps,
         micro_batch,
-        micro_steps: global_batch / (micro_batch * world_size),
+        micro_steps: global_batch / (micro_batch * shards),
         optimizer: optimizer_settings(config, steps)?,
         seed,
         log_interval,
@@ -508,12 +563,7 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_parallelism_and_uneven_splits_are_refused_by_field() {
-        let (field, problem) = refusal(|c| {
-            c["parallelism"] = json!({"processesPerNode": 2, "sequenceParallel": 2});
-        });
-        assert_eq!(field, "parallelism.sequenceParallel");
-        assert!(problem.contains("not implemented yet"), "{problem}");
+    fn impossible_parallel_sizes_and_uneven_splits_are_refused_by_field() {
         let (field, problem) = refusal(|c| {
             c["parallelism"] = json!({"nodes": 2, "expertParallel": 4});
         });
@@ -552,6 +602,74 @@ mod tests {
             (ep.world_size, ep.expert_parallel, ep.training.micro_steps),
             (4, 2, 1)
         );
+    }
+
+    /// Ulysses splits every sequence, then the heads: each must divide, and
+    /// the data-parallel shards are the world over the sequence groups.
+    #[test]
+    fn sequence_parallelism_splits_sequences_and_heads_or_is_refused_by_field() {
+        let sp = TrainSettings::from_config(&config(|c| {
+            c["parallelism"] =
+                json!({"processesPerNode": 4, "sequenceParallel": 2, "expertParallel": 2});
+        }))
+        .unwrap();
+        assert_eq!(
+            (sp.world_size, sp.sequence_parallel, sp.expert_parallel),
+            (4, 2, 2)
+        );
+        // 8 sequences over 2 data-parallel shards of micro-batches of 2.
+        assert_eq!(sp.training.micro_steps, 2);
+        type Patch = fn(&mut Value);
+        let cases: [(Patch, &str, &str); 6] = [
+            (
+                |c| c["parallelism"] = json!({"processesPerNode": 3, "sequenceParallel": 2}),
+                "parallelism.sequenceParallel",
+                "sequence parallel 2 does not divide the world size 3",
+            ),
+            (
+                |c| {
+                    c["model"]["seqLen"] = 30.into();
+                    c["parallelism"] = json!({"processesPerNode": 4, "sequenceParallel": 4});
+                },
+                "model.seqLen",
+                "is 30, but it is not divisible by parallelism.sequenceParallel 4",
+            ),
+            (
+                |c| {
+                    c["model"]["attentionHeads"] = 2.into();
+                    c["model"]["kvHeads"] = 1.into();
+                    c["parallelism"] = json!({"processesPerNode": 4, "sequenceParallel": 4});
+                },
+                "model.attentionHeads",
+                "is 2, but it is not divisible by parallelism.sequenceParallel 4",
+            ),
+            (
+                |c| c["parallelism"] = json!({"processesPerNode": 4, "sequenceParallel": 4}),
+                "model.kvHeads",
+                "is 2, but it is not divisible by parallelism.sequenceParallel 4",
+            ),
+            (
+                |c| {
+                    c["model"]["moe"]["balancing"] = json!({"sequenceAuxLossCoef": 0.001});
+                    c["parallelism"] = json!({"processesPerNode": 2, "sequenceParallel": 2});
+                },
+                "model.moe.balancing.sequenceAuxLossCoef",
+                "routing statistics",
+            ),
+            (
+                |c| {
+                    c["training"]["globalBatchSize"] = 2.into();
+                    c["parallelism"] = json!({"processesPerNode": 4, "sequenceParallel": 2});
+                },
+                "training.globalBatchSize",
+                "does not split into 2 data-parallel ranks",
+            ),
+        ];
+        for (patch, want_field, want_problem) in cases {
+            let (field, problem) = refusal(patch);
+            assert_eq!(field, want_field, "{problem}");
+            assert!(problem.contains(want_problem), "{field}: {problem}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod launch;
 pub mod layout;
 pub mod rendezvous;
 pub mod schedule;
+pub mod sequence_parallel;
 pub mod solo;
 pub mod tcp;
 

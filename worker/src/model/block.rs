@@ -3,7 +3,9 @@
 //! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
 
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::memory::HeldBytes;
+use crate::model::attention_core::Attended;
 use crate::model::config::{ModelConfig, NORM_EPS};
 use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
@@ -11,7 +13,7 @@ use crate::moe::expert::SwiGluActivations;
 use crate::moe::expert_parallel::{self, ExpertParallelForward};
 use crate::moe::routing::Routing;
 use crate::moe::{MoeForward, MoeLayer, MoeParams};
-use crate::ops::attention::{self, AttentionShape, Qkv, QkvGrads};
+use crate::ops::attention::Qkv;
 use crate::ops::rmsnorm;
 use crate::ops::rope::RopeTable;
 use crate::scalar::Scalar;
@@ -22,7 +24,8 @@ pub(crate) struct BlockPass<T> {
     input: Vec<T>,
     attention_normed: Vec<T>,
     attention_rstd: Vec<T>,
-    /// Queries and keys after RoPE, as attention saw them.
+    /// Queries and keys after RoPE, as attention saw them (with sequence
+    /// parallelism: this rank's heads of every token).
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
@@ -94,19 +97,13 @@ pub(crate) struct BlockContext<'a, T> {
     pub rope: &'a RopeTable<T>,
     /// Where the MoE layers' routed experts live: here, or spread over this group.
     pub experts: Option<&'a ExpertParallel>,
+    /// Whole sequences here, or this rank's slice of each (Ulysses).
+    pub sequence: Option<&'a SequenceParallel>,
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
-    fn attention_shape(&self) -> AttentionShape {
-        AttentionShape {
-            seq_len: self.config.seq_len,
-            n_heads: self.config.heads,
-            n_kv_heads: self.config.kv_heads,
-            head_dim: self.config.head_dim(),
-        }
-    }
-
-    /// Runs the block on `input: [tokens, hidden]` (whole sequences); returns its output.
+    /// Runs the block on `input: [tokens, hidden]` (whole sequences, or
+    /// this rank's slice of each); returns its output.
     pub fn forward(
         &self,
         block: &BlockWeights<T, MoeLayer<T>>,
@@ -135,21 +132,13 @@ impl<T: Scalar> BlockContext<'_, T> {
         projections.get(WQ).forward(&mut q, x, &block.wq, h, h);
         projections.get(WK).forward(&mut k, x, &block.wk, h, kv);
         projections.get(WV).forward(&mut v, x, &block.wv, h, kv);
-        self.rope.forward(&mut q, config.heads);
-        self.rope.forward(&mut k, config.kv_heads);
-        let shape = self.attention_shape();
-        let mut attention_out = vec![T::ZERO; tokens * h];
-        let mut probs = vec![T::ZERO; shape.probs_len(tokens)];
-        attention::forward(
-            &mut attention_out,
-            &mut probs,
-            Qkv {
-                q: &q,
-                k: &k,
-                v: &v,
-            },
-            shape,
-        );
+        let Attended {
+            q,
+            k,
+            v,
+            probs,
+            out: attention_out,
+        } = self.attend(q, k, v);
         let mut mid = vec![T::ZERO; tokens * h];
         projections
             .get(WO)
@@ -168,7 +157,8 @@ impl<T: Scalar> BlockContext<'_, T> {
             }
             FeedForward::Moe(layer) => match self.experts {
                 None => {
-                    let mut pass = layer.forward_with(linears.ffn, &ffn_normed, config.seq_len);
+                    let mut pass =
+                        layer.forward_with(linears.ffn, &ffn_normed, self.local_seq_len());
                     (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
                 }
                 Some(ep) => {
@@ -177,7 +167,7 @@ impl<T: Scalar> BlockContext<'_, T> {
                         ep,
                         linears.ffn,
                         &ffn_normed,
-                        config.seq_len,
+                        self.local_seq_len(),
                     );
                     let output = std::mem::take(&mut pass.output);
                     (output, FeedForwardPass::MoeParallel(pass))
@@ -279,26 +269,12 @@ impl<T: Scalar> BlockContext<'_, T> {
             h,
             h,
         );
-        let mut dq = vec![T::ZERO; pass.q.len()];
-        let mut dk = vec![T::ZERO; pass.k.len()];
-        let mut dv = vec![T::ZERO; pass.v.len()];
-        attention::backward(
-            QkvGrads {
-                q: &mut dq,
-                k: &mut dk,
-                v: &mut dv,
-            },
-            &dattention,
-            Qkv {
-                q: &pass.q,
-                k: &pass.k,
-                v: &pass.v,
-            },
-            &pass.probs,
-            self.attention_shape(),
-        );
-        self.rope.backward(&mut dq, config.heads);
-        self.rope.backward(&mut dk, config.kv_heads);
+        let qkv = Qkv {
+            q: &pass.q,
+            k: &pass.k,
+            v: &pass.v,
+        };
+        let (dq, dk, dv) = self.attend_backward(qkv, &pass.probs, &dattention);
         let mut dnormed = vec![T::ZERO; dres.len()];
         let x = &pass.attention_normed;
         let dx = &mut dnormed;

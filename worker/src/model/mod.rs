@@ -3,6 +3,7 @@
 //! feed-forward layer), a final RMSNorm, the LM head and the mean
 //! cross-entropy of next-token prediction, with a hand-written backward pass.
 
+mod attention_core;
 mod block;
 pub mod config;
 mod recompute;
@@ -13,6 +14,7 @@ use std::fmt;
 
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::memory::HeldBytes;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
@@ -71,6 +73,29 @@ impl fmt::Display for ShapeMismatch {
 }
 
 impl std::error::Error for ShapeMismatch {}
+
+/// How a pass is spread over ranks; the default is one process.
+#[derive(Clone, Copy, Default)]
+pub struct Parallel<'a> {
+    /// Each sequence split over these ranks (Ulysses): the pass gets this
+    /// rank's slice of every sequence.
+    pub sequence: Option<&'a SequenceParallel>,
+    /// The MoE layers' routed experts spread over these ranks.
+    pub experts: Option<&'a ExpertParallel>,
+}
+
+impl Parallel<'_> {
+    /// The first exchange failure of a pass, from either group.
+    fn take_failure(&self) -> Result<(), DistError> {
+        if let Some(sp) = self.sequence {
+            sp.take_failure()?;
+        }
+        if let Some(ep) = self.experts {
+            ep.take_failure()?;
+        }
+        Ok(())
+    }
+}
 
 /// A forward pass: the losses and every activation the backward pass needs.
 #[derive(Clone, Debug)]
@@ -236,11 +261,12 @@ impl<T: Scalar> Model<T> {
         }
     }
 
-    fn context<'a>(&'a self, experts: Option<&'a ExpertParallel>) -> BlockContext<'a, T> {
+    fn context<'a>(&'a self, parallel: Parallel<'a>) -> BlockContext<'a, T> {
         BlockContext {
             config: &self.config,
             rope: &self.rope,
-            experts,
+            experts: parallel.experts,
+            sequence: parallel.sequence,
         }
     }
 
@@ -259,7 +285,7 @@ impl<T: Scalar> Model<T> {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> ForwardPass<T> {
-        self.forward_in(tokens, targets, memory, None)
+        self.forward_in(tokens, targets, memory, Parallel::default())
     }
 
     /// [`Self::forward_with`] on this rank's tokens, with the MoE layers'
@@ -274,8 +300,28 @@ impl<T: Scalar> Model<T> {
         memory: ActivationMemory,
         experts: &ExpertParallel,
     ) -> Result<ForwardPass<T>, DistError> {
-        let pass = self.forward_in(tokens, targets, memory, Some(experts));
-        experts.take_failure()?;
+        let parallel = Parallel {
+            experts: Some(experts),
+            ..Parallel::default()
+        };
+        self.forward_parallel(tokens, targets, memory, parallel)
+    }
+
+    /// [`Self::forward_with`] as one rank of `parallel`'s groups: with
+    /// sequence parallelism `tokens` and `targets` are this rank's slice of
+    /// each sequence ([`SequenceParallel::local_tokens`]), and
+    /// [`ForwardPass::cross_entropy`] is the mean over them. Every rank of
+    /// the groups must call it at the same point; the pass must be
+    /// differentiated with [`Self::backward_parallel`] and the same groups.
+    pub fn forward_parallel(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+        parallel: Parallel<'_>,
+    ) -> Result<ForwardPass<T>, DistError> {
+        let pass = self.forward_in(tokens, targets, memory, parallel);
+        parallel.take_failure()?;
         Ok(pass)
     }
 
@@ -284,13 +330,16 @@ impl<T: Scalar> Model<T> {
         tokens: &[u32],
         targets: &[u32],
         memory: ActivationMemory,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
+        let seq_len = parallel
+            .sequence
+            .map_or(config.seq_len, SequenceParallel::local_len);
         assert!(
-            tokens.len() == targets.len() && tokens.len().is_multiple_of(config.seq_len),
-            "tokens and targets must be the same whole number of sequences"
+            tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
+            "tokens and targets must be the same whole number of sequences (or slices)"
         );
         assert!(
             tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
@@ -299,7 +348,7 @@ impl<T: Scalar> Model<T> {
         let n = tokens.len();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
-        let context = self.context(experts);
+        let context = self.context(parallel);
         let mut blocks = Vec::with_capacity(config.layers);
         let precision = config.gemm_precision;
         let mut aux_loss = 0.0;
@@ -343,7 +392,7 @@ impl<T: Scalar> Model<T> {
 
     /// Adds the gradient of [`ForwardPass::loss`] with respect to every weight into `grads`.
     pub fn backward(&self, pass: &ForwardPass<T>, grads: &mut Gradients<T>) {
-        self.backward_in(pass, grads, None);
+        self.backward_in(pass, grads, Parallel::default());
     }
 
     /// The backward pass of [`Self::forward_expert_parallel`]: the gradient
@@ -356,16 +405,29 @@ impl<T: Scalar> Model<T> {
         grads: &mut Gradients<T>,
         experts: &ExpertParallel,
     ) -> Result<(), DistError> {
-        self.backward_in(pass, grads, Some(experts));
-        experts.take_failure()
+        let parallel = Parallel {
+            experts: Some(experts),
+            ..Parallel::default()
+        };
+        self.backward_parallel(pass, grads, parallel)
     }
 
-    fn backward_in(
+    /// The backward pass of [`Self::forward_parallel`]: the gradient of
+    /// this rank's loss (the mean over its tokens) for the replicated
+    /// weights, including what its tokens contributed through attention to
+    /// other ranks' tokens (the layout switches carry it back to them); for
+    /// owned routed experts, see [`Self::backward_expert_parallel`].
+    pub fn backward_parallel(
         &self,
         pass: &ForwardPass<T>,
         grads: &mut Gradients<T>,
-        experts: Option<&ExpertParallel>,
-    ) {
+        parallel: Parallel<'_>,
+    ) -> Result<(), DistError> {
+        self.backward_in(pass, grads, parallel);
+        parallel.take_failure()
+    }
+
+    fn backward_in(&self, pass: &ForwardPass<T>, grads: &mut Gradients<T>, parallel: Parallel<'_>) {
         let config = &self.config;
         let (h, vocab, n) = (config.hidden, config.vocab, pass.tokens.len());
         let mut dlogits = vec![T::ZERO; n * vocab];
@@ -390,7 +452,7 @@ impl<T: Scalar> Model<T> {
             &self.weights.final_norm,
             &pass.final_rstd,
         );
-        let context = self.context(experts);
+        let context = self.context(parallel);
         let precision = config.gemm_precision;
         let layers = self
             .weights

@@ -5,6 +5,8 @@
 //! RoFormer / original Llama layout), and pair `i` at position `p` is rotated
 //! by `p * theta^(-2i / head_dim)`.
 
+use std::ops::Range;
+
 use crate::scalar::Scalar;
 
 /// Cosines and sines per (position, pair), computed in `f64` once per shape.
@@ -59,24 +61,45 @@ impl<T: Scalar> RopeTable<T> {
     /// Rotates `x: [tokens, heads, head_dim]` in place; token `t` is at
     /// position `t % seq_len` (the batch is whole sequences).
     pub fn forward(&self, x: &mut [T], heads: usize) {
-        self.rotate(x, heads, T::ONE);
+        self.rotate(x, heads, 0..self.seq_len, T::ONE);
     }
 
     /// The backward pass, in place on the gradient: a rotation's Jacobian is
     /// the rotation itself, so its transpose rotates by the opposite angle.
     pub fn backward(&self, dx: &mut [T], heads: usize) {
-        self.rotate(dx, heads, -T::ONE);
+        self.rotate(dx, heads, 0..self.seq_len, -T::ONE);
     }
 
-    fn rotate(&self, x: &mut [T], heads: usize, direction: T) {
+    /// [`Self::forward`] on the same slice `positions` of every sequence
+    /// (a sequence-parallel rank's tokens): token `t` is at position
+    /// `positions.start + t % positions.len()`, its place in the whole
+    /// sequence, so queries and keys of different ranks still see their
+    /// true relative positions.
+    pub fn forward_at(&self, x: &mut [T], heads: usize, positions: Range<usize>) {
+        self.rotate(x, heads, positions, T::ONE);
+    }
+
+    /// The backward pass of [`Self::forward_at`].
+    pub fn backward_at(&self, dx: &mut [T], heads: usize, positions: Range<usize>) {
+        self.rotate(dx, heads, positions, -T::ONE);
+    }
+
+    fn rotate(&self, x: &mut [T], heads: usize, positions: Range<usize>, direction: T) {
         let pairs = self.head_dim / 2;
         let token_width = heads * self.head_dim;
+        let span = positions.len();
         assert!(
-            token_width > 0 && x.len().is_multiple_of(token_width * self.seq_len),
+            span > 0 && positions.end <= self.seq_len,
+            "RoPE positions {positions:?} beyond the table's {}",
+            self.seq_len
+        );
+        assert!(
+            token_width > 0 && x.len().is_multiple_of(token_width * span),
             "RoPE input is not whole sequences of [heads, head_dim] tokens"
         );
         for (t, token) in x.chunks_exact_mut(token_width).enumerate() {
-            let angles = (t % self.seq_len) * pairs..(t % self.seq_len + 1) * pairs;
+            let position = positions.start + t % span;
+            let angles = position * pairs..(position + 1) * pairs;
             let (cos, sin) = (&self.cos[angles.clone()], &self.sin[angles]);
             for head in token.chunks_exact_mut(self.head_dim) {
                 for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
@@ -127,6 +150,29 @@ mod tests {
         let reference = dot(&at(0, &q), &at(3, &k));
         for p in 1..5 {
             assert!((dot(&at(p, &q), &at(p + 3, &k)) - reference).abs() < 1e-12);
+        }
+    }
+
+    /// A sequence-parallel rank's slice, rotated at its positions, is the
+    /// whole sequence's rotation at those tokens; backward undoes it.
+    #[test]
+    fn a_slice_turns_by_its_positions_in_the_sequence() {
+        let table = RopeTable::<f64>::new(8, 4, 10.0);
+        // Two sequences of 8 tokens, 2 heads of width 4.
+        let x = random(2 * 8 * 8, 65);
+        let mut whole = x.clone();
+        table.forward(&mut whole, 2);
+        let slice = |v: &[f64]| -> Vec<f64> {
+            v.chunks_exact(64)
+                .flat_map(|sequence| sequence[5 * 8..7 * 8].to_vec())
+                .collect()
+        };
+        let mut part = slice(&x);
+        table.forward_at(&mut part, 2, 5..7);
+        assert_eq!(part, slice(&whole));
+        table.backward_at(&mut part, 2, 5..7);
+        for (a, b) in part.iter().zip(slice(&x)) {
+            assert!((a - b).abs() < 1e-12);
         }
     }
 

@@ -1,16 +1,17 @@
 //! Training steps: gradient accumulation over micro-batches, global norm
 //! clipping, AdamW with a warm-up + cosine schedule, and the MoE
 //! selection-bias update (and, for tensorwise FP8, the amax-history update)
-//! after every optimizer step; alone ([`Trainer::step`]) or as one
-//! data-parallel replica ([`Trainer::step_with`]).
+//! after every optimizer step; alone ([`Trainer::step`]) or as one rank of
+//! a data-, expert- and sequence-parallel gang ([`Trainer::step_parallel`]).
 
 pub mod optimizer;
 pub mod schedule;
 
 use crate::data::{DataLoader, DataPosition};
 use crate::dist::expert_parallel::{self, ExpertParallel};
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistError, data_parallel};
-use crate::model::{Gradients, Model, ModelConfig};
+use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::settings::TrainingSettings;
 
 pub use optimizer::AdamW;
@@ -114,7 +115,7 @@ impl Trainer {
     /// and `None` returned, leaving the trainer exactly at the last step.
     pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Option<StepReport> {
         let accumulated = self
-            .accumulate(stop, Shard::WHOLE, None)
+            .accumulate(stop, Shard::WHOLE, Parallel::default())
             .expect("a single process has no peers to fail")?;
         let grad_norm = global_norm(&self.grads, self.model.config());
         Some(self.apply(accumulated, grad_norm))
@@ -139,7 +140,7 @@ impl Trainer {
         stop: &dyn Fn() -> bool,
         dp: &mut dyn Collective,
     ) -> Result<Option<StepReport>, DistError> {
-        self.step_parallel(stop, dp, None)
+        self.step_parallel(stop, dp, Parallel::default())
     }
 
     /// [`Self::step_with`] with the MoE layers' routed experts spread over
@@ -154,24 +155,37 @@ impl Trainer {
         world: &mut dyn Collective,
         experts: &ExpertParallel,
     ) -> Result<Option<StepReport>, DistError> {
-        self.step_parallel(stop, world, Some(experts))
+        let parallel = Parallel {
+            experts: Some(experts),
+            ..Parallel::default()
+        };
+        self.step_parallel(stop, world, parallel)
     }
 
-    fn step_parallel(
+    /// [`Self::step_expert_parallel`] with each sequence split over
+    /// `parallel.sequence` (Ulysses; its groups are blocks of consecutive
+    /// ranks of `world`, as [`crate::dist::layout`] makes them): the ranks of
+    /// a sequence group read the same sequences (one data-parallel shard)
+    /// and each trains on its slice of every sequence. Every rank's loss is
+    /// the mean over as many tokens, so the world's mean of them is the
+    /// global batch's mean, and the world's mean of the ranks' gradients is
+    /// its gradient: replicated weights are still averaged over `world`.
+    pub fn step_parallel(
         &mut self,
         stop: &dyn Fn() -> bool,
         world: &mut dyn Collective,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<Option<StepReport>, DistError> {
+        let sp = parallel.sequence.map_or(1, SequenceParallel::size);
         let shard = Shard {
-            rank: world.rank(),
-            ranks: world.size(),
+            rank: world.rank() / sp,
+            ranks: world.size() / sp,
         };
-        let Some(mut acc) = self.accumulate(stop, shard, experts)? else {
+        let Some(mut acc) = self.accumulate(stop, shard, parallel)? else {
             return Ok(None);
         };
         let bucket = data_parallel::BUCKET_FLOATS;
-        let grad_norm = match experts {
+        let grad_norm = match parallel.experts {
             None => {
                 data_parallel::all_reduce_mean(world, &mut self.grads.tensors_mut(), bucket)?;
                 global_norm(&self.grads, self.model.config())
@@ -200,13 +214,13 @@ impl Trainer {
                 (sum_of_squares(&replicated) + owned_sq).sqrt()
             }
         };
-        if shard.ranks > 1 {
+        if world.size() > 1 {
             data_parallel::sum_counts(world, &mut acc.expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches.
             let micro_steps = self.settings.micro_steps as f64;
             acc.loss = data_parallel::mean(world, acc.loss / micro_steps)? * micro_steps;
             acc.aux_loss = data_parallel::mean(world, acc.aux_loss / micro_steps)? * micro_steps;
-            acc.tokens *= shard.ranks;
+            acc.tokens *= world.size();
         }
         Ok(Some(self.apply(acc, grad_norm)))
     }
@@ -218,7 +232,7 @@ impl Trainer {
         &mut self,
         stop: &dyn Fn() -> bool,
         shard: Shard,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<Option<Accumulated>, DistError> {
         let settings = &self.settings;
         let start = self.data.position();
@@ -233,21 +247,25 @@ impl Trainer {
                 self.data.restore(start);
                 return Ok(None);
             }
-            let batch = self.data.next_batch(settings.micro_batch);
+            let mut batch = self.data.next_batch(settings.micro_batch);
+            if let Some(sp) = parallel.sequence {
+                batch.inputs = sp.local_tokens(&batch.inputs);
+                batch.targets = sp.local_tokens(&batch.targets);
+            }
             let (inputs, targets, memory) =
                 (&batch.inputs, &batch.targets, settings.activation_memory);
-            let pass = match experts {
-                None => {
+            let pass = match (parallel.sequence, parallel.experts) {
+                (None, None) => {
                     let pass = self.model.forward_with(inputs, targets, memory);
                     self.model.backward(&pass, &mut self.grads);
                     pass
                 }
-                Some(ep) => {
+                _ => {
                     let pass = self
                         .model
-                        .forward_expert_parallel(inputs, targets, memory, ep)?;
+                        .forward_parallel(inputs, targets, memory, parallel)?;
                     self.model
-                        .backward_expert_parallel(&pass, &mut self.grads, ep)?;
+                        .backward_parallel(&pass, &mut self.grads, parallel)?;
                     pass
                 }
             };

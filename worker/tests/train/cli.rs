@@ -91,7 +91,8 @@ fn impossible_shapes_name_the_field() {
 }
 
 /// Parallelism the worker cannot run yet, or sizes that do not fit
-/// together, are refused naming the field, before any rank would start (the
+/// together (key/value heads that do not split over the sequence-parallel
+/// ranks), are refused naming the field, before any rank would start (the
 /// process is started as a launcher of two local ranks here, which must not
 /// launch anything).
 #[test]
@@ -99,9 +100,12 @@ fn unimplemented_parallelism_is_refused_naming_the_field() {
     type Patch = fn(&mut Value);
     let cases: [(&str, Patch, &str); 3] = [
         (
-            "sp",
-            |c| c["parallelism"]["sequenceParallel"] = 2.into(),
-            "parallelism.sequenceParallel: is 2, but sequence parallelism is not implemented yet",
+            "sp-kv-heads",
+            |c| {
+                c["parallelism"]["sequenceParallel"] = 2.into();
+                c["model"]["kvHeads"] = 1.into();
+            },
+            "model.kvHeads: is 1, but it is not divisible by parallelism.sequenceParallel 2 (attention is sharded by head",
         ),
         (
             "ep",

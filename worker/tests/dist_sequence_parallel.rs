@@ -1,0 +1,468 @@
+//! Ulysses sequence parallelism against one process, ranks as threads over
+//! loopback TCP: the sequence ↔ head layout switch (with RoPE at the
+//! slices' true positions) round trip, whole training steps on 1 rank, 2
+//! ranks (sequence parallel 2), 4 ranks (sequence parallel 2 × expert
+//! parallel 2, and sequence parallel 2 × data parallel 2), activation
+//! checkpointing, and checkpoints resumed with another sequence parallelism.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::thread;
+use std::time::Duration;
+
+use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::dist::expert_parallel::{ExpertParallel, is_expert_tensor};
+use moe_worker::dist::layout::{Layout, make_groups};
+use moe_worker::dist::rendezvous::Store;
+use moe_worker::dist::sequence_parallel::{SequenceParallel, slice_sequences};
+use moe_worker::dist::{Collective, TcpCollective, TcpSetup};
+use moe_worker::model::Parallel;
+use moe_worker::ops::rope::RopeTable;
+use moe_worker::rng::SplitMix64;
+use moe_worker::settings::{TrainSettings, parse_worker_config};
+use moe_worker::train::{StepReport, Trainer};
+use serde_json::{Value, json};
+
+const STEPS: usize = 4;
+
+/// Runs `body` on one thread per rank of a TCP world of `ranks`.
+fn world<T: Send>(ranks: usize, body: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
+    let store = Store::bind("127.0.0.1:0").expect("bind store");
+    let coordinator: SocketAddr = store.local_addr().expect("store address");
+    let store = Mutex::new(Some(store));
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let setup = TcpSetup {
+                    rank,
+                    world_size: ranks,
+                    attempt: 0,
+                    config_hash: 1,
+                    coordinator: coordinator.to_string(),
+                    store: if rank == 0 {
+                        store.lock().unwrap().take()
+                    } else {
+                        None
+                    },
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    rendezvous_timeout: Duration::from_secs(20),
+                    collective_timeout: Duration::from_secs(20),
+                };
+                let body = &body;
+                scope.spawn(move || body(TcpCollective::connect(setup).expect("connect")))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank panicked"))
+            .collect()
+    })
+}
+
+/// This rank's sequence group (and expert groups when `ep` > 1), as the
+/// worker makes them from the shared layout.
+fn groups(
+    world: &TcpCollective,
+    sp: usize,
+    ep: usize,
+    seq_len: usize,
+) -> (SequenceParallel, Option<ExpertParallel>) {
+    let layout = Layout::new(world.size(), sp, ep).expect("layout");
+    let g = make_groups(world, &layout).expect("groups");
+    let sequence = SequenceParallel::new(g.sequence, seq_len).expect("sequence group");
+    let experts = (ep > 1)
+        .then(|| ExpertParallel::new(g.expert, g.expert_replicas, 4).expect("expert groups"));
+    (sequence, experts)
+}
+
+/// Two sequence groups of 2 ranks ({0,1}, {2,3}), each with its own two
+/// sequences of 8 tokens, 4 query and 2 key/value heads of width 4. Each
+/// rank rotates its slice at the slice's positions and switches it to
+/// heads: it must hold exactly what one process gets by rotating the whole
+/// sequences and keeping this rank's heads (so the positions are the
+/// global ones: with the slice's own indices, rank 1's tokens would turn by
+/// 0..4 instead of 4..8 and differ). The way back restores the slice, and
+/// the byte counter counts what left for the other rank.
+#[test]
+fn tokens_to_heads_round_trip_with_rope_at_global_positions() {
+    let (seq_len, sequences, d, theta) = (8, 2, 4, 100.0);
+    let rope = RopeTable::<f32>::new(seq_len, d, theta);
+    let full = |group: usize, heads: usize| -> Vec<f32> {
+        SplitMix64::new(10 + group as u64 * 7 + heads as u64)
+            .normal_vec(sequences * seq_len * heads * d, 1.0)
+    };
+    let results = world(4, |c| {
+        let (sp, _) = groups(&c, 2, 1, seq_len);
+        let group = c.rank() / 2;
+        let mut out = Vec::new();
+        for heads in [4, 2] {
+            let (w, at) = (heads * d, sp.positions());
+            let mut local =
+                slice_sequences(&full(group, heads), seq_len * w, at.start * w..at.end * w);
+            rope.forward_at(&mut local, heads, sp.positions());
+            let by_heads = sp.to_heads(&local, heads, d);
+            let back = sp.to_tokens(&by_heads, heads, d);
+            out.push((heads, local, by_heads, back));
+        }
+        sp.take_failure().expect("exchanges");
+        (c.rank(), sp.positions(), out, sp.bytes_sent())
+    });
+    for (rank, positions, out, bytes) in &results {
+        assert_eq!(
+            *positions,
+            (rank % 2) * 4..(rank % 2) * 4 + 4,
+            "rank {rank}"
+        );
+        let mut sent = 0;
+        for (heads, local, by_heads, back) in out {
+            let mut rotated = full(rank / 2, *heads);
+            rope.forward(&mut rotated, *heads);
+            let hp = heads / 2;
+            let mine: Vec<f32> = rotated
+                .chunks_exact(d)
+                .enumerate()
+                .filter(|(i, _)| (i % heads) / hp == rank % 2)
+                .flat_map(|(_, v)| v.to_vec())
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(by_heads),
+                bits(&mine),
+                "rank {rank}, {heads} heads: rotated heads of every token"
+            );
+            assert_eq!(back, local, "rank {rank}, {heads} heads: round trip");
+            sent += 2 * local.len() / 2;
+        }
+        // Each switch sends half of the tensor to the other rank, as f32.
+        assert_eq!(*bytes as usize, sent * 4, "rank {rank}");
+    }
+}
+
+/// A small MoE model with aux-loss-free balancing (the sequence-wise aux
+/// loss is refused with sequence parallelism), 4 routed experts, 4 query
+/// and 2 key/value heads, on `ranks` ranks split `sp` × `ep`.
+fn config(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Value {
+    json!({
+        "job": "local/sp",
+        "model": {
+            "hiddenSize": 32, "layers": 2, "denseLayers": 1, "denseHiddenSize": 64,
+            "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+            "moe": {"experts": 4, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32,
+                    "router": "sigmoid", "groups": 2, "topGroups": 2,
+                    "balancing": {"auxLossFree": {"enabled": true, "biasUpdateRate": 0.01}}}
+        },
+        "data": {"builtin": {"corpus": "tiny"}},
+        "training": {
+            "steps": STEPS, "globalBatchSize": 4, "microBatchSize": 1, "seed": 7,
+            "logIntervalSteps": 1, "activationCheckpointing": recompute,
+            "optimizer": {"learningRate": 0.01, "minLearningRate": 0.001, "warmupSteps": 1,
+                          "gradClip": 1.0}
+        },
+        "parallelism": {"processesPerNode": ranks, "sequenceParallel": sp, "expertParallel": ep},
+        "checkpoint": {"dir": "unused", "intervalSteps": 100, "keep": 1, "resume": "Never"},
+        "device": "cpu",
+        "outputDir": "unused"
+    })
+}
+
+fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool) -> TrainSettings {
+    let config = config(ranks, sp, ep, recompute).to_string();
+    let config = parse_worker_config(&config).expect("valid config");
+    TrainSettings::from_config(&config).expect("valid settings")
+}
+
+fn trainer(settings: &TrainSettings) -> Trainer {
+    let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
+    let loader = DataLoader::new(
+        tokens,
+        settings.model.seq_len,
+        settings.training.seed,
+        "tiny",
+    )
+    .expect("loader");
+    Trainer::new(settings.model.clone(), settings.training.clone(), loader)
+}
+
+/// What one rank ends with: its reports, and the weights it holds (the
+/// expert tensors only for its own experts, the rest `None`).
+struct Outcome {
+    reports: Vec<StepReport>,
+    weights: Vec<(String, Vec<Option<f32>>)>,
+    bytes: u64,
+}
+
+fn held_weights(
+    trainer: &Trainer,
+    owned: std::ops::Range<usize>,
+) -> Vec<(String, Vec<Option<f32>>)> {
+    let model = trainer.model();
+    model
+        .weights
+        .tensors(model.config())
+        .iter()
+        .map(|t| {
+            let per = (t.values.len() / 4).max(1);
+            let values = t
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    (!is_expert_tensor(&t.name) || owned.contains(&(i / per))).then_some(v)
+                })
+                .collect();
+            (t.name.clone(), values)
+        })
+        .collect()
+}
+
+fn alone() -> Outcome {
+    let mut t = trainer(&settings(1, 1, 1, false));
+    let reports = (0..STEPS)
+        .map(|_| t.step(&|| false).expect("not stopped"))
+        .collect();
+    Outcome {
+        reports,
+        weights: held_weights(&t, 0..4),
+        bytes: 0,
+    }
+}
+
+fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outcome> {
+    let settings = settings(ranks, sp, ep, recompute);
+    world(ranks, |mut c| {
+        let (sequence, experts) = groups(&c, sp, ep, settings.model.seq_len);
+        let parallel = Parallel {
+            sequence: Some(&sequence),
+            experts: experts.as_ref(),
+        };
+        let mut t = trainer(&settings);
+        let reports = (0..STEPS)
+            .map(|_| {
+                t.step_parallel(&|| false, &mut c, parallel)
+                    .expect("collectives")
+                    .expect("not stopped")
+            })
+            .collect();
+        let owned = experts.as_ref().map_or(0..4, ExpertParallel::local_experts);
+        Outcome {
+            reports,
+            weights: held_weights(&t, owned),
+            bytes: sequence.bytes_sent(),
+        }
+    })
+}
+
+/// Every weight once: each value from the ranks holding it, which must
+/// agree bit for bit.
+fn assemble(ranks: &[Outcome]) -> Vec<(String, Vec<f32>)> {
+    let mut whole: Vec<(String, Vec<Option<f32>>)> = ranks[0]
+        .weights
+        .iter()
+        .map(|(n, t)| (n.clone(), vec![None; t.len()]))
+        .collect();
+    for (rank, outcome) in ranks.iter().enumerate() {
+        for ((name, acc), (_, values)) in whole.iter_mut().zip(&outcome.weights) {
+            for (i, (a, v)) in acc.iter_mut().zip(values).enumerate() {
+                if let Some(v) = v {
+                    if let Some(a) = a {
+                        assert_eq!(
+                            a.to_bits(),
+                            v.to_bits(),
+                            "rank {rank}: {name}[{i}] differs between holders"
+                        );
+                    }
+                    *a = Some(*v);
+                }
+            }
+        }
+    }
+    whole
+        .into_iter()
+        .map(|(n, t)| (n, t.into_iter().map(|v| v.expect("held")).collect()))
+        .collect()
+}
+
+/// Measures `ranks` against one process. The forward pass computes the
+/// same rows (token-wise GEMMs on fewer rows, the same per-head attention
+/// on whole sequences), but the loss is a mean of the ranks' means and the
+/// gradients are sums over other groupings (a weight's gradient summed per
+/// rank over its slice, then over the ranks), so the runs differ by
+/// rounding, as data parallelism does; the tolerances are data
+/// parallelism's (docs/distributed.md). The first loss is bit-equal: the
+/// per-token losses are the same f32 values, and their f64 sums (exact for
+/// 32 f32 values of one magnitude) are divided by powers of two only.
+fn compare(what: &str, one: &Outcome, ranks: &[Outcome]) -> (f64, f64, f64, f64) {
+    for (rank, outcome) in ranks.iter().enumerate() {
+        assert_eq!(
+            outcome.reports, ranks[0].reports,
+            "{what} rank {rank}: reports"
+        );
+    }
+    let got = assemble(ranks);
+    let want = assemble(std::slice::from_ref(one));
+    let reports = &ranks[0].reports;
+    let mut worst_loss = 0f64;
+    for (g, w) in reports.iter().zip(&one.reports) {
+        assert_eq!(g.step, w.step);
+        assert_eq!(g.tokens, w.tokens, "{what}: tokens of the global batch");
+        assert_eq!(
+            g.expert_loads, w.expert_loads,
+            "{what}: step {} loads",
+            g.step
+        );
+        worst_loss = worst_loss.max((g.loss - w.loss).abs() / w.loss);
+    }
+    let first = (reports[0].loss - one.reports[0].loss).abs() / one.reports[0].loss;
+    let budget: f64 = one.reports.iter().map(|r| r.learning_rate).sum();
+    let (mut worst, mut worst_at, mut squares, mut count) = (0f64, String::new(), 0f64, 0usize);
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            let d = f64::from((a - b).abs()) / budget;
+            squares += d * d;
+            count += 1;
+            if d > worst {
+                (worst, worst_at) = (d, format!("{name}[{i}]: {a} vs {b}"));
+            }
+        }
+    }
+    let rms = (squares / count as f64).sqrt();
+    eprintln!(
+        "{what}: first loss {first:.2e}, worst loss {worst_loss:.2e} relative; weights RMS {rms:.2e}, worst {worst:.2e} of Adam's budget ({worst_at})"
+    );
+    assert_eq!(
+        reports[0].loss.to_bits(),
+        one.reports[0].loss.to_bits(),
+        "{what}: the first step's loss (same tokens, same weights, same rows) differs by {first:e}"
+    );
+    assert!(
+        worst_loss <= 1e-5,
+        "{what}: losses differ by {worst_loss:e}"
+    );
+    assert!(rms <= 1e-3, "{what}: weights differ by an RMS of {rms:e}");
+    assert!(worst <= 0.05, "{what}: {worst_at} differs by {worst:e}");
+    (first, worst_loss, rms, worst)
+}
+
+/// Bytes a rank sends per step, by the Ulysses count: per layer and
+/// micro-batch, q, k, v and the output forward, d out, d q, d k, d v
+/// backward, each `(sp−1)/sp` of the rank's `[tokens, width]` slice, as f32.
+fn ulysses_bytes(sp: usize, micro_steps: usize) -> u64 {
+    let (layers, tokens, h, kv) = (2, 32 / sp, 32, 16);
+    let per_layer = 2 * (2 * h + 2 * kv) * tokens * (sp - 1) / sp * 4;
+    (layers * per_layer * micro_steps * STEPS) as u64
+}
+
+#[test]
+fn sequence_parallel_training_matches_one_process() {
+    let one = alone();
+    let sp2 = parallel_run(2, 2, 1, false);
+    compare("SP 2", &one, &sp2);
+    for o in &sp2 {
+        assert_eq!(o.bytes, ulysses_bytes(2, 4), "SP 2 bytes");
+    }
+    let sp2_ep2 = parallel_run(4, 2, 2, false);
+    compare("SP 2 × EP 2", &one, &sp2_ep2);
+    for o in &sp2_ep2 {
+        assert_eq!(o.bytes, ulysses_bytes(2, 2), "SP 2 × EP 2 bytes");
+    }
+    compare("SP 2 × DP 2", &one, &parallel_run(4, 2, 1, false));
+}
+
+/// Activation checkpointing reruns each block's forward pass, layout
+/// switches included, in the backward pass: the same values, so the same bits.
+#[test]
+fn sequence_parallelism_with_activation_checkpointing_trains_the_same_bits() {
+    let kept = parallel_run(2, 2, 1, false);
+    let recomputed = parallel_run(2, 2, 1, true);
+    for (k, r) in kept.iter().zip(&recomputed) {
+        assert_eq!(k.reports, r.reports);
+        for ((name, a), (_, b)) in k.weights.iter().zip(&r.weights) {
+            let bits =
+                |v: &[Option<f32>]| v.iter().map(|x| x.map(f32::to_bits)).collect::<Vec<_>>();
+            assert_eq!(bits(a), bits(b), "{name}");
+        }
+        // The forward's switches happen twice.
+        assert_eq!(r.bytes, k.bytes / 2 * 3);
+    }
+}
+
+/// Runs `moe_worker::run::train_as` on `ranks` threads with a checkpoint
+/// every 2 steps; returns each step's loss from rank 0's metrics.
+fn train_run(
+    ranks: usize,
+    sp: usize,
+    ep: usize,
+    root: &std::path::Path,
+    run: &str,
+) -> Vec<(u64, f64)> {
+    let mut config = config(ranks, sp, ep, false);
+    config["checkpoint"] = json!({
+        "dir": root.join(run).join("checkpoints").to_string_lossy(),
+        "intervalSteps": 2, "keep": 10, "resume": "Auto"
+    });
+    config["outputDir"] = root.join(run).to_string_lossy().into();
+    let config = parse_worker_config(&config.to_string()).expect("valid config");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    world(ranks, |mut c| {
+        moe_worker::run::train_as(&config, &stop, None, &mut c, Default::default())
+            .expect("training")
+    });
+    let metrics = std::fs::read_to_string(root.join(run).join("metrics.jsonl")).expect("metrics");
+    metrics
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Sequence-parallel ranks hold replicated weights, so their checkpoints
+/// are today's: one state file from rank 0 (plus expert shards only with
+/// expert parallelism). An SP 2 run's step-2 checkpoint resumed with SP 1
+/// (one process) and with SP 2 × EP 2 continues like the uninterrupted run:
+/// step 3's loss bit-equal (the same weights and tokens, see [`compare`]),
+/// step 4's within rounding.
+#[test]
+fn sequence_parallel_checkpoints_resume_with_another_parallelism() {
+    let root = std::env::temp_dir().join(format!("moe-sp-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let reference = train_run(2, 2, 1, &root, "sp2");
+    assert_eq!(reference.len(), STEPS);
+    let saved = root.join("sp2/checkpoints/step-00000002");
+    let files: Vec<String> = std::fs::read_dir(&saved)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.iter().all(|f| !f.starts_with("experts-")),
+        "an unsharded checkpoint: {files:?}"
+    );
+    for (ranks, sp, ep, run) in [(1, 1, 1, "sp2-to-sp1"), (4, 2, 2, "sp2-to-sp2xep2")] {
+        copy_dir(&saved, &root.join(run).join("checkpoints/step-00000002"));
+        let resumed = train_run(ranks, sp, ep, &root, run);
+        assert_eq!(
+            resumed.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [3, 4],
+            "{run}"
+        );
+        let next = (resumed[0].1 - reference[2].1).abs() / reference[2].1;
+        let after = (resumed[1].1 - reference[3].1).abs() / reference[3].1;
+        eprintln!("{run}: step 3 loss differs by {next:.2e}, step 4 by {after:.2e}");
+        assert_eq!(
+            resumed[0].1.to_bits(),
+            reference[2].1.to_bits(),
+            "{run}: step 3 loss differs by {next:e}"
+        );
+        assert!(after <= 1e-5, "{run}: step 4 loss differs by {after:e}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
