@@ -294,8 +294,23 @@ async fn scale_subresource_image_rollout_and_autoscaler_lifecycle() -> Result<()
     wait_ready(&api, "chat", 2).await?;
 
     // An unchanged world: a reconcile (triggered by an annotation) writes nothing.
+    // Ready is reported as soon as the pods are; the Deployments' own status
+    // (available replicas, their Progressing condition) may still move for a
+    // moment after, and the operator rightly records that. So first wait until
+    // no write has happened for two seconds: the world is unchanged from then on.
     let writes = |m: &str| metric_sum(m, "moe_operator_api_writes_total");
-    let before = writes(&op.metrics().await?);
+    let mut before = writes(&op.metrics().await?);
+    let mut quiet = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = writes(&op.metrics().await?);
+        quiet = if now == before { quiet + 1 } else { 0 };
+        before = now;
+        if quiet == 2 {
+            break;
+        }
+    }
+    ensure!(quiet == 2, "the operator kept writing for 30 s after Ready");
     let touch = json!({"metadata": {"annotations": {"e2e/touch": "1"}}});
     api.patch("chat", &PatchParams::default(), &Patch::Merge(&touch))
         .await?;
