@@ -457,8 +457,12 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
     out
 }
 
-/// Creates new group incarnations before deleting the ones they replace, and
-/// records which pods formed a group.
+/// Deletes the group incarnations the plan retires, then creates the new
+/// ones, and records which pods formed a group. Deleting first keeps the
+/// rollout bounds true at every instant, not only once the reconcile is
+/// done: the plan spends maxSurge and maxUnavailable counting the retired
+/// groups as gone, and creating first let a watcher see one group more than
+/// maxSurge allows (seen in the e2e surge test).
 async fn execute_groups(
     ctx: &Context,
     svc: &MoEInferenceService,
@@ -467,6 +471,21 @@ async fn execute_groups(
     plan: &GroupPlan,
 ) -> Result<(), Error> {
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    for name in &plan.delete {
+        // Background: the group goes now, its pods follow; its replacement need not wait.
+        let dp = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..Default::default()
+        };
+        match sets.delete(name, &dp).await {
+            Ok(_) => {
+                info!(service = %svc.name_any(), namespace = ns, group = %name, "deleted replica group")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.api_call("delete", "statefulsets");
+    }
     for (group, restarts) in &plan.create {
         let set = groups::group_set(svc, &ctx.build, model, *group, *restarts);
         let params = PostParams {
@@ -482,21 +501,6 @@ async fn execute_groups(
             Err(e) => return Err(e.into()),
         }
         ctx.metrics.api_call("create", "statefulsets");
-    }
-    for name in &plan.delete {
-        // Background: the group goes now, its pods follow; its replacement need not wait.
-        let dp = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Background),
-            ..Default::default()
-        };
-        match sets.delete(name, &dp).await {
-            Ok(_) => {
-                info!(service = %svc.name_any(), namespace = ns, group = %name, "deleted replica group")
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        ctx.metrics.api_call("delete", "statefulsets");
     }
     if !plan.mark_formed.is_empty() {
         let pods = server_pods(ctx, svc, ns).await?;
