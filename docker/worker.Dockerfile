@@ -27,7 +27,10 @@ FROM docker.io/nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS cuda-devel
 FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04
 # Only the headers NVRTC includes; no compiler.
 COPY --from=cuda-devel /usr/local/cuda/targets/x86_64-linux/include/ /usr/local/cuda/targets/x86_64-linux/include/
+# cudarc opens NCCL as `libnccl.so` (the development name); the runtime image
+# has libnccl.so.2 only. The test fails the build if NCCL is not there.
 RUN ln -sfn targets/x86_64-linux/include /usr/local/cuda/include \
+ && ln -sf libnccl.so.2 /usr/lib/x86_64-linux-gnu/libnccl.so && test -e /usr/lib/x86_64-linux-gnu/libnccl.so \
  && groupadd --gid 65532 nonroot && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin nonroot
 COPY --from=build /out/ /usr/local/bin/
 # The operator mounts the config, /tmp, /dev/shm and the state volume; the root

@@ -29,6 +29,22 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 wheels=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null || true)
 [ -n "$wheels" ] && [ -d "$wheels/lib" ] && libdirs+=("$wheels/lib")
+# NCCL (the "nccl" check group): cudarc opens `libnccl.so`, the development
+# name, and machines often have only the runtime's libnccl.so.2, so it is
+# linked under that name in a scratch directory.
+nccl=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 / {print $NF; exit}')
+nvidia_root=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+if [ -z "$nccl" ] && [ -n "$nvidia_root" ]; then
+  nccl=$(find "$nvidia_root" -name 'libnccl.so.2' 2>/dev/null | head -n 1)
+fi
+if [ -n "$nccl" ]; then
+  nccl_dir=$(mktemp -d)
+  ln -sf "$nccl" "$nccl_dir/libnccl.so"
+  libdirs+=("$nccl_dir" "$(dirname "$nccl")")
+  echo "gpu-check: NCCL from $nccl"
+else
+  echo "gpu-check: libnccl.so.2 not found: the nccl checks will fail, naming it"
+fi
 export LD_LIBRARY_PATH=$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ -z "${MOE_CUDA_HOME:-}" ]; then
   for home in /usr/local/cuda "$wheels"; do

@@ -58,7 +58,7 @@ cuda_compile() {
   kernels/setup-cuda.sh >/dev/null
   (export CI=true; tested cargo test --locked -p moe-kernels --features cuda -- --nocapture)
   # The worker's CUDA backend: its host-side logic and its error without a driver.
-  tested cargo test --locked -p moe-worker --features cuda --lib cuda::
+  tested cargo test --locked -p moe-worker --features cuda --lib -- cuda:: dist::nccl:: dist::backend::
 }
 phase cuda cuda_compile
 

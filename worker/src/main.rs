@@ -189,23 +189,39 @@ fn train(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// This rank's data-parallel group: the whole world, over TCP when it has
-/// more than one rank.
+/// This rank's data-parallel group: the whole world, over NCCL for GPU
+/// ranks and TCP for CPU ranks when it has more than one rank
+/// (`dist::backend::choose`). The settings still refuse several ranks with
+/// `device: cuda` (the CUDA trainer has no collective hook yet), so the
+/// NCCL arm is reached only once that refusal goes.
 fn connect(
     gang: &moe_worker::dist::DistEnv,
     config: &moe_crds::WorkerConfig,
     timeouts: &moe_worker::dist::env::Timeouts,
 ) -> Result<Box<dyn moe_worker::dist::Collective>, moe_worker::run::RunError> {
+    use moe_worker::dist::backend::{Backend, choose};
     use moe_worker::dist::{self, Solo, TcpCollective, TcpSetup};
-    if gang.world_size == 1 {
+    let backend = choose(gang.world_size, config.device);
+    if backend == Backend::Solo {
         return Ok(Box::new(Solo));
     }
     tracing::info!(
         rank = gang.rank,
         world_size = gang.world_size,
         coordinator = %gang.coordinator,
+        backend = ?backend,
         "joining the gang"
     );
+    #[cfg(feature = "cuda")]
+    if backend == Backend::Nccl {
+        let setup = dist::nccl::NcclSetup::from_env(
+            gang,
+            dist::config_hash(config),
+            timeouts.rendezvous,
+            timeouts.collective,
+        );
+        return Ok(Box::new(dist::nccl::NcclCollective::connect(setup)?));
+    }
     let setup = TcpSetup::from_env(
         gang,
         dist::config_hash(config),

@@ -55,6 +55,17 @@ impl SplitMix64 {
     pub fn normal_vec<T: Scalar>(&mut self, n: usize, std: f64) -> Vec<T> {
         (0..n).map(|_| T::from_f64(std * self.normal())).collect()
     }
+
+    /// Moves the stream past `n` [`Self::normal`] draws without making
+    /// them, in O(1): the state is a counter and a normal takes two steps
+    /// of it. So a rank can draw its slice of a tensor exactly as one
+    /// process draws it, without the rest.
+    pub fn skip_normals(&mut self, n: usize) {
+        let steps = (n as u64).wrapping_mul(2);
+        self.state = self
+            .state
+            .wrapping_add(steps.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
 }
 
 #[cfg(test)]
@@ -70,6 +81,18 @@ mod tests {
         let mut r = SplitMix64::new(7);
         assert!(a.iter().all(|&v| v == r.next_u64()));
         assert_ne!(SplitMix64::new(8).next_u64(), a[0]);
+    }
+
+    #[test]
+    fn skipping_normals_lands_where_drawing_them_does() {
+        let mut drawn = SplitMix64::new(11);
+        let all: Vec<f64> = drawn.normal_vec(10, 1.0);
+        let mut skipped = SplitMix64::new(11);
+        skipped.skip_normals(4);
+        let middle: Vec<f64> = skipped.normal_vec(3, 1.0);
+        assert_eq!(middle, all[4..7]);
+        skipped.skip_normals(3);
+        assert_eq!(skipped.state(), drawn.state());
     }
 
     #[test]

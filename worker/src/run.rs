@@ -233,24 +233,11 @@ pub fn train_as(
         settings.training.seed,
         &source,
     )?;
-    let mut host = Trainer::new(settings.model.clone(), settings.training.clone(), loader);
-
-    let mut run = RunState::default();
-    if settings.checkpoint.resume {
-        resume(&settings, &mut host, &mut run)?;
-        same_step_everywhere(dp, host.steps_done())?;
-    } else if let (true, Ok(Some(path))) =
-        (gang.leader, checkpoint::newest(&settings.checkpoint.dir))
-    {
-        tracing::warn!(
-            newest = %path.display(),
-            "checkpoint.resume is Never: existing checkpoints are not loaded; this run's replace those of the same step"
-        );
-    }
-    // With expert parallelism each rank computes (and checkpoints) its slice
-    // of the routed experts; the checkpoint it resumed from holds them all.
-    // With sequence parallelism each rank trains on its slice of every
-    // sequence; the weights stay replicated, so checkpoints do not change.
+    // The groups first (making them needs no communication): with expert
+    // parallelism each rank holds, resumes, computes and checkpoints only
+    // its own routed experts. With sequence parallelism each rank trains on
+    // its slice of every sequence; the weights stay replicated, so
+    // checkpoints do not change.
     let (sp, ep) = (settings.sequence_parallel, settings.expert_parallel);
     let (mut sequence, mut experts) = (None, None);
     if sp > 1 || ep > 1 {
@@ -271,6 +258,38 @@ pub fn train_as(
                 n_experts,
             )?);
         }
+    }
+    let held = experts
+        .as_ref()
+        .map_or(0..settings.model.moe.n_routed_experts, |e| {
+            e.local_experts()
+        });
+    let mut host = Trainer::new_with_experts(
+        settings.model.clone(),
+        settings.training.clone(),
+        loader,
+        held.clone(),
+    );
+    let bytes = host.state_bytes();
+    tracing::info!(
+        rank = dp.rank(),
+        experts = ?held,
+        routed_expert_bytes = bytes.routed_experts,
+        replicated_bytes = bytes.replicated,
+        "weights, gradients and AdamW moments held by this rank"
+    );
+
+    let mut run = RunState::default();
+    if settings.checkpoint.resume {
+        resume(&settings, &mut host, &mut run)?;
+        same_step_everywhere(dp, host.steps_done())?;
+    } else if let (true, Ok(Some(path))) =
+        (gang.leader, checkpoint::newest(&settings.checkpoint.dir))
+    {
+        tracing::warn!(
+            newest = %path.display(),
+            "checkpoint.resume is Never: existing checkpoints are not loaded; this run's replace those of the same step"
+        );
     }
     let parallel = Parallel {
         sequence: sequence.as_ref(),
@@ -525,7 +544,9 @@ fn resume(
         tracing::info!(dir = %settings.checkpoint.dir.display(), "no checkpoint: starting from step 0");
         return Ok(());
     };
-    let restored = checkpoint::load(&path, &settings.model_spec, &settings.model)?;
+    // Only the shards holding this rank's experts are read.
+    let held = trainer.held_experts();
+    let restored = checkpoint::load_experts(&path, &settings.model_spec, &settings.model, held)?;
     let manifest = &restored.manifest;
     if manifest.seed != settings.training.seed {
         tracing::warn!(

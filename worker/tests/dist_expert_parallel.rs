@@ -3,7 +3,8 @@
 //! expert-parallel MoE layer against the single-rank layer on each rank's
 //! tokens, and whole training steps on 1 rank, 2 ranks (expert parallel 2),
 //! 4 ranks (data parallel 2 × expert parallel 2) and 4 ranks (expert
-//! parallel 4).
+//! parallel 4), each rank holding only its own routed experts (weights,
+//! gradients, AdamW moments: `1/ep` of one process's bytes).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -16,6 +17,7 @@ use moe_worker::dist::layout::Layout;
 use moe_worker::dist::rendezvous::Store;
 use moe_worker::dist::{Collective, TcpCollective, TcpSetup};
 use moe_worker::linear::Linears;
+use moe_worker::model::TensorBytes;
 use moe_worker::moe::expert_parallel::{self, ExchangePlan};
 use moe_worker::moe::{MoeConfig, MoeLayer, MoeParams, ScoreFunction};
 use moe_worker::rng::SplitMix64;
@@ -131,6 +133,24 @@ fn dispatch_and_combine_round_trip_uneven_counts_and_an_idle_rank() {
     }
 }
 
+/// `params` holding only routed experts `experts` (as a rank of an
+/// expert-parallel group holds them).
+fn only_experts(
+    params: &MoeParams<f32>,
+    config: &MoeConfig,
+    experts: std::ops::Range<usize>,
+) -> MoeParams<f32> {
+    let size = config.expert_hidden * config.hidden;
+    let slice = |t: &[f32]| t[experts.start * size..experts.end * size].to_vec();
+    MoeParams {
+        experts: experts.clone(),
+        experts_w1: slice(&params.experts_w1),
+        experts_w3: slice(&params.experts_w3),
+        experts_w2: slice(&params.experts_w2),
+        ..params.clone()
+    }
+}
+
 fn layer_config() -> MoeConfig {
     MoeConfig {
         hidden: 8,
@@ -170,10 +190,17 @@ fn the_expert_parallel_layer_matches_one_rank_on_each_ranks_tokens() {
     };
     let results = world(3, |c| {
         let ep = groups(&c, 3, 6);
+        // Each rank holds only its own experts, gradients included.
+        let mut own = MoeLayer::new(
+            config.clone(),
+            only_experts(&layer.params, &config, ep.local_experts()),
+        )
+        .expect("a layer holding some experts");
+        own.selection_bias = layer.selection_bias.clone();
         let (x, dout) = tokens(ep.rank());
-        let pass = expert_parallel::forward(&layer, &ep, Linears::FP32, &x, seq_len);
+        let pass = expert_parallel::forward(&own, &ep, Linears::FP32, &x, seq_len);
         let mut dx = vec![0f32; x.len()];
-        let mut grads = MoeParams::zeros(&config);
+        let mut grads = MoeParams::zeros_with_experts(&config, ep.local_experts());
         expert_parallel::backward(
             &layer,
             &ep,
@@ -219,14 +246,9 @@ fn the_expert_parallel_layer_matches_one_rank_on_each_ranks_tokens() {
         ] {
             assert_eq!(bits(got), bits(w), "rank {rank}: {name}");
         }
-        // Only the owned experts' slices are written.
-        let owned = 2 * rank * expert_size..(2 * rank + 2) * expert_size;
-        for (i, g) in grads.experts_w1.iter().enumerate() {
-            assert!(
-                owned.contains(&i) || *g == 0.0,
-                "rank {rank} wrote expert_w1[{i}]"
-            );
-        }
+        // Only the owned experts are held.
+        assert_eq!(grads.experts, 2 * rank..2 * rank + 2, "rank {rank}");
+        assert_eq!(grads.experts_w1.len(), 2 * expert_size, "rank {rank}");
         for (s, w) in [
             (&mut summed.experts_w1, &want.experts_w1),
             (&mut summed.experts_w3, &want.experts_w3),
@@ -248,11 +270,11 @@ fn the_expert_parallel_layer_matches_one_rank_on_each_ranks_tokens() {
             (&grads.experts_w3, &summed.experts_w3),
             (&grads.experts_w2, &summed.experts_w2),
         ] {
-            for i in owned.clone() {
+            for (j, i) in owned.clone().enumerate() {
                 assert!(
-                    (got[i] - want[i]).abs() <= 1e-6 * scale,
+                    (got[j] - want[i]).abs() <= 1e-6 * scale,
                     "rank {rank} expert gradient [{i}]: {} vs {}",
-                    got[i],
+                    got[j],
                     want[i]
                 );
             }
@@ -295,6 +317,12 @@ fn settings_with(ranks: usize, ep: usize, recompute: bool) -> TrainSettings {
 }
 
 fn trainer(settings: &TrainSettings) -> Trainer {
+    trainer_with_experts(settings, 0..settings.model.moe.n_routed_experts)
+}
+
+/// A trainer holding only routed experts `experts`, as a rank of an
+/// expert-parallel group does.
+fn trainer_with_experts(settings: &TrainSettings, experts: std::ops::Range<usize>) -> Trainer {
     let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
     let loader = DataLoader::new(
         tokens,
@@ -303,31 +331,41 @@ fn trainer(settings: &TrainSettings) -> Trainer {
         "tiny",
     )
     .expect("loader");
-    Trainer::new(settings.model.clone(), settings.training.clone(), loader)
+    Trainer::new_with_experts(
+        settings.model.clone(),
+        settings.training.clone(),
+        loader,
+        experts,
+    )
 }
 
-/// What one rank ends with: its reports, and the weights it is responsible
+/// What one rank ends with: its reports, the weights it is responsible
 /// for (replicated tensors whole; of the expert tensors only its own slice,
-/// the rest `None`).
+/// the rest `None`), and the bytes its weights, gradients and moments hold.
 struct Outcome {
     reports: Vec<StepReport>,
     weights: Vec<(String, Vec<Option<f32>>)>,
+    bytes: TensorBytes,
 }
 
-fn owned_weights(trainer: &Trainer, owned: std::ops::Range<usize>, experts: usize) -> Outcome {
+/// The trainer's weights laid out as one process's, `None` where an
+/// expert is not held here.
+fn owned_weights(trainer: &Trainer, experts: usize) -> Outcome {
     let model = trainer.model();
+    let held = trainer.held_experts();
     let weights = model
         .weights
         .tensors(model.config())
         .iter()
         .map(|t| {
-            let per = (t.values.len() / experts).max(1);
-            let values = t
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    (!is_expert_tensor(&t.name) || owned.contains(&(i / per))).then_some(v)
+            if !is_expert_tensor(&t.name) {
+                return (t.name.clone(), t.values.iter().copied().map(Some).collect());
+            }
+            let per = t.values.len() / held.len();
+            let values = (0..experts * per)
+                .map(|i| {
+                    held.contains(&(i / per))
+                        .then(|| t.values[i - held.start * per])
                 })
                 .collect();
             (t.name.clone(), values)
@@ -336,6 +374,7 @@ fn owned_weights(trainer: &Trainer, owned: std::ops::Range<usize>, experts: usiz
     Outcome {
         reports: Vec::new(),
         weights,
+        bytes: trainer.state_bytes(),
     }
 }
 
@@ -347,7 +386,7 @@ fn alone() -> Outcome {
         .collect();
     Outcome {
         reports,
-        ..owned_weights(&t, 0..4, 4)
+        ..owned_weights(&t, 4)
     }
 }
 
@@ -358,7 +397,8 @@ fn expert_parallel_run(ranks: usize, ep: usize) -> Vec<Outcome> {
 fn expert_parallel_run_with(settings: &TrainSettings, ranks: usize, ep: usize) -> Vec<Outcome> {
     world(ranks, |mut c| {
         let experts = groups(&c, ep, 4);
-        let mut t = trainer(settings);
+        let mut t = trainer_with_experts(settings, experts.local_experts());
+        let before = t.state_bytes();
         let reports = (0..STEPS)
             .map(|_| {
                 t.step_expert_parallel(&|| false, &mut c, &experts)
@@ -366,9 +406,10 @@ fn expert_parallel_run_with(settings: &TrainSettings, ranks: usize, ep: usize) -
                     .expect("not stopped")
             })
             .collect();
+        assert_eq!(t.state_bytes(), before, "training allocates no more state");
         Outcome {
             reports,
-            ..owned_weights(&t, experts.local_experts(), 4)
+            ..owned_weights(&t, 4)
         }
     })
 }
@@ -479,6 +520,56 @@ fn expert_parallelism_with_activation_checkpointing_trains_the_same_bits() {
             let bits =
                 |v: &[Option<f32>]| v.iter().map(|x| x.map(f32::to_bits)).collect::<Vec<_>>();
             assert_eq!(bits(a), bits(b), "{name}");
+        }
+    }
+}
+
+/// Expert parallelism divides the routed experts' memory: a rank of an
+/// expert-parallel group of `P` holds `1/P` of one process's routed-expert
+/// bytes (weights, gradients and both AdamW moments) and the same
+/// replicated bytes, and its experts start with one process's values, bit
+/// for bit (drawn by skipping the others' draws, not by slicing a whole
+/// tensor). Training keeps it so (`expert_parallel_run_with`).
+#[test]
+fn each_expert_parallel_rank_holds_only_its_experts() {
+    let settings = settings(1, 1);
+    let one = owned_weights(&trainer(&settings), 4);
+    let full = one.bytes;
+    eprintln!(
+        "EP 1: routed experts {} bytes, replicated {} bytes (weights, gradients, AdamW moments)",
+        full.routed_experts, full.replicated
+    );
+    for ep in [2, 4] {
+        let layout = Layout::new(ep, 1, ep).expect("layout");
+        for rank in 0..ep {
+            let experts = layout.local_experts(rank, 4);
+            let mine = owned_weights(&trainer_with_experts(&settings, experts.clone()), 4);
+            if rank == 0 {
+                eprintln!(
+                    "EP {ep}: routed experts {} bytes, replicated {} bytes",
+                    mine.bytes.routed_experts, mine.bytes.replicated
+                );
+            }
+            assert_eq!(
+                mine.bytes.routed_experts * ep,
+                full.routed_experts,
+                "EP {ep} rank {rank}"
+            );
+            assert_eq!(
+                mine.bytes.replicated, full.replicated,
+                "EP {ep} rank {rank}"
+            );
+            for ((name, got), (_, want)) in mine.weights.iter().zip(&one.weights) {
+                let held = got.iter().filter(|v| v.is_some()).count();
+                if is_expert_tensor(name) {
+                    assert_eq!(held * ep, want.len(), "EP {ep} rank {rank}: {name}");
+                }
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    if let (Some(g), Some(w)) = (g, w) {
+                        assert_eq!(g.to_bits(), w.to_bits(), "EP {ep} rank {rank}: {name}[{i}]");
+                    }
+                }
+            }
         }
     }
 }

@@ -171,7 +171,9 @@ fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool) -> TrainSetting
     TrainSettings::from_config(&config).expect("valid settings")
 }
 
-fn trainer(settings: &TrainSettings) -> Trainer {
+/// A trainer holding routed experts `experts` (all of them, or an
+/// expert-parallel rank's own).
+fn trainer(settings: &TrainSettings, experts: std::ops::Range<usize>) -> Trainer {
     let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
     let loader = DataLoader::new(
         tokens,
@@ -180,7 +182,12 @@ fn trainer(settings: &TrainSettings) -> Trainer {
         "tiny",
     )
     .expect("loader");
-    Trainer::new(settings.model.clone(), settings.training.clone(), loader)
+    Trainer::new_with_experts(
+        settings.model.clone(),
+        settings.training.clone(),
+        loader,
+        experts,
+    )
 }
 
 /// What one rank ends with: its reports, and the weights it holds (the
@@ -191,23 +198,24 @@ struct Outcome {
     bytes: u64,
 }
 
-fn held_weights(
-    trainer: &Trainer,
-    owned: std::ops::Range<usize>,
-) -> Vec<(String, Vec<Option<f32>>)> {
+/// The trainer's weights laid out as one process's (4 experts), `None`
+/// where an expert is not held here.
+fn held_weights(trainer: &Trainer) -> Vec<(String, Vec<Option<f32>>)> {
     let model = trainer.model();
+    let held = trainer.held_experts();
     model
         .weights
         .tensors(model.config())
         .iter()
         .map(|t| {
-            let per = (t.values.len() / 4).max(1);
-            let values = t
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    (!is_expert_tensor(&t.name) || owned.contains(&(i / per))).then_some(v)
+            if !is_expert_tensor(&t.name) {
+                return (t.name.clone(), t.values.iter().copied().map(Some).collect());
+            }
+            let per = t.values.len() / held.len();
+            let values = (0..4 * per)
+                .map(|i| {
+                    held.contains(&(i / per))
+                        .then(|| t.values[i - held.start * per])
                 })
                 .collect();
             (t.name.clone(), values)
@@ -216,13 +224,13 @@ fn held_weights(
 }
 
 fn alone() -> Outcome {
-    let mut t = trainer(&settings(1, 1, 1, false));
+    let mut t = trainer(&settings(1, 1, 1, false), 0..4);
     let reports = (0..STEPS)
         .map(|_| t.step(&|| false).expect("not stopped"))
         .collect();
     Outcome {
         reports,
-        weights: held_weights(&t, 0..4),
+        weights: held_weights(&t),
         bytes: 0,
     }
 }
@@ -235,7 +243,8 @@ fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outc
             sequence: Some(&sequence),
             experts: experts.as_ref(),
         };
-        let mut t = trainer(&settings);
+        let owned = experts.as_ref().map_or(0..4, ExpertParallel::local_experts);
+        let mut t = trainer(&settings, owned);
         let reports = (0..STEPS)
             .map(|_| {
                 t.step_parallel(&|| false, &mut c, parallel)
@@ -243,10 +252,9 @@ fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outc
                     .expect("not stopped")
             })
             .collect();
-        let owned = experts.as_ref().map_or(0..4, ExpertParallel::local_experts);
         Outcome {
             reports,
-            weights: held_weights(&t, owned),
+            weights: held_weights(&t),
             bytes: sequence.bytes_sent(),
         }
     })

@@ -14,8 +14,10 @@
 //! (everything else) and the manifest naming the shards with their sizes
 //! and checksums, then renames. The manifest is still the commit point, so
 //! a crash of any rank leaves a `.tmp-*` directory, never a half checkpoint.
-//! Loading reads every shard into full-size tensors, whatever expert
-//! parallelism wrote it: resuming with another one reshards.
+//! Loading for a rank that holds only some routed experts ([`load_experts`])
+//! reads just the shards holding them (or their rows of an unsharded
+//! state file), whatever expert parallelism wrote it: resuming with
+//! another one reshards, and no rank ever holds every expert.
 
 mod manifest;
 mod state_file;
@@ -267,6 +269,18 @@ pub fn load(
     model_spec: &ModelSpec,
     config: &ModelConfig,
 ) -> Result<Restored, CheckpointError> {
+    load_experts(path, model_spec, config, 0..config.moe.n_routed_experts)
+}
+
+/// [`load`] into a state holding only routed experts `experts` (an
+/// expert-parallel rank's): of a sharded checkpoint only the shards
+/// overlapping them are read and checked.
+pub fn load_experts(
+    path: &Path,
+    model_spec: &ModelSpec,
+    config: &ModelConfig,
+    experts: Range<usize>,
+) -> Result<Restored, CheckpointError> {
     let corrupt = |problem: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         problem,
@@ -298,12 +312,24 @@ pub fn load(
         )));
     }
     let sharded = !manifest.expert_shards.is_empty();
-    let mut state = state_file::decode(&state, config, manifest.step, manifest.data, sharded)
-        .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+    let step = manifest.step;
+    let mut state = state_file::decode(
+        &state,
+        config,
+        step,
+        manifest.data,
+        sharded,
+        experts.clone(),
+    )
+    .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
     if sharded {
         shards_cover(&manifest.expert_shards, config.moe.n_routed_experts).map_err(corrupt)?;
     }
-    for shard in &manifest.expert_shards {
+    let needed = manifest
+        .expert_shards
+        .iter()
+        .filter(|s| s.first < experts.end && experts.start < s.end);
+    for shard in needed {
         let shard_path = path.join(&shard.file);
         let bytes = fs::read(&shard_path).map_err(io(&shard_path))?;
         if bytes.len() as u64 != shard.bytes || manifest::fnv1a(&bytes) != shard.fnv1a {

@@ -3,6 +3,10 @@
 //! parallelism the routed-expert tensors are left out of it and written by
 //! their owners as expert shards (`experts-A-B.safetensors`: the same names,
 //! experts `A..B` of each tensor, leading dimension `B - A`).
+//!
+//! A model may hold only some routed experts (an expert-parallel rank's):
+//! it writes those as its shard, and decoding for it copies only those out
+//! of whatever files hold them.
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -26,6 +30,13 @@ pub fn encode(
     experts_in_shards: bool,
 ) -> Result<Vec<u8>, String> {
     let config = model.config();
+    let held = model.held_experts();
+    let holds_all = held == (0..config.moe.n_routed_experts);
+    if !experts_in_shards && !holds_all && model.moe_layers().next().is_some() {
+        return Err(format!(
+            "a model holding only experts {held:?} writes them as a shard, not in the state file"
+        ));
+    }
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let groups = [
         (WEIGHTS, model.tensors()),
@@ -60,7 +71,12 @@ pub fn encode_experts(
     experts: Range<usize>,
 ) -> Result<Vec<u8>, String> {
     let config = model.config();
-    let n_experts = config.moe.n_routed_experts;
+    let held = model.held_experts();
+    if experts.start < held.start || experts.end > held.end {
+        return Err(format!(
+            "experts {experts:?} are not all held here (only {held:?})"
+        ));
+    }
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let groups = [
         (WEIGHTS, model.tensors()),
@@ -69,25 +85,27 @@ pub fn encode_experts(
     ];
     for (prefix, tensors) in groups {
         for t in tensors.into_iter().filter(|t| is_expert_tensor(&t.name)) {
-            let per = t.values.len() / n_experts;
+            let per = t.values.len() / held.len();
             let mut shape = t.shape;
             shape[0] = experts.len();
-            let values = &t.values[experts.start * per..experts.end * per];
+            let local = experts.start - held.start..experts.end - held.start;
+            let values = &t.values[local.start * per..local.end * per];
             named.push((format!("{prefix}/{}", t.name), shape, to_bytes(values)));
         }
     }
     serialize(&named)
 }
 
-/// Copies an expert shard's slices (experts `experts`) into `state`.
+/// Copies the experts an expert shard (experts `experts`) has in common
+/// with `state` into it.
 pub fn decode_experts_into(
     bytes: &[u8],
     experts: Range<usize>,
     state: &mut TrainerState,
 ) -> Result<(), String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let config = state.model.config().clone();
-    let n_experts = config.moe.n_routed_experts;
+    let held = state.model.held_experts();
+    let common = experts.start.max(held.start)..experts.end.min(held.end);
     let names_and_shapes: Vec<(String, Vec<usize>)> = state
         .model
         .tensors()
@@ -104,11 +122,23 @@ pub fn decode_experts_into(
             if !is_expert_tensor(name) {
                 continue;
             }
-            let per = values.len() / n_experts;
             let mut shape = shape.clone();
             shape[0] = experts.len();
-            let slice = read(&file, &format!("{prefix}/{name}"), &shape)?;
-            values[experts.start * per..experts.end * per].copy_from_slice(&slice);
+            let name = format!("{prefix}/{name}");
+            if common.is_empty() {
+                // Still checked, so a shard is valid or not whoever reads it.
+                read_rows(&file, &name, &shape, 0..0)?;
+                continue;
+            }
+            let per = values.len() / held.len();
+            let slice = read_rows(
+                &file,
+                &name,
+                &shape,
+                common.start - experts.start..common.end - experts.start,
+            )?;
+            values[(common.start - held.start) * per..(common.end - held.start) * per]
+                .copy_from_slice(&slice);
         }
     }
     Ok(())
@@ -126,26 +156,34 @@ fn serialize(named: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, String>
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
-/// The trainer state in `bytes`, every tensor checked against `config`.
-/// `step` and the data position come from the manifest. With
-/// `experts_in_shards` the routed-expert tensors are not in `bytes`: they
-/// are left zero for [`decode_experts_into`].
+/// The trainer state in `bytes`, every tensor checked against `config`,
+/// holding routed experts `experts` only. `step` and the data position come
+/// from the manifest. With `experts_in_shards` the routed-expert tensors
+/// are not in `bytes`: they are left zero for [`decode_experts_into`];
+/// otherwise the held experts' rows are read out of the whole tensors.
 pub fn decode(
     bytes: &[u8],
     config: &ModelConfig,
     step: u64,
     data: crate::data::DataPosition,
     experts_in_shards: bool,
+    experts: Range<usize>,
 ) -> Result<TrainerState, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let mut model =
-        Model::new(config.clone(), Gradients::zeros(config)).map_err(|e| e.to_string())?;
-    let mut first_moment = Gradients::zeros(config);
-    let mut second_moment = Gradients::zeros(config);
+    let zeros = || Gradients::zeros_with_experts(config, experts.clone());
+    let mut model = Model::new(config.clone(), zeros()).map_err(|e| e.to_string())?;
+    let mut first_moment = zeros();
+    let mut second_moment = zeros();
+    // Names and whole shapes: an expert tensor's leading dimension is every expert.
     let names_and_shapes: Vec<(String, Vec<usize>)> = model
         .tensors()
         .into_iter()
-        .map(|t| (t.name, t.shape))
+        .map(|mut t| {
+            if is_expert_tensor(&t.name) {
+                t.shape[0] = config.moe.n_routed_experts;
+            }
+            (t.name, t.shape)
+        })
         .collect();
     let targets = [
         (WEIGHTS, model.weights.tensors_mut()),
@@ -154,10 +192,12 @@ pub fn decode(
     ];
     for (prefix, tensors) in targets {
         for (values, (name, shape)) in tensors.into_iter().zip(&names_and_shapes) {
-            if experts_in_shards && is_expert_tensor(name) {
-                continue;
-            }
-            *values = read(&file, &format!("{prefix}/{name}"), shape)?;
+            let name = format!("{prefix}/{name}");
+            *values = match (is_expert_tensor(&name), experts_in_shards) {
+                (false, _) => read(&file, &name, shape)?,
+                (true, true) => continue,
+                (true, false) => read_rows(&file, &name, shape, experts.clone())?,
+            };
         }
     }
     let blocks: Vec<usize> = moe_blocks(config).collect();
@@ -184,6 +224,18 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 fn read(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+    read_rows(file, name, shape, 0..shape.first().copied().unwrap_or(1))
+}
+
+/// Rows `rows` (along the leading dimension) of tensor `name`, whose shape
+/// must be `shape`: a rank reads its experts out of a whole tensor without
+/// converting the rest.
+fn read_rows(
+    file: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    rows: Range<usize>,
+) -> Result<Vec<f32>, String> {
     let view = file
         .tensor(name)
         .map_err(|_| format!("tensor {name} is missing"))?;
@@ -194,8 +246,8 @@ fn read(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>,
             view.shape()
         ));
     }
-    Ok(view
-        .data()
+    let row_bytes = 4 * shape.iter().skip(1).product::<usize>();
+    Ok(view.data()[rows.start * row_bytes..rows.end * row_bytes]
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect())

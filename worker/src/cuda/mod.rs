@@ -20,6 +20,7 @@ pub mod lt_plan;
 pub mod matmul;
 pub mod model;
 pub mod moe_layer;
+pub mod nccl_check;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;

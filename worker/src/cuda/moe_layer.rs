@@ -68,6 +68,13 @@ impl DeviceMoeGrads {
 impl DeviceMoeLayer {
     pub fn upload(gpu: &Gpu, layer: &MoeLayer<f32>) -> Result<Self> {
         let p = &layer.params;
+        // The device trainer runs one rank (the settings refuse more), so
+        // its layers hold every routed expert.
+        assert!(
+            p.holds_all(layer.config()),
+            "the GPU layer holds every routed expert, not only {:?}",
+            p.experts
+        );
         Ok(Self {
             config: layer.config().clone(),
             router: gpu.upload(&p.router)?,

@@ -26,10 +26,11 @@ pub enum DistError {
         detail: String,
     },
     /// A collective did not finish within the collective timeout, waiting
-    /// on `peer` (a global rank).
+    /// on `peer` (a global rank). NCCL does not say which peer a stuck
+    /// operation waits for, so its timeouts carry `None`.
     Timeout {
         op: &'static str,
-        peer: usize,
+        peer: Option<usize>,
         after: Duration,
     },
     /// A peer's connection closed or failed during a collective: the peer
@@ -50,6 +51,14 @@ pub enum DistError {
     /// An earlier collective failed; the communicator cannot be trusted any
     /// more (peers may be half-way through it) and must be rebuilt.
     Aborted { cause: String },
+    /// The communication library failed or is missing (NCCL: a CUDA error,
+    /// a network error, no `libnccl`). `remote` when NCCL blames another
+    /// rank (`ncclRemoteError`): then it is a peer failure.
+    Library {
+        op: &'static str,
+        detail: String,
+        remote: bool,
+    },
 }
 
 impl DistError {
@@ -72,7 +81,10 @@ impl DistError {
     pub fn is_peer_failure(&self) -> bool {
         matches!(
             self,
-            Self::Timeout { .. } | Self::PeerLost { .. } | Self::Aborted { .. }
+            Self::Timeout { .. }
+                | Self::PeerLost { .. }
+                | Self::Aborted { .. }
+                | Self::Library { remote: true, .. }
         )
     }
 }
@@ -98,9 +110,21 @@ impl fmt::Display for DistError {
                 f,
                 "rendezvous store at {coordinator} did not answer within {waited:?}: {detail}"
             ),
-            Self::Timeout { op, peer, after } => write!(
+            Self::Timeout {
+                op,
+                peer: Some(peer),
+                after,
+            } => write!(
                 f,
                 "{op} timed out after {after:?} waiting for rank {peer} (dead, hung, or not calling the same collective)"
+            ),
+            Self::Timeout {
+                op,
+                peer: None,
+                after,
+            } => write!(
+                f,
+                "{op} timed out after {after:?}: a rank of the group is dead, hung, or not calling the same collective (NCCL does not say which)"
             ),
             Self::PeerLost { op, peer, detail } => {
                 write!(f, "{op}: lost the connection to rank {peer}: {detail}")
@@ -112,6 +136,7 @@ impl fmt::Display for DistError {
                 f,
                 "communicator aborted by an earlier failure ({cause}); it must be rebuilt"
             ),
+            Self::Library { op, detail, .. } => write!(f, "{op}: {detail}"),
         }
     }
 }

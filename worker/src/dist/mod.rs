@@ -1,7 +1,8 @@
 //! Distributed training's communication layer (issue #7): the rendezvous
 //! that forms a gang ([`rendezvous`]), the [`Collective`] operations ranks
 //! use to exchange tensors, and the TCP backend ([`tcp`]) for CPUs, tests
-//! and clusters without GPUs. An NCCL backend will implement the same trait.
+//! and clusters without GPUs; the NCCL backend ([`nccl`], feature `cuda`)
+//! implements the same trait for GPUs.
 //!
 //! ```text
 //!  rank 0: Store (coordinator:29400) ◀── register(rank, world, config hash, attempt, listen addr, blob)
@@ -12,6 +13,7 @@
 //! See `docs/distributed.md` for the algorithms, failure behaviour and
 //! measured bandwidth.
 
+pub mod backend;
 pub mod collective;
 pub mod data_parallel;
 pub mod env;
@@ -20,6 +22,7 @@ pub mod expert_parallel;
 mod frame;
 pub mod launch;
 pub mod layout;
+pub mod nccl;
 pub mod rendezvous;
 pub mod schedule;
 pub mod sequence_parallel;

@@ -11,6 +11,7 @@ mod scales;
 pub mod weights;
 
 use std::fmt;
+use std::ops::Range;
 
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
@@ -27,7 +28,7 @@ use crate::scalar::Scalar;
 
 pub use config::ModelConfig;
 pub use recompute::ActivationMemory;
-pub use weights::{FeedForward, Gradients, NamedTensor, TensorKind, Weights};
+pub use weights::{FeedForward, Gradients, NamedTensor, TensorBytes, TensorKind, Weights};
 
 /// The model: its shape, weights (with the MoE layers' selection biases) and RoPE table.
 #[derive(Clone, Debug)]
@@ -58,7 +59,7 @@ impl fmt::Display for ShapeMismatch {
         match self {
             Self::Layout => write!(
                 f,
-                "the blocks (count, dense or MoE) differ from what the model config implies"
+                "the blocks (count, dense or MoE, routed experts held) differ from what the model config implies"
             ),
             Self::Tensor {
                 name,
@@ -167,11 +168,21 @@ impl<T> ForwardPass<T> {
 impl<T: Scalar> Model<T> {
     /// Freshly initialised weights, deterministic in `seed` (see [`weights::initial_weights`]).
     pub fn initial(config: ModelConfig, seed: u64) -> Self {
-        let weights = weights::initial_weights(&config, &mut SplitMix64::new(seed));
+        let experts = 0..config.moe.n_routed_experts;
+        Self::initial_with_experts(config, seed, experts)
+    }
+
+    /// [`Self::initial`] holding only routed experts `experts` (an
+    /// expert-parallel rank's), with the values [`Self::initial`] gives them.
+    pub fn initial_with_experts(config: ModelConfig, seed: u64, experts: Range<usize>) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let weights = weights::initial_weights_with_experts(&config, &mut rng, experts);
         Self::new(config, weights).expect("initial weights are shaped from the config")
     }
 
-    /// A model from given weights (with zero selection biases), checking every tensor's size.
+    /// A model from given weights (with zero selection biases), checking
+    /// every tensor's size. The MoE layers may hold only some routed
+    /// experts ([`MoeParams::experts`]), the same ones in every layer.
     pub fn new(
         config: ModelConfig,
         weights: Weights<T, MoeParams<T>>,
@@ -216,6 +227,11 @@ impl<T: Scalar> Model<T> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The routed experts this model's MoE layers hold.
+    pub fn held_experts(&self) -> Range<usize> {
+        self.weights.held_experts()
     }
 
     /// Every trainable tensor in canonical order.
@@ -479,12 +495,21 @@ impl<T: Scalar> Model<T> {
     }
 }
 
-/// Compares every tensor's name and length against what `config` implies.
+/// Compares every tensor's name and length against what `config` implies
+/// for the routed experts the weights hold.
 fn check_shapes<T: Scalar>(
     config: &ModelConfig,
     weights: &Weights<T, MoeParams<T>>,
 ) -> Result<(), ShapeMismatch> {
-    let expected = Gradients::<T>::zeros(config);
+    let held = weights.held_experts();
+    let same_experts = weights.blocks.iter().all(|b| match &b.ffn {
+        FeedForward::Moe(p) => p.experts == held,
+        FeedForward::Dense(_) => true,
+    });
+    if !same_experts || held.end > config.moe.n_routed_experts {
+        return Err(ShapeMismatch::Layout);
+    }
+    let expected = Gradients::<T>::zeros_with_experts(config, held);
     let (want, got) = (expected.tensors(config), weights.tensors(config));
     let same_layout =
         want.len() == got.len() && want.iter().zip(&got).all(|(w, g)| w.name == g.name);

@@ -2,7 +2,11 @@
 //! and optimizer moments. One listing, [`Weights::tensors`], fixes the order
 //! and names every consumer (optimizer, checkpoint, gradient check) uses.
 
+use std::ops::Range;
+
+use crate::dist::expert_parallel::is_expert_tensor;
 use crate::linear::Linears;
+use crate::memory::HeldBytes;
 use crate::model::config::ModelConfig;
 use crate::moe::expert::{SwiGluGrads, SwiGluMlp};
 use crate::moe::{MoeConfig, MoeLayer, MoeParams};
@@ -168,6 +172,18 @@ impl<T: Scalar, M: MoeTensors<T>> Weights<T, M> {
         list
     }
 
+    /// The routed experts the MoE layers hold (the same in every layer):
+    /// all of them, or an expert-parallel rank's own. `0..0` without MoE layers.
+    pub fn held_experts(&self) -> Range<usize> {
+        self.blocks
+            .iter()
+            .find_map(|b| match &b.ffn {
+                FeedForward::Moe(moe) => Some(moe.moe_params().experts.clone()),
+                FeedForward::Dense(_) => None,
+            })
+            .unwrap_or(0..0)
+    }
+
     /// The same tensors as [`Self::tensors`], in the same order, mutably.
     pub fn tensors_mut(&mut self) -> Vec<&mut Vec<T>> {
         let mut list = vec![&mut self.embedding];
@@ -204,6 +220,65 @@ impl<T: Scalar, M: MoeTensors<T>> Weights<T, M> {
     }
 }
 
+/// Bytes held by a set of tensors (by capacity), split as expert
+/// parallelism splits them: the routed experts' tensors, which each rank
+/// of an expert-parallel group holds only its slice of, and the rest,
+/// which every rank holds whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TensorBytes {
+    pub routed_experts: usize,
+    pub replicated: usize,
+}
+
+impl std::ops::Add for TensorBytes {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self {
+            routed_experts: self.routed_experts + other.routed_experts,
+            replicated: self.replicated + other.replicated,
+        }
+    }
+}
+
+impl<T, M: MoeTensors<T>> Weights<T, M> {
+    /// What these tensors hold, routed experts apart (MoE selection biases,
+    /// not being tensors of this listing, are not counted).
+    pub fn tensor_bytes(&self) -> TensorBytes {
+        let mut bytes = TensorBytes {
+            routed_experts: 0,
+            replicated: self.embedding.held_bytes()
+                + self.final_norm.held_bytes()
+                + self.lm_head.held_bytes(),
+        };
+        for block in &self.blocks {
+            bytes.replicated += [
+                &block.attention_norm,
+                &block.wq,
+                &block.wk,
+                &block.wv,
+                &block.wo,
+                &block.ffn_norm,
+            ]
+            .iter()
+            .map(|t| t.held_bytes())
+            .sum::<usize>();
+            match &block.ffn {
+                FeedForward::Dense(dense) => {
+                    bytes.replicated +=
+                        dense.w1.held_bytes() + dense.w3.held_bytes() + dense.w2.held_bytes();
+                }
+                FeedForward::Moe(moe) => {
+                    let p = moe.moe_params();
+                    let experts = p.routed_expert_bytes();
+                    bytes.routed_experts += experts;
+                    bytes.replicated += p.held_bytes() - experts;
+                }
+            }
+        }
+        bytes
+    }
+}
+
 fn named<T>(name: String, shape: Vec<usize>, kind: TensorKind, values: &[T]) -> NamedTensor<'_, T> {
     NamedTensor {
         name,
@@ -218,9 +293,13 @@ fn moe_tensors<'a, T>(
     config: &MoeConfig,
     p: &'a MoeParams<T>,
 ) -> Vec<(&'static str, Vec<usize>, &'a [T])> {
-    let (h, n, e) = (config.hidden, config.n_routed_experts, config.expert_hidden);
+    let (h, n, e) = (config.hidden, p.experts.len(), config.expert_hidden);
     let mut list = vec![
-        ("router", vec![n, h], p.router.as_slice()),
+        (
+            "router",
+            vec![config.n_routed_experts, h],
+            p.router.as_slice(),
+        ),
         ("experts_w1", vec![n, e, h], &p.experts_w1),
         ("experts_w3", vec![n, e, h], &p.experts_w3),
         ("experts_w2", vec![n, h, e], &p.experts_w2),
@@ -240,6 +319,12 @@ pub type Gradients<T> = Weights<T, MoeParams<T>>;
 impl<T: Scalar> Weights<T, MoeParams<T>> {
     /// All zeros, shaped for `config`.
     pub fn zeros(config: &ModelConfig) -> Self {
+        Self::zeros_with_experts(config, 0..config.moe.n_routed_experts)
+    }
+
+    /// [`Self::zeros`] with the MoE layers holding only routed experts
+    /// `experts` (an expert-parallel rank's).
+    pub fn zeros_with_experts(config: &ModelConfig, experts: Range<usize>) -> Self {
         let (h, v) = (config.hidden, config.vocab);
         let zeros = |n: usize| vec![T::ZERO; n];
         let blocks = (0..config.layers)
@@ -251,7 +336,7 @@ impl<T: Scalar> Weights<T, MoeParams<T>> {
                 wo: zeros(h * h),
                 ffn_norm: zeros(h),
                 ffn: if config.is_moe_block(i) {
-                    FeedForward::Moe(MoeParams::zeros(&config.moe))
+                    FeedForward::Moe(MoeParams::zeros_with_experts(&config.moe, experts.clone()))
                 } else {
                     let d = config.dense_hidden * h;
                     FeedForward::Dense(DenseWeights {
@@ -283,7 +368,21 @@ pub fn initial_weights<T: Scalar>(
     config: &ModelConfig,
     rng: &mut SplitMix64,
 ) -> Weights<T, MoeParams<T>> {
-    let mut weights = Weights::zeros(config);
+    initial_weights_with_experts(config, rng, 0..config.moe.n_routed_experts)
+}
+
+/// [`initial_weights`] holding only routed experts `experts`, each with the
+/// values [`initial_weights`] gives it: the stream skips the other experts'
+/// draws instead of making them, so no rank ever holds a full-size expert
+/// tensor, not even while it starts.
+pub fn initial_weights_with_experts<T: Scalar>(
+    config: &ModelConfig,
+    rng: &mut SplitMix64,
+    experts: Range<usize>,
+) -> Weights<T, MoeParams<T>> {
+    let mut weights = Weights::zeros_with_experts(config, experts.clone());
+    let n_experts = config.moe.n_routed_experts;
+    let per_expert = crate::moe::params::expert_size(&config.moe);
     let residual_scale = 1.0 / (2.0 * config.layers as f64).sqrt();
     let tensors: Vec<(Vec<usize>, TensorKind, String)> = weights
         .tensors(config)
@@ -302,7 +401,13 @@ pub fn initial_weights<T: Scalar>(
                 } else {
                     1.0 / (fan_in as f64).sqrt()
                 };
-                *values = rng.normal_vec(values.len(), std);
+                if is_expert_tensor(&name) {
+                    rng.skip_normals(experts.start * per_expert);
+                    *values = rng.normal_vec(values.len(), std);
+                    rng.skip_normals((n_experts - experts.end) * per_expert);
+                } else {
+                    *values = rng.normal_vec(values.len(), std);
+                }
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The MoE layer with its routed experts split over an expert-parallel
 //! group ([`ExpertParallel`]): rank `q` of the group owns experts
-//! `q·per..(q+1)·per`; the router, the shared experts and everything outside
-//! the layer are replicated.
+//! `q·per..(q+1)·per`, and its layer need hold no others
+//! ([`MoeParams::experts`]); the router, the shared experts and everything
+//! outside the layer are replicated.
 //!
 //! ```text
 //! forward:  route own tokens ─▶ rows sorted by expert (Dispatch) ─▶ all-to-all (uneven) ─▶
@@ -188,6 +189,12 @@ pub fn forward<T: Scalar>(
         "expert-parallel group built for this model"
     );
     assert_eq!(x.len() % hidden, 0, "MoE input is not [tokens, hidden]");
+    assert!(
+        layer.params.holds(&ep.local_experts()),
+        "this rank's layer holds experts {:?}, not its own {:?}",
+        layer.params.experts,
+        ep.local_experts()
+    );
     let tokens = x.len() / hidden;
     assert!(
         seq_len > 0 && tokens.is_multiple_of(seq_len),
@@ -261,7 +268,8 @@ pub fn forward<T: Scalar>(
 /// [`MoeLayer::backward_with`] for a pass of [`forward`]: adds d loss / d x
 /// into `dx`, the gradients of the replicated weights into `grads`, and the
 /// owned experts' weight gradients (from every rank's tokens) into their
-/// slices of `grads`; the other experts' slices are left alone.
+/// slices of `grads` (which, like the layer, may hold only those); any
+/// other experts' slices are left alone.
 #[allow(clippy::too_many_arguments)] // MoeLayer::backward_with's, plus the group
 pub fn backward<T: Scalar>(
     layer: &MoeLayer<T>,
@@ -278,6 +286,10 @@ pub fn backward<T: Scalar>(
     assert!(
         dout.len() == x.len() && dx.len() == x.len(),
         "MoE gradient shapes"
+    );
+    assert!(
+        grads.holds(&ep.local_experts()),
+        "the gradients hold this rank's experts"
     );
     let (routing, dispatch, plan) = (&pass.routing, &pass.dispatch, &pass.plan);
 

@@ -120,6 +120,11 @@ impl<T: Scalar> MoeLayer<T> {
     /// (see [`Self::linear_count`]); the router's is always f32.
     pub fn forward_with(&self, linears: Linears<'_>, x: &[T], seq_len: usize) -> MoeForward<T> {
         let (config, hidden) = (&self.config, self.config.hidden);
+        assert!(
+            self.params.holds_all(config),
+            "a layer holding only experts {:?} runs expert-parallel (moe::expert_parallel)",
+            self.params.experts
+        );
         assert_eq!(x.len() % hidden, 0, "MoE input is not [tokens, hidden]");
         let tokens = x.len() / hidden;
         assert!(
@@ -229,6 +234,10 @@ impl<T: Scalar> MoeLayer<T> {
         assert!(
             dout.len() == x.len() && dx.len() == x.len(),
             "MoE gradient shapes"
+        );
+        assert!(
+            grads.holds_all(config),
+            "the gradients of a single-rank pass hold every expert"
         );
         let mut dgates = vec![T::ZERO; pass.routing.gates.len()];
         for e in 0..config.n_routed_experts {

@@ -1,6 +1,15 @@
 //! The trainable weights of one MoE layer, each tensor a flat row-major `Vec`.
+//!
+//! A layer may hold only some of its routed experts: a rank of an
+//! expert-parallel group keeps just the experts it owns (weights, gradients
+//! and optimizer moments alike), which is what lets a model larger than one
+//! device train on many. Experts are always named by their global index;
+//! [`MoeParams::experts`] says which ones the stacked tensors hold.
+
+use std::ops::Range;
 
 use crate::linear::Linears;
+use crate::memory::HeldBytes;
 use crate::moe::config::MoeConfig;
 use crate::moe::expert::{SwiGluGrads, SwiGluMlp};
 use crate::rng::SplitMix64;
@@ -9,13 +18,16 @@ use crate::scalar::Scalar;
 /// Weights (or, with the same layout, their gradients) of one MoE layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeParams<T> {
+    /// The routed experts (global indices) the stacked expert tensors hold:
+    /// `0..n_routed_experts`, or an expert-parallel rank's own slice.
+    pub experts: Range<usize>,
     /// `[n_routed_experts, hidden]`.
     pub router: Vec<T>,
-    /// Routed experts stacked: `[n_routed_experts, expert_hidden, hidden]`.
+    /// Routed experts stacked: `[experts.len(), expert_hidden, hidden]`.
     pub experts_w1: Vec<T>,
-    /// `[n_routed_experts, expert_hidden, hidden]`.
+    /// `[experts.len(), expert_hidden, hidden]`.
     pub experts_w3: Vec<T>,
-    /// `[n_routed_experts, hidden, expert_hidden]`.
+    /// `[experts.len(), hidden, expert_hidden]`.
     pub experts_w2: Vec<T>,
     /// All shared experts fused: `[shared_hidden, hidden]` (empty without shared experts).
     pub shared_w1: Vec<T>,
@@ -28,8 +40,20 @@ pub struct MoeParams<T> {
 impl<T: Scalar> MoeParams<T> {
     /// All zeros: the starting point for gradient accumulation.
     pub fn zeros(config: &MoeConfig) -> Self {
-        let [router, expert, shared] = tensor_sizes(config);
+        Self::zeros_with_experts(config, 0..config.n_routed_experts)
+    }
+
+    /// [`Self::zeros`] holding only routed experts `experts`.
+    pub fn zeros_with_experts(config: &MoeConfig, experts: Range<usize>) -> Self {
+        assert!(
+            experts.start <= experts.end && experts.end <= config.n_routed_experts,
+            "experts {experts:?} of {}",
+            config.n_routed_experts
+        );
+        let [router, _, shared] = tensor_sizes(config);
+        let expert = experts.len() * expert_size(config);
         Self {
+            experts,
             router: vec![T::ZERO; router],
             experts_w1: vec![T::ZERO; expert],
             experts_w3: vec![T::ZERO; expert],
@@ -44,6 +68,7 @@ impl<T: Scalar> MoeParams<T> {
     pub fn random(config: &MoeConfig, rng: &mut SplitMix64, std: f64) -> Self {
         let [router, expert, shared] = tensor_sizes(config);
         Self {
+            experts: 0..config.n_routed_experts,
             router: rng.normal_vec(router, std),
             experts_w1: rng.normal_vec(expert, std),
             experts_w3: rng.normal_vec(expert, std),
@@ -54,10 +79,13 @@ impl<T: Scalar> MoeParams<T> {
         }
     }
 
-    /// Whether every tensor has the size `config` implies.
+    /// Whether every tensor has the size `config` implies for the experts held.
     pub fn matches(&self, config: &MoeConfig) -> bool {
-        let [router, expert, shared] = tensor_sizes(config);
-        self.router.len() == router
+        let [router, _, shared] = tensor_sizes(config);
+        let expert = self.experts.len() * expert_size(config);
+        self.experts.start <= self.experts.end
+            && self.experts.end <= config.n_routed_experts
+            && self.router.len() == router
             && [&self.experts_w1, &self.experts_w3, &self.experts_w2]
                 .iter()
                 .all(|t| t.len() == expert)
@@ -66,9 +94,21 @@ impl<T: Scalar> MoeParams<T> {
                 .all(|t| t.len() == shared)
     }
 
-    /// Routed expert `e`'s MLP.
+    /// Whether the tensors hold every routed expert (one process, or no
+    /// expert parallelism).
+    pub fn holds_all(&self, config: &MoeConfig) -> bool {
+        self.experts == (0..config.n_routed_experts)
+    }
+
+    /// Whether the tensors hold every expert of `experts`.
+    pub fn holds(&self, experts: &Range<usize>) -> bool {
+        experts.is_empty()
+            || (self.experts.start <= experts.start && experts.end <= self.experts.end)
+    }
+
+    /// Routed expert `e`'s MLP (`e` global; it must be held).
     pub fn expert<'a>(&'a self, config: &MoeConfig, e: usize) -> SwiGluMlp<'a, T> {
-        let range = expert_range(config, e);
+        let range = self.expert_range(config, e);
         SwiGluMlp {
             w1: &self.experts_w1[range.clone()],
             w3: &self.experts_w3[range.clone()],
@@ -79,9 +119,9 @@ impl<T: Scalar> MoeParams<T> {
         }
     }
 
-    /// Gradient slices for routed expert `e`.
+    /// Gradient slices for routed expert `e` (global; it must be held).
     pub fn expert_grads<'a>(&'a mut self, config: &MoeConfig, e: usize) -> SwiGluGrads<'a, T> {
-        let range = expert_range(config, e);
+        let range = self.expert_range(config, e);
         SwiGluGrads {
             w1: &mut self.experts_w1[range.clone()],
             w3: &mut self.experts_w3[range.clone()],
@@ -111,17 +151,47 @@ impl<T: Scalar> MoeParams<T> {
     }
 }
 
-/// Element counts of the router, of each stacked expert tensor, and of each shared tensor.
-fn tensor_sizes(config: &MoeConfig) -> [usize; 3] {
-    let expert = config.expert_hidden * config.hidden;
-    [
-        config.n_routed_experts * config.hidden,
-        config.n_routed_experts * expert,
-        config.shared_hidden() * config.hidden,
-    ]
+impl<T> MoeParams<T> {
+    /// Where global expert `e` lies in each stacked expert tensor.
+    fn expert_range(&self, config: &MoeConfig, e: usize) -> Range<usize> {
+        assert!(
+            self.experts.contains(&e),
+            "expert {e} is not held here (this layer holds experts {:?})",
+            self.experts
+        );
+        let size = expert_size(config);
+        let local = e - self.experts.start;
+        local * size..(local + 1) * size
+    }
+
+    /// Bytes held by the routed experts' tensors: the part expert
+    /// parallelism divides by the group size.
+    pub fn routed_expert_bytes(&self) -> usize {
+        self.experts_w1.held_bytes() + self.experts_w3.held_bytes() + self.experts_w2.held_bytes()
+    }
 }
 
-fn expert_range(config: &MoeConfig, e: usize) -> std::ops::Range<usize> {
-    let size = config.expert_hidden * config.hidden;
-    e * size..(e + 1) * size
+impl<T> HeldBytes for MoeParams<T> {
+    fn held_bytes(&self) -> usize {
+        self.router.held_bytes()
+            + self.routed_expert_bytes()
+            + self.shared_w1.held_bytes()
+            + self.shared_w3.held_bytes()
+            + self.shared_w2.held_bytes()
+    }
+}
+
+/// Values of one routed expert in each stacked expert tensor.
+pub fn expert_size(config: &MoeConfig) -> usize {
+    config.expert_hidden * config.hidden
+}
+
+/// Element counts of the router, of each stacked expert tensor (every
+/// expert), and of each shared tensor.
+fn tensor_sizes(config: &MoeConfig) -> [usize; 3] {
+    [
+        config.n_routed_experts * config.hidden,
+        config.n_routed_experts * expert_size(config),
+        config.shared_hidden() * config.hidden,
+    ]
 }

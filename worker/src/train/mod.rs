@@ -7,11 +7,13 @@
 pub mod optimizer;
 pub mod schedule;
 
+use std::ops::Range;
+
 use crate::data::{DataLoader, DataPosition};
 use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistError, data_parallel};
-use crate::model::{Gradients, Model, ModelConfig, Parallel};
+use crate::model::{Gradients, Model, ModelConfig, Parallel, TensorBytes};
 use crate::settings::TrainingSettings;
 
 pub use optimizer::AdamW;
@@ -59,10 +61,25 @@ pub struct TrainerState {
 impl Trainer {
     /// Step 0: weights initialised from `settings.seed`, data at the start of its order.
     pub fn new(config: ModelConfig, settings: TrainingSettings, data: DataLoader) -> Self {
-        let model = Model::initial(config.clone(), settings.seed);
-        let optimizer = AdamW::new(&config, settings.optimizer);
+        let experts = 0..config.moe.n_routed_experts;
+        Self::new_with_experts(config, settings, data, experts)
+    }
+
+    /// [`Self::new`] for a rank of an expert-parallel group: the MoE layers
+    /// hold only routed experts `experts` (the rank's own; see
+    /// [`crate::dist::layout::Layout::local_experts`]), and so do the
+    /// gradients and both AdamW moments. Those experts start with the
+    /// values one process gives them.
+    pub fn new_with_experts(
+        config: ModelConfig,
+        settings: TrainingSettings,
+        data: DataLoader,
+        experts: Range<usize>,
+    ) -> Self {
+        let model = Model::initial_with_experts(config.clone(), settings.seed, experts.clone());
+        let optimizer = AdamW::with_experts(&config, settings.optimizer, experts.clone());
         Self {
-            grads: Gradients::zeros(&config),
+            grads: Gradients::zeros_with_experts(&config, experts),
             settings,
             model,
             optimizer,
@@ -70,8 +87,29 @@ impl Trainer {
         }
     }
 
-    /// Continues from a checkpoint's state.
+    /// The routed experts this trainer holds (weights, gradients, moments).
+    pub fn held_experts(&self) -> Range<usize> {
+        self.model.held_experts()
+    }
+
+    /// Bytes this trainer holds in weights, gradients and both AdamW
+    /// moments, routed experts apart: with expert parallelism `ep` the
+    /// routed experts' part is `1/ep` of one process's.
+    pub fn state_bytes(&self) -> TensorBytes {
+        self.model.weights.tensor_bytes()
+            + self.grads.tensor_bytes()
+            + self.optimizer.first_moment.tensor_bytes()
+            + self.optimizer.second_moment.tensor_bytes()
+    }
+
+    /// Continues from a checkpoint's state, which must hold the same routed
+    /// experts as this trainer ([`crate::checkpoint::load`] reads those).
     pub fn restore(&mut self, state: TrainerState) {
+        assert_eq!(
+            state.model.held_experts(),
+            self.held_experts(),
+            "a restored state holds this trainer's experts"
+        );
         self.model = state.model;
         self.optimizer.first_moment = state.first_moment;
         self.optimizer.second_moment = state.second_moment;
@@ -198,12 +236,20 @@ impl Trainer {
                     .iter()
                     .map(|t| expert_parallel::is_expert_tensor(&t.name))
                     .collect();
+                // The owned experts, within whatever the tensors hold (just
+                // those when the trainer was made for this rank).
+                let held = self.grads.held_experts();
                 let owned = ep.local_experts();
+                assert!(
+                    held.start <= owned.start && owned.end <= held.end,
+                    "the trainer holds experts {held:?}, not its own {owned:?}"
+                );
+                let local = owned.start - held.start..owned.end - held.start;
                 let (mut replicated, mut slices) = (Vec::new(), Vec::new());
                 for (tensor, expert) in self.grads.tensors_mut().into_iter().zip(is_expert) {
                     if expert {
-                        let per_expert = tensor.len() / ep.n_experts();
-                        slices.push(&mut tensor[owned.start * per_expert..owned.end * per_expert]);
+                        let per_expert = tensor.len() / held.len();
+                        slices.push(&mut tensor[local.start * per_expert..local.end * per_expert]);
                     } else {
                         replicated.push(tensor.as_mut_slice());
                     }

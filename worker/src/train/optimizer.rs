@@ -2,6 +2,8 @@
 //! moment estimates with bias correction, and weight decay applied to the
 //! weights directly rather than through the gradient, skipped for norm gains.
 
+use std::ops::Range;
+
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::settings::OptimizerSettings;
 
@@ -17,10 +19,20 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(config: &ModelConfig, settings: OptimizerSettings) -> Self {
+        Self::with_experts(config, settings, 0..config.moe.n_routed_experts)
+    }
+
+    /// Moments for a model holding only routed experts `experts` (the state
+    /// follows the weights: an expert-parallel rank keeps its experts' alone).
+    pub fn with_experts(
+        config: &ModelConfig,
+        settings: OptimizerSettings,
+        experts: Range<usize>,
+    ) -> Self {
         Self {
             settings,
-            first_moment: Gradients::zeros(config),
-            second_moment: Gradients::zeros(config),
+            first_moment: Gradients::zeros_with_experts(config, experts.clone()),
+            second_moment: Gradients::zeros_with_experts(config, experts),
             updates: 0,
         }
     }

@@ -122,6 +122,7 @@ fn moe_params<T: Scalar>(fixture: &Fixture, config: &MoeConfig, prefix: &str) ->
         shared_w1,
         shared_w3,
         shared_w2,
+        ..
     } = &mut params;
     let tensors = [
         ("router", router),

@@ -100,6 +100,7 @@ fn f32_forward_and_backward_track_f64() {
     let narrow = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
     let p = &layer64.params;
     let params32 = MoeParams {
+        experts: p.experts.clone(),
         router: narrow(&p.router),
         experts_w1: narrow(&p.experts_w1),
         experts_w3: narrow(&p.experts_w3),

@@ -187,3 +187,139 @@ fn resume_never_starts_over_and_keep_bounds_the_checkpoints() {
         "garbage"
     );
 }
+
+fn loader(settings: &TrainSettings) -> DataLoader {
+    let tokens = tokenizer::encode(&load_corpus(&settings.data).unwrap());
+    DataLoader::new(
+        tokens,
+        settings.model.seq_len,
+        settings.training.seed,
+        "tiny",
+    )
+    .unwrap()
+}
+
+fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer) -> Snapshot<'a> {
+    Snapshot {
+        model_spec: &settings.model_spec,
+        seed: settings.training.seed,
+        data: trainer.data_position(),
+        initial_loss: None,
+        loss: None,
+        model: trainer.model(),
+        optimizer: trainer.optimizer(),
+    }
+}
+
+/// Each tensor (weights, then both moments) as bits, by name.
+fn all_bits(state: &moe_worker::train::TrainerState) -> Vec<(String, Vec<u32>)> {
+    let config = state.model.config();
+    let bits = |prefix: &str, tensors: Vec<moe_worker::model::NamedTensor<'_, f32>>| {
+        tensors
+            .into_iter()
+            .map(|t| {
+                let bits = t.values.iter().map(|v| v.to_bits()).collect();
+                (format!("{prefix}{}", t.name), bits)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut all = bits("", state.model.tensors());
+    all.extend(bits("m/", state.first_moment.tensors(config)));
+    all.extend(bits("v/", state.second_moment.tensors(config)));
+    all
+}
+
+/// Loading for a rank that holds only some routed experts (expert
+/// parallelism): a sharded checkpoint (shards 0..2 and 2..4) is read into
+/// states holding experts 1..3 (across both shards) and 2..4, whose values
+/// must be the whole state's rows for them, bit for bit, weights and both
+/// moments; the same from an unsharded checkpoint. Only the overlapping
+/// shards are read: with shard 2..4 corrupted, a rank holding 0..2 still
+/// loads, one holding 2..4 (or all) is refused naming the shard. A rank
+/// holding 2..4 writes, from its own tensors, the same shard bytes as one
+/// process does from its whole ones.
+#[test]
+fn a_rank_holding_some_experts_loads_and_writes_only_those() {
+    let dir = scratch_dir("expert-shards");
+    let config = config_json(&dir);
+    let settings = TrainSettings::from_config(&worker_config(&config)).unwrap();
+    let mut trainer = Trainer::new(
+        settings.model.clone(),
+        settings.training.clone(),
+        loader(&settings),
+    );
+    trainer.step(&|| false).unwrap();
+    let (spec, model) = (&settings.model_spec, &settings.model);
+
+    // Sharded: two shards written from the whole model, as two ranks would.
+    let sharded_dir = dir.join("sharded");
+    let temporary = checkpoint::begin(&sharded_dir, 1).unwrap();
+    let shot = snapshot(&settings, &trainer);
+    let shards = vec![
+        checkpoint::write_expert_shard(&temporary, &shot, 0..2).unwrap(),
+        checkpoint::write_expert_shard(&temporary, &shot, 2..4).unwrap(),
+    ];
+    let sharded = checkpoint::commit(&sharded_dir, 1, &shot, &temporary, shards).unwrap();
+    let plain = checkpoint::save(&dir.join("plain"), 1, &shot).unwrap();
+
+    let whole = checkpoint::load(&sharded, spec, model).unwrap().state;
+    let whole_bits = all_bits(&whole);
+    assert_eq!(
+        all_bits(&checkpoint::load(&plain, spec, model).unwrap().state),
+        whole_bits
+    );
+    let per = settings.model.moe.expert_hidden * settings.model.hidden;
+    for path in [&sharded, &plain] {
+        for experts in [1..3, 2..4] {
+            let part = checkpoint::load_experts(path, spec, model, experts.clone())
+                .unwrap()
+                .state;
+            assert_eq!(part.model.held_experts(), experts);
+            for ((name, got), (_, want)) in all_bits(&part).iter().zip(&whole_bits) {
+                let want = if name.contains("moe.experts_") {
+                    &want[experts.start * per..experts.end * per]
+                } else {
+                    want
+                };
+                assert_eq!(got, want, "{} {experts:?}: {name}", path.display());
+            }
+        }
+    }
+
+    // A rank's own shard equals the one written from the whole model.
+    let mut rank = Trainer::new_with_experts(
+        settings.model.clone(),
+        settings.training.clone(),
+        loader(&settings),
+        2..4,
+    );
+    rank.restore(
+        checkpoint::load_experts(&plain, spec, model, 2..4)
+            .unwrap()
+            .state,
+    );
+    let again = checkpoint::begin(&dir.join("again"), 1).unwrap();
+    let mine = checkpoint::write_expert_shard(&again, &snapshot(&settings, &rank), 2..4).unwrap();
+    assert_eq!(
+        fs::read(again.join(&mine.file)).unwrap(),
+        fs::read(sharded.join(&mine.file)).unwrap()
+    );
+    assert!(checkpoint::write_expert_shard(&again, &snapshot(&settings, &rank), 0..2).is_err());
+
+    // Corrupt shard 2..4: only its readers notice.
+    let shard = sharded.join(checkpoint::expert_shard_name(&(2..4)));
+    let mut bytes = fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    fs::write(&shard, &bytes).unwrap();
+    checkpoint::load_experts(&sharded, spec, model, 0..2).expect("shard 2..4 is not read");
+    for experts in [2..4, 0..4] {
+        let error = checkpoint::load_experts(&sharded, spec, model, experts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("experts-00002-00004.safetensors does not match the checksum"),
+            "{error}"
+        );
+    }
+}

@@ -294,7 +294,7 @@ impl Op<'_> {
         let failed = |e: ReadError, link: &Link| match e {
             ReadError::TimedOut => DistError::Timeout {
                 op: kind.name(),
-                peer,
+                peer: Some(peer),
                 after: timeout,
             },
             other => DistError::PeerLost {

@@ -329,6 +329,7 @@ fn moe_layer(
         aux_loss_alpha: 0.0,
     };
     let mut params = MoeParams {
+        experts: 0..config.experts,
         router,
         experts_w1: Vec::with_capacity(config.experts * config.expert_hidden * config.hidden),
         experts_w3: Vec::with_capacity(config.experts * config.expert_hidden * config.hidden),
