@@ -11,14 +11,13 @@
 //! need (`x wᵀ`, `dout w`, `doutᵀ x`) runs the same kernel from contiguous
 //! memory, and ragged edges are zero-padded instead of special-cased.
 //!
-//! Exactness: each element of `C` is one running sum, continued from its
-//! value in `C` through the `K` products in ascending order (the `KC` blocks
-//! run in order, each resuming from what the previous one stored), with the
-//! product and the sum each rounded — no fused multiply-add. These are the
-//! portable loops' operations in their order, so the result is the same to
-//! the bit on every CPU, with or without this kernel. (On CPUs with separate
-//! multiply and add pipes, as AMD Zen has, this costs no throughput against
-//! FMA: the only dependency chain is the add.)
+//! Exactness: each element of `C` is one running sum, started from zero or
+//! continued from its value in `C` ([`Start`]), through the `K` products in
+//! ascending order (the `KC` blocks run in order, each resuming from what the
+//! previous one stored), one fused multiply-add (one rounding) per product.
+//! These are the portable loops' operations (`f32::mul_add`) in their order,
+//! so the result is the same to the bit on every CPU, with or without this
+//! kernel.
 
 /// Rows of the register tile.
 const MR: usize = 6;
