@@ -1122,14 +1122,18 @@ async fn group_rollouts_surge_within_max_surge_and_never_drop_below_max_unavaila
         Ok((groups == pairs(&[("0", "0"), ("0", "1"), ("1", "0")])).then_some(()))
     })
     .await?;
-    let s = api.get("chat").await?;
-    ensure!(
-        condition(&s, "Progressing").is_some_and(|c| c.reason == "Updating")
+    // The status follows once the operator has seen the new group (it is
+    // written after the group is created, so it may lag a watcher of the
+    // StatefulSets by a moment); the bounds keep being checked meanwhile.
+    eventually("the mid-surge status", WAIT, || async {
+        bounded().await?;
+        let s = api.get("chat").await?;
+        let surging = condition(&s, "Progressing").is_some_and(|c| c.reason == "Updating")
             && condition(&s, "Available").is_some_and(|c| c.status == "True")
-            && s.status.as_ref().map(|st| (st.replicas, st.ready_replicas)) == Some((3, 2)),
-        "mid-surge status {:?}",
-        s.status
-    );
+            && s.status.as_ref().map(|st| (st.replicas, st.ready_replicas)) == Some((3, 2));
+        Ok(surging.then_some(()))
+    })
+    .await?;
     // While the successor is not ready, the surge budget is spent: nothing else moves.
     for _ in 0..6 {
         let groups = bounded().await?;
