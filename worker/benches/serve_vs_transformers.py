@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Decode speed and time to first token on the CPU: `moe-worker serve` beside
 Hugging Face transformers, the same random-weight Mixtral-style model, the
-same prompt, greedy, the same number of threads (1: the worker's CPU path is
-single-threaded), measured in one run (the machine is shared: the ratio is
-the figure that travels).
+same prompt, greedy, the same number of threads, measured in one run; then
+the server's throughput against concurrent streaming clients.
 
     cargo build --release -p moe-worker --bin moe-worker
     /work/venv-torch/bin/python worker/benches/serve_vs_transformers.py \\
@@ -12,6 +11,23 @@ the figure that travels).
 The model is written to a temporary directory in Hugging Face format
 (config.json, safetensors, the tokenizer of the committed Mixtral fixture),
 so both sides load the same files. Needs torch and transformers.
+
+Both sides are measured the same way, alternating run by run (the machine
+is shared: the same-run ratio is the figure that travels): time to first
+token is a one-token generation (the worker: a streamed one-token request,
+to its last byte), decode speed is (tokens - 1) / (time of a `--tokens`
+generation - time to first token), the worker's token count taken from the
+response's `usage`. Each figure is given in wall time and in CPU time (the
+worker: its threads' on-CPU nanoseconds from /proc/<pid>/task/*/schedstat;
+transformers: this process's CPU time), since on a loaded machine wall
+time also counts the time other processes held the core.
+
+The concurrency curve: N clients (default 1, 8, 32, 64) each stream
+`--rounds` completions back to back; aggregate output tokens/s (from
+`usage`), and per request, as vLLM's serving benchmark defines them, the
+time to the first chunk with text (TTFT) and the gaps between text chunks
+(inter-token latency; a chunk may carry several tokens when one character
+spans several byte tokens).
 """
 
 import argparse
@@ -70,75 +86,207 @@ def free_port():
 
 
 def stream_completion(port, tokens):
-    """(seconds to the first token, seconds from the first token to the last, pieces)."""
+    """One streamed completion: seconds to the first text chunk, to the end,
+    the arrival times of the text chunks, and the completion tokens."""
     body = json.dumps({"model": "bench", "prompt": PROMPT, "max_tokens": tokens,
-                       "temperature": 0, "stream": True})
+                       "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
     connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200, response.read()
-    first = last = None
-    pieces = 0
+    chunks, completion = [], None
     for line in response:
         line = line.strip()
         if not line.startswith(b"data:") or line == b"data: [DONE]":
             continue
         event = json.loads(line[5:])
+        if event.get("usage"):
+            completion = event["usage"]["completion_tokens"]
         if event["choices"] and event["choices"][0].get("text"):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            pieces += 1
+            chunks.append(time.perf_counter() - started)
+    ended = time.perf_counter() - started
     connection.close()
-    return first - started, last - first, pieces
+    assert completion is not None, "no usage chunk"
+    return {"ttft": chunks[0] if chunks else ended, "end": ended, "chunks": chunks,
+            "tokens": completion}
 
 
-def serve(args, directory):
-    port = free_port()
-    env = dict(os.environ, MOE_STATUS_ADDR="off")
-    process = subprocess.Popen(
-        [args.worker, "serve", "--model", directory, "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "bench"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
+class Server:
+    """`moe-worker serve` on a free loopback port."""
+
+    def __init__(self, args, directory):
+        self.port = free_port()
+        self.threads = {}  # thread id -> its on-CPU nanoseconds last seen
+        env = dict(os.environ, MOE_STATUS_ADDR="off")
+        command = [args.worker, "serve", "--model", directory, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--served-model-name", "bench",
+                   "--threads", str(args.threads)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, env=env)
         deadline = time.time() + 120
         while True:
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 connection.request("GET", "/health")
                 if connection.getresponse().status == 200:
-                    break
+                    return
             except OSError:
                 pass
-            if time.time() > deadline or process.poll() is not None:
-                sys.exit("moe-worker serve did not become ready: " + process.stderr.read().decode())
+            if time.time() > deadline or self.process.poll() is not None:
+                self.stop()
+                sys.exit("\nmoe-worker serve did not become ready: "
+                         + self.process.stderr.read().decode())
             time.sleep(0.2)
-        runs = [stream_completion(port, args.tokens) for _ in range(args.runs)]
-    finally:
-        process.terminate()
-        process.wait()
-    ttft = min(r[0] for r in runs)
-    decode = max((r[2] - 1) / r[1] for r in runs if r[1] > 0)
-    return ttft, decode
+
+    def cpu(self):
+        """Seconds on a CPU so far, all the server's threads together.
+
+        A running thread's count lags by up to a scheduler tick (it is
+        brought up to date when the thread blocks), so this first waits a
+        moment for the server to go idle after the request just answered.
+        A thread that ends leaves /proc (an idle runtime thread does after a
+        while): its last count is kept, or the total would go backwards.
+        """
+        time.sleep(0.01)
+        task_dir = f"/proc/{self.process.pid}/task"
+        for task in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{task}/schedstat") as f:
+                    self.threads[task] = int(f.read().split()[0])
+            except OSError:
+                pass  # a thread that just ended
+        return sum(self.threads.values()) / 1e9
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
 
 
-def reference(model, directory, args):
+def worker_run(server, args):
+    """(TTFT, decode period) in (wall, CPU) seconds, and the decode's token count."""
+    wall, cpu = [], []
+    for _ in range(args.ttft_repeats):
+        c0, t0 = server.cpu(), time.perf_counter()
+        stream_completion(server.port, 1)
+        wall.append(time.perf_counter() - t0)  # before cpu(): it waits
+        cpu.append(server.cpu() - c0)
+    ttft = (min(wall), min(cpu))
+    c0, t0 = server.cpu(), time.perf_counter()
+    result = stream_completion(server.port, args.tokens)
+    elapsed = time.perf_counter() - t0
+    total = (elapsed, server.cpu() - c0)
+    return ttft, (total[0] - ttft[0], total[1] - ttft[1]), result["tokens"]
+
+
+def torch_run(model, ids, args):
+    wall, cpu = [], []
+    with torch.inference_mode():
+        for _ in range(args.ttft_repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        ttft = (min(wall), min(cpu))
+        c0, t0 = time.process_time(), time.perf_counter()
+        model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                       do_sample=False, pad_token_id=0)
+        total = (time.perf_counter() - t0, time.process_time() - c0)
+    return ttft, (total[0] - ttft[0], total[1] - ttft[1]), args.tokens
+
+
+def median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def head_to_head(server, model, directory, args):
+    """Alternating runs, both sides; prints best and median, wall and CPU, and the ratios."""
     torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    ttfts, decodes = [], []
+    # Warm-up: first calls allocate, fault pages in, pick kernels.
+    stream_completion(server.port, 4)
     with torch.inference_mode():
-        for _ in range(args.runs):
-            started = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
-            ttfts.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                           do_sample=False, pad_token_id=0)
-            total = time.perf_counter() - started
-            decodes.append((args.tokens - 1) / max(total - ttfts[-1], 1e-9))
-    return min(ttfts), max(decodes), ids.shape[1]
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    runs = {"worker": [], "transformers": []}
+    for r in range(args.runs):
+        order = ["worker", "transformers"] if r % 2 == 0 else ["transformers", "worker"]
+        for side in order:
+            if side == "worker":
+                runs[side].append(worker_run(server, args))
+            else:
+                runs[side].append(torch_run(model, ids, args))
+    figures = {}
+    for side, results in runs.items():
+        for clock, index in (("wall", 0), ("cpu", 1)):
+            ttfts = [ttft[index] for ttft, _, _ in results]
+            decodes = [(n - 1) / max(period[index], 1e-9) for _, period, n in results]
+            figures[side, clock] = {"ttft_best": min(ttfts), "ttft_median": median(ttfts),
+                                    "decode_best": max(decodes),
+                                    "decode_median": median(decodes)}
+    tokens = {n for _, _, n in runs["worker"]}
+    print(f"model: Mixtral-style, hidden {args.hidden}, {args.layers} layers, 8 experts top-2; "
+          f"prompt {ids.shape[1]} tokens, {args.tokens} generated (worker: {sorted(tokens)}), "
+          f"{args.runs} alternating runs, TTFT min of {args.ttft_repeats} per run, "
+          f"{args.threads} thread(s); transformers {transformers.__version__}, "
+          f"torch {torch.__version__}")
+    print(f"{'':14}{'clock':6}{'TTFT best':>11}{'median':>9}{'decode best':>15}{'median':>13}")
+    for side in ("worker", "transformers"):
+        for clock in ("wall", "cpu"):
+            f = figures[side, clock]
+            print(f"{side:14}{clock:6}{f['ttft_best'] * 1e3:8.1f} ms{f['ttft_median'] * 1e3:6.1f} ms"
+                  f"{f['decode_best']:9.1f} tok/s{f['decode_median']:7.1f} tok/s")
+    for clock in ("wall", "cpu"):
+        w, t = figures["worker", clock], figures["transformers", clock]
+        print(f"ratio {clock:4}: decode {w['decode_best'] / t['decode_best']:.2f}x best, "
+              f"{w['decode_median'] / t['decode_median']:.2f}x median; "
+              f"TTFT {t['ttft_best'] / w['ttft_best']:.2f}x best, "
+              f"{t['ttft_median'] / w['ttft_median']:.2f}x median faster (target >= 3x)")
+
+
+def concurrency(server, args):
+    """Throughput and latencies with N streaming clients at once, for each N."""
+    import threading
+    print(f"concurrency: each client streams {args.rounds} completion(s) of {args.tokens} "
+          f"tokens back to back")
+    print(f"{'clients':>8}{'tok/s':>9}{'tok/CPU-s':>11}{'TTFT p50':>10}{'p99':>9}"
+          f"{'ITL p50':>9}{'p99':>9}{'TPOT p50':>10}")
+    for clients in args.clients:
+        results, lock = [], threading.Lock()
+
+        def client():
+            for _ in range(args.rounds):
+                result = stream_completion(server.port, args.tokens)
+                with lock:
+                    results.append(result)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        c0, t0 = server.cpu(), time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - t0
+        cpu = server.cpu() - c0
+        tokens = sum(r["tokens"] for r in results)
+        ttfts = [r["ttft"] for r in results]
+        gaps = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:])]
+        tpots = [(r["end"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+        ms = 1e3
+        print(f"{clients:8}{tokens / elapsed:9.1f}{tokens / cpu:11.1f}"
+              f"{percentile(ttfts, 50) * ms:8.1f}ms{percentile(ttfts, 99) * ms:7.1f}ms"
+              f"{percentile(gaps, 50) * ms:7.1f}ms{percentile(gaps, 99) * ms:7.1f}ms"
+              f"{percentile(tpots, 50) * ms:8.1f}ms")
 
 
 def main():
@@ -147,21 +295,24 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
-    parser.add_argument("--runs", type=int, default=3, help="best of this many")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads")
+    parser.add_argument("--runs", type=int, default=5, help="alternating runs per side")
+    parser.add_argument("--ttft-repeats", type=int, default=3,
+                        help="one-token generations per run (the least counts)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads of each side (worker --threads, torch.set_num_threads)")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32, 64],
+                        help="concurrency levels (none: skip the curve)")
+    parser.add_argument("--rounds", type=int, default=2, help="completions per client")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         model = write_model(directory, args)
-        worker_ttft, worker_decode = serve(args, directory)
-        torch_ttft, torch_decode, prompt_tokens = reference(model, directory, args)
-    print(f"model: Mixtral-style, hidden {args.hidden}, {args.layers} layers, 8 experts top-2; "
-          f"prompt {prompt_tokens} tokens, {args.tokens} generated, best of {args.runs}, "
-          f"{args.threads} thread(s)")
-    print(f"moe-worker serve: TTFT {worker_ttft * 1e3:.1f} ms, decode {worker_decode:.1f} tok/s")
-    print(f"transformers {transformers.__version__} (torch {torch.__version__}): "
-          f"TTFT {torch_ttft * 1e3:.1f} ms, decode {torch_decode:.1f} tok/s")
-    print(f"ratio moe-worker / transformers: decode {worker_decode / torch_decode:.2f}x, "
-          f"TTFT {torch_ttft / worker_ttft:.2f}x faster (target >= 3x)")
+        server = Server(args, directory)
+        try:
+            head_to_head(server, model, directory, args)
+            if args.clients:
+                concurrency(server, args)
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ struct ServeArgs {
     /// KV cache budget in MiB (default 1024).
     #[arg(long)]
     kv_cache_mib: Option<usize>,
+    /// Threads computing each forward pass (default 1).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +125,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_concurrent_requests: args.max_concurrent_requests,
         max_queued_requests: args.max_queued_requests,
         kv_cache_mib: args.kv_cache_mib,
+        threads: args.threads,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
     };
     let (options, warnings) = match options::resolve(config.as_ref(), flags) {

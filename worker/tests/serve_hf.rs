@@ -312,6 +312,132 @@ fn a_hugging_face_model_answers_over_http() {
     );
 }
 
+/// `log_softmax(logits)` in f64: the reference the served log-probabilities
+/// are checked against, from `transformers`' logits.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+    logits
+        .iter()
+        .map(|&l| f64::from(l) - max - sum.ln())
+        .collect()
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
+    let dir = fixture("mixtral");
+    let golden = golden(&dir);
+    let options = ServeOptions {
+        model_name: Some("mixtral".into()),
+        ..serve_support::options(&dir)
+    };
+    let loaded = load::load(&dir, None, None).unwrap();
+    let tokenizer = loaded.tokenizer.clone();
+    let server = Server::start(loaded, &options).unwrap();
+    let text_of = |id: u32| String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned();
+    let mut worst = 0.0f64;
+    for prompt in &golden.prompts {
+        let top = 3;
+        let body = serde_json::json!({
+            "model": "mixtral", "prompt": prompt.ids, "max_tokens": prompt.greedy.len(),
+            "temperature": 0, "logprobs": top,
+        });
+        let response = post_json(server.addr, "/v1/completions", &body);
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+        let logprobs = &response.json()["choices"][0]["logprobs"];
+        let token_logprobs = logprobs["token_logprobs"].as_array().unwrap();
+        assert_eq!(token_logprobs.len(), prompt.greedy.len());
+        for (step, (&token, logits)) in prompt.greedy.iter().zip(&prompt.logits).enumerate() {
+            let reference = log_softmax(logits);
+            let got = token_logprobs[step].as_f64().unwrap();
+            worst = worst.max((got - reference[token as usize]).abs());
+            // The alternatives: transformers' `top` likeliest, most likely
+            // first (greedy: the chosen token leads).
+            let mut order: Vec<usize> = (0..reference.len()).collect();
+            order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+            let alternatives = logprobs["top_logprobs"][step].as_object().unwrap();
+            let mut seen = Vec::new();
+            for &id in &order[..top] {
+                // Tokens with the same text share a key, the likelier's.
+                let text = text_of(id as u32);
+                if !seen.contains(&text) {
+                    let value = alternatives[&text].as_f64().unwrap();
+                    worst = worst.max((value - reference[id]).abs());
+                    seen.push(text);
+                }
+            }
+            assert_eq!(alternatives.len(), seen.len());
+            assert_eq!(logprobs["tokens"][step], text_of(token));
+        }
+        // Streamed, the same tokens and values arrive spread over the chunks.
+        let body = serde_json::json!({
+            "model": "mixtral", "prompt": prompt.ids, "max_tokens": prompt.greedy.len(),
+            "temperature": 0, "logprobs": top, "stream": true,
+        });
+        let streamed: Vec<serde_json::Value> = post_json(server.addr, "/v1/completions", &body)
+            .events()
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| {
+                let chunk: serde_json::Value = serde_json::from_str(e).unwrap();
+                let logprobs = chunk["choices"][0]["logprobs"].clone();
+                (!logprobs.is_null()).then_some(logprobs)
+            })
+            .collect();
+        let streamed_values: Vec<&serde_json::Value> = streamed
+            .iter()
+            .flat_map(|l| l["token_logprobs"].as_array().unwrap())
+            .collect();
+        assert_eq!(streamed_values, token_logprobs.iter().collect::<Vec<_>>());
+        let offsets: Vec<&serde_json::Value> = streamed
+            .iter()
+            .flat_map(|l| l["text_offset"].as_array().unwrap())
+            .collect();
+        assert_eq!(
+            offsets,
+            logprobs["text_offset"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>()
+        );
+    }
+    eprintln!("largest log-probability difference from transformers: {worst:e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    // Chat: a `content` entry per token, each with its bytes and alternatives.
+    let body = serde_json::json!({
+        "model": "mixtral", "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+    });
+    let response = post_json(server.addr, "/v1/chat/completions", &body);
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let json = response.json();
+    let content = json["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(!content.is_empty() && content.len() <= 3);
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the likeliest.
+        assert_eq!(top[0]["logprob"], entry["logprob"]);
+        assert!(entry["bytes"].is_array());
+    }
+}
+
 #[test]
 fn an_end_of_sequence_token_ends_the_completion() {
     // A greedy token (not the first, and new at its step) declared

@@ -197,6 +197,14 @@ fn streaming_gives_the_same_text_as_a_single_response() {
             finish.as_deref(),
             single.json()["choices"][0]["finish_reason"].as_str()
         );
+        // stream_options.include_usage: a last chunk, no choices, the usage.
+        streaming["stream_options"] = json!({"include_usage": true});
+        let with_usage = post_json(server.addr, path, &streaming);
+        assert_eq!(streamed_text(&with_usage).0, text);
+        let events = with_usage.events();
+        let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(last["choices"], json!([]), "{last}");
+        assert_eq!(last["usage"], single.json()["usage"]);
     }
     // A stop string ends the text before it, in both forms.
     let unstopped = full_text(&post_json(

@@ -9,7 +9,7 @@ mod serve_support;
 use moe_worker::rng::SplitMix64;
 use moe_worker::serve::engine::{Chunk, Engine, StepError};
 use moe_worker::serve::kv_cache::{KvStore, PageAllocator, pages_for};
-use serve_support::{CONTEXT, tiny_model};
+use serve_support::{CONTEXT, model_for, spec_with_context, tiny_model};
 
 const PAGE_SIZE: usize = 4;
 const VOCAB: usize = 256;
@@ -152,6 +152,70 @@ fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
             "sequence {i} differs in a batch"
         );
     }
+}
+
+/// With `--threads`, the large GEMMs split their output columns across a
+/// pool: the logits keep their bits. The model is wide enough that they split.
+#[test]
+fn threads_compute_the_same_bits_as_one() {
+    let mut spec = serde_json::to_value(spec_with_context(CONTEXT)).unwrap();
+    spec["hiddenSize"] = 256.into();
+    spec["moe"]["expertHiddenSize"] = 512.into();
+    let spec = serde_json::from_value(spec).unwrap();
+    let one = Engine::new(model_for(&spec, 8));
+    let three = Engine::new(model_for(&spec, 8)).with_threads(3).unwrap();
+    let shape = one.kv_shape(PAGE_SIZE);
+    let prompts = [random_tokens(29, 1), random_tokens(1, 2)];
+    let pages: Vec<Vec<u32>> = (0..2u32)
+        .map(|s| (0..16).map(|p| 2 * p + s).collect())
+        .collect();
+    let mut logits = Vec::new();
+    for engine in [&one, &three] {
+        let mut store = KvStore::new(shape, 32);
+        let step = |start: usize, tokens: [&[u32]; 2], store: &mut KvStore| {
+            let chunks: Vec<Chunk<'_>> = (0..2)
+                .map(|s| Chunk {
+                    pages: &pages[s],
+                    start: if s == 0 { start } else { start.min(1) },
+                    tokens: tokens[s],
+                    logits: true,
+                })
+                .collect();
+            engine.step(store, &chunks).unwrap()
+        };
+        // A prefill beside a one-token prompt, then a decode step of both.
+        let first = step(0, [&prompts[0], &prompts[1]], &mut store);
+        let next = step(29, [&[7], &[9]], &mut store);
+        logits.push([first, next]);
+    }
+    assert_eq!(logits[0], logits[1]);
+}
+
+/// A prompt's middle chunk wants no logits: the last layer then runs its
+/// feed-forward on no rows, and the cache still gets every position (the
+/// next chunk's logits are those of the whole prompt at once).
+#[test]
+fn a_chunk_without_logits_still_fills_the_cache() {
+    let engine = Engine::new(tiny_model(7));
+    let tokens = random_tokens(20, 9);
+    let pages: Vec<u32> = (0..pages_for(CONTEXT, PAGE_SIZE) as u32).collect();
+    let chunk = |start: usize, end: usize, logits: bool| Chunk {
+        pages: &pages,
+        start,
+        tokens: &tokens[start..end],
+        logits,
+    };
+    let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), pages.len());
+    assert!(
+        engine
+            .step(&mut store, &[chunk(0, 12, false)])
+            .unwrap()
+            .is_empty()
+    );
+    let chunked = engine.step(&mut store, &[chunk(12, 20, true)]).unwrap();
+    let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), pages.len());
+    let whole = engine.step(&mut store, &[chunk(0, 20, true)]).unwrap();
+    assert_eq!(chunked, whole);
 }
 
 #[test]

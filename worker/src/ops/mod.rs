@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod matmul;
 mod packed_gemm;
+pub mod packed_linear;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;

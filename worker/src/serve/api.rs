@@ -2,14 +2,15 @@
 //!
 //! Parsing is lenient where the OpenAI clients are (unknown fields, such
 //! as `user` or `logit_bias`, are ignored) and strict where a silent
-//! ignore would change the answer (`n > 1`, `logprobs`, `echo` are refused
-//! until they are implemented).
+//! ignore would change the answer (`n > 1` and `echo` are refused until
+//! they are implemented).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::serve::logprobs::{MAX_CHAT_TOP, MAX_COMPLETION_TOP};
 use crate::serve::runner::GenerationRequest;
 use crate::serve::sampler::SamplingParams;
 use crate::serve::text::Tokenizer;
@@ -159,9 +160,21 @@ pub struct Sampling {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
+    /// Completions: how many alternatives (0–5); chat: whether to report.
     pub logprobs: Option<Value>,
+    /// Chat: how many alternatives (0–20), with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
     pub echo: Option<bool>,
+}
+
+/// OpenAI's `stream_options`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// A last chunk, before `[DONE]`, with no choices and the `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -217,6 +230,8 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 pub struct Checked {
     pub request: GenerationRequest,
     pub stream: bool,
+    /// Streaming ends with a `usage` chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
 }
 
 /// The model and generation limits a request is checked against.
@@ -259,8 +274,24 @@ impl CompletionRequest {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let logprobs = match &self.sampling.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n <= MAX_COMPLETION_TOP)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!(
+                                "logprobs: {v} is not a number of alternatives from 0 to {MAX_COMPLETION_TOP}"
+                            ),
+                            Some("logprobs"),
+                        )
+                    })?,
+            ),
+        };
         self.sampling
-            .check(prompt, DEFAULT_COMPLETION_TOKENS, served)
+            .check(prompt, DEFAULT_COMPLETION_TOKENS, served, logprobs)
     }
 }
 
@@ -302,16 +333,47 @@ impl ChatRequest {
             .map_err(|e| ApiError::invalid(e, Some("messages")))?;
         // No max_tokens: the rest of the context.
         let rest = served.context.saturating_sub(prompt.len()).max(1);
-        self.sampling.check(prompt, rest, served)
+        let logprobs = self.sampling.chat_logprobs()?;
+        self.sampling.check(prompt, rest, served, logprobs)
     }
 }
 
 impl Sampling {
+    /// Chat's `logprobs` (a boolean) and `top_logprobs` (0–20, only with it).
+    fn chat_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let wanted = match &self.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!("logprobs: {v} is not a boolean"),
+                    Some("logprobs"),
+                ));
+            }
+        };
+        let top = match self.top_logprobs {
+            None => 0,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= MAX_CHAT_TOP && wanted)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!(
+                            "top_logprobs: {n} must be from 0 to {MAX_CHAT_TOP}, with logprobs: true"
+                        ),
+                        Some("top_logprobs"),
+                    )
+                })?,
+        };
+        Ok(wanted.then_some(top))
+    }
+
     fn check(
         self,
         prompt: Vec<u32>,
         default_max_tokens: usize,
         served: Served<'_>,
+        logprobs: Option<usize>,
     ) -> Result<Checked, ApiError> {
         if let Some(model) = &self.model
             && model != served.name
@@ -347,16 +409,6 @@ impl Sampling {
         };
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n: only 1 is supported", Some("n")));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &json!(false))
-        {
-            return Err(ApiError::invalid(
-                "logprobs: not supported yet",
-                Some("logprobs"),
-            ));
         }
         if self.echo == Some(true) {
             return Err(ApiError::invalid("echo: not supported", Some("echo")));
@@ -409,8 +461,10 @@ impl Sampling {
                     seed,
                 },
                 stops,
+                logprobs,
             },
             stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
     }
 }
@@ -466,6 +520,9 @@ mod tests {
             (r#"{"prompt":"a","n":2}"#, "n"),
             (r#"{"prompt":""}"#, "prompt"),
             (r#"{"prompt":[1000]}"#, "prompt"),
+            (r#"{"prompt":"a","logprobs":6}"#, "logprobs"),
+            (r#"{"prompt":"a","logprobs":-1}"#, "logprobs"),
+            (r#"{"prompt":"a","logprobs":true}"#, "logprobs"),
         ];
         for (body, param) in cases {
             let e = completion(body).unwrap_err();
@@ -508,5 +565,36 @@ mod tests {
         );
         assert_eq!(checked.request.max_tokens, 3);
         assert_eq!(checked.request.stops, ["\n"]);
+    }
+
+    /// Completions take a count, chat a flag and `top_logprobs`.
+    #[test]
+    fn logprobs_in_both_shapes() {
+        let count = |body: &str| completion(body).map(|c| c.request.logprobs);
+        assert_eq!(count(r#"{"prompt":"a"}"#).unwrap(), None);
+        assert_eq!(count(r#"{"prompt":"a","logprobs":null}"#).unwrap(), None);
+        assert_eq!(count(r#"{"prompt":"a","logprobs":0}"#).unwrap(), Some(0));
+        assert_eq!(count(r#"{"prompt":"a","logprobs":5}"#).unwrap(), Some(5));
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
+            parse::<ChatRequest>(body.as_bytes())?
+                .check(SERVED)
+                .map(|c| c.request.logprobs)
+        };
+        assert_eq!(chat("").unwrap(), None);
+        assert_eq!(chat(r#","logprobs":false"#).unwrap(), None);
+        assert_eq!(chat(r#","logprobs":true"#).unwrap(), Some(0));
+        assert_eq!(
+            chat(r#","logprobs":true,"top_logprobs":20"#).unwrap(),
+            Some(20)
+        );
+        for bad in [
+            r#","logprobs":true,"top_logprobs":21"#,
+            r#","top_logprobs":2"#,
+            r#","logprobs":3"#,
+        ] {
+            let e = chat(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! each contributing a chunk of new tokens (a whole prompt, a piece of one,
 //! or the one token sampled last step), run through the model together.
 //!
-//! It reuses the training model's weights and ops and repeats the training
-//! forward's arithmetic in the same order, so a prefill followed by
+//! It runs the training model's weights (packed once for the GEMM kernel,
+//! `serve/layers.rs`) and repeats the training forward's
+//! arithmetic in the same order, so a prefill followed by
 //! one-token decodes reproduces the full-sequence logits (tested against
 //! [`crate::model::Model::forward`]). Every op works row by row (the GEMMs
 //! sum each output in a fixed order whatever the row count, routing is per
@@ -11,10 +12,11 @@
 //! what else is in the batch: batching is invisible to the bit.
 
 use crate::model::Model;
+use crate::ops::rmsnorm;
 use crate::ops::rope::RopeTable;
-use crate::ops::{embedding, matmul, rmsnorm};
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
-use crate::serve::model::{RopeLayout, ServeConfig, ServeFfn, ServeModel};
+use crate::serve::layers::{Ffn, Layers};
+use crate::serve::model::{RopeLayout, ServeConfig, ServeModel};
 
 /// One sequence's share of a step.
 #[derive(Clone, Copy, Debug)]
@@ -59,8 +61,12 @@ impl std::error::Error for StepError {}
 /// The model, ready to serve.
 #[derive(Debug)]
 pub struct Engine {
-    model: ServeModel,
+    config: ServeConfig,
+    layers: Layers,
     rope: RopeTable<f32>,
+    /// With more than one thread: the pool a step runs in, whose threads
+    /// share each large GEMM's output columns (same bits as one thread).
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl Engine {
@@ -70,15 +76,37 @@ impl Engine {
         Self::serve(ServeModel::from_native(model))
     }
 
-    /// Serves any model, with a context of `model.config.context`.
+    /// Serves any model, with a context of `model.config.context`. Its
+    /// weights are packed for the GEMM kernel here, once.
     pub fn serve(model: ServeModel) -> Self {
-        let config = &model.config;
+        let config = model.config.clone();
         let rope = RopeTable::new(config.context, config.head_dim, config.rope_theta);
-        Self { model, rope }
+        let layers = Layers::pack(model);
+        Self {
+            config,
+            layers,
+            rope,
+            pool: None,
+        }
+    }
+
+    /// Runs each step on `threads` threads (1: on the caller's alone).
+    pub fn with_threads(mut self, threads: usize) -> std::io::Result<Self> {
+        self.pool = if threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("moe-serve-math-{i}"))
+                .build()
+                .map_err(std::io::Error::other)?;
+            Some(pool)
+        } else {
+            None
+        };
+        Ok(self)
     }
 
     pub fn config(&self) -> &ServeConfig {
-        &self.model.config
+        &self.config
     }
 
     /// Longest sequence (prompt and completion) the engine runs.
@@ -97,6 +125,14 @@ impl Engine {
     /// Runs one step: writes every chunk's keys and values into `cache` and
     /// returns `[chunks with logits, vocab]` logits, in chunk order.
     pub fn step(&self, cache: &mut KvStore, chunks: &[Chunk<'_>]) -> Result<Vec<f32>, StepError> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.step_here(cache, chunks)),
+            None => self.step_here(cache, chunks),
+        }
+    }
+
+    /// [`Self::step`] on the calling thread (inside the pool, if any).
+    fn step_here(&self, cache: &mut KvStore, chunks: &[Chunk<'_>]) -> Result<Vec<f32>, StepError> {
         let config = self.config();
         let (h, qw, kv, vocab) = (
             config.hidden,
@@ -117,20 +153,35 @@ impl Engine {
             .iter()
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
+        // The rows that want logits: each such chunk's last.
+        let mut logit_rows = Vec::new();
+        let mut end = 0;
+        for chunk in chunks {
+            end += chunk.tokens.len();
+            if chunk.logits {
+                logit_rows.push(end - 1);
+            }
+        }
         let mut x = vec![0.0; n * h];
-        embedding::forward(&mut x, &tokens, &self.model.embedding, h);
+        self.layers.embed(&mut x, &tokens);
         let eps = config.norm_eps;
         let mut normed = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
-        for (layer, block) in self.model.blocks.iter().enumerate() {
+        let qkv_width = qw + 2 * kv;
+        for (layer, block) in self.layers.blocks.iter().enumerate() {
             // Attention: x + Wo attention(rope(Wq n), rope(Wk n), Wv n).
             rmsnorm::forward(&mut normed, &mut rstd, &x, &block.attention_norm, eps);
-            let mut q = vec![0.0; n * qw];
-            let mut k = vec![0.0; n * kv];
-            let mut v = vec![0.0; n * kv];
-            matmul::forward(&mut q, &normed, &block.wq, h, qw);
-            matmul::forward(&mut k, &normed, &block.wk, h, kv);
-            matmul::forward(&mut v, &normed, &block.wv, h, kv);
+            // One product for q, k and v: row r is [q | k | v].
+            let mut qkv = vec![0.0; n * qkv_width];
+            block.qkv.forward(&mut qkv, &normed);
+            let mut q = Vec::with_capacity(n * qw);
+            let mut k = Vec::with_capacity(n * kv);
+            let mut v = Vec::with_capacity(n * kv);
+            for row in qkv.chunks_exact(qkv_width) {
+                q.extend_from_slice(&row[..qw]);
+                k.extend_from_slice(&row[qw..qw + kv]);
+                v.extend_from_slice(&row[qw + kv..]);
+            }
             if let Some(bias) = &block.bias {
                 add_bias(&mut q, &bias.q);
                 add_bias(&mut k, &bias.k);
@@ -150,9 +201,20 @@ impl Engine {
                 let (kr, vr) = (&k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
                 cache.write(layer, chunks[c].pages, position, kr, vr);
             }
-            let mut attention = vec![0.0; n * qw];
-            for (r, &(c, position)) in rows.iter().enumerate() {
-                let out = &mut attention[r * qw..(r + 1) * qw];
+            // Every row's keys and values are cached above; past the last
+            // layer's cache write only the rows whose logits are wanted
+            // matter, so the last layer's attention output and feed-forward
+            // run for those alone (in a prefill, one row of the prompt's).
+            let last = layer + 1 == self.layers.blocks.len();
+            let out_rows: Vec<usize> = if last {
+                logit_rows.clone()
+            } else {
+                (0..x.len() / h).collect()
+            };
+            let m = out_rows.len();
+            let mut attention = vec![0.0; m * qw];
+            for (out, &r) in attention.chunks_exact_mut(qw).zip(&out_rows) {
+                let (c, position) = rows[r];
                 self.attend(
                     out,
                     &q[r * qw..(r + 1) * qw],
@@ -162,60 +224,41 @@ impl Engine {
                     position,
                 );
             }
-            let mut mid = vec![0.0; n * h];
-            matmul::forward(&mut mid, &attention, &block.wo, qw, h);
+            let mut mid = vec![0.0; m * h];
+            block.wo.forward(&mut mid, &attention);
             if let Some(o) = block.bias.as_ref().and_then(|b| b.o.as_ref()) {
                 add_bias(&mut mid, o);
             }
-            add_into(&mut mid, &x);
+            for (mid, &r) in mid.chunks_exact_mut(h).zip(&out_rows) {
+                add_into(mid, &x[r * h..(r + 1) * h]);
+            }
+            normed.truncate(m * h);
+            rstd.truncate(m);
 
-            // Feed-forward: mid + ffn(rmsnorm(mid)).
+            // Feed-forward: mid + ffn(rmsnorm(mid)). Rows are unrelated
+            // tokens here; routing is per token.
             rmsnorm::forward(&mut normed, &mut rstd, &mid, &block.ffn_norm, eps);
             let mut out = match &block.ffn {
-                ServeFfn::Dense(mlp) => {
-                    let mut out = vec![0.0; n * h];
-                    mlp.swiglu(h).forward(&mut out, &normed);
+                Ffn::Dense(mlp) => {
+                    let mut out = vec![0.0; m * h];
+                    mlp.forward(&mut out, &normed);
                     out
                 }
-                // Rows are unrelated tokens here, so each is its own
-                // "sequence" for the (training-only) balance loss.
-                ServeFfn::Moe {
-                    layer,
-                    gated_shared,
-                } => {
-                    let mut out = layer.forward(&normed, 1).output;
-                    // Qwen2-MoE: out += sigmoid(x · gate) * shared(x).
-                    if let Some(shared) = gated_shared {
-                        let mut shared_out = vec![0.0; n * h];
-                        shared.mlp.swiglu(h).forward(&mut shared_out, &normed);
-                        let mut gate = vec![0.0; n];
-                        matmul::forward(&mut gate, &normed, &shared.gate, h, 1);
-                        for ((row, shared_row), &g) in out
-                            .chunks_exact_mut(h)
-                            .zip(shared_out.chunks_exact(h))
-                            .zip(&gate)
-                        {
-                            let g = 1.0 / (1.0 + (-g).exp());
-                            for (o, &s) in row.iter_mut().zip(shared_row) {
-                                *o += g * s;
-                            }
-                        }
-                    }
-                    out
-                }
+                Ffn::Moe(moe) => moe.forward(&normed),
             };
             add_into(&mut out, &mid);
             x = out;
         }
-        // Final norm and LM head, only for the rows that want logits.
-        let mut last_rows = Vec::new();
-        let mut row = 0;
-        for chunk in chunks {
-            row += chunk.tokens.len();
-            if chunk.logits {
-                last_rows.extend_from_slice(&x[(row - 1) * h..row * h]);
-            }
-        }
+        // Final norm and LM head. The last block left only the rows that
+        // want logits in `x` (a model without blocks has them all).
+        let last_rows = if self.layers.blocks.is_empty() {
+            logit_rows
+                .iter()
+                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
+                .collect()
+        } else {
+            x
+        };
         let m = last_rows.len() / h;
         let mut final_normed = vec![0.0; m * h];
         let mut final_rstd = vec![0.0; m];
@@ -223,11 +266,11 @@ impl Engine {
             &mut final_normed,
             &mut final_rstd,
             &last_rows,
-            &self.model.final_norm,
+            &self.layers.final_norm,
             eps,
         );
         let mut logits = vec![0.0; m * vocab];
-        matmul::forward(&mut logits, &final_normed, self.model.lm_head(), h, vocab);
+        self.layers.lm_head.forward(&mut logits, &final_normed);
         Ok(logits)
     }
 

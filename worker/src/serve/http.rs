@@ -24,6 +24,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use moe_crds::contract::{HEALTH_PATH, READY_PATH};
 
 use crate::serve::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Served};
+use crate::serve::logprobs::{self, TokenLogprobs};
 use crate::serve::metrics::Metrics;
 use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError};
 
@@ -154,10 +155,15 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
 
 async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
     match start(state, endpoint, body) {
-        Ok((events, stream)) => {
-            let reply = Reply::new(state, endpoint);
+        Ok(Started {
+            events,
+            stream,
+            include_usage,
+            logprobs,
+        }) => {
+            let reply = Reply::new(state, endpoint, logprobs);
             if stream {
-                stream_reply(reply, events).into_response()
+                stream_reply(reply, events, include_usage).into_response()
             } else {
                 collect_reply(reply, events).await
             }
@@ -166,12 +172,16 @@ async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response
     }
 }
 
+/// A submitted request: its events, and how the reply is to be shaped.
+struct Started {
+    events: UnboundedReceiver<Event>,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
 /// Checks the request and submits it.
-fn start(
-    state: &AppState,
-    endpoint: Endpoint,
-    body: &[u8],
-) -> Result<(UnboundedReceiver<Event>, bool), ApiError> {
+fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, ApiError> {
     let engine = state.engine()?;
     let tokenizer = engine.tokenizer();
     let served = Served {
@@ -179,10 +189,15 @@ fn start(
         tokenizer: &tokenizer,
         context: engine.context(),
     };
-    let Checked { request, stream } = match endpoint {
+    let Checked {
+        request,
+        stream,
+        include_usage,
+    } = match endpoint {
         Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served)?,
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
     };
+    let logprobs = request.logprobs.is_some();
     let events = engine.submit(request).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
         SubmitError::PromptTooLong { .. } => {
@@ -191,19 +206,26 @@ fn start(
         SubmitError::TooLarge { .. } => ApiError::invalid(e.to_string(), Some("max_tokens")),
         SubmitError::Stopped => ApiError::unavailable(e.to_string()),
     })?;
-    Ok((events, stream))
+    Ok(Started {
+        events,
+        stream,
+        include_usage,
+        logprobs,
+    })
 }
 
 /// Builds the response bodies of one request.
 struct Reply {
     endpoint: Endpoint,
+    /// Whether the request asked for `logprobs` (else they are `null`).
+    logprobs: bool,
     id: String,
     model: Arc<str>,
     created: u64,
 }
 
 impl Reply {
-    fn new(state: &AppState, endpoint: Endpoint) -> Self {
+    fn new(state: &AppState, endpoint: Endpoint, logprobs: bool) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let prefix = match endpoint {
@@ -212,21 +234,39 @@ impl Reply {
         };
         Self {
             endpoint,
+            logprobs,
             id: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             model: Arc::clone(&state.model_name),
             created: unix_now(),
         }
     }
 
-    fn full(&self, text: &str, finish: FinishReason, prompt: usize, completion: usize) -> Value {
+    /// `tokens`' `logprobs` in the endpoint's shape, or `null` when not
+    /// asked for; `offset`: see [`logprobs::completion_object`].
+    fn logprobs(&self, tokens: &[TokenLogprobs], offset: &mut usize) -> Value {
+        match (self.logprobs, self.endpoint) {
+            (false, _) => Value::Null,
+            (true, Endpoint::Completions) => logprobs::completion_object(tokens, offset),
+            (true, Endpoint::Chat) => logprobs::chat_object(tokens),
+        }
+    }
+
+    fn full(
+        &self,
+        text: &str,
+        finish: FinishReason,
+        [prompt, completion]: [usize; 2],
+        tokens: &[TokenLogprobs],
+    ) -> Value {
+        let logprobs = self.logprobs(tokens, &mut 0);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
             }),
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish.as_str(),
             }),
         };
@@ -239,21 +279,36 @@ impl Reply {
             "created": self.created,
             "model": &*self.model,
             "choices": [choice],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": usage(prompt, completion),
         })
+    }
+
+    /// The last streamed chunk when the client asked for the usage: no choices.
+    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+        let mut chunk = self.chunk(None, false, None);
+        chunk["choices"] = json!([]);
+        chunk["usage"] = usage(prompt, completion);
+        chunk
     }
 
     /// One streamed chunk: a text piece, the assistant role (chat's first
     /// chunk), or the finish.
     fn chunk(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        self.chunk_with(text, role, finish, Value::Null)
+    }
+
+    /// [`Self::chunk`] carrying the `logprobs` of the tokens it completes.
+    fn chunk_with(
+        &self,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<FinishReason>,
+        logprobs: Value,
+    ) -> Value {
         let finish = finish.map(FinishReason::as_str);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -263,7 +318,7 @@ impl Reply {
                 if let Some(text) = text {
                     delta.insert("content".into(), json!(text));
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -283,15 +338,18 @@ impl Reply {
 /// dropped with the receiver, which cancels the request.
 async fn collect_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Response {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
+            Event::Logprobs(token) => tokens.push(token),
             Event::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let body = reply.full(&text, finish, prompt_tokens, completion_tokens);
+                let usage = [prompt_tokens, completion_tokens];
+                let body = reply.full(&text, finish, usage, &tokens);
                 return api::json_response(StatusCode::OK, &body);
             }
             Event::Failed(message) => return ApiError::internal(message).into_response(),
@@ -306,33 +364,78 @@ async fn collect_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Re
 fn stream_reply(
     reply: Reply,
     events: UnboundedReceiver<Event>,
+    include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let opening = (reply.endpoint == Endpoint::Chat)
         .then(|| SseEvent::default().data(reply.chunk(None, true, None).to_string()));
     let reply = Arc::new(reply);
-    let body = stream::unfold(Some(events), move |events| {
+    // The state: the receiver (gone once finished) and the completion's
+    // length in characters so far (completions' `text_offset`).
+    let body = stream::unfold(Some((events, 0)), move |state| {
         let reply = Arc::clone(&reply);
         async move {
-            let mut events = events?;
-            let (data, more) = match events.recv().await {
-                Some(Event::Text(piece)) => (reply.chunk(Some(&piece), false, None), true),
-                Some(Event::Done { finish, .. }) => (reply.chunk(None, false, Some(finish)), false),
-                Some(Event::Failed(message)) => (ApiError::internal(message).body(), false),
+            let (mut events, mut offset) = state?;
+            // Each token's log-probabilities come before its text; a chunk
+            // carries those of the tokens since the previous chunk.
+            let mut tokens = Vec::new();
+            let event = loop {
+                match events.recv().await {
+                    Some(Event::Logprobs(token)) => tokens.push(token),
+                    other => break other,
+                }
+            };
+            let logprobs = if tokens.is_empty() {
+                Value::Null
+            } else {
+                reply.logprobs(&tokens, &mut offset)
+            };
+            let (data, more) = match event {
+                Some(Event::Text(piece)) => (
+                    vec![reply.chunk_with(Some(&piece), false, None, logprobs)],
+                    true,
+                ),
+                Some(Event::Logprobs(_)) => unreachable!("taken by the loop above"),
+                Some(Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let mut last = vec![reply.chunk_with(None, false, Some(finish), logprobs)];
+                    if include_usage {
+                        last.push(reply.usage_chunk(prompt_tokens, completion_tokens));
+                    }
+                    (last, false)
+                }
+                Some(Event::Failed(message)) => (vec![ApiError::internal(message).body()], false),
                 None => (
-                    ApiError::internal("the engine stopped before the completion finished").body(),
+                    vec![
+                        ApiError::internal("the engine stopped before the completion finished")
+                            .body(),
+                    ],
                     false,
                 ),
             };
-            let event = SseEvent::default().data(data.to_string());
-            Some((event, more.then_some(events)))
+            let events_out = data
+                .into_iter()
+                .map(|value| SseEvent::default().data(value.to_string()));
+            Some((stream::iter(events_out), more.then_some((events, offset))))
         }
-    });
+    })
+    .flatten();
     let done = stream::once(async { SseEvent::default().data("[DONE]") });
     let all = stream::iter(opening)
         .chain(body)
         .chain(done)
         .map(Ok::<_, Infallible>);
     Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
 }
 
 fn unix_now() -> u64 {

@@ -13,8 +13,9 @@
 //!
 //! - [`load`]: finds and loads a checkpoint or a Hugging Face model (format
 //!   detected; [`hf`] reads the latter); [`model`]: the model as served;
-//! - [`engine`]: the forward pass with a paged KV cache ([`kv_cache`]);
-//! - [`scheduler`], [`sampler`], [`text`]: the pure decisions;
+//! - [`engine`]: the forward pass with a paged KV cache ([`kv_cache`]) over
+//!   the weights packed for the GEMM kernel (`layers`);
+//! - [`scheduler`], [`sampler`], [`text`], [`logprobs`]: the pure decisions;
 //! - [`runner`]: the scheduler thread tying them together;
 //! - [`api`], [`http`], [`metrics`]: the HTTP side; [`options`]: flags and the operator's config.
 
@@ -23,7 +24,9 @@ pub mod engine;
 pub mod hf;
 pub mod http;
 pub mod kv_cache;
+mod layers;
 pub mod load;
+pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod options;
@@ -70,6 +73,8 @@ pub struct ServeOptions {
     pub max_queued_requests: usize,
     pub kv_cache_bytes: usize,
     pub page_size: usize,
+    /// Threads computing each step (1: the scheduler thread alone).
+    pub threads: usize,
 }
 
 /// Why the server could not start.
@@ -108,6 +113,7 @@ impl ServeOptions {
             ("max batch tokens", self.max_batch_tokens),
             ("max concurrent requests", self.max_concurrent_requests),
             ("KV page size", self.page_size),
+            ("threads", self.threads),
         ];
         for (what, value) in positive {
             if value == 0 {
@@ -153,7 +159,12 @@ pub fn start_engine(
     metrics: &Metrics,
 ) -> Result<EngineHandle, ServeError> {
     options.check()?;
-    let engine = Engine::serve(loaded.model.into_serve_model());
+    let engine = Engine::serve(loaded.model.into_serve_model())
+        .with_threads(options.threads)
+        .map_err(|error| ServeError::Io {
+            what: "starting the compute threads".into(),
+            error,
+        })?;
     let shape = engine.kv_shape(options.page_size);
     let kv_pages = shape.pages_within(options.kv_cache_bytes);
     if kv_pages == 0 {

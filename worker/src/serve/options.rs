@@ -30,6 +30,7 @@ pub struct Flags {
     pub max_concurrent_requests: Option<usize>,
     pub max_queued_requests: Option<usize>,
     pub kv_cache_mib: Option<usize>,
+    pub threads: Option<usize>,
     /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
     pub metrics_addr: Option<String>,
 }
@@ -111,6 +112,7 @@ pub fn resolve(
             .kv_cache_mib
             .map_or(DEFAULT_KV_CACHE_BYTES, |mib| mib.saturating_mul(1 << 20)),
         page_size: DEFAULT_PAGE_SIZE,
+        threads: flags.threads.unwrap_or(1),
     };
     Ok((options, warnings))
 }

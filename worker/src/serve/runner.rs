@@ -17,6 +17,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::serve::engine::{Chunk, Engine};
 use crate::serve::kv_cache::{KvStore, pages_for};
+use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
 use crate::serve::metrics::Metrics;
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
@@ -30,6 +31,9 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stops: Vec<String>,
+    /// `Some(n)`: report each generated token's log-probability and the
+    /// `n` likeliest tokens at its position ([`Event::Logprobs`]).
+    pub logprobs: Option<usize>,
 }
 
 /// Why a completion ended.
@@ -50,10 +54,14 @@ impl FinishReason {
     }
 }
 
-/// What the engine sends a request, in order: text pieces, then one `Done` or `Failed`.
+/// What the engine sends a request, in order: text pieces (each token's
+/// `Logprobs` before its text, when asked for), then one `Done` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     Text(String),
+    /// A generated token's log-probabilities (not for an end-of-sequence
+    /// token, which is no part of the completion).
+    Logprobs(TokenLogprobs),
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
@@ -237,6 +245,7 @@ struct Active {
     max_tokens: usize,
     sampler: Sampler,
     text: TextAssembler,
+    logprobs: Option<usize>,
     admitted: bool,
     accepted: Instant,
     last_token: Option<Instant>,
@@ -311,6 +320,7 @@ impl Runner {
                 max_tokens: request.max_tokens,
                 sampler: Sampler::new(request.sampling),
                 text: TextAssembler::new(request.stops),
+                logprobs: request.logprobs,
                 admitted: false,
                 accepted,
                 last_token: None,
@@ -418,6 +428,20 @@ impl Runner {
         self.metrics.generation_tokens.inc();
         // An end-of-sequence token ends the completion and adds no text.
         let eos = tokenizer.is_eos(token);
+        if let Some(top) = active.logprobs
+            && !eos
+        {
+            let (logprob, best) = logprobs::logprobs(decodable, token, top);
+            let candidate = |id: u32, logprob: f32| Candidate {
+                id,
+                bytes: tokenizer.token_bytes(id),
+                logprob,
+            };
+            let _ = active.events.send(Event::Logprobs(TokenLogprobs {
+                chosen: candidate(token, logprob),
+                top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
+            }));
+        }
         let delta = if eos {
             Delta::default()
         } else {

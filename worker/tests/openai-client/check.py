@@ -28,6 +28,31 @@ stream = client.chat.completions.create(
 streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 assert streamed == reply, f"streamed {streamed!r}, whole {reply!r}"
 
+# Log-probabilities in both shapes, parsed into the client's own types.
+scored = client.completions.create(
+    model=model, prompt="the cat ", max_tokens=8, temperature=0, logprobs=2
+)
+logprobs = scored.choices[0].logprobs
+assert scored.choices[0].text == text, scored
+assert len(logprobs.token_logprobs) == len(logprobs.tokens) == len(logprobs.top_logprobs) > 0, logprobs
+assert all(lp <= 0 for lp in logprobs.token_logprobs), logprobs
+scored_chat = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+)
+content = scored_chat.choices[0].logprobs.content
+assert content and all(len(entry.top_logprobs) == 2 for entry in content), content
+# Greedy: the chosen token is the likeliest at its position.
+assert all(entry.top_logprobs[0].logprob == entry.logprob for entry in content), content
+
+# The usage after a stream, when asked for.
+chunks = list(
+    client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+)
+assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, chunks[-1]
+
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     raise AssertionError("an unknown model was accepted")

@@ -117,6 +117,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         max_queued_requests: 256,
         kv_cache_bytes: 8 << 20,
         page_size: 16,
+        threads: 1,
     }
 }
 

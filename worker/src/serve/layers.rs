@@ -1,0 +1,243 @@
+//! The served model's weights as the engine runs them: every linear layer
+//! packed once for the GEMM kernel ([`PackedLinear`]), projections that
+//! read the same input stacked into one (`q, k, v`; `w1, w3`), and the MoE
+//! feed-forward without the training layer's saved activations.
+//!
+//! The arithmetic is the training forward's, in its order: each GEMM output
+//! has [`crate::ops::matmul::forward`]'s bits, the experts' outputs are
+//! scatter-added gate × value in expert order, then the shared expert — as
+//! [`crate::moe::MoeLayer::forward`] does — so the serving tests against the
+//! training forward and `transformers` hold unchanged.
+
+use crate::moe::config::MoeConfig;
+use crate::moe::dispatch::Dispatch;
+use crate::moe::routing;
+use crate::ops::packed_linear::PackedLinear;
+use crate::ops::swiglu;
+use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
+
+/// The whole model, packed.
+#[derive(Debug)]
+pub(crate) struct Layers {
+    /// `[vocab, hidden]`; `None`: tied, rows read from [`Self::lm_head`].
+    embedding: Option<Vec<f32>>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Vec<f32>,
+    pub lm_head: PackedLinear,
+}
+
+/// One transformer block.
+#[derive(Debug)]
+pub(crate) struct Block {
+    pub attention_norm: Vec<f32>,
+    /// `q, k, v` stacked: output row `[q_width | kv_width | kv_width]`.
+    pub qkv: PackedLinear,
+    pub wo: PackedLinear,
+    pub bias: Option<AttentionBias>,
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: Ffn,
+}
+
+#[derive(Debug)]
+pub(crate) enum Ffn {
+    Dense(PackedMlp),
+    Moe(Box<Moe>),
+}
+
+/// A SwiGLU MLP with `w1` and `w3` stacked.
+#[derive(Debug)]
+pub(crate) struct PackedMlp {
+    w13: PackedLinear,
+    w2: PackedLinear,
+    width: usize,
+}
+
+/// A MoE feed-forward layer.
+#[derive(Debug)]
+pub(crate) struct Moe {
+    config: MoeConfig,
+    router: PackedLinear,
+    selection_bias: Vec<f32>,
+    experts: Vec<PackedMlp>,
+    /// The worker's own fused, ungated shared experts.
+    shared: Option<PackedMlp>,
+    /// Qwen2-MoE's shared expert and its one-output gate.
+    gated_shared: Option<(PackedMlp, PackedLinear)>,
+}
+
+impl Layers {
+    /// Packs `model`'s weights, block by block (each block's plain weights
+    /// are freed as it is packed, so loading needs little more than the
+    /// model's own size).
+    pub fn pack(model: ServeModel) -> Self {
+        let config = model.config;
+        let (h, qw) = (config.hidden, config.q_width());
+        let blocks = model
+            .blocks
+            .into_iter()
+            .map(|block| Block {
+                attention_norm: block.attention_norm,
+                qkv: PackedLinear::stacked(&[&block.wq, &block.wk, &block.wv], h),
+                wo: PackedLinear::new(block.wo, qw, h),
+                bias: block.bias,
+                qk_norm: block.qk_norm,
+                ffn_norm: block.ffn_norm,
+                ffn: match block.ffn {
+                    ServeFfn::Dense(mlp) => Ffn::Dense(PackedMlp::from_mlp(mlp, h)),
+                    ServeFfn::Moe {
+                        layer,
+                        gated_shared,
+                    } => {
+                        let moe_config = layer.config().clone();
+                        let params = &layer.params;
+                        let experts = (0..moe_config.n_routed_experts)
+                            .map(|e| {
+                                let mlp = params.expert(&moe_config, e);
+                                PackedMlp::new(mlp.w1, mlp.w3, mlp.w2.to_vec(), h, mlp.hidden)
+                            })
+                            .collect();
+                        let shared = params.shared(&moe_config).map(|mlp| {
+                            PackedMlp::new(mlp.w1, mlp.w3, mlp.w2.to_vec(), h, mlp.hidden)
+                        });
+                        Ffn::Moe(Box::new(Moe {
+                            router: PackedLinear::new(
+                                layer.params.router.clone(),
+                                h,
+                                moe_config.n_routed_experts,
+                            ),
+                            selection_bias: layer.selection_bias.clone(),
+                            experts,
+                            shared,
+                            gated_shared: gated_shared.map(|g| {
+                                (
+                                    PackedMlp::from_mlp(g.mlp, h),
+                                    PackedLinear::new(g.gate, h, 1),
+                                )
+                            }),
+                            config: moe_config,
+                        }))
+                    }
+                },
+            })
+            .collect();
+        let (embedding, lm_head) = match model.lm_head {
+            Some(head) => (
+                Some(model.embedding),
+                PackedLinear::new(head, h, config.vocab),
+            ),
+            None => (None, PackedLinear::new(model.embedding, h, config.vocab)),
+        };
+        Self {
+            embedding,
+            blocks,
+            final_norm: model.final_norm,
+            lm_head,
+        }
+    }
+
+    /// `out[t, ..]` = the embedding of `tokens[t]` (each below the vocabulary).
+    pub fn embed(&self, out: &mut [f32], tokens: &[u32]) {
+        let hidden = self.lm_head.in_dim();
+        for (row, &token) in out.chunks_exact_mut(hidden).zip(tokens) {
+            let t = token as usize;
+            match &self.embedding {
+                Some(table) => row.copy_from_slice(&table[t * hidden..(t + 1) * hidden]),
+                None => self.lm_head.row(t, row),
+            }
+        }
+    }
+}
+
+impl PackedMlp {
+    fn new(w1: &[f32], w3: &[f32], w2: Vec<f32>, hidden: usize, width: usize) -> Self {
+        Self {
+            w13: PackedLinear::stacked(&[w1, w3], hidden),
+            w2: PackedLinear::new(w2, width, hidden),
+            width,
+        }
+    }
+
+    fn from_mlp(mlp: Mlp, hidden: usize) -> Self {
+        Self::new(&mlp.w1, &mlp.w3, mlp.w2, hidden, mlp.width)
+    }
+
+    /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`.
+    pub fn forward(&self, out: &mut [f32], x: &[f32]) {
+        let w = self.width;
+        let rows = x.len() / self.w13.in_dim();
+        let mut ab = vec![0.0; rows * 2 * w];
+        self.w13.forward(&mut ab, x);
+        let mut h = vec![0.0; rows * w];
+        for (h, ab) in h.chunks_exact_mut(w).zip(ab.chunks_exact(2 * w)) {
+            let (a, b) = ab.split_at(w);
+            for ((h, &a), &b) in h.iter_mut().zip(a).zip(b) {
+                *h = swiglu::silu(a) * b;
+            }
+        }
+        self.w2.forward(out, &h);
+    }
+}
+
+impl Moe {
+    /// The layer's output for `x: [tokens, hidden]` (unrelated tokens: routing is per token).
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let hidden = self.config.hidden;
+        let n_experts = self.config.n_routed_experts;
+        let tokens = x.len() / hidden;
+        let mut logits = vec![0.0; tokens * n_experts];
+        self.router.forward(&mut logits, x);
+        let routing = routing::route(&self.config, &logits, &self.selection_bias);
+        let dispatch = Dispatch::new(&routing.experts, self.config.top_k, n_experts);
+        let mut output = vec![0.0; x.len()];
+        let mut input = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            let slots = dispatch.slots(e);
+            if slots.is_empty() {
+                continue;
+            }
+            input.clear();
+            for &slot in slots {
+                let token = dispatch.token(slot);
+                input.extend_from_slice(&x[token * hidden..(token + 1) * hidden]);
+            }
+            let mut expert_output = vec![0.0; input.len()];
+            expert.forward(&mut expert_output, &input);
+            for (&slot, y) in slots.iter().zip(expert_output.chunks_exact(hidden)) {
+                let gate = routing.gates[slot];
+                let token = dispatch.token(slot);
+                for (o, &v) in output[token * hidden..(token + 1) * hidden]
+                    .iter_mut()
+                    .zip(y)
+                {
+                    *o += gate * v;
+                }
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let mut shared_output = vec![0.0; x.len()];
+            shared.forward(&mut shared_output, x);
+            for (o, s) in output.iter_mut().zip(shared_output) {
+                *o += s;
+            }
+        }
+        // Qwen2-MoE: out += sigmoid(x · gate) * shared(x).
+        if let Some((mlp, gate)) = &self.gated_shared {
+            let mut shared_output = vec![0.0; x.len()];
+            mlp.forward(&mut shared_output, x);
+            let mut gates = vec![0.0; tokens];
+            gate.forward(&mut gates, x);
+            for ((row, shared_row), &g) in output
+                .chunks_exact_mut(hidden)
+                .zip(shared_output.chunks_exact(hidden))
+                .zip(&gates)
+            {
+                let g = 1.0 / (1.0 + (-g).exp());
+                for (o, &s) in row.iter_mut().zip(shared_row) {
+                    *o += g * s;
+                }
+            }
+        }
+        output
+    }
+}
