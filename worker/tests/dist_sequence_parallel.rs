@@ -5,17 +5,13 @@
 //! parallel 2, and sequence parallel 2 × data parallel 2), activation
 //! checkpointing, and checkpoints resumed with another sequence parallelism.
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::thread;
-use std::time::Duration;
+mod dist_support;
 
 use moe_worker::data::{DataLoader, load_corpus, tokenizer};
 use moe_worker::dist::expert_parallel::{ExpertParallel, is_expert_tensor};
 use moe_worker::dist::layout::{Layout, make_groups};
-use moe_worker::dist::rendezvous::Store;
 use moe_worker::dist::sequence_parallel::{SequenceParallel, slice_sequences};
-use moe_worker::dist::{Collective, TcpCollective, TcpSetup};
+use moe_worker::dist::{Collective, TcpCollective};
 use moe_worker::model::Parallel;
 use moe_worker::ops::rope::RopeTable;
 use moe_worker::rng::SplitMix64;
@@ -23,41 +19,9 @@ use moe_worker::settings::{TrainSettings, parse_worker_config};
 use moe_worker::train::{StepReport, Trainer};
 use serde_json::{Value, json};
 
-const STEPS: usize = 4;
+use dist_support::{copy_dir, world};
 
-/// Runs `body` on one thread per rank of a TCP world of `ranks`.
-fn world<T: Send>(ranks: usize, body: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
-    let store = Store::bind("127.0.0.1:0").expect("bind store");
-    let coordinator: SocketAddr = store.local_addr().expect("store address");
-    let store = Mutex::new(Some(store));
-    thread::scope(|scope| {
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let setup = TcpSetup {
-                    rank,
-                    world_size: ranks,
-                    attempt: 0,
-                    config_hash: 1,
-                    coordinator: coordinator.to_string(),
-                    store: if rank == 0 {
-                        store.lock().unwrap().take()
-                    } else {
-                        None
-                    },
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    rendezvous_timeout: Duration::from_secs(20),
-                    collective_timeout: Duration::from_secs(20),
-                };
-                let body = &body;
-                scope.spawn(move || body(TcpCollective::connect(setup).expect("connect")))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank panicked"))
-            .collect()
-    })
-}
+const STEPS: usize = 4;
 
 /// This rank's sequence group (and expert groups when `ep` > 1), as the
 /// worker makes them from the shared layout.
@@ -263,31 +227,8 @@ fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outc
 /// Every weight once: each value from the ranks holding it, which must
 /// agree bit for bit.
 fn assemble(ranks: &[Outcome]) -> Vec<(String, Vec<f32>)> {
-    let mut whole: Vec<(String, Vec<Option<f32>>)> = ranks[0]
-        .weights
-        .iter()
-        .map(|(n, t)| (n.clone(), vec![None; t.len()]))
-        .collect();
-    for (rank, outcome) in ranks.iter().enumerate() {
-        for ((name, acc), (_, values)) in whole.iter_mut().zip(&outcome.weights) {
-            for (i, (a, v)) in acc.iter_mut().zip(values).enumerate() {
-                if let Some(v) = v {
-                    if let Some(a) = a {
-                        assert_eq!(
-                            a.to_bits(),
-                            v.to_bits(),
-                            "rank {rank}: {name}[{i}] differs between holders"
-                        );
-                    }
-                    *a = Some(*v);
-                }
-            }
-        }
-    }
-    whole
-        .into_iter()
-        .map(|(n, t)| (n, t.into_iter().map(|v| v.expect("held")).collect()))
-        .collect()
+    let held: Vec<_> = ranks.iter().map(|r| r.weights.as_slice()).collect();
+    dist_support::assemble(&held)
 }
 
 /// Measures `ranks` against one process. The forward pass computes the
@@ -299,56 +240,10 @@ fn assemble(ranks: &[Outcome]) -> Vec<(String, Vec<f32>)> {
 /// parallelism's (docs/distributed.md). The first loss is bit-equal: the
 /// per-token losses are the same f32 values, and their f64 sums (exact for
 /// 32 f32 values of one magnitude) are divided by powers of two only.
-fn compare(what: &str, one: &Outcome, ranks: &[Outcome]) -> (f64, f64, f64, f64) {
-    for (rank, outcome) in ranks.iter().enumerate() {
-        assert_eq!(
-            outcome.reports, ranks[0].reports,
-            "{what} rank {rank}: reports"
-        );
-    }
-    let got = assemble(ranks);
-    let want = assemble(std::slice::from_ref(one));
-    let reports = &ranks[0].reports;
-    let mut worst_loss = 0f64;
-    for (g, w) in reports.iter().zip(&one.reports) {
-        assert_eq!(g.step, w.step);
-        assert_eq!(g.tokens, w.tokens, "{what}: tokens of the global batch");
-        assert_eq!(
-            g.expert_loads, w.expert_loads,
-            "{what}: step {} loads",
-            g.step
-        );
-        worst_loss = worst_loss.max((g.loss - w.loss).abs() / w.loss);
-    }
-    let first = (reports[0].loss - one.reports[0].loss).abs() / one.reports[0].loss;
-    let budget: f64 = one.reports.iter().map(|r| r.learning_rate).sum();
-    let (mut worst, mut worst_at, mut squares, mut count) = (0f64, String::new(), 0f64, 0usize);
-    for ((name, g), (_, w)) in got.iter().zip(&want) {
-        for (i, (a, b)) in g.iter().zip(w).enumerate() {
-            let d = f64::from((a - b).abs()) / budget;
-            squares += d * d;
-            count += 1;
-            if d > worst {
-                (worst, worst_at) = (d, format!("{name}[{i}]: {a} vs {b}"));
-            }
-        }
-    }
-    let rms = (squares / count as f64).sqrt();
-    eprintln!(
-        "{what}: first loss {first:.2e}, worst loss {worst_loss:.2e} relative; weights RMS {rms:.2e}, worst {worst:.2e} of Adam's budget ({worst_at})"
-    );
-    assert_eq!(
-        reports[0].loss.to_bits(),
-        one.reports[0].loss.to_bits(),
-        "{what}: the first step's loss (same tokens, same weights, same rows) differs by {first:e}"
-    );
-    assert!(
-        worst_loss <= 1e-5,
-        "{what}: losses differ by {worst_loss:e}"
-    );
-    assert!(rms <= 1e-3, "{what}: weights differ by an RMS of {rms:e}");
-    assert!(worst <= 0.05, "{what}: {worst_at} differs by {worst:e}");
-    (first, worst_loss, rms, worst)
+fn compare(what: &str, one: &Outcome, ranks: &[Outcome]) {
+    let reports: Vec<&[StepReport]> = ranks.iter().map(|r| r.reports.as_slice()).collect();
+    let (got, want) = (assemble(ranks), assemble(std::slice::from_ref(one)));
+    dist_support::compare(what, &one.reports, &reports, &got, &want);
 }
 
 /// Bytes a rank sends per step, by the Ulysses count: per layer and
@@ -423,14 +318,6 @@ fn train_run(
             (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
         })
         .collect()
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// Sequence-parallel ranks hold replicated weights, so their checkpoints
