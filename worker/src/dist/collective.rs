@@ -1,4 +1,4 @@
-//! The collective operations every backend provides (TCP now; NCCL next),
+//! The collective operations every backend provides (TCP and NCCL),
 //! on host memory. Counts are per rank of the group, in elements (bytes for
 //! the `_bytes` variants). Every call must be made by every rank of the group,
 //! in the same order, with the same counts; a mismatch is detected and
@@ -144,4 +144,46 @@ pub fn exchange_counts(
             u64::from_le_bytes(word) as usize
         })
         .collect())
+}
+
+/// Checks a split before any byte moves (every backend, so a mismatch reads
+/// the same whichever one runs): one count per member of a group of `group`,
+/// summing to the `total` the buffer holds.
+pub fn check_counts(
+    op: &'static str,
+    counts: &[usize],
+    group: usize,
+    total: usize,
+) -> Result<(), DistError> {
+    if counts.len() != group {
+        return Err(DistError::invalid(
+            op,
+            format!("{} counts for a group of {group}", counts.len()),
+        ));
+    }
+    let sum: usize = counts.iter().sum();
+    if sum != total {
+        return Err(DistError::invalid(
+            op,
+            format!("counts sum to {sum} but the buffer holds {total}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that this rank's own part (`what`: its input or output, `len`
+/// elements) holds the count the split gives it.
+pub fn check_own_count(
+    op: &'static str,
+    what: &str,
+    len: usize,
+    count: usize,
+) -> Result<(), DistError> {
+    if len != count {
+        return Err(DistError::invalid(
+            op,
+            format!("{what} holds {len} but this rank's count is {count}"),
+        ));
+    }
+    Ok(())
 }

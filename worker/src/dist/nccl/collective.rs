@@ -25,7 +25,7 @@ use super::comm::{self, Family, FamilyState, Raw};
 use super::id::ID_BYTES;
 use super::plan::{self, Padded};
 use super::watchdog::{self, Health, Poll, Watched};
-use crate::dist::collective::Collective;
+use crate::dist::collective::{Collective, check_counts, check_own_count};
 use crate::dist::error::DistError;
 
 /// Which element-wise reduction an all-reduce applies.
@@ -473,17 +473,8 @@ impl Collective for NcclCollective {
         output: &mut [f32],
     ) -> Result<(), DistError> {
         let op = "reduce_scatter";
-        plan::check_counts(op, counts, self.members.len(), input.len())?;
-        if output.len() != counts[self.rank] {
-            return Err(DistError::invalid(
-                op,
-                format!(
-                    "output holds {} but this rank's count is {}",
-                    output.len(),
-                    counts[self.rank]
-                ),
-            ));
-        }
+        check_counts(op, counts, self.members.len(), input.len())?;
+        check_own_count(op, "output", output.len(), counts[self.rank])?;
         let padded = Padded::new(counts);
         if padded.is_empty() {
             return Ok(());
@@ -523,17 +514,8 @@ impl Collective for NcclCollective {
         output: &mut [u8],
     ) -> Result<(), DistError> {
         let op = "all_gather";
-        plan::check_counts(op, counts, self.members.len(), output.len())?;
-        if input.len() != counts[self.rank] {
-            return Err(DistError::invalid(
-                op,
-                format!(
-                    "input holds {} but this rank's count is {}",
-                    input.len(),
-                    counts[self.rank]
-                ),
-            ));
-        }
+        check_counts(op, counts, self.members.len(), output.len())?;
+        check_own_count(op, "input", input.len(), counts[self.rank])?;
         let padded = Padded::new(counts);
         if padded.is_empty() {
             return Ok(());

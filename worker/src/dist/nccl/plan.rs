@@ -12,32 +12,9 @@
 
 use std::ops::Range;
 
+use crate::dist::collective::check_counts;
 use crate::dist::error::DistError;
 use crate::dist::schedule::offsets;
-
-/// `counts` has one entry per rank and adds up to `total` (the TCP
-/// backend's rule, with its words).
-pub fn check_counts(
-    op: &'static str,
-    counts: &[usize],
-    size: usize,
-    total: usize,
-) -> Result<(), DistError> {
-    if counts.len() != size {
-        return Err(DistError::invalid(
-            op,
-            format!("{} counts for a group of {size}", counts.len()),
-        ));
-    }
-    let sum: usize = counts.iter().sum();
-    if sum != total {
-        return Err(DistError::invalid(
-            op,
-            format!("counts sum to {sum} but the buffer holds {total}"),
-        ));
-    }
-    Ok(())
-}
 
 /// One peer's share of an all-to-all: `send` of the send buffer goes to
 /// `peer`, `recv` of the receive buffer comes from it (either may be empty).

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 pub use connect::TcpSetup;
 
-use super::collective::Collective;
+use super::collective::{Collective, check_counts, check_own_count};
 use super::error::DistError;
 use super::schedule::{self, offsets};
 use mesh::{Mesh, Op, OpKind, Payload};
@@ -91,24 +91,7 @@ impl TcpCollective {
     }
 
     fn check_counts(&self, op: OpKind, counts: &[usize], total: usize) -> Result<(), DistError> {
-        if counts.len() != self.members.len() {
-            return Err(DistError::invalid(
-                op.name(),
-                format!(
-                    "{} counts for a group of {}",
-                    counts.len(),
-                    self.members.len()
-                ),
-            ));
-        }
-        let sum: usize = counts.iter().sum();
-        if sum != total {
-            return Err(DistError::invalid(
-                op.name(),
-                format!("counts sum to {sum} but the buffer holds {total}"),
-            ));
-        }
-        Ok(())
+        check_counts(op.name(), counts, self.members.len(), total)
     }
 }
 
@@ -211,16 +194,7 @@ impl Collective for TcpCollective {
     ) -> Result<(), DistError> {
         let kind = OpKind::ReduceScatter;
         self.check_counts(kind, counts, input.len())?;
-        if output.len() != counts[self.rank] {
-            return Err(DistError::invalid(
-                kind.name(),
-                format!(
-                    "output holds {} but this rank's count is {}",
-                    output.len(),
-                    counts[self.rank]
-                ),
-            ));
-        }
+        check_own_count(kind.name(), "output", output.len(), counts[self.rank])?;
         if self.members.len() == 1 {
             output.copy_from_slice(input);
             return Ok(());
@@ -241,16 +215,7 @@ impl Collective for TcpCollective {
     ) -> Result<(), DistError> {
         let kind = OpKind::AllGather;
         self.check_counts(kind, counts, output.len())?;
-        if input.len() != counts[self.rank] {
-            return Err(DistError::invalid(
-                kind.name(),
-                format!(
-                    "input holds {} but this rank's count is {}",
-                    input.len(),
-                    counts[self.rank]
-                ),
-            ));
-        }
+        check_own_count(kind.name(), "input", input.len(), counts[self.rank])?;
         let bounds = offsets(counts);
         output[bounds[self.rank]..bounds[self.rank + 1]].copy_from_slice(input);
         if self.members.len() == 1 {
