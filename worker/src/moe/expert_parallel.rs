@@ -23,7 +23,6 @@
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::linear::Linears;
 use crate::memory::HeldBytes;
-use crate::moe::balance;
 use crate::moe::dispatch::Dispatch;
 use crate::moe::expert::SwiGluActivations;
 use crate::moe::layer::MoeLayer;
@@ -239,19 +238,8 @@ pub fn forward<T: Scalar>(
         }
     }
 
-    let shared = layer.shared(linears).map(|mlp| {
-        let mut shared_output = vec![T::ZERO; x.len()];
-        let activations = mlp.forward(&mut shared_output, x);
-        for (o, s) in output.iter_mut().zip(shared_output) {
-            *o += s;
-        }
-        activations
-    });
-    let aux_loss = if config.aux_loss_alpha > 0.0 {
-        balance::sequence_balance_loss(&routing, seq_len, config.aux_loss_alpha)
-    } else {
-        T::ZERO
-    };
+    let shared = layer.shared_forward(linears, x, &mut output);
+    let aux_loss = layer.aux_loss(&routing, seq_len);
     ExpertParallelForward {
         output,
         routing,

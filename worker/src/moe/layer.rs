@@ -109,6 +109,34 @@ impl<T: Scalar> MoeLayer<T> {
             .map(|mlp| mlp.with_linears(linears.sub(start, MLP_LINEARS)))
     }
 
+    /// Adds the shared experts' output for `x` into `output` (every token
+    /// goes through them); their activations, for the backward pass.
+    pub(crate) fn shared_forward(
+        &self,
+        linears: Linears<'_>,
+        x: &[T],
+        output: &mut [T],
+    ) -> Option<SwiGluActivations<T>> {
+        self.shared(linears).map(|mlp| {
+            let mut shared_output = vec![T::ZERO; x.len()];
+            let activations = mlp.forward(&mut shared_output, x);
+            for (o, s) in output.iter_mut().zip(shared_output) {
+                *o += s;
+            }
+            activations
+        })
+    }
+
+    /// The sequence-level balance loss of `routing` (zero when its
+    /// coefficient is).
+    pub(crate) fn aux_loss(&self, routing: &Routing<T>, seq_len: usize) -> T {
+        if self.config.aux_loss_alpha > 0.0 {
+            balance::sequence_balance_loss(routing, seq_len, self.config.aux_loss_alpha)
+        } else {
+            T::ZERO
+        }
+    }
+
     /// Runs the layer on `x: [tokens, hidden]`, made of whole sequences of
     /// `seq_len` tokens (the unit the balance loss is computed over), every
     /// GEMM in f32.
@@ -145,19 +173,8 @@ impl<T: Scalar> MoeLayer<T> {
                 self.routed_expert_forward(expert, e, x, &routing, &dispatch, &mut output)
             })
             .collect();
-        let shared = self.shared(linears).map(|mlp| {
-            let mut shared_output = vec![T::ZERO; x.len()];
-            let activations = mlp.forward(&mut shared_output, x);
-            for (o, s) in output.iter_mut().zip(shared_output) {
-                *o += s;
-            }
-            activations
-        });
-        let aux_loss = if config.aux_loss_alpha > 0.0 {
-            balance::sequence_balance_loss(&routing, seq_len, config.aux_loss_alpha)
-        } else {
-            T::ZERO
-        };
+        let shared = self.shared_forward(linears, x, &mut output);
+        let aux_loss = self.aux_loss(&routing, seq_len);
         MoeForward {
             output,
             routing,
