@@ -230,3 +230,36 @@ pub async fn rejection_problems(
     }
     Ok(problems)
 }
+
+/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
+pub async fn bound_claim(ns: &str, name: &str) -> Result<()> {
+    operator::sh(&format!(
+        "set -euo pipefail
+         cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {ns}-{name}}}
+spec:
+  capacity: {{storage: 1Ti}}
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: /tmp/{ns}-{name}}}
+  claimRef: {{namespace: {ns}, name: {name}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ''
+  volumeName: {ns}-{name}
+  resources: {{requests: {{storage: 1Ti}}}}
+EOF
+         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null
+         # The test plane runs no pvc-protection controller: its finalizer would
+         # never be removed and would hold the namespace in Terminating forever.
+         kubectl patch pvc/{name} -n {ns} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null"
+    ))?;
+    Ok(())
+}

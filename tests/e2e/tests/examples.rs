@@ -15,7 +15,7 @@ use kube::Client;
 use kube::api::Api;
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, repo_root, run, sh};
-use moe_e2e::{TestNamespace, admin_client, eventually};
+use moe_e2e::{TestNamespace, admin_client, bound_claim, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -28,36 +28,6 @@ async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
         &[("pod-security.kubernetes.io/enforce", "restricted")],
     )
     .await
-}
-
-/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
-fn bound_claim(ns: &str, name: &str) -> Result<()> {
-    sh(&format!(
-        "set -euo pipefail
-         cat <<EOF | kubectl apply -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {ns}-{name}}}
-spec:
-  capacity: {{storage: 1Ti}}
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  persistentVolumeReclaimPolicy: Delete
-  hostPath: {{path: /tmp/{ns}-{name}}}
-  claimRef: {{namespace: {ns}, name: {name}}}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  volumeName: {ns}-{name}
-  resources: {{requests: {{storage: 1Ti}}}}
-EOF
-         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null"
-    ))?;
-    Ok(())
 }
 
 /// `moectl`, built next to the operator binary by `cargo build -p moe-operator`.
@@ -87,7 +57,7 @@ async fn the_train_then_serve_example_serves_the_jobs_checkpoint() -> Result<()>
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "ex-train-serve").await?;
     let _op = Operator::start(&ns.name).await?;
-    bound_claim(&ns.name, "moe-checkpoints")?;
+    bound_claim(&ns.name, "moe-checkpoints").await?;
     let serving = format!("{DIR}/serving.yaml");
     let training = format!("{DIR}/training.yaml");
 

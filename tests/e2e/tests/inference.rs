@@ -17,7 +17,9 @@ use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
-use moe_e2e::{TestNamespace, admin_client, eventually, metric_sum, rejection_problems};
+use moe_e2e::{
+    TestNamespace, admin_client, bound_claim, eventually, metric_sum, rejection_problems,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -103,39 +105,6 @@ fn node_of(pod: &Pod) -> String {
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default()
-}
-
-/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
-async fn bound_claim(ns: &str, name: &str) -> Result<()> {
-    sh(&format!(
-        "set -euo pipefail
-         cat <<EOF | kubectl apply -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {ns}-{name}}}
-spec:
-  capacity: {{storage: 1Ti}}
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  persistentVolumeReclaimPolicy: Delete
-  hostPath: {{path: /tmp/{ns}-{name}}}
-  claimRef: {{namespace: {ns}, name: {name}}}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  volumeName: {ns}-{name}
-  resources: {{requests: {{storage: 1Ti}}}}
-EOF
-         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null
-         # The test plane runs no pvc-protection controller: its finalizer would
-         # never be removed and would hold the namespace in Terminating forever.
-         kubectl patch pvc/{name} -n {ns} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null"
-    ))?;
-    Ok(())
 }
 
 /// (kstatus status, Argo CD status, Argo CD message) of the live object: the

@@ -14,7 +14,8 @@ use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job}
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    TestNamespace, admin_client, api_message, eventually, metric_sum, rejection_problems,
+    TestNamespace, admin_client, api_message, bound_claim, eventually, metric_sum,
+    rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -698,36 +699,6 @@ async fn the_operator_role_is_least_privilege() -> Result<()> {
         );
     }
     ensure!(sh("kubectl get clusterrole moe-moe-operator -o name")?.contains("moe-moe-operator"));
-    Ok(())
-}
-
-/// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
-async fn bound_claim(ns: &str, name: &str) -> Result<()> {
-    sh(&format!(
-        "set -euo pipefail
-         cat <<EOF | kubectl apply -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {ns}-{name}}}
-spec:
-  capacity: {{storage: 1Ti}}
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  persistentVolumeReclaimPolicy: Delete
-  hostPath: {{path: /tmp/{ns}-{name}}}
-  claimRef: {{namespace: {ns}, name: {name}}}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  accessModes: [ReadWriteMany]
-  storageClassName: ''
-  volumeName: {ns}-{name}
-  resources: {{requests: {{storage: 1Ti}}}}
-EOF
-         kubectl wait --for=jsonpath='{{.status.phase}}'=Bound pvc/{name} -n {ns} --timeout=60s >/dev/null"
-    ))?;
     Ok(())
 }
 
