@@ -2,14 +2,10 @@
 //! loopback TCP, each a `Trainer` stepping with `step_with`, must train what
 //! one `Trainer` does alone on the same global batch.
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::thread;
-use std::time::Duration;
+mod dist_support;
 
+use dist_support::world;
 use moe_worker::data::{DataLoader, load_corpus, tokenizer};
-use moe_worker::dist::rendezvous::Store;
-use moe_worker::dist::{TcpCollective, TcpSetup};
 use moe_worker::settings::{TrainSettings, parse_worker_config};
 use moe_worker::train::{StepReport, Trainer};
 use serde_json::json;
@@ -90,49 +86,20 @@ fn alone(settings: &TrainSettings) -> Outcome {
 
 /// One outcome per rank of a world of `ranks` threads.
 fn data_parallel(settings: &TrainSettings, ranks: usize) -> Vec<Outcome> {
-    let store = Store::bind("127.0.0.1:0").expect("bind store");
-    let coordinator: SocketAddr = store.local_addr().expect("store address");
-    let store = Mutex::new(Some(store));
-    thread::scope(|scope| {
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let setup = TcpSetup {
-                    rank,
-                    world_size: ranks,
-                    attempt: 0,
-                    config_hash: 1,
-                    coordinator: coordinator.to_string(),
-                    store: if rank == 0 {
-                        store.lock().unwrap().take()
-                    } else {
-                        None
-                    },
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    rendezvous_timeout: Duration::from_secs(20),
-                    collective_timeout: Duration::from_secs(20),
-                };
-                scope.spawn(move || {
-                    let mut group = TcpCollective::connect(setup).expect("connect");
-                    let mut t = trainer(settings);
-                    let reports = (0..STEPS)
-                        .map(|_| {
-                            t.step_with(&|| false, &mut group)
-                                .expect("collectives")
-                                .expect("not stopped")
-                        })
-                        .collect();
-                    Outcome {
-                        reports,
-                        weights: weights(&t),
-                        position: t.data_position(),
-                    }
-                })
+    world(ranks, |mut group| {
+        let mut t = trainer(settings);
+        let reports = (0..STEPS)
+            .map(|_| {
+                t.step_with(&|| false, &mut group)
+                    .expect("collectives")
+                    .expect("not stopped")
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank panicked"))
-            .collect()
+        Outcome {
+            reports,
+            weights: weights(&t),
+            position: t.data_position(),
+        }
     })
 }
 

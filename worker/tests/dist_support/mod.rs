@@ -1,6 +1,7 @@
-//! Shared by the parallel-training tests (`dist_expert_parallel`,
-//! `dist_sequence_parallel`): ranks as threads of one TCP world on
-//! loopback, and the comparison of a parallel run with one process.
+//! Shared by the parallel-training tests (`dist_train`,
+//! `dist_expert_parallel`, `dist_sequence_parallel`): ranks as threads of
+//! one TCP world on loopback, and the comparison of a parallel run with one
+//! process.
 
 #![allow(dead_code)] // each test file uses a different part
 
