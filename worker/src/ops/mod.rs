@@ -21,7 +21,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
-mod vector;
+pub(crate) mod vector;
 
 #[cfg(test)]
 pub(crate) mod testing;

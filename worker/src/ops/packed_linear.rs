@@ -17,6 +17,16 @@
 //! the results are the same bits (tested). Same memory as the plain weight
 //! (plus padding to 16 outputs); on CPUs without AVX2 and FMA the weight
 //! stays plain and `matmul::forward` runs.
+//!
+//! BF16 weights ([`PackedLinear::round_to_bf16`]) halve the bytes a product
+//! streams from memory, which is what bounds a decode step and a short
+//! prefill on a CPU. Each weight is rounded to the nearest bfloat16 once;
+//! the kernel widens 8 of them to f32 in a register (a zero-extension and
+//! a shift: exact) and runs the same chains, so the results are the bits
+//! of [`matmul::forward`] on the rounded weight (tested). Activations and
+//! sums stay f32.
+
+use half::bf16;
 
 use crate::ops::matmul;
 
@@ -29,14 +39,31 @@ const MR: usize = 6;
 /// its use in a tile of [`MR`] rows.
 const PREFETCH: usize = 16;
 
+/// How a linear layer's weights are stored (activations are f32 either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightPrecision {
+    #[default]
+    F32,
+    /// Each weight rounded to the nearest bfloat16 (ties to even).
+    Bf16,
+}
+
 /// A `[out_dim, in_dim]` weight ready for `out = x · wᵀ`.
 #[derive(Clone, Debug)]
 pub struct PackedLinear {
     in_dim: usize,
     out_dim: usize,
-    /// Panels (see the module comment), or the plain weight when `!packed`.
-    data: Vec<f32>,
-    packed: bool,
+    data: Storage,
+}
+
+#[derive(Clone, Debug)]
+enum Storage {
+    /// The plain `[out_dim, in_dim]` weight, for CPUs without the kernels;
+    /// rounded to bfloat16 values when that precision was asked for.
+    Plain(Vec<f32>, WeightPrecision),
+    /// Panels (see the module comment).
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
 }
 
 impl PackedLinear {
@@ -52,8 +79,7 @@ impl PackedLinear {
             return Self {
                 in_dim,
                 out_dim,
-                data: w,
-                packed: false,
+                data: Storage::Plain(w, WeightPrecision::F32),
             };
         }
         let panels = out_dim.div_ceil(NR);
@@ -67,8 +93,37 @@ impl PackedLinear {
         Self {
             in_dim,
             out_dim,
-            data,
-            packed: true,
+            data: Storage::F32(data),
+        }
+    }
+
+    /// Rounds every weight to the nearest bfloat16 (half the bytes; the
+    /// layout is unchanged).
+    pub fn round_to_bf16(&mut self) {
+        let data = std::mem::replace(&mut self.data, Storage::F32(Vec::new()));
+        self.data = match data {
+            Storage::Plain(w, _) => Storage::Plain(
+                w.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect(),
+                WeightPrecision::Bf16,
+            ),
+            Storage::F32(panels) => Storage::Bf16(panels.into_iter().map(bf16::from_f32).collect()),
+            bf16 @ Storage::Bf16(_) => bf16,
+        };
+    }
+
+    pub fn precision(&self) -> WeightPrecision {
+        match self.data {
+            Storage::Plain(_, precision) => precision,
+            Storage::F32(_) => WeightPrecision::F32,
+            Storage::Bf16(_) => WeightPrecision::Bf16,
+        }
+    }
+
+    /// Bytes the weights take (panels include their padding).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Storage::Plain(w, _) | Storage::F32(w) => w.len() * 4,
+            Storage::Bf16(w) => w.len() * 2,
         }
     }
 
@@ -93,13 +148,21 @@ impl PackedLinear {
     /// LM head.
     pub fn row(&self, o: usize, out: &mut [f32]) {
         assert!(o < self.out_dim && out.len() == self.in_dim, "linear row");
-        if !self.packed {
-            out.copy_from_slice(&self.data[o * self.in_dim..(o + 1) * self.in_dim]);
-            return;
-        }
-        let panel = &self.data[o / NR * self.in_dim * NR..][..self.in_dim * NR];
-        for (value, step) in out.iter_mut().zip(panel.chunks_exact(NR)) {
-            *value = step[o % NR];
+        let panel = o / NR * self.in_dim * NR..(o / NR + 1) * self.in_dim * NR;
+        match &self.data {
+            Storage::Plain(w, _) => {
+                out.copy_from_slice(&w[o * self.in_dim..(o + 1) * self.in_dim]);
+            }
+            Storage::F32(w) => {
+                for (value, step) in out.iter_mut().zip(w[panel].chunks_exact(NR)) {
+                    *value = step[o % NR];
+                }
+            }
+            Storage::Bf16(w) => {
+                for (value, step) in out.iter_mut().zip(w[panel].chunks_exact(NR)) {
+                    *value = step[o % NR].to_f32();
+                }
+            }
         }
     }
 
@@ -109,33 +172,46 @@ impl PackedLinear {
         let rows = x.len() / self.in_dim;
         assert_eq!(x.len(), rows * self.in_dim, "linear input shape");
         assert_eq!(out.len(), rows * self.out_dim, "linear output shape");
-        if !self.packed {
-            matmul::forward(out, x, &self.data, self.in_dim, self.out_dim);
-            return;
+        match &self.data {
+            Storage::Plain(w, _) => matmul::forward(out, x, w, self.in_dim, self.out_dim),
+            #[cfg(target_arch = "x86_64")]
+            Storage::F32(w) => self.forward_packed::<false>(out, x, rows, w.as_ptr().cast()),
+            #[cfg(target_arch = "x86_64")]
+            Storage::Bf16(w) => self.forward_packed::<true>(out, x, rows, w.as_ptr().cast()),
+            // Panels are only built where `available()` (x86-64).
+            #[cfg(not(target_arch = "x86_64"))]
+            Storage::F32(_) | Storage::Bf16(_) => unreachable!("packed weights off x86-64"),
         }
-        #[cfg(target_arch = "x86_64")]
-        self.forward_packed(out, x, rows);
     }
 
     /// [`Self::forward`] on the panels, split across the current rayon
     /// pool's threads when the product is large enough.
+    /// `panels` points at the panels' first weight, f32 or (`BF16`) bf16.
     #[cfg(target_arch = "x86_64")]
-    fn forward_packed(&self, out: &mut [f32], x: &[f32], rows: usize) {
+    fn forward_packed<const BF16: bool>(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        rows: usize,
+        panels_at: *const u8,
+    ) {
         let panels = self.out_dim.div_ceil(NR);
         let parts = parts(rows * self.in_dim * self.out_dim, panels);
         let out = SharedOut(out.as_mut_ptr());
-        // SAFETY (both calls): `packed` is only set when `available()` said
-        // AVX2 and FMA run here; `forward` checked the shapes; the parts'
-        // panel ranges are disjoint, so no output is written twice.
+        let weights = Weights(panels_at);
+        // SAFETY (both calls): panels are only built when `available()` said
+        // AVX2 and FMA run here, and `panels_at` holds them in the element
+        // type `BF16` names; `forward` checked the shapes; the parts' panel
+        // ranges are disjoint, so no output is written twice.
         if parts <= 1 {
-            unsafe { forward_avx2(self, out, x, rows, 0..panels) }
+            unsafe { forward_avx2::<BF16>(self, weights, out, x, rows, 0..panels) }
         } else {
             use rayon::prelude::*;
             // Whole groups of 4 panels per part, as the one-row tile takes them.
             let per_part = panels.div_ceil(parts).next_multiple_of(4);
             (0..parts).into_par_iter().for_each(|part| {
                 let range = (part * per_part).min(panels)..((part + 1) * per_part).min(panels);
-                unsafe { forward_avx2(self, out, x, rows, range) }
+                unsafe { forward_avx2::<BF16>(self, weights, out, x, rows, range) }
             });
         }
     }
@@ -159,6 +235,16 @@ fn parts(multiply_adds: usize, panels: usize) -> usize {
         .min(panels.div_ceil(4))
         .max(1)
 }
+
+/// The panels, read by several threads.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Weights(*const u8);
+// SAFETY: read only, and alive for the call (borrowed from the layer).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Weights {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Weights {}
 
 /// The output, written by several threads at disjoint columns.
 #[cfg(target_arch = "x86_64")]
@@ -190,8 +276,9 @@ struct Tile {
     k: usize,
     /// The tile's first row of `x`, rows `k` apart.
     x: *const f32,
-    /// The tile's first panel, panels `k * NR` apart.
-    panels: *const f32,
+    /// The tile's first panel's first weight (f32 or bf16: see the
+    /// kernel's `BF16`), panels `k * NR` weights apart.
+    panels: *const u8,
     /// The tile's first output, rows `ldo` apart.
     out: *mut f32,
     ldo: usize,
@@ -199,9 +286,9 @@ struct Tile {
     cols: usize,
 }
 
-/// Loops the register tiles over `rows × out_dim`: tiles of [`MR`] rows,
-/// panels outermost so a panel stays in L1/L2 while every row tile reads
-/// it; then the rows left over (all of them in a decode step) in one tile
+/// Loops the register tiles over `rows × out_dim`, panels outermost so a
+/// panel stays in L1/L2 while every row tile reads it: tiles of [`MR`]
+/// rows, then the rows left over (all of them in a decode step) in one tile
 /// spanning several panels, so it still has at least 8 independent
 /// accumulators (a fused multiply-add has 4 cycles' latency and two issue
 /// per cycle) and streams several panels at once.
@@ -211,8 +298,9 @@ struct Tile {
 /// columns of `panels` are written.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2(
+unsafe fn forward_avx2<const BF16: bool>(
     w: &PackedLinear,
+    weights: Weights,
     out: SharedOut,
     x: &[f32],
     rows: usize,
@@ -223,21 +311,14 @@ unsafe fn forward_avx2(
     let tile = |row: usize, panel: usize| Tile {
         k,
         x: x.as_ptr().wrapping_add(row * k),
-        panels: w.data.as_ptr().wrapping_add(panel * k * NR),
+        panels: weights
+            .0
+            .wrapping_add(panel * k * NR * element_bytes::<BF16>()),
         out: out.wrapping_add(row * n + panel * NR),
         ldo: n,
         cols: n - panel * NR,
     };
     let full = rows / MR * MR;
-    if full > 0 {
-        for panel in panels.clone() {
-            for row in (0..full).step_by(MR) {
-                // SAFETY: rows row..row + MR and the panel exist; `tile`
-                // clips the columns to `out_dim`.
-                unsafe { kernel::<MR, 1>(tile(row, panel)) };
-            }
-        }
-    }
     let (row, left) = (full, rows - full);
     let group = match left {
         1 => 4,
@@ -246,23 +327,35 @@ unsafe fn forward_avx2(
     };
     let (mut panel, panels) = (panels.start, panels.end);
     while panel < panels {
-        let t = tile(row, panel);
-        // SAFETY (every arm): rows row..rows exist, and the panels
-        // panel..panel + P (P > 1 only while that many are left).
-        unsafe {
-            match (left, panels - panel >= group) {
-                (0, _) => return,
-                (1, true) => kernel::<1, 4>(t),
-                (2, true) => kernel::<2, 2>(t),
-                (3, true) => kernel::<3, 2>(t),
-                (1, false) => kernel::<1, 1>(t),
-                (2, false) => kernel::<2, 1>(t),
-                (3, false) => kernel::<3, 1>(t),
-                (4, _) => kernel::<4, 1>(t),
-                _ => kernel::<5, 1>(t),
+        let width = if panels - panel >= group { group } else { 1 };
+        // Every row tile of a panel runs while the panel is in L1/L2: the
+        // full tiles first, then the rows left over, so the weights stream
+        // from memory once per call (a prefill's experts get ~10 rows: a
+        // second pass for the last 4 had read each expert's weights twice).
+        for p in panel..panel + width {
+            for full_row in (0..full).step_by(MR) {
+                // SAFETY: rows full_row..full_row + MR and panel p exist;
+                // `tile` clips the columns to `out_dim`.
+                unsafe { kernel::<BF16, MR, 1>(tile(full_row, p)) };
             }
         }
-        panel += if panels - panel >= group { group } else { 1 };
+        let t = tile(row, panel);
+        // SAFETY (every arm): rows row..rows exist, and the panels
+        // panel..panel + width.
+        unsafe {
+            match (left, width) {
+                (0, _) => {}
+                (1, 4) => kernel::<BF16, 1, 4>(t),
+                (2, 2) => kernel::<BF16, 2, 2>(t),
+                (3, 2) => kernel::<BF16, 3, 2>(t),
+                (1, _) => kernel::<BF16, 1, 1>(t),
+                (2, _) => kernel::<BF16, 2, 1>(t),
+                (3, _) => kernel::<BF16, 3, 1>(t),
+                (4, _) => kernel::<BF16, 4, 1>(t),
+                _ => kernel::<BF16, 5, 1>(t),
+            }
+        }
+        panel += width;
     }
 }
 
@@ -276,25 +369,38 @@ unsafe fn forward_avx2(
 /// values at `tile.panels`, `R` output rows of `tile.cols.min(16 P)` at `tile.out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel<const R: usize, const P: usize>(tile: Tile) {
+unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
     use std::arch::x86_64::*;
     let k = tile.k;
+    let bytes = element_bytes::<BF16>();
     let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
     for i in 0..k {
         let mut b = [[_mm256_setzero_ps(); 2]; P];
         for (j, b) in b.iter_mut().enumerate() {
-            // SAFETY: panel j holds k * NR values (caller), i < k.
+            // SAFETY: panel j holds k * NR weights (caller), i < k.
             unsafe {
-                let step = tile.panels.add(j * k * NR + i * NR);
-                b[0] = _mm256_loadu_ps(step);
-                b[1] = _mm256_loadu_ps(step.add(8));
+                let step = tile.panels.add((j * k * NR + i * NR) * bytes);
+                if BF16 {
+                    // A bfloat16 is the top half of the f32 it stands for:
+                    // zero-extend 8 of them to 32 bits and shift them up.
+                    let widen = |half: __m128i| {
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+                    };
+                    b[0] = widen(_mm_loadu_si128(step.cast()));
+                    b[1] = widen(_mm_loadu_si128(step.add(16).cast()));
+                } else {
+                    b[0] = _mm256_loadu_ps(step.cast());
+                    b[1] = _mm256_loadu_ps(step.add(32).cast());
+                }
             }
             // A prefill's tiles of many rows take long enough per step for
             // a software prefetch of the weights to help (~5% measured); a
             // decode's one-row tile is already memory-bound, and the extra
             // instructions slowed it by a fifth. Prefetches never fault.
             if R == MR {
-                let ahead = tile.panels.wrapping_add(j * k * NR + (i + PREFETCH) * NR);
+                let ahead = tile
+                    .panels
+                    .wrapping_add((j * k * NR + (i + PREFETCH) * NR) * bytes);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             }
         }
@@ -335,6 +441,12 @@ unsafe fn kernel<const R: usize, const P: usize>(tile: Tile) {
     }
 }
 
+/// Bytes per packed weight.
+#[cfg(target_arch = "x86_64")]
+const fn element_bytes<const BF16: bool>() -> usize {
+    if BF16 { 2 } else { 4 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,10 +460,53 @@ mod tests {
     /// depths: the bits of `matmul::forward` on the plain weight.
     #[test]
     fn gives_the_bits_of_matmul_forward() {
+        check_against_matmul(WeightPrecision::F32);
+    }
+
+    /// BF16 panels: the bits of `matmul::forward` on the weight rounded to
+    /// bfloat16 (rounded here independently: by clearing or carrying into
+    /// the low 16 bits, ties to even).
+    #[test]
+    fn bf16_weights_give_the_bits_of_matmul_forward_on_the_rounded_weight() {
+        check_against_matmul(WeightPrecision::Bf16);
+    }
+
+    /// Round to nearest bfloat16, ties to even, for finite values.
+    fn rounded(v: f32) -> f32 {
+        let bits = v.to_bits();
+        let round = 0x7fff + ((bits >> 16) & 1);
+        f32::from_bits(bits.wrapping_add(round) & 0xffff_0000)
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(rounded(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(
+            rounded(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
+        let linear = PackedLinear::new(vec![1.0 + 2f32.powi(-8), 1.0 + 2f32.powi(-7)], 2, 1);
+        let mut row = [0.0; 2];
+        let mut linear = linear;
+        linear.round_to_bf16();
+        linear.row(0, &mut row);
+        assert_eq!(row, [1.0, 1.0 + 2f32.powi(-7)]);
+    }
+
+    fn check_against_matmul(precision: WeightPrecision) {
         let mut rng = SplitMix64::new(17);
         for (in_dim, out_dim) in [(1, 1), (5, 8), (64, 400), (33, 100), (512, 48)] {
-            let w = rng.normal_vec(out_dim * in_dim, 1.0);
-            let linear = PackedLinear::new(w.clone(), in_dim, out_dim);
+            let mut w = rng.normal_vec(out_dim * in_dim, 1.0);
+            let mut linear = PackedLinear::new(w.clone(), in_dim, out_dim);
+            if precision == WeightPrecision::Bf16 {
+                linear.round_to_bf16();
+                for v in &mut w {
+                    *v = rounded(*v);
+                }
+                assert_eq!(linear.bytes() % 2, 0);
+            }
+            assert_eq!(linear.precision(), precision);
             for rows in [1, 2, 3, 4, 5, 6, 7, 13, 39] {
                 let x = rng.normal_vec(rows * in_dim, 1.0);
                 let mut expected = vec![0.0f32; rows * out_dim];
@@ -375,7 +530,15 @@ mod tests {
         let mut rng = SplitMix64::new(5);
         let (in_dim, out_dim) = (512, 2000);
         let w = rng.normal_vec(out_dim * in_dim, 1.0);
-        let linear = PackedLinear::new(w, in_dim, out_dim);
+        let f32_weights = PackedLinear::new(w, in_dim, out_dim);
+        let mut bf16_weights = f32_weights.clone();
+        bf16_weights.round_to_bf16();
+        threads_match_one(&bf16_weights, &mut rng);
+        threads_match_one(&f32_weights, &mut rng);
+    }
+
+    fn threads_match_one(linear: &PackedLinear, rng: &mut SplitMix64) {
+        let (in_dim, out_dim) = (linear.in_dim, linear.out_dim);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
@@ -387,7 +550,7 @@ mod tests {
             let mut shared = vec![f32::NAN; rows * out_dim];
             pool.install(|| {
                 #[cfg(target_arch = "x86_64")]
-                if linear.packed {
+                if !matches!(linear.data, Storage::Plain(..)) {
                     assert!(parts(rows * in_dim * out_dim, out_dim.div_ceil(NR)) > 1);
                 }
                 linear.forward(&mut shared, &x)
