@@ -24,6 +24,8 @@ def main():
     parser.add_argument("--a", required=True, help="the baseline moe-worker binary")
     parser.add_argument("--b", required=True, help="the changed moe-worker binary")
     parser.add_argument("--runs", type=int, default=12, help="alternating runs per binary")
+    parser.add_argument("--a-precision", default="fp32", help="--precision of the baseline")
+    parser.add_argument("--b-precision", default="fp32", help="--precision of the changed binary")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -35,7 +37,8 @@ def main():
         servers = {}
         try:
             for name in ("a", "b"):
-                options = types.SimpleNamespace(worker=getattr(args, name), threads=args.threads)
+                options = types.SimpleNamespace(worker=getattr(args, name), threads=args.threads,
+                                                precision=getattr(args, f"{name}_precision"))
                 servers[name] = bench.Server(options, directory)
                 bench.stream_completion(servers[name].port, 4)  # warm-up
             results = {"a": [], "b": []}

@@ -122,7 +122,8 @@ class Server:
         env = dict(os.environ, MOE_STATUS_ADDR="off")
         command = [args.worker, "serve", "--model", directory, "--host", "127.0.0.1",
                    "--port", str(self.port), "--served-model-name", "bench",
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads),
+                   "--precision", getattr(args, "precision", "fp32")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, env=env)
         deadline = time.time() + 120
@@ -300,6 +301,8 @@ def main():
                         help="one-token generations per run (the least counts)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of each side (worker --threads, torch.set_num_threads)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the worker's weights (--precision); transformers runs fp32")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32, 64],
                         help="concurrency levels (none: skip the curve)")
     parser.add_argument("--rounds", type=int, default=2, help="completions per client")

@@ -31,7 +31,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Serve a model over an OpenAI-compatible HTTP API (docs/serving.md).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// `serve`'s flags; each overrides the same setting of `--config`.
@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Threads computing each forward pass (default 1).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the linear layers' weights are stored: fp32, or bf16 (half the
+    /// bytes; activations stay fp32). Default: the config's, else fp32.
+    #[arg(long, value_parser = ["fp32", "bf16", "fp8"])]
+    precision: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Train { config } => train(config),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
@@ -126,6 +130,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_queued_requests: args.max_queued_requests,
         kv_cache_mib: args.kv_cache_mib,
         threads: args.threads,
+        precision: args.precision.map(|p| match p.as_str() {
+            "bf16" => moe_crds::ServingPrecision::Bf16,
+            "fp8" => moe_crds::ServingPrecision::Fp8,
+            _ => moe_crds::ServingPrecision::Fp32,
+        }),
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
     };
     let (options, warnings) = match options::resolve(config.as_ref(), flags) {

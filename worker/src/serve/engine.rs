@@ -12,8 +12,9 @@
 //! what else is in the batch: batching is invisible to the bit.
 
 use crate::model::Model;
-use crate::ops::rmsnorm;
+use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
+use crate::ops::{rmsnorm, vector};
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::layers::{Ffn, Layers};
 use crate::serve::model::{RopeLayout, ServeConfig, ServeModel};
@@ -88,6 +89,21 @@ impl Engine {
             rope,
             pool: None,
         }
+    }
+
+    /// Stores the linear layers' weights at `precision` (see
+    /// [`Layers::round_to_bf16`] for which ones).
+    pub fn with_weights(mut self, precision: WeightPrecision) -> Self {
+        match precision {
+            WeightPrecision::F32 => {}
+            WeightPrecision::Bf16 => self.layers.round_to_bf16(),
+        }
+        self
+    }
+
+    /// Bytes of the linear layers' weights as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers.linear_bytes()
     }
 
     /// Runs each step on `threads` threads (1: on the caller's alone).
@@ -332,8 +348,9 @@ impl Engine {
     }
 
     /// Causal grouped-query attention of one query row at `position` over
-    /// the cached positions `0..=position`, in the training op's order:
-    /// scaled dot products, a max-shifted softmax, then the weighted sum of
+    /// the cached positions `0..=position`: scaled dot products (in
+    /// [`vector::dot_f32`]'s order, not the training op's chain: the same
+    /// values to rounding), a max-shifted softmax, then the weighted sum of
     /// values in ascending position.
     fn attend(
         &self,
@@ -357,7 +374,7 @@ impl Engine {
             let kv = (head / group) * head_dim..(head / group + 1) * head_dim;
             for (t, s) in scores.iter_mut().enumerate() {
                 let key = &cache.key(layer, pages, t)[kv.clone()];
-                *s = scale * q.iter().zip(key).fold(0.0, |acc, (&a, &b)| acc + a * b);
+                *s = scale * vector::dot_f32(q, key);
             }
             let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
             let mut sum = 0.0;

@@ -136,6 +136,57 @@ impl Layers {
         }
     }
 
+    /// Stores the weights of every projection, expert and the LM head as
+    /// bfloat16 (a tied embedding is then looked up rounded too). The
+    /// routers and Qwen2-MoE's shared-expert gate stay f32: a few outputs
+    /// each, negligible bytes, and the router's scores decide which experts
+    /// run — DeepSeek-V3 and vLLM keep them in full precision as well.
+    pub fn round_to_bf16(&mut self) {
+        for block in &mut self.blocks {
+            block.qkv.round_to_bf16();
+            block.wo.round_to_bf16();
+            match &mut block.ffn {
+                Ffn::Dense(mlp) => mlp.round_to_bf16(),
+                Ffn::Moe(moe) => {
+                    moe.experts.iter_mut().for_each(PackedMlp::round_to_bf16);
+                    if let Some(shared) = &mut moe.shared {
+                        shared.round_to_bf16();
+                    }
+                    if let Some((shared, _gate)) = &mut moe.gated_shared {
+                        shared.round_to_bf16();
+                    }
+                }
+            }
+        }
+        self.lm_head.round_to_bf16();
+    }
+
+    /// Bytes of the linear layers' weights, as stored.
+    pub fn linear_bytes(&self) -> usize {
+        let mlp = |m: &PackedMlp| m.w13.bytes() + m.w2.bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|block| {
+                block.qkv.bytes()
+                    + block.wo.bytes()
+                    + match &block.ffn {
+                        Ffn::Dense(m) => mlp(m),
+                        Ffn::Moe(moe) => {
+                            moe.router.bytes()
+                                + moe.experts.iter().map(mlp).sum::<usize>()
+                                + moe.shared.as_ref().map_or(0, mlp)
+                                + moe
+                                    .gated_shared
+                                    .as_ref()
+                                    .map_or(0, |(m, gate)| mlp(m) + gate.bytes())
+                        }
+                    }
+            })
+            .sum();
+        blocks + self.lm_head.bytes()
+    }
+
     /// `out[t, ..]` = the embedding of `tokens[t]` (each below the vocabulary).
     pub fn embed(&self, out: &mut [f32], tokens: &[u32]) {
         let hidden = self.lm_head.in_dim();
@@ -162,6 +213,11 @@ impl PackedMlp {
         Self::new(&mlp.w1, &mlp.w3, mlp.w2, hidden, mlp.width)
     }
 
+    fn round_to_bf16(&mut self) {
+        self.w13.round_to_bf16();
+        self.w2.round_to_bf16();
+    }
+
     /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`.
     pub fn forward(&self, out: &mut [f32], x: &[f32]) {
         let w = self.width;
@@ -171,9 +227,7 @@ impl PackedMlp {
         let mut h = vec![0.0; rows * w];
         for (h, ab) in h.chunks_exact_mut(w).zip(ab.chunks_exact(2 * w)) {
             let (a, b) = ab.split_at(w);
-            for ((h, &a), &b) in h.iter_mut().zip(a).zip(b) {
-                *h = swiglu::silu(a) * b;
-            }
+            swiglu::forward_f32(h, a, b);
         }
         self.w2.forward(out, &h);
     }

@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use moe_crds::ModelFormat;
 
+use crate::ops::packed_linear::WeightPrecision;
 use crate::serve::engine::Engine;
 use crate::serve::http::AppState;
 use crate::serve::load::{LoadError, LoadedModel};
@@ -75,6 +76,8 @@ pub struct ServeOptions {
     pub page_size: usize,
     /// Threads computing each step (1: the scheduler thread alone).
     pub threads: usize,
+    /// How the linear layers' weights are stored.
+    pub weights: WeightPrecision,
 }
 
 /// Why the server could not start.
@@ -160,6 +163,7 @@ pub fn start_engine(
 ) -> Result<EngineHandle, ServeError> {
     options.check()?;
     let engine = Engine::serve(loaded.model.into_serve_model())
+        .with_weights(options.weights)
         .with_threads(options.threads)
         .map_err(|error| ServeError::Io {
             what: "starting the compute threads".into(),
@@ -180,6 +184,8 @@ pub fn start_engine(
         context = engine.context(),
         kv_pages,
         page_size = options.page_size,
+        weights = ?options.weights,
+        weight_mib = engine.weight_bytes() >> 20,
         "model loaded"
     );
     let settings = RunnerSettings {

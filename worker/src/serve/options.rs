@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use moe_crds::contract::{METRICS_PORT, SERVING_PORT};
 use moe_crds::{Device, ModelFormat, ServingConfig, ServingPrecision};
 
+use crate::ops::packed_linear::WeightPrecision;
+
 use crate::serve::{DEFAULT_KV_CACHE_BYTES, DEFAULT_PAGE_SIZE, ServeError, ServeOptions};
 
 /// The operator's defaults (`spec.serving`), for a server started by hand.
@@ -31,6 +33,7 @@ pub struct Flags {
     pub max_queued_requests: Option<usize>,
     pub kv_cache_mib: Option<usize>,
     pub threads: Option<usize>,
+    pub precision: Option<ServingPrecision>,
     /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
     pub metrics_addr: Option<String>,
 }
@@ -113,8 +116,30 @@ pub fn resolve(
             .map_or(DEFAULT_KV_CACHE_BYTES, |mib| mib.saturating_mul(1 << 20)),
         page_size: DEFAULT_PAGE_SIZE,
         threads: flags.threads.unwrap_or(1),
+        weights: weights(
+            flags
+                .precision
+                .or_else(|| config.map(|c| c.precision))
+                .unwrap_or(ServingPrecision::Fp32),
+            &mut warnings,
+        ),
     };
     Ok((options, warnings))
+}
+
+/// The weights a precision is served with on the CPU: activations and sums
+/// are f32 in every case.
+fn weights(precision: ServingPrecision, warnings: &mut Vec<String>) -> WeightPrecision {
+    match precision {
+        ServingPrecision::Fp32 => WeightPrecision::F32,
+        ServingPrecision::Bf16 => WeightPrecision::Bf16,
+        ServingPrecision::Fp8 => {
+            warnings.push(
+                "precision fp8: FP8 weights are a GPU feature; the CPU serves bf16 weights".into(),
+            );
+            WeightPrecision::Bf16
+        }
+    }
 }
 
 /// Refuses what this server cannot do at all; warns where it serves anyway.
@@ -131,12 +156,6 @@ fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result
             "device cuda: serving runs on the CPU so far (the CUDA serving path is not built yet)"
                 .into(),
         );
-    }
-    if config.precision != ServingPrecision::Fp32 {
-        warnings.push(format!(
-            "precision {:?}: serving computes in fp32 so far",
-            config.precision
-        ));
     }
     Ok(())
 }
@@ -213,8 +232,34 @@ mod tests {
         assert!(resolve(Some(&c), Flags::default()).is_err());
         let mut c = config();
         c.device = Device::Cuda;
-        c.precision = ServingPrecision::Bf16;
+        c.precision = ServingPrecision::Fp8;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
         assert_eq!(warnings.len(), 2);
+    }
+
+    #[test]
+    fn precision_picks_the_weights_flag_over_config_fp32_by_hand() {
+        let weights = |config: Option<&ServingConfig>, flag| {
+            let flags = Flags {
+                model: Some("runs/tiny".into()),
+                precision: flag,
+                ..Flags::default()
+            };
+            let (o, warnings) = resolve(config, flags).unwrap();
+            (o.weights, warnings.len())
+        };
+        let mut c = config();
+        c.precision = ServingPrecision::Bf16;
+        assert_eq!(weights(Some(&c), None), (WeightPrecision::Bf16, 0));
+        assert_eq!(
+            weights(Some(&c), Some(ServingPrecision::Fp32)),
+            (WeightPrecision::F32, 0)
+        );
+        assert_eq!(weights(None, None), (WeightPrecision::F32, 0));
+        // No FP8 weights on the CPU: bf16, said in the log.
+        assert_eq!(
+            weights(None, Some(ServingPrecision::Fp8)),
+            (WeightPrecision::Bf16, 1)
+        );
     }
 }

@@ -14,6 +14,7 @@ use moe_crds::ModelSpec;
 use moe_worker::checkpoint::{self, Snapshot};
 use moe_worker::data::DataPosition;
 use moe_worker::model::{Model, ModelConfig};
+use moe_worker::ops::packed_linear::WeightPrecision;
 use moe_worker::rng::SplitMix64;
 use moe_worker::serve::{self, ServeOptions, Server};
 use moe_worker::settings::OptimizerSettings;
@@ -118,6 +119,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         kv_cache_bytes: 8 << 20,
         page_size: 16,
         threads: 1,
+        weights: WeightPrecision::F32,
     }
 }
 
