@@ -74,3 +74,44 @@ fn missing_or_foreign_models_are_named() {
     let message = error(&dir.0, None, None);
     assert!(message.contains("state.safetensors"), "{message}");
 }
+
+/// The configuration's model (a service's `spec.model`, or its training
+/// job's) must be the checkpoint's: another shape is refused before any
+/// weight is served, naming every field that differs.
+#[test]
+fn a_checkpoint_of_another_model_than_configured_is_refused() {
+    let dir = TempDir::new("load-shape");
+    write_checkpoint(&dir.0, &tiny_spec(), &tiny_model(4));
+    let loaded = load::load(&dir.0, None, None).unwrap();
+    loaded
+        .check_spec(&tiny_spec())
+        .expect("the checkpoint's own model");
+    // Balancing is how it was trained, not what is served.
+    let mut rebalanced = tiny_spec();
+    rebalanced.moe.balancing.sequence_aux_loss_coef = 0.5;
+    loaded.check_spec(&rebalanced).expect("another balancing");
+    let mut other = tiny_spec();
+    other.hidden_size = 64;
+    other.moe.experts = 8;
+    let error = loaded.check_spec(&other).unwrap_err();
+    assert!(matches!(error, LoadError::ModelMismatch { .. }));
+    let message = error.to_string();
+    for expected in [
+        "hiddenSize: checkpoint 32, expected 64",
+        "moe.experts: checkpoint 4, expected 8",
+    ] {
+        assert!(message.contains(expected), "{message}");
+    }
+    // The server refuses to start on it.
+    let options = moe_worker::serve::ServeOptions {
+        expected_model: Some(other),
+        ..serve_support::options(&dir.0)
+    };
+    let metrics = moe_worker::serve::metrics::Metrics::new();
+    let refused = moe_worker::serve::start_engine(loaded, &options, &metrics);
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("moe.experts")),
+        "{:?}",
+        refused.err()
+    );
+}

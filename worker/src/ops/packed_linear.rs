@@ -482,10 +482,7 @@ mod tests {
     fn bf16_rounding_is_to_nearest_even() {
         // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even 1.
         assert_eq!(rounded(1.0 + 2f32.powi(-8)), 1.0);
-        assert_eq!(
-            rounded(1.0 + 3.0 * 2f32.powi(-8)),
-            1.0 + 2f32.powi(-6)
-        );
+        assert_eq!(rounded(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
         let linear = PackedLinear::new(vec![1.0 + 2f32.powi(-8), 1.0 + 2f32.powi(-7)], 2, 1);
         let mut row = [0.0; 2];
         let mut linear = linear;

@@ -14,7 +14,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use moe_crds::ModelFormat;
+use moe_crds::{ModelFormat, ModelSpec};
 
 use crate::checkpoint::{self, CheckpointError, Manifest};
 use crate::model::{Model, ModelConfig};
@@ -31,6 +31,73 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// Training step of the checkpoint (0 for a Hugging Face model).
     pub step: u64,
+    /// The model spec a worker checkpoint's manifest records.
+    pub spec: Option<ModelSpec>,
+}
+
+impl LoadedModel {
+    /// Refuses a checkpoint whose model is not `expected` (the service's
+    /// `spec.model`, or its training job's), naming every field that differs.
+    /// A Hugging Face model has no spec to compare: its `config.json` is the
+    /// shape.
+    pub fn check_spec(&self, expected: &ModelSpec) -> Result<(), LoadError> {
+        let Some(spec) = &self.spec else {
+            return Ok(());
+        };
+        let (mut found, mut wanted) = (
+            serde_json::to_value(spec).unwrap_or_default(),
+            serde_json::to_value(expected).unwrap_or_default(),
+        );
+        // How the experts were balanced while training is no part of the
+        // model that is served.
+        for spec in [&mut found, &mut wanted] {
+            if let Some(moe) = spec.get_mut("moe").and_then(|m| m.as_object_mut()) {
+                moe.remove("balancing");
+            }
+        }
+        let mut differences = Vec::new();
+        differing_fields("", &found, &wanted, &mut differences);
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(LoadError::ModelMismatch {
+                path: self.path.clone(),
+                differences,
+            })
+        }
+    }
+}
+
+/// Appends `path: checkpoint <found>, expected <wanted>` for every leaf
+/// that differs (a field only one side has counts as `null` on the other).
+fn differing_fields(
+    path: &str,
+    found: &serde_json::Value,
+    wanted: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (found, wanted) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let field = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                let (x, y) = (
+                    a.get(key).unwrap_or(&Value::Null),
+                    b.get(key).unwrap_or(&Value::Null),
+                );
+                differing_fields(&field, x, y, out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: checkpoint {a}, expected {b}")),
+        _ => {}
+    }
 }
 
 /// The weights, as the format has them.
@@ -76,6 +143,11 @@ pub enum LoadError {
         path: PathBuf,
         problem: String,
     },
+    /// The checkpoint's model is not the one the configuration expects.
+    ModelMismatch {
+        path: PathBuf,
+        differences: Vec<String>,
+    },
     Checkpoint(CheckpointError),
     HuggingFace(HfError),
 }
@@ -104,6 +176,12 @@ impl fmt::Display for LoadError {
                     path.display()
                 )
             }
+            Self::ModelMismatch { path, differences } => write!(
+                f,
+                "{}: the checkpoint's model is not the configured model: {}",
+                path.display(),
+                differences.join("; ")
+            ),
             Self::Checkpoint(e) => e.fmt(f),
             Self::HuggingFace(e) => write!(f, "Hugging Face model: {e}"),
         }
@@ -233,6 +311,7 @@ fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
         tokenizer: Tokenizer::Bytes,
         path: path.to_path_buf(),
         step: manifest.step,
+        spec: Some(manifest.model),
     })
 }
 
@@ -251,5 +330,6 @@ fn load_hugging_face(path: &Path) -> Result<LoadedModel, LoadError> {
         tokenizer: Tokenizer::HuggingFace(std::sync::Arc::new(loaded.tokenizer)),
         path: path.to_path_buf(),
         step: 0,
+        spec: None,
     })
 }

@@ -39,7 +39,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use moe_crds::ModelFormat;
+use moe_crds::{ModelFormat, ModelSpec};
 
 use crate::ops::packed_linear::WeightPrecision;
 use crate::serve::engine::Engine;
@@ -78,6 +78,9 @@ pub struct ServeOptions {
     pub threads: usize,
     /// How the linear layers' weights are stored.
     pub weights: WeightPrecision,
+    /// The model the configuration expects (`spec.model`, or the training
+    /// job's): a worker checkpoint of another shape is refused.
+    pub expected_model: Option<ModelSpec>,
 }
 
 /// Why the server could not start.
@@ -162,6 +165,9 @@ pub fn start_engine(
     metrics: &Metrics,
 ) -> Result<EngineHandle, ServeError> {
     options.check()?;
+    if let Some(expected) = &options.expected_model {
+        loaded.check_spec(expected).map_err(ServeError::Load)?;
+    }
     let engine = Engine::serve(loaded.model.into_serve_model())
         .with_weights(options.weights)
         .with_threads(options.threads)

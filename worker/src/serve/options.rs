@@ -74,10 +74,13 @@ pub fn resolve(
         DEFAULT_MAX_CONCURRENT_REQUESTS,
         "maxConcurrentRequests",
     )?;
-    let checkpoint_step = match (
-        flags.checkpoint_step,
-        config.and_then(|c| c.checkpoint_step),
-    ) {
+    // A training job's checkpoint: the step the operator resolved, which it
+    // also sets as `checkpointStep`; `trained.step` covers a config without.
+    let configured_step = config.and_then(|c| {
+        c.checkpoint_step
+            .or_else(|| c.trained.as_ref().map(|t| t.step))
+    });
+    let checkpoint_step = match (flags.checkpoint_step, configured_step) {
         (Some(step), _) => Some(step),
         (None, Some(step)) => Some(u64::try_from(step).map_err(|_| {
             ServeError::Options(format!("checkpointStep is {step}, which is negative"))
@@ -123,6 +126,7 @@ pub fn resolve(
                 .unwrap_or(ServingPrecision::Fp32),
             &mut warnings,
         ),
+        expected_model: config.and_then(|c| c.model.clone()),
     };
     Ok((options, warnings))
 }
@@ -235,6 +239,30 @@ mod tests {
         c.precision = ServingPrecision::Fp8;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
         assert_eq!(warnings.len(), 2);
+    }
+
+    #[test]
+    fn a_training_jobs_checkpoint_is_served_at_its_step_and_shape() {
+        let mut c = config();
+        c.checkpoint_step = None;
+        c.model = Some(
+            serde_json::from_value(serde_json::json!({
+                "vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
+                "kvHeads": 2, "seqLen": 64,
+                "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 24},
+            }))
+            .unwrap(),
+        );
+        c.trained = Some(moe_crds::TrainedWith {
+            job: "ml/pretrain".into(),
+            uid: "0f1e".into(),
+            step: 200,
+            tokenizer: moe_crds::Tokenizer::Byte,
+            precision: Default::default(),
+        });
+        let (o, _) = resolve(Some(&c), Flags::default()).unwrap();
+        assert_eq!(o.checkpoint_step, Some(200));
+        assert_eq!(o.expected_model, c.model);
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         page_size: 16,
         threads: 1,
         weights: WeightPrecision::F32,
+        expected_model: None,
     }
 }
 
