@@ -58,6 +58,11 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.model.seqLen % self.parallelism.sequenceParallel == 0")
         .message("model.seqLen must be divisible by parallelism.sequenceParallel (each rank holds seqLen/sequenceParallel tokens)")
         .field_path(".model.seqLen"),
+    // The sequence-wise balance loss needs each whole sequence's routing
+    // statistics; under sequence parallelism a rank holds a slice of it.
+    validation = Rule::new("self.parallelism.sequenceParallel == 1 || !has(self.model.moe.balancing) || !has(self.model.moe.balancing.sequenceAuxLossCoef) || self.model.moe.balancing.sequenceAuxLossCoef == 0.0")
+        .message("model.moe.balancing.sequenceAuxLossCoef must be 0 with parallelism.sequenceParallel above 1 (each rank holds a slice of every sequence; use the aux-loss-free balancing)")
+        .field_path(".model.moe.balancing.sequenceAuxLossCoef"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),
