@@ -32,6 +32,11 @@ use crate::ops::matmul;
 
 /// Outputs per panel: two 8-wide vectors.
 const NR: usize = 16;
+/// Where a bf16 panel step keeps its 16 outputs: interleaving the 256-bit
+/// step with zeros (`vpunpcklwd` / `vpunpckhwd`, which work within each
+/// 128-bit half) then yields outputs 0–7 and 8–15 as f32 — one shuffle per
+/// 8 weights, where zero-extending and shifting took two.
+const BF16_ORDER: [usize; NR] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
 /// Rows of `x` per register tile when there are many (6 × 16 outputs in 12
 /// of the 16 AVX registers, as the packed GEMM's kernel).
 const MR: usize = 6;
@@ -106,7 +111,12 @@ impl PackedLinear {
                 w.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect(),
                 WeightPrecision::Bf16,
             ),
-            Storage::F32(panels) => Storage::Bf16(panels.into_iter().map(bf16::from_f32).collect()),
+            Storage::F32(panels) => Storage::Bf16(
+                panels
+                    .chunks_exact(NR)
+                    .flat_map(|step| BF16_ORDER.map(|o| bf16::from_f32(step[o])))
+                    .collect(),
+            ),
             bf16 @ Storage::Bf16(_) => bf16,
         };
     }
@@ -159,8 +169,9 @@ impl PackedLinear {
                 }
             }
             Storage::Bf16(w) => {
+                let at = BF16_ORDER.iter().position(|&p| p == o % NR).unwrap_or(0);
                 for (value, step) in out.iter_mut().zip(w[panel].chunks_exact(NR)) {
-                    *value = step[o % NR].to_f32();
+                    *value = step[at].to_f32();
                 }
             }
         }
@@ -382,12 +393,12 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
                 let step = tile.panels.add((j * k * NR + i * NR) * bytes);
                 if BF16 {
                     // A bfloat16 is the top half of the f32 it stands for:
-                    // zero-extend 8 of them to 32 bits and shift them up.
-                    let widen = |half: __m128i| {
-                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
-                    };
-                    b[0] = widen(_mm_loadu_si128(step.cast()));
-                    b[1] = widen(_mm_loadu_si128(step.add(16).cast()));
+                    // interleaved below zeros, the steps' weights (stored in
+                    // `BF16_ORDER`) become outputs 0–7 and 8–15.
+                    let w = _mm256_loadu_si256(step.cast());
+                    let zero = _mm256_setzero_si256();
+                    b[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
+                    b[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
                 } else {
                     b[0] = _mm256_loadu_ps(step.cast());
                     b[1] = _mm256_loadu_ps(step.add(32).cast());
