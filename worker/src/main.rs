@@ -78,6 +78,12 @@ struct ServeArgs {
     /// bytes; activations stay fp32). Default: the config's, else fp32.
     #[arg(long, value_parser = ["fp32", "bf16", "fp8"])]
     precision: Option<String>,
+    /// Split each MoE layer's experts over this many processes of one
+    /// replica (default: the config's parallelism.expertParallel, else 1).
+    /// Without the gang's environment (MOE_WORLD_SIZE, …) they are started
+    /// here, on this machine.
+    #[arg(long)]
+    expert_parallel: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -135,6 +141,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             "fp8" => moe_crds::ServingPrecision::Fp8,
             _ => moe_crds::ServingPrecision::Fp32,
         }),
+        expert_parallel: args.expert_parallel,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
     };
     let (options, warnings) = match options::resolve(config.as_ref(), flags) {
@@ -144,10 +151,120 @@ fn serve(args: ServeArgs) -> ExitCode {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    match serve::run(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string(), e.exit_code()),
+    let (gang, timeouts) = match serve_gang(options.expert_parallel)
+        .and_then(|g| Ok((g, moe_worker::dist::env::Timeouts::from_env()?)))
+    {
+        Ok(read) => read,
+        Err(e) => return fail(&format!("environment: {e}"), 2),
+    };
+    if gang.world_size != options.expert_parallel {
+        return fail(
+            &format!(
+                "{}={} but expertParallel is {}: every rank of a replica holds a share of the experts",
+                env::WORLD_SIZE,
+                gang.world_size,
+                options.expert_parallel
+            ),
+            2,
+        );
     }
+    if gang.world_size == 1 {
+        return match serve::run(&options, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string(), e.exit_code()),
+        };
+    }
+    // Checked before any rank starts: a launcher refuses a bad model once.
+    let checked = serve::load::summary(&options.model_dir, options.format, options.checkpoint_step)
+        .map_err(serve::ServeError::Load)
+        .and_then(|m| serve::replica::experts_of(0, gang.world_size, m.experts));
+    if let Err(e) = checked {
+        return fail(&e.to_string(), e.exit_code());
+    }
+    // A launcher forwards SIGTERM to its ranks; a follower waits for its
+    // leader's stop instead of dying under requests in flight (the leader
+    // handles the signal itself).
+    let stop = Arc::new(AtomicBool::new(false));
+    if gang.launcher || gang.rank > 0 {
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
+                return fail(
+                    &format!("cannot install the handler for signal {signal}: {e}"),
+                    1,
+                );
+            }
+        }
+    }
+    if gang.launcher {
+        return launch_ranks(&gang, &timeouts, &stop);
+    }
+    let hash = serving_hash(&options);
+    let connect_gang = gang.clone();
+    let replica = serve::replica::ReplicaSetup {
+        rank: gang.rank,
+        size: gang.world_size,
+        local_rank: gang.local_rank,
+        timeouts,
+        // Serving computes on the CPU, so its ranks talk over TCP whatever
+        // `device` says; NCCL plugs in here with the CUDA serving path.
+        connect: Box::new(move || connect(&connect_gang, hash, moe_crds::Device::Cpu, &timeouts)),
+    };
+    match serve::run(&options, Some(replica)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("rank {}: {e}", gang.rank), e.exit_code()),
+    }
+}
+
+/// Where this server stands in its replica: the gang environment the
+/// operator sets (and the launcher, for each local rank), or, started by
+/// hand with `--expert-parallel N` and no such environment, a replica of N
+/// processes on this machine. A one-node replica without
+/// `MOE_COORDINATOR` rendezvouses on a free loopback port.
+fn serve_gang(
+    expert_parallel: usize,
+) -> Result<moe_worker::dist::DistEnv, moe_worker::dist::env::EnvError> {
+    use moe_worker::dist::env::EnvError;
+    let var = |name: &str| std::env::var(name).ok();
+    let by_hand = var(env::WORLD_SIZE).is_none() && expert_parallel > 1;
+    let implied = |name: &str| -> Option<String> {
+        var(name).or_else(|| {
+            (by_hand && (name == env::WORLD_SIZE || name == env::PROCS_PER_NODE))
+                .then(|| expert_parallel.to_string())
+        })
+    };
+    let number = |name: &str| implied(name).and_then(|v| v.trim().parse::<usize>().ok());
+    let one_node = number(env::WORLD_SIZE).unwrap_or(1) == number(env::PROCS_PER_NODE).unwrap_or(1);
+    let coordinator = match var(env::COORDINATOR) {
+        Some(c) => Some(c),
+        None if one_node && var(moe_worker::dist::env::LOCAL_RANK).is_none() => {
+            let port =
+                moe_worker::dist::launch::free_local_port().map_err(|e| EnvError(e.to_string()))?;
+            Some(format!("127.0.0.1:{port}"))
+        }
+        None => None,
+    };
+    moe_worker::dist::DistEnv::from_lookup(|name| {
+        if name == env::COORDINATOR {
+            coordinator.clone()
+        } else {
+            implied(name)
+        }
+    })
+}
+
+/// What every rank of a replica must be started with alike (compared at
+/// rendezvous; ports and threads may differ).
+fn serving_hash(options: &moe_worker::serve::ServeOptions) -> u64 {
+    let canonical = format!(
+        "{:?}|{:?}|{:?}|{}|{}|{}",
+        options.model_dir,
+        options.format,
+        options.checkpoint_step,
+        options.kv_cache_bytes,
+        options.page_size,
+        options.expert_parallel
+    );
+    moe_worker::dist::schedule::fnv1a(canonical.as_bytes())
 }
 
 fn train(config: Option<PathBuf>) -> ExitCode {
@@ -182,7 +299,10 @@ fn train(config: Option<PathBuf>) -> ExitCode {
     if gang.launcher {
         return launch_ranks(&gang, &timeouts, &stop);
     }
-    let mut group = match connect(&gang, &config, &timeouts) {
+    let hash = moe_worker::dist::config_hash(&config);
+    let mut group = match connect(&gang, hash, config.device, &timeouts)
+        .map_err(moe_worker::run::RunError::from)
+    {
         Ok(group) => group,
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
@@ -202,19 +322,21 @@ fn train(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// This rank's data-parallel group: the whole world, over NCCL for GPU
-/// ranks and TCP for CPU ranks when it has more than one rank
-/// (`dist::backend::choose`). The settings still refuse several ranks with
-/// `device: cuda` (the CUDA trainer has no collective hook yet), so the
-/// NCCL arm is reached only once that refusal goes.
+/// This rank's world: over NCCL for GPU ranks and TCP for CPU ranks when
+/// it has more than one rank (`dist::backend::choose`); `config_hash` is
+/// compared at rendezvous. Training's settings still refuse several ranks
+/// with `device: cuda` (the CUDA trainer has no collective hook yet), and
+/// serving passes `Device::Cpu`, so the NCCL arm is reached only once those
+/// go.
 fn connect(
     gang: &moe_worker::dist::DistEnv,
-    config: &moe_crds::WorkerConfig,
+    config_hash: u64,
+    device: moe_crds::Device,
     timeouts: &moe_worker::dist::env::Timeouts,
-) -> Result<Box<dyn moe_worker::dist::Collective>, moe_worker::run::RunError> {
+) -> Result<Box<dyn moe_worker::dist::Collective>, moe_worker::dist::DistError> {
     use moe_worker::dist::backend::{Backend, choose};
-    use moe_worker::dist::{self, Solo, TcpCollective, TcpSetup};
-    let backend = choose(gang.world_size, config.device);
+    use moe_worker::dist::{Solo, TcpCollective, TcpSetup};
+    let backend = choose(gang.world_size, device);
     if backend == Backend::Solo {
         return Ok(Box::new(Solo));
     }
@@ -227,20 +349,17 @@ fn connect(
     );
     #[cfg(feature = "cuda")]
     if backend == Backend::Nccl {
-        let setup = dist::nccl::NcclSetup::from_env(
+        let setup = moe_worker::dist::nccl::NcclSetup::from_env(
             gang,
-            dist::config_hash(config),
+            config_hash,
             timeouts.rendezvous,
             timeouts.collective,
         );
-        return Ok(Box::new(dist::nccl::NcclCollective::connect(setup)?));
+        return Ok(Box::new(moe_worker::dist::nccl::NcclCollective::connect(
+            setup,
+        )?));
     }
-    let setup = TcpSetup::from_env(
-        gang,
-        dist::config_hash(config),
-        timeouts.rendezvous,
-        timeouts.collective,
-    );
+    let setup = TcpSetup::from_env(gang, config_hash, timeouts.rendezvous, timeouts.collective);
     Ok(Box::new(TcpCollective::connect(setup)?))
 }
 

@@ -33,6 +33,9 @@ pub struct ExpertParallel {
     failure: RefCell<Option<DistError>>,
     /// Payload bytes this rank sent to other ranks in token exchanges.
     bytes_sent: Cell<u64>,
+    /// Payload bytes of this rank's rows in [`Self::all_gather_rows`],
+    /// counted once per other rank.
+    bytes_gathered: Cell<u64>,
 }
 
 impl ExpertParallel {
@@ -59,6 +62,7 @@ impl ExpertParallel {
             n_experts,
             failure: RefCell::new(None),
             bytes_sent: Cell::new(0),
+            bytes_gathered: Cell::new(0),
         })
     }
 
@@ -101,6 +105,12 @@ impl ExpertParallel {
     /// Payload bytes sent to other ranks by token exchanges so far.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.get()
+    }
+
+    /// Payload bytes of this rank's rows gathered by the other ranks so far
+    /// ([`Self::all_gather_rows`]: its rows, once per other rank).
+    pub fn bytes_gathered(&self) -> u64 {
+        self.bytes_gathered.get()
     }
 
     /// The first exchange failure since the last call, if any.
@@ -207,6 +217,34 @@ impl ExpertParallel {
                 vec![T::ZERO; total * width]
             }
         }
+    }
+}
+
+impl ExpertParallel {
+    /// Every rank's `rows` (rank `q` contributes `counts[q]` rows of
+    /// `width` values), concatenated in rank order on every rank: how
+    /// expert-parallel serving gives each rank the whole batch again after
+    /// a layer whose rows it split (`serve/expert_parallel.rs`). Recorded
+    /// like the exchanges: zeros of that shape after a failure.
+    pub fn all_gather_rows(&self, rows: &[f32], counts: &[usize], width: usize) -> Vec<f32> {
+        let total: usize = counts.iter().sum();
+        if self.failed() {
+            return vec![0.0; total * width];
+        }
+        let others = self.size().saturating_sub(1);
+        self.bytes_gathered
+            .set(self.bytes_gathered.get() + (rows.len() * others * size_of::<f32>()) as u64);
+        let elements: Vec<usize> = counts.iter().map(|r| r * width).collect();
+        let mut out = vec![0.0; total * width];
+        let result = self
+            .group
+            .borrow_mut()
+            .all_gather(rows, &elements, &mut out);
+        if let Err(e) = result {
+            self.record(e);
+            out.fill(0.0);
+        }
+        out
     }
 }
 

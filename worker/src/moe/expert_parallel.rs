@@ -166,7 +166,10 @@ impl<T> HeldBytes for ExpertParallelForward<T> {
 }
 
 /// Flat routing indices in dispatch order: expert 0's by token, then expert 1's, …
-fn dispatch_order(dispatch: &Dispatch, n_experts: usize) -> impl Iterator<Item = usize> + '_ {
+pub(crate) fn dispatch_order(
+    dispatch: &Dispatch,
+    n_experts: usize,
+) -> impl Iterator<Item = usize> + '_ {
     (0..n_experts).flat_map(move |e| dispatch.slots(e).iter().copied())
 }
 

@@ -11,10 +11,15 @@
 //! token, attention per sequence), so a sequence's logits do not depend on
 //! what else is in the batch: batching is invisible to the bit.
 
+use std::sync::{Mutex, PoisonError};
+
+use crate::dist::DistError;
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::model::Model;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
+use crate::serve::expert_parallel;
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::layers::{Ffn, Layers};
 use crate::serve::model::{RopeLayout, ServeConfig, ServeModel};
@@ -37,9 +42,40 @@ pub struct Chunk<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepError {
     EmptyChunk,
-    BeyondContext { position: usize, context: usize },
+    BeyondContext {
+        position: usize,
+        context: usize,
+    },
     TokenOutOfVocabulary(u32),
-    NotEnoughPages { position: usize, pages: usize },
+    NotEnoughPages {
+        position: usize,
+        pages: usize,
+    },
+    /// A page id beyond the cache (only a corrupt plan from the leader).
+    NoSuchPage {
+        page: PageId,
+        pages: usize,
+    },
+    /// An expert-parallel exchange failed: the replica is broken (`peer`:
+    /// because another rank failed), and no later step can run.
+    Collective {
+        message: String,
+        peer: bool,
+    },
+}
+
+impl StepError {
+    fn collective(error: &DistError) -> Self {
+        Self::Collective {
+            message: error.to_string(),
+            peer: error.is_peer_failure(),
+        }
+    }
+
+    /// Whether the engine can run no further step (its replica is broken).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Collective { .. })
+    }
 }
 
 impl std::fmt::Display for StepError {
@@ -52,6 +88,12 @@ impl std::fmt::Display for StepError {
             Self::TokenOutOfVocabulary(t) => write!(f, "token {t} is beyond the vocabulary"),
             Self::NotEnoughPages { position, pages } => {
                 write!(f, "position {position} is beyond the {pages} pages held")
+            }
+            Self::NoSuchPage { page, pages } => {
+                write!(f, "KV page {page} is beyond the cache's {pages} pages")
+            }
+            Self::Collective { message, .. } => {
+                write!(f, "the expert-parallel exchange failed: {message}")
             }
         }
     }
@@ -68,6 +110,27 @@ pub struct Engine {
     /// With more than one thread: the pool a step runs in, whose threads
     /// share each large GEMM's output columns (same bits as one thread).
     pool: Option<rayon::ThreadPool>,
+    /// Expert-parallel serving: the replica's ranks holding the other
+    /// experts (`serve/expert_parallel.rs`); `None`: every expert is here.
+    parallel: Option<Parallel>,
+    /// Whether steps compute logits (a follower rank's do not: the
+    /// leader samples).
+    logits: bool,
+}
+
+/// The exchanges, behind a lock so the engine stays `Sync` (a step runs
+/// inside its thread pool); only the step's thread takes it.
+struct Parallel(Mutex<ExpertParallel>);
+
+impl std::fmt::Debug for Parallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ep = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("ExpertParallel")
+            .field("rank", &ep.rank())
+            .field("size", &ep.size())
+            .field("experts", &ep.local_experts())
+            .finish()
+    }
 }
 
 impl Engine {
@@ -88,6 +151,8 @@ impl Engine {
             layers,
             rope,
             pool: None,
+            parallel: None,
+            logits: true,
         }
     }
 
@@ -104,6 +169,49 @@ impl Engine {
     /// Bytes of the linear layers' weights as stored.
     pub fn weight_bytes(&self) -> usize {
         self.layers.linear_bytes()
+    }
+
+    /// Serves as one rank of an expert-parallel replica: its model holds
+    /// exactly `ep`'s experts of every MoE layer, and every rank of `ep`
+    /// runs the same steps in the same order.
+    pub fn with_expert_parallel(mut self, ep: ExpertParallel) -> Result<Self, String> {
+        let own = ep.local_experts();
+        for (layer, block) in self.layers.blocks.iter().enumerate() {
+            if let Ffn::Moe(moe) = &block.ffn {
+                let n = moe.config().n_routed_experts;
+                if n != ep.n_experts() {
+                    return Err(format!(
+                        "layer {layer} has {n} routed experts; the expert-parallel group was made for {}",
+                        ep.n_experts()
+                    ));
+                }
+                if moe.held() != own {
+                    return Err(format!(
+                        "layer {layer} holds experts {:?}, but rank {} of {} owns {own:?}",
+                        moe.held(),
+                        ep.rank(),
+                        ep.size()
+                    ));
+                }
+            }
+        }
+        self.parallel = Some(Parallel(Mutex::new(ep)));
+        Ok(self)
+    }
+
+    /// Steps compute no logits (they return none): a follower's engine.
+    pub fn without_logits(mut self) -> Self {
+        self.logits = false;
+        self
+    }
+
+    /// Payload bytes this rank sent in expert-parallel steps so far: the
+    /// token exchanges (dispatch and combine), and its rows all-gathered.
+    pub fn expert_parallel_bytes(&self) -> (u64, u64) {
+        self.parallel.as_ref().map_or((0, 0), |p| {
+            let ep = p.0.lock().unwrap_or_else(PoisonError::into_inner);
+            (ep.bytes_sent(), ep.bytes_gathered())
+        })
     }
 
     /// Runs each step on `threads` threads (1: on the caller's alone).
@@ -139,7 +247,10 @@ impl Engine {
     }
 
     /// Runs one step: writes every chunk's keys and values into `cache` and
-    /// returns `[chunks with logits, vocab]` logits, in chunk order.
+    /// returns `[chunks with logits, vocab]` logits, in chunk order (none
+    /// [`Self::without_logits`]). Expert-parallel, every rank of the
+    /// replica must run the same steps, and an exchange failure is
+    /// [`StepError::Collective`].
     pub fn step(&self, cache: &mut KvStore, chunks: &[Chunk<'_>]) -> Result<Vec<f32>, StepError> {
         match &self.pool {
             Some(pool) => pool.install(|| self.step_here(cache, chunks)),
@@ -158,6 +269,11 @@ impl Engine {
         );
         let head_dim = config.head_dim;
         self.check(cache, chunks)?;
+        let parallel = self
+            .parallel
+            .as_ref()
+            .map(|p| p.0.lock().unwrap_or_else(PoisonError::into_inner));
+        let ep = parallel.as_deref();
         // Each row's sequence and position.
         let rows: Vec<(usize, usize)> = chunks
             .iter()
@@ -260,10 +376,19 @@ impl Engine {
                     mlp.forward(&mut out, &normed);
                     out
                 }
-                Ffn::Moe(moe) => moe.forward(&normed),
+                Ffn::Moe(moe) => match ep {
+                    Some(ep) => expert_parallel::forward(moe, &normed, ep),
+                    None => moe.forward(&normed),
+                },
             };
             add_into(&mut out, &mid);
             x = out;
+        }
+        if let Some(ep) = ep {
+            ep.take_failure().map_err(|e| StepError::collective(&e))?;
+        }
+        if !self.logits {
+            return Ok(Vec::new());
         }
         // Final norm and LM head. The last block left only the rows that
         // want logits in `x` (a model without blocks has them all).
@@ -312,6 +437,10 @@ impl Engine {
             }
             if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(StepError::TokenOutOfVocabulary(t));
+            }
+            let pages = cache.pages();
+            if let Some(&page) = chunk.pages.iter().find(|&&p| p as usize >= pages) {
+                return Err(StepError::NoSuchPage { page, pages });
             }
         }
         Ok(())

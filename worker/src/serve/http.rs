@@ -7,6 +7,7 @@
 //! `/health` and `/readyz` answer 200 only once the model is loaded.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -83,10 +84,46 @@ async fn alive() -> &'static str {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.engine.get() {
-        Some(_) => "ok".into_response(),
+    match state.engine.get().map(EngineHandle::failure) {
+        Some(None) => "ok".into_response(),
+        Some(Some(failure)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed: {failure}"),
+        )
+            .into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
     }
+}
+
+/// A follower rank's routes (local rank 0 of a pod of an expert-parallel
+/// replica other than the leader's): the probes, `ready` once it has
+/// joined the replica; anything else points at the leader.
+pub fn follower_router(rank: usize, ready: Arc<AtomicBool>) -> Router {
+    let probe = move || {
+        let ready = Arc::clone(&ready);
+        async move {
+            if ready.load(Ordering::Acquire) {
+                "ok".into_response()
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "joining the replica").into_response()
+            }
+        }
+    };
+    let message = format!(
+        "this is rank {rank} of an expert-parallel replica, a follower; rank 0 serves the API"
+    );
+    Router::new()
+        .route("/health", get(probe.clone()))
+        .route(READY_PATH, get(probe))
+        .route(HEALTH_PATH, get(alive))
+        .fallback(move || {
+            let message = message.clone();
+            async move {
+                let mut e = ApiError::invalid(message, None);
+                e.status = StatusCode::NOT_FOUND;
+                e.into_response()
+            }
+        })
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -134,6 +134,11 @@ impl KvStore {
         self.shape
     }
 
+    /// Pages in the pool.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
     /// Offset of `position` of the sequence holding `pages` in `layer`.
     fn offset(&self, layer: usize, pages: &[PageId], position: usize) -> usize {
         let KvShape {

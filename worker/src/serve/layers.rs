@@ -9,9 +9,11 @@
 //! [`crate::moe::MoeLayer::forward`] does — so the serving tests against the
 //! training forward and `transformers` hold unchanged.
 
+use std::ops::Range;
+
 use crate::moe::config::MoeConfig;
 use crate::moe::dispatch::Dispatch;
-use crate::moe::routing;
+use crate::moe::routing::{self, Routing};
 use crate::ops::packed_linear::PackedLinear;
 use crate::ops::swiglu;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
@@ -59,6 +61,10 @@ pub(crate) struct Moe {
     config: MoeConfig,
     router: PackedLinear,
     selection_bias: Vec<f32>,
+    /// The routed experts held (global indices): all of them, or an
+    /// expert-parallel rank's slice (`serve/expert_parallel.rs`).
+    held: Range<usize>,
+    /// The held experts, in order.
     experts: Vec<PackedMlp>,
     /// The worker's own fused, ungated shared experts.
     shared: Option<PackedMlp>,
@@ -91,7 +97,9 @@ impl Layers {
                     } => {
                         let moe_config = layer.config().clone();
                         let params = &layer.params;
-                        let experts = (0..moe_config.n_routed_experts)
+                        let held = params.experts.clone();
+                        let experts = held
+                            .clone()
                             .map(|e| {
                                 let mlp = params.expert(&moe_config, e);
                                 PackedMlp::new(mlp.w1, mlp.w3, mlp.w2.to_vec(), h, mlp.hidden)
@@ -107,6 +115,7 @@ impl Layers {
                                 moe_config.n_routed_experts,
                             ),
                             selection_bias: layer.selection_bias.clone(),
+                            held,
                             experts,
                             shared,
                             gated_shared: gated_shared.map(|g| {
@@ -234,18 +243,76 @@ impl PackedMlp {
 }
 
 impl Moe {
-    /// The layer's output for `x: [tokens, hidden]` (unrelated tokens: routing is per token).
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let hidden = self.config.hidden;
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// The routed experts this layer holds (global indices).
+    pub fn held(&self) -> Range<usize> {
+        self.held.clone()
+    }
+
+    /// Held routed expert `e` (a global index).
+    pub fn expert(&self, e: usize) -> &PackedMlp {
+        assert!(
+            self.held.contains(&e),
+            "expert {e} is not held here (this layer holds experts {:?})",
+            self.held
+        );
+        &self.experts[e - self.held.start]
+    }
+
+    /// Routes `x: [tokens, hidden]`: each token's experts and gates, and the
+    /// assignments grouped by expert.
+    pub fn route(&self, x: &[f32]) -> (Routing<f32>, Dispatch) {
         let n_experts = self.config.n_routed_experts;
-        let tokens = x.len() / hidden;
+        let tokens = x.len() / self.config.hidden;
         let mut logits = vec![0.0; tokens * n_experts];
         self.router.forward(&mut logits, x);
         let routing = routing::route(&self.config, &logits, &self.selection_bias);
         let dispatch = Dispatch::new(&routing.experts, self.config.top_k, n_experts);
+        (routing, dispatch)
+    }
+
+    /// Adds `gate · y` into each assignment's token row of `output`, where
+    /// `rows` holds one output row `y` per assignment of `experts`, in
+    /// dispatch order (by expert, then token). Called once per expert or
+    /// once for all, a token's row sums its experts in ascending order.
+    pub fn add_routed(
+        &self,
+        output: &mut [f32],
+        routing: &Routing<f32>,
+        dispatch: &Dispatch,
+        experts: Range<usize>,
+        rows: &[f32],
+    ) {
+        let hidden = self.config.hidden;
+        let slots = experts.flat_map(|e| dispatch.slots(e).iter().copied());
+        for (slot, y) in slots.zip(rows.chunks_exact(hidden)) {
+            let gate = routing.gates[slot];
+            let token = dispatch.token(slot);
+            for (o, &v) in output[token * hidden..(token + 1) * hidden]
+                .iter_mut()
+                .zip(y)
+            {
+                *o += gate * v;
+            }
+        }
+    }
+
+    /// The layer's output for `x: [tokens, hidden]` (unrelated tokens:
+    /// routing is per token), with every routed expert held here.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let hidden = self.config.hidden;
+        assert_eq!(
+            self.held,
+            0..self.config.n_routed_experts,
+            "a layer holding some experts runs expert-parallel"
+        );
+        let (routing, dispatch) = self.route(x);
         let mut output = vec![0.0; x.len()];
         let mut input = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
+        for (e, expert) in self.held.clone().zip(&self.experts) {
             let slots = dispatch.slots(e);
             if slots.is_empty() {
                 continue;
@@ -257,17 +324,17 @@ impl Moe {
             }
             let mut expert_output = vec![0.0; input.len()];
             expert.forward(&mut expert_output, &input);
-            for (&slot, y) in slots.iter().zip(expert_output.chunks_exact(hidden)) {
-                let gate = routing.gates[slot];
-                let token = dispatch.token(slot);
-                for (o, &v) in output[token * hidden..(token + 1) * hidden]
-                    .iter_mut()
-                    .zip(y)
-                {
-                    *o += gate * v;
-                }
-            }
+            self.add_routed(&mut output, &routing, &dispatch, e..e + 1, &expert_output);
         }
+        self.add_shared(x, &mut output);
+        output
+    }
+
+    /// Adds the shared experts' output for `x` into `output` (after the
+    /// routed experts', as the training layer does).
+    pub fn add_shared(&self, x: &[f32], output: &mut [f32]) {
+        let hidden = self.config.hidden;
+        let tokens = x.len() / hidden;
         if let Some(shared) = &self.shared {
             let mut shared_output = vec![0.0; x.len()];
             shared.forward(&mut shared_output, x);
@@ -292,6 +359,5 @@ impl Moe {
                 }
             }
         }
-        output
     }
 }

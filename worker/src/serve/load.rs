@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use moe_crds::{ModelFormat, ModelSpec};
@@ -234,9 +235,56 @@ pub fn load(
     format: Option<ModelFormat>,
     step: Option<u64>,
 ) -> Result<LoadedModel, LoadError> {
+    load_experts(dir, format, step, None)
+}
+
+/// [`load`] holding only routed experts `experts` of every MoE layer (an
+/// expert-parallel rank's share; `None`: all). The other experts are never
+/// decoded: of a sharded checkpoint only the shards overlapping `experts`
+/// are read, of a Hugging Face model only their tensors.
+pub fn load_experts(
+    dir: &Path,
+    format: Option<ModelFormat>,
+    step: Option<u64>,
+    experts: Option<Range<usize>>,
+) -> Result<LoadedModel, LoadError> {
     match detect(dir, format, step)? {
-        Detected::Native(path) => load_native(&path),
-        Detected::HuggingFace(path) => load_hugging_face(&path),
+        Detected::Native(path) => load_native(&path, experts),
+        Detected::HuggingFace(path) => load_hugging_face(&path, experts),
+    }
+}
+
+/// What a model is, read from its config alone (no weights): for checks
+/// before any rank loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSummary {
+    /// The checkpoint or model directory [`load`] would read.
+    pub path: PathBuf,
+    /// Routed experts per MoE layer.
+    pub experts: usize,
+}
+
+/// Finds the model in `dir` as [`load`] would and reads its summary.
+pub fn summary(
+    dir: &Path,
+    format: Option<ModelFormat>,
+    step: Option<u64>,
+) -> Result<ModelSummary, LoadError> {
+    match detect(dir, format, step)? {
+        Detected::Native(path) => {
+            let (_, config) = read_manifest(&path)?;
+            Ok(ModelSummary {
+                path,
+                experts: config.moe.n_routed_experts,
+            })
+        }
+        Detected::HuggingFace(path) => {
+            let config = hf::HfConfig::read(&path).map_err(LoadError::HuggingFace)?;
+            Ok(ModelSummary {
+                path,
+                experts: config.experts,
+            })
+        }
     }
 }
 
@@ -286,9 +334,8 @@ fn is_hugging_face(dir: &Path) -> bool {
     names_an_architecture && has_weights
 }
 
-/// Loads a worker checkpoint for serving: the model spec from its manifest,
-/// the weights and selection biases from its state file.
-fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
+/// A checkpoint's manifest and its model's checked config.
+fn read_manifest(path: &Path) -> Result<(Manifest, ModelConfig), LoadError> {
     let manifest_path = path.join("manifest.json");
     let bytes = fs::read(&manifest_path).map_err(|error| CheckpointError::Io {
         path: manifest_path.clone(),
@@ -303,9 +350,25 @@ fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
         path: path.to_path_buf(),
         problem: e.to_string(),
     })?;
+    Ok((manifest, config))
+}
+
+/// Loads a worker checkpoint for serving: the model spec from its manifest,
+/// the weights and selection biases from its state file (and the shards
+/// holding `experts`, when it is sharded).
+fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel, LoadError> {
+    let (manifest, config) = read_manifest(path)?;
+    let n_experts = config.moe.n_routed_experts;
+    let experts = experts.unwrap_or(0..n_experts);
+    if experts.start > experts.end || experts.end > n_experts {
+        return Err(LoadError::InvalidModel {
+            path: path.to_path_buf(),
+            problem: format!("experts {experts:?} asked for, but the model has {n_experts}"),
+        });
+    }
     // The state file also holds the optimizer moments; they are read and
     // dropped here (a serving-only loader that skips them is a later step).
-    let restored = checkpoint::load(path, &manifest.model, &config)?;
+    let restored = checkpoint::load_experts(path, &manifest.model, &config, experts)?;
     Ok(LoadedModel {
         model: LoadedWeights::Native(Box::new(restored.state.model)),
         tokenizer: Tokenizer::Bytes,
@@ -316,8 +379,8 @@ fn load_native(path: &Path) -> Result<LoadedModel, LoadError> {
 }
 
 /// Loads a Hugging Face model directory (see [`crate::serve::hf`]).
-fn load_hugging_face(path: &Path) -> Result<LoadedModel, LoadError> {
-    let loaded = hf::load(path).map_err(LoadError::HuggingFace)?;
+fn load_hugging_face(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel, LoadError> {
+    let loaded = hf::load_experts(path, experts).map_err(LoadError::HuggingFace)?;
     tracing::info!(
         architecture = ?loaded.config.architecture,
         layers = loaded.config.layers,

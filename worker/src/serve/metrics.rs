@@ -17,6 +17,14 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Payload bytes of one kind of expert-parallel collective.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CollectiveLabels {
+    /// `plan` (the leader's step plans), `expert_exchange` (dispatch and
+    /// combine), `all_gather` (the rows after each MoE layer).
+    pub kind: String,
+}
+
 /// Cheap to clone: every metric is a shared atomic.
 #[derive(Clone)]
 pub struct Metrics {
@@ -34,6 +42,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub kv_pages_used: Gauge,
     pub kv_pages_total: Gauge,
+    /// A leader's collective payload bytes, sent to other ranks.
+    pub collective_bytes: Family<CollectiveLabels, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -113,6 +123,12 @@ impl Metrics {
             "KV cache pages in the pool",
             kv_pages_total.clone(),
         );
+        let collective_bytes = Family::<CollectiveLabels, Counter>::default();
+        registry.register(
+            "collective_bytes",
+            "Expert-parallel leader: payload bytes sent to the replica's other ranks, by kind",
+            collective_bytes.clone(),
+        );
         Self {
             requests,
             prompt_tokens,
@@ -126,6 +142,7 @@ impl Metrics {
             inflight,
             kv_pages_used,
             kv_pages_total,
+            collective_bytes,
             registry: std::sync::Arc::new(registry),
         }
     }

@@ -17,19 +17,24 @@
 //!   the weights packed for the GEMM kernel (`layers`);
 //! - [`scheduler`], [`sampler`], [`text`], [`logprobs`]: the pure decisions;
 //! - [`runner`]: the scheduler thread tying them together;
-//! - [`api`], [`http`], [`metrics`]: the HTTP side; [`options`]: flags and the operator's config.
+//! - [`api`], [`http`], [`metrics`]: the HTTP side; [`options`]: flags and the operator's config;
+//! - [`replica`], [`lockstep`]: one replica as several processes, each
+//!   holding a slice of the experts (expert parallelism), rank 0 leading.
 
 pub mod api;
 pub mod engine;
+mod expert_parallel;
 pub mod hf;
 pub mod http;
 pub mod kv_cache;
 mod layers;
 pub mod load;
+pub mod lockstep;
 pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod options;
+pub mod replica;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
@@ -38,15 +43,20 @@ pub mod text;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use moe_crds::{ModelFormat, ModelSpec};
 
+use crate::dist::env::Timeouts;
+use crate::dist::{Collective, DistError};
 use crate::ops::packed_linear::WeightPrecision;
 use crate::serve::engine::Engine;
 use crate::serve::http::AppState;
 use crate::serve::load::{LoadError, LoadedModel};
+use crate::serve::lockstep::Lockstep;
 use crate::serve::metrics::Metrics;
-use crate::serve::runner::{EngineHandle, RunnerSettings};
+use crate::serve::replica::{Joined, ReplicaSetup};
+use crate::serve::runner::{EngineHandle, Failure, RunnerSettings};
 use crate::serve::scheduler::Limits;
 
 /// Positions per KV page: small enough that a short request wastes little,
@@ -81,6 +91,9 @@ pub struct ServeOptions {
     /// The model the configuration expects (`spec.model`, or the training
     /// job's): a worker checkpoint of another shape is refused.
     pub expected_model: Option<ModelSpec>,
+    /// Ranks (processes) of one replica, each holding `1/expert_parallel`
+    /// of every MoE layer's routed experts (1: one process holds all).
+    pub expert_parallel: usize,
 }
 
 /// Why the server could not start.
@@ -88,7 +101,14 @@ pub struct ServeOptions {
 pub enum ServeError {
     Options(String),
     Load(LoadError),
-    Io { what: String, error: std::io::Error },
+    Io {
+        what: String,
+        error: std::io::Error,
+    },
+    /// Joining the replica's other ranks failed (rendezvous, a collective).
+    Dist(DistError),
+    /// The running replica broke (a rank died, an exchange failed).
+    Replica(Failure),
 }
 
 impl fmt::Display for ServeError {
@@ -97,6 +117,8 @@ impl fmt::Display for ServeError {
             Self::Options(message) => write!(f, "{message}"),
             Self::Load(e) => write!(f, "cannot load the model: {e}"),
             Self::Io { what, error } => write!(f, "{what}: {error}"),
+            Self::Dist(e) => write!(f, "expert-parallel replica: {e}"),
+            Self::Replica(failure) => failure.fmt(f),
         }
     }
 }
@@ -104,11 +126,16 @@ impl fmt::Display for ServeError {
 impl std::error::Error for ServeError {}
 
 impl ServeError {
-    /// 2 for a bad invocation or model, 1 for the environment (as `train`).
+    /// 2 for a bad invocation or model, 1 for the environment, 3 when
+    /// another rank's failure caused this one (as `train`, so the launcher
+    /// blames the rank that failed first).
     pub fn exit_code(&self) -> u8 {
+        const PEER_FAILED: u8 = crate::dist::launch::PEER_FAILED_EXIT_CODE as u8;
         match self {
             Self::Options(_) | Self::Load(_) => 2,
-            Self::Io { .. } => 1,
+            Self::Dist(e) if e.is_peer_failure() => PEER_FAILED,
+            Self::Replica(failure) if failure.peer => PEER_FAILED,
+            Self::Io { .. } | Self::Dist(_) | Self::Replica(_) => 1,
         }
     }
 }
@@ -120,6 +147,7 @@ impl ServeOptions {
             ("max concurrent requests", self.max_concurrent_requests),
             ("KV page size", self.page_size),
             ("threads", self.threads),
+            ("expert parallel", self.expert_parallel),
         ];
         for (what, value) in positive {
             if value == 0 {
@@ -158,6 +186,20 @@ fn name_from_dir(dir: &Path) -> String {
         .to_owned()
 }
 
+/// KV pages `options.kv_cache_bytes` affords for `engine`'s model.
+fn kv_pages(engine: &Engine, options: &ServeOptions) -> Result<usize, ServeError> {
+    let shape = engine.kv_shape(options.page_size);
+    let kv_pages = shape.pages_within(options.kv_cache_bytes);
+    if kv_pages == 0 {
+        return Err(ServeError::Options(format!(
+            "a KV cache of {} bytes holds no page; one page takes {} bytes",
+            options.kv_cache_bytes,
+            shape.page_bytes()
+        )));
+    }
+    Ok(kv_pages)
+}
+
 /// Starts the scheduler thread for a loaded model.
 pub fn start_engine(
     loaded: LoadedModel,
@@ -175,15 +217,7 @@ pub fn start_engine(
             what: "starting the compute threads".into(),
             error,
         })?;
-    let shape = engine.kv_shape(options.page_size);
-    let kv_pages = shape.pages_within(options.kv_cache_bytes);
-    if kv_pages == 0 {
-        return Err(ServeError::Options(format!(
-            "a KV cache of {} bytes holds no page; one page takes {} bytes",
-            options.kv_cache_bytes,
-            shape.page_bytes()
-        )));
-    }
+    let kv_pages = kv_pages(&engine, options)?;
     tracing::info!(
         checkpoint = %loaded.path.display(),
         step = loaded.step,
@@ -194,16 +228,86 @@ pub fn start_engine(
         weight_mib = engine.weight_bytes() >> 20,
         "model loaded"
     );
+    spawn_runner(engine, loaded.tokenizer, kv_pages, options, metrics, None)
+}
+
+fn spawn_runner(
+    engine: Engine,
+    tokenizer: text::Tokenizer,
+    kv_pages: usize,
+    options: &ServeOptions,
+    metrics: &Metrics,
+    lockstep: Option<Lockstep>,
+) -> Result<EngineHandle, ServeError> {
     let settings = RunnerSettings {
         limits: options.limits(),
         kv_pages,
     };
-    runner::start(engine, loaded.tokenizer, settings, metrics.clone()).map_err(|error| {
+    runner::start(engine, tokenizer, settings, metrics.clone(), lockstep).map_err(|error| {
         ServeError::Io {
             what: "cannot start the scheduler thread".into(),
             error,
         }
     })
+}
+
+/// Rank 0 of an expert-parallel replica: joins the other ranks over
+/// `world` (see [`replica::join`]; `loaded` holds this rank's experts) and
+/// starts the scheduler thread that leads them.
+pub fn start_leader(
+    world: Box<dyn Collective>,
+    loaded: LoadedModel,
+    options: &ServeOptions,
+    timeouts: &Timeouts,
+    metrics: &Metrics,
+) -> Result<EngineHandle, ServeError> {
+    options.check()?;
+    let Joined {
+        engine,
+        lockstep,
+        tokenizer,
+        kv_pages,
+        ..
+    } = replica::join(world, loaded, options, timeouts)?;
+    spawn_runner(
+        engine,
+        tokenizer,
+        kv_pages,
+        options,
+        metrics,
+        Some(lockstep),
+    )
+}
+
+/// A rank other than 0 of an expert-parallel replica: joins the others over
+/// `world` and runs the leader's steps until it stops them (`Ok`) or the
+/// replica breaks.
+pub fn follow(
+    world: Box<dyn Collective>,
+    loaded: LoadedModel,
+    options: &ServeOptions,
+    timeouts: &Timeouts,
+) -> Result<(), ServeError> {
+    options.check()?;
+    replica::follow(replica::join(world, loaded, options, timeouts)?)
+}
+
+/// Loads this rank's share of the experts (all of them for a replica of one).
+fn load_share(options: &ServeOptions, rank: usize, size: usize) -> Result<LoadedModel, ServeError> {
+    let summary = load::summary(&options.model_dir, options.format, options.checkpoint_step)
+        .map_err(ServeError::Load)?;
+    let experts = replica::experts_of(rank, size, summary.experts)?;
+    tracing::info!(
+        rank,
+        ranks = size,
+        model = %summary.path.display(),
+        experts = ?experts,
+        of = summary.experts,
+        "loading this rank's experts"
+    );
+    // The path found, so every rank loads the same checkpoint even if a
+    // newer one appears meanwhile.
+    load::load_experts(&summary.path, options.format, None, Some(experts)).map_err(ServeError::Load)
 }
 
 /// A server running on its own runtime, for tests and embedding: the model
@@ -220,6 +324,28 @@ impl Server {
     pub fn start(loaded: LoadedModel, options: &ServeOptions) -> Result<Self, ServeError> {
         let metrics = Metrics::new();
         let engine = start_engine(loaded, options, &metrics)?;
+        Self::serve(engine, options, metrics)
+    }
+
+    /// Serves the API of an expert-parallel replica's leader (the other
+    /// ranks run [`follow`] on the same `world`); `loaded` holds this
+    /// rank's experts.
+    pub fn start_leader(
+        world: Box<dyn Collective>,
+        loaded: LoadedModel,
+        options: &ServeOptions,
+        timeouts: &Timeouts,
+    ) -> Result<Self, ServeError> {
+        let metrics = Metrics::new();
+        let engine = start_leader(world, loaded, options, timeouts, &metrics)?;
+        Self::serve(engine, options, metrics)
+    }
+
+    fn serve(
+        engine: EngineHandle,
+        options: &ServeOptions,
+        metrics: Metrics,
+    ) -> Result<Self, ServeError> {
         let state = AppState::new(&options.served_name(), metrics.clone());
         // Set before the first connection: this server is ready from the start.
         let _ = state.engine.set(engine.clone());
@@ -265,16 +391,66 @@ impl Drop for Server {
 
 /// `moe-worker serve`: listens at once (so the liveness probe answers while
 /// the weights load), loads the model, then serves until SIGTERM or Ctrl-C.
-pub fn run(options: &ServeOptions) -> Result<(), ServeError> {
+///
+/// With `replica` (more than one rank), this process is one rank of an
+/// expert-parallel replica: rank 0 does the above over the whole replica
+/// and tells the others to stop when it stops; the others follow it
+/// ([`replica`]) and exit 0 when told, or non-zero when the replica breaks.
+pub fn run(options: &ServeOptions, replica: Option<ReplicaSetup>) -> Result<(), ServeError> {
     options.check()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| ServeError::Io {
-            what: "cannot start the async runtime".into(),
-            error,
-        })?;
-    runtime.block_on(serve_until_stopped(options))
+    match replica {
+        Some(replica) if replica.size > 1 && replica.rank > 0 => run_follower(options, replica),
+        replica => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|error| ServeError::Io {
+                    what: "cannot start the async runtime".into(),
+                    error,
+                })?;
+            let replica = replica.filter(|r| r.size > 1);
+            runtime.block_on(serve_until_stopped(options, replica))
+        }
+    }
+}
+
+/// A follower rank: the probes on the serving port (local rank 0 of its
+/// pod only: the pod's other ranks share its port), then [`follow`].
+fn run_follower(options: &ServeOptions, replica: ReplicaSetup) -> Result<(), ServeError> {
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _probes = if replica.local_rank == 0 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|error| ServeError::Io {
+                what: "cannot start the async runtime".into(),
+                error,
+            })?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(options.listen))
+            .map_err(|error| ServeError::Io {
+                what: format!("cannot listen on {}", options.listen),
+                error,
+            })?;
+        let router = http::follower_router(replica.rank, std::sync::Arc::clone(&ready));
+        runtime.spawn(async move { axum::serve(listener, router).await });
+        tracing::info!(addr = %options.listen, rank = replica.rank, "follower probes listening");
+        Some(runtime)
+    } else {
+        None
+    };
+    let world = (replica.connect)().map_err(ServeError::Dist)?;
+    let loaded = load_share(options, replica.rank, replica.size)?;
+    let joined = replica::join(world, loaded, options, &replica.timeouts)?;
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(rank = replica.rank, "ready; following rank 0");
+    let followed = replica::follow(joined);
+    ready.store(false, std::sync::atomic::Ordering::Release);
+    if let Some(runtime) = _probes {
+        runtime.shutdown_background();
+    }
+    followed
 }
 
 /// Streamed tokens are small writes: TCP_NODELAY sends each as soon as it
@@ -291,7 +467,10 @@ fn no_delay(
     })
 }
 
-async fn serve_until_stopped(options: &ServeOptions) -> Result<(), ServeError> {
+async fn serve_until_stopped(
+    options: &ServeOptions,
+    replica: Option<ReplicaSetup>,
+) -> Result<(), ServeError> {
     let metrics = Metrics::new();
     let state = AppState::new(&options.served_name(), metrics.clone());
     let bind = |addr: SocketAddr| async move {
@@ -322,21 +501,48 @@ async fn serve_until_stopped(options: &ServeOptions) -> Result<(), ServeError> {
     });
     let load_options = options.clone();
     let load_metrics = metrics.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let loaded = load::load(
-            &load_options.model_dir,
-            load_options.format,
-            load_options.checkpoint_step,
-        )
-        .map_err(ServeError::Load)?;
-        start_engine(loaded, &load_options, &load_metrics)
+    // How long a shutdown may take to reach the followers.
+    let stop_wait = replica
+        .as_ref()
+        .map_or(Duration::from_secs(1), |r| r.timeouts.collective);
+    let loaded = tokio::task::spawn_blocking(move || match replica {
+        None => {
+            let loaded = load::load(
+                &load_options.model_dir,
+                load_options.format,
+                load_options.checkpoint_step,
+            )
+            .map_err(ServeError::Load)?;
+            start_engine(loaded, &load_options, &load_metrics)
+        }
+        Some(replica) => {
+            let world = (replica.connect)().map_err(ServeError::Dist)?;
+            let loaded = load_share(&load_options, replica.rank, replica.size)?;
+            start_leader(
+                world,
+                loaded,
+                &load_options,
+                &replica.timeouts,
+                &load_metrics,
+            )
+        }
     })
     .await
     .map_err(|e| ServeError::Options(format!("the model loader panicked: {e}")))?;
     let engine = loaded?;
-    let _ = state.engine.set(engine);
+    let _ = state.engine.set(engine.clone());
     tracing::info!("ready");
-    match server.await {
+    let mut server = server;
+    let served = tokio::select! {
+        served = &mut server => served,
+        // The replica broke: every request has failed, readiness is 503;
+        // exit so the pod (or the launcher) restarts the replica.
+        failure = engine.failed() => return Err(ServeError::Replica(failure)),
+    };
+    // Stopped by a signal: tell the followers, then exit.
+    let stopping = engine.clone();
+    let _ = tokio::task::spawn_blocking(move || stopping.shutdown(stop_wait)).await;
+    match served {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(ServeError::Io {
             what: "the HTTP server failed".into(),

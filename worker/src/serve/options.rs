@@ -34,6 +34,9 @@ pub struct Flags {
     pub kv_cache_mib: Option<usize>,
     pub threads: Option<usize>,
     pub precision: Option<ServingPrecision>,
+    /// Ranks of one replica, the experts split over them (`parallelism`'s
+    /// `expertParallel` in the config).
+    pub expert_parallel: Option<usize>,
     /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
     pub metrics_addr: Option<String>,
 }
@@ -127,6 +130,12 @@ pub fn resolve(
             &mut warnings,
         ),
         expected_model: config.and_then(|c| c.model.clone()),
+        expert_parallel: count(
+            flags.expert_parallel,
+            from_config(|c| i64::from(c.parallelism.expert_parallel)),
+            1,
+            "parallelism.expertParallel",
+        )?,
     };
     Ok((options, warnings))
 }
@@ -148,11 +157,12 @@ fn weights(precision: ServingPrecision, warnings: &mut Vec<String>) -> WeightPre
 
 /// Refuses what this server cannot do at all; warns where it serves anyway.
 fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result<(), ServeError> {
-    let ranks = config.parallelism.ranks_per_replica();
-    if ranks > 1 || config.parallelism.expert_parallel > 1 {
+    let p = &config.parallelism;
+    let ranks = p.ranks_per_replica();
+    if ranks != p.expert_parallel {
         return Err(ServeError::Options(format!(
-            "this replica has {ranks} ranks (expertParallel {}); multi-process serving is not implemented yet, use one process per replica",
-            config.parallelism.expert_parallel
+            "parallelism.expertParallel is {} but a replica has {ranks} ranks (podsPerReplica {} ×              processesPerPod {}): serving splits the experts over every rank of a replica, so              expertParallel must equal podsPerReplica × processesPerPod (other parallelism within              a replica is not implemented)",
+            p.expert_parallel, p.pods_per_replica, p.processes_per_pod
         )));
     }
     if config.device == Device::Cuda {
@@ -160,6 +170,12 @@ fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result
             "device cuda: serving runs on the CPU so far (the CUDA serving path is not built yet)"
                 .into(),
         );
+        if ranks > 1 {
+            warnings.push(format!(
+                "device cuda with {ranks} ranks: they exchange over TCP, as CPU ranks do (NCCL \
+                 comes with the CUDA serving path)"
+            ));
+        }
     }
     Ok(())
 }
@@ -229,16 +245,68 @@ mod tests {
     }
 
     #[test]
-    fn multi_rank_replicas_are_refused_and_gpu_settings_warned() {
+    fn expert_parallel_replicas_are_accepted_other_layouts_refused() {
         let mut c = config();
         c.parallelism.expert_parallel = 2;
         c.parallelism.processes_per_pod = 2;
-        assert!(resolve(Some(&c), Flags::default()).is_err());
+        let (o, _) = resolve(Some(&c), Flags::default()).unwrap();
+        assert_eq!(o.expert_parallel, 2);
+        c.parallelism.pods_per_replica = 2;
+        c.parallelism.expert_parallel = 4;
+        assert_eq!(
+            resolve(Some(&c), Flags::default())
+                .unwrap()
+                .0
+                .expert_parallel,
+            4
+        );
+        // Ranks beyond the expert split (data or tensor parallel within a
+        // replica) are not built: refused naming the field.
+        c.parallelism.expert_parallel = 2;
+        let message = resolve(Some(&c), Flags::default()).unwrap_err().to_string();
+        assert!(
+            message.contains("parallelism.expertParallel is 2 but a replica has 4 ranks"),
+            "{message}"
+        );
+        let mut c = config();
+        c.parallelism.processes_per_pod = 2;
+        assert!(
+            resolve(Some(&c), Flags::default()).is_err(),
+            "EP 1 over 2 ranks"
+        );
+        // Without a config the flag alone sets it.
+        let flags = Flags {
+            model: Some("runs/tiny".into()),
+            expert_parallel: Some(4),
+            ..Flags::default()
+        };
+        assert_eq!(resolve(None, flags).unwrap().0.expert_parallel, 4);
+        assert_eq!(
+            resolve(
+                None,
+                Flags {
+                    model: Some("m".into()),
+                    ..Flags::default()
+                }
+            )
+            .unwrap()
+            .0
+            .expert_parallel,
+            1
+        );
+    }
+
+    #[test]
+    fn gpu_settings_are_warned() {
         let mut c = config();
         c.device = Device::Cuda;
         c.precision = ServingPrecision::Fp8;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
         assert_eq!(warnings.len(), 2);
+        c.parallelism.expert_parallel = 2;
+        c.parallelism.processes_per_pod = 2;
+        let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
     }
 
     #[test]

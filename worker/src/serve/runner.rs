@@ -7,18 +7,28 @@
 //! Back-pressure is decided on the caller's side ([`EngineHandle::submit`])
 //! with a counter of requests not yet admitted, so an HTTP handler learns
 //! synchronously that the queue is full and can answer 429.
+//!
+//! As the leader of an expert-parallel replica the thread also drives the
+//! followers ([`Lockstep`]): each step's plan goes to them before the step
+//! runs, a heartbeat while idle, a stop at shutdown. A failed exchange
+//! breaks the replica: every request fails, [`EngineHandle::failure`] says
+//! why (readiness turns 503) and [`EngineHandle::failed`] wakes the server,
+//! which exits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::serve::engine::{Chunk, Engine};
+use crate::dist::DistError;
+use crate::serve::engine::{Chunk, Engine, StepError};
 use crate::serve::kv_cache::{KvStore, pages_for};
+use crate::serve::lockstep::{Lockstep, Message, StepPlan};
 use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
-use crate::serve::metrics::Metrics;
+use crate::serve::metrics::{CollectiveLabels, Metrics};
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
 use crate::serve::text::{Delta, TextAssembler, Tokenizer};
@@ -118,10 +128,48 @@ struct Submission {
     accepted: Instant,
 }
 
+/// What the scheduler thread receives.
+enum Inbox {
+    Submit(Submission),
+    /// Stop (telling the followers), then answer.
+    Shutdown(mpsc::Sender<()>),
+}
+
+/// Why the engine can run no more: its replica broke (a rank died or an
+/// exchange failed), or the scheduler thread panicked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    /// Caused by another rank's failure (exit code 3, as in training).
+    pub peer: bool,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Set once, when the engine fails for good.
+#[derive(Debug, Default)]
+struct Health {
+    failure: OnceLock<Failure>,
+    notify: Notify,
+}
+
+impl Health {
+    fn fail(&self, failure: Failure) {
+        if self.failure.set(failure).is_ok() {
+            // A stored permit: a waiter arriving later still wakes.
+            self.notify.notify_one();
+        }
+    }
+}
+
 /// The HTTP side's way in: cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
-    inbox: mpsc::Sender<Submission>,
+    inbox: mpsc::Sender<Inbox>,
     next_id: Arc<AtomicU64>,
     /// Requests accepted but not yet admitted into the running batch.
     queued: Arc<AtomicUsize>,
@@ -131,9 +179,34 @@ pub struct EngineHandle {
     kv_pages: usize,
     tokenizer: Tokenizer,
     pages_used: Arc<AtomicUsize>,
+    health: Arc<Health>,
 }
 
 impl EngineHandle {
+    /// Why the engine stopped for good, once it has.
+    pub fn failure(&self) -> Option<Failure> {
+        self.health.failure.get().cloned()
+    }
+
+    /// Resolves when the engine fails for good (never, while it works).
+    pub async fn failed(&self) -> Failure {
+        loop {
+            if let Some(failure) = self.failure() {
+                return failure;
+            }
+            self.health.notify.notified().await;
+        }
+    }
+
+    /// Stops the scheduler thread (a leader first tells its followers to
+    /// exit) and waits up to `wait` for it. Requests still running fail.
+    pub fn shutdown(&self, wait: Duration) {
+        let (done, stopped) = mpsc::channel();
+        if self.inbox.send(Inbox::Shutdown(done)).is_ok() {
+            let _ = stopped.recv_timeout(wait);
+        }
+    }
+
     /// Longest sequence (prompt and completion) a request may reach.
     pub fn context(&self) -> usize {
         self.context
@@ -185,7 +258,7 @@ impl EngineHandle {
             events,
             accepted: Instant::now(),
         };
-        if self.inbox.send(submission).is_err() {
+        if self.inbox.send(Inbox::Submit(submission)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
@@ -193,12 +266,15 @@ impl EngineHandle {
     }
 }
 
-/// Starts the scheduler thread for `engine`. It runs until every handle is dropped.
+/// Starts the scheduler thread for `engine`. It runs until every handle is
+/// dropped or [`EngineHandle::shutdown`]; with `lockstep`, as the leader of
+/// an expert-parallel replica whose followers run every step too.
 pub fn start(
     engine: Engine,
     tokenizer: Tokenizer,
     settings: RunnerSettings,
     metrics: Metrics,
+    lockstep: Option<Lockstep>,
 ) -> std::io::Result<EngineHandle> {
     let (inbox, receiver) = mpsc::channel();
     let limits = settings.limits;
@@ -212,6 +288,7 @@ pub fn start(
         kv_pages: settings.kv_pages,
         tokenizer: tokenizer.clone(),
         pages_used: Arc::new(AtomicUsize::new(0)),
+        health: Arc::new(Health::default()),
     };
     let store = KvStore::new(engine.kv_shape(limits.page_size), settings.kv_pages);
     // The handle bounds the queue; the scheduler's own bound is only a backstop.
@@ -229,10 +306,27 @@ pub fn start(
         metrics,
         queued: Arc::clone(&handle.queued),
         pages_used: Arc::clone(&handle.pages_used),
+        lockstep,
+        shutdown_ack: None,
     };
+    let health = Arc::clone(&handle.health);
     std::thread::Builder::new()
         .name("moe-serve-scheduler".into())
-        .spawn(move || runner.run(&receiver))?;
+        .spawn(move || {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let result = runner.run(&receiver);
+                if let Err(failure) = result {
+                    runner.fail_everything(&failure);
+                    health.fail(failure);
+                }
+            }));
+            if ran.is_err() {
+                health.fail(Failure {
+                    message: "the scheduler thread panicked".into(),
+                    peer: false,
+                });
+            }
+        })?;
     Ok(handle)
 }
 
@@ -266,20 +360,70 @@ struct Runner {
     metrics: Metrics,
     queued: Arc<AtomicUsize>,
     pages_used: Arc<AtomicUsize>,
+    /// The followers, when this is the leader of an expert-parallel replica.
+    lockstep: Option<Lockstep>,
+    /// Who asked for the shutdown, answered once the followers are told.
+    shutdown_ack: Option<mpsc::Sender<()>>,
+}
+
+/// What the scheduler thread does next.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+fn broken(error: &DistError) -> Failure {
+    Failure {
+        message: format!("the expert-parallel replica failed: {error}"),
+        peer: error.is_peer_failure(),
+    }
 }
 
 impl Runner {
-    fn run(&mut self, inbox: &mpsc::Receiver<Submission>) {
+    /// Runs until shut down (`Ok`) or the replica breaks.
+    fn run(&mut self, inbox: &mpsc::Receiver<Inbox>) -> Result<(), Failure> {
+        let flow = self.serve(inbox)?;
+        debug_assert!(matches!(flow, Flow::Stop));
+        if let Some(lockstep) = &mut self.lockstep {
+            // Answered by a barrier: every follower has it before this
+            // process may exit.
+            lockstep.send(&Message::Stop).map_err(|e| broken(&e))?;
+            tracing::info!("the followers were told to stop");
+        }
+        if let Some(ack) = self.shutdown_ack.take() {
+            let _ = ack.send(());
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, inbox: &mpsc::Receiver<Inbox>) -> Result<Flow, Failure> {
         loop {
             if self.scheduler.is_idle() {
-                match inbox.recv() {
-                    Ok(submission) => self.accept(submission),
+                // A leader wakes for its heartbeat; a single process sleeps.
+                let message = match &self.lockstep {
+                    Some(lockstep) => inbox.recv_timeout(lockstep.until_heartbeat()),
+                    None => inbox
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match message {
+                    Ok(message) => {
+                        if let Flow::Stop = self.receive(message) {
+                            return Ok(Flow::Stop);
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.keep_alive()?;
+                        continue;
+                    }
                     // Every handle is gone: the server is shutting down.
-                    Err(mpsc::RecvError) => return,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Flow::Stop),
                 }
             }
-            while let Ok(submission) = inbox.try_recv() {
-                self.accept(submission);
+            while let Ok(message) = inbox.try_recv() {
+                if let Flow::Stop = self.receive(message) {
+                    return Ok(Flow::Stop);
+                }
             }
             self.cancel_abandoned();
             let work = self.scheduler.plan();
@@ -287,13 +431,55 @@ impl Runner {
             if work.is_empty() {
                 // Nothing can run (only possible if requests wait for pages
                 // that nothing will free); wait for news instead of spinning.
-                if let Ok(submission) = inbox.recv_timeout(Duration::from_millis(10)) {
-                    self.accept(submission);
+                match inbox.recv_timeout(Duration::from_millis(10)) {
+                    Ok(message) => {
+                        if let Flow::Stop = self.receive(message) {
+                            return Ok(Flow::Stop);
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(Flow::Stop),
                 }
+                self.keep_alive()?;
                 continue;
             }
-            self.run_step(&work);
+            self.run_step(&work)?;
         }
+    }
+
+    fn receive(&mut self, message: Inbox) -> Flow {
+        match message {
+            Inbox::Submit(submission) => {
+                self.accept(submission);
+                Flow::Continue
+            }
+            Inbox::Shutdown(done) => {
+                // Answered once the followers are told (or when the runner
+                // is dropped, if that fails).
+                self.shutdown_ack = Some(done);
+                Flow::Stop
+            }
+        }
+    }
+
+    /// A leader's heartbeat, when one is due.
+    fn keep_alive(&mut self) -> Result<(), Failure> {
+        match &mut self.lockstep {
+            Some(lockstep) => lockstep.keep_alive().map_err(|e| broken(&e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails every request (the replica is broken).
+    fn fail_everything(&mut self, failure: &Failure) {
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        for id in ids {
+            if let Some(active) = self.active.get(&id) {
+                let _ = active.events.send(Event::Failed(failure.message.clone()));
+            }
+            self.finish(id);
+        }
+        self.publish_gauges();
     }
 
     fn accept(&mut self, submission: Submission) {
@@ -355,7 +541,7 @@ impl Runner {
         }
     }
 
-    fn run_step(&mut self, work: &[Work]) {
+    fn run_step(&mut self, work: &[Work]) -> Result<(), Failure> {
         for w in work {
             if let Some(active) = self.active.get_mut(&w.id)
                 && !active.admitted
@@ -381,8 +567,24 @@ impl Runner {
         self.metrics
             .batch_tokens
             .observe(work.iter().map(|w| w.len).sum::<usize>() as f64);
-        let logits = match self.engine.step(&mut self.store, &chunks) {
+        if let Some(lockstep) = &mut self.lockstep {
+            let plan = StepPlan::from_chunks(&chunks, self.store.shape().page_size);
+            lockstep
+                .send(&Message::Step(plan))
+                .map_err(|e| broken(&e))?;
+        }
+        let stepped = self.engine.step(&mut self.store, &chunks);
+        drop(chunks);
+        self.publish_collective_bytes();
+        let logits = match stepped {
             Ok(logits) => logits,
+            Err(e) if e.is_fatal() => {
+                let peer = matches!(e, StepError::Collective { peer: true, .. });
+                return Err(Failure {
+                    message: e.to_string(),
+                    peer,
+                });
+            }
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
                 for w in work {
@@ -391,7 +593,7 @@ impl Runner {
                     }
                     self.finish(w.id);
                 }
-                return;
+                return Ok(());
             }
         };
         self.scheduler.complete(work);
@@ -401,6 +603,26 @@ impl Runner {
             self.take_token(w.id, row);
         }
         self.publish_gauges();
+        Ok(())
+    }
+
+    /// The collective payload counters (a leader's; zero otherwise).
+    fn publish_collective_bytes(&self) {
+        let Some(lockstep) = &self.lockstep else {
+            return;
+        };
+        let (exchanged, gathered) = self.engine.expert_parallel_bytes();
+        let m = &self.metrics;
+        for (kind, total) in [
+            ("plan", lockstep.bytes_sent()),
+            ("expert_exchange", exchanged),
+            ("all_gather", gathered),
+        ] {
+            let counter = m
+                .collective_bytes
+                .get_or_create(&CollectiveLabels { kind: kind.into() });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Samples request `id`'s next token from `logits` and tells the client.

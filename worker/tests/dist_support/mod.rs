@@ -1,7 +1,7 @@
 //! Shared by the parallel-training tests (`dist_train`,
-//! `dist_expert_parallel`, `dist_sequence_parallel`): ranks as threads of
-//! one TCP world on loopback, and the comparison of a parallel run with one
-//! process.
+//! `dist_expert_parallel`, `dist_sequence_parallel`) and expert-parallel
+//! serving (`serve_expert_parallel`): ranks as threads of one TCP world on
+//! loopback, and the comparison of a parallel run with one process.
 
 #![allow(dead_code)] // each test file uses a different part
 
@@ -17,6 +17,15 @@ use moe_worker::train::StepReport;
 
 /// Runs `body` on one thread per rank of a TCP world of `ranks`.
 pub fn world<T: Send>(ranks: usize, body: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
+    world_with_timeout(ranks, Duration::from_secs(20), body)
+}
+
+/// [`world`] with every collective bounded by `collective_timeout`.
+pub fn world_with_timeout<T: Send>(
+    ranks: usize,
+    collective_timeout: Duration,
+    body: impl Fn(TcpCollective) -> T + Sync,
+) -> Vec<T> {
     let store = Store::bind("127.0.0.1:0").expect("bind store");
     let coordinator: SocketAddr = store.local_addr().expect("store address");
     let store = Mutex::new(Some(store));
@@ -36,7 +45,7 @@ pub fn world<T: Send>(ranks: usize, body: impl Fn(TcpCollective) -> T + Sync) ->
                     },
                     listen: "127.0.0.1:0".parse().unwrap(),
                     rendezvous_timeout: Duration::from_secs(20),
-                    collective_timeout: Duration::from_secs(20),
+                    collective_timeout,
                 };
                 let body = &body;
                 scope.spawn(move || body(TcpCollective::connect(setup).expect("connect")))

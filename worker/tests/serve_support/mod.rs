@@ -121,6 +121,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         threads: 1,
         weights: WeightPrecision::F32,
         expected_model: None,
+        expert_parallel: 1,
     }
 }
 

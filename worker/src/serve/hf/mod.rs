@@ -12,7 +12,9 @@ pub mod config;
 pub mod tokenizer;
 pub mod weights;
 
+use std::collections::HashSet;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::moe::{MoeConfig, MoeLayer, MoeParams, ScoreFunction};
@@ -85,10 +87,28 @@ pub struct HfModel {
 
 /// Loads the model in `dir`.
 pub fn load(dir: &Path) -> Result<HfModel, HfError> {
+    load_experts(dir, None)
+}
+
+/// Loads the model in `dir` holding only routed experts `experts` of each
+/// MoE layer (an expert-parallel rank's; `None`: all). The other experts'
+/// tensors are never read.
+pub fn load_experts(dir: &Path, experts: Option<Range<usize>>) -> Result<HfModel, HfError> {
     let config = HfConfig::read(dir)?;
+    let held = experts.unwrap_or(0..config.experts);
+    if held.start > held.end || held.end > config.experts {
+        return Err(HfError::Invalid {
+            path: dir.join("config.json"),
+            problem: format!(
+                "experts {held:?} asked for, but the model has {}",
+                config.experts
+            ),
+        });
+    }
     let tokenizer = HfTokenizer::read(dir, &config.eos)?;
-    let mut store = TensorStore::read(dir)?;
-    let model = build(&config, &mut store, dir)?;
+    let skip = other_experts(&config, &held);
+    let mut store = TensorStore::read_except(dir, &skip)?;
+    let model = build(&config, &mut store, dir, &held)?;
     let left = store.left();
     if !left.is_empty() {
         tracing::warn!(tensors = ?left, "tensors in the weight files that the model does not use");
@@ -148,8 +168,22 @@ impl Names {
     }
 }
 
-/// Every tensor name `config` implies, for one error naming all the missing ones.
-fn expected_names(config: &HfConfig) -> Vec<String> {
+/// The tensors of the routed experts outside `held`, in every MoE layer.
+fn other_experts(config: &HfConfig, held: &Range<usize>) -> HashSet<String> {
+    (0..config.layers)
+        .filter(|&layer| config.moe_layers[layer])
+        .flat_map(|layer| {
+            let n = layer_names(config, layer);
+            (0..config.experts)
+                .filter(|e| !held.contains(e))
+                .flat_map(move |e| n.expert(e))
+        })
+        .collect()
+}
+
+/// Every tensor name `config` implies with routed experts `held`, for one
+/// error naming all the missing ones.
+fn expected_names(config: &HfConfig, held: &Range<usize>) -> Vec<String> {
     let mut names = vec![
         "model.embed_tokens.weight".to_owned(),
         "model.norm.weight".into(),
@@ -175,7 +209,7 @@ fn expected_names(config: &HfConfig) -> Vec<String> {
         }
         if config.moe_layers[layer] {
             names.push(n.router());
-            for e in 0..config.experts {
+            for e in held.clone() {
                 names.extend(n.expert(e));
             }
             if config.shared_hidden > 0 {
@@ -196,8 +230,13 @@ fn layer_names(config: &HfConfig, layer: usize) -> Names {
     }
 }
 
-fn build(config: &HfConfig, store: &mut TensorStore, dir: &Path) -> Result<ServeModel, HfError> {
-    store.require(dir, &expected_names(config))?;
+fn build(
+    config: &HfConfig,
+    store: &mut TensorStore,
+    dir: &Path,
+    held: &Range<usize>,
+) -> Result<ServeModel, HfError> {
+    store.require(dir, &expected_names(config, held))?;
     let (h, v) = (config.hidden, config.vocab);
     let (qw, kv) = (
         config.heads * config.head_dim,
@@ -253,7 +292,8 @@ fn build(config: &HfConfig, store: &mut TensorStore, dir: &Path) -> Result<Serve
             })
         };
         let ffn = if config.moe_layers[layer] {
-            let experts = (0..config.experts)
+            let experts = held
+                .clone()
                 .map(|e| mlp(n.expert(e), config.expert_hidden))
                 .collect::<Result<Vec<_>, _>>()?;
             let gated_shared = if config.shared_hidden > 0 {
@@ -268,7 +308,7 @@ fn build(config: &HfConfig, store: &mut TensorStore, dir: &Path) -> Result<Serve
             };
             let router = store.take(&n.router(), &[config.experts, h])?;
             ServeFfn::Moe {
-                layer: Box::new(moe_layer(config, router, experts)?),
+                layer: Box::new(moe_layer(config, router, held.clone(), experts)?),
                 gated_shared,
             }
         } else {
@@ -310,9 +350,11 @@ fn build(config: &HfConfig, store: &mut TensorStore, dir: &Path) -> Result<Serve
 /// renormalised when `norm_topk_prob` (Mixtral always), no scaling, no
 /// group limit, a zero selection bias. (`torch.topk` breaks exact ties
 /// differently from the worker; random weights make them improbable.)
+/// `experts` are those of `held`, in order.
 fn moe_layer(
     config: &HfConfig,
     router: Vec<f32>,
+    held: Range<usize>,
     experts: Vec<Mlp>,
 ) -> Result<MoeLayer<f32>, HfError> {
     let moe = MoeConfig {
@@ -328,12 +370,13 @@ fn moe_layer(
         routed_scaling_factor: 1.0,
         aux_loss_alpha: 0.0,
     };
+    let size = held.len() * config.expert_hidden * config.hidden;
     let mut params = MoeParams {
-        experts: 0..config.experts,
+        experts: held,
         router,
-        experts_w1: Vec::with_capacity(config.experts * config.expert_hidden * config.hidden),
-        experts_w3: Vec::with_capacity(config.experts * config.expert_hidden * config.hidden),
-        experts_w2: Vec::with_capacity(config.experts * config.expert_hidden * config.hidden),
+        experts_w1: Vec::with_capacity(size),
+        experts_w3: Vec::with_capacity(size),
+        experts_w2: Vec::with_capacity(size),
         shared_w1: Vec::new(),
         shared_w3: Vec::new(),
         shared_w2: Vec::new(),

@@ -1,0 +1,75 @@
+//! The serving MoE layer with its routed experts split over the ranks of a
+//! replica. Attention, the dense layers and every rank's KV cache are
+//! replicated (each rank runs the same step on the same rows), so each MoE
+//! layer starts with the whole step's rows on every rank:
+//!
+//! ```text
+//!  rows 0..n on every rank ─▶ rank q takes its slice (n/P rows, balanced)
+//!    ─▶ route its slice ─▶ rows by expert (Dispatch) ─▶ all-to-all (uneven)
+//!    ─▶ owned experts: rows from rank 0, 1, … as one batch ─▶ SwiGLU
+//!    ─▶ reverse all-to-all ─▶ gate · row added at its token, expert order
+//!    ─▶ + shared experts (slice) ─▶ all-gather ─▶ rows 0..n on every rank
+//! ```
+//!
+//! The exchanges are training's ([`ExpertParallel`], [`ExchangePlan`]), so
+//! a backend of the [`crate::dist::Collective`] trait (TCP today, NCCL
+//! later) serves as it trains. Every GEMM computes each row alone, and a
+//! token's row sums its experts' gated outputs in ascending expert order
+//! ([`Moe::add_routed`], shared with the single-process layer), then the
+//! shared experts: so the output is the single process's to the bit, for
+//! any rank count and any split of the rows.
+//!
+//! A failed exchange is recorded in the [`ExpertParallel`] and the layer
+//! returns zeros; [`crate::serve::engine::Engine::step`] collects the
+//! failure after the step.
+
+use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::schedule::balanced_counts;
+use crate::moe::expert_parallel::{ExchangePlan, dispatch_order};
+use crate::serve::layers::Moe;
+
+/// The layer's output for `x: [rows, hidden]` (the same rows on every rank
+/// of `ep`, which must all call it at the same point), on every rank.
+pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
+    let config = moe.config();
+    let (hidden, n_experts) = (config.hidden, config.n_routed_experts);
+    let rows = x.len() / hidden;
+    // Every rank has the same rows: with none, all skip the exchanges alike.
+    if rows == 0 {
+        return Vec::new();
+    }
+    let counts = balanced_counts(rows, ep.size());
+    let first: usize = counts[..ep.rank()].iter().sum();
+    let mine = &x[first * hidden..(first + counts[ep.rank()]) * hidden];
+
+    let (routing, dispatch) = moe.route(mine);
+    let load = dispatch.load();
+    let plan = ExchangePlan::new(&load, ep.exchange_counts(&load), ep.size());
+    let mut send = Vec::with_capacity(routing.experts.len() * hidden);
+    for slot in dispatch_order(&dispatch, n_experts) {
+        let token = dispatch.token(slot);
+        send.extend_from_slice(&mine[token * hidden..(token + 1) * hidden]);
+    }
+    let received = ep.exchange_rows(&send, plan.send_rows(), &plan.recv_rows(), hidden);
+    drop(send);
+
+    let outputs: Vec<Vec<f32>> = ep
+        .local_experts()
+        .zip(plan.to_batches(&received, hidden))
+        .map(|(e, input)| {
+            let mut out = vec![0.0; input.len()];
+            if !input.is_empty() {
+                moe.expert(e).forward(&mut out, &input);
+            }
+            out
+        })
+        .collect();
+    drop(received);
+    let back = plan.to_sources(&outputs, hidden);
+    let combined = ep.exchange_rows(&back, &plan.recv_rows(), plan.send_rows(), hidden);
+
+    let mut output = vec![0.0; mine.len()];
+    moe.add_routed(&mut output, &routing, &dispatch, 0..n_experts, &combined);
+    moe.add_shared(mine, &mut output);
+    ep.all_gather_rows(&output, &counts, hidden)
+}

@@ -1,0 +1,268 @@
+//! Expert-parallel serving: one replica as several processes (ranks), each
+//! holding `1/P` of every MoE layer's routed experts and all the rest.
+//!
+//! ```text
+//!  rank 0 (leader)                         ranks 1.. (followers)
+//!  HTTP API, scheduler, sampling           /healthz, /readyz (local rank 0 of a pod)
+//!  plan ──────── broadcast (Lockstep) ───▶ plan
+//!  Engine::step ◀── per MoE layer: all-to-all, all-to-all, all-gather ──▶ Engine::step
+//!  logits → tokens → clients               (no logits)
+//! ```
+//!
+//! Every rank connects (the same rendezvous and collectives as training),
+//! loads only its experts, then [`join`] checks that all of them loaded the
+//! same model and cache (an all-gather of a fingerprint) before the leader
+//! takes requests. From then on the ranks run the same steps in lockstep
+//! (`serve/lockstep.rs`); any failure ends every rank within the collective
+//! timeout (a leader's heartbeat keeps an idle replica's followers waiting
+//! no longer than that), never a hang.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::dist::env::Timeouts;
+use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::layout::Layout;
+use crate::dist::schedule::fnv1a;
+use crate::dist::{Collective, DistError, Solo};
+use crate::serve::engine::{Engine, StepError};
+use crate::serve::kv_cache::KvStore;
+use crate::serve::load::{LoadedModel, LoadedWeights};
+use crate::serve::lockstep::{Lockstep, Message};
+use crate::serve::model::{ServeFfn, ServeModel};
+use crate::serve::runner::Failure;
+use crate::serve::text::Tokenizer;
+use crate::serve::{ServeError, ServeOptions};
+
+/// Connects this rank to the rest of its replica (over TCP, or NCCL once
+/// serving runs on GPUs): the world communicator.
+pub type Connect = Box<dyn FnOnce() -> Result<Box<dyn Collective>, DistError> + Send>;
+
+/// This process's place in an expert-parallel replica.
+pub struct ReplicaSetup {
+    /// 0: the leader.
+    pub rank: usize,
+    /// Ranks in the replica: the expert-parallel size.
+    pub size: usize,
+    /// The rank within its pod: local rank 0 of a follower's pod answers
+    /// the pod's probes on the serving port.
+    pub local_rank: usize,
+    pub timeouts: Timeouts,
+    pub connect: Connect,
+}
+
+/// The routed experts rank `rank` of a replica of `size` holds, of `experts`
+/// per MoE layer (training's rule: contiguous equal slices), or why none.
+pub fn experts_of(rank: usize, size: usize, experts: usize) -> Result<Range<usize>, ServeError> {
+    if size == 0 || !experts.is_multiple_of(size) {
+        return Err(ServeError::Options(format!(
+            "expertParallel {size} does not divide the model's {experts} routed experts per MoE \
+             layer: every rank of a replica holds the same number of experts"
+        )));
+    }
+    let layout = Layout::new(size, 1, size).map_err(|e| ServeError::Options(e.to_string()))?;
+    Ok(layout.local_experts(rank, experts))
+}
+
+/// How often an idle leader sends a heartbeat: a quarter of the collective
+/// timeout, so a follower waiting for the next plan never times out while
+/// the leader lives, and a rank that died is noticed within this.
+pub fn heartbeat(timeouts: &Timeouts) -> Duration {
+    timeouts.collective / 4
+}
+
+/// A rank of a replica, joined: its engine and its end of the plan broadcast.
+pub struct Joined {
+    pub engine: Engine,
+    pub lockstep: Lockstep,
+    pub tokenizer: Tokenizer,
+    pub kv_pages: usize,
+    pub page_size: usize,
+}
+
+/// Bytes of routed-expert weights `model` holds (every MoE layer).
+pub fn routed_expert_bytes(model: &ServeModel) -> usize {
+    model
+        .blocks
+        .iter()
+        .map(|b| match &b.ffn {
+            ServeFfn::Moe { layer, .. } => layer.params.routed_expert_bytes(),
+            ServeFfn::Dense(_) => 0,
+        })
+        .sum()
+}
+
+/// Routed experts per MoE layer of `model`; `None` without MoE layers.
+fn routed_experts(model: &ServeModel) -> Option<usize> {
+    model.blocks.iter().find_map(|b| match &b.ffn {
+        ServeFfn::Moe { layer, .. } => Some(layer.config().n_routed_experts),
+        ServeFfn::Dense(_) => None,
+    })
+}
+
+/// What identifies a model across ranks: its shape and options, and a
+/// sample of the replicated weights (so two checkpoints of one shape differ).
+fn model_fingerprint(model: &ServeModel) -> u64 {
+    let mut sample = format!("{:?}", model.config).into_bytes();
+    sample.extend_from_slice(bytemuck::cast_slice(&model.final_norm));
+    let head = model.embedding.len().min(4096);
+    sample.extend_from_slice(bytemuck::cast_slice(&model.embedding[..head]));
+    fnv1a(&sample)
+}
+
+/// Sets this rank up in its replica: the expert-parallel engine over
+/// `world` (a follower's computes no logits), then the fingerprint check,
+/// which also waits (up to the rendezvous timeout) for every rank to load.
+/// Every rank of `world` must call it, having loaded its own experts.
+pub fn join(
+    mut world: Box<dyn Collective>,
+    loaded: LoadedModel,
+    options: &ServeOptions,
+    timeouts: &Timeouts,
+) -> Result<Joined, ServeError> {
+    let (rank, size) = (world.rank(), world.size());
+    if let Some(expected) = &options.expected_model {
+        loaded.check_spec(expected).map_err(ServeError::Load)?;
+    }
+    let step = loaded.step;
+    let tokenizer = loaded.tokenizer;
+    let model = match loaded.model {
+        LoadedWeights::Native(model) => ServeModel::from_native(*model),
+        LoadedWeights::HuggingFace(model) => model,
+    };
+    let experts = routed_experts(&model).ok_or_else(|| {
+        ServeError::Options(format!(
+            "expert-parallel serving over {size} ranks, but the model has no MoE layer to split"
+        ))
+    })?;
+    let everyone: Vec<usize> = (0..size).collect();
+    let group = world.new_group(&everyone).map_err(ServeError::Dist)?;
+    // One replica: no other rank holds the same experts.
+    let ep = ExpertParallel::new(group, Box::new(Solo), experts).map_err(ServeError::Dist)?;
+    let own = ep.local_experts();
+    let fingerprint = model_fingerprint(&model);
+    let expert_bytes = routed_expert_bytes(&model);
+    let engine = Engine::serve(model)
+        .with_weights(options.weights)
+        .with_threads(options.threads)
+        .map_err(|error| ServeError::Io {
+            what: "starting the compute threads".into(),
+            error,
+        })?
+        .with_expert_parallel(ep)
+        .map_err(ServeError::Options)?;
+    let engine = if rank == 0 {
+        engine
+    } else {
+        engine.without_logits()
+    };
+    let kv_pages = super::kv_pages(&engine, options)?;
+    // What every rank must agree on (the fields of `check_same`).
+    let mine = [fingerprint, step, kv_pages as u64, options.page_size as u64];
+    check_same(world.as_mut(), &mine, timeouts)?;
+    tracing::info!(
+        rank,
+        ranks = size,
+        experts = ?own,
+        of = experts,
+        routed_expert_bytes = expert_bytes,
+        kv_pages,
+        "joined the expert-parallel replica"
+    );
+    Ok(Joined {
+        engine,
+        lockstep: Lockstep::new(world, heartbeat(timeouts)),
+        tokenizer,
+        kv_pages,
+        page_size: options.page_size,
+    })
+}
+
+/// All-gathers every rank's fingerprint and refuses any that differs from
+/// rank 0's, naming the rank and the field. Bounded by the rendezvous
+/// timeout: ranks load at different speeds.
+fn check_same(
+    world: &mut dyn Collective,
+    mine: &[u64; 4],
+    timeouts: &Timeouts,
+) -> Result<(), ServeError> {
+    let size = world.size();
+    let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut all = vec![0u8; bytes.len() * size];
+    world
+        .set_timeout(timeouts.rendezvous)
+        .map_err(ServeError::Dist)?;
+    world
+        .all_gather_bytes(&bytes, &vec![bytes.len(); size], &mut all)
+        .map_err(ServeError::Dist)?;
+    world
+        .set_timeout(timeouts.collective)
+        .map_err(ServeError::Dist)?;
+    let words: Vec<u64> = all
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    let leader = &words[..4];
+    const FIELDS: [&str; 4] = [
+        "model (shape, options or weights)",
+        "checkpoint step",
+        "KV cache pages",
+        "KV page size",
+    ];
+    for (rank, theirs) in words.chunks_exact(4).enumerate().skip(1) {
+        if let Some(i) = (0..4).find(|&i| theirs[i] != leader[i]) {
+            return Err(ServeError::Options(format!(
+                "rank {rank} of the replica loaded a different {} than rank 0 ({} vs {}): every \
+                 rank must serve the same checkpoint with the same --kv-cache-mib",
+                FIELDS[i], theirs[i], leader[i]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A follower: runs every step the leader plans until it says stop (`Ok`),
+/// or the replica breaks. `joined` must be a follower's (rank > 0).
+pub fn follow(joined: Joined) -> Result<(), ServeError> {
+    let Joined {
+        engine,
+        mut lockstep,
+        kv_pages,
+        page_size,
+        ..
+    } = joined;
+    let mut store = KvStore::new(engine.kv_shape(page_size), kv_pages);
+    let rank = lockstep.rank();
+    let mut steps = 0u64;
+    loop {
+        match lockstep.receive().map_err(ServeError::Dist)? {
+            Message::Step(plan) => {
+                steps += 1;
+                if let Err(e) = engine.step(&mut store, &plan.chunks()) {
+                    if e.is_fatal() {
+                        let peer = matches!(e, StepError::Collective { peer: true, .. });
+                        return Err(ServeError::Replica(Failure {
+                            message: e.to_string(),
+                            peer,
+                        }));
+                    }
+                    // The leader's engine refuses the same plan the same
+                    // way and fails its requests.
+                    tracing::warn!(rank, error = %e, "a planned step was refused");
+                }
+            }
+            Message::Idle => {}
+            Message::Stop => {
+                let (exchanged, gathered) = engine.expert_parallel_bytes();
+                tracing::info!(
+                    rank,
+                    steps,
+                    exchanged_bytes = exchanged,
+                    gathered_bytes = gathered,
+                    "the leader stopped the replica"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
