@@ -45,9 +45,14 @@ keeps the fixture's vocabulary as a SentencePiece-style "llama" one) gives
 the Hugging Face tokenizer's ids for it, checked by its /tokenize, else as
 those ids. A greedy check first compares each side's --tokens tokens with
 transformers'. The concurrency curve stays the worker's only.
+
+`--precision bf16` serves the worker's weights in bfloat16; `--torch-bf16`
+adds transformers with bf16 weights (what it loads a bf16 checkpoint as) as
+a further side, so each ratio can be read against transformers' faster dtype.
 """
 
 import argparse
+import copy
 import http.client
 import json
 import os
@@ -368,9 +373,10 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def head_to_head(server, model, directory, args, llamas=()):
+def head_to_head(server, model, directory, args, llamas=(), others=()):
     """Alternating runs, every side; prints best and median, wall and CPU, and the ratios.
-    `llamas`: (label, LlamaServer) pairs, each a further side."""
+    `llamas`: (label, LlamaServer) pairs, each a further side; `others`: (label, model)
+    pairs, transformers in another dtype, each a further side."""
     torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -383,12 +389,16 @@ def head_to_head(server, model, directory, args, llamas=()):
     # Warm-up: first calls allocate, fault pages in, pick kernels.
     stream_completion(server.port, 4)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for m in [model] + [m for _, m in others]:
+            m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     for label, llama in llamas:
         llama_completion(llama.port, prompts[label], 4, ids.shape[1])
-    sides = ["worker", "transformers"] + [f"llama.cpp {label}" for label, _ in llamas]
+    sides = (["worker", "transformers"] + [label for label, _ in others]
+             + [f"llama.cpp {label}" for label, _ in llamas])
     measure = {"worker": lambda: worker_run(server, args),
                "transformers": lambda: torch_run(model, ids, args)}
+    for label, other in others:
+        measure[label] = lambda other=other: torch_run(other, ids, args)
     for label, llama in llamas:
         measure[f"llama.cpp {label}"] = lambda llama=llama, label=label: llama_run(
             llama, prompts[label], ids.shape[1], args)
@@ -435,14 +445,14 @@ def head_to_head(server, model, directory, args, llamas=()):
         print(f"decode: runs dropped, their {args.tokens}-token generation no longer than their "
               f"TTFT (a contended machine): " + "; ".join(dropped))
     for other in sides[1:]:
-        versus = "" if other == "transformers" and not llamas else f" worker / {other}"
+        versus = "" if len(sides) == 2 else f" worker / {other}"
         for clock in ("wall", "cpu"):
             w, t = figures["worker", clock], figures[other, clock]
             print(f"ratio{versus} {clock:4}: decode {w['decode_best'] / t['decode_best']:.2f}x best, "
                   f"{w['decode_median'] / t['decode_median']:.2f}x median; "
                   f"TTFT {t['ttft_best'] / w['ttft_best']:.2f}x best, "
                   f"{t['ttft_median'] / w['ttft_median']:.2f}x median faster"
-                  + (" (target >= 3x)" if other == "transformers" else ""))
+                  + (" (target >= 3x)" if other.startswith("transformers") else ""))
 
 
 def llama_version(args):
@@ -499,7 +509,10 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of each side (worker --threads, torch.set_num_threads)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="the worker's weights (--precision); transformers runs fp32")
+                        help="the worker's weights (--precision)")
+    parser.add_argument("--torch-bf16", action="store_true",
+                        help="also run transformers with bf16 weights (the dtype it loads a bf16 "
+                        "checkpoint in), a further side")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32, 64],
                         help="concurrency levels (none: skip the curve)")
     parser.add_argument("--rounds", type=int, default=2, help="completions per client")
@@ -527,7 +540,9 @@ def main():
                 for outtype, gguf in ggufs:
                     log = os.path.join(directory, f"llama-server-{outtype}.log")
                     llamas.append((outtype, LlamaServer(args, gguf, outtype, log)))
-            head_to_head(server, model, directory, args, llamas)
+            others = ([("transformers bf16", copy.deepcopy(model).to(torch.bfloat16))]
+                      if args.torch_bf16 else [])
+            head_to_head(server, model, directory, args, llamas, others)
             for _, llama in llamas:
                 llama.stop()  # the curve is the worker's alone
             if args.clients:
