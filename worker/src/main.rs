@@ -185,15 +185,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     // leader's stop instead of dying under requests in flight (the leader
     // handles the signal itself).
     let stop = Arc::new(AtomicBool::new(false));
-    if gang.launcher || gang.rank > 0 {
-        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
-                return fail(
-                    &format!("cannot install the handler for signal {signal}: {e}"),
-                    1,
-                );
-            }
-        }
+    if (gang.launcher || gang.rank > 0)
+        && let Err(e) = set_on_stop_signals(&stop)
+    {
+        return fail(&e, 1);
     }
     if gang.launcher {
         return launch_ranks(&gang, &timeouts, &stop);
@@ -288,13 +283,8 @@ fn train(config: Option<PathBuf>) -> ExitCode {
     // checkpoints at the next step boundary and exits 0 (a launcher
     // forwards it to its ranks).
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
-            return fail(
-                &format!("cannot install the handler for signal {signal}: {e}"),
-                1,
-            );
-        }
+    if let Err(e) = set_on_stop_signals(&stop) {
+        return fail(&e, 1);
     }
     if gang.launcher {
         return launch_ranks(&gang, &timeouts, &stop);
@@ -421,4 +411,13 @@ fn fail(message: &str, code: u8) -> ExitCode {
     tracing::error!("{message}");
     eprintln!("moe-worker: {message}");
     ExitCode::from(code)
+}
+
+/// Makes SIGTERM (pod deletion, preemption) and SIGINT set `stop`.
+fn set_on_stop_signals(stop: &Arc<AtomicBool>) -> Result<(), String> {
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(stop))
+            .map_err(|e| format!("cannot install the handler for signal {signal}: {e}"))?;
+    }
+    Ok(())
 }

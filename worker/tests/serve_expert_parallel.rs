@@ -748,25 +748,6 @@ fn wait_ready(addr: SocketAddr, child: &mut Child) {
     }
 }
 
-/// The pid of the process carrying `MARKER=marker` and `MOE_LOCAL_RANK=rank`.
-fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
-    let want = [
-        format!("{MARKER}={marker}"),
-        format!("MOE_LOCAL_RANK={rank}"),
-    ];
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let environ = std::fs::read(entry.path().join("environ")).ok()?;
-            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
-            want.iter()
-                .all(|w| vars.contains(&w.as_bytes()))
-                .then_some(pid)
-        })
-}
-
 /// A checkpoint of the 8-expert model, sharded as EP-2 training writes it.
 fn served_model(name: &str) -> TempDir {
     let dir = TempDir::new(name);
@@ -904,7 +885,7 @@ fn a_killed_rank_ends_the_launch_within_the_timeout_and_is_named() {
         "/v1/completions",
         &json!({"prompt": "The ", "max_tokens": 4, "temperature": 0}),
     ));
-    let victim = rank_pid("killed", 1).expect("rank 1's process");
+    let victim = dist_support::rank_pid(MARKER, "killed", 1).expect("rank 1's process");
     // SAFETY: kill(2) reads no memory; `victim` is a live child of the launcher.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
     let killed_at = Instant::now();

@@ -349,20 +349,7 @@ impl Server {
         let state = AppState::new(&options.served_name(), metrics.clone());
         // Set before the first connection: this server is ready from the start.
         let _ = state.engine.set(engine.clone());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|error| ServeError::Io {
-                what: "cannot start the async runtime".into(),
-                error,
-            })?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(options.listen))
-            .map_err(|error| ServeError::Io {
-                what: format!("cannot listen on {}", options.listen),
-                error,
-            })?;
+        let (runtime, listener) = runtime_listening(2, options.listen)?;
         let addr = listener.local_addr().map_err(|error| ServeError::Io {
             what: "cannot read the bound address".into(),
             error,
@@ -419,20 +406,7 @@ pub fn run(options: &ServeOptions, replica: Option<ReplicaSetup>) -> Result<(), 
 fn run_follower(options: &ServeOptions, replica: ReplicaSetup) -> Result<(), ServeError> {
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _probes = if replica.local_rank == 0 {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|error| ServeError::Io {
-                what: "cannot start the async runtime".into(),
-                error,
-            })?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(options.listen))
-            .map_err(|error| ServeError::Io {
-                what: format!("cannot listen on {}", options.listen),
-                error,
-            })?;
+        let (runtime, listener) = runtime_listening(1, options.listen)?;
         let router = http::follower_router(replica.rank, std::sync::Arc::clone(&ready));
         runtime.spawn(async move { axum::serve(listener, router).await });
         tracing::info!(addr = %options.listen, rank = replica.rank, "follower probes listening");
@@ -575,4 +549,26 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+/// A tokio runtime of `threads` workers and a listener bound on it.
+fn runtime_listening(
+    threads: usize,
+    addr: SocketAddr,
+) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|error| ServeError::Io {
+            what: "cannot start the async runtime".into(),
+            error,
+        })?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|error| ServeError::Io {
+            what: format!("cannot listen on {addr}"),
+            error,
+        })?;
+    Ok((runtime, listener))
 }

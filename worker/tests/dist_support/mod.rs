@@ -185,3 +185,20 @@ pub fn compare(
         worst,
     }
 }
+
+/// The pid of the process whose environment carries `{var}={value}` and
+/// `MOE_LOCAL_RANK={rank}`: one rank of a launch a test marked.
+pub fn rank_pid(var: &str, value: &str, rank: usize) -> Option<i32> {
+    let want = [format!("{var}={value}"), format!("MOE_LOCAL_RANK={rank}")];
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+            want.iter()
+                .all(|w| vars.contains(&w.as_bytes()))
+                .then_some(pid)
+        })
+}

@@ -77,25 +77,6 @@ fn run_to_end(config: &Path, ranks: usize) -> (Value, String) {
     (serde_json::from_str(&stdout).unwrap(), stderr)
 }
 
-/// The pid of the process carrying `MARKER=marker` and `MOE_LOCAL_RANK=rank`.
-fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
-    let want = [
-        format!("{MARKER}={marker}"),
-        format!("MOE_LOCAL_RANK={rank}"),
-    ];
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let environ = std::fs::read(entry.path().join("environ")).ok()?;
-            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
-            want.iter()
-                .all(|w| vars.contains(&w.as_bytes()))
-                .then_some(pid)
-        })
-}
-
 #[test]
 fn a_two_rank_local_run_trains_like_one_process_and_resumes_after_a_rank_dies() {
     // One process, and two ranks, each to the end.
@@ -133,7 +114,7 @@ fn a_two_rank_local_run_trains_like_one_process_and_resumes_after_a_rank_dies() 
         assert!(Instant::now() < deadline, "no checkpoint within 120 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let victim = rank_pid("killed", 1).expect("rank 1's process");
+    let victim = crate::dist_support::rank_pid(MARKER, "killed", 1).expect("rank 1's process");
     // SAFETY: kill(2) reads no memory; `victim` is a live child of the launcher.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
     let killed_at = Instant::now();

@@ -4,6 +4,8 @@ mod activation_checkpointing;
 mod checkpoints;
 mod cli;
 mod data_parallel;
+#[path = "../dist_support/mod.rs"]
+mod dist_support;
 mod fp8;
 mod gradients;
 mod learning;
