@@ -171,8 +171,8 @@ pub enum ModelFormat {
 /// worker processes (one per GPU), experts split over `expertParallel` ranks.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(self.podsPerReplica * self.processesPerPod) % self.expertParallel == 0")
-    .message("parallelism.expertParallel must divide the GPUs per replica (podsPerReplica × processesPerPod)")
+#[x_kube(validation = Rule::new("self.podsPerReplica * self.processesPerPod == self.expertParallel")
+    .message("parallelism.expertParallel must equal the processes (GPUs) per replica, podsPerReplica × processesPerPod: each process serves its share of the experts")
     .field_path(".expertParallel"))]
 pub struct ServingParallelism {
     /// Worker processes per pod: one per GPU for CUDA workers.

@@ -341,7 +341,7 @@ mod tests {
             "{:?}",
             r.problems
         );
-        doc["spec"]["parallelism"] = json!({"podsPerReplica": 2});
+        doc["spec"]["parallelism"] = json!({"podsPerReplica": 2, "expertParallel": 2});
         doc["spec"]["worker"] = json!({"env": [{"name": "MOE_SERVICE", "value": "x"}]});
         let r = checker.check_any(doc).unwrap_err();
         assert!(
