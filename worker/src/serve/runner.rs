@@ -231,6 +231,11 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        // A failed engine's thread may still be draining its inbox: refuse
+        // here rather than queue a request it will only fail.
+        if self.failure().is_some() {
+            return Err(SubmitError::Stopped);
+        }
         let prompt = request.prompt.len();
         if prompt >= self.context {
             return Err(SubmitError::PromptTooLong {
