@@ -40,8 +40,8 @@ const BF16_ORDER: [usize; NR] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 1
 /// Rows of `x` per register tile when there are many (6 × 16 outputs in 12
 /// of the 16 AVX registers, as the packed GEMM's kernel).
 const MR: usize = 6;
-/// Kernel steps (one 64-byte line of a panel each) between a prefetch and
-/// its use in a tile of [`MR`] rows.
+/// Kernel steps between a prefetch and its use in a tile of two or more
+/// rows (one 64-byte line of f32 weights per step, half a line of bf16).
 const PREFETCH: usize = 16;
 
 /// How a linear layer's weights are stored (activations are f32 either way).
@@ -404,11 +404,13 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
                     b[1] = _mm256_loadu_ps(step.add(32).cast());
                 }
             }
-            // A prefill's tiles of many rows take long enough per step for
-            // a software prefetch of the weights to help (~5% measured); a
-            // decode's one-row tile is already memory-bound, and the extra
-            // instructions slowed it by a fifth. Prefetches never fault.
-            if R == MR {
+            // Tiles of several rows take long enough per step for a software
+            // prefetch of the weights to help: ~5% for a prefill's 6-row
+            // tiles, 7–9% for the 2–5 rows an expert often gets (bf16 weights
+            // streaming from memory). A decode's one-row tile is already
+            // memory-bound, and the extra instructions slowed it by a fifth.
+            // Prefetches never fault.
+            if R >= 2 {
                 let ahead = tile
                     .panels
                     .wrapping_add((j * k * NR + (i + PREFETCH) * NR) * bytes);
