@@ -30,8 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use moe_crds::{Device, ModelFormat, ServingConfig, ServingParallelism, ServingPrecision};
-use moe_worker::checkpoint::{self, Snapshot};
-use moe_worker::data::DataPosition;
+use moe_worker::checkpoint;
 use moe_worker::dist::Collective;
 use moe_worker::dist::env::Timeouts;
 use moe_worker::dist::launch::free_local_port;
@@ -44,8 +43,6 @@ use moe_worker::serve::load::{self, LoadedModel};
 use moe_worker::serve::lockstep::{Message, StepPlan};
 use moe_worker::serve::replica::{self, Joined};
 use moe_worker::serve::{self, ServeOptions, Server};
-use moe_worker::settings::OptimizerSettings;
-use moe_worker::train::AdamW;
 use serde_json::{Value, json};
 
 use serve_support::{TempDir, full_text, model_for, post_json, request, streamed_text};
@@ -102,40 +99,13 @@ fn options(dir: &Path) -> ServeOptions {
     }
 }
 
-fn optimizer(model: &Model<f32>) -> AdamW {
-    AdamW::new(
-        model.config(),
-        OptimizerSettings {
-            learning_rate: 1e-3,
-            min_learning_rate: 1e-4,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.95,
-            epsilon: 1e-8,
-            grad_clip: 1.0,
-        },
-    )
-}
-
 /// Writes `model` as expert-parallel training does with `shards` expert
 /// shards (`checkpoint::{begin, write_expert_shard, commit}`), into
 /// `dir/checkpoints/`.
 fn write_sharded(dir: &Path, model: &Model<f32>, shards: usize) -> PathBuf {
     let spec = spec8();
-    let optimizer = optimizer(model);
-    let snapshot = Snapshot {
-        model_spec: &spec,
-        seed: 1,
-        data: DataPosition {
-            sequences: 0,
-            rng_state: 0,
-        },
-        initial_loss: None,
-        loss: None,
-        model,
-        optimizer: &optimizer,
-    };
+    let optimizer = serve_support::optimizer(model);
+    let snapshot = serve_support::snapshot(&spec, model, &optimizer);
     let checkpoints = dir.join("checkpoints");
     let temporary = checkpoint::begin(&checkpoints, optimizer.updates).unwrap();
     let per = 8 / shards;

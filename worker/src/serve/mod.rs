@@ -388,13 +388,7 @@ pub fn run(options: &ServeOptions, replica: Option<ReplicaSetup>) -> Result<(), 
     match replica {
         Some(replica) if replica.size > 1 && replica.rank > 0 => run_follower(options, replica),
         replica => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|error| ServeError::Io {
-                    what: "cannot start the async runtime".into(),
-                    error,
-                })?;
+            let runtime = runtime(None)?;
             let replica = replica.filter(|r| r.size > 1);
             runtime.block_on(serve_until_stopped(options, replica))
         }
@@ -551,19 +545,27 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// A tokio runtime of `threads` workers and a listener bound on it.
-fn runtime_listening(
-    threads: usize,
-    addr: SocketAddr,
-) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener), ServeError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+/// A tokio runtime of `threads` workers (`None`: one per core).
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ServeError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|error| ServeError::Io {
             what: "cannot start the async runtime".into(),
             error,
-        })?;
+        })
+}
+
+/// A tokio runtime of `threads` workers and a listener bound on it.
+fn runtime_listening(
+    threads: usize,
+    addr: SocketAddr,
+) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener), ServeError> {
+    let runtime = runtime(Some(threads))?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|error| ServeError::Io {

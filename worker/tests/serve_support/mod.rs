@@ -79,6 +79,17 @@ impl Drop for TempDir {
 
 /// Writes `model` as the training loop would, into `dir/checkpoints/`.
 pub fn write_checkpoint(dir: &Path, spec: &ModelSpec, model: &Model<f32>) -> PathBuf {
+    let optimizer = optimizer(model);
+    checkpoint::save(
+        &dir.join("checkpoints"),
+        1,
+        &snapshot(spec, model, &optimizer),
+    )
+    .expect("save a checkpoint")
+}
+
+/// A fresh optimizer for `model` (its moments are saved with the weights).
+pub fn optimizer(model: &Model<f32>) -> AdamW {
     let settings = OptimizerSettings {
         learning_rate: 1e-3,
         min_learning_rate: 1e-4,
@@ -89,8 +100,16 @@ pub fn write_checkpoint(dir: &Path, spec: &ModelSpec, model: &Model<f32>) -> Pat
         epsilon: 1e-8,
         grad_clip: 1.0,
     };
-    let optimizer = AdamW::new(model.config(), settings);
-    let snapshot = Snapshot {
+    AdamW::new(model.config(), settings)
+}
+
+/// What a checkpoint of `model` at the start of training holds.
+pub fn snapshot<'a>(
+    spec: &'a ModelSpec,
+    model: &'a Model<f32>,
+    optimizer: &'a AdamW,
+) -> Snapshot<'a> {
+    Snapshot {
         model_spec: spec,
         seed: 1,
         data: DataPosition {
@@ -100,9 +119,8 @@ pub fn write_checkpoint(dir: &Path, spec: &ModelSpec, model: &Model<f32>) -> Pat
         initial_loss: None,
         loss: None,
         model,
-        optimizer: &optimizer,
-    };
-    checkpoint::save(&dir.join("checkpoints"), 1, &snapshot).expect("save a checkpoint")
+        optimizer,
+    }
 }
 
 pub fn options(dir: &Path) -> ServeOptions {
