@@ -508,7 +508,7 @@ def main():
                         help="one-token generations per run (the least counts)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of each side (worker --threads, torch.set_num_threads)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32",
                         help="the worker's weights (--precision)")
     parser.add_argument("--torch-bf16", action="store_true",
                         help="also run transformers with bf16 weights (the dtype it loads a bf16 "

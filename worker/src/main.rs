@@ -74,8 +74,9 @@ struct ServeArgs {
     /// Threads computing each forward pass (default 1).
     #[arg(long)]
     threads: Option<usize>,
-    /// How the linear layers' weights are stored: fp32, or bf16 (half the
-    /// bytes; activations stay fp32). Default: the config's, else fp32.
+    /// How the linear layers' weights are stored: fp32, bf16 (half the
+    /// bytes) or fp8 (E4M3 with a power-of-two scale per output: a quarter);
+    /// activations stay fp32. Default: the config's, else fp32.
     #[arg(long, value_parser = ["fp32", "bf16", "fp8"])]
     precision: Option<String>,
     /// Split each MoE layer's experts over this many processes of one

@@ -1,16 +1,18 @@
-//! Serving with bfloat16 weights (`--precision bf16`): the engine must
-//! compute exactly what f32 serving computes on the same model with its
-//! weights rounded to bfloat16 beforehand — every projection, expert and
-//! LM head rounded, the routers, gates, norms and embedding table not —
-//! so the only change is the rounding of those weights, never the
-//! arithmetic around them. Checked on the worker's own model and the
-//! Hugging Face fixtures (Mixtral, Qwen2-MoE with its gated shared expert,
-//! Qwen3-MoE with q/k norms), over a prefill and decode steps.
+//! Serving with bfloat16 or FP8 weights (`--precision bf16|fp8`): the
+//! engine must compute exactly what f32 serving computes on the same model
+//! with its weights rounded beforehand — every projection, expert and LM
+//! head rounded (FP8: each output row with its own power-of-two scale), the
+//! routers, gates, norms and embedding table not — so the only change is
+//! the rounding of those weights, never the arithmetic around them. Checked
+//! on the worker's own model and the Hugging Face fixtures (Mixtral,
+//! Qwen2-MoE with its gated shared expert, Qwen3-MoE with q/k norms), over
+//! a prefill and decode steps.
 
 mod serve_support;
 
 use std::path::Path;
 
+use moe_worker::fp8::e4m3;
 use moe_worker::ops::packed_linear::WeightPrecision;
 use moe_worker::serve::engine::{Chunk, Engine};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
@@ -21,54 +23,76 @@ use serve_support::tiny_model;
 const PAGE_SIZE: usize = 16;
 
 /// Round to the nearest bfloat16, ties to even (finite values), in f32.
-fn round(v: f32) -> f32 {
+fn bf16(v: f32) -> f32 {
     let bits = v.to_bits();
     f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
 }
 
-fn round_all(values: &mut [f32]) {
-    values.iter_mut().for_each(|v| *v = round(*v));
-}
-
-fn round_mlp(mlp: &mut Mlp) {
-    round_all(&mut mlp.w1);
-    round_all(&mut mlp.w3);
-    round_all(&mut mlp.w2);
-}
-
-/// `model` with the weights `--precision bf16` stores as bfloat16 rounded.
-fn rounded(mut model: ServeModel) -> ServeModel {
-    for block in &mut model.blocks {
-        for w in [&mut block.wq, &mut block.wk, &mut block.wv, &mut block.wo] {
-            round_all(w);
+/// Rounds `w: [rows, in_dim]` as `precision` stores it.
+fn round(w: &mut [f32], in_dim: usize, precision: WeightPrecision) {
+    match precision {
+        WeightPrecision::F32 => {}
+        WeightPrecision::Bf16 => w.iter_mut().for_each(|v| *v = bf16(*v)),
+        // Each row scaled by the power of two that brings its largest
+        // magnitude into E4M3's top binade, (224, 448].
+        WeightPrecision::Fp8 => {
+            for row in w.chunks_exact_mut(in_dim) {
+                let largest = row.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+                let mut scale = 1.0f64;
+                while largest / scale > 448.0 {
+                    scale *= 2.0;
+                }
+                while largest > 0.0 && largest / (scale / 2.0) <= 448.0 {
+                    scale /= 2.0;
+                }
+                for v in row {
+                    let code = e4m3::encode((f64::from(*v) / scale) as f32);
+                    *v = (f64::from(e4m3::decode(code)) * scale) as f32;
+                }
+            }
         }
+    }
+}
+
+fn round_mlp(mlp: &mut Mlp, hidden: usize, precision: WeightPrecision) {
+    round(&mut mlp.w1, hidden, precision);
+    round(&mut mlp.w3, hidden, precision);
+    round(&mut mlp.w2, mlp.width, precision);
+}
+
+/// `model` with the weights `precision` stores rounded.
+fn rounded(mut model: ServeModel, precision: WeightPrecision) -> ServeModel {
+    let (hidden, q_width) = (model.config.hidden, model.config.q_width());
+    for block in &mut model.blocks {
+        for w in [&mut block.wq, &mut block.wk, &mut block.wv] {
+            round(w, hidden, precision);
+        }
+        round(&mut block.wo, q_width, precision);
         match &mut block.ffn {
-            ServeFfn::Dense(mlp) => round_mlp(mlp),
+            ServeFfn::Dense(mlp) => round_mlp(mlp, hidden, precision),
             ServeFfn::Moe {
                 layer,
                 gated_shared,
             } => {
+                let expert_hidden = layer.config().expert_hidden;
                 let p = &mut layer.params;
-                for w in [
-                    &mut p.experts_w1,
-                    &mut p.experts_w3,
-                    &mut p.experts_w2,
-                    &mut p.shared_w1,
-                    &mut p.shared_w3,
-                    &mut p.shared_w2,
-                ] {
-                    round_all(w);
-                }
+                round(&mut p.experts_w1, hidden, precision);
+                round(&mut p.experts_w3, hidden, precision);
+                round(&mut p.experts_w2, expert_hidden, precision);
+                round(&mut p.shared_w1, hidden, precision);
+                round(&mut p.shared_w3, hidden, precision);
+                let shared_hidden = p.shared_w2.len() / hidden;
+                round(&mut p.shared_w2, shared_hidden.max(1), precision);
                 if let Some(g) = gated_shared {
-                    round_mlp(&mut g.mlp);
+                    round_mlp(&mut g.mlp, hidden, precision);
                 }
             }
         }
     }
     match &mut model.lm_head {
-        Some(head) => round_all(head),
+        Some(head) => round(head, hidden, precision),
         // Tied: the LM head is the embedding, looked up rounded too.
-        None => round_all(&mut model.embedding),
+        None => round(&mut model.embedding, hidden, precision),
     }
     model
 }
@@ -98,42 +122,71 @@ fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The bits of f32 serving on the rounded weights, and half the bytes.
-/// `rounds_something`: whether the weights are not bfloat16 values already
-/// (the Mixtral fixture's are: `generate.py` stores it in BF16).
-fn check(name: &str, model: ServeModel, rounds_something: bool) {
+/// The bits of f32 serving on the rounded weights, and a half (bf16) or a
+/// quarter (FP8) of the bytes. `rounds_something`: whether the weights are
+/// not values of that precision already (the Mixtral fixture's are bf16:
+/// `generate.py` stores it in BF16).
+fn check(name: &str, model: ServeModel, precision: WeightPrecision, rounds_something: bool) {
     let vocab = model.config.vocab as u32;
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % vocab).collect();
     let f32_engine = Engine::serve(model.clone());
-    let reference = Engine::serve(rounded(model.clone()));
-    let bf16_engine = Engine::serve(model).with_weights(WeightPrecision::Bf16);
+    let reference = Engine::serve(rounded(model.clone(), precision));
+    let engine = Engine::serve(model).with_weights(precision);
     let expected = bits(&logits(&reference, &tokens, 13));
-    let got = bits(&logits(&bf16_engine, &tokens, 13));
+    let got = bits(&logits(&engine, &tokens, 13));
     let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
-    assert_eq!(first_difference, None, "{name}: bf16 serving, step");
+    assert_eq!(first_difference, None, "{name} {precision:?}: step");
     let unrounded = bits(&logits(&f32_engine, &tokens, 13));
     if rounds_something {
         assert_ne!(unrounded, expected, "{name}: rounding changed nothing");
     } else {
-        assert_eq!(unrounded, expected, "{name}: bf16-exact weights");
+        assert_eq!(unrounded, expected, "{name}: {precision:?}-exact weights");
     }
-    let (full, half) = (f32_engine.weight_bytes(), bf16_engine.weight_bytes());
+    let (full, reduced) = (f32_engine.weight_bytes(), engine.weight_bytes());
+    // Plus the routers' and gates' f32 bytes (a few percent of these tiny
+    // models, padded to 16 outputs) and FP8's scale per output (4 bytes per
+    // row of 32–64 weights here).
+    let (above, below) = match precision {
+        WeightPrecision::Bf16 => (full / 2, full * 55 / 100),
+        _ => (full / 4, full * 35 / 100),
+    };
     assert!(
-        // Half, plus half the routers' and gates' f32 bytes (a few percent
-        // of these tiny models, padded to 16 outputs).
-        half > full / 2 && half < full * 55 / 100,
-        "{name}: {half} bytes of bf16 weights for {full} of f32"
+        reduced > above && reduced < below,
+        "{name}: {reduced} bytes of {precision:?} weights for {full} of f32"
     );
 }
 
-#[test]
-fn bf16_weights_serve_the_bits_of_f32_serving_on_rounded_weights() {
-    check("native", ServeModel::from_native(tiny_model(11)), true);
-    for (name, rounds_something) in [("mixtral", false), ("qwen2_moe", true), ("qwen3_moe", true)] {
+fn check_all(precision: WeightPrecision, bf16_fixture_rounds: bool) {
+    check(
+        "native",
+        ServeModel::from_native(tiny_model(11)),
+        precision,
+        true,
+    );
+    for (name, rounds_something) in [
+        ("mixtral", bf16_fixture_rounds),
+        ("qwen2_moe", true),
+        ("qwen3_moe", true),
+    ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hf")
             .join(name);
         let loaded = load::load(&dir, None, None).unwrap_or_else(|e| panic!("{name}: {e}"));
-        check(name, loaded.model.into_serve_model(), rounds_something);
+        check(
+            name,
+            loaded.model.into_serve_model(),
+            precision,
+            rounds_something,
+        );
     }
+}
+
+#[test]
+fn bf16_weights_serve_the_bits_of_f32_serving_on_rounded_weights() {
+    check_all(WeightPrecision::Bf16, false);
+}
+
+#[test]
+fn fp8_weights_serve_the_bits_of_f32_serving_on_dequantized_weights() {
+    check_all(WeightPrecision::Fp8, true);
 }

@@ -25,9 +25,24 @@
 //! a shift: exact) and runs the same chains, so the results are the bits
 //! of [`matmul::forward`] on the rounded weight (tested). Activations and
 //! sums stay f32.
+//!
+//! FP8 weights ([`PackedLinear::round_to_fp8`]) halve the bytes again: each
+//! output's weights are divided by a power of two chosen for that output
+//! (so its largest magnitude lands in E4M3's top binade, 224–448) and
+//! rounded to the nearest E4M3 value. The kernel turns 16 codes into f16
+//! bit patterns with two integer operations (E4M3 is f16 with the exponent
+//! and mantissa cut short: the same value times 2^-8, exactly) and widens
+//! those with F16C; the output is multiplied by its power of two once, at
+//! the end. Multiplying by a power of two is exact, so every chain is the
+//! chain over the dequantized weight scaled by it: the results are the bits
+//! of [`matmul::forward`] on the dequantized weight (tested; values below
+//! f32's normal range aside). A power of two instead of an arbitrary scale
+//! costs nothing in precision: E4M3's relative step is the same in every
+//! binade, so only the unused top of the last binade differs.
 
 use half::bf16;
 
+use crate::fp8::e4m3;
 use crate::ops::matmul;
 
 /// Outputs per panel: two 8-wide vectors.
@@ -41,8 +56,18 @@ const BF16_ORDER: [usize; NR] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 1
 /// of the 16 AVX registers, as the packed GEMM's kernel).
 const MR: usize = 6;
 /// Kernel steps between a prefetch and its use in a tile of two or more
-/// rows (one 64-byte line of f32 weights per step, half a line of bf16).
+/// rows (one 64-byte line of f32 weights per step, half a line of bf16, a
+/// quarter of FP8).
 const PREFETCH: usize = 16;
+/// The element types of panels: a kernel's `E`.
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const FP8: u8 = 2;
+/// FP8 panels widened to bf16 ([`widen_fp8_panel`]), still to be scaled.
+const FP8_STAGED: u8 = 3;
+/// An E4M3 code read as an f16 bit pattern is its value times 2^-8 (see
+/// the module comment), so an FP8 output is scaled by this much more.
+const FP8_AS_F16: f32 = 256.0;
 
 /// How a linear layer's weights are stored (activations are f32 either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,6 +76,9 @@ pub enum WeightPrecision {
     F32,
     /// Each weight rounded to the nearest bfloat16 (ties to even).
     Bf16,
+    /// Each output's weights scaled by a power of two and rounded to the
+    /// nearest E4M3 value (ties to even).
+    Fp8,
 }
 
 /// A `[out_dim, in_dim]` weight ready for `out = x · wᵀ`.
@@ -69,6 +97,13 @@ enum Storage {
     /// Panels (see the module comment).
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// E4M3 codes in the f32 panels' order, and for every output of the
+    /// panels (padding included) the power of two its sums are multiplied
+    /// by: its weights' scale times [`FP8_AS_F16`].
+    Fp8 {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
 }
 
 impl PackedLinear {
@@ -102,6 +137,16 @@ impl PackedLinear {
         }
     }
 
+    /// Stores the weights at `precision`: [`Self::round_to_bf16`],
+    /// [`Self::round_to_fp8`], or as they are for f32.
+    pub fn round_to(&mut self, precision: WeightPrecision) {
+        match precision {
+            WeightPrecision::F32 => {}
+            WeightPrecision::Bf16 => self.round_to_bf16(),
+            WeightPrecision::Fp8 => self.round_to_fp8(),
+        }
+    }
+
     /// Rounds every weight to the nearest bfloat16 (half the bytes; the
     /// layout is unchanged).
     pub fn round_to_bf16(&mut self) {
@@ -111,13 +156,51 @@ impl PackedLinear {
                 w.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect(),
                 WeightPrecision::Bf16,
             ),
-            Storage::F32(panels) => Storage::Bf16(
-                panels
+            bf16 @ Storage::Bf16(_) => bf16,
+            panels => Storage::Bf16(
+                f32_panels(panels)
                     .chunks_exact(NR)
                     .flat_map(|step| BF16_ORDER.map(|o| bf16::from_f32(step[o])))
                     .collect(),
             ),
-            bf16 @ Storage::Bf16(_) => bf16,
+        };
+    }
+
+    /// Rounds every output's weights to E4M3 with a power-of-two scale of
+    /// its own (a quarter of f32's bytes; see the module comment).
+    pub fn round_to_fp8(&mut self) {
+        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
+        let data = std::mem::replace(&mut self.data, Storage::F32(Vec::new()));
+        self.data = match data {
+            Storage::Plain(mut w, _) => {
+                for row in w.chunks_exact_mut(in_dim) {
+                    let scale = fp8_scale(row.iter().copied());
+                    for v in row {
+                        *v = e4m3::decode(e4m3::encode(*v / scale)) * scale;
+                    }
+                }
+                Storage::Plain(w, WeightPrecision::Fp8)
+            }
+            fp8 @ Storage::Fp8 { .. } => fp8,
+            panels => {
+                let panels = f32_panels(panels);
+                let mut scales = vec![1.0; panels.len() / in_dim];
+                let mut codes = vec![0u8; panels.len()];
+                for (p, (panel, codes)) in panels
+                    .chunks_exact(in_dim * NR)
+                    .zip(codes.chunks_exact_mut(in_dim * NR))
+                    .enumerate()
+                {
+                    for c in 0..NR.min(out_dim - p * NR) {
+                        let scale = fp8_scale(panel.iter().skip(c).step_by(NR).copied());
+                        for i in 0..in_dim {
+                            codes[i * NR + c] = e4m3::encode(panel[i * NR + c] / scale);
+                        }
+                        scales[p * NR + c] = scale * FP8_AS_F16;
+                    }
+                }
+                Storage::Fp8 { codes, scales }
+            }
         };
     }
 
@@ -126,14 +209,16 @@ impl PackedLinear {
             Storage::Plain(_, precision) => precision,
             Storage::F32(_) => WeightPrecision::F32,
             Storage::Bf16(_) => WeightPrecision::Bf16,
+            Storage::Fp8 { .. } => WeightPrecision::Fp8,
         }
     }
 
-    /// Bytes the weights take (panels include their padding).
+    /// Bytes the weights take (panels include their padding; FP8 its scales).
     pub fn bytes(&self) -> usize {
         match &self.data {
             Storage::Plain(w, _) | Storage::F32(w) => w.len() * 4,
             Storage::Bf16(w) => w.len() * 2,
+            Storage::Fp8 { codes, scales } => codes.len() + scales.len() * 4,
         }
     }
 
@@ -174,6 +259,12 @@ impl PackedLinear {
                     *value = step[at].to_f32();
                 }
             }
+            Storage::Fp8 { codes, scales } => {
+                let scale = scales[o] / FP8_AS_F16;
+                for (value, step) in out.iter_mut().zip(codes[panel].chunks_exact(NR)) {
+                    *value = e4m3::decode(step[o % NR]) * scale;
+                }
+            }
         }
     }
 
@@ -186,43 +277,48 @@ impl PackedLinear {
         match &self.data {
             Storage::Plain(w, _) => matmul::forward(out, x, w, self.in_dim, self.out_dim),
             #[cfg(target_arch = "x86_64")]
-            Storage::F32(w) => self.forward_packed::<false>(out, x, rows, w.as_ptr().cast()),
+            Storage::F32(w) => self.forward_packed::<F32>(out, x, rows, weights(w, &[])),
             #[cfg(target_arch = "x86_64")]
-            Storage::Bf16(w) => self.forward_packed::<true>(out, x, rows, w.as_ptr().cast()),
+            Storage::Bf16(w) => self.forward_packed::<BF16>(out, x, rows, weights(w, &[])),
+            #[cfg(target_arch = "x86_64")]
+            Storage::Fp8 { codes, scales } => {
+                self.forward_packed::<FP8>(out, x, rows, weights(codes, scales))
+            }
             // Panels are only built where `available()` (x86-64).
             #[cfg(not(target_arch = "x86_64"))]
-            Storage::F32(_) | Storage::Bf16(_) => unreachable!("packed weights off x86-64"),
+            Storage::F32(_) | Storage::Bf16(_) | Storage::Fp8 { .. } => {
+                unreachable!("packed weights off x86-64")
+            }
         }
     }
 
     /// [`Self::forward`] on the panels, split across the current rayon
     /// pool's threads when the product is large enough.
-    /// `panels` points at the panels' first weight, f32 or (`BF16`) bf16.
+    /// `weights` holds the panels in the element type `E` names.
     #[cfg(target_arch = "x86_64")]
-    fn forward_packed<const BF16: bool>(
+    fn forward_packed<const E: u8>(
         &self,
         out: &mut [f32],
         x: &[f32],
         rows: usize,
-        panels_at: *const u8,
+        weights: Weights,
     ) {
         let panels = self.out_dim.div_ceil(NR);
         let parts = parts(rows * self.in_dim * self.out_dim, panels);
         let out = SharedOut(out.as_mut_ptr());
-        let weights = Weights(panels_at);
         // SAFETY (both calls): panels are only built when `available()` said
-        // AVX2 and FMA run here, and `panels_at` holds them in the element
-        // type `BF16` names; `forward` checked the shapes; the parts' panel
-        // ranges are disjoint, so no output is written twice.
+        // AVX2, FMA and F16C run here, and `weights` holds them in the
+        // element type `E` names; `forward` checked the shapes; the parts'
+        // panel ranges are disjoint, so no output is written twice.
         if parts <= 1 {
-            unsafe { forward_avx2::<BF16>(self, weights, out, x, rows, 0..panels) }
+            unsafe { forward_avx2::<E>(self, weights, out, x, rows, 0..panels) }
         } else {
             use rayon::prelude::*;
             // Whole groups of 4 panels per part, as the one-row tile takes them.
             let per_part = panels.div_ceil(parts).next_multiple_of(4);
             (0..parts).into_par_iter().for_each(|part| {
                 let range = (part * per_part).min(panels)..((part + 1) * per_part).min(panels);
-                unsafe { forward_avx2::<BF16>(self, weights, out, x, rows, range) }
+                unsafe { forward_avx2::<E>(self, weights, out, x, rows, range) }
             });
         }
     }
@@ -247,10 +343,68 @@ fn parts(multiply_adds: usize, panels: usize) -> usize {
         .max(1)
 }
 
-/// The panels, read by several threads.
+/// The panels' f32 values, whatever they are stored as (the layout of
+/// [`Storage::F32`]).
+fn f32_panels(data: Storage) -> Vec<f32> {
+    match data {
+        Storage::Plain(..) => unreachable!("plain weights have no panels"),
+        Storage::F32(panels) => panels,
+        Storage::Bf16(w) => w
+            .chunks_exact(NR)
+            .flat_map(|step| std::array::from_fn::<f32, NR, _>(|o| step[BF16_ORDER[o]].to_f32()))
+            .collect(),
+        Storage::Fp8 { codes, scales } => {
+            let per_panel = codes.len() / scales.len() * NR;
+            codes
+                .chunks_exact(per_panel)
+                .zip(scales.chunks_exact(NR))
+                .flat_map(|(panel, scales)| {
+                    panel.chunks_exact(NR).flat_map(|step| {
+                        std::array::from_fn::<f32, NR, _>(|o| {
+                            e4m3::decode(step[o]) * (scales[o] / FP8_AS_F16)
+                        })
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// The power of two an output's weights are divided by before rounding to
+/// E4M3: the smallest that brings the largest magnitude to at most 448
+/// (1 for all zeros; non-finite weights saturate).
+fn fp8_scale(weights: impl Iterator<Item = f32>) -> f32 {
+    let largest = weights.fold(0.0f32, |m, w| m.max(w.abs()));
+    if !(largest > 0.0 && largest.is_finite()) {
+        return 1.0;
+    }
+    // Kept where the scale times FP8_AS_F16 and its inverse stay normal.
+    let mut exponent = (largest / e4m3::MAX).log2().ceil().clamp(-110.0, 110.0) as i32;
+    // `log2` may be off by one next to a power of two; settle it exactly.
+    while exponent < 110 && largest / 2f32.powi(exponent) > e4m3::MAX {
+        exponent += 1;
+    }
+    while exponent > -110 && largest / 2f32.powi(exponent - 1) <= e4m3::MAX {
+        exponent -= 1;
+    }
+    2f32.powi(exponent)
+}
+
+/// The panels (and for FP8 every output's scale), read by several threads.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Weights(*const u8);
+struct Weights {
+    panels: *const u8,
+    scales: *const f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn weights<T>(panels: &[T], scales: &[f32]) -> Weights {
+    Weights {
+        panels: panels.as_ptr().cast(),
+        scales: scales.as_ptr(),
+    }
+}
 // SAFETY: read only, and alive for the call (borrowed from the layer).
 #[cfg(target_arch = "x86_64")]
 unsafe impl Send for Weights {}
@@ -267,11 +421,13 @@ unsafe impl Send for SharedOut {}
 #[cfg(target_arch = "x86_64")]
 unsafe impl Sync for SharedOut {}
 
-/// Whether this CPU runs the packed kernels.
+/// Whether this CPU runs the packed kernels (every CPU with AVX2 has F16C).
 fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -287,9 +443,11 @@ struct Tile {
     k: usize,
     /// The tile's first row of `x`, rows `k` apart.
     x: *const f32,
-    /// The tile's first panel's first weight (f32 or bf16: see the
-    /// kernel's `BF16`), panels `k * NR` weights apart.
+    /// The tile's first panel's first weight (of the kernel's element type
+    /// `E`), panels `k * NR` weights apart.
     panels: *const u8,
+    /// FP8: the tile's first panel's first output's scale, `NR` per panel.
+    scales: *const f32,
     /// The tile's first output, rows `ldo` apart.
     out: *mut f32,
     ldo: usize,
@@ -304,12 +462,17 @@ struct Tile {
 /// accumulators (a fused multiply-add has 4 cycles' latency and two issue
 /// per cycle) and streams several panels at once.
 ///
+/// FP8 panels that several row tiles read are first widened to bf16 in a
+/// scratch buffer (exact: an E4M3 value times 2^-8 is a bfloat16), so the
+/// eight-instruction widening runs once per weight, not once per tile: a
+/// 39-token prefill's attention projections have 7 tiles per panel.
+///
 /// # Safety
-/// AVX2 and FMA; `x: [rows, in_dim]`, `out: [rows, out_dim]`; only the
-/// columns of `panels` are written.
+/// AVX2, FMA and F16C; `x: [rows, in_dim]`, `out: [rows, out_dim]`; only
+/// the columns of `panels` are written.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2<const BF16: bool>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn forward_avx2<const E: u8>(
     w: &PackedLinear,
     weights: Weights,
     out: SharedOut,
@@ -318,56 +481,144 @@ unsafe fn forward_avx2<const BF16: bool>(
     panels: std::ops::Range<usize>,
 ) {
     let (k, n) = (w.in_dim, w.out_dim);
-    let out = out.0;
-    let tile = |row: usize, panel: usize| Tile {
+    // Row 0's tile of the group of panels from `panel`, whose weights are
+    // at `panels_at` (in place, or widened into `staged`).
+    let at = |panel: usize, panels_at: *const u8| Tile {
         k,
-        x: x.as_ptr().wrapping_add(row * k),
-        panels: weights
-            .0
-            .wrapping_add(panel * k * NR * element_bytes::<BF16>()),
-        out: out.wrapping_add(row * n + panel * NR),
+        x: x.as_ptr(),
+        panels: panels_at,
+        scales: weights.scales.wrapping_add(panel * NR),
+        out: out.0.wrapping_add(panel * NR),
         ldo: n,
         cols: n - panel * NR,
     };
     let full = rows / MR * MR;
-    let (row, left) = (full, rows - full);
+    let left = rows - full;
     let group = match left {
         1 => 4,
         2 | 3 => 2,
         _ => 1,
     };
+    let stage = E == FP8 && full + left.min(1) * MR > MR;
+    let mut staged: Vec<bf16> = if stage {
+        vec![bf16::ZERO; group * k * NR]
+    } else {
+        Vec::new()
+    };
     let (mut panel, panels) = (panels.start, panels.end);
     while panel < panels {
         let width = if panels - panel >= group { group } else { 1 };
-        // Every row tile of a panel runs while the panel is in L1/L2: the
-        // full tiles first, then the rows left over, so the weights stream
-        // from memory once per call (a prefill's experts get ~10 rows: a
-        // second pass for the last 4 had read each expert's weights twice).
-        for p in panel..panel + width {
-            for full_row in (0..full).step_by(MR) {
-                // SAFETY: rows full_row..full_row + MR and panel p exist;
-                // `tile` clips the columns to `out_dim`.
-                unsafe { kernel::<BF16, MR, 1>(tile(full_row, p)) };
-            }
-        }
-        let t = tile(row, panel);
-        // SAFETY (every arm): rows row..rows exist, and the panels
-        // panel..panel + width.
+        // SAFETY (every call): the panels panel..panel + width exist, and
+        // `staged` holds `width` of them.
         unsafe {
-            match (left, width) {
-                (0, _) => {}
-                (1, 4) => kernel::<BF16, 1, 4>(t),
-                (2, 2) => kernel::<BF16, 2, 2>(t),
-                (3, 2) => kernel::<BF16, 3, 2>(t),
-                (1, _) => kernel::<BF16, 1, 1>(t),
-                (2, _) => kernel::<BF16, 2, 1>(t),
-                (3, _) => kernel::<BF16, 3, 1>(t),
-                (4, _) => kernel::<BF16, 4, 1>(t),
-                _ => kernel::<BF16, 5, 1>(t),
+            if stage {
+                for p in 0..width {
+                    widen_fp8_panel(
+                        weights.panels.add((panel + p) * k * NR),
+                        staged.as_mut_ptr().add(p * k * NR),
+                        k,
+                    );
+                }
+                panel_tiles::<FP8_STAGED>(at(panel, staged.as_ptr().cast()), full, left, width);
+            } else {
+                let first = weights.panels.add(panel * k * NR * element_bytes::<E>());
+                panel_tiles::<E>(at(panel, first), full, left, width);
             }
         }
         panel += width;
     }
+}
+
+/// Every row tile of the `width` panels at `tile` (rows from 0, outputs
+/// from the first panel's): the full tiles panel by panel, then the rows
+/// left over across all of them. Each panel's tiles run while the panel
+/// is in L1/L2, so the weights stream from memory once per call (a
+/// prefill's experts get ~10 rows: a second pass for the last 4 had read
+/// each expert's weights twice).
+///
+/// # Safety
+/// As [`forward_avx2`], for `full + left` rows and `width` panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_tiles<const E: u8>(tile: Tile, full: usize, left: usize, width: usize) {
+    let k = tile.k;
+    let at = |row: usize, p: usize| Tile {
+        x: tile.x.wrapping_add(row * k),
+        panels: tile.panels.wrapping_add(p * k * NR * element_bytes::<E>()),
+        scales: tile.scales.wrapping_add(p * NR),
+        out: tile.out.wrapping_add(row * tile.ldo + p * NR),
+        cols: tile.cols - p * NR,
+        ..tile
+    };
+    for p in 0..width {
+        for row in (0..full).step_by(MR) {
+            // SAFETY: rows row..row + MR and panel p exist; `cols` clips the
+            // outputs to `out_dim`.
+            unsafe { kernel::<E, MR, 1>(at(row, p)) };
+        }
+    }
+    let t = at(full, 0);
+    // SAFETY (every arm): rows full..full + left exist, and `width` panels.
+    unsafe {
+        match (left, width) {
+            (0, _) => {}
+            (1, 4) => kernel::<E, 1, 4>(t),
+            (2, 2) => kernel::<E, 2, 2>(t),
+            (3, 2) => kernel::<E, 3, 2>(t),
+            (1, _) => kernel::<E, 1, 1>(t),
+            (2, _) => kernel::<E, 2, 1>(t),
+            (3, _) => kernel::<E, 3, 1>(t),
+            (4, _) => kernel::<E, 4, 1>(t),
+            _ => kernel::<E, 5, 1>(t),
+        }
+    }
+}
+
+/// Widens one FP8 panel (`k` steps of [`NR`] codes) to bf16 steps in
+/// [`BF16_ORDER`], each the code's value times 2^-8 (exact), as the
+/// kernel's FP8 path does in registers.
+///
+/// # Safety
+/// AVX2 and F16C; `k * NR` codes at `codes`, room for `k * NR` at `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_fp8_panel(codes: *const u8, out: *mut bf16, k: usize) {
+    use std::arch::x86_64::*;
+    for i in 0..k {
+        // SAFETY: step i < k of both (caller).
+        unsafe {
+            let [low, high] = fp8_step(codes.add(i * NR));
+            // The f32s' top halves are their bfloat16s (the values have at
+            // most 4 significant bits); packing the two vectors interleaves
+            // their 128-bit halves into `BF16_ORDER`.
+            let packed = _mm256_packus_epi32(
+                _mm256_srli_epi32::<16>(_mm256_castps_si256(low)),
+                _mm256_srli_epi32::<16>(_mm256_castps_si256(high)),
+            );
+            _mm256_storeu_si256(out.add(i * NR).cast(), packed);
+        }
+    }
+}
+
+/// One FP8 step's 16 codes as f32, outputs 0–7 and 8–15, each the code's
+/// value times 2^-8: E4M3 `s eeee mmm` sign-extended to 16 bits and shifted
+/// left by 7 is `s s eeee mmm 0000000`; clearing bit 14 leaves the f16
+/// `s 0eeee mmm0000000` (subnormals included), which F16C widens.
+///
+/// # Safety
+/// AVX2 and F16C; 16 codes at `step`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fp8_step(step: *const u8) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: 16 codes at `step` (caller).
+    let codes = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(step.cast()) });
+    let half = _mm256_and_si256(_mm256_slli_epi16::<7>(codes), _mm256_set1_epi16(!0x4000));
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)),
+    ]
 }
 
 /// `out[r, c] = Σ_i x[r, i] · panel[i, c]` for `R` rows and `P` panels
@@ -379,11 +630,11 @@ unsafe fn forward_avx2<const BF16: bool>(
 /// AVX2 and FMA; `R` rows of `k` inputs at `tile.x`, `P` panels of `k * NR`
 /// values at `tile.panels`, `R` output rows of `tile.cols.min(16 P)` at `tile.out`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kernel<const E: u8, const R: usize, const P: usize>(tile: Tile) {
     use std::arch::x86_64::*;
     let k = tile.k;
-    let bytes = element_bytes::<BF16>();
+    let bytes = element_bytes::<E>();
     let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
     for i in 0..k {
         let mut b = [[_mm256_setzero_ps(); 2]; P];
@@ -391,7 +642,7 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
             // SAFETY: panel j holds k * NR weights (caller), i < k.
             unsafe {
                 let step = tile.panels.add((j * k * NR + i * NR) * bytes);
-                if BF16 {
+                if E == BF16 || E == FP8_STAGED {
                     // A bfloat16 is the top half of the f32 it stands for:
                     // interleaved below zeros, the steps' weights (stored in
                     // `BF16_ORDER`) become outputs 0–7 and 8–15.
@@ -399,6 +650,8 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
                     let zero = _mm256_setzero_si256();
                     b[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
                     b[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
+                } else if E == FP8 {
+                    *b = fp8_step(step);
                 } else {
                     b[0] = _mm256_loadu_ps(step.cast());
                     b[1] = _mm256_loadu_ps(step.add(32).cast());
@@ -423,6 +676,21 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
             for (acc, b) in acc.iter_mut().zip(&b) {
                 acc[0] = _mm256_fmadd_ps(a, b[0], acc[0]);
                 acc[1] = _mm256_fmadd_ps(a, b[1], acc[1]);
+            }
+        }
+    }
+    if E == FP8 || E == FP8_STAGED {
+        for j in 0..P {
+            // SAFETY: every panel has NR scales (padding included).
+            let scale = unsafe {
+                [
+                    _mm256_loadu_ps(tile.scales.add(j * NR)),
+                    _mm256_loadu_ps(tile.scales.add(j * NR + 8)),
+                ]
+            };
+            for acc in &mut acc {
+                acc[j][0] = _mm256_mul_ps(acc[j][0], scale[0]);
+                acc[j][1] = _mm256_mul_ps(acc[j][1], scale[1]);
             }
         }
     }
@@ -456,8 +724,12 @@ unsafe fn kernel<const BF16: bool, const R: usize, const P: usize>(tile: Tile) {
 
 /// Bytes per packed weight.
 #[cfg(target_arch = "x86_64")]
-const fn element_bytes<const BF16: bool>() -> usize {
-    if BF16 { 2 } else { 4 }
+const fn element_bytes<const E: u8>() -> usize {
+    match E {
+        F32 => 4,
+        BF16 | FP8_STAGED => 2,
+        _ => 1,
+    }
 }
 
 #[cfg(test)]
@@ -484,6 +756,56 @@ mod tests {
         check_against_matmul(WeightPrecision::Bf16);
     }
 
+    /// FP8 panels: the bits of `matmul::forward` on the dequantized weight,
+    /// each output's scale found here independently (halving or doubling in
+    /// f64 until the largest magnitude is in (224, 448]).
+    #[test]
+    fn fp8_weights_give_the_bits_of_matmul_forward_on_the_dequantized_weight() {
+        check_against_matmul(WeightPrecision::Fp8);
+    }
+
+    fn fp8_rounded(w: &mut [f32], in_dim: usize) {
+        for row in w.chunks_exact_mut(in_dim) {
+            let largest = row.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+            let mut scale = 1.0f64;
+            while largest / scale > 448.0 {
+                scale *= 2.0;
+            }
+            while largest > 0.0 && largest / (scale / 2.0) <= 448.0 {
+                scale /= 2.0;
+            }
+            for v in row {
+                let code = e4m3::encode((f64::from(*v) / scale) as f32);
+                *v = (f64::from(e4m3::decode(code)) * scale) as f32;
+            }
+        }
+    }
+
+    /// Every finite E4M3 code, as one output's weights (largest 448, so its
+    /// scale is 1), read back one input at a time: the kernel's f16 widening
+    /// gives each code's value, subnormals and negative zero included.
+    #[test]
+    fn every_fp8_code_widens_to_its_value() {
+        let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7F != e4m3::NAN).collect();
+        let values: Vec<f32> = codes.iter().map(|&c| e4m3::decode(c)).collect();
+        let in_dim = values.len();
+        let mut linear = PackedLinear::new(values.clone(), in_dim, 1);
+        linear.round_to_fp8();
+        let mut one_hot = vec![0.0f32; in_dim * in_dim];
+        for i in 0..in_dim {
+            one_hot[i * in_dim + i] = 1.0;
+        }
+        let mut got = vec![f32::NAN; in_dim];
+        linear.forward(&mut got, &one_hot);
+        for ((&code, &value), &got) in codes.iter().zip(&values).zip(&got) {
+            // 1 · (-0) + 0 sums to +0: compare values, then the sign of non-zeros.
+            assert_eq!(got, value, "code {code:#04x}");
+        }
+        let mut row = vec![0.0; in_dim];
+        linear.row(0, &mut row);
+        assert_eq!(bits(&row), bits(&values));
+    }
+
     /// Round to nearest bfloat16, ties to even, for finite values.
     fn rounded(v: f32) -> f32 {
         let bits = v.to_bits();
@@ -508,13 +830,17 @@ mod tests {
         let mut rng = SplitMix64::new(17);
         for (in_dim, out_dim) in [(1, 1), (5, 8), (64, 400), (33, 100), (512, 48)] {
             let mut w = rng.normal_vec(out_dim * in_dim, 1.0);
+            // Outputs of very different sizes, for FP8's scales.
+            for (o, row) in w.chunks_exact_mut(in_dim).enumerate() {
+                row.iter_mut()
+                    .for_each(|v| *v *= 2f32.powi(o as i32 % 13 - 6));
+            }
             let mut linear = PackedLinear::new(w.clone(), in_dim, out_dim);
-            if precision == WeightPrecision::Bf16 {
-                linear.round_to_bf16();
-                for v in &mut w {
-                    *v = rounded(*v);
-                }
-                assert_eq!(linear.bytes() % 2, 0);
+            linear.round_to(precision);
+            match precision {
+                WeightPrecision::F32 => {}
+                WeightPrecision::Bf16 => w.iter_mut().for_each(|v| *v = rounded(*v)),
+                WeightPrecision::Fp8 => fp8_rounded(&mut w, in_dim),
             }
             assert_eq!(linear.precision(), precision);
             for rows in [1, 2, 3, 4, 5, 6, 7, 13, 39] {
@@ -541,9 +867,11 @@ mod tests {
         let (in_dim, out_dim) = (512, 2000);
         let w = rng.normal_vec(out_dim * in_dim, 1.0);
         let f32_weights = PackedLinear::new(w, in_dim, out_dim);
-        let mut bf16_weights = f32_weights.clone();
-        bf16_weights.round_to_bf16();
-        threads_match_one(&bf16_weights, &mut rng);
+        for precision in [WeightPrecision::Bf16, WeightPrecision::Fp8] {
+            let mut reduced = f32_weights.clone();
+            reduced.round_to(precision);
+            threads_match_one(&reduced, &mut rng);
+        }
         threads_match_one(&f32_weights, &mut rng);
     }
 

@@ -157,12 +157,9 @@ impl Engine {
     }
 
     /// Stores the linear layers' weights at `precision` (see
-    /// [`Layers::round_to_bf16`] for which ones).
+    /// [`Layers::round_to`] for which ones).
     pub fn with_weights(mut self, precision: WeightPrecision) -> Self {
-        match precision {
-            WeightPrecision::F32 => {}
-            WeightPrecision::Bf16 => self.layers.round_to_bf16(),
-        }
+        self.layers.round_to(precision);
         self
     }
 

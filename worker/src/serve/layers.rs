@@ -14,7 +14,7 @@ use std::ops::Range;
 use crate::moe::config::MoeConfig;
 use crate::moe::dispatch::Dispatch;
 use crate::moe::routing::{self, Routing};
-use crate::ops::packed_linear::PackedLinear;
+use crate::ops::packed_linear::{PackedLinear, WeightPrecision};
 use crate::ops::swiglu;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
 
@@ -145,29 +145,31 @@ impl Layers {
         }
     }
 
-    /// Stores the weights of every projection, expert and the LM head as
-    /// bfloat16 (a tied embedding is then looked up rounded too). The
+    /// Stores the weights of every projection, expert and the LM head at
+    /// `precision` (a tied embedding is then looked up rounded too). The
     /// routers and Qwen2-MoE's shared-expert gate stay f32: a few outputs
     /// each, negligible bytes, and the router's scores decide which experts
     /// run — DeepSeek-V3 and vLLM keep them in full precision as well.
-    pub fn round_to_bf16(&mut self) {
+    pub fn round_to(&mut self, precision: WeightPrecision) {
         for block in &mut self.blocks {
-            block.qkv.round_to_bf16();
-            block.wo.round_to_bf16();
+            block.qkv.round_to(precision);
+            block.wo.round_to(precision);
             match &mut block.ffn {
-                Ffn::Dense(mlp) => mlp.round_to_bf16(),
+                Ffn::Dense(mlp) => mlp.round_to(precision),
                 Ffn::Moe(moe) => {
-                    moe.experts.iter_mut().for_each(PackedMlp::round_to_bf16);
+                    for expert in &mut moe.experts {
+                        expert.round_to(precision);
+                    }
                     if let Some(shared) = &mut moe.shared {
-                        shared.round_to_bf16();
+                        shared.round_to(precision);
                     }
                     if let Some((shared, _gate)) = &mut moe.gated_shared {
-                        shared.round_to_bf16();
+                        shared.round_to(precision);
                     }
                 }
             }
         }
-        self.lm_head.round_to_bf16();
+        self.lm_head.round_to(precision);
     }
 
     /// Bytes of the linear layers' weights, as stored.
@@ -222,9 +224,9 @@ impl PackedMlp {
         Self::new(&mlp.w1, &mlp.w3, mlp.w2, hidden, mlp.width)
     }
 
-    fn round_to_bf16(&mut self) {
-        self.w13.round_to_bf16();
-        self.w2.round_to_bf16();
+    fn round_to(&mut self, precision: WeightPrecision) {
+        self.w13.round_to(precision);
+        self.w2.round_to(precision);
     }
 
     /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`.

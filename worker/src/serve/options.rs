@@ -127,7 +127,6 @@ pub fn resolve(
                 .precision
                 .or_else(|| config.map(|c| c.precision))
                 .unwrap_or(ServingPrecision::Fp32),
-            &mut warnings,
         ),
         expected_model: config.and_then(|c| c.model.clone()),
         expert_parallel: count(
@@ -142,16 +141,11 @@ pub fn resolve(
 
 /// The weights a precision is served with on the CPU: activations and sums
 /// are f32 in every case.
-fn weights(precision: ServingPrecision, warnings: &mut Vec<String>) -> WeightPrecision {
+fn weights(precision: ServingPrecision) -> WeightPrecision {
     match precision {
         ServingPrecision::Fp32 => WeightPrecision::F32,
         ServingPrecision::Bf16 => WeightPrecision::Bf16,
-        ServingPrecision::Fp8 => {
-            warnings.push(
-                "precision fp8: FP8 weights are a GPU feature; the CPU serves bf16 weights".into(),
-            );
-            WeightPrecision::Bf16
-        }
+        ServingPrecision::Fp8 => WeightPrecision::Fp8,
     }
 }
 
@@ -300,13 +294,14 @@ mod tests {
     fn gpu_settings_are_warned() {
         let mut c = config();
         c.device = Device::Cuda;
+        // FP8 weights are served on the CPU too: no warning of their own.
         c.precision = ServingPrecision::Fp8;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
-        assert_eq!(warnings.len(), 2);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         c.parallelism.expert_parallel = 2;
         c.parallelism.processes_per_pod = 2;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
     }
 
     #[test]
@@ -352,10 +347,9 @@ mod tests {
             (WeightPrecision::F32, 0)
         );
         assert_eq!(weights(None, None), (WeightPrecision::F32, 0));
-        // No FP8 weights on the CPU: bf16, said in the log.
         assert_eq!(
             weights(None, Some(ServingPrecision::Fp8)),
-            (WeightPrecision::Bf16, 1)
+            (WeightPrecision::Fp8, 0)
         );
     }
 }
