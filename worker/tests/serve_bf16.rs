@@ -5,8 +5,8 @@
 //! routers, gates, norms and embedding table not — so the only change is
 //! the rounding of those weights, never the arithmetic around them. Checked
 //! on the worker's own model and the Hugging Face fixtures (Mixtral,
-//! Qwen2-MoE with its gated shared expert, Qwen3-MoE with q/k norms), over
-//! a prefill and decode steps.
+//! Qwen2-MoE with its gated shared expert, Qwen3-MoE with q/k norms,
+//! DeepSeek-V3 with latent attention), over a prefill and decode steps.
 
 mod serve_support;
 
@@ -17,7 +17,7 @@ use moe_worker::ops::packed_linear::WeightPrecision;
 use moe_worker::serve::engine::{Chunk, Engine};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
 use moe_worker::serve::load;
-use moe_worker::serve::model::{Mlp, ServeFfn, ServeModel};
+use moe_worker::serve::model::{LatentShape, Mlp, ServeFfn, ServeModel};
 use serve_support::tiny_model;
 
 const PAGE_SIZE: usize = 16;
@@ -54,6 +54,25 @@ fn round(w: &mut [f32], in_dim: usize, precision: WeightPrecision) {
     }
 }
 
+/// `kv_b_proj`, `[heads × (nope + v), rank]`, as the served absorbed
+/// matrices store it: each head's value rows as they are, its key rows
+/// transposed (`[rank, nope]`, so FP8 scales each latent dimension's
+/// column of them).
+fn round_kv_b(kv_b: &mut [f32], shape: &LatentShape, precision: WeightPrecision) {
+    let (nope, v, rank) = (shape.qk_nope_dim, shape.v_head_dim, shape.kv_lora_rank);
+    for head in kv_b.chunks_exact_mut((nope + v) * rank) {
+        let (keys, values) = head.split_at_mut(nope * rank);
+        round(values, rank, precision);
+        let mut transposed: Vec<f32> = (0..rank * nope)
+            .map(|at| keys[(at % nope) * rank + at / nope])
+            .collect();
+        round(&mut transposed, nope, precision);
+        for (at, &w) in transposed.iter().enumerate() {
+            keys[(at % nope) * rank + at / nope] = w;
+        }
+    }
+}
+
 fn round_mlp(mlp: &mut Mlp, hidden: usize, precision: WeightPrecision) {
     round(&mut mlp.w1, hidden, precision);
     round(&mut mlp.w3, hidden, precision);
@@ -62,12 +81,23 @@ fn round_mlp(mlp: &mut Mlp, hidden: usize, precision: WeightPrecision) {
 
 /// `model` with the weights `precision` stores rounded.
 fn rounded(mut model: ServeModel, precision: WeightPrecision) -> ServeModel {
-    let (hidden, q_width) = (model.config.hidden, model.config.q_width());
+    let hidden = model.config.hidden;
+    let latent_shape = model.config.latent.clone();
     for block in &mut model.blocks {
         for w in [&mut block.wq, &mut block.wk, &mut block.wv] {
             round(w, hidden, precision);
         }
-        round(&mut block.wo, q_width, precision);
+        // `[hidden, heads × head_dim]`, or MLA's `[hidden, heads × v_head_dim]`.
+        let attention_width = block.wo.len() / hidden;
+        round(&mut block.wo, attention_width, precision);
+        // MLA: q_b_proj, and kv_b_proj, whose per-head absorbed matrices
+        // are its values rearranged.
+        if let (Some(latent), Some(shape)) = (&mut block.latent, &latent_shape) {
+            if let Some((gain, q_b)) = &mut latent.q_b {
+                round(q_b, gain.len(), precision);
+            }
+            round_kv_b(&mut latent.kv_b, shape, precision);
+        }
         match &mut block.ffn {
             ServeFfn::Dense(mlp) => round_mlp(mlp, hidden, precision),
             ServeFfn::Moe {
@@ -124,8 +154,8 @@ fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
 
 /// The bits of f32 serving on the rounded weights, and a half (bf16) or a
 /// quarter (FP8) of the bytes. `rounds_something`: whether the weights are
-/// not values of that precision already (the Mixtral fixture's are bf16:
-/// `generate.py` stores it in BF16).
+/// not values of that precision already (the Mixtral and DeepSeek-V3
+/// fixtures' are bf16: `generate.py` stores them in BF16).
 fn check(name: &str, model: ServeModel, precision: WeightPrecision, rounds_something: bool) {
     let vocab = model.config.vocab as u32;
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % vocab).collect();
@@ -167,6 +197,8 @@ fn check_all(precision: WeightPrecision, bf16_fixture_rounds: bool) {
         ("mixtral", bf16_fixture_rounds),
         ("qwen2_moe", true),
         ("qwen3_moe", true),
+        ("deepseek_v3", bf16_fixture_rounds),
+        ("deepseek_v3_plain", true),
     ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hf")

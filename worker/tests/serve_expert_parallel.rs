@@ -454,7 +454,12 @@ fn fixture(name: &str) -> PathBuf {
 
 #[test]
 fn hugging_face_models_give_one_process_logits_on_2_and_4_ranks() {
-    for (name, experts) in [("mixtral", 4), ("qwen2_moe", 8), ("qwen3_moe", 8)] {
+    for (name, experts) in [
+        ("mixtral", 4),
+        ("qwen2_moe", 8),
+        ("qwen3_moe", 8),
+        ("deepseek_v3", 8),
+    ] {
         let dir = fixture(name);
         let options = options(&dir);
         let want = single(load::load(&dir, None, None).unwrap());

@@ -1,7 +1,7 @@
 //! Hugging Face MoE models served exactly as `transformers` runs them.
 //!
-//! `tests/fixtures/hf/` holds tiny random-weight Mixtral-, Qwen2-MoE- and
-//! Qwen3-MoE-style models in Hugging Face format and what `transformers`
+//! `tests/fixtures/hf/` holds tiny random-weight Mixtral-, Qwen2-MoE-,
+//! Qwen3-MoE- and DeepSeek-V3-style models in Hugging Face format and what `transformers`
 //! computes from them (`golden.json`), written by `generate.py` there. Each
 //! is loaded with the serving loader and must give, for every prompt:
 //! the same token ids, the same greedy tokens, logits within
@@ -207,6 +207,28 @@ fn qwen2_moe_matches_transformers() {
 #[test]
 fn qwen3_moe_matches_transformers() {
     check_fixture("qwen3_moe");
+}
+
+/// Multi-head latent attention with a low-rank query, YaRN with both
+/// mscales, interleaved RoPE, sigmoid group-limited routing with a
+/// selection bias, a dense first layer and an ungated shared expert.
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_fixture("deepseek_v3");
+    // The cache holds the latent: kv_lora_rank + qk_rope_head_dim values
+    // per token and layer, no values.
+    let loaded = load::load(&fixture("deepseek_v3"), None, None).unwrap();
+    let engine = Engine::serve(loaded.model.into_serve_model());
+    let shape = engine.kv_shape(PAGE_SIZE);
+    assert_eq!((shape.key_width, shape.value_width), (32 + 8, 0));
+    assert_eq!(shape.page_bytes(), 3 * PAGE_SIZE * (32 + 8) * 4);
+}
+
+/// DeepSeek-V3 with a full-rank `q_proj`, plain RoPE in halves and no
+/// expert groups.
+#[test]
+fn deepseek_v3_without_q_lora_matches_transformers() {
+    check_fixture("deepseek_v3_plain");
 }
 
 /// A copy of a fixture, to break.

@@ -44,6 +44,29 @@ impl<T: Scalar> RopeTable<T> {
         }
     }
 
+    /// For positions `0..seq_len` with pair `i` turning at `inv_freq[i]`
+    /// radians per position, cosines and sines times `scale` (YaRN's
+    /// attention factor, `serve/yarn.rs`: both queries and keys are rotated,
+    /// so their dot products grow by `scale²`).
+    pub fn from_frequencies(seq_len: usize, inv_freq: &[f64], scale: f64) -> Self {
+        assert!(!inv_freq.is_empty(), "RoPE needs at least one pair");
+        let mut cos = Vec::with_capacity(seq_len * inv_freq.len());
+        let mut sin = Vec::with_capacity(seq_len * inv_freq.len());
+        for position in 0..seq_len {
+            for &f in inv_freq {
+                let angle = position as f64 * f;
+                cos.push(T::from_f64(angle.cos() * scale));
+                sin.push(T::from_f64(angle.sin() * scale));
+            }
+        }
+        Self {
+            seq_len,
+            head_dim: 2 * inv_freq.len(),
+            cos,
+            sin,
+        }
+    }
+
     /// Cosines, `[seq_len, head_dim / 2]` (what a device-side rotation uploads).
     pub fn cos(&self) -> &[T] {
         &self.cos
@@ -117,6 +140,25 @@ impl<T: Scalar> RopeTable<T> {
 mod tests {
     use super::*;
     use crate::ops::testing::{assert_gradient, random};
+
+    #[test]
+    fn a_table_from_frequencies_is_the_plain_table_scaled() {
+        let (seq_len, head_dim, theta) = (5, 6, 100.0f64);
+        let plain = RopeTable::<f64>::new(seq_len, head_dim, theta);
+        let inv_freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
+        let scaled = RopeTable::<f64>::from_frequencies(seq_len, &inv_freq, 2.0);
+        assert_eq!((scaled.seq_len(), scaled.cos().len()), (5, 15));
+        for (a, b) in scaled
+            .cos()
+            .iter()
+            .zip(plain.cos())
+            .chain(scaled.sin().iter().zip(plain.sin()))
+        {
+            assert!((a - 2.0 * b).abs() < 1e-12);
+        }
+    }
 
     #[test]
     fn position_zero_is_identity_and_first_pair_turns_by_the_position() {

@@ -21,7 +21,8 @@ use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
 use crate::serve::expert_parallel;
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
-use crate::serve::layers::{Ffn, Layers};
+use crate::serve::latent::LatentAttention;
+use crate::serve::layers::{Block, Ffn, Layers};
 use crate::serve::model::{RopeLayout, ServeConfig, ServeModel};
 
 /// One sequence's share of a step.
@@ -144,7 +145,15 @@ impl Engine {
     /// weights are packed for the GEMM kernel here, once.
     pub fn serve(model: ServeModel) -> Self {
         let config = model.config.clone();
-        let rope = RopeTable::new(config.context, config.head_dim, config.rope_theta);
+        // The rotated width: the head, or MLA's `qk_rope_head_dim` (its `head_dim`).
+        let rope = match &config.rope_scaling {
+            None => RopeTable::new(config.context, config.head_dim, config.rope_theta),
+            Some(yarn) => RopeTable::from_frequencies(
+                config.context,
+                &yarn.inv_freq(config.head_dim, config.rope_theta),
+                yarn.attention_factor(),
+            ),
+        };
         let layers = Layers::pack(model);
         Self {
             config,
@@ -236,9 +245,11 @@ impl Engine {
     }
 
     pub fn kv_shape(&self, page_size: usize) -> KvShape {
+        let (key_width, value_width) = self.config().kv_row_widths();
         KvShape {
             layers: self.config().layers,
-            kv_width: self.config().kv_width(),
+            key_width,
+            value_width,
             page_size,
         }
     }
@@ -258,13 +269,7 @@ impl Engine {
     /// [`Self::step`] on the calling thread (inside the pool, if any).
     fn step_here(&self, cache: &mut KvStore, chunks: &[Chunk<'_>]) -> Result<Vec<f32>, StepError> {
         let config = self.config();
-        let (h, qw, kv, vocab) = (
-            config.hidden,
-            config.q_width(),
-            config.kv_width(),
-            config.vocab,
-        );
-        let head_dim = config.head_dim;
+        let (h, vocab) = (config.hidden, config.vocab);
         self.check(cache, chunks)?;
         let parallel = self
             .parallel
@@ -296,44 +301,14 @@ impl Engine {
         let eps = config.norm_eps;
         let mut normed = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
-        let qkv_width = qw + 2 * kv;
         for (layer, block) in self.layers.blocks.iter().enumerate() {
             // Attention: x + Wo attention(rope(Wq n), rope(Wk n), Wv n).
             rmsnorm::forward(&mut normed, &mut rstd, &x, &block.attention_norm, eps);
-            // One product for q, k and v: row r is [q | k | v].
-            let mut qkv = vec![0.0; n * qkv_width];
-            block.qkv.forward(&mut qkv, &normed);
-            let mut q = Vec::with_capacity(n * qw);
-            let mut k = Vec::with_capacity(n * kv);
-            let mut v = Vec::with_capacity(n * kv);
-            for row in qkv.chunks_exact(qkv_width) {
-                q.extend_from_slice(&row[..qw]);
-                k.extend_from_slice(&row[qw..qw + kv]);
-                v.extend_from_slice(&row[qw + kv..]);
-            }
-            if let Some(bias) = &block.bias {
-                add_bias(&mut q, &bias.q);
-                add_bias(&mut k, &bias.k);
-                add_bias(&mut v, &bias.v);
-            }
-            // Qwen3: q = q_norm(q), k = k_norm(k) per head, before RoPE.
-            if let Some((q_gain, k_gain)) = &block.qk_norm {
-                for (values, gain) in [(&mut q, q_gain), (&mut k, k_gain)] {
-                    let input = values.clone();
-                    let mut head_rstd = vec![0.0; input.len() / head_dim];
-                    rmsnorm::forward(values, &mut head_rstd, &input, gain, eps);
-                }
-            }
-            for (r, &(c, position)) in rows.iter().enumerate() {
-                self.rotate(&mut q[r * qw..(r + 1) * qw], position);
-                self.rotate(&mut k[r * kv..(r + 1) * kv], position);
-                let (kr, vr) = (&k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
-                cache.write(layer, chunks[c].pages, position, kr, vr);
-            }
-            // Every row's keys and values are cached above; past the last
-            // layer's cache write only the rows whose logits are wanted
-            // matter, so the last layer's attention output and feed-forward
-            // run for those alone (in a prefill, one row of the prompt's).
+            // Every row's keys and values are cached by the attention;
+            // past the last layer's cache write only the rows whose logits
+            // are wanted matter, so the last layer's attention output and
+            // feed-forward run for those alone (in a prefill, one row of
+            // the prompt's).
             let last = layer + 1 == self.layers.blocks.len();
             let out_rows: Vec<usize> = if last {
                 logit_rows.clone()
@@ -341,18 +316,16 @@ impl Engine {
                 (0..x.len() / h).collect()
             };
             let m = out_rows.len();
-            let mut attention = vec![0.0; m * qw];
-            for (out, &r) in attention.chunks_exact_mut(qw).zip(&out_rows) {
-                let (c, position) = rows[r];
-                self.attend(
-                    out,
-                    &q[r * qw..(r + 1) * qw],
-                    cache,
-                    layer,
-                    chunks[c].pages,
-                    position,
-                );
-            }
+            let at = Rows {
+                rows: &rows,
+                out_rows: &out_rows,
+                chunks,
+                layer,
+            };
+            let attention = match &block.latent {
+                None => self.grouped_attention(block, &normed, cache, &at),
+                Some(latent) => self.latent_attention(latent, block, &normed, cache, &at),
+            };
             let mut mid = vec![0.0; m * h];
             block.wo.forward(&mut mid, &attention);
             if let Some(o) = block.bias.as_ref().and_then(|b| b.o.as_ref()) {
@@ -410,6 +383,115 @@ impl Engine {
         let mut logits = vec![0.0; m * vocab];
         self.layers.lm_head.forward(&mut logits, &final_normed);
         Ok(logits)
+    }
+
+    /// Grouped-query attention for one block: q, k, v of every row
+    /// (biased, q/k-normed, rotated), the keys and values cached, then the
+    /// attention outputs `[out rows, q_width]`.
+    fn grouped_attention(
+        &self,
+        block: &Block,
+        normed: &[f32],
+        cache: &mut KvStore,
+        at: &Rows<'_>,
+    ) -> Vec<f32> {
+        let config = self.config();
+        let (qw, kv, head_dim) = (config.q_width(), config.kv_width(), config.head_dim);
+        let n = at.rows.len();
+        let eps = config.norm_eps;
+        let qkv_width = qw + 2 * kv;
+        // One product for q, k and v: row r is [q | k | v].
+        let mut qkv = vec![0.0; n * qkv_width];
+        block.qkv.forward(&mut qkv, normed);
+        let mut q = Vec::with_capacity(n * qw);
+        let mut k = Vec::with_capacity(n * kv);
+        let mut v = Vec::with_capacity(n * kv);
+        for row in qkv.chunks_exact(qkv_width) {
+            q.extend_from_slice(&row[..qw]);
+            k.extend_from_slice(&row[qw..qw + kv]);
+            v.extend_from_slice(&row[qw + kv..]);
+        }
+        if let Some(bias) = &block.bias {
+            add_bias(&mut q, &bias.q);
+            add_bias(&mut k, &bias.k);
+            add_bias(&mut v, &bias.v);
+        }
+        // Qwen3: q = q_norm(q), k = k_norm(k) per head, before RoPE.
+        if let Some((q_gain, k_gain)) = &block.qk_norm {
+            for (values, gain) in [(&mut q, q_gain), (&mut k, k_gain)] {
+                let input = values.clone();
+                let mut head_rstd = vec![0.0; input.len() / head_dim];
+                rmsnorm::forward(values, &mut head_rstd, &input, gain, eps);
+            }
+        }
+        for (r, &(c, position)) in at.rows.iter().enumerate() {
+            self.rotate(&mut q[r * qw..(r + 1) * qw], position);
+            self.rotate(&mut k[r * kv..(r + 1) * kv], position);
+            let (kr, vr) = (&k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
+            cache.write(at.layer, at.chunks[c].pages, position, kr, vr);
+        }
+        let mut attention = vec![0.0; at.out_rows.len() * qw];
+        for (out, &r) in attention.chunks_exact_mut(qw).zip(at.out_rows) {
+            let (c, position) = at.rows[r];
+            self.attend(
+                out,
+                &q[r * qw..(r + 1) * qw],
+                cache,
+                at.layer,
+                at.chunks[c].pages,
+                position,
+            );
+        }
+        attention
+    }
+
+    /// Multi-head latent attention for one block (`serve/latent.rs`): the
+    /// absorbed queries and the latents of every row, `q_pe` and `k_pe`
+    /// rotated, the latents cached, then the attention outputs `[out rows,
+    /// heads * v_head_dim]`.
+    fn latent_attention(
+        &self,
+        latent: &LatentAttention,
+        block: &Block,
+        normed: &[f32],
+        cache: &mut KvStore,
+        at: &Rows<'_>,
+    ) -> Vec<f32> {
+        let config = self.config();
+        let shape = config
+            .latent
+            .as_ref()
+            .expect("a latent block has a latent shape");
+        let (rank, width, heads) = (shape.kv_lora_rank, shape.latent_width(), config.heads);
+        let n = at.rows.len();
+        let mut projected = vec![0.0; n * block.qkv.out_dim()];
+        block.qkv.forward(&mut projected, normed);
+        let (mut queries, mut latents) = latent.queries_and_latents(&projected, config.norm_eps);
+        let query_width = heads * width;
+        // RoPE on the rotated parts only; with `rope_interleave`
+        // transformers also permutes q_pe and k_pe alike, which leaves
+        // their dot products (all they are used for) unchanged.
+        for (r, &(c, position)) in at.rows.iter().enumerate() {
+            for head in queries[r * query_width..(r + 1) * query_width].chunks_exact_mut(width) {
+                self.rotate(&mut head[rank..], position);
+            }
+            let row = &mut latents[r * width..(r + 1) * width];
+            self.rotate(&mut row[rank..], position);
+            cache.write(at.layer, at.chunks[c].pages, position, row, &[]);
+        }
+        let mut contexts = vec![0.0; at.out_rows.len() * heads * rank];
+        for (context, &r) in contexts.chunks_exact_mut(heads * rank).zip(at.out_rows) {
+            let (c, position) = at.rows[r];
+            latent.attend(
+                context,
+                &queries[r * query_width..(r + 1) * query_width],
+                cache,
+                at.layer,
+                at.chunks[c].pages,
+                position,
+            );
+        }
+        latent.expand(&contexts)
     }
 
     fn check(&self, cache: &KvStore, chunks: &[Chunk<'_>]) -> Result<(), StepError> {
@@ -520,6 +602,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// Where one layer's rows stand in a step.
+struct Rows<'a> {
+    /// Each row's chunk and position.
+    rows: &'a [(usize, usize)],
+    /// The rows whose attention output is needed.
+    out_rows: &'a [usize],
+    chunks: &'a [Chunk<'a>],
+    layer: usize,
 }
 
 /// Adds `bias` to every row of `rows`.

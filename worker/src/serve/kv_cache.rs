@@ -2,6 +2,11 @@
 //! and values of `page_size` consecutive positions of one sequence in every
 //! layer, handed out by a [`PageAllocator`] and freed when the sequence ends.
 //!
+//! A position's key and value rows have their own widths: both
+//! `kv_heads * head_dim` for grouped-query attention; for multi-head latent
+//! attention (DeepSeek) the key row is the latent `[c_kv | k_pe]` and there
+//! is no value row (the values are read from the latent too).
+//!
 //! Why pages: sequences of very different lengths share one memory budget
 //! without fragmentation, and a finished (or cancelled) sequence returns its
 //! memory at once. The allocator is pure bookkeeping (unit-tested apart from
@@ -92,15 +97,18 @@ pub fn pages_for(tokens: usize, page_size: usize) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvShape {
     pub layers: usize,
-    /// `kv_heads * head_dim`: one position's keys (or values) in one layer.
-    pub kv_width: usize,
+    /// One position's key row in one layer (`kv_heads * head_dim`, or
+    /// MLA's `kv_lora_rank + qk_rope_head_dim`).
+    pub key_width: usize,
+    /// One position's value row in one layer (0 for MLA).
+    pub value_width: usize,
     pub page_size: usize,
 }
 
 impl KvShape {
     /// Bytes of one page: keys and values, every layer, f32.
     pub fn page_bytes(&self) -> usize {
-        2 * self.layers * self.page_size * self.kv_width * size_of::<f32>()
+        self.layers * self.page_size * (self.key_width + self.value_width) * size_of::<f32>()
     }
 
     /// Pages a budget of `bytes` affords.
@@ -109,8 +117,9 @@ impl KvShape {
     }
 }
 
-/// Keys and values for `pages` pages, laid out `[layer][page][slot][kv_width]`
-/// so one layer's attention reads each page as one contiguous block.
+/// Keys and values for `pages` pages, laid out `[layer][page][slot][width]`
+/// (keys and values apart) so one layer's attention reads each page as one
+/// contiguous block.
 #[derive(Clone, Debug)]
 pub struct KvStore {
     shape: KvShape,
@@ -121,12 +130,12 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn new(shape: KvShape, pages: usize) -> Self {
-        let len = shape.layers * pages * shape.page_size * shape.kv_width;
+        let slots = shape.layers * pages * shape.page_size;
         Self {
             shape,
             pages,
-            keys: vec![0.0; len],
-            values: vec![0.0; len],
+            keys: vec![0.0; slots * shape.key_width],
+            values: vec![0.0; slots * shape.value_width],
         }
     }
 
@@ -139,35 +148,34 @@ impl KvStore {
         self.pages
     }
 
-    /// Offset of `position` of the sequence holding `pages` in `layer`.
-    fn offset(&self, layer: usize, pages: &[PageId], position: usize) -> usize {
-        let KvShape {
-            page_size,
-            kv_width,
-            ..
-        } = self.shape;
+    /// Slot of `position` of the sequence holding `pages` in `layer` (the
+    /// row index into keys or values).
+    fn slot(&self, layer: usize, pages: &[PageId], position: usize) -> usize {
+        let page_size = self.shape.page_size;
         let page = pages[position / page_size] as usize;
-        ((layer * self.pages + page) * page_size + position % page_size) * kv_width
+        (layer * self.pages + page) * page_size + position % page_size
     }
 
-    /// Stores one position's key and value rows (`kv_width` each).
+    /// Stores one position's key and value rows (`key_width` and `value_width`).
     pub fn write(&mut self, layer: usize, pages: &[PageId], position: usize, k: &[f32], v: &[f32]) {
-        let at = self.offset(layer, pages, position);
-        let width = self.shape.kv_width;
-        self.keys[at..at + width].copy_from_slice(k);
-        self.values[at..at + width].copy_from_slice(v);
+        let slot = self.slot(layer, pages, position);
+        let (kw, vw) = (self.shape.key_width, self.shape.value_width);
+        self.keys[slot * kw..(slot + 1) * kw].copy_from_slice(k);
+        self.values[slot * vw..(slot + 1) * vw].copy_from_slice(v);
     }
 
     /// One position's key row in `layer`.
     pub fn key(&self, layer: usize, pages: &[PageId], position: usize) -> &[f32] {
-        let at = self.offset(layer, pages, position);
-        &self.keys[at..at + self.shape.kv_width]
+        let width = self.shape.key_width;
+        let at = self.slot(layer, pages, position) * width;
+        &self.keys[at..at + width]
     }
 
-    /// One position's value row in `layer`.
+    /// One position's value row in `layer` (empty without value rows).
     pub fn value(&self, layer: usize, pages: &[PageId], position: usize) -> &[f32] {
-        let at = self.offset(layer, pages, position);
-        &self.values[at..at + self.shape.kv_width]
+        let width = self.shape.value_width;
+        let at = self.slot(layer, pages, position) * width;
+        &self.values[at..at + width]
     }
 }
 
@@ -203,7 +211,8 @@ mod tests {
     fn positions_map_through_the_page_table() {
         let shape = KvShape {
             layers: 2,
-            kv_width: 3,
+            key_width: 3,
+            value_width: 3,
             page_size: 2,
         };
         let mut store = KvStore::new(shape, 4);
@@ -227,8 +236,30 @@ mod tests {
             );
         }
         // Position 2 is the first slot of the sequence's second page (page 1).
-        assert_eq!(store.offset(1, &pages, 2), ((4 + 1) * 2) * 3);
+        assert_eq!(store.slot(1, &pages, 2), (4 + 1) * 2);
         assert_eq!(pages_for(5, 2), 3);
         assert_eq!(shape.page_bytes(), 2 * 2 * 2 * 3 * 4);
+    }
+
+    #[test]
+    fn latent_rows_have_keys_only() {
+        // MLA: a 5-wide latent per position, no value row.
+        let shape = KvShape {
+            layers: 2,
+            key_width: 5,
+            value_width: 0,
+            page_size: 2,
+        };
+        assert_eq!(shape.page_bytes(), 2 * 2 * 5 * 4);
+        assert_eq!(shape.pages_within(shape.page_bytes() * 3 + 1), 3);
+        let mut store = KvStore::new(shape, 2);
+        let pages = [1, 0];
+        for position in 0..4 {
+            store.write(0, &pages, position, &[position as f32; 5], &[]);
+        }
+        for position in 0..4 {
+            assert_eq!(store.key(0, &pages, position), [position as f32; 5]);
+            assert!(store.value(0, &pages, position).is_empty());
+        }
     }
 }

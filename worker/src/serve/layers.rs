@@ -16,6 +16,7 @@ use crate::moe::dispatch::Dispatch;
 use crate::moe::routing::{self, Routing};
 use crate::ops::packed_linear::{PackedLinear, WeightPrecision};
 use crate::ops::swiglu;
+use crate::serve::latent::LatentAttention;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
 
 /// The whole model, packed.
@@ -32,9 +33,12 @@ pub(crate) struct Layers {
 #[derive(Debug)]
 pub(crate) struct Block {
     pub attention_norm: Vec<f32>,
-    /// `q, k, v` stacked: output row `[q_width | kv_width | kv_width]`.
+    /// `q, k, v` stacked: output row `[q_width | kv_width | kv_width]`
+    /// (latent attention: `[q_a or q | kv_a]`).
     pub qkv: PackedLinear,
     pub wo: PackedLinear,
+    /// Multi-head latent attention's other weights (DeepSeek).
+    pub latent: Option<LatentAttention>,
     pub bias: Option<AttentionBias>,
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub ffn_norm: Vec<f32>,
@@ -78,14 +82,21 @@ impl Layers {
     /// model's own size).
     pub fn pack(model: ServeModel) -> Self {
         let config = model.config;
-        let (h, qw) = (config.hidden, config.q_width());
+        let (h, attention_width) = (config.hidden, config.attention_width());
         let blocks = model
             .blocks
             .into_iter()
             .map(|block| Block {
                 attention_norm: block.attention_norm,
                 qkv: PackedLinear::stacked(&[&block.wq, &block.wk, &block.wv], h),
-                wo: PackedLinear::new(block.wo, qw, h),
+                wo: PackedLinear::new(block.wo, attention_width, h),
+                latent: block.latent.map(|weights| {
+                    let shape = config
+                        .latent
+                        .as_ref()
+                        .expect("latent attention weights come with a latent shape");
+                    LatentAttention::pack(weights, shape, config.heads)
+                }),
                 bias: block.bias,
                 qk_norm: block.qk_norm,
                 ffn_norm: block.ffn_norm,
@@ -154,6 +165,9 @@ impl Layers {
         for block in &mut self.blocks {
             block.qkv.round_to(precision);
             block.wo.round_to(precision);
+            if let Some(latent) = &mut block.latent {
+                latent.round_to(precision);
+            }
             match &mut block.ffn {
                 Ffn::Dense(mlp) => mlp.round_to(precision),
                 Ffn::Moe(moe) => {
@@ -181,6 +195,7 @@ impl Layers {
             .map(|block| {
                 block.qkv.bytes()
                     + block.wo.bytes()
+                    + block.latent.as_ref().map_or(0, LatentAttention::bytes)
                     + match &block.ffn {
                         Ffn::Dense(m) => mlp(m),
                         Ffn::Moe(moe) => {

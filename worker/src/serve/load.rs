@@ -106,8 +106,9 @@ fn differing_fields(
 pub enum LoadedWeights {
     /// A worker checkpoint: the training model.
     Native(Box<Model<f32>>),
-    /// A Hugging Face model, already in the serving engine's form.
-    HuggingFace(ServeModel),
+    /// A Hugging Face model, already in the serving engine's form (boxed: it
+    /// is larger than the pointer the other variant holds).
+    HuggingFace(Box<ServeModel>),
 }
 
 impl LoadedWeights {
@@ -123,7 +124,7 @@ impl LoadedWeights {
     pub fn into_serve_model(self) -> ServeModel {
         match self {
             Self::Native(model) => ServeModel::from_native(*model),
-            Self::HuggingFace(model) => model,
+            Self::HuggingFace(model) => *model,
         }
     }
 }
@@ -389,7 +390,7 @@ fn load_hugging_face(path: &Path, experts: Option<Range<usize>>) -> Result<Loade
         "Hugging Face model read"
     );
     Ok(LoadedModel {
-        model: LoadedWeights::HuggingFace(loaded.model),
+        model: LoadedWeights::HuggingFace(Box::new(loaded.model)),
         tokenizer: Tokenizer::HuggingFace(std::sync::Arc::new(loaded.tokenizer)),
         path: path.to_path_buf(),
         step: 0,

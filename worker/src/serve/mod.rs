@@ -27,6 +27,7 @@ mod expert_parallel;
 pub mod hf;
 pub mod http;
 pub mod kv_cache;
+mod latent;
 mod layers;
 pub mod load;
 pub mod lockstep;
@@ -39,6 +40,7 @@ pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod text;
+pub mod yarn;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -2,22 +2,25 @@
 //! plus the options Hugging Face MoE models need, each off for the worker's
 //! checkpoints (so their arithmetic is the training forward's, unchanged).
 //!
-//! | Option | Own checkpoints | Mixtral | Qwen2-MoE | Qwen3-MoE |
-//! | --- | --- | --- | --- | --- |
-//! | RoPE layout | [`RopeLayout::Interleaved`] | [`RopeLayout::Halves`] | halves | halves |
-//! | RMSNorm epsilon | 1e-5 | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` |
-//! | head dimension | hidden / heads | `head_dim` or hidden / heads | hidden / heads | `head_dim` |
-//! | q/k/v (o) biases | none | none | q, k, v | `attention_bias` |
-//! | q/k RMSNorm per head | no | no | no | yes |
-//! | routing | spec | softmax, top-k, renormalised | softmax, top-k, `norm_topk_prob` | same |
-//! | shared expert | ungated (DeepSeek) | none | sigmoid-gated | none |
-//! | LM head | own | `lm_head` | `lm_head` | or tied to the embedding |
+//! | Option | Own checkpoints | Mixtral | Qwen2-MoE | Qwen3-MoE | DeepSeek-V3 |
+//! | --- | --- | --- | --- | --- | --- |
+//! | attention | grouped-query | grouped-query | grouped-query | grouped-query | latent ([`LatentShape`]) |
+//! | RoPE layout | [`RopeLayout::Interleaved`] | [`RopeLayout::Halves`] | halves | halves | `rope_interleave` |
+//! | RoPE scaling | none | none | none | none | YaRN or none |
+//! | RMSNorm epsilon | 1e-5 | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` |
+//! | head dimension | hidden / heads | `head_dim` or hidden / heads | hidden / heads | `head_dim` | `qk_rope_head_dim` (the rotated part) |
+//! | q/k/v (o) biases | none | none | q, k, v | `attention_bias` | none |
+//! | q/k RMSNorm per head | no | no | no | yes | no |
+//! | routing | spec | softmax, top-k, renormalised | softmax, top-k, `norm_topk_prob` | same | sigmoid, bias, groups, scaled |
+//! | shared expert | ungated (DeepSeek) | none | sigmoid-gated | none | ungated |
+//! | LM head | own | `lm_head` | `lm_head` | or tied to the embedding | `lm_head` |
 
 use crate::linear::Linears;
 use crate::model::config::NORM_EPS;
 use crate::model::{FeedForward, Model};
 use crate::moe::MoeLayer;
 use crate::moe::expert::SwiGluMlp;
+use crate::serve::yarn::Yarn;
 
 /// How a head's dimensions are paired for the rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +46,44 @@ pub struct ServeConfig {
     pub context: usize,
     pub rope_theta: f64,
     pub rope_layout: RopeLayout,
+    /// YaRN's frequencies and attention factor instead of plain RoPE's.
+    pub rope_scaling: Option<Yarn>,
     pub norm_eps: f32,
+    /// Multi-head latent attention (every block's); `None`: grouped-query.
+    pub latent: Option<LatentShape>,
+}
+
+/// The shape of DeepSeek's multi-head latent attention (MLA).
+///
+/// Keys and values are expanded per head from one compressed latent per
+/// token, `c_kv` (`kv_lora_rank` wide, RMS-normed), plus one rotated key
+/// part `k_pe` (`qk_rope_head_dim`) shared by every head; only those two are
+/// cached. A head's query is `[q_nope | q_pe]` (`qk_nope_head_dim +
+/// qk_rope_head_dim`), its value `v_head_dim` wide.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentShape {
+    /// Rank of the query's low-rank factorisation (`q_a_proj`, `q_b_proj`);
+    /// `None`: one full-rank `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_dim: usize,
+    pub qk_rope_dim: usize,
+    pub v_head_dim: usize,
+    /// The softmax scale: `1/sqrt(qk_nope + qk_rope)`, times YaRN's
+    /// `mscale(factor, mscale_all_dim)²` in DeepSeek-V3.
+    pub softmax_scale: f64,
+}
+
+impl LatentShape {
+    /// One head's query (and expanded key) width.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_dim + self.qk_rope_dim
+    }
+
+    /// One token's cached latent, `[c_kv | k_pe]`.
+    pub fn latent_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_dim
+    }
 }
 
 impl ServeConfig {
@@ -55,6 +95,22 @@ impl ServeConfig {
     /// Width of the key and value projections.
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// The widths of one position's cached key and value rows in one layer.
+    pub fn kv_row_widths(&self) -> (usize, usize) {
+        match &self.latent {
+            None => (self.kv_width(), self.kv_width()),
+            Some(latent) => (latent.latent_width(), 0),
+        }
+    }
+
+    /// Width of the attention output `o_proj` reads.
+    pub fn attention_width(&self) -> usize {
+        match &self.latent {
+            None => self.q_width(),
+            Some(latent) => self.heads * latent.v_head_dim,
+        }
     }
 }
 
@@ -72,6 +128,11 @@ pub struct ServeModel {
 }
 
 /// One transformer block.
+///
+/// With latent attention ([`Self::latent`]) `wq` is `q_a_proj`
+/// (`[q_lora_rank, hidden]`) or the full `q_proj` (`[heads * qk_head_dim,
+/// hidden]`), `wk` is `kv_a_proj_with_mqa` (`[kv_lora_rank + qk_rope,
+/// hidden]`), `wv` is empty and `wo` is `[hidden, heads * v_head_dim]`.
 #[derive(Clone, Debug)]
 pub struct ServeBlock {
     /// `[hidden]`.
@@ -84,6 +145,8 @@ pub struct ServeBlock {
     pub wv: Vec<f32>,
     /// `[hidden, q_width]`.
     pub wo: Vec<f32>,
+    /// Multi-head latent attention's other weights.
+    pub latent: Option<LatentWeights>,
     pub bias: Option<AttentionBias>,
     /// RMSNorm gains `[head_dim]` applied to each query and key head before
     /// RoPE (Qwen3).
@@ -91,6 +154,21 @@ pub struct ServeBlock {
     /// `[hidden]`.
     pub ffn_norm: Vec<f32>,
     pub ffn: ServeFfn,
+}
+
+/// The weights of multi-head latent attention besides `wq`, `wk`, `wo`
+/// (see [`ServeBlock`]), as `transformers` names them.
+#[derive(Clone, Debug)]
+pub struct LatentWeights {
+    /// `q_a_layernorm`'s gain `[q_lora_rank]` and `q_b_proj`
+    /// `[heads * qk_head_dim, q_lora_rank]`; `None`: `wq` is a full `q_proj`.
+    pub q_b: Option<(Vec<f32>, Vec<f32>)>,
+    /// `kv_a_layernorm`'s gain, `[kv_lora_rank]`.
+    pub kv_a_norm: Vec<f32>,
+    /// `kv_b_proj`, `[heads * (qk_nope + v_head_dim), kv_lora_rank]`: per
+    /// head, the rows expanding `c_kv` to the key's unrotated part, then
+    /// those expanding it to the value.
+    pub kv_b: Vec<f32>,
 }
 
 /// Biases of the attention projections (`[q_width]`, `[kv_width]` twice, `[hidden]`).
@@ -165,7 +243,9 @@ impl ServeModel {
             context: source.seq_len,
             rope_theta: source.rope_theta,
             rope_layout: RopeLayout::Interleaved,
+            rope_scaling: None,
             norm_eps: NORM_EPS as f32,
+            latent: None,
         };
         let weights = model.weights;
         let blocks = weights
@@ -177,6 +257,7 @@ impl ServeModel {
                 wk: block.wk,
                 wv: block.wv,
                 wo: block.wo,
+                latent: None,
                 bias: None,
                 qk_norm: None,
                 ffn_norm: block.ffn_norm,

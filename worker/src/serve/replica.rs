@@ -128,7 +128,7 @@ pub fn join(
     let tokenizer = loaded.tokenizer;
     let model = match loaded.model {
         LoadedWeights::Native(model) => ServeModel::from_native(*model),
-        LoadedWeights::HuggingFace(model) => model,
+        LoadedWeights::HuggingFace(model) => *model,
     };
     let experts = routed_experts(&model).ok_or_else(|| {
         ServeError::Options(format!(

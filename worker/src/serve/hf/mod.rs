@@ -1,7 +1,7 @@
 //! Hugging Face model directories: `config.json`, safetensors weights (one
 //! file or shards with an index), `tokenizer.json` with its config and chat
-//! template, `generation_config.json`; for Mixtral-, Qwen2-MoE- and
-//! Qwen3-MoE-style models ([`config::Architecture`]).
+//! template, `generation_config.json`; for Mixtral-, Qwen2-MoE-,
+//! Qwen3-MoE- and DeepSeek-V3-style models ([`config::Architecture`]).
 //!
 //! The weights are mapped onto the serving engine's [`ServeModel`], whose
 //! options (RoPE halves, biases, q/k norms, the gated shared expert, …)
@@ -17,9 +17,10 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::moe::{MoeConfig, MoeLayer, MoeParams, ScoreFunction};
+use crate::moe::{MoeConfig, MoeLayer, MoeParams};
 use crate::serve::model::{
-    AttentionBias, GatedShared, Mlp, RopeLayout, ServeBlock, ServeConfig, ServeFfn, ServeModel,
+    AttentionBias, GatedShared, LatentWeights, Mlp, RopeLayout, ServeBlock, ServeConfig, ServeFfn,
+    ServeModel,
 };
 
 pub use config::{Architecture, HfConfig};
@@ -142,6 +143,43 @@ impl Names {
         }
     }
 
+    /// DeepSeek-V3's router selection bias.
+    fn selection_bias(&self) -> String {
+        format!("{}.mlp.gate.e_score_correction_bias", self.prefix)
+    }
+
+    /// The shared expert's MLP path (Qwen2-MoE: one gated; DeepSeek: ungated).
+    fn shared(&self) -> &'static str {
+        match self.architecture {
+            Architecture::DeepseekV3 => "mlp.shared_experts",
+            _ => "mlp.shared_expert",
+        }
+    }
+
+    fn shared_gate(&self) -> String {
+        format!("{}.mlp.shared_expert_gate.weight", self.prefix)
+    }
+
+    /// Multi-head latent attention's tensors: the query's (`q_a_proj`,
+    /// `q_a_layernorm`, `q_b_proj`, or `q_proj` without `q_lora_rank`),
+    /// then the latent's and the output's.
+    fn latent(&self, low_rank_q: bool) -> Vec<String> {
+        let q: &[&str] = if low_rank_q {
+            &["q_a_proj", "q_a_layernorm", "q_b_proj"]
+        } else {
+            &["q_proj"]
+        };
+        q.iter()
+            .chain(&[
+                "kv_a_proj_with_mqa",
+                "kv_a_layernorm",
+                "kv_b_proj",
+                "o_proj",
+            ])
+            .map(|p| self.attn(&format!("{p}.weight")))
+            .collect()
+    }
+
     /// Expert `e`'s gate (w1), up (w3) and down (w2) projections.
     fn expert(&self, e: usize) -> [String; 3] {
         match self.architecture {
@@ -195,8 +233,13 @@ fn expected_names(config: &HfConfig, held: &Range<usize>) -> Vec<String> {
         let n = layer_names(config, layer);
         names.push(n.norm("input_layernorm"));
         names.push(n.norm("post_attention_layernorm"));
-        for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            names.push(n.attn(&format!("{p}.weight")));
+        match &config.latent {
+            Some(latent) => names.extend(n.latent(latent.q_lora_rank.is_some())),
+            None => {
+                for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                    names.push(n.attn(&format!("{p}.weight")));
+                }
+            }
         }
         if config.qkv_bias {
             names.extend(["q_proj", "k_proj", "v_proj"].map(|p| n.attn(&format!("{p}.bias"))));
@@ -209,12 +252,17 @@ fn expected_names(config: &HfConfig, held: &Range<usize>) -> Vec<String> {
         }
         if config.moe_layers[layer] {
             names.push(n.router());
+            if config.selection_bias {
+                names.push(n.selection_bias());
+            }
             for e in held.clone() {
                 names.extend(n.expert(e));
             }
             if config.shared_hidden > 0 {
-                names.extend(n.mlp("mlp.shared_expert"));
-                names.push(format!("{}.mlp.shared_expert_gate.weight", n.prefix));
+                names.extend(n.mlp(n.shared()));
+                if config.shared_gated {
+                    names.push(n.shared_gate());
+                }
             }
         } else {
             names.extend(n.mlp("mlp"));
@@ -242,6 +290,7 @@ fn build(
         config.heads * config.head_dim,
         config.kv_heads * config.head_dim,
     );
+    let heads = config.heads;
     let embedding = store.take("model.embed_tokens.weight", &[v, h])?;
     let lm_head = if config.tie_embeddings {
         None
@@ -255,10 +304,43 @@ fn build(
         let mut take = |name: String, shape: &[usize]| store.take(&name, shape);
         let attention_norm = take(n.norm("input_layernorm"), &[h])?;
         let ffn_norm = take(n.norm("post_attention_layernorm"), &[h])?;
-        let wq = take(n.attn("q_proj.weight"), &[qw, h])?;
-        let wk = take(n.attn("k_proj.weight"), &[kv, h])?;
-        let wv = take(n.attn("v_proj.weight"), &[kv, h])?;
-        let wo = take(n.attn("o_proj.weight"), &[h, qw])?;
+        let (wq, wk, wv, wo, latent) = match &config.latent {
+            None => (
+                take(n.attn("q_proj.weight"), &[qw, h])?,
+                take(n.attn("k_proj.weight"), &[kv, h])?,
+                take(n.attn("v_proj.weight"), &[kv, h])?,
+                take(n.attn("o_proj.weight"), &[h, qw])?,
+                None,
+            ),
+            Some(shape) => {
+                let qk = heads * shape.qk_head_dim();
+                let (wq, q_b) = match shape.q_lora_rank {
+                    Some(rank) => (
+                        take(n.attn("q_a_proj.weight"), &[rank, h])?,
+                        Some((
+                            take(n.attn("q_a_layernorm.weight"), &[rank])?,
+                            take(n.attn("q_b_proj.weight"), &[qk, rank])?,
+                        )),
+                    ),
+                    None => (take(n.attn("q_proj.weight"), &[qk, h])?, None),
+                };
+                let rank = shape.kv_lora_rank;
+                let wk = take(
+                    n.attn("kv_a_proj_with_mqa.weight"),
+                    &[shape.latent_width(), h],
+                )?;
+                let weights = LatentWeights {
+                    q_b,
+                    kv_a_norm: take(n.attn("kv_a_layernorm.weight"), &[rank])?,
+                    kv_b: take(
+                        n.attn("kv_b_proj.weight"),
+                        &[heads * (shape.qk_nope_dim + shape.v_head_dim), rank],
+                    )?,
+                };
+                let wo = take(n.attn("o_proj.weight"), &[h, heads * shape.v_head_dim])?;
+                (wq, wk, Vec::new(), wo, Some(weights))
+            }
+        };
         let bias = if config.qkv_bias {
             Some(AttentionBias {
                 q: take(n.attn("q_proj.bias"), &[qw])?,
@@ -296,19 +378,28 @@ fn build(
                 .clone()
                 .map(|e| mlp(n.expert(e), config.expert_hidden))
                 .collect::<Result<Vec<_>, _>>()?;
-            let gated_shared = if config.shared_hidden > 0 {
-                let shared = mlp(n.mlp("mlp.shared_expert"), config.shared_hidden)?;
-                let gate_name = format!("{}.mlp.shared_expert_gate.weight", n.prefix);
-                Some(GatedShared {
-                    mlp: shared,
-                    gate: store.take(&gate_name, &[1, h])?,
-                })
+            let shared = if config.shared_hidden > 0 {
+                Some(mlp(n.mlp(n.shared()), config.shared_hidden)?)
             } else {
                 None
             };
+            let (gated_shared, ungated_shared) = match shared {
+                Some(shared) if config.shared_gated => (
+                    Some(GatedShared {
+                        mlp: shared,
+                        gate: store.take(&n.shared_gate(), &[1, h])?,
+                    }),
+                    None,
+                ),
+                shared => (None, shared),
+            };
             let router = store.take(&n.router(), &[config.experts, h])?;
+            let mut layer = moe_layer(config, router, held.clone(), experts, ungated_shared)?;
+            if config.selection_bias {
+                layer.selection_bias = store.take(&n.selection_bias(), &[config.experts])?;
+            }
             ServeFfn::Moe {
-                layer: Box::new(moe_layer(config, router, held.clone(), experts)?),
+                layer: Box::new(layer),
                 gated_shared,
             }
         } else {
@@ -320,6 +411,7 @@ fn build(
             wk,
             wv,
             wo,
+            latent,
             bias,
             qk_norm,
             ffn_norm,
@@ -336,8 +428,18 @@ fn build(
             head_dim: config.head_dim,
             context: config.context,
             rope_theta: config.rope_theta,
-            rope_layout: RopeLayout::Halves,
+            // DeepSeek's `rope_interleave`: transformers rotates pairs
+            // (2i, 2i + 1) and writes them out in halves; q_pe and k_pe are
+            // permuted alike and only meet in dot products, so rotating in
+            // place is the same attention.
+            rope_layout: if config.rope_interleave {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::Halves
+            },
+            rope_scaling: config.rope_scaling.clone(),
             norm_eps: config.norm_eps as f32,
+            latent: config.latent.clone(),
         },
         embedding,
         blocks,
@@ -346,28 +448,32 @@ fn build(
     })
 }
 
-/// The routed experts as the worker's MoE layer: softmax scores, top-k,
-/// renormalised when `norm_topk_prob` (Mixtral always), no scaling, no
-/// group limit, a zero selection bias. (`torch.topk` breaks exact ties
-/// differently from the worker; random weights make them improbable.)
-/// `experts` are those of `held`, in order.
+/// The routed experts as the worker's MoE layer: Mixtral and Qwen softmax
+/// scores, top-k, renormalised when `norm_topk_prob` (Mixtral always), no
+/// scaling, no group limit; DeepSeek-V3 sigmoid scores, group-limited top-k
+/// with the selection bias (set by the caller), renormalised, times
+/// `routed_scaling_factor`, plus its ungated shared experts `shared` (one
+/// MLP of their summed width). (`torch.topk` breaks exact ties differently
+/// from the worker; random weights make them improbable.) `experts` are
+/// those of `held`, in order.
 fn moe_layer(
     config: &HfConfig,
     router: Vec<f32>,
     held: Range<usize>,
     experts: Vec<Mlp>,
+    shared: Option<Mlp>,
 ) -> Result<MoeLayer<f32>, HfError> {
     let moe = MoeConfig {
         hidden: config.hidden,
         n_routed_experts: config.experts,
         expert_hidden: config.expert_hidden,
-        n_shared_experts: 0,
-        shared_expert_hidden: 0,
+        n_shared_experts: usize::from(shared.is_some()),
+        shared_expert_hidden: shared.as_ref().map_or(0, |s| s.width),
         top_k: config.top_k,
-        score_function: ScoreFunction::Softmax,
-        group_limit: None,
+        score_function: config.score_function,
+        group_limit: config.group_limit,
         normalize_gates: config.norm_topk,
-        routed_scaling_factor: 1.0,
+        routed_scaling_factor: config.routed_scaling_factor,
         aux_loss_alpha: 0.0,
     };
     let size = held.len() * config.expert_hidden * config.hidden;
@@ -381,6 +487,11 @@ fn moe_layer(
         shared_w3: Vec::new(),
         shared_w2: Vec::new(),
     };
+    if let Some(shared) = shared {
+        params.shared_w1 = shared.w1;
+        params.shared_w3 = shared.w3;
+        params.shared_w2 = shared.w2;
+    }
     for expert in experts {
         params.experts_w1.extend(expert.w1);
         params.experts_w3.extend(expert.w3);
