@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -63,6 +63,15 @@ async fn wait_phase(
         Ok((now == Some(phase)).then_some(j))
     })
     .await
+}
+
+/// " (deleting)" for an object being deleted.
+fn deleting(object: &impl ResourceExt) -> &'static str {
+    if object.meta().deletion_timestamp.is_some() {
+        " (deleting)"
+    } else {
+        ""
+    }
 }
 
 async fn pods_of(pods: &Api<Pod>, job: &str, attempt: i32) -> Result<Vec<Pod>> {
@@ -550,9 +559,31 @@ async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -
     let _op = Operator::start(&ns.name).await?;
     eventually("attempt 1 to run", WAIT, || async {
         let s = jobs.get("mid").await?.status.unwrap_or_default();
-        Ok(
-            (s.attempt == 1 && s.phase == Some(TrainingPhase::Running) && s.restarts == 1)
-                .then_some(()),
+        if s.attempt == 1 && s.phase == Some(TrainingPhase::Running) && s.restarts == 1 {
+            return Ok(Some(()));
+        }
+        // Not yet: say what there is, so a timeout shows where it stuck.
+        let attempts = k8s_jobs
+            .list(&ListParams::default().labels("moe.dev/job-name=mid"))
+            .await?
+            .items
+            .iter()
+            .map(|j| format!("{}{}", j.name_any(), deleting(j)))
+            .collect::<Vec<_>>();
+        let new_pods = pods_of(&pods, "mid", 1)
+            .await?
+            .iter()
+            .map(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                format!("{} {phase:?} on {node:?}", p.name_any())
+            })
+            .collect::<Vec<_>>();
+        bail!(
+            "attempt {}, phase {:?}, restarts {}; Jobs {attempts:?}; attempt-1 pods {new_pods:?}",
+            s.attempt,
+            s.phase,
+            s.restarts
         )
     })
     .await?;
