@@ -41,6 +41,7 @@ use moe_worker::serve::engine::{Chunk, Engine};
 use moe_worker::serve::kv_cache::{KvStore, PageId};
 use moe_worker::serve::load::{self, LoadedModel};
 use moe_worker::serve::lockstep::{Message, StepPlan};
+use moe_worker::serve::metrics::Metrics;
 use moe_worker::serve::replica::{self, Joined};
 use moe_worker::serve::{self, ServeOptions, Server};
 use serde_json::{Value, json};
@@ -313,7 +314,7 @@ fn replica_trace(
         let timeouts = timeouts(Duration::from_secs(20));
         let joined = replica::join(Box::new(world), loaded, options, &timeouts).unwrap();
         if rank > 0 {
-            replica::follow(joined).unwrap();
+            replica::follow(joined, &Metrics::new()).unwrap();
             return None;
         }
         let Joined {
@@ -555,8 +556,25 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
         let loaded = load::load_experts(&dir.0, None, None, Some(experts)).unwrap();
         let timeouts = timeouts(Duration::from_secs(20));
         if rank > 0 {
-            return serve::follow(Box::new(world), loaded, &options, &timeouts)
-                .map(|()| Vec::new());
+            let metrics = Metrics::new();
+            let followed = serve::follow(Box::new(world), loaded, &options, &timeouts, &metrics);
+            // A follower's /metrics: the steps it ran and what it sent.
+            let text = metrics.render();
+            for kind in ["expert_exchange", "all_gather"] {
+                let line = format!("moe_serving_collective_bytes_total{{kind=\"{kind}\"}} ");
+                let sent: u64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&line))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                assert!(sent > 0, "rank {rank} counts its {kind} bytes:\n{text}");
+            }
+            let steps = text
+                .lines()
+                .find_map(|l| l.strip_prefix("moe_serving_batch_tokens_count "))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(steps > Some(0), "rank {rank} counts its steps:\n{text}");
+            return followed.map(|()| Vec::new());
         }
         let server = Server::start_leader(Box::new(world), loaded, &options, &timeouts).unwrap();
         assert_eq!(request(server.addr, "GET", "/readyz", b"").status, 200);
@@ -667,8 +685,14 @@ fn a_follower_that_dies_fails_the_leader_and_the_others_within_the_timeout() {
                 Ended::Died
             }
             _ => {
-                let error = serve::follow(Box::new(world), loaded, &options, &timeouts)
-                    .expect_err("a follower fails when a peer dies");
+                let error = serve::follow(
+                    Box::new(world),
+                    loaded,
+                    &options,
+                    &timeouts,
+                    &Metrics::new(),
+                )
+                .expect_err("a follower fails when a peer dies");
                 Ended::Follower {
                     after: since_death(),
                     exit_code: error.exit_code(),

@@ -79,6 +79,17 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `/metrics` of `metrics` alone (a follower rank's).
+pub fn metrics_only_router(metrics: Metrics) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { render(&metrics) }
+        }),
+    )
+}
+
 async fn alive() -> &'static str {
     "ok"
 }
@@ -97,8 +108,9 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 /// A follower rank's routes (local rank 0 of a pod of an expert-parallel
 /// replica other than the leader's): the probes, `ready` once it has
-/// joined the replica; anything else points at the leader.
-pub fn follower_router(rank: usize, ready: Arc<AtomicBool>) -> Router {
+/// joined the replica, its `/metrics` (steps and collective bytes);
+/// anything else points at the leader.
+pub fn follower_router(rank: usize, ready: Arc<AtomicBool>, metrics: Metrics) -> Router {
     let probe = move || {
         let ready = Arc::clone(&ready);
         async move {
@@ -116,6 +128,7 @@ pub fn follower_router(rank: usize, ready: Arc<AtomicBool>) -> Router {
         .route("/health", get(probe.clone()))
         .route(READY_PATH, get(probe))
         .route(HEALTH_PATH, get(alive))
+        .merge(metrics_only_router(metrics))
         .fallback(move || {
             let message = message.clone();
             async move {
@@ -127,12 +140,16 @@ pub fn follower_router(rank: usize, ready: Arc<AtomicBool>) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    render(&state.metrics)
+}
+
+fn render(metrics: &Metrics) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        metrics.render(),
     )
         .into_response()
 }

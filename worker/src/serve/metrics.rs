@@ -42,7 +42,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub kv_pages_used: Gauge,
     pub kv_pages_total: Gauge,
-    /// A leader's collective payload bytes, sent to other ranks.
+    /// Expert-parallel payload bytes this rank sent to the others (the
+    /// leader's plans; every rank's expert exchanges and all-gathers).
     pub collective_bytes: Family<CollectiveLabels, Counter>,
     registry: std::sync::Arc<Registry>,
 }
@@ -126,7 +127,7 @@ impl Metrics {
         let collective_bytes = Family::<CollectiveLabels, Counter>::default();
         registry.register(
             "collective_bytes",
-            "Expert-parallel leader: payload bytes sent to the replica's other ranks, by kind",
+            "Expert-parallel payload bytes this rank sent to the replica's other ranks, by kind",
             collective_bytes.clone(),
         );
         Self {
@@ -158,6 +159,15 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Brings the `kind` collective byte counter up to `total`, a running
+    /// total kept by the exchange itself.
+    pub fn set_collective_bytes(&self, kind: &str, total: u64) {
+        let counter = self
+            .collective_bytes
+            .get_or_create(&CollectiveLabels { kind: kind.into() });
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
+
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -289,9 +289,10 @@ pub fn follow(
     loaded: LoadedModel,
     options: &ServeOptions,
     timeouts: &Timeouts,
+    metrics: &Metrics,
 ) -> Result<(), ServeError> {
     options.check()?;
-    replica::follow(replica::join(world, loaded, options, timeouts)?)
+    replica::follow(replica::join(world, loaded, options, timeouts)?, metrics)
 }
 
 /// Loads this rank's share of the experts (all of them for a replica of one).
@@ -401,11 +402,25 @@ pub fn run(options: &ServeOptions, replica: Option<ReplicaSetup>) -> Result<(), 
 /// pod only: the pod's other ranks share its port), then [`follow`].
 fn run_follower(options: &ServeOptions, replica: ReplicaSetup) -> Result<(), ServeError> {
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = Metrics::new();
     let _probes = if replica.local_rank == 0 {
         let (runtime, listener) = runtime_listening(1, options.listen)?;
-        let router = http::follower_router(replica.rank, std::sync::Arc::clone(&ready));
+        let router =
+            http::follower_router(replica.rank, std::sync::Arc::clone(&ready), metrics.clone());
         runtime.spawn(async move { axum::serve(listener, router).await });
         tracing::info!(addr = %options.listen, rank = replica.rank, "follower probes listening");
+        if let Some(addr) = options.metrics_listen {
+            // The pod's metrics port too, as the leader's pod serves it.
+            let router = http::metrics_only_router(metrics.clone());
+            runtime.spawn(async move {
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        let _ = axum::serve(listener, router).await;
+                    }
+                    Err(error) => tracing::warn!(%addr, %error, "cannot serve metrics"),
+                }
+            });
+        }
         Some(runtime)
     } else {
         None
@@ -415,7 +430,7 @@ fn run_follower(options: &ServeOptions, replica: ReplicaSetup) -> Result<(), Ser
     let joined = replica::join(world, loaded, options, &replica.timeouts)?;
     ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(rank = replica.rank, "ready; following rank 0");
-    let followed = replica::follow(joined);
+    let followed = replica::follow(joined, &metrics);
     ready.store(false, std::sync::atomic::Ordering::Release);
     if let Some(runtime) = _probes {
         runtime.shutdown_background();

@@ -29,6 +29,7 @@ use crate::serve::engine::{Engine, StepError};
 use crate::serve::kv_cache::KvStore;
 use crate::serve::load::{LoadedModel, LoadedWeights};
 use crate::serve::lockstep::{Lockstep, Message};
+use crate::serve::metrics::Metrics;
 use crate::serve::model::{ServeFfn, ServeModel};
 use crate::serve::runner::Failure;
 use crate::serve::text::Tokenizer;
@@ -223,7 +224,7 @@ fn check_same(
 
 /// A follower: runs every step the leader plans until it says stop (`Ok`),
 /// or the replica breaks. `joined` must be a follower's (rank > 0).
-pub fn follow(joined: Joined) -> Result<(), ServeError> {
+pub fn follow(joined: Joined, metrics: &Metrics) -> Result<(), ServeError> {
     let Joined {
         engine,
         mut lockstep,
@@ -232,13 +233,22 @@ pub fn follow(joined: Joined) -> Result<(), ServeError> {
         ..
     } = joined;
     let mut store = KvStore::new(engine.kv_shape(page_size), kv_pages);
+    metrics.kv_pages_total.set(kv_pages as i64);
     let rank = lockstep.rank();
     let mut steps = 0u64;
     loop {
         match lockstep.receive().map_err(ServeError::Dist)? {
             Message::Step(plan) => {
                 steps += 1;
-                if let Err(e) = engine.step(&mut store, &plan.chunks()) {
+                let chunks = plan.chunks();
+                metrics.batch_size.observe(chunks.len() as f64);
+                let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+                metrics.batch_tokens.observe(tokens as f64);
+                let stepped = engine.step(&mut store, &chunks);
+                let (exchanged, gathered) = engine.expert_parallel_bytes();
+                metrics.set_collective_bytes("expert_exchange", exchanged);
+                metrics.set_collective_bytes("all_gather", gathered);
+                if let Err(e) = stepped {
                     if e.is_fatal() {
                         let peer = matches!(e, StepError::Collective { peer: true, .. });
                         return Err(ServeError::Replica(Failure {

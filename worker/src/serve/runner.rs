@@ -28,7 +28,7 @@ use crate::serve::engine::{Chunk, Engine, StepError};
 use crate::serve::kv_cache::{KvStore, pages_for};
 use crate::serve::lockstep::{Lockstep, Message, StepPlan};
 use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
-use crate::serve::metrics::{CollectiveLabels, Metrics};
+use crate::serve::metrics::Metrics;
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
 use crate::serve::text::{Delta, TextAssembler, Tokenizer};
@@ -617,17 +617,11 @@ impl Runner {
             return;
         };
         let (exchanged, gathered) = self.engine.expert_parallel_bytes();
-        let m = &self.metrics;
-        for (kind, total) in [
-            ("plan", lockstep.bytes_sent()),
-            ("expert_exchange", exchanged),
-            ("all_gather", gathered),
-        ] {
-            let counter = m
-                .collective_bytes
-                .get_or_create(&CollectiveLabels { kind: kind.into() });
-            counter.inc_by(total.saturating_sub(counter.get()));
-        }
+        self.metrics
+            .set_collective_bytes("plan", lockstep.bytes_sent());
+        self.metrics
+            .set_collective_bytes("expert_exchange", exchanged);
+        self.metrics.set_collective_bytes("all_gather", gathered);
     }
 
     /// Samples request `id`'s next token from `logits` and tells the client.
