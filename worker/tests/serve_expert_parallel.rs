@@ -7,7 +7,7 @@
 //!   that leaves ranks without rows) give rank 0 the single process's
 //!   logits to the bit, and so the same greedy tokens, for 1, 2 and 4
 //!   ranks, with native checkpoints (unsharded and sharded as training
-//!   writes them) and the three Hugging Face fixtures. Ranks load only
+//!   writes them) and the Hugging Face fixtures. Ranks load only
 //!   their own experts: their copies of the model lack the others'.
 //! - Over HTTP, in-process: a leader and its followers answer completions
 //!   (with log-probabilities) exactly as one server does.
@@ -460,6 +460,7 @@ fn hugging_face_models_give_one_process_logits_on_2_and_4_ranks() {
         ("qwen2_moe", 8),
         ("qwen3_moe", 8),
         ("deepseek_v3", 8),
+        ("deepseek_v3_fp8", 8),
     ] {
         let dir = fixture(name);
         let options = options(&dir);
@@ -467,9 +468,10 @@ fn hugging_face_models_give_one_process_logits_on_2_and_4_ranks() {
         for ranks in [2, 4] {
             let copies = TempDir::new(&format!("ep-hf-{name}-{ranks}"));
             let got = replica_trace(ranks, experts, &options, &|rank, share| {
-                // The sharded fixture: each rank's copy lacks the other
-                // experts' shard, so reading one would fail.
-                let source = if name == "qwen2_moe" {
+                // The sharded fixtures: each rank's copy lacks the other
+                // experts' shard (FP8 scales included), so reading one
+                // would fail.
+                let source = if matches!(name, "qwen2_moe" | "deepseek_v3_fp8") {
                     hf_without_other_experts(&dir, &share, &copies.0.join(rank.to_string()))
                 } else {
                     dir.clone()

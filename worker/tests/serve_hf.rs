@@ -1,7 +1,8 @@
 //! Hugging Face MoE models served exactly as `transformers` runs them.
 //!
 //! `tests/fixtures/hf/` holds tiny random-weight Mixtral-, Qwen2-MoE-,
-//! Qwen3-MoE- and DeepSeek-V3-style models in Hugging Face format and what `transformers`
+//! Qwen3-MoE- and DeepSeek-V3-style models (one of them block-scaled FP8) in
+//! Hugging Face format and what `transformers`
 //! computes from them (`golden.json`), written by `generate.py` there. Each
 //! is loaded with the serving loader and must give, for every prompt:
 //! the same token ids, the same greedy tokens, logits within
@@ -231,6 +232,15 @@ fn deepseek_v3_without_q_lora_matches_transformers() {
     check_fixture("deepseek_v3_plain");
 }
 
+/// DeepSeek's released FP8 format: `F8_E4M3` projections with per-block
+/// `weight_scale_inv` (16 × 16 blocks, partial at the edges), sharded;
+/// dequantized at load, they must give what `transformers` computes with
+/// the weights torch dequantized.
+#[test]
+fn deepseek_v3_fp8_matches_transformers_on_the_dequantized_weights() {
+    check_fixture("deepseek_v3_fp8");
+}
+
 /// A copy of a fixture, to break.
 fn copy_fixture(name: &str, into: &TempDir) -> PathBuf {
     let dir = into.0.join(name);
@@ -285,6 +295,21 @@ fn what_cannot_be_served_is_named() {
         c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
     });
     assert!(load_error(&dir).contains("yarn"));
+
+    // FP8 weights need the config's block size; other quantization is named.
+    let dir = copy_fixture("deepseek_v3_fp8", &tmp);
+    edit_config(&dir, |c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    let message = load_error(&dir);
+    assert!(
+        message.contains("F8_E4M3") && message.contains("no quantization_config"),
+        "{message}"
+    );
+    edit_config(&dir, |c| {
+        c["quantization_config"] = serde_json::json!({"quant_method": "awq", "bits": 4})
+    });
+    assert!(load_error(&dir).contains("quant_method is \"awq\""));
 
     // The format can be forced: a Hugging Face directory is no worker checkpoint.
     let message = load::load(&fixture("mixtral"), Some(ModelFormat::Native), None)

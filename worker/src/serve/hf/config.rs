@@ -97,6 +97,21 @@ pub struct HfConfig {
     pub moe_layers: Vec<bool>,
     /// `eos_token_id`, one or several.
     pub eos: Vec<u32>,
+    /// `quantization_config` of a block-scaled FP8 checkpoint (`None`: the
+    /// weights are unquantized).
+    pub fp8: Option<Fp8Blocks>,
+}
+
+/// A block-scaled FP8 checkpoint (DeepSeek-V3's release, Qwen's `-FP8`
+/// models): each quantized `[out, in]` weight is `F8_E4M3` with a
+/// `weight_scale_inv` of `[ceil(out / rows), ceil(in / cols)]`, one scale
+/// per block, edge blocks partial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Blocks {
+    /// `weight_block_size[0]`: the output rows one scale covers.
+    pub rows: usize,
+    /// `weight_block_size[1]`: the input columns one scale covers.
+    pub cols: usize,
 }
 
 /// Reads one field of `config.json`.
@@ -352,8 +367,73 @@ impl HfConfig {
             qk_norm: architecture == Architecture::Qwen3Moe,
             moe_layers,
             eos: token_ids(f.get("eos_token_id")),
+            fp8: quantization(&f)?,
         })
     }
+}
+
+/// `quantization_config`: `None` without one; block-scaled FP8 read as
+/// `transformers`' fine-grained FP8 (E4M3 weights, dynamic activation
+/// scaling: the weights dequantized are the model); any other scheme is
+/// refused by field and value, since serving it as unquantized would be wrong.
+fn quantization(f: &Fields<'_>) -> Result<Option<Fp8Blocks>, HfError> {
+    let Some(q) = f.get("quantization_config") else {
+        return Ok(None);
+    };
+    let field = |key: &str| q.get(key).filter(|v| !v.is_null());
+    let refuse = |key: &str, value: &Value, reads: &str| {
+        f.invalid(format!(
+            "quantization_config.{key} is {value}; this worker reads {reads}"
+        ))
+    };
+    let method = field("quant_method").unwrap_or(&Value::Null);
+    if method.as_str() != Some("fp8") {
+        return Err(refuse(
+            "quant_method",
+            method,
+            "only \"fp8\" (block-scaled E4M3) quantized checkpoints",
+        ));
+    }
+    for (key, accepted) in [
+        ("fmt", "e4m3"),
+        ("activation_scheme", "dynamic"),
+        ("expert_dtype", "fp8"),
+    ] {
+        // Case-insensitive, as transformers lowercases activation_scheme.
+        if let Some(value) = field(key)
+            && !value
+                .as_str()
+                .is_some_and(|v| v.eq_ignore_ascii_case(accepted))
+        {
+            return Err(refuse(
+                key,
+                value,
+                &format!("only {accepted:?} FP8 checkpoints"),
+            ));
+        }
+    }
+    let block = field("weight_block_size").ok_or_else(|| {
+        f.invalid(
+            "quantization_config.weight_block_size is missing; this worker reads only \
+             block-scaled FP8 checkpoints (per-tensor scales are not implemented)"
+                .into(),
+        )
+    })?;
+    let positive = |v: &Value| {
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+    };
+    if let Some([rows, cols]) = block.as_array().map(Vec::as_slice)
+        && let (Some(rows), Some(cols)) = (positive(rows), positive(cols))
+    {
+        return Ok(Some(Fp8Blocks { rows, cols }));
+    }
+    Err(refuse(
+        "weight_block_size",
+        block,
+        "a block size of two positive integers [rows, columns]",
+    ))
 }
 
 fn architecture(f: &Fields<'_>) -> Result<Architecture, HfError> {
@@ -700,6 +780,56 @@ mod tests {
         let mut c = mixtral();
         c["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
         assert!(read(c).unwrap_err().contains("only plain RoPE"));
+    }
+
+    #[test]
+    fn block_scaled_fp8_is_read_and_other_quantization_named() {
+        assert_eq!(read(deepseek_v3()).unwrap().fp8, None);
+        let mut c = deepseek_v3();
+        c["quantization_config"] = json!({
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 64], "modules_to_not_convert": ["lm_head"]
+        });
+        assert_eq!(
+            read(c).unwrap().fp8,
+            Some(Fp8Blocks {
+                rows: 128,
+                cols: 64
+            })
+        );
+        for (key, value, named) in [
+            ("quant_method", json!("gptq"), "quant_method is \"gptq\""),
+            ("fmt", json!("e5m2"), "fmt is \"e5m2\""),
+            (
+                "activation_scheme",
+                json!("static"),
+                "activation_scheme is \"static\"",
+            ),
+            ("expert_dtype", json!("fp4"), "expert_dtype is \"fp4\""),
+            (
+                "weight_block_size",
+                json!([128]),
+                "weight_block_size is [128]",
+            ),
+            (
+                "weight_block_size",
+                json!([128, 0]),
+                "weight_block_size is [128,0]",
+            ),
+            (
+                "weight_block_size",
+                json!(null),
+                "weight_block_size is missing",
+            ),
+        ] {
+            let mut c = deepseek_v3();
+            c["quantization_config"] = json!({
+                "quant_method": "fp8", "weight_block_size": [128, 128]
+            });
+            c["quantization_config"][key] = value;
+            let error = read(c).unwrap_err();
+            assert!(error.contains(named), "{key}: {error}");
+        }
     }
 
     #[test]

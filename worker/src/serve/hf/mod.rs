@@ -1,5 +1,6 @@
 //! Hugging Face model directories: `config.json`, safetensors weights (one
-//! file or shards with an index), `tokenizer.json` with its config and chat
+//! file or shards with an index; F32, F16, BF16, or block-scaled FP8
+//! dequantized at load), `tokenizer.json` with its config and chat
 //! template, `generation_config.json`; for Mixtral-, Qwen2-MoE-,
 //! Qwen3-MoE- and DeepSeek-V3-style models ([`config::Architecture`]).
 //!
@@ -23,7 +24,7 @@ use crate::serve::model::{
     ServeModel,
 };
 
-pub use config::{Architecture, HfConfig};
+pub use config::{Architecture, Fp8Blocks, HfConfig};
 pub use tokenizer::HfTokenizer;
 use weights::TensorStore;
 
@@ -108,7 +109,7 @@ pub fn load_experts(dir: &Path, experts: Option<Range<usize>>) -> Result<HfModel
     }
     let tokenizer = HfTokenizer::read(dir, &config.eos)?;
     let skip = other_experts(&config, &held);
-    let mut store = TensorStore::read_except(dir, &skip)?;
+    let mut store = TensorStore::read_except(dir, &skip, config.fp8)?;
     let model = build(&config, &mut store, dir, &held)?;
     let left = store.left();
     if !left.is_empty() {
