@@ -60,9 +60,10 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)")
         .message("replicas must be within autoscaling.minReplicas and autoscaling.maxReplicas")
         .field_path(".replicas"),
-    // FP8 tensor cores exist on Hopper only; the CPU worker emulates FP8 exactly.
+    // FP8 tensor cores exist on Hopper only; the CPU worker stores FP8 weights
+    // and computes in f32.
     validation = Rule::new("self.serving.precision != 'fp8' || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
-        .message("serving.precision fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which emulates FP8)")
+        .message("serving.precision fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which stores FP8 weights and computes in f32)")
         .field_path(".serving.precision"),
     // Kueue admits workloads that finish; a service never does. Placement is
     // shared with MoETrainingJob, so the field exists but is refused here.
@@ -271,7 +272,9 @@ pub enum ServingPrecision {
     #[default]
     Bf16,
     Fp32,
-    /// FP8 (E4M3) expert and projection GEMMs with blockwise scales. Needs Hopper.
+    /// FP8 (E4M3) weights for the projections, experts and LM head: Hopper
+    /// GPUs, or on CPU workers a quarter of f32's bytes (a power-of-two scale
+    /// per output row, f32 arithmetic).
     Fp8,
 }
 
