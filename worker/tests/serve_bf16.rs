@@ -12,8 +12,7 @@ mod serve_support;
 
 use std::path::Path;
 
-use moe_worker::fp8::e4m3;
-use moe_worker::ops::packed_linear::WeightPrecision;
+use moe_worker::ops::packed_linear::{PackedLinear, WeightPrecision};
 use moe_worker::serve::engine::{Chunk, Engine};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
 use moe_worker::serve::load;
@@ -33,22 +32,16 @@ fn round(w: &mut [f32], in_dim: usize, precision: WeightPrecision) {
     match precision {
         WeightPrecision::F32 => {}
         WeightPrecision::Bf16 => w.iter_mut().for_each(|v| *v = bf16(*v)),
-        // Each row scaled by the power of two that brings its largest
-        // magnitude into E4M3's top binade, (224, 448].
+        // Each row with its own power-of-two scale: the library's
+        // quantization (checked against an f64 reference in
+        // `ops::packed_linear`), read back row by row.
+        WeightPrecision::Fp8 if w.is_empty() => {}
         WeightPrecision::Fp8 => {
-            for row in w.chunks_exact_mut(in_dim) {
-                let largest = row.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
-                let mut scale = 1.0f64;
-                while largest / scale > 448.0 {
-                    scale *= 2.0;
-                }
-                while largest > 0.0 && largest / (scale / 2.0) <= 448.0 {
-                    scale /= 2.0;
-                }
-                for v in row {
-                    let code = e4m3::encode((f64::from(*v) / scale) as f32);
-                    *v = (f64::from(e4m3::decode(code)) * scale) as f32;
-                }
+            let rows = w.len() / in_dim;
+            let mut linear = PackedLinear::new(w.to_vec(), in_dim, rows);
+            linear.round_to_fp8();
+            for (o, row) in w.chunks_exact_mut(in_dim).enumerate() {
+                linear.row(o, row);
             }
         }
     }

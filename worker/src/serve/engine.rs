@@ -430,19 +430,16 @@ impl Engine {
             let (kr, vr) = (&k[r * kv..(r + 1) * kv], &v[r * kv..(r + 1) * kv]);
             cache.write(at.layer, at.chunks[c].pages, position, kr, vr);
         }
-        let mut attention = vec![0.0; at.out_rows.len() * qw];
-        for (out, &r) in attention.chunks_exact_mut(qw).zip(at.out_rows) {
-            let (c, position) = at.rows[r];
+        at.each_out_row(qw, |out, r, pages, position| {
             self.attend(
                 out,
                 &q[r * qw..(r + 1) * qw],
                 cache,
                 at.layer,
-                at.chunks[c].pages,
+                pages,
                 position,
             );
-        }
-        attention
+        })
     }
 
     /// Multi-head latent attention for one block (`serve/latent.rs`): the
@@ -479,18 +476,10 @@ impl Engine {
             self.rotate(&mut row[rank..], position);
             cache.write(at.layer, at.chunks[c].pages, position, row, &[]);
         }
-        let mut contexts = vec![0.0; at.out_rows.len() * heads * rank];
-        for (context, &r) in contexts.chunks_exact_mut(heads * rank).zip(at.out_rows) {
-            let (c, position) = at.rows[r];
-            latent.attend(
-                context,
-                &queries[r * query_width..(r + 1) * query_width],
-                cache,
-                at.layer,
-                at.chunks[c].pages,
-                position,
-            );
-        }
+        let contexts = at.each_out_row(heads * rank, |context, r, pages, position| {
+            let query = &queries[r * query_width..(r + 1) * query_width];
+            latent.attend(context, query, cache, at.layer, pages, position);
+        });
         latent.expand(&contexts)
     }
 
@@ -612,6 +601,23 @@ struct Rows<'a> {
     out_rows: &'a [usize],
     chunks: &'a [Chunk<'a>],
     layer: usize,
+}
+
+impl Rows<'_> {
+    /// `[out rows, width]`: `fill(out, row, its pages, its position)` for
+    /// each row whose output is needed, in order.
+    fn each_out_row(
+        &self,
+        width: usize,
+        mut fill: impl FnMut(&mut [f32], usize, &[PageId], usize),
+    ) -> Vec<f32> {
+        let mut outputs = vec![0.0; self.out_rows.len() * width];
+        for (out, &r) in outputs.chunks_exact_mut(width).zip(self.out_rows) {
+            let (c, position) = self.rows[r];
+            fill(out, r, self.chunks[c].pages, position);
+        }
+        outputs
+    }
 }
 
 /// Adds `bias` to every row of `rows`.
