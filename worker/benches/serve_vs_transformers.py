@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Decode speed and time to first token on the CPU: `moe-worker serve` beside
-Hugging Face transformers, the same random-weight Mixtral-style model, the
+Hugging Face transformers, the same random-weight Mixtral-style model (or
+DeepSeek-V3-style with multi-head latent attention: `--arch deepseek_v3`), the
 same prompt, greedy, the same number of threads, measured in one run; then
 the server's throughput against concurrent streaming clients.
 
@@ -74,14 +75,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Mixture of experts models
 def write_model(directory, args):
     with open(os.path.join(FIXTURE, "config.json")) as f:
         base = json.load(f)
-    config = transformers.MixtralConfig(
+    common = dict(
         vocab_size=base["vocab_size"],
         hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
         num_experts_per_tok=2,
         max_position_embeddings=1024,
         bos_token_id=base.get("bos_token_id"),
@@ -89,7 +87,40 @@ def write_model(directory, args):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    if getattr(args, "arch", "mixtral") == "deepseek_v3":
+        # The same hidden size, layers, 8 experts top-2 of width 2·hidden,
+        # with DeepSeek-V3's attention scaled down in its proportions
+        # (q_lora_rank ≈ hidden / 4, kv_lora_rank = hidden / 8, head dims
+        # 32 + 16 rotated, values 32), one shared expert, every layer MoE,
+        # plain RoPE, one expert group.
+        config = transformers.DeepseekV3Config(
+            num_key_value_heads=8,
+            intermediate_size=2 * args.hidden,
+            moe_intermediate_size=2 * args.hidden,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            q_lora_rank=args.hidden // 4,
+            kv_lora_rank=args.hidden // 8,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            rope_scaling=None,
+            **common,
+        )
+        model = transformers.DeepseekV3ForCausalLM(config).eval()
+    else:
+        config = transformers.MixtralConfig(
+            num_key_value_heads=2,
+            intermediate_size=2 * args.hidden,
+            num_local_experts=8,
+            **common,
+        )
+        model = transformers.MixtralForCausalLM(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         source = os.path.join(FIXTURE, name)
@@ -384,8 +415,7 @@ def head_to_head(server, model, directory, args, llamas=(), others=()):
     for label, llama in llamas:
         prompts[label], note = llama_prompt(llama, ids[0].tolist())
         print(note)
-    if llamas:
-        greedy_check(server, llamas, prompts, model, tokenizer, ids, args)
+    greedy_check(server, llamas, prompts, model, tokenizer, ids, args)
     # Warm-up: first calls allocate, fault pages in, pick kernels.
     stream_completion(server.port, 4)
     with torch.inference_mode():
@@ -428,7 +458,8 @@ def head_to_head(server, model, directory, args, llamas=(), others=()):
     for label, _ in llamas:
         tokens |= {n for _, _, n in runs[f"llama.cpp {label}"]}
     width = max(14, max(len(side) for side in sides) + 2)
-    print(f"model: Mixtral-style, hidden {args.hidden}, {args.layers} layers, 8 experts top-2; "
+    style = {"mixtral": "Mixtral-style", "deepseek_v3": "DeepSeek-V3-style (MLA)"}[args.arch]
+    print(f"model: {style}, hidden {args.hidden}, {args.layers} layers, 8 experts top-2; "
           f"prompt {ids.shape[1]} tokens, {args.tokens} generated "
           f"({'worker' if not llamas else 'servers'}: {sorted(tokens)}), "
           f"{args.runs} alternating runs, TTFT min of {args.ttft_repeats} per run, "
@@ -500,6 +531,8 @@ def concurrency(server, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", required=True, help="a release moe-worker binary")
+    parser.add_argument("--arch", choices=["mixtral", "deepseek_v3"], default="mixtral",
+                        help="the model's architecture (deepseek_v3: multi-head latent attention)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
