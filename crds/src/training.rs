@@ -58,11 +58,6 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.model.seqLen % self.parallelism.sequenceParallel == 0")
         .message("model.seqLen must be divisible by parallelism.sequenceParallel (each rank holds seqLen/sequenceParallel tokens)")
         .field_path(".model.seqLen"),
-    // The sequence-wise balance loss needs each whole sequence's routing
-    // statistics; under sequence parallelism a rank holds a slice of it.
-    validation = Rule::new("self.parallelism.sequenceParallel == 1 || !has(self.model.moe.balancing) || !has(self.model.moe.balancing.sequenceAuxLossCoef) || self.model.moe.balancing.sequenceAuxLossCoef == 0.0")
-        .message("model.moe.balancing.sequenceAuxLossCoef must be 0 with parallelism.sequenceParallel above 1 (each rank holds a slice of every sequence; use the aux-loss-free balancing)")
-        .field_path(".model.moe.balancing.sequenceAuxLossCoef"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),
@@ -259,6 +254,8 @@ pub struct BalancingSpec {
     #[serde(default)]
     pub aux_loss_free: AuxLossFree,
     /// Coefficient of the sequence-level auxiliary balance loss (0: off).
+    /// Works with sequence parallelism: each sequence's routing statistics
+    /// are summed over its ranks.
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub sequence_aux_loss_coef: f64,

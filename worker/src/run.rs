@@ -405,6 +405,14 @@ pub fn train_as(
             bytes_per_step = sp.bytes_sent() / steps,
             "sequence-parallel attention all-to-alls: payload bytes this rank sent to other ranks"
         );
+        if sp.bytes_summed() > 0 {
+            tracing::info!(
+                rank = dp.rank(),
+                steps,
+                bytes_per_step = sp.bytes_summed() / steps,
+                "sequence-parallel balance-loss statistics: payload bytes this rank summed over its group"
+            );
+        }
     }
     Ok(Summary {
         steps: trainer.steps_done(),

@@ -225,8 +225,8 @@ fn world_ranks(config: &WorkerConfig) -> Result<usize, SettingsError> {
 /// groups are blocks of consecutive ranks), the sequence (each rank holds
 /// `seqLen / sequenceParallel` tokens of each) and, since attention runs
 /// sharded by head, the query and key/value heads; the same rules as the
-/// CRD's, naming the same fields. The sequence-wise balance loss needs
-/// whole sequences' routing statistics, which are not exchanged yet.
+/// CRD's, naming the same fields. (The sequence-wise balance loss works:
+/// the group sums each sequence's routing statistics.)
 fn sequence_parallel(
     config: &WorkerConfig,
     world_size: usize,
@@ -266,13 +266,6 @@ fn sequence_parallel(
             ),
         )?;
     }
-    require(
-        sp == 1 || config.model.moe.balancing.sequence_aux_loss_coef == 0.0,
-        "model.moe.balancing.sequenceAuxLossCoef",
-        format!(
-            "is set, but the sequence-wise balance loss with parallelism.sequenceParallel {sp} would need each sequence's routing statistics from every rank, which are not exchanged yet; set it to 0 (aux-loss-free balancing works) or sequenceParallel to 1"
-        ),
-    )?;
     Ok(sp)
 }
 
@@ -620,7 +613,7 @@ mod tests {
         // 8 sequences over 2 data-parallel shards of micro-batches of 2.
         assert_eq!(sp.training.micro_steps, 2);
         type Patch = fn(&mut Value);
-        let cases: [(Patch, &str, &str); 6] = [
+        let cases: [(Patch, &str, &str); 5] = [
             (
                 |c| c["parallelism"] = json!({"processesPerNode": 3, "sequenceParallel": 2}),
                 "parallelism.sequenceParallel",
@@ -650,14 +643,6 @@ mod tests {
             ),
             (
                 |c| {
-                    c["model"]["moe"]["balancing"] = json!({"sequenceAuxLossCoef": 0.001});
-                    c["parallelism"] = json!({"processesPerNode": 2, "sequenceParallel": 2});
-                },
-                "model.moe.balancing.sequenceAuxLossCoef",
-                "routing statistics",
-            ),
-            (
-                |c| {
                     c["training"]["globalBatchSize"] = 2.into();
                     c["parallelism"] = json!({"processesPerNode": 4, "sequenceParallel": 2});
                 },
@@ -669,6 +654,25 @@ mod tests {
             let (field, problem) = refusal(patch);
             assert_eq!(field, want_field, "{problem}");
             assert!(problem.contains(want_problem), "{field}: {problem}");
+        }
+    }
+
+    /// The sequence-wise balance loss under sequence parallelism (alone and
+    /// with expert parallelism) is accepted: the group sums each sequence's
+    /// routing statistics.
+    #[test]
+    fn sequence_parallelism_accepts_the_sequence_wise_balance_loss() {
+        for parallelism in [
+            json!({"processesPerNode": 2, "sequenceParallel": 2}),
+            json!({"processesPerNode": 4, "sequenceParallel": 2, "expertParallel": 2}),
+        ] {
+            let settings = TrainSettings::from_config(&config(|c| {
+                c["model"]["moe"]["balancing"] = json!({"sequenceAuxLossCoef": 0.001});
+                c["parallelism"] = parallelism.clone();
+            }))
+            .unwrap_or_else(|e| panic!("{parallelism}: {e}"));
+            assert_eq!(settings.sequence_parallel, 2);
+            assert_eq!(settings.model.moe.aux_loss_alpha, 0.001);
         }
     }
 

@@ -2,8 +2,9 @@
 //! loopback TCP: the sequence ↔ head layout switch (with RoPE at the
 //! slices' true positions) round trip, whole training steps on 1 rank, 2
 //! ranks (sequence parallel 2), 4 ranks (sequence parallel 2 × expert
-//! parallel 2, and sequence parallel 2 × data parallel 2), activation
-//! checkpointing, and checkpoints resumed with another sequence parallelism.
+//! parallel 2, and sequence parallel 2 × data parallel 2), with and without
+//! DeepSeek-V3's sequence-wise balance loss, activation checkpointing, and
+//! checkpoints resumed with another sequence parallelism.
 
 mod dist_support;
 
@@ -102,10 +103,19 @@ fn tokens_to_heads_round_trip_with_rope_at_global_positions() {
     }
 }
 
-/// A small MoE model with aux-loss-free balancing (the sequence-wise aux
-/// loss is refused with sequence parallelism), 4 routed experts, 4 query
-/// and 2 key/value heads, on `ranks` ranks split `sp` × `ep`.
+/// The sequence-wise balance loss's coefficient where a test turns it on:
+/// large enough that its gradient moves the router visibly (the test checks
+/// that a group not summing its statistics fails).
+const AUX: f64 = 0.01;
+
+/// A small MoE model with aux-loss-free balancing, 4 routed experts, 4
+/// query and 2 key/value heads, on `ranks` ranks split `sp` × `ep`.
 fn config(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Value {
+    config_with_aux(ranks, sp, ep, recompute, 0.0)
+}
+
+/// [`config`] with the sequence-wise balance loss's coefficient `aux` (0: off).
+fn config_with_aux(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> Value {
     json!({
         "job": "local/sp",
         "model": {
@@ -113,7 +123,8 @@ fn config(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Value {
             "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
             "moe": {"experts": 4, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32,
                     "router": "sigmoid", "groups": 2, "topGroups": 2,
-                    "balancing": {"auxLossFree": {"enabled": true, "biasUpdateRate": 0.01}}}
+                    "balancing": {"auxLossFree": {"enabled": true, "biasUpdateRate": 0.01},
+                                  "sequenceAuxLossCoef": aux}}
         },
         "data": {"builtin": {"corpus": "tiny"}},
         "training": {
@@ -129,8 +140,8 @@ fn config(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Value {
     })
 }
 
-fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool) -> TrainSettings {
-    let config = config(ranks, sp, ep, recompute).to_string();
+fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> TrainSettings {
+    let config = config_with_aux(ranks, sp, ep, recompute, aux).to_string();
     let config = parse_worker_config(&config).expect("valid config");
     TrainSettings::from_config(&config).expect("valid settings")
 }
@@ -160,6 +171,8 @@ struct Outcome {
     reports: Vec<StepReport>,
     weights: Vec<(String, Vec<Option<f32>>)>,
     bytes: u64,
+    /// Payload bytes of the balance loss's statistics summed over the group.
+    summed: u64,
 }
 
 /// The trainer's weights laid out as one process's (4 experts), `None`
@@ -187,8 +200,8 @@ fn held_weights(trainer: &Trainer) -> Vec<(String, Vec<Option<f32>>)> {
         .collect()
 }
 
-fn alone() -> Outcome {
-    let mut t = trainer(&settings(1, 1, 1, false), 0..4);
+fn alone(aux: f64) -> Outcome {
+    let mut t = trainer(&settings(1, 1, 1, false, aux), 0..4);
     let reports = (0..STEPS)
         .map(|_| t.step(&|| false).expect("not stopped"))
         .collect();
@@ -196,11 +209,12 @@ fn alone() -> Outcome {
         reports,
         weights: held_weights(&t),
         bytes: 0,
+        summed: 0,
     }
 }
 
-fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outcome> {
-    let settings = settings(ranks, sp, ep, recompute);
+fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> Vec<Outcome> {
+    let settings = settings(ranks, sp, ep, recompute, aux);
     world(ranks, |mut c| {
         let (sequence, experts) = groups(&c, sp, ep, settings.model.seq_len);
         let parallel = Parallel {
@@ -220,6 +234,7 @@ fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool) -> Vec<Outc
             reports,
             weights: held_weights(&t),
             bytes: sequence.bytes_sent(),
+            summed: sequence.bytes_summed(),
         }
     })
 }
@@ -257,26 +272,78 @@ fn ulysses_bytes(sp: usize, micro_steps: usize) -> u64 {
 
 #[test]
 fn sequence_parallel_training_matches_one_process() {
-    let one = alone();
-    let sp2 = parallel_run(2, 2, 1, false);
+    let one = alone(0.0);
+    let sp2 = parallel_run(2, 2, 1, false, 0.0);
     compare("SP 2", &one, &sp2);
     for o in &sp2 {
         assert_eq!(o.bytes, ulysses_bytes(2, 4), "SP 2 bytes");
     }
-    let sp2_ep2 = parallel_run(4, 2, 2, false);
+    let sp2_ep2 = parallel_run(4, 2, 2, false, 0.0);
     compare("SP 2 × EP 2", &one, &sp2_ep2);
     for o in &sp2_ep2 {
         assert_eq!(o.bytes, ulysses_bytes(2, 2), "SP 2 × EP 2 bytes");
     }
-    compare("SP 2 × DP 2", &one, &parallel_run(4, 2, 1, false));
+    compare("SP 2 × DP 2", &one, &parallel_run(4, 2, 1, false, 0.0));
+}
+
+/// The worst relative gap between a parallel run's balance losses and one
+/// process's, over the steps (every rank reports the same, see [`compare`]).
+fn worst_aux_gap(one: &Outcome, ranks: &[Outcome]) -> f64 {
+    ranks[0]
+        .reports
+        .iter()
+        .zip(&one.reports)
+        .map(|(got, want)| (got.aux_loss - want.aux_loss).abs() / want.aux_loss)
+        .fold(0.0, f64::max)
+}
+
+/// DeepSeek-V3's sequence-wise balance loss under sequence parallelism:
+/// each rank routes only its slice of every sequence, the group sums the
+/// slices' selection counts and normalised-score sums, and every rank gets
+/// the whole sequences' `f_i` and `P_i`. Against one process with the same
+/// coefficient: the cross-entropy, expert loads and weights within data
+/// parallelism's tolerances ([`compare`]), and the balance loss every step
+/// within 10⁻⁵ relative (its statistics cross the wire as f32). A group that
+/// did not sum them would report each slice's loss and train on each
+/// slice's `f_i`. The sums cost `experts × sequences × 2 × 4` bytes per MoE
+/// layer and micro-batch (one MoE layer and one sequence per micro-batch here).
+#[test]
+fn sequence_parallel_training_with_the_sequence_wise_aux_loss_matches_one_process() {
+    let one = alone(AUX);
+    assert!(
+        one.reports.iter().all(|r| r.aux_loss > 0.0),
+        "the balance loss is on"
+    );
+    for (what, ranks, ep) in [("SP 2", 2, 1), ("SP 2 × EP 2", 4, 2), ("SP 2 × DP 2", 4, 1)] {
+        let run = parallel_run(ranks, 2, ep, false, AUX);
+        let aux_gap = worst_aux_gap(&one, &run);
+        eprintln!(
+            "{what}, aux loss {AUX}: balance losses differ by at most {aux_gap:.2e} relative"
+        );
+        assert!(
+            aux_gap <= 1e-5,
+            "{what}: balance losses differ by {aux_gap:e}"
+        );
+        compare(&format!("{what}, aux loss {AUX}"), &one, &run);
+        // Micro-batches of 1 of the global batch of 4, over ranks / sp shards.
+        let micro_steps = 4 / (ranks / 2);
+        for o in &run {
+            assert_eq!(
+                o.summed,
+                (micro_steps * STEPS * 4 * 2 * 4) as u64,
+                "{what}: bytes summed"
+            );
+        }
+    }
 }
 
 /// Activation checkpointing reruns each block's forward pass, layout
-/// switches included, in the backward pass: the same values, so the same bits.
+/// switches and the balance loss's sums included, in the backward pass:
+/// the same values, so the same bits.
 #[test]
 fn sequence_parallelism_with_activation_checkpointing_trains_the_same_bits() {
-    let kept = parallel_run(2, 2, 1, false);
-    let recomputed = parallel_run(2, 2, 1, true);
+    let kept = parallel_run(2, 2, 1, false, AUX);
+    let recomputed = parallel_run(2, 2, 1, true, AUX);
     for (k, r) in kept.iter().zip(&recomputed) {
         assert_eq!(k.reports, r.reports);
         for ((name, a), (_, b)) in k.weights.iter().zip(&r.weights) {
@@ -284,8 +351,9 @@ fn sequence_parallelism_with_activation_checkpointing_trains_the_same_bits() {
                 |v: &[Option<f32>]| v.iter().map(|x| x.map(f32::to_bits)).collect::<Vec<_>>();
             assert_eq!(bits(a), bits(b), "{name}");
         }
-        // The forward's switches happen twice.
+        // The forward's switches and sums happen twice.
         assert_eq!(r.bytes, k.bytes / 2 * 3);
+        assert_eq!(r.summed, k.summed * 2);
     }
 }
 

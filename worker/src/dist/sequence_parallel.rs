@@ -11,7 +11,9 @@
 //! ```
 //!
 //! Everything else (embedding, norms, MLP/MoE, head, loss) is token-wise and
-//! runs on the slice as it is. The packing is pure ([`HeadSplit`]); the
+//! runs on the slice as it is, except the MoE layers' sequence-wise balance
+//! loss, whose per-sequence routing statistics the group sums
+//! ([`SequenceParallel::sum_over_group`]). The packing is pure ([`HeadSplit`]); the
 //! exchange goes through the group's [`Collective`], with failures recorded
 //! rather than returned, as [`super::expert_parallel`] does, since the
 //! model's passes return values, not `Result`s.
@@ -32,6 +34,8 @@ pub struct SequenceParallel {
     failure: RefCell<Option<DistError>>,
     /// Payload bytes this rank sent to other ranks in layout switches.
     bytes_sent: Cell<u64>,
+    /// Payload bytes of this rank's sums in [`Self::sum_over_group`].
+    bytes_summed: Cell<u64>,
 }
 
 impl SequenceParallel {
@@ -50,6 +54,7 @@ impl SequenceParallel {
             seq_len,
             failure: RefCell::new(None),
             bytes_sent: Cell::new(0),
+            bytes_summed: Cell::new(0),
         })
     }
 
@@ -90,6 +95,13 @@ impl SequenceParallel {
         self.bytes_sent.get()
     }
 
+    /// Payload bytes of this rank's values summed over the group so far
+    /// (the balance loss's routing statistics; what the wire carries
+    /// depends on the collective's algorithm).
+    pub fn bytes_summed(&self) -> u64 {
+        self.bytes_summed.get()
+    }
+
     /// The first exchange failure since the last call, if any.
     pub fn take_failure(&self) -> Result<(), DistError> {
         match self.failure.borrow_mut().take() {
@@ -116,6 +128,21 @@ impl SequenceParallel {
         let split = self.split(y.len(), heads, head_dim);
         let received = self.exchange(&split.pack_heads(y), split.chunk());
         split.unpack_tokens(&received)
+    }
+
+    /// Sums `values` over the group in place, every rank ending with the
+    /// same bits: how each sequence's routing statistics, taken by each
+    /// rank over its slice, become the whole sequence's. Left as they are
+    /// after a failure (recorded like the exchanges'; later ones skipped).
+    pub fn sum_over_group(&self, values: &mut [f32]) {
+        if self.failure.borrow().is_some() || self.size() == 1 {
+            return;
+        }
+        let bytes = size_of_val(values) as u64;
+        self.bytes_summed.set(self.bytes_summed.get() + bytes);
+        if let Err(e) = self.group.borrow_mut().all_reduce_sum(values) {
+            self.failure.borrow_mut().get_or_insert(e);
+        }
     }
 
     /// An all-to-all of `chunk` values to and from every rank. Zeros after

@@ -157,17 +157,22 @@ impl<T: Scalar> BlockContext<'_, T> {
             }
             FeedForward::Moe(layer) => match self.experts {
                 None => {
-                    let mut pass =
-                        layer.forward_with(linears.ffn, &ffn_normed, self.local_seq_len());
+                    let mut pass = layer.forward_in(
+                        linears.ffn,
+                        &ffn_normed,
+                        self.local_seq_len(),
+                        self.sequence,
+                    );
                     (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
                 }
                 Some(ep) => {
-                    let mut pass = expert_parallel::forward(
+                    let mut pass = expert_parallel::forward_in(
                         layer,
                         ep,
                         linears.ffn,
                         &ffn_normed,
                         self.local_seq_len(),
+                        self.sequence,
                     );
                     let output = std::mem::take(&mut pass.output);
                     (output, FeedForwardPass::MoeParallel(pass))

@@ -110,7 +110,9 @@ pub struct ForwardPass<T> {
     probs: Vec<T>,
     /// Mean next-token cross-entropy, in nats.
     pub cross_entropy: f64,
-    /// Sum of the MoE layers' sequence-wise balance losses (0 when off).
+    /// Sum of the MoE layers' sequence-wise balance losses (0 when off);
+    /// with sequence parallelism, the whole sequences' (the same on every
+    /// rank of the group).
     pub aux_loss: f64,
 }
 
@@ -432,7 +434,10 @@ impl<T: Scalar> Model<T> {
     /// this rank's loss (the mean over its tokens) for the replicated
     /// weights, including what its tokens contributed through attention to
     /// other ranks' tokens (the layout switches carry it back to them); for
-    /// owned routed experts, see [`Self::backward_expert_parallel`].
+    /// owned routed experts, see [`Self::backward_expert_parallel`]. The
+    /// balance loss counts like the cross-entropy: its gradient is this
+    /// rank's slice's share scaled to a whole sequence, so the ranks' mean
+    /// is the whole sequences' gradient.
     pub fn backward_parallel(
         &self,
         pass: &ForwardPass<T>,

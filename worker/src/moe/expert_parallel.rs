@@ -21,8 +21,10 @@
 //! weight gradients sum the same rows in a different grouping (rounding).
 
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::linear::Linears;
 use crate::memory::HeldBytes;
+use crate::moe::balance::SlicedBalanceLoss;
 use crate::moe::dispatch::Dispatch;
 use crate::moe::expert::SwiGluActivations;
 use crate::moe::layer::MoeLayer;
@@ -130,8 +132,12 @@ pub struct ExpertParallelForward<T> {
     pub output: Vec<T>,
     pub routing: Routing<T>,
     pub dispatch: Dispatch,
+    /// As [`crate::moe::MoeForward::aux_loss`].
     pub aux_loss: T,
     seq_len: usize,
+    /// As in [`crate::moe::MoeForward`]: the whole sequences' balance
+    /// statistics under sequence parallelism.
+    sliced_balance: Option<SlicedBalanceLoss>,
     plan: ExchangePlan,
     /// The expert outputs for this rank's assignments, in dispatch order
     /// (by expert, then token), as they came back.
@@ -162,6 +168,7 @@ impl<T> HeldBytes for ExpertParallelForward<T> {
             + local
             + self.local.held_bytes()
             + self.shared.held_bytes()
+            + self.sliced_balance.held_bytes()
     }
 }
 
@@ -182,6 +189,22 @@ pub fn forward<T: Scalar>(
     linears: Linears<'_>,
     x: &[T],
     seq_len: usize,
+) -> ExpertParallelForward<T> {
+    forward_in(layer, ep, linears, x, seq_len, None)
+}
+
+/// [`forward`] on `seq_len` tokens of each sequence, which, with
+/// `sequence`, is this rank's slice of it. Routing happens here, on this
+/// rank's tokens, before any row is dispatched, so the balance loss's
+/// statistics are this rank's slices' and `sequence`'s group (not the
+/// expert-parallel one) sums them ([`MoeLayer::aux_loss_in`]).
+pub(crate) fn forward_in<T: Scalar>(
+    layer: &MoeLayer<T>,
+    ep: &ExpertParallel,
+    linears: Linears<'_>,
+    x: &[T],
+    seq_len: usize,
+    sequence: Option<&SequenceParallel>,
 ) -> ExpertParallelForward<T> {
     let config = layer.config();
     let (hidden, n_experts) = (config.hidden, config.n_routed_experts);
@@ -242,13 +265,14 @@ pub fn forward<T: Scalar>(
     }
 
     let shared = layer.shared_forward(linears, x, &mut output);
-    let aux_loss = layer.aux_loss(&routing, seq_len);
+    let (aux_loss, sliced_balance) = layer.aux_loss_in(&routing, seq_len, sequence);
     ExpertParallelForward {
         output,
         routing,
         dispatch,
         aux_loss,
         seq_len,
+        sliced_balance,
         plan,
         combined,
         local,
@@ -326,7 +350,15 @@ pub fn backward<T: Scalar>(
     if let (Some(mlp), Some(activations)) = (layer.shared(linears), &pass.shared) {
         mlp.backward(dx, grads.shared_grads(), dout, x, activations);
     }
-    layer.router_backward(routing, pass.seq_len, x, &dgates, dx, &mut grads.router);
+    layer.router_backward(
+        routing,
+        pass.seq_len,
+        pass.sliced_balance.as_ref(),
+        x,
+        &dgates,
+        dx,
+        &mut grads.router,
+    );
 }
 
 fn row<T>(m: &[T], r: usize, width: usize) -> &[T] {

@@ -1,9 +1,10 @@
 //! The MoE feed-forward layer: route, dispatch by expert, run each expert
 //! over its tokens, scatter-add the gated outputs back, add the shared experts.
 
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::linear::Linears;
 use crate::memory::HeldBytes;
-use crate::moe::balance;
+use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::{MoeConfig, MoeConfigError};
 use crate::moe::dispatch::Dispatch;
 use crate::moe::expert::{MLP_LINEARS, SwiGluActivations, SwiGluMlp};
@@ -31,8 +32,13 @@ pub struct MoeForward<T> {
     pub dispatch: Dispatch,
     /// The sequence-wise balance loss (0 when `aux_loss_alpha` is 0); part of
     /// the training objective, and [`MoeLayer::backward`] includes its gradient.
+    /// With sequence parallelism, the whole sequences' (see [`SlicedBalanceLoss`]).
     pub aux_loss: T,
     seq_len: usize,
+    /// The whole sequences' balance statistics when this pass held slices
+    /// of them (sequence parallelism); `None` when every token of each
+    /// sequence is here or the loss is off.
+    sliced_balance: Option<SlicedBalanceLoss>,
     routed: Vec<ExpertPass<T>>,
     shared: Option<SwiGluActivations<T>>,
 }
@@ -65,6 +71,7 @@ impl<T> HeldBytes for MoeForward<T> {
             + routed
             + self.routed.held_bytes()
             + self.shared.held_bytes()
+            + self.sliced_balance.held_bytes()
     }
 }
 
@@ -128,12 +135,36 @@ impl<T: Scalar> MoeLayer<T> {
     }
 
     /// The sequence-level balance loss of `routing` (zero when its
-    /// coefficient is).
+    /// coefficient is), over sequences of `seq_len` tokens all here.
     pub(crate) fn aux_loss(&self, routing: &Routing<T>, seq_len: usize) -> T {
         if self.config.aux_loss_alpha > 0.0 {
             balance::sequence_balance_loss(routing, seq_len, self.config.aux_loss_alpha)
         } else {
             T::ZERO
+        }
+    }
+
+    /// [`Self::aux_loss`] when `routing` covers `seq_len` tokens of each
+    /// sequence, split over `sequence`'s ranks or not. Split, every rank of
+    /// the group sums its slices' routing statistics with the others' (one
+    /// all-reduce of `2 · n_experts` values per sequence: every rank of the
+    /// group must call it at the same point) and gets the whole sequences'
+    /// loss, plus what its backward pass needs. One process pays nothing.
+    pub(crate) fn aux_loss_in(
+        &self,
+        routing: &Routing<T>,
+        seq_len: usize,
+        sequence: Option<&SequenceParallel>,
+    ) -> (T, Option<SlicedBalanceLoss>) {
+        let alpha = self.config.aux_loss_alpha;
+        match sequence {
+            Some(sp) if alpha > 0.0 && sp.size() > 1 => {
+                let mut sums = SequenceRoutingSums::of(routing, seq_len);
+                sp.sum_over_group(sums.values_mut());
+                let sliced = SlicedBalanceLoss::new(&sums, sp.seq_len(), sp.size(), alpha);
+                (T::from_f64(sliced.loss), Some(sliced))
+            }
+            _ => (self.aux_loss(routing, seq_len), None),
         }
     }
 
@@ -147,6 +178,19 @@ impl<T: Scalar> MoeLayer<T> {
     /// [`Self::forward`] with the experts' GEMMs computed as `linears` say
     /// (see [`Self::linear_count`]); the router's is always f32.
     pub fn forward_with(&self, linears: Linears<'_>, x: &[T], seq_len: usize) -> MoeForward<T> {
+        self.forward_in(linears, x, seq_len, None)
+    }
+
+    /// [`Self::forward_with`] on `seq_len` tokens of each sequence, which,
+    /// with `sequence`, is this rank's slice of it: the balance loss is
+    /// then the whole sequences' ([`Self::aux_loss_in`]).
+    pub(crate) fn forward_in(
+        &self,
+        linears: Linears<'_>,
+        x: &[T],
+        seq_len: usize,
+        sequence: Option<&SequenceParallel>,
+    ) -> MoeForward<T> {
         let (config, hidden) = (&self.config, self.config.hidden);
         assert!(
             self.params.holds_all(config),
@@ -174,13 +218,14 @@ impl<T: Scalar> MoeLayer<T> {
             })
             .collect();
         let shared = self.shared_forward(linears, x, &mut output);
-        let aux_loss = self.aux_loss(&routing, seq_len);
+        let (aux_loss, sliced_balance) = self.aux_loss_in(&routing, seq_len, sequence);
         MoeForward {
             output,
             routing,
             dispatch,
             aux_loss,
             seq_len,
+            sliced_balance,
             routed,
             shared,
         }
@@ -267,6 +312,7 @@ impl<T: Scalar> MoeLayer<T> {
         self.router_backward(
             &pass.routing,
             pass.seq_len,
+            pass.sliced_balance.as_ref(),
             x,
             &dgates,
             dx,
@@ -322,11 +368,15 @@ impl<T: Scalar> MoeLayer<T> {
     }
 
     /// From d loss / d gates (plus the balance loss) back to the scores, the
-    /// logits, and finally the router weights and the input.
+    /// logits, and finally the router weights and the input. The balance
+    /// loss's gradient comes from `sliced_balance` when the pass held
+    /// slices of the sequences, else from `routing` itself.
+    #[allow(clippy::too_many_arguments)] // the pass's routing parts, then the gradients
     pub(crate) fn router_backward(
         &self,
         routing: &Routing<T>,
         seq_len: usize,
+        sliced_balance: Option<&SlicedBalanceLoss>,
         x: &[T],
         dgates: &[T],
         dx: &mut [T],
@@ -342,13 +392,15 @@ impl<T: Scalar> MoeLayer<T> {
         for ((dscores_row, scores_row), (dgates_row, experts_row)) in per_token {
             routing::gates_backward(config, dscores_row, dgates_row, scores_row, experts_row);
         }
-        if config.aux_loss_alpha > 0.0 {
-            balance::sequence_balance_loss_backward(
+        match sliced_balance {
+            Some(sliced) => sliced.add_score_gradient(&mut dscores, routing),
+            None if config.aux_loss_alpha > 0.0 => balance::sequence_balance_loss_backward(
                 &mut dscores,
                 routing,
                 seq_len,
                 config.aux_loss_alpha,
-            );
+            ),
+            None => {}
         }
         let mut dlogits = vec![T::ZERO; dscores.len()];
         routing::scores_backward(

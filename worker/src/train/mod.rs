@@ -208,6 +208,10 @@ impl Trainer {
     /// the mean over as many tokens, so the world's mean of them is the
     /// global batch's mean, and the world's mean of the ranks' gradients is
     /// its gradient: replicated weights are still averaged over `world`.
+    /// The sequence-wise balance loss is the whole sequences' on every rank
+    /// of a group (their statistics summed over it), and each rank's
+    /// gradient of it is scaled like its cross-entropy's, so both means hold
+    /// for it too ([`crate::moe::balance::SlicedBalanceLoss`]).
     pub fn step_parallel(
         &mut self,
         stop: &dyn Fn() -> bool,
