@@ -115,3 +115,18 @@ fn a_checkpoint_of_another_model_than_configured_is_refused() {
         refused.err()
     );
 }
+
+/// A checkpoint of a run that diverged (a NaN in a weight) is refused at
+/// load naming the tensor, not served as NaN logits.
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = TempDir::new("load-nan");
+    let mut model = tiny_model(3);
+    model.weights.embedding[5] = f32::NAN;
+    write_checkpoint(&dir.0, &tiny_spec(), &model);
+    let message = load::load(&dir.0, None, None).unwrap_err().to_string();
+    assert!(
+        message.contains("embedding") && message.contains("non-finite"),
+        "{message}"
+    );
+}

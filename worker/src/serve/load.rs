@@ -370,6 +370,24 @@ fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel
     // The state file also holds the optimizer moments; they are read and
     // dropped here (a serving-only loader that skips them is a later step).
     let restored = checkpoint::load_experts(path, &manifest.model, &config, experts)?;
+    // A diverged run checkpoints NaNs as faithfully as weights: served,
+    // they would make every logit NaN without an error.
+    if let Some(tensor) = restored
+        .state
+        .model
+        .tensors()
+        .into_iter()
+        .find(|t| t.values.iter().any(|v| !v.is_finite()))
+    {
+        return Err(LoadError::InvalidModel {
+            path: path.to_path_buf(),
+            problem: format!(
+                "tensor {} holds non-finite values (NaN or infinity): the run that wrote this \
+                 checkpoint diverged, or the checkpoint is corrupt",
+                tensor.name
+            ),
+        });
+    }
     Ok(LoadedModel {
         model: LoadedWeights::Native(Box::new(restored.state.model)),
         tokenizer: Tokenizer::Bytes,

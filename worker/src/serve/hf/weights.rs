@@ -76,7 +76,31 @@ impl TensorStore {
         }
         // After every file: a scale may be in another shard than its weight.
         store.dequantize(dir, fp8)?;
+        store.check_finite(dir)?;
         Ok(store)
+    }
+
+    /// Refuses a checkpoint with a NaN or infinite weight, naming the
+    /// tensor: served, it would turn every logit into NaN with no error at
+    /// all (an FP8 NaN code, a half-written file, a diverged run).
+    fn check_finite(&self, dir: &Path) -> Result<(), HfError> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let values = &self.tensors[name].values;
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(HfError::Invalid {
+                    path: dir.to_path_buf(),
+                    problem: format!(
+                        "tensor {name} holds {bad} non-finite value(s) (NaN or infinity) of {}; \
+                         the checkpoint is corrupt",
+                        values.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Multiplies every FP8 weight by its block scales, consuming the scale
@@ -521,6 +545,40 @@ mod tests {
         TensorStore::read(&dir.0, Some(BLOCKS))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        let error = read_error(
+            "nan",
+            &[
+                ("model.norm.weight", "F32", &[2], f32_bytes(&[1.0, 2.0])),
+                (WEIGHT, "BF16", &[1, 3], bf16_bytes(&[0.5, f32::NAN, 1.0])),
+            ],
+        );
+        assert!(
+            error.contains(WEIGHT) && error.contains("1 non-finite value(s)"),
+            "{error}"
+        );
+        // An FP8 NaN code (0x7F) too, through its dequantization.
+        let (mut codes, scales) = fp8_matrix();
+        codes[3] = e4m3::NAN;
+        let error = read_error(
+            "fp8-nan",
+            &[
+                (WEIGHT, FP8_DTYPE, &[5, 7], codes),
+                (SCALES, "F32", &[3, 3], f32_bytes(&scales)),
+            ],
+        );
+        assert!(
+            error.contains(WEIGHT) && error.contains("non-finite"),
+            "{error}"
+        );
+        let error = read_error(
+            "inf",
+            &[(WEIGHT, "F32", &[1, 2], f32_bytes(&[f32::INFINITY, 0.0]))],
+        );
+        assert!(error.contains(WEIGHT), "{error}");
     }
 
     #[test]
