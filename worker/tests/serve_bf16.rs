@@ -6,7 +6,8 @@
 //! the rounding of those weights, never the arithmetic around them. Checked
 //! on the worker's own model and the Hugging Face fixtures (Mixtral,
 //! Qwen2-MoE with its gated shared expert, Qwen3-MoE with q/k norms,
-//! DeepSeek-V3 with latent attention), over a prefill and decode steps.
+//! DeepSeek-V3 with latent attention, OLMoE with whole-width q/k norms and
+//! clip_qkv), over a prefill and decode steps.
 
 mod serve_support;
 
@@ -192,6 +193,8 @@ fn check_all(precision: WeightPrecision, bf16_fixture_rounds: bool) {
         ("qwen3_moe", true),
         ("deepseek_v3", bf16_fixture_rounds),
         ("deepseek_v3_plain", true),
+        // F32 weights; its q/k norm gains and biases stay f32 (not linears).
+        ("olmoe", true),
     ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hf")

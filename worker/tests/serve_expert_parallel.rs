@@ -461,6 +461,7 @@ fn hugging_face_models_give_one_process_logits_on_2_and_4_ranks() {
         ("qwen3_moe", 8),
         ("deepseek_v3", 8),
         ("deepseek_v3_fp8", 8),
+        ("olmoe", 8),
     ] {
         let dir = fixture(name);
         let options = options(&dir);

@@ -1,7 +1,7 @@
 //! Hugging Face MoE models served exactly as `transformers` runs them.
 //!
 //! `tests/fixtures/hf/` holds tiny random-weight Mixtral-, Qwen2-MoE-,
-//! Qwen3-MoE- and DeepSeek-V3-style models (one of them block-scaled FP8) in
+//! Qwen3-MoE-, DeepSeek-V3- and OLMoE-style models (one of them block-scaled FP8) in
 //! Hugging Face format and what `transformers`
 //! computes from them (`golden.json`), written by `generate.py` there. Each
 //! is loaded with the serving loader and must give, for every prompt:
@@ -241,6 +241,15 @@ fn deepseek_v3_fp8_matches_transformers_on_the_dequantized_weights() {
     check_fixture("deepseek_v3_fp8");
 }
 
+/// OLMoE: q_norm / k_norm over the whole q and k projections (random
+/// gains, so a per-head norm would differ), `clip_qkv` 1.5 clamping some of
+/// q, k and v, grouped-query attention, softmax top-2 of 8 without
+/// renormalising, q/k/v/o biases, tied embeddings, F32 weights.
+#[test]
+fn olmoe_matches_transformers() {
+    check_fixture("olmoe");
+}
+
 /// A copy of a fixture, to break.
 fn copy_fixture(name: &str, into: &TempDir) -> PathBuf {
     let dir = into.0.join(name);
@@ -295,6 +304,20 @@ fn what_cannot_be_served_is_named() {
         c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
     });
     assert!(load_error(&dir).contains("yarn"));
+
+    // OLMoE's norms are sized by hidden_size: any other head_dim is refused
+    // by name; clip_qkv is clipped only where transformers does (OLMoE).
+    let dir = copy_fixture("olmoe", &tmp);
+    edit_config(&dir, |c| c["head_dim"] = serde_json::json!(32));
+    assert!(load_error(&dir).contains("head_dim 32"));
+    edit_config(&dir, |c| {
+        c.as_object_mut().unwrap().remove("head_dim");
+        c["clip_qkv"] = serde_json::json!(-1.0)
+    });
+    assert!(load_error(&dir).contains("clip_qkv is -1"));
+    let dir = copy_fixture("mixtral", &tmp);
+    edit_config(&dir, |c| c["clip_qkv"] = serde_json::json!(8.0));
+    assert!(load_error(&dir).contains("clip_qkv"));
 
     // FP8 weights need the config's block size; other quantization is named.
     let dir = copy_fixture("deepseek_v3_fp8", &tmp);

@@ -396,7 +396,7 @@ impl Engine {
         at: &Rows<'_>,
     ) -> Vec<f32> {
         let config = self.config();
-        let (qw, kv, head_dim) = (config.q_width(), config.kv_width(), config.head_dim);
+        let (qw, kv) = (config.q_width(), config.kv_width());
         let n = at.rows.len();
         let eps = config.norm_eps;
         let qkv_width = qw + 2 * kv;
@@ -416,12 +416,21 @@ impl Engine {
             add_bias(&mut k, &bias.k);
             add_bias(&mut v, &bias.v);
         }
-        // Qwen3: q = q_norm(q), k = k_norm(k) per head, before RoPE.
+        // q = q_norm(q), k = k_norm(k) before RoPE, in chunks of the
+        // gain's width: per head (Qwen3, `[head_dim]`) or over a token's
+        // whole projection (OLMoE, `[q_width]` / `[kv_width]`).
         if let Some((q_gain, k_gain)) = &block.qk_norm {
             for (values, gain) in [(&mut q, q_gain), (&mut k, k_gain)] {
                 let input = values.clone();
-                let mut head_rstd = vec![0.0; input.len() / head_dim];
-                rmsnorm::forward(values, &mut head_rstd, &input, gain, eps);
+                let mut chunk_rstd = vec![0.0; input.len() / gain.len()];
+                rmsnorm::forward(values, &mut chunk_rstd, &input, gain, eps);
+            }
+        }
+        // OLMoE's clip_qkv: after the norms, before RoPE, as transformers
+        // clamps them.
+        if let Some(clip) = config.clip_qkv {
+            for value in q.iter_mut().chain(&mut k).chain(&mut v) {
+                *value = value.clamp(-clip, clip);
             }
         }
         for (r, &(c, position)) in at.rows.iter().enumerate() {

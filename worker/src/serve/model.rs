@@ -2,18 +2,19 @@
 //! plus the options Hugging Face MoE models need, each off for the worker's
 //! checkpoints (so their arithmetic is the training forward's, unchanged).
 //!
-//! | Option | Own checkpoints | Mixtral | Qwen2-MoE | Qwen3-MoE | DeepSeek-V3 |
-//! | --- | --- | --- | --- | --- | --- |
-//! | attention | grouped-query | grouped-query | grouped-query | grouped-query | latent ([`LatentShape`]) |
-//! | RoPE layout | [`RopeLayout::Interleaved`] | [`RopeLayout::Halves`] | halves | halves | `rope_interleave` |
-//! | RoPE scaling | none | none | none | none | YaRN or none |
-//! | RMSNorm epsilon | 1e-5 | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` |
-//! | head dimension | hidden / heads | `head_dim` or hidden / heads | hidden / heads | `head_dim` | `qk_rope_head_dim` (the rotated part) |
-//! | q/k/v (o) biases | none | none | q, k, v | `attention_bias` | none |
-//! | q/k RMSNorm per head | no | no | no | yes | no |
-//! | routing | spec | softmax, top-k, renormalised | softmax, top-k, `norm_topk_prob` | same | sigmoid, bias, groups, scaled |
-//! | shared expert | ungated (DeepSeek) | none | sigmoid-gated | none | ungated |
-//! | LM head | own | `lm_head` | `lm_head` | or tied to the embedding | `lm_head` |
+//! | Option | Own checkpoints | Mixtral | Qwen2-MoE | Qwen3-MoE | DeepSeek-V3 | OLMoE |
+//! | --- | --- | --- | --- | --- | --- | --- |
+//! | attention | grouped-query | grouped-query | grouped-query | grouped-query | latent ([`LatentShape`]) | grouped-query |
+//! | RoPE layout | [`RopeLayout::Interleaved`] | [`RopeLayout::Halves`] | halves | halves | `rope_interleave` | halves |
+//! | RoPE scaling | none | none | none | none | YaRN or none | none |
+//! | RMSNorm epsilon | 1e-5 | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` | `rms_norm_eps` |
+//! | head dimension | hidden / heads | `head_dim` or hidden / heads | hidden / heads | `head_dim` | `qk_rope_head_dim` (the rotated part) | hidden / heads |
+//! | q/k/v (o) biases | none | none | q, k, v | `attention_bias` | none | `attention_bias` |
+//! | q/k RMSNorm | no | no | no | per head | no | whole projection |
+//! | q/k/v clipping | no | no | no | no | no | `clip_qkv` |
+//! | routing | spec | softmax, top-k, renormalised | softmax, top-k, `norm_topk_prob` | same | sigmoid, bias, groups, scaled | softmax, top-k, `norm_topk_prob` |
+//! | shared expert | ungated (DeepSeek) | none | sigmoid-gated | none | ungated | none |
+//! | LM head | own | `lm_head` | `lm_head` | or tied to the embedding | `lm_head` | or tied |
 
 use crate::linear::Linears;
 use crate::model::config::NORM_EPS;
@@ -49,6 +50,9 @@ pub struct ServeConfig {
     /// YaRN's frequencies and attention factor instead of plain RoPE's.
     pub rope_scaling: Option<Yarn>,
     pub norm_eps: f32,
+    /// q, k and v clamped to `±clip` after projection, bias and q/k norm,
+    /// before RoPE (OLMoE's `clip_qkv`); `None`: unclamped.
+    pub clip_qkv: Option<f32>,
     /// Multi-head latent attention (every block's); `None`: grouped-query.
     pub latent: Option<LatentShape>,
 }
@@ -148,8 +152,10 @@ pub struct ServeBlock {
     /// Multi-head latent attention's other weights.
     pub latent: Option<LatentWeights>,
     pub bias: Option<AttentionBias>,
-    /// RMSNorm gains `[head_dim]` applied to each query and key head before
-    /// RoPE (Qwen3).
+    /// RMSNorm gains applied to the queries and keys before RoPE: `[head_dim]`
+    /// each, per head (Qwen3), or `[q_width]` and `[kv_width]`, over a
+    /// token's whole projection (OLMoE). The engine normalises in chunks of
+    /// the gain's width, so the widths alone select the two.
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// `[hidden]`.
     pub ffn_norm: Vec<f32>,
@@ -245,6 +251,7 @@ impl ServeModel {
             rope_layout: RopeLayout::Interleaved,
             rope_scaling: None,
             norm_eps: NORM_EPS as f32,
+            clip_qkv: None,
             latent: None,
         };
         let weights = model.weights;

@@ -1,8 +1,8 @@
 //! `config.json` of a Hugging Face MoE model, read into what the serving
 //! engine needs; anything it would compute differently is refused by name.
 //!
-//! Mirrors `MixtralConfig`, `Qwen2MoeConfig`, `Qwen3MoeConfig` and
-//! `DeepseekV3Config` in `transformers`
+//! Mirrors `MixtralConfig`, `Qwen2MoeConfig`, `Qwen3MoeConfig`,
+//! `DeepseekV3Config` and `OlmoeConfig` in `transformers`
 //! (<https://github.com/huggingface/transformers/tree/main/src/transformers/models>),
 //! in both their older (`rope_theta`, `rope_scaling`) and newer
 //! (`rope_parameters`) spellings.
@@ -28,11 +28,24 @@ pub enum Architecture {
     /// Multi-head latent attention, YaRN, dense first layers, sigmoid
     /// group-limited routing with a selection bias, ungated shared experts.
     DeepseekV3,
+    /// Softmax top-k (`norm_topk_prob`), q/k RMSNorm over the whole
+    /// projection (not per head), optional `clip_qkv`, no shared expert.
+    Olmoe,
+}
+
+/// How q and k are RMS-normed before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// Each head on its own, gains `[head_dim]` (Qwen3).
+    PerHead,
+    /// The whole projection of a token at once, gains `[heads * head_dim]`
+    /// and `[kv_heads * head_dim]` (OLMoE).
+    Whole,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &str =
-        "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM";
+    pub const SUPPORTED: &str = "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, \
+         DeepseekV3ForCausalLM, OlmoeForCausalLM";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -40,6 +53,7 @@ impl Architecture {
             "Qwen2MoeForCausalLM" | "qwen2_moe" => Some(Self::Qwen2Moe),
             "Qwen3MoeForCausalLM" | "qwen3_moe" => Some(Self::Qwen3Moe),
             "DeepseekV3ForCausalLM" | "deepseek_v3" => Some(Self::DeepseekV3),
+            "OlmoeForCausalLM" | "olmoe" => Some(Self::Olmoe),
             _ => None,
         }
     }
@@ -92,7 +106,11 @@ pub struct HfConfig {
     pub qkv_bias: bool,
     /// An output-projection bias (Qwen3 with `attention_bias`).
     pub o_bias: bool,
-    pub qk_norm: bool,
+    /// q/k RMSNorm before RoPE (Qwen3 per head, OLMoE whole); `None`: none.
+    pub qk_norm: Option<QkNorm>,
+    /// OLMoE's `clip_qkv`: q, k and v clamped to `±clip` after projection
+    /// (and q/k norm), before RoPE.
+    pub clip_qkv: Option<f64>,
     /// Per layer: MoE (else a dense MLP).
     pub moe_layers: Vec<bool>,
     /// `eos_token_id`, one or several.
@@ -235,6 +253,15 @@ impl HfConfig {
             (None, Some(d)) => d,
             (None, None) => hidden / heads,
         };
+        // OLMoE sizes q_norm by hidden_size and k_norm by (hidden_size /
+        // heads) * kv_heads, so its q projection must be exactly hidden wide.
+        // (Checked: a huge head_dim must be refused, not overflow.)
+        if architecture == Architecture::Olmoe && head_dim.checked_mul(heads) != Some(hidden) {
+            return Err(f.invalid(format!(
+                "head_dim {head_dim} times num_attention_heads {heads} is not hidden_size \
+                 {hidden}; OLMoE's q_norm and k_norm are sized for hidden_size / heads"
+            )));
+        }
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(f.invalid(format!("the head dimension {head_dim} is not even")));
         }
@@ -273,6 +300,12 @@ impl HfConfig {
         }
         let (expert_hidden, dense_hidden, shared_hidden, norm_topk) = match architecture {
             Architecture::Mixtral => (f.positive("intermediate_size")?, 0, 0, true),
+            Architecture::Olmoe => (
+                f.positive("intermediate_size")?,
+                0,
+                0,
+                f.bool_or("norm_topk_prob", false)?,
+            ),
             Architecture::Qwen2Moe => (
                 f.positive("moe_intermediate_size")?,
                 f.usize("intermediate_size")?,
@@ -298,7 +331,7 @@ impl HfConfig {
         };
         let routing = routing(&f, architecture, experts, top_k, norm_topk)?;
         let moe_layers = match architecture {
-            Architecture::Mixtral => vec![true; layers],
+            Architecture::Mixtral | Architecture::Olmoe => vec![true; layers],
             Architecture::DeepseekV3 => {
                 let dense = f.opt_usize("first_k_dense_replace")?.unwrap_or(3);
                 (0..layers).map(|i| i >= dense).collect()
@@ -323,7 +356,19 @@ impl HfConfig {
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Mixtral | Architecture::DeepseekV3 => (false, false),
             Architecture::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
-            Architecture::Qwen3Moe => (attention_bias, attention_bias),
+            // Both bias q, k, v and o with attention_bias.
+            Architecture::Qwen3Moe | Architecture::Olmoe => (attention_bias, attention_bias),
+        };
+        let clip_qkv = match f.opt_f64("clip_qkv")? {
+            Some(clip) if architecture != Architecture::Olmoe => {
+                return Err(f.invalid(format!(
+                    "clip_qkv is {clip}; this worker clips q, k and v only for OLMoE"
+                )));
+            }
+            Some(clip) if !(clip.is_finite() && clip > 0.0) => {
+                return Err(f.invalid(format!("clip_qkv is {clip}, not a positive finite number")));
+            }
+            clip => clip,
         };
         if architecture == Architecture::Mixtral && attention_bias {
             return Err(f.invalid("attention_bias is true; Mixtral has no attention biases".into()));
@@ -364,7 +409,12 @@ impl HfConfig {
             latent,
             qkv_bias,
             o_bias,
-            qk_norm: architecture == Architecture::Qwen3Moe,
+            qk_norm: match architecture {
+                Architecture::Qwen3Moe => Some(QkNorm::PerHead),
+                Architecture::Olmoe => Some(QkNorm::Whole),
+                _ => None,
+            },
+            clip_qkv,
             moe_layers,
             eos: token_ids(f.get("eos_token_id")),
             fp8: quantization(&f)?,
@@ -830,6 +880,52 @@ mod tests {
             let error = read(c).unwrap_err();
             assert!(error.contains(named), "{key}: {error}");
         }
+    }
+
+    fn olmoe() -> Value {
+        json!({
+            "architectures": ["OlmoeForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2,
+            "norm_topk_prob": false, "attention_bias": false, "clip_qkv": null,
+            "max_position_embeddings": 128, "rope_theta": 10000.0, "eos_token_id": 2
+        })
+    }
+
+    #[test]
+    fn olmoe_reads_its_norms_clipping_and_routing() {
+        let c = read(olmoe()).unwrap();
+        assert_eq!(c.architecture, Architecture::Olmoe);
+        assert_eq!((c.head_dim, c.kv_heads, c.experts, c.top_k), (16, 2, 8, 2));
+        assert_eq!((c.expert_hidden, c.shared_hidden), (16, 0));
+        assert_eq!(c.qk_norm, Some(QkNorm::Whole));
+        assert_eq!(c.clip_qkv, None);
+        assert!(!c.norm_topk && !c.qkv_bias && !c.o_bias);
+        assert_eq!(c.moe_layers, [true, true]);
+        let mut c = olmoe();
+        c["clip_qkv"] = json!(8.0);
+        c["attention_bias"] = json!(true);
+        c["norm_topk_prob"] = json!(true);
+        let c = read(c).unwrap();
+        assert_eq!(c.clip_qkv, Some(8.0));
+        assert!(c.norm_topk && c.qkv_bias && c.o_bias);
+        for (key, value, named) in [
+            ("clip_qkv", json!(0.0), "clip_qkv is 0"),
+            ("head_dim", json!(32), "head_dim 32"),
+            (
+                "rope_scaling",
+                json!({"type": "linear", "factor": 2.0}),
+                "linear",
+            ),
+        ] {
+            let mut c = olmoe();
+            c[key] = value;
+            let error = read(c).unwrap_err();
+            assert!(error.contains(named), "{key}: {error}");
+        }
+        let mut c = mixtral();
+        c["clip_qkv"] = json!(8.0);
+        assert!(read(c).unwrap_err().contains("clip_qkv is 8"));
     }
 
     #[test]

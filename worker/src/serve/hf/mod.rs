@@ -2,7 +2,7 @@
 //! file or shards with an index; F32, F16, BF16, or block-scaled FP8
 //! dequantized at load), `tokenizer.json` with its config and chat
 //! template, `generation_config.json`; for Mixtral-, Qwen2-MoE-,
-//! Qwen3-MoE- and DeepSeek-V3-style models ([`config::Architecture`]).
+//! Qwen3-MoE-, DeepSeek-V3- and OLMoE-style models ([`config::Architecture`]).
 //!
 //! The weights are mapped onto the serving engine's [`ServeModel`], whose
 //! options (RoPE halves, biases, q/k norms, the gated shared expert, …)
@@ -24,7 +24,7 @@ use crate::serve::model::{
     ServeModel,
 };
 
-pub use config::{Architecture, Fp8Blocks, HfConfig};
+pub use config::{Architecture, Fp8Blocks, HfConfig, QkNorm};
 pub use tokenizer::HfTokenizer;
 use weights::TensorStore;
 
@@ -248,7 +248,7 @@ fn expected_names(config: &HfConfig, held: &Range<usize>) -> Vec<String> {
         if config.o_bias {
             names.push(n.attn("o_proj.bias"));
         }
-        if config.qk_norm {
+        if config.qk_norm.is_some() {
             names.extend([n.attn("q_norm.weight"), n.attn("k_norm.weight")]);
         }
         if config.moe_layers[layer] {
@@ -356,14 +356,20 @@ fn build(
         } else {
             None
         };
-        let d = config.head_dim;
-        let qk_norm = if config.qk_norm {
-            Some((
-                take(n.attn("q_norm.weight"), &[d])?,
-                take(n.attn("k_norm.weight"), &[d])?,
-            ))
-        } else {
-            None
+        let qk_norm = match config.qk_norm {
+            None => None,
+            Some(norm) => {
+                // The gains' widths say how the engine normalises: per head
+                // (Qwen3) or over the whole projection (OLMoE).
+                let (q_gain, k_gain) = match norm {
+                    QkNorm::PerHead => (config.head_dim, config.head_dim),
+                    QkNorm::Whole => (qw, kv),
+                };
+                Some((
+                    take(n.attn("q_norm.weight"), &[q_gain])?,
+                    take(n.attn("k_norm.weight"), &[k_gain])?,
+                ))
+            }
         };
         let mut mlp = |names: [String; 3], width: usize| -> Result<Mlp, HfError> {
             let [w1, w3, w2] = names;
@@ -440,6 +446,7 @@ fn build(
             },
             rope_scaling: config.rope_scaling.clone(),
             norm_eps: config.norm_eps as f32,
+            clip_qkv: config.clip_qkv.map(|c| c as f32),
             latent: config.latent.clone(),
         },
         embedding,
