@@ -499,7 +499,8 @@ unsafe fn forward_avx2<const E: u8>(
         2 | 3 => 2,
         _ => 1,
     };
-    let stage = E == FP8 && full + left.min(1) * MR > MR;
+    let tiles_per_panel = full / MR + usize::from(left > 0);
+    let stage = E == FP8 && tiles_per_panel > 1;
     let mut staged: Vec<bf16> = if stage {
         vec![bf16::ZERO; group * k * NR]
     } else {
