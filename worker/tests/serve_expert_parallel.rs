@@ -40,7 +40,7 @@ use moe_worker::rng::SplitMix64;
 use moe_worker::serve::engine::{Chunk, Engine};
 use moe_worker::serve::kv_cache::{KvStore, PageId};
 use moe_worker::serve::load::{self, LoadedModel};
-use moe_worker::serve::lockstep::{Message, StepPlan};
+use moe_worker::serve::lockstep::{self, Lockstep, Message, StepPlan};
 use moe_worker::serve::metrics::Metrics;
 use moe_worker::serve::replica::{self, Joined};
 use moe_worker::serve::{self, ServeOptions, Server};
@@ -340,6 +340,32 @@ fn replica_trace(
         Some(trace)
     });
     traces.into_iter().next().unwrap().unwrap()
+}
+
+/// A leader gone right after its Stop (its barrier frame never sent, as
+/// when a process ends with that frame still queued) ends a follower
+/// cleanly; a leader gone after a heartbeat is a failure.
+#[test]
+fn a_follower_told_to_stop_ends_cleanly_when_the_leader_is_already_gone() {
+    for (message, clean) in [(Message::Stop, true), (Message::Idle, false)] {
+        let outcomes = dist_support::world(2, |mut world| {
+            if world.rank() == 0 {
+                let mut header = lockstep::encode_header(&message, 0);
+                world.broadcast_bytes(&mut header, 0).unwrap();
+                // Dropped here: the connection closes without the barrier.
+                return None;
+            }
+            let mut follower = Lockstep::new(Box::new(world), Duration::from_secs(60));
+            Some(follower.receive().map_err(|e| e.to_string()))
+        });
+        let received = outcomes[1].clone().unwrap();
+        if clean {
+            assert_eq!(received, Ok(message), "a stop with its leader gone");
+        } else {
+            let error = received.expect_err("a heartbeat with its leader gone");
+            assert!(error.contains("rank 0"), "{error}");
+        }
+    }
 }
 
 fn assert_same(what: &str, got: &Trace, want: &Trace) {
@@ -743,7 +769,12 @@ fn wait_ready(addr: SocketAddr, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while status(addr, "/readyz") != Some(200) {
         if let Ok(Some(exit)) = child.try_wait() {
-            panic!("the server exited before it was ready: {exit}");
+            // Its log says why (a taken port, a refused rendezvous, …).
+            let mut log = String::new();
+            if let Some(stderr) = child.stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut log);
+            }
+            panic!("the server exited before it was ready: {exit}\n{log}");
         }
         assert!(Instant::now() < deadline, "not ready within 120 s");
         std::thread::sleep(Duration::from_millis(20));

@@ -355,8 +355,20 @@ impl Lockstep {
             self.world.broadcast_bytes(&mut payload, 0)?;
         }
         let message = decode(kind, &payload).map_err(protocol)?;
-        if matches!(message, Message::Idle | Message::Stop) {
-            self.world.barrier()?;
+        match message {
+            Message::Idle => self.world.barrier()?,
+            // The Stop barrier is the leader's: it leaves only once every
+            // follower has arrived. A peer that finished it may exit before
+            // its last frame reaches this rank (the process ends with the
+            // frame still queued); losing that peer now is the end the
+            // leader asked for, not a failure.
+            Message::Stop => match self.world.barrier() {
+                Err(DistError::PeerLost { peer, detail, .. }) => {
+                    tracing::debug!(peer, %detail, "a peer left after the stop");
+                }
+                done => done?,
+            },
+            Message::Step(_) => {}
         }
         Ok(message)
     }
