@@ -151,4 +151,7 @@ pub struct ServingConfig {
     pub max_concurrent_requests: i32,
     pub precision: ServingPrecision,
     pub device: Device,
+    /// `spec.serving.prefixCaching` (absent in older configs: on).
+    #[serde(default = "crate::inference::default_true")]
+    pub prefix_caching: bool,
 }

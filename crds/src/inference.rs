@@ -238,6 +238,12 @@ pub struct ServingSpec {
     #[serde(default = "default_startup")]
     #[schemars(range(min = 60, max = 86400))]
     pub startup_timeout_seconds: i32,
+    /// Reuse the KV cache of a prompt's prefix that was computed before (a
+    /// shared system prompt, the earlier turns of a conversation): only
+    /// the new tokens are prefilled. Results are the same either way;
+    /// `false` computes every prompt whole.
+    #[serde(default = "default_true")]
+    pub prefix_caching: bool,
 }
 
 impl Default for ServingSpec {
@@ -248,8 +254,13 @@ impl Default for ServingSpec {
             max_concurrent_requests: default_concurrency(),
             precision: ServingPrecision::default(),
             startup_timeout_seconds: default_startup(),
+            prefix_caching: true,
         }
     }
+}
+
+pub(crate) fn default_true() -> bool {
+    true
 }
 
 fn default_port() -> i32 {

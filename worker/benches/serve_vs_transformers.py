@@ -178,6 +178,11 @@ class Server:
                    "--port", str(self.port), "--served-model-name", "bench",
                    "--threads", str(args.threads),
                    "--precision", getattr(args, "precision", "fp32")]
+        # Every measured prefill computes the whole prompt, as transformers'
+        # and llama.cpp's (`cache_prompt: false`) do: the same prompt is sent
+        # again and again, which prefix caching would answer from its cache.
+        if not getattr(args, "prefix_caching", False):
+            command.append("--no-prefix-caching")
         self.start(command, env)
 
     def start(self, command, env=None, log=None):

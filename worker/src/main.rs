@@ -85,6 +85,11 @@ struct ServeArgs {
     /// here, on this machine.
     #[arg(long)]
     expert_parallel: Option<usize>,
+    /// Compute every prompt whole, never reusing the KV pages of a prefix
+    /// served before (prefix caching is on by default; the config's
+    /// serving.prefixCaching can turn it off too).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +149,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }),
         expert_parallel: args.expert_parallel,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
+        no_prefix_caching: args.no_prefix_caching,
     };
     let (options, warnings) = match options::resolve(config.as_ref(), flags) {
         Ok(resolved) => resolved,

@@ -547,6 +547,16 @@ fn requests() -> Vec<Value> {
         .collect()
 }
 
+/// A prompt spanning two whole pages and part of a third.
+fn long_request() -> Value {
+    let prompt: String = "pages of a shared prefix "
+        .repeat(3)
+        .chars()
+        .take(2 * PAGE_SIZE + 5)
+        .collect();
+    json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2})
+}
+
 /// A completion's choices (text, log-probabilities, finish reason), or a
 /// streamed one's text.
 fn answer(addr: SocketAddr, body: &Value) -> Value {
@@ -578,6 +588,7 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     let options = options(&dir.0);
     let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
     let want: Vec<Value> = requests().iter().map(|b| answer(one.addr, b)).collect();
+    let want_long = answer(one.addr, &long_request());
     drop(one);
     let outcomes = dist_support::world(2, |world| {
         let rank = world.rank();
@@ -607,7 +618,17 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
         }
         let server = Server::start_leader(Box::new(world), loaded, &options, &timeouts).unwrap();
         assert_eq!(request(server.addr, "GET", "/readyz", b"").status, 200);
-        let got = answers(server.addr);
+        let mut got = answers(server.addr);
+        // A prompt of several pages, twice: the second reuses the first's
+        // pages, which the followers hold too (they ran the steps that
+        // filled them), and answers the same.
+        for round in 0..2 {
+            let response = post_json(server.addr, "/v1/completions", &long_request()).json();
+            let cached = &response["usage"]["prompt_tokens_details"]["cached_tokens"];
+            let want = if round == 0 { 0 } else { 2 * PAGE_SIZE };
+            assert_eq!(cached.as_u64(), Some(want as u64), "round {round}");
+            got.push(response["choices"].clone());
+        }
         let metrics = String::from_utf8(request(server.addr, "GET", "/metrics", b"").body).unwrap();
         for kind in ["plan", "expert_exchange", "all_gather"] {
             let line = format!("moe_serving_collective_bytes_total{{kind=\"{kind}\"}}");
@@ -618,8 +639,12 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     });
     let mut outcomes = outcomes.into_iter();
     let got = outcomes.next().unwrap().unwrap();
+    assert_eq!(got.len(), want.len() + 2);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "request {i}");
+    }
+    for g in &got[want.len()..] {
+        assert_eq!(g, &want_long, "the long prompt");
     }
     for follower in outcomes {
         follower.expect("the follower exits cleanly when the leader stops");
@@ -809,6 +834,7 @@ fn launch_two_ranks(model: &Path, port: u16, marker: &str) -> Child {
         max_concurrent_requests: 16,
         precision: ServingPrecision::Fp32,
         device: Device::Cpu,
+        prefix_caching: true,
     };
     let path = model.join(format!("serving-{marker}.json"));
     std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
@@ -1049,6 +1075,7 @@ fn layouts_that_cannot_be_served_are_refused_before_any_rank_starts() {
         max_concurrent_requests: 16,
         precision: ServingPrecision::Fp32,
         device: Device::Cpu,
+        prefix_caching: true,
     })
     .unwrap();
     let path = dir.0.join("refused.json");

@@ -8,7 +8,8 @@ mod serve_support;
 
 use moe_worker::rng::SplitMix64;
 use moe_worker::serve::engine::{Chunk, Engine, StepError};
-use moe_worker::serve::kv_cache::{KvStore, PageAllocator, pages_for};
+use moe_worker::serve::kv_cache::{KvStore, pages_for};
+use moe_worker::serve::prefix_cache::PagePool;
 use serve_support::{CONTEXT, model_for, spec_with_context, tiny_model};
 
 const PAGE_SIZE: usize = 4;
@@ -67,7 +68,7 @@ fn cached_decoding_reproduces_the_full_sequence_forward() {
     let reference = model.forward(&tokens, &tokens);
     let reference = reference.next_token_probs();
     let engine = Engine::new(model);
-    let mut pool = PageAllocator::new(64);
+    let mut pool = PagePool::new(64, PAGE_SIZE, false);
     let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), 64);
     let schedules = [
         prefill_then_decode(1, CONTEXT),
@@ -94,7 +95,7 @@ fn cached_decoding_reproduces_the_full_sequence_forward() {
                 );
             }
         }
-        pool.free(&pages).unwrap();
+        pool.release(&pages).unwrap();
     }
     eprintln!("largest probability difference: {worst:e}");
     assert_eq!(pool.used(), 0);

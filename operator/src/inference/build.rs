@@ -161,6 +161,7 @@ pub fn serving_config(svc: &MoEInferenceService, model: &ResolvedModel) -> Servi
         max_concurrent_requests: spec.serving.max_concurrent_requests,
         precision: spec.serving.precision,
         device: spec.worker.device,
+        prefix_caching: spec.serving.prefix_caching,
     }
 }
 

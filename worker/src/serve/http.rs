@@ -27,7 +27,7 @@ use moe_crds::contract::{HEALTH_PATH, READY_PATH};
 use crate::serve::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Served};
 use crate::serve::logprobs::{self, TokenLogprobs};
 use crate::serve::metrics::Metrics;
-use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError};
+use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError, Usage};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -309,7 +309,7 @@ impl Reply {
         &self,
         text: &str,
         finish: FinishReason,
-        [prompt, completion]: [usize; 2],
+        usage: Usage,
         tokens: &[TokenLogprobs],
     ) -> Value {
         let logprobs = self.logprobs(tokens, &mut 0);
@@ -333,15 +333,15 @@ impl Reply {
             "created": self.created,
             "model": &*self.model,
             "choices": [choice],
-            "usage": usage(prompt, completion),
+            "usage": usage_json(usage),
         })
     }
 
     /// The last streamed chunk when the client asked for the usage: no choices.
-    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+    fn usage_chunk(&self, usage: Usage) -> Value {
         let mut chunk = self.chunk(None, false, None);
         chunk["choices"] = json!([]);
-        chunk["usage"] = usage(prompt, completion);
+        chunk["usage"] = usage_json(usage);
         chunk
     }
 
@@ -397,12 +397,7 @@ async fn collect_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Re
         match event {
             Event::Text(piece) => text.push_str(&piece),
             Event::Logprobs(token) => tokens.push(token),
-            Event::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let usage = [prompt_tokens, completion_tokens];
+            Event::Done { finish, usage } => {
                 let body = reply.full(&text, finish, usage, &tokens);
                 return api::json_response(StatusCode::OK, &body);
             }
@@ -449,14 +444,10 @@ fn stream_reply(
                     true,
                 ),
                 Some(Event::Logprobs(_)) => unreachable!("taken by the loop above"),
-                Some(Event::Done {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
+                Some(Event::Done { finish, usage }) => {
                     let mut last = vec![reply.chunk_with(None, false, Some(finish), logprobs)];
                     if include_usage {
-                        last.push(reply.usage_chunk(prompt_tokens, completion_tokens));
+                        last.push(reply.usage_chunk(usage));
                     }
                     (last, false)
                 }
@@ -484,11 +475,13 @@ fn stream_reply(
     Sse::new(all).keep_alive(KeepAlive::default())
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
+/// OpenAI's usage object; `cached_tokens` as OpenAI reports prompt caching.
+fn usage_json(usage: Usage) -> Value {
     json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     })
 }
 

@@ -1,6 +1,7 @@
 //! The paged key/value cache: a fixed pool of pages, each holding the keys
-//! and values of `page_size` consecutive positions of one sequence in every
-//! layer, handed out by a [`PageAllocator`] and freed when the sequence ends.
+//! and values of `page_size` consecutive positions of one sequence (or of a
+//! prefix several sequences share) in every layer, handed out by the [`PagePool`](super::prefix_cache::PagePool)
+//! and returned when the sequence ends (or kept for its prefix).
 //!
 //! A position's key and value rows have their own widths: both
 //! `kv_heads * head_dim` for grouped-query attention; for multi-head latent
@@ -9,84 +10,11 @@
 //!
 //! Why pages: sequences of very different lengths share one memory budget
 //! without fragmentation, and a finished (or cancelled) sequence returns its
-//! memory at once. The allocator is pure bookkeeping (unit-tested apart from
+//! memory at once. The pool is pure bookkeeping (unit-tested apart from
 //! the storage); [`KvStore`] is the storage the engine reads and writes.
-
-use std::fmt;
 
 /// Index of a page in the pool.
 pub type PageId = u32;
-
-/// Which pages are free. Double frees and foreign ids are refused, so a
-/// bookkeeping bug shows up as an error instead of two sequences sharing a page.
-#[derive(Clone, Debug)]
-pub struct PageAllocator {
-    /// Free pages; allocation pops from the end (the most recently freed
-    /// page, still warm in the CPU caches).
-    free: Vec<PageId>,
-    in_use: Vec<bool>,
-}
-
-/// A page id that is not currently allocated was freed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NotAllocated(pub PageId);
-
-impl fmt::Display for NotAllocated {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KV page {} was freed but is not allocated", self.0)
-    }
-}
-
-impl std::error::Error for NotAllocated {}
-
-impl PageAllocator {
-    pub fn new(pages: usize) -> Self {
-        let pages = u32::try_from(pages).unwrap_or(u32::MAX);
-        Self {
-            free: (0..pages).rev().collect(),
-            in_use: vec![false; pages as usize],
-        }
-    }
-
-    pub fn total(&self) -> usize {
-        self.in_use.len()
-    }
-
-    pub fn free_count(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn used(&self) -> usize {
-        self.total() - self.free_count()
-    }
-
-    /// `count` pages, or none at all when fewer are free (a sequence never
-    /// holds part of what it needs).
-    pub fn allocate(&mut self, count: usize) -> Option<Vec<PageId>> {
-        if count > self.free.len() {
-            return None;
-        }
-        let pages = self.free.split_off(self.free.len() - count);
-        for &page in &pages {
-            self.in_use[page as usize] = true;
-        }
-        Some(pages)
-    }
-
-    /// Returns `pages` to the pool; stops at the first one not allocated.
-    pub fn free(&mut self, pages: &[PageId]) -> Result<(), NotAllocated> {
-        for &page in pages {
-            match self.in_use.get_mut(page as usize) {
-                Some(used) if *used => {
-                    *used = false;
-                    self.free.push(page);
-                }
-                _ => return Err(NotAllocated(page)),
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Pages needed to hold `tokens` positions.
 pub fn pages_for(tokens: usize, page_size: usize) -> usize {
@@ -182,30 +110,6 @@ impl KvStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn allocation_is_all_or_nothing_and_frees_return_pages() {
-        let mut pool = PageAllocator::new(4);
-        let a = pool.allocate(3).unwrap();
-        assert_eq!((pool.used(), pool.free_count()), (3, 1));
-        assert_eq!(pool.allocate(2), None, "only one page is free");
-        assert_eq!(pool.free_count(), 1, "a refused allocation takes nothing");
-        let b = pool.allocate(1).unwrap();
-        assert!(a.iter().all(|p| !b.contains(p)), "pages are never shared");
-        pool.free(&a).unwrap();
-        pool.free(&b).unwrap();
-        assert_eq!(pool.free_count(), 4);
-    }
-
-    #[test]
-    fn double_and_foreign_frees_are_refused() {
-        let mut pool = PageAllocator::new(2);
-        let a = pool.allocate(1).unwrap();
-        pool.free(&a).unwrap();
-        assert_eq!(pool.free(&a), Err(NotAllocated(a[0])));
-        assert_eq!(pool.free(&[7]), Err(NotAllocated(7)));
-        assert_eq!(pool.free_count(), 2);
-    }
 
     #[test]
     fn positions_map_through_the_page_table() {

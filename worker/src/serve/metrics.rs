@@ -30,6 +30,8 @@ pub struct CollectiveLabels {
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub prompt_tokens: Counter,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub prompt_tokens_cached: Counter,
     pub generation_tokens: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -42,6 +44,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub kv_pages_used: Gauge,
     pub kv_pages_total: Gauge,
+    /// Pages no sequence holds, kept for the prefix they hold.
+    pub kv_pages_cached: Gauge,
     /// Expert-parallel payload bytes this rank sent to the others (the
     /// leader's plans; every rank's expert exchanges and all-gathers).
     pub collective_bytes: Family<CollectiveLabels, Counter>,
@@ -59,6 +63,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("moe_serving");
         let requests = Family::<RequestLabels, Counter>::default();
         let prompt_tokens = Counter::default();
+        let prompt_tokens_cached = Counter::default();
         let generation_tokens = Counter::default();
         // 1 ms to about 33 s: a CPU token takes milliseconds, a long queue seconds.
         let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -71,6 +76,7 @@ impl Metrics {
             inflight,
             kv_pages_used,
             kv_pages_total,
+            kv_pages_cached,
         ] = std::array::from_fn(|_| Gauge::default());
         registry.register(
             "requests",
@@ -81,6 +87,11 @@ impl Metrics {
             "prompt_tokens",
             "Prompt tokens of admitted requests",
             prompt_tokens.clone(),
+        );
+        registry.register(
+            "prompt_tokens_cached",
+            "Prompt tokens of admitted requests whose KV cache was reused from a prefix served before",
+            prompt_tokens_cached.clone(),
         );
         registry.register(
             "generation_tokens",
@@ -124,6 +135,11 @@ impl Metrics {
             "KV cache pages in the pool",
             kv_pages_total.clone(),
         );
+        registry.register(
+            "kv_cache_pages_cached",
+            "KV cache pages no sequence holds, kept for the prefix they hold (reused or evicted as needed)",
+            kv_pages_cached.clone(),
+        );
         let collective_bytes = Family::<CollectiveLabels, Counter>::default();
         registry.register(
             "collective_bytes",
@@ -133,6 +149,7 @@ impl Metrics {
         Self {
             requests,
             prompt_tokens,
+            prompt_tokens_cached,
             generation_tokens,
             time_to_first_token,
             inter_token_latency,
@@ -143,6 +160,7 @@ impl Metrics {
             inflight,
             kv_pages_used,
             kv_pages_total,
+            kv_pages_cached,
             collective_bytes,
             registry: std::sync::Arc::new(registry),
         }
@@ -158,7 +176,6 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text exposition.
     /// Brings the `kind` collective byte counter up to `total`, a running
     /// total kept by the exchange itself.
     pub fn set_collective_bytes(&self, kind: &str, total: u64) {
@@ -168,6 +185,7 @@ impl Metrics {
         counter.inc_by(total.saturating_sub(counter.get()));
     }
 
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -35,6 +35,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod options;
+pub mod prefix_cache;
 pub mod replica;
 pub mod runner;
 pub mod sampler;
@@ -96,6 +97,9 @@ pub struct ServeOptions {
     /// Ranks (processes) of one replica, each holding `1/expert_parallel`
     /// of every MoE layer's routed experts (1: one process holds all).
     pub expert_parallel: usize,
+    /// Whether prompts reuse the KV pages of a prefix computed before
+    /// (`serve/prefix_cache.rs`).
+    pub prefix_caching: bool,
 }
 
 /// Why the server could not start.
@@ -167,6 +171,7 @@ impl ServeOptions {
             max_running: self.max_concurrent_requests.min(self.max_batch_tokens),
             max_waiting: self.max_queued_requests,
             page_size: self.page_size,
+            prefix_caching: self.prefix_caching,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct Flags {
     pub expert_parallel: Option<usize>,
     /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
     pub metrics_addr: Option<String>,
+    /// `--no-prefix-caching`: turns the config's prefix caching off.
+    pub no_prefix_caching: bool,
 }
 
 /// Merges `config` (if any) and `flags`; the returned warnings are for the log.
@@ -135,6 +137,7 @@ pub fn resolve(
             1,
             "parallelism.expertParallel",
         )?,
+        prefix_caching: !flags.no_prefix_caching && config.is_none_or(|c| c.prefix_caching),
     };
     Ok((options, warnings))
 }
@@ -193,6 +196,7 @@ mod tests {
             max_concurrent_requests: 8,
             precision: ServingPrecision::Fp32,
             device: Device::Cpu,
+            prefix_caching: true,
         }
     }
 

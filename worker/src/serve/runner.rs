@@ -74,10 +74,18 @@ pub enum Event {
     Logprobs(TokenLogprobs),
     Done {
         finish: FinishReason,
-        prompt_tokens: usize,
-        completion_tokens: usize,
+        usage: Usage,
     },
     Failed(String),
+}
+
+/// A finished request's token counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
 }
 
 /// Why a request was not accepted.
@@ -346,6 +354,8 @@ struct Active {
     text: TextAssembler,
     logprobs: Option<usize>,
     admitted: bool,
+    /// Prompt tokens the prefix cache held when it was admitted.
+    cached_tokens: usize,
     accepted: Instant,
     last_token: Option<Instant>,
 }
@@ -496,7 +506,7 @@ impl Runner {
         } = submission;
         let prompt_len = request.prompt.len();
         let max_len = (prompt_len + request.max_tokens).min(self.engine.context());
-        if let Err(e) = self.scheduler.enqueue(id, prompt_len, max_len) {
+        if let Err(e) = self.scheduler.enqueue(id, &request.prompt, max_len) {
             // The handle checked both limits already; this is a backstop.
             self.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = events.send(Event::Failed(format!("not scheduled: {e:?}")));
@@ -513,6 +523,7 @@ impl Runner {
                 text: TextAssembler::new(request.stops),
                 logprobs: request.logprobs,
                 admitted: false,
+                cached_tokens: 0,
                 accepted,
                 last_token: None,
             },
@@ -551,9 +562,12 @@ impl Runner {
             if let Some(active) = self.active.get_mut(&w.id)
                 && !active.admitted
             {
+                // A sequence's first chunk starts after its cached prefix.
                 active.admitted = true;
+                active.cached_tokens = w.start;
                 self.queued.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.prompt_tokens.inc_by(active.prompt_len as u64);
+                self.metrics.prompt_tokens_cached.inc_by(w.start as u64);
             }
         }
         let chunks: Vec<Chunk<'_>> = work
@@ -634,6 +648,7 @@ impl Runner {
         let decodable = &logits[..tokenizer.vocab().min(logits.len())];
         let token = active.sampler.sample(decodable);
         active.tokens.push(token);
+        self.scheduler.append(id, token);
         let now = Instant::now();
         match active.last_token {
             None => self
@@ -686,8 +701,11 @@ impl Runner {
         if let Some(finish) = finish {
             let done = Event::Done {
                 finish,
-                prompt_tokens: active.prompt_len,
-                completion_tokens: active.generated(),
+                usage: Usage {
+                    prompt_tokens: active.prompt_len,
+                    cached_tokens: active.cached_tokens,
+                    completion_tokens: active.generated(),
+                },
             };
             let events = active.events.clone();
             // Free the pages and update the gauges before the client hears
@@ -707,6 +725,7 @@ impl Runner {
         m.inflight.set((waiting + running) as i64);
         let used = self.scheduler.pages_used();
         m.kv_pages_used.set(used as i64);
+        m.kv_pages_cached.set(self.scheduler.pages_cached() as i64);
         self.pages_used.store(used, Ordering::Release);
     }
 }

@@ -15,10 +15,16 @@
 //! the most tokens it may generate), so a running sequence never runs out
 //! of cache mid-flight and nothing has to be preempted. Pages return to the
 //! pool when the request finishes or is cancelled.
+//!
+//! Prefix caching ([`PagePool`]): every page a sequence fills is published
+//! once its positions are computed, prompt and generated tokens alike, and
+//! an admitted prompt takes the pages of its longest published prefix: its
+//! first chunk starts after them ([`Work::start`]).
 
 use std::collections::VecDeque;
 
-use crate::serve::kv_cache::{NotAllocated, PageAllocator, PageId, pages_for};
+use crate::serve::kv_cache::{PageId, pages_for};
+use crate::serve::prefix_cache::{BlockId, NotAllocated, PagePool};
 
 /// Identifies a request for its whole life.
 pub type RequestId = u64;
@@ -34,6 +40,8 @@ pub struct Limits {
     /// Requests waiting for admission; more are refused.
     pub max_waiting: usize,
     pub page_size: usize,
+    /// Whether prompts reuse the cached pages of a prefix they share.
+    pub prefix_caching: bool,
 }
 
 /// Why a request was not queued.
@@ -48,7 +56,7 @@ pub enum Rejected {
 #[derive(Clone, Debug)]
 struct Waiting {
     id: RequestId,
-    prompt_len: usize,
+    prompt: Vec<u32>,
     /// Prompt plus the most tokens it may generate.
     max_len: usize,
 }
@@ -58,10 +66,20 @@ struct Running {
     id: RequestId,
     pages: Vec<PageId>,
     /// Tokens known: the prompt and every sampled token.
-    known: usize,
+    tokens: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     cached: usize,
     prompt_len: usize,
+    /// Pages published (or found published), from the first.
+    published: usize,
+    /// The block of the last of them.
+    parent: BlockId,
+}
+
+impl Running {
+    fn known(&self) -> usize {
+        self.tokens.len()
+    }
 }
 
 /// One sequence's work in a planned step: feed tokens `start..start + len`
@@ -79,7 +97,7 @@ pub struct Work {
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     limits: Limits,
-    pages: PageAllocator,
+    pages: PagePool,
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
 }
@@ -88,7 +106,7 @@ impl Scheduler {
     pub fn new(limits: Limits, total_pages: usize) -> Self {
         Self {
             limits,
-            pages: PageAllocator::new(total_pages),
+            pages: PagePool::new(total_pages, limits.page_size, limits.prefix_caching),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -114,11 +132,16 @@ impl Scheduler {
         self.pages.total()
     }
 
-    /// Queues a request of `prompt_len` tokens that may grow to `max_len`.
+    /// Pages no sequence holds that keep a published prefix.
+    pub fn pages_cached(&self) -> usize {
+        self.pages.cached()
+    }
+
+    /// Queues a request with `prompt` that may grow to `max_len` tokens.
     pub fn enqueue(
         &mut self,
         id: RequestId,
-        prompt_len: usize,
+        prompt: &[u32],
         max_len: usize,
     ) -> Result<(), Rejected> {
         let pages = pages_for(max_len, self.limits.page_size);
@@ -133,7 +156,7 @@ impl Scheduler {
         }
         self.waiting.push_back(Waiting {
             id,
-            prompt_len,
+            prompt: prompt.to_vec(),
             max_len,
         });
         Ok(())
@@ -145,7 +168,7 @@ impl Scheduler {
         let mut work = Vec::new();
         // 1. Decodes.
         for seq in &self.running {
-            if seq.cached >= seq.prompt_len && seq.known - seq.cached == 1 && budget > 0 {
+            if seq.cached >= seq.prompt_len && seq.known() - seq.cached == 1 && budget > 0 {
                 budget -= 1;
                 work.push(feed(seq, 1));
             }
@@ -153,7 +176,7 @@ impl Scheduler {
         // 2. Prefills already under way, in admission order.
         for seq in &self.running {
             if seq.cached < seq.prompt_len && budget > 0 {
-                let len = budget.min(seq.known - seq.cached);
+                let len = budget.min(seq.known() - seq.cached);
                 budget -= len;
                 work.push(feed(seq, len));
             }
@@ -163,9 +186,14 @@ impl Scheduler {
             let Some(head) = self.waiting.front() else {
                 break;
             };
+            // The prompt's last token is always fed: its logits start the
+            // completion (and a shared page is never written).
+            let reusable = head.prompt.len().saturating_sub(1);
+            let prefix = self.pages.lookup(&head.prompt[..reusable]);
+            let needed = pages_for(head.max_len, self.limits.page_size);
             let Some(pages) = self
                 .pages
-                .allocate(pages_for(head.max_len, self.limits.page_size))
+                .allocate_after(&prefix.pages, needed.saturating_sub(prefix.pages.len()))
             else {
                 break;
             };
@@ -173,11 +201,13 @@ impl Scheduler {
             let seq = Running {
                 id: head.id,
                 pages,
-                known: head.prompt_len,
-                cached: 0,
-                prompt_len: head.prompt_len,
+                prompt_len: head.prompt.len(),
+                tokens: head.prompt,
+                cached: prefix.pages.len() * self.limits.page_size,
+                published: prefix.pages.len(),
+                parent: prefix.last,
             };
-            let len = budget.min(seq.known);
+            let len = budget.min(seq.known() - seq.cached);
             budget -= len;
             work.push(feed(&seq, len));
             self.running.push(seq);
@@ -186,15 +216,27 @@ impl Scheduler {
     }
 
     /// Records that a planned step ran: `work`'s tokens are cached, and
-    /// each sampled sequence has one more known token.
+    /// each page they completed is published. The tokens sampled after it
+    /// come with [`Self::append`].
     pub fn complete(&mut self, work: &[Work]) {
+        let page_size = self.limits.page_size;
         for w in work {
             if let Some(seq) = self.running.iter_mut().find(|s| s.id == w.id) {
                 seq.cached = w.start + w.len;
-                if w.sample {
-                    seq.known += 1;
+                while (seq.published + 1) * page_size <= seq.cached {
+                    let at = seq.published;
+                    let tokens = &seq.tokens[at * page_size..(at + 1) * page_size];
+                    seq.parent = self.pages.publish(seq.pages[at], seq.parent, tokens);
+                    seq.published += 1;
                 }
             }
+        }
+    }
+
+    /// Records the token sampled for request `id` (the next to feed).
+    pub fn append(&mut self, id: RequestId, token: u32) {
+        if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+            seq.tokens.push(token);
         }
     }
 
@@ -204,7 +246,7 @@ impl Scheduler {
         self.waiting.retain(|w| w.id != id);
         if let Some(at) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(at);
-            self.pages.free(&seq.pages)?;
+            self.pages.release(&seq.pages)?;
         }
         Ok(())
     }
@@ -215,7 +257,7 @@ fn feed(seq: &Running, len: usize) -> Work {
         id: seq.id,
         start: seq.cached,
         len,
-        sample: seq.cached + len == seq.known,
+        sample: seq.cached + len == seq.known(),
         pages: seq.pages.clone(),
     }
 }
@@ -230,21 +272,41 @@ mod tests {
             max_running,
             max_waiting,
             page_size: 4,
+            prefix_caching: true,
         }
     }
 
-    /// Plans and completes one step; returns `(id, len, sample)` per work item.
+    /// A prompt of `len` tokens no other request's shares.
+    fn prompt(id: RequestId, len: usize) -> Vec<u32> {
+        (0..len as u32).map(|i| id as u32 * 1000 + i).collect()
+    }
+
+    /// Plans and completes one step, sampling token 7 for each sequence
+    /// that samples; returns `(id, len, sample)` per work item.
     fn step(s: &mut Scheduler) -> Vec<(RequestId, usize, bool)> {
+        step_with_start(s)
+            .into_iter()
+            .map(|(id, _, len, sample)| (id, len, sample))
+            .collect()
+    }
+
+    /// As [`step`], with each work item's start: `(id, start, len, sample)`.
+    fn step_with_start(s: &mut Scheduler) -> Vec<(RequestId, usize, usize, bool)> {
         let work = s.plan();
         s.complete(&work);
-        work.iter().map(|w| (w.id, w.len, w.sample)).collect()
+        for w in work.iter().filter(|w| w.sample) {
+            s.append(w.id, 7);
+        }
+        work.iter()
+            .map(|w| (w.id, w.start, w.len, w.sample))
+            .collect()
     }
 
     #[test]
     fn prompts_are_chunked_within_the_token_budget() {
         let mut s = Scheduler::new(limits(8, 4, 8), 100);
-        s.enqueue(1, 10, 12).unwrap();
-        s.enqueue(2, 3, 5).unwrap();
+        s.enqueue(1, &prompt(1, 10), 12).unwrap();
+        s.enqueue(2, &prompt(2, 3), 5).unwrap();
         assert_eq!(step(&mut s), [(1, 8, false)]);
         // Request 1 finishes its prompt; 2 is admitted with what is left.
         assert_eq!(step(&mut s), [(1, 2, true), (2, 3, true)]);
@@ -255,9 +317,9 @@ mod tests {
     #[test]
     fn decodes_go_before_prefills() {
         let mut s = Scheduler::new(limits(4, 4, 8), 100);
-        s.enqueue(1, 2, 6).unwrap();
+        s.enqueue(1, &prompt(1, 2), 6).unwrap();
         assert_eq!(step(&mut s), [(1, 2, true)]);
-        s.enqueue(2, 9, 12).unwrap();
+        s.enqueue(2, &prompt(2, 9), 12).unwrap();
         assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
         assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
     }
@@ -266,15 +328,18 @@ mod tests {
     fn admission_is_first_in_first_out_and_waits_for_pages() {
         // 4 pages of 4 tokens: request 1 takes 3, request 2 needs 2.
         let mut s = Scheduler::new(limits(64, 8, 8), 4);
-        s.enqueue(1, 4, 12).unwrap();
-        s.enqueue(2, 4, 8).unwrap();
-        s.enqueue(3, 1, 4).unwrap();
+        s.enqueue(1, &prompt(1, 4), 12).unwrap();
+        s.enqueue(2, &prompt(2, 4), 8).unwrap();
+        s.enqueue(3, &prompt(3, 1), 4).unwrap();
         assert_eq!(step(&mut s), [(1, 4, true)]);
         // Request 3 would fit, but 2 is first in line.
         assert_eq!(step(&mut s), [(1, 1, true)]);
         assert_eq!(s.pages_used(), 3);
         s.remove(1).unwrap();
         assert_eq!(s.pages_used(), 0);
+        // Its first page is cached (a whole computed page), and is handed
+        // out again when nothing else is left.
+        assert_eq!(s.pages_cached(), 1);
         assert_eq!(step(&mut s), [(2, 4, true), (3, 1, true)]);
         s.remove(2).unwrap();
         s.remove(3).unwrap();
@@ -286,7 +351,7 @@ mod tests {
     fn running_slots_bound_the_batch() {
         let mut s = Scheduler::new(limits(64, 2, 8), 100);
         for id in 1..=3 {
-            s.enqueue(id, 1, 4).unwrap();
+            s.enqueue(id, &prompt(id, 1), 4).unwrap();
         }
         assert_eq!(step(&mut s), [(1, 1, true), (2, 1, true)]);
         assert_eq!((s.running(), s.waiting()), (2, 1));
@@ -298,14 +363,89 @@ mod tests {
     fn a_full_queue_and_an_oversized_request_are_refused() {
         let mut s = Scheduler::new(limits(8, 1, 2), 3);
         assert_eq!(
-            s.enqueue(9, 4, 13),
+            s.enqueue(9, &prompt(9, 4), 13),
             Err(Rejected::TooLarge { pages: 4, total: 3 })
         );
-        s.enqueue(1, 1, 4).unwrap();
-        s.enqueue(2, 1, 4).unwrap();
-        assert_eq!(s.enqueue(3, 1, 4), Err(Rejected::QueueFull));
+        s.enqueue(1, &prompt(1, 1), 4).unwrap();
+        s.enqueue(2, &prompt(2, 1), 4).unwrap();
+        assert_eq!(s.enqueue(3, &prompt(3, 1), 4), Err(Rejected::QueueFull));
         // Cancelling a waiting request frees its place in the queue.
         s.remove(2).unwrap();
-        s.enqueue(3, 1, 4).unwrap();
+        s.enqueue(3, &prompt(3, 1), 4).unwrap();
+    }
+
+    #[test]
+    fn a_prompt_starts_after_its_longest_cached_prefix() {
+        let mut s = Scheduler::new(limits(64, 4, 8), 100);
+        let system = prompt(1, 10);
+        s.enqueue(1, &system, 12).unwrap();
+        assert_eq!(step_with_start(&mut s), [(1, 0, 10, true)]);
+        s.remove(1).unwrap();
+        // Pages 0 and 1 (tokens 0–7) were completed; the third was not.
+        assert_eq!(s.pages_cached(), 2);
+        let mut question = system[..9].to_vec();
+        question.extend([5, 6, 7]);
+        s.enqueue(2, &question, 16).unwrap();
+        assert_eq!(step_with_start(&mut s), [(2, 8, 4, true)]);
+        // A different first page shares nothing.
+        let mut other = question.clone();
+        other[0] += 1;
+        s.enqueue(3, &other, 16).unwrap();
+        assert_eq!(
+            step_with_start(&mut s),
+            [(2, 12, 1, true), (3, 0, 12, true)]
+        );
+    }
+
+    #[test]
+    fn a_wholly_cached_prompt_still_feeds_its_last_token() {
+        let mut s = Scheduler::new(limits(64, 4, 8), 100);
+        s.enqueue(1, &prompt(1, 8), 9).unwrap();
+        step(&mut s);
+        s.remove(1).unwrap();
+        assert_eq!(s.pages_cached(), 2);
+        // Eight tokens, all cached: the second page is not taken (its last
+        // token must be computed for its logits, and into a page of its own).
+        s.enqueue(2, &prompt(1, 8), 9).unwrap();
+        assert_eq!(step_with_start(&mut s), [(2, 4, 4, true)]);
+    }
+
+    #[test]
+    fn running_sequences_share_pages_and_generated_pages_are_cached_too() {
+        let mut s = Scheduler::new(limits(64, 4, 8), 100);
+        s.enqueue(1, &prompt(1, 6), 12).unwrap();
+        assert_eq!(step_with_start(&mut s), [(1, 0, 6, true)]);
+        assert_eq!(s.pages_used(), 3);
+        // While 1 decodes, 2 with the same first page joins: it holds that
+        // page too, which is counted once.
+        s.enqueue(2, &prompt(1, 6), 8).unwrap();
+        assert_eq!(step_with_start(&mut s), [(1, 6, 1, true), (2, 4, 2, true)]);
+        assert_eq!(s.pages_used(), 3 + 1);
+        // Request 1 generates up to 10 tokens (7s): page 1 fills with
+        // generated tokens and is published as well.
+        for _ in 0..3 {
+            step(&mut s);
+        }
+        s.remove(1).unwrap();
+        s.remove(2).unwrap();
+        let mut follow_up = prompt(1, 6);
+        follow_up.extend([7, 7, 7, 7, 9]);
+        s.enqueue(3, &follow_up, 12).unwrap();
+        assert_eq!(step_with_start(&mut s), [(3, 8, 3, true)]);
+    }
+
+    #[test]
+    fn without_prefix_caching_every_prompt_starts_at_zero() {
+        let limits = Limits {
+            prefix_caching: false,
+            ..limits(64, 4, 8)
+        };
+        let mut s = Scheduler::new(limits, 100);
+        s.enqueue(1, &prompt(1, 9), 12).unwrap();
+        step(&mut s);
+        s.remove(1).unwrap();
+        s.enqueue(2, &prompt(1, 9), 12).unwrap();
+        assert_eq!(step_with_start(&mut s), [(2, 0, 9, true)]);
+        assert_eq!(s.pages_cached(), 0);
     }
 }

@@ -140,6 +140,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         weights: WeightPrecision::F32,
         expected_model: None,
         expert_parallel: 1,
+        prefix_caching: true,
     }
 }
 
