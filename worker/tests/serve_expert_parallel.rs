@@ -589,7 +589,28 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
     let want: Vec<Value> = requests().iter().map(|b| answer(one.addr, b)).collect();
     let want_long = answer(one.addr, &long_request());
+    answer(one.addr, &long_request());
+    let one_metrics = String::from_utf8(request(one.addr, "GET", "/metrics", b"").body).unwrap();
+    let want_load = expert_load(&one_metrics);
+    // Every token fed passes the MoE layer 1 (2 experts each); the last
+    // layer computes only the rows whose logits are sampled.
+    let layer_total = |layer| -> f64 {
+        want_load
+            .iter()
+            .filter(|((l, _), _)| *l == layer)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert_eq!(
+        layer_total(1),
+        2.0 * metric(&one_metrics, "moe_serving_batch_tokens_sum")
+    );
+    assert_eq!(
+        layer_total(2),
+        2.0 * metric(&one_metrics, "moe_serving_generation_tokens_total")
+    );
     drop(one);
+    let (leader_load, follower_load) = (Mutex::default(), Mutex::default());
     let outcomes = dist_support::world(2, |world| {
         let rank = world.rank();
         let experts = replica::experts_of(rank, 2, 8).unwrap();
@@ -614,6 +635,7 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
                 .find_map(|l| l.strip_prefix("moe_serving_batch_tokens_count "))
                 .and_then(|v| v.parse::<u64>().ok());
             assert!(steps > Some(0), "rank {rank} counts its steps:\n{text}");
+            *follower_load.lock().unwrap() = expert_load(&text);
             return followed.map(|()| Vec::new());
         }
         let server = Server::start_leader(Box::new(world), loaded, &options, &timeouts).unwrap();
@@ -630,6 +652,7 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
             got.push(response["choices"].clone());
         }
         let metrics = String::from_utf8(request(server.addr, "GET", "/metrics", b"").body).unwrap();
+        *leader_load.lock().unwrap() = expert_load(&metrics);
         for kind in ["plan", "expert_exchange", "all_gather"] {
             let line = format!("moe_serving_collective_bytes_total{{kind=\"{kind}\"}}");
             assert!(metrics.contains(&line), "{kind} bytes counted:\n{metrics}");
@@ -646,6 +669,21 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     for g in &got[want.len()..] {
         assert_eq!(g, &want_long, "the long prompt");
     }
+    // The expert load: each rank counts the rows its own experts computed
+    // (0–3 on the leader, 4–7 on the follower), and together they are the
+    // single process's, expert by expert.
+    let (leader_load, follower_load) = (
+        leader_load.into_inner().unwrap(),
+        follower_load.into_inner().unwrap(),
+    );
+    assert!(leader_load.keys().all(|&(_, e)| e < 4), "{leader_load:?}");
+    assert!(
+        follower_load.keys().all(|&(_, e)| e >= 4),
+        "{follower_load:?}"
+    );
+    let mut together = leader_load;
+    together.extend(follower_load);
+    assert_eq!(together, want_load);
     for follower in outcomes {
         follower.expect("the follower exits cleanly when the leader stops");
     }
@@ -867,6 +905,21 @@ fn launch_two_ranks(model: &Path, port: u16, marker: &str) -> Child {
 }
 
 /// `name{labels} value` from Prometheus text.
+/// `moe_serving_expert_tokens_total` by (layer, expert).
+fn expert_load(text: &str) -> std::collections::BTreeMap<(usize, usize), f64> {
+    let labels = |l: &str, name: &str| -> usize {
+        let at = l.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+        l[at..].split('"').next().unwrap().parse().unwrap()
+    };
+    text.lines()
+        .filter(|l| l.starts_with("moe_serving_expert_tokens_total{"))
+        .map(|l| {
+            let value = l.rsplit(' ').next().unwrap().parse().unwrap();
+            ((labels(l, "layer"), labels(l, "expert")), value)
+        })
+        .collect()
+}
+
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())

@@ -220,6 +220,19 @@ impl Engine {
         })
     }
 
+    /// Token rows each routed expert held here computed since the last
+    /// call: `(decoder layer, expert, rows)`, for the experts that computed
+    /// any (the expert load `/metrics` counts).
+    pub fn take_expert_rows(&self) -> Vec<(usize, usize, u64)> {
+        let mut taken = Vec::new();
+        for (layer, block) in self.layers.blocks.iter().enumerate() {
+            if let Ffn::Moe(moe) = &block.ffn {
+                taken.extend(moe.take_rows().map(|(e, rows)| (layer, e, rows)));
+            }
+        }
+        taken
+    }
+
     /// Runs each step on `threads` threads (1: on the caller's alone).
     pub fn with_threads(mut self, threads: usize) -> std::io::Result<Self> {
         self.pool = if threads > 1 {

@@ -60,6 +60,7 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
             let mut out = vec![0.0; input.len()];
             if !input.is_empty() {
                 moe.expert(e).forward(&mut out, &input);
+                moe.count_rows(e, input.len() / hidden);
             }
             out
         })

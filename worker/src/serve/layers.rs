@@ -10,6 +10,7 @@
 //! training forward and `transformers` hold unchanged.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::moe::config::MoeConfig;
 use crate::moe::dispatch::Dispatch;
@@ -74,6 +75,9 @@ pub(crate) struct Moe {
     shared: Option<PackedMlp>,
     /// Qwen2-MoE's shared expert and its one-output gate.
     gated_shared: Option<(PackedMlp, PackedLinear)>,
+    /// Token rows each held expert computed since they were last taken
+    /// ([`Moe::take_rows`]): the expert load `/metrics` shows.
+    rows: Vec<AtomicU64>,
 }
 
 impl Layers {
@@ -126,6 +130,7 @@ impl Layers {
                                 moe_config.n_routed_experts,
                             ),
                             selection_bias: layer.selection_bias.clone(),
+                            rows: held.clone().map(|_| AtomicU64::new(0)).collect(),
                             held,
                             experts,
                             shared,
@@ -291,6 +296,21 @@ impl Moe {
         (routing, dispatch)
     }
 
+    /// Counts `rows` token rows computed by held expert `e`.
+    pub fn count_rows(&self, e: usize, rows: usize) {
+        self.rows[e - self.held.start].fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// The rows each held expert computed since the last call, for those
+    /// that computed any: `(expert, rows)`, global expert indices.
+    pub fn take_rows(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.held
+            .clone()
+            .zip(&self.rows)
+            .map(|(e, rows)| (e, rows.swap(0, Ordering::Relaxed)))
+            .filter(|&(_, rows)| rows > 0)
+    }
+
     /// Adds `gate · y` into each assignment's token row of `output`, where
     /// `rows` holds one output row `y` per assignment of `experts`, in
     /// dispatch order (by expert, then token). Called once per expert or
@@ -341,6 +361,7 @@ impl Moe {
             }
             let mut expert_output = vec![0.0; input.len()];
             expert.forward(&mut expert_output, &input);
+            self.count_rows(e, slots.len());
             self.add_routed(&mut output, &routing, &dispatch, e..e + 1, &expert_output);
         }
         self.add_shared(x, &mut output);

@@ -25,6 +25,15 @@ pub struct CollectiveLabels {
     pub kind: String,
 }
 
+/// One routed expert of one MoE layer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpertLabels {
+    /// The decoder layer (0-based, as in `model.layers.{i}`).
+    pub layer: String,
+    /// The routed expert (its global index).
+    pub expert: String,
+}
+
 /// Cheap to clone: every metric is a shared atomic.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +58,8 @@ pub struct Metrics {
     /// Expert-parallel payload bytes this rank sent to the others (the
     /// leader's plans; every rank's expert exchanges and all-gathers).
     pub collective_bytes: Family<CollectiveLabels, Counter>,
+    /// Token rows each routed expert held by this process computed.
+    pub expert_tokens: Family<ExpertLabels, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -146,6 +157,12 @@ impl Metrics {
             "Expert-parallel payload bytes this rank sent to the replica's other ranks, by kind",
             collective_bytes.clone(),
         );
+        let expert_tokens = Family::<ExpertLabels, Counter>::default();
+        registry.register(
+            "expert_tokens",
+            "Token rows each routed expert held by this process computed, by decoder layer and expert (the expert load; on an expert-parallel replica each rank counts its own experts)",
+            expert_tokens.clone(),
+        );
         Self {
             requests,
             prompt_tokens,
@@ -162,6 +179,7 @@ impl Metrics {
             kv_pages_total,
             kv_pages_cached,
             collective_bytes,
+            expert_tokens,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -183,6 +201,19 @@ impl Metrics {
             .collective_bytes
             .get_or_create(&CollectiveLabels { kind: kind.into() });
         counter.inc_by(total.saturating_sub(counter.get()));
+    }
+
+    /// Adds the rows experts computed, as [`crate::serve::engine::Engine::take_expert_rows`]
+    /// gives them: `(layer, expert, rows)`.
+    pub fn add_expert_rows(&self, rows: &[(usize, usize, u64)]) {
+        for &(layer, expert, n) in rows {
+            self.expert_tokens
+                .get_or_create(&ExpertLabels {
+                    layer: layer.to_string(),
+                    expert: expert.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     /// The OpenMetrics text exposition.

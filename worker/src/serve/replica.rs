@@ -248,6 +248,7 @@ pub fn follow(joined: Joined, metrics: &Metrics) -> Result<(), ServeError> {
                 let (exchanged, gathered) = engine.expert_parallel_bytes();
                 metrics.set_collective_bytes("expert_exchange", exchanged);
                 metrics.set_collective_bytes("all_gather", gathered);
+                metrics.add_expert_rows(&engine.take_expert_rows());
                 if let Err(e) = stepped {
                     if e.is_fatal() {
                         let peer = matches!(e, StepError::Collective { peer: true, .. });

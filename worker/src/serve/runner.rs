@@ -595,6 +595,8 @@ impl Runner {
         let stepped = self.engine.step(&mut self.store, &chunks);
         drop(chunks);
         self.publish_collective_bytes();
+        self.metrics
+            .add_expert_rows(&self.engine.take_expert_rows());
         let logits = match stepped {
             Ok(logits) => logits,
             Err(e) if e.is_fatal() => {
