@@ -308,3 +308,92 @@ fn a_full_queue_gets_429_and_a_hang_up_cancels() {
     assert_eq!(ok.status, 200);
     assert_kv_pages_return(&server);
 }
+
+#[test]
+fn several_choices_sample_as_separate_requests_and_share_the_prompt() {
+    let dir = TempDir::new("choices");
+    let server = start_server_for(&dir, &options(&dir.0), &spec_with_context(256));
+    // Four whole pages of 16 tokens and part of a fifth.
+    let prompt = "Several choices share one prompt: n completions of the same text, sampled.";
+    let body = |seed: u64, n: usize| json!({"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": seed, "n": n});
+    let cached = "moe_serving_prompt_tokens_cached_total";
+    let before = metric(&server, cached);
+    let many = post_json(server.addr, "/v1/completions", &body(40, 3)).json();
+    // Choices 1 and 2 were submitted once choice 0 had its prompt in the
+    // cache, and prefilled only its last, partial page.
+    let prompt_tokens = many["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(prompt_tokens, prompt.len() as u64);
+    assert_eq!(
+        metric(&server, cached) - before,
+        2.0 * ((prompt_tokens - 1) / 16 * 16) as f64
+    );
+    assert_eq!(many["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let choices = many["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut completion_tokens = 0;
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        // Choice i draws as a request of its own with the seed plus i.
+        let alone = post_json(server.addr, "/v1/completions", &body(40 + i as u64, 1)).json();
+        assert_eq!(choice["text"], alone["choices"][0]["text"], "choice {i}");
+        completion_tokens += alone["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_ne!(
+        choices[0]["text"], choices[1]["text"],
+        "different seeds, different samples"
+    );
+    assert_eq!(many["usage"]["completion_tokens"], completion_tokens);
+    assert_eq!(
+        many["usage"]["total_tokens"],
+        prompt_tokens + completion_tokens
+    );
+
+    // Streamed, as a chat: each choice's role chunk, pieces tagged with
+    // their index, a finish per choice, then the usage of all.
+    let chat = json!({
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 10, "temperature": 0.7,
+        "seed": 9, "n": 2, "logprobs": true, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let streamed = post_json(server.addr, "/v1/chat/completions", &chat);
+    let events = streamed.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut texts = [String::new(), String::new()];
+    let (mut roles, mut finishes, mut logprobs) = ([0; 2], [0; 2], [0; 2]);
+    for chunk in &chunks[..chunks.len() - 1] {
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        roles[i] += usize::from(choice["delta"]["role"] == "assistant");
+        finishes[i] += usize::from(choice["finish_reason"].is_string());
+        logprobs[i] += choice["logprobs"]["content"].as_array().map_or(0, Vec::len);
+    }
+    assert_eq!((roles, finishes), ([1, 1], [1, 1]));
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    let whole = {
+        let mut chat = chat.clone();
+        chat["stream"] = json!(false);
+        post_json(server.addr, "/v1/chat/completions", &chat).json()
+    };
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(
+            text,
+            whole["choices"][i]["message"]["content"].as_str().unwrap()
+        );
+        assert_eq!(
+            logprobs[i],
+            whole["choices"][i]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .len()
+        );
+    }
+    assert_eq!(
+        usage["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+    assert_kv_pages_return(&server);
+}

@@ -2,8 +2,8 @@
 //!
 //! Parsing is lenient where the OpenAI clients are (unknown fields, such
 //! as `user` or `logit_bias`, are ignored) and strict where a silent
-//! ignore would change the answer (`n > 1` and `echo` are refused until
-//! they are implemented).
+//! ignore would change the answer (`echo` is refused until it is
+//! implemented).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +20,8 @@ use crate::serve::text::Tokenizer;
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 /// OpenAI allows at most four stop strings.
 const MAX_STOPS: usize = 4;
+/// Choices one request may ask for (`n`), OpenAI's bound.
+pub const MAX_CHOICES: usize = 128;
 
 /// An error as the OpenAI API reports it:
 /// `{"error": {"message", "type", "param", "code"}}`.
@@ -229,6 +231,8 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 #[derive(Clone, Debug)]
 pub struct Checked {
     pub request: GenerationRequest,
+    /// Choices to generate for the prompt (`n`).
+    pub n: usize,
     pub stream: bool,
     /// Streaming ends with a `usage` chunk (`stream_options.include_usage`).
     pub include_usage: bool,
@@ -407,9 +411,18 @@ impl Sampling {
                 ));
             }
         };
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("n: only 1 is supported", Some("n")));
-        }
+        let n = match self.n {
+            None => 1,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("n: {n} is not a number of choices from 1 to {MAX_CHOICES}"),
+                        Some("n"),
+                    )
+                })?,
+        };
         if self.echo == Some(true) {
             return Err(ApiError::invalid("echo: not supported", Some("echo")));
         }
@@ -463,6 +476,7 @@ impl Sampling {
                 stops,
                 logprobs,
             },
+            n,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
@@ -507,6 +521,8 @@ mod tests {
             (1.0, 1.0, 0)
         );
         assert!(!checked.stream);
+        assert_eq!(checked.n, 1);
+        assert_eq!(completion(r#"{"prompt":"a","n":3}"#).unwrap().n, 3);
     }
 
     #[test]
@@ -517,7 +533,8 @@ mod tests {
             (r#"{"prompt":"a","temperature":-1}"#, "temperature"),
             (r#"{"prompt":"a","top_p":0}"#, "top_p"),
             (r#"{"prompt":"a","top_k":-2}"#, "top_k"),
-            (r#"{"prompt":"a","n":2}"#, "n"),
+            (r#"{"prompt":"a","n":0}"#, "n"),
+            (r#"{"prompt":"a","n":129}"#, "n"),
             (r#"{"prompt":""}"#, "prompt"),
             (r#"{"prompt":[1000]}"#, "prompt"),
             (r#"{"prompt":"a","logprobs":6}"#, "logprobs"),

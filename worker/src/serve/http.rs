@@ -208,34 +208,53 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
 }
 
 async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
-    match start(state, endpoint, body) {
+    match start(state, endpoint, body).await {
         Ok(Started {
-            events,
+            choices,
             stream,
             include_usage,
             logprobs,
         }) => {
             let reply = Reply::new(state, endpoint, logprobs);
             if stream {
-                stream_reply(reply, events, include_usage).into_response()
+                stream_reply(reply, choices, include_usage).into_response()
             } else {
-                collect_reply(reply, events).await
+                collect_reply(reply, choices).await
             }
         }
         Err(e) => e.into_response(),
     }
 }
 
-/// A submitted request: its events, and how the reply is to be shaped.
+/// A submitted request: each choice's events, and how the reply is to be shaped.
 struct Started {
-    events: UnboundedReceiver<Event>,
+    choices: Vec<Choice>,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
 }
 
-/// Checks the request and submits it.
-fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, ApiError> {
+/// One choice's events; the first may have been received already.
+struct Choice {
+    first: Option<Event>,
+    events: UnboundedReceiver<Event>,
+}
+
+impl Choice {
+    async fn next(&mut self) -> Option<Event> {
+        match self.first.take() {
+            Some(event) => Some(event),
+            None => self.events.recv().await,
+        }
+    }
+}
+
+/// Checks the request and submits its choices. With `n` above 1, choice
+/// `i` samples with the seed plus `i`, and the others are submitted once
+/// the first has sent its first event: its prompt is in the KV cache
+/// then, and with [prefix caching](crate::serve::prefix_cache) they
+/// prefill only what its whole pages do not hold, not `n` times the prompt.
+async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, ApiError> {
     let engine = state.engine()?;
     let tokenizer = engine.tokenizer();
     let served = Served {
@@ -245,6 +264,7 @@ fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, A
     };
     let Checked {
         request,
+        n,
         stream,
         include_usage,
     } = match endpoint {
@@ -252,20 +272,38 @@ fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, A
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
     };
     let logprobs = request.logprobs.is_some();
-    let events = engine.submit(request).map_err(|e| match e {
+    let submit = |index: usize| {
+        let mut choice = request.clone();
+        choice.sampling.seed = choice.sampling.seed.wrapping_add(index as u64);
+        engine.submit(choice).map_err(submit_error)
+    };
+    let mut events = submit(0)?;
+    let first = if n > 1 { events.recv().await } else { None };
+    let mut choices = vec![Choice { first, events }];
+    for index in 1..n {
+        // A refusal drops the choices already submitted, which cancels them.
+        choices.push(Choice {
+            first: None,
+            events: submit(index)?,
+        });
+    }
+    Ok(Started {
+        choices,
+        stream,
+        include_usage,
+        logprobs,
+    })
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
         SubmitError::QueueFull => ApiError::overloaded(e.to_string()),
         SubmitError::PromptTooLong { .. } => {
             ApiError::invalid(e.to_string(), Some("prompt")).with_code("context_length_exceeded")
         }
         SubmitError::TooLarge { .. } => ApiError::invalid(e.to_string(), Some("max_tokens")),
         SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-    })?;
-    Ok(Started {
-        events,
-        stream,
-        include_usage,
-        logprobs,
-    })
+    }
 }
 
 /// Builds the response bodies of one request.
@@ -305,25 +343,24 @@ impl Reply {
         }
     }
 
-    fn full(
-        &self,
-        text: &str,
-        finish: FinishReason,
-        usage: Usage,
-        tokens: &[TokenLogprobs],
-    ) -> Value {
-        let logprobs = self.logprobs(tokens, &mut 0);
-        let choice = match self.endpoint {
+    /// One finished choice of a whole (non-streamed) response.
+    fn choice(&self, index: usize, done: &Collected) -> Value {
+        let logprobs = self.logprobs(&done.tokens, &mut 0);
+        let (text, finish) = (&done.text, done.finish.as_str());
+        match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
+                "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => json!({
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs,
-                "finish_reason": finish.as_str(),
+                "finish_reason": finish,
             }),
-        };
+        }
+    }
+
+    fn full(&self, choices: Vec<Value>, usage: Usage) -> Value {
         json!({
             "id": self.id,
             "object": match self.endpoint {
@@ -332,28 +369,35 @@ impl Reply {
             },
             "created": self.created,
             "model": &*self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage_json(usage),
         })
     }
 
     /// The last streamed chunk when the client asked for the usage: no choices.
     fn usage_chunk(&self, usage: Usage) -> Value {
-        let mut chunk = self.chunk(None, false, None);
+        let mut chunk = self.chunk(0, None, false, None);
         chunk["choices"] = json!([]);
         chunk["usage"] = usage_json(usage);
         chunk
     }
 
-    /// One streamed chunk: a text piece, the assistant role (chat's first
-    /// chunk), or the finish.
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
-        self.chunk_with(text, role, finish, Value::Null)
+    /// One streamed chunk of choice `index`: a text piece, the assistant
+    /// role (chat's first chunk), or the finish.
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        self.chunk_with(index, text, role, finish, Value::Null)
     }
 
     /// [`Self::chunk`] carrying the `logprobs` of the tokens it completes.
     fn chunk_with(
         &self,
+        index: usize,
         text: Option<&str>,
         role: bool,
         finish: Option<FinishReason>,
@@ -362,7 +406,7 @@ impl Reply {
         let finish = finish.map(FinishReason::as_str);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
+                "index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -372,7 +416,7 @@ impl Reply {
                 if let Some(text) = text {
                     delta.insert("content".into(), json!(text));
                 }
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -388,82 +432,175 @@ impl Reply {
     }
 }
 
-/// Waits for the whole completion. If the client goes away, this future is
-/// dropped with the receiver, which cancels the request.
-async fn collect_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Response {
+/// A choice's whole completion.
+struct Collected {
+    text: String,
+    tokens: Vec<TokenLogprobs>,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+/// Waits for one choice's whole completion (its error message if it failed).
+async fn collect(mut choice: Choice) -> Result<Collected, String> {
     let mut text = String::new();
     let mut tokens = Vec::new();
-    while let Some(event) = events.recv().await {
+    while let Some(event) = choice.next().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
             Event::Logprobs(token) => tokens.push(token),
             Event::Done { finish, usage } => {
-                let body = reply.full(&text, finish, usage, &tokens);
-                return api::json_response(StatusCode::OK, &body);
+                return Ok(Collected {
+                    text,
+                    tokens,
+                    finish,
+                    usage,
+                });
             }
-            Event::Failed(message) => return ApiError::internal(message).into_response(),
+            Event::Failed(message) => return Err(message),
         }
     }
-    ApiError::internal("the engine stopped before the completion finished").into_response()
+    Err(STOPPED.into())
 }
 
-/// Streams the completion as server-sent events, ending with `[DONE]`.
-/// When the client disconnects the body (and with it the receiver) is
+const STOPPED: &str = "the engine stopped before the completion finished";
+
+/// The usage of a request of several choices: the prompt's (and what the
+/// prefix cache held of it when the first choice was admitted) once, the
+/// completions' tokens added up.
+fn combined(usages: impl IntoIterator<Item = Usage>) -> Usage {
+    let mut usages = usages.into_iter();
+    let first = usages.next().unwrap_or_default();
+    Usage {
+        completion_tokens: first.completion_tokens
+            + usages.map(|u| u.completion_tokens).sum::<usize>(),
+        ..first
+    }
+}
+
+/// Waits for every choice's whole completion. If the client goes away,
+/// this future is dropped with the receivers, which cancels the request.
+async fn collect_reply(reply: Reply, choices: Vec<Choice>) -> Response {
+    let mut done = Vec::with_capacity(choices.len());
+    // One at a time: the engine never waits for a reader (its channels are
+    // unbounded), so the others' events simply queue meanwhile.
+    for choice in choices {
+        match collect(choice).await {
+            Ok(collected) => done.push(collected),
+            Err(message) => return ApiError::internal(message).into_response(),
+        }
+    }
+    let bodies = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| reply.choice(i, c))
+        .collect();
+    let usage = combined(done.iter().map(|c| c.usage));
+    api::json_response(StatusCode::OK, &reply.full(bodies, usage))
+}
+
+/// What a stream of several choices keeps between events.
+struct Streaming {
+    /// Each choice's log-probabilities of the tokens since its last chunk
+    /// (each token's come before its text).
+    pending: Vec<Vec<TokenLogprobs>>,
+    /// Each choice's completion length in characters so far (completions'
+    /// `text_offset`).
+    offsets: Vec<usize>,
+    /// The finished choices' usage.
+    usages: Vec<Option<Usage>>,
+    open: usize,
+}
+
+/// Choice `index`'s events, each tagged with it; `None` once if its
+/// channel closes before it finished.
+fn tagged(index: usize, choice: Choice) -> stream::BoxStream<'static, (usize, Option<Event>)> {
+    stream::unfold(Some(choice), move |state| async move {
+        let mut choice = state?;
+        match choice.next().await {
+            Some(event) => {
+                let last = matches!(event, Event::Done { .. } | Event::Failed(_));
+                Some(((index, Some(event)), (!last).then_some(choice)))
+            }
+            None => Some(((index, None), None)),
+        }
+    })
+    .boxed()
+}
+
+/// Streams the choices as server-sent events, in the order their pieces
+/// come, each chunk naming its choice's `index`, ending with `[DONE]`.
+/// When the client disconnects the body (and with it the receivers) is
 /// dropped, which cancels the request.
 fn stream_reply(
     reply: Reply,
-    events: UnboundedReceiver<Event>,
+    choices: Vec<Choice>,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let opening = (reply.endpoint == Endpoint::Chat)
-        .then(|| SseEvent::default().data(reply.chunk(None, true, None).to_string()));
+    let n = choices.len();
+    let opening: Vec<SseEvent> = match reply.endpoint {
+        Endpoint::Chat => (0..n)
+            .map(|i| SseEvent::default().data(reply.chunk(i, None, true, None).to_string()))
+            .collect(),
+        Endpoint::Completions => Vec::new(),
+    };
     let reply = Arc::new(reply);
-    // The state: the receiver (gone once finished) and the completion's
-    // length in characters so far (completions' `text_offset`).
-    let body = stream::unfold(Some((events, 0)), move |state| {
+    let events = stream::select_all(choices.into_iter().enumerate().map(|(i, c)| tagged(i, c)));
+    let state = Streaming {
+        pending: vec![Vec::new(); n],
+        offsets: vec![0; n],
+        usages: vec![None; n],
+        open: n,
+    };
+    let body = stream::unfold(Some((events, state)), move |state| {
         let reply = Arc::clone(&reply);
         async move {
-            let (mut events, mut offset) = state?;
-            // Each token's log-probabilities come before its text; a chunk
-            // carries those of the tokens since the previous chunk.
-            let mut tokens = Vec::new();
-            let event = loop {
-                match events.recv().await {
-                    Some(Event::Logprobs(token)) => tokens.push(token),
-                    other => break other,
-                }
-            };
-            let logprobs = if tokens.is_empty() {
-                Value::Null
-            } else {
-                reply.logprobs(&tokens, &mut offset)
-            };
-            let (data, more) = match event {
-                Some(Event::Text(piece)) => (
-                    vec![reply.chunk_with(Some(&piece), false, None, logprobs)],
-                    true,
-                ),
-                Some(Event::Logprobs(_)) => unreachable!("taken by the loop above"),
-                Some(Event::Done { finish, usage }) => {
-                    let mut last = vec![reply.chunk_with(None, false, Some(finish), logprobs)];
-                    if include_usage {
-                        last.push(reply.usage_chunk(usage));
+            let (mut events, mut state) = state?;
+            let (data, more) = loop {
+                let (i, event) = events.next().await?;
+                let logprobs = |state: &mut Streaming| {
+                    let tokens = std::mem::take(&mut state.pending[i]);
+                    if tokens.is_empty() {
+                        Value::Null
+                    } else {
+                        reply.logprobs(&tokens, &mut state.offsets[i])
                     }
-                    (last, false)
+                };
+                match event {
+                    Some(Event::Logprobs(token)) => state.pending[i].push(token),
+                    Some(Event::Text(piece)) => {
+                        let logprobs = logprobs(&mut state);
+                        break (
+                            vec![reply.chunk_with(i, Some(&piece), false, None, logprobs)],
+                            true,
+                        );
+                    }
+                    Some(Event::Done { finish, usage }) => {
+                        let logprobs = logprobs(&mut state);
+                        let mut last =
+                            vec![reply.chunk_with(i, None, false, Some(finish), logprobs)];
+                        state.usages[i] = Some(usage);
+                        state.open -= 1;
+                        if state.open > 0 {
+                            break (last, true);
+                        }
+                        if include_usage {
+                            let usage =
+                                combined(state.usages.iter().map(|u| u.unwrap_or_default()));
+                            last.push(reply.usage_chunk(usage));
+                        }
+                        break (last, false);
+                    }
+                    Some(Event::Failed(message)) => {
+                        break (vec![ApiError::internal(message).body()], false);
+                    }
+                    None => break (vec![ApiError::internal(STOPPED).body()], false),
                 }
-                Some(Event::Failed(message)) => (vec![ApiError::internal(message).body()], false),
-                None => (
-                    vec![
-                        ApiError::internal("the engine stopped before the completion finished")
-                            .body(),
-                    ],
-                    false,
-                ),
             };
-            let events_out = data
+            let events_out: Vec<SseEvent> = data
                 .into_iter()
-                .map(|value| SseEvent::default().data(value.to_string()));
-            Some((stream::iter(events_out), more.then_some((events, offset))))
+                .map(|value| SseEvent::default().data(value.to_string()))
+                .collect();
+            Some((stream::iter(events_out), more.then_some((events, state))))
         }
     })
     .flatten();

@@ -53,6 +53,22 @@ chunks = list(
 )
 assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, chunks[-1]
 
+# Several choices (`n`), seeded: each its own sample, the prompt's usage
+# counted once, the prompt's cached tokens in the client's usage type.
+several = client.completions.create(
+    model=model, prompt="the cat ", max_tokens=8, temperature=1.0, seed=3, n=3
+)
+assert [c.index for c in several.choices] == [0, 1, 2], several
+assert several.usage.prompt_tokens == completion.usage.prompt_tokens, several
+assert several.usage.prompt_tokens_details.cached_tokens >= 0, several
+streamed_choices = ["", ""]
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, n=2, stream=True
+):
+    for choice in chunk.choices:
+        streamed_choices[choice.index] += choice.delta.content or ""
+assert streamed_choices == [reply, reply], f"greedy choices {streamed_choices!r}, whole {reply!r}"
+
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     raise AssertionError("an unknown model was accepted")
