@@ -210,3 +210,54 @@ fn cached_pages_give_way_to_new_requests_when_the_cache_is_full() {
     assert!(cached(&completion(server.addr, &prompts[0])) >= 4 * 16);
     assert_kv_pages_return(&server);
 }
+
+#[test]
+fn a_chat_through_a_hugging_face_template_reuses_its_earlier_turns() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe");
+    let start_with = |prefix_caching| {
+        let options = ServeOptions {
+            model_name: Some("qwen".into()),
+            prefix_caching,
+            ..options(&dir)
+        };
+        let loaded = moe_worker::serve::load::load(&dir, None, None).unwrap();
+        Server::start(loaded, &options).unwrap()
+    };
+    let (server, plain) = (start_with(true), start_with(false));
+    let page = options(&dir).page_size as u64;
+    let chat = |addr, messages: &Value| {
+        let body = json!({
+            "messages": messages, "max_tokens": 12, "temperature": 0,
+            "logprobs": true, "top_logprobs": 2,
+        });
+        let response = post_json(addr, "/v1/chat/completions", &body);
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+        response.json()
+    };
+    let mut messages = json!([
+        {"role": "system", "content": "You route tokens to experts. Answer in one short line, and name the field to change."},
+        {"role": "user", "content": "Which field sets the experts per token?"},
+    ]);
+    let first = chat(server.addr, &messages);
+    assert_eq!(first["choices"], chat(plain.addr, &messages)["choices"]);
+    // The second turn: the template renders the first turn again, then the
+    // answer and the new question; the first turn's prompt is reused.
+    let answer = first["choices"][0]["message"]["content"].clone();
+    let list = messages.as_array_mut().unwrap();
+    list.push(json!({"role": "assistant", "content": answer}));
+    list.push(json!({"role": "user", "content": "And the shared experts?"}));
+    let second = chat(server.addr, &messages);
+    assert_eq!(second["choices"], chat(plain.addr, &messages)["choices"]);
+    let first_prompt = prompt_tokens(&first);
+    assert!(
+        cached(&second) >= first_prompt / page * page,
+        "cached {} of {}, the first turn's prompt had {first_prompt}",
+        cached(&second),
+        prompt_tokens(&second)
+    );
+}
