@@ -630,6 +630,10 @@ mod tests {
         assert_eq!(config.model_dir, "/models/moe/9b");
         assert_eq!(config.port, 8000);
         assert_eq!(config.device, Device::Cuda);
+        assert!(config.prefix_caching, "on unless the spec turns it off");
+        let off =
+            service_fixture(serde_json::json!({"spec": {"serving": {"prefixCaching": false}}}));
+        assert!(!serving_config(&off, &model()).prefix_caching);
     }
 
     #[test]
