@@ -6,10 +6,13 @@
 #   mkdir -p .gpu && cp target/release/moe-gpu-check .gpu/
 #   cargo build --release -p moe-worker --features cuda --bin moe-worker   # optional:
 #   cp target/release/moe-worker .gpu/               # also runs gpu-train-check.sh
+#                                                    # and gpu-serve-check.sh
 #
 # and carried along (.gpu/ is git-ignored). It finds NVRTC, cuBLASLt and the
 # CUDA headers on the machine (a CUDA toolkit, or NVIDIA's Python wheels),
-# checks every CUDA op against its CPU reference, runs the benchmarks, and
+# checks every CUDA op against its CPU reference (the check group "serve"
+# reads the Hugging Face fixtures under worker/tests/fixtures/hf, so run it
+# from the repository root), runs the benchmarks, and
 # writes gpu-report.md / gpu-report.json (and the full log) to $OUT, or to
 # the directory given as the first argument. Exits non-zero when a check fails.
 set -uo pipefail
@@ -66,5 +69,11 @@ if [ -x "${MOE_WORKER_BIN:-.gpu/moe-worker}" ]; then
   train_status=$?
   echo "gpu-check: gpu-train-check exited $train_status after $((SECONDS - start)) s"
   [ "$status" -eq 0 ] && status=$train_status
+  # `moe-worker serve --device cuda` on the Hugging Face fixtures.
+  start=$SECONDS
+  timeout 240 bash "$(dirname "$0")/gpu-serve-check.sh" "$out"
+  serve_status=$?
+  echo "gpu-check: gpu-serve-check exited $serve_status after $((SECONDS - start)) s"
+  [ "$status" -eq 0 ] && status=$serve_status
 fi
 exit $status

@@ -18,3 +18,28 @@ extern "C" __global__ void rope_f32(float* x, const float* cos_table, const floa
         v[1] = a * s + b * c;
     }
 }
+
+// The serving engine's RoPE (worker/src/serve/engine.rs `rotate`): x is
+// [rows, heads, head_dim], row r at its own `positions[r]` (a step mixes
+// sequences at any positions), and the pairs either interleaved (2i, 2i + 1),
+// the worker's own models, or halves (i, i + head_dim / 2), `rotate_half` in
+// Hugging Face's Llama, Mixtral and Qwen. The table is the CPU engine's:
+// [context, head_dim / 2].
+extern "C" __global__ void rope_positions_f32(float* x, const float* cos_table, const float* sin_table,
+                                              const int* positions, int rows, int heads, int head_dim,
+                                              int halves) {
+    const int pairs = head_dim / 2;
+    const size_t total = (size_t)rows * heads * pairs;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const int pair = (int)(i % pairs);
+        const size_t row_head = i / pairs;
+        const size_t row = row_head / heads;
+        const size_t angle = (size_t)positions[row] * pairs + pair;
+        const float c = cos_table[angle], s = sin_table[angle];
+        float* head = x + row_head * head_dim;
+        const int first = halves ? pair : 2 * pair, second = halves ? pair + pairs : 2 * pair + 1;
+        const float a = head[first], b = head[second];
+        head[first] = a * c - b * s;
+        head[second] = a * s + b * c;
+    }
+}

@@ -1,5 +1,6 @@
-// Whole-buffer helpers of the device training step: the residual adds and
-// the gradient norm's sum of squares.
+// Whole-buffer helpers of the device training step (the residual adds and
+// the gradient norm's sum of squares) and of the serving engine (biases,
+// OLMoE's clip_qkv, row gathers, Qwen2-MoE's gated shared expert).
 
 // out[i] += a[i]: a residual connection added onto a sublayer's output.
 extern "C" __global__ void add_f32(float* out, const float* a, size_t n) {
@@ -24,4 +25,33 @@ extern "C" __global__ void sum_squares_f32(double* partials, const float* x, siz
         __syncthreads();
     }
     if (threadIdx.x == 0) partials[blockIdx.x] = scratch[0];
+}
+
+// x[r, c] += bias[c] for x: [rows, width] (the attention projections' biases).
+extern "C" __global__ void add_bias_rows_f32(float* x, const float* bias, size_t n, int width) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] += bias[i % width];
+}
+
+// x[i] = clamp(x[i], -limit, limit) (OLMoE's clip_qkv), as Rust's f32::clamp.
+extern "C" __global__ void clamp_f32(float* x, size_t n, float limit) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = fminf(fmaxf(x[i], -limit), limit);
+}
+
+// out[o] = x[rows[o]] for rows of `width` (the rows whose logits a step wants).
+extern "C" __global__ void gather_rows_f32(float* out, const float* x, const int* rows, int out_rows, int width) {
+    const size_t total = (size_t)out_rows * width;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = x[(size_t)rows[i / width] * width + i % width];
+}
+
+// out[r, c] += sigmoid(gate[r]) * shared[r, c] (Qwen2-MoE's shared expert,
+// scaled by a sigmoid of its one-output gate), as the CPU: g = 1 / (1 + exp(-g)).
+extern "C" __global__ void add_sigmoid_gated_f32(float* out, const float* shared, const float* gate, size_t n,
+                                                 int width) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = 1.0f / (1.0f + expf(-gate[i / width]));
+        out[i] += g * shared[i];
+    }
 }

@@ -52,7 +52,7 @@ pub const CROSS_ENTROPY: Family = family!(
     "cross_entropy",
     ["cross_entropy_forward_f32", "cross_entropy_backward_f32"]
 );
-pub const ROPE: Family = family!("rope", ["rope_f32"]);
+pub const ROPE: Family = family!("rope", ["rope_f32", "rope_positions_f32"]);
 pub const ADAMW: Family = family!("adamw", ["adamw_f32"]);
 pub const ROUTER: Family = family!("router", ["router_topk_f32", "router_backward_f32"]);
 pub const PERMUTE: Family = family!(
@@ -94,7 +94,19 @@ pub const EMBEDDING: Family = family!(
     "embedding",
     ["embedding_forward_f32", "embedding_backward_f32"]
 );
-pub const VECTOR: Family = family!("vector", ["add_f32", "sum_squares_f32"]);
+pub const VECTOR: Family = family!(
+    "vector",
+    [
+        "add_f32",
+        "sum_squares_f32",
+        "add_bias_rows_f32",
+        "clamp_f32",
+        "gather_rows_f32",
+        "add_sigmoid_gated_f32",
+    ]
+);
+pub const PAGED_ATTENTION: Family =
+    family!("paged_attention", ["kv_write_f32", "paged_attention_f32"]);
 
 /// All families, in the order the compile check reports them.
 pub const FAMILIES: &[Family] = &[
@@ -110,6 +122,7 @@ pub const FAMILIES: &[Family] = &[
     EMBEDDING,
     GEMM,
     VECTOR,
+    PAGED_ATTENTION,
 ];
 
 #[cfg(test)]

@@ -90,6 +90,11 @@ struct ServeArgs {
     /// serving.prefixCaching can turn it off too).
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Where the model computes: cpu, or cuda (the GPU engine, in a worker
+    /// built with the `cuda` feature; one process only). Default: the
+    /// config's device, else cpu.
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +155,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         expert_parallel: args.expert_parallel,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
         no_prefix_caching: args.no_prefix_caching,
+        device: args.device.map(|d| match d.as_str() {
+            "cuda" => moe_crds::Device::Cuda,
+            _ => moe_crds::Device::Cpu,
+        }),
     };
     let (options, warnings) = match options::resolve(config.as_ref(), flags) {
         Ok(resolved) => resolved,
@@ -207,8 +216,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         size: gang.world_size,
         local_rank: gang.local_rank,
         timeouts,
-        // Serving computes on the CPU, so its ranks talk over TCP whatever
-        // `device` says; NCCL plugs in here with the CUDA serving path.
+        // Expert-parallel serving computes on the CPU (the GPU engine runs
+        // one process), so its ranks talk over TCP whatever `device` says;
+        // NCCL plugs in here when expert-parallel serving runs on GPUs.
         connect: Box::new(move || connect(&connect_gang, hash, moe_crds::Device::Cpu, &timeouts)),
     };
     match serve::run(&options, Some(replica)) {

@@ -490,23 +490,17 @@ impl Backend {
     }
 }
 
-/// The pod's GPU: the local rank (`MOE_LOCAL_RANK`) when the launcher set
-/// it, else device 0. It lives as long as the process (one training run per
-/// process), so it is leaked rather than threaded through as a borrow.
+/// The pod's GPU ([`crate::cuda::open_process_gpu`]).
 #[cfg(feature = "cuda")]
 fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
-    let ordinal = std::env::var(moe_crds::contract::env::LOCAL_RANK)
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0);
-    let gpu = crate::cuda::Gpu::new(ordinal)?;
+    let (gpu, ordinal) = crate::cuda::open_process_gpu()?;
     tracing::info!(
         device = %gpu.name().unwrap_or_default(),
         arch = gpu.arch(),
         ordinal,
         "training on the GPU"
     );
-    Ok(Box::leak(Box::new(gpu)))
+    Ok(gpu)
 }
 
 /// What the run carries besides the trainer.

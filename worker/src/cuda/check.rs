@@ -160,6 +160,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("embedding", check_embedding),
     ("moe layer", check_moe_layer),
     ("training", super::train_check::check_training),
+    ("serve", super::serve_check::check_serve),
     ("nccl", super::nccl_check::check_nccl),
 ];
 

@@ -21,9 +21,12 @@ pub mod matmul;
 pub mod model;
 pub mod moe_layer;
 pub mod nccl_check;
+pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
+pub mod serve;
+pub mod serve_check;
 pub mod swiglu;
 pub mod train_bench;
 pub mod train_check;
@@ -188,6 +191,19 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+}
+
+/// The process's GPU, for the process's lifetime (one training run or one
+/// server per process, so it is leaked rather than threaded through as a
+/// borrow): the local rank's (`MOE_LOCAL_RANK`, set by the launcher), else
+/// device 0. Returns the ordinal too.
+pub fn open_process_gpu() -> Result<(&'static Gpu, usize)> {
+    let ordinal = std::env::var(moe_crds::contract::env::LOCAL_RANK)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let gpu = Gpu::new(ordinal)?;
+    Ok((Box::leak(Box::new(gpu)), ordinal))
 }
 
 /// Buffers come from the device's stream-ordered memory pool

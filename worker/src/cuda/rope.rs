@@ -29,6 +29,45 @@ impl DeviceRope {
         self.rotate(gpu, x, heads, 1.0)
     }
 
+    /// The serving engine's rotation (`serve::engine`'s `rotate`): rotates
+    /// `x: [rows, heads, head_dim]` in place, row `r` at `positions[r]`
+    /// (each below the table's length), pairing dimensions in halves
+    /// (`rotate_half`) or interleaved as `halves` says.
+    pub fn forward_at(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        heads: usize,
+        halves: bool,
+    ) -> Result<()> {
+        let rows = positions.len();
+        assert_eq!(
+            x.len(),
+            rows * heads * self.head_dim,
+            "RoPE input is not [rows, heads, head_dim]"
+        );
+        if x.is_empty() {
+            return Ok(());
+        }
+        let pairs = x.len() / 2;
+        let f = gpu.function(&ROPE, "rope_positions_f32")?;
+        let (rows_i, heads_i, dim_i, halves_i) =
+            (int(rows), int(heads), int(self.head_dim), i32::from(halves));
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch
+            .arg(x)
+            .arg(&self.cos)
+            .arg(&self.sin)
+            .arg(positions)
+            .arg(&rows_i)
+            .arg(&heads_i)
+            .arg(&dim_i)
+            .arg(&halves_i);
+        unsafe { launch.launch(elementwise(pairs)) }?;
+        Ok(())
+    }
+
     /// As [`RopeTable::backward`]: rotates the gradient back in place.
     pub fn backward(&self, gpu: &Gpu, dx: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
         self.rotate(gpu, dx, heads, -1.0)

@@ -1,6 +1,7 @@
-//! Whole-buffer helpers of the device training step (kernels/cuda/vector.cu).
+//! Whole-buffer helpers of the device training step and serving engine
+//! (kernels/cuda/vector.cu).
 
-use super::{Gpu, Result, elementwise, grid};
+use super::{Gpu, Result, elementwise, grid, int};
 use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
 use moe_kernels::registry::VECTOR;
 
@@ -45,4 +46,81 @@ pub fn sum_squares(gpu: &Gpu, tensors: &[&CudaSlice<f32>]) -> Result<f64> {
         at += count;
     }
     Ok(gpu.download(&partials)?.iter().sum())
+}
+
+/// `x[r, ..] += bias` for every row of `x: [rows, bias.len()]`.
+pub fn add_bias_rows(gpu: &Gpu, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
+    let (n, width) = (x.len(), bias.len());
+    assert!(
+        width > 0 && n.is_multiple_of(width),
+        "bias rows: [rows, width]"
+    );
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "add_bias_rows_f32")?;
+    let width_i = int(width);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(x).arg(bias).arg(&n).arg(&width_i);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `x = clamp(x, -limit, limit)`, elementwise.
+pub fn clamp(gpu: &Gpu, x: &mut CudaSlice<f32>, limit: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "clamp_f32")?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(x).arg(&n).arg(&limit);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `out[o, ..] = x[rows[o], ..]` for rows of `width` values.
+pub fn gather_rows(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    rows: &CudaSlice<i32>,
+    width: usize,
+) -> Result<()> {
+    assert!(
+        width > 0 && out.len() == rows.len() * width && x.len().is_multiple_of(width),
+        "gather shapes"
+    );
+    if out.is_empty() {
+        return Ok(());
+    }
+    let n = out.len();
+    let f = gpu.function(&VECTOR, "gather_rows_f32")?;
+    let (rows_i, width_i) = (int(rows.len()), int(width));
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(out).arg(x).arg(rows).arg(&rows_i).arg(&width_i);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `out[r, ..] += sigmoid(gate[r]) * shared[r, ..]` (Qwen2-MoE's gated
+/// shared expert) for `out, shared: [rows, width]`, `gate: [rows]`.
+pub fn add_sigmoid_gated(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    shared: &CudaSlice<f32>,
+    gate: &CudaSlice<f32>,
+) -> Result<()> {
+    let n = out.len();
+    let rows = gate.len();
+    assert!(
+        shared.len() == n && rows > 0 && n.is_multiple_of(rows),
+        "gated add shapes"
+    );
+    let f = gpu.function(&VECTOR, "add_sigmoid_gated_f32")?;
+    let width_i = int(n / rows);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(out).arg(shared).arg(gate).arg(&n).arg(&width_i);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
 }

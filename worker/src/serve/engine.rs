@@ -63,6 +63,9 @@ pub enum StepError {
         message: String,
         peer: bool,
     },
+    /// The GPU failed (a CUDA or cuBLASLt error): its context may be
+    /// unusable, so no later step runs either.
+    Device(String),
 }
 
 impl StepError {
@@ -75,7 +78,7 @@ impl StepError {
 
     /// Whether the engine can run no further step (its replica is broken).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Collective { .. })
+        matches!(self, Self::Collective { .. } | Self::Device(_))
     }
 }
 
@@ -96,6 +99,7 @@ impl std::fmt::Display for StepError {
             Self::Collective { message, .. } => {
                 write!(f, "the expert-parallel exchange failed: {message}")
             }
+            Self::Device(message) => write!(f, "the GPU failed: {message}"),
         }
     }
 }
@@ -145,15 +149,7 @@ impl Engine {
     /// weights are packed for the GEMM kernel here, once.
     pub fn serve(model: ServeModel) -> Self {
         let config = model.config.clone();
-        // The rotated width: the head, or MLA's `qk_rope_head_dim` (its `head_dim`).
-        let rope = match &config.rope_scaling {
-            None => RopeTable::new(config.context, config.head_dim, config.rope_theta),
-            Some(yarn) => RopeTable::from_frequencies(
-                config.context,
-                &yarn.inv_freq(config.head_dim, config.rope_theta),
-                yarn.attention_factor(),
-            ),
-        };
+        let rope = rope_table(&config);
         let layers = Layers::pack(model);
         Self {
             config,
@@ -507,70 +503,22 @@ impl Engine {
 
     fn check(&self, cache: &KvStore, chunks: &[Chunk<'_>]) -> Result<(), StepError> {
         let (context, vocab) = (self.context(), self.config().vocab);
-        let page_size = cache.shape().page_size;
-        for chunk in chunks {
-            let end = chunk.start + chunk.tokens.len();
-            if chunk.tokens.is_empty() {
-                return Err(StepError::EmptyChunk);
-            }
-            if end > context {
-                return Err(StepError::BeyondContext {
-                    position: end - 1,
-                    context,
-                });
-            }
-            if end > chunk.pages.len() * page_size {
-                return Err(StepError::NotEnoughPages {
-                    position: end - 1,
-                    pages: chunk.pages.len(),
-                });
-            }
-            if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(StepError::TokenOutOfVocabulary(t));
-            }
-            let pages = cache.pages();
-            if let Some(&page) = chunk.pages.iter().find(|&&p| p as usize >= pages) {
-                return Err(StepError::NoSuchPage { page, pages });
-            }
-        }
-        Ok(())
+        check_chunks(
+            chunks,
+            context,
+            vocab,
+            cache.shape().page_size,
+            cache.pages(),
+        )
     }
 
-    /// RoPE at `position` for one token's heads (as [`RopeTable::forward`]
-    /// does for token `position` of a training sequence), pairing the
-    /// dimensions as the model's layout says.
+    /// RoPE at `position` for one token's heads (see [`rotate`]).
     fn rotate(&self, x: &mut [f32], position: usize) {
-        let head_dim = self.config().head_dim;
-        let pairs = head_dim / 2;
-        let angles = position * pairs..(position + 1) * pairs;
-        let (cos, sin) = (&self.rope.cos()[angles.clone()], &self.rope.sin()[angles]);
-        for head in x.chunks_exact_mut(head_dim) {
-            match self.config().rope_layout {
-                RopeLayout::Interleaved => {
-                    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                        let (a, b) = (pair[0], pair[1]);
-                        pair[0] = a * c - b * s;
-                        pair[1] = a * s + b * c;
-                    }
-                }
-                // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
-                RopeLayout::Halves => {
-                    let (first, second) = head.split_at_mut(pairs);
-                    for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
-                        let (x1, x2) = (*a, *b);
-                        *a = x1 * c - x2 * s;
-                        *b = x2 * c + x1 * s;
-                    }
-                }
-            }
-        }
+        let config = self.config();
+        rotate(x, position, config.head_dim, config.rope_layout, &self.rope);
     }
 
-    /// Causal grouped-query attention of one query row at `position` over
-    /// the cached positions `0..=position`: scaled dot products (in
-    /// [`vector::dot_f32`]'s order, not the training op's chain: the same
-    /// values to rounding), a max-shifted softmax, then the weighted sum of
-    /// values in ascending position.
+    /// [`attend`] with this model's heads.
     fn attend(
         &self,
         out: &mut [f32],
@@ -581,37 +529,8 @@ impl Engine {
         position: usize,
     ) {
         let config = self.config();
-        let head_dim = config.head_dim;
-        let group = config.heads / config.kv_heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut scores = vec![0.0f32; position + 1];
-        for (head, (out, q)) in out
-            .chunks_exact_mut(head_dim)
-            .zip(q.chunks_exact(head_dim))
-            .enumerate()
-        {
-            let kv = (head / group) * head_dim..(head / group + 1) * head_dim;
-            for (t, s) in scores.iter_mut().enumerate() {
-                let key = &cache.key(layer, pages, t)[kv.clone()];
-                *s = scale * vector::dot_f32(q, key);
-            }
-            let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for s in scores.iter_mut() {
-                *s /= sum;
-            }
-            out.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
-                let value = &cache.value(layer, pages, t)[kv.clone()];
-                for (o, &vi) in out.iter_mut().zip(value) {
-                    *o += p * vi;
-                }
-            }
-        }
+        let heads = (config.heads, config.kv_heads, config.head_dim);
+        attend(out, q, heads, cache, layer, pages, position);
     }
 }
 
@@ -652,5 +571,141 @@ fn add_bias(rows: &mut [f32], bias: &[f32]) {
 fn add_into(target: &mut [f32], addend: &[f32]) {
     for (t, &a) in target.iter_mut().zip(addend) {
         *t += a;
+    }
+}
+
+/// The RoPE table a model's attention rotates with: its context's
+/// positions over the rotated width (the head, or MLA's `qk_rope_head_dim`,
+/// its `head_dim`), YaRN's frequencies where it has them.
+pub(crate) fn rope_table(config: &ServeConfig) -> RopeTable<f32> {
+    match &config.rope_scaling {
+        None => RopeTable::new(config.context, config.head_dim, config.rope_theta),
+        Some(yarn) => RopeTable::from_frequencies(
+            config.context,
+            &yarn.inv_freq(config.head_dim, config.rope_theta),
+            yarn.attention_factor(),
+        ),
+    }
+}
+
+/// Refuses a step the scheduler would never plan (an empty chunk, a
+/// position beyond the context or the pages held, a token beyond the
+/// vocabulary, a page beyond the cache's `pages`): the checks every engine
+/// makes before touching its cache.
+pub(crate) fn check_chunks(
+    chunks: &[Chunk<'_>],
+    context: usize,
+    vocab: usize,
+    page_size: usize,
+    pages: usize,
+) -> Result<(), StepError> {
+    for chunk in chunks {
+        let end = chunk.start + chunk.tokens.len();
+        if chunk.tokens.is_empty() {
+            return Err(StepError::EmptyChunk);
+        }
+        if end > context {
+            return Err(StepError::BeyondContext {
+                position: end - 1,
+                context,
+            });
+        }
+        if end > chunk.pages.len() * page_size {
+            return Err(StepError::NotEnoughPages {
+                position: end - 1,
+                pages: chunk.pages.len(),
+            });
+        }
+        if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(StepError::TokenOutOfVocabulary(t));
+        }
+        if let Some(&page) = chunk.pages.iter().find(|&&p| p as usize >= pages) {
+            return Err(StepError::NoSuchPage { page, pages });
+        }
+    }
+    Ok(())
+}
+
+/// Causal grouped-query attention of one query row at `position` over
+/// the cached positions `0..=position`: scaled dot products (in
+/// [`vector::dot_f32`]'s order, not the training op's chain: the same
+/// values to rounding), a max-shifted softmax, then the weighted sum of
+/// values in ascending position. `(heads, kv_heads, head_dim)` shape `q`
+/// and `out` (`heads * head_dim`) and the cached rows (`kv_heads * head_dim`).
+/// Also the reference the device's paged attention is checked against.
+pub(crate) fn attend(
+    out: &mut [f32],
+    q: &[f32],
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    cache: &KvStore,
+    layer: usize,
+    pages: &[PageId],
+    position: usize,
+) {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut scores = vec![0.0f32; position + 1];
+    for (head, (out, q)) in out
+        .chunks_exact_mut(head_dim)
+        .zip(q.chunks_exact(head_dim))
+        .enumerate()
+    {
+        let kv = (head / group) * head_dim..(head / group + 1) * head_dim;
+        for (t, s) in scores.iter_mut().enumerate() {
+            let key = &cache.key(layer, pages, t)[kv.clone()];
+            *s = scale * vector::dot_f32(q, key);
+        }
+        let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in scores.iter_mut() {
+            *s /= sum;
+        }
+        out.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            let value = &cache.value(layer, pages, t)[kv.clone()];
+            for (o, &vi) in out.iter_mut().zip(value) {
+                *o += p * vi;
+            }
+        }
+    }
+}
+
+/// RoPE at `position` for one token's heads (`x`: whole heads of
+/// `head_dim`), as [`RopeTable::forward`] does for token `position` of a
+/// training sequence, pairing the dimensions as `layout` says. Also the
+/// reference the device's per-row rotation is checked against.
+pub(crate) fn rotate(
+    x: &mut [f32],
+    position: usize,
+    head_dim: usize,
+    layout: RopeLayout,
+    rope: &RopeTable<f32>,
+) {
+    let pairs = head_dim / 2;
+    let angles = position * pairs..(position + 1) * pairs;
+    let (cos, sin) = (&rope.cos()[angles.clone()], &rope.sin()[angles]);
+    for head in x.chunks_exact_mut(head_dim) {
+        match layout {
+            RopeLayout::Interleaved => {
+                for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            }
+            // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
+            RopeLayout::Halves => {
+                let (first, second) = head.split_at_mut(pairs);
+                for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+                    let (x1, x2) = (*a, *b);
+                    *a = x1 * c - x2 * s;
+                    *b = x2 * c + x1 * s;
+                }
+            }
+        }
     }
 }

@@ -14,7 +14,9 @@
 //! - [`load`]: finds and loads a checkpoint or a Hugging Face model (format
 //!   detected; [`hf`] reads the latter); [`model`]: the model as served;
 //! - [`engine`]: the forward pass with a paged KV cache ([`kv_cache`]) over
-//!   the weights packed for the GEMM kernel (`layers`);
+//!   the weights packed for the GEMM kernel (`layers`); with `device: cuda`
+//!   and the `cuda` feature, the GPU's engine instead (`crate::cuda::serve`,
+//!   placed by `gpu`; [`device`]: its host-side logic), both behind [`backend`];
 //! - [`scheduler`], [`sampler`], [`text`], [`logprobs`]: the pure decisions;
 //! - [`runner`]: the scheduler thread tying them together;
 //! - [`api`], [`http`], [`metrics`]: the HTTP side; [`options`]: flags and the operator's config;
@@ -22,8 +24,12 @@
 //!   holding a slice of the experts (expert parallelism), rank 0 leading.
 
 pub mod api;
+pub mod backend;
+pub mod device;
 pub mod engine;
 mod expert_parallel;
+#[cfg(feature = "cuda")]
+mod gpu;
 pub mod hf;
 pub mod http;
 pub mod kv_cache;
@@ -48,13 +54,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use moe_crds::{ModelFormat, ModelSpec};
+use moe_crds::{Device, ModelFormat, ModelSpec};
 
 use crate::dist::env::Timeouts;
 use crate::dist::{Collective, DistError};
 use crate::ops::packed_linear::WeightPrecision;
+use crate::serve::backend::Backend;
 use crate::serve::engine::Engine;
 use crate::serve::http::AppState;
+use crate::serve::kv_cache::KvShape;
 use crate::serve::load::{LoadError, LoadedModel};
 use crate::serve::lockstep::Lockstep;
 use crate::serve::metrics::Metrics;
@@ -100,6 +108,10 @@ pub struct ServeOptions {
     /// Whether prompts reuse the KV pages of a prefix computed before
     /// (`serve/prefix_cache.rs`).
     pub prefix_caching: bool,
+    /// Where one process's steps run: `Cuda` uses the GPU engine when the
+    /// worker is built with the `cuda` feature and the model allows it
+    /// (expert-parallel ranks compute on the CPU either way).
+    pub device: Device,
 }
 
 /// Why the server could not start.
@@ -115,6 +127,9 @@ pub enum ServeError {
     Dist(DistError),
     /// The running replica broke (a rank died, an exchange failed).
     Replica(Failure),
+    /// `device: cuda` and the GPU cannot be used (no driver, no cuBLASLt,
+    /// out of memory): named, as training names it.
+    Device(String),
 }
 
 impl fmt::Display for ServeError {
@@ -125,6 +140,7 @@ impl fmt::Display for ServeError {
             Self::Io { what, error } => write!(f, "{what}: {error}"),
             Self::Dist(e) => write!(f, "expert-parallel replica: {e}"),
             Self::Replica(failure) => failure.fmt(f),
+            Self::Device(e) => write!(f, "GPU: {e}"),
         }
     }
 }
@@ -141,7 +157,7 @@ impl ServeError {
             Self::Options(_) | Self::Load(_) => 2,
             Self::Dist(e) if e.is_peer_failure() => PEER_FAILED,
             Self::Replica(failure) if failure.peer => PEER_FAILED,
-            Self::Io { .. } | Self::Dist(_) | Self::Replica(_) => 1,
+            Self::Io { .. } | Self::Dist(_) | Self::Replica(_) | Self::Device(_) => 1,
         }
     }
 }
@@ -193,9 +209,8 @@ fn name_from_dir(dir: &Path) -> String {
         .to_owned()
 }
 
-/// KV pages `options.kv_cache_bytes` affords for `engine`'s model.
-fn kv_pages(engine: &Engine, options: &ServeOptions) -> Result<usize, ServeError> {
-    let shape = engine.kv_shape(options.page_size);
+/// KV pages `options.kv_cache_bytes` affords for a cache of `shape`.
+fn kv_pages(shape: KvShape, options: &ServeOptions) -> Result<usize, ServeError> {
     let kv_pages = shape.pages_within(options.kv_cache_bytes);
     if kv_pages == 0 {
         return Err(ServeError::Options(format!(
@@ -207,7 +222,9 @@ fn kv_pages(engine: &Engine, options: &ServeOptions) -> Result<usize, ServeError
     Ok(kv_pages)
 }
 
-/// Starts the scheduler thread for a loaded model.
+/// Starts the scheduler thread for a loaded model: on the GPU with
+/// `device: cuda` where the build and the model allow it (see `gpu`), else
+/// on the CPU.
 pub fn start_engine(
     loaded: LoadedModel,
     options: &ServeOptions,
@@ -217,17 +234,49 @@ pub fn start_engine(
     if let Some(expected) = &options.expected_model {
         loaded.check_spec(expected).map_err(ServeError::Load)?;
     }
-    let engine = Engine::serve(loaded.model.into_serve_model())
+    let LoadedModel {
+        model,
+        tokenizer,
+        path,
+        step,
+        ..
+    } = loaded;
+    let model = model.into_serve_model();
+    #[cfg(feature = "cuda")]
+    let model = if options.device == Device::Cuda {
+        match gpu::place(model, options)? {
+            gpu::Placement::Gpu {
+                backend,
+                kv_pages,
+                weight_bytes,
+            } => {
+                tracing::info!(
+                    checkpoint = %path.display(),
+                    step,
+                    context = backend.context(),
+                    kv_pages,
+                    page_size = options.page_size,
+                    weight_mib = weight_bytes >> 20,
+                    "model loaded on the GPU"
+                );
+                return spawn_runner(backend, tokenizer, kv_pages, options, metrics, None);
+            }
+            gpu::Placement::Cpu(model) => *model,
+        }
+    } else {
+        model
+    };
+    let engine = Engine::serve(model)
         .with_weights(options.weights)
         .with_threads(options.threads)
         .map_err(|error| ServeError::Io {
             what: "starting the compute threads".into(),
             error,
         })?;
-    let kv_pages = kv_pages(&engine, options)?;
+    let kv_pages = kv_pages(engine.kv_shape(options.page_size), options)?;
     tracing::info!(
-        checkpoint = %loaded.path.display(),
-        step = loaded.step,
+        checkpoint = %path.display(),
+        step,
         context = engine.context(),
         kv_pages,
         page_size = options.page_size,
@@ -235,11 +284,12 @@ pub fn start_engine(
         weight_mib = engine.weight_bytes() >> 20,
         "model loaded"
     );
-    spawn_runner(engine, loaded.tokenizer, kv_pages, options, metrics, None)
+    let backend = Backend::cpu(engine, options.page_size, kv_pages);
+    spawn_runner(backend, tokenizer, kv_pages, options, metrics, None)
 }
 
 fn spawn_runner(
-    engine: Engine,
+    engine: Backend,
     tokenizer: text::Tokenizer,
     kv_pages: usize,
     options: &ServeOptions,
@@ -276,6 +326,7 @@ pub fn start_leader(
         kv_pages,
         ..
     } = replica::join(world, loaded, options, timeouts)?;
+    let engine = Backend::cpu(engine, options.page_size, kv_pages);
     spawn_runner(
         engine,
         tokenizer,

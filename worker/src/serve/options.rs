@@ -41,6 +41,8 @@ pub struct Flags {
     pub metrics_addr: Option<String>,
     /// `--no-prefix-caching`: turns the config's prefix caching off.
     pub no_prefix_caching: bool,
+    /// Where the model computes (`device` in the config).
+    pub device: Option<Device>,
 }
 
 /// Merges `config` (if any) and `flags`; the returned warnings are for the log.
@@ -50,7 +52,7 @@ pub fn resolve(
 ) -> Result<(ServeOptions, Vec<String>), ServeError> {
     let mut warnings = Vec::new();
     if let Some(config) = config {
-        check_supported(config, &mut warnings)?;
+        check_supported(config)?;
     }
     let model_dir = flags
         .model
@@ -104,6 +106,10 @@ pub fn resolve(
         })?),
         None => Some(SocketAddr::new(host, METRICS_PORT)),
     };
+    let device = flags
+        .device
+        .or_else(|| config.map(|c| c.device))
+        .unwrap_or(Device::Cpu);
     let options = ServeOptions {
         model_dir,
         format: flags.format.or_else(|| config.map(|c| c.format)),
@@ -138,7 +144,9 @@ pub fn resolve(
             "parallelism.expertParallel",
         )?,
         prefix_caching: !flags.no_prefix_caching && config.is_none_or(|c| c.prefix_caching),
+        device,
     };
+    device_warnings(&options, &mut warnings);
     Ok((options, warnings))
 }
 
@@ -152,8 +160,8 @@ fn weights(precision: ServingPrecision) -> WeightPrecision {
     }
 }
 
-/// Refuses what this server cannot do at all; warns where it serves anyway.
-fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result<(), ServeError> {
+/// Refuses what this server cannot do at all.
+fn check_supported(config: &ServingConfig) -> Result<(), ServeError> {
     let p = &config.parallelism;
     let ranks = p.ranks_per_replica();
     if ranks != p.expert_parallel {
@@ -162,19 +170,28 @@ fn check_supported(config: &ServingConfig, warnings: &mut Vec<String>) -> Result
             p.expert_parallel, p.pods_per_replica, p.processes_per_pod
         )));
     }
-    if config.device == Device::Cuda {
+    Ok(())
+}
+
+/// What `device: cuda` cannot honour, warned before anything loads (the
+/// GPU engine's own fallbacks, a model it does not run, are logged when the
+/// model is placed).
+fn device_warnings(options: &ServeOptions, warnings: &mut Vec<String>) {
+    if options.device != Device::Cuda {
+        return;
+    }
+    let ranks = options.expert_parallel;
+    if ranks > 1 {
+        warnings.push(format!(
+            "device cuda with {ranks} ranks: expert-parallel serving runs on the CPU engine, its \
+             ranks exchanging over TCP (only one-process serving runs on the GPU so far)"
+        ));
+    } else if !cfg!(feature = "cuda") {
         warnings.push(
-            "device cuda: serving runs on the CPU so far (the CUDA serving path is not built yet)"
+            "device cuda: this worker was built without the `cuda` feature; serving on the CPU"
                 .into(),
         );
-        if ranks > 1 {
-            warnings.push(format!(
-                "device cuda with {ranks} ranks: they exchange over TCP, as CPU ranks do (NCCL \
-                 comes with the CUDA serving path)"
-            ));
-        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -298,14 +315,30 @@ mod tests {
     fn gpu_settings_are_warned() {
         let mut c = config();
         c.device = Device::Cuda;
-        // FP8 weights are served on the CPU too: no warning of their own.
+        // The GPU engine keeps f32 weights: that is logged when it loads.
         c.precision = ServingPrecision::Fp8;
-        let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let (o, warnings) = resolve(Some(&c), Flags::default()).unwrap();
+        assert_eq!(o.device, Device::Cuda);
+        // One process: a build without CUDA says it serves on the CPU; a
+        // CUDA build decides when the model is placed.
+        let expected = usize::from(!cfg!(feature = "cuda"));
+        assert_eq!(warnings.len(), expected, "{warnings:?}");
         c.parallelism.expert_parallel = 2;
         c.parallelism.processes_per_pod = 2;
         let (_, warnings) = resolve(Some(&c), Flags::default()).unwrap();
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("expert-parallel serving runs on the CPU engine"),
+            "{warnings:?}"
+        );
+        // The flag wins over the config.
+        let flags = Flags {
+            device: Some(Device::Cpu),
+            ..Flags::default()
+        };
+        let (o, warnings) = resolve(Some(&c), flags).unwrap();
+        assert_eq!(o.device, Device::Cpu);
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]

@@ -157,7 +157,7 @@ pub fn join(
     } else {
         engine.without_logits()
     };
-    let kv_pages = super::kv_pages(&engine, options)?;
+    let kv_pages = super::kv_pages(engine.kv_shape(options.page_size), options)?;
     // What every rank must agree on (the fields of `check_same`).
     let mine = [fingerprint, step, kv_pages as u64, options.page_size as u64];
     check_same(world.as_mut(), &mine, timeouts)?;

@@ -1,6 +1,6 @@
 //! The scheduler thread: the one thread that runs the model. It takes new
 //! requests from a channel, asks the [`Scheduler`] for each step's plan,
-//! runs it on the [`Engine`], samples, and sends each request its text as
+//! runs it on the engine ([`Backend`]: the CPU's or the GPU's), samples, and sends each request its text as
 //! it is produced. A request whose receiver is gone (the client hung up)
 //! is cancelled at the next step and its KV pages return to the pool.
 //!
@@ -24,8 +24,9 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::dist::DistError;
-use crate::serve::engine::{Chunk, Engine, StepError};
-use crate::serve::kv_cache::{KvStore, pages_for};
+use crate::serve::backend::Backend;
+use crate::serve::engine::{Chunk, StepError};
+use crate::serve::kv_cache::pages_for;
 use crate::serve::lockstep::{Lockstep, Message, StepPlan};
 use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
 use crate::serve::metrics::Metrics;
@@ -279,11 +280,12 @@ impl EngineHandle {
     }
 }
 
-/// Starts the scheduler thread for `engine`. It runs until every handle is
-/// dropped or [`EngineHandle::shutdown`]; with `lockstep`, as the leader of
-/// an expert-parallel replica whose followers run every step too.
+/// Starts the scheduler thread for `engine` (with its KV cache of
+/// `settings.kv_pages` pages). It runs until every handle is dropped or
+/// [`EngineHandle::shutdown`]; with `lockstep`, as the leader of an
+/// expert-parallel replica whose followers run every step too.
 pub fn start(
-    engine: Engine,
+    engine: Backend,
     tokenizer: Tokenizer,
     settings: RunnerSettings,
     metrics: Metrics,
@@ -303,7 +305,7 @@ pub fn start(
         pages_used: Arc::new(AtomicUsize::new(0)),
         health: Arc::new(Health::default()),
     };
-    let store = KvStore::new(engine.kv_shape(limits.page_size), settings.kv_pages);
+    debug_assert_eq!(engine.page_size(), limits.page_size);
     // The handle bounds the queue; the scheduler's own bound is only a backstop.
     let scheduler_limits = Limits {
         max_waiting: usize::MAX,
@@ -313,7 +315,6 @@ pub fn start(
     let mut runner = Runner {
         engine,
         tokenizer,
-        store,
         scheduler: Scheduler::new(scheduler_limits, settings.kv_pages),
         active: HashMap::new(),
         metrics,
@@ -367,9 +368,9 @@ impl Active {
 }
 
 struct Runner {
-    engine: Engine,
+    /// The engine and its KV cache.
+    engine: Backend,
     tokenizer: Tokenizer,
-    store: KvStore,
     scheduler: Scheduler,
     active: HashMap<RequestId, Active>,
     metrics: Metrics,
@@ -587,12 +588,12 @@ impl Runner {
             .batch_tokens
             .observe(work.iter().map(|w| w.len).sum::<usize>() as f64);
         if let Some(lockstep) = &mut self.lockstep {
-            let plan = StepPlan::from_chunks(&chunks, self.store.shape().page_size);
+            let plan = StepPlan::from_chunks(&chunks, self.engine.page_size());
             lockstep
                 .send(&Message::Step(plan))
                 .map_err(|e| broken(&e))?;
         }
-        let stepped = self.engine.step(&mut self.store, &chunks);
+        let stepped = self.engine.step(&chunks);
         drop(chunks);
         self.publish_collective_bytes();
         self.metrics

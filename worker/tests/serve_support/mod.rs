@@ -141,6 +141,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         expected_model: None,
         expert_parallel: 1,
         prefix_caching: true,
+        device: moe_crds::Device::Cpu,
     }
 }
 
