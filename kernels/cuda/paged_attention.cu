@@ -7,8 +7,9 @@
 
 // Stores each step row's key and value into its cache row: keys[slots[r]] =
 // k[r], values[slots[r]] = v[r]. A plain copy (exact); every row has its own
-// slot (the scheduler never gives two sequences one page), so no two threads
-// write one element.
+// slot (a page is written only by the sequence that allocated it: pages that
+// prefix caching shares are whole and never written again), so no two
+// threads write one element.
 extern "C" __global__ void kv_write_f32(float* keys, float* values, const float* k, const float* v,
                                         const int* slots, int rows, int width) {
     const size_t total = (size_t)rows * width;
