@@ -633,6 +633,15 @@ pub(crate) fn check_chunks(
 /// values in ascending position. `(heads, kv_heads, head_dim)` shape `q`
 /// and `out` (`heads * head_dim`) and the cached rows (`kv_heads * head_dim`).
 /// Also the reference the device's paged attention is checked against.
+///
+/// Page by page, for the query heads that share a key/value head: a page's
+/// rows are consecutive, so positions map to rows once per page, not once
+/// per position and head, a page stays in L1 while the group's heads read
+/// it, and the weighted sum keeps a head's outputs in registers across a
+/// page's rows ([`vector::scaled_dots`], [`vector::add_weighted_rows`]).
+/// Every value is computed as it was one head and one position at a time
+/// (each score, then each output's sum in ascending position), so the
+/// results are those bits.
 pub(crate) fn attend(
     out: &mut [f32],
     q: &[f32],
@@ -644,31 +653,50 @@ pub(crate) fn attend(
 ) {
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut scores = vec![0.0f32; position + 1];
-    for (head, (out, q)) in out
-        .chunks_exact_mut(head_dim)
-        .zip(q.chunks_exact(head_dim))
-        .enumerate()
-    {
-        let kv = (head / group) * head_dim..(head / group + 1) * head_dim;
-        for (t, s) in scores.iter_mut().enumerate() {
-            let key = &cache.key(layer, pages, t)[kv.clone()];
-            *s = scale * vector::dot_f32(q, key);
+    let positions = position + 1;
+    let shape = cache.shape();
+    let (page_size, key_width, value_width) = (shape.page_size, shape.key_width, shape.value_width);
+    // The pages holding 0..=position, each with its first position and rows.
+    let spans = || {
+        pages[..positions.div_ceil(page_size)]
+            .iter()
+            .enumerate()
+            .map(move |(p, &page)| {
+                let first = p * page_size;
+                (page, first, page_size.min(positions - first))
+            })
+    };
+    // Head g of the group: scores[g * positions..][..positions].
+    let mut scores = vec![0.0f32; group * positions];
+    for kv_head in 0..kv_heads {
+        let kv = kv_head * head_dim..(kv_head + 1) * head_dim;
+        let heads_here = kv_head * group * head_dim..(kv_head + 1) * group * head_dim;
+        let q_group = &q[heads_here.clone()];
+        for (page, first, rows) in spans() {
+            let keys = &cache.key_rows(layer, page, rows)[kv.start..];
+            for (g, q) in q_group.chunks_exact(head_dim).enumerate() {
+                let scores = &mut scores[g * positions + first..][..rows];
+                vector::scaled_dots(scores, q, keys, key_width, scale);
+            }
         }
-        let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        for scores in scores.chunks_exact_mut(positions) {
+            let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
         }
-        for s in scores.iter_mut() {
-            *s /= sum;
-        }
-        out.fill(0.0);
-        for (t, &p) in scores.iter().enumerate() {
-            let value = &cache.value(layer, pages, t)[kv.clone()];
-            for (o, &vi) in out.iter_mut().zip(value) {
-                *o += p * vi;
+        let out_group = &mut out[heads_here];
+        out_group.fill(0.0);
+        for (page, first, rows) in spans() {
+            let values = &cache.value_rows(layer, page, rows)[kv.start..];
+            for (g, out) in out_group.chunks_exact_mut(head_dim).enumerate() {
+                let weights = &scores[g * positions + first..][..rows];
+                vector::add_weighted_rows(out, weights, values, value_width);
             }
         }
     }

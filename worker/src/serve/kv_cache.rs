@@ -99,6 +99,21 @@ impl KvStore {
         &self.keys[at..at + width]
     }
 
+    /// The first `rows` key rows of `page` in `layer`, consecutive (a page
+    /// holds consecutive positions): what attention reads page by page.
+    pub fn key_rows(&self, layer: usize, page: PageId, rows: usize) -> &[f32] {
+        let width = self.shape.key_width;
+        let at = (layer * self.pages + page as usize) * self.shape.page_size * width;
+        &self.keys[at..at + rows * width]
+    }
+
+    /// The first `rows` value rows of `page` in `layer`, as [`Self::key_rows`].
+    pub fn value_rows(&self, layer: usize, page: PageId, rows: usize) -> &[f32] {
+        let width = self.shape.value_width;
+        let at = (layer * self.pages + page as usize) * self.shape.page_size * width;
+        &self.values[at..at + rows * width]
+    }
+
     /// One position's value row in `layer` (empty without value rows).
     pub fn value(&self, layer: usize, pages: &[PageId], position: usize) -> &[f32] {
         let width = self.shape.value_width;
