@@ -31,7 +31,10 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--ttft-repeats", type=int, default=3)
+    parser.add_argument("--prompt-repeats", type=int, default=1,
+                        help="the benchmark prompt this many times over (a long prefill)")
     args = parser.parse_args()
+    bench.PROMPT = " ".join([bench.PROMPT] * args.prompt_repeats)
     with tempfile.TemporaryDirectory() as directory:
         bench.write_model(directory, args)
         servers = {}
