@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--a-precision", default="fp32", help="--precision of the baseline")
     parser.add_argument("--b-precision", default="fp32", help="--precision of the changed binary")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arch", choices=["mixtral", "deepseek_v3"], default="mixtral")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)

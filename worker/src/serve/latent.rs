@@ -181,7 +181,9 @@ impl LatentAttention {
     /// Causal attention of one absorbed query row (`[heads, latent_width]`,
     /// rotated) at `position` over the cached latents `0..=position`: each
     /// head's softmax-weighted sum of `c_kv` into `context: [heads,
-    /// kv_lora_rank]`.
+    /// kv_lora_rank]`. Page by page, as grouped attention
+    /// ([`super::engine::attend`]): every head shares the one latent row,
+    /// and each value is computed as position by position, the same bits.
     pub fn attend(
         &self,
         context: &mut [f32],
@@ -193,13 +195,25 @@ impl LatentAttention {
     ) {
         let (rank, width) = (self.shape.kv_lora_rank, self.shape.latent_width());
         let scale = self.shape.softmax_scale as f32;
-        let mut scores = vec![0.0f32; position + 1];
+        let positions = position + 1;
+        let page_size = cache.shape().page_size;
+        let spans = || {
+            pages[..positions.div_ceil(page_size)]
+                .iter()
+                .enumerate()
+                .map(move |(p, &page)| {
+                    let first = p * page_size;
+                    (page, first, page_size.min(positions - first))
+                })
+        };
+        let mut scores = vec![0.0f32; positions];
         for (out, q) in context
             .chunks_exact_mut(rank)
             .zip(query.chunks_exact(width))
         {
-            for (t, s) in scores.iter_mut().enumerate() {
-                *s = scale * vector::dot_f32(q, cache.key(layer, pages, t));
+            for (page, first, rows) in spans() {
+                let latents = cache.key_rows(layer, page, rows);
+                vector::scaled_dots(&mut scores[first..first + rows], q, latents, width, scale);
             }
             let max = scores.iter().fold(scores[0], |m, &s| m.max(s));
             let mut sum = 0.0;
@@ -207,12 +221,13 @@ impl LatentAttention {
                 *s = (*s - max).exp();
                 sum += *s;
             }
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
             out.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
-                let p = p / sum;
-                for (o, &c) in out.iter_mut().zip(&cache.key(layer, pages, t)[..rank]) {
-                    *o += p * c;
-                }
+            for (page, first, rows) in spans() {
+                let latents = cache.key_rows(layer, page, rows);
+                vector::add_weighted_rows(out, &scores[first..first + rows], latents, width);
             }
         }
     }
