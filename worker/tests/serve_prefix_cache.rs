@@ -20,11 +20,9 @@ fn start(dir: &TempDir, options: &ServeOptions) -> Server {
     start_server_for(dir, options, &spec_with_context(256))
 }
 
-fn completion(addr: std::net::SocketAddr, prompt: &str) -> Value {
-    let body = json!({
-        "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 3,
-    });
-    let response = post_json(addr, "/v1/completions", &body);
+/// A 200 response's body.
+fn answered(addr: std::net::SocketAddr, path: &str, body: &Value) -> Value {
+    let response = post_json(addr, path, body);
     assert_eq!(
         response.status,
         200,
@@ -32,6 +30,13 @@ fn completion(addr: std::net::SocketAddr, prompt: &str) -> Value {
         String::from_utf8_lossy(&response.body)
     );
     response.json()
+}
+
+fn completion(addr: std::net::SocketAddr, prompt: &str) -> Value {
+    let body = json!({
+        "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 3,
+    });
+    answered(addr, "/v1/completions", &body)
 }
 
 fn cached(reply: &Value) -> u64 {
@@ -230,14 +235,7 @@ fn a_chat_through_a_hugging_face_template_reuses_its_earlier_turns() {
             "messages": messages, "max_tokens": 12, "temperature": 0,
             "logprobs": true, "top_logprobs": 2,
         });
-        let response = post_json(addr, "/v1/chat/completions", &body);
-        assert_eq!(
-            response.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&response.body)
-        );
-        response.json()
+        answered(addr, "/v1/chat/completions", &body)
     };
     let mut messages = json!([
         {"role": "system", "content": "You route tokens to experts. Answer in one short line, and name the field to change."},

@@ -654,25 +654,14 @@ pub(crate) fn attend(
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let positions = position + 1;
-    let shape = cache.shape();
-    let (page_size, key_width, value_width) = (shape.page_size, shape.key_width, shape.value_width);
-    // The pages holding 0..=position, each with its first position and rows.
-    let spans = || {
-        pages[..positions.div_ceil(page_size)]
-            .iter()
-            .enumerate()
-            .map(move |(p, &page)| {
-                let first = p * page_size;
-                (page, first, page_size.min(positions - first))
-            })
-    };
+    let (key_width, value_width) = (cache.shape().key_width, cache.shape().value_width);
     // Head g of the group: scores[g * positions..][..positions].
     let mut scores = vec![0.0f32; group * positions];
     for kv_head in 0..kv_heads {
         let kv = kv_head * head_dim..(kv_head + 1) * head_dim;
         let heads_here = kv_head * group * head_dim..(kv_head + 1) * group * head_dim;
         let q_group = &q[heads_here.clone()];
-        for (page, first, rows) in spans() {
+        for (page, first, rows) in cache.spans(pages, positions) {
             let keys = &cache.key_rows(layer, page, rows)[kv.start..];
             for (g, q) in q_group.chunks_exact(head_dim).enumerate() {
                 let scores = &mut scores[g * positions + first..][..rows];
@@ -692,7 +681,7 @@ pub(crate) fn attend(
         }
         let out_group = &mut out[heads_here];
         out_group.fill(0.0);
-        for (page, first, rows) in spans() {
+        for (page, first, rows) in cache.spans(pages, positions) {
             let values = &cache.value_rows(layer, page, rows)[kv.start..];
             for (g, out) in out_group.chunks_exact_mut(head_dim).enumerate() {
                 let weights = &scores[g * positions + first..][..rows];

@@ -99,6 +99,24 @@ impl KvStore {
         &self.keys[at..at + width]
     }
 
+    /// The pages of a sequence holding `pages` that hold its positions
+    /// `0..positions`: `(page, its first position, positions in it)`, in
+    /// order — how attention walks the cache a page at a time.
+    pub fn spans<'a>(
+        &self,
+        pages: &'a [PageId],
+        positions: usize,
+    ) -> impl Iterator<Item = (PageId, usize, usize)> + 'a {
+        let page_size = self.shape.page_size;
+        pages[..positions.div_ceil(page_size)]
+            .iter()
+            .enumerate()
+            .map(move |(p, &page)| {
+                let first = p * page_size;
+                (page, first, page_size.min(positions - first))
+            })
+    }
+
     /// The first `rows` key rows of `page` in `layer`, consecutive (a page
     /// holds consecutive positions): what attention reads page by page.
     pub fn key_rows(&self, layer: usize, page: PageId, rows: usize) -> &[f32] {

@@ -196,22 +196,12 @@ impl LatentAttention {
         let (rank, width) = (self.shape.kv_lora_rank, self.shape.latent_width());
         let scale = self.shape.softmax_scale as f32;
         let positions = position + 1;
-        let page_size = cache.shape().page_size;
-        let spans = || {
-            pages[..positions.div_ceil(page_size)]
-                .iter()
-                .enumerate()
-                .map(move |(p, &page)| {
-                    let first = p * page_size;
-                    (page, first, page_size.min(positions - first))
-                })
-        };
         let mut scores = vec![0.0f32; positions];
         for (out, q) in context
             .chunks_exact_mut(rank)
             .zip(query.chunks_exact(width))
         {
-            for (page, first, rows) in spans() {
+            for (page, first, rows) in cache.spans(pages, positions) {
                 let latents = cache.key_rows(layer, page, rows);
                 vector::scaled_dots(&mut scores[first..first + rows], q, latents, width, scale);
             }
@@ -225,7 +215,7 @@ impl LatentAttention {
                 *s /= sum;
             }
             out.fill(0.0);
-            for (page, first, rows) in spans() {
+            for (page, first, rows) in cache.spans(pages, positions) {
                 let latents = cache.key_rows(layer, page, rows);
                 vector::add_weighted_rows(out, &scores[first..first + rows], latents, width);
             }
