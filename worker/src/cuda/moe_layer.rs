@@ -92,80 +92,26 @@ impl DeviceMoeLayer {
     /// are permuted as 16-byte vectors).
     pub fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<DeviceMoeForward> {
         let c = &self.config;
-        let (hidden, inner, n_experts, top_k) =
-            (c.hidden, c.expert_hidden, c.n_routed_experts, c.top_k);
+        let hidden = c.hidden;
         let tokens = x.len() / hidden;
-        let rows = tokens * top_k;
-
-        let mut logits = gpu.zeros::<f32>(tokens * n_experts)?;
-        // Exact f32, as the CPU: a TF32 logit could flip a near-tie in top-k.
-        matmul::forward_exact(gpu, &mut logits, x, &self.router, hidden, n_experts)?;
-        let routing = routing::route(gpu, c, &logits, &self.selection_bias)?;
-        let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
-        let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
-        let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-
-        let mut permuted = gpu.zeros::<f32>(rows * hidden)?;
-        dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
-        let mut a = gpu.zeros::<f32>(rows * inner)?;
-        let mut b = gpu.zeros::<f32>(rows * inner)?;
-        let mut h = gpu.zeros::<f32>(rows * inner)?;
-        let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
-        let weights = inner * hidden;
-        for (e, &start) in offsets.iter().take(n_experts).enumerate() {
-            let (start, len) = (start as usize, load[e]);
-            if len == 0 {
-                continue;
-            }
-            let xe = permuted.slice(start * hidden..(start + len) * hidden);
-            let w1 = self.w1.slice(e * weights..(e + 1) * weights);
-            let w3 = self.w3.slice(e * weights..(e + 1) * weights);
-            matmul::forward_view(
-                gpu,
-                &mut a.slice_mut(start * inner..(start + len) * inner),
-                &xe,
-                &w1,
-                hidden,
-                inner,
-                false,
-            )?;
-            matmul::forward_view(
-                gpu,
-                &mut b.slice_mut(start * inner..(start + len) * inner),
-                &xe,
-                &w3,
-                hidden,
-                inner,
-                false,
-            )?;
-        }
-        swiglu::forward(gpu, &mut h, &a, &b)?;
-        for (e, &start) in offsets.iter().take(n_experts).enumerate() {
-            let (start, len) = (start as usize, load[e]);
-            if len == 0 {
-                continue;
-            }
-            let he = h.slice(start * inner..(start + len) * inner);
-            let w2 = self.w2.slice(e * weights..(e + 1) * weights);
-            matmul::forward_view(
-                gpu,
-                &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
-                &he,
-                &w2,
-                inner,
-                hidden,
-                false,
-            )?;
-        }
-        let mut output = gpu.zeros::<f32>(tokens * hidden)?;
-        dispatch::unpermute(
-            gpu,
-            &mut output,
-            &expert_out,
-            &routing.gates,
-            &dispatch,
-            hidden,
-        )?;
+        let weights = RoutedWeights {
+            router: &self.router,
+            selection_bias: &self.selection_bias,
+            w1: &self.w1,
+            w3: &self.w3,
+            w2: &self.w2,
+        };
+        let RoutedExperts {
+            mut output,
+            routing,
+            dispatch,
+            load,
+            permuted,
+            a,
+            b,
+            h,
+            expert_out,
+        } = routed_experts(gpu, c, &weights, x)?;
 
         let shared_width = c.shared_hidden();
         let mut shared = None;
@@ -201,6 +147,122 @@ impl DeviceMoeLayer {
             shared,
         })
     }
+}
+
+/// A MoE layer's routed-expert weights on the device, as
+/// [`crate::moe::params::MoeParams`] holds them.
+pub(crate) struct RoutedWeights<'a> {
+    pub router: &'a CudaSlice<f32>,
+    pub selection_bias: &'a CudaSlice<f32>,
+    /// `[experts, width, hidden]` (w1, w3) and `[experts, hidden, width]` (w2).
+    pub w1: &'a CudaSlice<f32>,
+    pub w3: &'a CudaSlice<f32>,
+    pub w2: &'a CudaSlice<f32>,
+}
+
+/// The routed experts' pass over `x`, and what a backward pass needs.
+pub(crate) struct RoutedExperts {
+    /// `[tokens, hidden]`: each token's gated sum of its experts' outputs.
+    pub output: CudaSlice<f32>,
+    pub routing: routing::DeviceRouting,
+    pub dispatch: dispatch::DeviceDispatch,
+    /// Rows per expert, read back once per pass to size the expert GEMMs.
+    pub load: Vec<usize>,
+    pub permuted: CudaSlice<f32>,
+    pub a: CudaSlice<f32>,
+    pub b: CudaSlice<f32>,
+    pub h: CudaSlice<f32>,
+    pub expert_out: CudaSlice<f32>,
+}
+
+/// Router (exact f32, as the CPU: a TF32 logit could flip a near-tie in
+/// top-k) → routing → dispatch → permute → each expert's SwiGLU MLP on its
+/// contiguous rows (cuBLASLt) → unpermute with the gates: the training
+/// layer's forward and the serving engine's, which add their shared experts
+/// after it.
+pub(crate) fn routed_experts(
+    gpu: &Gpu,
+    c: &MoeConfig,
+    weights: &RoutedWeights<'_>,
+    x: &CudaSlice<f32>,
+) -> Result<RoutedExperts> {
+    let (hidden, inner, n_experts, top_k) =
+        (c.hidden, c.expert_hidden, c.n_routed_experts, c.top_k);
+    let tokens = x.len() / hidden;
+    let rows = tokens * top_k;
+
+    let mut logits = gpu.zeros::<f32>(tokens * n_experts)?;
+    matmul::forward_exact(gpu, &mut logits, x, weights.router, hidden, n_experts)?;
+    let routing = routing::route(gpu, c, &logits, weights.selection_bias)?;
+    let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
+    let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
+    let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+
+    let mut permuted = gpu.zeros::<f32>(rows * hidden)?;
+    dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
+    let mut a = gpu.zeros::<f32>(rows * inner)?;
+    let mut b = gpu.zeros::<f32>(rows * inner)?;
+    let mut h = gpu.zeros::<f32>(rows * inner)?;
+    let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
+    let size = inner * hidden;
+    let segments = expert_segments(&offsets);
+    for &(e, start, len) in &segments {
+        let xe = permuted.slice(start * hidden..(start + len) * hidden);
+        for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
+            matmul::forward_view(
+                gpu,
+                &mut out.slice_mut(start * inner..(start + len) * inner),
+                &xe,
+                &w.slice(e * size..(e + 1) * size),
+                hidden,
+                inner,
+                false,
+            )?;
+        }
+    }
+    swiglu::forward(gpu, &mut h, &a, &b)?;
+    for &(e, start, len) in &segments {
+        matmul::forward_view(
+            gpu,
+            &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
+            &h.slice(start * inner..(start + len) * inner),
+            &weights.w2.slice(e * size..(e + 1) * size),
+            inner,
+            hidden,
+            false,
+        )?;
+    }
+    let mut output = gpu.zeros::<f32>(tokens * hidden)?;
+    dispatch::unpermute(
+        gpu,
+        &mut output,
+        &expert_out,
+        &routing.gates,
+        &dispatch,
+        hidden,
+    )?;
+    Ok(RoutedExperts {
+        output,
+        routing,
+        dispatch,
+        load,
+        permuted,
+        a,
+        b,
+        h,
+        expert_out,
+    })
+}
+
+/// `(expert, first row, rows)` of every expert with rows, from the
+/// dispatch's `[experts + 1]` offsets.
+fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
+    offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(e, w)| (e, w[0] as usize, (w[1] - w[0]) as usize))
+        .collect()
 }
 
 impl DeviceMoeLayer {
@@ -480,3 +542,17 @@ macro_rules! moe_tensors {
 
 moe_tensors!(DeviceMoeLayer);
 moe_tensors!(DeviceMoeGrads);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_skip_experts_without_rows() {
+        assert_eq!(
+            expert_segments(&[0, 3, 3, 7, 8]),
+            [(0, 0, 3), (2, 3, 4), (3, 7, 1)]
+        );
+        assert!(expert_segments(&[0, 0, 0]).is_empty());
+    }
+}

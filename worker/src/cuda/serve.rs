@@ -25,10 +25,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{
-    Gpu, GpuError, Result, dispatch, embedding, matmul, paged_attention, rmsnorm, routing, swiglu,
-    vector,
-};
+use super::moe_layer::{RoutedWeights, routed_experts};
+use super::{Gpu, GpuError, Result, embedding, matmul, paged_attention, rmsnorm, swiglu, vector};
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
 use crate::serve::device::{self, StepLayout};
@@ -182,63 +180,20 @@ impl DeviceMoe {
     /// The layer's output for `x: [tokens, hidden]`: the routed experts'
     /// gated sum, then the shared experts added (the CPU's order of terms).
     fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let c = &self.config;
-        let (hidden, inner, n_experts, top_k) =
-            (c.hidden, c.expert_hidden, c.n_routed_experts, c.top_k);
+        let hidden = self.config.hidden;
         let tokens = x.len() / hidden;
-        let rows = tokens * top_k;
-        // Exact f32, as the CPU's router: a TF32 logit could flip a near-tie
-        // in top-k and send the token to other experts.
-        let mut logits = gpu.output::<f32>(tokens * n_experts)?;
-        matmul::forward_exact(gpu, &mut logits, x, &self.router, hidden, n_experts)?;
-        let routing = routing::route(gpu, c, &logits, &self.selection_bias)?;
-        let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
-        // One read-back per layer sizes the expert GEMMs (as training does).
-        let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
-        let mut permuted = gpu.output::<f32>(rows * hidden)?;
-        dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
-        let mut a = gpu.zeros::<f32>(rows * inner)?;
-        let mut b = gpu.zeros::<f32>(rows * inner)?;
-        let mut h = gpu.output::<f32>(rows * inner)?;
-        let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
-        let weights = inner * hidden;
-        let segments = expert_segments(&offsets);
-        for &(e, start, len) in &segments {
-            self.rows[e].fetch_add(len as u64, Ordering::Relaxed);
-            let xe = permuted.slice(start * hidden..(start + len) * hidden);
-            for (out, w) in [(&mut a, &self.w1), (&mut b, &self.w3)] {
-                matmul::forward_view(
-                    gpu,
-                    &mut out.slice_mut(start * inner..(start + len) * inner),
-                    &xe,
-                    &w.slice(e * weights..(e + 1) * weights),
-                    hidden,
-                    inner,
-                    false,
-                )?;
-            }
+        let weights = RoutedWeights {
+            router: &self.router,
+            selection_bias: &self.selection_bias,
+            w1: &self.w1,
+            w3: &self.w3,
+            w2: &self.w2,
+        };
+        let routed = routed_experts(gpu, &self.config, &weights, x)?;
+        for (rows, &load) in self.rows.iter().zip(&routed.load) {
+            rows.fetch_add(load as u64, Ordering::Relaxed);
         }
-        swiglu::forward(gpu, &mut h, &a, &b)?;
-        for &(e, start, len) in &segments {
-            matmul::forward_view(
-                gpu,
-                &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
-                &h.slice(start * inner..(start + len) * inner),
-                &self.w2.slice(e * weights..(e + 1) * weights),
-                inner,
-                hidden,
-                false,
-            )?;
-        }
-        let mut output = gpu.output::<f32>(tokens * hidden)?;
-        dispatch::unpermute(
-            gpu,
-            &mut output,
-            &expert_out,
-            &routing.gates,
-            &dispatch,
-            hidden,
-        )?;
+        let mut output = routed.output;
         if let Some(shared) = &self.shared {
             let out = shared.forward(gpu, x, hidden)?;
             vector::add(gpu, &mut output, &out)?;
@@ -253,17 +208,6 @@ impl DeviceMoe {
         }
         Ok(output)
     }
-}
-
-/// `(expert, first row, rows)` of every expert with rows, from the
-/// dispatch's `[experts + 1]` offsets.
-fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
-    offsets
-        .windows(2)
-        .enumerate()
-        .filter(|(_, w)| w[1] > w[0])
-        .map(|(e, w)| (e, w[0] as usize, (w[1] - w[0]) as usize))
-        .collect()
 }
 
 enum DeviceFfn {
@@ -641,18 +585,4 @@ fn norm_chunks(
     let mut rstd = gpu.output::<f32>(values.len() / gain.len())?;
     rmsnorm::forward(gpu, &mut out, &mut rstd, values, gain, eps)?;
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segments_skip_experts_without_rows() {
-        assert_eq!(
-            expert_segments(&[0, 3, 3, 7, 8]),
-            [(0, 0, 3), (2, 3, 4), (3, 7, 1)]
-        );
-        assert!(expert_segments(&[0, 0, 0]).is_empty());
-    }
 }
