@@ -259,3 +259,65 @@ fn a_chat_through_a_hugging_face_template_reuses_its_earlier_turns() {
         prompt_tokens(&second)
     );
 }
+
+#[test]
+fn concurrent_requests_sharing_prefixes_in_a_small_cache_answer_as_without_it() {
+    // 24 pages of 16 positions; each request needs 6 (a ~70-token prompt
+    // and 16 tokens): at most four run at once, the rest wait, and pages
+    // are shared, released, cached and evicted while others hold them.
+    let (dir, plain_dir) = (
+        TempDir::new("prefix-stress"),
+        TempDir::new("prefix-stress-plain"),
+    );
+    let server = start(
+        &dir,
+        &ServeOptions {
+            kv_cache_bytes: 24 * 4096,
+            ..options(&dir.0)
+        },
+    );
+    assert_eq!(server.engine.kv_pages_total(), 24);
+    let plain = start(
+        &plain_dir,
+        &ServeOptions {
+            prefix_caching: false,
+            ..options(&plain_dir.0)
+        },
+    );
+    let systems = [
+        "System A: answer about routing, in one line, and name the field. ",
+        "System B: answer about experts, in one line, and name the limit. ",
+        "System C: answer about caching, in one line, and name the page. ",
+    ];
+    let prompts: Vec<String> = (0..30)
+        .map(|i| format!("{}Q{i}?", systems[i % systems.len()]))
+        .collect();
+    let body = |prompt: &str| json!({"prompt": prompt, "max_tokens": 16, "temperature": 0});
+    let want: Vec<Value> = prompts
+        .iter()
+        .map(|p| answered(plain.addr, "/v1/completions", &body(p))["choices"][0]["text"].clone())
+        .collect();
+    let got: Vec<(Value, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let body = body(p);
+                let addr = server.addr;
+                scope.spawn(move || {
+                    let reply = answered(addr, "/v1/completions", &body);
+                    (reply["choices"][0]["text"].clone(), cached(&reply))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((text, _), want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(text, want, "request {i}");
+    }
+    assert!(
+        got.iter().filter(|(_, cached)| *cached > 0).count() >= 10,
+        "most requests found their system prompt cached: {:?}",
+        got.iter().map(|(_, c)| c).collect::<Vec<_>>()
+    );
+    assert_kv_pages_return(&server);
+}
