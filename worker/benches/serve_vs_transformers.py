@@ -541,6 +541,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--prompt-repeats", type=int, default=1,
+                        help="the prompt this many times over (a long prefill)")
     parser.add_argument("--runs", type=int, default=5, help="alternating runs per side")
     parser.add_argument("--ttft-repeats", type=int, default=3,
                         help="one-token generations per run (the least counts)")
@@ -563,6 +565,8 @@ def main():
                         choices=["f32", "bf16", "f16"],
                         help="GGUF weight types to serve with llama-server, one server each")
     args = parser.parse_args()
+    global PROMPT
+    PROMPT = " ".join([PROMPT] * args.prompt_repeats)
     if args.llama_server and not args.llama_convert:
         args.llama_convert = os.path.join(os.path.dirname(os.path.abspath(args.llama_server)),
                                           "llama.cpp", "convert_hf_to_gguf.py")
