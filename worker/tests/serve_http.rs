@@ -397,3 +397,55 @@ fn several_choices_sample_as_separate_requests_and_share_the_prompt() {
     );
     assert_kv_pages_return(&server);
 }
+
+#[test]
+fn logit_bias_and_penalties_change_the_draw_as_asked() {
+    let dir = TempDir::new("bias");
+    let server = start_server(&dir, &options(&dir.0));
+    let chat = |extra: serde_json::Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "the dog"}], "max_tokens": 12,
+            "temperature": 0, "logprobs": true,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let response = post_json(server.addr, "/v1/chat/completions", &body);
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+        // The tiny model's tokens are bytes: each token's id is its byte.
+        let content = response.json()["choices"][0]["logprobs"]["content"].clone();
+        content
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["bytes"][0].as_u64().unwrap())
+            .collect::<Vec<u64>>()
+    };
+    let plain = chat(json!({}));
+    // The greedy first token, forbidden: another comes instead.
+    let first = plain[0];
+    let biased = chat(json!({"logit_bias": {first.to_string(): -100}}));
+    assert_ne!(biased[0], first);
+    // Any token, pushed up by 100, is drawn every time.
+    let forced = chat(json!({"logit_bias": {"120": 100}}));
+    assert_eq!(forced, vec![120; 12]);
+    // A strong frequency penalty stops the greedy text from repeating a
+    // token as often as it does without.
+    let most = |tokens: &[u64]| {
+        let mut counts = std::collections::HashMap::new();
+        for t in tokens {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+        counts.into_values().max().unwrap()
+    };
+    let penalised = chat(json!({"frequency_penalty": 2.0, "presence_penalty": 2.0}));
+    assert!(
+        most(&penalised) < most(&plain).max(2),
+        "{plain:?} → {penalised:?}"
+    );
+}

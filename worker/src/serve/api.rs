@@ -1,9 +1,8 @@
 //! The OpenAI-compatible request bodies, their checks, and the error body.
 //!
 //! Parsing is lenient where the OpenAI clients are (unknown fields, such
-//! as `user` or `logit_bias`, are ignored) and strict where a silent
-//! ignore would change the answer (`echo` is refused until it is
-//! implemented).
+//! as `user`, are ignored) and strict where a silent ignore would change
+//! the answer (`echo` is refused until it is implemented).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -169,6 +168,10 @@ pub struct Sampling {
     /// Chat: how many alternatives (0–20), with `logprobs: true`.
     pub top_logprobs: Option<i64>,
     pub echo: Option<bool>,
+    /// Token id (as a string, OpenAI's JSON) → bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
 }
 
 /// OpenAI's `stream_options`.
@@ -461,6 +464,36 @@ impl Sampling {
                 Some("stop"),
             ));
         }
+        let penalty = |value: Option<f64>, name: &'static str| match value {
+            None => Ok(0.0),
+            Some(p) if (-2.0..=2.0).contains(&p) => Ok(p as f32),
+            Some(p) => Err(ApiError::invalid(
+                format!("{name}: {p} is outside [-2, 2]"),
+                Some(name),
+            )),
+        };
+        let presence_penalty = penalty(self.presence_penalty, "presence_penalty")?;
+        let frequency_penalty = penalty(self.frequency_penalty, "frequency_penalty")?;
+        let mut logit_bias = Vec::new();
+        for (token, bias) in self.logit_bias.unwrap_or_default() {
+            let id = token
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < served.tokenizer.vocab())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("logit_bias: {token:?} is not a token id of this model"),
+                        Some("logit_bias"),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(ApiError::invalid(
+                    format!("logit_bias: {bias} for token {id} is outside [-100, 100]"),
+                    Some("logit_bias"),
+                ));
+            }
+            logit_bias.push((id, bias as f32));
+        }
         // Without a seed each request draws differently (time and a counter).
         let seed = self.seed.map_or_else(fresh_seed, |s| s as u64);
         Ok(Checked {
@@ -472,6 +505,9 @@ impl Sampling {
                     top_p,
                     top_k,
                     seed,
+                    logit_bias,
+                    presence_penalty,
+                    frequency_penalty,
                 },
                 stops,
                 logprobs,
@@ -523,6 +559,17 @@ mod tests {
         assert!(!checked.stream);
         assert_eq!(checked.n, 1);
         assert_eq!(completion(r#"{"prompt":"a","n":3}"#).unwrap().n, 3);
+        let biased = completion(
+            r#"{"prompt":"a","logit_bias":{"97":-5.5},"presence_penalty":0.5,"frequency_penalty":-1}"#,
+        )
+        .unwrap()
+        .request
+        .sampling;
+        assert_eq!(biased.logit_bias, [(97, -5.5)]);
+        assert_eq!(
+            (biased.presence_penalty, biased.frequency_penalty),
+            (0.5, -1.0)
+        );
     }
 
     #[test]
@@ -535,6 +582,17 @@ mod tests {
             (r#"{"prompt":"a","top_k":-2}"#, "top_k"),
             (r#"{"prompt":"a","n":0}"#, "n"),
             (r#"{"prompt":"a","n":129}"#, "n"),
+            (r#"{"prompt":"a","logit_bias":{"97":101}}"#, "logit_bias"),
+            (r#"{"prompt":"a","logit_bias":{"1000":1}}"#, "logit_bias"),
+            (r#"{"prompt":"a","logit_bias":{"x":1}}"#, "logit_bias"),
+            (
+                r#"{"prompt":"a","presence_penalty":2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"prompt":"a","frequency_penalty":-3}"#,
+                "frequency_penalty",
+            ),
             (r#"{"prompt":""}"#, "prompt"),
             (r#"{"prompt":[1000]}"#, "prompt"),
             (r#"{"prompt":"a","logprobs":6}"#, "logprobs"),

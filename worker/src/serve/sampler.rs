@@ -1,7 +1,11 @@
 //! Choosing the next token from the logits: greedy at temperature 0,
 //! otherwise a draw from the temperature-scaled softmax restricted to the
 //! `top_k` most likely tokens and then to the smallest set whose probability
-//! reaches `top_p` (nucleus sampling, Holtzman et al., 2020).
+//! reaches `top_p` (nucleus sampling, Holtzman et al., 2020). First, as
+//! OpenAI defines them, `logit_bias` is added to its tokens' logits and the
+//! presence and frequency penalties are taken off the tokens this request
+//! has generated (`logit[t] -= count[t] · frequency + (count[t] > 0) ·
+//! presence`), in both greedy and sampled decoding.
 //!
 //! Deterministic: a request with a seed draws from its own generator, so
 //! the same request gives the same tokens however it is batched.
@@ -9,7 +13,7 @@
 use crate::rng::SplitMix64;
 
 /// How a request wants its tokens drawn (already validated by the API layer).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 is greedy.
     pub temperature: f64,
@@ -18,6 +22,12 @@ pub struct SamplingParams {
     /// 0 keeps every token.
     pub top_k: usize,
     pub seed: u64,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`, each in [-100, 100]).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Taken off each token generated before, once (in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Taken off each token generated before, once per time (in [-2, 2]).
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -27,15 +37,20 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            logit_bias: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
 
-/// One request's sampler: its parameters and random stream.
+/// One request's sampler: its parameters, random stream, and how often it
+/// drew each token (for the penalties).
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: SplitMix64,
+    drawn: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -43,12 +58,44 @@ impl Sampler {
         Self {
             rng: SplitMix64::new(params.seed),
             params,
+            drawn: std::collections::HashMap::new(),
         }
     }
 
     /// The next token from `logits` (one per vocabulary entry the tokenizer
     /// can decode). Non-finite logits are never chosen unless all are.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let adjusted = self.adjusted(logits);
+        let logits = adjusted.as_deref().unwrap_or(logits);
+        let token = self.draw(logits);
+        *self.drawn.entry(token).or_default() += 1;
+        token
+    }
+
+    /// The logits with the bias and penalties applied, when there are any.
+    fn adjusted(&self, logits: &[f32]) -> Option<Vec<f32>> {
+        let p = &self.params;
+        let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if p.logit_bias.is_empty() && !(penalised && !self.drawn.is_empty()) {
+            return None;
+        }
+        let mut logits = logits.to_vec();
+        for &(token, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+        if penalised {
+            for (&token, &count) in &self.drawn {
+                if let Some(l) = logits.get_mut(token as usize) {
+                    *l -= count as f32 * p.frequency_penalty + p.presence_penalty;
+                }
+            }
+        }
+        Some(logits)
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -118,7 +165,40 @@ mod tests {
             top_p,
             top_k,
             seed,
+            ..SamplingParams::default()
         }
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_penalties_weigh_on_repeats() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let with = |params: SamplingParams| Sampler::new(params);
+        // Greedy: -100 on the best token, +100 on the worst.
+        let mut s = with(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params(0.0, 1.0, 0, 0)
+        });
+        assert_eq!(s.sample(&logits), 2);
+        let mut s = with(SamplingParams {
+            logit_bias: vec![(3, 100.0)],
+            ..params(0.0, 1.0, 0, 0)
+        });
+        assert_eq!(s.sample(&logits), 3);
+        // Frequency 0.6: token 1 (3.0) wins, then 2.4, then 1.8 < 2.0, so
+        // token 2 takes over; token 2 at 2.0 - 0.6 = 1.4 < 1.8 gives it back.
+        let mut s = with(SamplingParams {
+            frequency_penalty: 0.6,
+            ..params(0.0, 1.0, 0, 0)
+        });
+        let drawn: Vec<u32> = (0..5).map(|_| s.sample(&logits)).collect();
+        assert_eq!(drawn, [1, 1, 2, 1, 2]);
+        // Presence 1.5: once drawn, a token is 1.5 lower however often.
+        let mut s = with(SamplingParams {
+            presence_penalty: 1.5,
+            ..params(0.0, 1.0, 0, 0)
+        });
+        let drawn: Vec<u32> = (0..4).map(|_| s.sample(&logits)).collect();
+        assert_eq!(drawn, [1, 2, 1, 1]);
     }
 
     fn frequencies(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<f64> {
