@@ -76,7 +76,9 @@ impl Sampler {
     fn adjusted(&self, logits: &[f32]) -> Option<Vec<f32>> {
         let p = &self.params;
         let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if p.logit_bias.is_empty() && !(penalised && !self.drawn.is_empty()) {
+        // Penalties need something drawn before to weigh on.
+        let penalties_apply = penalised && !self.drawn.is_empty();
+        if p.logit_bias.is_empty() && !penalties_apply {
             return None;
         }
         let mut logits = logits.to_vec();
