@@ -449,3 +449,32 @@ fn logit_bias_and_penalties_change_the_draw_as_asked() {
         "{plain:?} → {penalised:?}"
     );
 }
+
+#[test]
+fn choices_that_do_not_fit_the_queue_get_429_and_are_cancelled() {
+    let dir = TempDir::new("choices-queue");
+    let opts = moe_worker::serve::ServeOptions {
+        max_concurrent_requests: 1,
+        max_queued_requests: 2,
+        ..options(&dir.0)
+    };
+    let server = start_server_for(&dir, &opts, &spec_with_context(512));
+    // Choice 0 runs (one slot; 400 tokens, long enough that it is still
+    // running when the others are submitted right after its first token),
+    // choices 1 and 2 fill the queue, choice 3 finds it full.
+    let body = json!({"prompt": "queue", "max_tokens": 400, "temperature": 0, "n": 4});
+    let response = post_json(server.addr, "/v1/completions", &body);
+    assert_eq!(
+        response.status,
+        429,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert!(response.header("retry-after").is_some());
+    assert_kv_pages_return(&server);
+    // Within the queue's room, the same request is answered.
+    let fits = json!({"prompt": "queue", "max_tokens": 4, "temperature": 0, "n": 3});
+    let response = post_json(server.addr, "/v1/completions", &fits);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["choices"].as_array().unwrap().len(), 3);
+}
