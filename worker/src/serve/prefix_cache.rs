@@ -213,13 +213,15 @@ impl PagePool {
         if let Some(&(id, _)) = self.blocks.get(&key) {
             return id;
         }
-        if self.published[page as usize].is_some() {
-            // A page holds one block: never rename it (the caller's chain
-            // went astray; the next lookup simply misses).
-            return ROOT;
-        }
         let id = self.next_block;
         self.next_block += 1;
+        if self.published[page as usize].is_some() {
+            // A page holds one block: never rename it. (Unreachable while a
+            // sequence publishes only pages it filled.) The id is a dead
+            // end: no lookup reaches it, so nothing published after it in
+            // this chain can be matched against the wrong prefix.
+            return id;
+        }
         self.blocks.insert(key.clone(), (id, page));
         self.published[page as usize] = Some(key);
         id
