@@ -478,3 +478,49 @@ fn choices_that_do_not_fit_the_queue_get_429_and_are_cancelled() {
     assert_eq!(response.status, 200);
     assert_eq!(response.json()["choices"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn echo_puts_the_prompt_before_each_choice() {
+    let dir = TempDir::new("echo");
+    let server = start_server(&dir, &options(&dir.0));
+    let plain = json!({"prompt": "the cat ", "max_tokens": 6, "temperature": 0});
+    let completion = full_text(&post_json(server.addr, "/v1/completions", &plain));
+    let mut echo = plain.clone();
+    echo["echo"] = json!(true);
+    echo["n"] = json!(2);
+    let reply = post_json(server.addr, "/v1/completions", &echo).json();
+    for choice in reply["choices"].as_array().unwrap() {
+        assert_eq!(
+            choice["text"].as_str().unwrap(),
+            format!("the cat {completion}")
+        );
+    }
+    // Streamed: the prompt first, then the same pieces.
+    echo["n"] = json!(1);
+    echo["stream"] = json!(true);
+    let (text, _) = streamed_text(&post_json(server.addr, "/v1/completions", &echo));
+    assert_eq!(text, format!("the cat {completion}"));
+    // Token ids echo as their text.
+    let ids: Vec<u32> = b"the cat ".iter().map(|&b| u32::from(b)).collect();
+    let by_ids = json!({"prompt": ids, "max_tokens": 6, "temperature": 0, "echo": true});
+    assert_eq!(
+        full_text(&post_json(server.addr, "/v1/completions", &by_ids)),
+        format!("the cat {completion}")
+    );
+    // The prompt's log-probabilities are not computed: refused, named; and
+    // a chat has no echo.
+    let mut with_logprobs = plain.clone();
+    with_logprobs["echo"] = json!(true);
+    with_logprobs["logprobs"] = json!(1);
+    let refused = post_json(server.addr, "/v1/completions", &with_logprobs);
+    assert_eq!(
+        (refused.status, refused.json()["error"]["param"].clone()),
+        (400, json!("echo"))
+    );
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "echo": true});
+    let refused = post_json(server.addr, "/v1/chat/completions", &chat);
+    assert_eq!(
+        (refused.status, refused.json()["error"]["param"].clone()),
+        (400, json!("echo"))
+    );
+}

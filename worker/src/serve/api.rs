@@ -2,7 +2,8 @@
 //!
 //! Parsing is lenient where the OpenAI clients are (unknown fields, such
 //! as `user`, are ignored) and strict where a silent ignore would change
-//! the answer (`echo` is refused until it is implemented).
+//! the answer (`echo` with `logprobs`, which would report the prompt's
+//! log-probabilities, is refused: they are not computed).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -239,6 +240,8 @@ pub struct Checked {
     pub stream: bool,
     /// Streaming ends with a `usage` chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Completions' `echo`: the prompt, as text, before each choice's text.
+    pub echo: Option<String>,
 }
 
 /// The model and generation limits a request is checked against.
@@ -250,7 +253,21 @@ pub struct Served<'a> {
 }
 
 impl CompletionRequest {
-    pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
+    pub fn check(mut self, served: Served<'_>) -> Result<Checked, ApiError> {
+        // The prompt's text as given (token ids: their bytes, decoded).
+        let echo = self.sampling.echo.take() == Some(true);
+        let echo = echo.then(|| match &self.prompt {
+            Prompt::Text(text) => text.clone(),
+            Prompt::Texts(texts) => texts.concat(),
+            Prompt::Tokens(ids) => {
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .filter_map(|&id| u32::try_from(id).ok())
+                    .flat_map(|id| served.tokenizer.token_bytes(id))
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        });
         let prompt = match self.prompt {
             Prompt::Text(text) => served
                 .tokenizer
@@ -297,8 +314,18 @@ impl CompletionRequest {
                     })?,
             ),
         };
-        self.sampling
-            .check(prompt, DEFAULT_COMPLETION_TOKENS, served, logprobs)
+        if echo.is_some() && logprobs.is_some() {
+            return Err(ApiError::invalid(
+                "echo: with logprobs the prompt's log-probabilities would be reported too, and this \
+                 server does not compute them; ask for echo or logprobs",
+                Some("echo"),
+            ));
+        }
+        let mut checked =
+            self.sampling
+                .check(prompt, DEFAULT_COMPLETION_TOKENS, served, logprobs)?;
+        checked.echo = echo;
+        Ok(checked)
     }
 }
 
@@ -427,7 +454,10 @@ impl Sampling {
                 })?,
         };
         if self.echo == Some(true) {
-            return Err(ApiError::invalid("echo: not supported", Some("echo")));
+            return Err(ApiError::invalid(
+                "echo: only /v1/completions echoes the prompt",
+                Some("echo"),
+            ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -515,6 +545,7 @@ impl Sampling {
             n,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            echo: None,
         })
     }
 }
@@ -580,6 +611,7 @@ mod tests {
             (r#"{"prompt":"a","temperature":-1}"#, "temperature"),
             (r#"{"prompt":"a","top_p":0}"#, "top_p"),
             (r#"{"prompt":"a","top_k":-2}"#, "top_k"),
+            (r#"{"prompt":"a","echo":true,"logprobs":1}"#, "echo"),
             (r#"{"prompt":"a","n":0}"#, "n"),
             (r#"{"prompt":"a","n":129}"#, "n"),
             (r#"{"prompt":"a","logit_bias":{"97":101}}"#, "logit_bias"),

@@ -214,8 +214,10 @@ async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response
             stream,
             include_usage,
             logprobs,
+            echo,
         }) => {
-            let reply = Reply::new(state, endpoint, logprobs);
+            let mut reply = Reply::new(state, endpoint, logprobs);
+            reply.echo = echo;
             if stream {
                 stream_reply(reply, choices, include_usage).into_response()
             } else {
@@ -232,6 +234,8 @@ struct Started {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// The prompt's text, to come before each choice's (completions' `echo`).
+    echo: Option<String>,
 }
 
 /// One choice's events; the first may have been received already.
@@ -267,6 +271,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         n,
         stream,
         include_usage,
+        echo,
     } = match endpoint {
         Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served)?,
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
@@ -292,6 +297,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         stream,
         include_usage,
         logprobs,
+        echo,
     })
 }
 
@@ -314,6 +320,8 @@ struct Reply {
     id: String,
     model: Arc<str>,
     created: u64,
+    /// The prompt's text before each choice's (completions' `echo`).
+    echo: Option<String>,
 }
 
 impl Reply {
@@ -330,6 +338,7 @@ impl Reply {
             id: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             model: Arc::clone(&state.model_name),
             created: unix_now(),
+            echo: None,
         }
     }
 
@@ -346,7 +355,8 @@ impl Reply {
     /// One finished choice of a whole (non-streamed) response.
     fn choice(&self, index: usize, done: &Collected) -> Value {
         let logprobs = self.logprobs(&done.tokens, &mut 0);
-        let (text, finish) = (&done.text, done.finish.as_str());
+        let text = format!("{}{}", self.echo.as_deref().unwrap_or(""), done.text);
+        let finish = done.finish.as_str();
         match self.endpoint {
             Endpoint::Completions => json!({
                 "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
@@ -537,11 +547,17 @@ fn stream_reply(
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let n = choices.len();
-    let opening: Vec<SseEvent> = match reply.endpoint {
-        Endpoint::Chat => (0..n)
+    // Chat's role chunks; completions' echoed prompt, a chunk per choice.
+    let opening: Vec<SseEvent> = match (reply.endpoint, &reply.echo) {
+        (Endpoint::Chat, _) => (0..n)
             .map(|i| SseEvent::default().data(reply.chunk(i, None, true, None).to_string()))
             .collect(),
-        Endpoint::Completions => Vec::new(),
+        (Endpoint::Completions, Some(prompt)) => (0..n)
+            .map(|i| {
+                SseEvent::default().data(reply.chunk(i, Some(prompt), false, None).to_string())
+            })
+            .collect(),
+        (Endpoint::Completions, None) => Vec::new(),
     };
     let reply = Arc::new(reply);
     let events = stream::select_all(choices.into_iter().enumerate().map(|(i, c)| tagged(i, c)));
