@@ -209,19 +209,12 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
 
 async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
     match start(state, endpoint, body).await {
-        Ok(Started {
-            choices,
-            stream,
-            include_usage,
-            logprobs,
-            echo,
-        }) => {
-            let mut reply = Reply::new(state, endpoint, logprobs);
-            reply.echo = echo;
-            if stream {
-                stream_reply(reply, choices, include_usage).into_response()
+        Ok(started) => {
+            let reply = Reply::new(state, endpoint, started.logprobs, started.echo);
+            if started.stream {
+                stream_reply(reply, started.choices, started.include_usage).into_response()
             } else {
-                collect_reply(reply, choices).await
+                collect_reply(reply, started.choices).await
             }
         }
         Err(e) => e.into_response(),
@@ -325,7 +318,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn new(state: &AppState, endpoint: Endpoint, logprobs: bool) -> Self {
+    fn new(state: &AppState, endpoint: Endpoint, logprobs: bool, echo: Option<String>) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let prefix = match endpoint {
@@ -338,7 +331,7 @@ impl Reply {
             id: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             model: Arc::clone(&state.model_name),
             created: unix_now(),
-            echo: None,
+            echo,
         }
     }
 
