@@ -14,7 +14,7 @@ mod serve_support;
 use std::path::Path;
 
 use moe_worker::ops::packed_linear::{PackedLinear, WeightPrecision};
-use moe_worker::serve::engine::{Chunk, Engine};
+use moe_worker::serve::engine::{Chunk, Engine, Logits};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
 use moe_worker::serve::load;
 use moe_worker::serve::model::{LatentShape, Mlp, ServeFfn, ServeModel};
@@ -132,7 +132,7 @@ fn logits(engine: &Engine, tokens: &[u32], prefill: usize) -> Vec<Vec<f32>> {
             pages: &pages,
             start,
             tokens: &tokens[start..start + len],
-            logits: true,
+            logits: Logits::Last,
         };
         out.push(engine.step(&mut store, &[chunk]).expect("a valid step"));
         start += len;

@@ -37,7 +37,7 @@ use moe_worker::dist::launch::free_local_port;
 use moe_worker::model::Model;
 use moe_worker::ops::packed_linear::WeightPrecision;
 use moe_worker::rng::SplitMix64;
-use moe_worker::serve::engine::{Chunk, Engine};
+use moe_worker::serve::engine::{Chunk, Engine, Logits};
 use moe_worker::serve::kv_cache::{KvStore, PageId};
 use moe_worker::serve::load::{self, LoadedModel};
 use moe_worker::serve::lockstep::{self, Lockstep, Message, StepPlan};
@@ -255,7 +255,7 @@ fn drive(vocab: usize, mut step: impl FnMut(&[Chunk<'_>]) -> Vec<f32>) -> Trace 
                     pages: &seqs[i].pages,
                     start,
                     tokens: &seqs[i].tokens[start..start + len],
-                    logits,
+                    logits: Logits::last_if(logits),
                 })
                 .collect();
             let logits = step(&chunks);

@@ -14,7 +14,7 @@ mod serve_support;
 use std::path::{Path, PathBuf};
 
 use moe_crds::ModelFormat;
-use moe_worker::serve::engine::{Chunk, Engine};
+use moe_worker::serve::engine::{Chunk, Engine, Logits};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
 use moe_worker::serve::load::{self, Detected, LoadError, LoadedModel};
 use moe_worker::serve::text::{TextAssembler, Tokenizer};
@@ -110,7 +110,7 @@ fn greedy(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
             pages: &pages,
             start,
             tokens: &tokens[start..],
-            logits: true,
+            logits: Logits::Last,
         };
         let logits = engine.step(&mut store, &[chunk]).expect("a valid step");
         start = tokens.len();

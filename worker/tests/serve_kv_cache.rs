@@ -7,7 +7,7 @@
 mod serve_support;
 
 use moe_worker::rng::SplitMix64;
-use moe_worker::serve::engine::{Chunk, Engine, StepError};
+use moe_worker::serve::engine::{Chunk, Engine, Logits, StepError};
 use moe_worker::serve::kv_cache::{KvStore, pages_for};
 use moe_worker::serve::prefix_cache::PagePool;
 use serve_support::{CONTEXT, model_for, spec_with_context, tiny_model};
@@ -43,7 +43,7 @@ fn incremental_logits(
             pages,
             start,
             tokens: &tokens[start..start + len],
-            logits: true,
+            logits: Logits::Last,
         };
         let logits = engine.step(store, &[chunk]).expect("a valid step");
         start += len;
@@ -120,7 +120,7 @@ fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
                 pages: &pages,
                 start: 0,
                 tokens: prompt,
-                logits: true,
+                logits: Logits::Last,
             };
             engine.step(&mut store, &[chunk]).unwrap()
         })
@@ -142,7 +142,7 @@ fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
             pages,
             start: 0,
             tokens: prompt,
-            logits: true,
+            logits: Logits::Last,
         })
         .collect();
     let together = engine.step(&mut store, &chunks).unwrap();
@@ -179,7 +179,7 @@ fn threads_compute_the_same_bits_as_one() {
                     pages: &pages[s],
                     start: if s == 0 { start } else { start.min(1) },
                     tokens: tokens[s],
-                    logits: true,
+                    logits: Logits::Last,
                 })
                 .collect();
             engine.step(store, &chunks).unwrap()
@@ -204,7 +204,7 @@ fn a_chunk_without_logits_still_fills_the_cache() {
         pages: &pages,
         start,
         tokens: &tokens[start..end],
-        logits,
+        logits: Logits::last_if(logits),
     };
     let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), pages.len());
     assert!(
@@ -219,6 +219,54 @@ fn a_chunk_without_logits_still_fills_the_cache() {
     assert_eq!(chunked, whole);
 }
 
+/// `Logits::All` (a scored prompt) returns every row's logits, each the
+/// bits that prompt's prefix alone gives with `Logits::Last`, beside a
+/// sequence that wants only its last row's.
+#[test]
+fn every_row_of_a_scored_chunk_is_the_logits_of_its_prefix() {
+    let engine = Engine::new(tiny_model(8));
+    let tokens = random_tokens(13, 4);
+    let other = random_tokens(5, 5);
+    let each = pages_for(CONTEXT, PAGE_SIZE);
+    let pages: Vec<u32> = (0..each as u32).collect();
+    let other_pages: Vec<u32> = (each as u32..2 * each as u32).collect();
+    let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), 2 * each);
+    let chunks = [
+        Chunk {
+            pages: &other_pages,
+            start: 0,
+            tokens: &other,
+            logits: Logits::Last,
+        },
+        Chunk {
+            pages: &pages,
+            start: 0,
+            tokens: &tokens,
+            logits: Logits::All,
+        },
+    ];
+    let all = engine.step(&mut store, &chunks).unwrap();
+    assert_eq!(all.len(), (1 + tokens.len()) * VOCAB);
+    let prefix = |len: usize, tokens: &[u32], pages: &[u32]| {
+        let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), 2 * each);
+        let chunk = Chunk {
+            pages,
+            start: 0,
+            tokens: &tokens[..len],
+            logits: Logits::Last,
+        };
+        engine.step(&mut store, &[chunk]).unwrap()
+    };
+    assert_eq!(all[..VOCAB], prefix(other.len(), &other, &other_pages)[..]);
+    for row in 0..tokens.len() {
+        assert_eq!(
+            all[(1 + row) * VOCAB..(2 + row) * VOCAB],
+            prefix(row + 1, &tokens, &pages)[..],
+            "row {row}"
+        );
+    }
+}
+
 #[test]
 fn impossible_steps_are_errors_not_panics() {
     let engine = Engine::new(tiny_model(6));
@@ -229,7 +277,7 @@ fn impossible_steps_are_errors_not_panics() {
             pages: &pages,
             start,
             tokens,
-            logits: true,
+            logits: Logits::Last,
         };
         engine.step(store, &[chunk]).map(|_| ())
     };

@@ -32,7 +32,7 @@ use crate::model::{FeedForward, Model, ModelConfig};
 use crate::ops::rope::RopeTable;
 use crate::rng::SplitMix64;
 use crate::serve::device::StepLayout;
-use crate::serve::engine::{self, Chunk, Engine};
+use crate::serve::engine::{self, Chunk, Engine, Logits};
 use crate::serve::kv_cache::{KvShape, KvStore, PageId, pages_for};
 use crate::serve::model::{RopeLayout, ServeFfn, ServeModel};
 use std::path::PathBuf;
@@ -123,7 +123,7 @@ fn attention_case(
             pages,
             start: 0,
             tokens,
-            logits: true,
+            logits: Logits::Last,
         })
         .collect();
     let layout = StepLayout::new(&chunks, page_size);
@@ -509,7 +509,7 @@ fn run_schedule(
             pages: &a.pages,
             start: a.cached,
             tokens: &a.tokens[a.cached..a.cached + a_new],
-            logits: true,
+            logits: Logits::Last,
         }];
         let mut owners = vec![0];
         if let Some((count, logits)) = b_part {
@@ -517,7 +517,7 @@ fn run_schedule(
                 pages: &b.pages,
                 start: b.cached,
                 tokens: &b.tokens[b.cached..b.cached + count],
-                logits,
+                logits: Logits::last_if(logits),
             });
             if logits {
                 owners.push(1);

@@ -100,9 +100,9 @@ pub struct StepLayout {
     /// Each chunk's pages up to the one holding its last position, chunk
     /// after chunk (pages past it are not read: attention is causal).
     pub page_table: Vec<i32>,
-    /// The rows whose next-token logits are wanted: each such chunk's last,
-    /// in chunk order (the order [`crate::serve::engine::Engine::step`]
-    /// returns logits in).
+    /// The rows whose next-token logits are wanted (each chunk's
+    /// [`Logits::rows`](crate::serve::engine::Logits::rows)), in row order (the order
+    /// [`crate::serve::engine::Engine::step`] returns logits in).
     pub logit_rows: Vec<i32>,
 }
 
@@ -120,6 +120,13 @@ impl StepLayout {
             logit_rows: Vec::new(),
         };
         for chunk in chunks {
+            let first = layout.tokens.len();
+            layout.logit_rows.extend(
+                chunk
+                    .logits
+                    .rows(chunk.tokens.len())
+                    .map(|r| index(first + r)),
+            );
             let offset = index(layout.page_table.len());
             let end = chunk.start + chunk.tokens.len();
             let used = pages_for(end, page_size);
@@ -135,9 +142,6 @@ impl StepLayout {
                     .slots
                     .push(index(page * page_size + position % page_size));
                 layout.table_offsets.push(offset);
-            }
-            if chunk.logits {
-                layout.logit_rows.push(index(layout.tokens.len() - 1));
             }
         }
         layout
@@ -180,6 +184,7 @@ fn index(value: usize) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::engine::Logits;
 
     #[test]
     fn a_mixed_step_flattens_rows_slots_and_page_tables() {
@@ -193,35 +198,45 @@ mod tests {
                 pages: &[7, 2],
                 start: 0,
                 tokens: &a_tokens,
-                logits: true,
+                logits: Logits::Last,
             },
             Chunk {
                 pages: &[5, 0, 3],
                 start: 9,
                 tokens: &[20],
-                logits: true,
+                logits: Logits::Last,
             },
             Chunk {
                 pages: &[1, 6, 4],
                 start: 4,
                 tokens: &[30, 31],
-                logits: false,
+                logits: Logits::None,
+            },
+            // D scores a prompt: every row's logits.
+            Chunk {
+                pages: &[8],
+                start: 0,
+                tokens: &[40, 41, 42],
+                logits: Logits::All,
             },
         ];
         let layout = StepLayout::new(&chunks, 4);
-        assert_eq!(layout.rows(), 9);
-        assert_eq!(layout.tokens, [10, 11, 12, 13, 14, 15, 20, 30, 31]);
-        assert_eq!(layout.positions, [0, 1, 2, 3, 4, 5, 9, 4, 5]);
+        assert_eq!(layout.rows(), 12);
+        assert_eq!(
+            layout.tokens,
+            [10, 11, 12, 13, 14, 15, 20, 30, 31, 40, 41, 42]
+        );
+        assert_eq!(layout.positions, [0, 1, 2, 3, 4, 5, 9, 4, 5, 0, 1, 2]);
         assert_eq!(
             layout.slots,
-            [28, 29, 30, 31, 8, 9, 13, 24, 25],
+            [28, 29, 30, 31, 8, 9, 13, 24, 25, 32, 33, 34],
             "page * 4 + position % 4"
         );
         // C's third page is past its last position: not in the table.
-        assert_eq!(layout.page_table, [7, 2, 5, 0, 3, 1, 6]);
-        assert_eq!(layout.table_offsets, [0, 0, 0, 0, 0, 0, 2, 5, 5]);
-        assert_eq!(layout.logit_rows, [5, 6]);
-        assert_eq!(layout.all_rows(), (0..9).collect::<Vec<_>>());
+        assert_eq!(layout.page_table, [7, 2, 5, 0, 3, 1, 6, 8]);
+        assert_eq!(layout.table_offsets, [0, 0, 0, 0, 0, 0, 2, 5, 5, 7, 7, 7]);
+        assert_eq!(layout.logit_rows, [5, 6, 9, 10, 11]);
+        assert_eq!(layout.all_rows(), (0..12).collect::<Vec<_>>());
         // Every row's slot is the page its table names for its position.
         for r in 0..layout.rows() {
             let (p, offset) = (layout.positions[r], layout.table_offsets[r]);

@@ -34,8 +34,35 @@ pub struct Chunk<'a> {
     /// Position of `tokens[0]`; positions before it are already cached.
     pub start: usize,
     pub tokens: &'a [u32],
-    /// Whether to compute the next-token logits after the chunk's last token.
-    pub logits: bool,
+    /// Which of the chunk's rows return their next-token logits.
+    pub logits: Logits,
+}
+
+/// The rows of a [`Chunk`] whose next-token logits a step returns, in row
+/// order: none (a prefill chunk before the prompt's end), the last (the
+/// next token is sampled from it), or every row (the prompt's own
+/// log-probabilities: row `i` scores token `i + 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+impl Logits {
+    /// `Last` when the chunk's next token is sampled, else `None`.
+    pub fn last_if(sample: bool) -> Self {
+        if sample { Self::Last } else { Self::None }
+    }
+
+    /// The wanted rows of a chunk of `len` rows, as offsets in it.
+    pub fn rows(self, len: usize) -> std::ops::Range<usize> {
+        match self {
+            Self::None => 0..0,
+            Self::Last => len.saturating_sub(1)..len,
+            Self::All => 0..len,
+        }
+    }
 }
 
 /// Why a step cannot run; the scheduler's checks make these unreachable,
@@ -296,14 +323,13 @@ impl Engine {
             .iter()
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
-        // The rows that want logits: each such chunk's last.
+        // The rows that want logits, in order.
         let mut logit_rows = Vec::new();
-        let mut end = 0;
+        let mut first = 0;
         for chunk in chunks {
-            end += chunk.tokens.len();
-            if chunk.logits {
-                logit_rows.push(end - 1);
-            }
+            let len = chunk.tokens.len();
+            logit_rows.extend(chunk.logits.rows(len).map(|r| first + r));
+            first += len;
         }
         let mut x = vec![0.0; n * h];
         self.layers.embed(&mut x, &tokens);

@@ -21,7 +21,7 @@
 //! ```text
 //!  header (16 bytes): magic "MOEP" u32 | kind u32 (1 step, 2 idle, 3 stop) | payload bytes u64
 //!  step payload:      chunks u32, then per chunk:
-//!                     start u32 | tokens u32 | pages u32 | flags u8 (bit 0: logits)
+//!                     start u32 | tokens u32 | pages u32 | logits u8 (0 none, 1 the last row, 2 every row)
 //!                     | tokens × u32 | pages × u32
 //! ```
 //!
@@ -32,7 +32,7 @@
 use std::time::{Duration, Instant};
 
 use crate::dist::{Collective, DistError};
-use crate::serve::engine::Chunk;
+use crate::serve::engine::{Chunk, Logits};
 use crate::serve::kv_cache::{PageId, pages_for};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"MOEP");
@@ -66,7 +66,7 @@ pub struct PlannedChunk {
     pub pages: Vec<PageId>,
     pub start: usize,
     pub tokens: Vec<u32>,
-    pub logits: bool,
+    pub logits: Logits,
 }
 
 impl StepPlan {
@@ -144,7 +144,11 @@ pub fn encode_payload(message: &Message) -> Result<Vec<u8>, PlanError> {
         out.extend_from_slice(&word(c.start, "start position")?.to_le_bytes());
         out.extend_from_slice(&word(c.tokens.len(), "token count")?.to_le_bytes());
         out.extend_from_slice(&word(c.pages.len(), "page count")?.to_le_bytes());
-        out.push(u8::from(c.logits));
+        out.push(match c.logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => 2,
+        });
         for &t in &c.tokens {
             out.extend_from_slice(&t.to_le_bytes());
         }
@@ -248,19 +252,24 @@ fn decode_step(payload: &[u8]) -> Result<StepPlan, PlanError> {
         let start = r.word("a chunk's start")? as usize;
         let tokens = r.word("a chunk's token count")? as usize;
         let pages = r.word("a chunk's page count")? as usize;
-        let flags = r.take(1, "a chunk's flags")?[0];
-        if flags > 1 {
-            return Err(PlanError(format!(
-                "chunk {i} has unknown flags {flags:#04x}"
-            )));
-        }
+        let flags = r.take(1, "a chunk's logits")?[0];
+        let logits = match flags {
+            0 => Logits::None,
+            1 => Logits::Last,
+            2 => Logits::All,
+            _ => {
+                return Err(PlanError(format!(
+                    "chunk {i} asks for logits {flags:#04x}, which is no known choice"
+                )));
+            }
+        };
         let tokens = r.words(tokens, "a chunk's tokens")?;
         let pages = r.words(pages, "a chunk's pages")?;
         chunks.push(PlannedChunk {
             pages,
             start,
             tokens,
-            logits: flags == 1,
+            logits,
         });
     }
     if r.at != payload.len() {
@@ -385,19 +394,19 @@ mod tests {
                     pages: vec![7, 3],
                     start: 0,
                     tokens: vec![1, 2, 3, 255, 17],
-                    logits: false,
+                    logits: Logits::All,
                 },
                 PlannedChunk {
                     pages: vec![0],
                     start: 12,
                     tokens: vec![u32::MAX],
-                    logits: true,
+                    logits: Logits::None,
                 },
                 PlannedChunk {
                     pages: vec![9, 8, 5, 4],
                     start: 63,
                     tokens: vec![42],
-                    logits: true,
+                    logits: Logits::Last,
                 },
             ],
         }
@@ -436,14 +445,14 @@ mod tests {
                 pages: &pages,
                 start: 14,
                 tokens: &tokens,
-                logits: true,
+                logits: Logits::Last,
             },
             // Position 0: one page.
             Chunk {
                 pages: &pages,
                 start: 0,
                 tokens: &tokens[..1],
-                logits: false,
+                logits: Logits::None,
             },
         ];
         let plan = StepPlan::from_chunks(&chunks, 16);
@@ -452,7 +461,7 @@ mod tests {
         let back = plan.chunks();
         assert_eq!(
             (back[0].start, back[0].tokens, back[0].logits),
-            (14, &tokens[..], true)
+            (14, &tokens[..], Logits::Last)
         );
         assert_eq!((back[1].start, back[1].tokens), (0, &tokens[..1]));
     }
@@ -476,8 +485,8 @@ mod tests {
         assert!(decode(1, &huge).unwrap_err().0.contains("announced"));
         // Unknown flags.
         let mut flags = encode_payload(&Message::Step(plan())).unwrap();
-        flags[4 + 12] = 2;
-        assert!(decode(1, &flags).unwrap_err().0.contains("flags"));
+        flags[4 + 12] = 3;
+        assert!(decode(1, &flags).unwrap_err().0.contains("no known choice"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::dist::DistError;
 use crate::serve::backend::Backend;
-use crate::serve::engine::{Chunk, StepError};
+use crate::serve::engine::{Chunk, Logits, StepError};
 use crate::serve::kv_cache::pages_for;
 use crate::serve::lockstep::{Lockstep, Message, StepPlan};
 use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
@@ -580,7 +580,7 @@ impl Runner {
                     .active
                     .get(&w.id)
                     .map_or(&[][..], |a| &a.tokens[w.start..w.start + w.len]),
-                logits: w.sample,
+                logits: Logits::last_if(w.sample),
             })
             .collect();
         self.metrics.batch_size.observe(work.len() as f64);
