@@ -508,6 +508,167 @@ fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
     }
 }
 
+/// `echo` with `logprobs` scores the prompt, as evaluation harnesses ask
+/// (lm-evaluation-harness: token ids, a batch of prompts, `max_tokens` 0
+/// or 1): each golden prompt followed by its greedy tokens is sent as the
+/// prompt, and the log-probability of greedy token `j` given what precedes
+/// it is `transformers`' `log_softmax(logits[j])` at that token.
+#[test]
+fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
+    let dir = fixture("mixtral");
+    let golden = golden(&dir);
+    let options = ServeOptions {
+        model_name: Some("mixtral".into()),
+        ..serve_support::options(&dir)
+    };
+    let loaded = load::load(&dir, None, None).unwrap();
+    let tokenizer = loaded.tokenizer.clone();
+    let server = Server::start(loaded, &options).unwrap();
+    let text_of = |id: u32| String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned();
+    let top = 3;
+    // Each prompt with its greedy tokens but the last (scored, not generated).
+    let scored: Vec<Vec<u32>> = golden
+        .prompts
+        .iter()
+        .map(|p| [&p.ids[..], &p.greedy[..p.greedy.len() - 1]].concat())
+        .collect();
+    let score = |prompts: serde_json::Value, max_tokens: usize, stream: bool| {
+        let body = serde_json::json!({
+            "model": "mixtral", "prompt": prompts, "echo": true, "logprobs": top,
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+        });
+        let response = post_json(server.addr, "/v1/completions", &body);
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+        response
+    };
+    let mut worst = 0.0f64;
+    let mut alone = Vec::new();
+    for (prompt, full) in golden.prompts.iter().zip(&scored) {
+        // Twice: the second finds the prompt's pages cached and must still
+        // compute every row (cached rows have no logits).
+        for _ in 0..2 {
+            let json = score(serde_json::json!(full), 0, false).json();
+            let choice = &json["choices"][0];
+            assert_eq!(choice["finish_reason"], "length");
+            assert_eq!(json["usage"]["completion_tokens"], 0);
+            assert_eq!(json["usage"]["prompt_tokens"], full.len());
+            assert_eq!(json["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+            let expected_text: String = full.iter().map(|&id| text_of(id)).collect();
+            assert_eq!(choice["text"], expected_text);
+            let logprobs = &choice["logprobs"];
+            let values = logprobs["token_logprobs"].as_array().unwrap();
+            assert_eq!(values.len(), full.len());
+            assert!(values[0].is_null() && logprobs["top_logprobs"][0].is_null());
+            for (t, &id) in full.iter().enumerate() {
+                assert_eq!(logprobs["tokens"][t], text_of(id), "token {t}");
+            }
+            for (t, value) in values.iter().enumerate().skip(1) {
+                let v = value.as_f64().unwrap();
+                assert!(v <= 0.0 && v.is_finite(), "token {t}: {v}");
+            }
+            for (j, logits) in prompt.logits[..prompt.greedy.len() - 1].iter().enumerate() {
+                let at = prompt.ids.len() + j;
+                let reference = log_softmax(logits);
+                let got = values[at].as_f64().unwrap();
+                worst = worst.max((got - reference[prompt.greedy[j] as usize]).abs());
+                let mut order: Vec<usize> = (0..reference.len()).collect();
+                order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+                let alternatives = logprobs["top_logprobs"][at].as_object().unwrap();
+                let mut seen = Vec::new();
+                for &id in &order[..top] {
+                    // Tokens with the same text share a key, the likelier's.
+                    let text = text_of(id as u32);
+                    if !seen.contains(&text) {
+                        let value = alternatives[&text].as_f64().unwrap();
+                        worst = worst.max((value - reference[id]).abs());
+                        seen.push(text);
+                    }
+                }
+                assert_eq!(alternatives.len(), seen.len());
+                // Greedy tokens: the chosen one is the likeliest (the
+                // harness's `is_greedy`).
+                let best = alternatives
+                    .values()
+                    .map(|v| v.as_f64().unwrap())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                assert_eq!(got, best, "token {at}");
+            }
+            alone.push(logprobs.clone());
+        }
+    }
+    eprintln!("largest prompt log-probability difference from transformers: {worst:e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    // The harness's shape: every prompt in one request, as token lists,
+    // max_tokens 1 (the last entry, the generated token, is dropped): each
+    // choice, in prompt order, holds what the prompt alone gave.
+    let json = score(serde_json::json!(scored), 1, false).json();
+    let choices = json["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), scored.len());
+    let mut prompt_tokens = 0;
+    for (i, full) in scored.iter().enumerate() {
+        assert_eq!(choices[i]["index"], i);
+        let logprobs = &choices[i]["logprobs"];
+        for key in ["tokens", "token_logprobs", "top_logprobs"] {
+            let got = logprobs[key].as_array().unwrap();
+            assert_eq!(got.len(), full.len() + 1, "{key}");
+            assert_eq!(got[..full.len()], alone[2 * i][key].as_array().unwrap()[..]);
+        }
+        // The generated token is the prompt's last greedy token.
+        let prompt = &golden.prompts[i];
+        let last = *prompt.greedy.last().unwrap();
+        assert_eq!(logprobs["tokens"][full.len()], text_of(last));
+        prompt_tokens += full.len();
+    }
+    assert_eq!(json["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(json["usage"]["completion_tokens"], scored.len());
+
+    // Streamed: the echo chunk carries the prompt's log-probabilities, the
+    // generated token's follow; together they are the whole response's.
+    let events = score(serde_json::json!(scored[0]), 1, true).events();
+    let chunks: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let first = &chunks[0]["choices"][0];
+    let expected_text: String = scored[0].iter().map(|&id| text_of(id)).collect();
+    assert_eq!(first["text"], expected_text);
+    assert_eq!(first["logprobs"], alone[0]);
+    let values: Vec<serde_json::Value> = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        values[..],
+        choices[0]["logprobs"]["token_logprobs"].as_array().unwrap()[..]
+    );
+    let offsets: Vec<serde_json::Value> = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        offsets[..],
+        choices[0]["logprobs"]["text_offset"].as_array().unwrap()[..]
+    );
+    serve_support::assert_kv_pages_return(&server);
+}
+
 #[test]
 fn an_end_of_sequence_token_ends_the_completion() {
     // A greedy token (not the first, and new at its step) declared

@@ -507,20 +507,86 @@ fn echo_puts_the_prompt_before_each_choice() {
         full_text(&post_json(server.addr, "/v1/completions", &by_ids)),
         format!("the cat {completion}")
     );
-    // The prompt's log-probabilities are not computed: refused, named; and
-    // a chat has no echo.
-    let mut with_logprobs = plain.clone();
-    with_logprobs["echo"] = json!(true);
-    with_logprobs["logprobs"] = json!(1);
-    let refused = post_json(server.addr, "/v1/completions", &with_logprobs);
-    assert_eq!(
-        (refused.status, refused.json()["error"]["param"].clone()),
-        (400, json!("echo"))
-    );
+    // A chat has no echo.
     let chat = json!({"messages": [{"role": "user", "content": "hi"}], "echo": true});
     let refused = post_json(server.addr, "/v1/chat/completions", &chat);
     assert_eq!(
         (refused.status, refused.json()["error"]["param"].clone()),
         (400, json!("echo"))
     );
+}
+
+/// A batch of prompts: `n` choices each, prompt after prompt (OpenAI's
+/// `index` order), each the completion its prompt gets alone; the usage
+/// counts each prompt once and every choice's tokens.
+#[test]
+fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
+    let dir = TempDir::new("batch-prompts");
+    let server = start_server(&dir, &options(&dir.0));
+    let prompts = ["the cat ", "a dog and ", "x"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({"prompt": p, "max_tokens": 5, "temperature": 0});
+            full_text(&post_json(server.addr, "/v1/completions", &body))
+        })
+        .collect();
+    let body = json!({"prompt": prompts, "max_tokens": 5, "temperature": 0, "n": 2, "echo": true});
+    let response = post_json(server.addr, "/v1/completions", &body);
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let json = response.json();
+    let choices = json["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let p = i / 2;
+        assert_eq!(
+            choice["text"],
+            format!("{}{}", prompts[p], alone[p]),
+            "choice {i}"
+        );
+    }
+    let prompt_tokens: usize = prompts.iter().map(|p| p.len()).sum();
+    assert_eq!(json["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(json["usage"]["completion_tokens"], 6 * 5);
+    // Streamed: every choice's pieces, tagged with its index.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = post_json(server.addr, "/v1/completions", &streamed).events();
+    let mut texts = vec![String::new(); 6];
+    let mut usage = serde_json::Value::Null;
+    for event in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: serde_json::Value = serde_json::from_str(event).unwrap();
+        if let Some(choice) = chunk["choices"].as_array().unwrap().first() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["text"].as_str().unwrap());
+        } else {
+            usage = chunk["usage"].clone();
+        }
+    }
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(
+            *text,
+            format!("{}{}", prompts[i / 2], alone[i / 2]),
+            "choice {i}"
+        );
+    }
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    // Scoring only (echo, logprobs, max_tokens 0): no token generated.
+    let scoring = json!({"prompt": prompts, "max_tokens": 0, "echo": true, "logprobs": 0});
+    let json = post_json(server.addr, "/v1/completions", &scoring).json();
+    for (p, choice) in json["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(choice["text"], prompts[p]);
+        assert_eq!(choice["finish_reason"], "length");
+        let values = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(values.len(), prompts[p].len());
+    }
+    assert_eq!(json["usage"]["completion_tokens"], 0);
+    assert_kv_pages_return(&server);
 }

@@ -2,8 +2,8 @@
 //!
 //! Parsing is lenient where the OpenAI clients are (unknown fields, such
 //! as `user`, are ignored) and strict where a silent ignore would change
-//! the answer (`echo` with `logprobs`, which would report the prompt's
-//! log-probabilities, is refused: they are not computed).
+//! the answer (a field this server does not implement is refused by name,
+//! never dropped).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,10 @@ pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 const MAX_STOPS: usize = 4;
 /// Choices one request may ask for (`n`), OpenAI's bound.
 pub const MAX_CHOICES: usize = 128;
+/// Choices one request may make in all (prompts × `n`): a batch of prompts
+/// from an evaluation harness fits, and each choice still takes a place
+/// in the queue.
+pub const MAX_TOTAL_CHOICES: usize = 256;
 
 /// An error as the OpenAI API reports it:
 /// `{"error": {"message", "type", "param", "code"}}`.
@@ -130,13 +134,71 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-/// `prompt`: a string, a one-string array, or token ids.
+/// `prompt`: a string, token ids, or a batch of either (each prompt gets
+/// its own `n` choices).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// One prompt of a request, as given.
+enum OnePrompt {
+    Text(String),
+    Tokens(Vec<i64>),
+}
+
+impl Prompt {
+    fn split(self) -> Vec<OnePrompt> {
+        match self {
+            Self::Text(text) => vec![OnePrompt::Text(text)],
+            Self::Texts(texts) => texts.into_iter().map(OnePrompt::Text).collect(),
+            Self::Tokens(ids) => vec![OnePrompt::Tokens(ids)],
+            Self::TokenLists(lists) => lists.into_iter().map(OnePrompt::Tokens).collect(),
+        }
+    }
+}
+
+impl OnePrompt {
+    /// Its text as given (token ids: their bytes, decoded), for `echo`.
+    fn text(&self, tokenizer: &Tokenizer) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Tokens(ids) => {
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .filter_map(|&id| u32::try_from(id).ok())
+                    .flat_map(|id| tokenizer.token_bytes(id))
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        }
+    }
+
+    fn tokens(self, tokenizer: &Tokenizer) -> Result<Vec<u32>, ApiError> {
+        match self {
+            Self::Text(text) => tokenizer
+                .encode(&text)
+                .map_err(|e| ApiError::invalid(e, Some("prompt"))),
+            Self::Tokens(ids) => ids
+                .iter()
+                .map(|&id| {
+                    u32::try_from(id)
+                        .ok()
+                        .filter(|&t| (t as usize) < tokenizer.vocab())
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                format!("prompt: token id {id} is outside the vocabulary"),
+                                Some("prompt"),
+                            )
+                        })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `stop`: one string or several.
@@ -234,14 +296,15 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 /// A request checked against the served model.
 #[derive(Clone, Debug)]
 pub struct Checked {
-    pub request: GenerationRequest,
-    /// Choices to generate for the prompt (`n`).
+    /// One per prompt (completions take a batch), each its choices' template.
+    pub requests: Vec<GenerationRequest>,
+    /// Choices to generate for each prompt (`n`).
     pub n: usize,
     pub stream: bool,
     /// Streaming ends with a `usage` chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// Completions' `echo`: the prompt, as text, before each choice's text.
-    pub echo: Option<String>,
+    /// Completions' `echo`: each prompt, as text, before its choices' text.
+    pub echo: Option<Vec<String>>,
 }
 
 /// The model and generation limits a request is checked against.
@@ -254,50 +317,24 @@ pub struct Served<'a> {
 
 impl CompletionRequest {
     pub fn check(mut self, served: Served<'_>) -> Result<Checked, ApiError> {
-        // The prompt's text as given (token ids: their bytes, decoded).
+        let prompts = self.prompt.split();
+        if prompts.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt: at least one prompt is required",
+                Some("prompt"),
+            ));
+        }
         let echo = self.sampling.echo.take() == Some(true);
-        let echo = echo.then(|| match &self.prompt {
-            Prompt::Text(text) => text.clone(),
-            Prompt::Texts(texts) => texts.concat(),
-            Prompt::Tokens(ids) => {
-                let bytes: Vec<u8> = ids
-                    .iter()
-                    .filter_map(|&id| u32::try_from(id).ok())
-                    .flat_map(|id| served.tokenizer.token_bytes(id))
-                    .collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-        });
-        let prompt = match self.prompt {
-            Prompt::Text(text) => served
-                .tokenizer
-                .encode(&text)
-                .map_err(|e| ApiError::invalid(e, Some("prompt")))?,
-            Prompt::Texts(texts) if texts.len() == 1 => served
-                .tokenizer
-                .encode(&texts[0])
-                .map_err(|e| ApiError::invalid(e, Some("prompt")))?,
-            Prompt::Texts(_) => {
-                return Err(ApiError::invalid(
-                    "prompt: exactly one prompt per request is supported",
-                    Some("prompt"),
-                ));
-            }
-            Prompt::Tokens(ids) => ids
+        let echo = echo.then(|| {
+            prompts
                 .iter()
-                .map(|&id| {
-                    u32::try_from(id)
-                        .ok()
-                        .filter(|&t| (t as usize) < served.tokenizer.vocab())
-                        .ok_or_else(|| {
-                            ApiError::invalid(
-                                format!("prompt: token id {id} is outside the vocabulary"),
-                                Some("prompt"),
-                            )
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-        };
+                .map(|p| p.text(served.tokenizer))
+                .collect::<Vec<_>>()
+        });
+        let prompts = prompts
+            .into_iter()
+            .map(|p| p.tokens(served.tokenizer))
+            .collect::<Result<Vec<_>, _>>()?;
         let logprobs = match &self.sampling.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => None,
             Some(v) => Some(
@@ -314,16 +351,16 @@ impl CompletionRequest {
                     })?,
             ),
         };
-        if echo.is_some() && logprobs.is_some() {
-            return Err(ApiError::invalid(
-                "echo: with logprobs the prompt's log-probabilities would be reported too, and this \
-                 server does not compute them; ask for echo or logprobs",
-                Some("echo"),
-            ));
-        }
-        let mut checked =
-            self.sampling
-                .check(prompt, DEFAULT_COMPLETION_TOKENS, served, logprobs)?;
+        // Echo with logprobs reports the prompt's log-probabilities too
+        // (what evaluation harnesses score, often with max_tokens 0).
+        let score = if echo.is_some() { logprobs } else { None };
+        let mut checked = self.sampling.check(
+            prompts,
+            Some(DEFAULT_COMPLETION_TOKENS),
+            served,
+            logprobs,
+            score,
+        )?;
         checked.echo = echo;
         Ok(checked)
     }
@@ -365,10 +402,10 @@ impl ChatRequest {
             .tokenizer
             .encode_chat(&messages)
             .map_err(|e| ApiError::invalid(e, Some("messages")))?;
-        // No max_tokens: the rest of the context.
-        let rest = served.context.saturating_sub(prompt.len()).max(1);
         let logprobs = self.sampling.chat_logprobs()?;
-        self.sampling.check(prompt, rest, served, logprobs)
+        // No max_tokens: the rest of the context.
+        self.sampling
+            .check(vec![prompt], None, served, logprobs, None)
     }
 }
 
@@ -402,41 +439,52 @@ impl Sampling {
         Ok(wanted.then_some(top))
     }
 
+    /// Checks the shared fields and makes each prompt's request.
+    /// `default_max_tokens`: `None` is the rest of the context; `score`:
+    /// alternatives per prompt token when the prompt's log-probabilities
+    /// are wanted (then `max_tokens` may be 0: score, do not generate).
     fn check(
         self,
-        prompt: Vec<u32>,
-        default_max_tokens: usize,
+        prompts: Vec<Vec<u32>>,
+        default_max_tokens: Option<usize>,
         served: Served<'_>,
         logprobs: Option<usize>,
+        score: Option<usize>,
     ) -> Result<Checked, ApiError> {
         if let Some(model) = &self.model
             && model != served.name
         {
             return Err(ApiError::model_not_found(model));
         }
-        if prompt.is_empty() {
-            return Err(ApiError::invalid(
-                "prompt: must not be empty",
-                Some("prompt"),
-            ));
-        }
-        if prompt.len() >= served.context {
-            return Err(ApiError::invalid(
-                format!(
-                    "this model's context is {} tokens, and the prompt has {} (prompt and completion share the context); shorten the prompt",
-                    served.context,
-                    prompt.len()
-                ),
-                Some("prompt"),
-            )
-            .with_code("context_length_exceeded"));
+        for prompt in &prompts {
+            if prompt.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt: must not be empty",
+                    Some("prompt"),
+                ));
+            }
+            if prompt.len() >= served.context {
+                return Err(ApiError::invalid(
+                    format!(
+                        "this model's context is {} tokens, and the prompt has {} (prompt and completion share the context); shorten the prompt",
+                        served.context,
+                        prompt.len()
+                    ),
+                    Some("prompt"),
+                )
+                .with_code("context_length_exceeded"));
+            }
         }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => default_max_tokens,
-            Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            Some(0) if score.is_some() => Some(0),
             Some(n) => {
                 return Err(ApiError::invalid(
-                    format!("max_tokens: {n} is not a positive number of tokens"),
+                    format!(
+                        "max_tokens: {n} is not a positive number of tokens (0 only scores the \
+                         prompt: with echo and logprobs)"
+                    ),
                     Some("max_tokens"),
                 ));
             }
@@ -453,6 +501,17 @@ impl Sampling {
                     )
                 })?,
         };
+        if prompts.len() * n > MAX_TOTAL_CHOICES {
+            return Err(ApiError::invalid(
+                format!(
+                    "prompt: {} prompts with n {n} make {} choices, more than the {MAX_TOTAL_CHOICES} \
+                     one request may make; send fewer prompts per request",
+                    prompts.len(),
+                    prompts.len() * n
+                ),
+                Some("prompt"),
+            ));
+        }
         if self.echo == Some(true) {
             return Err(ApiError::invalid(
                 "echo: only /v1/completions echoes the prompt",
@@ -526,22 +585,29 @@ impl Sampling {
         }
         // Without a seed each request draws differently (time and a counter).
         let seed = self.seed.map_or_else(fresh_seed, |s| s as u64);
-        Ok(Checked {
-            request: GenerationRequest {
+        let sampling = SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            logit_bias,
+            presence_penalty,
+            frequency_penalty,
+        };
+        let requests = prompts
+            .into_iter()
+            .map(|prompt| GenerationRequest {
+                max_tokens: max_tokens
+                    .unwrap_or_else(|| served.context.saturating_sub(prompt.len()).max(1)),
                 prompt,
-                max_tokens,
-                sampling: SamplingParams {
-                    temperature,
-                    top_p,
-                    top_k,
-                    seed,
-                    logit_bias,
-                    presence_penalty,
-                    frequency_penalty,
-                },
-                stops,
+                sampling: sampling.clone(),
+                stops: stops.clone(),
                 logprobs,
-            },
+                prompt_logprobs: score,
+            })
+            .collect();
+        Ok(Checked {
+            requests,
             n,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
@@ -579,7 +645,7 @@ mod tests {
     #[test]
     fn a_plain_completion_gets_the_defaults() {
         let checked = completion(r#"{"model":"tiny","prompt":"ab","seed":7}"#).unwrap();
-        let r = checked.request;
+        let r = &checked.requests[0];
         assert_eq!(r.prompt, [97, 98]);
         assert_eq!(r.max_tokens, DEFAULT_COMPLETION_TOKENS);
         assert_eq!(r.sampling.seed, 7);
@@ -594,8 +660,9 @@ mod tests {
             r#"{"prompt":"a","logit_bias":{"97":-5.5},"presence_penalty":0.5,"frequency_penalty":-1}"#,
         )
         .unwrap()
-        .request
-        .sampling;
+        .requests[0]
+        .sampling
+        .clone();
         assert_eq!(biased.logit_bias, [(97, -5.5)]);
         assert_eq!(
             (biased.presence_penalty, biased.frequency_penalty),
@@ -611,7 +678,11 @@ mod tests {
             (r#"{"prompt":"a","temperature":-1}"#, "temperature"),
             (r#"{"prompt":"a","top_p":0}"#, "top_p"),
             (r#"{"prompt":"a","top_k":-2}"#, "top_k"),
-            (r#"{"prompt":"a","echo":true,"logprobs":1}"#, "echo"),
+            (r#"{"prompt":"a","echo":true,"max_tokens":0}"#, "max_tokens"),
+            (r#"{"prompt":[]}"#, "prompt"),
+            (r#"{"prompt":["a",""]}"#, "prompt"),
+            (r#"{"prompt":[[1],[1000]]}"#, "prompt"),
+            (r#"{"prompt":["a","b","c"],"n":100}"#, "prompt"),
             (r#"{"prompt":"a","n":0}"#, "n"),
             (r#"{"prompt":"a","n":129}"#, "n"),
             (r#"{"prompt":"a","logit_bias":{"97":101}}"#, "logit_bias"),
@@ -667,17 +738,17 @@ mod tests {
             .check(SERVED)
             .unwrap();
         assert_eq!(
-            checked.request.prompt,
+            checked.requests[0].prompt,
             Tokenizer::Bytes.encode("user: hi\nassistant:").unwrap()
         );
-        assert_eq!(checked.request.max_tokens, 3);
-        assert_eq!(checked.request.stops, ["\n"]);
+        assert_eq!(checked.requests[0].max_tokens, 3);
+        assert_eq!(checked.requests[0].stops, ["\n"]);
     }
 
     /// Completions take a count, chat a flag and `top_logprobs`.
     #[test]
     fn logprobs_in_both_shapes() {
-        let count = |body: &str| completion(body).map(|c| c.request.logprobs);
+        let count = |body: &str| completion(body).map(|c| c.requests[0].logprobs);
         assert_eq!(count(r#"{"prompt":"a"}"#).unwrap(), None);
         assert_eq!(count(r#"{"prompt":"a","logprobs":null}"#).unwrap(), None);
         assert_eq!(count(r#"{"prompt":"a","logprobs":0}"#).unwrap(), Some(0));
@@ -686,7 +757,7 @@ mod tests {
             let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
             parse::<ChatRequest>(body.as_bytes())?
                 .check(SERVED)
-                .map(|c| c.request.logprobs)
+                .map(|c| c.requests[0].logprobs)
         };
         assert_eq!(chat("").unwrap(), None);
         assert_eq!(chat(r#","logprobs":false"#).unwrap(), None);
@@ -703,5 +774,61 @@ mod tests {
             let e = chat(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    /// A batch of prompts (strings or token lists): one request each, the
+    /// shared fields copied; echo keeps each prompt's text.
+    #[test]
+    fn a_batch_of_prompts_makes_one_request_each() {
+        let checked =
+            completion(r#"{"prompt":["ab","c"],"max_tokens":2,"echo":true,"seed":3}"#).unwrap();
+        let prompts: Vec<&[u32]> = checked.requests.iter().map(|r| &r.prompt[..]).collect();
+        assert_eq!(prompts, [&[97, 98][..], &[99][..]]);
+        assert!(
+            checked
+                .requests
+                .iter()
+                .all(|r| r.max_tokens == 2 && r.sampling.seed == 3)
+        );
+        assert_eq!(checked.echo.unwrap(), ["ab", "c"]);
+        let lists = completion(r#"{"prompt":[[104,105],[33]]}"#).unwrap();
+        assert_eq!(lists.requests.len(), 2);
+        assert_eq!(lists.requests[1].prompt, [33]);
+        let ids = completion(r#"{"prompt":[104,105]}"#).unwrap();
+        assert_eq!(ids.requests.len(), 1);
+    }
+
+    /// Echo with logprobs scores the prompt (and max_tokens 0 only scores
+    /// it); either alone does not.
+    #[test]
+    fn echo_with_logprobs_scores_the_prompt() {
+        let scored = |body: &str| {
+            completion(body).map(|c| {
+                let r = &c.requests[0];
+                (r.prompt_logprobs, r.logprobs, r.max_tokens)
+            })
+        };
+        assert_eq!(
+            scored(r#"{"prompt":"ab","echo":true,"logprobs":2,"max_tokens":0}"#).unwrap(),
+            (Some(2), Some(2), 0)
+        );
+        assert_eq!(
+            scored(r#"{"prompt":"ab","echo":true,"logprobs":0,"max_tokens":1}"#).unwrap(),
+            (Some(0), Some(0), 1)
+        );
+        assert_eq!(
+            scored(r#"{"prompt":"ab","echo":true}"#).unwrap(),
+            (None, None, DEFAULT_COMPLETION_TOKENS)
+        );
+        assert_eq!(
+            scored(r#"{"prompt":"ab","logprobs":1}"#).unwrap(),
+            (None, Some(1), DEFAULT_COMPLETION_TOKENS)
+        );
+        assert_eq!(
+            scored(r#"{"prompt":"ab","logprobs":1,"max_tokens":0}"#)
+                .unwrap_err()
+                .param,
+            Some("max_tokens")
+        );
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use moe_crds::contract::{HEALTH_PATH, READY_PATH};
 
 use crate::serve::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Served};
-use crate::serve::logprobs::{self, TokenLogprobs};
+use crate::serve::logprobs::{self, PromptLogprobs, TokenLogprobs};
 use crate::serve::metrics::Metrics;
 use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError, Usage};
 
@@ -223,16 +223,19 @@ async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response
 
 /// A submitted request: each choice's events, and how the reply is to be shaped.
 struct Started {
+    /// Prompt after prompt, each prompt's `n` choices (OpenAI's order).
     choices: Vec<Choice>,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
-    /// The prompt's text, to come before each choice's (completions' `echo`).
-    echo: Option<String>,
+    /// Each prompt's text, to come before its choices' (completions' `echo`).
+    echo: Option<Vec<String>>,
 }
 
 /// One choice's events; the first may have been received already.
 struct Choice {
+    /// Which of the request's prompts it completes.
+    prompt: usize,
     first: Option<Event>,
     events: UnboundedReceiver<Event>,
 }
@@ -251,6 +254,7 @@ impl Choice {
 /// the first has sent its first event: its prompt is in the KV cache
 /// then, and with [prefix caching](crate::serve::prefix_cache) they
 /// prefill only what its whole pages do not hold, not `n` times the prompt.
+/// A batch of prompts submits every prompt's first choice at once.
 async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, ApiError> {
     let engine = state.engine()?;
     let tokenizer = engine.tokenizer();
@@ -260,7 +264,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         context: engine.context(),
     };
     let Checked {
-        request,
+        requests,
         n,
         stream,
         include_usage,
@@ -269,21 +273,32 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served)?,
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
     };
-    let logprobs = request.logprobs.is_some();
-    let submit = |index: usize| {
-        let mut choice = request.clone();
+    let logprobs = requests.iter().any(|r| r.logprobs.is_some());
+    let submit = |prompt: usize, index: usize| {
+        let mut choice = requests[prompt].clone();
         choice.sampling.seed = choice.sampling.seed.wrapping_add(index as u64);
         engine.submit(choice).map_err(submit_error)
     };
-    let mut events = submit(0)?;
-    let first = if n > 1 { events.recv().await } else { None };
-    let mut choices = vec![Choice { first, events }];
-    for index in 1..n {
-        // A refusal drops the choices already submitted, which cancels them.
+    // A refusal drops the choices already submitted, which cancels them.
+    let mut firsts = Vec::with_capacity(requests.len());
+    for prompt in 0..requests.len() {
+        firsts.push(submit(prompt, 0)?);
+    }
+    let mut choices = Vec::with_capacity(requests.len() * n);
+    for (prompt, mut events) in firsts.into_iter().enumerate() {
+        let first = if n > 1 { events.recv().await } else { None };
         choices.push(Choice {
-            first: None,
-            events: submit(index)?,
+            prompt,
+            first,
+            events,
         });
+        for index in 1..n {
+            choices.push(Choice {
+                prompt,
+                first: None,
+                events: submit(prompt, index)?,
+            });
+        }
     }
     Ok(Started {
         choices,
@@ -313,12 +328,17 @@ struct Reply {
     id: String,
     model: Arc<str>,
     created: u64,
-    /// The prompt's text before each choice's (completions' `echo`).
-    echo: Option<String>,
+    /// Each prompt's text before its choices' (completions' `echo`).
+    echo: Option<Vec<String>>,
 }
 
 impl Reply {
-    fn new(state: &AppState, endpoint: Endpoint, logprobs: bool, echo: Option<String>) -> Self {
+    fn new(
+        state: &AppState,
+        endpoint: Endpoint,
+        logprobs: bool,
+        echo: Option<Vec<String>>,
+    ) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let prefix = match endpoint {
@@ -335,20 +355,34 @@ impl Reply {
         }
     }
 
-    /// `tokens`' `logprobs` in the endpoint's shape, or `null` when not
-    /// asked for; `offset`: see [`logprobs::completion_object`].
-    fn logprobs(&self, tokens: &[TokenLogprobs], offset: &mut usize) -> Value {
+    /// `tokens`' `logprobs` in the endpoint's shape (after the echoed
+    /// prompt's, if any), or `null` when not asked for; `offset`: see
+    /// [`logprobs::completion_object`].
+    fn logprobs(
+        &self,
+        prompt: Option<&PromptLogprobs>,
+        tokens: &[TokenLogprobs],
+        offset: &mut usize,
+    ) -> Value {
         match (self.logprobs, self.endpoint) {
             (false, _) => Value::Null,
-            (true, Endpoint::Completions) => logprobs::completion_object(tokens, offset),
+            (true, Endpoint::Completions) => logprobs::completion_object(prompt, tokens, offset),
             (true, Endpoint::Chat) => logprobs::chat_object(tokens),
         }
     }
 
+    /// The echoed text of prompt `prompt` ("" without echo).
+    fn echo(&self, prompt: usize) -> &str {
+        self.echo
+            .as_ref()
+            .and_then(|texts| texts.get(prompt))
+            .map_or("", String::as_str)
+    }
+
     /// One finished choice of a whole (non-streamed) response.
     fn choice(&self, index: usize, done: &Collected) -> Value {
-        let logprobs = self.logprobs(&done.tokens, &mut 0);
-        let text = format!("{}{}", self.echo.as_deref().unwrap_or(""), done.text);
+        let logprobs = self.logprobs(done.prompt_logprobs.as_ref(), &done.tokens, &mut 0);
+        let text = format!("{}{}", self.echo(done.prompt), done.text);
         let finish = done.finish.as_str();
         match self.endpoint {
             Endpoint::Completions => json!({
@@ -437,6 +471,8 @@ impl Reply {
 
 /// A choice's whole completion.
 struct Collected {
+    prompt: usize,
+    prompt_logprobs: Option<PromptLogprobs>,
     text: String,
     tokens: Vec<TokenLogprobs>,
     finish: FinishReason,
@@ -447,12 +483,16 @@ struct Collected {
 async fn collect(mut choice: Choice) -> Result<Collected, String> {
     let mut text = String::new();
     let mut tokens = Vec::new();
+    let mut prompt_logprobs = None;
     while let Some(event) = choice.next().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
             Event::Logprobs(token) => tokens.push(token),
+            Event::PromptLogprobs(prompt) => prompt_logprobs = Some(prompt),
             Event::Done { finish, usage } => {
                 return Ok(Collected {
+                    prompt: choice.prompt,
+                    prompt_logprobs,
                     text,
                     tokens,
                     finish,
@@ -467,17 +507,20 @@ async fn collect(mut choice: Choice) -> Result<Collected, String> {
 
 const STOPPED: &str = "the engine stopped before the completion finished";
 
-/// The usage of a request of several choices: the prompt's (and what the
-/// prefix cache held of it when the first choice was admitted) once, the
-/// completions' tokens added up.
-fn combined(usages: impl IntoIterator<Item = Usage>) -> Usage {
-    let mut usages = usages.into_iter();
-    let first = usages.next().unwrap_or_default();
-    Usage {
-        completion_tokens: first.completion_tokens
-            + usages.map(|u| u.completion_tokens).sum::<usize>(),
-        ..first
+/// The usage of a request of several choices, `(prompt, usage)` each:
+/// each prompt's tokens (and what the prefix cache held of them when its
+/// first choice was admitted) once, the completions' tokens added up.
+fn combined(usages: impl IntoIterator<Item = (usize, Usage)>) -> Usage {
+    let mut total = Usage::default();
+    let mut counted = std::collections::HashSet::new();
+    for (prompt, usage) in usages {
+        if counted.insert(prompt) {
+            total.prompt_tokens += usage.prompt_tokens;
+            total.cached_tokens += usage.cached_tokens;
+        }
+        total.completion_tokens += usage.completion_tokens;
     }
+    total
 }
 
 /// Waits for every choice's whole completion. If the client goes away,
@@ -497,7 +540,7 @@ async fn collect_reply(reply: Reply, choices: Vec<Choice>) -> Response {
         .enumerate()
         .map(|(i, c)| reply.choice(i, c))
         .collect();
-    let usage = combined(done.iter().map(|c| c.usage));
+    let usage = combined(done.iter().map(|c| (c.prompt, c.usage)));
     api::json_response(StatusCode::OK, &reply.full(bodies, usage))
 }
 
@@ -509,6 +552,8 @@ struct Streaming {
     /// Each choice's completion length in characters so far (completions'
     /// `text_offset`).
     offsets: Vec<usize>,
+    /// Each choice's prompt.
+    prompts: Vec<usize>,
     /// The finished choices' usage.
     usages: Vec<Option<Usage>>,
     open: usize,
@@ -540,23 +585,27 @@ fn stream_reply(
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let n = choices.len();
-    // Chat's role chunks; completions' echoed prompt, a chunk per choice.
+    let prompts: Vec<usize> = choices.iter().map(|c| c.prompt).collect();
+    // Chat's role chunks; completions' echoed prompt, a chunk per choice
+    // (with logprobs it comes with the prompt's, when they are computed).
     let opening: Vec<SseEvent> = match (reply.endpoint, &reply.echo) {
         (Endpoint::Chat, _) => (0..n)
             .map(|i| SseEvent::default().data(reply.chunk(i, None, true, None).to_string()))
             .collect(),
-        (Endpoint::Completions, Some(prompt)) => (0..n)
+        (Endpoint::Completions, Some(_)) if !reply.logprobs => (0..n)
             .map(|i| {
-                SseEvent::default().data(reply.chunk(i, Some(prompt), false, None).to_string())
+                let echo = Some(reply.echo(prompts[i]));
+                SseEvent::default().data(reply.chunk(i, echo, false, None).to_string())
             })
             .collect(),
-        (Endpoint::Completions, None) => Vec::new(),
+        (Endpoint::Completions, _) => Vec::new(),
     };
     let reply = Arc::new(reply);
     let events = stream::select_all(choices.into_iter().enumerate().map(|(i, c)| tagged(i, c)));
     let state = Streaming {
         pending: vec![Vec::new(); n],
         offsets: vec![0; n],
+        prompts,
         usages: vec![None; n],
         open: n,
     };
@@ -571,11 +620,19 @@ fn stream_reply(
                     if tokens.is_empty() {
                         Value::Null
                     } else {
-                        reply.logprobs(&tokens, &mut state.offsets[i])
+                        reply.logprobs(None, &tokens, &mut state.offsets[i])
                     }
                 };
                 match event {
                     Some(Event::Logprobs(token)) => state.pending[i].push(token),
+                    Some(Event::PromptLogprobs(prompt)) => {
+                        let logprobs = reply.logprobs(Some(&prompt), &[], &mut state.offsets[i]);
+                        let echo = reply.echo(state.prompts[i]);
+                        break (
+                            vec![reply.chunk_with(i, Some(echo), false, None, logprobs)],
+                            true,
+                        );
+                    }
                     Some(Event::Text(piece)) => {
                         let logprobs = logprobs(&mut state);
                         break (
@@ -593,8 +650,13 @@ fn stream_reply(
                             break (last, true);
                         }
                         if include_usage {
-                            let usage =
-                                combined(state.usages.iter().map(|u| u.unwrap_or_default()));
+                            let usage = combined(
+                                state
+                                    .prompts
+                                    .iter()
+                                    .zip(&state.usages)
+                                    .map(|(&p, u)| (p, u.unwrap_or_default())),
+                            );
                             last.push(reply.usage_chunk(usage));
                         }
                         break (last, false);

@@ -41,6 +41,18 @@ pub struct TokenLogprobs {
     pub top: Vec<Candidate>,
 }
 
+/// A prompt's tokens with their log-probabilities under the model (echo
+/// with logprobs: what evaluation harnesses score): the first token has
+/// none (nothing precedes it), token `i` its probability given tokens
+/// `0..i` and the likeliest tokens at its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprobs {
+    /// The first token's bytes.
+    pub first: Vec<u8>,
+    /// Tokens `1..`, in order.
+    pub scored: Vec<TokenLogprobs>,
+}
+
 /// `log_softmax(logits)[token]` and the `top` largest entries, most likely
 /// first (ties: lower id first), as `(id, logprob)`.
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
@@ -67,33 +79,47 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>
     (logprob(logits[token as usize]), best)
 }
 
-/// The completions endpoint's `logprobs` object for `tokens`; `offset` is
-/// the completion's length in characters before them (the first token's
-/// `text_offset`), advanced past them.
-pub fn completion_object(tokens: &[TokenLogprobs], offset: &mut usize) -> Value {
-    let mut texts = Vec::with_capacity(tokens.len());
-    let mut offsets = Vec::with_capacity(tokens.len());
-    for t in tokens {
-        let text = t.chosen.text();
+/// The completions endpoint's `logprobs` object for `tokens`, after the
+/// prompt's when given (echo: its first token's log-probability and
+/// alternatives are `null`); `offset` is the text's length in characters
+/// before them (the first token's `text_offset`), advanced past them.
+pub fn completion_object(
+    prompt: Option<&PromptLogprobs>,
+    tokens: &[TokenLogprobs],
+    offset: &mut usize,
+) -> Value {
+    let scored = prompt.map_or(&[][..], |p| &p.scored[..]);
+    let count = usize::from(prompt.is_some()) + scored.len() + tokens.len();
+    let mut texts = Vec::with_capacity(count);
+    let mut offsets = Vec::with_capacity(count);
+    let mut values = Vec::with_capacity(count);
+    let mut tops = Vec::with_capacity(count);
+    let mut push = |text: String, logprob: Value, top: Value| {
         offsets.push(*offset);
         *offset += text.chars().count();
         texts.push(text);
+        values.push(logprob);
+        tops.push(top);
+    };
+    if let Some(prompt) = prompt {
+        push(
+            String::from_utf8_lossy(&prompt.first).into_owned(),
+            Value::Null,
+            Value::Null,
+        );
     }
-    let top: Vec<Value> = tokens
-        .iter()
-        .map(|t| {
-            // Two tokens may decode to the same text; the likelier one stays.
-            let mut map = Map::new();
-            for c in &t.top {
-                map.entry(c.text()).or_insert(json!(c.logprob));
-            }
-            Value::Object(map)
-        })
-        .collect();
+    for t in scored.iter().chain(tokens) {
+        // Two tokens may decode to the same text; the likelier one stays.
+        let mut map = Map::new();
+        for c in &t.top {
+            map.entry(c.text()).or_insert(json!(c.logprob));
+        }
+        push(t.chosen.text(), json!(t.chosen.logprob), Value::Object(map));
+    }
     json!({
         "tokens": texts,
-        "token_logprobs": tokens.iter().map(|t| t.chosen.logprob).collect::<Vec<_>>(),
-        "top_logprobs": top,
+        "token_logprobs": values,
+        "top_logprobs": tops,
         "text_offset": offsets,
     })
 }
@@ -161,7 +187,7 @@ mod tests {
             },
         ];
         let mut offset = 4;
-        let completion = completion_object(&tokens, &mut offset);
+        let completion = completion_object(None, &tokens, &mut offset);
         assert_eq!(
             completion,
             json!({
@@ -172,6 +198,22 @@ mod tests {
             })
         );
         assert_eq!(offset, 7);
+        // Echoed: the prompt's tokens first, its first without a value.
+        let prompt = PromptLogprobs {
+            first: b"<s>".to_vec(),
+            scored: vec![tokens[1].clone()],
+        };
+        let mut offset = 0;
+        assert_eq!(
+            completion_object(Some(&prompt), &tokens[..1], &mut offset),
+            json!({
+                "tokens": ["<s>", "!", "hé"],
+                "token_logprobs": [null, -0.25, -0.5],
+                "top_logprobs": [null, {"!": -0.25}, {"hé": -0.5, "x": -1.5}],
+                "text_offset": [0, 3, 4],
+            })
+        );
+        assert_eq!(offset, 6);
         let chat = chat_object(&tokens[1..]);
         assert_eq!(
             chat,

@@ -28,7 +28,7 @@ use crate::serve::backend::Backend;
 use crate::serve::engine::{Chunk, Logits, StepError};
 use crate::serve::kv_cache::pages_for;
 use crate::serve::lockstep::{Lockstep, Message, StepPlan};
-use crate::serve::logprobs::{self, Candidate, TokenLogprobs};
+use crate::serve::logprobs::{self, Candidate, PromptLogprobs, TokenLogprobs};
 use crate::serve::metrics::Metrics;
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
@@ -38,13 +38,17 @@ use crate::serve::text::{Delta, TextAssembler, Tokenizer};
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
-    /// At least 1.
+    /// At least 1, or 0 when only the prompt is scored (`prompt_logprobs`).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stops: Vec<String>,
     /// `Some(n)`: report each generated token's log-probability and the
     /// `n` likeliest tokens at its position ([`Event::Logprobs`]).
     pub logprobs: Option<usize>,
+    /// `Some(n)`: the same for every prompt token after the first
+    /// ([`Event::PromptLogprobs`]); the prompt is then computed whole, not
+    /// from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Why a completion ended.
@@ -73,6 +77,8 @@ pub enum Event {
     /// A generated token's log-probabilities (not for an end-of-sequence
     /// token, which is no part of the completion).
     Logprobs(TokenLogprobs),
+    /// The prompt's log-probabilities, first of all events, when asked for.
+    PromptLogprobs(PromptLogprobs),
     Done {
         finish: FinishReason,
         usage: Usage,
@@ -354,6 +360,9 @@ struct Active {
     sampler: Sampler,
     text: TextAssembler,
     logprobs: Option<usize>,
+    /// Alternatives per scored prompt token, and those scored so far.
+    prompt_logprobs: Option<usize>,
+    scored: Vec<TokenLogprobs>,
     admitted: bool,
     /// Prompt tokens the prefix cache held when it was admitted.
     cached_tokens: usize,
@@ -386,6 +395,15 @@ struct Runner {
 enum Flow {
     Continue,
     Stop,
+}
+
+/// Which of a planned chunk's rows return logits.
+fn logits_of(w: &Work) -> Logits {
+    if w.score {
+        Logits::All
+    } else {
+        Logits::last_if(w.sample)
+    }
 }
 
 fn broken(error: &DistError) -> Failure {
@@ -507,7 +525,12 @@ impl Runner {
         } = submission;
         let prompt_len = request.prompt.len();
         let max_len = (prompt_len + request.max_tokens).min(self.engine.context());
-        if let Err(e) = self.scheduler.enqueue(id, &request.prompt, max_len) {
+        let queued = if request.prompt_logprobs.is_some() {
+            self.scheduler.enqueue_whole(id, &request.prompt, max_len)
+        } else {
+            self.scheduler.enqueue(id, &request.prompt, max_len)
+        };
+        if let Err(e) = queued {
             // The handle checked both limits already; this is a backstop.
             self.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = events.send(Event::Failed(format!("not scheduled: {e:?}")));
@@ -523,6 +546,8 @@ impl Runner {
                 sampler: Sampler::new(request.sampling),
                 text: TextAssembler::new(request.stops),
                 logprobs: request.logprobs,
+                prompt_logprobs: request.prompt_logprobs,
+                scored: Vec::new(),
                 admitted: false,
                 cached_tokens: 0,
                 accepted,
@@ -580,7 +605,7 @@ impl Runner {
                     .active
                     .get(&w.id)
                     .map_or(&[][..], |a| &a.tokens[w.start..w.start + w.len]),
-                logits: Logits::last_if(w.sample),
+                logits: logits_of(w),
             })
             .collect();
         self.metrics.batch_size.observe(work.len() as f64);
@@ -620,12 +645,80 @@ impl Runner {
         };
         self.scheduler.complete(work);
         let vocab = self.engine.config().vocab;
-        let sampled = work.iter().filter(|w| w.sample);
-        for (w, row) in sampled.zip(logits.chunks_exact(vocab)) {
-            self.take_token(w.id, row);
+        let mut rows = logits.chunks_exact(vocab);
+        for w in work {
+            let wanted = logits_of(w).rows(w.len).len();
+            let mine: Vec<&[f32]> = rows.by_ref().take(wanted).collect();
+            if w.score {
+                self.score(w, &mine);
+            }
+            if w.sample
+                && let Some(&last) = mine.last()
+            {
+                if self.active.get(&w.id).is_some_and(|a| a.max_tokens == 0) {
+                    self.finish_scored(w.id);
+                } else {
+                    self.take_token(w.id, last);
+                }
+            }
         }
         self.publish_gauges();
         Ok(())
+    }
+
+    /// Scores the prompt tokens a chunk's rows predict (row `j`, at
+    /// position `w.start + j`, gives token `w.start + j + 1` its
+    /// log-probability); at the prompt's end tells the client.
+    fn score(&mut self, w: &Work, rows: &[&[f32]]) {
+        let tokenizer = &self.tokenizer;
+        let Some(active) = self.active.get_mut(&w.id) else {
+            return;
+        };
+        let top = active.prompt_logprobs.unwrap_or(0);
+        let candidate = |id: u32, logprob: f32| Candidate {
+            id,
+            bytes: tokenizer.token_bytes(id),
+            logprob,
+        };
+        for (j, row) in rows.iter().enumerate() {
+            let next = w.start + j + 1;
+            if next >= active.prompt_len {
+                break;
+            }
+            let decodable = &row[..tokenizer.vocab().min(row.len())];
+            let token = active.tokens[next];
+            let (logprob, best) = logprobs::logprobs(decodable, token, top);
+            active.scored.push(TokenLogprobs {
+                chosen: candidate(token, logprob),
+                top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
+            });
+        }
+        if w.start + w.len == active.prompt_len {
+            let prompt = PromptLogprobs {
+                first: tokenizer.token_bytes(active.tokens[0]),
+                scored: std::mem::take(&mut active.scored),
+            };
+            let _ = active.events.send(Event::PromptLogprobs(prompt));
+        }
+    }
+
+    /// Ends a request that only scored its prompt (`max_tokens` 0).
+    fn finish_scored(&mut self, id: RequestId) {
+        let Some(active) = self.active.get(&id) else {
+            return;
+        };
+        let done = Event::Done {
+            finish: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: active.prompt_len,
+                cached_tokens: active.cached_tokens,
+                completion_tokens: 0,
+            },
+        };
+        let events = active.events.clone();
+        self.finish(id);
+        self.publish_gauges();
+        let _ = events.send(done);
     }
 
     /// The collective payload counters (a leader's; zero otherwise).

@@ -26,6 +26,11 @@ use std::collections::VecDeque;
 use crate::serve::kv_cache::{PageId, pages_for};
 use crate::serve::prefix_cache::{BlockId, NotAllocated, PagePool};
 
+/// Most rows of scored prompts ([`Scheduler::enqueue_whole`]) one step
+/// feeds: each returns a row of logits (`vocab` floats: 128 MiB at this
+/// bound for a vocabulary of 128k), where a generating prompt returns one.
+pub const MAX_SCORED_ROWS: usize = 256;
+
 /// Identifies a request for its whole life.
 pub type RequestId = u64;
 
@@ -59,6 +64,9 @@ struct Waiting {
     prompt: Vec<u32>,
     /// Prompt plus the most tokens it may generate.
     max_len: usize,
+    /// Whether its prompt may start from cached pages (not when every
+    /// prompt row's logits are wanted: a cached row computes none).
+    reuse: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -74,11 +82,18 @@ struct Running {
     published: usize,
     /// The block of the last of them.
     parent: BlockId,
+    /// Every prompt row's logits are wanted (prompt log-probabilities).
+    scored: bool,
 }
 
 impl Running {
     fn known(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Whether its next chunk is part of a scored prompt.
+    fn scoring(&self) -> bool {
+        self.scored && self.cached < self.prompt_len
     }
 }
 
@@ -90,6 +105,8 @@ pub struct Work {
     pub start: usize,
     pub len: usize,
     pub sample: bool,
+    /// Every row's logits are wanted (a chunk of a scored prompt).
+    pub score: bool,
     pub pages: Vec<PageId>,
 }
 
@@ -144,6 +161,28 @@ impl Scheduler {
         prompt: &[u32],
         max_len: usize,
     ) -> Result<(), Rejected> {
+        self.queue(id, prompt, max_len, true)
+    }
+
+    /// [`Self::enqueue`] for a prompt that is computed whole, reusing no
+    /// cached prefix (its every row's logits are wanted: prompt
+    /// log-probabilities). Its pages are published as any prompt's.
+    pub fn enqueue_whole(
+        &mut self,
+        id: RequestId,
+        prompt: &[u32],
+        max_len: usize,
+    ) -> Result<(), Rejected> {
+        self.queue(id, prompt, max_len, false)
+    }
+
+    fn queue(
+        &mut self,
+        id: RequestId,
+        prompt: &[u32],
+        max_len: usize,
+        reuse: bool,
+    ) -> Result<(), Rejected> {
         let pages = pages_for(max_len, self.limits.page_size);
         if pages > self.pages.total() {
             return Err(Rejected::TooLarge {
@@ -158,6 +197,7 @@ impl Scheduler {
             id,
             prompt: prompt.to_vec(),
             max_len,
+            reuse,
         });
         Ok(())
     }
@@ -165,6 +205,8 @@ impl Scheduler {
     /// Plans the next step (admitting what fits). Empty when idle.
     pub fn plan(&mut self) -> Vec<Work> {
         let mut budget = self.limits.max_batch_tokens;
+        // Rows of scored prompts: each returns a row of logits.
+        let mut scored = MAX_SCORED_ROWS;
         let mut work = Vec::new();
         // 1. Decodes.
         for seq in &self.running {
@@ -176,9 +218,15 @@ impl Scheduler {
         // 2. Prefills already under way, in admission order.
         for seq in &self.running {
             if seq.cached < seq.prompt_len && budget > 0 {
-                let len = budget.min(seq.known() - seq.cached);
-                budget -= len;
-                work.push(feed(seq, len));
+                let mut len = budget.min(seq.known() - seq.cached);
+                if seq.scored {
+                    len = len.min(scored);
+                    scored -= len;
+                }
+                if len > 0 {
+                    budget -= len;
+                    work.push(feed(seq, len));
+                }
             }
         }
         // 3. Admissions, first in first out.
@@ -186,9 +234,16 @@ impl Scheduler {
             let Some(head) = self.waiting.front() else {
                 break;
             };
+            if !head.reuse && scored == 0 {
+                break;
+            }
             // The prompt's last token is always fed: its logits start the
             // completion (and a shared page is never written).
-            let reusable = head.prompt.len().saturating_sub(1);
+            let reusable = if head.reuse {
+                head.prompt.len().saturating_sub(1)
+            } else {
+                0
+            };
             let prefix = self.pages.lookup(&head.prompt[..reusable]);
             let needed = pages_for(head.max_len, self.limits.page_size);
             let Some(pages) = self
@@ -206,8 +261,13 @@ impl Scheduler {
                 cached: prefix.pages.len() * self.limits.page_size,
                 published: prefix.pages.len(),
                 parent: prefix.last,
+                scored: !head.reuse,
             };
-            let len = budget.min(seq.known() - seq.cached);
+            let mut len = budget.min(seq.known() - seq.cached);
+            if seq.scored {
+                len = len.min(scored);
+                scored -= len;
+            }
             budget -= len;
             work.push(feed(&seq, len));
             self.running.push(seq);
@@ -258,6 +318,7 @@ fn feed(seq: &Running, len: usize) -> Work {
         start: seq.cached,
         len,
         sample: seq.cached + len == seq.known(),
+        score: seq.scoring(),
         pages: seq.pages.clone(),
     }
 }
@@ -447,5 +508,66 @@ mod tests {
         s.enqueue(2, &prompt(1, 9), 12).unwrap();
         assert_eq!(step_with_start(&mut s), [(2, 0, 9, true)]);
         assert_eq!(s.pages_cached(), 0);
+    }
+
+    #[test]
+    fn a_prompt_computed_whole_reuses_nothing_but_is_published() {
+        let mut s = Scheduler::new(limits(64, 4, 8), 100);
+        s.enqueue(1, &prompt(1, 9), 12).unwrap();
+        step(&mut s);
+        s.remove(1).unwrap();
+        assert_eq!(s.pages_cached(), 2);
+        // Scored: from position 0 although two pages are cached; a prompt
+        // of its own length and no room to generate (max_tokens 0) is fine.
+        s.enqueue_whole(2, &prompt(1, 9), 9).unwrap();
+        assert_eq!(step_with_start(&mut s), [(2, 0, 9, true)]);
+        s.remove(2).unwrap();
+        // Its pages were published (the same blocks: the first copy stays).
+        let mut longer = prompt(2, 12);
+        s.enqueue_whole(3, &longer, 12).unwrap();
+        step(&mut s);
+        s.remove(3).unwrap();
+        longer.push(5);
+        s.enqueue(4, &longer, 16).unwrap();
+        assert_eq!(step_with_start(&mut s), [(4, 12, 1, true)]);
+    }
+
+    #[test]
+    fn scored_rows_are_bounded_per_step_and_flagged() {
+        let mut s = Scheduler::new(limits(1024, 4, 8), 1000);
+        let long = prompt(1, 2 * MAX_SCORED_ROWS + 10);
+        s.enqueue_whole(1, &long, long.len() + 2).unwrap();
+        s.enqueue_whole(2, &prompt(2, 5), 6).unwrap();
+        s.enqueue(3, &prompt(3, 5), 6).unwrap();
+        let work = s.plan();
+        // The second scored prompt waits (the bound is spent), and so does
+        // the request behind it (first in, first out).
+        let planned: Vec<_> = work
+            .iter()
+            .map(|w| (w.id, w.len, w.sample, w.score))
+            .collect();
+        assert_eq!(planned, [(1, MAX_SCORED_ROWS, false, true)]);
+        s.complete(&work);
+        let work = s.plan();
+        let planned: Vec<_> = work
+            .iter()
+            .map(|w| (w.id, w.len, w.sample, w.score))
+            .collect();
+        assert_eq!(planned, [(1, MAX_SCORED_ROWS, false, true)]);
+        s.complete(&work);
+        let work = s.plan();
+        let planned: Vec<_> = work
+            .iter()
+            .map(|w| (w.id, w.len, w.sample, w.score))
+            .collect();
+        assert_eq!(
+            planned,
+            [(1, 10, true, true), (2, 5, true, true), (3, 5, true, false)]
+        );
+        s.complete(&work);
+        s.append(1, 7);
+        // Its decode is not scored.
+        let work = s.plan();
+        assert_eq!((work[0].id, work[0].score), (1, false));
     }
 }
