@@ -70,6 +70,22 @@ for chunk in client.chat.completions.create(
         streamed_choices[choice.index] += choice.delta.content or ""
 assert streamed_choices == [reply, reply], f"greedy choices {streamed_choices!r}, whole {reply!r}"
 
+# Scoring prompts as evaluation harnesses do: a batch of token-id prompts,
+# echo with logprobs and max_tokens 0 — the prompts' own log-probabilities,
+# the first token's null, in the client's types.
+prompts = [[116, 104, 101, 32, 99, 97, 116], [97, 32, 100, 111, 103]]
+judged = client.completions.create(
+    model=model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0
+)
+assert [c.index for c in judged.choices] == [0, 1], judged
+for choice, ids in zip(judged.choices, prompts):
+    assert choice.text == bytes(ids).decode(), choice
+    values = choice.logprobs.token_logprobs
+    assert len(values) == len(ids) and values[0] is None, choice
+    assert all(v <= 0 for v in values[1:]), choice
+assert judged.usage.completion_tokens == 0, judged
+assert judged.usage.prompt_tokens == sum(map(len, prompts)), judged
+
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     raise AssertionError("an unknown model was accepted")
