@@ -6,10 +6,16 @@
 #   cp target/release/moe-worker .gpu/
 #
 # 1. device: cuda, 40 steps, checkpoints every 20;  2. the same config on
-# device: cpu;  3. the CUDA run continued to 60 steps (resumes from step 40).
+# device: cpu;  3. the CUDA run continued to 60 steps (resumes from step 40);
+# 4. data parallelism on the device: the same 40 steps as two ranks (the
+# worker's own launcher, processesPerNode 2) sharing the one GPU, so over
+# TCP (MOE_COLLECTIVE_BACKEND=tcp: NCCL refuses two ranks on one GPU), each
+# rank one of the two micro-batches of every step, gradients averaged.
 # Passes when both runs learn (final loss well under the first), their final
-# losses agree within 3% (TF32 GEMMs drift apart step by step), and the
-# resumed run starts at step 40. Writes train-check.md to the given directory.
+# losses agree within 3% (TF32 GEMMs drift apart step by step), the resumed
+# run starts at step 40, and the two-rank run starts from the one-rank run's
+# first loss (within 1e-5: the same micro-batches, averaged in another
+# order) and ends within 1% of it. Writes train-check.md to the given directory.
 set -uo pipefail
 out=${1:?usage: gpu-train-check.sh OUT_DIR}
 bin=${MOE_WORKER_BIN:-.gpu/moe-worker}
@@ -18,10 +24,11 @@ mkdir -p "$out"
 report=$out/train-check.md
 export MOE_STATUS_ADDR=off
 
-config() { # device steps dir
+config() { # device steps dir [ranks]
   python3 - "$@" <<'EOF'
 import json, sys
 device, steps, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ranks = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 print(json.dumps({
     "job": "local/gpu-train-check",
     "model": {"hiddenSize": 256, "layers": 4, "denseLayers": 1, "denseHiddenSize": 512,
@@ -33,17 +40,24 @@ print(json.dumps({
     "training": {"steps": steps, "globalBatchSize": 16, "microBatchSize": 8, "seed": 3,
                  "logIntervalSteps": 10,
                  "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5}},
-    "parallelism": {},
+    "parallelism": {"processesPerNode": ranks},
     "checkpoint": {"dir": d + "/checkpoints", "intervalSteps": 20, "keep": 2, "resume": "Auto"},
     "device": device,
     "outputDir": d + "/out"}))
 EOF
 }
 
-run() { # name device steps dir
-  config "$2" "$3" "$4" >"$work/$1.json"
+run() { # name device steps dir [ranks]
+  local ranks=${5:-1}
+  config "$2" "$3" "$4" "$ranks" >"$work/$1.json"
   local started=$SECONDS
-  "$bin" train --config "$work/$1.json" >"$work/$1.summary" 2>"$work/$1.log"
+  if [ "$ranks" -gt 1 ]; then
+    MOE_WORLD_SIZE=$ranks MOE_PROCS_PER_NODE=$ranks MOE_NODE_RANK=0 \
+      MOE_COORDINATOR=127.0.0.1:$((20000 + RANDOM % 20000)) MOE_COLLECTIVE_BACKEND=tcp \
+      "$bin" train --config "$work/$1.json" >"$work/$1.summary" 2>"$work/$1.log"
+  else
+    "$bin" train --config "$work/$1.json" >"$work/$1.summary" 2>"$work/$1.log"
+  fi
   local status=$?
   echo "$1: exit $status after $((SECONDS - started)) s: $(cat "$work/$1.summary")"
   return $status
@@ -56,6 +70,7 @@ run() { # name device steps dir
   run cuda cuda 40 "$work/cuda" || { tail -20 "$work/cuda.log"; }
   run cpu cpu 40 "$work/cpu" || { tail -20 "$work/cpu.log"; }
   run resumed cuda 60 "$work/cuda" || { tail -20 "$work/resumed.log"; }
+  run dp2 cuda 40 "$work/dp2" 2 || { tail -20 "$work/dp2.log"; }
   grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
   echo '```'
 } | tee "$report"
@@ -69,6 +84,7 @@ def summary(name):
     except Exception as error:
         return {"error": str(error)}
 cuda, cpu, resumed = summary("cuda"), summary("cpu"), summary("resumed")
+dp2 = summary("dp2")
 failures = []
 for name, s in (("cuda", cuda), ("cpu", cpu)):
     if "finalLoss" not in s:
@@ -84,6 +100,16 @@ if not failures:
         failures.append(f"final losses differ by {gap:.2%}")
 if resumed.get("steps") != 60 or resumed.get("initialLoss") != cuda.get("initialLoss"):
     failures.append(f"resume: expected 60 steps continuing the first run, got {resumed}")
+if "finalLoss" not in dp2 or "finalLoss" not in cuda:
+    failures.append(f"data parallel on the GPU: no summary ({dp2})")
+else:
+    first = abs(dp2["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
+    last = abs(dp2["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
+    print(f"\ndata parallel, 2 ranks on one GPU over TCP: first loss {dp2['initialLoss']:.6f} vs "
+          f"{cuda['initialLoss']:.6f} ({first:.1e}, bound 1e-5), final {dp2['finalLoss']:.4f} vs "
+          f"{cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s {dp2['tokensPerSecond']:.0f}")
+    if first > 1e-5 or last > 0.01:
+        failures.append(f"data parallel: first loss {first:.1e} apart, final {last:.2%}")
 print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
 sys.exit(1 if failures else 0)
 EOF

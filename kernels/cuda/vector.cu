@@ -1,6 +1,13 @@
-// Whole-buffer helpers of the device training step (the residual adds and
-// the gradient norm's sum of squares) and of the serving engine (biases,
+// Whole-buffer helpers of the device training step (the residual adds, the
+// gradient norm's sum of squares, the data-parallel mean) and of the serving engine (biases,
 // OLMoE's clip_qkv, row gathers, Qwen2-MoE's gated shared expert).
+
+// x[i] /= d: a data-parallel gradient sum made a mean, as the CPU divides
+// (a division, not a multiplication by 1/d, so the bits are the CPU's).
+extern "C" __global__ void divide_f32(float* x, size_t n, float d) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] /= d;
+}
 
 // out[i] += a[i]: a residual connection added onto a sublayer's output.
 extern "C" __global__ void add_f32(float* out, const float* a, size_t n) {

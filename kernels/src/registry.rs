@@ -103,6 +103,7 @@ pub const VECTOR: Family = family!(
         "clamp_f32",
         "gather_rows_f32",
         "add_sigmoid_gated_f32",
+        "divide_f32",
     ]
 );
 pub const PAGED_ATTENTION: Family =

@@ -330,20 +330,21 @@ fn train(config: Option<PathBuf>) -> ExitCode {
 }
 
 /// This rank's world: over NCCL for GPU ranks and TCP for CPU ranks when
-/// it has more than one rank (`dist::backend::choose`); `config_hash` is
-/// compared at rendezvous. Training's settings still refuse several ranks
-/// with `device: cuda` (the CUDA trainer has no collective hook yet), and
-/// serving passes `Device::Cpu`, so the NCCL arm is reached only once those
-/// go.
+/// it has more than one rank (`dist::backend::choose_with`, which honours
+/// `MOE_COLLECTIVE_BACKEND`); `config_hash` is compared at rendezvous.
+/// Data-parallel training on GPUs takes the NCCL arm; serving passes
+/// `Device::Cpu`.
 fn connect(
     gang: &moe_worker::dist::DistEnv,
     config_hash: u64,
     device: moe_crds::Device,
     timeouts: &moe_worker::dist::env::Timeouts,
 ) -> Result<Box<dyn moe_worker::dist::Collective>, moe_worker::dist::DistError> {
-    use moe_worker::dist::backend::{Backend, choose};
+    use moe_worker::dist::backend::{BACKEND, Backend, choose_with};
     use moe_worker::dist::{Solo, TcpCollective, TcpSetup};
-    let backend = choose(gang.world_size, device);
+    let requested = std::env::var(BACKEND).ok();
+    let backend = choose_with(gang.world_size, device, requested.as_deref())
+        .map_err(|detail| moe_worker::dist::DistError::invalid("connect", detail))?;
     if backend == Backend::Solo {
         return Ok(Box::new(Solo));
     }

@@ -96,6 +96,16 @@ impl From<crate::cuda::GpuError> for RunError {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl From<crate::cuda::data_parallel::ParallelError> for RunError {
+    fn from(error: crate::cuda::data_parallel::ParallelError) -> Self {
+        match error {
+            crate::cuda::data_parallel::ParallelError::Gpu(e) => e.into(),
+            crate::cuda::data_parallel::ParallelError::Dist(e) => e.into(),
+        }
+    }
+}
+
 impl From<DistError> for RunError {
     fn from(e: DistError) -> Self {
         Self::Dist(e)
@@ -462,8 +472,8 @@ impl Backend {
     }
 
     /// One step as a rank of `dp` (with sequences and the routed experts
-    /// spread over `parallel`'s groups, if given): the settings refuse the
-    /// GPU with more than one rank, so the device trainer has no collective.
+    /// spread over `parallel`'s groups, if given; the settings refuse those
+    /// on the GPU, whose trainer is data-parallel only).
     fn step(
         &mut self,
         stop: &dyn Fn() -> bool,
@@ -473,7 +483,10 @@ impl Backend {
         match self {
             Self::Cpu(trainer) => Ok(trainer.step_parallel(stop, dp, parallel)?),
             #[cfg(feature = "cuda")]
-            Self::Cuda { device, .. } => Ok(device.step(stop)?),
+            Self::Cuda { device, .. } => {
+                debug_assert!(parallel.sequence.is_none() && parallel.experts.is_none());
+                Ok(device.step_parallel(stop, dp)?)
+            }
         }
     }
 

@@ -195,7 +195,7 @@ impl TrainSettings {
         model.gemm_precision = gemm_precision(config)?;
         let training = training_settings(config, world_size, sequence_parallel)?;
         if config.device == Device::Cuda {
-            check_cuda(config, &training, world_size)?;
+            check_cuda(config, &training, sequence_parallel, expert_parallel)?;
         }
         Ok(Self {
             device: config.device,
@@ -303,15 +303,23 @@ fn expert_parallel(
 fn check_cuda(
     config: &WorkerConfig,
     training: &TrainingSettings,
-    world_size: usize,
+    sequence_parallel: usize,
+    expert_parallel: usize,
 ) -> Result<(), SettingsError> {
-    // First, so that a CPU-only build says it too.
+    // First, so that a CPU-only build says it too. Data parallelism (any
+    // number of ranks, each a whole model) runs on the device trainer.
     require(
-        world_size == 1,
-        "parallelism",
+        sequence_parallel == 1,
+        "parallelism.sequenceParallel",
         format!(
-            "asks for {world_size} ranks (nodes {} × processesPerNode {}) on device cuda, but data-parallel training runs on the CPU trainer only so far; use one process (nodes 1, processesPerNode 1) or device: cpu",
-            config.parallelism.nodes, config.parallelism.processes_per_node
+            "is {sequence_parallel} on device cuda, but sequence parallelism runs on the CPU trainer only so far; use data parallelism (sequenceParallel 1) or device: cpu"
+        ),
+    )?;
+    require(
+        expert_parallel == 1,
+        "parallelism.expertParallel",
+        format!(
+            "is {expert_parallel} on device cuda, but expert parallelism runs on the CPU trainer only so far; use data parallelism (expertParallel 1) or device: cpu"
         ),
     )?;
     require(
@@ -676,13 +684,33 @@ mod tests {
         }
     }
 
+    /// The device trainer runs data parallelism; sequence and expert
+    /// parallelism on cuda are refused naming their fields (a CPU-only
+    /// build then refuses the device itself).
     #[test]
-    fn data_parallelism_on_cuda_is_refused_naming_parallelism() {
-        let (field, problem) = refusal(|c| {
+    fn only_data_parallelism_runs_on_cuda() {
+        let data_parallel = TrainSettings::from_config(&config(|c| {
             c["device"] = "cuda".into();
             c["parallelism"]["processesPerNode"] = 2.into();
-        });
-        assert_eq!(field, "parallelism");
-        assert!(problem.contains("device cuda"), "{problem}");
+        }));
+        match (moe_kernels::CUDA_ENABLED, data_parallel) {
+            (true, Ok(settings)) => assert_eq!(settings.world_size, 2),
+            (false, Err(SettingsError::Invalid { field, problem })) => {
+                assert_eq!(field, "device", "{problem}");
+            }
+            (cuda, other) => panic!("CUDA build {cuda}: {other:?}"),
+        }
+        for (key, expected) in [
+            ("sequenceParallel", "parallelism.sequenceParallel"),
+            ("expertParallel", "parallelism.expertParallel"),
+        ] {
+            let (field, problem) = refusal(|c| {
+                c["device"] = "cuda".into();
+                c["parallelism"]["processesPerNode"] = 2.into();
+                c["parallelism"][key] = 2.into();
+            });
+            assert_eq!(field, expected);
+            assert!(problem.contains("device cuda"), "{problem}");
+        }
     }
 }

@@ -158,6 +158,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("matmul", check_matmul),
     ("attention", check_attention),
     ("embedding", check_embedding),
+    ("data-parallel mean", check_divide),
     ("moe layer", check_moe_layer),
     ("training", super::train_check::check_training),
     ("serve", super::serve_check::check_serve),
@@ -1014,6 +1015,25 @@ fn check_embedding(gpu: &Gpu) -> Result<Vec<Check>> {
             &case,
             &bits(&gpu.download(&dtable_d)?),
             &bits(&dtable),
+        ));
+    }
+    Ok(checks)
+}
+
+/// The data-parallel mean's division (`sum / ranks`), bit for bit as the
+/// CPU's: ranks that are and are not powers of two, values that round.
+fn check_divide(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let sums = random(70_001, 90);
+    for ranks in [2usize, 3, 7, 64] {
+        let mut x = gpu.upload(&sums)?;
+        super::vector::divide(gpu, &mut x, ranks as f32)?;
+        let expected: Vec<f32> = sums.iter().map(|v| v / ranks as f32).collect();
+        checks.push(exact(
+            "vector.divide",
+            &format!("{} values / {ranks}", sums.len()),
+            &bits(&gpu.download(&x)?),
+            &bits(&expected),
         ));
     }
     Ok(checks)

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod bench;
 pub mod check;
 pub mod cross_entropy;
+pub mod data_parallel;
 pub mod dispatch;
 pub mod embedding;
 pub mod fp8;
@@ -195,13 +196,28 @@ impl Gpu {
 
 /// The process's GPU, for the process's lifetime (one training run or one
 /// server per process, so it is leaked rather than threaded through as a
-/// borrow): the local rank's (`MOE_LOCAL_RANK`, set by the launcher), else
-/// device 0. Returns the ordinal too.
+/// borrow): the local rank's (`MOE_LOCAL_RANK`, set by the launcher; with
+/// more local ranks than GPUs they take turns, see
+/// [`crate::dist::env::gpu_ordinal`]), else device 0. Returns the ordinal too.
 pub fn open_process_gpu() -> Result<(&'static Gpu, usize)> {
-    let ordinal = std::env::var(moe_crds::contract::env::LOCAL_RANK)
+    let local_rank = std::env::var(moe_crds::contract::env::LOCAL_RANK)
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(0);
+    if !moe_kernels::toolkit::driver_available() {
+        return Err(GpuError::DriverMissing);
+    }
+    let devices = usize::try_from(CudaContext::device_count()?).unwrap_or(0);
+    let ordinal = crate::dist::env::gpu_ordinal(local_rank, devices);
+    if ordinal != local_rank {
+        tracing::warn!(
+            local_rank,
+            devices,
+            ordinal,
+            "more local ranks than GPUs: this rank shares GPU {ordinal} (NCCL refuses that; \
+             MOE_COLLECTIVE_BACKEND=tcp runs it)"
+        );
+    }
     let gpu = Gpu::new(ordinal)?;
     Ok((Box::leak(Box::new(gpu)), ordinal))
 }

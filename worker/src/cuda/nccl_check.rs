@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::check::{Check, exact};
-use super::{Gpu, Result};
+use super::{Gpu, Result, data_parallel};
 use crate::dist::Collective;
 use crate::dist::error::DistError;
 use crate::dist::nccl::{self, NcclCollective, collective::Reduce};
@@ -186,6 +186,37 @@ fn device_entry_points(gpu: &Gpu, comm: &mut NcclCollective, checks: &mut Vec<Ch
     checks.push(match result {
         Ok(got) => exact("nccl.all_to_all_device", "12345 bytes", &got, &raw),
         Err(e) => failed("nccl.all_to_all_device", "12345 bytes", e),
+    });
+    // The device trainer's data-parallel mean over NCCL (a world of one:
+    // the sum is the tensor, the division by 1 keeps its bits), over
+    // tensors of several sizes, an empty one included.
+    let tensors: Vec<Vec<f32>> = [3usize, 0, 70_001, 128]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| values(n, 20 + i))
+        .collect();
+    let case = "4 gradient tensors, world 1";
+    let result = (|| -> std::result::Result<Vec<Vec<f32>>, String> {
+        let mut device = tensors
+            .iter()
+            .map(|t| gpu.upload(t))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let mut refs: Vec<_> = device.iter_mut().collect();
+        data_parallel::mean_over_nccl(gpu, comm, &mut refs).map_err(|e| e.to_string())?;
+        device
+            .iter()
+            .map(|d| gpu.download(d).map_err(|e| e.to_string()))
+            .collect()
+    })();
+    checks.push(match result {
+        Ok(got) => exact(
+            "nccl.data_parallel_mean",
+            case,
+            &bits(&got.concat()),
+            &bits(&tensors.concat()),
+        ),
+        Err(e) => failed("nccl.data_parallel_mean", case, e),
     });
 }
 

@@ -6,14 +6,16 @@
 //! Weights, gradients and both moments stay on the device; only the losses,
 //! the expert loads and the norm's partial sums come back each step.
 
+use super::data_parallel::{self, ParallelError};
 use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
 use super::{Gpu, Result, adamw, vector};
 use crate::data::{DataLoader, DataPosition};
+use crate::dist::{Collective, Solo, data_parallel as host_parallel};
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{StepReport, Trainer, schedule};
+use crate::train::{Shard, StepReport, Trainer, schedule};
 
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
@@ -121,10 +123,35 @@ impl<'g> DeviceTrainer<'g> {
     /// `stop` answered true before a micro-batch (the partial step is
     /// discarded, data position included).
     pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>> {
+        self.step_parallel(stop, &mut Solo).map_err(|e| match e {
+            ParallelError::Gpu(e) => e,
+            ParallelError::Dist(e) => unreachable!("a world of one never fails a collective: {e}"),
+        })
+    }
+
+    /// One optimizer step as a rank of the data-parallel `world`, as
+    /// [`crate::train::Trainer::step_parallel`] without sequence or expert
+    /// parallelism: this rank's share of the global batch, the gradients
+    /// averaged over the ranks ([`data_parallel::all_reduce_mean`]), the
+    /// expert loads summed and the loss averaged, so every rank takes the
+    /// same update. A world of one is [`Self::step`].
+    pub fn step_parallel(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        world: &mut dyn Collective,
+    ) -> std::result::Result<Option<StepReport>, ParallelError> {
         let gpu = self.gpu;
         let settings = &self.settings;
         let start = self.data.position();
+        let shard = Shard {
+            rank: world.rank(),
+            ranks: world.size(),
+        };
+        let share = settings.micro_steps * settings.micro_batch;
         self.grads.zero(gpu)?;
+        // The other ranks' windows of the global batch are skipped, so the
+        // stream ends every step where one process's would.
+        self.data.skip(shard.rank * share);
         let (mut loss, mut tokens) = (0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         for _ in 0..settings.micro_steps {
@@ -148,7 +175,16 @@ impl<'g> DeviceTrainer<'g> {
                 }
             }
         }
+        self.data
+            .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
+        if shard.ranks > 1 {
+            data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
+            host_parallel::sum_counts(world, &mut expert_loads)?;
+            // Means of the ranks' means: every rank has as many micro-batches.
+            loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
+            tokens *= shard.ranks;
+        }
         let grad_norm = vector::sum_squares(gpu, &self.grads.tensors())?.sqrt() / micro_steps;
         let clip = settings.optimizer.grad_clip;
         let clip_scale = if clip > 0.0 && grad_norm > clip {

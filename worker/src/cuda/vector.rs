@@ -24,6 +24,20 @@ pub fn add(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>) -> Result<()
     Ok(())
 }
 
+/// `x /= d`, elementwise (the data-parallel mean of a gradient sum; the
+/// CPU's [`crate::dist::data_parallel`] divides the same way).
+pub fn divide(gpu: &Gpu, x: &mut CudaSlice<f32>, d: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "divide_f32")?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(x).arg(&n).arg(&d);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
 /// The sum of squares of every value of every tensor, accumulated in f64 in
 /// a fixed order (the same bits every run): one partial per block, the
 /// partials added on the host. One read-back for all the tensors.

@@ -75,6 +75,14 @@ pub trait Collective: Send {
     /// list the same ranks in the same order.
     fn new_group(&self, ranks: &[usize]) -> Result<Box<dyn Collective>, DistError>;
 
+    /// The NCCL communicator behind this collective, if it is one: the
+    /// device trainer then reduces its gradients where they are, on the
+    /// GPU, instead of through host memory.
+    #[cfg(feature = "cuda")]
+    fn as_nccl(&mut self) -> Option<&mut crate::dist::nccl::NcclCollective> {
+        None
+    }
+
     /// [`Collective::all_gather_bytes`] of `f32`s.
     fn all_gather(
         &mut self,

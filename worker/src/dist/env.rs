@@ -18,6 +18,18 @@ pub const RENDEZVOUS_TIMEOUT: &str = "MOE_RENDEZVOUS_TIMEOUT_SECONDS";
 /// the time a rank's death takes to end the others. Tests set it short.
 pub const COLLECTIVE_TIMEOUT: &str = "MOE_COLLECTIVE_TIMEOUT_SECONDS";
 
+/// The GPU of local rank `local_rank` on a node with `devices` GPUs: its
+/// own when there are enough (the operator asks for one per process),
+/// else the ranks take turns over the GPUs (several processes on one GPU:
+/// the one-GPU data-parallel check, over TCP).
+pub fn gpu_ordinal(local_rank: usize, devices: usize) -> usize {
+    if devices == 0 {
+        local_rank
+    } else {
+        local_rank % devices
+    }
+}
+
 /// This process's place in the gang.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DistEnv {
@@ -163,6 +175,18 @@ impl Timeouts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_local_rank_gets_its_gpu_or_takes_turns() {
+        assert_eq!(gpu_ordinal(3, 8), 3);
+        assert_eq!(
+            (0..4).map(|r| gpu_ordinal(r, 2)).collect::<Vec<_>>(),
+            [0, 1, 0, 1]
+        );
+        assert_eq!(gpu_ordinal(1, 1), 0);
+        // No count (no driver): the rank's own, whose opening then fails.
+        assert_eq!(gpu_ordinal(2, 0), 2);
+    }
     use std::collections::HashMap;
 
     fn read(vars: &[(&str, &str)]) -> Result<DistEnv, EnvError> {

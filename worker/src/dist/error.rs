@@ -69,7 +69,7 @@ impl DistError {
         }
     }
 
-    pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
+    pub fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidArgument {
             op,
             detail: detail.into(),

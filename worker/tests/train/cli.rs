@@ -98,7 +98,7 @@ fn impossible_shapes_name_the_field() {
 #[test]
 fn unimplemented_parallelism_is_refused_naming_the_field() {
     type Patch = fn(&mut Value);
-    let cases: [(&str, Patch, &str); 3] = [
+    let cases: [(&str, Patch, &str); 4] = [
         (
             "sp-kv-heads",
             |c| {
@@ -113,9 +113,20 @@ fn unimplemented_parallelism_is_refused_naming_the_field() {
             "parallelism.expertParallel: is 4, but expert parallel 4 does not divide the world size 2",
         ),
         (
-            "cuda-dp",
-            |c| c["device"] = "cuda".into(),
-            "parallelism: asks for 2 ranks (nodes 1 × processesPerNode 2) on device cuda, but data-parallel training runs on the CPU trainer only so far",
+            "cuda-ep",
+            |c| {
+                c["device"] = "cuda".into();
+                c["parallelism"]["expertParallel"] = 2.into();
+            },
+            "parallelism.expertParallel: is 2 on device cuda, but expert parallelism runs on the CPU trainer only so far",
+        ),
+        (
+            "cuda-sp",
+            |c| {
+                c["device"] = "cuda".into();
+                c["parallelism"]["sequenceParallel"] = 2.into();
+            },
+            "parallelism.sequenceParallel: is 2 on device cuda, but sequence parallelism runs on the CPU trainer only so far",
         ),
     ];
     for (name, patch, expected) in cases {

@@ -454,6 +454,10 @@ impl Collective for NcclCollective {
         self.rank
     }
 
+    fn as_nccl(&mut self) -> Option<&mut NcclCollective> {
+        Some(self)
+    }
+
     fn size(&self) -> usize {
         self.members.len()
     }

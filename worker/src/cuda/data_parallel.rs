@@ -1,0 +1,82 @@
+//! Data parallelism for the device trainer: after each rank's micro-batches,
+//! every gradient tensor becomes its mean over the data-parallel ranks, so
+//! identical updates keep identical weights. CPU reference:
+//! [`crate::dist::data_parallel::all_reduce_mean`], whose division this
+//! repeats (`sum / ranks`, not a multiplication by the reciprocal).
+//!
+//! Over NCCL the tensors are reduced where they are, on the device. Over
+//! any other backend (TCP: ranks that share a GPU, as the one-GPU check
+//! runs them, or hosts without NCCL) they go through host memory and the
+//! CPU trainer's bucketed all-reduce.
+
+use moe_kernels::cudarc::driver::CudaSlice;
+
+use super::{Gpu, GpuError, vector};
+use crate::dist::data_parallel::{self, BUCKET_FLOATS};
+use crate::dist::nccl::NcclCollective;
+use crate::dist::nccl::collective::Reduce;
+use crate::dist::{Collective, DistError};
+
+/// Why a data-parallel step or reduction failed: the device, or the collective (whose error says
+/// whether another rank failed first).
+#[derive(Debug, thiserror::Error)]
+pub enum ParallelError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Dist(#[from] DistError),
+}
+
+impl From<moe_kernels::cudarc::driver::DriverError> for ParallelError {
+    fn from(error: moe_kernels::cudarc::driver::DriverError) -> Self {
+        Self::Gpu(error.into())
+    }
+}
+
+/// Replaces each of `tensors` by its mean over the ranks of `world`; every
+/// rank passes tensors of the same lengths in the same order.
+pub fn all_reduce_mean(
+    gpu: &Gpu,
+    world: &mut dyn Collective,
+    tensors: &mut [&mut CudaSlice<f32>],
+) -> Result<(), ParallelError> {
+    let ranks = world.size();
+    if ranks == 1 {
+        return Ok(());
+    }
+    if let Some(nccl) = world.as_nccl() {
+        return mean_over_nccl(gpu, nccl, tensors);
+    }
+    let mut host = tensors
+        .iter()
+        .map(|t| gpu.download(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    data_parallel::all_reduce_mean(
+        world,
+        &mut host.iter_mut().collect::<Vec<_>>(),
+        BUCKET_FLOATS,
+    )?;
+    for (tensor, values) in tensors.iter_mut().zip(&host) {
+        gpu.stream().memcpy_htod(values, *tensor)?;
+    }
+    Ok(())
+}
+
+/// The NCCL arm of [`all_reduce_mean`], for any group size (the GPU check
+/// runs it with a world of one, the only NCCL world one GPU can host).
+pub(crate) fn mean_over_nccl(
+    gpu: &Gpu,
+    nccl: &mut NcclCollective,
+    tensors: &mut [&mut CudaSlice<f32>],
+) -> Result<(), ParallelError> {
+    let ranks = nccl.size() as f32;
+    // NCCL runs on its own stream: the backward pass that wrote the
+    // gradients must be done first. The collective returns once its
+    // stream has finished, so the divisions after it see the sums.
+    gpu.synchronize()?;
+    for tensor in tensors.iter_mut() {
+        nccl.all_reduce_device(tensor, Reduce::Sum)?;
+        vector::divide(gpu, tensor, ranks)?;
+    }
+    Ok(())
+}
