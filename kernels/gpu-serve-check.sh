@@ -10,6 +10,8 @@
 # engine's TF32 GEMMs could in principle flip a near-tie; golden.json's
 # greedy steps have margins >= 1e-3). The DeepSeek-V3 fixture (multi-head
 # latent attention) must be served on the CPU with the warning naming why.
+# Then Mixtral as an expert-parallel replica of two ranks sharing this GPU
+# (serve_replica below), every golden prompt answered as transformers does.
 # Writes serve-check.md to the given directory; exits non-zero on a failure.
 set -uo pipefail
 out=${1:?usage: gpu-serve-check.sh OUT_DIR}
@@ -22,28 +24,19 @@ export MOE_STATUS_ADDR=off
 port=18750
 failures=0
 
-serve_fixture() { # name expected-log-line
-  local name=$1 expect=$2 log=$work/$1.log
-  port=$((port + 1))
-  "$bin" serve --model "$fixtures/$name" --device cuda --host 127.0.0.1 --port "$port" \
-    --kv-cache-mib 64 >"$log" 2>&1 &
-  local pid=$!
-  local ready=no
+# Waits until $1/readyz answers (port), while pid $2 lives; 60 s at most.
+wait_ready() {
   for _ in $(seq 1 120); do
-    if curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1; then ready=yes; break; fi
-    kill -0 "$pid" 2>/dev/null || break
+    if curl -sf "127.0.0.1:$1/readyz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$2" 2>/dev/null || return 1
     sleep 0.5
   done
-  if [ "$ready" != yes ]; then
-    echo "$name: FAIL: the server never became ready"; tail -20 "$log"
-    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
-    return 1
-  fi
-  local status=0
-  if ! grep -q "$expect" "$log"; then
-    echo "$name: FAIL: the log does not say \"$expect\""; status=1
-  fi
-  python3 - "$fixtures/$name/golden.json" "$port" <<'PY' || status=1
+  return 1
+}
+
+# Every golden prompt of fixture $1, greedily, against the server on port $2.
+compare_golden() {
+  python3 - "$fixtures/$1/golden.json" "$2" <<'PY'
 import json, sys, urllib.request
 golden, port = json.load(open(sys.argv[1])), sys.argv[2]
 name = sys.argv[1].split("/")[-2]
@@ -61,7 +54,62 @@ for p in golden["prompts"]:
         print(f"{name}: {p['text']!r}: DIFFERS: {text!r}, transformers {expected!r}")
 sys.exit(1 if bad else 0)
 PY
+}
+
+serve_fixture() { # name expected-log-line
+  local name=$1 expect=$2 log=$work/$1.log
+  port=$((port + 1))
+  "$bin" serve --model "$fixtures/$name" --device cuda --host 127.0.0.1 --port "$port" \
+    --kv-cache-mib 64 >"$log" 2>&1 &
+  local pid=$!
+  if ! wait_ready "$port" "$pid"; then
+    echo "$name: FAIL: the server never became ready"; tail -20 "$log"
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    return 1
+  fi
+  local status=0
+  if ! grep -q "$expect" "$log"; then
+    echo "$name: FAIL: the log does not say \"$expect\""; status=1
+  fi
+  compare_golden "$name" "$port" || status=1
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  return $status
+}
+
+# An expert-parallel replica of two ranks on this one GPU, as the operator
+# starts two pods (MOE_NODE_RANK 0 and 1, one process each, so both are
+# local rank 0 and open GPU 0): each rank holds half of every MoE layer's
+# experts on the GPU and exchanges its rows with the other over TCP through
+# host memory (NCCL would refuse two ranks on one GPU). Both ranks must log
+# that their share is on the GPU, and the leader must answer every golden
+# prompt with transformers' completion.
+serve_replica() { # name
+  local name=$1 status=0
+  port=$((port + 3))
+  local coordinator=127.0.0.1:$port pids=() rank
+  for rank in 0 1; do
+    MOE_WORLD_SIZE=2 MOE_NODES=2 MOE_NODE_RANK=$rank MOE_PROCS_PER_NODE=1 \
+      MOE_COORDINATOR=$coordinator MOE_RENDEZVOUS_TIMEOUT_SECONDS=120 \
+      "$bin" serve --model "$fixtures/$name" --device cuda --expert-parallel 2 \
+      --host 127.0.0.1 --port $((port + 1 + rank)) --kv-cache-mib 64 \
+      >"$work/$name-ep$rank.log" 2>&1 &
+    pids+=($!)
+  done
+  if ! wait_ready $((port + 1)) "${pids[0]}"; then
+    echo "$name, 2 ranks: FAIL: the replica never became ready"
+    tail -20 "$work/$name-ep0.log" "$work/$name-ep1.log"
+    status=1
+  else
+    for rank in 0 1; do
+      if ! grep -q "this rank's share is on the GPU" "$work/$name-ep$rank.log"; then
+        echo "$name, 2 ranks: FAIL: rank $rank does not say its share is on the GPU"; status=1
+      fi
+    done
+    compare_golden "$name" $((port + 1)) | sed "s/^$name:/$name, 2 ranks:/" || status=1
+  fi
+  # SIGTERM to the leader stops its follower too; then make sure.
+  kill "${pids[0]}" 2>/dev/null; wait "${pids[0]}" 2>/dev/null
+  sleep 1; kill "${pids[1]}" 2>/dev/null; wait "${pids[1]}" 2>/dev/null
   return $status
 }
 
@@ -73,6 +121,7 @@ PY
     serve_fixture "$name" "serving on the GPU" || failures=$((failures + 1))
   done
   serve_fixture deepseek_v3 "served on the CPU: multi-head latent attention" || failures=$((failures + 1))
+  serve_replica mixtral || failures=$((failures + 1))
   echo '```'
   [ "$failures" -eq 0 ] && echo "PASS" || echo "FAIL: $failures fixture(s)"
 } 2>&1 | tee "$report"

@@ -216,9 +216,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         size: gang.world_size,
         local_rank: gang.local_rank,
         timeouts,
-        // Expert-parallel serving computes on the CPU (the GPU engine runs
-        // one process), so its ranks talk over TCP whatever `device` says;
-        // NCCL plugs in here when expert-parallel serving runs on GPUs.
+        // Expert-parallel serving talks over TCP whatever `device` says: GPU
+        // ranks stage their MoE rows through host memory
+        // (`cuda::serve_ep::HostStaged`), which also lets two ranks share
+        // one GPU. NCCL plugs in here once its device-to-device exchange
+        // for serving is built.
         connect: Box::new(move || connect(&connect_gang, hash, moe_crds::Device::Cpu, &timeouts)),
     };
     match serve::run(&options, Some(replica)) {

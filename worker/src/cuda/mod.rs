@@ -28,6 +28,8 @@ pub mod rope;
 pub mod routing;
 pub mod serve;
 pub mod serve_check;
+pub mod serve_ep;
+pub mod serve_replica_check;
 pub mod swiglu;
 pub mod train_bench;
 pub mod train_check;

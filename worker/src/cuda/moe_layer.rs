@@ -186,52 +186,22 @@ pub(crate) fn routed_experts(
     weights: &RoutedWeights<'_>,
     x: &CudaSlice<f32>,
 ) -> Result<RoutedExperts> {
-    let (hidden, inner, n_experts, top_k) =
-        (c.hidden, c.expert_hidden, c.n_routed_experts, c.top_k);
+    let hidden = c.hidden;
     let tokens = x.len() / hidden;
-    let rows = tokens * top_k;
-
-    let mut logits = gpu.zeros::<f32>(tokens * n_experts)?;
-    matmul::forward_exact(gpu, &mut logits, x, weights.router, hidden, n_experts)?;
-    let routing = routing::route(gpu, c, &logits, weights.selection_bias)?;
-    let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
-    let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
-    let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-
-    let mut permuted = gpu.zeros::<f32>(rows * hidden)?;
-    dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
-    let mut a = gpu.zeros::<f32>(rows * inner)?;
-    let mut b = gpu.zeros::<f32>(rows * inner)?;
-    let mut h = gpu.zeros::<f32>(rows * inner)?;
-    let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
-    let size = inner * hidden;
+    let Routed {
+        routing,
+        dispatch,
+        offsets,
+        load,
+        permuted,
+    } = route_rows(gpu, c, weights, x)?;
     let segments = expert_segments(&offsets);
-    for &(e, start, len) in &segments {
-        let xe = permuted.slice(start * hidden..(start + len) * hidden);
-        for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
-            matmul::forward_view(
-                gpu,
-                &mut out.slice_mut(start * inner..(start + len) * inner),
-                &xe,
-                &w.slice(e * size..(e + 1) * size),
-                hidden,
-                inner,
-                false,
-            )?;
-        }
-    }
-    swiglu::forward(gpu, &mut h, &a, &b)?;
-    for &(e, start, len) in &segments {
-        matmul::forward_view(
-            gpu,
-            &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
-            &h.slice(start * inner..(start + len) * inner),
-            &weights.w2.slice(e * size..(e + 1) * size),
-            inner,
-            hidden,
-            false,
-        )?;
-    }
+    let ExpertMlps {
+        a,
+        b,
+        h,
+        out: expert_out,
+    } = expert_mlps(gpu, c, weights, &permuted, &segments)?;
     let mut output = gpu.zeros::<f32>(tokens * hidden)?;
     dispatch::unpermute(
         gpu,
@@ -254,9 +224,110 @@ pub(crate) fn routed_experts(
     })
 }
 
+/// A layer's rows routed and sorted by expert.
+pub(crate) struct Routed {
+    pub routing: routing::DeviceRouting,
+    pub dispatch: dispatch::DeviceDispatch,
+    /// `[experts + 1]`: expert `e`'s rows are `offsets[e]..offsets[e + 1]`.
+    pub offsets: Vec<i32>,
+    /// Rows per expert (read back once per pass to size the GEMMs).
+    pub load: Vec<usize>,
+    /// `[tokens * top_k, hidden]`, expert-major.
+    pub permuted: CudaSlice<f32>,
+}
+
+/// Router (exact f32) → routing → dispatch → permute, for `x: [tokens,
+/// hidden]` with at least one token.
+pub(crate) fn route_rows(
+    gpu: &Gpu,
+    c: &MoeConfig,
+    weights: &RoutedWeights<'_>,
+    x: &CudaSlice<f32>,
+) -> Result<Routed> {
+    let (hidden, n_experts, top_k) = (c.hidden, c.n_routed_experts, c.top_k);
+    let tokens = x.len() / hidden;
+    let mut logits = gpu.zeros::<f32>(tokens * n_experts)?;
+    matmul::forward_exact(gpu, &mut logits, x, weights.router, hidden, n_experts)?;
+    let routing = routing::route(gpu, c, &logits, weights.selection_bias)?;
+    let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
+    let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
+    let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let mut permuted = gpu.zeros::<f32>(tokens * top_k * hidden)?;
+    dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
+    Ok(Routed {
+        routing,
+        dispatch,
+        offsets,
+        load,
+        permuted,
+    })
+}
+
+/// The SwiGLU activations and outputs of [`expert_mlps`], `[rows, ...]`.
+pub(crate) struct ExpertMlps {
+    pub a: CudaSlice<f32>,
+    pub b: CudaSlice<f32>,
+    pub h: CudaSlice<f32>,
+    pub out: CudaSlice<f32>,
+}
+
+/// Each expert's SwiGLU MLP on its contiguous rows of `permuted: [rows,
+/// hidden]`: `segments` lists `(expert, first row, rows)`, the expert
+/// indexing the stacked weights (a global expert for a layer holding all
+/// of them, a local one for an expert-parallel rank's share). Rows outside
+/// every segment are left zero. One cuBLASLt GEMM per segment and
+/// projection (TF32), so each expert's rows share one weight read.
+pub(crate) fn expert_mlps(
+    gpu: &Gpu,
+    c: &MoeConfig,
+    weights: &RoutedWeights<'_>,
+    permuted: &CudaSlice<f32>,
+    segments: &[(usize, usize, usize)],
+) -> Result<ExpertMlps> {
+    let (hidden, inner) = (c.hidden, c.expert_hidden);
+    let rows = permuted.len() / hidden;
+    let mut a = gpu.zeros::<f32>(rows * inner)?;
+    let mut b = gpu.zeros::<f32>(rows * inner)?;
+    let mut h = gpu.zeros::<f32>(rows * inner)?;
+    let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
+    let size = inner * hidden;
+    for &(e, start, len) in segments {
+        let xe = permuted.slice(start * hidden..(start + len) * hidden);
+        for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
+            matmul::forward_view(
+                gpu,
+                &mut out.slice_mut(start * inner..(start + len) * inner),
+                &xe,
+                &w.slice(e * size..(e + 1) * size),
+                hidden,
+                inner,
+                false,
+            )?;
+        }
+    }
+    swiglu::forward(gpu, &mut h, &a, &b)?;
+    for &(e, start, len) in segments {
+        matmul::forward_view(
+            gpu,
+            &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
+            &h.slice(start * inner..(start + len) * inner),
+            &weights.w2.slice(e * size..(e + 1) * size),
+            inner,
+            hidden,
+            false,
+        )?;
+    }
+    Ok(ExpertMlps {
+        a,
+        b,
+        h,
+        out: expert_out,
+    })
+}
+
 /// `(expert, first row, rows)` of every expert with rows, from the
 /// dispatch's `[experts + 1]` offsets.
-fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
+pub(crate) fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
     offsets
         .windows(2)
         .enumerate()

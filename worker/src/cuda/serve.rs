@@ -22,10 +22,17 @@
 //!
 //! Grouped-query attention only: multi-head latent attention (DeepSeek-V3)
 //! is refused by [`crate::serve::device::unsupported`] and served on the CPU.
+//!
+//! On a rank of an expert-parallel replica ([`DeviceEngine::expert_parallel`])
+//! each MoE layer holds the rank's share of the routed experts and runs
+//! `crate::cuda::serve_ep`'s layer, exchanging rows with the other ranks;
+//! everything else is the same on every rank.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use super::moe_layer::{RoutedWeights, routed_experts};
+use super::serve_ep::{self, DeviceExchange};
 use super::{Gpu, GpuError, Result, embedding, matmul, paged_attention, rmsnorm, swiglu, vector};
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
@@ -131,8 +138,9 @@ impl DeviceMlp {
     }
 }
 
-/// A MoE feed-forward layer on the device, every routed expert held.
-struct DeviceMoe {
+/// A MoE feed-forward layer on the device, every routed expert held (or,
+/// on a rank of an expert-parallel replica, its share: `crate::cuda::serve_ep`).
+pub(super) struct DeviceMoe {
     config: MoeConfig,
     router: CudaSlice<f32>,
     selection_bias: CudaSlice<f32>,
@@ -177,26 +185,54 @@ impl DeviceMoe {
         })
     }
 
-    /// The layer's output for `x: [tokens, hidden]`: the routed experts'
-    /// gated sum, then the shared experts added (the CPU's order of terms).
-    fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let hidden = self.config.hidden;
-        let tokens = x.len() / hidden;
-        let weights = RoutedWeights {
+    pub(super) fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// The router and the routed experts held (all, or a rank's share:
+    /// then the stacked tensors' expert `j` is the share's `j`-th).
+    pub(super) fn weights(&self) -> RoutedWeights<'_> {
+        RoutedWeights {
             router: &self.router,
             selection_bias: &self.selection_bias,
             w1: &self.w1,
             w3: &self.w3,
             w2: &self.w2,
-        };
-        let routed = routed_experts(gpu, &self.config, &weights, x)?;
-        for (rows, &load) in self.rows.iter().zip(&routed.load) {
-            rows.fetch_add(load as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `rows` token rows computed by expert `e` (global index).
+    pub(super) fn count_rows(&self, e: usize, rows: usize) {
+        if let Some(counter) = self.rows.get(e) {
+            counter.fetch_add(rows as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The layer's output for `x: [tokens, hidden]`: the routed experts'
+    /// gated sum, then the shared experts added (the CPU's order of terms).
+    fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let routed = routed_experts(gpu, &self.config, &self.weights(), x)?;
+        for (e, &load) in routed.load.iter().enumerate() {
+            self.count_rows(e, load);
         }
         let mut output = routed.output;
+        self.add_shared(gpu, x, &mut output)?;
+        Ok(output)
+    }
+
+    /// Adds the shared experts' outputs for `x: [tokens, hidden]` into
+    /// `output` (after the routed experts', as the CPU adds them).
+    pub(super) fn add_shared(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<f32>,
+        output: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let hidden = self.config.hidden;
+        let tokens = x.len() / hidden;
         if let Some(shared) = &self.shared {
             let out = shared.forward(gpu, x, hidden)?;
-            vector::add(gpu, &mut output, &out)?;
+            vector::add(gpu, output, &out)?;
         }
         // Qwen2-MoE: out += sigmoid(x · gate) * shared(x); the one-output
         // gate in exact f32 like the router (the CPU's gate is f32 too).
@@ -204,9 +240,9 @@ impl DeviceMoe {
             let out = mlp.forward(gpu, x, hidden)?;
             let mut gates = gpu.output::<f32>(tokens)?;
             matmul::forward_exact(gpu, &mut gates, x, gate, hidden, 1)?;
-            vector::add_sigmoid_gated(gpu, &mut output, &out, &gates)?;
+            vector::add_sigmoid_gated(gpu, output, &out, &gates)?;
         }
-        Ok(output)
+        Ok(())
     }
 }
 
@@ -246,6 +282,13 @@ pub struct DeviceEngine<'g> {
     final_norm: CudaSlice<f32>,
     blocks: Vec<DeviceBlock>,
     rope: DeviceRope,
+    /// Expert-parallel serving: the replica's ranks holding the other
+    /// experts (`crate::cuda::serve_ep`); `None`: every expert is here.
+    /// Behind a lock so the engine stays `Sync`, as the CPU engine's.
+    exchange: Option<Mutex<Box<dyn DeviceExchange>>>,
+    /// Whether steps compute logits (a follower rank's do not: the
+    /// leader samples).
+    logits: bool,
 }
 
 impl<'g> DeviceEngine<'g> {
@@ -256,6 +299,54 @@ impl<'g> DeviceEngine<'g> {
         if let Some(why) = device::unsupported(model) {
             return Err(GpuError::Unsupported(why));
         }
+        Self::upload(gpu, model)
+    }
+
+    /// One rank of an expert-parallel replica: `model` holds exactly
+    /// `exchange`'s experts of every MoE layer (its share, loaded alone),
+    /// and every rank of the replica runs the same steps in the same
+    /// order. Refused as [`Self::new`] refuses, and for a share that is
+    /// not this rank's.
+    pub fn expert_parallel(
+        gpu: &'g Gpu,
+        model: &ServeModel,
+        exchange: Box<dyn DeviceExchange>,
+    ) -> Result<Self> {
+        let own = exchange.local_experts();
+        if let Some(why) = device::unsupported_share(model, Some(&own)) {
+            return Err(GpuError::Unsupported(why));
+        }
+        for (layer, block) in model.blocks.iter().enumerate() {
+            if let ServeFfn::Moe { layer: moe, .. } = &block.ffn {
+                let n = moe.config().n_routed_experts;
+                if n != exchange.n_experts() {
+                    return Err(GpuError::Unsupported(format!(
+                        "layer {layer} has {n} routed experts; the expert-parallel group was \
+                         made for {}",
+                        exchange.n_experts()
+                    )));
+                }
+            }
+        }
+        let mut engine = Self::upload(gpu, model)?;
+        engine.exchange = Some(Mutex::new(exchange));
+        Ok(engine)
+    }
+
+    /// Steps compute no logits (they return none): a follower's engine.
+    pub fn without_logits(mut self) -> Self {
+        self.logits = false;
+        self
+    }
+
+    /// As [`crate::serve::engine::Engine::expert_parallel_bytes`].
+    pub fn expert_parallel_bytes(&self) -> (u64, u64) {
+        self.exchange.as_ref().map_or((0, 0), |m| {
+            m.lock().unwrap_or_else(PoisonError::into_inner).bytes()
+        })
+    }
+
+    fn upload(gpu: &'g Gpu, model: &ServeModel) -> Result<Self> {
         let config = model.config.clone();
         let blocks = model
             .blocks
@@ -308,6 +399,8 @@ impl<'g> DeviceEngine<'g> {
             blocks,
             rope,
             config,
+            exchange: None,
+            logits: true,
         })
     }
 
@@ -413,11 +506,41 @@ impl<'g> DeviceEngine<'g> {
             cache.pages(),
         )?;
         let layout = StepLayout::new(chunks, page_size);
-        self.run(cache, &layout)
-            .map_err(|e| StepError::Device(e.to_string()))
+        // Nothing to run (every rank of a replica sees the same chunks, so
+        // all skip the exchanges alike).
+        if layout.rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let mut exchange = self
+            .exchange
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
+        let ran = self.run(
+            cache,
+            &layout,
+            exchange
+                .as_deref_mut()
+                .map(|b| b.as_mut() as &mut dyn DeviceExchange),
+        );
+        // A failed exchange first: the zeros it left may have led to
+        // nothing worse, and its `peer` flag says which rank failed first.
+        if let Some(exchange) = exchange.as_deref_mut()
+            && let Err(e) = exchange.take_failure()
+        {
+            return Err(StepError::Collective {
+                message: e.to_string(),
+                peer: e.is_peer_failure(),
+            });
+        }
+        ran.map_err(|e| StepError::Device(e.to_string()))
     }
 
-    fn run(&self, cache: &mut DeviceKvCache, layout: &StepLayout) -> Result<Vec<f32>> {
+    fn run(
+        &self,
+        cache: &mut DeviceKvCache,
+        layout: &StepLayout,
+        mut exchange: Option<&mut dyn DeviceExchange>,
+    ) -> Result<Vec<f32>> {
         let gpu = self.gpu;
         // The scheduler thread is not the one that opened the GPU.
         gpu.context().bind_to_thread()?;
@@ -495,7 +618,10 @@ impl<'g> DeviceEngine<'g> {
             rmsnorm::forward(gpu, &mut normed, &mut rstd, &mid, &block.ffn_norm, eps)?;
             let mut out = match &block.ffn {
                 DeviceFfn::Dense(mlp) => mlp.forward(gpu, &normed, h)?,
-                DeviceFfn::Moe(moe) => moe.forward(gpu, &normed)?,
+                DeviceFfn::Moe(moe) => match exchange.as_deref_mut() {
+                    Some(exchange) => serve_ep::forward(gpu, moe, &normed, exchange)?,
+                    None => moe.forward(gpu, &normed)?,
+                },
             };
             vector::add(gpu, &mut out, &mid)?;
             x = out;
@@ -503,6 +629,9 @@ impl<'g> DeviceEngine<'g> {
         let Some(logit_rows) = logit_rows else {
             return Ok(Vec::new());
         };
+        if !self.logits {
+            return Ok(Vec::new());
+        }
         // The last block left only the logits rows in `x` (a model without
         // blocks has them all).
         if self.blocks.is_empty() {

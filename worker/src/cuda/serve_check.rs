@@ -22,6 +22,9 @@
 //! flip an expert: that shows as a logits failure, not hidden by the bound.
 //! Greedy tokens must match except where the CPU's own two candidates are
 //! closer than twice the bound (a near-tie TF32 may flip; counted and shown).
+//!
+//! Then the same schedule on each model split over an expert-parallel
+//! replica of two device engines in this process (`serve_replica_check`).
 
 use super::check::{Check, close, close_to_scale, exact};
 use super::paged_attention::{self, StepIndex};
@@ -41,7 +44,7 @@ use std::path::PathBuf;
 const LOGITS_BOUND: f64 = 1e-2;
 /// Positions per page in the model schedules: small, so sequences cross
 /// page boundaries within a few tokens.
-const PAGE_SIZE: usize = 4;
+pub(super) const PAGE_SIZE: usize = 4;
 
 /// `(heads, kv_heads, head_dim, page size, sequence lengths, score scale)`.
 type AttentionCase = (usize, usize, usize, usize, &'static [usize], f32);
@@ -83,6 +86,8 @@ pub fn check_serve(gpu: &Gpu) -> Result<Vec<Check>> {
             }),
         }
     }
+    // The same models as a replica of two ranks on this GPU.
+    checks.extend(super::serve_replica_check::check_replicas(gpu, models()));
     Ok(checks)
 }
 
@@ -370,7 +375,7 @@ fn check_row_helpers(gpu: &Gpu) -> Result<Vec<Check>> {
 /// The models the schedule runs: a native one and the Hugging Face
 /// fixtures (read from `worker/tests/fixtures/hf`, relative to the
 /// repository root the GPU check runs from, or `$MOE_SERVE_FIXTURES`).
-fn models() -> Vec<(&'static str, std::result::Result<ServeModel, String>)> {
+pub(super) fn models() -> Vec<(&'static str, std::result::Result<ServeModel, String>)> {
     let mut models = vec![("native", Ok(native_model()))];
     let root = std::env::var_os("MOE_SERVE_FIXTURES")
         .map(PathBuf::from)
@@ -420,29 +425,29 @@ fn native_model() -> ServeModel {
 }
 
 /// One sequence of the schedule: its pages and its tokens so far.
-struct Sequence {
-    pages: Vec<PageId>,
-    tokens: Vec<u32>,
+pub(super) struct Sequence {
+    pub(super) pages: Vec<PageId>,
+    pub(super) tokens: Vec<u32>,
     /// Positions already in the cache.
-    cached: usize,
+    pub(super) cached: usize,
 }
 
 /// What one run of the schedule found.
-struct Outcome {
-    steps: usize,
-    logits_passed: bool,
-    tokens_passed: bool,
+pub(super) struct Outcome {
+    pub(super) steps: usize,
+    pub(super) logits_passed: bool,
+    pub(super) tokens_passed: bool,
     /// Greedy tokens that differ where the CPU's margin is within the bound.
-    near_ties: usize,
+    pub(super) near_ties: usize,
     /// The worst step's largest logits difference, as a fraction of its bound.
-    worst_ratio: f64,
-    worst: String,
+    pub(super) worst_ratio: f64,
+    pub(super) worst: String,
     /// The two sequences as they ended (their pages and cached positions).
-    sequences: [Sequence; 2],
+    pub(super) sequences: [Sequence; 2],
 }
 
 /// A step on one engine: its logits, or why it failed.
-type StepFn<'a> = dyn FnMut(&[Chunk<'_>]) -> std::result::Result<Vec<f32>, String> + 'a;
+pub(super) type StepFn<'a> = dyn FnMut(&[Chunk<'_>]) -> std::result::Result<Vec<f32>, String> + 'a;
 
 /// The schedule, step by step on `reference` (the CPU) and `candidate`
 /// (the device): logits and greedy tokens compared, the reference's token
@@ -450,7 +455,7 @@ type StepFn<'a> = dyn FnMut(&[Chunk<'_>]) -> std::result::Result<Vec<f32>, Strin
 /// A prefills 11 tokens over three pages, then decodes (into its fourth
 /// page); B prefills 11 in a chunk of 6 without logits and one of 5 with,
 /// each while A decodes, then both decode.
-fn run_schedule(
+pub(super) fn run_schedule(
     name: &str,
     vocab: usize,
     reference: &mut StepFn<'_>,
@@ -632,7 +637,7 @@ fn check_model(gpu: &Gpu, name: &str, model: ServeModel) -> Result<Vec<Check>> {
 }
 
 /// The logits and greedy-token checks of one schedule run.
-fn outcome_checks(name: &str, outcome: &Outcome) -> Vec<Check> {
+pub(super) fn outcome_checks(name: &str, outcome: &Outcome) -> Vec<Check> {
     let case = format!("{name}, {} steps", outcome.steps);
     vec![
         Check {

@@ -83,12 +83,12 @@ impl Backend {
         }
     }
 
-    /// [`Engine::expert_parallel_bytes`] (the GPU engine runs one process).
+    /// [`Engine::expert_parallel_bytes`] of whichever engine this is.
     pub fn expert_parallel_bytes(&self) -> (u64, u64) {
         match self {
             Self::Cpu { engine, .. } => engine.expert_parallel_bytes(),
             #[cfg(feature = "cuda")]
-            Self::Cuda { .. } => (0, 0),
+            Self::Cuda { engine, .. } => engine.expert_parallel_bytes(),
         }
     }
 }

@@ -8,6 +8,8 @@
 //! page ids as for the CPU engine, and the device's page pool is indexed by
 //! the same ids, so a step is fully described by these arrays.
 
+use std::ops::Range;
+
 use crate::serve::engine::Chunk;
 use crate::serve::kv_cache::pages_for;
 use crate::serve::model::{ServeFfn, ServeModel};
@@ -27,6 +29,12 @@ pub const MAX_DEVICE_GROUPS: usize = 32;
 /// Why the device engine cannot serve `model`, or `None` when it can. The
 /// caller serves such a model on the CPU and logs this reason.
 pub fn unsupported(model: &ServeModel) -> Option<String> {
+    unsupported_share(model, None)
+}
+
+/// [`unsupported`] for one rank of an expert-parallel replica, whose MoE
+/// layers must hold exactly the routed experts `held` (`None`: all of them).
+pub fn unsupported_share(model: &ServeModel, held: Option<&Range<usize>>) -> Option<String> {
     let config = &model.config;
     if config.latent.is_some() {
         return Some(
@@ -53,11 +61,20 @@ pub fn unsupported(model: &ServeModel) -> Option<String> {
             continue;
         };
         let c = moe.config();
-        if !moe.params.holds_all(c) {
-            return Some(format!(
-                "layer {layer} holds only experts {:?} (an expert-parallel rank's share)",
-                moe.params.experts
-            ));
+        match held {
+            None if !moe.params.holds_all(c) => {
+                return Some(format!(
+                    "layer {layer} holds only experts {:?} (an expert-parallel rank's share)",
+                    moe.params.experts
+                ));
+            }
+            Some(held) if moe.params.experts != *held => {
+                return Some(format!(
+                    "layer {layer} holds experts {:?}, but this rank owns {held:?}",
+                    moe.params.experts
+                ));
+            }
+            _ => {}
         }
         // Rows are permuted to and from the experts as 16-byte vectors.
         if !c.hidden.is_multiple_of(4) {
@@ -285,6 +302,13 @@ mod tests {
             unsupported(&share)
                 .unwrap()
                 .contains("holds only experts 0..2")
+        );
+        // As a replica's rank, the share it owns is served; another is not.
+        assert_eq!(unsupported_share(&share, Some(&(0..2))), None);
+        assert!(
+            unsupported_share(&share, Some(&(2..4)))
+                .unwrap()
+                .contains("this rank owns 2..4")
         );
     }
 

@@ -1,11 +1,14 @@
-//! `device: cuda` for a one-process server (feature `cuda`): the GPU
-//! engine (`crate::cuda::serve`) where the model allows it, else the CPU
-//! engine with a warning that names why. A GPU that cannot be opened (no
-//! driver, no cuBLASLt) is an error naming the library, as in training:
-//! asking for a GPU and silently computing on the CPU would hide a broken
-//! node.
+//! `device: cuda` (feature `cuda`): the GPU engine (`crate::cuda::serve`)
+//! where the model allows it, else the CPU engine with a warning that names
+//! why; for one process ([`place`]) or for each rank of an expert-parallel
+//! replica, holding its share of the experts ([`place_share`]). A GPU that
+//! cannot be opened (no driver, no cuBLASLt) is an error naming the
+//! library, as in training: asking for a GPU and silently computing on the
+//! CPU would hide a broken node.
 
 use crate::cuda::serve::DeviceEngine;
+use crate::cuda::serve_ep::HostStaged;
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::serve::backend::Backend;
 use crate::serve::model::ServeModel;
@@ -29,6 +32,68 @@ pub(crate) fn place(model: ServeModel, options: &ServeOptions) -> Result<Placeme
         tracing::warn!("device cuda: this model is served on the CPU: {why}");
         return Ok(Placement::Cpu(Box::new(model)));
     }
+    let gpu = open(options)?;
+    let engine = DeviceEngine::new(gpu, &model).map_err(device_error)?;
+    drop(model);
+    let (backend, kv_pages, weight_bytes) = with_cache(engine, options)?;
+    Ok(Placement::Gpu {
+        backend,
+        kv_pages,
+        weight_bytes,
+    })
+}
+
+/// Where a rank of an expert-parallel replica serves its share.
+pub(crate) enum SharePlacement {
+    /// On this rank's GPU, its cache of `kv_pages` pages allocated.
+    Gpu { backend: Backend, kv_pages: usize },
+    /// On the CPU (the share and the exchanges are handed back).
+    Cpu(Box<ServeModel>, ExpertParallel),
+}
+
+/// [`place`] for one rank of an expert-parallel replica, `model` holding
+/// `ep`'s experts: the GPU engine exchanging its rows through host memory
+/// over `ep`'s communicator (`crate::cuda::serve_ep::HostStaged`). The
+/// decision depends on the model alone, so every rank of a replica takes
+/// the same one (and a GPU rank and a CPU rank would agree anyway: both
+/// exchange the same rows). `leader`: rank 0, the one that computes logits.
+pub(crate) fn place_share(
+    model: ServeModel,
+    ep: ExpertParallel,
+    options: &ServeOptions,
+    leader: bool,
+) -> Result<SharePlacement, ServeError> {
+    let own = ep.local_experts();
+    if let Some(why) = device::unsupported_share(&model, Some(&own)) {
+        tracing::warn!("device cuda: this expert-parallel rank is served on the CPU: {why}");
+        return Ok(SharePlacement::Cpu(Box::new(model), ep));
+    }
+    let gpu = open(options)?;
+    let engine = DeviceEngine::expert_parallel(gpu, &model, Box::new(HostStaged(ep)))
+        .map_err(device_error)?;
+    drop(model);
+    let engine = if leader {
+        engine
+    } else {
+        engine.without_logits()
+    };
+    let (backend, kv_pages, weight_bytes) = with_cache(engine, options)?;
+    tracing::info!(
+        experts = ?own,
+        kv_pages,
+        weight_mib = weight_bytes >> 20,
+        "this rank's share is on the GPU; its rows are exchanged through host memory"
+    );
+    Ok(SharePlacement::Gpu { backend, kv_pages })
+}
+
+fn device_error(e: crate::cuda::GpuError) -> ServeError {
+    ServeError::Device(e.to_string())
+}
+
+/// The process's GPU, opened and warmed, after the notes on the options
+/// the GPU engine does not apply.
+fn open(options: &ServeOptions) -> Result<&'static crate::cuda::Gpu, ServeError> {
     if options.weights != WeightPrecision::F32 {
         tracing::warn!(
             precision = ?options.weights,
@@ -39,7 +104,6 @@ pub(crate) fn place(model: ServeModel, options: &ServeOptions) -> Result<Placeme
     if options.threads > 1 {
         tracing::info!("device cuda: --threads does not apply to the GPU engine");
     }
-    let device_error = |e: crate::cuda::GpuError| ServeError::Device(e.to_string());
     let (gpu, ordinal) = crate::cuda::open_process_gpu().map_err(device_error)?;
     tracing::info!(
         device = %gpu.name().unwrap_or_default(),
@@ -52,14 +116,18 @@ pub(crate) fn place(model: ServeModel, options: &ServeOptions) -> Result<Placeme
     // (which would also pay the kernels' compile time, ~3 s).
     gpu.warm_up().map_err(device_error)?;
     gpu.blas().map_err(device_error)?;
-    let engine = DeviceEngine::new(gpu, &model).map_err(device_error)?;
-    drop(model);
+    Ok(gpu)
+}
+
+/// The engine with its device cache as the options size it: the backend,
+/// its pages and the weights' bytes. The cache is allocated here, before
+/// the replica's ranks agree, so a GPU without room fails at startup.
+fn with_cache(
+    engine: DeviceEngine<'static>,
+    options: &ServeOptions,
+) -> Result<(Backend, usize, usize), ServeError> {
     let weight_bytes = engine.weight_bytes();
     let kv_pages = super::kv_pages(engine.kv_shape(options.page_size), options)?;
     let backend = Backend::cuda(engine, options.page_size, kv_pages).map_err(device_error)?;
-    Ok(Placement::Gpu {
-        backend,
-        kv_pages,
-        weight_bytes,
-    })
+    Ok((backend, kv_pages, weight_bytes))
 }

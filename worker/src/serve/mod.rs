@@ -27,6 +27,7 @@ pub mod api;
 pub mod backend;
 pub mod device;
 pub mod engine;
+pub mod exchange_order;
 mod expert_parallel;
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -66,7 +67,7 @@ use crate::serve::kv_cache::KvShape;
 use crate::serve::load::{LoadError, LoadedModel};
 use crate::serve::lockstep::Lockstep;
 use crate::serve::metrics::Metrics;
-use crate::serve::replica::{Joined, ReplicaSetup};
+use crate::serve::replica::{JoinedBackend, ReplicaSetup};
 use crate::serve::runner::{EngineHandle, Failure, RunnerSettings};
 use crate::serve::scheduler::Limits;
 
@@ -108,9 +109,9 @@ pub struct ServeOptions {
     /// Whether prompts reuse the KV pages of a prefix computed before
     /// (`serve/prefix_cache.rs`).
     pub prefix_caching: bool,
-    /// Where one process's steps run: `Cuda` uses the GPU engine when the
-    /// worker is built with the `cuda` feature and the model allows it
-    /// (expert-parallel ranks compute on the CPU either way).
+    /// Where steps run: `Cuda` uses the GPU engine when the worker is built
+    /// with the `cuda` feature and the model allows it, for one process and
+    /// for each rank of an expert-parallel replica alike.
     pub device: Device,
 }
 
@@ -319,16 +320,14 @@ pub fn start_leader(
     metrics: &Metrics,
 ) -> Result<EngineHandle, ServeError> {
     options.check()?;
-    let Joined {
-        engine,
+    let JoinedBackend {
+        backend,
         lockstep,
         tokenizer,
         kv_pages,
-        ..
-    } = replica::join(world, loaded, options, timeouts)?;
-    let engine = Backend::cpu(engine, options.page_size, kv_pages);
+    } = replica::join_serving(world, loaded, options, timeouts)?;
     spawn_runner(
-        engine,
+        backend,
         tokenizer,
         kv_pages,
         options,
@@ -348,7 +347,10 @@ pub fn follow(
     metrics: &Metrics,
 ) -> Result<(), ServeError> {
     options.check()?;
-    replica::follow(replica::join(world, loaded, options, timeouts)?, metrics)
+    replica::follow_backend(
+        replica::join_serving(world, loaded, options, timeouts)?,
+        metrics,
+    )
 }
 
 /// Loads this rank's share of the experts (all of them for a replica of one).
@@ -483,10 +485,10 @@ fn run_follower(options: &ServeOptions, replica: ReplicaSetup) -> Result<(), Ser
     };
     let world = (replica.connect)().map_err(ServeError::Dist)?;
     let loaded = load_share(options, replica.rank, replica.size)?;
-    let joined = replica::join(world, loaded, options, &replica.timeouts)?;
+    let joined = replica::join_serving(world, loaded, options, &replica.timeouts)?;
     ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(rank = replica.rank, "ready; following rank 0");
-    let followed = replica::follow(joined, &metrics);
+    let followed = replica::follow_backend(joined, &metrics);
     ready.store(false, std::sync::atomic::Ordering::Release);
     if let Some(runtime) = _probes {
         runtime.shutdown_background();

@@ -16,6 +16,12 @@
 //! (`serve/lockstep.rs`); any failure ends every rank within the collective
 //! timeout (a leader's heartbeat keeps an idle replica's followers waiting
 //! no longer than that), never a hang.
+//!
+//! With `device: cuda` ([`join_serving`], feature `cuda`) each rank runs the
+//! GPU engine on its share (`crate::cuda::serve_ep`): the same steps, the
+//! same exchanges (its rows staged through host memory), so GPU and CPU
+//! ranks agree on every row. A model the GPU engine does not run is served
+//! on the CPU with a warning, as for one process.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -25,8 +31,8 @@ use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::layout::Layout;
 use crate::dist::schedule::fnv1a;
 use crate::dist::{Collective, DistError, Solo};
+use crate::serve::backend::Backend;
 use crate::serve::engine::{Engine, StepError};
-use crate::serve::kv_cache::KvStore;
 use crate::serve::load::{LoadedModel, LoadedWeights};
 use crate::serve::lockstep::{Lockstep, Message};
 use crate::serve::metrics::Metrics;
@@ -35,8 +41,9 @@ use crate::serve::runner::Failure;
 use crate::serve::text::Tokenizer;
 use crate::serve::{ServeError, ServeOptions};
 
-/// Connects this rank to the rest of its replica (over TCP, or NCCL once
-/// serving runs on GPUs): the world communicator.
+/// Connects this rank to the rest of its replica (over TCP, also for GPU
+/// ranks, which stage their rows through host memory): the world
+/// communicator.
 pub type Connect = Box<dyn FnOnce() -> Result<Box<dyn Collective>, DistError> + Send>;
 
 /// This process's place in an expert-parallel replica.
@@ -114,13 +121,94 @@ fn model_fingerprint(model: &ServeModel) -> u64 {
 /// Sets this rank up in its replica: the expert-parallel engine over
 /// `world` (a follower's computes no logits), then the fingerprint check,
 /// which also waits (up to the rendezvous timeout) for every rank to load.
-/// Every rank of `world` must call it, having loaded its own experts.
+/// Every rank of `world` must call it, having loaded its own experts. The
+/// CPU engine, whatever `options.device` says ([`join_serving`] places it).
 pub fn join(
-    mut world: Box<dyn Collective>,
+    world: Box<dyn Collective>,
     loaded: LoadedModel,
     options: &ServeOptions,
     timeouts: &Timeouts,
 ) -> Result<Joined, ServeError> {
+    let (engine, lockstep, tokenizer, kv_pages) =
+        join_with(world, loaded, options, timeouts, false)?;
+    match engine {
+        RankEngine::Cpu(engine) => Ok(Joined {
+            engine: *engine,
+            lockstep,
+            tokenizer,
+            kv_pages,
+            page_size: options.page_size,
+        }),
+        #[cfg(feature = "cuda")]
+        RankEngine::Gpu(_) => Err(ServeError::Options(
+            "the CPU engine was asked for, the GPU's was built".into(),
+        )),
+    }
+}
+
+/// A rank of a replica, joined, with the engine it serves on: the GPU's
+/// with `device: cuda` where the build and the model allow it, else the
+/// CPU's.
+pub struct JoinedBackend {
+    pub backend: Backend,
+    pub lockstep: Lockstep,
+    pub tokenizer: Tokenizer,
+    pub kv_pages: usize,
+}
+
+impl From<Joined> for JoinedBackend {
+    fn from(joined: Joined) -> Self {
+        Self {
+            backend: Backend::cpu(joined.engine, joined.page_size, joined.kv_pages),
+            lockstep: joined.lockstep,
+            tokenizer: joined.tokenizer,
+            kv_pages: joined.kv_pages,
+        }
+    }
+}
+
+/// [`join`], the engine placed as `options.device` asks: with `cuda` (and
+/// the `cuda` feature), each rank's share on its GPU (`serve/gpu.rs`,
+/// falling back to the CPU engine with a warning for a model the GPU engine
+/// does not run). A GPU rank and a CPU rank exchange the same rows, so the
+/// replica works either way.
+pub fn join_serving(
+    world: Box<dyn Collective>,
+    loaded: LoadedModel,
+    options: &ServeOptions,
+    timeouts: &Timeouts,
+) -> Result<JoinedBackend, ServeError> {
+    let (engine, lockstep, tokenizer, kv_pages) =
+        join_with(world, loaded, options, timeouts, true)?;
+    let backend = match engine {
+        RankEngine::Cpu(engine) => Backend::cpu(*engine, options.page_size, kv_pages),
+        #[cfg(feature = "cuda")]
+        RankEngine::Gpu(backend) => *backend,
+    };
+    Ok(JoinedBackend {
+        backend,
+        lockstep,
+        tokenizer,
+        kv_pages,
+    })
+}
+
+/// The engine a rank built.
+enum RankEngine {
+    Cpu(Box<Engine>),
+    /// The GPU engine with its device cache allocated.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<Backend>),
+}
+
+/// [`join`] and [`join_serving`]: `gpu` allows the GPU engine.
+fn join_with(
+    mut world: Box<dyn Collective>,
+    loaded: LoadedModel,
+    options: &ServeOptions,
+    timeouts: &Timeouts,
+    gpu: bool,
+) -> Result<(RankEngine, Lockstep, Tokenizer, usize), ServeError> {
     let (rank, size) = (world.rank(), world.size());
     if let Some(expected) = &options.expected_model {
         loaded.check_spec(expected).map_err(ServeError::Load)?;
@@ -143,6 +231,55 @@ pub fn join(
     let own = ep.local_experts();
     let fingerprint = model_fingerprint(&model);
     let expert_bytes = routed_expert_bytes(&model);
+    let (engine, kv_pages) = build_engine(model, ep, options, rank, gpu)?;
+    // What every rank must agree on (the fields of `check_same`).
+    let mine = [fingerprint, step, kv_pages as u64, options.page_size as u64];
+    check_same(world.as_mut(), &mine, timeouts)?;
+    let device = match &engine {
+        RankEngine::Cpu(_) => "cpu",
+        #[cfg(feature = "cuda")]
+        RankEngine::Gpu(_) => "cuda",
+    };
+    tracing::info!(
+        rank,
+        ranks = size,
+        experts = ?own,
+        of = experts,
+        routed_expert_bytes = expert_bytes,
+        kv_pages,
+        device,
+        "joined the expert-parallel replica"
+    );
+    Ok((
+        engine,
+        Lockstep::new(world, heartbeat(timeouts)),
+        tokenizer,
+        kv_pages,
+    ))
+}
+
+/// This rank's engine over `ep` and the KV pages its cache holds: on the
+/// GPU when `gpu` and `options.device` allow it, else on the CPU.
+fn build_engine(
+    model: ServeModel,
+    ep: ExpertParallel,
+    options: &ServeOptions,
+    rank: usize,
+    gpu: bool,
+) -> Result<(RankEngine, usize), ServeError> {
+    #[cfg(feature = "cuda")]
+    let (model, ep) = if gpu && options.device == moe_crds::Device::Cuda {
+        match super::gpu::place_share(model, ep, options, rank == 0)? {
+            super::gpu::SharePlacement::Gpu { backend, kv_pages } => {
+                return Ok((RankEngine::Gpu(Box::new(backend)), kv_pages));
+            }
+            super::gpu::SharePlacement::Cpu(model, ep) => (*model, ep),
+        }
+    } else {
+        (model, ep)
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = gpu;
     let engine = Engine::serve(model)
         .with_weights(options.weights)
         .with_threads(options.threads)
@@ -158,25 +295,7 @@ pub fn join(
         engine.without_logits()
     };
     let kv_pages = super::kv_pages(engine.kv_shape(options.page_size), options)?;
-    // What every rank must agree on (the fields of `check_same`).
-    let mine = [fingerprint, step, kv_pages as u64, options.page_size as u64];
-    check_same(world.as_mut(), &mine, timeouts)?;
-    tracing::info!(
-        rank,
-        ranks = size,
-        experts = ?own,
-        of = experts,
-        routed_expert_bytes = expert_bytes,
-        kv_pages,
-        "joined the expert-parallel replica"
-    );
-    Ok(Joined {
-        engine,
-        lockstep: Lockstep::new(world, heartbeat(timeouts)),
-        tokenizer,
-        kv_pages,
-        page_size: options.page_size,
-    })
+    Ok((RankEngine::Cpu(Box::new(engine)), kv_pages))
 }
 
 /// All-gathers every rank's fingerprint and refuses any that differs from
@@ -225,14 +344,17 @@ fn check_same(
 /// A follower: runs every step the leader plans until it says stop (`Ok`),
 /// or the replica breaks. `joined` must be a follower's (rank > 0).
 pub fn follow(joined: Joined, metrics: &Metrics) -> Result<(), ServeError> {
-    let Joined {
-        engine,
+    follow_backend(joined.into(), metrics)
+}
+
+/// [`follow`] on whichever engine the rank joined with ([`join_serving`]).
+pub fn follow_backend(joined: JoinedBackend, metrics: &Metrics) -> Result<(), ServeError> {
+    let JoinedBackend {
+        backend: mut engine,
         mut lockstep,
         kv_pages,
-        page_size,
         ..
     } = joined;
-    let mut store = KvStore::new(engine.kv_shape(page_size), kv_pages);
     metrics.kv_pages_total.set(kv_pages as i64);
     let rank = lockstep.rank();
     let mut steps = 0u64;
@@ -244,7 +366,7 @@ pub fn follow(joined: Joined, metrics: &Metrics) -> Result<(), ServeError> {
                 metrics.batch_size.observe(chunks.len() as f64);
                 let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
                 metrics.batch_tokens.observe(tokens as f64);
-                let stepped = engine.step(&mut store, &chunks);
+                let stepped = engine.step(&chunks);
                 let (exchanged, gathered) = engine.expert_parallel_bytes();
                 metrics.set_collective_bytes("expert_exchange", exchanged);
                 metrics.set_collective_bytes("all_gather", gathered);

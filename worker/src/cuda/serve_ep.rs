@@ -1,0 +1,249 @@
+//! The serving MoE layer on the GPU with its routed experts split over the
+//! ranks of a replica: the device form of `serve/expert_parallel.rs`, with
+//! the same contract, so a GPU rank and a CPU rank exchange the same rows
+//! and every rank's cache and logits agree with one process's:
+//!
+//! ```text
+//!  rows 0..n on every rank ─▶ rank q takes its slice (n/P rows, balanced)
+//!    ─▶ router, top-k, dispatch, permute (device) ─▶ per-expert counts (host)
+//!    ─▶ rows to their experts' ranks (exchange) ─▶ gather into one batch per
+//!       local expert ─▶ SwiGLU (cuBLASLt) ─▶ gather back to source order
+//!    ─▶ rows back (exchange) ─▶ unpermute · gates ─▶ + shared experts (slice)
+//!    ─▶ all-gather ─▶ rows 0..n on every rank
+//! ```
+//!
+//! The pure decisions (the row split, counts per rank, the regrouping
+//! orders) are `crate::serve::exchange_order`, tested on the CPU. The
+//! exchanges go through [`DeviceExchange`]: [`HostStaged`] moves device rows
+//! through host memory over any [`crate::dist::Collective`] (TCP today),
+//! which is also what lets two ranks share one GPU in a test (NCCL refuses
+//! two ranks of a communicator on one device). An NCCL implementation
+//! would move them device to device
+//! (`crate::dist::nccl::NcclCollective::all_to_all_device`); it is not
+//! built yet.
+//!
+//! A failed exchange is recorded (as on the CPU) and leaves zeros of the
+//! expected shape; `DeviceEngine::step` collects it after the step. A CUDA
+//! error returns at once: it is fatal for the replica.
+
+use std::ops::Range;
+
+use super::moe_layer::{expert_mlps, route_rows};
+use super::serve::DeviceMoe;
+use super::{Gpu, GpuError, Result, dispatch, int, vector};
+use crate::dist::DistError;
+use crate::dist::expert_parallel::ExpertParallel;
+use crate::serve::exchange_order::{DevicePlan, row_split};
+use moe_kernels::cudarc::driver::CudaSlice;
+
+/// How a rank's device rows reach the other ranks of its replica. Every
+/// rank must make the same calls in the same order. Rows are `Option`s:
+/// `None` is zero rows (the device allocates no empty buffer).
+pub trait DeviceExchange: Send {
+    /// This rank in the group, which numbers ranks by expert slice.
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Routed experts per MoE layer, over the whole group.
+    fn n_experts(&self) -> usize;
+    /// The routed experts this rank holds (of every MoE layer).
+    fn local_experts(&self) -> Range<usize>;
+    /// `send[q·per + j]` rows go to rank `q` for its local expert `j`;
+    /// returns `recv[s·per + j]`, what rank `s` sends for this rank's
+    /// expert `j` (zeros after a failure).
+    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize>;
+    /// Sends `send_rows[q]` rows of `width` (consecutive in `send`) to rank
+    /// `q`; returns the `recv_rows[s]` rows of each rank `s`, in rank order.
+    fn exchange_rows(
+        &mut self,
+        gpu: &Gpu,
+        send: Option<&CudaSlice<f32>>,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>>;
+    /// Every rank's `rows` (`counts[q]` from rank `q`), in rank order, on
+    /// every rank.
+    fn all_gather_rows(
+        &mut self,
+        gpu: &Gpu,
+        rows: Option<&CudaSlice<f32>>,
+        counts: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>>;
+    /// The first exchange failure since the last call, if any.
+    fn take_failure(&mut self) -> std::result::Result<(), DistError>;
+    /// Payload bytes sent so far: token exchanges, and rows all-gathered.
+    fn bytes(&self) -> (u64, u64);
+}
+
+/// The exchanges through host memory, over the CPU replica's own
+/// [`ExpertParallel`] (its failure recording and byte counts included):
+/// download, exchange, upload. Two PCIe copies per exchange and a stream
+/// synchronisation per download; correct over any backend.
+pub struct HostStaged(pub ExpertParallel);
+
+impl DeviceExchange for HostStaged {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+
+    fn n_experts(&self) -> usize {
+        self.0.n_experts()
+    }
+
+    fn local_experts(&self) -> Range<usize> {
+        self.0.local_experts()
+    }
+
+    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
+        self.0.exchange_counts(send)
+    }
+
+    fn exchange_rows(
+        &mut self,
+        gpu: &Gpu,
+        send: Option<&CudaSlice<f32>>,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let host = download_rows(gpu, send)?;
+        upload_rows(
+            gpu,
+            &self.0.exchange_rows(&host, send_rows, recv_rows, width),
+        )
+    }
+
+    fn all_gather_rows(
+        &mut self,
+        gpu: &Gpu,
+        rows: Option<&CudaSlice<f32>>,
+        counts: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let host = download_rows(gpu, rows)?;
+        upload_rows(gpu, &self.0.all_gather_rows(&host, counts, width))
+    }
+
+    fn take_failure(&mut self) -> std::result::Result<(), DistError> {
+        self.0.take_failure()
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (self.0.bytes_sent(), self.0.bytes_gathered())
+    }
+}
+
+fn download_rows(gpu: &Gpu, rows: Option<&CudaSlice<f32>>) -> Result<Vec<f32>> {
+    rows.map_or_else(|| Ok(Vec::new()), |rows| gpu.download(rows))
+}
+
+fn upload_rows(gpu: &Gpu, rows: &[f32]) -> Result<Option<CudaSlice<f32>>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    gpu.upload(rows).map(Some)
+}
+
+/// `out[o] = x[order[o]]` for rows of `width`, into a new buffer (`x` holds
+/// at least one row: `order` is a permutation of its rows).
+fn gather(gpu: &Gpu, x: &CudaSlice<f32>, order: &[usize], width: usize) -> Result<CudaSlice<f32>> {
+    let order: Vec<i32> = order.iter().map(|&i| int(i)).collect();
+    let order = gpu.upload(&order)?;
+    let mut out = gpu.output::<f32>(order.len() * width)?;
+    vector::gather_rows(gpu, &mut out, x, &order, width)?;
+    Ok(out)
+}
+
+/// The layer's output for `x: [rows, hidden]` (the same rows on every rank
+/// of `exchange`, which must all call it at the same point; `moe` holds
+/// this rank's experts), on every rank.
+pub(super) fn forward(
+    gpu: &Gpu,
+    moe: &DeviceMoe,
+    x: &CudaSlice<f32>,
+    exchange: &mut dyn DeviceExchange,
+) -> Result<CudaSlice<f32>> {
+    let config = moe.config();
+    let hidden = config.hidden;
+    let rows = x.len() / hidden;
+    let (counts, mine) = row_split(rows, exchange.size(), exchange.rank());
+    // This rank's slice, routed and sorted by expert (none: it routes
+    // nothing, but still takes part in every exchange).
+    let local = if mine.is_empty() {
+        None
+    } else {
+        let slice = x.slice(mine.start * hidden..mine.end * hidden);
+        Some(gpu.stream().clone_dtod(&slice)?)
+    };
+    let routed = match &local {
+        Some(local) => Some(route_rows(gpu, config, &moe.weights(), local)?),
+        None => None,
+    };
+    let load = routed
+        .as_ref()
+        .map_or_else(|| vec![0; config.n_routed_experts], |r| r.load.clone());
+    let recv = exchange.exchange_counts(&load);
+    let plan = DevicePlan::new(&load, recv, exchange.size()).map_err(GpuError::Unsupported)?;
+    let received = exchange.exchange_rows(
+        gpu,
+        routed.as_ref().map(|r| &r.permuted),
+        plan.send_rows(),
+        &plan.recv_rows(),
+        hidden,
+    )?;
+
+    // The local experts on the rows they received, one batch each.
+    let outputs = match &received {
+        Some(received) if plan.received() > 0 => {
+            let batches = gather(gpu, received, &plan.to_batches_order(), hidden)?;
+            let segments = plan.segments();
+            let mlps = expert_mlps(gpu, config, &moe.weights(), &batches, &segments)?;
+            let first = exchange.local_experts().start;
+            for &(j, _, n) in &segments {
+                moe.count_rows(first + j, n);
+            }
+            Some(gather(gpu, &mlps.out, &plan.to_sources_order(), hidden)?)
+        }
+        _ => None,
+    };
+    drop(received);
+    let returned = exchange.exchange_rows(
+        gpu,
+        outputs.as_ref(),
+        &plan.recv_rows(),
+        plan.send_rows(),
+        hidden,
+    )?;
+    drop(outputs);
+
+    // Back in this rank's dispatch order: gated into its tokens, then the
+    // shared experts on its slice.
+    let output = match (&local, &routed) {
+        (Some(local), Some(routed)) => {
+            let mut out = gpu.zeros::<f32>(local.len())?;
+            if let Some(returned) = &returned {
+                dispatch::unpermute(
+                    gpu,
+                    &mut out,
+                    returned,
+                    &routed.routing.gates,
+                    &routed.dispatch,
+                    hidden,
+                )?;
+            }
+            moe.add_shared(gpu, local, &mut out)?;
+            Some(out)
+        }
+        _ => None,
+    };
+    exchange
+        .all_gather_rows(gpu, output.as_ref(), &counts, hidden)?
+        .ok_or_else(|| {
+            GpuError::Unsupported("an expert-parallel MoE layer over no rows".to_string())
+        })
+}
