@@ -80,7 +80,7 @@ serve_fixture() { # name expected-log-line
 # starts two pods (MOE_NODE_RANK 0 and 1, one process each, so both are
 # local rank 0 and open GPU 0): each rank holds half of every MoE layer's
 # experts on the GPU and exchanges its rows with the other over TCP through
-# host memory (NCCL would refuse two ranks on one GPU). Both ranks must log
+# host memory (MOE_COLLECTIVE_BACKEND=tcp: NCCL refuses two ranks on one GPU). Both ranks must log
 # that their share is on the GPU, and the leader must answer every golden
 # prompt with transformers' completion.
 serve_replica() { # name
@@ -89,7 +89,7 @@ serve_replica() { # name
   local coordinator=127.0.0.1:$port pids=() rank
   for rank in 0 1; do
     MOE_WORLD_SIZE=2 MOE_NODES=2 MOE_NODE_RANK=$rank MOE_PROCS_PER_NODE=1 \
-      MOE_COORDINATOR=$coordinator MOE_RENDEZVOUS_TIMEOUT_SECONDS=120 \
+      MOE_COORDINATOR=$coordinator MOE_RENDEZVOUS_TIMEOUT_SECONDS=120 MOE_COLLECTIVE_BACKEND=tcp \
       "$bin" serve --model "$fixtures/$name" --device cuda --expert-parallel 2 \
       --host 127.0.0.1 --port $((port + 1 + rank)) --kv-cache-mib 64 \
       >"$work/$name-ep$rank.log" 2>&1 &

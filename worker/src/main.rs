@@ -211,17 +211,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     let hash = serving_hash(&options);
     let connect_gang = gang.clone();
+    let device = options.device;
     let replica = serve::replica::ReplicaSetup {
         rank: gang.rank,
         size: gang.world_size,
         local_rank: gang.local_rank,
         timeouts,
-        // Expert-parallel serving talks over TCP whatever `device` says: GPU
-        // ranks stage their MoE rows through host memory
-        // (`cuda::serve_ep::HostStaged`), which also lets two ranks share
-        // one GPU. NCCL plugs in here once its device-to-device exchange
-        // for serving is built.
-        connect: Box::new(move || connect(&connect_gang, hash, moe_crds::Device::Cpu, &timeouts)),
+        // GPU replicas talk over NCCL, their MoE rows device to device
+        // (`cuda::serve_ep::NcclDevice`), CPU ones over TCP (as training;
+        // `MOE_COLLECTIVE_BACKEND=tcp` for ranks sharing a GPU, whose rows
+        // then go through host memory).
+        connect: Box::new(move || connect(&connect_gang, hash, device, &timeouts)),
     };
     match serve::run(&options, Some(replica)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,8 +334,8 @@ fn train(config: Option<PathBuf>) -> ExitCode {
 /// This rank's world: over NCCL for GPU ranks and TCP for CPU ranks when
 /// it has more than one rank (`dist::backend::choose_with`, which honours
 /// `MOE_COLLECTIVE_BACKEND`); `config_hash` is compared at rendezvous.
-/// Data-parallel training on GPUs takes the NCCL arm; serving passes
-/// `Device::Cpu`.
+/// Data-parallel training and expert-parallel serving on GPUs take the
+/// NCCL arm.
 fn connect(
     gang: &moe_worker::dist::DistEnv,
     config_hash: u64,

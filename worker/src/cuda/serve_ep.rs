@@ -14,13 +14,11 @@
 //!
 //! The pure decisions (the row split, counts per rank, the regrouping
 //! orders) are `crate::serve::exchange_order`, tested on the CPU. The
-//! exchanges go through [`DeviceExchange`]: [`HostStaged`] moves device rows
-//! through host memory over any [`crate::dist::Collective`] (TCP today),
-//! which is also what lets two ranks share one GPU in a test (NCCL refuses
-//! two ranks of a communicator on one device). An NCCL implementation
-//! would move them device to device
-//! (`crate::dist::nccl::NcclCollective::all_to_all_device`); it is not
-//! built yet.
+//! exchanges go through [`DeviceExchange`]: [`NcclDevice`] moves device rows
+//! device to device over an NCCL group; [`HostStaged`] moves them through
+//! host memory over any other [`crate::dist::Collective`] (TCP), which is
+//! also what lets two ranks share one GPU in a test (NCCL refuses two ranks
+//! of a communicator on one device). [`exchange_for`] picks.
 //!
 //! A failed exchange is recorded (as on the CPU) and leaves zeros of the
 //! expected shape; `DeviceEngine::step` collects it after the step. A CUDA
@@ -127,6 +125,160 @@ impl DeviceExchange for HostStaged {
     ) -> Result<Option<CudaSlice<f32>>> {
         let host = download_rows(gpu, rows)?;
         upload_rows(gpu, &self.0.all_gather_rows(&host, counts, width))
+    }
+
+    fn take_failure(&mut self) -> std::result::Result<(), DistError> {
+        self.0.take_failure()
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (self.0.bytes_sent(), self.0.bytes_gathered())
+    }
+}
+
+/// The exchange for `ep`: device to device when its group is an NCCL
+/// communicator, else through host memory.
+pub fn exchange_for(ep: ExpertParallel) -> Box<dyn DeviceExchange> {
+    if ep.with_group(|g| g.as_nccl().is_some()) {
+        Box::new(NcclDevice(ep))
+    } else {
+        Box::new(HostStaged(ep))
+    }
+}
+
+/// The exchanges over `ExpertParallel`'s NCCL group, device to device
+/// (`NcclCollective::all_to_all_device` on the engine's buffers; the
+/// all-gather as an all-to-all of this rank's rows to every rank). The
+/// counts, a few integers per expert, go through the group's host path.
+/// Failures and bytes are recorded in the `ExpertParallel`, as the host
+/// path records them.
+pub struct NcclDevice(pub ExpertParallel);
+
+impl NcclDevice {
+    /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
+    /// the other ranks; the `recv_rows[s]` rows of each rank `s`, in rank
+    /// order. Zeros of that shape after a failure, recorded.
+    fn all_to_all(
+        &mut self,
+        gpu: &Gpu,
+        send: Option<&CudaSlice<f32>>,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let total: usize = recv_rows.iter().sum::<usize>() * width;
+        let mut recv = if total > 0 {
+            Some(gpu.zeros::<f32>(total)?)
+        } else {
+            None
+        };
+        if self.0.failed() {
+            return Ok(recv);
+        }
+        // NCCL runs on its own stream: the rows it sends must be written.
+        gpu.synchronize()?;
+        // An empty side still needs a buffer to view: one element, viewed empty.
+        let spare = gpu.zeros::<f32>(1)?;
+        let mut spare_out = gpu.zeros::<f32>(1)?;
+        let elements = |rows: &[usize]| rows.iter().map(|r| r * width).collect::<Vec<_>>();
+        let (send_counts, recv_counts) = (elements(send_rows), elements(recv_rows));
+        let result = self.0.with_group(|group| {
+            let Some(nccl) = group.as_nccl() else {
+                return Err(DistError::invalid(
+                    "expert exchange",
+                    "the expert-parallel group is not an NCCL communicator",
+                ));
+            };
+            let send = send.unwrap_or(&spare).slice(..);
+            match recv.as_mut() {
+                Some(out) => nccl.all_to_all_device(&send, &send_counts, out, &recv_counts),
+                None => {
+                    let mut empty = spare_out.slice_mut(0..0);
+                    nccl.all_to_all_device(&send, &send_counts, &mut empty, &recv_counts)
+                }
+            }
+        });
+        if let Err(e) = result {
+            self.0.record(e);
+            if let Some(out) = recv.as_mut() {
+                gpu.stream().memset_zeros(out)?;
+            }
+        }
+        Ok(recv)
+    }
+}
+
+impl DeviceExchange for NcclDevice {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+
+    fn n_experts(&self) -> usize {
+        self.0.n_experts()
+    }
+
+    fn local_experts(&self) -> Range<usize> {
+        self.0.local_experts()
+    }
+
+    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
+        self.0.exchange_counts(send)
+    }
+
+    fn exchange_rows(
+        &mut self,
+        gpu: &Gpu,
+        send: Option<&CudaSlice<f32>>,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let own = self.0.rank();
+        let sent: usize = send_rows
+            .iter()
+            .enumerate()
+            .filter(|&(q, _)| q != own)
+            .map(|(_, &r)| r)
+            .sum();
+        if !self.0.failed() {
+            self.0
+                .count_bytes((sent * width * size_of::<f32>()) as u64, 0);
+        }
+        self.all_to_all(gpu, send, send_rows, recv_rows, width)
+    }
+
+    fn all_gather_rows(
+        &mut self,
+        gpu: &Gpu,
+        rows: Option<&CudaSlice<f32>>,
+        counts: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let size = self.0.size();
+        let mine = counts[self.0.rank()];
+        if !self.0.failed() {
+            let others = size.saturating_sub(1);
+            self.0
+                .count_bytes(0, (mine * width * others * size_of::<f32>()) as u64);
+        }
+        // This rank's rows once per rank, so each receives them.
+        let copies = match rows {
+            Some(rows) if mine > 0 => {
+                let n = mine * width;
+                let mut copies = gpu.output::<f32>(n * size)?;
+                for q in 0..size {
+                    let mut segment = copies.slice_mut(q * n..(q + 1) * n);
+                    gpu.stream().memcpy_dtod(&rows.slice(..n), &mut segment)?;
+                }
+                Some(copies)
+            }
+            _ => None,
+        };
+        self.all_to_all(gpu, copies.as_ref(), &vec![mine; size], counts, width)
     }
 
     fn take_failure(&mut self) -> std::result::Result<(), DistError> {

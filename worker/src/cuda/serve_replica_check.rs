@@ -6,9 +6,12 @@
 //! split over a replica of two ranks, each a [`DeviceEngine`] holding its
 //! half of every MoE layer's experts (sliced from the full model as
 //! `load_experts` would load them), its rows exchanged over a TCP world on
-//! loopback through host memory ([`HostStaged`]): the path `moe-worker
-//! serve --device cuda --expert-parallel 2` takes, minus the processes.
-//! Two ranks share one GPU here because their exchanges never touch NCCL.
+//! loopback through host memory ([`super::serve_ep::HostStaged`]): the
+//! path `moe-worker serve --device cuda --expert-parallel 2` takes over TCP,
+//! minus the processes. Two ranks share one GPU here because their
+//! exchanges never touch NCCL. Each model runs again as a replica of one
+//! rank over an NCCL communicator ([`super::serve_ep::NcclDevice`]: its
+//! device-to-device exchange, every row sent to the rank itself).
 //! Rank 1 steps on a second thread, in lockstep with rank 0, through the
 //! serve check's schedule; rank 0's logits are compared with the CPU
 //! engine's under the same TF32 bound, and rank 1 must return none.
@@ -21,10 +24,11 @@ use std::time::Duration;
 use super::check::Check;
 use super::serve::{DeviceEngine, DeviceKvCache};
 use super::serve_check::{PAGE_SIZE, outcome_checks, run_schedule};
-use super::serve_ep::HostStaged;
+use super::serve_ep::exchange_for;
 use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::rendezvous::Store;
+use crate::dist::nccl::NcclCollective;
 use crate::dist::{Collective, DistError, Solo, TcpCollective, TcpSetup};
 use crate::serve::engine::{Chunk, Engine};
 use crate::serve::kv_cache::KvStore;
@@ -44,7 +48,15 @@ pub fn check_replicas(
         let case = format!("{name}, {RANKS} ranks");
         let checked = model.and_then(|model| match routed_experts(&model) {
             Some(experts) if experts.is_multiple_of(RANKS) => {
-                check_replica(gpu, &case, model, experts).map_err(|e| e.to_string())
+                let mut checks = check_replica(gpu, &case, model.clone(), experts)
+                    .map_err(|e| e.to_string())?;
+                // The NCCL exchange, device to device: a world of one (all
+                // one GPU can host), so its rows go to this rank itself.
+                let nccl = format!("{name}, 1 rank over NCCL");
+                checks.extend(
+                    check_nccl_replica(gpu, &nccl, model, experts).map_err(|e| e.to_string())?,
+                );
+                Ok(checks)
             }
             _ => Ok(Vec::new()),
         });
@@ -164,20 +176,48 @@ pub(crate) fn step_replica(
 /// The serve check's schedule on the CPU engine (all experts) and on a
 /// replica of [`RANKS`] device engines.
 fn check_replica(gpu: &Gpu, name: &str, model: ServeModel, experts: usize) -> Result<Vec<Check>> {
+    let worlds = loopback_world(RANKS).map_err(|e| GpuError::Unsupported(e.to_string()))?;
+    let worlds = worlds
+        .into_iter()
+        .map(|w| Box::new(w) as Box<dyn Collective>)
+        .collect();
+    check_replica_over(gpu, name, model, experts, worlds)
+}
+
+/// The serve check's schedule on a one-rank replica whose group is an
+/// NCCL communicator ([`super::serve_ep::NcclDevice`]).
+fn check_nccl_replica(
+    gpu: &Gpu,
+    name: &str,
+    model: ServeModel,
+    experts: usize,
+) -> Result<Vec<Check>> {
+    let world = NcclCollective::single(gpu.context(), Duration::from_secs(60))
+        .map_err(|e| GpuError::Unsupported(e.to_string()))?;
+    check_replica_over(gpu, name, model, experts, vec![Box::new(world)])
+}
+
+/// The schedule on the CPU engine (all experts) and on a replica of one
+/// device engine per world in `worlds` (rank order), each holding its share.
+fn check_replica_over(
+    gpu: &Gpu,
+    name: &str,
+    model: ServeModel,
+    experts: usize,
+    worlds: Vec<Box<dyn Collective>>,
+) -> Result<Vec<Check>> {
     let vocab = model.config.vocab;
     let pages = 16;
     let cpu = Engine::serve(model.clone());
     let mut store = KvStore::new(cpu.kv_shape(PAGE_SIZE), pages);
     let unsupported = |e: String| GpuError::Unsupported(e);
-    let worlds = loopback_world(RANKS).map_err(|e| unsupported(e.to_string()))?;
+    let size = worlds.len();
     let mut ranks: Vec<(DeviceEngine<'_>, Mutex<DeviceKvCache>)> = Vec::new();
     for (rank, world) in worlds.into_iter().enumerate() {
-        let own = experts_of(rank, RANKS, experts).map_err(|e| unsupported(e.to_string()))?;
-        let world: Box<dyn Collective> = Box::new(world);
+        let own = experts_of(rank, size, experts).map_err(|e| unsupported(e.to_string()))?;
         let ep = ExpertParallel::new(world, Box::new(Solo), experts)
             .map_err(|e| unsupported(e.to_string()))?;
-        let engine =
-            DeviceEngine::expert_parallel(gpu, &share_of(&model, &own), Box::new(HostStaged(ep)))?;
+        let engine = DeviceEngine::expert_parallel(gpu, &share_of(&model, &own), exchange_for(ep))?;
         let engine = if rank == 0 {
             engine
         } else {
@@ -195,7 +235,7 @@ fn check_replica(gpu: &Gpu, name: &str, model: ServeModel, experts: usize) -> Re
         name,
         vocab,
         &mut |chunks| cpu.step(&mut store, chunks).map_err(|e| e.to_string()),
-        &mut |chunks| step_replica(RANKS, chunks, &step),
+        &mut |chunks| step_replica(size, chunks, &step),
     );
     Ok(match ran {
         Ok(outcome) => outcome_checks(name, &outcome),

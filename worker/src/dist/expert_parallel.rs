@@ -131,15 +131,26 @@ impl ExpertParallel {
         f(self.replicas.borrow_mut().as_mut())
     }
 
-    fn record(&self, error: DistError) {
+    /// Keeps the first failure: later exchanges of the step are skipped and
+    /// [`Self::take_failure`] reports it (also for exchanges made on the
+    /// device, `cuda::serve_ep`).
+    pub(crate) fn record(&self, error: DistError) {
         let mut failure = self.failure.borrow_mut();
         if failure.is_none() {
             *failure = Some(error);
         }
     }
 
-    fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.failure.borrow().is_some()
+    }
+
+    /// Counts payload bytes an exchange made elsewhere sent to other ranks
+    /// (`sent`) and let them gather (`gathered`), as this type's own do.
+    pub(crate) fn count_bytes(&self, sent: u64, gathered: u64) {
+        self.bytes_sent.set(self.bytes_sent.get() + sent);
+        self.bytes_gathered
+            .set(self.bytes_gathered.get() + gathered);
     }
 
     /// Tells every rank how many rows each peer will send it per expert:

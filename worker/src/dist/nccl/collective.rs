@@ -351,16 +351,30 @@ impl NcclCollective {
     }
 
     /// [`Collective::all_to_all_bytes`] between device buffers (expert
-    /// dispatch and combine; FP8 rows travel as their bytes).
-    pub fn all_to_all_device(
+    /// dispatch and combine; FP8 rows travel as their bytes, f32 rows as
+    /// theirs), counts in elements of `T`. Views are taken, so a rank with
+    /// nothing to send (or receive) passes an empty view of any buffer.
+    pub fn all_to_all_device<T, S, R>(
         &mut self,
-        send: &CudaSlice<u8>,
+        send: &S,
         send_counts: &[usize],
-        recv: &mut CudaSlice<u8>,
+        recv: &mut R,
         recv_counts: &[usize],
-    ) -> Result<(), DistError> {
+    ) -> Result<(), DistError>
+    where
+        S: DevicePtr<T>,
+        R: DevicePtrMut<T>,
+    {
         self.check_group("all_to_all", send_counts.len())?;
-        let plan = plan::all_to_all(self.rank, send_counts, send.len(), recv_counts, recv.len())?;
+        let width = size_of::<T>();
+        let bytes = |counts: &[usize]| counts.iter().map(|c| c * width).collect::<Vec<_>>();
+        let plan = plan::all_to_all(
+            self.rank,
+            &bytes(send_counts),
+            send.num_bytes(),
+            &bytes(recv_counts),
+            recv.num_bytes(),
+        )?;
         let (s, _record_send) = send.device_ptr(&self.stream);
         let (r, _record_recv) = recv.device_ptr_mut(&self.stream);
         self.all_to_all_raw(&plan, s, r)
