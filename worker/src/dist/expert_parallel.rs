@@ -147,6 +147,7 @@ impl ExpertParallel {
 
     /// Counts payload bytes an exchange made elsewhere sent to other ranks
     /// (`sent`) and let them gather (`gathered`), as this type's own do.
+    #[cfg(feature = "cuda")]
     pub(crate) fn count_bytes(&self, sent: u64, gathered: u64) {
         self.bytes_sent.set(self.bytes_sent.get() + sent);
         self.bytes_gathered
