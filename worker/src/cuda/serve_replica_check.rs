@@ -27,8 +27,8 @@ use super::serve_check::{PAGE_SIZE, outcome_checks, run_schedule};
 use super::serve_ep::exchange_for;
 use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
-use crate::dist::rendezvous::Store;
 use crate::dist::nccl::NcclCollective;
+use crate::dist::rendezvous::Store;
 use crate::dist::{Collective, DistError, Solo, TcpCollective, TcpSetup};
 use crate::serve::engine::{Chunk, Engine};
 use crate::serve::kv_cache::KvStore;
@@ -48,8 +48,8 @@ pub fn check_replicas(
         let case = format!("{name}, {RANKS} ranks");
         let checked = model.and_then(|model| match routed_experts(&model) {
             Some(experts) if experts.is_multiple_of(RANKS) => {
-                let mut checks = check_replica(gpu, &case, model.clone(), experts)
-                    .map_err(|e| e.to_string())?;
+                let mut checks =
+                    check_replica(gpu, &case, model.clone(), experts).map_err(|e| e.to_string())?;
                 // The NCCL exchange, device to device: a world of one (all
                 // one GPU can host), so its rows go to this rank itself.
                 let nccl = format!("{name}, 1 rank over NCCL");
