@@ -710,6 +710,64 @@ fn an_end_of_sequence_token_ends_the_completion() {
     assert_eq!(json["choices"][0]["finish_reason"], "stop", "{json}");
     assert_eq!(json["usage"]["completion_tokens"], step + 1, "{json}");
     assert_eq!(full_text(&response), String::from_utf8_lossy(&bytes));
+
+    // vLLM's `ignore_eos` (what benchmark clients send): the greedy tokens
+    // go on through the end-of-sequence token, which adds no text but is
+    // counted and scored (its log-probability names it), to max_tokens.
+    let ignoring = serde_json::json!({
+        "model": "qwen", "prompt": prompt.text, "max_tokens": prompt.greedy.len(),
+        "temperature": 0, "ignore_eos": true, "logprobs": 1,
+    });
+    let json = post_json(server.addr, "/v1/completions", &ignoring).json();
+    let choice = &json["choices"][0];
+    assert_eq!(choice["finish_reason"], "length", "{json}");
+    assert_eq!(json["usage"]["completion_tokens"], prompt.greedy.len());
+    assert_eq!(
+        choice["logprobs"]["tokens"].as_array().unwrap().len(),
+        prompt.greedy.len()
+    );
+    let tokenizer = load::load(&dir, None, None).unwrap().tokenizer;
+    assert_eq!(
+        choice["logprobs"]["tokens"][step],
+        *String::from_utf8_lossy(&tokenizer.token_bytes(eos))
+    );
+    let text: Vec<u8> = prompt
+        .greedy
+        .iter()
+        .filter(|&&t| t != eos)
+        .flat_map(|&t| tokenizer.token_bytes(t))
+        .collect();
+    assert_eq!(choice["text"], *String::from_utf8_lossy(&text));
+
+    // `min_tokens`: the end-of-sequence token cannot be drawn before it, so
+    // the greedy step that chose it takes the next likeliest token instead.
+    let at_least = serde_json::json!({
+        "model": "qwen", "prompt": prompt.text, "max_tokens": prompt.greedy.len(),
+        "temperature": 0, "min_tokens": step + 2, "logprobs": 2,
+    });
+    let json = post_json(server.addr, "/v1/completions", &at_least).json();
+    let logprobs = &json["choices"][0]["logprobs"];
+    let generated = json["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(generated >= step + 2, "{json}");
+    assert!(
+        json["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(&*String::from_utf8_lossy(&bytes))
+    );
+    // At the step, the chosen token is the second of the alternatives (the
+    // likeliest, end-of-sequence, was banned).
+    let top = logprobs["top_logprobs"][step].as_object().unwrap();
+    let chosen = logprobs["token_logprobs"][step].as_f64().unwrap();
+    let best = top
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(chosen < best, "{logprobs}");
+    let bad = serde_json::json!({"prompt": "x", "max_tokens": 2, "min_tokens": 3});
+    let response = post_json(server.addr, "/v1/completions", &bad);
+    assert_eq!(response.status, 400);
+    assert_eq!(response.json()["error"]["param"], "min_tokens");
 }
 
 #[test]

@@ -235,6 +235,10 @@ pub struct Sampling {
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// vLLM's extensions, which benchmark clients send: generate through
+    /// end-of-sequence tokens; generate at least this many tokens.
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
 }
 
 /// OpenAI's `stream_options`.
@@ -583,6 +587,21 @@ impl Sampling {
             }
             logit_bias.push((id, bias as f32));
         }
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) => {
+                let most = max_tokens.unwrap_or(usize::MAX);
+                usize::try_from(m)
+                    .ok()
+                    .filter(|&m| m <= most)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("min_tokens: {m} is not from 0 to max_tokens"),
+                            Some("min_tokens"),
+                        )
+                    })?
+            }
+        };
         // Without a seed each request draws differently (time and a counter).
         let seed = self.seed.map_or_else(fresh_seed, |s| s as u64);
         let sampling = SamplingParams {
@@ -604,6 +623,8 @@ impl Sampling {
                 stops: stops.clone(),
                 logprobs,
                 prompt_logprobs: score,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                min_tokens,
             })
             .collect();
         Ok(Checked {
@@ -664,6 +685,14 @@ mod tests {
         .sampling
         .clone();
         assert_eq!(biased.logit_bias, [(97, -5.5)]);
+        let bench = completion(r#"{"prompt":"a","max_tokens":9,"ignore_eos":true,"min_tokens":9}"#)
+            .unwrap();
+        assert_eq!(
+            (bench.requests[0].ignore_eos, bench.requests[0].min_tokens),
+            (true, 9)
+        );
+        assert_eq!(r.min_tokens, 0);
+        assert!(!r.ignore_eos);
         assert_eq!(
             (biased.presence_penalty, biased.frequency_penalty),
             (0.5, -1.0)
@@ -683,6 +712,11 @@ mod tests {
             (r#"{"prompt":["a",""]}"#, "prompt"),
             (r#"{"prompt":[[1],[1000]]}"#, "prompt"),
             (r#"{"prompt":["a","b","c"],"n":100}"#, "prompt"),
+            (
+                r#"{"prompt":"a","max_tokens":2,"min_tokens":3}"#,
+                "min_tokens",
+            ),
+            (r#"{"prompt":"a","min_tokens":-1}"#, "min_tokens"),
             (r#"{"prompt":"a","n":0}"#, "n"),
             (r#"{"prompt":"a","n":129}"#, "n"),
             (r#"{"prompt":"a","logit_bias":{"97":101}}"#, "logit_bias"),

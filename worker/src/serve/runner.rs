@@ -49,6 +49,13 @@ pub struct GenerationRequest {
     /// ([`Event::PromptLogprobs`]); the prompt is then computed whole, not
     /// from the prefix cache.
     pub prompt_logprobs: Option<usize>,
+    /// End-of-sequence tokens do not end the completion (vLLM's
+    /// `ignore_eos`: fixed-length outputs for benchmarks); they add no text.
+    pub ignore_eos: bool,
+    /// No end-of-sequence token is drawn and no stop string ends the
+    /// completion before this many tokens (vLLM's `min_tokens`; at most
+    /// `max_tokens`).
+    pub min_tokens: usize,
 }
 
 /// Why a completion ended.
@@ -360,6 +367,8 @@ struct Active {
     sampler: Sampler,
     text: TextAssembler,
     logprobs: Option<usize>,
+    ignore_eos: bool,
+    min_tokens: usize,
     /// Alternatives per scored prompt token, and those scored so far.
     prompt_logprobs: Option<usize>,
     scored: Vec<TokenLogprobs>,
@@ -546,6 +555,8 @@ impl Runner {
                 sampler: Sampler::new(request.sampling),
                 text: TextAssembler::new(request.stops),
                 logprobs: request.logprobs,
+                ignore_eos: request.ignore_eos,
+                min_tokens: request.min_tokens,
                 prompt_logprobs: request.prompt_logprobs,
                 scored: Vec::new(),
                 admitted: false,
@@ -742,7 +753,13 @@ impl Runner {
             return;
         };
         let decodable = &logits[..tokenizer.vocab().min(logits.len())];
-        let token = active.sampler.sample(decodable);
+        let early = active.generated() < active.min_tokens;
+        let banned = if early && !active.ignore_eos {
+            tokenizer.eos_ids()
+        } else {
+            Vec::new()
+        };
+        let token = active.sampler.sample_excluding(decodable, &banned);
         active.tokens.push(token);
         self.scheduler.append(id, token);
         let now = Instant::now();
@@ -758,8 +775,10 @@ impl Runner {
         }
         active.last_token = Some(now);
         self.metrics.generation_tokens.inc();
-        // An end-of-sequence token ends the completion and adds no text.
-        let eos = tokenizer.is_eos(token);
+        // An end-of-sequence token adds no text, and ends the completion
+        // unless told to ignore it.
+        let special = tokenizer.is_eos(token);
+        let eos = special && !active.ignore_eos;
         if let Some(top) = active.logprobs
             && !eos
         {
@@ -774,10 +793,14 @@ impl Runner {
                 top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
             }));
         }
-        let delta = if eos {
+        let delta = if special {
             Delta::default()
         } else {
-            active.text.push(&tokenizer.token_bytes(token))
+            // Stop strings count from min_tokens on (as vLLM checks them).
+            let check_stops = active.generated() >= active.min_tokens;
+            active
+                .text
+                .push_checked(&tokenizer.token_bytes(token), check_stops)
         };
         let finish = if delta.stopped || eos {
             Some(FinishReason::Stop)

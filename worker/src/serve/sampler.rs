@@ -65,23 +65,35 @@ impl Sampler {
     /// The next token from `logits` (one per vocabulary entry the tokenizer
     /// can decode). Non-finite logits are never chosen unless all are.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let adjusted = self.adjusted(logits);
+        self.sample_excluding(logits, &[])
+    }
+
+    /// [`Self::sample`] with `banned` tokens out of the running (their
+    /// logits made -inf): the end-of-sequence tokens before `min_tokens`.
+    pub fn sample_excluding(&mut self, logits: &[f32], banned: &[u32]) -> u32 {
+        let adjusted = self.adjusted(logits, banned);
         let logits = adjusted.as_deref().unwrap_or(logits);
         let token = self.draw(logits);
         *self.drawn.entry(token).or_default() += 1;
         token
     }
 
-    /// The logits with the bias and penalties applied, when there are any.
-    fn adjusted(&self, logits: &[f32]) -> Option<Vec<f32>> {
+    /// The logits with the bias and penalties applied and `banned` tokens
+    /// excluded, when there is any of that to do.
+    fn adjusted(&self, logits: &[f32], banned: &[u32]) -> Option<Vec<f32>> {
         let p = &self.params;
         let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         // Penalties need something drawn before to weigh on.
         let penalties_apply = penalised && !self.drawn.is_empty();
-        if p.logit_bias.is_empty() && !penalties_apply {
+        if p.logit_bias.is_empty() && !penalties_apply && banned.is_empty() {
             return None;
         }
         let mut logits = logits.to_vec();
+        for &token in banned {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         for &(token, bias) in &p.logit_bias {
             if let Some(l) = logits.get_mut(token as usize) {
                 *l += bias;
@@ -252,5 +264,29 @@ mod tests {
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
+    }
+
+    /// Banned tokens are never drawn, greedy or sampled, while any other
+    /// token can be; the bias cannot bring them back.
+    #[test]
+    fn banned_tokens_are_never_drawn() {
+        let logits = [5.0f32, 1.0, 0.5, 4.0];
+        let mut greedy = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(0, 100.0)],
+            ..SamplingParams::default()
+        });
+        assert_eq!(greedy.sample_excluding(&logits, &[0]), 3);
+        assert_eq!(greedy.sample(&logits), 0);
+        let mut sampled = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            seed: 5,
+            ..SamplingParams::default()
+        });
+        let draws: Vec<u32> = (0..400)
+            .map(|_| sampled.sample_excluding(&logits, &[0, 3]))
+            .collect();
+        assert!(draws.iter().all(|&t| t == 1 || t == 2));
+        assert!(draws.contains(&1) && draws.contains(&2));
     }
 }

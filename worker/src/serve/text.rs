@@ -60,6 +60,14 @@ impl Tokenizer {
     }
 
     /// Whether `token` ends the completion (`finish_reason: "stop"`, no text).
+    /// The end-of-sequence tokens (none for the byte tokenizer).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match self {
+            Self::Bytes => Vec::new(),
+            Self::HuggingFace(t) => t.eos().to_vec(),
+        }
+    }
+
     pub fn is_eos(&self, token: u32) -> bool {
         match self {
             Self::Bytes => false,
@@ -112,9 +120,21 @@ impl TextAssembler {
 
     /// Adds one token's bytes.
     pub fn push(&mut self, bytes: &[u8]) -> Delta {
+        self.push_checked(bytes, true)
+    }
+
+    /// [`Self::push`], looking for the stop strings only when `check_stops`
+    /// (not before `min_tokens`: then every complete character is released).
+    pub fn push_checked(&mut self, bytes: &[u8], check_stops: bool) -> Delta {
         self.pending.extend_from_slice(bytes);
         let decoded = take_complete_utf8(&mut self.pending);
         self.held.push_str(&decoded);
+        if !check_stops {
+            return Delta {
+                text: std::mem::take(&mut self.held),
+                stopped: false,
+            };
+        }
         if let Some(at) = self.earliest_stop() {
             self.held.truncate(at);
             self.pending.clear();
@@ -252,5 +272,24 @@ mod tests {
             .collect();
         assert_eq!(text, "hé");
         assert!(t.token_bytes(300).is_empty());
+    }
+
+    /// Before min_tokens no stop string is looked for and every complete
+    /// character is released; from then on stops end the text again.
+    #[test]
+    fn stops_are_looked_for_only_when_asked() {
+        let mut t = TextAssembler::new(vec!["ab".into()]);
+        let early: Vec<Delta> = ["a", "b", "x", "a"]
+            .iter()
+            .map(|p| t.push_checked(p.as_bytes(), false))
+            .collect();
+        assert!(early.iter().all(|d| !d.stopped));
+        let text: String = early.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(text, "abxa");
+        // A character split across tokens still waits for its last byte.
+        assert_eq!(t.push_checked(&[0xc3], false).text, "");
+        assert_eq!(t.push_checked(&[0xa9], true).text, "é");
+        let d = t.push_checked(b"zab", true);
+        assert_eq!((d.text.as_str(), d.stopped), ("z", true));
     }
 }
