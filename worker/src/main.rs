@@ -218,7 +218,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         local_rank: gang.local_rank,
         timeouts,
         // GPU replicas talk over NCCL, their MoE rows device to device
-        // (`cuda::serve_ep::NcclDevice`), CPU ones over TCP (as training;
+        // (`cuda::serve_ep::DeviceExchange`), CPU ones over TCP (as training;
         // `MOE_COLLECTIVE_BACKEND=tcp` for ranks sharing a GPU, whose rows
         // then go through host memory).
         connect: Box::new(move || connect(&connect_gang, hash, device, &timeouts)),

@@ -285,7 +285,7 @@ pub struct DeviceEngine<'g> {
     /// Expert-parallel serving: the replica's ranks holding the other
     /// experts (`crate::cuda::serve_ep`); `None`: every expert is here.
     /// Behind a lock so the engine stays `Sync`, as the CPU engine's.
-    exchange: Option<Mutex<Box<dyn DeviceExchange>>>,
+    exchange: Option<Mutex<DeviceExchange>>,
     /// Whether steps compute logits (a follower rank's do not: the
     /// leader samples).
     logits: bool,
@@ -310,7 +310,7 @@ impl<'g> DeviceEngine<'g> {
     pub fn expert_parallel(
         gpu: &'g Gpu,
         model: &ServeModel,
-        exchange: Box<dyn DeviceExchange>,
+        exchange: DeviceExchange,
     ) -> Result<Self> {
         let own = exchange.local_experts();
         if let Some(why) = device::unsupported_share(model, Some(&own)) {
@@ -515,13 +515,7 @@ impl<'g> DeviceEngine<'g> {
             .exchange
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
-        let ran = self.run(
-            cache,
-            &layout,
-            exchange
-                .as_deref_mut()
-                .map(|b| b.as_mut() as &mut dyn DeviceExchange),
-        );
+        let ran = self.run(cache, &layout, exchange.as_deref_mut());
         // A failed exchange first: the zeros it left may have led to
         // nothing worse, and its `peer` flag says which rank failed first.
         if let Some(exchange) = exchange.as_deref_mut()
@@ -539,7 +533,7 @@ impl<'g> DeviceEngine<'g> {
         &self,
         cache: &mut DeviceKvCache,
         layout: &StepLayout,
-        mut exchange: Option<&mut dyn DeviceExchange>,
+        mut exchange: Option<&mut DeviceExchange>,
     ) -> Result<Vec<f32>> {
         let gpu = self.gpu;
         // The scheduler thread is not the one that opened the GPU.

@@ -14,11 +14,10 @@
 //!
 //! The pure decisions (the row split, counts per rank, the regrouping
 //! orders) are `crate::serve::exchange_order`, tested on the CPU. The
-//! exchanges go through [`DeviceExchange`]: [`NcclDevice`] moves device rows
-//! device to device over an NCCL group; [`HostStaged`] moves them through
-//! host memory over any other [`crate::dist::Collective`] (TCP), which is
-//! also what lets two ranks share one GPU in a test (NCCL refuses two ranks
-//! of a communicator on one device). [`exchange_for`] picks.
+//! exchanges go through [`DeviceExchange`]: device to device over an NCCL
+//! group, through host memory over any other [`crate::dist::Collective`]
+//! (TCP), which is also what lets two ranks share one GPU in a test (NCCL
+//! refuses two ranks of a communicator on one device).
 //!
 //! A failed exchange is recorded (as on the CPU) and leaves zeros of the
 //! expected shape; `DeviceEngine::step` collects it after the step. A CUDA
@@ -34,74 +33,57 @@ use crate::dist::expert_parallel::ExpertParallel;
 use crate::serve::exchange_order::{DevicePlan, row_split};
 use moe_kernels::cudarc::driver::CudaSlice;
 
-/// How a rank's device rows reach the other ranks of its replica. Every
-/// rank must make the same calls in the same order. Rows are `Option`s:
-/// `None` is zero rows (the device allocates no empty buffer).
-pub trait DeviceExchange: Send {
+/// How a rank's device rows reach the other ranks of its replica: over
+/// the replica's [`ExpertParallel`] (which records the first failure and
+/// counts the bytes, as for the CPU engine), device to device when its
+/// group is an NCCL communicator, else through host memory (download,
+/// exchange, upload: two PCIe copies and a stream synchronisation per
+/// exchange; correct over any backend). Every rank must make the same
+/// calls in the same order. Rows are `Option`s: `None` is zero rows (the
+/// device allocates no empty buffer).
+pub struct DeviceExchange {
+    ep: ExpertParallel,
+    /// The group is an NCCL communicator: rows move device to device.
+    nccl: bool,
+}
+
+impl DeviceExchange {
+    /// The exchange over `ep`'s group, device to device over NCCL.
+    pub fn new(ep: ExpertParallel) -> Self {
+        let nccl = ep.with_group(|g| g.as_nccl().is_some());
+        Self { ep, nccl }
+    }
+
     /// This rank in the group, which numbers ranks by expert slice.
-    fn rank(&self) -> usize;
-    fn size(&self) -> usize;
+    pub fn rank(&self) -> usize {
+        self.ep.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.ep.size()
+    }
+
     /// Routed experts per MoE layer, over the whole group.
-    fn n_experts(&self) -> usize;
+    pub fn n_experts(&self) -> usize {
+        self.ep.n_experts()
+    }
+
     /// The routed experts this rank holds (of every MoE layer).
-    fn local_experts(&self) -> Range<usize>;
+    pub fn local_experts(&self) -> Range<usize> {
+        self.ep.local_experts()
+    }
+
     /// `send[q·per + j]` rows go to rank `q` for its local expert `j`;
     /// returns `recv[s·per + j]`, what rank `s` sends for this rank's
-    /// expert `j` (zeros after a failure).
-    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize>;
+    /// expert `j` (zeros after a failure). A few integers: through the
+    /// group's host path whatever it is.
+    pub fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
+        self.ep.exchange_counts(send)
+    }
+
     /// Sends `send_rows[q]` rows of `width` (consecutive in `send`) to rank
     /// `q`; returns the `recv_rows[s]` rows of each rank `s`, in rank order.
-    fn exchange_rows(
-        &mut self,
-        gpu: &Gpu,
-        send: Option<&CudaSlice<f32>>,
-        send_rows: &[usize],
-        recv_rows: &[usize],
-        width: usize,
-    ) -> Result<Option<CudaSlice<f32>>>;
-    /// Every rank's `rows` (`counts[q]` from rank `q`), in rank order, on
-    /// every rank.
-    fn all_gather_rows(
-        &mut self,
-        gpu: &Gpu,
-        rows: Option<&CudaSlice<f32>>,
-        counts: &[usize],
-        width: usize,
-    ) -> Result<Option<CudaSlice<f32>>>;
-    /// The first exchange failure since the last call, if any.
-    fn take_failure(&mut self) -> std::result::Result<(), DistError>;
-    /// Payload bytes sent so far: token exchanges, and rows all-gathered.
-    fn bytes(&self) -> (u64, u64);
-}
-
-/// The exchanges through host memory, over the CPU replica's own
-/// [`ExpertParallel`] (its failure recording and byte counts included):
-/// download, exchange, upload. Two PCIe copies per exchange and a stream
-/// synchronisation per download; correct over any backend.
-pub struct HostStaged(pub ExpertParallel);
-
-impl DeviceExchange for HostStaged {
-    fn rank(&self) -> usize {
-        self.0.rank()
-    }
-
-    fn size(&self) -> usize {
-        self.0.size()
-    }
-
-    fn n_experts(&self) -> usize {
-        self.0.n_experts()
-    }
-
-    fn local_experts(&self) -> Range<usize> {
-        self.0.local_experts()
-    }
-
-    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
-        self.0.exchange_counts(send)
-    }
-
-    fn exchange_rows(
+    pub fn exchange_rows(
         &mut self,
         gpu: &Gpu,
         send: Option<&CudaSlice<f32>>,
@@ -109,162 +91,33 @@ impl DeviceExchange for HostStaged {
         recv_rows: &[usize],
         width: usize,
     ) -> Result<Option<CudaSlice<f32>>> {
-        let host = download_rows(gpu, send)?;
-        upload_rows(
-            gpu,
-            &self.0.exchange_rows(&host, send_rows, recv_rows, width),
-        )
-    }
-
-    fn all_gather_rows(
-        &mut self,
-        gpu: &Gpu,
-        rows: Option<&CudaSlice<f32>>,
-        counts: &[usize],
-        width: usize,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        let host = download_rows(gpu, rows)?;
-        upload_rows(gpu, &self.0.all_gather_rows(&host, counts, width))
-    }
-
-    fn take_failure(&mut self) -> std::result::Result<(), DistError> {
-        self.0.take_failure()
-    }
-
-    fn bytes(&self) -> (u64, u64) {
-        (self.0.bytes_sent(), self.0.bytes_gathered())
-    }
-}
-
-/// The exchange for `ep`: device to device when its group is an NCCL
-/// communicator, else through host memory.
-pub fn exchange_for(ep: ExpertParallel) -> Box<dyn DeviceExchange> {
-    if ep.with_group(|g| g.as_nccl().is_some()) {
-        Box::new(NcclDevice(ep))
-    } else {
-        Box::new(HostStaged(ep))
-    }
-}
-
-/// The exchanges over `ExpertParallel`'s NCCL group, device to device
-/// (`NcclCollective::all_to_all_device` on the engine's buffers; the
-/// all-gather as an all-to-all of this rank's rows to every rank). The
-/// counts, a few integers per expert, go through the group's host path.
-/// Failures and bytes are recorded in the `ExpertParallel`, as the host
-/// path records them.
-pub struct NcclDevice(pub ExpertParallel);
-
-impl NcclDevice {
-    /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
-    /// the other ranks; the `recv_rows[s]` rows of each rank `s`, in rank
-    /// order. Zeros of that shape after a failure, recorded.
-    fn all_to_all(
-        &mut self,
-        gpu: &Gpu,
-        send: Option<&CudaSlice<f32>>,
-        send_rows: &[usize],
-        recv_rows: &[usize],
-        width: usize,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        let total: usize = recv_rows.iter().sum::<usize>() * width;
-        let mut recv = if total > 0 {
-            Some(gpu.zeros::<f32>(total)?)
-        } else {
-            None
-        };
-        if self.0.failed() {
-            return Ok(recv);
+        if !self.nccl {
+            let host = download_rows(gpu, send)?;
+            return upload_rows(
+                gpu,
+                &self.ep.exchange_rows(&host, send_rows, recv_rows, width),
+            );
         }
-        // NCCL runs on its own stream: the rows it sends must be written.
-        gpu.synchronize()?;
-        // An empty side still needs a buffer to view: one element, viewed empty.
-        let spare = gpu.zeros::<f32>(1)?;
-        let mut spare_out = gpu.zeros::<f32>(1)?;
-        let elements = |rows: &[usize]| rows.iter().map(|r| r * width).collect::<Vec<_>>();
-        let (send_counts, recv_counts) = (elements(send_rows), elements(recv_rows));
-        let result = self.0.with_group(|group| {
-            let Some(nccl) = group.as_nccl() else {
-                return Err(DistError::invalid(
-                    "expert exchange",
-                    "the expert-parallel group is not an NCCL communicator",
-                ));
-            };
-            let send = send.unwrap_or(&spare).slice(..);
-            match recv.as_mut() {
-                Some(out) => nccl.all_to_all_device(&send, &send_counts, out, &recv_counts),
-                None => {
-                    let mut empty = spare_out.slice_mut(0..0);
-                    nccl.all_to_all_device(&send, &send_counts, &mut empty, &recv_counts)
-                }
-            }
-        });
-        if let Err(e) = result {
-            self.0.record(e);
-            if let Some(out) = recv.as_mut() {
-                gpu.stream().memset_zeros(out)?;
-            }
-        }
-        Ok(recv)
-    }
-}
-
-impl DeviceExchange for NcclDevice {
-    fn rank(&self) -> usize {
-        self.0.rank()
-    }
-
-    fn size(&self) -> usize {
-        self.0.size()
-    }
-
-    fn n_experts(&self) -> usize {
-        self.0.n_experts()
-    }
-
-    fn local_experts(&self) -> Range<usize> {
-        self.0.local_experts()
-    }
-
-    fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
-        self.0.exchange_counts(send)
-    }
-
-    fn exchange_rows(
-        &mut self,
-        gpu: &Gpu,
-        send: Option<&CudaSlice<f32>>,
-        send_rows: &[usize],
-        recv_rows: &[usize],
-        width: usize,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        let own = self.0.rank();
-        let sent: usize = send_rows
-            .iter()
-            .enumerate()
-            .filter(|&(q, _)| q != own)
-            .map(|(_, &r)| r)
-            .sum();
-        if !self.0.failed() {
-            self.0
-                .count_bytes((sent * width * size_of::<f32>()) as u64, 0);
-        }
+        self.ep.count_sent(send_rows, width);
         self.all_to_all(gpu, send, send_rows, recv_rows, width)
     }
 
-    fn all_gather_rows(
+    /// Every rank's `rows` (`counts[q]` from rank `q`), in rank order, on
+    /// every rank. Over NCCL: an all-to-all of this rank's rows to every rank.
+    pub fn all_gather_rows(
         &mut self,
         gpu: &Gpu,
         rows: Option<&CudaSlice<f32>>,
         counts: &[usize],
         width: usize,
     ) -> Result<Option<CudaSlice<f32>>> {
-        let size = self.0.size();
-        let mine = counts[self.0.rank()];
-        if !self.0.failed() {
-            let others = size.saturating_sub(1);
-            self.0
-                .count_bytes(0, (mine * width * others * size_of::<f32>()) as u64);
+        if !self.nccl {
+            let host = download_rows(gpu, rows)?;
+            return upload_rows(gpu, &self.ep.all_gather_rows(&host, counts, width));
         }
+        let size = self.ep.size();
+        let mine = counts[self.ep.rank()];
+        self.ep.count_gathered(mine * width);
         // This rank's rows once per rank, so each receives them.
         let copies = match rows {
             Some(rows) if mine > 0 => {
@@ -281,12 +134,67 @@ impl DeviceExchange for NcclDevice {
         self.all_to_all(gpu, copies.as_ref(), &vec![mine; size], counts, width)
     }
 
-    fn take_failure(&mut self) -> std::result::Result<(), DistError> {
-        self.0.take_failure()
+    /// The first exchange failure since the last call, if any.
+    pub fn take_failure(&mut self) -> std::result::Result<(), DistError> {
+        self.ep.take_failure()
     }
 
-    fn bytes(&self) -> (u64, u64) {
-        (self.0.bytes_sent(), self.0.bytes_gathered())
+    /// Payload bytes sent so far: token exchanges, and rows all-gathered.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.ep.bytes_sent(), self.ep.bytes_gathered())
+    }
+
+    /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
+    /// the other ranks over NCCL, device to device; the `recv_rows[s]` rows
+    /// of each rank `s`, in rank order. Zeros of that shape after a
+    /// failure, recorded.
+    fn all_to_all(
+        &mut self,
+        gpu: &Gpu,
+        send: Option<&CudaSlice<f32>>,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let total: usize = recv_rows.iter().sum::<usize>() * width;
+        let mut recv = if total > 0 {
+            Some(gpu.zeros::<f32>(total)?)
+        } else {
+            None
+        };
+        if self.ep.failed() {
+            return Ok(recv);
+        }
+        // NCCL runs on its own stream: the rows it sends must be written.
+        gpu.synchronize()?;
+        // An empty side still needs a buffer to view: one element, viewed empty.
+        let spare = gpu.zeros::<f32>(1)?;
+        let mut spare_out = gpu.zeros::<f32>(1)?;
+        let elements = |rows: &[usize]| rows.iter().map(|r| r * width).collect::<Vec<_>>();
+        let (send_counts, recv_counts) = (elements(send_rows), elements(recv_rows));
+        let result = self.ep.with_group(|group| {
+            let Some(nccl) = group.as_nccl() else {
+                return Err(DistError::invalid(
+                    "expert exchange",
+                    "the expert-parallel group is not an NCCL communicator",
+                ));
+            };
+            let send = send.unwrap_or(&spare).slice(..);
+            match recv.as_mut() {
+                Some(out) => nccl.all_to_all_device(&send, &send_counts, out, &recv_counts),
+                None => {
+                    let mut empty = spare_out.slice_mut(0..0);
+                    nccl.all_to_all_device(&send, &send_counts, &mut empty, &recv_counts)
+                }
+            }
+        });
+        if let Err(e) = result {
+            self.ep.record(e);
+            if let Some(out) = recv.as_mut() {
+                gpu.stream().memset_zeros(out)?;
+            }
+        }
+        Ok(recv)
     }
 }
 
@@ -318,7 +226,7 @@ pub(super) fn forward(
     gpu: &Gpu,
     moe: &DeviceMoe,
     x: &CudaSlice<f32>,
-    exchange: &mut dyn DeviceExchange,
+    exchange: &mut DeviceExchange,
 ) -> Result<CudaSlice<f32>> {
     let config = moe.config();
     let hidden = config.hidden;

@@ -6,11 +6,11 @@
 //! split over a replica of two ranks, each a [`DeviceEngine`] holding its
 //! half of every MoE layer's experts (sliced from the full model as
 //! `load_experts` would load them), its rows exchanged over a TCP world on
-//! loopback through host memory ([`super::serve_ep::HostStaged`]): the
+//! loopback through host memory ([`DeviceExchange`]): the
 //! path `moe-worker serve --device cuda --expert-parallel 2` takes over TCP,
 //! minus the processes. Two ranks share one GPU here because their
 //! exchanges never touch NCCL. Each model runs again as a replica of one
-//! rank over an NCCL communicator ([`super::serve_ep::NcclDevice`]: its
+//! rank over an NCCL communicator ([`DeviceExchange`] over NCCL: its
 //! device-to-device exchange, every row sent to the rank itself).
 //! Rank 1 steps on a second thread, in lockstep with rank 0, through the
 //! serve check's schedule; rank 0's logits are compared with the CPU
@@ -24,7 +24,7 @@ use std::time::Duration;
 use super::check::Check;
 use super::serve::{DeviceEngine, DeviceKvCache};
 use super::serve_check::{PAGE_SIZE, outcome_checks, run_schedule};
-use super::serve_ep::exchange_for;
+use super::serve_ep::DeviceExchange;
 use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::nccl::NcclCollective;
@@ -185,7 +185,7 @@ fn check_replica(gpu: &Gpu, name: &str, model: ServeModel, experts: usize) -> Re
 }
 
 /// The serve check's schedule on a one-rank replica whose group is an
-/// NCCL communicator ([`super::serve_ep::NcclDevice`]).
+/// NCCL communicator (the device-to-device [`DeviceExchange`]).
 fn check_nccl_replica(
     gpu: &Gpu,
     name: &str,
@@ -217,7 +217,8 @@ fn check_replica_over(
         let own = experts_of(rank, size, experts).map_err(|e| unsupported(e.to_string()))?;
         let ep = ExpertParallel::new(world, Box::new(Solo), experts)
             .map_err(|e| unsupported(e.to_string()))?;
-        let engine = DeviceEngine::expert_parallel(gpu, &share_of(&model, &own), exchange_for(ep))?;
+        let engine =
+            DeviceEngine::expert_parallel(gpu, &share_of(&model, &own), DeviceExchange::new(ep))?;
         let engine = if rank == 0 {
             engine
         } else {

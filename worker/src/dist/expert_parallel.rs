@@ -145,13 +145,32 @@ impl ExpertParallel {
         self.failure.borrow().is_some()
     }
 
-    /// Counts payload bytes an exchange made elsewhere sent to other ranks
-    /// (`sent`) and let them gather (`gathered`), as this type's own do.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn count_bytes(&self, sent: u64, gathered: u64) {
-        self.bytes_sent.set(self.bytes_sent.get() + sent);
+    /// Counts the payload an exchange of `send_rows[q]` rows of `width` to
+    /// each rank `q` sends to the others (nothing once failed: the
+    /// exchanges after a failure move nothing).
+    pub(crate) fn count_sent(&self, send_rows: &[usize], width: usize) {
+        if self.failed() {
+            return;
+        }
+        let own = self.rank();
+        let sent: usize = send_rows
+            .iter()
+            .enumerate()
+            .filter(|&(q, _)| q != own)
+            .map(|(_, &r)| r)
+            .sum();
+        self.bytes_sent
+            .set(self.bytes_sent.get() + (sent * width * size_of::<f32>()) as u64);
+    }
+
+    /// Counts `values` of this rank gathered by every other rank.
+    pub(crate) fn count_gathered(&self, values: usize) {
+        if self.failed() {
+            return;
+        }
+        let others = self.size().saturating_sub(1);
         self.bytes_gathered
-            .set(self.bytes_gathered.get() + gathered);
+            .set(self.bytes_gathered.get() + (values * others * size_of::<f32>()) as u64);
     }
 
     /// Tells every rank how many rows each peer will send it per expert:
@@ -200,15 +219,7 @@ impl ExpertParallel {
         if self.failed() {
             return vec![T::ZERO; total * width];
         }
-        let own = self.rank();
-        let sent: usize = send_rows
-            .iter()
-            .enumerate()
-            .filter(|&(q, _)| q != own)
-            .map(|(_, &r)| r)
-            .sum();
-        self.bytes_sent
-            .set(self.bytes_sent.get() + (sent * width * size_of::<f32>()) as u64);
+        self.count_sent(send_rows, width);
         // The wire carries f32; training runs in f32, so this is exact there.
         let send: Vec<f32> = send.iter().map(|v| v.to_f64() as f32).collect();
         let mut recv = vec![0f32; total * width];
@@ -243,9 +254,7 @@ impl ExpertParallel {
         if self.failed() {
             return vec![0.0; total * width];
         }
-        let others = self.size().saturating_sub(1);
-        self.bytes_gathered
-            .set(self.bytes_gathered.get() + (rows.len() * others * size_of::<f32>()) as u64);
+        self.count_gathered(rows.len());
         let elements: Vec<usize> = counts.iter().map(|r| r * width).collect();
         let mut out = vec![0.0; total * width];
         let result = self

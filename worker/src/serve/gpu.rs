@@ -7,7 +7,7 @@
 //! CPU would hide a broken node.
 
 use crate::cuda::serve::DeviceEngine;
-use crate::cuda::serve_ep::exchange_for;
+use crate::cuda::serve_ep::DeviceExchange;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::serve::backend::Backend;
@@ -54,7 +54,7 @@ pub(crate) enum SharePlacement {
 /// [`place`] for one rank of an expert-parallel replica, `model` holding
 /// `ep`'s experts: the GPU engine exchanging its rows over `ep`'s
 /// communicator, device to device over NCCL, else through host memory
-/// ([`exchange_for`]). The decision depends on the model alone, so every rank of a replica takes
+/// ([`DeviceExchange`]). The decision depends on the model alone, so every rank of a replica takes
 /// the same one (and a GPU rank and a CPU rank would agree anyway: both
 /// exchange the same rows). `leader`: rank 0, the one that computes logits.
 pub(crate) fn place_share(
@@ -69,8 +69,8 @@ pub(crate) fn place_share(
         return Ok(SharePlacement::Cpu(Box::new(model), ep));
     }
     let gpu = open(options)?;
-    let engine =
-        DeviceEngine::expert_parallel(gpu, &model, exchange_for(ep)).map_err(device_error)?;
+    let engine = DeviceEngine::expert_parallel(gpu, &model, DeviceExchange::new(ep))
+        .map_err(device_error)?;
     drop(model);
     let engine = if leader {
         engine
