@@ -395,6 +395,32 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// The largest difference between a `top_logprobs` entry (text →
+/// log-probability) and `reference`'s `top` likeliest tokens, which it
+/// must hold exactly (tokens with the same text share a key, the
+/// likelier's).
+fn alternatives_error(
+    alternatives: &serde_json::Map<String, serde_json::Value>,
+    reference: &[f64],
+    top: usize,
+    text_of: &dyn Fn(u32) -> String,
+) -> f64 {
+    let mut order: Vec<usize> = (0..reference.len()).collect();
+    order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+    let mut seen = Vec::new();
+    let mut worst = 0.0f64;
+    for &id in &order[..top] {
+        let text = text_of(id as u32);
+        if !seen.contains(&text) {
+            let value = alternatives[&text].as_f64().unwrap();
+            worst = worst.max((value - reference[id]).abs());
+            seen.push(text);
+        }
+    }
+    assert_eq!(alternatives.len(), seen.len());
+    worst
+}
+
 #[test]
 fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
     let dir = fixture("mixtral");
@@ -428,22 +454,9 @@ fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
             let reference = log_softmax(logits);
             let got = token_logprobs[step].as_f64().unwrap();
             worst = worst.max((got - reference[token as usize]).abs());
-            // The alternatives: transformers' `top` likeliest, most likely
-            // first (greedy: the chosen token leads).
-            let mut order: Vec<usize> = (0..reference.len()).collect();
-            order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+            // The alternatives: transformers' `top` likeliest.
             let alternatives = logprobs["top_logprobs"][step].as_object().unwrap();
-            let mut seen = Vec::new();
-            for &id in &order[..top] {
-                // Tokens with the same text share a key, the likelier's.
-                let text = text_of(id as u32);
-                if !seen.contains(&text) {
-                    let value = alternatives[&text].as_f64().unwrap();
-                    worst = worst.max((value - reference[id]).abs());
-                    seen.push(text);
-                }
-            }
-            assert_eq!(alternatives.len(), seen.len());
+            worst = worst.max(alternatives_error(alternatives, &reference, top, &text_of));
             assert_eq!(logprobs["tokens"][step], text_of(token));
         }
         // Streamed, the same tokens and values arrive spread over the chunks.
@@ -537,14 +550,7 @@ fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
             "model": "mixtral", "prompt": prompts, "echo": true, "logprobs": top,
             "max_tokens": max_tokens, "temperature": 0, "stream": stream,
         });
-        let response = post_json(server.addr, "/v1/completions", &body);
-        assert_eq!(
-            response.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&response.body)
-        );
-        response
+        post_json(server.addr, "/v1/completions", &body)
     };
     let mut worst = 0.0f64;
     let mut alone = Vec::new();
@@ -552,7 +558,7 @@ fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
         // Twice: the second finds the prompt's pages cached and must still
         // compute every row (cached rows have no logits).
         for _ in 0..2 {
-            let json = score(serde_json::json!(full), 0, false).json();
+            let json = score(serde_json::json!(full), 0, false).ok_json();
             let choice = &json["choices"][0];
             assert_eq!(choice["finish_reason"], "length");
             assert_eq!(json["usage"]["completion_tokens"], 0);
@@ -576,20 +582,8 @@ fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
                 let reference = log_softmax(logits);
                 let got = values[at].as_f64().unwrap();
                 worst = worst.max((got - reference[prompt.greedy[j] as usize]).abs());
-                let mut order: Vec<usize> = (0..reference.len()).collect();
-                order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
                 let alternatives = logprobs["top_logprobs"][at].as_object().unwrap();
-                let mut seen = Vec::new();
-                for &id in &order[..top] {
-                    // Tokens with the same text share a key, the likelier's.
-                    let text = text_of(id as u32);
-                    if !seen.contains(&text) {
-                        let value = alternatives[&text].as_f64().unwrap();
-                        worst = worst.max((value - reference[id]).abs());
-                        seen.push(text);
-                    }
-                }
-                assert_eq!(alternatives.len(), seen.len());
+                worst = worst.max(alternatives_error(alternatives, &reference, top, &text_of));
                 // Greedy tokens: the chosen one is the likeliest (the
                 // harness's `is_greedy`).
                 let best = alternatives
@@ -607,7 +601,7 @@ fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
     // The harness's shape: every prompt in one request, as token lists,
     // max_tokens 1 (the last entry, the generated token, is dropped): each
     // choice, in prompt order, holds what the prompt alone gave.
-    let json = score(serde_json::json!(scored), 1, false).json();
+    let json = score(serde_json::json!(scored), 1, false).ok_json();
     let choices = json["choices"].as_array().unwrap();
     assert_eq!(choices.len(), scored.len());
     let mut prompt_tokens = 0;
@@ -630,7 +624,9 @@ fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
 
     // Streamed: the echo chunk carries the prompt's log-probabilities, the
     // generated token's follow; together they are the whole response's.
-    let events = score(serde_json::json!(scored[0]), 1, true).events();
+    let streamed = score(serde_json::json!(scored[0]), 1, true);
+    assert_eq!(streamed.status, 200);
+    let events = streamed.events();
     let chunks: Vec<serde_json::Value> = events
         .iter()
         .filter(|e| *e != "[DONE]")

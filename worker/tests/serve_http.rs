@@ -532,14 +532,7 @@ fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
         })
         .collect();
     let body = json!({"prompt": prompts, "max_tokens": 5, "temperature": 0, "n": 2, "echo": true});
-    let response = post_json(server.addr, "/v1/completions", &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    let json = response.json();
+    let json = post_json(server.addr, "/v1/completions", &body).ok_json();
     let choices = json["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 6);
     for (i, choice) in choices.iter().enumerate() {
@@ -580,7 +573,7 @@ fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
     assert_eq!(usage["prompt_tokens"], prompt_tokens);
     // Scoring only (echo, logprobs, max_tokens 0): no token generated.
     let scoring = json!({"prompt": prompts, "max_tokens": 0, "echo": true, "logprobs": 0});
-    let json = post_json(server.addr, "/v1/completions", &scoring).json();
+    let json = post_json(server.addr, "/v1/completions", &scoring).ok_json();
     for (p, choice) in json["choices"].as_array().unwrap().iter().enumerate() {
         assert_eq!(choice["text"], prompts[p]);
         assert_eq!(choice["finish_reason"], "length");

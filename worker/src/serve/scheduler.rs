@@ -539,32 +539,22 @@ mod tests {
         s.enqueue_whole(1, &long, long.len() + 2).unwrap();
         s.enqueue_whole(2, &prompt(2, 5), 6).unwrap();
         s.enqueue(3, &prompt(3, 5), 6).unwrap();
-        let work = s.plan();
+        // Plans and completes a step: `(id, len, sample, score)` each.
+        let step = |s: &mut Scheduler| {
+            let work = s.plan();
+            s.complete(&work);
+            work.iter()
+                .map(|w| (w.id, w.len, w.sample, w.score))
+                .collect::<Vec<_>>()
+        };
         // The second scored prompt waits (the bound is spent), and so does
         // the request behind it (first in, first out).
-        let planned: Vec<_> = work
-            .iter()
-            .map(|w| (w.id, w.len, w.sample, w.score))
-            .collect();
-        assert_eq!(planned, [(1, MAX_SCORED_ROWS, false, true)]);
-        s.complete(&work);
-        let work = s.plan();
-        let planned: Vec<_> = work
-            .iter()
-            .map(|w| (w.id, w.len, w.sample, w.score))
-            .collect();
-        assert_eq!(planned, [(1, MAX_SCORED_ROWS, false, true)]);
-        s.complete(&work);
-        let work = s.plan();
-        let planned: Vec<_> = work
-            .iter()
-            .map(|w| (w.id, w.len, w.sample, w.score))
-            .collect();
+        assert_eq!(step(&mut s), [(1, MAX_SCORED_ROWS, false, true)]);
+        assert_eq!(step(&mut s), [(1, MAX_SCORED_ROWS, false, true)]);
         assert_eq!(
-            planned,
+            step(&mut s),
             [(1, 10, true, true), (2, 5, true, true), (3, 5, true, false)]
         );
-        s.complete(&work);
         s.append(1, 7);
         // Its decode is not scored.
         let work = s.plan();

@@ -190,6 +190,12 @@ impl Response {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
+    /// [`Self::json`] of a 200 response (the body is shown otherwise).
+    pub fn ok_json(&self) -> Value {
+        assert_eq!(self.status, 200, "{}", String::from_utf8_lossy(&self.body));
+        self.json()
+    }
+
     /// The `data:` payloads of a server-sent event stream.
     pub fn events(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.body)
@@ -305,13 +311,7 @@ pub fn streamed_text(response: &Response) -> (String, Option<String>) {
 
 /// The text of a non-streamed completion or chat completion.
 pub fn full_text(response: &Response) -> String {
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    let json = response.json();
+    let json = response.ok_json();
     let choice = &json["choices"][0];
     choice["text"]
         .as_str()
