@@ -395,6 +395,20 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// Fixture `name`'s golden file, a server of it (the model named `name`)
+/// and its tokenizer.
+fn serve_fixture(name: &str) -> (Golden, Server, Tokenizer) {
+    let dir = fixture(name);
+    let options = ServeOptions {
+        model_name: Some(name.into()),
+        ..serve_support::options(&dir)
+    };
+    let loaded = load::load(&dir, None, None).unwrap();
+    let tokenizer = loaded.tokenizer.clone();
+    let server = Server::start(loaded, &options).unwrap();
+    (golden(&dir), server, tokenizer)
+}
+
 /// The largest difference between a `top_logprobs` entry (text →
 /// log-probability) and `reference`'s `top` likeliest tokens, which it
 /// must hold exactly (tokens with the same text share a key, the
@@ -423,15 +437,7 @@ fn alternatives_error(
 
 #[test]
 fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
-    let dir = fixture("mixtral");
-    let golden = golden(&dir);
-    let options = ServeOptions {
-        model_name: Some("mixtral".into()),
-        ..serve_support::options(&dir)
-    };
-    let loaded = load::load(&dir, None, None).unwrap();
-    let tokenizer = loaded.tokenizer.clone();
-    let server = Server::start(loaded, &options).unwrap();
+    let (golden, server, tokenizer) = serve_fixture("mixtral");
     let text_of = |id: u32| String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned();
     let mut worst = 0.0f64;
     for prompt in &golden.prompts {
@@ -528,15 +534,7 @@ fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
 /// it is `transformers`' `log_softmax(logits[j])` at that token.
 #[test]
 fn prompt_logprobs_are_the_log_softmax_of_the_transformers_logits() {
-    let dir = fixture("mixtral");
-    let golden = golden(&dir);
-    let options = ServeOptions {
-        model_name: Some("mixtral".into()),
-        ..serve_support::options(&dir)
-    };
-    let loaded = load::load(&dir, None, None).unwrap();
-    let tokenizer = loaded.tokenizer.clone();
-    let server = Server::start(loaded, &options).unwrap();
+    let (golden, server, tokenizer) = serve_fixture("mixtral");
     let text_of = |id: u32| String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned();
     let top = 3;
     // Each prompt with its greedy tokens but the last (scored, not generated).

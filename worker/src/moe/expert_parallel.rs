@@ -76,6 +76,16 @@ impl ExchangePlan {
             .collect()
     }
 
+    /// Experts per rank.
+    pub fn per(&self) -> usize {
+        self.per
+    }
+
+    /// `recv[s·per + j]`: rows rank `s` sends for this rank's expert `j`.
+    pub fn recv(&self) -> &[usize] {
+        &self.recv
+    }
+
     /// Rows of each local expert's batch (from every source).
     pub fn batch_rows(&self) -> Vec<usize> {
         (0..self.per)

@@ -20,6 +20,7 @@
 use std::ops::Range;
 
 use crate::dist::schedule::balanced_counts;
+use crate::moe::expert_parallel::ExchangePlan;
 
 /// The rows each rank routes of a step's `rows` (balanced, as the CPU
 /// replica splits them), and this rank's range of them.
@@ -30,18 +31,11 @@ pub fn row_split(rows: usize, size: usize, rank: usize) -> (Vec<usize>, Range<us
     (counts, first..first + mine)
 }
 
-/// Who sends how many rows to whom in one layer's exchanges, and in what
-/// order the received rows are computed.
+/// Who sends how many rows to whom in one layer's exchanges (the CPU
+/// replica's [`ExchangePlan`], built only from shapes that agree), and in
+/// what order the received rows are computed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DevicePlan {
-    /// Experts per rank.
-    per: usize,
-    /// Rows this rank sends to each rank (its load, split at the owners'
-    /// expert boundaries).
-    send_rows: Vec<usize>,
-    /// `recv[s·per + j]`: rows rank `s` sends for this rank's expert `j`.
-    recv: Vec<usize>,
-}
+pub struct DevicePlan(ExchangePlan);
 
 impl DevicePlan {
     /// From this rank's per-expert `load` (every routed expert, global
@@ -63,37 +57,27 @@ impl DevicePlan {
                 load.len()
             ));
         }
-        let per = load.len() / size;
-        Ok(Self {
-            per,
-            send_rows: load.chunks_exact(per).map(|c| c.iter().sum()).collect(),
-            recv,
-        })
+        Ok(Self(ExchangePlan::new(load, recv, size)))
     }
 
     /// Rows this rank sends to each rank.
     pub fn send_rows(&self) -> &[usize] {
-        &self.send_rows
+        self.0.send_rows()
     }
 
     /// Rows this rank receives from each rank.
     pub fn recv_rows(&self) -> Vec<usize> {
-        self.recv
-            .chunks_exact(self.per)
-            .map(|c| c.iter().sum())
-            .collect()
+        self.0.recv_rows()
     }
 
     /// Rows received in all.
     pub fn received(&self) -> usize {
-        self.recv.iter().sum()
+        self.0.recv().iter().sum()
     }
 
     /// Rows of each local expert's batch (from every source).
     pub fn batch_rows(&self) -> Vec<usize> {
-        (0..self.per)
-            .map(|j| self.recv.iter().skip(j).step_by(self.per).sum())
-            .collect()
+        self.0.batch_rows()
     }
 
     /// `(local expert, first row, rows)` of each local expert with rows, in
@@ -113,19 +97,20 @@ impl DevicePlan {
     /// For each row of the expert-major batches, the received row
     /// (source-major) it is: `batches[b] = received[order[b]]`.
     pub fn to_batches_order(&self) -> Vec<usize> {
+        let (recv, per) = (self.0.recv(), self.0.per());
         // Where source s's rows for expert j start among the received rows.
-        let mut starts = vec![0; self.recv.len()];
+        let mut starts = vec![0; recv.len()];
         let mut at = 0;
-        for (start, &n) in starts.iter_mut().zip(&self.recv) {
+        for (start, &n) in starts.iter_mut().zip(recv) {
             *start = at;
             at += n;
         }
-        let sources = self.recv.len() / self.per;
+        let sources = recv.len() / per;
         let mut order = Vec::with_capacity(at);
-        for j in 0..self.per {
+        for j in 0..per {
             for s in 0..sources {
-                let i = s * self.per + j;
-                order.extend(starts[i]..starts[i] + self.recv[i]);
+                let i = s * per + j;
+                order.extend(starts[i]..starts[i] + recv[i]);
             }
         }
         order
@@ -147,7 +132,6 @@ impl DevicePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::moe::expert_parallel::ExchangePlan;
     use crate::rng::SplitMix64;
 
     #[test]
