@@ -222,6 +222,11 @@ impl DeviceMoe {
 
     /// Adds the shared experts' outputs for `x: [tokens, hidden]` into
     /// `output` (after the routed experts', as the CPU adds them).
+    /// Whether the layer has shared experts (ungated or gated).
+    pub(super) fn has_shared(&self) -> bool {
+        self.shared.is_some() || self.gated_shared.is_some()
+    }
+
     pub(super) fn add_shared(
         &self,
         gpu: &Gpu,

@@ -6,11 +6,18 @@
 //! ```text
 //!  rows 0..n on every rank ─▶ rank q takes its slice (n/P rows, balanced)
 //!    ─▶ router, top-k, dispatch, permute (device) ─▶ per-expert counts (host)
-//!    ─▶ rows to their experts' ranks (exchange) ─▶ gather into one batch per
-//!       local expert ─▶ SwiGLU (cuBLASLt) ─▶ gather back to source order
-//!    ─▶ rows back (exchange) ─▶ unpermute · gates ─▶ + shared experts (slice)
-//!    ─▶ all-gather ─▶ rows 0..n on every rank
+//!    ─▶ rows to their experts' ranks (exchange)  ┐ shared experts on the slice
+//!                                                 ┘ (device, meanwhile)
+//!    ─▶ gather into one batch per local expert ─▶ SwiGLU (cuBLASLt) ─▶ gather
+//!       back to source order ─▶ rows back (exchange) ─▶ unpermute · gates
+//!    ─▶ + the shared experts' output ─▶ all-gather ─▶ rows 0..n on every rank
 //! ```
+//!
+//! Over NCCL the exchange runs on the communicator's stream, which waits
+//! for an event recorded once the rows to send are written: the shared
+//! experts, enqueued right after that event on the engine's stream, compute
+//! while the rows travel (the overlap DeepSeek-V3's serving uses between its
+//! dispatch and its shared expert).
 //!
 //! The pure decisions (the row split, counts per rank, the regrouping
 //! orders) are `crate::serve::exchange_order`, tested on the CPU. The
@@ -31,7 +38,7 @@ use super::{Gpu, GpuError, Result, dispatch, int, vector};
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::serve::exchange_order::{DevicePlan, row_split};
-use moe_kernels::cudarc::driver::CudaSlice;
+use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice};
 
 /// How a rank's device rows reach the other ranks of its replica: over
 /// the replica's [`ExpertParallel`] (which records the first failure and
@@ -83,6 +90,9 @@ impl DeviceExchange {
 
     /// Sends `send_rows[q]` rows of `width` (consecutive in `send`) to rank
     /// `q`; returns the `recv_rows[s]` rows of each rank `s`, in rank order.
+    /// `ready`: an event recorded once `send` was written, so the device's
+    /// later work (the shared experts) runs while the rows travel over
+    /// NCCL; `None` waits for everything enqueued so far.
     pub fn exchange_rows(
         &mut self,
         gpu: &Gpu,
@@ -90,6 +100,7 @@ impl DeviceExchange {
         send_rows: &[usize],
         recv_rows: &[usize],
         width: usize,
+        ready: Option<&CudaEvent>,
     ) -> Result<Option<CudaSlice<f32>>> {
         if !self.nccl {
             let host = download_rows(gpu, send)?;
@@ -99,7 +110,7 @@ impl DeviceExchange {
             );
         }
         self.ep.count_sent(send_rows, width);
-        self.all_to_all(gpu, send, send_rows, recv_rows, width)
+        self.all_to_all(gpu, send, send_rows, recv_rows, width, ready)
     }
 
     /// Every rank's `rows` (`counts[q]` from rank `q`), in rank order, on
@@ -131,7 +142,7 @@ impl DeviceExchange {
             }
             _ => None,
         };
-        self.all_to_all(gpu, copies.as_ref(), &vec![mine; size], counts, width)
+        self.all_to_all(gpu, copies.as_ref(), &vec![mine; size], counts, width, None)
     }
 
     /// The first exchange failure since the last call, if any.
@@ -146,7 +157,8 @@ impl DeviceExchange {
 
     /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
     /// the other ranks over NCCL, device to device; the `recv_rows[s]` rows
-    /// of each rank `s`, in rank order. Zeros of that shape after a
+    /// of each rank `s`, in rank order, once `ready` (else everything the
+    /// device was given so far) is done. Zeros of that shape after a
     /// failure, recorded.
     fn all_to_all(
         &mut self,
@@ -155,6 +167,7 @@ impl DeviceExchange {
         send_rows: &[usize],
         recv_rows: &[usize],
         width: usize,
+        ready: Option<&CudaEvent>,
     ) -> Result<Option<CudaSlice<f32>>> {
         let total: usize = recv_rows.iter().sum::<usize>() * width;
         let mut recv = if total > 0 {
@@ -165,8 +178,17 @@ impl DeviceExchange {
         if self.ep.failed() {
             return Ok(recv);
         }
-        // NCCL runs on its own stream: the rows it sends must be written.
-        gpu.synchronize()?;
+        // NCCL runs on its own stream, which waits for the rows it sends to
+        // be written, and no longer: what the device does after them runs
+        // alongside the exchange.
+        let now;
+        let ready = match ready {
+            Some(event) => event,
+            None => {
+                now = gpu.stream().record_event(None)?;
+                &now
+            }
+        };
         // An empty side still needs a buffer to view: one element, viewed empty.
         let spare = gpu.zeros::<f32>(1)?;
         let mut spare_out = gpu.zeros::<f32>(1)?;
@@ -179,6 +201,9 @@ impl DeviceExchange {
                     "the expert-parallel group is not an NCCL communicator",
                 ));
             };
+            nccl.stream()
+                .wait(ready)
+                .map_err(|e| DistError::invalid("expert exchange", format!("CUDA driver: {e}")))?;
             let send = send.unwrap_or(&spare).slice(..);
             match recv.as_mut() {
                 Some(out) => nccl.all_to_all_device(&send, &send_counts, out, &recv_counts),
@@ -247,6 +272,18 @@ pub(super) fn forward(
     let load = routed
         .as_ref()
         .map_or_else(|| vec![0; config.n_routed_experts], |r| r.load.clone());
+    // The rows to send are written; the shared experts on this slice need
+    // nothing the exchanges bring, so they are enqueued now and computed
+    // while the rows travel (over NCCL, on its own stream).
+    let ready = gpu.stream().record_event(None)?;
+    let shared = match &local {
+        Some(local) if moe.has_shared() => {
+            let mut shared = gpu.zeros::<f32>(local.len())?;
+            moe.add_shared(gpu, local, &mut shared)?;
+            Some(shared)
+        }
+        _ => None,
+    };
     let recv = exchange.exchange_counts(&load);
     let plan = DevicePlan::new(&load, recv, exchange.size()).map_err(GpuError::Unsupported)?;
     let received = exchange.exchange_rows(
@@ -255,6 +292,7 @@ pub(super) fn forward(
         plan.send_rows(),
         &plan.recv_rows(),
         hidden,
+        Some(&ready),
     )?;
 
     // The local experts on the rows they received, one batch each.
@@ -278,11 +316,12 @@ pub(super) fn forward(
         &plan.recv_rows(),
         plan.send_rows(),
         hidden,
+        None,
     )?;
     drop(outputs);
 
     // Back in this rank's dispatch order: gated into its tokens, then the
-    // shared experts on its slice.
+    // shared experts' outputs on its slice added.
     let output = match (&local, &routed) {
         (Some(local), Some(routed)) => {
             let mut out = gpu.zeros::<f32>(local.len())?;
@@ -296,7 +335,9 @@ pub(super) fn forward(
                     hidden,
                 )?;
             }
-            moe.add_shared(gpu, local, &mut out)?;
+            if let Some(shared) = &shared {
+                vector::add(gpu, &mut out, shared)?;
+            }
             Some(out)
         }
         _ => None,
