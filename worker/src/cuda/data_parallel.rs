@@ -74,8 +74,9 @@ pub(crate) fn mean_over_nccl(
     // gradients must be done first. The collective returns once its
     // stream has finished, so the divisions after it see the sums.
     gpu.synchronize()?;
+    // One NCCL group for every tensor: one wait, not one per tensor.
+    nccl.all_reduce_device_many(tensors, Reduce::Sum)?;
     for tensor in tensors.iter_mut() {
-        nccl.all_reduce_device(tensor, Reduce::Sum)?;
         vector::divide(gpu, tensor, ranks)?;
     }
     Ok(())

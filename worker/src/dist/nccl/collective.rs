@@ -350,6 +350,59 @@ impl NcclCollective {
         self.all_reduce_raw("all_reduce", ptr, count, reduce)
     }
 
+    /// [`Self::all_reduce_device`] of every buffer of `data`, as one NCCL
+    /// group: one watched operation (one wait for its end) instead of one
+    /// per buffer, and NCCL free to fuse the small ones (a model's norms
+    /// and biases). Every rank passes buffers of the same lengths in the
+    /// same order.
+    pub fn all_reduce_device_many(
+        &mut self,
+        data: &mut [&mut CudaSlice<f32>],
+        reduce: Reduce,
+    ) -> Result<(), DistError> {
+        let op = "all_reduce";
+        let stream = Arc::clone(&self.stream);
+        // The pointers, each buffer's write recorded on this stream once
+        // the group is enqueued (the guards live until the watch ends).
+        let mut guards = Vec::with_capacity(data.len());
+        let mut buffers = Vec::with_capacity(data.len());
+        for buffer in data.iter_mut().filter(|b| !b.is_empty()) {
+            let count = buffer.len();
+            let (ptr, guard) = buffer.device_ptr_mut(&stream);
+            buffers.push((ptr, count));
+            guards.push(guard);
+        }
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        self.run(op, |comm, stream| {
+            comm::enqueued(op, comm, result::group_start())?;
+            let mut outcome = Ok(());
+            for &(ptr, count) in &buffers {
+                // SAFETY: each `ptr` holds `count` f32 on this
+                // communicator's device and outlives the watch.
+                let call = unsafe {
+                    result::all_reduce(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        count,
+                        sys::ncclDataType_t::ncclFloat32,
+                        reduce.nccl(),
+                        comm.0,
+                        stream as sys::cudaStream_t,
+                    )
+                };
+                outcome = comm::enqueued(op, comm, call);
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            // The group is closed whatever happened inside it.
+            let end = comm::enqueued(op, comm, result::group_end());
+            outcome.and(end)
+        })
+    }
+
     /// [`Collective::all_to_all_bytes`] between device buffers (expert
     /// dispatch and combine; FP8 rows travel as their bytes, f32 rows as
     /// theirs), counts in elements of `T`. Views are taken, so a rank with
