@@ -252,6 +252,11 @@ pub struct StreamOptions {
 #[derive(Clone, Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
+    /// Text after the completion (insertion): refused, not implemented.
+    pub suffix: Option<String>,
+    /// The best of this many samples, chosen on the server: refused above
+    /// `n` (vLLM's current engine dropped it too).
+    pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -259,6 +264,11 @@ pub struct CompletionRequest {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
+    /// Tool calling (and its older form, functions): refused, not implemented.
+    pub tools: Option<Vec<Value>>,
+    pub functions: Option<Vec<Value>>,
+    /// `{"type": "text"}` only: JSON modes need constrained decoding.
+    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -321,6 +331,25 @@ pub struct Served<'a> {
 
 impl CompletionRequest {
     pub fn check(mut self, served: Served<'_>) -> Result<Checked, ApiError> {
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(
+                "suffix: inserting a completion before a suffix is not supported by this server",
+                Some("suffix"),
+            ));
+        }
+        let n = self.sampling.n.unwrap_or(1);
+        if let Some(best_of) = self.best_of
+            && best_of != 1
+            && best_of != n
+        {
+            return Err(ApiError::invalid(
+                format!(
+                    "best_of: {best_of} is not supported (only best_of equal to n); ask for n \
+                     choices with logprobs and choose among them"
+                ),
+                Some("best_of"),
+            ));
+        }
         let prompts = self.prompt.split();
         if prompts.is_empty() {
             return Err(ApiError::invalid(
@@ -372,6 +401,26 @@ impl CompletionRequest {
 
 impl ChatRequest {
     pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
+        for (field, given) in [("tools", &self.tools), ("functions", &self.functions)] {
+            if given.as_ref().is_some_and(|list| !list.is_empty()) {
+                return Err(ApiError::invalid(
+                    format!("{field}: tool calling is not supported by this server"),
+                    Some(field),
+                ));
+            }
+        }
+        if let Some(format) = &self.response_format
+            && format["type"] != "text"
+        {
+            return Err(ApiError::invalid(
+                format!(
+                    "response_format: {} is not supported (only {{\"type\": \"text\"}}: JSON \
+                     output needs constrained decoding, which this server does not do)",
+                    format["type"]
+                ),
+                Some("response_format"),
+            ));
+        }
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
                 "messages: at least one message is required",
@@ -718,6 +767,9 @@ mod tests {
             ),
             (r#"{"prompt":"a","min_tokens":-1}"#, "min_tokens"),
             (r#"{"prompt":"a","n":0}"#, "n"),
+            (r#"{"prompt":"a","suffix":"b"}"#, "suffix"),
+            (r#"{"prompt":"a","best_of":3}"#, "best_of"),
+            (r#"{"prompt":"a","n":2,"best_of":3}"#, "best_of"),
             (r#"{"prompt":"a","n":129}"#, "n"),
             (r#"{"prompt":"a","logit_bias":{"97":101}}"#, "logit_bias"),
             (r#"{"prompt":"a","logit_bias":{"1000":1}}"#, "logit_bias"),
@@ -863,6 +915,43 @@ mod tests {
                 .unwrap_err()
                 .param,
             Some("max_tokens")
+        );
+    }
+
+    /// Fields that would change the answer, which this server does not
+    /// implement, are refused by name; their no-op forms pass.
+    #[test]
+    fn unimplemented_fields_are_refused_not_ignored() {
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
+            parse::<ChatRequest>(body.as_bytes())?.check(SERVED)
+        };
+        for (extra, param) in [
+            (
+                r#","tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (r#","functions":[{"name":"f"}]"#, "functions"),
+            (
+                r#","response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+        ] {
+            let e = chat(extra).unwrap_err();
+            assert_eq!(
+                (e.status, e.param),
+                (StatusCode::BAD_REQUEST, Some(param)),
+                "{extra}"
+            );
+        }
+        for fine in [r#","tools":[]"#, r#","response_format":{"type":"text"}"#] {
+            assert!(chat(fine).is_ok(), "{fine}");
+        }
+        assert!(completion(r#"{"prompt":"a","suffix":""}"#).is_ok());
+        assert!(completion(r#"{"prompt":"a","best_of":1}"#).is_ok());
+        assert_eq!(
+            completion(r#"{"prompt":"a","n":3,"best_of":3}"#).unwrap().n,
+            3
         );
     }
 }
