@@ -333,11 +333,6 @@ fn check_cuda(
         "is enabled, but FP8 training runs on the CPU emulation only so far; disable it or use device: cpu".to_owned(),
     )?;
     require(
-        config.model.moe.balancing.sequence_aux_loss_coef == 0.0,
-        "model.moe.balancing.sequenceAuxLossCoef",
-        "is set, but the sequence-wise aux loss has no CUDA backward yet; use the aux-loss-free balancing (set it to 0) or device: cpu".to_owned(),
-    )?;
-    require(
         config.model.hidden_size % 4 == 0,
         "model.hiddenSize",
         format!(

@@ -1137,6 +1137,18 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
             "softmax E8 k2 no shared",
             moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0),
         ),
+        // DeepSeek-V3's small sequence-wise balance loss beside the bias:
+        // its value and its gradient through the router.
+        ("sigmoid E8 k2 +balance loss", {
+            let mut c = moe_config(8, 2, ScoreFunction::Sigmoid, None, true, 1.0);
+            c.aux_loss_alpha = 0.01;
+            c
+        }),
+        ("softmax E8 k2 +balance loss", {
+            let mut c = moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0);
+            c.aux_loss_alpha = 0.01;
+            c
+        }),
     ];
     for (name, config) in configs {
         let params = MoeParams::random(&config, &mut SplitMix64::new(90), 0.1);
@@ -1149,7 +1161,14 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         let x = random(tokens * config.hidden, 91);
         let cpu = layer.forward(&x, seq_len);
         let device = super::moe_layer::DeviceMoeLayer::upload(gpu, &layer)?;
-        let forward = device.forward(gpu, &gpu.upload(&x)?)?;
+        let forward = device.forward(gpu, &gpu.upload(&x)?, seq_len)?;
+        checks.push(close_to_scale(
+            "moe_layer.aux_loss",
+            name,
+            &[forward.aux_loss as f32],
+            &[cpu.aux_loss],
+            1e-5,
+        ));
         checks.push(exact(
             "moe_layer.load",
             name,

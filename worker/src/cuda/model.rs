@@ -5,9 +5,9 @@
 //! "training" group compares whole steps with the CPU trainer.
 //!
 //! Precision: f32 storage, GEMMs on TF32 tensor cores (the router's in exact
-//! f32, see [`super::moe_layer`]). FP8 GEMM recipes, activation
-//! checkpointing and the sequence-wise aux loss are CPU-only for now and
-//! refused by [`DeviceModel::upload`] with a clear error.
+//! f32, see [`super::moe_layer`]). FP8 GEMM recipes and activation
+//! checkpointing are CPU-only for now and refused by [`DeviceModel::upload`]
+//! with a clear error.
 
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
@@ -211,6 +211,8 @@ pub struct DeviceForward {
     probs: CudaSlice<f32>,
     /// Mean next-token cross-entropy, in nats.
     pub cross_entropy: f64,
+    /// The MoE blocks' sequence-wise balance losses, summed (0 without it).
+    pub aux_loss: f64,
 }
 
 impl DeviceForward {
@@ -233,11 +235,6 @@ fn unsupported(config: &ModelConfig) -> Option<String> {
             "GEMM precision {:?} (training.precision.fp8) on CUDA: the device model runs f32/TF32 only so far",
             config.gemm_precision
         ));
-    }
-    if config.moe.aux_loss_alpha > 0.0 {
-        return Some(
-            "the sequence-wise aux loss (moe auxLossAlpha > 0) on CUDA: use the aux-loss-free bias balancing".into(),
-        );
     }
     if !config.hidden.is_multiple_of(4) {
         return Some(format!(
@@ -368,7 +365,15 @@ impl DeviceModel {
             .map(|&l| f64::from(l))
             .sum::<f64>()
             / n as f64;
+        let aux_loss = blocks
+            .iter()
+            .map(|b| match &b.ffn {
+                FeedForwardPass::Moe(pass) => pass.aux_loss,
+                FeedForwardPass::Dense(_) => 0.0,
+            })
+            .sum();
         Ok(DeviceForward {
+            aux_loss,
             tokens,
             targets,
             blocks,
@@ -457,7 +462,7 @@ impl DeviceModel {
                 (out, FeedForwardPass::Dense([a, b, hh]))
             }
             DeviceFeedForward::Moe(layer) => {
-                let mut pass = layer.forward(gpu, &ffn_normed)?;
+                let mut pass = layer.forward(gpu, &ffn_normed, self.config.seq_len)?;
                 let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
                 vector::add(gpu, &mut out, &mid)?;
                 (out, FeedForwardPass::Moe(Box::new(pass)))

@@ -4,9 +4,11 @@
 //! its contiguous segment of rows (cuBLASLt, TF32) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::{Gpu, GpuError, Result, dispatch, matmul, routing, swiglu};
+use super::{Gpu, Result, dispatch, matmul, routing, swiglu, vector};
+use crate::moe::balance;
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
+use crate::moe::routing::{Routing, scores_backward};
 use moe_kernels::cudarc::driver::CudaSlice;
 
 /// A layer's weights and selection bias on the device.
@@ -38,6 +40,62 @@ pub struct DeviceMoeForward {
     pub expert_out: CudaSlice<f32>,
     /// The shared experts' activations (a, b, h), when there are any.
     pub shared: Option<[CudaSlice<f32>; 3]>,
+    /// The sequence-wise balance loss (0 without `aux_loss_alpha`), and
+    /// the routing it was computed from, on the host (see [`BalanceLoss`]).
+    pub aux_loss: f64,
+    balance: Option<BalanceLoss>,
+}
+
+/// The sequence-wise balance loss of one pass, computed on the host by
+/// the CPU layer's own functions ([`balance::sequence_balance_loss`] and
+/// its backward): its inputs are small (a score per token and expert, the
+/// chosen experts), its arithmetic a few operations per score, so one read
+/// back per layer and pass costs less than a kernel of our own would save,
+/// and the values are the CPU's for the same scores.
+struct BalanceLoss {
+    routing: Routing<f32>,
+    seq_len: usize,
+}
+
+impl BalanceLoss {
+    fn of(gpu: &Gpu, routing: &routing::DeviceRouting, seq_len: usize) -> Result<Self> {
+        let experts = gpu.download(&routing.experts)?;
+        Ok(Self {
+            routing: Routing {
+                n_experts: routing.n_experts,
+                top_k: routing.top_k,
+                scores: gpu.download(&routing.scores)?,
+                experts: experts.iter().map(|&e| e as usize).collect(),
+                gates: gpu.download(&routing.gates)?,
+            },
+            seq_len,
+        })
+    }
+
+    fn loss(&self, alpha: f64) -> f64 {
+        f64::from(balance::sequence_balance_loss(
+            &self.routing,
+            self.seq_len,
+            alpha,
+        ))
+    }
+
+    /// Adds the loss's gradient with respect to the router logits into
+    /// `dlogits` (the scores' gradient, then through the score function).
+    fn add_gradient(&self, gpu: &Gpu, c: &MoeConfig, dlogits: &mut CudaSlice<f32>) -> Result<()> {
+        let r = &self.routing;
+        let mut dscores = vec![0.0f32; r.scores.len()];
+        balance::sequence_balance_loss_backward(&mut dscores, r, self.seq_len, c.aux_loss_alpha);
+        let mut from_balance = vec![0.0f32; r.scores.len()];
+        scores_backward(
+            c.score_function,
+            &mut from_balance,
+            &dscores,
+            &r.scores,
+            r.n_experts,
+        );
+        vector::add(gpu, dlogits, &gpu.upload(&from_balance)?)
+    }
 }
 
 /// Gradients of a layer's weights, laid out as [`crate::moe::params::MoeParams`].
@@ -89,8 +147,14 @@ impl DeviceMoeLayer {
     }
 
     /// Runs the layer on `x: [tokens, hidden]` (hidden a multiple of 4: rows
-    /// are permuted as 16-byte vectors).
-    pub fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<DeviceMoeForward> {
+    /// are permuted as 16-byte vectors), whole sequences of `seq_len`
+    /// tokens (the unit of the sequence-wise balance loss).
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<f32>,
+        seq_len: usize,
+    ) -> Result<DeviceMoeForward> {
         let c = &self.config;
         let hidden = c.hidden;
         let tokens = x.len() / hidden;
@@ -134,6 +198,11 @@ impl DeviceMoeLayer {
             )?;
             shared = Some([sa, sb, sh]);
         }
+        let balance = if c.aux_loss_alpha > 0.0 {
+            Some(BalanceLoss::of(gpu, &routing, seq_len)?)
+        } else {
+            None
+        };
         Ok(DeviceMoeForward {
             output,
             routing,
@@ -145,6 +214,8 @@ impl DeviceMoeLayer {
             h,
             expert_out,
             shared,
+            aux_loss: balance.as_ref().map_or(0.0, |b| b.loss(c.aux_loss_alpha)),
+            balance,
         })
     }
 }
@@ -338,9 +409,8 @@ pub(crate) fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
 
 impl DeviceMoeLayer {
     /// As [`MoeLayer::backward`]: adds d loss / d x into `dx` and the weight
-    /// gradients into `grads`, given `dout` = d loss / d output. The
-    /// sequence-wise aux loss's gradient is not on the device yet: layers
-    /// with `aux_loss_alpha > 0` are refused.
+    /// gradients into `grads`, given `dout` = d loss / d output, for
+    /// `loss = downstream(output) + aux_loss`.
     pub fn backward(
         &self,
         gpu: &Gpu,
@@ -351,11 +421,6 @@ impl DeviceMoeLayer {
         grads: &mut DeviceMoeGrads,
     ) -> Result<()> {
         let c = &self.config;
-        if c.aux_loss_alpha > 0.0 {
-            return Err(GpuError::Unsupported(
-                "the sequence-wise aux loss (aux_loss_alpha > 0) has no device backward yet".into(),
-            ));
-        }
         let (hidden, inner, n_experts) = (c.hidden, c.expert_hidden, c.n_routed_experts);
         let tokens = x.len() / hidden;
         let rows = pass.dispatch.rows();
@@ -544,6 +609,9 @@ impl DeviceMoeLayer {
         // Router: gates → scores → logits → router weights and input.
         let mut dlogits = gpu.zeros::<f32>(tokens * n_experts)?;
         routing::backward(gpu, c, &mut dlogits, &dgates, &pass.routing)?;
+        if let Some(balance) = &pass.balance {
+            balance.add_gradient(gpu, c, &mut dlogits)?;
+        }
         let dlogits_v = dlogits.slice(..);
         matmul::gemm(
             gpu,

@@ -99,8 +99,9 @@ pub fn route(
 
 /// The routing backward: d loss / d gates → d loss / d logits (overwritten),
 /// as [`crate::moe::routing::gates_backward`] then
-/// [`crate::moe::routing::scores_backward`], fused. The sequence aux loss's
-/// gradient is not included (see [`super::moe_layer`]).
+/// [`crate::moe::routing::scores_backward`], fused. The sequence-wise
+/// balance loss's gradient is added by the layer after it
+/// ([`super::moe_layer`]).
 pub fn backward(
     gpu: &Gpu,
     config: &MoeConfig,

@@ -174,8 +174,10 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     let (moe_forward_ms, moe_backward_ms) =
         match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
-                let forward = time_runs(gpu, 1, 2, || layer.forward(gpu, &x).map(drop))?;
-                let pass = layer.forward(gpu, &x)?;
+                let forward = time_runs(gpu, 1, 2, || {
+                    layer.forward(gpu, &x, config.seq_len).map(drop)
+                })?;
+                let pass = layer.forward(gpu, &x, config.seq_len)?;
                 let mut dx = gpu.zeros::<f32>(x.len())?;
                 let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
                 let backward = time_runs(gpu, 1, 2, || {

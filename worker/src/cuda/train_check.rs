@@ -66,21 +66,24 @@ fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
         .expect("the corpus is longer than a window")
 }
 
-pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
+/// One forward and backward of `model` on the CPU and the device, on the
+/// same batch: the losses, the expert loads and every gradient.
+fn one_batch(
+    gpu: &Gpu,
+    model: &Model<f32>,
+    settings: &TrainingSettings,
+    case: &str,
+) -> Result<Vec<Check>> {
+    let config = model.config();
     let mut checks = Vec::new();
-    let (config, settings) = (config(), settings());
-    let model = Model::<f32>::initial(config.clone(), settings.seed);
-
-    // One forward/backward on the same batch: loss, loads and every gradient.
-    let batch = loader(&config, &settings).next_batch(settings.micro_batch);
+    let batch = loader(config, settings).next_batch(settings.micro_batch);
     let cpu = model.forward(&batch.inputs, &batch.targets);
-    let mut cpu_grads = Gradients::zeros(&config);
+    let mut cpu_grads = Gradients::zeros(config);
     model.backward(&cpu, &mut cpu_grads);
-    let device = DeviceModel::upload(gpu, &model)?;
+    let device = DeviceModel::upload(gpu, model)?;
     let pass = device.forward(gpu, &batch.inputs, &batch.targets)?;
     let mut grads = super::model::DeviceGradients::zeros_like(gpu, &device.weights)?;
     device.backward(gpu, &pass, &mut grads)?;
-    let case = "3 blocks, one batch";
     checks.push(close_to_scale(
         "model.cross_entropy",
         case,
@@ -88,27 +91,56 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &[cpu.cross_entropy as f32],
         1e-4,
     ));
+    if config.moe.aux_loss_alpha > 0.0 {
+        checks.push(close_to_scale(
+            "model.aux_loss",
+            case,
+            &[pass.aux_loss as f32],
+            &[cpu.aux_loss as f32],
+            1e-4,
+        ));
+    }
     checks.push(exact(
         "model.expert_loads",
         case,
         &pass.expert_loads(),
         &cpu.expert_loads(),
     ));
-    let host_grads = grads.to_host(gpu, &config)?;
+    let host_grads = grads.to_host(gpu, config)?;
     for (d, c) in host_grads
-        .tensors(&config)
+        .tensors(config)
         .iter()
-        .zip(cpu_grads.tensors(&config))
+        .zip(cpu_grads.tensors(config))
     {
         checks.push(close_to_scale(
             "model.grad",
-            &d.name,
+            &format!("{case}: {}", d.name),
             d.values,
             c.values,
             1e-2,
         ));
     }
-    debug_assert_eq!(grads.tensors().len(), host_grads.tensors(&config).len());
+    debug_assert_eq!(grads.tensors().len(), host_grads.tensors(config).len());
+    Ok(checks)
+}
+
+pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let (config, settings) = (config(), settings());
+    let model = Model::<f32>::initial(config.clone(), settings.seed);
+
+    // One forward/backward on the same batch: loss, loads and every gradient;
+    // again with DeepSeek-V3's sequence-wise balance loss beside the bias.
+    checks.extend(one_batch(gpu, &model, &settings, "3 blocks, one batch")?);
+    let mut balanced = config.clone();
+    balanced.moe.aux_loss_alpha = 0.001;
+    let balanced = Model::<f32>::initial(balanced, settings.seed);
+    checks.extend(one_batch(
+        gpu,
+        &balanced,
+        &settings,
+        "3 blocks, one batch, balance loss",
+    )?);
 
     // Three optimizer steps of each trainer from the same start. After the
     // first, the weights differ in the last bits, so a router near-tie may

@@ -152,7 +152,7 @@ impl<'g> DeviceTrainer<'g> {
         // The other ranks' windows of the global batch are skipped, so the
         // stream ends every step where one process's would.
         self.data.skip(shard.rank * share);
-        let (mut loss, mut tokens) = (0.0, 0);
+        let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         for _ in 0..settings.micro_steps {
             if stop() {
@@ -163,6 +163,7 @@ impl<'g> DeviceTrainer<'g> {
             let pass = self.model.forward(gpu, &batch.inputs, &batch.targets)?;
             self.model.backward(gpu, &pass, &mut self.grads)?;
             loss += pass.cross_entropy;
+            aux_loss += pass.aux_loss;
             tokens += batch.inputs.len();
             let loads = pass.expert_loads();
             if expert_loads.is_empty() {
@@ -183,6 +184,7 @@ impl<'g> DeviceTrainer<'g> {
             host_parallel::sum_counts(world, &mut expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches.
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
+            aux_loss = host_parallel::mean(world, aux_loss / micro_steps)? * micro_steps;
             tokens *= shard.ranks;
         }
         let grad_norm = vector::sum_squares(gpu, &self.grads.tensors())?.sqrt() / micro_steps;
@@ -233,7 +235,7 @@ impl<'g> DeviceTrainer<'g> {
         Ok(Some(StepReport {
             step: step + 1,
             loss: loss / micro_steps,
-            aux_loss: 0.0,
+            aux_loss: aux_loss / micro_steps,
             learning_rate: lr,
             grad_norm,
             tokens,
