@@ -195,7 +195,7 @@ impl TrainSettings {
         model.gemm_precision = gemm_precision(config)?;
         let training = training_settings(config, world_size, sequence_parallel)?;
         if config.device == Device::Cuda {
-            check_cuda(config, &training, sequence_parallel, expert_parallel)?;
+            check_cuda(config, sequence_parallel, expert_parallel)?;
         }
         Ok(Self {
             device: config.device,
@@ -302,7 +302,6 @@ fn expert_parallel(
 /// each gap is an error naming the setting, before any GPU is touched.
 fn check_cuda(
     config: &WorkerConfig,
-    training: &TrainingSettings,
     sequence_parallel: usize,
     expert_parallel: usize,
 ) -> Result<(), SettingsError> {
@@ -339,12 +338,6 @@ fn check_cuda(
             "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
             config.model.hidden_size
         ),
-    )?;
-    require(
-        training.activation_memory == ActivationMemory::KeepAll,
-        "training.activationCheckpointing",
-        "is on, but the CUDA trainer keeps every activation so far; turn it off or use device: cpu"
-            .to_owned(),
     )
 }
 

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::linear::GemmPrecision;
 use crate::model::config::NORM_EPS;
-use crate::model::{FeedForward, Gradients, Model, ModelConfig};
+use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig};
 use crate::ops::attention::AttentionShape;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
@@ -200,11 +200,21 @@ enum FeedForwardPass {
     Moe(Box<DeviceMoeForward>),
 }
 
+/// What a forward pass keeps of one block: every activation, or (activation
+/// checkpointing) only the block's input, the rest recomputed by the
+/// backward pass (the same kernels on the same input: the same bits).
+enum StoredBlock {
+    Kept(Box<BlockPass>),
+    Input(CudaSlice<f32>),
+}
+
 /// A forward pass on the device: the loss and what the backward pass needs.
 pub struct DeviceForward {
     tokens: CudaSlice<u32>,
     targets: CudaSlice<u32>,
-    blocks: Vec<BlockPass>,
+    blocks: Vec<StoredBlock>,
+    /// Tokens routed to each expert, one list per MoE block in order.
+    loads: Vec<Vec<usize>>,
     final_input: CudaSlice<f32>,
     final_normed: CudaSlice<f32>,
     final_rstd: CudaSlice<f32>,
@@ -218,13 +228,7 @@ pub struct DeviceForward {
 impl DeviceForward {
     /// Tokens routed to each expert, one list per MoE block in order.
     pub fn expert_loads(&self) -> Vec<Vec<usize>> {
-        self.blocks
-            .iter()
-            .filter_map(|b| match &b.ffn {
-                FeedForwardPass::Moe(pass) => Some(pass.load.clone()),
-                FeedForwardPass::Dense(_) => None,
-            })
-            .collect()
+        self.loads.clone()
     }
 }
 
@@ -322,6 +326,18 @@ impl DeviceModel {
     /// As [`Model::forward`]: `tokens` and `targets` whole sequences, every
     /// id below the vocabulary size.
     pub fn forward(&self, gpu: &Gpu, tokens: &[u32], targets: &[u32]) -> Result<DeviceForward> {
+        self.forward_with(gpu, tokens, targets, ActivationMemory::KeepAll)
+    }
+
+    /// [`Self::forward`], keeping every activation or (`RecomputeBlocks`,
+    /// `training.activationCheckpointing`) each block's input only.
+    pub fn forward_with(
+        &self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+    ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
         assert!(
@@ -337,9 +353,17 @@ impl DeviceModel {
         let mut x = gpu.output::<f32>(n * h)?;
         embedding::forward(gpu, &mut x, &tokens, &self.weights.embedding, h)?;
         let mut blocks = Vec::with_capacity(c.layers);
+        let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for block in &self.weights.blocks {
             let (output, pass) = self.block_forward(gpu, block, x)?;
-            blocks.push(pass);
+            if let FeedForwardPass::Moe(moe) = &pass.ffn {
+                loads.push(moe.load.clone());
+                aux_loss += moe.aux_loss;
+            }
+            blocks.push(match memory {
+                ActivationMemory::KeepAll => StoredBlock::Kept(Box::new(pass)),
+                ActivationMemory::RecomputeBlocks => StoredBlock::Input(pass.input),
+            });
             x = output;
         }
         let mut final_normed = gpu.output::<f32>(n * h)?;
@@ -365,18 +389,12 @@ impl DeviceModel {
             .map(|&l| f64::from(l))
             .sum::<f64>()
             / n as f64;
-        let aux_loss = blocks
-            .iter()
-            .map(|b| match &b.ffn {
-                FeedForwardPass::Moe(pass) => pass.aux_loss,
-                FeedForwardPass::Dense(_) => 0.0,
-            })
-            .sum();
         Ok(DeviceForward {
             aux_loss,
             tokens,
             targets,
             blocks,
+            loads,
             final_input: x,
             final_normed,
             final_rstd,
@@ -521,13 +539,24 @@ impl DeviceModel {
             &w.final_norm,
             &pass.final_rstd,
         )?;
-        for ((block, block_pass), block_grads) in w
+        for ((block, stored), block_grads) in w
             .blocks
             .iter()
             .zip(&pass.blocks)
             .zip(&mut grads.blocks)
             .rev()
         {
+            // A checkpointed block is recomputed from its input, one block at
+            // a time: only its activations are alive at once.
+            let recomputed;
+            let block_pass = match stored {
+                StoredBlock::Kept(block_pass) => block_pass,
+                StoredBlock::Input(input) => {
+                    let input = gpu.stream().clone_dtod(input)?;
+                    recomputed = self.block_forward(gpu, block, input)?.1;
+                    &recomputed
+                }
+            };
             self.block_backward(gpu, block, block_pass, &mut dres, block_grads)?;
         }
         embedding::backward(gpu, &mut grads.embedding, &dres, &pass.tokens, h)

@@ -124,6 +124,39 @@ fn one_batch(
     Ok(checks)
 }
 
+/// Activation checkpointing on the device: each block recomputed from its
+/// input in the backward pass runs the same kernels on the same values, so
+/// the loss, the loads and every gradient keep their bits (as on the CPU).
+fn recomputed_blocks(
+    gpu: &Gpu,
+    model: &Model<f32>,
+    settings: &TrainingSettings,
+) -> Result<Vec<Check>> {
+    let config = model.config();
+    let batch = loader(config, settings).next_batch(settings.micro_batch);
+    let device = DeviceModel::upload(gpu, model)?;
+    let mut runs = Vec::new();
+    for memory in [ActivationMemory::KeepAll, ActivationMemory::RecomputeBlocks] {
+        let pass = device.forward_with(gpu, &batch.inputs, &batch.targets, memory)?;
+        let mut grads = super::model::DeviceGradients::zeros_like(gpu, &device.weights)?;
+        device.backward(gpu, &pass, &mut grads)?;
+        let values: Vec<u32> = grads
+            .to_host(gpu, config)?
+            .tensors(config)
+            .iter()
+            .flat_map(|t| t.values.iter().map(|v| v.to_bits()))
+            .collect();
+        runs.push((pass.cross_entropy.to_bits(), pass.expert_loads(), values));
+    }
+    let case = "3 blocks, recomputed vs kept";
+    let (kept, recomputed) = (&runs[0], &runs[1]);
+    Ok(vec![
+        exact("checkpointing.loss", case, &[recomputed.0], &[kept.0]),
+        exact("checkpointing.loads", case, &recomputed.1, &kept.1),
+        exact("checkpointing.grads", case, &recomputed.2, &kept.2),
+    ])
+}
+
 pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let (config, settings) = (config(), settings());
@@ -141,6 +174,8 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &settings,
         "3 blocks, one batch, balance loss",
     )?);
+
+    checks.extend(recomputed_blocks(gpu, &model, &settings)?);
 
     // Three optimizer steps of each trainer from the same start. After the
     // first, the weights differ in the last bits, so a router near-tie may

@@ -160,7 +160,12 @@ impl<'g> DeviceTrainer<'g> {
                 return Ok(None);
             }
             let batch = self.data.next_batch(settings.micro_batch);
-            let pass = self.model.forward(gpu, &batch.inputs, &batch.targets)?;
+            let pass = self.model.forward_with(
+                gpu,
+                &batch.inputs,
+                &batch.targets,
+                settings.activation_memory,
+            )?;
             self.model.backward(gpu, &pass, &mut self.grads)?;
             loss += pass.cross_entropy;
             aux_loss += pass.aux_loss;
