@@ -516,7 +516,8 @@ fn hugging_face_models_give_one_process_logits_on_2_and_4_ranks() {
 }
 
 /// Completion requests: greedy, several lengths, log-probabilities, one
-/// streamed, one with a stop string.
+/// streamed, one with a stop string, one scoring its prompt (echo with
+/// logprobs and max_tokens 0: every prompt row's logits, [`SCORED`]).
 fn requests() -> Vec<Value> {
     let prompts = [
         "The ",
@@ -542,10 +543,16 @@ fn requests() -> Vec<Value> {
             if i == 6 {
                 body["stop"] = json!(["e"]);
             }
+            if i == 7 {
+                body = json!({"prompt": p, "max_tokens": 0, "echo": true, "logprobs": 2});
+            }
             body
         })
         .collect()
 }
+
+/// Rows of the scored request's prompt ("the brown dog", byte tokens).
+const SCORED: f64 = 13.0;
 
 /// A prompt spanning two whole pages and part of a third.
 fn long_request() -> Value {
@@ -593,7 +600,8 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     let one_metrics = String::from_utf8(request(one.addr, "GET", "/metrics", b"").body).unwrap();
     let want_load = expert_load(&one_metrics);
     // Every token fed passes the MoE layer 1 (2 experts each); the last
-    // layer computes only the rows whose logits are sampled.
+    // layer computes only the rows whose logits are wanted: those sampled
+    // from, and every row of the scored prompt.
     let layer_total = |layer| -> f64 {
         want_load
             .iter()
@@ -607,7 +615,7 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     );
     assert_eq!(
         layer_total(2),
-        2.0 * metric(&one_metrics, "moe_serving_generation_tokens_total")
+        2.0 * (metric(&one_metrics, "moe_serving_generation_tokens_total") + SCORED)
     );
     drop(one);
     let (leader_load, follower_load) = (Mutex::default(), Mutex::default());
