@@ -367,6 +367,36 @@ fn a_hugging_face_model_answers_over_http() {
     assert_eq!(json["usage"]["prompt_tokens"], prompt.ids.len());
     assert_eq!(full_text(&response), prompt.completion);
 
+    // `/tokenize` gives transformers' ids: the prompt's, and the chat
+    // template's (`apply_chat_template`); `/detokenize` the text back.
+    let tokens = post_json(
+        server.addr,
+        "/tokenize",
+        &serde_json::json!({"prompt": prompt.text}),
+    )
+    .ok_json();
+    assert_eq!(tokens["tokens"], serde_json::json!(prompt.ids));
+    let messages: Vec<serde_json::Value> = golden
+        .chat
+        .messages
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    let chat = post_json(
+        server.addr,
+        "/tokenize",
+        &serde_json::json!({"messages": messages}),
+    )
+    .ok_json();
+    assert_eq!(chat["tokens"], serde_json::json!(golden.chat.ids));
+    let text = post_json(
+        server.addr,
+        "/detokenize",
+        &serde_json::json!({"tokens": prompt.greedy}),
+    )
+    .ok_json();
+    assert_eq!(text["prompt"], prompt.completion);
+
     // A chat: the template's prompt; the reply ends at an end-of-sequence
     // token or at max_tokens.
     let body = serde_json::json!({

@@ -583,3 +583,53 @@ fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
     assert_eq!(json["usage"]["completion_tokens"], 0);
     assert_kv_pages_return(&server);
 }
+
+/// vLLM's tokenizer endpoints: a prompt or a chat's messages tokenised as
+/// the generating endpoints do, and ids back to text; bad input named.
+#[test]
+fn the_tokenizer_endpoints_round_trip() {
+    let dir = TempDir::new("tokenize");
+    let server = start_server(&dir, &options(&dir.0));
+    let json = post_json(server.addr, "/tokenize", &json!({"prompt": "the cat"})).ok_json();
+    let ids: Vec<u64> = b"the cat".iter().map(|&b| u64::from(b)).collect();
+    assert_eq!(json["tokens"], json!(ids));
+    assert_eq!(json["count"], 7);
+    assert_eq!(json["max_model_len"], CONTEXT);
+    // A chat: the transcript the chat endpoint sends (no template here).
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let json = post_json(server.addr, "/tokenize", &chat).ok_json();
+    let transcript: Vec<u64> = b"user: hi\nassistant:"
+        .iter()
+        .map(|&b| u64::from(b))
+        .collect();
+    assert_eq!(json["tokens"], json!(transcript));
+    let back = post_json(server.addr, "/detokenize", &json!({"tokens": ids})).ok_json();
+    assert_eq!(back["prompt"], "the cat");
+    for (path, body, status, param) in [
+        ("/tokenize", json!({}), 400, json!("prompt")),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": []}),
+            400,
+            json!("prompt"),
+        ),
+        ("/tokenize", json!({"messages": []}), 400, json!("messages")),
+        (
+            "/detokenize",
+            json!({"tokens": [1, 100000]}),
+            400,
+            json!("tokens"),
+        ),
+        ("/detokenize", json!({"tokens": [-1]}), 400, json!("tokens")),
+        (
+            "/tokenize",
+            json!({"model": "other", "prompt": "a"}),
+            404,
+            json!("model"),
+        ),
+    ] {
+        let response = post_json(server.addr, path, &body);
+        assert_eq!(response.status, status, "{path} {body}");
+        assert_eq!(response.json()["error"]["param"], param, "{path} {body}");
+    }
+}

@@ -399,6 +399,107 @@ impl CompletionRequest {
     }
 }
 
+/// A chat's prompt: its messages (text content only) through the model's
+/// chat template.
+fn chat_prompt(messages: Vec<ChatMessage>, tokenizer: &Tokenizer) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages: at least one message is required",
+            Some("messages"),
+        ));
+    }
+    let mut turns = Vec::with_capacity(messages.len());
+    for message in messages {
+        let content = match message.content {
+            Content::Text(text) => text,
+            Content::Parts(parts) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!(
+                                    "messages: content parts of type {kind:?} are not supported"
+                                ),
+                                Some("messages"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        turns.push((message.role, content));
+    }
+    tokenizer
+        .encode_chat(&turns)
+        .map_err(|e| ApiError::invalid(e, Some("messages")))
+}
+
+/// vLLM's `/tokenize`: a completion's `prompt` (one string) or a chat's
+/// `messages`, as the generating endpoints would tokenise them.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+}
+
+/// vLLM's `/detokenize`: token ids back to text.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}
+
+impl TokenizeRequest {
+    /// The token ids (the error names the field).
+    pub fn check(self, served: Served<'_>) -> Result<Vec<u32>, ApiError> {
+        check_model(self.model.as_deref(), served)?;
+        match (self.prompt, self.messages) {
+            (Some(prompt), None) => served
+                .tokenizer
+                .encode(&prompt)
+                .map_err(|e| ApiError::invalid(e, Some("prompt"))),
+            (None, Some(messages)) => chat_prompt(messages, served.tokenizer),
+            _ => Err(ApiError::invalid(
+                "prompt: give either a prompt or messages",
+                Some("prompt"),
+            )),
+        }
+    }
+}
+
+impl DetokenizeRequest {
+    /// The text of the ids (bytes that are not UTF-8 become U+FFFD).
+    pub fn check(self, served: Served<'_>) -> Result<String, ApiError> {
+        check_model(self.model.as_deref(), served)?;
+        let mut bytes = Vec::new();
+        for id in self.tokens {
+            let token = u32::try_from(id)
+                .ok()
+                .filter(|&t| (t as usize) < served.tokenizer.vocab())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("tokens: token id {id} is outside the vocabulary"),
+                        Some("tokens"),
+                    )
+                })?;
+            bytes.extend(served.tokenizer.token_bytes(token));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// A request naming another model than the served one is a 404.
+fn check_model(model: Option<&str>, served: Served<'_>) -> Result<(), ApiError> {
+    match model {
+        Some(model) if model != served.name => Err(ApiError::model_not_found(model)),
+        _ => Ok(()),
+    }
+}
+
 impl ChatRequest {
     pub fn check(self, served: Served<'_>) -> Result<Checked, ApiError> {
         for (field, given) in [("tools", &self.tools), ("functions", &self.functions)] {
@@ -421,40 +522,7 @@ impl ChatRequest {
                 Some("response_format"),
             ));
         }
-        if self.messages.is_empty() {
-            return Err(ApiError::invalid(
-                "messages: at least one message is required",
-                Some("messages"),
-            ));
-        }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for message in self.messages {
-            let content = match message.content {
-                Content::Text(text) => text,
-                Content::Parts(parts) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        match (part.kind.as_str(), part.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    format!(
-                                        "messages: content parts of type {kind:?} are not supported"
-                                    ),
-                                    Some("messages"),
-                                ));
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            messages.push((message.role, content));
-        }
-        let prompt = served
-            .tokenizer
-            .encode_chat(&messages)
-            .map_err(|e| ApiError::invalid(e, Some("messages")))?;
+        let prompt = chat_prompt(self.messages, served.tokenizer)?;
         let logprobs = self.sampling.chat_logprobs()?;
         // No max_tokens: the rest of the context.
         self.sampling
@@ -504,11 +572,7 @@ impl Sampling {
         logprobs: Option<usize>,
         score: Option<usize>,
     ) -> Result<Checked, ApiError> {
-        if let Some(model) = &self.model
-            && model != served.name
-        {
-            return Err(ApiError::model_not_found(model));
-        }
+        check_model(self.model.as_deref(), served)?;
         for prompt in &prompts {
             if prompt.is_empty() {
                 return Err(ApiError::invalid(

@@ -64,6 +64,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(ready))
         .route(READY_PATH, get(ready))
         .route(HEALTH_PATH, get(alive))
@@ -173,6 +175,46 @@ async fn models(State(state): State<AppState>) -> Response {
         }],
     });
     api::json_response(StatusCode::OK, &body)
+}
+
+/// vLLM's `/tokenize`: `{"count", "max_model_len", "tokens"}`.
+async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    tokenizer_endpoint(&state, "/tokenize", |served| {
+        let tokens = api::parse::<api::TokenizeRequest>(&body)?.check(served)?;
+        Ok(json!({"count": tokens.len(), "max_model_len": served.context, "tokens": tokens}))
+    })
+}
+
+/// vLLM's `/detokenize`: `{"prompt"}`.
+async fn detokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    tokenizer_endpoint(&state, "/detokenize", |served| {
+        let text = api::parse::<api::DetokenizeRequest>(&body)?.check(served)?;
+        Ok(json!({ "prompt": text }))
+    })
+}
+
+/// A tokenizer endpoint at `path`: `answer`'s body for the served model,
+/// or its error; counted in the responses metric.
+fn tokenizer_endpoint(
+    state: &AppState,
+    path: &'static str,
+    answer: impl FnOnce(Served<'_>) -> Result<Value, ApiError>,
+) -> Response {
+    let response = state
+        .engine()
+        .and_then(|engine| {
+            let tokenizer = engine.tokenizer();
+            answer(Served {
+                name: &state.model_name,
+                tokenizer: &tokenizer,
+                context: engine.context(),
+            })
+        })
+        .map_or_else(IntoResponse::into_response, |body| {
+            api::json_response(StatusCode::OK, &body)
+        });
+    state.metrics.response(path, response.status().as_u16());
+    response
 }
 
 /// The two generating endpoints differ only in their bodies' shapes.
