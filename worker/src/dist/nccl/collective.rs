@@ -253,21 +253,10 @@ impl NcclCollective {
         if count == 0 {
             return Ok(());
         }
+        // `ptr` holds `count` f32 on this communicator's device and lives
+        // until the watch ends (the caller borrows it).
         self.run(op, |comm, stream| {
-            // SAFETY: `ptr` holds `count` f32 on this communicator's device
-            // and lives until the watch ends (the caller borrows it).
-            let call = unsafe {
-                result::all_reduce(
-                    ptr as *const _,
-                    ptr as *mut _,
-                    count,
-                    sys::ncclDataType_t::ncclFloat32,
-                    reduce.nccl(),
-                    comm.0,
-                    stream as sys::cudaStream_t,
-                )
-            };
-            comm::enqueued(op, comm, call)
+            enqueue_all_reduce(op, comm, stream, ptr, count, reduce)
         })
     }
 
@@ -378,21 +367,10 @@ impl NcclCollective {
         self.run(op, |comm, stream| {
             comm::enqueued(op, comm, result::group_start())?;
             let mut outcome = Ok(());
+            // Each `ptr` holds `count` f32 on this communicator's device and
+            // outlives the watch (the guards above).
             for &(ptr, count) in &buffers {
-                // SAFETY: each `ptr` holds `count` f32 on this
-                // communicator's device and outlives the watch.
-                let call = unsafe {
-                    result::all_reduce(
-                        ptr as *const _,
-                        ptr as *mut _,
-                        count,
-                        sys::ncclDataType_t::ncclFloat32,
-                        reduce.nccl(),
-                        comm.0,
-                        stream as sys::cudaStream_t,
-                    )
-                };
-                outcome = comm::enqueued(op, comm, call);
+                outcome = enqueue_all_reduce(op, comm, stream, ptr, count, reduce);
                 if outcome.is_err() {
                     break;
                 }
@@ -448,6 +426,32 @@ impl NcclCollective {
     fn set_family_timeout(&self, timeout: Duration) {
         self.family.lock().timeout = timeout;
     }
+}
+
+/// Enqueues an in-place `ncclAllReduce` of `count` f32 at `ptr`, which must
+/// hold them on `comm`'s device until the operation's watch ends.
+fn enqueue_all_reduce(
+    op: &'static str,
+    comm: Raw,
+    stream: cu::CUstream,
+    ptr: cu::CUdeviceptr,
+    count: usize,
+    reduce: Reduce,
+) -> Result<(), DistError> {
+    // SAFETY: the caller keeps `count` f32 at `ptr` on this device alive
+    // and unaliased until the operation's watch ends.
+    let call = unsafe {
+        result::all_reduce(
+            ptr as *const _,
+            ptr as *mut _,
+            count,
+            sys::ncclDataType_t::ncclFloat32,
+            reduce.nccl(),
+            comm.0,
+            stream as sys::cudaStream_t,
+        )
+    };
+    comm::enqueued(op, comm, call)
 }
 
 /// Aborts the family after `error`, unless it already is (or the error is
