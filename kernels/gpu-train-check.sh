@@ -16,9 +16,14 @@
 # run starts at step 40, and the two-rank run starts from the one-rank run's
 # first loss (within 1e-5: the same micro-batches, averaged in another
 # order) and ends within 1% of it. Writes train-check.md to the given directory.
+#
+# MOE_CHECK_DEVICE=cpu runs the "cuda" runs on the CPU instead: a rehearsal of
+# this script (its launches, resume and comparisons) on a machine without a
+# GPU, with a CPU-only worker, before spending GPU time on it.
 set -uo pipefail
 out=${1:?usage: gpu-train-check.sh OUT_DIR}
 bin=${MOE_WORKER_BIN:-.gpu/moe-worker}
+gpu=${MOE_CHECK_DEVICE:-cuda}
 work=$(mktemp -d)
 mkdir -p "$out"
 report=$out/train-check.md
@@ -67,10 +72,10 @@ run() { # name device steps dir [ranks]
   echo "# moe-worker train on the GPU vs the CPU"
   echo
   echo '```'
-  run cuda cuda 40 "$work/cuda" || { tail -20 "$work/cuda.log"; }
+  run cuda "$gpu" 40 "$work/cuda" || { tail -20 "$work/cuda.log"; }
   run cpu cpu 40 "$work/cpu" || { tail -20 "$work/cpu.log"; }
-  run resumed cuda 60 "$work/cuda" || { tail -20 "$work/resumed.log"; }
-  run dp2 cuda 40 "$work/dp2" 2 || { tail -20 "$work/dp2.log"; }
+  run resumed "$gpu" 60 "$work/cuda" || { tail -20 "$work/resumed.log"; }
+  run dp2 "$gpu" 40 "$work/dp2" 2 || { tail -20 "$work/dp2.log"; }
   grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
   echo '```'
 } | tee "$report"
