@@ -17,6 +17,13 @@ set -uo pipefail
 out=${1:?usage: gpu-serve-check.sh OUT_DIR}
 bin=${MOE_WORKER_BIN:-.gpu/moe-worker}
 fixtures=${MOE_SERVE_FIXTURES:-worker/tests/fixtures/hf}
+# MOE_CHECK_DEVICE=cpu: a rehearsal without a GPU (a CPU-only worker serves
+# on the CPU, so the log lines that name the GPU are not looked for; the
+# launches, the replica and every golden comparison are).
+gpu=${MOE_CHECK_DEVICE:-cuda}
+expect_log() { # file line
+  [ "$gpu" != cuda ] || grep -q "$2" "$1"
+}
 work=$(mktemp -d)
 mkdir -p "$out"
 report=$out/serve-check.md
@@ -59,7 +66,7 @@ PY
 serve_fixture() { # name expected-log-line
   local name=$1 expect=$2 log=$work/$1.log
   port=$((port + 1))
-  "$bin" serve --model "$fixtures/$name" --device cuda --host 127.0.0.1 --port "$port" \
+  "$bin" serve --model "$fixtures/$name" --device "$gpu" --host 127.0.0.1 --port "$port" \
     --kv-cache-mib 64 >"$log" 2>&1 &
   local pid=$!
   if ! wait_ready "$port" "$pid"; then
@@ -68,7 +75,7 @@ serve_fixture() { # name expected-log-line
     return 1
   fi
   local status=0
-  if ! grep -q "$expect" "$log"; then
+  if ! expect_log "$log" "$expect"; then
     echo "$name: FAIL: the log does not say \"$expect\""; status=1
   fi
   compare_golden "$name" "$port" || status=1
@@ -90,7 +97,7 @@ serve_replica() { # name
   for rank in 0 1; do
     MOE_WORLD_SIZE=2 MOE_NODES=2 MOE_NODE_RANK=$rank MOE_PROCS_PER_NODE=1 \
       MOE_COORDINATOR=$coordinator MOE_RENDEZVOUS_TIMEOUT_SECONDS=120 MOE_COLLECTIVE_BACKEND=tcp \
-      "$bin" serve --model "$fixtures/$name" --device cuda --expert-parallel 2 \
+      "$bin" serve --model "$fixtures/$name" --device "$gpu" --expert-parallel 2 \
       --host 127.0.0.1 --port $((port + 1 + rank)) --kv-cache-mib 64 \
       >"$work/$name-ep$rank.log" 2>&1 &
     pids+=($!)
@@ -101,7 +108,7 @@ serve_replica() { # name
     status=1
   else
     for rank in 0 1; do
-      if ! grep -q "this rank's share is on the GPU" "$work/$name-ep$rank.log"; then
+      if ! expect_log "$work/$name-ep$rank.log" "this rank's share is on the GPU"; then
         echo "$name, 2 ranks: FAIL: rank $rank does not say its share is on the GPU"; status=1
       fi
     done
