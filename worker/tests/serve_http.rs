@@ -581,6 +581,18 @@ fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
         assert_eq!(values.len(), prompts[p].len());
     }
     assert_eq!(json["usage"]["completion_tokens"], 0);
+    // Scoring may fill the whole context; generating from there may not.
+    let full = "x".repeat(CONTEXT);
+    let scoring = json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 0});
+    let json = post_json(server.addr, "/v1/completions", &scoring).ok_json();
+    let values = json["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(values.len(), CONTEXT);
+    let generating = json!({"prompt": full, "max_tokens": 1, "echo": true, "logprobs": 0});
+    let response = post_json(server.addr, "/v1/completions", &generating);
+    assert_eq!(response.status, 400);
+    assert_eq!(response.json()["error"]["code"], "context_length_exceeded");
     assert_kv_pages_return(&server);
 }
 

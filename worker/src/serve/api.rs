@@ -573,25 +573,6 @@ impl Sampling {
         score: Option<usize>,
     ) -> Result<Checked, ApiError> {
         check_model(self.model.as_deref(), served)?;
-        for prompt in &prompts {
-            if prompt.is_empty() {
-                return Err(ApiError::invalid(
-                    "prompt: must not be empty",
-                    Some("prompt"),
-                ));
-            }
-            if prompt.len() >= served.context {
-                return Err(ApiError::invalid(
-                    format!(
-                        "this model's context is {} tokens, and the prompt has {} (prompt and completion share the context); shorten the prompt",
-                        served.context,
-                        prompt.len()
-                    ),
-                    Some("prompt"),
-                )
-                .with_code("context_length_exceeded"));
-            }
-        }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => default_max_tokens,
             Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -606,6 +587,29 @@ impl Sampling {
                 ));
             }
         };
+        for prompt in &prompts {
+            if prompt.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt: must not be empty",
+                    Some("prompt"),
+                ));
+            }
+            // Scoring only (max_tokens 0) may fill the context; a completion
+            // needs a position left for its first token.
+            if prompt.len() > served.context
+                || (prompt.len() == served.context && max_tokens != Some(0))
+            {
+                return Err(ApiError::invalid(
+                    format!(
+                        "this model's context is {} tokens, and the prompt has {} (prompt and completion share the context); shorten the prompt",
+                        served.context,
+                        prompt.len()
+                    ),
+                    Some("prompt"),
+                )
+                .with_code("context_length_exceeded"));
+            }
+        }
         let n = match self.n {
             None => 1,
             Some(n) => usize::try_from(n)

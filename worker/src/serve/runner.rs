@@ -259,7 +259,8 @@ impl EngineHandle {
             return Err(SubmitError::Stopped);
         }
         let prompt = request.prompt.len();
-        if prompt >= self.context {
+        // A prompt may fill the context only to be scored (max_tokens 0).
+        if prompt > self.context || (prompt == self.context && request.max_tokens > 0) {
             return Err(SubmitError::PromptTooLong {
                 tokens: prompt,
                 context: self.context,
