@@ -581,6 +581,12 @@ fn a_batch_of_prompts_is_answered_prompt_by_prompt() {
         assert_eq!(values.len(), prompts[p].len());
     }
     assert_eq!(json["usage"]["completion_tokens"], 0);
+    // Every prompt token after each prompt's first was scored.
+    let scored: usize = prompts.iter().map(|p| p.len() - 1).sum();
+    assert_eq!(
+        metric(&server, "moe_serving_prompt_tokens_scored_total"),
+        scored as f64
+    );
     // Scoring may fill the whole context; generating from there may not.
     let full = "x".repeat(CONTEXT);
     let scoring = json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 0});

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub prompt_tokens_cached: Counter,
+    /// Prompt tokens given their log-probabilities (echo with logprobs).
+    pub prompt_tokens_scored: Counter,
     pub generation_tokens: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -75,6 +77,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let prompt_tokens = Counter::default();
         let prompt_tokens_cached = Counter::default();
+        let prompt_tokens_scored = Counter::default();
         let generation_tokens = Counter::default();
         // 1 ms to about 33 s: a CPU token takes milliseconds, a long queue seconds.
         let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -103,6 +106,11 @@ impl Metrics {
             "prompt_tokens_cached",
             "Prompt tokens of admitted requests whose KV cache was reused from a prefix served before",
             prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "prompt_tokens_scored",
+            "Prompt tokens given their log-probabilities (completions with echo and logprobs: evaluation traffic)",
+            prompt_tokens_scored.clone(),
         );
         registry.register(
             "generation_tokens",
@@ -167,6 +175,7 @@ impl Metrics {
             requests,
             prompt_tokens,
             prompt_tokens_cached,
+            prompt_tokens_scored,
             generation_tokens,
             time_to_first_token,
             inter_token_latency,

@@ -706,6 +706,9 @@ impl Runner {
             });
         }
         if w.start + w.len == active.prompt_len {
+            self.metrics
+                .prompt_tokens_scored
+                .inc_by(active.scored.len() as u64);
             let prompt = PromptLogprobs {
                 first: tokenizer.token_bytes(active.tokens[0]),
                 scored: std::mem::take(&mut active.scored),
