@@ -1172,7 +1172,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         checks.push(exact(
             "moe_layer.load",
             name,
-            &forward.load,
+            &forward.routed.load,
             &cpu.expert_load(),
         ));
         checks.push(close_to_scale(

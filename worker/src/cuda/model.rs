@@ -357,7 +357,7 @@ impl DeviceModel {
         for block in &self.weights.blocks {
             let (output, pass) = self.block_forward(gpu, block, x)?;
             if let FeedForwardPass::Moe(moe) = &pass.ffn {
-                loads.push(moe.load.clone());
+                loads.push(moe.routed.load.clone());
                 aux_loss += moe.aux_loss;
             }
             blocks.push(match memory {

@@ -28,16 +28,10 @@ pub struct DeviceMoeLayer {
 pub struct DeviceMoeForward {
     /// `[tokens, hidden]`.
     pub output: CudaSlice<f32>,
-    pub routing: routing::DeviceRouting,
-    pub dispatch: dispatch::DeviceDispatch,
-    /// Rows per expert, read back once per pass to size the expert GEMMs.
-    pub load: Vec<usize>,
-    /// Expert-major activations, `[tokens * top_k, ...]`.
-    pub permuted: CudaSlice<f32>,
-    pub a: CudaSlice<f32>,
-    pub b: CudaSlice<f32>,
-    pub h: CudaSlice<f32>,
-    pub expert_out: CudaSlice<f32>,
+    /// The rows routed and sorted by expert (`routed.load`: rows per expert).
+    pub(crate) routed: Routed,
+    /// The routed experts' activations and outputs, expert-major.
+    pub(crate) mlps: ExpertMlps,
     /// The shared experts' activations (a, b, h), when there are any.
     pub shared: Option<[CudaSlice<f32>; 3]>,
     /// The sequence-wise balance loss (0 without `aux_loss_alpha`), and
@@ -167,14 +161,8 @@ impl DeviceMoeLayer {
         };
         let RoutedExperts {
             mut output,
-            routing,
-            dispatch,
-            load,
-            permuted,
-            a,
-            b,
-            h,
-            expert_out,
+            routed,
+            mlps,
         } = routed_experts(gpu, c, &weights, x)?;
 
         let shared_width = c.shared_hidden();
@@ -199,20 +187,14 @@ impl DeviceMoeLayer {
             shared = Some([sa, sb, sh]);
         }
         let balance = if c.aux_loss_alpha > 0.0 {
-            Some(BalanceLoss::of(gpu, &routing, seq_len)?)
+            Some(BalanceLoss::of(gpu, &routed.routing, seq_len)?)
         } else {
             None
         };
         Ok(DeviceMoeForward {
             output,
-            routing,
-            dispatch,
-            load,
-            permuted,
-            a,
-            b,
-            h,
-            expert_out,
+            routed,
+            mlps,
             shared,
             aux_loss: balance.as_ref().map_or(0.0, |b| b.loss(c.aux_loss_alpha)),
             balance,
@@ -235,15 +217,8 @@ pub(crate) struct RoutedWeights<'a> {
 pub(crate) struct RoutedExperts {
     /// `[tokens, hidden]`: each token's gated sum of its experts' outputs.
     pub output: CudaSlice<f32>,
-    pub routing: routing::DeviceRouting,
-    pub dispatch: dispatch::DeviceDispatch,
-    /// Rows per expert, read back once per pass to size the expert GEMMs.
-    pub load: Vec<usize>,
-    pub permuted: CudaSlice<f32>,
-    pub a: CudaSlice<f32>,
-    pub b: CudaSlice<f32>,
-    pub h: CudaSlice<f32>,
-    pub expert_out: CudaSlice<f32>,
+    pub(crate) routed: Routed,
+    pub(crate) mlps: ExpertMlps,
 }
 
 /// Router (exact f32, as the CPU: a TF32 logit could flip a near-tie in
@@ -259,39 +234,22 @@ pub(crate) fn routed_experts(
 ) -> Result<RoutedExperts> {
     let hidden = c.hidden;
     let tokens = x.len() / hidden;
-    let Routed {
-        routing,
-        dispatch,
-        offsets,
-        load,
-        permuted,
-    } = route_rows(gpu, c, weights, x)?;
-    let segments = expert_segments(&offsets);
-    let ExpertMlps {
-        a,
-        b,
-        h,
-        out: expert_out,
-    } = expert_mlps(gpu, c, weights, &permuted, &segments)?;
+    let routed = route_rows(gpu, c, weights, x)?;
+    let segments = expert_segments(&routed.offsets);
+    let mlps = expert_mlps(gpu, c, weights, &routed.permuted, &segments)?;
     let mut output = gpu.zeros::<f32>(tokens * hidden)?;
     dispatch::unpermute(
         gpu,
         &mut output,
-        &expert_out,
-        &routing.gates,
-        &dispatch,
+        &mlps.out,
+        &routed.routing.gates,
+        &routed.dispatch,
         hidden,
     )?;
     Ok(RoutedExperts {
         output,
-        routing,
-        dispatch,
-        load,
-        permuted,
-        a,
-        b,
-        h,
-        expert_out,
+        routed,
+        mlps,
     })
 }
 
@@ -423,7 +381,8 @@ impl DeviceMoeLayer {
         let c = &self.config;
         let (hidden, inner, n_experts) = (c.hidden, c.expert_hidden, c.n_routed_experts);
         let tokens = x.len() / hidden;
-        let rows = pass.dispatch.rows();
+        let (routed, mlps) = (&pass.routed, &pass.mlps);
+        let rows = routed.dispatch.rows();
         let weights = inner * hidden;
 
         // Combine's backward: each row's output gradient and each gate's.
@@ -434,29 +393,19 @@ impl DeviceMoeLayer {
             &mut dy,
             &mut dgates,
             dout,
-            &pass.expert_out,
-            &pass.routing.gates,
-            &pass.dispatch,
+            &mlps.out,
+            &routed.routing.gates,
+            &routed.dispatch,
             hidden,
         )?;
 
         // Experts, segment by segment: down projection, SwiGLU, up projections.
         let mut dh = gpu.zeros::<f32>(rows * inner)?;
-        let segments: Vec<(usize, usize, usize)> = pass
-            .load
-            .iter()
-            .enumerate()
-            .scan(0usize, |start, (e, &len)| {
-                let segment = (e, *start, len);
-                *start += len;
-                Some(segment)
-            })
-            .filter(|&(_, _, len)| len > 0)
-            .collect();
+        let segments = expert_segments(&routed.offsets);
         for &(e, start, len) in &segments {
             let dy_e = dy.slice(start * hidden..(start + len) * hidden);
             let w2_e = self.w2.slice(e * weights..(e + 1) * weights);
-            let h_e = pass.h.slice(start * inner..(start + len) * inner);
+            let h_e = mlps.h.slice(start * inner..(start + len) * inner);
             let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
             matmul::gemm(
                 gpu,
@@ -482,12 +431,14 @@ impl DeviceMoeLayer {
         }
         let mut da = gpu.zeros::<f32>(rows * inner)?;
         let mut db = gpu.zeros::<f32>(rows * inner)?;
-        swiglu::backward(gpu, &mut da, &mut db, &dh, &pass.a, &pass.b)?;
+        swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b)?;
         let mut dxp = gpu.zeros::<f32>(rows * hidden)?;
         for &(e, start, len) in &segments {
             let da_e = da.slice(start * inner..(start + len) * inner);
             let db_e = db.slice(start * inner..(start + len) * inner);
-            let xp_e = pass.permuted.slice(start * hidden..(start + len) * hidden);
+            let xp_e = routed
+                .permuted
+                .slice(start * hidden..(start + len) * hidden);
             let w1_e = self.w1.slice(e * weights..(e + 1) * weights);
             let w3_e = self.w3.slice(e * weights..(e + 1) * weights);
             let mut dxp_e = dxp.slice_mut(start * hidden..(start + len) * hidden);
@@ -534,7 +485,7 @@ impl DeviceMoeLayer {
                 true,
             )?;
         }
-        dispatch::permute_backward(gpu, dx, &dxp, &pass.dispatch, hidden)?;
+        dispatch::permute_backward(gpu, dx, &dxp, &routed.dispatch, hidden)?;
 
         // Shared experts, on every token.
         if let Some([sa, sb, sh]) = &pass.shared {
@@ -608,7 +559,7 @@ impl DeviceMoeLayer {
 
         // Router: gates → scores → logits → router weights and input.
         let mut dlogits = gpu.zeros::<f32>(tokens * n_experts)?;
-        routing::backward(gpu, c, &mut dlogits, &dgates, &pass.routing)?;
+        routing::backward(gpu, c, &mut dlogits, &dgates, &routed.routing)?;
         if let Some(balance) = &pass.balance {
             balance.add_gradient(gpu, c, &mut dlogits)?;
         }

@@ -212,7 +212,7 @@ impl DeviceMoe {
     /// gated sum, then the shared experts added (the CPU's order of terms).
     fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let routed = routed_experts(gpu, &self.config, &self.weights(), x)?;
-        for (e, &load) in routed.load.iter().enumerate() {
+        for (e, &load) in routed.routed.load.iter().enumerate() {
             self.count_rows(e, load);
         }
         let mut output = routed.output;
@@ -220,13 +220,13 @@ impl DeviceMoe {
         Ok(output)
     }
 
-    /// Adds the shared experts' outputs for `x: [tokens, hidden]` into
-    /// `output` (after the routed experts', as the CPU adds them).
     /// Whether the layer has shared experts (ungated or gated).
     pub(super) fn has_shared(&self) -> bool {
         self.shared.is_some() || self.gated_shared.is_some()
     }
 
+    /// Adds the shared experts' outputs for `x: [tokens, hidden]` into
+    /// `output` (after the routed experts', as the CPU adds them).
     pub(super) fn add_shared(
         &self,
         gpu: &Gpu,
