@@ -407,6 +407,21 @@ enum Flow {
     Stop,
 }
 
+/// `token`'s log-probability under `logits` and the `top` likeliest
+/// tokens there, with their bytes.
+fn token_logprobs(tokenizer: &Tokenizer, logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let (logprob, best) = logprobs::logprobs(logits, token, top);
+    let candidate = |id: u32, logprob: f32| Candidate {
+        id,
+        bytes: tokenizer.token_bytes(id),
+        logprob,
+    };
+    TokenLogprobs {
+        chosen: candidate(token, logprob),
+        top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
+    }
+}
+
 /// Which of a planned chunk's rows return logits.
 fn logits_of(w: &Work) -> Logits {
     if w.score {
@@ -668,7 +683,8 @@ impl Runner {
                 && let Some(&last) = mine.last()
             {
                 if self.active.get(&w.id).is_some_and(|a| a.max_tokens == 0) {
-                    self.finish_scored(w.id);
+                    // Only scored: nothing to generate.
+                    self.done(w.id, FinishReason::Length);
                 } else {
                     self.take_token(w.id, last);
                 }
@@ -687,23 +703,14 @@ impl Runner {
             return;
         };
         let top = active.prompt_logprobs.unwrap_or(0);
-        let candidate = |id: u32, logprob: f32| Candidate {
-            id,
-            bytes: tokenizer.token_bytes(id),
-            logprob,
-        };
         for (j, row) in rows.iter().enumerate() {
             let next = w.start + j + 1;
             if next >= active.prompt_len {
                 break;
             }
             let decodable = &row[..tokenizer.vocab().min(row.len())];
-            let token = active.tokens[next];
-            let (logprob, best) = logprobs::logprobs(decodable, token, top);
-            active.scored.push(TokenLogprobs {
-                chosen: candidate(token, logprob),
-                top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
-            });
+            let scored = token_logprobs(tokenizer, decodable, active.tokens[next], top);
+            active.scored.push(scored);
         }
         if w.start + w.len == active.prompt_len {
             self.metrics
@@ -715,25 +722,6 @@ impl Runner {
             };
             let _ = active.events.send(Event::PromptLogprobs(prompt));
         }
-    }
-
-    /// Ends a request that only scored its prompt (`max_tokens` 0).
-    fn finish_scored(&mut self, id: RequestId) {
-        let Some(active) = self.active.get(&id) else {
-            return;
-        };
-        let done = Event::Done {
-            finish: FinishReason::Length,
-            usage: Usage {
-                prompt_tokens: active.prompt_len,
-                cached_tokens: active.cached_tokens,
-                completion_tokens: 0,
-            },
-        };
-        let events = active.events.clone();
-        self.finish(id);
-        self.publish_gauges();
-        let _ = events.send(done);
     }
 
     /// The collective payload counters (a leader's; zero otherwise).
@@ -761,9 +749,9 @@ impl Runner {
         let banned = if early && !active.ignore_eos {
             tokenizer.eos_ids()
         } else {
-            Vec::new()
+            &[]
         };
-        let token = active.sampler.sample_excluding(decodable, &banned);
+        let token = active.sampler.sample_excluding(decodable, banned);
         active.tokens.push(token);
         self.scheduler.append(id, token);
         let now = Instant::now();
@@ -786,16 +774,8 @@ impl Runner {
         if let Some(top) = active.logprobs
             && !eos
         {
-            let (logprob, best) = logprobs::logprobs(decodable, token, top);
-            let candidate = |id: u32, logprob: f32| Candidate {
-                id,
-                bytes: tokenizer.token_bytes(id),
-                logprob,
-            };
-            let _ = active.events.send(Event::Logprobs(TokenLogprobs {
-                chosen: candidate(token, logprob),
-                top: best.into_iter().map(|(id, lp)| candidate(id, lp)).collect(),
-            }));
+            let scored = token_logprobs(tokenizer, decodable, token, top);
+            let _ = active.events.send(Event::Logprobs(scored));
         }
         let delta = if special {
             Delta::default()
@@ -822,22 +802,30 @@ impl Runner {
             let _ = active.events.send(Event::Text(text));
         }
         if let Some(finish) = finish {
-            let done = Event::Done {
-                finish,
-                usage: Usage {
-                    prompt_tokens: active.prompt_len,
-                    cached_tokens: active.cached_tokens,
-                    completion_tokens: active.generated(),
-                },
-            };
-            let events = active.events.clone();
-            // Free the pages and update the gauges before the client hears
-            // it is done: one that reads /metrics right after its response
-            // must not still count itself in flight.
-            self.finish(id);
-            self.publish_gauges();
-            let _ = events.send(done);
+            self.done(id, finish);
         }
+    }
+
+    /// Ends request `id` (`finish`, with its usage): its pages are freed and
+    /// the gauges updated before the client hears it is done, so one that
+    /// reads /metrics right after its response does not still count itself
+    /// in flight.
+    fn done(&mut self, id: RequestId, finish: FinishReason) {
+        let Some(active) = self.active.get(&id) else {
+            return;
+        };
+        let done = Event::Done {
+            finish,
+            usage: Usage {
+                prompt_tokens: active.prompt_len,
+                cached_tokens: active.cached_tokens,
+                completion_tokens: active.generated(),
+            },
+        };
+        let events = active.events.clone();
+        self.finish(id);
+        self.publish_gauges();
+        let _ = events.send(done);
     }
 
     fn publish_gauges(&self) {

@@ -61,18 +61,15 @@ impl Tokenizer {
 
     /// Whether `token` ends the completion (`finish_reason: "stop"`, no text).
     /// The end-of-sequence tokens (none for the byte tokenizer).
-    pub fn eos_ids(&self) -> Vec<u32> {
+    pub fn eos_ids(&self) -> &[u32] {
         match self {
-            Self::Bytes => Vec::new(),
-            Self::HuggingFace(t) => t.eos().to_vec(),
+            Self::Bytes => &[],
+            Self::HuggingFace(t) => t.eos(),
         }
     }
 
     pub fn is_eos(&self, token: u32) -> bool {
-        match self {
-            Self::Bytes => false,
-            Self::HuggingFace(t) => t.eos().contains(&token),
-        }
+        self.eos_ids().contains(&token)
     }
 }
 
