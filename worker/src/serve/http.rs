@@ -200,21 +200,26 @@ fn tokenizer_endpoint(
     path: &'static str,
     answer: impl FnOnce(Served<'_>) -> Result<Value, ApiError>,
 ) -> Response {
-    let response = state
-        .engine()
-        .and_then(|engine| {
-            let tokenizer = engine.tokenizer();
-            answer(Served {
-                name: &state.model_name,
-                tokenizer: &tokenizer,
-                context: engine.context(),
-            })
-        })
-        .map_or_else(IntoResponse::into_response, |body| {
-            api::json_response(StatusCode::OK, &body)
-        });
+    let response = against_served(state, answer).map_or_else(IntoResponse::into_response, |body| {
+        api::json_response(StatusCode::OK, &body)
+    });
     state.metrics.response(path, response.status().as_u16());
     response
+}
+
+/// `check` run against the served model (its name, tokenizer and
+/// context), once it is loaded.
+fn against_served<T>(
+    state: &AppState,
+    check: impl FnOnce(Served<'_>) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let engine = state.engine()?;
+    let tokenizer = engine.tokenizer();
+    check(Served {
+        name: &state.model_name,
+        tokenizer: &tokenizer,
+        context: engine.context(),
+    })
 }
 
 /// The two generating endpoints differ only in their bodies' shapes.
@@ -298,23 +303,17 @@ impl Choice {
 /// prefill only what its whole pages do not hold, not `n` times the prompt.
 /// A batch of prompts submits every prompt's first choice at once.
 async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Started, ApiError> {
-    let engine = state.engine()?;
-    let tokenizer = engine.tokenizer();
-    let served = Served {
-        name: &state.model_name,
-        tokenizer: &tokenizer,
-        context: engine.context(),
-    };
     let Checked {
         requests,
         n,
         stream,
         include_usage,
         echo,
-    } = match endpoint {
-        Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served)?,
-        Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served)?,
-    };
+    } = against_served(state, |served| match endpoint {
+        Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served),
+        Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served),
+    })?;
+    let engine = state.engine()?;
     let logprobs = requests.iter().any(|r| r.logprobs.is_some());
     let submit = |prompt: usize, index: usize| {
         let mut choice = requests[prompt].clone();
