@@ -357,13 +357,7 @@ fn a_hugging_face_model_answers_over_http() {
         "temperature": 0,
     });
     let response = post_json(server.addr, "/v1/completions", &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    let json = response.json();
+    let json = response.ok_json();
     assert_eq!(json["usage"]["prompt_tokens"], prompt.ids.len());
     assert_eq!(full_text(&response), prompt.completion);
 
@@ -403,13 +397,7 @@ fn a_hugging_face_model_answers_over_http() {
         "model": "qwen", "messages": [{"role": "user", "content": "Hello there"}],
         "max_tokens": 4, "temperature": 0,
     });
-    let response = post_json(server.addr, "/v1/chat/completions", &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
+    post_json(server.addr, "/v1/chat/completions", &body).ok_json();
 }
 
 /// `log_softmax(logits)` in f64: the reference the served log-probabilities
@@ -477,13 +465,8 @@ fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
             "temperature": 0, "logprobs": top,
         });
         let response = post_json(server.addr, "/v1/completions", &body);
-        assert_eq!(
-            response.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&response.body)
-        );
-        let logprobs = &response.json()["choices"][0]["logprobs"];
+        let json = response.ok_json();
+        let logprobs = &json["choices"][0]["logprobs"];
         let token_logprobs = logprobs["token_logprobs"].as_array().unwrap();
         assert_eq!(token_logprobs.len(), prompt.greedy.len());
         for (step, (&token, logits)) in prompt.greedy.iter().zip(&prompt.logits).enumerate() {
@@ -537,13 +520,7 @@ fn logprobs_are_the_log_softmax_of_the_transformers_logits() {
         "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2,
     });
     let response = post_json(server.addr, "/v1/chat/completions", &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    let json = response.json();
+    let json = response.ok_json();
     let content = json["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap();
