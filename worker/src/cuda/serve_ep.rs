@@ -189,30 +189,39 @@ impl DeviceExchange {
                 &now
             }
         };
-        // An empty side still needs a buffer to view: one element, viewed empty.
-        let spare = gpu.zeros::<f32>(1)?;
-        let mut spare_out = gpu.zeros::<f32>(1)?;
+        // A side with no rows still needs a buffer to take an empty view of
+        // (its counts are all zero).
+        let (spare_in, mut spare_out);
+        let send = match send {
+            Some(rows) => rows.slice(..),
+            None => {
+                spare_in = gpu.zeros::<f32>(1)?;
+                spare_in.slice(0..0)
+            }
+        };
         let elements = |rows: &[usize]| rows.iter().map(|r| r * width).collect::<Vec<_>>();
         let (send_counts, recv_counts) = (elements(send_rows), elements(recv_rows));
-        let result = self.ep.with_group(|group| {
-            let Some(nccl) = group.as_nccl() else {
-                return Err(DistError::invalid(
-                    "expert exchange",
-                    "the expert-parallel group is not an NCCL communicator",
-                ));
-            };
-            nccl.stream()
-                .wait(ready)
-                .map_err(|e| DistError::invalid("expert exchange", format!("CUDA driver: {e}")))?;
-            let send = send.unwrap_or(&spare).slice(..);
-            match recv.as_mut() {
-                Some(out) => nccl.all_to_all_device(&send, &send_counts, out, &recv_counts),
+        let result = {
+            let mut into = match recv.as_mut() {
+                Some(out) => out.slice_mut(..),
                 None => {
-                    let mut empty = spare_out.slice_mut(0..0);
-                    nccl.all_to_all_device(&send, &send_counts, &mut empty, &recv_counts)
+                    spare_out = gpu.zeros::<f32>(1)?;
+                    spare_out.slice_mut(0..0)
                 }
-            }
-        });
+            };
+            self.ep.with_group(|group| {
+                let Some(nccl) = group.as_nccl() else {
+                    return Err(DistError::invalid(
+                        "expert exchange",
+                        "the expert-parallel group is not an NCCL communicator",
+                    ));
+                };
+                nccl.stream().wait(ready).map_err(|e| {
+                    DistError::invalid("expert exchange", format!("CUDA driver: {e}"))
+                })?;
+                nccl.all_to_all_device(&send, &send_counts, &mut into, &recv_counts)
+            })
+        };
         if let Err(e) = result {
             self.ep.record(e);
             if let Some(out) = recv.as_mut() {
