@@ -458,10 +458,7 @@ impl TokenizeRequest {
     pub fn check(self, served: Served<'_>) -> Result<Vec<u32>, ApiError> {
         check_model(self.model.as_deref(), served)?;
         match (self.prompt, self.messages) {
-            (Some(prompt), None) => served
-                .tokenizer
-                .encode(&prompt)
-                .map_err(|e| ApiError::invalid(e, Some("prompt"))),
+            (Some(prompt), None) => OnePrompt::Text(prompt).tokens(served.tokenizer),
             (None, Some(messages)) => chat_prompt(messages, served.tokenizer),
             _ => Err(ApiError::invalid(
                 "prompt: give either a prompt or messages",
