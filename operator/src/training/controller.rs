@@ -343,8 +343,10 @@ async fn observe_attempts(
     Ok(out)
 }
 
-/// Why a failed attempt failed: a disrupted pod explains everything (other
-/// ranks then fail on collective timeouts); else the first failed worker's exit code.
+/// Why a failed attempt failed: the pod failure policy rule that failed the
+/// Job, as the Job controller recorded it; without one, a disrupted pod
+/// explains everything (other ranks then fail on collective timeouts), else
+/// the first failed worker's exit code.
 async fn failure_cause(
     ctx: &Context,
     ns: &str,
@@ -360,23 +362,48 @@ async fn failure_cause(
 }
 
 /// Pure part of [`failure_cause`].
+///
+/// The Job controller's own verdict comes first: when a rule of the gang's
+/// pod failure policy failed the Job, its condition names the pod and what
+/// matched, judged when that pod failed. The pods as listed now are a later
+/// picture: the gang's teardown follows the failure, and a pod deleted then
+/// may carry a `DisruptionTarget` of its own, which must not turn a worker's
+/// exit code into an uncounted disruption (an operator that was down during
+/// the failure sees only that later picture).
 pub fn classify_failure(
     pods: &[Pod],
     job_status: &k8s_openapi::api::batch::v1::JobStatus,
 ) -> FailureCause {
+    if let Some(verdict) = job_status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| {
+            (c.type_ == "Failed" || c.type_ == "FailureTarget")
+                && c.status == "True"
+                && c.reason.as_deref() == Some(POD_FAILURE_POLICY)
+        })
+        .and_then(|c| c.message.as_deref())
+    {
+        return match classify_job_message(verdict) {
+            // The message says only "DisruptionTarget"; the pod, if still
+            // listed, says which disruption (preemption, eviction...).
+            FailureCause::Disruption { pod, reason } => FailureCause::Disruption {
+                reason: pods
+                    .iter()
+                    .find(|p| p.name_any() == pod)
+                    .and_then(disruption)
+                    .unwrap_or(reason),
+                pod,
+            },
+            cause => cause,
+        };
+    }
     for pod in pods {
-        let conds = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-        if let Some(c) = conds
-            .into_iter()
-            .flatten()
-            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
-        {
+        if let Some(reason) = disruption(pod) {
             return FailureCause::Disruption {
                 pod: pod.name_any(),
-                reason: c
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "DisruptionTarget".into()),
+                reason,
             };
         }
     }
@@ -451,6 +478,22 @@ fn classify_job_message(text: &str) -> FailureCause {
         format!("Job failed: {text}")
     };
     FailureCause::Unknown { message }
+}
+
+/// The reason the Job controller gives a condition set by a pod failure policy rule.
+const POD_FAILURE_POLICY: &str = "PodFailurePolicy";
+
+/// Why a pod was disrupted, if its `DisruptionTarget` condition is true.
+fn disruption(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let c = conditions
+        .iter()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    Some(
+        c.reason
+            .clone()
+            .unwrap_or_else(|| "DisruptionTarget".into()),
+    )
 }
 
 /// The non-zero exit code of a pod's terminated container, if any.
@@ -575,5 +618,89 @@ mod tests {
             classify_job_message("Job has reached the specified backoff limit"),
             FailureCause::Unknown { .. }
         ));
+    }
+
+    fn pod(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).expect("a pod")
+    }
+
+    /// Pod 0 exited 1; pod 1 was deleted by the gang's teardown afterwards
+    /// and carries a `DisruptionTarget` from that.
+    fn failed_then_torn_down() -> Vec<Pod> {
+        vec![
+            pod(serde_json::json!({
+                "metadata": {"name": "mid-a0-0-x"},
+                "status": {"containerStatuses": [{
+                    "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 1, "finishedAt": "2026-11-29T10:00:00Z"}}
+                }]}
+            })),
+            pod(serde_json::json!({
+                "metadata": {"name": "mid-a0-1-y", "deletionTimestamp": "2026-11-29T10:00:01Z"},
+                "status": {"conditions": [{
+                    "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"
+                }]}
+            })),
+        ]
+    }
+
+    fn job_failed(reason: &str, message: &str) -> k8s_openapi::api::batch::v1::JobStatus {
+        serde_json::from_value(serde_json::json!({"conditions": [
+            {"type": "FailureTarget", "status": "True", "reason": reason, "message": message},
+            {"type": "Failed", "status": "True", "reason": reason, "message": message},
+        ]}))
+        .expect("a job status")
+    }
+
+    #[test]
+    fn the_job_controllers_policy_verdict_outranks_a_later_teardown() {
+        let pods = failed_then_torn_down();
+        let verdict = job_failed(
+            POD_FAILURE_POLICY,
+            "Container worker for pod ns/mid-a0-0-x failed with exit code 1 matching FailJob rule at index 1",
+        );
+        assert_eq!(
+            classify_failure(&pods, &verdict),
+            FailureCause::ExitCode {
+                pod: "mid-a0-0-x".into(),
+                code: 1
+            }
+        );
+        // Without a policy verdict the pods decide, the disruption first.
+        let other = job_failed(
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        );
+        assert_eq!(
+            classify_failure(&pods, &other),
+            FailureCause::Disruption {
+                pod: "mid-a0-1-y".into(),
+                reason: "DeletionByPodGC".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_disruption_verdict_takes_its_reason_from_the_pod_when_listed() {
+        let pods = failed_then_torn_down();
+        let verdict = job_failed(
+            POD_FAILURE_POLICY,
+            "Pod ns/mid-a0-1-y has condition DisruptionTarget matching FailJob rule at index 0",
+        );
+        assert_eq!(
+            classify_failure(&pods, &verdict),
+            FailureCause::Disruption {
+                pod: "mid-a0-1-y".into(),
+                reason: "DeletionByPodGC".into()
+            }
+        );
+        // The pod gone: the message alone.
+        assert_eq!(
+            classify_failure(&[], &verdict),
+            FailureCause::Disruption {
+                pod: "mid-a0-1-y".into(),
+                reason: "DisruptionTarget".into()
+            }
+        );
     }
 }
