@@ -45,6 +45,9 @@ pub trait Scalar:
     fn gemm_mul_add(self, a: Self, b: Self) -> Self;
     /// The larger of the two; `self` when they compare equal or either is NaN.
     fn max(self, other: Self) -> Self;
+    /// The nearest bf16 value (ties to even), as the device's
+    /// `__float2bfloat16_rn` rounds an f32; for f64 from the f64 value.
+    fn round_bf16(self) -> Self;
 
     /// Counts (token counts, dimensions) as a scalar, for means.
     fn from_usize(value: usize) -> Self {
@@ -63,7 +66,7 @@ pub trait Scalar:
 }
 
 macro_rules! impl_scalar {
-    ($t:ty) => {
+    ($t:ty, $bf16_from:ident, $bf16_to:ident) => {
         impl Scalar for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -93,12 +96,15 @@ macro_rules! impl_scalar {
             fn max(self, other: Self) -> Self {
                 if other > self { other } else { self }
             }
+            fn round_bf16(self) -> Self {
+                half::bf16::$bf16_from(self).$bf16_to()
+            }
         }
     };
 }
 
-impl_scalar!(f32);
-impl_scalar!(f64);
+impl_scalar!(f32, from_f32, to_f32);
+impl_scalar!(f64, from_f64, to_f64);
 
 #[cfg(test)]
 mod tests {
@@ -112,5 +118,32 @@ mod tests {
             assert!((s + Scalar::sigmoid(-x) - 1.0).abs() < 1e-15, "x = {x}");
         }
         assert_eq!(Scalar::sigmoid(0.0f32), 0.5);
+    }
+
+    /// Round to nearest even on the bits: add just under half an ulp of
+    /// bf16 plus the kept part's lowest bit, then truncate.
+    fn rne(v: f32) -> f32 {
+        let bits = v.to_bits();
+        f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even_including_just_off_ties() {
+        let tie_down = 1.0 + 2f32.powi(-8); // halfway between 1 and 1 + 2^-7
+        let tie_up = 1.0 + 3.0 * 2f32.powi(-8);
+        let above_tie = f32::from_bits(tie_down.to_bits() + 1); // one f32 ulp past the tie
+        assert_eq!(Scalar::round_bf16(tie_down), 1.0);
+        assert_eq!(Scalar::round_bf16(tie_up), 1.0 + 2f32.powi(-6));
+        assert_eq!(Scalar::round_bf16(above_tie), 1.0 + 2f32.powi(-7));
+        let mut x = 0x9e37_79b9u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            if v.is_finite() && rne(v).is_finite() {
+                assert_eq!(Scalar::round_bf16(v).to_bits(), rne(v).to_bits(), "{v:e}");
+            }
+        }
     }
 }

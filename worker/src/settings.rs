@@ -192,7 +192,7 @@ impl TrainSettings {
         let mut model = ModelConfig::from_spec(&config.model)?;
         let sequence_parallel = sequence_parallel(config, world_size, &model)?;
         let expert_parallel = expert_parallel(config, world_size, sequence_parallel, &model)?;
-        model.gemm_precision = gemm_precision(config)?;
+        (model.gemm_precision, model.head_precision) = gemm_precision(config);
         let training = training_settings(config, world_size, sequence_parallel)?;
         if config.device == Device::Cuda {
             check_cuda(config, sequence_parallel, expert_parallel)?;
@@ -402,22 +402,24 @@ fn training_settings(
     })
 }
 
-/// The GEMM arithmetic from `training.precision`. FP8 GEMMs are emulated
-/// exactly on the CPU (see [`crate::fp8`]); bf16 compute is not implemented.
-fn gemm_precision(config: &WorkerConfig) -> Result<GemmPrecision, SettingsError> {
+/// The GEMM arithmetic from `training.precision`: the linear layers' and
+/// the LM head's. FP8 applies to the linear layers only; `compute` to every
+/// GEMM not in FP8. Both run on the CPU too: FP8 emulated exactly (see
+/// [`crate::fp8`]), bf16 as rounded operands (see [`crate::linear`]).
+fn gemm_precision(config: &WorkerConfig) -> (GemmPrecision, GemmPrecision) {
     let precision = &config.training.precision;
-    require(
-        precision.compute == ComputePrecision::Fp32,
-        "training.precision.compute",
-        "is bf16, but only fp32 compute is implemented on the CPU worker so far (fp8 GEMMs are available: training.precision.fp8)".to_owned(),
-    )?;
+    let compute = match precision.compute {
+        ComputePrecision::Fp32 => GemmPrecision::Fp32,
+        ComputePrecision::Bf16 => GemmPrecision::Bf16,
+    };
     if !precision.fp8.enabled {
-        return Ok(GemmPrecision::Fp32);
+        return (compute, compute);
     }
-    Ok(GemmPrecision::Fp8(match precision.fp8.recipe {
+    let recipe = match precision.fp8.recipe {
         Fp8Recipe::Blockwise => fp8::Fp8Recipe::Blockwise,
         Fp8Recipe::Tensorwise => fp8::Fp8Recipe::Tensorwise,
-    }))
+    };
+    (GemmPrecision::Fp8(recipe), compute)
 }
 
 fn optimizer_settings(

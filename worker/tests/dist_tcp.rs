@@ -602,6 +602,7 @@ fn tiny_model_config() -> ModelConfig {
         },
         bias_update_rate: Some(0.01),
         gemm_precision: GemmPrecision::Fp32,
+        head_precision: GemmPrecision::Fp32,
     }
 }
 

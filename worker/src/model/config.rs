@@ -32,6 +32,10 @@ pub struct ModelConfig {
     /// (`training.precision.fp8`; see [`crate::linear`]). Not part of the
     /// `ModelSpec`: [`Self::from_spec`] leaves it f32.
     pub gemm_precision: GemmPrecision,
+    /// The arithmetic of the LM head's GEMMs: `training.precision.compute`
+    /// (f32 or bf16; FP8 never applies to it, as in DeepSeek-V3). The
+    /// router's GEMM is always f32: top-k must see exact scores.
+    pub head_precision: GemmPrecision,
 }
 
 impl ModelConfig {
@@ -105,6 +109,7 @@ impl ModelConfig {
             moe,
             bias_update_rate,
             gemm_precision: GemmPrecision::Fp32,
+            head_precision: GemmPrecision::Fp32,
         })
     }
 

@@ -16,13 +16,14 @@ use std::ops::Range;
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
+use crate::linear::{Linear, Linears};
 use crate::memory::HeldBytes;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
 use crate::moe::{MoeLayer, MoeParams};
 use crate::ops::rope::RopeTable;
-use crate::ops::{cross_entropy, embedding, matmul, rmsnorm};
+use crate::ops::{cross_entropy, embedding, rmsnorm};
 use crate::rng::SplitMix64;
 use crate::scalar::Scalar;
 
@@ -390,7 +391,8 @@ impl<T: Scalar> Model<T> {
             T::from_f64(config::NORM_EPS),
         );
         let mut logits = vec![T::ZERO; n * vocab];
-        matmul::forward(&mut logits, &final_normed, &self.weights.lm_head, h, vocab);
+        self.head()
+            .forward(&mut logits, &final_normed, &self.weights.lm_head, h, vocab);
         let mut losses = vec![T::ZERO; n];
         let mut probs = vec![T::ZERO; n * vocab];
         cross_entropy::forward(&mut losses, &mut probs, &logits, targets, vocab);
@@ -448,6 +450,11 @@ impl<T: Scalar> Model<T> {
         parallel.take_failure()
     }
 
+    /// How the LM head computes its GEMMs ([`ModelConfig::head_precision`]).
+    fn head(&self) -> Linear<'static> {
+        Linears::new(self.config.head_precision, &[]).get(0)
+    }
+
     fn backward_in(&self, pass: &ForwardPass<T>, grads: &mut Gradients<T>, parallel: Parallel<'_>) {
         let config = &self.config;
         let (h, vocab, n) = (config.hidden, config.vocab, pass.tokens.len());
@@ -455,7 +462,7 @@ impl<T: Scalar> Model<T> {
         let mean = vec![T::ONE / T::from_usize(n); n];
         cross_entropy::backward(&mut dlogits, &mean, &pass.probs, &pass.targets, vocab);
         let mut dfinal_normed = vec![T::ZERO; n * h];
-        matmul::backward(
+        self.head().backward(
             &mut dfinal_normed,
             &mut grads.lm_head,
             &dlogits,

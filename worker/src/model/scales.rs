@@ -105,6 +105,7 @@ mod tests {
             },
             bias_update_rate: None,
             gemm_precision: GemmPrecision::Fp8(Fp8Recipe::Tensorwise),
+            head_precision: GemmPrecision::Fp32,
         }
     }
 

@@ -108,6 +108,7 @@ fn model_config(json: &Value) -> ModelConfig {
         moe: moe_config(&json["moe"]),
         bias_update_rate: None,
         gemm_precision: GemmPrecision::Fp32,
+        head_precision: GemmPrecision::Fp32,
     }
 }
 

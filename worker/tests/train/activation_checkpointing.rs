@@ -107,6 +107,7 @@ fn tiny_example_config() -> ModelConfig {
         },
         bias_update_rate: None,
         gemm_precision: GemmPrecision::Fp32,
+        head_precision: GemmPrecision::Fp32,
     }
 }
 

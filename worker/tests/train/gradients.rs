@@ -32,6 +32,7 @@ fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
         moe,
         bias_update_rate: Some(0.01),
         gemm_precision: GemmPrecision::Fp32,
+        head_precision: GemmPrecision::Fp32,
     }
 }
 

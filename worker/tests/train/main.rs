@@ -6,9 +6,9 @@ mod cli;
 mod data_parallel;
 #[path = "../dist_support/mod.rs"]
 mod dist_support;
-mod fp8;
 mod gradients;
 mod learning;
+mod precision;
 mod sigkill;
 
 use std::path::{Path, PathBuf};
