@@ -1,6 +1,13 @@
 // Whole-buffer helpers of the device training step (the residual adds, the
-// gradient norm's sum of squares, the data-parallel mean) and of the serving engine (biases,
-// OLMoE's clip_qkv, row gathers, Qwen2-MoE's gated shared expert).
+// gradient norm's sum of squares, the data-parallel mean, bf16 GEMM operands) and of the serving
+// engine (biases, OLMoE's clip_qkv, row gathers, Qwen2-MoE's gated shared expert).
+
+// out[i] = x[i] rounded to the nearest bf16, ties to even (as the CPU's
+// Scalar::round_bf16): the operands of a bf16 GEMM with f32 master values.
+extern "C" __global__ void to_bf16_f32(__nv_bfloat16* out, const float* x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(x[i]);
+}
 
 // x[i] /= d: a data-parallel gradient sum made a mean, as the CPU divides
 // (a division, not a multiplication by 1/d, so the bits are the CPU's).

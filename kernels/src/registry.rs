@@ -104,6 +104,7 @@ pub const VECTOR: Family = family!(
         "gather_rows_f32",
         "add_sigmoid_gated_f32",
         "divide_f32",
+        "to_bf16_f32",
     ]
 );
 pub const PAGED_ATTENTION: Family =

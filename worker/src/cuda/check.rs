@@ -12,6 +12,7 @@
 //! the output's largest magnitude.
 
 use super::fp8::ScaleLayout;
+use super::matmul::Arithmetic;
 use super::{
     Gpu, Result, adamw, attention, cross_entropy, dispatch, embedding, fp8, matmul, rmsnorm, rope,
     routing, swiglu,
@@ -1052,7 +1053,15 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         } else {
             gpu.upload(&x)?
         };
-        matmul::forward(gpu, &mut out_d, &x_d, &gpu.upload(&w)?, in_dim, out_dim)?;
+        matmul::forward(
+            gpu,
+            Arithmetic::Tf32,
+            &mut out_d,
+            &x_d,
+            &gpu.upload(&w)?,
+            in_dim,
+            out_dim,
+        )?;
         checks.push(close_to_scale(
             "matmul.forward",
             &case,
@@ -1069,6 +1078,7 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
             &bits(&out),
         ));
     }
+    checks.extend(check_bf16_linear(gpu)?);
     let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
     let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
     let (x, w) = (
@@ -1107,6 +1117,79 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         &expected,
         1e-2,
     ));
+    Ok(checks)
+}
+
+/// A linear layer's three GEMMs in bf16 (`compute: bf16`) against the CPU's
+/// [`Linear::Bf16`](crate::linear::Linear::Bf16): the same operands rounded
+/// the same way and exact products, so only the order of the f32 sums
+/// differs (about 1e-7 of the largest output; TF32 on the unrounded
+/// operands would be 1e-3 off, and a truncating cast 1e-3 too).
+fn check_bf16_linear(gpu: &Gpu) -> Result<Vec<Check>> {
+    use crate::linear::{GemmPrecision, Linears};
+    let linear = Linears::new(GemmPrecision::Bf16, &[]).get(0);
+    let mut checks = Vec::new();
+    for (rows, in_dim, out_dim) in [(100, 512, 384), (1, 64, 32), (37, 130, 6)] {
+        let case = format!("bf16 {rows}x{in_dim} -> {out_dim}");
+        let (x, w) = (random(rows * in_dim, 54), random(out_dim * in_dim, 55));
+        let dout = random(rows * out_dim, 56);
+        let mut out = vec![0.0; rows * out_dim];
+        linear.forward(&mut out, &x, &w, in_dim, out_dim);
+        // Gradients added onto non-zero values, as the trainer accumulates.
+        let (dx0, dw0) = (random(x.len(), 57), random(w.len(), 58));
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        linear.backward(&mut dx, &mut dw, &dout, &x, &w, in_dim, out_dim);
+
+        let (x_d, w_d, dout_d) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dout)?);
+        let mut out_d = gpu.zeros(rows * out_dim)?;
+        matmul::forward(
+            gpu,
+            Arithmetic::Bf16,
+            &mut out_d,
+            &x_d,
+            &w_d,
+            in_dim,
+            out_dim,
+        )?;
+        let (mut dx_d, mut dw_d) = (gpu.upload(&dx0)?, gpu.upload(&dw0)?);
+        let (x_v, w_v, dout_v) = (x_d.slice(..), w_d.slice(..), dout_d.slice(..));
+        let arithmetic = Arithmetic::Bf16;
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut dx_d.slice_mut(..),
+            &dout_v,
+            false,
+            &w_v,
+            false,
+            (rows, in_dim, out_dim),
+            true,
+        )?;
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut dw_d.slice_mut(..),
+            &dout_v,
+            true,
+            &x_v,
+            false,
+            (out_dim, in_dim, rows),
+            true,
+        )?;
+        for (op, device, host) in [
+            ("matmul.bf16_forward", &out_d, &out),
+            ("matmul.bf16_input_grad", &dx_d, &dx),
+            ("matmul.bf16_weight_grad", &dw_d, &dw),
+        ] {
+            checks.push(close_to_scale(
+                op,
+                &case,
+                &gpu.download(device)?,
+                host,
+                1e-5,
+            ));
+        }
+    }
     Ok(checks)
 }
 
@@ -1161,7 +1244,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         let x = random(tokens * config.hidden, 91);
         let cpu = layer.forward(&x, seq_len);
         let device = super::moe_layer::DeviceMoeLayer::upload(gpu, &layer)?;
-        let forward = device.forward(gpu, &gpu.upload(&x)?, seq_len)?;
+        let forward = device.forward(gpu, Arithmetic::Tf32, &gpu.upload(&x)?, seq_len)?;
         checks.push(close_to_scale(
             "moe_layer.aux_loss",
             name,
@@ -1194,6 +1277,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut grads_d = super::moe_layer::DeviceMoeGrads::zeros(gpu, &device)?;
         device.backward(
             gpu,
+            Arithmetic::Tf32,
             &forward,
             &x_d,
             &gpu.upload(&dout)?,

@@ -3,8 +3,10 @@
 //! safe `matmul` builds all of them and asks the heuristic on every call
 //! (tens of µs of host time), which is longer than an expert's GEMM runs
 //! on an H200 (2048 × 512 × 2048 in ~15 µs): a training step issuing
-//! thousands of them was bound by the host. Same compute type (TF32) and
-//! the same first heuristic choice as cudarc's path, so the same results.
+//! thousands of them was bound by the host. For f32 operands the same
+//! compute type (TF32) and the same first heuristic choice as cudarc's
+//! path, so the same results; bf16 operands (the `compute: bf16` GEMMs)
+//! multiply on bf16 tensor cores with f32 accumulation, output f32.
 
 use super::{Gpu, GpuError, Result};
 use moe_kernels::cudarc::cublaslt::{MatmulShared, result, sys};
@@ -13,9 +15,19 @@ use std::ffi::c_void;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
+/// The element type of a GEMM's A and B (C is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operands {
+    /// f32, multiplied as TF32.
+    F32,
+    /// bf16, exact products, f32 accumulation.
+    Bf16,
+}
+
 /// Everything that decides a plan: column-major `C[m, n] = op(A) op(B)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
+    pub operands: Operands,
     pub transa: bool,
     pub transb: bool,
     pub m: u64,
@@ -85,12 +97,13 @@ impl Plans {
 }
 
 fn layout(
+    data_type: sys::cudaDataType_t,
     rows: u64,
     cols: u64,
     ld: i64,
     batch: Option<(i32, i64)>,
 ) -> Result<sys::cublasLtMatrixLayout_t> {
-    let layout = result::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, rows, cols, ld)?;
+    let layout = result::create_matrix_layout(data_type, rows, cols, ld)?;
     if let Some((count, stride)) = batch {
         use sys::cublasLtMatrixLayoutAttribute_t as Attr;
         // SAFETY: the attributes take an int32 count and an int64 stride.
@@ -115,20 +128,24 @@ fn layout(
 fn make_plan(gpu: &Gpu, s: Shape) -> Result<Plan> {
     let (a_rows, a_cols) = if s.transa { (s.k, s.m) } else { (s.m, s.k) };
     let (b_rows, b_cols) = if s.transb { (s.n, s.k) } else { (s.k, s.n) };
+    use sys::cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32};
+    use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+    let (compute, operand_type) = match s.operands {
+        Operands::F32 => (CUBLAS_COMPUTE_32F_FAST_TF32, CUDA_R_32F),
+        Operands::Bf16 => (CUBLAS_COMPUTE_32F, CUDA_R_16BF),
+    };
     let mut plan = Plan {
-        desc: result::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            sys::cudaDataType_t::CUDA_R_32F,
-        )?,
+        desc: result::create_matmul_desc(compute, CUDA_R_32F)?,
         a: std::ptr::null_mut(),
         b: std::ptr::null_mut(),
         c: std::ptr::null_mut(),
         // SAFETY: a plain C struct of integers, filled in by the heuristic below.
         algo: unsafe { std::mem::zeroed() },
     };
-    plan.a = layout(a_rows, a_cols, s.lda, s.batch.map(|(n, sa, _, _)| (n, sa)))?;
-    plan.b = layout(b_rows, b_cols, s.ldb, s.batch.map(|(n, _, sb, _)| (n, sb)))?;
-    plan.c = layout(s.m, s.n, s.ldc, s.batch.map(|(n, _, _, sc)| (n, sc)))?;
+    let batch = |pick: fn((i32, i64, i64, i64)) -> i64| s.batch.map(|b| (b.0, pick(b)));
+    plan.a = layout(operand_type, a_rows, a_cols, s.lda, batch(|b| b.1))?;
+    plan.b = layout(operand_type, b_rows, b_cols, s.ldb, batch(|b| b.2))?;
+    plan.c = layout(CUDA_R_32F, s.m, s.n, s.ldc, batch(|b| b.3))?;
     use sys::cublasLtMatmulDescAttributes_t as Attr;
     // SAFETY: cublasOperation_t is an int32 (N = 0, T = 1).
     unsafe {
@@ -169,12 +186,13 @@ fn make_plan(gpu: &Gpu, s: Shape) -> Result<Plan> {
     Ok(plan)
 }
 
-/// `C = A B (+ C)` in TF32 for `shape`, through its cached plan.
+/// `C = A B (+ C)` for `shape`, through its cached plan.
 ///
 /// # Safety
-/// The pointers are device addresses of f32 buffers at least as large as
-/// `shape` describes, live until the stream has run the GEMM.
-pub unsafe fn matmul_f32(
+/// The pointers are device addresses of buffers of `shape.operands` (A, B)
+/// and f32 (C) at least as large as `shape` describes, live until the
+/// stream has run the GEMM.
+pub unsafe fn matmul(
     gpu: &Gpu,
     shape: Shape,
     a: *const c_void,

@@ -5,13 +5,39 @@
 //!
 //! f32 uses TF32 tensor cores (cudarc's choice, as llm.c and PyTorch's
 //! default for matmuls): 10 mantissa bits per product, f32 accumulation.
+//! [`Arithmetic::Bf16`] rounds both f32 operands to bf16 first (into
+//! scratch buffers) and runs a bf16 GEMM with f32 accumulation and output:
+//! twice TF32's tensor-core rate on Hopper, and the CPU's
+//! [`crate::linear::Linear::Bf16`] up to the order of the f32 sums.
 
-use super::{Gpu, Result, int, lt_plan};
+use super::{Gpu, Result, int, lt_plan, vector};
+use crate::linear::GemmPrecision;
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
 use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
 use moe_kernels::registry::GEMM;
+
+/// How a GEMM multiplies its f32 operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// TF32 tensor cores: the device's `GemmPrecision::Fp32`.
+    Tf32,
+    /// Operands rounded to bf16, exact products, f32 sums (`compute: bf16`).
+    Bf16,
+}
+
+impl Arithmetic {
+    /// The device arithmetic of a model's `precision`; `None` for FP8,
+    /// which the device trainer does not run yet.
+    pub fn of(precision: GemmPrecision) -> Option<Self> {
+        match precision {
+            GemmPrecision::Fp32 => Some(Self::Tf32),
+            GemmPrecision::Bf16 => Some(Self::Bf16),
+            GemmPrecision::Fp8(_) => None,
+        }
+    }
+}
 
 fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulConfig {
     let batched = groups > 1;
@@ -41,6 +67,7 @@ fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulCo
 #[allow(clippy::too_many_arguments)]
 pub fn forward_view(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     out: &mut CudaViewMut<'_, f32>,
     x: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
@@ -52,6 +79,7 @@ pub fn forward_view(
     assert_eq!(x.len(), rows * in_dim, "matmul input shape");
     gemm(
         gpu,
+        arithmetic,
         out,
         x,
         false,
@@ -62,9 +90,10 @@ pub fn forward_view(
     )
 }
 
-/// As [`crate::ops::matmul::forward`] (TF32).
+/// As [`crate::ops::matmul::forward`], in `arithmetic`.
 pub fn forward(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     out: &mut CudaSlice<f32>,
     x: &CudaSlice<f32>,
     w: &CudaSlice<f32>,
@@ -73,6 +102,7 @@ pub fn forward(
 ) -> Result<()> {
     forward_view(
         gpu,
+        arithmetic,
         &mut out.slice_mut(..),
         &x.slice(..),
         &w.slice(..),
@@ -144,10 +174,11 @@ pub fn forward_exact(
 /// Row-major `c (+)= op_a(a) @ op_b(b)` with `op_a(a): [m, k]`, `op_b(b): [k, n]`;
 /// `a_transposed` means `a` is stored `[k, m]`, `b_transposed` that `b` is
 /// stored `[n, k]`. The backward GEMMs: `dx = dy @ w` (`w` as stored) and
-/// `dw += dyᵀ @ x` (`dy` transposed). TF32, like [`forward`].
+/// `dw += dyᵀ @ x` (`dy` transposed), in `arithmetic`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     c: &mut CudaViewMut<'_, f32>,
     a: &CudaView<'_, f32>,
     a_transposed: bool,
@@ -189,7 +220,7 @@ pub fn gemm(
         stride_bias: None,
         batch_size: None,
     };
-    plan_matmul(gpu, &cfg, b, a, c)
+    plan_matmul(gpu, arithmetic, &cfg, b, a, c)
 }
 
 /// One operand of [`gemm_batched`]: a view at the first matrix, its
@@ -205,7 +236,8 @@ pub struct Operand<'a, 'b> {
 
 /// `batch` row-major GEMMs `c_i (+)= op(a_i) @ op(b_i)` (`[m, k] @ [k, n]`),
 /// the i-th matrices `batch_stride` values after the first; `c` has
-/// leading dimension `ldc` and batch stride `c_stride`. TF32, like [`gemm`].
+/// leading dimension `ldc` and batch stride `c_stride`. TF32 (attention's
+/// score and value products, whatever the linear layers' arithmetic).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_batched(
     gpu: &Gpu,
@@ -252,19 +284,26 @@ pub fn gemm_batched(
         stride_bias: None,
         batch_size: Some(i32::try_from(batch).expect("batch exceeds i32")),
     };
-    plan_matmul(gpu, &cfg, b.view, a.view, c)
+    plan_matmul(gpu, Arithmetic::Tf32, &cfg, b.view, a.view, c)
 }
 
 /// Runs `cfg` (cudarc's description of an f32 GEMM) through a cached plan
-/// ([`lt_plan`]): cuBLASLt's A is `a`, its B is `b`, as in `cfg`.
+/// ([`lt_plan`]): cuBLASLt's A is `a`, its B is `b`, as in `cfg`. In bf16
+/// each operand's whole view is rounded into a scratch copy of the same
+/// layout (strides and leading dimensions unchanged), freed in stream order.
 fn plan_matmul(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     cfg: &MatmulConfig,
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let shape = lt_plan::Shape {
+        operands: match arithmetic {
+            Arithmetic::Tf32 => lt_plan::Operands::F32,
+            Arithmetic::Bf16 => lt_plan::Operands::Bf16,
+        },
         transa: cfg.transa,
         transb: cfg.transb,
         m: cfg.m,
@@ -283,13 +322,24 @@ fn plan_matmul(
         }),
     };
     let stream = gpu.stream();
-    let (a_ptr, _a) = a.device_ptr(stream);
-    let (b_ptr, _b) = b.device_ptr(stream);
+    let (a16, b16) = match arithmetic {
+        Arithmetic::Tf32 => (None, None),
+        Arithmetic::Bf16 => (Some(rounded(gpu, a)?), Some(rounded(gpu, b)?)),
+    };
+    let (a_ptr, _a) = match &a16 {
+        Some(a16) => a16.device_ptr(stream),
+        None => a.device_ptr(stream),
+    };
+    let (b_ptr, _b) = match &b16 {
+        Some(b16) => b16.device_ptr(stream),
+        None => b.device_ptr(stream),
+    };
     let (c_ptr, _c) = c.device_ptr_mut(stream);
-    // SAFETY: the callers assert the views fit the shape; the views (and
-    // their stream records) live until the call has been enqueued.
+    // SAFETY: the callers assert the views fit the shape (a bf16 copy has
+    // its view's length); the views, copies and their stream records live
+    // until the call has been enqueued.
     unsafe {
-        lt_plan::matmul_f32(
+        lt_plan::matmul(
             gpu,
             shape,
             a_ptr as *const std::ffi::c_void,
@@ -298,4 +348,11 @@ fn plan_matmul(
             cfg.beta != 0.0,
         )
     }
+}
+
+/// `x` rounded to bf16, in a new buffer of its length.
+fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
+    let mut out = gpu.output::<bf16>(x.len())?;
+    vector::to_bf16(gpu, &mut out.slice_mut(..), x)?;
+    Ok(out)
 }

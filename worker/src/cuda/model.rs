@@ -9,12 +9,12 @@
 //! checkpointing are CPU-only for now and refused by [`DeviceModel::upload`]
 //! with a clear error.
 
+use super::matmul::Arithmetic;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
 use super::{
     Gpu, GpuError, Result, attention, cross_entropy, embedding, matmul, rmsnorm, swiglu, vector,
 };
-use crate::linear::GemmPrecision;
 use crate::model::config::NORM_EPS;
 use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig};
 use crate::ops::attention::AttentionShape;
@@ -234,9 +234,11 @@ impl DeviceForward {
 
 /// What the device path does not do yet, as an error naming the setting.
 fn unsupported(config: &ModelConfig) -> Option<String> {
-    if config.gemm_precision != GemmPrecision::Fp32 {
+    if Arithmetic::of(config.gemm_precision).is_none()
+        || Arithmetic::of(config.head_precision).is_none()
+    {
         return Some(format!(
-            "GEMM precision {:?} (training.precision.fp8) on CUDA: the device model runs f32/TF32 only so far",
+            "GEMM precision {:?} (training.precision.fp8) on CUDA: the device model runs TF32 or bf16 GEMMs so far",
             config.gemm_precision
         ));
     }
@@ -296,6 +298,16 @@ impl DeviceModel {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// How the linear layers' GEMMs multiply (`upload` refused FP8).
+    pub(crate) fn linear(&self) -> Arithmetic {
+        Arithmetic::of(self.config.gemm_precision).expect("checked at upload")
+    }
+
+    /// How the LM head's GEMMs multiply.
+    pub(crate) fn head(&self) -> Arithmetic {
+        Arithmetic::of(self.config.head_precision).expect("checked at upload")
     }
 
     /// Copies the weights back into `model` (same config), e.g. to checkpoint.
@@ -378,7 +390,8 @@ impl DeviceModel {
             NORM_EPS as f32,
         )?;
         let mut logits = gpu.output::<f32>(n * vocab)?;
-        matmul::forward(gpu, &mut logits, &final_normed, &w.lm_head, h, vocab)?;
+        let head = self.head();
+        matmul::forward(gpu, head, &mut logits, &final_normed, &w.lm_head, h, vocab)?;
         let mut losses = gpu.output::<f32>(n)?;
         let mut probs = gpu.output::<f32>(n * vocab)?;
         cross_entropy::forward(gpu, &mut losses, &mut probs, &logits, &targets, vocab)?;
@@ -427,9 +440,10 @@ impl DeviceModel {
         let mut q = gpu.output::<f32>(tokens * h)?;
         let mut k = gpu.output::<f32>(tokens * kv)?;
         let mut v = gpu.output::<f32>(tokens * kv)?;
-        matmul::forward(gpu, &mut q, &attention_normed, &block.wq, h, h)?;
-        matmul::forward(gpu, &mut k, &attention_normed, &block.wk, h, kv)?;
-        matmul::forward(gpu, &mut v, &attention_normed, &block.wv, h, kv)?;
+        let linear = self.linear();
+        matmul::forward(gpu, linear, &mut q, &attention_normed, &block.wq, h, h)?;
+        matmul::forward(gpu, linear, &mut k, &attention_normed, &block.wk, h, kv)?;
+        matmul::forward(gpu, linear, &mut v, &attention_normed, &block.wv, h, kv)?;
         self.rope.forward(gpu, &mut q, c.heads)?;
         self.rope.forward(gpu, &mut k, c.kv_heads)?;
         let shape = self.attention_shape();
@@ -440,6 +454,7 @@ impl DeviceModel {
         let mut mid = gpu.stream().clone_dtod(&input)?;
         matmul::forward_view(
             gpu,
+            linear,
             &mut mid.slice_mut(..),
             &attention_out.slice(..),
             &block.wo.slice(..),
@@ -464,12 +479,13 @@ impl DeviceModel {
                 let mut a = gpu.output::<f32>(tokens * d)?;
                 let mut b = gpu.output::<f32>(tokens * d)?;
                 let mut hh = gpu.output::<f32>(tokens * d)?;
-                matmul::forward(gpu, &mut a, &ffn_normed, w1, h, d)?;
-                matmul::forward(gpu, &mut b, &ffn_normed, w3, h, d)?;
+                matmul::forward(gpu, linear, &mut a, &ffn_normed, w1, h, d)?;
+                matmul::forward(gpu, linear, &mut b, &ffn_normed, w3, h, d)?;
                 swiglu::forward(gpu, &mut hh, &a, &b)?;
                 let mut out = gpu.stream().clone_dtod(&mid)?;
                 matmul::forward_view(
                     gpu,
+                    linear,
                     &mut out.slice_mut(..),
                     &hh.slice(..),
                     &w2.slice(..),
@@ -480,7 +496,7 @@ impl DeviceModel {
                 (out, FeedForwardPass::Dense([a, b, hh]))
             }
             DeviceFeedForward::Moe(layer) => {
-                let mut pass = layer.forward(gpu, &ffn_normed, self.config.seq_len)?;
+                let mut pass = layer.forward(gpu, linear, &ffn_normed, self.config.seq_len)?;
                 let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
                 vector::add(gpu, &mut out, &mid)?;
                 (out, FeedForwardPass::Moe(Box::new(pass)))
@@ -520,6 +536,7 @@ impl DeviceModel {
         let mut dfinal_normed = gpu.output::<f32>(n * h)?;
         linear_backward(
             gpu,
+            self.head(),
             &mut dfinal_normed,
             false,
             &mut grads.lm_head,
@@ -573,6 +590,7 @@ impl DeviceModel {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
         let tokens = dres.len() / h;
+        let linear = self.linear();
 
         // The feed-forward sublayer; the residual passes `dres` through.
         let mut dffn_normed = gpu.zeros::<f32>(tokens * h)?;
@@ -588,20 +606,28 @@ impl DeviceModel {
             ) => {
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
-                linear_backward(gpu, &mut dh, false, g2, dres, hh, w2, (d, h))?;
+                linear_backward(gpu, linear, &mut dh, false, g2, dres, hh, w2, (d, h))?;
                 let mut da = gpu.zeros::<f32>(tokens * d)?;
                 let mut db = gpu.zeros::<f32>(tokens * d)?;
                 swiglu::backward(gpu, &mut da, &mut db, &dh, a, b)?;
                 let x = &pass.ffn_normed;
-                linear_backward(gpu, &mut dffn_normed, true, g1, &da, x, w1, (h, d))?;
-                linear_backward(gpu, &mut dffn_normed, true, g3, &db, x, w3, (h, d))?;
+                linear_backward(gpu, linear, &mut dffn_normed, true, g1, &da, x, w1, (h, d))?;
+                linear_backward(gpu, linear, &mut dffn_normed, true, g3, &db, x, w3, (h, d))?;
             }
             (
                 DeviceFeedForward::Moe(layer),
                 FeedForwardPass::Moe(moe_pass),
                 DeviceFeedForward::Moe(g),
             ) => {
-                layer.backward(gpu, moe_pass, &pass.ffn_normed, dres, &mut dffn_normed, g)?;
+                layer.backward(
+                    gpu,
+                    linear,
+                    moe_pass,
+                    &pass.ffn_normed,
+                    dres,
+                    &mut dffn_normed,
+                    g,
+                )?;
             }
             _ => unreachable!("a block's weights, activations and gradients share one layout"),
         }
@@ -620,6 +646,7 @@ impl DeviceModel {
         let mut dattention = gpu.output::<f32>(tokens * h)?;
         linear_backward(
             gpu,
+            linear,
             &mut dattention,
             false,
             &mut grads.wo,
@@ -652,6 +679,7 @@ impl DeviceModel {
         let x = &pass.attention_normed;
         linear_backward(
             gpu,
+            linear,
             &mut dnormed,
             false,
             &mut grads.wq,
@@ -662,6 +690,7 @@ impl DeviceModel {
         )?;
         linear_backward(
             gpu,
+            linear,
             &mut dnormed,
             true,
             &mut grads.wk,
@@ -672,6 +701,7 @@ impl DeviceModel {
         )?;
         linear_backward(
             gpu,
+            linear,
             &mut dnormed,
             true,
             &mut grads.wv,
@@ -698,6 +728,7 @@ impl DeviceModel {
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     dx: &mut CudaSlice<f32>,
     accumulate_dx: bool,
     dw: &mut CudaSlice<f32>,
@@ -710,6 +741,7 @@ fn linear_backward(
     let (dy_v, x_v, w_v) = (dy.slice(..), x.slice(..), w.slice(..));
     matmul::gemm(
         gpu,
+        arithmetic,
         &mut dx.slice_mut(..),
         &dy_v,
         false,
@@ -720,6 +752,7 @@ fn linear_backward(
     )?;
     matmul::gemm(
         gpu,
+        arithmetic,
         &mut dw.slice_mut(..),
         &dy_v,
         true,

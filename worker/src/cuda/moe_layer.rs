@@ -1,10 +1,11 @@
 //! The MoE feed-forward layer's forward pass on the device; CPU reference:
 //! [`crate::moe::layer::MoeLayer::forward`]. Router GEMM → fused routing
 //! kernel → dispatch (counting sort) → permute → each expert's SwiGLU MLP on
-//! its contiguous segment of rows (cuBLASLt, TF32) → unpermute with the gates
+//! its contiguous segment of rows (cuBLASLt, TF32 or bf16) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::{Gpu, Result, dispatch, matmul, routing, swiglu, vector};
+use super::matmul::{self, Arithmetic};
+use super::{Gpu, Result, dispatch, routing, swiglu, vector};
 use crate::moe::balance;
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
@@ -142,10 +143,12 @@ impl DeviceMoeLayer {
 
     /// Runs the layer on `x: [tokens, hidden]` (hidden a multiple of 4: rows
     /// are permuted as 16-byte vectors), whole sequences of `seq_len`
-    /// tokens (the unit of the sequence-wise balance loss).
+    /// tokens (the unit of the sequence-wise balance loss). The experts'
+    /// GEMMs multiply in `arithmetic`; the router's is always exact f32.
     pub fn forward(
         &self,
         gpu: &Gpu,
+        arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
         seq_len: usize,
     ) -> Result<DeviceMoeForward> {
@@ -163,7 +166,7 @@ impl DeviceMoeLayer {
             mut output,
             routed,
             mlps,
-        } = routed_experts(gpu, c, &weights, x)?;
+        } = routed_experts(gpu, arithmetic, c, &weights, x)?;
 
         let shared_width = c.shared_hidden();
         let mut shared = None;
@@ -171,12 +174,29 @@ impl DeviceMoeLayer {
             let mut sa = gpu.zeros::<f32>(tokens * shared_width)?;
             let mut sb = gpu.zeros::<f32>(tokens * shared_width)?;
             let mut sh = gpu.zeros::<f32>(tokens * shared_width)?;
-            matmul::forward(gpu, &mut sa, x, &self.shared_w1, hidden, shared_width)?;
-            matmul::forward(gpu, &mut sb, x, &self.shared_w3, hidden, shared_width)?;
+            matmul::forward(
+                gpu,
+                arithmetic,
+                &mut sa,
+                x,
+                &self.shared_w1,
+                hidden,
+                shared_width,
+            )?;
+            matmul::forward(
+                gpu,
+                arithmetic,
+                &mut sb,
+                x,
+                &self.shared_w3,
+                hidden,
+                shared_width,
+            )?;
             swiglu::forward(gpu, &mut sh, &sa, &sb)?;
             // output += shared(x), accumulated by the GEMM itself.
             matmul::forward_view(
                 gpu,
+                arithmetic,
                 &mut output.slice_mut(..),
                 &sh.slice(..),
                 &self.shared_w2.slice(..),
@@ -228,6 +248,7 @@ pub(crate) struct RoutedExperts {
 /// after it.
 pub(crate) fn routed_experts(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     c: &MoeConfig,
     weights: &RoutedWeights<'_>,
     x: &CudaSlice<f32>,
@@ -236,7 +257,7 @@ pub(crate) fn routed_experts(
     let tokens = x.len() / hidden;
     let routed = route_rows(gpu, c, weights, x)?;
     let segments = expert_segments(&routed.offsets);
-    let mlps = expert_mlps(gpu, c, weights, &routed.permuted, &segments)?;
+    let mlps = expert_mlps(gpu, arithmetic, c, weights, &routed.permuted, &segments)?;
     let mut output = gpu.zeros::<f32>(tokens * hidden)?;
     dispatch::unpermute(
         gpu,
@@ -305,9 +326,10 @@ pub(crate) struct ExpertMlps {
 /// indexing the stacked weights (a global expert for a layer holding all
 /// of them, a local one for an expert-parallel rank's share). Rows outside
 /// every segment are left zero. One cuBLASLt GEMM per segment and
-/// projection (TF32), so each expert's rows share one weight read.
+/// projection (in `arithmetic`), so each expert's rows share one weight read.
 pub(crate) fn expert_mlps(
     gpu: &Gpu,
+    arithmetic: Arithmetic,
     c: &MoeConfig,
     weights: &RoutedWeights<'_>,
     permuted: &CudaSlice<f32>,
@@ -325,6 +347,7 @@ pub(crate) fn expert_mlps(
         for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
             matmul::forward_view(
                 gpu,
+                arithmetic,
                 &mut out.slice_mut(start * inner..(start + len) * inner),
                 &xe,
                 &w.slice(e * size..(e + 1) * size),
@@ -338,6 +361,7 @@ pub(crate) fn expert_mlps(
     for &(e, start, len) in segments {
         matmul::forward_view(
             gpu,
+            arithmetic,
             &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
             &h.slice(start * inner..(start + len) * inner),
             &weights.w2.slice(e * size..(e + 1) * size),
@@ -369,9 +393,14 @@ impl DeviceMoeLayer {
     /// As [`MoeLayer::backward`]: adds d loss / d x into `dx` and the weight
     /// gradients into `grads`, given `dout` = d loss / d output, for
     /// `loss = downstream(output) + aux_loss`.
+    /// The experts' GEMMs in `arithmetic`, as the forward pass; the
+    /// router's in TF32 (the CPU's router backward is f32 whatever the
+    /// linear layers' precision).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gpu: &Gpu,
+        arithmetic: Arithmetic,
         pass: &DeviceMoeForward,
         x: &CudaSlice<f32>,
         dout: &CudaSlice<f32>,
@@ -409,6 +438,7 @@ impl DeviceMoeLayer {
             let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dh_e,
                 &dy_e,
                 false,
@@ -420,6 +450,7 @@ impl DeviceMoeLayer {
             let mut dw2_e = grads.w2.slice_mut(e * weights..(e + 1) * weights);
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dw2_e,
                 &dy_e,
                 true,
@@ -444,6 +475,7 @@ impl DeviceMoeLayer {
             let mut dxp_e = dxp.slice_mut(start * hidden..(start + len) * hidden);
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dxp_e,
                 &da_e,
                 false,
@@ -454,6 +486,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dxp_e,
                 &db_e,
                 false,
@@ -465,6 +498,7 @@ impl DeviceMoeLayer {
             let mut dw1_e = grads.w1.slice_mut(e * weights..(e + 1) * weights);
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dw1_e,
                 &da_e,
                 true,
@@ -476,6 +510,7 @@ impl DeviceMoeLayer {
             let mut dw3_e = grads.w3.slice_mut(e * weights..(e + 1) * weights);
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dw3_e,
                 &db_e,
                 true,
@@ -494,6 +529,7 @@ impl DeviceMoeLayer {
             let (dout_v, x_v) = (dout.slice(..), x.slice(..));
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dsh.slice_mut(..),
                 &dout_v,
                 false,
@@ -504,6 +540,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut grads.shared_w2.slice_mut(..),
                 &dout_v,
                 true,
@@ -517,6 +554,7 @@ impl DeviceMoeLayer {
             swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb)?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dx.slice_mut(..),
                 &dsa.slice(..),
                 false,
@@ -527,6 +565,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut dx.slice_mut(..),
                 &dsb.slice(..),
                 false,
@@ -537,6 +576,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut grads.shared_w1.slice_mut(..),
                 &dsa.slice(..),
                 true,
@@ -547,6 +587,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
+                arithmetic,
                 &mut grads.shared_w3.slice_mut(..),
                 &dsb.slice(..),
                 true,
@@ -566,6 +607,7 @@ impl DeviceMoeLayer {
         let dlogits_v = dlogits.slice(..);
         matmul::gemm(
             gpu,
+            Arithmetic::Tf32,
             &mut dx.slice_mut(..),
             &dlogits_v,
             false,
@@ -576,6 +618,7 @@ impl DeviceMoeLayer {
         )?;
         matmul::gemm(
             gpu,
+            Arithmetic::Tf32,
             &mut grads.router.slice_mut(..),
             &dlogits_v,
             true,

@@ -31,6 +31,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use super::matmul::Arithmetic::Tf32;
 use super::moe_layer::{RoutedWeights, routed_experts};
 use super::serve_ep::{self, DeviceExchange};
 use super::{Gpu, GpuError, Result, embedding, matmul, paged_attention, rmsnorm, swiglu, vector};
@@ -129,11 +130,11 @@ impl DeviceMlp {
         let mut a = gpu.output::<f32>(rows * w)?;
         let mut b = gpu.output::<f32>(rows * w)?;
         let mut h = gpu.output::<f32>(rows * w)?;
-        matmul::forward(gpu, &mut a, x, &self.w1, hidden, w)?;
-        matmul::forward(gpu, &mut b, x, &self.w3, hidden, w)?;
+        matmul::forward(gpu, Tf32, &mut a, x, &self.w1, hidden, w)?;
+        matmul::forward(gpu, Tf32, &mut b, x, &self.w3, hidden, w)?;
         swiglu::forward(gpu, &mut h, &a, &b)?;
         let mut out = gpu.output::<f32>(rows * hidden)?;
-        matmul::forward(gpu, &mut out, &h, &self.w2, w, hidden)?;
+        matmul::forward(gpu, Tf32, &mut out, &h, &self.w2, w, hidden)?;
         Ok(out)
     }
 }
@@ -211,7 +212,7 @@ impl DeviceMoe {
     /// The layer's output for `x: [tokens, hidden]`: the routed experts'
     /// gated sum, then the shared experts added (the CPU's order of terms).
     fn forward(&self, gpu: &Gpu, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let routed = routed_experts(gpu, &self.config, &self.weights(), x)?;
+        let routed = routed_experts(gpu, Tf32, &self.config, &self.weights(), x)?;
         for (e, &load) in routed.routed.load.iter().enumerate() {
             self.count_rows(e, load);
         }
@@ -601,7 +602,15 @@ impl<'g> DeviceEngine<'g> {
                 (config.heads, config.kv_heads, config.head_dim),
             )?;
             let mut mid = gpu.output::<f32>(m * h)?;
-            matmul::forward(gpu, &mut mid, &attention, &block.wo, config.q_width(), h)?;
+            matmul::forward(
+                gpu,
+                Tf32,
+                &mut mid,
+                &attention,
+                &block.wo,
+                config.q_width(),
+                h,
+            )?;
             if let Some(o) = block.bias.as_ref().and_then(|b| b.o.as_ref()) {
                 vector::add_bias_rows(gpu, &mut mid, o)?;
             }
@@ -643,7 +652,7 @@ impl<'g> DeviceEngine<'g> {
         rmsnorm::forward(gpu, &mut normed, &mut rstd, &x, &self.final_norm, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
         let mut logits = gpu.output::<f32>(wanted * vocab)?;
-        matmul::forward(gpu, &mut logits, &normed, head, h, vocab)?;
+        matmul::forward(gpu, Tf32, &mut logits, &normed, head, h, vocab)?;
         gpu.download(&logits)
     }
 
@@ -666,9 +675,9 @@ impl<'g> DeviceEngine<'g> {
         let mut q = gpu.output::<f32>(n * qw)?;
         let mut k = gpu.output::<f32>(n * kvw)?;
         let mut v = gpu.output::<f32>(n * kvw)?;
-        matmul::forward(gpu, &mut q, normed, &block.wq, h, qw)?;
-        matmul::forward(gpu, &mut k, normed, &block.wk, h, kvw)?;
-        matmul::forward(gpu, &mut v, normed, &block.wv, h, kvw)?;
+        matmul::forward(gpu, Tf32, &mut q, normed, &block.wq, h, qw)?;
+        matmul::forward(gpu, Tf32, &mut k, normed, &block.wk, h, kvw)?;
+        matmul::forward(gpu, Tf32, &mut v, normed, &block.wv, h, kvw)?;
         if let Some(bias) = &block.bias {
             vector::add_bias_rows(gpu, &mut q, &bias.q)?;
             vector::add_bias_rows(gpu, &mut k, &bias.k)?;

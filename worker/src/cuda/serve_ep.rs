@@ -32,6 +32,7 @@
 
 use std::ops::Range;
 
+use super::matmul::Arithmetic::Tf32;
 use super::moe_layer::{expert_mlps, route_rows};
 use super::serve::DeviceMoe;
 use super::{Gpu, GpuError, Result, dispatch, int, vector};
@@ -309,7 +310,7 @@ pub(super) fn forward(
         Some(received) if plan.received() > 0 => {
             let batches = gather(gpu, received, &plan.to_batches_order(), hidden)?;
             let segments = plan.segments();
-            let mlps = expert_mlps(gpu, config, &moe.weights(), &batches, &segments)?;
+            let mlps = expert_mlps(gpu, Tf32, config, &moe.weights(), &batches, &segments)?;
             let first = exchange.local_experts().start;
             for &(j, _, n) in &segments {
                 moe.count_rows(first + j, n);

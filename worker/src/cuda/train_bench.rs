@@ -12,6 +12,7 @@ use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
 use super::trainer::DeviceTrainer;
 use super::{Gpu, Result, attention};
 use crate::data::DataLoader;
+use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
 use crate::ops::attention::AttentionShape;
 use crate::settings::{OptimizerSettings, TrainingSettings};
@@ -113,25 +114,17 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
             (state % config.vocab as u64) as u32
         })
         .collect();
-    let data = DataLoader::new(corpus, config.seq_len, 1, "benchmark corpus")
-        .expect("the corpus is longer than a window");
-    let mut trainer = DeviceTrainer::new(gpu, &model, settings, data)?;
-    drop(model);
     let tokens = (sequences * config.seq_len) as f64;
-
-    // Warm-up (NVRTC, cuBLASLt heuristics, allocator), then the timed steps.
-    let mut loss = f64::NAN;
-    let ms = time_runs(gpu, 2, 3, || {
-        loss = trainer.step(&|| false)?.map_or(f64::NAN, |r| r.loss);
-        Ok(())
-    })?;
+    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus)?;
+    drop(model);
     let achieved = flops_per_token * tokens / (ms * 1e-3);
+    let params = format!(
+        "MoE {:.2}B params ({:.2}B active), 16x1024 tokens",
+        total as f64 / 1e9,
+        active as f64 / 1e9
+    );
     let mut figures = vec![Figure {
-        name: format!(
-            "training step, MoE {:.2}B params ({:.2}B active), 16x1024 tokens, TF32 (loss {loss:.3})",
-            total as f64 / 1e9,
-            active as f64 / 1e9
-        ),
+        name: format!("training step, {params}, TF32 (loss {loss:.3})"),
         ms,
         value: tokens / (ms * 1e-3),
         unit: "tok/s",
@@ -171,17 +164,18 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     // head with the cross-entropy.
     let n = sequences * config.seq_len;
     let x = gpu.upload(&vec![0.01f32; n * config.hidden])?;
+    let linear = trainer.model().linear();
     let (moe_forward_ms, moe_backward_ms) =
         match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
                 let forward = time_runs(gpu, 1, 2, || {
-                    layer.forward(gpu, &x, config.seq_len).map(drop)
+                    layer.forward(gpu, linear, &x, config.seq_len).map(drop)
                 })?;
-                let pass = layer.forward(gpu, &x, config.seq_len)?;
+                let pass = layer.forward(gpu, linear, &x, config.seq_len)?;
                 let mut dx = gpu.zeros::<f32>(x.len())?;
                 let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
                 let backward = time_runs(gpu, 1, 2, || {
-                    layer.backward(gpu, &pass, &x, &x, &mut dx, &mut grads)
+                    layer.backward(gpu, linear, &pass, &x, &x, &mut dx, &mut grads)
                 })?;
                 (forward, backward)
             }
@@ -202,9 +196,10 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     let mut logits = gpu.output::<f32>(n * config.vocab)?;
     let mut probs = gpu.output::<f32>(n * config.vocab)?;
     let mut losses = gpu.output::<f32>(n)?;
+    let head = trainer.model().head();
     let head_ms = time_runs(gpu, 1, 2, || {
         let w = &trainer.model().weights.lm_head;
-        super::matmul::forward(gpu, &mut logits, &x, w, config.hidden, config.vocab)?;
+        super::matmul::forward(gpu, head, &mut logits, &x, w, config.hidden, config.vocab)?;
         super::cross_entropy::forward(
             gpu,
             &mut losses,
@@ -274,7 +269,46 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         attention_backward_ms * layers,
         ms,
     ));
+    drop((out, probs, q, kv, dq, dk, dv, trainer));
+
+    // The same step with the linear layers' and the LM head's GEMMs in bf16
+    // (`compute: bf16`), from the same weights on the same batches.
+    let mut bf16_config = config.clone();
+    (bf16_config.gemm_precision, bf16_config.head_precision) =
+        (GemmPrecision::Bf16, GemmPrecision::Bf16);
+    let bf16_model = quick_model(&bf16_config);
+    let (bf16_trainer, bf16_ms, bf16_loss) = timed_steps(gpu, &bf16_model, &settings, &corpus)?;
+    drop((bf16_model, bf16_trainer));
+    let bf16_achieved = flops_per_token * tokens / (bf16_ms * 1e-3);
+    figures.push(Figure {
+        name: format!("training step, {params}, bf16 GEMMs (loss {bf16_loss:.3})"),
+        ms: bf16_ms,
+        value: tokens / (bf16_ms * 1e-3),
+        unit: "tok/s",
+        ratio: Some(("the TF32 step (tok/s)".into(), ms / bf16_ms)),
+        of_datasheet: Some(bf16_achieved / H200_BF16_DENSE_FLOPS),
+    });
     Ok(figures)
+}
+
+/// A trainer of `model` and the mean milliseconds of its optimizer steps
+/// after warm-up (NVRTC, cuBLASLt heuristics, allocator), with the last loss.
+fn timed_steps<'g>(
+    gpu: &'g Gpu,
+    model: &Model<f32>,
+    settings: &TrainingSettings,
+    corpus: &[u32],
+) -> Result<(DeviceTrainer<'g>, f64, f64)> {
+    let seq_len = model.config().seq_len;
+    let data = DataLoader::new(corpus.to_vec(), seq_len, 1, "benchmark corpus")
+        .expect("the corpus is longer than a window");
+    let mut trainer = DeviceTrainer::new(gpu, model, settings.clone(), data)?;
+    let mut loss = f64::NAN;
+    let ms = time_runs(gpu, 2, 3, || {
+        loss = trainer.step(&|| false)?.map_or(f64::NAN, |r| r.loss);
+        Ok(())
+    })?;
+    Ok((trainer, ms, loss))
 }
 
 /// A part of the step: its milliseconds and its share of the step's.

@@ -15,6 +15,7 @@ use super::model::DeviceTensors;
 use super::trainer::DeviceTrainer;
 use super::{Gpu, Result};
 use crate::data::DataLoader;
+use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
 use crate::rng::SplitMix64;
 use crate::settings::{OptimizerSettings, TrainingSettings};
@@ -173,6 +174,19 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &balanced,
         &settings,
         "3 blocks, one batch, balance loss",
+    )?);
+
+    // The linear layers' and the LM head's GEMMs in bf16 (`compute: bf16`)
+    // on both sides: the same rounded operands, so the bounds that hold
+    // TF32 against exact f32 hold with room to spare.
+    let mut bf16 = config.clone();
+    (bf16.gemm_precision, bf16.head_precision) = (GemmPrecision::Bf16, GemmPrecision::Bf16);
+    let bf16 = Model::<f32>::initial(bf16, settings.seed);
+    checks.extend(one_batch(
+        gpu,
+        &bf16,
+        &settings,
+        "3 blocks, one batch, bf16 GEMMs",
     )?);
 
     checks.extend(recomputed_blocks(gpu, &model, &settings)?);

@@ -2,7 +2,8 @@
 //! (kernels/cuda/vector.cu).
 
 use super::{Gpu, Result, elementwise, grid, int};
-use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use moe_kernels::registry::VECTOR;
 
 /// Threads per block of `sum_squares_f32` (its shared scratch is this wide).
@@ -20,6 +21,21 @@ pub fn add(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>) -> Result<()
     let f = gpu.function(&VECTOR, "add_f32")?;
     let mut launch = gpu.stream().launch_builder(&f);
     launch.arg(out).arg(a).arg(&n);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `out = x` rounded to bf16 (nearest, ties to even: the CPU's
+/// [`crate::scalar::Scalar::round_bf16`]), elementwise.
+pub fn to_bf16(gpu: &Gpu, out: &mut CudaViewMut<'_, bf16>, x: &CudaView<'_, f32>) -> Result<()> {
+    let n = x.len();
+    assert_eq!(out.len(), n, "to_bf16 shapes");
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "to_bf16_f32")?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(out).arg(x).arg(&n);
     unsafe { launch.launch(elementwise(n)) }?;
     Ok(())
 }
