@@ -14,7 +14,7 @@ use moe_kernels::cudarc::driver::CudaSlice;
 use super::{Gpu, GpuError, vector};
 use crate::dist::data_parallel::{self, BUCKET_FLOATS};
 use crate::dist::nccl::NcclCollective;
-use crate::dist::nccl::collective::Reduce;
+use crate::dist::nccl::collective::{InFlight, Reduce};
 use crate::dist::{Collective, DistError};
 
 /// Why a data-parallel step or reduction failed: the device, or the collective (whose error says
@@ -60,6 +60,63 @@ pub fn all_reduce_mean(
         gpu.stream().memcpy_htod(values, *tensor)?;
     }
     Ok(())
+}
+
+/// The data-parallel mean over NCCL, overlapped with the backward pass
+/// (DDP's bucketed reduction): each group of gradient tensors the pass
+/// hands over ([`super::model::DeviceModel::backward_handing_over`]) starts
+/// summing on NCCL's stream as soon as the compute stream reaches the point
+/// where it was handed over (an event), while the pass goes on computing
+/// the earlier blocks' gradients; [`Self::finish`] waits for every sum and
+/// divides. The same sums and divisions as [`mean_over_nccl`], in groups.
+pub(crate) struct OverlappedMean<'a> {
+    gpu: &'a Gpu,
+    nccl: &'a NcclCollective,
+    in_flight: Vec<InFlight<'a>>,
+    /// The first failure to start a group; later groups are not started.
+    failed: Option<ParallelError>,
+}
+
+impl<'a> OverlappedMean<'a> {
+    pub fn new(gpu: &'a Gpu, nccl: &'a NcclCollective) -> Self {
+        Self {
+            gpu,
+            nccl,
+            in_flight: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// Starts summing `tensors` once the compute stream has run what is
+    /// enqueued on it so far (their last writes).
+    pub fn start(&mut self, tensors: Vec<&'a mut CudaSlice<f32>>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let started = (|| -> Result<InFlight<'a>, ParallelError> {
+            let ready = self.gpu.stream().record_event(None)?;
+            self.nccl.stream().wait(&ready)?;
+            Ok(self.nccl.start_all_reduce_many(tensors, Reduce::Sum)?)
+        })();
+        match started {
+            Ok(op) => self.in_flight.push(op),
+            Err(error) => self.failed = Some(error),
+        }
+    }
+
+    /// Waits for every sum started and makes each tensor its mean.
+    pub fn finish(self) -> Result<(), ParallelError> {
+        if let Some(error) = self.failed {
+            return Err(error);
+        }
+        let ranks = self.nccl.size() as f32;
+        for op in self.in_flight {
+            for tensor in op.finish()? {
+                vector::divide(self.gpu, tensor, ranks)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The NCCL arm of [`all_reduce_mean`], for any group size (the GPU check

@@ -63,11 +63,7 @@ impl<M: DeviceTensors> DeviceTensors for DeviceWeights<M> {
     fn tensors(&self) -> Vec<&CudaSlice<f32>> {
         let mut list = vec![&self.embedding];
         for b in &self.blocks {
-            list.extend([&b.attention_norm, &b.wq, &b.wk, &b.wv, &b.wo, &b.ffn_norm]);
-            match &b.ffn {
-                DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
-                DeviceFeedForward::Moe(moe) => list.extend(moe.tensors()),
-            }
+            list.extend(b.tensors());
         }
         list.extend([&self.final_norm, &self.lm_head]);
         list
@@ -76,20 +72,43 @@ impl<M: DeviceTensors> DeviceTensors for DeviceWeights<M> {
     fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
         let mut list = vec![&mut self.embedding];
         for b in &mut self.blocks {
-            list.extend([
-                &mut b.attention_norm,
-                &mut b.wq,
-                &mut b.wk,
-                &mut b.wv,
-                &mut b.wo,
-                &mut b.ffn_norm,
-            ]);
-            match &mut b.ffn {
-                DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
-                DeviceFeedForward::Moe(moe) => list.extend(moe.tensors_mut()),
-            }
+            list.extend(b.tensors_mut());
         }
         list.extend([&mut self.final_norm, &mut self.lm_head]);
+        list
+    }
+}
+
+impl<M: DeviceTensors> DeviceTensors for DeviceBlock<M> {
+    fn tensors(&self) -> Vec<&CudaSlice<f32>> {
+        let mut list = vec![
+            &self.attention_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.ffn_norm,
+        ];
+        match &self.ffn {
+            DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
+            DeviceFeedForward::Moe(moe) => list.extend(moe.tensors()),
+        }
+        list
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+        let mut list = vec![
+            &mut self.attention_norm,
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.ffn_norm,
+        ];
+        match &mut self.ffn {
+            DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
+            DeviceFeedForward::Moe(moe) => list.extend(moe.tensors_mut()),
+        }
         list
     }
 }
@@ -527,6 +546,29 @@ impl DeviceModel {
         pass: &DeviceForward,
         grads: &mut DeviceGradients,
     ) -> Result<()> {
+        self.backward_handing_over(gpu, pass, grads, &mut |_| Ok(()))
+    }
+
+    /// [`Self::backward`], handing each group of gradient tensors to
+    /// `done` as soon as the pass has enqueued its last write to them: the
+    /// LM head's and the final norm's first, then each block's from the
+    /// last to the first, the embedding's last (the same order on every
+    /// rank). The writes may still be running on the stream. Data
+    /// parallelism starts reducing them there, overlapping the rest of the
+    /// pass.
+    pub fn backward_handing_over<'a>(
+        &self,
+        gpu: &Gpu,
+        pass: &DeviceForward,
+        grads: &'a mut DeviceGradients,
+        done: &mut dyn FnMut(Vec<&'a mut CudaSlice<f32>>) -> Result<()>,
+    ) -> Result<()> {
+        let DeviceWeights {
+            embedding: grad_embedding,
+            blocks: grad_blocks,
+            final_norm: grad_final_norm,
+            lm_head: grad_lm_head,
+        } = grads;
         let c = &self.config;
         let (h, vocab, n) = (c.hidden, c.vocab, pass.tokens.len());
         let w = &self.weights;
@@ -539,7 +581,7 @@ impl DeviceModel {
             self.head(),
             &mut dfinal_normed,
             false,
-            &mut grads.lm_head,
+            grad_lm_head,
             &dlogits,
             &pass.final_normed,
             &w.lm_head,
@@ -550,17 +592,18 @@ impl DeviceModel {
         rmsnorm::backward(
             gpu,
             &mut dres,
-            &mut grads.final_norm,
+            grad_final_norm,
             &dfinal_normed,
             &pass.final_input,
             &w.final_norm,
             &pass.final_rstd,
         )?;
+        done(vec![grad_lm_head, grad_final_norm])?;
         for ((block, stored), block_grads) in w
             .blocks
             .iter()
             .zip(&pass.blocks)
-            .zip(&mut grads.blocks)
+            .zip(grad_blocks.iter_mut())
             .rev()
         {
             // A checkpointed block is recomputed from its input, one block at
@@ -575,8 +618,10 @@ impl DeviceModel {
                 }
             };
             self.block_backward(gpu, block, block_pass, &mut dres, block_grads)?;
+            done(block_grads.tensors_mut())?;
         }
-        embedding::backward(gpu, &mut grads.embedding, &dres, &pass.tokens, h)
+        embedding::backward(gpu, grad_embedding, &dres, &pass.tokens, h)?;
+        done(vec![grad_embedding])
     }
 
     fn block_backward(

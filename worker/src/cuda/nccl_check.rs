@@ -111,8 +111,73 @@ pub fn check_nccl(gpu: &Gpu) -> Result<Vec<Check>> {
             (r, s) => Err(format!("refused {r:?}, then barrier {s:?}")),
         },
     ));
+    overlapped_mean(gpu, &comm, &mut checks);
     timeout_path(gpu, &mut comm, &mut checks);
     Ok(checks)
+}
+
+/// The data-parallel mean overlapped with the backward pass, in a world of
+/// one (each sum is the tensor, the division by 1 keeps its bits): every
+/// gradient tensor is handed over exactly once, NCCL's stream waits for
+/// the writes it reduces, and the gradients keep the bits of a plain pass.
+fn overlapped_mean(gpu: &Gpu, comm: &NcclCollective, checks: &mut Vec<Check>) {
+    use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
+    let case = "3-block model, world 1";
+    let result = (|| -> std::result::Result<(Vec<u32>, Vec<u32>, usize, usize), String> {
+        let config = super::train_check::config();
+        let model = crate::model::Model::<f32>::initial(config.clone(), 7);
+        let device = DeviceModel::upload(gpu, &model).map_err(|e| e.to_string())?;
+        let tokens: Vec<u32> = (0..4 * config.seq_len)
+            .map(|i| (i * 37 % 256) as u32)
+            .collect();
+        let pass = device
+            .forward(gpu, &tokens, &tokens)
+            .map_err(|e| e.to_string())?;
+        let grads_bits = |grads: &DeviceGradients| -> std::result::Result<Vec<u32>, String> {
+            let mut all = Vec::new();
+            for t in grads.tensors() {
+                all.extend(bits(&gpu.download(t).map_err(|e| e.to_string())?));
+            }
+            Ok(all)
+        };
+        let zeros = || DeviceGradients::zeros_like(gpu, &device.weights).map_err(|e| e.to_string());
+        let mut plain = zeros()?;
+        device
+            .backward(gpu, &pass, &mut plain)
+            .map_err(|e| e.to_string())?;
+        let mut overlapped = zeros()?;
+        let expected_tensors = overlapped.tensors().len();
+        let mut handed = 0;
+        {
+            let mut mean = data_parallel::OverlappedMean::new(gpu, comm);
+            device
+                .backward_handing_over(gpu, &pass, &mut overlapped, &mut |tensors| {
+                    handed += tensors.len();
+                    mean.start(tensors);
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+            mean.finish().map_err(|e| e.to_string())?;
+        }
+        Ok((
+            grads_bits(&overlapped)?,
+            grads_bits(&plain)?,
+            handed,
+            expected_tensors,
+        ))
+    })();
+    match result {
+        Ok((got, expected, handed, tensors)) => {
+            checks.push(exact("nccl.overlapped_mean", case, &got, &expected));
+            checks.push(exact(
+                "nccl.overlapped_mean",
+                "tensors handed over",
+                &[handed],
+                &[tensors],
+            ));
+        }
+        Err(e) => checks.push(failed("nccl.overlapped_mean", case, e)),
+    }
 }
 
 fn collectives(comm: &mut NcclCollective, checks: &mut Vec<Check>) {

@@ -23,7 +23,7 @@ use crate::train::Trainer;
 
 /// Three blocks (one dense, two MoE with a shared expert, sigmoid routing
 /// limited to 2 of 4 groups, bias balancing on), grouped-query attention.
-fn config() -> ModelConfig {
+pub(crate) fn config() -> ModelConfig {
     let spec: moe_crds::ModelSpec = serde_json::from_value(serde_json::json!({
         "vocabSize": 256, "hiddenSize": 64, "layers": 3, "denseLayers": 1,
         "denseHiddenSize": 96, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,

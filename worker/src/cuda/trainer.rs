@@ -154,7 +154,10 @@ impl<'g> DeviceTrainer<'g> {
         self.data.skip(shard.rank * share);
         let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
-        for _ in 0..settings.micro_steps {
+        // Over NCCL the last micro-batch's backward pass overlaps the
+        // gradients' all-reduce (the earlier ones only accumulate).
+        let overlap = shard.ranks > 1 && world.as_nccl().is_some();
+        for micro_step in 0..settings.micro_steps {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
@@ -166,7 +169,22 @@ impl<'g> DeviceTrainer<'g> {
                 &batch.targets,
                 settings.activation_memory,
             )?;
-            self.model.backward(gpu, &pass, &mut self.grads)?;
+            match world.as_nccl() {
+                Some(nccl) if overlap && micro_step + 1 == settings.micro_steps => {
+                    let mut mean = data_parallel::OverlappedMean::new(gpu, nccl);
+                    self.model.backward_handing_over(
+                        gpu,
+                        &pass,
+                        &mut self.grads,
+                        &mut |tensors| {
+                            mean.start(tensors);
+                            Ok(())
+                        },
+                    )?;
+                    mean.finish()?;
+                }
+                _ => self.model.backward(gpu, &pass, &mut self.grads)?,
+            }
             loss += pass.cross_entropy;
             aux_loss += pass.aux_loss;
             tokens += batch.inputs.len();
@@ -185,7 +203,9 @@ impl<'g> DeviceTrainer<'g> {
             .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
         if shard.ranks > 1 {
-            data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
+            if !overlap {
+                data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
+            }
             host_parallel::sum_counts(world, &mut expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches.
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;

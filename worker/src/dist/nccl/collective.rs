@@ -160,6 +160,21 @@ impl NcclCollective {
         op: &'static str,
         enqueue: impl FnOnce(Raw, cu::CUstream) -> Result<(), DistError>,
     ) -> Result<(), DistError> {
+        self.start(op, enqueue, Vec::new())?.finish().map(drop)
+    }
+
+    /// The first half of [`Self::run`]: enqueues the operation and waits
+    /// for NCCL to accept it, then returns while its kernels may still run
+    /// on the stream, holding `buffers` (the device memory it reads and
+    /// writes) until [`InFlight::finish`] has watched it to the end. The
+    /// timeout counts from here; operations started one after another run
+    /// in that order on the stream.
+    fn start<'a>(
+        &'a self,
+        op: &'static str,
+        enqueue: impl FnOnce(Raw, cu::CUstream) -> Result<(), DistError>,
+        buffers: Vec<&'a mut CudaSlice<f32>>,
+    ) -> Result<InFlight<'a>, DistError> {
         let started = Instant::now();
         let mut state = self.family.lock();
         let comm = state.comm(self.key)?;
@@ -175,17 +190,23 @@ impl NcclCollective {
                 // not be on the stream until NCCL stops saying "in progress".
                 let mut accepting = Accepting { comm };
                 watchdog::watch(op, &mut accepting, started, timeout)?;
-                let event = self
-                    .stream
+                self.stream
                     .record_event(Some(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                    .map_err(|e| driver(op, e))?;
-                let mut running = Running { comm, event };
-                watchdog::watch(op, &mut running, started, timeout)
+                    .map_err(|e| driver(op, e))
             });
-        if let Err(error) = &outcome {
-            abort_unless_done(&mut state, error);
+        match outcome {
+            Ok(event) => Ok(InFlight {
+                collective: self,
+                op,
+                started,
+                event: Some(event),
+                buffers,
+            }),
+            Err(error) => {
+                abort_unless_done(&mut state, &error);
+                Err(error)
+            }
         }
-        outcome
     }
 
     /// Device buffer `slot`, at least `len` bytes.
@@ -349,36 +370,65 @@ impl NcclCollective {
         data: &mut [&mut CudaSlice<f32>],
         reduce: Reduce,
     ) -> Result<(), DistError> {
+        let buffers = data.iter_mut().map(|b| &mut **b).collect();
+        self.start_all_reduce_many(buffers, reduce)?
+            .finish()
+            .map(drop)
+    }
+
+    /// [`Self::all_reduce_device_many`] started but not waited for: the
+    /// reduction runs on this communicator's stream while the caller
+    /// enqueues more work on its own (the data-parallel gradients of the
+    /// blocks whose backward pass is done, while the earlier blocks'
+    /// runs). The buffers come back from [`InFlight::finish`]. The caller
+    /// has made this stream wait for whatever wrote them (an event).
+    pub fn start_all_reduce_many<'a>(
+        &'a self,
+        mut data: Vec<&'a mut CudaSlice<f32>>,
+        reduce: Reduce,
+    ) -> Result<InFlight<'a>, DistError> {
         let op = "all_reduce";
-        let stream = Arc::clone(&self.stream);
-        // The pointers, each buffer's write recorded on this stream once
-        // the group is enqueued (the guards live until the watch ends).
-        let mut guards = Vec::with_capacity(data.len());
-        let mut buffers = Vec::with_capacity(data.len());
-        for buffer in data.iter_mut().filter(|b| !b.is_empty()) {
-            let count = buffer.len();
-            let (ptr, guard) = buffer.device_ptr_mut(&stream);
-            buffers.push((ptr, count));
-            guards.push(guard);
-        }
+        let stream = &self.stream;
+        // The pointers; each guard records the buffer's write on this
+        // stream once dropped, right after the pointers are taken: the
+        // buffers themselves stay borrowed by the InFlight until finish.
+        let buffers: Vec<(cu::CUdeviceptr, usize)> = data
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|buffer| {
+                let count = buffer.len();
+                let (ptr, _guard) = buffer.device_ptr_mut(stream);
+                (ptr, count)
+            })
+            .collect();
         if buffers.is_empty() {
-            return Ok(());
+            return Ok(InFlight {
+                collective: self,
+                op,
+                started: Instant::now(),
+                event: None,
+                buffers: data,
+            });
         }
-        self.run(op, |comm, stream| {
-            comm::enqueued(op, comm, result::group_start())?;
-            let mut outcome = Ok(());
-            // Each `ptr` holds `count` f32 on this communicator's device and
-            // outlives the watch (the guards above).
-            for &(ptr, count) in &buffers {
-                outcome = enqueue_all_reduce(op, comm, stream, ptr, count, reduce);
-                if outcome.is_err() {
-                    break;
+        self.start(
+            op,
+            |comm, stream| {
+                comm::enqueued(op, comm, result::group_start())?;
+                let mut outcome = Ok(());
+                // Each `ptr` holds `count` f32 on this communicator's device and
+                // outlives the watch (the guards above).
+                for &(ptr, count) in &buffers {
+                    outcome = enqueue_all_reduce(op, comm, stream, ptr, count, reduce);
+                    if outcome.is_err() {
+                        break;
+                    }
                 }
-            }
-            // The group is closed whatever happened inside it.
-            let end = comm::enqueued(op, comm, result::group_end());
-            outcome.and(end)
-        })
+                // The group is closed whatever happened inside it.
+                let end = comm::enqueued(op, comm, result::group_end());
+                outcome.and(end)
+            },
+            data,
+        )
     }
 
     /// [`Collective::all_to_all_bytes`] between device buffers (expert
@@ -425,6 +475,45 @@ impl NcclCollective {
     /// timeout path needs a short one on one communicator too).
     fn set_family_timeout(&self, timeout: Duration) {
         self.family.lock().timeout = timeout;
+    }
+}
+
+/// An operation NCCL accepted whose kernels may still be running on the
+/// communicator's stream ([`NcclCollective::start_all_reduce_many`]).
+/// Dropped without [`Self::finish`], it is not waited for: the buffers
+/// are released to a caller that must not touch them before synchronising
+/// the stream (a failed step does not).
+#[must_use = "an operation in flight must be finished"]
+pub struct InFlight<'a> {
+    collective: &'a NcclCollective,
+    op: &'static str,
+    started: Instant,
+    /// Recorded after the operation's kernels; `None` when nothing ran.
+    event: Option<CudaEvent>,
+    buffers: Vec<&'a mut CudaSlice<f32>>,
+}
+
+impl<'a> InFlight<'a> {
+    /// Watches the operation to its end (within the timeout, counted from
+    /// its start; any failure aborts every communicator of the family) and
+    /// hands back its buffers.
+    pub fn finish(self) -> Result<Vec<&'a mut CudaSlice<f32>>, DistError> {
+        let Some(event) = self.event else {
+            return Ok(self.buffers);
+        };
+        let c = self.collective;
+        let mut state = c.family.lock();
+        let outcome = state.comm(c.key).and_then(|comm| {
+            let mut running = Running { comm, event };
+            watchdog::watch(self.op, &mut running, self.started, state.timeout)
+        });
+        match outcome {
+            Ok(()) => Ok(self.buffers),
+            Err(error) => {
+                abort_unless_done(&mut state, &error);
+                Err(error)
+            }
+        }
     }
 }
 
