@@ -987,11 +987,29 @@ const ATTENTION_PATHS: [AttentionPath; 2] = [
 ];
 
 fn check_embedding(gpu: &Gpu) -> Result<Vec<Check>> {
-    let (vocab, dim) = (256, 96);
+    // A vocabulary larger than every batch (most rows get no gradient and
+    // must keep their bits); a width of two column blocks, the second partial.
+    let (vocab, dim) = (256, 160);
+    let cases: [(&str, Vec<u32>); 5] = [
+        ("one token", vec![7]),
+        ("repeated", vec![1, 5, 1, 255, 0, 5, 5, 1]),
+        // One group of 21: the kernel's batches of eight and its remainder.
+        ("every token one id", vec![3; 21]),
+        (
+            "all distinct",
+            (0..64).map(|i| (i * 37 + 11) % 256).collect(),
+        ),
+        // A third of the tokens one id, as frequent words are in text.
+        (
+            "skewed",
+            (0..1000u32)
+                .map(|i| if i % 3 == 0 { 5 } else { (i * 7919) % 256 })
+                .collect(),
+        ),
+    ];
     let mut checks = Vec::new();
-    // Repeated tokens accumulate; one token is the smallest batch.
-    for tokens in [vec![7u32], vec![1, 5, 1, 255, 0, 5, 5, 1]] {
-        let case = format!("{} tokens", tokens.len());
+    for (name, tokens) in cases {
+        let case = format!("{name}, {} tokens", tokens.len());
         let table = random(vocab * dim, 80);
         let dout = random(tokens.len() * dim, 81);
         let dtable0 = random(vocab * dim, 82);
@@ -1003,14 +1021,15 @@ fn check_embedding(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut out_d = gpu.zeros(out.len())?;
         embedding::forward(gpu, &mut out_d, &tokens_d, &gpu.upload(&table)?, dim)?;
         let mut dtable_d = gpu.upload(&dtable0)?;
-        embedding::backward(gpu, &mut dtable_d, &gpu.upload(&dout)?, &tokens_d, dim)?;
+        embedding::backward(gpu, &mut dtable_d, &gpu.upload(&dout)?, &tokens, dim)?;
         checks.push(exact(
             "embedding.forward",
             &case,
             &bits(&gpu.download(&out_d)?),
             &bits(&out),
         ));
-        // Same additions in the same (token) order: identical bits.
+        // Each row's additions in the same (token) order, the rows summed
+        // in parallel on the device: identical bits.
         checks.push(exact(
             "embedding.backward",
             &case,

@@ -229,7 +229,8 @@ enum StoredBlock {
 
 /// A forward pass on the device: the loss and what the backward pass needs.
 pub struct DeviceForward {
-    tokens: CudaSlice<u32>,
+    /// On the host: the embedding backward groups them by id there.
+    tokens: Vec<u32>,
     targets: CudaSlice<u32>,
     blocks: Vec<StoredBlock>,
     /// Tokens routed to each expert, one list per MoE block in order.
@@ -380,9 +381,9 @@ impl DeviceModel {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let (tokens, targets) = (gpu.upload(tokens)?, gpu.upload(targets)?);
+        let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
-        embedding::forward(gpu, &mut x, &tokens, &self.weights.embedding, h)?;
+        embedding::forward(gpu, &mut x, &tokens_d, &self.weights.embedding, h)?;
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for block in &self.weights.blocks {
@@ -423,7 +424,7 @@ impl DeviceModel {
             / n as f64;
         Ok(DeviceForward {
             aux_loss,
-            tokens,
+            tokens: tokens.to_vec(),
             targets,
             blocks,
             loads,
