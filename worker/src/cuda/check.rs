@@ -161,6 +161,10 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("embedding", check_embedding),
     ("data-parallel mean", check_divide),
     ("moe layer", check_moe_layer),
+    (
+        "expert parallel",
+        super::moe_ep_check::check_expert_parallel,
+    ),
     ("training", super::train_check::check_training),
     ("serve", super::serve_check::check_serve),
     ("nccl", super::nccl_check::check_nccl),

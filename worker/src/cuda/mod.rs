@@ -20,6 +20,8 @@ pub mod fp8_gemm;
 pub mod lt_plan;
 pub mod matmul;
 pub mod model;
+pub mod moe_ep;
+pub mod moe_ep_check;
 pub mod moe_layer;
 pub mod nccl_check;
 pub mod paged_attention;

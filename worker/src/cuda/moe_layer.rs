@@ -11,10 +11,14 @@ use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
 use crate::moe::routing::{Routing, scores_backward};
 use moe_kernels::cudarc::driver::CudaSlice;
+use std::ops::Range;
 
 /// A layer's weights and selection bias on the device.
 pub struct DeviceMoeLayer {
     pub config: MoeConfig,
+    /// The routed experts held (global indices): all of them, or an
+    /// expert-parallel rank's share ([`super::moe_ep`]).
+    pub experts: Range<usize>,
     router: CudaSlice<f32>,
     w1: CudaSlice<f32>,
     w3: CudaSlice<f32>,
@@ -47,13 +51,13 @@ pub struct DeviceMoeForward {
 /// chosen experts), its arithmetic a few operations per score, so one read
 /// back per layer and pass costs less than a kernel of our own would save,
 /// and the values are the CPU's for the same scores.
-struct BalanceLoss {
+pub(crate) struct BalanceLoss {
     routing: Routing<f32>,
     seq_len: usize,
 }
 
 impl BalanceLoss {
-    fn of(gpu: &Gpu, routing: &routing::DeviceRouting, seq_len: usize) -> Result<Self> {
+    pub(crate) fn of(gpu: &Gpu, routing: &routing::DeviceRouting, seq_len: usize) -> Result<Self> {
         let experts = gpu.download(&routing.experts)?;
         Ok(Self {
             routing: Routing {
@@ -67,7 +71,7 @@ impl BalanceLoss {
         })
     }
 
-    fn loss(&self, alpha: f64) -> f64 {
+    pub(crate) fn loss(&self, alpha: f64) -> f64 {
         f64::from(balance::sequence_balance_loss(
             &self.routing,
             self.seq_len,
@@ -121,15 +125,9 @@ impl DeviceMoeGrads {
 impl DeviceMoeLayer {
     pub fn upload(gpu: &Gpu, layer: &MoeLayer<f32>) -> Result<Self> {
         let p = &layer.params;
-        // The device trainer runs one rank (the settings refuse more), so
-        // its layers hold every routed expert.
-        assert!(
-            p.holds_all(layer.config()),
-            "the GPU layer holds every routed expert, not only {:?}",
-            p.experts
-        );
         Ok(Self {
             config: layer.config().clone(),
+            experts: p.experts.clone(),
             router: gpu.upload(&p.router)?,
             w1: gpu.upload(&p.experts_w1)?,
             w3: gpu.upload(&p.experts_w3)?,
@@ -153,59 +151,18 @@ impl DeviceMoeLayer {
         seq_len: usize,
     ) -> Result<DeviceMoeForward> {
         let c = &self.config;
-        let hidden = c.hidden;
-        let tokens = x.len() / hidden;
-        let weights = RoutedWeights {
-            router: &self.router,
-            selection_bias: &self.selection_bias,
-            w1: &self.w1,
-            w3: &self.w3,
-            w2: &self.w2,
-        };
+        assert!(
+            self.experts == (0..c.n_routed_experts),
+            "a layer holding experts {:?} runs expert-parallel only",
+            self.experts
+        );
         let RoutedExperts {
             mut output,
             routed,
             mlps,
-        } = routed_experts(gpu, arithmetic, c, &weights, x)?;
-
-        let shared_width = c.shared_hidden();
-        let mut shared = None;
-        if shared_width > 0 {
-            let mut sa = gpu.zeros::<f32>(tokens * shared_width)?;
-            let mut sb = gpu.zeros::<f32>(tokens * shared_width)?;
-            let mut sh = gpu.zeros::<f32>(tokens * shared_width)?;
-            matmul::forward(
-                gpu,
-                arithmetic,
-                &mut sa,
-                x,
-                &self.shared_w1,
-                hidden,
-                shared_width,
-            )?;
-            matmul::forward(
-                gpu,
-                arithmetic,
-                &mut sb,
-                x,
-                &self.shared_w3,
-                hidden,
-                shared_width,
-            )?;
-            swiglu::forward(gpu, &mut sh, &sa, &sb)?;
-            // output += shared(x), accumulated by the GEMM itself.
-            matmul::forward_view(
-                gpu,
-                arithmetic,
-                &mut output.slice_mut(..),
-                &sh.slice(..),
-                &self.shared_w2.slice(..),
-                shared_width,
-                hidden,
-                true,
-            )?;
-            shared = Some([sa, sb, sh]);
-        }
+        } = routed_experts(gpu, arithmetic, c, &self.weights(), x)?;
+        // output += shared(x), accumulated by the GEMM itself.
+        let shared = self.shared_forward(gpu, arithmetic, x, &mut output)?;
         let balance = if c.aux_loss_alpha > 0.0 {
             Some(BalanceLoss::of(gpu, &routed.routing, seq_len)?)
         } else {
@@ -390,6 +347,50 @@ pub(crate) fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
 }
 
 impl DeviceMoeLayer {
+    /// The routed experts' weights (this layer's share of them).
+    pub(crate) fn weights(&self) -> RoutedWeights<'_> {
+        RoutedWeights {
+            router: &self.router,
+            selection_bias: &self.selection_bias,
+            w1: &self.w1,
+            w3: &self.w3,
+            w2: &self.w2,
+        }
+    }
+
+    /// The shared experts on `x`, their output added into `output` (by the
+    /// down projection's GEMM); their activations, when there are any.
+    pub(crate) fn shared_forward(
+        &self,
+        gpu: &Gpu,
+        arithmetic: Arithmetic,
+        x: &CudaSlice<f32>,
+        output: &mut CudaSlice<f32>,
+    ) -> Result<Option<[CudaSlice<f32>; 3]>> {
+        let (hidden, width) = (self.config.hidden, self.config.shared_hidden());
+        if width == 0 {
+            return Ok(None);
+        }
+        let tokens = x.len() / hidden;
+        let mut sa = gpu.zeros::<f32>(tokens * width)?;
+        let mut sb = gpu.zeros::<f32>(tokens * width)?;
+        let mut sh = gpu.zeros::<f32>(tokens * width)?;
+        matmul::forward(gpu, arithmetic, &mut sa, x, &self.shared_w1, hidden, width)?;
+        matmul::forward(gpu, arithmetic, &mut sb, x, &self.shared_w3, hidden, width)?;
+        swiglu::forward(gpu, &mut sh, &sa, &sb)?;
+        matmul::forward_view(
+            gpu,
+            arithmetic,
+            &mut output.slice_mut(..),
+            &sh.slice(..),
+            &self.shared_w2.slice(..),
+            width,
+            hidden,
+            true,
+        )?;
+        Ok(Some([sa, sb, sh]))
+    }
+
     /// As [`MoeLayer::backward`]: adds d loss / d x into `dx` and the weight
     /// gradients into `grads`, given `dout` = d loss / d output, for
     /// `loss = downstream(output) + aux_loss`.
@@ -408,11 +409,9 @@ impl DeviceMoeLayer {
         grads: &mut DeviceMoeGrads,
     ) -> Result<()> {
         let c = &self.config;
-        let (hidden, inner, n_experts) = (c.hidden, c.expert_hidden, c.n_routed_experts);
-        let tokens = x.len() / hidden;
+        let hidden = c.hidden;
         let (routed, mlps) = (&pass.routed, &pass.mlps);
         let rows = routed.dispatch.rows();
-        let weights = inner * hidden;
 
         // Combine's backward: each row's output gradient and each gate's.
         let mut dy = gpu.zeros::<f32>(rows * hidden)?;
@@ -427,138 +426,86 @@ impl DeviceMoeLayer {
             &routed.dispatch,
             hidden,
         )?;
-
-        // Experts, segment by segment: down projection, SwiGLU, up projections.
-        let mut dh = gpu.zeros::<f32>(rows * inner)?;
         let segments = expert_segments(&routed.offsets);
-        for &(e, start, len) in &segments {
-            let dy_e = dy.slice(start * hidden..(start + len) * hidden);
-            let w2_e = self.w2.slice(e * weights..(e + 1) * weights);
-            let h_e = mlps.h.slice(start * inner..(start + len) * inner);
-            let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dh_e,
-                &dy_e,
-                false,
-                &w2_e,
-                false,
-                (len, inner, hidden),
-                false,
-            )?;
-            let mut dw2_e = grads.w2.slice_mut(e * weights..(e + 1) * weights);
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dw2_e,
-                &dy_e,
-                true,
-                &h_e,
-                false,
-                (hidden, inner, len),
-                true,
-            )?;
-        }
-        let mut da = gpu.zeros::<f32>(rows * inner)?;
-        let mut db = gpu.zeros::<f32>(rows * inner)?;
-        swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b)?;
-        let mut dxp = gpu.zeros::<f32>(rows * hidden)?;
-        for &(e, start, len) in &segments {
-            let da_e = da.slice(start * inner..(start + len) * inner);
-            let db_e = db.slice(start * inner..(start + len) * inner);
-            let xp_e = routed
-                .permuted
-                .slice(start * hidden..(start + len) * hidden);
-            let w1_e = self.w1.slice(e * weights..(e + 1) * weights);
-            let w3_e = self.w3.slice(e * weights..(e + 1) * weights);
-            let mut dxp_e = dxp.slice_mut(start * hidden..(start + len) * hidden);
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dxp_e,
-                &da_e,
-                false,
-                &w1_e,
-                false,
-                (len, hidden, inner),
-                false,
-            )?;
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dxp_e,
-                &db_e,
-                false,
-                &w3_e,
-                false,
-                (len, hidden, inner),
-                true,
-            )?;
-            let mut dw1_e = grads.w1.slice_mut(e * weights..(e + 1) * weights);
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dw1_e,
-                &da_e,
-                true,
-                &xp_e,
-                false,
-                (inner, hidden, len),
-                true,
-            )?;
-            let mut dw3_e = grads.w3.slice_mut(e * weights..(e + 1) * weights);
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dw3_e,
-                &db_e,
-                true,
-                &xp_e,
-                false,
-                (inner, hidden, len),
-                true,
-            )?;
-        }
+        let dxp = expert_mlps_backward(
+            gpu,
+            arithmetic,
+            c,
+            &self.weights(),
+            grads,
+            &dy,
+            &routed.permuted,
+            mlps,
+            &segments,
+        )?;
         dispatch::permute_backward(gpu, dx, &dxp, &routed.dispatch, hidden)?;
+        if let Some(shared) = &pass.shared {
+            self.shared_backward(gpu, arithmetic, shared, x, dout, dx, grads)?;
+        }
+        self.router_backward(
+            gpu,
+            &routed.routing,
+            pass.balance.as_ref(),
+            &dgates,
+            x,
+            dx,
+            grads,
+        )
+    }
 
-        // Shared experts, on every token.
-        if let Some([sa, sb, sh]) = &pass.shared {
-            let width = c.shared_hidden();
-            let mut dsh = gpu.zeros::<f32>(tokens * width)?;
-            let (dout_v, x_v) = (dout.slice(..), x.slice(..));
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut dsh.slice_mut(..),
-                &dout_v,
-                false,
-                &self.shared_w2.slice(..),
-                false,
-                (tokens, width, hidden),
-                false,
-            )?;
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut grads.shared_w2.slice_mut(..),
-                &dout_v,
-                true,
-                &sh.slice(..),
-                false,
-                (hidden, width, tokens),
-                true,
-            )?;
-            let mut dsa = gpu.zeros::<f32>(tokens * width)?;
-            let mut dsb = gpu.zeros::<f32>(tokens * width)?;
-            swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb)?;
+    /// The shared experts' backward pass: adds into `dx` and their weights'
+    /// gradients, from their activations `[a, b, h]` on `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn shared_backward(
+        &self,
+        gpu: &Gpu,
+        arithmetic: Arithmetic,
+        [sa, sb, sh]: &[CudaSlice<f32>; 3],
+        x: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut DeviceMoeGrads,
+    ) -> Result<()> {
+        let (hidden, width) = (self.config.hidden, self.config.shared_hidden());
+        let tokens = x.len() / hidden;
+        let mut dsh = gpu.zeros::<f32>(tokens * width)?;
+        let (dout_v, x_v) = (dout.slice(..), x.slice(..));
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut dsh.slice_mut(..),
+            &dout_v,
+            false,
+            &self.shared_w2.slice(..),
+            false,
+            (tokens, width, hidden),
+            false,
+        )?;
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut grads.shared_w2.slice_mut(..),
+            &dout_v,
+            true,
+            &sh.slice(..),
+            false,
+            (hidden, width, tokens),
+            true,
+        )?;
+        let mut dsa = gpu.zeros::<f32>(tokens * width)?;
+        let mut dsb = gpu.zeros::<f32>(tokens * width)?;
+        swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb)?;
+        for (d, w, g) in [
+            (&dsa, &self.shared_w1, &mut grads.shared_w1),
+            (&dsb, &self.shared_w3, &mut grads.shared_w3),
+        ] {
             matmul::gemm(
                 gpu,
                 arithmetic,
                 &mut dx.slice_mut(..),
-                &dsa.slice(..),
+                &d.slice(..),
                 false,
-                &self.shared_w1.slice(..),
+                &w.slice(..),
                 false,
                 (tokens, hidden, width),
                 true,
@@ -566,30 +513,8 @@ impl DeviceMoeLayer {
             matmul::gemm(
                 gpu,
                 arithmetic,
-                &mut dx.slice_mut(..),
-                &dsb.slice(..),
-                false,
-                &self.shared_w3.slice(..),
-                false,
-                (tokens, hidden, width),
-                true,
-            )?;
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut grads.shared_w1.slice_mut(..),
-                &dsa.slice(..),
-                true,
-                &x_v,
-                false,
-                (width, hidden, tokens),
-                true,
-            )?;
-            matmul::gemm(
-                gpu,
-                arithmetic,
-                &mut grads.shared_w3.slice_mut(..),
-                &dsb.slice(..),
+                &mut g.slice_mut(..),
+                &d.slice(..),
                 true,
                 &x_v,
                 false,
@@ -597,11 +522,30 @@ impl DeviceMoeLayer {
                 true,
             )?;
         }
+        Ok(())
+    }
 
-        // Router: gates → scores → logits → router weights and input.
+    /// Gates → scores → logits → the router's weights and input: adds into
+    /// `dx` and `grads.router`, the balance loss's gradient included. TF32
+    /// (the CPU's router backward is f32 whatever the linear layers'
+    /// precision).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn router_backward(
+        &self,
+        gpu: &Gpu,
+        routing: &routing::DeviceRouting,
+        balance: Option<&BalanceLoss>,
+        dgates: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut DeviceMoeGrads,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (hidden, n_experts) = (c.hidden, c.n_routed_experts);
+        let tokens = x.len() / hidden;
         let mut dlogits = gpu.zeros::<f32>(tokens * n_experts)?;
-        routing::backward(gpu, c, &mut dlogits, &dgates, &routed.routing)?;
-        if let Some(balance) = &pass.balance {
+        routing::backward(gpu, c, &mut dlogits, dgates, routing)?;
+        if let Some(balance) = balance {
             balance.add_gradient(gpu, c, &mut dlogits)?;
         }
         let dlogits_v = dlogits.slice(..);
@@ -629,6 +573,99 @@ impl DeviceMoeLayer {
         )?;
         Ok(())
     }
+}
+
+/// The backward pass of [`expert_mlps`] over the same `segments`: given
+/// `dy`, the gradient of its output rows, adds each segment's expert's
+/// weight gradients into `grads` (indexed as the weights are) and returns
+/// the gradient of its input rows `input` (zero outside every segment).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expert_mlps_backward(
+    gpu: &Gpu,
+    arithmetic: Arithmetic,
+    c: &MoeConfig,
+    weights: &RoutedWeights<'_>,
+    grads: &mut DeviceMoeGrads,
+    dy: &CudaSlice<f32>,
+    input: &CudaSlice<f32>,
+    mlps: &ExpertMlps,
+    segments: &[(usize, usize, usize)],
+) -> Result<CudaSlice<f32>> {
+    let (hidden, inner) = (c.hidden, c.expert_hidden);
+    let rows = input.len() / hidden;
+    let size = inner * hidden;
+    // Down projection, segment by segment.
+    let mut dh = gpu.zeros::<f32>(rows * inner)?;
+    for &(e, start, len) in segments {
+        let dy_e = dy.slice(start * hidden..(start + len) * hidden);
+        let w2_e = weights.w2.slice(e * size..(e + 1) * size);
+        let h_e = mlps.h.slice(start * inner..(start + len) * inner);
+        let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut dh_e,
+            &dy_e,
+            false,
+            &w2_e,
+            false,
+            (len, inner, hidden),
+            false,
+        )?;
+        let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
+        matmul::gemm(
+            gpu,
+            arithmetic,
+            &mut dw2_e,
+            &dy_e,
+            true,
+            &h_e,
+            false,
+            (hidden, inner, len),
+            true,
+        )?;
+    }
+    // SwiGLU, then the up projections.
+    let mut da = gpu.zeros::<f32>(rows * inner)?;
+    let mut db = gpu.zeros::<f32>(rows * inner)?;
+    swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b)?;
+    let mut dinput = gpu.zeros::<f32>(rows * hidden)?;
+    for &(e, start, len) in segments {
+        let x_e = input.slice(start * hidden..(start + len) * hidden);
+        let mut dx_e = dinput.slice_mut(start * hidden..(start + len) * hidden);
+        for (i, (d, w, g)) in [
+            (&da, weights.w1, &mut grads.w1),
+            (&db, weights.w3, &mut grads.w3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d_e = d.slice(start * inner..(start + len) * inner);
+            matmul::gemm(
+                gpu,
+                arithmetic,
+                &mut dx_e,
+                &d_e,
+                false,
+                &w.slice(e * size..(e + 1) * size),
+                false,
+                (len, hidden, inner),
+                i > 0,
+            )?;
+            matmul::gemm(
+                gpu,
+                arithmetic,
+                &mut g.slice_mut(e * size..(e + 1) * size),
+                &d_e,
+                true,
+                &x_e,
+                false,
+                (inner, hidden, len),
+                true,
+            )?;
+        }
+    }
+    Ok(dinput)
 }
 
 impl DeviceMoeLayer {

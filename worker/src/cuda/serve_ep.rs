@@ -246,7 +246,12 @@ fn upload_rows(gpu: &Gpu, rows: &[f32]) -> Result<Option<CudaSlice<f32>>> {
 
 /// `out[o] = x[order[o]]` for rows of `width`, into a new buffer (`x` holds
 /// at least one row: `order` is a permutation of its rows).
-fn gather(gpu: &Gpu, x: &CudaSlice<f32>, order: &[usize], width: usize) -> Result<CudaSlice<f32>> {
+pub(super) fn gather(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    order: &[usize],
+    width: usize,
+) -> Result<CudaSlice<f32>> {
     let order: Vec<i32> = order.iter().map(|&i| int(i)).collect();
     let order = gpu.upload(&order)?;
     let mut out = gpu.output::<f32>(order.len() * width)?;
