@@ -472,8 +472,8 @@ impl Backend {
     }
 
     /// One step as a rank of `dp` (with sequences and the routed experts
-    /// spread over `parallel`'s groups, if given; the settings refuse those
-    /// on the GPU, whose trainer is data-parallel only).
+    /// spread over `parallel`'s groups, if given; the settings refuse
+    /// sequence parallelism on the GPU).
     fn step(
         &mut self,
         stop: &dyn Fn() -> bool,
@@ -484,8 +484,8 @@ impl Backend {
             Self::Cpu(trainer) => Ok(trainer.step_parallel(stop, dp, parallel)?),
             #[cfg(feature = "cuda")]
             Self::Cuda { device, .. } => {
-                debug_assert!(parallel.sequence.is_none() && parallel.experts.is_none());
-                Ok(device.step_parallel(stop, dp)?)
+                debug_assert!(parallel.sequence.is_none());
+                Ok(device.step_expert_parallel(stop, dp, parallel.experts)?)
             }
         }
     }

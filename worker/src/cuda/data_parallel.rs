@@ -13,6 +13,7 @@ use moe_kernels::cudarc::driver::CudaSlice;
 
 use super::{Gpu, GpuError, vector};
 use crate::dist::data_parallel::{self, BUCKET_FLOATS};
+use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::nccl::NcclCollective;
 use crate::dist::nccl::collective::{InFlight, Reduce};
 use crate::dist::{Collective, DistError};
@@ -60,6 +61,49 @@ pub fn all_reduce_mean(
         gpu.stream().memcpy_htod(values, *tensor)?;
     }
     Ok(())
+}
+
+/// The gradients of an expert-parallel step, reduced as the CPU trainer
+/// reduces them ([`expert_parallel::reduce_gradients`]): the replicated
+/// tensors averaged over `world`, this rank's routed-expert tensors (flagged
+/// by `is_expert`, in `tensors`' order) summed over their replicas and
+/// divided by the world size. Returns the squared global norm: the
+/// replicated tensors once, each expert slice once per expert-parallel
+/// group (summed over it). Through host memory over any backend (the
+/// device-to-device form is left for a multi-GPU run to measure).
+pub fn reduce_expert_parallel(
+    gpu: &Gpu,
+    world: &mut dyn Collective,
+    ep: &ExpertParallel,
+    tensors: &mut [&mut CudaSlice<f32>],
+    is_expert: &[bool],
+) -> Result<f64, ParallelError> {
+    assert_eq!(tensors.len(), is_expert.len(), "a flag per gradient tensor");
+    let mut host = tensors
+        .iter()
+        .map(|t| gpu.download(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut replicated, mut experts) = (Vec::new(), Vec::new());
+    for (values, &expert) in host.iter_mut().zip(is_expert) {
+        if expert {
+            experts.push(values.as_mut_slice());
+        } else {
+            replicated.push(values.as_mut_slice());
+        }
+    }
+    expert_parallel::reduce_gradients(world, ep, &mut replicated, &mut experts, BUCKET_FLOATS)?;
+    let squares = |list: &[&mut [f32]]| -> f64 {
+        list.iter()
+            .flat_map(|t| t.iter())
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum()
+    };
+    let owned = ep.with_group(|g| data_parallel::sum(g, squares(&experts)))?;
+    let norm_squared = squares(&replicated) + owned;
+    for (tensor, values) in tensors.iter_mut().zip(&host) {
+        gpu.stream().memcpy_htod(values, *tensor)?;
+    }
+    Ok(norm_squared)
 }
 
 /// The data-parallel mean over NCCL, overlapped with the backward pass

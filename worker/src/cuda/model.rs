@@ -10,11 +10,14 @@
 //! with a clear error.
 
 use super::matmul::Arithmetic;
+use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
+use super::serve_ep::DeviceExchange;
 use super::{
     Gpu, GpuError, Result, attention, cross_entropy, embedding, matmul, rmsnorm, swiglu, vector,
 };
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::model::config::NORM_EPS;
 use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig};
 use crate::ops::attention::AttentionShape;
@@ -217,6 +220,8 @@ enum FeedForwardPass {
     /// SwiGLU's `a = x w1ᵀ`, `b = x w3ᵀ`, `h = silu(a) b`.
     Dense([CudaSlice<f32>; 3]),
     Moe(Box<DeviceMoeForward>),
+    /// An MoE layer whose routed experts are split over an expert-parallel group.
+    MoeExpertParallel(Box<DeviceExpertParallelForward>),
 }
 
 /// What a forward pass keeps of one block: every activation, or (activation
@@ -370,6 +375,20 @@ impl DeviceModel {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> Result<DeviceForward> {
+        self.forward_parallel(gpu, tokens, targets, memory, None)
+    }
+
+    /// [`Self::forward_with`] with the MoE layers' routed experts split over
+    /// `experts` (this model holds its rank's share; every rank of the group
+    /// runs its own tokens through the same layers at the same time).
+    pub fn forward_parallel(
+        &self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        targets: &[u32],
+        memory: ActivationMemory,
+        experts: Option<&ExpertParallel>,
+    ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
         assert!(
@@ -387,10 +406,17 @@ impl DeviceModel {
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for block in &self.weights.blocks {
-            let (output, pass) = self.block_forward(gpu, block, x)?;
-            if let FeedForwardPass::Moe(moe) = &pass.ffn {
-                loads.push(moe.routed.load.clone());
-                aux_loss += moe.aux_loss;
+            let (output, pass) = self.block_forward(gpu, block, x, experts)?;
+            match &pass.ffn {
+                FeedForwardPass::Moe(moe) => {
+                    loads.push(moe.routed.load.clone());
+                    aux_loss += moe.aux_loss;
+                }
+                FeedForwardPass::MoeExpertParallel(moe) => {
+                    loads.push(moe.expert_load().to_vec());
+                    aux_loss += moe.aux_loss;
+                }
+                FeedForwardPass::Dense(_) => {}
             }
             blocks.push(match memory {
                 ActivationMemory::KeepAll => StoredBlock::Kept(Box::new(pass)),
@@ -441,6 +467,7 @@ impl DeviceModel {
         gpu: &Gpu,
         block: &DeviceBlock<DeviceMoeLayer>,
         input: CudaSlice<f32>,
+        experts: Option<&ExpertParallel>,
     ) -> Result<(CudaSlice<f32>, BlockPass)> {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
@@ -516,10 +543,28 @@ impl DeviceModel {
                 (out, FeedForwardPass::Dense([a, b, hh]))
             }
             DeviceFeedForward::Moe(layer) => {
-                let mut pass = layer.forward(gpu, linear, &ffn_normed, self.config.seq_len)?;
-                let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
-                vector::add(gpu, &mut out, &mid)?;
-                (out, FeedForwardPass::Moe(Box::new(pass)))
+                let seq_len = self.config.seq_len;
+                match experts {
+                    None => {
+                        let mut pass = layer.forward(gpu, linear, &ffn_normed, seq_len)?;
+                        let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
+                        vector::add(gpu, &mut out, &mid)?;
+                        (out, FeedForwardPass::Moe(Box::new(pass)))
+                    }
+                    Some(ep) => {
+                        let mut exchange = DeviceExchange::new(ep);
+                        let mut pass = layer.forward_expert_parallel(
+                            gpu,
+                            linear,
+                            &ffn_normed,
+                            seq_len,
+                            &mut exchange,
+                        )?;
+                        let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
+                        vector::add(gpu, &mut out, &mid)?;
+                        (out, FeedForwardPass::MoeExpertParallel(Box::new(pass)))
+                    }
+                }
             }
         };
         let pass = BlockPass {
@@ -547,7 +592,7 @@ impl DeviceModel {
         pass: &DeviceForward,
         grads: &mut DeviceGradients,
     ) -> Result<()> {
-        self.backward_handing_over(gpu, pass, grads, &mut |_| Ok(()))
+        self.backward_handing_over(gpu, pass, grads, None, &mut |_| Ok(()))
     }
 
     /// [`Self::backward`], handing each group of gradient tensors to
@@ -562,6 +607,7 @@ impl DeviceModel {
         gpu: &Gpu,
         pass: &DeviceForward,
         grads: &'a mut DeviceGradients,
+        experts: Option<&ExpertParallel>,
         done: &mut dyn FnMut(Vec<&'a mut CudaSlice<f32>>) -> Result<()>,
     ) -> Result<()> {
         let DeviceWeights {
@@ -614,11 +660,11 @@ impl DeviceModel {
                 StoredBlock::Kept(block_pass) => block_pass,
                 StoredBlock::Input(input) => {
                     let input = gpu.stream().clone_dtod(input)?;
-                    recomputed = self.block_forward(gpu, block, input)?.1;
+                    recomputed = self.block_forward(gpu, block, input, experts)?.1;
                     &recomputed
                 }
             };
-            self.block_backward(gpu, block, block_pass, &mut dres, block_grads)?;
+            self.block_backward(gpu, block, block_pass, &mut dres, block_grads, experts)?;
             done(block_grads.tensors_mut())?;
         }
         embedding::backward(gpu, grad_embedding, &dres, &pass.tokens, h)?;
@@ -632,6 +678,7 @@ impl DeviceModel {
         pass: &BlockPass,
         dres: &mut CudaSlice<f32>,
         grads: &mut DeviceBlock<DeviceMoeGrads>,
+        experts: Option<&ExpertParallel>,
     ) -> Result<()> {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
@@ -673,6 +720,23 @@ impl DeviceModel {
                     dres,
                     &mut dffn_normed,
                     g,
+                )?;
+            }
+            (
+                DeviceFeedForward::Moe(layer),
+                FeedForwardPass::MoeExpertParallel(moe_pass),
+                DeviceFeedForward::Moe(g),
+            ) => {
+                let ep = experts.expect("an expert-parallel pass's backward has its group");
+                layer.backward_expert_parallel(
+                    gpu,
+                    linear,
+                    moe_pass,
+                    &pass.ffn_normed,
+                    dres,
+                    &mut dffn_normed,
+                    g,
+                    &mut DeviceExchange::new(ep),
                 )?;
             }
             _ => unreachable!("a block's weights, activations and gradients share one layout"),

@@ -27,6 +27,8 @@
 //! expected shape travel on), as the CPU trainer records it, and the trainer
 //! takes it after the step.
 
+use std::borrow::Borrow;
+
 use moe_kernels::cudarc::driver::CudaSlice;
 
 use super::matmul::Arithmetic;
@@ -36,6 +38,7 @@ use super::moe_layer::{
 };
 use super::serve_ep::{DeviceExchange, gather};
 use super::{Gpu, GpuError, Result, dispatch, vector};
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::serve::exchange_order::DevicePlan;
 
 /// An expert-parallel forward pass and what its backward pass needs.
@@ -68,13 +71,13 @@ impl DeviceMoeLayer {
     /// As [`crate::moe::expert_parallel::forward`]: this layer holds its
     /// rank's share of the routed experts; every rank of `exchange` calls
     /// it at the same point with its own tokens (at least one sequence).
-    pub fn forward_expert_parallel(
+    pub fn forward_expert_parallel<E: Borrow<ExpertParallel>>(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
         seq_len: usize,
-        exchange: &mut DeviceExchange,
+        exchange: &mut DeviceExchange<E>,
     ) -> Result<DeviceExpertParallelForward> {
         let c = &self.config;
         let hidden = c.hidden;
@@ -164,7 +167,7 @@ impl DeviceMoeLayer {
     /// this rank's experts' weight gradients, from every rank's rows, into
     /// its share of `grads`. Every rank calls it at the same point.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_expert_parallel(
+    pub fn backward_expert_parallel<E: Borrow<ExpertParallel>>(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic,
@@ -173,7 +176,7 @@ impl DeviceMoeLayer {
         dout: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
         grads: &mut DeviceMoeGrads,
-        exchange: &mut DeviceExchange,
+        exchange: &mut DeviceExchange<E>,
     ) -> Result<()> {
         let c = &self.config;
         let hidden = c.hidden;

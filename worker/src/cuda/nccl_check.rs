@@ -151,7 +151,7 @@ fn overlapped_mean(gpu: &Gpu, comm: &NcclCollective, checks: &mut Vec<Check>) {
         {
             let mut mean = data_parallel::OverlappedMean::new(gpu, comm);
             device
-                .backward_handing_over(gpu, &pass, &mut overlapped, &mut |tensors| {
+                .backward_handing_over(gpu, &pass, &mut overlapped, None, &mut |tensors| {
                     handed += tensors.len();
                     mean.start(tensors);
                     Ok(())

@@ -30,6 +30,7 @@
 //! expected shape; `DeviceEngine::step` collects it after the step. A CUDA
 //! error returns at once: it is fatal for the replica.
 
+use std::borrow::Borrow;
 use std::ops::Range;
 
 use super::matmul::Arithmetic::Tf32;
@@ -49,36 +50,43 @@ use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice};
 /// exchange; correct over any backend). Every rank must make the same
 /// calls in the same order. Rows are `Option`s: `None` is zero rows (the
 /// device allocates no empty buffer).
-pub struct DeviceExchange {
-    ep: ExpertParallel,
+///
+/// `E` holds the group: owned by a serving engine, borrowed (`&ExpertParallel`)
+/// by a training step from the run that also checkpoints with it.
+pub struct DeviceExchange<E: Borrow<ExpertParallel> = ExpertParallel> {
+    ep: E,
     /// The group is an NCCL communicator: rows move device to device.
     nccl: bool,
 }
 
-impl DeviceExchange {
+impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
     /// The exchange over `ep`'s group, device to device over NCCL.
-    pub fn new(ep: ExpertParallel) -> Self {
-        let nccl = ep.with_group(|g| g.as_nccl().is_some());
+    pub fn new(ep: E) -> Self {
+        let nccl = ep.borrow().with_group(|g| g.as_nccl().is_some());
         Self { ep, nccl }
+    }
+
+    fn ep(&self) -> &ExpertParallel {
+        self.ep.borrow()
     }
 
     /// This rank in the group, which numbers ranks by expert slice.
     pub fn rank(&self) -> usize {
-        self.ep.rank()
+        self.ep().rank()
     }
 
     pub fn size(&self) -> usize {
-        self.ep.size()
+        self.ep().size()
     }
 
     /// Routed experts per MoE layer, over the whole group.
     pub fn n_experts(&self) -> usize {
-        self.ep.n_experts()
+        self.ep().n_experts()
     }
 
     /// The routed experts this rank holds (of every MoE layer).
     pub fn local_experts(&self) -> Range<usize> {
-        self.ep.local_experts()
+        self.ep().local_experts()
     }
 
     /// `send[q·per + j]` rows go to rank `q` for its local expert `j`;
@@ -86,7 +94,7 @@ impl DeviceExchange {
     /// expert `j` (zeros after a failure). A few integers: through the
     /// group's host path whatever it is.
     pub fn exchange_counts(&mut self, send: &[usize]) -> Vec<usize> {
-        self.ep.exchange_counts(send)
+        self.ep().exchange_counts(send)
     }
 
     /// Sends `send_rows[q]` rows of `width` (consecutive in `send`) to rank
@@ -107,10 +115,10 @@ impl DeviceExchange {
             let host = download_rows(gpu, send)?;
             return upload_rows(
                 gpu,
-                &self.ep.exchange_rows(&host, send_rows, recv_rows, width),
+                &self.ep().exchange_rows(&host, send_rows, recv_rows, width),
             );
         }
-        self.ep.count_sent(send_rows, width);
+        self.ep().count_sent(send_rows, width);
         self.all_to_all(gpu, send, send_rows, recv_rows, width, ready)
     }
 
@@ -125,11 +133,11 @@ impl DeviceExchange {
     ) -> Result<Option<CudaSlice<f32>>> {
         if !self.nccl {
             let host = download_rows(gpu, rows)?;
-            return upload_rows(gpu, &self.ep.all_gather_rows(&host, counts, width));
+            return upload_rows(gpu, &self.ep().all_gather_rows(&host, counts, width));
         }
-        let size = self.ep.size();
-        let mine = counts[self.ep.rank()];
-        self.ep.count_gathered(mine * width);
+        let size = self.ep().size();
+        let mine = counts[self.ep().rank()];
+        self.ep().count_gathered(mine * width);
         // This rank's rows once per rank, so each receives them.
         let copies = match rows {
             Some(rows) if mine > 0 => {
@@ -148,12 +156,12 @@ impl DeviceExchange {
 
     /// The first exchange failure since the last call, if any.
     pub fn take_failure(&mut self) -> std::result::Result<(), DistError> {
-        self.ep.take_failure()
+        self.ep().take_failure()
     }
 
     /// Payload bytes sent so far: token exchanges, and rows all-gathered.
     pub fn bytes(&self) -> (u64, u64) {
-        (self.ep.bytes_sent(), self.ep.bytes_gathered())
+        (self.ep().bytes_sent(), self.ep().bytes_gathered())
     }
 
     /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
@@ -176,7 +184,7 @@ impl DeviceExchange {
         } else {
             None
         };
-        if self.ep.failed() {
+        if self.ep().failed() {
             return Ok(recv);
         }
         // NCCL runs on its own stream, which waits for the rows it sends to
@@ -210,7 +218,7 @@ impl DeviceExchange {
                     spare_out.slice_mut(0..0)
                 }
             };
-            self.ep.with_group(|group| {
+            self.ep().with_group(|group| {
                 let Some(nccl) = group.as_nccl() else {
                     return Err(DistError::invalid(
                         "expert exchange",
@@ -224,7 +232,7 @@ impl DeviceExchange {
             })
         };
         if let Err(e) = result {
-            self.ep.record(e);
+            self.ep().record(e);
             if let Some(out) = recv.as_mut() {
                 gpu.stream().memset_zeros(out)?;
             }

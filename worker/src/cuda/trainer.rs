@@ -10,6 +10,7 @@ use super::data_parallel::{self, ParallelError};
 use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
 use super::{Gpu, Result, adamw, vector};
 use crate::data::{DataLoader, DataPosition};
+use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::{Collective, Solo, data_parallel as host_parallel};
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::moe::balance;
@@ -27,6 +28,9 @@ pub struct DeviceTrainer<'g> {
     second_moment: DeviceGradients,
     /// Whether AdamW's weight decay applies, per tensor in canonical order.
     decays: Vec<bool>,
+    /// Whether a tensor is a routed experts' (held for this rank's experts
+    /// only under expert parallelism), per tensor in canonical order.
+    expert_tensors: Vec<bool>,
     /// Each MoE layer's selection bias, kept on the host too: the balancing
     /// update is a sign step per expert, done here and uploaded.
     selection_biases: Vec<Vec<f32>>,
@@ -49,6 +53,11 @@ impl<'g> DeviceTrainer<'g> {
             first_moment: zeros()?,
             second_moment: zeros()?,
             decays: model.tensors().iter().map(|t| t.kind.decays()).collect(),
+            expert_tensors: model
+                .tensors()
+                .iter()
+                .map(|t| expert_parallel::is_expert_tensor(&t.name))
+                .collect(),
             selection_biases: model
                 .moe_layers()
                 .map(|l| l.selection_bias.clone())
@@ -140,6 +149,23 @@ impl<'g> DeviceTrainer<'g> {
         stop: &dyn Fn() -> bool,
         world: &mut dyn Collective,
     ) -> std::result::Result<Option<StepReport>, ParallelError> {
+        self.step_expert_parallel(stop, world, None)
+    }
+
+    /// [`Self::step_parallel`] with the MoE layers' routed experts split
+    /// over `experts` (expert parallelism × data parallelism over `world`,
+    /// as [`crate::train::Trainer::step_expert_parallel`]): every rank of
+    /// `world` reads its own shard of the batch, this trainer holds its
+    /// rank's experts; the replicated weights' gradients are averaged over
+    /// `world`, the owned experts' over their replicas
+    /// ([`data_parallel::reduce_expert_parallel`]), the expert loads summed
+    /// over `world`.
+    pub fn step_expert_parallel(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        world: &mut dyn Collective,
+        experts: Option<&ExpertParallel>,
+    ) -> std::result::Result<Option<StepReport>, ParallelError> {
         let gpu = self.gpu;
         let settings = &self.settings;
         let start = self.data.position();
@@ -155,19 +181,21 @@ impl<'g> DeviceTrainer<'g> {
         let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         // Over NCCL the last micro-batch's backward pass overlaps the
-        // gradients' all-reduce (the earlier ones only accumulate).
-        let overlap = shard.ranks > 1 && world.as_nccl().is_some();
+        // gradients' all-reduce (the earlier ones only accumulate); expert
+        // parallelism reduces its two kinds of tensors over two groups after.
+        let overlap = experts.is_none() && shard.ranks > 1 && world.as_nccl().is_some();
         for micro_step in 0..settings.micro_steps {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
             }
             let batch = self.data.next_batch(settings.micro_batch);
-            let pass = self.model.forward_with(
+            let pass = self.model.forward_parallel(
                 gpu,
                 &batch.inputs,
                 &batch.targets,
                 settings.activation_memory,
+                experts,
             )?;
             match world.as_nccl() {
                 Some(nccl) if overlap && micro_step + 1 == settings.micro_steps => {
@@ -176,6 +204,7 @@ impl<'g> DeviceTrainer<'g> {
                         gpu,
                         &pass,
                         &mut self.grads,
+                        None,
                         &mut |tensors| {
                             mean.start(tensors);
                             Ok(())
@@ -183,7 +212,13 @@ impl<'g> DeviceTrainer<'g> {
                     )?;
                     mean.finish()?;
                 }
-                _ => self.model.backward(gpu, &pass, &mut self.grads)?,
+                _ => self.model.backward_handing_over(
+                    gpu,
+                    &pass,
+                    &mut self.grads,
+                    experts,
+                    &mut |_| Ok(()),
+                )?,
             }
             loss += pass.cross_entropy;
             aux_loss += pass.aux_loss;
@@ -202,17 +237,29 @@ impl<'g> DeviceTrainer<'g> {
         self.data
             .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
-        if shard.ranks > 1 {
-            if !overlap {
-                data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
+        let squares = match experts {
+            Some(ep) => data_parallel::reduce_expert_parallel(
+                gpu,
+                world,
+                ep,
+                &mut self.grads.tensors_mut(),
+                &self.expert_tensors,
+            )?,
+            None => {
+                if shard.ranks > 1 && !overlap {
+                    data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
+                }
+                vector::sum_squares(gpu, &self.grads.tensors())?
             }
+        };
+        if shard.ranks > 1 {
             host_parallel::sum_counts(world, &mut expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches.
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
             aux_loss = host_parallel::mean(world, aux_loss / micro_steps)? * micro_steps;
             tokens *= shard.ranks;
         }
-        let grad_norm = vector::sum_squares(gpu, &self.grads.tensors())?.sqrt() / micro_steps;
+        let grad_norm = squares.sqrt() / micro_steps;
         let clip = settings.optimizer.grad_clip;
         let clip_scale = if clip > 0.0 && grad_norm > clip {
             clip / grad_norm

@@ -98,7 +98,7 @@ fn impossible_shapes_name_the_field() {
 #[test]
 fn unimplemented_parallelism_is_refused_naming_the_field() {
     type Patch = fn(&mut Value);
-    let cases: [(&str, Patch, &str); 4] = [
+    let cases: [(&str, Patch, &str); 3] = [
         (
             "sp-kv-heads",
             |c| {
@@ -111,14 +111,6 @@ fn unimplemented_parallelism_is_refused_naming_the_field() {
             "ep",
             |c| c["parallelism"]["expertParallel"] = 4.into(),
             "parallelism.expertParallel: is 4, but expert parallel 4 does not divide the world size 2",
-        ),
-        (
-            "cuda-ep",
-            |c| {
-                c["device"] = "cuda".into();
-                c["parallelism"]["expertParallel"] = 2.into();
-            },
-            "parallelism.expertParallel: is 2 on device cuda, but expert parallelism runs on the CPU trainer only so far",
         ),
         (
             "cuda-sp",
