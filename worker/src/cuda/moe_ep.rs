@@ -36,7 +36,7 @@ use super::moe_layer::{
     BalanceLoss, DeviceMoeGrads, DeviceMoeLayer, ExpertMlps, Routed, expert_mlps,
     expert_mlps_backward, route_rows,
 };
-use super::serve_ep::{DeviceExchange, gather};
+use super::serve_ep::{DeviceExchange, Overlapped, gather};
 use super::{Gpu, GpuError, Result, dispatch, vector};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::serve::exchange_order::DevicePlan;
@@ -90,21 +90,25 @@ impl DeviceMoeLayer {
         );
         assert!(!x.is_empty(), "an expert-parallel training rank has tokens");
         let routed = route_rows(gpu, c, &self.weights(), x)?;
-        // The rows to send are written; the shared experts need nothing the
-        // exchanges bring, so they compute while the rows travel.
-        let ready = gpu.stream().record_event(None)?;
-        let mut shared_out = gpu.zeros::<f32>(x.len())?;
-        let shared = self.shared_forward(gpu, arithmetic, x, &mut shared_out)?;
         let recv = exchange.exchange_counts(&routed.load);
         let plan =
             DevicePlan::new(&routed.load, recv, exchange.size()).map_err(GpuError::Unsupported)?;
+        let into = exchange.receive_buffer(gpu, &plan.recv_rows(), hidden)?;
+        let mut shared_out = gpu.zeros::<f32>(x.len())?;
+        // The rows to send are written; the shared experts need nothing the
+        // exchanges bring, so they compute while the rows travel.
+        let ready = gpu.stream().record_event(None)?;
+        let shared = self.shared_forward(gpu, arithmetic, x, &mut shared_out)?;
         let received = exchange.exchange_rows(
             gpu,
             Some(&routed.permuted),
             plan.send_rows(),
             &plan.recv_rows(),
             hidden,
-            Some(&ready),
+            Some(Overlapped {
+                recv: into,
+                ready: &ready,
+            }),
         )?;
 
         // The local experts on the rows they received, one batch each.
@@ -197,6 +201,7 @@ impl DeviceMoeLayer {
             &routed.dispatch,
             hidden,
         )?;
+        let into = exchange.receive_buffer(gpu, &plan.recv_rows(), hidden)?;
         let ready = gpu.stream().record_event(None)?;
         // The shared experts' backward needs nothing the exchanges bring.
         if let Some(shared) = &pass.shared {
@@ -208,7 +213,10 @@ impl DeviceMoeLayer {
             plan.send_rows(),
             &plan.recv_rows(),
             hidden,
-            Some(&ready),
+            Some(Overlapped {
+                recv: into,
+                ready: &ready,
+            }),
         )?;
         drop(dy);
 

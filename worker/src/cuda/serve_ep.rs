@@ -97,11 +97,26 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
         self.ep().exchange_counts(send)
     }
 
+    /// A zeroed buffer for `recv_rows` rows of `width` (`None` for none), to
+    /// make before recording the event of an [`Overlapped`] exchange.
+    pub fn receive_buffer(
+        &self,
+        gpu: &Gpu,
+        recv_rows: &[usize],
+        width: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let total = recv_rows.iter().sum::<usize>() * width;
+        Ok(if total > 0 {
+            Some(gpu.zeros::<f32>(total)?)
+        } else {
+            None
+        })
+    }
+
     /// Sends `send_rows[q]` rows of `width` (consecutive in `send`) to rank
     /// `q`; returns the `recv_rows[s]` rows of each rank `s`, in rank order.
-    /// `ready`: an event recorded once `send` was written, so the device's
-    /// later work (the shared experts) runs while the rows travel over
-    /// NCCL; `None` waits for everything enqueued so far.
+    /// `overlapped`: the device's later work (the shared experts) runs while
+    /// the rows travel over NCCL; `None` waits for everything enqueued so far.
     pub fn exchange_rows(
         &mut self,
         gpu: &Gpu,
@@ -109,7 +124,7 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
         send_rows: &[usize],
         recv_rows: &[usize],
         width: usize,
-        ready: Option<&CudaEvent>,
+        overlapped: Option<Overlapped<'_>>,
     ) -> Result<Option<CudaSlice<f32>>> {
         if !self.nccl {
             let host = download_rows(gpu, send)?;
@@ -119,7 +134,7 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
             );
         }
         self.ep().count_sent(send_rows, width);
-        self.all_to_all(gpu, send, send_rows, recv_rows, width, ready)
+        self.all_to_all(gpu, send, send_rows, recv_rows, width, overlapped)
     }
 
     /// Every rank's `rows` (`counts[q]` from rank `q`), in rank order, on
@@ -166,9 +181,9 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
 
     /// `send` (`send_rows[q]` rows of `width` for rank `q`, consecutive) to
     /// the other ranks over NCCL, device to device; the `recv_rows[s]` rows
-    /// of each rank `s`, in rank order, once `ready` (else everything the
-    /// device was given so far) is done. Zeros of that shape after a
-    /// failure, recorded.
+    /// of each rank `s`, in rank order, once the overlapped exchange's event
+    /// (else everything the device was given so far) is done. Zeros of that
+    /// shape after a failure, recorded.
     fn all_to_all(
         &mut self,
         gpu: &Gpu,
@@ -176,28 +191,32 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
         send_rows: &[usize],
         recv_rows: &[usize],
         width: usize,
-        ready: Option<&CudaEvent>,
+        overlapped: Option<Overlapped<'_>>,
     ) -> Result<Option<CudaSlice<f32>>> {
-        let total: usize = recv_rows.iter().sum::<usize>() * width;
-        let mut recv = if total > 0 {
-            Some(gpu.zeros::<f32>(total)?)
-        } else {
-            None
+        // NCCL runs on its own stream, which waits for the rows it sends to
+        // be written, and no longer: what the device does after them runs
+        // alongside the exchange. So the buffer NCCL writes must exist (and
+        // be zeroed) before that point: a stream-ordered allocation made
+        // after it could reuse memory that later work, freed since, still
+        // reads.
+        let now;
+        let (mut recv, ready) = match overlapped {
+            Some(Overlapped { recv, ready }) => (recv, ready),
+            None => {
+                let recv = self.receive_buffer(gpu, recv_rows, width)?;
+                now = gpu.stream().record_event(None)?;
+                (recv, &now)
+            }
         };
+        let total: usize = recv_rows.iter().sum::<usize>() * width;
+        assert_eq!(
+            recv.as_ref().map_or(0, |r| r.len()),
+            total,
+            "the receive buffer fits the rows to receive"
+        );
         if self.ep().failed() {
             return Ok(recv);
         }
-        // NCCL runs on its own stream, which waits for the rows it sends to
-        // be written, and no longer: what the device does after them runs
-        // alongside the exchange.
-        let now;
-        let ready = match ready {
-            Some(event) => event,
-            None => {
-                now = gpu.stream().record_event(None)?;
-                &now
-            }
-        };
         // A side with no rows still needs a buffer to take an empty view of
         // (its counts are all zero).
         let (spare_in, mut spare_out);
@@ -239,6 +258,14 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
         }
         Ok(recv)
     }
+}
+
+/// An exchange whose rows travel while the device goes on with later work:
+/// `ready` was recorded once the rows to send were written, and `recv`
+/// (from [`DeviceExchange::receive_buffer`]) was made before it.
+pub struct Overlapped<'e> {
+    pub recv: Option<CudaSlice<f32>>,
+    pub ready: &'e CudaEvent,
 }
 
 fn download_rows(gpu: &Gpu, rows: Option<&CudaSlice<f32>>) -> Result<Vec<f32>> {
@@ -295,6 +322,9 @@ pub(super) fn forward(
     let load = routed
         .as_ref()
         .map_or_else(|| vec![0; config.n_routed_experts], |r| r.load.clone());
+    let recv = exchange.exchange_counts(&load);
+    let plan = DevicePlan::new(&load, recv, exchange.size()).map_err(GpuError::Unsupported)?;
+    let into = exchange.receive_buffer(gpu, &plan.recv_rows(), hidden)?;
     // The rows to send are written; the shared experts on this slice need
     // nothing the exchanges bring, so they are enqueued now and computed
     // while the rows travel (over NCCL, on its own stream).
@@ -307,15 +337,16 @@ pub(super) fn forward(
         }
         _ => None,
     };
-    let recv = exchange.exchange_counts(&load);
-    let plan = DevicePlan::new(&load, recv, exchange.size()).map_err(GpuError::Unsupported)?;
     let received = exchange.exchange_rows(
         gpu,
         routed.as_ref().map(|r| &r.permuted),
         plan.send_rows(),
         &plan.recv_rows(),
         hidden,
-        Some(&ready),
+        Some(Overlapped {
+            recv: into,
+            ready: &ready,
+        }),
     )?;
 
     // The local experts on the rows they received, one batch each.
