@@ -14,14 +14,17 @@
 # 5. the 40 steps of run 1 with training.precision.compute bf16 (the linear
 # layers' and LM head's GEMMs on bf16 tensor cores); 6. expert parallelism on
 # the device: the 40 steps as two ranks each holding half the routed experts
-# (expertParallel 2, rows exchanged through host memory over TCP, the GPU shared).
+# (expertParallel 2, rows exchanged through host memory over TCP, the GPU shared);
+# 7. sequence parallelism on the device: the 40 steps as two ranks each holding
+# half of every sequence (sequenceParallel 2, Ulysses attention over TCP).
 # Passes when both runs learn (final loss well under the first), their final
 # losses agree within 3% (TF32 GEMMs drift apart step by step), the resumed
 # run starts at step 40, and the two-rank run starts from the one-rank run's
 # first loss (within 1e-5: the same micro-batches, averaged in another
 # order) and ends within 1% of it, and the bf16 run learns and ends within 3%
-# of the TF32 run, and the expert-parallel run starts and ends as the two-rank
-# data-parallel one is bound to. Writes train-check.md to the given directory.
+# of the TF32 run, and the expert- and sequence-parallel runs start and end as
+# the two-rank data-parallel one is bound to (the sequence-parallel first loss
+# within 1e-4: its GEMMs see half the rows). Writes train-check.md to the given directory.
 #
 # MOE_CHECK_DEVICE=cpu runs the "cuda" runs on the CPU instead: a rehearsal of
 # this script (its launches, resume and comparisons) on a machine without a
@@ -35,13 +38,14 @@ mkdir -p "$out"
 report=$out/train-check.md
 export MOE_STATUS_ADDR=off
 
-config() { # device steps dir [ranks] [compute] [expertParallel]
+config() { # device steps dir [ranks] [compute] [expertParallel] [sequenceParallel]
   python3 - "$@" <<'EOF'
 import json, sys
 device, steps, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ranks = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 compute = sys.argv[5] if len(sys.argv) > 5 else "fp32"
 ep = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+sp = int(sys.argv[7]) if len(sys.argv) > 7 else 1
 print(json.dumps({
     "job": "local/gpu-train-check",
     "model": {"hiddenSize": 256, "layers": 4, "denseLayers": 1, "denseHiddenSize": 512,
@@ -53,16 +57,16 @@ print(json.dumps({
     "training": {"steps": steps, "globalBatchSize": 16, "microBatchSize": 8, "seed": 3,
                  "logIntervalSteps": 10, "precision": {"compute": compute},
                  "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5}},
-    "parallelism": {"processesPerNode": ranks, "expertParallel": ep},
+    "parallelism": {"processesPerNode": ranks, "expertParallel": ep, "sequenceParallel": sp},
     "checkpoint": {"dir": d + "/checkpoints", "intervalSteps": 20, "keep": 2, "resume": "Auto"},
     "device": device,
     "outputDir": d + "/out"}))
 EOF
 }
 
-run() { # name device steps dir [ranks] [compute] [expertParallel]
+run() { # name device steps dir [ranks] [compute] [expertParallel] [sequenceParallel]
   local ranks=${5:-1}
-  config "$2" "$3" "$4" "$ranks" "${6:-fp32}" "${7:-1}" >"$work/$1.json"
+  config "$2" "$3" "$4" "$ranks" "${6:-fp32}" "${7:-1}" "${8:-1}" >"$work/$1.json"
   local started=$SECONDS
   if [ "$ranks" -gt 1 ]; then
     MOE_WORLD_SIZE=$ranks MOE_PROCS_PER_NODE=$ranks MOE_NODE_RANK=0 \
@@ -86,6 +90,7 @@ run() { # name device steps dir [ranks] [compute] [expertParallel]
   run dp2 "$gpu" 40 "$work/dp2" 2 || { tail -20 "$work/dp2.log"; }
   run bf16 "$gpu" 40 "$work/bf16" 1 bf16 || { tail -20 "$work/bf16.log"; }
   run ep2 "$gpu" 40 "$work/ep2" 2 fp32 2 || { tail -20 "$work/ep2.log"; }
+  run sp2 "$gpu" 40 "$work/sp2" 2 fp32 1 2 || { tail -20 "$work/sp2.log"; }
   grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
   echo '```'
 } | tee "$report"
@@ -99,7 +104,7 @@ def summary(name):
     except Exception as error:
         return {"error": str(error)}
 cuda, cpu, resumed = summary("cuda"), summary("cpu"), summary("resumed")
-dp2, bf16, ep2 = summary("dp2"), summary("bf16"), summary("ep2")
+dp2, bf16, ep2, sp2 = summary("dp2"), summary("bf16"), summary("ep2"), summary("sp2")
 failures = []
 for name, s in (("cuda", cuda), ("cpu", cpu)):
     if "finalLoss" not in s:
@@ -145,6 +150,17 @@ else:
           f"{ep2['tokensPerSecond']:.0f}")
     if first > 1e-5 or last > 0.01:
         failures.append(f"expert parallel: first loss {first:.1e} apart, final {last:.2%}")
+if "finalLoss" not in sp2 or "finalLoss" not in cuda:
+    failures.append(f"sequence parallel on the GPU: no summary ({sp2})")
+else:
+    first = abs(sp2["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
+    last = abs(sp2["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
+    print(f"\nsequence parallel 2 (half of every sequence per rank) on one GPU over TCP: first loss "
+          f"{sp2['initialLoss']:.6f} vs {cuda['initialLoss']:.6f} ({first:.1e}, bound 1e-4), final "
+          f"{sp2['finalLoss']:.4f} vs {cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s "
+          f"{sp2['tokensPerSecond']:.0f}")
+    if first > 1e-4 or last > 0.01:
+        failures.append(f"sequence parallel: first loss {first:.1e} apart, final {last:.2%}")
 print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
 sys.exit(1 if failures else 0)
 EOF

@@ -472,8 +472,7 @@ impl Backend {
     }
 
     /// One step as a rank of `dp` (with sequences and the routed experts
-    /// spread over `parallel`'s groups, if given; the settings refuse
-    /// sequence parallelism on the GPU).
+    /// spread over `parallel`'s groups, if given).
     fn step(
         &mut self,
         stop: &dyn Fn() -> bool,
@@ -483,10 +482,7 @@ impl Backend {
         match self {
             Self::Cpu(trainer) => Ok(trainer.step_parallel(stop, dp, parallel)?),
             #[cfg(feature = "cuda")]
-            Self::Cuda { device, .. } => {
-                debug_assert!(parallel.sequence.is_none());
-                Ok(device.step_expert_parallel(stop, dp, parallel.experts)?)
-            }
+            Self::Cuda { device, .. } => Ok(device.step_with(stop, dp, parallel)?),
         }
     }
 

@@ -165,6 +165,10 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
         "expert parallel",
         super::moe_ep_check::check_expert_parallel,
     ),
+    (
+        "sequence parallel",
+        super::ulysses_check::check_sequence_parallel,
+    ),
     ("training", super::train_check::check_training),
     ("serve", super::serve_check::check_serve),
     ("nccl", super::nccl_check::check_nccl),
@@ -375,6 +379,34 @@ fn check_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             1e-5,
         ));
     }
+    // A sequence-parallel rank's slices: positions 8..12 of sequences of 16.
+    let (heads, head_dim, positions) = (4, 64, 8..12);
+    let table = ops::rope::RopeTable::<f32>::new(16, head_dim, 10_000.0);
+    let x = random(2 * positions.len() * heads * head_dim, 15);
+    let (mut forward, device) = (x.clone(), rope::DeviceRope::new(gpu, &table, head_dim)?);
+    table.forward_at(&mut forward, heads, positions.clone());
+    let mut back = forward.clone();
+    table.backward_at(&mut back, heads, positions.clone());
+    let mut x_d = gpu.upload(&x)?;
+    device.forward_slice(gpu, &mut x_d, heads, positions.clone())?;
+    let case = "slices 8..12 of 16, x2";
+    checks.push(close(
+        "rope.forward_slice",
+        case,
+        &gpu.download(&x_d)?,
+        &forward,
+        1e-6,
+        1e-5,
+    ));
+    device.backward_slice(gpu, &mut x_d, heads, positions)?;
+    checks.push(close(
+        "rope.backward_slice",
+        case,
+        &gpu.download(&x_d)?,
+        &back,
+        1e-6,
+        1e-5,
+    ));
     Ok(checks)
 }
 
@@ -1267,7 +1299,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         let x = random(tokens * config.hidden, 91);
         let cpu = layer.forward(&x, seq_len);
         let device = super::moe_layer::DeviceMoeLayer::upload(gpu, &layer)?;
-        let forward = device.forward(gpu, Arithmetic::Tf32, &gpu.upload(&x)?, seq_len)?;
+        let forward = device.forward(gpu, Arithmetic::Tf32, &gpu.upload(&x)?, seq_len, None)?;
         checks.push(close_to_scale(
             "moe_layer.aux_loss",
             name,

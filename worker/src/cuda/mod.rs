@@ -28,6 +28,7 @@ pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
+pub mod sequence_parallel;
 pub mod serve;
 pub mod serve_check;
 pub mod serve_ep;
@@ -36,6 +37,7 @@ pub mod swiglu;
 pub mod train_bench;
 pub mod train_check;
 pub mod trainer;
+pub mod ulysses_check;
 pub mod vector;
 
 use moe_kernels::cache::{KernelError, ModuleCache};

@@ -13,13 +13,14 @@ use super::matmul::Arithmetic;
 use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
+use super::sequence_parallel as ulysses;
 use super::serve_ep::DeviceExchange;
 use super::{
     Gpu, GpuError, Result, attention, cross_entropy, embedding, matmul, rmsnorm, swiglu, vector,
 };
-use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::model::config::NORM_EPS;
-use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig};
+use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel};
 use crate::ops::attention::AttentionShape;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
@@ -351,12 +352,41 @@ impl DeviceModel {
             })
     }
 
-    fn attention_shape(&self) -> AttentionShape {
+    /// The shape attention runs at: whole sequences, this rank's heads.
+    fn attention_shape(&self, sequence: Option<&SequenceParallel>) -> AttentionShape {
+        let sp = sequence.map_or(1, SequenceParallel::size);
         AttentionShape {
             seq_len: self.config.seq_len,
-            n_heads: self.config.heads,
-            n_kv_heads: self.config.kv_heads,
+            n_heads: self.config.heads / sp,
+            n_kv_heads: self.config.kv_heads / sp,
             head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// RoPE on this rank's tokens, at their positions in the sequence.
+    fn rotate(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        sequence: Option<&SequenceParallel>,
+    ) -> Result<()> {
+        match sequence {
+            None => self.rope.forward(gpu, x, heads),
+            Some(sp) => self.rope.forward_slice(gpu, x, heads, sp.positions()),
+        }
+    }
+
+    fn rotate_back(
+        &self,
+        gpu: &Gpu,
+        dx: &mut CudaSlice<f32>,
+        heads: usize,
+        sequence: Option<&SequenceParallel>,
+    ) -> Result<()> {
+        match sequence {
+            None => self.rope.backward(gpu, dx, heads),
+            Some(sp) => self.rope.backward_slice(gpu, dx, heads, sp.positions()),
         }
     }
 
@@ -375,25 +405,31 @@ impl DeviceModel {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> Result<DeviceForward> {
-        self.forward_parallel(gpu, tokens, targets, memory, None)
+        self.forward_parallel(gpu, tokens, targets, memory, Parallel::default())
     }
 
-    /// [`Self::forward_with`] with the MoE layers' routed experts split over
-    /// `experts` (this model holds its rank's share; every rank of the group
-    /// runs its own tokens through the same layers at the same time).
+    /// [`Self::forward_with`] spread over `parallel`'s groups, as
+    /// [`Model::forward_parallel`]: with sequence parallelism `tokens` and
+    /// `targets` are this rank's slice of each sequence and attention
+    /// switches to whole sequences of this rank's heads (Ulysses); with
+    /// expert parallelism this model holds its rank's share of the routed
+    /// experts. Every rank of a group runs the same layers at the same time.
     pub fn forward_parallel(
         &self,
         gpu: &Gpu,
         tokens: &[u32],
         targets: &[u32],
         memory: ActivationMemory,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
+        let seq_len = parallel
+            .sequence
+            .map_or(c.seq_len, SequenceParallel::local_len);
         assert!(
-            tokens.len() == targets.len() && tokens.len().is_multiple_of(c.seq_len),
-            "tokens and targets must be the same whole number of sequences"
+            tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
+            "tokens and targets must be the same whole number of sequences (or slices)"
         );
         assert!(
             tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
@@ -406,7 +442,7 @@ impl DeviceModel {
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for block in &self.weights.blocks {
-            let (output, pass) = self.block_forward(gpu, block, x, experts)?;
+            let (output, pass) = self.block_forward(gpu, block, x, parallel)?;
             match &pass.ffn {
                 FeedForwardPass::Moe(moe) => {
                     loads.push(moe.routed.load.clone());
@@ -467,7 +503,7 @@ impl DeviceModel {
         gpu: &Gpu,
         block: &DeviceBlock<DeviceMoeLayer>,
         input: CudaSlice<f32>,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<(CudaSlice<f32>, BlockPass)> {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
@@ -491,12 +527,30 @@ impl DeviceModel {
         matmul::forward(gpu, linear, &mut q, &attention_normed, &block.wq, h, h)?;
         matmul::forward(gpu, linear, &mut k, &attention_normed, &block.wk, h, kv)?;
         matmul::forward(gpu, linear, &mut v, &attention_normed, &block.wv, h, kv)?;
-        self.rope.forward(gpu, &mut q, c.heads)?;
-        self.rope.forward(gpu, &mut k, c.kv_heads)?;
-        let shape = self.attention_shape();
-        let mut attention_out = gpu.output::<f32>(tokens * h)?;
-        let mut probs = gpu.output::<f32>(shape.probs_len(tokens))?;
+        let sequence = parallel.sequence;
+        self.rotate(gpu, &mut q, c.heads, sequence)?;
+        self.rotate(gpu, &mut k, c.kv_heads, sequence)?;
+        // Sequence parallelism: whole sequences of this rank's heads.
+        let (q, k, v) = match sequence {
+            None => (q, k, v),
+            Some(sp) => {
+                let d = c.head_dim();
+                (
+                    ulysses::to_heads(gpu, sp, &q, c.heads, d)?,
+                    ulysses::to_heads(gpu, sp, &k, c.kv_heads, d)?,
+                    ulysses::to_heads(gpu, sp, &v, c.kv_heads, d)?,
+                )
+            }
+        };
+        let shape = self.attention_shape(sequence);
+        let mut attention_out = gpu.output::<f32>(q.len())?;
+        let rows = q.len() / (shape.n_heads * shape.head_dim);
+        let mut probs = gpu.output::<f32>(shape.probs_len(rows))?;
         attention::forward(gpu, &mut attention_out, &mut probs, &q, &k, &v, shape)?;
+        let attention_out = match sequence {
+            None => attention_out,
+            Some(sp) => ulysses::to_tokens(gpu, sp, &attention_out, c.heads, c.head_dim())?,
+        };
         // mid = input + attention_out woᵀ, the GEMM adding onto a copy of the input.
         let mut mid = gpu.stream().clone_dtod(&input)?;
         matmul::forward_view(
@@ -543,10 +597,12 @@ impl DeviceModel {
                 (out, FeedForwardPass::Dense([a, b, hh]))
             }
             DeviceFeedForward::Moe(layer) => {
-                let seq_len = self.config.seq_len;
-                match experts {
+                let sequence = parallel.sequence;
+                let seq_len = sequence.map_or(self.config.seq_len, SequenceParallel::local_len);
+                match parallel.experts {
                     None => {
-                        let mut pass = layer.forward(gpu, linear, &ffn_normed, seq_len)?;
+                        let mut pass =
+                            layer.forward(gpu, linear, &ffn_normed, seq_len, sequence)?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
                         vector::add(gpu, &mut out, &mid)?;
                         (out, FeedForwardPass::Moe(Box::new(pass)))
@@ -558,6 +614,7 @@ impl DeviceModel {
                             linear,
                             &ffn_normed,
                             seq_len,
+                            sequence,
                             &mut exchange,
                         )?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
@@ -592,7 +649,7 @@ impl DeviceModel {
         pass: &DeviceForward,
         grads: &mut DeviceGradients,
     ) -> Result<()> {
-        self.backward_handing_over(gpu, pass, grads, None, &mut |_| Ok(()))
+        self.backward_handing_over(gpu, pass, grads, Parallel::default(), &mut |_| Ok(()))
     }
 
     /// [`Self::backward`], handing each group of gradient tensors to
@@ -607,7 +664,7 @@ impl DeviceModel {
         gpu: &Gpu,
         pass: &DeviceForward,
         grads: &'a mut DeviceGradients,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
         done: &mut dyn FnMut(Vec<&'a mut CudaSlice<f32>>) -> Result<()>,
     ) -> Result<()> {
         let DeviceWeights {
@@ -660,11 +717,11 @@ impl DeviceModel {
                 StoredBlock::Kept(block_pass) => block_pass,
                 StoredBlock::Input(input) => {
                     let input = gpu.stream().clone_dtod(input)?;
-                    recomputed = self.block_forward(gpu, block, input, experts)?.1;
+                    recomputed = self.block_forward(gpu, block, input, parallel)?.1;
                     &recomputed
                 }
             };
-            self.block_backward(gpu, block, block_pass, &mut dres, block_grads, experts)?;
+            self.block_backward(gpu, block, block_pass, &mut dres, block_grads, parallel)?;
             done(block_grads.tensors_mut())?;
         }
         embedding::backward(gpu, grad_embedding, &dres, &pass.tokens, h)?;
@@ -678,7 +735,7 @@ impl DeviceModel {
         pass: &BlockPass,
         dres: &mut CudaSlice<f32>,
         grads: &mut DeviceBlock<DeviceMoeGrads>,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> Result<()> {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
@@ -727,7 +784,9 @@ impl DeviceModel {
                 FeedForwardPass::MoeExpertParallel(moe_pass),
                 DeviceFeedForward::Moe(g),
             ) => {
-                let ep = experts.expect("an expert-parallel pass's backward has its group");
+                let ep = parallel
+                    .experts
+                    .expect("an expert-parallel pass's backward has its group");
                 layer.backward_expert_parallel(
                     gpu,
                     linear,
@@ -765,6 +824,12 @@ impl DeviceModel {
             &block.wo,
             (h, h),
         )?;
+        let sequence = parallel.sequence;
+        let d = c.head_dim();
+        let dattention = match sequence {
+            None => dattention,
+            Some(sp) => ulysses::to_heads(gpu, sp, &dattention, c.heads, d)?,
+        };
         let mut dq = gpu.zeros::<f32>(pass.q.len())?;
         let mut dk = gpu.zeros::<f32>(pass.k.len())?;
         let mut dv = gpu.zeros::<f32>(pass.v.len())?;
@@ -780,11 +845,19 @@ impl DeviceModel {
             &pass.k,
             &pass.v,
             &pass.probs,
-            self.attention_shape(),
+            self.attention_shape(sequence),
         )?;
         drop(dattention);
-        self.rope.backward(gpu, &mut dq, c.heads)?;
-        self.rope.backward(gpu, &mut dk, c.kv_heads)?;
+        let (mut dq, mut dk, dv) = match sequence {
+            None => (dq, dk, dv),
+            Some(sp) => (
+                ulysses::to_tokens(gpu, sp, &dq, c.heads, d)?,
+                ulysses::to_tokens(gpu, sp, &dk, c.kv_heads, d)?,
+                ulysses::to_tokens(gpu, sp, &dv, c.kv_heads, d)?,
+            ),
+        };
+        self.rotate_back(gpu, &mut dq, c.heads, sequence)?;
+        self.rotate_back(gpu, &mut dk, c.kv_heads, sequence)?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         let x = &pass.attention_normed;
         linear_backward(

@@ -39,6 +39,7 @@ use super::moe_layer::{
 use super::serve_ep::{DeviceExchange, Overlapped, gather};
 use super::{Gpu, GpuError, Result, dispatch, vector};
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::serve::exchange_order::DevicePlan;
 
 /// An expert-parallel forward pass and what its backward pass needs.
@@ -70,13 +71,15 @@ impl DeviceExpertParallelForward {
 impl DeviceMoeLayer {
     /// As [`crate::moe::expert_parallel::forward`]: this layer holds its
     /// rank's share of the routed experts; every rank of `exchange` calls
-    /// it at the same point with its own tokens (at least one sequence).
+    /// it at the same point with its own tokens (at least one sequence, or
+    /// slice of one under `sequence`).
     pub fn forward_expert_parallel<E: Borrow<ExpertParallel>>(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
         seq_len: usize,
+        sequence: Option<&SequenceParallel>,
         exchange: &mut DeviceExchange<E>,
     ) -> Result<DeviceExpertParallelForward> {
         let c = &self.config;
@@ -150,7 +153,7 @@ impl DeviceMoeLayer {
             vector::add(gpu, &mut output, &shared_out)?;
         }
         let balance = if c.aux_loss_alpha > 0.0 {
-            Some(BalanceLoss::of(gpu, &routed.routing, seq_len)?)
+            Some(BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)?)
         } else {
             None
         };

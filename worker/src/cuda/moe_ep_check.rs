@@ -196,7 +196,7 @@ fn check_over(
                 DeviceMoeLayer::upload(gpu, &share_of(layer, &own)).map_err(|e| text(&e))?;
             let x = gpu.upload(&xs[rank]).map_err(|e| text(&e))?;
             let pass = device
-                .forward_expert_parallel(gpu, Arithmetic::Tf32, &x, SEQ_LEN, &mut exchange)
+                .forward_expert_parallel(gpu, Arithmetic::Tf32, &x, SEQ_LEN, None, &mut exchange)
                 .map_err(|e| text(&e))?;
             let mut dx = gpu.upload(&dx0s[rank]).map_err(|e| text(&e))?;
             let dout = gpu.upload(&douts[rank]).map_err(|e| text(&e))?;

@@ -6,7 +6,8 @@
 
 use super::matmul::{self, Arithmetic};
 use super::{Gpu, Result, dispatch, routing, swiglu, vector};
-use crate::moe::balance;
+use crate::dist::sequence_parallel::SequenceParallel;
+use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::MoeConfig;
 use crate::moe::layer::MoeLayer;
 use crate::moe::routing::{Routing, scores_backward};
@@ -54,29 +55,58 @@ pub struct DeviceMoeForward {
 pub(crate) struct BalanceLoss {
     routing: Routing<f32>,
     seq_len: usize,
+    /// With sequence parallelism: the loss of the whole sequences, their
+    /// statistics summed over the group, as the CPU layer takes it.
+    sliced: Option<SlicedBalanceLoss>,
 }
 
 impl BalanceLoss {
-    pub(crate) fn of(gpu: &Gpu, routing: &routing::DeviceRouting, seq_len: usize) -> Result<Self> {
+    /// The loss of `routing` (this rank's tokens, `seq_len` of each
+    /// sequence: a slice of it under `sequence`).
+    pub(crate) fn of(
+        gpu: &Gpu,
+        c: &MoeConfig,
+        routing: &routing::DeviceRouting,
+        seq_len: usize,
+        sequence: Option<&SequenceParallel>,
+    ) -> Result<Self> {
         let experts = gpu.download(&routing.experts)?;
+        let routing = Routing {
+            n_experts: routing.n_experts,
+            top_k: routing.top_k,
+            scores: gpu.download(&routing.scores)?,
+            experts: experts.iter().map(|&e| e as usize).collect(),
+            gates: gpu.download(&routing.gates)?,
+        };
+        let sliced = match sequence {
+            Some(sp) if sp.size() > 1 => {
+                let mut sums = SequenceRoutingSums::of(&routing, seq_len);
+                sp.sum_over_group(sums.values_mut());
+                Some(SlicedBalanceLoss::new(
+                    &sums,
+                    sp.seq_len(),
+                    sp.size(),
+                    c.aux_loss_alpha,
+                ))
+            }
+            _ => None,
+        };
         Ok(Self {
-            routing: Routing {
-                n_experts: routing.n_experts,
-                top_k: routing.top_k,
-                scores: gpu.download(&routing.scores)?,
-                experts: experts.iter().map(|&e| e as usize).collect(),
-                gates: gpu.download(&routing.gates)?,
-            },
+            routing,
             seq_len,
+            sliced,
         })
     }
 
     pub(crate) fn loss(&self, alpha: f64) -> f64 {
-        f64::from(balance::sequence_balance_loss(
-            &self.routing,
-            self.seq_len,
-            alpha,
-        ))
+        match &self.sliced {
+            Some(sliced) => sliced.loss,
+            None => f64::from(balance::sequence_balance_loss(
+                &self.routing,
+                self.seq_len,
+                alpha,
+            )),
+        }
     }
 
     /// Adds the loss's gradient with respect to the router logits into
@@ -84,7 +114,15 @@ impl BalanceLoss {
     fn add_gradient(&self, gpu: &Gpu, c: &MoeConfig, dlogits: &mut CudaSlice<f32>) -> Result<()> {
         let r = &self.routing;
         let mut dscores = vec![0.0f32; r.scores.len()];
-        balance::sequence_balance_loss_backward(&mut dscores, r, self.seq_len, c.aux_loss_alpha);
+        match &self.sliced {
+            Some(sliced) => sliced.add_score_gradient(&mut dscores, r),
+            None => balance::sequence_balance_loss_backward(
+                &mut dscores,
+                r,
+                self.seq_len,
+                c.aux_loss_alpha,
+            ),
+        }
         let mut from_balance = vec![0.0f32; r.scores.len()];
         scores_backward(
             c.score_function,
@@ -141,14 +179,16 @@ impl DeviceMoeLayer {
 
     /// Runs the layer on `x: [tokens, hidden]` (hidden a multiple of 4: rows
     /// are permuted as 16-byte vectors), whole sequences of `seq_len`
-    /// tokens (the unit of the sequence-wise balance loss). The experts'
-    /// GEMMs multiply in `arithmetic`; the router's is always exact f32.
+    /// tokens (the unit of the sequence-wise balance loss; with `sequence`,
+    /// this rank's slices of them). The experts' GEMMs multiply in
+    /// `arithmetic`; the router's is always exact f32.
     pub fn forward(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
         seq_len: usize,
+        sequence: Option<&SequenceParallel>,
     ) -> Result<DeviceMoeForward> {
         let c = &self.config;
         assert!(
@@ -164,7 +204,7 @@ impl DeviceMoeLayer {
         // output += shared(x), accumulated by the GEMM itself.
         let shared = self.shared_forward(gpu, arithmetic, x, &mut output)?;
         let balance = if c.aux_loss_alpha > 0.0 {
-            Some(BalanceLoss::of(gpu, &routed.routing, seq_len)?)
+            Some(BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)?)
         } else {
             None
         };

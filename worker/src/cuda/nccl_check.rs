@@ -151,11 +151,17 @@ fn overlapped_mean(gpu: &Gpu, comm: &NcclCollective, checks: &mut Vec<Check>) {
         {
             let mut mean = data_parallel::OverlappedMean::new(gpu, comm);
             device
-                .backward_handing_over(gpu, &pass, &mut overlapped, None, &mut |tensors| {
-                    handed += tensors.len();
-                    mean.start(tensors);
-                    Ok(())
-                })
+                .backward_handing_over(
+                    gpu,
+                    &pass,
+                    &mut overlapped,
+                    Default::default(),
+                    &mut |tensors| {
+                        handed += tensors.len();
+                        mean.start(tensors);
+                        Ok(())
+                    },
+                )
                 .map_err(|e| e.to_string())?;
             mean.finish().map_err(|e| e.to_string())?;
         }

@@ -5,6 +5,7 @@ use super::{Gpu, Result, elementwise, int};
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
 use moe_kernels::registry::ROPE;
+use std::ops::Range;
 
 /// A [`RopeTable`] on the device.
 pub struct DeviceRope {
@@ -26,7 +27,30 @@ impl DeviceRope {
 
     /// As [`RopeTable::forward`]: rotates `x: [tokens, heads, head_dim]` in place.
     pub fn forward(&self, gpu: &Gpu, x: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
-        self.rotate(gpu, x, heads, 1.0)
+        self.rotate(gpu, x, heads, 0..self.seq_len, 1.0)
+    }
+
+    /// As [`RopeTable::forward_at`]: `x` holds slices of every sequence at
+    /// `positions` (a sequence-parallel rank's tokens).
+    pub fn forward_slice(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        positions: Range<usize>,
+    ) -> Result<()> {
+        self.rotate(gpu, x, heads, positions, 1.0)
+    }
+
+    /// As [`RopeTable::backward_at`].
+    pub fn backward_slice(
+        &self,
+        gpu: &Gpu,
+        dx: &mut CudaSlice<f32>,
+        heads: usize,
+        positions: Range<usize>,
+    ) -> Result<()> {
+        self.rotate(gpu, dx, heads, positions, -1.0)
     }
 
     /// The serving engine's rotation (`serve::engine`'s `rotate`): rotates
@@ -70,7 +94,7 @@ impl DeviceRope {
 
     /// As [`RopeTable::backward`]: rotates the gradient back in place.
     pub fn backward(&self, gpu: &Gpu, dx: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
-        self.rotate(gpu, dx, heads, -1.0)
+        self.rotate(gpu, dx, heads, 0..self.seq_len, -1.0)
     }
 
     fn rotate(
@@ -78,12 +102,19 @@ impl DeviceRope {
         gpu: &Gpu,
         x: &mut CudaSlice<f32>,
         heads: usize,
+        positions: Range<usize>,
         direction: f32,
     ) -> Result<()> {
         let token_width = heads * self.head_dim;
+        let span = positions.len();
         assert!(
-            token_width > 0 && x.len().is_multiple_of(token_width * self.seq_len),
-            "RoPE input is not whole sequences of [heads, head_dim] tokens"
+            span > 0 && positions.end <= self.seq_len,
+            "RoPE positions {positions:?} beyond the table's {}",
+            self.seq_len
+        );
+        assert!(
+            token_width > 0 && x.len().is_multiple_of(token_width * span),
+            "RoPE input is not whole sequences (or slices) of [heads, head_dim] tokens"
         );
         let tokens = x.len() / token_width;
         if tokens == 0 {
@@ -91,11 +122,12 @@ impl DeviceRope {
         }
         let pairs = x.len() / 2;
         let f = gpu.function(&ROPE, "rope_f32")?;
-        let (tokens_i, heads_i, dim_i, seq_i) = (
+        let (tokens_i, heads_i, dim_i, first_i, span_i) = (
             int(tokens),
             int(heads),
             int(self.head_dim),
-            int(self.seq_len),
+            int(positions.start),
+            int(span),
         );
         let mut launch = gpu.stream().launch_builder(&f);
         launch
@@ -105,7 +137,8 @@ impl DeviceRope {
             .arg(&tokens_i)
             .arg(&heads_i)
             .arg(&dim_i)
-            .arg(&seq_i)
+            .arg(&first_i)
+            .arg(&span_i)
             .arg(&direction);
         unsafe { launch.launch(elementwise(pairs)) }?;
         Ok(())

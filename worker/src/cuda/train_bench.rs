@@ -169,9 +169,11 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
                 let forward = time_runs(gpu, 1, 2, || {
-                    layer.forward(gpu, linear, &x, config.seq_len).map(drop)
+                    layer
+                        .forward(gpu, linear, &x, config.seq_len, None)
+                        .map(drop)
                 })?;
-                let pass = layer.forward(gpu, linear, &x, config.seq_len)?;
+                let pass = layer.forward(gpu, linear, &x, config.seq_len, None)?;
                 let mut dx = gpu.zeros::<f32>(x.len())?;
                 let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
                 let backward = time_runs(gpu, 1, 2, || {

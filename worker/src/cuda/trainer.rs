@@ -10,9 +10,10 @@ use super::data_parallel::{self, ParallelError};
 use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
 use super::{Gpu, Result, adamw, vector};
 use crate::data::{DataLoader, DataPosition};
-use crate::dist::expert_parallel::{self, ExpertParallel};
+use crate::dist::expert_parallel;
+use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, Solo, data_parallel as host_parallel};
-use crate::model::{Gradients, Model, ModelConfig};
+use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
@@ -149,29 +150,32 @@ impl<'g> DeviceTrainer<'g> {
         stop: &dyn Fn() -> bool,
         world: &mut dyn Collective,
     ) -> std::result::Result<Option<StepReport>, ParallelError> {
-        self.step_expert_parallel(stop, world, None)
+        self.step_with(stop, world, Parallel::default())
     }
 
-    /// [`Self::step_parallel`] with the MoE layers' routed experts split
-    /// over `experts` (expert parallelism × data parallelism over `world`,
-    /// as [`crate::train::Trainer::step_expert_parallel`]): every rank of
-    /// `world` reads its own shard of the batch, this trainer holds its
-    /// rank's experts; the replicated weights' gradients are averaged over
-    /// `world`, the owned experts' over their replicas
-    /// ([`data_parallel::reduce_expert_parallel`]), the expert loads summed
-    /// over `world`.
-    pub fn step_expert_parallel(
+    /// [`Self::step_parallel`] spread over `parallel`'s groups as well, as
+    /// [`crate::train::Trainer::step_parallel`]: with expert parallelism
+    /// (× data parallelism over `world`) this trainer holds its rank's
+    /// experts, the replicated weights' gradients are averaged over `world`
+    /// and the owned experts' over their replicas
+    /// ([`data_parallel::reduce_expert_parallel`]); with sequence
+    /// parallelism the ranks of a sequence group read the same sequences
+    /// (one data shard) and each trains on its slice of every sequence,
+    /// the gradients still averaged over `world`. The expert loads are
+    /// summed over `world`.
+    pub fn step_with(
         &mut self,
         stop: &dyn Fn() -> bool,
         world: &mut dyn Collective,
-        experts: Option<&ExpertParallel>,
+        parallel: Parallel<'_>,
     ) -> std::result::Result<Option<StepReport>, ParallelError> {
         let gpu = self.gpu;
         let settings = &self.settings;
         let start = self.data.position();
+        let sp = parallel.sequence.map_or(1, SequenceParallel::size);
         let shard = Shard {
-            rank: world.rank(),
-            ranks: world.size(),
+            rank: world.rank() / sp,
+            ranks: world.size() / sp,
         };
         let share = settings.micro_steps * settings.micro_batch;
         self.grads.zero(gpu)?;
@@ -181,21 +185,29 @@ impl<'g> DeviceTrainer<'g> {
         let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         // Over NCCL the last micro-batch's backward pass overlaps the
-        // gradients' all-reduce (the earlier ones only accumulate); expert
-        // parallelism reduces its two kinds of tensors over two groups after.
-        let overlap = experts.is_none() && shard.ranks > 1 && world.as_nccl().is_some();
+        // gradients' all-reduce (the earlier ones only accumulate). Not with
+        // sequence or expert parallelism: their exchanges run on other
+        // communicators during the backward pass, and NCCL operations of two
+        // communicators in flight at once may deadlock; expert parallelism
+        // also reduces its two kinds of tensors over two groups.
+        let plain = parallel.sequence.is_none() && parallel.experts.is_none();
+        let overlap = plain && shard.ranks > 1 && world.as_nccl().is_some();
         for micro_step in 0..settings.micro_steps {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
             }
-            let batch = self.data.next_batch(settings.micro_batch);
+            let mut batch = self.data.next_batch(settings.micro_batch);
+            if let Some(sp) = parallel.sequence {
+                batch.inputs = sp.local_tokens(&batch.inputs);
+                batch.targets = sp.local_tokens(&batch.targets);
+            }
             let pass = self.model.forward_parallel(
                 gpu,
                 &batch.inputs,
                 &batch.targets,
                 settings.activation_memory,
-                experts,
+                parallel,
             )?;
             match world.as_nccl() {
                 Some(nccl) if overlap && micro_step + 1 == settings.micro_steps => {
@@ -204,7 +216,7 @@ impl<'g> DeviceTrainer<'g> {
                         gpu,
                         &pass,
                         &mut self.grads,
-                        None,
+                        parallel,
                         &mut |tensors| {
                             mean.start(tensors);
                             Ok(())
@@ -216,7 +228,7 @@ impl<'g> DeviceTrainer<'g> {
                     gpu,
                     &pass,
                     &mut self.grads,
-                    experts,
+                    parallel,
                     &mut |_| Ok(()),
                 )?,
             }
@@ -237,7 +249,7 @@ impl<'g> DeviceTrainer<'g> {
         self.data
             .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
-        let squares = match experts {
+        let squares = match parallel.experts {
             Some(ep) => data_parallel::reduce_expert_parallel(
                 gpu,
                 world,
@@ -246,18 +258,21 @@ impl<'g> DeviceTrainer<'g> {
                 &self.expert_tensors,
             )?,
             None => {
-                if shard.ranks > 1 && !overlap {
+                // Over the whole world: the ranks of a sequence group hold
+                // gradients of different slices of the same sequences.
+                if world.size() > 1 && !overlap {
                     data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
                 }
                 vector::sum_squares(gpu, &self.grads.tensors())?
             }
         };
-        if shard.ranks > 1 {
+        if world.size() > 1 {
             host_parallel::sum_counts(world, &mut expert_loads)?;
-            // Means of the ranks' means: every rank has as many micro-batches.
+            // Means of the ranks' means: every rank has as many micro-batches
+            // (of as many tokens).
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
             aux_loss = host_parallel::mean(world, aux_loss / micro_steps)? * micro_steps;
-            tokens *= shard.ranks;
+            tokens *= world.size();
         }
         let grad_norm = squares.sqrt() / micro_steps;
         let clip = settings.optimizer.grad_clip;

@@ -110,10 +110,6 @@ impl SequenceParallel {
         }
     }
 
-    fn split(&self, len: usize, heads: usize, head_dim: usize) -> HeadSplit {
-        HeadSplit::new(len, self.local_len(), self.size(), heads, head_dim)
-    }
-
     /// Sequence-sharded `[B, L, heads, d]` (this rank's tokens) to
     /// head-sharded `[B, seq_len, heads/sp, d]` (this rank's heads).
     pub fn to_heads<T: Scalar>(&self, x: &[T], heads: usize, head_dim: usize) -> Vec<T> {
@@ -145,6 +141,34 @@ impl SequenceParallel {
         }
     }
 
+    /// Runs `f` on the group: how the device's layout switches
+    /// (`crate::cuda::sequence_parallel`) exchange device buffers.
+    pub fn with_group<R>(&self, f: impl FnOnce(&mut dyn Collective) -> R) -> R {
+        f(self.group.borrow_mut().as_mut())
+    }
+
+    /// Whether an exchange has failed (later ones are skipped).
+    pub fn failed(&self) -> bool {
+        self.failure.borrow().is_some()
+    }
+
+    /// Records an exchange's failure; the first one is kept.
+    pub fn record(&self, error: DistError) {
+        self.failure.borrow_mut().get_or_insert(error);
+    }
+
+    /// Counts a layout switch sending `chunk` f32 to every other rank.
+    pub fn count_sent(&self, chunk: usize) {
+        let sent = (chunk * (self.size() - 1) * size_of::<f32>()) as u64;
+        self.bytes_sent.set(self.bytes_sent.get() + sent);
+    }
+
+    /// The packing of a layout switch of a `[tokens or sequence, heads,
+    /// head_dim]` tensor of `len` values on this rank.
+    pub fn split(&self, len: usize, heads: usize, head_dim: usize) -> HeadSplit {
+        HeadSplit::new(len, self.local_len(), self.size(), heads, head_dim)
+    }
+
     /// An all-to-all of `chunk` values to and from every rank. Zeros after
     /// a failure (and every later exchange is skipped).
     fn exchange<T: Scalar>(&self, send: &[T], chunk: usize) -> Vec<T> {
@@ -155,8 +179,7 @@ impl SequenceParallel {
         if size == 1 {
             return send.to_vec();
         }
-        let sent = (chunk * (size - 1) * size_of::<f32>()) as u64;
-        self.bytes_sent.set(self.bytes_sent.get() + sent);
+        self.count_sent(chunk);
         // The wire carries f32; training runs in f32, so this is exact there.
         let send: Vec<f32> = send.iter().map(|v| v.to_f64() as f32).collect();
         let mut recv = vec![0f32; send.len()];
@@ -229,6 +252,33 @@ impl HeadSplit {
             heads,
             head_dim,
         }
+    }
+
+    /// Values of one token's heads on one rank (`heads / parts · head_dim`):
+    /// every packing moves whole pieces of this width.
+    pub fn piece(&self) -> usize {
+        self.span()
+    }
+
+    /// The four packings as gathers of pieces ([`Self::piece`] values):
+    /// `out[i] = in[order[i]]`, piece by piece, in the order of
+    /// [`Self::pack_tokens`], [`Self::unpack_heads`], [`Self::pack_heads`]
+    /// and [`Self::unpack_tokens`]. Each is the packing itself applied to the
+    /// pieces' indices (the same split with one-value pieces), so the device
+    /// moves exactly what the CPU moves.
+    pub fn piece_orders(&self) -> [Vec<usize>; 4] {
+        let pieces = Self {
+            heads: self.parts,
+            head_dim: 1,
+            ..*self
+        };
+        let indices: Vec<usize> = (0..self.sequences * self.local_len * self.parts).collect();
+        [
+            pieces.pack_tokens(&indices),
+            pieces.unpack_heads(&indices),
+            pieces.pack_heads(&indices),
+            pieces.unpack_tokens(&indices),
+        ]
     }
 
     /// Values sent to (and received from) each rank.
@@ -304,6 +354,50 @@ impl HeadSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The piece orders, expanded to values, are the packings themselves.
+    #[test]
+    fn piece_orders_gather_what_the_packings_move() {
+        for (sequences, local_len, parts, heads, head_dim) in [
+            (2, 3, 3, 6, 2),
+            (1, 4, 2, 4, 5),
+            (3, 1, 4, 8, 1),
+            (2, 2, 1, 3, 4),
+        ] {
+            let len = sequences * local_len * heads * head_dim;
+            let split = HeadSplit::new(len, local_len, parts, heads, head_dim);
+            let values: Vec<u32> = (0..len as u32).map(|v| v * 7 + 1).collect();
+            let piece = split.piece();
+            let expand = |order: &[usize], input: &[u32]| -> Vec<u32> {
+                order
+                    .iter()
+                    .flat_map(|&p| input[p * piece..(p + 1) * piece].iter().copied())
+                    .collect()
+            };
+            let [pack_tokens, unpack_heads, pack_heads, unpack_tokens] = split.piece_orders();
+            let case = (sequences, local_len, parts, heads, head_dim);
+            assert_eq!(
+                expand(&pack_tokens, &values),
+                split.pack_tokens(&values),
+                "{case:?}"
+            );
+            assert_eq!(
+                expand(&unpack_heads, &values),
+                split.unpack_heads(&values),
+                "{case:?}"
+            );
+            assert_eq!(
+                expand(&pack_heads, &values),
+                split.pack_heads(&values),
+                "{case:?}"
+            );
+            assert_eq!(
+                expand(&unpack_tokens, &values),
+                split.unpack_tokens(&values),
+                "{case:?}"
+            );
+        }
+    }
 
     /// Value at (sequence b, position t, head h, element e) of a full tensor.
     fn value(b: usize, t: usize, h: usize, e: usize) -> u32 {

@@ -90,7 +90,7 @@ fn impossible_shapes_name_the_field() {
     }
 }
 
-/// Parallelism the worker cannot run yet, or sizes that do not fit
+/// Parallelism sizes that do not fit
 /// together (key/value heads that do not split over the sequence-parallel
 /// ranks), are refused naming the field, before any rank would start (the
 /// process is started as a launcher of two local ranks here, which must not
@@ -98,7 +98,7 @@ fn impossible_shapes_name_the_field() {
 #[test]
 fn unimplemented_parallelism_is_refused_naming_the_field() {
     type Patch = fn(&mut Value);
-    let cases: [(&str, Patch, &str); 3] = [
+    let cases: [(&str, Patch, &str); 2] = [
         (
             "sp-kv-heads",
             |c| {
@@ -111,14 +111,6 @@ fn unimplemented_parallelism_is_refused_naming_the_field() {
             "ep",
             |c| c["parallelism"]["expertParallel"] = 4.into(),
             "parallelism.expertParallel: is 4, but expert parallel 4 does not divide the world size 2",
-        ),
-        (
-            "cuda-sp",
-            |c| {
-                c["device"] = "cuda".into();
-                c["parallelism"]["sequenceParallel"] = 2.into();
-            },
-            "parallelism.sequenceParallel: is 2 on device cuda, but sequence parallelism runs on the CPU trainer only so far",
         ),
     ];
     for (name, patch, expected) in cases {
