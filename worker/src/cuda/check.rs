@@ -464,7 +464,7 @@ fn check_adamw(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-fn moe_config(
+pub(crate) fn moe_config(
     experts: usize,
     top_k: usize,
     score_function: ScoreFunction,

@@ -24,6 +24,7 @@ use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig,
 use crate::ops::attention::AttentionShape;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
+use std::ops::Range;
 
 /// A set of device tensors listed in the CPU's canonical order.
 pub trait DeviceTensors {
@@ -363,31 +364,10 @@ impl DeviceModel {
         }
     }
 
-    /// RoPE on this rank's tokens, at their positions in the sequence.
-    fn rotate(
-        &self,
-        gpu: &Gpu,
-        x: &mut CudaSlice<f32>,
-        heads: usize,
-        sequence: Option<&SequenceParallel>,
-    ) -> Result<()> {
-        match sequence {
-            None => self.rope.forward(gpu, x, heads),
-            Some(sp) => self.rope.forward_slice(gpu, x, heads, sp.positions()),
-        }
-    }
-
-    fn rotate_back(
-        &self,
-        gpu: &Gpu,
-        dx: &mut CudaSlice<f32>,
-        heads: usize,
-        sequence: Option<&SequenceParallel>,
-    ) -> Result<()> {
-        match sequence {
-            None => self.rope.backward(gpu, dx, heads),
-            Some(sp) => self.rope.backward_slice(gpu, dx, heads, sp.positions()),
-        }
+    /// The positions of this rank's tokens in each sequence: all of them,
+    /// or a sequence-parallel rank's slice (RoPE rotates by these).
+    fn positions(&self, sequence: Option<&SequenceParallel>) -> Range<usize> {
+        sequence.map_or(0..self.config.seq_len, SequenceParallel::positions)
     }
 
     /// As [`Model::forward`]: `tokens` and `targets` whole sequences, every
@@ -528,8 +508,11 @@ impl DeviceModel {
         matmul::forward(gpu, linear, &mut k, &attention_normed, &block.wk, h, kv)?;
         matmul::forward(gpu, linear, &mut v, &attention_normed, &block.wv, h, kv)?;
         let sequence = parallel.sequence;
-        self.rotate(gpu, &mut q, c.heads, sequence)?;
-        self.rotate(gpu, &mut k, c.kv_heads, sequence)?;
+        let positions = self.positions(sequence);
+        self.rope
+            .forward_slice(gpu, &mut q, c.heads, positions.clone())?;
+        self.rope
+            .forward_slice(gpu, &mut k, c.kv_heads, positions)?;
         // Sequence parallelism: whole sequences of this rank's heads.
         let (q, k, v) = match sequence {
             None => (q, k, v),
@@ -856,8 +839,11 @@ impl DeviceModel {
                 ulysses::to_tokens(gpu, sp, &dv, c.kv_heads, d)?,
             ),
         };
-        self.rotate_back(gpu, &mut dq, c.heads, sequence)?;
-        self.rotate_back(gpu, &mut dk, c.kv_heads, sequence)?;
+        let positions = self.positions(sequence);
+        self.rope
+            .backward_slice(gpu, &mut dq, c.heads, positions.clone())?;
+        self.rope
+            .backward_slice(gpu, &mut dk, c.kv_heads, positions)?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         let x = &pass.attention_normed;
         linear_backward(

@@ -33,10 +33,10 @@ use moe_kernels::cudarc::driver::CudaSlice;
 
 use super::matmul::Arithmetic;
 use super::moe_layer::{
-    BalanceLoss, DeviceMoeGrads, DeviceMoeLayer, ExpertMlps, Routed, expert_mlps,
+    BalanceLoss, DeviceMoeGrads, DeviceMoeLayer, ExpertMlps, Routed, combine_backward,
     expert_mlps_backward, route_rows,
 };
-use super::serve_ep::{DeviceExchange, Overlapped, gather};
+use super::serve_ep::{DeviceExchange, LocalExperts, Overlapped, gather, local_experts};
 use super::{Gpu, GpuError, Result, dispatch, vector};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
@@ -117,12 +117,12 @@ impl DeviceMoeLayer {
         // The local experts on the rows they received, one batch each.
         let (local, outputs) = match received {
             Some(received) if plan.received() > 0 => {
-                let batches = gather(gpu, &received, &plan.to_batches_order(), hidden)?;
-                drop(received);
-                let segments = plan.segments();
-                let mlps = expert_mlps(gpu, arithmetic, c, &self.weights(), &batches, &segments)?;
-                let back = gather(gpu, &mlps.out, &plan.to_sources_order(), hidden)?;
-                (Some((batches, mlps)), Some(back))
+                let LocalExperts {
+                    batches,
+                    mlps,
+                    outputs,
+                } = local_experts(gpu, arithmetic, c, &self.weights(), &plan, &received)?;
+                (Some((batches, mlps)), Some(outputs))
             }
             _ => (None, None),
         };
@@ -188,22 +188,10 @@ impl DeviceMoeLayer {
         let c = &self.config;
         let hidden = c.hidden;
         let (routed, plan) = (&pass.routed, &pass.plan);
-        let rows = routed.dispatch.rows();
 
         // d gate here, where the token lives; d row = gate · dout, sent to
         // the row's owner.
-        let mut dy = gpu.zeros::<f32>(rows * hidden)?;
-        let mut dgates = gpu.zeros::<f32>(rows)?;
-        dispatch::unpermute_backward(
-            gpu,
-            &mut dy,
-            &mut dgates,
-            dout,
-            &pass.combined,
-            &routed.routing.gates,
-            &routed.dispatch,
-            hidden,
-        )?;
+        let (dy, dgates) = combine_backward(gpu, routed, dout, &pass.combined, hidden)?;
         let into = exchange.receive_buffer(gpu, &plan.recv_rows(), hidden)?;
         let ready = gpu.stream().record_event(None)?;
         // The shared experts' backward needs nothing the exchanges bring.

@@ -18,16 +18,16 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use super::check::{Check, close_to_scale, exact};
+use super::check::{Check, close_to_scale, exact, moe_config};
 use super::matmul::Arithmetic;
 use super::moe_layer::{DeviceMoeGrads, DeviceMoeLayer};
 use super::serve_ep::DeviceExchange;
-use super::serve_replica_check::loopback_world;
+use super::serve_replica_check::{loopback_world, on_rank_threads};
 use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::nccl::NcclCollective;
 use crate::dist::{Collective, Solo};
-use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
+use crate::moe::config::{GroupLimit, ScoreFunction};
 use crate::moe::layer::MoeLayer;
 use crate::moe::params::MoeParams;
 use crate::rng::SplitMix64;
@@ -73,14 +73,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 /// `layer` holding only routed experts `experts`: what a rank uploads.
 fn share_of(layer: &MoeLayer<f32>, experts: &Range<usize>) -> MoeLayer<f32> {
     let mut share = layer.clone();
-    let c = layer.config();
-    let size = c.expert_hidden * c.hidden;
-    let range = experts.start * size..experts.end * size;
-    let p = &mut share.params;
-    p.experts_w1 = p.experts_w1[range.clone()].to_vec();
-    p.experts_w3 = p.experts_w3[range.clone()].to_vec();
-    p.experts_w2 = p.experts_w2[range].to_vec();
-    p.experts = experts.clone();
+    share.params.keep_experts(layer.config(), experts.clone());
     share
 }
 
@@ -88,20 +81,7 @@ fn share_of(layer: &MoeLayer<f32>, experts: &Range<usize>) -> MoeLayer<f32> {
 /// uneven loads (an empty expert), and softmax routing with the
 /// sequence-wise balance loss.
 fn layers() -> Vec<(&'static str, MoeLayer<f32>)> {
-    let base = |experts, top_k, score_function, group_limit| MoeConfig {
-        hidden: 64,
-        n_routed_experts: experts,
-        expert_hidden: 32,
-        n_shared_experts: 0,
-        shared_expert_hidden: 0,
-        top_k,
-        score_function,
-        group_limit,
-        normalize_gates: true,
-        routed_scaling_factor: 2.5,
-        aux_loss_alpha: 0.0,
-    };
-    let mut deepseek = base(
+    let mut deepseek = moe_config(
         16,
         4,
         ScoreFunction::Sigmoid,
@@ -109,12 +89,12 @@ fn layers() -> Vec<(&'static str, MoeLayer<f32>)> {
             n_groups: 4,
             top_groups: 2,
         }),
+        true,
+        2.5,
     );
     deepseek.n_shared_experts = 1;
     deepseek.shared_expert_hidden = 48;
-    let mut balanced = base(8, 2, ScoreFunction::Softmax, None);
-    balanced.normalize_gates = false;
-    balanced.routed_scaling_factor = 1.0;
+    let mut balanced = moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0);
     balanced.aux_loss_alpha = 0.01;
     [
         ("sigmoid E16 k4 g4/2 +shared", deepseek),
@@ -233,20 +213,7 @@ fn check_over(
         };
         run()
     };
-    let results: Vec<std::result::Result<RankResult, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = worlds
-            .into_iter()
-            .enumerate()
-            .map(|(rank, world)| {
-                let run_rank = &run_rank;
-                scope.spawn(move || run_rank(rank, world))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("the rank panicked".into())))
-            .collect()
-    });
+    let results = on_rank_threads(worlds, &run_rank);
 
     // The reference: the whole layer on each rank's tokens.
     let cpu: Vec<_> = (0..size)

@@ -451,21 +451,7 @@ impl DeviceMoeLayer {
         let c = &self.config;
         let hidden = c.hidden;
         let (routed, mlps) = (&pass.routed, &pass.mlps);
-        let rows = routed.dispatch.rows();
-
-        // Combine's backward: each row's output gradient and each gate's.
-        let mut dy = gpu.zeros::<f32>(rows * hidden)?;
-        let mut dgates = gpu.zeros::<f32>(rows)?;
-        dispatch::unpermute_backward(
-            gpu,
-            &mut dy,
-            &mut dgates,
-            dout,
-            &mlps.out,
-            &routed.routing.gates,
-            &routed.dispatch,
-            hidden,
-        )?;
+        let (dy, dgates) = combine_backward(gpu, routed, dout, &mlps.out, hidden)?;
         let segments = expert_segments(&routed.offsets);
         let dxp = expert_mlps_backward(
             gpu,
@@ -613,6 +599,32 @@ impl DeviceMoeLayer {
         )?;
         Ok(())
     }
+}
+
+/// The backward pass of the gated combine (unpermute) of `routed`'s rows:
+/// each row's output gradient (`gate · dout` of its token) and each gate's
+/// (`dout · y`, with `y` the expert outputs in dispatch order).
+pub(crate) fn combine_backward(
+    gpu: &Gpu,
+    routed: &Routed,
+    dout: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    hidden: usize,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let rows = routed.dispatch.rows();
+    let mut dy = gpu.zeros::<f32>(rows * hidden)?;
+    let mut dgates = gpu.zeros::<f32>(rows)?;
+    dispatch::unpermute_backward(
+        gpu,
+        &mut dy,
+        &mut dgates,
+        dout,
+        y,
+        &routed.routing.gates,
+        &routed.dispatch,
+        hidden,
+    )?;
+    Ok((dy, dgates))
 }
 
 /// The backward pass of [`expert_mlps`] over the same `segments`: given

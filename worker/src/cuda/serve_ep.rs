@@ -33,12 +33,13 @@
 use std::borrow::Borrow;
 use std::ops::Range;
 
-use super::matmul::Arithmetic::Tf32;
-use super::moe_layer::{expert_mlps, route_rows};
+use super::matmul::Arithmetic::{self, Tf32};
+use super::moe_layer::{ExpertMlps, RoutedWeights, expert_mlps, route_rows};
 use super::serve::DeviceMoe;
 use super::{Gpu, GpuError, Result, dispatch, int, vector};
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::moe::config::MoeConfig;
 use crate::serve::exchange_order::{DevicePlan, row_split};
 use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice};
 
@@ -279,6 +280,37 @@ fn upload_rows(gpu: &Gpu, rows: &[f32]) -> Result<Option<CudaSlice<f32>>> {
     gpu.upload(rows).map(Some)
 }
 
+/// The local experts' pass over the rows received from every rank.
+pub(super) struct LocalExperts {
+    /// One batch per local expert (expert-major), the MLPs' input.
+    pub batches: CudaSlice<f32>,
+    pub mlps: ExpertMlps,
+    /// The outputs, in the order the rows were received (to send back).
+    pub outputs: CudaSlice<f32>,
+}
+
+/// Each local expert's SwiGLU MLP on its rows of `received` (source-major,
+/// as `plan` says; at least one row): regrouped into one batch per expert
+/// by a gather, computed in `arithmetic`, and gathered back.
+pub(super) fn local_experts(
+    gpu: &Gpu,
+    arithmetic: Arithmetic,
+    config: &MoeConfig,
+    weights: &RoutedWeights<'_>,
+    plan: &DevicePlan,
+    received: &CudaSlice<f32>,
+) -> Result<LocalExperts> {
+    let hidden = config.hidden;
+    let batches = gather(gpu, received, &plan.to_batches_order(), hidden)?;
+    let mlps = expert_mlps(gpu, arithmetic, config, weights, &batches, &plan.segments())?;
+    let outputs = gather(gpu, &mlps.out, &plan.to_sources_order(), hidden)?;
+    Ok(LocalExperts {
+        batches,
+        mlps,
+        outputs,
+    })
+}
+
 /// `out[o] = x[order[o]]` for rows of `width`, into a new buffer (`x` holds
 /// at least one row: `order` is a permutation of its rows).
 pub(super) fn gather(
@@ -352,14 +384,11 @@ pub(super) fn forward(
     // The local experts on the rows they received, one batch each.
     let outputs = match &received {
         Some(received) if plan.received() > 0 => {
-            let batches = gather(gpu, received, &plan.to_batches_order(), hidden)?;
-            let segments = plan.segments();
-            let mlps = expert_mlps(gpu, Tf32, config, &moe.weights(), &batches, &segments)?;
             let first = exchange.local_experts().start;
-            for &(j, _, n) in &segments {
+            for (j, _, n) in plan.segments() {
                 moe.count_rows(first + j, n);
             }
-            Some(gather(gpu, &mlps.out, &plan.to_sources_order(), hidden)?)
+            Some(local_experts(gpu, Tf32, config, &moe.weights(), &plan, received)?.outputs)
         }
         _ => None,
     };

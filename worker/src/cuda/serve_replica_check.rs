@@ -88,13 +88,8 @@ pub(crate) fn share_of(model: &ServeModel, experts: &Range<usize>) -> ServeModel
     let mut share = model.clone();
     for block in &mut share.blocks {
         if let ServeFfn::Moe { layer, .. } = &mut block.ffn {
-            let size = layer.config().expert_hidden * layer.config().hidden;
-            let range = experts.start * size..experts.end * size;
-            let p = &mut layer.params;
-            p.experts_w1 = p.experts_w1[range.clone()].to_vec();
-            p.experts_w3 = p.experts_w3[range.clone()].to_vec();
-            p.experts_w2 = p.experts_w2[range].to_vec();
-            p.experts = experts.clone();
+            let config = layer.config().clone();
+            layer.params.keep_experts(&config, experts.clone());
         }
     }
     share
@@ -137,6 +132,26 @@ pub(crate) fn loopback_world(ranks: usize) -> std::result::Result<Vec<TcpCollect
                     ))
                 })
             })
+            .collect()
+    })
+}
+
+/// `run(rank, world)` for each world of `worlds` on its own thread, all at
+/// once (the ranks of one group wait for each other): each rank's result,
+/// in rank order, or why it failed.
+pub(crate) fn on_rank_threads<W: Send, T: Send>(
+    worlds: Vec<W>,
+    run: &(dyn Fn(usize, W) -> std::result::Result<T, String> + Sync),
+) -> Vec<std::result::Result<T, String>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = worlds
+            .into_iter()
+            .enumerate()
+            .map(|(rank, world)| scope.spawn(move || run(rank, world)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("the rank panicked".into())))
             .collect()
     })
 }

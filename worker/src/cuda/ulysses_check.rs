@@ -7,7 +7,7 @@
 
 use super::check::{Check, exact};
 use super::sequence_parallel::{to_heads, to_tokens};
-use super::serve_replica_check::loopback_world;
+use super::serve_replica_check::{loopback_world, on_rank_threads};
 use super::{Gpu, GpuError, Result};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::rng::SplitMix64;
@@ -43,20 +43,7 @@ pub fn check_sequence_parallel(gpu: &Gpu) -> Result<Vec<Check>> {
                 (bits(&down(&back_d)?), bits(&cpu_back)),
             ])
         };
-        let results: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = worlds
-                .into_iter()
-                .enumerate()
-                .map(|(rank, world)| {
-                    let run_rank = &run_rank;
-                    scope.spawn(move || run_rank(rank, world))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err("the rank panicked".into())))
-                .collect()
-        });
+        let results = on_rank_threads(worlds, &run_rank);
         for (rank, result) in results.into_iter().enumerate() {
             let case = format!("{case}, rank {rank}");
             match result {

@@ -64,6 +64,27 @@ impl<T: Scalar> MoeParams<T> {
         }
     }
 
+    /// Keeps only routed experts `experts` (global indices, among those
+    /// held): what an expert-parallel rank holds of a whole layer.
+    pub fn keep_experts(&mut self, config: &MoeConfig, experts: Range<usize>) {
+        assert!(
+            self.holds(&experts),
+            "experts {experts:?} are not among the held {:?}",
+            self.experts
+        );
+        let size = expert_size(config);
+        let first = self.experts.start;
+        let range = (experts.start - first) * size..(experts.end - first) * size;
+        for tensor in [
+            &mut self.experts_w1,
+            &mut self.experts_w3,
+            &mut self.experts_w2,
+        ] {
+            *tensor = tensor[range.clone()].to_vec();
+        }
+        self.experts = experts;
+    }
+
     /// Every weight drawn from N(0, std^2) (DeepSeek-V3 uses std 0.006).
     pub fn random(config: &MoeConfig, rng: &mut SplitMix64, std: f64) -> Self {
         let [router, expert, shared] = tensor_sizes(config);
@@ -194,4 +215,39 @@ fn tensor_sizes(config: &MoeConfig) -> [usize; 3] {
         config.n_routed_experts * expert_size(config),
         config.shared_hidden() * config.hidden,
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::moe::ScoreFunction;
+
+    #[test]
+    fn keeping_experts_keeps_their_values_under_their_global_indices() {
+        let config = MoeConfig {
+            hidden: 4,
+            n_routed_experts: 6,
+            expert_hidden: 3,
+            n_shared_experts: 0,
+            shared_expert_hidden: 0,
+            top_k: 2,
+            score_function: ScoreFunction::Softmax,
+            group_limit: None,
+            normalize_gates: false,
+            routed_scaling_factor: 1.0,
+            aux_loss_alpha: 0.0,
+        };
+        let whole = MoeParams::<f32>::random(&config, &mut SplitMix64::new(3), 1.0);
+        let mut share = whole.clone();
+        share.keep_experts(&config, 2..4);
+        let mut again = share.clone();
+        again.keep_experts(&config, 3..4);
+        for (held, e) in [(&share, 2), (&share, 3), (&again, 3)] {
+            let (h, w) = (held.expert(&config, e), whole.expert(&config, e));
+            assert_eq!((h.w1, h.w3, h.w2), (w.w1, w.w3, w.w2), "expert {e}");
+        }
+        assert_eq!((share.experts.clone(), again.experts.clone()), (2..4, 3..4));
+        assert_eq!(share.experts_w1.len(), 2 * expert_size(&config));
+        assert_eq!(share.router, whole.router);
+    }
 }
