@@ -120,16 +120,25 @@ if not failures:
         failures.append(f"final losses differ by {gap:.2%}")
 if resumed.get("steps") != 60 or resumed.get("initialLoss") != cuda.get("initialLoss"):
     failures.append(f"resume: expected 60 steps continuing the first run, got {resumed}")
-if "finalLoss" not in dp2 or "finalLoss" not in cuda:
-    failures.append(f"data parallel on the GPU: no summary ({dp2})")
-else:
-    first = abs(dp2["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
-    last = abs(dp2["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
-    print(f"\ndata parallel, 2 ranks on one GPU over TCP: first loss {dp2['initialLoss']:.6f} vs "
-          f"{cuda['initialLoss']:.6f} ({first:.1e}, bound 1e-5), final {dp2['finalLoss']:.4f} vs "
-          f"{cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s {dp2['tokensPerSecond']:.0f}")
-    if first > 1e-5 or last > 0.01:
-        failures.append(f"data parallel: first loss {first:.1e} apart, final {last:.2%}")
+def same_run(name, label, other, first_bound):
+    """`other` trained the one-rank run's 40 steps another way: its first
+    loss within `first_bound` of the one-rank run's, its last within 1%."""
+    if "finalLoss" not in other or "finalLoss" not in cuda:
+        failures.append(f"{name}: no summary ({other})")
+        return
+    first = abs(other["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
+    last = abs(other["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
+    print(f"\n{label}: first loss {other['initialLoss']:.6f} vs {cuda['initialLoss']:.6f} "
+          f"({first:.1e}, bound {first_bound:.0e}), final {other['finalLoss']:.4f} vs "
+          f"{cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s {other['tokensPerSecond']:.0f}")
+    if first > first_bound or last > 0.01:
+        failures.append(f"{name}: first loss {first:.1e} apart, final {last:.2%}")
+
+same_run("data parallel", "data parallel, 2 ranks on one GPU over TCP", dp2, 1e-5)
+same_run("expert parallel", "expert parallel 2 (half the experts per rank) on one GPU over TCP",
+         ep2, 1e-5)
+same_run("sequence parallel",
+         "sequence parallel 2 (half of every sequence per rank) on one GPU over TCP", sp2, 1e-4)
 if "finalLoss" not in bf16 or "finalLoss" not in cuda:
     failures.append(f"bf16 compute: no summary ({bf16})")
 else:
@@ -139,28 +148,6 @@ else:
           f"({bf16['tokensPerSecond'] / cuda['tokensPerSecond']:.2f}x TF32)")
     if not bf16["finalLoss"] < 0.8 * bf16["initialLoss"] or gap > 0.03:
         failures.append(f"bf16 compute: {bf16['initialLoss']:.3f} -> {bf16['finalLoss']:.3f}, {gap:.2%} from TF32")
-if "finalLoss" not in ep2 or "finalLoss" not in cuda:
-    failures.append(f"expert parallel on the GPU: no summary ({ep2})")
-else:
-    first = abs(ep2["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
-    last = abs(ep2["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
-    print(f"\nexpert parallel 2 (half the experts per rank) on one GPU over TCP: first loss "
-          f"{ep2['initialLoss']:.6f} vs {cuda['initialLoss']:.6f} ({first:.1e}, bound 1e-5), final "
-          f"{ep2['finalLoss']:.4f} vs {cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s "
-          f"{ep2['tokensPerSecond']:.0f}")
-    if first > 1e-5 or last > 0.01:
-        failures.append(f"expert parallel: first loss {first:.1e} apart, final {last:.2%}")
-if "finalLoss" not in sp2 or "finalLoss" not in cuda:
-    failures.append(f"sequence parallel on the GPU: no summary ({sp2})")
-else:
-    first = abs(sp2["initialLoss"] - cuda["initialLoss"]) / cuda["initialLoss"]
-    last = abs(sp2["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
-    print(f"\nsequence parallel 2 (half of every sequence per rank) on one GPU over TCP: first loss "
-          f"{sp2['initialLoss']:.6f} vs {cuda['initialLoss']:.6f} ({first:.1e}, bound 1e-4), final "
-          f"{sp2['finalLoss']:.4f} vs {cuda['finalLoss']:.4f} ({last:.2%}, bound 1%); tokens/s "
-          f"{sp2['tokensPerSecond']:.0f}")
-    if first > 1e-4 or last > 0.01:
-        failures.append(f"sequence parallel: first loss {first:.1e} apart, final {last:.2%}")
 print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
 sys.exit(1 if failures else 0)
 EOF
