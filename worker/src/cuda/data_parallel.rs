@@ -69,8 +69,9 @@ pub fn all_reduce_mean(
 /// by `is_expert`, in `tensors`' order) summed over their replicas and
 /// divided by the world size. Returns the squared global norm: the
 /// replicated tensors once, each expert slice once per expert-parallel
-/// group (summed over it). Through host memory over any backend (the
-/// device-to-device form is left for a multi-GPU run to measure).
+/// group (summed over it). Over NCCL the tensors are reduced where they
+/// are (one group of all-reduces per communicator, one after the other);
+/// over any other backend through host memory.
 pub fn reduce_expert_parallel(
     gpu: &Gpu,
     world: &mut dyn Collective,
@@ -79,6 +80,32 @@ pub fn reduce_expert_parallel(
     is_expert: &[bool],
 ) -> Result<f64, ParallelError> {
     assert_eq!(tensors.len(), is_expert.len(), "a flag per gradient tensor");
+    let world_size = world.size();
+    let replicas_on_device = ep.with_replicas(|r| r.size() == 1 || r.as_nccl().is_some());
+    if let Some(nccl) = world.as_nccl().filter(|_| replicas_on_device) {
+        let (mut replicated, mut experts): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+        for (tensor, &expert) in tensors.iter_mut().zip(is_expert) {
+            if expert {
+                experts.push(&mut **tensor);
+            } else {
+                replicated.push(&mut **tensor);
+            }
+        }
+        // NCCL runs on its own stream: the backward pass that wrote the
+        // gradients must be done first; each call returns once its sums are.
+        gpu.synchronize()?;
+        nccl.all_reduce_device_many(&mut replicated, Reduce::Sum)?;
+        ep.with_replicas(|r| match r.as_nccl() {
+            Some(replicas) => replicas.all_reduce_device_many(&mut experts, Reduce::Sum),
+            None => Ok(()),
+        })?;
+        for tensor in replicated.iter_mut().chain(experts.iter_mut()) {
+            vector::divide(gpu, tensor, world_size as f32)?;
+        }
+        let owned = vector::sum_squares(gpu, &shared(&experts))?;
+        let owned = ep.with_group(|g| data_parallel::sum(g, owned))?;
+        return Ok(vector::sum_squares(gpu, &shared(&replicated))? + owned);
+    }
     let mut host = tensors
         .iter()
         .map(|t| gpu.download(t))
@@ -104,6 +131,11 @@ pub fn reduce_expert_parallel(
         gpu.stream().memcpy_htod(values, *tensor)?;
     }
     Ok(norm_squared)
+}
+
+/// The tensors of `list`, read-only.
+fn shared<'a>(list: &'a [&mut CudaSlice<f32>]) -> Vec<&'a CudaSlice<f32>> {
+    list.iter().map(|t| &**t).collect()
 }
 
 /// The data-parallel mean over NCCL, overlapped with the backward pass

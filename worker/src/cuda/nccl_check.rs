@@ -112,8 +112,69 @@ pub fn check_nccl(gpu: &Gpu) -> Result<Vec<Check>> {
         },
     ));
     overlapped_mean(gpu, &comm, &mut checks);
+    expert_parallel_reduce(gpu, &mut comm, &mut checks);
     timeout_path(gpu, &mut comm, &mut checks);
     Ok(checks)
+}
+
+/// The expert-parallel gradient reduction over NCCL, device to device, in a
+/// world of one whose expert group is a communicator split from it (the
+/// sums are the tensors, the division by 1 keeps their bits) and whose
+/// replicas are one rank: the tensors keep their bits and the squared norm
+/// is their sum of squares.
+fn expert_parallel_reduce(gpu: &Gpu, comm: &mut NcclCollective, checks: &mut Vec<Check>) {
+    use crate::dist::expert_parallel::ExpertParallel;
+    let case = "3 replicated + 2 expert tensors, world 1";
+    let tensors: Vec<Vec<f32>> = [5usize, 4099, 0, 300, 17]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| values(n, 40 + i))
+        .collect();
+    let is_expert = [false, true, false, true, false];
+    let result = (|| -> std::result::Result<(Vec<u32>, f64), String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        let group = comm.new_group(&[0]).map_err(|e| text(&e))?;
+        let ep =
+            ExpertParallel::new(group, Box::new(crate::dist::Solo), 4).map_err(|e| text(&e))?;
+        let mut device = tensors
+            .iter()
+            .map(|t| gpu.upload(t))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| text(&e))?;
+        let mut refs: Vec<_> = device.iter_mut().collect();
+        let squares = data_parallel::reduce_expert_parallel(gpu, comm, &ep, &mut refs, &is_expert)
+            .map_err(|e| text(&e))?;
+        let mut all = Vec::new();
+        for d in &device {
+            all.extend(bits(&gpu.download(d).map_err(|e| text(&e))?));
+        }
+        Ok((all, squares))
+    })();
+    let expected: f64 = tensors
+        .iter()
+        .flatten()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    match result {
+        Ok((got, squares)) => {
+            checks.push(exact(
+                "nccl.expert_parallel_reduce",
+                case,
+                &got,
+                &bits(&tensors.concat()),
+            ));
+            checks.push(outcome(
+                "nccl.expert_parallel_reduce",
+                "squared norm",
+                if (squares - expected).abs() <= 1e-9 * expected {
+                    Ok(())
+                } else {
+                    Err(format!("{squares} vs {expected}"))
+                },
+            ));
+        }
+        Err(e) => checks.push(failed("nccl.expert_parallel_reduce", case, e)),
+    }
 }
 
 /// The data-parallel mean overlapped with the backward pass, in a world of
