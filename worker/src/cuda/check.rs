@@ -464,6 +464,26 @@ fn check_adamw(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
+/// DeepSeek-style routing in miniature: sigmoid scores, top-4 of 16
+/// experts limited to 2 of 4 groups, normalised gates scaled by 2.5, and a
+/// shared expert.
+pub(crate) fn deepseek_style_config() -> MoeConfig {
+    let mut c = moe_config(
+        16,
+        4,
+        ScoreFunction::Sigmoid,
+        Some(GroupLimit {
+            n_groups: 4,
+            top_groups: 2,
+        }),
+        true,
+        2.5,
+    );
+    c.n_shared_experts = 1;
+    c.shared_expert_hidden = 48;
+    c
+}
+
 pub(crate) fn moe_config(
     experts: usize,
     top_k: usize,
@@ -1255,22 +1275,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
     use crate::moe::params::MoeParams;
     let mut checks = Vec::new();
     let configs = [
-        ("sigmoid E16 k4 g4/2 +shared", {
-            let mut c = moe_config(
-                16,
-                4,
-                ScoreFunction::Sigmoid,
-                Some(GroupLimit {
-                    n_groups: 4,
-                    top_groups: 2,
-                }),
-                true,
-                2.5,
-            );
-            c.n_shared_experts = 1;
-            c.shared_expert_hidden = 48;
-            c
-        }),
+        ("sigmoid E16 k4 g4/2 +shared", deepseek_style_config()),
         (
             "softmax E8 k2 no shared",
             moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0),

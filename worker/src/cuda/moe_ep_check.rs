@@ -18,7 +18,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use super::check::{Check, close_to_scale, exact, moe_config};
+use super::check::{Check, close_to_scale, deepseek_style_config, exact, moe_config};
 use super::matmul::Arithmetic;
 use super::moe_layer::{DeviceMoeGrads, DeviceMoeLayer};
 use super::serve_ep::DeviceExchange;
@@ -27,7 +27,7 @@ use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::nccl::NcclCollective;
 use crate::dist::{Collective, Solo};
-use crate::moe::config::{GroupLimit, ScoreFunction};
+use crate::moe::config::ScoreFunction;
 use crate::moe::layer::MoeLayer;
 use crate::moe::params::MoeParams;
 use crate::rng::SplitMix64;
@@ -81,19 +81,7 @@ fn share_of(layer: &MoeLayer<f32>, experts: &Range<usize>) -> MoeLayer<f32> {
 /// uneven loads (an empty expert), and softmax routing with the
 /// sequence-wise balance loss.
 fn layers() -> Vec<(&'static str, MoeLayer<f32>)> {
-    let mut deepseek = moe_config(
-        16,
-        4,
-        ScoreFunction::Sigmoid,
-        Some(GroupLimit {
-            n_groups: 4,
-            top_groups: 2,
-        }),
-        true,
-        2.5,
-    );
-    deepseek.n_shared_experts = 1;
-    deepseek.shared_expert_hidden = 48;
+    let deepseek = deepseek_style_config();
     let mut balanced = moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0);
     balanced.aux_loss_alpha = 0.01;
     [
