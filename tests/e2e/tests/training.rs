@@ -521,6 +521,82 @@ async fn deleting_a_job_garbage_collects_its_children() -> Result<()> {
     ns.delete().await
 }
 
+/// The cause of a failed attempt is the Job controller's pod-failure-policy
+/// verdict, judged when the first pod failed, not the pods as a restarted
+/// operator lists them later: here the gang's other pod is held in its
+/// teardown (a finalizer) and carries a `DisruptionTarget` by then, which
+/// must not turn a worker's exit code into an uncounted disruption.
+#[tokio::test]
+async fn a_teardown_disruption_does_not_hide_the_exit_that_failed_the_gang() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-verdict").await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let op = Operator::start(&ns.name).await?;
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job(
+            "verdict",
+            2,
+            json!({"spec": {"runPolicy": {"backoffLimit": 3}}}),
+        ),
+    )
+    .await?;
+    wait_phase(&jobs, "verdict", TrainingPhase::Running).await?;
+    drop(op);
+
+    // Pod 1 is held in its teardown; pod 0 fails and fails the Job.
+    let list = pods_of(&pods, "verdict", 0).await?;
+    let (failing, held) = (list[0].name_any(), list[1].name_any());
+    const TEST_HOLD: &str = "moe.test/hold-teardown";
+    let hold = json!({"metadata": {"finalizers": [TEST_HOLD]}});
+    pods.patch(&held, &PatchParams::default(), &Patch::Merge(&hold))
+        .await?;
+    let outcome = async {
+        fail_pod(&pods, &failing, 1).await?;
+        eventually("Job verdict-a0 to fail", WAIT, || async {
+            let j = k8s_jobs.get("verdict-a0").await?;
+            let failed = j
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Failed" && c.status == "True");
+            Ok(failed.then_some(()))
+        })
+        .await?;
+        // What a teardown may leave on a pod: a disruption condition.
+        let disrupted = json!({"status": {"conditions": [{
+            "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+            "message": "added by the test", "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }]}});
+        pods.patch_status(
+            &held,
+            &PatchParams::default(),
+            &Patch::Strategic(&disrupted),
+        )
+        .await?;
+        let _op = Operator::start(&ns.name).await?;
+        eventually("attempt 1", WAIT, || async {
+            let s = jobs.get("verdict").await?.status.unwrap_or_default();
+            Ok((s.attempt == 1).then_some((s.restarts, s.disruptions)))
+        })
+        .await
+    }
+    .await;
+    // Release the held pod whatever happened, so the namespace can go.
+    let release = json!({"metadata": {"finalizers": null}});
+    pods.patch(&held, &PatchParams::default(), &Patch::Merge(&release))
+        .await?;
+    let (restarts, disruptions) = outcome?;
+    ensure!(
+        (restarts, disruptions) == (1, 0),
+        "restarts {restarts}, disruptions {disruptions}: the exit code of {failing} must count"
+    );
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -> Result<()> {
     let client = admin_client().await?;
