@@ -14,9 +14,8 @@
 
 use moe_kernels::cudarc::driver::CudaSlice;
 
-use super::serve_ep::gather;
+use super::serve_ep::{gather, nccl_all_to_all};
 use super::{Gpu, Result};
-use crate::dist::DistError;
 use crate::dist::sequence_parallel::{HeadSplit, SequenceParallel};
 
 /// Sequence-sharded `[B, L, heads, d]` (this rank's tokens) to head-sharded
@@ -96,16 +95,10 @@ fn exchange(
     let mut recv = gpu.zeros::<f32>(send.len())?;
     let ready = gpu.stream().record_event(None)?;
     let result = sp.with_group(|group| {
-        let Some(nccl) = group.as_nccl() else {
-            return Err(DistError::invalid(
-                "sequence exchange",
-                "the sequence-parallel group is not an NCCL communicator",
-            ));
-        };
-        nccl.stream()
-            .wait(&ready)
-            .map_err(|e| DistError::invalid("sequence exchange", format!("CUDA driver: {e}")))?;
-        nccl.all_to_all_device(&send, &counts, &mut recv, &counts)
+        let send = send.slice(..);
+        let mut into = recv.slice_mut(..);
+        let op = "sequence exchange";
+        nccl_all_to_all(group, op, &ready, &send, &counts, &mut into, &counts)
     });
     if let Err(e) = result {
         sp.record(e);

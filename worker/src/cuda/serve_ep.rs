@@ -37,11 +37,11 @@ use super::matmul::Arithmetic::{self, Tf32};
 use super::moe_layer::{ExpertMlps, RoutedWeights, expert_mlps, route_rows};
 use super::serve::DeviceMoe;
 use super::{Gpu, GpuError, Result, dispatch, int, vector};
-use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
+use crate::dist::{Collective, DistError};
 use crate::moe::config::MoeConfig;
 use crate::serve::exchange_order::{DevicePlan, row_split};
-use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice};
+use moe_kernels::cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
 /// How a rank's device rows reach the other ranks of its replica: over
 /// the replica's [`ExpertParallel`] (which records the first failure and
@@ -239,16 +239,15 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
                 }
             };
             self.ep().with_group(|group| {
-                let Some(nccl) = group.as_nccl() else {
-                    return Err(DistError::invalid(
-                        "expert exchange",
-                        "the expert-parallel group is not an NCCL communicator",
-                    ));
-                };
-                nccl.stream().wait(ready).map_err(|e| {
-                    DistError::invalid("expert exchange", format!("CUDA driver: {e}"))
-                })?;
-                nccl.all_to_all_device(&send, &send_counts, &mut into, &recv_counts)
+                nccl_all_to_all(
+                    group,
+                    "expert exchange",
+                    ready,
+                    &send,
+                    &send_counts,
+                    &mut into,
+                    &recv_counts,
+                )
             })
         };
         if let Err(e) = result {
@@ -267,6 +266,32 @@ impl<E: Borrow<ExpertParallel>> DeviceExchange<E> {
 pub struct Overlapped<'e> {
     pub recv: Option<CudaSlice<f32>>,
     pub ready: &'e CudaEvent,
+}
+
+/// An all-to-all of device buffers over `group`, which must be an NCCL
+/// communicator: its stream waits for `ready` (the rows to send written),
+/// and no longer, so what the device does after that runs alongside. The
+/// buffers' counts are in elements; `recv` must exist before `ready` was
+/// recorded (see [`Overlapped`]).
+pub(super) fn nccl_all_to_all(
+    group: &mut dyn Collective,
+    op: &'static str,
+    ready: &CudaEvent,
+    send: &CudaView<'_, f32>,
+    send_counts: &[usize],
+    recv: &mut CudaViewMut<'_, f32>,
+    recv_counts: &[usize],
+) -> std::result::Result<(), DistError> {
+    let Some(nccl) = group.as_nccl() else {
+        return Err(DistError::invalid(
+            op,
+            "the group is not an NCCL communicator",
+        ));
+    };
+    nccl.stream()
+        .wait(ready)
+        .map_err(|e| DistError::invalid(op, format!("CUDA driver: {e}")))?;
+    nccl.all_to_all_device(send, send_counts, recv, recv_counts)
 }
 
 fn download_rows(gpu: &Gpu, rows: Option<&CudaSlice<f32>>) -> Result<Vec<f32>> {
