@@ -521,6 +521,50 @@ async fn deleting_a_job_garbage_collects_its_children() -> Result<()> {
     ns.delete().await
 }
 
+/// A two-pod gang's namespace and the APIs the operator-restart tests use.
+struct Gang {
+    ns: TestNamespace,
+    jobs: Api<MoETrainingJob>,
+    pods: Api<Pod>,
+    k8s_jobs: Api<Job>,
+}
+
+/// A two-pod GPU job `name` (backoffLimit 3) Running, then its operator
+/// stopped: what happens next happens while no operator runs.
+async fn running_gang_then_operator_down(prefix: &str, name: &str) -> Result<Gang> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, prefix).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let op = Operator::start(&ns.name).await?;
+    let job = gpu_job(name, 2, json!({"spec": {"runPolicy": {"backoffLimit": 3}}}));
+    jobs.create(&PostParams::default(), &job).await?;
+    wait_phase(&jobs, name, TrainingPhase::Running).await?;
+    drop(op);
+    Ok(Gang {
+        ns,
+        jobs,
+        pods,
+        k8s_jobs,
+    })
+}
+
+/// Waits for the attempt Job `name` to carry `Failed=True`.
+async fn attempt_job_failed(k8s_jobs: &Api<Job>, name: &str) -> Result<()> {
+    eventually(&format!("Job {name} to fail"), WAIT, || async {
+        let j = k8s_jobs.get(name).await?;
+        let failed = j
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.status == "True");
+        Ok(failed.then_some(()))
+    })
+    .await
+}
+
 /// The cause of a failed attempt is the Job controller's pod-failure-policy
 /// verdict, judged when the first pod failed, not the pods as a restarted
 /// operator lists them later: here the gang's other pod is held in its
@@ -528,23 +572,12 @@ async fn deleting_a_job_garbage_collects_its_children() -> Result<()> {
 /// must not turn a worker's exit code into an uncounted disruption.
 #[tokio::test]
 async fn a_teardown_disruption_does_not_hide_the_exit_that_failed_the_gang() -> Result<()> {
-    let client = admin_client().await?;
-    let ns = restricted_ns(&client, "mtj-verdict").await?;
-    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
-    let op = Operator::start(&ns.name).await?;
-    jobs.create(
-        &PostParams::default(),
-        &gpu_job(
-            "verdict",
-            2,
-            json!({"spec": {"runPolicy": {"backoffLimit": 3}}}),
-        ),
-    )
-    .await?;
-    wait_phase(&jobs, "verdict", TrainingPhase::Running).await?;
-    drop(op);
+    let Gang {
+        ns,
+        jobs,
+        pods,
+        k8s_jobs,
+    } = running_gang_then_operator_down("mtj-verdict", "verdict").await?;
 
     // Pod 1 is held in its teardown; pod 0 fails and fails the Job.
     let list = pods_of(&pods, "verdict", 0).await?;
@@ -555,17 +588,7 @@ async fn a_teardown_disruption_does_not_hide_the_exit_that_failed_the_gang() -> 
         .await?;
     let outcome = async {
         fail_pod(&pods, &failing, 1).await?;
-        eventually("Job verdict-a0 to fail", WAIT, || async {
-            let j = k8s_jobs.get("verdict-a0").await?;
-            let failed = j
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Failed" && c.status == "True");
-            Ok(failed.then_some(()))
-        })
-        .await?;
+        attempt_job_failed(&k8s_jobs, "verdict-a0").await?;
         // What a teardown may leave on a pod: a disruption condition.
         let disrupted = json!({"status": {"conditions": [{
             "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
@@ -599,38 +622,17 @@ async fn a_teardown_disruption_does_not_hide_the_exit_that_failed_the_gang() -> 
 
 #[tokio::test]
 async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -> Result<()> {
-    let client = admin_client().await?;
-    let ns = restricted_ns(&client, "mtj-restart").await?;
-    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
-    let op = Operator::start(&ns.name).await?;
-    jobs.create(
-        &PostParams::default(),
-        &gpu_job(
-            "mid",
-            2,
-            json!({"spec": {"runPolicy": {"backoffLimit": 3}}}),
-        ),
-    )
-    .await?;
-    wait_phase(&jobs, "mid", TrainingPhase::Running).await?;
-    drop(op);
+    let Gang {
+        ns,
+        jobs,
+        pods,
+        k8s_jobs,
+    } = running_gang_then_operator_down("mtj-restart", "mid").await?;
 
     // While no operator runs, a worker fails and the attempt's Job fails.
     let list = pods_of(&pods, "mid", 0).await?;
     fail_pod(&pods, &list[0].name_any(), 1).await?;
-    eventually("Job mid-a0 to fail", WAIT, || async {
-        let j = k8s_jobs.get("mid-a0").await?;
-        let failed = j
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Failed" && c.status == "True");
-        Ok(failed.then_some(()))
-    })
-    .await?;
+    attempt_job_failed(&k8s_jobs, "mid-a0").await?;
 
     let _op = Operator::start(&ns.name).await?;
     eventually("attempt 1 to run", WAIT, || async {
