@@ -12,11 +12,14 @@ __device__ __forceinline__ unsigned char encode_e4m3(float x, float scale) {
 }
 
 // 1x128 tiles (activations): one warp per (row, tile), 4 values per lane.
-// codes: [rows, cols]; scales: [rows, ceil(cols / 128)], or with
-// `outer_major` [ceil(cols / 128), rows], the layout cuBLASLt's VEC128
-// scales take (one row of scales per K slice).
+// codes: [rows, code_stride], code_stride >= cols; the codes between `cols`
+// and `code_stride` are zero (E4M3 +0, nothing added to a dot product): a
+// K-major operand of cuBLASLt's FP8 GEMM padded to whole 128-wide K slices.
+// scales: [rows, ceil(cols / 128)], or with `outer_major`
+// [ceil(cols / 128), rows], the layout cuBLASLt's VEC128 scales take (one
+// row of scales per K slice).
 extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* scales, const float* x, int rows,
-                                                  int cols, int outer_major) {
+                                                  int cols, int code_stride, int outer_major) {
     const int lane = threadIdx.x & 31;
     const int tiles_per_row = (cols + 127) / 128;
     const size_t tile = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -33,17 +36,56 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
     const float scale = scale_for_amax(warp_max(amax));
     for (int i = 0; i < 4; ++i) {
         const int col = col0 + lane + 32 * i;
-        if (col < cols) codes[row * cols + col] = encode_e4m3(v[i], scale);
+        if (col < cols)
+            codes[row * code_stride + col] = encode_e4m3(v[i], scale);
+        else if (col < code_stride)
+            codes[row * code_stride + col] = 0;
     }
     if (lane == 0) scales[outer_major ? (tile % tiles_per_row) * rows + row : tile] = scale;
 }
 
+// The 1x128 tiles of the transpose of x: [k, m] (row-major), i.e. its 128x1
+// tiles, written K-major for a GEMM whose inner dimension runs down x's
+// columns (the weight gradient's K is the tokens). codes: [m, code_stride]
+// (zero past k); scales as fp8_quantize_1x128_f32's for the transpose
+// ([ceil(k / 128), m] with `outer_major`, else [m, ceil(k / 128)]). The same
+// codes and scales as the 128x1 quantiser, transposed. One block of 256
+// threads per 128 (k) x 32 (m) tile: reads coalesced along m into shared
+// memory (rows padded to 33 floats against bank conflicts), then one warp
+// per 4 columns takes the amax and writes that column's codes along k.
+extern "C" __global__ void fp8_quantize_1x128_t_f32(unsigned char* codes, float* scales, const float* x, int k, int m,
+                                                    int code_stride, int outer_major) {
+    __shared__ float tile[128][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int m0 = blockIdx.x * 32, kt = blockIdx.y, k0 = kt * 128;
+    for (int r = warp; r < 128; r += 8) {
+        const int kk = k0 + r, mm = m0 + lane;
+        tile[r][lane] = (kk < k && mm < m) ? x[(size_t)kk * m + mm] : 0.0f;
+    }
+    __syncthreads();
+    const int k_tiles = (k + 127) / 128;
+    for (int c = warp * 4; c < warp * 4 + 4; ++c) {
+        const size_t mm = (size_t)m0 + c;
+        if (mm >= (size_t)m) break;  // the same for the whole warp
+        float amax = 0.0f;
+        for (int q = 0; q < 4; ++q) amax = fmaxf(amax, fabsf(tile[lane + 32 * q][c]));
+        const float scale = scale_for_amax(warp_max(amax));
+        for (int q = 0; q < 4; ++q) {
+            const int kk = k0 + lane + 32 * q;
+            if (kk < code_stride)
+                codes[mm * code_stride + kk] = kk < k ? encode_e4m3(tile[lane + 32 * q][c], scale) : 0;
+        }
+        if (lane == 0) scales[outer_major ? (size_t)kt * m + mm : mm * k_tiles + kt] = scale;
+    }
+}
+
 // 128x128 blocks (weights): one block of 256 threads per tile.
-// scales: [ceil(rows / 128), scale_stride], scale_stride >= ceil(cols / 128):
-// cuBLASLt's BLK128x128 scales want each row of K blocks padded to a
-// multiple of 4.
+// codes: [rows, code_stride] (zero between `cols` and `code_stride`, as
+// fp8_quantize_1x128_f32's); scales: [ceil(rows / 128), scale_stride],
+// scale_stride >= ceil(cols / 128): cuBLASLt's BLK128x128 scales want each
+// row of K blocks padded to a multiple of 4.
 extern "C" __global__ void fp8_quantize_128x128_f32(unsigned char* codes, float* scales, const float* w, int rows,
-                                                    int cols, int scale_stride) {
+                                                    int cols, int code_stride, int scale_stride) {
     __shared__ float scratch[32];
     const int tile_row = blockIdx.y, tile_col = blockIdx.x;
     const int r0 = tile_row * 128, c0 = tile_col * 128;
@@ -54,10 +96,43 @@ extern "C" __global__ void fp8_quantize_128x128_f32(unsigned char* codes, float*
         amax = fmaxf(amax, fabsf(w[(size_t)(r0 + i / width) * cols + c0 + i % width]));
     const float scale = scale_for_amax(block_max(amax, scratch));
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
-        const size_t at = (size_t)(r0 + i / width) * cols + c0 + i % width;
-        codes[at] = encode_e4m3(w[at], scale);
+        const int r = r0 + i / width, c = c0 + i % width;
+        codes[(size_t)r * code_stride + c] = encode_e4m3(w[(size_t)r * cols + c], scale);
     }
+    // The last block column also zeroes its rows' padding.
+    const int pad = c1 == cols ? min(c0 + 128, code_stride) - cols : 0;
+    for (int i = threadIdx.x; i < (r1 - r0) * pad; i += blockDim.x)
+        codes[(size_t)(r0 + i / pad) * code_stride + cols + i % pad] = 0;
     if (threadIdx.x == 0) scales[(size_t)tile_row * scale_stride + tile_col] = scale;
+}
+
+// The 128x128 blocks of the transpose of w: [k, n] (row-major), written
+// K-major, [n, code_stride] (zero past k), scales [ceil(n / 128),
+// scale_stride] by (n block, k block). A block of the transpose is the
+// transpose of a block (same amax, same scale, same codes), so this is
+// fp8_quantize_128x128_f32 of w with the result transposed: the input
+// gradient's `dy @ w` wants w's blocks along its out dimension. One block of
+// 256 threads per tile: the amax reads along n, the codes are written along
+// k (the reads that feed them are strided; a weight is quantised once per
+// GEMM, far from the step's bottleneck).
+extern "C" __global__ void fp8_quantize_128x128_t_f32(unsigned char* codes, float* scales, const float* w, int k,
+                                                      int n, int code_stride, int scale_stride) {
+    __shared__ float scratch[32];
+    const int kb = blockIdx.x, nb = blockIdx.y;
+    const int k0 = kb * 128, n0 = nb * 128;
+    const int k1 = min(k0 + 128, k), n1 = min(n0 + 128, n);
+    const int width = n1 - n0, count = (k1 - k0) * width;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < count; i += blockDim.x)
+        amax = fmaxf(amax, fabsf(w[(size_t)(k0 + i / width) * n + n0 + i % width]));
+    const float scale = scale_for_amax(block_max(amax, scratch));
+    // Codes (and the padding past k) of each of the block's rows of the transpose.
+    const int span = min(k0 + 128, code_stride) - k0;
+    for (int i = threadIdx.x; i < width * span; i += blockDim.x) {
+        const int c = n0 + i / span, kk = k0 + i % span;
+        codes[(size_t)c * code_stride + kk] = kk < k ? encode_e4m3(w[(size_t)kk * n + c], scale) : 0;
+    }
+    if (threadIdx.x == 0) scales[(size_t)nb * scale_stride + kb] = scale;
 }
 
 // 128x1 tiles (activations and gradients for the weight-gradient GEMM, whose
@@ -113,4 +188,16 @@ extern "C" __global__ void fp8_gemm_abt_f32(float* out, const unsigned char* a, 
             total += slice * a_scales[(size_t)m * k_tiles + kb] * b_scales[(size_t)(n / 128) * k_tiles + kb];
     }
     if (m < m_rows && n < n_rows) out[(size_t)m * n_rows + n] = total;
+}
+
+// out[r, c] (+)= src[r * src_ld + c] for out: [rows, width]: an FP8 GEMM's
+// result, written by cuBLASLt into an aligned scratch with padded rows,
+// moved into (or added onto) its destination, which may be any view.
+extern "C" __global__ void fp8_unpad_rows_f32(float* out, const float* src, int rows, int width, int src_ld,
+                                              int accumulate) {
+    const size_t total = (size_t)rows * width;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const float v = src[(i / width) * src_ld + i % width];
+        out[i] = accumulate ? out[i] + v : v;
+    }
 }

@@ -72,9 +72,12 @@ pub const FP8: Family = family!(
     "fp8",
     [
         "fp8_quantize_1x128_f32",
+        "fp8_quantize_1x128_t_f32",
         "fp8_quantize_128x128_f32",
+        "fp8_quantize_128x128_t_f32",
         "fp8_quantize_128x1_f32",
         "fp8_gemm_abt_f32",
+        "fp8_unpad_rows_f32",
     ]
 );
 pub const ATTENTION: Family = family!(

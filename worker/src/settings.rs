@@ -308,10 +308,13 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
         "device",
         "is cuda, but this worker was built without CUDA (backends: cpu); use the CUDA worker image or device: cpu".to_owned(),
     )?;
+    // The blockwise recipe's scales are computed per tile on the device;
+    // the tensorwise recipe's delayed scales keep amax histories on the host.
+    let fp8 = &config.training.precision.fp8;
     require(
-        !config.training.precision.fp8.enabled,
-        "training.precision.fp8",
-        "is enabled, but FP8 training runs on the CPU emulation only so far; disable it or use device: cpu".to_owned(),
+        !fp8.enabled || fp8.recipe != Fp8Recipe::Tensorwise,
+        "training.precision.fp8.recipe",
+        "is tensorwise, but the CUDA trainer runs FP8 with the blockwise recipe only so far; use recipe: blockwise or device: cpu".to_owned(),
     )?;
     require(
         config.model.hidden_size % 4 == 0,
@@ -653,6 +656,32 @@ mod tests {
             .unwrap_or_else(|e| panic!("{parallelism}: {e}"));
             assert_eq!(settings.sequence_parallel, 2);
             assert_eq!(settings.model.moe.aux_loss_alpha, 0.001);
+        }
+    }
+
+    /// The device trainer runs FP8 with the blockwise recipe and refuses
+    /// the tensorwise one, naming the recipe (a CPU-only build refuses the
+    /// device first).
+    #[test]
+    fn cuda_runs_blockwise_fp8_and_refuses_tensorwise() {
+        for recipe in ["blockwise", "tensorwise"] {
+            let settings = TrainSettings::from_config(&config(|c| {
+                c["device"] = "cuda".into();
+                c["training"]["precision"] = json!({"fp8": {"enabled": true, "recipe": recipe}});
+            }));
+            match (moe_kernels::CUDA_ENABLED, recipe, settings) {
+                (true, "blockwise", Ok(settings)) => assert_eq!(
+                    settings.model.gemm_precision,
+                    GemmPrecision::Fp8(fp8::Fp8Recipe::Blockwise)
+                ),
+                (true, "tensorwise", Err(SettingsError::Invalid { field, .. })) => {
+                    assert_eq!(field, "training.precision.fp8.recipe");
+                }
+                (false, _, Err(SettingsError::Invalid { field, .. })) => {
+                    assert_eq!(field, "device", "{recipe}");
+                }
+                (cuda, _, other) => panic!("{recipe}, CUDA build {cuda}: {other:?}"),
+            }
         }
     }
 

@@ -17,7 +17,8 @@ use super::{
     Gpu, Result, adamw, attention, cross_entropy, dispatch, embedding, fp8, matmul, rmsnorm, rope,
     routing, swiglu,
 };
-use crate::fp8::quantize::{Fp8Matrix, TileShape};
+use crate::fp8::quantize::{Fp8Matrix, TILE, TileShape};
+use crate::linear::{GemmPrecision, Linears};
 use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
 use crate::moe::dispatch::Dispatch;
 use crate::ops;
@@ -803,8 +804,105 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 ));
             }
         }
+        // The FP8 GEMMs' K-major operands, padded to whole K slices: as
+        // stored (1×128 tiles, 128×128 blocks) and transposed (the stored
+        // matrix's 128×1 tiles and its blocks).
+        for (tile_name, tile, transposed, cpu_tile) in [
+            ("1x128", TileShape::ROW, false, TileShape::ROW),
+            ("128x128", TileShape::BLOCK, false, TileShape::BLOCK),
+            ("1x128 transposed", TileShape::ROW, true, TileShape::COLUMN),
+            (
+                "128x128 transposed",
+                TileShape::BLOCK,
+                true,
+                TileShape::BLOCK,
+            ),
+        ] {
+            let cpu = Fp8Matrix::quantize(&m, rows, cols, cpu_tile);
+            let (op_rows, op_cols) = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let operand = fp8::Operand {
+                rows: op_rows,
+                cols: op_cols,
+                transposed,
+                stride: op_cols.next_multiple_of(TILE),
+            };
+            let device = fp8::quantize_operand(
+                gpu,
+                &gpu.upload(&m)?.slice(..),
+                operand,
+                tile,
+                ScaleLayout::Cublaslt,
+            )?;
+            let case = format!("operand {tile_name} {name}");
+            let (codes, scales) = operand_as_stored(gpu, &device, transposed)?;
+            checks.push(exact("fp8.operand_codes", &case, &codes, cpu.codes()));
+            checks.push(exact(
+                "fp8.operand_padding",
+                &case,
+                &padding(&gpu.download(&device.codes)?, op_cols, operand.stride),
+                &vec![0u8; op_rows * (operand.stride - op_cols)],
+            ));
+            let expected: Vec<f32> = scales.iter().map(|&(r, c)| cpu.scale_at(r, c)).collect();
+            checks.push(exact(
+                "fp8.operand_scales",
+                &case,
+                &bits(&device.row_major_scales(gpu)?),
+                &bits(&expected),
+            ));
+        }
     }
     Ok(checks)
+}
+
+/// Codes, and for each scale an element of the stored matrix its tile covers.
+type StoredOperand = (Vec<u8>, Vec<(usize, usize)>);
+
+/// A [`fp8::quantize_operand`] result back in the stored matrix's
+/// orientation: its codes without the padding, and for each of its scales
+/// (row-major over its own tile grid) an element of the stored matrix that
+/// the scale's tile covers.
+fn operand_as_stored(
+    gpu: &Gpu,
+    device: &fp8::DeviceFp8,
+    transposed: bool,
+) -> Result<StoredOperand> {
+    let (rows, cols, stride) = (device.rows, device.cols, device.stride);
+    let padded = gpu.download(&device.codes)?;
+    let at = |r: usize, c: usize| padded[r * stride + c];
+    let codes = if transposed {
+        (0..cols)
+            .flat_map(|c| (0..rows).map(move |r| (r, c)))
+            .map(|(r, c)| at(r, c))
+            .collect()
+    } else {
+        (0..rows)
+            .flat_map(|r| (0..cols).map(move |c| (r, c)))
+            .map(|(r, c)| at(r, c))
+            .collect()
+    };
+    let tile_rows = if device.tile == TileShape::BLOCK {
+        rows.div_ceil(TILE)
+    } else {
+        rows
+    };
+    let row_step = device.tile.rows;
+    let scales = (0..tile_rows)
+        .flat_map(|i| (0..cols.div_ceil(TILE)).map(move |j| (i * row_step, j * TILE)))
+        .map(|(r, c)| if transposed { (c, r) } else { (r, c) })
+        .collect();
+    Ok((codes, scales))
+}
+
+/// The codes between `cols` and `stride` of every row.
+fn padding(codes: &[u8], cols: usize, stride: usize) -> Vec<u8> {
+    codes
+        .chunks(stride)
+        .flat_map(|row| row[cols..].iter().copied())
+        .collect()
 }
 
 /// The FP8 forward GEMM against [`crate::fp8::gemm::forward`]: identical
@@ -1154,6 +1252,7 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         ));
     }
     checks.extend(check_bf16_linear(gpu)?);
+    checks.extend(check_fp8_linear(gpu)?);
     let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
     let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
     let (x, w) = (
@@ -1201,38 +1300,80 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
 /// differs (about 1e-7 of the largest output; TF32 on the unrounded
 /// operands would be 1e-3 off, and a truncating cast 1e-3 too).
 fn check_bf16_linear(gpu: &Gpu) -> Result<Vec<Check>> {
-    use crate::linear::{GemmPrecision, Linears};
-    let linear = Linears::new(GemmPrecision::Bf16, &[]).get(0);
+    let shapes = [(100, 512, 384, 0), (1, 64, 32, 0), (37, 130, 6, 0)];
+    check_linear(gpu, GemmPrecision::Bf16, Arithmetic::Bf16, &shapes, 1e-5)
+}
+
+/// A linear layer's three GEMMs in FP8 (`fp8.enabled`, blockwise) against
+/// the CPU's [`crate::fp8::gemm`]: the device quantises each operand along
+/// its GEMM's K as the CPU does (1×128 activation tiles, 128×128 weight
+/// blocks, the weight gradient's 128×1 token tiles; see
+/// [`matmul::gemm`]), so only the tensor cores' accumulation differs
+/// (1.9e-4 of the largest output measured for the forward GEMM; a wrong
+/// tiling, scale layout or transposition is off by O(1)). Shapes with a K
+/// that is not a multiple of 128 (zero-padded slices), a single row, an
+/// odd output width, and outputs at an unaligned offset (through the
+/// scratch path).
+fn check_fp8_linear(gpu: &Gpu) -> Result<Vec<Check>> {
+    let shapes = [
+        (256, 512, 384, 0),
+        (130, 300, 200, 0),
+        (1, 64, 48, 0),
+        (37, 136, 6, 1),
+        (200, 2048, 512, 3),
+    ];
+    let precision = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Blockwise);
+    check_linear(gpu, precision, Arithmetic::Fp8, &shapes, 1e-3)
+}
+
+/// `forward`, then `backward` adding onto non-zero gradients (as the
+/// trainer accumulates), of one linear layer `(rows, in, out)` on the CPU
+/// in `precision` and through [`matmul`] in `arithmetic`, the device's
+/// outputs `offset` values into their buffers; each within `fraction` of
+/// the largest reference value.
+fn check_linear(
+    gpu: &Gpu,
+    precision: GemmPrecision,
+    arithmetic: Arithmetic,
+    shapes: &[(usize, usize, usize, usize)],
+    fraction: f64,
+) -> Result<Vec<Check>> {
+    let linear = Linears::new(precision, &[]).get(0);
     let mut checks = Vec::new();
-    for (rows, in_dim, out_dim) in [(100, 512, 384), (1, 64, 32), (37, 130, 6)] {
-        let case = format!("bf16 {rows}x{in_dim} -> {out_dim}");
+    for &(rows, in_dim, out_dim, offset) in shapes {
+        let case = format!("{arithmetic:?} {rows}x{in_dim} -> {out_dim}, offset {offset}");
         let (x, w) = (random(rows * in_dim, 54), random(out_dim * in_dim, 55));
         let dout = random(rows * out_dim, 56);
         let mut out = vec![0.0; rows * out_dim];
         linear.forward(&mut out, &x, &w, in_dim, out_dim);
-        // Gradients added onto non-zero values, as the trainer accumulates.
         let (dx0, dw0) = (random(x.len(), 57), random(w.len(), 58));
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
         linear.backward(&mut dx, &mut dw, &dout, &x, &w, in_dim, out_dim);
 
         let (x_d, w_d, dout_d) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dout)?);
-        let mut out_d = gpu.zeros(rows * out_dim)?;
-        matmul::forward(
+        let (x_v, w_v, dout_v) = (x_d.slice(..), w_d.slice(..), dout_d.slice(..));
+        // Each output `offset` values into a buffer of its own.
+        let placed = |values: &[f32]| {
+            let mut buffer = vec![0.0f32; offset];
+            buffer.extend_from_slice(values);
+            gpu.upload(&buffer)
+        };
+        let mut out_d = placed(&vec![0.0; out.len()])?;
+        matmul::forward_view(
             gpu,
-            Arithmetic::Bf16,
-            &mut out_d,
-            &x_d,
-            &w_d,
+            arithmetic,
+            &mut out_d.slice_mut(offset..),
+            &x_v,
+            &w_v,
             in_dim,
             out_dim,
+            false,
         )?;
-        let (mut dx_d, mut dw_d) = (gpu.upload(&dx0)?, gpu.upload(&dw0)?);
-        let (x_v, w_v, dout_v) = (x_d.slice(..), w_d.slice(..), dout_d.slice(..));
-        let arithmetic = Arithmetic::Bf16;
+        let (mut dx_d, mut dw_d) = (placed(&dx0)?, placed(&dw0)?);
         matmul::gemm(
             gpu,
             arithmetic,
-            &mut dx_d.slice_mut(..),
+            &mut dx_d.slice_mut(offset..),
             &dout_v,
             false,
             &w_v,
@@ -1243,7 +1384,7 @@ fn check_bf16_linear(gpu: &Gpu) -> Result<Vec<Check>> {
         matmul::gemm(
             gpu,
             arithmetic,
-            &mut dw_d.slice_mut(..),
+            &mut dw_d.slice_mut(offset..),
             &dout_v,
             true,
             &x_v,
@@ -1252,16 +1393,16 @@ fn check_bf16_linear(gpu: &Gpu) -> Result<Vec<Check>> {
             true,
         )?;
         for (op, device, host) in [
-            ("matmul.bf16_forward", &out_d, &out),
-            ("matmul.bf16_input_grad", &dx_d, &dx),
-            ("matmul.bf16_weight_grad", &dw_d, &dw),
+            ("matmul.linear_forward", &out_d, &out),
+            ("matmul.linear_input_grad", &dx_d, &dx),
+            ("matmul.linear_weight_grad", &dw_d, &dw),
         ] {
             checks.push(close_to_scale(
                 op,
                 &case,
-                &gpu.download(device)?,
+                &gpu.download(device)?[offset..],
                 host,
-                1e-5,
+                fraction,
             ));
         }
     }

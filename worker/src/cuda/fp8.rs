@@ -3,7 +3,7 @@
 
 use super::{Gpu, Result, int};
 use crate::fp8::quantize::{TILE, TileShape};
-use moe_kernels::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use moe_kernels::registry::FP8;
 
 /// How a [`DeviceFp8`]'s scales are laid out in memory.
@@ -26,7 +26,10 @@ pub struct DeviceFp8 {
     pub rows: usize,
     pub cols: usize,
     pub tile: TileShape,
-    /// `[rows, cols]` E4M3 codes.
+    /// Codes per stored row, `cols` or more: an operand of cuBLASLt's FP8
+    /// GEMM is padded with zero codes to whole 128-wide K slices.
+    pub stride: usize,
+    /// `[rows, stride]` E4M3 codes.
     pub codes: CudaSlice<u8>,
     /// One f32 per tile, laid out as `layout` says.
     pub scales: CudaSlice<f32>,
@@ -83,23 +86,7 @@ pub fn quantize_with_layout(
         "128x1 scales have only the row-major layout"
     );
     assert_eq!(m.len(), rows * cols, "fp8 input shape");
-    let tile_cols = cols.div_ceil(TILE);
-    let (rows_i, cols_i) = (int(rows), int(cols));
-
-    let (entry, tile_rows, config) = if tile == TileShape::ROW {
-        // One warp per tile, 8 warps per block.
-        let tiles = rows * tile_cols;
-        let config = super::grid(tiles.div_ceil(8).max(1), 256, 0);
-        ("fp8_quantize_1x128_f32", rows, config)
-    } else if tile == TileShape::BLOCK {
-        let tile_rows = rows.div_ceil(TILE);
-        let config = LaunchConfig {
-            grid_dim: (tile_cols.max(1) as u32, tile_rows.max(1) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        ("fp8_quantize_128x128_f32", tile_rows, config)
-    } else if tile == TileShape::COLUMN {
+    if tile == TileShape::COLUMN {
         // One thread per (128-row tile, column).
         let tile_rows = rows.div_ceil(TILE);
         let config = LaunchConfig {
@@ -108,8 +95,60 @@ pub fn quantize_with_layout(
             shared_mem_bytes: 0,
         };
         return quantize_columns(gpu, m, rows, cols, tile_rows, config);
+    }
+    let operand = Operand {
+        rows,
+        cols,
+        transposed: false,
+        stride: cols,
+    };
+    quantize_operand(gpu, &m.slice(..), operand, tile, layout)
+}
+
+/// A GEMM operand `[rows, cols]` to quantise along its rows (K = `cols`).
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    pub rows: usize,
+    pub cols: usize,
+    /// Stored as its transpose, `[cols, rows]`: the input gradient's weight
+    /// (`dy @ w`) and both operands of the weight gradient (`dyᵀ @ x`).
+    pub transposed: bool,
+    /// Codes per row of the result, at least `cols`, the rest zero.
+    pub stride: usize,
+}
+
+/// Quantises `operand` (read from `m`) in 1×128 tiles ([`TileShape::ROW`])
+/// or 128×128 blocks ([`TileShape::BLOCK`]), its codes written row-major
+/// whatever the stored orientation: K-major, as cuBLASLt's FP8 GEMM reads
+/// both operands. A transposed operand's 1×128 tiles are the stored
+/// matrix's 128×1 tiles, and its blocks the stored matrix's blocks, so the
+/// codes and scales are the CPU's [`crate::fp8::quantize::Fp8Matrix`] of
+/// the stored matrix in that tiling, transposed.
+pub fn quantize_operand(
+    gpu: &Gpu,
+    m: &CudaView<'_, f32>,
+    operand: Operand,
+    tile: TileShape,
+    layout: ScaleLayout,
+) -> Result<DeviceFp8> {
+    let Operand {
+        rows,
+        cols,
+        transposed,
+        stride,
+    } = operand;
+    assert_eq!(m.len(), rows * cols, "fp8 input shape");
+    let tile_cols = cols.div_ceil(TILE);
+    assert!(
+        stride >= cols && stride <= tile_cols * TILE,
+        "fp8 code stride {stride} for {cols} columns"
+    );
+    let tile_rows = if tile == TileShape::ROW {
+        rows
+    } else if tile == TileShape::BLOCK {
+        rows.div_ceil(TILE)
     } else {
-        panic!("the CUDA quantiser supports 1x128, 128x1 and 128x128 tiles, not {tile:?}");
+        panic!("GEMM operands are quantised in 1x128 tiles or 128x128 blocks, not {tile:?}");
     };
     // 128×128 scale rows padded for cuBLASLt; the padding is zeroed, every
     // other code and scale is written by the quantiser.
@@ -123,7 +162,8 @@ pub fn quantize_with_layout(
         rows,
         cols,
         tile,
-        codes: gpu.output(rows * cols)?,
+        stride,
+        codes: gpu.output(rows * stride)?,
         scales: if scale_stride == tile_cols {
             gpu.output(scale_count)?
         } else {
@@ -134,16 +174,46 @@ pub fn quantize_with_layout(
     if rows == 0 || cols == 0 {
         return Ok(quantized);
     }
+    let (entry, config) = match (tile == TileShape::ROW, transposed) {
+        // One warp per tile, 8 warps per block.
+        (true, false) => (
+            "fp8_quantize_1x128_f32",
+            super::grid((rows * tile_cols).div_ceil(8), 256, 0),
+        ),
+        // A block per 128 (K) × 32 (rows) tile.
+        (true, true) => (
+            "fp8_quantize_1x128_t_f32",
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(32) as u32, tile_cols as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+        // A block per 128×128 tile.
+        (false, false) => ("fp8_quantize_128x128_f32", block_grid(tile_cols, tile_rows)),
+        (false, true) => (
+            "fp8_quantize_128x128_t_f32",
+            block_grid(tile_cols, tile_rows),
+        ),
+    };
     let f = gpu.function(&FP8, entry)?;
+    // The transposing kernels take the stored matrix's shape, [cols, rows].
+    let (first, second) = if transposed {
+        (int(cols), int(rows))
+    } else {
+        (int(rows), int(cols))
+    };
+    let stride_i = int(stride);
+    let outer_major_i = i32::from(layout == ScaleLayout::Cublaslt);
+    let scale_stride_i = int(scale_stride);
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(&mut quantized.codes)
         .arg(&mut quantized.scales)
         .arg(m)
-        .arg(&rows_i)
-        .arg(&cols_i);
-    let outer_major_i = i32::from(layout == ScaleLayout::Cublaslt);
-    let scale_stride_i = int(scale_stride);
+        .arg(&first)
+        .arg(&second)
+        .arg(&stride_i);
     if tile == TileShape::ROW {
         launch.arg(&outer_major_i);
     } else {
@@ -151,6 +221,15 @@ pub fn quantize_with_layout(
     }
     unsafe { launch.launch(config) }?;
     Ok(quantized)
+}
+
+/// One block of 256 threads per 128×128 tile: `(tile columns, tile rows)`.
+fn block_grid(tile_cols: usize, tile_rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tile_cols as u32, tile_rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// 128×1 tiles: scales `[ceil(rows / 128), cols]`.
@@ -166,6 +245,7 @@ fn quantize_columns(
         rows,
         cols,
         tile: TileShape::COLUMN,
+        stride: cols,
         // Every code and scale is written by the quantiser.
         codes: gpu.output(rows * cols)?,
         scales: gpu.output(tile_rows * cols)?,
@@ -197,8 +277,11 @@ pub fn gemm_abt(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &DeviceFp8, b: &DeviceFp
         "fp8 GEMM operand tiles"
     );
     assert!(
-        a.layout == ScaleLayout::RowMajor && b.layout == ScaleLayout::RowMajor,
-        "the CUDA-core FP8 GEMM reads row-major scales"
+        a.layout == ScaleLayout::RowMajor
+            && b.layout == ScaleLayout::RowMajor
+            && a.stride == a.cols
+            && b.stride == b.cols,
+        "the CUDA-core FP8 GEMM reads unpadded codes and row-major scales"
     );
     assert!(
         a.cols == b.cols && out.len() == a.rows * b.rows,
@@ -225,5 +308,37 @@ pub fn gemm_abt(gpu: &Gpu, out: &mut CudaSlice<f32>, a: &DeviceFp8, b: &DeviceFp
         .arg(&n_i)
         .arg(&k_i);
     unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// `out[r, c] (+)= src[r * ld + c]` for `out: [rows, width]`: an FP8 GEMM's
+/// result from its aligned scratch (rows padded to `ld`) into its
+/// destination, added when `accumulate`.
+pub fn unpad_rows(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    src: &CudaSlice<f32>,
+    (rows, width, ld): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    assert!(
+        out.len() == rows * width && ld >= width && src.len() >= rows * ld,
+        "fp8 unpad shapes"
+    );
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function(&FP8, "fp8_unpad_rows_f32")?;
+    let (rows_i, width_i, ld_i) = (int(rows), int(width), int(ld));
+    let accumulate = i32::from(accumulate);
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(out)
+        .arg(src)
+        .arg(&rows_i)
+        .arg(&width_i)
+        .arg(&ld_i)
+        .arg(&accumulate);
+    unsafe { launch.launch(super::elementwise(rows * width)) }?;
     Ok(())
 }

@@ -13,6 +13,12 @@
 //! scales in [`ScaleLayout::Cublaslt`]: the weight's `[n / 128, k / 128]`
 //! row-major with rows padded to 4 K blocks, the activation's one row per K
 //! slice, `[k / 128, rows]`.
+//!
+//! The same call serves the three GEMMs of an FP8 linear layer
+//! ([`super::matmul`] with `Arithmetic::Fp8`): `w` is a weight in 128×128
+//! blocks for the forward and input-gradient GEMMs, and an activation in
+//! 1×128 tiles (`VEC128` on both operands, DeepSeek-V3's 1×128 × 1×128
+//! recipe) for the weight gradient, whose K runs over the tokens.
 
 use super::fp8::{DeviceFp8, ScaleLayout};
 use super::{Gpu, GpuError, Result};
@@ -85,18 +91,35 @@ pub fn gemm_abt<O: Fp8Output>(
     x: &DeviceFp8,
     w: &DeviceFp8,
 ) -> Result<()> {
+    gemm_abt_into(gpu, out, w.rows, x, w)
+}
+
+/// [`gemm_abt`] into `out` with `ld` values per row (`ld >= w.rows`, a
+/// multiple of 4 for f32: cuBLASLt wants 16-byte aligned columns), `x` in
+/// 1×128 tiles, `w` in 128×128 blocks or 1×128 tiles, both with cuBLASLt's
+/// scale layout and the same code stride (K padded to 128-wide slices).
+pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
+    gpu: &Gpu,
+    out: &mut D,
+    ld: usize,
+    x: &DeviceFp8,
+    w: &DeviceFp8,
+) -> Result<()> {
     assert!(
         x.tile == TileShape::ROW
-            && w.tile == TileShape::BLOCK
+            && (w.tile == TileShape::BLOCK || w.tile == TileShape::ROW)
             && x.layout == ScaleLayout::Cublaslt
             && w.layout == ScaleLayout::Cublaslt,
-        "cuBLASLt FP8 operands: x 1x128, w 128x128, both with cuBLASLt's scale layout"
+        "cuBLASLt FP8 operands: x 1x128, w 128x128 or 1x128, both with cuBLASLt's scale layout"
     );
     assert!(
-        x.cols == w.cols && out.len() == x.rows * w.rows,
+        x.cols == w.cols
+            && x.stride == w.stride
+            && ld >= w.rows
+            && (x.rows == 0 || out.len() >= (x.rows - 1) * ld + w.rows),
         "fp8 GEMM shapes"
     );
-    let (m, n, k) = (w.rows as u64, x.rows as u64, x.cols as u64);
+    let (m, n, k) = (w.rows as u64, x.rows as u64, x.stride as u64);
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -131,7 +154,12 @@ pub fn gemm_abt<O: Fp8Output>(
             sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32;
         let vec128 =
             sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
-        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &block)?;
+        let a_mode = if w.tile == TileShape::BLOCK {
+            block
+        } else {
+            vec128
+        };
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode)?;
         set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec128)?;
         set_desc(
             desc,
@@ -149,7 +177,7 @@ pub fn gemm_abt<O: Fp8Output>(
     descriptors.layouts.push(a_layout);
     let b_layout = result::create_matrix_layout(e4m3, k, n, k as i64)?;
     descriptors.layouts.push(b_layout);
-    let d_layout = result::create_matrix_layout(O::DATA_TYPE, m, n, m as i64)?;
+    let d_layout = result::create_matrix_layout(O::DATA_TYPE, m, n, ld as i64)?;
     descriptors.layouts.push(d_layout);
     descriptors.pref = result::create_matmul_pref()?;
     let bytes = workspace_bytes as u64;

@@ -9,8 +9,13 @@
 //! scratch buffers) and runs a bf16 GEMM with f32 accumulation and output:
 //! twice TF32's tensor-core rate on Hopper, and the CPU's
 //! [`crate::linear::Linear::Bf16`] up to the order of the f32 sums.
+//! [`Arithmetic::Fp8`] quantises both operands to E4M3 with block scales
+//! and runs cuBLASLt's block-scaled FP8 GEMM (see [`gemm`]): the CPU's
+//! [`crate::fp8::gemm`] on the same codes and scales.
 
-use super::{Gpu, Result, int, lt_plan, vector};
+use super::fp8::{self, ScaleLayout};
+use super::{Gpu, Result, fp8_gemm, int, lt_plan, vector};
+use crate::fp8::{Fp8Recipe, TILE, TileShape};
 use crate::linear::GemmPrecision;
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
@@ -25,16 +30,21 @@ pub enum Arithmetic {
     Tf32,
     /// Operands rounded to bf16, exact products, f32 sums (`compute: bf16`).
     Bf16,
+    /// E4M3 operands with just-in-time block scales, f32 accumulation and
+    /// output (`fp8.enabled` with the blockwise recipe).
+    Fp8,
 }
 
 impl Arithmetic {
-    /// The device arithmetic of a model's `precision`; `None` for FP8,
-    /// which the device trainer does not run yet.
+    /// The device arithmetic of a model's `precision`; `None` for FP8's
+    /// tensorwise recipe, which the device trainer does not run yet (its
+    /// delayed scales' amax histories live on the host).
     pub fn of(precision: GemmPrecision) -> Option<Self> {
         match precision {
             GemmPrecision::Fp32 => Some(Self::Tf32),
             GemmPrecision::Bf16 => Some(Self::Bf16),
-            GemmPrecision::Fp8(_) => None,
+            GemmPrecision::Fp8(Fp8Recipe::Blockwise) => Some(Self::Fp8),
+            GemmPrecision::Fp8(Fp8Recipe::Tensorwise) => None,
         }
     }
 }
@@ -175,6 +185,10 @@ pub fn forward_exact(
 /// `a_transposed` means `a` is stored `[k, m]`, `b_transposed` that `b` is
 /// stored `[n, k]`. The backward GEMMs: `dx = dy @ w` (`w` as stored) and
 /// `dw += dyᵀ @ x` (`dy` transposed), in `arithmetic`.
+///
+/// [`Arithmetic::Fp8`] takes the operands' roles from that pattern, the
+/// only three a linear layer has: `b` is the weight unless `a` is
+/// transposed (see [`gemm_fp8`]).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     gpu: &Gpu,
@@ -200,6 +214,18 @@ pub fn gemm(
             gpu.stream().memset_zeros(c)?;
         }
         return Ok(());
+    }
+    if arithmetic == Arithmetic::Fp8 {
+        return gemm_fp8(
+            gpu,
+            c,
+            a,
+            a_transposed,
+            b,
+            b_transposed,
+            (m, n, k),
+            accumulate,
+        );
     }
     // Column-major, cᵀ [n, m] = op_b(b)ᵀ op_a(a)ᵀ: cuBLASLt's A is `b`, its B is `a`.
     let cfg = MatmulConfig {
@@ -303,6 +329,7 @@ fn plan_matmul(
         operands: match arithmetic {
             Arithmetic::Tf32 => lt_plan::Operands::F32,
             Arithmetic::Bf16 => lt_plan::Operands::Bf16,
+            Arithmetic::Fp8 => unreachable!("FP8 GEMMs go through gemm_fp8"),
         },
         transa: cfg.transa,
         transb: cfg.transb,
@@ -323,8 +350,8 @@ fn plan_matmul(
     };
     let stream = gpu.stream();
     let (a16, b16) = match arithmetic {
-        Arithmetic::Tf32 => (None, None),
         Arithmetic::Bf16 => (Some(rounded(gpu, a)?), Some(rounded(gpu, b)?)),
+        Arithmetic::Tf32 | Arithmetic::Fp8 => (None, None),
     };
     let (a_ptr, _a) = match &a16 {
         Some(a16) => a16.device_ptr(stream),
@@ -355,4 +382,75 @@ fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
     let mut out = gpu.output::<bf16>(x.len())?;
     vector::to_bf16(gpu, &mut out.slice_mut(..), x)?;
     Ok(out)
+}
+
+/// [`gemm`] in FP8, DeepSeek-V3's blockwise recipe as the CPU's
+/// [`crate::fp8::gemm`] runs it: both operands quantised along K from their
+/// f32 values, written K-major (what cuBLASLt's FP8 GEMM reads) —
+/// `op(a)` in 1×128 tiles; `op(b)` in 128×128 blocks when it is a weight
+/// (the forward `x @ wᵀ` and the input gradient `dy @ w`, where `a` is
+/// stored as is), in 1×128 tiles when it is an activation (the weight
+/// gradient `dyᵀ @ x`, the only pattern with `a` transposed, whose K runs
+/// over the tokens: the CPU's 128×1 tiles) — then cuBLASLt's block-scaled
+/// GEMM. K is padded with zero codes to whole 128-wide slices (cuBLASLt's
+/// FP8 operands want 16-byte aligned columns; a zero adds nothing). The
+/// result is written straight into `c` when it overwrites 16-byte aligned
+/// rows, else into an aligned scratch moved or added into `c`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_fp8(
+    gpu: &Gpu,
+    c: &mut CudaViewMut<'_, f32>,
+    a: &CudaView<'_, f32>,
+    a_transposed: bool,
+    b: &CudaView<'_, f32>,
+    b_transposed: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    assert!(
+        !(a_transposed && b_transposed),
+        "an FP8 GEMM is a linear layer's forward, input or weight gradient; none has both operands transposed"
+    );
+    let stride = k.next_multiple_of(TILE);
+    let layout = ScaleLayout::Cublaslt;
+    let a8 = fp8::quantize_operand(
+        gpu,
+        a,
+        fp8::Operand {
+            rows: m,
+            cols: k,
+            transposed: a_transposed,
+            stride,
+        },
+        TileShape::ROW,
+        layout,
+    )?;
+    let b_tile = if a_transposed {
+        TileShape::ROW
+    } else {
+        TileShape::BLOCK
+    };
+    let b8 = fp8::quantize_operand(
+        gpu,
+        b,
+        fp8::Operand {
+            rows: n,
+            cols: k,
+            transposed: !b_transposed,
+            stride,
+        },
+        b_tile,
+        layout,
+    )?;
+    let aligned = {
+        let (ptr, _record) = c.device_ptr_mut(gpu.stream());
+        ptr % 16 == 0
+    };
+    if aligned && n.is_multiple_of(4) && !accumulate {
+        return fp8_gemm::gemm_abt_into(gpu, c, n, &a8, &b8);
+    }
+    let ld = n.next_multiple_of(4);
+    let mut scratch = gpu.output::<f32>(m * ld)?;
+    fp8_gemm::gemm_abt_into(gpu, &mut scratch, ld, &a8, &b8)?;
+    fp8::unpad_rows(gpu, c, &scratch, (m, n, ld), accumulate)
 }

@@ -265,7 +265,7 @@ fn unsupported(config: &ModelConfig) -> Option<String> {
         || Arithmetic::of(config.head_precision).is_none()
     {
         return Some(format!(
-            "GEMM precision {:?} (training.precision.fp8) on CUDA: the device model runs TF32 or bf16 GEMMs so far",
+            "GEMM precision {:?} (training.precision.fp8.recipe) on CUDA: the device model runs TF32, bf16 or blockwise FP8 GEMMs so far",
             config.gemm_precision
         ));
     }
@@ -327,7 +327,7 @@ impl DeviceModel {
         &self.config
     }
 
-    /// How the linear layers' GEMMs multiply (`upload` refused FP8).
+    /// How the linear layers' GEMMs multiply (`upload` refused tensorwise FP8).
     pub(crate) fn linear(&self) -> Arithmetic {
         Arithmetic::of(self.config.gemm_precision).expect("checked at upload")
     }

@@ -274,22 +274,29 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     drop((out, probs, q, kv, dq, dk, dv, trainer));
 
     // The same step with the linear layers' and the LM head's GEMMs in bf16
-    // (`compute: bf16`), from the same weights on the same batches.
-    let mut bf16_config = config.clone();
-    (bf16_config.gemm_precision, bf16_config.head_precision) =
-        (GemmPrecision::Bf16, GemmPrecision::Bf16);
-    let bf16_model = quick_model(&bf16_config);
-    let (bf16_trainer, bf16_ms, bf16_loss) = timed_steps(gpu, &bf16_model, &settings, &corpus)?;
-    drop((bf16_model, bf16_trainer));
-    let bf16_achieved = flops_per_token * tokens / (bf16_ms * 1e-3);
-    figures.push(Figure {
-        name: format!("training step, {params}, bf16 GEMMs (loss {bf16_loss:.3})"),
-        ms: bf16_ms,
-        value: tokens / (bf16_ms * 1e-3),
-        unit: "tok/s",
-        ratio: Some(("the TF32 step (tok/s)".into(), ms / bf16_ms)),
-        of_datasheet: Some(bf16_achieved / H200_BF16_DENSE_FLOPS),
-    });
+    // (`compute: bf16`), then with the linear layers in FP8 (blockwise,
+    // the head in bf16: examples/training/h100-fp8.yaml's precision), from
+    // the same weights on the same batches.
+    let fp8 = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Blockwise);
+    for (name, linears) in [
+        ("bf16 GEMMs", GemmPrecision::Bf16),
+        ("FP8 linear layers", fp8),
+    ] {
+        let mut variant = config.clone();
+        (variant.gemm_precision, variant.head_precision) = (linears, GemmPrecision::Bf16);
+        let variant = quick_model(&variant);
+        let (trainer, variant_ms, variant_loss) = timed_steps(gpu, &variant, &settings, &corpus)?;
+        drop((variant, trainer));
+        let achieved = flops_per_token * tokens / (variant_ms * 1e-3);
+        figures.push(Figure {
+            name: format!("training step, {params}, {name} (loss {variant_loss:.3})"),
+            ms: variant_ms,
+            value: tokens / (variant_ms * 1e-3),
+            unit: "tok/s",
+            ratio: Some(("the TF32 step (tok/s)".into(), ms / variant_ms)),
+            of_datasheet: Some(achieved / H200_BF16_DENSE_FLOPS),
+        });
+    }
     Ok(figures)
 }
 

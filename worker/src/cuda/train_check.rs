@@ -67,6 +67,20 @@ fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
         .expect("the corpus is longer than a window")
 }
 
+/// How close one batch on the device must come to the CPU's.
+#[derive(Clone, Copy)]
+enum Agreement {
+    /// The same expert loads, every gradient within 1e-2 of its largest
+    /// value: TF32 or bf16 GEMMs against the CPU's exact or bf16 ones.
+    Close,
+    /// FP8: the device quantises what it computed, and an activation a
+    /// last bit away from the CPU's can land on the other side of an E4M3
+    /// rounding boundary (1/16 apart), so a router near-tie may send a
+    /// token elsewhere. Loads within 5% of the slots, each gradient within
+    /// 3e-2 in relative L2 (a wrong tiling or transposition is O(1) off).
+    Quantised,
+}
+
 /// One forward and backward of `model` on the CPU and the device, on the
 /// same batch: the losses, the expert loads and every gradient.
 fn one_batch(
@@ -74,6 +88,7 @@ fn one_batch(
     model: &Model<f32>,
     settings: &TrainingSettings,
     case: &str,
+    agreement: Agreement,
 ) -> Result<Vec<Check>> {
     let config = model.config();
     let mut checks = Vec::new();
@@ -101,25 +116,28 @@ fn one_batch(
             1e-4,
         ));
     }
-    checks.push(exact(
-        "model.expert_loads",
-        case,
-        &pass.expert_loads(),
-        &cpu.expert_loads(),
-    ));
+    let (device_loads, cpu_loads) = (pass.expert_loads(), cpu.expert_loads());
+    checks.push(match agreement {
+        Agreement::Close => exact("model.expert_loads", case, &device_loads, &cpu_loads),
+        Agreement::Quantised => mostly_equal(
+            "model.expert_loads",
+            case,
+            &device_loads.concat(),
+            &cpu_loads.concat(),
+            0.05,
+        ),
+    });
     let host_grads = grads.to_host(gpu, config)?;
     for (d, c) in host_grads
         .tensors(config)
         .iter()
         .zip(cpu_grads.tensors(config))
     {
-        checks.push(close_to_scale(
-            "model.grad",
-            &format!("{case}: {}", d.name),
-            d.values,
-            c.values,
-            1e-2,
-        ));
+        let case = format!("{case}: {}", d.name);
+        checks.push(match agreement {
+            Agreement::Close => close_to_scale("model.grad", &case, d.values, c.values, 1e-2),
+            Agreement::Quantised => close_in_l2("model.grad", &case, d.values, c.values, 3e-2),
+        });
     }
     debug_assert_eq!(grads.tensors().len(), host_grads.tensors(config).len());
     Ok(checks)
@@ -165,7 +183,13 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
 
     // One forward/backward on the same batch: loss, loads and every gradient;
     // again with DeepSeek-V3's sequence-wise balance loss beside the bias.
-    checks.extend(one_batch(gpu, &model, &settings, "3 blocks, one batch")?);
+    checks.extend(one_batch(
+        gpu,
+        &model,
+        &settings,
+        "3 blocks, one batch",
+        Agreement::Close,
+    )?);
     let mut balanced = config.clone();
     balanced.moe.aux_loss_alpha = 0.001;
     let balanced = Model::<f32>::initial(balanced, settings.seed);
@@ -174,6 +198,7 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &balanced,
         &settings,
         "3 blocks, one batch, balance loss",
+        Agreement::Close,
     )?);
 
     // The linear layers' and the LM head's GEMMs in bf16 (`compute: bf16`)
@@ -187,6 +212,24 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &bf16,
         &settings,
         "3 blocks, one batch, bf16 GEMMs",
+        Agreement::Close,
+    )?);
+
+    // FP8 linear layers (blockwise, DeepSeek-V3's recipe) with a bf16 LM
+    // head, as examples/training/h100-fp8.yaml asks, against the CPU's
+    // FP8 emulation.
+    let mut fp8 = config.clone();
+    (fp8.gemm_precision, fp8.head_precision) = (
+        GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Blockwise),
+        GemmPrecision::Bf16,
+    );
+    let fp8 = Model::<f32>::initial(fp8, settings.seed);
+    checks.extend(one_batch(
+        gpu,
+        &fp8,
+        &settings,
+        "3 blocks, one batch, FP8 linear layers",
+        Agreement::Quantised,
     )?);
 
     checks.extend(recomputed_blocks(gpu, &model, &settings)?);
@@ -300,5 +343,19 @@ fn mostly_equal(
         passed: gpu.len() == cpu.len() && moved as f64 <= fraction * total as f64,
         error: format!("{moved} of {total} moved; gpu {gpu:?} cpu {cpu:?}"),
         bound: format!("<= {:.0}% moved", 100.0 * fraction),
+    }
+}
+
+/// `gpu` within `fraction` of `cpu` in relative L2 norm.
+fn close_in_l2(op: &'static str, case: &str, gpu: &[f32], cpu: &[f32], fraction: f64) -> Check {
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let difference = norm(&mut gpu.iter().zip(cpu).map(|(g, c)| f64::from(g - c)));
+    let relative = difference / norm(&mut cpu.iter().map(|&c| f64::from(c))).max(f64::MIN_POSITIVE);
+    Check {
+        op,
+        case: case.to_string(),
+        passed: gpu.len() == cpu.len() && relative <= fraction,
+        error: format!("relative L2 {relative:.2e}"),
+        bound: format!("<= {fraction:.0e} relative L2"),
     }
 }
