@@ -21,13 +21,15 @@
 //! recipe) for the weight gradient, whose K runs over the tokens.
 
 use super::fp8::{DeviceFp8, ScaleLayout};
-use super::{Gpu, GpuError, Result};
+use super::{Gpu, GpuError, Result, lt_plan};
 use crate::fp8::quantize::TileShape;
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{MatmulShared, result, sys};
 use moe_kernels::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::Mutex;
 
 /// An output element type cuBLASLt can write from an FP8 GEMM.
 pub trait Fp8Output: DeviceRepr {
@@ -40,6 +42,47 @@ impl Fp8Output for f32 {
 
 impl Fp8Output for bf16 {
     const DATA_TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_16BF;
+}
+
+/// What decides an FP8 GEMM's algorithm: its shape, scale modes, output
+/// type and how its code and output pointers are aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    m: u64,
+    n: u64,
+    k: u64,
+    ld: usize,
+    /// A in 128×128 blocks (else 1×128 tiles).
+    a_blocks: bool,
+    output: u32,
+    alignment: [u32; 3],
+}
+
+/// The heuristic's algorithm for each FP8 GEMM made so far on one device:
+/// asking costs tens of µs of host time, longer than an expert's GEMM runs
+/// (the f32 and bf16 GEMMs cache whole plans, [`lt_plan`]; an FP8 GEMM's
+/// descriptor carries its operands' scale pointers, so only the algorithm
+/// is kept and the cheap descriptors are made per call).
+#[derive(Default)]
+pub struct Fp8Algos(Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>);
+
+impl Fp8Algos {
+    fn get(&self, key: AlgoKey) -> Option<sys::cublasLtMatmulAlgo_t> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied()
+    }
+
+    fn insert(&self, key: AlgoKey, algo: sys::cublasLtMatmulAlgo_t) {
+        let mut algos = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Expert row counts change from step to step: start over when full.
+        if algos.len() >= 4096 {
+            algos.clear();
+        }
+        algos.insert(key, algo);
+    }
 }
 
 /// Destroys cuBLASLt descriptors when the call ends, also on errors.
@@ -179,31 +222,50 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
     descriptors.layouts.push(b_layout);
     let d_layout = result::create_matrix_layout(O::DATA_TYPE, m, n, ld as i64)?;
     descriptors.layouts.push(d_layout);
-    descriptors.pref = result::create_matmul_pref()?;
-    let bytes = workspace_bytes as u64;
-    // SAFETY: as above; the preference takes a u64 byte count.
-    unsafe {
-        result::set_matmul_pref_attribute(
-            descriptors.pref,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&bytes as *const u64).cast::<c_void>(),
-            size_of::<u64>(),
-        )?;
-    }
     let handle = *blas.handle();
+    let key = AlgoKey {
+        m,
+        n,
+        k,
+        ld,
+        a_blocks: w.tile == TileShape::BLOCK,
+        output: O::DATA_TYPE as u32,
+        alignment: [a_ptr, b_ptr, d_ptr].map(lt_plan::alignment),
+    };
+    let cached = gpu.fp8_algos().get(key);
+    let algo = match cached {
+        Some(algo) => algo,
+        None => {
+            descriptors.pref = result::create_matmul_pref()?;
+            let bytes = workspace_bytes as u64;
+            // SAFETY: every descriptor is live; the preference takes a u64
+            // byte count and the alignments.
+            let heuristic = unsafe {
+                result::set_matmul_pref_attribute(
+                    descriptors.pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&bytes as *const u64).cast::<c_void>(),
+                    size_of::<u64>(),
+                )?;
+                lt_plan::set_alignments(descriptors.pref, key.alignment)?;
+                result::get_matmul_algo_heuristic(
+                    handle,
+                    desc,
+                    a_layout,
+                    b_layout,
+                    d_layout,
+                    d_layout,
+                    descriptors.pref,
+                )
+                .map_err(GpuError::from)?
+            };
+            gpu.fp8_algos().insert(key, heuristic.algo);
+            heuristic.algo
+        }
+    };
     // SAFETY: every descriptor is live; buffers are device allocations of
     // the sizes the layouts describe; beta = 0 so C is never read.
     unsafe {
-        let heuristic = result::get_matmul_algo_heuristic(
-            handle,
-            desc,
-            a_layout,
-            b_layout,
-            d_layout,
-            d_layout,
-            descriptors.pref,
-        )
-        .map_err(GpuError::from)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         result::matmul(
             handle,
@@ -218,7 +280,7 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
             d_layout,
             d_ptr as *mut c_void,
             d_layout,
-            &heuristic.algo,
+            &algo,
             w_ptr as *mut c_void,
             workspace_bytes,
             stream.cu_stream() as sys::cudaStream_t,

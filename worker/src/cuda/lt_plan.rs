@@ -71,9 +71,12 @@ impl Drop for Plan {
     }
 }
 
-/// The plans made so far on one device.
+/// The alignment in bytes of a GEMM's A, B and C (= D) pointers, up to 256.
+type Alignment = [u32; 3];
+
+/// The plans made so far on one device, by shape and pointer alignment.
 #[derive(Default)]
-pub struct Plans(Mutex<HashMap<Shape, Arc<Plan>>>);
+pub struct Plans(Mutex<HashMap<(Shape, Alignment), Arc<Plan>>>);
 
 /// At most this many plans are kept. An expert's row count changes from
 /// step to step, so over a long run the distinct shapes keep coming; when
@@ -82,18 +85,55 @@ pub struct Plans(Mutex<HashMap<Shape, Arc<Plan>>>);
 const MAX_PLANS: usize = 4096;
 
 impl Plans {
-    fn get(&self, gpu: &Gpu, shape: Shape) -> Result<Arc<Plan>> {
+    fn get(&self, gpu: &Gpu, shape: Shape, alignment: Alignment) -> Result<Arc<Plan>> {
         let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(plan) = plans.get(&shape) {
+        if let Some(plan) = plans.get(&(shape, alignment)) {
             return Ok(plan.clone());
         }
         if plans.len() >= MAX_PLANS {
             plans.clear();
         }
-        let plan = Arc::new(make_plan(gpu, shape)?);
-        plans.insert(shape, plan.clone());
+        let plan = Arc::new(make_plan(gpu, shape, alignment)?);
+        plans.insert((shape, alignment), plan.clone());
         Ok(plan)
     }
+}
+
+/// The largest power of two up to 256 dividing a device address: what
+/// cuBLASLt may assume of a buffer (an expert's rows or a view into a
+/// larger tensor start wherever they start).
+pub(crate) fn alignment(address: u64) -> u32 {
+    1 << address.trailing_zeros().min(8)
+}
+
+/// Tells the heuristic how A, B and C (= D) are aligned. By default it
+/// assumes 256 bytes and may pick an algorithm that needs them; a view
+/// starting elsewhere must exclude those.
+///
+/// # Safety
+/// `pref` is a live preference descriptor.
+pub(crate) unsafe fn set_alignments(
+    pref: sys::cublasLtMatmulPreference_t,
+    [a, b, c]: Alignment,
+) -> Result<()> {
+    use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+    for (attribute, bytes) in [
+        (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
+        (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
+        (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
+        (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
+    ] {
+        // SAFETY: the alignment attributes take a uint32 byte count.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                pref,
+                attribute,
+                (&bytes as *const u32).cast(),
+                size_of::<u32>(),
+            )
+        }?;
+    }
+    Ok(())
 }
 
 fn layout(
@@ -125,7 +165,7 @@ fn layout(
     Ok(layout)
 }
 
-fn make_plan(gpu: &Gpu, s: Shape) -> Result<Plan> {
+fn make_plan(gpu: &Gpu, s: Shape, alignment: Alignment) -> Result<Plan> {
     let (a_rows, a_cols) = if s.transa { (s.k, s.m) } else { (s.m, s.k) };
     let (b_rows, b_cols) = if s.transb { (s.n, s.k) } else { (s.k, s.n) };
     use sys::cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32};
@@ -172,16 +212,18 @@ fn make_plan(gpu: &Gpu, s: Shape) -> Result<Plan> {
             sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
             (&workspace_bytes as *const u64).cast(),
             size_of::<u64>(),
-        );
+        )
+        .map_err(GpuError::from)
+        .and_then(|()| set_alignments(pref, alignment));
         let heuristic = set.and_then(|()| {
             result::get_matmul_algo_heuristic(
                 handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
             )
+            .map_err(GpuError::from)
         });
         let _ = result::destroy_matmul_pref(pref);
         heuristic
-    }
-    .map_err(GpuError::from)?;
+    }?;
     plan.algo = heuristic.algo;
     Ok(plan)
 }
@@ -200,7 +242,8 @@ pub unsafe fn matmul(
     c: *mut c_void,
     accumulate: bool,
 ) -> Result<()> {
-    let plan = gpu.plans().get(gpu, shape)?;
+    let alignment = [a as u64, b as u64, c as u64].map(alignment);
+    let plan = gpu.plans().get(gpu, shape, alignment)?;
     let handle = *gpu.blas()?.handle();
     let workspace = gpu.workspace()?;
     let stream = gpu.stream();

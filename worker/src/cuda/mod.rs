@@ -91,6 +91,8 @@ pub struct Gpu {
     workspace: std::sync::OnceLock<CudaSlice<u8>>,
     /// f32 GEMM plans by shape ([`lt_plan`]).
     plans: lt_plan::Plans,
+    /// FP8 GEMM algorithms by shape ([`fp8_gemm`]).
+    fp8_algos: fp8_gemm::Fp8Algos,
 }
 
 impl Gpu {
@@ -113,6 +115,7 @@ impl Gpu {
             blas: Mutex::new(None),
             workspace: std::sync::OnceLock::new(),
             plans: lt_plan::Plans::default(),
+            fp8_algos: fp8_gemm::Fp8Algos::default(),
         })
     }
 
@@ -158,6 +161,10 @@ impl Gpu {
 
     pub(crate) fn plans(&self) -> &lt_plan::Plans {
         &self.plans
+    }
+
+    pub(crate) fn fp8_algos(&self) -> &fp8_gemm::Fp8Algos {
+        &self.fp8_algos
     }
 
     /// 32 MiB of cuBLASLt workspace (NVIDIA's recommendation on Hopper).
