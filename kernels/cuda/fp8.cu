@@ -16,10 +16,11 @@ __device__ __forceinline__ unsigned char encode_e4m3(float x, float scale) {
 // and `code_stride` are zero (E4M3 +0, nothing added to a dot product): a
 // K-major operand of cuBLASLt's FP8 GEMM padded to whole 128-wide K slices.
 // scales: [rows, ceil(cols / 128)], or with `outer_major`
-// [ceil(cols / 128), rows], the layout cuBLASLt's VEC128 scales take (one
-// row of scales per K slice).
+// [ceil(cols / 128), scale_rows], the layout cuBLASLt's VEC128 scales take
+// (one row of scales per K slice; scale_rows >= rows, a GEMM operand's rows
+// padded to a multiple of 4).
 extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* scales, const float* x, int rows,
-                                                  int cols, int code_stride, int outer_major) {
+                                                  int cols, int code_stride, int outer_major, int scale_rows) {
     const int lane = threadIdx.x & 31;
     const int tiles_per_row = (cols + 127) / 128;
     const size_t tile = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -41,20 +42,20 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
         else if (col < code_stride)
             codes[row * code_stride + col] = 0;
     }
-    if (lane == 0) scales[outer_major ? (tile % tiles_per_row) * rows + row : tile] = scale;
+    if (lane == 0) scales[outer_major ? (tile % tiles_per_row) * scale_rows + row : tile] = scale;
 }
 
 // The 1x128 tiles of the transpose of x: [k, m] (row-major), i.e. its 128x1
 // tiles, written K-major for a GEMM whose inner dimension runs down x's
 // columns (the weight gradient's K is the tokens). codes: [m, code_stride]
 // (zero past k); scales as fp8_quantize_1x128_f32's for the transpose
-// ([ceil(k / 128), m] with `outer_major`, else [m, ceil(k / 128)]). The same
+// ([ceil(k / 128), scale_rows] with `outer_major`, else [m, ceil(k / 128)]). The same
 // codes and scales as the 128x1 quantiser, transposed. One block of 256
 // threads per 128 (k) x 32 (m) tile: reads coalesced along m into shared
 // memory (rows padded to 33 floats against bank conflicts), then one warp
 // per 4 columns takes the amax and writes that column's codes along k.
 extern "C" __global__ void fp8_quantize_1x128_t_f32(unsigned char* codes, float* scales, const float* x, int k, int m,
-                                                    int code_stride, int outer_major) {
+                                                    int code_stride, int outer_major, int scale_rows) {
     __shared__ float tile[128][33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * 32, kt = blockIdx.y, k0 = kt * 128;
@@ -75,7 +76,7 @@ extern "C" __global__ void fp8_quantize_1x128_t_f32(unsigned char* codes, float*
             if (kk < code_stride)
                 codes[mm * code_stride + kk] = kk < k ? encode_e4m3(tile[lane + 32 * q][c], scale) : 0;
         }
-        if (lane == 0) scales[outer_major ? (size_t)kt * m + mm : mm * k_tiles + kt] = scale;
+        if (lane == 0) scales[outer_major ? (size_t)kt * scale_rows + mm : mm * k_tiles + kt] = scale;
     }
 }
 

@@ -829,6 +829,7 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 cols: op_cols,
                 transposed,
                 stride: op_cols.next_multiple_of(TILE),
+                padded_rows: op_rows.next_multiple_of(4),
             };
             let device = fp8::quantize_operand(
                 gpu,
@@ -840,11 +841,17 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             let case = format!("operand {tile_name} {name}");
             let (codes, scales) = operand_as_stored(gpu, &device, transposed)?;
             checks.push(exact("fp8.operand_codes", &case, &codes, cpu.codes()));
+            let padded_codes = operand.padded_rows * operand.stride - op_rows * op_cols;
             checks.push(exact(
                 "fp8.operand_padding",
                 &case,
-                &padding(&gpu.download(&device.codes)?, op_cols, operand.stride),
-                &vec![0u8; op_rows * (operand.stride - op_cols)],
+                &padding(
+                    &gpu.download(&device.codes)?,
+                    op_rows,
+                    op_cols,
+                    operand.stride,
+                ),
+                &vec![0u8; padded_codes],
             ));
             let expected: Vec<f32> = scales.iter().map(|&(r, c)| cpu.scale_at(r, c)).collect();
             checks.push(exact(
@@ -897,11 +904,13 @@ fn operand_as_stored(
     Ok((codes, scales))
 }
 
-/// The codes between `cols` and `stride` of every row.
-fn padding(codes: &[u8], cols: usize, stride: usize) -> Vec<u8> {
+/// The codes between `cols` and `stride` of every row, and every code of
+/// the rows past `rows`.
+fn padding(codes: &[u8], rows: usize, cols: usize, stride: usize) -> Vec<u8> {
     codes
         .chunks(stride)
-        .flat_map(|row| row[cols..].iter().copied())
+        .enumerate()
+        .flat_map(|(r, row)| row[if r < rows { cols } else { 0 }..].iter().copied())
         .collect()
 }
 

@@ -29,7 +29,12 @@ pub struct DeviceFp8 {
     /// Codes per stored row, `cols` or more: an operand of cuBLASLt's FP8
     /// GEMM is padded with zero codes to whole 128-wide K slices.
     pub stride: usize,
-    /// `[rows, stride]` E4M3 codes.
+    /// Rows in memory, `rows` or more (an operand of cuBLASLt's FP8 GEMM
+    /// has a multiple of 4: its 1×128 scales are one row of `padded_rows`
+    /// per K slice, 16-byte aligned); the rows past `rows` are zero codes
+    /// with zero scales.
+    pub padded_rows: usize,
+    /// `[padded_rows, stride]` E4M3 codes.
     pub codes: CudaSlice<u8>,
     /// One f32 per tile, laid out as `layout` says.
     pub scales: CudaSlice<f32>,
@@ -45,7 +50,7 @@ impl DeviceFp8 {
         Ok(match (self.layout, self.tile) {
             (ScaleLayout::RowMajor, _) => stored,
             (ScaleLayout::Cublaslt, TileShape::ROW) => (0..self.rows * tile_cols)
-                .map(|i| stored[(i % tile_cols) * self.rows + i / tile_cols])
+                .map(|i| stored[(i % tile_cols) * self.padded_rows + i / tile_cols])
                 .collect(),
             (ScaleLayout::Cublaslt, _) => {
                 let stride = tile_cols.next_multiple_of(4);
@@ -101,6 +106,7 @@ pub fn quantize_with_layout(
         cols,
         transposed: false,
         stride: cols,
+        padded_rows: rows,
     };
     quantize_operand(gpu, &m.slice(..), operand, tile, layout)
 }
@@ -115,6 +121,9 @@ pub struct Operand {
     pub transposed: bool,
     /// Codes per row of the result, at least `cols`, the rest zero.
     pub stride: usize,
+    /// Rows of the result, at least `rows`, the rest zero (see
+    /// [`DeviceFp8::padded_rows`]).
+    pub padded_rows: usize,
 }
 
 /// Quantises `operand` (read from `m`) in 1×128 tiles ([`TileShape::ROW`])
@@ -136,6 +145,7 @@ pub fn quantize_operand(
         cols,
         transposed,
         stride,
+        padded_rows,
     } = operand;
     assert_eq!(m.len(), rows * cols, "fp8 input shape");
     let tile_cols = cols.div_ceil(TILE);
@@ -143,10 +153,15 @@ pub fn quantize_operand(
         stride >= cols && stride <= tile_cols * TILE,
         "fp8 code stride {stride} for {cols} columns"
     );
+    assert!(
+        padded_rows >= rows && (padded_rows == rows || layout == ScaleLayout::Cublaslt),
+        "fp8 rows padded to {padded_rows} for {rows} rows, scales {layout:?}"
+    );
+    // Padding rows to a multiple of 4 never adds a 128-row block.
     let tile_rows = if tile == TileShape::ROW {
-        rows
+        padded_rows
     } else if tile == TileShape::BLOCK {
-        rows.div_ceil(TILE)
+        padded_rows.div_ceil(TILE)
     } else {
         panic!("GEMM operands are quantised in 1x128 tiles or 128x128 blocks, not {tile:?}");
     };
@@ -158,13 +173,21 @@ pub fn quantize_operand(
         tile_cols
     };
     let scale_count = tile_rows * scale_stride;
+    // Padding (rows, or 128×128 scale rows) is zeroed; every other code and
+    // scale is written by the quantiser.
+    let padded = padded_rows > rows;
     let mut quantized = DeviceFp8 {
         rows,
         cols,
         tile,
         stride,
-        codes: gpu.output(rows * stride)?,
-        scales: if scale_stride == tile_cols {
+        padded_rows,
+        codes: if padded {
+            gpu.zeros(padded_rows * stride)?
+        } else {
+            gpu.output(padded_rows * stride)?
+        },
+        scales: if scale_stride == tile_cols && !padded {
             gpu.output(scale_count)?
         } else {
             gpu.zeros(scale_count)?
@@ -206,6 +229,7 @@ pub fn quantize_operand(
     let stride_i = int(stride);
     let outer_major_i = i32::from(layout == ScaleLayout::Cublaslt);
     let scale_stride_i = int(scale_stride);
+    let scale_rows_i = int(padded_rows);
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(&mut quantized.codes)
@@ -215,7 +239,7 @@ pub fn quantize_operand(
         .arg(&second)
         .arg(&stride_i);
     if tile == TileShape::ROW {
-        launch.arg(&outer_major_i);
+        launch.arg(&outer_major_i).arg(&scale_rows_i);
     } else {
         launch.arg(&scale_stride_i);
     }
@@ -246,6 +270,7 @@ fn quantize_columns(
         cols,
         tile: TileShape::COLUMN,
         stride: cols,
+        padded_rows: rows,
         // Every code and scale is written by the quantiser.
         codes: gpu.output(rows * cols)?,
         scales: gpu.output(tile_rows * cols)?,

@@ -134,13 +134,14 @@ pub fn gemm_abt<O: Fp8Output>(
     x: &DeviceFp8,
     w: &DeviceFp8,
 ) -> Result<()> {
-    gemm_abt_into(gpu, out, w.rows, x, w)
+    gemm_abt_into(gpu, out, w.padded_rows, x, w)
 }
 
-/// [`gemm_abt`] into `out` with `ld` values per row (`ld >= w.rows`, a
-/// multiple of 4 for f32: cuBLASLt wants 16-byte aligned columns), `x` in
-/// 1×128 tiles, `w` in 128×128 blocks or 1×128 tiles, both with cuBLASLt's
-/// scale layout and the same code stride (K padded to 128-wide slices).
+/// [`gemm_abt`] into `out` with `ld` values per row (`ld >= w.padded_rows`,
+/// a multiple of 4 for f32: cuBLASLt wants 16-byte aligned columns), `x`
+/// in 1×128 tiles, `w` in 128×128 blocks or 1×128 tiles, both with
+/// cuBLASLt's scale layout and the same code stride (K padded to 128-wide
+/// slices). The operands' padded rows count: `out` is `[x.padded_rows, ld]`.
 pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
     gpu: &Gpu,
     out: &mut D,
@@ -158,11 +159,11 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
     assert!(
         x.cols == w.cols
             && x.stride == w.stride
-            && ld >= w.rows
-            && (x.rows == 0 || out.len() >= (x.rows - 1) * ld + w.rows),
+            && ld >= w.padded_rows
+            && (x.padded_rows == 0 || out.len() >= (x.padded_rows - 1) * ld + w.padded_rows),
         "fp8 GEMM shapes"
     );
-    let (m, n, k) = (w.rows as u64, x.rows as u64, x.stride as u64);
+    let (m, n, k) = (w.padded_rows as u64, x.padded_rows as u64, x.stride as u64);
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -393,9 +393,11 @@ fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
 /// gradient `dyᵀ @ x`, the only pattern with `a` transposed, whose K runs
 /// over the tokens: the CPU's 128×1 tiles) — then cuBLASLt's block-scaled
 /// GEMM. K is padded with zero codes to whole 128-wide slices (cuBLASLt's
-/// FP8 operands want 16-byte aligned columns; a zero adds nothing). The
-/// result is written straight into `c` when it overwrites 16-byte aligned
-/// rows, else into an aligned scratch moved or added into `c`.
+/// FP8 operands want 16-byte aligned columns; a zero adds nothing), and
+/// each operand's rows to a multiple of 4 (zero rows, so that every row of
+/// its 1×128 scales starts 16-byte aligned). The result is written straight
+/// into `c` when it overwrites 16-byte aligned rows and needs no padding,
+/// else into an aligned scratch moved or added into `c`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_fp8(
     gpu: &Gpu,
@@ -412,6 +414,7 @@ fn gemm_fp8(
         "an FP8 GEMM is a linear layer's forward, input or weight gradient; none has both operands transposed"
     );
     let stride = k.next_multiple_of(TILE);
+    let (m4, n4) = (m.next_multiple_of(4), n.next_multiple_of(4));
     let layout = ScaleLayout::Cublaslt;
     let a8 = fp8::quantize_operand(
         gpu,
@@ -421,6 +424,7 @@ fn gemm_fp8(
             cols: k,
             transposed: a_transposed,
             stride,
+            padded_rows: m4,
         },
         TileShape::ROW,
         layout,
@@ -438,6 +442,7 @@ fn gemm_fp8(
             cols: k,
             transposed: !b_transposed,
             stride,
+            padded_rows: n4,
         },
         b_tile,
         layout,
@@ -446,11 +451,10 @@ fn gemm_fp8(
         let (ptr, _record) = c.device_ptr_mut(gpu.stream());
         ptr % 16 == 0
     };
-    if aligned && n.is_multiple_of(4) && !accumulate {
+    if aligned && (m4, n4) == (m, n) && !accumulate {
         return fp8_gemm::gemm_abt_into(gpu, c, n, &a8, &b8);
     }
-    let ld = n.next_multiple_of(4);
-    let mut scratch = gpu.output::<f32>(m * ld)?;
-    fp8_gemm::gemm_abt_into(gpu, &mut scratch, ld, &a8, &b8)?;
-    fp8::unpad_rows(gpu, c, &scratch, (m, n, ld), accumulate)
+    let mut scratch = gpu.output::<f32>(m4 * n4)?;
+    fp8_gemm::gemm_abt_into(gpu, &mut scratch, n4, &a8, &b8)?;
+    fp8::unpad_rows(gpu, c, &scratch, (m, n, n4), accumulate)
 }
