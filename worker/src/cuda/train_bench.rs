@@ -9,8 +9,9 @@
 //! products. MFU divides those FLOPs per second by the bf16 dense peak.
 
 use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
+use super::model::AttentionKernel;
 use super::trainer::DeviceTrainer;
-use super::{Gpu, Result, attention};
+use super::{Gpu, Result, attention, flash_attention};
 use crate::data::DataLoader;
 use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
@@ -115,8 +116,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         })
         .collect();
     let tokens = (sequences * config.seq_len) as f64;
-    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus)?;
-    drop(model);
+    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Gemm)?;
     let achieved = flops_per_token * tokens / (ms * 1e-3);
     let params = format!(
         "MoE {:.2}B params ({:.2}B active), 16x1024 tokens",
@@ -124,7 +124,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         active as f64 / 1e9
     );
     let mut figures = vec![Figure {
-        name: format!("training step, {params}, TF32 (loss {loss:.3})"),
+        name: format!("training step, {params}, TF32, GEMM attention (loss {loss:.3})"),
         ms,
         value: tokens / (ms * 1e-3),
         unit: "tok/s",
@@ -271,7 +271,66 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         attention_backward_ms * layers,
         ms,
     ));
-    drop((out, probs, q, kv, dq, dk, dv, trainer));
+    drop((probs, trainer));
+
+    // The flash kernels on the same shapes (lse instead of probs), and the
+    // whole step with them: which attention is faster, for the default.
+    let mut lse = gpu.zeros::<f32>(flash_attention::lse_len(shape, n))?;
+    let flash_forward_ms = time_runs(gpu, 1, 2, || {
+        flash_attention::forward(gpu, &mut out, &mut lse, &q, &kv, &kv, shape)
+    })?;
+    let flash_backward_ms = time_runs(gpu, 1, 2, || {
+        flash_attention::backward(
+            gpu,
+            attention::AttentionGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            },
+            &out,
+            &q,
+            &kv,
+            &kv,
+            &out,
+            &lse,
+            shape,
+        )
+    })?;
+    figures.push(Figure {
+        ratio: Some((
+            "speed-up over the GEMM path".into(),
+            attention_forward_ms / flash_forward_ms,
+        )),
+        ..share(
+            "  attention forward with the flash kernels (all layers)",
+            flash_forward_ms * layers,
+            ms,
+        )
+    });
+    figures.push(Figure {
+        ratio: Some((
+            "speed-up over the GEMM path".into(),
+            attention_backward_ms / flash_backward_ms,
+        )),
+        ..share(
+            "  attention backward with the flash kernels (all layers)",
+            flash_backward_ms * layers,
+            ms,
+        )
+    });
+    drop((out, lse, q, kv, dq, dk, dv));
+    let (flash_trainer, flash_ms, flash_loss) =
+        timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Flash)?;
+    drop((flash_trainer, model));
+    let flash_achieved = flops_per_token * tokens / (flash_ms * 1e-3);
+    figures.push(Figure {
+        name: format!("training step, {params}, TF32, flash attention (loss {flash_loss:.3})"),
+        ms: flash_ms,
+        value: tokens / (flash_ms * 1e-3),
+        unit: "tok/s",
+        ratio: Some(("the GEMM-attention step (tok/s)".into(), ms / flash_ms)),
+        of_datasheet: Some(flash_achieved / H200_BF16_DENSE_FLOPS),
+    });
 
     // The same step with the linear layers' and the LM head's GEMMs in bf16
     // (`compute: bf16`), from the same weights on the same batches.
@@ -279,7 +338,8 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     (bf16_config.gemm_precision, bf16_config.head_precision) =
         (GemmPrecision::Bf16, GemmPrecision::Bf16);
     let bf16_model = quick_model(&bf16_config);
-    let (bf16_trainer, bf16_ms, bf16_loss) = timed_steps(gpu, &bf16_model, &settings, &corpus)?;
+    let (bf16_trainer, bf16_ms, bf16_loss) =
+        timed_steps(gpu, &bf16_model, &settings, &corpus, AttentionKernel::Gemm)?;
     drop((bf16_model, bf16_trainer));
     let bf16_achieved = flops_per_token * tokens / (bf16_ms * 1e-3);
     figures.push(Figure {
@@ -293,18 +353,21 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
     Ok(figures)
 }
 
-/// A trainer of `model` and the mean milliseconds of its optimizer steps
-/// after warm-up (NVRTC, cuBLASLt heuristics, allocator), with the last loss.
+/// A trainer of `model` with `attention`'s kernels and the mean
+/// milliseconds of its optimizer steps after warm-up (NVRTC, cuBLASLt
+/// heuristics, allocator), with the last loss.
 fn timed_steps<'g>(
     gpu: &'g Gpu,
     model: &Model<f32>,
     settings: &TrainingSettings,
     corpus: &[u32],
+    attention: AttentionKernel,
 ) -> Result<(DeviceTrainer<'g>, f64, f64)> {
     let seq_len = model.config().seq_len;
     let data = DataLoader::new(corpus.to_vec(), seq_len, 1, "benchmark corpus")
         .expect("the corpus is longer than a window");
     let mut trainer = DeviceTrainer::new(gpu, model, settings.clone(), data)?;
+    trainer.set_attention_kernel(attention);
     let mut loss = f64::NAN;
     let ms = time_runs(gpu, 2, 3, || {
         loss = trainer.step(&|| false)?.map_or(f64::NAN, |r| r.loss);
