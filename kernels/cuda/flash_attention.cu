@@ -8,10 +8,10 @@
 //
 // Products run on tensor cores as wmma TF32 fragments (m16n16k8, inputs
 // rounded with __float_to_tf32, f32 accumulation); the softmax and every
-// sum outside the fragments are f32. wmma's accumulator layout is
-// unspecified, so whatever needs a per-row factor (the output's rescale in
-// the online softmax) lives in shared memory: a warp loads its 16-row
-// accumulator tile from there, multiplies into it and stores it back.
+// sum outside the fragments are f32. The outputs (O, dK, dV, dQ) stay in
+// accumulator fragments in registers for a block's whole loop; the one
+// per-row operation on them (the online softmax's rescale of O) finds each
+// element's row from a row map, see the forward kernel.
 //
 // Tiles are staged in shared memory as [rows][ld] with the head dimension
 // zero-padded to a multiple of 16 (dp) and 8 floats of padding per row
@@ -24,12 +24,18 @@ using namespace nvcuda;
 
 #define FA_THREADS 128  // four warps
 #define FA_PAD 8
-// Forward: 64 query rows per block (16 per warp), key tiles of 64.
+// The largest head_dim: O's fragments and the backward's are sized for it.
+#define FA_MAX_DIM 128
+// Forward: 64 query rows per block (16 per warp), key tiles of 32, so that
+// the q, k, v and score tiles (78 KiB at head_dim 128) let two blocks share
+// an SM on an A100 or H100.
 #define FA_FWD_Q 64
-#define FA_FWD_K 64
-// Backward: 32 x 32 tiles, one 16 x 16 score tile per warp (the key/value
-// kernel holds six [32][ld] tiles, so larger tiles would not fit an A100).
+#define FA_FWD_K 32
+// Backward: 32 x 32 tiles, one 16 x 16 score tile per warp, the [32][dp]
+// outputs dealt round the warps as register fragments (FA_BWD_FRAGS each);
+// four [32][ld] tiles staged, 78 KiB at head_dim 128: two blocks an SM.
 #define FA_BWD 32
+#define FA_BWD_FRAGS (2 * (FA_MAX_DIM / 16) / (FA_THREADS / 32))
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f
 
@@ -74,21 +80,26 @@ __device__ void fa_load_tile(float* dst, int ld, const float* src, int b, int ro
 }
 
 // One block per (query tile, head, sequence), the last query tiles (the
-// longest rows) first; each warp owns 16 query rows. Per key tile: S = Q K^T
-// for the warp's rows, the online softmax (running max m and sum l per row,
-// in log2 units; the output rows rescaled by exp2(m_old - m_new)), then
-// O += P V. out = O / l, lse = ln(l) + m.
-extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, const float* q, const float* k, const float* v, int seq_len,
-                                int n_heads, int n_kv_heads, int head_dim, float scale) {
+// longest rows) first; each warp owns 16 query rows and keeps their output
+// O in registers (dp/16 accumulator fragments). Per key tile: S = Q K^T for
+// the warp's rows (through shared memory), the online softmax (running max
+// m and sum l per row, in log2 units), O scaled row by row by
+// exp2(m_old - m_new), then O += P V. out = O / l, lse = ln(l) + m.
+//
+// wmma does not say which row an accumulator element holds, so the kernel
+// asks it: a fragment loaded from a 16 x 16 tile whose every element is its
+// row index holds, in element e, the row of element e of every fragment of
+// that type (load, store and mma_sync share one layout).
+extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, const float* q, const float* k,
+                                                       const float* v, int seq_len, int n_heads, int n_kv_heads,
+                                                       int head_dim, float scale) {
     extern __shared__ __align__(128) float fa_smem[];
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_FWD_K + FA_PAD;
-    float* qs = fa_smem;                 // [FA_FWD_Q][ld]
+    float* qs = fa_smem;                 // [FA_FWD_Q][ld]; at the end, each warp's O rows
     float* ks = qs + FA_FWD_Q * ld;      // [FA_FWD_K][ld]
     float* vs = ks + FA_FWD_K * ld;      // [FA_FWD_K][ld]
-    float* os = vs + FA_FWD_K * ld;      // [FA_FWD_Q][ld], unnormalised output
-    float* ss = os + FA_FWD_Q * ld;      // [FA_FWD_Q][ls], scores then probabilities
-    float* row_max = ss + FA_FWD_Q * ls; // [FA_FWD_Q]
-    float* row_sum = row_max + FA_FWD_Q; // [FA_FWD_Q]
+    float* ss = vs + FA_FWD_K * ld;      // [FA_FWD_Q][ls], scores then probabilities
+    float* row_s = ss + FA_FWD_Q * ls;   // [FA_FWD_Q]: each row's rescale factor, at the end its sum
 
     const int tiles = (seq_len + FA_FWD_Q - 1) / FA_FWD_Q;
     const int tile = tiles - 1 - (int)blockIdx.x;
@@ -96,19 +107,27 @@ extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, c
     const int kv_head = h / (n_heads / n_kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
     const int q0 = tile * FA_FWD_Q;
+    const int n_tiles = dp >> 4;
     const float scale_log2 = scale * FA_LOG2E;
 
     fa_load_tile(qs, ld, q, b, q0, FA_FWD_Q, seq_len, n_heads, h, head_dim, dp);
-    for (int i = threadIdx.x; i < FA_FWD_Q * ld; i += blockDim.x) os[i] = 0.0f;
-    if (threadIdx.x < FA_FWD_Q) {
-        row_max[threadIdx.x] = -INFINITY;
-        row_sum[threadIdx.x] = 0.0f;
-    }
+    // The accumulator's row map, from the warp's own score rows.
+    for (int i = lane; i < 16 * 16; i += 32) ss[(r0 + i / 16) * ls + i % 16] = (float)(i / 16);
+    __syncwarp();
+    FaC rows;
+    wmma::load_matrix_sync(rows, ss + r0 * ls, ls, wmma::mem_row_major);
+    FaC o[FA_MAX_DIM / 16];
+#pragma unroll
+    for (int n = 0; n < FA_MAX_DIM / 16; ++n) wmma::fill_fragment(o[n], 0.0f);
+
+    // The softmax's lanes: a pair per row of the warp, half the key tile each.
+    const int row = lane >> 1, half = lane & 1, t = q0 + r0 + row;
+    float m = -INFINITY, l = 0.0f;
     // Keys past the tile's last row are above every row's diagonal.
     const int key_tiles = (min(seq_len, q0 + FA_FWD_Q) - 1) / FA_FWD_K + 1;
     for (int kt = 0; kt < key_tiles; ++kt) {
         const int k0 = kt * FA_FWD_K;
-        __syncthreads();  // every warp is done with the previous ks, vs
+        __syncthreads();  // every warp is done with the previous ks, vs (and the row map's tile)
         fa_load_tile(ks, ld, k, b, k0, FA_FWD_K, seq_len, n_kv_heads, kv_head, head_dim, dp);
         fa_load_tile(vs, ld, v, b, k0, FA_FWD_K, seq_len, n_kv_heads, kv_head, head_dim, dp);
         __syncthreads();
@@ -133,66 +152,78 @@ extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, c
         }
         __syncwarp();
 
-        // The online softmax, a row at a time across the warp (lane j takes
-        // columns j and j + 32). Masked scores are -inf; a row with no key
-        // yet (only padding rows past the end) keeps m = -inf and uses 0 as
-        // its reference so that no inf - inf appears.
-        for (int r = r0; r < r0 + 16; ++r) {
-            const int t = q0 + r;
-            float s[2], mx = -INFINITY;
+        // The online softmax. Masked scores are -inf; a row with no key yet
+        // (only padding rows past the end) keeps m = -inf and uses 0 as its
+        // reference, so that no inf - inf appears.
+        {
+            const int half_width = FA_FWD_K / 2;
+            float* srow = ss + (r0 + row) * ls + half * half_width;
+            float s[FA_FWD_K / 2], mx = -INFINITY;
 #pragma unroll
-            for (int c2 = 0; c2 < 2; ++c2) {
-                const int c = lane + 32 * c2;
-                s[c2] = t < seq_len && k0 + c <= t ? ss[r * ls + c] * scale_log2 : -INFINITY;
-                mx = fmaxf(mx, s[c2]);
+            for (int c = 0; c < half_width; ++c) {
+                s[c] = t < seq_len && k0 + half * half_width + c <= t ? srow[c] * scale_log2 : -INFINITY;
+                mx = fmaxf(mx, s[c]);
             }
-            mx = warp_max(mx);
-            const float m_old = row_max[r];
-            const float m_new = fmaxf(m_old, mx);
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            const float m_new = fmaxf(m, mx);
             const float ref = m_new == -INFINITY ? 0.0f : m_new;
             float sum = 0.0f;
 #pragma unroll
-            for (int c2 = 0; c2 < 2; ++c2) {
-                const float p = exp2f(s[c2] - ref);
-                ss[r * ls + lane + 32 * c2] = p;
+            for (int c = 0; c < half_width; ++c) {
+                const float p = exp2f(s[c] - ref);
+                srow[c] = p;
                 sum += p;
             }
-            sum = warp_sum(sum);
-            const float alpha = exp2f(m_old - ref);
-            for (int d = lane; d < dp; d += 32) os[r * ld + d] *= alpha;
-            __syncwarp();  // every lane has read row_max[r]
-            if (lane == 0) {
-                row_max[r] = m_new;
-                row_sum[r] = row_sum[r] * alpha + sum;
-            }
+            sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+            const float alpha = exp2f(m - ref);
+            l = l * alpha + sum;
+            m = m_new;
+            if (half == 0) row_s[r0 + row] = alpha;
         }
         __syncwarp();
 
-        // O += P V, the warp's 16 rows, a 16-wide column tile at a time.
-        for (int n = 0; n < dp; n += 16) {
-            FaC acc;
-            wmma::load_matrix_sync(acc, os + r0 * ld + n, ld, wmma::mem_row_major);
+        // O rows rescaled in registers, then O += P V.
+        {
+            float alpha_e[FaC::num_elements];
 #pragma unroll
-            for (int kk = 0; kk < FA_FWD_K; kk += 8) {
-                FaA a;
-                FaB bv;
-                fa_load(a, ss + r0 * ls + kk, ls);
-                fa_load(bv, vs + kk * ld + n, ld);
-                wmma::mma_sync(acc, a, bv, acc);
+            for (int e = 0; e < FaC::num_elements; ++e) alpha_e[e] = row_s[r0 + (int)rows.x[e]];
+#pragma unroll
+            for (int n = 0; n < FA_MAX_DIM / 16; ++n)
+                if (n < n_tiles)
+#pragma unroll
+                    for (int e = 0; e < FaC::num_elements; ++e) o[n].x[e] *= alpha_e[e];
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_FWD_K; kk += 8) {
+            FaA a;
+            fa_load(a, ss + r0 * ls + kk, ls);
+#pragma unroll
+            for (int n = 0; n < FA_MAX_DIM / 16; ++n) {
+                if (n < n_tiles) {
+                    FaB bv;
+                    fa_load(bv, vs + kk * ld + n * 16, ld);
+                    wmma::mma_sync(o[n], a, bv, o[n]);
+                }
             }
-            wmma::store_matrix_sync(os + r0 * ld + n, acc, ld, wmma::mem_row_major);
         }
     }
-    __syncwarp();
 
-    for (int r = r0; r < r0 + 16; ++r) {
-        const int t = q0 + r;
-        if (t >= seq_len) break;  // the same for the whole warp
-        const float l = row_sum[r];
-        const float inv = 1.0f / l;
-        float* o = out + (((size_t)b * seq_len + t) * n_heads + h) * head_dim;
-        for (int d = lane; d < head_dim; d += 32) o[d] = os[r * ld + d] * inv;
-        if (lane == 0) lse[((size_t)b * n_heads + h) * seq_len + t] = (row_max[r] + log2f(l)) * FA_LN2;
+    // O out through the warp's own q rows, which nothing reads any more.
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < FA_MAX_DIM / 16; ++n)
+        if (n < n_tiles) wmma::store_matrix_sync(qs + r0 * ld + n * 16, o[n], ld, wmma::mem_row_major);
+    if (half == 0) {
+        row_s[r0 + row] = l;
+        if (t < seq_len) lse[((size_t)b * n_heads + h) * seq_len + t] = (m + log2f(l)) * FA_LN2;
+    }
+    __syncwarp();
+    for (int r = 0; r < 16; ++r) {
+        const int tr = q0 + r0 + r;
+        if (tr >= seq_len) break;  // the same for the whole warp
+        const float inv = 1.0f / row_s[r0 + r];
+        float* o_row = out + (((size_t)b * seq_len + tr) * n_heads + h) * head_dim;
+        for (int d = lane; d < head_dim; d += 32) o_row[d] = qs[(r0 + r) * ld + d] * inv;
     }
 }
 
@@ -250,17 +281,24 @@ __device__ __forceinline__ void fa_softmax_backward_tile(float* s, float* dp, in
     }
 }
 
-// acc[32][ld] += op(x) y with x [32][ls] (op: transposed when TRANSPOSE) and
-// y [32][ld]; the 2 x dp/16 output tiles dealt round the warps. The
-// accumulator tiles go through shared memory (one writer each).
+// A [32][dp] output in registers: tile warp + 4 i (m-tile tile & 1, n-tile
+// tile >> 1) in acc[i]. Plain sums, so the fragments' layout never matters.
+__device__ __forceinline__ void fa_zero(FaC* acc) {
+#pragma unroll
+    for (int i = 0; i < FA_BWD_FRAGS; ++i) wmma::fill_fragment(acc[i], 0.0f);
+}
+
+// acc += op(x) y with x [32][ls] (op: transposed when TRANSPOSE) and
+// y [32][ld].
 template <bool TRANSPOSE>
-__device__ __forceinline__ void fa_accumulate(float* acc_s, int ld, const float* x, int ls, const float* y, int dp) {
+__device__ __forceinline__ void fa_accumulate(FaC* acc, const float* x, int ls, const float* y, int ld, int dp) {
     const int warp = threadIdx.x >> 5;
     const int tiles = 2 * (dp >> 4);
-    for (int tile = warp; tile < tiles; tile += FA_THREADS / 32) {
+#pragma unroll
+    for (int i = 0; i < FA_BWD_FRAGS; ++i) {
+        const int tile = warp + (FA_THREADS / 32) * i;
+        if (tile >= tiles) break;
         const int m0 = (tile & 1) * 16, n0 = (tile >> 1) * 16;
-        FaC acc;
-        wmma::load_matrix_sync(acc, acc_s + m0 * ld + n0, ld, wmma::mem_row_major);
 #pragma unroll
         for (int kk = 0; kk < FA_BWD; kk += 8) {
             FaB yb;
@@ -268,14 +306,25 @@ __device__ __forceinline__ void fa_accumulate(float* acc_s, int ld, const float*
             if (TRANSPOSE) {
                 FaAt xa;  // x^T: (m, k) at x[k * ls + m]
                 fa_load(xa, x + kk * ls + m0, ls);
-                wmma::mma_sync(acc, xa, yb, acc);
+                wmma::mma_sync(acc[i], xa, yb, acc[i]);
             } else {
                 FaA xa;
                 fa_load(xa, x + m0 * ls + kk, ls);
-                wmma::mma_sync(acc, xa, yb, acc);
+                wmma::mma_sync(acc[i], xa, yb, acc[i]);
             }
         }
-        wmma::store_matrix_sync(acc_s + m0 * ld + n0, acc, ld, wmma::mem_row_major);
+    }
+}
+
+// The register tiles to dst [32][ld] (each warp its own tiles).
+__device__ __forceinline__ void fa_store(float* dst, int ld, const FaC* acc, int dp) {
+    const int warp = threadIdx.x >> 5;
+    const int tiles = 2 * (dp >> 4);
+#pragma unroll
+    for (int i = 0; i < FA_BWD_FRAGS; ++i) {
+        const int tile = warp + (FA_THREADS / 32) * i;
+        if (tile >= tiles) break;
+        wmma::store_matrix_sync(dst + (tile & 1) * 16 * ld + (tile >> 1) * 16, acc[i], ld, wmma::mem_row_major);
     }
 }
 
@@ -303,10 +352,8 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_BWD + FA_PAD;
     float* ks = fa_smem;            // [FA_BWD][ld] each
     float* vs = ks + FA_BWD * ld;
-    float* dks = vs + FA_BWD * ld;
-    float* dvs = dks + FA_BWD * ld;
-    float* qs = dvs + FA_BWD * ld;
-    float* dos = qs + FA_BWD * ld;
+    float* qs = vs + FA_BWD * ld;   // at the end: dk
+    float* dos = qs + FA_BWD * ld;  // at the end: dv
     float* ss = dos + FA_BWD * ld;  // [FA_BWD][ls]: scores, then P
     float* dps = ss + FA_BWD * ls;  // [FA_BWD][ls]: dP, then dS
     float* lse_s = dps + FA_BWD * ls;
@@ -321,7 +368,9 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
 
     fa_load_tile(ks, ld, k, b, k0, FA_BWD, seq_len, n_kv_heads, kv_head, head_dim, dp);
     fa_load_tile(vs, ld, v, b, k0, FA_BWD, seq_len, n_kv_heads, kv_head, head_dim, dp);
-    for (int i = threadIdx.x; i < 2 * FA_BWD * ld; i += blockDim.x) dks[i] = 0.0f;  // dks and dvs
+    FaC dk_acc[FA_BWD_FRAGS], dv_acc[FA_BWD_FRAGS];
+    fa_zero(dk_acc);
+    fa_zero(dv_acc);
     for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
         for (int qt = tile; qt < tiles; ++qt) {
             const int q0 = qt * FA_BWD;
@@ -335,17 +384,20 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
             __syncthreads();
             fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, q0, k0, seq_len, scale_log2);
             __syncthreads();
-            fa_accumulate<true>(dvs, ld, ss, ls, dos, dp);
-            fa_accumulate<true>(dks, ld, dps, ls, qs, dp);
+            fa_accumulate<true>(dv_acc, ss, ls, dos, ld, dp);
+            fa_accumulate<true>(dk_acc, dps, ls, qs, ld, dp);
         }
     }
+    __syncthreads();  // every warp is done with qs and dos
+    fa_store(qs, ld, dk_acc, dp);
+    fa_store(dos, ld, dv_acc, dp);
     __syncthreads();
     for (int i = threadIdx.x; i < FA_BWD * head_dim; i += blockDim.x) {
         const int r = i / head_dim, d = i - r * head_dim, j = k0 + r;
         if (j >= seq_len) break;  // rows only grow with i
         const size_t at = (((size_t)b * seq_len + j) * n_kv_heads + kv_head) * head_dim + d;
-        dk[at] += scale * dks[r * ld + d];
-        dv[at] += dvs[r * ld + d];
+        dk[at] += scale * qs[r * ld + d];
+        dv[at] += dos[r * ld + d];
     }
 }
 
@@ -357,10 +409,9 @@ extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const f
                                        int n_kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(128) float fa_smem[];
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_BWD + FA_PAD;
-    float* qs = fa_smem;            // [FA_BWD][ld] each
+    float* qs = fa_smem;            // [FA_BWD][ld] each; at the end: dq
     float* dos = qs + FA_BWD * ld;
-    float* dqs = dos + FA_BWD * ld;
-    float* ks = dqs + FA_BWD * ld;
+    float* ks = dos + FA_BWD * ld;
     float* vs = ks + FA_BWD * ld;
     float* ss = vs + FA_BWD * ld;   // [FA_BWD][ls]: scores, then P
     float* dps = ss + FA_BWD * ls;  // [FA_BWD][ls]: dP, then dS
@@ -377,7 +428,8 @@ extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const f
     fa_load_tile(qs, ld, q, b, q0, FA_BWD, seq_len, n_heads, h, head_dim, dp);
     fa_load_tile(dos, ld, dout, b, q0, FA_BWD, seq_len, n_heads, h, head_dim, dp);
     fa_load_row_terms(lse_s, delta_s, lse, delta, b, h, q0, n_heads, seq_len);
-    for (int i = threadIdx.x; i < FA_BWD * ld; i += blockDim.x) dqs[i] = 0.0f;
+    FaC dq_acc[FA_BWD_FRAGS];
+    fa_zero(dq_acc);
     for (int kt = 0; kt <= tile; ++kt) {
         const int k0 = kt * FA_BWD;
         __syncthreads();  // the previous products are done with ks, vs, dps
@@ -389,12 +441,14 @@ extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const f
         __syncthreads();
         fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, q0, k0, seq_len, scale_log2);
         __syncthreads();
-        fa_accumulate<false>(dqs, ld, dps, ls, ks, dp);
+        fa_accumulate<false>(dq_acc, dps, ls, ks, ld, dp);
     }
+    __syncthreads();  // every warp is done with qs
+    fa_store(qs, ld, dq_acc, dp);
     __syncthreads();
     for (int i = threadIdx.x; i < FA_BWD * head_dim; i += blockDim.x) {
         const int r = i / head_dim, d = i - r * head_dim, t = q0 + r;
         if (t >= seq_len) break;
-        dq[(((size_t)b * seq_len + t) * n_heads + h) * head_dim + d] += scale * dqs[r * ld + d];
+        dq[(((size_t)b * seq_len + t) * n_heads + h) * head_dim + d] += scale * qs[r * ld + d];
     }
 }

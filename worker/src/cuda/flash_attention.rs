@@ -19,8 +19,9 @@ use moe_kernels::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute}
 use moe_kernels::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use moe_kernels::registry::FLASH_ATTENTION;
 
-/// The largest head the kernels stage in shared memory (the forward
-/// kernel's tiles take 155 KiB at 128, about what an A100 grants a block).
+/// The largest head the kernels take: their output fragments in registers
+/// are sized for it (`FA_MAX_DIM`; 232–238 registers a thread in the
+/// forward kernel at that size already).
 pub const MAX_HEAD_DIM: usize = 128;
 
 /// Threads per block in every tiled kernel (four warps; the kernels'
@@ -28,7 +29,8 @@ pub const MAX_HEAD_DIM: usize = 128;
 const THREADS: u32 = 128;
 /// Query rows per forward block and keys per forward tile (`FA_FWD_Q`,
 /// `FA_FWD_K`).
-const FORWARD_TILE: usize = 64;
+const FORWARD_ROWS: usize = 64;
+const FORWARD_KEYS: usize = 32;
 /// Query rows and keys per backward tile (`FA_BWD`).
 const BACKWARD_TILE: usize = 32;
 /// Padding floats per staged row (`FA_PAD`).
@@ -51,20 +53,18 @@ fn row_stride(head_dim: usize) -> usize {
 /// out (see their `fa_smem` carving).
 fn forward_shared_bytes(head_dim: usize) -> usize {
     let ld = row_stride(head_dim);
-    // qs, ks, vs, os [64][ld]; ss [64][64 + 8]; row max and sum [64] each.
-    4 * (4 * FORWARD_TILE * ld + FORWARD_TILE * (FORWARD_TILE + PAD) + 2 * FORWARD_TILE)
+    // qs [64][ld]; ks, vs [32][ld]; ss [64][32 + 8]; a factor per row [64].
+    4 * ((FORWARD_ROWS + 2 * FORWARD_KEYS) * ld
+        + FORWARD_ROWS * (FORWARD_KEYS + PAD)
+        + FORWARD_ROWS)
 }
 
-fn key_value_shared_bytes(head_dim: usize) -> usize {
+/// The key/value and the query kernel alike (the outputs live in
+/// registers): four `[32][ld]` tiles (k, v, q, dout), the scores and their
+/// gradient `[32][32 + 8]`, lse and D `[32]`.
+fn backward_shared_bytes(head_dim: usize) -> usize {
     let ld = row_stride(head_dim);
-    // ks, vs, dks, dvs, qs, dos [32][ld]; ss, dps [32][32 + 8]; lse and D [32].
-    4 * (6 * BACKWARD_TILE * ld + 2 * BACKWARD_TILE * (BACKWARD_TILE + PAD) + 2 * BACKWARD_TILE)
-}
-
-fn query_shared_bytes(head_dim: usize) -> usize {
-    let ld = row_stride(head_dim);
-    // qs, dos, dqs, ks, vs [32][ld]; ss, dps [32][32 + 8]; lse and D [32].
-    4 * (5 * BACKWARD_TILE * ld + 2 * BACKWARD_TILE * (BACKWARD_TILE + PAD) + 2 * BACKWARD_TILE)
+    4 * (4 * BACKWARD_TILE * ld + 2 * BACKWARD_TILE * (BACKWARD_TILE + PAD) + 2 * BACKWARD_TILE)
 }
 
 /// The number of sequences in `q`, after checking `shape` against it.
@@ -164,7 +164,7 @@ pub fn forward(
         .arg(&kv)
         .arg(&d)
         .arg(&scale);
-    let tiles = shape.seq_len.div_ceil(FORWARD_TILE);
+    let tiles = shape.seq_len.div_ceil(FORWARD_ROWS);
     unsafe { launch.launch(tiled_grid(tiles, shape.n_heads, b, bytes)) }?;
     Ok(())
 }
@@ -224,7 +224,7 @@ pub fn backward(
     }?;
 
     let tiles = shape.seq_len.div_ceil(BACKWARD_TILE);
-    let bytes = key_value_shared_bytes(shape.head_dim);
+    let bytes = backward_shared_bytes(shape.head_dim);
     let f = tiled_kernel(gpu, "flash_attention_backward_key_value_f32", bytes)?;
     let mut launch = gpu.stream().launch_builder(&f);
     launch
@@ -243,7 +243,6 @@ pub fn backward(
         .arg(&scale);
     unsafe { launch.launch(tiled_grid(tiles, shape.n_kv_heads, b, bytes)) }?;
 
-    let bytes = query_shared_bytes(shape.head_dim);
     let f = tiled_kernel(gpu, "flash_attention_backward_query_f32", bytes)?;
     let mut launch = gpu.stream().launch_builder(&f);
     launch
@@ -278,20 +277,16 @@ mod tests {
     use super::*;
 
     /// The launch sizes the kernels' shared memory as they carve it; at the
-    /// largest head every kernel fits an A100's 163 KiB (166 912 B) per block.
+    /// largest head two blocks of every kernel share an A100's 164 KiB
+    /// (167 936 B an SM, 1 KiB of it reserved per block).
     #[test]
-    fn shared_memory_fits_an_a100_up_to_the_largest_head() {
-        // Forward at 128: ld 136; 4 * (4*64*136 + 64*72 + 128) bytes.
-        assert_eq!(forward_shared_bytes(128), 4 * (34_816 + 4_608 + 128));
-        assert_eq!(key_value_shared_bytes(128), 4 * (26_112 + 2_560 + 64));
-        assert_eq!(query_shared_bytes(128), 4 * (21_760 + 2_560 + 64));
+    fn two_blocks_share_an_a100_sm_up_to_the_largest_head() {
+        // At 128: ld 136; 128 rows of it, 64 (or 2 x 32) rows of 40, 64 floats.
+        assert_eq!(forward_shared_bytes(128), 4 * (17_408 + 2_560 + 64));
+        assert_eq!(backward_shared_bytes(128), 4 * (17_408 + 2_560 + 64));
         for d in 1..=MAX_HEAD_DIM {
-            for bytes in [
-                forward_shared_bytes(d),
-                key_value_shared_bytes(d),
-                query_shared_bytes(d),
-            ] {
-                assert!(bytes <= 166_912, "head_dim {d}: {bytes} B");
+            for bytes in [forward_shared_bytes(d), backward_shared_bytes(d)] {
+                assert!(2 * (bytes + 1024) <= 167_936, "head_dim {d}: {bytes} B");
             }
         }
         // Tiny heads pad to one 16-wide tile.
