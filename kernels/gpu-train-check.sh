@@ -16,7 +16,9 @@
 # the device: the 40 steps as two ranks each holding half the routed experts
 # (expertParallel 2, rows exchanged through host memory over TCP, the GPU shared);
 # 7. sequence parallelism on the device: the 40 steps as two ranks each holding
-# half of every sequence (sequenceParallel 2, Ulysses attention over TCP).
+# half of every sequence (sequenceParallel 2, Ulysses attention over TCP);
+# 8. and 9. runs 1 and 7 with the flash attention kernels
+# (MOE_CUDA_ATTENTION=flash; opt-in until this passes on a GPU).
 # Passes when both runs learn (final loss well under the first), their final
 # losses agree within 3% (TF32 GEMMs drift apart step by step), the resumed
 # run starts at step 40, and the two-rank run starts from the one-rank run's
@@ -24,7 +26,9 @@
 # order) and ends within 1% of it, and the bf16 run learns and ends within 3%
 # of the TF32 run, and the expert- and sequence-parallel runs start and end as
 # the two-rank data-parallel one is bound to (the sequence-parallel first loss
-# within 1e-4: its GEMMs see half the rows). Writes train-check.md to the given directory.
+# within 1e-4: its GEMMs see half the rows), and the flash runs start within
+# 1e-4 of run 1 (another TF32 rounding of attention) and end within 1% of it.
+# Writes train-check.md to the given directory.
 #
 # MOE_CHECK_DEVICE=cpu runs the "cuda" runs on the CPU instead: a rehearsal of
 # this script (its launches, resume and comparisons) on a machine without a
@@ -91,6 +95,9 @@ run() { # name device steps dir [ranks] [compute] [expertParallel] [sequencePara
   run bf16 "$gpu" 40 "$work/bf16" 1 bf16 || { tail -20 "$work/bf16.log"; }
   run ep2 "$gpu" 40 "$work/ep2" 2 fp32 2 || { tail -20 "$work/ep2.log"; }
   run sp2 "$gpu" 40 "$work/sp2" 2 fp32 1 2 || { tail -20 "$work/sp2.log"; }
+  MOE_CUDA_ATTENTION=flash run flash "$gpu" 40 "$work/flash" || { tail -20 "$work/flash.log"; }
+  MOE_CUDA_ATTENTION=flash run sp2flash "$gpu" 40 "$work/sp2flash" 2 fp32 1 2 ||
+    { tail -20 "$work/sp2flash.log"; }
   grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
   echo '```'
 } | tee "$report"
@@ -105,6 +112,7 @@ def summary(name):
         return {"error": str(error)}
 cuda, cpu, resumed = summary("cuda"), summary("cpu"), summary("resumed")
 dp2, bf16, ep2, sp2 = summary("dp2"), summary("bf16"), summary("ep2"), summary("sp2")
+flash, sp2flash = summary("flash"), summary("sp2flash")
 failures = []
 for name, s in (("cuda", cuda), ("cpu", cpu)):
     if "finalLoss" not in s:
@@ -139,6 +147,9 @@ same_run("expert parallel", "expert parallel 2 (half the experts per rank) on on
          ep2, 1e-5)
 same_run("sequence parallel",
          "sequence parallel 2 (half of every sequence per rank) on one GPU over TCP", sp2, 1e-4)
+same_run("flash attention", "flash attention kernels (MOE_CUDA_ATTENTION=flash)", flash, 1e-4)
+same_run("flash attention, sequence parallel",
+         "flash attention kernels, sequence parallel 2 on one GPU over TCP", sp2flash, 1e-4)
 if "finalLoss" not in bf16 or "finalLoss" not in cuda:
     failures.append(f"bf16 compute: no summary ({bf16})")
 else:
