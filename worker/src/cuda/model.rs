@@ -365,6 +365,23 @@ impl DeviceModel {
             })
             .collect::<Result<_>>()?;
         let table = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        let attention = AttentionKernel::from_env();
+        if attention == AttentionKernel::Flash {
+            // Said once per upload, so a run's log shows which kernels it timed.
+            if config.head_dim() <= flash_attention::MAX_HEAD_DIM {
+                tracing::info!(
+                    "attention on the flash kernels ({}=flash)",
+                    AttentionKernel::ENV
+                );
+            } else {
+                tracing::warn!(
+                    head_dim = config.head_dim(),
+                    "{}=flash, but the flash kernels take heads up to {}: attention runs the GEMM path",
+                    AttentionKernel::ENV,
+                    flash_attention::MAX_HEAD_DIM
+                );
+            }
+        }
         Ok(Self {
             rope: DeviceRope::new(gpu, &table, config.head_dim())?,
             weights: DeviceWeights {
@@ -374,7 +391,7 @@ impl DeviceModel {
                 lm_head: gpu.upload(&w.lm_head)?,
             },
             config,
-            attention: AttentionKernel::from_env(),
+            attention,
         })
     }
 
