@@ -2,16 +2,18 @@
 // masking, tiling and synchronisation where there is no GPU (NVRTC only
 // proves that it compiles). Every CUDA thread is an OS thread; __syncthreads,
 // __syncwarp and the shuffles are barriers; a wmma fragment is held whole by
-// every lane with the documented load/store/mma semantics (operands must be
-// TF32-rounded, pointers 32-byte aligned, or it aborts), so it cannot find
-// fragment-layout or warp-level races — the GPU check group "flash attention"
-// does. Shared memory starts as NaNs: a read of an unwritten value shows up.
-// Compared with an f64 reference of the same attention (out, lse, dq, dk, dv).
+// every lane, its accumulator elements in a scrambled order (code that
+// assumed an element order fails), with the documented load/store/mma
+// semantics (operands must be TF32-rounded, pointers 32-byte aligned, or it
+// aborts). It cannot find warp-level races or the hardware's own rounding —
+// the GPU check group "flash attention" does. Shared memory starts as NaNs:
+// a read of an unwritten value shows up. Compared with an f64 reference of
+// the same attention (out, lse, dq, dk, dv).
 //
 //   g++ -std=c++20 -O2 -pthread -w -Ikernels/emu/include \
 //       kernels/emu/flash_attention_emu.cpp -o /tmp/flash-emu && /tmp/flash-emu
 //
-// About 3 minutes on two cores. include/mma.h is empty: the wmma emulation
+// About 1.5 minutes on two cores. include/mma.h is empty: the wmma emulation
 // below stands in for CUDA's.
 #include <barrier>
 #include <cmath>
@@ -88,16 +90,19 @@ void load_matrix_sync(fragment<matrix_b, M, N, K, T, L>& f, const float* p, unsi
     for (int k = 0; k < K; ++k) for (int n = 0; n < N; ++n)
         f.x[k * N + n] = std::is_same<L, row_major>::value ? p[k * ld + n] : p[k + n * ld];
 }
+// Accumulator elements in a scrambled order (element (m, n) at x[acc_at(m, n)]),
+// as wmma leaves the order unspecified: code that assumed one fails here.
+static int acc_at(int m, int n) { return ((m * 16 + n) * 37 + 11) % 256; }
 template <int M, int N, int K>
 void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ld, layout_t l) {
     check_aligned(p); if (l != mem_row_major) std::abort(); __syncwarp();
-    for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) f.x[m * N + n] = p[m * ld + n];
+    for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) f.x[acc_at(m, n)] = p[m * ld + n];
 }
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ld, layout_t l) {
     check_aligned(p); if (l != mem_row_major) std::abort(); __syncwarp();
     if (threadIdx.x % 32 == 0)
-        for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) p[m * ld + n] = f.x[m * N + n];
+        for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) p[m * ld + n] = f.x[acc_at(m, n)];
     __syncwarp();
 }
 template <int M, int N, int K>
@@ -107,13 +112,13 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
     for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) {
         // Inputs must already be TF32 (the kernel rounds them).
-        float s = c.x[m * N + n];
+        float s = c.x[acc_at(m, n)];
         for (int k = 0; k < K; ++k) {
             if (__float_to_tf32(a.x[m * K + k]) != a.x[m * K + k] || __float_to_tf32(b.x[k * N + n]) != b.x[k * N + n]) {
                 std::fprintf(stderr, "unrounded operand\n"); std::abort(); }
             s += a.x[m * K + k] * b.x[k * N + n];
         }
-        d.x[m * N + n] = s;
+        d.x[acc_at(m, n)] = s;
     }
 }
 }}  // namespace nvcuda::wmma
