@@ -108,6 +108,9 @@ fn tiled_kernel(
             "{entry} needs {bytes} B of shared memory; this device grants a block {limit} B"
         )));
     }
+    // Driver calls outside a launch want the context current on this thread
+    // (cudarc binds it for launches and allocations, not for attributes).
+    gpu.context().bind_to_thread()?;
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         int(bytes),
