@@ -8,7 +8,9 @@
 // aborts). It cannot find warp-level races or the hardware's own rounding —
 // the GPU check group "flash attention" does. Shared memory starts as NaNs:
 // a read of an unwritten value shows up. Compared with an f64 reference of
-// the same attention (out, lse, dq, dk, dv).
+// the same attention (out, lse, dq, dk, dv); a write past the shared memory
+// the launcher sizes aborts. With -fsanitize=address (2.5 minutes) global
+// reads and writes out of bounds abort too (clean on 2026-11-29).
 //
 //   g++ -std=c++20 -O2 -pthread -w -Ikernels/emu/include \
 //       kernels/emu/flash_attention_emu.cpp -o /tmp/flash-emu && /tmp/flash-emu
@@ -125,7 +127,10 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 #include "../cuda/flash_attention.cu"
 
-static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, const std::function<void()>& body) {
+// `smem_floats`: the dynamic shared memory the launcher (flash_attention.rs)
+// gives the kernel; whatever lies past it must be untouched after a block.
+static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, size_t smem_floats,
+                   const std::function<void()>& body) {
     blockDim = {threads, 1, 1}; gridDim = {gx, gy, gz};
     for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
         blockIdx = {x, y, z};
@@ -136,6 +141,11 @@ static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, cons
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < threads; ++t) ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
         for (auto& t : ts) t.join();
+        for (size_t i = smem_floats; i < sizeof fa_smem / sizeof(float); ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, &fa_smem[i], 4);
+            if (bits != 0xffffffffu) { std::fprintf(stderr, "shared memory written past the launch's %zu floats at %zu\n", smem_floats, i); std::abort(); }
+        }
     }
 }
 
@@ -195,14 +205,17 @@ int main(int argc, char** argv) {
         }
         std::vector<float> out(qn, NAN), lse((size_t)s.B * s.H * s.T, NAN), delta(lse.size(), NAN);
         const float fscale = 1.0f / std::sqrt((float)s.D);
-        launch((s.T + 63) / 64, s.H, s.B, 128, [&] { flash_attention_forward_f32(out.data(), lse.data(), q.data(), k.data(), v.data(), s.T, s.H, s.KV, s.D, fscale); });
+        // The launcher's shared-memory sizes (flash_attention.rs), in floats.
+        const size_t ld = (s.D + 15) / 16 * 16 + 8;
+        const size_t forward_smem = 128 * ld + 64 * 40 + 64, backward_smem = 4 * 32 * ld + 2 * 32 * 40 + 64;
+        launch((s.T + 63) / 64, s.H, s.B, 128, forward_smem, [&] { flash_attention_forward_f32(out.data(), lse.data(), q.data(), k.data(), v.data(), s.T, s.H, s.KV, s.D, fscale); });
         all &= compare("out", out, out_r, 1e-2);
         all &= compare("lse", lse, lse_r, 0, 1e-2);
         int rows = s.B * s.H * s.T;
-        launch((rows + 7) / 8, 1, 1, 256, [&] { flash_attention_backward_delta_f32(delta.data(), dout.data(), out.data(), s.B, s.T, s.H, s.D); });
+        launch((rows + 7) / 8, 1, 1, 256, 0, [&] { flash_attention_backward_delta_f32(delta.data(), dout.data(), out.data(), s.B, s.T, s.H, s.D); });
         std::vector<float> dq = dq0, dk = dk0, dv = dv0;
-        launch((s.T + 31) / 32, s.KV, s.B, 128, [&] { flash_attention_backward_key_value_f32(dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
-        launch((s.T + 31) / 32, s.H, s.B, 128, [&] { flash_attention_backward_query_f32(dq.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
+        launch((s.T + 31) / 32, s.KV, s.B, 128, backward_smem, [&] { flash_attention_backward_key_value_f32(dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
+        launch((s.T + 31) / 32, s.H, s.B, 128, backward_smem, [&] { flash_attention_backward_query_f32(dq.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
         all &= compare("dq", dq, dq_r, 1e-2);
         all &= compare("dk", dk, dk_r, 1e-2);
         all &= compare("dv", dv, dv_r, 1e-2);
