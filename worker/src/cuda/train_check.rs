@@ -178,15 +178,6 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         "3 blocks, one batch",
         gemm,
     )?);
-    // The flash attention kernels in the whole model (opt-in until a GPU
-    // run has passed this): the same bounds as the GEMM path's.
-    checks.extend(one_batch(
-        gpu,
-        &model,
-        &settings,
-        "3 blocks, one batch, flash attention",
-        AttentionKernel::Flash,
-    )?);
     let mut balanced = config.clone();
     balanced.moe.aux_loss_alpha = 0.001;
     let balanced = Model::<f32>::initial(balanced, settings.seed);
@@ -212,9 +203,7 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         gemm,
     )?);
 
-    for attention in [gemm, AttentionKernel::Flash] {
-        checks.extend(recomputed_blocks(gpu, &model, &settings, attention)?);
-    }
+    checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
 
     // Three optimizer steps of each trainer from the same start. After the
     // first, the weights differ in the last bits, so a router near-tie may
@@ -267,6 +256,23 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
             budget,
         ));
     }
+
+    // The flash attention kernels in the whole model, the same bounds as
+    // the GEMM path's; last while they are opt-in and unproven on a GPU, so
+    // that a fault in them cannot cost the checks above.
+    checks.extend(one_batch(
+        gpu,
+        &model,
+        &settings,
+        "3 blocks, one batch, flash attention",
+        AttentionKernel::Flash,
+    )?);
+    checks.extend(recomputed_blocks(
+        gpu,
+        &model,
+        &settings,
+        AttentionKernel::Flash,
+    )?);
     Ok(checks)
 }
 
