@@ -65,7 +65,7 @@ echo "gpu-check: moe-gpu-check exited $status after $((SECONDS - start)) s"
 # the worker binary came along.
 if [ -x "${MOE_WORKER_BIN:-.gpu/moe-worker}" ]; then
   start=$SECONDS
-  timeout 240 bash "$(dirname "$0")/gpu-train-check.sh" "$out"
+  timeout 300 bash "$(dirname "$0")/gpu-train-check.sh" "$out"
   train_status=$?
   echo "gpu-check: gpu-train-check exited $train_status after $((SECONDS - start)) s"
   [ "$status" -eq 0 ] && status=$train_status

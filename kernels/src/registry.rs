@@ -92,6 +92,15 @@ pub const ATTENTION: Family = family!(
         "attention_softmax_backward_f32",
     ]
 );
+pub const FLASH_ATTENTION: Family = family!(
+    "flash_attention",
+    [
+        "flash_attention_forward_f32",
+        "flash_attention_backward_delta_f32",
+        "flash_attention_backward_key_value_f32",
+        "flash_attention_backward_query_f32",
+    ]
+);
 pub const GEMM: Family = family!("gemm", ["gemm_abt_f32_exact"]);
 pub const EMBEDDING: Family = family!(
     "embedding",
@@ -124,6 +133,7 @@ pub const FAMILIES: &[Family] = &[
     PERMUTE,
     FP8,
     ATTENTION,
+    FLASH_ATTENTION,
     EMBEDDING,
     GEMM,
     VECTOR,

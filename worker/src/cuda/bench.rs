@@ -151,7 +151,10 @@ pub fn run_all(gpu: &Gpu) -> Result<(Vec<Figure>, Vec<String>)> {
     }
 
     match super::train_bench::training_step_figures(gpu, dense) {
-        Ok(f) => figures.extend(f),
+        Ok((f, failed)) => {
+            figures.extend(f);
+            failures.extend(failed);
+        }
         Err(error) => failures.push(format!("training step: {error}")),
     }
 

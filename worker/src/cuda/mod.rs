@@ -15,6 +15,7 @@ pub mod cross_entropy;
 pub mod data_parallel;
 pub mod dispatch;
 pub mod embedding;
+pub mod flash_attention;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod lt_plan;

@@ -16,7 +16,8 @@ use super::rope::DeviceRope;
 use super::sequence_parallel as ulysses;
 use super::serve_ep::DeviceExchange;
 use super::{
-    Gpu, GpuError, Result, attention, cross_entropy, embedding, matmul, rmsnorm, swiglu, vector,
+    Gpu, GpuError, Result, attention, cross_entropy, embedding, flash_attention, matmul, rmsnorm,
+    swiglu, vector,
 };
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::model::config::NORM_EPS;
@@ -193,12 +194,65 @@ impl DeviceGradients {
     }
 }
 
-/// The model on the device: weights (MoE selection biases included) and
-/// the RoPE table.
+/// The model on the device: weights (MoE selection biases included), the
+/// RoPE table and the attention kernels it runs.
 pub struct DeviceModel {
     config: ModelConfig,
     pub weights: DeviceWeights<DeviceMoeLayer>,
     rope: DeviceRope,
+    attention: AttentionKernel,
+}
+
+/// Which kernels run attention on the device. Both give the CPU's result
+/// up to TF32 rounding; they differ in what the forward pass keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Batched cuBLASLt GEMMs ([`attention`]), the probabilities
+    /// `[sequences, heads, T, T]` kept for the backward pass. The default
+    /// until a GPU run has checked and timed the flash kernels.
+    #[default]
+    Gemm,
+    /// FlashAttention-2 style tiles ([`flash_attention`]): only each row's
+    /// log-sum-exp kept, the probabilities recomputed in the backward pass.
+    /// Heads the kernels do not take (above 128) run the GEMM path.
+    Flash,
+}
+
+impl AttentionKernel {
+    /// `MOE_CUDA_ATTENTION=flash` opts the device model into the flash
+    /// kernels (`gemm` or unset: the GEMM path).
+    pub const ENV: &str = "MOE_CUDA_ATTENTION";
+
+    /// The kernel `MOE_CUDA_ATTENTION` asks for; an unknown value is
+    /// reported and runs the default.
+    pub fn from_env() -> Self {
+        match std::env::var(Self::ENV).as_deref() {
+            Ok("flash") => Self::Flash,
+            Ok("gemm") | Ok("") | Err(_) => Self::Gemm,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "{} is neither flash nor gemm: running the GEMM path",
+                    Self::ENV
+                );
+                Self::Gemm
+            }
+        }
+    }
+}
+
+/// What attention keeps for its backward pass, by kernel.
+enum AttentionSaved {
+    /// The GEMM path's probabilities `[sequences, heads, T, T]`.
+    Probs(CudaSlice<f32>),
+    /// The flash path's `lse [sequences, heads, T]`, and under sequence
+    /// parallelism the output in the attention call's (whole-sequence,
+    /// this rank's heads) layout, which the backward pass's D term reads;
+    /// without it `attention_out` is that output.
+    Flash {
+        lse: CudaSlice<f32>,
+        out_heads: Option<CudaSlice<f32>>,
+    },
 }
 
 /// One block's activations, kept for its backward pass.
@@ -211,7 +265,7 @@ struct BlockPass {
     k: CudaSlice<f32>,
     v: CudaSlice<f32>,
     attention_out: CudaSlice<f32>,
-    probs: CudaSlice<f32>,
+    attention: AttentionSaved,
     mid: CudaSlice<f32>,
     ffn_normed: CudaSlice<f32>,
     ffn_rstd: CudaSlice<f32>,
@@ -311,6 +365,23 @@ impl DeviceModel {
             })
             .collect::<Result<_>>()?;
         let table = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
+        let attention = AttentionKernel::from_env();
+        if attention == AttentionKernel::Flash {
+            // Said once per upload, so a run's log shows which kernels it timed.
+            if config.head_dim() <= flash_attention::MAX_HEAD_DIM {
+                tracing::info!(
+                    "attention on the flash kernels ({}=flash)",
+                    AttentionKernel::ENV
+                );
+            } else {
+                tracing::warn!(
+                    head_dim = config.head_dim(),
+                    "{}=flash, but the flash kernels take heads up to {}: attention runs the GEMM path",
+                    AttentionKernel::ENV,
+                    flash_attention::MAX_HEAD_DIM
+                );
+            }
+        }
         Ok(Self {
             rope: DeviceRope::new(gpu, &table, config.head_dim())?,
             weights: DeviceWeights {
@@ -320,7 +391,20 @@ impl DeviceModel {
                 lm_head: gpu.upload(&w.lm_head)?,
             },
             config,
+            attention,
         })
+    }
+
+    /// The attention kernels this model runs ([`AttentionKernel::from_env`]
+    /// at upload).
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
+    }
+
+    /// Runs attention with `kernel` from now on (checks and benchmarks
+    /// compare the two on one model).
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -528,11 +612,33 @@ impl DeviceModel {
         let shape = self.attention_shape(sequence);
         let mut attention_out = gpu.output::<f32>(q.len())?;
         let rows = q.len() / (shape.n_heads * shape.head_dim);
-        let mut probs = gpu.output::<f32>(shape.probs_len(rows))?;
-        attention::forward(gpu, &mut attention_out, &mut probs, &q, &k, &v, shape)?;
-        let attention_out = match sequence {
-            None => attention_out,
-            Some(sp) => ulysses::to_tokens(gpu, sp, &attention_out, c.heads, c.head_dim())?,
+        let saved = if self.attention == AttentionKernel::Flash && flash_attention::supports(shape)
+        {
+            let mut lse = gpu.output::<f32>(flash_attention::lse_len(shape, rows))?;
+            flash_attention::forward(gpu, &mut attention_out, &mut lse, &q, &k, &v, shape)?;
+            AttentionSaved::Flash {
+                lse,
+                out_heads: None,
+            }
+        } else {
+            let mut probs = gpu.output::<f32>(shape.probs_len(rows))?;
+            attention::forward(gpu, &mut attention_out, &mut probs, &q, &k, &v, shape)?;
+            AttentionSaved::Probs(probs)
+        };
+        let (attention_out, attention) = match (sequence, saved) {
+            (None, saved) => (attention_out, saved),
+            (Some(sp), saved) => {
+                let tokens_out =
+                    ulysses::to_tokens(gpu, sp, &attention_out, c.heads, c.head_dim())?;
+                let saved = match saved {
+                    AttentionSaved::Flash { lse, .. } => AttentionSaved::Flash {
+                        lse,
+                        out_heads: Some(attention_out),
+                    },
+                    probs => probs,
+                };
+                (tokens_out, saved)
+            }
         };
         // mid = input + attention_out woᵀ, the GEMM adding onto a copy of the input.
         let mut mid = gpu.stream().clone_dtod(&input)?;
@@ -615,7 +721,7 @@ impl DeviceModel {
             k,
             v,
             attention_out,
-            probs,
+            attention,
             mid,
             ffn_normed,
             ffn_rstd,
@@ -816,20 +922,35 @@ impl DeviceModel {
         let mut dq = gpu.zeros::<f32>(pass.q.len())?;
         let mut dk = gpu.zeros::<f32>(pass.k.len())?;
         let mut dv = gpu.zeros::<f32>(pass.v.len())?;
-        attention::backward(
-            gpu,
-            attention::AttentionGrads {
-                q: &mut dq,
-                k: &mut dk,
-                v: &mut dv,
-            },
-            &dattention,
-            &pass.q,
-            &pass.k,
-            &pass.v,
-            &pass.probs,
-            self.attention_shape(sequence),
-        )?;
+        let grads_qkv = attention::AttentionGrads {
+            q: &mut dq,
+            k: &mut dk,
+            v: &mut dv,
+        };
+        let shape = self.attention_shape(sequence);
+        match &pass.attention {
+            AttentionSaved::Probs(probs) => attention::backward(
+                gpu,
+                grads_qkv,
+                &dattention,
+                &pass.q,
+                &pass.k,
+                &pass.v,
+                probs,
+                shape,
+            )?,
+            AttentionSaved::Flash { lse, out_heads } => flash_attention::backward(
+                gpu,
+                grads_qkv,
+                &dattention,
+                &pass.q,
+                &pass.k,
+                &pass.v,
+                out_heads.as_ref().unwrap_or(&pass.attention_out),
+                lse,
+                shape,
+            )?,
+        }
         drop(dattention);
         let (mut dq, mut dk, dv) = match sequence {
             None => (dq, dk, dv),

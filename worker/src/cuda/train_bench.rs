@@ -9,8 +9,9 @@
 //! products. MFU divides those FLOPs per second by the bf16 dense peak.
 
 use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
+use super::model::AttentionKernel;
 use super::trainer::DeviceTrainer;
-use super::{Gpu, Result, attention};
+use super::{Gpu, Result, attention, flash_attention};
 use crate::data::DataLoader;
 use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
@@ -81,8 +82,10 @@ fn quick_model(config: &ModelConfig) -> Model<f32> {
     Model::new(config.clone(), weights).expect("weights shaped from the config")
 }
 
-/// One optimizer step per timed run: 16 sequences of 1024 tokens.
-pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>> {
+/// One optimizer step per timed run: 16 sequences of 1024 tokens. The
+/// figures, and what failed of the flash attention part (reported beside
+/// them rather than losing them).
+pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>, Vec<String>)> {
     let config = billion_config();
     let model = quick_model(&config);
     let (total, active, flops_per_token) = flops_per_token(&model);
@@ -115,8 +118,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         })
         .collect();
     let tokens = (sequences * config.seq_len) as f64;
-    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus)?;
-    drop(model);
+    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Gemm)?;
     let achieved = flops_per_token * tokens / (ms * 1e-3);
     let params = format!(
         "MoE {:.2}B params ({:.2}B active), 16x1024 tokens",
@@ -124,7 +126,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         active as f64 / 1e9
     );
     let mut figures = vec![Figure {
-        name: format!("training step, {params}, TF32 (loss {loss:.3})"),
+        name: format!("training step, {params}, TF32, GEMM attention (loss {loss:.3})"),
         ms,
         value: tokens / (ms * 1e-3),
         unit: "tok/s",
@@ -271,7 +273,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         attention_backward_ms * layers,
         ms,
     ));
-    drop((out, probs, q, kv, dq, dk, dv, trainer));
+    drop((probs, trainer));
 
     // The same step with the linear layers' and the LM head's GEMMs in bf16
     // (`compute: bf16`), then with the linear layers in FP8 (blockwise,
@@ -285,7 +287,8 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
         let mut variant = config.clone();
         (variant.gemm_precision, variant.head_precision) = (linears, GemmPrecision::Bf16);
         let variant = quick_model(&variant);
-        let (trainer, variant_ms, variant_loss) = timed_steps(gpu, &variant, &settings, &corpus)?;
+        let (trainer, variant_ms, variant_loss) =
+            timed_steps(gpu, &variant, &settings, &corpus, AttentionKernel::Gemm)?;
         drop((variant, trainer));
         let achieved = flops_per_token * tokens / (variant_ms * 1e-3);
         figures.push(Figure {
@@ -297,21 +300,94 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<Vec<Figure>>
             of_datasheet: Some(achieved / H200_BF16_DENSE_FLOPS),
         });
     }
-    Ok(figures)
+
+    let mut failures = Vec::new();
+    let flash = || -> Result<Vec<Figure>> {
+        let mut figures = Vec::new();
+        // The flash kernels on the GEMM path's shapes (lse instead of probs;
+        // shares of the GEMM-attention step), then the whole step with them:
+        // which attention is faster, for the default. Last while they are
+        // unproven on a GPU, so that a fault in them cannot cost the figures above.
+        let mut lse = gpu.zeros::<f32>(flash_attention::lse_len(shape, n))?;
+        let flash_forward_ms = time_runs(gpu, 1, 2, || {
+            flash_attention::forward(gpu, &mut out, &mut lse, &q, &kv, &kv, shape)
+        })?;
+        let flash_backward_ms = time_runs(gpu, 1, 2, || {
+            flash_attention::backward(
+                gpu,
+                attention::AttentionGrads {
+                    q: &mut dq,
+                    k: &mut dk,
+                    v: &mut dv,
+                },
+                &out,
+                &q,
+                &kv,
+                &kv,
+                &out,
+                &lse,
+                shape,
+            )
+        })?;
+        figures.push(Figure {
+            ratio: Some((
+                "speed-up over the GEMM path".into(),
+                attention_forward_ms / flash_forward_ms,
+            )),
+            ..share(
+                "  attention forward with the flash kernels (all layers)",
+                flash_forward_ms * layers,
+                ms,
+            )
+        });
+        figures.push(Figure {
+            ratio: Some((
+                "speed-up over the GEMM path".into(),
+                attention_backward_ms / flash_backward_ms,
+            )),
+            ..share(
+                "  attention backward with the flash kernels (all layers)",
+                flash_backward_ms * layers,
+                ms,
+            )
+        });
+        drop((out, lse, q, kv, dq, dk, dv));
+        let (flash_trainer, flash_ms, flash_loss) =
+            timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Flash)?;
+        drop((flash_trainer, model));
+        let flash_achieved = flops_per_token * tokens / (flash_ms * 1e-3);
+        figures.push(Figure {
+            name: format!("training step, {params}, TF32, flash attention (loss {flash_loss:.3})"),
+            ms: flash_ms,
+            value: tokens / (flash_ms * 1e-3),
+            unit: "tok/s",
+            ratio: Some(("the GEMM-attention step (tok/s)".into(), ms / flash_ms)),
+            of_datasheet: Some(flash_achieved / H200_BF16_DENSE_FLOPS),
+        });
+        Ok(figures)
+    };
+    match flash() {
+        Ok(flash_figures) => figures.extend(flash_figures),
+        Err(error) => failures.push(format!("training step, flash attention: {error}")),
+    }
+    Ok((figures, failures))
 }
 
-/// A trainer of `model` and the mean milliseconds of its optimizer steps
-/// after warm-up (NVRTC, cuBLASLt heuristics, allocator), with the last loss.
+/// A trainer of `model` with `attention`'s kernels and the mean
+/// milliseconds of its optimizer steps after warm-up (NVRTC, cuBLASLt
+/// heuristics, allocator), with the last loss.
 fn timed_steps<'g>(
     gpu: &'g Gpu,
     model: &Model<f32>,
     settings: &TrainingSettings,
     corpus: &[u32],
+    attention: AttentionKernel,
 ) -> Result<(DeviceTrainer<'g>, f64, f64)> {
     let seq_len = model.config().seq_len;
     let data = DataLoader::new(corpus.to_vec(), seq_len, 1, "benchmark corpus")
         .expect("the corpus is longer than a window");
     let mut trainer = DeviceTrainer::new(gpu, model, settings.clone(), data)?;
+    trainer.set_attention_kernel(attention);
     let mut loss = f64::NAN;
     let ms = time_runs(gpu, 2, 3, || {
         loss = trainer.step(&|| false)?.map_or(f64::NAN, |r| r.loss);

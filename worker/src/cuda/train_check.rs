@@ -10,8 +10,8 @@
 //! rather than hiding it behind a loose bound.
 
 use super::check::{Check, close_to_scale, exact};
-use super::model::DeviceModel;
 use super::model::DeviceTensors;
+use super::model::{AttentionKernel, DeviceModel};
 use super::trainer::DeviceTrainer;
 use super::{Gpu, Result};
 use crate::data::DataLoader;
@@ -82,12 +82,14 @@ enum Agreement {
 }
 
 /// One forward and backward of `model` on the CPU and the device, on the
-/// same batch: the losses, the expert loads and every gradient.
+/// same batch: the losses, the expert loads and every gradient; attention
+/// on the device by `attention`'s kernels.
 fn one_batch(
     gpu: &Gpu,
     model: &Model<f32>,
     settings: &TrainingSettings,
     case: &str,
+    attention: AttentionKernel,
     agreement: Agreement,
 ) -> Result<Vec<Check>> {
     let config = model.config();
@@ -96,7 +98,8 @@ fn one_batch(
     let cpu = model.forward(&batch.inputs, &batch.targets);
     let mut cpu_grads = Gradients::zeros(config);
     model.backward(&cpu, &mut cpu_grads);
-    let device = DeviceModel::upload(gpu, model)?;
+    let mut device = DeviceModel::upload(gpu, model)?;
+    device.set_attention_kernel(attention);
     let pass = device.forward(gpu, &batch.inputs, &batch.targets)?;
     let mut grads = super::model::DeviceGradients::zeros_like(gpu, &device.weights)?;
     device.backward(gpu, &pass, &mut grads)?;
@@ -150,10 +153,12 @@ fn recomputed_blocks(
     gpu: &Gpu,
     model: &Model<f32>,
     settings: &TrainingSettings,
+    attention: AttentionKernel,
 ) -> Result<Vec<Check>> {
     let config = model.config();
     let batch = loader(config, settings).next_batch(settings.micro_batch);
-    let device = DeviceModel::upload(gpu, model)?;
+    let mut device = DeviceModel::upload(gpu, model)?;
+    device.set_attention_kernel(attention);
     let mut runs = Vec::new();
     for memory in [ActivationMemory::KeepAll, ActivationMemory::RecomputeBlocks] {
         let pass = device.forward_with(gpu, &batch.inputs, &batch.targets, memory)?;
@@ -167,7 +172,7 @@ fn recomputed_blocks(
             .collect();
         runs.push((pass.cross_entropy.to_bits(), pass.expert_loads(), values));
     }
-    let case = "3 blocks, recomputed vs kept";
+    let case = &format!("3 blocks, recomputed vs kept, {attention:?} attention");
     let (kept, recomputed) = (&runs[0], &runs[1]);
     Ok(vec![
         exact("checkpointing.loss", case, &[recomputed.0], &[kept.0]),
@@ -183,11 +188,13 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
 
     // One forward/backward on the same batch: loss, loads and every gradient;
     // again with DeepSeek-V3's sequence-wise balance loss beside the bias.
+    let gemm = AttentionKernel::Gemm;
     checks.extend(one_batch(
         gpu,
         &model,
         &settings,
         "3 blocks, one batch",
+        gemm,
         Agreement::Close,
     )?);
     let mut balanced = config.clone();
@@ -198,6 +205,7 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &balanced,
         &settings,
         "3 blocks, one batch, balance loss",
+        gemm,
         Agreement::Close,
     )?);
 
@@ -212,6 +220,7 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &bf16,
         &settings,
         "3 blocks, one batch, bf16 GEMMs",
+        gemm,
         Agreement::Close,
     )?);
 
@@ -229,10 +238,11 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &fp8,
         &settings,
         "3 blocks, one batch, FP8 linear layers",
+        gemm,
         Agreement::Quantised,
     )?);
 
-    checks.extend(recomputed_blocks(gpu, &model, &settings)?);
+    checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
 
     // Three optimizer steps of each trainer from the same start. After the
     // first, the weights differ in the last bits, so a router near-tie may
@@ -285,6 +295,24 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
             budget,
         ));
     }
+
+    // The flash attention kernels in the whole model, the same bounds as
+    // the GEMM path's; last while they are opt-in and unproven on a GPU, so
+    // that a fault in them cannot cost the checks above.
+    checks.extend(one_batch(
+        gpu,
+        &model,
+        &settings,
+        "3 blocks, one batch, flash attention",
+        AttentionKernel::Flash,
+        Agreement::Close,
+    )?);
+    checks.extend(recomputed_blocks(
+        gpu,
+        &model,
+        &settings,
+        AttentionKernel::Flash,
+    )?);
     Ok(checks)
 }
 

@@ -114,6 +114,12 @@ impl<'g> DeviceTrainer<'g> {
         &self.model
     }
 
+    /// Runs attention with `kernel` from the next step on (the benchmark
+    /// times both kernels; a run takes `MOE_CUDA_ATTENTION` at upload).
+    pub fn set_attention_kernel(&mut self, kernel: super::model::AttentionKernel) {
+        self.model.set_attention_kernel(kernel);
+    }
+
     /// The gradients of the last step, before scaling (as the CPU
     /// trainer's): the mean over micro-batches times `micro_steps`.
     pub fn grads(&self) -> &DeviceGradients {

@@ -1,0 +1,1 @@
+// Empty: flash_attention_emu.cpp defines the nvcuda::wmma subset the kernels use.
