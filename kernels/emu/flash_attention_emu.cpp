@@ -29,34 +29,14 @@
 #include <vector>
 #include <algorithm>
 
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local Dim3 threadIdx;
-Dim3 blockIdx, blockDim, gridDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
+#include "cuda_host.h"
+// The kernels' dynamic shared memory (`extern __shared__ fa_smem[]`) is this one buffer.
 #define __shared__
-#define __align__(n)
-#define FULL_MASK 0xffffffffu
-static int min(int a, int b) { return a < b ? a : b; }
 struct float4 { float x, y, z, w; };
 static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 
 alignas(128) float fa_smem[1 << 17];
 
-std::unique_ptr<std::barrier<>> block_barrier;
-std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-float shfl_slots[32][32];
-static void __syncthreads() { block_barrier->arrive_and_wait(); }
-static void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
-static float __shfl_xor_sync(unsigned, float v, int offset) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    shfl_slots[w][lane] = v;
-    __syncwarp();
-    float r = shfl_slots[w][lane ^ offset];
-    __syncwarp();
-    return r;
-}
 static float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o); return v; }
 static float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o)); return v; }
 
@@ -135,12 +115,7 @@ static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, size
     for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
         blockIdx = {x, y, z};
         std::memset(fa_smem, 0xff, sizeof fa_smem);  // NaN garbage: reads of unwritten smem show up
-        block_barrier = std::make_unique<std::barrier<>>(threads);
-        warp_barriers.clear();
-        for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < threads; ++t) ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
-        for (auto& t : ts) t.join();
+        run_block(threads, body);
         for (size_t i = smem_floats; i < sizeof fa_smem / sizeof(float); ++i) {
             uint32_t bits;
             std::memcpy(&bits, &fa_smem[i], 4);

@@ -50,3 +50,8 @@ fn run_emulator(name: &str) {
 fn flash_attention_kernels_match_an_f64_reference_on_the_host() {
     run_emulator("flash_attention_emu");
 }
+
+#[test]
+fn fp8_operand_quantisers_match_the_kernels_checked_on_a_gpu() {
+    run_emulator("fp8_emu");
+}

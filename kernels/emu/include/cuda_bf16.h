@@ -1,0 +1,2 @@
+// Empty: the emulated kernel families do not use bf16 (common.cuh includes it).
+#pragma once
