@@ -29,7 +29,9 @@ fn run_emulator(name: &str) {
         Ok(status) if status.success() => {}
         Ok(status) => panic!("{cxx} failed to build emu/{name}.cpp: {status}"),
         Err(e) if !required() => {
-            eprintln!("skipping emu/{name}.cpp: no C++ compiler ({cxx}: {e}); CI=true makes this a failure");
+            eprintln!(
+                "skipping emu/{name}.cpp: no C++ compiler ({cxx}: {e}); CI=true makes this a failure"
+            );
             return;
         }
         Err(e) => panic!("{cxx}: {e}"),
