@@ -57,3 +57,8 @@ fn flash_attention_kernels_match_an_f64_reference_on_the_host() {
 fn fp8_operand_quantisers_match_the_kernels_checked_on_a_gpu() {
     run_emulator("fp8_emu");
 }
+
+#[test]
+fn serving_kv_write_and_paged_attention_match_an_f64_reference_on_the_host() {
+    run_emulator("paged_attention_emu");
+}
