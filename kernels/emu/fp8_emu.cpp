@@ -41,6 +41,22 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, const std::functi
 
 static int up(int n, int to) { return (n + to - 1) / to * to; }
 
+// Checks padded K-major codes `[padded_rows, stride]` of an operand
+// `[rows, cols]`: each code (r, c) against `want(r, c)`, every other code zero.
+template <typename Want>
+static void expect_codes(const std::string& name, const char* shape, const std::vector<unsigned char>& codes,
+                         int padded_rows, int stride, int rows, int cols, Want want) {
+    std::vector<unsigned char> got, wanted, pad;
+    for (int r = 0; r < padded_rows; ++r)
+        for (int c = 0; c < stride; ++c) {
+            const unsigned char code = codes[(size_t)r * stride + c];
+            if (r < rows && c < cols) got.push_back(code), wanted.push_back(want(r, c));
+            else pad.push_back(code);
+        }
+    expect_equal((name + " codes").c_str(), shape, got, wanted);
+    expect_equal((name + " padding").c_str(), shape, pad, std::vector<unsigned char>(pad.size(), 0));
+}
+
 int main() {
     struct Shape { int rows, cols; };
     const Shape shapes[] = {{3, 300}, {37, 130}, {130, 260}, {1, 1}, {256, 128}, {5, 256}, {200, 130}, {150, 3}};
@@ -71,19 +87,12 @@ int main() {
             launch((rows * tile_cols + 7) / 8, 1, 256, [&] {
                 fp8_quantize_1x128_f32(codes.data(), scales.data(), x.data(), rows, cols, stride, 1, padded);
             });
-            std::vector<unsigned char> got_codes, want_codes, pad;
+            expect_codes("1x128 padded", shape, codes, padded, stride, rows, cols,
+                         [&](int r, int c) { return ref_codes[(size_t)r * cols + c]; });
             std::vector<float> got_scales, want_scales;
-            for (int r = 0; r < padded; ++r)
-                for (int c = 0; c < stride; ++c) {
-                    const unsigned char code = codes[(size_t)r * stride + c];
-                    if (r < rows && c < cols) got_codes.push_back(code), want_codes.push_back(ref_codes[(size_t)r * cols + c]);
-                    else pad.push_back(code);
-                }
             for (int t = 0; t < tile_cols; ++t)
                 for (int r = 0; r < rows; ++r)
                     got_scales.push_back(scales[(size_t)t * padded + r]), want_scales.push_back(ref_scales[(size_t)r * tile_cols + t]);
-            expect_equal("1x128 padded codes", shape, got_codes, want_codes);
-            expect_equal("1x128 padding", shape, pad, std::vector<unsigned char>(pad.size(), 0));
             expect_equal("1x128 outer-major scales", shape, got_scales, want_scales);
         }
 
@@ -101,19 +110,12 @@ int main() {
             launch((m + 31) / 32, k_tiles, 256, [&] {
                 fp8_quantize_1x128_t_f32(codes.data(), scales.data(), x.data(), k, m, stride, 1, padded);
             });
-            std::vector<unsigned char> got_codes, want_codes, pad;
+            expect_codes("1x128 transposed", shape, codes, padded, stride, m, k,
+                         [&](int r, int c) { return ref_codes[(size_t)c * cols + r]; });
             std::vector<float> got_scales, want_scales;
-            for (int r = 0; r < padded; ++r)
-                for (int c = 0; c < stride; ++c) {
-                    const unsigned char code = codes[(size_t)r * stride + c];
-                    if (r < m && c < k) got_codes.push_back(code), want_codes.push_back(ref_codes[(size_t)c * cols + r]);
-                    else pad.push_back(code);
-                }
             for (int t = 0; t < k_tiles; ++t)
                 for (int r = 0; r < m; ++r)
                     got_scales.push_back(scales[(size_t)t * padded + r]), want_scales.push_back(ref_scales[(size_t)t * cols + r]);
-            expect_equal("1x128 transposed codes", shape, got_codes, want_codes);
-            expect_equal("1x128 transposed padding", shape, pad, std::vector<unsigned char>(pad.size(), 0));
             expect_equal("1x128 transposed scales", shape, got_scales, want_scales);
         }
 
@@ -137,25 +139,18 @@ int main() {
                     else
                         fp8_quantize_128x128_f32(codes.data(), scales.data(), x.data(), n, k, stride, scale_stride);
                 });
-                std::vector<unsigned char> got_codes, want_codes, pad;
+                const std::string name = transposed ? "128x128 transposed" : "128x128 padded";
+                expect_codes(name, shape, codes, padded, stride, n, k, [&](int r, int c) {
+                    return ref_codes[transposed ? (size_t)c * cols + r : (size_t)r * cols + c];
+                });
                 std::vector<float> got_scales, want_scales;
-                for (int r = 0; r < padded; ++r)
-                    for (int c = 0; c < stride; ++c) {
-                        const unsigned char code = codes[(size_t)r * stride + c];
-                        const size_t at = transposed ? (size_t)c * cols + r : (size_t)r * cols + c;
-                        if (r < n && c < k) got_codes.push_back(code), want_codes.push_back(ref_codes[at]);
-                        else pad.push_back(code);
-                    }
                 for (int i = 0; i < n_tiles; ++i)
                     for (int j = 0; j < scale_stride; ++j) {
                         got_scales.push_back(scales[(size_t)i * scale_stride + j]);
                         const size_t at = transposed ? (size_t)j * tile_cols + i : (size_t)i * tile_cols + j;
                         want_scales.push_back(j < k_tiles ? ref_scales[at] : 0.0f);
                     }
-                const char* name = transposed ? "128x128 transposed" : "128x128 padded";
-                expect_equal((std::string(name) + " codes").c_str(), shape, got_codes, want_codes);
-                expect_equal((std::string(name) + " padding").c_str(), shape, pad, std::vector<unsigned char>(pad.size(), 0));
-                expect_equal((std::string(name) + " scales").c_str(), shape, got_scales, want_scales);
+                expect_equal((name + " scales").c_str(), shape, got_scales, want_scales);
             }
         }
 
