@@ -62,3 +62,8 @@ fn fp8_operand_quantisers_match_the_kernels_checked_on_a_gpu() {
 fn serving_kv_write_and_paged_attention_match_an_f64_reference_on_the_host() {
     run_emulator("paged_attention_emu");
 }
+
+#[test]
+fn embedding_backward_and_rope_slices_match_plain_loops_on_the_host() {
+    run_emulator("embedding_rope_emu");
+}
