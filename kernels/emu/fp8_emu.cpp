@@ -72,14 +72,14 @@ int main() {
         const int tile_cols = (cols + 127) / 128, tile_rows = (rows + 127) / 128;
 
         // 1x128 as stored: the unpadded kernel (row-major scales) against
-        // codes padded to whole K slices, rows to 4, scales outer-major.
+        // codes padded to whole K slices, rows to 16, scales outer-major.
         {
             std::vector<unsigned char> ref_codes((size_t)rows * cols);
             std::vector<float> ref_scales((size_t)rows * tile_cols);
             launch((rows * tile_cols + 7) / 8, 1, 256, [&] {
                 fp8_quantize_1x128_f32(ref_codes.data(), ref_scales.data(), x.data(), rows, cols, cols, 0, rows);
             });
-            const int stride = up(cols, 128), padded = up(rows, 4);
+            const int stride = up(cols, 128), padded = up(rows, 16);
             std::vector<unsigned char> codes((size_t)padded * stride, 0xaa);
             std::fill(codes.begin() + (size_t)rows * stride, codes.end(), 0);  // gpu.zeros when rows are padded
             if (padded == rows) std::fill(codes.begin(), codes.end(), 0xaa);
@@ -104,7 +104,7 @@ int main() {
             launch((cols + 127) / 128, tile_rows, 128, [&] {
                 fp8_quantize_128x1_f32(ref_codes.data(), ref_scales.data(), x.data(), rows, cols);
             });
-            const int m = cols, k = rows, stride = up(k, 128), padded = up(m, 4), k_tiles = tile_rows;
+            const int m = cols, k = rows, stride = up(k, 128), padded = up(m, 16), k_tiles = tile_rows;
             std::vector<unsigned char> codes((size_t)padded * stride, padded > m ? 0 : 0xaa);
             std::vector<float> scales((size_t)k_tiles * padded, padded > m ? 0.0f : NAN);
             launch((m + 31) / 32, k_tiles, 256, [&] {
@@ -129,7 +129,7 @@ int main() {
             });
             for (const bool transposed : {false, true}) {
                 const int n = transposed ? cols : rows, k = transposed ? rows : cols;
-                const int stride = up(k, 128), padded = up(n, 4), k_tiles = (k + 127) / 128, n_tiles = (n + 127) / 128;
+                const int stride = up(k, 128), padded = up(n, 16), k_tiles = (k + 127) / 128, n_tiles = (n + 127) / 128;
                 const int scale_stride = up(k_tiles, 4);
                 std::vector<unsigned char> codes((size_t)padded * stride, padded > n ? 0 : 0xaa);
                 std::vector<float> scales((size_t)n_tiles * scale_stride, 0.0f);

@@ -30,9 +30,9 @@ pub struct DeviceFp8 {
     /// GEMM is padded with zero codes to whole 128-wide K slices.
     pub stride: usize,
     /// Rows in memory, `rows` or more (an operand of cuBLASLt's FP8 GEMM
-    /// has a multiple of 4: its 1×128 scales are one row of `padded_rows`
-    /// per K slice, 16-byte aligned); the rows past `rows` are zero codes
-    /// with zero scales.
+    /// is padded to a multiple of 16, see `matmul::FP8_ROWS`; its 1×128
+    /// scales are one row of `padded_rows` per K slice); the rows past
+    /// `rows` are zero codes with zero scales.
     pub padded_rows: usize,
     /// `[padded_rows, stride]` E4M3 codes.
     pub codes: CudaSlice<u8>,
@@ -157,7 +157,7 @@ pub fn quantize_operand(
         padded_rows >= rows && (padded_rows == rows || layout == ScaleLayout::Cublaslt),
         "fp8 rows padded to {padded_rows} for {rows} rows, scales {layout:?}"
     );
-    // Padding rows to a multiple of 4 never adds a 128-row block.
+    // Padding rows to a multiple of 16 never adds a 128-row block.
     let tile_rows = if tile == TileShape::ROW {
         padded_rows
     } else if tile == TileShape::BLOCK {

@@ -384,6 +384,12 @@ fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
     Ok(out)
 }
 
+/// The rows of an FP8 GEMM operand are padded to a multiple of this: every
+/// row of its 1×128 scales then starts 64-byte aligned, and M and N are
+/// multiples of 16 (the shapes the block-scaled GEMM was measured on; what
+/// cuBLASLt requires of them is not documented, and zero rows are harmless).
+const FP8_ROWS: usize = 16;
+
 /// [`gemm`] in FP8, DeepSeek-V3's blockwise recipe as the CPU's
 /// [`crate::fp8::gemm`] runs it: both operands quantised along K from their
 /// f32 values, written K-major (what cuBLASLt's FP8 GEMM reads) —
@@ -394,10 +400,10 @@ fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
 /// over the tokens: the CPU's 128×1 tiles) — then cuBLASLt's block-scaled
 /// GEMM. K is padded with zero codes to whole 128-wide slices (cuBLASLt's
 /// FP8 operands want 16-byte aligned columns; a zero adds nothing), and
-/// each operand's rows to a multiple of 4 (zero rows, so that every row of
-/// its 1×128 scales starts 16-byte aligned). The result is written straight
-/// into `c` when it overwrites 16-byte aligned rows and needs no padding,
-/// else into an aligned scratch moved or added into `c`.
+/// each operand's rows to a multiple of [`FP8_ROWS`] (zero rows). The
+/// result is written straight into `c` when it overwrites 16-byte aligned
+/// rows and needs no padding, else into an aligned scratch moved or added
+/// into `c`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_fp8(
     gpu: &Gpu,
@@ -414,7 +420,7 @@ fn gemm_fp8(
         "an FP8 GEMM is a linear layer's forward, input or weight gradient; none has both operands transposed"
     );
     let stride = k.next_multiple_of(TILE);
-    let (m4, n4) = (m.next_multiple_of(4), n.next_multiple_of(4));
+    let (m16, n16) = (m.next_multiple_of(FP8_ROWS), n.next_multiple_of(FP8_ROWS));
     let layout = ScaleLayout::Cublaslt;
     let a8 = fp8::quantize_operand(
         gpu,
@@ -424,7 +430,7 @@ fn gemm_fp8(
             cols: k,
             transposed: a_transposed,
             stride,
-            padded_rows: m4,
+            padded_rows: m16,
         },
         TileShape::ROW,
         layout,
@@ -442,7 +448,7 @@ fn gemm_fp8(
             cols: k,
             transposed: !b_transposed,
             stride,
-            padded_rows: n4,
+            padded_rows: n16,
         },
         b_tile,
         layout,
@@ -451,10 +457,10 @@ fn gemm_fp8(
         let (ptr, _record) = c.device_ptr_mut(gpu.stream());
         ptr % 16 == 0
     };
-    if aligned && (m4, n4) == (m, n) && !accumulate {
+    if aligned && (m16, n16) == (m, n) && !accumulate {
         return fp8_gemm::gemm_abt_into(gpu, c, n, &a8, &b8);
     }
-    let mut scratch = gpu.output::<f32>(m4 * n4)?;
-    fp8_gemm::gemm_abt_into(gpu, &mut scratch, n4, &a8, &b8)?;
-    fp8::unpad_rows(gpu, c, &scratch, (m, n, n4), accumulate)
+    let mut scratch = gpu.output::<f32>(m16 * n16)?;
+    fp8_gemm::gemm_abt_into(gpu, &mut scratch, n16, &a8, &b8)?;
+    fp8::unpad_rows(gpu, c, &scratch, (m, n, n16), accumulate)
 }
