@@ -15,7 +15,9 @@ use moe_kernels::registry::ATTENTION;
 /// Query (or key) rows per block: one warp each.
 const WARPS: usize = 8;
 
-fn sequences(shape: AttentionShape, q_len: usize) -> usize {
+/// The number of sequences in `q_len` query values of `shape` (asserting
+/// whole sequences and whole query-head groups).
+pub(super) fn sequences(shape: AttentionShape, q_len: usize) -> usize {
     let width = shape.seq_len * shape.n_heads * shape.head_dim;
     assert!(
         width > 0 && q_len.is_multiple_of(width) && shape.n_heads.is_multiple_of(shape.n_kv_heads),

@@ -69,21 +69,14 @@ fn backward_shared_bytes(head_dim: usize) -> usize {
 
 /// The number of sequences in `q`, after checking `shape` against it.
 fn sequences(shape: AttentionShape, q_len: usize) -> Result<usize> {
-    let width = shape.seq_len * shape.n_heads * shape.head_dim;
-    assert!(
-        width > 0
-            && shape.n_kv_heads > 0
-            && q_len.is_multiple_of(width)
-            && shape.n_heads.is_multiple_of(shape.n_kv_heads),
-        "attention shape {shape:?} for {q_len} query values"
-    );
+    let b = super::attention::sequences(shape, q_len);
     if !supports(shape) {
         return Err(GpuError::Unsupported(format!(
             "flash attention with head_dim {} (at most {MAX_HEAD_DIM}); use the GEMM path",
             shape.head_dim
         )));
     }
-    Ok(q_len / width)
+    Ok(b)
 }
 
 /// The length of `lse` (and of the backward pass's D term) for `tokens`
