@@ -832,7 +832,7 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 cols: op_cols,
                 transposed,
                 stride: op_cols.next_multiple_of(TILE),
-                padded_rows: op_rows.next_multiple_of(16),
+                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
             };
             let device = fp8::quantize_operand(
                 gpu,

@@ -388,7 +388,7 @@ fn rounded(gpu: &Gpu, x: &CudaView<'_, f32>) -> Result<CudaSlice<bf16>> {
 /// row of its 1×128 scales then starts 64-byte aligned, and M and N are
 /// multiples of 16 (the shapes the block-scaled GEMM was measured on; what
 /// cuBLASLt requires of them is not documented, and zero rows are harmless).
-const FP8_ROWS: usize = 16;
+pub(crate) const FP8_ROWS: usize = 16;
 
 /// [`gemm`] in FP8, DeepSeek-V3's blockwise recipe as the CPU's
 /// [`crate::fp8::gemm`] runs it: both operands quantised along K from their
