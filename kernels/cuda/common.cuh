@@ -5,6 +5,11 @@
 #include <cuda_fp8.h>
 
 #define FULL_MASK 0xffffffffu
+// A kernel's dynamic shared memory as `type name[]`; the host emulators
+// (kernels/emu) define it first to give it their own storage.
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 // NVRTC has no <cmath>; the bit pattern of +inf.
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)

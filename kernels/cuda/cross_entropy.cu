@@ -23,14 +23,17 @@ extern "C" __global__ void cross_entropy_forward_f32(float* losses, float* probs
     if (threadIdx.x == 0) losses[row] = -logf(p[targets[row]]);
 }
 
-// Adds dlosses[r] (probs[r] - onehot(targets[r])) into dlogits.
+// Adds dlosses[r] (probs[r] - onehot(targets[r])) into dlogits, or with
+// accumulate == 0 into zeros (the same sums, without a memset before).
 extern "C" __global__ void cross_entropy_backward_f32(float* dlogits, const float* dlosses, const float* probs,
-                                                      const unsigned int* targets, int rows, int vocab) {
+                                                      const unsigned int* targets, int rows, int vocab,
+                                                      int accumulate) {
     const int row = blockIdx.x;
     if (row >= rows) return;
     const size_t base = (size_t)row * vocab;
     const float dloss = dlosses[row];
     const unsigned int target = targets[row];
     for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-        dlogits[base + i] += dloss * (probs[base + i] - (i == (int)target ? 1.0f : 0.0f));
+        dlogits[base + i] = (accumulate ? dlogits[base + i] : 0.0f) +
+                            dloss * (probs[base + i] - (i == (int)target ? 1.0f : 0.0f));
 }

@@ -14,7 +14,7 @@
 
 extern "C" __global__ void moe_chunk_counts(int* chunk_counts, const int* experts, int n_slots, int n_experts,
                                             int chunk) {
-    extern __shared__ int counts[];
+    DYNAMIC_SHARED(int, counts);
     for (int e = threadIdx.x; e < n_experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     const int begin = blockIdx.x * chunk, end = min(begin + chunk, n_slots);
@@ -28,7 +28,7 @@ extern "C" __global__ void moe_chunk_counts(int* chunk_counts, const int* expert
 // offsets: [n_experts + 1]; chunk_base: [chunks, n_experts].
 extern "C" __global__ void moe_scan_offsets(int* offsets, int* chunk_base, const int* chunk_counts, int chunks,
                                             int n_experts) {
-    extern __shared__ int scan[];
+    DYNAMIC_SHARED(int, scan);
     const int e = threadIdx.x;
     int total = 0;
     if (e < n_experts)
@@ -56,7 +56,7 @@ extern "C" __global__ void moe_scan_offsets(int* offsets, int* chunk_base, const
 // One warp per chunk. row_of_slot: [n_slots]; slot_of_row: [n_slots].
 extern "C" __global__ void moe_scatter_slots(int* row_of_slot, int* slot_of_row, const int* experts,
                                              const int* chunk_base, int n_slots, int n_experts, int chunk) {
-    extern __shared__ int next_row[];
+    DYNAMIC_SHARED(int, next_row);
     const int lane = threadIdx.x;
     for (int e = lane; e < n_experts; e += 32) next_row[e] = chunk_base[(size_t)blockIdx.x * n_experts + e];
     __syncwarp();
@@ -142,10 +142,11 @@ extern "C" __global__ void moe_unpermute_bf16(uint4* out, const uint4* y, const 
 }
 
 // Backward of the unpermute: dy[row] += gate dout[t] for each of t's slots,
-// and dgates[slot] += dot(dout[t], y[row]). One block per token.
+// and dgates[slot] += dot(dout[t], y[row]); with accumulate == 0 into zeros
+// (every row and slot is written once: no memset before). One block per token.
 extern "C" __global__ void moe_unpermute_backward_f32(float* dy, float* dgates, const float* dout,
                                                       const float* y, const float* gates, const int* row_of_slot,
-                                                      int tokens, int hidden, int top_k) {
+                                                      int tokens, int hidden, int top_k, int accumulate) {
     __shared__ float scratch[32];
     const int token = blockIdx.x;
     if (token >= tokens) return;
@@ -156,10 +157,10 @@ extern "C" __global__ void moe_unpermute_backward_f32(float* dy, float* dgates, 
         const float gate = gates[slot];
         float dot = 0.0f;
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            dy[row + i] += gate * d[i];
+            dy[row + i] = (accumulate ? dy[row + i] : 0.0f) + gate * d[i];
             dot += d[i] * y[row + i];
         }
         dot = block_sum(dot, scratch);
-        if (threadIdx.x == 0) dgates[slot] += dot;
+        if (threadIdx.x == 0) dgates[slot] = (accumulate ? dgates[slot] : 0.0f) + dot;
     }
 }

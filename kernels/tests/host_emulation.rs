@@ -67,3 +67,8 @@ fn serving_kv_write_and_paged_attention_match_an_f64_reference_on_the_host() {
 fn embedding_backward_and_rope_slices_match_plain_loops_on_the_host() {
     run_emulator("embedding_rope_emu");
 }
+
+#[test]
+fn dispatch_sort_permutes_and_overwriting_backward_kernels_match_plain_loops_on_the_host() {
+    run_emulator("dispatch_emu");
+}

@@ -266,7 +266,19 @@ fn check_swiglu(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut h_d = gpu.zeros(n)?;
         swiglu::forward(gpu, &mut h_d, &a_d, &b_d)?;
         let (mut da_d, mut db_d) = (gpu.upload(&da0)?, gpu.upload(&db0)?);
-        swiglu::backward(gpu, &mut da_d, &mut db_d, &dh_d, &a_d, &b_d)?;
+        swiglu::backward(gpu, &mut da_d, &mut db_d, &dh_d, &a_d, &b_d, true)?;
+        // Without accumulate: what adding into zeros gives, whatever the
+        // buffers held (here the previous call's sums).
+        let (mut da_new, mut db_new) = (vec![0.0; n], vec![0.0; n]);
+        ops::swiglu::backward(&mut da_new, &mut db_new, &dh, &a, &b);
+        let (mut da_over, mut db_over) = (da_d.clone(), db_d.clone());
+        swiglu::backward(gpu, &mut da_over, &mut db_over, &dh_d, &a_d, &b_d, false)?;
+        for (name, got, want) in [
+            ("swiglu.backward.da, overwrite", &da_over, &da_new),
+            ("swiglu.backward.db, overwrite", &db_over, &db_new),
+        ] {
+            checks.push(close(name, &case, &gpu.download(got)?, want, 1e-6, 1e-5));
+        }
         checks.push(close(
             "swiglu.forward",
             &case,
@@ -323,7 +335,26 @@ fn check_cross_entropy(gpu: &Gpu) -> Result<Vec<Check>> {
         let (mut losses_d, mut probs_d) = (gpu.zeros(rows)?, gpu.zeros(rows * vocab)?);
         cross_entropy::forward(gpu, &mut losses_d, &mut probs_d, &z_d, &t_d, vocab)?;
         let mut dz_d = gpu.upload(&dz0)?;
-        cross_entropy::backward(gpu, &mut dz_d, &dl_d, &probs_d, &t_d, vocab)?;
+        cross_entropy::backward(gpu, &mut dz_d, &dl_d, &probs_d, &t_d, vocab, true)?;
+        // Without accumulate: the gradient alone, over whatever was there.
+        let mut dz_new = vec![0.0f64; rows * vocab];
+        ops::cross_entropy::backward(
+            &mut dz_new,
+            &wide(&dlosses),
+            &wide(&gpu.download(&probs_d)?),
+            &targets,
+            vocab,
+        );
+        let mut dz_over = dz_d.clone();
+        cross_entropy::backward(gpu, &mut dz_over, &dl_d, &probs_d, &t_d, vocab, false)?;
+        checks.push(close(
+            "cross_entropy.backward, overwrite",
+            &case,
+            &gpu.download(&dz_over)?,
+            &narrow(&dz_new),
+            1e-6,
+            1e-5,
+        ));
         checks.push(close(
             "cross_entropy.loss",
             &case,
@@ -684,17 +715,52 @@ fn check_dispatch(
         1e-6,
         1e-5,
     ));
-    let (mut dy_d, mut dgates_d) = (gpu.zeros(rows * hidden)?, gpu.zeros(rows)?);
+    // Written over garbage without accumulate; a second pass with it doubles.
+    let (mut dy_d, mut dgates_d) = (
+        gpu.upload(&random(rows * hidden, 31))?,
+        gpu.upload(&random(rows, 32))?,
+    );
+    let dout_d = gpu.upload(&dout)?;
     dispatch::unpermute_backward(
         gpu,
         &mut dy_d,
         &mut dgates_d,
-        &gpu.upload(&dout)?,
+        &dout_d,
         &y_d,
         &gates_d,
         &device,
         hidden,
+        false,
     )?;
+    let (mut dy2_d, mut dgates2_d) = (dy_d.clone(), dgates_d.clone());
+    dispatch::unpermute_backward(
+        gpu,
+        &mut dy2_d,
+        &mut dgates2_d,
+        &dout_d,
+        &y_d,
+        &gates_d,
+        &device,
+        hidden,
+        true,
+    )?;
+    let twice = |v: &[f32]| v.iter().map(|x| 2.0 * x).collect::<Vec<f32>>();
+    checks.push(close(
+        "dispatch.unpermute_backward.dy, accumulate",
+        name,
+        &gpu.download(&dy2_d)?,
+        &twice(&dy),
+        1e-6,
+        1e-5,
+    ));
+    checks.push(close(
+        "dispatch.unpermute_backward.dgates, accumulate",
+        name,
+        &gpu.download(&dgates2_d)?,
+        &twice(&dgates),
+        1e-5,
+        1e-5,
+    ));
     checks.push(close(
         "dispatch.unpermute_backward.dy",
         name,

@@ -37,7 +37,9 @@ pub fn forward(
     Ok(())
 }
 
-/// As [`crate::ops::cross_entropy::backward`]: adds into `dlogits`.
+/// As [`crate::ops::cross_entropy::backward`]: adds into `dlogits`, or with
+/// `accumulate` false writes what it would add into zeros (no memset of the
+/// `[rows, vocab]` gradient first).
 pub fn backward(
     gpu: &Gpu,
     dlogits: &mut CudaSlice<f32>,
@@ -45,6 +47,7 @@ pub fn backward(
     probs: &CudaSlice<f32>,
     targets: &CudaSlice<u32>,
     vocab: usize,
+    accumulate: bool,
 ) -> Result<()> {
     let rows = targets.len();
     assert!(
@@ -56,6 +59,7 @@ pub fn backward(
     }
     let f = gpu.function(&CROSS_ENTROPY, "cross_entropy_backward_f32")?;
     let (rows_i, vocab_i) = (int(rows), int(vocab));
+    let accumulate = i32::from(accumulate);
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(dlogits)
@@ -63,7 +67,8 @@ pub fn backward(
         .arg(probs)
         .arg(targets)
         .arg(&rows_i)
-        .arg(&vocab_i);
+        .arg(&vocab_i)
+        .arg(&accumulate);
     unsafe { launch.launch(grid(rows, THREADS, 0)) }?;
     Ok(())
 }

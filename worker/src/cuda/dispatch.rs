@@ -247,7 +247,9 @@ pub fn unpermute_bf16(
 }
 
 /// The unpermute's backward: adds `gate * dout[t]` into each row's `dy` and
-/// `dot(dout[t], y[row])` into each slot's `dgates`.
+/// `dot(dout[t], y[row])` into each slot's `dgates`; with `accumulate`
+/// false it writes them instead (each row and slot is one slot's, so the
+/// outputs need no zeroing first).
 #[allow(clippy::too_many_arguments)]
 pub fn unpermute_backward(
     gpu: &Gpu,
@@ -258,6 +260,7 @@ pub fn unpermute_backward(
     gates: &CudaSlice<f32>,
     dispatch: &DeviceDispatch,
     hidden: usize,
+    accumulate: bool,
 ) -> Result<()> {
     let tokens = dispatch.tokens();
     assert!(
@@ -273,6 +276,7 @@ pub fn unpermute_backward(
     }
     let f = gpu.function(&PERMUTE, "moe_unpermute_backward_f32")?;
     let (tokens_i, hidden_i, k_i) = (int(tokens), int(hidden), int(dispatch.top_k));
+    let accumulate = i32::from(accumulate);
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(dy)
@@ -283,7 +287,8 @@ pub fn unpermute_backward(
         .arg(&dispatch.row_of_slot)
         .arg(&tokens_i)
         .arg(&hidden_i)
-        .arg(&k_i);
+        .arg(&k_i)
+        .arg(&accumulate);
     unsafe { launch.launch(grid(tokens, 256, 0)) }?;
     Ok(())
 }

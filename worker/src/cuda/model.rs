@@ -765,9 +765,18 @@ impl DeviceModel {
         let c = &self.config;
         let (h, vocab, n) = (c.hidden, c.vocab, pass.tokens.len());
         let w = &self.weights;
-        let mut dlogits = gpu.zeros::<f32>(n * vocab)?;
+        // Written whole by the cross-entropy backward: no 4·n·vocab-byte memset.
+        let mut dlogits = gpu.output::<f32>(n * vocab)?;
         let mean = gpu.upload(&vec![1.0f32 / n as f32; n])?;
-        cross_entropy::backward(gpu, &mut dlogits, &mean, &pass.probs, &pass.targets, vocab)?;
+        cross_entropy::backward(
+            gpu,
+            &mut dlogits,
+            &mean,
+            &pass.probs,
+            &pass.targets,
+            vocab,
+            false,
+        )?;
         let mut dfinal_normed = gpu.output::<f32>(n * h)?;
         linear_backward(
             gpu,
@@ -846,9 +855,9 @@ impl DeviceModel {
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
                 linear_backward(gpu, linear, &mut dh, false, g2, dres, hh, w2, (d, h))?;
-                let mut da = gpu.zeros::<f32>(tokens * d)?;
-                let mut db = gpu.zeros::<f32>(tokens * d)?;
-                swiglu::backward(gpu, &mut da, &mut db, &dh, a, b)?;
+                let mut da = gpu.output::<f32>(tokens * d)?;
+                let mut db = gpu.output::<f32>(tokens * d)?;
+                swiglu::backward(gpu, &mut da, &mut db, &dh, a, b, false)?;
                 let x = &pass.ffn_normed;
                 linear_backward(gpu, linear, &mut dffn_normed, true, g1, &da, x, w1, (h, d))?;
                 linear_backward(gpu, linear, &mut dffn_normed, true, g3, &db, x, w3, (h, d))?;

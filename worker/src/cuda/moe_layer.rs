@@ -255,7 +255,7 @@ pub(crate) fn routed_experts(
     let routed = route_rows(gpu, c, weights, x)?;
     let segments = expert_segments(&routed.offsets);
     let mlps = expert_mlps(gpu, arithmetic, c, weights, &routed.permuted, &segments)?;
-    let mut output = gpu.zeros::<f32>(tokens * hidden)?;
+    let mut output = gpu.output::<f32>(tokens * hidden)?;
     dispatch::unpermute(
         gpu,
         &mut output,
@@ -293,13 +293,14 @@ pub(crate) fn route_rows(
 ) -> Result<Routed> {
     let (hidden, n_experts, top_k) = (c.hidden, c.n_routed_experts, c.top_k);
     let tokens = x.len() / hidden;
-    let mut logits = gpu.zeros::<f32>(tokens * n_experts)?;
+    let mut logits = gpu.output::<f32>(tokens * n_experts)?;
     matmul::forward_exact(gpu, &mut logits, x, weights.router, hidden, n_experts)?;
     let routing = routing::route(gpu, c, &logits, weights.selection_bias)?;
     let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
     let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
     let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-    let mut permuted = gpu.zeros::<f32>(tokens * top_k * hidden)?;
+    // Every row is one slot's: the permute writes them all.
+    let mut permuted = gpu.output::<f32>(tokens * top_k * hidden)?;
     dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
     Ok(Routed {
         routing,
@@ -334,10 +335,12 @@ pub(crate) fn expert_mlps(
 ) -> Result<ExpertMlps> {
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = permuted.len() / hidden;
-    let mut a = gpu.zeros::<f32>(rows * inner)?;
-    let mut b = gpu.zeros::<f32>(rows * inner)?;
-    let mut h = gpu.zeros::<f32>(rows * inner)?;
-    let mut expert_out = gpu.zeros::<f32>(rows * hidden)?;
+    let rows_of = segment_rows(gpu, rows, segments);
+    let mut a = rows_of(inner)?;
+    let mut b = rows_of(inner)?;
+    // SwiGLU writes every element (zero where `a` and `b` are).
+    let mut h = gpu.output::<f32>(rows * inner)?;
+    let mut expert_out = rows_of(hidden)?;
     let size = inner * hidden;
     for &(e, start, len) in segments {
         let xe = permuted.slice(start * hidden..(start + len) * hidden);
@@ -373,6 +376,26 @@ pub(crate) fn expert_mlps(
         h,
         out: expert_out,
     })
+}
+
+/// A `[rows, width]` buffer whose segments' rows GEMMs overwrite: zeroed
+/// only when some row lies outside every segment (an expert-parallel
+/// rank's rows of experts it does not hold), as those must read as zeros.
+/// A layer holding all experts has every row in a segment, and skips the
+/// memset (the permuted rows alone are `tokens · top_k · hidden` floats).
+fn segment_rows<'a>(
+    gpu: &'a Gpu,
+    rows: usize,
+    segments: &[(usize, usize, usize)],
+) -> impl Fn(usize) -> Result<CudaSlice<f32>> + 'a {
+    let covered = segments.iter().map(|&(_, _, len)| len).sum::<usize>() == rows;
+    move |width| {
+        if covered {
+            gpu.output::<f32>(rows * width)
+        } else {
+            gpu.zeros::<f32>(rows * width)
+        }
+    }
 }
 
 /// `(expert, first row, rows)` of every expert with rows, from the
@@ -412,9 +435,10 @@ impl DeviceMoeLayer {
             return Ok(None);
         }
         let tokens = x.len() / hidden;
-        let mut sa = gpu.zeros::<f32>(tokens * width)?;
-        let mut sb = gpu.zeros::<f32>(tokens * width)?;
-        let mut sh = gpu.zeros::<f32>(tokens * width)?;
+        // Each written whole by its GEMM or SwiGLU.
+        let mut sa = gpu.output::<f32>(tokens * width)?;
+        let mut sb = gpu.output::<f32>(tokens * width)?;
+        let mut sh = gpu.output::<f32>(tokens * width)?;
         matmul::forward(gpu, arithmetic, &mut sa, x, &self.shared_w1, hidden, width)?;
         matmul::forward(gpu, arithmetic, &mut sb, x, &self.shared_w3, hidden, width)?;
         swiglu::forward(gpu, &mut sh, &sa, &sb)?;
@@ -494,7 +518,7 @@ impl DeviceMoeLayer {
     ) -> Result<()> {
         let (hidden, width) = (self.config.hidden, self.config.shared_hidden());
         let tokens = x.len() / hidden;
-        let mut dsh = gpu.zeros::<f32>(tokens * width)?;
+        let mut dsh = gpu.output::<f32>(tokens * width)?;
         let (dout_v, x_v) = (dout.slice(..), x.slice(..));
         matmul::gemm(
             gpu,
@@ -518,9 +542,9 @@ impl DeviceMoeLayer {
             (hidden, width, tokens),
             true,
         )?;
-        let mut dsa = gpu.zeros::<f32>(tokens * width)?;
-        let mut dsb = gpu.zeros::<f32>(tokens * width)?;
-        swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb)?;
+        let mut dsa = gpu.output::<f32>(tokens * width)?;
+        let mut dsb = gpu.output::<f32>(tokens * width)?;
+        swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb, false)?;
         for (d, w, g) in [
             (&dsa, &self.shared_w1, &mut grads.shared_w1),
             (&dsb, &self.shared_w3, &mut grads.shared_w3),
@@ -569,7 +593,8 @@ impl DeviceMoeLayer {
         let c = &self.config;
         let (hidden, n_experts) = (c.hidden, c.n_routed_experts);
         let tokens = x.len() / hidden;
-        let mut dlogits = gpu.zeros::<f32>(tokens * n_experts)?;
+        // The fused routing backward overwrites every logit's gradient.
+        let mut dlogits = gpu.output::<f32>(tokens * n_experts)?;
         routing::backward(gpu, c, &mut dlogits, dgates, routing)?;
         if let Some(balance) = balance {
             balance.add_gradient(gpu, c, &mut dlogits)?;
@@ -612,8 +637,8 @@ pub(crate) fn combine_backward(
     hidden: usize,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     let rows = routed.dispatch.rows();
-    let mut dy = gpu.zeros::<f32>(rows * hidden)?;
-    let mut dgates = gpu.zeros::<f32>(rows)?;
+    let mut dy = gpu.output::<f32>(rows * hidden)?;
+    let mut dgates = gpu.output::<f32>(rows)?;
     dispatch::unpermute_backward(
         gpu,
         &mut dy,
@@ -623,6 +648,7 @@ pub(crate) fn combine_backward(
         &routed.routing.gates,
         &routed.dispatch,
         hidden,
+        false,
     )?;
     Ok((dy, dgates))
 }
@@ -646,8 +672,9 @@ pub(crate) fn expert_mlps_backward(
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = input.len() / hidden;
     let size = inner * hidden;
+    let rows_of = segment_rows(gpu, rows, segments);
     // Down projection, segment by segment.
-    let mut dh = gpu.zeros::<f32>(rows * inner)?;
+    let mut dh = rows_of(inner)?;
     for &(e, start, len) in segments {
         let dy_e = dy.slice(start * hidden..(start + len) * hidden);
         let w2_e = weights.w2.slice(e * size..(e + 1) * size);
@@ -678,10 +705,10 @@ pub(crate) fn expert_mlps_backward(
         )?;
     }
     // SwiGLU, then the up projections.
-    let mut da = gpu.zeros::<f32>(rows * inner)?;
-    let mut db = gpu.zeros::<f32>(rows * inner)?;
-    swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b)?;
-    let mut dinput = gpu.zeros::<f32>(rows * hidden)?;
+    let mut da = gpu.output::<f32>(rows * inner)?;
+    let mut db = gpu.output::<f32>(rows * inner)?;
+    swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)?;
+    let mut dinput = rows_of(hidden)?;
     for &(e, start, len) in segments {
         let x_e = input.slice(start * hidden..(start + len) * hidden);
         let mut dx_e = dinput.slice_mut(start * hidden..(start + len) * hidden);

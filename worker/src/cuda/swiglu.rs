@@ -23,7 +23,9 @@ pub fn forward(
     Ok(())
 }
 
-/// As [`crate::ops::swiglu::backward`]: adds into `da` and `db`.
+/// As [`crate::ops::swiglu::backward`]: adds into `da` and `db`, or with
+/// `accumulate` false writes what it would add into zeros (the same values,
+/// so callers skip the memset of buffers they would only zero for it).
 pub fn backward(
     gpu: &Gpu,
     da: &mut CudaSlice<f32>,
@@ -31,6 +33,7 @@ pub fn backward(
     dh: &CudaSlice<f32>,
     a: &CudaSlice<f32>,
     b: &CudaSlice<f32>,
+    accumulate: bool,
 ) -> Result<()> {
     let n = a.len();
     assert!(
@@ -42,7 +45,15 @@ pub fn backward(
     }
     let f = gpu.function(&SWIGLU, "swiglu_backward_f32")?;
     let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(da).arg(db).arg(dh).arg(a).arg(b).arg(&n);
+    let accumulate = i32::from(accumulate);
+    launch
+        .arg(da)
+        .arg(db)
+        .arg(dh)
+        .arg(a)
+        .arg(b)
+        .arg(&n)
+        .arg(&accumulate);
     unsafe { launch.launch(elementwise(n)) }?;
     Ok(())
 }
