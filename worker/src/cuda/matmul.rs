@@ -19,9 +19,12 @@ use crate::fp8::{Fp8Recipe, TILE, TileShape};
 use crate::linear::GemmPrecision;
 use half::bf16;
 use moe_kernels::cudarc::cublaslt::{Matmul, MatmulConfig};
-use moe_kernels::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use moe_kernels::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
 use moe_kernels::registry::GEMM;
+use std::ops::Range;
 
 /// How a GEMM multiplies its f32 operands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,103 @@ impl Arithmetic {
             GemmPrecision::Fp8(Fp8Recipe::Blockwise) => Some(Self::Fp8),
             GemmPrecision::Fp8(Fp8Recipe::Tensorwise) => None,
         }
+    }
+}
+
+/// A GEMM operand: a view of its f32 values and, in [`Arithmetic::Bf16`],
+/// of their rounding when it was made once for every GEMM that reads them
+/// ([`Rounded`]); without one, each GEMM rounds its own scratch copy. A
+/// `&CudaView<f32>` or `&CudaSlice<f32>` converts into one.
+pub struct Input<'a> {
+    values: CudaView<'a, f32>,
+    bf16: Option<CudaView<'a, bf16>>,
+}
+
+impl Input<'_> {
+    /// In bf16 without a given rounding, a scratch copy rounded here.
+    fn copy_unless_rounded(&self, gpu: &Gpu, bf16: bool) -> Result<Option<CudaSlice<bf16>>> {
+        match (bf16, &self.bf16) {
+            (true, None) => Ok(Some(rounded(gpu, &self.values)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Where the GEMM reads the operand: `copy` if one was made, else in
+    /// bf16 the given rounding, else the f32 values.
+    fn device_ptr<'s>(
+        &'s self,
+        copy: Option<&'s CudaSlice<bf16>>,
+        bf16: bool,
+        stream: &'s CudaStream,
+    ) -> (u64, SyncOnDrop<'s>) {
+        match (copy, &self.bf16) {
+            (Some(copy), _) => copy.device_ptr(stream),
+            (None, Some(given)) if bf16 => given.device_ptr(stream),
+            _ => self.values.device_ptr(stream),
+        }
+    }
+}
+
+impl Clone for Input<'_> {
+    fn clone(&self) -> Self {
+        Self {
+            values: self.values.slice(..),
+            bf16: self.bf16.as_ref().map(|rounded| rounded.slice(..)),
+        }
+    }
+}
+
+impl<'a> From<&CudaView<'a, f32>> for Input<'a> {
+    fn from(values: &CudaView<'a, f32>) -> Self {
+        Self {
+            values: values.slice(..),
+            bf16: None,
+        }
+    }
+}
+
+impl<'a> From<&'a CudaSlice<f32>> for Input<'a> {
+    fn from(values: &'a CudaSlice<f32>) -> Self {
+        Self {
+            values: values.slice(..),
+            bf16: None,
+        }
+    }
+}
+
+/// An f32 buffer with its bf16 rounding made once, for the several GEMMs
+/// that read it (or slices of it) in [`Arithmetic::Bf16`]: an activation
+/// feeding the q, k and v projections, an expert's rows feeding its gate
+/// and up projections, a gradient feeding both the input and the weight
+/// gradient. Each GEMM would otherwise read 4 and write 2 bytes per value
+/// to round its own copy: as much memory traffic as an expert GEMM's
+/// multiply takes time. No copy in the other arithmetics (TF32 reads f32;
+/// FP8 quantises along each GEMM's own K).
+pub struct Rounded<'a> {
+    values: &'a CudaSlice<f32>,
+    bf16: Option<CudaSlice<bf16>>,
+}
+
+impl<'a> Rounded<'a> {
+    pub fn of(gpu: &Gpu, arithmetic: Arithmetic, values: &'a CudaSlice<f32>) -> Result<Self> {
+        let bf16 = match arithmetic {
+            Arithmetic::Bf16 => Some(rounded(gpu, &values.slice(..))?),
+            Arithmetic::Tf32 | Arithmetic::Fp8 => None,
+        };
+        Ok(Self { values, bf16 })
+    }
+
+    /// The operand `values[range]`, with its rounding if there is one.
+    pub fn input(&self, range: Range<usize>) -> Input<'_> {
+        Input {
+            values: self.values.slice(range.clone()),
+            bf16: self.bf16.as_ref().map(|rounded| rounded.slice(range)),
+        }
+    }
+
+    /// The whole buffer as an operand.
+    pub fn whole(&self) -> Input<'_> {
+        self.input(0..self.values.len())
     }
 }
 
@@ -75,18 +175,19 @@ fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulCo
 /// weights inside the stacked tensors); with `accumulate`, adds into `out`
 /// (cuBLASLt's beta = 1) instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_view(
+pub fn forward_view<'x, 'w>(
     gpu: &Gpu,
     arithmetic: Arithmetic,
     out: &mut CudaViewMut<'_, f32>,
-    x: &CudaView<'_, f32>,
-    w: &CudaView<'_, f32>,
+    x: impl Into<Input<'x>>,
+    w: impl Into<Input<'w>>,
     in_dim: usize,
     out_dim: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let rows = x.len() / in_dim;
-    assert_eq!(x.len(), rows * in_dim, "matmul input shape");
+    let x = x.into();
+    let rows = x.values.len() / in_dim;
+    assert_eq!(x.values.len(), rows * in_dim, "matmul input shape");
     gemm(
         gpu,
         arithmetic,
@@ -101,11 +202,11 @@ pub fn forward_view(
 }
 
 /// As [`crate::ops::matmul::forward`], in `arithmetic`.
-pub fn forward(
+pub fn forward<'x>(
     gpu: &Gpu,
     arithmetic: Arithmetic,
     out: &mut CudaSlice<f32>,
-    x: &CudaSlice<f32>,
+    x: impl Into<Input<'x>>,
     w: &CudaSlice<f32>,
     in_dim: usize,
     out_dim: usize,
@@ -114,7 +215,7 @@ pub fn forward(
         gpu,
         arithmetic,
         &mut out.slice_mut(..),
-        &x.slice(..),
+        x,
         &w.slice(..),
         in_dim,
         out_dim,
@@ -190,19 +291,20 @@ pub fn forward_exact(
 /// only three a linear layer has: `b` is the weight unless `a` is
 /// transposed (see [`gemm_fp8`]).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(
+pub fn gemm<'a, 'b>(
     gpu: &Gpu,
     arithmetic: Arithmetic,
     c: &mut CudaViewMut<'_, f32>,
-    a: &CudaView<'_, f32>,
+    a: impl Into<Input<'a>>,
     a_transposed: bool,
-    b: &CudaView<'_, f32>,
+    b: impl Into<Input<'b>>,
     b_transposed: bool,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) -> Result<()> {
+    let (a, b) = (a.into(), b.into());
     assert!(
-        a.len() == m * k && b.len() == k * n && c.len() == m * n,
+        a.values.len() == m * k && b.values.len() == k * n && c.len() == m * n,
         "gemm shapes"
     );
     if m == 0 || n == 0 {
@@ -219,9 +321,9 @@ pub fn gemm(
         return gemm_fp8(
             gpu,
             c,
-            a,
+            &a.values,
             a_transposed,
-            b,
+            &b.values,
             b_transposed,
             (m, n, k),
             accumulate,
@@ -310,19 +412,20 @@ pub fn gemm_batched(
         stride_bias: None,
         batch_size: Some(i32::try_from(batch).expect("batch exceeds i32")),
     };
-    plan_matmul(gpu, Arithmetic::Tf32, &cfg, b.view, a.view, c)
+    plan_matmul(gpu, Arithmetic::Tf32, &cfg, b.view.into(), a.view.into(), c)
 }
 
 /// Runs `cfg` (cudarc's description of an f32 GEMM) through a cached plan
 /// ([`lt_plan`]): cuBLASLt's A is `a`, its B is `b`, as in `cfg`. In bf16
-/// each operand's whole view is rounded into a scratch copy of the same
-/// layout (strides and leading dimensions unchanged), freed in stream order.
+/// an operand without its rounding ([`Input`]) has its whole view rounded
+/// into a scratch copy of the same layout (strides and leading dimensions
+/// unchanged), freed in stream order.
 fn plan_matmul(
     gpu: &Gpu,
     arithmetic: Arithmetic,
     cfg: &MatmulConfig,
-    a: &CudaView<'_, f32>,
-    b: &CudaView<'_, f32>,
+    a: Input<'_>,
+    b: Input<'_>,
     c: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let shape = lt_plan::Shape {
@@ -349,18 +452,13 @@ fn plan_matmul(
         }),
     };
     let stream = gpu.stream();
-    let (a16, b16) = match arithmetic {
-        Arithmetic::Bf16 => (Some(rounded(gpu, a)?), Some(rounded(gpu, b)?)),
-        Arithmetic::Tf32 | Arithmetic::Fp8 => (None, None),
-    };
-    let (a_ptr, _a) = match &a16 {
-        Some(a16) => a16.device_ptr(stream),
-        None => a.device_ptr(stream),
-    };
-    let (b_ptr, _b) = match &b16 {
-        Some(b16) => b16.device_ptr(stream),
-        None => b.device_ptr(stream),
-    };
+    let bf16 = arithmetic == Arithmetic::Bf16;
+    let (a_copy, b_copy) = (
+        a.copy_unless_rounded(gpu, bf16)?,
+        b.copy_unless_rounded(gpu, bf16)?,
+    );
+    let (a_ptr, _a) = a.device_ptr(a_copy.as_ref(), bf16, stream);
+    let (b_ptr, _b) = b.device_ptr(b_copy.as_ref(), bf16, stream);
     let (c_ptr, _c) = c.device_ptr_mut(stream);
     // SAFETY: the callers assert the views fit the shape (a bf16 copy has
     // its view's length); the views, copies and their stream records live

@@ -9,7 +9,7 @@
 //! checkpointing are CPU-only for now and refused by [`DeviceModel::upload`]
 //! with a clear error.
 
-use super::matmul::Arithmetic;
+use super::matmul::{Arithmetic, Input, Rounded};
 use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
@@ -588,9 +588,12 @@ impl DeviceModel {
         let mut k = gpu.output::<f32>(tokens * kv)?;
         let mut v = gpu.output::<f32>(tokens * kv)?;
         let linear = self.linear();
-        matmul::forward(gpu, linear, &mut q, &attention_normed, &block.wq, h, h)?;
-        matmul::forward(gpu, linear, &mut k, &attention_normed, &block.wk, h, kv)?;
-        matmul::forward(gpu, linear, &mut v, &attention_normed, &block.wv, h, kv)?;
+        {
+            let x = Rounded::of(gpu, linear, &attention_normed)?;
+            matmul::forward(gpu, linear, &mut q, x.whole(), &block.wq, h, h)?;
+            matmul::forward(gpu, linear, &mut k, x.whole(), &block.wk, h, kv)?;
+            matmul::forward(gpu, linear, &mut v, x.whole(), &block.wv, h, kv)?;
+        }
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
         self.rope
@@ -669,8 +672,10 @@ impl DeviceModel {
                 let mut a = gpu.output::<f32>(tokens * d)?;
                 let mut b = gpu.output::<f32>(tokens * d)?;
                 let mut hh = gpu.output::<f32>(tokens * d)?;
-                matmul::forward(gpu, linear, &mut a, &ffn_normed, w1, h, d)?;
-                matmul::forward(gpu, linear, &mut b, &ffn_normed, w3, h, d)?;
+                let x = Rounded::of(gpu, linear, &ffn_normed)?;
+                matmul::forward(gpu, linear, &mut a, x.whole(), w1, h, d)?;
+                matmul::forward(gpu, linear, &mut b, x.whole(), w3, h, d)?;
+                drop(x);
                 swiglu::forward(gpu, &mut hh, &a, &b)?;
                 let mut out = gpu.stream().clone_dtod(&mid)?;
                 matmul::forward_view(
@@ -785,7 +790,7 @@ impl DeviceModel {
             false,
             grad_lm_head,
             &dlogits,
-            &pass.final_normed,
+            (&pass.final_normed).into(),
             &w.lm_head,
             (h, vocab),
         )?;
@@ -854,13 +859,14 @@ impl DeviceModel {
             ) => {
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
-                linear_backward(gpu, linear, &mut dh, false, g2, dres, hh, w2, (d, h))?;
+                linear_backward(gpu, linear, &mut dh, false, g2, dres, hh.into(), w2, (d, h))?;
                 let mut da = gpu.output::<f32>(tokens * d)?;
                 let mut db = gpu.output::<f32>(tokens * d)?;
                 swiglu::backward(gpu, &mut da, &mut db, &dh, a, b, false)?;
-                let x = &pass.ffn_normed;
-                linear_backward(gpu, linear, &mut dffn_normed, true, g1, &da, x, w1, (h, d))?;
-                linear_backward(gpu, linear, &mut dffn_normed, true, g3, &db, x, w3, (h, d))?;
+                let x = Rounded::of(gpu, linear, &pass.ffn_normed)?;
+                let dx = &mut dffn_normed;
+                linear_backward(gpu, linear, dx, true, g1, &da, x.whole(), w1, (h, d))?;
+                linear_backward(gpu, linear, dx, true, g3, &db, x.whole(), w3, (h, d))?;
             }
             (
                 DeviceFeedForward::Moe(layer),
@@ -918,7 +924,7 @@ impl DeviceModel {
             false,
             &mut grads.wo,
             dres,
-            &pass.attention_out,
+            (&pass.attention_out).into(),
             &block.wo,
             (h, h),
         )?;
@@ -975,7 +981,8 @@ impl DeviceModel {
         self.rope
             .backward_slice(gpu, &mut dk, c.kv_heads, positions)?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
-        let x = &pass.attention_normed;
+        // The normed input feeds the three weight gradients.
+        let x = Rounded::of(gpu, linear, &pass.attention_normed)?;
         linear_backward(
             gpu,
             linear,
@@ -983,7 +990,7 @@ impl DeviceModel {
             false,
             &mut grads.wq,
             &dq,
-            x,
+            x.whole(),
             &block.wq,
             (h, h),
         )?;
@@ -994,7 +1001,7 @@ impl DeviceModel {
             true,
             &mut grads.wk,
             &dk,
-            x,
+            x.whole(),
             &block.wk,
             (h, kv),
         )?;
@@ -1005,7 +1012,7 @@ impl DeviceModel {
             true,
             &mut grads.wv,
             &dv,
-            x,
+            x.whole(),
             &block.wv,
             (h, kv),
         )?;
@@ -1023,7 +1030,7 @@ impl DeviceModel {
 
 /// The backward pass of `y = x wᵀ` (`x: [rows, in]`, `w: [out, in]`):
 /// `dx (+)= dy w` (added when `accumulate_dx`, else overwritten) and
-/// `dw += dyᵀ x`.
+/// `dw += dyᵀ x`; `dy`, read by both, rounded once in bf16.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     gpu: &Gpu,
@@ -1032,19 +1039,19 @@ fn linear_backward(
     accumulate_dx: bool,
     dw: &mut CudaSlice<f32>,
     dy: &CudaSlice<f32>,
-    x: &CudaSlice<f32>,
+    x: Input<'_>,
     w: &CudaSlice<f32>,
     (in_dim, out_dim): (usize, usize),
 ) -> Result<()> {
-    let rows = x.len() / in_dim;
-    let (dy_v, x_v, w_v) = (dy.slice(..), x.slice(..), w.slice(..));
+    let rows = dy.len() / out_dim;
+    let dy = Rounded::of(gpu, arithmetic, dy)?;
     matmul::gemm(
         gpu,
         arithmetic,
         &mut dx.slice_mut(..),
-        &dy_v,
+        dy.whole(),
         false,
-        &w_v,
+        w,
         false,
         (rows, in_dim, out_dim),
         accumulate_dx,
@@ -1053,9 +1060,9 @@ fn linear_backward(
         gpu,
         arithmetic,
         &mut dw.slice_mut(..),
-        &dy_v,
+        dy.whole(),
         true,
-        &x_v,
+        x,
         false,
         (out_dim, in_dim, rows),
         true,

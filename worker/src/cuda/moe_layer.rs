@@ -4,7 +4,7 @@
 //! its contiguous segment of rows (cuBLASLt, TF32 or bf16) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::matmul::{self, Arithmetic};
+use super::matmul::{self, Arithmetic, Rounded};
 use super::{Gpu, Result, dispatch, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
@@ -342,14 +342,15 @@ pub(crate) fn expert_mlps(
     let mut h = gpu.output::<f32>(rows * inner)?;
     let mut expert_out = rows_of(hidden)?;
     let size = inner * hidden;
+    // Each expert's rows feed its gate and up projections: rounded once.
+    let x = Rounded::of(gpu, arithmetic, permuted)?;
     for &(e, start, len) in segments {
-        let xe = permuted.slice(start * hidden..(start + len) * hidden);
         for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
             matmul::forward_view(
                 gpu,
                 arithmetic,
                 &mut out.slice_mut(start * inner..(start + len) * inner),
-                &xe,
+                x.input(start * hidden..(start + len) * hidden),
                 &w.slice(e * size..(e + 1) * size),
                 hidden,
                 inner,
@@ -439,8 +440,19 @@ impl DeviceMoeLayer {
         let mut sa = gpu.output::<f32>(tokens * width)?;
         let mut sb = gpu.output::<f32>(tokens * width)?;
         let mut sh = gpu.output::<f32>(tokens * width)?;
-        matmul::forward(gpu, arithmetic, &mut sa, x, &self.shared_w1, hidden, width)?;
-        matmul::forward(gpu, arithmetic, &mut sb, x, &self.shared_w3, hidden, width)?;
+        let x = Rounded::of(gpu, arithmetic, x)?;
+        for (out, w) in [(&mut sa, &self.shared_w1), (&mut sb, &self.shared_w3)] {
+            matmul::forward_view(
+                gpu,
+                arithmetic,
+                &mut out.slice_mut(..),
+                x.whole(),
+                &w.slice(..),
+                hidden,
+                width,
+                false,
+            )?;
+        }
         swiglu::forward(gpu, &mut sh, &sa, &sb)?;
         matmul::forward_view(
             gpu,
@@ -519,12 +531,16 @@ impl DeviceMoeLayer {
         let (hidden, width) = (self.config.hidden, self.config.shared_hidden());
         let tokens = x.len() / hidden;
         let mut dsh = gpu.output::<f32>(tokens * width)?;
-        let (dout_v, x_v) = (dout.slice(..), x.slice(..));
+        // Every operand below but the weights and `sh` feeds two GEMMs.
+        let (dout, x) = (
+            Rounded::of(gpu, arithmetic, dout)?,
+            Rounded::of(gpu, arithmetic, x)?,
+        );
         matmul::gemm(
             gpu,
             arithmetic,
             &mut dsh.slice_mut(..),
-            &dout_v,
+            dout.whole(),
             false,
             &self.shared_w2.slice(..),
             false,
@@ -535,7 +551,7 @@ impl DeviceMoeLayer {
             gpu,
             arithmetic,
             &mut grads.shared_w2.slice_mut(..),
-            &dout_v,
+            dout.whole(),
             true,
             &sh.slice(..),
             false,
@@ -549,11 +565,12 @@ impl DeviceMoeLayer {
             (&dsa, &self.shared_w1, &mut grads.shared_w1),
             (&dsb, &self.shared_w3, &mut grads.shared_w3),
         ] {
+            let d = Rounded::of(gpu, arithmetic, d)?;
             matmul::gemm(
                 gpu,
                 arithmetic,
                 &mut dx.slice_mut(..),
-                &d.slice(..),
+                d.whole(),
                 false,
                 &w.slice(..),
                 false,
@@ -564,9 +581,9 @@ impl DeviceMoeLayer {
                 gpu,
                 arithmetic,
                 &mut g.slice_mut(..),
-                &d.slice(..),
+                d.whole(),
                 true,
-                &x_v,
+                x.whole(),
                 false,
                 (width, hidden, tokens),
                 true,
@@ -673,10 +690,12 @@ pub(crate) fn expert_mlps_backward(
     let rows = input.len() / hidden;
     let size = inner * hidden;
     let rows_of = segment_rows(gpu, rows, segments);
-    // Down projection, segment by segment.
+    // Down projection, segment by segment; `dy` feeds both its GEMMs, as
+    // `da`, `db` and `input` feed two each below: each rounded once.
     let mut dh = rows_of(inner)?;
+    let dy = Rounded::of(gpu, arithmetic, dy)?;
     for &(e, start, len) in segments {
-        let dy_e = dy.slice(start * hidden..(start + len) * hidden);
+        let dy_e = dy.input(start * hidden..(start + len) * hidden);
         let w2_e = weights.w2.slice(e * size..(e + 1) * size);
         let h_e = mlps.h.slice(start * inner..(start + len) * inner);
         let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
@@ -684,7 +703,7 @@ pub(crate) fn expert_mlps_backward(
             gpu,
             arithmetic,
             &mut dh_e,
-            &dy_e,
+            dy_e.clone(),
             false,
             &w2_e,
             false,
@@ -696,7 +715,7 @@ pub(crate) fn expert_mlps_backward(
             gpu,
             arithmetic,
             &mut dw2_e,
-            &dy_e,
+            dy_e,
             true,
             &h_e,
             false,
@@ -704,14 +723,20 @@ pub(crate) fn expert_mlps_backward(
             true,
         )?;
     }
+    drop(dy);
     // SwiGLU, then the up projections.
     let mut da = gpu.output::<f32>(rows * inner)?;
     let mut db = gpu.output::<f32>(rows * inner)?;
     swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)?;
     let mut dinput = rows_of(hidden)?;
+    let (x, da, db) = (
+        Rounded::of(gpu, arithmetic, input)?,
+        Rounded::of(gpu, arithmetic, &da)?,
+        Rounded::of(gpu, arithmetic, &db)?,
+    );
     for &(e, start, len) in segments {
-        let x_e = input.slice(start * hidden..(start + len) * hidden);
-        let mut dx_e = dinput.slice_mut(start * hidden..(start + len) * hidden);
+        let wide = start * hidden..(start + len) * hidden;
+        let mut dx_e = dinput.slice_mut(wide.clone());
         for (i, (d, w, g)) in [
             (&da, weights.w1, &mut grads.w1),
             (&db, weights.w3, &mut grads.w3),
@@ -719,12 +744,12 @@ pub(crate) fn expert_mlps_backward(
         .into_iter()
         .enumerate()
         {
-            let d_e = d.slice(start * inner..(start + len) * inner);
+            let d_e = d.input(start * inner..(start + len) * inner);
             matmul::gemm(
                 gpu,
                 arithmetic,
                 &mut dx_e,
-                &d_e,
+                d_e.clone(),
                 false,
                 &w.slice(e * size..(e + 1) * size),
                 false,
@@ -735,9 +760,9 @@ pub(crate) fn expert_mlps_backward(
                 gpu,
                 arithmetic,
                 &mut g.slice_mut(e * size..(e + 1) * size),
-                &d_e,
+                d_e,
                 true,
-                &x_e,
+                x.input(wide.clone()),
                 false,
                 (inner, hidden, len),
                 true,
