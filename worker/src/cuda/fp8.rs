@@ -112,7 +112,7 @@ pub fn quantize_with_layout(
 }
 
 /// A GEMM operand `[rows, cols]` to quantise along its rows (K = `cols`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Operand {
     pub rows: usize,
     pub cols: usize,

@@ -13,7 +13,7 @@
 //! and runs cuBLASLt's block-scaled FP8 GEMM (see [`gemm`]): the CPU's
 //! [`crate::fp8::gemm`] on the same codes and scales.
 
-use super::fp8::{self, ScaleLayout};
+use super::fp8::{self, DeviceFp8, ScaleLayout};
 use super::{Gpu, Result, fp8_gemm, int, lt_plan, vector};
 use crate::fp8::{Fp8Recipe, TILE, TileShape};
 use crate::linear::GemmPrecision;
@@ -24,7 +24,9 @@ use moe_kernels::cudarc::driver::{
 };
 use moe_kernels::cudarc::driver::{LaunchConfig, PushKernelArg};
 use moe_kernels::registry::GEMM;
+use std::cell::RefCell;
 use std::ops::Range;
+use std::rc::Rc;
 
 /// How a GEMM multiplies its f32 operands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,14 +54,20 @@ impl Arithmetic {
     }
 }
 
-/// A GEMM operand: a view of its f32 values and, in [`Arithmetic::Bf16`],
-/// of their rounding when it was made once for every GEMM that reads them
-/// ([`Rounded`]); without one, each GEMM rounds its own scratch copy. A
+/// A GEMM operand: a view of its f32 values and, when several GEMMs read
+/// them ([`Prepared`]), what those make of them once: the bf16 rounding in
+/// [`Arithmetic::Bf16`], the FP8 quantisations in [`Arithmetic::Fp8`].
+/// Without it each GEMM rounds or quantises its own scratch copy. A
 /// `&CudaView<f32>` or `&CudaSlice<f32>` converts into one.
 pub struct Input<'a> {
     values: CudaView<'a, f32>,
     bf16: Option<CudaView<'a, bf16>>,
+    /// The quantisations made of this range so far, and the range.
+    fp8: Option<(&'a Fp8Memo, Range<usize>)>,
 }
+
+/// FP8 operands made from ranges of one buffer, by range and layout.
+type Fp8Memo = RefCell<Vec<((Range<usize>, fp8::Operand, TileShape), Rc<DeviceFp8>)>>;
 
 impl Input<'_> {
     /// In bf16 without a given rounding, a scratch copy rounded here.
@@ -84,6 +92,28 @@ impl Input<'_> {
             _ => self.values.device_ptr(stream),
         }
     }
+
+    /// The operand quantised as `operand` in `tile`s: made once per range
+    /// and layout when the values are [`Prepared`], else here.
+    fn quantized(
+        &self,
+        gpu: &Gpu,
+        operand: fp8::Operand,
+        tile: TileShape,
+    ) -> Result<Rc<DeviceFp8>> {
+        let make =
+            || fp8::quantize_operand(gpu, &self.values, operand, tile, ScaleLayout::Cublaslt);
+        let Some((memo, range)) = &self.fp8 else {
+            return Ok(Rc::new(make()?));
+        };
+        let key = (range.clone(), operand, tile);
+        if let Some((_, made)) = memo.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(Rc::clone(made));
+        }
+        let made = Rc::new(make()?);
+        memo.borrow_mut().push((key, Rc::clone(&made)));
+        Ok(made)
+    }
 }
 
 impl Clone for Input<'_> {
@@ -91,6 +121,7 @@ impl Clone for Input<'_> {
         Self {
             values: self.values.slice(..),
             bf16: self.bf16.as_ref().map(|rounded| rounded.slice(..)),
+            fp8: self.fp8.clone(),
         }
     }
 }
@@ -100,6 +131,7 @@ impl<'a> From<&CudaView<'a, f32>> for Input<'a> {
         Self {
             values: values.slice(..),
             bf16: None,
+            fp8: None,
         }
     }
 }
@@ -109,37 +141,46 @@ impl<'a> From<&'a CudaSlice<f32>> for Input<'a> {
         Self {
             values: values.slice(..),
             bf16: None,
+            fp8: None,
         }
     }
 }
 
-/// An f32 buffer with its bf16 rounding made once, for the several GEMMs
-/// that read it (or slices of it) in [`Arithmetic::Bf16`]: an activation
-/// feeding the q, k and v projections, an expert's rows feeding its gate
-/// and up projections, a gradient feeding both the input and the weight
-/// gradient. Each GEMM would otherwise read 4 and write 2 bytes per value
-/// to round its own copy: as much memory traffic as an expert GEMM's
-/// multiply takes time. No copy in the other arithmetics (TF32 reads f32;
-/// FP8 quantises along each GEMM's own K).
-pub struct Rounded<'a> {
+/// An f32 buffer that several GEMMs read (or read slices of), with what
+/// they make of it made once: an activation feeding the q, k and v
+/// projections and their weight gradients, an expert's rows feeding its
+/// gate and up projections, a gradient feeding both the input and the
+/// weight gradient. In bf16 its rounding, made here; in FP8 each
+/// quantisation a GEMM asks of a range, kept for the next GEMM asking the
+/// same (the forward and the weight gradient quantise along different K,
+/// the q, k and v projections along the same). Each would otherwise read
+/// 4 bytes a value and write 1–2 for its own copy: at an expert GEMM's
+/// shapes as much memory time as its multiply. Nothing in TF32.
+pub struct Prepared<'a> {
     values: &'a CudaSlice<f32>,
     bf16: Option<CudaSlice<bf16>>,
+    fp8: Option<Fp8Memo>,
 }
 
-impl<'a> Rounded<'a> {
+impl<'a> Prepared<'a> {
     pub fn of(gpu: &Gpu, arithmetic: Arithmetic, values: &'a CudaSlice<f32>) -> Result<Self> {
-        let bf16 = match arithmetic {
-            Arithmetic::Bf16 => Some(rounded(gpu, &values.slice(..))?),
-            Arithmetic::Tf32 | Arithmetic::Fp8 => None,
+        let (bf16, fp8) = match arithmetic {
+            Arithmetic::Bf16 => (Some(rounded(gpu, &values.slice(..))?), None),
+            Arithmetic::Fp8 => (None, Some(RefCell::default())),
+            Arithmetic::Tf32 => (None, None),
         };
-        Ok(Self { values, bf16 })
+        Ok(Self { values, bf16, fp8 })
     }
 
-    /// The operand `values[range]`, with its rounding if there is one.
+    /// The operand `values[range]`.
     pub fn input(&self, range: Range<usize>) -> Input<'_> {
         Input {
             values: self.values.slice(range.clone()),
-            bf16: self.bf16.as_ref().map(|rounded| rounded.slice(range)),
+            bf16: self
+                .bf16
+                .as_ref()
+                .map(|rounded| rounded.slice(range.clone())),
+            fp8: self.fp8.as_ref().map(|memo| (memo, range)),
         }
     }
 
@@ -321,9 +362,9 @@ pub fn gemm<'a, 'b>(
         return gemm_fp8(
             gpu,
             c,
-            &a.values,
+            &a,
             a_transposed,
-            &b.values,
+            &b,
             b_transposed,
             (m, n, k),
             accumulate,
@@ -506,9 +547,9 @@ pub(crate) const FP8_ROWS: usize = 16;
 fn gemm_fp8(
     gpu: &Gpu,
     c: &mut CudaViewMut<'_, f32>,
-    a: &CudaView<'_, f32>,
+    a: &Input<'_>,
     a_transposed: bool,
-    b: &CudaView<'_, f32>,
+    b: &Input<'_>,
     b_transposed: bool,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
@@ -519,10 +560,8 @@ fn gemm_fp8(
     );
     let stride = k.next_multiple_of(TILE);
     let (m16, n16) = (m.next_multiple_of(FP8_ROWS), n.next_multiple_of(FP8_ROWS));
-    let layout = ScaleLayout::Cublaslt;
-    let a8 = fp8::quantize_operand(
+    let a8 = a.quantized(
         gpu,
-        a,
         fp8::Operand {
             rows: m,
             cols: k,
@@ -531,16 +570,14 @@ fn gemm_fp8(
             padded_rows: m16,
         },
         TileShape::ROW,
-        layout,
     )?;
     let b_tile = if a_transposed {
         TileShape::ROW
     } else {
         TileShape::BLOCK
     };
-    let b8 = fp8::quantize_operand(
+    let b8 = b.quantized(
         gpu,
-        b,
         fp8::Operand {
             rows: n,
             cols: k,
@@ -549,7 +586,6 @@ fn gemm_fp8(
             padded_rows: n16,
         },
         b_tile,
-        layout,
     )?;
     let aligned = {
         let (ptr, _record) = c.device_ptr_mut(gpu.stream());

@@ -9,7 +9,7 @@
 //! checkpointing are CPU-only for now and refused by [`DeviceModel::upload`]
 //! with a clear error.
 
-use super::matmul::{Arithmetic, Input, Rounded};
+use super::matmul::{Arithmetic, Input, Prepared};
 use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
@@ -589,7 +589,7 @@ impl DeviceModel {
         let mut v = gpu.output::<f32>(tokens * kv)?;
         let linear = self.linear();
         {
-            let x = Rounded::of(gpu, linear, &attention_normed)?;
+            let x = Prepared::of(gpu, linear, &attention_normed)?;
             matmul::forward(gpu, linear, &mut q, x.whole(), &block.wq, h, h)?;
             matmul::forward(gpu, linear, &mut k, x.whole(), &block.wk, h, kv)?;
             matmul::forward(gpu, linear, &mut v, x.whole(), &block.wv, h, kv)?;
@@ -672,7 +672,7 @@ impl DeviceModel {
                 let mut a = gpu.output::<f32>(tokens * d)?;
                 let mut b = gpu.output::<f32>(tokens * d)?;
                 let mut hh = gpu.output::<f32>(tokens * d)?;
-                let x = Rounded::of(gpu, linear, &ffn_normed)?;
+                let x = Prepared::of(gpu, linear, &ffn_normed)?;
                 matmul::forward(gpu, linear, &mut a, x.whole(), w1, h, d)?;
                 matmul::forward(gpu, linear, &mut b, x.whole(), w3, h, d)?;
                 drop(x);
@@ -863,7 +863,7 @@ impl DeviceModel {
                 let mut da = gpu.output::<f32>(tokens * d)?;
                 let mut db = gpu.output::<f32>(tokens * d)?;
                 swiglu::backward(gpu, &mut da, &mut db, &dh, a, b, false)?;
-                let x = Rounded::of(gpu, linear, &pass.ffn_normed)?;
+                let x = Prepared::of(gpu, linear, &pass.ffn_normed)?;
                 let dx = &mut dffn_normed;
                 linear_backward(gpu, linear, dx, true, g1, &da, x.whole(), w1, (h, d))?;
                 linear_backward(gpu, linear, dx, true, g3, &db, x.whole(), w3, (h, d))?;
@@ -982,7 +982,7 @@ impl DeviceModel {
             .backward_slice(gpu, &mut dk, c.kv_heads, positions)?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         // The normed input feeds the three weight gradients.
-        let x = Rounded::of(gpu, linear, &pass.attention_normed)?;
+        let x = Prepared::of(gpu, linear, &pass.attention_normed)?;
         linear_backward(
             gpu,
             linear,
@@ -1044,7 +1044,7 @@ fn linear_backward(
     (in_dim, out_dim): (usize, usize),
 ) -> Result<()> {
     let rows = dy.len() / out_dim;
-    let dy = Rounded::of(gpu, arithmetic, dy)?;
+    let dy = Prepared::of(gpu, arithmetic, dy)?;
     matmul::gemm(
         gpu,
         arithmetic,

@@ -4,7 +4,7 @@
 //! its contiguous segment of rows (cuBLASLt, TF32 or bf16) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::matmul::{self, Arithmetic, Rounded};
+use super::matmul::{self, Arithmetic, Prepared};
 use super::{Gpu, Result, dispatch, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
@@ -343,7 +343,7 @@ pub(crate) fn expert_mlps(
     let mut expert_out = rows_of(hidden)?;
     let size = inner * hidden;
     // Each expert's rows feed its gate and up projections: rounded once.
-    let x = Rounded::of(gpu, arithmetic, permuted)?;
+    let x = Prepared::of(gpu, arithmetic, permuted)?;
     for &(e, start, len) in segments {
         for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
             matmul::forward_view(
@@ -440,7 +440,7 @@ impl DeviceMoeLayer {
         let mut sa = gpu.output::<f32>(tokens * width)?;
         let mut sb = gpu.output::<f32>(tokens * width)?;
         let mut sh = gpu.output::<f32>(tokens * width)?;
-        let x = Rounded::of(gpu, arithmetic, x)?;
+        let x = Prepared::of(gpu, arithmetic, x)?;
         for (out, w) in [(&mut sa, &self.shared_w1), (&mut sb, &self.shared_w3)] {
             matmul::forward_view(
                 gpu,
@@ -533,8 +533,8 @@ impl DeviceMoeLayer {
         let mut dsh = gpu.output::<f32>(tokens * width)?;
         // Every operand below but the weights and `sh` feeds two GEMMs.
         let (dout, x) = (
-            Rounded::of(gpu, arithmetic, dout)?,
-            Rounded::of(gpu, arithmetic, x)?,
+            Prepared::of(gpu, arithmetic, dout)?,
+            Prepared::of(gpu, arithmetic, x)?,
         );
         matmul::gemm(
             gpu,
@@ -565,7 +565,7 @@ impl DeviceMoeLayer {
             (&dsa, &self.shared_w1, &mut grads.shared_w1),
             (&dsb, &self.shared_w3, &mut grads.shared_w3),
         ] {
-            let d = Rounded::of(gpu, arithmetic, d)?;
+            let d = Prepared::of(gpu, arithmetic, d)?;
             matmul::gemm(
                 gpu,
                 arithmetic,
@@ -693,7 +693,7 @@ pub(crate) fn expert_mlps_backward(
     // Down projection, segment by segment; `dy` feeds both its GEMMs, as
     // `da`, `db` and `input` feed two each below: each rounded once.
     let mut dh = rows_of(inner)?;
-    let dy = Rounded::of(gpu, arithmetic, dy)?;
+    let dy = Prepared::of(gpu, arithmetic, dy)?;
     for &(e, start, len) in segments {
         let dy_e = dy.input(start * hidden..(start + len) * hidden);
         let w2_e = weights.w2.slice(e * size..(e + 1) * size);
@@ -730,9 +730,9 @@ pub(crate) fn expert_mlps_backward(
     swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)?;
     let mut dinput = rows_of(hidden)?;
     let (x, da, db) = (
-        Rounded::of(gpu, arithmetic, input)?,
-        Rounded::of(gpu, arithmetic, &da)?,
-        Rounded::of(gpu, arithmetic, &db)?,
+        Prepared::of(gpu, arithmetic, input)?,
+        Prepared::of(gpu, arithmetic, &da)?,
+        Prepared::of(gpu, arithmetic, &db)?,
     );
     for &(e, start, len) in segments {
         let wide = start * hidden..(start + len) * hidden;
