@@ -26,6 +26,7 @@ pub mod moe_ep_check;
 pub mod moe_layer;
 pub mod nccl_check;
 pub mod paged_attention;
+pub mod profile;
 pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
@@ -94,6 +95,7 @@ pub struct Gpu {
     plans: lt_plan::Plans,
     /// FP8 GEMM algorithms by shape ([`fp8_gemm`]).
     fp8_algos: fp8_gemm::Fp8Algos,
+    profile: profile::Profile,
 }
 
 impl Gpu {
@@ -117,6 +119,7 @@ impl Gpu {
             workspace: std::sync::OnceLock::new(),
             plans: lt_plan::Plans::default(),
             fp8_algos: fp8_gemm::Fp8Algos::default(),
+            profile: profile::Profile::default(),
         })
     }
 
