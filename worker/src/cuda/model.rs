@@ -502,7 +502,9 @@ impl DeviceModel {
         let n = tokens.len();
         let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
-        embedding::forward(gpu, &mut x, &tokens_d, &self.weights.embedding, h)?;
+        gpu.span("fwd.embedding", || {
+            embedding::forward(gpu, &mut x, &tokens_d, &self.weights.embedding, h)
+        })?;
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for block in &self.weights.blocks {
@@ -524,6 +526,7 @@ impl DeviceModel {
             });
             x = output;
         }
+        let head_span = gpu.span_start("fwd.head")?;
         let mut final_normed = gpu.output::<f32>(n * h)?;
         let mut final_rstd = gpu.output::<f32>(n)?;
         let w = &self.weights;
@@ -542,6 +545,7 @@ impl DeviceModel {
         let mut probs = gpu.output::<f32>(n * vocab)?;
         cross_entropy::forward(gpu, &mut losses, &mut probs, &logits, &targets, vocab)?;
         drop(logits);
+        gpu.span_end(head_span)?;
         let cross_entropy = gpu
             .download(&losses)?
             .iter()
@@ -576,30 +580,34 @@ impl DeviceModel {
 
         let mut attention_normed = gpu.output::<f32>(tokens * h)?;
         let mut attention_rstd = gpu.output::<f32>(tokens)?;
-        rmsnorm::forward(
-            gpu,
-            &mut attention_normed,
-            &mut attention_rstd,
-            &input,
-            &block.attention_norm,
-            eps,
-        )?;
+        gpu.span("fwd.attention.norm", || {
+            rmsnorm::forward(
+                gpu,
+                &mut attention_normed,
+                &mut attention_rstd,
+                &input,
+                &block.attention_norm,
+                eps,
+            )
+        })?;
         let mut q = gpu.output::<f32>(tokens * h)?;
         let mut k = gpu.output::<f32>(tokens * kv)?;
         let mut v = gpu.output::<f32>(tokens * kv)?;
         let linear = self.linear();
-        {
+        gpu.span("fwd.attention.qkv", || {
             let x = Prepared::of(gpu, linear, &attention_normed)?;
             matmul::forward(gpu, linear, &mut q, x.whole(), &block.wq, h, h)?;
             matmul::forward(gpu, linear, &mut k, x.whole(), &block.wk, h, kv)?;
-            matmul::forward(gpu, linear, &mut v, x.whole(), &block.wv, h, kv)?;
-        }
+            matmul::forward(gpu, linear, &mut v, x.whole(), &block.wv, h, kv)
+        })?;
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
-        self.rope
-            .forward_slice(gpu, &mut q, c.heads, positions.clone())?;
-        self.rope
-            .forward_slice(gpu, &mut k, c.kv_heads, positions)?;
+        gpu.span("fwd.attention.rope", || {
+            self.rope
+                .forward_slice(gpu, &mut q, c.heads, positions.clone())?;
+            self.rope.forward_slice(gpu, &mut k, c.kv_heads, positions)
+        })?;
+        let core_span = gpu.span_start("fwd.attention.core")?;
         // Sequence parallelism: whole sequences of this rank's heads.
         let (q, k, v) = match sequence {
             None => (q, k, v),
@@ -643,7 +651,9 @@ impl DeviceModel {
                 (tokens_out, saved)
             }
         };
+        gpu.span_end(core_span)?;
         // mid = input + attention_out woᵀ, the GEMM adding onto a copy of the input.
+        let out_span = gpu.span_start("fwd.attention.out")?;
         let mut mid = gpu.stream().clone_dtod(&input)?;
         matmul::forward_view(
             gpu,
@@ -655,19 +665,23 @@ impl DeviceModel {
             h,
             true,
         )?;
+        gpu.span_end(out_span)?;
 
         let mut ffn_normed = gpu.output::<f32>(tokens * h)?;
         let mut ffn_rstd = gpu.output::<f32>(tokens)?;
-        rmsnorm::forward(
-            gpu,
-            &mut ffn_normed,
-            &mut ffn_rstd,
-            &mid,
-            &block.ffn_norm,
-            eps,
-        )?;
+        gpu.span("fwd.ffn.norm", || {
+            rmsnorm::forward(
+                gpu,
+                &mut ffn_normed,
+                &mut ffn_rstd,
+                &mid,
+                &block.ffn_norm,
+                eps,
+            )
+        })?;
         let (output, ffn) = match &block.ffn {
             DeviceFeedForward::Dense { w1, w3, w2 } => {
+                let dense_span = gpu.span_start("fwd.ffn.dense")?;
                 let d = c.dense_hidden;
                 let mut a = gpu.output::<f32>(tokens * d)?;
                 let mut b = gpu.output::<f32>(tokens * d)?;
@@ -688,6 +702,7 @@ impl DeviceModel {
                     h,
                     true,
                 )?;
+                gpu.span_end(dense_span)?;
                 (out, FeedForwardPass::Dense([a, b, hh]))
             }
             DeviceFeedForward::Moe(layer) => {
@@ -698,7 +713,7 @@ impl DeviceModel {
                         let mut pass =
                             layer.forward(gpu, linear, &ffn_normed, seq_len, sequence)?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
-                        vector::add(gpu, &mut out, &mid)?;
+                        gpu.span("fwd.ffn.residual", || vector::add(gpu, &mut out, &mid))?;
                         (out, FeedForwardPass::Moe(Box::new(pass)))
                     }
                     Some(ep) => {
@@ -712,7 +727,7 @@ impl DeviceModel {
                             &mut exchange,
                         )?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
-                        vector::add(gpu, &mut out, &mid)?;
+                        gpu.span("fwd.ffn.residual", || vector::add(gpu, &mut out, &mid))?;
                         (out, FeedForwardPass::MoeExpertParallel(Box::new(pass)))
                     }
                 }
@@ -770,6 +785,7 @@ impl DeviceModel {
         let c = &self.config;
         let (h, vocab, n) = (c.hidden, c.vocab, pass.tokens.len());
         let w = &self.weights;
+        let head_span = gpu.span_start("bwd.head")?;
         // Written whole by the cross-entropy backward: no 4·n·vocab-byte memset.
         let mut dlogits = gpu.output::<f32>(n * vocab)?;
         let mean = gpu.upload(&vec![1.0f32 / n as f32; n])?;
@@ -805,6 +821,7 @@ impl DeviceModel {
             &w.final_norm,
             &pass.final_rstd,
         )?;
+        gpu.span_end(head_span)?;
         done(vec![grad_lm_head, grad_final_norm])?;
         for ((block, stored), block_grads) in w
             .blocks
@@ -827,7 +844,9 @@ impl DeviceModel {
             self.block_backward(gpu, block, block_pass, &mut dres, block_grads, parallel)?;
             done(block_grads.tensors_mut())?;
         }
-        embedding::backward(gpu, grad_embedding, &dres, &pass.tokens, h)?;
+        gpu.span("bwd.embedding", || {
+            embedding::backward(gpu, grad_embedding, &dres, &pass.tokens, h)
+        })?;
         done(vec![grad_embedding])
     }
 
@@ -857,6 +876,7 @@ impl DeviceModel {
                     w2: g2,
                 },
             ) => {
+                let dense_span = gpu.span_start("bwd.ffn.dense")?;
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
                 linear_backward(gpu, linear, &mut dh, false, g2, dres, hh.into(), w2, (d, h))?;
@@ -867,6 +887,7 @@ impl DeviceModel {
                 let dx = &mut dffn_normed;
                 linear_backward(gpu, linear, dx, true, g1, &da, x.whole(), w1, (h, d))?;
                 linear_backward(gpu, linear, dx, true, g3, &db, x.whole(), w3, (h, d))?;
+                gpu.span_end(dense_span)?;
             }
             (
                 DeviceFeedForward::Moe(layer),
@@ -904,6 +925,7 @@ impl DeviceModel {
             }
             _ => unreachable!("a block's weights, activations and gradients share one layout"),
         }
+        let norm_span = gpu.span_start("bwd.ffn.norm")?;
         rmsnorm::backward(
             gpu,
             dres,
@@ -913,9 +935,11 @@ impl DeviceModel {
             &block.ffn_norm,
             &pass.ffn_rstd,
         )?;
+        gpu.span_end(norm_span)?;
         drop(dffn_normed);
 
         // The attention sublayer.
+        let out_span = gpu.span_start("bwd.attention.out")?;
         let mut dattention = gpu.output::<f32>(tokens * h)?;
         linear_backward(
             gpu,
@@ -928,6 +952,8 @@ impl DeviceModel {
             &block.wo,
             (h, h),
         )?;
+        gpu.span_end(out_span)?;
+        let core_span = gpu.span_start("bwd.attention.core")?;
         let sequence = parallel.sequence;
         let d = c.head_dim();
         let dattention = match sequence {
@@ -975,11 +1001,15 @@ impl DeviceModel {
                 ulysses::to_tokens(gpu, sp, &dv, c.kv_heads, d)?,
             ),
         };
+        gpu.span_end(core_span)?;
         let positions = self.positions(sequence);
-        self.rope
-            .backward_slice(gpu, &mut dq, c.heads, positions.clone())?;
-        self.rope
-            .backward_slice(gpu, &mut dk, c.kv_heads, positions)?;
+        gpu.span("bwd.attention.rope", || {
+            self.rope
+                .backward_slice(gpu, &mut dq, c.heads, positions.clone())?;
+            self.rope
+                .backward_slice(gpu, &mut dk, c.kv_heads, positions)
+        })?;
+        let qkv_span = gpu.span_start("bwd.attention.qkv")?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         // The normed input feeds the three weight gradients.
         let x = Prepared::of(gpu, linear, &pass.attention_normed)?;
@@ -1016,15 +1046,19 @@ impl DeviceModel {
             &block.wv,
             (h, kv),
         )?;
-        rmsnorm::backward(
-            gpu,
-            dres,
-            &mut grads.attention_norm,
-            &dnormed,
-            &pass.input,
-            &block.attention_norm,
-            &pass.attention_rstd,
-        )
+        drop(x);
+        gpu.span_end(qkv_span)?;
+        gpu.span("bwd.attention.norm", || {
+            rmsnorm::backward(
+                gpu,
+                dres,
+                &mut grads.attention_norm,
+                &dnormed,
+                &pass.input,
+                &block.attention_norm,
+                &pass.attention_rstd,
+            )
+        })
     }
 }
 

@@ -202,9 +202,13 @@ impl DeviceMoeLayer {
             mlps,
         } = routed_experts(gpu, arithmetic, c, &self.weights(), x)?;
         // output += shared(x), accumulated by the GEMM itself.
-        let shared = self.shared_forward(gpu, arithmetic, x, &mut output)?;
+        let shared = gpu.span("fwd.moe.shared", || {
+            self.shared_forward(gpu, arithmetic, x, &mut output)
+        })?;
         let balance = if c.aux_loss_alpha > 0.0 {
-            Some(BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)?)
+            Some(gpu.span("fwd.moe.balance", || {
+                BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)
+            })?)
         } else {
             None
         };
@@ -256,14 +260,16 @@ pub(crate) fn routed_experts(
     let segments = expert_segments(&routed.offsets);
     let mlps = expert_mlps(gpu, arithmetic, c, weights, &routed.permuted, &segments)?;
     let mut output = gpu.output::<f32>(tokens * hidden)?;
-    dispatch::unpermute(
-        gpu,
-        &mut output,
-        &mlps.out,
-        &routed.routing.gates,
-        &routed.dispatch,
-        hidden,
-    )?;
+    gpu.span("fwd.moe.combine", || {
+        dispatch::unpermute(
+            gpu,
+            &mut output,
+            &mlps.out,
+            &routed.routing.gates,
+            &routed.dispatch,
+            hidden,
+        )
+    })?;
     Ok(RoutedExperts {
         output,
         routed,
@@ -293,15 +299,19 @@ pub(crate) fn route_rows(
 ) -> Result<Routed> {
     let (hidden, n_experts, top_k) = (c.hidden, c.n_routed_experts, c.top_k);
     let tokens = x.len() / hidden;
+    let route_span = gpu.span_start("fwd.moe.route")?;
     let mut logits = gpu.output::<f32>(tokens * n_experts)?;
     matmul::forward_exact(gpu, &mut logits, x, weights.router, hidden, n_experts)?;
     let routing = routing::route(gpu, c, &logits, weights.selection_bias)?;
     let dispatch = dispatch::dispatch(gpu, &routing.experts, top_k, n_experts)?;
     let offsets: Vec<i32> = gpu.download(&dispatch.offsets)?;
     let load: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    gpu.span_end(route_span)?;
     // Every row is one slot's: the permute writes them all.
     let mut permuted = gpu.output::<f32>(tokens * top_k * hidden)?;
-    dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)?;
+    gpu.span("fwd.moe.permute", || {
+        dispatch::permute(gpu, &mut permuted, x, &dispatch, hidden)
+    })?;
     Ok(Routed {
         routing,
         dispatch,
@@ -343,6 +353,7 @@ pub(crate) fn expert_mlps(
     let mut expert_out = rows_of(hidden)?;
     let size = inner * hidden;
     // Each expert's rows feed its gate and up projections: rounded once.
+    let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
     let x = Prepared::of(gpu, arithmetic, permuted)?;
     for &(e, start, len) in segments {
         for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
@@ -358,7 +369,10 @@ pub(crate) fn expert_mlps(
             )?;
         }
     }
-    swiglu::forward(gpu, &mut h, &a, &b)?;
+    drop(x);
+    gpu.span_end(gate_up_span)?;
+    gpu.span("fwd.moe.swiglu", || swiglu::forward(gpu, &mut h, &a, &b))?;
+    let down_span = gpu.span_start("fwd.moe.down")?;
     for &(e, start, len) in segments {
         matmul::forward_view(
             gpu,
@@ -371,6 +385,7 @@ pub(crate) fn expert_mlps(
             false,
         )?;
     }
+    gpu.span_end(down_span)?;
     Ok(ExpertMlps {
         a,
         b,
@@ -487,7 +502,9 @@ impl DeviceMoeLayer {
         let c = &self.config;
         let hidden = c.hidden;
         let (routed, mlps) = (&pass.routed, &pass.mlps);
-        let (dy, dgates) = combine_backward(gpu, routed, dout, &mlps.out, hidden)?;
+        let (dy, dgates) = gpu.span("bwd.moe.combine", || {
+            combine_backward(gpu, routed, dout, &mlps.out, hidden)
+        })?;
         let segments = expert_segments(&routed.offsets);
         let dxp = expert_mlps_backward(
             gpu,
@@ -500,19 +517,25 @@ impl DeviceMoeLayer {
             mlps,
             &segments,
         )?;
-        dispatch::permute_backward(gpu, dx, &dxp, &routed.dispatch, hidden)?;
+        gpu.span("bwd.moe.permute", || {
+            dispatch::permute_backward(gpu, dx, &dxp, &routed.dispatch, hidden)
+        })?;
         if let Some(shared) = &pass.shared {
-            self.shared_backward(gpu, arithmetic, shared, x, dout, dx, grads)?;
+            gpu.span("bwd.moe.shared", || {
+                self.shared_backward(gpu, arithmetic, shared, x, dout, dx, grads)
+            })?;
         }
-        self.router_backward(
-            gpu,
-            &routed.routing,
-            pass.balance.as_ref(),
-            &dgates,
-            x,
-            dx,
-            grads,
-        )
+        gpu.span("bwd.moe.router", || {
+            self.router_backward(
+                gpu,
+                &routed.routing,
+                pass.balance.as_ref(),
+                &dgates,
+                x,
+                dx,
+                grads,
+            )
+        })
     }
 
     /// The shared experts' backward pass: adds into `dx` and their weights'
@@ -690,6 +713,7 @@ pub(crate) fn expert_mlps_backward(
     let rows = input.len() / hidden;
     let size = inner * hidden;
     let rows_of = segment_rows(gpu, rows, segments);
+    let down_span = gpu.span_start("bwd.moe.down")?;
     // Down projection, segment by segment; `dy` feeds both its GEMMs, as
     // `da`, `db` and `input` feed two each below: each rounded once.
     let mut dh = rows_of(inner)?;
@@ -724,10 +748,14 @@ pub(crate) fn expert_mlps_backward(
         )?;
     }
     drop(dy);
+    gpu.span_end(down_span)?;
     // SwiGLU, then the up projections.
     let mut da = gpu.output::<f32>(rows * inner)?;
     let mut db = gpu.output::<f32>(rows * inner)?;
-    swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)?;
+    gpu.span("bwd.moe.swiglu", || {
+        swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)
+    })?;
+    let gate_up_span = gpu.span_start("bwd.moe.gate_up")?;
     let mut dinput = rows_of(hidden)?;
     let (x, da, db) = (
         Prepared::of(gpu, arithmetic, input)?,
@@ -769,6 +797,8 @@ pub(crate) fn expert_mlps_backward(
             )?;
         }
     }
+    drop((x, da, db));
+    gpu.span_end(gate_up_span)?;
     Ok(dinput)
 }
 

@@ -11,7 +11,7 @@
 use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
 use super::model::AttentionKernel;
 use super::trainer::DeviceTrainer;
-use super::{Gpu, Result, attention, flash_attention};
+use super::{Gpu, Result, attention, flash_attention, profile};
 use crate::data::DataLoader;
 use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
@@ -118,7 +118,9 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         })
         .collect();
     let tokens = (sequences * config.seq_len) as f64;
-    let (trainer, ms, loss) = timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Gemm)?;
+    let (mut trainer, ms, loss) =
+        timed_steps(gpu, &model, &settings, &corpus, AttentionKernel::Gemm)?;
+    let tf32_phases = phase_figures(gpu, &mut trainer, "TF32")?;
     let achieved = flops_per_token * tokens / (ms * 1e-3);
     let params = format!(
         "MoE {:.2}B params ({:.2}B active), 16x1024 tokens",
@@ -277,6 +279,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         ms,
     ));
     drop((probs, trainer));
+    figures.extend(tf32_phases);
 
     // The same step with the linear layers' and the LM head's GEMMs in bf16
     // (`compute: bf16`), then with the linear layers in FP8 (blockwise,
@@ -290,14 +293,16 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         let mut variant = config.clone();
         (variant.gemm_precision, variant.head_precision) = (linears, GemmPrecision::Bf16);
         let variant = quick_model(&variant);
-        let (trainer, variant_ms, variant_loss) =
+        let (mut trainer, variant_ms, variant_loss) =
             timed_steps(gpu, &variant, &settings, &corpus, AttentionKernel::Gemm)?;
+        let phases = phase_figures(gpu, &mut trainer, name)?;
         drop((variant, trainer));
         figures.push(step_figure(
             format!("training step, {params}, {name} (loss {variant_loss:.3})"),
             variant_ms,
             ("the TF32 step (tok/s)", ms / variant_ms),
         ));
+        figures.extend(phases);
     }
 
     let mut failures = Vec::new();
@@ -389,6 +394,30 @@ fn timed_steps<'g>(
         Ok(())
     })?;
     Ok((trainer, ms, loss))
+}
+
+/// One more step of `trainer` with [`super::profile`] on: where its time
+/// goes, phase by phase, as figures named after `name` — each phase's
+/// milliseconds per step and share of the profiled step (a little slower
+/// than an unprofiled one: two events a span), then what no span covers.
+/// Phases under 0.5% of the step are left out.
+fn phase_figures(gpu: &Gpu, trainer: &mut DeviceTrainer<'_>, name: &str) -> Result<Vec<Figure>> {
+    gpu.profile_on();
+    let step_ms = time_runs(gpu, 0, 1, || trainer.step(&|| false).map(drop));
+    let spans = gpu.profile_off()?;
+    let step_ms = step_ms?;
+    let phases = profile::phases(&spans, 1);
+    let covered: f64 = phases.iter().map(|p| p.ms).sum();
+    let mut figures = vec![share(&format!("  {name}: profiled step"), step_ms, step_ms)];
+    figures.extend(phases.iter().filter(|p| p.ms >= 0.005 * step_ms).map(|p| {
+        share(
+            &format!("    {} ({:.0} spans)", p.label, p.spans),
+            p.ms,
+            step_ms,
+        )
+    }));
+    figures.push(share("    outside every span", step_ms - covered, step_ms));
+    Ok(figures)
 }
 
 /// A part of the step: its milliseconds and its share of the step's.

@@ -184,7 +184,7 @@ impl<'g> DeviceTrainer<'g> {
             ranks: world.size() / sp,
         };
         let share = settings.micro_steps * settings.micro_batch;
-        self.grads.zero(gpu)?;
+        gpu.span("step.zero_grads", || self.grads.zero(gpu))?;
         // The other ranks' windows of the global batch are skipped, so the
         // stream ends every step where one process's would.
         self.data.skip(shard.rank * share);
@@ -255,6 +255,7 @@ impl<'g> DeviceTrainer<'g> {
         self.data
             .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
+        let norm_span = gpu.span_start("step.grad_norm")?;
         let squares = match parallel.experts {
             Some(ep) => data_parallel::reduce_expert_parallel(
                 gpu,
@@ -272,6 +273,7 @@ impl<'g> DeviceTrainer<'g> {
                 vector::sum_squares(gpu, &self.grads.tensors())?
             }
         };
+        gpu.span_end(norm_span)?;
         if world.size() > 1 {
             host_parallel::sum_counts(world, &mut expert_loads)?;
             // Means of the ranks' means: every rank has as many micro-batches
@@ -296,6 +298,7 @@ impl<'g> DeviceTrainer<'g> {
             lr,
             clip_scale / micro_steps,
         );
+        let adamw_span = gpu.span_start("step.adamw")?;
         let tensors = self
             .model
             .weights
@@ -313,6 +316,7 @@ impl<'g> DeviceTrainer<'g> {
             };
             adamw::apply(gpu, &update, weights, m, v, grad)?;
         }
+        gpu.span_end(adamw_span)?;
         if let Some(rate) = self.model.config().bias_update_rate {
             let rate = rate as f32;
             for ((layer, bias), load) in self
