@@ -20,7 +20,8 @@
 # 8. the 40 steps of run 1 in FP8 (training.precision.fp8, blockwise, with
 # compute bf16: the linear layers' GEMMs on cuBLASLt's block-scaled FP8
 # tensor cores, the LM head in bf16), and the same config on the CPU's FP8
-# emulation.
+# emulation; 11. and 12. the same two with the tensorwise recipe (one delayed
+# scale per tensor, amax histories kept on the device).
 # 9. and 10. runs 1 and 7 with the flash attention kernels
 # (MOE_CUDA_ATTENTION=flash; opt-in until this passes on a GPU).
 # Passes when both runs learn (final loss well under the first), their final
@@ -32,7 +33,8 @@
 # the two-rank data-parallel one is bound to (the sequence-parallel first loss
 # within 1e-4: its GEMMs see half the rows), the FP8 run learns, ends within
 # 3% of the CPU's FP8 run and within 5% of the TF32 run (the CPU emulation
-# measured +0.25% over FP32 on tiny.yaml), and the flash runs start within
+# measured +0.25% over FP32 on tiny.yaml), the tensorwise FP8 run likewise
+# against the CPU's tensorwise run, and the flash runs start within
 # 1e-4 of run 1 (another TF32 rounding of attention) and end within 1% of it.
 # Writes train-check.md to the given directory.
 #
@@ -48,7 +50,7 @@ mkdir -p "$out"
 report=$out/train-check.md
 export MOE_STATUS_ADDR=off
 
-config() { # device steps dir [ranks] [compute: fp32, bf16 or fp8] [expertParallel] [sequenceParallel]
+config() { # device steps dir [ranks] [compute: fp32, bf16, fp8 or fp8tw] [expertParallel] [sequenceParallel]
   python3 - "$@" <<'EOF'
 import json, sys
 device, steps, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -66,8 +68,9 @@ print(json.dumps({
     "data": {"builtin": {"corpus": "tiny"}},
     "training": {"steps": steps, "globalBatchSize": 16, "microBatchSize": 8, "seed": 3,
                  "logIntervalSteps": 10,
-                 "precision": ({"compute": "bf16", "fp8": {"enabled": True, "recipe": "blockwise"}}
-                               if compute == "fp8" else {"compute": compute}),
+                 "precision": ({"compute": "bf16", "fp8": {"enabled": True,
+                                "recipe": "tensorwise" if compute == "fp8tw" else "blockwise"}}
+                               if compute.startswith("fp8") else {"compute": compute}),
                  "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5}},
     "parallelism": {"processesPerNode": ranks, "expertParallel": ep, "sequenceParallel": sp},
     "checkpoint": {"dir": d + "/checkpoints", "intervalSteps": 20, "keep": 2, "resume": "Auto"},
@@ -105,6 +108,8 @@ run() { # name device steps dir [ranks] [compute] [expertParallel] [sequencePara
   run sp2 "$gpu" 40 "$work/sp2" 2 fp32 1 2 || { tail -20 "$work/sp2.log"; }
   run fp8 "$gpu" 40 "$work/fp8" 1 fp8 || { tail -20 "$work/fp8.log"; }
   run fp8cpu cpu 40 "$work/fp8cpu" 1 fp8 || { tail -20 "$work/fp8cpu.log"; }
+  run fp8tw "$gpu" 40 "$work/fp8tw" 1 fp8tw || { tail -20 "$work/fp8tw.log"; }
+  run fp8twcpu cpu 40 "$work/fp8twcpu" 1 fp8tw || { tail -20 "$work/fp8twcpu.log"; }
   MOE_CUDA_ATTENTION=flash run flash "$gpu" 40 "$work/flash" || { tail -20 "$work/flash.log"; }
   MOE_CUDA_ATTENTION=flash run sp2flash "$gpu" 40 "$work/sp2flash" 2 fp32 1 2 ||
     { tail -20 "$work/sp2flash.log"; }
@@ -169,18 +174,19 @@ else:
           f"({bf16['tokensPerSecond'] / cuda['tokensPerSecond']:.2f}x TF32)")
     if not bf16["finalLoss"] < 0.8 * bf16["initialLoss"] or gap > 0.03:
         failures.append(f"bf16 compute: {bf16['initialLoss']:.3f} -> {bf16['finalLoss']:.3f}, {gap:.2%} from TF32")
-fp8, fp8cpu = summary("fp8"), summary("fp8cpu")
-if "finalLoss" not in fp8 or "finalLoss" not in fp8cpu or "finalLoss" not in cuda:
-    failures.append(f"fp8: no summary (device {fp8}, cpu {fp8cpu})")
-else:
+for name, what in (("fp8", "FP8 linear layers (blockwise)"), ("fp8tw", "FP8 linear layers (tensorwise)")):
+    fp8, fp8cpu = summary(name), summary(name + "cpu")
+    if "finalLoss" not in fp8 or "finalLoss" not in fp8cpu or "finalLoss" not in cuda:
+        failures.append(f"{name}: no summary (device {fp8}, cpu {fp8cpu})")
+        continue
     emulated = abs(fp8["finalLoss"] - fp8cpu["finalLoss"]) / fp8cpu["finalLoss"]
     tf32 = abs(fp8["finalLoss"] - cuda["finalLoss"]) / cuda["finalLoss"]
-    print(f"\nFP8 linear layers: loss {fp8['initialLoss']:.4f} -> {fp8['finalLoss']:.4f}, final vs the "
+    print(f"\n{what}: loss {fp8['initialLoss']:.4f} -> {fp8['finalLoss']:.4f}, final vs the "
           f"CPU's FP8 emulation {fp8cpu['finalLoss']:.4f} ({emulated:.2%}, bound 3%), vs TF32 {tf32:.2%} "
           f"(bound 5%); tokens/s {fp8['tokensPerSecond']:.0f} "
           f"({fp8['tokensPerSecond'] / cuda['tokensPerSecond']:.2f}x TF32)")
     if not fp8["finalLoss"] < 0.8 * fp8["initialLoss"] or emulated > 0.03 or tf32 > 0.05:
-        failures.append(f"fp8: {fp8['initialLoss']:.3f} -> {fp8['finalLoss']:.3f}, "
+        failures.append(f"{name}: {fp8['initialLoss']:.3f} -> {fp8['finalLoss']:.3f}, "
                         f"{emulated:.2%} from the CPU's FP8, {tf32:.2%} from TF32")
 print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
 sys.exit(1 if failures else 0)

@@ -18,9 +18,12 @@ __device__ __forceinline__ unsigned char encode_e4m3(float x, float scale) {
 // scales: [rows, ceil(cols / 128)], or with `outer_major`
 // [ceil(cols / 128), scale_rows], the layout cuBLASLt's VEC128 scales take
 // (one row of scales per K slice; scale_rows >= rows, a GEMM operand's rows
-// padded to a multiple of 4).
+// padded to a multiple of 4). With `tensor_scale` non-null every tile takes
+// that one scale (the tensorwise recipe's delayed scale, fp8_delayed_scale_f32)
+// and `scales` is not written.
 extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* scales, const float* x, int rows,
-                                                  int cols, int code_stride, int outer_major, int scale_rows) {
+                                                  int cols, int code_stride, int outer_major, int scale_rows,
+                                                  const float* tensor_scale) {
     const int lane = threadIdx.x & 31;
     const int tiles_per_row = (cols + 127) / 128;
     const size_t tile = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -34,7 +37,7 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
         v[i] = col < cols ? x[row * cols + col] : 0.0f;
         amax = fmaxf(amax, fabsf(v[i]));  // fmaxf drops NaN, as the CPU's max does
     }
-    const float scale = scale_for_amax(warp_max(amax));
+    const float scale = tensor_scale ? *tensor_scale : scale_for_amax(warp_max(amax));
     for (int i = 0; i < 4; ++i) {
         const int col = col0 + lane + 32 * i;
         if (col < cols)
@@ -42,7 +45,7 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
         else if (col < code_stride)
             codes[row * code_stride + col] = 0;
     }
-    if (lane == 0) scales[outer_major ? (tile % tiles_per_row) * scale_rows + row : tile] = scale;
+    if (lane == 0 && !tensor_scale) scales[outer_major ? (tile % tiles_per_row) * scale_rows + row : tile] = scale;
 }
 
 // The 1x128 tiles of the transpose of x: [k, m] (row-major), i.e. its 128x1
@@ -54,8 +57,10 @@ extern "C" __global__ void fp8_quantize_1x128_f32(unsigned char* codes, float* s
 // threads per 128 (k) x 32 (m) tile: reads coalesced along m into shared
 // memory (rows padded to 33 floats against bank conflicts), then one warp
 // per 4 columns takes the amax and writes that column's codes along k.
+// `tensor_scale` as in fp8_quantize_1x128_f32.
 extern "C" __global__ void fp8_quantize_1x128_t_f32(unsigned char* codes, float* scales, const float* x, int k, int m,
-                                                    int code_stride, int outer_major, int scale_rows) {
+                                                    int code_stride, int outer_major, int scale_rows,
+                                                    const float* tensor_scale) {
     __shared__ float tile[128][33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * 32, kt = blockIdx.y, k0 = kt * 128;
@@ -70,13 +75,13 @@ extern "C" __global__ void fp8_quantize_1x128_t_f32(unsigned char* codes, float*
         if (mm >= (size_t)m) break;  // the same for the whole warp
         float amax = 0.0f;
         for (int q = 0; q < 4; ++q) amax = fmaxf(amax, fabsf(tile[lane + 32 * q][c]));
-        const float scale = scale_for_amax(warp_max(amax));
+        const float scale = tensor_scale ? *tensor_scale : scale_for_amax(warp_max(amax));
         for (int q = 0; q < 4; ++q) {
             const int kk = k0 + lane + 32 * q;
             if (kk < code_stride)
                 codes[mm * code_stride + kk] = kk < k ? encode_e4m3(tile[lane + 32 * q][c], scale) : 0;
         }
-        if (lane == 0) scales[outer_major ? (size_t)kt * scale_rows + mm : mm * k_tiles + kt] = scale;
+        if (lane == 0 && !tensor_scale) scales[outer_major ? (size_t)kt * scale_rows + mm : mm * k_tiles + kt] = scale;
     }
 }
 
@@ -201,4 +206,59 @@ extern "C" __global__ void fp8_unpad_rows_f32(float* out, const float* src, int 
         const float v = src[(i / width) * src_ld + i % width];
         out[i] = accumulate ? out[i] + v : v;
     }
+}
+
+// The tensorwise recipe's delayed scaling (worker/src/fp8/delayed.rs) on the
+// device: each scaled tensor (a linear layer's input, weight or output
+// gradient) keeps `history` ([HISTORY_LEN] amaxes of past steps, newest
+// last, `length` of them) and `observed` (the bits of the largest finite
+// amax seen this step: non-negative floats order like their bits, so an
+// integer max is a float max, whatever the order of the atomics).
+#define FP8_HISTORY_LEN 16
+
+// amax_bits = max(amax_bits, bits of max |x|) over n values (NaN dropped as
+// fmaxf drops it, infinities kept, as the CPU's amax). amax_bits starts 0.
+extern "C" __global__ void fp8_amax_f32(unsigned int* amax_bits, const float* x, size_t n) {
+    __shared__ float scratch[32];
+    float amax = 0.0f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        amax = fmaxf(amax, fabsf(x[i]));
+    amax = block_max(amax, scratch);
+    if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(amax));
+}
+
+// One thread: the scale of a tensor whose own amax is *amax_bits, from its
+// history when there is one (DelayedScale::scale), and the amax observed
+// for the history when it is finite and positive (DelayedScale::observe).
+extern "C" __global__ void fp8_delayed_scale_f32(float* scale, unsigned int* observed, const float* history,
+                                                 const int* length, const unsigned int* amax_bits) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const float current = __uint_as_float(*amax_bits);
+    float amax = current;
+    if (*length > 0) {
+        amax = history[0];
+        for (int i = 1; i < *length; ++i) amax = fmaxf(amax, history[i]);
+    }
+    *scale = scale_for_amax(amax);
+    if (current > 0.0f && current <= 3.402823466e38f) atomicMax(observed, *amax_bits);
+}
+
+// Ends a step for `tensors` tensors (DelayedScale::advance): a tensor seen
+// this step appends its observed amax to its history, dropping the oldest
+// once there are FP8_HISTORY_LEN, and its observation is cleared.
+extern "C" __global__ void fp8_advance_histories(float* histories, int* lengths, unsigned int* observed,
+                                                 int tensors) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tensors) return;
+    const unsigned int seen = observed[t];
+    observed[t] = 0;
+    if (seen == 0) return;
+    float* history = histories + (size_t)t * FP8_HISTORY_LEN;
+    int length = lengths[t];
+    if (length == FP8_HISTORY_LEN) {
+        for (int i = 1; i < FP8_HISTORY_LEN; ++i) history[i - 1] = history[i];
+        --length;
+    }
+    history[length] = __uint_as_float(seen);
+    lengths[t] = length + 1;
 }

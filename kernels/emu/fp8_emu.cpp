@@ -8,12 +8,16 @@
 // - fp8_quantize_128x128_t_f32 against fp8_quantize_128x128_f32, transposed;
 // - fp8_quantize_1x128_f32 and fp8_quantize_128x128_f32 with padded codes,
 //   padded rows and cuBLASLt's scale layouts against their unpadded output;
-// - fp8_unpad_rows_f32 against a plain loop.
+// - fp8_unpad_rows_f32 against a plain loop;
+// - the tensorwise recipe: both 1x128 quantisers with one given scale, and
+//   fp8_amax_f32, fp8_delayed_scale_f32 and fp8_advance_histories against
+//   worker/src/fp8/delayed.rs's rules written out.
 // Codes and scales must be equal, padding zero. Every CUDA thread is an OS
 // thread (include/cuda_host.h); shared memory is static, one block at a time.
 //
 //   g++ -std=c++20 -O2 -pthread -w -Ikernels/emu/include \
 //       kernels/emu/fp8_emu.cpp -o /tmp/fp8-emu && /tmp/fp8-emu
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -57,6 +61,74 @@ static void expect_codes(const std::string& name, const char* shape, const std::
     expect_equal((name + " padding").c_str(), shape, pad, std::vector<unsigned char>(pad.size(), 0));
 }
 
+static void check(bool ok, const char* what, const char* detail) {
+    std::printf("  %-4s %-34s %s\n", ok ? "ok" : "FAIL", what, detail);
+    failures += !ok;
+}
+
+// The tensorwise recipe's state on the device against worker/src/fp8/delayed.rs
+// written out: amax over a grid (NaN dropped, infinity kept), the delayed
+// scale and the observation, and the end of a step.
+static void delayed_scaling(std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    char detail[96];
+    for (const int poison : {0, 1, 2}) {  // none, a NaN, an infinity
+        std::vector<float> x(5000);
+        for (auto& v : x) v = 3.0f * normal(rng);
+        if (poison == 1) x[4321] = NAN;
+        if (poison == 2) x[17] = -INFINITY;
+        float want = 0.0f;
+        for (const float v : x) want = std::fmax(want, std::fabs(v));
+        unsigned bits = 0;
+        launch(7, 1, 256, [&] { fp8_amax_f32(&bits, x.data(), x.size()); });
+        std::snprintf(detail, sizeof detail, "5000 values, %s: %g", poison == 0 ? "finite" : poison == 1 ? "a NaN" : "an infinity", __uint_as_float(bits));
+        check(bits == __float_as_uint(want), "amax", detail);
+    }
+    // Scale: from the history's max when there is one, else the current
+    // amax; observed only finite positive amaxes, never lowered.
+    struct Case { std::vector<float> history; float current; float observed; };
+    const Case cases[] = {{{}, 2.5f, 0.0f}, {{1.0f, 8.0f, 3.0f}, 2.5f, 9.0f}, {{4.0f}, INFINITY, 1.0f}, {{}, 0.0f, 0.0f}};
+    for (const auto& c : cases) {
+        std::vector<float> history(FP8_HISTORY_LEN, NAN);
+        std::copy(c.history.begin(), c.history.end(), history.begin());
+        const int length = (int)c.history.size();
+        unsigned observed = __float_as_uint(c.observed), current = __float_as_uint(c.current);
+        float scale = NAN;
+        launch(1, 1, 32, [&] { fp8_delayed_scale_f32(&scale, &observed, history.data(), &length, &current); });
+        float from = c.current;
+        if (length > 0) from = *std::max_element(c.history.begin(), c.history.end());
+        const float want_scale = from > 0.0f && std::isfinite(from) ? std::fmax(from / 448.0f, 1.175494351e-38f) : 1.0f;
+        const bool counts = std::isfinite(c.current) && c.current > 0.0f;
+        const float want_observed = counts ? std::fmax(c.observed, c.current) : c.observed;
+        std::snprintf(detail, sizeof detail, "%d in history, current %g: scale %g, observed %g", length, c.current, scale,
+                      __uint_as_float(observed));
+        check(scale == want_scale && observed == __float_as_uint(want_observed), "delayed scale", detail);
+    }
+    // End of step: unseen tensors keep their history; a full one drops its oldest.
+    const int tensors = 40;
+    std::vector<float> histories((size_t)tensors * FP8_HISTORY_LEN, NAN);
+    std::vector<int> lengths(tensors);
+    std::vector<unsigned> observed(tensors);
+    std::vector<std::vector<float>> want(tensors);
+    for (int t = 0; t < tensors; ++t) {
+        lengths[t] = t % (FP8_HISTORY_LEN + 1);
+        for (int i = 0; i < lengths[t]; ++i) histories[(size_t)t * FP8_HISTORY_LEN + i] = (float)(t * 100 + i);
+        want[t].assign(histories.begin() + (size_t)t * FP8_HISTORY_LEN, histories.begin() + (size_t)t * FP8_HISTORY_LEN + lengths[t]);
+        observed[t] = t % 3 == 0 ? 0u : __float_as_uint(0.5f + t);
+        if (observed[t] != 0) {
+            if ((int)want[t].size() == FP8_HISTORY_LEN) want[t].erase(want[t].begin());
+            want[t].push_back(0.5f + t);
+        }
+    }
+    launch(1, 1, 64, [&] { fp8_advance_histories(histories.data(), lengths.data(), observed.data(), tensors); });
+    bool ok = true;
+    for (int t = 0; t < tensors; ++t) {
+        ok &= observed[t] == 0 && lengths[t] == (int)want[t].size();
+        for (int i = 0; ok && i < lengths[t]; ++i) ok &= histories[(size_t)t * FP8_HISTORY_LEN + i] == want[t][i];
+    }
+    check(ok, "advance histories", "40 tensors, histories of 0 to 16, a third unseen");
+}
+
 int main() {
     struct Shape { int rows, cols; };
     const Shape shapes[] = {{3, 300}, {37, 130}, {130, 260}, {1, 1}, {256, 128}, {5, 256}, {200, 130}, {150, 3}};
@@ -77,7 +149,7 @@ int main() {
             std::vector<unsigned char> ref_codes((size_t)rows * cols);
             std::vector<float> ref_scales((size_t)rows * tile_cols);
             launch((rows * tile_cols + 7) / 8, 1, 256, [&] {
-                fp8_quantize_1x128_f32(ref_codes.data(), ref_scales.data(), x.data(), rows, cols, cols, 0, rows);
+                fp8_quantize_1x128_f32(ref_codes.data(), ref_scales.data(), x.data(), rows, cols, cols, 0, rows, nullptr);
             });
             const int stride = up(cols, 128), padded = up(rows, 16);
             std::vector<unsigned char> codes((size_t)padded * stride, 0xaa);
@@ -85,7 +157,7 @@ int main() {
             if (padded == rows) std::fill(codes.begin(), codes.end(), 0xaa);
             std::vector<float> scales((size_t)tile_cols * padded, padded > rows ? 0.0f : NAN);
             launch((rows * tile_cols + 7) / 8, 1, 256, [&] {
-                fp8_quantize_1x128_f32(codes.data(), scales.data(), x.data(), rows, cols, stride, 1, padded);
+                fp8_quantize_1x128_f32(codes.data(), scales.data(), x.data(), rows, cols, stride, 1, padded, nullptr);
             });
             expect_codes("1x128 padded", shape, codes, padded, stride, rows, cols,
                          [&](int r, int c) { return ref_codes[(size_t)r * cols + c]; });
@@ -108,7 +180,7 @@ int main() {
             std::vector<unsigned char> codes((size_t)padded * stride, padded > m ? 0 : 0xaa);
             std::vector<float> scales((size_t)k_tiles * padded, padded > m ? 0.0f : NAN);
             launch((m + 31) / 32, k_tiles, 256, [&] {
-                fp8_quantize_1x128_t_f32(codes.data(), scales.data(), x.data(), k, m, stride, 1, padded);
+                fp8_quantize_1x128_t_f32(codes.data(), scales.data(), x.data(), k, m, stride, 1, padded, nullptr);
             });
             expect_codes("1x128 transposed", shape, codes, padded, stride, m, k,
                          [&](int r, int c) { return ref_codes[(size_t)c * cols + r]; });
@@ -154,6 +226,32 @@ int main() {
             }
         }
 
+        // The tensorwise recipe: one given scale for every tile, as stored
+        // and transposed, codes e4m3(x / scale), the tile scales untouched.
+        for (const bool transposed : {false, true}) {
+            const float tensor_scale = 0.37f;
+            const int n = transposed ? cols : rows, k = transposed ? rows : cols;
+            const int stride = up(k, 128), padded = up(n, 16), k_tiles = (k + 127) / 128;
+            std::vector<unsigned char> codes((size_t)padded * stride, padded > n ? 0 : 0xaa);
+            std::vector<float> scales((size_t)k_tiles * padded, NAN);
+            const auto before = scales;
+            if (transposed)
+                launch((n + 31) / 32, k_tiles, 256, [&] {
+                    fp8_quantize_1x128_t_f32(codes.data(), scales.data(), x.data(), k, n, stride, 1, padded,
+                                             &tensor_scale);
+                });
+            else
+                launch((n * k_tiles + 7) / 8, 1, 256, [&] {
+                    fp8_quantize_1x128_f32(codes.data(), scales.data(), x.data(), n, k, stride, 1, padded,
+                                           &tensor_scale);
+                });
+            const std::string name = transposed ? "tensorwise transposed" : "tensorwise";
+            expect_codes(name, shape, codes, padded, stride, n, k, [&](int r, int c) {
+                return encode_e4m3(x[transposed ? (size_t)c * cols + r : (size_t)r * cols + c], tensor_scale);
+            });
+            expect_equal((name + " tile scales untouched").c_str(), shape, scales, before);
+        }
+
         // A GEMM result out of its padded scratch, moved or added.
         for (const int accumulate : {0, 1}) {
             const int ld = up(cols, 4) + 4;
@@ -171,6 +269,7 @@ int main() {
             expect_equal(accumulate ? "unpad rows, accumulate" : "unpad rows", shape, out, want);
         }
     }
+    delayed_scaling(rng);
     std::printf(failures ? "SOME FAILED\n" : "ALL OK\n");
     return failures ? 1 : 0;
 }

@@ -78,6 +78,9 @@ pub const FP8: Family = family!(
         "fp8_quantize_128x1_f32",
         "fp8_gemm_abt_f32",
         "fp8_unpad_rows_f32",
+        "fp8_amax_f32",
+        "fp8_delayed_scale_f32",
+        "fp8_advance_histories",
     ]
 );
 pub const ATTENTION: Family = family!(

@@ -308,14 +308,6 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
         "device",
         "is cuda, but this worker was built without CUDA (backends: cpu); use the CUDA worker image or device: cpu".to_owned(),
     )?;
-    // The blockwise recipe's scales are computed per tile on the device;
-    // the tensorwise recipe's delayed scales keep amax histories on the host.
-    let fp8 = &config.training.precision.fp8;
-    require(
-        !fp8.enabled || fp8.recipe != Fp8Recipe::Tensorwise,
-        "training.precision.fp8.recipe",
-        "is tensorwise, but the CUDA trainer runs FP8 with the blockwise recipe only so far; use recipe: blockwise or device: cpu".to_owned(),
-    )?;
     require(
         config.model.hidden_size % 4 == 0,
         "model.hiddenSize",
@@ -659,28 +651,26 @@ mod tests {
         }
     }
 
-    /// The device trainer runs FP8 with the blockwise recipe and refuses
-    /// the tensorwise one, naming the recipe (a CPU-only build refuses the
-    /// device first).
+    /// The device trainer runs FP8 with either recipe (a CPU-only build
+    /// refuses the device, naming it).
     #[test]
-    fn cuda_runs_blockwise_fp8_and_refuses_tensorwise() {
-        for recipe in ["blockwise", "tensorwise"] {
+    fn cuda_runs_fp8_with_either_recipe() {
+        for (recipe, want) in [
+            ("blockwise", fp8::Fp8Recipe::Blockwise),
+            ("tensorwise", fp8::Fp8Recipe::Tensorwise),
+        ] {
             let settings = TrainSettings::from_config(&config(|c| {
                 c["device"] = "cuda".into();
                 c["training"]["precision"] = json!({"fp8": {"enabled": true, "recipe": recipe}});
             }));
-            match (moe_kernels::CUDA_ENABLED, recipe, settings) {
-                (true, "blockwise", Ok(settings)) => assert_eq!(
-                    settings.model.gemm_precision,
-                    GemmPrecision::Fp8(fp8::Fp8Recipe::Blockwise)
-                ),
-                (true, "tensorwise", Err(SettingsError::Invalid { field, .. })) => {
-                    assert_eq!(field, "training.precision.fp8.recipe");
+            match (moe_kernels::CUDA_ENABLED, settings) {
+                (true, Ok(settings)) => {
+                    assert_eq!(settings.model.gemm_precision, GemmPrecision::Fp8(want))
                 }
-                (false, _, Err(SettingsError::Invalid { field, .. })) => {
+                (false, Err(SettingsError::Invalid { field, .. })) => {
                     assert_eq!(field, "device", "{recipe}");
                 }
-                (cuda, _, other) => panic!("{recipe}, CUDA build {cuda}: {other:?}"),
+                (cuda, other) => panic!("{recipe}, CUDA build {cuda}: {other:?}"),
             }
         }
     }

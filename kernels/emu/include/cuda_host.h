@@ -37,6 +37,25 @@ static inline float __shfl_xor_sync(unsigned, float v, int offset) {
     return r;
 }
 
+// Bit casts and the integer atomics the kernels use (OS threads share memory
+// as a GPU's threads do).
+static inline unsigned __float_as_uint(float v) {
+    unsigned bits;
+    std::memcpy(&bits, &v, 4);
+    return bits;
+}
+static inline float __uint_as_float(unsigned bits) {
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+}
+static inline unsigned atomicMax(unsigned* at, unsigned v) {
+    unsigned old = __atomic_load_n(at, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(at, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+
 // Runs block `blockIdx` (set by the caller, with blockDim and gridDim):
 // `threads` OS threads through `body`, joined before it returns.
 inline void run_block(unsigned threads, const std::function<void()>& body) {

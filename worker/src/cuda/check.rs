@@ -136,7 +136,7 @@ pub fn exact<T: PartialEq + fmt::Debug>(
     }
 }
 
-fn bits(values: &[f32]) -> Vec<u32> {
+pub(super) fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
@@ -930,6 +930,55 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 &bits(&expected),
             ));
         }
+        // The tensorwise recipe's operands, as stored and transposed: the
+        // scale of a tensor without history (its own amax, as
+        // `DelayedScale::scale`), the codes `Fp8Matrix::quantize_with_scale`'s.
+        for transposed in [false, true] {
+            let scales = super::fp8_delayed::DelayedScales::new(gpu, 1)?;
+            let m_d = gpu.upload(&m)?;
+            let (op_rows, op_cols) = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let operand = fp8::Operand {
+                rows: op_rows,
+                cols: op_cols,
+                transposed,
+                stride: op_cols.next_multiple_of(TILE),
+                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
+            };
+            let role = crate::fp8::Role::Input;
+            let scale = scales.scale(gpu, 0, role, &m_d.slice(..))?;
+            let want_scale =
+                crate::fp8::DelayedScale::default().scale(crate::fp8::quantize::amax(&m));
+            let case = format!(
+                "tensorwise operand{} {name}",
+                if transposed { " transposed" } else { "" }
+            );
+            checks.push(exact(
+                "fp8.delayed_scale",
+                &case,
+                &bits(&gpu.download(&scale)?),
+                &bits(&[want_scale]),
+            ));
+            let device = fp8::quantize_operand_tensorwise(gpu, &m_d.slice(..), operand, scale)?;
+            let cpu = Fp8Matrix::quantize_with_scale(&m, rows, cols, want_scale);
+            let (codes, _) = operand_as_stored(gpu, &device, transposed)?;
+            checks.push(exact("fp8.operand_codes", &case, &codes, cpu.codes()));
+            let padded_codes = operand.padded_rows * operand.stride - op_rows * op_cols;
+            checks.push(exact(
+                "fp8.operand_padding",
+                &case,
+                &padding(
+                    &gpu.download(&device.codes)?,
+                    op_rows,
+                    op_cols,
+                    operand.stride,
+                ),
+                &vec![0u8; padded_codes],
+            ));
+        }
     }
     Ok(checks)
 }
@@ -1490,6 +1539,7 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
     }
     checks.extend(check_bf16_linear(gpu)?);
     checks.extend(check_fp8_linear(gpu)?);
+    checks.extend(check_fp8_tensorwise_linear(gpu)?);
     let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
     let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
     let (x, w) = (
@@ -1571,76 +1621,133 @@ fn check_fp8_linear(gpu: &Gpu) -> Result<Vec<Check>> {
 fn check_linear(
     gpu: &Gpu,
     precision: GemmPrecision,
-    arithmetic: Arithmetic,
+    arithmetic: Arithmetic<'_>,
     shapes: &[(usize, usize, usize, usize)],
     fraction: f64,
 ) -> Result<Vec<Check>> {
     let linear = Linears::new(precision, &[]).get(0);
     let mut checks = Vec::new();
-    for &(rows, in_dim, out_dim, offset) in shapes {
-        let case = format!("{arithmetic:?} {rows}x{in_dim} -> {out_dim}, offset {offset}");
-        let (x, w) = (random(rows * in_dim, 54), random(out_dim * in_dim, 55));
-        let dout = random(rows * out_dim, 56);
-        let mut out = vec![0.0; rows * out_dim];
-        linear.forward(&mut out, &x, &w, in_dim, out_dim);
-        let (dx0, dw0) = (random(x.len(), 57), random(w.len(), 58));
-        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        linear.backward(&mut dx, &mut dw, &dout, &x, &w, in_dim, out_dim);
+    for &shape in shapes {
+        checks.extend(linear_step(gpu, linear, arithmetic, shape, 1.0, fraction)?);
+    }
+    Ok(checks)
+}
 
-        let (x_d, w_d, dout_d) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dout)?);
-        let (x_v, w_v, dout_v) = (x_d.slice(..), w_d.slice(..), dout_d.slice(..));
-        // Each output `offset` values into a buffer of its own.
-        let placed = |values: &[f32]| {
-            let mut buffer = vec![0.0f32; offset];
-            buffer.extend_from_slice(values);
-            gpu.upload(&buffer)
-        };
-        let mut out_d = placed(&vec![0.0; out.len()])?;
-        matmul::forward_view(
-            gpu,
-            arithmetic,
-            &mut out_d.slice_mut(offset..),
-            &x_v,
-            &w_v,
-            in_dim,
-            out_dim,
-            false,
-        )?;
-        let (mut dx_d, mut dw_d) = (placed(&dx0)?, placed(&dw0)?);
-        matmul::gemm(
-            gpu,
-            arithmetic,
-            &mut dx_d.slice_mut(offset..),
-            &dout_v,
-            false,
-            &w_v,
-            false,
-            (rows, in_dim, out_dim),
-            true,
-        )?;
-        matmul::gemm(
-            gpu,
-            arithmetic,
-            &mut dw_d.slice_mut(offset..),
-            &dout_v,
-            true,
-            &x_v,
-            false,
-            (out_dim, in_dim, rows),
-            true,
-        )?;
-        for (op, device, host) in [
-            ("matmul.linear_forward", &out_d, &out),
-            ("matmul.linear_input_grad", &dx_d, &dx),
-            ("matmul.linear_weight_grad", &dw_d, &dw),
-        ] {
-            checks.push(close_to_scale(
-                op,
-                &case,
-                &gpu.download(device)?[offset..],
-                host,
-                fraction,
-            ));
+/// One step of [`check_linear`] for one shape, its inputs scaled by `gain`.
+fn linear_step(
+    gpu: &Gpu,
+    linear: crate::linear::Linear<'_>,
+    arithmetic: Arithmetic<'_>,
+    (rows, in_dim, out_dim, offset): (usize, usize, usize, usize),
+    gain: f32,
+    fraction: f64,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let case = format!("{arithmetic:?} {rows}x{in_dim} -> {out_dim}, offset {offset}, gain {gain}");
+    let scaled = |v: Vec<f32>| v.into_iter().map(|x| gain * x).collect::<Vec<f32>>();
+    let (x, w) = (
+        scaled(random(rows * in_dim, 54)),
+        random(out_dim * in_dim, 55),
+    );
+    let dout = scaled(random(rows * out_dim, 56));
+    let mut out = vec![0.0; rows * out_dim];
+    linear.forward(&mut out, &x, &w, in_dim, out_dim);
+    let (dx0, dw0) = (random(x.len(), 57), random(w.len(), 58));
+    let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+    linear.backward(&mut dx, &mut dw, &dout, &x, &w, in_dim, out_dim);
+
+    let (x_d, w_d, dout_d) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dout)?);
+    let (x_v, w_v, dout_v) = (x_d.slice(..), w_d.slice(..), dout_d.slice(..));
+    // Each output `offset` values into a buffer of its own.
+    let placed = |values: &[f32]| {
+        let mut buffer = vec![0.0f32; offset];
+        buffer.extend_from_slice(values);
+        gpu.upload(&buffer)
+    };
+    let mut out_d = placed(&vec![0.0; out.len()])?;
+    matmul::forward_view(
+        gpu,
+        arithmetic,
+        &mut out_d.slice_mut(offset..),
+        &x_v,
+        &w_v,
+        in_dim,
+        out_dim,
+        false,
+    )?;
+    let (mut dx_d, mut dw_d) = (placed(&dx0)?, placed(&dw0)?);
+    matmul::gemm(
+        gpu,
+        arithmetic,
+        &mut dx_d.slice_mut(offset..),
+        &dout_v,
+        false,
+        &w_v,
+        false,
+        (rows, in_dim, out_dim),
+        true,
+    )?;
+    matmul::gemm(
+        gpu,
+        arithmetic,
+        &mut dw_d.slice_mut(offset..),
+        &dout_v,
+        true,
+        &x_v,
+        false,
+        (out_dim, in_dim, rows),
+        true,
+    )?;
+    for (op, device, host) in [
+        ("matmul.linear_forward", &out_d, &out),
+        ("matmul.linear_input_grad", &dx_d, &dx),
+        ("matmul.linear_weight_grad", &dw_d, &dw),
+    ] {
+        checks.push(close_to_scale(
+            op,
+            &case,
+            &gpu.download(device)?[offset..],
+            host,
+            fraction,
+        ));
+    }
+    Ok(checks)
+}
+
+/// A linear layer's three GEMMs in FP8 with the tensorwise recipe against
+/// the CPU's, for two steps: the first scales each tensor by its own amax
+/// (no history yet), the second by the first's history, with inputs twice
+/// as large (so the activations and gradients saturate at 448 × their
+/// delayed scale, as on the CPU). After each step the device's amax
+/// histories (input, weight, output gradient) equal the CPU's bit for bit.
+fn check_fp8_tensorwise_linear(gpu: &Gpu) -> Result<Vec<Check>> {
+    use super::fp8_delayed::DelayedScales;
+    use crate::fp8::{LinearScales, Role};
+    let precision = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise);
+    let mut checks = Vec::new();
+    for shape in [(256, 512, 384, 0), (130, 300, 200, 0), (37, 136, 6, 1)] {
+        let mut host = vec![LinearScales::default()];
+        let mut device = DelayedScales::new(gpu, 1)?;
+        for (step, gain) in [(1, 1.0f32), (2, 2.0)] {
+            let linear = Linears::new(precision, &host).get(0);
+            let arithmetic = Arithmetic::Fp8Delayed(&device, 0);
+            checks.extend(linear_step(gpu, linear, arithmetic, shape, gain, 1e-3)?);
+            host[0].advance();
+            device.advance(gpu)?;
+            for (name, role) in [
+                ("input", Role::Input),
+                ("weight", Role::Weight),
+                ("output gradient", Role::GradOutput),
+            ] {
+                let want: Vec<f32> = host[0].role(role).history().collect();
+                let got = device.history(gpu, 0, role)?;
+                checks.push(exact(
+                    "fp8.delayed_history",
+                    &format!("{shape:?} step {step}, {name}"),
+                    &bits(&got),
+                    &bits(&want),
+                ));
+            }
         }
     }
     Ok(checks)

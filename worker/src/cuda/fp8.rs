@@ -19,6 +19,10 @@ pub enum ScaleLayout {
     /// zero). Measured on an H200: unpadded rows give garbage whenever
     /// `ceil(K / 128)` is not a multiple of 4.
     Cublaslt,
+    /// One scale for the whole operand (the tensorwise recipe's delayed
+    /// scale, [`super::fp8_delayed`]); cuBLASLt's scalar scale mode, codes
+    /// laid out as [`ScaleLayout::Cublaslt`]'s 1×128 operands'.
+    Tensor,
 }
 
 /// An [`crate::fp8::quantize::Fp8Matrix`] on the device.
@@ -49,6 +53,7 @@ impl DeviceFp8 {
         let tile_cols = self.cols.div_ceil(TILE);
         Ok(match (self.layout, self.tile) {
             (ScaleLayout::RowMajor, _) => stored,
+            (ScaleLayout::Tensor, _) => vec![stored[0]; self.rows * tile_cols],
             (ScaleLayout::Cublaslt, TileShape::ROW) => (0..self.rows * tile_cols)
                 .map(|i| stored[(i % tile_cols) * self.padded_rows + i / tile_cols])
                 .collect(),
@@ -238,11 +243,99 @@ pub fn quantize_operand(
         .arg(&first)
         .arg(&second)
         .arg(&stride_i);
+    // No tensor scale: each tile's own.
+    let tensor_scale: u64 = 0;
     if tile == TileShape::ROW {
-        launch.arg(&outer_major_i).arg(&scale_rows_i);
+        launch
+            .arg(&outer_major_i)
+            .arg(&scale_rows_i)
+            .arg(&tensor_scale);
     } else {
         launch.arg(&scale_stride_i);
     }
+    unsafe { launch.launch(config) }?;
+    Ok(quantized)
+}
+
+/// Quantises `operand` (read from `m`) with the one scale in `scale` (a
+/// delayed scale, [`super::fp8_delayed::DelayedScales::scale`]), codes laid
+/// out as [`quantize_operand`]'s 1×128 operands (K-major, K padded to
+/// `stride`, rows to `padded_rows` with zero codes): the CPU's
+/// [`crate::fp8::quantize::Fp8Matrix::quantize_with_scale`] of the stored
+/// matrix, transposed when it is stored transposed.
+pub fn quantize_operand_tensorwise(
+    gpu: &Gpu,
+    m: &CudaView<'_, f32>,
+    operand: Operand,
+    scale: CudaSlice<f32>,
+) -> Result<DeviceFp8> {
+    let Operand {
+        rows,
+        cols,
+        transposed,
+        stride,
+        padded_rows,
+    } = operand;
+    assert_eq!(m.len(), rows * cols, "fp8 input shape");
+    assert_eq!(scale.len(), 1, "one tensor scale");
+    let tile_cols = cols.div_ceil(TILE);
+    assert!(
+        stride >= cols && stride <= tile_cols * TILE && padded_rows >= rows,
+        "fp8 operand {rows}x{cols} padded to {padded_rows}x{stride}"
+    );
+    let mut quantized = DeviceFp8 {
+        rows,
+        cols,
+        tile: TileShape::ROW,
+        stride,
+        padded_rows,
+        codes: if padded_rows > rows {
+            gpu.zeros(padded_rows * stride)?
+        } else {
+            gpu.output(padded_rows * stride)?
+        },
+        scales: scale,
+        layout: ScaleLayout::Tensor,
+    };
+    if rows == 0 || cols == 0 {
+        return Ok(quantized);
+    }
+    let (entry, config) = if transposed {
+        (
+            "fp8_quantize_1x128_t_f32",
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(32) as u32, tile_cols as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        (
+            "fp8_quantize_1x128_f32",
+            super::grid((rows * tile_cols).div_ceil(8), 256, 0),
+        )
+    };
+    let f = gpu.function(&FP8, entry)?;
+    let (first, second) = if transposed {
+        (int(cols), int(rows))
+    } else {
+        (int(rows), int(cols))
+    };
+    let (stride_i, outer_major_i, scale_rows_i) = (int(stride), 1i32, int(padded_rows));
+    // The kernel reads the scale and writes no tile scales: `scales` is
+    // passed only to fill the parameter.
+    let DeviceFp8 { codes, scales, .. } = &mut quantized;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(codes)
+        .arg(&*scales)
+        .arg(m)
+        .arg(&first)
+        .arg(&second)
+        .arg(&stride_i)
+        .arg(&outer_major_i)
+        .arg(&scale_rows_i)
+        .arg(&*scales);
     unsafe { launch.launch(config) }?;
     Ok(quantized)
 }

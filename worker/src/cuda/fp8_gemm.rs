@@ -18,7 +18,10 @@
 //! ([`super::matmul`] with `Arithmetic::Fp8`): `w` is a weight in 128×128
 //! blocks for the forward and input-gradient GEMMs, and an activation in
 //! 1×128 tiles (`VEC128` on both operands, DeepSeek-V3's 1×128 × 1×128
-//! recipe) for the weight gradient, whose K runs over the tokens.
+//! recipe) for the weight gradient, whose K runs over the tokens. With the
+//! tensorwise recipe both operands carry one scale each
+//! ([`ScaleLayout::Tensor`]) and the GEMM takes them as scalars
+//! (`SCALAR_32F`), the codes laid out as for the blockwise one.
 
 use super::fp8::{DeviceFp8, ScaleLayout};
 use super::{Gpu, GpuError, Result, lt_plan};
@@ -52,8 +55,8 @@ struct AlgoKey {
     n: u64,
     k: u64,
     ld: usize,
-    /// A in 128×128 blocks (else 1×128 tiles).
-    a_blocks: bool,
+    /// cuBLASLt's scale modes of A and B.
+    modes: (i32, i32),
     output: u32,
     alignment: [u32; 3],
 }
@@ -149,12 +152,14 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
     x: &DeviceFp8,
     w: &DeviceFp8,
 ) -> Result<()> {
+    let tensorwise = x.layout == ScaleLayout::Tensor && w.layout == ScaleLayout::Tensor;
     assert!(
-        x.tile == TileShape::ROW
-            && (w.tile == TileShape::BLOCK || w.tile == TileShape::ROW)
-            && x.layout == ScaleLayout::Cublaslt
-            && w.layout == ScaleLayout::Cublaslt,
-        "cuBLASLt FP8 operands: x 1x128, w 128x128 or 1x128, both with cuBLASLt's scale layout"
+        tensorwise
+            || (x.tile == TileShape::ROW
+                && (w.tile == TileShape::BLOCK || w.tile == TileShape::ROW)
+                && x.layout == ScaleLayout::Cublaslt
+                && w.layout == ScaleLayout::Cublaslt),
+        "cuBLASLt FP8 operands: both with one tensor scale, or x 1x128 and w 128x128 or 1x128 with cuBLASLt's scale layout"
     );
     assert!(
         x.cols == w.cols
@@ -187,24 +192,28 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
         pref: std::ptr::null_mut(),
     };
     use sys::cublasLtMatmulDescAttributes_t as Attr;
+    use sys::cublasLtMatmulMatrixScale_t as Mode;
     let desc = descriptors.desc;
+    let modes = if tensorwise {
+        let scalar = Mode::CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F as i32;
+        (scalar, scalar)
+    } else {
+        let vec128 = Mode::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
+        let a_mode = if w.tile == TileShape::BLOCK {
+            Mode::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32
+        } else {
+            vec128
+        };
+        (a_mode, vec128)
+    };
     // SAFETY: attribute values have the types cuBLASLt documents (int32
     // enums, device pointers); the pointers outlive the call.
     unsafe {
         // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
         set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
         set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
-        let block =
-            sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32;
-        let vec128 =
-            sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
-        let a_mode = if w.tile == TileShape::BLOCK {
-            block
-        } else {
-            vec128
-        };
-        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode)?;
-        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec128)?;
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &modes.0)?;
+        set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &modes.1)?;
         set_desc(
             desc,
             Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
@@ -229,7 +238,7 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
         n,
         k,
         ld,
-        a_blocks: w.tile == TileShape::BLOCK,
+        modes,
         output: O::DATA_TYPE as u32,
         alignment: [a_ptr, b_ptr, d_ptr].map(lt_plan::alignment),
     };

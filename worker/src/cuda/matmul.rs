@@ -14,7 +14,9 @@
 //! [`crate::fp8::gemm`] on the same codes and scales.
 
 use super::fp8::{self, DeviceFp8, ScaleLayout};
+use super::fp8_delayed::DelayedScales;
 use super::{Gpu, Result, fp8_gemm, int, lt_plan, vector};
+use crate::fp8::Role;
 use crate::fp8::{Fp8Recipe, TILE, TileShape};
 use crate::linear::GemmPrecision;
 use half::bf16;
@@ -29,8 +31,8 @@ use std::ops::Range;
 use std::rc::Rc;
 
 /// How a GEMM multiplies its f32 operands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arithmetic {
+#[derive(Clone, Copy, Debug)]
+pub enum Arithmetic<'a> {
     /// TF32 tensor cores: the device's `GemmPrecision::Fp32`.
     Tf32,
     /// Operands rounded to bf16, exact products, f32 sums (`compute: bf16`).
@@ -38,12 +40,27 @@ pub enum Arithmetic {
     /// E4M3 operands with just-in-time block scales, f32 accumulation and
     /// output (`fp8.enabled` with the blockwise recipe).
     Fp8,
+    /// E4M3 operands with one delayed scale per tensor (the tensorwise
+    /// recipe): linear layer `.1`'s scales in `.0` — or, as a group's
+    /// arithmetic, the group's first linear layer (see [`Self::at`]).
+    Fp8Delayed(&'a DelayedScales, usize),
 }
 
-impl Arithmetic {
+impl PartialEq for Arithmetic<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Fp8Delayed(a, i), Self::Fp8Delayed(b, j)) => std::ptr::eq(*a, *b) && i == j,
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+}
+
+impl Eq for Arithmetic<'_> {}
+
+impl Arithmetic<'static> {
     /// The device arithmetic of a model's `precision`; `None` for FP8's
-    /// tensorwise recipe, which the device trainer does not run yet (its
-    /// delayed scales' amax histories live on the host).
+    /// tensorwise recipe, whose arithmetic names its delayed scales
+    /// ([`Arithmetic::Fp8Delayed`]).
     pub fn of(precision: GemmPrecision) -> Option<Self> {
         match precision {
             GemmPrecision::Fp32 => Some(Self::Tf32),
@@ -51,6 +68,22 @@ impl Arithmetic {
             GemmPrecision::Fp8(Fp8Recipe::Blockwise) => Some(Self::Fp8),
             GemmPrecision::Fp8(Fp8Recipe::Tensorwise) => None,
         }
+    }
+}
+
+impl Arithmetic<'_> {
+    /// Linear layer `i` of a group (or the group starting there) computing
+    /// in this arithmetic: the same arithmetic, but for delayed scales the
+    /// `i`-th layer's (layers are numbered as [`DelayedScales`] says).
+    pub fn at(self, i: usize) -> Self {
+        match self {
+            Self::Fp8Delayed(scales, first) => Self::Fp8Delayed(scales, first + i),
+            other => other,
+        }
+    }
+
+    fn is_fp8(self) -> bool {
+        matches!(self, Self::Fp8 | Self::Fp8Delayed(..))
     }
 }
 
@@ -66,8 +99,19 @@ pub struct Input<'a> {
     fp8: Option<(&'a Fp8Memo, Range<usize>)>,
 }
 
-/// FP8 operands made from ranges of one buffer, by range and layout.
-type Fp8Memo = RefCell<Vec<((Range<usize>, fp8::Operand, TileShape), Rc<DeviceFp8>)>>;
+/// FP8 operands made from ranges of one buffer, by range, layout and (for
+/// delayed scales, each linear layer scaling its input its own way) the
+/// linear layer and role.
+type Fp8Memo = RefCell<Vec<(Fp8Key, Rc<DeviceFp8>)>>;
+type Fp8Key = (Range<usize>, fp8::Operand, Fp8Scaling);
+
+/// How an FP8 operand is scaled: per tile, or by a linear layer's delayed
+/// scale for the role it plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fp8Scaling {
+    Tiles(TileShape),
+    Delayed(usize, Role),
+}
 
 impl Input<'_> {
     /// In bf16 without a given rounding, a scratch copy rounded here.
@@ -93,20 +137,30 @@ impl Input<'_> {
         }
     }
 
-    /// The operand quantised as `operand` in `tile`s: made once per range
-    /// and layout when the values are [`Prepared`], else here.
+    /// The operand quantised as `operand`, scaled as `scaling` says
+    /// (delayed scales from `scales`): made once per range, layout and
+    /// scaling when the values are [`Prepared`], else here.
     fn quantized(
         &self,
         gpu: &Gpu,
         operand: fp8::Operand,
-        tile: TileShape,
+        scaling: Fp8Scaling,
+        scales: Option<&DelayedScales>,
     ) -> Result<Rc<DeviceFp8>> {
-        let make =
-            || fp8::quantize_operand(gpu, &self.values, operand, tile, ScaleLayout::Cublaslt);
+        let make = || match scaling {
+            Fp8Scaling::Tiles(tile) => {
+                fp8::quantize_operand(gpu, &self.values, operand, tile, ScaleLayout::Cublaslt)
+            }
+            Fp8Scaling::Delayed(linear, role) => {
+                let scales = scales.expect("delayed scaling has its scales");
+                let scale = scales.scale(gpu, linear, role, &self.values)?;
+                fp8::quantize_operand_tensorwise(gpu, &self.values, operand, scale)
+            }
+        };
         let Some((memo, range)) = &self.fp8 else {
             return Ok(Rc::new(make()?));
         };
-        let key = (range.clone(), operand, tile);
+        let key = (range.clone(), operand, scaling);
         if let Some((_, made)) = memo.borrow().iter().find(|(k, _)| *k == key) {
             return Ok(Rc::clone(made));
         }
@@ -163,10 +217,10 @@ pub struct Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    pub fn of(gpu: &Gpu, arithmetic: Arithmetic, values: &'a CudaSlice<f32>) -> Result<Self> {
+    pub fn of(gpu: &Gpu, arithmetic: Arithmetic<'_>, values: &'a CudaSlice<f32>) -> Result<Self> {
         let (bf16, fp8) = match arithmetic {
             Arithmetic::Bf16 => (Some(rounded(gpu, &values.slice(..))?), None),
-            Arithmetic::Fp8 => (None, Some(RefCell::default())),
+            Arithmetic::Fp8 | Arithmetic::Fp8Delayed(..) => (None, Some(RefCell::default())),
             Arithmetic::Tf32 => (None, None),
         };
         Ok(Self { values, bf16, fp8 })
@@ -218,7 +272,7 @@ fn config(rows: usize, in_dim: usize, out_dim: usize, groups: usize) -> MatmulCo
 #[allow(clippy::too_many_arguments)]
 pub fn forward_view<'x, 'w>(
     gpu: &Gpu,
-    arithmetic: Arithmetic,
+    arithmetic: Arithmetic<'_>,
     out: &mut CudaViewMut<'_, f32>,
     x: impl Into<Input<'x>>,
     w: impl Into<Input<'w>>,
@@ -245,7 +299,7 @@ pub fn forward_view<'x, 'w>(
 /// As [`crate::ops::matmul::forward`], in `arithmetic`.
 pub fn forward<'x>(
     gpu: &Gpu,
-    arithmetic: Arithmetic,
+    arithmetic: Arithmetic<'_>,
     out: &mut CudaSlice<f32>,
     x: impl Into<Input<'x>>,
     w: &CudaSlice<f32>,
@@ -334,7 +388,7 @@ pub fn forward_exact(
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<'a, 'b>(
     gpu: &Gpu,
-    arithmetic: Arithmetic,
+    arithmetic: Arithmetic<'_>,
     c: &mut CudaViewMut<'_, f32>,
     a: impl Into<Input<'a>>,
     a_transposed: bool,
@@ -358,9 +412,10 @@ pub fn gemm<'a, 'b>(
         }
         return Ok(());
     }
-    if arithmetic == Arithmetic::Fp8 {
+    if arithmetic.is_fp8() {
         return gemm_fp8(
             gpu,
+            arithmetic,
             c,
             &a,
             a_transposed,
@@ -463,7 +518,7 @@ pub fn gemm_batched(
 /// unchanged), freed in stream order.
 fn plan_matmul(
     gpu: &Gpu,
-    arithmetic: Arithmetic,
+    arithmetic: Arithmetic<'_>,
     cfg: &MatmulConfig,
     a: Input<'_>,
     b: Input<'_>,
@@ -473,7 +528,9 @@ fn plan_matmul(
         operands: match arithmetic {
             Arithmetic::Tf32 => lt_plan::Operands::F32,
             Arithmetic::Bf16 => lt_plan::Operands::Bf16,
-            Arithmetic::Fp8 => unreachable!("FP8 GEMMs go through gemm_fp8"),
+            Arithmetic::Fp8 | Arithmetic::Fp8Delayed(..) => {
+                unreachable!("FP8 GEMMs go through gemm_fp8")
+            }
         },
         transa: cfg.transa,
         transb: cfg.transb,
@@ -546,6 +603,7 @@ pub(crate) const FP8_ROWS: usize = 16;
 #[allow(clippy::too_many_arguments)]
 fn gemm_fp8(
     gpu: &Gpu,
+    arithmetic: Arithmetic<'_>,
     c: &mut CudaViewMut<'_, f32>,
     a: &Input<'_>,
     a_transposed: bool,
@@ -560,6 +618,30 @@ fn gemm_fp8(
     );
     let stride = k.next_multiple_of(TILE);
     let (m16, n16) = (m.next_multiple_of(FP8_ROWS), n.next_multiple_of(FP8_ROWS));
+    // The roles of `a` and `b`, from the pattern: forward `x @ wᵀ`, input
+    // gradient `dy @ w`, weight gradient `dyᵀ @ x`.
+    let (a_role, b_role) = match (a_transposed, b_transposed) {
+        (false, true) => (Role::Input, Role::Weight),
+        (false, false) => (Role::GradOutput, Role::Weight),
+        (true, _) => (Role::GradOutput, Role::Input),
+    };
+    let b_tile = if a_transposed {
+        TileShape::ROW
+    } else {
+        TileShape::BLOCK
+    };
+    let (a_scaling, b_scaling, scales) = match arithmetic {
+        Arithmetic::Fp8Delayed(scales, linear) => (
+            Fp8Scaling::Delayed(linear, a_role),
+            Fp8Scaling::Delayed(linear, b_role),
+            Some(scales),
+        ),
+        _ => (
+            Fp8Scaling::Tiles(TileShape::ROW),
+            Fp8Scaling::Tiles(b_tile),
+            None,
+        ),
+    };
     let a8 = a.quantized(
         gpu,
         fp8::Operand {
@@ -569,13 +651,9 @@ fn gemm_fp8(
             stride,
             padded_rows: m16,
         },
-        TileShape::ROW,
+        a_scaling,
+        scales,
     )?;
-    let b_tile = if a_transposed {
-        TileShape::ROW
-    } else {
-        TileShape::BLOCK
-    };
     let b8 = b.quantized(
         gpu,
         fp8::Operand {
@@ -585,7 +663,8 @@ fn gemm_fp8(
             stride,
             padded_rows: n16,
         },
-        b_tile,
+        b_scaling,
+        scales,
     )?;
     let aligned = {
         let (ptr, _record) = c.device_ptr_mut(gpu.stream());

@@ -17,6 +17,7 @@ pub mod dispatch;
 pub mod embedding;
 pub mod flash_attention;
 pub mod fp8;
+pub mod fp8_delayed;
 pub mod fp8_gemm;
 pub mod lt_plan;
 pub mod matmul;

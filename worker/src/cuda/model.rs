@@ -9,6 +9,7 @@
 //! checkpointing are CPU-only for now and refused by [`DeviceModel::upload`]
 //! with a clear error.
 
+use super::fp8_delayed::DelayedScales;
 use super::matmul::{Arithmetic, Input, Prepared};
 use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
@@ -20,8 +21,15 @@ use super::{
     swiglu, vector,
 };
 use crate::dist::sequence_parallel::SequenceParallel;
+use crate::fp8::Fp8Recipe;
+use crate::linear::GemmPrecision;
 use crate::model::config::NORM_EPS;
-use crate::model::{ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel};
+use crate::model::{
+    ATTENTION_LINEARS, ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel, WK,
+    WO, WQ, WV,
+};
+use crate::moe::MoeLayer;
+use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
 use crate::ops::attention::AttentionShape;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
@@ -201,6 +209,31 @@ pub struct DeviceModel {
     pub weights: DeviceWeights<DeviceMoeLayer>,
     rope: DeviceRope,
     attention: AttentionKernel,
+    /// The tensorwise FP8 recipe's delayed scales of every linear layer;
+    /// `None` for the other precisions.
+    scales: Option<DelayedScales>,
+    /// Each block's first linear layer in the delayed scales' numbering.
+    linear_bases: Vec<usize>,
+}
+
+/// Each block's first linear layer, numbered as the CPU model's delayed
+/// scales are (attention's four projections, then the feed-forward
+/// layer's), and how many there are.
+fn linear_layout(config: &ModelConfig) -> (Vec<usize>, usize) {
+    let mut next = 0;
+    let bases = (0..config.layers)
+        .map(|block| {
+            let base = next;
+            next += ATTENTION_LINEARS
+                + if config.is_moe_block(block) {
+                    MoeLayer::<f32>::linear_count(&config.moe)
+                } else {
+                    MLP_LINEARS
+                };
+            base
+        })
+        .collect();
+    (bases, next)
 }
 
 /// Which kernels run attention on the device. Both give the CPU's result
@@ -315,12 +348,11 @@ impl DeviceForward {
 
 /// What the device path does not do yet, as an error naming the setting.
 fn unsupported(config: &ModelConfig) -> Option<String> {
-    if Arithmetic::of(config.gemm_precision).is_none()
-        || Arithmetic::of(config.head_precision).is_none()
-    {
+    // The LM head never runs FP8 (settings give it the compute precision).
+    if Arithmetic::of(config.head_precision).is_none() {
         return Some(format!(
-            "GEMM precision {:?} (training.precision.fp8.recipe) on CUDA: the device model runs TF32, bf16 or blockwise FP8 GEMMs so far",
-            config.gemm_precision
+            "LM head precision {:?} on CUDA: the head runs TF32 or bf16 GEMMs",
+            config.head_precision
         ));
     }
     if !config.hidden.is_multiple_of(4) {
@@ -382,7 +414,14 @@ impl DeviceModel {
                 );
             }
         }
+        let (linear_bases, linears) = linear_layout(&config);
+        let scales = match config.gemm_precision {
+            GemmPrecision::Fp8(Fp8Recipe::Tensorwise) => Some(DelayedScales::new(gpu, linears)?),
+            _ => None,
+        };
         Ok(Self {
+            scales,
+            linear_bases,
             rope: DeviceRope::new(gpu, &table, config.head_dim())?,
             weights: DeviceWeights {
                 embedding: gpu.upload(&w.embedding)?,
@@ -411,13 +450,42 @@ impl DeviceModel {
         &self.config
     }
 
-    /// How the linear layers' GEMMs multiply (`upload` refused tensorwise FP8).
-    pub(crate) fn linear(&self) -> Arithmetic {
-        Arithmetic::of(self.config.gemm_precision).expect("checked at upload")
+    /// How block `block`'s linear layers multiply: its attention
+    /// projections (`wq, wk, wv, wo`, [`Arithmetic::at`] 0 to 3) and its
+    /// feed-forward layer's (dense `w1, w3, w2`; a MoE layer's as
+    /// [`DeviceMoeLayer::forward`] numbers them).
+    pub(crate) fn block_linears(&self, block: usize) -> (Arithmetic<'_>, Arithmetic<'_>) {
+        match &self.scales {
+            Some(scales) => {
+                let base = self.linear_bases[block];
+                (
+                    Arithmetic::Fp8Delayed(scales, base),
+                    Arithmetic::Fp8Delayed(scales, base + ATTENTION_LINEARS),
+                )
+            }
+            None => {
+                let linear = Arithmetic::of(self.config.gemm_precision).expect("checked at upload");
+                (linear, linear)
+            }
+        }
+    }
+
+    /// The tensorwise FP8 recipe's delayed scales, if the model trains with it.
+    pub fn delayed_scales(&self) -> Option<&DelayedScales> {
+        self.scales.as_ref()
+    }
+
+    /// Ends a training step for the tensorwise FP8 recipe (as
+    /// [`Model::advance_fp8_scales`]); nothing for the other precisions.
+    pub fn advance_fp8_scales(&mut self, gpu: &Gpu) -> Result<()> {
+        match &mut self.scales {
+            Some(scales) => scales.advance(gpu),
+            None => Ok(()),
+        }
     }
 
     /// How the LM head's GEMMs multiply.
-    pub(crate) fn head(&self) -> Arithmetic {
+    pub(crate) fn head(&self) -> Arithmetic<'static> {
         Arithmetic::of(self.config.head_precision).expect("checked at upload")
     }
 
@@ -507,8 +575,8 @@ impl DeviceModel {
         })?;
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
-        for block in &self.weights.blocks {
-            let (output, pass) = self.block_forward(gpu, block, x, parallel)?;
+        for (index, block) in self.weights.blocks.iter().enumerate() {
+            let (output, pass) = self.block_forward(gpu, index, block, x, parallel)?;
             match &pass.ffn {
                 FeedForwardPass::Moe(moe) => {
                     loads.push(moe.routed.load.clone());
@@ -569,6 +637,7 @@ impl DeviceModel {
     fn block_forward(
         &self,
         gpu: &Gpu,
+        index: usize,
         block: &DeviceBlock<DeviceMoeLayer>,
         input: CudaSlice<f32>,
         parallel: Parallel<'_>,
@@ -593,12 +662,13 @@ impl DeviceModel {
         let mut q = gpu.output::<f32>(tokens * h)?;
         let mut k = gpu.output::<f32>(tokens * kv)?;
         let mut v = gpu.output::<f32>(tokens * kv)?;
-        let linear = self.linear();
+        let (attention_linears, ffn_linears) = self.block_linears(index);
+        let at = |i| attention_linears.at(i);
         gpu.span("fwd.attention.qkv", || {
-            let x = Prepared::of(gpu, linear, &attention_normed)?;
-            matmul::forward(gpu, linear, &mut q, x.whole(), &block.wq, h, h)?;
-            matmul::forward(gpu, linear, &mut k, x.whole(), &block.wk, h, kv)?;
-            matmul::forward(gpu, linear, &mut v, x.whole(), &block.wv, h, kv)
+            let x = Prepared::of(gpu, attention_linears, &attention_normed)?;
+            matmul::forward(gpu, at(WQ), &mut q, x.whole(), &block.wq, h, h)?;
+            matmul::forward(gpu, at(WK), &mut k, x.whole(), &block.wk, h, kv)?;
+            matmul::forward(gpu, at(WV), &mut v, x.whole(), &block.wv, h, kv)
         })?;
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
@@ -657,7 +727,7 @@ impl DeviceModel {
         let mut mid = gpu.stream().clone_dtod(&input)?;
         matmul::forward_view(
             gpu,
-            linear,
+            at(WO),
             &mut mid.slice_mut(..),
             &attention_out.slice(..),
             &block.wo.slice(..),
@@ -686,15 +756,16 @@ impl DeviceModel {
                 let mut a = gpu.output::<f32>(tokens * d)?;
                 let mut b = gpu.output::<f32>(tokens * d)?;
                 let mut hh = gpu.output::<f32>(tokens * d)?;
-                let x = Prepared::of(gpu, linear, &ffn_normed)?;
-                matmul::forward(gpu, linear, &mut a, x.whole(), w1, h, d)?;
-                matmul::forward(gpu, linear, &mut b, x.whole(), w3, h, d)?;
+                let x = Prepared::of(gpu, ffn_linears, &ffn_normed)?;
+                let at = |i| ffn_linears.at(i);
+                matmul::forward(gpu, at(W1), &mut a, x.whole(), w1, h, d)?;
+                matmul::forward(gpu, at(W3), &mut b, x.whole(), w3, h, d)?;
                 drop(x);
                 swiglu::forward(gpu, &mut hh, &a, &b)?;
                 let mut out = gpu.stream().clone_dtod(&mid)?;
                 matmul::forward_view(
                     gpu,
-                    linear,
+                    at(W2),
                     &mut out.slice_mut(..),
                     &hh.slice(..),
                     &w2.slice(..),
@@ -711,7 +782,7 @@ impl DeviceModel {
                 match parallel.experts {
                     None => {
                         let mut pass =
-                            layer.forward(gpu, linear, &ffn_normed, seq_len, sequence)?;
+                            layer.forward(gpu, ffn_linears, &ffn_normed, seq_len, sequence)?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
                         gpu.span("fwd.ffn.residual", || vector::add(gpu, &mut out, &mid))?;
                         (out, FeedForwardPass::Moe(Box::new(pass)))
@@ -720,7 +791,7 @@ impl DeviceModel {
                         let mut exchange = DeviceExchange::new(ep);
                         let mut pass = layer.forward_expert_parallel(
                             gpu,
-                            linear,
+                            ffn_linears,
                             &ffn_normed,
                             seq_len,
                             sequence,
@@ -823,11 +894,12 @@ impl DeviceModel {
         )?;
         gpu.span_end(head_span)?;
         done(vec![grad_lm_head, grad_final_norm])?;
-        for ((block, stored), block_grads) in w
+        for (index, ((block, stored), block_grads)) in w
             .blocks
             .iter()
             .zip(&pass.blocks)
             .zip(grad_blocks.iter_mut())
+            .enumerate()
             .rev()
         {
             // A checkpointed block is recomputed from its input, one block at
@@ -837,11 +909,20 @@ impl DeviceModel {
                 StoredBlock::Kept(block_pass) => block_pass,
                 StoredBlock::Input(input) => {
                     let input = gpu.stream().clone_dtod(input)?;
-                    recomputed = self.block_forward(gpu, block, input, parallel)?.1;
+                    recomputed = self.block_forward(gpu, index, block, input, parallel)?.1;
                     &recomputed
                 }
             };
-            self.block_backward(gpu, block, block_pass, &mut dres, block_grads, parallel)?;
+            let linears = self.block_linears(index);
+            self.block_backward(
+                gpu,
+                linears,
+                block,
+                block_pass,
+                &mut dres,
+                block_grads,
+                parallel,
+            )?;
             done(block_grads.tensors_mut())?;
         }
         gpu.span("bwd.embedding", || {
@@ -850,9 +931,11 @@ impl DeviceModel {
         done(vec![grad_embedding])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block_backward(
         &self,
         gpu: &Gpu,
+        (attention_linears, ffn_linears): (Arithmetic<'_>, Arithmetic<'_>),
         block: &DeviceBlock<DeviceMoeLayer>,
         pass: &BlockPass,
         dres: &mut CudaSlice<f32>,
@@ -862,7 +945,6 @@ impl DeviceModel {
         let c = &self.config;
         let (h, kv) = (c.hidden, c.kv_width());
         let tokens = dres.len() / h;
-        let linear = self.linear();
 
         // The feed-forward sublayer; the residual passes `dres` through.
         let mut dffn_normed = gpu.zeros::<f32>(tokens * h)?;
@@ -879,14 +961,15 @@ impl DeviceModel {
                 let dense_span = gpu.span_start("bwd.ffn.dense")?;
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
-                linear_backward(gpu, linear, &mut dh, false, g2, dres, hh.into(), w2, (d, h))?;
+                let at = |i| ffn_linears.at(i);
+                linear_backward(gpu, at(W2), &mut dh, false, g2, dres, hh.into(), w2, (d, h))?;
                 let mut da = gpu.output::<f32>(tokens * d)?;
                 let mut db = gpu.output::<f32>(tokens * d)?;
                 swiglu::backward(gpu, &mut da, &mut db, &dh, a, b, false)?;
-                let x = Prepared::of(gpu, linear, &pass.ffn_normed)?;
+                let x = Prepared::of(gpu, ffn_linears, &pass.ffn_normed)?;
                 let dx = &mut dffn_normed;
-                linear_backward(gpu, linear, dx, true, g1, &da, x.whole(), w1, (h, d))?;
-                linear_backward(gpu, linear, dx, true, g3, &db, x.whole(), w3, (h, d))?;
+                linear_backward(gpu, at(W1), dx, true, g1, &da, x.whole(), w1, (h, d))?;
+                linear_backward(gpu, at(W3), dx, true, g3, &db, x.whole(), w3, (h, d))?;
                 gpu.span_end(dense_span)?;
             }
             (
@@ -896,7 +979,7 @@ impl DeviceModel {
             ) => {
                 layer.backward(
                     gpu,
-                    linear,
+                    ffn_linears,
                     moe_pass,
                     &pass.ffn_normed,
                     dres,
@@ -914,7 +997,7 @@ impl DeviceModel {
                     .expect("an expert-parallel pass's backward has its group");
                 layer.backward_expert_parallel(
                     gpu,
-                    linear,
+                    ffn_linears,
                     moe_pass,
                     &pass.ffn_normed,
                     dres,
@@ -943,7 +1026,7 @@ impl DeviceModel {
         let mut dattention = gpu.output::<f32>(tokens * h)?;
         linear_backward(
             gpu,
-            linear,
+            attention_linears.at(WO),
             &mut dattention,
             false,
             &mut grads.wo,
@@ -1012,10 +1095,10 @@ impl DeviceModel {
         let qkv_span = gpu.span_start("bwd.attention.qkv")?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         // The normed input feeds the three weight gradients.
-        let x = Prepared::of(gpu, linear, &pass.attention_normed)?;
+        let x = Prepared::of(gpu, attention_linears, &pass.attention_normed)?;
         linear_backward(
             gpu,
-            linear,
+            attention_linears.at(WQ),
             &mut dnormed,
             false,
             &mut grads.wq,
@@ -1026,7 +1109,7 @@ impl DeviceModel {
         )?;
         linear_backward(
             gpu,
-            linear,
+            attention_linears.at(WK),
             &mut dnormed,
             true,
             &mut grads.wk,
@@ -1037,7 +1120,7 @@ impl DeviceModel {
         )?;
         linear_backward(
             gpu,
-            linear,
+            attention_linears.at(WV),
             &mut dnormed,
             true,
             &mut grads.wv,

@@ -121,7 +121,14 @@ impl DeviceMoeLayer {
                     batches,
                     mlps,
                     outputs,
-                } = local_experts(gpu, arithmetic, c, &self.weights(), &plan, &received)?;
+                } = local_experts(
+                    gpu,
+                    self.routed(arithmetic),
+                    c,
+                    &self.weights(),
+                    &plan,
+                    &received,
+                )?;
                 (Some((batches, mlps)), Some(outputs))
             }
             _ => (None, None),
@@ -218,7 +225,7 @@ impl DeviceMoeLayer {
                 drop(dreceived);
                 let dinput = expert_mlps_backward(
                     gpu,
-                    arithmetic,
+                    self.routed(arithmetic),
                     c,
                     &self.weights(),
                     grads,

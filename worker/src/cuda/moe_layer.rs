@@ -9,6 +9,7 @@ use super::{Gpu, Result, dispatch, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::MoeConfig;
+use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
 use crate::moe::layer::MoeLayer;
 use crate::moe::routing::{Routing, scores_backward};
 use moe_kernels::cudarc::driver::CudaSlice;
@@ -356,10 +357,10 @@ pub(crate) fn expert_mlps(
     let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
     let x = Prepared::of(gpu, arithmetic, permuted)?;
     for &(e, start, len) in segments {
-        for (out, w) in [(&mut a, weights.w1), (&mut b, weights.w3)] {
+        for (out, w, linear) in [(&mut a, weights.w1, W1), (&mut b, weights.w3, W3)] {
             matmul::forward_view(
                 gpu,
-                arithmetic,
+                arithmetic.at(MLP_LINEARS * e + linear),
                 &mut out.slice_mut(start * inner..(start + len) * inner),
                 x.input(start * hidden..(start + len) * hidden),
                 &w.slice(e * size..(e + 1) * size),
@@ -376,7 +377,7 @@ pub(crate) fn expert_mlps(
     for &(e, start, len) in segments {
         matmul::forward_view(
             gpu,
-            arithmetic,
+            arithmetic.at(MLP_LINEARS * e + W2),
             &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
             &h.slice(start * inner..(start + len) * inner),
             &weights.w2.slice(e * size..(e + 1) * size),
@@ -426,6 +427,19 @@ pub(crate) fn expert_segments(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
 }
 
 impl DeviceMoeLayer {
+    /// The shared experts' first linear layer in the layer's numbering
+    /// (`w1, w3, w2` of each routed expert, then the shared experts'), as
+    /// [`MoeLayer::linear_count`] counts them.
+    pub(crate) fn shared_linears(&self) -> usize {
+        MLP_LINEARS * self.config.n_routed_experts
+    }
+
+    /// `arithmetic` (the layer's) for this layer's share of the routed
+    /// experts, whose local expert `e` is the layer's `experts.start + e`.
+    pub(crate) fn routed<'a>(&self, arithmetic: Arithmetic<'a>) -> Arithmetic<'a> {
+        arithmetic.at(MLP_LINEARS * self.experts.start)
+    }
+
     /// The routed experts' weights (this layer's share of them).
     pub(crate) fn weights(&self) -> RoutedWeights<'_> {
         RoutedWeights {
@@ -456,10 +470,14 @@ impl DeviceMoeLayer {
         let mut sb = gpu.output::<f32>(tokens * width)?;
         let mut sh = gpu.output::<f32>(tokens * width)?;
         let x = Prepared::of(gpu, arithmetic, x)?;
-        for (out, w) in [(&mut sa, &self.shared_w1), (&mut sb, &self.shared_w3)] {
+        let at = |i| arithmetic.at(self.shared_linears() + i);
+        for (out, w, linear) in [
+            (&mut sa, &self.shared_w1, W1),
+            (&mut sb, &self.shared_w3, W3),
+        ] {
             matmul::forward_view(
                 gpu,
-                arithmetic,
+                at(linear),
                 &mut out.slice_mut(..),
                 x.whole(),
                 &w.slice(..),
@@ -471,7 +489,7 @@ impl DeviceMoeLayer {
         swiglu::forward(gpu, &mut sh, &sa, &sb)?;
         matmul::forward_view(
             gpu,
-            arithmetic,
+            at(W2),
             &mut output.slice_mut(..),
             &sh.slice(..),
             &self.shared_w2.slice(..),
@@ -559,9 +577,10 @@ impl DeviceMoeLayer {
             Prepared::of(gpu, arithmetic, dout)?,
             Prepared::of(gpu, arithmetic, x)?,
         );
+        let at = |i| arithmetic.at(self.shared_linears() + i);
         matmul::gemm(
             gpu,
-            arithmetic,
+            at(W2),
             &mut dsh.slice_mut(..),
             dout.whole(),
             false,
@@ -572,7 +591,7 @@ impl DeviceMoeLayer {
         )?;
         matmul::gemm(
             gpu,
-            arithmetic,
+            at(W2),
             &mut grads.shared_w2.slice_mut(..),
             dout.whole(),
             true,
@@ -584,14 +603,14 @@ impl DeviceMoeLayer {
         let mut dsa = gpu.output::<f32>(tokens * width)?;
         let mut dsb = gpu.output::<f32>(tokens * width)?;
         swiglu::backward(gpu, &mut dsa, &mut dsb, &dsh, sa, sb, false)?;
-        for (d, w, g) in [
-            (&dsa, &self.shared_w1, &mut grads.shared_w1),
-            (&dsb, &self.shared_w3, &mut grads.shared_w3),
+        for (d, w, g, linear) in [
+            (&dsa, &self.shared_w1, &mut grads.shared_w1, W1),
+            (&dsb, &self.shared_w3, &mut grads.shared_w3, W3),
         ] {
             let d = Prepared::of(gpu, arithmetic, d)?;
             matmul::gemm(
                 gpu,
-                arithmetic,
+                at(linear),
                 &mut dx.slice_mut(..),
                 d.whole(),
                 false,
@@ -602,7 +621,7 @@ impl DeviceMoeLayer {
             )?;
             matmul::gemm(
                 gpu,
-                arithmetic,
+                at(linear),
                 &mut g.slice_mut(..),
                 d.whole(),
                 true,
@@ -723,9 +742,10 @@ pub(crate) fn expert_mlps_backward(
         let w2_e = weights.w2.slice(e * size..(e + 1) * size);
         let h_e = mlps.h.slice(start * inner..(start + len) * inner);
         let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
+        let down = arithmetic.at(MLP_LINEARS * e + W2);
         matmul::gemm(
             gpu,
-            arithmetic,
+            down,
             &mut dh_e,
             dy_e.clone(),
             false,
@@ -737,7 +757,7 @@ pub(crate) fn expert_mlps_backward(
         let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
         matmul::gemm(
             gpu,
-            arithmetic,
+            down,
             &mut dw2_e,
             dy_e,
             true,
@@ -765,17 +785,18 @@ pub(crate) fn expert_mlps_backward(
     for &(e, start, len) in segments {
         let wide = start * hidden..(start + len) * hidden;
         let mut dx_e = dinput.slice_mut(wide.clone());
-        for (i, (d, w, g)) in [
-            (&da, weights.w1, &mut grads.w1),
-            (&db, weights.w3, &mut grads.w3),
+        for (i, (d, w, g, linear)) in [
+            (&da, weights.w1, &mut grads.w1, W1),
+            (&db, weights.w3, &mut grads.w3, W3),
         ]
         .into_iter()
         .enumerate()
         {
             let d_e = d.input(start * inner..(start + len) * inner);
+            let up = arithmetic.at(MLP_LINEARS * e + linear);
             matmul::gemm(
                 gpu,
-                arithmetic,
+                up,
                 &mut dx_e,
                 d_e.clone(),
                 false,
@@ -786,7 +807,7 @@ pub(crate) fn expert_mlps_backward(
             )?;
             matmul::gemm(
                 gpu,
-                arithmetic,
+                up,
                 &mut g.slice_mut(e * size..(e + 1) * size),
                 d_e,
                 true,

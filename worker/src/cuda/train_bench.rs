@@ -171,7 +171,8 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     // head with the cross-entropy.
     let n = sequences * config.seq_len;
     let x = gpu.upload(&vec![0.01f32; n * config.hidden])?;
-    let linear = trainer.model().linear();
+    // The last block's feed-forward layer: an MoE layer's arithmetic.
+    let linear = trainer.model().block_linears(config.layers - 1).1;
     let (moe_forward_ms, moe_backward_ms) =
         match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
@@ -286,9 +287,11 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     // the head in bf16: examples/training/h100-fp8.yaml's precision), from
     // the same weights on the same batches.
     let fp8 = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Blockwise);
+    let tensorwise = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise);
     for (name, linears) in [
         ("bf16 GEMMs", GemmPrecision::Bf16),
         ("FP8 linear layers", fp8),
+        ("FP8 linear layers, tensorwise", tensorwise),
     ] {
         let mut variant = config.clone();
         (variant.gemm_precision, variant.head_precision) = (linears, GemmPrecision::Bf16);

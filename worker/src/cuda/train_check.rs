@@ -9,7 +9,7 @@
 //! compares the expert loads exactly and reports such a flip as a failure
 //! rather than hiding it behind a loose bound.
 
-use super::check::{Check, close_to_scale, exact};
+use super::check::{Check, bits, close_to_scale, exact};
 use super::model::DeviceTensors;
 use super::model::{AttentionKernel, DeviceModel};
 use super::trainer::DeviceTrainer;
@@ -65,6 +65,83 @@ fn corpus() -> Vec<u32> {
 fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
     DataLoader::new(corpus(), config.seq_len, settings.seed, "check corpus")
         .expect("the corpus is longer than a window")
+}
+
+/// One optimizer step of the CPU and the device trainer of a tensorwise
+/// FP8 `model`, then every linear layer's amax histories side by side:
+/// each weight's history holds that weight's amax, the same bits on both
+/// sides (the weights start equal), which holds only if the device numbers
+/// its linear layers as the CPU does; the activations' and output
+/// gradients' amaxes within 2e-2 (they went through TF32 attention on one
+/// side). A tensor one side saw and the other did not (an expert a near-tie
+/// left empty on one side) is skipped; every attention projection is seen.
+fn tensorwise_histories(
+    gpu: &Gpu,
+    model: &Model<f32>,
+    settings: &TrainingSettings,
+) -> Result<Vec<Check>> {
+    let config = model.config().clone();
+    let mut cpu = Trainer::new(config.clone(), settings.clone(), loader(&config, settings));
+    let mut device = DeviceTrainer::new(gpu, model, settings.clone(), loader(&config, settings))?;
+    cpu.step(&|| false).expect("never stopped");
+    device.step(&|| false)?.expect("never stopped");
+    let host = cpu.model().fp8_histories();
+    let ours = match device.model().delayed_scales() {
+        Some(scales) => scales.histories(gpu)?,
+        None => Vec::new(),
+    };
+    let case = "3 blocks, tensorwise, after step 1";
+    let mut checks = vec![exact(
+        "trainer.fp8_linear_layers",
+        case,
+        &[ours.len()],
+        &[host.len()],
+    )];
+    let (mut weights, mut weights_want) = (Vec::<u32>::new(), Vec::<u32>::new());
+    let (mut others, mut others_want) = (Vec::<f32>::new(), Vec::<f32>::new());
+    for (device_layer, host_layer) in ours.iter().zip(&host) {
+        for (role, (d, h)) in device_layer.iter().zip(host_layer).enumerate() {
+            if d.is_empty() || h.is_empty() {
+                continue;
+            }
+            if role == 1 {
+                weights.extend(bits(d));
+                weights_want.extend(bits(h));
+            } else {
+                others.extend(d);
+                others_want.extend(h);
+            }
+        }
+    }
+    let attention_seen = weights.len() >= 4 * config.layers;
+    checks.push(exact(
+        "trainer.fp8_weight_histories",
+        &format!(
+            "{case}: {} weights (every projection: {attention_seen})",
+            weights.len()
+        ),
+        &weights,
+        &weights_want,
+    ));
+    checks.push(exact(
+        "trainer.fp8_projections_seen",
+        case,
+        &[attention_seen],
+        &[true],
+    ));
+    let relative: Vec<f32> = others
+        .iter()
+        .zip(&others_want)
+        .map(|(&d, &h)| (d - h).abs() / h.abs().max(f32::MIN_POSITIVE))
+        .collect();
+    checks.push(close_to_scale(
+        "trainer.fp8_activation_histories",
+        &format!("{case}: {} amaxes, relative differences", relative.len()),
+        &relative,
+        &vec![0.0; relative.len()],
+        2e-2,
+    ));
+    Ok(checks)
 }
 
 /// How close one batch on the device must come to the CPU's.
@@ -241,6 +318,24 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         gemm,
         Agreement::Quantised,
     )?);
+
+    // FP8 with the tensorwise recipe: one batch (each tensor scaled by its
+    // own amax: no history yet), then one optimizer step of each trainer.
+    let mut tensorwise = config.clone();
+    (tensorwise.gemm_precision, tensorwise.head_precision) = (
+        GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise),
+        GemmPrecision::Bf16,
+    );
+    let tensorwise = Model::<f32>::initial(tensorwise, settings.seed);
+    checks.extend(one_batch(
+        gpu,
+        &tensorwise,
+        &settings,
+        "3 blocks, one batch, FP8 tensorwise",
+        gemm,
+        Agreement::Quantised,
+    )?);
+    checks.extend(tensorwise_histories(gpu, &tensorwise, &settings)?);
 
     checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
 

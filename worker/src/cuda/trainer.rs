@@ -329,6 +329,8 @@ impl<'g> DeviceTrainer<'g> {
                 layer.set_selection_bias(gpu, bias)?;
             }
         }
+        // Tensorwise FP8: the step's amaxes join their histories.
+        self.model.advance_fp8_scales(gpu)?;
         Ok(Some(StepReport {
             step: step + 1,
             loss: loss / micro_steps,

@@ -28,7 +28,10 @@ use crate::rng::SplitMix64;
 use crate::scalar::Scalar;
 
 pub use config::ModelConfig;
+// The device model numbers its linear layers as the CPU does.
 pub use recompute::ActivationMemory;
+#[cfg(feature = "cuda")]
+pub(crate) use scales::{ATTENTION_LINEARS, WK, WO, WQ, WV};
 pub use weights::{FeedForward, Gradients, NamedTensor, TensorBytes, TensorKind, Weights};
 
 /// The model: its shape, weights (with the MoE layers' selection biases) and RoPE table.
@@ -269,6 +272,17 @@ impl<T: Scalar> Model<T> {
                 layer.update_selection_bias(load, rate);
             }
         }
+    }
+
+    /// The tensorwise FP8 recipe's amax histories (input, weight, output
+    /// gradient; oldest first) of every linear layer, numbered as the
+    /// blocks hand them out; empty for the other precisions.
+    pub fn fp8_histories(&self) -> Vec<[Vec<f32>; 3]> {
+        self.scales
+            .iter()
+            .flat_map(BlockScales::layers)
+            .map(|l| [&l.input, &l.weight, &l.grad_output].map(|s| s.history().collect()))
+            .collect()
     }
 
     /// Ends a training step for the tensorwise FP8 recipe: the amaxes the

@@ -13,7 +13,7 @@ pub(crate) const WQ: usize = 0;
 pub(crate) const WK: usize = 1;
 pub(crate) const WV: usize = 2;
 pub(crate) const WO: usize = 3;
-const ATTENTION_LINEARS: usize = 4;
+pub(crate) const ATTENTION_LINEARS: usize = 4;
 
 /// How one block's FP8-eligible linear layers compute.
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +59,11 @@ impl BlockScales {
             attention: Linears::new(precision, &self.attention),
             ffn: Linears::new(precision, &self.ffn),
         }
+    }
+
+    /// Each linear layer's scales, attention's then the feed-forward layer's.
+    pub fn layers(&self) -> impl Iterator<Item = &LinearScales> {
+        self.attention.iter().chain(&self.ffn)
     }
 
     /// Ends a training step: each amax observed joins its history.

@@ -7,9 +7,9 @@ use crate::ops::swiglu;
 use crate::scalar::Scalar;
 
 /// Positions of the three matrices in an MLP's [`Linears`].
-const W1: usize = 0;
-const W3: usize = 1;
-const W2: usize = 2;
+pub(crate) const W1: usize = 0;
+pub(crate) const W3: usize = 1;
+pub(crate) const W2: usize = 2;
 
 /// Linear layers in one MLP.
 pub const MLP_LINEARS: usize = 3;
