@@ -1185,3 +1185,26 @@ fn linear_backward(
         true,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device numbers its linear layers as the CPU model hands out its
+    /// delayed scales: as many in all, each block's run of them starting
+    /// where the previous block's ended (the dense block's 4 + 3, each MoE
+    /// block's 4 + 3 per routed expert + 3 for the shared experts).
+    #[test]
+    fn linear_layers_are_numbered_as_the_cpu_numbers_them() {
+        let mut config = super::super::train_check::config();
+        config.gemm_precision = GemmPrecision::Fp8(Fp8Recipe::Tensorwise);
+        let (bases, total) = linear_layout(&config);
+        let cpu = Model::<f32>::initial(config.clone(), 1)
+            .fp8_histories()
+            .len();
+        assert_eq!(total, cpu);
+        let moe = ATTENTION_LINEARS + MLP_LINEARS * (config.moe.n_routed_experts + 1);
+        assert_eq!(bases, [0, 7, 7 + moe]);
+        assert_eq!(total, 7 + 2 * moe);
+    }
+}
