@@ -908,20 +908,8 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 ScaleLayout::Cublaslt,
             )?;
             let case = format!("operand {tile_name} {name}");
-            let (codes, scales) = operand_as_stored(gpu, &device, transposed)?;
-            checks.push(exact("fp8.operand_codes", &case, &codes, cpu.codes()));
-            let padded_codes = operand.padded_rows * operand.stride - op_rows * op_cols;
-            checks.push(exact(
-                "fp8.operand_padding",
-                &case,
-                &padding(
-                    &gpu.download(&device.codes)?,
-                    op_rows,
-                    op_cols,
-                    operand.stride,
-                ),
-                &vec![0u8; padded_codes],
-            ));
+            checks.extend(operand_codes(gpu, &case, &device, transposed, cpu.codes())?);
+            let (_, scales) = operand_as_stored(gpu, &device, transposed)?;
             let expected: Vec<f32> = scales.iter().map(|&(r, c)| cpu.scale_at(r, c)).collect();
             checks.push(exact(
                 "fp8.operand_scales",
@@ -964,23 +952,33 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             ));
             let device = fp8::quantize_operand_tensorwise(gpu, &m_d.slice(..), operand, scale)?;
             let cpu = Fp8Matrix::quantize_with_scale(&m, rows, cols, want_scale);
-            let (codes, _) = operand_as_stored(gpu, &device, transposed)?;
-            checks.push(exact("fp8.operand_codes", &case, &codes, cpu.codes()));
-            let padded_codes = operand.padded_rows * operand.stride - op_rows * op_cols;
-            checks.push(exact(
-                "fp8.operand_padding",
-                &case,
-                &padding(
-                    &gpu.download(&device.codes)?,
-                    op_rows,
-                    op_cols,
-                    operand.stride,
-                ),
-                &vec![0u8; padded_codes],
-            ));
+            checks.extend(operand_codes(gpu, &case, &device, transposed, cpu.codes())?);
         }
     }
     Ok(checks)
+}
+
+/// An FP8 GEMM operand's codes in the stored matrix's orientation against
+/// `want` (the CPU's), and its padding against zeros.
+fn operand_codes(
+    gpu: &Gpu,
+    case: &str,
+    device: &fp8::DeviceFp8,
+    transposed: bool,
+    want: &[u8],
+) -> Result<[Check; 2]> {
+    let (codes, _) = operand_as_stored(gpu, device, transposed)?;
+    let (rows, cols, stride) = (device.rows, device.cols, device.stride);
+    let padded_codes = device.padded_rows * stride - rows * cols;
+    Ok([
+        exact("fp8.operand_codes", case, &codes, want),
+        exact(
+            "fp8.operand_padding",
+            case,
+            &padding(&gpu.download(&device.codes)?, rows, cols, stride),
+            &vec![0u8; padded_codes],
+        ),
+    ])
 }
 
 /// Codes, and for each scale an element of the stored matrix its tile covers.

@@ -203,20 +203,7 @@ pub fn quantize_operand(
         return Ok(quantized);
     }
     let (entry, config) = match (tile == TileShape::ROW, transposed) {
-        // One warp per tile, 8 warps per block.
-        (true, false) => (
-            "fp8_quantize_1x128_f32",
-            super::grid((rows * tile_cols).div_ceil(8), 256, 0),
-        ),
-        // A block per 128 (K) × 32 (rows) tile.
-        (true, true) => (
-            "fp8_quantize_1x128_t_f32",
-            LaunchConfig {
-                grid_dim: (rows.div_ceil(32) as u32, tile_cols as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        ),
+        (true, _) => row_tiles(rows, tile_cols, transposed),
         // A block per 128×128 tile.
         (false, false) => ("fp8_quantize_128x128_f32", block_grid(tile_cols, tile_rows)),
         (false, true) => (
@@ -300,21 +287,7 @@ pub fn quantize_operand_tensorwise(
     if rows == 0 || cols == 0 {
         return Ok(quantized);
     }
-    let (entry, config) = if transposed {
-        (
-            "fp8_quantize_1x128_t_f32",
-            LaunchConfig {
-                grid_dim: (rows.div_ceil(32) as u32, tile_cols as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        )
-    } else {
-        (
-            "fp8_quantize_1x128_f32",
-            super::grid((rows * tile_cols).div_ceil(8), 256, 0),
-        )
-    };
+    let (entry, config) = row_tiles(rows, tile_cols, transposed);
     let f = gpu.function(&FP8, entry)?;
     let (first, second) = if transposed {
         (int(cols), int(rows))
@@ -338,6 +311,27 @@ pub fn quantize_operand_tensorwise(
         .arg(&*scales);
     unsafe { launch.launch(config) }?;
     Ok(quantized)
+}
+
+/// The 1×128 quantiser of an operand of `rows` rows and `tile_cols` K
+/// slices, and its launch: one warp per tile, 8 warps a block, or stored
+/// transposed a block per 128 (K) × 32 (rows) tile.
+fn row_tiles(rows: usize, tile_cols: usize, transposed: bool) -> (&'static str, LaunchConfig) {
+    if transposed {
+        (
+            "fp8_quantize_1x128_t_f32",
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(32) as u32, tile_cols as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        (
+            "fp8_quantize_1x128_f32",
+            super::grid((rows * tile_cols).div_ceil(8), 256, 0),
+        )
+    }
 }
 
 /// One block of 256 threads per 128×128 tile: `(tile columns, tile rows)`.
