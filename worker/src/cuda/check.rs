@@ -173,8 +173,9 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("training", super::train_check::check_training),
     ("serve", super::serve_check::check_serve),
     ("nccl", super::nccl_check::check_nccl),
-    // Last while its kernels are unproven on a GPU: a fault there (an
+    // Last while their kernels are unproven on a GPU: a fault there (an
     // illegal address poisons the context) cannot cost the other groups.
+    ("fp8 tensorwise", check_fp8_tensorwise),
     ("flash attention", check_flash_attention),
 ];
 
@@ -813,8 +814,8 @@ fn check_dispatch(
     Ok(checks)
 }
 
-fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
-    let mut checks = Vec::new();
+/// The quantisers' test matrices: `(name, values, rows, cols)`.
+fn fp8_matrices() -> [(&'static str, Vec<f32>, usize, usize); 4] {
     // Edge rows: all zeros; an infinity (saturates, scale 1); a NaN (kept,
     // ignored by amax); tiny values near f32's normal limit; a row of
     // values that land on E4M3's rounding midpoints after scaling.
@@ -829,7 +830,7 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
     for (i, v) in edge[4 * cols..].iter_mut().enumerate() {
         *v = 448.0 * (i as f32 - 128.0) / 128.0 + 0.5;
     }
-    let matrices = [
+    [
         ("random 3x300 (tail tile)", random(3 * 300, 41), 3, 300),
         ("random 64x1024", random(64 * 1024, 42), 64, 1024),
         ("edge rows 5x256", edge, 5, cols),
@@ -839,8 +840,12 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             300,
             260,
         ),
-    ];
-    for (name, m, rows, cols) in matrices {
+    ]
+}
+
+fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (name, m, rows, cols) in fp8_matrices() {
         for (tile_name, tile) in [
             ("1x128", TileShape::ROW),
             ("128x128", TileShape::BLOCK),
@@ -917,42 +922,6 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 &bits(&device.row_major_scales(gpu)?),
                 &bits(&expected),
             ));
-        }
-        // The tensorwise recipe's operands, as stored and transposed: the
-        // scale of a tensor without history (its own amax, as
-        // `DelayedScale::scale`), the codes `Fp8Matrix::quantize_with_scale`'s.
-        for transposed in [false, true] {
-            let scales = super::fp8_delayed::DelayedScales::new(gpu, 1)?;
-            let m_d = gpu.upload(&m)?;
-            let (op_rows, op_cols) = if transposed {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            };
-            let operand = fp8::Operand {
-                rows: op_rows,
-                cols: op_cols,
-                transposed,
-                stride: op_cols.next_multiple_of(TILE),
-                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
-            };
-            let role = crate::fp8::Role::Input;
-            let scale = scales.scale(gpu, 0, role, &m_d.slice(..))?;
-            let want_scale =
-                crate::fp8::DelayedScale::default().scale(crate::fp8::quantize::amax(&m));
-            let case = format!(
-                "tensorwise operand{} {name}",
-                if transposed { " transposed" } else { "" }
-            );
-            checks.push(exact(
-                "fp8.delayed_scale",
-                &case,
-                &bits(&gpu.download(&scale)?),
-                &bits(&[want_scale]),
-            ));
-            let device = fp8::quantize_operand_tensorwise(gpu, &m_d.slice(..), operand, scale)?;
-            let cpu = Fp8Matrix::quantize_with_scale(&m, rows, cols, want_scale);
-            checks.extend(operand_codes(gpu, &case, &device, transposed, cpu.codes())?);
         }
     }
     Ok(checks)
@@ -1537,7 +1506,6 @@ fn check_matmul(gpu: &Gpu) -> Result<Vec<Check>> {
     }
     checks.extend(check_bf16_linear(gpu)?);
     checks.extend(check_fp8_linear(gpu)?);
-    checks.extend(check_fp8_tensorwise_linear(gpu)?);
     let (groups, rows, in_dim, out_dim) = (3, 64, 256, 128);
     let round = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
     let (x, w) = (
@@ -1709,6 +1677,55 @@ fn linear_step(
             fraction,
         ));
     }
+    Ok(checks)
+}
+
+/// The tensorwise FP8 recipe (delayed scales on the device): its operands,
+/// a linear layer over two steps, and the whole model
+/// ([`super::train_check::check_training_tensorwise`]). A group of its own,
+/// run late while its kernels are unproven on a GPU.
+fn check_fp8_tensorwise(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (name, m, rows, cols) in fp8_matrices() {
+        // The tensorwise recipe's operands, as stored and transposed: the
+        // scale of a tensor without history (its own amax, as
+        // `DelayedScale::scale`), the codes `Fp8Matrix::quantize_with_scale`'s.
+        for transposed in [false, true] {
+            let scales = super::fp8_delayed::DelayedScales::new(gpu, 1)?;
+            let m_d = gpu.upload(&m)?;
+            let (op_rows, op_cols) = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let operand = fp8::Operand {
+                rows: op_rows,
+                cols: op_cols,
+                transposed,
+                stride: op_cols.next_multiple_of(TILE),
+                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
+            };
+            let role = crate::fp8::Role::Input;
+            let scale = scales.scale(gpu, 0, role, &m_d.slice(..))?;
+            let want_scale =
+                crate::fp8::DelayedScale::default().scale(crate::fp8::quantize::amax(&m));
+            let case = format!(
+                "tensorwise operand{} {name}",
+                if transposed { " transposed" } else { "" }
+            );
+            checks.push(exact(
+                "fp8.delayed_scale",
+                &case,
+                &bits(&gpu.download(&scale)?),
+                &bits(&[want_scale]),
+            ));
+            let device = fp8::quantize_operand_tensorwise(gpu, &m_d.slice(..), operand, scale)?;
+            let cpu = Fp8Matrix::quantize_with_scale(&m, rows, cols, want_scale);
+            checks.extend(operand_codes(gpu, &case, &device, transposed, cpu.codes())?);
+        }
+    }
+    checks.extend(check_fp8_tensorwise_linear(gpu)?);
+    checks.extend(super::train_check::check_training_tensorwise(gpu)?);
     Ok(checks)
 }
 

@@ -67,6 +67,30 @@ fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
         .expect("the corpus is longer than a window")
 }
 
+/// FP8 with the tensorwise recipe in the whole model: one batch (each
+/// tensor scaled by its own amax: no history yet) against the CPU's
+/// tensorwise model, then one optimizer step of each trainer
+/// ([`tensorwise_histories`]).
+pub fn check_training_tensorwise(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (config, settings) = (config(), settings());
+    let mut tensorwise = config;
+    (tensorwise.gemm_precision, tensorwise.head_precision) = (
+        GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise),
+        GemmPrecision::Bf16,
+    );
+    let tensorwise = Model::<f32>::initial(tensorwise, settings.seed);
+    let mut checks = one_batch(
+        gpu,
+        &tensorwise,
+        &settings,
+        "3 blocks, one batch, FP8 tensorwise",
+        AttentionKernel::Gemm,
+        Agreement::Quantised,
+    )?;
+    checks.extend(tensorwise_histories(gpu, &tensorwise, &settings)?);
+    Ok(checks)
+}
+
 /// One optimizer step of the CPU and the device trainer of a tensorwise
 /// FP8 `model`, then every linear layer's amax histories side by side:
 /// each weight's history holds that weight's amax, the same bits on both
@@ -318,24 +342,6 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         gemm,
         Agreement::Quantised,
     )?);
-
-    // FP8 with the tensorwise recipe: one batch (each tensor scaled by its
-    // own amax: no history yet), then one optimizer step of each trainer.
-    let mut tensorwise = config.clone();
-    (tensorwise.gemm_precision, tensorwise.head_precision) = (
-        GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise),
-        GemmPrecision::Bf16,
-    );
-    let tensorwise = Model::<f32>::initial(tensorwise, settings.seed);
-    checks.extend(one_batch(
-        gpu,
-        &tensorwise,
-        &settings,
-        "3 blocks, one batch, FP8 tensorwise",
-        gemm,
-        Agreement::Quantised,
-    )?);
-    checks.extend(tensorwise_histories(gpu, &tensorwise, &settings)?);
 
     checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
 
