@@ -57,7 +57,9 @@ fi
 echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH MOE_CUDA_HOME=${MOE_CUDA_HOME:-unset}"
 
 start=$SECONDS
-timeout 300 "$bin" --out "$out"
+# MOE_GPU_CHECK_ARGS: more arguments, e.g. '--groups fp8,flash --checks-only'.
+# shellcheck disable=SC2086
+timeout 300 "$bin" --out "$out" ${MOE_GPU_CHECK_ARGS:-}
 status=$?
 echo "gpu-check: moe-gpu-check exited $status after $((SECONDS - start)) s"
 

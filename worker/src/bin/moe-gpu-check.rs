@@ -21,11 +21,22 @@ struct Args {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Run only the check groups whose names contain one of these
+    /// (comma-separated, e.g. `fp8,flash`); every group by default.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let started = Instant::now();
+    let groups = match check::select_groups(&args.groups) {
+        Ok(groups) => groups,
+        Err(error) => {
+            eprintln!("moe-gpu-check: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let gpu = match Gpu::new(args.device) {
         Ok(gpu) => gpu,
         Err(error) => {
@@ -50,7 +61,22 @@ fn main() -> ExitCode {
     ));
     print!("{md}");
 
-    let checks = check::run_all(&gpu);
+    // Each group's outcome as it ends (and its failures), so a run cut
+    // short by a timeout still shows what it finished.
+    let checks = check::run_groups(&gpu, &groups, |name, results, elapsed| {
+        let failed: Vec<_> = results.iter().filter(|c| !c.passed).collect();
+        println!(
+            "group {name}: {} passed, {} failed ({:.1} s)",
+            results.len() - failed.len(),
+            failed.len(),
+            elapsed.as_secs_f64()
+        );
+        for check in failed {
+            println!("  {check}");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    });
     let failed = checks.iter().filter(|c| !c.passed).count();
     let mut section = format!(
         "## Checks vs the CPU reference: {} passed, {failed} failed\n\n```\n",
@@ -62,6 +88,15 @@ fn main() -> ExitCode {
     section.push_str("```\n\n");
     print!("{section}");
     md.push_str(&section);
+    // The checks' report now, in case the benchmarks do not finish.
+    if let Err(error) = std::fs::create_dir_all(&args.out)
+        .and_then(|()| std::fs::write(args.out.join("gpu-report.md"), &md))
+    {
+        eprintln!(
+            "moe-gpu-check: writing the report to {}: {error}",
+            args.out.display()
+        );
+    }
 
     let mut figures = Vec::new();
     if !args.checks_only {

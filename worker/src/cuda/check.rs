@@ -179,24 +179,61 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     ("flash attention", check_flash_attention),
 ];
 
-/// Runs every check group. A CUDA error inside a group (a launch failure,
-/// an unsupported cuBLASLt configuration) fails that group with the error
-/// and the run goes on, so one broken op cannot hide the others' results.
-pub fn run_all(gpu: &Gpu) -> Vec<Check> {
+/// The groups whose names contain one of `filters` (every group when there
+/// are none), in [`GROUPS`]' order; a filter that names no group is an
+/// error listing them, so a typo cannot pass by checking nothing.
+pub fn select_groups(
+    filters: &[String],
+) -> std::result::Result<Vec<(&'static str, CheckGroup)>, String> {
+    if let Some(unknown) = filters
+        .iter()
+        .find(|f| !GROUPS.iter().any(|(name, _)| name.contains(f.as_str())))
+    {
+        let names: Vec<&str> = GROUPS.iter().map(|(name, _)| *name).collect();
+        return Err(format!(
+            "no check group matches {unknown:?}; the groups: {}",
+            names.join(", ")
+        ));
+    }
+    Ok(GROUPS
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .copied()
+        .collect())
+}
+
+/// Runs `groups`, handing each group's checks to `done` as soon as it
+/// ends (with its wall time), so a run cut short still reports the groups
+/// it finished. A CUDA error inside a group (a launch failure, an
+/// unsupported cuBLASLt configuration) fails that group with the error and
+/// the run goes on, so one broken op cannot hide the others' results.
+pub fn run_groups(
+    gpu: &Gpu,
+    groups: &[(&'static str, CheckGroup)],
+    mut done: impl FnMut(&str, &[Check], std::time::Duration),
+) -> Vec<Check> {
     let mut checks = Vec::new();
-    for &(name, group) in GROUPS {
-        match group(gpu) {
-            Ok(results) => checks.extend(results),
-            Err(error) => checks.push(Check {
+    for &(name, group) in groups {
+        let started = std::time::Instant::now();
+        let results = match group(gpu) {
+            Ok(results) => results,
+            Err(error) => vec![Check {
                 op: name,
                 case: "(whole group)".to_string(),
                 passed: false,
                 error: format!("CUDA error: {error}"),
                 bound: "-".to_string(),
-            }),
-        }
+            }],
+        };
+        done(name, &results, started.elapsed());
+        checks.extend(results);
     }
     checks
+}
+
+/// Runs every check group ([`run_groups`] without progress).
+pub fn run_all(gpu: &Gpu) -> Vec<Check> {
+    run_groups(gpu, GROUPS, |_, _, _| {})
 }
 
 fn check_rmsnorm(gpu: &Gpu) -> Result<Vec<Check>> {
@@ -1908,6 +1945,34 @@ mod tests {
         assert!(!close("op", "case", &[f32::NAN, -2.0, 100.0], &cpu, 1.0, 0.0).passed);
         assert!(close("op", "case", &[f32::NAN], &[f32::NAN], 0.0, 0.0).passed);
         assert!(!close("op", "case", &[1.0], &cpu, 1.0, 1.0).passed);
+    }
+
+    #[test]
+    fn groups_are_selected_by_name_and_a_stray_filter_is_refused() {
+        let all = select_groups(&[]).expect("no filter");
+        assert_eq!(all.len(), GROUPS.len());
+        let fp8: Vec<&str> = select_groups(&["fp8".into()])
+            .expect("fp8 groups")
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        assert_eq!(
+            fp8,
+            [
+                "fp8 quantize",
+                "fp8 gemm",
+                "fp8 gemm cublaslt",
+                "fp8 tensorwise"
+            ]
+        );
+        let picked = select_groups(&["flash".into(), "rmsnorm".into()]).expect("two");
+        let names: Vec<&str> = picked.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["rmsnorm", "flash attention"], "in GROUPS' order");
+        let error = select_groups(&["flahs".into()]).expect_err("a typo");
+        assert!(
+            error.contains("flahs") && error.contains("flash attention"),
+            "{error}"
+        );
     }
 
     #[test]
