@@ -212,24 +212,63 @@ impl<'a> From<&'a CudaSlice<f32>> for Input<'a> {
 /// shapes as much memory time as its multiply. Nothing in TF32.
 pub struct Prepared<'a> {
     values: &'a CudaSlice<f32>,
-    bf16: Option<CudaSlice<bf16>>,
-    fp8: Option<Fp8Memo>,
+    derived: Derived,
 }
 
 impl<'a> Prepared<'a> {
     pub fn of(gpu: &Gpu, arithmetic: Arithmetic<'_>, values: &'a CudaSlice<f32>) -> Result<Self> {
+        Ok(Self {
+            values,
+            derived: Derived::of(gpu, arithmetic, values)?,
+        })
+    }
+
+    /// The operand `values[range]`.
+    pub fn input(&self, range: Range<usize>) -> Input<'_> {
+        self.derived.input(self.values, range)
+    }
+
+    /// The whole buffer as an operand.
+    pub fn whole(&self) -> Input<'_> {
+        self.input(0..self.values.len())
+    }
+}
+
+/// What GEMMs make of one f32 buffer, kept apart from it: its bf16
+/// rounding (made at once) or its FP8 quantisations (each made by the first
+/// GEMM asking for it). [`Prepared`] pairs it with the buffer for one
+/// pass; [`WeightCache`] keeps a weight's for a whole optimizer step.
+pub struct Derived {
+    len: usize,
+    bf16: Option<CudaSlice<bf16>>,
+    fp8: Option<Fp8Memo>,
+}
+
+impl Derived {
+    pub fn of(gpu: &Gpu, arithmetic: Arithmetic<'_>, values: &CudaSlice<f32>) -> Result<Self> {
         let (bf16, fp8) = match arithmetic {
             Arithmetic::Bf16 => (Some(rounded(gpu, &values.slice(..))?), None),
             Arithmetic::Fp8 | Arithmetic::Fp8Delayed(..) => (None, Some(RefCell::default())),
             Arithmetic::Tf32 => (None, None),
         };
-        Ok(Self { values, bf16, fp8 })
+        Ok(Self {
+            len: values.len(),
+            bf16,
+            fp8,
+        })
     }
 
-    /// The operand `values[range]`.
-    pub fn input(&self, range: Range<usize>) -> Input<'_> {
+    /// All of `values` as an operand (see [`Self::input`]).
+    pub fn whole<'a>(&'a self, values: &'a CudaSlice<f32>) -> Input<'a> {
+        self.input(values, 0..values.len())
+    }
+
+    /// The operand `values[range]`; `values` must be the buffer this was
+    /// made from, unchanged since.
+    pub fn input<'a>(&'a self, values: &'a CudaSlice<f32>, range: Range<usize>) -> Input<'a> {
+        assert_eq!(values.len(), self.len, "derived from another buffer");
         Input {
-            values: self.values.slice(range.clone()),
+            values: values.slice(range.clone()),
             bf16: self
                 .bf16
                 .as_ref()
@@ -237,10 +276,46 @@ impl<'a> Prepared<'a> {
             fp8: self.fp8.as_ref().map(|memo| (memo, range)),
         }
     }
+}
 
-    /// The whole buffer as an operand.
-    pub fn whole(&self) -> Input<'_> {
-        self.input(0..self.values.len())
+/// The weights' [`Derived`] operands, made by a step's first GEMM reading
+/// each weight and kept for its others: with gradient accumulation a weight
+/// feeds two GEMMs per micro-batch, and in bf16 or FP8 each would round or
+/// quantise it again (6 bytes of memory traffic a value in bf16, as long
+/// as an expert GEMM's multiply). Keyed by the weight's device address;
+/// whoever can change the weights owns the cache and clears it
+/// ([`Self::clear`] takes `&mut`), so nothing derived from old values is
+/// ever read. Costs the derived copies' memory (a bf16 copy of every
+/// weight, or its FP8 codes in both orientations) until the next clear.
+#[derive(Default)]
+pub struct WeightCache(RefCell<Vec<(u64, Rc<Derived>)>>);
+
+impl WeightCache {
+    /// `w`'s derived operands in `arithmetic` (nothing made in TF32).
+    pub fn get(
+        &self,
+        gpu: &Gpu,
+        arithmetic: Arithmetic<'_>,
+        w: &CudaSlice<f32>,
+    ) -> Result<Rc<Derived>> {
+        if arithmetic == Arithmetic::Tf32 {
+            return Ok(Rc::new(Derived::of(gpu, arithmetic, w)?));
+        }
+        let address = {
+            let (ptr, _record) = w.device_ptr(gpu.stream());
+            ptr
+        };
+        if let Some((_, derived)) = self.0.borrow().iter().find(|(a, _)| *a == address) {
+            return Ok(Rc::clone(derived));
+        }
+        let derived = Rc::new(Derived::of(gpu, arithmetic, w)?);
+        self.0.borrow_mut().push((address, Rc::clone(&derived)));
+        Ok(derived)
+    }
+
+    /// Forgets every weight's derived operands (the weights changed).
+    pub fn clear(&mut self) {
+        self.0.get_mut().clear();
     }
 }
 
@@ -297,12 +372,12 @@ pub fn forward_view<'x, 'w>(
 }
 
 /// As [`crate::ops::matmul::forward`], in `arithmetic`.
-pub fn forward<'x>(
+pub fn forward<'x, 'w>(
     gpu: &Gpu,
     arithmetic: Arithmetic<'_>,
     out: &mut CudaSlice<f32>,
     x: impl Into<Input<'x>>,
-    w: &CudaSlice<f32>,
+    w: impl Into<Input<'w>>,
     in_dim: usize,
     out_dim: usize,
 ) -> Result<()> {
@@ -311,7 +386,7 @@ pub fn forward<'x>(
         arithmetic,
         &mut out.slice_mut(..),
         x,
-        &w.slice(..),
+        w,
         in_dim,
         out_dim,
         false,

@@ -10,7 +10,7 @@
 //! with a clear error.
 
 use super::fp8_delayed::DelayedScales;
-use super::matmul::{Arithmetic, Input, Prepared};
+use super::matmul::{Arithmetic, Derived, Input, Prepared, WeightCache};
 use super::moe_ep::DeviceExpertParallelForward;
 use super::moe_layer::{DeviceMoeForward, DeviceMoeGrads, DeviceMoeLayer};
 use super::rope::DeviceRope;
@@ -34,6 +34,7 @@ use crate::ops::attention::AttentionShape;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
 use std::ops::Range;
+use std::rc::Rc;
 
 /// A set of device tensors listed in the CPU's canonical order.
 pub trait DeviceTensors {
@@ -206,7 +207,12 @@ impl DeviceGradients {
 /// RoPE table and the attention kernels it runs.
 pub struct DeviceModel {
     config: ModelConfig,
-    pub weights: DeviceWeights<DeviceMoeLayer>,
+    /// Private, so that every change goes through [`Self::weights_mut`],
+    /// which forgets what GEMMs derived from them.
+    weights: DeviceWeights<DeviceMoeLayer>,
+    /// The attention, dense and LM head weights as the step's GEMMs read
+    /// them in bf16 or FP8 (the MoE layers keep their own).
+    derived: WeightCache,
     rope: DeviceRope,
     attention: AttentionKernel,
     /// The tensorwise FP8 recipe's delayed scales of every linear layer;
@@ -420,6 +426,7 @@ impl DeviceModel {
             _ => None,
         };
         Ok(Self {
+            derived: WeightCache::default(),
             scales,
             linear_bases,
             rope: DeviceRope::new(gpu, &table, config.head_dim())?,
@@ -470,6 +477,29 @@ impl DeviceModel {
         }
     }
 
+    /// The weights on the device.
+    pub fn weights(&self) -> &DeviceWeights<DeviceMoeLayer> {
+        &self.weights
+    }
+
+    /// The weights, to change: what GEMMs derived from them is forgotten
+    /// (the MoE layers' through their `tensors_mut`).
+    pub fn weights_mut(&mut self) -> &mut DeviceWeights<DeviceMoeLayer> {
+        self.derived.clear();
+        &mut self.weights
+    }
+
+    /// `w`, one of this model's attention, dense or LM head weights, as
+    /// GEMMs in `arithmetic` read it (made once until the weights change).
+    fn weight(
+        &self,
+        gpu: &Gpu,
+        arithmetic: Arithmetic<'_>,
+        w: &CudaSlice<f32>,
+    ) -> Result<Rc<Derived>> {
+        self.derived.get(gpu, arithmetic, w)
+    }
+
     /// The tensorwise FP8 recipe's delayed scales, if the model trains with it.
     pub fn delayed_scales(&self) -> Option<&DelayedScales> {
         self.scales.as_ref()
@@ -478,6 +508,11 @@ impl DeviceModel {
     /// Ends a training step for the tensorwise FP8 recipe (as
     /// [`Model::advance_fp8_scales`]); nothing for the other precisions.
     pub fn advance_fp8_scales(&mut self, gpu: &Gpu) -> Result<()> {
+        // The weights' FP8 codes were scaled by the scales that change now.
+        self.derived.clear();
+        for layer in self.moe_layers_mut() {
+            layer.forget_derived();
+        }
         match &mut self.scales {
             Some(scales) => scales.advance(gpu),
             None => Ok(()),
@@ -608,7 +643,9 @@ impl DeviceModel {
         )?;
         let mut logits = gpu.output::<f32>(n * vocab)?;
         let head = self.head();
-        matmul::forward(gpu, head, &mut logits, &final_normed, &w.lm_head, h, vocab)?;
+        let lm_head = self.weight(gpu, head, &w.lm_head)?;
+        let lm_head = lm_head.whole(&w.lm_head);
+        matmul::forward(gpu, head, &mut logits, &final_normed, lm_head, h, vocab)?;
         let mut losses = gpu.output::<f32>(n)?;
         let mut probs = gpu.output::<f32>(n * vocab)?;
         cross_entropy::forward(gpu, &mut losses, &mut probs, &logits, &targets, vocab)?;
@@ -666,9 +703,15 @@ impl DeviceModel {
         let at = |i| attention_linears.at(i);
         gpu.span("fwd.attention.qkv", || {
             let x = Prepared::of(gpu, attention_linears, &attention_normed)?;
-            matmul::forward(gpu, at(WQ), &mut q, x.whole(), &block.wq, h, h)?;
-            matmul::forward(gpu, at(WK), &mut k, x.whole(), &block.wk, h, kv)?;
-            matmul::forward(gpu, at(WV), &mut v, x.whole(), &block.wv, h, kv)
+            for (out, w, linear, width) in [
+                (&mut q, &block.wq, WQ, h),
+                (&mut k, &block.wk, WK, kv),
+                (&mut v, &block.wv, WV, kv),
+            ] {
+                let derived = self.weight(gpu, at(linear), w)?;
+                matmul::forward(gpu, at(linear), out, x.whole(), derived.whole(w), h, width)?;
+            }
+            Ok(())
         })?;
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
@@ -730,7 +773,7 @@ impl DeviceModel {
             at(WO),
             &mut mid.slice_mut(..),
             &attention_out.slice(..),
-            &block.wo.slice(..),
+            self.weight(gpu, at(WO), &block.wo)?.whole(&block.wo),
             h,
             h,
             true,
@@ -758,8 +801,9 @@ impl DeviceModel {
                 let mut hh = gpu.output::<f32>(tokens * d)?;
                 let x = Prepared::of(gpu, ffn_linears, &ffn_normed)?;
                 let at = |i| ffn_linears.at(i);
-                matmul::forward(gpu, at(W1), &mut a, x.whole(), w1, h, d)?;
-                matmul::forward(gpu, at(W3), &mut b, x.whole(), w3, h, d)?;
+                let (w1d, w3d) = (self.weight(gpu, at(W1), w1)?, self.weight(gpu, at(W3), w3)?);
+                matmul::forward(gpu, at(W1), &mut a, x.whole(), w1d.whole(w1), h, d)?;
+                matmul::forward(gpu, at(W3), &mut b, x.whole(), w3d.whole(w3), h, d)?;
                 drop(x);
                 swiglu::forward(gpu, &mut hh, &a, &b)?;
                 let mut out = gpu.stream().clone_dtod(&mid)?;
@@ -768,7 +812,7 @@ impl DeviceModel {
                     at(W2),
                     &mut out.slice_mut(..),
                     &hh.slice(..),
-                    &w2.slice(..),
+                    self.weight(gpu, at(W2), w2)?.whole(w2),
                     d,
                     h,
                     true,
@@ -878,7 +922,7 @@ impl DeviceModel {
             grad_lm_head,
             &dlogits,
             (&pass.final_normed).into(),
-            &w.lm_head,
+            self.weight(gpu, self.head(), &w.lm_head)?.whole(&w.lm_head),
             (h, vocab),
         )?;
         drop(dlogits);
@@ -962,12 +1006,16 @@ impl DeviceModel {
                 let d = c.dense_hidden;
                 let mut dh = gpu.output::<f32>(tokens * d)?;
                 let at = |i| ffn_linears.at(i);
+                let w2d = self.weight(gpu, at(W2), w2)?;
+                let w2 = w2d.whole(w2);
                 linear_backward(gpu, at(W2), &mut dh, false, g2, dres, hh.into(), w2, (d, h))?;
                 let mut da = gpu.output::<f32>(tokens * d)?;
                 let mut db = gpu.output::<f32>(tokens * d)?;
                 swiglu::backward(gpu, &mut da, &mut db, &dh, a, b, false)?;
                 let x = Prepared::of(gpu, ffn_linears, &pass.ffn_normed)?;
                 let dx = &mut dffn_normed;
+                let (w1d, w3d) = (self.weight(gpu, at(W1), w1)?, self.weight(gpu, at(W3), w3)?);
+                let (w1, w3) = (w1d.whole(w1), w3d.whole(w3));
                 linear_backward(gpu, at(W1), dx, true, g1, &da, x.whole(), w1, (h, d))?;
                 linear_backward(gpu, at(W3), dx, true, g3, &db, x.whole(), w3, (h, d))?;
                 gpu.span_end(dense_span)?;
@@ -1032,7 +1080,8 @@ impl DeviceModel {
             &mut grads.wo,
             dres,
             (&pass.attention_out).into(),
-            &block.wo,
+            self.weight(gpu, attention_linears.at(WO), &block.wo)?
+                .whole(&block.wo),
             (h, h),
         )?;
         gpu.span_end(out_span)?;
@@ -1104,7 +1153,8 @@ impl DeviceModel {
             &mut grads.wq,
             &dq,
             x.whole(),
-            &block.wq,
+            self.weight(gpu, attention_linears.at(WQ), &block.wq)?
+                .whole(&block.wq),
             (h, h),
         )?;
         linear_backward(
@@ -1115,7 +1165,8 @@ impl DeviceModel {
             &mut grads.wk,
             &dk,
             x.whole(),
-            &block.wk,
+            self.weight(gpu, attention_linears.at(WK), &block.wk)?
+                .whole(&block.wk),
             (h, kv),
         )?;
         linear_backward(
@@ -1126,7 +1177,8 @@ impl DeviceModel {
             &mut grads.wv,
             &dv,
             x.whole(),
-            &block.wv,
+            self.weight(gpu, attention_linears.at(WV), &block.wv)?
+                .whole(&block.wv),
             (h, kv),
         )?;
         drop(x);
@@ -1157,7 +1209,7 @@ fn linear_backward(
     dw: &mut CudaSlice<f32>,
     dy: &CudaSlice<f32>,
     x: Input<'_>,
-    w: &CudaSlice<f32>,
+    w: Input<'_>,
     (in_dim, out_dim): (usize, usize),
 ) -> Result<()> {
     let rows = dy.len() / out_dim;

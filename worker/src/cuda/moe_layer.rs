@@ -4,7 +4,7 @@
 //! its contiguous segment of rows (cuBLASLt, TF32 or bf16) → unpermute with the gates
 //! → plus the shared experts. Dropless: every routed row is computed.
 
-use super::matmul::{self, Arithmetic, Prepared};
+use super::matmul::{self, Arithmetic, Derived, Prepared, WeightCache};
 use super::{Gpu, Result, dispatch, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
@@ -14,6 +14,7 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::routing::{Routing, scores_backward};
 use moe_kernels::cudarc::driver::CudaSlice;
 use std::ops::Range;
+use std::rc::Rc;
 
 /// A layer's weights and selection bias on the device.
 pub struct DeviceMoeLayer {
@@ -29,6 +30,9 @@ pub struct DeviceMoeLayer {
     shared_w3: CudaSlice<f32>,
     shared_w2: CudaSlice<f32>,
     selection_bias: CudaSlice<f32>,
+    /// The expert weights as the step's GEMMs read them (bf16 or FP8),
+    /// cleared whenever the weights can change (`&mut self`).
+    derived: WeightCache,
 }
 
 /// The forward pass's output and what a backward pass will need.
@@ -175,6 +179,7 @@ impl DeviceMoeLayer {
             shared_w3: gpu.upload(&p.shared_w3)?,
             shared_w2: gpu.upload(&p.shared_w2)?,
             selection_bias: gpu.upload(&layer.selection_bias)?,
+            derived: WeightCache::default(),
         })
     }
 
@@ -233,6 +238,24 @@ pub(crate) struct RoutedWeights<'a> {
     pub w1: &'a CudaSlice<f32>,
     pub w3: &'a CudaSlice<f32>,
     pub w2: &'a CudaSlice<f32>,
+    /// The layer's cache of what GEMMs derive from these weights, if kept.
+    pub derived: Option<&'a WeightCache>,
+}
+
+impl RoutedWeights<'_> {
+    /// `w` (one of these weights) as GEMMs in `arithmetic` read it: from
+    /// the layer's cache when it keeps one, else made here.
+    fn derived(
+        &self,
+        gpu: &Gpu,
+        arithmetic: Arithmetic<'_>,
+        w: &CudaSlice<f32>,
+    ) -> Result<Rc<Derived>> {
+        match self.derived {
+            Some(cache) => cache.get(gpu, arithmetic, w),
+            None => Ok(Rc::new(Derived::of(gpu, arithmetic, w)?)),
+        }
+    }
 }
 
 /// The routed experts' pass over `x`, and what a backward pass needs.
@@ -353,17 +376,26 @@ pub(crate) fn expert_mlps(
     let mut h = gpu.output::<f32>(rows * inner)?;
     let mut expert_out = rows_of(hidden)?;
     let size = inner * hidden;
+    // The weights as the GEMMs read them (made once a step: WeightCache).
+    let derive = |w| weights.derived(gpu, arithmetic, w);
+    let (w1, w3, w2) = (
+        derive(weights.w1)?,
+        derive(weights.w3)?,
+        derive(weights.w2)?,
+    );
     // Each expert's rows feed its gate and up projections: rounded once.
     let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
     let x = Prepared::of(gpu, arithmetic, permuted)?;
     for &(e, start, len) in segments {
-        for (out, w, linear) in [(&mut a, weights.w1, W1), (&mut b, weights.w3, W3)] {
+        for (out, w, derived, linear) in
+            [(&mut a, weights.w1, &w1, W1), (&mut b, weights.w3, &w3, W3)]
+        {
             matmul::forward_view(
                 gpu,
                 arithmetic.at(MLP_LINEARS * e + linear),
                 &mut out.slice_mut(start * inner..(start + len) * inner),
                 x.input(start * hidden..(start + len) * hidden),
-                &w.slice(e * size..(e + 1) * size),
+                derived.input(w, e * size..(e + 1) * size),
                 hidden,
                 inner,
                 false,
@@ -380,7 +412,7 @@ pub(crate) fn expert_mlps(
             arithmetic.at(MLP_LINEARS * e + W2),
             &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
             &h.slice(start * inner..(start + len) * inner),
-            &weights.w2.slice(e * size..(e + 1) * size),
+            w2.input(weights.w2, e * size..(e + 1) * size),
             inner,
             hidden,
             false,
@@ -448,6 +480,7 @@ impl DeviceMoeLayer {
             w1: &self.w1,
             w3: &self.w3,
             w2: &self.w2,
+            derived: Some(&self.derived),
         }
     }
 
@@ -471,28 +504,31 @@ impl DeviceMoeLayer {
         let mut sh = gpu.output::<f32>(tokens * width)?;
         let x = Prepared::of(gpu, arithmetic, x)?;
         let at = |i| arithmetic.at(self.shared_linears() + i);
+        let derive = |w| self.derived.get(gpu, arithmetic, w);
         for (out, w, linear) in [
             (&mut sa, &self.shared_w1, W1),
             (&mut sb, &self.shared_w3, W3),
         ] {
+            let w_derived = derive(w)?;
             matmul::forward_view(
                 gpu,
                 at(linear),
                 &mut out.slice_mut(..),
                 x.whole(),
-                &w.slice(..),
+                w_derived.whole(w),
                 hidden,
                 width,
                 false,
             )?;
         }
         swiglu::forward(gpu, &mut sh, &sa, &sb)?;
+        let w2 = derive(&self.shared_w2)?;
         matmul::forward_view(
             gpu,
             at(W2),
             &mut output.slice_mut(..),
             &sh.slice(..),
-            &self.shared_w2.slice(..),
+            w2.whole(&self.shared_w2),
             width,
             hidden,
             true,
@@ -578,13 +614,15 @@ impl DeviceMoeLayer {
             Prepared::of(gpu, arithmetic, x)?,
         );
         let at = |i| arithmetic.at(self.shared_linears() + i);
+        let derive = |w| self.derived.get(gpu, arithmetic, w);
+        let w2 = derive(&self.shared_w2)?;
         matmul::gemm(
             gpu,
             at(W2),
             &mut dsh.slice_mut(..),
             dout.whole(),
             false,
-            &self.shared_w2.slice(..),
+            w2.whole(&self.shared_w2),
             false,
             (tokens, width, hidden),
             false,
@@ -608,13 +646,14 @@ impl DeviceMoeLayer {
             (&dsb, &self.shared_w3, &mut grads.shared_w3, W3),
         ] {
             let d = Prepared::of(gpu, arithmetic, d)?;
+            let w_derived = derive(w)?;
             matmul::gemm(
                 gpu,
                 at(linear),
                 &mut dx.slice_mut(..),
                 d.whole(),
                 false,
-                &w.slice(..),
+                w_derived.whole(w),
                 false,
                 (tokens, hidden, width),
                 true,
@@ -737,9 +776,16 @@ pub(crate) fn expert_mlps_backward(
     // `da`, `db` and `input` feed two each below: each rounded once.
     let mut dh = rows_of(inner)?;
     let dy = Prepared::of(gpu, arithmetic, dy)?;
+    // The weights as the GEMMs read them (made once a step: WeightCache).
+    let derive = |w| weights.derived(gpu, arithmetic, w);
+    let (w1, w3, w2) = (
+        derive(weights.w1)?,
+        derive(weights.w3)?,
+        derive(weights.w2)?,
+    );
     for &(e, start, len) in segments {
         let dy_e = dy.input(start * hidden..(start + len) * hidden);
-        let w2_e = weights.w2.slice(e * size..(e + 1) * size);
+        let w2_e = w2.input(weights.w2, e * size..(e + 1) * size);
         let h_e = mlps.h.slice(start * inner..(start + len) * inner);
         let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
         let down = arithmetic.at(MLP_LINEARS * e + W2);
@@ -749,7 +795,7 @@ pub(crate) fn expert_mlps_backward(
             &mut dh_e,
             dy_e.clone(),
             false,
-            &w2_e,
+            w2_e,
             false,
             (len, inner, hidden),
             false,
@@ -785,9 +831,9 @@ pub(crate) fn expert_mlps_backward(
     for &(e, start, len) in segments {
         let wide = start * hidden..(start + len) * hidden;
         let mut dx_e = dinput.slice_mut(wide.clone());
-        for (i, (d, w, g, linear)) in [
-            (&da, weights.w1, &mut grads.w1, W1),
-            (&db, weights.w3, &mut grads.w3, W3),
+        for (i, (d, (w, derived), g, linear)) in [
+            (&da, (weights.w1, &w1), &mut grads.w1, W1),
+            (&db, (weights.w3, &w3), &mut grads.w3, W3),
         ]
         .into_iter()
         .enumerate()
@@ -800,7 +846,7 @@ pub(crate) fn expert_mlps_backward(
                 &mut dx_e,
                 d_e.clone(),
                 false,
-                &w.slice(e * size..(e + 1) * size),
+                derived.input(w, e * size..(e + 1) * size),
                 false,
                 (len, hidden, inner),
                 i > 0,
@@ -851,6 +897,7 @@ macro_rules! moe_tensors {
             }
 
             fn tensors_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+                self.weights_may_change();
                 let mut list = vec![&mut self.router, &mut self.w1, &mut self.w3, &mut self.w2];
                 if !self.shared_w1.is_empty() {
                     list.extend([
@@ -867,6 +914,23 @@ macro_rules! moe_tensors {
 
 moe_tensors!(DeviceMoeLayer);
 moe_tensors!(DeviceMoeGrads);
+
+impl DeviceMoeLayer {
+    /// Forgets what the GEMMs derived from the weights (they, or the FP8
+    /// scales their codes were made with, are about to change).
+    pub(crate) fn forget_derived(&mut self) {
+        self.derived.clear();
+    }
+
+    fn weights_may_change(&mut self) {
+        self.forget_derived();
+    }
+}
+
+impl DeviceMoeGrads {
+    /// Nothing is derived from gradients.
+    fn weights_may_change(&mut self) {}
+}
 
 #[cfg(test)]
 mod tests {

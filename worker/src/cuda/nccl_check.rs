@@ -201,7 +201,8 @@ fn overlapped_mean(gpu: &Gpu, comm: &NcclCollective, checks: &mut Vec<Check>) {
             }
             Ok(all)
         };
-        let zeros = || DeviceGradients::zeros_like(gpu, &device.weights).map_err(|e| e.to_string());
+        let zeros =
+            || DeviceGradients::zeros_like(gpu, device.weights()).map_err(|e| e.to_string());
         let mut plain = zeros()?;
         device
             .backward(gpu, &pass, &mut plain)

@@ -199,6 +199,8 @@ impl DeviceMoe {
             w1: &self.w1,
             w3: &self.w3,
             w2: &self.w2,
+            // Serving multiplies in TF32: nothing is derived.
+            derived: None,
         }
     }
 

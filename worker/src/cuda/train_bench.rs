@@ -151,7 +151,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         trainer.model().forward(gpu, &batch, &batch).map(drop)
     })?;
     figures.push(share("  of which forward pass", forward_ms, ms));
-    let mut grads = super::model::DeviceGradients::zeros_like(gpu, &trainer.model().weights)?;
+    let mut grads = super::model::DeviceGradients::zeros_like(gpu, trainer.model().weights())?;
     let forward_backward_ms = time_runs(gpu, 1, 2, || {
         let pass = trainer.model().forward(gpu, &batch, &batch)?;
         trainer.model().backward(gpu, &pass, &mut grads)
@@ -174,7 +174,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     // The last block's feed-forward layer: an MoE layer's arithmetic.
     let linear = trainer.model().block_linears(config.layers - 1).1;
     let (moe_forward_ms, moe_backward_ms) =
-        match trainer.model().weights.blocks.last().map(|b| &b.ffn) {
+        match trainer.model().weights().blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
                 let forward = time_runs(gpu, 1, 2, || {
                     layer
@@ -208,7 +208,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     let mut losses = gpu.output::<f32>(n)?;
     let head = trainer.model().head();
     let head_ms = time_runs(gpu, 1, 2, || {
-        let w = &trainer.model().weights.lm_head;
+        let w = &trainer.model().weights().lm_head;
         super::matmul::forward(gpu, head, &mut logits, &x, w, config.hidden, config.vocab)?;
         super::cross_entropy::forward(
             gpu,

@@ -202,7 +202,7 @@ fn one_batch(
     let mut device = DeviceModel::upload(gpu, model)?;
     device.set_attention_kernel(attention);
     let pass = device.forward(gpu, &batch.inputs, &batch.targets)?;
-    let mut grads = super::model::DeviceGradients::zeros_like(gpu, &device.weights)?;
+    let mut grads = super::model::DeviceGradients::zeros_like(gpu, device.weights())?;
     device.backward(gpu, &pass, &mut grads)?;
     checks.push(close_to_scale(
         "model.cross_entropy",
@@ -263,7 +263,7 @@ fn recomputed_blocks(
     let mut runs = Vec::new();
     for memory in [ActivationMemory::KeepAll, ActivationMemory::RecomputeBlocks] {
         let pass = device.forward_with(gpu, &batch.inputs, &batch.targets, memory)?;
-        let mut grads = super::model::DeviceGradients::zeros_like(gpu, &device.weights)?;
+        let mut grads = super::model::DeviceGradients::zeros_like(gpu, device.weights())?;
         device.backward(gpu, &pass, &mut grads)?;
         let values: Vec<u32> = grads
             .to_host(gpu, config)?
@@ -344,6 +344,29 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
     )?);
 
     checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
+
+    // Two steps of bf16 trainers: a step's GEMMs round each weight once
+    // (WeightCache) and the optimizer must make them round it again (a
+    // stale copy would replay the first step's weights in the second).
+    let mut cpu_bf16 = Trainer::new(
+        bf16.config().clone(),
+        settings.clone(),
+        loader(&config, &settings),
+    );
+    let mut device_bf16 =
+        DeviceTrainer::new(gpu, &bf16, settings.clone(), loader(&config, &settings))?;
+    for step in 1..=2 {
+        let cpu = cpu_bf16.step(&|| false).expect("never stopped");
+        let device = device_bf16.step(&|| false)?.expect("never stopped");
+        checks.push(close_to_scale(
+            "trainer.loss",
+            &format!("bf16 GEMMs, step {step}"),
+            &[device.loss as f32],
+            &[cpu.loss as f32],
+            1e-3,
+        ));
+    }
+    drop((cpu_bf16, device_bf16));
 
     // Three optimizer steps of each trainer from the same start. After the
     // first, the weights differ in the last bits, so a router near-tie may

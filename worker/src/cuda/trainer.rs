@@ -48,7 +48,7 @@ impl<'g> DeviceTrainer<'g> {
         data: DataLoader,
     ) -> Result<Self> {
         let device = DeviceModel::upload(gpu, model)?;
-        let zeros = || DeviceGradients::zeros_like(gpu, &device.weights);
+        let zeros = || DeviceGradients::zeros_like(gpu, device.weights());
         Ok(Self {
             grads: zeros()?,
             first_moment: zeros()?,
@@ -301,7 +301,7 @@ impl<'g> DeviceTrainer<'g> {
         let adamw_span = gpu.span_start("step.adamw")?;
         let tensors = self
             .model
-            .weights
+            .weights_mut()
             .tensors_mut()
             .into_iter()
             .zip(self.grads.tensors())
