@@ -930,18 +930,7 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             ),
         ] {
             let cpu = Fp8Matrix::quantize(&m, rows, cols, cpu_tile);
-            let (op_rows, op_cols) = if transposed {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            };
-            let operand = fp8::Operand {
-                rows: op_rows,
-                cols: op_cols,
-                transposed,
-                stride: op_cols.next_multiple_of(TILE),
-                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
-            };
+            let operand = stored_operand(rows, cols, transposed);
             let device = fp8::quantize_operand(
                 gpu,
                 &gpu.upload(&m)?.slice(..),
@@ -962,6 +951,23 @@ fn check_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
         }
     }
     Ok(checks)
+}
+
+/// The FP8 GEMM operand of a stored `[rows, cols]` matrix, quantised along
+/// its rows or (`transposed`) its columns, padded as [`matmul::gemm`] pads.
+fn stored_operand(rows: usize, cols: usize, transposed: bool) -> fp8::Operand {
+    let (op_rows, op_cols) = if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    fp8::Operand {
+        rows: op_rows,
+        cols: op_cols,
+        transposed,
+        stride: op_cols.next_multiple_of(TILE),
+        padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
+    }
 }
 
 /// An FP8 GEMM operand's codes in the stored matrix's orientation against
@@ -1730,18 +1736,7 @@ fn check_fp8_tensorwise(gpu: &Gpu) -> Result<Vec<Check>> {
         for transposed in [false, true] {
             let scales = super::fp8_delayed::DelayedScales::new(gpu, 1)?;
             let m_d = gpu.upload(&m)?;
-            let (op_rows, op_cols) = if transposed {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            };
-            let operand = fp8::Operand {
-                rows: op_rows,
-                cols: op_cols,
-                transposed,
-                stride: op_cols.next_multiple_of(TILE),
-                padded_rows: op_rows.next_multiple_of(matmul::FP8_ROWS),
-            };
+            let operand = stored_operand(rows, cols, transposed);
             let role = crate::fp8::Role::Input;
             let scale = scales.scale(gpu, 0, role, &m_d.slice(..))?;
             let want_scale =
