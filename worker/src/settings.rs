@@ -345,18 +345,6 @@ fn training_settings(
             micro_batch * shards
         ),
     )?;
-    // The tensorwise recipe's amax histories would be each rank's own, so
-    // replicas would quantise differently and drift apart; reducing them
-    // (an all-reduce max) is not wired in yet.
-    require(
-        world_size == 1
-            || !spec.precision.fp8.enabled
-            || spec.precision.fp8.recipe != Fp8Recipe::Tensorwise,
-        "training.precision.fp8.recipe",
-        format!(
-            "is tensorwise, but its amax histories are not shared between data-parallel ranks yet ({world_size} ranks, parallelism); use the blockwise recipe or one process"
-        ),
-    )?;
     let seed = u64::try_from(spec.seed).map_err(|_| {
         SettingsError::new(
             "training.seed",
@@ -553,11 +541,14 @@ mod tests {
         let (field, problem) = refusal(|c| c["parallelism"]["processesPerNode"] = 8.into());
         assert_eq!(field, "training.globalBatchSize");
         assert!(problem.contains("use a multiple of 16"), "{problem}");
-        let (field, _) = refusal(|c| {
+        // The tensorwise recipe's amaxes are shared between ranks (a max
+        // over the world each step): accepted with several.
+        let tensorwise = TrainSettings::from_config(&config(|c| {
             c["parallelism"]["nodes"] = 2.into();
             c["training"]["precision"] = json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
-        });
-        assert_eq!(field, "training.precision.fp8.recipe");
+        }))
+        .expect("tensorwise FP8 on two nodes");
+        assert_eq!(tensorwise.world_size, 2);
     }
 
     #[test]

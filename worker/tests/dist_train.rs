@@ -16,6 +16,16 @@ const STEPS: usize = 4;
 /// updates read the summed expert loads; the aux loss is averaged), on
 /// `ranks` data-parallel ranks with `micro` sequences per micro-batch.
 fn settings(ranks: usize, global_batch: usize, micro: usize) -> TrainSettings {
+    settings_in(ranks, global_batch, micro, json!({}))
+}
+
+/// [`settings`] with `training.precision` set to `precision`.
+fn settings_in(
+    ranks: usize,
+    global_batch: usize,
+    micro: usize,
+    precision: serde_json::Value,
+) -> TrainSettings {
     let config = json!({
         "job": "local/dp",
         "model": {
@@ -30,7 +40,8 @@ fn settings(ranks: usize, global_batch: usize, micro: usize) -> TrainSettings {
         "training": {
             "steps": STEPS, "globalBatchSize": global_batch, "microBatchSize": micro, "seed": 7,
             "optimizer": {"learningRate": 0.01, "minLearningRate": 0.001, "warmupSteps": 1,
-                          "gradClip": 1.0}
+                          "gradClip": 1.0},
+            "precision": precision
         },
         "parallelism": {"processesPerNode": ranks},
         "checkpoint": {"dir": "unused", "intervalSteps": 100, "keep": 1, "resume": "Never"},
@@ -201,4 +212,55 @@ fn two_ranks_of_two_micro_batches_match_one_process_of_four() {
 fn four_ranks_match_one_process() {
     let one = alone(&settings(1, 8, 2));
     compare(&one, &data_parallel(&settings(4, 8, 2), 4));
+}
+
+/// Tensorwise FP8 over two ranks: each sees half the global batch, and the
+/// ranks take the world's amaxes at the end of every step, so after a step
+/// every rank keeps the amax histories one process training the whole batch
+/// keeps, bit for bit (before the first update the weights are the same, and
+/// each micro-batch's tensors are computed the same way on both). Without
+/// the exchange each rank's activation histories would hold its own half's
+/// largest values. Then the replicas train on in step: identical weights.
+#[test]
+fn tensorwise_fp8_ranks_keep_the_amax_histories_of_one_process() {
+    let fp8 = || json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
+    let mut one = trainer(&settings_in(1, 4, 2, fp8()));
+    one.step(&|| false).expect("not stopped");
+    let want = one.model().fp8_histories();
+    assert!(
+        want.iter().flatten().all(|h| h.len() <= 1) && want.iter().flatten().any(|h| h.len() == 1),
+        "one step: at most one amax per history"
+    );
+    let replicas = world(2, |mut group| {
+        let mut t = trainer(&settings_in(2, 4, 2, fp8()));
+        t.step_with(&|| false, &mut group)
+            .expect("collectives")
+            .expect("not stopped");
+        let histories = t.model().fp8_histories();
+        for _ in 1..STEPS {
+            t.step_with(&|| false, &mut group)
+                .expect("collectives")
+                .expect("not stopped");
+        }
+        (histories, weights(&t))
+    });
+    let as_bits = |histories: &[[Vec<f32>; 3]]| -> Vec<Vec<u32>> {
+        histories
+            .iter()
+            .flatten()
+            .map(|h| h.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    for (rank, (histories, weights)) in replicas.iter().enumerate() {
+        assert_eq!(
+            as_bits(histories),
+            as_bits(&want),
+            "rank {rank}: histories after step 1"
+        );
+        assert_eq!(
+            bits(weights),
+            bits(&replicas[0].1),
+            "rank {rank}: weights after {STEPS} steps"
+        );
+    }
 }

@@ -103,6 +103,26 @@ impl DelayedScales {
         Ok(scale)
     }
 
+    /// The amaxes observed this step, one per tensor (input, weight, output
+    /// gradient of each linear layer; 0 for a tensor not seen): the CPU
+    /// model's `fp8_observed` layout.
+    pub fn observed(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        Ok(gpu
+            .download(&self.observed)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect())
+    }
+
+    /// Replaces the amaxes observed this step by `amaxes` (as
+    /// [`Self::observed`] lists them): the world's, each at least this
+    /// rank's, after an all-reduce max.
+    pub fn set_observed(&mut self, gpu: &Gpu, amaxes: &[f32]) -> Result<()> {
+        assert_eq!(amaxes.len(), 3 * self.linears, "one amax per scaled tensor");
+        let bits: Vec<u32> = amaxes.iter().map(|a| a.to_bits()).collect();
+        Ok(gpu.stream().memcpy_htod(&bits, &mut self.observed)?)
+    }
+
     /// Ends a training step (`DelayedScale::advance` for every tensor).
     pub fn advance(&mut self, gpu: &Gpu) -> Result<()> {
         let tensors = 3 * self.linears;

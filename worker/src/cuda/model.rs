@@ -505,6 +505,13 @@ impl DeviceModel {
         self.scales.as_ref()
     }
 
+    /// The delayed scales, to share this step's amaxes with other ranks
+    /// (what the GEMMs derived from the weights stays: the scales change
+    /// only at [`Self::advance_fp8_scales`]).
+    pub fn delayed_scales_mut(&mut self) -> Option<&mut DelayedScales> {
+        self.scales.as_mut()
+    }
+
     /// Ends a training step for the tensorwise FP8 recipe (as
     /// [`Model::advance_fp8_scales`]); nothing for the other precisions.
     pub fn advance_fp8_scales(&mut self, gpu: &Gpu) -> Result<()> {

@@ -281,6 +281,14 @@ impl<'g> DeviceTrainer<'g> {
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
             aux_loss = host_parallel::mean(world, aux_loss / micro_steps)? * micro_steps;
             tokens *= world.size();
+            // Tensorwise FP8: every rank's histories take the world's amaxes,
+            // as the CPU trainer's do (3 floats per linear layer, through
+            // host memory once a step).
+            if let Some(scales) = self.model.delayed_scales_mut() {
+                let mut amaxes = scales.observed(gpu)?;
+                world.all_reduce_max(&mut amaxes)?;
+                scales.set_observed(gpu, &amaxes)?;
+            }
         }
         let grad_norm = squares.sqrt() / micro_steps;
         let clip = settings.optimizer.grad_clip;

@@ -56,6 +56,11 @@ impl DelayedScale {
         }
     }
 
+    /// The largest amax observed this step (0 when none was).
+    pub fn observed(&self) -> f32 {
+        f32::from_bits(self.observed.load(Ordering::Relaxed))
+    }
+
     /// Ends a step: the step's amax (if the tensor was seen) joins the
     /// history, the oldest entry leaving once there are [`HISTORY_LEN`].
     pub fn advance(&mut self) {

@@ -16,6 +16,7 @@ use std::ops::Range;
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
+use crate::fp8::DelayedScale;
 use crate::linear::{Linear, Linears};
 use crate::memory::HeldBytes;
 use crate::model::block::{BlockContext, FeedForwardPass};
@@ -283,6 +284,33 @@ impl<T: Scalar> Model<T> {
             .flat_map(BlockScales::layers)
             .map(|l| [&l.input, &l.weight, &l.grad_output].map(|s| s.history().collect()))
             .collect()
+    }
+
+    /// The amaxes observed this step (input, weight, output gradient of
+    /// every linear layer, as [`Self::fp8_histories`] lists them; 0 for a
+    /// tensor not seen); empty for the other precisions.
+    pub fn fp8_observed(&self) -> Vec<f32> {
+        self.scales
+            .iter()
+            .flat_map(BlockScales::layers)
+            .flat_map(|l| [&l.input, &l.weight, &l.grad_output].map(DelayedScale::observed))
+            .collect()
+    }
+
+    /// Observes `amaxes` (laid out as [`Self::fp8_observed`]): the
+    /// world's, after an all-reduce max, so that every rank's histories
+    /// are the ones a single process would keep.
+    pub fn observe_fp8(&self, amaxes: &[f32]) {
+        let scales: Vec<&DelayedScale> = self
+            .scales
+            .iter()
+            .flat_map(BlockScales::layers)
+            .flat_map(|l| [&l.input, &l.weight, &l.grad_output])
+            .collect();
+        assert_eq!(scales.len(), amaxes.len(), "one amax per scaled tensor");
+        for (scale, &amax) in scales.into_iter().zip(amaxes) {
+            scale.observe(amax);
+        }
     }
 
     /// Ends a training step for the tensorwise FP8 recipe: the amaxes the

@@ -271,6 +271,14 @@ impl Trainer {
             acc.loss = data_parallel::mean(world, acc.loss / micro_steps)? * micro_steps;
             acc.aux_loss = data_parallel::mean(world, acc.aux_loss / micro_steps)? * micro_steps;
             acc.tokens *= world.size();
+            // Tensorwise FP8: every rank's histories take the world's
+            // amaxes (each rank saw its own shard, slice or experts), so
+            // they are the ones one process would keep.
+            let mut amaxes = self.model.fp8_observed();
+            if !amaxes.is_empty() {
+                world.all_reduce_max(&mut amaxes)?;
+                self.model.observe_fp8(&amaxes);
+            }
         }
         Ok(Some(self.apply(acc, grad_norm)))
     }
