@@ -657,11 +657,23 @@ async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -
                 format!("{} {phase:?} on {node:?}", p.name_any())
             })
             .collect::<Vec<_>>();
+        // And why the operator counted what it did: its events on the job
+        // (GangRestart names the cause and whether it was counted).
+        let events: Api<Event> = Api::namespaced(admin_client().await?, &ns.name);
+        let reasons: Vec<String> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("mid"))
+            .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect();
         bail!(
-            "attempt {}, phase {:?}, restarts {}; Jobs {attempts:?}; attempt-1 pods {new_pods:?}",
+            "attempt {}, phase {:?}, restarts {}, disruptions {}; Jobs {attempts:?}; attempt-1 pods {new_pods:?}; events {reasons:?}",
             s.attempt,
             s.phase,
-            s.restarts
+            s.restarts,
+            s.disruptions
         )
     })
     .await?;
