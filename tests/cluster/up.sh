@@ -194,7 +194,11 @@ options:
   cidr: 127.244.0.0/16
   manageAllNodes: false
   manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
-  nodeLeaseDurationSeconds: 40
+  # Leases renew every quarter of this: every 5 s, four renewals inside the
+  # controller-manager's 20 s node-monitor grace period, so a starved 2-core
+  # host (tests compiling beside the cluster) does not see a node go NotReady
+  # and its pods disrupted by a renewal 10 s late (with 40: one renewal a grace).
+  nodeLeaseDurationSeconds: 20
   # kwok applies its defaults only to a config it generates itself; set the
   # parallelism it refuses to start without.
   podPlayStageParallelism: 4
