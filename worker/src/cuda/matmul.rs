@@ -12,6 +12,12 @@
 //! [`Arithmetic::Fp8`] quantises both operands to E4M3 with block scales
 //! and runs cuBLASLt's block-scaled FP8 GEMM (see [`gemm`]): the CPU's
 //! [`crate::fp8::gemm`] on the same codes and scales.
+//! [`Arithmetic::Fp8Delayed`] does the same with one delayed scale per
+//! tensor (the tensorwise recipe, [`super::fp8_delayed`]).
+//!
+//! An operand read by several GEMMs is rounded or quantised once for all
+//! of them ([`Prepared`]); a weight, once per optimizer step
+//! ([`WeightCache`]).
 
 use super::fp8::{self, DeviceFp8, ScaleLayout};
 use super::fp8_delayed::DelayedScales;

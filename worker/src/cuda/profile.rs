@@ -25,7 +25,7 @@ pub struct Profile {
     spans: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
 }
 
-/// A span begun by [`Gpu::span_start`]: nothing while profiling is off.
+/// A span begun by `Gpu::span_start`: nothing while profiling is off.
 #[must_use = "a span is recorded when it is handed to Gpu::span_end"]
 pub struct Started(Option<(&'static str, CudaEvent)>);
 

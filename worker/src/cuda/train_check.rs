@@ -70,7 +70,7 @@ fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
 /// FP8 with the tensorwise recipe in the whole model: one batch (each
 /// tensor scaled by its own amax: no history yet) against the CPU's
 /// tensorwise model, then one optimizer step of each trainer
-/// ([`tensorwise_histories`]).
+/// (`tensorwise_histories`).
 pub fn check_training_tensorwise(gpu: &Gpu) -> Result<Vec<Check>> {
     let (config, settings) = (config(), settings());
     let mut tensorwise = config;
