@@ -128,13 +128,19 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         active as f64 / 1e9
     );
     // A timed step: its tokens/s, the ratio to a baseline, and its MFU.
-    let step_figure = |name: String, step_ms: f64, (baseline, ratio): (&str, f64)| Figure {
-        name,
-        ms: step_ms,
-        value: tokens / (step_ms * 1e-3),
-        unit: "tok/s",
-        ratio: Some((baseline.into(), ratio)),
-        of_datasheet: Some(flops_per_token * tokens / (step_ms * 1e-3) / H200_BF16_DENSE_FLOPS),
+    // Each also printed when measured: a run cut short by its time limit
+    // keeps the steps it timed in its log.
+    let step_figure = |name: String, step_ms: f64, (baseline, ratio): (&str, f64)| {
+        let figure = Figure {
+            name,
+            ms: step_ms,
+            value: tokens / (step_ms * 1e-3),
+            unit: "tok/s",
+            ratio: Some((baseline.into(), ratio)),
+            of_datasheet: Some(flops_per_token * tokens / (step_ms * 1e-3) / H200_BF16_DENSE_FLOPS),
+        };
+        announce(&figure);
+        figure
     };
     let mut figures = vec![step_figure(
         format!("training step, {params}, TF32, GEMM attention (loss {loss:.3})"),
@@ -420,7 +426,23 @@ fn phase_figures(gpu: &Gpu, trainer: &mut DeviceTrainer<'_>, name: &str) -> Resu
         )
     }));
     figures.push(share("    outside every span", step_ms - covered, step_ms));
+    figures.iter().for_each(announce);
     Ok(figures)
+}
+
+/// Prints a figure as soon as it is measured (stderr, into gpu-check.log).
+fn announce(figure: &Figure) {
+    eprintln!(
+        "bench: {}: {:.3} ms, {:.1} {}{}",
+        figure.name,
+        figure.ms,
+        figure.value,
+        figure.unit,
+        figure.of_datasheet.map_or(String::new(), |r| format!(
+            ", {:.1}% of the datasheet",
+            100.0 * r
+        ))
+    );
 }
 
 /// A part of the step: its milliseconds and its share of the step's.
