@@ -78,7 +78,17 @@ phase up tests/cluster/up.sh
 source tests/cluster/.state/env
 # The e2e tests run the real operator binary as a process.
 phase e2e-build cargo build --locked -p moe-operator
-phase e2e tested cargo test --locked -p moe-e2e -- --test-threads=12
+# When an e2e test fails, what the control plane did that a test did not ask
+# for (pods evicted from nodes that went NotReady on a starved host) and what
+# the operators warned about, before down.sh moves the logs away.
+e2e_diagnosis() {
+  local logs=tests/cluster/.state/logs
+  echo "=== e2e failed: evictions by the controller-manager, then operator warnings" >&2
+  grep -hE 'Deleting pod|NotReady|Marking' "$logs/kube-controller-manager.log" 2>/dev/null | tail -n 20 >&2 || true
+  grep -HE 'WARN|ERROR' "$logs"/operator-*.log 2>/dev/null | tail -n 40 >&2 || true
+  return 1
+}
+phase e2e tested cargo test --locked -p moe-e2e -- --test-threads=12 || e2e_diagnosis
 # Least privilege, from the apiserver's audit trail of the suites above: every
 # permission the chart grants the operator was used, and none was refused.
 phase rbac tested cargo test --locked -p moe-e2e --test rbac -- --ignored

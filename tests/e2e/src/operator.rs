@@ -159,7 +159,11 @@ impl Operator {
             serde_json::to_string_pretty(&crate::token_kubeconfig(token.trim())?)?,
         )?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let log = std::fs::File::create(state.join("logs").join(format!("{name}.log")))?;
+        // Appended to: a test that restarts its operator keeps both runs' logs.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("logs").join(format!("{name}.log")))?;
         let child = Command::new(operator_binary()?)
             .args([
                 "--watch-namespace",
