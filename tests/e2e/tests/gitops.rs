@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -203,7 +203,28 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
     let _op = Operator::start(n).await?;
     eventually("attempt 1 to run", WAIT, || async {
         let s = jobs.get("life").await?.status.unwrap_or_default();
-        Ok((s.attempt == 1 && s.phase == Some(TrainingPhase::Running)).then_some(()))
+        if s.attempt == 1 && s.phase == Some(TrainingPhase::Running) {
+            return Ok(Some(()));
+        }
+        // Not yet: say where it is, so a timeout shows where it stuck.
+        let states: Vec<String> = pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                format!("{} {phase:?} on {node:?}", p.name_any())
+            })
+            .collect();
+        bail!(
+            "attempt {}, phase {:?}, restarts {}, disruptions {}; pods {states:?}",
+            s.attempt,
+            s.phase,
+            s.restarts,
+            s.disruptions
+        )
     })
     .await?;
     expect(n, "life", "resumed", ["Current", "", "Healthy", ""])?;
