@@ -198,12 +198,17 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     }
 
     let Some(cur) = current else {
-        // No attempt running: start one. A fresh job starts at 0; after a
-        // suspension (or any other teardown) the next number is used.
+        // No attempt in the store: start one. A fresh job starts at 0, a
+        // resumed one at the next number. Otherwise the status names the
+        // attempt this run already started: an earlier reconcile created its
+        // Job and the store has not seen it yet (a resume, then the status
+        // update's own reconcile arriving first), so the same number again
+        // (its create answers 409) rather than a second attempt beside it.
         let attempt = match (newest_attempt, old.phase) {
             (Some(n), _) => n + 1,
             (None, None) => 0,
-            (None, Some(_)) => old.attempt + 1,
+            (None, Some(TrainingPhase::Suspended)) => old.attempt + 1,
+            (None, Some(_)) => old.attempt,
         };
         plan.create = Some((attempt, counters));
         plan.status.attempt = attempt;
