@@ -1152,42 +1152,28 @@ impl DeviceModel {
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         // The normed input feeds the three weight gradients.
         let x = Prepared::of(gpu, attention_linears, &pass.attention_normed)?;
-        linear_backward(
-            gpu,
-            attention_linears.at(WQ),
-            &mut dnormed,
-            false,
-            &mut grads.wq,
-            &dq,
-            x.whole(),
-            self.weight(gpu, attention_linears.at(WQ), &block.wq)?
-                .whole(&block.wq),
-            (h, h),
-        )?;
-        linear_backward(
-            gpu,
-            attention_linears.at(WK),
-            &mut dnormed,
-            true,
-            &mut grads.wk,
-            &dk,
-            x.whole(),
-            self.weight(gpu, attention_linears.at(WK), &block.wk)?
-                .whole(&block.wk),
-            (h, kv),
-        )?;
-        linear_backward(
-            gpu,
-            attention_linears.at(WV),
-            &mut dnormed,
-            true,
-            &mut grads.wv,
-            &dv,
-            x.whole(),
-            self.weight(gpu, attention_linears.at(WV), &block.wv)?
-                .whole(&block.wv),
-            (h, kv),
-        )?;
+        for (linear, d, dw, weight, width) in [
+            (WQ, &dq, &mut grads.wq, &block.wq, h),
+            (WK, &dk, &mut grads.wk, &block.wk, kv),
+            (WV, &dv, &mut grads.wv, &block.wv, kv),
+        ] {
+            let arithmetic = attention_linears.at(linear);
+            let derived = self.weight(gpu, arithmetic, weight)?;
+            // wq's input gradient overwrites dnormed; wk's and wv's add to it.
+            let accumulate = linear != WQ;
+            let (x, w) = (x.whole(), derived.whole(weight));
+            linear_backward(
+                gpu,
+                arithmetic,
+                &mut dnormed,
+                accumulate,
+                dw,
+                d,
+                x,
+                w,
+                (h, width),
+            )?;
+        }
         drop(x);
         gpu.span_end(qkv_span)?;
         gpu.span("bwd.attention.norm", || {
