@@ -57,7 +57,7 @@ pub fn time_runs(
 }
 
 /// Uniform values in [-1, 1) from a fast generator (benchmark data only).
-fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random_f32(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -176,6 +176,7 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     // Last while their kernels are unproven on a GPU: a fault there (an
     // illegal address poisons the context) cannot cost the other groups.
     ("fp8 tensorwise", check_fp8_tensorwise),
+    ("grouped gemm", super::grouped_check::check_grouped_gemm),
     ("flash attention", check_flash_attention),
 ];
 

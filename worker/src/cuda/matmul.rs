@@ -238,6 +238,11 @@ impl<'a> Prepared<'a> {
     pub fn whole(&self) -> Input<'_> {
         self.input(0..self.values.len())
     }
+
+    /// The bf16 rounding of the whole buffer ([`Arithmetic::Bf16`] only).
+    pub(crate) fn rounded(&self) -> &CudaSlice<bf16> {
+        self.derived.rounded()
+    }
 }
 
 /// What GEMMs make of one f32 buffer, kept apart from it: its bf16
@@ -262,6 +267,13 @@ impl Derived {
             bf16,
             fp8,
         })
+    }
+
+    /// The bf16 rounding, made when derived in [`Arithmetic::Bf16`].
+    pub(crate) fn rounded(&self) -> &CudaSlice<bf16> {
+        self.bf16
+            .as_ref()
+            .expect("a bf16 rounding is derived in Arithmetic::Bf16 only")
     }
 
     /// All of `values` as an operand (see [`Self::input`]).

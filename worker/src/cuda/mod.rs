@@ -15,10 +15,13 @@ pub mod cross_entropy;
 pub mod data_parallel;
 pub mod dispatch;
 pub mod embedding;
+pub mod expert_grouped;
 pub mod flash_attention;
 pub mod fp8;
 pub mod fp8_delayed;
 pub mod fp8_gemm;
+pub mod grouped_check;
+pub mod grouped_gemm;
 pub mod lt_plan;
 pub mod matmul;
 pub mod model;
@@ -73,6 +76,8 @@ pub enum GpuError {
     Blas(CublasError),
     #[error("not supported on the device yet: {0}")]
     Unsupported(String),
+    #[error("cuBLASLt grouped GEMM: {0}")]
+    Grouped(String),
 }
 
 impl From<CublasError> for GpuError {
@@ -97,6 +102,12 @@ pub struct Gpu {
     /// FP8 GEMM algorithms by shape ([`fp8_gemm`]).
     fp8_algos: fp8_gemm::Fp8Algos,
     profile: profile::Profile,
+    /// cuBLASLt's grouped GEMM, or why it is not used ([`grouped_gemm`]);
+    /// probed on first use.
+    grouped: std::sync::OnceLock<std::result::Result<grouped_gemm::GroupedLt, String>>,
+    /// Cleared to run the per-expert loop where the grouped GEMM could run
+    /// (the checks and benchmarks compare the two).
+    grouped_on: std::sync::atomic::AtomicBool,
 }
 
 impl Gpu {
@@ -121,6 +132,8 @@ impl Gpu {
             plans: lt_plan::Plans::default(),
             fp8_algos: fp8_gemm::Fp8Algos::default(),
             profile: profile::Profile::default(),
+            grouped: std::sync::OnceLock::new(),
+            grouped_on: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -162,6 +175,72 @@ impl Gpu {
         let handle = Arc::new(CudaBlasLT::new(self.stream.clone())?);
         *blas = Some(handle.clone());
         Ok(handle)
+    }
+
+    /// cuBLASLt's grouped GEMM when this GPU and library run it and it is
+    /// not turned off; else why not.
+    pub(crate) fn grouped_gemm(&self) -> std::result::Result<&grouped_gemm::GroupedLt, String> {
+        use std::sync::atomic::Ordering;
+        if !self.grouped_on.load(Ordering::Relaxed) {
+            return Err("turned off in this process".into());
+        }
+        self.grouped_gemm_support()
+    }
+
+    /// cuBLASLt's grouped GEMM if this GPU and library run it, whether or
+    /// not the routed experts use it now; else why not.
+    pub fn grouped_gemm_support(&self) -> std::result::Result<&grouped_gemm::GroupedLt, String> {
+        let probed = self.grouped.get_or_init(|| match self.blas() {
+            Ok(_) => grouped_gemm::GroupedLt::probe(self.arch()),
+            Err(error) => Err(error.to_string()),
+        });
+        probed.as_ref().map_err(Clone::clone)
+    }
+
+    /// Lets the routed experts use the grouped GEMM where it runs (the
+    /// default), or keeps them on the per-expert loop (the checks and the
+    /// benchmark run both); returns the previous setting.
+    pub fn set_grouped_gemm(&self, on: bool) -> bool {
+        self.grouped_on
+            .swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The CUDA libraries this process runs on, for reports: the driver's
+    /// CUDA version, cuBLASLt's and NVRTC's, and whether the routed
+    /// experts' GEMMs are grouped (and if not, why).
+    pub fn libraries(&self) -> String {
+        use moe_kernels::cudarc::{driver, nvrtc};
+        let mut driver_version = 0;
+        // SAFETY: the driver is loaded (this Gpu has a context); the call
+        // writes one int.
+        let driver = unsafe { driver::sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_or_else(
+                |e| format!("unknown ({e:?})"),
+                |()| format!("{}.{}", driver_version / 1000, driver_version % 1000 / 10),
+            );
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: NVRTC is loaded (the kernels compiled); writes two ints.
+        let nvrtc = unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_or_else(
+                |e| format!("unknown ({e:?})"),
+                |()| format!("{major}.{minor}"),
+            );
+        let cublaslt = match self.blas() {
+            // SAFETY: cuBLASLt is loaded (a handle exists).
+            Ok(_) => grouped_gemm::version_string(unsafe {
+                moe_kernels::cudarc::cublaslt::sys::cublasLtGetVersion()
+            }),
+            Err(error) => format!("missing ({error})"),
+        };
+        let grouped = match self.grouped_gemm() {
+            Ok(_) => "grouped (one cuBLASLt call per projection)".to_string(),
+            Err(why) => format!("one GEMM per expert ({why})"),
+        };
+        format!(
+            "driver CUDA {driver}, cuBLASLt {cublaslt}, NVRTC {nvrtc}; routed experts' bf16 GEMMs: {grouped}"
+        )
     }
 
     pub(crate) fn plans(&self) -> &lt_plan::Plans {

@@ -5,7 +5,7 @@
 //! → plus the shared experts. Dropless: every routed row is computed.
 
 use super::matmul::{self, Arithmetic, Derived, Prepared, WeightCache};
-use super::{Gpu, Result, dispatch, routing, swiglu, vector};
+use super::{Gpu, Result, dispatch, expert_grouped, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::MoeConfig;
@@ -245,7 +245,7 @@ pub(crate) struct RoutedWeights<'a> {
 impl RoutedWeights<'_> {
     /// `w` (one of these weights) as GEMMs in `arithmetic` read it: from
     /// the layer's cache when it keeps one, else made here.
-    fn derived(
+    pub(crate) fn derived(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic<'_>,
@@ -358,7 +358,9 @@ pub(crate) struct ExpertMlps {
 /// indexing the stacked weights (a global expert for a layer holding all
 /// of them, a local one for an expert-parallel rank's share). Rows outside
 /// every segment are left zero. One cuBLASLt GEMM per segment and
-/// projection (in `arithmetic`), so each expert's rows share one weight read.
+/// projection (in `arithmetic`), so each expert's rows share one weight read;
+/// in bf16, where cuBLASLt runs grouped GEMMs, one call per projection for
+/// all of them ([`expert_grouped`]).
 pub(crate) fn expert_mlps(
     gpu: &Gpu,
     arithmetic: Arithmetic,
@@ -367,6 +369,9 @@ pub(crate) fn expert_mlps(
     permuted: &CudaSlice<f32>,
     segments: &[(usize, usize, usize)],
 ) -> Result<ExpertMlps> {
+    if let Some(lt) = expert_grouped::usable(gpu, arithmetic, c) {
+        return expert_grouped::forward(gpu, lt, c, weights, permuted, segments);
+    }
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = permuted.len() / hidden;
     let rows_of = segment_rows(gpu, rows, segments);
@@ -432,7 +437,7 @@ pub(crate) fn expert_mlps(
 /// rank's rows of experts it does not hold), as those must read as zeros.
 /// A layer holding all experts has every row in a segment, and skips the
 /// memset (the permuted rows alone are `tokens · top_k · hidden` floats).
-fn segment_rows<'a>(
+pub(crate) fn segment_rows<'a>(
     gpu: &'a Gpu,
     rows: usize,
     segments: &[(usize, usize, usize)],
@@ -767,6 +772,9 @@ pub(crate) fn expert_mlps_backward(
     mlps: &ExpertMlps,
     segments: &[(usize, usize, usize)],
 ) -> Result<CudaSlice<f32>> {
+    if let Some(lt) = expert_grouped::usable(gpu, arithmetic, c) {
+        return expert_grouped::backward(gpu, lt, c, weights, grads, dy, input, mlps, segments);
+    }
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = input.len() / hidden;
     let size = inner * hidden;

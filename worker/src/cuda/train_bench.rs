@@ -294,6 +294,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     // the same weights on the same batches.
     let fp8 = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Blockwise);
     let tensorwise = GemmPrecision::Fp8(crate::fp8::Fp8Recipe::Tensorwise);
+    let mut failures = Vec::new();
     for (name, linears) in [
         ("bf16 GEMMs", GemmPrecision::Bf16),
         ("FP8 linear layers", fp8),
@@ -305,6 +306,8 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         let (mut trainer, variant_ms, variant_loss) =
             timed_steps(gpu, &variant, &settings, &corpus, AttentionKernel::Gemm)?;
         let phases = phase_figures(gpu, &mut trainer, name)?;
+        let grouped = (linears == GemmPrecision::Bf16)
+            .then(|| grouped_expert_figures(gpu, &trainer, &config, n));
         drop((variant, trainer));
         figures.push(step_figure(
             format!("training step, {params}, {name} (loss {variant_loss:.3})"),
@@ -312,9 +315,13 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
             ("the TF32 step (tok/s)", ms / variant_ms),
         ));
         figures.extend(phases);
+        match grouped {
+            Some(Ok(grouped)) => figures.extend(grouped),
+            Some(Err(error)) => failures.push(format!("grouped expert GEMMs: {error}")),
+            None => {}
+        }
     }
 
-    let mut failures = Vec::new();
     let flash = || -> Result<Vec<Figure>> {
         let mut figures = Vec::new();
         // The flash kernels on the GEMM path's shapes (lse instead of probs;
@@ -431,6 +438,83 @@ fn phase_figures(gpu: &Gpu, trainer: &mut DeviceTrainer<'_>, name: &str) -> Resu
 }
 
 /// Prints a figure as soon as it is measured (stderr, into gpu-check.log).
+/// The last MoE block of a bf16 trainer, forward and backward on `tokens`
+/// random rows (the step's shapes; random, so that the routing spreads
+/// the rows over the experts as a real batch does): with one GEMM per
+/// expert, and with cuBLASLt's grouped GEMMs when this GPU runs them
+/// ([`super::expert_grouped`]), the ratio the grouped path's speed-up.
+fn grouped_expert_figures(
+    gpu: &Gpu,
+    trainer: &DeviceTrainer<'_>,
+    config: &ModelConfig,
+    tokens: usize,
+) -> Result<Vec<Figure>> {
+    let Some(super::model::DeviceFeedForward::Moe(layer)) =
+        trainer.model().weights().blocks.last().map(|b| &b.ffn)
+    else {
+        return Ok(Vec::new());
+    };
+    let linear = trainer.model().block_linears(config.layers - 1).1;
+    let values = tokens * config.hidden;
+    let x = gpu.upload(&super::bench::random_f32(values, 31))?;
+    let dy = gpu.upload(&super::bench::random_f32(values, 32))?;
+    let mut dx = gpu.zeros::<f32>(values)?;
+    let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
+    let mut pass = || -> Result<()> {
+        let forward = layer.forward(gpu, linear, &x, config.seq_len, None)?;
+        layer.backward(gpu, linear, &forward, &x, &dy, &mut dx, &mut grads)
+    };
+    let before = gpu.set_grouped_gemm(false);
+    let looped_ms = time_runs(gpu, 1, 3, &mut pass);
+    let name = format!(
+        "  MoE layer forward + backward, bf16, {} experts of {}, {tokens} tokens",
+        config.moe.n_routed_experts, config.moe.expert_hidden
+    );
+    let mut figures = Vec::new();
+    let per_expert = |ms: f64| Figure {
+        name: format!("{name}: one GEMM per expert"),
+        ms,
+        value: tokens as f64 / (ms * 1e-3),
+        unit: "tok/s",
+        ratio: None,
+        of_datasheet: None,
+    };
+    // Measured only where they run and (in moe-gpu-check) their checks
+    // passed: that run turns them on only then.
+    let grouped = match gpu.grouped_gemm_support() {
+        Ok(_) if !before => Err("their checks did not pass in this run".to_string()),
+        support => support.map(drop),
+    };
+    match (looped_ms, grouped) {
+        (Err(error), _) => {
+            gpu.set_grouped_gemm(before);
+            return Err(error);
+        }
+        (Ok(ms), Err(why)) => {
+            figures.push(per_expert(ms));
+            eprintln!("bench: grouped expert GEMMs not measured: {why}");
+        }
+        (Ok(looped), Ok(())) => {
+            figures.push(per_expert(looped));
+            gpu.set_grouped_gemm(true);
+            let grouped = time_runs(gpu, 1, 3, &mut pass);
+            gpu.set_grouped_gemm(before);
+            let grouped = grouped?;
+            figures.push(Figure {
+                name: format!("{name}: grouped GEMMs"),
+                ms: grouped,
+                value: tokens as f64 / (grouped * 1e-3),
+                unit: "tok/s",
+                ratio: Some(("one GEMM per expert".into(), looped / grouped)),
+                of_datasheet: None,
+            });
+        }
+    }
+    gpu.set_grouped_gemm(before);
+    figures.iter().for_each(announce);
+    Ok(figures)
+}
+
 fn announce(figure: &Figure) {
     eprintln!(
         "bench: {}: {:.3} ms, {:.1} {}{}",
