@@ -176,7 +176,10 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     // Inside the forward pass: one MoE layer (every MoE block), and the LM
     // head with the cross-entropy.
     let n = sequences * config.seq_len;
-    let x = gpu.upload(&vec![0.01f32; n * config.hidden])?;
+    // Random rows: identical ones would all choose the same experts, and
+    // the MoE layer would time 4 large expert GEMMs instead of 32 as a
+    // real batch spreads them.
+    let x = gpu.upload(&super::bench::random_f32(n * config.hidden, 30))?;
     // The last block's feed-forward layer: an MoE layer's arithmetic.
     let linear = trainer.model().block_linears(config.layers - 1).1;
     let (moe_forward_ms, moe_backward_ms) =
