@@ -24,6 +24,9 @@
 # scale per tensor, amax histories kept on the device).
 # 9. and 10. runs 1 and 7 with the flash attention kernels
 # (MOE_CUDA_ATTENTION=flash; opt-in until this passes on a GPU).
+# 13. run 5 with the routed experts' GEMMs one per expert
+# (MOE_CUDA_GROUPED_GEMM=0), where run 5 grouped them (cuBLASLt 13.4+; the
+# "training on the GPU" line says which).
 # Passes when both runs learn (final loss well under the first), their final
 # losses agree within 3% (TF32 GEMMs drift apart step by step), the resumed
 # run starts at step 40, and the two-rank run starts from the one-rank run's
@@ -35,7 +38,9 @@
 # 3% of the CPU's FP8 run and within 5% of the TF32 run (the CPU emulation
 # measured +0.25% over FP32 on tiny.yaml), the tensorwise FP8 run likewise
 # against the CPU's tensorwise run, and the flash runs start within
-# 1e-4 of run 1 (another TF32 rounding of attention) and end within 1% of it.
+# 1e-4 of run 1 (another TF32 rounding of attention) and end within 1% of it,
+# and the bf16 run's grouped GEMMs start within 1e-5 of the per-expert loop
+# (the same bf16 operands, f32 sums in another order) and end within 1% of it.
 # Writes train-check.md to the given directory.
 #
 # MOE_CHECK_DEVICE=cpu runs the "cuda" runs on the CPU instead: a rehearsal of
@@ -113,7 +118,9 @@ run() { # name device steps dir [ranks] [compute] [expertParallel] [sequencePara
   MOE_CUDA_ATTENTION=flash run flash "$gpu" 40 "$work/flash" || { tail -20 "$work/flash.log"; }
   MOE_CUDA_ATTENTION=flash run sp2flash "$gpu" 40 "$work/sp2flash" 2 fp32 1 2 ||
     { tail -20 "$work/sp2flash.log"; }
-  grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log"
+  MOE_CUDA_GROUPED_GEMM=0 run bf16loop "$gpu" 40 "$work/bf16loop" 1 bf16 ||
+    { tail -20 "$work/bf16loop.log"; }
+  grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log" "$work/bf16.log"
   echo '```'
 } | tee "$report"
 
@@ -165,6 +172,17 @@ same_run("sequence parallel",
 same_run("flash attention", "flash attention kernels (MOE_CUDA_ATTENTION=flash)", flash, 1e-4)
 same_run("flash attention, sequence parallel",
          "flash attention kernels, sequence parallel 2 on one GPU over TCP", sp2flash, 1e-4)
+bf16loop = summary("bf16loop")
+if "finalLoss" not in bf16loop or "finalLoss" not in bf16:
+    failures.append(f"bf16, one GEMM per expert: no summary (grouped {bf16}, loop {bf16loop})")
+else:
+    first = abs(bf16["initialLoss"] - bf16loop["initialLoss"]) / bf16loop["initialLoss"]
+    last = abs(bf16["finalLoss"] - bf16loop["finalLoss"]) / bf16loop["finalLoss"]
+    print(f"\nbf16, routed experts as run (grouped where cuBLASLt runs it) vs one GEMM per expert: "
+          f"first loss {first:.1e} apart (bound 1e-5), final {last:.2%} (bound 1%); tokens/s "
+          f"{bf16['tokensPerSecond']:.0f} vs {bf16loop['tokensPerSecond']:.0f}")
+    if first > 1e-5 or last > 0.01:
+        failures.append(f"bf16 grouped vs loop: first loss {first:.1e} apart, final {last:.2%}")
 if "finalLoss" not in bf16 or "finalLoss" not in cuda:
     failures.append(f"bf16 compute: no summary ({bf16})")
 else:

@@ -507,6 +507,7 @@ fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
         device = %gpu.name().unwrap_or_default(),
         arch = gpu.arch(),
         ordinal,
+        libraries = %gpu.libraries(),
         "training on the GPU"
     );
     Ok(gpu)
