@@ -61,11 +61,13 @@ fn main() -> ExitCode {
         gpu.libraries()
     ));
     print!("{md}");
-    // The routed experts' grouped GEMMs are unproven on a GPU: every group
-    // but their own ("grouped gemm", which holds them to this loop) runs
-    // the per-expert loop, so that a fault in them cannot cost the others;
-    // the benchmarks use them only once their checks have passed.
+    // The routed experts' grouped GEMMs and expert streams are unproven on
+    // a GPU: every group but their own ("grouped gemm" and "expert
+    // streams", which hold them to the plain loop) runs the per-expert loop
+    // on the main stream, so that a fault in them cannot cost the others;
+    // the benchmarks use each only once its checks have passed.
     gpu.set_grouped_gemm(false);
+    let streams = gpu.set_expert_streams(1);
 
     // Each group's outcome as it ends (and its failures), so a run cut
     // short by a timeout still shows what it finished.
@@ -84,12 +86,18 @@ fn main() -> ExitCode {
         let _ = std::io::stdout().flush();
     });
     let failed = checks.iter().filter(|c| !c.passed).count();
-    let grouped: Vec<_> = checks
-        .iter()
-        .filter(|c| c.op.starts_with("grouped_gemm"))
-        .collect();
-    let grouped_proven = !grouped.is_empty() && grouped.iter().all(|c| c.passed);
-    gpu.set_grouped_gemm(grouped_proven);
+    let proven = |prefix: &str| {
+        let mine: Vec<_> = checks.iter().filter(|c| c.op.starts_with(prefix)).collect();
+        !mine.is_empty() && mine.iter().all(|c| c.passed)
+    };
+    gpu.set_grouped_gemm(proven("grouped_gemm"));
+    // Proven, the benchmarks run what a tuned job would: the grouped GEMMs
+    // where cuBLASLt has them, else the per-expert GEMMs over 4 streams.
+    gpu.set_expert_streams(if proven("expert_streams") {
+        streams.max(4)
+    } else {
+        1
+    });
     let mut section = format!(
         "## Checks vs the CPU reference: {} passed, {failed} failed\n\n```\n",
         checks.len() - failed

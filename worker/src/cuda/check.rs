@@ -176,7 +176,11 @@ pub const GROUPS: &[(&str, CheckGroup)] = &[
     // Last while their kernels are unproven on a GPU: a fault there (an
     // illegal address poisons the context) cannot cost the other groups.
     ("fp8 tensorwise", check_fp8_tensorwise),
-    ("grouped gemm", super::grouped_check::check_grouped_gemm),
+    (
+        "expert streams",
+        super::expert_gemm_check::check_expert_streams,
+    ),
+    ("grouped gemm", super::expert_gemm_check::check_grouped_gemm),
     ("flash attention", check_flash_attention),
 ];
 

@@ -10,9 +10,10 @@
 //! Availability is decided at run time ([`decide`]): the grouped layouts
 //! exist from cuBLASLt 13.1, but on Hopper cuBLASLt has grouped algorithms
 //! for bf16 only from 13.4 (13.3 on Blackwell; Transformer Engine gates
-//! its grouped GEMM the same way). Older libraries, other GPUs, or
-//! `MOE_CUDA_GROUPED_GEMM=0` keep the per-expert loop, which is also the
-//! reference the GPU checks hold this path to.
+//! its grouped GEMM the same way). Older libraries and other GPUs keep the
+//! per-expert loop, which is also the reference the GPU checks hold this
+//! path to. Until a GPU run has passed those checks the path is opt-in:
+//! `MOE_CUDA_GROUPED_GEMM=1` ([`enabled`]).
 //!
 //! Conventions as [`super::matmul::gemm`]: row-major `c[m, n] (+)= op_a(a)
 //! @ op_b(b)`, which cuBLASLt (column-major) computes as `cᵀ = op(b)ᵀ
@@ -24,9 +25,21 @@ use moe_kernels::cudarc::driver::DevicePtr;
 use std::ffi::{c_int, c_void};
 use std::mem::size_of;
 
-/// The environment variable that turns the grouped path off (`0`, `off`,
-/// `false`): a way around a library that misbehaves, without a rebuild.
-pub const DISABLE_VAR: &str = "MOE_CUDA_GROUPED_GEMM";
+/// The worker's environment variable that turns the grouped path on
+/// (`1`, `on`, `true`) where the library runs it.
+pub const ENABLE_VAR: &str = "MOE_CUDA_GROUPED_GEMM";
+
+/// Whether `value` (the environment variable's) turns the grouped path on;
+/// anything but the words for on and off is an error naming it.
+pub fn enabled(value: Option<&str>) -> std::result::Result<bool, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "0" | "off" | "false") => Ok(false),
+        Some("1" | "on" | "true") => Ok(true),
+        Some(other) => Err(format!(
+            "{ENABLE_VAR}={other}: expected 1 (grouped expert GEMMs where cuBLASLt runs them) or 0"
+        )),
+    }
+}
 
 /// One GEMM of a group, row-major: `c[m, n] (+)= op_a(a)[m, k] @ op_b(b)[k, n]`,
 /// the operands contiguous (leading dimension = their row length) at these
@@ -44,16 +57,7 @@ pub struct Problem {
 /// Whether this library and GPU run grouped GEMMs: `Err` says why not.
 /// `arch` is the kernels' target (`sm_90a`), `version` cuBLASLt's
 /// (`major * 10000 + minor * 100 + patch`).
-pub fn decide(
-    arch: &str,
-    version: usize,
-    disabled: Option<&str>,
-) -> std::result::Result<(), String> {
-    if let Some(value) = disabled
-        && matches!(value.trim(), "0" | "off" | "false")
-    {
-        return Err(format!("turned off ({DISABLE_VAR}={value})"));
-    }
+pub fn decide(arch: &str, version: usize) -> std::result::Result<(), String> {
     let sm: usize = arch
         .trim_start_matches("sm_")
         .trim_end_matches(|c: char| c.is_ascii_alphabetic())
@@ -118,7 +122,7 @@ impl GroupedLt {
     pub fn probe(arch: &str) -> std::result::Result<Self, String> {
         // SAFETY: only called once cuBLASLt has loaded (a handle exists).
         let version = unsafe { sys::cublasLtGetVersion() };
-        decide(arch, version, std::env::var(DISABLE_VAR).ok().as_deref())?;
+        decide(arch, version)?;
         // SAFETY: the library is cuBLASLt; each symbol is looked up by its
         // C name and given the signature of cublasLt.h (13.1+), with enums
         // as the 32-bit integers they are.
@@ -434,19 +438,30 @@ mod tests {
 
     #[test]
     fn hopper_needs_cublaslt_13_4_and_blackwell_13_3() {
-        assert_eq!(decide("sm_90a", 130_400, None), Ok(()));
-        assert_eq!(decide("sm_90a", 130_502, Some("1")), Ok(()));
-        assert_eq!(decide("sm_100a", 130_300, None), Ok(()));
-        let old = decide("sm_90a", 130_002, None).expect_err("13.0 on Hopper");
+        assert_eq!(decide("sm_90a", 130_400), Ok(()));
+        assert_eq!(decide("sm_90a", 130_502), Ok(()));
+        assert_eq!(decide("sm_100a", 130_300), Ok(()));
+        let old = decide("sm_90a", 130_002).expect_err("13.0 on Hopper");
         assert!(old.contains("13.0.2") && old.contains("13.4.0"), "{old}");
-        assert!(decide("sm_100a", 130_200, None).is_err());
-        let ampere = decide("sm_80", 130_400, None).expect_err("Ampere");
+        assert!(decide("sm_100a", 130_200).is_err());
+        let ampere = decide("sm_80", 130_400).expect_err("Ampere");
         assert!(ampere.contains("sm_80"), "{ampere}");
-        for off in ["0", "off", "false"] {
-            let error = decide("sm_90a", 130_400, Some(off)).expect_err("turned off");
-            assert!(error.contains(DISABLE_VAR), "{error}");
+        assert!(decide("gfx90a", 130_400).is_err());
+    }
+
+    #[test]
+    fn the_grouped_path_is_opt_in_and_a_stray_setting_is_refused() {
+        for off in [None, Some(""), Some("0"), Some("off"), Some("FALSE")] {
+            assert_eq!(enabled(off), Ok(false), "{off:?}");
         }
-        assert!(decide("gfx90a", 130_400, None).is_err());
+        for on in ["1", "on", "true", " True "] {
+            assert_eq!(enabled(Some(on)), Ok(true), "{on}");
+        }
+        let error = enabled(Some("yes please")).expect_err("not a switch");
+        assert!(
+            error.contains(ENABLE_VAR) && error.contains("yes please"),
+            "{error}"
+        );
     }
 
     /// cuBLASLt's documented semantics, run on the host over `memory`

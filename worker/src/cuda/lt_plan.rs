@@ -245,9 +245,9 @@ pub unsafe fn matmul(
     let alignment = [a as u64, b as u64, c as u64].map(alignment);
     let plan = gpu.plans().get(gpu, shape, alignment)?;
     let handle = *gpu.blas()?.handle();
-    let workspace = gpu.workspace()?;
-    let stream = gpu.stream();
-    let (w, _w) = moe_kernels::cudarc::driver::DevicePtr::device_ptr(workspace, stream);
+    // The main stream, or this thread's lane inside a fan-out (super::lanes).
+    let (stream, workspace) = gpu.gemm_target()?;
+    let (w, _w) = moe_kernels::cudarc::driver::DevicePtr::device_ptr(workspace, gpu.stream());
     let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
     // SAFETY: the plan's descriptors are live and describe the buffers the
     // caller passes (checked by its shape assertions); beta = 0 never reads C.
@@ -268,7 +268,7 @@ pub unsafe fn matmul(
             &plan.algo,
             w as *mut c_void,
             workspace.len(),
-            stream.cu_stream() as sys::cudaStream_t,
+            stream as sys::cudaStream_t,
         )?;
     }
     Ok(())

@@ -648,6 +648,12 @@ fn plan_matmul(
         a.copy_unless_rounded(gpu, bf16)?,
         b.copy_unless_rounded(gpu, bf16)?,
     );
+    // A copy is rounded on the main stream and freed there at once: a lane
+    // (super::lanes) could read it before it is made or after it is reused.
+    assert!(
+        !(gpu.on_lane() && (a_copy.is_some() || b_copy.is_some())),
+        "a GEMM on an expert lane must be given operands rounded before the fan-out"
+    );
     let (a_ptr, _a) = a.device_ptr(a_copy.as_ref(), bf16, stream);
     let (b_ptr, _b) = b.device_ptr(b_copy.as_ref(), bf16, stream);
     let (c_ptr, _c) = c.device_ptr_mut(stream);
@@ -708,6 +714,10 @@ fn gemm_fp8(
     assert!(
         !(a_transposed && b_transposed),
         "an FP8 GEMM is a linear layer's forward, input or weight gradient; none has both operands transposed"
+    );
+    assert!(
+        !gpu.on_lane(),
+        "FP8 GEMMs quantise on the main stream: they never run on an expert lane"
     );
     let stride = k.next_multiple_of(TILE);
     let (m16, n16) = (m.next_multiple_of(FP8_ROWS), n.next_multiple_of(FP8_ROWS));

@@ -15,13 +15,14 @@ pub mod cross_entropy;
 pub mod data_parallel;
 pub mod dispatch;
 pub mod embedding;
+pub mod expert_gemm_check;
 pub mod expert_grouped;
 pub mod flash_attention;
 pub mod fp8;
 pub mod fp8_delayed;
 pub mod fp8_gemm;
-pub mod grouped_check;
 pub mod grouped_gemm;
+pub mod lanes;
 pub mod lt_plan;
 pub mod matmul;
 pub mod model;
@@ -78,6 +79,8 @@ pub enum GpuError {
     Unsupported(String),
     #[error("cuBLASLt grouped GEMM: {0}")]
     Grouped(String),
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl From<CublasError> for GpuError {
@@ -105,10 +108,18 @@ pub struct Gpu {
     /// cuBLASLt's grouped GEMM, or why it is not used ([`grouped_gemm`]);
     /// probed on first use.
     grouped: std::sync::OnceLock<std::result::Result<grouped_gemm::GroupedLt, String>>,
-    /// Cleared to run the per-expert loop where the grouped GEMM could run
-    /// (the checks and benchmarks compare the two).
+    /// Whether the routed experts use the grouped GEMM where it runs:
+    /// `MOE_CUDA_GROUPED_GEMM` (off by default until proven on a GPU); the
+    /// checks and benchmarks set it to compare.
     grouped_on: std::sync::atomic::AtomicBool,
+    /// How many streams the per-expert GEMM loop spreads over ([`lanes`]),
+    /// and those streams, made on first use.
+    expert_streams: std::sync::atomic::AtomicUsize,
+    lanes: std::sync::OnceLock<std::result::Result<Vec<lanes::Lane>, String>>,
 }
+
+/// Each cuBLASLt workspace's size: NVIDIA's recommendation on Hopper.
+pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Gpu {
     /// Opens device `ordinal`. Fails with [`GpuError::DriverMissing`] on a
@@ -117,6 +128,11 @@ impl Gpu {
         if !moe_kernels::toolkit::driver_available() {
             return Err(GpuError::DriverMissing);
         }
+        let setting = |name| std::env::var(name).ok();
+        let expert_streams = lanes::stream_count(setting(lanes::STREAMS_VAR).as_deref())
+            .map_err(GpuError::Settings)?;
+        let grouped_on = grouped_gemm::enabled(setting(grouped_gemm::ENABLE_VAR).as_deref())
+            .map_err(GpuError::Settings)?;
         let context = CudaContext::new(ordinal)?;
         if context.has_async_alloc() {
             keep_freed_memory(&context)?;
@@ -133,7 +149,9 @@ impl Gpu {
             fp8_algos: fp8_gemm::Fp8Algos::default(),
             profile: profile::Profile::default(),
             grouped: std::sync::OnceLock::new(),
-            grouped_on: std::sync::atomic::AtomicBool::new(true),
+            grouped_on: std::sync::atomic::AtomicBool::new(grouped_on),
+            expert_streams: std::sync::atomic::AtomicUsize::new(expert_streams),
+            lanes: std::sync::OnceLock::new(),
         })
     }
 
@@ -182,7 +200,7 @@ impl Gpu {
     pub(crate) fn grouped_gemm(&self) -> std::result::Result<&grouped_gemm::GroupedLt, String> {
         use std::sync::atomic::Ordering;
         if !self.grouped_on.load(Ordering::Relaxed) {
-            return Err("turned off in this process".into());
+            return Err(format!("off ({}=1 turns it on)", grouped_gemm::ENABLE_VAR));
         }
         self.grouped_gemm_support()
     }
@@ -197,12 +215,45 @@ impl Gpu {
         probed.as_ref().map_err(Clone::clone)
     }
 
-    /// Lets the routed experts use the grouped GEMM where it runs (the
-    /// default), or keeps them on the per-expert loop (the checks and the
-    /// benchmark run both); returns the previous setting.
+    /// Lets the routed experts use the grouped GEMM where it runs, or keeps
+    /// them on the per-expert loop (the checks and the benchmark run both);
+    /// returns the previous setting.
     pub fn set_grouped_gemm(&self, on: bool) -> bool {
         self.grouped_on
             .swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many streams the per-expert GEMM loop spreads over (1: the
+    /// main stream only); `MOE_CUDA_EXPERT_STREAMS`, 1 by default.
+    pub fn expert_streams(&self) -> usize {
+        self.expert_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets [`Self::expert_streams`] (the checks and the benchmark compare
+    /// counts); returns the previous count.
+    pub fn set_expert_streams(&self, count: usize) -> usize {
+        self.expert_streams
+            .swap(count.max(1), std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The first `wanted` lanes (made on first use: at least four, so a
+    /// comparison with fewer asked for can still run four).
+    pub(crate) fn lanes(&self, wanted: usize) -> Result<&[lanes::Lane]> {
+        let made = self.lanes.get_or_init(|| {
+            (0..wanted.max(4))
+                .map(|_| lanes::Lane::new(self))
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| e.to_string())
+        });
+        match made {
+            Ok(lanes) => Ok(&lanes[..wanted.min(lanes.len())]),
+            Err(error) => Err(GpuError::Unsupported(format!("expert streams: {error}"))),
+        }
+    }
+
+    pub(crate) fn lanes_made(&self) -> Option<&std::result::Result<Vec<lanes::Lane>, String>> {
+        self.lanes.get()
     }
 
     /// The CUDA libraries this process runs on, for reports: the driver's
@@ -234,12 +285,15 @@ impl Gpu {
             }),
             Err(error) => format!("missing ({error})"),
         };
-        let grouped = match self.grouped_gemm() {
-            Ok(_) => "grouped (one cuBLASLt call per projection)".to_string(),
-            Err(why) => format!("one GEMM per expert ({why})"),
+        let grouped = match (self.grouped_gemm_support(), self.grouped_gemm()) {
+            (Ok(_), Ok(_)) => "runs here, in use".to_string(),
+            (Ok(_), Err(why)) => format!("runs here, {why}"),
+            (Err(why), _) => format!("not here: {why}"),
         };
         format!(
-            "driver CUDA {driver}, cuBLASLt {cublaslt}, NVRTC {nvrtc}; routed experts' bf16 GEMMs: {grouped}"
+            "driver CUDA {driver}, cuBLASLt {cublaslt}, NVRTC {nvrtc}; grouped expert GEMMs: \
+             {grouped}; per-expert GEMMs over {} stream(s)",
+            self.expert_streams()
         )
     }
 
@@ -256,7 +310,7 @@ impl Gpu {
         if let Some(workspace) = self.workspace.get() {
             return Ok(workspace);
         }
-        let buffer = self.zeros::<u8>(32 << 20)?;
+        let buffer = self.zeros::<u8>(WORKSPACE_BYTES)?;
         Ok(self.workspace.get_or_init(|| buffer))
     }
 

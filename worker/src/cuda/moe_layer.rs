@@ -391,38 +391,52 @@ pub(crate) fn expert_mlps(
     // Each expert's rows feed its gate and up projections: rounded once.
     let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
     let x = Prepared::of(gpu, arithmetic, permuted)?;
-    for &(e, start, len) in segments {
-        for (out, w, derived, linear) in
-            [(&mut a, weights.w1, &w1, W1), (&mut b, weights.w3, &w3, W3)]
-        {
-            matmul::forward_view(
-                gpu,
-                arithmetic.at(MLP_LINEARS * e + linear),
-                &mut out.slice_mut(start * inner..(start + len) * inner),
-                x.input(start * hidden..(start + len) * hidden),
-                derived.input(w, e * size..(e + 1) * size),
-                hidden,
-                inner,
-                false,
-            )?;
+    let fan_rows = lane_rows(arithmetic, rows);
+    gpu.fan_out(fan_rows, |fan| {
+        for (i, &(e, start, len)) in segments.iter().enumerate() {
+            fan.on(i, || {
+                for (out, w, derived, linear) in
+                    [(&mut a, weights.w1, &w1, W1), (&mut b, weights.w3, &w3, W3)]
+                {
+                    matmul::forward_view(
+                        gpu,
+                        arithmetic.at(MLP_LINEARS * e + linear),
+                        &mut out.slice_mut(start * inner..(start + len) * inner),
+                        x.input(start * hidden..(start + len) * hidden),
+                        derived.input(w, e * size..(e + 1) * size),
+                        hidden,
+                        inner,
+                        false,
+                    )?;
+                }
+                Ok(())
+            })?;
         }
-    }
+        Ok(())
+    })?;
     drop(x);
     gpu.span_end(gate_up_span)?;
     gpu.span("fwd.moe.swiglu", || swiglu::forward(gpu, &mut h, &a, &b))?;
     let down_span = gpu.span_start("fwd.moe.down")?;
-    for &(e, start, len) in segments {
-        matmul::forward_view(
-            gpu,
-            arithmetic.at(MLP_LINEARS * e + W2),
-            &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
-            &h.slice(start * inner..(start + len) * inner),
-            w2.input(weights.w2, e * size..(e + 1) * size),
-            inner,
-            hidden,
-            false,
-        )?;
-    }
+    let h_in = Prepared::of(gpu, arithmetic, &h)?;
+    gpu.fan_out(fan_rows, |fan| {
+        for (i, &(e, start, len)) in segments.iter().enumerate() {
+            fan.on(i, || {
+                matmul::forward_view(
+                    gpu,
+                    arithmetic.at(MLP_LINEARS * e + W2),
+                    &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
+                    h_in.input(start * inner..(start + len) * inner),
+                    w2.input(weights.w2, e * size..(e + 1) * size),
+                    inner,
+                    hidden,
+                    false,
+                )
+            })?;
+        }
+        Ok(())
+    })?;
+    drop(h_in);
     gpu.span_end(down_span)?;
     Ok(ExpertMlps {
         a,
@@ -449,6 +463,17 @@ pub(crate) fn segment_rows<'a>(
         } else {
             gpu.zeros::<f32>(rows * width)
         }
+    }
+}
+
+/// The rows a per-expert GEMM loop spreads over the expert lanes
+/// ([`super::lanes`]): its rows in TF32 and bf16, whose GEMMs read operands
+/// prepared before the loop; none in FP8, whose GEMMs quantise on the main
+/// stream as they go.
+fn lane_rows(arithmetic: Arithmetic, rows: usize) -> usize {
+    match arithmetic {
+        Arithmetic::Tf32 | Arithmetic::Bf16 => rows,
+        Arithmetic::Fp8 | Arithmetic::Fp8Delayed(..) => 0,
     }
 }
 
@@ -791,36 +816,45 @@ pub(crate) fn expert_mlps_backward(
         derive(weights.w3)?,
         derive(weights.w2)?,
     );
-    for &(e, start, len) in segments {
-        let dy_e = dy.input(start * hidden..(start + len) * hidden);
-        let w2_e = w2.input(weights.w2, e * size..(e + 1) * size);
-        let h_e = mlps.h.slice(start * inner..(start + len) * inner);
-        let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
-        let down = arithmetic.at(MLP_LINEARS * e + W2);
-        matmul::gemm(
-            gpu,
-            down,
-            &mut dh_e,
-            dy_e.clone(),
-            false,
-            w2_e,
-            false,
-            (len, inner, hidden),
-            false,
-        )?;
-        let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
-        matmul::gemm(
-            gpu,
-            down,
-            &mut dw2_e,
-            dy_e,
-            true,
-            &h_e,
-            false,
-            (hidden, inner, len),
-            true,
-        )?;
-    }
+    // mlps.h feeds the weight gradient of every expert's down projection.
+    let h = Prepared::of(gpu, arithmetic, &mlps.h)?;
+    let fan_rows = lane_rows(arithmetic, rows);
+    gpu.fan_out(fan_rows, |fan| {
+        for (i, &(e, start, len)) in segments.iter().enumerate() {
+            fan.on(i, || {
+                let dy_e = dy.input(start * hidden..(start + len) * hidden);
+                let w2_e = w2.input(weights.w2, e * size..(e + 1) * size);
+                let h_e = h.input(start * inner..(start + len) * inner);
+                let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
+                let down = arithmetic.at(MLP_LINEARS * e + W2);
+                matmul::gemm(
+                    gpu,
+                    down,
+                    &mut dh_e,
+                    dy_e.clone(),
+                    false,
+                    w2_e,
+                    false,
+                    (len, inner, hidden),
+                    false,
+                )?;
+                let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
+                matmul::gemm(
+                    gpu,
+                    down,
+                    &mut dw2_e,
+                    dy_e,
+                    true,
+                    h_e,
+                    false,
+                    (hidden, inner, len),
+                    true,
+                )
+            })?;
+        }
+        Ok(())
+    })?;
+    drop(h);
     drop(dy);
     gpu.span_end(down_span)?;
     // SwiGLU, then the up projections.
@@ -836,42 +870,48 @@ pub(crate) fn expert_mlps_backward(
         Prepared::of(gpu, arithmetic, &da)?,
         Prepared::of(gpu, arithmetic, &db)?,
     );
-    for &(e, start, len) in segments {
-        let wide = start * hidden..(start + len) * hidden;
-        let mut dx_e = dinput.slice_mut(wide.clone());
-        for (i, (d, (w, derived), g, linear)) in [
-            (&da, (weights.w1, &w1), &mut grads.w1, W1),
-            (&db, (weights.w3, &w3), &mut grads.w3, W3),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let d_e = d.input(start * inner..(start + len) * inner);
-            let up = arithmetic.at(MLP_LINEARS * e + linear);
-            matmul::gemm(
-                gpu,
-                up,
-                &mut dx_e,
-                d_e.clone(),
-                false,
-                derived.input(w, e * size..(e + 1) * size),
-                false,
-                (len, hidden, inner),
-                i > 0,
-            )?;
-            matmul::gemm(
-                gpu,
-                up,
-                &mut g.slice_mut(e * size..(e + 1) * size),
-                d_e,
-                true,
-                x.input(wide.clone()),
-                false,
-                (inner, hidden, len),
-                true,
-            )?;
+    gpu.fan_out(fan_rows, |fan| {
+        for (lane, &(e, start, len)) in segments.iter().enumerate() {
+            fan.on(lane, || {
+                let wide = start * hidden..(start + len) * hidden;
+                let mut dx_e = dinput.slice_mut(wide.clone());
+                for (i, (d, (w, derived), g, linear)) in [
+                    (&da, (weights.w1, &w1), &mut grads.w1, W1),
+                    (&db, (weights.w3, &w3), &mut grads.w3, W3),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let d_e = d.input(start * inner..(start + len) * inner);
+                    let up = arithmetic.at(MLP_LINEARS * e + linear);
+                    matmul::gemm(
+                        gpu,
+                        up,
+                        &mut dx_e,
+                        d_e.clone(),
+                        false,
+                        derived.input(w, e * size..(e + 1) * size),
+                        false,
+                        (len, hidden, inner),
+                        i > 0,
+                    )?;
+                    matmul::gemm(
+                        gpu,
+                        up,
+                        &mut g.slice_mut(e * size..(e + 1) * size),
+                        d_e,
+                        true,
+                        x.input(wide.clone()),
+                        false,
+                        (inner, hidden, len),
+                        true,
+                    )?;
+                }
+                Ok(())
+            })?;
         }
-    }
+        Ok(())
+    })?;
     drop((x, da, db));
     gpu.span_end(gate_up_span)?;
     Ok(dinput)

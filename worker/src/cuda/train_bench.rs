@@ -443,9 +443,12 @@ fn phase_figures(gpu: &Gpu, trainer: &mut DeviceTrainer<'_>, name: &str) -> Resu
 /// Prints a figure as soon as it is measured (stderr, into gpu-check.log).
 /// The last MoE block of a bf16 trainer, forward and backward on `tokens`
 /// random rows (the step's shapes; random, so that the routing spreads
-/// the rows over the experts as a real batch does): with one GEMM per
-/// expert, and with cuBLASLt's grouped GEMMs when this GPU runs them
-/// ([`super::expert_grouped`]), the ratio the grouped path's speed-up.
+/// the rows over the experts as a real batch does), its routed experts'
+/// GEMMs each way this GPU runs them: one per expert on the main stream,
+/// spread over the expert streams ([`super::lanes`]), and cuBLASLt's
+/// grouped GEMMs ([`super::expert_grouped`]); each ratio the speed-up over
+/// the first. A way whose checks did not pass in this run (moe-gpu-check
+/// turns it off then) is not measured.
 fn grouped_expert_figures(
     gpu: &Gpu,
     trainer: &DeviceTrainer<'_>,
@@ -467,55 +470,59 @@ fn grouped_expert_figures(
         let forward = layer.forward(gpu, linear, &x, config.seq_len, None)?;
         layer.backward(gpu, linear, &forward, &x, &dy, &mut dx, &mut grads)
     };
-    let before = gpu.set_grouped_gemm(false);
-    let looped_ms = time_runs(gpu, 1, 3, &mut pass);
+    let (grouped_before, streams_before) = (gpu.set_grouped_gemm(false), gpu.set_expert_streams(1));
     let name = format!(
         "  MoE layer forward + backward, bf16, {} experts of {}, {tokens} tokens",
         config.moe.n_routed_experts, config.moe.expert_hidden
     );
-    let mut figures = Vec::new();
-    let per_expert = |ms: f64| Figure {
-        name: format!("{name}: one GEMM per expert"),
-        ms,
-        value: tokens as f64 / (ms * 1e-3),
-        unit: "tok/s",
-        ratio: None,
-        of_datasheet: None,
-    };
-    // Measured only where they run and (in moe-gpu-check) their checks
-    // passed: that run turns them on only then.
     let grouped = match gpu.grouped_gemm_support() {
-        Ok(_) if !before => Err("their checks did not pass in this run".to_string()),
+        Ok(_) if !grouped_before => Err("its checks did not pass in this run".to_string()),
         support => support.map(drop),
     };
-    match (looped_ms, grouped) {
-        (Err(error), _) => {
-            gpu.set_grouped_gemm(before);
-            return Err(error);
-        }
-        (Ok(ms), Err(why)) => {
-            figures.push(per_expert(ms));
-            eprintln!("bench: grouped expert GEMMs not measured: {why}");
-        }
-        (Ok(looped), Ok(())) => {
-            figures.push(per_expert(looped));
-            gpu.set_grouped_gemm(true);
-            let grouped = time_runs(gpu, 1, 3, &mut pass);
-            gpu.set_grouped_gemm(before);
-            let grouped = grouped?;
-            figures.push(Figure {
-                name: format!("{name}: grouped GEMMs"),
-                ms: grouped,
-                value: tokens as f64 / (grouped * 1e-3),
-                unit: "tok/s",
-                ratio: Some(("one GEMM per expert".into(), looped / grouped)),
-                of_datasheet: None,
-            });
-        }
+    // (what, grouped, streams), the first the baseline.
+    let mut ways = vec![("one GEMM per expert".to_string(), false, 1)];
+    if streams_before > 1 {
+        ways.push((
+            format!("one GEMM per expert over {streams_before} streams"),
+            false,
+            streams_before,
+        ));
+    } else {
+        eprintln!("bench: expert streams not measured: 1 stream asked for, or their checks failed");
     }
-    gpu.set_grouped_gemm(before);
-    figures.iter().for_each(announce);
-    Ok(figures)
+    match grouped {
+        Ok(()) => ways.push(("grouped GEMMs".to_string(), true, 1)),
+        Err(why) => eprintln!("bench: grouped expert GEMMs not measured: {why}"),
+    }
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut outcome = Ok(());
+    for (what, grouped, streams) in ways {
+        gpu.set_grouped_gemm(grouped);
+        gpu.set_expert_streams(streams);
+        let ms = match time_runs(gpu, 1, 3, &mut pass) {
+            Ok(ms) => ms,
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
+        };
+        let ratio = figures
+            .first()
+            .map(|base| ("one GEMM per expert".to_string(), base.ms / ms));
+        let figure = Figure {
+            name: format!("{name}: {what}"),
+            ms,
+            value: tokens as f64 / (ms * 1e-3),
+            unit: "tok/s",
+            ratio,
+            of_datasheet: None,
+        };
+        announce(&figure);
+        figures.push(figure);
+    }
+    gpu.set_grouped_gemm(grouped_before);
+    gpu.set_expert_streams(streams_before);
+    outcome.map(|()| figures)
 }
 
 fn announce(figure: &Figure) {

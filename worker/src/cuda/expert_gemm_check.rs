@@ -1,8 +1,15 @@
-//! The grouped expert GEMMs ([`super::grouped_gemm`]) against the
-//! per-expert loop they replace, on a GPU whose cuBLASLt runs them (the
-//! report's header says whether this one does, and why not; the group
-//! checks nothing without them).
+//! The routed experts' GEMMs as the layer runs them for speed, against
+//! the plain per-expert loop on the main stream they replace.
 //!
+//! Expert streams ([`super::lanes`]): a MoE layer's forward and backward
+//! in TF32 and bf16 with the per-expert GEMMs spread over four streams and
+//! on the main stream alone must agree bit for bit (every GEMM runs the
+//! same cuBLASLt plan on the same operands; only where it runs differs),
+//! twice over, so that a missing wait shows as a difference.
+//!
+//! Grouped GEMMs ([`super::grouped_gemm`]), on a GPU whose cuBLASLt runs
+//! them (the report's header says whether this one does, and why not; the
+//! group checks nothing without them):
 //! - Each orientation the expert layers use, on uneven problems (one row,
 //!   odd row counts), against [`matmul::gemm`] in bf16 problem by
 //!   problem: the same bf16 operands and f32 accumulation, so only the
@@ -14,7 +21,7 @@
 //!   1e-2 of their scale (an f32 sum in a different order can round an
 //!   activation to the neighbouring bf16 before the next GEMM).
 
-use super::check::{Check, close_to_scale, deepseek_style_config};
+use super::check::{Check, bits, close_to_scale, deepseek_style_config, exact};
 use super::grouped_gemm::{self, Problem};
 use super::matmul::{self, Arithmetic, Prepared};
 use super::moe_layer::{DeviceMoeGrads, DeviceMoeLayer};
@@ -163,58 +170,109 @@ fn check_orientations(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// The layer's outputs and gradients in bf16, with the grouped GEMMs on or off.
+/// The layer's outputs and gradients in `arithmetic`.
 fn layer_pass(
     gpu: &Gpu,
+    arithmetic: Arithmetic<'_>,
+    device: &DeviceMoeLayer,
+    x: &[f32],
+    dout: &[f32],
+    seq_len: usize,
+) -> Result<Vec<(&'static str, Vec<f32>)>> {
+    let x_d = gpu.upload(x)?;
+    let forward = device.forward(gpu, arithmetic, &x_d, seq_len, None)?;
+    let mut dx = gpu.zeros::<f32>(x.len())?;
+    let mut grads = DeviceMoeGrads::zeros(gpu, device)?;
+    device.backward(
+        gpu,
+        arithmetic,
+        &forward,
+        &x_d,
+        &gpu.upload(dout)?,
+        &mut dx,
+        &mut grads,
+    )?;
+    Ok(vec![
+        ("output", gpu.download(&forward.output)?),
+        ("dx", gpu.download(&dx)?),
+        ("experts_w1", gpu.download(&grads.w1)?),
+        ("experts_w3", gpu.download(&grads.w3)?),
+        ("experts_w2", gpu.download(&grads.w2)?),
+        ("router", gpu.download(&grads.router)?),
+    ])
+}
+
+/// [`layer_pass`] with the grouped GEMMs on or off and `streams` expert
+/// streams, the GPU's settings restored after.
+#[allow(clippy::too_many_arguments)]
+fn layer_pass_with(
+    gpu: &Gpu,
+    arithmetic: Arithmetic<'_>,
     device: &DeviceMoeLayer,
     x: &[f32],
     dout: &[f32],
     seq_len: usize,
     grouped: bool,
+    streams: usize,
 ) -> Result<Vec<(&'static str, Vec<f32>)>> {
-    let before = gpu.set_grouped_gemm(grouped);
-    let pass = || -> Result<Vec<(&'static str, Vec<f32>)>> {
-        let x_d = gpu.upload(x)?;
-        let forward = device.forward(gpu, Arithmetic::Bf16, &x_d, seq_len, None)?;
-        let mut dx = gpu.zeros::<f32>(x.len())?;
-        let mut grads = DeviceMoeGrads::zeros(gpu, device)?;
-        device.backward(
-            gpu,
-            Arithmetic::Bf16,
-            &forward,
-            &x_d,
-            &gpu.upload(dout)?,
-            &mut dx,
-            &mut grads,
-        )?;
-        Ok(vec![
-            ("output", gpu.download(&forward.output)?),
-            ("dx", gpu.download(&dx)?),
-            ("experts_w1", gpu.download(&grads.w1)?),
-            ("experts_w3", gpu.download(&grads.w3)?),
-            ("experts_w2", gpu.download(&grads.w2)?),
-            ("router", gpu.download(&grads.router)?),
-        ])
-    };
-    let result = pass();
-    gpu.set_grouped_gemm(before);
+    let (grouped_before, streams_before) = (
+        gpu.set_grouped_gemm(grouped),
+        gpu.set_expert_streams(streams),
+    );
+    let result = layer_pass(gpu, arithmetic, device, x, dout, seq_len);
+    gpu.set_grouped_gemm(grouped_before);
+    gpu.set_expert_streams(streams_before);
     result
 }
 
-fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
+/// The deepseek-style check layer (16 experts of 32, top-4, hidden 64)
+/// with uneven loads and an empty expert, as the TF32 layer check.
+fn skewed_layer(gpu: &Gpu, seed: u64) -> Result<(MoeLayer<f32>, DeviceMoeLayer)> {
     let config = deepseek_style_config();
-    let params = MoeParams::random(&config, &mut SplitMix64::new(720), 0.1);
+    let params = MoeParams::random(&config, &mut SplitMix64::new(seed), 0.1);
     let mut layer = MoeLayer::new(config.clone(), params).expect("valid layer");
-    // Uneven loads and an empty expert, as the TF32 layer check.
     let last = config.n_routed_experts - 1;
     layer.selection_bias[0] = 0.3;
     layer.selection_bias[last] = -10.0;
     let device = DeviceMoeLayer::upload(gpu, &layer)?;
+    Ok((layer, device))
+}
+
+pub fn check_expert_streams(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (layer, device) = skewed_layer(gpu, 730)?;
+    let hidden = layer.config().hidden;
+    // 1024 tokens × top-4: enough rows for the loop to fan out.
+    let (seq_len, tokens) = (256, 1024);
+    assert!(tokens * layer.config().top_k >= super::lanes::MIN_ROWS);
+    let x = random(tokens * hidden, 731);
+    let dout = random(tokens * hidden, 732);
+    let mut checks = Vec::new();
+    for (name, arithmetic) in [("tf32", Arithmetic::Tf32), ("bf16", Arithmetic::Bf16)] {
+        let main = layer_pass_with(gpu, arithmetic, &device, &x, &dout, seq_len, false, 1)?;
+        for run in 1..=2 {
+            let lanes = layer_pass_with(gpu, arithmetic, &device, &x, &dout, seq_len, false, 4)?;
+            for ((what, got), (_, want)) in lanes.iter().zip(&main) {
+                checks.push(exact(
+                    "expert_streams.moe_layer",
+                    &format!("{name} {what}, 4 streams vs 1, run {run}"),
+                    &bits(got),
+                    &bits(want),
+                ));
+            }
+        }
+    }
+    Ok(checks)
+}
+
+fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (layer, device) = skewed_layer(gpu, 720)?;
+    let hidden = layer.config().hidden;
     let (seq_len, tokens) = (16, 64);
-    let x = random(tokens * config.hidden, 721);
-    let dout = random(tokens * config.hidden, 722);
-    let looped = layer_pass(gpu, &device, &x, &dout, seq_len, false)?;
-    let grouped = layer_pass(gpu, &device, &x, &dout, seq_len, true)?;
+    let x = random(tokens * hidden, 721);
+    let dout = random(tokens * hidden, 722);
+    let bf16 = Arithmetic::Bf16;
+    let looped = layer_pass_with(gpu, bf16, &device, &x, &dout, seq_len, false, 1)?;
+    let grouped = layer_pass_with(gpu, bf16, &device, &x, &dout, seq_len, true, 1)?;
     Ok(grouped
         .iter()
         .zip(&looped)
