@@ -54,6 +54,10 @@ fn rank_process() {
         }
         std::thread::sleep(Duration::from_millis(30));
     }
+    // Done before the harness prints its summary: a rank's "test result"
+    // line in the parent's output would be counted as the parent's
+    // (tests/run.sh totals those lines), and could split the parent's own.
+    std::process::exit(0);
 }
 
 fn run(ranks: usize, die: &str) -> LaunchReport {
@@ -68,7 +72,15 @@ fn run(ranks: usize, die: &str) -> LaunchReport {
     let env = DistEnv::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
         .expect("launcher env");
     assert!(env.launcher);
-    let args = ["rank_process", "--exact", "--nocapture", "--test-threads=1"];
+    // Quiet: the harness prints nothing per test before it runs, so a rank
+    // writes only whole lines ("running 1 test", its own errors).
+    let args = [
+        "rank_process",
+        "--exact",
+        "--nocapture",
+        "--quiet",
+        "--test-threads=1",
+    ];
     let mut plan = LocalLaunch::from_env(
         &env,
         std::env::current_exe().expect("test binary path"),
