@@ -1,18 +1,17 @@
-//! The routed experts' SwiGLU MLPs with each projection one cuBLASLt
-//! grouped GEMM over every expert ([`super::grouped_gemm`]), in bf16:
-//! [`super::moe_layer::expert_mlps`] and its backward take this path when
-//! the library runs it ([`usable`]), and keep it bit-compatible in what it
-//! computes — the same bf16 roundings of the same operands, f32
-//! accumulation — so only the order of the f32 sums can differ.
+//! The routed experts' projections, each one cuBLASLt grouped GEMM over
+//! every expert ([`super::grouped_gemm`]), in bf16:
+//! [`super::moe_layer::expert_mlps`] and its backward call these in place
+//! of their per-expert loops when the library runs them ([`usable`]), on
+//! the same operands — the same bf16 roundings, f32 accumulation — so only
+//! the order of the f32 sums can differ.
 //!
 //! A layer's forward is two calls (gate and up together, then down) and
 //! its backward five, where the per-expert loop issues three GEMMs per
 //! expert forward and six backward (192 and 384 at 64 experts).
 
 use super::grouped_gemm::{self, GroupedLt, Problem};
-use super::matmul::{Arithmetic, Prepared};
-use super::moe_layer::{DeviceMoeGrads, ExpertMlps, RoutedWeights, segment_rows};
-use super::{Gpu, Result, swiglu};
+use super::matmul::{Arithmetic, Derived, Prepared};
+use super::{Gpu, Result};
 use crate::moe::config::MoeConfig;
 use moe_kernels::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
@@ -53,6 +52,13 @@ struct Places {
 }
 
 impl Places {
+    fn of(c: &MoeConfig) -> Self {
+        Self {
+            hidden: c.hidden,
+            inner: c.expert_hidden,
+        }
+    }
+
     /// `a|b[rows] = x[rows] @ w1|w3[e]ᵀ`.
     fn gate_up(self, e: usize, start: usize, len: usize) -> Place {
         let Self { hidden, inner } = self;
@@ -144,203 +150,168 @@ unsafe fn grouped(
     unsafe { grouped_gemm::gemm_bf16(gpu, lt, &problems, a_transposed, b_transposed, accumulate) }
 }
 
-/// [`super::moe_layer::expert_mlps`] in bf16 with grouped GEMMs.
-pub(crate) fn forward(
+/// Gate and up for every expert in one call: `a|b[rows] = x[rows] @
+/// w1|w3[e]ᵀ` ([`super::moe_layer::expert_mlps`]'s first GEMMs).
+pub(crate) fn gate_up(
     gpu: &Gpu,
     lt: &GroupedLt,
     c: &MoeConfig,
-    weights: &RoutedWeights<'_>,
-    permuted: &CudaSlice<f32>,
     segments: &[(usize, usize, usize)],
-) -> Result<ExpertMlps> {
-    let (hidden, inner) = (c.hidden, c.expert_hidden);
-    let places = Places { hidden, inner };
-    let rows = permuted.len() / hidden;
-    let rows_of = segment_rows(gpu, rows, segments);
-    let (mut a, mut b) = (rows_of(inner)?, rows_of(inner)?);
-    // SwiGLU writes every element (zero where `a` and `b` are).
-    let mut h = gpu.output::<f32>(rows * inner)?;
-    let mut out = rows_of(hidden)?;
-    let bf16 = Arithmetic::Bf16;
-    let derive = |w| weights.derived(gpu, bf16, w);
-    let (w1, w3, w2) = (
-        derive(weights.w1)?,
-        derive(weights.w3)?,
-        derive(weights.w2)?,
-    );
+    x: &Prepared<'_>,
+    [w1, w3]: [&Derived; 2],
+    [a, b]: [&mut CudaSlice<f32>; 2],
+) -> Result<()> {
+    let places = Places::of(c);
     let stream = gpu.stream();
-    let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
-    {
-        let x = Prepared::of(gpu, bf16, permuted)?;
-        let (x_at, _x) = x.rounded().device_ptr(stream);
-        let (w1_at, _w1) = w1.rounded().device_ptr(stream);
-        let (w3_at, _w3) = w3.rounded().device_ptr(stream);
-        let (a_at, _a) = a.device_ptr_mut(stream);
-        let (b_at, _b) = b.device_ptr_mut(stream);
-        // SAFETY: every buffer outlives the call and is freed in stream order.
-        unsafe {
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[a_at, x_at, w1_at], [b_at, x_at, w3_at]],
-                |e, start, len| places.gate_up(e, start, len),
-                false,
-                true,
-                false,
-            )
-        }?;
+    let (x_at, _x) = x.rounded().device_ptr(stream);
+    let (w1_at, _w1) = w1.rounded().device_ptr(stream);
+    let (w3_at, _w3) = w3.rounded().device_ptr(stream);
+    let (a_at, _a) = a.device_ptr_mut(stream);
+    let (b_at, _b) = b.device_ptr_mut(stream);
+    let bases = [[a_at, x_at, w1_at], [b_at, x_at, w3_at]];
+    // SAFETY: every buffer outlives the call and is freed in stream order.
+    unsafe {
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &bases,
+            |e, s, l| places.gate_up(e, s, l),
+            false,
+            true,
+            false,
+        )
     }
-    gpu.span_end(gate_up_span)?;
-    gpu.span("fwd.moe.swiglu", || swiglu::forward(gpu, &mut h, &a, &b))?;
-    let down_span = gpu.span_start("fwd.moe.down")?;
-    {
-        let h = Prepared::of(gpu, bf16, &h)?;
-        let (h_at, _h) = h.rounded().device_ptr(stream);
-        let (w2_at, _w2) = w2.rounded().device_ptr(stream);
-        let (out_at, _out) = out.device_ptr_mut(stream);
-        // SAFETY: as above.
-        unsafe {
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[out_at, h_at, w2_at]],
-                |e, start, len| places.down(e, start, len),
-                false,
-                true,
-                false,
-            )
-        }?;
-    }
-    gpu.span_end(down_span)?;
-    Ok(ExpertMlps { a, b, h, out })
 }
 
-/// [`super::moe_layer::expert_mlps_backward`] in bf16 with grouped GEMMs.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
+/// Down for every expert: `out[rows] = h[rows] @ w2[e]ᵀ`.
+pub(crate) fn down(
     gpu: &Gpu,
     lt: &GroupedLt,
     c: &MoeConfig,
-    weights: &RoutedWeights<'_>,
-    grads: &mut DeviceMoeGrads,
-    dy: &CudaSlice<f32>,
-    input: &CudaSlice<f32>,
-    mlps: &ExpertMlps,
     segments: &[(usize, usize, usize)],
-) -> Result<CudaSlice<f32>> {
-    let (hidden, inner) = (c.hidden, c.expert_hidden);
-    let places = Places { hidden, inner };
-    let rows = input.len() / hidden;
-    let rows_of = segment_rows(gpu, rows, segments);
-    let bf16 = Arithmetic::Bf16;
-    let derive = |w| weights.derived(gpu, bf16, w);
-    let (w1, w3, w2) = (
-        derive(weights.w1)?,
-        derive(weights.w3)?,
-        derive(weights.w2)?,
-    );
+    h: &Prepared<'_>,
+    w2: &Derived,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let places = Places::of(c);
     let stream = gpu.stream();
-    let down_span = gpu.span_start("bwd.moe.down")?;
-    let mut dh = rows_of(inner)?;
-    {
-        let (dy, h) = (
-            Prepared::of(gpu, bf16, dy)?,
-            Prepared::of(gpu, bf16, &mlps.h)?,
-        );
-        let (dy_at, _dy) = dy.rounded().device_ptr(stream);
-        let (h_at, _h) = h.rounded().device_ptr(stream);
-        let (w2_at, _w2) = w2.rounded().device_ptr(stream);
-        let (dh_at, _dh) = dh.device_ptr_mut(stream);
-        let (g2_at, _g2) = grads.w2.device_ptr_mut(stream);
-        // SAFETY: every buffer outlives the calls and is freed in stream order.
-        unsafe {
-            // dh = dy @ w2 (w2 stored [hidden, inner]).
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[dh_at, dy_at, w2_at]],
-                |e, start, len| places.down_input_grad(e, start, len),
-                false,
-                false,
-                false,
-            )?;
-            // dw2 += dyᵀ @ h.
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[g2_at, dy_at, h_at]],
-                |e, start, len| places.down_weight_grad(e, start, len),
-                true,
-                false,
-                true,
-            )?;
-        }
+    let (h_at, _h) = h.rounded().device_ptr(stream);
+    let (w2_at, _w2) = w2.rounded().device_ptr(stream);
+    let (out_at, _out) = out.device_ptr_mut(stream);
+    // SAFETY: as in gate_up.
+    unsafe {
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &[[out_at, h_at, w2_at]],
+            |e, s, l| places.down(e, s, l),
+            false,
+            true,
+            false,
+        )
     }
-    gpu.span_end(down_span)?;
-    let mut da = gpu.output::<f32>(rows * inner)?;
-    let mut db = gpu.output::<f32>(rows * inner)?;
-    gpu.span("bwd.moe.swiglu", || {
-        swiglu::backward(gpu, &mut da, &mut db, &dh, &mlps.a, &mlps.b, false)
-    })?;
-    let gate_up_span = gpu.span_start("bwd.moe.gate_up")?;
-    let mut dinput = rows_of(hidden)?;
-    {
-        let (x, da, db) = (
-            Prepared::of(gpu, bf16, input)?,
-            Prepared::of(gpu, bf16, &da)?,
-            Prepared::of(gpu, bf16, &db)?,
-        );
-        let (x_at, _x) = x.rounded().device_ptr(stream);
-        let (da_at, _da) = da.rounded().device_ptr(stream);
-        let (db_at, _db) = db.rounded().device_ptr(stream);
-        let (w1_at, _w1) = w1.rounded().device_ptr(stream);
-        let (w3_at, _w3) = w3.rounded().device_ptr(stream);
-        let (dx_at, _dx) = dinput.device_ptr_mut(stream);
-        let (g1_at, _g1) = grads.w1.device_ptr_mut(stream);
-        let (g3_at, _g3) = grads.w3.device_ptr_mut(stream);
-        let dx = |e, start, len| places.up_input_grad(e, start, len);
-        // SAFETY: as above.
-        unsafe {
-            // dx = da @ w1 + db @ w3 (each stored [inner, hidden]).
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[dx_at, da_at, w1_at]],
-                dx,
-                false,
-                false,
-                false,
-            )?;
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[dx_at, db_at, w3_at]],
-                dx,
-                false,
-                false,
-                true,
-            )?;
-            // dw1 += daᵀ @ x and dw3 += dbᵀ @ x, in one call.
-            grouped(
-                gpu,
-                lt,
-                segments,
-                &[[g1_at, da_at, x_at], [g3_at, db_at, x_at]],
-                |e, start, len| places.up_weight_grad(e, start, len),
-                true,
-                false,
-                true,
-            )?;
-        }
+}
+
+/// Down's backward: `dh = dy @ w2[e]` and `dw2[e] += dyᵀ @ h`, a call each.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn down_backward(
+    gpu: &Gpu,
+    lt: &GroupedLt,
+    c: &MoeConfig,
+    segments: &[(usize, usize, usize)],
+    dy: &Prepared<'_>,
+    h: &Prepared<'_>,
+    w2: &Derived,
+    dh: &mut CudaSlice<f32>,
+    dw2: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let places = Places::of(c);
+    let stream = gpu.stream();
+    let (dy_at, _dy) = dy.rounded().device_ptr(stream);
+    let (h_at, _h) = h.rounded().device_ptr(stream);
+    let (w2_at, _w2) = w2.rounded().device_ptr(stream);
+    let (dh_at, _dh) = dh.device_ptr_mut(stream);
+    let (g2_at, _g2) = dw2.device_ptr_mut(stream);
+    // SAFETY: as in gate_up.
+    unsafe {
+        let input_grad = |e, s, l| places.down_input_grad(e, s, l);
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &[[dh_at, dy_at, w2_at]],
+            input_grad,
+            false,
+            false,
+            false,
+        )?;
+        let weight_grad = |e, s, l| places.down_weight_grad(e, s, l);
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &[[g2_at, dy_at, h_at]],
+            weight_grad,
+            true,
+            false,
+            true,
+        )
     }
-    gpu.span_end(gate_up_span)?;
-    Ok(dinput)
+}
+
+/// Gate and up's backward: `dx = da @ w1[e] + db @ w3[e]` (two calls, the
+/// second adding), then `dw1|dw3[e] += da|dbᵀ @ x` in one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn up_backward(
+    gpu: &Gpu,
+    lt: &GroupedLt,
+    c: &MoeConfig,
+    segments: &[(usize, usize, usize)],
+    x: &Prepared<'_>,
+    [da, db]: [&Prepared<'_>; 2],
+    [w1, w3]: [&Derived; 2],
+    dx: &mut CudaSlice<f32>,
+    [dw1, dw3]: [&mut CudaSlice<f32>; 2],
+) -> Result<()> {
+    let places = Places::of(c);
+    let stream = gpu.stream();
+    let (x_at, _x) = x.rounded().device_ptr(stream);
+    let (da_at, _da) = da.rounded().device_ptr(stream);
+    let (db_at, _db) = db.rounded().device_ptr(stream);
+    let (w1_at, _w1) = w1.rounded().device_ptr(stream);
+    let (w3_at, _w3) = w3.rounded().device_ptr(stream);
+    let (dx_at, _dx) = dx.device_ptr_mut(stream);
+    let (g1_at, _g1) = dw1.device_ptr_mut(stream);
+    let (g3_at, _g3) = dw3.device_ptr_mut(stream);
+    let input_grad = |e, s, l| places.up_input_grad(e, s, l);
+    let weight_grad = |e, s, l| places.up_weight_grad(e, s, l);
+    // SAFETY: as in gate_up.
+    unsafe {
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &[[dx_at, da_at, w1_at]],
+            input_grad,
+            false,
+            false,
+            false,
+        )?;
+        grouped(
+            gpu,
+            lt,
+            segments,
+            &[[dx_at, db_at, w3_at]],
+            input_grad,
+            false,
+            false,
+            true,
+        )?;
+        let bases = [[g1_at, da_at, x_at], [g3_at, db_at, x_at]];
+        grouped(gpu, lt, segments, &bases, weight_grad, true, false, true)
+    }
 }
 
 #[cfg(test)]

@@ -369,9 +369,7 @@ pub(crate) fn expert_mlps(
     permuted: &CudaSlice<f32>,
     segments: &[(usize, usize, usize)],
 ) -> Result<ExpertMlps> {
-    if let Some(lt) = expert_grouped::usable(gpu, arithmetic, c) {
-        return expert_grouped::forward(gpu, lt, c, weights, permuted, segments);
-    }
+    let grouped = expert_grouped::usable(gpu, arithmetic, c);
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = permuted.len() / hidden;
     let rows_of = segment_rows(gpu, rows, segments);
@@ -392,50 +390,58 @@ pub(crate) fn expert_mlps(
     let gate_up_span = gpu.span_start("fwd.moe.gate_up")?;
     let x = Prepared::of(gpu, arithmetic, permuted)?;
     let fan_rows = lane_rows(arithmetic, rows);
-    gpu.fan_out(fan_rows, |fan| {
-        for (i, &(e, start, len)) in segments.iter().enumerate() {
-            fan.on(i, || {
-                for (out, w, derived, linear) in
-                    [(&mut a, weights.w1, &w1, W1), (&mut b, weights.w3, &w3, W3)]
-                {
-                    matmul::forward_view(
-                        gpu,
-                        arithmetic.at(MLP_LINEARS * e + linear),
-                        &mut out.slice_mut(start * inner..(start + len) * inner),
-                        x.input(start * hidden..(start + len) * hidden),
-                        derived.input(w, e * size..(e + 1) * size),
-                        hidden,
-                        inner,
-                        false,
-                    )?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    })?;
+    if let Some(lt) = grouped {
+        expert_grouped::gate_up(gpu, lt, c, segments, &x, [&w1, &w3], [&mut a, &mut b])?;
+    } else {
+        gpu.fan_out(fan_rows, |fan| {
+            for (i, &(e, start, len)) in segments.iter().enumerate() {
+                fan.on(i, || {
+                    for (out, w, derived, linear) in
+                        [(&mut a, weights.w1, &w1, W1), (&mut b, weights.w3, &w3, W3)]
+                    {
+                        matmul::forward_view(
+                            gpu,
+                            arithmetic.at(MLP_LINEARS * e + linear),
+                            &mut out.slice_mut(start * inner..(start + len) * inner),
+                            x.input(start * hidden..(start + len) * hidden),
+                            derived.input(w, e * size..(e + 1) * size),
+                            hidden,
+                            inner,
+                            false,
+                        )?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        })?;
+    }
     drop(x);
     gpu.span_end(gate_up_span)?;
     gpu.span("fwd.moe.swiglu", || swiglu::forward(gpu, &mut h, &a, &b))?;
     let down_span = gpu.span_start("fwd.moe.down")?;
     let h_in = Prepared::of(gpu, arithmetic, &h)?;
-    gpu.fan_out(fan_rows, |fan| {
-        for (i, &(e, start, len)) in segments.iter().enumerate() {
-            fan.on(i, || {
-                matmul::forward_view(
-                    gpu,
-                    arithmetic.at(MLP_LINEARS * e + W2),
-                    &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
-                    h_in.input(start * inner..(start + len) * inner),
-                    w2.input(weights.w2, e * size..(e + 1) * size),
-                    inner,
-                    hidden,
-                    false,
-                )
-            })?;
-        }
-        Ok(())
-    })?;
+    if let Some(lt) = grouped {
+        expert_grouped::down(gpu, lt, c, segments, &h_in, &w2, &mut expert_out)?;
+    } else {
+        gpu.fan_out(fan_rows, |fan| {
+            for (i, &(e, start, len)) in segments.iter().enumerate() {
+                fan.on(i, || {
+                    matmul::forward_view(
+                        gpu,
+                        arithmetic.at(MLP_LINEARS * e + W2),
+                        &mut expert_out.slice_mut(start * hidden..(start + len) * hidden),
+                        h_in.input(start * inner..(start + len) * inner),
+                        w2.input(weights.w2, e * size..(e + 1) * size),
+                        inner,
+                        hidden,
+                        false,
+                    )
+                })?;
+            }
+            Ok(())
+        })?;
+    }
     drop(h_in);
     gpu.span_end(down_span)?;
     Ok(ExpertMlps {
@@ -797,9 +803,7 @@ pub(crate) fn expert_mlps_backward(
     mlps: &ExpertMlps,
     segments: &[(usize, usize, usize)],
 ) -> Result<CudaSlice<f32>> {
-    if let Some(lt) = expert_grouped::usable(gpu, arithmetic, c) {
-        return expert_grouped::backward(gpu, lt, c, weights, grads, dy, input, mlps, segments);
-    }
+    let grouped = expert_grouped::usable(gpu, arithmetic, c);
     let (hidden, inner) = (c.hidden, c.expert_hidden);
     let rows = input.len() / hidden;
     let size = inner * hidden;
@@ -819,41 +823,45 @@ pub(crate) fn expert_mlps_backward(
     // mlps.h feeds the weight gradient of every expert's down projection.
     let h = Prepared::of(gpu, arithmetic, &mlps.h)?;
     let fan_rows = lane_rows(arithmetic, rows);
-    gpu.fan_out(fan_rows, |fan| {
-        for (i, &(e, start, len)) in segments.iter().enumerate() {
-            fan.on(i, || {
-                let dy_e = dy.input(start * hidden..(start + len) * hidden);
-                let w2_e = w2.input(weights.w2, e * size..(e + 1) * size);
-                let h_e = h.input(start * inner..(start + len) * inner);
-                let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
-                let down = arithmetic.at(MLP_LINEARS * e + W2);
-                matmul::gemm(
-                    gpu,
-                    down,
-                    &mut dh_e,
-                    dy_e.clone(),
-                    false,
-                    w2_e,
-                    false,
-                    (len, inner, hidden),
-                    false,
-                )?;
-                let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
-                matmul::gemm(
-                    gpu,
-                    down,
-                    &mut dw2_e,
-                    dy_e,
-                    true,
-                    h_e,
-                    false,
-                    (hidden, inner, len),
-                    true,
-                )
-            })?;
-        }
-        Ok(())
-    })?;
+    if let Some(lt) = grouped {
+        expert_grouped::down_backward(gpu, lt, c, segments, &dy, &h, &w2, &mut dh, &mut grads.w2)?;
+    } else {
+        gpu.fan_out(fan_rows, |fan| {
+            for (i, &(e, start, len)) in segments.iter().enumerate() {
+                fan.on(i, || {
+                    let dy_e = dy.input(start * hidden..(start + len) * hidden);
+                    let w2_e = w2.input(weights.w2, e * size..(e + 1) * size);
+                    let h_e = h.input(start * inner..(start + len) * inner);
+                    let mut dh_e = dh.slice_mut(start * inner..(start + len) * inner);
+                    let down = arithmetic.at(MLP_LINEARS * e + W2);
+                    matmul::gemm(
+                        gpu,
+                        down,
+                        &mut dh_e,
+                        dy_e.clone(),
+                        false,
+                        w2_e,
+                        false,
+                        (len, inner, hidden),
+                        false,
+                    )?;
+                    let mut dw2_e = grads.w2.slice_mut(e * size..(e + 1) * size);
+                    matmul::gemm(
+                        gpu,
+                        down,
+                        &mut dw2_e,
+                        dy_e,
+                        true,
+                        h_e,
+                        false,
+                        (hidden, inner, len),
+                        true,
+                    )
+                })?;
+            }
+            Ok(())
+        })?;
+    }
     drop(h);
     drop(dy);
     gpu.span_end(down_span)?;
@@ -870,48 +878,63 @@ pub(crate) fn expert_mlps_backward(
         Prepared::of(gpu, arithmetic, &da)?,
         Prepared::of(gpu, arithmetic, &db)?,
     );
-    gpu.fan_out(fan_rows, |fan| {
-        for (lane, &(e, start, len)) in segments.iter().enumerate() {
-            fan.on(lane, || {
-                let wide = start * hidden..(start + len) * hidden;
-                let mut dx_e = dinput.slice_mut(wide.clone());
-                for (i, (d, (w, derived), g, linear)) in [
-                    (&da, (weights.w1, &w1), &mut grads.w1, W1),
-                    (&db, (weights.w3, &w3), &mut grads.w3, W3),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let d_e = d.input(start * inner..(start + len) * inner);
-                    let up = arithmetic.at(MLP_LINEARS * e + linear);
-                    matmul::gemm(
-                        gpu,
-                        up,
-                        &mut dx_e,
-                        d_e.clone(),
-                        false,
-                        derived.input(w, e * size..(e + 1) * size),
-                        false,
-                        (len, hidden, inner),
-                        i > 0,
-                    )?;
-                    matmul::gemm(
-                        gpu,
-                        up,
-                        &mut g.slice_mut(e * size..(e + 1) * size),
-                        d_e,
-                        true,
-                        x.input(wide.clone()),
-                        false,
-                        (inner, hidden, len),
-                        true,
-                    )?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    })?;
+    if let Some(lt) = grouped {
+        let grads = [&mut grads.w1, &mut grads.w3];
+        expert_grouped::up_backward(
+            gpu,
+            lt,
+            c,
+            segments,
+            &x,
+            [&da, &db],
+            [&w1, &w3],
+            &mut dinput,
+            grads,
+        )?;
+    } else {
+        gpu.fan_out(fan_rows, |fan| {
+            for (lane, &(e, start, len)) in segments.iter().enumerate() {
+                fan.on(lane, || {
+                    let wide = start * hidden..(start + len) * hidden;
+                    let mut dx_e = dinput.slice_mut(wide.clone());
+                    for (i, (d, (w, derived), g, linear)) in [
+                        (&da, (weights.w1, &w1), &mut grads.w1, W1),
+                        (&db, (weights.w3, &w3), &mut grads.w3, W3),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        let d_e = d.input(start * inner..(start + len) * inner);
+                        let up = arithmetic.at(MLP_LINEARS * e + linear);
+                        matmul::gemm(
+                            gpu,
+                            up,
+                            &mut dx_e,
+                            d_e.clone(),
+                            false,
+                            derived.input(w, e * size..(e + 1) * size),
+                            false,
+                            (len, hidden, inner),
+                            i > 0,
+                        )?;
+                        matmul::gemm(
+                            gpu,
+                            up,
+                            &mut g.slice_mut(e * size..(e + 1) * size),
+                            d_e,
+                            true,
+                            x.input(wide.clone()),
+                            false,
+                            (inner, hidden, len),
+                            true,
+                        )?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        })?;
+    }
     drop((x, da, db));
     gpu.span_end(gate_up_span)?;
     Ok(dinput)
