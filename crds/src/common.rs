@@ -135,7 +135,8 @@ pub struct WorkerSpec {
     /// (`parallelism.processesPerNode` in training, `processesPerPod` in serving).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved.
+    /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved,
+    /// except the CUDA worker's tuning variables (`MOE_CUDA_*`, docs/cuda.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
     /// NCCL settings (CUDA workers).

@@ -220,14 +220,24 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The worker's own tuning variables, which a resource may set in
+/// `spec.worker.env` although they share the contract's `MOE_` prefix: the
+/// CUDA worker's opt-in kernels and GEMM paths (`MOE_CUDA_ATTENTION`,
+/// `MOE_CUDA_GROUPED_GEMM`, `MOE_CUDA_EXPERT_STREAMS`) and where it finds
+/// the CUDA headers (`MOE_CUDA_HOME`). The operator never sets them, and
+/// the worker refuses a value it does not understand at startup.
+pub const TUNING_PREFIX: &str = "MOE_CUDA_";
+
 /// Checks of the worker spec that CEL cannot express cheaply: names reserved
 /// for the worker contract, `NCCL_*` keys, the reserved label prefix.
 /// `Err(message naming the field)`.
 pub fn check_worker(worker: &WorkerSpec) -> Result<(), String> {
     for (i, var) in worker.env.iter().enumerate() {
-        if env::RESERVED.contains(&var.name.as_str()) || var.name.starts_with("MOE_") {
+        let tuning = var.name.starts_with(TUNING_PREFIX);
+        if env::RESERVED.contains(&var.name.as_str()) || (var.name.starts_with("MOE_") && !tuning) {
             return Err(format!(
-                "spec.worker.env[{i}].name: {} is reserved for the worker contract (MOE_*)",
+                "spec.worker.env[{i}].name: {} is reserved for the worker contract (MOE_*; \
+                 the tuning variables {TUNING_PREFIX}* may be set)",
                 var.name
             ));
         }

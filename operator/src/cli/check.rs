@@ -309,6 +309,29 @@ mod tests {
     }
 
     #[test]
+    fn the_cuda_tuning_variables_may_be_set_but_no_other_moe_name() {
+        let tuning = json!([
+            {"name": "MOE_CUDA_GROUPED_GEMM", "value": "1"},
+            {"name": "MOE_CUDA_EXPERT_STREAMS", "value": "4"},
+            {"name": "MOE_CUDA_ATTENTION", "value": "flash"},
+        ]);
+        let mut doc = tiny();
+        doc["spec"]["worker"]["env"] = tuning;
+        Checker::new().unwrap().check(doc).expect("tuning variables are allowed");
+        for reserved in ["MOE_COORDINATOR", "MOE_CUDAX", "MOE_STATUS_ADDR"] {
+            let mut doc = tiny();
+            doc["spec"]["worker"]["env"] = json!([{"name": reserved, "value": "x"}]);
+            let rejection = Checker::new().unwrap().check(doc).unwrap_err();
+            assert!(
+                rejection.problems[0].starts_with("spec.worker.env[0].name: ")
+                    && rejection.problems[0].contains(reserved),
+                "{reserved}: {:?}",
+                rejection.problems
+            );
+        }
+    }
+
+    #[test]
     fn checks_inference_services_against_their_own_schema_and_rules() {
         let checker = Checker::new().unwrap();
         let mut doc = json!({
