@@ -92,7 +92,14 @@ impl From<DataError> for RunError {
 #[cfg(feature = "cuda")]
 impl From<crate::cuda::GpuError> for RunError {
     fn from(e: crate::cuda::GpuError) -> Self {
-        Self::Device(e.to_string())
+        match e {
+            // A tuning variable the worker cannot run with: a configuration
+            // error (exit 2) that another attempt would meet again.
+            crate::cuda::GpuError::Settings(problem) => {
+                Self::Settings(SettingsError::new("worker environment", problem))
+            }
+            e => Self::Device(e.to_string()),
+        }
     }
 }
 

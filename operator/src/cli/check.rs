@@ -317,7 +317,10 @@ mod tests {
         ]);
         let mut doc = tiny();
         doc["spec"]["worker"]["env"] = tuning;
-        Checker::new().unwrap().check(doc).expect("tuning variables are allowed");
+        Checker::new()
+            .unwrap()
+            .check(doc)
+            .expect("tuning variables are allowed");
         for reserved in ["MOE_COORDINATOR", "MOE_CUDAX", "MOE_STATUS_ADDR"] {
             let mut doc = tiny();
             doc["spec"]["worker"]["env"] = json!([{"name": reserved, "value": "x"}]);

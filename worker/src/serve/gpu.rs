@@ -88,7 +88,14 @@ pub(crate) fn place_share(
 }
 
 fn device_error(e: crate::cuda::GpuError) -> ServeError {
-    ServeError::Device(e.to_string())
+    match e {
+        // A tuning variable the worker cannot run with: an options error
+        // (exit 2), as training treats it.
+        crate::cuda::GpuError::Settings(problem) => {
+            ServeError::Options(format!("worker environment: {problem}"))
+        }
+        e => ServeError::Device(e.to_string()),
+    }
 }
 
 /// The process's GPU, opened and warmed, after the notes on the options
