@@ -262,20 +262,21 @@ impl AttentionKernel {
     /// kernels (`gemm` or unset: the GEMM path).
     pub const ENV: &str = "MOE_CUDA_ATTENTION";
 
-    /// The kernel `MOE_CUDA_ATTENTION` asks for; an unknown value is
-    /// reported and runs the default.
-    pub fn from_env() -> Self {
-        match std::env::var(Self::ENV).as_deref() {
-            Ok("flash") => Self::Flash,
-            Ok("gemm") | Ok("") | Err(_) => Self::Gemm,
-            Ok(other) => {
-                tracing::warn!(
-                    value = other,
-                    "{} is neither flash nor gemm: running the GEMM path",
-                    Self::ENV
-                );
-                Self::Gemm
-            }
+    /// The kernel `MOE_CUDA_ATTENTION` asks for; an unknown value is a
+    /// settings error naming it (as the other `MOE_CUDA_*` variables).
+    pub fn from_env() -> Result<Self> {
+        Self::parse(std::env::var(Self::ENV).ok().as_deref()).map_err(GpuError::Settings)
+    }
+
+    /// The kernel `value` (the variable's) asks for.
+    pub fn parse(value: Option<&str>) -> std::result::Result<Self, String> {
+        match value.map(str::trim) {
+            Some("flash") => Ok(Self::Flash),
+            Some("gemm" | "") | None => Ok(Self::Gemm),
+            Some(other) => Err(format!(
+                "{}={other}: expected flash or gemm (the default)",
+                Self::ENV
+            )),
         }
     }
 }
@@ -403,7 +404,7 @@ impl DeviceModel {
             })
             .collect::<Result<_>>()?;
         let table = RopeTable::new(config.seq_len, config.head_dim(), config.rope_theta);
-        let attention = AttentionKernel::from_env();
+        let attention = AttentionKernel::from_env()?;
         if attention == AttentionKernel::Flash {
             // Said once per upload, so a run's log shows which kernels it timed.
             if config.head_dim() <= flash_attention::MAX_HEAD_DIM {
@@ -1234,6 +1235,22 @@ fn linear_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attention_kernel_is_gemm_unless_flash_and_a_stray_value_is_refused() {
+        for gemm in [None, Some(""), Some("gemm")] {
+            assert_eq!(AttentionKernel::parse(gemm), Ok(AttentionKernel::Gemm));
+        }
+        assert_eq!(
+            AttentionKernel::parse(Some("flash")),
+            Ok(AttentionKernel::Flash)
+        );
+        let error = AttentionKernel::parse(Some("flash2")).expect_err("unknown");
+        assert!(
+            error.contains(AttentionKernel::ENV) && error.contains("flash2"),
+            "{error}"
+        );
+    }
 
     /// The device numbers its linear layers as the CPU model hands out its
     /// delayed scales: as many in all, each block's run of them starting
