@@ -113,21 +113,23 @@ fn address(gpu: &Gpu) -> usize {
     gpu as *const Gpu as usize
 }
 
-/// An event recorded on `on` that `waiter` waits for.
+/// One event recorded on `on` that every stream of `waiters` waits for.
 ///
 /// # Safety
-/// Both streams belong to the current context.
-unsafe fn order(waiter: sys::CUstream, on: sys::CUstream) -> Result<()> {
+/// The streams belong to the current context.
+unsafe fn order(waiters: &[sys::CUstream], on: sys::CUstream) -> Result<()> {
     let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
-    // SAFETY: the event is fresh; destroying it after the wait is enqueued
-    // is allowed (CUDA keeps it until the wait completes).
+    // SAFETY: the event is fresh; destroying it after the waits are
+    // enqueued is allowed (CUDA keeps it until they complete).
     unsafe {
         let ordered = result::event::record(event, on).and_then(|()| {
-            result::stream::wait_event(
-                waiter,
-                event,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
+            waiters.iter().try_for_each(|&waiter| {
+                result::stream::wait_event(
+                    waiter,
+                    event,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            })
         });
         let _ = result::event::destroy(event);
         ordered?;
@@ -156,17 +158,16 @@ impl Gpu {
         let lanes = self.lanes(wanted)?;
         let main = self.stream().cu_stream();
         self.context().bind_to_thread()?;
-        for lane in lanes {
-            // SAFETY: the lanes and the main stream are this context's.
-            unsafe { order(lane.stream, main) }?;
-        }
+        let streams: Vec<sys::CUstream> = lanes.iter().map(|lane| lane.stream).collect();
+        // SAFETY: the lanes and the main stream are this context's.
+        unsafe { order(&streams, main) }?;
         let result = run(&Fan { gpu: self, lanes });
         // Whatever `run` did, the main stream waits for every lane before
         // it runs (or frees) anything else.
         let mut joined = Ok(());
-        for lane in lanes {
+        for &lane in &streams {
             // SAFETY: as above.
-            if let Err(error) = unsafe { order(main, lane.stream) } {
+            if let Err(error) = unsafe { order(&[main], lane) } {
                 joined = Err(error);
             }
         }
