@@ -2,7 +2,7 @@
 //! device's architecture the first time one of its kernels is asked for,
 //! then loaded once and reused for the life of the context.
 
-use crate::compile::{CompileFailure, arch_for, compile};
+use crate::compile::{CompileFailure, arch_for, compile, compile_all};
 use crate::registry::Family;
 use crate::toolkit::{self, CudaHome};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError};
@@ -81,10 +81,20 @@ impl ModuleCache {
         Ok(module.load_function(entry)?)
     }
 
-    /// Compiles and loads every family now (so the first step is not the slow one).
+    /// Compiles and loads every family now (so the first step is not the
+    /// slow one), the families not loaded yet compiled side by side.
     pub fn warm_up(&self, families: &[Family]) -> Result<(), KernelError> {
-        for family in families {
-            self.module(family)?;
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let missing: Vec<&Family> = families
+            .iter()
+            .filter(|family| !modules.contains_key(family.id))
+            .collect();
+        for (family, ptx) in missing
+            .iter()
+            .zip(compile_all(&missing, self.arch, &self.home))
+        {
+            let module = self.context.load_module(ptx?)?;
+            modules.insert(family.id, module);
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! Where NVRTC is missing the test says so and passes, unless `CI=true`,
 //! where a missing toolchain is a broken setup and fails.
 
-use moe_kernels::compile::compile;
+use moe_kernels::compile::{compile, compile_all};
 use moe_kernels::ptxas;
 use moe_kernels::registry::FAMILIES;
 use moe_kernels::toolkit;
@@ -43,9 +43,10 @@ fn compile_all_kernels() {
     }
     let mut failures = Vec::new();
     let mut report = String::new();
+    let families: Vec<_> = FAMILIES.iter().collect();
     for &arch in ARCHES {
-        for family in FAMILIES {
-            let ptx = match compile(family, arch, &home) {
+        for (family, ptx) in FAMILIES.iter().zip(compile_all(&families, arch, &home)) {
+            let ptx = match ptx {
                 Ok(ptx) => ptx.to_src(),
                 Err(error) => {
                     failures.push(error.to_string());
@@ -89,4 +90,32 @@ fn compile_all_kernels() {
     // Printed for the log (cargo test --nocapture, or on failure).
     println!("{report}");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// NVRTC compiles the families side by side in a process's warm-up
+/// (`compile::compile_all`): the same PTX as one at a time, every family,
+/// twice over (a compiler whose concurrent use were unsafe would show it
+/// as a crash or a difference).
+#[test]
+fn parallel_compilation_gives_the_sequential_ptx() {
+    let Some(home) = toolchain_or_skip() else {
+        return;
+    };
+    let families: Vec<_> = FAMILIES.iter().collect();
+    let arch = ARCHES[0];
+    let sequential: Vec<String> = FAMILIES
+        .iter()
+        .map(|family| compile(family, arch, &home).expect("compiles").to_src())
+        .collect();
+    for round in 0..2 {
+        let parallel = compile_all(&families, arch, &home);
+        for ((family, want), got) in FAMILIES.iter().zip(&sequential).zip(parallel) {
+            let got = got.expect("compiles").to_src();
+            assert!(
+                &got == want,
+                "{}.cu: the parallel compile (round {round}) differs from the sequential one",
+                family.id
+            );
+        }
+    }
 }

@@ -510,6 +510,14 @@ impl Backend {
 #[cfg(feature = "cuda")]
 fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
     let (gpu, ordinal) = crate::cuda::open_process_gpu()?;
+    // Every kernel family compiled now, side by side, rather than one by one
+    // as the first step meets them.
+    let compiled = std::time::Instant::now();
+    gpu.warm_up()?;
+    tracing::info!(
+        seconds = compiled.elapsed().as_secs_f64(),
+        "kernels compiled and loaded"
+    );
     tracing::info!(
         device = %gpu.name().unwrap_or_default(),
         arch = gpu.arch(),
