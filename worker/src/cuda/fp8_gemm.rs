@@ -88,30 +88,6 @@ impl Fp8Algos {
     }
 }
 
-/// Destroys cuBLASLt descriptors when the call ends, also on errors.
-struct Descriptors {
-    desc: sys::cublasLtMatmulDesc_t,
-    layouts: Vec<sys::cublasLtMatrixLayout_t>,
-    pref: sys::cublasLtMatmulPreference_t,
-}
-
-impl Drop for Descriptors {
-    fn drop(&mut self) {
-        // SAFETY: each handle was created by cuBLASLt and is destroyed once.
-        unsafe {
-            for &layout in &self.layouts {
-                let _ = result::destroy_matrix_layout(layout);
-            }
-            if !self.pref.is_null() {
-                let _ = result::destroy_matmul_pref(self.pref);
-            }
-            if !self.desc.is_null() {
-                let _ = result::destroy_matmul_desc(self.desc);
-            }
-        }
-    }
-}
-
 unsafe fn set_desc<T>(
     desc: sys::cublasLtMatmulDesc_t,
     attribute: sys::cublasLtMatmulDescAttributes_t,
@@ -183,7 +159,7 @@ pub fn gemm_abt_into<O: Fp8Output, D: DevicePtrMut<O>>(
     let (w_ptr, _w) = workspace.device_ptr(stream);
     let workspace_bytes = workspace.len();
 
-    let mut descriptors = Descriptors {
+    let mut descriptors = lt_plan::Descriptors {
         desc: result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,

@@ -256,31 +256,6 @@ pub(crate) fn aligned(problems: &[Problem], a_transposed: bool, b_transposed: bo
     })
 }
 
-/// Destroys cuBLASLt's host descriptors however the call ends.
-struct Descriptors {
-    layouts: Vec<sys::cublasLtMatrixLayout_t>,
-    desc: sys::cublasLtMatmulDesc_t,
-    preference: sys::cublasLtMatmulPreference_t,
-}
-
-impl Drop for Descriptors {
-    fn drop(&mut self) {
-        // SAFETY: each handle was created by cuBLASLt and is destroyed once;
-        // the GEMM they described is enqueued (cuBLASLt copies what it needs).
-        unsafe {
-            for &layout in &self.layouts {
-                let _ = result::destroy_matrix_layout(layout);
-            }
-            if !self.desc.is_null() {
-                let _ = result::destroy_matmul_desc(self.desc);
-            }
-            if !self.preference.is_null() {
-                let _ = result::destroy_matmul_pref(self.preference);
-            }
-        }
-    }
-}
-
 fn status(code: u32, what: &str) -> Result<()> {
     if code == 0 {
         Ok(())
@@ -328,10 +303,12 @@ pub(crate) unsafe fn gemm_bf16(
     let at = |offset: usize| (base + offset as u64) as *const c_void;
     let groups = c_int::try_from(packed.groups).expect("group count exceeds i32");
     use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
-    let mut d = Descriptors {
+    // Destroyed however the call ends (cuBLASLt copies what it needs at
+    // enqueue).
+    let mut d = super::lt_plan::Descriptors {
         layouts: Vec::new(),
         desc: std::ptr::null_mut(),
-        preference: std::ptr::null_mut(),
+        pref: std::ptr::null_mut(),
     };
     let o = packed.at;
     for (data_type, rows, cols) in [
@@ -374,7 +351,7 @@ pub(crate) unsafe fn gemm_bf16(
             )?;
         }
     }
-    d.preference = result::create_matmul_pref()?;
+    d.pref = result::create_matmul_pref()?;
     let workspace = gpu.workspace()?;
     let workspace_bytes = workspace.len() as u64;
     let (rows, cols, depth) = packed.average;
@@ -391,7 +368,7 @@ pub(crate) unsafe fn gemm_bf16(
             (PREF_GROUPED_AVERAGE_REDUCTION_DIM, depth),
         ] {
             let code = (lt.set_preference)(
-                d.preference,
+                d.pref,
                 attribute,
                 (&value as *const i64).cast(),
                 size_of::<i64>(),
@@ -403,7 +380,7 @@ pub(crate) unsafe fn gemm_bf16(
     let (a, b, c) = (d.layouts[0], d.layouts[1], d.layouts[2]);
     // SAFETY: the descriptors are live and describe the uploaded arrays.
     let heuristic =
-        unsafe { result::get_matmul_algo_heuristic(handle, d.desc, a, b, c, c, d.preference) }
+        unsafe { result::get_matmul_algo_heuristic(handle, d.desc, a, b, c, c, d.pref) }
             .map_err(|e| GpuError::Grouped(format!("no grouped GEMM algorithm: {e}")))?;
     let (w, _w) = workspace.device_ptr(stream);
     // SAFETY: A, B and D are device arrays of addresses (the caller

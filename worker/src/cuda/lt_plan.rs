@@ -273,3 +273,27 @@ pub unsafe fn matmul(
     }
     Ok(())
 }
+
+/// Destroys cuBLASLt descriptors when the call ends, also on errors.
+pub(crate) struct Descriptors {
+    pub desc: sys::cublasLtMatmulDesc_t,
+    pub layouts: Vec<sys::cublasLtMatrixLayout_t>,
+    pub pref: sys::cublasLtMatmulPreference_t,
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt and is destroyed once.
+        unsafe {
+            for &layout in &self.layouts {
+                let _ = result::destroy_matrix_layout(layout);
+            }
+            if !self.pref.is_null() {
+                let _ = result::destroy_matmul_pref(self.pref);
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
