@@ -5,7 +5,8 @@
 //! in TF32 and bf16 with the per-expert GEMMs spread over four streams and
 //! on the main stream alone must agree bit for bit (every GEMM runs the
 //! same cuBLASLt plan on the same operands; only where it runs differs),
-//! twice over, so that a missing wait shows as a difference.
+//! twice over, so that a missing wait shows as a difference; first, one
+//! stream twice, the baseline that makes such a difference mean that.
 //!
 //! Grouped GEMMs ([`super::grouped_gemm`]), on a GPU whose cuBLASLt runs
 //! them (the report's header says whether this one does, and why not; the
@@ -249,6 +250,18 @@ pub fn check_expert_streams(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (name, arithmetic) in [("tf32", Arithmetic::Tf32), ("bf16", Arithmetic::Bf16)] {
         let main = layer_pass_with(gpu, arithmetic, &device, &x, &dout, seq_len, false, 1)?;
+        // The baseline: the kernels sum in fixed orders and cuBLASLt runs a
+        // cached algorithm, so one stream twice gives the same bits. Were it
+        // not so, a difference below would not be a missing wait.
+        let again = layer_pass_with(gpu, arithmetic, &device, &x, &dout, seq_len, false, 1)?;
+        for ((what, got), (_, want)) in again.iter().zip(&main) {
+            checks.push(exact(
+                "expert_streams.baseline",
+                &format!("{name} {what}, 1 stream twice"),
+                &bits(got),
+                &bits(want),
+            ));
+        }
         for run in 1..=2 {
             let lanes = layer_pass_with(gpu, arithmetic, &device, &x, &dout, seq_len, false, 4)?;
             for ((what, got), (_, want)) in lanes.iter().zip(&main) {
