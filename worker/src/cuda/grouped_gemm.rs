@@ -89,13 +89,14 @@ pub fn version_string(version: usize) -> String {
     )
 }
 
-/// The two entry points cudarc's CUDA 13.0 bindings lack, found in the
-/// loaded cuBLASLt: the grouped layout's constructor, and the preference
-/// setter taking the grouped attributes (numbers those bindings' enum has
-/// no variant for), both declared with plain integers.
+/// The entry points cudarc's CUDA 13.0 bindings lack, found in the loaded
+/// cuBLASLt: the grouped layout's constructor, and the layout and
+/// preference setters taking the grouped attributes (numbers those
+/// bindings' enums have no variant for), declared with plain integers.
 pub struct GroupedLt {
     create_layout: CreateLayout,
-    set_preference: SetPreference,
+    set_layout: SetAttribute<sys::cublasLtMatrixLayout_t>,
+    set_preference: SetAttribute<sys::cublasLtMatmulPreference_t>,
     version: usize,
 }
 
@@ -107,8 +108,16 @@ type CreateLayout = unsafe extern "C" fn(
     *const c_void,
     *const c_void,
 ) -> u32;
-type SetPreference =
-    unsafe extern "C" fn(sys::cublasLtMatmulPreference_t, u32, *const c_void, usize) -> u32;
+type SetAttribute<Descriptor> = unsafe extern "C" fn(Descriptor, u32, *const c_void, usize) -> u32;
+
+/// cuBLASLt 13.x's `cublasLtMatrixLayoutAttribute_t` for grouped layouts:
+/// the integer width of the rows and columns arrays and of the leading
+/// dimensions array. Set explicitly to 32 bits (`CUBLASLT_INTEGER_WIDTH_32`
+/// = 0): Transformer Engine passes int32 arrays and PyTorch int64 ones, so
+/// the default is not something to rely on.
+const LAYOUT_GROUPED_ROWS_COLS_INTEGER_WIDTH: u32 = 12;
+const LAYOUT_GROUPED_LD_INTEGER_WIDTH: u32 = 13;
+const INTEGER_WIDTH_32: u32 = 0;
 
 /// cuBLASLt 13.x's `cublasLtMatmulPreferenceAttributes_t` for grouped GEMMs:
 /// the average K, and the average rows and columns of D, which the
@@ -131,11 +140,19 @@ impl GroupedLt {
             let create_layout = *library
                 .get::<CreateLayout>(b"cublasLtGroupedMatrixLayoutCreate\0")
                 .map_err(|e| format!("cuBLASLt lacks cublasLtGroupedMatrixLayoutCreate: {e}"))?;
+            let set_layout = *library
+                .get::<SetAttribute<sys::cublasLtMatrixLayout_t>>(
+                    b"cublasLtMatrixLayoutSetAttribute\0",
+                )
+                .map_err(|e| format!("cuBLASLt lacks cublasLtMatrixLayoutSetAttribute: {e}"))?;
             let set_preference = *library
-                .get::<SetPreference>(b"cublasLtMatmulPreferenceSetAttribute\0")
+                .get::<SetAttribute<sys::cublasLtMatmulPreference_t>>(
+                    b"cublasLtMatmulPreferenceSetAttribute\0",
+                )
                 .map_err(|e| format!("cuBLASLt lacks cublasLtMatmulPreferenceSetAttribute: {e}"))?;
             Ok(Self {
                 create_layout,
+                set_layout,
                 set_preference,
                 version,
             })
@@ -331,6 +348,21 @@ pub(crate) unsafe fn gemm_bf16(
         };
         status(code, "cublasLtGroupedMatrixLayoutCreate")?;
         d.layouts.push(layout);
+        for attribute in [
+            LAYOUT_GROUPED_ROWS_COLS_INTEGER_WIDTH,
+            LAYOUT_GROUPED_LD_INTEGER_WIDTH,
+        ] {
+            // SAFETY: a live layout; the widths are cublasLtIntegerWidth_t, an int32.
+            let code = unsafe {
+                (lt.set_layout)(
+                    layout,
+                    attribute,
+                    (&INTEGER_WIDTH_32 as *const u32).cast(),
+                    size_of::<u32>(),
+                )
+            };
+            status(code, "cublasLtMatrixLayoutSetAttribute (integer width)")?;
+        }
     }
     use sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
     d.desc = result::create_matmul_desc(CUBLAS_COMPUTE_32F, CUDA_R_32F)?;
