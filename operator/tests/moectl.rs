@@ -360,6 +360,40 @@ fn run_local_gives_the_worker_the_contract_and_a_local_config() {
 }
 
 #[test]
+fn run_local_hands_the_thread_count_to_every_worker() {
+    let dir = scratch("run-local-threads");
+    let worker = fake_worker(&dir, "echo '{}'");
+    let output = moectl()
+        .args(["run", "--local", "--threads", "2"])
+        .arg(tiny())
+        .arg("--worker-bin")
+        .arg(&worker)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let record = recorded(&dir, 0);
+    assert!(
+        record
+            .lines()
+            .any(|l| l == "args=train --config runs/tiny/config.json --threads 2"),
+        "{record}"
+    );
+    let refused = moectl()
+        .args(["run", "--local", "--threads", "0"])
+        .arg(tiny())
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--threads"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
 fn run_local_stops_the_gang_and_fails_when_a_rank_fails() {
     let dir = scratch("run-local-failure");
     let job = two_node_job(&dir);

@@ -4,6 +4,9 @@
 //!
 //! ```sh
 //! cargo run --release -p moe-worker --example moe_layer_bench -- --tokens 4096
+//! # the same pass on 1 thread and on a pool of 2, alternating; the ratio, and
+//! # a check that both give the same bits:
+//! cargo run --release -p moe-worker --example moe_layer_bench -- --tokens 4096 --threads 2
 //! ```
 
 use std::time::Instant;
@@ -33,6 +36,11 @@ struct Args {
     /// Timed forward + backward passes (after one untimed warm-up); the best is reported.
     #[arg(long, default_value_t = 3)]
     iterations: usize,
+    /// Above 1: each iteration runs the pass on one thread and then inside
+    /// a rayon pool of this many (`moe-worker train --threads`), and the
+    /// line reports both, their ratio, and whether their bits agree.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 /// Multiply-adds × 2 of every GEMM in one forward + backward: the router,
@@ -91,12 +99,10 @@ fn main() {
     let x: Vec<f32> = rng.normal_vec(args.tokens * args.hidden, 1.0);
     let dout: Vec<f32> = rng.normal_vec(args.tokens * args.hidden, 1.0);
 
-    let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
-    let mut load_max = 0;
     // As in training (and the PyTorch side): weight gradients live across
-    // steps and are zeroed at the start of each.
-    let mut grads = MoeParams::zeros(&config);
-    for i in 0..=args.iterations {
+    // steps and are zeroed at the start of each. One pass: its wall and CPU
+    // seconds, and what it computed.
+    let pass = |grads: &mut MoeParams<f32>| {
         let started = Instant::now();
         let cpu_started = thread_cpu_seconds();
         for g in [
@@ -112,23 +118,64 @@ fn main() {
         }
         let pass = layer.forward(&x, args.tokens);
         let mut dx = vec![0.0f32; x.len()];
-        layer.backward(&pass, &x, &dout, &mut dx, &mut grads);
+        layer.backward(&pass, &x, &dout, &mut dx, grads);
         let seconds = started.elapsed().as_secs_f64();
         let cpu_seconds = thread_cpu_seconds() - cpu_started;
+        let load_max = pass.expert_load().into_iter().max().unwrap_or(0);
+        (seconds, cpu_seconds, dx, load_max)
+    };
+    let pool = (args.threads > 1).then(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(args.threads)
+            .build()
+            .expect("a thread pool")
+    });
+    let mut grads = MoeParams::zeros(&config);
+    let mut pooled_grads = MoeParams::zeros(&config);
+    let (mut best, mut best_cpu, mut best_pooled) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let (mut load_max, mut same_bits) = (0, true);
+    for i in 0..=args.iterations {
+        let (seconds, cpu_seconds, dx, load) = pass(&mut grads);
         std::hint::black_box((&dx, &grads));
-        load_max = pass.expert_load().into_iter().max().unwrap_or(0);
+        load_max = load;
+        if let Some(pool) = &pool {
+            let (pooled, _, pooled_dx, _) = pool.install(|| pass(&mut pooled_grads));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            same_bits &= bits(&dx) == bits(&pooled_dx)
+                && bits(&grads.experts_w1) == bits(&pooled_grads.experts_w1)
+                && bits(&grads.experts_w2) == bits(&pooled_grads.experts_w2)
+                && bits(&grads.router) == bits(&pooled_grads.router);
+            if i > 0 {
+                best_pooled = best_pooled.min(pooled);
+            }
+        }
         if i > 0 {
             best = best.min(seconds);
             best_cpu = best_cpu.min(cpu_seconds);
         }
     }
     let gflop = flops(&args) / 1e9;
+    let pooled = if pool.is_some() {
+        format!(
+            ", \"pool\": {{\"threads\": {}, \"seconds\": {best_pooled:.4}, \"gflops\": {:.2}, \
+             \"speedup\": {:.2}, \"sameBits\": {same_bits}}}",
+            args.threads,
+            gflop / best_pooled,
+            best / best_pooled
+        )
+    } else {
+        String::new()
+    };
     println!(
         "{{\"implementation\": \"moe-worker\", \"threads\": 1, \"tokens\": {}, \"gflop\": {gflop:.3}, \
          \"seconds\": {best:.4}, \"gflops\": {:.2}, \"cpuSeconds\": {best_cpu:.2}, \"cpuGflops\": {:.2}, \
-         \"expertLoadMax\": {load_max}}}",
+         \"expertLoadMax\": {load_max}{pooled}}}",
         args.tokens,
         gflop / best,
         gflop / best_cpu
     );
+    if !same_bits {
+        eprintln!("moe_layer_bench: the pool's pass gave other bits than one thread's");
+        std::process::exit(1);
+    }
 }

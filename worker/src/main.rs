@@ -29,6 +29,11 @@ enum Command {
         /// The worker config (JSON). Default: $MOE_CONFIG, else /etc/moe/config.json.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Threads sharing each large CPU GEMM (default 1). The results are
+        /// the same to the bit with any count; each local rank of a
+        /// multi-process run gets this many.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
     /// Serve a model over an OpenAI-compatible HTTP API (docs/serving.md).
     Serve(Box<ServeArgs>),
@@ -105,7 +110,17 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .init();
     match cli.command {
-        Command::Train { config } => train(config),
+        Command::Train { config, threads } => match threads.map(usize::from) {
+            Some(threads) if threads > 1 => {
+                // Training runs on the pool's first thread; the GEMMs split
+                // across the pool (ops::packed_gemm).
+                match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+                    Ok(pool) => pool.install(|| train(config)),
+                    Err(e) => fail(&format!("--threads {threads}: {e}"), 1),
+                }
+            }
+            _ => train(config),
+        },
         Command::Serve(args) => serve(*args),
     }
 }

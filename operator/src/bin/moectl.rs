@@ -78,6 +78,11 @@ enum Command {
         /// The moe-worker executable (default: next to moectl, else on PATH).
         #[arg(long, env = "MOE_WORKER_BIN")]
         worker_bin: Option<PathBuf>,
+        /// Threads sharing each large CPU GEMM in every worker process
+        /// (`moe-worker train --threads`; default 1). The results are the same
+        /// to the bit with any count.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
 }
 
@@ -119,9 +124,10 @@ fn main() -> ExitCode {
             file,
             workdir,
             worker_bin,
+            threads,
         } => load_job(&file).and_then(|job| {
             let worker = worker_bin::locate(worker_bin.as_deref())?;
-            local_run::run(&job, &workdir, &worker).map(ExitCode::from)
+            local_run::run(&job, &workdir, &worker, threads).map(ExitCode::from)
         }),
     };
     outcome.unwrap_or_else(|e| {

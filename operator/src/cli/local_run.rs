@@ -103,9 +103,15 @@ pub fn unresolvable_env(job: &MoETrainingJob) -> Vec<&str> {
         .collect()
 }
 
-/// Writes the run's config and runs the gang of workers to completion;
-/// returns moectl's exit status (see [`gang::run`]).
-pub fn run(job: &MoETrainingJob, workdir: &Path, worker: &Path) -> anyhow::Result<u8> {
+/// Writes the run's config and runs the gang of workers to completion
+/// (each with `threads` GEMM threads when given); returns moectl's exit
+/// status (see [`gang::run`]).
+pub fn run(
+    job: &MoETrainingJob,
+    workdir: &Path,
+    worker: &Path,
+    threads: Option<u16>,
+) -> anyhow::Result<u8> {
     let run = LocalRun::plan(job, workdir)?;
     std::fs::create_dir_all(&run.dir)
         .with_context(|| format!("cannot create {}", run.dir.display()))?;
@@ -130,7 +136,12 @@ pub fn run(job: &MoETrainingJob, workdir: &Path, worker: &Path) -> anyhow::Resul
         worker.display(),
         run.dir.display()
     );
-    let args = ["train", "--config", &run.config_path].map(OsStr::new);
+    let threads = threads.map(|n| n.to_string());
+    let mut args = vec!["train", "--config", &run.config_path];
+    if let Some(threads) = &threads {
+        args.extend(["--threads", threads]);
+    }
+    let args: Vec<&OsStr> = args.into_iter().map(OsStr::new).collect();
     gang::run(worker, &args, &members)
 }
 

@@ -71,6 +71,12 @@ pub(crate) enum Start {
 
 /// `C[m × n] = A[m × k] · B[k × n]` (`Start::Zero`) or `C += A · B` (`Start::FromC`),
 /// `C` row-major and dense (`c.len() == m * n`). Call only when [`available`] says so.
+///
+/// Inside a rayon pool of several threads (`moe-worker train --threads`),
+/// a large product is split into blocks of whole rows of `C`, one per
+/// thread, each packing its own `A` and `B`. Every element of `C` is still
+/// the same running sum whichever thread computes it, so the result is the
+/// same to the bit with any number of threads (tested).
 pub(crate) fn gemm(
     m: usize,
     n: usize,
@@ -88,6 +94,53 @@ pub(crate) fn gemm(
         return;
     }
     assert!(available(), "packed gemm needs AVX2");
+    let parts = parts(m, n, k);
+    if parts <= 1 {
+        return gemm_here(m, n, k, a, b, c, start);
+    }
+    use rayon::prelude::*;
+    let rows = m.div_ceil(parts).next_multiple_of(MR);
+    c.par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(part, c_part)| {
+            let first = part * rows;
+            // Row `first + i` of `A` is row `i` of this view, whatever the strides.
+            let a_part = Strided {
+                data: &a.data[first * a.row_stride..],
+                ..a
+            };
+            gemm_here(c_part.len() / n, n, k, a_part, b, c_part, start);
+        });
+}
+
+/// Multiply-adds below which a product stays on one thread: about 3 ms of
+/// one core at the kernel's rate, far above what handing a block of rows
+/// to another thread costs (and each thread packs `B` again).
+const MIN_PART: usize = 1 << 24;
+
+/// How many threads share a product: one outside a rayon pool (training
+/// runs in one only with `--threads` above 1), else as many as the pool
+/// has, the work allows, and there are blocks of `MR` rows for.
+fn parts(m: usize, n: usize, k: usize) -> usize {
+    if rayon::current_thread_index().is_none() {
+        return 1;
+    }
+    rayon::current_num_threads()
+        .min(m * n * k / MIN_PART)
+        .min(m.div_ceil(MR))
+        .max(1)
+}
+
+/// [`gemm`] on this thread, with its packing buffers.
+fn gemm_here(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<'_>,
+    b: Strided<'_>,
+    c: &mut [f32],
+    start: Start,
+) {
     PACKING.with_borrow_mut(|(packed_a, packed_b)| {
         // Sized for this product, so small ones do not pay for the full blocks.
         let b_len = KC.min(k) * NC.min(n.next_multiple_of(NR));
@@ -528,6 +581,52 @@ mod tests {
                         "{m}x{n}x{k} layout {rs_a},{cs_a},{rs_b},{cs_b} [{idx}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Split across a pool's threads (`--threads`), every layout and both
+    /// starts give the bits of one thread: each element of `C` is the same
+    /// running sum whichever thread computes it. Ragged last blocks too.
+    #[test]
+    fn threads_give_the_bits_of_one_thread() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2, and matmul never calls the packed GEMM");
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a pool of three");
+        let mut rng = SplitMix64::new(11);
+        // 701 × 257 × 300: 54M multiply-adds, three parts of 234, 234 and 233 rows.
+        let (m, n, k) = (701, 257, 300);
+        assert_eq!(pool.install(|| parts(m, n, k)), 3, "the product is split");
+        assert_eq!(parts(m, n, k), 1, "outside a pool it is not");
+        let a_data: Vec<f32> = rng.normal_vec(m * k, 1.0);
+        let b_data: Vec<f32> = rng.normal_vec(k * n, 1.0);
+        for (rs_a, cs_a, rs_b, cs_b) in [(k, 1, n, 1), (1, m, 1, k), (k, 1, 1, k)] {
+            let a = Strided {
+                data: &a_data,
+                row_stride: rs_a,
+                col_stride: cs_a,
+            };
+            let b = Strided {
+                data: &b_data,
+                row_stride: rs_b,
+                col_stride: cs_b,
+            };
+            let c0: Vec<f32> = rng.normal_vec(m * n, 1.0);
+            for start in [Start::Zero, Start::FromC] {
+                let mut one = c0.clone();
+                gemm(m, n, k, a, b, &mut one, start);
+                let mut three = c0.clone();
+                pool.install(|| gemm(m, n, k, a, b, &mut three, start));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&one) == bits(&three),
+                    "layout {rs_a},{cs_a},{rs_b},{cs_b} {start:?}: threads changed the bits"
+                );
             }
         }
     }

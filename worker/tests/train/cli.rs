@@ -329,3 +329,37 @@ fn rank_0_serves_its_progress_while_training() {
     );
     assert!(metrics.contains("moe_worker_step "), "{metrics}");
 }
+
+/// `--threads` runs training inside a thread pool (the large GEMMs split
+/// across it, `ops::packed_gemm`): the same summary and the same logged
+/// losses as one thread, to the bit; a count of 0 is refused by the flag
+/// parser before anything starts.
+#[test]
+fn threads_change_nothing_but_the_speed() {
+    let mut summaries = Vec::new();
+    for threads in ["1", "3"] {
+        let dir = scratch_dir(&format!("threads-{threads}"));
+        let path = write_config(&dir, &config_json(&dir));
+        let output = Command::new(BINARY)
+            .args(["train", "--threads", threads, "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "--threads {threads}: {stderr}");
+        let summary: Value = serde_json::from_slice(&output.stdout).expect("a JSON summary");
+        let losses: Vec<u64> = crate::logged_steps(&dir)
+            .into_iter()
+            .map(|(_, loss)| loss.to_bits())
+            .collect();
+        assert!(!losses.is_empty(), "--threads {threads}: no metrics logged");
+        summaries.push((summary["finalLoss"].as_f64().map(f64::to_bits), losses));
+    }
+    assert_eq!(summaries[0], summaries[1]);
+    let refused = Command::new(BINARY)
+        .args(["train", "--threads", "0", "--config", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--threads"));
+}
