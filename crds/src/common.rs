@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -117,8 +118,11 @@ pub struct PodMetadata {
 }
 
 /// The worker container and its pod.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.cpuThreads) || self.device == 'cpu'")
+    .message("cpuThreads applies to CPU workers (device: cpu); a CUDA worker computes on its GPU")
+    .field_path(".cpuThreads"))]
 pub struct WorkerSpec {
     /// Worker image. Unset: the operator's default worker image (chart value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +134,13 @@ pub struct WorkerSpec {
     /// Compute device of the worker processes.
     #[serde(default)]
     pub device: Device,
+    /// Threads of each worker process on the CPU (`device: cpu`): its large
+    /// GEMMs split across them, with results the same to the bit. Default 1.
+    /// Give each process the cores it has (`resources` over the processes
+    /// per pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub cpu_threads: Option<i32>,
     /// Resources of the worker container (one per pod). For CUDA workers the
     /// operator sets `nvidia.com/gpu` to the processes per pod
     /// (`parallelism.processesPerNode` in training, `processesPerPod` in serving).
@@ -159,6 +170,7 @@ impl Default for WorkerSpec {
             image: None,
             image_pull_policy: None,
             device: Device::default(),
+            cpu_threads: None,
             resources: None,
             env: Vec::new(),
             nccl: NcclSettings::default(),

@@ -220,6 +220,22 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The worker container's command: `moe-worker <subcommand>` on the
+/// mounted config, with `--threads` when the spec asks CPU workers for
+/// more than one (`spec.worker.cpuThreads`).
+pub fn worker_command(subcommand: &str, worker: &WorkerSpec) -> Vec<String> {
+    let mut command = vec![
+        "moe-worker".to_string(),
+        subcommand.to_string(),
+        "--config".to_string(),
+        moe_crds::contract::CONFIG_PATH.to_string(),
+    ];
+    if let Some(threads) = worker.cpu_threads {
+        command.extend(["--threads".to_string(), threads.to_string()]);
+    }
+    command
+}
+
 /// The worker's own tuning variables, which a resource may set in
 /// `spec.worker.env` although they share the contract's `MOE_` prefix: the
 /// CUDA worker's opt-in kernels and GEMM paths (`MOE_CUDA_ATTENTION`,
@@ -262,4 +278,31 @@ pub fn check_worker(worker: &WorkerSpec) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_command_passes_cpu_threads_only_when_asked() {
+        let mut worker = WorkerSpec::default();
+        assert_eq!(
+            worker_command("train", &worker),
+            ["moe-worker", "train", "--config", "/etc/moe/config.json"]
+        );
+        worker.device = moe_crds::Device::Cpu;
+        worker.cpu_threads = Some(4);
+        assert_eq!(
+            worker_command("serve", &worker),
+            [
+                "moe-worker",
+                "serve",
+                "--config",
+                "/etc/moe/config.json",
+                "--threads",
+                "4"
+            ]
+        );
+    }
 }

@@ -327,12 +327,7 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
         name: CONTAINER.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec![
-            "moe-worker".into(),
-            "serve".into(),
-            "--config".into(),
-            CONFIG_PATH.into(),
-        ]),
+        command: Some(crate::pods::worker_command("serve", worker)),
         env: Some(env_vars(svc, group)),
         ports: Some(
             [

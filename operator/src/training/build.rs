@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use moe_crds::contract::{self, CONFIG_PATH, COORDINATOR_PORT, METRICS_PORT, env};
+use moe_crds::contract::{self, COORDINATOR_PORT, METRICS_PORT, env};
 use moe_crds::{CheckpointConfig, MoETrainingJob, WorkerConfig};
 
 use crate::labels;
@@ -303,12 +303,7 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
         name: CONTAINER.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec![
-            "moe-worker".into(),
-            "train".into(),
-            "--config".into(),
-            CONFIG_PATH.into(),
-        ]),
+        command: Some(crate::pods::worker_command("train", worker)),
         env: Some(env_vars(job, attempt)),
         ports: Some(vec![
             ContainerPort {
