@@ -545,6 +545,26 @@ mod tests {
         }
     }
 
+    /// The three operand layouts matmul uses, as (row, column) strides of
+    /// `A` (`m × k`) then `B` (`k × n`): `x wᵀ`, `doutᵀ x`, `dout w`.
+    fn layouts(m: usize, n: usize, k: usize) -> [(usize, usize, usize, usize); 3] {
+        [(k, 1, n, 1), (1, m, 1, k), (k, 1, 1, k)]
+    }
+
+    /// `A` and `B` over their data in one of [`layouts`].
+    fn operands<'a>(
+        a_data: &'a [f32],
+        b_data: &'a [f32],
+        (rs_a, cs_a, rs_b, cs_b): (usize, usize, usize, usize),
+    ) -> (Strided<'a>, Strided<'a>) {
+        let strided = |data, row_stride, col_stride| Strided {
+            data,
+            row_stride,
+            col_stride,
+        };
+        (strided(a_data, rs_a, cs_a), strided(b_data, rs_b, cs_b))
+    }
+
     /// Ragged shapes straddling every blocking size, in all three operand layouts matmul uses.
     #[test]
     fn matches_a_naive_product_across_block_edges_and_layouts() {
@@ -556,18 +576,9 @@ mod tests {
         for (m, n, k) in [(1, 1, 1), (7, 17, 5), (97, 520, 300), (13, 33, 513)] {
             let a_data: Vec<f32> = rng.normal_vec(m * k, 1.0);
             let b_data: Vec<f32> = rng.normal_vec(k * n, 1.0);
-            let layouts = [(k, 1, n, 1), (1, m, 1, k), (k, 1, 1, k)];
-            for (rs_a, cs_a, rs_b, cs_b) in layouts {
-                let a = Strided {
-                    data: &a_data,
-                    row_stride: rs_a,
-                    col_stride: cs_a,
-                };
-                let b = Strided {
-                    data: &b_data,
-                    row_stride: rs_b,
-                    col_stride: cs_b,
-                };
+            for layout in layouts(m, n, k) {
+                let (rs_a, cs_a, rs_b, cs_b) = layout;
+                let (a, b) = operands(&a_data, &b_data, layout);
                 let start: Vec<f32> = rng.normal_vec(m * n, 1.0);
                 let mut c = start.clone();
                 gemm(m, n, k, a, b, &mut c, Start::FromC);
@@ -605,17 +616,8 @@ mod tests {
         assert_eq!(parts(m, n, k), 1, "outside a pool it is not");
         let a_data: Vec<f32> = rng.normal_vec(m * k, 1.0);
         let b_data: Vec<f32> = rng.normal_vec(k * n, 1.0);
-        for (rs_a, cs_a, rs_b, cs_b) in [(k, 1, n, 1), (1, m, 1, k), (k, 1, 1, k)] {
-            let a = Strided {
-                data: &a_data,
-                row_stride: rs_a,
-                col_stride: cs_a,
-            };
-            let b = Strided {
-                data: &b_data,
-                row_stride: rs_b,
-                col_stride: cs_b,
-            };
+        for layout in layouts(m, n, k) {
+            let (a, b) = operands(&a_data, &b_data, layout);
             let c0: Vec<f32> = rng.normal_vec(m * n, 1.0);
             for start in [Start::Zero, Start::FromC] {
                 let mut one = c0.clone();
@@ -625,7 +627,7 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert!(
                     bits(&one) == bits(&three),
-                    "layout {rs_a},{cs_a},{rs_b},{cs_b} {start:?}: threads changed the bits"
+                    "layout {layout:?} {start:?}: threads changed the bits"
                 );
             }
         }
