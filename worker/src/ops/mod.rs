@@ -25,3 +25,15 @@ pub(crate) mod vector;
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+/// The threads a large product may be split across: the current rayon
+/// pool's, or one outside a pool (the serving engine and the trainer run in
+/// one only with `--threads` above 1). [`packed_gemm`] and [`packed_linear`]
+/// cap this by what their work allows.
+pub(crate) fn pool_threads() -> usize {
+    if rayon::current_thread_index().is_none() {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}

@@ -118,14 +118,11 @@ pub(crate) fn gemm(
 /// to another thread costs (and each thread packs `B` again).
 const MIN_PART: usize = 1 << 24;
 
-/// How many threads share a product: one outside a rayon pool (training
-/// runs in one only with `--threads` above 1), else as many as the pool
-/// has, the work allows, and there are blocks of `MR` rows for.
+/// How many threads share a product: as many as the pool has
+/// ([`super::pool_threads`]), the work allows, and there are blocks of `MR`
+/// rows for.
 fn parts(m: usize, n: usize, k: usize) -> usize {
-    if rayon::current_thread_index().is_none() {
-        return 1;
-    }
-    rayon::current_num_threads()
+    super::pool_threads()
         .min(m * n * k / MIN_PART)
         .min(m.div_ceil(MR))
         .max(1)

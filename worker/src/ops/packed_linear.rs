@@ -329,15 +329,12 @@ impl PackedLinear {
 #[cfg(target_arch = "x86_64")]
 const MIN_PART: usize = 1 << 18;
 
-/// How many threads share a product: one outside a rayon pool (the
-/// engine's pool exists only with `--threads` above 1), else as many as
-/// the pool has, the work allows and there are groups of 4 panels for.
+/// How many threads share a product: as many as the pool has
+/// ([`super::pool_threads`]), the work allows and there are groups of 4
+/// panels for.
 #[cfg(target_arch = "x86_64")]
 fn parts(multiply_adds: usize, panels: usize) -> usize {
-    if rayon::current_thread_index().is_none() {
-        return 1;
-    }
-    rayon::current_num_threads()
+    super::pool_threads()
         .min(multiply_adds / MIN_PART)
         .min(panels.div_ceil(4))
         .max(1)
