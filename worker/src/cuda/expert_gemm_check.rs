@@ -23,7 +23,7 @@
 //!   activation to the neighbouring bf16 before the next GEMM).
 
 use super::check::{Check, bits, close_to_scale, deepseek_style_config, exact};
-use super::grouped_gemm::{self, Problem};
+use super::grouped_gemm::{self, GroupedLt, Problem};
 use super::matmul::{self, Arithmetic, Prepared};
 use super::moe_layer::{DeviceMoeGrads, DeviceMoeLayer};
 use super::{Gpu, Result};
@@ -37,10 +37,10 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 pub fn check_grouped_gemm(gpu: &Gpu) -> Result<Vec<Check>> {
-    if gpu.grouped_gemm_support().is_err() {
+    let Ok(lt) = gpu.grouped_gemm_support() else {
         return Ok(Vec::new());
-    }
-    let mut checks = check_orientations(gpu)?;
+    };
+    let mut checks = check_orientations(gpu, lt)?;
     checks.extend(check_moe_layer(gpu)?);
     Ok(checks)
 }
@@ -54,10 +54,7 @@ struct Case {
     shape: (usize, usize, usize),
 }
 
-fn check_orientations(gpu: &Gpu) -> Result<Vec<Check>> {
-    let Ok(lt) = gpu.grouped_gemm_support() else {
-        return Ok(Vec::new());
-    };
+fn check_orientations(gpu: &Gpu, lt: &GroupedLt) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // (name, a transposed, b transposed, accumulate, shapes (m, n, k)):
     // the expert layers' forward (x @ wᵀ), input gradient (dy @ w) and
