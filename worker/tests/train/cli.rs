@@ -333,13 +333,21 @@ fn rank_0_serves_its_progress_while_training() {
 /// `--threads` runs training inside a thread pool (the large GEMMs split
 /// across it, `ops::packed_gemm`): the same summary and the same logged
 /// losses as one thread, to the bit; a count of 0 is refused by the flag
-/// parser before anything starts.
+/// parser before anything starts. The dense MLP is widened so that its
+/// GEMMs (128 tokens × 256 × 1024: 33.5M multiply-adds, twice the split
+/// threshold) do split in two; the test config's own are too small to.
 #[test]
 fn threads_change_nothing_but_the_speed() {
     let mut summaries = Vec::new();
     for threads in ["1", "3"] {
         let dir = scratch_dir(&format!("threads-{threads}"));
-        let path = write_config(&dir, &config_json(&dir));
+        let mut config = config_json(&dir);
+        config["model"]["hiddenSize"] = 256.into();
+        config["model"]["denseHiddenSize"] = 1024.into();
+        config["model"]["seqLen"] = 64.into();
+        config["training"]["steps"] = 3.into();
+        config["training"]["logIntervalSteps"] = 1.into();
+        let path = write_config(&dir, &config);
         let output = Command::new(BINARY)
             .args(["train", "--threads", threads, "--config"])
             .arg(path)
