@@ -135,9 +135,9 @@ pub struct WorkerSpec {
     #[serde(default)]
     pub device: Device,
     /// Threads of each worker process on the CPU (`device: cpu`): its large
-    /// GEMMs split across them, with results the same to the bit. Default 1.
-    /// Give each process the cores it has (`resources` over the processes
-    /// per pod).
+    /// GEMMs split across them, with results the same to the bit. Default:
+    /// the container's whole CPUs (its `cpu` limit, else its request) over
+    /// the processes per pod, at least 1; 1 when `resources` name no CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
     pub cpu_threads: Option<i32>,

@@ -221,19 +221,62 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// The worker container's command: `moe-worker <subcommand>` on the
-/// mounted config, with `--threads` when the spec asks CPU workers for
-/// more than one (`spec.worker.cpuThreads`).
-pub fn worker_command(subcommand: &str, worker: &WorkerSpec) -> Vec<String> {
+/// mounted config, with `--threads` for CPU workers that get more than one
+/// ([`cpu_threads`]). `processes` is the worker processes per pod.
+pub fn worker_command(subcommand: &str, worker: &WorkerSpec, processes: i32) -> Vec<String> {
     let mut command = vec![
         "moe-worker".to_string(),
         subcommand.to_string(),
         "--config".to_string(),
         moe_crds::contract::CONFIG_PATH.to_string(),
     ];
-    if let Some(threads) = worker.cpu_threads {
+    if let Some(threads) = cpu_threads(worker, processes).filter(|&t| t > 1) {
         command.extend(["--threads".to_string(), threads.to_string()]);
     }
     command
+}
+
+/// Threads of each CPU worker process: `spec.worker.cpuThreads` when set;
+/// otherwise the container's whole CPUs — its CPU limit (the CFS quota it
+/// can never exceed), else its request (the share it is guaranteed) —
+/// shared among the pod's `processes`, at least 1. `None` for CUDA
+/// workers, and where the resources name no CPU (a pod without a CPU
+/// request may get anything from nothing to the whole node, so it stays
+/// on the worker's default of one thread).
+pub fn cpu_threads(worker: &WorkerSpec, processes: i32) -> Option<i32> {
+    if worker.device != Device::Cpu {
+        return None;
+    }
+    if worker.cpu_threads.is_some() {
+        return worker.cpu_threads;
+    }
+    let resources = worker.resources.as_ref()?;
+    let cpu = |list: &Option<BTreeMap<String, Quantity>>| list.as_ref()?.get("cpu").cloned();
+    let millis = cpu_millis(&cpu(&resources.limits).or_else(|| cpu(&resources.requests))?)?;
+    let per_process = millis / (1000 * i64::from(processes.max(1)));
+    Some(per_process.clamp(1, 256) as i32)
+}
+
+/// A CPU quantity in millicores ("2" → 2000, "1500m" → 1500, "2.5" → 2500,
+/// "1k" → 1 000 000), rounded down; `None` if it does not parse or is
+/// negative. The apiserver validates the syntax when the pod is created;
+/// this only has to read what it accepts for CPUs, which never carry binary
+/// suffixes or exponents in practice, so those read as unknown.
+pub fn cpu_millis(quantity: &Quantity) -> Option<i64> {
+    let text = quantity.0.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let scale_millis: f64 = match suffix {
+        "" => 1e3,
+        "m" => 1.0,
+        "k" => 1e6,
+        "M" => 1e9,
+        _ => return None,
+    };
+    let value: f64 = number.parse().ok()?;
+    (value.is_finite() && value >= 0.0).then(|| (value * scale_millis).floor() as i64)
 }
 
 /// The worker's own tuning variables, which a resource may set in
@@ -284,17 +327,84 @@ pub fn check_worker(worker: &WorkerSpec) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn with_cpu(limit: Option<&str>, request: Option<&str>) -> WorkerSpec {
+        let list = |cpu: Option<&str>| {
+            cpu.map(|cpu| BTreeMap::from([("cpu".to_string(), Quantity(cpu.into()))]))
+        };
+        WorkerSpec {
+            device: Device::Cpu,
+            resources: Some(ResourceRequirements {
+                limits: list(limit),
+                requests: list(request),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn the_worker_command_passes_cpu_threads_only_when_asked() {
+    fn cpu_quantities_read_as_millicores() {
+        let millis = |q: &str| cpu_millis(&Quantity(q.into()));
+        assert_eq!(millis("2"), Some(2000));
+        assert_eq!(millis("1500m"), Some(1500));
+        assert_eq!(millis("2.5"), Some(2500));
+        assert_eq!(millis("0.1"), Some(100));
+        assert_eq!(millis("1k"), Some(1_000_000));
+        assert_eq!(millis("+3"), Some(3000));
+        assert_eq!(millis("2Gi"), None);
+        assert_eq!(millis("lots"), None);
+        assert_eq!(millis(""), None);
+    }
+
+    #[test]
+    fn cpu_threads_follow_the_cpus_each_process_gets() {
+        // The limit is what the process can use; the request only when no limit is set.
+        assert_eq!(cpu_threads(&with_cpu(Some("8"), Some("2")), 1), Some(8));
+        assert_eq!(cpu_threads(&with_cpu(None, Some("6")), 1), Some(6));
+        // Shared among the pod's processes, whole CPUs only, never below one.
+        assert_eq!(cpu_threads(&with_cpu(Some("8"), None), 2), Some(4));
+        assert_eq!(cpu_threads(&with_cpu(Some("3500m"), None), 1), Some(3));
+        assert_eq!(cpu_threads(&with_cpu(Some("500m"), None), 1), Some(1));
+        assert_eq!(cpu_threads(&with_cpu(Some("3"), None), 4), Some(1));
+        // No CPU named, or an unreadable one: the worker's default.
+        assert_eq!(cpu_threads(&with_cpu(None, None), 1), None);
+        assert_eq!(cpu_threads(&with_cpu(Some("2Gi"), None), 1), None);
+        assert_eq!(
+            cpu_threads(
+                &WorkerSpec {
+                    device: Device::Cpu,
+                    ..Default::default()
+                },
+                1
+            ),
+            None
+        );
+        // The field wins over the resources; CUDA workers compute on their GPUs.
+        let mut asked = with_cpu(Some("8"), None);
+        asked.cpu_threads = Some(2);
+        assert_eq!(cpu_threads(&asked, 1), Some(2));
+        let mut gpu = with_cpu(Some("8"), None);
+        gpu.device = Device::Cuda;
+        assert_eq!(cpu_threads(&gpu, 1), None);
+    }
+
+    #[test]
+    fn the_worker_command_passes_threads_only_above_one() {
         let mut worker = WorkerSpec::default();
         assert_eq!(
-            worker_command("train", &worker),
+            worker_command("train", &worker, 1),
             ["moe-worker", "train", "--config", "/etc/moe/config.json"]
+        );
+        let derived = with_cpu(Some("4"), None);
+        assert_eq!(worker_command("train", &derived, 4).len(), 4);
+        assert_eq!(
+            &worker_command("train", &derived, 2)[4..],
+            ["--threads", "2"]
         );
         worker.device = moe_crds::Device::Cpu;
         worker.cpu_threads = Some(4);
         assert_eq!(
-            worker_command("serve", &worker),
+            worker_command("serve", &worker, 1),
             [
                 "moe-worker",
                 "serve",

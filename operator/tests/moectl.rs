@@ -379,6 +379,30 @@ fn run_local_hands_the_thread_count_to_every_worker() {
             .any(|l| l == "args=train --config runs/tiny/config.json --threads 2"),
         "{record}"
     );
+
+    // Without the flag, each worker gets what its pod would: here the
+    // container's CPU limit of 3 over one process.
+    let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(tiny()).unwrap()).unwrap();
+    job["spec"]["worker"]["resources"] = json!({"limits": {"cpu": "3"}});
+    let limited = dir.join("limited.yaml");
+    write_yaml(&limited, &job);
+    let output = moectl()
+        .args(["run", "--local"])
+        .arg(&limited)
+        .arg("--worker-bin")
+        .arg(&worker)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let record = recorded(&dir, 0);
+    assert!(
+        record
+            .lines()
+            .any(|l| l == "args=train --config runs/tiny/config.json --threads 3"),
+        "{record}"
+    );
+
     let refused = moectl()
         .args(["run", "--local", "--threads", "0"])
         .arg(tiny())

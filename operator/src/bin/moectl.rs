@@ -79,8 +79,10 @@ enum Command {
         #[arg(long, env = "MOE_WORKER_BIN")]
         worker_bin: Option<PathBuf>,
         /// Threads sharing each large CPU GEMM in every worker process
-        /// (`moe-worker train --threads`; default 1). The results are the same
-        /// to the bit with any count.
+        /// (`moe-worker train --threads`). Default: what the job's pods would
+        /// get (`spec.worker.cpuThreads`, else the worker's CPU limit or
+        /// request per process, else 1). The results are the same to the bit
+        /// with any count.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: Option<u16>,
     },

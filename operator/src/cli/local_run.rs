@@ -104,7 +104,8 @@ pub fn unresolvable_env(job: &MoETrainingJob) -> Vec<&str> {
 }
 
 /// Writes the run's config and runs the gang of workers to completion
-/// (each with `threads` GEMM threads when given); returns moectl's exit
+/// (each with `threads` GEMM threads when given, else as many as its pod
+/// would get: [`crate::pods::cpu_threads`]); returns moectl's exit
 /// status (see [`gang::run`]).
 pub fn run(
     job: &MoETrainingJob,
@@ -136,7 +137,12 @@ pub fn run(
         worker.display(),
         run.dir.display()
     );
-    let threads = threads.map(|n| n.to_string());
+    // As in the cluster: the job's cpuThreads, else its CPUs per process.
+    let threads = threads
+        .map(i32::from)
+        .or_else(|| crate::pods::cpu_threads(&job.spec.worker, p.processes_per_node))
+        .filter(|&n| n > 1)
+        .map(|n| n.to_string());
     let mut args = vec!["train", "--config", &run.config_path];
     if let Some(threads) = &threads {
         args.extend(["--threads", threads]);

@@ -327,7 +327,11 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
         name: CONTAINER.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(crate::pods::worker_command("serve", worker)),
+        command: Some(crate::pods::worker_command(
+            "serve",
+            worker,
+            spec.parallelism.processes_per_pod,
+        )),
         env: Some(env_vars(svc, group)),
         ports: Some(
             [

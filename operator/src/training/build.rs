@@ -303,7 +303,11 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
         name: CONTAINER.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(crate::pods::worker_command("train", worker)),
+        command: Some(crate::pods::worker_command(
+            "train",
+            worker,
+            job.spec.parallelism.processes_per_node,
+        )),
         env: Some(env_vars(job, attempt)),
         ports: Some(vec![
             ContainerPort {
