@@ -37,6 +37,17 @@ impl AttentionShape {
         q_len / sequence_width
     }
 
+    /// Lengths of one sequence's queries (and outputs), keys (and values)
+    /// and probabilities.
+    fn per_sequence(&self) -> (usize, usize, usize) {
+        let tokens = self.seq_len;
+        (
+            tokens * self.n_heads * self.head_dim,
+            tokens * self.n_kv_heads * self.head_dim,
+            self.probs_len(tokens),
+        )
+    }
+
     /// Length of the stored probabilities: `[sequences, n_heads, seq_len, seq_len]`.
     pub fn probs_len(&self, tokens: usize) -> usize {
         tokens * self.n_heads * self.seq_len
@@ -76,35 +87,57 @@ impl Layout {
 /// `probs: [sequences, n_heads, seq_len, seq_len]` (zero above the diagonal).
 pub fn forward<T: Scalar>(out: &mut [T], probs: &mut [T], qkv: Qkv<'_, T>, shape: AttentionShape) {
     let sequences = shape.sequences(qkv.q.len());
-    let (t_len, hd) = (shape.seq_len, shape.head_dim);
-    let (q_layout, kv_layout) = layouts(shape);
     check_lengths(&qkv, shape, sequences);
     assert!(
-        out.len() == qkv.q.len() && probs.len() == shape.probs_len(sequences * t_len),
+        out.len() == qkv.q.len() && probs.len() == shape.probs_len(sequences * shape.seq_len),
         "attention output shapes"
     );
+    let (q_len, kv_len, probs_len) = shape.per_sequence();
+    for_each_sequence(
+        sequences,
+        out.chunks_mut(q_len).zip(probs.chunks_mut(probs_len)),
+        |b, (out, probs)| {
+            let (q, kv) = (b * q_len..(b + 1) * q_len, b * kv_len..(b + 1) * kv_len);
+            let qkv = Qkv {
+                q: &qkv.q[q],
+                k: &qkv.k[kv.clone()],
+                v: &qkv.v[kv],
+            };
+            forward_sequence(out, probs, qkv, shape);
+        },
+    );
+}
+
+/// [`forward`] of one sequence: `out` and `q` hold its `[seq_len, n_heads,
+/// head_dim]`, `k` and `v` its `[seq_len, n_kv_heads, head_dim]`, `probs`
+/// its `[n_heads, seq_len, seq_len]`.
+fn forward_sequence<T: Scalar>(
+    out: &mut [T],
+    probs: &mut [T],
+    qkv: Qkv<'_, T>,
+    shape: AttentionShape,
+) {
+    let (t_len, hd) = (shape.seq_len, shape.head_dim);
+    let (q_layout, kv_layout) = layouts(shape);
     let scale = T::ONE / T::from_usize(hd).sqrt();
     let group = shape.n_heads / shape.n_kv_heads;
     out.fill(T::ZERO);
     probs.fill(T::ZERO);
-    for b in 0..sequences {
-        for h in 0..shape.n_heads {
-            let kv_head = h / group;
-            for t in 0..t_len {
-                let token = b * t_len + t;
-                let q = &qkv.q[q_layout.at(token, h)];
-                let row_start = ((b * shape.n_heads + h) * t_len + t) * t_len;
-                let row = &mut probs[row_start..row_start + t + 1];
-                for (t2, p) in row.iter_mut().enumerate() {
-                    *p = scale * dot(q, &qkv.k[kv_layout.at(b * t_len + t2, kv_head)]);
-                }
-                softmax_in_place(row);
-                let out_row = &mut out[q_layout.at(token, h)];
-                for (t2, &p) in row.iter().enumerate() {
-                    let v = &qkv.v[kv_layout.at(b * t_len + t2, kv_head)];
-                    for (o, &vi) in out_row.iter_mut().zip(v) {
-                        *o += p * vi;
-                    }
+    for h in 0..shape.n_heads {
+        let kv_head = h / group;
+        for t in 0..t_len {
+            let q = &qkv.q[q_layout.at(t, h)];
+            let row_start = (h * t_len + t) * t_len;
+            let row = &mut probs[row_start..row_start + t + 1];
+            for (t2, p) in row.iter_mut().enumerate() {
+                *p = scale * dot(q, &qkv.k[kv_layout.at(t2, kv_head)]);
+            }
+            softmax_in_place(row);
+            let out_row = &mut out[q_layout.at(t, h)];
+            for (t2, &p) in row.iter().enumerate() {
+                let v = &qkv.v[kv_layout.at(t2, kv_head)];
+                for (o, &vi) in out_row.iter_mut().zip(v) {
+                    *o += p * vi;
                 }
             }
         }
@@ -125,45 +158,99 @@ pub fn backward<T: Scalar>(
     shape: AttentionShape,
 ) {
     let sequences = shape.sequences(qkv.q.len());
-    let (t_len, hd) = (shape.seq_len, shape.head_dim);
-    let (q_layout, kv_layout) = layouts(shape);
     check_lengths(&qkv, shape, sequences);
     assert!(
         dout.len() == qkv.q.len()
             && grads.q.len() == qkv.q.len()
             && grads.k.len() == qkv.k.len()
             && grads.v.len() == qkv.v.len()
-            && probs.len() == shape.probs_len(sequences * t_len),
+            && probs.len() == shape.probs_len(sequences * shape.seq_len),
         "attention gradient shapes"
     );
+    let (q_len, kv_len, probs_len) = shape.per_sequence();
+    let grads = grads
+        .q
+        .chunks_mut(q_len)
+        .zip(grads.k.chunks_mut(kv_len))
+        .zip(grads.v.chunks_mut(kv_len));
+    for_each_sequence(sequences, grads, |b, ((dq, dk), dv)| {
+        let (q, kv) = (b * q_len..(b + 1) * q_len, b * kv_len..(b + 1) * kv_len);
+        let qkv_here = Qkv {
+            q: &qkv.q[q.clone()],
+            k: &qkv.k[kv.clone()],
+            v: &qkv.v[kv],
+        };
+        backward_sequence(
+            QkvGrads {
+                q: dq,
+                k: dk,
+                v: dv,
+            },
+            &dout[q],
+            qkv_here,
+            &probs[b * probs_len..(b + 1) * probs_len],
+            shape,
+        );
+    });
+}
+
+/// [`backward`] of one sequence, its slices laid out as in [`forward_sequence`].
+fn backward_sequence<T: Scalar>(
+    grads: QkvGrads<'_, T>,
+    dout: &[T],
+    qkv: Qkv<'_, T>,
+    probs: &[T],
+    shape: AttentionShape,
+) {
+    let (t_len, hd) = (shape.seq_len, shape.head_dim);
+    let (q_layout, kv_layout) = layouts(shape);
     let scale = T::ONE / T::from_usize(hd).sqrt();
     let group = shape.n_heads / shape.n_kv_heads;
     let mut dscores = vec![T::ZERO; t_len];
-    for b in 0..sequences {
-        for h in 0..shape.n_heads {
-            let kv_head = h / group;
-            for t in 0..t_len {
-                let token = b * t_len + t;
-                let row_start = ((b * shape.n_heads + h) * t_len + t) * t_len;
-                let p_row = &probs[row_start..row_start + t + 1];
-                let dout_row = &dout[q_layout.at(token, h)];
-                let ds = &mut dscores[..t + 1];
-                for (t2, d) in ds.iter_mut().enumerate() {
-                    *d = dot(dout_row, &qkv.v[kv_layout.at(b * t_len + t2, kv_head)]);
-                }
-                let projection: T = ds.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
-                for (d, &p) in ds.iter_mut().zip(p_row) {
-                    *d = scale * p * (*d - projection);
-                }
-                let q = &qkv.q[q_layout.at(token, h)];
-                for (t2, (&d, &p)) in ds.iter().zip(p_row).enumerate() {
-                    let kv = kv_layout.at(b * t_len + t2, kv_head);
-                    axpy(&mut grads.q[q_layout.at(token, h)], d, &qkv.k[kv.clone()]);
-                    axpy(&mut grads.k[kv.clone()], d, q);
-                    axpy(&mut grads.v[kv], p, dout_row);
-                }
+    for h in 0..shape.n_heads {
+        let kv_head = h / group;
+        for t in 0..t_len {
+            let row_start = (h * t_len + t) * t_len;
+            let p_row = &probs[row_start..row_start + t + 1];
+            let dout_row = &dout[q_layout.at(t, h)];
+            let ds = &mut dscores[..t + 1];
+            for (t2, d) in ds.iter_mut().enumerate() {
+                *d = dot(dout_row, &qkv.v[kv_layout.at(t2, kv_head)]);
+            }
+            let projection: T = ds.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
+            for (d, &p) in ds.iter_mut().zip(p_row) {
+                *d = scale * p * (*d - projection);
+            }
+            let q = &qkv.q[q_layout.at(t, h)];
+            for (t2, (&d, &p)) in ds.iter().zip(p_row).enumerate() {
+                let kv = kv_layout.at(t2, kv_head);
+                axpy(&mut grads.q[q_layout.at(t, h)], d, &qkv.k[kv.clone()]);
+                axpy(&mut grads.k[kv.clone()], d, q);
+                axpy(&mut grads.v[kv], p, dout_row);
             }
         }
+    }
+}
+
+/// Runs `work(b, part)` for every sequence `b` with its `part` of the
+/// outputs: across the rayon pool when there is one
+/// ([`super::pool_threads`]) and more than one sequence, else in order on
+/// this thread. Sequences share nothing they write, and each one's
+/// arithmetic runs in the same order wherever it runs, so the bits do not
+/// depend on the thread count.
+fn for_each_sequence<P: Send>(
+    sequences: usize,
+    parts: impl Iterator<Item = P> + Send,
+    work: impl Fn(usize, P) + Sync,
+) {
+    if super::pool_threads() > 1 && sequences > 1 {
+        use rayon::iter::{ParallelBridge, ParallelIterator};
+        parts
+            .enumerate()
+            .par_bridge()
+            .for_each(|(b, part)| work(b, part));
+    } else {
+        parts.enumerate().for_each(|(b, part)| work(b, part));
     }
 }
 
@@ -355,5 +442,54 @@ mod tests {
         rope.backward(&mut dk, GQA.n_kv_heads);
         assert_gradient("dq", &dq, &q, |x| loss(x, &k));
         assert_gradient("dk", &dk, &k, |x| loss(&q, x));
+    }
+
+    /// Forward and backward over 5 sequences in a pool of 3 threads give the
+    /// bits of one thread: each sequence is computed whole, in one order,
+    /// by whichever thread takes it.
+    #[test]
+    fn a_pool_of_threads_gives_the_bits_of_one() {
+        let shape = AttentionShape { seq_len: 9, ..GQA };
+        let tokens = 5 * shape.seq_len;
+        let q_len = tokens * shape.n_heads * shape.head_dim;
+        let kv_len = tokens * shape.n_kv_heads * shape.head_dim;
+        let q: Vec<f32> = random(q_len, 1).iter().map(|&x| x as f32).collect();
+        let k: Vec<f32> = random(kv_len, 2).iter().map(|&x| x as f32).collect();
+        let v: Vec<f32> = random(kv_len, 3).iter().map(|&x| x as f32).collect();
+        let dout: Vec<f32> = random(q_len, 4).iter().map(|&x| x as f32).collect();
+        let pass = || {
+            let qkv = Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            let mut out = vec![0.0; q_len];
+            let mut probs = vec![0.0; shape.probs_len(tokens)];
+            forward(&mut out, &mut probs, qkv, shape);
+            let (mut dq, mut dk, mut dv) = (vec![0.0; q_len], vec![0.0; kv_len], vec![0.0; kv_len]);
+            let grads = QkvGrads {
+                q: &mut dq,
+                k: &mut dk,
+                v: &mut dv,
+            };
+            backward(grads, &dout, qkv, &probs, shape);
+            [out, probs, dq, dk, dv].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a pool of three");
+        assert_eq!(pool.install(crate::ops::pool_threads), 3);
+        let one = pass();
+        assert!(
+            one[0].iter().any(|&bits| bits != 0),
+            "the outputs are not all zero"
+        );
+        for (name, (pooled, alone)) in ["out", "probs", "dq", "dk", "dv"]
+            .iter()
+            .zip(pool.install(pass).iter().zip(&one))
+        {
+            assert!(pooled == alone, "{name} differs between 3 threads and 1");
+        }
     }
 }
