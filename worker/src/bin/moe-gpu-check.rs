@@ -25,12 +25,20 @@ struct Args {
     /// (comma-separated, e.g. `fp8,flash`); every group by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
+    /// Only the selected groups after this one (its whole name): how a run
+    /// whose CUDA context a group broke goes on, in a fresh process.
+    #[arg(long)]
+    after: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let started = Instant::now();
-    let groups = match check::select_groups(&args.groups) {
+    let selected = check::select_groups(&args.groups).and_then(|groups| match &args.after {
+        Some(after) => check::groups_after(groups, after),
+        None => Ok(groups),
+    });
+    let groups = match selected {
         Ok(groups) => groups,
         Err(error) => {
             eprintln!("moe-gpu-check: {error}");
@@ -71,7 +79,7 @@ fn main() -> ExitCode {
 
     // Each group's outcome as it ends (and its failures), so a run cut
     // short by a timeout still shows what it finished.
-    let checks = check::run_groups(&gpu, &groups, |name, results, elapsed| {
+    let (checks, end) = check::run_groups(&gpu, &groups, |name, results, elapsed| {
         let failed: Vec<_> = results.iter().filter(|c| !c.passed).collect();
         println!(
             "group {name}: {} passed, {} failed ({:.1} s)",
@@ -118,8 +126,19 @@ fn main() -> ExitCode {
         );
     }
 
+    // A group broke the context: the groups after it, and the benchmarks,
+    // run in a fresh process (its own report beside this one).
+    let rest = match end {
+        check::GroupsEnd::Finished => None,
+        check::GroupsEnd::ContextLost(after) => Some(run_the_rest(&args, after)),
+    };
+    if let Some(rest) = &rest {
+        println!("{rest}");
+        md.push_str(&format!("{rest}\n\n"));
+    }
+
     let mut figures = Vec::new();
-    if !args.checks_only {
+    if !args.checks_only && rest.is_none() {
         let mut failures = Vec::new();
         match bench::run_all(&gpu) {
             Ok((f, failed)) => {
@@ -187,5 +206,40 @@ fn main() -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Runs this program again, in a fresh process with a fresh CUDA context,
+/// on the selected groups after `after` (and the benchmarks, unless
+/// checks only), its report in `<out>/after-<group>/`; says how it went.
+fn run_the_rest(args: &Args, after: &str) -> String {
+    let out = args
+        .out
+        .join(format!("after-{}", after.replace([' ', '+'], "-")));
+    println!(
+        "moe-gpu-check: group {after} left the CUDA context unusable; the groups after it run in a \
+         fresh process, reporting to {}",
+        out.display()
+    );
+    let mut command = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe),
+        Err(error) => return format!("the groups after {after} did not run: {error}"),
+    };
+    command
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", &args.device.to_string(), "--after", after]);
+    if !args.groups.is_empty() {
+        command.args(["--groups", &args.groups.join(",")]);
+    }
+    if args.checks_only {
+        command.arg("--checks-only");
+    }
+    match command.status() {
+        Ok(status) => format!(
+            "The groups after {after} ran in a fresh process ({status}): see {}/gpu-report.md.",
+            out.display()
+        ),
+        Err(error) => format!("the groups after {after} did not run: {error}"),
     }
 }

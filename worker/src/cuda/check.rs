@@ -144,7 +144,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     SplitMix64::new(seed).normal_vec(n, 1.0)
 }
 
-type CheckGroup = fn(&Gpu) -> Result<Vec<Check>>;
+type CheckGroup<G = Gpu> = fn(&G) -> Result<Vec<Check>>;
 
 /// Every check group, by op family.
 pub const GROUPS: &[(&str, CheckGroup)] = &[
@@ -207,38 +207,86 @@ pub fn select_groups(
         .collect())
 }
 
+/// The groups of `groups` that come after the one named `after` (the
+/// rest of a run whose CUDA context was lost there); an error when no
+/// group has that name.
+pub fn groups_after(
+    groups: Vec<(&'static str, CheckGroup)>,
+    after: &str,
+) -> std::result::Result<Vec<(&'static str, CheckGroup)>, String> {
+    let at = GROUPS
+        .iter()
+        .position(|(name, _)| *name == after)
+        .ok_or_else(|| format!("--after {after:?}: no check group has that name"))?;
+    let later = |name: &str| GROUPS.iter().position(|(n, _)| *n == name) > Some(at);
+    Ok(groups.into_iter().filter(|(name, _)| later(name)).collect())
+}
+
+/// How [`run_groups`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GroupsEnd {
+    /// Every group ran.
+    Finished,
+    /// The named group left the CUDA context unusable (an illegal address
+    /// or a kernel fault is sticky: every later call on the context fails),
+    /// so the groups after it did not run here; `moe-gpu-check` runs them
+    /// in a fresh process.
+    ContextLost(&'static str),
+}
+
 /// Runs `groups`, handing each group's checks to `done` as soon as it
 /// ends (with its wall time), so a run cut short still reports the groups
 /// it finished. A CUDA error inside a group (a launch failure, an
-/// unsupported cuBLASLt configuration) fails that group with the error and
-/// the run goes on, so one broken op cannot hide the others' results.
+/// unsupported cuBLASLt configuration) or a panic fails that group with
+/// the error and the run goes on, so one broken op cannot hide the others'
+/// results — unless the GPU no longer answers ([`Gpu::healthy`]): then the
+/// run stops there and says so.
 pub fn run_groups(
     gpu: &Gpu,
     groups: &[(&'static str, CheckGroup)],
+    done: impl FnMut(&str, &[Check], std::time::Duration),
+) -> (Vec<Check>, GroupsEnd) {
+    run_groups_on(gpu, groups, |gpu| gpu.healthy().is_ok(), done)
+}
+
+/// [`run_groups`] on any context, with its health probe (a unit-testable
+/// seam: the decisions do not need a GPU).
+fn run_groups_on<G>(
+    context: &G,
+    groups: &[(&'static str, CheckGroup<G>)],
+    healthy: impl Fn(&G) -> bool,
     mut done: impl FnMut(&str, &[Check], std::time::Duration),
-) -> Vec<Check> {
+) -> (Vec<Check>, GroupsEnd) {
     let mut checks = Vec::new();
     for &(name, group) in groups {
         let started = std::time::Instant::now();
-        let results = match group(gpu) {
-            Ok(results) => results,
-            Err(error) => vec![Check {
-                op: name,
-                case: "(whole group)".to_string(),
-                passed: false,
-                error: format!("CUDA error: {error}"),
-                bound: "-".to_string(),
-            }],
+        let whole_group = |error: String| Check {
+            op: name,
+            case: "(whole group)".to_string(),
+            passed: false,
+            error,
+            bound: "-".to_string(),
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| group(context)));
+        let (results, faulted) = match outcome {
+            Ok(Ok(results)) => (results, false),
+            Ok(Err(error)) => (vec![whole_group(format!("CUDA error: {error}"))], true),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                (vec![whole_group(format!("panic: {message}"))], true)
+            }
         };
         done(name, &results, started.elapsed());
         checks.extend(results);
+        if faulted && !healthy(context) {
+            return (checks, GroupsEnd::ContextLost(name));
+        }
     }
-    checks
-}
-
-/// Runs every check group ([`run_groups`] without progress).
-pub fn run_all(gpu: &Gpu) -> Vec<Check> {
-    run_groups(gpu, GROUPS, |_, _, _| {})
+    (checks, GroupsEnd::Finished)
 }
 
 fn check_rmsnorm(gpu: &Gpu) -> Result<Vec<Check>> {
@@ -1933,6 +1981,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::GpuError;
 
     #[test]
     fn close_bounds_each_element_by_atol_plus_rtol() {
@@ -1972,6 +2021,92 @@ mod tests {
         assert!(
             error.contains("flahs") && error.contains("flash attention"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn a_failed_or_panicking_group_fails_alone_unless_the_context_is_lost() {
+        type Probe = std::cell::Cell<bool>;
+        fn passes(_: &Probe) -> Result<Vec<Check>> {
+            Ok(vec![exact("op", "case", &[1], &[1])])
+        }
+        fn errs(_: &Probe) -> Result<Vec<Check>> {
+            Err(GpuError::Unsupported("no such configuration".into()))
+        }
+        fn panics(_: &Probe) -> Result<Vec<Check>> {
+            panic!("index out of bounds")
+        }
+        fn faults(context: &Probe) -> Result<Vec<Check>> {
+            context.set(false);
+            Err(GpuError::Unsupported("illegal address".into()))
+        }
+        let groups: [(&'static str, CheckGroup<Probe>); 5] = [
+            ("a", passes),
+            ("b", errs),
+            ("c", panics),
+            ("d", faults),
+            ("e", passes),
+        ];
+        let mut reported = Vec::new();
+        let (checks, end) = run_groups_on(
+            &Probe::new(true),
+            &groups,
+            |context| context.get(),
+            |name, results, _| reported.push((name.to_string(), results.len())),
+        );
+        // Each failure is its group's alone while the context answers; the
+        // fault in "d" stops the run before "e".
+        let names: Vec<&str> = reported.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        assert_eq!(end, GroupsEnd::ContextLost("d"));
+        let failed: Vec<(&str, &str)> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| (c.op, c.error.as_str()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                (
+                    "b",
+                    "CUDA error: not supported on the device yet: no such configuration"
+                ),
+                ("c", "panic: index out of bounds"),
+                (
+                    "d",
+                    "CUDA error: not supported on the device yet: illegal address"
+                ),
+            ]
+        );
+        let (_, end) = run_groups_on(&Probe::new(true), &groups[..3], |c| c.get(), |_, _, _| {});
+        assert_eq!(end, GroupsEnd::Finished);
+    }
+
+    #[test]
+    fn the_rest_of_a_run_is_the_groups_after_the_one_named() {
+        let rest = |filters: &[&str], after: &str| {
+            let picked = select_groups(&filters.iter().map(|f| f.to_string()).collect::<Vec<_>>())
+                .expect("known groups");
+            groups_after(picked, after)
+                .map(|groups| groups.iter().map(|(name, _)| *name).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            rest(&[], "grouped gemm").expect("a group"),
+            ["flash attention"]
+        );
+        // The first run's filters still hold; "fp8 gemm" is not "fp8 gemm cublaslt".
+        assert_eq!(
+            rest(&["fp8"], "fp8 gemm").expect("a group"),
+            ["fp8 gemm cublaslt", "fp8 tensorwise"]
+        );
+        assert_eq!(
+            rest(&[], "flash attention").expect("the last"),
+            Vec::<&str>::new()
+        );
+        assert!(
+            rest(&[], "fp8")
+                .expect_err("not a whole name")
+                .contains("fp8")
         );
     }
 

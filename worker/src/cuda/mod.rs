@@ -343,6 +343,21 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+
+    /// Whether the context still answers: the stream drains and a value
+    /// makes the round trip. After a kernel fault (an illegal address, a
+    /// trap) every call on the context fails, so this does too.
+    pub fn healthy(&self) -> Result<()> {
+        self.synchronize()?;
+        let probe = self.download(&self.upload(&[1.5f32, -2.0])?)?;
+        if probe == [1.5, -2.0] {
+            Ok(())
+        } else {
+            Err(GpuError::Unsupported(format!(
+                "the health probe read back {probe:?}"
+            )))
+        }
+    }
 }
 
 /// The process's GPU, for the process's lifetime (one training run or one
