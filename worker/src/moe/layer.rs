@@ -7,10 +7,10 @@ use crate::memory::HeldBytes;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::{MoeConfig, MoeConfigError};
 use crate::moe::dispatch::Dispatch;
-use crate::moe::expert::{MLP_LINEARS, SwiGluActivations, SwiGluMlp};
+use crate::moe::expert::{MLP_LINEARS, SwiGluActivations, SwiGluGrads, SwiGluMlp};
 use crate::moe::params::MoeParams;
 use crate::moe::routing::{self, Routing};
-use crate::ops::matmul;
+use crate::ops::{self, matmul};
 use crate::scalar::Scalar;
 
 /// One MoE layer: validated config, weights and the load-balancing bias.
@@ -210,13 +210,24 @@ impl<T: Scalar> MoeLayer<T> {
         let routing = routing::route(config, &logits, &self.selection_bias);
         let dispatch = Dispatch::new(&routing.experts, config.top_k, n_experts);
 
+        // The experts run side by side across the pool with `--threads`;
+        // their gated outputs are added in expert order, the same bits.
+        let routed: Vec<ExpertPass<T>> = ops::pool_map((0..n_experts).collect(), |_, e| {
+            self.routed_expert_forward(self.expert(linears, e), e, x, &dispatch)
+        });
         let mut output = vec![T::ZERO; x.len()];
-        let routed = (0..n_experts)
-            .map(|e| {
-                let expert = self.expert(linears, e);
-                self.routed_expert_forward(expert, e, x, &routing, &dispatch, &mut output)
-            })
-            .collect();
+        for (e, pass) in routed.iter().enumerate() {
+            let slots = dispatch.slots(e);
+            for (&slot, y) in slots.iter().zip(pass.output.chunks_exact(hidden)) {
+                let gate = routing.gates[slot];
+                for (o, &v) in row_mut(&mut output, dispatch.token(slot), hidden)
+                    .iter_mut()
+                    .zip(y)
+                {
+                    *o += gate * v;
+                }
+            }
+        }
         let shared = self.shared_forward(linears, x, &mut output);
         let (aux_loss, sliced_balance) = self.aux_loss_in(&routing, seq_len, sequence);
         MoeForward {
@@ -231,16 +242,14 @@ impl<T: Scalar> MoeLayer<T> {
         }
     }
 
-    /// Gathers expert `e`'s tokens, runs the expert on them as one batch and
-    /// scatter-adds the gated rows into `output`.
+    /// Gathers expert `e`'s tokens and runs the expert on them as one
+    /// batch (the caller adds the gated rows into the layer's output).
     fn routed_expert_forward(
         &self,
         expert: SwiGluMlp<'_, T>,
         e: usize,
         x: &[T],
-        routing: &Routing<T>,
         dispatch: &Dispatch,
-        output: &mut [T],
     ) -> ExpertPass<T> {
         let hidden = self.config.hidden;
         let slots = dispatch.slots(e);
@@ -250,15 +259,6 @@ impl<T: Scalar> MoeLayer<T> {
         }
         let mut expert_output = vec![T::ZERO; input.len()];
         let activations = expert.forward(&mut expert_output, &input);
-        for (&slot, y) in slots.iter().zip(expert_output.chunks_exact(hidden)) {
-            let gate = routing.gates[slot];
-            for (o, &v) in row_mut(output, dispatch.token(slot), hidden)
-                .iter_mut()
-                .zip(y)
-            {
-                *o += gate * v;
-            }
-        }
         ExpertPass {
             input,
             activations,
@@ -301,10 +301,30 @@ impl<T: Scalar> MoeLayer<T> {
             grads.holds_all(config),
             "the gradients of a single-rank pass hold every expert"
         );
+        // The experts side by side, as in the forward pass: each writes its
+        // own weight gradients; their input gradients are added into `dx`
+        // in expert order, and each gate's gradient belongs to one expert.
+        let hidden = config.hidden;
+        let expert_grads = grads.routed_expert_grads(config);
+        let routed = ops::pool_map(expert_grads, |e, expert_grads| {
+            self.routed_expert_backward(self.expert(linears, e), e, pass, dout, expert_grads)
+        });
         let mut dgates = vec![T::ZERO; pass.routing.gates.len()];
-        for e in 0..config.n_routed_experts {
-            let expert = self.expert(linears, e);
-            self.routed_expert_backward(expert, e, pass, dout, dx, &mut dgates, grads);
+        for (e, (expert_dgates, dinput)) in routed.into_iter().enumerate() {
+            let slots = pass.dispatch.slots(e);
+            for ((&slot, d), dgate) in slots
+                .iter()
+                .zip(dinput.chunks_exact(hidden))
+                .zip(expert_dgates)
+            {
+                dgates[slot] = dgate;
+                for (dxi, &di) in row_mut(dx, pass.dispatch.token(slot), hidden)
+                    .iter_mut()
+                    .zip(d)
+                {
+                    *dxi += di;
+                }
+            }
         }
         if let (Some(mlp), Some(activations)) = (self.shared(linears), &pass.shared) {
             mlp.backward(dx, grads.shared_grads(), dout, x, activations);
@@ -320,22 +340,21 @@ impl<T: Scalar> MoeLayer<T> {
         );
     }
 
-    /// Backward of [`Self::routed_expert_forward`]: fills expert `e`'s entries
-    /// of `dgates` (d loss / d gate = dout_row . expert_output_row) and adds
-    /// its weight gradients and its scattered input gradient.
-    #[allow(clippy::too_many_arguments)] // one expert's share of `backward_with`'s arguments
+    /// Backward of [`Self::routed_expert_forward`]: adds expert `e`'s weight
+    /// gradients into `grads`; returns d loss / d gate of each of its slots
+    /// (`dout_row . expert_output_row`) and the gradient of its gathered
+    /// input rows, for the caller to scatter.
     fn routed_expert_backward(
         &self,
         expert_mlp: SwiGluMlp<'_, T>,
         e: usize,
         pass: &MoeForward<T>,
         dout: &[T],
-        dx: &mut [T],
-        dgates: &mut [T],
-        grads: &mut MoeParams<T>,
-    ) {
+        grads: SwiGluGrads<'_, T>,
+    ) -> (Vec<T>, Vec<T>) {
         let hidden = self.config.hidden;
         let (expert, slots) = (&pass.routed[e], pass.dispatch.slots(e));
+        let mut dgates = Vec::with_capacity(slots.len());
         let mut dexpert_output = vec![T::ZERO; expert.output.len()];
         let rows = slots
             .iter()
@@ -343,7 +362,7 @@ impl<T: Scalar> MoeLayer<T> {
             .zip(dexpert_output.chunks_exact_mut(hidden));
         for ((&slot, y), dy) in rows {
             let dout_row = row(dout, pass.dispatch.token(slot), hidden);
-            dgates[slot] = dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum();
+            dgates.push(dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum());
             let gate = pass.routing.gates[slot];
             for (dyi, &d) in dy.iter_mut().zip(dout_row) {
                 *dyi = gate * d;
@@ -352,19 +371,12 @@ impl<T: Scalar> MoeLayer<T> {
         let mut dinput = vec![T::ZERO; expert.input.len()];
         expert_mlp.backward(
             &mut dinput,
-            grads.expert_grads(&self.config, e),
+            grads,
             &dexpert_output,
             &expert.input,
             &expert.activations,
         );
-        for (&slot, d) in slots.iter().zip(dinput.chunks_exact(hidden)) {
-            for (dxi, &di) in row_mut(dx, pass.dispatch.token(slot), hidden)
-                .iter_mut()
-                .zip(d)
-            {
-                *dxi += di;
-            }
-        }
+        (dgates, dinput)
     }
 
     /// From d loss / d gates (plus the balance loss) back to the scores, the

@@ -150,6 +150,18 @@ impl<T: Scalar> MoeParams<T> {
         }
     }
 
+    /// Gradient slices of every held routed expert, in order (disjoint,
+    /// so the experts' backward passes can run side by side).
+    pub fn routed_expert_grads(&mut self, config: &MoeConfig) -> Vec<SwiGluGrads<'_, T>> {
+        let size = expert_size(config).max(1);
+        self.experts_w1
+            .chunks_mut(size)
+            .zip(self.experts_w3.chunks_mut(size))
+            .zip(self.experts_w2.chunks_mut(size))
+            .map(|((w1, w3), w2)| SwiGluGrads { w1, w3, w2 })
+            .collect()
+    }
+
     /// The fused shared experts' MLP, if the layer has any.
     pub fn shared<'a>(&'a self, config: &MoeConfig) -> Option<SwiGluMlp<'a, T>> {
         (config.shared_hidden() > 0).then_some(SwiGluMlp {

@@ -93,19 +93,18 @@ pub fn forward<T: Scalar>(out: &mut [T], probs: &mut [T], qkv: Qkv<'_, T>, shape
         "attention output shapes"
     );
     let (q_len, kv_len, probs_len) = shape.per_sequence();
-    for_each_sequence(
-        sequences,
-        out.chunks_mut(q_len).zip(probs.chunks_mut(probs_len)),
-        |b, (out, probs)| {
-            let (q, kv) = (b * q_len..(b + 1) * q_len, b * kv_len..(b + 1) * kv_len);
-            let qkv = Qkv {
-                q: &qkv.q[q],
-                k: &qkv.k[kv.clone()],
-                v: &qkv.v[kv],
-            };
-            forward_sequence(out, probs, qkv, shape);
-        },
-    );
+    // Sequences share nothing they write, and each is computed in one order
+    // wherever it runs: across the pool with `--threads`, the same bits.
+    let parts = out.chunks_mut(q_len).zip(probs.chunks_mut(probs_len));
+    super::pool_map(parts.collect(), |b, (out, probs)| {
+        let (q, kv) = (b * q_len..(b + 1) * q_len, b * kv_len..(b + 1) * kv_len);
+        let qkv = Qkv {
+            q: &qkv.q[q],
+            k: &qkv.k[kv.clone()],
+            v: &qkv.v[kv],
+        };
+        forward_sequence(out, probs, qkv, shape);
+    });
 }
 
 /// [`forward`] of one sequence: `out` and `q` hold its `[seq_len, n_heads,
@@ -173,7 +172,7 @@ pub fn backward<T: Scalar>(
         .chunks_mut(q_len)
         .zip(grads.k.chunks_mut(kv_len))
         .zip(grads.v.chunks_mut(kv_len));
-    for_each_sequence(sequences, grads, |b, ((dq, dk), dv)| {
+    super::pool_map(grads.collect(), |b, ((dq, dk), dv)| {
         let (q, kv) = (b * q_len..(b + 1) * q_len, b * kv_len..(b + 1) * kv_len);
         let qkv_here = Qkv {
             q: &qkv.q[q.clone()],
@@ -229,28 +228,6 @@ fn backward_sequence<T: Scalar>(
                 axpy(&mut grads.v[kv], p, dout_row);
             }
         }
-    }
-}
-
-/// Runs `work(b, part)` for every sequence `b` with its `part` of the
-/// outputs: across the rayon pool when there is one
-/// ([`super::pool_threads`]) and more than one sequence, else in order on
-/// this thread. Sequences share nothing they write, and each one's
-/// arithmetic runs in the same order wherever it runs, so the bits do not
-/// depend on the thread count.
-fn for_each_sequence<P: Send>(
-    sequences: usize,
-    parts: impl Iterator<Item = P> + Send,
-    work: impl Fn(usize, P) + Sync,
-) {
-    if super::pool_threads() > 1 && sequences > 1 {
-        use rayon::iter::{ParallelBridge, ParallelIterator};
-        parts
-            .enumerate()
-            .par_bridge()
-            .for_each(|(b, part)| work(b, part));
-    } else {
-        parts.enumerate().for_each(|(b, part)| work(b, part));
     }
 }
 

@@ -37,3 +37,28 @@ pub(crate) fn pool_threads() -> usize {
         rayon::current_num_threads()
     }
 }
+
+/// `work(i, item)` for every item, its results in the items' order: across
+/// the rayon pool when there is one ([`pool_threads`]) and more than one
+/// item, else in order on this thread. For independent pieces of work
+/// (sequences of attention, experts of a MoE layer) whose arithmetic does
+/// not depend on where it runs, so the bits do not depend on the threads.
+pub(crate) fn pool_map<I: Send, R: Send>(
+    items: Vec<I>,
+    work: impl Fn(usize, I) -> R + Sync + Send,
+) -> Vec<R> {
+    if pool_threads() > 1 && items.len() > 1 {
+        use rayon::prelude::*;
+        items
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, item)| work(i, item))
+            .collect()
+    } else {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| work(i, item))
+            .collect()
+    }
+}

@@ -4,6 +4,7 @@ mod balance;
 mod dispatch;
 mod gradients;
 mod routing;
+mod threads;
 
 use moe_worker::moe::{GroupLimit, MoeConfig, MoeLayer, MoeParams, ScoreFunction};
 use moe_worker::rng::SplitMix64;
