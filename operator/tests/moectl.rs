@@ -363,44 +363,35 @@ fn run_local_gives_the_worker_the_contract_and_a_local_config() {
 fn run_local_hands_the_thread_count_to_every_worker() {
     let dir = scratch("run-local-threads");
     let worker = fake_worker(&dir, "echo '{}'");
-    let output = moectl()
-        .args(["run", "--local", "--threads", "2"])
-        .arg(tiny())
-        .arg("--worker-bin")
-        .arg(&worker)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr(&output));
-    let record = recorded(&dir, 0);
-    assert!(
-        record
-            .lines()
-            .any(|l| l == "args=train --config runs/tiny/config.json --threads 2"),
-        "{record}"
+    // The worker's arguments from a local run of `job` with `flags`.
+    let worker_args = |flags: &[&str], job: &Path| {
+        let output = moectl()
+            .args(["run", "--local"])
+            .args(flags)
+            .arg(job)
+            .arg("--worker-bin")
+            .arg(&worker)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let record = recorded(&dir, 0);
+        let args = record.lines().find_map(|l| l.strip_prefix("args="));
+        args.expect("the worker's arguments").to_string()
+    };
+    assert_eq!(
+        worker_args(&["--threads", "2"], &tiny()),
+        "train --config runs/tiny/config.json --threads 2"
     );
-
     // Without the flag, each worker gets what its pod would: here the
     // container's CPU limit of 3 over one process.
     let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(tiny()).unwrap()).unwrap();
     job["spec"]["worker"]["resources"] = json!({"limits": {"cpu": "3"}});
     let limited = dir.join("limited.yaml");
     write_yaml(&limited, &job);
-    let output = moectl()
-        .args(["run", "--local"])
-        .arg(&limited)
-        .arg("--worker-bin")
-        .arg(&worker)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr(&output));
-    let record = recorded(&dir, 0);
-    assert!(
-        record
-            .lines()
-            .any(|l| l == "args=train --config runs/tiny/config.json --threads 3"),
-        "{record}"
+    assert_eq!(
+        worker_args(&[], &limited),
+        "train --config runs/tiny/config.json --threads 3"
     );
 
     let refused = moectl()
