@@ -6,6 +6,7 @@
 //! capacity.
 
 use crate::memory::HeldBytes;
+use crate::scalar::Scalar;
 
 /// Assignments sorted by expert (a counting sort, so stable: tokens stay in order).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +56,77 @@ impl Dispatch {
     pub fn load(&self) -> Vec<usize> {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
     }
+
+    /// The token rows of `slots` from `x: [tokens, hidden]`, one after
+    /// another: an expert's input batch, or what a rank sends its owners.
+    pub fn gather_rows<T: Copy>(
+        &self,
+        x: &[T],
+        slots: impl Iterator<Item = usize>,
+        hidden: usize,
+    ) -> Vec<T> {
+        let mut rows = Vec::new();
+        for slot in slots {
+            rows.extend_from_slice(token_row(x, self.token(slot), hidden));
+        }
+        rows
+    }
+
+    /// Adds each `(slot, row)`'s row into its token's row of `out`,
+    /// multiplied by the slot's gate when `gates` are given (the combine
+    /// step), in the iterator's order: by expert, so a token's experts in
+    /// ascending order, as every path of the layer adds them.
+    pub fn add_rows<'a, T: Scalar + 'a>(
+        &self,
+        out: &mut [T],
+        rows: impl Iterator<Item = (usize, &'a [T])>,
+        gates: Option<&[T]>,
+    ) {
+        for (slot, y) in rows {
+            let out_row = token_row_mut(out, self.token(slot), y.len());
+            match gates {
+                Some(gates) => {
+                    let gate = gates[slot];
+                    for (o, &v) in out_row.iter_mut().zip(y) {
+                        *o += gate * v;
+                    }
+                }
+                None => {
+                    for (o, &v) in out_row.iter_mut().zip(y) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backward pass of the gated combine for each `(slot, y, dy)`:
+    /// writes `dy = gate · dout_row` (the gradient of the expert's output
+    /// row `y`) and returns d loss / d gate = `dout_row · y`, one per slot.
+    pub fn gate_backward<'a, T: Scalar + 'a>(
+        &self,
+        rows: impl Iterator<Item = (usize, &'a [T], &'a mut [T])>,
+        dout: &[T],
+        gates: &[T],
+    ) -> Vec<T> {
+        rows.map(|(slot, y, dy)| {
+            let dout_row = token_row(dout, self.token(slot), y.len());
+            let gate = gates[slot];
+            for (dyi, &d) in dy.iter_mut().zip(dout_row) {
+                *dyi = gate * d;
+            }
+            dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum()
+        })
+        .collect()
+    }
+}
+
+fn token_row<T>(m: &[T], token: usize, hidden: usize) -> &[T] {
+    &m[token * hidden..(token + 1) * hidden]
+}
+
+fn token_row_mut<T>(m: &mut [T], token: usize, hidden: usize) -> &mut [T] {
+    &mut m[token * hidden..(token + 1) * hidden]
 }
 
 impl HeldBytes for Dispatch {

@@ -244,10 +244,7 @@ pub(crate) fn forward_in<T: Scalar>(
     // Dispatch: rows by expert, so each owner's rows are one contiguous run.
     let load = dispatch.load();
     let plan = ExchangePlan::new(&load, ep.exchange_counts(&load), ep.size());
-    let mut send = Vec::with_capacity(routing.experts.len() * hidden);
-    for slot in dispatch_order(&dispatch, n_experts) {
-        send.extend_from_slice(row(x, dispatch.token(slot), hidden));
-    }
+    let send = dispatch.gather_rows(x, dispatch_order(&dispatch, n_experts), hidden);
     let received = ep.exchange_rows(&send, plan.send_rows(), &plan.recv_rows(), hidden);
     drop(send);
 
@@ -264,15 +261,8 @@ pub(crate) fn forward_in<T: Scalar>(
     let back = plan.to_sources(&outputs, hidden);
     let combined = ep.exchange_rows(&back, &plan.recv_rows(), plan.send_rows(), hidden);
     let mut output = vec![T::ZERO; x.len()];
-    for (slot, y) in dispatch_order(&dispatch, n_experts).zip(combined.chunks_exact(hidden)) {
-        let gate = routing.gates[slot];
-        for (o, &v) in row_mut(&mut output, dispatch.token(slot), hidden)
-            .iter_mut()
-            .zip(y)
-        {
-            *o += gate * v;
-        }
-    }
+    let rows = dispatch_order(&dispatch, n_experts).zip(combined.chunks_exact(hidden));
+    dispatch.add_rows(&mut output, rows, Some(&routing.gates));
 
     let shared = layer.shared_forward(linears, x, &mut output);
     let (aux_loss, sliced_balance) = layer.aux_loss_in(&routing, seq_len, sequence);
@@ -324,14 +314,11 @@ pub fn backward<T: Scalar>(
     let mut dsend = vec![T::ZERO; pass.combined.len()];
     let rows = dispatch_order(dispatch, n_experts)
         .zip(pass.combined.chunks_exact(hidden))
-        .zip(dsend.chunks_exact_mut(hidden));
-    for ((slot, y), dy) in rows {
-        let dout_row = row(dout, dispatch.token(slot), hidden);
-        dgates[slot] = dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum();
-        let gate = routing.gates[slot];
-        for (dyi, &d) in dy.iter_mut().zip(dout_row) {
-            *dyi = gate * d;
-        }
+        .zip(dsend.chunks_exact_mut(hidden))
+        .map(|((slot, y), dy)| (slot, y, dy));
+    let slot_dgates = dispatch.gate_backward(rows, dout, &routing.gates);
+    for (slot, dgate) in dispatch_order(dispatch, n_experts).zip(slot_dgates) {
+        dgates[slot] = dgate;
     }
     let dreceived = ep.exchange_rows(&dsend, plan.send_rows(), &plan.recv_rows(), hidden);
     drop(dsend);
@@ -351,11 +338,8 @@ pub fn backward<T: Scalar>(
     }
     let back = plan.to_sources(&dinputs, hidden);
     let dx_rows = ep.exchange_rows(&back, &plan.recv_rows(), plan.send_rows(), hidden);
-    for (slot, d) in dispatch_order(dispatch, n_experts).zip(dx_rows.chunks_exact(hidden)) {
-        for (dxi, &di) in row_mut(dx, dispatch.token(slot), hidden).iter_mut().zip(d) {
-            *dxi += di;
-        }
-    }
+    let rows = dispatch_order(dispatch, n_experts).zip(dx_rows.chunks_exact(hidden));
+    dispatch.add_rows(dx, rows, None);
 
     if let (Some(mlp), Some(activations)) = (layer.shared(linears), &pass.shared) {
         mlp.backward(dx, grads.shared_grads(), dout, x, activations);
@@ -369,14 +353,6 @@ pub fn backward<T: Scalar>(
         dx,
         &mut grads.router,
     );
-}
-
-fn row<T>(m: &[T], r: usize, width: usize) -> &[T] {
-    &m[r * width..(r + 1) * width]
-}
-
-fn row_mut<T>(m: &mut [T], r: usize, width: usize) -> &mut [T] {
-    &mut m[r * width..(r + 1) * width]
 }
 
 #[cfg(test)]

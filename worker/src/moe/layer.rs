@@ -216,18 +216,11 @@ impl<T: Scalar> MoeLayer<T> {
             self.routed_expert_forward(self.expert(linears, e), e, x, &dispatch)
         });
         let mut output = vec![T::ZERO; x.len()];
-        for (e, pass) in routed.iter().enumerate() {
-            let slots = dispatch.slots(e);
-            for (&slot, y) in slots.iter().zip(pass.output.chunks_exact(hidden)) {
-                let gate = routing.gates[slot];
-                for (o, &v) in row_mut(&mut output, dispatch.token(slot), hidden)
-                    .iter_mut()
-                    .zip(y)
-                {
-                    *o += gate * v;
-                }
-            }
-        }
+        let rows = routed.iter().enumerate().flat_map(|(e, pass)| {
+            let slots = dispatch.slots(e).iter().copied();
+            slots.zip(pass.output.chunks_exact(hidden))
+        });
+        dispatch.add_rows(&mut output, rows, Some(&routing.gates));
         let shared = self.shared_forward(linears, x, &mut output);
         let (aux_loss, sliced_balance) = self.aux_loss_in(&routing, seq_len, sequence);
         MoeForward {
@@ -252,11 +245,7 @@ impl<T: Scalar> MoeLayer<T> {
         dispatch: &Dispatch,
     ) -> ExpertPass<T> {
         let hidden = self.config.hidden;
-        let slots = dispatch.slots(e);
-        let mut input = Vec::with_capacity(slots.len() * hidden);
-        for &slot in slots {
-            input.extend_from_slice(row(x, dispatch.token(slot), hidden));
-        }
+        let input = dispatch.gather_rows(x, dispatch.slots(e).iter().copied(), hidden);
         let mut expert_output = vec![T::ZERO; input.len()];
         let activations = expert.forward(&mut expert_output, &input);
         ExpertPass {
@@ -309,23 +298,18 @@ impl<T: Scalar> MoeLayer<T> {
         let routed = ops::pool_map(expert_grads, |e, expert_grads| {
             self.routed_expert_backward(self.expert(linears, e), e, pass, dout, expert_grads)
         });
+        let dispatch = &pass.dispatch;
         let mut dgates = vec![T::ZERO; pass.routing.gates.len()];
-        for (e, (expert_dgates, dinput)) in routed.into_iter().enumerate() {
-            let slots = pass.dispatch.slots(e);
-            for ((&slot, d), dgate) in slots
-                .iter()
-                .zip(dinput.chunks_exact(hidden))
-                .zip(expert_dgates)
-            {
+        for (e, (expert_dgates, _)) in routed.iter().enumerate() {
+            for (&slot, &dgate) in dispatch.slots(e).iter().zip(expert_dgates) {
                 dgates[slot] = dgate;
-                for (dxi, &di) in row_mut(dx, pass.dispatch.token(slot), hidden)
-                    .iter_mut()
-                    .zip(d)
-                {
-                    *dxi += di;
-                }
             }
         }
+        let rows = routed.iter().enumerate().flat_map(|(e, (_, dinput))| {
+            let slots = dispatch.slots(e).iter().copied();
+            slots.zip(dinput.chunks_exact(hidden))
+        });
+        dispatch.add_rows(dx, rows, None);
         if let (Some(mlp), Some(activations)) = (self.shared(linears), &pass.shared) {
             mlp.backward(dx, grads.shared_grads(), dout, x, activations);
         }
@@ -354,20 +338,13 @@ impl<T: Scalar> MoeLayer<T> {
     ) -> (Vec<T>, Vec<T>) {
         let hidden = self.config.hidden;
         let (expert, slots) = (&pass.routed[e], pass.dispatch.slots(e));
-        let mut dgates = Vec::with_capacity(slots.len());
         let mut dexpert_output = vec![T::ZERO; expert.output.len()];
         let rows = slots
             .iter()
             .zip(expert.output.chunks_exact(hidden))
-            .zip(dexpert_output.chunks_exact_mut(hidden));
-        for ((&slot, y), dy) in rows {
-            let dout_row = row(dout, pass.dispatch.token(slot), hidden);
-            dgates.push(dout_row.iter().zip(y).map(|(&d, &v)| d * v).sum());
-            let gate = pass.routing.gates[slot];
-            for (dyi, &d) in dy.iter_mut().zip(dout_row) {
-                *dyi = gate * d;
-            }
-        }
+            .zip(dexpert_output.chunks_exact_mut(hidden))
+            .map(|((&slot, y), dy)| (slot, y, dy));
+        let dgates = pass.dispatch.gate_backward(rows, dout, &pass.routing.gates);
         let mut dinput = vec![T::ZERO; expert.input.len()];
         expert_mlp.backward(
             &mut dinput,
@@ -438,12 +415,4 @@ impl<T: Scalar> MoeLayer<T> {
     pub fn update_selection_bias(&mut self, load: &[usize], rate: T) {
         balance::update_selection_bias(&mut self.selection_bias, load, rate);
     }
-}
-
-fn row<T>(m: &[T], r: usize, width: usize) -> &[T] {
-    &m[r * width..(r + 1) * width]
-}
-
-fn row_mut<T>(m: &mut [T], r: usize, width: usize) -> &mut [T] {
-    &mut m[r * width..(r + 1) * width]
 }
