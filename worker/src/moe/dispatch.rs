@@ -140,6 +140,39 @@ mod tests {
     use super::Dispatch;
 
     #[test]
+    fn rows_move_between_tokens_and_slots() {
+        // Two tokens, top-2, hidden 2: t0 -> (1, 0), t1 -> (1, 0).
+        let dispatch = Dispatch::new(&[1, 0, 1, 0], 2, 2);
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let order = [1, 3, 0, 2]; // expert 0's slots, then expert 1's
+        let gathered = dispatch.gather_rows(&x, order.into_iter(), 2);
+        assert_eq!(gathered, [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+        // Gated combine: token t gets the gates of its slots times their rows.
+        let rows = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0];
+        let gates = [0.5, 0.25, 2.0, 1.0]; // by slot
+        let pairs = || order.into_iter().zip(rows.chunks_exact(2));
+        let mut out = [0.0; 4];
+        dispatch.add_rows(&mut out, pairs(), Some(&gates));
+        // t0: slot 1 (gate 0.25) row [10, 20], slot 0 (gate 0.5) row [50, 60];
+        // t1: slot 3 (gate 1) row [30, 40], slot 2 (gate 2) row [70, 80].
+        assert_eq!(out, [27.5, 35.0, 170.0, 200.0]);
+        let mut sum = [1.0; 4];
+        dispatch.add_rows(&mut sum, pairs(), None);
+        assert_eq!(sum, [61.0, 81.0, 101.0, 121.0]);
+        // The combine's backward: dy = gate * dout_row, d gate = dout_row . y.
+        let dout = [1.0, -1.0, 2.0, 0.5];
+        let mut dy = [0.0; 8];
+        let triples = order
+            .into_iter()
+            .zip(rows.chunks_exact(2))
+            .zip(dy.chunks_exact_mut(2))
+            .map(|((slot, y), dy)| (slot, y, dy));
+        let dgates = dispatch.gate_backward(triples, &dout, &gates);
+        assert_eq!(dgates, [-10.0, 80.0, -10.0, 180.0]);
+        assert_eq!(dy, [0.25, -0.25, 2.0, 0.5, 0.5, -0.5, 4.0, 1.0]);
+    }
+
+    #[test]
     fn groups_assignments_by_expert_in_token_order() {
         // Three tokens, top-2: t0 -> (2, 0), t1 -> (0, 3), t2 -> (2, 3); expert 1 idle.
         let dispatch = Dispatch::new(&[2, 0, 0, 3, 2, 3], 2, 4);
