@@ -301,8 +301,19 @@ fn default_bias_rate() -> f64 {
 /// Where training tokens come from. Exactly one source.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.builtin) != has(self.volume)")
-    .message("data needs exactly one source: builtin or volume"))]
+#[x_kube(
+    validation = Rule::new("has(self.builtin) != has(self.volume)")
+        .message("data needs exactly one source: builtin or volume"),
+    validation = Rule::new("self.tokenizer != 'pretokenized' || has(self.volume)")
+        .message("data.tokenizer pretokenized reads token files, which come from data.volume")
+        .field_path(".tokenizer"),
+    validation = Rule::new("!has(self.tokenBytes) || self.tokenizer == 'pretokenized'")
+        .message("data.tokenBytes is the width of pre-tokenized ids: it needs tokenizer: pretokenized")
+        .field_path(".tokenBytes"),
+    validation = Rule::new("!has(self.tokenBytes) || self.tokenBytes == 2 || self.tokenBytes == 4")
+        .message("data.tokenBytes must be 2 (uint16 ids) or 4 (uint32 ids)")
+        .field_path(".tokenBytes"),
+)]
 pub struct DataSpec {
     /// A corpus shipped inside the worker image (demos, tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,9 +321,15 @@ pub struct DataSpec {
     /// Token files on a PersistentVolumeClaim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeData>,
-    /// Tokenizer.
+    /// How the data becomes tokens: `byte` reads text, one token per byte;
+    /// `pretokenized` reads token ids (see [`Tokenizer`]).
     #[serde(default)]
     pub tokenizer: Tokenizer,
+    /// Bytes per token id in pre-tokenized files without a header: 2
+    /// (uint16, the default; vocabularies up to 65536) or 4 (uint32).
+    /// llm.c's files carry the width in their header, which must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_bytes: Option<i32>,
 }
 
 impl Default for DataSpec {
@@ -321,6 +338,7 @@ impl Default for DataSpec {
             builtin: Some(BuiltinData::default()),
             volume: None,
             tokenizer: Tokenizer::default(),
+            token_bytes: None,
         }
     }
 }
@@ -366,6 +384,13 @@ pub enum Tokenizer {
     /// One token per byte (vocabulary 256).
     #[default]
     Byte,
+    /// The files are token ids already, tokenized before training:
+    /// little-endian arrays as nanoGPT writes them (`tokenBytes` wide), or
+    /// llm.c's shards (a 1 KiB header: magic 20240520, version 1 for
+    /// uint16 or 2 for uint32 ids, the token count). Every id must be below
+    /// `model.vocabSize`. The job carries no tokenizer, so it cannot be
+    /// served from `fromTrainingJob`.
+    Pretokenized,
 }
 
 /// Optimisation settings.

@@ -21,7 +21,7 @@ use crate::dist::layout::{self, Layout};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistEnv, DistError, Solo};
 use crate::model::Parallel;
-use crate::settings::{DataSource, SettingsError, TrainSettings};
+use crate::settings::{SettingsError, TrainSettings};
 use crate::status::Progress;
 use crate::train::{StepReport, Trainer};
 
@@ -230,13 +230,9 @@ pub fn train_as(
         leader: dp.rank() == 0,
         timeouts,
     };
-    let corpus = data::load_corpus(&settings.data)?;
-    let tokens = tokenizer::encode(&corpus);
+    let tokens = data::load_tokens(&settings.data, settings.model.vocab)?;
     let unigram_entropy = tokenizer::unigram_entropy(&tokens);
-    let source = match &settings.data {
-        DataSource::Builtin(name) => format!("built-in corpus {name:?}"),
-        DataSource::Volume(path) => format!("data.volume {}", path.display()),
-    };
+    let source = data::describe(&settings.data);
     tracing::info!(
         job = %settings.job,
         data = %source,
@@ -742,6 +738,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunStat
         model_spec: &settings.model_spec,
         seed: settings.training.seed,
         data: trainer.data_position(),
+        tokenizer: settings.data.tokenizer(),
         initial_loss: run.initial_loss,
         loss: run.last_loss,
         model: trainer.model(),

@@ -8,7 +8,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use moe_crds::{ComputePrecision, Device, Fp8Recipe, ModelSpec, ResumePolicy, WorkerConfig};
+use moe_crds::{
+    ComputePrecision, Device, Fp8Recipe, ModelSpec, ResumePolicy, Tokenizer, WorkerConfig,
+};
 
 use crate::fp8;
 use crate::linear::GemmPrecision;
@@ -168,13 +170,31 @@ pub struct OptimizerSettings {
     pub grad_clip: f64,
 }
 
-/// Where training text comes from.
+/// Where training tokens come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSource {
-    /// A corpus built into the worker, by name.
+    /// A corpus built into the worker, by name (text, one token per byte).
     Builtin(String),
-    /// A file, or a directory whose files are read in name order.
+    /// Text: a file, or a directory whose files are read in name order,
+    /// one token per byte.
     Volume(PathBuf),
+    /// Token ids (`data.tokenizer: pretokenized`): a file or a directory
+    /// of them, as [`crate::data::tokens`] reads them; `token_bytes` is
+    /// `data.tokenBytes` when set.
+    Tokens {
+        path: PathBuf,
+        token_bytes: Option<usize>,
+    },
+}
+
+impl DataSource {
+    /// How this source's data becomes tokens.
+    pub fn tokenizer(&self) -> Tokenizer {
+        match self {
+            Self::Builtin(_) | Self::Volume(_) => Tokenizer::Byte,
+            Self::Tokens { .. } => Tokenizer::Pretokenized,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,6 +465,12 @@ fn optimizer_settings(
 
 fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
     match (&config.data.builtin, &config.data.volume) {
+        (Some(_), None) if config.data.tokenizer == Tokenizer::Pretokenized => {
+            Err(SettingsError::new(
+                "data.tokenizer",
+                "is pretokenized, which reads token files from data.volume; the built-in corpus is text",
+            ))
+        }
         (Some(builtin), None) => Ok(DataSource::Builtin(builtin.corpus.clone())),
         (None, Some(volume)) => {
             let dir = config.data_dir.as_deref().ok_or_else(|| {
@@ -454,8 +480,25 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
                 )
             })?;
             // The path is inside the claim even when written with a leading '/'.
-            let inside = volume.path.trim_start_matches('/');
-            Ok(DataSource::Volume(Path::new(dir).join(inside)))
+            let path = Path::new(dir).join(volume.path.trim_start_matches('/'));
+            match config.data.tokenizer {
+                Tokenizer::Byte => Ok(DataSource::Volume(path)),
+                Tokenizer::Pretokenized => {
+                    let token_bytes = match config.data.token_bytes {
+                        None => None,
+                        Some(width @ (2 | 4)) => Some(width as usize),
+                        Some(width) => {
+                            return Err(SettingsError::new(
+                                "data.tokenBytes",
+                                format!(
+                                    "is {width}; token ids are 2 (uint16) or 4 (uint32) bytes wide"
+                                ),
+                            ));
+                        }
+                    };
+                    Ok(DataSource::Tokens { path, token_bytes })
+                }
+            }
         }
         _ => Err(SettingsError::new(
             "data",
@@ -505,6 +548,37 @@ mod tests {
             Err(SettingsError::Invalid { field, problem }) => (field, problem),
             other => panic!("expected a refusal naming a field, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_tokenizer_decides_how_a_volume_is_read() {
+        let volume = |tokenizer: &str, bytes: Option<i32>| {
+            config(|c| {
+                c["data"] = json!({"volume": {"claimName": "d", "path": "/shards"},
+                                   "tokenizer": tokenizer, "tokenBytes": bytes});
+                c["dataDir"] = "/data".into();
+            })
+        };
+        let text = TrainSettings::from_config(&volume("byte", None)).unwrap();
+        assert_eq!(text.data, DataSource::Volume("/data/shards".into()));
+        assert_eq!(text.data.tokenizer(), Tokenizer::Byte);
+        let ids = TrainSettings::from_config(&volume("pretokenized", Some(4))).unwrap();
+        assert_eq!(
+            ids.data,
+            DataSource::Tokens {
+                path: "/data/shards".into(),
+                token_bytes: Some(4)
+            }
+        );
+        assert_eq!(ids.data.tokenizer(), Tokenizer::Pretokenized);
+        let (field, problem) = refusal(|c| c["data"]["tokenizer"] = "pretokenized".into());
+        assert_eq!(field, "data.tokenizer");
+        assert!(problem.contains("data.volume"), "{problem}");
+        let odd = TrainSettings::from_config(&volume("pretokenized", Some(3)));
+        assert!(
+            matches!(odd, Err(SettingsError::Invalid { ref field, .. }) if field == "data.tokenBytes"),
+            "{odd:?}"
+        );
     }
 
     #[test]

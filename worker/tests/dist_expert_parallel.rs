@@ -8,7 +8,7 @@
 
 mod dist_support;
 
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::dist::expert_parallel::{ExpertParallel, is_expert_tensor};
 use moe_worker::dist::layout::Layout;
 use moe_worker::dist::{Collective, TcpCollective};
@@ -287,7 +287,7 @@ fn trainer(settings: &TrainSettings) -> Trainer {
 /// A trainer holding only routed experts `experts`, as a rank of an
 /// expert-parallel group does.
 fn trainer_with_experts(settings: &TrainSettings, experts: std::ops::Range<usize>) -> Trainer {
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
+    let tokens = load_tokens(&settings.data, settings.model.vocab).expect("built-in corpus");
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,

@@ -8,7 +8,7 @@
 
 mod dist_support;
 
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::dist::expert_parallel::{ExpertParallel, is_expert_tensor};
 use moe_worker::dist::layout::{Layout, make_groups};
 use moe_worker::dist::sequence_parallel::{SequenceParallel, slice_sequences};
@@ -149,7 +149,7 @@ fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> Tr
 /// A trainer holding routed experts `experts` (all of them, or an
 /// expert-parallel rank's own).
 fn trainer(settings: &TrainSettings, experts: std::ops::Range<usize>) -> Trainer {
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
+    let tokens = load_tokens(&settings.data, settings.model.vocab).expect("built-in corpus");
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,

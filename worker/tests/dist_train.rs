@@ -5,7 +5,7 @@
 mod dist_support;
 
 use dist_support::world;
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::settings::{TrainSettings, parse_worker_config};
 use moe_worker::train::{StepReport, Trainer};
 use serde_json::json;
@@ -53,7 +53,7 @@ fn settings_in(
 }
 
 fn trainer(settings: &TrainSettings) -> Trainer {
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).expect("built-in corpus"));
+    let tokens = load_tokens(&settings.data, settings.model.vocab).expect("built-in corpus");
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,

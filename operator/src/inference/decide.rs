@@ -122,6 +122,15 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             ),
         };
     };
+    if job.spec.data.tokenizer == moe_crds::Tokenizer::Pretokenized {
+        return ModelState::Broken {
+            reason: reason::MODEL_INCOMPATIBLE,
+            message: format!(
+                "MoETrainingJob {} trained on pre-tokenized data (spec.data.tokenizer: pretokenized): its checkpoints carry no tokenizer, so a server could turn neither prompts into its token ids nor its ids into text",
+                from.name
+            ),
+        };
+    }
     let experts = job.spec.model.moe.experts;
     let ep = svc.spec.parallelism.expert_parallel;
     // checked_rem: a zero from an object that bypassed the schema must not panic.
@@ -617,6 +626,16 @@ mod tests {
                 ..
             }
         ));
+        let mut pretokenized = job(Some("Succeeded"), Some("c"));
+        pretokenized.spec.data.tokenizer = moe_crds::Tokenizer::Pretokenized;
+        let ModelState::Broken { reason, message } = resolve_model(&s, Some(&pretokenized)) else {
+            panic!("a job without a tokenizer is not servable")
+        };
+        assert_eq!(reason, reason::MODEL_INCOMPATIBLE);
+        assert!(
+            message.contains("spec.data.tokenizer: pretokenized"),
+            "{message}"
+        );
         let s16 = svc(
             json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}},
                                       "parallelism": {"processesPerPod": 16, "expertParallel": 16}}}),

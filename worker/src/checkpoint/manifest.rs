@@ -4,9 +4,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use moe_crds::ModelSpec;
+use moe_crds::{ModelSpec, Tokenizer};
 
 use crate::data::DataPosition;
+
+fn is_byte(tokenizer: &Tokenizer) -> bool {
+    *tokenizer == Tokenizer::Byte
+}
 
 /// Bumped whenever the layout of the directory or of its tensors changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -24,6 +28,11 @@ pub struct Manifest {
     pub seed: u64,
     /// Where the data stream stands, including its generator state.
     pub data: DataPosition,
+    /// How the training data became tokens; absent for the byte tokenizer
+    /// (manifests from before the field). A server refuses a checkpoint
+    /// trained on pre-tokenized ids: it has no tokenizer for them.
+    #[serde(default, skip_serializing_if = "is_byte")]
+    pub tokenizer: Tokenizer,
     /// Loss of the run's first step, so a resumed run's summary still compares against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_loss: Option<f64>,

@@ -28,7 +28,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use moe_crds::ModelSpec;
+use moe_crds::{ModelSpec, Tokenizer};
 
 use crate::data::DataPosition;
 use crate::model::{Model, ModelConfig};
@@ -92,6 +92,7 @@ pub struct Snapshot<'a> {
     pub model_spec: &'a ModelSpec,
     pub seed: u64,
     pub data: DataPosition,
+    pub tokenizer: Tokenizer,
     pub initial_loss: Option<f64>,
     pub loss: Option<f64>,
     pub model: &'a Model<f32>,
@@ -205,6 +206,7 @@ pub fn commit(
         model: snapshot.model_spec.clone(),
         seed: snapshot.seed,
         data: snapshot.data,
+        tokenizer: snapshot.tokenizer,
         initial_loss: snapshot.initial_loss,
         loss: snapshot.loss,
         state_file: STATE.to_owned(),

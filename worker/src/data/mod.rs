@@ -1,9 +1,11 @@
-//! Training data: the corpus (built in or from a volume), the byte-level
-//! tokenizer, and a seeded, resumable stream of training windows.
+//! Training data: the corpus (built in or from a volume; text through the
+//! byte-level tokenizer, or token ids tokenized beforehand), and a seeded,
+//! resumable stream of training windows.
 
 pub mod loader;
 pub mod tiny;
 pub mod tokenizer;
+pub mod tokens;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,18 @@ pub enum DataError {
         tokens: usize,
         needed: usize,
     },
+    /// A pre-tokenized file that is not token ids as expected.
+    TokenFile {
+        path: PathBuf,
+        error: tokens::TokenFileError,
+    },
+    /// A token id the model has no embedding row for.
+    OutOfVocabulary {
+        source: String,
+        position: usize,
+        token: u32,
+        vocab: usize,
+    },
 }
 
 impl fmt::Display for DataError {
@@ -46,32 +60,91 @@ impl fmt::Display for DataError {
                 f,
                 "{source} has {tokens} tokens, fewer than one training window of seqLen + 1 = {needed}"
             ),
+            Self::TokenFile { path, error } => {
+                write!(f, "data.volume: {} {error}", path.display())
+            }
+            Self::OutOfVocabulary {
+                source,
+                position,
+                token,
+                vocab,
+            } => write!(
+                f,
+                "{source}: token {position} is id {token}, but model.vocabSize is {vocab} (ids 0..{vocab}): \
+                 raise model.vocabSize to the tokenizer's vocabulary"
+            ),
         }
     }
 }
 
 impl std::error::Error for DataError {}
 
-/// The raw bytes of the configured source.
-pub fn load_corpus(source: &DataSource) -> Result<Vec<u8>, DataError> {
+/// The training tokens of the configured source, each checked to be below
+/// `vocab`: text through the byte-level tokenizer, or token ids as stored.
+pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataError> {
+    let tokens = match source {
+        DataSource::Builtin(name) if name == "tiny" => tokenizer::encode(&tiny::corpus()),
+        DataSource::Builtin(name) => return Err(DataError::UnknownCorpus(name.clone())),
+        DataSource::Volume(path) => {
+            let mut bytes = Vec::new();
+            for file in volume_files(path)? {
+                bytes.extend(read(&file)?);
+            }
+            tokenizer::encode(&bytes)
+        }
+        DataSource::Tokens { path, token_bytes } => {
+            let mut ids = Vec::new();
+            for file in volume_files(path)? {
+                let parsed = tokens::parse(&read(&file)?, *token_bytes)
+                    .map_err(|error| DataError::TokenFile { path: file, error })?;
+                ids.extend(parsed);
+            }
+            ids
+        }
+    };
+    if let Some((position, &token)) = tokens
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t as usize >= vocab)
+    {
+        return Err(DataError::OutOfVocabulary {
+            source: describe(source),
+            position,
+            token,
+            vocab,
+        });
+    }
+    Ok(tokens)
+}
+
+/// The source as logs and errors name it.
+pub fn describe(source: &DataSource) -> String {
     match source {
-        DataSource::Builtin(name) if name == "tiny" => Ok(tiny::corpus()),
-        DataSource::Builtin(name) => Err(DataError::UnknownCorpus(name.clone())),
-        DataSource::Volume(path) => read_volume(path),
+        DataSource::Builtin(name) => format!("built-in corpus {name:?}"),
+        DataSource::Volume(path) => format!("data.volume {}", path.display()),
+        DataSource::Tokens { path, .. } => {
+            format!("data.volume {} (pre-tokenized)", path.display())
+        }
     }
 }
 
-/// A file's bytes, or the bytes of every file under a directory
-/// (recursively, in path order so the corpus does not depend on the
-/// file system's listing order).
-fn read_volume(path: &Path) -> Result<Vec<u8>, DataError> {
+fn read(file: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(file).map_err(|error| DataError::Unreadable {
+        path: file.to_path_buf(),
+        error,
+    })
+}
+
+/// The file itself, or every file under a directory (recursively, in path
+/// order, so the corpus does not depend on the file system's listing order).
+fn volume_files(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     let unreadable = |path: &Path| {
         let path = path.to_path_buf();
         move |error| DataError::Unreadable { path, error }
     };
     let metadata = std::fs::metadata(path).map_err(unreadable(path))?;
     if !metadata.is_dir() {
-        return std::fs::read(path).map_err(unreadable(path));
+        return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
     let mut pending = vec![path.to_path_buf()];
@@ -87,9 +160,5 @@ fn read_volume(path: &Path) -> Result<Vec<u8>, DataError> {
         }
     }
     files.sort();
-    let mut bytes = Vec::new();
-    for file in files {
-        bytes.extend(std::fs::read(&file).map_err(unreadable(&file))?);
-    }
-    Ok(bytes)
+    Ok(files)
 }

@@ -16,12 +16,12 @@ pub fn decode(tokens: &[u32]) -> Option<Vec<u8>> {
 /// Entropy of the token frequencies, in nats: the loss of the best model
 /// that ignores context, so a trained model must end below it to have
 /// learned anything beyond frequencies. Divide by `ln 2` for bits.
+/// Any ids count, not only the byte tokenizer's (pre-tokenized data).
 pub fn unigram_entropy(tokens: &[u32]) -> f64 {
-    let mut counts = vec![0usize; VOCAB];
+    let ids = tokens.iter().max().map_or(0, |&max| max as usize + 1);
+    let mut counts = vec![0usize; ids];
     for &t in tokens {
-        if let Some(c) = counts.get_mut(t as usize) {
-            *c += 1;
-        }
+        counts[t as usize] += 1;
     }
     let total = counts.iter().sum::<usize>() as f64;
     counts
@@ -54,5 +54,9 @@ mod tests {
         let h = unigram_entropy(&[1, 2, 3, 4, 4, 3, 2, 1]);
         assert!((h - 4f64.ln()).abs() < 1e-12);
         assert!((h / std::f64::consts::LN_2 - 2.0).abs() < 1e-12);
+        // Ids past the bytes' 256 count too.
+        let h = unigram_entropy(&[50000, 70000, 50000, 70000]);
+        assert!((h - 2f64.ln()).abs() < 1e-12);
+        assert_eq!(unigram_entropy(&[]), 0.0);
     }
 }

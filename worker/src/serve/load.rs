@@ -359,6 +359,15 @@ fn read_manifest(path: &Path) -> Result<(Manifest, ModelConfig), LoadError> {
 /// holding `experts`, when it is sharded).
 fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel, LoadError> {
     let (manifest, config) = read_manifest(path)?;
+    if manifest.tokenizer == moe_crds::Tokenizer::Pretokenized {
+        return Err(LoadError::InvalidModel {
+            path: path.to_path_buf(),
+            problem: "was trained on pre-tokenized data (data.tokenizer: pretokenized): its token \
+                      ids came from a tokenizer the checkpoint does not carry, so the server could \
+                      turn neither prompts into them nor them into text"
+                .into(),
+        });
+    }
     let n_experts = config.moe.n_routed_experts;
     let experts = experts.unwrap_or(0..n_experts);
     if experts.start > experts.end || experts.end > n_experts {

@@ -116,6 +116,7 @@ pub fn snapshot<'a>(
             sequences: 0,
             rng_state: 0,
         },
+        tokenizer: moe_crds::Tokenizer::Byte,
         initial_loss: None,
         loss: None,
         model,

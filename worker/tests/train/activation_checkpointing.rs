@@ -1,7 +1,7 @@
 //! Activation checkpointing (`training.activationCheckpointing`): the same
 //! losses and weights bit for bit, and fewer activation bytes held.
 
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::linear::GemmPrecision;
 use moe_worker::model::{ActivationMemory, Model, ModelConfig};
 use moe_worker::moe::{MoeConfig, ScoreFunction};
@@ -15,7 +15,7 @@ use crate::{config_json, scratch_dir, worker_config};
 /// Trains `steps` steps; returns each step's (loss, grad norm) and the final weights' bits.
 fn train(config: &Value, steps: usize) -> (Vec<(f64, f64)>, Vec<Vec<u32>>) {
     let settings = TrainSettings::from_config(&worker_config(config)).unwrap();
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).unwrap());
+    let tokens = load_tokens(&settings.data, settings.model.vocab).unwrap();
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,

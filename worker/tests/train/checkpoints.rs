@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use moe_worker::checkpoint::{self, Snapshot};
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::run::{self, RunError};
 use moe_worker::settings::TrainSettings;
 use moe_worker::train::Trainer;
@@ -43,7 +43,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
     let resumed_dir = scratch_dir("resume-split");
     let config = config_json(&resumed_dir);
     let settings = TrainSettings::from_config(&worker_config(&config)).unwrap();
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).unwrap());
+    let tokens = load_tokens(&settings.data, settings.model.vocab).unwrap();
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,
@@ -59,6 +59,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
         model_spec: &settings.model_spec,
         seed: settings.training.seed,
         data: trainer.data_position(),
+        tokenizer: moe_crds::Tokenizer::Byte,
         initial_loss: None,
         loss: None,
         model: trainer.model(),
@@ -189,7 +190,7 @@ fn resume_never_starts_over_and_keep_bounds_the_checkpoints() {
 }
 
 fn loader(settings: &TrainSettings) -> DataLoader {
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).unwrap());
+    let tokens = load_tokens(&settings.data, settings.model.vocab).unwrap();
     DataLoader::new(
         tokens,
         settings.model.seq_len,
@@ -204,6 +205,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer) -> Snapshot<'
         model_spec: &settings.model_spec,
         seed: settings.training.seed,
         data: trainer.data_position(),
+        tokenizer: moe_crds::Tokenizer::Byte,
         initial_loss: None,
         loss: None,
         model: trainer.model(),

@@ -227,6 +227,87 @@ fn a_run_on_a_data_volume_prints_a_summary_and_writes_metrics() {
     assert_eq!(lines[1]["expertLoadMean"], 64.0);
 }
 
+/// llm.c's shard format: a header of 256 little-endian int32 (magic,
+/// version 1 for uint16 ids, the count), then the ids.
+fn llm_c_shard(ids: &[u16]) -> Vec<u8> {
+    let mut header = [0i32; 256];
+    header[..3].copy_from_slice(&[20240520, 1, ids.len() as i32]);
+    let mut bytes: Vec<u8> = header.iter().flat_map(|h| h.to_le_bytes()).collect();
+    bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
+    bytes
+}
+
+#[test]
+fn a_run_on_pre_tokenized_shards_learns_ids_past_the_bytes() {
+    let dir = scratch_dir("cli-pretokenized");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // A cycle of 12 ids, most of them beyond a byte's 256, over two shards.
+    let cycle: [u16; 12] = [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 5, 260];
+    let ids: Vec<u16> = cycle.iter().copied().cycle().take(12 * 120).collect();
+    let (first, second) = ids.split_at(12 * 50);
+    std::fs::write(data.join("shard-000.bin"), llm_c_shard(first)).unwrap();
+    std::fs::write(data.join("shard-001.bin"), llm_c_shard(second)).unwrap();
+    let mut config = config_json(&dir);
+    config["data"] = serde_json::json!({"volume": {"claimName": "data", "path": ""},
+                                        "tokenizer": "pretokenized"});
+    config["dataDir"] = data.to_str().unwrap().into();
+    config["model"]["vocabSize"] = 320.into();
+    config["training"]["steps"] = 30.into();
+    let output = run(&dir, &config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Twelve ids, equally frequent: the counts include those past 255.
+    let entropy = summary["unigramEntropy"].as_f64().unwrap();
+    assert!((entropy - 12f64.ln()).abs() < 1e-9, "{summary}");
+    let (initial, last) = (
+        summary["initialLoss"].as_f64().unwrap(),
+        summary["finalLoss"].as_f64().unwrap(),
+    );
+    assert!(last < 0.5 * initial, "did not learn the cycle: {summary}");
+    assert!(stderr.contains("(pre-tokenized)"), "{stderr}");
+    let checkpoint = summary["checkpoint"].as_str().unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(checkpoint).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["tokenizer"], "pretokenized");
+
+    // A server has no tokenizer for these ids, and says so (rather than
+    // serving: a server that started is stopped and fails the test).
+    let mut server = Command::new(BINARY)
+        .args(["serve", "--port", "0", "--model", checkpoint])
+        .env("MOE_STATUS_ADDR", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let served = server.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&served.stderr);
+    assert!(
+        served.status.code().is_some_and(|code| code != 0),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pre-tokenized data"), "{stderr}");
+
+    // An id the model has no embedding for is refused, naming where it is.
+    let refused = rejected("cli-pretokenized-vocab", |c| {
+        c["data"] = config["data"].clone();
+        c["dataDir"] = config["dataDir"].clone();
+        c["model"]["vocabSize"] = 300.into();
+    });
+    assert!(
+        refused.contains("token 0 is id 300, but model.vocabSize is 300"),
+        "{refused}"
+    );
+}
+
 #[test]
 fn sigterm_checkpoints_and_exits_zero() {
     let dir = scratch_dir("sigterm");

@@ -2,7 +2,7 @@
 //! operands rounded to bf16) against f32 training of the same model on the
 //! same data, and the f32 path left untouched by either.
 
-use moe_worker::data::{DataLoader, load_corpus, tokenizer};
+use moe_worker::data::{DataLoader, load_tokens};
 use moe_worker::fp8::Fp8Recipe;
 use moe_worker::linear::GemmPrecision;
 use moe_worker::model::ModelConfig;
@@ -18,7 +18,7 @@ fn settings(config: &Value) -> Result<TrainSettings, SettingsError> {
 
 /// The loss of each of `steps` optimizer steps of `model` trained as `settings` say.
 fn losses(settings: &TrainSettings, model: ModelConfig, steps: usize) -> Vec<f64> {
-    let tokens = tokenizer::encode(&load_corpus(&settings.data).unwrap());
+    let tokens = load_tokens(&settings.data, settings.model.vocab).unwrap();
     let loader = DataLoader::new(tokens, model.seq_len, settings.training.seed, "tiny").unwrap();
     let mut trainer = Trainer::new(model, settings.training.clone(), loader);
     (0..steps)
