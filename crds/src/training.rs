@@ -313,6 +313,12 @@ fn default_bias_rate() -> f64 {
     validation = Rule::new("!has(self.tokenBytes) || self.tokenBytes == 2 || self.tokenBytes == 4")
         .message("data.tokenBytes must be 2 (uint16 ids) or 4 (uint32 ids)")
         .field_path(".tokenBytes"),
+    validation = Rule::new("self.tokenizer != 'huggingface' || has(self.tokenizerFile)")
+        .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume")
+        .field_path(".tokenizer"),
+    validation = Rule::new("!has(self.tokenizerFile) || (has(self.volume) && self.tokenizer != 'byte')")
+        .message("data.tokenizerFile is a tokenizer.json in data.volume, for tokenizer huggingface (text) or pretokenized (the ids it produced)")
+        .field_path(".tokenizerFile"),
 )]
 pub struct DataSpec {
     /// A corpus shipped inside the worker image (demos, tests).
@@ -330,6 +336,13 @@ pub struct DataSpec {
     /// llm.c's files carry the width in their header, which must agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_bytes: Option<i32>,
+    /// A Hugging Face `tokenizer.json`, by its path inside `data.volume`'s
+    /// claim: what `tokenizer: huggingface` tokenizes the text with, or what
+    /// produced `pretokenized` ids. Each checkpoint keeps a copy, so the
+    /// model can be served with it. Never read as training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub tokenizer_file: Option<String>,
 }
 
 impl Default for DataSpec {
@@ -339,6 +352,7 @@ impl Default for DataSpec {
             volume: None,
             tokenizer: Tokenizer::default(),
             token_bytes: None,
+            tokenizer_file: None,
         }
     }
 }
@@ -388,9 +402,13 @@ pub enum Tokenizer {
     /// little-endian arrays as nanoGPT writes them (`tokenBytes` wide), or
     /// llm.c's shards (a 1 KiB header: magic 20240520, version 1 for
     /// uint16 or 2 for uint32 ids, the token count). Every id must be below
-    /// `model.vocabSize`. The job carries no tokenizer, so it cannot be
-    /// served from `fromTrainingJob`.
+    /// `model.vocabSize`. Without `tokenizerFile` the job carries no
+    /// tokenizer, so it cannot be served.
     Pretokenized,
+    /// Text through a Hugging Face tokenizer (`tokenizerFile`), each file a
+    /// document with the special tokens the tokenizer adds (as a served
+    /// prompt gets them); every id must be below `model.vocabSize`.
+    Huggingface,
 }
 
 /// Optimisation settings.

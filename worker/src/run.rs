@@ -739,6 +739,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunStat
         seed: settings.training.seed,
         data: trainer.data_position(),
         tokenizer: settings.data.tokenizer(),
+        tokenizer_file: settings.data.tokenizer_file(),
         initial_loss: run.initial_loss,
         loss: run.last_loss,
         model: trainer.model(),

@@ -180,10 +180,18 @@ pub enum DataSource {
     Volume(PathBuf),
     /// Token ids (`data.tokenizer: pretokenized`): a file or a directory
     /// of them, as [`crate::data::tokens`] reads them; `token_bytes` is
-    /// `data.tokenBytes` when set.
+    /// `data.tokenBytes` when set, `tokenizer_file` the tokenizer that
+    /// produced them, when given.
     Tokens {
         path: PathBuf,
         token_bytes: Option<usize>,
+        tokenizer_file: Option<PathBuf>,
+    },
+    /// Text through the Hugging Face tokenizer in `tokenizer_file`
+    /// (`data.tokenizer: huggingface`), file by file.
+    HuggingFace {
+        path: PathBuf,
+        tokenizer_file: PathBuf,
     },
 }
 
@@ -193,6 +201,17 @@ impl DataSource {
         match self {
             Self::Builtin(_) | Self::Volume(_) => Tokenizer::Byte,
             Self::Tokens { .. } => Tokenizer::Pretokenized,
+            Self::HuggingFace { .. } => Tokenizer::Huggingface,
+        }
+    }
+
+    /// The `tokenizer.json` the tokens come from, when there is one: each
+    /// checkpoint keeps a copy, for serving.
+    pub fn tokenizer_file(&self) -> Option<&Path> {
+        match self {
+            Self::Tokens { tokenizer_file, .. } => tokenizer_file.as_deref(),
+            Self::HuggingFace { tokenizer_file, .. } => Some(tokenizer_file),
+            Self::Builtin(_) | Self::Volume(_) => None,
         }
     }
 }
@@ -465,12 +484,10 @@ fn optimizer_settings(
 
 fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
     match (&config.data.builtin, &config.data.volume) {
-        (Some(_), None) if config.data.tokenizer == Tokenizer::Pretokenized => {
-            Err(SettingsError::new(
-                "data.tokenizer",
-                "is pretokenized, which reads token files from data.volume; the built-in corpus is text",
-            ))
-        }
+        (Some(_), None) if config.data.tokenizer != Tokenizer::Byte => Err(SettingsError::new(
+            "data.tokenizer",
+            "reads its files from data.volume; the built-in corpus is byte text",
+        )),
         (Some(builtin), None) => Ok(DataSource::Builtin(builtin.corpus.clone())),
         (None, Some(volume)) => {
             let dir = config.data_dir.as_deref().ok_or_else(|| {
@@ -479,10 +496,25 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
                     "is not set, but data.volume needs the directory the claim is mounted at",
                 )
             })?;
-            // The path is inside the claim even when written with a leading '/'.
-            let path = Path::new(dir).join(volume.path.trim_start_matches('/'));
+            // Paths are inside the claim even when written with a leading '/'.
+            let inside = |path: &str| Path::new(dir).join(path.trim_start_matches('/'));
+            let path = inside(&volume.path);
+            let tokenizer_file = config.data.tokenizer_file.as_deref().map(inside);
             match config.data.tokenizer {
+                Tokenizer::Byte if tokenizer_file.is_some() => Err(SettingsError::new(
+                    "data.tokenizerFile",
+                    "is for tokenizer huggingface or pretokenized, not byte text",
+                )),
                 Tokenizer::Byte => Ok(DataSource::Volume(path)),
+                Tokenizer::Huggingface => Ok(DataSource::HuggingFace {
+                    path,
+                    tokenizer_file: tokenizer_file.ok_or_else(|| {
+                        SettingsError::new(
+                            "data.tokenizerFile",
+                            "is not set, but tokenizer huggingface needs its tokenizer.json",
+                        )
+                    })?,
+                }),
                 Tokenizer::Pretokenized => {
                     let token_bytes = match config.data.token_bytes {
                         None => None,
@@ -496,7 +528,11 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
                             ));
                         }
                     };
-                    Ok(DataSource::Tokens { path, token_bytes })
+                    Ok(DataSource::Tokens {
+                        path,
+                        token_bytes,
+                        tokenizer_file,
+                    })
                 }
             }
         }
@@ -567,8 +603,26 @@ mod tests {
             ids.data,
             DataSource::Tokens {
                 path: "/data/shards".into(),
-                token_bytes: Some(4)
+                token_bytes: Some(4),
+                tokenizer_file: None,
             }
+        );
+        let hf = TrainSettings::from_config(&config(|c| {
+            c["data"] = json!({"volume": {"claimName": "d", "path": "text"},
+                               "tokenizer": "huggingface", "tokenizerFile": "/tok/tokenizer.json"});
+            c["dataDir"] = "/data".into();
+        }))
+        .unwrap();
+        assert_eq!(
+            hf.data,
+            DataSource::HuggingFace {
+                path: "/data/text".into(),
+                tokenizer_file: "/data/tok/tokenizer.json".into(),
+            }
+        );
+        assert_eq!(
+            hf.data.tokenizer_file(),
+            Some(Path::new("/data/tok/tokenizer.json"))
         );
         assert_eq!(ids.data.tokenizer(), Tokenizer::Pretokenized);
         let (field, problem) = refusal(|c| c["data"]["tokenizer"] = "pretokenized".into());

@@ -122,11 +122,13 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             ),
         };
     };
-    if job.spec.data.tokenizer == moe_crds::Tokenizer::Pretokenized {
+    if job.spec.data.tokenizer == moe_crds::Tokenizer::Pretokenized
+        && job.spec.data.tokenizer_file.is_none()
+    {
         return ModelState::Broken {
             reason: reason::MODEL_INCOMPATIBLE,
             message: format!(
-                "MoETrainingJob {} trained on pre-tokenized data (spec.data.tokenizer: pretokenized): its checkpoints carry no tokenizer, so a server could turn neither prompts into its token ids nor its ids into text",
+                "MoETrainingJob {} trained on pre-tokenized data (spec.data.tokenizer: pretokenized) without spec.data.tokenizerFile: its checkpoints carry no tokenizer, so a server could turn neither prompts into its token ids nor its ids into text",
                 from.name
             ),
         };
@@ -636,6 +638,12 @@ mod tests {
             message.contains("spec.data.tokenizer: pretokenized"),
             "{message}"
         );
+        // Named, the tokenizer travels with the checkpoints.
+        pretokenized.spec.data.tokenizer_file = Some("gpt2/tokenizer.json".into());
+        assert!(matches!(
+            resolve_model(&s, Some(&pretokenized)),
+            ModelState::Ready(_)
+        ));
         let s16 = svc(
             json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}},
                                       "parallelism": {"processesPerPod": 16, "expertParallel": 16}}}),

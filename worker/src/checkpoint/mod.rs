@@ -37,6 +37,9 @@ use crate::train::{AdamW, TrainerState};
 pub use manifest::{ExpertShard, FORMAT_VERSION, Manifest};
 
 const MANIFEST: &str = "manifest.json";
+/// The Hugging Face tokenizer the run's tokens came from, copied in (when
+/// the run has one) so the checkpoint can be served on its own.
+pub const TOKENIZER: &str = "tokenizer.json";
 const STATE: &str = "state.safetensors";
 const PREFIX: &str = "step-";
 const TEMPORARY_PREFIX: &str = ".tmp-";
@@ -93,6 +96,8 @@ pub struct Snapshot<'a> {
     pub seed: u64,
     pub data: DataPosition,
     pub tokenizer: Tokenizer,
+    /// The run's `tokenizer.json`, when it has one ([`TOKENIZER`]).
+    pub tokenizer_file: Option<&'a Path>,
     pub initial_loss: Option<f64>,
     pub loss: Option<f64>,
     pub model: &'a Model<f32>,
@@ -200,6 +205,10 @@ pub fn commit(
     )
     .map_err(corrupt)?;
     write_synced(&temporary.join(STATE), &state)?;
+    if let Some(tokenizer) = snapshot.tokenizer_file {
+        let bytes = fs::read(tokenizer).map_err(io(tokenizer))?;
+        write_synced(&temporary.join(TOKENIZER), &bytes)?;
+    }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         step,

@@ -1,6 +1,6 @@
 //! Training data: the corpus (built in or from a volume; text through the
-//! byte-level tokenizer, or token ids tokenized beforehand), and a seeded,
-//! resumable stream of training windows.
+//! byte-level tokenizer or a Hugging Face one, or token ids tokenized
+//! beforehand), and a seeded, resumable stream of training windows.
 
 pub mod loader;
 pub mod tiny;
@@ -33,6 +33,11 @@ pub enum DataError {
         path: PathBuf,
         error: tokens::TokenFileError,
     },
+    /// The Hugging Face tokenizer could not be read, or not applied.
+    Tokenizer {
+        path: PathBuf,
+        problem: String,
+    },
     /// A token id the model has no embedding row for.
     OutOfVocabulary {
         source: String,
@@ -63,6 +68,9 @@ impl fmt::Display for DataError {
             Self::TokenFile { path, error } => {
                 write!(f, "data.volume: {} {error}", path.display())
             }
+            Self::Tokenizer { path, problem } => {
+                write!(f, "data.tokenizerFile: {}: {problem}", path.display())
+            }
             Self::OutOfVocabulary {
                 source,
                 position,
@@ -92,12 +100,39 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataEr
             }
             tokenizer::encode(&bytes)
         }
-        DataSource::Tokens { path, token_bytes } => {
+        DataSource::Tokens {
+            path,
+            token_bytes,
+            tokenizer_file,
+        } => {
             let mut ids = Vec::new();
-            for file in volume_files(path)? {
+            for file in data_files(path, tokenizer_file.as_deref())? {
                 let parsed = tokens::parse(&read(&file)?, *token_bytes)
                     .map_err(|error| DataError::TokenFile { path: file, error })?;
                 ids.extend(parsed);
+            }
+            ids
+        }
+        DataSource::HuggingFace {
+            path,
+            tokenizer_file,
+        } => {
+            let problem = |problem: String| DataError::Tokenizer {
+                path: tokenizer_file.clone(),
+                problem,
+            };
+            let hf = tokenizers::Tokenizer::from_file(tokenizer_file)
+                .map_err(|e| problem(format!("not a tokenizer.json: {e}")))?;
+            let mut ids = Vec::new();
+            for file in data_files(path, Some(tokenizer_file))? {
+                let text = String::from_utf8(read(&file)?)
+                    .map_err(|_| problem(format!("{} is not UTF-8 text", file.display())))?;
+                // Each file a document, with the special tokens (a BOS) the
+                // tokenizer adds to it as the server adds them to a prompt.
+                let encoding = hf
+                    .encode(text, true)
+                    .map_err(|e| problem(format!("tokenizing {}: {e}", file.display())))?;
+                ids.extend_from_slice(encoding.get_ids());
             }
             ids
         }
@@ -125,6 +160,14 @@ pub fn describe(source: &DataSource) -> String {
         DataSource::Tokens { path, .. } => {
             format!("data.volume {} (pre-tokenized)", path.display())
         }
+        DataSource::HuggingFace {
+            path,
+            tokenizer_file,
+        } => format!(
+            "data.volume {} (tokenized by {})",
+            path.display(),
+            tokenizer_file.display()
+        ),
     }
 }
 
@@ -133,6 +176,16 @@ fn read(file: &Path) -> Result<Vec<u8>, DataError> {
         path: file.to_path_buf(),
         error,
     })
+}
+
+/// [`volume_files`] without the tokenizer's own file, which may lie among
+/// the data.
+fn data_files(path: &Path, tokenizer_file: Option<&Path>) -> Result<Vec<PathBuf>, DataError> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let skip = tokenizer_file.map(canonical);
+    let mut files = volume_files(path)?;
+    files.retain(|file| Some(canonical(file)) != skip);
+    Ok(files)
 }
 
 /// The file itself, or every file under a directory (recursively, in path

@@ -359,15 +359,7 @@ fn read_manifest(path: &Path) -> Result<(Manifest, ModelConfig), LoadError> {
 /// holding `experts`, when it is sharded).
 fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel, LoadError> {
     let (manifest, config) = read_manifest(path)?;
-    if manifest.tokenizer == moe_crds::Tokenizer::Pretokenized {
-        return Err(LoadError::InvalidModel {
-            path: path.to_path_buf(),
-            problem: "was trained on pre-tokenized data (data.tokenizer: pretokenized): its token \
-                      ids came from a tokenizer the checkpoint does not carry, so the server could \
-                      turn neither prompts into them nor them into text"
-                .into(),
-        });
-    }
+    let tokenizer = native_tokenizer(path, &manifest)?;
     let n_experts = config.moe.n_routed_experts;
     let experts = experts.unwrap_or(0..n_experts);
     if experts.start > experts.end || experts.end > n_experts {
@@ -399,10 +391,37 @@ fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel
     }
     Ok(LoadedModel {
         model: LoadedWeights::Native(Box::new(restored.state.model)),
-        tokenizer: Tokenizer::Bytes,
+        tokenizer,
         path: path.to_path_buf(),
         step: manifest.step,
         spec: Some(manifest.model),
+    })
+}
+
+/// The tokenizer a checkpoint was trained with: the `tokenizer.json` the
+/// run kept in it ([`checkpoint::TOKENIZER`]), else bytes — unless the run
+/// read pre-tokenized ids without naming their tokenizer, which leaves
+/// nothing to turn prompts into them or them into text.
+fn native_tokenizer(path: &Path, manifest: &Manifest) -> Result<Tokenizer, LoadError> {
+    use moe_crds::Tokenizer as Trained;
+    if path.join(checkpoint::TOKENIZER).is_file() {
+        let tokenizer = hf::HfTokenizer::read(path, &[]).map_err(LoadError::HuggingFace)?;
+        return Ok(Tokenizer::HuggingFace(std::sync::Arc::new(tokenizer)));
+    }
+    let problem = match manifest.tokenizer {
+        Trained::Byte => return Ok(Tokenizer::Bytes),
+        Trained::Pretokenized => {
+            "was trained on pre-tokenized data (data.tokenizer: pretokenized) without \
+             data.tokenizerFile: its token ids came from a tokenizer the checkpoint does not \
+             carry, so the server could turn neither prompts into them nor them into text"
+        }
+        Trained::Huggingface => {
+            "was trained with a Hugging Face tokenizer, but its copy (tokenizer.json) is missing"
+        }
+    };
+    Err(LoadError::InvalidModel {
+        path: path.to_path_buf(),
+        problem: problem.into(),
     })
 }
 

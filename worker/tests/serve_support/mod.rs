@@ -117,6 +117,7 @@ pub fn snapshot<'a>(
             rng_state: 0,
         },
         tokenizer: moe_crds::Tokenizer::Byte,
+        tokenizer_file: None,
         initial_loss: None,
         loss: None,
         model,

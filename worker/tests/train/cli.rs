@@ -308,6 +308,111 @@ fn a_run_on_pre_tokenized_shards_learns_ids_past_the_bytes() {
     );
 }
 
+/// One HTTP/1.1 request to `port` on this host; the response body, once
+/// the server answers (retried while it is still starting).
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    let (status, rest) = raw.split_once("\r\n")?;
+    let body = rest.split_once("\r\n\r\n")?.1;
+    status.contains(" 200 ").then(|| body.to_string())
+}
+
+#[test]
+fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
+    let dir = scratch_dir("cli-hf-tokenizer");
+    let text = dir.join("data").join("text");
+    std::fs::create_dir_all(&text).unwrap();
+    let documents = [
+        "the cat sat on the mat. ".repeat(30),
+        "a dog ran in the fog. ".repeat(30),
+    ];
+    for (i, document) in documents.iter().enumerate() {
+        std::fs::write(text.join(format!("doc-{i}.txt")), document).unwrap();
+    }
+    // The tokenizer lies among the text files: it must not be read as text.
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mixtral/tokenizer.json");
+    std::fs::copy(&fixture, text.join("tokenizer.json")).unwrap();
+    let mut config = config_json(&dir);
+    config["data"] = serde_json::json!({"volume": {"claimName": "data", "path": "text"},
+                                        "tokenizer": "huggingface",
+                                        "tokenizerFile": "text/tokenizer.json"});
+    config["dataDir"] = dir.join("data").to_str().unwrap().into();
+    config["model"]["vocabSize"] = 400.into();
+    let output = run(&dir, &config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+
+    // The tokens are the tokenizer's, file by file with its special tokens.
+    let hf = tokenizers::Tokenizer::from_file(&fixture).unwrap();
+    let expected: usize = documents
+        .iter()
+        .map(|d| hf.encode(d.as_str(), true).unwrap().get_ids().len())
+        .sum();
+    assert!(
+        stderr.contains(&format!("tokens={expected} ")),
+        "expected {expected} tokens: {stderr}"
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let checkpoint = Path::new(summary["checkpoint"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(checkpoint.join("tokenizer.json")).unwrap(),
+        std::fs::read(&fixture).unwrap(),
+        "the checkpoint keeps the tokenizer"
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["tokenizer"], "huggingface");
+
+    // Served from the checkpoint alone, prompts go through that tokenizer.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(BINARY)
+        .args(["serve", "--host", "127.0.0.1", "--served-model-name", "m"])
+        .args(["--port", &port.to_string(), "--model"])
+        .arg(checkpoint)
+        .env("MOE_STATUS_ADDR", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prompt = "the cat sat";
+    let request = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut answer = None;
+    while answer.is_none() && Instant::now() < deadline {
+        answer = http(port, "POST", "/v1/completions", &request);
+        if answer.is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let answer: Value = serde_json::from_str(&answer.expect("the server answered")).unwrap();
+    let prompt_ids = hf.encode(prompt, true).unwrap().get_ids().len();
+    assert_eq!(answer["usage"]["prompt_tokens"], prompt_ids, "{answer}");
+    assert_ne!(
+        prompt_ids,
+        prompt.len(),
+        "the byte tokenizer would count the same"
+    );
+}
+
 #[test]
 fn sigterm_checkpoints_and_exits_zero() {
     let dir = scratch_dir("sigterm");
