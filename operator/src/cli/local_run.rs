@@ -45,12 +45,10 @@ impl LocalRun {
         config.job = format!("{LOCAL_NAMESPACE}/{}", job.name_any());
         config.checkpoint.dir = text(&dir.join("checkpoints"))?;
         config.output_dir = text(&dir)?;
-        // A volume's path is taken relative to the current directory: the
-        // claim is whatever directory holds the data here.
-        config.data_dir = job.spec.data.volume.as_ref().map(|volume| {
-            let path = volume.path.trim_end_matches('/');
-            if path.is_empty() { "." } else { path }.to_string()
-        });
+        // The current directory plays the claim: the worker reads
+        // `<dataDir>/<volume.path>` (and `tokenizerFile` the same way), so
+        // a volume's path is taken relative to where moectl runs.
+        config.data_dir = job.spec.data.volume.as_ref().map(|_| ".".to_string());
         Ok(Self {
             config_path: text(&dir.join("config.json"))?,
             dir,
@@ -203,11 +201,12 @@ mod tests {
             claim_name: "data".into(),
             path: "corpora/web/".into(),
         });
-        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
-        assert_eq!(run.config.data_dir.as_deref(), Some("corpora/web"));
-        job.spec.data.volume.as_mut().unwrap().path = String::new();
+        // The worker joins the two: ./corpora/web/, once (the path used to
+        // be the data directory too, and the worker read corpora/web/corpora/web).
         let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
         assert_eq!(run.config.data_dir.as_deref(), Some("."));
+        let volume = run.config.data.volume.as_ref().expect("the volume");
+        assert_eq!(volume.path, "corpora/web/");
     }
 
     #[test]
