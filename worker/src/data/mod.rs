@@ -33,6 +33,8 @@ pub enum DataError {
         path: PathBuf,
         error: tokens::TokenFileError,
     },
+    /// A file a text tokenizer was to read is not UTF-8.
+    NotText(PathBuf),
     /// The Hugging Face tokenizer could not be read, or not applied.
     Tokenizer {
         path: PathBuf,
@@ -68,6 +70,11 @@ impl fmt::Display for DataError {
             Self::TokenFile { path, error } => {
                 write!(f, "data.volume: {} {error}", path.display())
             }
+            Self::NotText(path) => write!(
+                f,
+                "data.volume: {} is not UTF-8 text (token ids want data.tokenizer: pretokenized)",
+                path.display()
+            ),
             Self::Tokenizer { path, problem } => {
                 write!(f, "data.tokenizerFile: {}: {problem}", path.display())
             }
@@ -126,7 +133,7 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataEr
             let mut ids = Vec::new();
             for file in data_files(path, Some(tokenizer_file))? {
                 let text = String::from_utf8(read(&file)?)
-                    .map_err(|_| problem(format!("{} is not UTF-8 text", file.display())))?;
+                    .map_err(|_| DataError::NotText(file.clone()))?;
                 // Each file a document, with the special tokens (a BOS) the
                 // tokenizer adds to it as the server adds them to a prompt.
                 let encoding = hf

@@ -411,6 +411,15 @@ fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
         prompt.len(),
         "the byte tokenizer would count the same"
     );
+
+    // Token ids are not text: a binary file is refused, named.
+    std::fs::write(text.join("ids.bin"), [0xffu8, 0xfe, 0x00, 0x01]).unwrap();
+    let refused = rejected("cli-hf-tokenizer-binary", |c| {
+        c["data"] = config["data"].clone();
+        c["dataDir"] = config["dataDir"].clone();
+        c["model"]["vocabSize"] = 400.into();
+    });
+    assert!(refused.contains("ids.bin is not UTF-8 text"), "{refused}");
 }
 
 #[test]
