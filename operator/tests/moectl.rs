@@ -296,6 +296,19 @@ fn recorded(dir: &Path, rank: i32) -> String {
 }
 
 /// tiny.yaml as a gang of two nodes (with a batch that two ranks divide).
+/// `moectl run --local <flags> <job>` in `dir` with `worker` as moe-worker.
+fn run_local(dir: &Path, worker: &Path, flags: &[&str], job: &Path) -> Output {
+    moectl()
+        .args(["run", "--local"])
+        .args(flags)
+        .arg(job)
+        .arg("--worker-bin")
+        .arg(worker)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
 fn two_node_job(dir: &Path) -> PathBuf {
     let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(tiny()).unwrap()).unwrap();
     job["spec"]["parallelism"]["nodes"] = json!(2);
@@ -312,14 +325,7 @@ fn run_local_gives_the_worker_the_contract_and_a_local_config() {
         &dir,
         "echo 'step 1/300 loss 5.5' >&2\necho '{\"step\":300,\"loss\":1.25}'",
     );
-    let output = moectl()
-        .args(["run", "--local"])
-        .arg(tiny())
-        .arg("--worker-bin")
-        .arg(&worker)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+    let output = run_local(&dir, &worker, &[], &tiny());
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(
         stdout(&output).lines().last(),
@@ -365,15 +371,7 @@ fn run_local_hands_the_thread_count_to_every_worker() {
     let worker = fake_worker(&dir, "echo '{}'");
     // The worker's arguments from a local run of `job` with `flags`.
     let worker_args = |flags: &[&str], job: &Path| {
-        let output = moectl()
-            .args(["run", "--local"])
-            .args(flags)
-            .arg(job)
-            .arg("--worker-bin")
-            .arg(&worker)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
+        let output = run_local(&dir, &worker, flags, job);
         assert!(output.status.success(), "{}", stderr(&output));
         let record = recorded(&dir, 0);
         let args = record.lines().find_map(|l| l.strip_prefix("args="));
@@ -415,14 +413,7 @@ fn run_local_stops_the_gang_and_fails_when_a_rank_fails() {
     // Rank 1 fails as on a configuration error; rank 0 would run for a minute.
     let worker = fake_worker(&dir, "[ \"$MOE_NODE_RANK\" = 1 ] && exit 3\nexec sleep 60");
     let started = Instant::now();
-    let output = moectl()
-        .args(["run", "--local"])
-        .arg(&job)
-        .arg("--worker-bin")
-        .arg(&worker)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+    let output = run_local(&dir, &worker, &[], &job);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(
         started.elapsed() < Duration::from_secs(20),
