@@ -130,16 +130,21 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataEr
             };
             let hf = tokenizers::Tokenizer::from_file(tokenizer_file)
                 .map_err(|e| problem(format!("not a tokenizer.json: {e}")))?;
-            let mut ids = Vec::new();
-            for file in data_files(path, Some(tokenizer_file))? {
+            // Each file a document, with the special tokens (a BOS) the
+            // tokenizer adds to it as the server adds them to a prompt;
+            // files side by side with `--threads`, joined in path order.
+            let files = data_files(path, Some(tokenizer_file))?;
+            let documents = crate::ops::pool_map(files, |_, file| {
                 let text = String::from_utf8(read(&file)?)
                     .map_err(|_| DataError::NotText(file.clone()))?;
-                // Each file a document, with the special tokens (a BOS) the
-                // tokenizer adds to it as the server adds them to a prompt.
                 let encoding = hf
                     .encode(text, true)
                     .map_err(|e| problem(format!("tokenizing {}: {e}", file.display())))?;
-                ids.extend_from_slice(encoding.get_ids());
+                Ok(encoding.get_ids().to_vec())
+            });
+            let mut ids = Vec::new();
+            for document in documents {
+                ids.extend(document?);
             }
             ids
         }
