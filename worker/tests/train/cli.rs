@@ -366,6 +366,21 @@ fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
         "expected {expected} tokens: {stderr}"
     );
     let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Tokenized side by side in a pool of 3, the same ids train the same bits.
+    let pooled_dir = scratch_dir("cli-hf-tokenizer-threads");
+    let mut pooled = config_json(&pooled_dir);
+    pooled["data"] = config["data"].clone();
+    pooled["dataDir"] = config["dataDir"].clone();
+    pooled["model"]["vocabSize"] = 400.into();
+    let pooled = Command::new(BINARY)
+        .args(["train", "--threads", "3", "--config"])
+        .arg(write_config(&pooled_dir, &pooled))
+        .output()
+        .unwrap();
+    let pooled: Value = serde_json::from_slice(&pooled.stdout).unwrap();
+    for key in ["initialLoss", "finalLoss"] {
+        assert_eq!(pooled[key], summary[key], "{key}");
+    }
     let checkpoint = Path::new(summary["checkpoint"].as_str().unwrap());
     assert_eq!(
         std::fs::read(checkpoint.join("tokenizer.json")).unwrap(),
