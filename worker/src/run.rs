@@ -231,7 +231,7 @@ pub fn train_as(
         timeouts,
     };
     let tokens = data::load_tokens(&settings.data, settings.model.vocab)?;
-    let unigram_entropy = tokenizer::unigram_entropy(&tokens);
+    let unigram_entropy = tokenizer::unigram_entropy(tokens.iter());
     let source = data::describe(&settings.data);
     tracing::info!(
         job = %settings.job,

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DataError;
+use crate::data::{Corpus, DataError};
 use crate::rng::SplitMix64;
 
 /// Mixed into the training seed so the data order is not the same stream
@@ -33,7 +33,7 @@ pub struct Batch {
 
 #[derive(Clone, Debug)]
 pub struct DataLoader {
-    tokens: Vec<u32>,
+    tokens: Corpus,
     seq_len: usize,
     sequences: u64,
     rng: SplitMix64,
@@ -43,11 +43,12 @@ impl DataLoader {
     /// A stream over `tokens` from the start of `seed`'s order. `source`
     /// names the data in the error when it is shorter than one window.
     pub fn new(
-        tokens: Vec<u32>,
+        tokens: impl Into<Corpus>,
         seq_len: usize,
         seed: u64,
         source: &str,
     ) -> Result<Self, DataError> {
+        let tokens = tokens.into();
         if tokens.len() <= seq_len {
             return Err(DataError::TooShort {
                 source: source.to_owned(),
@@ -85,9 +86,12 @@ impl DataLoader {
         };
         // Starts in 0..len - seq_len, so the last target is in bounds.
         let starts = self.tokens.len() - self.seq_len;
+        let mut window = Vec::with_capacity(self.seq_len + 1);
         for _ in 0..sequences {
             let start = self.rng.below(starts);
-            let window = &self.tokens[start..=start + self.seq_len];
+            window.clear();
+            self.tokens
+                .extend_window(start, self.seq_len + 1, &mut window);
             batch.inputs.extend_from_slice(&window[..self.seq_len]);
             batch.targets.extend_from_slice(&window[1..]);
         }

@@ -2,6 +2,7 @@
 //! byte-level tokenizer or a Hugging Face one, or token ids tokenized
 //! beforehand), and a seeded, resumable stream of training windows.
 
+pub mod corpus;
 pub mod loader;
 pub mod tiny;
 pub mod tokenizer;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::settings::DataSource;
 
+pub use corpus::Corpus;
 pub use loader::{Batch, DataLoader, DataPosition};
 
 /// Why the training text could not be loaded.
@@ -95,31 +97,24 @@ impl fmt::Display for DataError {
 impl std::error::Error for DataError {}
 
 /// The training tokens of the configured source, each checked to be below
-/// `vocab`: text through the byte-level tokenizer, or token ids as stored.
-pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataError> {
-    let tokens = match source {
-        DataSource::Builtin(name) if name == "tiny" => tokenizer::encode(&tiny::corpus()),
+/// `vocab`: text through its tokenizer, or token ids as stored (mapped, not
+/// read: [`Corpus::map`]).
+pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Corpus, DataError> {
+    let tokens: Corpus = match source {
+        DataSource::Builtin(name) if name == "tiny" => tokenizer::encode(&tiny::corpus()).into(),
         DataSource::Builtin(name) => return Err(DataError::UnknownCorpus(name.clone())),
         DataSource::Volume(path) => {
             let mut bytes = Vec::new();
             for file in volume_files(path)? {
                 bytes.extend(read(&file)?);
             }
-            tokenizer::encode(&bytes)
+            tokenizer::encode(&bytes).into()
         }
         DataSource::Tokens {
             path,
             token_bytes,
             tokenizer_file,
-        } => {
-            let mut ids = Vec::new();
-            for file in data_files(path, tokenizer_file.as_deref())? {
-                let parsed = tokens::parse(&read(&file)?, *token_bytes)
-                    .map_err(|error| DataError::TokenFile { path: file, error })?;
-                ids.extend(parsed);
-            }
-            ids
-        }
+        } => Corpus::map(&data_files(path, tokenizer_file.as_deref())?, *token_bytes)?,
         DataSource::HuggingFace {
             path,
             tokenizer_file,
@@ -146,13 +141,13 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Vec<u32>, DataEr
             for document in documents {
                 ids.extend(document?);
             }
-            ids
+            ids.into()
         }
     };
-    if let Some((position, &token)) = tokens
+    if let Some((position, token)) = tokens
         .iter()
         .enumerate()
-        .find(|&(_, &t)| t as usize >= vocab)
+        .find(|&(_, t)| t as usize >= vocab)
     {
         return Err(DataError::OutOfVocabulary {
             source: describe(source),

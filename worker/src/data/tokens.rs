@@ -45,12 +45,22 @@ impl std::fmt::Display for TokenFileError {
     }
 }
 
-/// The token ids of one file's `bytes`: after llm.c's header when the file
-/// starts with it (its width, which `token_bytes` must agree with when
-/// set), else the whole file at `token_bytes` (default 2) per id.
-pub fn parse(bytes: &[u8], token_bytes: Option<usize>) -> Result<Vec<u32>, TokenFileError> {
+/// Where one file's ids are: their width in bytes, the byte offset of the
+/// first (past llm.c's header when the file starts with it) and their count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub width: usize,
+    pub offset: usize,
+    pub count: usize,
+}
+
+/// The [`Layout`] of a file of `bytes`: after llm.c's header when the file
+/// starts with it (its width, which `token_bytes` must agree with when set,
+/// and its count, which the length must match), else the whole file at
+/// `token_bytes` (default 2) per id.
+pub fn layout(bytes: &[u8], token_bytes: Option<usize>) -> Result<Layout, TokenFileError> {
     let int = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-    let (width, body) = if bytes.len() >= HEADER_BYTES && int(0) == MAGIC {
+    if bytes.len() >= HEADER_BYTES && int(0) == MAGIC {
         let width = match int(1) {
             1 => 2,
             2 => 4,
@@ -62,40 +72,52 @@ pub fn parse(bytes: &[u8], token_bytes: Option<usize>) -> Result<Vec<u32>, Token
                 configured,
             });
         }
-        let body = &bytes[HEADER_BYTES..];
+        let body = bytes.len() - HEADER_BYTES;
         let announced = i64::from(int(2));
-        if !body.len().is_multiple_of(width) || i64::try_from(body.len() / width) != Ok(announced) {
+        if !body.is_multiple_of(width) || i64::try_from(body / width) != Ok(announced) {
             return Err(TokenFileError::CountMismatch {
                 header: announced,
-                in_file: body.len() / width,
+                in_file: body / width,
             });
         }
-        (width, body)
-    } else {
-        let width = token_bytes.unwrap_or(2);
-        if !bytes.len().is_multiple_of(width) {
-            return Err(TokenFileError::Ragged {
-                bytes: bytes.len(),
-                width,
-            });
-        }
-        (width, bytes)
-    };
-    Ok(match width {
-        2 => body
-            .chunks_exact(2)
-            .map(|id| u32::from(u16::from_le_bytes([id[0], id[1]])))
-            .collect(),
-        _ => body
-            .chunks_exact(4)
-            .map(|id| u32::from_le_bytes([id[0], id[1], id[2], id[3]]))
-            .collect(),
+        return Ok(Layout {
+            width,
+            offset: HEADER_BYTES,
+            count: body / width,
+        });
+    }
+    let width = token_bytes.unwrap_or(2);
+    if !bytes.len().is_multiple_of(width) {
+        return Err(TokenFileError::Ragged {
+            bytes: bytes.len(),
+            width,
+        });
+    }
+    Ok(Layout {
+        width,
+        offset: 0,
+        count: bytes.len() / width,
     })
+}
+
+/// Id `i` of a file of `bytes` laid out as `layout`.
+pub fn id(bytes: &[u8], layout: Layout, i: usize) -> u32 {
+    let at = layout.offset + i * layout.width;
+    match layout.width {
+        2 => u32::from(u16::from_le_bytes([bytes[at], bytes[at + 1]])),
+        _ => u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every id of a file of `bytes`: its [`layout`], then [`id`] for each.
+    fn parse(bytes: &[u8], token_bytes: Option<usize>) -> Result<Vec<u32>, TokenFileError> {
+        let layout = layout(bytes, token_bytes)?;
+        Ok((0..layout.count).map(|i| id(bytes, layout, i)).collect())
+    }
 
     fn llmc(version: i32, count: i32, ids: &[u32], width: usize) -> Vec<u8> {
         let mut header = vec![0i32; 256];
