@@ -40,6 +40,7 @@ const MANIFEST: &str = "manifest.json";
 /// The Hugging Face tokenizer the run's tokens came from, copied in (when
 /// the run has one) so the checkpoint can be served on its own.
 pub const TOKENIZER: &str = "tokenizer.json";
+
 const STATE: &str = "state.safetensors";
 const PREFIX: &str = "step-";
 const TEMPORARY_PREFIX: &str = ".tmp-";
@@ -206,8 +207,11 @@ pub fn commit(
     .map_err(corrupt)?;
     write_synced(&temporary.join(STATE), &state)?;
     if let Some(tokenizer) = snapshot.tokenizer_file {
-        let bytes = fs::read(tokenizer).map_err(io(tokenizer))?;
-        write_synced(&temporary.join(TOKENIZER), &bytes)?;
+        // The tokenizer as `tokenizer.json`, its companions by their names.
+        for (file, name) in crate::data::tokenizer_files(tokenizer) {
+            let bytes = fs::read(&file).map_err(io(&file))?;
+            write_synced(&temporary.join(name.unwrap_or(TOKENIZER)), &bytes)?;
+        }
     }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,

@@ -185,13 +185,36 @@ fn read(file: &Path) -> Result<Vec<u8>, DataError> {
     })
 }
 
-/// [`volume_files`] without the tokenizer's own file, which may lie among
-/// the data.
+/// Files of a Hugging Face tokenizer that sit beside its `tokenizer.json`:
+/// its special tokens (the EOS a server stops at) and its chat template.
+const TOKENIZER_COMPANIONS: [&str; 2] = ["tokenizer_config.json", "chat_template.jinja"];
+
+/// A tokenizer's files: `tokenizer` itself (no name: it is kept as
+/// `tokenizer.json` whatever it is called), then those of its companions
+/// beside it that exist, with their names. Each checkpoint keeps them all.
+pub fn tokenizer_files(tokenizer: &Path) -> Vec<(PathBuf, Option<&'static str>)> {
+    let beside = tokenizer.parent().unwrap_or(Path::new("."));
+    let companions = TOKENIZER_COMPANIONS
+        .into_iter()
+        .map(|name| (beside.join(name), Some(name)))
+        .filter(|(file, _)| file.is_file());
+    std::iter::once((tokenizer.to_path_buf(), None))
+        .chain(companions)
+        .collect()
+}
+
+/// [`volume_files`] without the tokenizer's files ([`tokenizer_files`]),
+/// which may lie among the data.
 fn data_files(path: &Path, tokenizer_file: Option<&Path>) -> Result<Vec<PathBuf>, DataError> {
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let skip = tokenizer_file.map(canonical);
+    let skip: Vec<PathBuf> = tokenizer_file
+        .map(tokenizer_files)
+        .unwrap_or_default()
+        .iter()
+        .map(|(file, _)| canonical(file))
+        .collect();
     let mut files = volume_files(path)?;
-    files.retain(|file| Some(canonical(file)) != skip);
+    files.retain(|file| !skip.contains(&canonical(file)));
     Ok(files)
 }
 

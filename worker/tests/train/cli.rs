@@ -345,6 +345,11 @@ fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mixtral/tokenizer.json");
     std::fs::copy(&fixture, text.join("tokenizer.json")).unwrap();
+    // Its special tokens and chat template beside it travel with it (and
+    // are not text to train on).
+    for companion in ["tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixture.with_file_name(companion), text.join(companion)).unwrap();
+    }
     let mut config = config_json(&dir);
     config["data"] = serde_json::json!({"volume": {"claimName": "data", "path": "text"},
                                         "tokenizer": "huggingface",
@@ -387,6 +392,13 @@ fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
         std::fs::read(&fixture).unwrap(),
         "the checkpoint keeps the tokenizer"
     );
+    for companion in ["tokenizer_config.json", "chat_template.jinja"] {
+        assert_eq!(
+            std::fs::read(checkpoint.join(companion)).unwrap(),
+            std::fs::read(fixture.with_file_name(companion)).unwrap(),
+            "the checkpoint keeps {companion}"
+        );
+    }
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(checkpoint.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["tokenizer"], "huggingface");
@@ -416,8 +428,15 @@ fn a_run_through_a_hugging_face_tokenizer_keeps_it_for_serving() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // A chat goes through the template: Mixtral's, by hand, for one turn.
+    let chat = serde_json::json!({"model": "m",
+                                  "messages": [{"role": "user", "content": "hello there"}]});
+    let chat = http(port, "POST", "/tokenize", &chat.to_string());
     let _ = server.kill();
     let _ = server.wait();
+    let chat: Value = serde_json::from_str(&chat.expect("the server tokenized")).unwrap();
+    let rendered = hf.encode("<s>[INST] hello there [/INST]", false).unwrap();
+    assert_eq!(chat["count"], rendered.get_ids().len(), "{chat}");
     let answer: Value = serde_json::from_str(&answer.expect("the server answered")).unwrap();
     let prompt_ids = hf.encode(prompt, true).unwrap().get_ids().len();
     assert_eq!(answer["usage"]["prompt_tokens"], prompt_ids, "{answer}");
