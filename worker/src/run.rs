@@ -14,7 +14,7 @@ use serde::Serialize;
 use moe_crds::WorkerConfig;
 
 use crate::checkpoint::{self, CheckpointError, Snapshot};
-use crate::data::{self, DataError, DataLoader, tokenizer};
+use crate::data::{self, DataError, DataLoader};
 use crate::dist::env::Timeouts;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::layout::{self, Layout};
@@ -231,7 +231,7 @@ pub fn train_as(
         timeouts,
     };
     let tokens = data::load_tokens(&settings.data, settings.model.vocab)?;
-    let unigram_entropy = tokenizer::unigram_entropy(tokens.iter());
+    let unigram_entropy = tokens.counts().unigram_entropy();
     let source = data::describe(&settings.data);
     tracing::info!(
         job = %settings.job,

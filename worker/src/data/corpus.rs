@@ -7,13 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::data::DataError;
+use crate::data::tokenizer::TokenCounts;
 use crate::data::tokens::{self, Layout};
 
-/// The tokens of a run, in order. Cheap to clone (shared).
+/// The tokens of a run, in order, with their counts (taken in the one
+/// pass that building it makes). Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Corpus {
     storage: Arc<Storage>,
     len: usize,
+    counts: Arc<TokenCounts>,
 }
 
 enum Storage {
@@ -49,10 +52,7 @@ impl fmt::Debug for Corpus {
 
 impl From<Vec<u32>> for Corpus {
     fn from(tokens: Vec<u32>) -> Self {
-        Self {
-            len: tokens.len(),
-            storage: Arc::new(Storage::Owned(tokens)),
-        }
+        Self::with_counts(Storage::Owned(tokens))
     }
 }
 
@@ -89,13 +89,28 @@ impl Corpus {
             ends.push(len);
             mapped.push(MappedFile { map, layout });
         }
-        Ok(Self {
-            storage: Arc::new(Storage::Mapped {
-                files: mapped,
-                ends,
-            }),
-            len,
-        })
+        debug_assert_eq!(ends.last().copied().unwrap_or(0), len);
+        Ok(Self::with_counts(Storage::Mapped {
+            files: mapped,
+            ends,
+        }))
+    }
+
+    fn with_counts(storage: Storage) -> Self {
+        let mut corpus = Self {
+            storage: Arc::new(storage),
+            len: 0,
+            counts: Arc::default(),
+        };
+        let counts = TokenCounts::of(corpus.iter());
+        corpus.len = counts.total();
+        corpus.counts = Arc::new(counts);
+        corpus
+    }
+
+    /// How often each id occurs.
+    pub fn counts(&self) -> &TokenCounts {
+        &self.counts
     }
 
     pub fn len(&self) -> usize {

@@ -144,10 +144,20 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Corpus, DataErro
             ids.into()
         }
     };
-    if let Some((position, token)) = tokens
-        .iter()
-        .enumerate()
-        .find(|&(_, t)| t as usize >= vocab)
+    // The counts the corpus took say whether any id is out of range; only
+    // then is it read again, for the first such id's position.
+    let out_of_range = tokens
+        .counts()
+        .max_id()
+        .is_some_and(|id| id as usize >= vocab);
+    if let Some((position, token)) = out_of_range
+        .then(|| {
+            tokens
+                .iter()
+                .enumerate()
+                .find(|&(_, t)| t as usize >= vocab)
+        })
+        .flatten()
     {
         return Err(DataError::OutOfVocabulary {
             source: describe(source),
