@@ -98,6 +98,23 @@ adapter_sum=$(cat "$here/go/metrics-adapter/go.mod" "$here/go/metrics-adapter/go
 step metrics-adapter build_metrics_adapter
 echo "$adapter_sum" >"$bin/metrics-adapter.stamp"
 
+# Kueue's manager, and the manifests it is installed from (CRDs and webhooks,
+# assembled by up.sh with the kustomize built into kubectl); rebuilt like kstatus.
+build_kueue() {
+  require_pin kueue sigs.k8s.io/kueue "$KUEUE_VERSION"
+  (cd "$here/go/kueue" && go build "${flags[@]}" -ldflags "-s -w" -o "$bin/kueue.tmp" sigs.k8s.io/kueue/cmd/kueue)
+  local dir
+  dir=$(cd "$here/go/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+  rm -rf "$bin/kueue-config" "$bin/kueue-config.tmp" && mkdir "$bin/kueue-config.tmp"
+  cp -r "$dir/config/components/crd" "$dir/config/components/webhook" "$bin/kueue-config.tmp/"
+  chmod -R u+w "$bin/kueue-config.tmp" && mv "$bin/kueue-config.tmp" "$bin/kueue-config"
+  mv "$bin/kueue.tmp" "$bin/kueue"
+}
+kueue_sum=$(cat "$here/go/kueue/go.mod" "$here/go/kueue/go.sum" | sha256sum | cut -c1-16)
+[[ "$(cat "$bin/kueue.stamp" 2>/dev/null)" == "$kueue_sum" ]] || rm -f "$bin/kueue"
+step kueue build_kueue
+echo "$kueue_sum" >"$bin/kueue.stamp"
+
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
 kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then

@@ -6,8 +6,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 state="$here/.state"
 [[ -d "$state" ]] || { echo "down.sh: nothing running" >&2; exit 0; }
 # Tests record processes they start (operators) here too: stop those first.
-others=$(cd "$state/pids" 2>/dev/null && ls | grep -vxE 'metrics-adapter|kwok|kube-scheduler|kube-controller-manager|kube-apiserver|etcd')
-for name in $others metrics-adapter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+others=$(cd "$state/pids" 2>/dev/null && ls | grep -vxE 'kueue|metrics-adapter|kwok|kube-scheduler|kube-controller-manager|kube-apiserver|etcd')
+for name in $others kueue metrics-adapter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$state/pids/$name"
   [[ -f "$f" ]] || continue
   pid=$(cat "$f")

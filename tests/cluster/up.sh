@@ -9,7 +9,8 @@
 #
 # Knobs (environment): MOE_KWOK_GPU_NODES (default 24), MOE_CLUSTER_PORT_BASE
 # (default 16000: apiserver on +443, etcd on +379/+380, KCM +257, scheduler +259,
-# custom metrics adapter +445 (HTTPS, aggregated) and +80 (plain HTTP, metric writes)).
+# custom metrics adapter +445 (HTTPS, aggregated) and +80 (plain HTTP, metric writes),
+# Kueue's webhooks +446 and its health probes +81).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.sh"
@@ -19,6 +20,7 @@ base=${MOE_CLUSTER_PORT_BASE:-16000}
 api_port=$((base + 443)) etcd_port=$((base + 379)) etcd_peer=$((base + 380))
 kcm_port=$((base + 257)) sched_port=$((base + 259))
 adapter_port=$((base + 445)) adapter_write_port=$((base + 80))
+kueue_webhook_port=$((base + 446)) kueue_health_port=$((base + 81))
 server="https://127.0.0.1:$api_port"
 t_start=$SECONDS
 
@@ -28,7 +30,7 @@ die() { log "ERROR: $*"; exit 1; }
 alive() { [[ -f "$state/pids/$1" ]] && kill -0 "$(cat "$state/pids/$1")" 2>/dev/null; }
 
 if [[ -f "$state/env" ]] && alive etcd && alive kube-apiserver && alive kube-controller-manager &&
-  alive kube-scheduler && alive kwok && alive metrics-adapter &&
+  alive kube-scheduler && alive kwok && alive metrics-adapter && alive kueue &&
   curl -fsS --cacert "$state/pki/ca.crt" "$server/readyz" >/dev/null 2>&1; then
   log "control plane already running ($server); source $state/env"
   exit 0
@@ -66,6 +68,7 @@ sign admin "/O=system:masters/CN=kubernetes-admin" "$client_ext"
 sign kcm "/CN=system:kube-controller-manager" "$client_ext"
 sign scheduler "/CN=system:kube-scheduler" "$client_ext"
 sign kwok "/O=system:masters/CN=kwok-controller" "$client_ext"
+sign kueue "/O=system:masters/CN=kueue-controller" "$client_ext"
 # API aggregation: the apiserver proxies custom.metrics.k8s.io to the metrics
 # adapter with a front-proxy client certificate from a CA of its own (whoever
 # holds a certificate of that CA may assert any user in headers), and the
@@ -103,7 +106,7 @@ contexts:
 current-context: moe-test
 EOF
 }
-for id in admin kcm scheduler kwok; do kubeconfig "$id"; done
+for id in admin kcm scheduler kwok kueue; do kubeconfig "$id"; done
 
 # ---------------------------------------------------------------- processes
 start() { # name, args...: runs bin/name in the background, logs to logs/name.log
@@ -261,6 +264,59 @@ EOF
   done
 } | kubectl apply -f - >/dev/null
 wait_for "custom.metrics.k8s.io" 120 kubectl get --raw /apis/custom.metrics.k8s.io/v1beta2
+
+# ---------------------------------------------------------------- Kueue
+# Installed as its release manifests install it (CRDs with conversion webhooks,
+# every webhook of its kustomize build), run as a process: its webhook Service
+# is an ExternalName one (localhost, as for the metrics adapter) and every
+# reference to it names our port. Kueue issues its own serving certificate and
+# injects the CA into the CRDs and webhook configurations (internal certs).
+# Only the batch/job integration is enabled: the rest answer as no-ops, as in a
+# cluster whose Kueue manages Jobs only.
+kdir="$state/kueue"
+mkdir -p "$kdir/certs"
+cp -r "$bin/kueue-config/crd" "$bin/kueue-config/webhook" "$kdir/"
+cat >"$kdir/kustomization.yaml" <<EOF
+namespace: kueue-system
+namePrefix: kueue-
+resources: [crd, webhook]
+patches:
+- target: {kind: Service, name: webhook-service}
+  patch: |-
+    - {op: replace, path: /spec, value: {type: ExternalName, externalName: localhost}}
+EOF
+kubectl create namespace kueue-system >/dev/null
+# The Secret Kueue's certificate rotator fills (its release ships it empty).
+kubectl create secret generic kueue-webhook-server-cert -n kueue-system >/dev/null
+kubectl kustomize "$kdir" | sed -E "s/^( {6,})name: kueue-webhook-service$/&\n\1port: $kueue_webhook_port/" \
+  >"$kdir/manifests.yaml"
+grep -q "port: $kueue_webhook_port" "$kdir/manifests.yaml" || die "Kueue manifests: no webhook reference to rewrite"
+kubectl apply --server-side -f "$kdir/manifests.yaml" >/dev/null
+cat >"$kdir/config.yaml" <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+health: {healthProbeBindAddress: "127.0.0.1:$kueue_health_port"}
+metrics: {bindAddress: "0"}
+webhook: {host: 127.0.0.1, port: $kueue_webhook_port, certDir: $kdir/certs}
+leaderElection: {leaderElect: false}
+internalCertManagement: {enable: true, webhookServiceName: kueue-webhook-service, webhookSecretName: kueue-webhook-server-cert}
+integrations: {frameworks: ["batch/job"]}
+clientConnection: {qps: 50, burst: 100}
+EOF
+start kueue --config="$kdir/config.yaml" --kubeconfig="$pki/kueue.kubeconfig" \
+  --feature-gates=VisibilityOnDemand=false --zap-log-level=info
+# In a cluster the kubelet mounts that Secret where the webhook server reads
+# its certificate, and Kueue waits for the files: play the kubelet's part.
+kueue_cert() { # writes the Secret's keys into the cert dir once the rotator has filled it
+  local key v
+  for key in tls.crt tls.key ca.crt; do
+    v=$(kubectl get secret kueue-webhook-server-cert -n kueue-system -o "jsonpath={.data.${key//./\\.}}") && [[ -n "$v" ]] || return 1
+    base64 -d <<<"$v" >"$kdir/certs/$key.tmp" && mv "$kdir/certs/$key.tmp" "$kdir/certs/$key"
+  done
+}
+wait_for "Kueue's serving certificate" 120 kueue_cert
+wait_for kueue 180 curl -fsS "http://127.0.0.1:$kueue_health_port/readyz"
 
 # ---------------------------------------------------------------- fake nodes
 "$here/nodes.sh" "$gpu_nodes" | kubectl apply -f - >/dev/null

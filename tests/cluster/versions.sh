@@ -14,5 +14,8 @@ GOPHER_LUA_VERSION=v1.1.2 # github.com/yuin/gopher-lua, the Lua that Argo CD emb
 # The metrics-adapter harness tool (go/metrics-adapter): custom.metrics.k8s.io
 # for the HPA controller. Likewise rebuilt when its sources change.
 CUSTOM_METRICS_APISERVER_VERSION=v1.36.0 # sigs.k8s.io/custom-metrics-apiserver (test-adapter)
+# Kueue (go/kueue): the queue manager that admits queued training jobs (quota,
+# priorities, preemption, topology-aware placement). Rebuilt when go/kueue changes.
+KUEUE_VERSION=v0.17.0     # sigs.k8s.io/kueue: its v1beta2 API and the batch/job integration
 
 KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}
