@@ -65,6 +65,52 @@ pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub queue_name: Option<String>,
+    /// Keep the gang inside one domain of a node label (a block, a rack, an
+    /// NVLink domain), so its collectives stay on the fast fabric. With
+    /// `queueName`, Kueue's topology-aware scheduling places the whole gang
+    /// at admission; without it, pod affinity keeps every pod with the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologyPlacement>,
+}
+
+/// A node label whose values name topology domains (e.g.
+/// `topology.moe.dev/block`), and whether one domain is a must or a wish.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.required) != has(self.preferred)")
+    .message("set exactly one of placement.topology.required and placement.topology.preferred"))]
+pub struct TopologyPlacement {
+    /// Every pod in one domain of this label; the gang waits until one
+    /// domain can hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 316),
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
+    pub required: Option<String>,
+    /// One domain of this label if one can hold the gang, else as few as
+    /// possible (Kueue), or one if the scheduler finds room (pod affinity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 316),
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
+    pub preferred: Option<String>,
+}
+
+impl TopologyPlacement {
+    /// The node label, and whether the gang must share one of its domains.
+    pub fn key(&self) -> Option<(&str, bool)> {
+        match (&self.required, &self.preferred) {
+            (Some(key), _) => Some((key, true)),
+            (None, Some(key)) => Some((key, false)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Compute device of the worker processes.

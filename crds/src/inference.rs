@@ -70,6 +70,9 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.placement.queueName)")
         .message("placement.queueName is not supported for MoEInferenceService (Kueue admits finite workloads)")
         .field_path(".placement.queueName"),
+    validation = Rule::new("!has(self.placement.topology) || self.parallelism.podsPerReplica > 1")
+        .message("placement.topology keeps the pods of one replica group in one domain: it needs parallelism.podsPerReplica > 1")
+        .field_path(".placement.topology"),
     // One-pod replicas are a Deployment, multi-pod ones StatefulSet groups:
     // switching is a different topology, not an update.
     validation = Rule::new("self.parallelism.podsPerReplica == oldSelf.parallelism.podsPerReplica")

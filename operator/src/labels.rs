@@ -41,6 +41,10 @@ pub const CONFIG_HASH: &str = "moe.dev/config-hash";
 
 /// Kueue's queue label: Kueue admits a suspended Job carrying it as one unit.
 pub const KUEUE_QUEUE_NAME: &str = "kueue.x-k8s.io/queue-name";
+/// On a queued pod template: Kueue's topology-aware scheduling puts every pod
+/// in one domain of the named node label (required) or as few as it can (preferred).
+pub const KUEUE_REQUIRED_TOPOLOGY: &str = "kueue.x-k8s.io/podset-required-topology";
+pub const KUEUE_PREFERRED_TOPOLOGY: &str = "kueue.x-k8s.io/podset-preferred-topology";
 
 /// Completion index annotation the Job controller sets on Indexed Job pods.
 pub const JOB_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";

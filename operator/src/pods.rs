@@ -8,12 +8,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, EmptyDirVolumeSource, EnvVar, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, ResourceRequirements,
-    SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodSecurityContext,
+    ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use moe_crds::contract::env;
-use moe_crds::{Device, NcclSettings, Placement, WorkerSpec};
+use moe_crds::{Device, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
 
 /// Operator-wide settings the builders need (from the chart's values).
 #[derive(Clone, Debug)]
@@ -81,8 +83,64 @@ pub fn container_security_context() -> SecurityContext {
     }
 }
 
-/// The user's affinity, with the GPU type ANDed into every required node selector term.
-pub fn affinity(placement: &Placement) -> Option<Affinity> {
+/// The user's affinity, with the GPU type ANDed into every required node
+/// selector term, and, when `gang` names the labels of pods that must share a
+/// topology domain (`placement.topology` placed by the scheduler, not by
+/// Kueue), the pod affinity that keeps them together.
+pub fn affinity(
+    placement: &Placement,
+    gang: Option<&BTreeMap<String, String>>,
+) -> Option<Affinity> {
+    let mut affinity = node_affinity(placement);
+    if let (Some(topology), Some(gang)) = (&placement.topology, gang) {
+        add_topology_affinity(
+            affinity.get_or_insert_with(Affinity::default),
+            topology,
+            gang,
+        );
+    }
+    affinity
+}
+
+/// Every pod of the gang in the domain of the first: a pod that matches its own
+/// required term may start a domain when no other pod matches yet (the
+/// scheduler's rule for a gang's first pod); the rest follow it there. The
+/// scheduler places pods one by one, so a domain too small for the gang leaves
+/// the rest Pending: Kueue (`queueName`) places the gang as a whole instead.
+fn add_topology_affinity(
+    affinity: &mut Affinity,
+    topology: &TopologyPlacement,
+    gang: &BTreeMap<String, String>,
+) {
+    let Some((key, required)) = topology.key() else {
+        return;
+    };
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(gang.clone()),
+            ..Default::default()
+        }),
+        topology_key: key.to_string(),
+        ..Default::default()
+    };
+    let pod = affinity
+        .pod_affinity
+        .get_or_insert_with(PodAffinity::default);
+    if required {
+        pod.required_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new)
+            .push(term);
+    } else {
+        pod.preferred_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new)
+            .push(WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            });
+    }
+}
+
+fn node_affinity(placement: &Placement) -> Option<Affinity> {
     let Some(gpu) = placement.gpu_type else {
         return placement.affinity.clone();
     };

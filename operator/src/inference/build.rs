@@ -265,9 +265,16 @@ pub fn pod_template(
     let mut pod_labels = worker.pod_metadata.labels.clone();
     pod_labels.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
     pod_labels.extend(selector_labels(svc));
-    if let Some(g) = group {
-        pod_labels.insert(labels::GROUP.into(), g.index.to_string());
-        pod_labels.insert(labels::INCARNATION.into(), g.incarnation.to_string());
+    // The pods of one incarnation of one group: what `placement.topology`
+    // keeps in one domain (a one-pod replica has nothing to keep together).
+    let gang = group.map(|g| {
+        let mut gang = selector_labels(svc);
+        gang.insert(labels::GROUP.into(), g.index.to_string());
+        gang.insert(labels::INCARNATION.into(), g.incarnation.to_string());
+        gang
+    });
+    if let Some(gang) = &gang {
+        pod_labels.extend(gang.clone());
     }
     let mut annotations = worker.pod_metadata.annotations.clone();
     // The config's hash and the model revision: a change to either rolls the replicas.
@@ -290,7 +297,7 @@ pub fn pod_template(
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(&spec.placement),
+            affinity: affinity(&spec.placement, gang.as_ref()),
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
@@ -592,6 +599,43 @@ mod tests {
         let selector = spec.selector.match_labels.unwrap();
         let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
         assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn topology_keeps_each_group_incarnation_together() {
+        let svc = service_fixture(serde_json::json!({"spec": {
+            "parallelism": {"processesPerPod": 4, "podsPerReplica": 2, "expertParallel": 8},
+            "placement": {"topology": {"required": "topology.moe.dev/rack"}}
+        }}));
+        let g = Group {
+            index: 1,
+            incarnation: 4,
+        };
+        let t = pod_template(&svc, &BuildContext::default(), &model(), Some(g));
+        let terms = t
+            .spec
+            .unwrap()
+            .affinity
+            .unwrap()
+            .pod_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(terms[0].topology_key, "topology.moe.dev/rack");
+        let selected = terms[0]
+            .label_selector
+            .clone()
+            .unwrap()
+            .match_labels
+            .unwrap();
+        let own = t.metadata.unwrap().labels.unwrap();
+        assert!(selected.iter().all(|(k, v)| own.get(k) == Some(v)));
+        assert_eq!(selected[labels::GROUP], "1");
+        assert_eq!(selected[labels::INCARNATION], "4");
+        assert_eq!(selected[labels::SERVICE_NAME], "chat");
+        // A one-pod replica's template (the Deployment's) has nothing to keep together.
+        let t = pod_template(&svc, &BuildContext::default(), &model(), None);
+        assert_eq!(t.spec.unwrap().affinity.unwrap().pod_affinity, None);
     }
 
     #[test]

@@ -257,13 +257,29 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     pod_labels.extend(child_labels(job));
     pod_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
     pod_labels.insert(labels::ROLE.into(), labels::ROLE_WORKER.into());
-    let annotations = (!worker.pod_metadata.annotations.is_empty())
-        .then(|| worker.pod_metadata.annotations.clone());
+    let mut annotations = worker.pod_metadata.annotations.clone();
+    // One topology domain for the gang: a queued job's is chosen by Kueue at
+    // admission (its pod-set annotation), another's by the scheduler, which
+    // keeps this attempt's pods with its first (pod affinity).
+    let queued = spec.placement.queue_name.is_some();
+    let topology = spec.placement.topology.as_ref().and_then(|t| t.key());
+    if let (true, Some((key, required))) = (queued, topology) {
+        let annotation = if required {
+            labels::KUEUE_REQUIRED_TOPOLOGY
+        } else {
+            labels::KUEUE_PREFERRED_TOPOLOGY
+        };
+        annotations.insert(annotation.into(), key.into());
+    }
+    let gang = BTreeMap::from([
+        (labels::JOB_NAME.to_string(), job.name_any()),
+        (labels::ATTEMPT.to_string(), attempt.to_string()),
+    ]);
 
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
-            annotations,
+            annotations: (!annotations.is_empty()).then_some(annotations),
             ..Default::default()
         }),
         spec: Some(PodSpec {
@@ -275,7 +291,7 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(&spec.placement),
+            affinity: affinity(&spec.placement, (!queued).then_some(&gang)),
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
@@ -401,4 +417,119 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
 /// Kind and API version of the owner, for selecting children by owner reference.
 pub fn owner_api_version() -> String {
     MoETrainingJob::api_version(&()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodAffinity;
+
+    fn job(placement: serde_json::Value) -> MoETrainingJob {
+        let mut v = moe_crds::fixtures::valid_training_job();
+        moe_crds::fixtures::merge_patch(
+            &mut v,
+            &serde_json::json!({"metadata": {"name": "big", "namespace": "ml", "uid": "u-1"}, "spec": {"placement": placement}}),
+        );
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn template(job: &MoETrainingJob) -> PodTemplateSpec {
+        attempt_job(job, &BuildContext::default(), 3, Counters::default())
+            .spec
+            .unwrap()
+            .template
+    }
+
+    fn pod_affinity(t: &PodTemplateSpec) -> Option<PodAffinity> {
+        t.spec.as_ref()?.affinity.as_ref()?.pod_affinity.clone()
+    }
+
+    #[test]
+    fn a_required_topology_keeps_the_attempt_with_its_first_pod() {
+        let t = template(&job(
+            serde_json::json!({"topology": {"required": "topology.moe.dev/block"}}),
+        ));
+        let terms = pod_affinity(&t)
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(terms.len(), 1);
+        assert_eq!(terms[0].topology_key, "topology.moe.dev/block");
+        let selected = terms[0]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .clone()
+            .unwrap();
+        // This attempt's pods, all of them, and no other attempt's.
+        let own = t.metadata.as_ref().unwrap().labels.clone().unwrap();
+        assert!(selected.iter().all(|(k, v)| own.get(k) == Some(v)));
+        assert_eq!(selected[labels::JOB_NAME], "big");
+        assert_eq!(selected[labels::ATTEMPT], "3");
+        // The GPU type's node affinity is still there.
+        let node = t.spec.unwrap().affinity.unwrap().node_affinity.unwrap();
+        assert!(
+            node.required_during_scheduling_ignored_during_execution
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_preferred_topology_is_a_weighted_wish() {
+        let t = template(&job(
+            serde_json::json!({"topology": {"preferred": "topology.moe.dev/rack"}}),
+        ));
+        let affinity = pod_affinity(&t).unwrap();
+        assert!(
+            affinity
+                .required_during_scheduling_ignored_during_execution
+                .is_none()
+        );
+        let wishes = affinity
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(wishes.len(), 1);
+        assert_eq!(wishes[0].weight, 100);
+        assert_eq!(
+            wishes[0].pod_affinity_term.topology_key,
+            "topology.moe.dev/rack"
+        );
+    }
+
+    #[test]
+    fn a_queued_topology_is_left_to_kueue() {
+        let t = template(&job(serde_json::json!({
+            "queueName": "gpus",
+            "topology": {"required": "topology.moe.dev/block"}
+        })));
+        assert_eq!(pod_affinity(&t), None);
+        let annotations = t.metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_REQUIRED_TOPOLOGY)
+                .map(String::as_str),
+            Some("topology.moe.dev/block")
+        );
+        assert!(!annotations.contains_key(labels::KUEUE_PREFERRED_TOPOLOGY));
+
+        let t = template(&job(serde_json::json!({
+            "queueName": "gpus",
+            "topology": {"preferred": "topology.moe.dev/rack"}
+        })));
+        let annotations = t.metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_PREFERRED_TOPOLOGY)
+                .map(String::as_str),
+            Some("topology.moe.dev/rack")
+        );
+    }
+
+    #[test]
+    fn without_topology_there_is_no_pod_affinity_or_annotation() {
+        let t = template(&job(serde_json::json!({"queueName": "gpus"})));
+        assert_eq!(pod_affinity(&t), None);
+        assert_eq!(t.metadata.unwrap().annotations, None);
+    }
 }
