@@ -4,12 +4,13 @@
 //! probes pass). Each test has its own Pod Security "restricted" namespace and
 //! operator.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -229,6 +230,27 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
             hpas.get_opt(&name).await?.is_some() == svc.spec.autoscaling.is_some(),
             "{name}: HPA iff autoscaling"
         );
+        // `placement.topology`: each group's pods in one domain of the label.
+        if let Some((key, _)) = svc.spec.placement.topology.as_ref().and_then(|t| t.key()) {
+            let nodes: Api<Node> = Api::all(client.clone());
+            let mut domains: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for pod in &live {
+                let group = pod
+                    .labels()
+                    .get("moe.dev/group")
+                    .cloned()
+                    .unwrap_or_default();
+                let domain = nodes.get(&node_of(pod)).await?.labels().get(key).cloned();
+                domains
+                    .entry(group)
+                    .or_default()
+                    .insert(domain.unwrap_or_default());
+            }
+            ensure!(
+                domains.values().all(|d| d.len() == 1),
+                "{name}: groups across domains of {key}: {domains:?}"
+            );
+        }
         for pod in live {
             let node = node_of(&pod);
             let want = if cpu { "cpu-" } else { "gpu-h100-" };

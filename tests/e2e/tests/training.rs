@@ -8,10 +8,12 @@ use anyhow::{Result, bail, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
+use moe_e2e::kueue::{KueueSetup, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     TestNamespace, admin_client, api_message, bound_claim, eventually, metric_sum,
@@ -693,55 +695,230 @@ async fn an_operator_restart_mid_flight_loses_nothing_and_duplicates_nothing() -
     ns.delete().await
 }
 
+fn queued(extra: Value) -> Value {
+    let mut v = json!({"spec": {"placement": {"queueName": KueueSetup::QUEUE}}});
+    merge_patch(&mut v, &extra);
+    v
+}
+
+fn topology(kind: &str, key: &str) -> Value {
+    json!({"spec": {"placement": {"topology": {kind: key}}}})
+}
+
+/// The value of node label `key` on the node of each pod (scheduled pods only).
+async fn node_label_of(client: &Client, pods: &[Pod], key: &str) -> Result<Vec<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut out = Vec::new();
+    for p in pods {
+        let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        let labels = nodes.get(&node).await?.labels().clone();
+        out.push(labels.get(key).cloned().unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// Every pod of the attempt scheduled, and their nodes' values of label `key`.
+async fn placed(
+    client: &Client,
+    pods: &Api<Pod>,
+    job: &str,
+    nodes: usize,
+    key: &str,
+) -> Result<Vec<String>> {
+    eventually(&format!("{job}'s {nodes} pods scheduled"), WAIT, || async {
+        let list = pods_of(pods, job, 0).await?;
+        let values = node_label_of(client, &list, key).await?;
+        Ok((list.len() == nodes && values.len() == nodes).then_some(values))
+    })
+    .await
+}
+
+fn all_same(values: &[String]) -> bool {
+    values.windows(2).all(|w| w[0] == w[1]) && !values.is_empty()
+}
+
+async fn waits_for_admission(jobs: &Api<MoETrainingJob>, name: &str) -> Result<()> {
+    eventually(&format!("{name} to wait for admission"), WAIT, || async {
+        let j = jobs.get(name).await?;
+        Ok(condition(&j, "Reconciling")
+            .is_some_and(|c| c.reason == "WaitingForAdmission")
+            .then_some(()))
+    })
+    .await
+}
+
 #[tokio::test]
-async fn a_queued_job_waits_for_kueue_and_the_operator_leaves_suspend_to_it() -> Result<()> {
+async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_restart() -> Result<()>
+{
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-kueue").await?;
+    // 32 GPUs of quota over the 4-node pool only Kueue's flavor tolerates.
+    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 32, false).await?;
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
-    jobs.create(
-        &PostParams::default(),
-        &gpu_job(
-            "queued",
-            2,
-            json!({"spec": {"placement": {"queueName": "team-a"}}}),
-        ),
-    )
-    .await?;
-    let child = eventually("the suspended attempt Job", WAIT, || async {
-        Ok(k8s_jobs.get_opt("queued-a0").await?)
-    })
-    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+
+    // The first gang takes the whole quota; Kueue, not the operator, starts it.
+    jobs.create(&pp, &gpu_job("first", 4, queued(json!({}))))
+        .await?;
+    wait_phase(&jobs, "first", TrainingPhase::Running).await?;
+    let child = k8s_jobs.get("first-a0").await?;
     ensure!(
         child
             .labels()
             .get("kueue.x-k8s.io/queue-name")
             .map(String::as_str)
-            == Some("team-a")
+            == Some(KueueSetup::QUEUE)
     );
+    ensure!(child.spec.as_ref().and_then(|s| s.suspend) == Some(false));
+    // Kueue's flavor put the gang on its pool (node labels and toleration injected at admission).
+    let pools = placed(&client, &pods, "first", 4, "node.moe.dev/pool").await?;
     ensure!(
-        child.spec.as_ref().and_then(|s| s.suspend) == Some(true),
-        "queued Job must start suspended"
+        pools.iter().all(|p| p == "kueue-quota"),
+        "first on {pools:?}"
     );
-    eventually("WaitingForAdmission", WAIT, || async {
-        let j = jobs.get("queued").await?;
-        Ok(condition(&j, "Reconciling")
-            .is_some_and(|c| c.reason == "WaitingForAdmission")
-            .then_some(()))
+
+    // No quota left: the second gang waits whole, not a pod of it created.
+    jobs.create(&pp, &gpu_job("second", 2, queued(json!({}))))
+        .await?;
+    waits_for_admission(&jobs, "second").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(pods_of(&pods, "second", 0).await?.is_empty());
+    let workloads = kueue.workloads().await?;
+    ensure!(
+        workloads
+            .iter()
+            .any(|(job, w)| job == "second-a0" && !admitted(w)),
+        "second's Workload: {:?}",
+        workloads
+            .iter()
+            .map(|(j, w)| (j, admitted(w)))
+            .collect::<Vec<_>>()
+    );
+
+    // A gang of higher priority preempts the first: Kueue suspends its Job,
+    // which the operator reports as waiting, with no restart counted.
+    let urgent_class = format!("{}-urgent", ns.name);
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    classes
+        .create(
+            &pp,
+            &serde_json::from_value(json!({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": urgent_class}, "value": 1000
+            }))?,
+        )
+        .await?;
+    let urgent = queued(json!({"spec": {"placement": {"priorityClassName": urgent_class}}}));
+    jobs.create(&pp, &gpu_job("urgent", 2, urgent)).await?;
+    wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
+    waits_for_admission(&jobs, "first").await?;
+    eventually("the preempted gang's pods to go", WAIT, || async {
+        Ok(pods_of(&pods, "first", 0).await?.is_empty().then_some(()))
     })
     .await?;
-    // Kueue admits the gang by unsuspending the Job (as Kueue's job integration does).
-    let admit = json!({"spec": {"suspend": false}});
-    k8s_jobs
-        .patch("queued-a0", &PatchParams::default(), &Patch::Merge(&admit))
-        .await?;
-    wait_phase(&jobs, "queued", TrainingPhase::Running).await?;
-    let child = k8s_jobs.get("queued-a0").await?;
+    let first = jobs.get("first").await?;
+    let status = first.status.clone().unwrap_or_default();
     ensure!(
-        child.spec.and_then(|s| s.suspend) == Some(false),
-        "the operator must not re-suspend an admitted Job"
+        status.attempt == 0 && status.restarts == 0 && status.disruptions == 0,
+        "a preemption is no restart: {status:?}"
     );
+    // The second fits beside the urgent one (16 + 16 GPUs).
+    wait_phase(&jobs, "second", TrainingPhase::Running).await?;
+
+    // When both finish, Kueue admits the first again: the same attempt resumes.
+    release_pods(&pods, &pods_of(&pods, "urgent", 0).await?).await?;
+    release_pods(&pods, &pods_of(&pods, "second", 0).await?).await?;
+    wait_phase(&jobs, "urgent", TrainingPhase::Succeeded).await?;
+    wait_phase(&jobs, "second", TrainingPhase::Succeeded).await?;
+    let first = wait_phase(&jobs, "first", TrainingPhase::Running).await?;
+    let status = first.status.unwrap_or_default();
+    ensure!(status.attempt == 0 && status.restarts == 0, "{status:?}");
+    ensure!(
+        placed(&client, &pods, "first", 4, "node.moe.dev/pool")
+            .await?
+            .len()
+            == 4
+    );
+
+    classes
+        .delete(&urgent_class, &DeleteParams::default())
+        .await?;
+    ns.delete().await?;
+    kueue.delete().await
+}
+
+#[tokio::test]
+async fn kueue_places_each_gang_in_one_topology_domain() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-tas").await?;
+    // Quota beyond the pool's 64 GPUs: whatever waits here waits for room in a domain.
+    let kueue = KueueSetup::create(&client, &ns.name, "kueue-tas", 128, true).await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+    let [block, rack, _] = moe_e2e::kueue::LEVELS;
+
+    // A rack holds 2 nodes: a 3-node gang that must share one waits, whole,
+    // with 8 nodes free.
+    let too_wide = gpu_job("too-wide", 3, queued(topology("required", rack)));
+    jobs.create(&pp, &too_wide).await?;
+    waits_for_admission(&jobs, "too-wide").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(pods_of(&pods, "too-wide", 0).await?.is_empty());
+    jobs.delete("too-wide", &DeleteParams::default()).await?;
+
+    // A block holds 4 nodes in 2 racks: one gang fills one block.
+    jobs.create(
+        &pp,
+        &gpu_job("blocky", 4, queued(topology("required", block))),
+    )
+    .await?;
+    wait_phase(&jobs, "blocky", TrainingPhase::Running).await?;
+    let blocky = placed(&client, &pods, "blocky", 4, block).await?;
+    ensure!(all_same(&blocky), "blocky across blocks: {blocky:?}");
+
+    // A 2-node gang in one rack: only the other block has a free one.
+    jobs.create(
+        &pp,
+        &gpu_job("racky", 2, queued(topology("required", rack))),
+    )
+    .await?;
+    wait_phase(&jobs, "racky", TrainingPhase::Running).await?;
+    let racks = placed(&client, &pods, "racky", 2, rack).await?;
+    ensure!(all_same(&racks), "racky across racks: {racks:?}");
+    let racky_block = placed(&client, &pods, "racky", 2, block).await?;
+    ensure!(
+        racky_block[0] != blocky[0],
+        "racky shares {} with blocky",
+        blocky[0]
+    );
+
+    ns.delete().await?;
+    kueue.delete().await
+}
+
+#[tokio::test]
+async fn topology_without_kueue_keeps_the_gang_with_its_first_pod() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-affinity").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let rack = moe_e2e::kueue::LEVELS[1];
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job("together", 3, topology("required", rack)),
+    )
+    .await?;
+    wait_phase(&jobs, "together", TrainingPhase::Running).await?;
+    let racks = placed(&client, &pods, "together", 3, rack).await?;
+    ensure!(all_same(&racks), "one gang across racks: {racks:?}");
     ns.delete().await
 }
 
@@ -837,6 +1014,7 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
         .collect::<Result<_, _>>()?;
     files.sort();
     ensure!(files.len() >= 3, "examples: {files:?}");
+    let mut kueue = None;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     for file in &files {
@@ -846,16 +1024,12 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
         let queued = job.spec.placement.queue_name.is_some();
         let cpu = job.spec.worker.device == moe_crds::Device::Cpu;
         jobs.create(&PostParams::default(), &job).await?;
-        if queued {
-            // No Kueue here: the gang waits, suspended, for admission.
-            eventually(&format!("{name} to wait for admission"), WAIT, || async {
-                let j = jobs.get(&name).await?;
-                Ok(condition(&j, "Reconciling")
-                    .is_some_and(|c| c.reason == "WaitingForAdmission")
-                    .then_some(()))
-            })
-            .await?;
-            continue;
+        if let Some(queue) = &job.spec.placement.queue_name {
+            // The queue the example names, in the real Kueue, over its own pool.
+            ensure!(kueue.is_none(), "{name}: one queued example per namespace");
+            kueue = Some(
+                KueueSetup::with_queue(&client, &ns.name, queue, "kueue-quota", 32, false).await?,
+            );
         }
         // KWOK completes the pods at once: the job runs to Succeeded.
         wait_phase(&jobs, &name, TrainingPhase::Succeeded).await?;
@@ -865,13 +1039,24 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
             "{name}: {} pods",
             list.len()
         );
+        if let Some((key, _)) = job.spec.placement.topology.as_ref().and_then(|t| t.key()) {
+            let domains = node_label_of(&client, &list, key).await?;
+            ensure!(
+                all_same(&domains),
+                "{name}: across domains of {key}: {domains:?}"
+            );
+        }
         for pod in &list {
             let node = pod
                 .spec
                 .as_ref()
                 .and_then(|s| s.node_name.clone())
                 .unwrap_or_default();
-            let want = if cpu { "cpu-" } else { "gpu-h100-" };
+            let want = match (cpu, queued) {
+                (true, _) => "cpu-",
+                (false, true) => "gpu-kueue-quota-",
+                (false, false) => "gpu-h100-",
+            };
             ensure!(
                 node.starts_with(want),
                 "{name}: pod {} on {node}",
@@ -879,7 +1064,11 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
             );
         }
     }
-    ns.delete().await
+    ns.delete().await?;
+    match kueue {
+        Some(k) => k.delete().await,
+        None => Ok(()),
+    }
 }
 
 #[tokio::test]
