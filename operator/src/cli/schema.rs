@@ -1,7 +1,7 @@
 //! The structural checks the apiserver makes against a CRD's openAPIV3
 //! schema before any CEL rule runs: unknown fields (strict field
 //! validation), types, `required`, `enum`, `minimum`/`maximum`, string
-//! lengths and item counts. Kept apart from the CEL rules because the CEL
+//! lengths and patterns, and item counts. Kept apart from the CEL rules because the CEL
 //! evaluator assumes a value that already passed them, and these bounds
 //! (e.g. `parallelism.nodes >= 1`) are written only in the schema.
 //!
@@ -208,6 +208,14 @@ fn check_string(schema: &Value, s: &str, path: &str, out: &mut Vec<String>) {
     {
         out.push(format!("{path}: Too long: may not be longer than {max}"));
     }
+    // The apiserver's own wording for a string off its pattern.
+    if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+        && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
+    {
+        out.push(format!(
+            "{path}: Invalid value: {s:?}: {path} in body should match '{pattern}'"
+        ));
+    }
 }
 
 fn check_count(schema: &Value, len: usize, path: &str, out: &mut Vec<String>) {
@@ -274,6 +282,7 @@ mod tests {
                         "nodes": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 8},
                         "router": {"type": "string", "enum": ["softmax", "sigmoid"]},
                         "queue": {"type": "string", "minLength": 1, "maxLength": 3, "nullable": true},
+                        "key": {"type": "string", "pattern": "^[a-z]+(/[a-z]+)?$"},
                         "rules": {"type": "array", "maxItems": 1, "items": {
                             "type": "object", "properties": {"code": {"type": "integer"}}
                         }},
@@ -289,7 +298,7 @@ mod tests {
     fn a_conforming_object_has_no_problems() {
         let object = json!({
             "apiVersion": "x/v1", "kind": "K", "metadata": {"name": "n"},
-            "spec": {"nodes": 2, "router": "softmax", "queue": null, "rules": [{"code": 3}],
+            "spec": {"nodes": 2, "router": "softmax", "queue": null, "rules": [{"code": 3}], "key": "a/b",
                      "labels": {"a": "b"}, "quantity": "8Gi"}
         });
         assert_eq!(problems(&schema(), &object), Vec::<String>::new());
@@ -298,12 +307,13 @@ mod tests {
     #[test]
     fn reports_each_violation_with_its_path() {
         let object = json!({"spec": {
-            "nodes": 0, "router": "relu", "queue": "long", "rules": [{"code": "x"}, {}],
+            "nodes": 0, "router": "relu", "queue": "long", "rules": [{"code": "x"}, {}], "key": "A b",
             "labels": {"a": 1}, "quantity": 1.5
         }});
         assert_eq!(
             problems(&schema(), &object),
             vec![
+                "spec.key: Invalid value: \"A b\": spec.key in body should match '^[a-z]+(/[a-z]+)?$'",
                 "spec.labels[a]: Invalid value: 1: must be of type string",
                 "spec.nodes: Invalid value: 0: should be greater than or equal to 1",
                 "spec.quantity: Invalid value: 1.5: must be an integer or a string",
