@@ -247,18 +247,31 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     };
     match &cur.outcome {
         AttemptOutcome::Queued => {
-            let msg = format!(
-                "attempt {}: waiting for Kueue to admit the gang",
-                cur.attempt
-            );
-            set_phase(
-                &mut plan,
-                &old,
-                TrainingPhase::Pending,
-                "WaitingForAdmission",
-                &msg,
-                &now,
-            );
+            // Kueue suspends a running attempt's Job to preempt (or evict)
+            // it: the same attempt waits to be admitted again. Not a failure,
+            // so nothing is counted; the reason says what happened, and
+            // stays until the gang runs again.
+            let ran = old.attempt == cur.attempt
+                && (old.phase == Some(TrainingPhase::Running)
+                    || reconciling_reason(&old) == Some(PREEMPTED));
+            let (reason, msg) = if ran {
+                (
+                    PREEMPTED,
+                    format!(
+                        "attempt {}: Kueue suspended the running gang (preempted or evicted); waiting to be admitted again",
+                        cur.attempt
+                    ),
+                )
+            } else {
+                (
+                    "WaitingForAdmission",
+                    format!(
+                        "attempt {}: waiting for Kueue to admit the gang",
+                        cur.attempt
+                    ),
+                )
+            };
+            set_phase(&mut plan, &old, TrainingPhase::Pending, reason, &msg, &now);
         }
         AttemptOutcome::Running => {
             let all_up = cur.ready + cur.succeeded >= spec.parallelism.nodes;
@@ -472,6 +485,17 @@ fn warning(reason: &str, message: String) -> Transition {
 }
 
 /// Set the phase and derive every condition from it; record a transition when the phase changes.
+/// Reason of a queued attempt that Kueue suspended after it had run.
+const PREEMPTED: &str = "Preempted";
+
+fn reconciling_reason(status: &MoETrainingJobStatus) -> Option<&str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == RECONCILING && c.status == "True")
+        .map(|c| c.reason.as_str())
+}
+
 fn set_phase(
     plan: &mut Plan,
     old: &MoETrainingJobStatus,

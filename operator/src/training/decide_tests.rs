@@ -382,6 +382,74 @@ fn a_queued_attempt_waits_for_admission() {
 }
 
 #[test]
+fn a_running_attempt_suspended_by_kueue_is_preempted_not_failed() {
+    let running = decide(
+        &job(SPEC),
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    let j = after(job(SPEC), &running);
+    let preempted = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Queued,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(preempted.status.phase, Some(TrainingPhase::Pending));
+    let reconciling = preempted
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Reconciling")
+        .unwrap();
+    assert_eq!(reconciling.reason, "Preempted");
+    assert_eq!(preempted.create, None);
+    assert!(preempted.delete.is_empty());
+    assert_eq!(
+        (preempted.status.restarts, preempted.status.disruptions),
+        (0, 0)
+    );
+    let event = &preempted.transitions[0];
+    assert_eq!((event.reason.as_str(), event.warning), ("Preempted", false));
+    // Still queued on the next look: still preempted, and no new Event.
+    let j = after(j, &preempted);
+    let still = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Queued,
+            Counters::default(),
+        )]),
+    );
+    let reason = |p: &Plan| {
+        p.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Reconciling")
+            .map(|c| c.reason.clone())
+    };
+    assert_eq!(reason(&still).as_deref(), Some("Preempted"));
+    assert!(still.transitions.is_empty());
+    // Admitted again: the same attempt runs.
+    let j = after(j, &still);
+    let back = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(back.create, None);
+    assert_ne!(back.status.phase, Some(TrainingPhase::Pending));
+}
+
+#[test]
 fn completion_succeeds_and_the_ttl_then_deletes_the_job() {
     let mut j = job(SPEC);
     j.spec.run_policy.ttl_seconds_after_finished = Some(60);

@@ -740,12 +740,22 @@ fn all_same(values: &[String]) -> bool {
 }
 
 async fn waits_for_admission(jobs: &Api<MoETrainingJob>, name: &str) -> Result<()> {
-    eventually(&format!("{name} to wait for admission"), WAIT, || async {
-        let j = jobs.get(name).await?;
-        Ok(condition(&j, "Reconciling")
-            .is_some_and(|c| c.reason == "WaitingForAdmission")
-            .then_some(()))
-    })
+    pending_because(jobs, name, "WaitingForAdmission").await
+}
+
+async fn pending_because(jobs: &Api<MoETrainingJob>, name: &str, reason: &str) -> Result<()> {
+    eventually(
+        &format!("{name} to be Pending ({reason})"),
+        WAIT,
+        || async {
+            let j = jobs.get(name).await?;
+            let pending = j.status.as_ref().and_then(|s| s.phase) == Some(TrainingPhase::Pending);
+            Ok(
+                (pending && condition(&j, "Reconciling").is_some_and(|c| c.reason == reason))
+                    .then_some(()),
+            )
+        },
+    )
     .await
 }
 
@@ -801,7 +811,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     );
 
     // A gang of higher priority preempts the first: Kueue suspends its Job,
-    // which the operator reports as waiting, with no restart counted.
+    // which the operator reports as preempted, with no restart counted.
     let urgent_class = format!("{}-urgent", ns.name);
     let classes: Api<PriorityClass> = Api::all(client.clone());
     classes
@@ -816,7 +826,12 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     let urgent = queued(json!({"spec": {"placement": {"priorityClassName": urgent_class}}}));
     jobs.create(&pp, &gpu_job("urgent", 2, urgent)).await?;
     wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
-    waits_for_admission(&jobs, "first").await?;
+    pending_because(&jobs, "first", "Preempted").await?;
+    ensure!(
+        event_reasons(&client, &ns.name, "first")
+            .await?
+            .contains(&"Preempted".to_string())
+    );
     eventually("the preempted gang's pods to go", WAIT, || async {
         Ok(pods_of(&pods, "first", 0).await?.is_empty().then_some(()))
     })
