@@ -118,6 +118,8 @@ wait_for() { # what, seconds, command...
   local what=$1 limit=$2 t=$SECONDS; shift 2
   until "$@" >/dev/null 2>&1; do
     if ((SECONDS - t > limit)); then die "$what not healthy after ${limit}s; see $state/logs/"; fi
+    # A process of ours that exited will not become healthy: say so now.
+    if [[ -f "$state/pids/$what" ]] && ! alive "$what"; then die "$what exited; see $state/logs/$what.log"; fi
     sleep 0.5
   done
   log "$what healthy after $((SECONDS - t))s"

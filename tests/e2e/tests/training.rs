@@ -1038,7 +1038,29 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
         let name = job.name_any();
         let queued = job.spec.placement.queue_name.is_some();
         let cpu = job.spec.worker.device == moe_crds::Device::Cpu;
+        let topology = job.spec.placement.topology.as_ref().and_then(|t| t.key());
+        let topology = topology.map(|(key, _)| key.to_string());
+        if topology.is_some() {
+            // Held Running until the whole gang is placed: the scheduler keeps
+            // a pod with the gang's pods that are still there, and KWOK would
+            // complete each one at once.
+            job.spec
+                .worker
+                .pod_metadata
+                .labels
+                .insert(HOLD.into(), "true".into());
+        }
         jobs.create(&PostParams::default(), &job).await?;
+        if let Some(key) = &topology {
+            wait_phase(&jobs, &name, TrainingPhase::Running).await?;
+            let list = pods_of(&pods, &name, 0).await?;
+            let domains = node_label_of(&client, &list, key).await?;
+            ensure!(
+                domains.len() as i32 == job.spec.parallelism.nodes && all_same(&domains),
+                "{name}: across domains of {key}: {domains:?}"
+            );
+            release_pods(&pods, &list).await?;
+        }
         if let Some(queue) = &job.spec.placement.queue_name {
             // The queue the example names, in the real Kueue, over its own pool.
             ensure!(kueue.is_none(), "{name}: one queued example per namespace");
@@ -1054,13 +1076,6 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
             "{name}: {} pods",
             list.len()
         );
-        if let Some((key, _)) = job.spec.placement.topology.as_ref().and_then(|t| t.key()) {
-            let domains = node_label_of(&client, &list, key).await?;
-            ensure!(
-                all_same(&domains),
-                "{name}: across domains of {key}: {domains:?}"
-            );
-        }
         for pod in &list {
             let node = pod
                 .spec
