@@ -60,8 +60,11 @@ pub struct Placement {
     /// Scheduler that places worker pods (e.g. a gang scheduler). Default: the cluster default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler_name: Option<String>,
-    /// Kueue LocalQueue. When set, the job is created suspended with the
-    /// `kueue.x-k8s.io/queue-name` label so Kueue admits the whole gang at once.
+    /// Kueue LocalQueue. A training job's attempt Job is created suspended
+    /// with the `kueue.x-k8s.io/queue-name` label, so Kueue admits the whole
+    /// gang at once; an inference service's Deployment or replica-group
+    /// StatefulSets carry the label, so Kueue admits each replica (a group's
+    /// pods together) and its pods wait, gated, until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub queue_name: Option<String>,

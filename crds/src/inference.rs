@@ -65,10 +65,11 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("self.serving.precision != 'fp8' || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
         .message("serving.precision fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which stores FP8 weights and computes in f32)")
         .field_path(".serving.precision"),
-    // Kueue admits workloads that finish; a service never does. Placement is
-    // shared with MoETrainingJob, so the field exists but is refused here.
-    validation = Rule::new("!has(self.placement.queueName)")
-        .message("placement.queueName is not supported for MoEInferenceService (Kueue admits finite workloads)")
+    // Kueue holds the replicas' quota in that queue; moving them to another
+    // queue is a new service (Kueue refuses the label's change on a running group).
+    // `has()` on both sides: the rule also runs on status writes.
+    validation = Rule::new("has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName)")
+        .message("placement.queueName is immutable: create a new service to serve from another queue")
         .field_path(".placement.queueName"),
     validation = Rule::new("!has(self.placement.topology) || self.parallelism.podsPerReplica > 1")
         .message("placement.topology keeps the pods of one replica group in one domain: it needs parallelism.podsPerReplica > 1")
@@ -104,7 +105,8 @@ pub struct MoEInferenceServiceSpec {
     /// How replicas are replaced when the model, config or image changes.
     #[serde(default)]
     pub rollout: RolloutSpec,
-    /// Where server pods are scheduled (`queueName` is not supported here).
+    /// Where server pods are scheduled. With `queueName`, Kueue admits each
+    /// replica (a multi-pod replica's pods as one group) within the queue's quota.
     #[serde(default)]
     pub placement: Placement,
     /// The server container and its pod.

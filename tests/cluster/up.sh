@@ -273,8 +273,9 @@ wait_for "custom.metrics.k8s.io" 120 kubectl get --raw /apis/custom.metrics.k8s.
 # is an ExternalName one (localhost, as for the metrics adapter) and every
 # reference to it names our port. Kueue issues its own serving certificate and
 # injects the CA into the CRDs and webhook configurations (internal certs).
-# Only the batch/job integration is enabled: the rest answer as no-ops, as in a
-# cluster whose Kueue manages Jobs only.
+# The integrations the operator's children use are enabled: batch/job (training
+# attempts), and pod, deployment and statefulset (serving replicas; a replica
+# group's StatefulSet is one pod group); the rest answer as no-ops.
 kdir="$state/kueue"
 mkdir -p "$kdir/certs"
 cp -r "$bin/kueue-config/crd" "$bin/kueue-config/webhook" "$kdir/"
@@ -303,7 +304,7 @@ metrics: {bindAddress: "0"}
 webhook: {host: 127.0.0.1, port: $kueue_webhook_port, certDir: $kdir/certs}
 leaderElection: {leaderElect: false}
 internalCertManagement: {enable: true, webhookServiceName: kueue-webhook-service, webhookSecretName: kueue-webhook-server-cert}
-integrations: {frameworks: ["batch/job"]}
+integrations: {frameworks: ["batch/job", "pod", "deployment", "statefulset"]}
 clientConnection: {qps: 50, burst: 100}
 EOF
 start kueue --config="$kdir/config.yaml" --kubeconfig="$pki/kueue.kubeconfig" \

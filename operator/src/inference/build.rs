@@ -144,6 +144,18 @@ pub fn child_meta(svc: &MoEInferenceService, name: String) -> ObjectMeta {
     }
 }
 
+/// [`child_meta`], with Kueue's queue label when the service is queued: on
+/// the Deployment and the group StatefulSets, the objects Kueue admits.
+pub fn queued_meta(svc: &MoEInferenceService, name: String) -> ObjectMeta {
+    let mut meta = child_meta(svc, name);
+    if let Some(queue) = &svc.spec.placement.queue_name {
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
+    }
+    meta
+}
+
 /// The server config, resolved for paths inside the container.
 pub fn serving_config(svc: &MoEInferenceService, model: &ResolvedModel) -> ServingConfig {
     let spec = &svc.spec;
@@ -215,7 +227,7 @@ pub fn deployment(
     model: &ResolvedModel,
 ) -> Deployment {
     let spec = &svc.spec;
-    let mut meta = child_meta(svc, child_name(svc));
+    let mut meta = queued_meta(svc, child_name(svc));
     meta.annotations = Some(BTreeMap::from([(
         labels::MODEL_REVISION.into(),
         model.revision.clone(),
@@ -277,6 +289,20 @@ pub fn pod_template(
         pod_labels.extend(gang.clone());
     }
     let mut annotations = worker.pod_metadata.annotations.clone();
+    // Queued: Kueue admits the replica (a group's pods as one pod group) and,
+    // with a topology, places it in one domain itself (no pod affinity then).
+    let queue = spec.placement.queue_name.as_ref();
+    if let Some(queue) = queue {
+        pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
+        if let Some((key, required)) = spec.placement.topology.as_ref().and_then(|t| t.key()) {
+            let annotation = if required {
+                labels::KUEUE_REQUIRED_TOPOLOGY
+            } else {
+                labels::KUEUE_PREFERRED_TOPOLOGY
+            };
+            annotations.insert(annotation.into(), key.into());
+        }
+    }
     // The config's hash and the model revision: a change to either rolls the replicas.
     annotations.insert(labels::CONFIG_HASH.into(), config_hash);
     annotations.insert(labels::MODEL_REVISION.into(), model.revision.clone());
@@ -297,7 +323,7 @@ pub fn pod_template(
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(&spec.placement, gang.as_ref()),
+            affinity: affinity(&spec.placement, gang.as_ref().filter(|_| queue.is_none())),
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
@@ -636,6 +662,47 @@ mod tests {
         // A one-pod replica's template (the Deployment's) has nothing to keep together.
         let t = pod_template(&svc, &BuildContext::default(), &model(), None);
         assert_eq!(t.spec.unwrap().affinity.unwrap().pod_affinity, None);
+    }
+
+    #[test]
+    fn a_queued_service_is_admitted_by_kueue_replica_by_replica() {
+        let svc =
+            service_fixture(serde_json::json!({"spec": {"placement": {"queueName": "serving"}}}));
+        let d = deployment(&svc, &BuildContext::default(), &model());
+        let queue = |labels: Option<&BTreeMap<String, String>>| {
+            labels.and_then(|l| l.get(labels::KUEUE_QUEUE_NAME).cloned())
+        };
+        assert_eq!(
+            queue(d.metadata.labels.as_ref()).as_deref(),
+            Some("serving")
+        );
+        let template = d.spec.unwrap().template;
+        assert_eq!(
+            queue(template.metadata.as_ref().unwrap().labels.as_ref()).as_deref(),
+            Some("serving")
+        );
+        // A queued group: Kueue places it in one domain; no pod affinity of ours.
+        let svc = service_fixture(serde_json::json!({"spec": {
+            "parallelism": {"processesPerPod": 4, "podsPerReplica": 2, "expertParallel": 8},
+            "placement": {"queueName": "serving", "topology": {"required": "topology.moe.dev/rack"}}
+        }}));
+        let g = Group {
+            index: 0,
+            incarnation: 0,
+        };
+        let t = pod_template(&svc, &BuildContext::default(), &model(), Some(g));
+        let annotations = t.metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_REQUIRED_TOPOLOGY)
+                .map(String::as_str),
+            Some("topology.moe.dev/rack")
+        );
+        assert_eq!(t.spec.unwrap().affinity.unwrap().pod_affinity, None);
+        // Not queued: no label anywhere.
+        let svc = service_fixture(serde_json::json!({}));
+        let d = deployment(&svc, &BuildContext::default(), &model());
+        assert_eq!(queue(d.metadata.labels.as_ref()), None);
     }
 
     #[test]

@@ -196,7 +196,7 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
     let model = resolve_model(svc, job.as_deref());
     let grouped = svc.spec.parallelism.pods_per_replica > 1;
     let mut group_plan = None;
-    let (deployment, unschedulable) = if grouped {
+    let (deployment, pending) = if grouped {
         // Replica groups: pods are listed every time (a failed pod restarts its group).
         let pods = server_pods(ctx, svc, &ns).await?;
         let states = observe_groups(ctx, svc, &pods);
@@ -208,17 +208,17 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         };
         let counts = (!states.is_empty()).then(|| gplan.counts.clone());
         group_plan = Some(gplan);
-        (counts, unschedulable_of(&pods))
+        (counts, pending_of(&pods))
     } else {
         let name = build::child_name(svc);
         let deployment = owned(&ctx.deployments, svc, &name).map(|d| deployment_state(&d));
-        let unschedulable = match &deployment {
+        let pending = match &deployment {
             Some(d) if d.ready < svc.spec.replicas || d.updated < svc.spec.replicas => {
-                unschedulable_of(&server_pods(ctx, svc, &ns).await?)
+                pending_of(&server_pods(ctx, svc, &ns).await?)
             }
-            _ => vec![],
+            _ => Pending::default(),
         };
-        (deployment, unschedulable)
+        (deployment, pending)
     };
     let mut plan = decide(
         svc,
@@ -226,7 +226,8 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             invalid,
             model,
             deployment,
-            unschedulable,
+            unschedulable: pending.unschedulable,
+            awaiting_admission: pending.awaiting_admission,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
             now: Timestamp::now(),
         },
@@ -364,6 +365,31 @@ async fn server_pods(
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect())
+}
+
+/// Why server pods are not placed yet.
+#[derive(Default)]
+struct Pending {
+    /// The scheduler's messages for pods it cannot place.
+    unschedulable: Vec<String>,
+    /// Pods held by Kueue's admission gate (a queued service short of quota).
+    awaiting_admission: i32,
+}
+
+/// Kueue's scheduling gate on the pods it manages until it admits them.
+const KUEUE_ADMISSION_GATE: &str = "kueue.x-k8s.io/admission";
+
+fn pending_of(pods: &[Pod]) -> Pending {
+    let gated = pods.iter().filter(|p| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .is_some_and(|gates| gates.iter().any(|g| g.name == KUEUE_ADMISSION_GATE))
+    });
+    Pending {
+        unschedulable: unschedulable_of(pods),
+        awaiting_admission: gated.count() as i32,
+    }
 }
 
 /// Why server pods are Pending, from the scheduler's PodScheduled condition.

@@ -25,6 +25,7 @@ pub mod reason {
     pub const UPDATING: &str = "Updating";
     pub const PODS_NOT_READY: &str = "PodsNotReady";
     pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
+    pub const WAITING_FOR_ADMISSION: &str = "WaitingForAdmission";
     pub const WAITING_FOR_TRAINING_JOB: &str = "WaitingForTrainingJob";
     pub const TRAINING_JOB_NOT_FOUND: &str = "TrainingJobNotFound";
     pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
@@ -235,6 +236,8 @@ pub struct Observed {
     pub deployment: Option<DeploymentState>,
     /// Messages of server pods the scheduler cannot place.
     pub unschedulable: Vec<String>,
+    /// Server pods Kueue has not admitted yet (`placement.queueName`).
+    pub awaiting_admission: i32,
     /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
     pub exhausted: Option<String>,
     pub now: Timestamp,
@@ -285,7 +288,7 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
                 match &observed.exhausted {
                     // Will not recover without a change (a new revision or a deletion).
                     Some(message) => stalled(reason::GROUP_RESTART_LIMIT, message.clone()),
-                    None => replicas_verdict(desired, dep.as_ref(), &observed.unschedulable),
+                    None => replicas_verdict(desired, dep.as_ref(), observed),
                 }
             }
         }
@@ -320,7 +323,9 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
             && counts.ready > 0
             && matches!(
                 verdict.reason,
-                reason::PODS_NOT_READY | reason::INSUFFICIENT_CAPACITY
+                reason::PODS_NOT_READY
+                    | reason::INSUFFICIENT_CAPACITY
+                    | reason::WAITING_FOR_ADMISSION
             ));
     let (r, m) = (verdict.reason, verdict.message.as_str());
     let conds = &mut plan.status.conditions;
@@ -382,13 +387,19 @@ fn progressing(reason: &'static str, message: String) -> Verdict {
 
 /// Classifies the replicas: creating, updating, short of capacity, pods not
 /// ready, or ready.
-fn replicas_verdict(
-    desired: i32,
-    dep: Option<&DeploymentState>,
-    unschedulable: &[String],
-) -> Verdict {
+fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Observed) -> Verdict {
     let Some(d) = dep else {
         return progressing(reason::CREATING, "creating the replicas".into());
+    };
+    let unschedulable = &observed.unschedulable;
+    // Pods Kueue has not admitted are not short of nodes but of quota: the
+    // queue's, which frees when other workloads finish or the quota grows.
+    let awaiting = observed.awaiting_admission;
+    let admission = || {
+        progressing(
+            reason::WAITING_FOR_ADMISSION,
+            format!("{awaiting} server pod(s) wait for Kueue to admit them (their queue's quota)"),
+        )
     };
     let stale = d.observed_generation < d.generation || d.desired != desired;
     let rolling = stale || d.updated < desired || d.replicas > desired;
@@ -404,6 +415,9 @@ fn replicas_verdict(
     };
     if rolling {
         // A rollout that cannot place its new pods is short of capacity, not just slow.
+        if awaiting > 0 && !stale {
+            return admission();
+        }
         if !unschedulable.is_empty() && !stale {
             return capacity();
         }
@@ -424,6 +438,9 @@ fn replicas_verdict(
         };
     }
     if d.ready < desired {
+        if awaiting > 0 {
+            return admission();
+        }
         if !unschedulable.is_empty() {
             return capacity();
         }
@@ -482,6 +499,7 @@ mod tests {
             model,
             deployment: dep,
             unschedulable: vec![],
+            awaiting_admission: 0,
             exhausted: None,
             now: Timestamp::from_second(1_000).unwrap(),
         }
@@ -696,6 +714,19 @@ mod tests {
         assert_eq!(cond(&plan, READY), ("False", "InsufficientCapacity"));
         assert_eq!(cond(&plan, DEGRADED).0, "False", "nothing serves yet");
         assert!(plan.transitions[0].warning);
+
+        // Queued and short of quota: Kueue's gate, not the scheduler, holds
+        // them (even when the scheduler would have no room either).
+        let mut o = observed(m.clone(), Some(dep(3, 3, 1, 3)));
+        o.awaiting_admission = 2;
+        o.unschedulable = vec!["0/29 nodes are available".into()];
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "WaitingForAdmission"));
+        assert_eq!(cond(&plan, DEGRADED), ("True", "WaitingForAdmission"));
+        assert!(
+            !plan.transitions[0].warning,
+            "waiting for quota is no fault"
+        );
 
         let plan = decide(&s, &observed(m.clone(), Some(dep(3, 4, 3, 1))));
         assert_eq!(cond(&plan, READY), ("False", "Updating"));

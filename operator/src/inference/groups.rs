@@ -59,7 +59,13 @@ pub fn pods_service(svc: &MoEInferenceService) -> Service {
 /// whose StatefulSet carries another revision are replaced.
 pub fn revision(svc: &MoEInferenceService, ctx: &BuildContext, model: &ResolvedModel) -> String {
     let template = build::pod_template(svc, ctx, model, None);
-    let text = serde_json::to_string(&template).expect("a pod template serialises");
+    let mut text = serde_json::to_string(&template).expect("a pod template serialises");
+    // The topology shapes only the groups' templates (their pod affinity):
+    // a change of it replaces the groups too. Appended only when set, so
+    // groups without one keep the revision they were created with.
+    if let Some(topology) = &svc.spec.placement.topology {
+        text.push_str(&serde_json::to_string(topology).expect("a topology serialises"));
+    }
     format!("{:016x}", fnv1a64(text.as_bytes()))
 }
 
@@ -78,7 +84,7 @@ pub fn group_set(
     g: Group,
     restarts: i32,
 ) -> StatefulSet {
-    let mut meta = build::child_meta(svc, build::group_set_name(svc, g));
+    let mut meta = build::queued_meta(svc, build::group_set_name(svc, g));
     meta.labels
         .get_or_insert_with(BTreeMap::new)
         .extend(group_labels(svc, g));
@@ -507,6 +513,54 @@ mod tests {
         let plan = plan_groups(&svc(1), &[g], "r1");
         assert_eq!(plan.mark_formed, vec!["chat-g0-0".to_string()]);
         assert_eq!(plan.counts.ready, 1);
+    }
+
+    fn model() -> ResolvedModel {
+        ResolvedModel {
+            claim_name: "w".into(),
+            path: String::new(),
+            format: moe_crds::ModelFormat::Native,
+            checkpoint_step: None,
+            model: None,
+            trained: None,
+            revision: "pvc/w/".into(),
+        }
+    }
+
+    #[test]
+    fn a_topology_change_is_a_new_revision_and_a_queue_labels_each_group() {
+        let ctx = BuildContext::default();
+        let plain = svc(1);
+        let mut placed = svc(1);
+        placed.spec.placement.topology =
+            serde_json::from_value(json!({"required": "topology.moe.dev/rack"})).unwrap();
+        let mut elsewhere = placed.clone();
+        elsewhere.spec.placement.topology =
+            serde_json::from_value(json!({"required": "topology.moe.dev/block"})).unwrap();
+        let revisions = [&plain, &placed, &elsewhere].map(|s| revision(s, &ctx, &model()));
+        assert_ne!(revisions[0], revisions[1]);
+        assert_ne!(revisions[1], revisions[2]);
+        // Without a topology the revision is what it was before topologies
+        // existed: the template's hash alone (groups are not replaced on upgrade).
+        let template = build::pod_template(&plain, &ctx, &model(), None);
+        let text = serde_json::to_string(&template).unwrap();
+        assert_eq!(revisions[0], format!("{:016x}", fnv1a64(text.as_bytes())));
+
+        let mut queued = svc(1);
+        queued.spec.placement.queue_name = Some("serving".into());
+        let g = Group {
+            index: 0,
+            incarnation: 0,
+        };
+        let set = group_set(&queued, &ctx, &model(), g, 0);
+        assert_eq!(
+            set.metadata
+                .labels
+                .unwrap()
+                .get(labels::KUEUE_QUEUE_NAME)
+                .map(String::as_str),
+            Some("serving")
+        );
     }
 
     #[test]

@@ -106,11 +106,34 @@ impl KueueSetup {
             flavor["spec"]["topologyName"] = json!(name);
         }
         apply(client, None, flavor).await?;
-        apply(client, None, json!({
+        let setup = Self {
+            client: client.clone(),
+            name,
+            topology,
+        };
+        setup.set_gpus(gpus).await?;
+        apply(
+            client,
+            Some(namespace),
+            json!({
+                "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                "metadata": {"name": queue, "namespace": namespace},
+                "spec": {"clusterQueue": setup.name}
+            }),
+        )
+        .await?;
+        Ok(setup)
+    }
+
+    /// (Re)writes the ClusterQueue, only the test namespace's, with `gpus`
+    /// of quota: Kueue admits what waits as soon as the quota fits it.
+    pub async fn set_gpus(&self, gpus: u32) -> Result<()> {
+        let name = &self.name;
+        let queue = json!({
             "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
             "metadata": {"name": name},
             "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}},
                 "preemption": {"withinClusterQueue": "LowerPriority"},
                 "resourceGroups": [{
                     "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
@@ -121,23 +144,8 @@ impl KueueSetup {
                     ]}]
                 }]
             }
-        }))
-        .await?;
-        apply(
-            client,
-            Some(namespace),
-            json!({
-                "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-                "metadata": {"name": queue, "namespace": namespace},
-                "spec": {"clusterQueue": name}
-            }),
-        )
-        .await?;
-        Ok(Self {
-            client: client.clone(),
-            name,
-            topology,
-        })
+        });
+        apply(&self.client, None, queue).await
     }
 
     /// The Workloads Kueue made for the namespace's jobs, by owning Job name.

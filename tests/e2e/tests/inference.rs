@@ -17,6 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
+use moe_e2e::kueue::KueueSetup;
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     TestNamespace, admin_client, bound_claim, eventually, metric_sum, rejection_problems,
@@ -1346,4 +1347,74 @@ async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether Kueue's admission gate holds the pod.
+fn gated(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == "kueue.x-k8s.io/admission"))
+}
+
+#[tokio::test]
+async fn kueue_admits_each_replica_group_whole_within_the_queue_quota() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-kueue").await?;
+    // Quota for one group: 2 pods of 8 GPUs.
+    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 16, false).await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let grouped = json!({"spec": {
+        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
+        "placement": {"queueName": KueueSetup::QUEUE}
+    }});
+    api.create(&PostParams::default(), &gpu_service("queued", 2, grouped))
+        .await?;
+
+    // One group serves; the other waits whole: both its pods gated, neither on a node.
+    let waiting = eventually("one group admitted, the other waiting", WAIT, || async {
+        let s = api.get("queued").await?;
+        let ready = s.status.as_ref().map(|s| s.ready_replicas);
+        let waiting = condition(&s, "Ready").is_some_and(|c| c.reason == "WaitingForAdmission");
+        let live = server_pods(&pods, "queued").await?;
+        let (held, running): (Vec<_>, Vec<_>) = live.into_iter().partition(gated);
+        Ok(
+            (ready == Some(1) && waiting && held.len() == 2 && running.len() == 2)
+                .then_some((held, running)),
+        )
+    })
+    .await?;
+    let (held, running) = waiting;
+    let group = |p: &Pod| p.labels().get("moe.dev/group").cloned();
+    ensure!(
+        group(&held[0]) == group(&held[1]),
+        "gated pods of two groups"
+    );
+    ensure!(
+        group(&running[0]) == group(&running[1]),
+        "admitted pods of two groups"
+    );
+    ensure!(group(&held[0]) != group(&running[0]));
+    ensure!(
+        held.iter().all(|p| node_of(p).is_empty()),
+        "a gated pod was placed"
+    );
+    ensure!(
+        running
+            .iter()
+            .all(|p| node_of(p).starts_with("gpu-kueue-quota-")),
+        "admitted pods off Kueue's pool: {:?}",
+        running.iter().map(node_of).collect::<Vec<_>>()
+    );
+    let s = api.get("queued").await?;
+    ensure!(condition(&s, "Degraded").is_some_and(|c| c.status == "True"));
+
+    // The queue's quota grows: Kueue admits the waiting group.
+    kueue.set_gpus(32).await?;
+    wait_ready(&api, "queued", 2).await?;
+    ns.delete().await?;
+    kueue.delete().await
 }
