@@ -291,9 +291,13 @@ pub fn pod_template(
     let mut annotations = worker.pod_metadata.annotations.clone();
     // Queued: Kueue admits the replica (a group's pods as one pod group) and,
     // with a topology, places it in one domain itself (no pod affinity then).
+    // The Deployment's pods carry the queue themselves (Kueue would copy it
+    // there); a group's take it from their StatefulSet, as one pod group.
     let queue = spec.placement.queue_name.as_ref();
     if let Some(queue) = queue {
-        pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
+        if group.is_none() {
+            pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
+        }
         if let Some((key, required)) = spec.placement.topology.as_ref().and_then(|t| t.key()) {
             let annotation = if required {
                 labels::KUEUE_REQUIRED_TOPOLOGY

@@ -1411,10 +1411,44 @@ async fn kueue_admits_each_replica_group_whole_within_the_queue_quota() -> Resul
     );
     let s = api.get("queued").await?;
     ensure!(condition(&s, "Degraded").is_some_and(|c| c.status == "True"));
+    // Kueue's unit of admission is the group: one Workload of 2 pods per
+    // group, not one per pod (which could admit half of each group).
+    let mut sizes: Vec<i64> = kueue
+        .workloads()
+        .await?
+        .iter()
+        .map(|(_, w)| {
+            let sets = w.data["spec"]["podSets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            sets.iter().map(|p| p["count"].as_i64().unwrap_or(0)).sum()
+        })
+        .collect();
+    sizes.sort();
+    ensure!(
+        sizes == [2, 2],
+        "Workload sizes {sizes:?}: want one of 2 per group"
+    );
 
     // The queue's quota grows: Kueue admits the waiting group.
     kueue.set_gpus(32).await?;
     wait_ready(&api, "queued", 2).await?;
+
+    // One-pod replicas (a Deployment): each pod waits for its own admission,
+    // here for the groups' quota (the whole pool) to come free.
+    let single = json!({"spec": {"placement": {"queueName": KueueSetup::QUEUE}}});
+    api.create(&PostParams::default(), &gpu_service("single", 1, single))
+        .await?;
+    eventually("the one-pod replica to wait for quota", WAIT, || async {
+        let s = api.get("single").await?;
+        let waiting = condition(&s, "Ready").is_some_and(|c| c.reason == "WaitingForAdmission");
+        let live = server_pods(&pods, "single").await?;
+        Ok((waiting && live.len() == 1 && gated(&live[0])).then_some(()))
+    })
+    .await?;
+    api.delete("queued", &DeleteParams::default()).await?;
+    wait_ready(&api, "single", 1).await?;
     ns.delete().await?;
     kueue.delete().await
 }
