@@ -197,9 +197,14 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
     let grouped = svc.spec.parallelism.pods_per_replica > 1;
     let mut group_plan = None;
     let (deployment, pending) = if grouped {
-        // Replica groups: pods are listed every time (a failed pod restarts its group).
-        let pods = server_pods(ctx, svc, &ns).await?;
-        let states = observe_groups(ctx, svc, &pods);
+        // Replica groups: pods are listed every time (a failed pod restarts its
+        // group), terminating ones too (what stopped them tells a failure from Kueue).
+        let all = all_server_pods(ctx, svc, &ns).await?;
+        let states = observe_groups(ctx, svc, &all);
+        let pods: Vec<Pod> = all
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
         let gplan = match &model {
             ModelState::Ready(m) => {
                 groups::plan_groups(svc, &states, &groups::revision(svc, &ctx.build, m))
@@ -352,6 +357,19 @@ async fn server_pods(
     svc: &MoEInferenceService,
     ns: &str,
 ) -> Result<Vec<Pod>, Error> {
+    let all = all_server_pods(ctx, svc, ns).await?;
+    Ok(all
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+/// Every server pod of `svc`, terminating ones included.
+async fn all_server_pods(
+    ctx: &Context,
+    svc: &MoEInferenceService,
+    ns: &str,
+) -> Result<Vec<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let selector = build::selector_labels(svc)
         .iter()
@@ -360,11 +378,7 @@ async fn server_pods(
         .join(",");
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     ctx.metrics.api_call("list", "pods");
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect())
+    Ok(list.items)
 }
 
 /// Why server pods are not placed yet.
@@ -378,17 +392,33 @@ struct Pending {
 
 /// Kueue's scheduling gate on the pods it manages until it admits them.
 const KUEUE_ADMISSION_GATE: &str = "kueue.x-k8s.io/admission";
+/// The condition Kueue sets on the pods of a workload it stops (evicts,
+/// preempts) before deleting them.
+const KUEUE_TERMINATION_TARGET: &str = "TerminationTarget";
+
+fn gated_by_kueue(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|gates| gates.iter().any(|g| g.name == KUEUE_ADMISSION_GATE))
+}
+
+fn stopped_by_kueue(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == KUEUE_TERMINATION_TARGET && c.status == "True")
+            })
+}
 
 fn pending_of(pods: &[Pod]) -> Pending {
-    let gated = pods.iter().filter(|p| {
-        p.spec
-            .as_ref()
-            .and_then(|s| s.scheduling_gates.as_ref())
-            .is_some_and(|gates| gates.iter().any(|g| g.name == KUEUE_ADMISSION_GATE))
-    });
     Pending {
         unschedulable: unschedulable_of(pods),
-        awaiting_admission: gated.count() as i32,
+        awaiting_admission: pods.iter().filter(|p| gated_by_kueue(p)).count() as i32,
     }
 }
 
@@ -431,6 +461,8 @@ fn has_failed(pod: &Pod) -> bool {
 }
 
 /// The group StatefulSets `svc` owns, with their pods.
+/// The groups as their StatefulSets and pods show them; `pods` includes
+/// terminating ones, which count only to see that Kueue stopped a group.
 fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec<GroupState> {
     let uid = svc.uid();
     let ns = svc.namespace();
@@ -450,7 +482,7 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
             continue;
         };
         let annotation = |k: &str| set.annotations().get(k).cloned();
-        let mine: Vec<&Pod> = pods
+        let group_pods: Vec<&Pod> = pods
             .iter()
             .filter(|p| {
                 p.labels().get(labels::GROUP) == Some(&index.to_string())
@@ -458,13 +490,7 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
             })
             .collect();
         let formed = annotation(labels::FORMED_PODS);
-        let replaced = formed.as_ref().is_some_and(|uids| {
-            let formed: Vec<&str> = uids.split(',').collect();
-            mine.len() < size as usize
-                || mine
-                    .iter()
-                    .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
-        });
+        let health = group_health(&group_pods, formed.as_deref(), size);
         out.push(GroupState {
             name: set.name_any(),
             index,
@@ -474,13 +500,51 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
             restarts: annotation(labels::RESTARTS)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            pods: mine.len() as i32,
-            ready: mine.iter().filter(|p| is_ready(p)).count() as i32,
+            pods: health.pods,
+            ready: health.ready,
             formed: formed.is_some(),
-            failed: replaced || mine.iter().any(|p| has_failed(p)),
+            failed: health.failed,
+            stopped: health.stopped,
         });
     }
     out
+}
+
+/// What a group's pods say of it, pure.
+#[derive(Debug, PartialEq)]
+struct GroupHealth {
+    /// Live pods, and those ready.
+    pods: i32,
+    ready: i32,
+    /// A pod failed, restarted, or was replaced since the group formed.
+    failed: bool,
+    /// Kueue stopped it (preempted, evicted): its pods carry Kueue's
+    /// TerminationTarget condition while they go, and come back gated by
+    /// the StatefulSet. It waits to be admitted again: no failure.
+    stopped: bool,
+}
+
+/// `pods`: the group's pods, terminating ones included; `formed`: the uids
+/// recorded when it first was whole and ready.
+fn group_health(pods: &[&Pod], formed: Option<&str>, size: i32) -> GroupHealth {
+    let (live, leaving): (Vec<&Pod>, Vec<&Pod>) = pods
+        .iter()
+        .partition(|p| p.metadata.deletion_timestamp.is_none());
+    let stopped = leaving.iter().any(|p| stopped_by_kueue(p))
+        || (!live.is_empty() && live.iter().all(|p| gated_by_kueue(p)));
+    let replaced = formed.is_some_and(|uids| {
+        let formed: Vec<&str> = uids.split(',').collect();
+        live.len() < size as usize
+            || live
+                .iter()
+                .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
+    });
+    GroupHealth {
+        pods: live.len() as i32,
+        ready: live.iter().filter(|p| is_ready(p)).count() as i32,
+        failed: !stopped && (replaced || live.iter().any(|p| has_failed(p))),
+        stopped,
+    }
 }
 
 /// Deletes the group incarnations the plan retires, then creates the new
@@ -528,6 +592,14 @@ async fn execute_groups(
         }
         ctx.metrics.api_call("create", "statefulsets");
     }
+    // A group Kueue stopped forms anew when it is admitted again: its pods
+    // then are new ones, which must not read as replacements.
+    for name in &plan.unmark_formed {
+        let patch = serde_json::json!({"metadata": {"annotations": {labels::FORMED_PODS: null}}});
+        sets.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        ctx.metrics.api_call("patch", "statefulsets");
+    }
     if !plan.mark_formed.is_empty() {
         let pods = server_pods(ctx, svc, ns).await?;
         for name in &plan.mark_formed {
@@ -571,4 +643,67 @@ fn verdict(ctx: &Context, svc: &MoEInferenceService) -> Option<String> {
         .expect("not poisoned")
         .insert(uid, (generation, invalid.clone()));
     invalid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(uid: &str, extra: serde_json::Value) -> Pod {
+        let mut v = json!({"metadata": {"name": format!("p-{uid}"), "uid": uid},
+                           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+        moe_crds::fixtures::merge_patch(&mut v, &extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn health(pods: &[Pod], formed: Option<&str>) -> GroupHealth {
+        group_health(&pods.iter().collect::<Vec<_>>(), formed, 2)
+    }
+
+    #[test]
+    fn a_replaced_pod_fails_the_group_but_kueue_stopping_it_does_not() {
+        let formed = Some("a,b");
+        let whole = [pod("a", json!({})), pod("b", json!({}))];
+        assert_eq!(
+            health(&whole, formed),
+            GroupHealth {
+                pods: 2,
+                ready: 2,
+                failed: false,
+                stopped: false
+            }
+        );
+        // A pod gone (killed, evicted, node lost): the group restarts.
+        assert!(health(&whole[..1], formed).failed);
+        let replaced = [pod("a", json!({})), pod("c", json!({}))];
+        assert!(health(&replaced, formed).failed);
+        // The same pods going, marked by Kueue: stopped, not failed.
+        let going = json!({"metadata": {"deletionTimestamp": "2026-11-29T00:00:00Z"},
+                           "status": {"conditions": [{"type": "TerminationTarget", "status": "True", "reason": "StoppedByKueue"}]}});
+        let leaving = [pod("a", going.clone()), pod("b", going)];
+        let h = health(&leaving, formed);
+        assert!(h.stopped && !h.failed, "{h:?}");
+        // A pod going without Kueue's mark, the other gone: a failure.
+        let deleted = [pod(
+            "a",
+            json!({"metadata": {"deletionTimestamp": "2026-11-29T00:00:00Z"}}),
+        )];
+        assert!(health(&deleted, formed).failed);
+        // Back from the StatefulSet, gated until Kueue readmits them: still stopped.
+        let gated = json!({"spec": {"containers": [], "schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]},
+                           "status": {"phase": "Pending", "conditions": []}});
+        let back = [pod("c", gated.clone()), pod("d", gated)];
+        let h = health(&back, formed);
+        assert!(h.stopped && !h.failed && h.ready == 0, "{h:?}");
+        // One gated, one not: not Kueue's doing as a whole.
+        let mixed = [
+            pod("a", json!({})),
+            pod(
+                "d",
+                json!({"spec": {"containers": [], "schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}}),
+            ),
+        ];
+        assert!(health(&mixed, formed).failed);
+    }
 }

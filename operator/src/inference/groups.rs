@@ -133,6 +133,10 @@ pub struct GroupState {
     pub formed: bool,
     /// A pod failed, restarted, or was replaced after the group formed.
     pub failed: bool,
+    /// Kueue stopped the group (its pods are going with Kueue's
+    /// TerminationTarget condition, or are all back and gated): it waits for
+    /// admission, which is no failure.
+    pub stopped: bool,
 }
 
 /// What to do with the groups.
@@ -144,6 +148,8 @@ pub struct GroupPlan {
     pub delete: Vec<String>,
     /// StatefulSets whose pods are all ready for the first time.
     pub mark_formed: Vec<String>,
+    /// StatefulSets of formed groups Kueue stopped: formed anew once readmitted.
+    pub unmark_formed: Vec<String>,
     /// The replica counts, as the Deployment's would be.
     pub counts: DeploymentState,
     /// Set when a group is out of restarts.
@@ -268,6 +274,9 @@ pub fn plan_groups(svc: &MoEInferenceService, groups: &[GroupState], revision: &
             continue;
         }
         updated += 1;
+        if c.stopped && c.formed {
+            plan.unmark_formed.push(c.name.clone());
+        }
         if healthy(c) && !c.formed {
             plan.mark_formed.push(c.name.clone());
         }
@@ -504,6 +513,24 @@ mod tests {
             vec!["chat-g1-0".to_string(), "chat-g1-1".to_string()]
         );
         assert_eq!(created(&plan), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn a_group_kueue_stopped_waits_to_form_anew_without_a_restart() {
+        let mut g = group(0, 0, 0);
+        g.formed = true;
+        g.stopped = true;
+        let plan = plan_groups(&svc(1), &[g.clone()], "r1");
+        assert_eq!(plan.unmark_formed, vec!["chat-g0-0".to_string()]);
+        assert!(plan.create.is_empty() && plan.delete.is_empty());
+        assert!(plan.transitions.is_empty(), "no GroupRestart");
+        assert_eq!((plan.counts.ready, plan.counts.updated), (0, 1));
+        // Readmitted, its new pods ready: formed again, with them.
+        let mut back = group(0, 0, 2);
+        back.formed = false;
+        let plan = plan_groups(&svc(1), &[back], "r1");
+        assert_eq!(plan.mark_formed, vec!["chat-g0-0".to_string()]);
+        assert!(plan.unmark_formed.is_empty());
     }
 
     #[test]

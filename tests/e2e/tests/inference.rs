@@ -13,6 +13,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
@@ -1449,6 +1450,106 @@ async fn kueue_admits_each_replica_group_whole_within_the_queue_quota() -> Resul
     .await?;
     api.delete("queued", &DeleteParams::default()).await?;
     wait_ready(&api, "single", 1).await?;
+    ns.delete().await?;
+    kueue.delete().await
+}
+
+#[tokio::test]
+async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-preempt").await?;
+    // Quota for one group of 2 pods × 8 GPUs, which a higher priority may take.
+    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 16, false).await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+    let grouped = json!({"spec": {
+        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
+        "placement": {"queueName": KueueSetup::QUEUE}
+    }});
+    api.create(&pp, &gpu_service("low", 1, grouped)).await?;
+    wait_ready(&api, "low", 1).await?;
+    eventually("the group to form", WAIT, || async {
+        let set = sets.get("low-g0-0").await?;
+        Ok(set
+            .annotations()
+            .contains_key("moe.dev/formed-pods")
+            .then_some(()))
+    })
+    .await?;
+
+    // A training gang of higher priority takes the quota: Kueue stops the group.
+    let class = format!("{}-urgent", ns.name);
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    let priority = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                          "metadata": {"name": class}, "value": 1000});
+    classes
+        .create(&pp, &serde_json::from_value(priority)?)
+        .await?;
+    let urgent: MoETrainingJob = serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
+        "metadata": {"name": "urgent"},
+        "spec": {
+            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
+                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
+            "training": {"steps": 100, "globalBatchSize": 16},
+            "parallelism": {"nodes": 2, "processesPerNode": 8, "expertParallel": 8},
+            "placement": {"gpuType": "H100", "queueName": KueueSetup::QUEUE, "priorityClassName": class},
+            "worker": {"podMetadata": {"labels": {HOLD: "true"}}}
+        }
+    }))?;
+    jobs.create(&pp, &urgent).await?;
+    eventually(
+        "the gang to run and the group to wait, kept",
+        WAIT,
+        || async {
+            let job = jobs.get("urgent").await?;
+            let running = job.status.and_then(|s| s.phase) == Some(TrainingPhase::Running);
+            let s = api.get("low").await?;
+            let waiting = condition(&s, "Ready").is_some_and(|c| c.reason == "WaitingForAdmission");
+            let live = server_pods(&pods, "low").await?;
+            Ok((running && waiting && live.len() == 2 && live.iter().all(gated)).then_some(()))
+        },
+    )
+    .await?;
+    let set = sets.get("low-g0-0").await?;
+    ensure!(
+        set.annotations()
+            .get("moe.dev/restarts")
+            .map(String::as_str)
+            == Some("0")
+    );
+    ensure!(
+        sets.get_opt("low-g0-1").await?.is_none(),
+        "the group was replaced"
+    );
+
+    // The gang finishes: Kueue admits the group again, the same incarnation.
+    let gang = pods
+        .list(&ListParams::default().labels("moe.dev/job-name=urgent"))
+        .await?;
+    for p in gang.items {
+        let patch = json!({"metadata": {"labels": {HOLD: null}}});
+        pods.patch(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    wait_ready(&api, "low", 1).await?;
+    ensure!(groups_of(&sets, "low").await? == [("0".to_string(), "0".to_string())]);
+    ensure!(
+        !event_reasons(&client, &ns.name, "low")
+            .await?
+            .contains(&"GroupRestart".to_string()),
+        "a preemption counted as a group restart"
+    );
+    classes.delete(&class, &DeleteParams::default()).await?;
     ns.delete().await?;
     kueue.delete().await
 }
