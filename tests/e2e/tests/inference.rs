@@ -172,11 +172,21 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let mut kueue = None;
     for file in &files {
         let mut svc: MoEInferenceService = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
         svc.metadata.namespace = Some(ns.name.clone());
         let name = svc.name_any();
         let cpu = svc.spec.worker.device == moe_crds::Device::Cpu;
+        let queued = svc.spec.placement.queue_name.is_some();
+        if let Some(queue) = &svc.spec.placement.queue_name {
+            // The queue the example names, in the real Kueue, over the pool
+            // of its topology-aware scheduling.
+            ensure!(kueue.is_none(), "{name}: one queued example per namespace");
+            kueue = Some(
+                KueueSetup::with_queue(&client, &ns.name, queue, "kueue-tas", 64, true).await?,
+            );
+        }
         api.create(&PostParams::default(), &svc).await?;
         let ready = wait_ready(&api, &name, svc.spec.replicas).await?;
         let status = ready.status.clone().unwrap_or_default();
@@ -255,7 +265,11 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
         }
         for pod in live {
             let node = node_of(&pod);
-            let want = if cpu { "cpu-" } else { "gpu-h100-" };
+            let want = match (cpu, queued) {
+                (true, _) => "cpu-",
+                (false, true) => "gpu-kueue-tas-",
+                (false, false) => "gpu-h100-",
+            };
             ensure!(
                 node.starts_with(want),
                 "{name}: pod {} on {node}",
@@ -269,7 +283,11 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
             "{name}: no ReplicasReady event"
         );
     }
-    ns.delete().await
+    ns.delete().await?;
+    match kueue {
+        Some(k) => k.delete().await,
+        None => Ok(()),
+    }
 }
 
 #[tokio::test]
