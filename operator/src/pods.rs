@@ -102,6 +102,20 @@ pub fn affinity(
     affinity
 }
 
+/// The pod-set annotation by which Kueue's topology-aware scheduling places
+/// a queued gang in one domain of `placement.topology` (as few as it can
+/// for `preferred`); none without a queue or a topology.
+pub fn kueue_topology_annotation(placement: &Placement) -> Option<(String, String)> {
+    placement.queue_name.as_ref()?;
+    let (key, required) = placement.topology.as_ref()?.key()?;
+    let annotation = if required {
+        crate::labels::KUEUE_REQUIRED_TOPOLOGY
+    } else {
+        crate::labels::KUEUE_PREFERRED_TOPOLOGY
+    };
+    Some((annotation.to_string(), key.to_string()))
+}
+
 /// Every pod of the gang in the domain of the first: a pod that matches its own
 /// required term may start a domain when no other pod matches yet (the
 /// scheduler's rule for a gang's first pod); the rest follow it there. The

@@ -39,8 +39,9 @@ use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig, Train
 
 use crate::labels;
 use crate::pods::{
-    BuildContext, affinity, container_security_context, empty_dir, fnv1a64, mount, nccl_env, plain,
-    pod_security_context, resources, tolerations,
+    BuildContext, affinity, container_security_context, empty_dir, fnv1a64,
+    kueue_topology_annotation, mount, nccl_env, plain, pod_security_context, resources,
+    tolerations,
 };
 
 /// Where the model claim is mounted (read-only) in server containers.
@@ -294,19 +295,10 @@ pub fn pod_template(
     // The Deployment's pods carry the queue themselves (Kueue would copy it
     // there); a group's take it from their StatefulSet, as one pod group.
     let queue = spec.placement.queue_name.as_ref();
-    if let Some(queue) = queue {
-        if group.is_none() {
-            pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
-        }
-        if let Some((key, required)) = spec.placement.topology.as_ref().and_then(|t| t.key()) {
-            let annotation = if required {
-                labels::KUEUE_REQUIRED_TOPOLOGY
-            } else {
-                labels::KUEUE_PREFERRED_TOPOLOGY
-            };
-            annotations.insert(annotation.into(), key.into());
-        }
+    if let (Some(queue), None) = (queue, group) {
+        pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
     }
+    annotations.extend(kueue_topology_annotation(&spec.placement));
     // The config's hash and the model revision: a change to either rolls the replicas.
     annotations.insert(labels::CONFIG_HASH.into(), config_hash);
     annotations.insert(labels::MODEL_REVISION.into(), model.revision.clone());

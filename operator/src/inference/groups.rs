@@ -593,15 +593,7 @@ mod tests {
     #[test]
     fn group_pods_rendezvous_with_their_leader() {
         let s = svc(1);
-        let model = ResolvedModel {
-            claim_name: "w".into(),
-            path: String::new(),
-            format: moe_crds::ModelFormat::Native,
-            checkpoint_step: None,
-            model: None,
-            trained: None,
-            revision: "pvc/w/".into(),
-        };
+        let model = model();
         let g = Group {
             index: 1,
             incarnation: 7,

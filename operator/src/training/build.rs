@@ -29,8 +29,8 @@ use moe_crds::{CheckpointConfig, MoETrainingJob, WorkerConfig};
 use crate::labels;
 pub use crate::pods::{BuildContext, NODE_LOSS_TOLERATION_SECONDS};
 use crate::pods::{
-    affinity, container_security_context, empty_dir, fnv1a64, mount, nccl_env, plain,
-    pod_security_context, resources, tolerations,
+    affinity, container_security_context, empty_dir, fnv1a64, kueue_topology_annotation, mount,
+    nccl_env, plain, pod_security_context, resources, tolerations,
 };
 
 /// Where the checkpoint volume is mounted in worker containers.
@@ -262,15 +262,7 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     // admission (its pod-set annotation), another's by the scheduler, which
     // keeps this attempt's pods with its first (pod affinity).
     let queued = spec.placement.queue_name.is_some();
-    let topology = spec.placement.topology.as_ref().and_then(|t| t.key());
-    if let (true, Some((key, required))) = (queued, topology) {
-        let annotation = if required {
-            labels::KUEUE_REQUIRED_TOPOLOGY
-        } else {
-            labels::KUEUE_PREFERRED_TOPOLOGY
-        };
-        annotations.insert(annotation.into(), key.into());
-    }
+    annotations.extend(kueue_topology_annotation(&spec.placement));
     let gang = BTreeMap::from([
         (labels::JOB_NAME.to_string(), job.name_any()),
         (labels::ATTEMPT.to_string(), attempt.to_string()),
