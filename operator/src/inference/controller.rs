@@ -27,7 +27,7 @@ use moe_crds::{MoEInferenceService, MoETrainingJob};
 use tracing::{info, warn};
 
 use super::build;
-use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, resolve_model};
+use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, reason, resolve_model};
 use super::groups::{self, GroupPlan, GroupState};
 use super::validate::validate;
 use crate::labels;
@@ -59,6 +59,8 @@ type Verdict = (Option<i64>, Option<String>);
 
 /// Periodic resync: repairs anything a missed watch event left behind.
 const RESYNC: Duration = Duration::from_secs(600);
+/// The next look while server pods wait for quota or room.
+const PENDING_POLL: Duration = Duration::from_secs(30);
 
 /// Runs the controller until `shutdown` resolves. `namespace`: watch one namespace, or all.
 pub async fn run(
@@ -271,7 +273,18 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         .find(|c| c.type_ == moe_crds::condition::READY)
         .map(|c| c.reason.clone());
     ctx.metrics.observe_inference(svc, reason.as_deref());
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue_after(reason.as_deref())))
+}
+
+/// How long until the next look without a change of a watched object. Pods
+/// are not watched: while some wait (for quota, for room), what holds them
+/// can change without a Deployment or StatefulSet event (Kueue admits a
+/// pod the scheduler then cannot place), so look again soon.
+fn requeue_after(ready_reason: Option<&str>) -> Duration {
+    match ready_reason {
+        Some(reason::WAITING_FOR_ADMISSION | reason::INSUFFICIENT_CAPACITY) => PENDING_POLL,
+        _ => RESYNC,
+    }
 }
 
 /// The writes of one reconcile are independent: issued together.
@@ -659,6 +672,14 @@ mod tests {
 
     fn health(pods: &[Pod], formed: Option<&str>) -> GroupHealth {
         group_health(&pods.iter().collect::<Vec<_>>(), formed, 2)
+    }
+
+    #[test]
+    fn waiting_pods_are_looked_at_again_soon() {
+        assert_eq!(requeue_after(Some("WaitingForAdmission")), PENDING_POLL);
+        assert_eq!(requeue_after(Some("InsufficientCapacity")), PENDING_POLL);
+        assert_eq!(requeue_after(Some("ReplicasReady")), RESYNC);
+        assert_eq!(requeue_after(None), RESYNC);
     }
 
     #[test]
