@@ -16,6 +16,7 @@ use kube::api::Api;
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, repo_root, run, sh};
 use moe_e2e::{TestNamespace, admin_client, bound_claim, eventually};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -146,6 +147,57 @@ async fn the_train_then_serve_example_serves_the_jobs_checkpoint() -> Result<()>
     ensure!(
         config["model"]["moe"]["experts"] == json!(8) && config["model"]["layers"] == json!(3),
         "the job's model shape is carried over: {config}"
+    );
+    ns.delete().await
+}
+
+/// `examples/kueue/queues.yaml` is accepted by the real Kueue (its CRDs' schemas
+/// and its webhooks, in a server-side dry run) and names every queue that a
+/// queued example asks for.
+#[tokio::test]
+async fn the_kueue_example_is_valid_and_holds_every_queue_the_examples_name() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "ex-kueue").await?;
+    let file = repo_root().join("examples/kueue/queues.yaml");
+    let out = sh(&format!(
+        "kubectl apply --dry-run=server -n {} -f {}",
+        ns.name,
+        file.display()
+    ))?;
+    for object in [
+        "topology.kueue.x-k8s.io/gpu-network",
+        "resourceflavor.kueue.x-k8s.io/h100",
+        "clusterqueue.kueue.x-k8s.io/gpus",
+        "localqueue.kueue.x-k8s.io/team-a",
+        "localqueue.kueue.x-k8s.io/serving",
+    ] {
+        ensure!(out.contains(object), "{object} not applied: {out}");
+    }
+    let text = std::fs::read_to_string(&file)?;
+    let local_queues: Vec<String> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|o| o["kind"] == "LocalQueue")
+        .filter_map(|o| o["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    let mut asked = Vec::new();
+    for dir in [
+        "examples/training",
+        "examples/inference",
+        "examples/train-then-serve",
+    ] {
+        for entry in std::fs::read_dir(repo_root().join(dir))? {
+            let v: Value = serde_yaml::from_str(&std::fs::read_to_string(entry?.path())?)?;
+            if let Some(q) = v["spec"]["placement"]["queueName"].as_str() {
+                asked.push(q.to_string());
+            }
+        }
+    }
+    ensure!(asked.len() >= 2, "queued examples: {asked:?}");
+    ensure!(
+        asked.iter().all(|q| local_queues.contains(q)),
+        "examples ask for {asked:?}; examples/kueue has {local_queues:?}"
     );
     ns.delete().await
 }
