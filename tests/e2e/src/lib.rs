@@ -264,3 +264,27 @@ EOF
     ))?;
     Ok(())
 }
+
+/// The label a KWOK stage of the test plane holds a Running pod by: remove it
+/// to let a Job pod complete (`tests/cluster/kwok-stages.yaml`).
+pub const HOLD: &str = "kwok.test/hold";
+
+/// A GPU job of `nodes` × 8 ranks whose pods KWOK holds Running until released.
+pub fn gpu_job(name: &str, nodes: i32, extra: serde_json::Value) -> moe_crds::MoETrainingJob {
+    let mut v = serde_json::json!({
+        "apiVersion": "moe.dev/v1alpha1",
+        "kind": "MoETrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
+                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
+            "training": {"steps": 100, "globalBatchSize": nodes * 8},
+            "parallelism": {"nodes": nodes, "processesPerNode": 8, "expertParallel": 8},
+            "placement": {"gpuType": "H100"},
+            "worker": {"podMetadata": {"labels": {HOLD: "true"}}},
+            "runPolicy": {"backoffLimit": 1}
+        }
+    });
+    moe_crds::fixtures::merge_patch(&mut v, &extra);
+    serde_json::from_value(v).expect("valid MoETrainingJob")
+}

@@ -21,12 +21,12 @@ use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::KueueSetup;
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    TestNamespace, admin_client, bound_claim, eventually, metric_sum, rejection_problems,
+    HOLD, TestNamespace, admin_client, bound_claim, eventually, gpu_job, metric_sum,
+    rejection_problems,
 };
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
-const HOLD: &str = "kwok.test/hold";
 /// A KWOK stage of the test plane fails the readiness of Running pods with this label.
 const NOT_READY: &str = "kwok.test/not-ready";
 const SELECTOR: &str = "moe.dev/role=server,moe.dev/service-name";
@@ -1368,6 +1368,20 @@ async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
     Ok(())
 }
 
+/// A held training gang of `nodes` × 8 GPUs in the test's queue, at priority `class`.
+fn queued_gpu_job(name: &str, nodes: i32, class: &str) -> MoETrainingJob {
+    let placement = json!({"queueName": KueueSetup::QUEUE, "priorityClassName": class});
+    gpu_job(name, nodes, json!({"spec": {"placement": placement}}))
+}
+
+/// Replica groups of 2 pods × 8 GPUs, queued in the test's LocalQueue.
+fn queued_groups() -> Value {
+    json!({"spec": {
+        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
+        "placement": {"queueName": KueueSetup::QUEUE}
+    }})
+}
+
 /// Whether Kueue's admission gate holds the pod.
 fn gated(pod: &Pod) -> bool {
     pod.spec
@@ -1386,10 +1400,7 @@ async fn kueue_admits_each_replica_group_whole_within_the_queue_quota() -> Resul
     bound_claim(&ns.name, "moe-models").await?;
     let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let grouped = json!({"spec": {
-        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
-        "placement": {"queueName": KueueSetup::QUEUE}
-    }});
+    let grouped = queued_groups();
     api.create(&PostParams::default(), &gpu_service("queued", 2, grouped))
         .await?;
 
@@ -1485,10 +1496,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pp = PostParams::default();
-    let grouped = json!({"spec": {
-        "parallelism": {"processesPerPod": 8, "podsPerReplica": 2, "expertParallel": 16},
-        "placement": {"queueName": KueueSetup::QUEUE}
-    }});
+    let grouped = queued_groups();
     api.create(&pp, &gpu_service("low", 1, grouped)).await?;
     wait_ready(&api, "low", 1).await?;
     eventually("the group to form", WAIT, || async {
@@ -1508,18 +1516,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     classes
         .create(&pp, &serde_json::from_value(priority)?)
         .await?;
-    let urgent: MoETrainingJob = serde_json::from_value(json!({
-        "apiVersion": "moe.dev/v1alpha1", "kind": "MoETrainingJob",
-        "metadata": {"name": "urgent"},
-        "spec": {
-            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
-                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
-            "training": {"steps": 100, "globalBatchSize": 16},
-            "parallelism": {"nodes": 2, "processesPerNode": 8, "expertParallel": 8},
-            "placement": {"gpuType": "H100", "queueName": KueueSetup::QUEUE, "priorityClassName": class},
-            "worker": {"podMetadata": {"labels": {HOLD: "true"}}}
-        }
-    }))?;
+    let urgent = queued_gpu_job("urgent", 2, &class);
     jobs.create(&pp, &urgent).await?;
     eventually(
         "the gang to run and the group to wait, kept",

@@ -16,34 +16,13 @@ use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    TestNamespace, admin_client, api_message, bound_claim, eventually, metric_sum,
+    HOLD, TestNamespace, admin_client, api_message, bound_claim, eventually, gpu_job, metric_sum,
     rejection_problems,
 };
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
-const HOLD: &str = "kwok.test/hold";
 const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
-
-/// A GPU job of `nodes` × 8 ranks whose pods KWOK holds Running until released.
-fn gpu_job(name: &str, nodes: i32, extra: Value) -> MoETrainingJob {
-    let mut v = json!({
-        "apiVersion": "moe.dev/v1alpha1",
-        "kind": "MoETrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
-                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
-            "training": {"steps": 100, "globalBatchSize": nodes * 8},
-            "parallelism": {"nodes": nodes, "processesPerNode": 8, "expertParallel": 8},
-            "placement": {"gpuType": "H100"},
-            "worker": {"podMetadata": {"labels": {HOLD: "true"}}},
-            "runPolicy": {"backoffLimit": 1}
-        }
-    });
-    merge_patch(&mut v, &extra);
-    serde_json::from_value(v).expect("valid MoETrainingJob")
-}
 
 async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
     TestNamespace::create(
