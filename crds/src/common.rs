@@ -86,24 +86,25 @@ pub struct TopologyPlacement {
     /// Every pod in one domain of this label; the gang waits until one
     /// domain can hold it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(max = 316),
-        regex(
-            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-        )
-    )]
+    #[schemars(length(max = 316), regex(pattern = LABEL_KEY))]
     pub required: Option<String>,
     /// One domain of this label if one can hold the gang, else as few as
     /// possible (Kueue), or one if the scheduler finds room (pod affinity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(max = 316),
-        regex(
-            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-        )
-    )]
+    #[schemars(length(max = 316), regex(pattern = LABEL_KEY))]
     pub preferred: Option<String>,
+    /// Training with Kueue: the nodes of each expert-parallel group (the
+    /// all-to-all's members, `expertParallel / processesPerNode` consecutive
+    /// nodes) in one domain of this narrower label (a rack, an NVLink
+    /// domain), inside the gang's domain. Kueue's topology-aware scheduling
+    /// places the groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 316), regex(pattern = LABEL_KEY))]
+    pub expert_groups: Option<String>,
 }
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name.
+const LABEL_KEY: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
 
 impl TopologyPlacement {
     /// The node label, and whether the gang must share one of its domains.

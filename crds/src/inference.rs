@@ -71,6 +71,9 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName)")
         .message("placement.queueName is immutable: create a new service to serve from another queue")
         .field_path(".placement.queueName"),
+    validation = Rule::new("!has(self.placement.topology) || !has(self.placement.topology.expertGroups)")
+        .message("placement.topology.expertGroups applies to training jobs: a replica group is already one expert-parallel group")
+        .field_path(".placement.topology.expertGroups"),
     validation = Rule::new("!has(self.placement.topology) || self.parallelism.podsPerReplica > 1")
         .message("placement.topology keeps the pods of one replica group in one domain: it needs parallelism.podsPerReplica > 1")
         .field_path(".placement.topology"),

@@ -58,6 +58,10 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.model.seqLen % self.parallelism.sequenceParallel == 0")
         .message("model.seqLen must be divisible by parallelism.sequenceParallel (each rank holds seqLen/sequenceParallel tokens)")
         .field_path(".model.seqLen"),
+    // Kueue places slices of pods: a group must be whole nodes, more than one.
+    validation = Rule::new("!has(self.placement.topology) || !has(self.placement.topology.expertGroups) || (has(self.placement.queueName) && self.parallelism.expertParallel > self.parallelism.processesPerNode && self.parallelism.expertParallel % self.parallelism.processesPerNode == 0)")
+        .message("placement.topology.expertGroups needs placement.queueName (Kueue places the groups) and expert-parallel groups of whole nodes: parallelism.expertParallel a multiple of processesPerNode, above it")
+        .field_path(".placement.topology.expertGroups"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),

@@ -45,6 +45,10 @@ pub const KUEUE_QUEUE_NAME: &str = "kueue.x-k8s.io/queue-name";
 /// in one domain of the named node label (required) or as few as it can (preferred).
 pub const KUEUE_REQUIRED_TOPOLOGY: &str = "kueue.x-k8s.io/podset-required-topology";
 pub const KUEUE_PREFERRED_TOPOLOGY: &str = "kueue.x-k8s.io/podset-preferred-topology";
+/// On a queued pod template: every `KUEUE_SLICE_SIZE` consecutive pods in one
+/// domain of the named (narrower) node label.
+pub const KUEUE_SLICE_TOPOLOGY: &str = "kueue.x-k8s.io/podset-slice-required-topology";
+pub const KUEUE_SLICE_SIZE: &str = "kueue.x-k8s.io/podset-slice-size";
 
 /// Completion index annotation the Job controller sets on Indexed Job pods.
 pub const JOB_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";

@@ -263,6 +263,20 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     // keeps this attempt's pods with its first (pod affinity).
     let queued = spec.placement.queue_name.is_some();
     annotations.extend(kueue_topology_annotation(&spec.placement));
+    // Expert-parallel groups are blocks of consecutive ranks, so of
+    // consecutive nodes (completion indices): Kueue keeps each block of
+    // `expertParallel / processesPerNode` pods in one narrower domain.
+    if let Some(slice) = spec
+        .placement
+        .topology
+        .as_ref()
+        .and_then(|t| t.expert_groups.as_ref())
+        && queued
+    {
+        let nodes = spec.parallelism.expert_parallel / spec.parallelism.processes_per_node;
+        annotations.insert(labels::KUEUE_SLICE_TOPOLOGY.into(), slice.clone());
+        annotations.insert(labels::KUEUE_SLICE_SIZE.into(), nodes.to_string());
+    }
     let gang = BTreeMap::from([
         (labels::JOB_NAME.to_string(), job.name_any()),
         (labels::ATTEMPT.to_string(), attempt.to_string()),
@@ -515,6 +529,37 @@ mod tests {
                 .get(labels::KUEUE_PREFERRED_TOPOLOGY)
                 .map(String::as_str),
             Some("topology.moe.dev/rack")
+        );
+    }
+
+    #[test]
+    fn expert_groups_become_kueue_slices_of_whole_nodes() {
+        let mut j = job(serde_json::json!({
+            "queueName": "gpus",
+            "topology": {"required": "topology.moe.dev/block", "expertGroups": "topology.moe.dev/rack"}
+        }));
+        j.spec.parallelism.nodes = 4;
+        j.spec.parallelism.processes_per_node = 8;
+        j.spec.parallelism.expert_parallel = 16;
+        let annotations = template(&j).metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_SLICE_TOPOLOGY)
+                .map(String::as_str),
+            Some("topology.moe.dev/rack")
+        );
+        // 16 ranks of 8 per node: each expert group is 2 consecutive nodes.
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_SLICE_SIZE)
+                .map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            annotations
+                .get(labels::KUEUE_REQUIRED_TOPOLOGY)
+                .map(String::as_str),
+            Some("topology.moe.dev/block")
         );
     }
 

@@ -893,6 +893,53 @@ async fn kueue_places_each_gang_in_one_topology_domain() -> Result<()> {
         blocky[0]
     );
 
+    // Expert-parallel groups of 2 nodes (16 ranks of 8 per node), each in one
+    // rack, the gang in one block: Kueue's slices of consecutive pods.
+    let dp = DeleteParams::default();
+    jobs.delete("blocky", &dp).await?;
+    jobs.delete("racky", &dp).await?;
+    eventually("the pool to empty", WAIT, || async {
+        let left = pods.list(&ListParams::default()).await?.items;
+        Ok(left.is_empty().then_some(()))
+    })
+    .await?;
+    let sliced = json!({"spec": {
+        "parallelism": {"expertParallel": 16},
+        "placement": {"topology": {"required": block, "expertGroups": rack}}
+    }});
+    jobs.create(&pp, &gpu_job("sliced", 4, queued(sliced)))
+        .await?;
+    wait_phase(&jobs, "sliced", TrainingPhase::Running).await?;
+    placed(&client, &pods, "sliced", 4, rack).await?;
+    let mut by_index: Vec<(i32, Pod)> = pods_of(&pods, "sliced", 0)
+        .await?
+        .into_iter()
+        .map(|p| {
+            let index = p.labels().get("batch.kubernetes.io/job-completion-index");
+            (index.and_then(|i| i.parse().ok()).unwrap_or(-1), p)
+        })
+        .collect();
+    by_index.sort_by_key(|(i, _)| *i);
+    let ordered: Vec<Pod> = by_index.into_iter().map(|(_, p)| p).collect();
+    let racks = node_label_of(&client, &ordered, rack).await?;
+    let blocks = node_label_of(&client, &ordered, block).await?;
+    ensure!(all_same(&blocks), "sliced across blocks: {blocks:?}");
+    ensure!(
+        racks[0] == racks[1] && racks[2] == racks[3] && racks[0] != racks[2],
+        "expert groups (nodes 0-1, 2-3) by rack: {racks:?}"
+    );
+    // Kueue took the slices from the pod template (not a lucky placement).
+    let workloads = kueue.workloads().await?;
+    let (_, workload) = workloads
+        .iter()
+        .find(|(job, _)| job == "sliced-a0")
+        .ok_or_else(|| anyhow::anyhow!("no Workload for sliced-a0"))?;
+    let request = &workload.data["spec"]["podSets"][0]["topologyRequest"];
+    ensure!(
+        request["podSetSliceRequiredTopology"] == rack && request["podSetSliceSize"] == 2,
+        "topology request {request}"
+    );
+
     ns.delete().await?;
     kueue.delete().await
 }
