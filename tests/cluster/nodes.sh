@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prints the fake node pool as YAML (applied by up.sh): N H100 GPU nodes
 # (8 GPUs each, GPU taint, block/rack topology), 2 A100 nodes (a non-Hopper
-# pool, for placement tests), 3 CPU-only nodes, and two H100 pools that only
+# pool, for placement tests), 3 CPU-only nodes, and three H100 pools that only
 # Kueue's tests reach (Kueue's ResourceFlavors add the toleration of their
 # moe.dev/pool taint): 4 nodes for quota and preemption (node.moe.dev/pool:
-# kueue-quota) and 8 for topology-aware scheduling (kueue-tas: 2 blocks of 2
-# racks of 2 nodes). Their own pools, so the tests' gangs neither crowd other
-# tests' pods nor find a node taken by one. KWOK manages every node annotated
+# kueue-quota), 4 more (kueue-spare), and 8 for topology-aware scheduling
+# (kueue-tas: 2 blocks of 2 racks of 2 nodes). Their own pools, so the tests'
+# gangs neither crowd other tests' pods nor find a node taken by one. Kueue's
+# quota is per test, the nodes are not: no two tests that run at once share a
+# pool (tests/e2e/src/kueue.rs). KWOK manages every node annotated
 # kwok.x-k8s.io/node=fake and marks it Ready.
 # Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
@@ -57,4 +59,5 @@ kueue_pool() { # pool, node index, block, rack
     node.moe.dev/pool: $1" ', nvidia.com/gpu: "8"' "$gpu_taint, {key: moe.dev/pool, value: $1, effect: NoSchedule}"
 }
 for i in 0 1 2 3; do kueue_pool kueue-quota "$i" block-quota rack-quota; done
+for i in 0 1 2 3; do kueue_pool kueue-spare "$i" block-spare rack-spare; done
 for i in 0 1 2 3 4 5 6 7; do kueue_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done

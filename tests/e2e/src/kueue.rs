@@ -10,6 +10,16 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
+/// Kueue's pools of fake nodes (`tests/cluster/nodes.sh`). A ClusterQueue's
+/// quota is the test's own, the nodes are shared: the tests of one test
+/// binary run at once (binaries one after another), so within a binary each
+/// test takes its own pool. training.rs: quota test `QUOTA_POOL`, topology
+/// test `TAS_POOL`, examples `SPARE_POOL`; inference.rs: group admission
+/// `QUOTA_POOL`, preemption `SPARE_POOL`, examples `TAS_POOL`.
+pub const QUOTA_POOL: &str = "kueue-quota";
+pub const SPARE_POOL: &str = "kueue-spare";
+pub const TAS_POOL: &str = "kueue-tas";
+
 /// The fake cluster's topology levels, widest first.
 pub const LEVELS: [&str; 3] = [
     "topology.moe.dev/block",

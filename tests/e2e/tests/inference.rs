@@ -18,7 +18,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
-use moe_e2e::kueue::KueueSetup;
+use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     HOLD, TestNamespace, admin_client, bound_claim, eventually, gpu_job, metric_sum,
@@ -183,9 +183,8 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
             // The queue the example names, in the real Kueue, over the pool
             // of its topology-aware scheduling.
             ensure!(kueue.is_none(), "{name}: one queued example per namespace");
-            kueue = Some(
-                KueueSetup::with_queue(&client, &ns.name, queue, "kueue-tas", 64, true).await?,
-            );
+            kueue =
+                Some(KueueSetup::with_queue(&client, &ns.name, queue, TAS_POOL, 64, true).await?);
         }
         api.create(&PostParams::default(), &svc).await?;
         let ready = wait_ready(&api, &name, svc.spec.replicas).await?;
@@ -1395,7 +1394,7 @@ async fn kueue_admits_each_replica_group_whole_within_the_queue_quota() -> Resul
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mis-kueue").await?;
     // Quota for one group: 2 pods of 8 GPUs.
-    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 16, false).await?;
+    let kueue = KueueSetup::create(&client, &ns.name, QUOTA_POOL, 16, false).await?;
     let _op = Operator::start(&ns.name).await?;
     bound_claim(&ns.name, "moe-models").await?;
     let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
@@ -1488,7 +1487,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mis-preempt").await?;
     // Quota for one group of 2 pods × 8 GPUs, which a higher priority may take.
-    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 16, false).await?;
+    let kueue = KueueSetup::create(&client, &ns.name, SPARE_POOL, 16, false).await?;
     let _op = Operator::start(&ns.name).await?;
     bound_claim(&ns.name, "moe-models").await?;
     let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);

@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
-use moe_e2e::kueue::{KueueSetup, admitted};
+use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     HOLD, TestNamespace, admin_client, api_message, bound_claim, eventually, gpu_job, metric_sum,
@@ -744,7 +744,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-kueue").await?;
     // 32 GPUs of quota over the 4-node pool only Kueue's flavor tolerates.
-    let kueue = KueueSetup::create(&client, &ns.name, "kueue-quota", 32, false).await?;
+    let kueue = KueueSetup::create(&client, &ns.name, QUOTA_POOL, 32, false).await?;
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
@@ -766,10 +766,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     ensure!(child.spec.as_ref().and_then(|s| s.suspend) == Some(false));
     // Kueue's flavor put the gang on its pool (node labels and toleration injected at admission).
     let pools = placed(&client, &pods, "first", 4, "node.moe.dev/pool").await?;
-    ensure!(
-        pools.iter().all(|p| p == "kueue-quota"),
-        "first on {pools:?}"
-    );
+    ensure!(pools.iter().all(|p| p == QUOTA_POOL), "first on {pools:?}");
 
     // No quota left: the second gang waits whole, not a pod of it created.
     jobs.create(&pp, &gpu_job("second", 2, queued(json!({}))))
@@ -851,7 +848,7 @@ async fn kueue_places_each_gang_in_one_topology_domain() -> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-tas").await?;
     // Quota beyond the pool's 64 GPUs: whatever waits here waits for room in a domain.
-    let kueue = KueueSetup::create(&client, &ns.name, "kueue-tas", 128, true).await?;
+    let kueue = KueueSetup::create(&client, &ns.name, TAS_POOL, 128, true).await?;
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -1091,7 +1088,7 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
             // The queue the example names, in the real Kueue, over its own pool.
             ensure!(kueue.is_none(), "{name}: one queued example per namespace");
             kueue = Some(
-                KueueSetup::with_queue(&client, &ns.name, queue, "kueue-quota", 32, false).await?,
+                KueueSetup::with_queue(&client, &ns.name, queue, SPARE_POOL, 32, false).await?,
             );
         }
         // KWOK completes the pods at once: the job runs to Succeeded.
@@ -1110,7 +1107,7 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
                 .unwrap_or_default();
             let want = match (cpu, queued) {
                 (true, _) => "cpu-",
-                (false, true) => "gpu-kueue-quota-",
+                (false, true) => "gpu-kueue-spare-",
                 (false, false) => "gpu-h100-",
             };
             ensure!(
