@@ -545,13 +545,19 @@ fn group_health(pods: &[&Pod], formed: Option<&str>, size: i32) -> GroupHealth {
         .partition(|p| p.metadata.deletion_timestamp.is_none());
     let stopped = leaving.iter().any(|p| stopped_by_kueue(p))
         || (!live.is_empty() && live.iter().all(|p| gated_by_kueue(p)));
-    let replaced = formed.is_some_and(|uids| {
-        let formed: Vec<&str> = uids.split(',').collect();
-        live.len() < size as usize
-            || live
-                .iter()
-                .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
-    });
+    // Every pod gone, none going: whoever took them, the StatefulSet brings
+    // them back, and they tell (gated: Kueue stopped the group; not: a
+    // failure). Judging now would restart a group Kueue stopped whose
+    // marked pods this reconcile never saw.
+    let undecided = live.is_empty() && leaving.is_empty();
+    let replaced = !undecided
+        && formed.is_some_and(|uids| {
+            let formed: Vec<&str> = uids.split(',').collect();
+            live.len() < size as usize
+                || live
+                    .iter()
+                    .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
+        });
     GroupHealth {
         pods: live.len() as i32,
         ready: live.iter().filter(|p| is_ready(p)).count() as i32,
@@ -697,6 +703,9 @@ mod tests {
         );
         // A pod gone (killed, evicted, node lost): the group restarts.
         assert!(health(&whole[..1], formed).failed);
+        // Every pod gone: judged when the StatefulSet brings them back.
+        let h = health(&[], formed);
+        assert!(!h.failed && !h.stopped && h.pods == 0, "{h:?}");
         let replaced = [pod("a", json!({})), pod("c", json!({}))];
         assert!(health(&replaced, formed).failed);
         // The same pods going, marked by Kueue: stopped, not failed.
