@@ -23,12 +23,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{repo_root, sh};
-use moe_e2e::{TestNamespace, admin_client, eventually, token_kubeconfig};
+use moe_e2e::{HOLD, TestNamespace, admin_client, eventually, token_kubeconfig};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
 const CRD: &str = "moetrainingjobs.moe.dev";
-const HOLD: &str = "kwok.test/hold";
 
 async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
     TestNamespace::create(

@@ -10,36 +10,14 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use moe_crds::fixtures::merge_patch;
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{Operator, repo_root, sh};
-use moe_e2e::{TestNamespace, admin_client, eventually};
+use moe_e2e::{HOLD, TestNamespace, admin_client, eventually, gpu_job};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
-const HOLD: &str = "kwok.test/hold";
 const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
 const CUSTOMIZATIONS: &str = "deploy/argocd/resource_customizations/moe.dev";
-
-/// A one-node H100 job whose pods KWOK holds Running until released.
-fn gpu_job(name: &str, extra: Value) -> MoETrainingJob {
-    let mut v = json!({
-        "apiVersion": "moe.dev/v1alpha1",
-        "kind": "MoETrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"hiddenSize": 64, "layers": 2, "attentionHeads": 8, "kvHeads": 8, "seqLen": 64,
-                      "moe": {"experts": 16, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32}},
-            "training": {"steps": 100, "globalBatchSize": 8},
-            "parallelism": {"nodes": 1, "processesPerNode": 8, "expertParallel": 8},
-            "placement": {"gpuType": "H100"},
-            "worker": {"podMetadata": {"labels": {HOLD: "true"}}},
-            "runPolicy": {"backoffLimit": 1}
-        }
-    });
-    merge_patch(&mut v, &extra);
-    serde_json::from_value(v).expect("valid MoETrainingJob")
-}
 
 /// (kstatus status, kstatus message, Argo CD status, Argo CD message) of the live object.
 fn verdicts(ns: &str, name: &str) -> Result<(String, String, String, String)> {
@@ -119,7 +97,7 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
     // calls a custom resource without conditions Current (its documented
     // rule for unknown kinds); the Argo CD check waits for observedGeneration.
     // docs/operations.md gives Flux a healthCheckExprs that waits as well.
-    jobs.create(&PostParams::default(), &gpu_job("life", json!({})))
+    jobs.create(&PostParams::default(), &gpu_job("life", 1, json!({})))
         .await?;
     expect(
         n,
@@ -136,7 +114,7 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
     let op = Operator::start(n).await?;
     // Pending: pods that no node can take.
     let nowhere = json!({"spec": {"placement": {"nodeSelector": {"moe.test/nowhere": "true"}}}});
-    jobs.create(&PostParams::default(), &gpu_job("pending", nowhere))
+    jobs.create(&PostParams::default(), &gpu_job("pending", 1, nowhere))
         .await?;
     wait_phase(&jobs, "pending", TrainingPhase::Pending).await?;
     expect(
@@ -248,7 +226,7 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
     // Failed: a FailJob rule matches a worker's exit code.
     let rule = json!({"spec": {"runPolicy": {"backoffLimit": 5, "failureRules": [
         {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [3]}}]}}});
-    jobs.create(&PostParams::default(), &gpu_job("fail", rule))
+    jobs.create(&PostParams::default(), &gpu_job("fail", 1, rule))
         .await?;
     wait_phase(&jobs, "fail", TrainingPhase::Running).await?;
     let fail = json!({"metadata": {
@@ -266,7 +244,7 @@ async fn kstatus_and_argocd_verdicts_follow_a_job_through_its_life() -> Result<(
 
     // Stalled: a spec that only the operator can refuse (a reserved variable).
     let reserved = json!({"spec": {"worker": {"env": [{"name": "MOE_ATTEMPT", "value": "7"}]}}});
-    jobs.create(&PostParams::default(), &gpu_job("invalid", reserved))
+    jobs.create(&PostParams::default(), &gpu_job("invalid", 1, reserved))
         .await?;
     eventually("invalid to be Stalled", WAIT, || async {
         let j = jobs.get("invalid").await?;
