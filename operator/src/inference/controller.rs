@@ -203,10 +203,7 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         // group), terminating ones too (what stopped them tells a failure from Kueue).
         let all = all_server_pods(ctx, svc, &ns).await?;
         let states = observe_groups(ctx, svc, &all);
-        let pods: Vec<Pod> = all
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .collect();
+        let pods = live(all);
         let gplan = match &model {
             ModelState::Ready(m) => {
                 groups::plan_groups(svc, &states, &groups::revision(svc, &ctx.build, m))
@@ -370,11 +367,14 @@ async fn server_pods(
     svc: &MoEInferenceService,
     ns: &str,
 ) -> Result<Vec<Pod>, Error> {
-    let all = all_server_pods(ctx, svc, ns).await?;
-    Ok(all
-        .into_iter()
+    Ok(live(all_server_pods(ctx, svc, ns).await?))
+}
+
+/// The pods not being deleted.
+fn live(pods: Vec<Pod>) -> Vec<Pod> {
+    pods.into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect())
+        .collect()
 }
 
 /// Every server pod of `svc`, terminating ones included.
