@@ -8,7 +8,9 @@
 # (kueue-tas: 2 blocks of 2 racks of 2 nodes). Their own pools, so the tests'
 # gangs neither crowd other tests' pods nor find a node taken by one. Kueue's
 # quota is per test, the nodes are not: no two tests that run at once share a
-# pool (tests/e2e/src/kueue.rs). KWOK manages every node annotated
+# pool (tests/e2e/src/kueue.rs). One more tainted pool, gang (5 nodes: a rack
+# of 2 and a rack of 3), is for the scheduler's own gang scheduling
+# (Workload-Aware Scheduling): its tests tolerate the taint themselves. KWOK manages every node annotated
 # kwok.x-k8s.io/node=fake and marks it Ready.
 # Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
@@ -54,10 +56,11 @@ done
 for i in 0 1 2; do
   node "cpu-$i" "    node.moe.dev/pool: cpu" "" ""
 done
-kueue_pool() { # pool, node index, block, rack
+tainted_pool() { # pool, node index, block, rack
   node "gpu-$1-$2" "$(gpu_labels NVIDIA-H100-80GB-HBM3 "$3" "$4")
     node.moe.dev/pool: $1" ', nvidia.com/gpu: "8"' "$gpu_taint, {key: moe.dev/pool, value: $1, effect: NoSchedule}"
 }
-for i in 0 1 2 3; do kueue_pool kueue-quota "$i" block-quota rack-quota; done
-for i in 0 1 2 3; do kueue_pool kueue-spare "$i" block-spare rack-spare; done
-for i in 0 1 2 3 4 5 6 7; do kueue_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done
+for i in 0 1 2 3; do tainted_pool kueue-quota "$i" block-quota rack-quota; done
+for i in 0 1 2 3; do tainted_pool kueue-spare "$i" block-spare rack-spare; done
+for i in 0 1 2 3 4 5 6 7; do tainted_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done
+for i in 0 1 2 3 4; do tainted_pool gang "$i" block-gang "rack-gang-$((i < 2 ? 0 : 1))"; done

@@ -145,6 +145,11 @@ rules:
   users: ["system:serviceaccount:moe-system:moe-moe-operator"]
 - level: None
 EOF
+# Kubernetes' Workload-Aware Scheduling (alpha in 1.36): the PodGroup API and
+# the scheduler's gang and topology plugins, for the operator's
+# --gang-scheduling=workload-api. Pods without spec.schedulingGroup are
+# scheduled exactly as before.
+workload_gates=GenericWorkload=true,GangScheduling=true,TopologyAwareWorkloadScheduling=true
 start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -162,7 +167,8 @@ start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --allow-privileged=true \
   --enable-priority-and-fairness=false --profiling=false --v=1 \
   --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/logs/audit.log" \
-  --cert-dir="$state/apiserver-certs"
+  --cert-dir="$state/apiserver-certs" \
+  --feature-gates="$workload_gates" --runtime-config=scheduling.k8s.io/v1alpha2=true
 wait_for kube-apiserver 180 curl -fsS --cacert "$pki/ca.crt" "$server/readyz"
 
 # Slim controller set for 2 cores: what Jobs, GC, namespaces, ServiceAccounts,
@@ -176,8 +182,8 @@ start kube-controller-manager --kubeconfig="$pki/kcm.kubeconfig" \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --cluster-name=moe-test --node-monitor-grace-period=20s --node-monitor-period=2s \
   --horizontal-pod-autoscaler-sync-period=2s --horizontal-pod-autoscaler-downscale-stabilization=10s \
-  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,horizontal-pod-autoscaler-controller \
-  --cert-dir="$state/kcm-certs" --v=1
+  --controllers=job-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,replicaset-controller,deployment-controller,statefulset-controller,ttl-after-finished-controller,endpointslice-controller,resourcequota-controller,clusterrole-aggregation-controller,disruption-controller,cronjob-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,horizontal-pod-autoscaler-controller,podgroup-protection-controller \
+  --feature-gates="$workload_gates" --cert-dir="$state/kcm-certs" --v=1
 cat >"$state/scheduler.yaml" <<EOF
 apiVersion: kubescheduler.config.k8s.io/v1
 kind: KubeSchedulerConfiguration
@@ -186,7 +192,8 @@ leaderElection: {leaderElect: false}
 EOF
 start kube-scheduler --config="$state/scheduler.yaml" \
   --authentication-kubeconfig="$pki/scheduler.kubeconfig" --authorization-kubeconfig="$pki/scheduler.kubeconfig" \
-  --bind-address=127.0.0.1 --secure-port="$sched_port" --cert-dir="$state/scheduler-certs" --v=1
+  --bind-address=127.0.0.1 --secure-port="$sched_port" --cert-dir="$state/scheduler-certs" \
+  --feature-gates="$workload_gates" --v=1
 
 # KWOK: upstream stages from the pinned module plus our own (kwok-stages.yaml).
 {
