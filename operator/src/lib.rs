@@ -4,6 +4,7 @@
 //! carries no CUDA.
 
 pub mod cli;
+pub mod gang;
 pub mod inference;
 pub mod labels;
 pub mod metrics;

@@ -11,6 +11,7 @@ use futures::FutureExt;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube_lease_manager::LeaseManagerBuilder;
+use moe_operator::gang::GangScheduling;
 use moe_operator::inference;
 use moe_operator::metrics::Metrics;
 use moe_operator::pods::BuildContext;
@@ -46,6 +47,14 @@ struct Args {
     /// Run without leader election (one replica only).
     #[arg(long)]
     no_leader_election: bool,
+    /// How gangs (a training attempt's pods, a serving replica group) that no
+    /// Kueue queue admits are scheduled: `none`, pod by pod; `workload-api`,
+    /// all or nothing through a PodGroup of Kubernetes' Workload API
+    /// (`scheduling.k8s.io/v1alpha2`: feature gates GenericWorkload and
+    /// GangScheduling, and TopologyAwareWorkloadScheduling for
+    /// `placement.topology.required`).
+    #[arg(long, env = "MOE_GANG_SCHEDULING", value_enum, default_value_t = GangScheduling::None)]
+    gang_scheduling: GangScheduling,
     /// Log format.
     #[arg(long, env = "MOE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -66,6 +75,10 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    if args.gang_scheduling == GangScheduling::WorkloadApi {
+        // Fail at start, in words, rather than on every gang later.
+        moe_operator::gang::check_served(&client).await?;
+    }
     let identity = args
         .identity
         .clone()
@@ -108,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         default_worker_image: args
             .worker_image
             .unwrap_or_else(|| BuildContext::default().default_worker_image),
+        gang_scheduling: args.gang_scheduling,
     };
     let recorder = Recorder::new(
         client.clone(),

@@ -15,6 +15,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use moe_crds::contract::env;
+
+pub use crate::gang::{GangScheduling, Mechanism};
 use moe_crds::{Device, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
 
 /// Operator-wide settings the builders need (from the chart's values).
@@ -22,6 +24,8 @@ use moe_crds::{Device, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
 pub struct BuildContext {
     /// Worker image used when `spec.worker.image` is unset.
     pub default_worker_image: String,
+    /// How gangs that no queue admits are scheduled ([`crate::gang`]).
+    pub gang_scheduling: GangScheduling,
 }
 
 impl Default for BuildContext {
@@ -31,11 +35,17 @@ impl Default for BuildContext {
                 "ghcr.io/moe-operator/moe-worker:{}",
                 env!("CARGO_PKG_VERSION")
             ),
+            gang_scheduling: GangScheduling::None,
         }
     }
 }
 
 impl BuildContext {
+    /// What schedules a gang of `pods` pods placed by `placement`.
+    pub fn gang(&self, placement: &Placement, pods: i32) -> Mechanism {
+        crate::gang::mechanism(placement, self.gang_scheduling, pods)
+    }
+
     /// The image of a worker: its own, else the operator's default.
     pub fn image(&self, worker: &WorkerSpec) -> String {
         worker

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use moe_operator::cli::check::{Checker, Manifest, load_job, load_manifest};
 use moe_operator::cli::render::{RenderOptions, render, render_inference};
 use moe_operator::cli::{local_run, manifest, worker_bin};
+use moe_operator::gang::GangScheduling;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +59,10 @@ enum Command {
         /// The operator's default worker image, used when `spec.worker.image` is unset.
         #[arg(long)]
         worker_image: Option<String>,
+        /// The operator's `--gang-scheduling`: with `workload-api`, a gang's
+        /// PodGroup is rendered too.
+        #[arg(long, value_enum, default_value_t = GangScheduling::None)]
+        gang_scheduling: GangScheduling,
     },
     /// Train a MoETrainingJob on this machine.
     ///
@@ -104,12 +109,14 @@ fn main() -> ExitCode {
             attempt,
             namespace,
             worker_image,
+            gang_scheduling,
         } => load_manifest(&file)
             .and_then(|manifest| {
                 let options = RenderOptions {
                     attempt,
                     namespace,
                     worker_image,
+                    gang_scheduling,
                 };
                 Ok(match manifest {
                     Manifest::Training(job) => render(*job, &options)?,

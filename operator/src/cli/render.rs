@@ -1,11 +1,12 @@
 //! `moectl render`: the objects the operator creates for one attempt of a
-//! job, from the same builders ([`crate::training::build`]), so users can
+//! job (or for a service), from the same builders ([`crate::training::build`]), so users can
 //! review them (or diff two versions of a job) without a cluster.
 
 use kube::ResourceExt;
 use moe_crds::{MoEInferenceService, MoETrainingJob};
 use serde::Serialize;
 
+use crate::gang::GangScheduling;
 use crate::inference::build as serving;
 use crate::inference::decide::{ModelState, resolve_model};
 use crate::inference::groups;
@@ -26,6 +27,21 @@ pub struct RenderOptions {
     pub namespace: Option<String>,
     /// The operator's default worker image, used when `spec.worker.image` is unset.
     pub worker_image: Option<String>,
+    /// The operator's `--gang-scheduling`.
+    pub gang_scheduling: GangScheduling,
+}
+
+impl RenderOptions {
+    fn context(&self) -> BuildContext {
+        let default = BuildContext::default();
+        BuildContext {
+            default_worker_image: self
+                .worker_image
+                .clone()
+                .unwrap_or(default.default_worker_image),
+            gang_scheduling: self.gang_scheduling,
+        }
+    }
 }
 
 /// The ConfigMap, Service and attempt Job, as one multi-document YAML stream.
@@ -37,15 +53,13 @@ pub fn render(mut job: MoETrainingJob, options: &RenderOptions) -> serde_yaml::R
         .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
     job.metadata.namespace = Some(namespace);
     job.metadata.uid = Some(PLACEHOLDER_UID.into());
-    let context = match &options.worker_image {
-        Some(image) => BuildContext {
-            default_worker_image: image.clone(),
-        },
-        None => BuildContext::default(),
-    };
+    let context = options.context();
     let mut out = String::new();
     push_document(&mut out, &build::config_map(&job))?;
     push_document(&mut out, &build::service(&job))?;
+    if let Some(pod_group) = build::pod_group(&job, &context, options.attempt) {
+        push_document(&mut out, &pod_group)?;
+    }
     push_document(
         &mut out,
         &build::attempt_job(&job, &context, options.attempt, Counters::default()),
@@ -76,12 +90,7 @@ pub fn render_inference(
         .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
     svc.metadata.namespace = Some(namespace);
     svc.metadata.uid = Some(PLACEHOLDER_UID.into());
-    let context = match &options.worker_image {
-        Some(image) => BuildContext {
-            default_worker_image: image.clone(),
-        },
-        None => BuildContext::default(),
-    };
+    let context = options.context();
     let model = match resolve_model(&svc, None) {
         ModelState::Ready(m) => *m,
         _ => {
@@ -120,6 +129,9 @@ pub fn render_inference(
                 index,
                 incarnation: 0,
             };
+            if let Some(pod_group) = groups::pod_group(&svc, &context, group) {
+                push_document(&mut out, &pod_group)?;
+            }
             push_document(
                 &mut out,
                 &groups::group_set(&svc, &context, &model, group, 0),

@@ -37,6 +37,7 @@ use moe_crds::contract::{
 };
 use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig, TrainedWith};
 
+use crate::gang::{self, Mechanism};
 use crate::labels;
 use crate::pods::{
     BuildContext, affinity, container_security_context, empty_dir, fnv1a64,
@@ -298,6 +299,13 @@ pub fn pod_template(
     if let (Some(queue), None) = (queue, group) {
         pod_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
     }
+    // A group without a queue: all its pods or none, through its PodGroup
+    // when the Workload API schedules gangs (crate::gang); a one-pod replica
+    // is no gang.
+    let mechanism = match group {
+        Some(_) => ctx.gang(&spec.placement, spec.parallelism.pods_per_replica),
+        None => ctx.gang(&spec.placement, 1),
+    };
     annotations.extend(kueue_topology_annotation(&spec.placement));
     // The config's hash and the model revision: a change to either rolls the replicas.
     annotations.insert(labels::CONFIG_HASH.into(), config_hash);
@@ -319,7 +327,14 @@ pub fn pod_template(
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(&spec.placement, gang.as_ref().filter(|_| queue.is_none())),
+            affinity: affinity(
+                &spec.placement,
+                gang.as_ref()
+                    .filter(|_| gang::pod_affinity(mechanism, &spec.placement)),
+            ),
+            scheduling_group: group
+                .filter(|_| mechanism == Mechanism::WorkloadApi)
+                .map(|g| gang::scheduling_group(&group_set_name(svc, g))),
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),

@@ -30,6 +30,7 @@ use super::build;
 use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, reason, resolve_model};
 use super::groups::{self, GroupPlan, GroupState};
 use super::validate::validate;
+use crate::gang::{self, GangScheduling};
 use crate::labels;
 use crate::metrics::Metrics;
 use crate::pods::BuildContext;
@@ -581,6 +582,11 @@ async fn execute_groups(
 ) -> Result<(), Error> {
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     for name in &plan.delete {
+        // The group's PodGroup first: were the operator stopped between the
+        // two, the StatefulSet still there brings it back to this point.
+        if ctx.build.gang_scheduling == GangScheduling::WorkloadApi {
+            gang::delete(&ctx.client, &ctx.metrics, ns, name).await?;
+        }
         // Background: the group goes now, its pods follow; its replacement need not wait.
         let dp = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Background),
@@ -596,6 +602,9 @@ async fn execute_groups(
         ctx.metrics.api_call("delete", "statefulsets");
     }
     for (group, restarts) in &plan.create {
+        if let Some(pod_group) = groups::pod_group(svc, &ctx.build, *group) {
+            gang::create(&ctx.client, &ctx.metrics, ns, &pod_group).await?;
+        }
         let set = groups::group_set(svc, &ctx.build, model, *group, *restarts);
         let params = PostParams {
             field_manager: Some(labels::FIELD_MANAGER.into()),

@@ -21,12 +21,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use moe_crds::MoEInferenceService;
 use moe_crds::contract::COORDINATOR_PORT;
 
 use super::build::{self, Group, ResolvedModel};
 use super::decide::{DeploymentState, Transition};
+use crate::gang::{self, Mechanism};
 use crate::labels;
 use crate::pods::{BuildContext, fnv1a64};
 
@@ -74,6 +76,20 @@ fn group_labels(svc: &MoEInferenceService, g: Group) -> BTreeMap<String, String>
     out.insert(labels::GROUP.into(), g.index.to_string());
     out.insert(labels::INCARNATION.into(), g.incarnation.to_string());
     out
+}
+
+/// The PodGroup of one group incarnation, named as its StatefulSet, when the
+/// Workload API schedules gangs ([`crate::gang`]); owned by the service, and
+/// deleted with the incarnation.
+pub fn pod_group(svc: &MoEInferenceService, ctx: &BuildContext, g: Group) -> Option<PodGroup> {
+    let pods = svc.spec.parallelism.pods_per_replica;
+    (ctx.gang(&svc.spec.placement, pods) == Mechanism::WorkloadApi).then(|| {
+        let mut meta = build::child_meta(svc, build::group_set_name(svc, g));
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .extend(group_labels(svc, g));
+        gang::pod_group(meta, &svc.spec.placement, pods)
+    })
 }
 
 /// The StatefulSet of one group incarnation.
@@ -588,6 +604,45 @@ mod tests {
                 .map(String::as_str),
             Some("serving")
         );
+    }
+
+    #[test]
+    fn under_the_workload_api_each_group_incarnation_is_one_pod_group() {
+        let ctx = BuildContext {
+            gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
+            ..Default::default()
+        };
+        let mut s = svc(1);
+        s.spec.placement.topology =
+            serde_json::from_value(json!({"required": "topology.moe.dev/rack"})).unwrap();
+        let g = Group {
+            index: 1,
+            incarnation: 7,
+        };
+        let pg = pod_group(&s, &ctx, g).expect("a 2-pod group has a PodGroup");
+        assert_eq!(pg.metadata.name.as_deref(), Some("chat-g1-7"));
+        assert_eq!(
+            pg.spec.scheduling_policy.gang.as_ref().unwrap().min_count,
+            2
+        );
+        assert!(pg.spec.scheduling_constraints.is_some());
+        let set = group_set(&s, &ctx, &model(), g, 0);
+        let pod = set.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.scheduling_group.unwrap().pod_group_name.as_deref(),
+            Some("chat-g1-7")
+        );
+        assert!(pod.affinity.and_then(|a| a.pod_affinity).is_none());
+        // Switching the operator to the Workload API replaces no group: the
+        // revision is the group-free template's.
+        assert_eq!(
+            revision(&s, &ctx, &model()),
+            revision(&s, &BuildContext::default(), &model())
+        );
+        // Not under the default, nor with a queue.
+        assert!(pod_group(&s, &BuildContext::default(), g).is_none());
+        s.spec.placement.queue_name = Some("serving".into());
+        assert!(pod_group(&s, &ctx, g).is_none());
     }
 
     #[test]

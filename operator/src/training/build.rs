@@ -4,8 +4,10 @@
 //! MoETrainingJob <name>
 //!  ├── ConfigMap <name>-config      worker config (config.json), the worker contract
 //!  ├── Service   <name>             headless; pod DNS <name>-a<N>-<index>.<name>
-//!  └── Job       <name>-a<N>        Indexed, one pod per node, backoffLimit 0:
-//!       └── Pod  <name>-a<N>-<i>-*  one failed pod fails the attempt (gang)
+//!  ├── Job       <name>-a<N>        Indexed, one pod per node, backoffLimit 0:
+//!  │    └── Pod  <name>-a<N>-<i>-*  one failed pod fails the attempt (gang)
+//!  └── PodGroup  <name>-a<N>        with --gang-scheduling=workload-api and no
+//!                                   queue: the scheduler binds all pods or none
 //! ```
 //!
 //! `moectl render` prints exactly these, so users can review what the operator will create.
@@ -21,11 +23,13 @@ use k8s_openapi::api::core::v1::{
     ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Service,
     ServicePort, ServiceSpec, Volume,
 };
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use moe_crds::contract::{self, COORDINATOR_PORT, METRICS_PORT, env};
 use moe_crds::{CheckpointConfig, MoETrainingJob, WorkerConfig};
 
+use crate::gang::{self, Mechanism};
 use crate::labels;
 pub use crate::pods::{BuildContext, NODE_LOSS_TOLERATION_SECONDS};
 use crate::pods::{
@@ -250,6 +254,20 @@ fn gang_failure_policy() -> PodFailurePolicy {
     }
 }
 
+/// The PodGroup of one attempt, named as its Job, when the Workload API
+/// schedules the gang ([`crate::gang`]); owned by the MoETrainingJob, and
+/// deleted with the attempt.
+pub fn pod_group(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Option<PodGroup> {
+    let nodes = job.spec.parallelism.nodes;
+    (ctx.gang(&job.spec.placement, nodes) == Mechanism::WorkloadApi).then(|| {
+        let mut meta = child_meta(job, attempt_job_name(job, attempt));
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(labels::ATTEMPT.into(), attempt.to_string());
+        gang::pod_group(meta, &job.spec.placement, nodes)
+    })
+}
+
 fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTemplateSpec {
     let spec = &job.spec;
     let worker = &spec.worker;
@@ -258,10 +276,12 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     pod_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
     pod_labels.insert(labels::ROLE.into(), labels::ROLE_WORKER.into());
     let mut annotations = worker.pod_metadata.annotations.clone();
-    // One topology domain for the gang: a queued job's is chosen by Kueue at
-    // admission (its pod-set annotation), another's by the scheduler, which
-    // keeps this attempt's pods with its first (pod affinity).
-    let queued = spec.placement.queue_name.is_some();
+    // All pods or none, in one topology domain: a queued job's gang is
+    // admitted and placed by Kueue (its pod-set annotations); another's by
+    // the scheduler, as one PodGroup of the Workload API, or pod by pod, each
+    // following the attempt's first pod (pod affinity). See crate::gang.
+    let mechanism = ctx.gang(&spec.placement, spec.parallelism.nodes);
+    let queued = mechanism == Mechanism::Kueue;
     annotations.extend(kueue_topology_annotation(&spec.placement));
     // Expert-parallel groups are blocks of consecutive ranks, so of
     // consecutive nodes (completion indices): Kueue keeps each block of
@@ -297,7 +317,12 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
-            affinity: affinity(&spec.placement, (!queued).then_some(&gang)),
+            affinity: affinity(
+                &spec.placement,
+                gang::pod_affinity(mechanism, &spec.placement).then_some(&gang),
+            ),
+            scheduling_group: (mechanism == Mechanism::WorkloadApi)
+                .then(|| gang::scheduling_group(&attempt_job_name(job, attempt))),
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
@@ -448,6 +473,72 @@ mod tests {
 
     fn pod_affinity(t: &PodTemplateSpec) -> Option<PodAffinity> {
         t.spec.as_ref()?.affinity.as_ref()?.pod_affinity.clone()
+    }
+
+    fn workload_api() -> BuildContext {
+        BuildContext {
+            gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn under_the_workload_api_the_attempt_is_one_pod_group_in_one_required_domain() {
+        let j = job(serde_json::json!({"topology": {"required": "topology.moe.dev/rack"}}));
+        let ctx = workload_api();
+        let pg = pod_group(&j, &ctx, 3).expect("a gang of 2 nodes has a PodGroup");
+        assert_eq!(pg.metadata.name.as_deref(), Some("big-a3"));
+        assert_eq!(pg.metadata.namespace.as_deref(), Some("ml"));
+        assert_eq!(pg.metadata.labels.as_ref().unwrap()[labels::ATTEMPT], "3");
+        assert_eq!(pg.metadata.owner_references.as_ref().unwrap()[0].uid, "u-1");
+        assert_eq!(
+            pg.spec.scheduling_policy.gang.as_ref().unwrap().min_count,
+            2
+        );
+        let t = attempt_job(&j, &ctx, 3, Counters::default())
+            .spec
+            .unwrap()
+            .template;
+        let spec = t.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.scheduling_group
+                .as_ref()
+                .unwrap()
+                .pod_group_name
+                .as_deref(),
+            Some("big-a3")
+        );
+        // The group's constraint places the gang: no pod affinity on top.
+        assert_eq!(pod_affinity(&t), None);
+
+        // A preferred topology is no constraint of a PodGroup: the pods keep
+        // their weighted wish.
+        let j = job(serde_json::json!({"topology": {"preferred": "topology.moe.dev/rack"}}));
+        let t = attempt_job(&j, &ctx, 0, Counters::default())
+            .spec
+            .unwrap()
+            .template;
+        assert!(t.spec.as_ref().unwrap().scheduling_group.is_some());
+        assert!(
+            pod_affinity(&t)
+                .unwrap()
+                .preferred_during_scheduling_ignored_during_execution
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_queue_or_the_default_makes_no_pod_group() {
+        let queued = job(serde_json::json!({"queueName": "gpus"}));
+        assert!(pod_group(&queued, &workload_api(), 0).is_none());
+        let t = attempt_job(&queued, &workload_api(), 0, Counters::default())
+            .spec
+            .unwrap()
+            .template;
+        assert!(t.spec.unwrap().scheduling_group.is_none());
+        let plain = job(serde_json::json!({}));
+        assert!(pod_group(&plain, &BuildContext::default(), 0).is_none());
+        assert!(template(&plain).spec.unwrap().scheduling_group.is_none());
     }
 
     #[test]

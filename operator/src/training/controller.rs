@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use moe_crds::{MoETrainingJob, MoETrainingJobStatus};
@@ -26,6 +27,7 @@ use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, 
 use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
+use crate::gang::{self, GangScheduling};
 use crate::labels;
 use crate::metrics::Metrics;
 pub use crate::reconcile::Error;
@@ -38,6 +40,8 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub config_maps: Store<ConfigMap>,
     pub services: Store<Service>,
+    /// The attempts' PodGroups, when the Workload API schedules gangs.
+    pub pod_groups: Option<Store<PodGroup>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
@@ -74,7 +78,15 @@ pub async fn run(
     let (jobs, job_stream) = reflected(api::<Job>(&client, &namespace), children.clone());
     let (config_maps, cm_stream) =
         reflected(api::<ConfigMap>(&client, &namespace), children.clone());
-    let (services, svc_stream) = reflected(api::<Service>(&client, &namespace), children);
+    let (services, svc_stream) = reflected(api::<Service>(&client, &namespace), children.clone());
+    // The scheduler's verdict on a gang is on its PodGroup: watched only when
+    // the operator makes them (the API may not be served otherwise).
+    let (pod_groups, pg_stream) = if build.gang_scheduling == GangScheduling::WorkloadApi {
+        let (store, stream) = reflected(api::<PodGroup>(&client, &namespace), children);
+        (Some(store), stream.boxed())
+    } else {
+        (None, futures::stream::pending().boxed())
+    };
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -82,6 +94,7 @@ pub async fn run(
         jobs,
         config_maps,
         services,
+        pod_groups,
         recorder,
         metrics,
         failures: Backoff::default(),
@@ -96,6 +109,7 @@ pub async fn run(
     .owns_stream(job_stream)
     .owns_stream(cm_stream)
     .owns_stream(svc_stream)
+    .owns_stream(pg_stream)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|res| async move {
@@ -325,9 +339,15 @@ async fn observe_attempts(
         } else {
             AttemptOutcome::Running
         };
+        // The scheduler's verdict on the attempt's gang, while it is not placed.
+        let unschedulable = ctx.pod_groups.as_ref().and_then(|store| {
+            let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
+            gang::unschedulable(&pg)
+        });
         out.push(AttemptState {
             attempt,
             name: j.name_any(),
+            unschedulable,
             counters: Counters {
                 restarts: annotation(labels::RESTARTS),
                 disruptions: annotation(labels::DISRUPTIONS),
@@ -512,6 +532,9 @@ fn exit_code(pod: &Pod) -> Option<i32> {
 async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     if let Some((attempt, counters)) = plan.create {
+        if let Some(pod_group) = build::pod_group(job, &ctx.build, attempt) {
+            gang::create(&ctx.client, &ctx.metrics, ns, &pod_group).await?;
+        }
         let child = build::attempt_job(job, &ctx.build, attempt, counters);
         match jobs
             .create(
@@ -531,6 +554,11 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
         ctx.metrics.api_call("create", "jobs");
     }
     for name in &plan.delete {
+        // The attempt's PodGroup first: were the operator stopped between the
+        // two, the Job still there brings it back to this point.
+        if ctx.pod_groups.is_some() {
+            gang::delete(&ctx.client, &ctx.metrics, ns, name).await?;
+        }
         // Background: the attempt Job goes now, its pods follow; the next attempt need not wait.
         let dp = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Background),

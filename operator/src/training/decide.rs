@@ -30,6 +30,9 @@ pub struct AttemptState {
     pub counters: Counters,
     pub being_deleted: bool,
     pub outcome: AttemptOutcome,
+    /// Why the scheduler cannot place the attempt's gang (its PodGroup's
+    /// condition, under the Workload API), while it cannot.
+    pub unschedulable: Option<String>,
     pub active: i32,
     pub ready: i32,
     pub succeeded: i32,
@@ -303,6 +306,29 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     &msg,
                     &now,
                 );
+            } else if let Some(why) = &cur.unschedulable {
+                // All or nothing: no pod of the gang is bound while the
+                // scheduler finds no place for every one of them.
+                let msg = format!(
+                    "attempt {}: the scheduler cannot place all {} worker pods at once ({why}); none is bound until it can",
+                    cur.attempt, spec.parallelism.nodes
+                );
+                set_phase(
+                    &mut plan,
+                    &old,
+                    TrainingPhase::Pending,
+                    UNSCHEDULABLE,
+                    &msg,
+                    &now,
+                );
+                // A warning event when it starts (set_phase records one only
+                // when the phase changes).
+                if reconciling_reason(&old) != Some(UNSCHEDULABLE) {
+                    match plan.transitions.last_mut() {
+                        Some(t) if t.reason == UNSCHEDULABLE => t.warning = true,
+                        _ => plan.transitions.push(warning(UNSCHEDULABLE, msg)),
+                    }
+                }
             } else {
                 let msg = format!(
                     "attempt {}: {}/{} worker pod(s) ready",
@@ -484,9 +510,10 @@ fn warning(reason: &str, message: String) -> Transition {
     }
 }
 
-/// Set the phase and derive every condition from it; record a transition when the phase changes.
 /// Reason of a queued attempt that Kueue suspended after it had run.
 const PREEMPTED: &str = "Preempted";
+/// A gang the scheduler cannot place whole (Workload API).
+const UNSCHEDULABLE: &str = "Unschedulable";
 
 fn reconciling_reason(status: &MoETrainingJobStatus) -> Option<&str> {
     status
@@ -496,6 +523,7 @@ fn reconciling_reason(status: &MoETrainingJobStatus) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
+/// Set the phase and derive every condition from it; record a transition when the phase changes.
 fn set_phase(
     plan: &mut Plan,
     old: &MoETrainingJobStatus,

@@ -40,6 +40,7 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         counters,
         being_deleted: false,
         outcome,
+        unschedulable: None,
         active: 4,
         ready: 4,
         succeeded: 0,
@@ -109,6 +110,53 @@ fn partially_ready_gang_is_still_pending() {
     let plan = decide(&job(SPEC), &observed(vec![a]));
     assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
     assert_eq!(plan.status.workers.ready, 3);
+}
+
+fn reconciling(plan: &Plan) -> (String, String) {
+    let c = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Reconciling")
+        .unwrap();
+    (c.reason.clone(), c.message.clone())
+}
+
+#[test]
+fn a_gang_the_scheduler_cannot_place_is_unschedulable_with_its_words_and_one_warning() {
+    let j = job(SPEC);
+    let mut a = attempt(0, AttemptOutcome::Running, Counters::default());
+    (a.active, a.ready) = (4, 0);
+    let starting = decide(&j, &observed(vec![a.clone()]));
+    assert_eq!(reconciling(&starting).0, "WorkersStarting");
+
+    a.unschedulable = Some("Unschedulable: 0/15 placements are available".into());
+    let plan = decide(&after(j.clone(), &starting), &observed(vec![a.clone()]));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "Unschedulable");
+    assert!(
+        message.contains("0/15 placements are available"),
+        "{message}"
+    );
+    assert!(message.contains("all 4 worker pods"), "{message}");
+    assert_eq!(plan.transitions.len(), 1);
+    assert!(plan.transitions[0].warning);
+    assert_eq!(plan.transitions[0].reason, "Unschedulable");
+
+    // Once: the same verdict again is no new event.
+    let again = decide(&after(j.clone(), &plan), &observed(vec![a.clone()]));
+    assert!(again.transitions.is_empty());
+
+    // From a fresh job (no phase yet): one event, a warning, not two.
+    let fresh = decide(&j, &observed(vec![a.clone()]));
+    assert_eq!(fresh.transitions.len(), 1);
+    assert!(fresh.transitions[0].warning);
+
+    // A gang once ready is judged by its pods, whatever the group said.
+    a.ready = 4;
+    let running = decide(&after(j, &plan), &observed(vec![a]));
+    assert_eq!(running.status.phase, Some(TrainingPhase::Running));
 }
 
 #[test]

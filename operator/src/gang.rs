@@ -1,0 +1,279 @@
+//! How a gang of pods (a training attempt, a serving replica group) is
+//! scheduled all at once, and kept in one topology domain.
+//!
+//! Three mechanisms, one per gang, chosen by [`mechanism`]:
+//! - **Kueue** (`placement.queueName`): Kueue admits the whole gang against
+//!   its queue's quota, and places it by its pod-set topology annotations.
+//! - **Workload API** (the operator's `--gang-scheduling=workload-api`, on
+//!   clusters with Kubernetes' Workload-Aware Scheduling: the
+//!   `GenericWorkload` and `GangScheduling` feature gates, and
+//!   `TopologyAwareWorkloadScheduling` for a topology): the operator creates a
+//!   standalone `PodGroup` (`scheduling.k8s.io/v1alpha2`) with a gang policy
+//!   of the gang's size and the required topology as its constraint; the pods
+//!   name it in `spec.schedulingGroup`. The scheduler then binds all of them
+//!   or none, in one domain it picks for the whole group.
+//! - **Scheduler** (neither): pods are placed one by one; a topology is pod
+//!   affinity to the gang's first pod, so a domain too small for the gang
+//!   leaves the rest Pending while the first ones hold their nodes.
+
+use k8s_openapi::api::core::v1::PodSchedulingGroup;
+use k8s_openapi::api::scheduling::v1alpha2::{
+    GangSchedulingPolicy, PodGroup, PodGroupSchedulingConstraints, PodGroupSchedulingPolicy,
+    PodGroupSpec, TopologyConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+use moe_crds::Placement;
+
+use crate::labels;
+use crate::metrics::Metrics;
+
+/// The operator-wide choice of gang scheduler for gangs that no queue admits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GangScheduling {
+    /// Pods are placed one by one (a topology by pod affinity).
+    #[default]
+    None,
+    /// Kubernetes' Workload API: a gang PodGroup per gang.
+    WorkloadApi,
+}
+
+/// What places one gang.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    Kueue,
+    WorkloadApi,
+    Scheduler,
+}
+
+/// The mechanism for a gang of `pods` pods under `placement`. A queue wins:
+/// Kueue admits the gang as one unit and places it itself, and a second
+/// all-or-nothing gate behind its admission could only hold what it admitted.
+/// A gang of one needs no group.
+pub fn mechanism(placement: &Placement, gang_scheduling: GangScheduling, pods: i32) -> Mechanism {
+    if placement.queue_name.is_some() {
+        Mechanism::Kueue
+    } else if gang_scheduling == GangScheduling::WorkloadApi && pods > 1 {
+        Mechanism::WorkloadApi
+    } else {
+        Mechanism::Scheduler
+    }
+}
+
+/// Whether the pods of a gang take pod affinity to its first pod for
+/// `placement.topology`: when the scheduler places them one by one, and for
+/// a preferred topology under the Workload API (a PodGroup's constraint is
+/// required only). Kueue places a queued gang itself.
+pub fn pod_affinity(mechanism: Mechanism, placement: &Placement) -> bool {
+    match mechanism {
+        Mechanism::Kueue => false,
+        Mechanism::Scheduler => true,
+        Mechanism::WorkloadApi => !placement
+            .topology
+            .as_ref()
+            .and_then(|t| t.key())
+            .is_some_and(|(_, required)| required),
+    }
+}
+
+/// The standalone PodGroup of a gang (`metadata`: its name, labels and
+/// owner): all `pods` pods or none, in one domain of the required topology
+/// (a preferred one has no place in the API: its pods keep their weighted
+/// pod affinity).
+pub fn pod_group(metadata: ObjectMeta, placement: &Placement, pods: i32) -> PodGroup {
+    let topology = placement
+        .topology
+        .as_ref()
+        .and_then(|t| t.key())
+        .filter(|(_, required)| *required)
+        .map(|(key, _)| PodGroupSchedulingConstraints {
+            topology: Some(vec![TopologyConstraint {
+                key: key.to_string(),
+            }]),
+        });
+    PodGroup {
+        metadata,
+        spec: PodGroupSpec {
+            scheduling_policy: PodGroupSchedulingPolicy {
+                gang: Some(GangSchedulingPolicy { min_count: pods }),
+                ..Default::default()
+            },
+            scheduling_constraints: topology,
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// A pod's reference to its gang's PodGroup.
+pub fn scheduling_group(pod_group: &str) -> PodSchedulingGroup {
+    PodSchedulingGroup {
+        pod_group_name: Some(pod_group.to_string()),
+    }
+}
+
+/// The scheduler's word on a PodGroup it could not place (its
+/// `PodGroupScheduled` condition false), or `None` while it has not tried
+/// or once the group is placed.
+pub fn unschedulable(pod_group: &PodGroup) -> Option<String> {
+    let condition = pod_group
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodGroupScheduled")?;
+    (condition.status == "False").then(|| {
+        if condition.message.is_empty() {
+            condition.reason.clone()
+        } else {
+            format!("{}: {}", condition.reason, condition.message)
+        }
+    })
+}
+
+/// The API group and version of PodGroups.
+const API_VERSION: &str = "scheduling.k8s.io/v1alpha2";
+
+/// Fails, saying what the cluster lacks, unless the apiserver serves PodGroups.
+pub async fn check_served(client: &Client) -> anyhow::Result<()> {
+    let served = match client.list_api_group_resources(API_VERSION).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == "podgroups"),
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(e) => return Err(anyhow::Error::new(e).context("discovering PodGroups")),
+    };
+    anyhow::ensure!(
+        served,
+        "--gang-scheduling=workload-api: the apiserver does not serve {API_VERSION} podgroups; \
+         it needs the GenericWorkload feature gate and --runtime-config={API_VERSION}=true \
+         (and the scheduler the GangScheduling gate)"
+    );
+    Ok(())
+}
+
+/// Creates a gang's PodGroup before its pods' owner, so that the pods find
+/// it at once; one already there (an earlier reconcile's) is fine.
+pub async fn create(
+    client: &Client,
+    metrics: &Metrics,
+    ns: &str,
+    pod_group: &PodGroup,
+) -> Result<(), kube::Error> {
+    let api: Api<PodGroup> = Api::namespaced(client.clone(), ns);
+    let params = PostParams {
+        field_manager: Some(labels::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let result = api.create(&params, pod_group).await;
+    metrics.api_call("create", "podgroups");
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the PodGroup `name` with its gang (the scheduler's protection
+/// keeps it until the last of its pods is gone); one already gone is fine.
+pub async fn delete(
+    client: &Client,
+    metrics: &Metrics,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<PodGroup> = Api::namespaced(client.clone(), ns);
+    let result = api.delete(name, &DeleteParams::background()).await;
+    metrics.api_call("delete", "podgroups");
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::scheduling::v1alpha2::PodGroupStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn placement(v: serde_json::Value) -> Placement {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_queue_wins_then_the_workload_api_for_gangs_of_two_or_more() {
+        let queued = placement(serde_json::json!({"queueName": "gpus"}));
+        let plain = placement(serde_json::json!({}));
+        use GangScheduling::*;
+        assert_eq!(mechanism(&queued, WorkloadApi, 4), Mechanism::Kueue);
+        assert_eq!(mechanism(&queued, None, 4), Mechanism::Kueue);
+        assert_eq!(mechanism(&plain, WorkloadApi, 4), Mechanism::WorkloadApi);
+        assert_eq!(mechanism(&plain, WorkloadApi, 1), Mechanism::Scheduler);
+        assert_eq!(mechanism(&plain, None, 4), Mechanism::Scheduler);
+    }
+
+    #[test]
+    fn the_pod_group_is_a_gang_of_all_pods_in_one_required_domain() {
+        let meta = ObjectMeta {
+            name: Some("j-a0".into()),
+            ..Default::default()
+        };
+        let required =
+            placement(serde_json::json!({"topology": {"required": "topology.moe.dev/rack"}}));
+        let pg = pod_group(meta.clone(), &required, 3);
+        assert_eq!(pg.spec.scheduling_policy.gang.unwrap().min_count, 3);
+        assert_eq!(pg.spec.scheduling_policy.basic, None);
+        let topology = pg.spec.scheduling_constraints.unwrap().topology.unwrap();
+        assert_eq!(topology[0].key, "topology.moe.dev/rack");
+        assert_eq!(pg.metadata.name.as_deref(), Some("j-a0"));
+
+        // A preferred topology is no constraint; no topology neither.
+        let preferred =
+            placement(serde_json::json!({"topology": {"preferred": "topology.moe.dev/rack"}}));
+        let pg = pod_group(meta.clone(), &preferred, 3);
+        assert_eq!(pg.spec.scheduling_constraints, Option::None);
+        let pg = pod_group(meta, &placement(serde_json::json!({})), 3);
+        assert_eq!(pg.spec.scheduling_constraints, Option::None);
+    }
+
+    fn with_condition(status: &str, reason: &str, message: &str) -> PodGroup {
+        PodGroup {
+            status: Some(PodGroupStatus {
+                conditions: Some(vec![Condition {
+                    type_: "PodGroupScheduled".into(),
+                    status: status.into(),
+                    reason: reason.into(),
+                    message: message.into(),
+                    last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                    observed_generation: None,
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_false_scheduled_condition_is_unschedulable() {
+        assert_eq!(unschedulable(&PodGroup::default()), Option::None);
+        assert_eq!(
+            unschedulable(&with_condition("True", "Scheduled", "")),
+            Option::None
+        );
+        assert_eq!(
+            unschedulable(&with_condition(
+                "False",
+                "Unschedulable",
+                "0/15 placements are available"
+            ))
+            .as_deref(),
+            Some("Unschedulable: 0/15 placements are available")
+        );
+        assert_eq!(
+            unschedulable(&with_condition("False", "SchedulerError", "")).as_deref(),
+            Some("SchedulerError")
+        );
+    }
+}
