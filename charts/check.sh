@@ -82,6 +82,9 @@ check "the default worker image is the appVersion's" \
 check "the operator image digest wins over the tag" \
   grep -qF 'image: "registry.example.com/moe/moe-operator@sha256:0123456789abcdef' "$tmp/full.yaml"
 check "crds.keep=true (default) annotates the CRD" grep -qF "helm.sh/resource-policy: keep" "$tmp/default.yaml"
+check "gangScheduling passes the flag, and only workload-api grants podgroups" sh -c "
+  grep -qF -- '- --gang-scheduling=workload-api' $tmp/full.yaml && grep -qF 'resources: [podgroups]' $tmp/full.yaml &&
+  grep -qF -- '- --gang-scheduling=none' $tmp/default.yaml && ! grep -q podgroups $tmp/default.yaml"
 check "crds.keep=false leaves the CRD deletable" sh -c "! grep -q 'resource-policy' $tmp/full.yaml"
 check "crds.enabled=false renders no CRD" sh -c \
   "helm template moe $chart --set crds.enabled=false | grep -c '^kind: CustomResourceDefinition' | grep -qx 0"
