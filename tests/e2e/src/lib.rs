@@ -288,3 +288,21 @@ pub fn gpu_job(name: &str, nodes: i32, extra: serde_json::Value) -> moe_crds::Mo
     moe_crds::fixtures::merge_patch(&mut v, &extra);
     serde_json::from_value(v).expect("valid MoETrainingJob")
 }
+
+/// The pool of fake nodes for the scheduler's own gang scheduling
+/// (`tests/cluster/nodes.sh`: 5 nodes, a rack of 2 and a rack of 3); each
+/// test binary has one test on it.
+pub const GANG_POOL: &str = "gang";
+
+/// The operator flag that schedules gangs through the Workload API.
+pub const WORKLOAD_API: [&str; 2] = ["--gang-scheduling", "workload-api"];
+
+/// A `spec.placement` patch onto [`GANG_POOL`] (its label and taint).
+pub fn on_gang_pool(extra: serde_json::Value) -> serde_json::Value {
+    let mut v = serde_json::json!({"spec": {"placement": {
+        "nodeSelector": {"node.moe.dev/pool": GANG_POOL},
+        "tolerations": [{"key": "moe.dev/pool", "operator": "Equal", "value": GANG_POOL, "effect": "NoSchedule"}]
+    }}});
+    moe_crds::fixtures::merge_patch(&mut v, &extra);
+    v
+}

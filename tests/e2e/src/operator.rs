@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
+/// The chart values the harness installs the operator's RBAC with (its
+/// defaults, but the CRDs and with `gangScheduling=workload-api`, whose
+/// PodGroup rules the Workload API tests use); tests/rbac.rs renders the same.
+pub const HARNESS_VALUES: &str = "--set crds.enabled=false --set gangScheduling=workload-api";
+
 /// Namespace and ServiceAccount the chart installs the operator with.
 pub const OPERATOR_NAMESPACE: &str = "moe-system";
 pub const RELEASE: &str = "moe";
@@ -55,7 +60,7 @@ pub fn sh(script: &str) -> Result<String> {
 static INSTALL: Once = Once::new();
 
 /// Installs the CRDs (generated YAML) and the chart (release [`RELEASE`] in
-/// [`OPERATOR_NAMESPACE`], default values), once per test process.
+/// [`OPERATOR_NAMESPACE`], [`HARNESS_VALUES`]), once per test process.
 ///
 /// The chart goes in with `helm upgrade --install`, as users install it, so
 /// the ServiceAccount and RBAC the operator runs with are what Helm created.
@@ -96,7 +101,7 @@ pub fn install() -> Result<()> {
                done
              fi
              helm upgrade --install {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
-               --set crds.enabled=false --history-max 3 >/dev/null",
+               {HARNESS_VALUES} --history-max 3 >/dev/null",
             run = crate::RUN_LABEL,
             pid = std::process::id()
         ))
@@ -141,9 +146,18 @@ impl Operator {
         Self::start_replica(namespace, None).await
     }
 
+    /// Like [`Operator::start`], with more command-line flags.
+    pub async fn start_with(namespace: &str, flags: &[&str]) -> Result<Self> {
+        Self::launch(namespace, None, flags).await
+    }
+
     /// Like [`Operator::start`], as one of several replicas sharing the
     /// namespace's Lease: only the holder acts.
     pub async fn start_replica(namespace: &str, replica: Option<&str>) -> Result<Self> {
+        Self::launch(namespace, replica, &[]).await
+    }
+
+    async fn launch(namespace: &str, replica: Option<&str>, flags: &[&str]) -> Result<Self> {
         install()?;
         let state = state_dir()?;
         let name = match replica {
@@ -183,6 +197,7 @@ impl Operator {
                 "--log-format",
                 "text",
             ])
+            .args(flags)
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,moe_operator=debug")
             .env("MOE_WORKER_IMAGE", "moe-worker:e2e")

@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, ensure};
-use moe_e2e::operator::{OPERATOR_NAMESPACE, RELEASE, SERVICE_ACCOUNT, sh};
+use moe_e2e::operator::{HARNESS_VALUES, OPERATOR_NAMESPACE, RELEASE, SERVICE_ACCOUNT, sh};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -33,7 +33,7 @@ type Permission = (String, String, String);
 fn granted() -> Result<BTreeSet<Permission>> {
     let yaml = sh(&format!(
         "helm template {RELEASE} charts/moe-operator --namespace {OPERATOR_NAMESPACE} \
-           --set crds.enabled=false --show-only templates/rbac.yaml"
+           {HARNESS_VALUES} --show-only templates/rbac.yaml"
     ))?;
     let mut out = BTreeSet::new();
     for document in serde_yaml::Deserializer::from_str(&yaml) {

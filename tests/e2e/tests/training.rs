@@ -9,6 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
@@ -16,8 +17,8 @@ use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, admin_client, api_message, bound_claim, eventually, gpu_job, metric_sum,
-    rejection_problems,
+    HOLD, TestNamespace, WORKLOAD_API, admin_client, api_message, bound_claim, eventually, gpu_job,
+    metric_sum, on_gang_pool, rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -957,6 +958,92 @@ async fn topology_without_kueue_keeps_the_gang_with_its_first_pod() -> Result<()
     wait_phase(&jobs, "together", TrainingPhase::Running).await?;
     let racks = placed(&client, &pods, "together", 3, rack).await?;
     ensure!(all_same(&racks), "one gang across racks: {racks:?}");
+    ns.delete().await
+}
+
+/// How many pods of `job`'s first attempt exist, and how many are bound to a node.
+async fn bound(pods: &Api<Pod>, job: &str) -> Result<(usize, usize)> {
+    let list = pods_of(pods, job, 0).await?;
+    let bound = list
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        .count();
+    Ok((list.len(), bound))
+}
+
+#[tokio::test]
+async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-gang").await?;
+    let _op = Operator::start_with(&ns.name, &WORKLOAD_API).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let groups: Api<PodGroup> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+    let rack = moe_e2e::kueue::LEVELS[1];
+
+    // The 5-node pool has a rack of 2 and a rack of 3: a 3-node gang that
+    // must share a rack has one place. The scheduler picks it for the whole
+    // group; pod by pod, the first pod could take the small rack and strand
+    // the third.
+    jobs.create(
+        &pp,
+        &gpu_job("rack", 3, on_gang_pool(topology("required", rack))),
+    )
+    .await?;
+    wait_phase(&jobs, "rack", TrainingPhase::Running).await?;
+    let racks = placed(&client, &pods, "rack", 3, rack).await?;
+    ensure!(
+        racks.iter().all(|r| r == "rack-gang-1"),
+        "the gang is not in the one rack of 3: {racks:?}"
+    );
+    let group = groups.get("rack-a0").await?;
+    ensure!(
+        group
+            .spec
+            .scheduling_policy
+            .gang
+            .as_ref()
+            .map(|g| g.min_count)
+            == Some(3),
+        "rack-a0: {:?}",
+        group.spec
+    );
+
+    // Two nodes are left, a 4-node gang needs four: none of its pods is
+    // bound (pod by pod, two would be, holding their GPUs for nothing), and
+    // the job says why, in the scheduler's words.
+    jobs.create(&pp, &gpu_job("whole", 4, on_gang_pool(json!({}))))
+        .await?;
+    pending_because(&jobs, "whole", "Unschedulable").await?;
+    let j = jobs.get("whole").await?;
+    let message = condition(&j, "Reconciling").map(|c| c.message.clone());
+    ensure!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("all 4 worker pods")),
+        "{message:?}"
+    );
+    let (created, on_nodes) = eventually("whole's 4 pods created", WAIT, || async {
+        let (created, on_nodes) = bound(&pods, "whole").await?;
+        Ok((created == 4).then_some((created, on_nodes)))
+    })
+    .await?;
+    ensure!(
+        on_nodes == 0,
+        "{on_nodes} of {created} pods bound: not all or nothing"
+    );
+    ensure!(
+        event_reasons(&client, &ns.name, "whole")
+            .await?
+            .contains(&"Unschedulable".to_string())
+    );
+
+    // The first gang finishes: its nodes free, the second is bound whole.
+    release_pods(&pods, &pods_of(&pods, "rack", 0).await?).await?;
+    wait_phase(&jobs, "rack", TrainingPhase::Succeeded).await?;
+    wait_phase(&jobs, "whole", TrainingPhase::Running).await?;
+    ensure!(bound(&pods, "whole").await? == (4, 4));
     ns.delete().await
 }
 
