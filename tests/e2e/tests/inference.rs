@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
@@ -21,8 +22,8 @@ use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, admin_client, bound_claim, eventually, gpu_job, metric_sum,
-    rejection_problems,
+    HOLD, TestNamespace, WORKLOAD_API, admin_client, bound_claim, eventually, gpu_job, metric_sum,
+    on_gang_pool, rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -915,6 +916,102 @@ fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
     v.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
+}
+
+#[tokio::test]
+async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-gang").await?;
+    let _op = Operator::start_with(&ns.name, &WORKLOAD_API).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let groups: Api<PodGroup> = Api::namespaced(client.clone(), &ns.name);
+    let rack = moe_e2e::kueue::LEVELS[1];
+    // Replicas of 3 pods, each replica in one rack, on the pool with a rack
+    // of 3 and a rack of 2: one replica fits; the other must bind no pod
+    // (pod by pod, two of its three would sit on the small rack).
+    let spec = on_gang_pool(json!({"spec": {
+        "parallelism": {"processesPerPod": 8, "podsPerReplica": 3, "expertParallel": 24},
+        "placement": {"topology": {"required": rack}}
+    }}));
+    api.create(&PostParams::default(), &gpu_service("chat", 2, spec))
+        .await?;
+    let of_group = |list: &[Pod], g: &str| -> Vec<Pod> {
+        list.iter()
+            .filter(|p| p.labels().get("moe.dev/group").map(String::as_str) == Some(g))
+            .cloned()
+            .collect()
+    };
+    let (placed, waiting) = eventually(
+        "one group bound whole, the other not at all",
+        WAIT,
+        || async {
+            let list = server_pods(&pods, "chat").await?;
+            let (g0, g1) = (of_group(&list, "0"), of_group(&list, "1"));
+            let bound = |g: &[Pod]| g.iter().filter(|p| !node_of(p).is_empty()).count();
+            Ok(
+                (g0.len() == 3 && g1.len() == 3 && bound(&g0) + bound(&g1) == 3)
+                    .then(|| if bound(&g0) == 3 { (g0, g1) } else { (g1, g0) }),
+            )
+        },
+    )
+    .await?;
+    ensure!(
+        waiting.iter().all(|p| node_of(p).is_empty()),
+        "a group is partly bound: {:?}",
+        waiting.iter().map(node_of).collect::<Vec<_>>()
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    for p in &placed {
+        let node = nodes.get(&node_of(p)).await?;
+        ensure!(node.labels().get(rack).map(String::as_str) == Some("rack-gang-1"));
+    }
+    for name in ["chat-g0-0", "chat-g1-0"] {
+        let group = groups.get(name).await?;
+        ensure!(group.spec.scheduling_policy.gang.map(|g| g.min_count) == Some(3));
+    }
+    let svc = eventually("one replica ready, short of capacity", WAIT, || async {
+        let s = api.get("chat").await?;
+        let short = condition(&s, "Ready").is_some_and(|c| c.reason == "InsufficientCapacity");
+        Ok((short && s.status.as_ref().is_some_and(|st| st.ready_replicas == 1)).then_some(s))
+    })
+    .await?;
+    let message = condition(&svc, "Ready").map(|c| c.message.clone());
+    ensure!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot be scheduled")),
+        "{message:?}"
+    );
+
+    // Down to one replica: group 1 goes, with its PodGroup, whichever of the
+    // two it was; group 0 then serves from the rack of 3, bound whole.
+    api.patch(
+        "chat",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await?;
+    eventually(
+        "chat-g1-0's PodGroup deleted with its group",
+        WAIT,
+        || async {
+            Ok(match groups.get_opt("chat-g1-0").await? {
+                None => Some(()),
+                Some(g) => g.metadata.deletion_timestamp.map(|_| ()),
+            })
+        },
+    )
+    .await?;
+    wait_ready(&api, "chat", 1).await?;
+    let group0 = of_group(&server_pods(&pods, "chat").await?, "0");
+    ensure!(group0.len() == 3);
+    for p in &group0 {
+        let node = nodes.get(&node_of(p)).await?;
+        ensure!(node.labels().get(rack).map(String::as_str) == Some("rack-gang-1"));
+    }
+    ns.delete().await
 }
 
 #[tokio::test]
