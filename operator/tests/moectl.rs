@@ -257,6 +257,39 @@ fn render_takes_the_attempt_namespace_and_worker_image() {
 }
 
 #[test]
+fn render_shows_the_pod_group_of_a_gang_under_the_workload_api() {
+    let job = repo("examples/training/h100-fp8.yaml");
+    let render = |flags: &[&str]| {
+        let output = moectl()
+            .arg("render")
+            .arg(&job)
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        yaml_documents(&stdout(&output))
+    };
+    let kinds = |docs: &[Value]| -> Vec<String> {
+        docs.iter()
+            .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(kinds(&render(&[])), ["ConfigMap", "Service", "Job"]);
+    let docs = render(&["--gang-scheduling", "workload-api"]);
+    assert_eq!(kinds(&docs), ["ConfigMap", "Service", "PodGroup", "Job"]);
+    let name = docs[2]["metadata"]["name"].as_str().unwrap();
+    let nodes = docs[3]["spec"]["parallelism"].as_i64().unwrap();
+    assert_eq!(
+        docs[2]["spec"]["schedulingPolicy"]["gang"]["minCount"].as_i64(),
+        Some(nodes)
+    );
+    assert_eq!(
+        docs[3]["spec"]["template"]["spec"]["schedulingGroup"]["podGroupName"].as_str(),
+        Some(name)
+    );
+}
+
+#[test]
 fn render_refuses_an_invalid_job() {
     let dir = scratch("render-invalid");
     let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(tiny()).unwrap()).unwrap();
