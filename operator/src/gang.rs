@@ -16,6 +16,7 @@
 //!   affinity to the gang's first pod, so a domain too small for the gang
 //!   leaves the rest Pending while the first ones hold their nodes.
 
+use anyhow::Context as _;
 use k8s_openapi::api::core::v1::PodSchedulingGroup;
 use k8s_openapi::api::scheduling::v1alpha2::{
     GangSchedulingPolicy, PodGroup, PodGroupSchedulingConstraints, PodGroupSchedulingPolicy,
@@ -37,6 +38,29 @@ pub enum GangScheduling {
     None,
     /// Kubernetes' Workload API: a gang PodGroup per gang.
     WorkloadApi,
+}
+
+/// What the cluster keeps of a PodGroup's optional fields: each is behind
+/// a feature gate of its own, and the apiserver drops a disabled one
+/// silently, so the operator asks it once, at start ([`probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadFeatures {
+    /// `schedulingConstraints.topology` (TopologyAwareWorkloadScheduling).
+    /// Without it, `placement.topology.required` is pod affinity again.
+    pub topology: bool,
+    /// `priorityClassName` and `disruptionMode` (WorkloadAwarePreemption):
+    /// a gang of higher priority preempts whole gangs of lower priority.
+    pub preemption: bool,
+}
+
+impl Default for WorkloadFeatures {
+    /// All of them: what `moectl render` shows.
+    fn default() -> Self {
+        Self {
+            topology: true,
+            preemption: true,
+        }
+    }
 }
 
 /// What places one gang.
@@ -65,29 +89,42 @@ pub fn mechanism(placement: &Placement, gang_scheduling: GangScheduling, pods: i
 /// `placement.topology`: when the scheduler places them one by one, and for
 /// a preferred topology under the Workload API (a PodGroup's constraint is
 /// required only). Kueue places a queued gang itself.
-pub fn pod_affinity(mechanism: Mechanism, placement: &Placement) -> bool {
+pub fn pod_affinity(
+    mechanism: Mechanism,
+    placement: &Placement,
+    features: WorkloadFeatures,
+) -> bool {
     match mechanism {
         Mechanism::Kueue => false,
         Mechanism::Scheduler => true,
-        Mechanism::WorkloadApi => !placement
-            .topology
-            .as_ref()
-            .and_then(|t| t.key())
-            .is_some_and(|(_, required)| required),
+        Mechanism::WorkloadApi => required_topology(placement).is_none() || !features.topology,
     }
+}
+
+fn required_topology(placement: &Placement) -> Option<&str> {
+    placement
+        .topology
+        .as_ref()
+        .and_then(|t| t.key())
+        .filter(|(_, required)| *required)
+        .map(|(key, _)| key)
 }
 
 /// The standalone PodGroup of a gang (`metadata`: its name, labels and
 /// owner): all `pods` pods or none, in one domain of the required topology
 /// (a preferred one has no place in the API: its pods keep their weighted
-/// pod affinity).
-pub fn pod_group(metadata: ObjectMeta, placement: &Placement, pods: i32) -> PodGroup {
-    let topology = placement
-        .topology
-        .as_ref()
-        .and_then(|t| t.key())
-        .filter(|(_, required)| *required)
-        .map(|(key, _)| PodGroupSchedulingConstraints {
+/// pod affinity). Preempted whole (`disruptionMode: PodGroup`): a gang
+/// missing one pod is no use, so a gang of higher priority takes all of a
+/// lower one's nodes or none; its priority is its pods'.
+pub fn pod_group(
+    metadata: ObjectMeta,
+    placement: &Placement,
+    pods: i32,
+    features: WorkloadFeatures,
+) -> PodGroup {
+    let topology = required_topology(placement)
+        .filter(|_| features.topology)
+        .map(|key| PodGroupSchedulingConstraints {
             topology: Some(vec![TopologyConstraint {
                 key: key.to_string(),
             }]),
@@ -100,11 +137,19 @@ pub fn pod_group(metadata: ObjectMeta, placement: &Placement, pods: i32) -> PodG
                 ..Default::default()
             },
             scheduling_constraints: topology,
+            disruption_mode: features.preemption.then(|| DISRUPT_WHOLE.to_string()),
+            priority_class_name: placement
+                .priority_class_name
+                .clone()
+                .filter(|_| features.preemption),
             ..Default::default()
         },
         status: None,
     }
 }
+
+/// `disruptionMode` of a PodGroup whose pods are preempted together.
+const DISRUPT_WHOLE: &str = "PodGroup";
 
 /// A pod's reference to its gang's PodGroup.
 pub fn scheduling_group(pod_group: &str) -> PodSchedulingGroup {
@@ -136,8 +181,11 @@ pub fn unschedulable(pod_group: &PodGroup) -> Option<String> {
 /// The API group and version of PodGroups.
 const API_VERSION: &str = "scheduling.k8s.io/v1alpha2";
 
-/// Fails, saying what the cluster lacks, unless the apiserver serves PodGroups.
-pub async fn check_served(client: &Client) -> anyhow::Result<()> {
+/// What the cluster's Workload API supports: fails, saying what the cluster
+/// lacks, unless the apiserver serves PodGroups; then a server-side dry run
+/// of a PodGroup in `namespace` with every optional field shows which ones
+/// it keeps (nothing is stored).
+pub async fn probe(client: &Client, namespace: &str) -> anyhow::Result<WorkloadFeatures> {
     let served = match client.list_api_group_resources(API_VERSION).await {
         Ok(list) => list.resources.iter().any(|r| r.name == "podgroups"),
         Err(kube::Error::Api(s)) if s.code == 404 => false,
@@ -149,7 +197,32 @@ pub async fn check_served(client: &Client) -> anyhow::Result<()> {
          it needs the GenericWorkload feature gate and --runtime-config={API_VERSION}=true \
          (and the scheduler the GangScheduling gate)"
     );
-    Ok(())
+    let all = WorkloadFeatures::default();
+    let placement: Placement = serde_json::from_value(serde_json::json!({
+        "topology": {"required": "kubernetes.io/hostname"}
+    }))
+    .expect("a valid placement");
+    let meta = ObjectMeta {
+        generate_name: Some("moe-operator-probe-".into()),
+        ..Default::default()
+    };
+    let params = PostParams {
+        dry_run: true,
+        field_manager: Some(labels::FIELD_MANAGER.into()),
+    };
+    let api: Api<PodGroup> = Api::namespaced(client.clone(), namespace);
+    let kept = api
+        .create(&params, &pod_group(meta, &placement, 1, all))
+        .await
+        .context("a dry-run PodGroup (to learn which fields the cluster keeps)")?;
+    Ok(WorkloadFeatures {
+        topology: kept
+            .spec
+            .scheduling_constraints
+            .and_then(|c| c.topology)
+            .is_some_and(|t| !t.is_empty()),
+        preemption: kept.spec.disruption_mode.as_deref() == Some(DISRUPT_WHOLE),
+    })
 }
 
 /// Creates a gang's PodGroup before its pods' owner, so that the pods find
@@ -222,7 +295,7 @@ mod tests {
         };
         let required =
             placement(serde_json::json!({"topology": {"required": "topology.moe.dev/rack"}}));
-        let pg = pod_group(meta.clone(), &required, 3);
+        let pg = pod_group(meta.clone(), &required, 3, WorkloadFeatures::default());
         assert_eq!(pg.spec.scheduling_policy.gang.unwrap().min_count, 3);
         assert_eq!(pg.spec.scheduling_policy.basic, None);
         let topology = pg.spec.scheduling_constraints.unwrap().topology.unwrap();
@@ -232,10 +305,43 @@ mod tests {
         // A preferred topology is no constraint; no topology neither.
         let preferred =
             placement(serde_json::json!({"topology": {"preferred": "topology.moe.dev/rack"}}));
-        let pg = pod_group(meta.clone(), &preferred, 3);
+        let pg = pod_group(meta.clone(), &preferred, 3, WorkloadFeatures::default());
         assert_eq!(pg.spec.scheduling_constraints, Option::None);
-        let pg = pod_group(meta, &placement(serde_json::json!({})), 3);
+        let pg = pod_group(
+            meta,
+            &placement(serde_json::json!({})),
+            3,
+            WorkloadFeatures::default(),
+        );
         assert_eq!(pg.spec.scheduling_constraints, Option::None);
+    }
+
+    #[test]
+    fn a_gang_is_preempted_whole_at_its_pods_priority_where_the_cluster_can() {
+        let meta = ObjectMeta::default();
+        let urgent = placement(serde_json::json!({
+            "priorityClassName": "urgent",
+            "topology": {"required": "topology.moe.dev/rack"}
+        }));
+        let all = WorkloadFeatures::default();
+        let pg = pod_group(meta.clone(), &urgent, 4, all);
+        assert_eq!(pg.spec.disruption_mode.as_deref(), Some("PodGroup"));
+        assert_eq!(pg.spec.priority_class_name.as_deref(), Some("urgent"));
+        assert!(!pod_affinity(Mechanism::WorkloadApi, &urgent, all));
+
+        // A cluster without the gates would drop the fields: none are sent,
+        // and the required topology is the pods' affinity again.
+        let bare = WorkloadFeatures {
+            topology: false,
+            preemption: false,
+        };
+        let pg = pod_group(meta, &urgent, 4, bare);
+        assert_eq!(pg.spec.disruption_mode, Option::None);
+        assert_eq!(pg.spec.priority_class_name, Option::None);
+        assert_eq!(pg.spec.scheduling_constraints, Option::None);
+        assert!(pod_affinity(Mechanism::WorkloadApi, &urgent, bare));
+        assert!(!pod_affinity(Mechanism::Kueue, &urgent, all));
+        assert!(pod_affinity(Mechanism::Scheduler, &urgent, all));
     }
 
     fn with_condition(status: &str, reason: &str, message: &str) -> PodGroup {

@@ -11,13 +11,13 @@ use futures::FutureExt;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube_lease_manager::LeaseManagerBuilder;
-use moe_operator::gang::GangScheduling;
+use moe_operator::gang::{GangScheduling, WorkloadFeatures};
 use moe_operator::inference;
 use moe_operator::metrics::Metrics;
 use moe_operator::pods::BuildContext;
 use moe_operator::server::{self, Health};
 use moe_operator::training;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -75,10 +75,29 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
-    if args.gang_scheduling == GangScheduling::WorkloadApi {
-        // Fail at start, in words, rather than on every gang later.
-        moe_operator::gang::check_served(&client).await?;
-    }
+    // Fail at start, in words, rather than on every gang later; and learn
+    // which of a PodGroup's fields the cluster keeps.
+    let workload_features = if args.gang_scheduling == GangScheduling::WorkloadApi {
+        let namespace = args
+            .watch_namespace
+            .as_deref()
+            .unwrap_or(&args.lease_namespace);
+        let features = moe_operator::gang::probe(&client, namespace).await?;
+        info!(
+            topology = features.topology,
+            preemption = features.preemption,
+            "gang scheduling through the Workload API"
+        );
+        if !features.topology {
+            warn!(
+                "the cluster drops PodGroup topology constraints (TopologyAwareWorkloadScheduling is off): \
+                 placement.topology.required is kept by pod affinity instead"
+            );
+        }
+        features
+    } else {
+        WorkloadFeatures::default()
+    };
     let identity = args
         .identity
         .clone()
@@ -122,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             .worker_image
             .unwrap_or_else(|| BuildContext::default().default_worker_image),
         gang_scheduling: args.gang_scheduling,
+        workload_features,
     };
     let recorder = Recorder::new(
         client.clone(),

@@ -12,11 +12,12 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use moe_crds::contract::env;
 
-pub use crate::gang::{GangScheduling, Mechanism};
+pub use crate::gang::{GangScheduling, Mechanism, WorkloadFeatures};
 use moe_crds::{Device, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
 
 /// Operator-wide settings the builders need (from the chart's values).
@@ -26,6 +27,9 @@ pub struct BuildContext {
     pub default_worker_image: String,
     /// How gangs that no queue admits are scheduled ([`crate::gang`]).
     pub gang_scheduling: GangScheduling,
+    /// What the cluster's Workload API keeps of a PodGroup, under
+    /// `GangScheduling::WorkloadApi` ([`crate::gang::probe`]).
+    pub workload_features: WorkloadFeatures,
 }
 
 impl Default for BuildContext {
@@ -36,6 +40,7 @@ impl Default for BuildContext {
                 env!("CARGO_PKG_VERSION")
             ),
             gang_scheduling: GangScheduling::None,
+            workload_features: WorkloadFeatures::default(),
         }
     }
 }
@@ -44,6 +49,16 @@ impl BuildContext {
     /// What schedules a gang of `pods` pods placed by `placement`.
     pub fn gang(&self, placement: &Placement, pods: i32) -> Mechanism {
         crate::gang::mechanism(placement, self.gang_scheduling, pods)
+    }
+
+    /// Whether a gang placed by `mechanism` keeps `placement.topology` by pod affinity.
+    pub fn pod_affinity(&self, mechanism: Mechanism, placement: &Placement) -> bool {
+        crate::gang::pod_affinity(mechanism, placement, self.workload_features)
+    }
+
+    /// The PodGroup of a gang of `pods` pods under the Workload API.
+    pub fn pod_group(&self, metadata: ObjectMeta, placement: &Placement, pods: i32) -> PodGroup {
+        crate::gang::pod_group(metadata, placement, pods, self.workload_features)
     }
 
     /// The image of a worker: its own, else the operator's default.

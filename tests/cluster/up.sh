@@ -145,11 +145,11 @@ rules:
   users: ["system:serviceaccount:moe-system:moe-moe-operator"]
 - level: None
 EOF
-# Kubernetes' Workload-Aware Scheduling (alpha in 1.36): the PodGroup API and
-# the scheduler's gang and topology plugins, for the operator's
+# Kubernetes' Workload-Aware Scheduling (alpha in 1.36): the PodGroup API, and
+# the scheduler's gang, topology and whole-gang preemption, for the operator's
 # --gang-scheduling=workload-api. Pods without spec.schedulingGroup are
 # scheduled exactly as before.
-workload_gates=GenericWorkload=true,GangScheduling=true,TopologyAwareWorkloadScheduling=true
+workload_gates=GenericWorkload=true,GangScheduling=true,TopologyAwareWorkloadScheduling=true,WorkloadAwarePreemption=true
 start kube-apiserver --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \

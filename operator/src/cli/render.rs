@@ -40,6 +40,7 @@ impl RenderOptions {
                 .clone()
                 .unwrap_or(default.default_worker_image),
             gang_scheduling: self.gang_scheduling,
+            ..default
         }
     }
 }

@@ -330,7 +330,7 @@ pub fn pod_template(
             affinity: affinity(
                 &spec.placement,
                 gang.as_ref()
-                    .filter(|_| gang::pod_affinity(mechanism, &spec.placement)),
+                    .filter(|_| ctx.pod_affinity(mechanism, &spec.placement)),
             ),
             scheduling_group: group
                 .filter(|_| mechanism == Mechanism::WorkloadApi)

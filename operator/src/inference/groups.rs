@@ -28,7 +28,7 @@ use moe_crds::contract::COORDINATOR_PORT;
 
 use super::build::{self, Group, ResolvedModel};
 use super::decide::{DeploymentState, Transition};
-use crate::gang::{self, Mechanism};
+use crate::gang::Mechanism;
 use crate::labels;
 use crate::pods::{BuildContext, fnv1a64};
 
@@ -88,7 +88,7 @@ pub fn pod_group(svc: &MoEInferenceService, ctx: &BuildContext, g: Group) -> Opt
         meta.labels
             .get_or_insert_with(BTreeMap::new)
             .extend(group_labels(svc, g));
-        gang::pod_group(meta, &svc.spec.placement, pods)
+        ctx.pod_group(meta, &svc.spec.placement, pods)
     })
 }
 

@@ -264,7 +264,7 @@ pub fn pod_group(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Opti
         meta.labels
             .get_or_insert_with(BTreeMap::new)
             .insert(labels::ATTEMPT.into(), attempt.to_string());
-        gang::pod_group(meta, &job.spec.placement, nodes)
+        ctx.pod_group(meta, &job.spec.placement, nodes)
     })
 }
 
@@ -319,7 +319,8 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
                 .then(|| spec.placement.node_selector.clone()),
             affinity: affinity(
                 &spec.placement,
-                gang::pod_affinity(mechanism, &spec.placement).then_some(&gang),
+                ctx.pod_affinity(mechanism, &spec.placement)
+                    .then_some(&gang),
             ),
             scheduling_group: (mechanism == Mechanism::WorkloadApi)
                 .then(|| gang::scheduling_group(&attempt_job_name(job, attempt))),

@@ -1044,6 +1044,42 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     wait_phase(&jobs, "rack", TrainingPhase::Succeeded).await?;
     wait_phase(&jobs, "whole", TrainingPhase::Running).await?;
     ensure!(bound(&pods, "whole").await? == (4, 4));
+
+    // One node is free. A 3-node gang of higher priority preempts the
+    // 4-node one, whole (its PodGroup carries the pods' priority and
+    // disruptionMode PodGroup): a disruption, so a restart that is not
+    // counted, and the next attempt waits for room, bound nowhere.
+    let urgent_class = format!("{}-urgent", ns.name);
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    classes
+        .create(
+            &pp,
+            &serde_json::from_value(json!({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": urgent_class}, "value": 1000
+            }))?,
+        )
+        .await?;
+    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": urgent_class}}}));
+    jobs.create(&pp, &gpu_job("urgent", 3, urgent)).await?;
+    let preempted = async {
+        wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
+        let status = eventually("whole's gang preempted and restarted", WAIT, || async {
+            let status = jobs.get("whole").await?.status.unwrap_or_default();
+            Ok((status.attempt >= 1).then_some(status))
+        })
+        .await?;
+        ensure!(
+            status.disruptions >= 1 && status.restarts == 0,
+            "a preemption is a disruption, not a counted restart: {status:?}"
+        );
+        pending_because(&jobs, "whole", "Unschedulable").await
+    }
+    .await;
+    classes
+        .delete(&urgent_class, &DeleteParams::default())
+        .await?;
+    preempted?;
     ns.delete().await
 }
 
