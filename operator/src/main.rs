@@ -51,8 +51,9 @@ struct Args {
     /// Kueue queue admits are scheduled: `none`, pod by pod; `workload-api`,
     /// all or nothing through a PodGroup of Kubernetes' Workload API
     /// (`scheduling.k8s.io/v1alpha2`: feature gates GenericWorkload and
-    /// GangScheduling, and TopologyAwareWorkloadScheduling for
-    /// `placement.topology.required`).
+    /// GangScheduling; TopologyAwareWorkloadScheduling for
+    /// `placement.topology.required`, WorkloadAwarePreemption for gangs
+    /// preempted whole).
     #[arg(long, env = "MOE_GANG_SCHEDULING", value_enum, default_value_t = GangScheduling::None)]
     gang_scheduling: GangScheduling,
     /// Log format.
