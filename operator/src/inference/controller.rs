@@ -417,6 +417,33 @@ fn gated_by_kueue(pod: &Pod) -> bool {
         .is_some_and(|gates| gates.iter().any(|g| g.name == KUEUE_ADMISSION_GATE))
 }
 
+/// Going because the scheduler preempted it (its DisruptionTarget condition).
+fn preempted_by_scheduler(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.type_ == "DisruptionTarget"
+                        && c.status == "True"
+                        && c.reason.as_deref() == Some("PreemptionByScheduler")
+                })
+            })
+}
+
+/// A member of a PodGroup (`spec.schedulingGroup`).
+fn in_pod_group(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .is_some_and(|s| s.scheduling_group.is_some())
+}
+
+fn bound(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+}
+
 fn stopped_by_kueue(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
         && pod
@@ -481,6 +508,8 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
     let uid = svc.uid();
     let ns = svc.namespace();
     let size = svc.spec.parallelism.pods_per_replica;
+    let whole_preemption = ctx.build.gang_scheduling == GangScheduling::WorkloadApi
+        && ctx.build.workload_features.preemption;
     let mut out = Vec::new();
     for set in ctx.stateful_sets.state() {
         let owned = set
@@ -504,7 +533,7 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
             })
             .collect();
         let formed = annotation(labels::FORMED_PODS);
-        let health = group_health(&group_pods, formed.as_deref(), size);
+        let health = group_health(&group_pods, formed.as_deref(), size, whole_preemption);
         out.push(GroupState {
             name: set.name_any(),
             index,
@@ -534,17 +563,43 @@ struct GroupHealth {
     failed: bool,
     /// Kueue stopped it (preempted, evicted): its pods carry Kueue's
     /// TerminationTarget condition while they go, and come back gated by
-    /// the StatefulSet. It waits to be admitted again: no failure.
+    /// the StatefulSet. It waits to be admitted again: no failure. Or the
+    /// scheduler preempted it whole (Workload API): its pods come back
+    /// unbound, to wait until the gang fits again.
     stopped: bool,
 }
 
 /// `pods`: the group's pods, terminating ones included; `formed`: the uids
 /// recorded when it first was whole and ready.
-fn group_health(pods: &[&Pod], formed: Option<&str>, size: i32) -> GroupHealth {
+/// `whole_preemption`: the scheduler preempts a group whose pods name a
+/// PodGroup all together (the operator's PodGroups under the Workload API,
+/// where the cluster keeps their `disruptionMode`).
+fn group_health(
+    pods: &[&Pod],
+    formed: Option<&str>,
+    size: i32,
+    whole_preemption: bool,
+) -> GroupHealth {
     let (live, leaving): (Vec<&Pod>, Vec<&Pod>) = pods
         .iter()
         .partition(|p| p.metadata.deletion_timestamp.is_none());
-    let stopped = leaving.iter().any(|p| stopped_by_kueue(p))
+    let formed_pod =
+        |p: &Pod| formed.is_some_and(|uids| uids.split(',').any(|u| Some(u) == p.uid().as_deref()));
+    // Preempted whole by the scheduler for pods of higher priority: every
+    // pod goes (one marked going says so), and the StatefulSet brings them
+    // back to wait, unbound, until the gang fits again. No failure either.
+    let preempted = whole_preemption
+        && (leaving
+            .iter()
+            .any(|p| in_pod_group(p) && preempted_by_scheduler(p))
+            || (formed.is_some()
+                && !live.is_empty()
+                && leaving.is_empty()
+                && live
+                    .iter()
+                    .all(|p| in_pod_group(p) && !bound(p) && !formed_pod(p))));
+    let stopped = preempted
+        || leaving.iter().any(|p| stopped_by_kueue(p))
         || (!live.is_empty() && live.iter().all(|p| gated_by_kueue(p)));
     // Every pod gone, none going: whoever took them, the StatefulSet brings
     // them back, and they tell (gated: Kueue stopped the group; not: a
@@ -552,13 +607,8 @@ fn group_health(pods: &[&Pod], formed: Option<&str>, size: i32) -> GroupHealth {
     // marked pods this reconcile never saw.
     let undecided = live.is_empty() && leaving.is_empty();
     let replaced = !undecided
-        && formed.is_some_and(|uids| {
-            let formed: Vec<&str> = uids.split(',').collect();
-            live.len() < size as usize
-                || live
-                    .iter()
-                    .any(|p| !formed.contains(&p.uid().unwrap_or_default().as_str()))
-        });
+        && formed.is_some()
+        && (live.len() < size as usize || live.iter().any(|p| !formed_pod(p)));
     GroupHealth {
         pods: live.len() as i32,
         ready: live.iter().filter(|p| is_ready(p)).count() as i32,
@@ -686,7 +736,37 @@ mod tests {
     }
 
     fn health(pods: &[Pod], formed: Option<&str>) -> GroupHealth {
-        group_health(&pods.iter().collect::<Vec<_>>(), formed, 2)
+        group_health(&pods.iter().collect::<Vec<_>>(), formed, 2, false)
+    }
+
+    #[test]
+    fn a_group_the_scheduler_preempts_whole_waits_without_failing() {
+        let formed = Some("a,b");
+        let whole = |pods: &[Pod]| group_health(&pods.iter().collect::<Vec<_>>(), formed, 2, true);
+        let member = json!({"spec": {"containers": [], "schedulingGroup": {"podGroupName": "g"}, "nodeName": "n1"}});
+        let mut going = json!({"metadata": {"deletionTimestamp": "2026-11-29T00:00:00Z"},
+                               "status": {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}});
+        moe_crds::fixtures::merge_patch(&mut going, &member);
+        let leaving = [pod("a", going.clone()), pod("b", member.clone())];
+        let h = whole(&leaving);
+        assert!(h.stopped && !h.failed, "{h:?}");
+        // Back from the StatefulSet, new and waiting for the gang to fit.
+        let waiting = json!({"spec": {"containers": [], "schedulingGroup": {"podGroupName": "g"}},
+                             "status": {"phase": "Pending", "conditions": []}});
+        let back = [pod("c", waiting.clone()), pod("d", waiting.clone())];
+        let h = whole(&back);
+        assert!(h.stopped && !h.failed && h.ready == 0, "{h:?}");
+
+        // Not under whole-group preemption (pod by pod, or the cluster
+        // drops disruptionMode): the same is a failure, restarted.
+        assert!(health(&leaving, formed).failed);
+        assert!(health(&back, formed).failed);
+        // A pod preempted out of no PodGroup, or a new pod already bound
+        // beside a formed one: a failure still.
+        let mut lone = going.clone();
+        lone["spec"]["schedulingGroup"] = serde_json::Value::Null;
+        assert!(whole(&[pod("a", lone), pod("b", member.clone())]).failed);
+        assert!(whole(&[pod("a", member.clone()), pod("d", waiting)]).failed);
     }
 
     #[test]

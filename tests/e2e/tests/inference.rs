@@ -1011,6 +1011,69 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
         let node = nodes.get(&node_of(p)).await?;
         ensure!(node.labels().get(rack).map(String::as_str) == Some("rack-gang-1"));
     }
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    eventually("group 0 to form", WAIT, || async {
+        let set = sets.get("chat-g0-0").await?;
+        Ok(set
+            .annotations()
+            .contains_key("moe.dev/formed-pods")
+            .then_some(()))
+    })
+    .await?;
+
+    // A 4-node training gang of higher priority needs the group's nodes: the
+    // scheduler preempts the group whole. It waits, unbound, as the same
+    // incarnation (no GroupRestart), and serves again once the gang is done.
+    let class = format!("{}-urgent", ns.name);
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    let priority = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                          "metadata": {"name": class}, "value": 1000});
+    classes
+        .create(&PostParams::default(), &serde_json::from_value(priority)?)
+        .await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class}}}));
+    let preempted = async {
+        jobs.create(&PostParams::default(), &gpu_job("urgent", 4, urgent))
+            .await?;
+        eventually(
+            "the gang to run and the group to wait, kept",
+            WAIT,
+            || async {
+                let job = jobs.get("urgent").await?;
+                let running = job.status.and_then(|s| s.phase) == Some(TrainingPhase::Running);
+                let live = of_group(&server_pods(&pods, "chat").await?, "0");
+                let waiting = live.len() == 3 && live.iter().all(|p| node_of(p).is_empty());
+                Ok((running && waiting).then_some(()))
+            },
+        )
+        .await?;
+        ensure!(groups_of(&sets, "chat").await? == pairs(&[("0", "0")]));
+        let gang = pods
+            .list(&ListParams::default().labels("moe.dev/job-name=urgent"))
+            .await?;
+        for p in gang.items {
+            let patch = json!({"metadata": {"labels": {HOLD: null}}});
+            pods.patch(
+                &p.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        }
+        wait_ready(&api, "chat", 1).await?;
+        ensure!(groups_of(&sets, "chat").await? == pairs(&[("0", "0")]));
+        ensure!(
+            !event_reasons(&client, &ns.name, "chat")
+                .await?
+                .contains(&"GroupRestart".to_string()),
+            "a preemption counted as a group restart"
+        );
+        Ok(())
+    }
+    .await;
+    classes.delete(&class, &DeleteParams::default()).await?;
+    preempted?;
     ns.delete().await
 }
 
