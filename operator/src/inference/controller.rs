@@ -417,8 +417,9 @@ fn gated_by_kueue(pod: &Pod) -> bool {
         .is_some_and(|gates| gates.iter().any(|g| g.name == KUEUE_ADMISSION_GATE))
 }
 
-/// Going because the scheduler preempted it (its DisruptionTarget condition).
-fn preempted_by_scheduler(pod: &Pod) -> bool {
+/// Going, with condition `type_` true (and reason `reason`, when given):
+/// what says who is taking it.
+fn going_with(pod: &Pod, type_: &str, reason: Option<&str>) -> bool {
     pod.metadata.deletion_timestamp.is_some()
         && pod
             .status
@@ -426,11 +427,20 @@ fn preempted_by_scheduler(pod: &Pod) -> bool {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| {
                 cs.iter().any(|c| {
-                    c.type_ == "DisruptionTarget"
+                    c.type_ == type_
                         && c.status == "True"
-                        && c.reason.as_deref() == Some("PreemptionByScheduler")
+                        && reason.is_none_or(|r| c.reason.as_deref() == Some(r))
                 })
             })
+}
+
+/// Going because the scheduler preempted it (its DisruptionTarget condition).
+fn preempted_by_scheduler(pod: &Pod) -> bool {
+    going_with(pod, "DisruptionTarget", Some("PreemptionByScheduler"))
+}
+
+fn stopped_by_kueue(pod: &Pod) -> bool {
+    going_with(pod, KUEUE_TERMINATION_TARGET, None)
 }
 
 /// A member of a PodGroup (`spec.schedulingGroup`).
@@ -442,18 +452,6 @@ fn in_pod_group(pod: &Pod) -> bool {
 
 fn bound(pod: &Pod) -> bool {
     pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
-}
-
-fn stopped_by_kueue(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.type_ == KUEUE_TERMINATION_TARGET && c.status == "True")
-            })
 }
 
 fn pending_of(pods: &[Pod]) -> Pending {

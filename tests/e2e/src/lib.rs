@@ -306,3 +306,48 @@ pub fn on_gang_pool(extra: serde_json::Value) -> serde_json::Value {
     moe_crds::fixtures::merge_patch(&mut v, &extra);
     v
 }
+
+/// A PriorityClass (value 1000) named after a test's namespace, for a gang
+/// of higher priority. It is cluster-scoped: the test deletes it at the end.
+pub struct UrgentClass {
+    pub name: String,
+    api: Api<k8s_openapi::api::scheduling::v1::PriorityClass>,
+}
+
+impl UrgentClass {
+    pub async fn create(client: &Client, namespace: &str) -> Result<Self> {
+        let name = format!("{namespace}-urgent");
+        let api = Api::all(client.clone());
+        let class = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": name}, "value": 1000
+        }))?;
+        api.create(&PostParams::default(), &class).await?;
+        Ok(Self { name, api })
+    }
+
+    pub async fn delete(self) -> Result<()> {
+        self.api
+            .delete(&self.name, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Lets the pods of training job `job` that KWOK holds Running ([`HOLD`]) complete.
+pub async fn release_job(pods: &Api<k8s_openapi::api::core::v1::Pod>, job: &str) -> Result<()> {
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("moe.dev/job-name={job}")))
+        .await?;
+    let patch = serde_json::json!({"metadata": {"labels": {HOLD: null}}});
+    for p in list.items {
+        let name = p.metadata.name.unwrap_or_default();
+        pods.patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -23,7 +23,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::operator::{repo_root, sh};
-use moe_e2e::{HOLD, TestNamespace, admin_client, eventually, token_kubeconfig};
+use moe_e2e::{HOLD, TestNamespace, admin_client, eventually, release_job, token_kubeconfig};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -345,20 +345,7 @@ async fn install_runs_a_job_upgrade_upgrades_the_crd_and_uninstall_keeps_crds_an
         "the worker image comes from the chart's workerImage value, got {image:?}"
     );
     let user_pods: Api<Pod> = Api::namespaced(client.clone(), &users.name);
-    for p in user_pods
-        .list(&ListParams::default().labels("moe.dev/job-name=chart"))
-        .await?
-        .items
-    {
-        let patch = json!({"metadata": {"labels": {HOLD: null}}});
-        user_pods
-            .patch(
-                &p.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
-    }
+    release_job(&user_pods, "chart").await?;
     wait_phase(&jobs, "chart", TrainingPhase::Succeeded).await?;
     drop(op);
 

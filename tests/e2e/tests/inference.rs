@@ -13,7 +13,6 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -22,8 +21,8 @@ use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, WORKLOAD_API, admin_client, bound_claim, eventually, gpu_job, metric_sum,
-    on_gang_pool, rejection_problems,
+    HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, bound_claim, eventually, gpu_job,
+    metric_sum, on_gang_pool, rejection_problems, release_job,
 };
 use serde_json::{Value, json};
 
@@ -720,19 +719,7 @@ async fn from_a_running_training_job_it_waits_then_serves_the_checkpoint() -> Re
     );
 
     // The job finishes: the service serves its checkpoint, from its claim.
-    for p in pods
-        .list(&ListParams::default().labels("moe.dev/job-name=train"))
-        .await?
-        .items
-    {
-        let patch = json!({"metadata": {"labels": {HOLD: null}}});
-        pods.patch(
-            &p.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    }
+    release_job(&pods, "train").await?;
     let ready = wait_ready(&api, "chat", 1).await?;
     expect_verdicts(
         &ns.name,
@@ -1024,15 +1011,9 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
     // A 4-node training gang of higher priority needs the group's nodes: the
     // scheduler preempts the group whole. It waits, unbound, as the same
     // incarnation (no GroupRestart), and serves again once the gang is done.
-    let class = format!("{}-urgent", ns.name);
-    let classes: Api<PriorityClass> = Api::all(client.clone());
-    let priority = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                          "metadata": {"name": class}, "value": 1000});
-    classes
-        .create(&PostParams::default(), &serde_json::from_value(priority)?)
-        .await?;
+    let class = UrgentClass::create(&client, &ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
-    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class}}}));
+    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
     let preempted = async {
         jobs.create(&PostParams::default(), &gpu_job("urgent", 4, urgent))
             .await?;
@@ -1049,18 +1030,7 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
         )
         .await?;
         ensure!(groups_of(&sets, "chat").await? == pairs(&[("0", "0")]));
-        let gang = pods
-            .list(&ListParams::default().labels("moe.dev/job-name=urgent"))
-            .await?;
-        for p in gang.items {
-            let patch = json!({"metadata": {"labels": {HOLD: null}}});
-            pods.patch(
-                &p.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
-        }
+        release_job(&pods, "urgent").await?;
         wait_ready(&api, "chat", 1).await?;
         ensure!(groups_of(&sets, "chat").await? == pairs(&[("0", "0")]));
         ensure!(
@@ -1072,7 +1042,7 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
         Ok(())
     }
     .await;
-    classes.delete(&class, &DeleteParams::default()).await?;
+    class.delete().await?;
     preempted?;
     ns.delete().await
 }
@@ -1668,14 +1638,8 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     .await?;
 
     // A training gang of higher priority takes the quota: Kueue stops the group.
-    let class = format!("{}-urgent", ns.name);
-    let classes: Api<PriorityClass> = Api::all(client.clone());
-    let priority = json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                          "metadata": {"name": class}, "value": 1000});
-    classes
-        .create(&pp, &serde_json::from_value(priority)?)
-        .await?;
-    let urgent = queued_gpu_job("urgent", 2, &class);
+    let class = UrgentClass::create(&client, &ns.name).await?;
+    let urgent = queued_gpu_job("urgent", 2, &class.name);
     jobs.create(&pp, &urgent).await?;
     eventually(
         "the gang to run and the group to wait, kept",
@@ -1703,18 +1667,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     );
 
     // The gang finishes: Kueue admits the group again, the same incarnation.
-    let gang = pods
-        .list(&ListParams::default().labels("moe.dev/job-name=urgent"))
-        .await?;
-    for p in gang.items {
-        let patch = json!({"metadata": {"labels": {HOLD: null}}});
-        pods.patch(
-            &p.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    }
+    release_job(&pods, "urgent").await?;
     wait_ready(&api, "low", 1).await?;
     ensure!(groups_of(&sets, "low").await? == [("0".to_string(), "0".to_string())]);
     ensure!(
@@ -1723,7 +1676,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
             .contains(&"GroupRestart".to_string()),
         "a preemption counted as a group restart"
     );
-    classes.delete(&class, &DeleteParams::default()).await?;
+    class.delete().await?;
     ns.delete().await?;
     kueue.delete().await
 }

@@ -8,7 +8,6 @@ use anyhow::{Result, bail, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -17,8 +16,8 @@ use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, WORKLOAD_API, admin_client, api_message, bound_claim, eventually, gpu_job,
-    metric_sum, on_gang_pool, rejection_problems,
+    HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, api_message, bound_claim,
+    eventually, gpu_job, metric_sum, on_gang_pool, rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -789,18 +788,8 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
 
     // A gang of higher priority preempts the first: Kueue suspends its Job,
     // which the operator reports as preempted, with no restart counted.
-    let urgent_class = format!("{}-urgent", ns.name);
-    let classes: Api<PriorityClass> = Api::all(client.clone());
-    classes
-        .create(
-            &pp,
-            &serde_json::from_value(json!({
-                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                "metadata": {"name": urgent_class}, "value": 1000
-            }))?,
-        )
-        .await?;
-    let urgent = queued(json!({"spec": {"placement": {"priorityClassName": urgent_class}}}));
+    let class = UrgentClass::create(&client, &ns.name).await?;
+    let urgent = queued(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
     jobs.create(&pp, &gpu_job("urgent", 2, urgent)).await?;
     wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
     pending_because(&jobs, "first", "Preempted").await?;
@@ -837,9 +826,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
             == 4
     );
 
-    classes
-        .delete(&urgent_class, &DeleteParams::default())
-        .await?;
+    class.delete().await?;
     ns.delete().await?;
     kueue.delete().await
 }
@@ -1049,18 +1036,8 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     // 4-node one, whole (its PodGroup carries the pods' priority and
     // disruptionMode PodGroup): a disruption, so a restart that is not
     // counted, and the next attempt waits for room, bound nowhere.
-    let urgent_class = format!("{}-urgent", ns.name);
-    let classes: Api<PriorityClass> = Api::all(client.clone());
-    classes
-        .create(
-            &pp,
-            &serde_json::from_value(json!({
-                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                "metadata": {"name": urgent_class}, "value": 1000
-            }))?,
-        )
-        .await?;
-    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": urgent_class}}}));
+    let class = UrgentClass::create(&client, &ns.name).await?;
+    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
     jobs.create(&pp, &gpu_job("urgent", 3, urgent)).await?;
     let preempted = async {
         wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
@@ -1076,9 +1053,7 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
         pending_because(&jobs, "whole", "Unschedulable").await
     }
     .await;
-    classes
-        .delete(&urgent_class, &DeleteParams::default())
-        .await?;
+    class.delete().await?;
     preempted?;
     ns.delete().await
 }
