@@ -331,8 +331,10 @@ async fn observe_attempts(
         let outcome = if has("Complete") {
             AttemptOutcome::Complete
         } else if has("Failed") || has("FailureTarget") {
+            let cause = failure_cause(ctx, ns, &job.name_any(), attempt, &status).await?;
+            let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
             AttemptOutcome::Failed {
-                cause: failure_cause(ctx, ns, &job.name_any(), attempt, &status).await?,
+                cause: while_suspended(cause, suspended),
             }
         } else if j.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
             AttemptOutcome::Queued
@@ -379,6 +381,28 @@ async fn failure_cause(
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     ctx.metrics.api_call("list", "pods");
     Ok(classify_failure(&list.items, status))
+}
+
+/// A gang that failed while its Job was suspended (Kueue preempting or
+/// evicting it) failed of the suspension: the Job controller stopped its
+/// pods, whatever their exit codes say. Under load the Job controller can
+/// count those exits against the pod failure policy before it sees the
+/// suspension; the operator counts them as a disruption, never a restart.
+pub fn while_suspended(cause: FailureCause, suspended: bool) -> FailureCause {
+    if !suspended {
+        return cause;
+    }
+    match cause {
+        FailureCause::Disruption { .. } => cause,
+        FailureCause::ExitCode { pod, code } => FailureCause::Disruption {
+            pod,
+            reason: format!("exit code {code} while Kueue suspended the Job"),
+        },
+        FailureCause::Unknown { message } => FailureCause::Disruption {
+            pod: "?".into(),
+            reason: format!("{message}, while Kueue suspended the Job"),
+        },
+    }
 }
 
 /// Pure part of [`failure_cause`].
@@ -621,6 +645,35 @@ async fn publish(ctx: &Context, job: &MoETrainingJob, warning: bool, reason: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gang_that_fails_while_suspended_is_a_disruption_not_an_exit() {
+        let exit = || FailureCause::ExitCode {
+            pod: "j-a0-1".into(),
+            code: 137,
+        };
+        assert_eq!(while_suspended(exit(), false), exit());
+        let FailureCause::Disruption { pod, reason } = while_suspended(exit(), true) else {
+            panic!("not a disruption")
+        };
+        assert_eq!(pod, "j-a0-1");
+        assert!(
+            reason.contains("137") && reason.contains("suspended"),
+            "{reason}"
+        );
+        let unknown = FailureCause::Unknown {
+            message: "Job failed: BackoffLimitExceeded".into(),
+        };
+        assert!(matches!(
+            while_suspended(unknown, true),
+            FailureCause::Disruption { .. }
+        ));
+        let disrupted = FailureCause::Disruption {
+            pod: "p".into(),
+            reason: "PreemptionByScheduler".into(),
+        };
+        assert_eq!(while_suspended(disrupted.clone(), true), disrupted);
+    }
 
     #[test]
     fn job_failure_messages_are_classified() {

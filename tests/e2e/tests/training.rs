@@ -788,15 +788,35 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
 
     // A gang of higher priority preempts the first: Kueue suspends its Job,
     // which the operator reports as preempted, with no restart counted.
+    // Under load the Job controller may first fail the suspended Job on its
+    // stopped pods' exit codes (a race inside Kubernetes): then the operator
+    // restarts it as a disruption, still counting nothing, and the next
+    // attempt waits for admission. Either way nothing is lost or counted.
     let class = UrgentClass::create(&client, &ns.name).await?;
     let urgent = queued(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
     jobs.create(&pp, &gpu_job("urgent", 2, urgent)).await?;
     wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
-    pending_because(&jobs, "first", "Preempted").await?;
+    let attempt = eventually("first to be preempted", WAIT, || async {
+        let j = jobs.get("first").await?;
+        let status = j.status.clone().unwrap_or_default();
+        let pending = status.phase == Some(TrainingPhase::Pending);
+        let reason = condition(&j, "Reconciling").map(|c| c.reason.clone());
+        Ok(match (pending, reason.as_deref(), status.attempt) {
+            (true, Some("Preempted"), 0) if status.disruptions == 0 => Some(0),
+            (true, Some("WaitingForAdmission"), 1) if status.disruptions == 1 => Some(1),
+            _ => None,
+        })
+    })
+    .await?;
+    let expected = if attempt == 0 {
+        "Preempted"
+    } else {
+        "GangRestart"
+    };
     ensure!(
         event_reasons(&client, &ns.name, "first")
             .await?
-            .contains(&"Preempted".to_string())
+            .contains(&expected.to_string())
     );
     eventually("the preempted gang's pods to go", WAIT, || async {
         Ok(pods_of(&pods, "first", 0).await?.is_empty().then_some(()))
@@ -805,7 +825,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     let first = jobs.get("first").await?;
     let status = first.status.clone().unwrap_or_default();
     ensure!(
-        status.attempt == 0 && status.restarts == 0 && status.disruptions == 0,
+        status.attempt == attempt && status.restarts == 0,
         "a preemption is no restart: {status:?}"
     );
     // The second fits beside the urgent one (16 + 16 GPUs).
@@ -818,11 +838,17 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     wait_phase(&jobs, "second", TrainingPhase::Succeeded).await?;
     let first = wait_phase(&jobs, "first", TrainingPhase::Running).await?;
     let status = first.status.unwrap_or_default();
-    ensure!(status.attempt == 0 && status.restarts == 0, "{status:?}");
     ensure!(
-        placed(&client, &pods, "first", 4, "node.moe.dev/pool")
+        status.attempt == attempt && status.restarts == 0,
+        "{status:?}"
+    );
+    let running = pods_of(&pods, "first", attempt).await?;
+    ensure!(
+        node_label_of(&client, &running, "node.moe.dev/pool")
             .await?
-            .len()
+            .iter()
+            .filter(|p| *p == QUOTA_POOL)
+            .count()
             == 4
     );
 
