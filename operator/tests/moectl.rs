@@ -290,6 +290,34 @@ fn render_shows_the_pod_group_of_a_gang_under_the_workload_api() {
 }
 
 #[test]
+fn render_shows_a_pod_group_per_replica_group_under_the_workload_api() {
+    let output = moectl()
+        .arg("render")
+        .arg(repo("examples/inference/h100-2node-ep16.yaml"))
+        .args(["--gang-scheduling", "workload-api"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let docs = yaml_documents(&stdout(&output));
+    let sets: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "StatefulSet").collect();
+    let groups: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "PodGroup").collect();
+    assert!(!sets.is_empty());
+    assert_eq!(groups.len(), sets.len());
+    for (set, group) in sets.iter().zip(&groups) {
+        let name = set["metadata"]["name"].as_str().unwrap();
+        assert_eq!(group["metadata"]["name"].as_str(), Some(name));
+        assert_eq!(
+            group["spec"]["schedulingPolicy"]["gang"]["minCount"],
+            set["spec"]["replicas"]
+        );
+        assert_eq!(
+            set["spec"]["template"]["spec"]["schedulingGroup"]["podGroupName"].as_str(),
+            Some(name)
+        );
+    }
+}
+
+#[test]
 fn render_refuses_an_invalid_job() {
     let dir = scratch("render-invalid");
     let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(tiny()).unwrap()).unwrap();
