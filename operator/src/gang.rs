@@ -11,7 +11,10 @@
 //!   standalone `PodGroup` (`scheduling.k8s.io/v1alpha2`) with a gang policy
 //!   of the gang's size and the required topology as its constraint; the pods
 //!   name it in `spec.schedulingGroup`. The scheduler then binds all of them
-//!   or none, in one domain it picks for the whole group.
+//!   or none, in one domain it picks for the whole group, and (with
+//!   `WorkloadAwarePreemption`) preempts gangs whole, at their pods'
+//!   priority. Which optional fields the cluster keeps is probed at start
+//!   ([`probe`]): a disabled gate drops its field silently.
 //! - **Scheduler** (neither): pods are placed one by one; a topology is pod
 //!   affinity to the gang's first pod, so a domain too small for the gang
 //!   leaves the rest Pending while the first ones hold their nodes.
