@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, PodResourceClaim, ResourceRequirements, Toleration,
+};
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -170,9 +172,14 @@ pub struct PodMetadata {
 /// The worker container and its pod.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.cpuThreads) || self.device == 'cpu'")
-    .message("cpuThreads applies to CPU workers (device: cpu); a CUDA worker computes on its GPU")
-    .field_path(".cpuThreads"))]
+#[x_kube(
+    validation = Rule::new("!has(self.cpuThreads) || self.device == 'cpu'")
+        .message("cpuThreads applies to CPU workers (device: cpu); a CUDA worker computes on its GPU")
+        .field_path(".cpuThreads"),
+    validation = Rule::new("!has(self.resourceClaims) || self.resourceClaims.all(c, has(c.resourceClaimName) != has(c.resourceClaimTemplateName))")
+        .message("each of resourceClaims names exactly one of resourceClaimName and resourceClaimTemplateName")
+        .field_path(".resourceClaims"),
+)]
 pub struct WorkerSpec {
     /// Worker image. Unset: the operator's default worker image (chart value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +203,17 @@ pub struct WorkerSpec {
     /// (`parallelism.processesPerNode` in training, `processesPerPod` in serving).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Dynamic Resource Allocation: claims of every worker pod (Kubernetes'
+    /// `PodResourceClaim`), each given to the worker container. A
+    /// `resourceClaimTemplateName` gives each pod a claim of its own (e.g. a
+    /// channel of an NVIDIA ComputeDomain for multi-node NVLink, an RDMA NIC);
+    /// a `resourceClaimName` is one claim all pods share. The scheduler places
+    /// a pod only where its claims can be allocated.
+    /// Names are unique: a list map keyed by `name`, as in a Pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub resource_claims: Vec<PodResourceClaim>,
     /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved,
     /// except the CUDA worker's tuning variables (`MOE_CUDA_*`, docs/cuda.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -222,6 +240,7 @@ impl Default for WorkerSpec {
             device: Device::default(),
             cpu_threads: None,
             resources: None,
+            resource_claims: Vec::new(),
             env: Vec::new(),
             nccl: NcclSettings::default(),
             shm_size: default_shm_size(),

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, EmptyDirVolumeSource, EnvVar, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodSecurityContext,
-    ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    NodeSelectorRequirement, NodeSelectorTerm, PodAffinity, PodAffinityTerm, PodResourceClaim,
+    PodSecurityContext, ResourceClaim, ResourceRequirements, SeccompProfile, SecurityContext,
+    Toleration, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -245,8 +245,23 @@ pub fn tolerations(placement: &Placement, device: Device) -> Option<Vec<Tolerati
 
 /// The worker's resources, with `nvidia.com/gpu` = `processes` for CUDA
 /// workers: one process per GPU, whatever the user wrote.
+/// The pod's DRA claims (`worker.resourceClaims`), none when there are none.
+pub fn resource_claims(worker: &WorkerSpec) -> Option<Vec<PodResourceClaim>> {
+    (!worker.resource_claims.is_empty()).then(|| worker.resource_claims.clone())
+}
+
 pub fn resources(worker: &WorkerSpec, processes: i32) -> ResourceRequirements {
     let mut resources = worker.resources.clone().unwrap_or_default();
+    // The pod's DRA claims are the worker container's (the only container).
+    for claim in &worker.resource_claims {
+        let claims = resources.claims.get_or_insert_with(Vec::new);
+        if !claims.iter().any(|c| c.name == claim.name) {
+            claims.push(ResourceClaim {
+                name: claim.name.clone(),
+                request: None,
+            });
+        }
+    }
     if worker.device == Device::Cuda {
         let gpus = Quantity(processes.to_string());
         resources
@@ -423,6 +438,45 @@ pub fn check_worker(worker: &WorkerSpec) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_dra_claim_of_the_pod_is_the_worker_container_s_once() {
+        let worker: WorkerSpec = serde_json::from_value(serde_json::json!({
+            "device": "cuda",
+            "resources": {"claims": [{"name": "nic"}]},
+            "resourceClaims": [
+                {"name": "imex", "resourceClaimTemplateName": "domain-channel"},
+                {"name": "nic", "resourceClaimName": "shared-nic"}
+            ]
+        }))
+        .unwrap();
+        let claims = resource_claims(&worker).unwrap();
+        assert_eq!(claims.len(), 2);
+        assert_eq!(
+            claims[0].resource_claim_template_name.as_deref(),
+            Some("domain-channel")
+        );
+        let container = resources(&worker, 8);
+        let names: Vec<&str> = container
+            .claims
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["nic", "imex"],
+            "the user's own entry is kept, none twice"
+        );
+        // The GPUs still come from the device plugin.
+        assert_eq!(
+            container.limits.unwrap()["nvidia.com/gpu"],
+            Quantity("8".into())
+        );
+        assert_eq!(resource_claims(&WorkerSpec::default()), None);
+        assert_eq!(resources(&WorkerSpec::default(), 1).claims, None);
+    }
 
     fn with_cpu(limit: Option<&str>, request: Option<&str>) -> WorkerSpec {
         let list = |cpu: Option<&str>| {

@@ -10,7 +10,11 @@
 # quota is per test, the nodes are not: no two tests that run at once share a
 # pool (tests/e2e/src/kueue.rs). One more tainted pool, gang (5 nodes: a rack
 # of 2 and a rack of 3), is for the scheduler's own gang scheduling
-# (Workload-Aware Scheduling): its tests tolerate the taint themselves. KWOK manages every node annotated
+# (Workload-Aware Scheduling): its tests tolerate the taint themselves. And a
+# tainted pool dra (2 nodes), each with one device of a fake DRA driver
+# (fabric.moe.dev: a ResourceSlice per node, published here as a driver's
+# kubelet plugin would, and the DeviceClass that selects them), for claims
+# the scheduler allocates (Dynamic Resource Allocation). KWOK manages every node annotated
 # kwok.x-k8s.io/node=fake and marks it Ready.
 # Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
@@ -64,3 +68,25 @@ for i in 0 1 2 3; do tainted_pool kueue-quota "$i" block-quota rack-quota; done
 for i in 0 1 2 3; do tainted_pool kueue-spare "$i" block-spare rack-spare; done
 for i in 0 1 2 3 4 5 6 7; do tainted_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done
 for i in 0 1 2 3 4; do tainted_pool gang "$i" block-gang "rack-gang-$((i < 2 ? 0 : 1))"; done
+for i in 0 1; do tainted_pool dra "$i" block-dra rack-dra; done
+cat <<YAML
+---
+apiVersion: resource.k8s.io/v1
+kind: DeviceClass
+metadata: {name: fabric.moe.dev}
+spec:
+  selectors: [{cel: {expression: 'device.driver == "fabric.moe.dev"'}}]
+YAML
+for i in 0 1; do
+  cat <<YAML
+---
+apiVersion: resource.k8s.io/v1
+kind: ResourceSlice
+metadata: {name: gpu-dra-$i-fabric}
+spec:
+  driver: fabric.moe.dev
+  nodeName: gpu-dra-$i
+  pool: {name: gpu-dra-$i, generation: 1, resourceSliceCount: 1}
+  devices: [{name: nic-0}]
+YAML
+done

@@ -75,6 +75,7 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
         Value::String(s) => check_string(schema, s, path, out),
         Value::Array(items) => {
             check_count(schema, items.len(), path, out);
+            check_map_keys(schema, items, path, out);
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
                     check(item_schema, item, &format!("{path}[{i}]"), out);
@@ -218,6 +219,34 @@ fn check_string(schema: &Value, s: &str, path: &str, out: &mut Vec<String>) {
     }
 }
 
+/// A list map (`x-kubernetes-list-type: map`): no two items with the same keys.
+fn check_map_keys(schema: &Value, items: &[Value], path: &str, out: &mut Vec<String>) {
+    if schema.get("x-kubernetes-list-type").and_then(Value::as_str) != Some("map") {
+        return;
+    }
+    let keys: Vec<&str> = schema
+        .get("x-kubernetes-list-map-keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let key_of = |item: &Value| -> Map<String, Value> {
+        keys.iter()
+            .filter_map(|k| Some((k.to_string(), item.get(*k)?.clone())))
+            .collect()
+    };
+    for (i, item) in items.iter().enumerate() {
+        let key = key_of(item);
+        if items[..i].iter().any(|earlier| key_of(earlier) == key) {
+            out.push(format!(
+                "{path}[{i}]: Duplicate value: {}",
+                Value::Object(key)
+            ));
+        }
+    }
+}
+
 fn check_count(schema: &Value, len: usize, path: &str, out: &mut Vec<String>) {
     let len = len as u64;
     if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
@@ -322,6 +351,23 @@ mod tests {
                 "spec.rules: Too many: 2: must have at most 1 items",
                 "spec.rules[0].code: Invalid value: \"x\": must be of type integer",
             ]
+        );
+    }
+
+    #[test]
+    fn a_list_map_refuses_two_items_with_one_key() {
+        let schema = json!({"type": "object", "properties": {"claims": {
+            "type": "array",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "items": {"type": "object", "properties": {"name": {"type": "string"}, "size": {"type": "integer"}}}
+        }}});
+        let ok = json!({"claims": [{"name": "a", "size": 1}, {"name": "b", "size": 1}]});
+        assert!(problems(&schema, &ok).is_empty());
+        let twice = json!({"claims": [{"name": "a", "size": 1}, {"name": "a", "size": 2}]});
+        assert_eq!(
+            problems(&schema, &twice),
+            [r#"claims[1]: Duplicate value: {"name":"a"}"#]
         );
     }
 

@@ -41,8 +41,8 @@ use crate::gang::{self, Mechanism};
 use crate::labels;
 use crate::pods::{
     BuildContext, affinity, container_security_context, empty_dir, fnv1a64,
-    kueue_topology_annotation, mount, nccl_env, plain, pod_security_context, resources,
-    tolerations,
+    kueue_topology_annotation, mount, nccl_env, plain, pod_security_context, resource_claims,
+    resources, tolerations,
 };
 
 /// Where the model claim is mounted (read-only) in server containers.
@@ -340,6 +340,7 @@ pub fn pod_template(
             scheduler_name: spec.placement.scheduler_name.clone(),
             containers: vec![container(svc, ctx, group)],
             volumes: Some(volumes(svc, model)),
+            resource_claims: resource_claims(worker),
             ..Default::default()
         }),
     }

@@ -34,7 +34,7 @@ use crate::labels;
 pub use crate::pods::{BuildContext, NODE_LOSS_TOLERATION_SECONDS};
 use crate::pods::{
     affinity, container_security_context, empty_dir, fnv1a64, kueue_topology_annotation, mount,
-    nccl_env, plain, pod_security_context, resources, tolerations,
+    nccl_env, plain, pod_security_context, resource_claims, resources, tolerations,
 };
 
 /// Where the checkpoint volume is mounted in worker containers.
@@ -329,6 +329,7 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
             scheduler_name: spec.placement.scheduler_name.clone(),
             containers: vec![container(job, ctx, attempt)],
             volumes: Some(volumes(job)),
+            resource_claims: resource_claims(worker),
             ..Default::default()
         }),
     }

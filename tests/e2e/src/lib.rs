@@ -297,11 +297,17 @@ pub const GANG_POOL: &str = "gang";
 /// The operator flag that schedules gangs through the Workload API.
 pub const WORKLOAD_API: [&str; 2] = ["--gang-scheduling", "workload-api"];
 
-/// A `spec.placement` patch onto [`GANG_POOL`] (its label and taint).
-pub fn on_gang_pool(extra: serde_json::Value) -> serde_json::Value {
+/// The pool of fake nodes with a device of the fake DRA driver each
+/// (`tests/cluster/nodes.sh`: 2 nodes, DeviceClass [`DRA_CLASS`]).
+pub const DRA_POOL: &str = "dra";
+pub const DRA_CLASS: &str = "fabric.moe.dev";
+
+/// A `spec.placement` patch onto a tainted test pool (its label and taint),
+/// merged with `extra`.
+pub fn on_pool(pool: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut v = serde_json::json!({"spec": {"placement": {
-        "nodeSelector": {"node.moe.dev/pool": GANG_POOL},
-        "tolerations": [{"key": "moe.dev/pool", "operator": "Equal", "value": GANG_POOL, "effect": "NoSchedule"}]
+        "nodeSelector": {"node.moe.dev/pool": pool},
+        "tolerations": [{"key": "moe.dev/pool", "operator": "Equal", "value": pool, "effect": "NoSchedule"}]
     }}});
     moe_crds::fixtures::merge_patch(&mut v, &extra);
     v

@@ -21,8 +21,8 @@ use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, bound_claim, eventually, gpu_job,
-    metric_sum, on_gang_pool, rejection_problems, release_job,
+    GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, bound_claim,
+    eventually, gpu_job, metric_sum, on_pool, rejection_problems, release_job,
 };
 use serde_json::{Value, json};
 
@@ -918,10 +918,13 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
     // Replicas of 3 pods, each replica in one rack, on the pool with a rack
     // of 3 and a rack of 2: one replica fits; the other must bind no pod
     // (pod by pod, two of its three would sit on the small rack).
-    let spec = on_gang_pool(json!({"spec": {
-        "parallelism": {"processesPerPod": 8, "podsPerReplica": 3, "expertParallel": 24},
-        "placement": {"topology": {"required": rack}}
-    }}));
+    let spec = on_pool(
+        GANG_POOL,
+        json!({"spec": {
+            "parallelism": {"processesPerPod": 8, "podsPerReplica": 3, "expertParallel": 24},
+            "placement": {"topology": {"required": rack}}
+        }}),
+    );
     api.create(&PostParams::default(), &gpu_service("chat", 2, spec))
         .await?;
     let of_group = |list: &[Pod], g: &str| -> Vec<Pod> {
@@ -1013,7 +1016,10 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
     // incarnation (no GroupRestart), and serves again once the gang is done.
     let class = UrgentClass::create(&client, &ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
-    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
+    let urgent = on_pool(
+        GANG_POOL,
+        json!({"spec": {"placement": {"priorityClassName": class.name}}}),
+    );
     let preempted = async {
         jobs.create(&PostParams::default(), &gpu_job("urgent", 4, urgent))
             .await?;

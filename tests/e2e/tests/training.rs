@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceClaimTemplate};
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -16,8 +17,8 @@ use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, api_message, bound_claim,
-    eventually, gpu_job, metric_sum, on_gang_pool, rejection_problems,
+    DRA_CLASS, DRA_POOL, GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client,
+    api_message, bound_claim, eventually, gpu_job, metric_sum, on_pool, rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -1001,7 +1002,7 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     // the third.
     jobs.create(
         &pp,
-        &gpu_job("rack", 3, on_gang_pool(topology("required", rack))),
+        &gpu_job("rack", 3, on_pool(GANG_POOL, topology("required", rack))),
     )
     .await?;
     wait_phase(&jobs, "rack", TrainingPhase::Running).await?;
@@ -1026,7 +1027,7 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     // Two nodes are left, a 4-node gang needs four: none of its pods is
     // bound (pod by pod, two would be, holding their GPUs for nothing), and
     // the job says why, in the scheduler's words.
-    jobs.create(&pp, &gpu_job("whole", 4, on_gang_pool(json!({}))))
+    jobs.create(&pp, &gpu_job("whole", 4, on_pool(GANG_POOL, json!({}))))
         .await?;
     pending_because(&jobs, "whole", "Unschedulable").await?;
     let j = jobs.get("whole").await?;
@@ -1063,7 +1064,10 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     // disruptionMode PodGroup): a disruption, so a restart that is not
     // counted, and the next attempt waits for room, bound nowhere.
     let class = UrgentClass::create(&client, &ns.name).await?;
-    let urgent = on_gang_pool(json!({"spec": {"placement": {"priorityClassName": class.name}}}));
+    let urgent = on_pool(
+        GANG_POOL,
+        json!({"spec": {"placement": {"priorityClassName": class.name}}}),
+    );
     jobs.create(&pp, &gpu_job("urgent", 3, urgent)).await?;
     let preempted = async {
         wait_phase(&jobs, "urgent", TrainingPhase::Running).await?;
@@ -1081,6 +1085,115 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
     .await;
     class.delete().await?;
     preempted?;
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn dra_claims_give_each_worker_pod_an_allocated_device() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-dra").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns.name);
+    let templates: Api<ResourceClaimTemplate> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+    // One device of the fake driver's class per pod (the DRA pool has one per node).
+    templates
+        .create(
+            &pp,
+            &serde_json::from_value(json!({
+                "metadata": {"name": "fabric"},
+                "spec": {"spec": {"devices": {"requests": [
+                    {"name": "nic", "exactly": {"deviceClassName": DRA_CLASS}}
+                ]}}}
+            }))?,
+        )
+        .await?;
+    let wired = |nodes| {
+        gpu_job(
+            "",
+            nodes,
+            on_pool(
+                DRA_POOL,
+                json!({"spec": {"worker": {"resourceClaims": [{"name": "nic", "resourceClaimTemplateName": "fabric"}]}}}),
+            ),
+        )
+    };
+    let mut first = wired(2);
+    first.metadata.name = Some("wired".into());
+    jobs.create(&pp, &first).await?;
+    wait_phase(&jobs, "wired", TrainingPhase::Running).await?;
+    // Each pod has a claim of its own, allocated a device on its own node by
+    // the scheduler, reserved for it; the worker container names the claim.
+    let list = pods_of(&pods, "wired", 0).await?;
+    ensure!(list.len() == 2);
+    for pod in &list {
+        let spec = pod.spec.as_ref().unwrap();
+        let container = &spec.containers[0];
+        ensure!(
+            container
+                .resources
+                .as_ref()
+                .and_then(|r| r.claims.as_ref())
+                .is_some_and(|c| c[0].name == "nic"),
+            "{:?}",
+            container.resources
+        );
+        let name = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.resource_claim_statuses.as_ref())
+            .and_then(|s| s.first())
+            .and_then(|s| s.resource_claim_name.clone())
+            .context("no claim made for the pod")?;
+        let claim = claims.get(&name).await?;
+        let status = claim.status.unwrap_or_default();
+        let results = status
+            .allocation
+            .and_then(|a| a.devices)
+            .and_then(|d| d.results)
+            .unwrap_or_default();
+        ensure!(
+            results.len() == 1
+                && results[0].driver == DRA_CLASS
+                && Some(&results[0].pool) == spec.node_name.as_ref(),
+            "{} on {:?}: {results:?}",
+            pod.name_any(),
+            spec.node_name
+        );
+        ensure!(
+            status
+                .reserved_for
+                .iter()
+                .flatten()
+                .any(|r| r.name == pod.name_any()),
+            "the claim is not reserved for its pod"
+        );
+    }
+
+    // Both devices are taken: a third pod with a claim waits, then starts
+    // once the first gang is done and its claims are freed.
+    let mut second = wired(1);
+    second.metadata.name = Some("later".into());
+    jobs.create(&pp, &second).await?;
+    eventually("later's pod unschedulable for its claim", WAIT, || async {
+        let list = pods_of(&pods, "later", 0).await?;
+        let waiting = list.iter().any(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "PodScheduled" && c.status == "False")
+                })
+        });
+        Ok(waiting.then_some(()))
+    })
+    .await?;
+    release_pods(&pods, &list).await?;
+    wait_phase(&jobs, "wired", TrainingPhase::Succeeded).await?;
+    wait_phase(&jobs, "later", TrainingPhase::Running).await?;
     ns.delete().await
 }
 
