@@ -130,6 +130,18 @@ pub enum Device {
     Cpu,
 }
 
+/// Where a CUDA worker pod's GPUs come from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GpuAllocation {
+    /// The device plugin: the operator requests `nvidia.com/gpu`, one per process.
+    #[default]
+    DevicePlugin,
+    /// Dynamic Resource Allocation: a claim of `resourceClaims` (e.g. of
+    /// NVIDIA's DRA driver's `gpu.nvidia.com` class) holds the pod's GPUs, and
+    /// the operator requests no `nvidia.com/gpu`.
+    ResourceClaims,
+}
+
 /// NCCL settings passed to CUDA workers as environment variables.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -176,6 +188,9 @@ pub struct PodMetadata {
     validation = Rule::new("!has(self.cpuThreads) || self.device == 'cpu'")
         .message("cpuThreads applies to CPU workers (device: cpu); a CUDA worker computes on its GPU")
         .field_path(".cpuThreads"),
+    validation = Rule::new("self.gpuAllocation == 'DevicePlugin' || (self.device == 'cuda' && has(self.resourceClaims) && size(self.resourceClaims) > 0)")
+        .message("gpuAllocation ResourceClaims is for CUDA workers whose GPUs a claim of resourceClaims holds: name that claim")
+        .field_path(".gpuAllocation"),
     validation = Rule::new("!has(self.resourceClaims) || self.resourceClaims.all(c, has(c.resourceClaimName) != has(c.resourceClaimTemplateName))")
         .message("each of resourceClaims names exactly one of resourceClaimName and resourceClaimTemplateName")
         .field_path(".resourceClaims"),
@@ -214,6 +229,12 @@ pub struct WorkerSpec {
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub resource_claims: Vec<PodResourceClaim>,
+    /// Where a CUDA worker's GPUs come from: the device plugin
+    /// (`nvidia.com/gpu`, set by the operator to the processes per pod), or
+    /// a claim of `resourceClaims` (the claim must hold as many GPUs as the
+    /// pod runs processes; the operator cannot see into it).
+    #[serde(default)]
+    pub gpu_allocation: GpuAllocation,
     /// Extra environment variables. Names of the worker contract (`MOE_*`) are reserved,
     /// except the CUDA worker's tuning variables (`MOE_CUDA_*`, docs/cuda.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -241,6 +262,7 @@ impl Default for WorkerSpec {
             cpu_threads: None,
             resources: None,
             resource_claims: Vec::new(),
+            gpu_allocation: GpuAllocation::default(),
             env: Vec::new(),
             nccl: NcclSettings::default(),
             shm_size: default_shm_size(),

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use moe_crds::contract::env;
 
 pub use crate::gang::{GangScheduling, Mechanism, WorkloadFeatures};
-use moe_crds::{Device, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
+use moe_crds::{Device, GpuAllocation, NcclSettings, Placement, TopologyPlacement, WorkerSpec};
 
 /// Operator-wide settings the builders need (from the chart's values).
 #[derive(Clone, Debug)]
@@ -262,7 +262,7 @@ pub fn resources(worker: &WorkerSpec, processes: i32) -> ResourceRequirements {
             });
         }
     }
-    if worker.device == Device::Cuda {
+    if worker.device == Device::Cuda && worker.gpu_allocation == GpuAllocation::DevicePlugin {
         let gpus = Quantity(processes.to_string());
         resources
             .limits
@@ -474,6 +474,16 @@ mod tests {
             container.limits.unwrap()["nvidia.com/gpu"],
             Quantity("8".into())
         );
+        // GPUs from a claim: no device-plugin request.
+        let mut from_claim = worker.clone();
+        from_claim.gpu_allocation = GpuAllocation::ResourceClaims;
+        let container = resources(&from_claim, 8);
+        assert!(
+            container
+                .limits
+                .is_none_or(|l| !l.contains_key("nvidia.com/gpu"))
+        );
+        assert_eq!(container.claims.map(|c| c.len()), Some(2));
         assert_eq!(resource_claims(&WorkerSpec::default()), None);
         assert_eq!(resources(&WorkerSpec::default(), 1).claims, None);
     }

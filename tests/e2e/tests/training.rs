@@ -1194,6 +1194,26 @@ async fn dra_claims_give_each_worker_pod_an_allocated_device() -> Result<()> {
     release_pods(&pods, &list).await?;
     wait_phase(&jobs, "wired", TrainingPhase::Succeeded).await?;
     wait_phase(&jobs, "later", TrainingPhase::Running).await?;
+
+    // GPUs from a claim (NVIDIA's DRA driver, played here by the fake
+    // class): the pod requests no nvidia.com/gpu, and runs where its claim
+    // is allocated.
+    let mut own = wired(1);
+    own.metadata.name = Some("claimed-gpus".into());
+    own.spec.worker.gpu_allocation = moe_crds::GpuAllocation::ResourceClaims;
+    jobs.create(&pp, &own).await?;
+    wait_phase(&jobs, "claimed-gpus", TrainingPhase::Running).await?;
+    let pod = pods_of(&pods, "claimed-gpus", 0).await?.remove(0);
+    let resources = pod.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap_or_default();
+    ensure!(
+        resources
+            .limits
+            .is_none_or(|l| !l.contains_key("nvidia.com/gpu")),
+        "GPUs requested from the device plugin too"
+    );
     ns.delete().await
 }
 
