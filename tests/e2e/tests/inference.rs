@@ -1002,14 +1002,7 @@ async fn the_workload_api_places_each_replica_group_whole_or_not_at_all() -> Res
         ensure!(node.labels().get(rack).map(String::as_str) == Some("rack-gang-1"));
     }
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
-    eventually("group 0 to form", WAIT, || async {
-        let set = sets.get("chat-g0-0").await?;
-        Ok(set
-            .annotations()
-            .contains_key("moe.dev/formed-pods")
-            .then_some(()))
-    })
-    .await?;
+    wait_formed(&sets, "chat", 0, 0).await?;
 
     // A 4-node training gang of higher priority needs the group's nodes: the
     // scheduler preempts the group whole. It waits, unbound, as the same
@@ -1634,14 +1627,7 @@ async fn a_serving_group_kueue_preempts_waits_and_comes_back_without_a_restart()
     let grouped = queued_groups();
     api.create(&pp, &gpu_service("low", 1, grouped)).await?;
     wait_ready(&api, "low", 1).await?;
-    eventually("the group to form", WAIT, || async {
-        let set = sets.get("low-g0-0").await?;
-        Ok(set
-            .annotations()
-            .contains_key("moe.dev/formed-pods")
-            .then_some(()))
-    })
-    .await?;
+    wait_formed(&sets, "low", 0, 0).await?;
 
     // A training gang of higher priority takes the quota: Kueue stops the group.
     let class = UrgentClass::create(&client, &ns.name).await?;
