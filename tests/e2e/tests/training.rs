@@ -699,7 +699,7 @@ async fn node_label_of(client: &Client, pods: &[Pod], key: &str) -> Result<Vec<S
     Ok(out)
 }
 
-/// Every pod of the attempt scheduled, and their nodes' values of label `key`.
+/// Every pod of the newest attempt scheduled, and their nodes' values of label `key`.
 async fn placed(
     client: &Client,
     pods: &Api<Pod>,
@@ -708,7 +708,24 @@ async fn placed(
     key: &str,
 ) -> Result<Vec<String>> {
     eventually(&format!("{job}'s {nodes} pods scheduled"), WAIT, || async {
-        let list = pods_of(pods, job, 0).await?;
+        // The newest attempt's: Kueue's topology-aware scheduling fails a
+        // pod it finds on a node outside its assignment (seen under load),
+        // which restarts the gang; the next attempt must be placed as well.
+        let all = pods
+            .list(&ListParams::default().labels(&format!("moe.dev/job-name={job}")))
+            .await?
+            .items;
+        let attempt = |p: &Pod| -> i32 {
+            p.labels()
+                .get("moe.dev/attempt")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0)
+        };
+        let newest = all.iter().map(attempt).max().unwrap_or(0);
+        let list: Vec<Pod> = all
+            .into_iter()
+            .filter(|p| attempt(p) == newest && p.metadata.deletion_timestamp.is_none())
+            .collect();
         let values = node_label_of(client, &list, key).await?;
         Ok((list.len() == nodes && values.len() == nodes).then_some(values))
     })
@@ -923,7 +940,13 @@ async fn kueue_places_each_gang_in_one_topology_domain() -> Result<()> {
         .await?;
     wait_phase(&jobs, "sliced", TrainingPhase::Running).await?;
     placed(&client, &pods, "sliced", 4, rack).await?;
-    let mut by_index: Vec<(i32, Pod)> = pods_of(&pods, "sliced", 0)
+    let attempt = jobs
+        .get("sliced")
+        .await?
+        .status
+        .map(|s| s.attempt)
+        .unwrap_or(0);
+    let mut by_index: Vec<(i32, Pod)> = pods_of(&pods, "sliced", attempt)
         .await?
         .into_iter()
         .map(|p| {
@@ -942,10 +965,11 @@ async fn kueue_places_each_gang_in_one_topology_domain() -> Result<()> {
     );
     // Kueue took the slices from the pod template (not a lucky placement).
     let workloads = kueue.workloads().await?;
+    let child = format!("sliced-a{attempt}");
     let (_, workload) = workloads
         .iter()
-        .find(|(job, _)| job == "sliced-a0")
-        .ok_or_else(|| anyhow::anyhow!("no Workload for sliced-a0"))?;
+        .find(|(job, _)| *job == child)
+        .ok_or_else(|| anyhow::anyhow!("no Workload for {child}"))?;
     let request = &workload.data["spec"]["podSets"][0]["topologyRequest"];
     ensure!(
         request["podSetSliceRequiredTopology"] == rack && request["podSetSliceSize"] == 2,
