@@ -27,11 +27,10 @@ use k8s_openapi::api::scheduling::v1alpha2::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use moe_crds::Placement;
 
 use crate::labels;
-use crate::metrics::Metrics;
 
 /// The operator-wide choice of gang scheduler for gangs that no queue admits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -226,46 +225,6 @@ pub async fn probe(client: &Client, namespace: &str) -> anyhow::Result<WorkloadF
             .is_some_and(|t| !t.is_empty()),
         preemption: kept.spec.disruption_mode.as_deref() == Some(DISRUPT_WHOLE),
     })
-}
-
-/// Creates a gang's PodGroup before its pods' owner, so that the pods find
-/// it at once; one already there (an earlier reconcile's) is fine.
-pub async fn create(
-    client: &Client,
-    metrics: &Metrics,
-    ns: &str,
-    pod_group: &PodGroup,
-) -> Result<(), kube::Error> {
-    let api: Api<PodGroup> = Api::namespaced(client.clone(), ns);
-    let params = PostParams {
-        field_manager: Some(labels::FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let result = api.create(&params, pod_group).await;
-    metrics.api_call("create", "podgroups");
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Deletes the PodGroup `name` with its gang (the scheduler's protection
-/// keeps it until the last of its pods is gone); one already gone is fine.
-pub async fn delete(
-    client: &Client,
-    metrics: &Metrics,
-    ns: &str,
-    name: &str,
-) -> Result<(), kube::Error> {
-    let api: Api<PodGroup> = Api::namespaced(client.clone(), ns);
-    let result = api.delete(name, &DeleteParams::background()).await;
-    metrics.api_call("delete", "podgroups");
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]

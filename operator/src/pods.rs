@@ -51,6 +51,11 @@ impl BuildContext {
         crate::gang::mechanism(placement, self.gang_scheduling, pods)
     }
 
+    /// Whether the operator makes PodGroups (`--gang-scheduling=workload-api`).
+    pub fn workload_api(&self) -> bool {
+        self.gang_scheduling == GangScheduling::WorkloadApi
+    }
+
     /// Whether a gang placed by `mechanism` keeps `placement.topology` by pod affinity.
     pub fn pod_affinity(&self, mechanism: Mechanism, placement: &Placement) -> bool {
         crate::gang::pod_affinity(mechanism, placement, self.workload_features)

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -152,6 +152,60 @@ where
     .await?;
     metrics.api_call("apply", &K::plural(&()));
     Ok(())
+}
+
+/// Creates `object` in `ns`; one already there (an earlier reconcile made
+/// it before the store saw it) is fine. Returns whether this call created it.
+pub async fn create_once<K>(
+    client: &Client,
+    metrics: &Metrics,
+    ns: &str,
+    object: &K,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let params = PostParams {
+        field_manager: Some(labels::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let created = match api.create(&params, object).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 409 => false,
+        Err(e) => return Err(e.into()),
+    };
+    metrics.api_call("create", &K::plural(&()));
+    Ok(created)
+}
+
+/// Deletes `name` in `ns` in the background (its dependents follow; a
+/// successor need not wait); one already gone is fine. Returns whether
+/// this call deleted it.
+pub async fn delete_if_present<K>(
+    client: &Client,
+    metrics: &Metrics,
+    ns: &str,
+    name: &str,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let deleted = match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(e) => return Err(e.into()),
+    };
+    metrics.api_call("delete", &K::plural(&()));
+    Ok(deleted)
 }
 
 /// Whether every field set in `want` has the same value in `have` (server

@@ -16,8 +16,9 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -30,11 +31,13 @@ use super::build;
 use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, reason, resolve_model};
 use super::groups::{self, GroupPlan, GroupState};
 use super::validate::validate;
-use crate::gang::{self, GangScheduling};
 use crate::labels;
 use crate::metrics::Metrics;
 use crate::pods::BuildContext;
-use crate::reconcile::{Backoff, Error, api, apply_if_changed, apply_status, publish, reflected};
+use crate::reconcile::{
+    Backoff, Error, api, apply_if_changed, apply_status, create_once, delete_if_present, publish,
+    reflected,
+};
 
 /// Shared state of the controller.
 pub struct Context {
@@ -305,13 +308,9 @@ async fn apply_children(
                 if owned(&ctx.hpas, svc, &name).is_none() {
                     return Ok(());
                 }
-                let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
-                match api.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => info!(service = %svc.name_any(), namespace = ns, "deleted autoscaler"),
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+                if delete_if_present::<HorizontalPodAutoscaler>(client, metrics, ns, &name).await? {
+                    info!(service = %svc.name_any(), namespace = ns, "deleted autoscaler");
                 }
-                metrics.api_call("delete", "horizontalpodautoscalers");
                 Ok(())
             }
         }
@@ -506,8 +505,7 @@ fn observe_groups(ctx: &Context, svc: &MoEInferenceService, pods: &[Pod]) -> Vec
     let uid = svc.uid();
     let ns = svc.namespace();
     let size = svc.spec.parallelism.pods_per_replica;
-    let whole_preemption = ctx.build.gang_scheduling == GangScheduling::WorkloadApi
-        && ctx.build.workload_features.preemption;
+    let whole_preemption = ctx.build.workload_api() && ctx.build.workload_features.preemption;
     let mut out = Vec::new();
     for set in ctx.stateful_sets.state() {
         let owned = set
@@ -629,44 +627,26 @@ async fn execute_groups(
     plan: &GroupPlan,
 ) -> Result<(), Error> {
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
     for name in &plan.delete {
         // The group's PodGroup first: were the operator stopped between the
         // two, the StatefulSet still there brings it back to this point.
-        if ctx.build.gang_scheduling == GangScheduling::WorkloadApi {
-            gang::delete(&ctx.client, &ctx.metrics, ns, name).await?;
+        if ctx.build.workload_api() {
+            delete_if_present::<PodGroup>(client, metrics, ns, name).await?;
         }
-        // Background: the group goes now, its pods follow; its replacement need not wait.
-        let dp = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Background),
-            ..Default::default()
-        };
-        match sets.delete(name, &dp).await {
-            Ok(_) => {
-                info!(service = %svc.name_any(), namespace = ns, group = %name, "deleted replica group")
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        // The group goes now, its pods follow; its replacement need not wait.
+        if delete_if_present::<StatefulSet>(client, metrics, ns, name).await? {
+            info!(service = %svc.name_any(), namespace = ns, group = %name, "deleted replica group");
         }
-        ctx.metrics.api_call("delete", "statefulsets");
     }
     for (group, restarts) in &plan.create {
         if let Some(pod_group) = groups::pod_group(svc, &ctx.build, *group) {
-            gang::create(&ctx.client, &ctx.metrics, ns, &pod_group).await?;
+            create_once(client, metrics, ns, &pod_group).await?;
         }
         let set = groups::group_set(svc, &ctx.build, model, *group, *restarts);
-        let params = PostParams {
-            field_manager: Some(labels::FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match sets.create(&params, &set).await {
-            Ok(_) => {
-                info!(service = %svc.name_any(), namespace = ns, group = group.index, incarnation = group.incarnation, "created replica group")
-            }
-            // Already there: a previous reconcile created it before the store saw it.
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(e.into()),
+        if create_once(client, metrics, ns, &set).await? {
+            info!(service = %svc.name_any(), namespace = ns, group = group.index, incarnation = group.incarnation, "created replica group");
         }
-        ctx.metrics.api_call("create", "statefulsets");
     }
     // A group Kueue stopped forms anew when it is admitted again: its pods
     // then are new ones, which must not read as replacements.

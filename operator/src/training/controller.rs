@@ -13,7 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -27,11 +27,13 @@ use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, 
 use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
-use crate::gang::{self, GangScheduling};
+use crate::gang;
 use crate::labels;
 use crate::metrics::Metrics;
 pub use crate::reconcile::Error;
-use crate::reconcile::{Backoff, api, apply_if_changed, apply_status, reflected};
+use crate::reconcile::{
+    Backoff, api, apply_if_changed, apply_status, create_once, delete_if_present, reflected,
+};
 
 /// Shared state of the controller.
 pub struct Context {
@@ -81,7 +83,7 @@ pub async fn run(
     let (services, svc_stream) = reflected(api::<Service>(&client, &namespace), children.clone());
     // The scheduler's verdict on a gang is on its PodGroup: watched only when
     // the operator makes them (the API may not be served otherwise).
-    let (pod_groups, pg_stream) = if build.gang_scheduling == GangScheduling::WorkloadApi {
+    let (pod_groups, pg_stream) = if build.workload_api() {
         let (store, stream) = reflected(api::<PodGroup>(&client, &namespace), children);
         (Some(store), stream.boxed())
     } else {
@@ -321,6 +323,7 @@ async fn observe_attempts(
                 .unwrap_or(0)
         };
         let status = j.status.clone().unwrap_or_default();
+        let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
         let has = |t: &str| {
             status
                 .conditions
@@ -332,11 +335,10 @@ async fn observe_attempts(
             AttemptOutcome::Complete
         } else if has("Failed") || has("FailureTarget") {
             let cause = failure_cause(ctx, ns, &job.name_any(), attempt, &status).await?;
-            let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
             AttemptOutcome::Failed {
                 cause: while_suspended(cause, suspended),
             }
-        } else if j.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
+        } else if suspended {
             AttemptOutcome::Queued
         } else {
             AttemptOutcome::Running
@@ -554,60 +556,31 @@ fn exit_code(pod: &Pod) -> Option<i32> {
 }
 
 async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
     if let Some((attempt, counters)) = plan.create {
         if let Some(pod_group) = build::pod_group(job, &ctx.build, attempt) {
-            gang::create(&ctx.client, &ctx.metrics, ns, &pod_group).await?;
+            create_once(client, metrics, ns, &pod_group).await?;
         }
         let child = build::attempt_job(job, &ctx.build, attempt, counters);
-        match jobs
-            .create(
-                &PostParams {
-                    field_manager: Some(labels::FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &child,
-            )
-            .await
-        {
-            Ok(_) => info!(job = %job.name_any(), namespace = ns, attempt, "created attempt"),
-            // Already there: a previous reconcile created it before the store saw it.
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(e.into()),
+        if create_once(client, metrics, ns, &child).await? {
+            info!(job = %job.name_any(), namespace = ns, attempt, "created attempt");
         }
-        ctx.metrics.api_call("create", "jobs");
     }
     for name in &plan.delete {
         // The attempt's PodGroup first: were the operator stopped between the
         // two, the Job still there brings it back to this point.
-        if ctx.pod_groups.is_some() {
-            gang::delete(&ctx.client, &ctx.metrics, ns, name).await?;
+        if ctx.build.workload_api() {
+            delete_if_present::<PodGroup>(client, metrics, ns, name).await?;
         }
-        // Background: the attempt Job goes now, its pods follow; the next attempt need not wait.
-        let dp = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Background),
-            ..Default::default()
-        };
-        match jobs.delete(name, &dp).await {
-            Ok(_) => info!(job = %job.name_any(), namespace = ns, child = %name, "deleted attempt"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        // The attempt Job goes now, its pods follow; the next attempt need not wait.
+        if delete_if_present::<Job>(client, metrics, ns, name).await? {
+            info!(job = %job.name_any(), namespace = ns, child = %name, "deleted attempt");
         }
-        ctx.metrics.api_call("delete", "jobs");
     }
-    if plan.delete_self {
-        let api: Api<MoETrainingJob> = Api::namespaced(ctx.client.clone(), ns);
-        match api
-            .delete(&job.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {
-                info!(job = %job.name_any(), namespace = ns, "deleted after ttlSecondsAfterFinished")
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        ctx.metrics.api_call("delete", "moetrainingjobs");
+    if plan.delete_self
+        && delete_if_present::<MoETrainingJob>(client, metrics, ns, &job.name_any()).await?
+    {
+        info!(job = %job.name_any(), namespace = ns, "deleted after ttlSecondsAfterFinished");
     }
     Ok(())
 }
