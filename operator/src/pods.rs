@@ -248,13 +248,14 @@ pub fn tolerations(placement: &Placement, device: Device) -> Option<Vec<Tolerati
     (!out.is_empty()).then_some(out)
 }
 
-/// The worker's resources, with `nvidia.com/gpu` = `processes` for CUDA
-/// workers: one process per GPU, whatever the user wrote.
 /// The pod's DRA claims (`worker.resourceClaims`), none when there are none.
 pub fn resource_claims(worker: &WorkerSpec) -> Option<Vec<PodResourceClaim>> {
     (!worker.resource_claims.is_empty()).then(|| worker.resource_claims.clone())
 }
 
+/// The worker's resources, with `nvidia.com/gpu` = `processes` for CUDA
+/// workers whose GPUs come from the device plugin (one process per GPU,
+/// whatever the user wrote), and each of the pod's DRA claims.
 pub fn resources(worker: &WorkerSpec, processes: i32) -> ResourceRequirements {
     let mut resources = worker.resources.clone().unwrap_or_default();
     // The pod's DRA claims are the worker container's (the only container).

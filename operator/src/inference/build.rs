@@ -302,10 +302,8 @@ pub fn pod_template(
     // A group without a queue: all its pods or none, through its PodGroup
     // when the Workload API schedules gangs (crate::gang); a one-pod replica
     // is no gang.
-    let mechanism = match group {
-        Some(_) => ctx.gang(&spec.placement, spec.parallelism.pods_per_replica),
-        None => ctx.gang(&spec.placement, 1),
-    };
+    let gang_pods = group.map_or(1, |_| spec.parallelism.pods_per_replica);
+    let mechanism = ctx.gang(&spec.placement, gang_pods);
     annotations.extend(kueue_topology_annotation(&spec.placement));
     // The config's hash and the model revision: a change to either rolls the replicas.
     annotations.insert(labels::CONFIG_HASH.into(), config_hash);
