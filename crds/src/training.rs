@@ -687,6 +687,16 @@ pub struct RunPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
+    /// Hang watchdog: once every worker pod runs, a gang whose rank 0 reports
+    /// no new step (or checkpoint) for this many seconds is judged hung (a
+    /// collective that never completes, a deadlocked data loader) and
+    /// restarted from its newest checkpoint, counted against backoffLimit
+    /// (reason `ProgressDeadlineExceeded`). It must cover start-up to the
+    /// first step (loading a checkpoint, compiling kernels) and the longest
+    /// step or checkpoint write. Unset: no watchdog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30))]
+    pub progress_deadline_seconds: Option<i32>,
     /// Seconds after Succeeded or Failed before the job (and its children) is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
@@ -704,6 +714,7 @@ impl Default for RunPolicy {
             suspend: false,
             backoff_limit: default_backoff(),
             active_deadline_seconds: None,
+            progress_deadline_seconds: None,
             ttl_seconds_after_finished: None,
             failure_rules: Vec::new(),
         }

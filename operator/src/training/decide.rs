@@ -291,6 +291,32 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 }
             }
             if all_up {
+                if let Some(limit) = spec.run_policy.progress_deadline_seconds {
+                    let (since, step) = progress_clock(&old, &plan.status, cur.attempt, &now);
+                    let quiet = observed.now.duration_since(since.0).as_secs_f64();
+                    if quiet >= limit as f64 {
+                        let last = step.map_or("no report from this attempt".into(), |s| {
+                            format!("last at step {s}")
+                        });
+                        let why = format!(
+                            "rank 0 reported no progress for {}s ({last}), past runPolicy.progressDeadlineSeconds ({limit}s): hung",
+                            quiet.round()
+                        );
+                        restart(
+                            job,
+                            &old,
+                            cur,
+                            (FailureAction::Count, why),
+                            PROGRESS_DEADLINE,
+                            &mut plan,
+                            &now,
+                        );
+                        return plan;
+                    }
+                    let left =
+                        Duration::from_secs_f64(limit as f64 - quiet).max(Duration::from_secs(1));
+                    plan.requeue_after = Some(plan.requeue_after.map_or(left, |d| d.min(left)));
+                }
                 // Poll rank 0 for progress while the gang runs.
                 let poll = super::progress::POLL_INTERVAL;
                 plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
@@ -379,7 +405,7 @@ fn restart_or_fail(
     now: &Time,
 ) {
     let policy = &job.spec.run_policy;
-    let (action, why) = match cause {
+    let verdict = match cause {
         FailureCause::Disruption { pod, reason } => (
             FailureAction::Ignore,
             format!("pod {pod} was disrupted ({reason})"),
@@ -396,6 +422,22 @@ fn restart_or_fail(
         }
         FailureCause::Unknown { message } => (FailureAction::Count, message.clone()),
     };
+    restart(job, old, cur, verdict, "GangRestart", plan, now);
+}
+
+/// Restart the gang as the next attempt, counted or not as `action` says,
+/// or fail the job (a `FailJob` action, or no restarts left). `reason`
+/// names the restart in its condition and Event.
+fn restart(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    cur: &AttemptState,
+    (action, why): (FailureAction, String),
+    reason: &str,
+    plan: &mut Plan,
+    now: &Time,
+) {
+    let policy = &job.spec.run_policy;
     let mut next = cur.counters;
     match action {
         FailureAction::FailJob => {
@@ -438,15 +480,42 @@ fn restart_or_fail(
         "attempt {} failed: {why}; restarting the gang as attempt {attempt} ({counted})",
         cur.attempt
     );
-    plan.transitions.push(warning("GangRestart", msg.clone()));
-    set_phase(
-        plan,
-        old,
-        TrainingPhase::Restarting,
-        "GangRestart",
-        &msg,
-        now,
-    );
+    plan.transitions.push(warning(reason, msg.clone()));
+    set_phase(plan, old, TrainingPhase::Restarting, reason, &msg, now);
+}
+
+/// When the hang watchdog's clock last started for attempt `attempt`: the
+/// later of the gang becoming Running and rank 0's last new report
+/// (`status.progress.updateTime` moves only when the report changes), with
+/// that report's step if it is the later one.
+fn progress_clock(
+    old: &MoETrainingJobStatus,
+    new: &MoETrainingJobStatus,
+    attempt: i32,
+    now: &Time,
+) -> (Time, Option<i64>) {
+    let running = running_since(old, attempt, now);
+    match &new.progress {
+        Some(p) if p.update_time.as_ref().is_some_and(|t| t.0 > running.0) => {
+            (p.update_time.clone().unwrap_or(running), Some(p.step))
+        }
+        _ => (running, None),
+    }
+}
+
+/// When attempt `attempt` became Running: the `Running` condition's
+/// transition, if the status already says this attempt runs; else now (it
+/// becomes Running in this reconcile). A Kueue preemption in between makes
+/// it Pending, so the clock restarts when the gang is readmitted.
+fn running_since(old: &MoETrainingJobStatus, attempt: i32, now: &Time) -> Time {
+    if old.phase != Some(TrainingPhase::Running) || old.attempt != attempt {
+        return now.clone();
+    }
+    old.conditions
+        .iter()
+        .find(|c| c.type_ == "Running" && c.status == "True")
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone())
 }
 
 fn finished(
@@ -514,6 +583,8 @@ fn warning(reason: &str, message: String) -> Transition {
 const PREEMPTED: &str = "Preempted";
 /// A gang the scheduler cannot place whole (Workload API).
 const UNSCHEDULABLE: &str = "Unschedulable";
+/// A running gang that the hang watchdog restarted.
+const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
 
 fn reconciling_reason(status: &MoETrainingJobStatus) -> Option<&str> {
     status

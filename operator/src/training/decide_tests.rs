@@ -686,3 +686,170 @@ fn failing_a_job_never_lets_a_stale_reconcile_start_another_attempt() {
     assert_eq!(fresh.delete, vec!["train-a0".to_string()]);
     assert_eq!(fresh.create, None);
 }
+
+fn at(time: &str) -> Timestamp {
+    time.parse().unwrap()
+}
+
+fn report_at(step: i64, time: &str) -> TrainingProgress {
+    let report = super::super::progress::Report {
+        step,
+        total_steps: 10,
+        loss: Some(2.5),
+        tokens_per_second: Some(100.0),
+        last_checkpoint_step: None,
+    };
+    super::super::progress::to_status(&report, at(time))
+}
+
+fn reason_of(plan: &Plan, type_: &str) -> String {
+    plan.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_hang_watchdog_restarts_a_gang_whose_rank_0_stops_advancing() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.progress_deadline_seconds = Some(60);
+    let running = || vec![attempt(0, AttemptOutcome::Running, Counters::default())];
+    let look = |j: &MoETrainingJob, time: &str, progress: Option<TrainingProgress>| {
+        decide(
+            j,
+            &Observed {
+                now: at(time),
+                progress,
+                ..observed(running())
+            },
+        )
+    };
+    // 12:00:00 the gang runs; no report yet.
+    let start = look(&j, "2026-11-28T12:00:00Z", None);
+    assert_eq!(start.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(start.requeue_after, Some(Duration::from_secs(30)));
+    j = after(j, &start);
+    // 12:00:50 step 5 arrives: the clock starts again from it.
+    let stepped = look(
+        &j,
+        "2026-11-28T12:00:50Z",
+        Some(report_at(5, "2026-11-28T12:00:50Z")),
+    );
+    assert_eq!(stepped.create, None);
+    j = after(j, &stepped);
+    // 12:01:40 still step 5: 50 s quiet, the next look is at the deadline.
+    let quiet = look(
+        &j,
+        "2026-11-28T12:01:40Z",
+        Some(report_at(5, "2026-11-28T12:01:40Z")),
+    );
+    assert_eq!(quiet.create, None);
+    assert_eq!(
+        quiet.status, stepped.status,
+        "an unchanged report is no write"
+    );
+    assert_eq!(quiet.requeue_after, Some(Duration::from_secs(10)));
+    j = after(j, &quiet);
+    // 12:01:50: 60 s without a new step. Hung: restarted, counted.
+    let hung = look(
+        &j,
+        "2026-11-28T12:01:50Z",
+        Some(report_at(5, "2026-11-28T12:01:50Z")),
+    );
+    assert_eq!(
+        hung.create,
+        Some((
+            1,
+            Counters {
+                restarts: 1,
+                disruptions: 0
+            }
+        ))
+    );
+    assert_eq!(hung.delete, vec!["train-a0".to_string()]);
+    assert_eq!(hung.status.phase, Some(TrainingPhase::Restarting));
+    assert_eq!(reason_of(&hung, "Restarting"), "ProgressDeadlineExceeded");
+    let event = hung.transitions.iter().find(|t| t.warning).unwrap();
+    assert_eq!(event.reason, "ProgressDeadlineExceeded");
+    assert!(
+        event
+            .message
+            .contains("no progress for 60s (last at step 5)"),
+        "{}",
+        event.message
+    );
+    // The next attempt's clock starts when it runs, not at attempt 0's
+    // last report (still in the status).
+    j = after(j, &hung);
+    let next = decide(
+        &j,
+        &Observed {
+            now: at("2026-11-28T12:05:00Z"),
+            ..observed(vec![attempt(
+                1,
+                AttemptOutcome::Running,
+                Counters {
+                    restarts: 1,
+                    disruptions: 0,
+                },
+            )])
+        },
+    );
+    assert_eq!(next.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(next.create, None);
+}
+
+#[test]
+fn a_gang_that_never_reports_is_hung_at_the_deadline_and_the_budget_still_bounds_it() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.progress_deadline_seconds = Some(60);
+    let counters = Counters {
+        restarts: 2,
+        disruptions: 0,
+    };
+    let running = || vec![attempt(2, AttemptOutcome::Running, counters)];
+    let start = decide(&j, &observed(running()));
+    j = after(j, &start);
+    let early = decide(
+        &j,
+        &Observed {
+            now: at("2026-11-28T12:00:59Z"),
+            ..observed(running())
+        },
+    );
+    assert_eq!(early.status.phase, Some(TrainingPhase::Running));
+    let hung = decide(
+        &j,
+        &Observed {
+            now: at("2026-11-28T12:01:00Z"),
+            ..observed(running())
+        },
+    );
+    // backoffLimit 2 is spent: the job fails, saying why.
+    assert_eq!(hung.create, None);
+    assert_eq!(hung.status.phase, Some(TrainingPhase::Failed));
+    assert_eq!(reason_of(&hung, "Failed"), "BackoffLimitExceeded");
+    let failed = hung
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert!(
+        failed.message.contains("no report from this attempt"),
+        "{}",
+        failed.message
+    );
+    // Without the watchdog the same silence is no verdict.
+    j.spec.run_policy.progress_deadline_seconds = None;
+    let unwatched = decide(
+        &j,
+        &Observed {
+            now: at("2026-11-28T13:00:00Z"),
+            ..observed(running())
+        },
+    );
+    assert_eq!(unwatched.status.phase, Some(TrainingPhase::Running));
+}
