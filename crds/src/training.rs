@@ -856,6 +856,23 @@ pub struct TrainingProgress {
     pub tokens_per_second: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<i64>,
+    /// How evenly the last step routed tokens to experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_load: Option<ExpertLoad>,
+    /// When the report last changed (the hang watchdog's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Time>,
+}
+
+/// Expert-load balance of one training step, over every replica's tokens:
+/// the worst MoE layer's maximal violation, `MaxVio = max load / mean load
+/// − 1` (0 is perfectly even; 1 means the busiest expert got twice its
+/// share). The figure the auxiliary-loss-free balancing paper and
+/// DeepSeek-V3 report; the busiest expert sets an expert-parallel step's pace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertLoad {
+    pub max_violation: f64,
+    /// The decoder layer (0-based) with that violation.
+    pub layer: i32,
 }

@@ -23,6 +23,7 @@ use crate::dist::{Collective, DistEnv, DistError, Solo};
 use crate::model::Parallel;
 use crate::settings::{SettingsError, TrainSettings};
 use crate::status::Progress;
+use crate::train::balance::Balance;
 use crate::train::{StepReport, Trainer};
 
 /// File in `outputDir` with one JSON object per logged step.
@@ -161,6 +162,9 @@ struct MetricsLine {
     expert_load_max: usize,
     /// Tokens per expert if perfectly balanced (`tokens * topK / experts`).
     expert_load_mean: f64,
+    /// The worst MoE layer's `max load / mean − 1` ([`Balance`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expert_load_max_violation: Option<f64>,
 }
 
 /// Trains as `config` says until `training.steps` or until `stop` is set
@@ -333,6 +337,8 @@ pub fn train_as(
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
+    // Throughput of the last logging interval, kept for the reports between.
+    let mut logged_rate = None;
     // A single process stops between micro-batches; ranks must stop at the
     // same step boundary, which they agree on before each step.
     let solo = dp.size() == 1;
@@ -350,10 +356,17 @@ pub fn train_as(
         run.last_loss = Some(report.loss);
         tokens_done += report.tokens;
         interval.tokens += report.tokens;
+        let balance = Balance::of(
+            &report.expert_loads,
+            report.tokens,
+            settings.model.moe.top_k,
+            settings.model.dense_layers,
+        );
         if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
         {
-            let line = metrics_line(&report, interval.tokens_per_second(), &settings);
+            let line = metrics_line(&report, interval.tokens_per_second(), &settings, &balance);
             interval = Interval::new();
+            logged_rate = Some(line.tokens_per_second);
             if let Some(metrics) = &mut metrics {
                 tracing::info!(
                     step = report.step,
@@ -365,14 +378,21 @@ pub fn train_as(
                 );
                 write_line(metrics, &metrics_path, &line)?;
             }
-            if let Some(board) = board {
-                board.publish(Progress {
-                    step: report.step,
-                    total_steps,
-                    loss: Some(report.loss),
-                    tokens_per_second: Some(line.tokens_per_second),
-                    last_checkpoint_step: run.saved_step,
-                });
+        }
+        // Every step, not only logged ones: the operator's hang watchdog
+        // (runPolicy.progressDeadlineSeconds) reads a step that stops
+        // moving as a hung gang.
+        if let Some(board) = board {
+            board.publish(Progress {
+                step: report.step,
+                total_steps,
+                loss: Some(report.loss),
+                tokens_per_second: logged_rate,
+                last_checkpoint_step: run.saved_step,
+                expert_load: balance.as_ref().map(Balance::worst),
+            });
+            if let Some(balance) = &balance {
+                board.publish_balance(balance);
             }
         }
         if report
@@ -773,6 +793,7 @@ fn metrics_line(
     report: &StepReport,
     tokens_per_second: f64,
     settings: &TrainSettings,
+    balance: &Option<Balance>,
 ) -> MetricsLine {
     let moe = &settings.model.moe;
     MetricsLine {
@@ -790,6 +811,7 @@ fn metrics_line(
             .max()
             .unwrap_or(0),
         expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
+        expert_load_max_violation: balance.as_ref().map(|b| b.worst().max_violation),
     }
 }
 

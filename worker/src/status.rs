@@ -7,10 +7,15 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use moe_crds::ExpertLoad;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+
+use crate::train::balance::Balance;
 
 /// What `/progress` returns (the operator's `progress::Report`).
 #[derive(Serialize, Clone, Debug, Default, PartialEq)]
@@ -24,6 +29,15 @@ pub struct Progress {
     pub tokens_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<u64>,
+    /// The last step's worst MoE layer, by load violation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load: Option<ExpertLoad>,
+}
+
+/// One decoder layer (0-based, as in the checkpoint's tensor names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerLabels {
+    layer: String,
 }
 
 /// The progress board the training loop writes and the server reads.
@@ -39,6 +53,7 @@ struct Gauges {
     loss: Gauge<f64, AtomicU64>,
     tokens_per_second: Gauge<f64, AtomicU64>,
     last_checkpoint_step: Gauge,
+    expert_load_max_violation: Family<LayerLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Gauges {
@@ -64,12 +79,19 @@ impl Default for Gauges {
             "Step of the newest complete checkpoint",
             last_checkpoint_step.clone(),
         );
+        let expert_load_max_violation = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "expert_load_max_violation",
+            "Busiest expert's tokens over its fair share, minus 1, in the last step, by MoE decoder layer (0 is perfectly balanced)",
+            expert_load_max_violation.clone(),
+        );
         Self {
             registry,
             step,
             loss,
             tokens_per_second,
             last_checkpoint_step,
+            expert_load_max_violation,
         }
     }
 }
@@ -88,6 +110,19 @@ impl Board {
             self.gauges.last_checkpoint_step.set(c as i64);
         }
         *self.progress.lock().expect("not poisoned") = progress;
+    }
+
+    /// Sets every MoE layer's expert-load gauge from a step's balance
+    /// (the report carries only the worst layer).
+    pub fn publish_balance(&self, balance: &Balance) {
+        for (layer, violation) in &balance.layers {
+            self.gauges
+                .expert_load_max_violation
+                .get_or_create(&LayerLabels {
+                    layer: layer.to_string(),
+                })
+                .set(*violation);
+        }
     }
 
     pub fn progress(&self) -> Progress {
@@ -163,6 +198,13 @@ mod tests {
             loss: Some(1.5),
             tokens_per_second: Some(5000.0),
             last_checkpoint_step: Some(40),
+            expert_load: Some(ExpertLoad {
+                max_violation: 0.5,
+                layer: 2,
+            }),
+        });
+        board.publish_balance(&Balance {
+            layers: vec![(1, 0.25), (2, 0.5)],
         });
         let progress = get(addr, "/progress");
         assert!(
@@ -173,12 +215,17 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "lastCheckpointStep": 40})
+            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "lastCheckpointStep": 40,
+                "expertLoad": {"maxViolation": 0.5, "layer": 2}})
         );
         let metrics = get(addr, "/metrics");
         assert!(metrics.contains("moe_worker_step 42"), "{metrics}");
         assert!(
             metrics.contains("moe_worker_last_checkpoint_step 40"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"moe_worker_expert_load_max_violation{layer="1"} 0.25"#),
             "{metrics}"
         );
         assert!(get(addr, "/nope").lines().next().unwrap().contains(" 404 "));

@@ -624,6 +624,7 @@ fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not()
         loss: Some(2.5),
         tokens_per_second: Some(100.0),
         last_checkpoint_step: None,
+        expert_load: None,
     };
     let p = super::super::progress::to_status(&report, now());
     let running = vec![attempt(0, AttemptOutcome::Running, Counters::default())];
@@ -698,6 +699,7 @@ fn report_at(step: i64, time: &str) -> TrainingProgress {
         loss: Some(2.5),
         tokens_per_second: Some(100.0),
         last_checkpoint_step: None,
+        expert_load: None,
     };
     super::super::progress::to_status(&report, at(time))
 }

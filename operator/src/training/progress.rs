@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use moe_crds::TrainingProgress;
+use moe_crds::{ExpertLoad, TrainingProgress};
 use serde::Deserialize;
 
 /// How often a running job's progress is read.
@@ -30,6 +30,8 @@ pub struct Report {
     pub tokens_per_second: Option<f64>,
     #[serde(default)]
     pub last_checkpoint_step: Option<i64>,
+    #[serde(default)]
+    pub expert_load: Option<ExpertLoad>,
 }
 
 /// The status block for a report. Loss and throughput are rounded so that
@@ -53,6 +55,14 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
             .filter(|t| t.is_finite())
             .map(|t| t.round()),
         last_checkpoint_step: report.last_checkpoint_step,
+        expert_load: report
+            .expert_load
+            .as_ref()
+            .filter(|e| e.max_violation.is_finite())
+            .map(|e| ExpertLoad {
+                max_violation: (e.max_violation * 1e3).round() / 1e3,
+                layer: e.layer,
+            }),
         update_time: Some(Time(now)),
     }
 }
@@ -90,11 +100,22 @@ mod tests {
                 loss: Some(1.234_567_8),
                 tokens_per_second: Some(5123.4),
                 last_checkpoint_step: Some(0),
+                expert_load: Some(ExpertLoad {
+                    max_violation: 0.123_456,
+                    layer: 3,
+                }),
             },
             now,
         );
         assert_eq!(p.display, "42/300 (14%)");
         assert_eq!(p.loss, Some(1.2346));
+        assert_eq!(
+            p.expert_load,
+            Some(ExpertLoad {
+                max_violation: 0.123,
+                layer: 3
+            })
+        );
         assert_eq!(p.tokens_per_second, Some(5123.0));
         let zero = to_status(
             &Report {
@@ -103,6 +124,7 @@ mod tests {
                 loss: Some(f64::NAN),
                 tokens_per_second: None,
                 last_checkpoint_step: None,
+                expert_load: None,
             },
             now,
         );

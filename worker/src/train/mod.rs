@@ -4,6 +4,7 @@
 //! after every optimizer step; alone ([`Trainer::step`]) or as one rank of
 //! a data-, expert- and sequence-parallel gang ([`Trainer::step_parallel`]).
 
+pub mod balance;
 pub mod optimizer;
 pub mod schedule;
 

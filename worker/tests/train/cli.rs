@@ -220,11 +220,17 @@ fn a_run_on_a_data_volume_prints_a_summary_and_writes_metrics() {
         "tokensPerSecond",
         "expertLoadMax",
         "expertLoadMean",
+        "expertLoadMaxViolation",
     ] {
         assert!(lines[1][key].as_f64().is_some(), "{key}: {metrics}");
     }
     // 4 sequences of 32 tokens, top-2 of 4 experts: 64 per expert on average.
     assert_eq!(lines[1]["expertLoadMean"], 64.0);
+    // Every layer has the same fair share, so the worst layer's violation
+    // is the busiest expert anywhere over it.
+    let max = lines[1]["expertLoadMax"].as_f64().unwrap();
+    let violation = lines[1]["expertLoadMaxViolation"].as_f64().unwrap();
+    assert!((violation - (max / 64.0 - 1.0)).abs() < 1e-12, "{metrics}");
 }
 
 /// llm.c's shard format: a header of 256 little-endian int32 (magic,
@@ -515,7 +521,9 @@ fn rank_0_serves_its_progress_while_training() {
     let dir = scratch_dir("status");
     let mut config = config_json(&dir);
     config["training"]["steps"] = 100_000.into();
-    config["training"]["logIntervalSteps"] = 1.into();
+    // No step is logged: the report still moves every step (the
+    // operator's hang watchdog reads it).
+    config["training"]["logIntervalSteps"] = 100_000.into();
     config["checkpoint"]["intervalSteps"] = 100_000.into();
     let path = write_config(&dir, &config);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -557,6 +565,16 @@ fn rank_0_serves_its_progress_while_training() {
         "{progress}"
     );
     assert!(metrics.contains("moe_worker_step "), "{metrics}");
+    // The test model's one MoE layer is decoder layer 1 (after a dense one).
+    let worst = &progress["expertLoad"];
+    assert!(
+        worst["maxViolation"].as_f64().is_some_and(|v| v >= 0.0) && worst["layer"] == 1,
+        "{progress}"
+    );
+    assert!(
+        metrics.contains(r#"moe_worker_expert_load_max_violation{layer="1"}"#),
+        "{metrics}"
+    );
 }
 
 /// `--threads` runs training inside a thread pool (the large GEMMs split
