@@ -1469,9 +1469,42 @@ async fn of_two_replicas_only_the_lease_holder_acts_and_the_other_takes_over() -
     ns.delete().await
 }
 
+/// Plays rank 0's worker of `job`'s attempt 0: answers `/progress` on its
+/// pod's IP as moe-worker does, with `body()` per request. KWOK pod IPs come
+/// from a loopback range (`up.sh`), so the test process can hold them.
+async fn play_rank_0(
+    pods: &Api<Pod>,
+    job: &str,
+    body: impl Fn() -> String + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rank0 = pods_of(pods, job, 0).await?;
+    let ip = rank0
+        .iter()
+        .find(|p| p.labels().get("batch.kubernetes.io/job-completion-index") == Some(&"0".into()))
+        .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+        .unwrap_or_default();
+    ensure!(
+        ip.starts_with("127."),
+        "KWOK pod IPs come from a loopback range (up.sh); got {ip:?}"
+    );
+    let listener = tokio::net::TcpListener::bind((ip.as_str(), 9400)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let body = body();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        }
+    }))
+}
+
 #[tokio::test]
 async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-progress").await?;
     let _op = Operator::start(&ns.name).await?;
@@ -1480,35 +1513,10 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
     jobs.create(&PostParams::default(), &gpu_job("prog", 2, json!({})))
         .await?;
     wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
-    let rank0 = pods
-        .list(
-            &ListParams::default()
-                .labels("moe.dev/job-name=prog,batch.kubernetes.io/job-completion-index=0"),
-        )
-        .await?
-        .items;
-    let ip = rank0
-        .first()
-        .and_then(|p| p.status.as_ref()?.pod_ip.clone())
-        .unwrap_or_default();
-    ensure!(
-        ip.starts_with("127."),
-        "KWOK pod IPs come from a loopback range (up.sh); got {ip:?}"
-    );
-    // Play rank 0's worker: answer /progress as moe-worker does.
-    let listener = tokio::net::TcpListener::bind((ip.as_str(), 9400)).await?;
-    let server = tokio::spawn(async move {
-        let body = r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40}"#;
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = conn.read(&mut buf).await;
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-        }
-    });
+    let server = play_rank_0(&pods, "prog", || {
+        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1}}"#.into()
+    })
+    .await?;
     let progress = eventually(
         "progress in the status",
         Duration::from_secs(60),
@@ -1526,7 +1534,67 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         progress.loss == Some(1.2346) && progress.last_checkpoint_step == Some(40),
         "{progress:?}"
     );
+    ensure!(
+        progress
+            .expert_load
+            .as_ref()
+            .is_some_and(|e| e.max_violation == 0.412 && e.layer == 1),
+        "{progress:?}"
+    );
     let table = sh(&format!("kubectl get mtj prog -n {} --no-headers", ns.name))?;
     ensure!(table.contains("42/100 (42%)"), "printer column: {table}");
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_gang_whose_rank_0_stops_advancing_is_restarted_as_hung() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-hang").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let job = gpu_job(
+        "hang",
+        2,
+        json!({"spec": {"runPolicy": {"progressDeadlineSeconds": 30}}}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    wait_phase(&jobs, "hang", TrainingPhase::Running).await?;
+    // A step every 5 s for 45 s, longer than the deadline, then none: a
+    // collective that never returns.
+    let started = std::time::Instant::now();
+    let advancing = Duration::from_secs(45);
+    let server = play_rank_0(&pods, "hang", move || {
+        let step = started.elapsed().min(advancing).as_secs() / 5;
+        format!(r#"{{"step":{step},"totalSteps":100}}"#)
+    })
+    .await?;
+    let outcome = async {
+        tokio::time::sleep(advancing - Duration::from_secs(3)).await;
+        let before = jobs.get_status("hang").await?.status.unwrap_or_default();
+        ensure!(
+            before.attempt == 0 && before.phase == Some(TrainingPhase::Running),
+            "a gang that reports new steps is not hung: {before:?}"
+        );
+        let next = eventually(
+            "the hung gang restarted",
+            Duration::from_secs(120),
+            || async {
+                let s = jobs.get_status("hang").await?.status.unwrap_or_default();
+                Ok((s.attempt == 1).then_some(s))
+            },
+        )
+        .await?;
+        ensure!(next.restarts == 1, "a hang is counted: {next:?}");
+        let reasons = event_reasons(&client, &ns.name, "hang").await?;
+        ensure!(
+            reasons.iter().any(|r| r == "ProgressDeadlineExceeded"),
+            "events: {reasons:?}"
+        );
+        Ok(())
+    }
+    .await;
+    server.abort();
+    outcome?;
     ns.delete().await
 }
