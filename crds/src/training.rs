@@ -48,6 +48,9 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("(self.parallelism.nodes * self.parallelism.processesPerNode) % self.parallelism.expertParallel == 0")
         .message("parallelism.expertParallel must divide the world size (nodes × processesPerNode)")
         .field_path(".parallelism.expertParallel"),
+    validation = Rule::new("!has(self.parallelism.fabricCheck) || self.parallelism.nodes * self.parallelism.processesPerNode > 1")
+        .message("parallelism.fabricCheck needs more than one rank (nodes × processesPerNode): one process has no fabric to measure")
+        .field_path(".parallelism.fabricCheck"),
     // Ulysses sequence parallelism shards tokens, then attention heads.
     validation = Rule::new("self.model.attentionHeads % self.parallelism.sequenceParallel == 0")
         .message("model.attentionHeads must be divisible by parallelism.sequenceParallel (attention is sharded by head)")
@@ -596,6 +599,12 @@ pub struct ParallelismSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 4096))]
     pub expert_parallel: i32,
+    /// Measure the gang's all-to-all bandwidth before training, and refuse to
+    /// train below a floor: a gang placed on a degraded fabric (a link down,
+    /// RDMA silently fallen back to TCP) fails fast instead of training at a
+    /// fraction of its speed. Unset: no check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric_check: Option<FabricCheck>,
 }
 
 impl Default for ParallelismSpec {
@@ -605,8 +614,37 @@ impl Default for ParallelismSpec {
             processes_per_node: 1,
             sequence_parallel: 1,
             expert_parallel: 1,
+            fabric_check: None,
         }
     }
+}
+
+/// The all-to-all preflight: every rank sends `messageMiB` per exchange,
+/// split evenly over all ranks (the pattern of expert dispatch), one warm-up
+/// and five timed exchanges; the figure is the bus bandwidth of the slowest
+/// rank, as NCCL's tests count it (`bytes / time × (ranks − 1) / ranks`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FabricCheck {
+    /// Bytes each rank sends per exchange, in MiB.
+    #[serde(default = "default_fabric_message", rename = "messageMiB")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub message_mib: i32,
+    /// Bus bandwidth floor in MB/s (10⁶ bytes). Below it every rank exits
+    /// with code 4 (`FABRIC_BELOW_FLOOR_EXIT_CODE`) before training; the
+    /// attempt is restarted, counted, unless a failure rule says otherwise.
+    /// Unset: measure and report only.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "minAllToAllMBps"
+    )]
+    #[schemars(range(min = 1))]
+    pub min_all_to_all_mbps: Option<i64>,
+}
+
+fn default_fabric_message() -> i32 {
+    64
 }
 
 impl ParallelismSpec {
