@@ -44,6 +44,10 @@ pub mod env {
     /// `0.0.0.0:<METRICS_PORT>`; `off` disables). Local runs use loopback.
     pub const STATUS_ADDR: &str = "MOE_STATUS_ADDR";
 
+    /// Optional: where the worker writes why it failed (default
+    /// [`super::TERMINATION_LOG`]; tests point it elsewhere).
+    pub const TERMINATION_LOG: &str = "MOE_TERMINATION_LOG";
+
     /// Every name above but STATUS_ADDR: user-supplied `worker.env` may not set them.
     pub const RESERVED: &[&str] = &[
         WORLD_SIZE,
@@ -59,12 +63,22 @@ pub mod env {
     ];
 }
 
+/// The file Kubernetes reports as a container's termination message: the
+/// worker writes the error it exits on there, and the operator quotes it in
+/// the restart's Event.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
 /// Where the operator mounts the worker config inside the container.
 pub const CONFIG_PATH: &str = "/etc/moe/config.json";
 /// Port of rank 0's rendezvous store (exposed by the headless Service).
 pub const COORDINATOR_PORT: u16 = 29400;
 /// Port of the worker's Prometheus `/metrics` and progress endpoint.
 pub const METRICS_PORT: u16 = 9400;
+
+/// The worker's exit code when `parallelism.fabricCheck` measured the gang's
+/// all-to-all below its floor (0 done; 1 I/O, checkpoint or device error; 2
+/// config or data error; 3 another rank failed first).
+pub const FABRIC_BELOW_FLOOR_EXIT_CODE: i32 = 4;
 /// Default port of a server's HTTP API (`spec.serving.port`), which also
 /// answers [`HEALTH_PATH`] and [`READY_PATH`].
 pub const SERVING_PORT: u16 = 8000;

@@ -897,9 +897,26 @@ pub struct TrainingProgress {
     /// How evenly the last step routed tokens to experts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_load: Option<ExpertLoad>,
+    /// What the attempt's fabric check (`parallelism.fabricCheck`) measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<FabricMeasurement>,
     /// When the report last changed (the hang watchdog's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Time>,
+}
+
+/// The all-to-all bandwidth the gang measured before training
+/// (`parallelism.fabricCheck`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FabricMeasurement {
+    /// Bus bandwidth of the slowest rank, in MB/s (10⁶ bytes), as NCCL's
+    /// tests count it for an all-to-all.
+    #[serde(rename = "allToAllMBps")]
+    pub all_to_all_mbps: i64,
+    pub ranks: i32,
+    /// Bytes each rank sent per exchange.
+    pub message_bytes: i64,
 }
 
 /// Expert-load balance of one training step, over every replica's tokens:

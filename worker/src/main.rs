@@ -445,7 +445,29 @@ fn status_board() -> Option<moe_worker::status::Board> {
 fn fail(message: &str, code: u8) -> ExitCode {
     tracing::error!("{message}");
     eprintln!("moe-worker: {message}");
+    // A rank that failed because another did leaves the message to that one.
+    if i32::from(code) != moe_worker::dist::launch::PEER_FAILED_EXIT_CODE {
+        termination_message(message);
+    }
     ExitCode::from(code)
+}
+
+/// Writes `message` where Kubernetes reads the container's termination
+/// message (only if that file is there: kubelet creates it; a local run
+/// has none), within the 4096 bytes Kubernetes keeps.
+fn termination_message(message: &str) {
+    let path = std::env::var(env::TERMINATION_LOG)
+        .unwrap_or_else(|_| moe_crds::contract::TERMINATION_LOG.to_string());
+    let path = std::path::Path::new(&path);
+    if path.exists() {
+        let mut end = message.len().min(4096);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        if let Err(e) = std::fs::write(path, &message[..end]) {
+            tracing::debug!(error = %e, "termination message not written");
+        }
+    }
 }
 
 /// Makes SIGTERM (pod deletion, preemption) and SIGINT set `stop`.

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use moe_crds::WorkerConfig;
+use moe_crds::{FabricMeasurement, WorkerConfig};
 
 use crate::checkpoint::{self, CheckpointError, Snapshot};
 use crate::data::{self, DataError, DataLoader};
@@ -19,7 +19,7 @@ use crate::dist::env::Timeouts;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::layout::{self, Layout};
 use crate::dist::sequence_parallel::SequenceParallel;
-use crate::dist::{Collective, DistEnv, DistError, Solo};
+use crate::dist::{Collective, DistEnv, DistError, Solo, preflight};
 use crate::model::Parallel;
 use crate::settings::{SettingsError, TrainSettings};
 use crate::status::Progress;
@@ -43,17 +43,21 @@ pub enum RunError {
     /// The gang: rendezvous, or a collective failing (often because
     /// another rank died).
     Dist(DistError),
+    /// The fabric check measured the gang's all-to-all below its floor.
+    Fabric(String),
 }
 
 impl RunError {
     /// 2 for a config or data problem another attempt cannot fix (an
     /// operator failure rule can fail the job on it); 3
     /// ([`crate::dist::launch::PEER_FAILED_EXIT_CODE`]) when another rank's
-    /// failure caused this one, so a launcher blames that rank instead; 1
-    /// otherwise.
+    /// failure caused this one, so a launcher blames that rank instead; 4
+    /// ([`moe_crds::contract::FABRIC_BELOW_FLOOR_EXIT_CODE`]) for a fabric
+    /// below `parallelism.fabricCheck`'s floor; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Settings(_) | Self::Data(_) => 2,
+            Self::Fabric(_) => moe_crds::contract::FABRIC_BELOW_FLOOR_EXIT_CODE as u8,
             Self::Dist(e) if e.is_peer_failure() => PEER_FAILED,
             Self::Checkpoint(_) | Self::Output { .. } | Self::Device(_) | Self::Dist(_) => 1,
         }
@@ -72,6 +76,7 @@ impl fmt::Display for RunError {
             Self::Output { path, error } => write!(f, "cannot write {}: {error}", path.display()),
             Self::Device(e) => write!(f, "GPU: {e}"),
             Self::Dist(e) => write!(f, "distributed training: {e}"),
+            Self::Fabric(e) => e.fmt(f),
         }
     }
 }
@@ -234,6 +239,11 @@ pub fn train_as(
         leader: dp.rank() == 0,
         timeouts,
     };
+    // Before anything else: a gang on a degraded fabric stops in seconds.
+    let fabric = match &config.parallelism.fabric_check {
+        Some(check) if dp.size() > 1 => Some(fabric_check(dp, check, board)?),
+        _ => None,
+    };
     let tokens = data::load_tokens(&settings.data, settings.model.vocab)?;
     let unigram_entropy = tokens.counts().unigram_entropy();
     let source = data::describe(&settings.data);
@@ -390,6 +400,7 @@ pub fn train_as(
                 tokens_per_second: logged_rate,
                 last_checkpoint_step: run.saved_step,
                 expert_load: balance.as_ref().map(Balance::worst),
+                fabric: fabric.clone(),
             });
             if let Some(balance) = &balance {
                 board.publish_balance(balance);
@@ -787,6 +798,42 @@ fn write_checkpoint(
     run.saved_step = Some(trainer.steps_done());
     run.checkpoint = Some(path);
     Ok(())
+}
+
+/// Runs `parallelism.fabricCheck` on every rank: rank 0 logs the figure
+/// and publishes it; every rank fails alike below the floor.
+fn fabric_check(
+    dp: &mut dyn Collective,
+    check: &moe_crds::FabricCheck,
+    board: Option<&crate::status::Board>,
+) -> Result<FabricMeasurement, RunError> {
+    let bytes = (check.message_mib.max(1) as usize) << 20;
+    let report = preflight::measure_all_to_all(dp, bytes)?;
+    let measured = FabricMeasurement {
+        all_to_all_mbps: report.bus_mbps.round() as i64,
+        ranks: report.ranks as i32,
+        message_bytes: report.message_bytes as i64,
+    };
+    if dp.rank() == 0 {
+        tracing::info!(
+            bus_mbps = measured.all_to_all_mbps,
+            ranks = report.ranks,
+            message_bytes = report.message_bytes,
+            round_ms = report.seconds * 1e3,
+            floor_mbps = check.min_all_to_all_mbps,
+            "fabric check: all-to-all"
+        );
+        if let Some(board) = board {
+            board.publish(Progress {
+                fabric: Some(measured.clone()),
+                ..board.progress()
+            });
+        }
+    }
+    report
+        .check(check.min_all_to_all_mbps)
+        .map_err(RunError::Fabric)?;
+    Ok(measured)
 }
 
 fn metrics_line(

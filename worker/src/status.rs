@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use moe_crds::ExpertLoad;
+use moe_crds::{ExpertLoad, FabricMeasurement};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +32,9 @@ pub struct Progress {
     /// The last step's worst MoE layer, by load violation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_load: Option<ExpertLoad>,
+    /// What the fabric check measured before training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<FabricMeasurement>,
 }
 
 /// One decoder layer (0-based, as in the checkpoint's tensor names).
@@ -202,6 +205,7 @@ mod tests {
                 max_violation: 0.5,
                 layer: 2,
             }),
+            fabric: None,
         });
         board.publish_balance(&Balance {
             layers: vec![(1, 0.25), (2, 0.5)],

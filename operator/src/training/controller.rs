@@ -396,7 +396,7 @@ pub fn while_suspended(cause: FailureCause, suspended: bool) -> FailureCause {
     }
     match cause {
         FailureCause::Disruption { .. } => cause,
-        FailureCause::ExitCode { pod, code } => FailureCause::Disruption {
+        FailureCause::ExitCode { pod, code, .. } => FailureCause::Disruption {
             pod,
             reason: format!("exit code {code} while Kueue suspended the Job"),
         },
@@ -431,16 +431,19 @@ pub fn classify_failure(
         })
         .and_then(|c| c.message.as_deref())
     {
+        let listed = |name: &str| pods.iter().find(|p| p.name_any() == name);
         return match classify_job_message(verdict) {
             // The message says only "DisruptionTarget"; the pod, if still
             // listed, says which disruption (preemption, eviction...).
             FailureCause::Disruption { pod, reason } => FailureCause::Disruption {
-                reason: pods
-                    .iter()
-                    .find(|p| p.name_any() == pod)
-                    .and_then(disruption)
-                    .unwrap_or(reason),
+                reason: listed(&pod).and_then(disruption).unwrap_or(reason),
                 pod,
+            },
+            // The pod, if still listed, says why it exited.
+            FailureCause::ExitCode { pod, code, .. } => FailureCause::ExitCode {
+                message: listed(&pod).and_then(termination_message),
+                pod,
+                code,
             },
             cause => cause,
         };
@@ -480,6 +483,7 @@ pub fn classify_failure(
         return FailureCause::ExitCode {
             pod: pod.name_any(),
             code: *code,
+            message: termination_message(pod),
         };
     }
     // The pods are gone (e.g. evicted from a lost node and removed): the Job's
@@ -516,7 +520,11 @@ fn classify_job_message(text: &str) -> FailureCause {
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     {
-        return FailureCause::ExitCode { pod, code };
+        return FailureCause::ExitCode {
+            pod,
+            code,
+            message: None,
+        };
     }
     let message = if text.is_empty() {
         "Job failed for an unknown reason".into()
@@ -540,6 +548,27 @@ fn disruption(pod: &Pod) -> Option<String> {
             .clone()
             .unwrap_or_else(|| "DisruptionTarget".into()),
     )
+}
+
+/// The last line of the termination message of a pod's failed container
+/// (what the worker wrote to `/dev/termination-log`, or with
+/// `FallbackToLogsOnError` its last log line), at most 300 characters.
+fn termination_message(pod: &Pod) -> Option<String> {
+    const MAX: usize = 300;
+    let st = pod.status.as_ref()?;
+    let message = st.container_statuses.iter().flatten().find_map(|c| {
+        let t = c.state.as_ref()?.terminated.as_ref()?;
+        (t.exit_code != 0).then(|| t.message.clone()).flatten()
+    })?;
+    let line = message
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())?;
+    Some(match line.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line.to_string(),
+    })
 }
 
 /// The non-zero exit code of a pod's terminated container, if any.
@@ -624,6 +653,7 @@ mod tests {
         let exit = || FailureCause::ExitCode {
             pod: "j-a0-1".into(),
             code: 137,
+            message: None,
         };
         assert_eq!(while_suspended(exit(), false), exit());
         let FailureCause::Disruption { pod, reason } = while_suspended(exit(), true) else {
@@ -665,7 +695,8 @@ mod tests {
             ),
             FailureCause::ExitCode {
                 pod: "train-a0-2-xyz".into(),
-                code: 3
+                code: 3,
+                message: None,
             }
         );
         assert!(matches!(
@@ -678,7 +709,7 @@ mod tests {
         serde_json::from_value(value).expect("a pod")
     }
 
-    /// Pod 0 exited 1; pod 1 was deleted by the gang's teardown afterwards
+    /// Pod 0 exited 4 (a fabric below its floor, saying so); pod 1 was deleted by the gang's teardown afterwards
     /// and carries a `DisruptionTarget` from that.
     fn failed_then_torn_down() -> Vec<Pod> {
         vec![
@@ -686,7 +717,8 @@ mod tests {
                 "metadata": {"name": "mid-a0-0-x"},
                 "status": {"containerStatuses": [{
                     "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
-                    "state": {"terminated": {"exitCode": 1, "finishedAt": "2026-11-29T10:00:00Z"}}
+                    "state": {"terminated": {"exitCode": 4, "finishedAt": "2026-11-29T10:00:00Z",
+                        "message": "rank 0: fabric check: all-to-all bus bandwidth 812 MB/s is below 20000\n"}}
                 }]}
             })),
             pod(serde_json::json!({
@@ -711,13 +743,16 @@ mod tests {
         let pods = failed_then_torn_down();
         let verdict = job_failed(
             POD_FAILURE_POLICY,
-            "Container worker for pod ns/mid-a0-0-x failed with exit code 1 matching FailJob rule at index 1",
+            "Container worker for pod ns/mid-a0-0-x failed with exit code 4 matching FailJob rule at index 1",
         );
         assert_eq!(
             classify_failure(&pods, &verdict),
             FailureCause::ExitCode {
                 pod: "mid-a0-0-x".into(),
-                code: 1
+                code: 4,
+                message: Some(
+                    "rank 0: fabric check: all-to-all bus bandwidth 812 MB/s is below 20000".into()
+                ),
             }
         );
         // Without a policy verdict the pods decide, the disruption first.

@@ -57,8 +57,13 @@ pub enum AttemptOutcome {
 pub enum FailureCause {
     /// A pod was disrupted (preemption, eviction, node loss): not the job's fault.
     Disruption { pod: String, reason: String },
-    /// A worker container exited non-zero.
-    ExitCode { pod: String, code: i32 },
+    /// A worker container exited non-zero; `message` is the last line of
+    /// its termination message (the error the worker exited on), if any.
+    ExitCode {
+        pod: String,
+        code: i32,
+        message: Option<String>,
+    },
     /// The Job failed without a failed pod to explain it (e.g. a pod deleted by hand).
     Unknown { message: String },
 }
@@ -410,19 +415,37 @@ fn restart_or_fail(
             FailureAction::Ignore,
             format!("pod {pod} was disrupted ({reason})"),
         ),
-        FailureCause::ExitCode { pod, code } => {
+        FailureCause::ExitCode { pod, code, message } => {
             let rule = policy
                 .failure_rules
                 .iter()
                 .find(|r| r.on_exit_codes.matches(*code));
+            let why = match (message, exit_meaning(*code)) {
+                (Some(m), _) => format!(": {m}"),
+                (None, Some(meaning)) => format!(" ({meaning})"),
+                (None, None) => String::new(),
+            };
             (
                 rule.map(|r| r.action).unwrap_or(FailureAction::Count),
-                format!("pod {pod} exited with code {code}"),
+                format!("pod {pod} exited with code {code}{why}"),
             )
         }
         FailureCause::Unknown { message } => (FailureAction::Count, message.clone()),
     };
     restart(job, old, cur, verdict, "GangRestart", plan, now);
+}
+
+/// What the worker's exit codes mean (`moe-worker`'s contract), for a
+/// failure whose pod left no termination message.
+fn exit_meaning(code: i32) -> Option<&'static str> {
+    match code {
+        2 => Some("a configuration or data error"),
+        3 => Some("another rank failed first"),
+        moe_crds::contract::FABRIC_BELOW_FLOOR_EXIT_CODE => {
+            Some("the gang's all-to-all bandwidth is below parallelism.fabricCheck.minAllToAllMBps")
+        }
+        _ => None,
+    }
 }
 
 /// Restart the gang as the next attempt, counted or not as `action` says,

@@ -68,6 +68,7 @@ fn exit(code: i32) -> AttemptOutcome {
         cause: FailureCause::ExitCode {
             pod: "train-a0-1-x".into(),
             code,
+            message: None,
         },
     }
 }
@@ -625,6 +626,7 @@ fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not()
         tokens_per_second: Some(100.0),
         last_checkpoint_step: None,
         expert_load: None,
+        fabric: None,
     };
     let p = super::super::progress::to_status(&report, now());
     let running = vec![attempt(0, AttemptOutcome::Running, Counters::default())];
@@ -700,6 +702,7 @@ fn report_at(step: i64, time: &str) -> TrainingProgress {
         tokens_per_second: Some(100.0),
         last_checkpoint_step: None,
         expert_load: None,
+        fabric: None,
     };
     super::super::progress::to_status(&report, at(time))
 }
@@ -854,4 +857,39 @@ fn a_gang_that_never_reports_is_hung_at_the_deadline_and_the_budget_still_bounds
         },
     );
     assert_eq!(unwatched.status.phase, Some(TrainingPhase::Running));
+}
+
+#[test]
+fn a_restart_says_why_the_worker_exited_in_its_words_or_by_its_code() {
+    let restart_message = |code: i32, message: Option<&str>| {
+        let failed = AttemptOutcome::Failed {
+            cause: FailureCause::ExitCode {
+                pod: "train-a0-1-x".into(),
+                code,
+                message: message.map(Into::into),
+            },
+        };
+        let plan = decide(
+            &job(SPEC),
+            &observed(vec![attempt(0, failed, Counters::default())]),
+        );
+        plan.transitions
+            .iter()
+            .find(|t| t.reason == "GangRestart" && t.warning)
+            .map(|t| t.message.clone())
+            .unwrap()
+    };
+    let worded = restart_message(4, Some("rank 3: fabric check: 812 MB/s is below 20000"));
+    assert!(
+        worded.contains("pod train-a0-1-x exited with code 4: rank 3: fabric check: 812 MB/s"),
+        "{worded}"
+    );
+    let coded = restart_message(4, None);
+    assert!(
+        coded.contains("exited with code 4 (the gang's all-to-all bandwidth is below parallelism.fabricCheck.minAllToAllMBps)"),
+        "{coded}"
+    );
+    assert!(restart_message(2, None).contains("(a configuration or data error)"));
+    let plain = restart_message(137, None);
+    assert!(plain.contains("exited with code 137;"), "{plain}");
 }

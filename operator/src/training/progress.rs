@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use moe_crds::{ExpertLoad, TrainingProgress};
+use moe_crds::{ExpertLoad, FabricMeasurement, TrainingProgress};
 use serde::Deserialize;
 
 /// How often a running job's progress is read.
@@ -32,6 +32,8 @@ pub struct Report {
     pub last_checkpoint_step: Option<i64>,
     #[serde(default)]
     pub expert_load: Option<ExpertLoad>,
+    #[serde(default)]
+    pub fabric: Option<FabricMeasurement>,
 }
 
 /// The status block for a report. Loss and throughput are rounded so that
@@ -63,6 +65,7 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
                 max_violation: (e.max_violation * 1e3).round() / 1e3,
                 layer: e.layer,
             }),
+        fabric: report.fabric.clone(),
         update_time: Some(Time(now)),
     }
 }
@@ -104,6 +107,7 @@ mod tests {
                     max_violation: 0.123_456,
                     layer: 3,
                 }),
+                fabric: None,
             },
             now,
         );
@@ -125,6 +129,7 @@ mod tests {
                 tokens_per_second: None,
                 last_checkpoint_step: None,
                 expert_load: None,
+                fabric: None,
             },
             now,
         );

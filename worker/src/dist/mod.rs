@@ -23,6 +23,7 @@ mod frame;
 pub mod launch;
 pub mod layout;
 pub mod nccl;
+pub mod preflight;
 pub mod rendezvous;
 pub mod schedule;
 pub mod sequence_parallel;

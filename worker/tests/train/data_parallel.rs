@@ -203,3 +203,51 @@ fn sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoint() {
     );
     assert!(stderr.contains("all 2 local ranks succeeded"), "{stderr}");
 }
+
+/// `parallelism.fabricCheck`: the ranks measure their all-to-all before
+/// training. Above the floor they train; below it every rank exits 4 before
+/// the first step, and the message (the figure and the floor) is what
+/// Kubernetes will show as the container's termination message.
+#[test]
+fn a_fabric_below_its_floor_stops_the_gang_before_training_with_code_4() {
+    let with_floor = |name: &str, floor: i64| {
+        let dir = scratch_dir(name);
+        let path = config(&dir, 2);
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        c["training"]["steps"] = 2.into();
+        c["parallelism"]["fabricCheck"] =
+            serde_json::json!({"messageMiB": 1, "minAllToAllMBps": floor});
+        std::fs::write(&path, serde_json::to_vec(&c).unwrap()).unwrap();
+        (dir, path)
+    };
+    // Loopback moves more than 1 MB/s: the check passes and says so.
+    let (_, path) = with_floor("dp-fabric-ok", 1);
+    let (summary, stderr) = run_to_end(&path, 2);
+    assert_eq!(summary["steps"], 2, "{summary}");
+    assert!(stderr.contains("fabric check: all-to-all"), "{stderr}");
+
+    // No machine moves 10¹² MB/s.
+    let (dir, path) = with_floor("dp-fabric-floor", 1_000_000_000_000);
+    let log = dir.join("termination-log");
+    std::fs::write(&log, "").unwrap();
+    let out = command(&path, 2, "fabric-floor")
+        .env("MOE_TERMINATION_LOG", &log)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let message = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        message.starts_with("rank ")
+            && message.contains("fabric check: all-to-all bus bandwidth")
+            && message.contains("over 2 ranks")
+            && message.contains("below parallelism.fabricCheck.minAllToAllMBps (1000000000000)"),
+        "{message}"
+    );
+    assert!(
+        checkpoint::newest(&dir.join("checkpoints"))
+            .unwrap()
+            .is_none(),
+        "nothing trained"
+    );
+}
