@@ -1514,7 +1514,7 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         .await?;
     wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
     let server = play_rank_0(&pods, "prog", || {
-        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1}}"#.into()
+        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
     })
     .await?;
     let progress = eventually(
@@ -1539,6 +1539,13 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
             .expert_load
             .as_ref()
             .is_some_and(|e| e.max_violation == 0.412 && e.layer == 1),
+        "{progress:?}"
+    );
+    ensure!(
+        progress
+            .fabric
+            .as_ref()
+            .is_some_and(|f| f.all_to_all_mbps == 41250 && f.ranks == 16),
         "{progress:?}"
     );
     let table = sh(&format!("kubectl get mtj prog -n {} --no-headers", ns.name))?;
