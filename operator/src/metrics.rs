@@ -28,12 +28,19 @@ struct PhaseLabels {
     phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WarningLabels {
+    kind: String,
+    reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     errors: Family<ErrorLabels, Counter>,
     duration: Histogram,
     api_calls: Family<CallLabels, Counter>,
+    warnings: Family<WarningLabels, Counter>,
     jobs_by_phase: Family<PhaseLabels, Gauge>,
     /// Last phase seen per job, to keep `jobs_by_phase` exact.
     phases: Mutex<std::collections::HashMap<String, String>>,
@@ -76,6 +83,12 @@ impl Default for Metrics {
             "MoETrainingJobs by phase",
             jobs_by_phase.clone(),
         );
+        let warnings = Family::<WarningLabels, Counter>::default();
+        registry.register(
+            "warnings",
+            "Warning Events published, by kind of resource and reason (GangRestart, ProgressDeadlineExceeded, Unschedulable, InvalidSpec, ...)",
+            warnings.clone(),
+        );
         let services_by_reason = Family::<ReasonLabels, Gauge>::default();
         registry.register(
             "inference_services",
@@ -88,6 +101,7 @@ impl Default for Metrics {
             errors,
             duration,
             api_calls,
+            warnings,
             jobs_by_phase,
             phases: Default::default(),
             services_by_reason,
@@ -115,6 +129,16 @@ impl Metrics {
             .get_or_create(&CallLabels {
                 verb: verb.into(),
                 resource: resource.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a warning Event about a resource of `kind`.
+    pub fn warning(&self, kind: &str, reason: &str) {
+        self.warnings
+            .get_or_create(&WarningLabels {
+                kind: kind.into(),
+                reason: reason.into(),
             })
             .inc();
     }
@@ -177,5 +201,31 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_counted_by_kind_and_reason() {
+        let m = Metrics::default();
+        m.warning("MoETrainingJob", "ProgressDeadlineExceeded");
+        m.warning("MoETrainingJob", "ProgressDeadlineExceeded");
+        m.warning("MoEInferenceService", "GroupRestart");
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"moe_operator_warnings_total{kind="MoETrainingJob",reason="ProgressDeadlineExceeded"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"moe_operator_warnings_total{kind="MoEInferenceService",reason="GroupRestart"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -277,6 +277,9 @@ pub async fn publish<K>(
         warn!(error = %e, reason, "could not publish event");
     }
     metrics.api_call("create", "events");
+    if warning {
+        metrics.warning(&K::kind(&()), reason);
+    }
 }
 
 /// Upsert a condition; `lastTransitionTime` moves only when the status flips,

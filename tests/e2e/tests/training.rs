@@ -1557,7 +1557,7 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
 async fn a_gang_whose_rank_0_stops_advancing_is_restarted_as_hung() -> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-hang").await?;
-    let _op = Operator::start(&ns.name).await?;
+    let op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let job = gpu_job(
@@ -1597,6 +1597,14 @@ async fn a_gang_whose_rank_0_stops_advancing_is_restarted_as_hung() -> Result<()
         ensure!(
             reasons.iter().any(|r| r == "ProgressDeadlineExceeded"),
             "events: {reasons:?}"
+        );
+        // What an alert on hung gangs reads.
+        let metrics = op.metrics().await?;
+        ensure!(
+            metrics.contains(
+                r#"moe_operator_warnings_total{kind="MoETrainingJob",reason="ProgressDeadlineExceeded"} 1"#
+            ),
+            "{metrics}"
         );
         Ok(())
     }
