@@ -70,11 +70,16 @@ check "default values render the operator, its RBAC, metrics Service, PDB, CRDs 
   RoleBinding/moe-moe-operator-leader-election ServiceAccount/moe-moe-operator Service/moe-moe-operator \
   Deployment/moe-moe-operator PodDisruptionBudget/moe-moe-operator Pod/moe-moe-operator-test-ready \
   CustomResourceDefinition/moetrainingjobs.moe.dev CustomResourceDefinition/moeinferenceservices.moe.dev
-check "full values add the ServiceMonitor and NetworkPolicy; watchNamespace makes the RBAC a Role" want_kinds "$tmp/full.yaml" \
+check "full values add the ServiceMonitor, the workers' PodMonitors and NetworkPolicy; watchNamespace makes the RBAC a Role" want_kinds "$tmp/full.yaml" \
   Role/moe-moe-operator RoleBinding/moe-moe-operator Role/moe-moe-operator-leader-election \
   RoleBinding/moe-moe-operator-leader-election ServiceAccount/moe-operator-full Service/moe-moe-operator \
   Deployment/moe-moe-operator PodDisruptionBudget/moe-moe-operator Pod/moe-moe-operator-test-ready \
-  CustomResourceDefinition/moetrainingjobs.moe.dev CustomResourceDefinition/moeinferenceservices.moe.dev ServiceMonitor/moe-moe-operator NetworkPolicy/moe-moe-operator
+  CustomResourceDefinition/moetrainingjobs.moe.dev CustomResourceDefinition/moeinferenceservices.moe.dev ServiceMonitor/moe-moe-operator NetworkPolicy/moe-moe-operator \
+  PodMonitor/moe-moe-operator-training PodMonitor/moe-moe-operator-serving
+check "the training PodMonitor scrapes rank 0 only, in the watched namespace" sh -c "
+  grep -A14 'name: moe-moe-operator-training' $tmp/full.yaml | grep -qF 'batch.kubernetes.io/job-completion-index: \"0\"' &&
+  grep -A18 'name: moe-moe-operator-training' $tmp/full.yaml | grep -qF 'matchNames: [training]' &&
+  grep -A18 'name: moe-moe-operator-serving' $tmp/full.yaml | grep -qF 'moe.dev/role: server'"
 check "the worker image reaches the operator as --worker-image" \
   grep -qF -- "- --worker-image=registry.example.com/moe/moe-worker:9.9.9-cuda12.8" "$tmp/full.yaml"
 check "the default worker image is the appVersion's" \

@@ -222,9 +222,10 @@ async fn install_runs_a_job_upgrade_upgrades_the_crd_and_uninstall_keeps_crds_an
     let old = old_chart(&tmp)?;
 
     // Every value of ci/full-values.yaml, except what this cluster lacks
-    // (the ServiceMonitor CRD) or what names objects outside it.
+    // (the ServiceMonitor and PodMonitor CRDs) or what names objects outside it.
     let values = format!(
         "-f charts/moe-operator/ci/full-values.yaml --set serviceMonitor.enabled=false \
+         --set workerPodMonitors.enabled=false \
          --set priorityClassName= --set crds.keep=true --set watchNamespace={users} \
          --set image.digest= --set image.tag=e2e \
          --set workerImage.repository=moe-worker --set workerImage.tag=chart-e2e",
