@@ -886,12 +886,17 @@ pub struct WorkerCounts {
 pub struct TrainingProgress {
     pub step: i64,
     pub total_steps: i64,
-    /// `step/totalSteps (percent%)`, for the printer column.
+    /// `step/totalSteps (percent%)`, with `, ETA <time>` once rank 0 has
+    /// timed its steps: the printer column.
     pub display: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// The steps left times rank 0's last measured time per step
+    /// (checkpoint writes included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_remaining_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<i64>,
     /// How evenly the last step routed tokens to experts.

@@ -170,6 +170,9 @@ struct MetricsLine {
     /// The worst MoE layer's `max load / mean − 1` ([`Balance`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     expert_load_max_violation: Option<f64>,
+    /// Wall time per step over the logging interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds_per_step: Option<f64>,
 }
 
 /// Trains as `config` says until `training.steps` or until `stop` is set
@@ -347,8 +350,9 @@ pub fn train_as(
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
-    // Throughput of the last logging interval, kept for the reports between.
-    let mut logged_rate = None;
+    // Throughput and pace of the last logging interval, kept for the
+    // reports between.
+    let (mut logged_rate, mut logged_pace) = (None, None);
     // A single process stops between micro-batches; ranks must stop at the
     // same step boundary, which they agree on before each step.
     let solo = dp.size() == 1;
@@ -366,6 +370,7 @@ pub fn train_as(
         run.last_loss = Some(report.loss);
         tokens_done += report.tokens;
         interval.tokens += report.tokens;
+        interval.steps += 1;
         let balance = Balance::of(
             &report.expert_loads,
             report.tokens,
@@ -374,9 +379,11 @@ pub fn train_as(
         );
         if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
         {
-            let line = metrics_line(&report, interval.tokens_per_second(), &settings, &balance);
+            let mut line = metrics_line(&report, interval.tokens_per_second(), &settings, &balance);
+            line.seconds_per_step = interval.seconds_per_step();
             interval = Interval::new();
             logged_rate = Some(line.tokens_per_second);
+            logged_pace = line.seconds_per_step;
             if let Some(metrics) = &mut metrics {
                 tracing::info!(
                     step = report.step,
@@ -398,6 +405,7 @@ pub fn train_as(
                 total_steps,
                 loss: Some(report.loss),
                 tokens_per_second: logged_rate,
+                seconds_per_step: logged_pace,
                 last_checkpoint_step: run.saved_step,
                 expert_load: balance.as_ref().map(Balance::worst),
                 fabric: fabric.clone(),
@@ -568,6 +576,7 @@ struct RunState {
 struct Interval {
     started: Instant,
     tokens: usize,
+    steps: u64,
 }
 
 impl Interval {
@@ -575,7 +584,14 @@ impl Interval {
         Self {
             started: Instant::now(),
             tokens: 0,
+            steps: 0,
         }
+    }
+
+    /// Wall time per optimizer step, checkpoint writes included (what an
+    /// estimate of the time left needs).
+    fn seconds_per_step(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.started.elapsed().as_secs_f64() / self.steps as f64)
     }
 
     fn tokens_per_second(&self) -> f64 {
@@ -859,6 +875,7 @@ fn metrics_line(
             .unwrap_or(0),
         expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
         expert_load_max_violation: balance.as_ref().map(|b| b.worst().max_violation),
+        seconds_per_step: None,
     }
 }
 

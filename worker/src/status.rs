@@ -27,6 +27,9 @@ pub struct Progress {
     pub loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// Wall time per step over the last logging interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_per_step: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<u64>,
     /// The last step's worst MoE layer, by load violation.
@@ -200,6 +203,7 @@ mod tests {
             total_steps: 300,
             loss: Some(1.5),
             tokens_per_second: Some(5000.0),
+            seconds_per_step: Some(1.5),
             last_checkpoint_step: Some(40),
             expert_load: Some(ExpertLoad {
                 max_violation: 0.5,
@@ -219,7 +223,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "lastCheckpointStep": 40,
+            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "secondsPerStep": 1.5, "lastCheckpointStep": 40,
                 "expertLoad": {"maxViolation": 0.5, "layer": 2}})
         );
         let metrics = get(addr, "/metrics");

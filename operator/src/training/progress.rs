@@ -29,6 +29,8 @@ pub struct Report {
     #[serde(default)]
     pub tokens_per_second: Option<f64>,
     #[serde(default)]
+    pub seconds_per_step: Option<f64>,
+    #[serde(default)]
     pub last_checkpoint_step: Option<i64>,
     #[serde(default)]
     pub expert_load: Option<ExpertLoad>,
@@ -44,10 +46,19 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
     } else {
         0
     };
+    let remaining = report
+        .seconds_per_step
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| ((report.total_steps - report.step).max(0) as f64 * s).round() as i64);
+    let eta = match remaining {
+        Some(left) if report.step < report.total_steps => format!(", ETA {}", duration(left)),
+        _ => String::new(),
+    };
     TrainingProgress {
         step: report.step,
         total_steps: report.total_steps,
-        display: format!("{}/{} ({percent}%)", report.step, report.total_steps),
+        display: format!("{}/{} ({percent}%{eta})", report.step, report.total_steps),
+        estimated_remaining_seconds: remaining,
         loss: report
             .loss
             .filter(|l| l.is_finite())
@@ -67,6 +78,22 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
             }),
         fabric: report.fabric.clone(),
         update_time: Some(Time(now)),
+    }
+}
+
+/// `seconds` as kubectl prints ages: the two largest units.
+fn duration(seconds: i64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s:02}s"),
+        (0, _, _) => format!("{h}h{m:02}m"),
+        _ => format!("{d}d{h:02}h"),
     }
 }
 
@@ -102,6 +129,7 @@ mod tests {
                 total_steps: 300,
                 loss: Some(1.234_567_8),
                 tokens_per_second: Some(5123.4),
+                seconds_per_step: Some(12.5),
                 last_checkpoint_step: Some(0),
                 expert_load: Some(ExpertLoad {
                     max_violation: 0.123_456,
@@ -111,7 +139,9 @@ mod tests {
             },
             now,
         );
-        assert_eq!(p.display, "42/300 (14%)");
+        // 258 steps of 12.5 s left: 3225 s.
+        assert_eq!(p.display, "42/300 (14%, ETA 53m45s)");
+        assert_eq!(p.estimated_remaining_seconds, Some(3225));
         assert_eq!(p.loss, Some(1.2346));
         assert_eq!(
             p.expert_load,
@@ -127,6 +157,7 @@ mod tests {
                 total_steps: 0,
                 loss: Some(f64::NAN),
                 tokens_per_second: None,
+                seconds_per_step: None,
                 last_checkpoint_step: None,
                 expert_load: None,
                 fabric: None,
@@ -134,9 +165,25 @@ mod tests {
             now,
         );
         assert_eq!(zero.display, "0/0 (0%)");
+        assert_eq!(zero.estimated_remaining_seconds, None);
         assert_eq!(
             zero.loss, None,
             "NaN cannot go into a status (JSON has no NaN)"
         );
+    }
+
+    #[test]
+    fn time_left_reads_like_kubectl_ages() {
+        for (seconds, text) in [
+            (0, "0s"),
+            (59, "59s"),
+            (61, "1m01s"),
+            (3599, "59m59s"),
+            (3600, "1h00m"),
+            (86_399, "23h59m"),
+            (90_061, "1d01h"),
+        ] {
+            assert_eq!(duration(seconds), text);
+        }
     }
 }

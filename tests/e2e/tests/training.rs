@@ -1514,7 +1514,7 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         .await?;
     wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
     let server = play_rank_0(&pods, "prog", || {
-        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
+        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"secondsPerStep":36.0,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
     })
     .await?;
     let progress = eventually(
@@ -1525,10 +1525,11 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
     .await;
     server.abort();
     let progress = progress?;
+    // 58 steps of 36 s left.
     ensure!(
-        progress.display == "42/100 (42%)",
-        "display {}",
-        progress.display
+        progress.display == "42/100 (42%, ETA 34m48s)"
+            && progress.estimated_remaining_seconds == Some(2088),
+        "{progress:?}"
     );
     ensure!(
         progress.loss == Some(1.2346) && progress.last_checkpoint_step == Some(40),
@@ -1549,7 +1550,10 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         "{progress:?}"
     );
     let table = sh(&format!("kubectl get mtj prog -n {} --no-headers", ns.name))?;
-    ensure!(table.contains("42/100 (42%)"), "printer column: {table}");
+    ensure!(
+        table.contains("42/100 (42%, ETA 34m48s)"),
+        "printer column: {table}"
+    );
     ns.delete().await
 }
 

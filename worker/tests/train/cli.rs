@@ -221,6 +221,7 @@ fn a_run_on_a_data_volume_prints_a_summary_and_writes_metrics() {
         "expertLoadMax",
         "expertLoadMean",
         "expertLoadMaxViolation",
+        "secondsPerStep",
     ] {
         assert!(lines[1][key].as_f64().is_some(), "{key}: {metrics}");
     }
