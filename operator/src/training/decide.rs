@@ -295,8 +295,20 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     plan.status.progress = Some(p.clone());
                 }
             }
+            // A gang past its last step is finishing (the final checkpoint,
+            // pods completing): no step will come, and none is missing.
+            let finishing = cur.succeeded > 0
+                || plan
+                    .status
+                    .progress
+                    .as_ref()
+                    .is_some_and(|p| p.total_steps > 0 && p.step >= p.total_steps);
             if all_up {
-                if let Some(limit) = spec.run_policy.progress_deadline_seconds {
+                if let Some(limit) = spec
+                    .run_policy
+                    .progress_deadline_seconds
+                    .filter(|_| !finishing)
+                {
                     let (since, step) = progress_clock(&old, &plan.status, cur.attempt, &now);
                     let quiet = observed.now.duration_since(since.0).as_secs_f64();
                     if quiet >= limit as f64 {

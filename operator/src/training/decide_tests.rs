@@ -895,3 +895,59 @@ fn a_restart_says_why_the_worker_exited_in_its_words_or_by_its_code() {
     let plain = restart_message(137, None);
     assert!(plain.contains("exited with code 137;"), "{plain}");
 }
+
+#[test]
+fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
+    let mut j = job(SPEC);
+    j.spec.run_policy.progress_deadline_seconds = Some(60);
+    let start = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Running,
+            Counters::default(),
+        )]),
+    );
+    j = after(j, &start);
+    let late = "2026-11-28T12:10:00Z";
+    // The last step reported long ago: rank 0 writes the final checkpoint.
+    let done = decide(
+        &j,
+        &Observed {
+            now: at(late),
+            progress: Some(report_at(10, "2026-11-28T12:00:10Z")),
+            ..observed(vec![attempt(
+                0,
+                AttemptOutcome::Running,
+                Counters::default(),
+            )])
+        },
+    );
+    assert_eq!(done.create, None);
+    assert_eq!(done.status.phase, Some(TrainingPhase::Running));
+    // Some pods have completed: the gang is ending.
+    let mut ending = attempt(0, AttemptOutcome::Running, Counters::default());
+    (ending.ready, ending.succeeded) = (2, 2);
+    let plan = decide(
+        &j,
+        &Observed {
+            now: at(late),
+            ..observed(vec![ending])
+        },
+    );
+    assert_eq!(plan.create, None);
+    // Mid-run, the same silence is a hang.
+    let hung = decide(
+        &j,
+        &Observed {
+            now: at(late),
+            progress: Some(report_at(9, "2026-11-28T12:00:10Z")),
+            ..observed(vec![attempt(
+                0,
+                AttemptOutcome::Running,
+                Counters::default(),
+            )])
+        },
+    );
+    assert_eq!(hung.status.phase, Some(TrainingPhase::Restarting));
+}
