@@ -897,6 +897,11 @@ pub struct TrainingProgress {
     /// (checkpoint writes included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_remaining_seconds: Option<i64>,
+    /// Model FLOPs utilisation of the gang's GPUs (0 to 1): training FLOPs
+    /// per token (6 per active parameter, plus attention) times tokens per
+    /// second, over the GPUs' dense bf16 peak. GPU runs on a known GPU only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<i64>,
     /// How evenly the last step routed tokens to experts.

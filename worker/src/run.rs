@@ -20,7 +20,7 @@ use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::layout::{self, Layout};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistEnv, DistError, Solo, preflight};
-use crate::model::Parallel;
+use crate::model::{Parallel, flops};
 use crate::settings::{SettingsError, TrainSettings};
 use crate::status::Progress;
 use crate::train::balance::Balance;
@@ -173,6 +173,9 @@ struct MetricsLine {
     /// Wall time per step over the logging interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     seconds_per_step: Option<f64>,
+    /// Model FLOPs utilisation of the gang's GPUs (`crate::model::flops`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mfu: Option<f64>,
 }
 
 /// Trains as `config` says until `training.steps` or until `stop` is set
@@ -337,13 +340,20 @@ pub fn train_as(
     } else {
         None
     };
+    // MFU needs the GPU's peak; a CPU run reports none.
     #[cfg(feature = "cuda")]
-    let mut trainer = match settings.device {
-        moe_crds::Device::Cuda => Backend::cuda(open_gpu()?, host)?,
-        moe_crds::Device::Cpu => Backend::Cpu(Box::new(host)),
+    let (mut trainer, peak) = match settings.device {
+        moe_crds::Device::Cuda => {
+            let gpu = open_gpu()?;
+            let peak = gpu.name().ok().and_then(|n| flops::bf16_dense_peak(&n));
+            (Backend::cuda(gpu, host)?, peak)
+        }
+        moe_crds::Device::Cpu => (Backend::Cpu(Box::new(host)), None),
     };
     #[cfg(not(feature = "cuda"))]
-    let mut trainer = Backend::Cpu(Box::new(host));
+    let (mut trainer, peak) = (Backend::Cpu(Box::new(host)), None::<f64>);
+    let model_flops = flops::training_flops(&settings.model);
+    let gpus = dp.size();
 
     let training_started = Instant::now();
     let resumed_at = trainer.steps_done();
@@ -352,7 +362,7 @@ pub fn train_as(
     let mut interrupted = false;
     // Throughput and pace of the last logging interval, kept for the
     // reports between.
-    let (mut logged_rate, mut logged_pace) = (None, None);
+    let (mut logged_rate, mut logged_pace, mut logged_mfu) = (None, None, None);
     // A single process stops between micro-batches; ranks must stop at the
     // same step boundary, which they agree on before each step.
     let solo = dp.size() == 1;
@@ -381,9 +391,11 @@ pub fn train_as(
         {
             let mut line = metrics_line(&report, interval.tokens_per_second(), &settings, &balance);
             line.seconds_per_step = interval.seconds_per_step();
+            line.mfu = peak.map(|p| flops::mfu(&model_flops, line.tokens_per_second, gpus, p));
             interval = Interval::new();
             logged_rate = Some(line.tokens_per_second);
             logged_pace = line.seconds_per_step;
+            logged_mfu = line.mfu;
             if let Some(metrics) = &mut metrics {
                 tracing::info!(
                     step = report.step,
@@ -406,6 +418,7 @@ pub fn train_as(
                 loss: Some(report.loss),
                 tokens_per_second: logged_rate,
                 seconds_per_step: logged_pace,
+                mfu: logged_mfu,
                 last_checkpoint_step: run.saved_step,
                 expert_load: balance.as_ref().map(Balance::worst),
                 fabric: fabric.clone(),
@@ -876,6 +889,7 @@ fn metrics_line(
         expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
         expert_load_max_violation: balance.as_ref().map(|b| b.worst().max_violation),
         seconds_per_step: None,
+        mfu: None,
     }
 }
 

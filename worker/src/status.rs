@@ -30,6 +30,9 @@ pub struct Progress {
     /// Wall time per step over the last logging interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seconds_per_step: Option<f64>,
+    /// Model FLOPs utilisation (GPU runs on a GPU with a known peak).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<u64>,
     /// The last step's worst MoE layer, by load violation.
@@ -59,6 +62,7 @@ struct Gauges {
     loss: Gauge<f64, AtomicU64>,
     tokens_per_second: Gauge<f64, AtomicU64>,
     last_checkpoint_step: Gauge,
+    mfu: Gauge<f64, AtomicU64>,
     expert_load_max_violation: Family<LayerLabels, Gauge<f64, AtomicU64>>,
 }
 
@@ -85,6 +89,12 @@ impl Default for Gauges {
             "Step of the newest complete checkpoint",
             last_checkpoint_step.clone(),
         );
+        let mfu = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "mfu",
+            "Model FLOPs utilisation of the gang's GPUs over the last logging interval (0 to 1; GPU runs only)",
+            mfu.clone(),
+        );
         let expert_load_max_violation = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "expert_load_max_violation",
@@ -97,6 +107,7 @@ impl Default for Gauges {
             loss,
             tokens_per_second,
             last_checkpoint_step,
+            mfu,
             expert_load_max_violation,
         }
     }
@@ -111,6 +122,9 @@ impl Board {
         }
         if let Some(t) = progress.tokens_per_second {
             self.gauges.tokens_per_second.set(t);
+        }
+        if let Some(m) = progress.mfu {
+            self.gauges.mfu.set(m);
         }
         if let Some(c) = progress.last_checkpoint_step {
             self.gauges.last_checkpoint_step.set(c as i64);
@@ -204,6 +218,7 @@ mod tests {
             loss: Some(1.5),
             tokens_per_second: Some(5000.0),
             seconds_per_step: Some(1.5),
+            mfu: Some(0.375),
             last_checkpoint_step: Some(40),
             expert_load: Some(ExpertLoad {
                 max_violation: 0.5,
@@ -223,7 +238,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "secondsPerStep": 1.5, "lastCheckpointStep": 40,
+            serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "secondsPerStep": 1.5, "mfu": 0.375, "lastCheckpointStep": 40,
                 "expertLoad": {"maxViolation": 0.5, "layer": 2}})
         );
         let metrics = get(addr, "/metrics");

@@ -31,6 +31,8 @@ pub struct Report {
     #[serde(default)]
     pub seconds_per_step: Option<f64>,
     #[serde(default)]
+    pub mfu: Option<f64>,
+    #[serde(default)]
     pub last_checkpoint_step: Option<i64>,
     #[serde(default)]
     pub expert_load: Option<ExpertLoad>,
@@ -59,6 +61,10 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
         total_steps: report.total_steps,
         display: format!("{}/{} ({percent}%{eta})", report.step, report.total_steps),
         estimated_remaining_seconds: remaining,
+        mfu: report
+            .mfu
+            .filter(|m| m.is_finite())
+            .map(|m| (m * 1e3).round() / 1e3),
         loss: report
             .loss
             .filter(|l| l.is_finite())
@@ -130,6 +136,7 @@ mod tests {
                 loss: Some(1.234_567_8),
                 tokens_per_second: Some(5123.4),
                 seconds_per_step: Some(12.5),
+                mfu: Some(0.371_23),
                 last_checkpoint_step: Some(0),
                 expert_load: Some(ExpertLoad {
                     max_violation: 0.123_456,
@@ -142,6 +149,7 @@ mod tests {
         // 258 steps of 12.5 s left: 3225 s.
         assert_eq!(p.display, "42/300 (14%, ETA 53m45s)");
         assert_eq!(p.estimated_remaining_seconds, Some(3225));
+        assert_eq!(p.mfu, Some(0.371));
         assert_eq!(p.loss, Some(1.2346));
         assert_eq!(
             p.expert_load,
@@ -158,6 +166,7 @@ mod tests {
                 loss: Some(f64::NAN),
                 tokens_per_second: None,
                 seconds_per_step: None,
+                mfu: None,
                 last_checkpoint_step: None,
                 expert_load: None,
                 fabric: None,

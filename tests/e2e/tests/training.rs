@@ -1514,7 +1514,7 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         .await?;
     wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
     let server = play_rank_0(&pods, "prog", || {
-        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"secondsPerStep":36.0,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
+        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"secondsPerStep":36.0,"mfu":0.41234,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
     })
     .await?;
     let progress = eventually(
@@ -1528,7 +1528,8 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
     // 58 steps of 36 s left.
     ensure!(
         progress.display == "42/100 (42%, ETA 34m48s)"
-            && progress.estimated_remaining_seconds == Some(2088),
+            && progress.estimated_remaining_seconds == Some(2088)
+            && progress.mfu == Some(0.412),
         "{progress:?}"
     );
     ensure!(

@@ -2,11 +2,8 @@
 //! [`super::trainer::DeviceTrainer`] on a ~1B-parameter MoE, next to the
 //! same run's dense bf16 GEMM baseline.
 //!
-//! FLOPs per token, as PaLM (appendix B) and llm.c count them: 6 per active
-//! parameter (forward 2, backward 4; the embedding lookup excluded, the LM
-//! head included; routed experts counted `top_k / experts` of their size),
-//! plus 12 · layers · hidden · seq_len for attention's score and value
-//! products. MFU divides those FLOPs per second by the bf16 dense peak.
+//! FLOPs per token as `crate::model::flops` counts them (PaLM's and llm.c's
+//! rule); MFU divides those FLOPs per second by the bf16 dense peak.
 
 use super::bench::{Figure, H200_BF16_DENSE_FLOPS, time_runs};
 use super::model::AttentionKernel;
@@ -30,30 +27,6 @@ pub fn billion_config() -> ModelConfig {
     }))
     .expect("a valid model spec");
     ModelConfig::from_spec(&spec).expect("a valid model config")
-}
-
-/// Parameters (total, active per token) and training FLOPs per token.
-pub fn flops_per_token(model: &Model<f32>) -> (usize, usize, f64) {
-    let c = model.config();
-    let moe = &c.moe;
-    let routed_fraction = moe.top_k as f64 / moe.n_routed_experts as f64;
-    let mut total = 0;
-    let mut active = 0.0;
-    for t in model.tensors() {
-        let n = t.values.len();
-        total += n;
-        if t.name == "embedding" {
-            continue;
-        }
-        let routed = t.name.contains("moe.experts_");
-        active += if routed {
-            n as f64 * routed_fraction
-        } else {
-            n as f64
-        };
-    }
-    let attention = 12.0 * (c.layers * c.hidden * c.seq_len) as f64;
-    (total, active as usize, 6.0 * active + attention)
 }
 
 /// Weights drawn from a fast generator (scale 0.02, norm gains 1): the
@@ -88,7 +61,12 @@ fn quick_model(config: &ModelConfig) -> Model<f32> {
 pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>, Vec<String>)> {
     let config = billion_config();
     let model = quick_model(&config);
-    let (total, active, flops_per_token) = flops_per_token(&model);
+    let counted = crate::model::flops::training_flops(&config);
+    let (total, active, flops_per_token) = (
+        counted.parameters,
+        counted.active as usize,
+        counted.per_token,
+    );
     let sequences = 16;
     let settings = TrainingSettings {
         steps: 1000,

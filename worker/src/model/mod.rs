@@ -6,6 +6,7 @@
 mod attention_core;
 mod block;
 pub mod config;
+pub mod flops;
 mod recompute;
 mod scales;
 pub mod weights;
