@@ -1386,10 +1386,14 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
                 .as_ref()
                 .and_then(|s| s.node_name.clone())
                 .unwrap_or_default();
-            let want = match (cpu, queued) {
-                (true, _) => "cpu-",
-                (false, true) => "gpu-kueue-spare-",
-                (false, false) => "gpu-h100-",
+            // A GPU job without a gpuType may land on any untainted GPU pool
+            // (the scheduler spreads by load: A100s when the H100s are busy).
+            let pinned = job.spec.placement.gpu_type.is_some();
+            let want = match (cpu, queued, pinned) {
+                (true, _, _) => "cpu-",
+                (false, true, _) => "gpu-kueue-spare-",
+                (false, false, true) => "gpu-h100-",
+                (false, false, false) => "gpu-",
             };
             ensure!(
                 node.starts_with(want),
