@@ -90,6 +90,9 @@ check "crds.keep=true (default) annotates the CRD" grep -qF "helm.sh/resource-po
 check "gangScheduling passes the flag, and only workload-api grants podgroups" sh -c "
   grep -qF -- '- --gang-scheduling=workload-api' $tmp/full.yaml && grep -qF 'resources: [podgroups]' $tmp/full.yaml &&
   grep -qF -- '- --gang-scheduling=none' $tmp/default.yaml && ! grep -q podgroups $tmp/default.yaml"
+check "gatewayAPI passes --gateway-api and grants httproutes, only when enabled" sh -c "
+  grep -qF -- '- --gateway-api' $tmp/full.yaml && grep -qF 'resources: [httproutes]' $tmp/full.yaml &&
+  ! grep -qF -- '--gateway-api' $tmp/default.yaml && ! grep -q httproutes $tmp/default.yaml"
 check "crds.keep=false leaves the CRD deletable" sh -c "! grep -q 'resource-policy' $tmp/full.yaml"
 check "crds.enabled=false renders no CRD" sh -c \
   "helm template moe $chart --set crds.enabled=false | grep -c '^kind: CustomResourceDefinition' | grep -qx 0"

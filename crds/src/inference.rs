@@ -115,6 +115,60 @@ pub struct MoEInferenceServiceSpec {
     /// The server container and its pod.
     #[serde(default)]
     pub worker: WorkerSpec,
+    /// Exposes the service through a Gateway (Kubernetes Gateway API): the
+    /// operator creates and owns an HTTPRoute to its Service. Needs the
+    /// operator's `--gateway-api` (chart value `gatewayAPI.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteSpec>,
+}
+
+/// The HTTPRoute of a service: every request under `pathPrefix` for
+/// `hostnames`, on the listed Gateways, goes to the service's replicas.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.pathPrefix.startsWith('/')")
+        .message("route.pathPrefix must start with '/'")
+        .field_path(".pathPrefix"),
+)]
+pub struct RouteSpec {
+    /// The Gateways (or other Gateway API parents) the route attaches to.
+    #[schemars(length(min = 1, max = 32))]
+    pub parent_refs: Vec<RouteParent>,
+    /// Host names the route answers for. Empty: those of the listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub hostnames: Vec<String>,
+    /// Requests whose path starts with this go to the service.
+    #[serde(default = "root_path")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path_prefix: String,
+    /// How long the gateway may take to answer a request, a Gateway API
+    /// duration (`300s`, `10m`): completions stream for minutes, longer
+    /// than many gateways' default. Unset: the gateway's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub request_timeout: Option<String>,
+}
+
+/// A Gateway API `ParentReference`: a Gateway by default.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParent {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Unset: the service's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// A listener of the Gateway. Unset: every listener that allows the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub section_name: Option<String>,
+}
+
+fn root_path() -> String {
+    "/".into()
 }
 
 fn one() -> i32 {

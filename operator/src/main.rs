@@ -56,6 +56,11 @@ struct Args {
     /// preempted whole).
     #[arg(long, env = "MOE_GANG_SCHEDULING", value_enum, default_value_t = GangScheduling::None)]
     gang_scheduling: GangScheduling,
+    /// Expose MoEInferenceServices with `spec.route` through the Kubernetes
+    /// Gateway API: an HTTPRoute (`gateway.networking.k8s.io/v1`) per
+    /// service. The cluster must serve HTTPRoutes.
+    #[arg(long, env = "MOE_GATEWAY_API")]
+    gateway_api: bool,
     /// Log format.
     #[arg(long, env = "MOE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -99,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         WorkloadFeatures::default()
     };
+    if args.gateway_api {
+        moe_operator::inference::route::probe(&client).await?;
+        info!("routes through the Gateway API");
+    }
     let identity = args
         .identity
         .clone()
@@ -143,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| BuildContext::default().default_worker_image),
         gang_scheduling: args.gang_scheduling,
         workload_features,
+        gateway_api: args.gateway_api,
     };
     let recorder = Recorder::new(
         client.clone(),

@@ -30,6 +30,9 @@ pub struct BuildContext {
     /// What the cluster's Workload API keeps of a PodGroup, under
     /// `GangScheduling::WorkloadApi` ([`crate::gang::probe`]).
     pub workload_features: WorkloadFeatures,
+    /// Whether the operator makes HTTPRoutes for `spec.route`
+    /// (`--gateway-api`; [`crate::inference::route`]).
+    pub gateway_api: bool,
 }
 
 impl Default for BuildContext {
@@ -41,6 +44,7 @@ impl Default for BuildContext {
             ),
             gang_scheduling: GangScheduling::None,
             workload_features: WorkloadFeatures::default(),
+            gateway_api: false,
         }
     }
 }

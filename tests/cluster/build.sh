@@ -115,6 +115,21 @@ kueue_sum=$(cat "$here/go/kueue/go.mod" "$here/go/kueue/go.sum" | sha256sum | cu
 step kueue build_kueue
 echo "$kueue_sum" >"$bin/kueue.stamp"
 
+# The Gateway API's standard-channel CRDs that the operator's HTTPRoutes need
+# (GatewayClass, Gateway, HTTPRoute), installed by up.sh.
+require_pin gateway-api sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION"
+gateway_sum=$(cat "$here/go/gateway-api/go.mod" "$here/go/gateway-api/go.sum" | sha256sum | cut -c1-16)
+[[ "$(cat "$bin/gateway-crds.stamp" 2>/dev/null)" == "$gateway_sum" ]] || rm -rf "$bin/gateway-crds"
+if [[ ! -d "$bin/gateway-crds" ]]; then
+  gateway_dir=$(cd "$here/go/gateway-api" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)
+  rm -rf "$bin/gateway-crds.tmp" && mkdir "$bin/gateway-crds.tmp"
+  for kind in gatewayclasses gateways httproutes; do
+    cp "$gateway_dir/config/crd/standard/gateway.networking.k8s.io_$kind.yaml" "$bin/gateway-crds.tmp/"
+  done
+  chmod -R u+w "$bin/gateway-crds.tmp" && mv "$bin/gateway-crds.tmp" "$bin/gateway-crds"
+fi
+echo "$gateway_sum" >"$bin/gateway-crds.stamp"
+
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
 kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then

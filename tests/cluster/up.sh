@@ -274,6 +274,13 @@ EOF
 } | kubectl apply -f - >/dev/null
 wait_for "custom.metrics.k8s.io" 120 kubectl get --raw /apis/custom.metrics.k8s.io/v1beta2
 
+# ---------------------------------------------------------------- Gateway API
+# Its CRDs only: no Gateway controller runs, so routes are stored and
+# validated by the apiserver (the HTTPRoute schema and its CEL rules) but
+# never accepted by a gateway; a test plays the controller where it must.
+kubectl apply --server-side -f "$bin/gateway-crds" >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/httproutes.gateway.networking.k8s.io >/dev/null
+
 # ---------------------------------------------------------------- Kueue
 # Installed as its release manifests install it (CRDs with conversion webhooks,
 # every webhook of its kustomize build), run as a process: its webhook Service

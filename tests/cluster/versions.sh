@@ -17,5 +17,8 @@ CUSTOM_METRICS_APISERVER_VERSION=v1.36.0 # sigs.k8s.io/custom-metrics-apiserver 
 # Kueue (go/kueue): the queue manager that admits queued training jobs (quota,
 # priorities, preemption, topology-aware placement). Rebuilt when go/kueue changes.
 KUEUE_VERSION=v0.17.0     # sigs.k8s.io/kueue: its v1beta2 API and the batch/job integration
+# The Gateway API (go/gateway-api): its standard-channel CRDs, for the
+# operator's HTTPRoutes (--gateway-api). Recopied when go/gateway-api changes.
+GATEWAY_API_VERSION=v1.5.0 # sigs.k8s.io/gateway-api: HTTPRoute v1
 
 KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}

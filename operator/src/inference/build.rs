@@ -559,7 +559,7 @@ pub fn horizontal_pod_autoscaler(svc: &MoEInferenceService) -> Option<Horizontal
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use moe_crds::Device;
 

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use super::build;
 use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, reason, resolve_model};
 use super::groups::{self, GroupPlan, GroupState};
+use super::route::{self, HTTPRoute};
 use super::validate::validate;
 use crate::labels;
 use crate::metrics::Metrics;
@@ -52,6 +53,8 @@ pub struct Context {
     hpas: Store<HorizontalPodAutoscaler>,
     stateful_sets: Store<StatefulSet>,
     training_jobs: Store<MoETrainingJob>,
+    /// Reflected only with `--gateway-api`.
+    routes: Option<Store<HTTPRoute>>,
     failures: Backoff<MoEInferenceService>,
     /// Validation verdict per object uid and generation: the spec only changes
     /// with the generation, and CEL compilation on every pod change would dominate CPU.
@@ -89,7 +92,14 @@ pub async fn run(
         api::<HorizontalPodAutoscaler>(&client, &namespace),
         children.clone(),
     );
-    let (stateful_sets, sts_stream) = reflected(api::<StatefulSet>(&client, &namespace), children);
+    let (stateful_sets, sts_stream) =
+        reflected(api::<StatefulSet>(&client, &namespace), children.clone());
+    let (routes, route_stream) = if build.gateway_api {
+        let (store, stream) = reflected(api::<HTTPRoute>(&client, &namespace), children);
+        (Some(store), Some(stream))
+    } else {
+        (None, None)
+    };
     // Training jobs: a service waiting for one reconciles when it changes.
     let (training_jobs, job_stream) = reflected(
         api::<MoETrainingJob>(&client, &namespace),
@@ -113,9 +123,14 @@ pub async fn run(
         hpas,
         stateful_sets,
         training_jobs,
+        routes,
         failures: Backoff::default(),
         verdicts: Mutex::new(HashMap::new()),
     });
+    let controller = match route_stream {
+        Some(stream) => controller.owns_stream(stream),
+        None => controller,
+    };
     controller
         .owns_stream(cm_stream)
         .owns_stream(svc_stream)
@@ -315,6 +330,24 @@ async fn apply_children(
             }
         }
     };
+    let http_route = async {
+        let Some(store) = &ctx.routes else {
+            return Ok(()); // without --gateway-api a route is an invalid spec
+        };
+        match route::http_route(svc) {
+            Some(r) => apply_if_changed(client, metrics, ns, r, store).await,
+            None => {
+                // The route was removed from the spec: the operator's goes with it.
+                let name = build::child_name(svc);
+                if owned(store, svc, &name).is_some()
+                    && delete_if_present::<HTTPRoute>(client, metrics, ns, &name).await?
+                {
+                    info!(service = %svc.name_any(), namespace = ns, "deleted HTTPRoute");
+                }
+                Ok(())
+            }
+        }
+    };
     // One-pod replicas: the Deployment. Groups: the headless Service of their pods
     // (the StatefulSets are created and replaced by [`execute_groups`]).
     let replicas = async {
@@ -344,6 +377,7 @@ async fn apply_children(
             &ctx.pdbs
         ),
         hpa,
+        http_route,
     )?;
     Ok(())
 }
@@ -693,7 +727,9 @@ fn verdict(ctx: &Context, svc: &MoEInferenceService) -> Option<String> {
     {
         return v.clone();
     }
-    let invalid = validate(svc).err();
+    let invalid = validate(svc)
+        .err()
+        .or_else(|| route::unsupported(svc, ctx.build.gateway_api));
     ctx.verdicts
         .lock()
         .expect("not poisoned")

@@ -5,4 +5,5 @@ pub mod build;
 pub mod controller;
 pub mod decide;
 pub mod groups;
+pub mod route;
 pub mod validate;

@@ -14,9 +14,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 
 /// The chart values the harness installs the operator's RBAC with (its
-/// defaults, but the CRDs and with `gangScheduling=workload-api`, whose
-/// PodGroup rules the Workload API tests use); tests/rbac.rs renders the same.
-pub const HARNESS_VALUES: &str = "--set crds.enabled=false --set gangScheduling=workload-api";
+/// defaults, but the CRDs and with `gangScheduling=workload-api` and
+/// `gatewayAPI.enabled`, whose PodGroup and HTTPRoute rules the Workload API
+/// and route tests use); tests/rbac.rs renders the same.
+pub const HARNESS_VALUES: &str =
+    "--set crds.enabled=false --set gangScheduling=workload-api --set gatewayAPI.enabled=true";
 
 /// Namespace and ServiceAccount the chart installs the operator with.
 pub const OPERATOR_NAMESPACE: &str = "moe-system";

@@ -1443,6 +1443,91 @@ async fn deleting_a_service_garbage_collects_its_children() -> Result<()> {
     ns.delete().await
 }
 
+/// The service's HTTPRoute as the apiserver stores it.
+fn http_route(ns: &str, name: &str) -> Result<Option<Value>> {
+    let out = sh(&format!(
+        "kubectl get httproutes.gateway.networking.k8s.io -n {ns} -o json"
+    ))?;
+    let list: Value = serde_json::from_str(&out)?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["metadata"]["name"] == name)
+        .cloned())
+}
+
+#[tokio::test]
+async fn a_route_exposes_the_service_through_a_gateway_and_goes_with_it() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-route").await?;
+    let _op = Operator::start_with(&ns.name, &["--gateway-api"]).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let route = json!({"spec": {"route": {
+        "parentRefs": [{"name": "public", "namespace": "gateways", "sectionName": "https"}],
+        "hostnames": ["chat.example.com"],
+        "pathPrefix": "/v1",
+        "requestTimeout": "600s"
+    }}});
+    api.create(&PostParams::default(), &gpu_service("chat", 1, route))
+        .await?;
+    wait_ready(&api, "chat", 1).await?;
+    let stored = eventually("the HTTPRoute", WAIT, || async {
+        http_route(&ns.name, "chat")
+    })
+    .await?;
+    // Accepted by the Gateway API's own schema and CEL rules, which
+    // defaulted the parent's kind: a route a Gateway controller can attach.
+    let spec = &stored["spec"];
+    ensure!(
+        spec["parentRefs"][0]["name"] == "public"
+            && spec["parentRefs"][0]["kind"] == "Gateway"
+            && spec["parentRefs"][0]["sectionName"] == "https"
+            && spec["hostnames"] == json!(["chat.example.com"]),
+        "{spec}"
+    );
+    let rule = &spec["rules"][0];
+    ensure!(
+        rule["matches"][0]["path"] == json!({"type": "PathPrefix", "value": "/v1"})
+            && rule["backendRefs"][0]["name"] == "chat"
+            && rule["backendRefs"][0]["port"] == 8000
+            && rule["timeouts"]["request"] == "600s",
+        "{rule}"
+    );
+    ensure!(
+        stored["metadata"]["ownerReferences"][0]["kind"] == "MoEInferenceService",
+        "{stored}"
+    );
+    // The backend is the service's own Service, on its HTTP port.
+    let service = Api::<Service>::namespaced(client.clone(), &ns.name)
+        .get("chat")
+        .await?;
+    let port = &service.spec.unwrap_or_default().ports.unwrap_or_default()[0];
+    ensure!(port.port == 8000 && port.name.as_deref() == Some("http"));
+    // Deleted by hand, it comes back.
+    sh(&format!(
+        "kubectl delete httproute chat -n {} --wait",
+        ns.name
+    ))?;
+    eventually("the HTTPRoute to be restored", WAIT, || async {
+        http_route(&ns.name, "chat")
+    })
+    .await?;
+    // Out of the spec, it goes.
+    api.patch(
+        "chat",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"route": null}})),
+    )
+    .await?;
+    eventually("the HTTPRoute to be deleted", WAIT, || async {
+        Ok(http_route(&ns.name, "chat")?.is_none().then_some(()))
+    })
+    .await?;
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn invalid_services_are_rejected_by_the_apiserver_naming_the_field() -> Result<()> {
     install()?;
@@ -1476,6 +1561,9 @@ async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
         ("delete", "horizontalpodautoscalers.autoscaling"),
         ("create", "statefulsets.apps"),
         ("delete", "statefulsets.apps"),
+        ("watch", "httproutes.gateway.networking.k8s.io"),
+        ("patch", "httproutes.gateway.networking.k8s.io"),
+        ("delete", "httproutes.gateway.networking.k8s.io"),
     ] {
         ensure!(can(verb, resource), "the operator needs {verb} {resource}");
     }
@@ -1487,6 +1575,7 @@ async fn the_operator_role_covers_serving_with_least_privilege() -> Result<()> {
         ("update", "moeinferenceservices.moe.dev/scale"),
         ("delete", "pods"),
         ("get", "secrets"),
+        ("patch", "gateways.gateway.networking.k8s.io"),
     ] {
         ensure!(
             !can(verb, resource),
