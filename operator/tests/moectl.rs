@@ -607,7 +607,7 @@ fn validate_and_render_understand_inference_services() {
         );
     }
 
-    // render: ConfigMap, Service, Deployment, PDB and (autoscaling) HPA.
+    // render: ConfigMap, Service, Deployment, PDB, (autoscaling) HPA and (route) HTTPRoute.
     let output = moectl()
         .args(["render", "--namespace", "serve"])
         .arg(repo("examples/inference/h100-ep8.yaml"))
@@ -623,8 +623,13 @@ fn validate_and_render_understand_inference_services() {
             "Service",
             "Deployment",
             "PodDisruptionBudget",
-            "HorizontalPodAutoscaler"
+            "HorizontalPodAutoscaler",
+            "HTTPRoute"
         ]
+    );
+    assert_eq!(
+        docs[5]["spec"]["rules"][0]["backendRefs"][0],
+        json!({"name": "moe-9b-chat", "port": 8000})
     );
     let pod = &docs[2]["spec"]["template"]["spec"];
     assert_eq!(

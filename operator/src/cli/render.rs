@@ -76,8 +76,8 @@ fn push_document(out: &mut String, object: &impl Serialize) -> serde_yaml::Resul
 
 /// The children of a MoEInferenceService: ConfigMap, Service, Deployment (or,
 /// for multi-pod replicas, the headless Service and a StatefulSet per group),
-/// PodDisruptionBudget and (with autoscaling) the HorizontalPodAutoscaler.
-/// A `fromTrainingJob` model needs the job (the cluster has it; a file does
+/// PodDisruptionBudget, (with autoscaling) the HorizontalPodAutoscaler and
+/// (with `route`) the HTTPRoute. A `fromTrainingJob` model needs the job (the cluster has it; a file does
 /// not): the model is rendered as the operator resolves it once the job has
 /// Succeeded, with its checkpoint claim shown as `<job>-checkpoints`.
 pub fn render_inference(
@@ -144,6 +144,9 @@ pub fn render_inference(
     push_document(&mut out, &serving::pod_disruption_budget(&svc))?;
     if let Some(hpa) = serving::horizontal_pod_autoscaler(&svc) {
         push_document(&mut out, &hpa)?;
+    }
+    if let Some(route) = crate::inference::route::http_route(&svc) {
+        push_document(&mut out, &route)?;
     }
     Ok(out)
 }

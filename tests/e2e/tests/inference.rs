@@ -157,7 +157,8 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<Stri
 async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mis-examples").await?;
-    let _op = Operator::start(&ns.name).await?;
+    // As the harness installs it: with the Gateway API (an example has a route).
+    let _op = Operator::start_with(&ns.name, &["--gateway-api"]).await?;
     bound_claim(&ns.name, "moe-models").await?;
     let dir = moe_e2e::operator::repo_root().join("examples/inference");
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
@@ -188,6 +189,12 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
         }
         api.create(&PostParams::default(), &svc).await?;
         let ready = wait_ready(&api, &name, svc.spec.replicas).await?;
+        if svc.spec.route.is_some() {
+            eventually(&format!("{name}: its HTTPRoute"), WAIT, || async {
+                http_route(&ns.name, &name)
+            })
+            .await?;
+        }
         let status = ready.status.clone().unwrap_or_default();
         ensure!(
             status.url.as_deref() == Some(&format!("http://{name}.{}.svc:8000", ns.name)),
