@@ -92,7 +92,7 @@ check "gangScheduling passes the flag, and only workload-api grants podgroups" s
   grep -qF -- '- --gang-scheduling=none' $tmp/default.yaml && ! grep -q podgroups $tmp/default.yaml"
 check "gatewayAPI passes --gateway-api and grants httproutes, only when enabled" sh -c "
   grep -qF -- '- --gateway-api' $tmp/full.yaml && grep -qF 'resources: [httproutes]' $tmp/full.yaml &&
-  ! grep -qF -- '--gateway-api' $tmp/default.yaml && ! grep -q httproutes $tmp/default.yaml"
+  ! grep -qF -- '- --gateway-api' $tmp/default.yaml && ! grep -qF 'resources: [httproutes]' $tmp/default.yaml"
 check "crds.keep=false leaves the CRD deletable" sh -c "! grep -q 'resource-policy' $tmp/full.yaml"
 check "crds.enabled=false renders no CRD" sh -c \
   "helm template moe $chart --set crds.enabled=false | grep -c '^kind: CustomResourceDefinition' | grep -qx 0"
