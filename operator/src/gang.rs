@@ -188,11 +188,9 @@ const API_VERSION: &str = "scheduling.k8s.io/v1alpha2";
 /// of a PodGroup in `namespace` with every optional field shows which ones
 /// it keeps (nothing is stored).
 pub async fn probe(client: &Client, namespace: &str) -> anyhow::Result<WorkloadFeatures> {
-    let served = match client.list_api_group_resources(API_VERSION).await {
-        Ok(list) => list.resources.iter().any(|r| r.name == "podgroups"),
-        Err(kube::Error::Api(s)) if s.code == 404 => false,
-        Err(e) => return Err(anyhow::Error::new(e).context("discovering PodGroups")),
-    };
+    let served = crate::reconcile::served::<PodGroup>(client)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("discovering PodGroups"))?;
     anyhow::ensure!(
         served,
         "--gang-scheduling=workload-api: the apiserver does not serve {API_VERSION} podgroups; \

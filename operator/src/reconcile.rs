@@ -116,6 +116,19 @@ where
     }
 }
 
+/// Whether the apiserver serves `K` (its group version lists the resource):
+/// how the optional integrations check the cluster at start.
+pub async fn served<K>(client: &Client) -> Result<bool, kube::Error>
+where
+    K: Resource<DynamicType = ()>,
+{
+    match client.list_api_group_resources(&K::api_version(&())).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == K::plural(&()))),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Server-side apply `desired` unless the stored copy already has every field it sets.
 pub async fn apply_if_changed<K>(
     client: &Client,

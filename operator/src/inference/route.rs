@@ -81,11 +81,9 @@ pub struct Timeouts {
 /// on a cluster without the Gateway API's CRDs).
 pub async fn probe(client: &Client) -> anyhow::Result<()> {
     let version = HTTPRoute::api_version(&());
-    let served = match client.list_api_group_resources(&version).await {
-        Ok(list) => list.resources.iter().any(|r| r.name == "httproutes"),
-        Err(kube::Error::Api(s)) if s.code == 404 => false,
-        Err(e) => return Err(anyhow::Error::new(e).context("discovering HTTPRoutes")),
-    };
+    let served = crate::reconcile::served::<HTTPRoute>(client)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context("discovering HTTPRoutes"))?;
     anyhow::ensure!(
         served,
         "--gateway-api: the apiserver does not serve {version} httproutes; install the Gateway API CRDs (standard channel) first"
