@@ -252,6 +252,9 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             unschedulable: pending.unschedulable,
             awaiting_admission: pending.awaiting_admission,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
+            route: ctx.routes.as_ref().and_then(|store| {
+                route::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
+            }),
             now: Timestamp::now(),
         },
     );

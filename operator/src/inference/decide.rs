@@ -240,6 +240,9 @@ pub struct Observed {
     pub awaiting_admission: i32,
     /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
     pub exhausted: Option<String>,
+    /// What the Gateway controllers say of the service's HTTPRoute
+    /// (`spec.route`, under `--gateway-api`).
+    pub route: Option<super::route::Acceptance>,
     pub now: Timestamp,
 }
 
@@ -259,6 +262,9 @@ pub struct Plan {
     /// Apply the children (ConfigMap, Service, Deployment, PDB, HPA) for this model.
     pub apply: Option<ResolvedModel>,
 }
+
+/// The condition that says whether the Gateways took the service's HTTPRoute.
+pub const ROUTE_ACCEPTED: &str = "RouteAccepted";
 
 /// What the service is doing, in one word (the Ready condition's reason).
 struct Verdict {
@@ -346,6 +352,20 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
     set_condition(conds, AVAILABLE, available, ar, &am, generation, &now);
     set_condition(conds, PROGRESSING, reconciling, r, m, generation, &now);
     set_condition(conds, DEGRADED, degraded, r, m, generation, &now);
+    // Apart from Ready: the replicas serve through their Service whatever a
+    // Gateway makes of the route.
+    match &observed.route {
+        Some(a) => set_condition(
+            conds,
+            ROUTE_ACCEPTED,
+            a.accepted,
+            &a.reason,
+            &a.message,
+            generation,
+            &now,
+        ),
+        None => conds.retain(|c| c.type_ != ROUTE_ACCEPTED),
+    }
 
     // An Event when the summary (Ready's status and reason) changes.
     let before = old
@@ -501,6 +521,7 @@ mod tests {
             unschedulable: vec![],
             awaiting_admission: 0,
             exhausted: None,
+            route: None,
             now: Timestamp::from_second(1_000).unwrap(),
         }
     }
@@ -528,6 +549,37 @@ mod tests {
 
     fn ready_model(s: &MoEInferenceService) -> ModelState {
         resolve_model(s, None)
+    }
+
+    #[test]
+    fn route_acceptance_is_its_own_condition_and_leaves_with_the_route() {
+        let s = svc(json!({}));
+        let serving = || observed(ready_model(&s), Some(dep(3, 3, 3, 3)));
+        let refused = Observed {
+            route: Some(super::super::route::Acceptance {
+                accepted: false,
+                reason: "NotAllowedByListeners".into(),
+                message: "Gateway gateways/public: no listener allows this namespace".into(),
+            }),
+            ..serving()
+        };
+        let plan = decide(&s, &refused);
+        assert_eq!(
+            cond(&plan, ROUTE_ACCEPTED),
+            ("False", "NotAllowedByListeners")
+        );
+        // The replicas serve through their Service whatever the Gateway says.
+        assert_eq!(cond(&plan, READY).0, "True");
+        let mut routed = s.clone();
+        routed.status = Some(plan.status.clone());
+        let unrouted = decide(&routed, &serving());
+        assert!(
+            unrouted
+                .status
+                .conditions
+                .iter()
+                .all(|c| c.type_ != ROUTE_ACCEPTED)
+        );
     }
 
     #[test]

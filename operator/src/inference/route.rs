@@ -6,6 +6,7 @@
 //! against an older kube than this workspace's. Fields the apiserver
 //! defaults (a parent's group and kind, a backend's weight) are left to it.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{Client, CustomResource, Resource};
 use moe_crds::MoEInferenceService;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ use super::build::{child_meta, child_name};
     kind = "HTTPRoute",
     plural = "httproutes",
     namespaced,
+    status = "HttpRouteStatus",
     schema = "disabled"
 )]
 #[serde(rename_all = "camelCase")]
@@ -30,6 +32,21 @@ pub struct HttpRouteSpec {
     pub hostnames: Vec<String>,
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// What the Gateway controllers say of the route: one entry per parent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct HttpRouteStatus {
+    #[serde(default)]
+    pub parents: Vec<ParentStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentStatus {
+    pub parent_ref: ParentRef,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -100,11 +117,86 @@ pub fn unsupported(svc: &MoEInferenceService, gateway_api: bool) -> Option<Strin
     })
 }
 
+/// The `RouteAccepted` condition of a service, from its route as stored:
+/// whether every Gateway it names accepted it and resolved its backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Acceptance {
+    pub accepted: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the Gateway controllers said of `stored`, the route of `svc`.
+pub fn acceptance(svc: &MoEInferenceService, stored: Option<&HTTPRoute>) -> Option<Acceptance> {
+    let wanted = &svc.spec.route.as_ref()?.parent_refs;
+    let pending = |message: String| Acceptance {
+        accepted: false,
+        reason: "Pending".into(),
+        message,
+    };
+    let Some(stored) = stored else {
+        return Some(pending("creating the HTTPRoute".into()));
+    };
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let reported = stored
+        .status
+        .as_ref()
+        .map(|s| s.parents.as_slice())
+        .unwrap_or_default();
+    let mut waiting = Vec::new();
+    for parent in wanted {
+        let parent_ns = parent.namespace.as_deref().unwrap_or(&ns);
+        let label = format!("{parent_ns}/{}", parent.name);
+        // A Gateway controller reports per parent (and listener); the
+        // first entry for this Gateway that refuses wins.
+        let entries: Vec<&ParentStatus> = reported
+            .iter()
+            .filter(|p| {
+                p.parent_ref.name == parent.name
+                    && p.parent_ref.namespace.as_deref().unwrap_or(&ns) == parent_ns
+            })
+            .collect();
+        let refused = entries.iter().find_map(|p| {
+            p.conditions.iter().find(|c| {
+                matches!(c.type_.as_str(), "Accepted" | "ResolvedRefs") && c.status == "False"
+            })
+        });
+        if let Some(c) = refused {
+            return Some(Acceptance {
+                accepted: false,
+                reason: c.reason.clone(),
+                message: format!("Gateway {label}: {}", c.message),
+            });
+        }
+        let accepted = entries.iter().any(|p| {
+            p.conditions
+                .iter()
+                .any(|c| c.type_ == "Accepted" && c.status == "True")
+        });
+        if !accepted {
+            waiting.push(label);
+        }
+    }
+    Some(if waiting.is_empty() {
+        Acceptance {
+            accepted: true,
+            reason: "Accepted".into(),
+            message: format!("accepted by {} Gateway(s)", wanted.len()),
+        }
+    } else {
+        pending(format!(
+            "waiting for the Gateway controller of {} to accept the route",
+            waiting.join(", ")
+        ))
+    })
+}
+
 /// The route for `svc`, named as its Service; `None` without `spec.route`.
 pub fn http_route(svc: &MoEInferenceService) -> Option<HTTPRoute> {
     let route = svc.spec.route.as_ref()?;
     let name = child_name(svc);
     Some(HTTPRoute {
+        status: None,
         metadata: child_meta(svc, name.clone()),
         spec: HttpRouteSpec {
             parent_refs: route
@@ -159,6 +251,8 @@ mod tests {
         assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");
         assert_eq!(v["kind"], "HTTPRoute");
         assert_eq!(v["metadata"]["name"], "chat");
+        // The Gateway controllers' part is never written.
+        assert!(v.get("status").is_none(), "{v}");
         assert_eq!(
             v["metadata"]["ownerReferences"][0]["kind"],
             "MoEInferenceService"
@@ -180,6 +274,120 @@ mod tests {
         assert_eq!(service.metadata.name.as_deref(), Some("chat"));
         let http = &service.spec.unwrap().ports.unwrap()[0];
         assert_eq!((http.name.as_deref(), http.port), (Some("http"), 8080));
+    }
+
+    fn with_parents(svc: &MoEInferenceService, parents: serde_json::Value) -> HTTPRoute {
+        let mut route = http_route(svc).unwrap();
+        route.status =
+            Some(serde_json::from_value(serde_json::json!({"parents": parents})).unwrap());
+        route
+    }
+
+    fn reported(
+        name: &str,
+        ns: Option<&str>,
+        conditions: &[(&str, &str, &str)],
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "parentRef": {"name": name, "namespace": ns},
+            "controllerName": "example.com/gateway",
+            "conditions": conditions.iter().map(|(t, s, r)| serde_json::json!({
+                "type": t, "status": s, "reason": r, "message": format!("{r} said the gateway"),
+                "lastTransitionTime": "2026-11-30T00:00:00Z"
+            })).collect::<Vec<_>>()
+        })
+    }
+
+    #[test]
+    fn acceptance_needs_every_gateway_and_names_the_one_that_refuses() {
+        let svc = service_fixture(serde_json::json!({"spec": {"route": {"parentRefs": [
+            {"name": "public", "namespace": "gateways"}, {"name": "internal"}
+        ]}}}));
+        assert_eq!(
+            acceptance(&service_fixture(serde_json::json!({})), None),
+            None
+        );
+        let a = acceptance(&svc, None).unwrap();
+        assert!(!a.accepted && a.reason == "Pending" && a.message == "creating the HTTPRoute");
+        let a = acceptance(&svc, Some(&http_route(&svc).unwrap())).unwrap();
+        assert_eq!(a.reason, "Pending");
+        assert!(
+            a.message.contains("gateways/public, serve/internal"),
+            "{}",
+            a.message
+        );
+        // One Gateway accepted; the other (same namespace, unnamed there) not yet.
+        let half = with_parents(
+            &svc,
+            serde_json::json!([reported(
+                "public",
+                Some("gateways"),
+                &[("Accepted", "True", "Accepted")]
+            )]),
+        );
+        let a = acceptance(&svc, Some(&half)).unwrap();
+        assert!(
+            !a.accepted && a.message.contains("serve/internal") && !a.message.contains("public")
+        );
+        let both = with_parents(
+            &svc,
+            serde_json::json!([
+                reported(
+                    "public",
+                    Some("gateways"),
+                    &[
+                        ("Accepted", "True", "Accepted"),
+                        ("ResolvedRefs", "True", "ResolvedRefs")
+                    ]
+                ),
+                reported("internal", None, &[("Accepted", "True", "Accepted")]),
+            ]),
+        );
+        let a = acceptance(&svc, Some(&both)).unwrap();
+        assert!(a.accepted && a.reason == "Accepted", "{a:?}");
+        // A refusal, or a backend the Gateway cannot resolve, is the verdict.
+        let refused = with_parents(
+            &svc,
+            serde_json::json!([
+                reported(
+                    "public",
+                    Some("gateways"),
+                    &[("Accepted", "False", "NotAllowedByListeners")]
+                ),
+                reported("internal", None, &[("Accepted", "True", "Accepted")]),
+            ]),
+        );
+        let a = acceptance(&svc, Some(&refused)).unwrap();
+        assert_eq!(
+            (a.accepted, a.reason.as_str()),
+            (false, "NotAllowedByListeners")
+        );
+        assert_eq!(
+            a.message,
+            "Gateway gateways/public: NotAllowedByListeners said the gateway"
+        );
+        let unresolved = with_parents(
+            &svc,
+            serde_json::json!([
+                reported(
+                    "public",
+                    Some("gateways"),
+                    &[("Accepted", "True", "Accepted")]
+                ),
+                reported(
+                    "internal",
+                    None,
+                    &[
+                        ("Accepted", "True", "Accepted"),
+                        ("ResolvedRefs", "False", "BackendNotFound")
+                    ]
+                ),
+            ]),
+        );
+        assert_eq!(
+            acceptance(&svc, Some(&unresolved)).unwrap().reason,
+            "BackendNotFound"
+        );
     }
 
     #[test]

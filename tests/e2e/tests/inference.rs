@@ -1512,6 +1512,44 @@ async fn a_route_exposes_the_service_through_a_gateway_and_goes_with_it() -> Res
         .await?;
     let port = &service.spec.unwrap_or_default().ports.unwrap_or_default()[0];
     ensure!(port.port == 8000 && port.name.as_deref() == Some("http"));
+    // No Gateway controller runs here: the route waits to be accepted.
+    let route_condition = |want: &'static str, reason: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(
+                &format!("RouteAccepted {want} ({reason})"),
+                WAIT,
+                || async {
+                    let s = api.get("chat").await?;
+                    Ok(condition(&s, "RouteAccepted")
+                        .filter(|c| c.status == want && c.reason == reason)
+                        .map(|c| c.message.clone()))
+                },
+            )
+            .await
+        }
+    };
+    let waiting = route_condition("False", "Pending").await?;
+    ensure!(waiting.contains("gateways/public"), "{waiting}");
+    // Play the Gateway's controller: it accepts the route, then refuses it.
+    let gateway_says = |status: &str, reason: &str| {
+        let patch = json!({"status": {"parents": [{
+            "parentRef": {"name": "public", "namespace": "gateways", "sectionName": "https"},
+            "controllerName": "example.com/gateway-controller",
+            "conditions": [{"type": "Accepted", "status": status, "reason": reason,
+                            "message": format!("{reason}, said the test as the Gateway controller"),
+                            "lastTransitionTime": "2026-11-30T00:00:00Z", "observedGeneration": 1}]
+        }]}});
+        sh(&format!(
+            "kubectl patch httproute chat -n {} --subresource=status --type=merge -p '{patch}'",
+            ns.name
+        ))
+    };
+    gateway_says("True", "Accepted")?;
+    route_condition("True", "Accepted").await?;
+    gateway_says("False", "NotAllowedByListeners")?;
+    let refused = route_condition("False", "NotAllowedByListeners").await?;
+    ensure!(refused.contains("Gateway gateways/public"), "{refused}");
     // Deleted by hand, it comes back.
     sh(&format!(
         "kubectl delete httproute chat -n {} --wait",
@@ -1528,8 +1566,10 @@ async fn a_route_exposes_the_service_through_a_gateway_and_goes_with_it() -> Res
         &Patch::Merge(&json!({"spec": {"route": null}})),
     )
     .await?;
-    eventually("the HTTPRoute to be deleted", WAIT, || async {
-        Ok(http_route(&ns.name, "chat")?.is_none().then_some(()))
+    eventually("the HTTPRoute and its condition to go", WAIT, || async {
+        let gone = http_route(&ns.name, "chat")?.is_none()
+            && condition(&api.get("chat").await?, "RouteAccepted").is_none();
+        Ok(gone.then_some(()))
     })
     .await?;
     ns.delete().await
