@@ -295,23 +295,17 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     plan.status.progress = Some(p.clone());
                 }
             }
-            // A gang past its last step is finishing (the final checkpoint,
-            // pods completing): no step will come, and none is missing.
-            let finishing = cur.succeeded > 0
-                || plan
-                    .status
-                    .progress
-                    .as_ref()
-                    .is_some_and(|p| p.total_steps > 0 && p.step >= p.total_steps);
             if all_up {
-                if let Some(limit) = spec
-                    .run_policy
-                    .progress_deadline_seconds
-                    .filter(|_| !finishing)
-                {
+                if let Some(limit) = spec.run_policy.progress_deadline_seconds {
                     let (since, step) = progress_clock(&old, &plan.status, cur.attempt, &now);
                     let quiet = observed.now.duration_since(since.0).as_secs_f64();
-                    if quiet >= limit as f64 {
+                    // A gang past its last step (by this attempt's own
+                    // report) is finishing: the final checkpoint, pods
+                    // completing. No step will come, and none is missing.
+                    let total = plan.status.progress.as_ref().map_or(0, |p| p.total_steps);
+                    let finishing =
+                        cur.succeeded > 0 || step.is_some_and(|s| total > 0 && s >= total);
+                    if quiet >= limit as f64 && !finishing {
                         let last = step.map_or("no report from this attempt".into(), |s| {
                             format!("last at step {s}")
                         });
@@ -330,9 +324,10 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                         );
                         return plan;
                     }
-                    let left =
-                        Duration::from_secs_f64(limit as f64 - quiet).max(Duration::from_secs(1));
-                    plan.requeue_after = Some(plan.requeue_after.map_or(left, |d| d.min(left)));
+                    if !finishing {
+                        let left = Duration::from_secs_f64((limit as f64 - quiet).max(1.0));
+                        plan.requeue_after = Some(plan.requeue_after.map_or(left, |d| d.min(left)));
+                    }
                 }
                 // Poll rank 0 for progress while the gang runs.
                 let poll = super::progress::POLL_INTERVAL;

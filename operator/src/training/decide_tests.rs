@@ -938,6 +938,22 @@ fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
         },
     );
     assert_eq!(plan.create, None);
+    // A report of the last step from an earlier attempt does not spare the
+    // next one: attempt 1 (resumed from a checkpoint) never reports.
+    let mut earlier = j.clone();
+    earlier.status.as_mut().unwrap().progress = Some(report_at(10, "2026-11-28T11:00:00Z"));
+    earlier.status.as_mut().unwrap().phase = Some(TrainingPhase::Restarting);
+    let next = || vec![attempt(1, AttemptOutcome::Running, Counters::default())];
+    let runs = decide(&earlier, &observed(next()));
+    assert_eq!(runs.status.phase, Some(TrainingPhase::Running));
+    let silent = decide(
+        &after(earlier, &runs),
+        &Observed {
+            now: at("2026-11-28T12:01:00Z"),
+            ..observed(next())
+        },
+    );
+    assert_eq!(silent.status.phase, Some(TrainingPhase::Restarting));
     // Mid-run, the same silence is a hang.
     let hung = decide(
         &j,
