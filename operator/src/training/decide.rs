@@ -305,7 +305,15 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     let total = plan.status.progress.as_ref().map_or(0, |p| p.total_steps);
                     let finishing =
                         cur.succeeded > 0 || step.is_some_and(|s| total > 0 && s >= total);
-                    if quiet >= limit as f64 && !finishing {
+                    // A report that shows no new step is the verdict; no
+                    // answer at all (a poll that timed out on a loaded node)
+                    // gets one more poll first.
+                    let deadline = if observed.progress.is_some() {
+                        limit as f64
+                    } else {
+                        limit as f64 + super::progress::POLL_INTERVAL.as_secs_f64()
+                    };
+                    if quiet >= deadline && !finishing {
                         let last = step.map_or("no report from this attempt".into(), |s| {
                             format!("last at step {s}")
                         });
@@ -325,7 +333,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                         return plan;
                     }
                     if !finishing {
-                        let left = Duration::from_secs_f64((limit as f64 - quiet).max(1.0));
+                        let left = Duration::from_secs_f64((deadline - quiet).max(1.0));
                         plan.requeue_after = Some(plan.requeue_after.map_or(left, |d| d.min(left)));
                     }
                 }

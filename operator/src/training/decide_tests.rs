@@ -821,18 +821,20 @@ fn a_gang_that_never_reports_is_hung_at_the_deadline_and_the_budget_still_bounds
     let running = || vec![attempt(2, AttemptOutcome::Running, counters)];
     let start = decide(&j, &observed(running()));
     j = after(j, &start);
+    // Rank 0 does not answer: past the deadline it gets one more poll.
     let early = decide(
         &j,
         &Observed {
-            now: at("2026-11-28T12:00:59Z"),
+            now: at("2026-11-28T12:01:29Z"),
             ..observed(running())
         },
     );
     assert_eq!(early.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(early.requeue_after, Some(Duration::from_secs(1)));
     let hung = decide(
         &j,
         &Observed {
-            now: at("2026-11-28T12:01:00Z"),
+            now: at("2026-11-28T12:01:30Z"),
             ..observed(running())
         },
     );
@@ -949,7 +951,7 @@ fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
     let silent = decide(
         &after(earlier, &runs),
         &Observed {
-            now: at("2026-11-28T12:01:00Z"),
+            now: at("2026-11-28T12:01:30Z"),
             ..observed(next())
         },
     );
