@@ -162,7 +162,8 @@ struct MetricsLine {
     aux_loss: f64,
     lr: f64,
     grad_norm: f64,
-    tokens_per_second: f64,
+    #[serde(flatten)]
+    pace: Pace,
     /// The most tokens any expert of any MoE layer received in the step.
     expert_load_max: usize,
     /// Tokens per expert if perfectly balanced (`tokens * topK / experts`).
@@ -170,7 +171,16 @@ struct MetricsLine {
     /// The worst MoE layer's `max load / mean − 1` ([`Balance`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     expert_load_max_violation: Option<f64>,
-    /// Wall time per step over the logging interval.
+}
+
+/// How fast a logging interval went: in its `metrics.jsonl` line, and in
+/// rank 0's reports until the next one.
+#[derive(Serialize, Clone, Copy, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Pace {
+    tokens_per_second: f64,
+    /// Wall time per step, checkpoint writes included (what an estimate
+    /// of the time left needs).
     #[serde(skip_serializing_if = "Option::is_none")]
     seconds_per_step: Option<f64>,
     /// Model FLOPs utilisation of the gang's GPUs (`crate::model::flops`).
@@ -360,9 +370,8 @@ pub fn train_as(
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
-    // Throughput and pace of the last logging interval, kept for the
-    // reports between.
-    let (mut logged_rate, mut logged_pace, mut logged_mfu) = (None, None, None);
+    // The last logging interval's, kept for the reports between.
+    let mut last_pace: Option<Pace> = None;
     // A single process stops between micro-batches; ranks must stop at the
     // same step boundary, which they agree on before each step.
     let solo = dp.size() == 1;
@@ -389,20 +398,17 @@ pub fn train_as(
         );
         if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
         {
-            let mut line = metrics_line(&report, interval.tokens_per_second(), &settings, &balance);
-            line.seconds_per_step = interval.seconds_per_step();
-            line.mfu = peak.map(|p| flops::mfu(&model_flops, line.tokens_per_second, gpus, p));
+            let pace = interval.pace(|rate| peak.map(|p| flops::mfu(&model_flops, rate, gpus, p)));
+            let line = metrics_line(&report, pace, &settings, &balance);
             interval = Interval::new();
-            logged_rate = Some(line.tokens_per_second);
-            logged_pace = line.seconds_per_step;
-            logged_mfu = line.mfu;
+            last_pace = Some(pace);
             if let Some(metrics) = &mut metrics {
                 tracing::info!(
                     step = report.step,
                     loss = report.loss,
                     lr = report.learning_rate,
                     grad_norm = report.grad_norm,
-                    tokens_per_second = line.tokens_per_second,
+                    tokens_per_second = pace.tokens_per_second,
                     "step"
                 );
                 write_line(metrics, &metrics_path, &line)?;
@@ -416,9 +422,9 @@ pub fn train_as(
                 step: report.step,
                 total_steps,
                 loss: Some(report.loss),
-                tokens_per_second: logged_rate,
-                seconds_per_step: logged_pace,
-                mfu: logged_mfu,
+                tokens_per_second: last_pace.map(|p| p.tokens_per_second),
+                seconds_per_step: last_pace.and_then(|p| p.seconds_per_step),
+                mfu: last_pace.and_then(|p| p.mfu),
                 last_checkpoint_step: run.saved_step,
                 expert_load: balance.as_ref().map(Balance::worst),
                 fabric: fabric.clone(),
@@ -601,18 +607,19 @@ impl Interval {
         }
     }
 
-    /// Wall time per optimizer step, checkpoint writes included (what an
-    /// estimate of the time left needs).
-    fn seconds_per_step(&self) -> Option<f64> {
-        (self.steps > 0).then(|| self.started.elapsed().as_secs_f64() / self.steps as f64)
-    }
-
-    fn tokens_per_second(&self) -> f64 {
+    /// The interval's pace; `mfu` turns its tokens per second into MFU
+    /// (on a GPU of known peak).
+    fn pace(&self, mfu: impl Fn(f64) -> Option<f64>) -> Pace {
         let seconds = self.started.elapsed().as_secs_f64();
-        if seconds > 0.0 {
+        let tokens_per_second = if seconds > 0.0 {
             self.tokens as f64 / seconds
         } else {
             0.0
+        };
+        Pace {
+            tokens_per_second,
+            seconds_per_step: (self.steps > 0).then(|| seconds / self.steps as f64),
+            mfu: mfu(tokens_per_second),
         }
     }
 }
@@ -867,7 +874,7 @@ fn fabric_check(
 
 fn metrics_line(
     report: &StepReport,
-    tokens_per_second: f64,
+    pace: Pace,
     settings: &TrainSettings,
     balance: &Option<Balance>,
 ) -> MetricsLine {
@@ -878,7 +885,7 @@ fn metrics_line(
         aux_loss: report.aux_loss,
         lr: report.learning_rate,
         grad_norm: report.grad_norm,
-        tokens_per_second,
+        pace,
         expert_load_max: report
             .expert_loads
             .iter()
@@ -888,8 +895,6 @@ fn metrics_line(
             .unwrap_or(0),
         expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
         expert_load_max_violation: balance.as_ref().map(|b| b.worst().max_violation),
-        seconds_per_step: None,
-        mfu: None,
     }
 }
 
