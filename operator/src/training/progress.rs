@@ -61,30 +61,27 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
         total_steps: report.total_steps,
         display: format!("{}/{} ({percent}%{eta})", report.step, report.total_steps),
         estimated_remaining_seconds: remaining,
-        mfu: report
-            .mfu
-            .filter(|m| m.is_finite())
-            .map(|m| (m * 1e3).round() / 1e3),
-        loss: report
-            .loss
-            .filter(|l| l.is_finite())
-            .map(|l| (l * 1e4).round() / 1e4),
-        tokens_per_second: report
-            .tokens_per_second
-            .filter(|t| t.is_finite())
-            .map(|t| t.round()),
+        mfu: rounded(report.mfu, 3),
+        loss: rounded(report.loss, 4),
+        tokens_per_second: rounded(report.tokens_per_second, 0),
         last_checkpoint_step: report.last_checkpoint_step,
-        expert_load: report
-            .expert_load
-            .as_ref()
-            .filter(|e| e.max_violation.is_finite())
-            .map(|e| ExpertLoad {
-                max_violation: (e.max_violation * 1e3).round() / 1e3,
+        expert_load: report.expert_load.as_ref().and_then(|e| {
+            Some(ExpertLoad {
+                max_violation: rounded(Some(e.max_violation), 3)?,
                 layer: e.layer,
-            }),
+            })
+        }),
         fabric: report.fabric.clone(),
         update_time: Some(Time(now)),
     }
+}
+
+/// `value` to `places` decimals; `None` for what JSON cannot carry (NaN, ±∞).
+fn rounded(value: Option<f64>, places: i32) -> Option<f64> {
+    let scale = 10f64.powi(places);
+    value
+        .filter(|v| v.is_finite())
+        .map(|v| (v * scale).round() / scale)
 }
 
 /// `seconds` as kubectl prints ages: the two largest units.
