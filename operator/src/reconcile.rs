@@ -116,6 +116,26 @@ where
     }
 }
 
+/// A namespaced kind the controllers create, apply, delete or patch the
+/// status of: every child object and both custom resources.
+pub trait Child:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Whether the apiserver serves `K` (its group version lists the resource):
 /// how the optional integrations check the cluster at start.
 pub async fn served<K>(client: &Client) -> Result<bool, kube::Error>
@@ -138,11 +158,7 @@ pub async fn apply_if_changed<K>(
     store: &Store<K>,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Child,
 {
     let name = desired.name_any();
     let current = store.get(&ObjectRef::new(&name).within(ns));
@@ -176,11 +192,7 @@ pub async fn create_once<K>(
     object: &K,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let params = PostParams {
@@ -206,10 +218,7 @@ pub async fn delete_if_present<K>(
     name: &str,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let deleted = match api.delete(name, &DeleteParams::background()).await {
@@ -243,10 +252,7 @@ pub async fn apply_status<K>(
     status: &impl serde::Serialize,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     let body = json!({
