@@ -71,6 +71,9 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName)")
         .message("placement.queueName is immutable: create a new service to serve from another queue")
         .field_path(".placement.queueName"),
+    validation = Rule::new("!has(self.parallelism.expertLoadBalancing) || self.worker.device == 'cpu'")
+        .message("parallelism.expertLoadBalancing is not implemented on worker.device cuda yet: the GPU engine holds no expert copies")
+        .field_path(".parallelism.expertLoadBalancing"),
     validation = Rule::new("!has(self.placement.topology) || !has(self.placement.topology.expertGroups)")
         .message("placement.topology.expertGroups applies to training jobs: a replica group is already one expert-parallel group")
         .field_path(".placement.topology.expertGroups"),
@@ -234,9 +237,14 @@ pub enum ModelFormat {
 /// worker processes (one per GPU), experts split over `expertParallel` ranks.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.podsPerReplica * self.processesPerPod == self.expertParallel")
-    .message("parallelism.expertParallel must equal the processes (GPUs) per replica, podsPerReplica × processesPerPod: each process serves its share of the experts")
-    .field_path(".expertParallel"))]
+#[x_kube(
+    validation = Rule::new("self.podsPerReplica * self.processesPerPod == self.expertParallel")
+        .message("parallelism.expertParallel must equal the processes (GPUs) per replica, podsPerReplica × processesPerPod: each process serves its share of the experts")
+        .field_path(".expertParallel"),
+    validation = Rule::new("!has(self.expertLoadBalancing) || (self.expertParallel > 1 && self.expertLoadBalancing.redundantExperts % self.expertParallel == 0)")
+        .message("parallelism.expertLoadBalancing.redundantExperts must be a multiple of expertParallel, which must be above 1: every rank of a replica gets the same number of slots for copies of other ranks' experts")
+        .field_path(".expertLoadBalancing.redundantExperts"),
+)]
 pub struct ServingParallelism {
     /// Worker processes per pod: one per GPU for CUDA workers.
     #[serde(default = "one")]
@@ -250,6 +258,35 @@ pub struct ServingParallelism {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 4096))]
     pub expert_parallel: i32,
+    /// Copies of the busiest experts on other ranks, chosen again from the
+    /// observed load every `intervalSeconds` (DeepSeek-V3's redundant
+    /// experts): unset, each expert lives on one rank only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_load_balancing: Option<ExpertLoadBalancing>,
+}
+
+/// Redundant experts: each rank of a replica gets
+/// `redundantExperts / expertParallel` more expert slots, filled with copies
+/// of the experts the router sends the most tokens to, so a hot expert's
+/// work is shared by several ranks instead of making one the whole
+/// replica's bottleneck.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertLoadBalancing {
+    /// Expert slots added per MoE layer over the whole replica, a multiple
+    /// of `expertParallel` (every rank holds the same number). Each costs
+    /// one expert's weights of memory on its rank once filled.
+    #[schemars(range(min = 1, max = 4096))]
+    pub redundant_experts: i32,
+    /// How often the copies are chosen again from the load routed since the
+    /// last choice (the replica pauses for the weights to move).
+    #[serde(default = "default_rebalance_interval")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub interval_seconds: i32,
+}
+
+fn default_rebalance_interval() -> i32 {
+    600
 }
 
 impl Default for ServingParallelism {
@@ -258,6 +295,7 @@ impl Default for ServingParallelism {
             processes_per_pod: 1,
             pods_per_replica: 1,
             expert_parallel: 1,
+            expert_load_balancing: None,
         }
     }
 }

@@ -90,6 +90,16 @@ struct ServeArgs {
     /// here, on this machine.
     #[arg(long)]
     expert_parallel: Option<usize>,
+    /// Expert copies per MoE layer over the replica, a multiple of
+    /// --expert-parallel: each rank gets that share of slots for copies of
+    /// the busiest experts, chosen again from the routed load every
+    /// --rebalance-interval-seconds (default: the config's
+    /// parallelism.expertLoadBalancing, else none).
+    #[arg(long)]
+    redundant_experts: Option<usize>,
+    /// Seconds between choices of the expert copies (default 600).
+    #[arg(long)]
+    rebalance_interval_seconds: Option<u64>,
     /// Compute every prompt whole, never reusing the KV pages of a prefix
     /// served before (prefix caching is on by default; the config's
     /// serving.prefixCaching can turn it off too).
@@ -168,6 +178,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             _ => moe_crds::ServingPrecision::Fp32,
         }),
         expert_parallel: args.expert_parallel,
+        redundant_experts: args.redundant_experts,
+        rebalance_interval_seconds: args.rebalance_interval_seconds,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
         no_prefix_caching: args.no_prefix_caching,
         device: args.device.map(|d| match d.as_str() {
@@ -285,13 +297,14 @@ fn serve_gang(
 /// rendezvous; ports and threads may differ).
 fn serving_hash(options: &moe_worker::serve::ServeOptions) -> u64 {
     let canonical = format!(
-        "{:?}|{:?}|{:?}|{}|{}|{}",
+        "{:?}|{:?}|{:?}|{}|{}|{}|{}",
         options.model_dir,
         options.format,
         options.checkpoint_step,
         options.kv_cache_bytes,
         options.page_size,
-        options.expert_parallel
+        options.expert_parallel,
+        options.redundant_experts
     );
     moe_worker::dist::schedule::fnv1a(canonical.as_bytes())
 }

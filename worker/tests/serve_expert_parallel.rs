@@ -42,6 +42,7 @@ use moe_worker::serve::kv_cache::{KvStore, PageId};
 use moe_worker::serve::load::{self, LoadedModel};
 use moe_worker::serve::lockstep::{self, Lockstep, Message, StepPlan};
 use moe_worker::serve::metrics::Metrics;
+use moe_worker::serve::rebalance::LayerRebalance;
 use moe_worker::serve::replica::{self, Joined};
 use moe_worker::serve::{self, ServeOptions, Server};
 use serde_json::{Value, json};
@@ -307,6 +308,28 @@ fn replica_trace(
     options: &ServeOptions,
     load: &(dyn Fn(usize, Range<usize>) -> LoadedModel + Sync),
 ) -> Trace {
+    replica_trace_rebalancing(ranks, experts, options, load, None).trace
+}
+
+/// What [`replica_trace_rebalancing`] saw on the leader.
+struct Rebalanced {
+    trace: Trace,
+    /// Each rebalance's report.
+    reports: Vec<Vec<LayerRebalance>>,
+    /// Rows rank 0 computed per (layer, expert) after the first rebalance.
+    rows_after: std::collections::BTreeMap<(usize, usize), u64>,
+}
+
+/// [`replica_trace`], the leader having every rank choose its expert copies
+/// again after every `rebalance_every` steps (as its runner does on its
+/// clock); with what each rebalance reported.
+fn replica_trace_rebalancing(
+    ranks: usize,
+    experts: usize,
+    options: &ServeOptions,
+    load: &(dyn Fn(usize, Range<usize>) -> LoadedModel + Sync),
+    rebalance_every: Option<usize>,
+) -> Rebalanced {
     let traces = dist_support::world(ranks, |world| {
         let rank = world.rank();
         let share = replica::experts_of(rank, ranks, experts).unwrap();
@@ -318,7 +341,7 @@ fn replica_trace(
             return None;
         }
         let Joined {
-            engine,
+            mut engine,
             mut lockstep,
             kv_pages,
             page_size,
@@ -326,10 +349,23 @@ fn replica_trace(
         } = joined;
         let vocab = engine.config().vocab;
         let mut store = KvStore::new(engine.kv_shape(page_size), kv_pages);
+        let (mut steps, mut reports) = (0, Vec::new());
+        let mut rows_after = std::collections::BTreeMap::new();
         let trace = drive(vocab, |chunks| {
             let plan = StepPlan::from_chunks(chunks, page_size);
             lockstep.send(&Message::Step(plan)).unwrap();
-            engine.step(&mut store, chunks).unwrap()
+            let logits = engine.step(&mut store, chunks).unwrap();
+            for (layer, expert, rows) in engine.take_expert_rows() {
+                if !reports.is_empty() {
+                    *rows_after.entry((layer, expert)).or_insert(0) += rows;
+                }
+            }
+            steps += 1;
+            if rebalance_every.is_some_and(|every| steps % every == 0) {
+                lockstep.send(&Message::Rebalance).unwrap();
+                reports.push(engine.rebalance_experts().unwrap());
+            }
+            logits
         });
         lockstep.send(&Message::Stop).unwrap();
         let (exchanged, gathered) = engine.expert_parallel_bytes();
@@ -337,7 +373,11 @@ fn replica_trace(
             "{ranks} ranks: rank 0 exchanged {exchanged} and gathered {gathered} bytes, plans {}",
             lockstep.bytes_sent()
         );
-        Some(trace)
+        Some(Rebalanced {
+            trace,
+            reports,
+            rows_after,
+        })
     });
     traces.into_iter().next().unwrap().unwrap()
 }
@@ -397,6 +437,77 @@ fn native_checkpoints_give_one_process_logits_on_2_and_4_ranks() {
                 load::load_experts(&dir.0, None, None, Some(experts)).unwrap()
             });
             assert_same(&format!("{name} model, {ranks} ranks"), &got, &want);
+        }
+    }
+}
+
+/// Redundant experts: every few steps the leader has the ranks choose
+/// copies of the busiest experts and move their weights. Where a row is
+/// computed never changes its bits, so rank 0 still has one process's
+/// logits — with f32 weights and with FP8 ones, whose copies travel as
+/// values and are rounded again on arrival. With every token routed to
+/// experts 5 and 7 (the skewed model), the copies take the load off the
+/// two ranks that own them: at 4 ranks (one slot each) the four ranks
+/// share it evenly, at 2 ranks (one slot each) the idle rank takes half
+/// of one hot expert, and its own slot stays empty (no copy of an idle
+/// expert helps).
+#[test]
+fn redundant_experts_even_out_hot_experts_and_keep_one_process_logits() {
+    let dir = TempDir::new("ep-redundant");
+    serve_support::write_checkpoint(&dir.0, &spec8(), &skewed_model8(4));
+    for weights in [WeightPrecision::F32, WeightPrecision::Fp8] {
+        let want = single_with(load::load(&dir.0, None, None).unwrap(), weights);
+        for (ranks, served, chosen) in [(4, 2.0, 1.0), (2, 2.0, 1.5)] {
+            let options = ServeOptions {
+                weights,
+                expert_parallel: ranks,
+                redundant_experts: ranks,
+                ..options(&dir.0)
+            };
+            let Rebalanced {
+                trace,
+                reports,
+                rows_after,
+            } = replica_trace_rebalancing(
+                ranks,
+                8,
+                &options,
+                &|_, experts| load::load_experts(&dir.0, None, None, Some(experts)).unwrap(),
+                Some(3),
+            );
+            let what = format!("{weights:?} weights, {ranks} ranks with copies");
+            assert_same(&what, &trace, &want);
+            // Rank 0 owns no hot expert, yet computes rows of one: its copy.
+            let copied: u64 = rows_after
+                .iter()
+                .filter(|((_, e), _)| [5, 7].contains(e))
+                .map(|(_, rows)| rows)
+                .sum();
+            assert!(copied > 0, "{what}: rank 0 computed {rows_after:?}");
+            assert!(reports.len() >= 5, "{what}: {} rebalances", reports.len());
+            // Two MoE layers (the first of three is dense).
+            let first = &reports[0];
+            assert_eq!(first.iter().map(|l| l.layer).collect::<Vec<_>>(), [1, 2]);
+            for layer in first {
+                let routed: u64 = layer.load.iter().sum();
+                assert!(routed > 0, "{what}: layer {} routed nothing", layer.layer);
+                assert_eq!(
+                    layer.load[5] + layer.load[7],
+                    routed,
+                    "{what}: only 5 and 7"
+                );
+                assert!((layer.before - served).abs() < 1e-9, "{what}: {layer:?}");
+                assert!((layer.after - chosen).abs() < 1e-9, "{what}: {layer:?}");
+                assert_eq!(layer.moved, ranks / 2, "{what}: copies of 5 and 7 moved");
+            }
+            // From then on the copies serve: the windows are as chosen, and
+            // nothing moves again (the same load picks the same copies).
+            for later in &reports[1..] {
+                for layer in later.iter().filter(|l| l.load.iter().sum::<u64>() > 0) {
+                    assert!((layer.before - chosen).abs() < 1e-9, "{what}: {layer:?}");
+                    assert_eq!(layer.moved, 0, "{what}: {layer:?}");
+                }
+            }
         }
     }
 }
@@ -874,6 +985,7 @@ fn launch_two_ranks(model: &Path, port: u16, marker: &str) -> Child {
             processes_per_pod: 2,
             pods_per_replica: 1,
             expert_parallel: 2,
+            expert_load_balancing: None,
         },
         port,
         max_batch_tokens: 256,
@@ -1130,6 +1242,7 @@ fn layouts_that_cannot_be_served_are_refused_before_any_rank_starts() {
             processes_per_pod: 4,
             pods_per_replica: 1,
             expert_parallel: 2,
+            expert_load_balancing: None,
         },
         port: 0,
         max_batch_tokens: 256,

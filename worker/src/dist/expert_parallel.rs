@@ -173,13 +173,15 @@ impl ExpertParallel {
             .set(self.bytes_gathered.get() + (values * others * size_of::<f32>()) as u64);
     }
 
-    /// Tells every rank how many rows each peer will send it per expert:
-    /// `send[q·per + j]` rows go to rank `q` for its local expert `j`;
-    /// returns `recv[s·per + j]`, the rows rank `s` sends for this rank's
-    /// expert `j`. All zeros after a failure.
+    /// Tells every rank how many rows each peer will send it per expert
+    /// slot (its experts, or with serving's replicas more slots per rank):
+    /// `send[q·per + j]` rows go to rank `q` for its slot `j`; returns
+    /// `recv[s·per + j]`, the rows rank `s` sends for this rank's slot `j`.
+    /// All zeros after a failure.
     pub fn exchange_counts(&self, send: &[usize]) -> Vec<usize> {
-        let (size, per) = (self.size(), self.experts_per_rank());
-        assert_eq!(send.len(), size * per, "a count per expert");
+        let size = self.size();
+        assert!(send.len().is_multiple_of(size), "the same slots per rank");
+        let per = send.len() / size;
         let mut recv = vec![0u8; send.len() * 8];
         if !self.failed() {
             let bytes: Vec<u8> = send

@@ -10,6 +10,7 @@ pub mod expert;
 pub mod expert_parallel;
 pub mod layer;
 pub mod params;
+pub mod placement;
 pub mod routing;
 
 pub use config::{GroupLimit, MoeConfig, MoeConfigError, ScoreFunction};

@@ -239,6 +239,17 @@ impl PackedLinear {
         self.out_dim
     }
 
+    /// The whole weight `[out_dim, in_dim]` as the kernel multiplies it (the
+    /// rounded values, at BF16 or FP8): packing it again at the same
+    /// precision gives the same products, on any CPU.
+    pub fn weights(&self) -> Vec<f32> {
+        let mut w = vec![0.0; self.out_dim * self.in_dim];
+        for (o, row) in w.chunks_exact_mut(self.in_dim).enumerate() {
+            self.row(o, row);
+        }
+        w
+    }
+
     /// Weight row `o` (`w[o, ..]`), e.g. an embedding looked up from a tied
     /// LM head.
     pub fn row(&self, o: usize, out: &mut [f32]) {

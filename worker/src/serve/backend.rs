@@ -7,6 +7,7 @@
 use crate::serve::engine::{Chunk, Engine, StepError};
 use crate::serve::kv_cache::KvStore;
 use crate::serve::model::ServeConfig;
+use crate::serve::rebalance::LayerRebalance;
 
 pub enum Backend {
     Cpu {
@@ -80,6 +81,16 @@ impl Backend {
             Self::Cpu { engine, .. } => engine.take_expert_rows(),
             #[cfg(feature = "cuda")]
             Self::Cuda { engine, .. } => engine.take_expert_rows(),
+        }
+    }
+
+    /// [`Engine::rebalance_experts`]; the GPU engine holds no expert
+    /// copies (refused with the options), so it has nothing to do.
+    pub fn rebalance_experts(&mut self) -> Result<Vec<LayerRebalance>, StepError> {
+        match self {
+            Self::Cpu { engine, .. } => engine.rebalance_experts(),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { .. } => Ok(Vec::new()),
         }
     }
 

@@ -16,6 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::model::Model;
+use crate::moe::placement::ExpertPlacement;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
@@ -24,6 +25,7 @@ use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::latent::LatentAttention;
 use crate::serve::layers::{Block, Ffn, Layers};
 use crate::serve::model::{RopeLayout, ServeConfig, ServeModel};
+use crate::serve::rebalance::{self, LayerRebalance};
 
 /// One sequence's share of a step.
 #[derive(Clone, Copy, Debug)]
@@ -202,11 +204,18 @@ impl Engine {
 
     /// Serves as one rank of an expert-parallel replica: its model holds
     /// exactly `ep`'s experts of every MoE layer, and every rank of `ep`
-    /// runs the same steps in the same order.
-    pub fn with_expert_parallel(mut self, ep: ExpertParallel) -> Result<Self, String> {
+    /// runs the same steps in the same order. Each MoE layer gets
+    /// `replica_slots` more slots on this rank (and on every other),
+    /// empty until [`Self::rebalance_experts`] fills them with copies of
+    /// the busiest experts.
+    pub fn with_expert_parallel(
+        mut self,
+        ep: ExpertParallel,
+        replica_slots: usize,
+    ) -> Result<Self, String> {
         let own = ep.local_experts();
-        for (layer, block) in self.layers.blocks.iter().enumerate() {
-            if let Ffn::Moe(moe) = &block.ffn {
+        for (layer, block) in self.layers.blocks.iter_mut().enumerate() {
+            if let Ffn::Moe(moe) = &mut block.ffn {
                 let n = moe.config().n_routed_experts;
                 if n != ep.n_experts() {
                     return Err(format!(
@@ -222,10 +231,34 @@ impl Engine {
                         ep.size()
                     ));
                 }
+                let others = n - n / ep.size();
+                if replica_slots > others {
+                    return Err(format!(
+                        "{replica_slots} expert copies per rank, but a rank can only hold copies \
+                         of the other ranks' {others} experts (redundantExperts at most {} for \
+                         {n} experts on {} ranks)",
+                        others * ep.size(),
+                        ep.size()
+                    ));
+                }
+                let placement = ExpertPlacement::primaries(ep.size(), n, replica_slots)?;
+                moe.set_placement(ep.rank(), placement)?;
             }
         }
         self.parallel = Some(Parallel(Mutex::new(ep)));
         Ok(self)
+    }
+
+    /// Chooses every MoE layer's replicas again for the load routed since
+    /// the last call, and moves their weights (`serve/rebalance.rs`). Every
+    /// rank of the replica must call it at the same point between steps.
+    /// A failure breaks the replica, as a failed step's exchange does.
+    pub fn rebalance_experts(&mut self) -> Result<Vec<LayerRebalance>, StepError> {
+        let Some(parallel) = &self.parallel else {
+            return Ok(Vec::new());
+        };
+        let ep = parallel.0.lock().unwrap_or_else(PoisonError::into_inner);
+        rebalance::rebalance(&mut self.layers, &ep).map_err(|e| StepError::collective(&e))
     }
 
     /// Steps compute no logits (they return none): a follower's engine.
@@ -250,7 +283,11 @@ impl Engine {
         let mut taken = Vec::new();
         for (layer, block) in self.layers.blocks.iter().enumerate() {
             if let Ffn::Moe(moe) = &block.ffn {
-                taken.extend(moe.take_rows().map(|(e, rows)| (layer, e, rows)));
+                taken.extend(
+                    moe.take_rows()
+                        .into_iter()
+                        .map(|(e, rows)| (layer, e, rows)),
+                );
             }
         }
         taken

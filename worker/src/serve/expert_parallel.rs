@@ -33,6 +33,9 @@ use crate::serve::layers::Moe;
 pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
     let config = moe.config();
     let (hidden, n_experts) = (config.hidden, config.n_routed_experts);
+    let placement = moe
+        .placement()
+        .expect("an expert-parallel layer has a placement");
     let rows = x.len() / hidden;
     // Every rank has the same rows: with none, all skip the exchanges alike.
     if rows == 0 {
@@ -43,24 +46,42 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
     let mine = &x[first * hidden..(first + counts[ep.rank()]) * hidden];
 
     let (routing, dispatch) = moe.route(mine);
-    let load = dispatch.load();
+    moe.count_routed(&dispatch.load());
+    // Each assignment, in dispatch order (by expert, then token), goes to
+    // the copy of its expert that computes it; rows are sent by copy.
+    let assignments: Vec<usize> = dispatch_order(&dispatch, n_experts).collect();
+    let copy: Vec<usize> = (0..n_experts)
+        .flat_map(|e| {
+            (0..dispatch.slots(e).len()).map(move |i| placement.physical_slot(e, i, ep.rank()))
+        })
+        .collect();
+    let mut load = vec![0; ep.size() * placement.slots_per_rank()];
+    for &c in &copy {
+        load[c] += 1;
+    }
+    // Dispatch positions in sending order (stable: by token within a copy).
+    let mut order: Vec<usize> = (0..copy.len()).collect();
+    order.sort_by_key(|&k| copy[k]);
     let plan = ExchangePlan::new(&load, ep.exchange_counts(&load), ep.size());
-    let mut send = Vec::with_capacity(routing.experts.len() * hidden);
-    for slot in dispatch_order(&dispatch, n_experts) {
-        let token = dispatch.token(slot);
+    let mut send = Vec::with_capacity(order.len() * hidden);
+    for &k in &order {
+        let token = dispatch.token(assignments[k]);
         send.extend_from_slice(&mine[token * hidden..(token + 1) * hidden]);
     }
     let received = ep.exchange_rows(&send, plan.send_rows(), &plan.recv_rows(), hidden);
     drop(send);
 
-    let outputs: Vec<Vec<f32>> = ep
-        .local_experts()
-        .zip(plan.to_batches(&received, hidden))
-        .map(|(e, input)| {
+    let outputs: Vec<Vec<f32>> = plan
+        .to_batches(&received, hidden)
+        .into_iter()
+        .enumerate()
+        .map(|(slot, input)| {
             let mut out = vec![0.0; input.len()];
             if !input.is_empty() {
-                moe.expert(e).forward(&mut out, &input);
-                moe.count_rows(e, input.len() / hidden);
+                moe.slot(slot)
+                    .expect("rows arrive only for a filled slot")
+                    .forward(&mut out, &input);
+                moe.count_slot_rows(slot, input.len() / hidden);
             }
             out
         })
@@ -68,9 +89,21 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
     drop(received);
     let back = plan.to_sources(&outputs, hidden);
     let combined = ep.exchange_rows(&back, &plan.recv_rows(), plan.send_rows(), hidden);
+    // Back into dispatch order, which is the order the sums take.
+    let mut in_dispatch_order = vec![0.0; combined.len()];
+    for (row, &k) in combined.chunks_exact(hidden).zip(&order) {
+        in_dispatch_order[k * hidden..(k + 1) * hidden].copy_from_slice(row);
+    }
+    drop(combined);
 
     let mut output = vec![0.0; mine.len()];
-    moe.add_routed(&mut output, &routing, &dispatch, 0..n_experts, &combined);
+    moe.add_routed(
+        &mut output,
+        &routing,
+        &dispatch,
+        0..n_experts,
+        &in_dispatch_order,
+    );
     moe.add_shared(mine, &mut output);
     ep.all_gather_rows(&output, &counts, hidden)
 }

@@ -14,11 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::moe::config::MoeConfig;
 use crate::moe::dispatch::Dispatch;
+use crate::moe::placement::ExpertPlacement;
 use crate::moe::routing::{self, Routing};
 use crate::ops::packed_linear::{PackedLinear, WeightPrecision};
 use crate::ops::swiglu;
 use crate::serve::latent::LatentAttention;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
+
+/// Bytes before the weights in [`PackedMlp::to_bytes`].
+const MLP_HEADER: usize = 9;
 
 /// The whole model, packed.
 #[derive(Debug)]
@@ -53,7 +57,7 @@ pub(crate) enum Ffn {
 }
 
 /// A SwiGLU MLP with `w1` and `w3` stacked.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct PackedMlp {
     w13: PackedLinear,
     w2: PackedLinear,
@@ -78,6 +82,23 @@ pub(crate) struct Moe {
     /// Token rows each held expert computed since they were last taken
     /// ([`Moe::take_rows`]): the expert load `/metrics` shows.
     rows: Vec<AtomicU64>,
+    /// Expert-parallel serving: where every expert is, and this rank's
+    /// copies of other ranks' experts.
+    parallel: Option<RankExperts>,
+}
+
+/// An expert-parallel rank's view of a layer's [`ExpertPlacement`].
+#[derive(Debug)]
+struct RankExperts {
+    rank: usize,
+    placement: ExpertPlacement,
+    /// This rank's replica slots (`placement.replicas_of(rank)`), filled.
+    replicas: Vec<Option<PackedMlp>>,
+    /// Token rows each replica slot computed since last taken.
+    replica_rows: Vec<AtomicU64>,
+    /// Rows this rank routed to each expert (all of them) since last
+    /// taken: the load the next placement is chosen for.
+    routed: Vec<AtomicU64>,
 }
 
 impl Layers {
@@ -131,6 +152,7 @@ impl Layers {
                             ),
                             selection_bias: layer.selection_bias.clone(),
                             rows: held.clone().map(|_| AtomicU64::new(0)).collect(),
+                            parallel: None,
                             held,
                             experts,
                             shared,
@@ -244,6 +266,73 @@ impl PackedMlp {
         Self::new(&mlp.w1, &mlp.w3, mlp.w2, hidden, mlp.width)
     }
 
+    /// The weights as another rank's [`Self::from_bytes`] packs them again:
+    /// `precision u8 | width u32 | hidden u32 | w13 | w2` (little-endian
+    /// f32 values as the kernel multiplies them, see
+    /// [`PackedLinear::weights`]), so the copy computes the same bits on
+    /// whichever CPU it lands. Values rather than panels: two pods of a
+    /// replica may pack differently (panels need AVX2 and FMA).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let precision: u8 = match self.w13.precision() {
+            WeightPrecision::F32 => 0,
+            WeightPrecision::Bf16 => 1,
+            WeightPrecision::Fp8 => 2,
+        };
+        let (w13, w2) = (self.w13.weights(), self.w2.weights());
+        let mut out = Vec::with_capacity(MLP_HEADER + 4 * (w13.len() + w2.len()));
+        out.push(precision);
+        out.extend_from_slice(&(self.width as u32).to_le_bytes());
+        out.extend_from_slice(&(self.w13.in_dim() as u32).to_le_bytes());
+        for v in w13.iter().chain(&w2) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads one MLP [`Self::to_bytes`] wrote at the start of `bytes`, for
+    /// a layer of `hidden`; returns it and the bytes it took.
+    pub fn from_bytes(bytes: &[u8], hidden: usize) -> Result<(Self, usize), String> {
+        let word = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let (Some(&precision), Some(width), Some(h)) = (bytes.first(), word(1), word(5)) else {
+            return Err(format!("{} bytes are no expert's header", bytes.len()));
+        };
+        if h != hidden || width == 0 {
+            return Err(format!(
+                "an expert of hidden size {h} and width {width}, for a layer of hidden size {hidden}"
+            ));
+        }
+        let precision = match precision {
+            0 => WeightPrecision::F32,
+            1 => WeightPrecision::Bf16,
+            2 => WeightPrecision::Fp8,
+            p => return Err(format!("unknown weight precision {p}")),
+        };
+        let values = 3 * width * hidden;
+        let end = MLP_HEADER + 4 * values;
+        let Some(body) = bytes.get(MLP_HEADER..end) else {
+            return Err(format!(
+                "an expert of {end} bytes, but {} arrived",
+                bytes.len()
+            ));
+        };
+        let w: Vec<f32> = body
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (w13, w2) = w.split_at(2 * width * hidden);
+        let mut mlp = Self {
+            w13: PackedLinear::new(w13.to_vec(), hidden, 2 * width),
+            w2: PackedLinear::new(w2.to_vec(), width, hidden),
+            width,
+        };
+        mlp.round_to(precision);
+        Ok((mlp, end))
+    }
+
     fn round_to(&mut self, precision: WeightPrecision) {
         self.w13.round_to(precision);
         self.w2.round_to(precision);
@@ -274,16 +363,6 @@ impl Moe {
         self.held.clone()
     }
 
-    /// Held routed expert `e` (a global index).
-    pub fn expert(&self, e: usize) -> &PackedMlp {
-        assert!(
-            self.held.contains(&e),
-            "expert {e} is not held here (this layer holds experts {:?})",
-            self.held
-        );
-        &self.experts[e - self.held.start]
-    }
-
     /// Routes `x: [tokens, hidden]`: each token's experts and gates, and the
     /// assignments grouped by expert.
     pub fn route(&self, x: &[f32]) -> (Routing<f32>, Dispatch) {
@@ -301,14 +380,154 @@ impl Moe {
         self.rows[e - self.held.start].fetch_add(rows as u64, Ordering::Relaxed);
     }
 
-    /// The rows each held expert computed since the last call, for those
-    /// that computed any: `(expert, rows)`, global expert indices.
-    pub fn take_rows(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.held
+    /// The rows each held expert computed since the last call (its
+    /// replicas' included), for those that computed any: `(expert, rows)`,
+    /// global expert indices, ascending.
+    pub fn take_rows(&self) -> Vec<(usize, u64)> {
+        let mut taken: Vec<(usize, u64)> = self
+            .held
             .clone()
             .zip(&self.rows)
             .map(|(e, rows)| (e, rows.swap(0, Ordering::Relaxed)))
-            .filter(|&(_, rows)| rows > 0)
+            .collect();
+        if let Some(parallel) = &self.parallel {
+            let replicas = parallel.placement.replicas_of(parallel.rank);
+            for (e, rows) in replicas.iter().zip(&parallel.replica_rows) {
+                if let Some(e) = *e {
+                    taken.push((e, rows.swap(0, Ordering::Relaxed)));
+                }
+            }
+            taken.sort_unstable_by_key(|&(e, _)| e);
+            taken.dedup_by(|later, first| {
+                let same = later.0 == first.0;
+                if same {
+                    first.1 += later.1;
+                }
+                same
+            });
+        }
+        taken.retain(|&(_, rows)| rows > 0);
+        taken
+    }
+
+    /// Makes this layer rank `rank`'s share of `placement` (its primaries
+    /// must be what the layer holds); its replica slots start empty.
+    pub fn set_placement(&mut self, rank: usize, placement: ExpertPlacement) -> Result<(), String> {
+        let per = placement.primaries_per_rank();
+        if self.held != (rank * per..(rank + 1) * per)
+            || placement.experts() != self.config.n_routed_experts
+        {
+            return Err(format!(
+                "the layer holds experts {:?} of {}, but rank {rank} of the placement owns {:?} of {}",
+                self.held,
+                self.config.n_routed_experts,
+                rank * per..(rank + 1) * per,
+                placement.experts()
+            ));
+        }
+        if placement.replicas_of(rank).iter().any(Option::is_some) {
+            return Err("a placement to start from has no replicas".into());
+        }
+        let redundant = placement.redundant();
+        self.parallel = Some(RankExperts {
+            rank,
+            replicas: (0..redundant).map(|_| None).collect(),
+            replica_rows: (0..redundant).map(|_| AtomicU64::new(0)).collect(),
+            routed: (0..self.config.n_routed_experts)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            placement,
+        });
+        Ok(())
+    }
+
+    /// Where this layer's experts are (expert-parallel serving only).
+    pub fn placement(&self) -> Option<&ExpertPlacement> {
+        self.parallel.as_ref().map(|p| &p.placement)
+    }
+
+    /// The expert in this rank's slot `slot` ([`ExpertPlacement`]'s
+    /// numbering: primaries, then replicas), if the slot is filled.
+    pub fn slot(&self, slot: usize) -> Option<&PackedMlp> {
+        let per = self.held.len();
+        if slot < per {
+            return self.experts.get(slot);
+        }
+        self.parallel
+            .as_ref()
+            .and_then(|p| p.replicas.get(slot - per))
+            .and_then(Option::as_ref)
+    }
+
+    /// Counts `rows` token rows computed in this rank's slot `slot`.
+    pub fn count_slot_rows(&self, slot: usize, rows: usize) {
+        let per = self.held.len();
+        if slot < per {
+            self.rows[slot].fetch_add(rows as u64, Ordering::Relaxed);
+        } else if let Some(parallel) = &self.parallel {
+            parallel.replica_rows[slot - per].fetch_add(rows as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts the rows this rank routed to each expert (`load[e]`).
+    pub fn count_routed(&self, load: &[usize]) {
+        if let Some(parallel) = &self.parallel {
+            for (count, &rows) in parallel.routed.iter().zip(load) {
+                count.fetch_add(rows as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The rows this rank routed to each expert since the last call.
+    pub fn take_routed(&self) -> Vec<u64> {
+        self.parallel.as_ref().map_or_else(Vec::new, |p| {
+            p.routed
+                .iter()
+                .map(|c| c.swap(0, Ordering::Relaxed))
+                .collect()
+        })
+    }
+
+    /// This rank's copy of expert `e`, a primary or a replica, if it has one.
+    pub fn copy_of(&self, e: usize) -> Option<&PackedMlp> {
+        if self.held.contains(&e) {
+            return Some(&self.experts[e - self.held.start]);
+        }
+        let parallel = self.parallel.as_ref()?;
+        let replicas = parallel.placement.replicas_of(parallel.rank);
+        let slot = replicas.iter().position(|&r| r == Some(e))?;
+        parallel.replicas[slot].as_ref()
+    }
+
+    /// Moves to `placement`, with `replicas` the weights of this rank's
+    /// replica slots in it (`None` for the empty ones).
+    pub fn install(
+        &mut self,
+        placement: ExpertPlacement,
+        replicas: Vec<Option<PackedMlp>>,
+    ) -> Result<(), String> {
+        let parallel = self
+            .parallel
+            .as_mut()
+            .ok_or("only an expert-parallel layer has replicas")?;
+        let slots = placement.replicas_of(parallel.rank);
+        if slots.len() != replicas.len()
+            || slots
+                .iter()
+                .zip(&replicas)
+                .any(|(e, w)| e.is_some() != w.is_some())
+        {
+            return Err(format!(
+                "replica slots {slots:?}, but weights for {:?}",
+                replicas.iter().map(Option::is_some).collect::<Vec<_>>()
+            ));
+        }
+        parallel.placement = placement;
+        parallel.replicas = replicas;
+        for rows in &parallel.replica_rows {
+            rows.store(0, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Adds `gate · y` into each assignment's token row of `output`, where

@@ -7,6 +7,7 @@
 //!  leader:   Scheduler::plan ─▶ broadcast header ─▶ broadcast plan ─▶ Engine::step (samples)
 //!  follower:                    receive header  ─▶ receive plan   ─▶ Engine::step (no logits)
 //!  idle:     every heartbeat ─▶ broadcast Idle ─▶ barrier  (both sides: a dead rank shows)
+//!  rebalance: broadcast Rebalance ─▶ Engine::rebalance_experts on every rank (its own collectives)
 //!  shutdown: broadcast Stop ─▶ barrier ─▶ followers exit 0
 //! ```
 //!
@@ -19,7 +20,8 @@
 //! Wire format (little-endian), a fixed header then the payload:
 //!
 //! ```text
-//!  header (16 bytes): magic "MOEP" u32 | kind u32 (1 step, 2 idle, 3 stop) | payload bytes u64
+//!  header (16 bytes): magic "MOEP" u32 | kind u32 (1 step, 2 idle, 3 stop, 4 rebalance)
+//!                     | payload bytes u64
 //!  step payload:      chunks u32, then per chunk:
 //!                     start u32 | tokens u32 | pages u32 | logits u8 (0 none, 1 the last row, 2 every row)
 //!                     | tokens × u32 | pages × u32
@@ -51,6 +53,9 @@ pub enum Message {
     /// The leader is shutting down: exit 0. Answered by a barrier, so the
     /// leader exits only once every follower has it.
     Stop,
+    /// Choose the expert copies again and move their weights
+    /// (`serve/rebalance.rs`), every rank now.
+    Rebalance,
 }
 
 /// One step: the chunks, in the order the engine runs them.
@@ -118,6 +123,7 @@ fn kind(message: &Message) -> u32 {
         Message::Step(_) => 1,
         Message::Idle => 2,
         Message::Stop => 3,
+        Message::Rebalance => 4,
     }
 }
 
@@ -178,8 +184,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<(u32, usize), PlanError> {
     let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let len = usize::try_from(len).map_err(|_| PlanError(format!("a payload of {len} bytes")))?;
     match (kind, len) {
-        (1, _) | (2 | 3, 0) => Ok((kind, len)),
-        (2 | 3, _) => Err(PlanError(format!(
+        (1, _) | (2..=4, 0) => Ok((kind, len)),
+        (2..=4, _) => Err(PlanError(format!(
             "message kind {kind} carries no payload, but {len} bytes are announced"
         ))),
         _ => Err(PlanError(format!("unknown message kind {kind}"))),
@@ -192,6 +198,7 @@ pub fn decode(kind: u32, payload: &[u8]) -> Result<Message, PlanError> {
         1 => decode_step(payload).map(Message::Step),
         2 if payload.is_empty() => Ok(Message::Idle),
         3 if payload.is_empty() => Ok(Message::Stop),
+        4 if payload.is_empty() => Ok(Message::Rebalance),
         _ => Err(PlanError(format!(
             "message kind {kind} with {} payload bytes",
             payload.len()
@@ -377,7 +384,7 @@ impl Lockstep {
                 }
                 done => done?,
             },
-            Message::Step(_) => {}
+            Message::Step(_) | Message::Rebalance => {}
         }
         Ok(message)
     }
@@ -427,6 +434,7 @@ mod tests {
             Message::Step(StepPlan::default()),
             Message::Idle,
             Message::Stop,
+            Message::Rebalance,
         ] {
             assert_eq!(round_trip(&message), message);
         }

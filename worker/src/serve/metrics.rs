@@ -9,6 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::serve::rebalance::LayerRebalance;
 
 /// One HTTP response, by route and status code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,7 +24,8 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CollectiveLabels {
     /// `plan` (the leader's step plans), `expert_exchange` (dispatch and
-    /// combine), `all_gather` (the rows after each MoE layer).
+    /// combine), `all_gather` (the rows after each MoE layer),
+    /// `expert_weights` (expert copies moved by a rebalance).
     pub kind: String,
 }
 
@@ -32,6 +36,16 @@ pub struct ExpertLabels {
     pub layer: String,
     /// The routed expert (its global index).
     pub expert: String,
+}
+
+/// How evenly one MoE layer's load fell on the ranks of a replica.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImbalanceLabels {
+    /// The decoder layer.
+    pub layer: String,
+    /// `served`: as the expert copies were placed while the load was
+    /// routed; `chosen`: the same load under the copies chosen from it.
+    pub placement: String,
 }
 
 /// Cheap to clone: every metric is a shared atomic.
@@ -62,6 +76,11 @@ pub struct Metrics {
     pub collective_bytes: Family<CollectiveLabels, Counter>,
     /// Token rows each routed expert held by this process computed.
     pub expert_tokens: Family<ExpertLabels, Counter>,
+    /// Times the expert copies were chosen again.
+    pub expert_rebalances: Counter,
+    /// The busiest rank's expected rows over the mean, per MoE layer, for
+    /// the last rebalance's window.
+    pub expert_load_imbalance: Family<ImbalanceLabels, Gauge<f64, AtomicU64>>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -171,6 +190,18 @@ impl Metrics {
             "Token rows each routed expert held by this process computed, by decoder layer and expert (the expert load; on an expert-parallel replica each rank counts its own experts)",
             expert_tokens.clone(),
         );
+        let expert_rebalances = Counter::default();
+        registry.register(
+            "expert_rebalances",
+            "Times an expert-parallel replica chose its redundant experts again from the routed load",
+            expert_rebalances.clone(),
+        );
+        let expert_load_imbalance = Family::<ImbalanceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "expert_load_imbalance",
+            "The busiest rank's share of the last rebalance window's routed rows over the mean rank's, by MoE layer: as served (placement=served) and under the copies chosen from that load (placement=chosen); 1 is even",
+            expert_load_imbalance.clone(),
+        );
         Self {
             requests,
             prompt_tokens,
@@ -189,6 +220,8 @@ impl Metrics {
             kv_pages_cached,
             collective_bytes,
             expert_tokens,
+            expert_rebalances,
+            expert_load_imbalance,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -222,6 +255,28 @@ impl Metrics {
                     expert: expert.to_string(),
                 })
                 .inc_by(n);
+        }
+    }
+
+    /// Records a rebalance: the imbalance of each layer's window before and
+    /// after, and the weight bytes this rank sent (`collective_bytes` of
+    /// kind `expert_weights`).
+    pub fn record_rebalance(&self, report: &[LayerRebalance]) {
+        self.expert_rebalances.inc();
+        for layer in report {
+            for (placement, value) in [("served", layer.before), ("chosen", layer.after)] {
+                self.expert_load_imbalance
+                    .get_or_create(&ImbalanceLabels {
+                        layer: layer.layer.to_string(),
+                        placement: placement.into(),
+                    })
+                    .set(value);
+            }
+            self.collective_bytes
+                .get_or_create(&CollectiveLabels {
+                    kind: "expert_weights".into(),
+                })
+                .inc_by(layer.bytes_sent);
         }
     }
 

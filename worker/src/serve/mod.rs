@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod model;
 pub mod options;
 pub mod prefix_cache;
+pub mod rebalance;
 pub mod replica;
 pub mod runner;
 pub mod sampler;
@@ -106,6 +107,12 @@ pub struct ServeOptions {
     /// Ranks (processes) of one replica, each holding `1/expert_parallel`
     /// of every MoE layer's routed experts (1: one process holds all).
     pub expert_parallel: usize,
+    /// Slots per MoE layer over the replica for copies of the busiest
+    /// experts (`moe/placement.rs`; 0: none), a multiple of `expert_parallel`.
+    pub redundant_experts: usize,
+    /// How often the copies are chosen again from the load since the last
+    /// choice.
+    pub rebalance_interval: std::time::Duration,
     /// Whether prompts reuse the KV pages of a prefix computed before
     /// (`serve/prefix_cache.rs`).
     pub prefix_caching: bool,
@@ -175,6 +182,29 @@ impl ServeOptions {
         for (what, value) in positive {
             if value == 0 {
                 return Err(ServeError::Options(format!("{what} must be at least 1")));
+            }
+        }
+        if self.redundant_experts > 0 {
+            let refusal = if self.expert_parallel < 2 {
+                Some(
+                    "needs an expert-parallel replica (expertParallel above 1): copies go to other ranks",
+                )
+            } else if !self.redundant_experts.is_multiple_of(self.expert_parallel) {
+                Some(
+                    "must be a multiple of expertParallel: every rank gets the same number of slots",
+                )
+            } else if self.device == moe_crds::Device::Cuda {
+                Some("is not implemented on device cuda yet: the GPU engine holds no expert copies")
+            } else if self.rebalance_interval.is_zero() {
+                Some("needs an intervalSeconds of at least 1")
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                return Err(ServeError::Options(format!(
+                    "parallelism.expertLoadBalancing.redundantExperts {} {refusal}",
+                    self.redundant_experts
+                )));
             }
         }
         Ok(())
@@ -300,6 +330,7 @@ fn spawn_runner(
     let settings = RunnerSettings {
         limits: options.limits(),
         kv_pages,
+        rebalance_interval: (options.redundant_experts > 0).then_some(options.rebalance_interval),
     };
     runner::start(engine, tokenizer, settings, metrics.clone(), lockstep).map_err(|error| {
         ServeError::Io {

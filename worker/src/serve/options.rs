@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use moe_crds::contract::{METRICS_PORT, SERVING_PORT};
 use moe_crds::{Device, ModelFormat, ServingConfig, ServingPrecision};
@@ -15,6 +16,9 @@ use crate::serve::{DEFAULT_KV_CACHE_BYTES, DEFAULT_PAGE_SIZE, ServeError, ServeO
 /// The operator's defaults (`spec.serving`), for a server started by hand.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 64;
+/// How often an expert-parallel replica with redundant experts chooses
+/// them again (the CRD's default `intervalSeconds`).
+pub const DEFAULT_REBALANCE_INTERVAL_SECONDS: usize = 600;
 /// Waiting requests per running slot before 429s: enough to ride out a
 /// burst, few enough that a queued request is not answered minutes late.
 pub const QUEUE_PER_RUNNING_SLOT: usize = 4;
@@ -37,6 +41,11 @@ pub struct Flags {
     /// Ranks of one replica, the experts split over them (`parallelism`'s
     /// `expertParallel` in the config).
     pub expert_parallel: Option<usize>,
+    /// Expert copies per MoE layer over the replica (`parallelism.
+    /// expertLoadBalancing.redundantExperts` in the config).
+    pub redundant_experts: Option<usize>,
+    /// Seconds between choices of the copies (`intervalSeconds`).
+    pub rebalance_interval_seconds: Option<u64>,
     /// `MOE_STATUS_ADDR`: `host:port`, or `off`.
     pub metrics_addr: Option<String>,
     /// `--no-prefix-caching`: turns the config's prefix caching off.
@@ -106,6 +115,7 @@ pub fn resolve(
         })?),
         None => Some(SocketAddr::new(host, METRICS_PORT)),
     };
+    let balancing = config.and_then(|c| c.parallelism.expert_load_balancing.as_ref());
     let device = flags
         .device
         .or_else(|| config.map(|c| c.device))
@@ -143,6 +153,18 @@ pub fn resolve(
             1,
             "parallelism.expertParallel",
         )?,
+        redundant_experts: count(
+            flags.redundant_experts,
+            balancing.map(|b| i64::from(b.redundant_experts)),
+            0,
+            "parallelism.expertLoadBalancing.redundantExperts",
+        )?,
+        rebalance_interval: Duration::from_secs(count(
+            flags.rebalance_interval_seconds.map(|s| s as usize),
+            balancing.map(|b| i64::from(b.interval_seconds)),
+            DEFAULT_REBALANCE_INTERVAL_SECONDS,
+            "parallelism.expertLoadBalancing.intervalSeconds",
+        )? as u64),
         prefix_caching: !flags.no_prefix_caching && config.is_none_or(|c| c.prefix_caching),
         device,
     };

@@ -287,7 +287,7 @@ fn build_engine(
             what: "starting the compute threads".into(),
             error,
         })?
-        .with_expert_parallel(ep)
+        .with_expert_parallel(ep, options.redundant_experts / options.expert_parallel)
         .map_err(ServeError::Options)?;
     let engine = if rank == 0 {
         engine
@@ -385,6 +385,17 @@ pub fn follow_backend(joined: JoinedBackend, metrics: &Metrics) -> Result<(), Se
                 }
             }
             Message::Idle => {}
+            Message::Rebalance => {
+                let started = std::time::Instant::now();
+                let report = engine.rebalance_experts().map_err(|e| {
+                    ServeError::Replica(Failure {
+                        peer: matches!(e, StepError::Collective { peer: true, .. }),
+                        message: e.to_string(),
+                    })
+                })?;
+                super::runner::log_rebalance(&report, started.elapsed());
+                metrics.record_rebalance(&report);
+            }
             Message::Stop => {
                 let (exchanged, gathered) = engine.expert_parallel_bytes();
                 tracing::info!(

@@ -30,6 +30,7 @@ use crate::serve::kv_cache::pages_for;
 use crate::serve::lockstep::{Lockstep, Message, StepPlan};
 use crate::serve::logprobs::{self, Candidate, PromptLogprobs, TokenLogprobs};
 use crate::serve::metrics::Metrics;
+use crate::serve::rebalance::LayerRebalance;
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::scheduler::{Limits, RequestId, Scheduler, Work};
 use crate::serve::text::{Delta, TextAssembler, Tokenizer};
@@ -141,6 +142,9 @@ impl std::error::Error for SubmitError {}
 pub struct RunnerSettings {
     pub limits: Limits,
     pub kv_pages: usize,
+    /// A leader whose replica holds expert copies: how often it has every
+    /// rank choose them again (`serve/rebalance.rs`).
+    pub rebalance_interval: Option<Duration>,
 }
 
 struct Submission {
@@ -334,6 +338,13 @@ pub fn start(
         metrics,
         queued: Arc::clone(&handle.queued),
         pages_used: Arc::clone(&handle.pages_used),
+        rebalance: settings
+            .rebalance_interval
+            .filter(|_| lockstep.is_some())
+            .map(|interval| Rebalance {
+                interval,
+                last: Instant::now(),
+            }),
         lockstep,
         shutdown_ack: None,
     };
@@ -399,6 +410,14 @@ struct Runner {
     lockstep: Option<Lockstep>,
     /// Who asked for the shutdown, answered once the followers are told.
     shutdown_ack: Option<mpsc::Sender<()>>,
+    /// When the expert copies are chosen again (a leader with copies).
+    rebalance: Option<Rebalance>,
+}
+
+/// The leader's clock for rebalancing the expert copies.
+struct Rebalance {
+    interval: Duration,
+    last: Instant,
 }
 
 /// What the scheduler thread does next.
@@ -428,6 +447,22 @@ fn logits_of(w: &Work) -> Logits {
         Logits::All
     } else {
         Logits::last_if(w.sample)
+    }
+}
+
+/// Logs what a rebalance did, one line per MoE layer.
+pub(crate) fn log_rebalance(report: &[LayerRebalance], took: Duration) {
+    for layer in report {
+        tracing::info!(
+            layer = layer.layer,
+            routed_rows = layer.load.iter().sum::<u64>(),
+            imbalance_served = format!("{:.3}", layer.before),
+            imbalance_chosen = format!("{:.3}", layer.after),
+            copies_moved = layer.moved,
+            weight_bytes_sent = layer.bytes_sent,
+            took_ms = took.as_millis() as u64,
+            "expert copies chosen again"
+        );
     }
 }
 
@@ -502,8 +537,31 @@ impl Runner {
                 self.keep_alive()?;
                 continue;
             }
+            self.rebalance_if_due()?;
             self.run_step(&work)?;
         }
+    }
+
+    /// Has every rank choose its expert copies again, when the interval
+    /// has passed. Only between steps that run, so the window it reads
+    /// always holds the load served since the last one.
+    fn rebalance_if_due(&mut self) -> Result<(), Failure> {
+        let (Some(rebalance), Some(lockstep)) = (&mut self.rebalance, &mut self.lockstep) else {
+            return Ok(());
+        };
+        if rebalance.last.elapsed() < rebalance.interval {
+            return Ok(());
+        }
+        let started = Instant::now();
+        lockstep.send(&Message::Rebalance).map_err(|e| broken(&e))?;
+        let report = self.engine.rebalance_experts().map_err(|e| Failure {
+            peer: matches!(e, StepError::Collective { peer: true, .. }),
+            message: e.to_string(),
+        })?;
+        log_rebalance(&report, started.elapsed());
+        self.metrics.record_rebalance(&report);
+        rebalance.last = Instant::now();
+        Ok(())
     }
 
     fn receive(&mut self, message: Inbox) -> Flow {

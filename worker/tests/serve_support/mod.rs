@@ -142,6 +142,8 @@ pub fn options(dir: &Path) -> ServeOptions {
         weights: WeightPrecision::F32,
         expected_model: None,
         expert_parallel: 1,
+        redundant_experts: 0,
+        rebalance_interval: std::time::Duration::from_secs(600),
         prefix_caching: true,
         device: moe_crds::Device::Cpu,
     }
