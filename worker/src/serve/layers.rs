@@ -618,3 +618,64 @@ impl Moe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn random(n: usize, rng: &mut SplitMix64) -> Vec<f32> {
+        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
+    }
+
+    /// An expert sent to another rank computes the sender's bits, at every
+    /// precision (FP8 values are rounded again on arrival, to the same
+    /// codes and scales).
+    #[test]
+    fn an_expert_copied_through_bytes_computes_the_same_bits() {
+        let (hidden, width, rows) = (24, 40, 5);
+        let mut rng = SplitMix64::new(9);
+        let (w1, w3, w2) = (
+            random(width * hidden, &mut rng),
+            random(width * hidden, &mut rng),
+            random(hidden * width, &mut rng),
+        );
+        let x = random(rows * hidden, &mut rng);
+        for precision in [
+            WeightPrecision::F32,
+            WeightPrecision::Bf16,
+            WeightPrecision::Fp8,
+        ] {
+            let mut mlp = PackedMlp::new(&w1, &w3, w2.clone(), hidden, width);
+            mlp.round_to(precision);
+            let mut bytes = mlp.to_bytes();
+            bytes.extend_from_slice(b"next");
+            let (copy, used) = PackedMlp::from_bytes(&bytes, hidden).unwrap();
+            assert_eq!(used, bytes.len() - 4, "{precision:?}: one expert's bytes");
+            assert_eq!(copy.w13.precision(), precision);
+            assert_eq!(
+                copy.w13.bytes(),
+                mlp.w13.bytes(),
+                "{precision:?}: stored alike"
+            );
+            let (mut want, mut got) = (vec![0.0; rows * hidden], vec![0.0; rows * hidden]);
+            mlp.forward(&mut want, &x);
+            copy.forward(&mut got, &x);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{precision:?}");
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_no_expert_are_refused() {
+        let mlp = PackedMlp::new(&[0.5; 8], &[0.25; 8], vec![1.0; 8], 4, 2);
+        let bytes = mlp.to_bytes();
+        let err = |b: &[u8], hidden| PackedMlp::from_bytes(b, hidden).unwrap_err();
+        assert!(err(&bytes[..5], 4).contains("header"));
+        assert!(err(&bytes[..bytes.len() - 1], 4).contains("arrived"));
+        assert!(err(&bytes, 8).contains("hidden size 4"));
+        let mut bad = bytes.clone();
+        bad[0] = 7;
+        assert!(err(&bad, 4).contains("precision 7"));
+    }
+}
