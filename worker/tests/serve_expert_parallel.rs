@@ -29,7 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moe_crds::{Device, ModelFormat, ServingConfig, ServingParallelism, ServingPrecision};
+use moe_crds::{
+    Device, ExpertLoadBalancing, ModelFormat, ServingConfig, ServingParallelism, ServingPrecision,
+};
 use moe_worker::checkpoint;
 use moe_worker::dist::Collective;
 use moe_worker::dist::env::Timeouts;
@@ -974,6 +976,16 @@ fn served_model(name: &str) -> TempDir {
 /// config it renders and the environment it sets (no `MOE_COORDINATOR`
 /// for a one-pod replica), on loopback.
 fn launch_two_ranks(model: &Path, port: u16, marker: &str) -> Child {
+    launch_two_ranks_with(model, port, marker, None)
+}
+
+/// [`launch_two_ranks`] with `parallelism.expertLoadBalancing`.
+fn launch_two_ranks_with(
+    model: &Path,
+    port: u16,
+    marker: &str,
+    balancing: Option<ExpertLoadBalancing>,
+) -> Child {
     let config = ServingConfig {
         service: "test/ep".into(),
         model_dir: model.display().to_string(),
@@ -985,7 +997,7 @@ fn launch_two_ranks(model: &Path, port: u16, marker: &str) -> Child {
             processes_per_pod: 2,
             pods_per_replica: 1,
             expert_parallel: 2,
-            expert_load_balancing: None,
+            expert_load_balancing: balancing,
         },
         port,
         max_batch_tokens: 256,
@@ -1103,6 +1115,68 @@ fn a_two_process_replica_answers_like_one_process_and_stops_on_sigterm() {
         stderr.contains("the leader stopped the replica"),
         "the follower was told: {stderr}"
     );
+}
+
+/// With `expertLoadBalancing` in the operator's config, the leader has the
+/// ranks choose their expert copies on its clock (here every second):
+/// answers stay one process's across rebalances, which the leader's
+/// metrics count, with each MoE layer's imbalance as served and as chosen.
+#[test]
+fn a_two_process_replica_with_expert_copies_rebalances_on_its_clock() {
+    let dir = served_model("ep-rebalance");
+    let want = {
+        let options = ServeOptions {
+            model_name: Some("ep".into()),
+            ..options(&dir.0)
+        };
+        let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
+        answers(one.addr)
+    };
+    let port = free_local_port().unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let balancing = ExpertLoadBalancing {
+        redundant_experts: 2,
+        interval_seconds: 1,
+    };
+    let mut launcher = launch_two_ranks_with(&dir.0, port, "rebalance", Some(balancing));
+    wait_ready(addr, &mut launcher);
+    // The first requests run before the interval has passed, the second
+    // after: a rebalance runs between two of their steps.
+    for round in 0..2 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        for (i, (g, w)) in answers(addr).iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "round {round}, request {i}");
+        }
+    }
+    let text = String::from_utf8(request(addr, "GET", "/metrics", b"").body).unwrap();
+    assert!(metric(&text, "moe_serving_expert_rebalances_total") >= 1.0);
+    for layer in [1, 2] {
+        for placement in ["served", "chosen"] {
+            let imbalance = metric(
+                &text,
+                &format!(
+                    "moe_serving_expert_load_imbalance{{layer=\"{layer}\",placement=\"{placement}\"}}"
+                ),
+            );
+            assert!((1.0..=2.0).contains(&imbalance), "{placement}: {imbalance}");
+        }
+    }
+    // SAFETY: kill(2) reads no memory; the launcher is our live child.
+    assert_eq!(
+        unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let out = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("expert copies chosen again"))
+        .collect();
+    eprintln!("{}", lines.join("\n"));
+    assert!(!lines.is_empty(), "{stderr}");
 }
 
 #[test]

@@ -146,6 +146,22 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             ),
         };
     }
+    // A rank's copies are of the other ranks' experts, each at most once.
+    if let Some(balancing) = &svc.spec.parallelism.expert_load_balancing {
+        let others = experts - experts / ep;
+        let per_rank = balancing.redundant_experts / ep;
+        if per_rank > others {
+            return ModelState::Broken {
+                reason: reason::MODEL_INCOMPATIBLE,
+                message: format!(
+                    "spec.parallelism.expertLoadBalancing.redundantExperts ({}) gives each of the {ep} ranks {per_rank} copies, but a rank can hold copies of only the other ranks' {others} experts of MoETrainingJob {} (redundantExperts at most {})",
+                    balancing.redundant_experts,
+                    from.name,
+                    others * ep
+                ),
+            };
+        }
+    }
     // The training job writes under <mount>/<path>/<ns>/<name>/checkpoints on its claim.
     let dir = training_build::worker_config(job).checkpoint.dir;
     let path = dir
@@ -714,6 +730,30 @@ mod tests {
             resolve_model(&s, Some(&pretokenized)),
             ModelState::Ready(_)
         ));
+        let experts = job(Some("Succeeded"), Some("c")).spec.model.moe.experts;
+        let copies = |redundant: i32| {
+            svc(
+                json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}},
+                "parallelism": {"processesPerPod": 2, "expertParallel": 2,
+                                "expertLoadBalancing": {"redundantExperts": redundant}}}}),
+            )
+        };
+        // Each of 2 ranks can copy the other's experts/2, not more.
+        assert!(matches!(
+            resolve_model(&copies(experts), Some(&job(Some("Succeeded"), Some("c")))),
+            ModelState::Ready(_)
+        ));
+        let ModelState::Broken { reason, message } = resolve_model(
+            &copies(experts + 2),
+            Some(&job(Some("Succeeded"), Some("c"))),
+        ) else {
+            panic!("more copies per rank than other ranks' experts")
+        };
+        assert_eq!(reason, reason::MODEL_INCOMPATIBLE);
+        assert!(
+            message.contains(&format!("(redundantExperts at most {experts})")),
+            "{message}"
+        );
         let s16 = svc(
             json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train"}},
                                       "parallelism": {"processesPerPod": 16, "expertParallel": 16}}}),
