@@ -299,7 +299,7 @@ mod tests {
                         "{name}"
                     );
                     let ep = ExpertParallel::new(Box::new(world), Box::new(Solo), experts).unwrap();
-                    let engine = Engine::serve(share).with_expert_parallel(ep).unwrap();
+                    let engine = Engine::serve(share).with_expert_parallel(ep, 0).unwrap();
                     let engine = if rank == 0 {
                         engine
                     } else {
