@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod dist;
+pub mod fetch;
 pub mod fp8;
 pub mod gradcheck;
 pub mod linear;

@@ -37,6 +37,31 @@ enum Command {
     },
     /// Serve a model over an OpenAI-compatible HTTP API (docs/serving.md).
     Serve(Box<ServeArgs>),
+    /// Download a Hugging Face Hub model into <into>/<repo>/<revision>, as
+    /// a serving pod's init container does (docs/inference-services.md):
+    /// one commit, only what serving reads, every file checked against the
+    /// Hub's hash, resumed after an interruption. The token, for gated and
+    /// private models, comes from $HF_TOKEN.
+    Fetch(FetchArgs),
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// `organization/name` on the Hub.
+    #[arg(long)]
+    repo: String,
+    /// A branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// The directory models are kept under.
+    #[arg(long)]
+    into: PathBuf,
+    /// The Hub (default: $HF_ENDPOINT, else https://huggingface.co).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Files downloaded at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
 }
 
 /// `serve`'s flags; each overrides the same setting of `--config`.
@@ -132,6 +157,35 @@ fn main() -> ExitCode {
             _ => train(config),
         },
         Command::Serve(args) => serve(*args),
+        Command::Fetch(args) => fetch(args),
+    }
+}
+
+fn fetch(args: FetchArgs) -> ExitCode {
+    use moe_worker::fetch;
+    let request = fetch::FetchRequest {
+        repo: args.repo,
+        revision: args.revision,
+        into: args.into,
+        endpoint: args
+            .endpoint
+            .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
+            .unwrap_or_else(|| fetch::DEFAULT_ENDPOINT.to_string()),
+        parallel: args.parallel,
+    };
+    let token = std::env::var("HF_TOKEN").ok();
+    match fetch::fetch(&request, token.as_deref()) {
+        Ok(fetched) => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dir": fetched.dir, "commit": fetched.commit, "files": fetched.files,
+                    "bytes": fetched.bytes, "downloaded": fetched.downloaded,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }
 

@@ -1,0 +1,791 @@
+//! `moe-worker fetch`: a model from the Hugging Face Hub into a directory,
+//! as a serving pod's init container runs it before the server starts
+//! (`spec.model.huggingface`, docs/inference-services.md).
+//!
+//! ```text
+//!  GET {endpoint}/api/models/{repo}/revision/{revision}        → the commit the revision names
+//!  GET {endpoint}/api/models/{repo}/tree/{commit}?recursive=1  → its files: sizes, LFS sha256
+//!  GET {endpoint}/{repo}/resolve/{commit}/{file}               → each file serving reads, resumed
+//!  {into}/{repo}/{commit}/…   then   {into}/{repo}/{revision} → {commit}  (a symlink, swapped atomically)
+//! ```
+//!
+//! - **One commit.** A branch is resolved once; every file comes from that
+//!   commit, into a directory of its own, and the revision's name (the path
+//!   the server reads) is switched to it only once it is complete: a push
+//!   during a download cannot mix two versions, and a server that already
+//!   loaded keeps what it loaded.
+//! - **Only what serving reads**: top-level `*.json` (config, tokenizer,
+//!   safetensors index), `*.safetensors`, `*.jinja` (chat templates), `*.txt`
+//!   and `tokenizer.model`. Never pickles (`*.bin`, `*.pt`: code, not data)
+//!   and never subdirectories (`original/`, `onnx/`: other formats).
+//! - **Checked, never half-written.** Each file is written to
+//!   `<name>.partial`, resumed from its length after an interruption (an HTTP
+//!   range request), checked against the Hub's size and hash (sha256 for
+//!   LFS files, the git blob sha1 for the others), then renamed into place.
+//!   A wrong file is deleted and the fetch fails, naming it. A complete
+//!   commit directory holds `.moe-fetch.json`; a restarted pod, or another
+//!   replica on a shared claim, finds it and downloads nothing. Pods on a
+//!   shared claim take a file lock per file, so two never write one file.
+//! - **The token** (`HF_TOKEN`, from the service's Secret) is sent to the
+//!   Hub only (not to the storage its downloads redirect to), marked
+//!   sensitive, and never logged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+/// Where models come from unless `--endpoint` or `HF_ENDPOINT` says otherwise.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// What a complete commit directory holds.
+pub const COMPLETE: &str = ".moe-fetch.json";
+/// Tries per file (a failed try resumes where the last stopped).
+const TRIES: u32 = 4;
+
+/// What to fetch, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// `org/name`.
+    pub repo: String,
+    /// A branch, tag or commit.
+    pub revision: String,
+    /// The directory models go under: `{into}/{repo}/{revision}`.
+    pub into: PathBuf,
+    pub endpoint: String,
+    /// Files downloaded at once.
+    pub parallel: usize,
+}
+
+/// What a fetch did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The directory the server reads: `{into}/{repo}/{revision}`.
+    pub dir: PathBuf,
+    /// The commit it holds.
+    pub commit: String,
+    pub files: usize,
+    /// Bytes the files hold, and those downloaded now (0: it was complete).
+    pub bytes: u64,
+    pub downloaded: u64,
+}
+
+/// Why a fetch failed.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The request itself is wrong (a repo that is no `org/name`, …).
+    Invalid(String),
+    /// The Hub refused or does not have it, in its words.
+    Hub(String),
+    /// A file arrived but is not the Hub's (size or hash).
+    Corrupt(String),
+    Io {
+        what: String,
+        error: io::Error,
+    },
+    Http(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(m) | Self::Hub(m) | Self::Corrupt(m) | Self::Http(m) => f.write_str(m),
+            Self::Io { what, error } => write!(f, "{what}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+impl FetchError {
+    /// The worker's exit code: 2 for what a retry cannot fix (the spec,
+    /// the Hub's refusal), 1 for the rest (the network, the disk).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Invalid(_) | Self::Hub(_) => 2,
+            Self::Corrupt(_) | Self::Io { .. } | Self::Http(_) => 1,
+        }
+    }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> FetchError {
+    let what = what.into();
+    move |error| FetchError::Io { what, error }
+}
+
+/// One file of a commit, as the Hub's tree lists it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct TreeEntry {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+    #[serde(default)]
+    pub size: u64,
+    /// The git blob id (sha1 of `blob <size>\0<content>`).
+    #[serde(default)]
+    pub oid: String,
+    #[serde(default)]
+    pub lfs: Option<Lfs>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Lfs {
+    /// The content's sha256.
+    pub oid: String,
+    pub size: u64,
+}
+
+impl TreeEntry {
+    /// The content's size (an LFS file's tree size is its pointer's on
+    /// some Hub versions; the LFS size is the content's).
+    pub fn content_size(&self) -> u64 {
+        self.lfs.as_ref().map_or(self.size, |l| l.size)
+    }
+}
+
+/// Whether serving reads `path` (see the module comment).
+pub fn wanted(path: &str) -> bool {
+    if path.contains('/') {
+        return false;
+    }
+    path == "tokenizer.model"
+        || [".json", ".safetensors", ".jinja", ".txt"]
+            .iter()
+            .any(|ext| path.ends_with(ext))
+}
+
+/// Checks `repo` and `revision` can only name what they should: no path
+/// tricks, since both become directories.
+pub fn check(request: &FetchRequest) -> Result<(), FetchError> {
+    let part = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let mut parts = request.repo.split('/');
+    let valid_repo = matches!((parts.next(), parts.next(), parts.next()), (Some(o), Some(n), None) if part(o) && part(n));
+    if !valid_repo {
+        return Err(FetchError::Invalid(format!(
+            "model.huggingface.repo {:?} is not `organization/name` (letters, digits, '-', '_', '.')",
+            request.repo
+        )));
+    }
+    if !part(&request.revision) {
+        return Err(FetchError::Invalid(format!(
+            "model.huggingface.revision {:?} is not a branch, tag or commit name this fetch \
+             accepts (letters, digits, '-', '_', '.')",
+            request.revision
+        )));
+    }
+    if request.parallel == 0 {
+        return Err(FetchError::Invalid("--parallel must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The directory the server reads for `request`: `{into}/{repo}/{revision}`.
+pub fn served_dir(into: &Path, repo: &str, revision: &str) -> PathBuf {
+    into.join(repo).join(revision)
+}
+
+/// The Hub's client: the token on requests to the Hub only.
+struct Hub {
+    client: reqwest::blocking::Client,
+    endpoint: String,
+    token: Option<reqwest::header::HeaderValue>,
+}
+
+impl Hub {
+    fn new(endpoint: &str, token: Option<&str>) -> Result<Self, FetchError> {
+        // The ring provider kube already links, for every TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::blocking::Client::builder()
+            .user_agent(concat!("moe-worker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(30))
+            // The blocking client bounds each read (and connect, and write)
+            // by this, not a whole body: a 5 GB shard takes minutes.
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| FetchError::Http(format!("cannot start an HTTP client: {e}")))?;
+        let token = match token.filter(|t| !t.trim().is_empty()) {
+            Some(t) => {
+                let mut value =
+                    reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+                        .map_err(|_| {
+                            FetchError::Invalid(
+                                "HF_TOKEN holds characters no HTTP header may carry".into(),
+                            )
+                        })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Self {
+            client,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn get(&self, url: &str) -> reqwest::blocking::RequestBuilder {
+        let request = self.client.get(url);
+        match &self.token {
+            // reqwest drops it on a redirect to another host (the CDN).
+            Some(token) => request.header(reqwest::header::AUTHORIZATION, token.clone()),
+            None => request,
+        }
+    }
+
+    /// The response, or the Hub's refusal in words a user can act on.
+    fn send(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::blocking::Response, FetchError> {
+        let response = request
+            .send()
+            .map_err(|e| FetchError::Http(format!("{what}: {}", without_url(e))))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let hint = match status.as_u16() {
+            401 | 403 if self.token.is_none() => {
+                " (gated or private: put a token with access in a Secret and name it in \
+                 model.huggingface.tokenSecret)"
+            }
+            401 | 403 => {
+                " (the token has no access: accept the model's terms on the Hub, or use another token)"
+            }
+            404 => " (no such model or revision, or it is private and the token cannot see it)",
+            429 => " (rate limited: a token raises the limit)",
+            _ => "",
+        };
+        let error = format!("{what}: the Hub answered {status}{hint}");
+        Err(if status.is_server_error() || status.as_u16() == 429 {
+            FetchError::Http(error)
+        } else {
+            FetchError::Hub(error)
+        })
+    }
+
+    /// The commit `revision` names.
+    fn commit(&self, repo: &str, revision: &str) -> Result<String, FetchError> {
+        #[derive(Deserialize)]
+        struct Info {
+            sha: String,
+        }
+        let url = format!("{}/api/models/{repo}/revision/{revision}", self.endpoint);
+        let what = format!("resolving {repo} at {revision} on {}", self.endpoint);
+        let info: Info = self
+            .send(self.get(&url), &what)?
+            .json()
+            .map_err(|e| FetchError::Http(format!("{what}: {}", without_url(e))))?;
+        if info.sha.len() < 7 || !info.sha.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(FetchError::Hub(format!(
+                "{what}: the Hub named commit {:?}",
+                info.sha
+            )));
+        }
+        Ok(info.sha)
+    }
+
+    /// Every file of `commit` (the tree is paged: a `Link: <…>; rel="next"`).
+    fn tree(&self, repo: &str, commit: &str) -> Result<Vec<TreeEntry>, FetchError> {
+        let mut url = format!(
+            "{}/api/models/{repo}/tree/{commit}?recursive=true",
+            self.endpoint
+        );
+        let what = format!("listing {repo} at {commit}");
+        let mut entries = Vec::new();
+        loop {
+            let response = self.send(self.get(&url), &what)?;
+            let next = response
+                .headers()
+                .get_all(reqwest::header::LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(next_link);
+            let page: Vec<TreeEntry> = response
+                .json()
+                .map_err(|e| FetchError::Http(format!("{what}: {}", without_url(e))))?;
+            entries.extend(page);
+            match next {
+                Some(next) => url = next,
+                None => return Ok(entries),
+            }
+        }
+    }
+}
+
+/// The `rel="next"` target of a `Link` header.
+pub fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|link| {
+        let (target, params) = link.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
+/// An error's text, its causes included, without its URL (a redirect's
+/// may carry a signed query).
+fn without_url(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The record a complete commit directory holds.
+#[derive(Debug, serde::Serialize, Deserialize, PartialEq, Eq)]
+struct Complete {
+    repo: String,
+    commit: String,
+    files: Vec<String>,
+    bytes: u64,
+}
+
+/// Fetches `request` (see the module comment); `token` from `HF_TOKEN`.
+pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, FetchError> {
+    check(request)?;
+    let hub = Hub::new(&request.endpoint, token)?;
+    let served = served_dir(&request.into, &request.repo, &request.revision);
+    let commit = hub.commit(&request.repo, &request.revision)?;
+    let repo_dir = request.into.join(&request.repo);
+    let commit_dir = repo_dir.join(&commit);
+    if let Some(done) = read_complete(&commit_dir) {
+        point(&served, &commit)?;
+        tracing::info!(repo = %request.repo, %commit, files = done.files.len(), bytes = done.bytes, "already fetched");
+        return Ok(Fetched {
+            dir: served,
+            commit,
+            files: done.files.len(),
+            bytes: done.bytes,
+            downloaded: 0,
+        });
+    }
+    let files: Vec<TreeEntry> = hub
+        .tree(&request.repo, &commit)?
+        .into_iter()
+        .filter(|e| e.kind == "file" && wanted(&e.path))
+        .collect();
+    if !files.iter().any(|f| f.path == "config.json") {
+        return Err(FetchError::Hub(format!(
+            "{} at {commit} has no config.json: not a transformers model this server reads",
+            request.repo
+        )));
+    }
+    fs::create_dir_all(&commit_dir)
+        .map_err(io_error(format!("creating {}", commit_dir.display())))?;
+    let total: u64 = files.iter().map(TreeEntry::content_size).sum();
+    tracing::info!(repo = %request.repo, revision = %request.revision, %commit, files = files.len(), bytes = total, "fetching");
+    let started = Instant::now();
+    let queue = Mutex::new(files.iter());
+    let downloaded = Mutex::new(0u64);
+    let failure: Mutex<Option<FetchError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..request.parallel.min(files.len()).max(1) {
+            scope.spawn(|| {
+                loop {
+                    if failure.lock().is_ok_and(|f| f.is_some()) {
+                        return;
+                    }
+                    let Some(entry) = queue.lock().ok().and_then(|mut q| q.next()) else {
+                        return;
+                    };
+                    let url = format!(
+                        "{}/{}/resolve/{commit}/{}",
+                        hub.endpoint, request.repo, entry.path
+                    );
+                    match fetch_file(&hub, &url, entry, &commit_dir) {
+                        Ok(n) => {
+                            if let Ok(mut d) = downloaded.lock() {
+                                *d += n;
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(error) = failure.into_inner().ok().flatten() {
+        return Err(error);
+    }
+    let downloaded = downloaded.into_inner().unwrap_or(0);
+    let complete = Complete {
+        repo: request.repo.clone(),
+        commit: commit.clone(),
+        files: files.iter().map(|f| f.path.clone()).collect(),
+        bytes: total,
+    };
+    write_atomically(
+        &commit_dir.join(COMPLETE),
+        &serde_json::to_vec_pretty(&complete).unwrap_or_default(),
+    )?;
+    point(&served, &commit)?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        repo = %request.repo, %commit, files = files.len(), bytes = total, downloaded,
+        seconds = format!("{seconds:.1}"),
+        mib_per_second = format!("{:.1}", downloaded as f64 / (1 << 20) as f64 / seconds.max(1e-3)),
+        "fetched"
+    );
+    Ok(Fetched {
+        dir: served,
+        commit,
+        files: files.len(),
+        bytes: total,
+        downloaded,
+    })
+}
+
+fn read_complete(commit_dir: &Path) -> Option<Complete> {
+    let bytes = fs::read(commit_dir.join(COMPLETE)).ok()?;
+    let done: Complete = serde_json::from_slice(&bytes).ok()?;
+    // A file removed by hand since makes it incomplete again.
+    done.files
+        .iter()
+        .all(|f| commit_dir.join(f).is_file())
+        .then_some(done)
+}
+
+/// Points `served` (a symlink named as the revision) at `commit`, atomically.
+fn point(served: &Path, commit: &str) -> Result<(), FetchError> {
+    if served.file_name().and_then(|n| n.to_str()) == Some(commit) {
+        return Ok(());
+    }
+    let parent = served.parent().unwrap_or(Path::new("."));
+    let temporary = parent.join(format!(
+        ".{}.link-{}",
+        served
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("revision"),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&temporary);
+    std::os::unix::fs::symlink(commit, &temporary)
+        .map_err(io_error(format!("linking {}", temporary.display())))?;
+    fs::rename(&temporary, served).map_err(io_error(format!(
+        "pointing {} at {commit} (a directory of that name is in the way?)",
+        served.display()
+    )))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FetchError> {
+    let partial = partial_path(path);
+    let mut file =
+        File::create(&partial).map_err(io_error(format!("creating {}", partial.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(format!("writing {}", partial.display())))?;
+    fs::rename(&partial, path).map_err(io_error(format!("renaming {}", partial.display())))
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Downloads one file into `dir` (resuming, checked, renamed into place);
+/// returns the bytes it downloaded.
+fn fetch_file(hub: &Hub, url: &str, entry: &TreeEntry, dir: &Path) -> Result<u64, FetchError> {
+    let path = dir.join(&entry.path);
+    let partial = partial_path(&path);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .map_err(io_error(format!("opening {}", partial.display())))?;
+    // Another pod on a shared claim may be writing it: wait for it, then
+    // find the file in place.
+    lock(&file).map_err(io_error(format!("locking {}", partial.display())))?;
+    if let Ok(meta) = fs::metadata(&path)
+        && meta.len() == entry.content_size()
+    {
+        let _ = fs::remove_file(&partial);
+        return Ok(0);
+    }
+    let size = entry.content_size();
+    let mut downloaded = 0;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match download(hub, url, entry, &mut file) {
+            Ok(n) => {
+                downloaded += n;
+                break;
+            }
+            Err(e) if tries < TRIES && !matches!(e, FetchError::Hub(_)) => {
+                tracing::warn!(file = %entry.path, error = %e, tries, "retrying");
+                std::thread::sleep(Duration::from_secs(1 << tries));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    file.sync_all()
+        .map_err(io_error(format!("syncing {}", partial.display())))?;
+    if let Err(problem) = verify(&mut file, entry) {
+        drop(file);
+        let _ = fs::remove_file(&partial);
+        return Err(FetchError::Corrupt(format!(
+            "{} ({size} bytes) is not the Hub's: {problem}; it was deleted, and a retry \
+             downloads it again",
+            entry.path
+        )));
+    }
+    fs::rename(&partial, &path).map_err(io_error(format!("renaming {}", partial.display())))?;
+    Ok(downloaded)
+}
+
+/// Appends the rest of the file to `file` (from its current length, with a
+/// range request); returns the bytes received.
+fn download(hub: &Hub, url: &str, entry: &TreeEntry, file: &mut File) -> Result<u64, FetchError> {
+    let size = entry.content_size();
+    let have = file
+        .metadata()
+        .map_err(io_error(format!("reading {}.partial", entry.path)))?
+        .len();
+    if have == size {
+        return Ok(0);
+    }
+    let what = format!("downloading {}", entry.path);
+    let mut request = hub.get(url);
+    if have > 0 && have < size {
+        request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut response = hub.send(request, &what)?;
+    let start = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+        have
+    } else {
+        // The whole file (a server without ranges, or a partial too long).
+        0
+    };
+    file.set_len(start)
+        .and_then(|()| file.seek(io::SeekFrom::Start(start)).map(|_| ()))
+        .map_err(io_error(format!("rewinding {}.partial", entry.path)))?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut received = 0u64;
+    loop {
+        let n = response
+            .read(&mut buffer)
+            .map_err(|e| FetchError::Http(format!("{what}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        if start + received + n as u64 > size {
+            return Err(FetchError::Corrupt(format!(
+                "{what}: more than the {size} bytes the Hub listed"
+            )));
+        }
+        file.write_all(&buffer[..n])
+            .map_err(io_error(format!("writing {}.partial", entry.path)))?;
+        received += n as u64;
+    }
+    if start + received != size {
+        return Err(FetchError::Http(format!(
+            "{what}: the connection ended at byte {} of {size}",
+            start + received
+        )));
+    }
+    Ok(received)
+}
+
+/// Checks `file` against the Hub's size and hash for `entry`.
+pub fn verify(file: &mut File, entry: &TreeEntry) -> Result<(), String> {
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    if size != entry.content_size() {
+        return Err(format!(
+            "{size} bytes, the Hub lists {}",
+            entry.content_size()
+        ));
+    }
+    file.seek(io::SeekFrom::Start(0))
+        .map_err(|e| e.to_string())?;
+    let (got, want, kind) = match &entry.lfs {
+        Some(lfs) => (
+            hash(Sha256::new(), file)?,
+            lfs.oid.to_ascii_lowercase(),
+            "sha256",
+        ),
+        None => {
+            let mut sha1 = Sha1::new();
+            sha1.update(format!("blob {size}\0").as_bytes());
+            (
+                hash(sha1, file)?,
+                entry.oid.to_ascii_lowercase(),
+                "git blob sha1",
+            )
+        }
+    };
+    if got != want {
+        return Err(format!("its {kind} is {got}, the Hub's {want}"));
+    }
+    Ok(())
+}
+
+fn hash(mut digest: impl Digest, file: &mut File) -> Result<String, String> {
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        digest.update(&buffer[..n]);
+    }
+    Ok(digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// An exclusive lock on `file`, waiting for it (flock(2): on NFS, a POSIX
+/// lock the server holds, so pods on other nodes see it too).
+fn lock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this File owns; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_files_are_wanted_pickles_and_subdirectories_not() {
+        for path in [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "merges.txt",
+            "tokenizer.model",
+        ] {
+            assert!(wanted(path), "{path}");
+        }
+        for path in [
+            "pytorch_model.bin",
+            "model.pt",
+            "original/consolidated.00.pth",
+            "onnx/model.onnx",
+            "original/params.json",
+            "README.md",
+            ".gitattributes",
+        ] {
+            assert!(!wanted(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn repos_and_revisions_cannot_escape_the_directory() {
+        let request = |repo: &str, revision: &str| FetchRequest {
+            repo: repo.into(),
+            revision: revision.into(),
+            into: "/models".into(),
+            endpoint: DEFAULT_ENDPOINT.into(),
+            parallel: 4,
+        };
+        assert!(check(&request("Qwen/Qwen3-30B-A3B-FP8", "main")).is_ok());
+        assert!(check(&request("deepseek-ai/DeepSeek-V3", "v1.0")).is_ok());
+        for (repo, revision) in [
+            ("../etc", "main"),
+            ("org/../x", "main"),
+            ("org", "main"),
+            ("org/name/extra", "main"),
+            ("org/name", ".."),
+            ("org/name", "refs/pr/1"),
+            ("org/name", ""),
+        ] {
+            let error = check(&request(repo, revision)).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{repo} {revision}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        assert_eq!(
+            next_link(r#"<https://huggingface.co/api/models/a/b/tree/c?cursor=xyz>; rel="next""#),
+            Some("https://huggingface.co/api/models/a/b/tree/c?cursor=xyz".into())
+        );
+        assert_eq!(next_link(r#"<https://x/prev>; rel="prev""#), None);
+        assert_eq!(
+            next_link(r#"<https://x/prev>; rel="prev", <https://x/next>; rel="next""#),
+            Some("https://x/next".into())
+        );
+    }
+
+    #[test]
+    fn files_are_checked_by_size_and_hash() {
+        let dir = std::env::temp_dir().join(format!("moe-fetch-verify-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        fs::write(&path, b"hello\n").unwrap();
+        let mut file = File::open(&path).unwrap();
+        // `git hash-object` of "hello\n", and its sha256.
+        let blob = TreeEntry {
+            kind: "file".into(),
+            path: "f".into(),
+            size: 6,
+            oid: "ce013625030ba8dba906f756967f9e9ca394464a".into(),
+            lfs: None,
+        };
+        verify(&mut file, &blob).unwrap();
+        let lfs = TreeEntry {
+            lfs: Some(Lfs {
+                oid: "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03".into(),
+                size: 6,
+            }),
+            size: 134,
+            ..blob.clone()
+        };
+        verify(&mut file, &lfs).unwrap();
+        let wrong = TreeEntry {
+            oid: "0".repeat(40),
+            ..blob.clone()
+        };
+        assert!(
+            verify(&mut file, &wrong)
+                .unwrap_err()
+                .contains("git blob sha1")
+        );
+        let short = TreeEntry { size: 7, ..blob };
+        assert!(verify(&mut file, &short).unwrap_err().contains("7"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,478 @@
+//! `moe-worker fetch` against a fake Hugging Face Hub on loopback: the
+//! Hub's API (revision, paged tree) and `resolve` redirects on one server,
+//! the file storage they redirect to on another (another origin, as the
+//! Hub's CDN is), serving the Mixtral fixture that the serving tests load.
+//!
+//! - A model is fetched, checked and loadable by the server; pickles and
+//!   subdirectories are never requested; the token reaches the Hub and
+//!   never the storage; a second fetch downloads nothing.
+//! - An interrupted download resumes from its `.partial` with a range
+//!   request.
+//! - A corrupt file is deleted and named; nothing claims to be complete.
+//! - A gated model without a token, or with one that has no access, fails
+//!   with exit code 2 and a hint, never printing the token.
+//! - A branch that moves gets a directory per commit; the revision's link
+//!   switches only once the new commit is complete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use moe_worker::fetch::{self, COMPLETE, FetchError, FetchRequest};
+use moe_worker::serve;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
+const REPO: &str = "mistral-tests/tiny-mixtral";
+const TOKEN: &str = "hf_test_token_0123456789";
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mixtral")
+}
+
+/// A request the fake storage received.
+#[derive(Clone, Debug)]
+struct Served {
+    path: String,
+    range: Option<String>,
+    authorization: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// The commit `main` names, and each commit's files.
+    main: String,
+    commits: BTreeMap<String, Vec<(String, Vec<u8>)>>,
+    /// A file served with a flipped byte.
+    corrupt: Option<String>,
+    /// Answer only requests with this token.
+    token: Option<String>,
+    /// What the Hub and the storage received (path, Authorization present).
+    hub_log: Vec<(String, bool)>,
+    storage_log: Vec<Served>,
+}
+
+struct FakeHub {
+    endpoint: String,
+    state: Arc<Mutex<State>>,
+}
+
+fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str().to_string())
+}
+
+fn respond(request: tiny_http::Request, status: u16, body: Vec<u8>, headers: &[(&str, String)]) {
+    let mut response = tiny_http::Response::from_data(body).with_status_code(status);
+    for (name, value) in headers {
+        response.add_header(tiny_http::Header::from_bytes(*name, value.as_bytes()).unwrap());
+    }
+    let _ = request.respond(response);
+}
+
+fn git_blob_sha1(bytes: &[u8]) -> String {
+    let mut sha1 = Sha1::new();
+    sha1.update(format!("blob {}\0", bytes.len()).as_bytes());
+    sha1.update(bytes);
+    hex(&sha1.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl FakeHub {
+    /// The fixture as commit `c0ffee…` of `main`, plus files serving must
+    /// not fetch (a pickle, a subdirectory's weights).
+    fn start() -> Self {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixture_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap() != "golden.json")
+            .map(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap().to_string();
+                (name, std::fs::read(&p).unwrap())
+            })
+            .collect();
+        files.push(("pytorch_model.bin".into(), vec![7; 100]));
+        files.push(("original/consolidated.00.pth".into(), vec![8; 100]));
+        files.push(("README.md".into(), b"# tiny".to_vec()));
+        files.sort();
+        let commit = "c0ffee".repeat(6) + "abcd";
+        let state = Arc::new(Mutex::new(State {
+            main: commit.clone(),
+            commits: BTreeMap::from([(commit, files)]),
+            ..State::default()
+        }));
+        let storage = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let storage_url = format!("http://{}", storage.server_addr().to_ip().unwrap());
+        let hub = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", hub.server_addr().to_ip().unwrap());
+        let (s, e) = (Arc::clone(&state), endpoint.clone());
+        std::thread::spawn(move || {
+            for request in hub.incoming_requests() {
+                Self::hub(&s, &e, &storage_url, request);
+            }
+        });
+        let s = Arc::clone(&state);
+        std::thread::spawn(move || {
+            for request in storage.incoming_requests() {
+                Self::storage(&s, request);
+            }
+        });
+        Self { endpoint, state }
+    }
+
+    fn hub(state: &Mutex<State>, endpoint: &str, storage: &str, request: tiny_http::Request) {
+        let url = request.url().to_string();
+        let authorization = header(&request, "Authorization");
+        let state = &mut *state.lock().unwrap();
+        state.hub_log.push((url.clone(), authorization.is_some()));
+        if let Some(token) = &state.token {
+            match authorization {
+                None => return respond(request, 401, b"{\"error\":\"gated\"}".to_vec(), &[]),
+                Some(a) if a != format!("Bearer {token}") => {
+                    return respond(request, 403, b"{\"error\":\"no access\"}".to_vec(), &[]);
+                }
+                Some(_) => {}
+            }
+        }
+        let api = format!("/api/models/{REPO}/");
+        if let Some(revision) = url.strip_prefix(&format!("{api}revision/")) {
+            let sha = if revision == "main" {
+                state.main.clone()
+            } else {
+                revision.to_string()
+            };
+            if !state.commits.contains_key(&sha) {
+                return respond(request, 404, b"{}".to_vec(), &[]);
+            }
+            let body = serde_json::json!({"id": REPO, "sha": sha}).to_string();
+            return respond(request, 200, body.into_bytes(), &[]);
+        }
+        if let Some(rest) = url.strip_prefix(&format!("{api}tree/")) {
+            let (commit, query) = rest.split_once('?').unwrap();
+            assert!(query.contains("recursive=true"), "{url}");
+            let files = &state.commits[commit];
+            let mut entries: Vec<serde_json::Value> = vec![serde_json::json!(
+                {"type": "directory", "path": "original", "oid": "0".repeat(40), "size": 0}
+            )];
+            for (path, bytes) in files {
+                let lfs = path.ends_with(".safetensors")
+                    || path.ends_with(".bin")
+                    || path.ends_with(".pth");
+                let mut entry = serde_json::json!({
+                    "type": "file", "path": path, "oid": git_blob_sha1(bytes),
+                    "size": if lfs { 134 } else { bytes.len() },
+                });
+                if lfs {
+                    entry["lfs"] = serde_json::json!({
+                        "oid": hex(&Sha256::digest(bytes)), "size": bytes.len(), "pointerSize": 134
+                    });
+                }
+                entries.push(entry);
+            }
+            // Two pages: the second behind a cursor, as the Hub pages.
+            let half = entries.len() / 2;
+            let (page, next) = if query.contains("cursor=2") {
+                (entries[half..].to_vec(), None)
+            } else {
+                let next =
+                    format!("<{endpoint}{api}tree/{commit}?recursive=true&cursor=2>; rel=\"next\"");
+                (entries[..half].to_vec(), Some(next))
+            };
+            let headers: Vec<(&str, String)> = next.map(|n| ("Link", n)).into_iter().collect();
+            return respond(request, 200, serde_json::to_vec(&page).unwrap(), &headers);
+        }
+        if let Some(rest) = url.strip_prefix(&format!("/{REPO}/resolve/")) {
+            let (commit, path) = rest.split_once('/').unwrap();
+            let location = format!("{storage}/blobs/{commit}/{path}?signature=s3cr3t");
+            return respond(request, 302, Vec::new(), &[("Location", location)]);
+        }
+        respond(request, 404, Vec::new(), &[]);
+    }
+
+    fn storage(state: &Mutex<State>, request: tiny_http::Request) {
+        let url = request.url().to_string();
+        let range = header(&request, "Range");
+        let state = &mut *state.lock().unwrap();
+        let (path, _) = url.split_once('?').unwrap_or((&url, ""));
+        let (commit, file) = path
+            .strip_prefix("/blobs/")
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        state.storage_log.push(Served {
+            path: file.to_string(),
+            range: range.clone(),
+            authorization: header(&request, "Authorization").is_some(),
+        });
+        let Some((_, bytes)) = state.commits[commit].iter().find(|(p, _)| p == file) else {
+            return respond(request, 404, Vec::new(), &[]);
+        };
+        let mut bytes = bytes.clone();
+        if state.corrupt.as_deref() == Some(file) {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x55;
+        }
+        match range.and_then(|r| {
+            r.strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse::<usize>()
+                .ok()
+        }) {
+            Some(from) => {
+                let total = bytes.len();
+                let content_range = format!("bytes {from}-{}/{total}", total - 1);
+                respond(
+                    request,
+                    206,
+                    bytes[from..].to_vec(),
+                    &[("Content-Range", content_range)],
+                );
+            }
+            None => respond(request, 200, bytes, &[]),
+        }
+    }
+
+    fn request(&self, into: &Path) -> FetchRequest {
+        FetchRequest {
+            repo: REPO.into(),
+            revision: "main".into(),
+            into: into.to_path_buf(),
+            endpoint: self.endpoint.clone(),
+            parallel: 3,
+        }
+    }
+
+    fn storage_log(&self) -> Vec<Served> {
+        self.state.lock().unwrap().storage_log.clone()
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("moe-fetch-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn serving_files() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+        .filter(|n| n != "golden.json")
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_model_is_fetched_checked_and_served_and_a_second_fetch_downloads_nothing() {
+    let hub = FakeHub::start();
+    let dir = TempDir::new("whole");
+    let fetched = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    let commit = hub.state.lock().unwrap().main.clone();
+    assert_eq!(fetched.commit, commit);
+    assert_eq!(fetched.dir, dir.0.join(REPO).join("main"));
+    assert_eq!(
+        std::fs::read_link(&fetched.dir).unwrap(),
+        PathBuf::from(&commit)
+    );
+    let mut present: Vec<String> = std::fs::read_dir(&fetched.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+        .filter(|n| n != COMPLETE)
+        .collect();
+    present.sort();
+    assert_eq!(
+        present,
+        serving_files(),
+        "only what serving reads, nothing partial"
+    );
+    for name in serving_files() {
+        assert_eq!(
+            std::fs::read(fetched.dir.join(&name)).unwrap(),
+            std::fs::read(fixture_dir().join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(fetched.downloaded, fetched.bytes);
+    let served = hub.storage_log();
+    assert_eq!(served.len(), serving_files().len(), "{served:?}");
+    assert!(
+        served.iter().all(|s| !s.authorization),
+        "the token stays with the Hub"
+    );
+    // The server loads it as any Hugging Face directory.
+    let loaded = serve::load::load(&fetched.dir, None, None).unwrap();
+    assert_eq!(loaded.path, fetched.dir);
+
+    let again = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    assert_eq!((again.downloaded, again.files), (0, fetched.files));
+    assert_eq!(
+        hub.storage_log().len(),
+        served.len(),
+        "nothing downloaded again"
+    );
+}
+
+#[test]
+fn an_interrupted_download_resumes_from_its_partial() {
+    let hub = FakeHub::start();
+    let dir = TempDir::new("resume");
+    let commit = hub.state.lock().unwrap().main.clone();
+    let weights = std::fs::read(fixture_dir().join("model.safetensors")).unwrap();
+    let half = weights.len() / 2;
+    let commit_dir = dir.0.join(REPO).join(&commit);
+    std::fs::create_dir_all(&commit_dir).unwrap();
+    std::fs::write(
+        commit_dir.join("model.safetensors.partial"),
+        &weights[..half],
+    )
+    .unwrap();
+    let fetched = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    assert_eq!(
+        std::fs::read(fetched.dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let served = hub.storage_log();
+    let resumed = served
+        .iter()
+        .find(|s| s.path == "model.safetensors")
+        .unwrap();
+    assert_eq!(
+        resumed.range.as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
+    assert_eq!(fetched.downloaded, fetched.bytes - half as u64);
+    assert!(!commit_dir.join("model.safetensors.partial").exists());
+}
+
+#[test]
+fn a_corrupt_file_is_deleted_and_named_and_nothing_claims_to_be_complete() {
+    let hub = FakeHub::start();
+    hub.state.lock().unwrap().corrupt = Some("model.safetensors".into());
+    let dir = TempDir::new("corrupt");
+    let request = FetchRequest {
+        parallel: 1,
+        ..hub.request(&dir.0)
+    };
+    let error = fetch::fetch(&request, None).unwrap_err();
+    assert!(matches!(error, FetchError::Corrupt(_)), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("model.safetensors") && text.contains("sha256"),
+        "{text}"
+    );
+    let commit = hub.state.lock().unwrap().main.clone();
+    let commit_dir = dir.0.join(REPO).join(&commit);
+    assert!(!commit_dir.join("model.safetensors").exists());
+    assert!(!commit_dir.join("model.safetensors.partial").exists());
+    assert!(!commit_dir.join(COMPLETE).exists());
+    assert!(
+        !dir.0.join(REPO).join("main").exists(),
+        "no revision link to a broken commit"
+    );
+    // Fixed at the source, a retry completes.
+    hub.state.lock().unwrap().corrupt = None;
+    fetch::fetch(&request, None).unwrap();
+}
+
+#[test]
+fn a_gated_model_needs_a_token_and_the_token_is_never_printed() {
+    let hub = FakeHub::start();
+    hub.state.lock().unwrap().token = Some(TOKEN.into());
+    let dir = TempDir::new("gated");
+    let error = fetch::fetch(&hub.request(&dir.0), None).unwrap_err();
+    assert_eq!(error.exit_code(), 2);
+    assert!(
+        error.to_string().contains("model.huggingface.tokenSecret"),
+        "{error}"
+    );
+    let wrong = "hf_wrong_secret_987";
+    let error = fetch::fetch(&hub.request(&dir.0), Some(wrong)).unwrap_err();
+    assert!(error.to_string().contains("no access"), "{error}");
+    // The command as an init container runs it: exit 2, a hint, no token.
+    let out = Command::new(BINARY)
+        .args(["fetch", "--repo", REPO, "--revision", "main", "--into"])
+        .arg(&dir.0)
+        .args(["--endpoint", &hub.endpoint])
+        .env("HF_TOKEN", wrong)
+        .env("MOE_TERMINATION_LOG", dir.0.join("termination-log"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("403"), "{stderr}");
+    assert!(!stderr.contains(wrong), "the token was printed: {stderr}");
+    let out = Command::new(BINARY)
+        .args(["fetch", "--repo", REPO, "--revision", "main", "--into"])
+        .arg(&dir.0)
+        .args(["--endpoint", &hub.endpoint])
+        .env("HF_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "the token was printed: {stderr}");
+    let log = hub.state.lock().unwrap().hub_log.clone();
+    assert!(
+        log.iter()
+            .filter(|(u, _)| u.contains("/resolve/"))
+            .all(|(_, auth)| *auth)
+    );
+    assert!(hub.storage_log().iter().all(|s| !s.authorization));
+}
+
+#[test]
+fn a_moved_branch_gets_its_own_directory_and_the_link_switches_when_it_is_complete() {
+    let hub = FakeHub::start();
+    let dir = TempDir::new("moved");
+    let first = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    let second_commit = "beef".repeat(10);
+    {
+        let mut state = hub.state.lock().unwrap();
+        let mut files = state.commits[&first.commit].clone();
+        for (path, bytes) in &mut files {
+            if path == "generation_config.json" {
+                *bytes = br#"{"max_new_tokens": 7}"#.to_vec();
+            }
+        }
+        state.commits.insert(second_commit.clone(), files);
+        state.main = second_commit.clone();
+    }
+    let second = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    assert_eq!(second.commit, second_commit);
+    assert_eq!(
+        std::fs::read_link(&second.dir).unwrap(),
+        PathBuf::from(&second_commit)
+    );
+    assert_eq!(
+        std::fs::read(second.dir.join("generation_config.json")).unwrap(),
+        br#"{"max_new_tokens": 7}"#
+    );
+    // The first commit is untouched: a server that loaded it keeps its files.
+    assert!(
+        dir.0
+            .join(REPO)
+            .join(&first.commit)
+            .join(COMPLETE)
+            .is_file()
+    );
+}
