@@ -181,8 +181,8 @@ fn one() -> i32 {
 /// Where the weights come from. Exactly one source.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.fromTrainingJob) != has(self.volume)")
-    .message("model needs exactly one source: fromTrainingJob or volume"))]
+#[x_kube(validation = Rule::new("(has(self.fromTrainingJob) ? 1 : 0) + (has(self.volume) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) == 1")
+    .message("model needs exactly one source: fromTrainingJob, volume or huggingface"))]
 pub struct ModelSource {
     /// A MoETrainingJob in the same namespace: its checkpoint claim, path and
     /// model shape are carried over. Serving starts once the job has Succeeded.
@@ -191,6 +191,65 @@ pub struct ModelSource {
     /// Weights on a PersistentVolumeClaim, mounted read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<ModelVolume>,
+    /// A model on the Hugging Face Hub (or a mirror), downloaded by each
+    /// server pod's init container before the server starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<HuggingFaceModel>,
+}
+
+/// A Hugging Face Hub model: `config.json`, the tokenizer and the safetensors
+/// shards of one commit, each checked against the Hub's hash.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceModel {
+    /// `organization/name`, e.g. `Qwen/Qwen3-30B-A3B-FP8`.
+    #[schemars(
+        length(min = 3, max = 200),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub repo: String,
+    /// A branch, tag or commit. A commit pins the weights; a branch is
+    /// resolved when each pod starts, so pods started after a push serve the
+    /// new commit.
+    #[serde(default = "main_revision")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub revision: String,
+    /// A key of a Secret in the service's namespace holding a Hub token, for
+    /// gated and private models (given to the download only, as `HF_TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKey>,
+    /// A claim to keep the files on, shared by the replicas (ReadWriteMany
+    /// when they run on several nodes) and across restarts: each commit is
+    /// downloaded once. Unset: every pod downloads into an emptyDir of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub cache_claim_name: Option<String>,
+    /// The Hub's address (a mirror, or a Hub inside the cluster). Default:
+    /// `https://huggingface.co`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub endpoint: Option<String>,
+}
+
+fn main_revision() -> String {
+    "main".into()
+}
+
+/// One key of a Secret in the object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKey {
+    /// The Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Its key. Default: `token`.
+    #[serde(default = "token_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn token_key() -> String {
+    "token".into()
 }
 
 /// A training job's checkpoint.

@@ -102,7 +102,8 @@ pub fn render_inference(
                 }
             });
             serving::ResolvedModel {
-                claim_name: format!("{}-checkpoints", job.name),
+                claim_name: Some(format!("{}-checkpoints", job.name)),
+                download: None,
                 path: String::new(),
                 format: moe_crds::ModelFormat::Native,
                 checkpoint_step: job.checkpoint,

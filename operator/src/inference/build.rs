@@ -25,7 +25,8 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort,
+    ServiceSpec, Volume,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -48,6 +49,8 @@ use crate::pods::{
 /// Where the model claim is mounted (read-only) in server containers.
 pub const MODEL_MOUNT: &str = "/models";
 const CONTAINER: &str = "server";
+/// The init container downloading a Hub model.
+pub const DOWNLOAD_CONTAINER: &str = "download";
 /// The worker's metric the autoscaler reads (through a custom metrics adapter).
 pub const CONCURRENCY_METRIC: &str = "moe_serving_inflight_requests";
 /// Probe period of the startup probe; its failure threshold is the startup budget divided by it.
@@ -56,8 +59,12 @@ const STARTUP_PERIOD_SECONDS: i32 = 10;
 /// The model a service serves, resolved from its source.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedModel {
-    /// The claim holding the weights.
-    pub claim_name: String,
+    /// The claim holding the weights; `None`: an emptyDir that
+    /// [`Self::download`] fills.
+    pub claim_name: Option<String>,
+    /// A Hub model each pod's init container downloads into the model
+    /// volume (read-write for it only) before the server starts.
+    pub download: Option<moe_crds::HuggingFaceModel>,
     /// Directory of the weights inside the claim.
     pub path: String,
     pub format: ModelFormat,
@@ -336,6 +343,10 @@ pub fn pod_template(
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
+            init_containers: model
+                .download
+                .as_ref()
+                .map(|hub| vec![download_container(svc, ctx, hub)]),
             containers: vec![container(svc, ctx, group)],
             volumes: Some(volumes(svc, model)),
             resource_claims: resource_claims(worker),
@@ -419,6 +430,75 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
     }
 }
 
+/// Where a Hub model's files go in the model volume: commit directories
+/// and one link per revision, `<this>/<repo>/<revision>`.
+pub const HUB_DIR: &str = "huggingface";
+
+/// The init container that downloads a Hub model (`moe-worker fetch`) into
+/// the model volume: the same image and Pod Security as the server, the
+/// token from its Secret and nothing else of the server's environment.
+fn download_container(
+    svc: &MoEInferenceService,
+    ctx: &BuildContext,
+    hub: &moe_crds::HuggingFaceModel,
+) -> Container {
+    let worker = &svc.spec.worker;
+    let mut command: Vec<String> = [
+        "moe-worker",
+        "fetch",
+        "--repo",
+        &hub.repo,
+        "--revision",
+        &hub.revision,
+        "--into",
+        &format!("{MODEL_MOUNT}/{HUB_DIR}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(endpoint) = &hub.endpoint {
+        command.extend(["--endpoint".to_string(), endpoint.clone()]);
+    }
+    let token = hub.token_secret.as_ref().map(|secret| EnvVar {
+        name: "HF_TOKEN".into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    Container {
+        name: DOWNLOAD_CONTAINER.into(),
+        image: Some(ctx.image(worker)),
+        image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(command),
+        env: token.map(|t| vec![t]),
+        // Network and disk bound: a core hashes faster than a link delivers.
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("500m".into())),
+                ("memory".to_string(), Quantity("256Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("1Gi".into()),
+            )])),
+            ..Default::default()
+        }),
+        security_context: Some(container_security_context()),
+        volume_mounts: Some(vec![
+            mount("model", MODEL_MOUNT, false),
+            mount("tmp", "/tmp", false),
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
 /// The worker environment contract (a one-pod replica, or a pod of a group:
 /// its rank from the StatefulSet pod index, the leader as coordinator), then
 /// NCCL, then the user's env.
@@ -485,13 +565,17 @@ fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
             }),
             ..Default::default()
         },
-        Volume {
-            name: "model".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: model.claim_name.clone(),
-                read_only: Some(true),
-            }),
-            ..Default::default()
+        match &model.claim_name {
+            Some(claim) => Volume {
+                name: "model".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    // The download writes it; the server's mount is read-only.
+                    read_only: Some(model.download.is_none()),
+                }),
+                ..Default::default()
+            },
+            None => empty_dir("model", None, None),
         },
         empty_dir(
             "shm",
@@ -580,13 +664,155 @@ pub(crate) mod tests {
 
     fn model() -> ResolvedModel {
         ResolvedModel {
-            claim_name: "weights".into(),
+            claim_name: Some("weights".into()),
+            download: None,
             path: "moe/9b".into(),
             format: ModelFormat::Native,
             checkpoint_step: None,
             model: None,
             trained: None,
             revision: "pvc/weights/moe/9b".into(),
+        }
+    }
+
+    /// A Hub model: resolved to its revision's directory, downloaded by an
+    /// init container (the image, restricted Pod Security, the token from
+    /// its Secret only) into the model volume, which the server then reads.
+    #[test]
+    fn a_hub_model_is_downloaded_by_an_init_container_before_the_server_starts() {
+        use crate::inference::decide::{ModelState, resolve_model};
+        let hub = |extra: serde_json::Value| {
+            let mut source = serde_json::json!({"repo": "Qwen/Qwen3-30B-A3B-FP8"});
+            moe_crds::fixtures::merge_patch(&mut source, &extra);
+            let svc = service_fixture(
+                serde_json::json!({"spec": {"model": {"volume": null, "huggingface": source}}}),
+            );
+            let ModelState::Ready(model) = resolve_model(&svc, None) else {
+                panic!("a Hub model needs nothing resolved first")
+            };
+            (svc, *model)
+        };
+        let (svc, model) = hub(serde_json::json!({
+            "revision": "v1.0", "tokenSecret": {"name": "hf"}, "cacheClaimName": "hub-cache",
+            "endpoint": "http://hub.internal"
+        }));
+        assert_eq!(model.revision, "huggingface/Qwen/Qwen3-30B-A3B-FP8@v1.0");
+        let config = serving_config(&svc, &model);
+        assert_eq!(
+            config.model_dir,
+            "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/v1.0"
+        );
+        assert_eq!(config.format, ModelFormat::Huggingface);
+        let pod = deployment(&svc, &BuildContext::default(), &model)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let init = pod.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 1);
+        let download = &init[0];
+        assert_eq!(download.name, DOWNLOAD_CONTAINER);
+        assert_eq!(download.image, pod.containers[0].image);
+        assert_eq!(
+            download.command.as_ref().unwrap().join(" "),
+            "moe-worker fetch --repo Qwen/Qwen3-30B-A3B-FP8 --revision v1.0 --into \
+             /models/huggingface --endpoint http://hub.internal"
+        );
+        let env = download.env.as_ref().unwrap();
+        assert_eq!(env.len(), 1, "the token and nothing else: {env:?}");
+        let secret = env[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (
+                env[0].name.as_str(),
+                secret.name.as_str(),
+                secret.key.as_str()
+            ),
+            ("HF_TOKEN", "hf", "token")
+        );
+        assert_eq!(
+            download.security_context,
+            Some(container_security_context())
+        );
+        let writable = |c: &Container| {
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.name == "model")
+                .map(|m| m.read_only != Some(true))
+        };
+        assert_eq!(writable(download), Some(true));
+        assert_eq!(
+            writable(&pod.containers[0]),
+            Some(false),
+            "the server only reads it"
+        );
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "model")
+            .unwrap();
+        let claim = volume.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("hub-cache", Some(false))
+        );
+        // The server's token is not in the server's environment either.
+        assert!(
+            pod.containers[0]
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|e| e.name != "HF_TOKEN")
+        );
+
+        // No claim: each pod downloads into its own emptyDir; a public model
+        // needs no token.
+        let (svc, model) = hub(serde_json::json!({}));
+        assert_eq!(
+            model.dir(),
+            "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/main"
+        );
+        let pod = deployment(&svc, &BuildContext::default(), &model)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "model")
+            .unwrap();
+        assert!(volume.empty_dir.is_some() && volume.persistent_volume_claim.is_none());
+        assert_eq!(pod.init_containers.as_ref().unwrap()[0].env, None);
+        // A volume's pods have no init container.
+        let svc = service_fixture(serde_json::json!({}));
+        let pod = deployment(&svc, &BuildContext::default(), &model_of(&svc))
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.init_containers, None);
+    }
+
+    fn model_of(svc: &MoEInferenceService) -> ResolvedModel {
+        match crate::inference::decide::resolve_model(svc, None) {
+            crate::inference::decide::ModelState::Ready(m) => *m,
+            _ => panic!("a volume resolves at once"),
         }
     }
 

@@ -28,7 +28,10 @@ use moe_crds::{MoEInferenceService, MoETrainingJob};
 use tracing::{info, warn};
 
 use super::build;
-use super::decide::{DeploymentState, ModelState, Observed, Plan, decide, reason, resolve_model};
+use super::decide::{
+    DeploymentState, DownloadFailure, Downloads, ModelState, Observed, Plan, decide, reason,
+    resolve_model,
+};
 use super::groups::{self, GroupPlan, GroupState};
 use super::route::{self, HTTPRoute};
 use super::validate::validate;
@@ -251,6 +254,7 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             deployment,
             unschedulable: pending.unschedulable,
             awaiting_admission: pending.awaiting_admission,
+            downloads: pending.downloads,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
             route: ctx.routes.as_ref().and_then(|store| {
                 route::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
@@ -301,7 +305,12 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
 /// pod the scheduler then cannot place), so look again soon.
 fn requeue_after(ready_reason: Option<&str>) -> Duration {
     match ready_reason {
-        Some(reason::WAITING_FOR_ADMISSION | reason::INSUFFICIENT_CAPACITY) => PENDING_POLL,
+        Some(
+            reason::WAITING_FOR_ADMISSION
+            | reason::INSUFFICIENT_CAPACITY
+            | reason::DOWNLOADING_MODEL
+            | reason::DOWNLOAD_FAILED,
+        ) => PENDING_POLL,
         _ => RESYNC,
     }
 }
@@ -438,6 +447,7 @@ struct Pending {
     unschedulable: Vec<String>,
     /// Pods held by Kueue's admission gate (a queued service short of quota).
     awaiting_admission: i32,
+    downloads: Downloads,
 }
 
 /// Kueue's scheduling gate on the pods it manages until it admits them.
@@ -494,7 +504,52 @@ fn pending_of(pods: &[Pod]) -> Pending {
     Pending {
         unschedulable: unschedulable_of(pods),
         awaiting_admission: pods.iter().filter(|p| gated_by_kueue(p)).count() as i32,
+        downloads: downloads_of(pods),
     }
+}
+
+/// The server pods' Hub downloads, from their init containers' statuses: one
+/// running, or one whose last run failed (its exit code and termination
+/// message, which the worker writes).
+fn downloads_of(pods: &[Pod]) -> Downloads {
+    let mut downloads = Downloads::default();
+    for pod in pods {
+        let Some(status) = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|all| all.iter().find(|c| c.name == build::DOWNLOAD_CONTAINER))
+        else {
+            continue;
+        };
+        let state = status.state.as_ref();
+        if state.and_then(|s| s.running.as_ref()).is_some() {
+            downloads.running += 1;
+            continue;
+        }
+        // Failed now, or failed last time and waiting (CrashLoopBackOff).
+        let failed = state
+            .and_then(|s| s.terminated.as_ref())
+            .or_else(|| {
+                status
+                    .last_state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+            })
+            .filter(|t| t.exit_code != 0);
+        if let Some(t) = failed {
+            downloads.failed.push(DownloadFailure {
+                pod: pod.metadata.name.clone().unwrap_or_default(),
+                exit_code: t.exit_code,
+                message: t
+                    .message
+                    .clone()
+                    .or_else(|| t.reason.clone())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    downloads
 }
 
 /// Why server pods are Pending, from the scheduler's PodScheduled condition.
@@ -750,6 +805,61 @@ mod tests {
                            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
         moe_crds::fixtures::merge_patch(&mut v, &extra);
         serde_json::from_value(v).unwrap()
+    }
+
+    /// The download init container's status, as the kubelet reports it.
+    fn downloading(uid: &str, status: serde_json::Value) -> Pod {
+        let mut s = json!({"name": build::DOWNLOAD_CONTAINER, "ready": false, "restartCount": 1,
+                           "image": "w", "imageID": ""});
+        moe_crds::fixtures::merge_patch(&mut s, &status);
+        pod(
+            uid,
+            json!({"status": {"phase": "Pending", "initContainerStatuses": [s]}}),
+        )
+    }
+
+    #[test]
+    fn downloads_are_read_from_the_init_containers() {
+        let refused = json!({"terminated": {"exitCode": 2, "reason": "Error",
+                             "message": "the Hub answered 401 Unauthorized"}});
+        let pods = [
+            downloading("a", json!({"state": {"running": {}}})),
+            // Failed last time, now waiting to be retried.
+            downloading(
+                "b",
+                json!({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                    "lastState": refused.clone()}),
+            ),
+            // Failed now, without a message: the kubelet's reason.
+            downloading(
+                "c",
+                json!({"state": {"terminated": {"exitCode": 1, "reason": "Error"}}}),
+            ),
+            // Done (after an earlier failure): the server starts.
+            downloading(
+                "d",
+                json!({"state": {"terminated": {"exitCode": 0}}, "lastState": refused}),
+            ),
+            // No download at all.
+            pod("e", json!({})),
+        ];
+        let d = downloads_of(&pods);
+        assert_eq!(d.running, 1);
+        assert_eq!(
+            d.failed,
+            vec![
+                DownloadFailure {
+                    pod: "p-b".into(),
+                    exit_code: 2,
+                    message: "the Hub answered 401 Unauthorized".into()
+                },
+                DownloadFailure {
+                    pod: "p-c".into(),
+                    exit_code: 1,
+                    message: "Error".into()
+                },
+            ]
+        );
     }
 
     fn health(pods: &[Pod], formed: Option<&str>) -> GroupHealth {

@@ -34,6 +34,8 @@ pub mod reason {
     pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const GROUP_RESTART_LIMIT: &str = "GroupRestartLimit";
+    pub const DOWNLOADING_MODEL: &str = "DownloadingModel";
+    pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
 }
 
 /// Where the model stands.
@@ -59,7 +61,8 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
     if let Some(v) = &source.volume {
         let path = v.path.trim_matches('/').to_string();
         return ModelState::Ready(Box::new(ResolvedModel {
-            claim_name: v.claim_name.clone(),
+            claim_name: Some(v.claim_name.clone()),
+            download: None,
             revision: format!(
                 "pvc/{}/{path} ({})",
                 v.claim_name,
@@ -75,11 +78,24 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             trained: None,
         }));
     }
+    if let Some(hub) = &source.huggingface {
+        return ModelState::Ready(Box::new(ResolvedModel {
+            claim_name: hub.cache_claim_name.clone(),
+            download: Some(hub.clone()),
+            path: format!("{}/{}/{}", build::HUB_DIR, hub.repo, hub.revision),
+            format: moe_crds::ModelFormat::Huggingface,
+            checkpoint_step: None,
+            model: None,
+            trained: None,
+            revision: format!("huggingface/{}@{}", hub.repo, hub.revision),
+        }));
+    }
     let Some(from) = &source.from_training_job else {
         // The CEL rule requires one source; an object that got past it anyway is invalid.
         return ModelState::Broken {
             reason: reason::INVALID_SPEC,
-            message: "spec.model needs exactly one source: fromTrainingJob or volume".into(),
+            message: "spec.model needs exactly one source: fromTrainingJob, volume or huggingface"
+                .into(),
         };
     };
     let Some(job) = job else {
@@ -200,7 +216,8 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
     let uid = job.uid().unwrap_or_default();
     let short_uid: String = uid.chars().take(8).collect();
     ModelState::Ready(Box::new(ResolvedModel {
-        claim_name: claim,
+        claim_name: Some(claim),
+        download: None,
         path,
         format: moe_crds::ModelFormat::Native,
         checkpoint_step: Some(step),
@@ -254,12 +271,64 @@ pub struct Observed {
     pub unschedulable: Vec<String>,
     /// Server pods Kueue has not admitted yet (`placement.queueName`).
     pub awaiting_admission: i32,
+    /// How the server pods' downloads of a Hub model stand.
+    pub downloads: Downloads,
     /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
     pub exhausted: Option<String>,
     /// What the Gateway controllers say of the service's HTTPRoute
     /// (`spec.route`, under `--gateway-api`).
     pub route: Option<super::route::Acceptance>,
     pub now: Timestamp,
+}
+
+/// Server pods' downloads of a Hub model (`model.huggingface`): their init
+/// containers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Downloads {
+    /// Downloading now.
+    pub running: i32,
+    /// Failed last time (and retried by the kubelet, with back-off).
+    pub failed: Vec<DownloadFailure>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownloadFailure {
+    pub pod: String,
+    pub exit_code: i32,
+    /// The worker's words (its termination message).
+    pub message: String,
+}
+
+/// The worker's exit code for a download no retry can fix: the Hub refused
+/// it (no access, no such model or revision) or the spec is wrong.
+const DOWNLOAD_REFUSED_EXIT_CODE: i32 = 2;
+
+/// Ready's verdict while server pods download a Hub model: failing (stalled
+/// when the Hub refused: a token or the spec must change), or downloading.
+fn download_verdict(downloads: &Downloads) -> Option<Verdict> {
+    if let Some(f) = downloads.failed.first() {
+        return Some(Verdict {
+            ready: false,
+            stalled: f.exit_code == DOWNLOAD_REFUSED_EXIT_CODE,
+            reason: reason::DOWNLOAD_FAILED,
+            message: format!(
+                "{} server pod(s) cannot download the model; pod {}: exit code {}: {}",
+                downloads.failed.len(),
+                f.pod,
+                f.exit_code,
+                f.message.trim()
+            ),
+        });
+    }
+    (downloads.running > 0).then(|| {
+        progressing(
+            reason::DOWNLOADING_MODEL,
+            format!(
+                "{} server pod(s) are downloading the model",
+                downloads.running
+            ),
+        )
+    })
 }
 
 /// A transition worth a Kubernetes Event.
@@ -457,6 +526,9 @@ fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Obse
         if !unschedulable.is_empty() && !stale {
             return capacity();
         }
+        if let Some(verdict) = download_verdict(&observed.downloads).filter(|_| !stale) {
+            return verdict;
+        }
         return progressing(
             reason::UPDATING,
             format!(
@@ -479,6 +551,9 @@ fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Obse
         }
         if !unschedulable.is_empty() {
             return capacity();
+        }
+        if let Some(verdict) = download_verdict(&observed.downloads) {
+            return verdict;
         }
         return progressing(
             reason::PODS_NOT_READY,
@@ -536,6 +611,7 @@ mod tests {
             deployment: dep,
             unschedulable: vec![],
             awaiting_admission: 0,
+            downloads: Downloads::default(),
             exhausted: None,
             route: None,
             now: Timestamp::from_second(1_000).unwrap(),
@@ -636,7 +712,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(m.claim_name, "ckpt-pvc");
+        assert_eq!(m.claim_name.as_deref(), Some("ckpt-pvc"));
         assert_eq!(m.path, "ckpt/serve/train/checkpoints");
         assert_eq!(m.dir(), "/models/ckpt/serve/train/checkpoints");
         assert_eq!(m.checkpoint_step, Some(600));
@@ -818,6 +894,45 @@ mod tests {
         assert!(
             !plan.transitions[0].warning,
             "waiting for quota is no fault"
+        );
+
+        // A Hub model: pods downloading, then one whose download the Hub
+        // refused (stalled: a token must change), then one that lost its
+        // connection (the kubelet retries: progressing).
+        let mut o = observed(m.clone(), Some(dep(3, 3, 1, 3)));
+        o.downloads.running = 2;
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "DownloadingModel"));
+        assert_eq!(cond(&plan, STALLED).0, "False");
+        o.downloads.failed = vec![DownloadFailure {
+            pod: "chat-7d9-x2".into(),
+            exit_code: 2,
+            message:
+                "resolving org/m at main: the Hub answered 401 Unauthorized (gated or private: …)\n"
+                    .into(),
+        }];
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "DownloadFailed"));
+        assert_eq!(cond(&plan, STALLED), ("True", "DownloadFailed"));
+        let message = &plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .unwrap()
+            .message;
+        assert!(
+            message.contains("pod chat-7d9-x2: exit code 2: resolving org/m"),
+            "{message}"
+        );
+        assert!(plan.transitions[0].warning);
+        o.downloads.failed[0].exit_code = 1;
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "DownloadFailed"));
+        assert_eq!(
+            cond(&plan, STALLED).0,
+            "False",
+            "a network failure is retried"
         );
 
         let plan = decide(&s, &observed(m.clone(), Some(dep(3, 4, 3, 1))));

@@ -560,7 +560,8 @@ mod tests {
 
     fn model() -> ResolvedModel {
         ResolvedModel {
-            claim_name: "w".into(),
+            claim_name: Some("w".into()),
+            download: None,
             path: String::new(),
             format: moe_crds::ModelFormat::Native,
             checkpoint_step: None,
