@@ -114,19 +114,26 @@ pub fn install() -> Result<()> {
 
 /// The operator binary built by `cargo build -p moe-operator` (tests/run.sh does).
 fn operator_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var("MOE_OPERATOR_BIN")
-        .ok()
-        .filter(|p| !p.is_empty())
-    {
+    debug_binary("moe-operator", "MOE_OPERATOR_BIN")
+}
+
+/// The worker binary built by `cargo build -p moe-worker` (tests/run.sh
+/// does): what a test playing the kubelet runs a pod's command with.
+pub fn worker_binary() -> Result<PathBuf> {
+    debug_binary("moe-worker", "MOE_WORKER_BIN")
+}
+
+fn debug_binary(name: &str, override_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var(override_var).ok().filter(|p| !p.is_empty()) {
         return Ok(p.into());
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("target"));
-    let bin = target.join("debug/moe-operator");
+    let bin = target.join("debug").join(name);
     if !bin.exists() {
         bail!(
-            "{} is missing: run `cargo build -p moe-operator` first (tests/run.sh does)",
+            "{} is missing: run `cargo build -p {name}` first (tests/run.sh does)",
             bin.display()
         );
     }

@@ -572,6 +572,137 @@ async fn set_not_ready(pods: &Api<Pod>, name: &str, not_ready: bool) -> Result<(
     Ok(())
 }
 
+/// A Hub that refuses every request, as the Hub answers for a gated model
+/// asked without a token: `http://127.0.0.1:<port>`.
+fn refusing_hub() -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                  content-length: 2\r\nconnection: close\r\n\r\n{}",
+            );
+        }
+    });
+    Ok(endpoint)
+}
+
+/// A Hub model (`model.huggingface`) whose download the Hub refuses. The
+/// test plays the kubelet for the server pod's init container: KWOK holds
+/// it running (tests/cluster/kwok-stages.yaml), and the service says
+/// `DownloadingModel`; then the test runs the init container's own command
+/// (the real `moe-worker fetch`, against a Hub that answers 401) and reports
+/// its exit code and termination message through KWOK, and the service is
+/// `Stalled` with reason `DownloadFailed` in the worker's words (a token is
+/// needed), never Ready.
+#[tokio::test]
+async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-hub").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let hub = refusing_hub()?;
+    let svc = gpu_service(
+        "gated",
+        1,
+        json!({"spec": {
+            "model": {"volume": null, "huggingface": {"repo": "moe-tests/gated-moe", "endpoint": hub}},
+            "worker": {"podMetadata": {"labels": {"kwok.test/init": "hold"}}}
+        }}),
+    );
+    api.create(&PostParams::default(), &svc).await?;
+    let reason = |s: &MoEInferenceService, type_: &str| {
+        condition(s, type_)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+            .unwrap_or_default()
+    };
+    eventually(
+        "the service to say the model is downloading",
+        WAIT,
+        || async {
+            let s = api.get("gated").await?;
+            Ok((reason(&s, "Ready").1 == "DownloadingModel").then_some(()))
+        },
+    )
+    .await?;
+
+    // The kubelet's part: run the init container's command, as the pod would.
+    let pod = server_pods(&pods, "gated")
+        .await?
+        .into_iter()
+        .next()
+        .context("no server pod")?;
+    let init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| c.first())
+        .context("no init container")?;
+    let mut command = init.command.clone().unwrap_or_default();
+    ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
+    let scratch = std::env::temp_dir().join(format!("moe-e2e-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    // The volume's mount point, here a scratch directory.
+    if let Some(at) = command.iter().position(|a| a == "--into") {
+        command[at + 1] = scratch.join("models").display().to_string();
+    }
+    // The kubelet creates the file the container may write its message to.
+    let log = scratch.join("termination-log");
+    std::fs::write(&log, "")?;
+    let out = std::process::Command::new(moe_e2e::operator::worker_binary()?)
+        .args(&command[1..])
+        .env("MOE_TERMINATION_LOG", &log)
+        .env_remove("HF_TOKEN")
+        .output()?;
+    let code = out.status.code().context("killed")?;
+    let message = std::fs::read_to_string(&log)?;
+    std::fs::remove_dir_all(&scratch)?;
+    ensure!(
+        code == 2,
+        "exit {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patch = json!({"metadata": {"annotations": {
+        "kwok.test/init-exit-code": code.to_string(), "kwok.test/init-message": message
+    }}});
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    // Pods are not watched: the operator looks again within 30 s while a
+    // download runs; a touch of the service has it look now.
+    let touch = json!({"metadata": {"annotations": {"e2e.moe.dev/touch": "1"}}});
+    api.patch("gated", &PatchParams::default(), &Patch::Merge(&touch))
+        .await?;
+    let stalled = eventually("the service to stall on the download", WAIT, || async {
+        let s = api.get("gated").await?;
+        Ok((reason(&s, "Stalled").1 == "DownloadFailed").then_some(s))
+    })
+    .await?;
+    let (status, _, message) = reason(&stalled, "Ready");
+    ensure!(status == "False");
+    ensure!(reason(&stalled, "Stalled").0 == "True");
+    ensure!(
+        message.contains("exit code 2")
+            && message.contains("401")
+            && message.contains("model.huggingface.tokenSecret"),
+        "{message}"
+    );
+    ensure!(
+        event_reasons(&client, &ns.name, "gated")
+            .await?
+            .contains(&"DownloadFailed".to_string())
+    );
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn one_pod_replicas_that_cannot_get_ready_degrade_the_service() -> Result<()> {
     let client = admin_client().await?;
