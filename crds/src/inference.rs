@@ -152,6 +152,58 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
     pub request_timeout: Option<String>,
+    /// Let an endpoint picker choose the replica for each request (by queue
+    /// depth, KV-cache use, prefix affinity): the operator makes an
+    /// InferencePool of the Gateway API Inference Extension over the
+    /// replicas, and the route sends to it instead of the Service. The
+    /// picker is yours to run. Unset: the Service balances requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_pool: Option<RouteInferencePool>,
+}
+
+/// The InferencePool a route sends to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteInferencePool {
+    /// The endpoint picker (EPP) the Gateway asks.
+    pub endpoint_picker: EndpointPicker,
+}
+
+/// An endpoint picker's Service in the service's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPicker {
+    /// The picker's Service.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Its gRPC (ext-proc) port.
+    #[serde(default = "picker_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// What the Gateway does when the picker does not answer: `FailClose`
+    /// refuses the request, `FailOpen` sends it to any replica.
+    #[serde(default)]
+    pub failure_mode: PickerFailureMode,
+}
+
+fn picker_port() -> i32 {
+    9002
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PickerFailureMode {
+    #[default]
+    FailClose,
+    FailOpen,
+}
+
+impl PickerFailureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FailClose => "FailClose",
+            Self::FailOpen => "FailOpen",
+        }
+    }
 }
 
 /// A Gateway API `ParentReference`: a Gateway by default.

@@ -61,6 +61,13 @@ struct Args {
     /// service. The cluster must serve HTTPRoutes.
     #[arg(long, env = "MOE_GATEWAY_API")]
     gateway_api: bool,
+    /// With --gateway-api: services whose route names an endpoint picker
+    /// (`spec.route.inferencePool`) get an InferencePool
+    /// (`inference.networking.k8s.io/v1`, the Gateway API Inference
+    /// Extension) over their replicas, which their HTTPRoute sends to. The
+    /// cluster must serve InferencePools.
+    #[arg(long, env = "MOE_INFERENCE_POOL", requires = "gateway_api")]
+    inference_pool: bool,
     /// Log format.
     #[arg(long, env = "MOE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -108,6 +115,10 @@ async fn main() -> anyhow::Result<()> {
         moe_operator::inference::route::probe(&client).await?;
         info!("routes through the Gateway API");
     }
+    if args.inference_pool {
+        moe_operator::inference::pool::probe(&client).await?;
+        info!("routes through InferencePools of the Gateway API Inference Extension");
+    }
     let identity = args
         .identity
         .clone()
@@ -153,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         gang_scheduling: args.gang_scheduling,
         workload_features,
         gateway_api: args.gateway_api,
+        inference_pool: args.inference_pool,
     };
     let recorder = Recorder::new(
         client.clone(),

@@ -33,6 +33,9 @@ pub struct BuildContext {
     /// Whether the operator makes HTTPRoutes for `spec.route`
     /// (`--gateway-api`; [`crate::inference::route`]).
     pub gateway_api: bool,
+    /// Whether it makes InferencePools for `spec.route.inferencePool`
+    /// (`--inference-pool`; [`crate::inference::pool`]).
+    pub inference_pool: bool,
 }
 
 impl Default for BuildContext {
@@ -45,6 +48,7 @@ impl Default for BuildContext {
             gang_scheduling: GangScheduling::None,
             workload_features: WorkloadFeatures::default(),
             gateway_api: false,
+            inference_pool: false,
         }
     }
 }

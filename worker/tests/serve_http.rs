@@ -272,6 +272,28 @@ fn a_full_queue_gets_429_and_a_hang_up_cancels() {
         json!({"prompt": "a", "max_tokens": LONG, "temperature": 0, "stream": true}).to_string();
     let mut running = send(server.addr, "POST", "/v1/completions", long.as_bytes());
     read_until(&mut running, b"data: ");
+    // Its pages are held while it runs: the KV-cache use an endpoint picker
+    // reads is their share of the cache (one render; a step may take a page
+    // between two of its gauges).
+    let text = String::from_utf8(request(server.addr, "GET", "/metrics", b"").body).unwrap();
+    let gauge = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let (used, total) = (
+        gauge("moe_serving_kv_cache_pages_used"),
+        gauge("moe_serving_kv_cache_pages_total"),
+    );
+    let usage = gauge("moe_serving_kv_cache_usage_ratio");
+    assert!(
+        used > 0.0 && usage > 0.0 && usage <= 1.0,
+        "{used} pages, usage {usage}"
+    );
+    assert!(
+        (usage * total - used).abs() <= 1.0,
+        "{usage} × {total} vs {used}"
+    );
     // The second waits in the queue (its response head comes at once)...
     let mut queued = send(server.addr, "POST", "/v1/completions", long.as_bytes());
     read_until(&mut queued, b"\r\n\r\n");

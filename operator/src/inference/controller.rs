@@ -33,6 +33,7 @@ use super::decide::{
     resolve_model,
 };
 use super::groups::{self, GroupPlan, GroupState};
+use super::pool::{self, InferencePool};
 use super::route::{self, HTTPRoute};
 use super::validate::validate;
 use crate::labels;
@@ -58,6 +59,8 @@ pub struct Context {
     training_jobs: Store<MoETrainingJob>,
     /// Reflected only with `--gateway-api`.
     routes: Option<Store<HTTPRoute>>,
+    /// Reflected only with `--inference-pool`.
+    pools: Option<Store<InferencePool>>,
     failures: Backoff<MoEInferenceService>,
     /// Validation verdict per object uid and generation: the spec only changes
     /// with the generation, and CEL compilation on every pod change would dominate CPU.
@@ -98,7 +101,13 @@ pub async fn run(
     let (stateful_sets, sts_stream) =
         reflected(api::<StatefulSet>(&client, &namespace), children.clone());
     let (routes, route_stream) = if build.gateway_api {
-        let (store, stream) = reflected(api::<HTTPRoute>(&client, &namespace), children);
+        let (store, stream) = reflected(api::<HTTPRoute>(&client, &namespace), children.clone());
+        (Some(store), Some(stream))
+    } else {
+        (None, None)
+    };
+    let (pools, pool_stream) = if build.inference_pool {
+        let (store, stream) = reflected(api::<InferencePool>(&client, &namespace), children);
         (Some(store), Some(stream))
     } else {
         (None, None)
@@ -127,10 +136,15 @@ pub async fn run(
         stateful_sets,
         training_jobs,
         routes,
+        pools,
         failures: Backoff::default(),
         verdicts: Mutex::new(HashMap::new()),
     });
     let controller = match route_stream {
+        Some(stream) => controller.owns_stream(stream),
+        None => controller,
+    };
+    let controller = match pool_stream {
         Some(stream) => controller.owns_stream(stream),
         None => controller,
     };
@@ -360,6 +374,24 @@ async fn apply_children(
             }
         }
     };
+    let inference_pool = async {
+        let Some(store) = &ctx.pools else {
+            return Ok(()); // without --inference-pool a pool is an invalid spec
+        };
+        match pool::inference_pool(svc) {
+            Some(p) => apply_if_changed(client, metrics, ns, p, store).await,
+            None => {
+                // The pool was removed from the spec: the operator's goes with it.
+                let name = build::child_name(svc);
+                if owned(store, svc, &name).is_some()
+                    && delete_if_present::<InferencePool>(client, metrics, ns, &name).await?
+                {
+                    info!(service = %svc.name_any(), namespace = ns, "deleted InferencePool");
+                }
+                Ok(())
+            }
+        }
+    };
     // One-pod replicas: the Deployment. Groups: the headless Service of their pods
     // (the StatefulSets are created and replaced by [`execute_groups`]).
     let replicas = async {
@@ -390,6 +422,7 @@ async fn apply_children(
         ),
         hpa,
         http_route,
+        inference_pool,
     )?;
     Ok(())
 }
@@ -787,7 +820,8 @@ fn verdict(ctx: &Context, svc: &MoEInferenceService) -> Option<String> {
     }
     let invalid = validate(svc)
         .err()
-        .or_else(|| route::unsupported(svc, ctx.build.gateway_api));
+        .or_else(|| route::unsupported(svc, ctx.build.gateway_api))
+        .or_else(|| pool::unsupported(svc, ctx.build.inference_pool));
     ctx.verdicts
         .lock()
         .expect("not poisoned")

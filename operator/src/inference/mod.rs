@@ -5,5 +5,6 @@ pub mod build;
 pub mod controller;
 pub mod decide;
 pub mod groups;
+pub mod pool;
 pub mod route;
 pub mod validate;

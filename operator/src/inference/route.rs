@@ -82,11 +82,17 @@ pub struct PathMatch {
     pub value: String,
 }
 
-/// A Service backend (the Gateway API's default kind).
+/// A backend: the service's Service (the Gateway API's default kind, with
+/// its port), or its InferencePool (group and kind named, no port).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct BackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub name: String,
-    pub port: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -216,9 +222,18 @@ pub fn http_route(svc: &MoEInferenceService) -> Option<HTTPRoute> {
                         value: route.path_prefix.clone(),
                     },
                 }],
-                backend_refs: vec![BackendRef {
-                    name,
-                    port: svc.spec.serving.port,
+                backend_refs: vec![match &route.inference_pool {
+                    None => BackendRef {
+                        name,
+                        port: Some(svc.spec.serving.port),
+                        ..BackendRef::default()
+                    },
+                    Some(_) => BackendRef {
+                        group: Some(super::pool::GROUP.into()),
+                        kind: Some("InferencePool".into()),
+                        name,
+                        port: None,
+                    },
                 }],
                 timeouts: route
                     .request_timeout

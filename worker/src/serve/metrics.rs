@@ -71,6 +71,9 @@ pub struct Metrics {
     pub kv_pages_total: Gauge,
     /// Pages no sequence holds, kept for the prefix they hold.
     pub kv_pages_cached: Gauge,
+    /// Pages held by sequences over all pages (0 to 1): what an endpoint
+    /// picker of the Gateway API Inference Extension reads as KV-cache use.
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
     /// Expert-parallel payload bytes this rank sent to the others (the
     /// leader's plans; every rank's expert exchanges and all-gathers).
     pub collective_bytes: Family<CollectiveLabels, Counter>,
@@ -190,6 +193,12 @@ impl Metrics {
             "Token rows each routed expert held by this process computed, by decoder layer and expert (the expert load; on an expert-parallel replica each rank counts its own experts)",
             expert_tokens.clone(),
         );
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kv_cache_usage_ratio",
+            "KV cache pages held by sequences over all pages, 0 to 1 (an endpoint picker's KV-cache use)",
+            kv_cache_usage.clone(),
+        );
         let expert_rebalances = Counter::default();
         registry.register(
             "expert_rebalances",
@@ -222,6 +231,7 @@ impl Metrics {
             expert_tokens,
             expert_rebalances,
             expert_load_imbalance,
+            kv_cache_usage,
             registry: std::sync::Arc::new(registry),
         }
     }

@@ -894,6 +894,12 @@ impl Runner {
         m.inflight.set((waiting + running) as i64);
         let used = self.scheduler.pages_used();
         m.kv_pages_used.set(used as i64);
+        let total = m.kv_pages_total.get();
+        m.kv_cache_usage.set(if total > 0 {
+            used as f64 / total as f64
+        } else {
+            0.0
+        });
         m.kv_pages_cached.set(self.scheduler.pages_cached() as i64);
         self.pages_used.store(used, Ordering::Release);
     }
