@@ -93,6 +93,10 @@ check "gangScheduling passes the flag, and only workload-api grants podgroups" s
 check "gatewayAPI passes --gateway-api and grants httproutes, only when enabled" sh -c "
   grep -qF -- '- --gateway-api' $tmp/full.yaml && grep -qF 'resources: [httproutes]' $tmp/full.yaml &&
   ! grep -qF -- '- --gateway-api' $tmp/default.yaml && ! grep -qF 'resources: [httproutes]' $tmp/default.yaml"
+check "gatewayAPI.inferencePool passes --inference-pool and grants inferencepools, only when enabled" sh -c "
+  grep -qF -- '- --inference-pool' $tmp/full.yaml && grep -qF 'resources: [inferencepools]' $tmp/full.yaml &&
+  ! grep -qF -- '- --inference-pool' $tmp/default.yaml && ! grep -qF 'resources: [inferencepools]' $tmp/default.yaml &&
+  ! helm template moe $chart --set gatewayAPI.inferencePool=true | grep -qF -- '- --inference-pool'"
 check "crds.keep=false leaves the CRD deletable" sh -c "! grep -q 'resource-policy' $tmp/full.yaml"
 check "crds.enabled=false renders no CRD" sh -c \
   "helm template moe $chart --set crds.enabled=false | grep -c '^kind: CustomResourceDefinition' | grep -qx 0"

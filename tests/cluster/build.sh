@@ -130,6 +130,19 @@ if [[ ! -d "$bin/gateway-crds" ]]; then
 fi
 echo "$gateway_sum" >"$bin/gateway-crds.stamp"
 
+# The Gateway API Inference Extension's InferencePool CRD (the operator's
+# --inference-pool), installed by up.sh beside the Gateway API's.
+require_pin inference-extension sigs.k8s.io/gateway-api-inference-extension "$INFERENCE_EXTENSION_VERSION"
+pool_sum=$(cat "$here/go/inference-extension/go.mod" "$here/go/inference-extension/go.sum" | sha256sum | cut -c1-16)
+[[ "$(cat "$bin/inference-crds.stamp" 2>/dev/null)" == "$pool_sum" ]] || rm -rf "$bin/inference-crds"
+if [[ ! -d "$bin/inference-crds" ]]; then
+  pool_dir=$(cd "$here/go/inference-extension" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api-inference-extension)
+  rm -rf "$bin/inference-crds.tmp" && mkdir "$bin/inference-crds.tmp"
+  cp "$pool_dir/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml" "$bin/inference-crds.tmp/"
+  chmod -R u+w "$bin/inference-crds.tmp" && mv "$bin/inference-crds.tmp" "$bin/inference-crds"
+fi
+echo "$pool_sum" >"$bin/inference-crds.stamp"
+
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
 kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then

@@ -280,6 +280,9 @@ wait_for "custom.metrics.k8s.io" 120 kubectl get --raw /apis/custom.metrics.k8s.
 # never accepted by a gateway; a test plays the controller where it must.
 kubectl apply --server-side -f "$bin/gateway-crds" >/dev/null
 kubectl wait --for condition=established --timeout=60s crd/httproutes.gateway.networking.k8s.io >/dev/null
+# The Inference Extension's InferencePool, likewise without an endpoint picker.
+kubectl apply --server-side -f "$bin/inference-crds" >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/inferencepools.inference.networking.k8s.io >/dev/null
 
 # ---------------------------------------------------------------- Kueue
 # Installed as its release manifests install it (CRDs with conversion webhooks,

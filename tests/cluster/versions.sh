@@ -20,5 +20,9 @@ KUEUE_VERSION=v0.17.0     # sigs.k8s.io/kueue: its v1beta2 API and the batch/job
 # The Gateway API (go/gateway-api): its standard-channel CRDs, for the
 # operator's HTTPRoutes (--gateway-api). Recopied when go/gateway-api changes.
 GATEWAY_API_VERSION=v1.5.0 # sigs.k8s.io/gateway-api: HTTPRoute v1
+# The Gateway API Inference Extension (go/inference-extension): its
+# InferencePool CRD, for the operator's --inference-pool. Recopied when
+# go/inference-extension changes.
+INFERENCE_EXTENSION_VERSION=v1.3.0 # sigs.k8s.io/gateway-api-inference-extension: InferencePool v1
 
 KBIN_CACHE=${MOE_KBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-operator/kbin}

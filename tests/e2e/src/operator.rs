@@ -15,10 +15,10 @@ use anyhow::{Context, Result, bail, ensure};
 
 /// The chart values the harness installs the operator's RBAC with (its
 /// defaults, but the CRDs and with `gangScheduling=workload-api` and
-/// `gatewayAPI.enabled`, whose PodGroup and HTTPRoute rules the Workload API
-/// and route tests use); tests/rbac.rs renders the same.
-pub const HARNESS_VALUES: &str =
-    "--set crds.enabled=false --set gangScheduling=workload-api --set gatewayAPI.enabled=true";
+/// `gatewayAPI.enabled` and `.inferencePool`, whose PodGroup, HTTPRoute and
+/// InferencePool rules the Workload API and route tests use); tests/rbac.rs
+/// renders the same.
+pub const HARNESS_VALUES: &str = "--set crds.enabled=false --set gangScheduling=workload-api --set gatewayAPI.enabled=true --set gatewayAPI.inferencePool=true";
 
 /// Namespace and ServiceAccount the chart installs the operator with.
 pub const OPERATOR_NAMESPACE: &str = "moe-system";

@@ -1706,6 +1706,137 @@ async fn a_route_exposes_the_service_through_a_gateway_and_goes_with_it() -> Res
     ns.delete().await
 }
 
+/// The service's InferencePool as the apiserver stores it.
+fn inference_pool(ns: &str, name: &str) -> Result<Option<Value>> {
+    let out = sh(&format!(
+        "kubectl get inferencepools.inference.networking.k8s.io -n {ns} -o json"
+    ))?;
+    let list: Value = serde_json::from_str(&out)?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["metadata"]["name"] == name)
+        .cloned())
+}
+
+/// `route.inferencePool`: an InferencePool over the replica groups' leaders,
+/// accepted by the Inference Extension's own schema and CEL rules, which
+/// the HTTPRoute (accepted by the Gateway API's) sends to; out of the spec,
+/// the pool goes and the route sends to the Service again. An operator
+/// without `--inference-pool` refuses the spec, naming the flag.
+#[tokio::test]
+async fn an_inference_pool_puts_the_replicas_behind_an_endpoint_picker() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-pool").await?;
+    let op = Operator::start_with(&ns.name, &["--gateway-api", "--inference-pool"]).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let spec = json!({"spec": {
+        "parallelism": {"processesPerPod": 4, "podsPerReplica": 2, "expertParallel": 8},
+        "route": {
+            "parentRefs": [{"name": "public", "namespace": "gateways"}],
+            "inferencePool": {"endpointPicker": {"name": "chat-epp", "failureMode": "FailOpen"}}
+        }
+    }});
+    api.create(&PostParams::default(), &gpu_service("chat", 2, spec))
+        .await?;
+    wait_ready(&api, "chat", 2).await?;
+    let pool = eventually("the InferencePool", WAIT, || async {
+        inference_pool(&ns.name, "chat")
+    })
+    .await?;
+    ensure!(
+        pool["spec"]["selector"]["matchLabels"]
+            == json!({"moe.dev/role": "server", "moe.dev/service-name": "chat",
+                      "apps.kubernetes.io/pod-index": "0"})
+            && pool["spec"]["targetPorts"] == json!([{"number": 8000}])
+            && pool["spec"]["endpointPickerRef"]["name"] == "chat-epp"
+            && pool["spec"]["endpointPickerRef"]["port"]["number"] == 9002
+            && pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
+            && pool["metadata"]["ownerReferences"][0]["kind"] == "MoEInferenceService",
+        "{pool}"
+    );
+    // The pool selects exactly the pods that take requests: each group's leader.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let selected =
+        pods.list(&ListParams::default().labels(
+            "moe.dev/role=server,moe.dev/service-name=chat,apps.kubernetes.io/pod-index=0",
+        ))
+        .await?;
+    ensure!(
+        selected.items.len() == 2,
+        "{} leaders",
+        selected.items.len()
+    );
+    let route = eventually("the HTTPRoute", WAIT, || async {
+        http_route(&ns.name, "chat")
+    })
+    .await?;
+    ensure!(
+        route["spec"]["rules"][0]["backendRefs"][0]
+            == json!({"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                      "name": "chat", "weight": 1}),
+        "{route}"
+    );
+    // Deleted by hand, it comes back.
+    sh(&format!(
+        "kubectl delete inferencepool chat -n {} --wait",
+        ns.name
+    ))?;
+    eventually("the InferencePool to be restored", WAIT, || async {
+        inference_pool(&ns.name, "chat")
+    })
+    .await?;
+    // Out of the spec: the pool goes, the route sends to the Service again.
+    api.patch(
+        "chat",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"route": {"inferencePool": null}}})),
+    )
+    .await?;
+    eventually(
+        "the pool to go and the route to send to the Service",
+        WAIT,
+        || async {
+            let backend = http_route(&ns.name, "chat")?
+                .map(|r| r["spec"]["rules"][0]["backendRefs"][0].clone());
+            let service =
+                json!({"group": "", "kind": "Service", "name": "chat", "port": 8000, "weight": 1});
+            Ok(
+                (inference_pool(&ns.name, "chat")?.is_none() && backend == Some(service))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    drop(op);
+
+    // An operator that does not make pools says so.
+    let _plain = Operator::start_with(&ns.name, &["--gateway-api"]).await?;
+    api.patch(
+        "chat",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"route": {
+            "inferencePool": {"endpointPicker": {"name": "chat-epp"}}
+        }}})),
+    )
+    .await?;
+    let stalled = eventually(
+        "the service to stall without --inference-pool",
+        WAIT,
+        || async {
+            let s = api.get("chat").await?;
+            Ok(condition(&s, "Stalled")
+                .filter(|c| c.status == "True" && c.reason == "InvalidSpec")
+                .map(|c| c.message.clone()))
+        },
+    )
+    .await?;
+    ensure!(stalled.contains("--inference-pool"), "{stalled}");
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn invalid_services_are_rejected_by_the_apiserver_naming_the_field() -> Result<()> {
     install()?;
