@@ -40,8 +40,8 @@ use crate::labels;
 use crate::metrics::Metrics;
 use crate::pods::BuildContext;
 use crate::reconcile::{
-    Backoff, Error, api, apply_if_changed, apply_status, create_once, delete_if_present, publish,
-    reflected,
+    Backoff, Child, Error, api, apply_if_changed, apply_status, create_once, delete_if_present,
+    publish, reflected,
 };
 
 /// Shared state of the controller.
@@ -340,58 +340,19 @@ async fn apply_children(
         return Ok(());
     };
     let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
-    let hpa = async {
-        match build::horizontal_pod_autoscaler(svc) {
-            Some(hpa) => apply_if_changed(client, metrics, ns, hpa, &ctx.hpas).await,
-            None => {
-                // Autoscaling was switched off: the operator's HPA goes with it.
-                let name = build::child_name(svc);
-                if owned(&ctx.hpas, svc, &name).is_none() {
-                    return Ok(());
-                }
-                if delete_if_present::<HorizontalPodAutoscaler>(client, metrics, ns, &name).await? {
-                    info!(service = %svc.name_any(), namespace = ns, "deleted autoscaler");
-                }
-                Ok(())
-            }
-        }
-    };
-    let http_route = async {
-        let Some(store) = &ctx.routes else {
-            return Ok(()); // without --gateway-api a route is an invalid spec
-        };
-        match route::http_route(svc) {
-            Some(r) => apply_if_changed(client, metrics, ns, r, store).await,
-            None => {
-                // The route was removed from the spec: the operator's goes with it.
-                let name = build::child_name(svc);
-                if owned(store, svc, &name).is_some()
-                    && delete_if_present::<HTTPRoute>(client, metrics, ns, &name).await?
-                {
-                    info!(service = %svc.name_any(), namespace = ns, "deleted HTTPRoute");
-                }
-                Ok(())
-            }
-        }
-    };
-    let inference_pool = async {
-        let Some(store) = &ctx.pools else {
-            return Ok(()); // without --inference-pool a pool is an invalid spec
-        };
-        match pool::inference_pool(svc) {
-            Some(p) => apply_if_changed(client, metrics, ns, p, store).await,
-            None => {
-                // The pool was removed from the spec: the operator's goes with it.
-                let name = build::child_name(svc);
-                if owned(store, svc, &name).is_some()
-                    && delete_if_present::<InferencePool>(client, metrics, ns, &name).await?
-                {
-                    info!(service = %svc.name_any(), namespace = ns, "deleted InferencePool");
-                }
-                Ok(())
-            }
-        }
-    };
+    // The optional children: made while the spec asks for them, deleted
+    // when it stops (a route or pool without its flag is an invalid spec,
+    // and its store is not reflected).
+    let hpa = optional_child(
+        ctx,
+        svc,
+        ns,
+        build::horizontal_pod_autoscaler(svc),
+        Some(&ctx.hpas),
+    );
+    let http_route = optional_child(ctx, svc, ns, route::http_route(svc), ctx.routes.as_ref());
+    let inference_pool =
+        optional_child(ctx, svc, ns, pool::inference_pool(svc), ctx.pools.as_ref());
     // One-pod replicas: the Deployment. Groups: the headless Service of their pods
     // (the StatefulSets are created and replaced by [`execute_groups`]).
     let replicas = async {
@@ -424,6 +385,37 @@ async fn apply_children(
         http_route,
         inference_pool,
     )?;
+    Ok(())
+}
+
+/// Applies `wanted` (an optional child named as the service: its HPA,
+/// HTTPRoute, InferencePool); without it, deletes the operator's own one if
+/// there is one (the spec no longer asks for it). Nothing without a store.
+async fn optional_child<K: Child>(
+    ctx: &Context,
+    svc: &MoEInferenceService,
+    ns: &str,
+    wanted: Option<K>,
+    store: Option<&Store<K>>,
+) -> Result<(), Error> {
+    let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
+    let Some(store) = store else {
+        return Ok(());
+    };
+    if let Some(child) = wanted {
+        return apply_if_changed(client, metrics, ns, child, store).await;
+    }
+    let name = build::child_name(svc);
+    if owned(store, svc, &name).is_some()
+        && delete_if_present::<K>(client, metrics, ns, &name).await?
+    {
+        info!(
+            service = %svc.name_any(),
+            namespace = ns,
+            kind = %K::kind(&()),
+            "deleted, no longer in the spec"
+        );
+    }
     Ok(())
 }
 
