@@ -188,15 +188,15 @@ const API_VERSION: &str = "scheduling.k8s.io/v1alpha2";
 /// of a PodGroup in `namespace` with every optional field shows which ones
 /// it keeps (nothing is stored).
 pub async fn probe(client: &Client, namespace: &str) -> anyhow::Result<WorkloadFeatures> {
-    let served = crate::reconcile::served::<PodGroup>(client)
-        .await
-        .map_err(|e| anyhow::Error::new(e).context("discovering PodGroups"))?;
-    anyhow::ensure!(
-        served,
-        "--gang-scheduling=workload-api: the apiserver does not serve {API_VERSION} podgroups; \
-         it needs the GenericWorkload feature gate and --runtime-config={API_VERSION}=true \
-         (and the scheduler the GangScheduling gate)"
-    );
+    crate::reconcile::require_served::<PodGroup>(
+        client,
+        "--gang-scheduling=workload-api",
+        &format!(
+            "it needs the GenericWorkload feature gate and --runtime-config={API_VERSION}=true \
+             (and the scheduler the GangScheduling gate)"
+        ),
+    )
+    .await?;
     let all = WorkloadFeatures::default();
     let placement: Placement = serde_json::from_value(serde_json::json!({
         "topology": {"required": "kubernetes.io/hostname"}

@@ -149,6 +149,24 @@ where
     }
 }
 
+/// Fails, in words, unless the apiserver serves `K`: what an optional
+/// integration checks at start. `flag` turned it on; `remedy` says what the
+/// cluster needs.
+pub async fn require_served<K>(client: &Client, flag: &str, remedy: &str) -> anyhow::Result<()>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let (version, plural) = (K::api_version(&()), K::plural(&()));
+    let found = served::<K>(client)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("discovering {plural}")))?;
+    anyhow::ensure!(
+        found,
+        "{flag}: the apiserver does not serve {version} {plural}; {remedy}"
+    );
+    Ok(())
+}
+
 /// Server-side apply `desired` unless the stored copy already has every field it sets.
 pub async fn apply_if_changed<K>(
     client: &Client,

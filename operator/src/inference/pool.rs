@@ -10,7 +10,7 @@
 //! the user's, e.g. from the Inference Extension's chart, pointed at this
 //! pool and at the worker's metric names (docs/inference-services.md).
 
-use kube::{Client, CustomResource, Resource};
+use kube::{Client, CustomResource};
 use moe_crds::MoEInferenceService;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -59,15 +59,12 @@ pub struct EndpointPickerRef {
 
 /// Fails, in words, unless the apiserver serves InferencePools.
 pub async fn probe(client: &Client) -> anyhow::Result<()> {
-    let version = InferencePool::api_version(&());
-    let served = crate::reconcile::served::<InferencePool>(client)
-        .await
-        .map_err(|e| anyhow::Error::new(e).context("discovering InferencePools"))?;
-    anyhow::ensure!(
-        served,
-        "--inference-pool: the apiserver does not serve {version} inferencepools; install the Gateway API Inference Extension CRDs first"
-    );
-    Ok(())
+    crate::reconcile::require_served::<InferencePool>(
+        client,
+        "--inference-pool",
+        "install the Gateway API Inference Extension CRDs first",
+    )
+    .await
 }
 
 /// Why `svc` cannot be served as asked: a pool without `--inference-pool`.

@@ -7,7 +7,7 @@
 //! defaults (a parent's group and kind, a backend's weight) are left to it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{Client, CustomResource, Resource};
+use kube::{Client, CustomResource};
 use moe_crds::MoEInferenceService;
 use serde::{Deserialize, Serialize};
 
@@ -103,15 +103,12 @@ pub struct Timeouts {
 /// Fails, in words, unless the apiserver serves HTTPRoutes (`--gateway-api`
 /// on a cluster without the Gateway API's CRDs).
 pub async fn probe(client: &Client) -> anyhow::Result<()> {
-    let version = HTTPRoute::api_version(&());
-    let served = crate::reconcile::served::<HTTPRoute>(client)
-        .await
-        .map_err(|e| anyhow::Error::new(e).context("discovering HTTPRoutes"))?;
-    anyhow::ensure!(
-        served,
-        "--gateway-api: the apiserver does not serve {version} httproutes; install the Gateway API CRDs (standard channel) first"
-    );
-    Ok(())
+    crate::reconcile::require_served::<HTTPRoute>(
+        client,
+        "--gateway-api",
+        "install the Gateway API CRDs (standard channel) first",
+    )
+    .await
 }
 
 /// Why `svc` cannot be served as asked: a route without `--gateway-api`.
