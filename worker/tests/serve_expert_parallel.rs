@@ -1052,6 +1052,17 @@ fn expert_load(text: &str) -> std::collections::BTreeMap<(usize, usize), f64> {
         .collect()
 }
 
+/// What one process serving the model in `dir` (named `ep`, as the
+/// launched ranks name it) answers to [`requests`].
+fn one_process_answers(dir: &Path) -> Vec<Value> {
+    let options = ServeOptions {
+        model_name: Some("ep".into()),
+        ..options(dir)
+    };
+    let one = Server::start(load::load(dir, None, None).unwrap(), &options).unwrap();
+    answers(one.addr)
+}
+
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -1061,17 +1072,7 @@ fn metric(text: &str, series: &str) -> f64 {
 #[test]
 fn a_two_process_replica_answers_like_one_process_and_stops_on_sigterm() {
     let dir = served_model("ep-launch");
-    let want = {
-        let options = ServeOptions {
-            model_name: Some("ep".into()),
-            ..options(&dir.0)
-        };
-        let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
-        requests()
-            .iter()
-            .map(|b| answer(one.addr, b))
-            .collect::<Vec<_>>()
-    };
+    let want = one_process_answers(&dir.0);
     let port = free_local_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut launcher = launch_two_ranks(&dir.0, port, "answers");
@@ -1124,14 +1125,7 @@ fn a_two_process_replica_answers_like_one_process_and_stops_on_sigterm() {
 #[test]
 fn a_two_process_replica_with_expert_copies_rebalances_on_its_clock() {
     let dir = served_model("ep-rebalance");
-    let want = {
-        let options = ServeOptions {
-            model_name: Some("ep".into()),
-            ..options(&dir.0)
-        };
-        let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
-        answers(one.addr)
-    };
+    let want = one_process_answers(&dir.0);
     let port = free_local_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let balancing = ExpertLoadBalancing {

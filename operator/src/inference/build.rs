@@ -703,12 +703,7 @@ pub(crate) mod tests {
             "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/v1.0"
         );
         assert_eq!(config.format, ModelFormat::Huggingface);
-        let pod = deployment(&svc, &BuildContext::default(), &model)
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&svc, &model);
         let init = pod.init_containers.as_ref().unwrap();
         assert_eq!(init.len(), 1);
         let download = &init[0];
@@ -754,13 +749,7 @@ pub(crate) mod tests {
             Some(false),
             "the server only reads it"
         );
-        let volume = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "model")
-            .unwrap();
+        let volume = model_volume(&pod);
         let claim = volume.persistent_volume_claim.as_ref().unwrap();
         assert_eq!(
             (claim.claim_name.as_str(), claim.read_only),
@@ -783,30 +772,33 @@ pub(crate) mod tests {
             model.dir(),
             "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/main"
         );
-        let pod = deployment(&svc, &BuildContext::default(), &model)
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
-        let volume = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "model")
-            .unwrap();
+        let pod = pod_spec(&svc, &model);
+        let volume = model_volume(&pod);
         assert!(volume.empty_dir.is_some() && volume.persistent_volume_claim.is_none());
         assert_eq!(pod.init_containers.as_ref().unwrap()[0].env, None);
         // A volume's pods have no init container.
         let svc = service_fixture(serde_json::json!({}));
-        let pod = deployment(&svc, &BuildContext::default(), &model_of(&svc))
+        let pod = pod_spec(&svc, &model_of(&svc));
+        assert_eq!(pod.init_containers, None);
+    }
+
+    /// The Deployment's pod spec for `svc` serving `model`.
+    fn pod_spec(svc: &MoEInferenceService, model: &ResolvedModel) -> PodSpec {
+        deployment(svc, &BuildContext::default(), model)
             .spec
             .unwrap()
             .template
             .spec
-            .unwrap();
-        assert_eq!(pod.init_containers, None);
+            .unwrap()
+    }
+
+    fn model_volume(pod: &PodSpec) -> &Volume {
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "model")
+            .unwrap()
     }
 
     fn model_of(svc: &MoEInferenceService) -> ResolvedModel {

@@ -1581,11 +1581,10 @@ async fn deleting_a_service_garbage_collects_its_children() -> Result<()> {
     ns.delete().await
 }
 
-/// The service's HTTPRoute as the apiserver stores it.
-fn http_route(ns: &str, name: &str) -> Result<Option<Value>> {
-    let out = sh(&format!(
-        "kubectl get httproutes.gateway.networking.k8s.io -n {ns} -o json"
-    ))?;
+/// The object `name` of `resource` (a kubectl resource name) as the
+/// apiserver stores it, read as JSON: the kinds this workspace has no type for.
+fn stored(resource: &str, ns: &str, name: &str) -> Result<Option<Value>> {
+    let out = sh(&format!("kubectl get {resource} -n {ns} -o json"))?;
     let list: Value = serde_json::from_str(&out)?;
     Ok(list["items"]
         .as_array()
@@ -1593,6 +1592,11 @@ fn http_route(ns: &str, name: &str) -> Result<Option<Value>> {
         .flatten()
         .find(|r| r["metadata"]["name"] == name)
         .cloned())
+}
+
+/// The service's HTTPRoute as the apiserver stores it.
+fn http_route(ns: &str, name: &str) -> Result<Option<Value>> {
+    stored("httproutes.gateway.networking.k8s.io", ns, name)
 }
 
 #[tokio::test]
@@ -1708,16 +1712,7 @@ async fn a_route_exposes_the_service_through_a_gateway_and_goes_with_it() -> Res
 
 /// The service's InferencePool as the apiserver stores it.
 fn inference_pool(ns: &str, name: &str) -> Result<Option<Value>> {
-    let out = sh(&format!(
-        "kubectl get inferencepools.inference.networking.k8s.io -n {ns} -o json"
-    ))?;
-    let list: Value = serde_json::from_str(&out)?;
-    Ok(list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["metadata"]["name"] == name)
-        .cloned())
+    stored("inferencepools.inference.networking.k8s.io", ns, name)
 }
 
 /// `route.inferencePool`: an InferencePool over the replica groups' leaders,
