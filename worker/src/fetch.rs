@@ -189,6 +189,37 @@ pub fn check(request: &FetchRequest) -> Result<(), FetchError> {
     Ok(())
 }
 
+/// `hf://organization/name` or `hf://organization/name@revision` (`moe-worker
+/// serve --model`): the repo and revision (default `main`).
+pub fn parse_uri(uri: &str) -> Option<(String, String)> {
+    let rest = uri.strip_prefix("hf://")?;
+    let (repo, revision) = rest.split_once('@').unwrap_or((rest, "main"));
+    Some((repo.trim_end_matches('/').to_string(), revision.to_string()))
+}
+
+/// Where `moe-worker serve --model hf://…` keeps models: `$MOE_HF_CACHE`,
+/// else `$XDG_CACHE_HOME/moe-worker/huggingface`, else
+/// `$HOME/.cache/moe-worker/huggingface`.
+pub fn cache_dir() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("MOE_HF_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("moe-worker/huggingface")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/moe-worker/huggingface")))
+        .unwrap_or_else(|| std::env::temp_dir().join("moe-worker/huggingface"))
+}
+
+/// The Hub's address: `$HF_ENDPOINT`, else [`DEFAULT_ENDPOINT`].
+pub fn endpoint_from_env() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+}
+
 /// The directory the server reads for `request`: `{into}/{repo}/{revision}`.
 pub fn served_dir(into: &Path, repo: &str, revision: &str) -> PathBuf {
     into.join(repo).join(revision)
@@ -735,6 +766,19 @@ mod tests {
             let error = check(&request(repo, revision)).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{repo} {revision}: {error}");
         }
+    }
+
+    #[test]
+    fn hub_uris_name_a_repo_and_a_revision() {
+        assert_eq!(
+            parse_uri("hf://allenai/OLMoE-1B-7B-0924"),
+            Some(("allenai/OLMoE-1B-7B-0924".into(), "main".into()))
+        );
+        assert_eq!(
+            parse_uri("hf://Qwen/Qwen3-30B-A3B-FP8@v1.0"),
+            Some(("Qwen/Qwen3-30B-A3B-FP8".into(), "v1.0".into()))
+        );
+        assert_eq!(parse_uri("runs/tiny"), None);
     }
 
     #[test]

@@ -71,7 +71,10 @@ struct ServeArgs {
     /// when --model is not given: $MOE_CONFIG, else /etc/moe/config.json.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// A checkpoint, a checkpoint directory or a run directory (e.g. runs/tiny).
+    /// A checkpoint, a checkpoint directory or a run directory (e.g.
+    /// runs/tiny); or a Hugging Face Hub model, `hf://org/name[@revision]`,
+    /// downloaded first into $MOE_HF_CACHE (default
+    /// ~/.cache/moe-worker/huggingface) as `moe-worker fetch` does.
     #[arg(long)]
     model: Option<PathBuf>,
     /// The model's format; detected when not given.
@@ -167,10 +170,7 @@ fn fetch(args: FetchArgs) -> ExitCode {
         repo: args.repo,
         revision: args.revision,
         into: args.into,
-        endpoint: args
-            .endpoint
-            .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
-            .unwrap_or_else(|| fetch::DEFAULT_ENDPOINT.to_string()),
+        endpoint: args.endpoint.unwrap_or_else(fetch::endpoint_from_env),
         parallel: args.parallel,
     };
     let token = std::env::var("HF_TOKEN").ok();
@@ -189,8 +189,31 @@ fn fetch(args: FetchArgs) -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn serve(mut args: ServeArgs) -> ExitCode {
     use moe_worker::serve::{self, options};
+    let hub = args
+        .model
+        .as_deref()
+        .and_then(|m| m.to_str())
+        .and_then(moe_worker::fetch::parse_uri);
+    if let Some((repo, revision)) = hub {
+        use moe_worker::fetch;
+        let request = fetch::FetchRequest {
+            repo: repo.clone(),
+            revision,
+            into: fetch::cache_dir(),
+            endpoint: fetch::endpoint_from_env(),
+            parallel: 4,
+        };
+        match fetch::fetch(&request, std::env::var("HF_TOKEN").ok().as_deref()) {
+            Ok(fetched) => {
+                args.model = Some(fetched.dir);
+                args.format.get_or_insert_with(|| "huggingface".into());
+                args.served_model_name.get_or_insert(repo);
+            }
+            Err(e) => return fail(&e.to_string(), e.exit_code()),
+        }
+    }
     // The operator's pods pass --config; a hand-started server passes --model.
     let config_path = args.config.or_else(|| {
         args.model.is_none().then(|| {

@@ -440,6 +440,60 @@ fn a_gated_model_needs_a_token_and_the_token_is_never_printed() {
     assert!(hub.storage_log().iter().all(|s| !s.authorization));
 }
 
+/// `moe-worker serve --model hf://…`: downloaded into the cache, served
+/// under the repo's name, and a completion answers.
+#[test]
+fn serve_takes_a_hub_model_by_its_uri() {
+    let hub = FakeHub::start();
+    let dir = TempDir::new("serve-uri");
+    let port = moe_worker::dist::launch::free_local_port().unwrap();
+    let mut server = Command::new(BINARY)
+        .args([
+            "serve",
+            "--model",
+            &format!("hf://{REPO}@main"),
+            "--host",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string(), "--kv-cache-mib", "4"])
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("MOE_HF_CACHE", &dir.0)
+        .env("MOE_STATUS_ADDR", "off")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let models = loop {
+        if let Ok(Some(exit)) = server.try_wait() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the server exited: {exit}\n{log}");
+        }
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let head =
+                format!("GET /v1/models HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).unwrap();
+            if raw.starts_with("HTTP/1.1 200") {
+                break raw;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(models.contains(&format!("\"id\":\"{REPO}\"")), "{models}");
+    let commit = hub.state.lock().unwrap().main.clone();
+    assert!(dir.0.join(REPO).join(&commit).join(COMPLETE).is_file());
+}
+
 #[test]
 fn a_moved_branch_gets_its_own_directory_and_the_link_switches_when_it_is_complete() {
     let hub = FakeHub::start();
