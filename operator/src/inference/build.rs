@@ -48,7 +48,7 @@ use crate::pods::{
 
 /// Where the model claim is mounted (read-only) in server containers.
 pub const MODEL_MOUNT: &str = "/models";
-const CONTAINER: &str = "server";
+pub const SERVER_CONTAINER: &str = "server";
 /// The init container downloading a Hub model.
 pub const DOWNLOAD_CONTAINER: &str = "download";
 /// The worker's metric the autoscaler reads (through a custom metrics adapter).
@@ -378,7 +378,7 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
     let startup_failures = (spec.serving.startup_timeout_seconds + STARTUP_PERIOD_SECONDS - 1)
         / STARTUP_PERIOD_SECONDS;
     Container {
-        name: CONTAINER.into(),
+        name: SERVER_CONTAINER.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(crate::pods::worker_command(

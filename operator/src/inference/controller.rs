@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use super::build;
 use super::decide::{
-    DeploymentState, DownloadFailure, Downloads, ModelState, Observed, Plan, decide, reason,
+    ContainerFailure, DeploymentState, Downloads, ModelState, Observed, Plan, decide, reason,
     resolve_model,
 };
 use super::groups::{self, GroupPlan, GroupState};
@@ -269,6 +269,7 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             unschedulable: pending.unschedulable,
             awaiting_admission: pending.awaiting_admission,
             downloads: pending.downloads,
+            server_failures: pending.server_failures,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
             route: ctx.routes.as_ref().and_then(|store| {
                 route::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
@@ -473,6 +474,7 @@ struct Pending {
     /// Pods held by Kueue's admission gate (a queued service short of quota).
     awaiting_admission: i32,
     downloads: Downloads,
+    server_failures: Vec<ContainerFailure>,
 }
 
 /// Kueue's scheduling gate on the pods it manages until it admits them.
@@ -530,7 +532,51 @@ fn pending_of(pods: &[Pod]) -> Pending {
         unschedulable: unschedulable_of(pods),
         awaiting_admission: pods.iter().filter(|p| gated_by_kueue(p)).count() as i32,
         downloads: downloads_of(pods),
+        server_failures: pods
+            .iter()
+            .filter_map(|p| failure_of(p, &container_status(p, build::SERVER_CONTAINER, false)?))
+            .collect(),
     }
+}
+
+/// `pod`'s status of container `name` (an init container's with `init`).
+fn container_status(pod: &Pod, name: &str, init: bool) -> Option<ContainerStatus> {
+    let status = pod.status.as_ref()?;
+    let all = if init {
+        status.init_container_statuses.as_ref()
+    } else {
+        status.container_statuses.as_ref()
+    };
+    all?.iter().find(|c| c.name == name).cloned()
+}
+
+/// The container's failure, if it is not running and exited with an error:
+/// now, or last time and waiting to be restarted (CrashLoopBackOff). Its
+/// termination message is the worker's words; without one, the kubelet's
+/// reason.
+fn failure_of(pod: &Pod, status: &ContainerStatus) -> Option<ContainerFailure> {
+    let state = status.state.as_ref();
+    if state.and_then(|s| s.running.as_ref()).is_some() {
+        return None;
+    }
+    let t = state
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| {
+            status
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+        })
+        .filter(|t| t.exit_code != 0)?;
+    Some(ContainerFailure {
+        pod: pod.metadata.name.clone().unwrap_or_default(),
+        exit_code: t.exit_code,
+        message: t
+            .message
+            .clone()
+            .or_else(|| t.reason.clone())
+            .unwrap_or_default(),
+    })
 }
 
 /// The server pods' Hub downloads, from their init containers' statuses: one
@@ -539,39 +585,18 @@ fn pending_of(pods: &[Pod]) -> Pending {
 fn downloads_of(pods: &[Pod]) -> Downloads {
     let mut downloads = Downloads::default();
     for pod in pods {
-        let Some(status) = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.init_container_statuses.as_ref())
-            .and_then(|all| all.iter().find(|c| c.name == build::DOWNLOAD_CONTAINER))
-        else {
+        let Some(status) = container_status(pod, build::DOWNLOAD_CONTAINER, true) else {
             continue;
         };
-        let state = status.state.as_ref();
-        if state.and_then(|s| s.running.as_ref()).is_some() {
+        if status
+            .state
+            .as_ref()
+            .and_then(|s| s.running.as_ref())
+            .is_some()
+        {
             downloads.running += 1;
-            continue;
-        }
-        // Failed now, or failed last time and waiting (CrashLoopBackOff).
-        let failed = state
-            .and_then(|s| s.terminated.as_ref())
-            .or_else(|| {
-                status
-                    .last_state
-                    .as_ref()
-                    .and_then(|s| s.terminated.as_ref())
-            })
-            .filter(|t| t.exit_code != 0);
-        if let Some(t) = failed {
-            downloads.failed.push(DownloadFailure {
-                pod: pod.metadata.name.clone().unwrap_or_default(),
-                exit_code: t.exit_code,
-                message: t
-                    .message
-                    .clone()
-                    .or_else(|| t.reason.clone())
-                    .unwrap_or_default(),
-            });
+        } else if let Some(failure) = failure_of(pod, &status) {
+            downloads.failed.push(failure);
         }
     }
     downloads
@@ -874,17 +899,54 @@ mod tests {
         assert_eq!(
             d.failed,
             vec![
-                DownloadFailure {
+                ContainerFailure {
                     pod: "p-b".into(),
                     exit_code: 2,
                     message: "the Hub answered 401 Unauthorized".into()
                 },
-                DownloadFailure {
+                ContainerFailure {
                     pod: "p-c".into(),
                     exit_code: 1,
                     message: "Error".into()
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn crashing_servers_are_read_from_their_containers() {
+        let server = |uid: &str, status: serde_json::Value| {
+            let mut s = json!({"name": build::SERVER_CONTAINER, "ready": false, "restartCount": 3,
+                               "image": "w", "imageID": ""});
+            moe_crds::fixtures::merge_patch(&mut s, &status);
+            pod(uid, json!({"status": {"containerStatuses": [s]}}))
+        };
+        let crashed = json!({"terminated": {"exitCode": 2, "reason": "Error",
+                             "message": "/models/moe-9b: no model there"}});
+        let pending = pending_of(&[
+            // Waiting to be restarted after an error: failing.
+            server(
+                "a",
+                json!({"state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                               "lastState": crashed.clone()}),
+            ),
+            // Running again (loading, say) after an earlier crash: not failing now.
+            server("b", json!({"state": {"running": {}}, "lastState": crashed})),
+            // Another container's failure is not the server's.
+            pod(
+                "c",
+                json!({"status": {"containerStatuses": [{"name": "sidecar", "ready": false,
+                "restartCount": 1, "image": "w", "imageID": "",
+                "state": {"terminated": {"exitCode": 1}}}]}}),
+            ),
+        ]);
+        assert_eq!(
+            pending.server_failures,
+            vec![ContainerFailure {
+                pod: "p-a".into(),
+                exit_code: 2,
+                message: "/models/moe-9b: no model there".into()
+            }]
         );
     }
 

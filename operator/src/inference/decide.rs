@@ -36,6 +36,7 @@ pub mod reason {
     pub const GROUP_RESTART_LIMIT: &str = "GroupRestartLimit";
     pub const DOWNLOADING_MODEL: &str = "DownloadingModel";
     pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
+    pub const SERVER_FAILING: &str = "ServerFailing";
 }
 
 /// Where the model stands.
@@ -273,6 +274,9 @@ pub struct Observed {
     pub awaiting_admission: i32,
     /// How the server pods' downloads of a Hub model stand.
     pub downloads: Downloads,
+    /// Server containers that exited with an error and wait to be
+    /// restarted (CrashLoopBackOff), with the worker's words.
+    pub server_failures: Vec<ContainerFailure>,
     /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
     pub exhausted: Option<String>,
     /// What the Gateway controllers say of the service's HTTPRoute
@@ -288,20 +292,23 @@ pub struct Downloads {
     /// Downloading now.
     pub running: i32,
     /// Failed last time (and retried by the kubelet, with back-off).
-    pub failed: Vec<DownloadFailure>,
+    pub failed: Vec<ContainerFailure>,
 }
 
+/// A container of a server pod that exited with an error, as the kubelet
+/// reports it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DownloadFailure {
+pub struct ContainerFailure {
     pub pod: String,
     pub exit_code: i32,
     /// The worker's words (its termination message).
     pub message: String,
 }
 
-/// The worker's exit code for a download no retry can fix: the Hub refused
-/// it (no access, no such model or revision) or the spec is wrong.
-const DOWNLOAD_REFUSED_EXIT_CODE: i32 = 2;
+/// The worker's exit code for what no restart can fix: a configuration or
+/// model it cannot serve, a download the Hub refused
+/// (`moe_crds::contract`'s exit codes).
+const UNFIXABLE_EXIT_CODE: i32 = 2;
 
 /// Ready's verdict while server pods download a Hub model: failing (stalled
 /// when the Hub refused: a token or the spec must change), or downloading.
@@ -309,7 +316,7 @@ fn download_verdict(downloads: &Downloads) -> Option<Verdict> {
     if let Some(f) = downloads.failed.first() {
         return Some(Verdict {
             ready: false,
-            stalled: f.exit_code == DOWNLOAD_REFUSED_EXIT_CODE,
+            stalled: f.exit_code == UNFIXABLE_EXIT_CODE,
             reason: reason::DOWNLOAD_FAILED,
             message: format!(
                 "{} server pod(s) cannot download the model; pod {}: exit code {}: {}",
@@ -328,6 +335,24 @@ fn download_verdict(downloads: &Downloads) -> Option<Verdict> {
                 downloads.running
             ),
         )
+    })
+}
+
+/// Ready's verdict while server containers crash: stalled when the worker
+/// said no restart can fix it (exit code 2: the model or the configuration).
+fn server_verdict(failures: &[ContainerFailure]) -> Option<Verdict> {
+    let f = failures.first()?;
+    Some(Verdict {
+        ready: false,
+        stalled: f.exit_code == UNFIXABLE_EXIT_CODE,
+        reason: reason::SERVER_FAILING,
+        message: format!(
+            "{} server pod(s) keep failing; pod {}: exit code {}: {}",
+            failures.len(),
+            f.pod,
+            f.exit_code,
+            f.message.trim()
+        ),
     })
 }
 
@@ -417,6 +442,9 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
                 reason::PODS_NOT_READY
                     | reason::INSUFFICIENT_CAPACITY
                     | reason::WAITING_FOR_ADMISSION
+                    | reason::DOWNLOADING_MODEL
+                    | reason::DOWNLOAD_FAILED
+                    | reason::SERVER_FAILING
             ));
     let (r, m) = (verdict.reason, verdict.message.as_str());
     let conds = &mut plan.status.conditions;
@@ -526,7 +554,10 @@ fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Obse
         if !unschedulable.is_empty() && !stale {
             return capacity();
         }
-        if let Some(verdict) = download_verdict(&observed.downloads).filter(|_| !stale) {
+        if let Some(verdict) = download_verdict(&observed.downloads)
+            .or_else(|| server_verdict(&observed.server_failures))
+            .filter(|_| !stale)
+        {
             return verdict;
         }
         return progressing(
@@ -552,7 +583,9 @@ fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Obse
         if !unschedulable.is_empty() {
             return capacity();
         }
-        if let Some(verdict) = download_verdict(&observed.downloads) {
+        if let Some(verdict) = download_verdict(&observed.downloads)
+            .or_else(|| server_verdict(&observed.server_failures))
+        {
             return verdict;
         }
         return progressing(
@@ -612,6 +645,7 @@ mod tests {
             unschedulable: vec![],
             awaiting_admission: 0,
             downloads: Downloads::default(),
+            server_failures: Vec::new(),
             exhausted: None,
             route: None,
             now: Timestamp::from_second(1_000).unwrap(),
@@ -904,7 +938,7 @@ mod tests {
         let plan = decide(&s, &o);
         assert_eq!(cond(&plan, READY), ("False", "DownloadingModel"));
         assert_eq!(cond(&plan, STALLED).0, "False");
-        o.downloads.failed = vec![DownloadFailure {
+        o.downloads.failed = vec![ContainerFailure {
             pod: "chat-7d9-x2".into(),
             exit_code: 2,
             message:
@@ -933,6 +967,38 @@ mod tests {
             cond(&plan, STALLED).0,
             "False",
             "a network failure is retried"
+        );
+
+        // Server containers crashing: the worker's words, stalled when it
+        // said a restart cannot help (exit 2), Degraded while others serve.
+        let mut o = observed(m.clone(), Some(dep(3, 3, 2, 3)));
+        o.server_failures = vec![ContainerFailure {
+            pod: "chat-7d9-x3".into(),
+            exit_code: 2,
+            message: "/models/moe-9b: no model there\n".into(),
+        }];
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "ServerFailing"));
+        assert_eq!(cond(&plan, STALLED), ("True", "ServerFailing"));
+        assert_eq!(cond(&plan, DEGRADED), ("True", "ServerFailing"));
+        let message = &plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .unwrap()
+            .message;
+        assert_eq!(
+            message,
+            "1 server pod(s) keep failing; pod chat-7d9-x3: exit code 2: /models/moe-9b: no model there"
+        );
+        o.server_failures[0].exit_code = 137;
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("False", "ServerFailing"));
+        assert_eq!(
+            cond(&plan, STALLED).0,
+            "False",
+            "killed (OOM?): restarts may help"
         );
 
         let plan = decide(&s, &observed(m.clone(), Some(dep(3, 4, 3, 1))));
