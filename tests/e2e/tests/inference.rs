@@ -703,6 +703,131 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
     ns.delete().await
 }
 
+/// A server that cannot load its model. The test plays the kubelet: it
+/// runs the server container's own command (the real `moe-worker serve`)
+/// with the pod's own environment and the config the operator rendered,
+/// on a machine without the model, and reports the exit through KWOK
+/// (`test-pod-crashloop`). The service is `Stalled`, reason
+/// `ServerFailing`, in the worker's words, and `Degraded` while the other
+/// replica serves.
+#[tokio::test]
+async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_words() -> Result<()>
+{
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-crash").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let cpu = json!({"spec": {
+        "parallelism": {"processesPerPod": 1, "expertParallel": 1},
+        "placement": {"gpuType": null},
+        "worker": {"device": "cpu"}
+    }});
+    api.create(&PostParams::default(), &gpu_service("chat", 2, cpu))
+        .await?;
+    wait_ready(&api, "chat", 2).await?;
+    let pod = server_pods(&pods, "chat")
+        .await?
+        .into_iter()
+        .next()
+        .context("no server pod")?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let server = &spec.containers[0];
+    let command = server.command.clone().unwrap_or_default();
+    ensure!(command[..2] == ["moe-worker", "serve"], "{command:?}");
+    // The config the pod mounts, here in a scratch directory.
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("chat-config")
+        .await?;
+    let config = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.json"))
+        .context("no config.json")?;
+    let scratch = std::env::temp_dir().join(format!("moe-e2e-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    std::fs::write(scratch.join("config.json"), config)?;
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| {
+            a.replace(
+                moe_crds::contract::CONFIG_PATH,
+                &scratch.join("config.json").display().to_string(),
+            )
+        })
+        .collect();
+    // The kubelet creates the file the container may write its message to.
+    let log = scratch.join("termination-log");
+    std::fs::write(&log, "")?;
+    let port = moe_worker_free_port()?;
+    let mut run = std::process::Command::new(moe_e2e::operator::worker_binary()?);
+    run.args(&args)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .env_clear()
+        .env("MOE_TERMINATION_LOG", &log)
+        .env("MOE_STATUS_ADDR", "off");
+    for var in server.env.iter().flatten() {
+        if let Some(value) = &var.value {
+            run.env(&var.name, value);
+        }
+    }
+    let out = run.output()?;
+    let code = out.status.code().context("killed")?;
+    let message = std::fs::read_to_string(&log)?;
+    std::fs::remove_dir_all(&scratch)?;
+    ensure!(
+        code == 2,
+        "exit {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patch = json!({"metadata": {"annotations": {
+        "kwok.test/crash-exit-code": code.to_string(), "kwok.test/crash-message": message
+    }}});
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    let stalled = eventually(
+        "the service to stall on the failing server",
+        WAIT,
+        || async {
+            let s = api.get("chat").await?;
+            Ok(condition(&s, "Stalled")
+                .is_some_and(|c| c.status == "True" && c.reason == "ServerFailing")
+                .then_some(s))
+        },
+    )
+    .await?;
+    let ready = condition(&stalled, "Ready").context("no Ready")?;
+    ensure!(ready.status == "False", "{ready:?}");
+    ensure!(
+        ready.message.contains(&pod.name_any())
+            && ready.message.contains("exit code 2")
+            && ready
+                .message
+                .contains("model directory /models/moe-9b does not exist"),
+        "{}",
+        ready.message
+    );
+    ensure!(condition(&stalled, "Degraded").is_some_and(|c| c.status == "True"));
+    ensure!(
+        event_reasons(&client, &ns.name, "chat")
+            .await?
+            .contains(&"ServerFailing".to_string())
+    );
+    ns.delete().await
+}
+
+/// A free loopback port for a process the test runs.
+fn moe_worker_free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 #[tokio::test]
 async fn one_pod_replicas_that_cannot_get_ready_degrade_the_service() -> Result<()> {
     let client = admin_client().await?;
