@@ -34,6 +34,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -156,6 +157,57 @@ pub fn wanted(path: &str) -> bool {
         || [".json", ".safetensors", ".jinja", ".txt"]
             .iter()
             .any(|ext| path.ends_with(ext))
+}
+
+/// The safetensors index transformers loads a sharded model by.
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// Which of `files` to download, the index's shards known (`shards`, from
+/// [`INDEX`]'s `weight_map`): of the safetensors, only the model's weights —
+/// those the index names, else `model.safetensors`, else (weights named
+/// otherwise) all of them — never a second copy in another layout
+/// (Mistral's `consolidated.safetensors`) or an adapter. Everything else
+/// [`wanted`] passes is kept. Fails naming a shard the index lists that
+/// the commit lacks.
+pub fn select(files: Vec<TreeEntry>, shards: Option<&[String]>) -> Result<Vec<TreeEntry>, String> {
+    let is_weights = |p: &str| p.ends_with(".safetensors");
+    let keep: Box<dyn Fn(&str) -> bool> = match shards {
+        Some(shards) => {
+            if let Some(missing) = shards.iter().find(|s| !files.iter().any(|f| &f.path == *s)) {
+                return Err(format!(
+                    "{INDEX} names {missing}, which the commit does not have"
+                ));
+            }
+            Box::new(move |p: &str| shards.iter().any(|s| s == p))
+        }
+        None if files.iter().any(|f| f.path == "model.safetensors") => {
+            Box::new(|p: &str| p == "model.safetensors")
+        }
+        None => Box::new(|_: &str| true),
+    };
+    Ok(files
+        .into_iter()
+        .filter(|f| !is_weights(&f.path) || keep(&f.path))
+        .collect())
+}
+
+/// The shard files [`INDEX`] names (its `weight_map`'s values), once each.
+pub fn index_shards(index: &[u8]) -> Result<Vec<String>, String> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index: Index =
+        serde_json::from_slice(index).map_err(|e| format!("{INDEX} is not an index: {e}"))?;
+    let mut shards: Vec<String> = index.weight_map.into_values().collect();
+    shards.sort();
+    shards.dedup();
+    if let Some(bad) = shards.iter().find(|s| s.contains('/') || !wanted(s)) {
+        return Err(format!(
+            "{INDEX} names {bad:?}, which is no top-level safetensors file"
+        ));
+    }
+    Ok(shards)
 }
 
 /// Checks `repo` and `revision` can only name what they should: no path
@@ -428,47 +480,57 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
     }
     fs::create_dir_all(&commit_dir)
         .map_err(io_error(format!("creating {}", commit_dir.display())))?;
+    // A sharded model: its index first, which says which shards to take.
+    let url = |path: &str| format!("{}/{}/resolve/{commit}/{path}", hub.endpoint, request.repo);
+    let shards = match files.iter().find(|f| f.path == INDEX) {
+        Some(index) => {
+            fetch_file(&hub, &url(INDEX), index, &commit_dir, &Progress::default())?;
+            let bytes =
+                fs::read(commit_dir.join(INDEX)).map_err(io_error(format!("reading {INDEX}")))?;
+            Some(
+                index_shards(&bytes)
+                    .map_err(|e| FetchError::Hub(format!("{}: {e}", request.repo)))?,
+            )
+        }
+        None => None,
+    };
+    let files = select(files, shards.as_deref())
+        .map_err(|e| FetchError::Hub(format!("{} at {commit}: {e}", request.repo)))?;
     let total: u64 = files.iter().map(TreeEntry::content_size).sum();
     tracing::info!(repo = %request.repo, revision = %request.revision, %commit, files = files.len(), bytes = total, "fetching");
     let started = Instant::now();
     let queue = Mutex::new(files.iter());
-    let downloaded = Mutex::new(0u64);
+    let progress = Progress::default();
     let failure: Mutex<Option<FetchError>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..request.parallel.min(files.len()).max(1) {
-            scope.spawn(|| {
-                loop {
-                    if failure.lock().is_ok_and(|f| f.is_some()) {
-                        return;
-                    }
-                    let Some(entry) = queue.lock().ok().and_then(|mut q| q.next()) else {
-                        return;
-                    };
-                    let url = format!(
-                        "{}/{}/resolve/{commit}/{}",
-                        hub.endpoint, request.repo, entry.path
-                    );
-                    match fetch_file(&hub, &url, entry, &commit_dir) {
-                        Ok(n) => {
-                            if let Ok(mut d) = downloaded.lock() {
-                                *d += n;
-                            }
-                        }
-                        Err(e) => {
-                            if let Ok(mut f) = failure.lock() {
-                                f.get_or_insert(e);
-                            }
+        // Every 30 s, how far it got: a large model takes a while.
+        scope.spawn(|| progress.report(total, started));
+        let workers: Vec<_> = (0..request.parallel.min(files.len()).max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    while failure.lock().is_ok_and(|f| f.is_none()) {
+                        let Some(entry) = queue.lock().ok().and_then(|mut q| q.next()) else {
                             return;
+                        };
+                        if let Err(e) =
+                            fetch_file(&hub, &url(&entry.path), entry, &commit_dir, &progress)
+                            && let Ok(mut f) = failure.lock()
+                        {
+                            f.get_or_insert(e);
                         }
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        for worker in workers {
+            let _ = worker.join();
         }
+        progress.finish();
     });
     if let Some(error) = failure.into_inner().ok().flatten() {
         return Err(error);
     }
-    let downloaded = downloaded.into_inner().unwrap_or(0);
+    let downloaded = progress.bytes();
     let complete = Complete {
         repo: request.repo.clone(),
         commit: commit.clone(),
@@ -545,9 +607,54 @@ fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Downloads one file into `dir` (resuming, checked, renamed into place);
-/// returns the bytes it downloaded.
-fn fetch_file(hub: &Hub, url: &str, entry: &TreeEntry, dir: &Path) -> Result<u64, FetchError> {
+/// Bytes downloaded so far by every thread of a fetch, and when it is over.
+#[derive(Default)]
+struct Progress {
+    bytes: AtomicU64,
+    over: AtomicBool,
+}
+
+impl Progress {
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn finish(&self) {
+        self.over.store(true, Ordering::Relaxed);
+    }
+
+    /// Logs the bytes so far every 30 s until [`Self::finish`].
+    fn report(&self, total: u64, started: Instant) {
+        let mut next = started + Duration::from_secs(30);
+        while !self.over.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            if Instant::now() >= next {
+                let (bytes, seconds) = (self.bytes(), started.elapsed().as_secs_f64());
+                tracing::info!(
+                    downloaded_mib = bytes >> 20,
+                    of_mib = total >> 20,
+                    mib_per_second = format!("{:.1}", bytes as f64 / (1 << 20) as f64 / seconds),
+                    "downloading"
+                );
+                next += Duration::from_secs(30);
+            }
+        }
+    }
+}
+
+/// Downloads one file into `dir` (resuming, checked, renamed into place),
+/// counting the bytes it downloads into `progress`.
+fn fetch_file(
+    hub: &Hub,
+    url: &str,
+    entry: &TreeEntry,
+    dir: &Path,
+    progress: &Progress,
+) -> Result<(), FetchError> {
     let path = dir.join(&entry.path);
     let partial = partial_path(&path);
     let mut file = OpenOptions::new()
@@ -564,18 +671,14 @@ fn fetch_file(hub: &Hub, url: &str, entry: &TreeEntry, dir: &Path) -> Result<u64
         && meta.len() == entry.content_size()
     {
         let _ = fs::remove_file(&partial);
-        return Ok(0);
+        return Ok(());
     }
     let size = entry.content_size();
-    let mut downloaded = 0;
     let mut tries = 0;
     loop {
         tries += 1;
-        match download(hub, url, entry, &mut file) {
-            Ok(n) => {
-                downloaded += n;
-                break;
-            }
+        match download(hub, url, entry, &mut file, progress) {
+            Ok(()) => break,
             Err(e) if tries < TRIES && !matches!(e, FetchError::Hub(_)) => {
                 tracing::warn!(file = %entry.path, error = %e, tries, "retrying");
                 std::thread::sleep(Duration::from_secs(1 << tries));
@@ -594,20 +697,25 @@ fn fetch_file(hub: &Hub, url: &str, entry: &TreeEntry, dir: &Path) -> Result<u64
             entry.path
         )));
     }
-    fs::rename(&partial, &path).map_err(io_error(format!("renaming {}", partial.display())))?;
-    Ok(downloaded)
+    fs::rename(&partial, &path).map_err(io_error(format!("renaming {}", partial.display())))
 }
 
 /// Appends the rest of the file to `file` (from its current length, with a
-/// range request); returns the bytes received.
-fn download(hub: &Hub, url: &str, entry: &TreeEntry, file: &mut File) -> Result<u64, FetchError> {
+/// range request), counting what arrives into `progress`.
+fn download(
+    hub: &Hub,
+    url: &str,
+    entry: &TreeEntry,
+    file: &mut File,
+    progress: &Progress,
+) -> Result<(), FetchError> {
     let size = entry.content_size();
     let have = file
         .metadata()
         .map_err(io_error(format!("reading {}.partial", entry.path)))?
         .len();
     if have == size {
-        return Ok(0);
+        return Ok(());
     }
     let what = format!("downloading {}", entry.path);
     let mut request = hub.get(url);
@@ -641,6 +749,7 @@ fn download(hub: &Hub, url: &str, entry: &TreeEntry, file: &mut File) -> Result<
         file.write_all(&buffer[..n])
             .map_err(io_error(format!("writing {}.partial", entry.path)))?;
         received += n as u64;
+        progress.add(n as u64);
     }
     if start + received != size {
         return Err(FetchError::Http(format!(
@@ -648,7 +757,7 @@ fn download(hub: &Hub, url: &str, entry: &TreeEntry, file: &mut File) -> Result<
             start + received
         )));
     }
-    Ok(received)
+    Ok(())
 }
 
 /// Checks `file` against the Hub's size and hash for `entry`.
@@ -766,6 +875,78 @@ mod tests {
             let error = check(&request(repo, revision)).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{repo} {revision}: {error}");
         }
+    }
+
+    fn entries(paths: &[&str]) -> Vec<TreeEntry> {
+        paths
+            .iter()
+            .map(|p| TreeEntry {
+                kind: "file".into(),
+                path: (*p).into(),
+                size: 1,
+                oid: String::new(),
+                lfs: None,
+            })
+            .collect()
+    }
+
+    fn paths(files: &[TreeEntry]) -> Vec<&str> {
+        files.iter().map(|f| f.path.as_str()).collect()
+    }
+
+    /// Only the model's weights: the index's shards, else model.safetensors,
+    /// else every safetensors file; never Mistral's second copy or an adapter.
+    #[test]
+    fn the_weights_are_what_transformers_would_load() {
+        let sharded = entries(&[
+            "config.json",
+            INDEX,
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "consolidated.safetensors",
+            "tokenizer.json",
+        ]);
+        let shards = index_shards(
+            br#"{"metadata": {"total_size": 2}, "weight_map": {
+                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                "c": "model-00001-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            paths(&select(sharded.clone(), Some(&shards)).unwrap()),
+            [
+                "config.json",
+                INDEX,
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "tokenizer.json"
+            ]
+        );
+        let single = entries(&[
+            "config.json",
+            "model.safetensors",
+            "consolidated.safetensors",
+            "adapter_model.safetensors",
+        ]);
+        assert_eq!(
+            paths(&select(single, None).unwrap()),
+            ["config.json", "model.safetensors"]
+        );
+        let other = entries(&[
+            "config.json",
+            "weights-a.safetensors",
+            "weights-b.safetensors",
+        ]);
+        assert_eq!(select(other.clone(), None).unwrap(), other);
+        // An index naming a shard the commit lacks, or a path.
+        let missing = ["model-00003-of-00003.safetensors".to_string()];
+        assert!(
+            select(sharded, Some(&missing))
+                .unwrap_err()
+                .contains("model-00003")
+        );
+        assert!(index_shards(br#"{"weight_map": {"a": "../x.safetensors"}}"#).is_err());
+        assert!(index_shards(b"[]").is_err());
     }
 
     #[test]

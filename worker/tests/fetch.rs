@@ -29,7 +29,13 @@ const REPO: &str = "mistral-tests/tiny-mixtral";
 const TOKEN: &str = "hf_test_token_0123456789";
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mixtral")
+    fixture("mixtral")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
 }
 
 /// A request the fake storage received.
@@ -90,7 +96,12 @@ impl FakeHub {
     /// The fixture as commit `c0ffee…` of `main`, plus files serving must
     /// not fetch (a pickle, a subdirectory's weights).
     fn start() -> Self {
-        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixture_dir())
+        Self::start_with(&fixture_dir())
+    }
+
+    /// The model in `dir` as commit `c0ffee…` of `main` (with the extras above).
+    fn start_with(dir: &Path) -> Self {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.file_name().unwrap() != "golden.json")
@@ -100,6 +111,10 @@ impl FakeHub {
             })
             .collect();
         files.push(("pytorch_model.bin".into(), vec![7; 100]));
+        // A second copy of the weights in another layout, as Mistral's
+        // repos hold, and an adapter: not the model transformers loads.
+        files.push(("consolidated.safetensors".into(), vec![9; 300]));
+        files.push(("adapter_model.safetensors".into(), vec![6; 50]));
         files.push(("original/consolidated.00.pth".into(), vec![8; 100]));
         files.push(("README.md".into(), b"# tiny".to_vec()));
         files.sort();
@@ -273,7 +288,12 @@ impl Drop for TempDir {
 }
 
 fn serving_files() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
+    files_of(&fixture_dir())
+}
+
+/// The files of a fixture the fetch must bring (all but the golden outputs).
+fn files_of(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
         .filter(|n| n != "golden.json")
@@ -330,6 +350,35 @@ fn a_model_is_fetched_checked_and_served_and_a_second_fetch_downloads_nothing() 
         served.len(),
         "nothing downloaded again"
     );
+}
+
+/// A sharded model: its index first, then only the shards it names (not
+/// the second copy of the weights beside them), and the server loads it.
+#[test]
+fn a_sharded_model_brings_the_shards_its_index_names() {
+    let qwen = fixture("qwen2_moe");
+    let hub = FakeHub::start_with(&qwen);
+    let dir = TempDir::new("sharded");
+    let fetched = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    let mut present: Vec<String> = std::fs::read_dir(&fetched.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+        .filter(|n| n != COMPLETE)
+        .collect();
+    present.sort();
+    assert_eq!(present, files_of(&qwen));
+    let served: Vec<String> = hub.storage_log().into_iter().map(|s| s.path).collect();
+    assert!(
+        served
+            .iter()
+            .all(|p| !p.contains("consolidated") && !p.contains("adapter")),
+        "{served:?}"
+    );
+    assert_eq!(
+        served.iter().filter(|p| p.as_str() == fetch::INDEX).count(),
+        1
+    );
+    serve::load::load(&fetched.dir, None, None).unwrap();
 }
 
 #[test]
