@@ -17,7 +17,11 @@
 //! - **Only what serving reads**: top-level `*.json` (config, tokenizer,
 //!   safetensors index), `*.safetensors`, `*.jinja` (chat templates), `*.txt`
 //!   and `tokenizer.model`. Never pickles (`*.bin`, `*.pt`: code, not data)
-//!   and never subdirectories (`original/`, `onnx/`: other formats).
+//!   and never subdirectories (`original/`, `onnx/`: other formats). Of the
+//!   safetensors, the weights transformers would load ([`select`]): the
+//!   shards the index names (it is fetched first), else `model.safetensors`;
+//!   not a second copy in another layout (Mistral's
+//!   `consolidated.safetensors`) or an adapter.
 //! - **Checked, never half-written.** Each file is written to
 //!   `<name>.partial`, resumed from its length after an interruption (an HTTP
 //!   range request), checked against the Hub's size and hash (sha256 for
