@@ -287,6 +287,17 @@ impl Drop for TempDir {
     }
 }
 
+/// The files a fetched directory holds, but its completion record.
+fn present_files(dir: &Path) -> Vec<String> {
+    let mut present: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+        .filter(|n| n != COMPLETE)
+        .collect();
+    present.sort();
+    present
+}
+
 fn serving_files() -> Vec<String> {
     files_of(&fixture_dir())
 }
@@ -314,12 +325,7 @@ fn a_model_is_fetched_checked_and_served_and_a_second_fetch_downloads_nothing() 
         std::fs::read_link(&fetched.dir).unwrap(),
         PathBuf::from(&commit)
     );
-    let mut present: Vec<String> = std::fs::read_dir(&fetched.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
-        .filter(|n| n != COMPLETE)
-        .collect();
-    present.sort();
+    let present = present_files(&fetched.dir);
     assert_eq!(
         present,
         serving_files(),
@@ -360,12 +366,7 @@ fn a_sharded_model_brings_the_shards_its_index_names() {
     let hub = FakeHub::start_with(&qwen);
     let dir = TempDir::new("sharded");
     let fetched = fetch::fetch(&hub.request(&dir.0), None).unwrap();
-    let mut present: Vec<String> = std::fs::read_dir(&fetched.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
-        .filter(|n| n != COMPLETE)
-        .collect();
-    present.sort();
+    let present = present_files(&fetched.dir);
     assert_eq!(present, files_of(&qwen));
     let served: Vec<String> = hub.storage_log().into_iter().map(|s| s.path).collect();
     assert!(

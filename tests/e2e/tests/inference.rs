@@ -649,37 +649,16 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
         .context("no init container")?;
     let mut command = init.command.clone().unwrap_or_default();
     ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
-    let scratch = std::env::temp_dir().join(format!("moe-e2e-hub-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
+    let kubelet = Kubelet::new("hub")?;
     // The volume's mount point, here a scratch directory.
     if let Some(at) = command.iter().position(|a| a == "--into") {
-        command[at + 1] = scratch.join("models").display().to_string();
+        command[at + 1] = kubelet.path("models").display().to_string();
     }
-    // The kubelet creates the file the container may write its message to.
-    let log = scratch.join("termination-log");
-    std::fs::write(&log, "")?;
-    let out = std::process::Command::new(moe_e2e::operator::worker_binary()?)
-        .args(&command[1..])
-        .env("MOE_TERMINATION_LOG", &log)
-        .env_remove("HF_TOKEN")
-        .output()?;
-    let code = out.status.code().context("killed")?;
-    let message = std::fs::read_to_string(&log)?;
-    std::fs::remove_dir_all(&scratch)?;
-    ensure!(
-        code == 2,
-        "exit {code}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let patch = json!({"metadata": {"annotations": {
-        "kwok.test/init-exit-code": code.to_string(), "kwok.test/init-message": message
-    }}});
-    pods.patch(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let (code, message) = kubelet.run(&command, &[])?;
+    ensure!(code == 2, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &pod.name_any(), "init", code, &message)
+        .await?;
     // Pods are not watched: the operator looks again within 30 s while a
     // download runs; a touch of the service has it look now.
     let touch = json!({"metadata": {"annotations": {"e2e.moe.dev/touch": "1"}}});
@@ -749,51 +728,37 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
         .as_ref()
         .and_then(|d| d.get("config.json"))
         .context("no config.json")?;
-    let scratch = std::env::temp_dir().join(format!("moe-e2e-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
-    std::fs::write(scratch.join("config.json"), config)?;
-    let args: Vec<String> = command[1..]
+    let kubelet = Kubelet::new("crash")?;
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config)?;
+    let mut args: Vec<String> = command
         .iter()
         .map(|a| {
             a.replace(
                 moe_crds::contract::CONFIG_PATH,
-                &scratch.join("config.json").display().to_string(),
+                &config_path.display().to_string(),
             )
         })
         .collect();
-    // The kubelet creates the file the container may write its message to.
-    let log = scratch.join("termination-log");
-    std::fs::write(&log, "")?;
     let port = moe_worker_free_port()?;
-    let mut run = std::process::Command::new(moe_e2e::operator::worker_binary()?);
-    run.args(&args)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .env_clear()
-        .env("MOE_TERMINATION_LOG", &log)
-        .env("MOE_STATUS_ADDR", "off");
-    for var in server.env.iter().flatten() {
-        if let Some(value) = &var.value {
-            run.env(&var.name, value);
-        }
-    }
-    let out = run.output()?;
-    let code = out.status.code().context("killed")?;
-    let message = std::fs::read_to_string(&log)?;
-    std::fs::remove_dir_all(&scratch)?;
-    ensure!(
-        code == 2,
-        "exit {code}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let patch = json!({"metadata": {"annotations": {
-        "kwok.test/crash-exit-code": code.to_string(), "kwok.test/crash-message": message
-    }}});
-    pods.patch(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    args.extend([
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+    ]);
+    let env: Vec<(String, String)> = server
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
+        .chain([("MOE_STATUS_ADDR".to_string(), "off".to_string())])
+        .collect();
+    let (code, message) = kubelet.run(&args, &env)?;
+    ensure!(code == 2, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &pod.name_any(), "crash", code, &message)
+        .await?;
     let stalled = eventually(
         "the service to stall on the failing server",
         WAIT,
@@ -823,6 +788,77 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
             .contains(&"ServerFailing".to_string())
     );
     ns.delete().await
+}
+
+/// A test playing the kubelet for one container of a pod (KWOK runs none):
+/// it runs the container's own `moe-worker` command with the worker built
+/// here, gives it a termination-message file as the kubelet does, and
+/// reports how it ended through KWOK's annotations
+/// (`tests/cluster/kwok-stages.yaml`).
+struct Kubelet {
+    scratch: std::path::PathBuf,
+}
+
+impl Kubelet {
+    fn new(name: &str) -> Result<Self> {
+        let scratch = std::env::temp_dir().join(format!("moe-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        Ok(Self { scratch })
+    }
+
+    /// A path in the scratch directory (the container's volumes, here).
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.scratch.join(name)
+    }
+
+    /// Runs `command` (`moe-worker …`) with only `env`: its exit code and
+    /// termination message (its stderr when it wrote none).
+    fn run(&self, command: &[String], env: &[(String, String)]) -> Result<(i32, String)> {
+        ensure!(
+            command.first().map(String::as_str) == Some("moe-worker"),
+            "{command:?}"
+        );
+        let log = self.path("termination-log");
+        std::fs::write(&log, "")?;
+        let out = std::process::Command::new(moe_e2e::operator::worker_binary()?)
+            .args(&command[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("MOE_TERMINATION_LOG", &log)
+            .output()?;
+        let code = out.status.code().context("killed by a signal")?;
+        let message = std::fs::read_to_string(&log)?;
+        let message = if message.is_empty() {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        } else {
+            message
+        };
+        Ok((code, message))
+    }
+
+    /// Tells KWOK how the `kind` (`init`, `crash`) container of `pod` ended.
+    async fn report(
+        &self,
+        pods: &Api<Pod>,
+        pod: &str,
+        kind: &str,
+        code: i32,
+        message: &str,
+    ) -> Result<()> {
+        let patch = json!({"metadata": {"annotations": {
+            format!("kwok.test/{kind}-exit-code"): code.to_string(),
+            format!("kwok.test/{kind}-message"): message,
+        }}});
+        pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
 }
 
 /// A free loopback port for a process the test runs.
