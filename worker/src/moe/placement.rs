@@ -105,7 +105,7 @@ impl ExpertPlacement {
                     if free[q] == 0 || held[q][e] {
                         continue;
                     }
-                    let candidate = Score::of(&with_copy(&loads, &held, &counts, load, e, q));
+                    let candidate = score_with_copy(&loads, &held, &counts, load, e, q);
                     if best
                         .as_ref()
                         .is_none_or(|(b, _, _)| candidate.better_than(b))
@@ -249,6 +249,38 @@ fn with_copy(
     }
     out[q] += after;
     out
+}
+
+/// [`Score::of`] the loads [`with_copy`] would give, without building them:
+/// the greedy scores every (expert, rank) pair for each copy it places.
+fn score_with_copy(
+    loads: &[f64],
+    held: &[Vec<bool>],
+    counts: &[usize],
+    load: &[u64],
+    e: usize,
+    q: usize,
+) -> Score {
+    let (before, after) = (
+        load[e] as f64 / counts[e] as f64,
+        load[e] as f64 / (counts[e] + 1) as f64,
+    );
+    let mut score = Score {
+        max: 0.0,
+        squares: 0.0,
+    };
+    for (r, (&l, rank)) in loads.iter().zip(held).enumerate() {
+        let mut l = l;
+        if rank[e] {
+            l += after - before;
+        }
+        if r == q {
+            l += after;
+        }
+        score.max = score.max.max(l);
+        score.squares += l * l;
+    }
+    score
 }
 
 /// How good a set of rank loads is: lower maximum first, then a lower sum
@@ -404,6 +436,27 @@ mod tests {
             }
         }
         best
+    }
+
+    /// The scoring without allocation agrees with scoring the loads built.
+    #[test]
+    fn scoring_a_copy_in_place_matches_building_its_loads() {
+        let load = [90u64, 50, 5, 5, 30, 1];
+        let held = vec![
+            vec![true, true, false, false, false, true],
+            vec![false, false, true, true, false, false],
+            vec![false, false, false, false, true, true],
+        ];
+        let counts = [1, 1, 1, 1, 1, 2];
+        let loads = expected_loads(&held, &counts, &load);
+        for e in 0..load.len() {
+            for q in 0..3 {
+                let built = Score::of(&with_copy(&loads, &held, &counts, &load, e, q));
+                let scored = score_with_copy(&loads, &held, &counts, &load, e, q);
+                assert!((built.max - scored.max).abs() < 1e-9, "{e} on {q}");
+                assert!((built.squares - scored.squares).abs() < 1e-6, "{e} on {q}");
+            }
+        }
     }
 
     #[test]
