@@ -271,6 +271,9 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             downloads: pending.downloads,
             server_failures: pending.server_failures,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
+            pool: ctx.pools.as_ref().and_then(|store| {
+                pool::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
+            }),
             route: ctx.routes.as_ref().and_then(|store| {
                 route::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
             }),

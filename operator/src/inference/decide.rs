@@ -282,6 +282,9 @@ pub struct Observed {
     /// What the Gateway controllers say of the service's HTTPRoute
     /// (`spec.route`, under `--gateway-api`).
     pub route: Option<super::route::Acceptance>,
+    /// What they say of its InferencePool (`spec.route.inferencePool`,
+    /// under `--inference-pool`).
+    pub pool: Option<super::route::Acceptance>,
     pub now: Timestamp,
 }
 
@@ -375,6 +378,8 @@ pub struct Plan {
 
 /// The condition that says whether the Gateways took the service's HTTPRoute.
 pub const ROUTE_ACCEPTED: &str = "RouteAccepted";
+/// The condition that says whether the Gateways took the service's InferencePool.
+pub const INFERENCE_POOL_ACCEPTED: &str = "InferencePoolAccepted";
 
 /// What the service is doing, in one word (the Ready condition's reason).
 struct Verdict {
@@ -467,17 +472,16 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
     set_condition(conds, DEGRADED, degraded, r, m, generation, &now);
     // Apart from Ready: the replicas serve through their Service whatever a
     // Gateway makes of the route.
-    match &observed.route {
-        Some(a) => set_condition(
-            conds,
-            ROUTE_ACCEPTED,
-            a.accepted,
-            &a.reason,
-            &a.message,
-            generation,
-            &now,
-        ),
-        None => conds.retain(|c| c.type_ != ROUTE_ACCEPTED),
+    for (type_, acceptance) in [
+        (ROUTE_ACCEPTED, &observed.route),
+        (INFERENCE_POOL_ACCEPTED, &observed.pool),
+    ] {
+        match acceptance {
+            Some(a) => set_condition(
+                conds, type_, a.accepted, &a.reason, &a.message, generation, &now,
+            ),
+            None => conds.retain(|c| c.type_ != type_),
+        }
     }
 
     // An Event when the summary (Ready's status and reason) changes.
@@ -648,6 +652,7 @@ mod tests {
             server_failures: Vec::new(),
             exhausted: None,
             route: None,
+            pool: None,
             now: Timestamp::from_second(1_000).unwrap(),
         }
     }

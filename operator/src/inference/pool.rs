@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use super::build::{child_meta, child_name, selector_labels};
+use super::route::{Acceptance, ParentStatus, parents_acceptance};
 
 /// The Inference Extension's API group (the HTTPRoute backend's too).
 pub const GROUP: &str = "inference.networking.k8s.io";
@@ -28,6 +29,7 @@ pub const GROUP: &str = "inference.networking.k8s.io";
     kind = "InferencePool",
     plural = "inferencepools",
     namespaced,
+    status = "InferencePoolStatus",
     schema = "disabled"
 )]
 #[serde(rename_all = "camelCase")]
@@ -35,6 +37,13 @@ pub struct InferencePoolSpec {
     pub selector: PoolSelector,
     pub target_ports: Vec<PoolPort>,
     pub endpoint_picker_ref: EndpointPickerRef,
+}
+
+/// What the Gateway controllers say of the pool: one entry per Gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct InferencePoolStatus {
+    #[serde(default)]
+    pub parents: Vec<ParentStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -82,6 +91,25 @@ pub fn unsupported(svc: &MoEInferenceService, inference_pool: bool) -> Option<St
     })
 }
 
+/// The `InferencePoolAccepted` condition of a service with a pool: what
+/// the Gateways its route attaches to say of `stored`, its pool.
+pub fn acceptance(svc: &MoEInferenceService, stored: Option<&InferencePool>) -> Option<Acceptance> {
+    let route = svc.spec.route.as_ref()?;
+    route.inference_pool.as_ref()?;
+    let parents = stored.map(|p| {
+        p.status
+            .as_ref()
+            .map(|s| s.parents.as_slice())
+            .unwrap_or_default()
+    });
+    Some(parents_acceptance(
+        svc,
+        &route.parent_refs,
+        parents,
+        "InferencePool",
+    ))
+}
+
 /// The pool for `svc`, named as its Service: the pods that take requests
 /// (one-pod replicas, or each group's leader) on the serving port.
 pub fn inference_pool(svc: &MoEInferenceService) -> Option<InferencePool> {
@@ -91,6 +119,7 @@ pub fn inference_pool(svc: &MoEInferenceService) -> Option<InferencePool> {
         labels.insert(crate::labels::POD_INDEX.into(), "0".into());
     }
     Some(InferencePool {
+        status: None,
         metadata: child_meta(svc, child_name(svc)),
         spec: InferencePoolSpec {
             selector: PoolSelector {
@@ -172,6 +201,46 @@ mod tests {
         assert_eq!(
             v["spec"]["endpointPickerRef"],
             serde_json::json!({"name": "epp", "port": {"number": 9100}, "failureMode": "FailOpen"})
+        );
+        // What the Gateways say of it becomes InferencePoolAccepted.
+        assert_eq!(acceptance(&plain, None), None, "no pool, no condition");
+        let pending = acceptance(&svc, None).unwrap();
+        assert_eq!(
+            (pending.accepted, pending.reason.as_str()),
+            (false, "Pending")
+        );
+        assert_eq!(pending.message, "creating the InferencePool");
+        let says = |status: &str, reason: &str| -> InferencePool {
+            let mut pool = inference_pool(&svc).unwrap();
+            pool.status = serde_json::from_value(serde_json::json!({"parents": [{
+                "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"},
+                "conditions": [{"type": "Accepted", "status": status, "reason": reason,
+                                "message": "said the Gateway", "lastTransitionTime": "2026-11-30T00:00:00Z"}]
+            }]}))
+            .unwrap();
+            pool
+        };
+        let accepted = acceptance(&svc, Some(&says("True", "Accepted"))).unwrap();
+        assert!(accepted.accepted, "{accepted:?}");
+        let refused = acceptance(&svc, Some(&says("False", "NotSupportedByGateway"))).unwrap();
+        assert_eq!(
+            (
+                refused.accepted,
+                refused.reason.as_str(),
+                refused.message.as_str()
+            ),
+            (
+                false,
+                "NotSupportedByGateway",
+                "Gateway serve/public: said the Gateway"
+            )
+        );
+        let silent = acceptance(&svc, Some(&inference_pool(&svc).unwrap())).unwrap();
+        assert!(
+            silent
+                .message
+                .contains("serve/public to accept the InferencePool"),
+            "{silent:?}"
         );
         // Without --inference-pool the spec cannot be honoured, and says why.
         assert!(

@@ -132,20 +132,35 @@ pub struct Acceptance {
 /// What the Gateway controllers said of `stored`, the route of `svc`.
 pub fn acceptance(svc: &MoEInferenceService, stored: Option<&HTTPRoute>) -> Option<Acceptance> {
     let wanted = &svc.spec.route.as_ref()?.parent_refs;
+    let parents = stored.map(|r| {
+        r.status
+            .as_ref()
+            .map(|s| s.parents.as_slice())
+            .unwrap_or_default()
+    });
+    Some(parents_acceptance(svc, wanted, parents, "HTTPRoute"))
+}
+
+/// Whether every Gateway in `wanted` accepted an object of the service
+/// (its HTTPRoute, its InferencePool), from the `parents` its status
+/// reports (`None`: the object does not exist yet): refused as soon as one
+/// Gateway refuses it or cannot resolve its references (the first such
+/// entry wins), accepted once all have, pending otherwise.
+pub fn parents_acceptance(
+    svc: &MoEInferenceService,
+    wanted: &[moe_crds::RouteParent],
+    parents: Option<&[ParentStatus]>,
+    object: &str,
+) -> Acceptance {
     let pending = |message: String| Acceptance {
         accepted: false,
         reason: "Pending".into(),
         message,
     };
-    let Some(stored) = stored else {
-        return Some(pending("creating the HTTPRoute".into()));
+    let Some(reported) = parents else {
+        return pending(format!("creating the {object}"));
     };
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
-    let reported = stored
-        .status
-        .as_ref()
-        .map(|s| s.parents.as_slice())
-        .unwrap_or_default();
     let mut waiting = Vec::new();
     for parent in wanted {
         let parent_ns = parent.namespace.as_deref().unwrap_or(&ns);
@@ -165,11 +180,11 @@ pub fn acceptance(svc: &MoEInferenceService, stored: Option<&HTTPRoute>) -> Opti
             })
         });
         if let Some(c) = refused {
-            return Some(Acceptance {
+            return Acceptance {
                 accepted: false,
                 reason: c.reason.clone(),
                 message: format!("Gateway {label}: {}", c.message),
-            });
+            };
         }
         let accepted = entries.iter().any(|p| {
             p.conditions
@@ -180,7 +195,7 @@ pub fn acceptance(svc: &MoEInferenceService, stored: Option<&HTTPRoute>) -> Opti
             waiting.push(label);
         }
     }
-    Some(if waiting.is_empty() {
+    if waiting.is_empty() {
         Acceptance {
             accepted: true,
             reason: "Accepted".into(),
@@ -188,10 +203,10 @@ pub fn acceptance(svc: &MoEInferenceService, stored: Option<&HTTPRoute>) -> Opti
         }
     } else {
         pending(format!(
-            "waiting for the Gateway controller of {} to accept the route",
+            "waiting for the Gateway controller of {} to accept the {object}",
             waiting.join(", ")
         ))
-    })
+    }
 }
 
 /// The route for `svc`, named as its Service; `None` without `spec.route`.

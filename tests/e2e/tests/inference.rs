@@ -1939,6 +1939,38 @@ async fn an_inference_pool_puts_the_replicas_behind_an_endpoint_picker() -> Resu
                       "name": "chat", "weight": 1}),
         "{route}"
     );
+    // No Gateway controller runs here: the pool waits to be accepted. Play
+    // one: it accepts the pool, and the service says so.
+    let pool_condition = |want: &'static str, reason: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(
+                &format!("InferencePoolAccepted {want} ({reason})"),
+                WAIT,
+                || async {
+                    let s = api.get("chat").await?;
+                    Ok(condition(&s, "InferencePoolAccepted")
+                        .filter(|c| c.status == want && c.reason == reason)
+                        .map(|c| c.message.clone()))
+                },
+            )
+            .await
+        }
+    };
+    let waiting = pool_condition("False", "Pending").await?;
+    ensure!(waiting.contains("gateways/public"), "{waiting}");
+    let accepted = json!({"status": {"parents": [{
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                      "name": "public", "namespace": "gateways"},
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "accepted, said the test as the Gateway controller",
+                        "lastTransitionTime": "2026-11-30T00:00:00Z", "observedGeneration": 1}]
+    }]}});
+    sh(&format!(
+        "kubectl patch inferencepool chat -n {} --subresource=status --type=merge -p '{accepted}'",
+        ns.name
+    ))?;
+    pool_condition("True", "Accepted").await?;
     // Deleted by hand, it comes back.
     sh(&format!(
         "kubectl delete inferencepool chat -n {} --wait",
@@ -1963,10 +1995,12 @@ async fn an_inference_pool_puts_the_replicas_behind_an_endpoint_picker() -> Resu
                 .map(|r| r["spec"]["rules"][0]["backendRefs"][0].clone());
             let service =
                 json!({"group": "", "kind": "Service", "name": "chat", "port": 8000, "weight": 1});
-            Ok(
-                (inference_pool(&ns.name, "chat")?.is_none() && backend == Some(service))
-                    .then_some(()),
-            )
+            let condition_gone =
+                condition(&api.get("chat").await?, "InferencePoolAccepted").is_none();
+            Ok((inference_pool(&ns.name, "chat")?.is_none()
+                && backend == Some(service)
+                && condition_gone)
+                .then_some(()))
         },
     )
     .await?;
