@@ -641,6 +641,26 @@ fn validate_and_render_understand_inference_services() {
             .all(|d| d["metadata"]["namespace"] == json!("serve"))
     );
 
+    // Behind an endpoint picker: the route sends to the InferencePool over the server pods.
+    let output = moectl()
+        .arg("render")
+        .arg(repo("examples/inference/gateway-epp.yaml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let docs = yaml_documents(&stdout(&output));
+    let route = docs.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
+    let pool = docs.iter().find(|d| d["kind"] == "InferencePool").unwrap();
+    assert_eq!(
+        route["spec"]["rules"][0]["backendRefs"][0],
+        json!({"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "moe-ep8-epp"})
+    );
+    assert_eq!(
+        pool["spec"]["selector"]["matchLabels"],
+        json!({"moe.dev/role": "server", "moe.dev/service-name": "moe-ep8-epp"})
+    );
+    assert_eq!(pool["spec"]["endpointPickerRef"]["name"], "moe-epp");
+
     // Multi-pod replicas: a headless Service and a StatefulSet per group instead of the Deployment.
     let output = moectl()
         .arg("render")

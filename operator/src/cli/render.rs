@@ -149,5 +149,8 @@ pub fn render_inference(
     if let Some(route) = crate::inference::route::http_route(&svc) {
         push_document(&mut out, &route)?;
     }
+    if let Some(pool) = crate::inference::pool::inference_pool(&svc) {
+        push_document(&mut out, &pool)?;
+    }
     Ok(out)
 }

@@ -157,8 +157,9 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<Stri
 async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mis-examples").await?;
-    // As the harness installs it: with the Gateway API (an example has a route).
-    let _op = Operator::start_with(&ns.name, &["--gateway-api"]).await?;
+    // As the harness installs it: with the Gateway API and InferencePools
+    // (examples have a route, one behind an endpoint picker).
+    let _op = Operator::start_with(&ns.name, &["--gateway-api", "--inference-pool"]).await?;
     bound_claim(&ns.name, "moe-models").await?;
     let dir = moe_e2e::operator::repo_root().join("examples/inference");
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
@@ -192,6 +193,17 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
         if svc.spec.route.is_some() {
             eventually(&format!("{name}: its HTTPRoute"), WAIT, || async {
                 http_route(&ns.name, &name)
+            })
+            .await?;
+        }
+        if svc
+            .spec
+            .route
+            .as_ref()
+            .is_some_and(|r| r.inference_pool.is_some())
+        {
+            eventually(&format!("{name}: its InferencePool"), WAIT, || async {
+                inference_pool(&ns.name, &name)
             })
             .await?;
         }
