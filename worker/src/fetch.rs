@@ -562,6 +562,13 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
     })
 }
 
+/// The repo and commit of a directory a fetch completed (its revision's
+/// link or its commit directory), if it is one.
+pub fn fetched(dir: &Path) -> Option<(String, String)> {
+    let done = read_complete(dir)?;
+    Some((done.repo, done.commit))
+}
+
 fn read_complete(commit_dir: &Path) -> Option<Complete> {
     let bytes = fs::read(commit_dir.join(COMPLETE)).ok()?;
     let done: Complete = serde_json::from_slice(&bytes).ok()?;

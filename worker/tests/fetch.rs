@@ -541,6 +541,11 @@ fn serve_takes_a_hub_model_by_its_uri() {
     let _ = server.wait();
     assert!(models.contains(&format!("\"id\":\"{REPO}\"")), "{models}");
     let commit = hub.state.lock().unwrap().main.clone();
+    // Which commit `main` named when it was fetched.
+    assert!(
+        models.contains(&format!("\"root\":\"huggingface/{REPO}@{commit}\"")),
+        "{models}"
+    );
     assert!(dir.0.join(REPO).join(&commit).join(COMPLETE).is_file());
 }
 

@@ -137,6 +137,11 @@ fn models_probes_and_metrics_answer() {
     assert_eq!(models.status, 200);
     assert_eq!(models.json()["data"][0]["id"], "tiny");
     assert_eq!(models.json()["data"][0]["max_model_len"], CONTEXT);
+    assert_eq!(
+        models.json()["data"][0]["root"],
+        dir.0.display().to_string(),
+        "a model on disk: its directory"
+    );
     for probe in ["/health", "/healthz", "/readyz"] {
         assert_eq!(
             request(server.addr, "GET", probe, b"").status,

@@ -34,6 +34,9 @@ use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError, Usage
 pub struct AppState {
     /// The id `/v1/models` lists and requests name.
     pub model_name: Arc<str>,
+    /// Where the weights came from, as `/v1/models` says it (`root`, as
+    /// vLLM does): a Hub model's repo and commit, else the directory.
+    pub root: Arc<str>,
     /// Set once the model is loaded and the scheduler runs.
     pub engine: Arc<OnceLock<EngineHandle>>,
     pub metrics: Metrics,
@@ -42,9 +45,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(model_name: &str, metrics: Metrics) -> Self {
+    pub fn new(model_name: &str, root: &str, metrics: Metrics) -> Self {
         Self {
             model_name: model_name.into(),
+            root: root.into(),
             engine: Arc::new(OnceLock::new()),
             metrics,
             started: unix_now(),
@@ -172,6 +176,7 @@ async fn models(State(state): State<AppState>) -> Response {
             "created": state.started,
             "owned_by": "moe-operator",
             "max_model_len": context,
+            "root": &*state.root,
         }],
     });
     api::json_response(StatusCode::OK, &body)

@@ -222,6 +222,16 @@ impl ServeOptions {
         }
     }
 
+    /// Where the weights come from, for `/v1/models`: a model `moe-worker
+    /// fetch` brought, as `huggingface/<repo>@<commit>` (the commit its
+    /// revision named then); else the model directory.
+    pub fn model_root(&self) -> String {
+        match crate::fetch::fetched(&self.model_dir) {
+            Some((repo, commit)) => format!("huggingface/{repo}@{commit}"),
+            None => self.model_dir.display().to_string(),
+        }
+    }
+
     /// The id clients use: the flag, else the run's name (the directory
     /// above `checkpoints/` and `step-N/`).
     pub fn served_name(&self) -> String {
@@ -438,7 +448,11 @@ impl Server {
         options: &ServeOptions,
         metrics: Metrics,
     ) -> Result<Self, ServeError> {
-        let state = AppState::new(&options.served_name(), metrics.clone());
+        let state = AppState::new(
+            &options.served_name(),
+            &options.model_root(),
+            metrics.clone(),
+        );
         // Set before the first connection: this server is ready from the start.
         let _ = state.engine.set(engine.clone());
         let (runtime, listener) = runtime_listening(2, options.listen)?;
@@ -546,7 +560,11 @@ async fn serve_until_stopped(
     replica: Option<ReplicaSetup>,
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
-    let state = AppState::new(&options.served_name(), metrics.clone());
+    let state = AppState::new(
+        &options.served_name(),
+        &options.model_root(),
+        metrics.clone(),
+    );
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
