@@ -60,8 +60,13 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
         load[c] += 1;
     }
     // Dispatch positions in sending order (stable: by token within a copy).
+    // Without copies every expert is its own slot, in expert order: the
+    // dispatch order already is the sending order, and nothing is moved.
+    let in_order = copy.is_sorted();
     let mut order: Vec<usize> = (0..copy.len()).collect();
-    order.sort_by_key(|&k| copy[k]);
+    if !in_order {
+        order.sort_by_key(|&k| copy[k]);
+    }
     let plan = ExchangePlan::new(&load, ep.exchange_counts(&load), ep.size());
     let mut send = Vec::with_capacity(order.len() * hidden);
     for &k in &order {
@@ -90,11 +95,15 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
     let back = plan.to_sources(&outputs, hidden);
     let combined = ep.exchange_rows(&back, &plan.recv_rows(), plan.send_rows(), hidden);
     // Back into dispatch order, which is the order the sums take.
-    let mut in_dispatch_order = vec![0.0; combined.len()];
-    for (row, &k) in combined.chunks_exact(hidden).zip(&order) {
-        in_dispatch_order[k * hidden..(k + 1) * hidden].copy_from_slice(row);
-    }
-    drop(combined);
+    let in_dispatch_order = if in_order {
+        combined
+    } else {
+        let mut rows = vec![0.0; combined.len()];
+        for (row, &k) in combined.chunks_exact(hidden).zip(&order) {
+            rows[k * hidden..(k + 1) * hidden].copy_from_slice(row);
+        }
+        rows
+    };
 
     let mut output = vec![0.0; mine.len()];
     moe.add_routed(
