@@ -46,7 +46,11 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
     let mine = &x[first * hidden..(first + counts[ep.rank()]) * hidden];
 
     let (routing, dispatch) = moe.route(mine);
-    moe.count_routed(&dispatch.load());
+    // The load the next choice of copies reads; without slots for copies
+    // nothing reads it.
+    if placement.redundant() > 0 {
+        moe.count_routed(&dispatch.load());
+    }
     // Each assignment, in dispatch order (by expert, then token), goes to
     // the copy of its expert that computes it; rows are sent by copy.
     let assignments: Vec<usize> = dispatch_order(&dispatch, n_experts).collect();
