@@ -15,6 +15,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# Incremental state is of little use to a run from a clean checkout and costs
+# gigabytes (a copy per test target); cargo run by hand keeps its default.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
 declare -a timings=()
 phase() { # name, command...
