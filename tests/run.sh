@@ -18,6 +18,12 @@ cd "$root"
 # Incremental state is of little use to a run from a clean checkout and costs
 # gigabytes (a copy per test target); cargo run by hand keeps its default.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# A cold run needs some 6 GiB (docs/testing.md, "Disk"): say so now rather
+# than with "No space left on device" minutes in.
+free_gib=$(df -Pk "$root" | awk 'NR == 2 {print int($4 / 1048576)}')
+if (( ${free_gib:-0} < 12 )); then
+  echo "tests/run.sh: warning: ${free_gib:-?} GiB free on $root's disk; a cold run writes ~4 GiB under target/, and the control-plane build more the first time" >&2
+fi
 
 declare -a timings=()
 phase() { # name, command...
