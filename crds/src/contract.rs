@@ -89,6 +89,24 @@ pub const HEALTH_PATH: &str = "/healthz";
 /// it accepts requests; the Service sends traffic only to ready pods.
 pub const READY_PATH: &str = "/readyz";
 
+/// What `moe-worker fetch` reports once a Hub model is in place: on stdout,
+/// and as the init container's termination message, where the operator
+/// reads which commit each pod's download resolved its revision to
+/// (`status.modelCommit`, and the `ModelCommitSkew` condition when pods
+/// disagree).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchReport {
+    /// `organization/name`.
+    pub repo: String,
+    /// The commit the revision named when the pod fetched it.
+    pub commit: String,
+    /// Files the model has, and their bytes.
+    pub files: usize,
+    pub bytes: u64,
+    /// Bytes this fetch downloaded (0: the cache held them all).
+    pub downloaded: u64,
+}
+
 /// The resolved configuration a worker runs: everything about the model and
 /// training from the MoETrainingJob, with defaults filled in and paths made
 /// absolute for inside the container (or the local run directory).

@@ -47,6 +47,7 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     printcolumn(name = "Up-to-date", type_ = "integer", json_path = ".status.updatedReplicas"),
     printcolumn(name = "URL", type_ = "string", json_path = ".status.url", priority = 1),
     printcolumn(name = "Model", type_ = "string", json_path = ".status.modelRevision", priority = 1),
+    printcolumn(name = "Commit", type_ = "string", json_path = ".status.modelCommit", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 40")
         .message("metadata.name must be at most 40 characters: replica group StatefulSets <name>-g<group>-<incarnation> and their pods must fit DNS labels"),
@@ -570,6 +571,12 @@ pub struct MoEInferenceServiceStatus {
     /// `pvc/<claim>/<path>`, with the format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_revision: Option<String>,
+    /// For a Hub model: the commit the server pods downloaded its revision
+    /// as (a branch is resolved when each pod starts). Unset while no pod has
+    /// reported one, and while pods disagree (then `Degraded` is true with
+    /// reason `ModelCommitSkew`, naming each commit's pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_commit: Option<String>,
     /// kstatus conditions (`Ready`, `Reconciling`, `Stalled`) and
     /// `Available`, `Progressing`, `Degraded`, each with a classified reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -584,21 +584,41 @@ fn point(served: &Path, commit: &str) -> Result<(), FetchError> {
     if served.file_name().and_then(|n| n.to_str()) == Some(commit) {
         return Ok(());
     }
-    let parent = served.parent().unwrap_or(Path::new("."));
+    symlink_atomically(Path::new(commit), served)
+}
+
+/// Points `link` at the commit `fetched` holds (an absolute path), creating
+/// its directory: `moe-worker fetch --link`. A pod's server reads its own
+/// link, so it loads the commit its own download resolved even when another
+/// pod on a shared claim later moves the revision's link to a newer commit
+/// (and even when its container restarts, which does not rerun the fetch).
+pub fn pin(fetched: &Fetched, link: &Path) -> Result<(), FetchError> {
+    let parent = fetched.dir.parent().unwrap_or(Path::new("."));
+    let commit_dir = std::path::absolute(parent.join(&fetched.commit))
+        .map_err(io_error(format!("resolving {}", parent.display())))?;
+    if let Some(dir) = link.parent() {
+        fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+    }
+    symlink_atomically(&commit_dir, link)
+}
+
+/// Makes `link` a symlink to `target`, replacing what is there in one rename.
+fn symlink_atomically(target: &Path, link: &Path) -> Result<(), FetchError> {
+    let parent = link.parent().unwrap_or(Path::new("."));
     let temporary = parent.join(format!(
         ".{}.link-{}",
-        served
-            .file_name()
+        link.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("revision"),
         std::process::id()
     ));
     let _ = fs::remove_file(&temporary);
-    std::os::unix::fs::symlink(commit, &temporary)
+    std::os::unix::fs::symlink(target, &temporary)
         .map_err(io_error(format!("linking {}", temporary.display())))?;
-    fs::rename(&temporary, served).map_err(io_error(format!(
-        "pointing {} at {commit} (a directory of that name is in the way?)",
-        served.display()
+    fs::rename(&temporary, link).map_err(io_error(format!(
+        "pointing {} at {} (a directory of that name is in the way?)",
+        link.display(),
+        target.display()
     )))
 }
 

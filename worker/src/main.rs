@@ -62,6 +62,11 @@ struct FetchArgs {
     /// Files downloaded at once.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// Also point this symlink at the fetched commit's directory: what the
+    /// server of the same pod reads, so it loads this commit whatever the
+    /// revision names later.
+    #[arg(long)]
+    link: Option<PathBuf>,
 }
 
 /// `serve`'s flags; each overrides the same setting of `--config`.
@@ -174,15 +179,25 @@ fn fetch(args: FetchArgs) -> ExitCode {
         parallel: args.parallel,
     };
     let token = std::env::var("HF_TOKEN").ok();
-    match fetch::fetch(&request, token.as_deref()) {
+    let fetched = fetch::fetch(&request, token.as_deref()).and_then(|fetched| {
+        if let Some(link) = &args.link {
+            fetch::pin(&fetched, link)?;
+        }
+        Ok(fetched)
+    });
+    match fetched {
         Ok(fetched) => {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "dir": fetched.dir, "commit": fetched.commit, "files": fetched.files,
-                    "bytes": fetched.bytes, "downloaded": fetched.downloaded,
-                })
-            );
+            // The operator reads the commit from the termination message.
+            let report = serde_json::to_string(&moe_crds::contract::FetchReport {
+                repo: request.repo,
+                commit: fetched.commit,
+                files: fetched.files,
+                bytes: fetched.bytes,
+                downloaded: fetched.downloaded,
+            })
+            .unwrap_or_default();
+            println!("{report}");
+            termination_message(&report);
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.exit_code()),

@@ -585,3 +585,90 @@ fn a_moved_branch_gets_its_own_directory_and_the_link_switches_when_it_is_comple
             .is_file()
     );
 }
+
+/// Two pods on a shared claim, each with its own `--link` (as the operator
+/// runs the init container): the first fetches commit 1; the branch moves;
+/// the second fetches commit 2. The revision's link follows the branch, but
+/// the first pod's own link still names commit 1 — what its server reads,
+/// even after a restart — and each fetch's report (stdout and termination
+/// message, `FetchReport`) names the commit it resolved.
+#[test]
+fn each_pods_link_keeps_the_commit_its_own_fetch_resolved_and_its_report_names_it() {
+    let hub = FakeHub::start();
+    let dir = TempDir::new("links");
+    let claim = dir.0.join("claim");
+    let run = |pod: &str| -> (PathBuf, moe_crds::contract::FetchReport) {
+        let link = dir.0.join(pod).join("model");
+        let log = dir.0.join(format!("{pod}-termination-log"));
+        std::fs::write(&log, "").unwrap();
+        let out = Command::new(BINARY)
+            .args(["fetch", "--repo", REPO, "--into"])
+            .arg(&claim)
+            .args(["--endpoint", &hub.endpoint, "--link"])
+            .arg(&link)
+            .env("MOE_TERMINATION_LOG", &log)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: moe_crds::contract::FetchReport =
+            serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
+        let printed: moe_crds::contract::FetchReport =
+            serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+        assert_eq!(report, printed);
+        (link, report)
+    };
+    let (first_link, first) = run("pod-a");
+    assert_eq!(first.repo, REPO);
+    assert!(first.downloaded > 0 && first.downloaded == first.bytes);
+    assert_eq!(
+        std::fs::read_link(&first_link).unwrap(),
+        claim.join(REPO).join(&first.commit)
+    );
+    let second_commit = "beef".repeat(10);
+    {
+        let mut state = hub.state.lock().unwrap();
+        let mut files = state.commits[&first.commit].clone();
+        for (path, bytes) in &mut files {
+            if path == "generation_config.json" {
+                *bytes = br#"{"max_new_tokens": 7}"#.to_vec();
+            }
+        }
+        state.commits.insert(second_commit.clone(), files);
+        state.main = second_commit.clone();
+    }
+    let (second_link, second) = run("pod-b");
+    assert_eq!(second.commit, second_commit);
+    // A commit is a directory of its own: all of it came down again.
+    assert_eq!(second.downloaded, second.bytes);
+    assert_eq!(
+        std::fs::read_link(claim.join(REPO).join("main")).unwrap(),
+        PathBuf::from(&second_commit)
+    );
+    assert_eq!(
+        std::fs::read_link(&first_link).unwrap(),
+        claim.join(REPO).join(&first.commit),
+        "pod a's server still reads what pod a fetched"
+    );
+    assert_eq!(
+        std::fs::read(second_link.join("generation_config.json")).unwrap(),
+        br#"{"max_new_tokens": 7}"#
+    );
+    assert_ne!(
+        std::fs::read(first_link.join("generation_config.json")).unwrap(),
+        br#"{"max_new_tokens": 7}"#
+    );
+    // A restarted pod a fetches again: the branch now names commit 2, and
+    // its link follows (a new pod, a new download: what the operator sees).
+    let (again_link, again) = run("pod-a");
+    assert_eq!(again.commit, second_commit);
+    assert_eq!(again.downloaded, 0, "the claim holds commit 2 already");
+    assert_eq!(again_link, first_link);
+    assert_eq!(
+        std::fs::read_link(&again_link).unwrap(),
+        claim.join(REPO).join(&second_commit)
+    );
+}

@@ -80,8 +80,12 @@ pub struct ResolvedModel {
 }
 
 impl ResolvedModel {
-    /// Directory of the weights inside the container.
+    /// Directory of the weights inside the container: a downloaded model's
+    /// is the pod's own link to the commit its download resolved.
     pub fn dir(&self) -> String {
+        if self.download.is_some() {
+            return PINNED_MODEL_LINK.to_string();
+        }
         let p = self.path.trim_matches('/');
         if p.is_empty() {
             MODEL_MOUNT.to_string()
@@ -347,7 +351,7 @@ pub fn pod_template(
                 .download
                 .as_ref()
                 .map(|hub| vec![download_container(svc, ctx, hub)]),
-            containers: vec![container(svc, ctx, group)],
+            containers: vec![container(svc, ctx, group, model)],
             volumes: Some(volumes(svc, model)),
             resource_claims: resource_claims(worker),
             ..Default::default()
@@ -369,7 +373,12 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>) -> Container {
+fn container(
+    svc: &MoEInferenceService,
+    ctx: &BuildContext,
+    group: Option<Group>,
+    model: &ResolvedModel,
+) -> Container {
     let spec = &svc.spec;
     let worker = &spec.worker;
     // Startup: the whole load budget (liveness waits until it succeeds, so a
@@ -419,12 +428,21 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
         readiness_probe: Some(http_probe(READY_PATH, 5, 3)),
         resources: Some(resources(worker, spec.parallelism.processes_per_pod)),
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![
-            mount("config", "/etc/moe", true),
-            mount("model", MODEL_MOUNT, true),
-            mount("shm", "/dev/shm", false),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(
+            [
+                Some(mount("config", "/etc/moe", true)),
+                Some(mount("model", MODEL_MOUNT, true)),
+                model
+                    .download
+                    .as_ref()
+                    .map(|_| mount(PINNED_VOLUME, PINNED_MOUNT, true)),
+                Some(mount("shm", "/dev/shm", false)),
+                Some(mount("tmp", "/tmp", false)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
@@ -433,6 +451,16 @@ fn container(svc: &MoEInferenceService, ctx: &BuildContext, group: Option<Group>
 /// Where a Hub model's files go in the model volume: commit directories
 /// and one link per revision, `<this>/<repo>/<revision>`.
 pub const HUB_DIR: &str = "huggingface";
+/// A pod-local volume (an emptyDir) holding [`PINNED_MODEL_LINK`].
+const PINNED_VOLUME: &str = "pinned-model";
+const PINNED_MOUNT: &str = "/run/moe";
+/// The link the download points at the commit it fetched, and the server
+/// reads: a pod serves the commit its own download resolved, even when
+/// another pod on a shared claim moves the revision's link to a newer one
+/// later, or its server container restarts (which does not rerun the
+/// download). Which commit that was, the download's termination message
+/// says (`status.modelCommit`).
+pub const PINNED_MODEL_LINK: &str = "/run/moe/model";
 
 /// The init container that downloads a Hub model (`moe-worker fetch`) into
 /// the model volume: the same image and Pod Security as the server, the
@@ -452,6 +480,8 @@ fn download_container(
         &hub.revision,
         "--into",
         &format!("{MODEL_MOUNT}/{HUB_DIR}"),
+        "--link",
+        PINNED_MODEL_LINK,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -492,6 +522,7 @@ fn download_container(
         security_context: Some(container_security_context()),
         volume_mounts: Some(vec![
             mount("model", MODEL_MOUNT, false),
+            mount(PINNED_VOLUME, PINNED_MOUNT, false),
             mount("tmp", "/tmp", false),
         ]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -556,7 +587,7 @@ pub fn group_set_name(svc: &MoEInferenceService, g: Group) -> String {
 }
 
 fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
-    vec![
+    let mut volumes = vec![
         Volume {
             name: "config".into(),
             config_map: Some(ConfigMapVolumeSource {
@@ -583,7 +614,11 @@ fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
             Some(svc.spec.worker.shm_size.clone()),
         ),
         empty_dir("tmp", None, None),
-    ]
+    ];
+    if model.download.is_some() {
+        volumes.push(empty_dir(PINNED_VOLUME, None, None));
+    }
+    volumes
 }
 
 /// Voluntary evictions (drains) take at most `max(1, rollout.maxUnavailable)`
@@ -697,11 +732,10 @@ pub(crate) mod tests {
             "endpoint": "http://hub.internal"
         }));
         assert_eq!(model.revision, "huggingface/Qwen/Qwen3-30B-A3B-FP8@v1.0");
+        // The server reads its pod's own link to the commit its download
+        // resolved, not the revision's link on the (shared) claim.
         let config = serving_config(&svc, &model);
-        assert_eq!(
-            config.model_dir,
-            "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/v1.0"
-        );
+        assert_eq!(config.model_dir, PINNED_MODEL_LINK);
         assert_eq!(config.format, ModelFormat::Huggingface);
         let pod = pod_spec(&svc, &model);
         let init = pod.init_containers.as_ref().unwrap();
@@ -712,7 +746,7 @@ pub(crate) mod tests {
         assert_eq!(
             download.command.as_ref().unwrap().join(" "),
             "moe-worker fetch --repo Qwen/Qwen3-30B-A3B-FP8 --revision v1.0 --into \
-             /models/huggingface --endpoint http://hub.internal"
+             /models/huggingface --link /run/moe/model --endpoint http://hub.internal"
         );
         let env = download.env.as_ref().unwrap();
         assert_eq!(env.len(), 1, "the token and nothing else: {env:?}");
@@ -735,20 +769,30 @@ pub(crate) mod tests {
             download.security_context,
             Some(container_security_context())
         );
-        let writable = |c: &Container| {
+        let writable = |c: &Container, volume: &str| {
             c.volume_mounts
                 .as_ref()
                 .unwrap()
                 .iter()
-                .find(|m| m.name == "model")
-                .map(|m| m.read_only != Some(true))
+                .find(|m| m.name == volume)
+                .map(|m| (m.mount_path.clone(), m.read_only != Some(true)))
         };
-        assert_eq!(writable(download), Some(true));
-        assert_eq!(
-            writable(&pod.containers[0]),
-            Some(false),
-            "the server only reads it"
-        );
+        for (volume, at) in [("model", "/models"), ("pinned-model", "/run/moe")] {
+            assert_eq!(writable(download, volume), Some((at.into(), true)));
+            assert_eq!(
+                writable(&pod.containers[0], volume),
+                Some((at.into(), false)),
+                "the server only reads {volume}"
+            );
+        }
+        let pinned = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "pinned-model")
+            .unwrap();
+        assert!(pinned.empty_dir.is_some(), "one link per pod: {pinned:?}");
         let volume = model_volume(&pod);
         let claim = volume.persistent_volume_claim.as_ref().unwrap();
         assert_eq!(
@@ -768,18 +812,21 @@ pub(crate) mod tests {
         // No claim: each pod downloads into its own emptyDir; a public model
         // needs no token.
         let (svc, model) = hub(serde_json::json!({}));
-        assert_eq!(
-            model.dir(),
-            "/models/huggingface/Qwen/Qwen3-30B-A3B-FP8/main"
-        );
+        assert_eq!(model.path, "huggingface/Qwen/Qwen3-30B-A3B-FP8/main");
         let pod = pod_spec(&svc, &model);
         let volume = model_volume(&pod);
         assert!(volume.empty_dir.is_some() && volume.persistent_volume_claim.is_none());
         assert_eq!(pod.init_containers.as_ref().unwrap()[0].env, None);
-        // A volume's pods have no init container.
+        // A volume's pods have no init container, and no link.
         let svc = service_fixture(serde_json::json!({}));
         let pod = pod_spec(&svc, &model_of(&svc));
         assert_eq!(pod.init_containers, None);
+        assert!(
+            pod.volumes
+                .iter()
+                .flatten()
+                .all(|v| v.name != "pinned-model")
+        );
     }
 
     /// The Deployment's pod spec for `svc` serving `model`.

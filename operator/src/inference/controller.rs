@@ -7,7 +7,7 @@
 //! Children and MoETrainingJobs are reflected into stores, so a reconcile with
 //! nothing to do reads nothing from the API and writes nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use moe_crds::contract::FetchReport;
 use moe_crds::{MoEInferenceService, MoETrainingJob};
 use tracing::{info, warn};
 
@@ -233,6 +234,12 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         .and_then(|f| ctx.training_jobs.get(&ObjectRef::new(&f.name).within(&ns)));
     let model = resolve_model(svc, job.as_deref());
     let grouped = svc.spec.parallelism.pods_per_replica > 1;
+    // A Hub model's pods say which commit they downloaded.
+    let revision = match &model {
+        ModelState::Ready(m) if m.download.is_some() => Some(m.revision.clone()),
+        _ => None,
+    };
+    let mut commits = BTreeMap::new();
     let mut group_plan = None;
     let (deployment, pending) = if grouped {
         // Replica groups: pods are listed every time (a failed pod restarts its
@@ -248,15 +255,30 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         };
         let counts = (!states.is_empty()).then(|| gplan.counts.clone());
         group_plan = Some(gplan);
+        if let Some(revision) = &revision {
+            commits = commits_of(&pods, revision);
+        }
         (counts, pending_of(&pods))
     } else {
         let name = build::child_name(svc);
         let deployment = owned(&ctx.deployments, svc, &name).map(|d| deployment_state(&d));
-        let pending = match &deployment {
-            Some(d) if d.ready < svc.spec.replicas || d.updated < svc.spec.replicas => {
-                pending_of(&server_pods(ctx, svc, &ns).await?)
-            }
-            _ => Pending::default(),
+        // Pods are listed only when some are not ready or not updated, or
+        // for a Hub model's commits.
+        let short = deployment
+            .as_ref()
+            .is_some_and(|d| d.ready < svc.spec.replicas || d.updated < svc.spec.replicas);
+        let pods = if short || (deployment.is_some() && revision.is_some()) {
+            server_pods(ctx, svc, &ns).await?
+        } else {
+            Vec::new()
+        };
+        if let Some(revision) = &revision {
+            commits = commits_of(&pods, revision);
+        }
+        let pending = if short {
+            pending_of(&pods)
+        } else {
+            Pending::default()
         };
         (deployment, pending)
     };
@@ -270,6 +292,7 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
             awaiting_admission: pending.awaiting_admission,
             downloads: pending.downloads,
             server_failures: pending.server_failures,
+            commits,
             exhausted: group_plan.as_ref().and_then(|g| g.exhausted.clone()),
             pool: ctx.pools.as_ref().and_then(|store| {
                 pool::acceptance(svc, owned(store, svc, &build::child_name(svc)).as_deref())
@@ -605,6 +628,37 @@ fn downloads_of(pods: &[Pod]) -> Downloads {
     downloads
 }
 
+/// For a Hub model: which commit each server pod of model revision
+/// `revision` downloaded, by commit. A pod says so in its download's
+/// termination message (a [`FetchReport`]) once the download succeeded.
+fn commits_of(pods: &[Pod], revision: &str) -> BTreeMap<String, Vec<String>> {
+    let mut commits: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pod in pods {
+        if pod
+            .annotations()
+            .get(labels::MODEL_REVISION)
+            .map(String::as_str)
+            != Some(revision)
+        {
+            continue;
+        }
+        let report = container_status(pod, build::DOWNLOAD_CONTAINER, true)
+            .and_then(|s| s.state?.terminated)
+            .filter(|t| t.exit_code == 0)
+            .and_then(|t| serde_json::from_str::<FetchReport>(t.message?.trim()).ok());
+        if let Some(report) = report {
+            commits
+                .entry(report.commit)
+                .or_default()
+                .push(pod.name_any());
+        }
+    }
+    for pods in commits.values_mut() {
+        pods.sort();
+    }
+    commits
+}
+
 /// Why server pods are Pending, from the scheduler's PodScheduled condition.
 fn unschedulable_of(pods: &[Pod]) -> Vec<String> {
     pods.iter()
@@ -914,6 +968,60 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Which commit each pod downloaded: from a succeeded download's
+    /// report, for pods of the current model revision only.
+    #[test]
+    fn commits_are_read_from_the_downloads_reports() {
+        let report = |commit: &str| {
+            serde_json::to_string(&FetchReport {
+                repo: "org/moe".into(),
+                commit: commit.into(),
+                files: 3,
+                bytes: 100,
+                downloaded: 100,
+            })
+            .unwrap()
+        };
+        let done = |uid: &str, revision: &str, message: String| {
+            let mut p = downloading(
+                uid,
+                json!({"state": {"terminated": {"exitCode": 0, "message": message}}}),
+            );
+            p.metadata.annotations = Some(BTreeMap::from([(
+                labels::MODEL_REVISION.to_string(),
+                revision.to_string(),
+            )]));
+            p
+        };
+        let current = "huggingface/org/moe@main";
+        let pods = [
+            done("b", current, report("c0ffee")),
+            done("a", current, format!("{}\n", report("c0ffee"))),
+            done("c", current, report("beef")),
+            // Another model revision (a rollout's old pods): not counted.
+            done("d", "huggingface/org/moe@v1", report("0ld")),
+            // Not a report (a download from before the operator read them).
+            done("e", current, "fetched".into()),
+            // Still downloading.
+            {
+                let mut p = downloading("f", json!({"state": {"running": {}}}));
+                p.metadata.annotations = done("x", current, String::new()).metadata.annotations;
+                p
+            },
+        ];
+        assert_eq!(
+            commits_of(&pods, current),
+            BTreeMap::from([
+                ("beef".to_string(), vec!["p-c".to_string()]),
+                (
+                    "c0ffee".to_string(),
+                    vec!["p-a".to_string(), "p-b".to_string()]
+                ),
+            ])
+        );
+        assert!(commits_of(&pods[..2], "huggingface/org/moe@v2").is_empty());
     }
 
     #[test]

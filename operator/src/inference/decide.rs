@@ -5,6 +5,8 @@
 //! deserve an Event. Everything needed is in the API objects, so a restarted
 //! operator decides the same again.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -37,6 +39,8 @@ pub mod reason {
     pub const DOWNLOADING_MODEL: &str = "DownloadingModel";
     pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
     pub const SERVER_FAILING: &str = "ServerFailing";
+    /// Degraded: pods serve different commits of a Hub model's revision.
+    pub const MODEL_COMMIT_SKEW: &str = "ModelCommitSkew";
 }
 
 /// Where the model stands.
@@ -277,6 +281,9 @@ pub struct Observed {
     /// Server containers that exited with an error and wait to be
     /// restarted (CrashLoopBackOff), with the worker's words.
     pub server_failures: Vec<ContainerFailure>,
+    /// For a Hub model: the commits the current model revision's server pods
+    /// downloaded (their init containers' reports), each with those pods.
+    pub commits: BTreeMap<String, Vec<String>>,
     /// Set when a replica group is out of restarts (`podsPerReplica > 1`).
     pub exhausted: Option<String>,
     /// What the Gateway controllers say of the service's HTTPRoute
@@ -415,6 +422,10 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
         }
     };
 
+    let model_revision = match &observed.model {
+        ModelState::Ready(m) => Some(m.revision.clone()),
+        _ => old.model_revision.clone(),
+    };
     let status = MoEInferenceServiceStatus {
         observed_generation: generation,
         replicas: counts.replicas,
@@ -422,10 +433,8 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
         updated_replicas: counts.updated,
         selector: Some(build::selector_string(svc)),
         url: Some(build::url(svc)),
-        model_revision: match &observed.model {
-            ModelState::Ready(m) => Some(m.revision.clone()),
-            _ => old.model_revision.clone(),
-        },
+        model_revision: model_revision.clone(),
+        model_commit: model_commit(&old, &model_revision, &observed.commits),
         conditions: old.conditions.clone(),
     };
     let mut plan = Plan {
@@ -469,7 +478,34 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
     };
     set_condition(conds, AVAILABLE, available, ar, &am, generation, &now);
     set_condition(conds, PROGRESSING, reconciling, r, m, generation, &now);
-    set_condition(conds, DEGRADED, degraded, r, m, generation, &now);
+    // Pods serving two commits of one revision are degraded too: requests
+    // get different weights by the replica they land on.
+    let skew = commit_skew(svc, &observed.commits).filter(|_| !degraded);
+    match &skew {
+        Some(message) => {
+            let before = conds
+                .iter()
+                .find(|c| c.type_ == DEGRADED)
+                .map(|c| c.reason.clone());
+            set_condition(
+                conds,
+                DEGRADED,
+                true,
+                reason::MODEL_COMMIT_SKEW,
+                message,
+                generation,
+                &now,
+            );
+            if before.as_deref() != Some(reason::MODEL_COMMIT_SKEW) {
+                plan.transitions.push(Transition {
+                    warning: true,
+                    reason: reason::MODEL_COMMIT_SKEW.into(),
+                    message: message.clone(),
+                });
+            }
+        }
+        None => set_condition(conds, DEGRADED, degraded, r, m, generation, &now),
+    }
     // Apart from Ready: the replicas serve through their Service whatever a
     // Gateway makes of the route.
     for (type_, acceptance) in [
@@ -502,6 +538,55 @@ pub fn decide(svc: &MoEInferenceService, observed: &Observed) -> Plan {
         });
     }
     plan
+}
+
+/// `status.modelCommit`: the one commit the pods of the model revision
+/// downloaded; with no pod reporting, the last one seen for the same
+/// revision; none when they disagree (or the revision changed).
+fn model_commit(
+    old: &MoEInferenceServiceStatus,
+    revision: &Option<String>,
+    commits: &BTreeMap<String, Vec<String>>,
+) -> Option<String> {
+    match commits.len() {
+        0 => old
+            .model_commit
+            .clone()
+            .filter(|_| old.model_revision == *revision),
+        1 => commits.keys().next().cloned(),
+        _ => None,
+    }
+}
+
+/// What to say when the server pods downloaded different commits of the
+/// model's revision (a branch moved while they started).
+fn commit_skew(
+    svc: &MoEInferenceService,
+    commits: &BTreeMap<String, Vec<String>>,
+) -> Option<String> {
+    if commits.len() < 2 {
+        return None;
+    }
+    let hub = svc.spec.model.huggingface.as_ref()?;
+    let each: Vec<String> = commits
+        .iter()
+        .map(|(commit, pods)| {
+            let short = &commit[..commit.len().min(12)];
+            format!(
+                "{short} (pod{} {})",
+                if pods.len() == 1 { "" } else { "s" },
+                pods.join(", ")
+            )
+        })
+        .collect();
+    Some(format!(
+        "server pods serve {} commits of {} at {:?}, which moved while they started: {}; \
+         pin model.huggingface.revision to one commit, or delete the pods of the older one",
+        commits.len(),
+        hub.repo,
+        hub.revision,
+        each.join(", ")
+    ))
 }
 
 fn stalled(reason: &'static str, message: String) -> Verdict {
@@ -650,6 +735,7 @@ mod tests {
             awaiting_admission: 0,
             downloads: Downloads::default(),
             server_failures: Vec::new(),
+            commits: BTreeMap::new(),
             exhausted: None,
             route: None,
             pool: None,
@@ -1048,6 +1134,72 @@ mod tests {
         let second = decide(&s, &later);
         assert_eq!(second.status, first.status);
         assert!(second.transitions.is_empty());
+    }
+
+    /// Pods of a Hub model that downloaded different commits of its branch
+    /// serve, but the service is Degraded, naming each commit's pods (once
+    /// as a Warning); one commit is `status.modelCommit`, kept while no pod
+    /// reports, dropped with the revision.
+    #[test]
+    fn pods_serving_two_commits_of_a_branch_degrade_the_service() {
+        let s = svc(json!({"spec": {"model": {"volume": null,
+                                              "huggingface": {"repo": "org/moe"}}}}));
+        let m = resolve_model(&s, None);
+        let mut o = observed(m, Some(dep(3, 3, 3, 3)));
+        let a = "c0ffee".repeat(6) + "abcd";
+        let b = "beef".repeat(10);
+        o.commits = BTreeMap::from([(a.clone(), vec!["chat-1".into(), "chat-2".into()])]);
+        let plan = decide(&s, &o);
+        assert_eq!(cond(&plan, READY), ("True", "ReplicasReady"));
+        assert_eq!(cond(&plan, DEGRADED).0, "False");
+        assert_eq!(plan.status.model_commit.as_deref(), Some(a.as_str()));
+
+        let mut s2 = s.clone();
+        s2.status = Some(plan.status.clone());
+        o.commits.insert(b.clone(), vec!["chat-3".into()]);
+        let plan = decide(&s2, &o);
+        assert_eq!(cond(&plan, READY), ("True", "ReplicasReady"), "they serve");
+        assert_eq!(cond(&plan, DEGRADED), ("True", "ModelCommitSkew"));
+        assert_eq!(plan.status.model_commit, None);
+        let message = &plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED)
+            .unwrap()
+            .message;
+        assert_eq!(
+            message,
+            "server pods serve 2 commits of org/moe at \"main\", which moved while they \
+             started: beefbeefbeef (pod chat-3), c0ffeec0ffee (pods chat-1, chat-2); pin \
+             model.huggingface.revision to one commit, or delete the pods of the older one"
+        );
+        assert_eq!(plan.transitions.len(), 1);
+        assert!(plan.transitions[0].warning);
+        assert_eq!(plan.transitions[0].reason, "ModelCommitSkew");
+        // Said once, not on every reconcile.
+        s2.status = Some(plan.status.clone());
+        assert!(decide(&s2, &o).transitions.is_empty());
+
+        // The old pod replaced: one commit again.
+        o.commits = BTreeMap::from([(b.clone(), vec!["chat-3".into(), "chat-4".into()])]);
+        let plan = decide(&s2, &o);
+        assert_eq!(cond(&plan, DEGRADED).0, "False");
+        assert_eq!(plan.status.model_commit.as_deref(), Some(b.as_str()));
+        // No pod reporting (pods listed only for a Hub model; scaled to
+        // zero): the last commit stays, for the same revision only.
+        s2.status = Some(plan.status.clone());
+        o.commits.clear();
+        assert_eq!(
+            decide(&s2, &o).status.model_commit.as_deref(),
+            Some(b.as_str())
+        );
+        let pinned = svc(json!({"spec": {"model": {"volume": null,
+            "huggingface": {"repo": "org/moe", "revision": "v2"}}}}));
+        let mut pinned_now = pinned.clone();
+        pinned_now.status = s2.status.clone();
+        let o = observed(resolve_model(&pinned, None), Some(dep(3, 3, 3, 3)));
+        assert_eq!(decide(&pinned_now, &o).status.model_commit, None);
     }
 
     #[test]

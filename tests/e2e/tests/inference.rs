@@ -698,6 +698,225 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
     ns.delete().await
 }
 
+/// A Hub serving one repo whose `main` the test moves: every commit holds a
+/// `config.json` of its own (all `moe-worker fetch` needs to complete), so
+/// the real fetch resolves, lists, downloads and checks it.
+struct MovingHub {
+    endpoint: String,
+    main: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl MovingHub {
+    fn start(commit: &str) -> Result<Self> {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let main = std::sync::Arc::new(std::sync::Mutex::new(commit.to_string()));
+        let current = std::sync::Arc::clone(&main);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                // The headers (none matter here).
+                let mut header = String::new();
+                while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                    header.clear();
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let main = current.lock().map(|m| m.clone()).unwrap_or_default();
+                let (status, body) = Self::answer(&path, &main);
+                let mut stream = &stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body);
+            }
+        });
+        Ok(Self { endpoint, main })
+    }
+
+    fn config(commit: &str) -> Vec<u8> {
+        format!("{{\"model_type\": \"moe-test\", \"commit\": \"{commit}\"}}").into_bytes()
+    }
+
+    fn answer(path: &str, main: &str) -> (&'static str, Vec<u8>) {
+        use sha1::Digest;
+        let path = path.split('?').next().unwrap_or("");
+        if path.contains("/revision/") {
+            return ("200 OK", json!({"sha": main}).to_string().into_bytes());
+        }
+        if let Some((_, commit)) = path.split_once("/tree/") {
+            let config = Self::config(commit);
+            let mut blob = sha1::Sha1::new();
+            blob.update(format!("blob {}\0", config.len()).as_bytes());
+            blob.update(&config);
+            let oid: String = blob.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let tree =
+                json!([{"type": "file", "path": "config.json", "size": config.len(), "oid": oid}]);
+            return ("200 OK", tree.to_string().into_bytes());
+        }
+        if let Some((_, rest)) = path.split_once("/resolve/")
+            && let Some(commit) = rest.strip_suffix("/config.json")
+        {
+            return ("200 OK", Self::config(commit));
+        }
+        ("404 Not Found", b"{}".to_vec())
+    }
+
+    fn move_main(&self, commit: &str) {
+        if let Ok(mut main) = self.main.lock() {
+            *main = commit.to_string();
+        }
+    }
+}
+
+/// A Hub model on a branch that moves while the replicas start. The test
+/// plays the kubelet for each server pod's init container: it runs the
+/// pod's own `moe-worker fetch` against a Hub whose `main` it moves between
+/// the two pods (both on one claim, here a scratch directory), and reports
+/// each exit through KWOK (`test-pod-init-done`), with the worker's report of
+/// the commit as the termination message. Both replicas serve, but two
+/// commits: the service is Degraded (`ModelCommitSkew`, naming each commit's
+/// pod) and has no `modelCommit`. The older pod deleted, its replacement
+/// fetches the branch's commit, and the service has one commit again.
+#[tokio::test]
+async fn replicas_that_downloaded_two_commits_of_a_branch_degrade_the_service() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-commits").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let (old, new) = ("c0ffee".repeat(6) + "abcd", "beef".repeat(10));
+    let hub = MovingHub::start(&old)?;
+    let svc = gpu_service(
+        "chat",
+        2,
+        json!({"spec": {
+            "model": {"volume": null, "huggingface": {"repo": "moe-tests/moving-moe", "endpoint": hub.endpoint}},
+            "worker": {"podMetadata": {"labels": {"kwok.test/init": "hold"}}}
+        }}),
+    );
+    api.create(&PostParams::default(), &svc).await?;
+    let kubelet = Kubelet::new("commits")?;
+    // Runs pod `name`'s init container as the kubelet would, and reports it.
+    let fetch_for = |pod: Pod| {
+        let kubelet = &kubelet;
+        let pods = &pods;
+        async move {
+            let init = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.init_containers.as_ref())
+                .and_then(|c| c.first())
+                .context("no init container")?;
+            let mut command = init.command.clone().unwrap_or_default();
+            for (flag, path) in [
+                // One claim for every pod; a link of each pod's own.
+                ("--into", kubelet.path("claim")),
+                ("--link", kubelet.path(&pod.name_any()).join("model")),
+            ] {
+                let at = command
+                    .iter()
+                    .position(|a| a == flag)
+                    .with_context(|| format!("no {flag} in {command:?}"))?;
+                command[at + 1] = path.display().to_string();
+            }
+            let (code, message) = kubelet.run(&command, &[])?;
+            ensure!(code == 0, "exit {code}: {message}");
+            kubelet
+                .report(pods, &pod.name_any(), "init", code, &message)
+                .await?;
+            anyhow::Ok(message)
+        }
+    };
+    let downloading = || async {
+        let list = server_pods(&pods, "chat").await?;
+        anyhow::Ok(
+            list.into_iter()
+                .filter(|p| {
+                    p.annotations().get("kwok.test/init-exit-code").is_none()
+                        && p.status
+                            .as_ref()
+                            .and_then(|s| s.init_container_statuses.as_ref())
+                            .and_then(|c| c.first())
+                            .and_then(|c| c.state.as_ref())
+                            .is_some_and(|s| s.running.is_some())
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let started = eventually("both pods to be downloading", WAIT, || async {
+        let list = downloading().await?;
+        Ok((list.len() == 2).then_some(list))
+    })
+    .await?;
+    let (first, second) = (started[0].name_any(), started[1].name_any());
+    let report = fetch_for(started[0].clone()).await?;
+    ensure!(report.contains(&old), "{report}");
+    hub.move_main(&new);
+    let report = fetch_for(started[1].clone()).await?;
+    ensure!(report.contains(&new), "{report}");
+
+    let skewed = eventually(
+        "the service to be degraded by two commits",
+        WAIT,
+        || async {
+            let s = api.get("chat").await?;
+            let ready = condition(&s, "Ready").is_some_and(|c| c.status == "True");
+            let skew = condition(&s, "Degraded")
+                .is_some_and(|c| c.status == "True" && c.reason == "ModelCommitSkew");
+            Ok((ready && skew).then_some(s))
+        },
+    )
+    .await?;
+    let message = &condition(&skewed, "Degraded")
+        .context("no Degraded")?
+        .message;
+    ensure!(
+        message.contains(&format!("{} (pod {first})", &old[..12]))
+            && message.contains(&format!("{} (pod {second})", &new[..12])),
+        "{message}"
+    );
+    ensure!(
+        skewed
+            .status
+            .as_ref()
+            .and_then(|s| s.model_commit.clone())
+            .is_none()
+    );
+    ensure!(
+        event_reasons(&client, &ns.name, "chat")
+            .await?
+            .contains(&"ModelCommitSkew".to_string())
+    );
+
+    // The older pod goes; its replacement downloads what `main` names now.
+    pods.delete(&first, &DeleteParams::default()).await?;
+    let replacement = eventually("a replacement pod to be downloading", WAIT, || async {
+        let list = downloading().await?;
+        Ok(list
+            .into_iter()
+            .find(|p| p.name_any() != first && p.name_any() != second))
+    })
+    .await?;
+    let report = fetch_for(replacement).await?;
+    ensure!(report.contains(&new), "{report}");
+    eventually("the service to serve one commit", WAIT, || async {
+        let s = api.get("chat").await?;
+        let one = s.status.as_ref().and_then(|s| s.model_commit.as_deref()) == Some(new.as_str());
+        let degraded = condition(&s, "Degraded").is_some_and(|c| c.status == "True");
+        Ok((one && !degraded).then_some(()))
+    })
+    .await?;
+    ns.delete().await
+}
+
 /// A server that cannot load its model. The test plays the kubelet: it
 /// runs the server container's own command (the real `moe-worker serve`)
 /// with the pod's own environment and the config the operator rendered,
