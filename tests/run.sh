@@ -86,7 +86,7 @@ phase up tests/cluster/up.sh
 # shellcheck source=/dev/null
 source tests/cluster/.state/env
 # The e2e tests run the real operator binary as a process.
-phase e2e-build cargo build --locked -p moe-operator -p moe-worker --bin moe-operator --bin moe-worker
+phase e2e-build cargo build --locked -p moe-operator -p moe-worker --bin moe-operator --bin moectl --bin moe-worker
 # When an e2e test fails, what the control plane did that a test did not ask
 # for (pods evicted from nodes that went NotReady on a starved host) and what
 # the operators warned about, before down.sh moves the logs away.

@@ -121,7 +121,8 @@ pub struct WorkerConfig {
     pub parallelism: ParallelismSpec,
     pub checkpoint: CheckpointConfig,
     pub device: Device,
-    /// Directory of a `volume` data source, as mounted (read-only).
+    /// Where a `volume` data source's claim is mounted (read-only): the
+    /// worker reads `data.volume.path` and `data.tokenizerFile` inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,
     /// Directory for `metrics.jsonl` and other run outputs (rank 0 writes).

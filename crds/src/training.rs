@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Placement, WorkerSpec};
+use crate::inference::SecretKey;
 
 /// Longest `metadata.name`: the Job of attempt N is `<name>-a<N>` and its pods'
 /// hostnames are `<name>-a<N>-<index>`, which must fit a 63-character DNS label
@@ -309,10 +310,10 @@ fn default_bias_rate() -> f64 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("has(self.builtin) != has(self.volume)")
-        .message("data needs exactly one source: builtin or volume"),
-    validation = Rule::new("self.tokenizer != 'pretokenized' || has(self.volume)")
-        .message("data.tokenizer pretokenized reads token files, which come from data.volume")
+    validation = Rule::new("[has(self.builtin), has(self.volume), has(self.huggingface)].filter(x, x).size() == 1")
+        .message("data needs exactly one source: builtin, volume or huggingface"),
+    validation = Rule::new("self.tokenizer != 'pretokenized' || !has(self.builtin)")
+        .message("data.tokenizer pretokenized reads token files, which come from data.volume or data.huggingface")
         .field_path(".tokenizer"),
     validation = Rule::new("!has(self.tokenBytes) || self.tokenizer == 'pretokenized'")
         .message("data.tokenBytes is the width of pre-tokenized ids: it needs tokenizer: pretokenized")
@@ -321,10 +322,10 @@ fn default_bias_rate() -> f64 {
         .message("data.tokenBytes must be 2 (uint16 ids) or 4 (uint32 ids)")
         .field_path(".tokenBytes"),
     validation = Rule::new("self.tokenizer != 'huggingface' || has(self.tokenizerFile)")
-        .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume")
+        .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume or data.huggingface")
         .field_path(".tokenizer"),
-    validation = Rule::new("!has(self.tokenizerFile) || (has(self.volume) && self.tokenizer != 'byte')")
-        .message("data.tokenizerFile is a tokenizer.json in data.volume, for tokenizer huggingface (text) or pretokenized (the ids it produced)")
+    validation = Rule::new("!has(self.tokenizerFile) || (!has(self.builtin) && self.tokenizer != 'byte')")
+        .message("data.tokenizerFile is a tokenizer.json in data.volume or data.huggingface, for tokenizer huggingface (text) or pretokenized (the ids it produced)")
         .field_path(".tokenizerFile"),
 )]
 pub struct DataSpec {
@@ -334,6 +335,10 @@ pub struct DataSpec {
     /// Token files on a PersistentVolumeClaim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeData>,
+    /// Files of a dataset on the Hugging Face Hub, downloaded by each
+    /// worker pod's init container before training starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<HuggingFaceDataset>,
     /// How the data becomes tokens: `byte` reads text, one token per byte;
     /// `pretokenized` reads token ids (see [`Tokenizer`]).
     #[serde(default)]
@@ -344,8 +349,9 @@ pub struct DataSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_bytes: Option<i32>,
     /// A Hugging Face `tokenizer.json`, by its path inside `data.volume`'s
-    /// claim: what `tokenizer: huggingface` tokenizes the text with, or what
-    /// produced `pretokenized` ids. Each checkpoint keeps a copy, so the
+    /// claim (or `data.huggingface`'s repo, which downloads it too): what
+    /// `tokenizer: huggingface` tokenizes the text with, or what produced
+    /// `pretokenized` ids. Each checkpoint keeps a copy, so the
     /// model can be served with it. Never read as training data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
@@ -357,6 +363,7 @@ impl Default for DataSpec {
         Self {
             builtin: Some(BuiltinData::default()),
             volume: None,
+            huggingface: None,
             tokenizer: Tokenizer::default(),
             token_bytes: None,
             tokenizer_file: None,
@@ -396,6 +403,55 @@ pub struct VolumeData {
     /// Path of the data file or directory inside the claim.
     #[serde(default)]
     pub path: String,
+}
+
+/// Training data from a dataset repository on the Hugging Face Hub (or a
+/// mirror): the files under `path`, at one commit, checked against the
+/// Hub's hashes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!self.path.matches('(^|/)[.][.]?(/|$)') && !self.path.contains('//')")
+        .message("data.huggingface.path is a file or directory of the repo: no '.' or '..' parts, no empty ones")
+        .field_path(".path"),
+)]
+pub struct HuggingFaceDataset {
+    /// `organization/name` of the dataset, e.g. `HuggingFaceFW/fineweb-edu`.
+    #[schemars(
+        length(min = 3, max = 200),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub repo: String,
+    /// A branch, tag or commit. A commit pins the data; a branch is
+    /// resolved when each worker pod starts.
+    #[serde(default = "main_revision")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub revision: String,
+    /// The file or directory of the repo to train on (a directory's files
+    /// at any depth, read in path order), e.g. `sample/10BT` or
+    /// `train.bin`. Only these files (and `data.tokenizerFile`) are
+    /// downloaded.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/\\](.*[^/])?$"))]
+    pub path: String,
+    /// A key of a Secret holding a Hub token, for gated and private datasets
+    /// (given to the download only, as `HF_TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKey>,
+    /// A claim to keep the files on, shared by the job's pods (ReadWriteMany
+    /// across nodes) and its restarts: each commit is downloaded once. Unset:
+    /// every pod downloads into an emptyDir of its own, again on each restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub cache_claim_name: Option<String>,
+    /// The Hub's address (a mirror, or a Hub inside the cluster). Default:
+    /// `https://huggingface.co`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub endpoint: Option<String>,
+}
+
+fn main_revision() -> String {
+    "main".into()
 }
 
 /// Tokenizer.

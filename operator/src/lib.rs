@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod gang;
+pub mod hub;
 pub mod inference;
 pub mod labels;
 pub mod metrics;

@@ -59,11 +59,69 @@ pub struct FetchRequest {
     pub repo: String,
     /// A branch, tag or commit.
     pub revision: String,
-    /// The directory models go under: `{into}/{repo}/{revision}`.
+    /// The directory models go under: `{into}/{repo}/{revision}`
+    /// (datasets: `{into}/datasets/{repo}/{revision}`).
     pub into: PathBuf,
     pub endpoint: String,
     /// Files downloaded at once.
     pub parallel: usize,
+    pub kind: RepoKind,
+    /// For a dataset: the files to take, each a file of the repo or a
+    /// directory whose files (at any depth) are taken. A model takes what
+    /// serving reads instead ([`wanted`], [`select`]).
+    pub include: Vec<String>,
+}
+
+/// What kind of Hub repository a fetch reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RepoKind {
+    /// A model, for serving.
+    #[default]
+    Model,
+    /// A dataset, for training (`data.huggingface`).
+    Dataset,
+}
+
+impl RepoKind {
+    /// The Hub API's collection (`/api/{this}/…`).
+    fn api(self) -> &'static str {
+        match self {
+            Self::Model => "models",
+            Self::Dataset => "datasets",
+        }
+    }
+
+    /// What precedes the repo in file URLs and local directories.
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Model => "",
+            Self::Dataset => "datasets/",
+        }
+    }
+
+    /// The field of the resource that names the repo, for messages.
+    fn field(self) -> &'static str {
+        match self {
+            Self::Model => "model.huggingface",
+            Self::Dataset => "data.huggingface",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Dataset => "dataset",
+        }
+    }
+}
+
+impl FetchRequest {
+    /// `{into}/{repo}` (a dataset's under `{into}/datasets/`): its commit
+    /// directories and revision links.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.into
+            .join(format!("{}{}", self.kind.prefix(), self.repo))
+    }
 }
 
 /// What a fetch did.
@@ -228,21 +286,63 @@ pub fn check(request: &FetchRequest) -> Result<(), FetchError> {
     let valid_repo = matches!((parts.next(), parts.next(), parts.next()), (Some(o), Some(n), None) if part(o) && part(n));
     if !valid_repo {
         return Err(FetchError::Invalid(format!(
-            "model.huggingface.repo {:?} is not `organization/name` (letters, digits, '-', '_', '.')",
+            "{}.repo {:?} is not `organization/name` (letters, digits, '-', '_', '.')",
+            request.kind.field(),
             request.repo
         )));
     }
     if !part(&request.revision) {
         return Err(FetchError::Invalid(format!(
-            "model.huggingface.revision {:?} is not a branch, tag or commit name this fetch \
+            "{}.revision {:?} is not a branch, tag or commit name this fetch \
              accepts (letters, digits, '-', '_', '.')",
+            request.kind.field(),
             request.revision
         )));
     }
     if request.parallel == 0 {
         return Err(FetchError::Invalid("--parallel must be at least 1".into()));
     }
-    Ok(())
+    match request.kind {
+        RepoKind::Model if !request.include.is_empty() => Err(FetchError::Invalid(
+            "--include chooses a dataset's files; a model's are what serving reads".into(),
+        )),
+        RepoKind::Dataset if request.include.is_empty() => Err(FetchError::Invalid(
+            "a dataset fetch needs --include: the files or directories of the repo to take \
+             (data.huggingface.path)"
+                .into(),
+        )),
+        _ => match request
+            .include
+            .iter()
+            .find(|p| !safe_relative(p.trim_end_matches('/')))
+        {
+            Some(bad) => Err(FetchError::Invalid(format!(
+                "{bad:?} is not a path inside the repo (no '..', no leading '/')"
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
+/// A relative path that stays where it is joined: no empty, `.` or `..`
+/// parts, no leading `/`, no backslash. What the Hub lists is held to it
+/// too, since its paths become files here.
+pub fn safe_relative(path: &str) -> bool {
+    !path.contains('\\')
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// Whether `path` is one of `include`, or lies under one of them.
+pub fn included(path: &str, include: &[String]) -> bool {
+    include.iter().any(|i| {
+        let i = i.trim_end_matches('/');
+        path == i
+            || path
+                .strip_prefix(i)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
 }
 
 /// `hf://organization/name` or `hf://organization/name@revision` (`moe-worker
@@ -276,20 +376,17 @@ pub fn endpoint_from_env() -> String {
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
 }
 
-/// The directory the server reads for `request`: `{into}/{repo}/{revision}`.
-pub fn served_dir(into: &Path, repo: &str, revision: &str) -> PathBuf {
-    into.join(repo).join(revision)
-}
-
 /// The Hub's client: the token on requests to the Hub only.
 struct Hub {
     client: reqwest::blocking::Client,
     endpoint: String,
     token: Option<reqwest::header::HeaderValue>,
+    /// What it fetches, for the hints in its errors.
+    kind: RepoKind,
 }
 
 impl Hub {
-    fn new(endpoint: &str, token: Option<&str>) -> Result<Self, FetchError> {
+    fn new(endpoint: &str, token: Option<&str>, kind: RepoKind) -> Result<Self, FetchError> {
         // The ring provider kube already links, for every TLS connection.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::blocking::Client::builder()
@@ -317,6 +414,7 @@ impl Hub {
         Ok(Self {
             client,
             endpoint: endpoint.trim_end_matches('/').to_string(),
+            kind,
             token,
         })
     }
@@ -343,17 +441,21 @@ impl Hub {
         if status.is_success() {
             return Ok(response);
         }
+        let (field, noun) = (self.kind.field(), self.kind.noun());
         let hint = match status.as_u16() {
-            401 | 403 if self.token.is_none() => {
+            401 | 403 if self.token.is_none() => format!(
                 " (gated or private: put a token with access in a Secret and name it in \
-                 model.huggingface.tokenSecret)"
-            }
-            401 | 403 => {
-                " (the token has no access: accept the model's terms on the Hub, or use another token)"
-            }
-            404 => " (no such model or revision, or it is private and the token cannot see it)",
-            429 => " (rate limited: a token raises the limit)",
-            _ => "",
+                 {field}.tokenSecret)"
+            ),
+            401 | 403 => format!(
+                " (the token has no access: accept the {noun}'s terms on the Hub, or use another \
+                 token)"
+            ),
+            404 => format!(
+                " (no such {noun} or revision, or it is private and the token cannot see it)"
+            ),
+            429 => " (rate limited: a token raises the limit)".into(),
+            _ => String::new(),
         };
         let error = format!("{what}: the Hub answered {status}{hint}");
         Err(if status.is_server_error() || status.as_u16() == 429 {
@@ -364,12 +466,16 @@ impl Hub {
     }
 
     /// The commit `revision` names.
-    fn commit(&self, repo: &str, revision: &str) -> Result<String, FetchError> {
+    fn commit(&self, kind: RepoKind, repo: &str, revision: &str) -> Result<String, FetchError> {
         #[derive(Deserialize)]
         struct Info {
             sha: String,
         }
-        let url = format!("{}/api/models/{repo}/revision/{revision}", self.endpoint);
+        let url = format!(
+            "{}/api/{}/{repo}/revision/{revision}",
+            self.endpoint,
+            kind.api()
+        );
         let what = format!("resolving {repo} at {revision} on {}", self.endpoint);
         let info: Info = self
             .send(self.get(&url), &what)?
@@ -385,10 +491,11 @@ impl Hub {
     }
 
     /// Every file of `commit` (the tree is paged: a `Link: <…>; rel="next"`).
-    fn tree(&self, repo: &str, commit: &str) -> Result<Vec<TreeEntry>, FetchError> {
+    fn tree(&self, kind: RepoKind, repo: &str, commit: &str) -> Result<Vec<TreeEntry>, FetchError> {
         let mut url = format!(
-            "{}/api/models/{repo}/tree/{commit}?recursive=true",
-            self.endpoint
+            "{}/api/{}/{repo}/tree/{commit}?recursive=true",
+            self.endpoint,
+            kind.api()
         );
         let what = format!("listing {repo} at {commit}");
         let mut entries = Vec::new();
@@ -455,10 +562,10 @@ struct Complete {
 /// Fetches `request` (see the module comment); `token` from `HF_TOKEN`.
 pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, FetchError> {
     check(request)?;
-    let hub = Hub::new(&request.endpoint, token)?;
-    let served = served_dir(&request.into, &request.repo, &request.revision);
-    let commit = hub.commit(&request.repo, &request.revision)?;
-    let repo_dir = request.into.join(&request.repo);
+    let hub = Hub::new(&request.endpoint, token, request.kind)?;
+    let repo_dir = request.repo_dir();
+    let served = repo_dir.join(&request.revision);
+    let commit = hub.commit(request.kind, &request.repo, &request.revision)?;
     let commit_dir = repo_dir.join(&commit);
     if let Some(done) = read_complete(&commit_dir) {
         point(&served, &commit)?;
@@ -471,35 +578,32 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
             downloaded: 0,
         });
     }
-    let files: Vec<TreeEntry> = hub
-        .tree(&request.repo, &commit)?
+    let listed: Vec<TreeEntry> = hub
+        .tree(request.kind, &request.repo, &commit)?
         .into_iter()
-        .filter(|e| e.kind == "file" && wanted(&e.path))
+        .filter(|e| e.kind == "file")
         .collect();
-    if !files.iter().any(|f| f.path == "config.json") {
+    // Its paths become files here.
+    if let Some(bad) = listed.iter().find(|e| !safe_relative(&e.path)) {
         return Err(FetchError::Hub(format!(
-            "{} at {commit} has no config.json: not a transformers model this server reads",
-            request.repo
+            "{} at {commit}: the Hub listed {:?}, which is no path inside the repo",
+            request.repo, bad.path
         )));
     }
+    let url = |path: &str| {
+        format!(
+            "{}/{}{}/resolve/{commit}/{path}",
+            hub.endpoint,
+            request.kind.prefix(),
+            request.repo
+        )
+    };
+    let files = match request.kind {
+        RepoKind::Model => model_files(&hub, request, &commit, &commit_dir, listed, &url)?,
+        RepoKind::Dataset => dataset_files(request, &commit, listed)?,
+    };
     fs::create_dir_all(&commit_dir)
         .map_err(io_error(format!("creating {}", commit_dir.display())))?;
-    // A sharded model: its index first, which says which shards to take.
-    let url = |path: &str| format!("{}/{}/resolve/{commit}/{path}", hub.endpoint, request.repo);
-    let shards = match files.iter().find(|f| f.path == INDEX) {
-        Some(index) => {
-            fetch_file(&hub, &url(INDEX), index, &commit_dir, &Progress::default())?;
-            let bytes =
-                fs::read(commit_dir.join(INDEX)).map_err(io_error(format!("reading {INDEX}")))?;
-            Some(
-                index_shards(&bytes)
-                    .map_err(|e| FetchError::Hub(format!("{}: {e}", request.repo)))?,
-            )
-        }
-        None => None,
-    };
-    let files = select(files, shards.as_deref())
-        .map_err(|e| FetchError::Hub(format!("{} at {commit}: {e}", request.repo)))?;
     let total: u64 = files.iter().map(TreeEntry::content_size).sum();
     tracing::info!(repo = %request.repo, revision = %request.revision, %commit, files = files.len(), bytes = total, "fetching");
     let started = Instant::now();
@@ -560,6 +664,67 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
         bytes: total,
         downloaded,
     })
+}
+
+/// Of a model's `listed` files, those serving reads ([`wanted`], then
+/// [`select`]; a sharded model's index is fetched first, into `commit_dir`).
+fn model_files(
+    hub: &Hub,
+    request: &FetchRequest,
+    commit: &str,
+    commit_dir: &Path,
+    listed: Vec<TreeEntry>,
+    url: &dyn Fn(&str) -> String,
+) -> Result<Vec<TreeEntry>, FetchError> {
+    let files: Vec<TreeEntry> = listed.into_iter().filter(|e| wanted(&e.path)).collect();
+    if !files.iter().any(|f| f.path == "config.json") {
+        return Err(FetchError::Hub(format!(
+            "{} at {commit} has no config.json: not a transformers model this server reads",
+            request.repo
+        )));
+    }
+    // A sharded model: its index first, which says which shards to take.
+    let shards = match files.iter().find(|f| f.path == INDEX) {
+        Some(index) => {
+            fs::create_dir_all(commit_dir)
+                .map_err(io_error(format!("creating {}", commit_dir.display())))?;
+            fetch_file(hub, &url(INDEX), index, commit_dir, &Progress::default())?;
+            let bytes =
+                fs::read(commit_dir.join(INDEX)).map_err(io_error(format!("reading {INDEX}")))?;
+            Some(
+                index_shards(&bytes)
+                    .map_err(|e| FetchError::Hub(format!("{}: {e}", request.repo)))?,
+            )
+        }
+        None => None,
+    };
+    select(files, shards.as_deref())
+        .map_err(|e| FetchError::Hub(format!("{} at {commit}: {e}", request.repo)))
+}
+
+/// Of a dataset's `listed` files, those `request.include` names. Each path
+/// asked for must be there: a typo fails the fetch rather than a job
+/// training on less than it was told to.
+fn dataset_files(
+    request: &FetchRequest,
+    commit: &str,
+    listed: Vec<TreeEntry>,
+) -> Result<Vec<TreeEntry>, FetchError> {
+    let files: Vec<TreeEntry> = listed
+        .into_iter()
+        .filter(|e| included(&e.path, &request.include))
+        .collect();
+    match request.include.iter().find(|i| {
+        !files
+            .iter()
+            .any(|f| included(&f.path, std::slice::from_ref(*i)))
+    }) {
+        Some(missing) => Err(FetchError::Hub(format!(
+            "the dataset {} at {commit} has no file or directory {missing:?}",
+            request.repo
+        ))),
+        None => Ok(files),
+    }
 }
 
 /// The repo and commit of a directory a fetch completed (its revision's
@@ -687,6 +852,10 @@ fn fetch_file(
     progress: &Progress,
 ) -> Result<(), FetchError> {
     let path = dir.join(&entry.path);
+    // A dataset's files may lie in directories.
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_error(format!("creating {}", parent.display())))?;
+    }
     let partial = partial_path(&path);
     let mut file = OpenOptions::new()
         .create(true)
@@ -884,6 +1053,38 @@ mod tests {
     }
 
     #[test]
+    fn a_datasets_files_are_those_under_its_paths_and_paths_stay_inside() {
+        let include = vec!["train".to_string(), "tok/tokenizer.json".to_string()];
+        for (path, taken) in [
+            ("train", true),
+            ("train/a.bin", true),
+            ("train/deep/er/b.bin", true),
+            ("training/a.bin", false),
+            ("trainx", false),
+            ("val/a.bin", false),
+            ("tok/tokenizer.json", true),
+            ("tok/tokenizer_config.json", false),
+            ("README.md", false),
+        ] {
+            assert_eq!(included(path, &include), taken, "{path}");
+        }
+        assert!(included("train/a.bin", &["train/".to_string()]));
+        for (path, safe) in [
+            ("a", true),
+            ("a/b.c/.hidden", true),
+            ("..", false),
+            ("a/../b", false),
+            ("./a", false),
+            ("/a", false),
+            ("a//b", false),
+            ("a\\b", false),
+            ("", false),
+        ] {
+            assert_eq!(safe_relative(path), safe, "{path:?}");
+        }
+    }
+
+    #[test]
     fn repos_and_revisions_cannot_escape_the_directory() {
         let request = |repo: &str, revision: &str| FetchRequest {
             repo: repo.into(),
@@ -891,6 +1092,8 @@ mod tests {
             into: "/models".into(),
             endpoint: DEFAULT_ENDPOINT.into(),
             parallel: 4,
+            kind: RepoKind::Model,
+            include: Vec::new(),
         };
         assert!(check(&request("Qwen/Qwen3-30B-A3B-FP8", "main")).is_ok());
         assert!(check(&request("deepseek-ai/DeepSeek-V3", "v1.0")).is_ok());

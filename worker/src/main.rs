@@ -67,6 +67,28 @@ struct FetchArgs {
     /// revision names later.
     #[arg(long)]
     link: Option<PathBuf>,
+    /// A model (what serving reads) or a dataset (the files --include names).
+    #[arg(long, value_enum, default_value = "model")]
+    repo_type: RepoType,
+    /// A dataset's file or directory to take (repeatable; a directory's
+    /// files at any depth).
+    #[arg(long)]
+    include: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RepoType {
+    Model,
+    Dataset,
+}
+
+impl From<RepoType> for moe_worker::fetch::RepoKind {
+    fn from(t: RepoType) -> Self {
+        match t {
+            RepoType::Model => Self::Model,
+            RepoType::Dataset => Self::Dataset,
+        }
+    }
 }
 
 /// `serve`'s flags; each overrides the same setting of `--config`.
@@ -177,6 +199,8 @@ fn fetch(args: FetchArgs) -> ExitCode {
         into: args.into,
         endpoint: args.endpoint.unwrap_or_else(fetch::endpoint_from_env),
         parallel: args.parallel,
+        kind: args.repo_type.into(),
+        include: args.include,
     };
     let token = std::env::var("HF_TOKEN").ok();
     let fetched = fetch::fetch(&request, token.as_deref()).and_then(|fetched| {
@@ -219,6 +243,8 @@ fn serve(mut args: ServeArgs) -> ExitCode {
             into: fetch::cache_dir(),
             endpoint: fetch::endpoint_from_env(),
             parallel: 4,
+            kind: fetch::RepoKind::Model,
+            include: Vec::new(),
         };
         match fetch::fetch(&request, std::env::var("HF_TOKEN").ok().as_deref()) {
             Ok(fetched) => {

@@ -483,22 +483,35 @@ fn optimizer_settings(
 }
 
 fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
-    match (&config.data.builtin, &config.data.volume) {
+    // The files' path inside the claim, or inside the Hub dataset's commit
+    // (which its download links at `dataDir`).
+    let files = match (&config.data.volume, &config.data.huggingface) {
+        (Some(volume), None) => Some(("data.volume", volume.path.as_str())),
+        (None, Some(hub)) => Some(("data.huggingface", hub.path.as_str())),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(SettingsError::new(
+                "data",
+                "needs exactly one source: builtin, volume or huggingface",
+            ));
+        }
+    };
+    match (&config.data.builtin, files) {
         (Some(_), None) if config.data.tokenizer != Tokenizer::Byte => Err(SettingsError::new(
             "data.tokenizer",
-            "reads its files from data.volume; the built-in corpus is byte text",
+            "reads its files from data.volume or data.huggingface; the built-in corpus is byte text",
         )),
         (Some(builtin), None) => Ok(DataSource::Builtin(builtin.corpus.clone())),
-        (None, Some(volume)) => {
+        (None, Some((source, within))) => {
             let dir = config.data_dir.as_deref().ok_or_else(|| {
                 SettingsError::new(
                     "dataDir",
-                    "is not set, but data.volume needs the directory the claim is mounted at",
+                    format!("is not set, but {source} needs the directory its files are in"),
                 )
             })?;
             // Paths are inside the claim even when written with a leading '/'.
             let inside = |path: &str| Path::new(dir).join(path.trim_start_matches('/'));
-            let path = inside(&volume.path);
+            let path = inside(within);
             let tokenizer_file = config.data.tokenizer_file.as_deref().map(inside);
             match config.data.tokenizer {
                 Tokenizer::Byte if tokenizer_file.is_some() => Err(SettingsError::new(
@@ -538,7 +551,7 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
         }
         _ => Err(SettingsError::new(
             "data",
-            "needs exactly one source: builtin or volume",
+            "needs exactly one source: builtin, volume or huggingface",
         )),
     }
 }
@@ -625,6 +638,22 @@ mod tests {
             Some(Path::new("/data/tok/tokenizer.json"))
         );
         assert_eq!(ids.data.tokenizer(), Tokenizer::Pretokenized);
+        // A Hub dataset: `path` and the tokenizer inside the pod's link to
+        // the commit its download fetched (the operator's `dataDir`).
+        let hub = TrainSettings::from_config(&config(|c| {
+            c["data"] = json!({"huggingface": {"repo": "org/corpus", "path": "sample/10BT"},
+                               "tokenizer": "pretokenized", "tokenizerFile": "gpt2/tokenizer.json"});
+            c["dataDir"] = "/run/moe/data".into();
+        }))
+        .unwrap();
+        assert_eq!(
+            hub.data,
+            DataSource::Tokens {
+                path: "/run/moe/data/sample/10BT".into(),
+                token_bytes: None,
+                tokenizer_file: Some("/run/moe/data/gpt2/tokenizer.json".into()),
+            }
+        );
         let (field, problem) = refusal(|c| c["data"]["tokenizer"] = "pretokenized".into());
         assert_eq!(field, "data.tokenizer");
         assert!(problem.contains("data.volume"), "{problem}");

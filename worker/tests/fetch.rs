@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use moe_worker::fetch::{self, COMPLETE, FetchError, FetchRequest};
+use moe_worker::fetch::{self, COMPLETE, FetchError, FetchRequest, RepoKind};
 use moe_worker::serve;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
@@ -58,6 +58,8 @@ struct State {
     /// What the Hub and the storage received (path, Authorization present).
     hub_log: Vec<(String, bool)>,
     storage_log: Vec<Served>,
+    /// Serves REPO as a dataset (`/api/datasets/…`, `/datasets/…/resolve/…`).
+    dataset: bool,
 }
 
 struct FakeHub {
@@ -97,6 +99,18 @@ impl FakeHub {
     /// not fetch (a pickle, a subdirectory's weights).
     fn start() -> Self {
         Self::start_with(&fixture_dir())
+    }
+
+    /// `files` as commit `c0ffee…` of `main` of a dataset REPO.
+    fn start_dataset(files: Vec<(String, Vec<u8>)>) -> Self {
+        let hub = Self::start();
+        {
+            let mut state = hub.state.lock().unwrap();
+            state.dataset = true;
+            let commit = state.main.clone();
+            state.commits.insert(commit, files);
+        }
+        hub
     }
 
     /// The model in `dir` as commit `c0ffee…` of `main` (with the extras above).
@@ -157,7 +171,8 @@ impl FakeHub {
                 Some(_) => {}
             }
         }
-        let api = format!("/api/models/{REPO}/");
+        let kind = if state.dataset { "datasets" } else { "models" };
+        let api = format!("/api/{kind}/{REPO}/");
         if let Some(revision) = url.strip_prefix(&format!("{api}revision/")) {
             let sha = if revision == "main" {
                 state.main.clone()
@@ -204,7 +219,8 @@ impl FakeHub {
             let headers: Vec<(&str, String)> = next.map(|n| ("Link", n)).into_iter().collect();
             return respond(request, 200, serde_json::to_vec(&page).unwrap(), &headers);
         }
-        if let Some(rest) = url.strip_prefix(&format!("/{REPO}/resolve/")) {
+        let files = if state.dataset { "/datasets" } else { "" };
+        if let Some(rest) = url.strip_prefix(&format!("{files}/{REPO}/resolve/")) {
             let (commit, path) = rest.split_once('/').unwrap();
             let location = format!("{storage}/blobs/{commit}/{path}?signature=s3cr3t");
             return respond(request, 302, Vec::new(), &[("Location", location)]);
@@ -262,6 +278,8 @@ impl FakeHub {
             into: into.to_path_buf(),
             endpoint: self.endpoint.clone(),
             parallel: 3,
+            kind: RepoKind::Model,
+            include: Vec::new(),
         }
     }
 
@@ -300,6 +318,26 @@ fn present_files(dir: &Path) -> Vec<String> {
 
 fn serving_files() -> Vec<String> {
     files_of(&fixture_dir())
+}
+
+/// Every file under `dir` at any depth (but the completion record), by
+/// its path relative to `dir`, sorted.
+fn tree_of(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name().unwrap() != COMPLETE {
+                let relative = path.strip_prefix(dir).unwrap();
+                out.push(relative.to_str().unwrap().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// The files of a fixture the fetch must bring (all but the golden outputs).
@@ -421,6 +459,8 @@ fn a_corrupt_file_is_deleted_and_named_and_nothing_claims_to_be_complete() {
     let dir = TempDir::new("corrupt");
     let request = FetchRequest {
         parallel: 1,
+        kind: RepoKind::Model,
+        include: Vec::new(),
         ..hub.request(&dir.0)
     };
     let error = fetch::fetch(&request, None).unwrap_err();
@@ -671,4 +711,148 @@ fn each_pods_link_keeps_the_commit_its_own_fetch_resolved_and_its_report_names_i
         std::fs::read_link(&again_link).unwrap(),
         claim.join(REPO).join(&second_commit)
     );
+}
+
+/// A Hub dataset (`data.huggingface`), as a training pod's init container
+/// fetches it: only the files under the path asked for (at any depth), each
+/// checked, behind the pod's own link; then the trainer reads them through
+/// that link (`dataDir`), and only them: the text under `train/` has two
+/// letters, so its unigram entropy is ln 2, which the other files (the
+/// `val/` split, the README) would change.
+#[test]
+fn a_dataset_brings_the_files_under_its_path_and_training_reads_them_through_the_link() {
+    let text = |pattern: &str, n: usize| pattern.repeat(n).into_bytes();
+    let hub = FakeHub::start_dataset(vec![
+        (".gitattributes".into(), b"*.bin filter=lfs".to_vec()),
+        ("README.md".into(), b"# a corpus of two letters".to_vec()),
+        ("train/part-0.txt".into(), text("ab", 3000)),
+        ("train/more/part-1.txt".into(), text("ba", 3000)),
+        ("val/part-0.txt".into(), text("xyz", 1000)),
+    ]);
+    let dir = TempDir::new("dataset");
+    let claim = dir.0.join("claim");
+    let link = dir.0.join("pod-0/data");
+    let out = Command::new(BINARY)
+        .args([
+            "fetch",
+            "--repo-type",
+            "dataset",
+            "--repo",
+            REPO,
+            "--include",
+            "train",
+        ])
+        .arg("--into")
+        .arg(&claim)
+        .args(["--endpoint", &hub.endpoint, "--link"])
+        .arg(&link)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: moe_crds::contract::FetchReport =
+        serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(report.files, 2);
+    let commit_dir = claim.join("datasets").join(REPO).join(&report.commit);
+    assert_eq!(std::fs::read_link(&link).unwrap(), commit_dir);
+    assert_eq!(
+        tree_of(&commit_dir),
+        vec!["train/more/part-1.txt", "train/part-0.txt"]
+    );
+    // The Hub's dataset API and file paths, never the model's.
+    let log = hub.state.lock().unwrap().hub_log.clone();
+    assert!(
+        log.iter()
+            .all(|(u, _)| u.starts_with("/api/datasets/") || u.starts_with("/datasets/")),
+        "{log:?}"
+    );
+
+    let config: moe_crds::WorkerConfig = serde_json::from_value(serde_json::json!({
+        "job": "local/hub-data",
+        "model": {"hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+                  "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 32}},
+        "data": {"huggingface": {"repo": REPO, "path": "train"}},
+        "training": {"steps": 3, "globalBatchSize": 4, "microBatchSize": 2},
+        "parallelism": {},
+        "checkpoint": {"dir": dir.0.join("ckpt"), "intervalSteps": 3, "keep": 1, "resume": "Never"},
+        "device": "cpu",
+        "dataDir": link,
+        "outputDir": dir.0.join("out"),
+    }))
+    .unwrap();
+    let summary =
+        moe_worker::run::train(&config, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    assert_eq!(summary.steps, 3);
+    assert!(
+        (summary.unigram_entropy - std::f64::consts::LN_2).abs() < 1e-3,
+        "trained on other tokens than train/'s: unigram entropy {}",
+        summary.unigram_entropy
+    );
+}
+
+/// What a dataset fetch refuses, naming it: a path the repo lacks (a typo
+/// must not train on less), a path out of the repo, `--include` for a model
+/// or none for a dataset, and a Hub listing a path that climbs out.
+#[test]
+fn a_dataset_fetch_refuses_missing_and_escaping_paths() {
+    let hub = FakeHub::start_dataset(vec![("train/a.txt".into(), b"abc".to_vec())]);
+    let dir = TempDir::new("dataset-refusals");
+    let request = |include: &[&str], kind: RepoKind| FetchRequest {
+        kind,
+        include: include.iter().map(|s| s.to_string()).collect(),
+        ..hub.request(&dir.0)
+    };
+    let error = fetch::fetch(&request(&["train", "tets"], RepoKind::Dataset), None).unwrap_err();
+    assert_eq!(error.exit_code(), 2, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("has no file or directory \"tets\""),
+        "{error}"
+    );
+    for (include, kind, says) in [
+        (
+            &["../train"][..],
+            RepoKind::Dataset,
+            "not a path inside the repo",
+        ),
+        (
+            &["/train"][..],
+            RepoKind::Dataset,
+            "not a path inside the repo",
+        ),
+        (&[][..], RepoKind::Dataset, "needs --include"),
+        (
+            &["train"][..],
+            RepoKind::Model,
+            "a model's are what serving reads",
+        ),
+    ] {
+        let error = fetch::fetch(&request(include, kind), None).unwrap_err();
+        assert!(
+            matches!(error, FetchError::Invalid(_)) && error.to_string().contains(says),
+            "{include:?}: {error}"
+        );
+    }
+    // The Hub's listing becomes files here: a path out of the repo fails
+    // the fetch before anything is written.
+    {
+        let mut state = hub.state.lock().unwrap();
+        let main = state.main.clone();
+        state
+            .commits
+            .get_mut(&main)
+            .unwrap()
+            .push(("train/../../../escaped.txt".into(), b"x".to_vec()));
+    }
+    let error = fetch::fetch(&request(&["train"], RepoKind::Dataset), None).unwrap_err();
+    assert!(
+        error.to_string().contains("no path inside the repo"),
+        "{error}"
+    );
+    assert!(!dir.0.join("escaped.txt").exists());
+    assert!(!dir.0.parent().unwrap().join("escaped.txt").exists());
 }

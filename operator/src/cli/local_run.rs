@@ -49,11 +49,48 @@ impl LocalRun {
         // `<dataDir>/<volume.path>` (and `tokenizerFile` the same way), so
         // a volume's path is taken relative to where moectl runs.
         config.data_dir = job.spec.data.volume.as_ref().map(|_| ".".to_string());
+        // A Hub dataset: downloaded first ([`Self::download_command`]), read
+        // through the run's link to the commit, as a pod reads its own.
+        if job.spec.data.huggingface.is_some() {
+            config.data_dir = Some(text(&dir.join("data"))?);
+        }
         Ok(Self {
             config_path: text(&dir.join("config.json"))?,
             dir,
             config,
         })
+    }
+
+    /// For a Hub dataset: what downloads it before the workers start, the
+    /// command of the pods' init container (`moe-worker fetch`, without the
+    /// worker's name) with the files kept under `<workdir>/huggingface`
+    /// (shared by the runs there: a commit is downloaded once) and the link
+    /// at the run's `data`. The token, if any, is `HF_TOKEN` from moectl's
+    /// environment (a local run reads no Secret).
+    pub fn download_command(
+        &self,
+        job: &MoETrainingJob,
+        workdir: &Path,
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(hub) = &job.spec.data.huggingface else {
+            return Ok(None);
+        };
+        let init = build::download_container(job, &crate::pods::BuildContext::default(), hub);
+        let mut command = init.command.unwrap_or_default();
+        let local = |path: &Path| {
+            path.to_str()
+                .map(String::from)
+                .with_context(|| format!("{} is not valid UTF-8", path.display()))
+        };
+        for (flag, value) in [
+            ("--into", local(&workdir.join(crate::hub::HUB_DIR))?),
+            ("--link", self.config.data_dir.clone().unwrap_or_default()),
+        ] {
+            if let Some(at) = command.iter().position(|a| a == flag) {
+                command[at + 1] = value;
+            }
+        }
+        Ok(Some(command.split_off(1)))
     }
 
     /// The environment of node rank `node_rank`: the operator's
@@ -117,6 +154,21 @@ pub fn run(
     let config = serde_json::to_string_pretty(&run.config)? + "\n";
     std::fs::write(&run.config_path, config)
         .with_context(|| format!("cannot write {}", run.config_path))?;
+    if let Some(download) = run.download_command(job, workdir)? {
+        eprintln!(
+            "moectl: downloading data.huggingface: {} {}",
+            worker.display(),
+            download.join(" ")
+        );
+        let status = std::process::Command::new(worker)
+            .args(&download)
+            .status()
+            .with_context(|| format!("cannot run {}", worker.display()))?;
+        if !status.success() {
+            // The worker said why (exit 2: the Hub refused or a path is wrong).
+            return Ok(status.code().map_or(1, |c| c.clamp(1, 255) as u8));
+        }
+    }
     for name in unresolvable_env(job) {
         eprintln!(
             "moectl: warning: worker env {name} uses valueFrom, which a local run cannot resolve; left unset"
@@ -207,6 +259,35 @@ mod tests {
         assert_eq!(run.config.data_dir.as_deref(), Some("."));
         let volume = run.config.data.volume.as_ref().expect("the volume");
         assert_eq!(volume.path, "corpora/web/");
+    }
+
+    /// A Hub dataset: the pods' download, its files kept in the work
+    /// directory and its link in the run, which the worker reads.
+    #[test]
+    fn downloads_a_hub_dataset_first_and_reads_it_through_the_runs_link() {
+        let mut job = job();
+        job.spec.data.builtin = None;
+        job.spec.data.huggingface = Some(
+            serde_json::from_value(serde_json::json!({"repo": "org/corpus", "path": "train"}))
+                .unwrap(),
+        );
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        assert_eq!(run.config.data_dir.as_deref(), Some("runs/tiny/data"));
+        assert_eq!(
+            run.download_command(&job, Path::new("runs"))
+                .unwrap()
+                .unwrap()
+                .join(" "),
+            "fetch --repo-type dataset --repo org/corpus --revision main --into \
+             runs/huggingface --link runs/tiny/data --include train"
+        );
+        assert_eq!(
+            LocalRun::plan(&self::job(), Path::new("runs"))
+                .unwrap()
+                .download_command(&self::job(), Path::new("runs"))
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -25,8 +25,7 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort,
-    ServiceSpec, Volume,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -39,6 +38,8 @@ use moe_crds::contract::{
 use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig, TrainedWith};
 
 use crate::gang::{self, Mechanism};
+pub use crate::hub::HUB_DIR;
+use crate::hub::{Download, PINNED_MOUNT, PINNED_VOLUME};
 use crate::labels;
 use crate::pods::{
     BuildContext, affinity, container_security_context, empty_dir, fnv1a64,
@@ -49,8 +50,7 @@ use crate::pods::{
 /// Where the model claim is mounted (read-only) in server containers.
 pub const MODEL_MOUNT: &str = "/models";
 pub const SERVER_CONTAINER: &str = "server";
-/// The init container downloading a Hub model.
-pub const DOWNLOAD_CONTAINER: &str = "download";
+pub use crate::hub::DOWNLOAD_CONTAINER;
 /// The worker's metric the autoscaler reads (through a custom metrics adapter).
 pub const CONCURRENCY_METRIC: &str = "moe_serving_inflight_requests";
 /// Probe period of the startup probe; its failure threshold is the startup budget divided by it.
@@ -347,10 +347,22 @@ pub fn pod_template(
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
-            init_containers: model
-                .download
-                .as_ref()
-                .map(|hub| vec![download_container(svc, ctx, hub)]),
+            init_containers: model.download.as_ref().map(|hub| {
+                vec![crate::hub::download_container(
+                    ctx,
+                    worker,
+                    &Download {
+                        repo: &hub.repo,
+                        revision: &hub.revision,
+                        endpoint: hub.endpoint.as_deref(),
+                        token_secret: hub.token_secret.as_ref(),
+                        dataset_include: Vec::new(),
+                        volume: "model",
+                        mount_path: MODEL_MOUNT,
+                        link: PINNED_MODEL_LINK,
+                    },
+                )]
+            }),
             containers: vec![container(svc, ctx, group, model)],
             volumes: Some(volumes(svc, model)),
             resource_claims: resource_claims(worker),
@@ -448,12 +460,6 @@ fn container(
     }
 }
 
-/// Where a Hub model's files go in the model volume: commit directories
-/// and one link per revision, `<this>/<repo>/<revision>`.
-pub const HUB_DIR: &str = "huggingface";
-/// A pod-local volume (an emptyDir) holding [`PINNED_MODEL_LINK`].
-const PINNED_VOLUME: &str = "pinned-model";
-const PINNED_MOUNT: &str = "/run/moe";
 /// The link the download points at the commit it fetched, and the server
 /// reads: a pod serves the commit its own download resolved, even when
 /// another pod on a shared claim moves the revision's link to a newer one
@@ -461,74 +467,6 @@ const PINNED_MOUNT: &str = "/run/moe";
 /// download). Which commit that was, the download's termination message
 /// says (`status.modelCommit`).
 pub const PINNED_MODEL_LINK: &str = "/run/moe/model";
-
-/// The init container that downloads a Hub model (`moe-worker fetch`) into
-/// the model volume: the same image and Pod Security as the server, the
-/// token from its Secret and nothing else of the server's environment.
-fn download_container(
-    svc: &MoEInferenceService,
-    ctx: &BuildContext,
-    hub: &moe_crds::HuggingFaceModel,
-) -> Container {
-    let worker = &svc.spec.worker;
-    let mut command: Vec<String> = [
-        "moe-worker",
-        "fetch",
-        "--repo",
-        &hub.repo,
-        "--revision",
-        &hub.revision,
-        "--into",
-        &format!("{MODEL_MOUNT}/{HUB_DIR}"),
-        "--link",
-        PINNED_MODEL_LINK,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(endpoint) = &hub.endpoint {
-        command.extend(["--endpoint".to_string(), endpoint.clone()]);
-    }
-    let token = hub.token_secret.as_ref().map(|secret| EnvVar {
-        name: "HF_TOKEN".into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.name.clone(),
-                key: secret.key.clone(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    Container {
-        name: DOWNLOAD_CONTAINER.into(),
-        image: Some(ctx.image(worker)),
-        image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(command),
-        env: token.map(|t| vec![t]),
-        // Network and disk bound: a core hashes faster than a link delivers.
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("500m".into())),
-                ("memory".to_string(), Quantity("256Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_string(),
-                Quantity("1Gi".into()),
-            )])),
-            ..Default::default()
-        }),
-        security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![
-            mount("model", MODEL_MOUNT, false),
-            mount(PINNED_VOLUME, PINNED_MOUNT, false),
-            mount("tmp", "/tmp", false),
-        ]),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        ..Default::default()
-    }
-}
 
 /// The worker environment contract (a one-pod replica, or a pod of a group:
 /// its rank from the StatefulSet pod index, the leader as coordinator), then
@@ -777,7 +715,7 @@ pub(crate) mod tests {
                 .find(|m| m.name == volume)
                 .map(|m| (m.mount_path.clone(), m.read_only != Some(true)))
         };
-        for (volume, at) in [("model", "/models"), ("pinned-model", "/run/moe")] {
+        for (volume, at) in [("model", "/models"), ("pinned", "/run/moe")] {
             assert_eq!(writable(download, volume), Some((at.into(), true)));
             assert_eq!(
                 writable(&pod.containers[0], volume),
@@ -790,7 +728,7 @@ pub(crate) mod tests {
             .as_ref()
             .unwrap()
             .iter()
-            .find(|v| v.name == "pinned-model")
+            .find(|v| v.name == "pinned")
             .unwrap();
         assert!(pinned.empty_dir.is_some(), "one link per pod: {pinned:?}");
         let volume = model_volume(&pod);
@@ -821,12 +759,7 @@ pub(crate) mod tests {
         let svc = service_fixture(serde_json::json!({}));
         let pod = pod_spec(&svc, &model_of(&svc));
         assert_eq!(pod.init_containers, None);
-        assert!(
-            pod.volumes
-                .iter()
-                .flatten()
-                .all(|v| v.name != "pinned-model")
-        );
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "pinned"));
     }
 
     /// The Deployment's pod spec for `svc` serving `model`.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
@@ -37,6 +37,7 @@ use super::groups::{self, GroupPlan, GroupState};
 use super::pool::{self, InferencePool};
 use super::route::{self, HTTPRoute};
 use super::validate::validate;
+use crate::hub::{container_status, downloads_of, failure_of};
 use crate::labels;
 use crate::metrics::Metrics;
 use crate::pods::BuildContext;
@@ -563,69 +564,6 @@ fn pending_of(pods: &[Pod]) -> Pending {
             .filter_map(|p| failure_of(p, &container_status(p, build::SERVER_CONTAINER, false)?))
             .collect(),
     }
-}
-
-/// `pod`'s status of container `name` (an init container's with `init`).
-fn container_status(pod: &Pod, name: &str, init: bool) -> Option<ContainerStatus> {
-    let status = pod.status.as_ref()?;
-    let all = if init {
-        status.init_container_statuses.as_ref()
-    } else {
-        status.container_statuses.as_ref()
-    };
-    all?.iter().find(|c| c.name == name).cloned()
-}
-
-/// The container's failure, if it is not running and exited with an error:
-/// now, or last time and waiting to be restarted (CrashLoopBackOff). Its
-/// termination message is the worker's words; without one, the kubelet's
-/// reason.
-fn failure_of(pod: &Pod, status: &ContainerStatus) -> Option<ContainerFailure> {
-    let state = status.state.as_ref();
-    if state.and_then(|s| s.running.as_ref()).is_some() {
-        return None;
-    }
-    let t = state
-        .and_then(|s| s.terminated.as_ref())
-        .or_else(|| {
-            status
-                .last_state
-                .as_ref()
-                .and_then(|s| s.terminated.as_ref())
-        })
-        .filter(|t| t.exit_code != 0)?;
-    Some(ContainerFailure {
-        pod: pod.metadata.name.clone().unwrap_or_default(),
-        exit_code: t.exit_code,
-        message: t
-            .message
-            .clone()
-            .or_else(|| t.reason.clone())
-            .unwrap_or_default(),
-    })
-}
-
-/// The server pods' Hub downloads, from their init containers' statuses: one
-/// running, or one whose last run failed (its exit code and termination
-/// message, which the worker writes).
-fn downloads_of(pods: &[Pod]) -> Downloads {
-    let mut downloads = Downloads::default();
-    for pod in pods {
-        let Some(status) = container_status(pod, build::DOWNLOAD_CONTAINER, true) else {
-            continue;
-        };
-        if status
-            .state
-            .as_ref()
-            .and_then(|s| s.running.as_ref())
-            .is_some()
-        {
-            downloads.running += 1;
-        } else if let Some(failure) = failure_of(pod, &status) {
-            downloads.failed.push(failure);
-        }
-    }
-    downloads
 }
 
 /// For a Hub model: which commit each server pod of model revision

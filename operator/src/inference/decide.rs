@@ -295,30 +295,8 @@ pub struct Observed {
     pub now: Timestamp,
 }
 
-/// Server pods' downloads of a Hub model (`model.huggingface`): their init
-/// containers.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Downloads {
-    /// Downloading now.
-    pub running: i32,
-    /// Failed last time (and retried by the kubelet, with back-off).
-    pub failed: Vec<ContainerFailure>,
-}
-
-/// A container of a server pod that exited with an error, as the kubelet
-/// reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ContainerFailure {
-    pub pod: String,
-    pub exit_code: i32,
-    /// The worker's words (its termination message).
-    pub message: String,
-}
-
-/// The worker's exit code for what no restart can fix: a configuration or
-/// model it cannot serve, a download the Hub refused
-/// (`moe_crds::contract`'s exit codes).
-const UNFIXABLE_EXIT_CODE: i32 = 2;
+// How pods' downloads and failing containers are read is shared with training.
+pub use crate::hub::{ContainerFailure, Downloads, UNFIXABLE_EXIT_CODE};
 
 /// Ready's verdict while server pods download a Hub model: failing (stalled
 /// when the Hub refused: a token or the spec must change), or downloading.

@@ -30,6 +30,7 @@ use moe_crds::contract::{self, COORDINATOR_PORT, METRICS_PORT, env};
 use moe_crds::{CheckpointConfig, MoETrainingJob, WorkerConfig};
 
 use crate::gang::{self, Mechanism};
+use crate::hub;
 use crate::labels;
 pub use crate::pods::{BuildContext, NODE_LOSS_TOLERATION_SECONDS};
 use crate::pods::{
@@ -39,8 +40,13 @@ use crate::pods::{
 
 /// Where the checkpoint volume is mounted in worker containers.
 pub const STATE_MOUNT: &str = "/var/lib/moe";
-/// Where a `data.volume` claim is mounted (read-only).
+/// Where a `data.volume` claim is mounted (read-only), or a Hub dataset's
+/// volume (its cache claim or an emptyDir, written by the download only).
 pub const DATA_MOUNT: &str = "/data";
+/// The link a Hub dataset's download points at the commit it fetched: the
+/// worker reads `data.huggingface.path` and `data.tokenizerFile` inside it,
+/// so every restart of a pod trains on the commit that pod downloaded.
+pub const PINNED_DATA_LINK: &str = "/run/moe/data";
 const CONTAINER: &str = "worker";
 
 pub fn config_map_name(job: &MoETrainingJob) -> String {
@@ -92,14 +98,14 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
             resume: spec.checkpoint.resume,
         },
         device: spec.worker.device,
-        data_dir: spec.data.volume.as_ref().map(|v| {
-            let p = v.path.trim_matches('/');
-            if p.is_empty() {
-                DATA_MOUNT.to_string()
-            } else {
-                format!("{DATA_MOUNT}/{p}")
-            }
-        }),
+        // Where the claim is mounted: the worker finds `data.volume.path`
+        // and `data.tokenizerFile` inside it (as `moectl run --local` does
+        // in the current directory).
+        data_dir: match (&spec.data.volume, &spec.data.huggingface) {
+            (Some(_), _) => Some(DATA_MOUNT.to_string()),
+            (None, Some(_)) => Some(PINNED_DATA_LINK.to_string()),
+            (None, None) => None,
+        },
         output_dir: base,
     }
 }
@@ -327,12 +333,45 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
+            init_containers: job
+                .spec
+                .data
+                .huggingface
+                .as_ref()
+                .map(|hub| vec![download_container(job, ctx, hub)]),
             containers: vec![container(job, ctx, attempt)],
             volumes: Some(volumes(job)),
             resource_claims: resource_claims(worker),
             ..Default::default()
         }),
     }
+}
+
+/// The init container that downloads a Hub dataset's files (its `path` and
+/// the tokenizer) into the data volume before the worker starts.
+pub fn download_container(
+    job: &MoETrainingJob,
+    ctx: &BuildContext,
+    hub: &moe_crds::HuggingFaceDataset,
+) -> Container {
+    let include = std::iter::once(hub.path.clone())
+        .chain(job.spec.data.tokenizer_file.clone())
+        .map(|p| p.trim_matches('/').to_string())
+        .collect();
+    hub::download_container(
+        ctx,
+        &job.spec.worker,
+        &hub::Download {
+            repo: &hub.repo,
+            revision: &hub.revision,
+            endpoint: hub.endpoint.as_deref(),
+            token_secret: hub.token_secret.as_ref(),
+            dataset_include: include,
+            volume: "data",
+            mount_path: DATA_MOUNT,
+            link: PINNED_DATA_LINK,
+        },
+    )
 }
 
 fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Container {
@@ -345,8 +384,11 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
         mount("shm", "/dev/shm", false),
         mount("tmp", "/tmp", false),
     ];
-    if job.spec.data.volume.is_some() {
+    if job.spec.data.volume.is_some() || job.spec.data.huggingface.is_some() {
         mounts.push(mount("data", DATA_MOUNT, true));
+    }
+    if job.spec.data.huggingface.is_some() {
+        mounts.push(mount(hub::PINNED_VOLUME, hub::PINNED_MOUNT, true));
     }
     Container {
         name: CONTAINER.into(),
@@ -444,6 +486,21 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
             ..Default::default()
         });
     }
+    if let Some(hub) = &spec.data.huggingface {
+        // The download writes it; the worker's mount is read-only.
+        out.push(match &hub.cache_claim_name {
+            Some(claim) => Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(false),
+                }),
+                ..Default::default()
+            },
+            None => empty_dir("data", None, None),
+        });
+        out.push(empty_dir(hub::PINNED_VOLUME, None, None));
+    }
     out
 }
 
@@ -482,6 +539,148 @@ mod tests {
             gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
             ..Default::default()
         }
+    }
+
+    /// The worker reads `data.volume.path` and `tokenizerFile` inside
+    /// `dataDir` (worker/src/settings.rs), so `dataDir` is where the claim
+    /// is mounted, not the path within it (which it once was: the worker
+    /// then looked for `/data/<path>/<path>`).
+    #[test]
+    fn the_data_claim_is_mounted_at_the_data_dir_the_worker_reads_paths_in() {
+        let mut v = moe_crds::fixtures::valid_training_job();
+        moe_crds::fixtures::merge_patch(
+            &mut v,
+            &serde_json::json!({"metadata": {"name": "big", "namespace": "ml", "uid": "u-1"},
+                "spec": {"data": {"builtin": null,
+                    "volume": {"claimName": "corpus", "path": "/fineweb10B/"},
+                    "tokenizer": "pretokenized", "tokenizerFile": "gpt2/tokenizer.json"}}}),
+        );
+        let j: MoETrainingJob = serde_json::from_value(v).unwrap();
+        let config = worker_config(&j);
+        assert_eq!(config.data_dir.as_deref(), Some(DATA_MOUNT));
+        assert_eq!(config.data.volume.as_ref().unwrap().path, "/fineweb10B/");
+        let t = template(&j);
+        let spec = t.spec.as_ref().unwrap();
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "data")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (DATA_MOUNT, Some(true))
+        );
+        let claim = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "data")
+            .and_then(|v| v.persistent_volume_claim.as_ref())
+            .unwrap();
+        assert_eq!(claim.claim_name, "corpus");
+    }
+
+    /// A Hub dataset: each pod's init container downloads the path and the
+    /// tokenizer (the token from its Secret only) into the data volume and
+    /// links the commit; the worker reads through the link, read-only.
+    #[test]
+    fn a_hub_dataset_is_downloaded_by_an_init_container_and_read_through_the_pods_link() {
+        let hub_job = |hub: serde_json::Value| {
+            let mut v = moe_crds::fixtures::valid_training_job();
+            moe_crds::fixtures::merge_patch(
+                &mut v,
+                &serde_json::json!({"metadata": {"name": "big", "namespace": "ml", "uid": "u-1"},
+                    "spec": {"data": {"builtin": null, "huggingface": hub,
+                        "tokenizer": "pretokenized", "tokenizerFile": "/gpt2/tokenizer.json"}}}),
+            );
+            serde_json::from_value::<MoETrainingJob>(v).unwrap()
+        };
+        let j = hub_job(serde_json::json!({"repo": "org/corpus", "revision": "v2",
+            "path": "sample/10BT", "tokenSecret": {"name": "hf"}, "cacheClaimName": "hub-cache",
+            "endpoint": "http://hub.internal"}));
+        assert_eq!(
+            worker_config(&j).data_dir.as_deref(),
+            Some(PINNED_DATA_LINK)
+        );
+        let t = template(&j);
+        let spec = t.spec.as_ref().unwrap();
+        let init = spec.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 1);
+        let download = &init[0];
+        assert_eq!(download.name, hub::DOWNLOAD_CONTAINER);
+        assert_eq!(download.image, spec.containers[0].image);
+        assert_eq!(
+            download.command.as_ref().unwrap().join(" "),
+            "moe-worker fetch --repo-type dataset --repo org/corpus --revision v2 --into \
+             /data/huggingface --link /run/moe/data --include sample/10BT --include \
+             gpt2/tokenizer.json --endpoint http://hub.internal"
+        );
+        let env = download.env.as_ref().unwrap();
+        assert_eq!(env.len(), 1, "the token and nothing else: {env:?}");
+        let secret = env[0]
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("hf", "token"));
+        assert!(
+            spec.containers[0]
+                .env
+                .iter()
+                .flatten()
+                .all(|e| e.name != "HF_TOKEN")
+        );
+        let mount_of = |c: &Container, volume: &str| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volume)
+                .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+        };
+        for (volume, at) in [("data", DATA_MOUNT), ("pinned", "/run/moe")] {
+            assert_eq!(mount_of(download, volume), Some((at.into(), false)));
+            assert_eq!(
+                mount_of(&spec.containers[0], volume),
+                Some((at.into(), true)),
+                "the worker only reads {volume}"
+            );
+        }
+        let volume = |name: &str| {
+            spec.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == name)
+                .unwrap()
+                .clone()
+        };
+        let claim = volume("data").persistent_volume_claim.unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("hub-cache", Some(false))
+        );
+        assert!(volume("pinned").empty_dir.is_some());
+
+        // No cache claim: each pod downloads into an emptyDir of its own.
+        let j = hub_job(serde_json::json!({"repo": "org/corpus", "path": "train.bin"}));
+        let t = template(&j);
+        let spec = t.spec.as_ref().unwrap();
+        let data = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert!(data.empty_dir.is_some() && data.persistent_volume_claim.is_none());
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.env, None);
+        assert!(
+            init.command
+                .as_ref()
+                .unwrap()
+                .join(" ")
+                .contains("--revision main")
+        );
     }
 
     #[test]

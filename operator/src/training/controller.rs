@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Service};
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
@@ -28,6 +28,7 @@ use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
 use crate::gang;
+use crate::hub;
 use crate::labels;
 use crate::metrics::Metrics;
 pub use crate::reconcile::Error;
@@ -348,10 +349,21 @@ async fn observe_attempts(
             let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
             gang::unschedulable(&pg)
         });
+        // A Hub dataset's downloads, while the attempt's pods start.
+        let downloading = if job.spec.data.huggingface.is_some()
+            && outcome == AttemptOutcome::Running
+            && status.ready.unwrap_or(0) < job.spec.parallelism.nodes
+        {
+            let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
+            hub::downloads_of(&pods).running
+        } else {
+            0
+        };
         out.push(AttemptState {
             attempt,
             name: j.name_any(),
             unschedulable,
+            downloading,
             counters: Counters {
                 restarts: annotation(labels::RESTARTS),
                 disruptions: annotation(labels::DISRUPTIONS),
@@ -378,11 +390,24 @@ async fn failure_cause(
     attempt: i32,
     status: &k8s_openapi::api::batch::v1::JobStatus,
 ) -> Result<FailureCause, Error> {
+    Ok(classify_failure(
+        &attempt_pods(ctx, ns, name, attempt).await?,
+        status,
+    ))
+}
+
+/// The pods of attempt `attempt` of job `name`.
+async fn attempt_pods(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    attempt: i32,
+) -> Result<Vec<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let selector = format!("{}={name},{}={attempt}", labels::JOB_NAME, labels::ATTEMPT);
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     ctx.metrics.api_call("list", "pods");
-    Ok(classify_failure(&list.items, status))
+    Ok(list.items)
 }
 
 /// A gang that failed while its Job was suspended (Kueue preempting or
@@ -556,10 +581,24 @@ fn disruption(pod: &Pod) -> Option<String> {
 fn termination_message(pod: &Pod) -> Option<String> {
     const MAX: usize = 300;
     let st = pod.status.as_ref()?;
-    let message = st.container_statuses.iter().flatten().find_map(|c| {
+    let failed = |c: &ContainerStatus| {
         let t = c.state.as_ref()?.terminated.as_ref()?;
         (t.exit_code != 0).then(|| t.message.clone()).flatten()
-    })?;
+    };
+    // The worker's, else a failed download's (its init container), named so.
+    let message = st
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(failed)
+        .or_else(|| {
+            let m = st
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .find_map(failed)?;
+            Some(format!("{}: {m}", hub::DOWNLOAD_CONTAINER))
+        })?;
     let line = message
         .lines()
         .rev()
@@ -574,14 +613,20 @@ fn termination_message(pod: &Pod) -> Option<String> {
 /// The non-zero exit code of a pod's terminated container, if any.
 fn exit_code(pod: &Pod) -> Option<i32> {
     let st = pod.status.as_ref()?;
-    st.container_statuses.iter().flatten().find_map(|c| {
-        c.state
-            .as_ref()?
-            .terminated
-            .as_ref()
-            .map(|t| t.exit_code)
-            .filter(|code| *code != 0)
-    })
+    // A failed init container (a Hub dataset's download) fails the pod
+    // before the worker runs.
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .find_map(|c| {
+            c.state
+                .as_ref()?
+                .terminated
+                .as_ref()
+                .map(|t| t.exit_code)
+                .filter(|code| *code != 0)
+        })
 }
 
 async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
@@ -765,6 +810,44 @@ mod tests {
             FailureCause::Disruption {
                 pod: "mid-a0-1-y".into(),
                 reason: "DeletionByPodGC".into()
+            }
+        );
+    }
+
+    /// A Hub dataset's download that failed fails the pod before the
+    /// worker runs (restartPolicy Never; the Job's backoff limit, not the
+    /// worker's rule, fails the attempt): the cause is the init container's
+    /// exit code and words, named as the download's.
+    #[test]
+    fn a_failed_download_is_the_cause_in_its_own_words() {
+        let pods = [pod(serde_json::json!({
+            "metadata": {"name": "big-a0-1-z"},
+            "status": {
+                "phase": "Failed",
+                "initContainerStatuses": [{
+                    "name": "download", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 2, "finishedAt": "2026-11-29T10:00:00Z",
+                        "message": "resolving org/corpus at main: the Hub answered 401 Unauthorized"}}
+                }],
+                "containerStatuses": [{
+                    "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "PodInitializing"}}
+                }]
+            }
+        }))];
+        let status = job_failed(
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        );
+        assert_eq!(
+            classify_failure(&pods, &status),
+            FailureCause::ExitCode {
+                pod: "big-a0-1-z".into(),
+                code: 2,
+                message: Some(
+                    "download: resolving org/corpus at main: the Hub answered 401 Unauthorized"
+                        .into()
+                ),
             }
         );
     }

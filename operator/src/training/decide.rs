@@ -33,6 +33,9 @@ pub struct AttemptState {
     /// Why the scheduler cannot place the attempt's gang (its PodGroup's
     /// condition, under the Workload API), while it cannot.
     pub unschedulable: Option<String>,
+    /// Worker pods whose init container is downloading `data.huggingface`
+    /// (read while the attempt runs with pods not ready).
+    pub downloading: i32,
     pub active: i32,
     pub ready: i32,
     pub succeeded: i32,
@@ -375,6 +378,25 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                         _ => plan.transitions.push(warning(UNSCHEDULABLE, msg)),
                     }
                 }
+            } else if cur.downloading > 0 {
+                let msg = format!(
+                    "attempt {}: {} worker pod(s) downloading data.huggingface, {}/{} ready",
+                    cur.attempt,
+                    cur.downloading,
+                    cur.ready + cur.succeeded,
+                    spec.parallelism.nodes
+                );
+                set_phase(
+                    &mut plan,
+                    &old,
+                    TrainingPhase::Pending,
+                    DOWNLOADING_DATA,
+                    &msg,
+                    &now,
+                );
+                // Pods are not watched: look again while they download.
+                let poll = DOWNLOAD_POLL;
+                plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
             } else {
                 let msg = format!(
                     "attempt {}: {}/{} worker pod(s) ready",
@@ -390,6 +412,11 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     &msg,
                     &now,
                 );
+                // A download's start changes nothing the operator watches.
+                if spec.data.huggingface.is_some() {
+                    let poll = DOWNLOAD_POLL;
+                    plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
+                }
             }
         }
         AttemptOutcome::Complete => {
@@ -621,6 +648,10 @@ fn warning(reason: &str, message: String) -> Transition {
 const PREEMPTED: &str = "Preempted";
 /// A gang the scheduler cannot place whole (Workload API).
 const UNSCHEDULABLE: &str = "Unschedulable";
+/// Pending while worker pods download `data.huggingface`.
+const DOWNLOADING_DATA: &str = "DownloadingData";
+/// How often a job whose pods download is looked at again.
+const DOWNLOAD_POLL: Duration = Duration::from_secs(30);
 /// A running gang that the hang watchdog restarted.
 const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
 

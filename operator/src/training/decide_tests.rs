@@ -41,6 +41,7 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         being_deleted: false,
         outcome,
         unschedulable: None,
+        downloading: 0,
         active: 4,
         ready: 4,
         succeeded: 0,
@@ -111,6 +112,30 @@ fn partially_ready_gang_is_still_pending() {
     let plan = decide(&job(SPEC), &observed(vec![a]));
     assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
     assert_eq!(plan.status.workers.ready, 3);
+}
+
+/// Pods downloading a Hub dataset: Pending with its own reason, looked at
+/// again within 30 s (pods are not watched); then starting as usual.
+#[test]
+fn a_gang_downloading_its_dataset_is_pending_and_polled() {
+    let j = job(SPEC);
+    let mut a = attempt(0, AttemptOutcome::Running, Counters::default());
+    (a.active, a.ready, a.downloading) = (4, 1, 3);
+    let plan = decide(&j, &observed(vec![a.clone()]));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "DownloadingData");
+    assert_eq!(
+        message,
+        "attempt 0: 3 worker pod(s) downloading data.huggingface, 1/4 ready"
+    );
+    assert!(
+        plan.requeue_after
+            .is_some_and(|d| d <= Duration::from_secs(30))
+    );
+    a.downloading = 0;
+    let plan = decide(&after(j, &plan), &observed(vec![a]));
+    assert_eq!(reconciling(&plan).0, "WorkersStarting");
 }
 
 fn reconciling(plan: &Plan) -> (String, String) {

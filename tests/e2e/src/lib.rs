@@ -9,6 +9,8 @@
 //! Every test makes its own namespace, so tests run in parallel and a failed
 //! run leaves its objects behind for inspection until `down.sh`.
 
+pub mod hub;
+pub mod kubelet;
 pub mod kueue;
 pub mod operator;
 

@@ -114,16 +114,21 @@ pub fn install() -> Result<()> {
 
 /// The operator binary built by `cargo build -p moe-operator` (tests/run.sh does).
 fn operator_binary() -> Result<PathBuf> {
-    debug_binary("moe-operator", "MOE_OPERATOR_BIN")
+    debug_binary("moe-operator", "moe-operator", "MOE_OPERATOR_BIN")
+}
+
+/// `moectl`, built beside the operator by `cargo build -p moe-operator`.
+pub fn moectl_binary() -> Result<PathBuf> {
+    debug_binary("moectl", "moe-operator", "MOE_MOECTL_BIN")
 }
 
 /// The worker binary built by `cargo build -p moe-worker` (tests/run.sh
 /// does): what a test playing the kubelet runs a pod's command with.
 pub fn worker_binary() -> Result<PathBuf> {
-    debug_binary("moe-worker", "MOE_WORKER_BIN")
+    debug_binary("moe-worker", "moe-worker", "MOE_WORKER_BIN")
 }
 
-fn debug_binary(name: &str, override_var: &str) -> Result<PathBuf> {
+fn debug_binary(name: &str, package: &str, override_var: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var(override_var).ok().filter(|p| !p.is_empty()) {
         return Ok(p.into());
     }
@@ -133,7 +138,7 @@ fn debug_binary(name: &str, override_var: &str) -> Result<PathBuf> {
     let bin = target.join("debug").join(name);
     if !bin.exists() {
         bail!(
-            "{} is missing: run `cargo build -p {name}` first (tests/run.sh does)",
+            "{} is missing: run `cargo build -p {package}` first (tests/run.sh does)",
             bin.display()
         );
     }

@@ -4,7 +4,6 @@
 //! plane with the operator running under the chart's ServiceAccount and RBAC.
 //! (tests/training.rs and tests/inference.rs apply the one-kind examples.)
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
 use kube::api::Api;
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
-use moe_e2e::operator::{Operator, repo_root, run, sh};
+use moe_e2e::operator::{Operator, moectl_binary, repo_root, run, sh};
 use moe_e2e::{TestNamespace, admin_client, bound_claim, eventually};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,14 +28,6 @@ async fn restricted_ns(client: &Client, prefix: &str) -> Result<TestNamespace> {
         &[("pod-security.kubernetes.io/enforce", "restricted")],
     )
     .await
-}
-
-/// `moectl`, built next to the operator binary by `cargo build -p moe-operator`.
-fn moectl() -> PathBuf {
-    std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("target"))
-        .join("debug/moectl")
 }
 
 fn condition(svc: &MoEInferenceService, type_: &str) -> Option<(String, String)> {
@@ -63,7 +54,7 @@ async fn the_train_then_serve_example_serves_the_jobs_checkpoint() -> Result<()>
     let training = format!("{DIR}/training.yaml");
 
     // What the README tells users to run first.
-    let out = run(Command::new(moectl())
+    let out = run(Command::new(moectl_binary()?)
         .arg("validate")
         .args([&serving, &training])
         .current_dir(repo_root()))

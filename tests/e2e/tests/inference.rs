@@ -18,6 +18,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_inference_services, merge_patch, valid_inference_service};
 use moe_crds::{MoEInferenceService, MoETrainingJob, TrainingPhase};
+use moe_e2e::hub::FakeHub;
+use moe_e2e::kubelet::Kubelet;
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
@@ -588,25 +590,6 @@ async fn set_not_ready(pods: &Api<Pod>, name: &str, not_ready: bool) -> Result<(
     Ok(())
 }
 
-/// A Hub that refuses every request, as the Hub answers for a gated model
-/// asked without a token: `http://127.0.0.1:<port>`.
-fn refusing_hub() -> Result<String> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let _ = stream.write_all(
-                b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
-                  content-length: 2\r\nconnection: close\r\n\r\n{}",
-            );
-        }
-    });
-    Ok(endpoint)
-}
-
 /// A Hub model (`model.huggingface`) whose download the Hub refuses. The
 /// test plays the kubelet for the server pod's init container: KWOK holds
 /// it running (tests/cluster/kwok-stages.yaml), and the service says
@@ -622,7 +605,7 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
     let _op = Operator::start(&ns.name).await?;
     let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let hub = refusing_hub()?;
+    let hub = FakeHub::refusing()?.endpoint;
     let svc = gpu_service(
         "gated",
         1,
@@ -698,84 +681,6 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
     ns.delete().await
 }
 
-/// A Hub serving one repo whose `main` the test moves: every commit holds a
-/// `config.json` of its own (all `moe-worker fetch` needs to complete), so
-/// the real fetch resolves, lists, downloads and checks it.
-struct MovingHub {
-    endpoint: String,
-    main: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl MovingHub {
-    fn start(commit: &str) -> Result<Self> {
-        use std::io::{BufRead, BufReader, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
-        let main = std::sync::Arc::new(std::sync::Mutex::new(commit.to_string()));
-        let current = std::sync::Arc::clone(&main);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = BufReader::new(&stream);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                // The headers (none matter here).
-                let mut header = String::new();
-                while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
-                    header.clear();
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let main = current.lock().map(|m| m.clone()).unwrap_or_default();
-                let (status, body) = Self::answer(&path, &main);
-                let mut stream = &stream;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(&body);
-            }
-        });
-        Ok(Self { endpoint, main })
-    }
-
-    fn config(commit: &str) -> Vec<u8> {
-        format!("{{\"model_type\": \"moe-test\", \"commit\": \"{commit}\"}}").into_bytes()
-    }
-
-    fn answer(path: &str, main: &str) -> (&'static str, Vec<u8>) {
-        use sha1::Digest;
-        let path = path.split('?').next().unwrap_or("");
-        if path.contains("/revision/") {
-            return ("200 OK", json!({"sha": main}).to_string().into_bytes());
-        }
-        if let Some((_, commit)) = path.split_once("/tree/") {
-            let config = Self::config(commit);
-            let mut blob = sha1::Sha1::new();
-            blob.update(format!("blob {}\0", config.len()).as_bytes());
-            blob.update(&config);
-            let oid: String = blob.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            let tree =
-                json!([{"type": "file", "path": "config.json", "size": config.len(), "oid": oid}]);
-            return ("200 OK", tree.to_string().into_bytes());
-        }
-        if let Some((_, rest)) = path.split_once("/resolve/")
-            && let Some(commit) = rest.strip_suffix("/config.json")
-        {
-            return ("200 OK", Self::config(commit));
-        }
-        ("404 Not Found", b"{}".to_vec())
-    }
-
-    fn move_main(&self, commit: &str) {
-        if let Ok(mut main) = self.main.lock() {
-            *main = commit.to_string();
-        }
-    }
-}
-
 /// A Hub model on a branch that moves while the replicas start. The test
 /// plays the kubelet for each server pod's init container: it runs the
 /// pod's own `moe-worker fetch` against a Hub whose `main` it moves between
@@ -793,7 +698,16 @@ async fn replicas_that_downloaded_two_commits_of_a_branch_degrade_the_service() 
     let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let (old, new) = ("c0ffee".repeat(6) + "abcd", "beef".repeat(10));
-    let hub = MovingHub::start(&old)?;
+    // Each commit holds a config.json of its own: all a fetch needs.
+    let config = |commit: &str| {
+        vec![(
+            "config.json".to_string(),
+            json!({"model_type": "moe-test", "commit": commit})
+                .to_string()
+                .into_bytes(),
+        )]
+    };
+    let hub = FakeHub::start(&old, config(&old))?;
     let svc = gpu_service(
         "chat",
         2,
@@ -859,7 +773,7 @@ async fn replicas_that_downloaded_two_commits_of_a_branch_degrade_the_service() 
     let (first, second) = (started[0].name_any(), started[1].name_any());
     let report = fetch_for(started[0].clone()).await?;
     ensure!(report.contains(&old), "{report}");
-    hub.move_main(&new);
+    hub.push(&new, config(&new));
     let report = fetch_for(started[1].clone()).await?;
     ensure!(report.contains(&new), "{report}");
 
@@ -1019,77 +933,6 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
             .contains(&"ServerFailing".to_string())
     );
     ns.delete().await
-}
-
-/// A test playing the kubelet for one container of a pod (KWOK runs none):
-/// it runs the container's own `moe-worker` command with the worker built
-/// here, gives it a termination-message file as the kubelet does, and
-/// reports how it ended through KWOK's annotations
-/// (`tests/cluster/kwok-stages.yaml`).
-struct Kubelet {
-    scratch: std::path::PathBuf,
-}
-
-impl Kubelet {
-    fn new(name: &str) -> Result<Self> {
-        let scratch = std::env::temp_dir().join(format!("moe-e2e-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&scratch)?;
-        Ok(Self { scratch })
-    }
-
-    /// A path in the scratch directory (the container's volumes, here).
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.scratch.join(name)
-    }
-
-    /// Runs `command` (`moe-worker …`) with only `env`: its exit code and
-    /// termination message (its stderr when it wrote none).
-    fn run(&self, command: &[String], env: &[(String, String)]) -> Result<(i32, String)> {
-        ensure!(
-            command.first().map(String::as_str) == Some("moe-worker"),
-            "{command:?}"
-        );
-        let log = self.path("termination-log");
-        std::fs::write(&log, "")?;
-        let out = std::process::Command::new(moe_e2e::operator::worker_binary()?)
-            .args(&command[1..])
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("MOE_TERMINATION_LOG", &log)
-            .output()?;
-        let code = out.status.code().context("killed by a signal")?;
-        let message = std::fs::read_to_string(&log)?;
-        let message = if message.is_empty() {
-            String::from_utf8_lossy(&out.stderr).into_owned()
-        } else {
-            message
-        };
-        Ok((code, message))
-    }
-
-    /// Tells KWOK how the `kind` (`init`, `crash`) container of `pod` ended.
-    async fn report(
-        &self,
-        pods: &Api<Pod>,
-        pod: &str,
-        kind: &str,
-        code: i32,
-        message: &str,
-    ) -> Result<()> {
-        let patch = json!({"metadata": {"annotations": {
-            format!("kwok.test/{kind}-exit-code"): code.to_string(),
-            format!("kwok.test/{kind}-message"): message,
-        }}});
-        pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        Ok(())
-    }
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.scratch);
-    }
 }
 
 /// A free loopback port for a process the test runs.

@@ -14,6 +14,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job};
 use moe_crds::{MoETrainingJob, TrainingPhase};
+use moe_e2e::hub::FakeHub;
+use moe_e2e::kubelet::Kubelet;
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
@@ -1621,4 +1623,275 @@ async fn a_gang_whose_rank_0_stops_advancing_is_restarted_as_hung() -> Result<()
     server.abort();
     outcome?;
     ns.delete().await
+}
+
+/// A tiny CPU job of one pod training on `data.huggingface` from `hub`,
+/// its download held (KWOK keeps the init container running until the test
+/// reports how it ended).
+fn hub_data_job(name: &str, hub: &str, extra: Value) -> MoETrainingJob {
+    let mut job = json!({"spec": {
+        "model": {"hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+                  "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 32}},
+        "training": {"steps": 3, "globalBatchSize": 4, "microBatchSize": 2},
+        "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+        "placement": {"gpuType": null},
+        "data": {"builtin": null,
+                 "huggingface": {"repo": "moe-tests/two-letters", "path": "train", "endpoint": hub}},
+        "worker": {"device": "cpu", "podMetadata": {"labels": {HOLD: null, "kwok.test/init": "hold"}}},
+        "runPolicy": {"backoffLimit": 0}
+    }});
+    merge_patch(&mut job, &extra);
+    gpu_job(name, 1, job)
+}
+
+/// The attempt's pod once its download runs (KWOK holds it there).
+async fn downloading_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
+    eventually("the pod's download to run", WAIT, || async {
+        let list = pods_of(pods, job, 0).await?;
+        Ok(list.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .is_some_and(|s| s.running.is_some())
+        }))
+    })
+    .await
+}
+
+/// Runs the pod's init container's own command (the real `moe-worker
+/// fetch`) with its volumes in `kubelet`'s scratch directory: the claim at
+/// `claim/`, the pod's link at `pinned/data`.
+fn run_download(kubelet: &Kubelet, pod: &Pod) -> Result<(i32, String)> {
+    let init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| c.first())
+        .context("no init container")?;
+    let mut command = init.command.clone().unwrap_or_default();
+    ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
+    for (flag, path) in [
+        ("--into", kubelet.path("claim")),
+        ("--link", kubelet.path("pinned").join("data")),
+    ] {
+        let at = command
+            .iter()
+            .position(|a| a == flag)
+            .with_context(|| format!("no {flag} in {command:?}"))?;
+        command[at + 1] = path.display().to_string();
+    }
+    kubelet.run(&command, &[])
+}
+
+/// A Hub dataset, end to end. The test plays the kubelet for the attempt's
+/// pod: it runs the init container's own command (the real `moe-worker
+/// fetch`, against a fake Hub) and then the worker container's own command
+/// (the real `moe-worker train`) with the config the operator rendered,
+/// its volumes in a scratch directory. The worker trains on the files under
+/// `data.huggingface.path`, through the pod's link: the text there has two
+/// letters, so the unigram entropy it reports is ln 2 (reading the `val/`
+/// split or the README too would change it; that the download takes only
+/// `train/` is worker/tests/fetch.rs's to show). Meanwhile the job says
+/// `DownloadingData`; reported done, the pod runs and the job succeeds.
+#[tokio::test]
+async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_on_it() -> Result<()>
+{
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-hub").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let text = |pattern: &str, n: usize| pattern.repeat(n).into_bytes();
+    let hub = FakeHub::start(
+        &"da7a".repeat(10),
+        vec![
+            ("README.md".into(), b"# a corpus of two letters".to_vec()),
+            ("train/part-0.txt".into(), text("ab", 3000)),
+            ("train/more/part-1.txt".into(), text("ba", 3000)),
+            ("val/part-0.txt".into(), text("xyz", 1000)),
+        ],
+    )?;
+    jobs.create(
+        &PostParams::default(),
+        &hub_data_job("corpus", &hub.endpoint, json!({})),
+    )
+    .await?;
+    let pod = downloading_pod(&pods, "corpus").await?;
+    eventually("the job to say it downloads", WAIT, || async {
+        let j = jobs.get("corpus").await?;
+        Ok(condition(&j, "Reconciling")
+            .is_some_and(|c| c.reason == "DownloadingData")
+            .then_some(()))
+    })
+    .await?;
+
+    let kubelet = Kubelet::new("hub-data")?;
+    let (code, report) = run_download(&kubelet, &pod)?;
+    ensure!(code == 0, "exit {code}: {report}");
+    // The worker, with the operator's config, its paths moved to scratch.
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("corpus-config")
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    ensure!(config["dataDir"] == json!("/run/moe/data"), "{config}");
+    config["dataDir"] = json!(kubelet.path("pinned").join("data"));
+    config["checkpoint"]["dir"] = json!(kubelet.path("state"));
+    config["outputDir"] = json!(kubelet.path("out"));
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let command: Vec<String> = spec.containers[0]
+        .command
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            a.replace(
+                moe_crds::contract::CONFIG_PATH,
+                &config_path.display().to_string(),
+            )
+        })
+        .collect();
+    let env: Vec<(String, String)> = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
+        .chain([
+            ("MOE_NODE_RANK".to_string(), "0".to_string()),
+            ("MOE_STATUS_ADDR".to_string(), "off".to_string()),
+        ])
+        .map(|(k, v)| {
+            let v = v.replace(
+                moe_crds::contract::CONFIG_PATH,
+                &config_path.display().to_string(),
+            );
+            (k, v)
+        })
+        .collect();
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(
+        trained.code == 0,
+        "exit {}: {}",
+        trained.code,
+        trained.message
+    );
+    let summary: Value = serde_json::from_str(
+        trained
+            .stdout
+            .lines()
+            .last()
+            .context("the worker printed no summary")?,
+    )?;
+    ensure!(summary["steps"] == json!(3), "{summary}");
+    let entropy = summary["unigramEntropy"].as_f64().context("no entropy")?;
+    ensure!(
+        (entropy - std::f64::consts::LN_2).abs() < 1e-3,
+        "trained on other tokens than train/'s: unigram entropy {entropy}"
+    );
+
+    kubelet
+        .report(&pods, &pod.name_any(), "init", 0, &report)
+        .await?;
+    wait_phase(&jobs, "corpus", TrainingPhase::Succeeded).await?;
+    ns.delete().await
+}
+
+/// A Hub dataset the Hub refuses (no token for a gated dataset): the test
+/// plays the kubelet for the download (the real `moe-worker fetch`, exit 2)
+/// and reports it; the pod fails before the worker runs, and the job, out
+/// of restarts, fails in the download's words, naming the field to set.
+#[tokio::test]
+async fn a_hub_dataset_the_hub_refuses_fails_the_job_in_the_downloads_words() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-hub-refused").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let hub = FakeHub::refusing()?;
+    jobs.create(
+        &PostParams::default(),
+        &hub_data_job("gated", &hub.endpoint, json!({})),
+    )
+    .await?;
+    let pod = downloading_pod(&pods, "gated").await?;
+    let kubelet = Kubelet::new("hub-refused")?;
+    let (code, message) = run_download(&kubelet, &pod)?;
+    ensure!(code == 2, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &pod.name_any(), "init", code, &message)
+        .await?;
+    let failed = wait_phase(&jobs, "gated", TrainingPhase::Failed).await?;
+    let message = &condition(&failed, "Failed").context("no Failed")?.message;
+    ensure!(
+        message.contains(&format!(
+            "pod {} exited with code 2: download:",
+            pod.name_any()
+        )) && message.contains("401")
+            && message.contains("data.huggingface.tokenSecret"),
+        "{message}"
+    );
+    ns.delete().await
+}
+
+/// `moectl run --local` on a job with a Hub dataset: moectl runs the pods'
+/// download itself (the real `moe-worker fetch`, against a fake Hub), keeps
+/// the files in the work directory, and the worker trains through the
+/// run's link to the commit — on the two-letter text of `train/` only.
+/// (No cluster: moectl and the worker, as a user runs them.)
+#[tokio::test]
+async fn a_local_run_downloads_its_hub_dataset_first() -> Result<()> {
+    let text = |pattern: &str, n: usize| pattern.repeat(n).into_bytes();
+    let commit = "10ca1".repeat(8);
+    let hub = FakeHub::start(
+        &commit,
+        vec![
+            ("train/part-0.txt".into(), text("ab", 3000)),
+            ("val/part-0.txt".into(), text("xyz", 1000)),
+        ],
+    )?;
+    let dir = std::env::temp_dir().join(format!("moe-e2e-local-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut job = hub_data_job("local-corpus", &hub.endpoint, json!({}));
+    job.spec.worker.pod_metadata = Default::default();
+    std::fs::write(dir.join("job.yaml"), serde_yaml::to_string(&job)?)?;
+    let out = std::process::Command::new(moe_e2e::operator::moectl_binary()?)
+        .args(["run", "--local", "job.yaml"])
+        .current_dir(&dir)
+        .env("MOE_STATUS_ADDR", "off")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "moectl failed: {stderr}");
+    let link = dir.join("runs/local-corpus/data");
+    ensure!(
+        std::fs::read_link(&link)?
+            == dir
+                .join("runs/huggingface/datasets/moe-tests/two-letters")
+                .join(&commit),
+        "{}",
+        link.display()
+    );
+    ensure!(!link.join("val").exists(), "only train/ is downloaded");
+    let summary: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find(|l| l.contains("unigramEntropy"))
+            .with_context(|| format!("no summary; stderr: {stderr}"))?,
+    )?;
+    let entropy = summary["unigramEntropy"].as_f64().context("no entropy")?;
+    ensure!(
+        (entropy - std::f64::consts::LN_2).abs() < 1e-3,
+        "unigram entropy {entropy}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

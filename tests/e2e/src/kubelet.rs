@@ -1,0 +1,98 @@
+//! Playing the kubelet for one container of a pod: KWOK runs no
+//! containers, so a test runs a pod's own `moe-worker` command itself and
+//! reports how it ended through KWOK's annotations, which the stages of
+//! `tests/cluster/kwok-stages.yaml` turn into the pod's status.
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+/// A test playing the kubelet for one container of a pod (KWOK runs none):
+/// it runs the container's own `moe-worker` command with the worker built
+/// here, gives it a termination-message file as the kubelet does, and
+/// reports how it ended through KWOK's annotations
+/// (`tests/cluster/kwok-stages.yaml`).
+pub struct Kubelet {
+    scratch: std::path::PathBuf,
+}
+
+impl Kubelet {
+    pub fn new(name: &str) -> Result<Self> {
+        let scratch = std::env::temp_dir().join(format!("moe-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        Ok(Self { scratch })
+    }
+
+    /// A path in the scratch directory (the container's volumes, here).
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.scratch.join(name)
+    }
+
+    /// Runs `command` (`moe-worker …`) with only `env`: its exit code and
+    /// termination message (its stderr when it wrote none).
+    pub fn run(&self, command: &[String], env: &[(String, String)]) -> Result<(i32, String)> {
+        let exited = self.run_for_output(command, env)?;
+        Ok((exited.code, exited.message))
+    }
+
+    /// [`Self::run`], with what the command printed on stdout too.
+    pub fn run_for_output(&self, command: &[String], env: &[(String, String)]) -> Result<Exited> {
+        ensure!(
+            command.first().map(String::as_str) == Some("moe-worker"),
+            "{command:?}"
+        );
+        let log = self.path("termination-log");
+        std::fs::write(&log, "")?;
+        let out = std::process::Command::new(crate::operator::worker_binary()?)
+            .args(&command[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("MOE_TERMINATION_LOG", &log)
+            .output()?;
+        let code = out.status.code().context("killed by a signal")?;
+        let message = std::fs::read_to_string(&log)?;
+        let message = if message.is_empty() {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        } else {
+            message
+        };
+        Ok(Exited {
+            code,
+            message,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        })
+    }
+
+    /// Tells KWOK how the `kind` (`init`, `crash`) container of `pod` ended.
+    pub async fn report(
+        &self,
+        pods: &Api<Pod>,
+        pod: &str,
+        kind: &str,
+        code: i32,
+        message: &str,
+    ) -> Result<()> {
+        let patch = json!({"metadata": {"annotations": {
+            format!("kwok.test/{kind}-exit-code"): code.to_string(),
+            format!("kwok.test/{kind}-message"): message,
+        }}});
+        pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+}
+
+/// How a command the kubelet ran ended.
+pub struct Exited {
+    pub code: i32,
+    /// Its termination message (its stderr when it wrote none).
+    pub message: String,
+    pub stdout: String,
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
