@@ -105,6 +105,13 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
+impl Plan {
+    /// Look again within `after` (sooner if something else wants sooner).
+    fn look_again_within(&mut self, after: Duration) {
+        self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
+    }
+}
+
 /// Decide the next step for `job` given what was `observed`.
 pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     let old = job.status.clone().unwrap_or_default();
@@ -337,12 +344,11 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     }
                     if !finishing {
                         let left = Duration::from_secs_f64((deadline - quiet).max(1.0));
-                        plan.requeue_after = Some(plan.requeue_after.map_or(left, |d| d.min(left)));
+                        plan.look_again_within(left);
                     }
                 }
                 // Poll rank 0 for progress while the gang runs.
-                let poll = super::progress::POLL_INTERVAL;
-                plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
+                plan.look_again_within(super::progress::POLL_INTERVAL);
                 let msg = format!(
                     "attempt {}: all {} worker pod(s) running",
                     cur.attempt, spec.parallelism.nodes
@@ -395,8 +401,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     &now,
                 );
                 // Pods are not watched: look again while they download.
-                let poll = DOWNLOAD_POLL;
-                plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
+                plan.look_again_within(DOWNLOAD_POLL);
             } else {
                 let msg = format!(
                     "attempt {}: {}/{} worker pod(s) ready",
@@ -414,8 +419,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 );
                 // A download's start changes nothing the operator watches.
                 if spec.data.huggingface.is_some() {
-                    let poll = DOWNLOAD_POLL;
-                    plan.requeue_after = Some(plan.requeue_after.map_or(poll, |d| d.min(poll)));
+                    plan.look_again_within(DOWNLOAD_POLL);
                 }
             }
         }

@@ -36,6 +36,32 @@ impl Kubelet {
         Ok((exited.code, exited.message))
     }
 
+    /// Runs `pod`'s download init container (`moe-worker fetch`) with the
+    /// values of `flags` (`--into`, `--link`: its volumes) replaced by
+    /// paths here.
+    pub fn run_download(
+        &self,
+        pod: &Pod,
+        flags: &[(&str, std::path::PathBuf)],
+    ) -> Result<(i32, String)> {
+        let init = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .and_then(|c| c.first())
+            .context("no init container")?;
+        let mut command = init.command.clone().unwrap_or_default();
+        ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
+        for (flag, path) in flags {
+            let at = command
+                .iter()
+                .position(|a| a == flag)
+                .with_context(|| format!("no {flag} in {command:?}"))?;
+            command[at + 1] = path.display().to_string();
+        }
+        self.run(&command, &[])
+    }
+
     /// [`Self::run`], with what the command printed on stdout too.
     pub fn run_for_output(&self, command: &[String], env: &[(String, String)]) -> Result<Exited> {
         ensure!(

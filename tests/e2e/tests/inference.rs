@@ -636,20 +636,9 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
         .into_iter()
         .next()
         .context("no server pod")?;
-    let init = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .and_then(|c| c.first())
-        .context("no init container")?;
-    let mut command = init.command.clone().unwrap_or_default();
-    ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
     let kubelet = Kubelet::new("hub")?;
     // The volume's mount point, here a scratch directory.
-    if let Some(at) = command.iter().position(|a| a == "--into") {
-        command[at + 1] = kubelet.path("models").display().to_string();
-    }
-    let (code, message) = kubelet.run(&command, &[])?;
+    let (code, message) = kubelet.run_download(&pod, &[("--into", kubelet.path("models"))])?;
     ensure!(code == 2, "exit {code}: {message}");
     kubelet
         .report(&pods, &pod.name_any(), "init", code, &message)
@@ -723,25 +712,14 @@ async fn replicas_that_downloaded_two_commits_of_a_branch_degrade_the_service() 
         let kubelet = &kubelet;
         let pods = &pods;
         async move {
-            let init = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.init_containers.as_ref())
-                .and_then(|c| c.first())
-                .context("no init container")?;
-            let mut command = init.command.clone().unwrap_or_default();
-            for (flag, path) in [
-                // One claim for every pod; a link of each pod's own.
-                ("--into", kubelet.path("claim")),
-                ("--link", kubelet.path(&pod.name_any()).join("model")),
-            ] {
-                let at = command
-                    .iter()
-                    .position(|a| a == flag)
-                    .with_context(|| format!("no {flag} in {command:?}"))?;
-                command[at + 1] = path.display().to_string();
-            }
-            let (code, message) = kubelet.run(&command, &[])?;
+            // One claim for every pod; a link of each pod's own.
+            let (code, message) = kubelet.run_download(
+                &pod,
+                &[
+                    ("--into", kubelet.path("claim")),
+                    ("--link", kubelet.path(&pod.name_any()).join("model")),
+                ],
+            )?;
             ensure!(code == 0, "exit {code}: {message}");
             kubelet
                 .report(pods, &pod.name_any(), "init", code, &message)

@@ -1664,25 +1664,13 @@ async fn downloading_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
 /// fetch`) with its volumes in `kubelet`'s scratch directory: the claim at
 /// `claim/`, the pod's link at `pinned/data`.
 fn run_download(kubelet: &Kubelet, pod: &Pod) -> Result<(i32, String)> {
-    let init = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .and_then(|c| c.first())
-        .context("no init container")?;
-    let mut command = init.command.clone().unwrap_or_default();
-    ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
-    for (flag, path) in [
-        ("--into", kubelet.path("claim")),
-        ("--link", kubelet.path("pinned").join("data")),
-    ] {
-        let at = command
-            .iter()
-            .position(|a| a == flag)
-            .with_context(|| format!("no {flag} in {command:?}"))?;
-        command[at + 1] = path.display().to_string();
-    }
-    kubelet.run(&command, &[])
+    kubelet.run_download(
+        pod,
+        &[
+            ("--into", kubelet.path("claim")),
+            ("--link", kubelet.path("pinned").join("data")),
+        ],
+    )
 }
 
 /// A Hub dataset, end to end. The test plays the kubelet for the attempt's
