@@ -30,10 +30,16 @@
 //!   commit directory holds `.moe-fetch.json`; a restarted pod, or another
 //!   replica on a shared claim, finds it and downloads nothing. Pods on a
 //!   shared claim take a file lock per file, so two never write one file.
+//! - **Unchanged files are not downloaded again.** A complete commit
+//!   records each file's content id (sha256 or git blob sha1); a later
+//!   commit hard-links the files whose id it shares (a push that edits the
+//!   README or one config re-downloads just that), falling back to a
+//!   download where it cannot link.
 //! - **The token** (`HF_TOKEN`, from the service's Secret) is sent to the
 //!   Hub only (not to the storage its downloads redirect to), marked
 //!   sensitive, and never logged.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -207,6 +213,15 @@ impl TreeEntry {
     /// some Hub versions; the LFS size is the content's).
     pub fn content_size(&self) -> u64 {
         self.lfs.as_ref().map_or(self.size, |l| l.size)
+    }
+
+    /// What names the content whatever its path or commit: its sha256
+    /// (LFS files) or its git blob sha1.
+    pub fn content_id(&self) -> String {
+        match &self.lfs {
+            Some(lfs) => format!("sha256:{}", lfs.oid.to_ascii_lowercase()),
+            None => format!("sha1:{}", self.oid.to_ascii_lowercase()),
+        }
     }
 }
 
@@ -557,6 +572,10 @@ struct Complete {
     commit: String,
     files: Vec<String>,
     bytes: u64,
+    /// Each file's [`TreeEntry::content_id`], checked when it was fetched:
+    /// what a later commit may link instead of downloading again.
+    #[serde(default)]
+    ids: BTreeMap<String, String>,
 }
 
 /// Fetches `request` (see the module comment); `token` from `HF_TOKEN`.
@@ -604,11 +623,16 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
     };
     fs::create_dir_all(&commit_dir)
         .map_err(io_error(format!("creating {}", commit_dir.display())))?;
+    // A new commit of a repo mostly repeats the last one (a README edit,
+    // one changed config): what another complete commit holds is linked,
+    // not downloaded again.
+    let donors = donors(&repo_dir, &commit);
     let total: u64 = files.iter().map(TreeEntry::content_size).sum();
     tracing::info!(repo = %request.repo, revision = %request.revision, %commit, files = files.len(), bytes = total, "fetching");
     let started = Instant::now();
     let queue = Mutex::new(files.iter());
     let progress = Progress::default();
+    let linked = AtomicU64::new(0);
     let failure: Mutex<Option<FetchError>> = Mutex::new(None);
     std::thread::scope(|scope| {
         // Every 30 s, how far it got: a large model takes a while.
@@ -620,6 +644,12 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
                         let Some(entry) = queue.lock().ok().and_then(|mut q| q.next()) else {
                             return;
                         };
+                        if let Some(donor) = donors.get(&entry.content_id())
+                            && link_donor(donor, &commit_dir.join(&entry.path), entry)
+                        {
+                            linked.fetch_add(entry.content_size(), Ordering::Relaxed);
+                            continue;
+                        }
                         if let Err(e) =
                             fetch_file(&hub, &url(&entry.path), entry, &commit_dir, &progress)
                             && let Ok(mut f) = failure.lock()
@@ -644,6 +674,10 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
         commit: commit.clone(),
         files: files.iter().map(|f| f.path.clone()).collect(),
         bytes: total,
+        ids: files
+            .iter()
+            .map(|f| (f.path.clone(), f.content_id()))
+            .collect(),
     };
     write_atomically(
         &commit_dir.join(COMPLETE),
@@ -653,6 +687,7 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         repo = %request.repo, %commit, files = files.len(), bytes = total, downloaded,
+        linked_from_other_commits = linked.into_inner(),
         seconds = format!("{seconds:.1}"),
         mib_per_second = format!("{:.1}", downloaded as f64 / (1 << 20) as f64 / seconds.max(1e-3)),
         "fetched"
@@ -732,6 +767,46 @@ fn dataset_files(
 pub fn fetched(dir: &Path) -> Option<(String, String)> {
     let done = read_complete(dir)?;
     Some((done.repo, done.commit))
+}
+
+/// The files of `repo_dir`'s complete commits but `except`, by content id.
+/// Revision links are skipped (they name commit directories listed anyway).
+fn donors(repo_dir: &Path, except: &str) -> HashMap<String, PathBuf> {
+    let mut out = HashMap::new();
+    let Ok(entries) = fs::read_dir(repo_dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || entry.file_name() == except {
+            continue;
+        }
+        let dir = entry.path();
+        if let Some(done) = read_complete(&dir) {
+            for (path, id) in done.ids {
+                out.entry(id).or_insert_with(|| dir.join(path));
+            }
+        }
+    }
+    out
+}
+
+/// Puts a hard link to `donor` (a file another commit holds, checked when
+/// it was fetched, never written since: files are renamed into place
+/// whole) at `path`, if its size is `entry`'s. False when it cannot (the
+/// donor changed, a filesystem without hard links): then it is downloaded.
+fn link_donor(donor: &Path, path: &Path, entry: &TreeEntry) -> bool {
+    if fs::metadata(donor).map(|m| m.len()).ok() != Some(entry.content_size()) {
+        return false;
+    }
+    if let Some(parent) = path.parent()
+        && fs::create_dir_all(parent).is_err()
+    {
+        return false;
+    }
+    let temporary = partial_path(path).with_extension(format!("link-{}", std::process::id()));
+    let _ = fs::remove_file(&temporary);
+    fs::hard_link(donor, &temporary).is_ok() && fs::rename(&temporary, path).is_ok()
 }
 
 fn read_complete(commit_dir: &Path) -> Option<Complete> {

@@ -283,6 +283,20 @@ impl FakeHub {
         }
     }
 
+    /// A push: commit `to` is `from` with another `generation_config.json`
+    /// (`max_new_tokens` 7), and `main` names it.
+    fn push_changed_generation_config(&self, from: &str, to: &str) {
+        let mut state = self.state.lock().unwrap();
+        let mut files = state.commits[from].clone();
+        for (path, bytes) in &mut files {
+            if path == "generation_config.json" {
+                *bytes = br#"{"max_new_tokens": 7}"#.to_vec();
+            }
+        }
+        state.commits.insert(to.to_string(), files);
+        state.main = to.to_string();
+    }
+
     fn storage_log(&self) -> Vec<Served> {
         self.state.lock().unwrap().storage_log.clone()
     }
@@ -595,17 +609,7 @@ fn a_moved_branch_gets_its_own_directory_and_the_link_switches_when_it_is_comple
     let dir = TempDir::new("moved");
     let first = fetch::fetch(&hub.request(&dir.0), None).unwrap();
     let second_commit = "beef".repeat(10);
-    {
-        let mut state = hub.state.lock().unwrap();
-        let mut files = state.commits[&first.commit].clone();
-        for (path, bytes) in &mut files {
-            if path == "generation_config.json" {
-                *bytes = br#"{"max_new_tokens": 7}"#.to_vec();
-            }
-        }
-        state.commits.insert(second_commit.clone(), files);
-        state.main = second_commit.clone();
-    }
+    hub.push_changed_generation_config(&first.commit, &second_commit);
     let second = fetch::fetch(&hub.request(&dir.0), None).unwrap();
     assert_eq!(second.commit, second_commit);
     assert_eq!(
@@ -669,21 +673,11 @@ fn each_pods_link_keeps_the_commit_its_own_fetch_resolved_and_its_report_names_i
         claim.join(REPO).join(&first.commit)
     );
     let second_commit = "beef".repeat(10);
-    {
-        let mut state = hub.state.lock().unwrap();
-        let mut files = state.commits[&first.commit].clone();
-        for (path, bytes) in &mut files {
-            if path == "generation_config.json" {
-                *bytes = br#"{"max_new_tokens": 7}"#.to_vec();
-            }
-        }
-        state.commits.insert(second_commit.clone(), files);
-        state.main = second_commit.clone();
-    }
+    hub.push_changed_generation_config(&first.commit, &second_commit);
     let (second_link, second) = run("pod-b");
     assert_eq!(second.commit, second_commit);
-    // A commit is a directory of its own: all of it came down again.
-    assert_eq!(second.downloaded, second.bytes);
+    // Only the changed file came down: the rest is linked from commit 1.
+    assert_eq!(second.downloaded, br#"{"max_new_tokens": 7}"#.len() as u64);
     assert_eq!(
         std::fs::read_link(claim.join(REPO).join("main")).unwrap(),
         PathBuf::from(&second_commit)
@@ -855,4 +849,44 @@ fn a_dataset_fetch_refuses_missing_and_escaping_paths() {
     );
     assert!(!dir.0.join("escaped.txt").exists());
     assert!(!dir.0.parent().unwrap().join("escaped.txt").exists());
+}
+
+/// A push that changes one file: the next fetch downloads that file only and
+/// hard-links the rest from the commit already fetched (same inode, so no
+/// second copy on the claim); a donor that changed since its record (here
+/// truncated) is not linked but downloaded.
+#[test]
+fn a_new_commit_links_what_it_shares_with_a_fetched_one_and_downloads_the_rest() {
+    use std::os::unix::fs::MetadataExt;
+    let hub = FakeHub::start();
+    let dir = TempDir::new("dedupe");
+    let first = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    let first_dir = dir.0.join(REPO).join(&first.commit);
+    // A donor that is no longer what its record says.
+    let damaged = "tokenizer.json";
+    let bytes = std::fs::read(first_dir.join(damaged)).unwrap();
+    std::fs::write(first_dir.join(damaged), &bytes[..bytes.len() / 2]).unwrap();
+    let served_before = hub.storage_log().len();
+
+    let second_commit = "beef".repeat(10);
+    hub.push_changed_generation_config(&first.commit, &second_commit);
+    let second = fetch::fetch(&hub.request(&dir.0), None).unwrap();
+    let changed = br#"{"max_new_tokens": 7}"#.len() as u64;
+    assert_eq!(second.downloaded, changed + bytes.len() as u64);
+    let mut fetched_again: Vec<String> = hub.storage_log()[served_before..]
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    fetched_again.sort();
+    assert_eq!(fetched_again, vec!["generation_config.json", damaged]);
+    let second_dir = dir.0.join(REPO).join(&second_commit);
+    for name in files_of(&second_dir) {
+        let inode = |d: &Path| std::fs::metadata(d.join(&name)).unwrap().ino();
+        let shared = inode(&first_dir) == inode(&second_dir);
+        let expect = name != "generation_config.json" && name != damaged && name != COMPLETE;
+        assert_eq!(shared, expect, "{name}");
+    }
+    assert_eq!(std::fs::read(second_dir.join(damaged)).unwrap(), bytes);
+    // The second commit, served, is whole.
+    assert!(fetch::fetched(&second.dir).is_some());
 }
