@@ -897,6 +897,12 @@ pub struct MoETrainingJobStatus {
     /// When the job reached Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// For a Hub dataset (`data.huggingface`): the commits the current
+    /// attempt's pods downloaded its revision as, once every pod has said
+    /// (their downloads' reports); one, unless the branch moved while they
+    /// started. Cleared when a new attempt starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_commits: Vec<String>,
     /// Training progress as reported by rank 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TrainingProgress>,

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerStatus, EnvVar, EnvVarSource, Pod, ResourceRequirements, SecretKeySelector,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use moe_crds::contract::FetchReport;
 use moe_crds::{SecretKey, WorkerSpec};
 
 use crate::pods::{BuildContext, container_security_context, mount};
@@ -191,4 +192,27 @@ pub fn downloads_of(pods: &[Pod]) -> Downloads {
         }
     }
     downloads
+}
+
+/// Which commit each pod's download fetched, by commit (pods sorted by
+/// name): a pod says so in its download's termination message (a
+/// [`FetchReport`]) once the download succeeded.
+pub fn commits_of(pods: &[Pod]) -> BTreeMap<String, Vec<String>> {
+    let mut commits: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pod in pods {
+        let report = container_status(pod, DOWNLOAD_CONTAINER, true)
+            .and_then(|s| s.state?.terminated)
+            .filter(|t| t.exit_code == 0)
+            .and_then(|t| serde_json::from_str::<FetchReport>(t.message?.trim()).ok());
+        if let Some(report) = report {
+            commits
+                .entry(report.commit)
+                .or_default()
+                .push(pod.metadata.name.clone().unwrap_or_default());
+        }
+    }
+    for pods in commits.values_mut() {
+        pods.sort();
+    }
+    commits
 }

@@ -24,7 +24,6 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use moe_crds::contract::FetchReport;
 use moe_crds::{MoEInferenceService, MoETrainingJob};
 use tracing::{info, warn};
 
@@ -567,34 +566,19 @@ fn pending_of(pods: &[Pod]) -> Pending {
 }
 
 /// For a Hub model: which commit each server pod of model revision
-/// `revision` downloaded, by commit. A pod says so in its download's
-/// termination message (a [`FetchReport`]) once the download succeeded.
+/// `revision` downloaded, by commit ([`crate::hub::commits_of`]).
 fn commits_of(pods: &[Pod], revision: &str) -> BTreeMap<String, Vec<String>> {
-    let mut commits: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for pod in pods {
-        if pod
-            .annotations()
-            .get(labels::MODEL_REVISION)
-            .map(String::as_str)
-            != Some(revision)
-        {
-            continue;
-        }
-        let report = container_status(pod, build::DOWNLOAD_CONTAINER, true)
-            .and_then(|s| s.state?.terminated)
-            .filter(|t| t.exit_code == 0)
-            .and_then(|t| serde_json::from_str::<FetchReport>(t.message?.trim()).ok());
-        if let Some(report) = report {
-            commits
-                .entry(report.commit)
-                .or_default()
-                .push(pod.name_any());
-        }
-    }
-    for pods in commits.values_mut() {
-        pods.sort();
-    }
-    commits
+    let current: Vec<Pod> = pods
+        .iter()
+        .filter(|p| {
+            p.annotations()
+                .get(labels::MODEL_REVISION)
+                .map(String::as_str)
+                == Some(revision)
+        })
+        .cloned()
+        .collect();
+    crate::hub::commits_of(&current)
 }
 
 /// Why server pods are Pending, from the scheduler's PodScheduled condition.
@@ -844,6 +828,7 @@ fn verdict(ctx: &Context, svc: &MoEInferenceService) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moe_crds::contract::FetchReport;
     use serde_json::json;
 
     fn pod(uid: &str, extra: serde_json::Value) -> Pod {

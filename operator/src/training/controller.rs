@@ -349,21 +349,33 @@ async fn observe_attempts(
             let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
             gang::unschedulable(&pg)
         });
-        // A Hub dataset's downloads, while the attempt's pods start.
-        let downloading = if job.spec.data.huggingface.is_some()
+        // A Hub dataset's downloads: while the attempt's pods start, and
+        // until every pod has said which commit it fetched.
+        let nodes = job.spec.parallelism.nodes;
+        let known = job
+            .status
+            .as_ref()
+            .is_some_and(|s| s.attempt == attempt && !s.data_commits.is_empty());
+        let (downloading, data_commits) = if job.spec.data.huggingface.is_some()
             && outcome == AttemptOutcome::Running
-            && status.ready.unwrap_or(0) < job.spec.parallelism.nodes
+            && (status.ready.unwrap_or(0) < nodes || !known)
         {
             let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
-            hub::downloads_of(&pods).running
+            let reports = hub::commits_of(&pods);
+            let reported: usize = reports.values().map(Vec::len).sum();
+            (
+                hub::downloads_of(&pods).running,
+                (reported >= nodes as usize).then(|| reports.into_keys().collect()),
+            )
         } else {
-            0
+            (0, None)
         };
         out.push(AttemptState {
             attempt,
             name: j.name_any(),
             unschedulable,
             downloading,
+            data_commits,
             counters: Counters {
                 restarts: annotation(labels::RESTARTS),
                 disruptions: annotation(labels::DISRUPTIONS),

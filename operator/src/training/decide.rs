@@ -36,6 +36,9 @@ pub struct AttemptState {
     /// Worker pods whose init container is downloading `data.huggingface`
     /// (read while the attempt runs with pods not ready).
     pub downloading: i32,
+    /// The distinct commits the attempt's pods downloaded `data.huggingface`
+    /// as, once every pod has reported one (listed until then).
+    pub data_commits: Option<Vec<String>>,
     pub active: i32,
     pub ready: i32,
     pub succeeded: i32,
@@ -230,6 +233,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         };
         plan.create = Some((attempt, counters));
         plan.status.attempt = attempt;
+        plan.status.data_commits = Vec::new();
         plan.status.workers = WorkerCounts {
             expected: spec.parallelism.nodes,
             ..Default::default()
@@ -255,6 +259,12 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
         return plan;
     };
 
+    // What the current attempt's downloads resolved (kept once known).
+    plan.status.data_commits = match &cur.data_commits {
+        Some(commits) => commits.clone(),
+        None if old.attempt == cur.attempt => old.data_commits.clone(),
+        None => Vec::new(),
+    };
     plan.status.attempt = cur.attempt;
     plan.status.workers = WorkerCounts {
         expected: spec.parallelism.nodes,

@@ -42,6 +42,7 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         outcome,
         unschedulable: None,
         downloading: 0,
+        data_commits: None,
         active: 4,
         ready: 4,
         succeeded: 0,
@@ -136,6 +137,24 @@ fn a_gang_downloading_its_dataset_is_pending_and_polled() {
     a.downloading = 0;
     let plan = decide(&after(j, &plan), &observed(vec![a]));
     assert_eq!(reconciling(&plan).0, "WorkersStarting");
+}
+
+/// The commits a Hub dataset's downloads resolved: set once every pod of
+/// the attempt said, kept while the pods are not listed again, cleared when
+/// the next attempt starts (its pods download again).
+#[test]
+fn the_attempts_data_commits_are_kept_once_known_and_cleared_with_the_next_attempt() {
+    let j = job(SPEC);
+    let mut a = attempt(0, AttemptOutcome::Running, Counters::default());
+    a.data_commits = Some(vec!["c0ffee".into()]);
+    let plan = decide(&j, &observed(vec![a.clone()]));
+    assert_eq!(plan.status.data_commits, vec!["c0ffee"]);
+    a.data_commits = None;
+    let kept = decide(&after(j.clone(), &plan), &observed(vec![a]));
+    assert_eq!(kept.status.data_commits, vec!["c0ffee"]);
+    let next = attempt(1, AttemptOutcome::Running, Counters::default());
+    let plan = decide(&after(j, &kept), &observed(vec![next]));
+    assert!(plan.status.data_commits.is_empty());
 }
 
 fn reconciling(plan: &Plan) -> (String, String) {

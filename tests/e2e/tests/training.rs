@@ -1701,9 +1701,11 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
             ("val/part-0.txt".into(), text("xyz", 1000)),
         ],
     )?;
+    // Held Running once started, so its commit can be read before it ends.
+    let held = json!({"spec": {"worker": {"podMetadata": {"labels": {HOLD: "true"}}}}});
     jobs.create(
         &PostParams::default(),
-        &hub_data_job("corpus", &hub.endpoint, json!({})),
+        &hub_data_job("corpus", &hub.endpoint, held),
     )
     .await?;
     let pod = downloading_pod(&pods, "corpus").await?;
@@ -1789,6 +1791,13 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
     kubelet
         .report(&pods, &pod.name_any(), "init", 0, &report)
         .await?;
+    eventually("the job to name the data's commit", WAIT, || async {
+        let j = jobs.get("corpus").await?;
+        let commits = j.status.map(|s| s.data_commits).unwrap_or_default();
+        Ok((commits == vec!["da7a".repeat(10)]).then_some(()))
+    })
+    .await?;
+    moe_e2e::release_job(&pods, "corpus").await?;
     wait_phase(&jobs, "corpus", TrainingPhase::Succeeded).await?;
     ns.delete().await
 }
