@@ -62,6 +62,39 @@ impl Kubelet {
         self.run(&command, &[])
     }
 
+    /// `pod`'s main container as it would start here: its command and its
+    /// plain environment (what a pod reads from the cluster, `valueFrom`,
+    /// left out), with the config the operator mounts at
+    /// [`moe_crds::contract::CONFIG_PATH`] read from `config` instead, and
+    /// the worker's status endpoint off.
+    pub fn main_container(pod: &Pod, config: &std::path::Path) -> Result<(Vec<String>, Env)> {
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .context("no container")?;
+        let here = |text: &str| {
+            text.replace(
+                moe_crds::contract::CONFIG_PATH,
+                &config.display().to_string(),
+            )
+        };
+        let command = container
+            .command
+            .iter()
+            .flatten()
+            .map(|a| here(a))
+            .collect();
+        let env = container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|v| Some((v.name.clone(), here(v.value.as_ref()?))))
+            .chain([("MOE_STATUS_ADDR".to_string(), "off".to_string())])
+            .collect();
+        Ok((command, env))
+    }
+
     /// [`Self::run`], with what the command printed on stdout too.
     pub fn run_for_output(&self, command: &[String], env: &[(String, String)]) -> Result<Exited> {
         ensure!(
@@ -108,6 +141,9 @@ impl Kubelet {
         Ok(())
     }
 }
+
+/// A process's environment, by name and value.
+pub type Env = Vec<(String, String)>;
 
 /// How a command the kubelet ran ended.
 pub struct Exited {

@@ -144,6 +144,17 @@ fn expect_verdicts(ns: &str, name: &str, kstatus: &str, argocd: &str, message: &
     Ok(())
 }
 
+/// Waits for an Event of `reason` about `name`. The operator writes the
+/// status and records the Event at once, so a test that saw the status may
+/// look before the Event is there.
+async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> Result<()> {
+    eventually(&format!("a {reason} event about {name}"), WAIT, || async {
+        let reasons = event_reasons(client, ns, name).await?;
+        Ok(reasons.iter().any(|r| r == reason).then_some(()))
+    })
+    .await
+}
+
 async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let list = events.list(&ListParams::default()).await?;
@@ -300,12 +311,7 @@ async fn every_example_is_served_on_the_fake_cluster() -> Result<()> {
                 pod.name_any()
             );
         }
-        ensure!(
-            event_reasons(&client, &ns.name, &name)
-                .await?
-                .contains(&"ReplicasReady".to_string()),
-            "{name}: no ReplicasReady event"
-        );
+        wait_event(&client, &ns.name, &name, "ReplicasReady").await?;
     }
     ns.delete().await?;
     match kueue {
@@ -414,12 +420,7 @@ async fn scale_subresource_image_rollout_and_autoscaler_lifecycle() -> Result<()
         most <= 3,
         "the rollout ran {most} pods at once (replicas 3, maxSurge 0)"
     );
-    ensure!(
-        event_reasons(&client, &ns.name, "chat")
-            .await?
-            .contains(&"Updating".to_string()),
-        "no Updating event"
-    );
+    wait_event(&client, &ns.name, "chat", "Updating").await?;
 
     // A new model rolls the replicas too, and the status says which one is served.
     let model = json!({"spec": {"model": {"volume": {"path": "moe-9b-v2"}}}});
@@ -662,11 +663,7 @@ async fn a_hub_download_the_hub_refuses_stalls_the_service_in_the_workers_words(
             && message.contains("model.huggingface.tokenSecret"),
         "{message}"
     );
-    ensure!(
-        event_reasons(&client, &ns.name, "gated")
-            .await?
-            .contains(&"DownloadFailed".to_string())
-    );
+    wait_event(&client, &ns.name, "gated", "DownloadFailed").await?;
     ns.delete().await
 }
 
@@ -782,11 +779,7 @@ async fn replicas_that_downloaded_two_commits_of_a_branch_degrade_the_service() 
             .and_then(|s| s.model_commit.clone())
             .is_none()
     );
-    ensure!(
-        event_reasons(&client, &ns.name, "chat")
-            .await?
-            .contains(&"ModelCommitSkew".to_string())
-    );
+    wait_event(&client, &ns.name, "chat", "ModelCommitSkew").await?;
 
     // The older pod goes; its replacement downloads what `main` names now.
     pods.delete(&first, &DeleteParams::default()).await?;
@@ -838,10 +831,6 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
         .into_iter()
         .next()
         .context("no server pod")?;
-    let spec = pod.spec.clone().unwrap_or_default();
-    let server = &spec.containers[0];
-    let command = server.command.clone().unwrap_or_default();
-    ensure!(command[..2] == ["moe-worker", "serve"], "{command:?}");
     // The config the pod mounts, here in a scratch directory.
     let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
         .get("chat-config")
@@ -854,15 +843,8 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
     let kubelet = Kubelet::new("crash")?;
     let config_path = kubelet.path("config.json");
     std::fs::write(&config_path, config)?;
-    let mut args: Vec<String> = command
-        .iter()
-        .map(|a| {
-            a.replace(
-                moe_crds::contract::CONFIG_PATH,
-                &config_path.display().to_string(),
-            )
-        })
-        .collect();
+    let (mut args, env) = Kubelet::main_container(&pod, &config_path)?;
+    ensure!(args[..2] == ["moe-worker", "serve"], "{args:?}");
     let port = moe_worker_free_port()?;
     args.extend([
         "--host".into(),
@@ -870,13 +852,6 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
         "--port".into(),
         port.to_string(),
     ]);
-    let env: Vec<(String, String)> = server
-        .env
-        .iter()
-        .flatten()
-        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
-        .chain([("MOE_STATUS_ADDR".to_string(), "off".to_string())])
-        .collect();
     let (code, message) = kubelet.run(&args, &env)?;
     ensure!(code == 2, "exit {code}: {message}");
     kubelet
@@ -905,11 +880,7 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
         ready.message
     );
     ensure!(condition(&stalled, "Degraded").is_some_and(|c| c.status == "True"));
-    ensure!(
-        event_reasons(&client, &ns.name, "chat")
-            .await?
-            .contains(&"ServerFailing".to_string())
-    );
+    wait_event(&client, &ns.name, "chat", "ServerFailing").await?;
     ns.delete().await
 }
 
@@ -991,12 +962,7 @@ async fn one_pod_replicas_that_cannot_get_ready_degrade_the_service() -> Result<
         .map(|c| c.message.clone())
         .unwrap_or_default();
     ensure!(message == "1 of 3 replicas ready", "message: {message}");
-    ensure!(
-        event_reasons(&client, &ns.name, "chat")
-            .await?
-            .contains(&"PodsNotReady".to_string()),
-        "no PodsNotReady event"
-    );
+    wait_event(&client, &ns.name, "chat", "PodsNotReady").await?;
 
     // The probes pass again: Ready, not Degraded.
     for name in &names[..2] {
@@ -1491,12 +1457,7 @@ async fn multi_pod_replica_groups_are_created_restarted_scaled_and_rolled_whole(
         restarted.annotations()
     );
     wait_ready(&api, "chat", 2).await?;
-    ensure!(
-        event_reasons(&client, &ns.name, "chat")
-            .await?
-            .contains(&"GroupRestart".to_string()),
-        "no GroupRestart event"
-    );
+    wait_event(&client, &ns.name, "chat", "GroupRestart").await?;
 
     // Scaling adds a group; a new image replaces every group, whole.
     sh(&format!(

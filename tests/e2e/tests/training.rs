@@ -110,6 +110,17 @@ async fn release_pods(pods: &Api<Pod>, list: &[Pod]) -> Result<()> {
     Ok(())
 }
 
+/// Waits for an Event of `reason` about `name`. The operator writes the
+/// status and records the Event at once, so a test that saw the status may
+/// look before the Event is there.
+async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> Result<()> {
+    eventually(&format!("a {reason} event about {name}"), WAIT, || async {
+        let reasons = event_reasons(client, ns, name).await?;
+        Ok(reasons.iter().any(|r| r == reason).then_some(()))
+    })
+    .await
+}
+
 async fn event_reasons(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let list = events.list(&ListParams::default()).await?;
@@ -245,12 +256,8 @@ async fn gpu_job_lands_on_h100_pool_runs_and_succeeds() -> Result<()> {
     let done = wait_phase(&jobs, "train", TrainingPhase::Succeeded).await?;
     ensure!(done.status.as_ref().unwrap().completion_time.is_some());
     ensure!(condition(&done, "Succeeded").is_some_and(|c| c.status == "True"));
-    let reasons = event_reasons(&client, &ns.name, "train").await?;
     for r in ["AttemptCreated", "AllWorkersRunning", "Succeeded"] {
-        ensure!(
-            reasons.iter().any(|x| x == r),
-            "event {r} missing: {reasons:?}"
-        );
+        wait_event(&client, &ns.name, "train", r).await?;
     }
     ns.delete().await
 }
@@ -324,15 +331,8 @@ async fn a_failed_pod_restarts_the_gang_until_the_backoff_limit() -> Result<()> 
             .then_some(()))
     })
     .await?;
-    let reasons = event_reasons(&client, &ns.name, "gang").await?;
-    ensure!(
-        reasons.iter().any(|r| r == "GangRestart"),
-        "no GangRestart event: {reasons:?}"
-    );
-    ensure!(
-        reasons.iter().any(|r| r == "BackoffLimitExceeded"),
-        "no failure event: {reasons:?}"
-    );
+    wait_event(&client, &ns.name, "gang", "GangRestart").await?;
+    wait_event(&client, &ns.name, "gang", "BackoffLimitExceeded").await?;
     ns.delete().await
 }
 
@@ -833,11 +833,7 @@ async fn kueue_admits_gangs_within_quota_and_a_preempted_gang_waits_without_a_re
     } else {
         "GangRestart"
     };
-    ensure!(
-        event_reasons(&client, &ns.name, "first")
-            .await?
-            .contains(&expected.to_string())
-    );
+    wait_event(&client, &ns.name, "first", expected).await?;
     eventually("the preempted gang's pods to go", WAIT, || async {
         Ok(pods_of(&pods, "first", 0).await?.is_empty().then_some(()))
     })
@@ -1073,11 +1069,7 @@ async fn the_workload_api_binds_a_gang_whole_or_not_at_all() -> Result<()> {
         on_nodes == 0,
         "{on_nodes} of {created} pods bound: not all or nothing"
     );
-    ensure!(
-        event_reasons(&client, &ns.name, "whole")
-            .await?
-            .contains(&"Unschedulable".to_string())
-    );
+    wait_event(&client, &ns.name, "whole", "Unschedulable").await?;
 
     // The first gang finishes: its nodes free, the second is bound whole.
     release_pods(&pods, &pods_of(&pods, "rack", 0).await?).await?;
@@ -1604,11 +1596,7 @@ async fn a_gang_whose_rank_0_stops_advancing_is_restarted_as_hung() -> Result<()
         )
         .await?;
         ensure!(next.restarts == 1, "a hang is counted: {next:?}");
-        let reasons = event_reasons(&client, &ns.name, "hang").await?;
-        ensure!(
-            reasons.iter().any(|r| r == "ProgressDeadlineExceeded"),
-            "events: {reasons:?}"
-        );
+        wait_event(&client, &ns.name, "hang", "ProgressDeadlineExceeded").await?;
         // What an alert on hung gangs reads.
         let metrics = op.metrics().await?;
         ensure!(
@@ -1737,36 +1725,9 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
     config["outputDir"] = json!(kubelet.path("out"));
     let config_path = kubelet.path("config.json");
     std::fs::write(&config_path, config.to_string())?;
-    let spec = pod.spec.clone().unwrap_or_default();
-    let command: Vec<String> = spec.containers[0]
-        .command
-        .clone()
-        .unwrap_or_default()
-        .iter()
-        .map(|a| {
-            a.replace(
-                moe_crds::contract::CONFIG_PATH,
-                &config_path.display().to_string(),
-            )
-        })
-        .collect();
-    let env: Vec<(String, String)> = spec.containers[0]
-        .env
-        .iter()
-        .flatten()
-        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
-        .chain([
-            ("MOE_NODE_RANK".to_string(), "0".to_string()),
-            ("MOE_STATUS_ADDR".to_string(), "off".to_string()),
-        ])
-        .map(|(k, v)| {
-            let v = v.replace(
-                moe_crds::contract::CONFIG_PATH,
-                &config_path.display().to_string(),
-            );
-            (k, v)
-        })
-        .collect();
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    // The one value a pod reads from the cluster: its rank (from the Job's index).
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
     let trained = kubelet.run_for_output(&command, &env)?;
     ensure!(
         trained.code == 0,
