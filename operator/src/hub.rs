@@ -197,7 +197,7 @@ pub fn downloads_of(pods: &[Pod]) -> Downloads {
 /// Which commit each pod's download fetched, by commit (pods sorted by
 /// name): a pod says so in its download's termination message (a
 /// [`FetchReport`]) once the download succeeded.
-pub fn commits_of(pods: &[Pod]) -> BTreeMap<String, Vec<String>> {
+pub fn commits_of<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<String, Vec<String>> {
     let mut commits: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for pod in pods {
         let report = container_status(pod, DOWNLOAD_CONTAINER, true)

@@ -334,6 +334,18 @@ fn serving_files() -> Vec<String> {
     files_of(&fixture_dir())
 }
 
+/// Runs `moe-worker fetch` as `command` says; it must succeed. What it
+/// printed: its report.
+fn fetch_command(command: &mut Command) -> moe_crds::contract::FetchReport {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).unwrap()
+}
+
 /// Every file under `dir` at any depth (but the completion record), by
 /// its path relative to `dir`, sorted.
 fn tree_of(dir: &Path) -> Vec<String> {
@@ -645,23 +657,16 @@ fn each_pods_link_keeps_the_commit_its_own_fetch_resolved_and_its_report_names_i
         let link = dir.0.join(pod).join("model");
         let log = dir.0.join(format!("{pod}-termination-log"));
         std::fs::write(&log, "").unwrap();
-        let out = Command::new(BINARY)
-            .args(["fetch", "--repo", REPO, "--into"])
-            .arg(&claim)
-            .args(["--endpoint", &hub.endpoint, "--link"])
-            .arg(&link)
-            .env("MOE_TERMINATION_LOG", &log)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let printed = fetch_command(
+            Command::new(BINARY)
+                .args(["fetch", "--repo", REPO, "--into"])
+                .arg(&claim)
+                .args(["--endpoint", &hub.endpoint, "--link"])
+                .arg(&link)
+                .env("MOE_TERMINATION_LOG", &log),
         );
         let report: moe_crds::contract::FetchReport =
             serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
-        let printed: moe_crds::contract::FetchReport =
-            serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
         assert_eq!(report, printed);
         (link, report)
     };
@@ -726,29 +731,14 @@ fn a_dataset_brings_the_files_under_its_path_and_training_reads_them_through_the
     let dir = TempDir::new("dataset");
     let claim = dir.0.join("claim");
     let link = dir.0.join("pod-0/data");
-    let out = Command::new(BINARY)
-        .args([
-            "fetch",
-            "--repo-type",
-            "dataset",
-            "--repo",
-            REPO,
-            "--include",
-            "train",
-        ])
-        .arg("--into")
-        .arg(&claim)
-        .args(["--endpoint", &hub.endpoint, "--link"])
-        .arg(&link)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = fetch_command(
+        Command::new(BINARY)
+            .args(["fetch", "--repo-type", "dataset", "--repo", REPO])
+            .args(["--include", "train", "--into"])
+            .arg(&claim)
+            .args(["--endpoint", &hub.endpoint, "--link"])
+            .arg(&link),
     );
-    let report: moe_crds::contract::FetchReport =
-        serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
     assert_eq!(report.files, 2);
     let commit_dir = claim.join("datasets").join(REPO).join(&report.commit);
     assert_eq!(std::fs::read_link(&link).unwrap(), commit_dir);

@@ -568,17 +568,12 @@ fn pending_of(pods: &[Pod]) -> Pending {
 /// For a Hub model: which commit each server pod of model revision
 /// `revision` downloaded, by commit ([`crate::hub::commits_of`]).
 fn commits_of(pods: &[Pod], revision: &str) -> BTreeMap<String, Vec<String>> {
-    let current: Vec<Pod> = pods
-        .iter()
-        .filter(|p| {
-            p.annotations()
-                .get(labels::MODEL_REVISION)
-                .map(String::as_str)
-                == Some(revision)
-        })
-        .cloned()
-        .collect();
-    crate::hub::commits_of(&current)
+    crate::hub::commits_of(pods.iter().filter(|p| {
+        p.annotations()
+            .get(labels::MODEL_REVISION)
+            .map(String::as_str)
+            == Some(revision)
+    }))
 }
 
 /// Why server pods are Pending, from the scheduler's PodScheduled condition.

@@ -732,6 +732,16 @@ mod tests {
         }
     }
 
+    fn message_of<'a>(plan: &'a Plan, t: &str) -> &'a str {
+        let c = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap();
+        &c.message
+    }
+
     fn cond<'a>(plan: &'a Plan, t: &str) -> (&'a str, &'a str) {
         let c = plan
             .status
@@ -1017,13 +1027,7 @@ mod tests {
         let plan = decide(&s, &o);
         assert_eq!(cond(&plan, READY), ("False", "DownloadFailed"));
         assert_eq!(cond(&plan, STALLED), ("True", "DownloadFailed"));
-        let message = &plan
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY)
-            .unwrap()
-            .message;
+        let message = message_of(&plan, READY);
         assert!(
             message.contains("pod chat-7d9-x2: exit code 2: resolving org/m"),
             "{message}"
@@ -1050,13 +1054,7 @@ mod tests {
         assert_eq!(cond(&plan, READY), ("False", "ServerFailing"));
         assert_eq!(cond(&plan, STALLED), ("True", "ServerFailing"));
         assert_eq!(cond(&plan, DEGRADED), ("True", "ServerFailing"));
-        let message = &plan
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY)
-            .unwrap()
-            .message;
+        let message = message_of(&plan, READY);
         assert_eq!(
             message,
             "1 server pod(s) keep failing; pod chat-7d9-x3: exit code 2: /models/moe-9b: no model there"
@@ -1139,13 +1137,7 @@ mod tests {
         assert_eq!(cond(&plan, READY), ("True", "ReplicasReady"), "they serve");
         assert_eq!(cond(&plan, DEGRADED), ("True", "ModelCommitSkew"));
         assert_eq!(plan.status.model_commit, None);
-        let message = &plan
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == DEGRADED)
-            .unwrap()
-            .message;
+        let message = message_of(&plan, DEGRADED);
         assert_eq!(
             message,
             "server pods serve 2 commits of org/moe at \"main\", which moved while they \

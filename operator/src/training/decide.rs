@@ -394,41 +394,31 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                         _ => plan.transitions.push(warning(UNSCHEDULABLE, msg)),
                     }
                 }
-            } else if cur.downloading > 0 {
-                let msg = format!(
-                    "attempt {}: {} worker pod(s) downloading data.huggingface, {}/{} ready",
-                    cur.attempt,
-                    cur.downloading,
-                    cur.ready + cur.succeeded,
-                    spec.parallelism.nodes
-                );
-                set_phase(
-                    &mut plan,
-                    &old,
-                    TrainingPhase::Pending,
-                    DOWNLOADING_DATA,
-                    &msg,
-                    &now,
-                );
-                // Pods are not watched: look again while they download.
-                plan.look_again_within(DOWNLOAD_POLL);
             } else {
-                let msg = format!(
-                    "attempt {}: {}/{} worker pod(s) ready",
+                let (attempt, ready, nodes) = (
                     cur.attempt,
                     cur.ready + cur.succeeded,
-                    spec.parallelism.nodes
+                    spec.parallelism.nodes,
                 );
-                set_phase(
-                    &mut plan,
-                    &old,
-                    TrainingPhase::Pending,
-                    "WorkersStarting",
-                    &msg,
-                    &now,
-                );
-                // A download's start changes nothing the operator watches.
-                if spec.data.huggingface.is_some() {
+                let (reason, msg) = if cur.downloading > 0 {
+                    (
+                        DOWNLOADING_DATA,
+                        format!(
+                            "attempt {attempt}: {} worker pod(s) downloading data.huggingface, \
+                             {ready}/{nodes} ready",
+                            cur.downloading
+                        ),
+                    )
+                } else {
+                    (
+                        "WorkersStarting",
+                        format!("attempt {attempt}: {ready}/{nodes} worker pod(s) ready"),
+                    )
+                };
+                set_phase(&mut plan, &old, TrainingPhase::Pending, reason, &msg, &now);
+                // Pods are not watched: a download starting or ending changes
+                // nothing the operator watches, so it looks again meanwhile.
+                if cur.downloading > 0 || spec.data.huggingface.is_some() {
                     plan.look_again_within(DOWNLOAD_POLL);
                 }
             }
