@@ -32,6 +32,7 @@ pub const MAX_NAME_LEN: usize = 40;
     status = "MoETrainingJobStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.parallelism.nodes"),
+    printcolumn(name = "Workers", type_ = "integer", json_path = ".status.workers.expected", priority = 1),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.display"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -72,6 +73,23 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.nodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
         .message("training.globalBatchSize must be a multiple of microBatchSize × data-parallel size (nodes × processesPerNode / sequenceParallel)")
         .field_path(".training.globalBatchSize"),
+    // An elastic gang's smallest size must be a layout the worker can train.
+    validation = Rule::new("!has(self.parallelism.elastic) || self.parallelism.elastic.minNodes < self.parallelism.nodes")
+        .message("parallelism.elastic.minNodes must be below parallelism.nodes")
+        .field_path(".parallelism.elastic.minNodes"),
+    validation = Rule::new("!has(self.parallelism.elastic) || (self.parallelism.elastic.minNodes * self.parallelism.processesPerNode) % self.parallelism.sequenceParallel == 0")
+        .message("parallelism.sequenceParallel must divide the smallest world size (elastic.minNodes × processesPerNode)")
+        .field_path(".parallelism.elastic.minNodes"),
+    validation = Rule::new("!has(self.parallelism.elastic) || (self.parallelism.elastic.minNodes * self.parallelism.processesPerNode) % self.parallelism.expertParallel == 0")
+        .message("parallelism.expertParallel must divide the smallest world size (elastic.minNodes × processesPerNode)")
+        .field_path(".parallelism.elastic.minNodes"),
+    // (Left to the rule above when sequenceParallel does not divide it: the quotient would be 0.)
+    validation = Rule::new("!has(self.parallelism.elastic) || (self.parallelism.elastic.minNodes * self.parallelism.processesPerNode) % self.parallelism.sequenceParallel != 0 || self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.elastic.minNodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
+        .message("training.globalBatchSize must be a multiple of microBatchSize × the smallest data-parallel size (elastic.minNodes × processesPerNode / sequenceParallel)")
+        .field_path(".parallelism.elastic.minNodes"),
+    validation = Rule::new("!has(self.parallelism.elastic) || !has(self.parallelism.fabricCheck) || self.parallelism.elastic.minNodes * self.parallelism.processesPerNode > 1")
+        .message("parallelism.fabricCheck needs more than one rank: elastic.minNodes × processesPerNode is 1")
+        .field_path(".parallelism.elastic.minNodes"),
     // FP8 tensor cores exist on Hopper only; the CPU worker emulates FP8 exactly.
     validation = Rule::new("!self.training.precision.fp8.enabled || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
         .message("training.precision.fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which emulates FP8)")
@@ -661,6 +679,10 @@ pub struct ParallelismSpec {
     /// fraction of its speed. Unset: no check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric_check: Option<FabricCheck>,
+    /// Train on fewer nodes when the whole gang cannot be placed, rather
+    /// than wait. Unset: an attempt waits for all `nodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<ElasticSpec>,
 }
 
 impl Default for ParallelismSpec {
@@ -671,8 +693,35 @@ impl Default for ParallelismSpec {
             sequence_parallel: 1,
             expert_parallel: 1,
             fabric_check: None,
+            elastic: None,
         }
     }
+}
+
+/// An elastic gang size. An attempt that the scheduler (or Kueue) has not
+/// placed whole for `shrinkAfterSeconds` is replaced by one on fewer nodes,
+/// down to `minNodes`: the most that fit, as far as the cluster said
+/// (pods placed), among the sizes whose layout is valid. The global batch
+/// stays `training.globalBatchSize` (each rank runs more micro-batches), so
+/// the job trains the same model on any size; it resumes from the newest
+/// checkpoint. Every attempt after a failure, disruption or resume asks for
+/// `nodes` again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticSpec {
+    /// The fewest worker pods the job trains on. Below `nodes`, and a valid
+    /// layout itself (the same rules as `nodes`).
+    #[schemars(range(min = 1, max = 4096))]
+    pub min_nodes: i32,
+    /// How long an attempt's gang may wait unplaced before the next, smaller
+    /// attempt replaces it.
+    #[serde(default = "default_shrink_after")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub shrink_after_seconds: i32,
+}
+
+fn default_shrink_after() -> i32 {
+    300
 }
 
 /// The all-to-all preflight: every rank sends `messageMiB` per exchange,
@@ -935,6 +984,8 @@ impl TrainingPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerCounts {
+    /// The attempt's gang: `parallelism.nodes`, or fewer after an elastic
+    /// job shrank it.
     pub expected: i32,
     pub active: i32,
     pub ready: i32,

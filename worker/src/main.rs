@@ -440,6 +440,7 @@ fn train(config: Option<PathBuf>) -> ExitCode {
         Ok(read) => read,
         Err(e) => return fail(&format!("environment: {e}"), 2),
     };
+    let config = moe_worker::run::sized_for_gang(config, &gang);
     // Checked before any rank starts: a launcher refuses a bad config once.
     if let Err(e) = moe_worker::run::gang_settings(&config, &gang) {
         return fail(&e.to_string(), e.exit_code());

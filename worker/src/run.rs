@@ -203,6 +203,33 @@ pub fn train_reporting(
     train_as(config, stop, board, &mut Solo, Timeouts::default())
 }
 
+/// `config` as this gang runs it. An elastic job's operator may start an
+/// attempt on fewer pods than `parallelism.nodes`, down to
+/// `parallelism.elastic.minNodes`, when the whole gang could not be placed;
+/// the gang's environment (`MOE_WORLD_SIZE`) says how many, and the config
+/// (one ConfigMap for every attempt) is read with that many nodes. Any
+/// other size is left for [`gang_settings`] to refuse.
+pub fn sized_for_gang(mut config: WorkerConfig, env: &DistEnv) -> WorkerConfig {
+    let p = &config.parallelism;
+    let Some(elastic) = &p.elastic else {
+        return config;
+    };
+    let per_node = p.processes_per_node.max(1) as usize;
+    if env.world_size % per_node != 0 {
+        return config;
+    }
+    let nodes = (env.world_size / per_node) as i32;
+    if (elastic.min_nodes..=p.nodes).contains(&nodes) {
+        tracing::info!(
+            nodes,
+            of = p.nodes,
+            "training on fewer nodes than parallelism.nodes: the operator shrank this elastic gang"
+        );
+        config.parallelism.nodes = nodes;
+    }
+    config
+}
+
 /// The settings of `config`, checked against the gang this process belongs
 /// to: before a launcher starts any rank, and in every rank.
 pub fn gang_settings(config: &WorkerConfig, env: &DistEnv) -> Result<TrainSettings, RunError> {
@@ -915,4 +942,75 @@ fn write_line(file: &mut File, path: &Path, line: &MetricsLine) -> Result<(), Ru
         path: path.to_path_buf(),
         error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_crds::ElasticSpec;
+
+    fn gang(world_size: usize) -> DistEnv {
+        DistEnv {
+            world_size,
+            rank: 0,
+            node_rank: 0,
+            procs_per_node: 2,
+            local_rank: 0,
+            launcher: false,
+            coordinator: "rank0:29400".into(),
+            attempt: 1,
+        }
+    }
+
+    fn config(elastic: Option<ElasticSpec>) -> WorkerConfig {
+        let mut config: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "job": "local/test",
+            "model": {"hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+                      "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 32}},
+            "data": {"builtin": {"corpus": "tiny"}},
+            "training": {"steps": 6, "globalBatchSize": 8, "microBatchSize": 1},
+            "parallelism": {"nodes": 4, "processesPerNode": 2},
+            "checkpoint": {"dir": "ckpt", "intervalSteps": 3, "keep": 2, "resume": "Auto"},
+            "device": "cpu",
+            "outputDir": "out"
+        }))
+        .expect("a valid WorkerConfig");
+        config.parallelism.elastic = elastic;
+        config
+    }
+
+    #[test]
+    fn an_elastic_gang_reads_the_config_with_the_nodes_its_attempt_has() {
+        let elastic = Some(ElasticSpec {
+            min_nodes: 2,
+            shrink_after_seconds: 300,
+        });
+        // 2 nodes × 2 processes: the shrunk attempt trains, on 2 nodes.
+        let sized = sized_for_gang(config(elastic.clone()), &gang(4));
+        assert_eq!(sized.parallelism.nodes, 2);
+        let settings = gang_settings(&sized, &gang(4)).expect("a 2-node gang trains");
+        assert_eq!(settings.world_size, 4);
+        // The whole gang reads it unchanged.
+        assert_eq!(
+            sized_for_gang(config(elastic.clone()), &gang(8))
+                .parallelism
+                .nodes,
+            4
+        );
+        // Below minNodes, or not whole nodes: unchanged, and refused.
+        for world in [2, 5] {
+            let sized = sized_for_gang(config(elastic.clone()), &gang(world));
+            assert_eq!(sized.parallelism.nodes, 4, "world {world}");
+            let err = gang_settings(&sized, &gang(world)).unwrap_err().to_string();
+            assert!(err.contains("asks for 8 ranks"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_gang_is_held_to_its_nodes() {
+        let sized = sized_for_gang(config(None), &gang(4));
+        assert_eq!(sized.parallelism.nodes, 4);
+        let err = gang_settings(&sized, &gang(4)).unwrap_err().to_string();
+        assert!(err.contains("asks for 8 ranks (nodes 4"), "{err}");
+    }
 }
