@@ -20,12 +20,13 @@
 //!   leaves the rest Pending while the first ones hold their nodes.
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::PodSchedulingGroup;
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodSchedulingGroup};
 use k8s_openapi::api::scheduling::v1alpha2::{
     GangSchedulingPolicy, PodGroup, PodGroupSchedulingConstraints, PodGroupSchedulingPolicy,
     PodGroupSpec, TopologyConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use moe_crds::Placement;
@@ -164,6 +165,23 @@ pub fn scheduling_group(pod_group: &str) -> PodSchedulingGroup {
 /// `PodGroupScheduled` condition false), or `None` while it has not tried
 /// or once the group is placed.
 pub fn unschedulable(pod_group: &PodGroup) -> Option<String> {
+    unplaced_group(pod_group).map(|u| u.message)
+}
+
+/// A gang the scheduler has not placed whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unplaced {
+    /// The scheduler's words (the first unschedulable pod's, for pods placed one by one).
+    pub message: String,
+    /// Since when it has said so: the condition's transition (the earliest pod's).
+    pub since: Option<Timestamp>,
+    /// Pods bound to a node so far; `None` for a gang placed all at once
+    /// (the Workload API binds none until it can bind every one).
+    pub bound: Option<i32>,
+}
+
+/// [`unschedulable`], with when the scheduler first said so.
+pub fn unplaced_group(pod_group: &PodGroup) -> Option<Unplaced> {
     let condition = pod_group
         .status
         .as_ref()?
@@ -171,12 +189,59 @@ pub fn unschedulable(pod_group: &PodGroup) -> Option<String> {
         .as_ref()?
         .iter()
         .find(|c| c.type_ == "PodGroupScheduled")?;
-    (condition.status == "False").then(|| {
-        if condition.message.is_empty() {
+    (condition.status == "False").then(|| Unplaced {
+        message: if condition.message.is_empty() {
             condition.reason.clone()
         } else {
             format!("{}: {}", condition.reason, condition.message)
+        },
+        since: Some(condition.last_transition_time.0),
+        bound: None,
+    })
+}
+
+/// A gang whose pods the scheduler places one by one, while some of them
+/// it cannot place: `None` when no pod is unschedulable.
+pub fn unplaced_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<Unplaced> {
+    let mut bound = 0;
+    let mut first: Option<Unplaced> = None;
+    for pod in pods {
+        if pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+            bound += 1;
         }
+        let Some(c) = unschedulable_condition(pod) else {
+            continue;
+        };
+        let since = c.last_transition_time.as_ref().map(|t| t.0);
+        match &mut first {
+            None => {
+                first = Some(Unplaced {
+                    message: c.message.clone().unwrap_or_else(|| "Unschedulable".into()),
+                    since,
+                    bound: None,
+                })
+            }
+            // The gang has waited since its first pod was refused.
+            Some(u) => {
+                u.since = match (u.since, since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+    first.map(|u| Unplaced {
+        bound: Some(bound),
+        ..u
+    })
+}
+
+/// A pod's `PodScheduled` condition while the scheduler finds no node for it.
+pub fn unschedulable_condition(pod: &Pod) -> Option<&PodCondition> {
+    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
     })
 }
 

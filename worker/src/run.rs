@@ -215,7 +215,7 @@ pub fn sized_for_gang(mut config: WorkerConfig, env: &DistEnv) -> WorkerConfig {
         return config;
     };
     let per_node = p.processes_per_node.max(1) as usize;
-    if env.world_size % per_node != 0 {
+    if !env.world_size.is_multiple_of(per_node) {
         return config;
     }
     let nodes = (env.world_size / per_node) as i32;

@@ -103,7 +103,7 @@ impl LocalRun {
         node_rank: i32,
         coordinator: &str,
     ) -> Vec<(String, String)> {
-        build::env_vars(job, ATTEMPT)
+        build::env_vars(job, ATTEMPT, job.spec.parallelism.nodes)
             .into_iter()
             .filter_map(|var| {
                 let value = match var.name.as_str() {

@@ -58,13 +58,16 @@ pub fn render(mut job: MoETrainingJob, options: &RenderOptions) -> serde_yaml::R
     let mut out = String::new();
     push_document(&mut out, &build::config_map(&job))?;
     push_document(&mut out, &build::service(&job))?;
-    if let Some(pod_group) = build::pod_group(&job, &context, options.attempt) {
+    let nodes = job.spec.parallelism.nodes;
+    if let Some(pod_group) = build::pod_group(&job, &context, options.attempt, nodes) {
         push_document(&mut out, &pod_group)?;
     }
-    push_document(
-        &mut out,
-        &build::attempt_job(&job, &context, options.attempt, Counters::default()),
-    )?;
+    let attempt = build::NewAttempt {
+        attempt: options.attempt,
+        counters: Counters::default(),
+        nodes,
+    };
+    push_document(&mut out, &build::attempt_job(&job, &context, attempt))?;
     Ok(out)
 }
 

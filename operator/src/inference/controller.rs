@@ -580,15 +580,8 @@ fn commits_of(pods: &[Pod], revision: &str) -> BTreeMap<String, Vec<String>> {
 fn unschedulable_of(pods: &[Pod]) -> Vec<String> {
     pods.iter()
         .filter_map(|p| {
-            let c = p
-                .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-            (c.reason.as_deref() == Some("Unschedulable"))
-                .then(|| c.message.clone().unwrap_or_else(|| "Unschedulable".into()))
+            let c = crate::gang::unschedulable_condition(p)?;
+            Some(c.message.clone().unwrap_or_else(|| "Unschedulable".into()))
         })
         .collect()
 }

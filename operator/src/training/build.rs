@@ -188,16 +188,24 @@ pub struct Counters {
     pub disruptions: i32,
 }
 
+/// An attempt Job to create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewAttempt {
+    pub attempt: i32,
+    pub counters: Counters,
+    /// Worker pods: `parallelism.nodes`, unless an elastic job shrinks.
+    pub nodes: i32,
+}
+
 /// The Indexed Job of one attempt: `nodes` pods, each running
 /// `processesPerNode` worker processes.
-pub fn attempt_job(
-    job: &MoETrainingJob,
-    ctx: &BuildContext,
-    attempt: i32,
-    counters: Counters,
-) -> Job {
+pub fn attempt_job(job: &MoETrainingJob, ctx: &BuildContext, new: NewAttempt) -> Job {
     let spec = &job.spec;
-    let nodes = spec.parallelism.nodes;
+    let NewAttempt {
+        attempt,
+        counters,
+        nodes,
+    } = new;
     let (_, config_hash) = worker_config_json(job);
 
     let mut meta = child_meta(job, attempt_job_name(job, attempt));
@@ -225,7 +233,7 @@ pub fn attempt_job(
             // Queued jobs start suspended; Kueue admits the whole gang by
             // unsuspending. The operator never writes `suspend` afterwards.
             suspend: spec.placement.queue_name.as_ref().map(|_| true),
-            template: pod_template(job, ctx, attempt),
+            template: pod_template(job, ctx, attempt, nodes),
             ..Default::default()
         }),
         ..Default::default()
@@ -263,8 +271,12 @@ fn gang_failure_policy() -> PodFailurePolicy {
 /// The PodGroup of one attempt, named as its Job, when the Workload API
 /// schedules the gang ([`crate::gang`]); owned by the MoETrainingJob, and
 /// deleted with the attempt.
-pub fn pod_group(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Option<PodGroup> {
-    let nodes = job.spec.parallelism.nodes;
+pub fn pod_group(
+    job: &MoETrainingJob,
+    ctx: &BuildContext,
+    attempt: i32,
+    nodes: i32,
+) -> Option<PodGroup> {
     (ctx.gang(&job.spec.placement, nodes) == Mechanism::WorkloadApi).then(|| {
         let mut meta = child_meta(job, attempt_job_name(job, attempt));
         meta.labels
@@ -274,7 +286,12 @@ pub fn pod_group(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Opti
     })
 }
 
-fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTemplateSpec {
+fn pod_template(
+    job: &MoETrainingJob,
+    ctx: &BuildContext,
+    attempt: i32,
+    nodes: i32,
+) -> PodTemplateSpec {
     let spec = &job.spec;
     let worker = &spec.worker;
     let mut pod_labels = worker.pod_metadata.labels.clone();
@@ -286,7 +303,7 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
     // admitted and placed by Kueue (its pod-set annotations); another's by
     // the scheduler, as one PodGroup of the Workload API, or pod by pod, each
     // following the attempt's first pod (pod affinity). See crate::gang.
-    let mechanism = ctx.gang(&spec.placement, spec.parallelism.nodes);
+    let mechanism = ctx.gang(&spec.placement, nodes);
     let queued = mechanism == Mechanism::Kueue;
     annotations.extend(kueue_topology_annotation(&spec.placement));
     // Expert-parallel groups are blocks of consecutive ranks, so of
@@ -339,7 +356,7 @@ fn pod_template(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> PodTe
                 .huggingface
                 .as_ref()
                 .map(|hub| vec![download_container(job, ctx, hub)]),
-            containers: vec![container(job, ctx, attempt)],
+            containers: vec![container(job, ctx, attempt, nodes)],
             volumes: Some(volumes(job)),
             resource_claims: resource_claims(worker),
             ..Default::default()
@@ -374,7 +391,7 @@ pub fn download_container(
     )
 }
 
-fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Container {
+fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, nodes: i32) -> Container {
     let worker = &job.spec.worker;
     // One process per GPU: the GPU count follows processesPerNode, whatever the user wrote.
     let resources = resources(worker, job.spec.parallelism.processes_per_node);
@@ -399,7 +416,7 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
             worker,
             job.spec.parallelism.processes_per_node,
         )),
-        env: Some(env_vars(job, attempt)),
+        env: Some(env_vars(job, attempt, nodes)),
         ports: Some(vec![
             ContainerPort {
                 name: Some("rendezvous".into()),
@@ -421,11 +438,13 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32) -> Containe
 }
 
 /// The worker environment contract ([`contract::env`]), then NCCL settings, then the user's env.
-pub fn env_vars(job: &MoETrainingJob, attempt: i32) -> Vec<EnvVar> {
+/// `nodes`: the attempt's gang (`parallelism.nodes`, unless an elastic job
+/// shrank it; the worker reads the config with as many).
+pub fn env_vars(job: &MoETrainingJob, attempt: i32, nodes: i32) -> Vec<EnvVar> {
     let p = &job.spec.parallelism;
     let mut out = vec![
-        plain(env::WORLD_SIZE, p.world_size()),
-        plain(env::NODES, p.nodes),
+        plain(env::WORLD_SIZE, nodes * p.processes_per_node),
+        plain(env::NODES, nodes),
         EnvVar {
             name: env::NODE_RANK.into(),
             value_from: Some(EnvVarSource {
@@ -523,8 +542,17 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    /// Attempt `attempt` of the whole gang.
+    fn whole(job: &MoETrainingJob, attempt: i32) -> NewAttempt {
+        NewAttempt {
+            attempt,
+            counters: Counters::default(),
+            nodes: job.spec.parallelism.nodes,
+        }
+    }
+
     fn template(job: &MoETrainingJob) -> PodTemplateSpec {
-        attempt_job(job, &BuildContext::default(), 3, Counters::default())
+        attempt_job(job, &BuildContext::default(), whole(job, 3))
             .spec
             .unwrap()
             .template
@@ -687,7 +715,8 @@ mod tests {
     fn under_the_workload_api_the_attempt_is_one_pod_group_in_one_required_domain() {
         let j = job(serde_json::json!({"topology": {"required": "topology.moe.dev/rack"}}));
         let ctx = workload_api();
-        let pg = pod_group(&j, &ctx, 3).expect("a gang of 2 nodes has a PodGroup");
+        let pg = pod_group(&j, &ctx, 3, j.spec.parallelism.nodes)
+            .expect("a gang of 2 nodes has a PodGroup");
         assert_eq!(pg.metadata.name.as_deref(), Some("big-a3"));
         assert_eq!(pg.metadata.namespace.as_deref(), Some("ml"));
         assert_eq!(pg.metadata.labels.as_ref().unwrap()[labels::ATTEMPT], "3");
@@ -696,10 +725,7 @@ mod tests {
             pg.spec.scheduling_policy.gang.as_ref().unwrap().min_count,
             2
         );
-        let t = attempt_job(&j, &ctx, 3, Counters::default())
-            .spec
-            .unwrap()
-            .template;
+        let t = attempt_job(&j, &ctx, whole(&j, 3)).spec.unwrap().template;
         let spec = t.spec.as_ref().unwrap();
         assert_eq!(
             spec.scheduling_group
@@ -715,10 +741,7 @@ mod tests {
         // A preferred topology is no constraint of a PodGroup: the pods keep
         // their weighted wish.
         let j = job(serde_json::json!({"topology": {"preferred": "topology.moe.dev/rack"}}));
-        let t = attempt_job(&j, &ctx, 0, Counters::default())
-            .spec
-            .unwrap()
-            .template;
+        let t = attempt_job(&j, &ctx, whole(&j, 0)).spec.unwrap().template;
         assert!(t.spec.as_ref().unwrap().scheduling_group.is_some());
         assert!(
             pod_affinity(&t)
@@ -731,14 +754,22 @@ mod tests {
     #[test]
     fn a_queue_or_the_default_makes_no_pod_group() {
         let queued = job(serde_json::json!({"queueName": "gpus"}));
-        assert!(pod_group(&queued, &workload_api(), 0).is_none());
-        let t = attempt_job(&queued, &workload_api(), 0, Counters::default())
+        assert!(pod_group(&queued, &workload_api(), 0, queued.spec.parallelism.nodes).is_none());
+        let t = attempt_job(&queued, &workload_api(), whole(&queued, 0))
             .spec
             .unwrap()
             .template;
         assert!(t.spec.unwrap().scheduling_group.is_none());
         let plain = job(serde_json::json!({}));
-        assert!(pod_group(&plain, &BuildContext::default(), 0).is_none());
+        assert!(
+            pod_group(
+                &plain,
+                &BuildContext::default(),
+                0,
+                plain.spec.parallelism.nodes
+            )
+            .is_none()
+        );
         assert!(template(&plain).spec.unwrap().scheduling_group.is_none());
     }
 

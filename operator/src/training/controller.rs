@@ -255,7 +255,7 @@ async fn read_progress(
     else {
         return Ok(None);
     };
-    if cur.outcome != AttemptOutcome::Running || cur.ready < job.spec.parallelism.nodes {
+    if cur.outcome != AttemptOutcome::Running || cur.ready < cur.nodes {
         return Ok(None);
     }
     let key = (job.uid().unwrap_or_default(), cur.attempt);
@@ -344,36 +344,53 @@ async fn observe_attempts(
         } else {
             AttemptOutcome::Running
         };
-        // The scheduler's verdict on the attempt's gang, while it is not placed.
-        let unschedulable = ctx.pod_groups.as_ref().and_then(|store| {
-            let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
-            gang::unschedulable(&pg)
-        });
-        // A Hub dataset's downloads: while the attempt's pods start, and
-        // until every pod has said which commit it fetched.
-        let nodes = job.spec.parallelism.nodes;
+        let nodes = j
+            .spec
+            .as_ref()
+            .and_then(|s| s.completions)
+            .unwrap_or(job.spec.parallelism.nodes);
+        // The scheduler's verdict on the attempt's gang, while it is not
+        // placed whole (or Kueue's, while it has not admitted it).
+        let mut unplaced = match outcome {
+            AttemptOutcome::Queued => Some(gang::Unplaced {
+                message: "waiting in its queue".into(),
+                since: suspended_since(&j),
+                bound: None,
+            }),
+            _ => ctx.pod_groups.as_ref().and_then(|store| {
+                let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
+                gang::unplaced_group(&pg)
+            }),
+        };
+        // While the attempt's pods start (pods are read: which the
+        // scheduler cannot place, a Hub dataset's downloads), and until
+        // every pod has said which commit of a Hub dataset it fetched.
         let known = job
             .status
             .as_ref()
             .is_some_and(|s| s.attempt == attempt && !s.data_commits.is_empty());
-        let (downloading, data_commits) = if job.spec.data.huggingface.is_some()
-            && outcome == AttemptOutcome::Running
-            && (status.ready.unwrap_or(0) < nodes || !known)
-        {
-            let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
-            let reports = hub::commits_of(&pods);
-            let reported: usize = reports.values().map(Vec::len).sum();
-            (
-                hub::downloads_of(&pods).running,
-                (reported >= nodes as usize).then(|| reports.into_keys().collect()),
-            )
-        } else {
-            (0, None)
-        };
+        let hub_data = job.spec.data.huggingface.is_some();
+        let starting = status.ready.unwrap_or(0) + status.succeeded.unwrap_or(0) < nodes;
+        let (downloading, data_commits) =
+            if outcome == AttemptOutcome::Running && (starting || (hub_data && !known)) {
+                let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
+                if unplaced.is_none() && starting {
+                    unplaced = gang::unplaced_pods(&pods);
+                }
+                let reports = hub::commits_of(&pods);
+                let reported: usize = reports.values().map(Vec::len).sum();
+                (
+                    hub::downloads_of(&pods).running,
+                    (hub_data && reported >= nodes as usize).then(|| reports.into_keys().collect()),
+                )
+            } else {
+                (0, None)
+            };
         out.push(AttemptState {
             attempt,
             name: j.name_any(),
-            unschedulable,
+            nodes,
+            unplaced,
             downloading,
             data_commits,
             counters: Counters {
@@ -389,6 +406,21 @@ async fn observe_attempts(
         });
     }
     Ok(out)
+}
+
+/// Since when a queued attempt's Job has been suspended (its `Suspended`
+/// condition), else since it was created.
+fn suspended_since(job: &Job) -> Option<Timestamp> {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.type_ == "Suspended" && c.status == "True")
+        })
+        .and_then(|c| c.last_transition_time.as_ref())
+        .or(job.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0)
 }
 
 /// Why a failed attempt failed: the pod failure policy rule that failed the
@@ -643,11 +675,12 @@ fn exit_code(pod: &Pod) -> Option<i32> {
 
 async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> Result<(), Error> {
     let (client, metrics) = (&ctx.client, ctx.metrics.as_ref());
-    if let Some((attempt, counters)) = plan.create {
-        if let Some(pod_group) = build::pod_group(job, &ctx.build, attempt) {
+    if let Some(new) = plan.create {
+        let attempt = new.attempt;
+        if let Some(pod_group) = build::pod_group(job, &ctx.build, attempt, new.nodes) {
             create_once(client, metrics, ns, &pod_group).await?;
         }
-        let child = build::attempt_job(job, &ctx.build, attempt, counters);
+        let child = build::attempt_job(job, &ctx.build, new);
         if create_once(client, metrics, ns, &child).await? {
             info!(job = %job.name_any(), namespace = ns, attempt, "created attempt");
         }

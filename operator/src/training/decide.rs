@@ -18,6 +18,8 @@ use moe_crds::{
 };
 
 use super::build::Counters;
+pub use super::build::NewAttempt;
+pub use crate::gang::Unplaced;
 // The condition upsert is shared with the serving controller.
 use crate::reconcile::set_condition as set;
 
@@ -30,9 +32,13 @@ pub struct AttemptState {
     pub counters: Counters,
     pub being_deleted: bool,
     pub outcome: AttemptOutcome,
-    /// Why the scheduler cannot place the attempt's gang (its PodGroup's
-    /// condition, under the Workload API), while it cannot.
-    pub unschedulable: Option<String>,
+    /// The attempt's gang size: `parallelism.nodes`, or fewer once an
+    /// elastic job shrank it.
+    pub nodes: i32,
+    /// Why the attempt's gang is not placed, while it is not: the
+    /// scheduler's words (its PodGroup's condition under the Workload API,
+    /// else its pods'), or Kueue not admitting it.
+    pub unplaced: Option<Unplaced>,
     /// Worker pods whose init container is downloading `data.huggingface`
     /// (read while the attempt runs with pods not ready).
     pub downloading: i32,
@@ -96,8 +102,8 @@ pub struct Transition {
 /// The outcome of one reconcile decision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
-    /// Attempt Job to create (its number and counters).
-    pub create: Option<(i32, Counters)>,
+    /// Attempt Job to create.
+    pub create: Option<NewAttempt>,
     /// Attempt Jobs to delete (names).
     pub delete: Vec<String>,
     /// Delete the MoETrainingJob itself (TTL after finishing).
@@ -231,7 +237,11 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
             (None, Some(TrainingPhase::Suspended)) => old.attempt + 1,
             (None, Some(_)) => old.attempt,
         };
-        plan.create = Some((attempt, counters));
+        plan.create = Some(NewAttempt {
+            attempt,
+            counters,
+            nodes: spec.parallelism.nodes,
+        });
         plan.status.attempt = attempt;
         plan.status.data_commits = Vec::new();
         plan.status.workers = WorkerCounts {
@@ -267,12 +277,15 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
     };
     plan.status.attempt = cur.attempt;
     plan.status.workers = WorkerCounts {
-        expected: spec.parallelism.nodes,
+        expected: cur.nodes,
         active: cur.active,
         ready: cur.ready,
         succeeded: cur.succeeded,
         failed: cur.failed,
     };
+    if shrink(job, &old, cur, observed.now, &mut plan) {
+        return plan;
+    }
     match &cur.outcome {
         AttemptOutcome::Queued => {
             // Kueue suspends a running attempt's Job to preempt (or evict)
@@ -302,7 +315,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
             set_phase(&mut plan, &old, TrainingPhase::Pending, reason, &msg, &now);
         }
         AttemptOutcome::Running => {
-            let all_up = cur.ready + cur.succeeded >= spec.parallelism.nodes;
+            let all_up = cur.ready + cur.succeeded >= cur.nodes;
             if let Some(p) = &observed.progress {
                 // The report's time alone changing is no reason to write the status.
                 let same = old.progress.as_ref().is_some_and(|o| {
@@ -361,7 +374,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 plan.look_again_within(super::progress::POLL_INTERVAL);
                 let msg = format!(
                     "attempt {}: all {} worker pod(s) running",
-                    cur.attempt, spec.parallelism.nodes
+                    cur.attempt, cur.nodes
                 );
                 set_phase(
                     &mut plan,
@@ -371,13 +384,8 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                     &msg,
                     &now,
                 );
-            } else if let Some(why) = &cur.unschedulable {
-                // All or nothing: no pod of the gang is bound while the
-                // scheduler finds no place for every one of them.
-                let msg = format!(
-                    "attempt {}: the scheduler cannot place all {} worker pods at once ({why}); none is bound until it can",
-                    cur.attempt, spec.parallelism.nodes
-                );
+            } else if let Some(unplaced) = &cur.unplaced {
+                let msg = format!("attempt {}: {}", cur.attempt, unplaced_words(cur, unplaced));
                 set_phase(
                     &mut plan,
                     &old,
@@ -394,12 +402,11 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                         _ => plan.transitions.push(warning(UNSCHEDULABLE, msg)),
                     }
                 }
+                // Pods are not watched: one being bound changes nothing the
+                // operator watches until it is ready.
+                plan.look_again_within(POD_POLL);
             } else {
-                let (attempt, ready, nodes) = (
-                    cur.attempt,
-                    cur.ready + cur.succeeded,
-                    spec.parallelism.nodes,
-                );
+                let (attempt, ready, nodes) = (cur.attempt, cur.ready + cur.succeeded, cur.nodes);
                 let (reason, msg) = if cur.downloading > 0 {
                     (
                         DOWNLOADING_DATA,
@@ -419,7 +426,7 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 // Pods are not watched: a download starting or ending changes
                 // nothing the operator watches, so it looks again meanwhile.
                 if cur.downloading > 0 || spec.data.huggingface.is_some() {
-                    plan.look_again_within(DOWNLOAD_POLL);
+                    plan.look_again_within(POD_POLL);
                 }
             }
         }
@@ -531,7 +538,11 @@ fn restart(
     // The next attempt is created before the failed one is deleted, so an
     // operator restart in between finds both and simply finishes the switch.
     let attempt = cur.attempt + 1;
-    plan.create = Some((attempt, next));
+    plan.create = Some(NewAttempt {
+        attempt,
+        counters: next,
+        nodes: job.spec.parallelism.nodes,
+    });
     plan.delete.push(cur.name.clone());
     plan.status.attempt = attempt;
     plan.status.restarts = next.restarts;
@@ -551,6 +562,114 @@ fn restart(
     );
     plan.transitions.push(warning(reason, msg.clone()));
     set_phase(plan, old, TrainingPhase::Restarting, reason, &msg, now);
+}
+
+/// What keeps the attempt's gang from being placed, in words.
+fn unplaced_words(cur: &AttemptState, unplaced: &Unplaced) -> String {
+    let why = &unplaced.message;
+    match (&cur.outcome, unplaced.bound) {
+        (AttemptOutcome::Queued, _) => {
+            format!("Kueue has not admitted the gang of {} ({why})", cur.nodes)
+        }
+        // Pods placed one by one: those bound hold their nodes meanwhile.
+        (_, Some(bound)) => format!(
+            "{} of {} worker pods cannot be scheduled ({why}); {bound} bound",
+            cur.nodes - bound,
+            cur.nodes
+        ),
+        // All or nothing: no pod of the gang is bound while the
+        // scheduler finds no place for every one of them.
+        (_, None) => format!(
+            "the scheduler cannot place all {} worker pods at once ({why}); none is bound until it can",
+            cur.nodes
+        ),
+    }
+}
+
+/// An elastic job's attempt whose gang has waited unplaced for
+/// `shrinkAfterSeconds` gives way to a smaller attempt, down to `minNodes`:
+/// as many nodes as the scheduler bound pods (when it places them one by
+/// one), else one fewer than now (a gang placed whole, or one Kueue has not
+/// admitted), and the largest such size whose layout is valid. Nothing is
+/// counted: the gang never ran whole. Returns whether it planned one;
+/// before the wait is over it asks to look again when it is.
+fn shrink(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    cur: &AttemptState,
+    now: Timestamp,
+    plan: &mut Plan,
+) -> bool {
+    let spec = &job.spec;
+    let (Some(elastic), Some(unplaced)) = (&spec.parallelism.elastic, &cur.unplaced) else {
+        return false;
+    };
+    let running_whole =
+        cur.outcome == AttemptOutcome::Running && cur.ready + cur.succeeded >= cur.nodes;
+    if cur.nodes <= elastic.min_nodes
+        || running_whole
+        || !matches!(
+            cur.outcome,
+            AttemptOutcome::Queued | AttemptOutcome::Running
+        )
+    {
+        return false;
+    }
+    let waited = unplaced.since.map_or(0.0, |since| {
+        now.duration_since(since).as_secs_f64().max(0.0)
+    });
+    let wait = f64::from(elastic.shrink_after_seconds);
+    if waited < wait {
+        plan.look_again_within(Duration::from_secs_f64((wait - waited).max(1.0)));
+        return false;
+    }
+    let fits = unplaced.bound.unwrap_or(cur.nodes - 1).min(cur.nodes - 1);
+    let Some(nodes) = (elastic.min_nodes..=fits.max(elastic.min_nodes))
+        .rev()
+        .find(|&n| layout_fits(job, n))
+    else {
+        return false;
+    };
+    let attempt = cur.attempt + 1;
+    plan.create = Some(NewAttempt {
+        attempt,
+        counters: cur.counters,
+        nodes,
+    });
+    plan.delete.push(cur.name.clone());
+    plan.status.attempt = attempt;
+    plan.status.data_commits = Vec::new();
+    plan.status.workers = WorkerCounts {
+        expected: nodes,
+        ..Default::default()
+    };
+    let msg = format!(
+        "attempt {}: {} for {}s, past parallelism.elastic.shrinkAfterSeconds ({}s); attempt {attempt} trains on {nodes} of {} nodes (not counted as a restart)",
+        cur.attempt,
+        unplaced_words(cur, unplaced),
+        waited.round(),
+        elastic.shrink_after_seconds,
+        spec.parallelism.nodes
+    );
+    plan.transitions.push(info(GANG_SHRUNK, msg.clone()));
+    set_phase(
+        plan,
+        old,
+        TrainingPhase::Pending,
+        GANG_SHRUNK,
+        &msg,
+        &Time(now),
+    );
+    true
+}
+
+/// Whether `job` can train on `nodes` nodes: its rules (the CRD's CEL, the
+/// same the apiserver ran) hold for that size.
+fn layout_fits(job: &MoETrainingJob, nodes: i32) -> bool {
+    let mut sized = job.clone();
+    sized.spec.parallelism.nodes = nodes;
+    sized.spec.parallelism.elastic = None;
+    sized.validate_cel().is_ok()
 }
 
 /// When the hang watchdog's clock last started for attempt `attempt`: the
@@ -655,7 +774,9 @@ const UNSCHEDULABLE: &str = "Unschedulable";
 /// Pending while worker pods download `data.huggingface`.
 const DOWNLOADING_DATA: &str = "DownloadingData";
 /// How often a job whose pods download is looked at again.
-const DOWNLOAD_POLL: Duration = Duration::from_secs(30);
+const POD_POLL: Duration = Duration::from_secs(30);
+/// An elastic job's gang gave way to a smaller one.
+const GANG_SHRUNK: &str = "GangShrunk";
 /// A running gang that the hang watchdog restarted.
 const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
 

@@ -40,7 +40,8 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         counters,
         being_deleted: false,
         outcome,
-        unschedulable: None,
+        nodes: 4,
+        unplaced: None,
         downloading: 0,
         data_commits: None,
         active: 4,
@@ -48,6 +49,14 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         succeeded: 0,
         failed: 0,
     }
+}
+
+/// The attempt a plan creates (number and counters), which every plan but
+/// an elastic shrink makes of the whole gang.
+fn created(plan: &Plan) -> Option<(i32, Counters)> {
+    let new = plan.create?;
+    assert_eq!(new.nodes, 4, "a new attempt asks for parallelism.nodes");
+    Some((new.attempt, new.counters))
 }
 
 /// Feed a plan's status back into the job, as the status write would.
@@ -78,7 +87,7 @@ fn exit(code: i32) -> AttemptOutcome {
 #[test]
 fn a_new_job_creates_attempt_zero_and_is_pending() {
     let plan = decide(&job(SPEC), &observed(vec![]));
-    assert_eq!(plan.create, Some((0, Counters::default())));
+    assert_eq!(created(&plan), Some((0, Counters::default())));
     assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
     assert_eq!(condition(&plan, "Reconciling"), "True");
     assert_eq!(condition(&plan, "Ready"), "False");
@@ -98,7 +107,7 @@ fn all_workers_ready_is_running_and_ready() {
             Counters::default(),
         )]),
     );
-    assert_eq!(plan.create, None);
+    assert_eq!(created(&plan), None);
     assert!(plan.delete.is_empty());
     assert_eq!(plan.status.phase, Some(TrainingPhase::Running));
     assert_eq!(condition(&plan, "Ready"), "True");
@@ -175,7 +184,11 @@ fn a_gang_the_scheduler_cannot_place_is_unschedulable_with_its_words_and_one_war
     let starting = decide(&j, &observed(vec![a.clone()]));
     assert_eq!(reconciling(&starting).0, "WorkersStarting");
 
-    a.unschedulable = Some("Unschedulable: 0/15 placements are available".into());
+    a.unplaced = Some(Unplaced {
+        message: "Unschedulable: 0/15 placements are available".into(),
+        since: Some(now()),
+        bound: None,
+    });
     let plan = decide(&after(j.clone(), &starting), &observed(vec![a.clone()]));
     assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
     let (reason, message) = reconciling(&plan);
@@ -202,6 +215,147 @@ fn a_gang_the_scheduler_cannot_place_is_unschedulable_with_its_words_and_one_war
     a.ready = 4;
     let running = decide(&after(j, &plan), &observed(vec![a]));
     assert_eq!(running.status.phase, Some(TrainingPhase::Running));
+}
+
+const ELASTIC: &str = r#"
+model: {hiddenSize: 64, layers: 2, attentionHeads: 4, kvHeads: 2, seqLen: 64,
+        moe: {experts: 8, topK: 2, expertHiddenSize: 32}}
+training: {steps: 10, globalBatchSize: 8}
+parallelism: {nodes: 4, elastic: {minNodes: 1, shrinkAfterSeconds: 300}}
+runPolicy: {backoffLimit: 2}
+"#;
+
+/// Attempt `n` of `nodes` pods, `bound` of them placed one by one, the rest
+/// unschedulable for `waited` seconds.
+fn unplaced(n: i32, nodes: i32, bound: Option<i32>, waited: i64) -> AttemptState {
+    let mut a = attempt(n, AttemptOutcome::Running, Counters::default());
+    (a.nodes, a.active, a.ready) = (nodes, nodes, 0);
+    a.unplaced = Some(Unplaced {
+        message: "0/3 nodes are available: 3 Insufficient nvidia.com/gpu".into(),
+        since: Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(waited)),
+        bound,
+    });
+    a
+}
+
+#[test]
+fn pods_the_scheduler_cannot_place_one_by_one_are_unschedulable_with_its_words() {
+    let j = job(SPEC);
+    let plan = decide(&j, &observed(vec![unplaced(0, 4, Some(3), 5000)]));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "Unschedulable");
+    assert!(
+        message.contains("1 of 4 worker pods cannot be scheduled (0/3 nodes are available: 3 Insufficient nvidia.com/gpu); 3 bound"),
+        "{message}"
+    );
+    assert_eq!(plan.transitions.len(), 1);
+    assert!(plan.transitions[0].warning);
+    // Not elastic: it waits, however long, and looks again (pods are not watched).
+    assert_eq!(plan.create, None);
+    assert!(plan.delete.is_empty());
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(30)));
+}
+
+#[test]
+fn an_elastic_gang_waits_its_time_then_shrinks_to_the_valid_size_the_scheduler_bound() {
+    let j = job(ELASTIC);
+    // 100 of 300 s: it waits, and looks again when the wait is over.
+    let early = decide(&j, &observed(vec![unplaced(0, 4, Some(3), 100)]));
+    assert_eq!(early.create, None);
+    assert!(early.delete.is_empty());
+    assert_eq!(reconciling(&early).0, "Unschedulable");
+    assert_eq!(early.requeue_after, Some(Duration::from_secs(30)));
+    let late = decide(&j, &observed(vec![unplaced(0, 4, Some(3), 290)]));
+    assert_eq!(late.requeue_after, Some(Duration::from_secs(10)));
+
+    // 300 s: 3 pods were bound, but a global batch of 8 does not split over
+    // 3 ranks; 2 it does.
+    let plan = decide(&j, &observed(vec![unplaced(0, 4, Some(3), 300)]));
+    assert_eq!(
+        plan.create,
+        Some(NewAttempt {
+            attempt: 1,
+            counters: Counters::default(),
+            nodes: 2
+        })
+    );
+    assert_eq!(plan.delete, vec!["train-a0".to_string()]);
+    assert_eq!(plan.status.attempt, 1);
+    assert_eq!(plan.status.workers.expected, 2);
+    assert_eq!((plan.status.restarts, plan.status.disruptions), (0, 0));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Pending));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "GangShrunk");
+    assert!(
+        message.contains("1 of 4 worker pods cannot be scheduled")
+            && message.contains("for 300s, past parallelism.elastic.shrinkAfterSeconds (300s)")
+            && message.contains("attempt 1 trains on 2 of 4 nodes"),
+        "{message}"
+    );
+    let event = plan.transitions.iter().find(|t| t.reason == "GangShrunk");
+    assert!(event.is_some_and(|t| !t.warning), "{:?}", plan.transitions);
+
+    // The smaller attempt runs whole: Running, on 2.
+    let mut shrunk = attempt(1, AttemptOutcome::Running, Counters::default());
+    (shrunk.nodes, shrunk.active, shrunk.ready) = (2, 2, 2);
+    let running = decide(&after(j.clone(), &plan), &observed(vec![shrunk.clone()]));
+    assert_eq!(running.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(running.status.workers.expected, 2);
+    assert!(reconciling(&running).1.contains("all 2 worker pod(s)"));
+    assert_eq!(running.create, None);
+
+    // It fails: the next attempt asks for all 4 again.
+    shrunk.outcome = exit(1);
+    let restarted = decide(&after(j, &running), &observed(vec![shrunk]));
+    assert_eq!(
+        created(&restarted),
+        Some((
+            2,
+            Counters {
+                restarts: 1,
+                disruptions: 0
+            }
+        ))
+    );
+    assert_eq!(restarted.status.workers.expected, 4);
+}
+
+#[test]
+fn a_gang_placed_whole_or_queued_shrinks_one_valid_size_at_a_time_down_to_min_nodes() {
+    let j = job(ELASTIC);
+    // All or nothing (no pod bound): 3 is not a valid size, 2 is.
+    let plan = decide(&j, &observed(vec![unplaced(0, 4, None, 400)]));
+    assert_eq!(plan.create.map(|n| n.nodes), Some(2));
+    assert!(
+        reconciling(&plan)
+            .1
+            .contains("cannot place all 4 worker pods at once")
+    );
+    // From 2: 1 (minNodes).
+    let plan = decide(&j, &observed(vec![unplaced(1, 2, None, 400)]));
+    assert_eq!(plan.create.map(|n| (n.attempt, n.nodes)), Some((2, 1)));
+    // At minNodes it waits.
+    let plan = decide(&j, &observed(vec![unplaced(2, 1, Some(0), 4000)]));
+    assert_eq!(plan.create, None);
+    assert_eq!(reconciling(&plan).0, "Unschedulable");
+
+    // A gang Kueue has not admitted for the wait gives way too.
+    let mut queued = unplaced(0, 4, None, 300);
+    queued.outcome = AttemptOutcome::Queued;
+    let plan = decide(&j, &observed(vec![queued.clone()]));
+    assert_eq!(plan.create.map(|n| n.nodes), Some(2));
+    assert!(
+        reconciling(&plan)
+            .1
+            .contains("Kueue has not admitted the gang of 4"),
+        "{:?}",
+        reconciling(&plan)
+    );
+    queued.unplaced.as_mut().unwrap().since = Some(now());
+    let waiting = decide(&j, &observed(vec![queued]));
+    assert_eq!(waiting.create, None);
+    assert_eq!(reconciling(&waiting).0, "WaitingForAdmission");
 }
 
 #[test]
@@ -235,7 +389,7 @@ fn a_failed_pod_restarts_the_gang_as_the_next_attempt_counting_the_restart() {
         &observed(vec![attempt(0, exit(1), Counters::default())]),
     );
     assert_eq!(
-        plan.create,
+        created(&plan),
         Some((
             1,
             Counters {
@@ -269,7 +423,7 @@ fn restarts_stop_at_the_backoff_limit_and_the_job_fails() {
             },
         )]),
     );
-    assert_eq!(plan.create, None);
+    assert_eq!(created(&plan), None);
     assert!(
         plan.delete.is_empty(),
         "the attempt goes only once Failed is read back"
@@ -306,7 +460,7 @@ fn disruptions_restart_without_using_the_budget() {
         )]),
     );
     assert_eq!(
-        plan.create,
+        created(&plan),
         Some((
             3,
             Counters {
@@ -343,13 +497,13 @@ fn failure_rules_decide_by_exit_code() {
         &observed(vec![attempt(0, exit(3), Counters::default())]),
     );
     assert_eq!(fatal.status.phase, Some(TrainingPhase::Failed));
-    assert_eq!(fatal.create, None);
+    assert_eq!(created(&fatal), None);
     let ignored = decide(
         &j,
         &observed(vec![attempt(0, exit(137), Counters::default())]),
     );
     assert_eq!(
-        ignored.create,
+        created(&ignored),
         Some((
             1,
             Counters {
@@ -363,7 +517,7 @@ fn failure_rules_decide_by_exit_code() {
         &observed(vec![attempt(0, exit(1), Counters::default())]),
     );
     assert_eq!(
-        counted.create,
+        created(&counted),
         Some((
             1,
             Counters {
@@ -389,7 +543,7 @@ fn an_operator_restart_mid_switch_finishes_it_without_duplicates() {
             attempt(1, AttemptOutcome::Running, counters),
         ]),
     );
-    assert_eq!(plan.create, None, "attempt 1 exists: nothing to create");
+    assert_eq!(created(&plan), None, "attempt 1 exists: nothing to create");
     assert_eq!(plan.delete, vec!["train-a0".to_string()]);
     assert_eq!(plan.status.attempt, 1);
     assert_eq!(
@@ -437,7 +591,7 @@ fn suspend_deletes_the_attempt_and_resume_starts_the_next_one() {
     j.spec.run_policy.suspend = false;
     let resumed = decide(&j, &observed(vec![]));
     assert_eq!(
-        resumed.create,
+        created(&resumed),
         Some((1, Counters::default())),
         "a resume is a new attempt, not a counted restart"
     );
@@ -448,7 +602,7 @@ fn suspend_deletes_the_attempt_and_resume_starts_the_next_one() {
     // never an attempt 2 beside it (seen in e2e on a loaded host).
     j = after(j, &resumed);
     let before_the_store = decide(&j, &observed(vec![]));
-    assert_eq!(before_the_store.create, Some((1, Counters::default())));
+    assert_eq!(created(&before_the_store), Some((1, Counters::default())));
     assert_eq!(before_the_store.status.attempt, 1);
     assert!(before_the_store.delete.is_empty());
 }
@@ -471,7 +625,7 @@ fn a_queued_attempt_waits_for_admission() {
         .find(|c| c.type_ == "Reconciling")
         .unwrap();
     assert_eq!(reconciling.reason, "WaitingForAdmission");
-    assert_eq!(plan.create, None);
+    assert_eq!(created(&plan), None);
 }
 
 #[test]
@@ -501,7 +655,7 @@ fn a_running_attempt_suspended_by_kueue_is_preempted_not_failed() {
         .find(|c| c.type_ == "Reconciling")
         .unwrap();
     assert_eq!(reconciling.reason, "Preempted");
-    assert_eq!(preempted.create, None);
+    assert_eq!(created(&preempted), None);
     assert!(preempted.delete.is_empty());
     assert_eq!(
         (preempted.status.restarts, preempted.status.disruptions),
@@ -538,7 +692,7 @@ fn a_running_attempt_suspended_by_kueue_is_preempted_not_failed() {
             Counters::default(),
         )]),
     );
-    assert_eq!(back.create, None);
+    assert_eq!(created(&back), None);
     assert_ne!(back.status.phase, Some(TrainingPhase::Pending));
 }
 
@@ -610,7 +764,7 @@ fn the_active_deadline_fails_the_job() {
         )]),
     );
     assert_eq!(cleanup.delete, vec!["train-a0".to_string()]);
-    assert_eq!(cleanup.create, None);
+    assert_eq!(created(&cleanup), None);
     let failed = late
         .status
         .conditions
@@ -630,7 +784,7 @@ fn an_invalid_spec_stalls_without_failing_for_good() {
             ..observed(vec![])
         },
     );
-    assert_eq!(plan.create, None);
+    assert_eq!(created(&plan), None);
     assert_eq!(condition(&plan, "Stalled"), "True");
     assert_eq!(condition(&plan, "Reconciling"), "False");
     assert_ne!(plan.status.phase, Some(TrainingPhase::Failed));
@@ -730,10 +884,14 @@ fn failing_a_job_never_lets_a_stale_reconcile_start_another_attempt() {
     assert_eq!(first.status.phase, Some(TrainingPhase::Failed));
     assert!(first.delete.is_empty() && first.create.is_none());
     let again = decide(&stale, &observed(failed.clone()));
-    assert_eq!(again.create, None, "a stale copy must not start attempt 1");
+    assert_eq!(
+        created(&again),
+        None,
+        "a stale copy must not start attempt 1"
+    );
     let fresh = decide(&after(stale, &first), &observed(failed));
     assert_eq!(fresh.delete, vec!["train-a0".to_string()]);
-    assert_eq!(fresh.create, None);
+    assert_eq!(created(&fresh), None);
 }
 
 fn at(time: &str) -> Timestamp {
@@ -790,7 +948,7 @@ fn the_hang_watchdog_restarts_a_gang_whose_rank_0_stops_advancing() {
         "2026-11-28T12:00:50Z",
         Some(report_at(5, "2026-11-28T12:00:50Z")),
     );
-    assert_eq!(stepped.create, None);
+    assert_eq!(created(&stepped), None);
     j = after(j, &stepped);
     // 12:01:40 still step 5: 50 s quiet, the next look is at the deadline.
     let quiet = look(
@@ -798,7 +956,7 @@ fn the_hang_watchdog_restarts_a_gang_whose_rank_0_stops_advancing() {
         "2026-11-28T12:01:40Z",
         Some(report_at(5, "2026-11-28T12:01:40Z")),
     );
-    assert_eq!(quiet.create, None);
+    assert_eq!(created(&quiet), None);
     assert_eq!(
         quiet.status, stepped.status,
         "an unchanged report is no write"
@@ -812,7 +970,7 @@ fn the_hang_watchdog_restarts_a_gang_whose_rank_0_stops_advancing() {
         Some(report_at(5, "2026-11-28T12:01:50Z")),
     );
     assert_eq!(
-        hung.create,
+        created(&hung),
         Some((
             1,
             Counters {
@@ -851,7 +1009,7 @@ fn the_hang_watchdog_restarts_a_gang_whose_rank_0_stops_advancing() {
         },
     );
     assert_eq!(next.status.phase, Some(TrainingPhase::Running));
-    assert_eq!(next.create, None);
+    assert_eq!(created(&next), None);
 }
 
 #[test]
@@ -883,7 +1041,7 @@ fn a_gang_that_never_reports_is_hung_at_the_deadline_and_the_budget_still_bounds
         },
     );
     // backoffLimit 2 is spent: the job fails, saying why.
-    assert_eq!(hung.create, None);
+    assert_eq!(created(&hung), None);
     assert_eq!(hung.status.phase, Some(TrainingPhase::Failed));
     assert_eq!(reason_of(&hung, "Failed"), "BackoffLimitExceeded");
     let failed = hung
@@ -971,7 +1129,7 @@ fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
             )])
         },
     );
-    assert_eq!(done.create, None);
+    assert_eq!(created(&done), None);
     assert_eq!(done.status.phase, Some(TrainingPhase::Running));
     // Some pods have completed: the gang is ending.
     let mut ending = attempt(0, AttemptOutcome::Running, Counters::default());
@@ -983,7 +1141,7 @@ fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
             ..observed(vec![ending])
         },
     );
-    assert_eq!(plan.create, None);
+    assert_eq!(created(&plan), None);
     // A report of the last step from an earlier attempt does not spare the
     // next one: attempt 1 (resumed from a checkpoint) never reports.
     let mut earlier = j.clone();

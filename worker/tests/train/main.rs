@@ -6,6 +6,7 @@ mod cli;
 mod data_parallel;
 #[path = "../dist_support/mod.rs"]
 mod dist_support;
+mod elastic;
 mod gradients;
 mod learning;
 mod precision;
