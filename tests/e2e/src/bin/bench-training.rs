@@ -67,7 +67,12 @@ fn plain_job(name: &str, ns: &str) -> Job {
     let mut job = training_job(name);
     job.metadata.namespace = Some(ns.into());
     job.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
-    let mut child = build::attempt_job(&job, &BuildContext::default(), 0, Counters::default());
+    let attempt = build::NewAttempt {
+        attempt: 0,
+        counters: Counters::default(),
+        nodes: job.spec.parallelism.nodes,
+    };
+    let mut child = build::attempt_job(&job, &BuildContext::default(), attempt);
     child.metadata.owner_references = None;
     child
 }
