@@ -350,17 +350,20 @@ async fn observe_attempts(
             .and_then(|s| s.completions)
             .unwrap_or(job.spec.parallelism.nodes);
         // The scheduler's verdict on the attempt's gang, while it is not
-        // placed whole (or Kueue's, while it has not admitted it).
+        // placed whole (or Kueue's, while it has not admitted it). A gang
+        // with a PodGroup is placed whole, and the group has the verdict;
+        // the pods of others are placed one by one, and have theirs.
+        let pod_group = ctx
+            .pod_groups
+            .as_ref()
+            .and_then(|store| store.get(&ObjectRef::new(&j.name_any()).within(ns)));
         let mut unplaced = match outcome {
             AttemptOutcome::Queued => Some(gang::Unplaced {
                 message: "waiting in its queue".into(),
                 since: suspended_since(&j),
                 bound: None,
             }),
-            _ => ctx.pod_groups.as_ref().and_then(|store| {
-                let pg = store.get(&ObjectRef::new(&j.name_any()).within(ns))?;
-                gang::unplaced_group(&pg)
-            }),
+            _ => pod_group.as_deref().and_then(gang::unplaced_group),
         };
         // While the attempt's pods start (pods are read: which the
         // scheduler cannot place, a Hub dataset's downloads), and until
@@ -374,7 +377,7 @@ async fn observe_attempts(
         let (downloading, data_commits) =
             if outcome == AttemptOutcome::Running && (starting || (hub_data && !known)) {
                 let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
-                if unplaced.is_none() && starting {
+                if pod_group.is_none() && starting {
                     unplaced = gang::unplaced_pods(&pods);
                 }
                 let reports = hub::commits_of(&pods);

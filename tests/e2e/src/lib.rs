@@ -299,6 +299,10 @@ pub const GANG_POOL: &str = "gang";
 /// The operator flag that schedules gangs through the Workload API.
 pub const WORKLOAD_API: [&str; 2] = ["--gang-scheduling", "workload-api"];
 
+/// The pool of 2 fake nodes (`tests/cluster/nodes.sh`) that an elastic
+/// job's larger gang does not fit; one test uses it.
+pub const ELASTIC_POOL: &str = "elastic";
+
 /// The pool of fake nodes with a device of the fake DRA driver each
 /// (`tests/cluster/nodes.sh`: 2 nodes, DeviceClass [`DRA_CLASS`]).
 pub const DRA_POOL: &str = "dra";

@@ -19,8 +19,9 @@ use moe_e2e::kubelet::Kubelet;
 use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    DRA_CLASS, DRA_POOL, GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client,
-    api_message, bound_claim, eventually, gpu_job, metric_sum, on_pool, rejection_problems,
+    DRA_CLASS, DRA_POOL, ELASTIC_POOL, GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API,
+    admin_client, api_message, bound_claim, eventually, gpu_job, metric_sum, on_pool,
+    rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -1005,6 +1006,85 @@ async fn bound(pods: &Api<Pod>, job: &str) -> Result<(usize, usize)> {
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
         .count();
     Ok((list.len(), bound))
+}
+
+#[tokio::test]
+async fn an_elastic_gang_the_cluster_cannot_hold_shrinks_to_what_it_can() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-elastic").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+
+    // 4 nodes of 8 GPUs asked for, 2 in the pool. The scheduler binds two
+    // pods one by one and says why it cannot place the others.
+    let elastic =
+        json!({"spec": {"parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 15}}}});
+    jobs.create(
+        &PostParams::default(),
+        &gpu_job("big", 4, on_pool(ELASTIC_POOL, elastic)),
+    )
+    .await?;
+    let message = eventually(
+        "big to say 2 of its 4 pods cannot be scheduled",
+        WAIT,
+        || async {
+            let j = jobs.get("big").await?;
+            let c = condition(&j, "Reconciling");
+            Ok(c.filter(|c| {
+                c.reason == "Unschedulable"
+                    && c.message.contains("2 of 4 worker pods cannot be scheduled")
+            })
+            .map(|c| c.message.clone()))
+        },
+    )
+    .await?;
+    ensure!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
+    ensure!(message.contains("2 bound"), "{message}");
+    wait_event(&client, &ns.name, "big", "Unschedulable").await?;
+
+    // After shrinkAfterSeconds the next attempt asks for 2 nodes (3 would
+    // not split the global batch of 32), not counted as a restart, and runs.
+    let j = eventually("big to run on 2 nodes", WAIT, || async {
+        let j = jobs.get("big").await?;
+        let s = j.status.clone().unwrap_or_default();
+        Ok((s.phase == Some(TrainingPhase::Running) && s.attempt == 1).then_some(j))
+    })
+    .await?;
+    let s = j.status.clone().unwrap_or_default();
+    ensure!(
+        s.workers.expected == 2 && s.workers.ready == 2,
+        "{:?}",
+        s.workers
+    );
+    ensure!((s.restarts, s.disruptions) == (0, 0), "{s:?}");
+    wait_event(&client, &ns.name, "big", "GangShrunk").await?;
+    let a1 = k8s_jobs.get("big-a1").await?;
+    ensure!(
+        a1.spec.as_ref().and_then(|s| s.completions) == Some(2),
+        "{:?}",
+        a1.spec
+    );
+    let running = pods_of(&pods, "big", 1).await?;
+    ensure!(running.len() == 2, "{} pods", running.len());
+    for pod in &running {
+        // 2 nodes × 8 processes: the worker reads the config with 2 nodes.
+        ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("16"));
+        ensure!(env_of(pod, "MOE_NODES").as_deref() == Some("2"));
+    }
+    eventually("attempt 0's pods gone", WAIT, || async {
+        Ok(pods_of(&pods, "big", 0).await?.is_empty().then_some(()))
+    })
+    .await?;
+    // It stays on 2: a gang running whole does not shrink further.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = jobs.get("big").await?.status.unwrap_or_default();
+    ensure!(
+        s.attempt == 1 && s.phase == Some(TrainingPhase::Running),
+        "{s:?}"
+    );
+    Ok(())
 }
 
 #[tokio::test]
