@@ -705,7 +705,8 @@ impl Default for ParallelismSpec {
 /// stays `training.globalBatchSize` (each rank runs more micro-batches), so
 /// the job trains the same model on any size; it resumes from the newest
 /// checkpoint. Every attempt after a failure, disruption or resume asks for
-/// `nodes` again.
+/// `nodes` again, and with `grow` a smaller one grows back when there is
+/// room.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ElasticSpec {
@@ -718,6 +719,15 @@ pub struct ElasticSpec {
     #[serde(default = "default_shrink_after")]
     #[schemars(range(min = 0, max = 86400))]
     pub shrink_after_seconds: i32,
+    /// While a smaller attempt trains, ask the scheduler for the missing
+    /// nodes with spare pods (a Job `<name>-a<attempt>-spare`: the workers'
+    /// resources and placement, running nothing); once they all run, stop
+    /// the gang (it checkpoints at the next step) and restart it on all
+    /// `nodes`. Only for gangs the scheduler places pod by pod: under Kueue
+    /// (`placement.queueName`) or the Workload API an attempt grows back
+    /// when it restarts.
+    #[serde(default = "yes")]
+    pub grow: bool,
 }
 
 fn default_shrink_after() -> i32 {

@@ -15,6 +15,12 @@ pub const ATTEMPT: &str = "moe.dev/attempt";
 pub const ROLE: &str = "moe.dev/role";
 pub const ROLE_WORKER: &str = "worker";
 pub const ROLE_SERVER: &str = "server";
+/// Spare pods of an elastic training job (a Job of them per smaller
+/// attempt): they hold the room for the nodes the attempt lacks.
+pub const ROLE_SPARE: &str = "spare";
+/// The attempt a spare Job asks room for, on the Job and its pods (not
+/// [`ATTEMPT`]: nothing that reads an attempt's workers must find them).
+pub const SPARE_FOR_ATTEMPT: &str = "moe.dev/spare-for-attempt";
 /// Name of the owning MoEInferenceService, on every child and server pod.
 pub const SERVICE_NAME: &str = "moe.dev/service-name";
 /// Index of a server pod's replica group (`podsPerReplica > 1`), on its StatefulSet and pods.

@@ -15,7 +15,7 @@
 # (fabric.moe.dev: a ResourceSlice per node, published here as a driver's
 # kubelet plugin would, and the DeviceClass that selects them), for claims
 # the scheduler allocates (Dynamic Resource Allocation). A tainted pool elastic
-# (2 nodes) holds half of an elastic job's 4-node gang. KWOK manages every node annotated
+# (4 nodes) for an elastic job's gang that the test crowds and then frees. KWOK manages every node annotated
 # kwok.x-k8s.io/node=fake and marks it Ready.
 # Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
@@ -70,7 +70,7 @@ for i in 0 1 2 3; do tainted_pool kueue-spare "$i" block-spare rack-spare; done
 for i in 0 1 2 3 4 5 6 7; do tainted_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done
 for i in 0 1 2 3 4; do tainted_pool gang "$i" block-gang "rack-gang-$((i < 2 ? 0 : 1))"; done
 for i in 0 1; do tainted_pool dra "$i" block-dra rack-dra; done
-for i in 0 1; do tainted_pool elastic "$i" block-elastic rack-elastic; done
+for i in 0 1 2 3; do tainted_pool elastic "$i" block-elastic rack-elastic; done
 cat <<YAML
 ---
 apiVersion: resource.k8s.io/v1

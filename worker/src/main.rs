@@ -43,6 +43,10 @@ enum Command {
     /// Hub's hash, resumed after an interruption. The token, for gated and
     /// private models, comes from $HF_TOKEN.
     Fetch(FetchArgs),
+    /// Hold a pod's place: wait until stopped (SIGTERM, SIGINT), then exit
+    /// 0. The spare pods of an elastic training job run it while they ask
+    /// the scheduler for room (docs/training-jobs.md).
+    Hold,
 }
 
 #[derive(clap::Args)]
@@ -188,7 +192,19 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => serve(*args),
         Command::Fetch(args) => fetch(args),
+        Command::Hold => hold(),
     }
+}
+
+fn hold() -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Err(e) = set_on_stop_signals(&stop) {
+        return fail(&e, 1);
+    }
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    ExitCode::SUCCESS
 }
 
 fn fetch(args: FetchArgs) -> ExitCode {

@@ -984,6 +984,7 @@ mod tests {
         let elastic = Some(ElasticSpec {
             min_nodes: 2,
             shrink_after_seconds: 300,
+            grow: true,
         });
         // 2 nodes × 2 processes: the shrunk attempt trains, on 2 nodes.
         let sized = sized_for_gang(config(elastic.clone()), &gang(4));

@@ -364,6 +364,61 @@ fn pod_template(
     }
 }
 
+/// The spare Job of a smaller attempt of an elastic job: `count` pods with
+/// a worker's resources and placement (its node selector, tolerations,
+/// priority, and the pod affinity that keeps the attempt in one domain),
+/// running `moe-worker hold` and nothing else. When they all run, the
+/// scheduler has room for the whole gang, and the operator restarts it on
+/// every node. They mount nothing and join nothing (no subdomain, no
+/// PodGroup); their container pulls the worker image, so the node has it
+/// when the grown gang lands there.
+pub fn spare_job(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, count: i32) -> Job {
+    let mut meta = child_meta(job, spare_job_name(job, attempt));
+    let job_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    job_labels.insert(labels::ROLE.into(), labels::ROLE_SPARE.into());
+    job_labels.insert(labels::SPARE_FOR_ATTEMPT.into(), attempt.to_string());
+    let mut template = pod_template(job, ctx, attempt, job.spec.parallelism.nodes);
+    if let Some(meta) = template.metadata.as_mut() {
+        let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+        pod_labels.remove(labels::ATTEMPT);
+        pod_labels.insert(labels::ROLE.into(), labels::ROLE_SPARE.into());
+        pod_labels.insert(labels::SPARE_FOR_ATTEMPT.into(), attempt.to_string());
+        meta.annotations = None;
+    }
+    if let Some(pod) = template.spec.as_mut() {
+        let worker = &job.spec.worker;
+        pod.subdomain = None;
+        pod.scheduling_group = None;
+        pod.init_containers = None;
+        pod.volumes = None;
+        pod.containers = vec![Container {
+            name: "spare".into(),
+            image: Some(ctx.image(worker)),
+            image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
+            command: Some(vec!["moe-worker".into(), "hold".into()]),
+            resources: Some(resources(worker, job.spec.parallelism.processes_per_node)),
+            security_context: Some(container_security_context()),
+            ..Default::default()
+        }];
+    }
+    Job {
+        metadata: meta,
+        spec: Some(JobSpec {
+            completions: Some(count),
+            parallelism: Some(count),
+            // A spare that fails is replaced; they hold until deleted.
+            backoff_limit: Some(count.saturating_mul(4)),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn spare_job_name(job: &MoETrainingJob, attempt: i32) -> String {
+    format!("{}-spare", attempt_job_name(job, attempt))
+}
+
 /// The init container that downloads a Hub dataset's files (its `path` and
 /// the tokenizer) into the data volume before the worker starts.
 pub fn download_container(
@@ -567,6 +622,68 @@ mod tests {
             gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_spare_job_asks_for_a_workers_room_and_runs_nothing() {
+        let mut j = job(serde_json::json!({
+            "nodeSelector": {"pool": "a"},
+            "topology": {"required": "topology.moe.dev/rack"}
+        }));
+        j.spec.parallelism.nodes = 4;
+        let ctx = BuildContext::default();
+        let spare = spare_job(&j, &ctx, 1, 2);
+        assert_eq!(spare.name_any(), "big-a1-spare");
+        let job_labels = spare.labels();
+        assert_eq!(job_labels.get(labels::ROLE).unwrap(), labels::ROLE_SPARE);
+        assert_eq!(job_labels.get(labels::SPARE_FOR_ATTEMPT).unwrap(), "1");
+        assert!(!job_labels.contains_key(labels::ATTEMPT));
+        let spec = spare.spec.unwrap();
+        assert_eq!((spec.completions, spec.parallelism), (Some(2), Some(2)));
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        // Not one of the attempt's workers: nothing that reads those finds it.
+        assert!(!pod_labels.contains_key(labels::ATTEMPT));
+        assert_eq!(pod_labels.get(labels::ROLE).unwrap(), labels::ROLE_SPARE);
+        let pod = spec.template.spec.unwrap();
+        let worker = attempt_job(&j, &ctx, whole(&j, 1))
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        // The worker's room and place: resources, node selector, tolerations,
+        // priority, and the affinity to attempt 1's workers (one rack).
+        assert_eq!(pod.containers.len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(c.command, Some(vec!["moe-worker".into(), "hold".into()]));
+        assert_eq!(c.image, worker.containers[0].image);
+        assert_eq!(c.resources, worker.containers[0].resources);
+        assert_eq!(c.security_context, worker.containers[0].security_context);
+        assert_eq!(pod.node_selector, worker.node_selector);
+        assert_eq!(pod.tolerations, worker.tolerations);
+        assert_eq!(pod.priority_class_name, worker.priority_class_name);
+        assert_eq!(pod.security_context, worker.security_context);
+        let selects = pod_affinity(&PodTemplateSpec {
+            metadata: None,
+            spec: Some(pod.clone()),
+        })
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution)
+        .and_then(|terms| terms.first()?.label_selector.clone()?.match_labels);
+        assert_eq!(
+            selects
+                .and_then(|m| m.get(labels::ATTEMPT).cloned())
+                .as_deref(),
+            Some("1")
+        );
+        // Nothing else: no volumes, no download, no rendezvous name.
+        assert!(pod.volumes.is_none() && pod.init_containers.is_none() && pod.subdomain.is_none());
     }
 
     /// The worker reads `data.volume.path` and `tokenizerFile` inside

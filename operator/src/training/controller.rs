@@ -23,7 +23,9 @@ use moe_crds::{MoETrainingJob, MoETrainingJobStatus};
 use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
-use super::decide::{AttemptOutcome, AttemptState, FailureCause, Observed, Plan, decide};
+use super::decide::{
+    AttemptOutcome, AttemptState, FailureCause, Observed, Plan, SpareState, decide,
+};
 use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
@@ -165,6 +167,11 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
             now: Timestamp::now(),
             invalid: invalid.clone(),
             progress,
+            spares: observe_spares(ctx, job, &ns),
+            pod_by_pod: ctx
+                .build
+                .gang(&job.spec.placement, job.spec.parallelism.nodes)
+                == gang::Mechanism::Scheduler,
         },
     );
 
@@ -298,20 +305,43 @@ async fn read_progress(
     Ok(report.map(|r| progress::to_status(&r, Timestamp::now())))
 }
 
+/// Whether `candidate` is a child Job of `job` (its controller) in `ns`.
+fn owned_by(candidate: &Job, job: &MoETrainingJob, ns: &str) -> bool {
+    let uid = job.uid();
+    candidate.namespace().as_deref() == Some(ns)
+        && candidate
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
+}
+
+/// The spare Jobs of `job`, from the store.
+fn observe_spares(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Vec<SpareState> {
+    ctx.jobs
+        .state()
+        .iter()
+        .filter(|j| owned_by(j, job, ns))
+        .filter(|j| j.labels().get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_SPARE))
+        .filter_map(|j| {
+            Some(SpareState {
+                name: j.name_any(),
+                attempt: j.labels().get(labels::SPARE_FOR_ATTEMPT)?.parse().ok()?,
+                ready: j.status.as_ref().and_then(|s| s.ready).unwrap_or(0),
+                being_deleted: j.meta().deletion_timestamp.is_some(),
+            })
+        })
+        .collect()
+}
+
 /// The attempt Jobs of `job`, from the store; pods are listed only for a failed attempt.
 async fn observe_attempts(
     ctx: &Context,
     job: &MoETrainingJob,
     ns: &str,
 ) -> Result<Vec<AttemptState>, Error> {
-    let uid = job.uid();
     let mut out = Vec::new();
     for j in ctx.jobs.state() {
-        let owned = j
-            .owner_references()
-            .iter()
-            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
-        if j.namespace().as_deref() != Some(ns) || !owned {
+        if !owned_by(&j, job, ns) {
             continue;
         }
         let Some(attempt) = j.labels().get(labels::ATTEMPT).and_then(|a| a.parse().ok()) else {
@@ -393,6 +423,7 @@ async fn observe_attempts(
             attempt,
             name: j.name_any(),
             nodes,
+            created: j.metadata.creation_timestamp.as_ref().map(|t| t.0),
             unplaced,
             downloading,
             data_commits,
@@ -686,6 +717,16 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
         let child = build::attempt_job(job, &ctx.build, new);
         if create_once(client, metrics, ns, &child).await? {
             info!(job = %job.name_any(), namespace = ns, attempt, "created attempt");
+        }
+    }
+    if let Some(spares) = plan.spares {
+        let child = build::spare_job(job, &ctx.build, spares.attempt, spares.count);
+        let known = ctx
+            .jobs
+            .get(&ObjectRef::new(&child.name_any()).within(ns))
+            .is_some();
+        if !known && create_once(client, metrics, ns, &child).await? {
+            info!(job = %job.name_any(), namespace = ns, attempt = spares.attempt, count = spares.count, "created spare pods");
         }
     }
     for name in &plan.delete {

@@ -35,6 +35,8 @@ pub struct AttemptState {
     /// The attempt's gang size: `parallelism.nodes`, or fewer once an
     /// elastic job shrank it.
     pub nodes: i32,
+    /// When its Job was created.
+    pub created: Option<Timestamp>,
     /// Why the attempt's gang is not placed, while it is not: the
     /// scheduler's words (its PodGroup's condition under the Workload API,
     /// else its pods'), or Kueue not admitting it.
@@ -89,6 +91,30 @@ pub struct Observed {
     pub invalid: Option<String>,
     /// Training progress just read from rank 0, if it answered.
     pub progress: Option<TrainingProgress>,
+    /// The job's spare Jobs (an elastic job's smaller attempts ask for room).
+    pub spares: Vec<SpareState>,
+    /// Whether the scheduler places this job's whole gang pod by pod (no
+    /// Kueue queue, no Workload API PodGroup): then spare pods that run
+    /// show that it would place the gang, and a smaller attempt may grow.
+    pub pod_by_pod: bool,
+}
+
+/// A spare Job: pods holding room for the nodes a smaller attempt lacks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpareState {
+    pub name: String,
+    /// The attempt it asks room for.
+    pub attempt: i32,
+    /// Its pods running (so bound, their image pulled).
+    pub ready: i32,
+    pub being_deleted: bool,
+}
+
+/// Spare pods a smaller attempt asks for (its spare Job).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpareRequest {
+    pub attempt: i32,
+    pub count: i32,
 }
 
 /// A transition worth a Kubernetes Event.
@@ -104,8 +130,10 @@ pub struct Transition {
 pub struct Plan {
     /// Attempt Job to create.
     pub create: Option<NewAttempt>,
-    /// Attempt Jobs to delete (names).
+    /// Attempt Jobs (and spare Jobs) to delete (names).
     pub delete: Vec<String>,
+    /// The spare Job to have (created if missing); any other is deleted.
+    pub spares: Option<SpareRequest>,
     /// Delete the MoETrainingJob itself (TTL after finishing).
     pub delete_self: bool,
     pub status: MoETrainingJobStatus,
@@ -123,10 +151,24 @@ impl Plan {
 
 /// Decide the next step for `job` given what was `observed`.
 pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
+    let mut plan = decide_attempts(job, observed);
+    // Spare Jobs the plan does not keep go: their attempt ended, grew, or
+    // is the whole gang again.
+    for spare in &observed.spares {
+        let wanted = plan.spares.is_some_and(|r| r.attempt == spare.attempt);
+        if !wanted && !spare.being_deleted {
+            plan.delete.push(spare.name.clone());
+        }
+    }
+    plan
+}
+
+fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
     let old = job.status.clone().unwrap_or_default();
     let mut plan = Plan {
         create: None,
         delete: vec![],
+        spares: None,
         delete_self: false,
         status: MoETrainingJobStatus {
             observed_generation: job.metadata.generation,
@@ -372,6 +414,9 @@ pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 }
                 // Poll rank 0 for progress while the gang runs.
                 plan.look_again_within(super::progress::POLL_INTERVAL);
+                if grow(job, &old, cur, observed, &mut plan, &now) {
+                    return plan;
+                }
                 let msg = format!(
                     "attempt {}: all {} worker pod(s) running",
                     cur.attempt, cur.nodes
@@ -615,7 +660,18 @@ fn shrink(
     {
         return false;
     }
-    let waited = unplaced.since.map_or(0.0, |since| {
+    // Counted from the first refusal, but not before the pods of the attempt
+    // this one replaced have had their grace period to leave (a grown
+    // gang's predecessor checkpoints as it stops): the room they hold is
+    // not the cluster's verdict.
+    let predecessor_gone = cur
+        .created
+        .map(|t| t + k8s_openapi::jiff::SignedDuration::from_secs(POD_GRACE_SECONDS));
+    let since = match (unplaced.since, predecessor_gone) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let waited = since.map_or(0.0, |since| {
         now.duration_since(since).as_secs_f64().max(0.0)
     });
     let wait = f64::from(elastic.shrink_after_seconds);
@@ -660,6 +716,59 @@ fn shrink(
         &msg,
         &Time(now),
     );
+    true
+}
+
+/// A smaller attempt of an elastic job that runs whole asks for spare pods
+/// for the nodes it lacks; once they all run, the scheduler has room for the
+/// whole gang, and the attempt gives way to one on `parallelism.nodes`
+/// (deleted, its pods checkpoint at their next step as they stop). Only
+/// where the scheduler places the gang pod by pod. Returns whether it grew.
+fn grow(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    cur: &AttemptState,
+    observed: &Observed,
+    plan: &mut Plan,
+    now: &Time,
+) -> bool {
+    let spec = &job.spec;
+    let missing = spec.parallelism.nodes - cur.nodes;
+    let growing = spec.parallelism.elastic.as_ref().is_some_and(|e| e.grow);
+    if !growing || missing <= 0 || !observed.pod_by_pod || cur.succeeded > 0 {
+        return false;
+    }
+    let ready = observed
+        .spares
+        .iter()
+        .find(|s| s.attempt == cur.attempt && !s.being_deleted)
+        .map_or(0, |s| s.ready);
+    if ready < missing {
+        plan.spares = Some(SpareRequest {
+            attempt: cur.attempt,
+            count: missing,
+        });
+        return false;
+    }
+    let attempt = cur.attempt + 1;
+    plan.create = Some(NewAttempt {
+        attempt,
+        counters: cur.counters,
+        nodes: spec.parallelism.nodes,
+    });
+    plan.delete.push(cur.name.clone());
+    plan.status.attempt = attempt;
+    plan.status.data_commits = Vec::new();
+    plan.status.workers = WorkerCounts {
+        expected: spec.parallelism.nodes,
+        ..Default::default()
+    };
+    let msg = format!(
+        "attempt {}: trained on {} of {} nodes, and the scheduler now runs {missing} spare pod(s) for the rest; stopping it (it checkpoints at its next step) and restarting on all {} as attempt {attempt} (not counted as a restart)",
+        cur.attempt, cur.nodes, spec.parallelism.nodes, spec.parallelism.nodes
+    );
+    plan.transitions.push(info(GANG_GROWN, msg.clone()));
+    set_phase(plan, old, TrainingPhase::Pending, GANG_GROWN, &msg, now);
     true
 }
 
@@ -777,6 +886,10 @@ const DOWNLOADING_DATA: &str = "DownloadingData";
 const POD_POLL: Duration = Duration::from_secs(30);
 /// An elastic job's gang gave way to a smaller one.
 const GANG_SHRUNK: &str = "GangShrunk";
+/// A smaller attempt gave way to the whole gang.
+const GANG_GROWN: &str = "GangGrown";
+/// Pods' default `terminationGracePeriodSeconds` (the workers' is not set).
+const POD_GRACE_SECONDS: i64 = 30;
 /// A running gang that the hang watchdog restarted.
 const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
 

@@ -30,6 +30,8 @@ fn observed(attempts: Vec<AttemptState>) -> Observed {
         now: now(),
         invalid: None,
         progress: None,
+        spares: vec![],
+        pod_by_pod: true,
     }
 }
 
@@ -41,6 +43,7 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         being_deleted: false,
         outcome,
         nodes: 4,
+        created: None,
         unplaced: None,
         downloading: 0,
         data_commits: None,
@@ -319,6 +322,103 @@ fn an_elastic_gang_waits_its_time_then_shrinks_to_the_valid_size_the_scheduler_b
         ))
     );
     assert_eq!(restarted.status.workers.expected, 4);
+}
+
+#[test]
+fn the_wait_starts_once_the_replaced_attempts_pods_have_had_their_grace_period() {
+    let j = job(ELASTIC);
+    // Refused for 400 s, but the attempt is 310 s old: its predecessor's
+    // pods may have held the room for its first 30 s (their grace period).
+    let mut a = unplaced(1, 4, Some(2), 400);
+    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(310));
+    assert_eq!(decide(&j, &observed(vec![a.clone()])).create, None);
+    // 330 s old: 300 s past the grace.
+    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(330));
+    assert_eq!(
+        decide(&j, &observed(vec![a])).create.map(|n| n.nodes),
+        Some(2)
+    );
+}
+
+fn spare(attempt: i32, ready: i32) -> SpareState {
+    SpareState {
+        name: format!("train-a{attempt}-spare"),
+        attempt,
+        ready,
+        being_deleted: false,
+    }
+}
+
+#[test]
+fn a_smaller_attempt_asks_for_spare_pods_and_grows_back_once_they_all_run() {
+    let j = job(ELASTIC);
+    let mut small = attempt(1, AttemptOutcome::Running, Counters::default());
+    (small.nodes, small.active, small.ready) = (2, 2, 2);
+    let mut obs = observed(vec![small.clone()]);
+
+    // Running whole on 2 of 4: it asks for spares for the other 2.
+    let want = Some(SpareRequest {
+        attempt: 1,
+        count: 2,
+    });
+    let plan = decide(&after(j.clone(), &decide(&j, &obs)), &obs);
+    assert_eq!(plan.spares, want);
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Running));
+    assert!(plan.create.is_none() && plan.delete.is_empty(), "{plan:?}");
+
+    // One of them runs: it keeps asking.
+    obs.spares = vec![spare(1, 1)];
+    let plan = decide(&j, &obs);
+    assert_eq!(plan.spares, want);
+    assert!(plan.create.is_none() && plan.delete.is_empty(), "{plan:?}");
+
+    // Both run: the scheduler has room for the whole gang. Attempt 1 goes
+    // (its pods checkpoint as they stop), and its spares; attempt 2 asks
+    // for all 4, not counted.
+    obs.spares = vec![spare(1, 2)];
+    let running = decide(&j, &observed(vec![small.clone()]));
+    let plan = decide(&after(j.clone(), &running), &obs);
+    assert_eq!(
+        plan.create,
+        Some(NewAttempt {
+            attempt: 2,
+            counters: Counters::default(),
+            nodes: 4
+        })
+    );
+    assert_eq!(plan.delete, vec!["train-a1", "train-a1-spare"]);
+    assert_eq!(plan.spares, None);
+    assert_eq!((plan.status.attempt, plan.status.workers.expected), (2, 4));
+    assert_eq!((plan.status.restarts, plan.status.disruptions), (0, 0));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "GangGrown");
+    assert!(
+        message.contains("trained on 2 of 4 nodes")
+            && message.contains("restarting on all 4 as attempt 2"),
+        "{message}"
+    );
+    let event = plan.transitions.iter().find(|t| t.reason == "GangGrown");
+    assert!(event.is_some_and(|t| !t.warning), "{:?}", plan.transitions);
+
+    // The whole gang runs: an older attempt's spares left over go.
+    let mut whole = attempt(2, AttemptOutcome::Running, Counters::default());
+    (whole.active, whole.ready) = (4, 4);
+    let mut obs = observed(vec![whole]);
+    obs.spares = vec![spare(1, 2)];
+    let plan = decide(&j, &obs);
+    assert_eq!(plan.spares, None);
+    assert_eq!(plan.delete, vec!["train-a1-spare"]);
+
+    // No spares where the scheduler does not place the gang pod by pod
+    // (Kueue, the Workload API), nor with grow: false.
+    let mut obs = observed(vec![small.clone()]);
+    obs.pod_by_pod = false;
+    assert_eq!(decide(&j, &obs).spares, None);
+    let fixed = job(&ELASTIC.replace(
+        "shrinkAfterSeconds: 300",
+        "shrinkAfterSeconds: 300, grow: false",
+    ));
+    assert_eq!(decide(&fixed, &observed(vec![small])).spares, None);
 }
 
 #[test]

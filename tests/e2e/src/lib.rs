@@ -299,8 +299,8 @@ pub const GANG_POOL: &str = "gang";
 /// The operator flag that schedules gangs through the Workload API.
 pub const WORKLOAD_API: [&str; 2] = ["--gang-scheduling", "workload-api"];
 
-/// The pool of 2 fake nodes (`tests/cluster/nodes.sh`) that an elastic
-/// job's larger gang does not fit; one test uses it.
+/// The pool of 4 fake nodes (`tests/cluster/nodes.sh`) for the elastic
+/// job test, which crowds it with pods of its own; one test uses it.
 pub const ELASTIC_POOL: &str = "elastic";
 
 /// The pool of fake nodes with a device of the fake DRA driver each

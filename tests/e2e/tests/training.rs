@@ -1008,24 +1008,60 @@ async fn bound(pods: &Api<Pod>, job: &str) -> Result<(usize, usize)> {
     Ok((list.len(), bound))
 }
 
+/// A pod that takes a whole node of the elastic pool (8 GPUs), as another
+/// team's workload would.
+fn blocker(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {HOLD: "true"}},
+        "spec": {
+            "nodeSelector": {"node.moe.dev/pool": ELASTIC_POOL},
+            "tolerations": [
+                {"key": "moe.dev/pool", "operator": "Equal", "value": ELASTIC_POOL, "effect": "NoSchedule"},
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "other", "image": "registry.example/other:1",
+                "resources": {"limits": {"nvidia.com/gpu": "8"}},
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+            }]
+        }
+    }))
+    .expect("a valid pod")
+}
+
 #[tokio::test]
-async fn an_elastic_gang_the_cluster_cannot_hold_shrinks_to_what_it_can() -> Result<()> {
+async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_is_more()
+-> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-elastic").await?;
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
 
-    // 4 nodes of 8 GPUs asked for, 2 in the pool. The scheduler binds two
-    // pods one by one and says why it cannot place the others.
-    let elastic =
-        json!({"spec": {"parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 15}}}});
-    jobs.create(
-        &PostParams::default(),
-        &gpu_job("big", 4, on_pool(ELASTIC_POOL, elastic)),
-    )
+    // Two of the pool's four nodes are taken.
+    for name in ["other-0", "other-1"] {
+        pods.create(&pp, &blocker(name)).await?;
+    }
+    eventually("the other pods running", WAIT, || async {
+        let mut running = 0;
+        for name in ["other-0", "other-1"] {
+            let p = pods.get(name).await?;
+            running += usize::from(p.status.and_then(|s| s.phase).as_deref() == Some("Running"));
+        }
+        Ok((running == 2).then_some(()))
+    })
     .await?;
+
+    // 4 nodes of 8 GPUs asked for: the scheduler binds two pods one by one
+    // and says why it cannot place the others.
+    let elastic =
+        json!({"spec": {"parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 10}}}});
+    jobs.create(&pp, &gpu_job("big", 4, on_pool(ELASTIC_POOL, elastic)))
+        .await?;
     let message = eventually(
         "big to say 2 of its 4 pods cannot be scheduled",
         WAIT,
@@ -1044,8 +1080,8 @@ async fn an_elastic_gang_the_cluster_cannot_hold_shrinks_to_what_it_can() -> Res
     ensure!(message.contains("2 bound"), "{message}");
     wait_event(&client, &ns.name, "big", "Unschedulable").await?;
 
-    // After shrinkAfterSeconds the next attempt asks for 2 nodes (3 would
-    // not split the global batch of 32), not counted as a restart, and runs.
+    // Past the wait the next attempt asks for 2 nodes (3 would not split
+    // the global batch of 32), not counted as a restart, and runs.
     let j = eventually("big to run on 2 nodes", WAIT, || async {
         let j = jobs.get("big").await?;
         let s = j.status.clone().unwrap_or_default();
@@ -1073,17 +1109,62 @@ async fn an_elastic_gang_the_cluster_cannot_hold_shrinks_to_what_it_can() -> Res
         ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("16"));
         ensure!(env_of(pod, "MOE_NODES").as_deref() == Some("2"));
     }
-    eventually("attempt 0's pods gone", WAIT, || async {
-        Ok(pods_of(&pods, "big", 0).await?.is_empty().then_some(()))
+
+    // Attempt 1 asks for room for the other 2 nodes: two spare pods, which
+    // the scheduler cannot place while the other pods hold the nodes.
+    let spare_pods = || async {
+        let sel = "moe.dev/job-name=big,moe.dev/role=spare,moe.dev/spare-for-attempt=1";
+        Ok::<_, anyhow::Error>(pods.list(&ListParams::default().labels(sel)).await?.items)
+    };
+    let spares = eventually("2 spare pods, unscheduled", WAIT, || async {
+        let spares = spare_pods().await?;
+        let waiting = spares
+            .iter()
+            .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_none()))
+            .count();
+        Ok((spares.len() == 2 && waiting == 2).then_some(spares))
     })
     .await?;
-    // It stays on 2: a gang running whole does not shrink further.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = jobs.get("big").await?.status.unwrap_or_default();
+    let command = spares[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers[0].command.clone());
     ensure!(
-        s.attempt == 1 && s.phase == Some(TrainingPhase::Running),
-        "{s:?}"
+        command == Some(vec!["moe-worker".into(), "hold".into()]),
+        "{command:?}"
     );
+    ensure!(jobs.get("big").await?.status.unwrap_or_default().attempt == 1);
+
+    // The other pods finish: the spares run, and the gang grows back to 4
+    // as attempt 2, not counted, the spares gone.
+    for name in ["other-0", "other-1"] {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    let j = eventually("big to run on 4 nodes again", WAIT, || async {
+        let j = jobs.get("big").await?;
+        let s = j.status.clone().unwrap_or_default();
+        Ok((s.phase == Some(TrainingPhase::Running) && s.attempt == 2).then_some(j))
+    })
+    .await?;
+    let s = j.status.clone().unwrap_or_default();
+    ensure!(
+        s.workers.expected == 4 && s.workers.ready == 4,
+        "{:?}",
+        s.workers
+    );
+    ensure!((s.restarts, s.disruptions) == (0, 0), "{s:?}");
+    wait_event(&client, &ns.name, "big", "GangGrown").await?;
+    for pod in &pods_of(&pods, "big", 2).await? {
+        ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("32"));
+    }
+    eventually("the spare Job gone", WAIT, || async {
+        Ok(k8s_jobs
+            .get_opt("big-a1-spare")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

@@ -619,3 +619,29 @@ fn threads_change_nothing_but_the_speed() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--threads"));
 }
+
+/// `moe-worker hold` (an elastic job's spare pods): it runs until stopped,
+/// then exits 0, as a pod's container must to leave when deleted.
+#[test]
+fn hold_runs_until_stopped_and_exits_zero() {
+    let mut child = Command::new(BINARY)
+        .arg("hold")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "it held");
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) reads no memory; the child is not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still holding 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
