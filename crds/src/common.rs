@@ -251,6 +251,14 @@ pub struct WorkerSpec {
     /// ServiceAccount of worker pods. Default: the namespace's `default`, with no token mounted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// How long a stopping pod has after SIGTERM before it is killed. A
+    /// training worker uses it to write a checkpoint at its next step (a
+    /// suspend, a preemption, an elastic gang growing): give it a step plus
+    /// a checkpoint write. A server finishes the requests in flight. Default:
+    /// 120 for training, 60 for serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 impl Default for WorkerSpec {
@@ -268,6 +276,7 @@ impl Default for WorkerSpec {
             shm_size: default_shm_size(),
             pod_metadata: PodMetadata::default(),
             service_account_name: None,
+            termination_grace_period_seconds: None,
         }
     }
 }

@@ -55,6 +55,9 @@ pub use crate::hub::DOWNLOAD_CONTAINER;
 pub const CONCURRENCY_METRIC: &str = "moe_serving_inflight_requests";
 /// Probe period of the startup probe; its failure threshold is the startup budget divided by it.
 const STARTUP_PERIOD_SECONDS: i32 = 10;
+/// A server pod's time to finish the requests in flight after SIGTERM,
+/// unless `worker.terminationGracePeriodSeconds` says otherwise.
+const SERVER_GRACE_SECONDS: i64 = 60;
 
 /// The model a service serves, resolved from its source.
 #[derive(Clone, Debug, PartialEq)]
@@ -332,7 +335,11 @@ pub fn pod_template(
             // Many Services in a namespace would otherwise become many env vars.
             enable_service_links: Some(false),
             // Time to finish the requests in flight after SIGTERM.
-            termination_grace_period_seconds: Some(60),
+            termination_grace_period_seconds: Some(
+                worker
+                    .termination_grace_period_seconds
+                    .unwrap_or(SERVER_GRACE_SECONDS),
+            ),
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
@@ -928,6 +935,22 @@ pub(crate) mod tests {
             c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
             Some(READY_PATH)
         );
+    }
+
+    #[test]
+    fn servers_have_a_minute_to_finish_requests_after_sigterm_unless_the_service_says() {
+        let grace = |patch| {
+            let d = deployment(&service_fixture(patch), &BuildContext::default(), &model());
+            d.spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .termination_grace_period_seconds
+        };
+        assert_eq!(grace(serde_json::json!({})), Some(60));
+        let long = serde_json::json!({"spec": {"worker": {"terminationGracePeriodSeconds": 300}}});
+        assert_eq!(grace(long), Some(300));
     }
 
     #[test]

@@ -48,6 +48,17 @@ pub const DATA_MOUNT: &str = "/data";
 /// so every restart of a pod trains on the commit that pod downloaded.
 pub const PINNED_DATA_LINK: &str = "/run/moe/data";
 const CONTAINER: &str = "worker";
+/// A worker pod's time after SIGTERM (to checkpoint at its next step),
+/// unless `worker.terminationGracePeriodSeconds` says otherwise.
+const WORKER_GRACE_SECONDS: i64 = 120;
+
+/// How long `job`'s worker pods have after SIGTERM before they are killed.
+pub fn grace_seconds(job: &MoETrainingJob) -> i64 {
+    job.spec
+        .worker
+        .termination_grace_period_seconds
+        .unwrap_or(WORKER_GRACE_SECONDS)
+}
 
 pub fn config_map_name(job: &MoETrainingJob) -> String {
     format!("{}-config", job.name_any())
@@ -337,6 +348,8 @@ fn pod_template(
             service_account_name: worker.service_account_name.clone(),
             // Workers never talk to the API: progress is read from rank 0 by the operator.
             automount_service_account_token: Some(false),
+            // SIGTERM makes a worker checkpoint at its next step, then exit.
+            termination_grace_period_seconds: Some(grace_seconds(job)),
             security_context: Some(pod_security_context()),
             node_selector: (!spec.placement.node_selector.is_empty())
                 .then(|| spec.placement.node_selector.clone()),
@@ -622,6 +635,15 @@ mod tests {
             gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn workers_have_two_minutes_to_checkpoint_after_sigterm_unless_the_job_says() {
+        let grace = |j: &MoETrainingJob| template(j).spec.unwrap().termination_grace_period_seconds;
+        let mut j = job(serde_json::json!({}));
+        assert_eq!(grace(&j), Some(120));
+        j.spec.worker.termination_grace_period_seconds = Some(900);
+        assert_eq!(grace(&j), Some(900));
     }
 
     #[test]

@@ -662,11 +662,11 @@ fn shrink(
     }
     // Counted from the first refusal, but not before the pods of the attempt
     // this one replaced have had their grace period to leave (a grown
-    // gang's predecessor checkpoints as it stops): the room they hold is
-    // not the cluster's verdict.
-    let predecessor_gone = cur
-        .created
-        .map(|t| t + k8s_openapi::jiff::SignedDuration::from_secs(POD_GRACE_SECONDS));
+    // gang's predecessor checkpoints as it stops; the workers' grace is the
+    // job's): the room they hold is not the cluster's verdict.
+    let predecessor_gone = cur.created.map(|t| {
+        t + k8s_openapi::jiff::SignedDuration::from_secs(super::build::grace_seconds(job))
+    });
     let since = match (unplaced.since, predecessor_gone) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -888,8 +888,6 @@ const POD_POLL: Duration = Duration::from_secs(30);
 const GANG_SHRUNK: &str = "GangShrunk";
 /// A smaller attempt gave way to the whole gang.
 const GANG_GROWN: &str = "GangGrown";
-/// Pods' default `terminationGracePeriodSeconds` (the workers' is not set).
-const POD_GRACE_SECONDS: i64 = 30;
 /// A running gang that the hang watchdog restarted.
 const PROGRESS_DEADLINE: &str = "ProgressDeadlineExceeded";
 

@@ -327,15 +327,27 @@ fn an_elastic_gang_waits_its_time_then_shrinks_to_the_valid_size_the_scheduler_b
 #[test]
 fn the_wait_starts_once_the_replaced_attempts_pods_have_had_their_grace_period() {
     let j = job(ELASTIC);
-    // Refused for 400 s, but the attempt is 310 s old: its predecessor's
-    // pods may have held the room for its first 30 s (their grace period).
-    let mut a = unplaced(1, 4, Some(2), 400);
-    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(310));
+    // Refused for 500 s, but the attempt is 400 s old: its predecessor's
+    // pods may have held the room for its first 120 s (the workers' grace
+    // period by default).
+    let mut a = unplaced(1, 4, Some(2), 500);
+    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(400));
     assert_eq!(decide(&j, &observed(vec![a.clone()])).create, None);
-    // 330 s old: 300 s past the grace.
-    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(330));
+    // 420 s old: 300 s past the grace.
+    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(420));
     assert_eq!(
-        decide(&j, &observed(vec![a])).create.map(|n| n.nodes),
+        decide(&j, &observed(vec![a.clone()]))
+            .create
+            .map(|n| n.nodes),
+        Some(2)
+    );
+    // The job's own grace period: 10 s.
+    let quick = job(&format!(
+        "{ELASTIC}worker: {{terminationGracePeriodSeconds: 10}}\n"
+    ));
+    a.created = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(400));
+    assert_eq!(
+        decide(&quick, &observed(vec![a])).create.map(|n| n.nodes),
         Some(2)
     );
 }

@@ -1058,8 +1058,12 @@ async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_
 
     // 4 nodes of 8 GPUs asked for: the scheduler binds two pods one by one
     // and says why it cannot place the others.
-    let elastic =
-        json!({"spec": {"parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 10}}}});
+    // (A short grace period: the wait starts after it, and KWOK's pods
+    // leave at once.)
+    let elastic = json!({"spec": {
+        "parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 10}},
+        "worker": {"terminationGracePeriodSeconds": 5}
+    }});
     jobs.create(&pp, &gpu_job("big", 4, on_pool(ELASTIC_POOL, elastic)))
         .await?;
     let message = eventually(
