@@ -127,6 +127,11 @@ pub struct WorkerConfig {
     pub data_dir: Option<String>,
     /// Directory for `metrics.jsonl` and other run outputs (rank 0 writes).
     pub output_dir: String,
+    /// A pretrained model's directory (Hugging Face layout) the first
+    /// attempt starts from instead of random weights (`model.initFrom`);
+    /// a resumed run loads its checkpoint instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_dir: Option<String>,
 }
 
 /// Checkpoint settings as the worker sees them.

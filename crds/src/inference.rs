@@ -267,12 +267,12 @@ pub struct HuggingFaceModel {
     #[serde(default = "main_revision")]
     #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
     pub revision: String,
-    /// A key of a Secret in the service's namespace holding a Hub token, for
+    /// A key of a Secret in the object's namespace holding a Hub token, for
     /// gated and private models (given to the download only, as `HF_TOKEN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<SecretKey>,
-    /// A claim to keep the files on, shared by the replicas (ReadWriteMany
-    /// when they run on several nodes) and across restarts: each commit is
+    /// A claim to keep the files on, shared by the pods (ReadWriteMany when
+    /// they run on several nodes) and across restarts: each commit is
     /// downloaded once. Unset: every pod downloads into an emptyDir of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]

@@ -191,6 +191,25 @@ pub struct ModelSpec {
     pub rope_theta: f64,
     /// The Mixture-of-Experts feed-forward layers.
     pub moe: MoeSpec,
+    /// Start from a pretrained model's weights instead of random ones
+    /// (fine-tuning). Its `config.json` must describe this `model`, field by
+    /// field (the worker refuses it otherwise, naming the field). Unset:
+    /// random weights from `training.seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<ModelInit>,
+}
+
+/// Pretrained weights a training job starts from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInit {
+    /// A model on the Hugging Face Hub, downloaded by each worker pod's
+    /// init container (its `config.json`, tokenizer and safetensors), for
+    /// the first attempt to start from; later attempts resume from the
+    /// job's checkpoints. The training model holds Mixtral-style models
+    /// (`MixtralForCausalLM`): RMSNorm, grouped-query attention without
+    /// biases or q/k norms, plain RoPE, softmax-routed SwiGLU experts.
+    pub huggingface: crate::HuggingFaceModel,
 }
 
 fn default_vocab() -> i32 {
@@ -248,6 +267,11 @@ pub struct MoeSpec {
     #[serde(default = "default_scaling")]
     #[schemars(range(min = 0.0))]
     pub routed_scaling_factor: f64,
+    /// Rescale the chosen experts' softmax scores to sum to 1 before they
+    /// gate the experts (Mixtral; `norm_topk_prob` in Hugging Face configs).
+    /// A sigmoid router always does (DeepSeek-V3).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub normalize_top_k: bool,
     /// Load balancing.
     #[serde(default)]
     pub balancing: BalancingSpec,

@@ -17,8 +17,12 @@ use moe_crds::{SecretKey, WorkerSpec};
 
 use crate::pods::{BuildContext, container_security_context, mount};
 
-/// The init container that downloads.
+/// The init container that downloads (a served model, a training job's
+/// dataset).
 pub const DOWNLOAD_CONTAINER: &str = "download";
+/// The init container that downloads the pretrained model a training job
+/// starts from (`model.initFrom`), beside its dataset's.
+pub const MODEL_DOWNLOAD_CONTAINER: &str = "download-model";
 /// The directory under a volume's mount point that downloads go into.
 pub const HUB_DIR: &str = "huggingface";
 /// A pod-local volume (an emptyDir) holding the links to what was fetched,
@@ -28,6 +32,8 @@ pub const PINNED_MOUNT: &str = "/run/moe";
 
 /// One pod's download.
 pub struct Download<'a> {
+    /// The init container's name.
+    pub container: &'a str,
     pub repo: &'a str,
     pub revision: &'a str,
     pub endpoint: Option<&'a str>,
@@ -81,7 +87,7 @@ pub fn download_container(ctx: &BuildContext, worker: &WorkerSpec, d: &Download)
         ..Default::default()
     });
     Container {
-        name: DOWNLOAD_CONTAINER.into(),
+        name: d.container.into(),
         image: Some(ctx.image(worker)),
         image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(command),
@@ -177,18 +183,20 @@ pub fn failure_of(pod: &Pod, status: &ContainerStatus) -> Option<ContainerFailur
 pub fn downloads_of(pods: &[Pod]) -> Downloads {
     let mut downloads = Downloads::default();
     for pod in pods {
-        let Some(status) = container_status(pod, DOWNLOAD_CONTAINER, true) else {
-            continue;
-        };
-        if status
-            .state
-            .as_ref()
-            .and_then(|s| s.running.as_ref())
-            .is_some()
+        for status in [DOWNLOAD_CONTAINER, MODEL_DOWNLOAD_CONTAINER]
+            .iter()
+            .filter_map(|name| container_status(pod, name, true))
         {
-            downloads.running += 1;
-        } else if let Some(failure) = failure_of(pod, &status) {
-            downloads.failed.push(failure);
+            if status
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .is_some()
+            {
+                downloads.running += 1;
+            } else if let Some(failure) = failure_of(pod, &status) {
+                downloads.failed.push(failure);
+            }
         }
     }
     downloads

@@ -349,6 +349,21 @@ pub fn train_as(
         "weights, gradients and AdamW moments held by this rank"
     );
 
+    // A fresh run of a fine-tuning job starts from the pretrained weights;
+    // a resumed one from its checkpoint (read below).
+    let resuming = settings.checkpoint.resume
+        && matches!(checkpoint::newest(&settings.checkpoint.dir), Ok(Some(_)));
+    if let (Some(dir), false) = (&settings.init_dir, resuming) {
+        let model = crate::model::pretrained::load(
+            dir,
+            &settings.model_spec,
+            settings.model.clone(),
+            held.clone(),
+        )?;
+        host.start_from(model);
+        tracing::info!(dir = %dir.display(), experts = ?held, "starting from the pretrained model's weights");
+    }
+
     let mut run = RunState::default();
     if settings.checkpoint.resume {
         resume(&settings, &mut host, &mut run)?;

@@ -136,6 +136,8 @@ pub struct TrainSettings {
     pub data: DataSource,
     pub checkpoint: CheckpointSettings,
     pub output_dir: PathBuf,
+    /// The pretrained model a fresh run starts from ([`crate::model::pretrained`]).
+    pub init_dir: Option<PathBuf>,
 }
 
 /// Optimisation settings, as counts and plain floats.
@@ -248,6 +250,7 @@ impl TrainSettings {
             data: data_source(config)?,
             checkpoint: checkpoint_settings(config)?,
             output_dir: PathBuf::from(&config.output_dir),
+            init_dir: config.init_dir.as_ref().map(PathBuf::from),
         })
     }
 }

@@ -359,6 +359,7 @@ pub fn pod_template(
                     ctx,
                     worker,
                     &Download {
+                        container: DOWNLOAD_CONTAINER,
                         repo: &hub.repo,
                         revision: &hub.revision,
                         endpoint: hub.endpoint.as_deref(),

@@ -47,6 +47,11 @@ pub const DATA_MOUNT: &str = "/data";
 /// worker reads `data.huggingface.path` and `data.tokenizerFile` inside it,
 /// so every restart of a pod trains on the commit that pod downloaded.
 pub const PINNED_DATA_LINK: &str = "/run/moe/data";
+/// Where a pretrained model (`model.initFrom.huggingface`) is downloaded
+/// (its volume: the cache claim or an emptyDir), and the link its download
+/// points at the commit it fetched, which the worker starts from.
+pub const INIT_MOUNT: &str = "/init";
+pub const PINNED_INIT_LINK: &str = "/run/moe/init";
 const CONTAINER: &str = "worker";
 /// A worker pod's time after SIGTERM (to checkpoint at its next step),
 /// unless `worker.terminationGracePeriodSeconds` says otherwise.
@@ -118,6 +123,11 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
             (None, None) => None,
         },
         output_dir: base,
+        init_dir: spec
+            .model
+            .init_from
+            .as_ref()
+            .map(|_| PINNED_INIT_LINK.to_string()),
     }
 }
 
@@ -363,12 +373,7 @@ fn pod_template(
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
-            init_containers: job
-                .spec
-                .data
-                .huggingface
-                .as_ref()
-                .map(|hub| vec![download_container(job, ctx, hub)]),
+            init_containers: init_containers(job, ctx),
             containers: vec![container(job, ctx, attempt, nodes)],
             volumes: Some(volumes(job)),
             resource_claims: resource_claims(worker),
@@ -432,6 +437,43 @@ pub fn spare_job_name(job: &MoETrainingJob, attempt: i32) -> String {
     format!("{}-spare", attempt_job_name(job, attempt))
 }
 
+/// The downloads a pod runs before the worker: a Hub dataset's, a
+/// pretrained model's.
+fn init_containers(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Vec<Container>> {
+    let spec = &job.spec;
+    let data = spec
+        .data
+        .huggingface
+        .as_ref()
+        .map(|hub| download_container(job, ctx, hub));
+    let model = spec.model.init_from.as_ref().map(|init| {
+        let hub = &init.huggingface;
+        hub::download_container(
+            ctx,
+            &spec.worker,
+            &hub::Download {
+                container: hub::MODEL_DOWNLOAD_CONTAINER,
+                repo: &hub.repo,
+                revision: &hub.revision,
+                endpoint: hub.endpoint.as_deref(),
+                token_secret: hub.token_secret.as_ref(),
+                dataset_include: Vec::new(),
+                volume: "init",
+                mount_path: INIT_MOUNT,
+                link: PINNED_INIT_LINK,
+            },
+        )
+    });
+    let all: Vec<Container> = data.into_iter().chain(model).collect();
+    (!all.is_empty()).then_some(all)
+}
+
+/// Whether `job`'s pods download from the Hub (then they hold the links to
+/// what they fetched on a pod-local volume).
+fn downloads(job: &MoETrainingJob) -> bool {
+    job.spec.data.huggingface.is_some() || job.spec.model.init_from.is_some()
+}
+
 /// The init container that downloads a Hub dataset's files (its `path` and
 /// the tokenizer) into the data volume before the worker starts.
 pub fn download_container(
@@ -447,6 +489,7 @@ pub fn download_container(
         ctx,
         &job.spec.worker,
         &hub::Download {
+            container: hub::DOWNLOAD_CONTAINER,
             repo: &hub.repo,
             revision: &hub.revision,
             endpoint: hub.endpoint.as_deref(),
@@ -472,7 +515,10 @@ fn container(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, nodes: i32)
     if job.spec.data.volume.is_some() || job.spec.data.huggingface.is_some() {
         mounts.push(mount("data", DATA_MOUNT, true));
     }
-    if job.spec.data.huggingface.is_some() {
+    if job.spec.model.init_from.is_some() {
+        mounts.push(mount("init", INIT_MOUNT, true));
+    }
+    if downloads(job) {
         mounts.push(mount(hub::PINNED_VOLUME, hub::PINNED_MOUNT, true));
     }
     Container {
@@ -586,6 +632,22 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
             },
             None => empty_dir("data", None, None),
         });
+    }
+    if let Some(init) = &spec.model.init_from {
+        // The download writes it; the worker's mount is read-only.
+        out.push(match &init.huggingface.cache_claim_name {
+            Some(claim) => Volume {
+                name: "init".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(false),
+                }),
+                ..Default::default()
+            },
+            None => empty_dir("init", None, None),
+        });
+    }
+    if downloads(job) {
         out.push(empty_dir(hub::PINNED_VOLUME, None, None));
     }
     out

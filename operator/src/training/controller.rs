@@ -670,12 +670,10 @@ fn termination_message(pod: &Pod) -> Option<String> {
         .flatten()
         .find_map(failed)
         .or_else(|| {
-            let m = st
-                .init_container_statuses
+            st.init_container_statuses
                 .iter()
                 .flatten()
-                .find_map(failed)?;
-            Some(format!("{}: {m}", hub::DOWNLOAD_CONTAINER))
+                .find_map(|c| Some(format!("{}: {}", c.name, failed(c)?)))
         })?;
     let line = message
         .lines()

@@ -140,7 +140,7 @@ fn a_gang_downloading_its_dataset_is_pending_and_polled() {
     assert_eq!(reason, "DownloadingData");
     assert_eq!(
         message,
-        "attempt 0: 3 worker pod(s) downloading data.huggingface, 1/4 ready"
+        "attempt 0: 3 download(s) from the Hub running, 1/4 ready"
     );
     assert!(
         plan.requeue_after

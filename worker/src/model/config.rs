@@ -201,7 +201,7 @@ fn moe_config(spec: &ModelSpec, hidden: usize) -> Result<(MoeConfig, Option<f64>
             n_groups: groups,
             top_groups,
         }),
-        normalize_gates: false,
+        normalize_gates: moe.normalize_top_k,
         routed_scaling_factor: moe.routed_scaling_factor,
         aux_loss_alpha: balancing.sequence_aux_loss_coef,
     };

@@ -88,6 +88,21 @@ impl Trainer {
         }
     }
 
+    /// Starts from `model` (pretrained weights) instead of the seed's: at
+    /// step 0, with zero moments. It holds this trainer's experts.
+    pub fn start_from(&mut self, model: Model<f32>) {
+        assert_eq!(
+            model.held_experts(),
+            self.held_experts(),
+            "a pretrained model holds this trainer's experts"
+        );
+        assert_eq!(
+            self.optimizer.updates, 0,
+            "only a fresh trainer starts over"
+        );
+        self.model = model;
+    }
+
     /// The routed experts this trainer holds (weights, gradients, moments).
     pub fn held_experts(&self) -> Range<usize> {
         self.model.held_experts()

@@ -10,6 +10,7 @@ mod elastic;
 mod gradients;
 mod learning;
 mod precision;
+mod pretrained;
 mod sigkill;
 
 use std::path::{Path, PathBuf};
