@@ -49,10 +49,14 @@ impl LocalRun {
         // `<dataDir>/<volume.path>` (and `tokenizerFile` the same way), so
         // a volume's path is taken relative to where moectl runs.
         config.data_dir = job.spec.data.volume.as_ref().map(|_| ".".to_string());
-        // A Hub dataset: downloaded first ([`Self::download_command`]), read
-        // through the run's link to the commit, as a pod reads its own.
+        // A Hub dataset, a pretrained model: downloaded first
+        // ([`Self::download_commands`]), read through the run's links to
+        // the commits, as a pod reads its own.
         if job.spec.data.huggingface.is_some() {
             config.data_dir = Some(text(&dir.join("data"))?);
+        }
+        if job.spec.model.init_from.is_some() {
+            config.init_dir = Some(text(&dir.join("init"))?);
         }
         Ok(Self {
             config_path: text(&dir.join("config.json"))?,
@@ -61,36 +65,43 @@ impl LocalRun {
         })
     }
 
-    /// For a Hub dataset: what downloads it before the workers start, the
-    /// command of the pods' init container (`moe-worker fetch`, without the
-    /// worker's name) with the files kept under `<workdir>/huggingface`
-    /// (shared by the runs there: a commit is downloaded once) and the link
-    /// at the run's `data`. The token, if any, is `HF_TOKEN` from moectl's
-    /// environment (a local run reads no Secret).
-    pub fn download_command(
+    /// What downloads a Hub dataset and a pretrained model before the
+    /// workers start: the commands of the pods' init containers (`moe-worker
+    /// fetch`, without the worker's name), each with the files kept under
+    /// `<workdir>/huggingface` (shared by the runs there: a commit is
+    /// downloaded once) and its link in the run (`data`, `init`), each named
+    /// by the field it fetches. The token, if any, is `HF_TOKEN` from
+    /// moectl's environment (a local run reads no Secret).
+    pub fn download_commands(
         &self,
         job: &MoETrainingJob,
         workdir: &Path,
-    ) -> anyhow::Result<Option<Vec<String>>> {
-        let Some(hub) = &job.spec.data.huggingface else {
-            return Ok(None);
-        };
-        let init = build::download_container(job, &crate::pods::BuildContext::default(), hub);
-        let mut command = init.command.unwrap_or_default();
-        let local = |path: &Path| {
-            path.to_str()
-                .map(String::from)
-                .with_context(|| format!("{} is not valid UTF-8", path.display()))
-        };
-        for (flag, value) in [
-            ("--into", local(&workdir.join(crate::hub::HUB_DIR))?),
-            ("--link", self.config.data_dir.clone().unwrap_or_default()),
-        ] {
-            if let Some(at) = command.iter().position(|a| a == flag) {
-                command[at + 1] = value;
+    ) -> anyhow::Result<Vec<(&'static str, Vec<String>)>> {
+        let into = workdir
+            .join(crate::hub::HUB_DIR)
+            .to_str()
+            .map(String::from)
+            .with_context(|| format!("{} is not valid UTF-8", workdir.display()))?;
+        let pod = build::init_containers(job, &crate::pods::BuildContext::default());
+        let mut out = Vec::new();
+        for init in pod.into_iter().flatten() {
+            let (field, link) = if init.name == crate::hub::MODEL_DOWNLOAD_CONTAINER {
+                ("model.initFrom.huggingface", &self.config.init_dir)
+            } else {
+                ("data.huggingface", &self.config.data_dir)
+            };
+            let mut command = init.command.unwrap_or_default();
+            for (flag, value) in [
+                ("--into", into.clone()),
+                ("--link", link.clone().unwrap_or_default()),
+            ] {
+                if let Some(at) = command.iter().position(|a| a == flag) {
+                    command[at + 1] = value;
+                }
             }
+            out.push((field, command.split_off(1)));
         }
-        Ok(Some(command.split_off(1)))
+        Ok(out)
     }
 
     /// The environment of node rank `node_rank`: the operator's
@@ -154,9 +165,9 @@ pub fn run(
     let config = serde_json::to_string_pretty(&run.config)? + "\n";
     std::fs::write(&run.config_path, config)
         .with_context(|| format!("cannot write {}", run.config_path))?;
-    if let Some(download) = run.download_command(job, workdir)? {
+    for (field, download) in run.download_commands(job, workdir)? {
         eprintln!(
-            "moectl: downloading data.huggingface: {} {}",
+            "moectl: downloading {field}: {} {}",
             worker.display(),
             download.join(" ")
         );
@@ -264,29 +275,50 @@ mod tests {
     /// A Hub dataset: the pods' download, its files kept in the work
     /// directory and its link in the run, which the worker reads.
     #[test]
-    fn downloads_a_hub_dataset_first_and_reads_it_through_the_runs_link() {
+    fn downloads_a_hub_dataset_and_a_pretrained_model_first_and_reads_them_through_the_runs_links()
+    {
         let mut job = job();
         job.spec.data.builtin = None;
         job.spec.data.huggingface = Some(
             serde_json::from_value(serde_json::json!({"repo": "org/corpus", "path": "train"}))
                 .unwrap(),
         );
+        job.spec.model.init_from = Some(
+            serde_json::from_value(serde_json::json!({"huggingface": {"repo": "org/base"}}))
+                .unwrap(),
+        );
         let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
         assert_eq!(run.config.data_dir.as_deref(), Some("runs/tiny/data"));
+        assert_eq!(run.config.init_dir.as_deref(), Some("runs/tiny/init"));
+        let commands: Vec<(&str, String)> = run
+            .download_commands(&job, Path::new("runs"))
+            .unwrap()
+            .into_iter()
+            .map(|(field, command)| (field, command.join(" ")))
+            .collect();
         assert_eq!(
-            run.download_command(&job, Path::new("runs"))
-                .unwrap()
-                .unwrap()
-                .join(" "),
-            "fetch --repo-type dataset --repo org/corpus --revision main --into \
-             runs/huggingface --link runs/tiny/data --include train"
+            commands,
+            vec![
+                (
+                    "data.huggingface",
+                    "fetch --repo-type dataset --repo org/corpus --revision main --into \
+                     runs/huggingface --link runs/tiny/data --include train"
+                        .to_string()
+                ),
+                (
+                    "model.initFrom.huggingface",
+                    "fetch --repo org/base --revision main --into runs/huggingface --link \
+                     runs/tiny/init"
+                        .to_string()
+                ),
+            ]
         );
-        assert_eq!(
+        assert!(
             LocalRun::plan(&self::job(), Path::new("runs"))
                 .unwrap()
-                .download_command(&self::job(), Path::new("runs"))
-                .unwrap(),
-            None
+                .download_commands(&self::job(), Path::new("runs"))
+                .unwrap()
+                .is_empty()
         );
     }
 

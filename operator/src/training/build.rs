@@ -439,7 +439,7 @@ pub fn spare_job_name(job: &MoETrainingJob, attempt: i32) -> String {
 
 /// The downloads a pod runs before the worker: a Hub dataset's, a
 /// pretrained model's.
-fn init_containers(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Vec<Container>> {
+pub fn init_containers(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Vec<Container>> {
     let spec = &job.spec;
     let data = spec
         .data
@@ -706,6 +706,94 @@ mod tests {
         assert_eq!(grace(&j), Some(120));
         j.spec.worker.termination_grace_period_seconds = Some(900);
         assert_eq!(grace(&j), Some(900));
+    }
+
+    #[test]
+    fn a_pretrained_model_is_downloaded_by_its_own_init_container_beside_the_datasets() {
+        let mut v = moe_crds::fixtures::valid_training_job();
+        moe_crds::fixtures::merge_patch(
+            &mut v,
+            &serde_json::json!({"metadata": {"name": "tune", "namespace": "ml", "uid": "u-1"},
+            "spec": {
+                "model": {"initFrom": {"huggingface": {"repo": "org/base", "revision": "v1",
+                    "tokenSecret": {"name": "hf"}, "cacheClaimName": "models"}}},
+                "data": {"builtin": null, "huggingface": {"repo": "org/corpus", "path": "train"}}
+            }}),
+        );
+        let j: MoETrainingJob = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            worker_config(&j).init_dir.as_deref(),
+            Some(PINNED_INIT_LINK)
+        );
+        let t = template(&j);
+        let spec = t.spec.as_ref().unwrap();
+        let init = spec.init_containers.as_ref().unwrap();
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [hub::DOWNLOAD_CONTAINER, hub::MODEL_DOWNLOAD_CONTAINER]
+        );
+        let model = &init[1];
+        assert_eq!(
+            model.command.as_ref().unwrap().join(" "),
+            "moe-worker fetch --repo org/base --revision v1 --into /init/huggingface --link /run/moe/init"
+        );
+        let token = model
+            .env
+            .as_ref()
+            .and_then(|e| e.first())
+            .and_then(|e| e.value_from.as_ref());
+        assert_eq!(
+            token
+                .and_then(|t| t.secret_key_ref.as_ref())
+                .map(|s| s.name.as_str()),
+            Some("hf")
+        );
+        let mounts = |c: &Container| -> Vec<(String, String, bool)> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| {
+                    (
+                        m.name.clone(),
+                        m.mount_path.clone(),
+                        m.read_only == Some(true),
+                    )
+                })
+                .collect()
+        };
+        assert!(mounts(model).contains(&("init".into(), INIT_MOUNT.into(), false)));
+        let worker = mounts(&spec.containers[0]);
+        assert!(
+            worker.contains(&("init".into(), INIT_MOUNT.into(), true)),
+            "{worker:?}"
+        );
+        // One pod-local volume of links, for both downloads.
+        let volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(
+            volumes.iter().filter(|v| **v == hub::PINNED_VOLUME).count(),
+            1
+        );
+        assert_eq!(
+            worker.iter().filter(|m| m.0 == hub::PINNED_VOLUME).count(),
+            1
+        );
+        let claim = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "init")
+            .and_then(|v| v.persistent_volume_claim.clone())
+            .unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("models", Some(false))
+        );
     }
 
     #[test]

@@ -44,12 +44,22 @@ impl Kubelet {
         pod: &Pod,
         flags: &[(&str, std::path::PathBuf)],
     ) -> Result<(i32, String)> {
+        self.run_init(pod, None, flags)
+    }
+
+    /// [`Self::run_download`] of the init container `name` (`None`: the first).
+    pub fn run_init(
+        &self,
+        pod: &Pod,
+        name: Option<&str>,
+        flags: &[(&str, std::path::PathBuf)],
+    ) -> Result<(i32, String)> {
         let init = pod
             .spec
             .as_ref()
             .and_then(|s| s.init_containers.as_ref())
-            .and_then(|c| c.first())
-            .context("no init container")?;
+            .and_then(|c| c.iter().find(|c| name.is_none_or(|n| c.name == n)))
+            .context("no such init container")?;
         let mut command = init.command.clone().unwrap_or_default();
         ensure!(command[..2] == ["moe-worker", "fetch"], "{command:?}");
         for (flag, path) in flags {
@@ -120,6 +130,7 @@ impl Kubelet {
             code,
             message,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
     }
 
@@ -151,6 +162,7 @@ pub struct Exited {
     /// Its termination message (its stderr when it wrote none).
     pub message: String,
     pub stdout: String,
+    pub stderr: String,
 }
 
 impl Drop for Kubelet {

@@ -1928,6 +1928,111 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
     ns.delete().await
 }
 
+/// Fine-tuning, end to end. The test plays the kubelet for the attempt's
+/// pod: it runs the pod's `download-model` init container (the real
+/// `moe-worker fetch`, against a fake Hub holding the tiny random Mixtral of
+/// worker/tests/fixtures/hf/mixtral) and then the worker with the config
+/// the operator rendered, which starts from those weights (that they are
+/// transformers' model is worker/tests/train/pretrained.rs's to show).
+#[tokio::test]
+async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_it() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-tune").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../worker/tests/fixtures/hf/mixtral");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&fixture)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a file name")?;
+        files.push((name.to_string(), std::fs::read(&path)?));
+    }
+    let hub = FakeHub::start(&"0de1".repeat(10), files)?;
+    let job = gpu_job(
+        "tune",
+        1,
+        json!({"spec": {
+            "model": {"vocabSize": 400, "hiddenSize": 64, "layers": 2, "attentionHeads": 4,
+                      "kvHeads": 2, "seqLen": 32, "ropeTheta": 1000000.0,
+                      "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 32,
+                              "router": "softmax", "normalizeTopK": true},
+                      "initFrom": {"huggingface": {"repo": "moe-tests/tiny-mixtral",
+                                                   "endpoint": hub.endpoint}}},
+            "training": {"steps": 3, "globalBatchSize": 4, "microBatchSize": 2},
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "worker": {"device": "cpu", "podMetadata": {"labels": {HOLD: null, "kwok.test/init": "hold"}}},
+            "runPolicy": {"backoffLimit": 0}
+        }}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    let pod = downloading_pod(&pods, "tune").await?;
+    eventually("the job to say it downloads", WAIT, || async {
+        let j = jobs.get("tune").await?;
+        Ok(condition(&j, "Reconciling")
+            .is_some_and(|c| c.reason == "DownloadingData")
+            .then_some(()))
+    })
+    .await?;
+
+    let kubelet = Kubelet::new("hub-model")?;
+    let (code, report) = kubelet.run_init(
+        &pod,
+        Some("download-model"),
+        &[
+            ("--into", kubelet.path("claim")),
+            ("--link", kubelet.path("pinned").join("init")),
+        ],
+    )?;
+    ensure!(code == 0, "exit {code}: {report}");
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("tune-config")
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    ensure!(config["initDir"] == json!("/run/moe/init"), "{config}");
+    config["initDir"] = json!(kubelet.path("pinned").join("init"));
+    config["checkpoint"]["dir"] = json!(kubelet.path("state"));
+    config["outputDir"] = json!(kubelet.path("out"));
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(
+        trained.code == 0,
+        "exit {}: {}",
+        trained.code,
+        trained.message
+    );
+    ensure!(
+        trained
+            .stderr
+            .contains("starting from the pretrained model's weights"),
+        "{}",
+        trained.stderr
+    );
+    let summary: Value = serde_json::from_str(
+        trained
+            .stdout
+            .lines()
+            .last()
+            .context("the worker printed no summary")?,
+    )?;
+    ensure!(summary["steps"] == json!(3), "{summary}");
+    ns.delete().await
+}
+
 /// A Hub dataset the Hub refuses (no token for a gated dataset): the test
 /// plays the kubelet for the download (the real `moe-worker fetch`, exit 2)
 /// and reports it; the pod fails before the worker runs, and the job, out

@@ -44,8 +44,7 @@ pub fn load(
     let invalid = |problem: String| SettingsError::new(FIELD, problem);
     // The config first: a model that does not fit is refused before any
     // weight is read.
-    let hf_config =
-        HfConfig::read(dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+    let hf_config = HfConfig::read(dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
     check_trainable(&hf_config).map_err(|what| {
         invalid(format!(
             "{}: the training model has no {what} ({:?})",
