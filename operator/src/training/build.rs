@@ -620,37 +620,34 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
         });
     }
     if let Some(hub) = &spec.data.huggingface {
-        // The download writes it; the worker's mount is read-only.
-        out.push(match &hub.cache_claim_name {
-            Some(claim) => Volume {
-                name: "data".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.clone(),
-                    read_only: Some(false),
-                }),
-                ..Default::default()
-            },
-            None => empty_dir("data", None, None),
-        });
+        out.push(download_volume("data", hub.cache_claim_name.as_ref()));
     }
     if let Some(init) = &spec.model.init_from {
-        // The download writes it; the worker's mount is read-only.
-        out.push(match &init.huggingface.cache_claim_name {
-            Some(claim) => Volume {
-                name: "init".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.clone(),
-                    read_only: Some(false),
-                }),
-                ..Default::default()
-            },
-            None => empty_dir("init", None, None),
-        });
+        out.push(download_volume(
+            "init",
+            init.huggingface.cache_claim_name.as_ref(),
+        ));
     }
     if downloads(job) {
         out.push(empty_dir(hub::PINNED_VOLUME, None, None));
     }
     out
+}
+
+/// The volume a download writes (the worker's mount of it is read-only):
+/// the cache claim shared by the pods, else an emptyDir of the pod's own.
+fn download_volume(name: &str, cache_claim: Option<&String>) -> Volume {
+    match cache_claim {
+        Some(claim) => Volume {
+            name: name.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        },
+        None => empty_dir(name, None, None),
+    }
 }
 
 /// Kind and API version of the owner, for selecting children by owner reference.
