@@ -30,6 +30,11 @@ pub const HUB_DIR: &str = "huggingface";
 pub const PINNED_VOLUME: &str = "pinned";
 pub const PINNED_MOUNT: &str = "/run/moe";
 
+/// Whether the container `name` is one of the downloads.
+pub fn is_download_container(name: &str) -> bool {
+    name == DOWNLOAD_CONTAINER || name == MODEL_DOWNLOAD_CONTAINER
+}
+
 /// One pod's download.
 pub struct Download<'a> {
     /// The init container's name.
@@ -136,6 +141,9 @@ pub struct Downloads {
 /// The worker's exit code for what no restart can fix: a configuration or
 /// model it cannot use, a download the Hub refused.
 pub const UNFIXABLE_EXIT_CODE: i32 = 2;
+/// The download's exit code for what a later try may fix (the network, the
+/// disk), after its own retries.
+pub const TRANSIENT_EXIT_CODE: i32 = 1;
 
 /// `pod`'s status of container `name` (an init container's with `init`).
 pub fn container_status(pod: &Pod, name: &str, init: bool) -> Option<ContainerStatus> {

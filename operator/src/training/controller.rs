@@ -424,6 +424,15 @@ async fn observe_attempts(
             name: j.name_any(),
             nodes,
             created: j.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            failed_at: status
+                .conditions
+                .iter()
+                .flatten()
+                .filter(|c| {
+                    (c.type_ == "Failed" || c.type_ == "FailureTarget") && c.status == "True"
+                })
+                .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0))
+                .min(),
             unplaced,
             downloading,
             data_commits,
@@ -543,10 +552,16 @@ pub fn classify_failure(
                 pod,
             },
             // The pod, if still listed, says why it exited.
-            FailureCause::ExitCode { pod, code, .. } => FailureCause::ExitCode {
+            FailureCause::ExitCode {
+                pod,
+                code,
+                download,
+                ..
+            } => FailureCause::ExitCode {
                 message: listed(&pod).and_then(termination_message),
                 pod,
                 code,
+                download,
             },
             cause => cause,
         };
@@ -569,7 +584,7 @@ pub fn classify_failure(
     } else {
         deleted
     };
-    let mut failed: Vec<(&Pod, i32)> = candidates
+    let mut failed: Vec<(&Pod, (i32, bool))> = candidates
         .into_iter()
         .filter_map(|p| Some((p, exit_code(p)?)))
         .collect();
@@ -582,11 +597,12 @@ pub fn classify_failure(
             .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone())
             .map(|t| t.0)
     });
-    if let Some((pod, code)) = failed.first() {
+    if let Some((pod, (code, download))) = failed.first() {
         return FailureCause::ExitCode {
             pod: pod.name_any(),
             code: *code,
             message: termination_message(pod),
+            download: *download,
         };
     }
     // The pods are gone (e.g. evicted from a lost node and removed): the Job's
@@ -623,10 +639,16 @@ fn classify_job_message(text: &str) -> FailureCause {
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     {
+        // "Container <name> for pod <ns>/<pod> failed with exit code <n> ..."
+        let container = text
+            .split_whitespace()
+            .skip_while(|w| !w.eq_ignore_ascii_case("container"))
+            .nth(1);
         return FailureCause::ExitCode {
             pod,
             code,
             message: None,
+            download: container.is_some_and(hub::is_download_container),
         };
     }
     let message = if text.is_empty() {
@@ -686,22 +708,29 @@ fn termination_message(pod: &Pod) -> Option<String> {
     })
 }
 
-/// The non-zero exit code of a pod's terminated container, if any.
-fn exit_code(pod: &Pod) -> Option<i32> {
+/// The non-zero exit code of a pod's terminated container, if any, and
+/// whether that container was a download (an init container).
+fn exit_code(pod: &Pod) -> Option<(i32, bool)> {
     let st = pod.status.as_ref()?;
-    // A failed init container (a Hub dataset's download) fails the pod
-    // before the worker runs.
+    let failed = |c: &ContainerStatus| {
+        c.state
+            .as_ref()?
+            .terminated
+            .as_ref()
+            .map(|t| t.exit_code)
+            .filter(|code| *code != 0)
+    };
+    // A failed init container (a Hub download) fails the pod before the
+    // worker runs.
     st.container_statuses
         .iter()
         .flatten()
-        .chain(st.init_container_statuses.iter().flatten())
-        .find_map(|c| {
-            c.state
-                .as_ref()?
-                .terminated
-                .as_ref()
-                .map(|t| t.exit_code)
-                .filter(|code| *code != 0)
+        .find_map(|c| Some((failed(c)?, false)))
+        .or_else(|| {
+            st.init_container_statuses
+                .iter()
+                .flatten()
+                .find_map(|c| Some((failed(c)?, hub::is_download_container(&c.name))))
         })
 }
 
@@ -786,6 +815,7 @@ mod tests {
             pod: "j-a0-1".into(),
             code: 137,
             message: None,
+            download: false,
         };
         assert_eq!(while_suspended(exit(), false), exit());
         let FailureCause::Disruption { pod, reason } = while_suspended(exit(), true) else {
@@ -829,6 +859,18 @@ mod tests {
                 pod: "train-a0-2-xyz".into(),
                 code: 3,
                 message: None,
+                download: false,
+            }
+        );
+        assert_eq!(
+            classify_job_message(
+                "Container download-model for pod ns/train-a0-0-xyz failed with exit code 1 matching FailJob rule at index 1"
+            ),
+            FailureCause::ExitCode {
+                pod: "train-a0-0-xyz".into(),
+                code: 1,
+                message: None,
+                download: true,
             }
         );
         assert!(matches!(
@@ -885,6 +927,7 @@ mod tests {
                 message: Some(
                     "rank 0: fabric check: all-to-all bus bandwidth 812 MB/s is below 20000".into()
                 ),
+                download: false,
             }
         );
         // Without a policy verdict the pods decide, the disruption first.
@@ -935,6 +978,7 @@ mod tests {
                     "download: resolving org/corpus at main: the Hub answered 401 Unauthorized"
                         .into()
                 ),
+                download: true,
             }
         );
     }

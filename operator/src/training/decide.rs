@@ -37,6 +37,9 @@ pub struct AttemptState {
     pub nodes: i32,
     /// When its Job was created.
     pub created: Option<Timestamp>,
+    /// When its Job failed (its `FailureTarget` or `Failed` condition, the
+    /// earlier), once it has.
+    pub failed_at: Option<Timestamp>,
     /// Why the attempt's gang is not placed, while it is not: the
     /// scheduler's words (its PodGroup's condition under the Workload API,
     /// else its pods'), or Kueue not admitting it.
@@ -77,6 +80,8 @@ pub enum FailureCause {
         pod: String,
         code: i32,
         message: Option<String>,
+        /// The container was a download (an init container), not the worker.
+        download: bool,
     },
     /// The Job failed without a failed pod to explain it (e.g. a pod deleted by hand).
     Unknown { message: String },
@@ -516,20 +521,66 @@ fn restart_or_fail(
             FailureAction::Ignore,
             format!("pod {pod} was disrupted ({reason})"),
         ),
-        FailureCause::ExitCode { pod, code, message } => {
+        FailureCause::ExitCode {
+            pod,
+            code,
+            message,
+            download,
+        } => {
             let rule = policy
                 .failure_rules
                 .iter()
                 .find(|r| r.on_exit_codes.matches(*code));
-            let why = match (message, exit_meaning(*code)) {
+            // A download that gave up on the network or the disk, after
+            // retrying each file, failed of the cluster, not of the job.
+            let transient = *download && *code == crate::hub::TRANSIENT_EXIT_CODE;
+            let meaning = if transient {
+                Some("the download's network or disk failed")
+            } else {
+                exit_meaning(*code)
+            };
+            let why = match (message, meaning) {
                 (Some(m), _) => format!(": {m}"),
                 (None, Some(meaning)) => format!(" ({meaning})"),
                 (None, None) => String::new(),
             };
-            (
-                rule.map(|r| r.action).unwrap_or(FailureAction::Count),
-                format!("pod {pod} exited with code {code}{why}"),
-            )
+            let action = rule.map(|r| r.action).unwrap_or(if transient {
+                FailureAction::Ignore
+            } else {
+                FailureAction::Count
+            });
+            let why = format!("pod {pod} exited with code {code}{why}");
+            if transient && action == FailureAction::Ignore {
+                // Not counted, but not at once either: a Hub that is down
+                // would otherwise have the gang recreated every few seconds.
+                let left = cur.failed_at.map_or(0.0, |since| {
+                    let due = since
+                        + k8s_openapi::jiff::SignedDuration::from_secs(
+                            DOWNLOAD_RETRY_DELAY.as_secs() as i64,
+                        );
+                    due.duration_since(now.0).as_secs_f64()
+                });
+                if left > 0.0 {
+                    let msg = format!(
+                        "attempt {} failed: {why}; restarting the gang as attempt {} in {}s (not counted)",
+                        cur.attempt,
+                        cur.attempt + 1,
+                        left.ceil()
+                    );
+                    set_phase(
+                        plan,
+                        old,
+                        TrainingPhase::Restarting,
+                        DOWNLOAD_RETRY,
+                        &msg,
+                        now,
+                    );
+                    plan.look_again_within(Duration::from_secs_f64(left.max(1.0)));
+                    return;
+                }
+                return restart(job, old, cur, (action, why), DOWNLOAD_RETRY, plan, now);
+            }
+            (action, why)
         }
         FailureCause::Unknown { message } => (FailureAction::Count, message.clone()),
     };
@@ -887,6 +938,10 @@ const UNSCHEDULABLE: &str = "Unschedulable";
 const DOWNLOADING_DATA: &str = "DownloadingData";
 /// How often a job whose pods download is looked at again.
 const POD_POLL: Duration = Duration::from_secs(30);
+/// A gang restarted after a download failed on the network or the disk.
+const DOWNLOAD_RETRY: &str = "DownloadRetry";
+/// How long after such a failure the next attempt starts.
+const DOWNLOAD_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// An elastic job's gang gave way to a smaller one.
 const GANG_SHRUNK: &str = "GangShrunk";
 /// A smaller attempt gave way to the whole gang.

@@ -44,6 +44,7 @@ fn attempt(n: i32, outcome: AttemptOutcome, counters: Counters) -> AttemptState 
         outcome,
         nodes: 4,
         created: None,
+        failed_at: None,
         unplaced: None,
         downloading: 0,
         data_commits: None,
@@ -83,6 +84,7 @@ fn exit(code: i32) -> AttemptOutcome {
             pod: "train-a0-1-x".into(),
             code,
             message: None,
+            download: false,
         },
     }
 }
@@ -583,6 +585,82 @@ fn disruptions_restart_without_using_the_budget() {
     );
     assert_eq!(plan.status.disruptions, 1);
     assert_eq!(plan.status.phase, Some(TrainingPhase::Restarting));
+}
+
+/// A failed download's exit.
+fn download_exit(code: i32) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        cause: FailureCause::ExitCode {
+            pod: "train-a0-1-x".into(),
+            code,
+            message: Some("download-model: fetching model.safetensors: connection refused".into()),
+            download: true,
+        },
+    }
+}
+
+#[test]
+fn a_download_that_failed_on_the_network_restarts_the_gang_uncounted_after_a_pause() {
+    let j = job(SPEC);
+    let mut a = attempt(0, download_exit(1), Counters::default());
+    a.failed_at = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(10));
+    let plan = decide(&j, &observed(vec![a.clone()]));
+    assert_eq!((plan.create, plan.delete.len()), (None, 0), "it waits");
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Restarting));
+    let (reason, message) = reconciling(&plan);
+    assert_eq!(reason, "DownloadRetry");
+    assert!(
+        message.contains("connection refused")
+            && message.contains("restarting the gang as attempt 1 in 20s (not counted)"),
+        "{message}"
+    );
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(20)));
+
+    // 30 s after the failure: the next attempt, a disruption, not a restart.
+    a.failed_at = Some(now() - k8s_openapi::jiff::SignedDuration::from_secs(30));
+    let plan = decide(&after(j.clone(), &plan), &observed(vec![a.clone()]));
+    assert_eq!(
+        created(&plan),
+        Some((
+            1,
+            Counters {
+                restarts: 0,
+                disruptions: 1
+            }
+        ))
+    );
+    assert_eq!(plan.delete, vec!["train-a0"]);
+    assert_eq!(reconciling(&plan).0, "DownloadRetry");
+
+    // The worker's own exit 1, and a download the Hub refused (2), count, at once.
+    for outcome in [exit(1), download_exit(2)] {
+        let plan = decide(
+            &j,
+            &observed(vec![attempt(0, outcome, Counters::default())]),
+        );
+        assert_eq!(
+            created(&plan),
+            Some((
+                1,
+                Counters {
+                    restarts: 1,
+                    disruptions: 0
+                }
+            ))
+        );
+    }
+
+    // A failure rule for the code decides instead.
+    let mut strict = j.clone();
+    strict.spec.run_policy.failure_rules = vec![FailureRule {
+        action: FailureAction::FailJob,
+        on_exit_codes: ExitCodes {
+            operator: ExitCodeOperator::In,
+            values: vec![1],
+        },
+    }];
+    let plan = decide(&strict, &observed(vec![a]));
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Failed));
 }
 
 #[test]
@@ -1187,6 +1265,7 @@ fn a_restart_says_why_the_worker_exited_in_its_words_or_by_its_code() {
                 pod: "train-a0-1-x".into(),
                 code,
                 message: message.map(Into::into),
+                download: false,
             },
         };
         let plan = decide(

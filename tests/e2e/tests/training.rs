@@ -1813,6 +1813,59 @@ async fn downloading_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
     .await
 }
 
+/// Plays the kubelet for `pod`'s worker: its own command (the real
+/// `moe-worker train`) with the config the operator rendered for `job`,
+/// its paths moved to `kubelet`'s scratch: `link` (`dataDir`, `initDir`),
+/// which must name the pod's link under `/run/moe`, becomes the link the
+/// test's download made at `pinned/<its name>`. It must exit 0; returns how
+/// it exited and its summary.
+async fn run_rendered_worker(
+    client: &Client,
+    ns: &str,
+    job: &str,
+    kubelet: &Kubelet,
+    pod: &Pod,
+    link: &str,
+) -> Result<(moe_e2e::kubelet::Exited, Value)> {
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&format!("{job}-config"))
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    let in_pod = config[link].as_str().unwrap_or_default().to_string();
+    let name = in_pod
+        .strip_prefix("/run/moe/")
+        .with_context(|| format!("{link} is {in_pod:?}, not a pod's link"))?;
+    config[link] = json!(kubelet.path("pinned").join(name));
+    config["checkpoint"]["dir"] = json!(kubelet.path("state"));
+    config["outputDir"] = json!(kubelet.path("out"));
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(pod, &config_path)?;
+    // The one value a pod reads from the cluster: its rank (from the Job's index).
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(
+        trained.code == 0,
+        "exit {}: {}",
+        trained.code,
+        trained.message
+    );
+    let summary: Value = serde_json::from_str(
+        trained
+            .stdout
+            .lines()
+            .last()
+            .context("the worker printed no summary")?,
+    )?;
+    Ok((trained, summary))
+}
+
 /// Runs the pod's init container's own command (the real `moe-worker
 /// fetch`) with its volumes in `kubelet`'s scratch directory: the claim at
 /// `claim/`, the pod's link at `pinned/data`.
@@ -1873,40 +1926,8 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
     let kubelet = Kubelet::new("hub-data")?;
     let (code, report) = run_download(&kubelet, &pod)?;
     ensure!(code == 0, "exit {code}: {report}");
-    // The worker, with the operator's config, its paths moved to scratch.
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("corpus-config")
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
-    ensure!(config["dataDir"] == json!("/run/moe/data"), "{config}");
-    config["dataDir"] = json!(kubelet.path("pinned").join("data"));
-    config["checkpoint"]["dir"] = json!(kubelet.path("state"));
-    config["outputDir"] = json!(kubelet.path("out"));
-    let config_path = kubelet.path("config.json");
-    std::fs::write(&config_path, config.to_string())?;
-    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
-    // The one value a pod reads from the cluster: its rank (from the Job's index).
-    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
-    let trained = kubelet.run_for_output(&command, &env)?;
-    ensure!(
-        trained.code == 0,
-        "exit {}: {}",
-        trained.code,
-        trained.message
-    );
-    let summary: Value = serde_json::from_str(
-        trained
-            .stdout
-            .lines()
-            .last()
-            .context("the worker printed no summary")?,
-    )?;
+    let (_, summary) =
+        run_rendered_worker(&client, &ns.name, "corpus", &kubelet, &pod, "dataDir").await?;
     ensure!(summary["steps"] == json!(3), "{summary}");
     let entropy = summary["unigramEntropy"].as_f64().context("no entropy")?;
     ensure!(
@@ -1990,31 +2011,8 @@ async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_
         ],
     )?;
     ensure!(code == 0, "exit {code}: {report}");
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("tune-config")
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
-    ensure!(config["initDir"] == json!("/run/moe/init"), "{config}");
-    config["initDir"] = json!(kubelet.path("pinned").join("init"));
-    config["checkpoint"]["dir"] = json!(kubelet.path("state"));
-    config["outputDir"] = json!(kubelet.path("out"));
-    let config_path = kubelet.path("config.json");
-    std::fs::write(&config_path, config.to_string())?;
-    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
-    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
-    let trained = kubelet.run_for_output(&command, &env)?;
-    ensure!(
-        trained.code == 0,
-        "exit {}: {}",
-        trained.code,
-        trained.message
-    );
+    let (trained, summary) =
+        run_rendered_worker(&client, &ns.name, "tune", &kubelet, &pod, "initDir").await?;
     ensure!(
         trained
             .stderr
@@ -2022,13 +2020,6 @@ async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_
         "{}",
         trained.stderr
     );
-    let summary: Value = serde_json::from_str(
-        trained
-            .stdout
-            .lines()
-            .last()
-            .context("the worker printed no summary")?,
-    )?;
     ensure!(summary["steps"] == json!(3), "{summary}");
     ns.delete().await
 }
@@ -2067,6 +2058,55 @@ async fn a_hub_dataset_the_hub_refuses_fails_the_job_in_the_downloads_words() ->
             && message.contains("data.huggingface.tokenSecret"),
         "{message}"
     );
+    ns.delete().await
+}
+
+/// A Hub dataset's download that gives up on the network (nothing listens
+/// at the endpoint): the real `moe-worker fetch` exits 1, the test reports
+/// it, and the gang is restarted 30 s later as the next attempt, not
+/// counted: with `backoffLimit: 0` a counted restart would fail the job.
+#[tokio::test]
+async fn a_download_the_network_fails_restarts_the_gang_uncounted_after_a_pause() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-hub-down").await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    jobs.create(
+        &PostParams::default(),
+        &hub_data_job("offline", "http://127.0.0.1:1", json!({})),
+    )
+    .await?;
+    let pod = downloading_pod(&pods, "offline").await?;
+    let kubelet = Kubelet::new("hub-down")?;
+    let (code, message) = run_download(&kubelet, &pod)?;
+    ensure!(code == 1, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &pod.name_any(), "init", code, &message)
+        .await?;
+    let waiting = eventually("the job to wait to retry", WAIT, || async {
+        let j = jobs.get("offline").await?;
+        Ok(condition(&j, "Reconciling")
+            .filter(|c| c.reason == "DownloadRetry")
+            .map(|c| c.message.clone()))
+    })
+    .await?;
+    ensure!(
+        waiting.contains(&format!(
+            "pod {} exited with code 1: download:",
+            pod.name_any()
+        )) && waiting.contains("(not counted)"),
+        "{waiting}"
+    );
+    let j = eventually("attempt 1", WAIT, || async {
+        let j = jobs.get("offline").await?;
+        Ok((j.status.as_ref().is_some_and(|s| s.attempt == 1)).then_some(j))
+    })
+    .await?;
+    let s = j.status.unwrap_or_default();
+    ensure!((s.restarts, s.disruptions) == (0, 1), "{s:?}");
+    ensure!(s.phase != Some(TrainingPhase::Failed), "{s:?}");
+    wait_event(&client, &ns.name, "offline", "DownloadRetry").await?;
     ns.delete().await
 }
 
