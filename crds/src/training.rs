@@ -73,6 +73,10 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.nodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
         .message("training.globalBatchSize must be a multiple of microBatchSize × data-parallel size (nodes × processesPerNode / sequenceParallel)")
         .field_path(".training.globalBatchSize"),
+    // A text corpus needs its tokenizer; a fine-tuning job has the model's.
+    validation = Rule::new("self.data.tokenizer != 'huggingface' || has(self.data.tokenizerFile) || has(self.model.initFrom)")
+        .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume or data.huggingface (or model.initFrom, whose tokenizer.json it then reads)")
+        .field_path(".data.tokenizer"),
     // An elastic gang's smallest size must be a layout the worker can train.
     validation = Rule::new("!has(self.parallelism.elastic) || self.parallelism.elastic.minNodes < self.parallelism.nodes")
         .message("parallelism.elastic.minNodes must be below parallelism.nodes")
@@ -363,9 +367,6 @@ fn default_bias_rate() -> f64 {
     validation = Rule::new("!has(self.tokenBytes) || self.tokenBytes == 2 || self.tokenBytes == 4")
         .message("data.tokenBytes must be 2 (uint16 ids) or 4 (uint32 ids)")
         .field_path(".tokenBytes"),
-    validation = Rule::new("self.tokenizer != 'huggingface' || has(self.tokenizerFile)")
-        .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume or data.huggingface")
-        .field_path(".tokenizer"),
     validation = Rule::new("!has(self.tokenizerFile) || (!has(self.builtin) && self.tokenizer != 'byte')")
         .message("data.tokenizerFile is a tokenizer.json in data.volume or data.huggingface, for tokenizer huggingface (text) or pretokenized (the ids it produced)")
         .field_path(".tokenizerFile"),

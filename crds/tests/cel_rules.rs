@@ -164,3 +164,27 @@ mod inference {
         assert_eq!(crd.spec.names.short_names, Some(vec!["mis".to_string()]));
     }
 }
+
+/// A fine-tuning job's text goes through the pretrained model's tokenizer:
+/// `tokenizer: huggingface` needs no `tokenizerFile` then (and does without
+/// `model.initFrom`: the table's case).
+#[test]
+fn a_fine_tuning_job_may_tokenize_with_the_pretrained_models_tokenizer() {
+    let mut v = valid_training_job();
+    moe_crds::fixtures::merge_patch(
+        &mut v,
+        &serde_json::json!({"spec": {
+            "model": {"initFrom": {"huggingface": {"repo": "org/base"}}},
+            "data": {"builtin": null, "volume": {"claimName": "corpus"}, "tokenizer": "huggingface"}
+        }}),
+    );
+    job(v.clone())
+        .validate_cel()
+        .expect("the model brings its tokenizer");
+    moe_crds::fixtures::merge_patch(
+        &mut v,
+        &serde_json::json!({"spec": {"model": {"initFrom": null}}}),
+    );
+    let err = job(v).validate_cel().expect_err("no tokenizer").to_string();
+    assert!(err.contains("needs data.tokenizerFile"), "{err}");
+}

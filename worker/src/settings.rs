@@ -515,7 +515,17 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
             // Paths are inside the claim even when written with a leading '/'.
             let inside = |path: &str| Path::new(dir).join(path.trim_start_matches('/'));
             let path = inside(within);
-            let tokenizer_file = config.data.tokenizer_file.as_deref().map(inside);
+            // Unset, a fine-tuning job's tokenizer is the pretrained model's.
+            let tokenizer_file = config
+                .data
+                .tokenizer_file
+                .as_deref()
+                .map(inside)
+                .or_else(|| {
+                    let init = config.init_dir.as_deref()?;
+                    (config.data.tokenizer != Tokenizer::Byte)
+                        .then(|| Path::new(init).join(PRETRAINED_TOKENIZER))
+                });
             match config.data.tokenizer {
                 Tokenizer::Byte if tokenizer_file.is_some() => Err(SettingsError::new(
                     "data.tokenizerFile",
@@ -527,7 +537,7 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
                     tokenizer_file: tokenizer_file.ok_or_else(|| {
                         SettingsError::new(
                             "data.tokenizerFile",
-                            "is not set, but tokenizer huggingface needs its tokenizer.json",
+                            "is not set, but tokenizer huggingface needs its tokenizer.json (or model.initFrom's)",
                         )
                     })?,
                 }),
@@ -558,6 +568,9 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
         )),
     }
 }
+
+/// The tokenizer a pretrained model's directory holds.
+const PRETRAINED_TOKENIZER: &str = "tokenizer.json";
 
 fn checkpoint_settings(config: &WorkerConfig) -> Result<CheckpointSettings, SettingsError> {
     let spec = &config.checkpoint;
@@ -657,6 +670,23 @@ mod tests {
                 tokenizer_file: Some("/run/moe/data/gpt2/tokenizer.json".into()),
             }
         );
+        // Fine-tuning: without a tokenizerFile, the pretrained model's
+        // tokenizer, for text and for ids (a checkpoint records it); none
+        // for byte text.
+        let tuned = |tokenizer: &str| {
+            TrainSettings::from_config(&config(|c| {
+                c["data"] =
+                    json!({"volume": {"claimName": "d", "path": "text"}, "tokenizer": tokenizer});
+                c["dataDir"] = "/data".into();
+                c["initDir"] = "/run/moe/init".into();
+            }))
+            .unwrap()
+            .data
+        };
+        let theirs = Path::new("/run/moe/init/tokenizer.json");
+        assert_eq!(tuned("huggingface").tokenizer_file(), Some(theirs));
+        assert_eq!(tuned("pretokenized").tokenizer_file(), Some(theirs));
+        assert_eq!(tuned("byte").tokenizer_file(), None);
         let (field, problem) = refusal(|c| c["data"]["tokenizer"] = "pretokenized".into());
         assert_eq!(field, "data.tokenizer");
         assert!(problem.contains("data.volume"), "{problem}");

@@ -132,6 +132,21 @@ fn train_starts_from_the_pretrained_weights_and_a_resumed_run_from_its_checkpoin
     let run = |dir: &Path, init: bool| -> (Value, String) {
         let mut config = config_json(dir);
         config["model"] = mixtral_model(json!({}));
+        // Text, through the pretrained model's own tokenizer (no
+        // tokenizerFile: a fine-tuning job reads the model's); the random
+        // run names a copy of it.
+        std::fs::write(dir.join("corpus.txt"), "The quick brown fox. ".repeat(400)).unwrap();
+        config["dataDir"] = dir.to_string_lossy().into();
+        config["data"] = json!({"volume": {"claimName": "local", "path": "corpus.txt"},
+                                "tokenizer": "huggingface"});
+        if !init {
+            std::fs::copy(
+                fixture("mixtral").join("tokenizer.json"),
+                dir.join("tok.json"),
+            )
+            .unwrap();
+            config["data"]["tokenizerFile"] = "tok.json".into();
+        }
         config["training"]["steps"] = 4.into();
         config["checkpoint"]["intervalSteps"] = 2.into();
         if init {
