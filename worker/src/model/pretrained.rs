@@ -260,6 +260,18 @@ fn check_same_shape(
             ),
         ));
     }
+    // Within its context its sliding window (if any) is full attention, as
+    // the training model's is; beyond it RoPE was never trained.
+    if config.seq_len > hf.context {
+        return Err(SettingsError::new(
+            "model.seqLen",
+            format!(
+                "is {}, but the pretrained model attends over at most {} tokens \
+                 (max_position_embeddings, or its sliding_window) ({FIELD})",
+                config.seq_len, hf.context
+            ),
+        ));
+    }
     if dense_layers > 0 && config.dense_hidden != hf.dense_hidden {
         return Err(SettingsError::new(
             "model.denseHiddenSize",

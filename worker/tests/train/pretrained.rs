@@ -110,6 +110,12 @@ fn a_model_the_training_model_cannot_hold_or_a_different_shape_is_refused_naming
     assert!(err.contains("model.moe.normalizeTopK"), "{err}");
     let err = load(&dir, &spec(json!({"moe": {"experts": 8}}))).unwrap_err();
     assert!(err.contains("model.moe.experts"), "{err}");
+    // The fixture's max_position_embeddings is 256.
+    let err = load(&dir, &spec(json!({"seqLen": 512}))).unwrap_err();
+    assert!(
+        err.contains("model.seqLen") && err.contains("at most 256 tokens"),
+        "{err}"
+    );
     // OLMoE has attention biases and normalises its queries and keys; Qwen3
     // too; DeepSeek-V3 compresses keys and values: the training model has
     // none of them.
