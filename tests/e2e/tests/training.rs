@@ -1031,6 +1031,34 @@ fn blocker(name: &str) -> Pod {
     .expect("a valid pod")
 }
 
+/// Waits for `name` to run `attempt` on `nodes` ready pods, with nothing
+/// counted (no restart, no disruption).
+async fn running_uncounted_on(
+    jobs: &Api<MoETrainingJob>,
+    name: &str,
+    attempt: i32,
+    nodes: i32,
+) -> Result<()> {
+    let j = eventually(
+        &format!("{name} to run attempt {attempt} on {nodes} nodes"),
+        WAIT,
+        || async {
+            let j = jobs.get(name).await?;
+            let s = j.status.clone().unwrap_or_default();
+            Ok((s.phase == Some(TrainingPhase::Running) && s.attempt == attempt).then_some(j))
+        },
+    )
+    .await?;
+    let s = j.status.unwrap_or_default();
+    ensure!(
+        s.workers.expected == nodes && s.workers.ready == nodes,
+        "{:?}",
+        s.workers
+    );
+    ensure!((s.restarts, s.disruptions) == (0, 0), "{s:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_is_more()
 -> Result<()> {
@@ -1086,19 +1114,7 @@ async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_
 
     // Past the wait the next attempt asks for 2 nodes (3 would not split
     // the global batch of 32), not counted as a restart, and runs.
-    let j = eventually("big to run on 2 nodes", WAIT, || async {
-        let j = jobs.get("big").await?;
-        let s = j.status.clone().unwrap_or_default();
-        Ok((s.phase == Some(TrainingPhase::Running) && s.attempt == 1).then_some(j))
-    })
-    .await?;
-    let s = j.status.clone().unwrap_or_default();
-    ensure!(
-        s.workers.expected == 2 && s.workers.ready == 2,
-        "{:?}",
-        s.workers
-    );
-    ensure!((s.restarts, s.disruptions) == (0, 0), "{s:?}");
+    running_uncounted_on(&jobs, "big", 1, 2).await?;
     wait_event(&client, &ns.name, "big", "GangShrunk").await?;
     let a1 = k8s_jobs.get("big-a1").await?;
     ensure!(
@@ -1144,19 +1160,7 @@ async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_
     for name in ["other-0", "other-1"] {
         pods.delete(name, &DeleteParams::default()).await?;
     }
-    let j = eventually("big to run on 4 nodes again", WAIT, || async {
-        let j = jobs.get("big").await?;
-        let s = j.status.clone().unwrap_or_default();
-        Ok((s.phase == Some(TrainingPhase::Running) && s.attempt == 2).then_some(j))
-    })
-    .await?;
-    let s = j.status.clone().unwrap_or_default();
-    ensure!(
-        s.workers.expected == 4 && s.workers.ready == 4,
-        "{:?}",
-        s.workers
-    );
-    ensure!((s.restarts, s.disruptions) == (0, 0), "{s:?}");
+    running_uncounted_on(&jobs, "big", 2, 4).await?;
     wait_event(&client, &ns.name, "big", "GangGrown").await?;
     for pod in &pods_of(&pods, "big", 2).await? {
         ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("32"));
