@@ -203,17 +203,28 @@ pub struct ModelSpec {
     pub init_from: Option<ModelInit>,
 }
 
-/// Pretrained weights a training job starts from.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Pretrained weights a training job starts from: a Hugging Face model
+/// directory (`config.json`, `tokenizer.json`, safetensors), from the Hub
+/// or a volume, for the first attempt to start from; later attempts resume
+/// from the job's checkpoints. The training model holds Mixtral-style
+/// models (`MixtralForCausalLM`): RMSNorm, grouped-query attention without
+/// biases or q/k norms, plain RoPE, softmax-routed SwiGLU experts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.huggingface) != has(self.volume)")
+        .message("model.initFrom needs exactly one source: huggingface or volume"),
+)]
 pub struct ModelInit {
     /// A model on the Hugging Face Hub, downloaded by each worker pod's
-    /// init container (its `config.json`, tokenizer and safetensors), for
-    /// the first attempt to start from; later attempts resume from the
-    /// job's checkpoints. The training model holds Mixtral-style models
-    /// (`MixtralForCausalLM`): RMSNorm, grouped-query attention without
-    /// biases or q/k norms, plain RoPE, softmax-routed SwiGLU experts.
-    pub huggingface: crate::HuggingFaceModel,
+    /// init container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<crate::HuggingFaceModel>,
+    /// A model directory on a PersistentVolumeClaim (mounted read-only): an
+    /// air-gapped cluster's copy, what `huggingface-cli download` or
+    /// `save_pretrained` left. `path` is the directory inside the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeData>,
 }
 
 fn default_vocab() -> i32 {

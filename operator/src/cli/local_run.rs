@@ -55,9 +55,15 @@ impl LocalRun {
         if job.spec.data.huggingface.is_some() {
             config.data_dir = Some(text(&dir.join("data"))?);
         }
-        if job.spec.model.init_from.is_some() {
-            config.init_dir = Some(text(&dir.join("init"))?);
-        }
+        // A pretrained model on a volume is at its path from here, as data is.
+        config.init_dir = match job.spec.model.init_from.as_ref().map(|i| &i.volume) {
+            Some(Some(volume)) => Some(match volume.path.trim_start_matches('/') {
+                "" => ".".to_string(),
+                path => path.to_string(),
+            }),
+            Some(None) => Some(text(&dir.join("init"))?),
+            None => None,
+        };
         Ok(Self {
             config_path: text(&dir.join("config.json"))?,
             dir,

@@ -127,7 +127,16 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
             .model
             .init_from
             .as_ref()
-            .map(|_| PINNED_INIT_LINK.to_string()),
+            .map(|init| match &init.volume {
+                // The claim is mounted at /init; the model is at `path` in it.
+                Some(volume) => [INIT_MOUNT, volume.path.trim_matches('/')]
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                None => PINNED_INIT_LINK.to_string(),
+            }),
     }
 }
 
@@ -446,8 +455,7 @@ pub fn init_containers(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Vec<C
         .huggingface
         .as_ref()
         .map(|hub| download_container(job, ctx, hub));
-    let model = spec.model.init_from.as_ref().map(|init| {
-        let hub = &init.huggingface;
+    let model = pretrained_hub(job).map(|hub| {
         hub::download_container(
             ctx,
             &spec.worker,
@@ -470,8 +478,13 @@ pub fn init_containers(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Vec<C
 
 /// Whether `job`'s pods download from the Hub (then they hold the links to
 /// what they fetched on a pod-local volume).
-fn downloads(job: &MoETrainingJob) -> bool {
-    job.spec.data.huggingface.is_some() || job.spec.model.init_from.is_some()
+pub fn downloads(job: &MoETrainingJob) -> bool {
+    job.spec.data.huggingface.is_some() || pretrained_hub(job).is_some()
+}
+
+/// The Hub model a fine-tuning job starts from, if it comes from the Hub.
+fn pretrained_hub(job: &MoETrainingJob) -> Option<&moe_crds::HuggingFaceModel> {
+    job.spec.model.init_from.as_ref()?.huggingface.as_ref()
 }
 
 /// The init container that downloads a Hub dataset's files (its `path` and
@@ -622,11 +635,22 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
     if let Some(hub) = &spec.data.huggingface {
         out.push(download_volume("data", hub.cache_claim_name.as_ref()));
     }
-    if let Some(init) = &spec.model.init_from {
-        out.push(download_volume(
-            "init",
-            init.huggingface.cache_claim_name.as_ref(),
-        ));
+    match spec
+        .model
+        .init_from
+        .as_ref()
+        .map(|i| (&i.huggingface, &i.volume))
+    {
+        Some((Some(hub), _)) => out.push(download_volume("init", hub.cache_claim_name.as_ref())),
+        Some((None, Some(volume))) => out.push(Volume {
+            name: "init".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: volume.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        }),
+        _ => {}
     }
     if downloads(job) {
         out.push(empty_dir(hub::PINNED_VOLUME, None, None));
@@ -790,6 +814,45 @@ mod tests {
         assert_eq!(
             (claim.claim_name.as_str(), claim.read_only),
             ("models", Some(false))
+        );
+    }
+
+    #[test]
+    fn a_pretrained_model_on_a_claim_is_mounted_read_only_and_read_in_place() {
+        let mut j = job(serde_json::json!({}));
+        j.spec.model.init_from = Some(
+            serde_json::from_value(serde_json::json!({
+                "volume": {"claimName": "models", "path": "/mixtral-8x7b/"}}))
+            .unwrap(),
+        );
+        assert_eq!(
+            worker_config(&j).init_dir.as_deref(),
+            Some("/init/mixtral-8x7b")
+        );
+        let t = template(&j);
+        let spec = t.spec.as_ref().unwrap();
+        // Nothing to download, so no link either.
+        assert!(spec.init_containers.is_none());
+        let volumes: Vec<&Volume> = spec.volumes.iter().flatten().collect();
+        assert!(volumes.iter().all(|v| v.name != hub::PINNED_VOLUME));
+        let claim = volumes
+            .iter()
+            .find(|v| v.name == "init")
+            .and_then(|v| v.persistent_volume_claim.clone())
+            .unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("models", Some(true))
+        );
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "init")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (INIT_MOUNT, Some(true))
         );
     }
 

@@ -475,10 +475,7 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 set_phase(&mut plan, &old, TrainingPhase::Pending, reason, &msg, &now);
                 // Pods are not watched: a download starting or ending changes
                 // nothing the operator watches, so it looks again meanwhile.
-                if cur.downloading > 0
-                    || spec.data.huggingface.is_some()
-                    || spec.model.init_from.is_some()
-                {
+                if cur.downloading > 0 || super::build::downloads(job) {
                     plan.look_again_within(POD_POLL);
                 }
             }

@@ -2114,6 +2114,56 @@ async fn a_download_the_network_fails_restarts_the_gang_uncounted_after_a_pause(
     ns.delete().await
 }
 
+/// The fine-tuning example as a user runs it, from the repository root:
+/// `moectl run --local` starts the worker from the pretrained model on the
+/// "claim" (the tiny Mixtral of the fixtures), reads the docs through its
+/// tokenizer, and lowers the loss; a second run resumes from the first's
+/// checkpoint. (No cluster: moectl and the worker.)
+#[tokio::test]
+async fn the_fine_tuning_example_runs_locally_from_the_pretrained_model() -> Result<()> {
+    let root = moe_e2e::operator::repo_root();
+    let workdir = std::env::temp_dir().join(format!("moe-e2e-finetune-{}", std::process::id()));
+    let run = || {
+        std::process::Command::new(moe_e2e::operator::moectl_binary()?)
+            .args([
+                "run",
+                "--local",
+                "examples/training/tiny-finetune.yaml",
+                "--workdir",
+            ])
+            .arg(&workdir)
+            .current_dir(&root)
+            .env("MOE_STATUS_ADDR", "off")
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let out = run()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "moectl failed: {stderr}");
+    ensure!(
+        stderr.contains("starting from the pretrained model's weights"),
+        "{stderr}"
+    );
+    let summary: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find(|l| l.contains("finalLoss"))
+            .with_context(|| format!("no summary; stderr: {stderr}"))?,
+    )?;
+    let (first, last) = (
+        summary["initialLoss"].as_f64().context("no initial loss")?,
+        summary["finalLoss"].as_f64().context("no final loss")?,
+    );
+    ensure!(last < first - 1.0, "the loss went from {first} to {last}");
+    let again = run()?;
+    let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
+    ensure!(again.status.success(), "moectl failed: {stderr}");
+    ensure!(!stderr.contains("starting from the pretrained"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&workdir);
+    Ok(())
+}
+
 /// `moectl run --local` on a job with a Hub dataset: moectl runs the pods'
 /// download itself (the real `moe-worker fetch`, against a fake Hub), keeps
 /// the files in the work directory, and the worker trains through the
