@@ -1,6 +1,7 @@
 //! The MoETrainingJob controller: thin I/O around the pure steps.
 //!
-//! reconcile = observe (stores; pods only when an attempt failed)
+//! reconcile = observe (stores; pods only while an attempt starts or
+//!             after it failed)
 //!           → validate (pure) → decide (pure) → build (pure)
 //!           → apply children → create/delete attempts → status (only if changed) → events
 
@@ -333,7 +334,9 @@ fn observe_spares(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Vec<SpareSta
         .collect()
 }
 
-/// The attempt Jobs of `job`, from the store; pods are listed only for a failed attempt.
+/// The attempt Jobs of `job`, from the store. An attempt's pods are listed
+/// only while it starts (which the scheduler cannot place, their downloads)
+/// or until every pod has reported its Hub dataset's commit, and once it failed.
 async fn observe_attempts(
     ctx: &Context,
     job: &MoETrainingJob,
