@@ -16,7 +16,7 @@ use moe_crds::fixtures::{invalid_training_jobs, merge_patch, valid_training_job}
 use moe_crds::{MoETrainingJob, TrainingPhase};
 use moe_e2e::hub::FakeHub;
 use moe_e2e::kubelet::Kubelet;
-use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
+use moe_e2e::kueue::{ELASTIC_KUEUE_POOL, KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     DRA_CLASS, DRA_POOL, ELASTIC_POOL, GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API,
@@ -757,6 +757,36 @@ async fn pending_because(jobs: &Api<MoETrainingJob>, name: &str, reason: &str) -
         },
     )
     .await
+}
+
+/// An elastic job Kueue cannot admit whole (quota for 2 of its 4 nodes):
+/// after the wait the operator asks for 2, which Kueue admits, and it runs.
+#[tokio::test]
+async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_what_its_quota_holds() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-kueue-elastic").await?;
+    let kueue = KueueSetup::create(&client, &ns.name, ELASTIC_KUEUE_POOL, 16, false).await?;
+    let _op = Operator::start(&ns.name).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let elastic = queued(json!({"spec": {
+        "parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 5}},
+        "worker": {"terminationGracePeriodSeconds": 5}
+    }}));
+    jobs.create(&PostParams::default(), &gpu_job("wide", 4, elastic))
+        .await?;
+    waits_for_admission(&jobs, "wide").await?;
+    ensure!(
+        pods_of(&pods, "wide", 0).await?.is_empty(),
+        "not admitted: no pods"
+    );
+    running_uncounted_on(&jobs, "wide", 1, 2).await?;
+    wait_event(&client, &ns.name, "wide", "GangShrunk").await?;
+    // Kueue's flavor put the shrunk gang on its pool.
+    let pools = placed(&client, &pods, "wide", 2, "node.moe.dev/pool").await?;
+    ensure!(pools.iter().all(|p| p == ELASTIC_KUEUE_POOL), "{pools:?}");
+    kueue.delete().await?;
+    ns.delete().await
 }
 
 #[tokio::test]
