@@ -1949,13 +1949,7 @@ async fn a_hub_dataset_is_downloaded_by_the_pod_and_the_rendered_config_trains_o
     )
     .await?;
     let pod = downloading_pod(&pods, "corpus").await?;
-    eventually("the job to say it downloads", WAIT, || async {
-        let j = jobs.get("corpus").await?;
-        Ok(condition(&j, "Reconciling")
-            .is_some_and(|c| c.reason == "DownloadingData")
-            .then_some(()))
-    })
-    .await?;
+    pending_because(&jobs, "corpus", "DownloadingData").await?;
 
     let kubelet = Kubelet::new("hub-data")?;
     let (code, report) = run_download(&kubelet, &pod)?;
@@ -2027,13 +2021,7 @@ async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_
     );
     jobs.create(&PostParams::default(), &job).await?;
     let pod = downloading_pod(&pods, "tune").await?;
-    eventually("the job to say it downloads", WAIT, || async {
-        let j = jobs.get("tune").await?;
-        Ok(condition(&j, "Reconciling")
-            .is_some_and(|c| c.reason == "DownloadingData")
-            .then_some(()))
-    })
-    .await?;
+    pending_because(&jobs, "tune", "DownloadingData").await?;
 
     let kubelet = Kubelet::new("hub-model")?;
     let (code, report) = kubelet.run_init(
