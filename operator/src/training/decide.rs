@@ -785,8 +785,21 @@ fn grow(
 ) -> bool {
     let spec = &job.spec;
     let missing = spec.parallelism.nodes - cur.nodes;
-    let growing = spec.parallelism.elastic.as_ref().is_some_and(|e| e.grow);
-    if !growing || missing <= 0 || !observed.pod_by_pod || cur.succeeded > 0 {
+    let Some(elastic) = spec.parallelism.elastic.as_ref().filter(|e| e.grow) else {
+        return false;
+    };
+    if missing <= 0 || !observed.pod_by_pod || cur.succeeded > 0 {
+        return false;
+    }
+    // A smaller attempt trains `shrinkAfterSeconds` before it asks for
+    // room: a gang that grew into room taken again meanwhile shrinks after
+    // that long, so a grow-and-shrink cycle costs at least twice the wait,
+    // never a restart every few seconds.
+    let running = running_since(old, cur.attempt, now);
+    let ran = observed.now.duration_since(running.0).as_secs_f64();
+    let wait = f64::from(elastic.shrink_after_seconds);
+    if ran < wait {
+        plan.look_again_within(Duration::from_secs_f64((wait - ran).max(1.0)));
         return false;
     }
     let ready = observed

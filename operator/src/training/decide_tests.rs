@@ -354,6 +354,21 @@ fn the_wait_starts_once_the_replaced_attempts_pods_have_had_their_grace_period()
     );
 }
 
+/// `job`, its status saying it has been Running for `seconds`.
+fn running_for(mut job: MoETrainingJob, seconds: i64) -> MoETrainingJob {
+    let status = job.status.as_mut().expect("a status");
+    assert_eq!(status.phase, Some(TrainingPhase::Running));
+    for c in status
+        .conditions
+        .iter_mut()
+        .filter(|c| c.type_ == "Running")
+    {
+        c.last_transition_time =
+            Time(now() - k8s_openapi::jiff::SignedDuration::from_secs(seconds));
+    }
+    job
+}
+
 fn spare(attempt: i32, ready: i32) -> SpareState {
     SpareState {
         name: format!("train-a{attempt}-spare"),
@@ -370,19 +385,25 @@ fn a_smaller_attempt_asks_for_spare_pods_and_grows_back_once_they_all_run() {
     (small.nodes, small.active, small.ready) = (2, 2, 2);
     let mut obs = observed(vec![small.clone()]);
 
-    // Running whole on 2 of 4: it asks for spares for the other 2.
+    // Running whole on 2 of 4, just now: it trains shrinkAfterSeconds
+    // (300) before it asks for room.
+    let just = after(j.clone(), &decide(&j, &obs));
+    let plan = decide(&just, &obs);
+    assert_eq!(plan.status.phase, Some(TrainingPhase::Running));
+    assert_eq!(plan.spares, None);
+    // Running for 300 s: it asks for spares for the other 2.
+    let ran = running_for(just, 300);
     let want = Some(SpareRequest {
         attempt: 1,
         count: 2,
     });
-    let plan = decide(&after(j.clone(), &decide(&j, &obs)), &obs);
+    let plan = decide(&ran, &obs);
     assert_eq!(plan.spares, want);
-    assert_eq!(plan.status.phase, Some(TrainingPhase::Running));
     assert!(plan.create.is_none() && plan.delete.is_empty(), "{plan:?}");
 
     // One of them runs: it keeps asking.
     obs.spares = vec![spare(1, 1)];
-    let plan = decide(&j, &obs);
+    let plan = decide(&ran, &obs);
     assert_eq!(plan.spares, want);
     assert!(plan.create.is_none() && plan.delete.is_empty(), "{plan:?}");
 
@@ -390,8 +411,7 @@ fn a_smaller_attempt_asks_for_spare_pods_and_grows_back_once_they_all_run() {
     // (its pods checkpoint as they stop), and its spares; attempt 2 asks
     // for all 4, not counted.
     obs.spares = vec![spare(1, 2)];
-    let running = decide(&j, &observed(vec![small.clone()]));
-    let plan = decide(&after(j.clone(), &running), &obs);
+    let plan = decide(&ran, &obs);
     assert_eq!(
         plan.create,
         Some(NewAttempt {
@@ -427,11 +447,12 @@ fn a_smaller_attempt_asks_for_spare_pods_and_grows_back_once_they_all_run() {
     // (Kueue, the Workload API), nor with grow: false.
     let mut obs = observed(vec![small.clone()]);
     obs.pod_by_pod = false;
-    assert_eq!(decide(&j, &obs).spares, None);
-    let fixed = job(&ELASTIC.replace(
+    assert_eq!(decide(&ran, &obs).spares, None);
+    let mut fixed = job(&ELASTIC.replace(
         "shrinkAfterSeconds: 300",
         "shrinkAfterSeconds: 300, grow: false",
     ));
+    fixed.status = ran.status.clone();
     assert_eq!(decide(&fixed, &observed(vec![small])).spares, None);
 }
 
