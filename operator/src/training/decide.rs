@@ -149,6 +149,16 @@ pub struct Plan {
 
 impl Plan {
     /// Look again within `after` (sooner if something else wants sooner).
+    /// Whether `elapsed` seconds fall short of `wait`; if so, look again
+    /// when they will not.
+    fn still_waiting(&mut self, elapsed: f64, wait: f64) -> bool {
+        let left = wait - elapsed;
+        if left > 0.0 {
+            self.look_again_within(Duration::from_secs_f64(left.max(1.0)));
+        }
+        left > 0.0
+    }
+
     fn look_again_within(&mut self, after: Duration) {
         self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
     }
@@ -550,19 +560,16 @@ fn restart_or_fail(
             if transient && action == FailureAction::Ignore {
                 // Not counted, but not at once either: a Hub that is down
                 // would otherwise have the gang recreated every few seconds.
-                let left = cur.failed_at.map_or(0.0, |since| {
-                    let due = since
-                        + k8s_openapi::jiff::SignedDuration::from_secs(
-                            DOWNLOAD_RETRY_DELAY.as_secs() as i64,
-                        );
-                    due.duration_since(now.0).as_secs_f64()
-                });
-                if left > 0.0 {
+                let wait = DOWNLOAD_RETRY_DELAY.as_secs_f64();
+                let elapsed = cur
+                    .failed_at
+                    .map_or(wait, |since| now.0.duration_since(since).as_secs_f64());
+                if plan.still_waiting(elapsed, wait) {
                     let msg = format!(
                         "attempt {} failed: {why}; restarting the gang as attempt {} in {}s (not counted)",
                         cur.attempt,
                         cur.attempt + 1,
-                        left.ceil()
+                        (wait - elapsed).ceil()
                     );
                     set_phase(
                         plan,
@@ -572,7 +579,6 @@ fn restart_or_fail(
                         &msg,
                         now,
                     );
-                    plan.look_again_within(Duration::from_secs_f64(left.max(1.0)));
                     return;
                 }
                 return restart(job, old, cur, (action, why), DOWNLOAD_RETRY, plan, now);
@@ -726,8 +732,7 @@ fn shrink(
         now.duration_since(since).as_secs_f64().max(0.0)
     });
     let wait = f64::from(elastic.shrink_after_seconds);
-    if waited < wait {
-        plan.look_again_within(Duration::from_secs_f64((wait - waited).max(1.0)));
+    if plan.still_waiting(waited, wait) {
         return false;
     }
     let fits = unplaced.bound.unwrap_or(cur.nodes - 1).min(cur.nodes - 1);
@@ -798,8 +803,7 @@ fn grow(
     let running = running_since(old, cur.attempt, now);
     let ran = observed.now.duration_since(running.0).as_secs_f64();
     let wait = f64::from(elastic.shrink_after_seconds);
-    if ran < wait {
-        plan.look_again_within(Duration::from_secs_f64((wait - ran).max(1.0)));
+    if plan.still_waiting(ran, wait) {
         return false;
     }
     let ready = observed
