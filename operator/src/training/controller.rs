@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerStateTerminated, ContainerStatus, Pod, Service,
+};
 use k8s_openapi::api::scheduling::v1alpha2::PodGroup;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
@@ -409,7 +411,9 @@ async fn observe_attempts(
         let starting = status.ready.unwrap_or(0) + status.succeeded.unwrap_or(0) < nodes;
         let (downloading, data_commits) =
             if outcome == AttemptOutcome::Running && (starting || (hub_data && !known)) {
-                let pods = attempt_pods(ctx, ns, &job.name_any(), attempt).await?;
+                // Polled while the attempt starts: the watch cache's copy is
+                // fresh enough and costs etcd no read per poll.
+                let pods = attempt_pods(ctx, ns, &job.name_any(), attempt, Read::Cached).await?;
                 if pod_group.is_none() && starting {
                     unplaced = gang::unplaced_pods(&pods);
                 }
@@ -481,9 +485,17 @@ async fn failure_cause(
     status: &k8s_openapi::api::batch::v1::JobStatus,
 ) -> Result<FailureCause, Error> {
     Ok(classify_failure(
-        &attempt_pods(ctx, ns, name, attempt).await?,
+        &attempt_pods(ctx, ns, name, attempt, Read::Fresh).await?,
         status,
     ))
+}
+
+/// How current a list must be.
+enum Read {
+    /// A quorum read: what etcd holds now (a failure's pods, read once).
+    Fresh,
+    /// The apiserver's watch cache (polls while an attempt starts).
+    Cached,
 }
 
 /// The pods of attempt `attempt` of job `name`.
@@ -492,10 +504,16 @@ async fn attempt_pods(
     ns: &str,
     name: &str,
     attempt: i32,
+    read: Read,
 ) -> Result<Vec<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let selector = format!("{}={name},{}={attempt}", labels::JOB_NAME, labels::ATTEMPT);
-    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let params = ListParams::default().labels(&selector);
+    let params = match read {
+        Read::Fresh => params,
+        Read::Cached => params.match_any(),
+    };
+    let list = pods.list(&params).await?;
     ctx.metrics.api_call("list", "pods");
     Ok(list.items)
 }
@@ -684,10 +702,7 @@ fn disruption(pod: &Pod) -> Option<String> {
 fn termination_message(pod: &Pod) -> Option<String> {
     const MAX: usize = 300;
     let st = pod.status.as_ref()?;
-    let failed = |c: &ContainerStatus| {
-        let t = c.state.as_ref()?.terminated.as_ref()?;
-        (t.exit_code != 0).then(|| t.message.clone()).flatten()
-    };
+    let failed = |c: &ContainerStatus| failed_run(c)?.message.clone();
     // The worker's, else a failed download's (its init container), named so.
     let message = st
         .container_statuses
@@ -711,18 +726,20 @@ fn termination_message(pod: &Pod) -> Option<String> {
     })
 }
 
+/// A container's run that ended with a non-zero exit code, if it did.
+fn failed_run(c: &ContainerStatus) -> Option<&ContainerStateTerminated> {
+    c.state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .filter(|t| t.exit_code != 0)
+}
+
 /// The non-zero exit code of a pod's terminated container, if any, and
 /// whether that container was a download (an init container).
 fn exit_code(pod: &Pod) -> Option<(i32, bool)> {
     let st = pod.status.as_ref()?;
-    let failed = |c: &ContainerStatus| {
-        c.state
-            .as_ref()?
-            .terminated
-            .as_ref()
-            .map(|t| t.exit_code)
-            .filter(|code| *code != 0)
-    };
+    let failed = |c: &ContainerStatus| Some(failed_run(c)?.exit_code);
     // A failed init container (a Hub download) fails the pod before the
     // worker runs.
     st.container_statuses
@@ -749,13 +766,15 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
             info!(job = %job.name_any(), namespace = ns, attempt, "created attempt");
         }
     }
-    if let Some(spares) = plan.spares {
-        let child = build::spare_job(job, &ctx.build, spares.attempt, spares.count);
-        let known = ctx
+    // Kept while wanted: built and created only when the store lacks it.
+    if let Some(spares) = plan.spares
+        && ctx
             .jobs
-            .get(&ObjectRef::new(&child.name_any()).within(ns))
-            .is_some();
-        if !known && create_once(client, metrics, ns, &child).await? {
+            .get(&ObjectRef::new(&build::spare_job_name(job, spares.attempt)).within(ns))
+            .is_none()
+    {
+        let child = build::spare_job(job, &ctx.build, spares.attempt, spares.count);
+        if create_once(client, metrics, ns, &child).await? {
             info!(job = %job.name_any(), namespace = ns, attempt = spares.attempt, count = spares.count, "created spare pods");
         }
     }
