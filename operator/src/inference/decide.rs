@@ -732,23 +732,23 @@ mod tests {
         }
     }
 
-    fn message_of<'a>(plan: &'a Plan, t: &str) -> &'a str {
-        let c = plan
-            .status
+    fn condition<'a>(
+        plan: &'a Plan,
+        t: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        plan.status
             .conditions
             .iter()
             .find(|c| c.type_ == t)
-            .unwrap();
-        &c.message
+            .unwrap()
+    }
+
+    fn message_of<'a>(plan: &'a Plan, t: &str) -> &'a str {
+        &condition(plan, t).message
     }
 
     fn cond<'a>(plan: &'a Plan, t: &str) -> (&'a str, &'a str) {
-        let c = plan
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == t)
-            .unwrap();
+        let c = condition(plan, t);
         (c.status.as_str(), c.reason.as_str())
     }
 

@@ -91,8 +91,9 @@ fn a_mixtral_checkpoint_starts_the_training_model_where_transformers_is() {
             prompt["text"]
         );
         // transformers and the worker compute in f32 from the same bf16
-        // weights; a wrong RoPE layout or gate is off by O(1e-1).
-        assert!(worst < 2e-4, "{:?}: {worst}", prompt["text"]);
+        // weights: measured 1.7-1.9e-6 (only the order of f32 sums
+        // differs); a wrong RoPE layout or gate is off by O(1e-1).
+        assert!(worst < 2e-5, "{:?}: {worst}", prompt["text"]);
     }
     assert!(checked >= 8, "{checked} positions checked");
 }
