@@ -278,8 +278,9 @@ mod tests {
         assert_eq!(volume.path, "corpora/web/");
     }
 
-    /// A Hub dataset: the pods' download, its files kept in the work
-    /// directory and its link in the run, which the worker reads.
+    /// A Hub dataset and a pretrained model: the pods' downloads, their
+    /// files kept in the work directory and their links in the run, which
+    /// the worker reads.
     #[test]
     fn downloads_a_hub_dataset_and_a_pretrained_model_first_and_reads_them_through_the_runs_links()
     {
