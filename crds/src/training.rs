@@ -148,12 +148,15 @@ pub struct MoETrainingJobSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.hiddenSize % self.attentionHeads == 0")
-        .message("model.hiddenSize must be divisible by model.attentionHeads")
+    validation = Rule::new("has(self.headDim) || self.hiddenSize % self.attentionHeads == 0")
+        .message("model.hiddenSize must be divisible by model.attentionHeads (or set model.headDim)")
         .field_path(".hiddenSize"),
-    validation = Rule::new("(self.hiddenSize / self.attentionHeads) % 2 == 0")
+    validation = Rule::new("has(self.headDim) || (self.hiddenSize / self.attentionHeads) % 2 == 0")
         .message("model.hiddenSize / model.attentionHeads (the head dimension) must be even for rotary embeddings")
         .field_path(".hiddenSize"),
+    validation = Rule::new("!has(self.headDim) || self.headDim % 2 == 0")
+        .message("model.headDim must be even for rotary embeddings")
+        .field_path(".headDim"),
     validation = Rule::new("self.attentionHeads % self.kvHeads == 0")
         .message("model.attentionHeads must be a multiple of model.kvHeads (grouped-query attention)")
         .field_path(".kvHeads"),
@@ -186,6 +189,20 @@ pub struct ModelSpec {
     /// Key/value heads (grouped-query attention).
     #[schemars(range(min = 1, max = 1024))]
     pub kv_heads: i32,
+    /// Width of each attention head. Default: hiddenSize / attentionHeads;
+    /// Qwen3 widens it (hiddenSize 2048 with 32 heads of 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 1024))]
+    pub head_dim: Option<i32>,
+    /// RMS-norms each query and key after its projection, before RoPE:
+    /// `perHead` (Qwen3: one gain of headDim shared by the heads) or `whole`
+    /// (OLMoE: a token's whole projection). Unset: no q/k norms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNormSpec>,
+    /// Epsilon of every RMSNorm. Default: 1e-5 (Qwen3 uses 1e-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1e-12, max = 0.1))]
+    pub norm_epsilon: Option<f64>,
     /// Training sequence length in tokens.
     #[schemars(range(min = 2, max = 1048576))]
     pub seq_len: i32,
@@ -297,6 +314,17 @@ fn one() -> i32 {
 }
 fn default_scaling() -> f64 {
     1.0
+}
+
+/// How queries and keys are RMS-normed (`model.qkNorm`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum QkNormSpec {
+    /// Each head on its own, one `[headDim]` gain per projection (Qwen3).
+    PerHead,
+    /// A token's whole projection, gains `[attentionHeads × headDim]` and
+    /// `[kvHeads × headDim]` (OLMoE).
+    Whole,
 }
 
 /// Router score function.

@@ -585,6 +585,9 @@ fn tiny_model_config() -> ModelConfig {
         dense_hidden: 12,
         heads: 2,
         kv_heads: 1,
+        head_dim: 4,
+        norm_eps: moe_worker::model::config::NORM_EPS,
+        qk_norm: None,
         seq_len: 4,
         rope_theta: 100.0,
         moe: MoeConfig {

@@ -102,6 +102,54 @@ fn cached_decoding_reproduces_the_full_sequence_forward() {
 }
 
 #[test]
+fn q_k_norms_wide_heads_and_a_norm_epsilon_serve_as_they_train() {
+    // The serving engine (held to transformers' Qwen3 and OLMoE by the
+    // fixtures' goldens) against the training forward, on the shapes
+    // fine-tuning brings: q/k norms per head or whole, heads wider than
+    // hidden / heads, an epsilon large enough to move every norm.
+    for (patch, seed) in [
+        (
+            serde_json::json!({"headDim": 12, "qkNorm": "perHead", "normEpsilon": 0.05}),
+            11,
+        ),
+        (
+            serde_json::json!({"qkNorm": "whole", "normEpsilon": 0.05}),
+            12,
+        ),
+    ] {
+        let mut spec = serde_json::to_value(spec_with_context(CONTEXT)).unwrap();
+        moe_crds::fixtures::merge_patch(&mut spec, &patch);
+        let mut model = model_for(&serde_json::from_value(spec).unwrap(), seed);
+        let mut rng = SplitMix64::new(seed);
+        for block in &mut model.weights.blocks {
+            assert!(!block.q_norm.is_empty(), "{patch}: the model has q/k norms");
+            for gain in [&mut block.q_norm, &mut block.k_norm] {
+                *gain = gain.iter().map(|_| 1.0 + rng.normal() as f32).collect();
+            }
+        }
+        let tokens = random_tokens(CONTEXT, seed);
+        let reference = model.forward(&tokens, &tokens);
+        let reference = reference.next_token_probs().to_vec();
+        let engine = Engine::new(model);
+        let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), 64);
+        let pages: Vec<u32> = (0..pages_for(CONTEXT, PAGE_SIZE) as u32).collect();
+        let schedule = prefill_then_decode(40, CONTEXT);
+        for (position, logits) in
+            incremental_logits(&engine, &mut store, &pages, &tokens, &schedule)
+        {
+            let probs = softmax(&logits);
+            let expected = &reference[position * VOCAB..(position + 1) * VOCAB];
+            for (p, q) in probs.iter().zip(expected) {
+                assert!(
+                    (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                    "{patch}, position {position}: {p} vs {q}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
     let engine = Engine::new(tiny_model(5));
     let shape = engine.kv_shape(PAGE_SIZE);

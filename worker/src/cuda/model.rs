@@ -362,6 +362,12 @@ fn unsupported(config: &ModelConfig) -> Option<String> {
             config.head_precision
         ));
     }
+    if config.qk_norm.is_some() || config.head_dim * config.heads != config.hidden {
+        return Some(format!(
+            "q/k norms ({:?}) or a head width ({}) other than hidden size / heads on CUDA: not yet",
+            config.qk_norm, config.head_dim
+        ));
+    }
     if !config.hidden.is_multiple_of(4) {
         return Some(format!(
             "hidden size {} on CUDA: rows are permuted as 16-byte vectors, so it must be a multiple of 4",

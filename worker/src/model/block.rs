@@ -1,12 +1,14 @@
 //! One pre-norm transformer block:
 //! `mid = x + Wo attention(rope(Wq n1), rope(Wk n1), Wv n1)` with `n1 = rmsnorm(x)`,
 //! then `out = mid + ffn(rmsnorm(mid))`, the feed-forward layer dense or MoE.
+//! With q/k norms (`model.qkNorm`), `Wq n1` and `Wk n1` are RMS-normed
+//! before RoPE: per head or over the whole projection, as the gains' width says.
 
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::memory::HeldBytes;
 use crate::model::attention_core::Attended;
-use crate::model::config::{ModelConfig, NORM_EPS};
+use crate::model::config::ModelConfig;
 use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
 use crate::moe::expert::SwiGluActivations;
@@ -24,6 +26,8 @@ pub(crate) struct BlockPass<T> {
     input: Vec<T>,
     attention_normed: Vec<T>,
     attention_rstd: Vec<T>,
+    /// q and k as projected, before their norms, when the model has them.
+    qk_norm: Option<QkNormPass<T>>,
     /// Queries and keys after RoPE, as attention saw them (with sequence
     /// parallelism: this rank's heads of every token).
     q: Vec<T>,
@@ -36,6 +40,15 @@ pub(crate) struct BlockPass<T> {
     ffn_normed: Vec<T>,
     ffn_rstd: Vec<T>,
     pub(crate) ffn: FeedForwardPass<T>,
+}
+
+/// What the q/k norms' backward pass needs: their inputs and reciprocal RMS.
+#[derive(Clone, Debug)]
+struct QkNormPass<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    q_rstd: Vec<T>,
+    k_rstd: Vec<T>,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +101,9 @@ impl<T> HeldBytes for BlockPass<T> {
         .map(|v| v.held_bytes())
         .sum::<usize>()
             + ffn
+            + self.qk_norm.as_ref().map_or(0, |n| {
+                n.q.held_bytes() + n.k.held_bytes() + n.q_rstd.held_bytes() + n.k_rstd.held_bytes()
+            })
     }
 }
 
@@ -111,9 +127,9 @@ impl<T: Scalar> BlockContext<'_, T> {
         input: Vec<T>,
     ) -> (Vec<T>, BlockPass<T>) {
         let config = self.config;
-        let (h, kv) = (config.hidden, config.kv_width());
+        let (h, qw, kv) = (config.hidden, config.q_width(), config.kv_width());
         let tokens = input.len() / h;
-        let eps = T::from_f64(NORM_EPS);
+        let eps = T::from_f64(config.norm_eps);
 
         let mut attention_normed = vec![T::ZERO; input.len()];
         let mut attention_rstd = vec![T::ZERO; tokens];
@@ -124,14 +140,28 @@ impl<T: Scalar> BlockContext<'_, T> {
             &block.attention_norm,
             eps,
         );
-        let mut q = vec![T::ZERO; tokens * h];
+        let mut q = vec![T::ZERO; tokens * qw];
         let mut k = vec![T::ZERO; tokens * kv];
         let mut v = vec![T::ZERO; tokens * kv];
         let projections = linears.attention;
         let x = &attention_normed;
-        projections.get(WQ).forward(&mut q, x, &block.wq, h, h);
+        projections.get(WQ).forward(&mut q, x, &block.wq, h, qw);
         projections.get(WK).forward(&mut k, x, &block.wk, h, kv);
         projections.get(WV).forward(&mut v, x, &block.wv, h, kv);
+        let (q, k, qk_norm) = match config.qk_norm {
+            None => (q, k, None),
+            Some(_) => {
+                let (q_normed, q_rstd) = norm_chunks(&q, &block.q_norm, eps);
+                let (k_normed, k_rstd) = norm_chunks(&k, &block.k_norm, eps);
+                let pass = QkNormPass {
+                    q,
+                    k,
+                    q_rstd,
+                    k_rstd,
+                };
+                (q_normed, k_normed, Some(pass))
+            }
+        };
         let Attended {
             q,
             k,
@@ -142,7 +172,7 @@ impl<T: Scalar> BlockContext<'_, T> {
         let mut mid = vec![T::ZERO; tokens * h];
         projections
             .get(WO)
-            .forward(&mut mid, &attention_out, &block.wo, h, h);
+            .forward(&mut mid, &attention_out, &block.wo, qw, h);
         add_into(&mut mid, &input);
 
         let mut ffn_normed = vec![T::ZERO; mid.len()];
@@ -184,6 +214,7 @@ impl<T: Scalar> BlockContext<'_, T> {
             input,
             attention_normed,
             attention_rstd,
+            qk_norm,
             q,
             k,
             v,
@@ -208,7 +239,7 @@ impl<T: Scalar> BlockContext<'_, T> {
         grads: &mut BlockWeights<T, MoeParams<T>>,
     ) {
         let config = self.config;
-        let (h, kv) = (config.hidden, config.kv_width());
+        let (h, qw, kv) = (config.hidden, config.q_width(), config.kv_width());
 
         // The feed-forward sublayer; the residual path passes `dres` through unchanged.
         let mut dffn_normed = vec![T::ZERO; dres.len()];
@@ -263,7 +294,7 @@ impl<T: Scalar> BlockContext<'_, T> {
         );
 
         // The attention sublayer.
-        let mut dattention = vec![T::ZERO; dres.len()];
+        let mut dattention = vec![T::ZERO; dres.len() / h * qw];
         let projections = linears.attention;
         projections.get(WO).backward(
             &mut dattention,
@@ -271,7 +302,7 @@ impl<T: Scalar> BlockContext<'_, T> {
             dres,
             &pass.attention_out,
             &block.wo,
-            h,
+            qw,
             h,
         );
         let qkv = Qkv {
@@ -279,13 +310,34 @@ impl<T: Scalar> BlockContext<'_, T> {
             k: &pass.k,
             v: &pass.v,
         };
-        let (dq, dk, dv) = self.attend_backward(qkv, &pass.probs, &dattention);
+        let (mut dq, mut dk, dv) = self.attend_backward(qkv, &pass.probs, &dattention);
+        if let Some(norms) = &pass.qk_norm {
+            let mut dq_projected = vec![T::ZERO; dq.len()];
+            let mut dk_projected = vec![T::ZERO; dk.len()];
+            rmsnorm::backward(
+                &mut dq_projected,
+                &mut grads.q_norm,
+                &dq,
+                &norms.q,
+                &block.q_norm,
+                &norms.q_rstd,
+            );
+            rmsnorm::backward(
+                &mut dk_projected,
+                &mut grads.k_norm,
+                &dk,
+                &norms.k,
+                &block.k_norm,
+                &norms.k_rstd,
+            );
+            (dq, dk) = (dq_projected, dk_projected);
+        }
         let mut dnormed = vec![T::ZERO; dres.len()];
         let x = &pass.attention_normed;
         let dx = &mut dnormed;
         projections
             .get(WQ)
-            .backward(dx, &mut grads.wq, &dq, x, &block.wq, h, h);
+            .backward(dx, &mut grads.wq, &dq, x, &block.wq, h, qw);
         projections
             .get(WK)
             .backward(dx, &mut grads.wk, &dk, x, &block.wk, h, kv);
@@ -301,6 +353,15 @@ impl<T: Scalar> BlockContext<'_, T> {
             &pass.attention_rstd,
         );
     }
+}
+
+/// `x` RMS-normed in chunks of `gain`'s width (a head, or a whole
+/// projection), with each chunk's reciprocal RMS.
+fn norm_chunks<T: Scalar>(x: &[T], gain: &[T], eps: T) -> (Vec<T>, Vec<T>) {
+    let mut normed = vec![T::ZERO; x.len()];
+    let mut rstd = vec![T::ZERO; x.len() / gain.len()];
+    rmsnorm::forward(&mut normed, &mut rstd, x, gain, eps);
+    (normed, rstd)
 }
 
 fn add_into<T: Scalar>(target: &mut [T], addend: &[T]) {

@@ -1,15 +1,27 @@
 //! The transformer's shape, mapped from the API's `ModelSpec` and checked once
 //! so the forward and backward passes can rely on it.
 
-use moe_crds::{ModelSpec, RouterScore};
+use moe_crds::{ModelSpec, QkNormSpec, RouterScore};
 
 use crate::linear::GemmPrecision;
 use crate::moe::{GroupLimit, MoeConfig, ScoreFunction};
 use crate::settings::{SettingsError, positive, require};
 
-/// RMSNorm's epsilon (Llama's value); small enough not to matter for rows of
-/// unit scale, large enough to keep an all-zero row finite.
+/// RMSNorm's default epsilon (Llama's value); small enough not to matter for
+/// rows of unit scale, large enough to keep an all-zero row finite.
 pub const NORM_EPS: f64 = 1e-5;
+
+/// How queries and keys are RMS-normed after their projections, before
+/// RoPE (`model.qkNorm`): it bounds the attention logits, which keeps
+/// training stable at large learning rates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// Each head on its own, gains `[head_dim]` shared by the heads (Qwen3).
+    PerHead,
+    /// A token's whole projection at once, gains `[heads * head_dim]` and
+    /// `[kv_heads * head_dim]` (OLMoE).
+    Whole,
+}
 
 /// Shape and hyperparameters of the whole model.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +34,12 @@ pub struct ModelConfig {
     pub dense_hidden: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Width of each attention head: `hidden / heads` unless the spec says
+    /// otherwise (Qwen3 widens it), so q is `heads * head_dim` wide.
+    pub head_dim: usize,
+    /// RMSNorm's epsilon, in every norm of the model.
+    pub norm_eps: f64,
+    pub qk_norm: Option<QkNorm>,
     pub seq_len: usize,
     pub rope_theta: f64,
     /// The feed-forward layer of every block from `dense_layers` on.
@@ -59,18 +77,33 @@ impl ModelConfig {
                 spec.vocab_size
             ),
         )?;
-        require(
-            hidden.is_multiple_of(heads),
-            "model.hiddenSize",
-            format!("{hidden} is not divisible by model.attentionHeads {heads}"),
-        )?;
-        require(
-            (hidden / heads).is_multiple_of(2),
-            "model.hiddenSize",
-            format!(
-                "the head dimension hiddenSize / attentionHeads = {} must be even for rotary embeddings",
+        let head_dim = match spec.head_dim {
+            Some(dim) => positive("model.headDim", dim)?,
+            None => {
+                require(
+                    hidden.is_multiple_of(heads),
+                    "model.hiddenSize",
+                    format!(
+                        "{hidden} is not divisible by model.attentionHeads {heads} (or set model.headDim)"
+                    ),
+                )?;
                 hidden / heads
-            ),
+            }
+        };
+        require(
+            head_dim.is_multiple_of(2),
+            if spec.head_dim.is_some() {
+                "model.headDim"
+            } else {
+                "model.hiddenSize"
+            },
+            format!("the head dimension {head_dim} must be even for rotary embeddings"),
+        )?;
+        let norm_eps = spec.norm_epsilon.unwrap_or(NORM_EPS);
+        require(
+            norm_eps.is_finite() && norm_eps > 0.0 && norm_eps < 1.0,
+            "model.normEpsilon",
+            format!("is {norm_eps}, but must be in (0, 1)"),
         )?;
         require(
             heads.is_multiple_of(kv_heads),
@@ -104,6 +137,12 @@ impl ModelConfig {
             dense_hidden,
             heads,
             kv_heads,
+            head_dim,
+            norm_eps,
+            qk_norm: spec.qk_norm.map(|norm| match norm {
+                QkNormSpec::PerHead => QkNorm::PerHead,
+                QkNormSpec::Whole => QkNorm::Whole,
+            }),
             seq_len,
             rope_theta: spec.rope_theta,
             moe,
@@ -114,12 +153,25 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_dim
+    }
+
+    /// Width of the query projection (and of attention's output).
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim
     }
 
     /// Width of the key and value projections.
     pub fn kv_width(&self) -> usize {
-        self.kv_heads * self.head_dim()
+        self.kv_heads * self.head_dim
+    }
+
+    /// The widths of the q and k norms' gains, when the model has them.
+    pub fn qk_norm_widths(&self) -> Option<(usize, usize)> {
+        self.qk_norm.map(|norm| match norm {
+            QkNorm::PerHead => (self.head_dim, self.head_dim),
+            QkNorm::Whole => (self.q_width(), self.kv_width()),
+        })
     }
 
     pub fn is_moe_block(&self, block: usize) -> bool {

@@ -3,8 +3,8 @@
 //! As PaLM (appendix B) and llm.c count them: 6 per active parameter
 //! (forward 2, backward 4; the embedding lookup excluded, the LM head
 //! included; routed experts counted `top_k / experts` of their size), plus
-//! `12 · layers · hidden · seq_len` for attention's score and value
-//! products. MFU divides the FLOPs a run does per second by what its GPUs
+//! `12 · layers · heads · head_dim · seq_len` for attention's score and
+//! value products. MFU divides the FLOPs a run does per second by what its GPUs
 //! could do at their dense bf16 peak.
 
 use super::config::ModelConfig;
@@ -22,9 +22,10 @@ pub struct ModelFlops {
 /// Counted from the config's shapes (an expert-parallel rank that holds a
 /// slice of the experts counts the whole model, as its gang trains it).
 pub fn training_flops(c: &ModelConfig) -> ModelFlops {
-    let (h, v, kv) = (c.hidden, c.vocab, c.kv_width());
+    let (h, v, q, kv) = (c.hidden, c.vocab, c.q_width(), c.kv_width());
     let moe = &c.moe;
-    let attention = 2 * h * h + 2 * kv * h + 2 * h; // wq, wo, wk, wv, two norms
+    let qk_norms = c.qk_norm_widths().map_or(0, |(q, k)| q + k);
+    let attention = 2 * q * h + 2 * kv * h + 2 * h + qk_norms; // wq, wo, wk, wv, norms
     let dense = 3 * c.dense_hidden * h;
     let shared = 3 * moe.shared_hidden() * h;
     let routed_one = 3 * moe.expert_hidden * h;
@@ -35,7 +36,7 @@ pub fn training_flops(c: &ModelConfig) -> ModelFlops {
         c.layers * attention + c.dense_layers * dense + moe_layers * (router + shared) + head;
     let parameters = v * h + common + moe_layers * moe.n_routed_experts * routed_one;
     let active = common as f64 + (moe_layers * moe.top_k * routed_one) as f64;
-    let scores = 12.0 * (c.layers * h * c.seq_len) as f64;
+    let scores = 12.0 * (c.layers * q * c.seq_len) as f64;
     ModelFlops {
         parameters,
         active,
@@ -104,13 +105,20 @@ mod tests {
                 "moe": {"experts": 8, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 48}}),
             serde_json::json!({"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
                 "kvHeads": 4, "seqLen": 16, "moe": {"experts": 4, "topK": 1, "expertHiddenSize": 16}}),
+            // Qwen3's shape: heads wider than hidden / heads, q/k norms.
+            serde_json::json!({"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
+                "kvHeads": 2, "headDim": 16, "qkNorm": "perHead", "seqLen": 16,
+                "moe": {"experts": 4, "topK": 1, "expertHiddenSize": 16}}),
+            serde_json::json!({"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
+                "kvHeads": 2, "qkNorm": "whole", "seqLen": 16,
+                "moe": {"experts": 4, "topK": 1, "expertHiddenSize": 16}}),
         ] {
             let c = config(json);
             let f = training_flops(&c);
             let (total, active) = counted(&c);
             assert_eq!(f.parameters, total);
             assert!((f.active - active).abs() < 1e-6, "{} vs {active}", f.active);
-            let scores = 12.0 * (c.layers * c.hidden * c.seq_len) as f64;
+            let scores = 12.0 * (c.layers * c.heads * c.head_dim * c.seq_len) as f64;
             assert_eq!(f.per_token, 6.0 * f.active + scores);
         }
     }

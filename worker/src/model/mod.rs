@@ -214,6 +214,8 @@ impl<T: Scalar> Model<T> {
                     wk: block.wk,
                     wv: block.wv,
                     wo: block.wo,
+                    q_norm: block.q_norm,
+                    k_norm: block.k_norm,
                     ffn_norm: block.ffn_norm,
                     ffn,
                 })
@@ -432,7 +434,7 @@ impl<T: Scalar> Model<T> {
             &mut final_rstd,
             &x,
             &self.weights.final_norm,
-            T::from_f64(config::NORM_EPS),
+            T::from_f64(config.norm_eps),
         );
         let mut logits = vec![T::ZERO; n * vocab];
         self.head()
@@ -557,6 +559,16 @@ fn check_shapes<T: Scalar>(
     config: &ModelConfig,
     weights: &Weights<T, MoeParams<T>>,
 ) -> Result<(), ShapeMismatch> {
+    // The listing names q/k norm gains only when the config has them;
+    // gains it would not list must not exist.
+    if config.qk_norm.is_none()
+        && weights
+            .blocks
+            .iter()
+            .any(|b| !b.q_norm.is_empty() || !b.k_norm.is_empty())
+    {
+        return Err(ShapeMismatch::Layout);
+    }
     let held = weights.held_experts();
     let same_experts = weights.blocks.iter().all(|b| match &b.ffn {
         FeedForward::Moe(p) => p.experts == held,

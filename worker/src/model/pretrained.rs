@@ -3,30 +3,33 @@
 //! serving loader ([`crate::serve::hf`]) and mapped onto the training
 //! model.
 //!
-//! The training model is the worker's own transformer: RMSNorm (ε 1e-5),
-//! grouped-query attention without biases or q/k norms, plain RoPE, SwiGLU
-//! experts routed by softmax or sigmoid scores, ungated shared experts,
-//! dense leading layers. A model it can hold starts from its weights
-//! (Mixtral-style models, `MixtralForCausalLM`); anything else is refused,
-//! naming what the training model lacks. The job's `model` must describe
-//! the same shape, field by field, or the refusal names the field.
+//! The training model is the worker's own transformer: RMSNorm,
+//! grouped-query attention without biases, optional q/k norms (per head
+//! or whole), any head width, plain RoPE, SwiGLU experts routed by softmax
+//! or sigmoid scores, ungated shared experts, dense leading layers. A model
+//! it can hold starts from its weights (`MixtralForCausalLM`,
+//! `Qwen3MoeForCausalLM`, `OlmoeForCausalLM` without clip_qkv); anything
+//! else is refused, naming what the training model lacks. The job's
+//! `model` must describe the same shape, field by field, or the refusal
+//! names the field.
 //!
 //! One layout differs: Hugging Face's RoPE rotates pairs `(i, i + d/2)` of
 //! each head (`rotate_half`), the worker's pairs `(2i, 2i + 1)`. Attention
 //! only sees `q · k`, so permuting each head's query and key rows alike
 //! (row `2i` ← `i`, row `2i + 1` ← `i + d/2`) makes the worker's rotation
-//! the same as theirs, with the same frequency per pair.
+//! the same as theirs, with the same frequency per pair. A q/k norm's gain
+//! is permuted with its rows (RMS does not depend on the order).
 
 use std::ops::Range;
 use std::path::Path;
 
-use moe_crds::{ModelSpec, RouterScore};
+use moe_crds::{ModelSpec, QkNormSpec, RouterScore};
 
 use crate::model::Model;
-use crate::model::config::{ModelConfig, NORM_EPS};
+use crate::model::config::ModelConfig;
 use crate::model::weights::{BlockWeights, DenseWeights, FeedForward, Weights};
 use crate::moe::{MoeParams, ScoreFunction};
-use crate::serve::hf::{self, HfConfig};
+use crate::serve::hf::{self, HfConfig, QkNorm};
 use crate::serve::model::{RopeLayout, ServeFfn};
 use crate::settings::SettingsError;
 
@@ -58,9 +61,9 @@ pub fn load(
     let served = loaded.model;
     let head_dim = config.head_dim();
     let halves = served.config.rope_layout == RopeLayout::Halves;
-    let rows = |w: Vec<f32>, heads: usize| {
+    let rows = |w: Vec<f32>, heads: usize, width: usize| {
         if halves {
-            interleave_rope_rows(&w, heads, head_dim, config.hidden)
+            interleave_rope_rows(&w, heads, head_dim, width)
         } else {
             w
         }
@@ -81,10 +84,22 @@ pub fn load(
                     FeedForward::Moe(layer.params)
                 }
             };
+            // A gain of a whole projection has a row per head's row; a
+            // per-head gain is one head's.
+            let (q_norm, k_norm) = match block.qk_norm {
+                None => (Vec::new(), Vec::new()),
+                Some((q, k)) => {
+                    let heads = |gain: &[f32]| gain.len() / head_dim;
+                    let (q_heads, k_heads) = (heads(&q), heads(&k));
+                    (rows(q, q_heads, 1), rows(k, k_heads, 1))
+                }
+            };
             BlockWeights {
                 attention_norm: block.attention_norm,
-                wq: rows(block.wq, config.heads),
-                wk: rows(block.wk, config.kv_heads),
+                wq: rows(block.wq, config.heads, config.hidden),
+                wk: rows(block.wk, config.kv_heads, config.hidden),
+                q_norm,
+                k_norm,
                 wv: block.wv,
                 wo: block.wo,
                 ffn_norm: block.ffn_norm,
@@ -113,18 +128,9 @@ fn check_trainable(config: &HfConfig) -> Result<(), &'static str> {
     let lacks = [
         (config.latent.is_some(), "multi-head latent attention"),
         (config.qkv_bias || config.o_bias, "attention biases"),
-        (config.qk_norm.is_some(), "q/k norms"),
         (config.clip_qkv.is_some(), "q/k/v clipping (clip_qkv)"),
         (config.shared_gated, "gated shared expert"),
         (config.rope_scaling.is_some(), "RoPE scaling"),
-        (
-            (config.norm_eps - NORM_EPS).abs() > 1e-12,
-            "RMSNorm epsilon but 1e-5",
-        ),
-        (
-            config.head_dim * config.heads != config.hidden,
-            "head_dim other than hidden_size / num_attention_heads",
-        ),
         (
             config.moe_layers.windows(2).any(|pair| pair[0] && !pair[1]),
             "dense layer after an MoE layer",
@@ -156,7 +162,16 @@ fn check_same_shape(
     let (groups, top_groups) = hf
         .group_limit
         .map_or((1, 1), |g| (g.n_groups, g.top_groups));
-    let pairs: [(&str, String, &str, String); 14] = [
+    let qk_norm = |norm: Option<QkNormSpec>| match norm {
+        None => "unset",
+        Some(QkNormSpec::PerHead) => "perHead",
+        Some(QkNormSpec::Whole) => "whole",
+    };
+    let hf_qk_norm = hf.qk_norm.map(|norm| match norm {
+        QkNorm::PerHead => QkNormSpec::PerHead,
+        QkNorm::Whole => QkNormSpec::Whole,
+    });
+    let pairs: [(&str, String, &str, String); 17] = [
         (
             "vocabSize",
             spec.vocab_size.to_string(),
@@ -192,6 +207,24 @@ fn check_same_shape(
             config.kv_heads.to_string(),
             "num_key_value_heads",
             hf.kv_heads.to_string(),
+        ),
+        (
+            "headDim",
+            config.head_dim.to_string(),
+            "head_dim",
+            hf.head_dim.to_string(),
+        ),
+        (
+            "qkNorm",
+            qk_norm(spec.qk_norm).to_string(),
+            "q/k norm (q_norm, k_norm)",
+            qk_norm(hf_qk_norm).to_string(),
+        ),
+        (
+            "normEpsilon",
+            config.norm_eps.to_string(),
+            "rms_norm_eps",
+            hf.norm_eps.to_string(),
         ),
         (
             "ropeTheta",

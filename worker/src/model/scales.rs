@@ -93,6 +93,9 @@ mod tests {
             dense_hidden: 12,
             heads: 2,
             kv_heads: 1,
+            head_dim: 4,
+            norm_eps: crate::model::config::NORM_EPS,
+            qk_norm: None,
             seq_len: 4,
             rope_theta: 100.0,
             moe: MoeConfig {

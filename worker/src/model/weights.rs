@@ -32,14 +32,18 @@ pub struct Weights<T, M> {
 pub struct BlockWeights<T, M> {
     /// `[hidden]`.
     pub attention_norm: Vec<T>,
-    /// `[heads * head_dim, hidden]`.
+    /// `[q_width = heads * head_dim, hidden]`.
     pub wq: Vec<T>,
     /// `[kv_heads * head_dim, hidden]`.
     pub wk: Vec<T>,
     /// `[kv_heads * head_dim, hidden]`.
     pub wv: Vec<T>,
-    /// `[hidden, heads * head_dim]`.
+    /// `[hidden, q_width]`.
     pub wo: Vec<T>,
+    /// The q and k norms' gains ([`ModelConfig::qk_norm_widths`]); empty
+    /// when the model has none.
+    pub q_norm: Vec<T>,
+    pub k_norm: Vec<T>,
     /// `[hidden]`.
     pub ffn_norm: Vec<T>,
     pub ffn: FeedForward<T, M>,
@@ -134,7 +138,12 @@ impl<T: Scalar, M: MoeTensors<T>> Weights<T, M> {
     /// Shared-expert tensors are left out when the model has none.
     pub fn tensors(&self, config: &ModelConfig) -> Vec<NamedTensor<'_, T>> {
         use TensorKind::{Matrix, Norm};
-        let (h, v, kv) = (config.hidden, config.vocab, config.kv_width());
+        let (h, v, q, kv) = (
+            config.hidden,
+            config.vocab,
+            config.q_width(),
+            config.kv_width(),
+        );
         let mut list = vec![named(
             "embedding".into(),
             vec![v, h],
@@ -145,12 +154,18 @@ impl<T: Scalar, M: MoeTensors<T>> Weights<T, M> {
             let p = |name: &str| format!("blocks.{i}.{name}");
             list.extend([
                 named(p("attention_norm"), vec![h], Norm, &block.attention_norm),
-                named(p("wq"), vec![h, h], Matrix, &block.wq),
+                named(p("wq"), vec![q, h], Matrix, &block.wq),
                 named(p("wk"), vec![kv, h], Matrix, &block.wk),
                 named(p("wv"), vec![kv, h], Matrix, &block.wv),
-                named(p("wo"), vec![h, h], Matrix, &block.wo),
-                named(p("ffn_norm"), vec![h], Norm, &block.ffn_norm),
+                named(p("wo"), vec![h, q], Matrix, &block.wo),
             ]);
+            if let Some((q_gain, k_gain)) = config.qk_norm_widths() {
+                list.extend([
+                    named(p("q_norm"), vec![q_gain], Norm, &block.q_norm),
+                    named(p("k_norm"), vec![k_gain], Norm, &block.k_norm),
+                ]);
+            }
+            list.push(named(p("ffn_norm"), vec![h], Norm, &block.ffn_norm));
             match &block.ffn {
                 FeedForward::Dense(dense) => {
                     let d = config.dense_hidden;
@@ -193,6 +208,11 @@ impl<T: Scalar, M: MoeTensors<T>> Weights<T, M> {
             list.push(&mut block.wk);
             list.push(&mut block.wv);
             list.push(&mut block.wo);
+            // Present exactly when the config has q/k norms (see `tensors`).
+            if !block.q_norm.is_empty() {
+                list.push(&mut block.q_norm);
+                list.push(&mut block.k_norm);
+            }
             list.push(&mut block.ffn_norm);
             match &mut block.ffn {
                 FeedForward::Dense(dense) => {
@@ -257,6 +277,8 @@ impl<T, M: MoeTensors<T>> Weights<T, M> {
                 &block.wk,
                 &block.wv,
                 &block.wo,
+                &block.q_norm,
+                &block.k_norm,
                 &block.ffn_norm,
             ]
             .iter()
@@ -327,13 +349,16 @@ impl<T: Scalar> Weights<T, MoeParams<T>> {
     pub fn zeros_with_experts(config: &ModelConfig, experts: Range<usize>) -> Self {
         let (h, v) = (config.hidden, config.vocab);
         let zeros = |n: usize| vec![T::ZERO; n];
+        let (q_gain, k_gain) = config.qk_norm_widths().unwrap_or((0, 0));
         let blocks = (0..config.layers)
             .map(|i| BlockWeights {
                 attention_norm: zeros(h),
-                wq: zeros(h * h),
+                wq: zeros(config.q_width() * h),
                 wk: zeros(config.kv_width() * h),
                 wv: zeros(config.kv_width() * h),
-                wo: zeros(h * h),
+                wo: zeros(h * config.q_width()),
+                q_norm: zeros(q_gain),
+                k_norm: zeros(k_gain),
                 ffn_norm: zeros(h),
                 ffn: if config.is_moe_block(i) {
                     FeedForward::Moe(MoeParams::zeros_with_experts(&config.moe, experts.clone()))

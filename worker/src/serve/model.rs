@@ -17,7 +17,6 @@
 //! | LM head | own | `lm_head` | `lm_head` | or tied to the embedding | `lm_head` | or tied |
 
 use crate::linear::Linears;
-use crate::model::config::NORM_EPS;
 use crate::model::{FeedForward, Model};
 use crate::moe::MoeLayer;
 use crate::moe::expert::SwiGluMlp;
@@ -245,12 +244,12 @@ impl ServeModel {
             layers: source.layers,
             heads: source.heads,
             kv_heads: source.kv_heads,
-            head_dim: source.head_dim(),
+            head_dim: source.head_dim,
             context: source.seq_len,
             rope_theta: source.rope_theta,
             rope_layout: RopeLayout::Interleaved,
             rope_scaling: None,
-            norm_eps: NORM_EPS as f32,
+            norm_eps: source.norm_eps as f32,
             clip_qkv: None,
             latent: None,
         };
@@ -266,7 +265,12 @@ impl ServeModel {
                 wo: block.wo,
                 latent: None,
                 bias: None,
-                qk_norm: None,
+                // The gains' widths say per head or whole, as in a
+                // Hugging Face model.
+                qk_norm: source
+                    .qk_norm
+                    .is_some()
+                    .then_some((block.q_norm, block.k_norm)),
                 ffn_norm: block.ffn_norm,
                 ffn: match block.ffn {
                     FeedForward::Dense(dense) => ServeFfn::Dense(Mlp {

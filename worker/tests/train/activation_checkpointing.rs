@@ -90,6 +90,9 @@ fn tiny_example_config() -> ModelConfig {
         dense_hidden: 256,
         heads: 4,
         kv_heads: 2,
+        head_dim: 16,
+        norm_eps: moe_worker::model::config::NORM_EPS,
+        qk_norm: None,
         seq_len: 64,
         rope_theta: 10_000.0,
         moe: MoeConfig {

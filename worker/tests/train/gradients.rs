@@ -3,6 +3,7 @@
 
 use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
 use moe_worker::linear::GemmPrecision;
+use moe_worker::model::config::QkNorm;
 use moe_worker::model::{Gradients, Model, ModelConfig};
 use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
 use moe_worker::rng::SplitMix64;
@@ -27,6 +28,9 @@ fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
         dense_hidden: 12,
         heads,
         kv_heads,
+        head_dim: 8 / heads,
+        norm_eps: moe_worker::model::config::NORM_EPS,
+        qk_norm: None,
         seq_len: 4,
         rope_theta: 100.0,
         moe,
@@ -53,8 +57,17 @@ fn moe(score_function: ScoreFunction) -> MoeConfig {
 }
 
 fn check_model(config: ModelConfig, seed: u64) {
-    let model = Model::<f64>::initial(config.clone(), seed);
+    let mut model = Model::<f64>::initial(config.clone(), seed);
     let mut rng = SplitMix64::new(seed + 1);
+    // Gains away from their initial 1, so a backward pass that forgot a
+    // gain's factor is off.
+    for block in &mut model.weights.blocks {
+        for gain in [&mut block.q_norm, &mut block.k_norm] {
+            for g in gain.iter_mut() {
+                *g += 0.5 * rng.normal();
+            }
+        }
+    }
     // Two sequences of four tokens.
     let tokens: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
     let targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
@@ -104,6 +117,30 @@ fn sigmoid_routing_with_groups_balance_loss_and_grouped_query_heads() {
         ..moe(ScoreFunction::Sigmoid)
     };
     check_model(tiny_config(moe, 2, 1), 10);
+}
+
+#[test]
+fn per_head_qk_norms_on_heads_wider_than_hidden_over_heads() {
+    // Qwen3's attention: 2 heads of 6 (q is 12 wide on a hidden size of 8),
+    // one k/v head, each head RMS-normed with a shared gain of 6.
+    let config = ModelConfig {
+        head_dim: 6,
+        qk_norm: Some(QkNorm::PerHead),
+        norm_eps: 1e-2,
+        ..tiny_config(moe(ScoreFunction::Softmax), 2, 1)
+    };
+    assert_eq!(config.q_width(), 12);
+    check_model(config, 30);
+}
+
+#[test]
+fn whole_projection_qk_norms() {
+    // OLMoE's: q and k normed over a token's whole projection.
+    let config = ModelConfig {
+        qk_norm: Some(QkNorm::Whole),
+        ..tiny_config(moe(ScoreFunction::Sigmoid), 2, 1)
+    };
+    check_model(config, 40);
 }
 
 #[test]
