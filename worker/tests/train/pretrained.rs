@@ -1,8 +1,8 @@
 //! Fine-tuning from a pretrained model (`model.initFrom`): the training
-//! model loaded from a Hugging Face Mixtral directory (the random tiny
-//! model of `tests/fixtures/hf/mixtral`, made by `generate.py`) predicts
-//! what `transformers` predicts for it, token for token (its logits in
-//! `golden.json`), and `moe-worker train` starts from it.
+//! model loaded from a Hugging Face Mixtral or Qwen3-MoE directory (the
+//! random tiny models of `tests/fixtures/hf`, made by `generate.py`)
+//! predicts what `transformers` predicts for it, token for token (its
+//! logits in `golden.json`), and `moe-worker train` starts from it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +39,20 @@ fn spec(patch: Value) -> ModelSpec {
     serde_json::from_value(mixtral_model(patch)).expect("a valid ModelSpec")
 }
 
+/// The job's `model` for the Qwen3-MoE fixture: a dense first layer, heads
+/// of 32 on a hidden size of 64, per-head q/k norms, ε 1e-6.
+fn qwen3_spec(patch: Value) -> ModelSpec {
+    let mut model = json!({
+        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
+        "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
+        "qkNorm": "perHead", "normEpsilon": 1e-6, "seqLen": 32, "ropeTheta": 1000000.0,
+        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax",
+                "normalizeTopK": true}
+    });
+    moe_crds::fixtures::merge_patch(&mut model, &patch);
+    serde_json::from_value(model).expect("a valid ModelSpec")
+}
+
 fn load(dir: &Path, spec: &ModelSpec) -> Result<moe_worker::model::Model<f32>, String> {
     let config = ModelConfig::from_spec(spec).map_err(|e| e.to_string())?;
     let experts = 0..config.moe.n_routed_experts;
@@ -53,11 +67,21 @@ fn log_softmax(logits: &[f64]) -> Vec<f64> {
 
 #[test]
 fn a_mixtral_checkpoint_starts_the_training_model_where_transformers_is() {
-    let dir = fixture("mixtral");
+    agrees_with_transformers("mixtral", &spec(json!({})));
+}
+
+#[test]
+fn a_qwen3_moe_checkpoint_starts_the_training_model_where_transformers_is() {
+    agrees_with_transformers("qwen3_moe", &qwen3_spec(json!({})));
+}
+
+/// The fixture `name` loaded as `spec` predicts transformers' logits.
+fn agrees_with_transformers(name: &str, spec: &ModelSpec) {
+    let dir = fixture(name);
     let golden: Value =
         serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let model = load(&dir, &spec(json!({}))).expect("the training model holds Mixtral");
-    let vocab = 400;
+    let model = load(&dir, spec).expect("the training model holds the fixture");
+    let vocab = spec.vocab_size as usize;
     let mut checked = 0;
     for prompt in golden["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(prompt["ids"].clone()).unwrap();
@@ -90,9 +114,9 @@ fn a_mixtral_checkpoint_starts_the_training_model_where_transformers_is() {
             "{:?}: worst log-probability difference {worst:.2e}",
             prompt["text"]
         );
-        // transformers and the worker compute in f32 from the same bf16
-        // weights: measured 1.7-1.9e-6 (only the order of f32 sums
-        // differs); a wrong RoPE layout or gate is off by O(1e-1).
+        // transformers and the worker compute in f32 from the same
+        // weights: measured 1.7-1.9e-6 for Mixtral (only the order of f32
+        // sums differs); a wrong RoPE layout, norm or gate is off by O(1e-1).
         assert!(worst < 2e-5, "{:?}: {worst}", prompt["text"]);
     }
     assert!(checked >= 8, "{checked} positions checked");
@@ -117,12 +141,12 @@ fn a_model_the_training_model_cannot_hold_or_a_different_shape_is_refused_naming
         err.contains("model.seqLen") && err.contains("at most 256 tokens"),
         "{err}"
     );
-    // OLMoE has attention biases and normalises its queries and keys; Qwen3
-    // too; DeepSeek-V3 compresses keys and values: the training model has
-    // none of them.
+    // The fixtures of OLMoE and Qwen2-MoE have attention biases;
+    // DeepSeek-V3 compresses keys and values: the training model has none
+    // of them.
     for (name, lacking) in [
         ("olmoe", "attention biases"),
-        ("qwen3_moe", "q/k norms"),
+        ("qwen2_moe", "attention biases"),
         ("deepseek_v3_plain", "multi-head latent attention"),
     ] {
         let err = load(&fixture(name), &spec(json!({}))).unwrap_err();
@@ -131,6 +155,33 @@ fn a_model_the_training_model_cannot_hold_or_a_different_shape_is_refused_naming
                 && err.contains(&format!("the training model has no {lacking}")),
             "{name}: {err}"
         );
+    }
+    // Qwen3's attention must be described as it is.
+    let qwen3 = fixture("qwen3_moe");
+    for (patch, field, words) in [
+        (
+            json!({"qkNorm": "whole"}),
+            "model.qkNorm",
+            "is whole, but the pretrained model's q/k norm (q_norm, k_norm) is perHead",
+        ),
+        (
+            json!({"qkNorm": null}),
+            "model.qkNorm",
+            "is unset, but the pretrained model's q/k norm (q_norm, k_norm) is perHead",
+        ),
+        (
+            json!({"headDim": null}),
+            "model.headDim",
+            "is 16, but the pretrained model's head_dim is 32",
+        ),
+        (
+            json!({"normEpsilon": null}),
+            "model.normEpsilon",
+            "is 0.00001, but the pretrained model's rms_norm_eps is 0.000001",
+        ),
+    ] {
+        let err = load(&qwen3, &qwen3_spec(patch.clone())).unwrap_err();
+        assert!(err.contains(field) && err.contains(words), "{patch}: {err}");
     }
 }
 
@@ -193,4 +244,80 @@ fn train_starts_from_the_pretrained_weights_and_a_resumed_run_from_its_checkpoin
     let (_, stderr) = run(&dir, true);
     assert!(!stderr.contains("starting from the pretrained"), "{stderr}");
     assert!(stderr.contains("resuming"), "{stderr}");
+}
+
+#[test]
+fn per_head_gains_map_onto_the_training_model_as_the_serving_engine_reads_them() {
+    // The fixture's q/k norm gains are ones (transformers' init), which
+    // hides how they are mapped: give them random values and hold the
+    // training model to the serving engine, which reads them in Hugging
+    // Face's RoPE layout (held to transformers with random gains by the
+    // OLMoE fixture) where the training model permutes them.
+    use moe_worker::rng::SplitMix64;
+    use moe_worker::serve::engine::{Chunk, Engine, Logits};
+    use moe_worker::serve::kv_cache::{KvStore, pages_for};
+    use safetensors::tensor::{Dtype, TensorView};
+
+    let dir = scratch_dir("pretrained-qwen3-gains");
+    for entry in std::fs::read_dir(fixture("qwen3_moe")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut rng = SplitMix64::new(5);
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in tensors.tensors() {
+        let mut data = view.data().to_vec();
+        if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+            assert_eq!(view.dtype(), Dtype::F32);
+            data = (0..data.len() / 4)
+                .flat_map(|_| (1.0 + 0.5 * rng.normal() as f32).to_le_bytes())
+                .collect();
+        }
+        owned.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+
+    let spec = qwen3_spec(json!({}));
+    let trained = load(&dir, &spec).expect("the training model holds Qwen3-MoE");
+    let vocab = spec.vocab_size as usize;
+    let tokens: Vec<u32> = (0..32).map(|_| rng.below(vocab) as u32).collect();
+    let pass = trained.forward(&tokens, &tokens);
+    let served = moe_worker::serve::load::load(&dir, None, None).unwrap();
+    let engine = Engine::serve(served.model.into_serve_model());
+    let pages: Vec<u32> = (0..pages_for(tokens.len(), 16) as u32).collect();
+    let mut store = KvStore::new(engine.kv_shape(16), pages.len());
+    let chunk = Chunk {
+        pages: &pages,
+        start: 0,
+        tokens: &tokens,
+        logits: Logits::All,
+    };
+    let logits = engine.step(&mut store, &[chunk]).unwrap();
+    let mut worst = 0f64;
+    for (at, row) in logits.chunks_exact(vocab).enumerate() {
+        let row: Vec<f64> = row.iter().map(|&l| f64::from(l)).collect();
+        let ours = &pass.next_token_probs()[at * vocab..(at + 1) * vocab];
+        for (p, want) in ours.iter().zip(log_softmax(&row)) {
+            worst = worst.max((f64::from(*p).ln() - want).abs());
+        }
+    }
+    eprintln!("worst log-probability difference with random gains: {worst:.2e}");
+    // Two f32 forwards of the same weights; gains in the wrong order are
+    // off by O(1e-1).
+    assert!(worst < 2e-5, "{worst}");
 }
