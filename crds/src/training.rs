@@ -223,9 +223,10 @@ pub struct ModelSpec {
 /// Pretrained weights a training job starts from: a Hugging Face model
 /// directory (`config.json`, `tokenizer.json`, safetensors), from the Hub
 /// or a volume, for the first attempt to start from; later attempts resume
-/// from the job's checkpoints. The training model holds Mixtral-style
-/// models (`MixtralForCausalLM`): RMSNorm, grouped-query attention without
-/// biases or q/k norms, plain RoPE, softmax-routed SwiGLU experts.
+/// from the job's checkpoints. The training model holds Mixtral
+/// (`MixtralForCausalLM`), Qwen3-MoE (`Qwen3MoeForCausalLM`: set headDim,
+/// qkNorm perHead, normEpsilon) and OLMoE without clip_qkv: RMSNorm,
+/// grouped-query attention without biases, plain RoPE, SwiGLU experts.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(

@@ -1517,7 +1517,7 @@ async fn every_example_runs_on_the_fake_cluster() -> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-examples").await?;
     let _op = Operator::start(&ns.name).await?;
-    for claim in ["moe-data", "moe-checkpoints"] {
+    for claim in ["moe-data", "moe-checkpoints", "moe-models"] {
         bound_claim(&ns.name, claim).await?;
     }
     let dir = moe_e2e::operator::repo_root().join("examples/training");

@@ -187,9 +187,19 @@ fn a_model_the_training_model_cannot_hold_or_a_different_shape_is_refused_naming
 
 #[test]
 fn train_starts_from_the_pretrained_weights_and_a_resumed_run_from_its_checkpoint() {
+    starts_from_the_fixture_and_resumes("mixtral", mixtral_model(json!({})));
+}
+
+#[test]
+fn train_starts_from_a_qwen3_moe_model_and_resumes_with_its_q_k_norms() {
+    let model = serde_json::to_value(qwen3_spec(json!({}))).unwrap();
+    starts_from_the_fixture_and_resumes("qwen3_moe", model);
+}
+
+fn starts_from_the_fixture_and_resumes(name: &str, model: Value) {
     let run = |dir: &Path, init: bool| -> (Value, String) {
         let mut config = config_json(dir);
-        config["model"] = mixtral_model(json!({}));
+        config["model"] = model.clone();
         // Text, through the pretrained model's own tokenizer (no
         // tokenizerFile: a fine-tuning job reads the model's); the random
         // run names a copy of it.
@@ -198,17 +208,13 @@ fn train_starts_from_the_pretrained_weights_and_a_resumed_run_from_its_checkpoin
         config["data"] = json!({"volume": {"claimName": "local", "path": "corpus.txt"},
                                 "tokenizer": "huggingface"});
         if !init {
-            std::fs::copy(
-                fixture("mixtral").join("tokenizer.json"),
-                dir.join("tok.json"),
-            )
-            .unwrap();
+            std::fs::copy(fixture(name).join("tokenizer.json"), dir.join("tok.json")).unwrap();
             config["data"]["tokenizerFile"] = "tok.json".into();
         }
         config["training"]["steps"] = 4.into();
         config["checkpoint"]["intervalSteps"] = 2.into();
         if init {
-            config["initDir"] = fixture("mixtral").to_string_lossy().into();
+            config["initDir"] = fixture(name).to_string_lossy().into();
         }
         let path = dir.join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
@@ -222,9 +228,9 @@ fn train_starts_from_the_pretrained_weights_and_a_resumed_run_from_its_checkpoin
         assert!(out.status.success(), "{stderr}");
         (serde_json::from_slice(&out.stdout).unwrap(), stderr)
     };
-    let (scratch, stderr) = run(&scratch_dir("pretrained-none"), false);
+    let (scratch, stderr) = run(&scratch_dir(&format!("pretrained-none-{name}")), false);
     assert!(!stderr.contains("starting from the pretrained"), "{stderr}");
-    let dir = scratch_dir("pretrained-init");
+    let dir = scratch_dir(&format!("pretrained-init-{name}"));
     let (tuned, stderr) = run(&dir, true);
     assert!(
         stderr.contains("starting from the pretrained model's weights"),
