@@ -141,8 +141,11 @@ fn config_with_aux(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64
 }
 
 fn settings(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> TrainSettings {
-    let config = config_with_aux(ranks, sp, ep, recompute, aux).to_string();
-    let config = parse_worker_config(&config).expect("valid config");
+    settings_of(config_with_aux(ranks, sp, ep, recompute, aux))
+}
+
+fn settings_of(config: Value) -> TrainSettings {
+    let config = parse_worker_config(&config.to_string()).expect("valid config");
     TrainSettings::from_config(&config).expect("valid settings")
 }
 
@@ -201,7 +204,11 @@ fn held_weights(trainer: &Trainer) -> Vec<(String, Vec<Option<f32>>)> {
 }
 
 fn alone(aux: f64) -> Outcome {
-    let mut t = trainer(&settings(1, 1, 1, false, aux), 0..4);
+    alone_with(&settings(1, 1, 1, false, aux))
+}
+
+fn alone_with(settings: &TrainSettings) -> Outcome {
+    let mut t = trainer(settings, 0..4);
     let reports = (0..STEPS)
         .map(|_| t.step(&|| false).expect("not stopped"))
         .collect();
@@ -214,7 +221,10 @@ fn alone(aux: f64) -> Outcome {
 }
 
 fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -> Vec<Outcome> {
-    let settings = settings(ranks, sp, ep, recompute, aux);
+    parallel_run_with(ranks, sp, ep, &settings(ranks, sp, ep, recompute, aux))
+}
+
+fn parallel_run_with(ranks: usize, sp: usize, ep: usize, settings: &TrainSettings) -> Vec<Outcome> {
     world(ranks, |mut c| {
         let (sequence, experts) = groups(&c, sp, ep, settings.model.seq_len);
         let parallel = Parallel {
@@ -222,7 +232,7 @@ fn parallel_run(ranks: usize, sp: usize, ep: usize, recompute: bool, aux: f64) -
             experts: experts.as_ref(),
         };
         let owned = experts.as_ref().map_or(0..4, ExpertParallel::local_experts);
-        let mut t = trainer(&settings, owned);
+        let mut t = trainer(settings, owned);
         let reports = (0..STEPS)
             .map(|_| {
                 t.step_parallel(&|| false, &mut c, parallel)
@@ -284,6 +294,30 @@ fn sequence_parallel_training_matches_one_process() {
         assert_eq!(o.bytes, ulysses_bytes(2, 2), "SP 2 × EP 2 bytes");
     }
     compare("SP 2 × DP 2", &one, &parallel_run(4, 2, 1, false, 0.0));
+}
+
+#[test]
+fn sequence_parallel_training_with_q_k_norms_and_wide_heads_matches_one_process() {
+    // Qwen3's attention: heads of 12 on a hidden size of 32 (q is 48 wide),
+    // each normed per head before RoPE, on every rank's slice of tokens.
+    let patched = |ranks: usize, sp: usize, ep: usize| {
+        let mut config = config(ranks, sp, ep, false);
+        config["model"]["headDim"] = 12.into();
+        config["model"]["qkNorm"] = "perHead".into();
+        settings_of(config)
+    };
+    let one = alone_with(&patched(1, 1, 1));
+    assert!(one.weights.iter().any(|(name, _)| name.ends_with("q_norm")));
+    compare(
+        "SP 2, q/k norms",
+        &one,
+        &parallel_run_with(2, 2, 1, &patched(2, 2, 1)),
+    );
+    compare(
+        "SP 2 × EP 2, q/k norms",
+        &one,
+        &parallel_run_with(4, 2, 2, &patched(4, 2, 2)),
+    );
 }
 
 /// The worst relative gap between a parallel run's balance losses and one
