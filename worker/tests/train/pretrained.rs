@@ -10,6 +10,7 @@ use std::process::Command;
 use moe_crds::ModelSpec;
 use moe_worker::model::config::ModelConfig;
 use moe_worker::model::pretrained;
+use moe_worker::rng::SplitMix64;
 use serde_json::{Value, json};
 
 use crate::{config_json, scratch_dir};
@@ -259,29 +260,73 @@ fn per_head_gains_map_onto_the_training_model_as_the_serving_engine_reads_them()
     // training model to the serving engine, which reads them in Hugging
     // Face's RoPE layout (held to transformers with random gains by the
     // OLMoE fixture) where the training model permutes them.
-    use moe_worker::rng::SplitMix64;
-    use moe_worker::serve::engine::{Chunk, Engine, Logits};
-    use moe_worker::serve::kv_cache::{KvStore, pages_for};
+    let mut rng = SplitMix64::new(5);
+    let dir = edited_fixture(
+        "qwen3_moe",
+        |_| {},
+        |name, data| {
+            if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+                *data = (0..data.len() / 4)
+                    .flat_map(|_| (1.0 + 0.5 * rng.normal() as f32).to_le_bytes())
+                    .collect();
+            }
+            true
+        },
+    );
+    let worst = agrees_with_serving(&dir, &qwen3_spec(json!({})));
+    eprintln!("Qwen3, random gains: worst log-probability difference {worst:.2e}");
+}
+
+#[test]
+fn an_olmoe_model_maps_its_whole_projection_gains_as_serving_reads_them() {
+    // OLMoE's release has neither attention biases nor clip_qkv; the
+    // fixture has both (for serving's sake) and random q/k gains over the
+    // whole projection. Without the two, the training model holds it.
+    let dir = edited_fixture(
+        "olmoe",
+        |config| {
+            config["attention_bias"] = false.into();
+            config["clip_qkv"] = Value::Null;
+        },
+        |name, _| !name.ends_with(".bias"),
+    );
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 2,
+        "qkNorm": "whole", "seqLen": 32, "ropeTheta": 10000.0,
+        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax"}
+    }))
+    .unwrap();
+    let worst = agrees_with_serving(&dir, &spec);
+    eprintln!("OLMoE: worst log-probability difference {worst:.2e}");
+}
+
+/// A copy of fixture `name` with its config.json edited by `config` and
+/// each tensor's bytes by `tensor` (which drops the tensor by returning false).
+fn edited_fixture(
+    name: &str,
+    config: impl FnOnce(&mut Value),
+    mut tensor: impl FnMut(&str, &mut Vec<u8>) -> bool,
+) -> PathBuf {
     use safetensors::tensor::{Dtype, TensorView};
 
-    let dir = scratch_dir("pretrained-qwen3-gains");
-    for entry in std::fs::read_dir(fixture("qwen3_moe")).unwrap() {
+    let dir = scratch_dir(&format!("pretrained-edited-{name}"));
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
+    let config_path = dir.join("config.json");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config(&mut json);
+    std::fs::write(&config_path, serde_json::to_vec(&json).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut rng = SplitMix64::new(5);
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, view) in tensors.tensors() {
+        assert_eq!(view.dtype(), Dtype::F32, "{name}");
         let mut data = view.data().to_vec();
-        if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
-            assert_eq!(view.dtype(), Dtype::F32);
-            data = (0..data.len() / 4)
-                .flat_map(|_| (1.0 + 0.5 * rng.normal() as f32).to_le_bytes())
-                .collect();
+        if tensor(&name, &mut data) {
+            owned.push((name, view.dtype(), view.shape().to_vec(), data));
         }
-        owned.push((name, view.dtype(), view.shape().to_vec(), data));
     }
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
@@ -297,13 +342,23 @@ fn per_head_gains_map_onto_the_training_model_as_the_serving_engine_reads_them()
         safetensors::serialize(views, None).unwrap(),
     )
     .unwrap();
+    dir
+}
 
-    let spec = qwen3_spec(json!({}));
-    let trained = load(&dir, &spec).expect("the training model holds Qwen3-MoE");
+/// The model in `dir` loaded as `spec` against the serving engine's load of
+/// it, on 32 random tokens: the worst log-probability difference, which
+/// must be below 2e-5 (two f32 forwards of the same weights; a gain or row
+/// in the wrong place is off by O(1e-1)).
+fn agrees_with_serving(dir: &Path, spec: &ModelSpec) -> f64 {
+    use moe_worker::serve::engine::{Chunk, Engine, Logits};
+    use moe_worker::serve::kv_cache::{KvStore, pages_for};
+
+    let trained = load(dir, spec).expect("the training model holds it");
     let vocab = spec.vocab_size as usize;
+    let mut rng = SplitMix64::new(9);
     let tokens: Vec<u32> = (0..32).map(|_| rng.below(vocab) as u32).collect();
     let pass = trained.forward(&tokens, &tokens);
-    let served = moe_worker::serve::load::load(&dir, None, None).unwrap();
+    let served = moe_worker::serve::load::load(dir, None, None).unwrap();
     let engine = Engine::serve(served.model.into_serve_model());
     let pages: Vec<u32> = (0..pages_for(tokens.len(), 16) as u32).collect();
     let mut store = KvStore::new(engine.kv_shape(16), pages.len());
@@ -322,8 +377,6 @@ fn per_head_gains_map_onto_the_training_model_as_the_serving_engine_reads_them()
             worst = worst.max((f64::from(*p).ln() - want).abs());
         }
     }
-    eprintln!("worst log-probability difference with random gains: {worst:.2e}");
-    // Two f32 forwards of the same weights; gains in the wrong order are
-    // off by O(1e-1).
-    assert!(worst < 2e-5, "{worst}");
+    assert!(worst < 2e-5, "{}: {worst}", dir.display());
+    worst
 }
