@@ -43,6 +43,11 @@ enum Command {
     /// Hub's hash, resumed after an interruption. The token, for gated and
     /// private models, comes from $HF_TOKEN.
     Fetch(FetchArgs),
+    /// Write a trained model as a Hugging Face model directory (config.json,
+    /// safetensors, the run's tokenizer.json) for transformers, vLLM or
+    /// SGLang: Mixtral, Qwen3-MoE (q/k norms per head) or OLMoE (whole);
+    /// prints a one-line JSON summary on stdout (docs/training-jobs.md).
+    Export(ExportArgs),
     /// Hold a pod's place: wait until stopped (SIGTERM, SIGINT), then exit
     /// 0. The spare pods of an elastic training job run it while they ask
     /// the scheduler for room (docs/training-jobs.md).
@@ -78,6 +83,31 @@ struct FetchArgs {
     /// files at any depth).
     #[arg(long)]
     include: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// A checkpoint, a checkpoint directory or a run directory (e.g. runs/tiny).
+    #[arg(long)]
+    model: PathBuf,
+    /// Checkpoint step to export (default: the newest).
+    #[arg(long)]
+    checkpoint_step: Option<u64>,
+    /// The new directory to write (refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// The weights' number type.
+    #[arg(long, value_enum, default_value = "bf16")]
+    precision: ExportPrecisionArg,
+    /// The most tensor data per safetensors file, in MB.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    shard_size_mb: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportPrecisionArg {
+    Bf16,
+    F32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -192,7 +222,53 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => serve(*args),
         Command::Fetch(args) => fetch(args),
+        Command::Export(args) => export(args),
         Command::Hold => hold(),
+    }
+}
+
+fn export(args: ExportArgs) -> ExitCode {
+    use moe_worker::model::hf_export::{self, ExportPrecision};
+    use moe_worker::serve::load::{self, LoadedWeights};
+    let loaded = match load::load(
+        &args.model,
+        Some(moe_crds::ModelFormat::Native),
+        args.checkpoint_step,
+    ) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(&format!("--model: {e}"), 2),
+    };
+    let LoadedWeights::Native(model) = &loaded.model else {
+        return fail("--model: not a worker checkpoint", 2);
+    };
+    // The checkpoint's tokenizer.json, else the byte tokenizer written as
+    // one (a checkpoint of pre-tokenized ids without theirs does not load).
+    let file = loaded.path.join(moe_worker::checkpoint::TOKENIZER);
+    let tokenizer = if file.is_file() {
+        hf_export::ExportTokenizer::File(&file)
+    } else {
+        hf_export::ExportTokenizer::Bytes
+    };
+    let precision = match args.precision {
+        ExportPrecisionArg::Bf16 => ExportPrecision::Bf16,
+        ExportPrecisionArg::F32 => ExportPrecision::F32,
+    };
+    let shard_bytes = args.shard_size_mb.saturating_mul(1_000_000);
+    match hf_export::export(model, tokenizer, &args.out, precision, shard_bytes) {
+        Ok(exported) => {
+            let summary = serde_json::json!({
+                "architecture": exported.architecture.class_name(),
+                "checkpoint": loaded.path,
+                "step": loaded.step,
+                "out": args.out,
+                "files": exported.files,
+                "tensorBytes": exported.tensor_bytes,
+            });
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ hf_export::ExportError::Unexportable { .. }) => fail(&e.to_string(), 2),
+        Err(e) => fail(&e.to_string(), 1),
     }
 }
 

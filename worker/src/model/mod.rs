@@ -7,6 +7,7 @@ mod attention_core;
 mod block;
 pub mod config;
 pub mod flops;
+pub mod hf_export;
 pub mod pretrained;
 mod recompute;
 mod scales;

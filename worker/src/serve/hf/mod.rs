@@ -26,6 +26,7 @@ use crate::serve::model::{
 
 pub use config::{Architecture, Fp8Blocks, HfConfig, QkNorm};
 pub use tokenizer::HfTokenizer;
+pub(crate) use tokenizer::byte_level_chars;
 use weights::TensorStore;
 
 /// Why a Hugging Face model cannot be served; each names the file or tensor.

@@ -318,21 +318,29 @@ fn byte_token(token: &str) -> Option<u8> {
     (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
 }
 
-/// GPT-2's `bytes_to_unicode`, inverted: printable bytes stand for
-/// themselves, the others for the characters from U+0100 on, in order.
-fn byte_level_decoder() -> HashMap<char, u8> {
+/// GPT-2's `bytes_to_unicode`, the character each byte stands for:
+/// printable bytes stand for themselves, the others for the characters
+/// from U+0100 on, in order.
+pub(crate) fn byte_level_chars() -> Vec<char> {
     let mut next = 0x100;
     (0..=255u8)
         .map(|b| {
             let printable = matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
-            let c = if printable {
+            if printable {
                 char::from(b)
             } else {
                 next += 1;
                 char::from_u32(next - 1).unwrap_or(char::REPLACEMENT_CHARACTER)
-            };
-            (c, b)
+            }
         })
+        .collect()
+}
+
+/// [`byte_level_chars`], inverted.
+fn byte_level_decoder() -> HashMap<char, u8> {
+    (0..=255u8)
+        .zip(byte_level_chars())
+        .map(|(b, c)| (c, b))
         .collect()
 }
 

@@ -1,0 +1,681 @@
+//! Exporting the training model as a Hugging Face model directory
+//! (`moe-worker export`): `config.json`, safetensors shards (with
+//! `model.safetensors.index.json` when there are several) and the run's
+//! `tokenizer.json`, as `save_pretrained` writes them, so a trained or
+//! fine-tuned model leaves for `transformers`, vLLM or SGLang.
+//!
+//! The inverse of [`super::pretrained`]: the architecture is the one that
+//! computes what the training model computes — Qwen3-MoE for per-head q/k
+//! norms, OLMoE for whole-projection ones, Mixtral for neither — and each
+//! head's query and key rows (and q/k gains) go back from RoPE pairs to
+//! Hugging Face's halves. A model none of them computes (sigmoid routers,
+//! shared experts, expert groups, a routed scaling factor, a selection bias
+//! it was trained with) is refused, naming the field, rather than exported
+//! as a model that would route differently.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{Value, json};
+
+use crate::model::config::{ModelConfig, QkNorm};
+use crate::model::weights::FeedForward;
+use crate::model::{Model, Weights};
+use crate::moe::{MoeLayer, ScoreFunction};
+
+/// The number type of the exported weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportPrecision {
+    /// bfloat16, rounded to nearest even (what releases ship; half the bytes).
+    Bf16,
+    /// The f32 master weights, exactly.
+    F32,
+}
+
+impl ExportPrecision {
+    fn dtype(self) -> Dtype {
+        match self {
+            Self::Bf16 => Dtype::BF16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bfloat16",
+            Self::F32 => "float32",
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::Bf16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// The `transformers` architecture a model is exported as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfArchitecture {
+    Mixtral,
+    Qwen3Moe,
+    Olmoe,
+}
+
+impl HfArchitecture {
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Mixtral => "MixtralForCausalLM",
+            Self::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Self::Olmoe => "OlmoeForCausalLM",
+        }
+    }
+
+    fn model_type(self) -> &'static str {
+        match self {
+            Self::Mixtral => "mixtral",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Olmoe => "olmoe",
+        }
+    }
+}
+
+/// Why a model cannot be exported: the field of the job's `model` that no
+/// architecture has, and why.
+#[derive(Debug)]
+pub enum ExportError {
+    Unexportable {
+        field: &'static str,
+        reason: String,
+    },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Safetensors(String),
+}
+
+impl std::fmt::Display for ExportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unexportable { field, reason } => write!(
+                f,
+                "{field}: {reason}; no Hugging Face architecture computes this model \
+                 (Mixtral, Qwen3-MoE and OLMoE route by softmax to unshared, ungrouped experts)"
+            ),
+            Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            Self::Safetensors(e) => write!(f, "writing safetensors: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ExportError {}
+
+fn unexportable(field: &'static str, reason: String) -> ExportError {
+    ExportError::Unexportable { field, reason }
+}
+
+/// The architecture that computes `model` exactly, or the field that
+/// keeps any from doing so.
+pub fn architecture_for(model: &Model<f32>) -> Result<HfArchitecture, ExportError> {
+    let c = model.config();
+    let moe = &c.moe;
+    if moe.score_function != ScoreFunction::Softmax {
+        return Err(unexportable(
+            "model.moe.router",
+            "is sigmoid (DeepSeek-V3's, whose latent attention the training model does not have)"
+                .into(),
+        ));
+    }
+    if moe.n_shared_experts > 0 {
+        return Err(unexportable(
+            "model.moe.sharedExperts",
+            format!("is {}", moe.n_shared_experts),
+        ));
+    }
+    if let Some(limit) = &moe.group_limit {
+        return Err(unexportable(
+            "model.moe.groups",
+            format!("is {} (topGroups {})", limit.n_groups, limit.top_groups),
+        ));
+    }
+    if moe.routed_scaling_factor != 1.0 {
+        return Err(unexportable(
+            "model.moe.routedScalingFactor",
+            format!("is {}", moe.routed_scaling_factor),
+        ));
+    }
+    if let Some((layer, _)) = model
+        .moe_layers()
+        .enumerate()
+        .find(|(_, layer)| layer.selection_bias.iter().any(|&b| b != 0.0))
+    {
+        return Err(unexportable(
+            "model.moe.balancing.auxLossFree",
+            format!(
+                "trained a selection bias (MoE layer {layer} routes with a non-zero one); a \
+                 model exported without it would route differently: fine-tune with \
+                 auxLossFree.enabled false"
+            ),
+        ));
+    }
+    let architecture = match c.qk_norm {
+        Some(QkNorm::PerHead) => HfArchitecture::Qwen3Moe,
+        Some(QkNorm::Whole) => HfArchitecture::Olmoe,
+        None => HfArchitecture::Mixtral,
+    };
+    if c.dense_layers > 0 && architecture != HfArchitecture::Qwen3Moe {
+        return Err(unexportable(
+            "model.denseLayers",
+            format!(
+                "is {} (only Qwen3-MoE, with qkNorm perHead, has dense layers)",
+                c.dense_layers
+            ),
+        ));
+    }
+    if architecture == HfArchitecture::Mixtral && !moe.normalize_gates {
+        return Err(unexportable(
+            "model.moe.normalizeTopK",
+            "is false (Mixtral always renormalises the chosen experts' gates)".into(),
+        ));
+    }
+    if architecture == HfArchitecture::Olmoe && c.q_width() != c.hidden {
+        return Err(unexportable(
+            "model.headDim",
+            format!(
+                "is {}, but OLMoE's heads are hiddenSize / attentionHeads = {} wide",
+                c.head_dim,
+                c.hidden / c.heads
+            ),
+        ));
+    }
+    Ok(architecture)
+}
+
+/// `config.json` for `config` as `architecture`.
+fn hf_config(
+    config: &ModelConfig,
+    architecture: HfArchitecture,
+    precision: ExportPrecision,
+) -> Value {
+    let moe = &config.moe;
+    let mut json = json!({
+        "architectures": [architecture.class_name()],
+        "model_type": architecture.model_type(),
+        "vocab_size": config.vocab,
+        "hidden_size": config.hidden,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        // What it was trained at: RoPE beyond it was never seen.
+        "max_position_embeddings": config.seq_len,
+        "rms_norm_eps": config.norm_eps,
+        // Both spellings: transformers 5 reads rope_parameters, older
+        // readers rope_theta.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "num_experts_per_tok": moe.top_k,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": false,
+        "torch_dtype": precision.torch_name(),
+        "use_cache": true,
+    });
+    let fields = json.as_object_mut().expect("an object");
+    let mut set = |key: &str, value: Value| {
+        fields.insert(key.into(), value);
+    };
+    match architecture {
+        HfArchitecture::Mixtral => {
+            set("num_local_experts", moe.n_routed_experts.into());
+            set("intermediate_size", moe.expert_hidden.into());
+            set("sliding_window", Value::Null);
+        }
+        HfArchitecture::Qwen3Moe => {
+            set("num_experts", moe.n_routed_experts.into());
+            set("moe_intermediate_size", moe.expert_hidden.into());
+            set("intermediate_size", config.dense_hidden.into());
+            set("norm_topk_prob", moe.normalize_gates.into());
+            set("decoder_sparse_step", 1.into());
+            set(
+                "mlp_only_layers",
+                (0..config.dense_layers).collect::<Vec<_>>().into(),
+            );
+            set("use_sliding_window", false.into());
+            set("sliding_window", Value::Null);
+        }
+        HfArchitecture::Olmoe => {
+            set("num_experts", moe.n_routed_experts.into());
+            set("intermediate_size", moe.expert_hidden.into());
+            set("norm_topk_prob", moe.normalize_gates.into());
+            set("clip_qkv", Value::Null);
+        }
+    }
+    json
+}
+
+/// One exported tensor: its name, shape and f32 values.
+struct HfTensor {
+    name: String,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+/// Every tensor of `weights` under its Hugging Face name, in the order
+/// `save_pretrained` shards them (embedding, layers, final norm, head).
+fn hf_tensors(
+    config: &ModelConfig,
+    weights: &Weights<f32, MoeLayer<f32>>,
+    architecture: HfArchitecture,
+) -> Vec<HfTensor> {
+    let (h, v, qw, kv, d) = (
+        config.hidden,
+        config.vocab,
+        config.q_width(),
+        config.kv_width(),
+        config.head_dim,
+    );
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        out.push(HfTensor {
+            name,
+            shape,
+            values,
+        });
+    };
+    let halves = |w: &[f32], width: usize| halve_rope_rows(w, w.len() / (d * width), d, width);
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        weights.embedding.clone(),
+    );
+    for (i, block) in weights.blocks.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let attn = format!("{p}.self_attn");
+        push(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            block.attention_norm.clone(),
+        );
+        push(
+            format!("{attn}.q_proj.weight"),
+            vec![qw, h],
+            halves(&block.wq, h),
+        );
+        push(
+            format!("{attn}.k_proj.weight"),
+            vec![kv, h],
+            halves(&block.wk, h),
+        );
+        push(
+            format!("{attn}.v_proj.weight"),
+            vec![kv, h],
+            block.wv.clone(),
+        );
+        push(
+            format!("{attn}.o_proj.weight"),
+            vec![h, qw],
+            block.wo.clone(),
+        );
+        if config.qk_norm.is_some() {
+            let (q, k) = (&block.q_norm, &block.k_norm);
+            push(format!("{attn}.q_norm.weight"), vec![q.len()], halves(q, 1));
+            push(format!("{attn}.k_norm.weight"), vec![k.len()], halves(k, 1));
+        }
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            block.ffn_norm.clone(),
+        );
+        match &block.ffn {
+            FeedForward::Dense(dense) => {
+                let dh = config.dense_hidden;
+                let mlp = format!("{p}.mlp");
+                push(
+                    format!("{mlp}.gate_proj.weight"),
+                    vec![dh, h],
+                    dense.w1.clone(),
+                );
+                push(
+                    format!("{mlp}.up_proj.weight"),
+                    vec![dh, h],
+                    dense.w3.clone(),
+                );
+                push(
+                    format!("{mlp}.down_proj.weight"),
+                    vec![h, dh],
+                    dense.w2.clone(),
+                );
+            }
+            FeedForward::Moe(layer) => {
+                let params = &layer.params;
+                let eh = config.moe.expert_hidden;
+                let (moe, names) = match architecture {
+                    HfArchitecture::Mixtral => {
+                        (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"])
+                    }
+                    _ => (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"]),
+                };
+                push(
+                    format!("{moe}.gate.weight"),
+                    vec![config.moe.n_routed_experts, h],
+                    params.router.clone(),
+                );
+                let size = eh * h;
+                for (local, e) in params.experts.clone().enumerate() {
+                    let at = local * size..(local + 1) * size;
+                    let expert = format!("{moe}.experts.{e}");
+                    for (name, shape, values) in [
+                        (names[0], vec![eh, h], &params.experts_w1),
+                        (names[1], vec![eh, h], &params.experts_w3),
+                        (names[2], vec![h, eh], &params.experts_w2),
+                    ] {
+                        push(
+                            format!("{expert}.{name}.weight"),
+                            shape,
+                            values[at.clone()].to_vec(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    push(
+        "model.norm.weight".into(),
+        vec![h],
+        weights.final_norm.clone(),
+    );
+    push("lm_head.weight".into(), vec![v, h], weights.lm_head.clone());
+    out
+}
+
+/// `w` (`[heads × head_dim, width]`) with each head's rows reordered from
+/// RoPE pairs to RoPE halves: row `i` is row `2i`, row `i + head_dim / 2`
+/// is row `2i + 1` (the inverse of [`super::pretrained::interleave_rope_rows`]).
+pub fn halve_rope_rows(w: &[f32], heads: usize, head_dim: usize, width: usize) -> Vec<f32> {
+    assert_eq!(
+        w.len(),
+        heads * head_dim * width,
+        "a [heads × head_dim, width] matrix"
+    );
+    let half = head_dim / 2;
+    let mut out = Vec::with_capacity(w.len());
+    for head in 0..heads {
+        for row in 0..head_dim {
+            let from = head * head_dim
+                + if row < half {
+                    2 * row
+                } else {
+                    2 * (row - half) + 1
+                };
+            out.extend_from_slice(&w[from * width..(from + 1) * width]);
+        }
+    }
+    out
+}
+
+/// The tokenizer an export carries.
+#[derive(Clone, Copy, Debug)]
+pub enum ExportTokenizer<'a> {
+    /// None (a run on pre-tokenized ids without their tokenizer).
+    None,
+    /// The run's `tokenizer.json`, copied.
+    File(&'a Path),
+    /// The worker's byte tokenizer (id = byte), written as the equivalent
+    /// byte-level BPE without merges.
+    Bytes,
+}
+
+/// A `tokenizer.json` that encodes text as the worker's byte tokenizer
+/// does, one id per byte, and decodes back: GPT-2's byte-level BPE with
+/// its 256 byte characters as the vocabulary (id = byte) and no merges.
+pub fn byte_tokenizer_json() -> Value {
+    let vocab: serde_json::Map<String, Value> = crate::serve::hf::byte_level_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), id.into()))
+        .collect();
+    let byte_level = json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false
+    });
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": null,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": []
+        }
+    })
+}
+
+/// What [`export`] wrote.
+#[derive(Debug)]
+pub struct Exported {
+    pub architecture: HfArchitecture,
+    /// The files written, by name, in `out`.
+    pub files: Vec<String>,
+    /// Bytes of tensor data over all shards.
+    pub tensor_bytes: u64,
+}
+
+/// Writes `model` into the new directory `out` (refused if it exists),
+/// with `tokenizer` beside the weights. The
+/// files are written into a sibling directory that is renamed to `out`
+/// once complete: an interrupted export leaves no half-written model.
+/// Shards hold at most `shard_bytes` of tensor data (a larger tensor gets
+/// one to itself).
+pub fn export(
+    model: &Model<f32>,
+    tokenizer: ExportTokenizer<'_>,
+    out: &Path,
+    precision: ExportPrecision,
+    shard_bytes: u64,
+) -> Result<Exported, ExportError> {
+    let architecture = architecture_for(model)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| ExportError::Io { path, error }
+    };
+    if out.exists() {
+        return Err(ExportError::Io {
+            path: out.to_path_buf(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; export writes a new directory",
+            ),
+        });
+    }
+    let partial = partial_dir(out);
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    fs::create_dir_all(&partial).map_err(io(&partial))?;
+
+    let config = model.config();
+    let tensors = hf_tensors(config, &model.weights, architecture);
+    let shards = plan_shards(&tensors, precision, shard_bytes);
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            "model.safetensors".to_owned()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    let mut tensor_bytes = 0u64;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_owned(),
+        "pt".to_owned(),
+    )]));
+    for (i, shard) in shards.iter().enumerate() {
+        let name = file_name(i);
+        let encoded: Vec<(&str, Vec<usize>, Vec<u8>)> = shard
+            .iter()
+            .map(|&t| {
+                let t = &tensors[t];
+                (
+                    t.name.as_str(),
+                    t.shape.clone(),
+                    precision.encode(&t.values),
+                )
+            })
+            .collect();
+        let views = encoded
+            .iter()
+            .map(|(name, shape, bytes)| {
+                tensor_bytes += bytes.len() as u64;
+                weight_map.insert((*name).to_owned(), name_value(&file_name(i)));
+                TensorView::new(precision.dtype(), shape.clone(), bytes)
+                    .map(|view| (*name, view))
+                    .map_err(|e| ExportError::Safetensors(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = partial.join(&name);
+        safetensors::serialize_to_file(views, metadata.clone(), &path)
+            .map_err(|e| ExportError::Safetensors(format!("{}: {e}", path.display())))?;
+        files.push(name);
+    }
+    if n > 1 {
+        let index = json!({
+            "metadata": {"total_size": tensor_bytes},
+            "weight_map": weight_map,
+        });
+        write_json(&partial.join("model.safetensors.index.json"), &index)?;
+        files.push("model.safetensors.index.json".into());
+    }
+    write_json(
+        &partial.join("config.json"),
+        &hf_config(config, architecture, precision),
+    )?;
+    files.push("config.json".into());
+    let to = partial.join("tokenizer.json");
+    match tokenizer {
+        ExportTokenizer::None => {}
+        ExportTokenizer::File(from) => {
+            fs::copy(from, &to).map_err(io(from))?;
+        }
+        ExportTokenizer::Bytes => write_json(&to, &byte_tokenizer_json())?,
+    }
+    if to.exists() {
+        files.push("tokenizer.json".into());
+    }
+    for file in &files {
+        let path = partial.join(file);
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+    }
+    fs::rename(&partial, out).map_err(io(out))?;
+    Ok(Exported {
+        architecture,
+        files,
+        tensor_bytes,
+    })
+}
+
+fn name_value(file: &str) -> Value {
+    Value::String(file.to_owned())
+}
+
+/// Where the files are written before the rename: `.<name>.partial` beside `out`.
+fn partial_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    out.with_file_name(format!(".{name}.partial"))
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), ExportError> {
+    let io = |error| ExportError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let mut file = fs::File::create(path).map_err(io)?;
+    let mut text = serde_json::to_vec_pretty(value).expect("JSON values serialize");
+    text.push(b'\n');
+    file.write_all(&text).map_err(io)
+}
+
+/// Tensors (by index) grouped into shards of at most `limit` bytes, in order.
+fn plan_shards(tensors: &[HfTensor], precision: ExportPrecision, limit: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut used = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let bytes = (t.values.len() * precision.width()) as u64;
+        let last = shards.last_mut().expect("never empty");
+        if !last.is_empty() && used + bytes > limit {
+            shards.push(vec![i]);
+            used = bytes;
+        } else {
+            last.push(i);
+            used += bytes;
+        }
+    }
+    shards
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::pretrained::interleave_rope_rows;
+
+    #[test]
+    fn halving_rope_rows_undoes_interleaving_them() {
+        let w: Vec<f32> = (0..3 * 8 * 2).map(|v| v as f32).collect();
+        let pairs = interleave_rope_rows(&w, 3, 8, 2);
+        assert_ne!(pairs, w);
+        assert_eq!(halve_rope_rows(&pairs, 3, 8, 2), w);
+        // Row 1 of the halves layout is row 2 of the pairs layout.
+        let one: Vec<f32> = (0..4).map(|r| r as f32).collect();
+        assert_eq!(halve_rope_rows(&one, 1, 4, 1), vec![0.0, 2.0, 1.0, 3.0]);
+    }
+
+    fn tensor(len: usize) -> HfTensor {
+        HfTensor {
+            name: String::new(),
+            shape: vec![len],
+            values: vec![0.0; len],
+        }
+    }
+
+    #[test]
+    fn shards_fill_up_to_the_limit_and_a_large_tensor_gets_its_own() {
+        let tensors = [tensor(10), tensor(10), tensor(30), tensor(5), tensor(5)];
+        // bf16: 20, 20, 60, 10, 10 bytes against a limit of 40.
+        assert_eq!(
+            plan_shards(&tensors, ExportPrecision::Bf16, 40),
+            vec![vec![0, 1], vec![2], vec![3, 4]]
+        );
+        assert_eq!(
+            plan_shards(&tensors, ExportPrecision::F32, 1 << 20),
+            vec![vec![0, 1, 2, 3, 4]]
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! `moe-worker export`: the training model written as a Hugging Face model
+//! directory. The serving engine's Hugging Face loader, held to
+//! `transformers` on Mixtral, Qwen3-MoE and OLMoE by the fixtures' goldens,
+//! reads each export back and must predict what the training model
+//! predicts; the fine-tuning loader must get the very weights back.
+
+use std::path::Path;
+use std::process::Command;
+
+use moe_crds::ModelSpec;
+use moe_worker::model::Model;
+use moe_worker::model::config::ModelConfig;
+use moe_worker::model::hf_export::{self, ExportError, ExportPrecision, ExportTokenizer};
+use moe_worker::model::pretrained;
+use moe_worker::rng::SplitMix64;
+use moe_worker::scalar::Scalar;
+use moe_worker::serve::engine::{Chunk, Engine, Logits};
+use moe_worker::serve::kv_cache::{KvStore, pages_for};
+use serde_json::{Value, json};
+
+use crate::{config_json, scratch_dir};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
+
+/// A small softmax-routed model, `patch` merged into its spec.
+fn spec(patch: Value) -> ModelSpec {
+    let mut model = json!({
+        "vocabSize": 300, "hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2,
+        "seqLen": 32, "ropeTheta": 10000.0,
+        "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 24, "router": "softmax",
+                "normalizeTopK": true}
+    });
+    moe_crds::fixtures::merge_patch(&mut model, &patch);
+    serde_json::from_value(model).expect("a valid ModelSpec")
+}
+
+/// A random model of `spec`, its norm gains moved off 1 (so a gain in the
+/// wrong place shows).
+fn random_model(spec: &ModelSpec, seed: u64) -> Model<f32> {
+    let config = ModelConfig::from_spec(spec).unwrap();
+    let mut model = Model::<f32>::initial(config, seed);
+    let mut rng = SplitMix64::new(seed);
+    for block in &mut model.weights.blocks {
+        for gain in [
+            &mut block.attention_norm,
+            &mut block.ffn_norm,
+            &mut block.q_norm,
+            &mut block.k_norm,
+        ] {
+            for g in gain.iter_mut() {
+                *g = 1.0 + 0.5 * rng.normal() as f32;
+            }
+        }
+    }
+    model
+}
+
+/// The worst log-probability difference between `model` and the serving
+/// engine's load of the Hugging Face directory `dir`, on random tokens.
+fn worst_against_served(model: &Model<f32>, dir: &Path) -> f64 {
+    let vocab = model.config().vocab;
+    let mut rng = SplitMix64::new(3);
+    let tokens: Vec<u32> = (0..32).map(|_| rng.below(vocab) as u32).collect();
+    let pass = model.forward(&tokens, &tokens);
+    let served = moe_worker::serve::load::load(dir, None, None).unwrap();
+    let engine = Engine::serve(served.model.into_serve_model());
+    let pages: Vec<u32> = (0..pages_for(tokens.len(), 16) as u32).collect();
+    let mut store = KvStore::new(engine.kv_shape(16), pages.len());
+    let chunk = Chunk {
+        pages: &pages,
+        start: 0,
+        tokens: &tokens,
+        logits: Logits::All,
+    };
+    let logits = engine.step(&mut store, &[chunk]).unwrap();
+    let mut worst = 0f64;
+    for (at, row) in logits.chunks_exact(vocab).enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let ours = &pass.next_token_probs()[at * vocab..(at + 1) * vocab];
+        for (p, &l) in ours.iter().zip(row) {
+            let want = l as f64 - max - sum.ln();
+            worst = worst.max((f64::from(*p).ln() - want).abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn each_architecture_exports_what_the_training_model_computes() {
+    for (name, patch, architecture) in [
+        ("mixtral", json!({}), "MixtralForCausalLM"),
+        (
+            "qwen3",
+            // Wide heads, a dense first layer, unnormalised gates.
+            json!({"headDim": 12, "qkNorm": "perHead", "normEpsilon": 1e-6, "denseLayers": 1,
+                   "denseHiddenSize": 40, "moe": {"normalizeTopK": false}}),
+            "Qwen3MoeForCausalLM",
+        ),
+        (
+            "olmoe",
+            json!({"qkNorm": "whole", "moe": {"normalizeTopK": false}}),
+            "OlmoeForCausalLM",
+        ),
+    ] {
+        let spec = spec(patch);
+        let model = random_model(&spec, 7);
+        let out = scratch_dir(&format!("export-{name}")).join("hf");
+        // A shard limit small enough to split the model over several files.
+        let exported = hf_export::export(
+            &model,
+            ExportTokenizer::Bytes,
+            &out,
+            ExportPrecision::F32,
+            40_000,
+        )
+        .unwrap();
+        assert_eq!(exported.architecture.class_name(), architecture);
+        assert!(
+            exported.files.len() > 3
+                && exported
+                    .files
+                    .contains(&"model.safetensors.index.json".into()),
+            "{name}: {:?}",
+            exported.files
+        );
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], architecture);
+
+        let worst = worst_against_served(&model, &out);
+        eprintln!("{name}: worst log-probability difference {worst:.2e}");
+        // Two f32 forwards of the same weights; a row, gain or expert in
+        // the wrong place is off by O(1e-1).
+        assert!(worst < 2e-5, "{name}: {worst}");
+
+        // And the fine-tuning loader gets the very weights back.
+        let config = ModelConfig::from_spec(&spec).unwrap();
+        let experts = 0..config.moe.n_routed_experts;
+        let back = pretrained::load(&out, &spec, config, experts).unwrap();
+        for (got, want) in back.tensors().iter().zip(model.tensors()) {
+            assert!(
+                got.name == want.name && got.values == want.values,
+                "{name}: the round trip changed {}",
+                want.name
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bf16_export_holds_the_weights_rounded_to_nearest_even() {
+    let spec = spec(json!({"headDim": 12, "qkNorm": "perHead"}));
+    let model = random_model(&spec, 8);
+    let out = scratch_dir("export-bf16").join("hf");
+    let exported = hf_export::export(
+        &model,
+        ExportTokenizer::Bytes,
+        &out,
+        ExportPrecision::Bf16,
+        5_000_000_000,
+    )
+    .unwrap();
+    assert_eq!(
+        exported.files,
+        ["model.safetensors", "config.json", "tokenizer.json"]
+    );
+    // The byte tokenizer, written as Hugging Face's byte-level BPE
+    // (read by the `tokenizers` crate): one id per byte, and back.
+    let tokenizer = moe_worker::serve::load::load(&out, None, None)
+        .unwrap()
+        .tokenizer;
+    let text = "naïve café 🙂 \t\n数字 <|im_end|>";
+    let ids = tokenizer.encode(text).unwrap();
+    assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>());
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| tokenizer.token_bytes(id))
+        .collect();
+    assert_eq!(bytes, text.as_bytes());
+    let config = ModelConfig::from_spec(&spec).unwrap();
+    let back = pretrained::load(&out, &spec, config, 0..4).unwrap();
+    let rounded: Vec<Vec<f32>> = model
+        .tensors()
+        .iter()
+        .map(|t| t.values.iter().map(|v| v.round_bf16()).collect())
+        .collect();
+    let read: Vec<Vec<f32>> = back.tensors().iter().map(|t| t.values.to_vec()).collect();
+    assert_eq!(read, rounded);
+}
+
+#[test]
+fn what_no_architecture_computes_is_refused_naming_the_field() {
+    let refused = |spec: &ModelSpec, model: &Model<f32>| -> String {
+        let out = scratch_dir("export-refused").join("hf");
+        let err = hf_export::export(
+            model,
+            ExportTokenizer::None,
+            &out,
+            ExportPrecision::F32,
+            1 << 30,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ExportError::Unexportable { .. }), "{err}");
+        assert!(!out.exists(), "nothing is written");
+        let _ = spec;
+        err.to_string()
+    };
+    for (patch, field) in [
+        (json!({"moe": {"router": "sigmoid"}}), "model.moe.router"),
+        (
+            json!({"moe": {"sharedExperts": 1}}),
+            "model.moe.sharedExperts",
+        ),
+        (
+            json!({"moe": {"groups": 2, "topGroups": 1}}),
+            "model.moe.groups",
+        ),
+        (
+            json!({"moe": {"routedScalingFactor": 2.5}}),
+            "model.moe.routedScalingFactor",
+        ),
+        (json!({"denseLayers": 1}), "model.denseLayers"),
+        (
+            json!({"moe": {"normalizeTopK": false}}),
+            "model.moe.normalizeTopK",
+        ),
+        (json!({"qkNorm": "whole", "headDim": 16}), "model.headDim"),
+    ] {
+        let spec = spec(patch.clone());
+        let model = random_model(&spec, 1);
+        let err = refused(&spec, &model);
+        assert!(err.starts_with(field), "{patch}: {err}");
+    }
+    // A selection bias the model was trained with.
+    let spec = spec(json!({}));
+    let mut model = random_model(&spec, 1);
+    model.moe_layers_mut().next().unwrap().selection_bias[2] = 0.25;
+    let err = refused(&spec, &model);
+    assert!(
+        err.starts_with("model.moe.balancing.auxLossFree")
+            && err.contains("auxLossFree.enabled false"),
+        "{err}"
+    );
+}
+
+#[test]
+fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
+    let dir = scratch_dir("export-cli");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe");
+    let mut config = config_json(&dir);
+    config["model"] = json!({
+        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
+        "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
+        "qkNorm": "perHead", "normEpsilon": 1e-6, "seqLen": 32, "ropeTheta": 1000000.0,
+        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax",
+                "normalizeTopK": true, "balancing": {"auxLossFree": {"enabled": false}}}
+    });
+    std::fs::write(dir.join("corpus.txt"), "The quick brown fox. ".repeat(400)).unwrap();
+    config["dataDir"] = dir.to_string_lossy().into();
+    config["data"] = json!({"volume": {"claimName": "local", "path": "corpus.txt"},
+                            "tokenizer": "huggingface"});
+    config["initDir"] = fixture.to_string_lossy().into();
+    config["training"]["steps"] = 4.into();
+    config["checkpoint"]["intervalSteps"] = 4.into();
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let out = Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(&path)
+        .env("MOE_STATUS_ADDR", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let export = |to: &Path| {
+        Command::new(BINARY)
+            .args(["export", "--model"])
+            .arg(dir.join("checkpoints"))
+            .arg("--out")
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    let hf = dir.join("hf");
+    let out = export(&hf);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["architecture"], "Qwen3MoeForCausalLM");
+    assert_eq!(summary["step"], 4);
+    // The run's tokenizer went with it: the export serves text.
+    let loaded = moe_worker::serve::load::load(&hf, None, None).unwrap();
+    assert_eq!(
+        loaded.tokenizer.encode("The quick brown fox.").unwrap(),
+        moe_worker::serve::load::load(&fixture, None, None)
+            .unwrap()
+            .tokenizer
+            .encode("The quick brown fox.")
+            .unwrap()
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(config["head_dim"], 32);
+    assert_eq!(config["rms_norm_eps"], 1e-6);
+    assert_eq!(config["mlp_only_layers"], json!([0]));
+
+    // Not over what is there.
+    let again = export(&hf);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
