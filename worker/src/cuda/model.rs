@@ -23,7 +23,6 @@ use super::{
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::fp8::Fp8Recipe;
 use crate::linear::GemmPrecision;
-use crate::model::config::NORM_EPS;
 use crate::model::{
     ATTENTION_LINEARS, ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel, WK,
     WO, WQ, WV,
@@ -58,6 +57,9 @@ pub struct DeviceBlock<M> {
     pub wk: CudaSlice<f32>,
     pub wv: CudaSlice<f32>,
     pub wo: CudaSlice<f32>,
+    /// The q and k norms' gains (`q_norm`, `k_norm`), when the model has
+    /// them ([`ModelConfig::qk_norm_widths`]); listed after `wo`, as the host does.
+    pub qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     pub ffn_norm: CudaSlice<f32>,
     pub ffn: DeviceFeedForward<M>,
 }
@@ -96,14 +98,11 @@ impl<M: DeviceTensors> DeviceTensors for DeviceWeights<M> {
 
 impl<M: DeviceTensors> DeviceTensors for DeviceBlock<M> {
     fn tensors(&self) -> Vec<&CudaSlice<f32>> {
-        let mut list = vec![
-            &self.attention_norm,
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.ffn_norm,
-        ];
+        let mut list = vec![&self.attention_norm, &self.wq, &self.wk, &self.wv, &self.wo];
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            list.extend([q_norm, k_norm]);
+        }
+        list.push(&self.ffn_norm);
         match &self.ffn {
             DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
             DeviceFeedForward::Moe(moe) => list.extend(moe.tensors()),
@@ -118,8 +117,11 @@ impl<M: DeviceTensors> DeviceTensors for DeviceBlock<M> {
             &mut self.wk,
             &mut self.wv,
             &mut self.wo,
-            &mut self.ffn_norm,
         ];
+        if let Some((q_norm, k_norm)) = &mut self.qk_norm {
+            list.extend([q_norm, k_norm]);
+        }
+        list.push(&mut self.ffn_norm);
         match &mut self.ffn {
             DeviceFeedForward::Dense { w1, w3, w2 } => list.extend([w1, w3, w2]),
             DeviceFeedForward::Moe(moe) => list.extend(moe.tensors_mut()),
@@ -173,6 +175,10 @@ impl DeviceGradients {
                     wk: zeros(&b.wk)?,
                     wv: zeros(&b.wv)?,
                     wo: zeros(&b.wo)?,
+                    qk_norm: match &b.qk_norm {
+                        Some((q, k)) => Some((zeros(q)?, zeros(k)?)),
+                        None => None,
+                    },
                     ffn_norm: zeros(&b.ffn_norm)?,
                     ffn: match &b.ffn {
                         DeviceFeedForward::Dense { w1, w3, w2 } => DeviceFeedForward::Dense {
@@ -300,7 +306,10 @@ struct BlockPass {
     input: CudaSlice<f32>,
     attention_normed: CudaSlice<f32>,
     attention_rstd: CudaSlice<f32>,
-    /// Queries and keys after RoPE.
+    /// q and k as projected, before their norms, when the model has them.
+    qk_norm: Option<QkNormPass>,
+    /// Queries and keys after RoPE (with sequence parallelism: this
+    /// rank's heads of every token).
     q: CudaSlice<f32>,
     k: CudaSlice<f32>,
     v: CudaSlice<f32>,
@@ -310,6 +319,15 @@ struct BlockPass {
     ffn_normed: CudaSlice<f32>,
     ffn_rstd: CudaSlice<f32>,
     ffn: FeedForwardPass,
+}
+
+/// What the q/k norms' backward pass needs: their inputs and each chunk's
+/// reciprocal RMS.
+struct QkNormPass {
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    q_rstd: CudaSlice<f32>,
+    k_rstd: CudaSlice<f32>,
 }
 
 enum FeedForwardPass {
@@ -362,12 +380,6 @@ fn unsupported(config: &ModelConfig) -> Option<String> {
             config.head_precision
         ));
     }
-    if config.qk_norm.is_some() || config.head_dim * config.heads != config.hidden {
-        return Some(format!(
-            "q/k norms ({:?}) or a head width ({}) other than hidden size / heads on CUDA: not yet",
-            config.qk_norm, config.head_dim
-        ));
-    }
     if !config.hidden.is_multiple_of(4) {
         return Some(format!(
             "hidden size {} on CUDA: rows are permuted as 16-byte vectors, so it must be a multiple of 4",
@@ -395,6 +407,10 @@ impl DeviceModel {
                     wk: gpu.upload(&b.wk)?,
                     wv: gpu.upload(&b.wv)?,
                     wo: gpu.upload(&b.wo)?,
+                    qk_norm: match config.qk_norm {
+                        Some(_) => Some((gpu.upload(&b.q_norm)?, gpu.upload(&b.k_norm)?)),
+                        None => None,
+                    },
                     ffn_norm: gpu.upload(&b.ffn_norm)?,
                     ffn: match &b.ffn {
                         FeedForward::Dense(d) => DeviceFeedForward::Dense {
@@ -653,7 +669,7 @@ impl DeviceModel {
             &mut final_rstd,
             &x,
             &w.final_norm,
-            NORM_EPS as f32,
+            c.norm_eps as f32,
         )?;
         let mut logits = gpu.output::<f32>(n * vocab)?;
         let head = self.head();
@@ -694,9 +710,9 @@ impl DeviceModel {
         parallel: Parallel<'_>,
     ) -> Result<(CudaSlice<f32>, BlockPass)> {
         let c = &self.config;
-        let (h, kv) = (c.hidden, c.kv_width());
+        let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
         let tokens = input.len() / h;
-        let eps = NORM_EPS as f32;
+        let eps = c.norm_eps as f32;
 
         let mut attention_normed = gpu.output::<f32>(tokens * h)?;
         let mut attention_rstd = gpu.output::<f32>(tokens)?;
@@ -710,7 +726,7 @@ impl DeviceModel {
                 eps,
             )
         })?;
-        let mut q = gpu.output::<f32>(tokens * h)?;
+        let mut q = gpu.output::<f32>(tokens * qw)?;
         let mut k = gpu.output::<f32>(tokens * kv)?;
         let mut v = gpu.output::<f32>(tokens * kv)?;
         let (attention_linears, ffn_linears) = self.block_linears(index);
@@ -718,7 +734,7 @@ impl DeviceModel {
         gpu.span("fwd.attention.qkv", || {
             let x = Prepared::of(gpu, attention_linears, &attention_normed)?;
             for (out, w, linear, width) in [
-                (&mut q, &block.wq, WQ, h),
+                (&mut q, &block.wq, WQ, qw),
                 (&mut k, &block.wk, WK, kv),
                 (&mut v, &block.wv, WV, kv),
             ] {
@@ -727,6 +743,22 @@ impl DeviceModel {
             }
             Ok(())
         })?;
+        // q/k norms before RoPE, in chunks of the gains' width (a head, or
+        // a token's whole projection), as the CPU block.
+        let (mut q, mut k, qk_norm) = match &block.qk_norm {
+            None => (q, k, None),
+            Some((q_gain, k_gain)) => gpu.span("fwd.attention.qk_norm", || {
+                let (q_normed, q_rstd) = norm_chunks(gpu, &q, q_gain, eps)?;
+                let (k_normed, k_rstd) = norm_chunks(gpu, &k, k_gain, eps)?;
+                let pass = QkNormPass {
+                    q,
+                    k,
+                    q_rstd,
+                    k_rstd,
+                };
+                Ok((q_normed, k_normed, Some(pass)))
+            })?,
+        };
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
         gpu.span("fwd.attention.rope", || {
@@ -788,7 +820,7 @@ impl DeviceModel {
             &mut mid.slice_mut(..),
             &attention_out.slice(..),
             self.weight(gpu, at(WO), &block.wo)?.whole(&block.wo),
-            h,
+            qw,
             h,
             true,
         )?;
@@ -866,6 +898,7 @@ impl DeviceModel {
             input,
             attention_normed,
             attention_rstd,
+            qk_norm,
             q,
             k,
             v,
@@ -1001,7 +1034,7 @@ impl DeviceModel {
         parallel: Parallel<'_>,
     ) -> Result<()> {
         let c = &self.config;
-        let (h, kv) = (c.hidden, c.kv_width());
+        let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
         let tokens = dres.len() / h;
 
         // The feed-forward sublayer; the residual passes `dres` through.
@@ -1085,7 +1118,7 @@ impl DeviceModel {
 
         // The attention sublayer.
         let out_span = gpu.span_start("bwd.attention.out")?;
-        let mut dattention = gpu.output::<f32>(tokens * h)?;
+        let mut dattention = gpu.output::<f32>(tokens * qw)?;
         linear_backward(
             gpu,
             attention_linears.at(WO),
@@ -1096,7 +1129,7 @@ impl DeviceModel {
             (&pass.attention_out).into(),
             self.weight(gpu, attention_linears.at(WO), &block.wo)?
                 .whole(&block.wo),
-            (h, h),
+            (qw, h),
         )?;
         gpu.span_end(out_span)?;
         let core_span = gpu.span_start("bwd.attention.core")?;
@@ -1155,12 +1188,44 @@ impl DeviceModel {
             self.rope
                 .backward_slice(gpu, &mut dk, c.kv_heads, positions)
         })?;
+        // Through the q/k norms (before RoPE in the forward pass): their
+        // input gradients into fresh zeros (the kernel adds), their gains'
+        // gradients added into the block's, as the CPU block.
+        let (dq, dk) = match (&pass.qk_norm, &block.qk_norm, &mut grads.qk_norm) {
+            (None, None, None) => (dq, dk),
+            (Some(norms), Some((q_gain, k_gain)), Some((dq_gain, dk_gain))) => {
+                gpu.span("bwd.attention.qk_norm", || {
+                    let mut dq_projected = gpu.zeros::<f32>(dq.len())?;
+                    let mut dk_projected = gpu.zeros::<f32>(dk.len())?;
+                    rmsnorm::backward(
+                        gpu,
+                        &mut dq_projected,
+                        dq_gain,
+                        &dq,
+                        &norms.q,
+                        q_gain,
+                        &norms.q_rstd,
+                    )?;
+                    rmsnorm::backward(
+                        gpu,
+                        &mut dk_projected,
+                        dk_gain,
+                        &dk,
+                        &norms.k,
+                        k_gain,
+                        &norms.k_rstd,
+                    )?;
+                    Ok((dq_projected, dk_projected))
+                })?
+            }
+            _ => unreachable!("a block's weights, activations and gradients share one layout"),
+        };
         let qkv_span = gpu.span_start("bwd.attention.qkv")?;
         let mut dnormed = gpu.output::<f32>(tokens * h)?;
         // The normed input feeds the three weight gradients.
         let x = Prepared::of(gpu, attention_linears, &pass.attention_normed)?;
         for (linear, d, dw, weight, width) in [
-            (WQ, &dq, &mut grads.wq, &block.wq, h),
+            (WQ, &dq, &mut grads.wq, &block.wq, qw),
             (WK, &dk, &mut grads.wk, &block.wk, kv),
             (WV, &dv, &mut grads.wv, &block.wv, kv),
         ] {
@@ -1195,6 +1260,20 @@ impl DeviceModel {
             )
         })
     }
+}
+
+/// `values` RMS-normed in chunks of `gain`'s width (a head, or a whole
+/// projection), with each chunk's reciprocal RMS.
+fn norm_chunks(
+    gpu: &Gpu,
+    values: &CudaSlice<f32>,
+    gain: &CudaSlice<f32>,
+    eps: f32,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let mut out = gpu.output::<f32>(values.len())?;
+    let mut rstd = gpu.output::<f32>(values.len() / gain.len())?;
+    rmsnorm::forward(gpu, &mut out, &mut rstd, values, gain, eps)?;
+    Ok((out, rstd))
 }
 
 /// The backward pass of `y = x wᵀ` (`x: [rows, in]`, `w: [out, in]`):
@@ -1274,5 +1353,34 @@ mod tests {
         let moe = ATTENTION_LINEARS + MLP_LINEARS * (config.moe.n_routed_experts + 1);
         assert_eq!(bases, [0, 7, 7 + moe]);
         assert_eq!(total, 7 + 2 * moe);
+        // q/k norms are no linear layers: the numbering stays the CPU's.
+        for qk_norm in ["perHead", "whole"] {
+            let mut config = super::super::train_check::qk_norm_config(qk_norm);
+            config.gemm_precision = GemmPrecision::Fp8(Fp8Recipe::Tensorwise);
+            let cpu = Model::<f32>::initial(config.clone(), 1)
+                .fp8_histories()
+                .len();
+            assert_eq!(
+                linear_layout(&config),
+                (vec![0, 7, 7 + moe], cpu),
+                "{qk_norm}"
+            );
+        }
+    }
+
+    /// q/k norms, heads wider than hidden / heads and a non-default
+    /// epsilon run on the device: the check group "training"'s configs
+    /// pass the upload's refusal; the refusals that remain still refuse.
+    #[test]
+    fn q_k_norms_and_wide_heads_are_not_refused() {
+        for qk_norm in ["perHead", "whole"] {
+            let config = super::super::train_check::qk_norm_config(qk_norm);
+            assert!(config.qk_norm.is_some() && config.q_width() != config.hidden);
+            assert_eq!(config.norm_eps, 1e-6);
+            assert_eq!(unsupported(&config), None, "{qk_norm}");
+        }
+        let mut fp8_head = super::super::train_check::qk_norm_config("perHead");
+        fp8_head.head_precision = GemmPrecision::Fp8(Fp8Recipe::Tensorwise);
+        assert!(unsupported(&fp8_head).is_some());
     }
 }

@@ -24,14 +24,45 @@ use crate::train::Trainer;
 /// Three blocks (one dense, two MoE with a shared expert, sigmoid routing
 /// limited to 2 of 4 groups, bias balancing on), grouped-query attention.
 pub(crate) fn config() -> ModelConfig {
-    let spec: moe_crds::ModelSpec = serde_json::from_value(serde_json::json!({
+    config_with(serde_json::json!({}))
+}
+
+/// [`config`] with q/k norms (`"perHead"` or `"whole"`), heads of 24 (q
+/// 96 wide on a hidden size of 64) and an RMSNorm epsilon of 1e-6.
+pub(crate) fn qk_norm_config(qk_norm: &str) -> ModelConfig {
+    config_with(serde_json::json!({"headDim": 24, "qkNorm": qk_norm, "normEpsilon": 1e-6}))
+}
+
+/// [`config`]'s spec with `extra`'s fields added.
+fn config_with(extra: serde_json::Value) -> ModelConfig {
+    let mut spec = serde_json::json!({
         "vocabSize": 256, "hiddenSize": 64, "layers": 3, "denseLayers": 1,
         "denseHiddenSize": 96, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
         "moe": {"experts": 8, "topK": 2, "sharedExperts": 1, "expertHiddenSize": 32,
                 "router": "sigmoid", "groups": 4, "topGroups": 2, "routedScalingFactor": 2.0}
-    }))
-    .expect("a valid model spec");
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let spec: moe_crds::ModelSpec = serde_json::from_value(spec).expect("a valid model spec");
     ModelConfig::from_spec(&spec).expect("a valid model config")
+}
+
+/// The initial model of `config` (one with q/k norms), its q and k gains
+/// moved away from their initial 1 so that a backward pass that dropped a
+/// gain's factor, or a forward pass that skipped a norm, is off by O(1).
+fn qk_norm_model(config: ModelConfig, seed: u64) -> Model<f32> {
+    let mut model = Model::<f32>::initial(config, seed);
+    let mut rng = SplitMix64::new(seed + 1);
+    for block in &mut model.weights.blocks {
+        assert!(!block.q_norm.is_empty(), "the config has q/k norms");
+        for gain in [&mut block.q_norm, &mut block.k_norm] {
+            for g in gain.iter_mut() {
+                *g += 0.5 * rng.normal() as f32;
+            }
+        }
+    }
+    model
 }
 
 fn settings() -> TrainingSettings {
@@ -342,6 +373,35 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
 
     checks.extend(recomputed_blocks(gpu, &model, &settings, gemm)?);
 
+    // q/k norms (per head as Qwen3, over the whole projection as OLMoE)
+    // with heads wider than hidden / heads and a non-default epsilon: one
+    // batch each, the same bounds; activation checkpointing recomputing
+    // the norms; two trainer steps, whose gradients and AdamW moments list
+    // the gains where the host does.
+    let per_head = qk_norm_model(qk_norm_config("perHead"), settings.seed);
+    let whole = qk_norm_model(qk_norm_config("whole"), settings.seed);
+    for (model, case) in [
+        (
+            &per_head,
+            "3 blocks, one batch, per-head q/k norms, 4 heads of 24, eps 1e-6",
+        ),
+        (
+            &whole,
+            "3 blocks, one batch, whole q/k norms, 4 heads of 24, eps 1e-6",
+        ),
+    ] {
+        checks.extend(one_batch(
+            gpu,
+            model,
+            &settings,
+            case,
+            gemm,
+            Agreement::Close,
+        )?);
+    }
+    checks.extend(recomputed_blocks(gpu, &per_head, &settings, gemm)?);
+    checks.extend(trainer_steps(gpu, &whole, &settings, "whole q/k norms", 2)?);
+
     // Two steps of bf16 trainers: a step's GEMMs round each weight once
     // (WeightCache) and the optimizer must make them round it again (a
     // stale copy would replay the first step's weights in the second).
@@ -434,6 +494,49 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &settings,
         AttentionKernel::Flash,
     )?);
+    checks.extend(one_batch(
+        gpu,
+        &per_head,
+        &settings,
+        "3 blocks, one batch, per-head q/k norms, 4 heads of 24, flash attention",
+        AttentionKernel::Flash,
+        Agreement::Close,
+    )?);
+    Ok(checks)
+}
+
+/// `steps` steps of the CPU and the device trainer from `model`: each
+/// step's loss within 1e-3 of the CPU's, its gradient norm within 1e-2.
+fn trainer_steps(
+    gpu: &Gpu,
+    model: &Model<f32>,
+    settings: &TrainingSettings,
+    case: &str,
+    steps: usize,
+) -> Result<Vec<Check>> {
+    let config = model.config();
+    let mut cpu = Trainer::new(config.clone(), settings.clone(), loader(config, settings));
+    cpu.start_from(model.clone());
+    let mut device = DeviceTrainer::new(gpu, model, settings.clone(), loader(config, settings))?;
+    let mut checks = Vec::new();
+    for step in 1..=steps {
+        let cpu = cpu.step(&|| false).expect("never stopped");
+        let ours = device.step(&|| false)?.expect("never stopped");
+        checks.push(close_to_scale(
+            "trainer.loss",
+            &format!("{case}, step {step}"),
+            &[ours.loss as f32],
+            &[cpu.loss as f32],
+            1e-3,
+        ));
+        checks.push(close_to_scale(
+            "trainer.grad_norm",
+            &format!("{case}, step {step}"),
+            &[ours.grad_norm as f32],
+            &[cpu.grad_norm as f32],
+            1e-2,
+        ));
+    }
     Ok(checks)
 }
 
