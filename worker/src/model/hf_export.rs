@@ -585,6 +585,17 @@ pub fn export(
     if to.exists() {
         files.push("tokenizer.json".into());
     }
+    // safetensors writes through a private temporary file (mode 0600):
+    // give the shards the permissions the umask gave config.json, so
+    // whoever may read the config may read the weights.
+    let config_path = partial.join("config.json");
+    let permissions = fs::metadata(&config_path)
+        .map_err(io(&config_path))?
+        .permissions();
+    for file in files.iter().filter(|f| f.ends_with(".safetensors")) {
+        let path = partial.join(file);
+        fs::set_permissions(&path, permissions.clone()).map_err(io(&path))?;
+    }
     for file in &files {
         let path = partial.join(file);
         fs::File::open(&path)
