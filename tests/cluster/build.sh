@@ -25,6 +25,13 @@ require_pin() { # module dir, module path, version: the wrapper must pin what ve
     { echo "build.sh: go/$1/go.mod does not require $2 $3 (versions.sh)" >&2; exit 1; }
 }
 
+module_dir() { # module dir, module path: where the wrapper's pinned version lies in the module cache
+  # `go list -m` prints an empty Dir for a module not downloaded yet: on a
+  # fresh machine only what a build needed is there (the Inference
+  # Extension's CRDs are copied, never built), so download it first.
+  (cd "$here/go/$1" && go mod download "$2" && go list -m -f '{{.Dir}}' "$2")
+}
+
 step() { # name, then the command that builds it into $bin/name
   local name=$1; shift
   if [[ -x "$bin/$name" ]]; then return; fi
@@ -108,7 +115,7 @@ build_kueue() {
   require_pin kueue sigs.k8s.io/kueue "$KUEUE_VERSION"
   (cd "$here/go/kueue" && go build "${flags[@]}" -ldflags "-s -w" -o "$bin/kueue.tmp" sigs.k8s.io/kueue/cmd/kueue)
   local dir
-  dir=$(cd "$here/go/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+  dir=$(module_dir kueue sigs.k8s.io/kueue)
   rm -rf "$bin/kueue-config" "$bin/kueue-config.tmp" && mkdir "$bin/kueue-config.tmp"
   cp -r "$dir/config/components/crd" "$dir/config/components/webhook" "$bin/kueue-config.tmp/"
   chmod -R u+w "$bin/kueue-config.tmp" && mv "$bin/kueue-config.tmp" "$bin/kueue-config"
@@ -125,7 +132,7 @@ require_pin gateway-api sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION"
 gateway_sum=$(cat "$here/go/gateway-api/go.mod" "$here/go/gateway-api/go.sum" | sha256sum | cut -c1-16)
 [[ "$(cat "$bin/gateway-crds.stamp" 2>/dev/null)" == "$gateway_sum" ]] || rm -rf "$bin/gateway-crds"
 if [[ ! -d "$bin/gateway-crds" ]]; then
-  gateway_dir=$(cd "$here/go/gateway-api" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)
+  gateway_dir=$(module_dir gateway-api sigs.k8s.io/gateway-api)
   rm -rf "$bin/gateway-crds.tmp" && mkdir "$bin/gateway-crds.tmp"
   for kind in gatewayclasses gateways httproutes; do
     cp "$gateway_dir/config/crd/standard/gateway.networking.k8s.io_$kind.yaml" "$bin/gateway-crds.tmp/"
@@ -140,7 +147,7 @@ require_pin inference-extension sigs.k8s.io/gateway-api-inference-extension "$IN
 pool_sum=$(cat "$here/go/inference-extension/go.mod" "$here/go/inference-extension/go.sum" | sha256sum | cut -c1-16)
 [[ "$(cat "$bin/inference-crds.stamp" 2>/dev/null)" == "$pool_sum" ]] || rm -rf "$bin/inference-crds"
 if [[ ! -d "$bin/inference-crds" ]]; then
-  pool_dir=$(cd "$here/go/inference-extension" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api-inference-extension)
+  pool_dir=$(module_dir inference-extension sigs.k8s.io/gateway-api-inference-extension)
   rm -rf "$bin/inference-crds.tmp" && mkdir "$bin/inference-crds.tmp"
   cp "$pool_dir/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml" "$bin/inference-crds.tmp/"
   chmod -R u+w "$bin/inference-crds.tmp" && mv "$bin/inference-crds.tmp" "$bin/inference-crds"
@@ -148,7 +155,7 @@ fi
 echo "$pool_sum" >"$bin/inference-crds.stamp"
 
 # The kwok module ships its upstream stage definitions; up.sh assembles its config from them.
-kwok_dir=$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+kwok_dir=$(module_dir kwok sigs.k8s.io/kwok)
 if [[ ! -d "$bin/kwok-stages" ]]; then
   cp -r "$kwok_dir/kustomize/stage" "$bin/kwok-stages.tmp" && chmod -R u+w "$bin/kwok-stages.tmp" && mv "$bin/kwok-stages.tmp" "$bin/kwok-stages"
 fi
