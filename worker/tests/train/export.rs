@@ -297,10 +297,16 @@ fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     // fine-tuned model's checkpoint kept the pretrained model's): the
     // export serves text and chats as the pretrained model did.
     let files = summary["files"].as_array().unwrap();
-    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         assert!(files.contains(&name.into()), "{name}: {files:?}");
     }
-    let exported = moe_worker::serve::load::load(&hf, None, None).unwrap().tokenizer;
+    let exported = moe_worker::serve::load::load(&hf, None, None)
+        .unwrap()
+        .tokenizer;
     let pretrained = moe_worker::serve::load::load(&fixture, None, None)
         .unwrap()
         .tokenizer;
@@ -315,7 +321,9 @@ fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     );
     assert_ne!(
         exported.encode_chat(&chat).unwrap(),
-        exported.encode(&moe_worker::serve::text::transcript(&chat)).unwrap(),
+        exported
+            .encode(&moe_worker::serve::text::transcript(&chat))
+            .unwrap(),
         "the chat template, not the plain transcript"
     );
     let config: Value =
