@@ -35,6 +35,7 @@ pub const MAX_NAME_LEN: usize = 40;
     printcolumn(name = "Workers", type_ = "integer", json_path = ".status.workers.expected", priority = 1),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.display"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
+    printcolumn(name = "Export", type_ = "string", json_path = ".status.output.phase", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 40")
         .message("metadata.name must be at most 40 characters: pod hostnames <name>-a<attempt>-<index> must fit a 63-character DNS label"),
@@ -94,6 +95,35 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.parallelism.elastic) || !has(self.parallelism.fabricCheck) || self.parallelism.elastic.minNodes * self.parallelism.processesPerNode > 1")
         .message("parallelism.fabricCheck needs more than one rank: elastic.minNodes × processesPerNode is 1")
         .field_path(".parallelism.elastic.minNodes"),
+    // The Hugging Face export (output.huggingface) must have an architecture
+    // that computes this model (the worker's `hf_export::architecture_for`).
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || has(self.checkpoint.claimName)")
+        .message("output.huggingface needs checkpoint.claimName: the export reads the final checkpoint from that claim")
+        .field_path(".output.huggingface"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || self.model.moe.router == 'softmax'")
+        .message("output.huggingface needs model.moe.router softmax: Mixtral, Qwen3-MoE and OLMoE route by softmax")
+        .field_path(".model.moe.router"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || self.model.moe.sharedExperts == 0")
+        .message("output.huggingface needs model.moe.sharedExperts 0: Mixtral, Qwen3-MoE and OLMoE have no shared experts")
+        .field_path(".model.moe.sharedExperts"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || self.model.moe.groups == 1")
+        .message("output.huggingface needs model.moe.groups 1: Mixtral, Qwen3-MoE and OLMoE route without expert groups")
+        .field_path(".model.moe.groups"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || self.model.moe.routedScalingFactor == 1.0")
+        .message("output.huggingface needs model.moe.routedScalingFactor 1: Mixtral, Qwen3-MoE and OLMoE do not scale the routed experts")
+        .field_path(".model.moe.routedScalingFactor"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || !self.model.moe.balancing.auxLossFree.enabled")
+        .message("output.huggingface needs model.moe.balancing.auxLossFree.enabled false: the architectures have no selection bias, so a model trained with one would route differently")
+        .field_path(".model.moe.balancing.auxLossFree.enabled"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || self.model.denseLayers == 0 || (has(self.model.qkNorm) && self.model.qkNorm == 'perHead')")
+        .message("output.huggingface needs model.denseLayers 0 unless model.qkNorm is perHead: only Qwen3-MoE has dense layers")
+        .field_path(".model.denseLayers"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || has(self.model.qkNorm) || self.model.moe.normalizeTopK")
+        .message("output.huggingface needs model.moe.normalizeTopK true without model.qkNorm: Mixtral renormalises the chosen experts' gates")
+        .field_path(".model.moe.normalizeTopK"),
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || !has(self.model.qkNorm) || self.model.qkNorm != 'whole' || !has(self.model.headDim) || self.model.headDim * self.model.attentionHeads == self.model.hiddenSize")
+        .message("output.huggingface with model.qkNorm whole needs model.headDim × attentionHeads = hiddenSize: OLMoE's heads are hiddenSize / attentionHeads wide")
+        .field_path(".model.headDim"),
     // FP8 tensor cores exist on Hopper only; the CPU worker emulates FP8 exactly.
     validation = Rule::new("!self.training.precision.fp8.enabled || self.worker.device == 'cpu' || (has(self.placement.gpuType) && self.placement.gpuType in ['H100', 'H200'])")
         .message("training.precision.fp8 needs Hopper GPUs: set placement.gpuType to H100 or H200 (or worker.device to cpu, which emulates FP8)")
@@ -142,6 +172,59 @@ pub struct MoETrainingJobSpec {
     /// The worker container and its pod.
     #[serde(default)]
     pub worker: WorkerSpec,
+    /// What the job leaves besides its checkpoints, written once it succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+}
+
+/// What a training job leaves besides its checkpoints.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// The trained model as a Hugging Face model directory (`config.json`,
+    /// safetensors, the run's tokenizer), written by a pod running `moe-worker
+    /// export` from the final checkpoint once the job succeeds: what
+    /// `transformers`, vLLM or SGLang load, and what an MoEInferenceService
+    /// serves from a volume. The model must be one Mixtral, Qwen3-MoE or
+    /// OLMoE computes (softmax routing to unshared, ungrouped experts, no
+    /// trained selection bias); admission names the field that is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<HuggingFaceOutput>,
+}
+
+/// Where and how the Hugging Face export is written.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!self.path.matches('(^|/)[.][.]?(/|$)') && !self.path.contains('//')")
+        .message("output.huggingface.path is a directory inside the claim: no '.' or '..' parts, no empty ones")
+        .field_path(".path"),
+)]
+pub struct HuggingFaceOutput {
+    /// The PersistentVolumeClaim the model directory is written to.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the claim; the model goes to `<path>/<namespace>/<name>`.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub path: String,
+    /// The weights' number type: `bf16` (what releases ship) or `fp32`
+    /// (the master weights exactly).
+    #[serde(default)]
+    pub precision: ExportPrecision,
+    /// The export pod's resources. Default: 1 CPU, and memory for two f32
+    /// copies of the model plus 3 GiB (it reads the whole checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+/// The number type of exported weights.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportPrecision {
+    #[default]
+    Bf16,
+    Fp32,
 }
 
 /// Transformer shape. Attention is causal with RoPE and grouped-query heads.
@@ -218,6 +301,19 @@ pub struct ModelSpec {
     /// random weights from `training.seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<ModelInit>,
+}
+
+impl ModelSpec {
+    /// The `transformers` class `output.huggingface` writes this model as:
+    /// Qwen3-MoE for per-head q/k norms, OLMoE for whole ones, Mixtral for
+    /// none (the worker's `hf_export` decides the same).
+    pub fn export_architecture(&self) -> &'static str {
+        match self.qk_norm {
+            Some(QkNormSpec::PerHead) => "Qwen3MoeForCausalLM",
+            Some(QkNormSpec::Whole) => "OlmoeForCausalLM",
+            None => "MixtralForCausalLM",
+        }
+    }
 }
 
 /// Pretrained weights a training job starts from: a Hugging Face model
@@ -1027,9 +1123,38 @@ pub struct MoETrainingJobStatus {
     /// started. Cleared when a new attempt starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_commits: Vec<String>,
+    /// The Hugging Face export (`output.huggingface`), once the job succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputStatus>,
     /// Training progress as reported by rank 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TrainingProgress>,
+}
+
+/// Where the export of a succeeded job stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputStatus {
+    pub phase: OutputPhase,
+    /// The model directory inside `output.huggingface.claimName`.
+    pub path: String,
+    /// The `transformers` class it is written as (`Qwen3MoeForCausalLM`).
+    pub architecture: String,
+    /// Why the export failed, from its pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The export's phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OutputPhase {
+    /// Its pod is being created or runs.
+    #[default]
+    Exporting,
+    /// The directory is complete.
+    Exported,
+    /// The export pod failed (its message says why); the checkpoints remain.
+    Failed,
 }
 
 /// Lifecycle phase.

@@ -18,6 +18,8 @@ pub const ROLE_SERVER: &str = "server";
 /// Spare pods of an elastic training job (a Job of them per smaller
 /// attempt): they hold the room for the nodes the attempt lacks.
 pub const ROLE_SPARE: &str = "spare";
+/// The pod that writes a succeeded training job's Hugging Face export.
+pub const ROLE_EXPORT: &str = "export";
 /// The attempt a spare Job asks room for, on the Job and its pods (not
 /// [`ATTEMPT`]: nothing that reads an attempt's workers must find them).
 pub const SPARE_FOR_ATTEMPT: &str = "moe.dev/spare-for-attempt";

@@ -86,21 +86,29 @@ pub fn coordinator(job: &MoETrainingJob, attempt: i32) -> String {
     )
 }
 
+/// `parts` joined by `/`, the empty ones (and the slashes around each) left out.
+fn join_path(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The job's directory in the checkpoint volume, as mounted in its pods:
+/// `<STATE_MOUNT>/<checkpoint.path>/<namespace>/<name>`.
+fn state_dir(job: &MoETrainingJob) -> String {
+    let ns = job.namespace().unwrap_or_default();
+    let dir = join_path(&[&job.spec.checkpoint.path, &ns, &job.name_any()]);
+    format!("{STATE_MOUNT}/{dir}")
+}
+
 /// The worker config, resolved for paths inside the container.
 pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
     let spec = &job.spec;
     let ns = job.namespace().unwrap_or_default();
-    let base = [
-        STATE_MOUNT,
-        spec.checkpoint.path.trim_matches('/'),
-        &ns,
-        &job.name_any(),
-    ]
-    .iter()
-    .filter(|p| !p.is_empty())
-    .cloned()
-    .collect::<Vec<_>>()
-    .join("/");
+    let base = state_dir(job);
     WorkerConfig {
         job: format!("{ns}/{}", job.name_any()),
         model: spec.model.clone(),
@@ -442,6 +450,167 @@ pub fn spare_job(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, count: 
     }
 }
 
+/// Where the export Job mounts `output.huggingface.claimName`.
+pub const EXPORT_MOUNT: &str = "/output";
+
+pub fn export_job_name(job: &MoETrainingJob) -> String {
+    format!("{}-export", job.name_any())
+}
+
+/// The exported model's directory inside `output.huggingface.claimName`:
+/// `<path>/<namespace>/<name>`.
+pub fn export_path(job: &MoETrainingJob) -> String {
+    let path = job
+        .spec
+        .output
+        .as_ref()
+        .and_then(|o| o.huggingface.as_ref())
+        .map_or("", |hf| hf.path.as_str());
+    let ns = job.namespace().unwrap_or_default();
+    join_path(&[path, &ns, &job.name_any()])
+}
+
+/// Parameters of `model` (every routed expert), counted from its shapes:
+/// what sizes the export pod's memory.
+fn parameters(model: &moe_crds::ModelSpec) -> u64 {
+    let n = |v: i32| u64::try_from(v).unwrap_or(0);
+    let (h, v, layers, dense) = (
+        n(model.hidden_size),
+        n(model.vocab_size),
+        n(model.layers),
+        n(model.dense_layers),
+    );
+    let heads = n(model.attention_heads).max(1);
+    let d = model.head_dim.map_or(h / heads, n);
+    let (q, kv) = (heads * d, n(model.kv_heads) * d);
+    let dense_hidden = model.dense_hidden_size.map_or(4 * h, n);
+    let moe = &model.moe;
+    let (experts, shared, width) = (
+        n(moe.experts),
+        n(moe.shared_experts),
+        n(moe.expert_hidden_size),
+    );
+    let qk_norms = match model.qk_norm {
+        None => 0,
+        Some(moe_crds::QkNormSpec::PerHead) => 2 * d,
+        Some(moe_crds::QkNormSpec::Whole) => q + kv,
+    };
+    let attention = 2 * q * h + 2 * kv * h + 2 * h + qk_norms;
+    let moe_layer = experts * h + (experts + shared) * 3 * width * h;
+    2 * v * h
+        + h
+        + layers * attention
+        + dense * 3 * dense_hidden * h
+        + layers.saturating_sub(dense) * moe_layer
+}
+
+/// The export Job of a succeeded job with `output.huggingface`: one pod
+/// running `moe-worker export` from the newest checkpoint (the checkpoint
+/// claim, read-only) into the output claim. It runs on any node (it needs
+/// no GPU) with the worker's image and pod labels, restricted like the
+/// workers; `None` without `output.huggingface`.
+pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let output = job.spec.output.as_ref()?.huggingface.as_ref()?;
+    let checkpoint_claim = job.spec.checkpoint.claim_name.clone()?;
+    let worker = &job.spec.worker;
+    let mut meta = child_meta(job, export_job_name(job));
+    let job_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    job_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
+    let mut pod_labels = worker.pod_metadata.labels.clone();
+    pod_labels.extend(child_labels(job));
+    pod_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
+    let precision = match output.precision {
+        moe_crds::ExportPrecision::Bf16 => "bf16",
+        moe_crds::ExportPrecision::Fp32 => "f32",
+    };
+    let command = vec![
+        "moe-worker".to_string(),
+        "export".into(),
+        "--model".into(),
+        format!("{}/checkpoints", state_dir(job)),
+        "--out".into(),
+        format!("{EXPORT_MOUNT}/{}", export_path(job)),
+        "--precision".into(),
+        precision.into(),
+        // Shards of 2 GB: the pod's memory holds one being encoded.
+        "--shard-size-mb".into(),
+        "2000".into(),
+    ];
+    let resources = output.resources.clone().unwrap_or_else(|| {
+        // The checkpoint's bytes and the model decoded from them (two f32
+        // copies), a shard being encoded, and room for the rest.
+        let bytes = 8 * parameters(&job.spec.model) + (3 << 30);
+        let memory = Quantity(format!("{}Mi", bytes.div_ceil(1 << 20)));
+        ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("1".into())),
+                ("memory".to_string(), memory.clone()),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
+            ..Default::default()
+        }
+    });
+    let claim = |name: &str, claim: &str, read_only: bool| Volume {
+        name: name.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: read_only.then_some(true),
+        }),
+        ..Default::default()
+    };
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: (!worker.pod_metadata.annotations.is_empty())
+                .then(|| worker.pod_metadata.annotations.clone()),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            service_account_name: worker.service_account_name.clone(),
+            automount_service_account_token: Some(false),
+            security_context: Some(pod_security_context()),
+            priority_class_name: job.spec.placement.priority_class_name.clone(),
+            containers: vec![Container {
+                name: "export".into(),
+                image: Some(ctx.image(worker)),
+                image_pull_policy: worker.image_pull_policy.map(|p| p.as_str().to_string()),
+                command: Some(command),
+                resources: Some(resources),
+                security_context: Some(container_security_context()),
+                // The error it exits on, for status.output.message.
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
+                volume_mounts: Some(vec![
+                    mount("state", STATE_MOUNT, true),
+                    mount("output", EXPORT_MOUNT, false),
+                    mount("tmp", "/tmp", false),
+                ]),
+                ..Default::default()
+            }],
+            volumes: Some(vec![
+                claim("state", &checkpoint_claim, true),
+                claim("output", &output.claim_name, false),
+                empty_dir("tmp", None, None),
+            ]),
+            ..Default::default()
+        }),
+    };
+    Some(Job {
+        metadata: meta,
+        spec: Some(JobSpec {
+            completions: Some(1),
+            parallelism: Some(1),
+            // An export that fails says why; running it again changes nothing.
+            backoff_limit: Some(0),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 pub fn spare_job_name(job: &MoETrainingJob, attempt: i32) -> String {
     format!("{}-spare", attempt_job_name(job, attempt))
 }
@@ -718,6 +887,92 @@ mod tests {
             gang_scheduling: crate::gang::GangScheduling::WorkloadApi,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_export_reads_the_newest_checkpoint_and_writes_the_output_claim() {
+        let mut v = moe_crds::fixtures::valid_training_job();
+        moe_crds::fixtures::merge_patch(
+            &mut v,
+            &serde_json::json!({"metadata": {"name": "sft", "namespace": "ml", "uid": "u-1"},
+            "spec": {
+                "checkpoint": {"claimName": "ckpt", "path": "/runs/"},
+                "output": {"huggingface": {"claimName": "models", "path": "exports/",
+                                           "precision": "fp32"}},
+                "worker": {"podMetadata": {"labels": {"team": "nlp"}}}
+            }}),
+        );
+        let j: MoETrainingJob = serde_json::from_value(v).unwrap();
+        assert_eq!(export_path(&j), "exports/ml/sft");
+        let export = export_job(&j, &BuildContext::default()).expect("an export Job");
+        assert_eq!(export.metadata.name.as_deref(), Some("sft-export"));
+        let spec = export.spec.unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        let pod = spec.template.spec.unwrap();
+        let labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("nlp"));
+        assert_eq!(
+            labels.get(labels::ROLE).map(String::as_str),
+            Some(labels::ROLE_EXPORT)
+        );
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.command.as_ref().unwrap().join(" "),
+            "moe-worker export --model /var/lib/moe/runs/ml/sft/checkpoints \
+             --out /output/exports/ml/sft --precision f32 --shard-size-mb 2000"
+        );
+        // Where the workers wrote their checkpoints.
+        assert_eq!(
+            worker_config(&j).checkpoint.dir,
+            "/var/lib/moe/runs/ml/sft/checkpoints"
+        );
+        let claims: Vec<(String, bool)> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| {
+                let c = v.persistent_volume_claim.as_ref()?;
+                Some((c.claim_name.clone(), c.read_only == Some(true)))
+            })
+            .collect();
+        assert_eq!(claims, [("ckpt".into(), true), ("models".into(), false)]);
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert!(
+            pod.tolerations.is_none() && pod.node_selector.is_none(),
+            "no GPU"
+        );
+        // Two f32 copies of the model and 3 GiB.
+        let params = parameters(&j.spec.model);
+        let memory = &container
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()["memory"];
+        assert_eq!(
+            memory.0,
+            format!("{}Mi", (8 * params + (3 << 30)).div_ceil(1 << 20))
+        );
+        // Without output.huggingface, no export.
+        assert!(export_job(&job(serde_json::json!({})), &BuildContext::default()).is_none());
+    }
+
+    #[test]
+    fn the_parameter_count_is_the_models() {
+        // hidden 8, vocab 16, 1 layer, heads 2 × 4 (kv 1), 2 experts of 4, no dense.
+        let mut v = moe_crds::fixtures::valid_training_job();
+        moe_crds::fixtures::merge_patch(
+            &mut v,
+            &serde_json::json!({"spec": {"model": {"vocabSize": 16, "hiddenSize": 8, "layers": 1,
+                "denseLayers": 0, "attentionHeads": 2, "kvHeads": 1, "headDim": 4, "qkNorm": "whole",
+                "moe": {"experts": 2, "topK": 1, "sharedExperts": 1, "expertHiddenSize": 4}}}}),
+        );
+        let j: MoETrainingJob = serde_json::from_value(v).unwrap();
+        // embedding + head 2·16·8, final norm 8; attention wq 8·8, wk 4·8, wv 4·8,
+        // wo 8·8, two norms 8 + 8, q/k gains 8 + 4; router 2·8; 3 experts × 3 × 4·8.
+        let want = 256 + 8 + (64 + 32 + 32 + 64 + 16 + 12) + 16 + 3 * 3 * 32;
+        assert_eq!(parameters(&j.spec.model), want);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
 use super::decide::{
-    AttemptOutcome, AttemptState, FailureCause, Observed, Plan, SpareState, decide,
+    AttemptOutcome, AttemptState, ExportState, FailureCause, Observed, Plan, SpareState, decide,
 };
 use super::pacing::{self, StatusWrite};
 use super::progress;
@@ -163,6 +163,7 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
     let invalid = verdict(ctx, job);
     let attempts = observe_attempts(ctx, job, &ns).await?;
     let progress = read_progress(ctx, job, &ns, &attempts).await?;
+    let export = observe_export(ctx, job, &ns).await?;
     let plan = decide(
         job,
         &Observed {
@@ -175,6 +176,7 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
                 .build
                 .gang(&job.spec.placement, job.spec.parallelism.nodes)
                 == gang::Mechanism::Scheduler,
+            export,
         },
     );
 
@@ -316,6 +318,57 @@ fn owned_by(candidate: &Job, job: &MoETrainingJob, ns: &str) -> bool {
             .owner_references()
             .iter()
             .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
+}
+
+/// The export Job of `job`, from the store; a failed one's pod is read
+/// for its message. Not looked at once `status.output` says it ended:
+/// the decision keeps what it recorded.
+async fn observe_export(
+    ctx: &Context,
+    job: &MoETrainingJob,
+    ns: &str,
+) -> Result<Option<ExportState>, Error> {
+    let ended = job
+        .status
+        .as_ref()
+        .and_then(|s| s.output.as_ref())
+        .is_some_and(|o| o.phase != moe_crds::OutputPhase::Exporting);
+    if ended {
+        return Ok(None);
+    }
+    let Some(export) = ctx
+        .jobs
+        .get(&ObjectRef::new(&build::export_job_name(job)).within(ns))
+        .filter(|j| owned_by(j, job, ns))
+    else {
+        return Ok(None);
+    };
+    let has = |t: &str| {
+        export
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    if has("Complete") {
+        return Ok(Some(ExportState::Complete));
+    }
+    if !(has("Failed") || has("FailureTarget")) {
+        return Ok(Some(ExportState::Running));
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!(
+        "{}={},{}={}",
+        labels::JOB_NAME,
+        job.name_any(),
+        labels::ROLE,
+        labels::ROLE_EXPORT
+    );
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    ctx.metrics.api_call("list", "pods");
+    Ok(Some(ExportState::Failed {
+        message: list.items.iter().find_map(termination_message),
+    }))
 }
 
 /// The spare Jobs of `job`, from the store.
@@ -777,6 +830,16 @@ async fn execute(ctx: &Context, job: &MoETrainingJob, ns: &str, plan: &Plan) -> 
         if create_once(client, metrics, ns, &child).await? {
             info!(job = %job.name_any(), namespace = ns, attempt = spares.attempt, count = spares.count, "created spare pods");
         }
+    }
+    if plan.export
+        && ctx
+            .jobs
+            .get(&ObjectRef::new(&build::export_job_name(job)).within(ns))
+            .is_none()
+        && let Some(child) = build::export_job(job, &ctx.build)
+        && create_once(client, metrics, ns, &child).await?
+    {
+        info!(job = %job.name_any(), namespace = ns, "created the export");
     }
     for name in &plan.delete {
         // The attempt's PodGroup first: were the operator stopped between the

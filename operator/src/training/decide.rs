@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use moe_crds::condition::{READY, RECONCILING, STALLED};
 use moe_crds::{
-    FailureAction, MoETrainingJob, MoETrainingJobStatus, TrainingPhase, TrainingProgress,
-    WorkerCounts,
+    FailureAction, MoETrainingJob, MoETrainingJobStatus, OutputPhase, OutputStatus, TrainingPhase,
+    TrainingProgress, WorkerCounts,
 };
 
 use super::build::Counters;
@@ -102,6 +102,19 @@ pub struct Observed {
     /// Kueue queue, no Workload API PodGroup): then spare pods that run
     /// show that it would place the gang, and a smaller attempt may grow.
     pub pod_by_pod: bool,
+    /// The export Job (`output.huggingface`), if there is one.
+    pub export: Option<ExportState>,
+}
+
+/// Where the export Job of a succeeded job stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExportState {
+    Running,
+    Complete,
+    /// Its pod failed; the last line of its termination message, if any.
+    Failed {
+        message: Option<String>,
+    },
 }
 
 /// A spare Job: pods holding room for the nodes a smaller attempt lacks.
@@ -139,6 +152,8 @@ pub struct Plan {
     pub delete: Vec<String>,
     /// The spare Job to have (created if missing); any other is deleted.
     pub spares: Option<SpareRequest>,
+    /// Have the export Job (created if missing).
+    pub export: bool,
     /// Delete the MoETrainingJob itself (TTL after finishing).
     pub delete_self: bool,
     pub status: MoETrainingJobStatus,
@@ -184,6 +199,7 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
         create: None,
         delete: vec![],
         spares: None,
+        export: false,
         delete_self: false,
         status: MoETrainingJobStatus {
             observed_generation: job.metadata.generation,
@@ -245,7 +261,14 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
     }
 
     if old.phase.is_some_and(TrainingPhase::is_finished) {
-        return finished(job, &old, current, plan, observed.now);
+        return finished(
+            job,
+            &old,
+            current,
+            observed.export.as_ref(),
+            plan,
+            observed.now,
+        );
     }
 
     if spec.run_policy.suspend {
@@ -887,9 +910,29 @@ fn finished(
     job: &MoETrainingJob,
     old: &MoETrainingJobStatus,
     current: Option<&AttemptState>,
+    export: Option<&ExportState>,
     mut plan: Plan,
     now: Timestamp,
 ) -> Plan {
+    let exporting = old.phase == Some(TrainingPhase::Succeeded)
+        && job
+            .spec
+            .output
+            .as_ref()
+            .is_some_and(|o| o.huggingface.is_some());
+    if exporting {
+        decide_export(job, old, export, &mut plan);
+        // The TTL waits for the export: deleting the job would take its
+        // Job (and its pod) with it.
+        let done = plan
+            .status
+            .output
+            .as_ref()
+            .is_some_and(|o| o.phase != OutputPhase::Exporting);
+        if !done {
+            return plan;
+        }
+    }
     // A failed job keeps no pods; a succeeded one keeps its completed Job for
     // the record. The attempt is deleted only here, once the Failed status is
     // what we read back: deleting it in the same reconcile that fails the job
@@ -910,6 +953,63 @@ fn finished(
         }
     }
     plan
+}
+
+/// The Hugging Face export of a succeeded job: its Job is had until it
+/// ends; `status.output` says how it stands. An ended export stays ended,
+/// even if its Job is deleted afterwards.
+fn decide_export(
+    job: &MoETrainingJob,
+    old: &MoETrainingJobStatus,
+    export: Option<&ExportState>,
+    plan: &mut Plan,
+) {
+    let before = old.output.clone();
+    let ended = before
+        .as_ref()
+        .is_some_and(|o| o.phase != OutputPhase::Exporting);
+    if ended {
+        return;
+    }
+    let mut output = OutputStatus {
+        phase: OutputPhase::Exporting,
+        path: super::build::export_path(job),
+        architecture: job.spec.model.export_architecture().into(),
+        message: None,
+    };
+    let at = format!("{} as {}", output.path, output.architecture);
+    match export {
+        None | Some(ExportState::Running) => {
+            plan.export = true;
+            if before.is_none() {
+                plan.transitions.push(Transition {
+                    warning: false,
+                    reason: "Exporting".into(),
+                    message: format!("exporting the trained model to {at}"),
+                });
+            }
+        }
+        Some(ExportState::Complete) => {
+            output.phase = OutputPhase::Exported;
+            plan.transitions.push(Transition {
+                warning: false,
+                reason: "Exported".into(),
+                message: format!("exported the trained model to {at}"),
+            });
+        }
+        Some(ExportState::Failed { message }) => {
+            output.phase = OutputPhase::Failed;
+            output.message = message.clone();
+            plan.transitions.push(warning(
+                "ExportFailed",
+                format!(
+                    "the export to {at} failed: {}",
+                    message.as_deref().unwrap_or("see the export pod")
+                ),
+            ));
+        }
+    }
+    plan.status.output = Some(output);
 }
 
 fn fail(plan: &mut Plan, old: &MoETrainingJobStatus, reason: &str, message: &str, now: &Time) {

@@ -32,6 +32,7 @@ fn observed(attempts: Vec<AttemptState>) -> Observed {
         progress: None,
         spares: vec![],
         pod_by_pod: true,
+        export: None,
     }
 }
 
@@ -940,6 +941,136 @@ fn completion_succeeds_and_the_ttl_then_deletes_the_job() {
         },
     );
     assert!(due.delete_self);
+}
+
+const EXPORTED: &str = r#"
+model: {hiddenSize: 64, layers: 2, attentionHeads: 4, kvHeads: 2, seqLen: 64, headDim: 32,
+        qkNorm: perHead,
+        moe: {experts: 8, topK: 2, expertHiddenSize: 32, router: softmax,
+              balancing: {auxLossFree: {enabled: false}}}}
+training: {steps: 10, globalBatchSize: 8}
+parallelism: {nodes: 4}
+checkpoint: {claimName: ckpt}
+runPolicy: {ttlSecondsAfterFinished: 60}
+output: {huggingface: {claimName: models, path: /exports/}}
+"#;
+
+#[test]
+fn a_succeeded_job_exports_once_and_the_ttl_waits_for_the_export() {
+    let mut j = job(EXPORTED);
+    let done = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Complete,
+            Counters::default(),
+        )]),
+    );
+    assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
+    assert!(!done.export, "the export waits for Succeeded to be written");
+    j = after(j, &done);
+
+    // Past the TTL, but the export has not run: it starts, the job stays.
+    let late: Timestamp = "2026-11-28T12:05:00Z".parse().unwrap();
+    let at = |export: Option<ExportState>| Observed {
+        now: late,
+        export,
+        ..observed(vec![])
+    };
+    let starting = decide(&j, &at(None));
+    assert!(starting.export && !starting.delete_self);
+    let output = starting.status.output.clone().expect("status.output");
+    assert_eq!(
+        (
+            output.phase,
+            output.path.as_str(),
+            output.architecture.as_str()
+        ),
+        (
+            OutputPhase::Exporting,
+            "exports/ns/train",
+            "Qwen3MoeForCausalLM"
+        )
+    );
+    assert_eq!(starting.transitions[0].reason, "Exporting");
+    j = after(j, &starting);
+    let running = decide(&j, &at(Some(ExportState::Running)));
+    assert!(running.export && !running.delete_self && running.transitions.is_empty());
+
+    let exported = decide(&j, &at(Some(ExportState::Complete)));
+    assert_eq!(
+        exported.status.output.as_ref().map(|o| o.phase),
+        Some(OutputPhase::Exported)
+    );
+    assert_eq!(exported.transitions[0].reason, "Exported");
+    assert!(
+        !exported.export && exported.delete_self,
+        "now the TTL applies"
+    );
+    // Ended stays ended, its Job gone or not, and says so once.
+    j = after(j, &exported);
+    let again = decide(
+        &j,
+        &Observed {
+            now: "2026-11-28T12:00:10Z".parse().unwrap(),
+            ..at(None)
+        },
+    );
+    assert!(!again.export && again.transitions.is_empty());
+    assert_eq!(
+        again.status.output.as_ref().map(|o| o.phase),
+        Some(OutputPhase::Exported)
+    );
+}
+
+#[test]
+fn a_failed_export_says_why_and_keeps_the_job_succeeded() {
+    let mut j = job(EXPORTED);
+    let done = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Complete,
+            Counters::default(),
+        )]),
+    );
+    j = after(j, &done);
+    let failed = decide(
+        &j,
+        &Observed {
+            export: Some(ExportState::Failed {
+                message: Some("--model: no checkpoint".into()),
+            }),
+            ..observed(vec![])
+        },
+    );
+    let output = failed.status.output.clone().expect("status.output");
+    assert_eq!(output.phase, OutputPhase::Failed);
+    assert_eq!(output.message.as_deref(), Some("--model: no checkpoint"));
+    assert_eq!(failed.status.phase, Some(TrainingPhase::Succeeded));
+    assert!(failed.transitions[0].warning && failed.transitions[0].reason == "ExportFailed");
+    assert!(
+        failed.transitions[0]
+            .message
+            .contains("--model: no checkpoint")
+    );
+    assert!(!failed.export);
+}
+
+#[test]
+fn a_job_without_output_exports_nothing() {
+    let mut j = job(SPEC);
+    let done = decide(
+        &j,
+        &observed(vec![attempt(
+            0,
+            AttemptOutcome::Complete,
+            Counters::default(),
+        )]),
+    );
+    j = after(j, &done);
+    let later = decide(&j, &observed(vec![]));
+    assert!(!later.export && later.status.output.is_none());
 }
 
 #[test]

@@ -2046,6 +2046,144 @@ async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_
     ns.delete().await
 }
 
+/// `output.huggingface`, end to end. The test plays the kubelet for the
+/// attempt's pod (the real `moe-worker train` with the config the operator
+/// rendered, its checkpoint claim in a scratch directory), lets the job
+/// succeed, and then for the export pod the operator creates: its own
+/// command (the real `moe-worker export`), the checkpoint claim read where
+/// the worker wrote it. The directory it leaves is a Hugging Face model the
+/// serving loader reads; reported done, the job says `Exported` and where.
+#[tokio::test]
+async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-export").await?;
+    let _op = Operator::start(&ns.name).await?;
+    for claim in ["ckpt", "models"] {
+        bound_claim(&ns.name, claim).await?;
+    }
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let job = gpu_job(
+        "hf",
+        1,
+        json!({"spec": {
+            "model": {"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
+                      "kvHeads": 2, "headDim": 12, "qkNorm": "perHead", "seqLen": 32,
+                      "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
+                              "router": "softmax",
+                              "balancing": {"auxLossFree": {"enabled": false}}}},
+            "training": {"steps": 3, "globalBatchSize": 4, "microBatchSize": 2},
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "checkpoint": {"claimName": "ckpt", "path": "runs"},
+            "output": {"huggingface": {"claimName": "models", "path": "exports"}},
+            "worker": {"device": "cpu"},
+            "runPolicy": {"backoffLimit": 0}
+        }}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    let kubelet = Kubelet::new("export")?;
+    // The pods' mounts, here: the checkpoint claim, the output claim.
+    let state = kubelet.path("ckpt");
+    let output = kubelet.path("models");
+    let here = |arg: &str| {
+        arg.replacen("/var/lib/moe", &state.display().to_string(), 1)
+            .replacen("/output", &output.display().to_string(), 1)
+    };
+    let pod = eventually("the worker pod", WAIT, || async {
+        Ok(pods_of(&pods, "hf", 0).await?.into_iter().next())
+    })
+    .await?;
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("hf-config")
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    let output_dir = here(config["outputDir"].as_str().unwrap_or_default());
+    config["outputDir"] = json!(output_dir);
+    let dir = here(config["checkpoint"]["dir"].as_str().unwrap_or_default());
+    config["checkpoint"]["dir"] = json!(dir);
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(trained.code == 0, "train: {}", trained.message);
+    moe_e2e::release_job(&pods, "hf").await?;
+    wait_phase(&jobs, "hf", TrainingPhase::Succeeded).await?;
+
+    let export = eventually("the export pod", WAIT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("moe.dev/job-name=hf,moe.dev/role=export"))
+            .await?;
+        Ok(list.items.into_iter().next())
+    })
+    .await?;
+    let exporting = jobs.get("hf").await?;
+    let output_status = exporting
+        .status
+        .and_then(|s| s.output)
+        .context("no status.output")?;
+    ensure!(
+        output_status.path == format!("exports/{}/hf", ns.name)
+            && output_status.architecture == "Qwen3MoeForCausalLM",
+        "{output_status:?}"
+    );
+    let spec = export.spec.as_ref().context("no spec")?;
+    ensure!(
+        spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some(),
+        "the export pod's memory is bounded"
+    );
+    let command: Vec<String> = spec.containers[0]
+        .command
+        .iter()
+        .flatten()
+        .map(|a| here(a))
+        .collect();
+    ensure!(command[..2] == ["moe-worker", "export"], "{command:?}");
+    let exported = kubelet.run_for_output(&command, &[])?;
+    ensure!(exported.code == 0, "export: {}", exported.message);
+    let model_dir = output.join(&output_status.path);
+    let loaded = exported_config(&model_dir)?;
+    ensure!(
+        loaded["architectures"][0] == "Qwen3MoeForCausalLM" && loaded["head_dim"] == 12,
+        "{loaded}"
+    );
+    for file in ["model.safetensors", "tokenizer.json"] {
+        ensure!(
+            model_dir.join(file).is_file(),
+            "no {file} in {}",
+            model_dir.display()
+        );
+    }
+    moe_e2e::release_job(&pods, "hf").await?;
+    eventually("the job to say Exported", WAIT, || async {
+        let j = jobs.get("hf").await?;
+        let output = j.status.and_then(|s| s.output);
+        Ok(output.filter(|o| o.phase == moe_crds::OutputPhase::Exported))
+    })
+    .await?;
+    wait_event(&client, &ns.name, "hf", "Exported").await?;
+    ns.delete().await
+}
+
+/// The exported `config.json` (the e2e crate links no worker code: that
+/// the directory loads as a model is worker/tests/train/export.rs's to show).
+fn exported_config(dir: &std::path::Path) -> Result<Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        dir.join("config.json"),
+    )?)?)
+}
+
 /// A Hub dataset the Hub refuses (no token for a gated dataset): the test
 /// plays the kubelet for the download (the real `moe-worker fetch`, exit 2)
 /// and reports it; the pod fails before the worker runs, and the job, out

@@ -435,7 +435,9 @@ pub fn halve_rope_rows(w: &[f32], heads: usize, head_dim: usize, width: usize) -
 pub enum ExportTokenizer<'a> {
     /// None (a run on pre-tokenized ids without their tokenizer).
     None,
-    /// The run's `tokenizer.json`, copied.
+    /// The run's `tokenizer.json`, copied with the files beside it that
+    /// say its special tokens and chat template (`tokenizer_config.json`,
+    /// `chat_template.jinja`).
     File(&'a Path),
     /// The worker's byte tokenizer (id = byte), written as the equivalent
     /// byte-level BPE without merges.
@@ -574,16 +576,19 @@ pub fn export(
         &hf_config(config, architecture, precision),
     )?;
     files.push("config.json".into());
-    let to = partial.join("tokenizer.json");
     match tokenizer {
         ExportTokenizer::None => {}
-        ExportTokenizer::File(from) => {
-            fs::copy(from, &to).map_err(io(from))?;
+        ExportTokenizer::File(tokenizer) => {
+            for (from, name) in crate::data::tokenizer_files(tokenizer) {
+                let name = name.unwrap_or("tokenizer.json");
+                fs::copy(&from, partial.join(name)).map_err(io(&from))?;
+                files.push(name.into());
+            }
         }
-        ExportTokenizer::Bytes => write_json(&to, &byte_tokenizer_json())?,
-    }
-    if to.exists() {
-        files.push("tokenizer.json".into());
+        ExportTokenizer::Bytes => {
+            write_json(&partial.join("tokenizer.json"), &byte_tokenizer_json())?;
+            files.push("tokenizer.json".into());
+        }
     }
     // safetensors writes through a private temporary file (mode 0600):
     // give the shards the permissions the umask gave config.json, so

@@ -293,15 +293,38 @@ fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["architecture"], "Qwen3MoeForCausalLM");
     assert_eq!(summary["step"], 4);
-    // The run's tokenizer went with it: the export serves text.
-    let loaded = moe_worker::serve::load::load(&hf, None, None).unwrap();
+    // The run's tokenizer went with it, with its chat template (the
+    // fine-tuned model's checkpoint kept the pretrained model's): the
+    // export serves text and chats as the pretrained model did.
+    let files = summary["files"].as_array().unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(files.contains(&name.into()), "{name}: {files:?}");
+    }
+    let exported = moe_worker::serve::load::load(&hf, None, None)
+        .unwrap()
+        .tokenizer;
+    let pretrained = moe_worker::serve::load::load(&fixture, None, None)
+        .unwrap()
+        .tokenizer;
     assert_eq!(
-        loaded.tokenizer.encode("The quick brown fox.").unwrap(),
-        moe_worker::serve::load::load(&fixture, None, None)
-            .unwrap()
-            .tokenizer
-            .encode("The quick brown fox.")
-            .unwrap()
+        exported.encode("The quick brown fox.").unwrap(),
+        pretrained.encode("The quick brown fox.").unwrap()
+    );
+    let chat = [("user".to_owned(), "Hello!".to_owned())];
+    assert_eq!(
+        exported.encode_chat(&chat).unwrap(),
+        pretrained.encode_chat(&chat).unwrap()
+    );
+    assert_ne!(
+        exported.encode_chat(&chat).unwrap(),
+        exported
+            .encode(&moe_worker::serve::text::transcript(&chat))
+            .unwrap(),
+        "the chat template, not the plain transcript"
     );
     let config: Value =
         serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
