@@ -240,6 +240,10 @@ pub enum ExportPrecision {
     validation = Rule::new("!has(self.headDim) || self.headDim % 2 == 0")
         .message("model.headDim must be even for rotary embeddings")
         .field_path(".headDim"),
+    // (A rule, not a minimum: the apiserver compared 0 against `minimum: 1e-12` as if it were 0.)
+    validation = Rule::new("!has(self.normEpsilon) || self.normEpsilon > 0.0")
+        .message("model.normEpsilon must be positive: it keeps an all-zero row's norm finite")
+        .field_path(".normEpsilon"),
     validation = Rule::new("self.attentionHeads % self.kvHeads == 0")
         .message("model.attentionHeads must be a multiple of model.kvHeads (grouped-query attention)")
         .field_path(".kvHeads"),
@@ -284,7 +288,7 @@ pub struct ModelSpec {
     pub qk_norm: Option<QkNormSpec>,
     /// Epsilon of every RMSNorm. Default: 1e-5 (Qwen3 uses 1e-6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1e-12, max = 0.1))]
+    #[schemars(range(min = 0.0, max = 0.1))]
     pub norm_epsilon: Option<f64>,
     /// Training sequence length in tokens.
     #[schemars(range(min = 2, max = 1048576))]
