@@ -110,6 +110,38 @@ impl LocalRun {
         Ok(out)
     }
 
+    /// What exports the trained model when the job has
+    /// `output.huggingface`: the export pod's command (`moe-worker export`,
+    /// without the worker's name) reading this run's checkpoints, and the
+    /// directory it writes. The work directory plays the output claim:
+    /// `<workdir>/<path>/local/<name>`, as a pod writes `<path>/<namespace>/<name>`.
+    pub fn export_command(
+        &self,
+        job: &MoETrainingJob,
+        workdir: &Path,
+    ) -> anyhow::Result<Option<(Vec<String>, PathBuf)>> {
+        let mut local = job.clone();
+        local.metadata.namespace = Some(LOCAL_NAMESPACE.into());
+        let Some(mut command) = build::export_command(&local) else {
+            return Ok(None);
+        };
+        let out = workdir.join(build::export_path(&local));
+        for (flag, value) in [
+            ("--model", self.config.checkpoint.dir.clone()),
+            (
+                "--out",
+                out.to_str()
+                    .map(String::from)
+                    .with_context(|| format!("{} is not valid UTF-8", out.display()))?,
+            ),
+        ] {
+            if let Some(at) = command.iter().position(|a| a == flag) {
+                command[at + 1] = value;
+            }
+        }
+        Ok(Some((command.split_off(1), out)))
+    }
+
     /// The environment of node rank `node_rank`: the operator's
     /// ([`build::env_vars`]), with the pod-specific values made local.
     /// Variables a pod reads from the cluster (`valueFrom`) are left out;
@@ -215,7 +247,31 @@ pub fn run(
         args.extend(["--threads", threads]);
     }
     let args: Vec<&OsStr> = args.into_iter().map(OsStr::new).collect();
-    gang::run(worker, &args, &members)
+    let code = gang::run(worker, &args, &members)?;
+    if code != 0 {
+        return Ok(code);
+    }
+    // Trained: the export a cluster runs next, here.
+    let Some((export, out)) = run.export_command(job, workdir)? else {
+        return Ok(0);
+    };
+    if out.exists() {
+        eprintln!(
+            "moectl: output.huggingface: {} exists, not exporting again",
+            out.display()
+        );
+        return Ok(0);
+    }
+    eprintln!(
+        "moectl: exporting output.huggingface: {} {}",
+        worker.display(),
+        export.join(" ")
+    );
+    let status = std::process::Command::new(worker)
+        .args(&export)
+        .status()
+        .with_context(|| format!("cannot run {}", worker.display()))?;
+    Ok(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
 }
 
 /// A port nobody listens on now, for rank 0's rendezvous store. Another
@@ -326,6 +382,38 @@ mod tests {
                 .download_commands(&self::job(), Path::new("runs"))
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn exports_the_runs_checkpoints_into_the_work_directory() {
+        let mut job = job();
+        assert!(
+            LocalRun::plan(&job, Path::new("runs"))
+                .unwrap()
+                .export_command(&job, Path::new("runs"))
+                .unwrap()
+                .is_none()
+        );
+        job.spec.checkpoint.claim_name = Some("ckpt".into());
+        job.spec.output = Some(moe_crds::OutputSpec {
+            huggingface: Some(moe_crds::HuggingFaceOutput {
+                claim_name: "models".into(),
+                path: "exports".into(),
+                precision: moe_crds::ExportPrecision::Bf16,
+                resources: None,
+            }),
+        });
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        let (command, out) = run
+            .export_command(&job, Path::new("runs"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, Path::new("runs/exports/local/tiny"));
+        assert_eq!(
+            command.join(" "),
+            "export --model runs/tiny/checkpoints --out runs/exports/local/tiny \
+             --precision bf16 --shard-size-mb 2000"
         );
     }
 

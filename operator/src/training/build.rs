@@ -504,28 +504,16 @@ fn parameters(model: &moe_crds::ModelSpec) -> u64 {
         + layers.saturating_sub(dense) * moe_layer
 }
 
-/// The export Job of a succeeded job with `output.huggingface`: one pod
-/// running `moe-worker export` from the newest checkpoint (the checkpoint
-/// claim, read-only) into the output claim. It runs on any node (it needs
-/// no GPU) with the worker's image and pod labels, restricted like the
-/// workers; `None` without `output.huggingface`.
-pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
-    use k8s_openapi::api::core::v1::ResourceRequirements;
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+/// The export pod's command (`moe-worker export`), its paths in the pod:
+/// the job's checkpoints on the checkpoint claim, `<path>/<namespace>/<name>`
+/// on the output claim; `None` without `output.huggingface`.
+pub fn export_command(job: &MoETrainingJob) -> Option<Vec<String>> {
     let output = job.spec.output.as_ref()?.huggingface.as_ref()?;
-    let checkpoint_claim = job.spec.checkpoint.claim_name.clone()?;
-    let worker = &job.spec.worker;
-    let mut meta = child_meta(job, export_job_name(job));
-    let job_labels = meta.labels.get_or_insert_with(BTreeMap::new);
-    job_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
-    let mut pod_labels = worker.pod_metadata.labels.clone();
-    pod_labels.extend(child_labels(job));
-    pod_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
     let precision = match output.precision {
         moe_crds::ExportPrecision::Bf16 => "bf16",
         moe_crds::ExportPrecision::Fp32 => "f32",
     };
-    let command = vec![
+    Some(vec![
         "moe-worker".to_string(),
         "export".into(),
         "--model".into(),
@@ -537,7 +525,27 @@ pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
         // Shards of 2 GB: the pod's memory holds one being encoded.
         "--shard-size-mb".into(),
         "2000".into(),
-    ];
+    ])
+}
+
+/// The export Job of a succeeded job with `output.huggingface`: one pod
+/// running `moe-worker export` from the newest checkpoint (the checkpoint
+/// claim, read-only) into the output claim. It runs on any node (it needs
+/// no GPU) with the worker's image and pod labels, restricted like the
+/// workers; `None` without `output.huggingface`.
+pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let output = job.spec.output.as_ref()?.huggingface.as_ref()?;
+    let checkpoint_claim = job.spec.checkpoint.claim_name.clone()?;
+    let command = export_command(job)?;
+    let worker = &job.spec.worker;
+    let mut meta = child_meta(job, export_job_name(job));
+    let job_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    job_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
+    let mut pod_labels = worker.pod_metadata.labels.clone();
+    pod_labels.extend(child_labels(job));
+    pod_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
     let resources = output.resources.clone().unwrap_or_else(|| {
         // The checkpoint's bytes and the model decoded from them (two f32
         // copies), a shard being encoded, and room for the rest.

@@ -1023,18 +1023,18 @@ fn a_succeeded_job_exports_once_and_the_ttl_waits_for_the_export() {
     );
 }
 
+/// `yaml`'s job once its first attempt completed and Succeeded was written.
+fn succeeded(yaml: &str) -> MoETrainingJob {
+    let j = job(yaml);
+    let complete = attempt(0, AttemptOutcome::Complete, Counters::default());
+    let done = decide(&j, &observed(vec![complete]));
+    assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
+    after(j, &done)
+}
+
 #[test]
 fn a_failed_export_says_why_and_keeps_the_job_succeeded() {
-    let mut j = job(EXPORTED);
-    let done = decide(
-        &j,
-        &observed(vec![attempt(
-            0,
-            AttemptOutcome::Complete,
-            Counters::default(),
-        )]),
-    );
-    j = after(j, &done);
+    let j = succeeded(EXPORTED);
     let failed = decide(
         &j,
         &Observed {
@@ -1059,17 +1059,7 @@ fn a_failed_export_says_why_and_keeps_the_job_succeeded() {
 
 #[test]
 fn a_job_without_output_exports_nothing() {
-    let mut j = job(SPEC);
-    let done = decide(
-        &j,
-        &observed(vec![attempt(
-            0,
-            AttemptOutcome::Complete,
-            Counters::default(),
-        )]),
-    );
-    j = after(j, &done);
-    let later = decide(&j, &observed(vec![]));
+    let later = decide(&succeeded(SPEC), &observed(vec![]));
     assert!(!later.export && later.status.output.is_none());
 }
 

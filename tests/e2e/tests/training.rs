@@ -1861,16 +1861,7 @@ async fn run_rendered_worker(
     pod: &Pod,
     link: &str,
 ) -> Result<(moe_e2e::kubelet::Exited, Value)> {
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get(&format!("{job}-config"))
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
+    let mut config = rendered_config(client, ns, job).await?;
     let in_pod = config[link].as_str().unwrap_or_default().to_string();
     let name = in_pod
         .strip_prefix("/run/moe/")
@@ -1898,6 +1889,20 @@ async fn run_rendered_worker(
             .context("the worker printed no summary")?,
     )?;
     Ok((trained, summary))
+}
+
+/// The worker config the operator rendered for `job` (its ConfigMap's).
+async fn rendered_config(client: &Client, ns: &str, job: &str) -> Result<Value> {
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&format!("{job}-config"))
+        .await?;
+    Ok(serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?)
 }
 
 /// Runs the pod's init container's own command (the real `moe-worker
@@ -2094,16 +2099,7 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
         Ok(pods_of(&pods, "hf", 0).await?.into_iter().next())
     })
     .await?;
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("hf-config")
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
+    let mut config = rendered_config(&client, &ns.name, "hf").await?;
     let output_dir = here(config["outputDir"].as_str().unwrap_or_default());
     config["outputDir"] = json!(output_dir);
     let dir = here(config["checkpoint"]["dir"].as_str().unwrap_or_default());
@@ -2312,10 +2308,22 @@ async fn the_fine_tuning_example_runs_locally_from_the_pretrained_model() -> Res
         summary["finalLoss"].as_f64().context("no final loss")?,
     );
     ensure!(last < first - 1.0, "the loss went from {first} to {last}");
+    // output.huggingface: exported once trained, the work directory playing the claim.
+    let exported = workdir.join("exports/local/tiny-finetune");
+    let config: Value = serde_json::from_slice(&std::fs::read(exported.join("config.json"))?)?;
+    ensure!(
+        config["architectures"][0] == "MixtralForCausalLM",
+        "{config}"
+    );
+    ensure!(
+        exported.join("tokenizer.json").is_file(),
+        "no tokenizer in the export"
+    );
     let again = run()?;
     let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
     ensure!(again.status.success(), "moectl failed: {stderr}");
     ensure!(!stderr.contains("starting from the pretrained"), "{stderr}");
+    ensure!(stderr.contains("exists, not exporting again"), "{stderr}");
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
 }

@@ -409,25 +409,14 @@ fn hf_tensors(
 /// RoPE pairs to RoPE halves: row `i` is row `2i`, row `i + head_dim / 2`
 /// is row `2i + 1` (the inverse of [`super::pretrained::interleave_rope_rows`]).
 pub fn halve_rope_rows(w: &[f32], heads: usize, head_dim: usize, width: usize) -> Vec<f32> {
-    assert_eq!(
-        w.len(),
-        heads * head_dim * width,
-        "a [heads × head_dim, width] matrix"
-    );
     let half = head_dim / 2;
-    let mut out = Vec::with_capacity(w.len());
-    for head in 0..heads {
-        for row in 0..head_dim {
-            let from = head * head_dim
-                + if row < half {
-                    2 * row
-                } else {
-                    2 * (row - half) + 1
-                };
-            out.extend_from_slice(&w[from * width..(from + 1) * width]);
+    super::pretrained::reorder_head_rows(w, heads, head_dim, width, |row| {
+        if row < half {
+            2 * row
+        } else {
+            2 * (row - half) + 1
         }
-    }
-    out
+    })
 }
 
 /// The tokenizer an export carries.

@@ -321,21 +321,34 @@ fn check_same_shape(
 /// RoPE halves to RoPE pairs: row `2i` is row `i`, row `2i + 1` is row
 /// `i + head_dim / 2`.
 pub fn interleave_rope_rows(w: &[f32], heads: usize, head_dim: usize, width: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    reorder_head_rows(w, heads, head_dim, width, |row| {
+        if row % 2 == 0 {
+            row / 2
+        } else {
+            half + row / 2
+        }
+    })
+}
+
+/// `w` (`[heads × head_dim, width]`) with row `r` of each head taken from
+/// that head's row `source(r)`.
+pub(crate) fn reorder_head_rows(
+    w: &[f32],
+    heads: usize,
+    head_dim: usize,
+    width: usize,
+    source: impl Fn(usize) -> usize,
+) -> Vec<f32> {
     assert_eq!(
         w.len(),
         heads * head_dim * width,
         "a [heads × head_dim, width] matrix"
     );
-    let half = head_dim / 2;
     let mut out = Vec::with_capacity(w.len());
     for head in 0..heads {
         for row in 0..head_dim {
-            let from = head * head_dim
-                + if row % 2 == 0 {
-                    row / 2
-                } else {
-                    half + row / 2
-                };
+            let from = head * head_dim + source(row);
             out.extend_from_slice(&w[from * width..(from + 1) * width]);
         }
     }

@@ -74,3 +74,37 @@ fn logged_steps(dir: &Path) -> Vec<(u64, f64)> {
 fn state(checkpoint: &Path) -> Vec<u8> {
     std::fs::read(checkpoint.join("state.safetensors")).unwrap()
 }
+
+/// The worst log-probability difference between `model` and the serving
+/// engine's load of the Hugging Face directory `dir`, on random tokens.
+pub(crate) fn worst_against_served(model: &moe_worker::model::Model<f32>, dir: &Path) -> f64 {
+    use moe_worker::serve::engine::{Chunk, Engine, Logits};
+    use moe_worker::serve::kv_cache::{KvStore, pages_for};
+
+    let vocab = model.config().vocab;
+    let mut rng = moe_worker::rng::SplitMix64::new(3);
+    let tokens: Vec<u32> = (0..32).map(|_| rng.below(vocab) as u32).collect();
+    let pass = model.forward(&tokens, &tokens);
+    let served = moe_worker::serve::load::load(dir, None, None).unwrap();
+    let engine = Engine::serve(served.model.into_serve_model());
+    let pages: Vec<u32> = (0..pages_for(tokens.len(), 16) as u32).collect();
+    let mut store = KvStore::new(engine.kv_shape(16), pages.len());
+    let chunk = Chunk {
+        pages: &pages,
+        start: 0,
+        tokens: &tokens,
+        logits: Logits::All,
+    };
+    let logits = engine.step(&mut store, &[chunk]).unwrap();
+    let mut worst = 0f64;
+    for (at, row) in logits.chunks_exact(vocab).enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let ours = &pass.next_token_probs()[at * vocab..(at + 1) * vocab];
+        for (p, &l) in ours.iter().zip(row) {
+            let want = l as f64 - max - sum.ln();
+            worst = worst.max((f64::from(*p).ln() - want).abs());
+        }
+    }
+    worst
+}

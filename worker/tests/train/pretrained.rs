@@ -346,37 +346,12 @@ fn edited_fixture(
 }
 
 /// The model in `dir` loaded as `spec` against the serving engine's load of
-/// it, on 32 random tokens: the worst log-probability difference, which
-/// must be below 2e-5 (two f32 forwards of the same weights; a gain or row
-/// in the wrong place is off by O(1e-1)).
+/// it: the worst log-probability difference, which must be below 2e-5 (two
+/// f32 forwards of the same weights; a gain or row in the wrong place is
+/// off by O(1e-1)).
 fn agrees_with_serving(dir: &Path, spec: &ModelSpec) -> f64 {
-    use moe_worker::serve::engine::{Chunk, Engine, Logits};
-    use moe_worker::serve::kv_cache::{KvStore, pages_for};
-
     let trained = load(dir, spec).expect("the training model holds it");
-    let vocab = spec.vocab_size as usize;
-    let mut rng = SplitMix64::new(9);
-    let tokens: Vec<u32> = (0..32).map(|_| rng.below(vocab) as u32).collect();
-    let pass = trained.forward(&tokens, &tokens);
-    let served = moe_worker::serve::load::load(dir, None, None).unwrap();
-    let engine = Engine::serve(served.model.into_serve_model());
-    let pages: Vec<u32> = (0..pages_for(tokens.len(), 16) as u32).collect();
-    let mut store = KvStore::new(engine.kv_shape(16), pages.len());
-    let chunk = Chunk {
-        pages: &pages,
-        start: 0,
-        tokens: &tokens,
-        logits: Logits::All,
-    };
-    let logits = engine.step(&mut store, &[chunk]).unwrap();
-    let mut worst = 0f64;
-    for (at, row) in logits.chunks_exact(vocab).enumerate() {
-        let row: Vec<f64> = row.iter().map(|&l| f64::from(l)).collect();
-        let ours = &pass.next_token_probs()[at * vocab..(at + 1) * vocab];
-        for (p, want) in ours.iter().zip(log_softmax(&row)) {
-            worst = worst.max((f64::from(*p).ln() - want).abs());
-        }
-    }
+    let worst = crate::worst_against_served(&trained, dir);
     assert!(worst < 2e-5, "{}: {worst}", dir.display());
     worst
 }
