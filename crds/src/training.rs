@@ -212,8 +212,9 @@ pub struct HuggingFaceOutput {
     /// (the master weights exactly).
     #[serde(default)]
     pub precision: ExportPrecision,
-    /// The export pod's resources. Default: 1 CPU, and memory for two f32
-    /// copies of the model plus 3 GiB (it reads the whole checkpoint).
+    /// The export pod's resources. Default: 1 CPU, and memory for the model
+    /// in f32 plus 5 GiB (it decodes the weights, not the optimizer moments,
+    /// and encodes one 2 GB shard at a time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }

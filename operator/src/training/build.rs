@@ -547,9 +547,9 @@ pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
     pod_labels.extend(child_labels(job));
     pod_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
     let resources = output.resources.clone().unwrap_or_else(|| {
-        // The checkpoint's bytes and the model decoded from them (two f32
-        // copies), a shard being encoded, and room for the rest.
-        let bytes = 8 * parameters(&job.spec.model) + (3 << 30);
+        // The model in f32 (the export decodes the weights alone, from the
+        // mapped checkpoint), a 2 GB shard being encoded, and room.
+        let bytes = 4 * parameters(&job.spec.model) + (5 << 30);
         let memory = Quantity(format!("{}Mi", bytes.div_ceil(1 << 20)));
         ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -949,7 +949,7 @@ mod tests {
             pod.tolerations.is_none() && pod.node_selector.is_none(),
             "no GPU"
         );
-        // Two f32 copies of the model and 3 GiB.
+        // The model in f32 and 5 GiB.
         let params = parameters(&j.spec.model);
         let memory = &container
             .resources
@@ -960,7 +960,7 @@ mod tests {
             .unwrap()["memory"];
         assert_eq!(
             memory.0,
-            format!("{}Mi", (8 * params + (3 << 30)).div_ceil(1 << 20))
+            format!("{}Mi", (4 * params + (5 << 30)).div_ceil(1 << 20))
         );
         // Without output.huggingface, no export.
         assert!(export_job(&job(serde_json::json!({})), &BuildContext::default()).is_none());

@@ -296,10 +296,78 @@ pub fn load_experts(
     config: &ModelConfig,
     experts: Range<usize>,
 ) -> Result<Restored, CheckpointError> {
-    let corrupt = |problem: String| CheckpointError::Corrupt {
+    let corrupt = corruption(path);
+    let manifest = checked_manifest(path, model_spec)?;
+    let state = verified(
+        path,
+        &manifest.state_file,
+        manifest.state_bytes,
+        &manifest.state_fnv1a,
+    )?;
+    let sharded = !manifest.expert_shards.is_empty();
+    let mut state = state_file::decode(
+        &state,
+        config,
+        manifest.step,
+        manifest.data,
+        sharded,
+        experts.clone(),
+    )
+    .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+    for shard in needed_shards(&manifest, config, &experts).map_err(&corrupt)? {
+        let bytes = verified(path, &shard.file, shard.bytes, &shard.fnv1a)?;
+        state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state)
+            .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+    }
+    Ok(Restored {
+        path: path.to_path_buf(),
+        manifest,
+        state,
+    })
+}
+
+/// The model alone (weights and selection biases) of the checkpoint in
+/// `path`, holding routed experts `experts`, with its manifest: what
+/// serving and export read. The optimizer moments (two thirds of the state
+/// file) are never decoded, and the files are mapped rather than read, so
+/// the memory it takes is the model's.
+pub fn load_model(
+    path: &Path,
+    model_spec: &ModelSpec,
+    config: &ModelConfig,
+    experts: Range<usize>,
+) -> Result<(Manifest, Model<f32>), CheckpointError> {
+    let corrupt = corruption(path);
+    let manifest = checked_manifest(path, model_spec)?;
+    let state = verified(
+        path,
+        &manifest.state_file,
+        manifest.state_bytes,
+        &manifest.state_fnv1a,
+    )?;
+    let sharded = !manifest.expert_shards.is_empty();
+    let mut model = state_file::decode_model(&state, config, sharded, experts.clone())
+        .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+    drop(state);
+    for shard in needed_shards(&manifest, config, &experts).map_err(&corrupt)? {
+        let bytes = verified(path, &shard.file, shard.bytes, &shard.fnv1a)?;
+        state_file::decode_expert_weights_into(&bytes, shard.first..shard.end, &mut model)
+            .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+    }
+    Ok((manifest, model))
+}
+
+fn corruption(path: &Path) -> impl Fn(String) -> CheckpointError + '_ {
+    move |problem| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         problem,
-    };
+    }
+}
+
+/// The manifest of the checkpoint in `path`, of this format and of a model
+/// that is `model_spec`.
+fn checked_manifest(path: &Path, model_spec: &ModelSpec) -> Result<Manifest, CheckpointError> {
+    let corrupt = corruption(path);
     let manifest_path = path.join(MANIFEST);
     let json = fs::read(&manifest_path).map_err(io(&manifest_path))?;
     let manifest: Manifest = serde_json::from_slice(&json)
@@ -317,50 +385,48 @@ pub fn load_experts(
             differences,
         });
     }
-    let state_path = path.join(&manifest.state_file);
-    let state = fs::read(&state_path).map_err(io(&state_path))?;
-    if state.len() as u64 != manifest.state_bytes || manifest::fnv1a(&state) != manifest.state_fnv1a
-    {
-        return Err(corrupt(format!(
-            "{} does not match the checksum and size in {MANIFEST}",
-            manifest.state_file
-        )));
+    Ok(manifest)
+}
+
+/// The expert shards holding any of `experts`, once the shards are checked
+/// to cover every expert exactly once (none for an unsharded checkpoint).
+fn needed_shards<'m>(
+    manifest: &'m Manifest,
+    config: &ModelConfig,
+    experts: &Range<usize>,
+) -> Result<Vec<&'m manifest::ExpertShard>, String> {
+    if manifest.expert_shards.is_empty() {
+        return Ok(Vec::new());
     }
-    let sharded = !manifest.expert_shards.is_empty();
-    let step = manifest.step;
-    let mut state = state_file::decode(
-        &state,
-        config,
-        step,
-        manifest.data,
-        sharded,
-        experts.clone(),
-    )
-    .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
-    if sharded {
-        shards_cover(&manifest.expert_shards, config.moe.n_routed_experts).map_err(corrupt)?;
-    }
-    let needed = manifest
+    shards_cover(&manifest.expert_shards, config.moe.n_routed_experts)?;
+    Ok(manifest
         .expert_shards
         .iter()
-        .filter(|s| s.first < experts.end && experts.start < s.end);
-    for shard in needed {
-        let shard_path = path.join(&shard.file);
-        let bytes = fs::read(&shard_path).map_err(io(&shard_path))?;
-        if bytes.len() as u64 != shard.bytes || manifest::fnv1a(&bytes) != shard.fnv1a {
-            return Err(corrupt(format!(
-                "{} does not match the checksum and size in {MANIFEST}",
-                shard.file
-            )));
-        }
-        state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state)
-            .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+        .filter(|s| s.first < experts.end && experts.start < s.end)
+        .collect())
+}
+
+/// `file` of the checkpoint in `path`, mapped read-only once its size and
+/// checksum are the manifest's.
+fn verified(
+    path: &Path,
+    file: &str,
+    bytes: u64,
+    fnv1a: &str,
+) -> Result<memmap2::Mmap, CheckpointError> {
+    let file_path = path.join(file);
+    let opened = File::open(&file_path).map_err(io(&file_path))?;
+    // SAFETY: read-only; a checkpoint's files are written whole into a
+    // temporary directory that is then renamed into place, and never
+    // written again (pruning removes the whole directory, which leaves an
+    // open map valid on Linux).
+    let map = unsafe { memmap2::Mmap::map(&opened) }.map_err(io(&file_path))?;
+    if map.len() as u64 != bytes || manifest::fnv1a(&map) != fnv1a {
+        return Err(corruption(path)(format!(
+            "{file} does not match the checksum and size in {MANIFEST}"
+        )));
     }
-    Ok(Restored {
-        path: path.to_path_buf(),
-        manifest,
-        state,
-    })
+    Ok(map)
 }
 
 /// `(step, path)` of every `step-N` directory holding a manifest.

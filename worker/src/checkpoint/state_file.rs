@@ -104,21 +104,49 @@ pub fn decode_experts_into(
     state: &mut TrainerState,
 ) -> Result<(), String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let held = state.model.held_experts();
-    let common = experts.start.max(held.start)..experts.end.min(held.end);
-    let names_and_shapes: Vec<(String, Vec<usize>)> = state
-        .model
-        .tensors()
-        .into_iter()
-        .map(|t| (t.name, t.shape))
-        .collect();
+    let (held, names_and_shapes) = layout(&state.model);
     let targets = [
         (WEIGHTS, state.model.weights.tensors_mut()),
         (FIRST_MOMENT, state.first_moment.tensors_mut()),
         (SECOND_MOMENT, state.second_moment.tensors_mut()),
     ];
+    copy_experts(&file, experts, held, &names_and_shapes, targets)
+}
+
+/// [`decode_experts_into`] for the model alone, the moments not read.
+pub fn decode_expert_weights_into(
+    bytes: &[u8],
+    experts: Range<usize>,
+    model: &mut Model<f32>,
+) -> Result<(), String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let (held, names_and_shapes) = layout(model);
+    let targets = [(WEIGHTS, model.weights.tensors_mut())];
+    copy_experts(&file, experts, held, &names_and_shapes, targets)
+}
+
+/// The experts `model` holds, and its tensors' names and (held) shapes.
+fn layout(model: &Model<f32>) -> (Range<usize>, Vec<(String, Vec<usize>)>) {
+    let names_and_shapes = model
+        .tensors()
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+    (model.held_experts(), names_and_shapes)
+}
+
+/// Copies the experts the shard `file` (experts `experts`) has in common
+/// with `held` into each group of `targets` (tensors in `names_and_shapes` order).
+fn copy_experts<const N: usize>(
+    file: &SafeTensors<'_>,
+    experts: Range<usize>,
+    held: Range<usize>,
+    names_and_shapes: &[(String, Vec<usize>)],
+    targets: [(&str, Vec<&mut Vec<f32>>); N],
+) -> Result<(), String> {
+    let common = experts.start.max(held.start)..experts.end.min(held.end);
     for (prefix, tensors) in targets {
-        for (values, (name, shape)) in tensors.into_iter().zip(&names_and_shapes) {
+        for (values, (name, shape)) in tensors.into_iter().zip(names_and_shapes) {
             if !is_expert_tensor(name) {
                 continue;
             }
@@ -127,12 +155,12 @@ pub fn decode_experts_into(
             let name = format!("{prefix}/{name}");
             if common.is_empty() {
                 // Still checked, so a shard is valid or not whoever reads it.
-                read_rows(&file, &name, &shape, 0..0)?;
+                read_rows(file, &name, &shape, 0..0)?;
                 continue;
             }
             let per = values.len() / held.len();
             let slice = read_rows(
-                &file,
+                file,
                 &name,
                 &shape,
                 common.start - experts.start..common.end - experts.start,
@@ -170,40 +198,24 @@ pub fn decode(
     experts: Range<usize>,
 ) -> Result<TrainerState, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let model = model_from(&file, config, experts_in_shards, experts.clone())?;
+    let names_and_shapes = whole_shapes(&model);
     let zeros = || Gradients::zeros_with_experts(config, experts.clone());
-    let mut model = Model::new(config.clone(), zeros()).map_err(|e| e.to_string())?;
     let mut first_moment = zeros();
     let mut second_moment = zeros();
-    // Names and whole shapes: an expert tensor's leading dimension is every expert.
-    let names_and_shapes: Vec<(String, Vec<usize>)> = model
-        .tensors()
-        .into_iter()
-        .map(|mut t| {
-            if is_expert_tensor(&t.name) {
-                t.shape[0] = config.moe.n_routed_experts;
-            }
-            (t.name, t.shape)
-        })
-        .collect();
     let targets = [
-        (WEIGHTS, model.weights.tensors_mut()),
         (FIRST_MOMENT, first_moment.tensors_mut()),
         (SECOND_MOMENT, second_moment.tensors_mut()),
     ];
     for (prefix, tensors) in targets {
-        for (values, (name, shape)) in tensors.into_iter().zip(&names_and_shapes) {
-            let name = format!("{prefix}/{name}");
-            *values = match (is_expert_tensor(&name), experts_in_shards) {
-                (false, _) => read(&file, &name, shape)?,
-                (true, true) => continue,
-                (true, false) => read_rows(&file, &name, shape, experts.clone())?,
-            };
-        }
-    }
-    let blocks: Vec<usize> = moe_blocks(config).collect();
-    for (block, layer) in blocks.into_iter().zip(model.moe_layers_mut()) {
-        let shape = [layer.selection_bias.len()];
-        layer.selection_bias = read(&file, &format!("{SELECTION_BIAS}/blocks.{block}"), &shape)?;
+        read_tensors(
+            &file,
+            prefix,
+            tensors,
+            &names_and_shapes,
+            experts_in_shards,
+            &experts,
+        )?;
     }
     Ok(TrainerState {
         model,
@@ -212,6 +224,82 @@ pub fn decode(
         step,
         data,
     })
+}
+
+/// The model alone in `bytes` (weights and selection biases, as
+/// [`decode`] reads them), the optimizer moments not read: what serving
+/// and export need, in a third of the memory.
+pub fn decode_model(
+    bytes: &[u8],
+    config: &ModelConfig,
+    experts_in_shards: bool,
+    experts: Range<usize>,
+) -> Result<Model<f32>, String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    model_from(&file, config, experts_in_shards, experts)
+}
+
+fn model_from(
+    file: &SafeTensors<'_>,
+    config: &ModelConfig,
+    experts_in_shards: bool,
+    experts: Range<usize>,
+) -> Result<Model<f32>, String> {
+    let zeros = Gradients::zeros_with_experts(config, experts.clone());
+    let mut model = Model::new(config.clone(), zeros).map_err(|e| e.to_string())?;
+    let names_and_shapes = whole_shapes(&model);
+    read_tensors(
+        file,
+        WEIGHTS,
+        model.weights.tensors_mut(),
+        &names_and_shapes,
+        experts_in_shards,
+        &experts,
+    )?;
+    let blocks: Vec<usize> = moe_blocks(config).collect();
+    for (block, layer) in blocks.into_iter().zip(model.moe_layers_mut()) {
+        let shape = [layer.selection_bias.len()];
+        layer.selection_bias = read(file, &format!("{SELECTION_BIAS}/blocks.{block}"), &shape)?;
+    }
+    Ok(model)
+}
+
+/// Names and whole shapes of `model`'s tensors: an expert tensor's leading
+/// dimension is every expert, whichever it holds.
+fn whole_shapes(model: &Model<f32>) -> Vec<(String, Vec<usize>)> {
+    let experts = model.config().moe.n_routed_experts;
+    model
+        .tensors()
+        .into_iter()
+        .map(|mut t| {
+            if is_expert_tensor(&t.name) {
+                t.shape[0] = experts;
+            }
+            (t.name, t.shape)
+        })
+        .collect()
+}
+
+/// Reads the `prefix` group into `tensors` (in `names_and_shapes` order):
+/// the held experts' rows of whole expert tensors, or none of them when
+/// they are in shards.
+fn read_tensors(
+    file: &SafeTensors<'_>,
+    prefix: &str,
+    tensors: Vec<&mut Vec<f32>>,
+    names_and_shapes: &[(String, Vec<usize>)],
+    experts_in_shards: bool,
+    experts: &Range<usize>,
+) -> Result<(), String> {
+    for (values, (name, shape)) in tensors.into_iter().zip(names_and_shapes) {
+        let name = format!("{prefix}/{name}");
+        *values = match (is_expert_tensor(&name), experts_in_shards) {
+            (false, _) => read(file, &name, shape)?,
+            (true, true) => continue,
+            (true, false) => read_rows(file, &name, shape, experts.clone())?,
+        };
+    }
+    Ok(())
 }
 
 /// Indices of the blocks with an MoE feed-forward layer.

@@ -13,6 +13,7 @@
 //! it was trained with) is refused, naming the field, rather than exported
 //! as a model that would route differently.
 
+use std::borrow::Cow;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -269,20 +270,21 @@ fn hf_config(
     json
 }
 
-/// One exported tensor: its name, shape and f32 values.
-struct HfTensor {
+/// One exported tensor: its name, shape and f32 values (the model's own
+/// where nothing is reordered: an export holds no second copy of it).
+struct HfTensor<'a> {
     name: String,
     shape: Vec<usize>,
-    values: Vec<f32>,
+    values: Cow<'a, [f32]>,
 }
 
 /// Every tensor of `weights` under its Hugging Face name, in the order
 /// `save_pretrained` shards them (embedding, layers, final norm, head).
-fn hf_tensors(
+fn hf_tensors<'a>(
     config: &ModelConfig,
-    weights: &Weights<f32, MoeLayer<f32>>,
+    weights: &'a Weights<f32, MoeLayer<f32>>,
     architecture: HfArchitecture,
-) -> Vec<HfTensor> {
+) -> Vec<HfTensor<'a>> {
     let (h, v, qw, kv, d) = (
         config.hidden,
         config.vocab,
@@ -291,7 +293,7 @@ fn hf_tensors(
         config.head_dim,
     );
     let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, values: Vec<f32>| {
+    let mut push = |name: String, shape: Vec<usize>, values: Cow<'a, [f32]>| {
         debug_assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
         out.push(HfTensor {
             name,
@@ -299,11 +301,13 @@ fn hf_tensors(
             values,
         });
     };
-    let halves = |w: &[f32], width: usize| halve_rope_rows(w, w.len() / (d * width), d, width);
+    let halves = |w: &[f32], width: usize| -> Cow<'a, [f32]> {
+        Cow::Owned(halve_rope_rows(w, w.len() / (d * width), d, width))
+    };
     push(
         "model.embed_tokens.weight".into(),
         vec![v, h],
-        weights.embedding.clone(),
+        Cow::Borrowed(&weights.embedding),
     );
     for (i, block) in weights.blocks.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -311,7 +315,7 @@ fn hf_tensors(
         push(
             format!("{p}.input_layernorm.weight"),
             vec![h],
-            block.attention_norm.clone(),
+            Cow::Borrowed(&block.attention_norm),
         );
         push(
             format!("{attn}.q_proj.weight"),
@@ -326,12 +330,12 @@ fn hf_tensors(
         push(
             format!("{attn}.v_proj.weight"),
             vec![kv, h],
-            block.wv.clone(),
+            Cow::Borrowed(&block.wv),
         );
         push(
             format!("{attn}.o_proj.weight"),
             vec![h, qw],
-            block.wo.clone(),
+            Cow::Borrowed(&block.wo),
         );
         if config.qk_norm.is_some() {
             let (q, k) = (&block.q_norm, &block.k_norm);
@@ -341,7 +345,7 @@ fn hf_tensors(
         push(
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
-            block.ffn_norm.clone(),
+            Cow::Borrowed(&block.ffn_norm),
         );
         match &block.ffn {
             FeedForward::Dense(dense) => {
@@ -350,17 +354,17 @@ fn hf_tensors(
                 push(
                     format!("{mlp}.gate_proj.weight"),
                     vec![dh, h],
-                    dense.w1.clone(),
+                    Cow::Borrowed(&dense.w1),
                 );
                 push(
                     format!("{mlp}.up_proj.weight"),
                     vec![dh, h],
-                    dense.w3.clone(),
+                    Cow::Borrowed(&dense.w3),
                 );
                 push(
                     format!("{mlp}.down_proj.weight"),
                     vec![h, dh],
-                    dense.w2.clone(),
+                    Cow::Borrowed(&dense.w2),
                 );
             }
             FeedForward::Moe(layer) => {
@@ -375,7 +379,7 @@ fn hf_tensors(
                 push(
                     format!("{moe}.gate.weight"),
                     vec![config.moe.n_routed_experts, h],
-                    params.router.clone(),
+                    Cow::Borrowed(&params.router),
                 );
                 let size = eh * h;
                 for (local, e) in params.experts.clone().enumerate() {
@@ -389,7 +393,7 @@ fn hf_tensors(
                         push(
                             format!("{expert}.{name}.weight"),
                             shape,
-                            values[at.clone()].to_vec(),
+                            Cow::Borrowed(&values[at.clone()]),
                         );
                     }
                 }
@@ -399,9 +403,13 @@ fn hf_tensors(
     push(
         "model.norm.weight".into(),
         vec![h],
-        weights.final_norm.clone(),
+        Cow::Borrowed(&weights.final_norm),
     );
-    push("lm_head.weight".into(), vec![v, h], weights.lm_head.clone());
+    push(
+        "lm_head.weight".into(),
+        vec![v, h],
+        Cow::Borrowed(&weights.lm_head),
+    );
     out
 }
 
@@ -662,11 +670,11 @@ mod tests {
         assert_eq!(halve_rope_rows(&one, 1, 4, 1), vec![0.0, 2.0, 1.0, 3.0]);
     }
 
-    fn tensor(len: usize) -> HfTensor {
+    fn tensor(len: usize) -> HfTensor<'static> {
         HfTensor {
             name: String::new(),
             shape: vec![len],
-            values: vec![0.0; len],
+            values: Cow::Owned(vec![0.0; len]),
         }
     }
 

@@ -368,14 +368,11 @@ fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel
             problem: format!("experts {experts:?} asked for, but the model has {n_experts}"),
         });
     }
-    // The state file also holds the optimizer moments; they are read and
-    // dropped here (a serving-only loader that skips them is a later step).
-    let restored = checkpoint::load_experts(path, &manifest.model, &config, experts)?;
+    // The weights alone: the optimizer moments beside them are never decoded.
+    let (_, model) = checkpoint::load_model(path, &manifest.model, &config, experts)?;
     // A diverged run checkpoints NaNs as faithfully as weights: served,
     // they would make every logit NaN without an error.
-    if let Some(tensor) = restored
-        .state
-        .model
+    if let Some(tensor) = model
         .tensors()
         .into_iter()
         .find(|t| t.values.iter().any(|v| !v.is_finite()))
@@ -390,7 +387,7 @@ fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel
         });
     }
     Ok(LoadedModel {
-        model: LoadedWeights::Native(Box::new(restored.state.model)),
+        model: LoadedWeights::Native(Box::new(model)),
         tokenizer,
         path: path.to_path_buf(),
         step: manifest.step,

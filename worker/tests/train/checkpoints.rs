@@ -287,6 +287,17 @@ fn a_rank_holding_some_experts_loads_and_writes_only_those() {
                 };
                 assert_eq!(got, want, "{} {experts:?}: {name}", path.display());
             }
+            // The model alone (serving, export): the same weights and
+            // selection biases, the moments never decoded.
+            let (_, alone) = checkpoint::load_model(path, spec, model, experts.clone()).unwrap();
+            assert_eq!(alone.held_experts(), experts);
+            for (got, want) in alone.tensors().iter().zip(part.model.tensors()) {
+                assert_eq!(got.values, want.values, "{}: {}", path.display(), want.name);
+            }
+            let biases = |m: &moe_worker::model::Model<f32>| -> Vec<Vec<f32>> {
+                m.moe_layers().map(|l| l.selection_bias.clone()).collect()
+            };
+            assert_eq!(biases(&alone), biases(&part.model));
         }
     }
 
@@ -317,13 +328,21 @@ fn a_rank_holding_some_experts_loads_and_writes_only_those() {
     bytes[middle] ^= 0x40;
     fs::write(&shard, &bytes).unwrap();
     checkpoint::load_experts(&sharded, spec, model, 0..2).expect("shard 2..4 is not read");
+    checkpoint::load_model(&sharded, spec, model, 0..2).expect("shard 2..4 is not read");
     for experts in [2..4, 0..4] {
-        let error = checkpoint::load_experts(&sharded, spec, model, experts)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("experts-00002-00004.safetensors does not match the checksum"),
-            "{error}"
-        );
+        let errors = [
+            checkpoint::load_experts(&sharded, spec, model, experts.clone())
+                .unwrap_err()
+                .to_string(),
+            checkpoint::load_model(&sharded, spec, model, experts)
+                .unwrap_err()
+                .to_string(),
+        ];
+        for error in errors {
+            assert!(
+                error.contains("experts-00002-00004.safetensors does not match the checksum"),
+                "{error}"
+            );
+        }
     }
 }
