@@ -257,6 +257,38 @@ fn render_takes_the_attempt_namespace_and_worker_image() {
 }
 
 #[test]
+fn render_shows_the_export_job_of_a_job_with_a_hugging_face_output() {
+    let output = moectl()
+        .arg("render")
+        .arg(repo("examples/training/qwen3-30b-a3b-finetune.yaml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let docs = yaml_documents(&stdout(&output));
+    let export = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "qwen3-30b-a3b-sft-export")
+        .expect("the export Job");
+    let command: Vec<&str> = export["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        command[..6],
+        [
+            "moe-worker",
+            "export",
+            "--model",
+            "/var/lib/moe/qwen3-30b-a3b-sft/research/qwen3-30b-a3b-sft/checkpoints",
+            "--out",
+            "/output/exports/research/qwen3-30b-a3b-sft"
+        ]
+    );
+}
+
+#[test]
 fn render_shows_the_pod_group_of_a_gang_under_the_workload_api() {
     let job = repo("examples/training/h100-fp8.yaml");
     let render = |flags: &[&str]| {

@@ -43,7 +43,8 @@ enum Command {
     /// Print the objects the operator creates for a job (one attempt) or a service.
     ///
     /// For a MoETrainingJob: the ConfigMap with the worker config, the
-    /// headless Service and the attempt Job. For a MoEInferenceService: the
+    /// headless Service and the attempt Job (and with `output.huggingface`
+    /// the export Job it runs once it succeeds). For a MoEInferenceService: the
     /// ConfigMap, Service, Deployment, PodDisruptionBudget and (with
     /// autoscaling) HorizontalPodAutoscaler. A multi-document YAML stream from
     /// the operator's own builders; the uid in owner references is a placeholder.
@@ -198,9 +199,14 @@ fn status() {
     println!(
         "  test control plane: tests/cluster/up.sh (etcd, kube-apiserver, KCM, scheduler, KWOK GPU pool)"
     );
-    println!("  moectl: crds, validate, render, run --local");
+    println!("  moectl: crds, validate, render, run --local (with its Hub downloads and export)");
     println!(
-        "  operator: MoETrainingJob, MoEInferenceService (one pod per replica; multi-pod replica groups not yet)"
+        "  operator: MoETrainingJob (gang attempts, restarts, elastic gangs, Kueue, fine-tuning, \
+         the Hugging Face export), MoEInferenceService (replica groups, expert parallelism, \
+         autoscaling, routes)"
     );
-    println!("  not yet: submitting to a cluster from moectl, the worker's serve command");
+    println!(
+        "  worker: train, serve, fetch, export (CPU; CUDA compile-checked beyond what docs/cuda.md measured)"
+    );
+    println!("  not yet: submitting to a cluster from moectl");
 }

@@ -45,7 +45,9 @@ impl RenderOptions {
     }
 }
 
-/// The ConfigMap, Service and attempt Job, as one multi-document YAML stream.
+/// The ConfigMap, Service and attempt Job (and, with `output.huggingface`,
+/// the export Job the job runs once it succeeds), as one multi-document
+/// YAML stream.
 pub fn render(mut job: MoETrainingJob, options: &RenderOptions) -> serde_yaml::Result<String> {
     let namespace = options
         .namespace
@@ -68,6 +70,9 @@ pub fn render(mut job: MoETrainingJob, options: &RenderOptions) -> serde_yaml::R
         nodes,
     };
     push_document(&mut out, &build::attempt_job(&job, &context, attempt))?;
+    if let Some(export) = build::export_job(&job, &context) {
+        push_document(&mut out, &export)?;
+    }
     Ok(out)
 }
 

@@ -2172,6 +2172,80 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
     ns.delete().await
 }
 
+/// An export that fails (the test plays the kubelet: the export pod's own
+/// command, the real `moe-worker export`, finds no checkpoint on the claim)
+/// leaves the job Succeeded and says why in `status.output` and an Event.
+#[tokio::test]
+async fn a_failed_export_says_why_in_the_exports_words() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-export-fail").await?;
+    let _op = Operator::start(&ns.name).await?;
+    for claim in ["ckpt", "models"] {
+        bound_claim(&ns.name, claim).await?;
+    }
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let job = gpu_job(
+        "lost",
+        1,
+        json!({"spec": {
+            "model": {"moe": {"sharedExperts": 0, "router": "softmax", "normalizeTopK": true,
+                              "balancing": {"auxLossFree": {"enabled": false}}}},
+            "parallelism": {"nodes": 1, "processesPerNode": 8, "expertParallel": 8},
+            "checkpoint": {"claimName": "ckpt"},
+            "output": {"huggingface": {"claimName": "models"}}
+        }}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    wait_phase(&jobs, "lost", TrainingPhase::Running).await?;
+    // The gang ends without having written a checkpoint to export.
+    moe_e2e::release_job(&pods, "lost").await?;
+    wait_phase(&jobs, "lost", TrainingPhase::Succeeded).await?;
+    let export = eventually("the export pod to run", WAIT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("moe.dev/job-name=lost,moe.dev/role=export"))
+            .await?;
+        Ok(list
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await?;
+    let kubelet = Kubelet::new("export-fail")?;
+    let state = kubelet.path("ckpt");
+    std::fs::create_dir_all(&state)?;
+    let command: Vec<String> = export.spec.as_ref().context("no spec")?.containers[0]
+        .command
+        .iter()
+        .flatten()
+        .map(|a| {
+            a.replacen("/var/lib/moe", &state.display().to_string(), 1)
+                .replacen("/output", &kubelet.path("models").display().to_string(), 1)
+        })
+        .collect();
+    let (code, message) = kubelet.run(&command, &[])?;
+    ensure!(code == 2, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &export.name_any(), "failed", code, &message)
+        .await?;
+    let output = eventually("status.output to say Failed", WAIT, || async {
+        let j = jobs.get("lost").await?;
+        let output = j.status.and_then(|s| s.output);
+        Ok(output.filter(|o| o.phase == moe_crds::OutputPhase::Failed))
+    })
+    .await?;
+    let said = output.message.unwrap_or_default();
+    ensure!(
+        said.contains("--model") && message.contains(&said),
+        "status.output.message {said:?}; the export said {message:?}"
+    );
+    ensure!(
+        jobs.get("lost").await?.status.and_then(|s| s.phase) == Some(TrainingPhase::Succeeded),
+        "the job stays Succeeded"
+    );
+    wait_event(&client, &ns.name, "lost", "ExportFailed").await?;
+    ns.delete().await
+}
+
 /// The exported `config.json` (the e2e crate links no worker code: that
 /// the directory loads as a model is worker/tests/train/export.rs's to show).
 fn exported_config(dir: &std::path::Path) -> Result<Value> {

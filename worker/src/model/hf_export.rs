@@ -482,9 +482,9 @@ pub struct Exported {
 }
 
 /// Writes `model` into the new directory `out` (refused if it exists),
-/// with `tokenizer` beside the weights. The
-/// files are written into a sibling directory that is renamed to `out`
-/// once complete: an interrupted export leaves no half-written model.
+/// with `tokenizer` beside the weights. The files are written into a
+/// sibling directory that is renamed to `out` once complete: an
+/// interrupted export leaves no half-written model.
 /// Shards hold at most `shard_bytes` of tensor data (a larger tensor gets
 /// one to itself).
 pub fn export(
@@ -549,7 +549,7 @@ pub fn export(
             .iter()
             .map(|(name, shape, bytes)| {
                 tensor_bytes += bytes.len() as u64;
-                weight_map.insert((*name).to_owned(), name_value(&file_name(i)));
+                weight_map.insert((*name).to_owned(), file_name(i).into());
                 TensorView::new(precision.dtype(), shape.clone(), bytes)
                     .map(|view| (*name, view))
                     .map_err(|e| ExportError::Safetensors(e.to_string()))
@@ -610,10 +610,6 @@ pub fn export(
         files,
         tensor_bytes,
     })
-}
-
-fn name_value(file: &str) -> Value {
-    Value::String(file.to_owned())
 }
 
 /// Where the files are written before the rename: `.<name>.partial` beside `out`.
