@@ -350,7 +350,10 @@ enum StoredBlock {
 pub struct DeviceForward {
     /// On the host: the embedding backward groups them by id there.
     tokens: Vec<u32>,
+    /// Ignored targets replaced by 0 (weighted 0: `loss_weights`).
     targets: CudaSlice<u32>,
+    /// Each position's share of the mean cross-entropy, as the CPU model's.
+    loss_weights: Vec<f32>,
     blocks: Vec<StoredBlock>,
     /// Tokens routed to each expert, one list per MoE block in order.
     loads: Vec<Vec<usize>>,
@@ -629,11 +632,15 @@ impl DeviceModel {
             "tokens and targets must be the same whole number of sequences (or slices)"
         );
         assert!(
-            tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
+            tokens.iter().all(|&t| (t as usize) < vocab)
+                && targets
+                    .iter()
+                    .all(|&t| (t as usize) < vocab || t == crate::ops::cross_entropy::IGNORED),
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(targets)?);
+        let (weights, targets) = crate::ops::cross_entropy::mean_over_targets(targets);
+        let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(&targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
         gpu.span("fwd.embedding", || {
             embedding::forward(gpu, &mut x, &tokens_d, &self.weights.embedding, h)
@@ -681,16 +688,19 @@ impl DeviceModel {
         cross_entropy::forward(gpu, &mut losses, &mut probs, &logits, &targets, vocab)?;
         drop(logits);
         gpu.span_end(head_span)?;
+        // The mean over the positions with a target, as the CPU model's.
         let cross_entropy = gpu
             .download(&losses)?
             .iter()
-            .map(|&l| f64::from(l))
-            .sum::<f64>()
-            / n as f64;
+            .zip(&weights)
+            .map(|(&l, w)| f64::from(l) * w)
+            .sum::<f64>();
+        let loss_weights = weights.into_iter().map(|w| w as f32).collect();
         Ok(DeviceForward {
             aux_loss,
             tokens: tokens.to_vec(),
             targets,
+            loss_weights,
             blocks,
             loads,
             final_input: x,
@@ -950,7 +960,7 @@ impl DeviceModel {
         let head_span = gpu.span_start("bwd.head")?;
         // Written whole by the cross-entropy backward: no 4·n·vocab-byte memset.
         let mut dlogits = gpu.output::<f32>(n * vocab)?;
-        let mean = gpu.upload(&vec![1.0f32 / n as f32; n])?;
+        let mean = gpu.upload(&pass.loss_weights)?;
         cross_entropy::backward(
             gpu,
             &mut dlogits,

@@ -110,7 +110,10 @@ impl Parallel<'_> {
 #[derive(Clone, Debug)]
 pub struct ForwardPass<T> {
     tokens: Vec<u32>,
+    /// With ignored ones replaced by 0 (see `loss_weights`).
     targets: Vec<u32>,
+    /// Each position's share of the mean cross-entropy (0 for an ignored target).
+    loss_weights: Vec<T>,
     blocks: Vec<BlockActivations<T>>,
     final_input: Vec<T>,
     final_normed: Vec<T>,
@@ -163,6 +166,7 @@ impl<T> ForwardPass<T> {
         blocks
             + self.tokens.held_bytes()
             + self.targets.held_bytes()
+            + self.loss_weights.held_bytes()
             + self.final_input.held_bytes()
             + self.final_normed.held_bytes()
             + self.final_rstd.held_bytes()
@@ -408,10 +412,15 @@ impl<T: Scalar> Model<T> {
             "tokens and targets must be the same whole number of sequences (or slices)"
         );
         assert!(
-            tokens.iter().chain(targets).all(|&t| (t as usize) < vocab),
+            tokens.iter().all(|&t| (t as usize) < vocab)
+                && targets
+                    .iter()
+                    .all(|&t| (t as usize) < vocab || t == cross_entropy::IGNORED),
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
+        let (weights, targets) = cross_entropy::mean_over_targets(targets);
+        let weights: Vec<T> = weights.into_iter().map(T::from_f64).collect();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
         let context = self.context(parallel);
@@ -442,11 +451,18 @@ impl<T: Scalar> Model<T> {
             .forward(&mut logits, &final_normed, &self.weights.lm_head, h, vocab);
         let mut losses = vec![T::ZERO; n];
         let mut probs = vec![T::ZERO; n * vocab];
-        cross_entropy::forward(&mut losses, &mut probs, &logits, targets, vocab);
-        let cross_entropy = losses.iter().map(|l| l.to_f64()).sum::<f64>() / n as f64;
+        cross_entropy::forward(&mut losses, &mut probs, &logits, &targets, vocab);
+        // The mean over the positions with a target (every one, unless
+        // some are ignored: a prompt's tokens in supervised fine-tuning).
+        let cross_entropy = losses
+            .iter()
+            .zip(&weights)
+            .map(|(l, w)| l.to_f64() * w.to_f64())
+            .sum::<f64>();
         ForwardPass {
             tokens: tokens.to_vec(),
-            targets: targets.to_vec(),
+            targets,
+            loss_weights: weights,
             blocks,
             final_input: x,
             final_normed,
@@ -506,8 +522,13 @@ impl<T: Scalar> Model<T> {
         let config = &self.config;
         let (h, vocab, n) = (config.hidden, config.vocab, pass.tokens.len());
         let mut dlogits = vec![T::ZERO; n * vocab];
-        let mean = vec![T::ONE / T::from_usize(n); n];
-        cross_entropy::backward(&mut dlogits, &mean, &pass.probs, &pass.targets, vocab);
+        cross_entropy::backward(
+            &mut dlogits,
+            &pass.loss_weights,
+            &pass.probs,
+            &pass.targets,
+            vocab,
+        );
         let mut dfinal_normed = vec![T::ZERO; n * h];
         self.head().backward(
             &mut dfinal_normed,

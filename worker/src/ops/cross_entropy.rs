@@ -5,6 +5,27 @@
 use crate::ops::softmax;
 use crate::scalar::Scalar;
 
+/// A target the loss leaves out: a prompt's token in supervised
+/// fine-tuning, which the model reads but is not trained to produce.
+pub const IGNORED: u32 = u32::MAX;
+
+/// Each position's share of the mean loss — `1 / (positions with a
+/// target)`, 0 where the target is [`IGNORED`] (all 0 when every one is) —
+/// and the targets with the ignored ones replaced by 0, a valid id whose
+/// weight 0 keeps it out of the loss and its gradient.
+pub fn mean_over_targets(targets: &[u32]) -> (Vec<f64>, Vec<u32>) {
+    let counted = targets.iter().filter(|&&t| t != IGNORED).count();
+    let share = if counted == 0 {
+        0.0
+    } else {
+        1.0 / counted as f64
+    };
+    targets
+        .iter()
+        .map(|&t| if t == IGNORED { (0.0, 0) } else { (share, t) })
+        .unzip()
+}
+
 /// For each row of `logits: [rows, vocab]`: `probs[r, :] = softmax(logits[r, :])`
 /// and `losses[r] = -ln probs[r, targets[r]]`. Targets must be below `vocab`.
 pub fn forward<T: Scalar>(
@@ -70,6 +91,15 @@ mod tests {
     use super::*;
     use crate::ops::testing::{assert_gradient, random};
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn ignored_targets_take_no_share_of_the_mean() {
+        let (weights, targets) = mean_over_targets(&[3, IGNORED, 5, IGNORED]);
+        assert_eq!(weights, [0.5, 0.0, 0.5, 0.0]);
+        assert_eq!(targets, [3, 0, 5, 0]);
+        let (weights, _) = mean_over_targets(&[IGNORED; 3]);
+        assert_eq!(weights, [0.0; 3]);
+    }
 
     #[test]
     fn uniform_logits_give_ln_vocab() {

@@ -4,6 +4,7 @@
 use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
 use moe_worker::linear::GemmPrecision;
 use moe_worker::model::config::QkNorm;
+use moe_worker::ops::cross_entropy::IGNORED;
 use moe_worker::model::{Gradients, Model, ModelConfig};
 use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
 use moe_worker::rng::SplitMix64;
@@ -57,6 +58,12 @@ fn moe(score_function: ScoreFunction) -> MoeConfig {
 }
 
 fn check_model(config: ModelConfig, seed: u64) {
+    check_model_ignoring(config, seed, &[]);
+}
+
+/// [`check_model`] with the targets at `ignored` positions left out of the
+/// loss (supervised fine-tuning's prompt tokens).
+fn check_model_ignoring(config: ModelConfig, seed: u64, ignored: &[usize]) {
     let mut model = Model::<f64>::initial(config.clone(), seed);
     let mut rng = SplitMix64::new(seed + 1);
     // Gains away from their initial 1, so a backward pass that forgot a
@@ -70,8 +77,23 @@ fn check_model(config: ModelConfig, seed: u64) {
     }
     // Two sequences of four tokens.
     let tokens: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
-    let targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    let mut targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    for &i in ignored {
+        targets[i] = IGNORED;
+    }
     let pass = model.forward(&tokens, &targets);
+    if !ignored.is_empty() {
+        // The mean over the other positions: what the same model's loss is
+        // on them alone, position by position.
+        let probs = pass.next_token_probs();
+        let counted: Vec<usize> = (0..8).filter(|i| !ignored.contains(i)).collect();
+        let mean = counted
+            .iter()
+            .map(|&i| -probs[i * config.vocab + targets[i] as usize].ln())
+            .sum::<f64>()
+            / counted.len() as f64;
+        assert!((pass.cross_entropy - mean).abs() < 1e-12, "{} vs {mean}", pass.cross_entropy);
+    }
     let selection: Vec<Vec<usize>> = pass.selected_experts().iter().map(|s| s.to_vec()).collect();
     if config.moe.aux_loss_alpha > 0.0 {
         assert!(pass.aux_loss > 0.0);
@@ -131,6 +153,12 @@ fn per_head_qk_norms_on_heads_wider_than_hidden_over_heads() {
     };
     assert_eq!(config.q_width(), 12);
     check_model(config, 30);
+}
+
+#[test]
+fn ignored_targets_leave_the_loss_and_its_gradient() {
+    // Supervised fine-tuning: the prompt's positions predict nothing trained.
+    check_model_ignoring(tiny_config(moe(ScoreFunction::Softmax), 2, 1), 50, &[0, 1, 2, 5]);
 }
 
 #[test]
