@@ -74,6 +74,11 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.nodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
         .message("training.globalBatchSize must be a multiple of microBatchSize × data-parallel size (nodes × processesPerNode / sequenceParallel)")
         .field_path(".training.globalBatchSize"),
+    // A conversation's loss is the mean over its assistant tokens, which a
+    // rank's slice of a sequence cannot weigh alone.
+    validation = Rule::new("self.data.format != 'chat' || self.parallelism.sequenceParallel == 1")
+        .message("data.format chat does not run with parallelism.sequenceParallel above 1 yet")
+        .field_path(".data.format"),
     // A text corpus needs its tokenizer; a fine-tuning job has the model's.
     validation = Rule::new("self.data.tokenizer != 'huggingface' || has(self.data.tokenizerFile) || has(self.model.initFrom)")
         .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume or data.huggingface (or model.initFrom, whose tokenizer.json it then reads)")
@@ -511,6 +516,9 @@ fn default_bias_rate() -> f64 {
     validation = Rule::new("!has(self.tokenizerFile) || (!has(self.builtin) && self.tokenizer != 'byte')")
         .message("data.tokenizerFile is a tokenizer.json in data.volume or data.huggingface, for tokenizer huggingface (text) or pretokenized (the ids it produced)")
         .field_path(".tokenizerFile"),
+    validation = Rule::new("self.format != 'chat' || self.tokenizer == 'huggingface'")
+        .message("data.format chat renders conversations through a Hugging Face tokenizer's chat template: it needs tokenizer huggingface")
+        .field_path(".format"),
 )]
 pub struct DataSpec {
     /// A corpus shipped inside the worker image (demos, tests).
@@ -540,6 +548,13 @@ pub struct DataSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub tokenizer_file: Option<String>,
+    /// What the files hold: `text` (each file a document, every token
+    /// trained) or `chat` (supervised fine-tuning: JSON Lines of
+    /// `{"messages": [{"role", "content"}, …]}`, each conversation rendered
+    /// through the tokenizer's chat template, the model trained only on
+    /// the assistant's turns).
+    #[serde(default)]
+    pub format: DataFormat,
 }
 
 impl Default for DataSpec {
@@ -551,8 +566,21 @@ impl Default for DataSpec {
             tokenizer: Tokenizer::default(),
             token_bytes: None,
             tokenizer_file: None,
+            format: DataFormat::default(),
         }
     }
+}
+
+/// What training files hold (`data.format`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Documents; the model is trained on every token.
+    #[default]
+    Text,
+    /// Conversations (JSON Lines of `{"messages": [...]}`); the model is
+    /// trained on the assistant's turns only.
+    Chat,
 }
 
 /// A corpus bundled with the worker.

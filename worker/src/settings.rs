@@ -190,10 +190,13 @@ pub enum DataSource {
         tokenizer_file: Option<PathBuf>,
     },
     /// Text through the Hugging Face tokenizer in `tokenizer_file`
-    /// (`data.tokenizer: huggingface`), file by file.
+    /// (`data.tokenizer: huggingface`), file by file; with `chat`
+    /// (`data.format: chat`) conversations through its chat template, only
+    /// the assistant's turns trained.
     HuggingFace {
         path: PathBuf,
         tokenizer_file: PathBuf,
+        chat: bool,
     },
 }
 
@@ -232,6 +235,13 @@ impl TrainSettings {
         let world_size = world_ranks(config)?;
         let mut model = ModelConfig::from_spec(&config.model)?;
         let sequence_parallel = sequence_parallel(config, world_size, &model)?;
+        // A rank's slice of a conversation cannot weigh its share of the
+        // mean over the assistant's tokens alone.
+        require(
+            sequence_parallel == 1 || config.data.format != moe_crds::DataFormat::Chat,
+            "data.format",
+            "chat does not run with parallelism.sequenceParallel above 1 yet".into(),
+        )?;
         let expert_parallel = expert_parallel(config, world_size, sequence_parallel, &model)?;
         (model.gemm_precision, model.head_precision) = gemm_precision(config);
         let training = training_settings(config, world_size, sequence_parallel)?;
@@ -534,6 +544,7 @@ fn data_source(config: &WorkerConfig) -> Result<DataSource, SettingsError> {
                 Tokenizer::Byte => Ok(DataSource::Volume(path)),
                 Tokenizer::Huggingface => Ok(DataSource::HuggingFace {
                     path,
+                    chat: config.data.format == moe_crds::DataFormat::Chat,
                     tokenizer_file: tokenizer_file.ok_or_else(|| {
                         SettingsError::new(
                             "data.tokenizerFile",
@@ -647,6 +658,7 @@ mod tests {
             DataSource::HuggingFace {
                 path: "/data/text".into(),
                 tokenizer_file: "/data/tok/tokenizer.json".into(),
+                chat: false,
             }
         );
         assert_eq!(

@@ -221,9 +221,21 @@ fn one_batch(
     attention: AttentionKernel,
     agreement: Agreement,
 ) -> Result<Vec<Check>> {
+    let batch = loader(model.config(), settings).next_batch(settings.micro_batch);
+    one_batch_of(gpu, model, &batch, case, attention, agreement)
+}
+
+/// [`one_batch`] on `batch`.
+fn one_batch_of(
+    gpu: &Gpu,
+    model: &Model<f32>,
+    batch: &crate::data::Batch,
+    case: &str,
+    attention: AttentionKernel,
+    agreement: Agreement,
+) -> Result<Vec<Check>> {
     let config = model.config();
     let mut checks = Vec::new();
-    let batch = loader(config, settings).next_batch(settings.micro_batch);
     let cpu = model.forward(&batch.inputs, &batch.targets);
     let mut cpu_grads = Gradients::zeros(config);
     model.backward(&cpu, &mut cpu_grads);
@@ -323,6 +335,19 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         &model,
         &settings,
         "3 blocks, one batch",
+        gemm,
+        Agreement::Close,
+    )?);
+    // Supervised fine-tuning: a third of the targets left out of the loss.
+    let mut sft = loader(&config, &settings).next_batch(settings.micro_batch);
+    for target in sft.targets.iter_mut().step_by(3) {
+        *target = crate::ops::cross_entropy::IGNORED;
+    }
+    checks.extend(one_batch_of(
+        gpu,
+        &model,
+        &sft,
+        "3 blocks, one batch, a third of the targets ignored",
         gemm,
         Agreement::Close,
     )?);

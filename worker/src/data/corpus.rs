@@ -17,6 +17,9 @@ pub struct Corpus {
     storage: Arc<Storage>,
     len: usize,
     counts: Arc<TokenCounts>,
+    /// Which tokens the model is trained to predict (supervised
+    /// fine-tuning: the assistant's turns); `None`: every one.
+    trained: Option<Arc<Vec<bool>>>,
 }
 
 enum Storage {
@@ -96,11 +99,26 @@ impl Corpus {
         }))
     }
 
+    /// Tokens of which only those marked in `trained` are predicted in
+    /// training (the others are read as context); one flag per token.
+    pub fn with_trained(tokens: Vec<u32>, trained: Vec<bool>) -> Self {
+        assert_eq!(tokens.len(), trained.len(), "one flag per token");
+        let mut corpus = Self::with_counts(Storage::Owned(tokens));
+        corpus.trained = Some(Arc::new(trained));
+        corpus
+    }
+
+    /// Whether the token at `position` is one the model is trained to predict.
+    pub fn is_trained(&self, position: usize) -> bool {
+        self.trained.as_ref().is_none_or(|t| t[position])
+    }
+
     fn with_counts(storage: Storage) -> Self {
         let mut corpus = Self {
             storage: Arc::new(storage),
             len: 0,
             counts: Arc::default(),
+            trained: None,
         };
         let counts = TokenCounts::of(corpus.iter());
         corpus.len = counts.total();

@@ -25,6 +25,8 @@ pub struct DataPosition {
 }
 
 /// `inputs[i]` is followed by `targets[i]` in the corpus; both `[sequences * seq_len]`.
+/// A target the model is not trained to predict (a prompt's token, in
+/// supervised fine-tuning) is [`crate::ops::cross_entropy::IGNORED`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     pub inputs: Vec<u32>,
@@ -93,7 +95,15 @@ impl DataLoader {
             self.tokens
                 .extend_window(start, self.seq_len + 1, &mut window);
             batch.inputs.extend_from_slice(&window[..self.seq_len]);
-            batch.targets.extend_from_slice(&window[1..]);
+            batch
+                .targets
+                .extend(window[1..].iter().enumerate().map(|(i, &t)| {
+                    if self.tokens.is_trained(start + 1 + i) {
+                        t
+                    } else {
+                        crate::ops::cross_entropy::IGNORED
+                    }
+                }));
         }
         self.sequences += sequences as u64;
         batch
@@ -141,6 +151,28 @@ mod tests {
         skipped.skip(3);
         assert_eq!(skipped.position(), read.position());
         assert_eq!(skipped.next_batch(2), read.next_batch(2));
+    }
+
+    #[test]
+    fn targets_the_corpus_does_not_train_are_ignored() {
+        let tokens: Vec<u32> = (0..100).collect();
+        // Tokens 10..20 and 50..60 are trained (assistant turns).
+        let trained = (0..100).map(|i| (10..20).contains(&i) || (50..60).contains(&i));
+        let corpus = Corpus::with_trained(tokens, trained.collect());
+        let mut loader = DataLoader::new(corpus, 5, 3, "test").unwrap();
+        let batch = loader.next_batch(40);
+        let mut seen = (0, 0);
+        for (input, target) in batch.inputs.iter().zip(&batch.targets) {
+            let next = input + 1;
+            if (10..20).contains(&next) || (50..60).contains(&next) {
+                assert_eq!(*target, next);
+                seen.0 += 1;
+            } else {
+                assert_eq!(*target, crate::ops::cross_entropy::IGNORED);
+                seen.1 += 1;
+            }
+        }
+        assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub enum DataError {
         path: PathBuf,
         problem: String,
     },
+    /// A line of `data.format: chat` that is not a conversation.
+    Conversation {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
     /// A token id the model has no embedding row for.
     OutOfVocabulary {
         source: String,
@@ -80,6 +86,11 @@ impl fmt::Display for DataError {
             Self::Tokenizer { path, problem } => {
                 write!(f, "data.tokenizerFile: {}: {problem}", path.display())
             }
+            Self::Conversation {
+                path,
+                line,
+                problem,
+            } => write!(f, "data.format chat: {}:{line}: {problem}", path.display()),
             Self::OutOfVocabulary {
                 source,
                 position,
@@ -118,6 +129,12 @@ pub fn load_tokens(source: &DataSource, vocab: usize) -> Result<Corpus, DataErro
         DataSource::HuggingFace {
             path,
             tokenizer_file,
+            chat: true,
+        } => conversations(path, tokenizer_file)?,
+        DataSource::HuggingFace {
+            path,
+            tokenizer_file,
+            chat: false,
         } => {
             let problem = |problem: String| DataError::Tokenizer {
                 path: tokenizer_file.clone(),
@@ -180,12 +197,89 @@ pub fn describe(source: &DataSource) -> String {
         DataSource::HuggingFace {
             path,
             tokenizer_file,
+            chat,
         } => format!(
-            "data.volume {} (tokenized by {})",
+            "data.volume {} ({}tokenized by {})",
             path.display(),
+            if *chat { "conversations " } else { "" },
             tokenizer_file.display()
         ),
     }
+}
+
+/// `data.format: chat`: every line of the files under `path` a conversation
+/// (`{"messages": [{"role": …, "content": …}, …]}`), rendered through the
+/// chat template beside `tokenizer_file` and joined in path order, only
+/// the assistant's turns trained ([`crate::serve::hf::HfTokenizer::encode_conversation`]).
+fn conversations(path: &Path, tokenizer_file: &Path) -> Result<Corpus, DataError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        messages: Vec<Message>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        role: String,
+        content: String,
+    }
+    let problem = |problem: String| DataError::Tokenizer {
+        path: tokenizer_file.to_path_buf(),
+        problem,
+    };
+    // The template is read beside the tokenizer, under the names
+    // `save_pretrained` gives them.
+    if tokenizer_file.file_name() != Some(std::ffi::OsStr::new("tokenizer.json")) {
+        return Err(problem(
+            "data.format chat reads the chat template beside the tokenizer, which must then \
+             be named tokenizer.json"
+                .into(),
+        ));
+    }
+    let dir = tokenizer_file.parent().unwrap_or(Path::new("."));
+    let tokenizer =
+        crate::serve::hf::HfTokenizer::read(dir, &[]).map_err(|e| problem(e.to_string()))?;
+    let files = data_files(path, Some(tokenizer_file))?;
+    let encoded = crate::ops::pool_map(files, |_, file| {
+        let text = String::from_utf8(read(&file)?).map_err(|_| DataError::NotText(file.clone()))?;
+        let mut out = (Vec::new(), Vec::new());
+        for (index, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |problem: String| DataError::Conversation {
+                path: file.clone(),
+                line: index + 1,
+                problem,
+            };
+            let line: Line = serde_json::from_str(line).map_err(|e| {
+                bad(format!(
+                    "not {{\"messages\": [{{\"role\", \"content\"}}, ...]}}: {e}"
+                ))
+            })?;
+            let messages: Vec<(String, String)> = line
+                .messages
+                .into_iter()
+                .map(|m| (m.role, m.content))
+                .collect();
+            let (ids, trained) = tokenizer.encode_conversation(&messages).map_err(bad)?;
+            out.0.extend(ids);
+            out.1.extend(trained);
+        }
+        Ok(out)
+    });
+    let (mut ids, mut trained) = (Vec::new(), Vec::new());
+    for file in encoded {
+        let (file_ids, file_trained) = file?;
+        ids.extend(file_ids);
+        trained.extend(file_trained);
+    }
+    if !trained.contains(&true) {
+        return Err(DataError::Conversation {
+            path: path.to_path_buf(),
+            line: 0,
+            problem: "no assistant turn to train on".into(),
+        });
+    }
+    Ok(Corpus::with_trained(ids, trained))
 }
 
 fn read(file: &Path) -> Result<Vec<u8>, DataError> {

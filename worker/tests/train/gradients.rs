@@ -4,9 +4,9 @@
 use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
 use moe_worker::linear::GemmPrecision;
 use moe_worker::model::config::QkNorm;
-use moe_worker::ops::cross_entropy::IGNORED;
 use moe_worker::model::{Gradients, Model, ModelConfig};
 use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
+use moe_worker::ops::cross_entropy::IGNORED;
 use moe_worker::rng::SplitMix64;
 
 /// Worst scaled error tolerated; see `FLOOR`. Measured worst case over these
@@ -92,7 +92,11 @@ fn check_model_ignoring(config: ModelConfig, seed: u64, ignored: &[usize]) {
             .map(|&i| -probs[i * config.vocab + targets[i] as usize].ln())
             .sum::<f64>()
             / counted.len() as f64;
-        assert!((pass.cross_entropy - mean).abs() < 1e-12, "{} vs {mean}", pass.cross_entropy);
+        assert!(
+            (pass.cross_entropy - mean).abs() < 1e-12,
+            "{} vs {mean}",
+            pass.cross_entropy
+        );
     }
     let selection: Vec<Vec<usize>> = pass.selected_experts().iter().map(|s| s.to_vec()).collect();
     if config.moe.aux_loss_alpha > 0.0 {
@@ -158,7 +162,11 @@ fn per_head_qk_norms_on_heads_wider_than_hidden_over_heads() {
 #[test]
 fn ignored_targets_leave_the_loss_and_its_gradient() {
     // Supervised fine-tuning: the prompt's positions predict nothing trained.
-    check_model_ignoring(tiny_config(moe(ScoreFunction::Softmax), 2, 1), 50, &[0, 1, 2, 5]);
+    check_model_ignoring(
+        tiny_config(moe(ScoreFunction::Softmax), 2, 1),
+        50,
+        &[0, 1, 2, 5],
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod gradients;
 mod learning;
 mod precision;
 mod pretrained;
+mod sft;
 mod sigkill;
 
 use std::path::{Path, PathBuf};

@@ -156,27 +156,50 @@ impl HfTokenizer {
         let Some(template) = &self.template else {
             return Ok(crate::serve::text::transcript(messages));
         };
-        let messages: Vec<Message<'_>> = messages
-            .iter()
-            .map(|(role, content)| Message { role, content })
-            .collect();
-        let rendered = template.env.get_template("chat").and_then(|t| {
-            t.render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => template.bos_token,
-                eos_token => template.eos_token,
-            })
-        });
-        rendered.map_err(|e| match e.kind() {
-            minijinja::ErrorKind::InvalidOperation => {
-                format!(
-                    "messages: {}",
-                    e.detail().unwrap_or("rejected by the chat template")
-                )
+        render(template, messages, true)
+    }
+
+    /// A conversation for supervised fine-tuning: its tokens as the chat
+    /// template renders the whole of it, and for each whether the model is
+    /// trained to produce it — the assistant's turns, from after the
+    /// template's assistant header (what a served model is prompted with)
+    /// to the end of the turn, its end-of-turn tokens included. Each
+    /// assistant turn is found by rendering the conversation up to it with
+    /// the header (`add_generation_prompt`) and through it without: a
+    /// template that does not render a conversation's beginning as a
+    /// prefix of the whole is refused, naming the turn.
+    pub fn encode_conversation(
+        &self,
+        messages: &[(String, String)],
+    ) -> Result<(Vec<u32>, Vec<bool>), String> {
+        let Some(template) = &self.template else {
+            return Err(
+                "the tokenizer has no chat template (tokenizer_config.json's \
+                        chat_template, or chat_template.jinja)"
+                    .into(),
+            );
+        };
+        let encode = |messages: &[(String, String)], header: bool| {
+            self.encode_with(&render(template, messages, header)?, false)
+        };
+        let ids = encode(messages, false)?;
+        let mut trained = vec![false; ids.len()];
+        for (turn, (role, _)) in messages.iter().enumerate() {
+            if role != "assistant" {
+                continue;
             }
-            _ => format!("messages: the chat template failed: {e}"),
-        })
+            let before = encode(&messages[..turn], true)?;
+            let through = encode(&messages[..=turn], false)?;
+            if !(ids.starts_with(&through) && through.starts_with(&before)) {
+                return Err(format!(
+                    "messages[{turn}]: the chat template does not render the conversation up \
+                     to this assistant turn as the beginning of the whole, so the turn's \
+                     tokens cannot be told apart"
+                ));
+            }
+            trained[before.len()..through.len()].fill(true);
+        }
+        Ok((ids, trained))
     }
 
     /// The bytes token `id` adds to a completion.
@@ -193,6 +216,36 @@ impl HfTokenizer {
     pub fn eos(&self) -> &[u32] {
         &self.eos
     }
+}
+
+/// `template` applied to `messages`, with the assistant's turn begun when
+/// `generation_prompt`.
+fn render(
+    template: &ChatTemplate,
+    messages: &[(String, String)],
+    generation_prompt: bool,
+) -> Result<String, String> {
+    let messages: Vec<Message<'_>> = messages
+        .iter()
+        .map(|(role, content)| Message { role, content })
+        .collect();
+    let rendered = template.env.get_template("chat").and_then(|t| {
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => generation_prompt,
+            bos_token => template.bos_token,
+            eos_token => template.eos_token,
+        })
+    });
+    rendered.map_err(|e| match e.kind() {
+        minijinja::ErrorKind::InvalidOperation => {
+            format!(
+                "messages: {}",
+                e.detail().unwrap_or("rejected by the chat template")
+            )
+        }
+        _ => format!("messages: the chat template failed: {e}"),
+    })
 }
 
 impl ChatTemplate {

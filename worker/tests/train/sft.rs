@@ -1,0 +1,166 @@
+//! Supervised fine-tuning (`data.format: chat`): conversations rendered
+//! through the model's chat template, the model trained on the assistant's
+//! turns only.
+
+use std::path::Path;
+use std::process::Command;
+
+use moe_worker::serve::hf::HfTokenizer;
+use serde_json::{Value, json};
+
+use crate::{config_json, scratch_dir};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
+
+fn qwen3() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe")
+}
+
+fn chat(turns: &[(&str, &str)]) -> Vec<(String, String)> {
+    turns
+        .iter()
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .collect()
+}
+
+#[test]
+fn only_the_assistants_turns_are_trained() {
+    let tokenizer = HfTokenizer::read(&qwen3(), &[]).unwrap();
+    let messages = chat(&[
+        ("user", "Where is the fox?"),
+        ("assistant", "In the forest."),
+        ("user", "And the dog?"),
+        ("assistant", "Asleep."),
+    ]);
+    let (ids, trained) = tokenizer.encode_conversation(&messages).unwrap();
+    // The whole conversation as the template renders it (no assistant turn begun).
+    assert!(ids.len() > 20);
+    let text = |keep: bool| -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .zip(&trained)
+            .filter(|(_, t)| **t == keep)
+            .flat_map(|(&id, _)| tokenizer.token_bytes(id).to_vec())
+            .collect();
+        String::from_utf8(bytes).unwrap()
+    };
+    // The assistant's words (and the newline its turn ends with), nothing
+    // of the template's headers or the user's.
+    assert_eq!(text(true), "In the forest.\nAsleep.\n");
+    let context = text(false);
+    for part in ["Where is the fox?", "And the dog?", "assistant\n", "user\n"] {
+        assert!(context.contains(part), "{part:?} in {context:?}");
+    }
+    // Without an assistant turn there is nothing to train.
+    let (_, none) = tokenizer
+        .encode_conversation(&chat(&[("user", "Hello?")]))
+        .unwrap();
+    assert!(!none.contains(&true));
+}
+
+/// Trains from the Qwen3-MoE fixture on `file` as `format`; the summary.
+fn train(dir: &Path, format: &str) -> Value {
+    let mut config = config_json(dir);
+    config["model"] = json!({
+        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
+        "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
+        "qkNorm": "perHead", "normEpsilon": 1e-6, "seqLen": 32, "ropeTheta": 1000000.0,
+        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax",
+                "normalizeTopK": true, "balancing": {"auxLossFree": {"enabled": false}}}
+    });
+    config["dataDir"] = dir.to_string_lossy().into();
+    config["data"] = json!({"volume": {"claimName": "local", "path": "chats.jsonl"},
+                            "tokenizer": "huggingface", "format": format});
+    config["initDir"] = qwen3().to_string_lossy().into();
+    config["training"]["steps"] = 30.into();
+    config["training"]["optimizer"] = json!({"learningRate": 0.005, "minLearningRate": 0.001,
+                                             "warmupSteps": 2});
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let out = Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(&path)
+        .env("MOE_STATUS_ADDR", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_loss_is_the_assistants_alone() {
+    // Users ask anything (random words); the assistant always answers the
+    // same. Trained on the answers alone, the loss falls toward 0; trained
+    // on the whole text it cannot, the questions being random.
+    let words = [
+        "fox", "dog", "tree", "river", "stone", "cloud", "moon", "bread",
+    ];
+    let mut rng = moe_worker::rng::SplitMix64::new(11);
+    let mut lines = String::new();
+    for _ in 0..200 {
+        let question: Vec<&str> = (0..6).map(|_| words[rng.below(words.len())]).collect();
+        let line = json!({"messages": [
+            {"role": "user", "content": question.join(" ")},
+            {"role": "assistant", "content": "Yes."}
+        ]});
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let run = |format: &str| {
+        let dir = scratch_dir(&format!("sft-{format}"));
+        std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
+        train(&dir, format)
+    };
+    let chat = run("chat");
+    let text = run("text");
+    let loss = |v: &Value, key: &str| v[key].as_f64().unwrap();
+    eprintln!("chat: {chat}\ntext: {text}");
+    assert!(
+        loss(&chat, "finalLoss") < 0.5,
+        "the answers are learnt: {chat}"
+    );
+    assert!(
+        loss(&text, "finalLoss") > 3.0 * loss(&chat, "finalLoss"),
+        "the whole text's loss counts the random questions: {text}"
+    );
+}
+
+#[test]
+fn a_line_that_is_not_a_conversation_is_named() {
+    let dir = scratch_dir("sft-bad");
+    std::fs::write(
+        dir.join("chats.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"text\": \"plain\"}\n",
+    )
+    .unwrap();
+    let mut config = config_json(&dir);
+    config["model"]["vocabSize"] = 330.into();
+    config["dataDir"] = dir.to_string_lossy().into();
+    std::fs::copy(qwen3().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        qwen3().join("chat_template.jinja"),
+        dir.join("chat_template.jinja"),
+    )
+    .unwrap();
+    config["data"] = json!({"volume": {"claimName": "local", "path": "chats.jsonl"},
+                            "tokenizer": "huggingface", "tokenizerFile": "tokenizer.json",
+                            "format": "chat"});
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let out = Command::new(BINARY)
+        .args(["train", "--config"])
+        .arg(&path)
+        .env("MOE_STATUS_ADDR", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("data.format chat:") && stderr.contains("chats.jsonl:2:"),
+        "{stderr}"
+    );
+}
