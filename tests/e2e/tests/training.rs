@@ -2340,64 +2340,102 @@ async fn a_download_the_network_fails_restarts_the_gang_uncounted_after_a_pause(
     ns.delete().await
 }
 
-/// The fine-tuning example as a user runs it, from the repository root:
-/// `moectl run --local` starts the worker from the pretrained model on the
-/// "claim" (the tiny Mixtral of the fixtures), reads the docs through its
-/// tokenizer, and lowers the loss; a second run resumes from the first's
-/// checkpoint. (No cluster: moectl and the worker.)
-#[tokio::test]
-async fn the_fine_tuning_example_runs_locally_from_the_pretrained_model() -> Result<()> {
-    let root = moe_e2e::operator::repo_root();
-    let workdir = std::env::temp_dir().join(format!("moe-e2e-finetune-{}", std::process::id()));
-    let run = || {
-        std::process::Command::new(moe_e2e::operator::moectl_binary()?)
-            .args([
-                "run",
-                "--local",
-                "examples/training/tiny-finetune.yaml",
-                "--workdir",
-            ])
-            .arg(&workdir)
-            .current_dir(&root)
-            .env("MOE_STATUS_ADDR", "off")
-            .output()
-            .map_err(anyhow::Error::from)
-    };
-    let out = run()?;
+/// `moectl run --local` of `example` (under examples/training) in `workdir`,
+/// from the repository root as a user runs it: its stderr and summary.
+fn run_example_locally(example: &str, workdir: &std::path::Path) -> Result<(String, Value)> {
+    let out = std::process::Command::new(moe_e2e::operator::moectl_binary()?)
+        .args([
+            "run",
+            "--local",
+            &format!("examples/training/{example}"),
+            "--workdir",
+        ])
+        .arg(workdir)
+        .current_dir(moe_e2e::operator::repo_root())
+        .env("MOE_STATUS_ADDR", "off")
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(out.status.success(), "moectl failed: {stderr}");
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.contains("finalLoss"))
+        .map(serde_json::from_str)
+        .transpose()?
+        .unwrap_or(Value::Null);
+    Ok((stderr, summary))
+}
+
+/// The first run of a fine-tuning example: it starts from the pretrained
+/// model, lowers the loss by more than `nats`, and exports the model as
+/// `architecture` (the work directory playing the output claim); the
+/// export's files.
+fn fine_tunes_and_exports(
+    example: &str,
+    name: &str,
+    workdir: &std::path::Path,
+    nats: f64,
+    architecture: &str,
+) -> Result<std::path::PathBuf> {
+    let (stderr, summary) = run_example_locally(example, workdir)?;
     ensure!(
         stderr.contains("starting from the pretrained model's weights"),
         "{stderr}"
     );
-    let summary: Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .find(|l| l.contains("finalLoss"))
-            .with_context(|| format!("no summary; stderr: {stderr}"))?,
-    )?;
     let (first, last) = (
         summary["initialLoss"].as_f64().context("no initial loss")?,
         summary["finalLoss"].as_f64().context("no final loss")?,
     );
-    ensure!(last < first - 1.0, "the loss went from {first} to {last}");
-    // output.huggingface: exported once trained, the work directory playing the claim.
-    let exported = workdir.join("exports/local/tiny-finetune");
+    ensure!(last < first - nats, "the loss went from {first} to {last}");
+    let exported = workdir.join("exports/local").join(name);
     let config: Value = serde_json::from_slice(&std::fs::read(exported.join("config.json"))?)?;
-    ensure!(
-        config["architectures"][0] == "MixtralForCausalLM",
-        "{config}"
-    );
+    ensure!(config["architectures"][0] == architecture, "{config}");
     ensure!(
         exported.join("tokenizer.json").is_file(),
         "no tokenizer in the export"
     );
-    let again = run()?;
-    let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
-    ensure!(again.status.success(), "moectl failed: {stderr}");
+    Ok(exported)
+}
+
+/// The fine-tuning example as a user runs it, from the repository root:
+/// `moectl run --local` starts the worker from the pretrained model on the
+/// "claim" (the tiny Mixtral of the fixtures), reads the docs through its
+/// tokenizer, lowers the loss and exports the model; a second run resumes
+/// from the first's checkpoint. (No cluster: moectl and the worker.)
+#[tokio::test]
+async fn the_fine_tuning_example_runs_locally_from_the_pretrained_model() -> Result<()> {
+    let workdir = std::env::temp_dir().join(format!("moe-e2e-finetune-{}", std::process::id()));
+    fine_tunes_and_exports(
+        "tiny-finetune.yaml",
+        "tiny-finetune",
+        &workdir,
+        1.0,
+        "MixtralForCausalLM",
+    )?;
+    let (stderr, _) = run_example_locally("tiny-finetune.yaml", &workdir)?;
     ensure!(!stderr.contains("starting from the pretrained"), "{stderr}");
     ensure!(stderr.contains("exists, not exporting again"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&workdir);
+    Ok(())
+}
+
+/// The supervised fine-tuning example as a user runs it: the tiny Qwen3-MoE
+/// of the fixtures trained on the repository's conversations, the loss on
+/// the assistant's turns, exported with its chat template. (No cluster.)
+#[tokio::test]
+async fn the_sft_example_runs_locally_and_exports_a_chat_model() -> Result<()> {
+    let workdir = std::env::temp_dir().join(format!("moe-e2e-sft-{}", std::process::id()));
+    let exported = fine_tunes_and_exports(
+        "tiny-sft.yaml",
+        "tiny-sft",
+        &workdir,
+        3.0,
+        "Qwen3MoeForCausalLM",
+    )?;
+    ensure!(
+        exported.join("chat_template.jinja").is_file(),
+        "the export has no chat template"
+    );
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
 }
