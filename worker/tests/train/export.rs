@@ -230,14 +230,7 @@ fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     config["initDir"] = fixture.to_string_lossy().into();
     config["training"]["steps"] = 4.into();
     config["checkpoint"]["intervalSteps"] = 4.into();
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let out = Command::new(BINARY)
-        .args(["train", "--config"])
-        .arg(&path)
-        .env("MOE_STATUS_ADDR", "off")
-        .output()
-        .unwrap();
+    let out = crate::train_binary(&dir, &config);
     assert!(
         out.status.success(),
         "{}",

@@ -109,3 +109,16 @@ pub(crate) fn worst_against_served(model: &moe_worker::model::Model<f32>, dir: &
     }
     worst
 }
+
+/// `moe-worker train` on `config`, written to `dir/config.json` (the
+/// status endpoint off): how it exited.
+pub(crate) fn train_binary(dir: &Path, config: &Value) -> std::process::Output {
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
+        .args(["train", "--config"])
+        .arg(&path)
+        .env("MOE_STATUS_ADDR", "off")
+        .output()
+        .unwrap()
+}

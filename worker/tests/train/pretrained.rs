@@ -5,7 +5,6 @@
 //! logits in `golden.json`), and `moe-worker train` starts from it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use moe_crds::ModelSpec;
 use moe_worker::model::config::ModelConfig;
@@ -14,8 +13,6 @@ use moe_worker::rng::SplitMix64;
 use serde_json::{Value, json};
 
 use crate::{config_json, scratch_dir};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -217,14 +214,7 @@ fn starts_from_the_fixture_and_resumes(name: &str, model: Value) {
         if init {
             config["initDir"] = fixture(name).to_string_lossy().into();
         }
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let out = Command::new(BINARY)
-            .args(["train", "--config"])
-            .arg(&path)
-            .env("MOE_STATUS_ADDR", "off")
-            .output()
-            .unwrap();
+        let out = crate::train_binary(dir, &config);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{stderr}");
         (serde_json::from_slice(&out.stdout).unwrap(), stderr)

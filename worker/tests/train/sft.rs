@@ -3,14 +3,11 @@
 //! turns only.
 
 use std::path::Path;
-use std::process::Command;
 
 use moe_worker::serve::hf::HfTokenizer;
 use serde_json::{Value, json};
 
 use crate::{config_json, scratch_dir};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_moe-worker");
 
 fn qwen3() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe")
@@ -75,14 +72,7 @@ fn train(dir: &Path, format: &str) -> Value {
     config["training"]["steps"] = 30.into();
     config["training"]["optimizer"] = json!({"learningRate": 0.005, "minLearningRate": 0.001,
                                              "warmupSteps": 2});
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let out = Command::new(BINARY)
-        .args(["train", "--config"])
-        .arg(&path)
-        .env("MOE_STATUS_ADDR", "off")
-        .output()
-        .unwrap();
+    let out = crate::train_binary(dir, &config);
     assert!(
         out.status.success(),
         "{}",
@@ -149,14 +139,7 @@ fn a_line_that_is_not_a_conversation_is_named() {
     config["data"] = json!({"volume": {"claimName": "local", "path": "chats.jsonl"},
                             "tokenizer": "huggingface", "tokenizerFile": "tokenizer.json",
                             "format": "chat"});
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let out = Command::new(BINARY)
-        .args(["train", "--config"])
-        .arg(&path)
-        .env("MOE_STATUS_ADDR", "off")
-        .output()
-        .unwrap();
+    let out = crate::train_binary(&dir, &config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
