@@ -957,18 +957,7 @@ output: {huggingface: {claimName: models, path: /exports/}}
 
 #[test]
 fn a_succeeded_job_exports_once_and_the_ttl_waits_for_the_export() {
-    let mut j = job(EXPORTED);
-    let done = decide(
-        &j,
-        &observed(vec![attempt(
-            0,
-            AttemptOutcome::Complete,
-            Counters::default(),
-        )]),
-    );
-    assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
-    assert!(!done.export, "the export waits for Succeeded to be written");
-    j = after(j, &done);
+    let mut j = succeeded(EXPORTED);
 
     // Past the TTL, but the export has not run: it starts, the job stays.
     let late: Timestamp = "2026-11-28T12:05:00Z".parse().unwrap();
@@ -1029,6 +1018,7 @@ fn succeeded(yaml: &str) -> MoETrainingJob {
     let complete = attempt(0, AttemptOutcome::Complete, Counters::default());
     let done = decide(&j, &observed(vec![complete]));
     assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
+    assert!(!done.export, "the export waits for Succeeded to be written");
     after(j, &done)
 }
 

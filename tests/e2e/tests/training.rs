@@ -2088,13 +2088,7 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
     );
     jobs.create(&PostParams::default(), &job).await?;
     let kubelet = Kubelet::new("export")?;
-    // The pods' mounts, here: the checkpoint claim, the output claim.
-    let state = kubelet.path("ckpt");
-    let output = kubelet.path("models");
-    let here = |arg: &str| {
-        arg.replacen("/var/lib/moe", &state.display().to_string(), 1)
-            .replacen("/output", &output.display().to_string(), 1)
-    };
+    let here = |arg: &str| on_claims_here(&kubelet, arg);
     let pod = eventually("the worker pod", WAIT, || async {
         Ok(pods_of(&pods, "hf", 0).await?.into_iter().next())
     })
@@ -2113,13 +2107,7 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
     moe_e2e::release_job(&pods, "hf").await?;
     wait_phase(&jobs, "hf", TrainingPhase::Succeeded).await?;
 
-    let export = eventually("the export pod", WAIT, || async {
-        let list = pods
-            .list(&ListParams::default().labels("moe.dev/job-name=hf,moe.dev/role=export"))
-            .await?;
-        Ok(list.items.into_iter().next())
-    })
-    .await?;
+    let export = running_export_pod(&pods, "hf").await?;
     let exporting = jobs.get("hf").await?;
     let output_status = exporting
         .status
@@ -2139,16 +2127,9 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
             .is_some(),
         "the export pod's memory is bounded"
     );
-    let command: Vec<String> = spec.containers[0]
-        .command
-        .iter()
-        .flatten()
-        .map(|a| here(a))
-        .collect();
-    ensure!(command[..2] == ["moe-worker", "export"], "{command:?}");
-    let exported = kubelet.run_for_output(&command, &[])?;
+    let exported = kubelet.run_for_output(&export_command_here(&kubelet, &export)?, &[])?;
     ensure!(exported.code == 0, "export: {}", exported.message);
-    let model_dir = output.join(&output_status.path);
+    let model_dir = kubelet.path("models").join(&output_status.path);
     let loaded = exported_config(&model_dir)?;
     ensure!(
         loaded["architectures"][0] == "Qwen3MoeForCausalLM" && loaded["head_dim"] == 12,
@@ -2201,28 +2182,10 @@ async fn a_failed_export_says_why_in_the_exports_words() -> Result<()> {
     // The gang ends without having written a checkpoint to export.
     moe_e2e::release_job(&pods, "lost").await?;
     wait_phase(&jobs, "lost", TrainingPhase::Succeeded).await?;
-    let export = eventually("the export pod to run", WAIT, || async {
-        let list = pods
-            .list(&ListParams::default().labels("moe.dev/job-name=lost,moe.dev/role=export"))
-            .await?;
-        Ok(list
-            .into_iter()
-            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
-    })
-    .await?;
+    let export = running_export_pod(&pods, "lost").await?;
     let kubelet = Kubelet::new("export-fail")?;
-    let state = kubelet.path("ckpt");
-    std::fs::create_dir_all(&state)?;
-    let command: Vec<String> = export.spec.as_ref().context("no spec")?.containers[0]
-        .command
-        .iter()
-        .flatten()
-        .map(|a| {
-            a.replacen("/var/lib/moe", &state.display().to_string(), 1)
-                .replacen("/output", &kubelet.path("models").display().to_string(), 1)
-        })
-        .collect();
-    let (code, message) = kubelet.run(&command, &[])?;
+    std::fs::create_dir_all(kubelet.path("ckpt"))?;
+    let (code, message) = kubelet.run(&export_command_here(&kubelet, &export)?, &[])?;
     ensure!(code == 2, "exit {code}: {message}");
     kubelet
         .report(&pods, &export.name_any(), "failed", code, &message)
@@ -2244,6 +2207,44 @@ async fn a_failed_export_says_why_in_the_exports_words() -> Result<()> {
     );
     wait_event(&client, &ns.name, "lost", "ExportFailed").await?;
     ns.delete().await
+}
+
+/// The export pod of job `job`, once it runs (held Running: the worker's
+/// pod labels hold it).
+async fn running_export_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
+    eventually("the export pod to run", WAIT, || async {
+        let selector = format!("moe.dev/job-name={job},moe.dev/role=export");
+        let list = pods.list(&ListParams::default().labels(&selector)).await?;
+        Ok(list
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await
+}
+
+/// A path in a training or export pod moved onto `kubelet`'s scratch: the
+/// checkpoint claim (mounted at /var/lib/moe) at `ckpt/`, the output claim
+/// (/output) at `models/`.
+fn on_claims_here(kubelet: &Kubelet, arg: &str) -> String {
+    for (mount, scratch) in [("/var/lib/moe", "ckpt"), ("/output", "models")] {
+        if let Some(rest) = arg.strip_prefix(mount) {
+            return format!("{}{rest}", kubelet.path(scratch).display());
+        }
+    }
+    arg.to_string()
+}
+
+/// The export pod's own command (`moe-worker export`), its claims here.
+fn export_command_here(kubelet: &Kubelet, export: &Pod) -> Result<Vec<String>> {
+    let container = &export.spec.as_ref().context("no spec")?.containers[0];
+    let command: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .map(|a| on_claims_here(kubelet, a))
+        .collect();
+    ensure!(command[..2] == ["moe-worker", "export"], "{command:?}");
+    Ok(command)
 }
 
 /// The exported `config.json` (the e2e crate links no worker code: that

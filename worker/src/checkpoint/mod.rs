@@ -298,12 +298,7 @@ pub fn load_experts(
 ) -> Result<Restored, CheckpointError> {
     let corrupt = corruption(path);
     let manifest = checked_manifest(path, model_spec)?;
-    let state = verified(
-        path,
-        &manifest.state_file,
-        manifest.state_bytes,
-        &manifest.state_fnv1a,
-    )?;
+    let state = verified_state(path, &manifest)?;
     let sharded = !manifest.expert_shards.is_empty();
     let mut state = state_file::decode(
         &state,
@@ -339,12 +334,7 @@ pub fn load_model(
 ) -> Result<(Manifest, Model<f32>), CheckpointError> {
     let corrupt = corruption(path);
     let manifest = checked_manifest(path, model_spec)?;
-    let state = verified(
-        path,
-        &manifest.state_file,
-        manifest.state_bytes,
-        &manifest.state_fnv1a,
-    )?;
+    let state = verified_state(path, &manifest)?;
     let sharded = !manifest.expert_shards.is_empty();
     let mut model = state_file::decode_model(&state, config, sharded, experts.clone())
         .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
@@ -404,6 +394,16 @@ fn needed_shards<'m>(
         .iter()
         .filter(|s| s.first < experts.end && experts.start < s.end)
         .collect())
+}
+
+/// The state file of the checkpoint in `path`, checked against `manifest`.
+fn verified_state(path: &Path, manifest: &Manifest) -> Result<memmap2::Mmap, CheckpointError> {
+    verified(
+        path,
+        &manifest.state_file,
+        manifest.state_bytes,
+        &manifest.state_fnv1a,
+    )
 }
 
 /// `file` of the checkpoint in `path`, mapped read-only once its size and

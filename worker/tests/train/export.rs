@@ -158,7 +158,7 @@ fn a_bf16_export_holds_the_weights_rounded_to_nearest_even() {
 
 #[test]
 fn what_no_architecture_computes_is_refused_naming_the_field() {
-    let refused = |spec: &ModelSpec, model: &Model<f32>| -> String {
+    let refused = |model: &Model<f32>| -> String {
         let out = scratch_dir("export-refused").join("hf");
         let err = hf_export::export(
             model,
@@ -170,7 +170,6 @@ fn what_no_architecture_computes_is_refused_naming_the_field() {
         .unwrap_err();
         assert!(matches!(err, ExportError::Unexportable { .. }), "{err}");
         assert!(!out.exists(), "nothing is written");
-        let _ = spec;
         err.to_string()
     };
     for (patch, field) in [
@@ -196,14 +195,14 @@ fn what_no_architecture_computes_is_refused_naming_the_field() {
     ] {
         let spec = spec(patch.clone());
         let model = random_model(&spec, 1);
-        let err = refused(&spec, &model);
+        let err = refused(&model);
         assert!(err.starts_with(field), "{patch}: {err}");
     }
     // A selection bias the model was trained with.
     let spec = spec(json!({}));
     let mut model = random_model(&spec, 1);
     model.moe_layers_mut().next().unwrap().selection_bias[2] = 0.25;
-    let err = refused(&spec, &model);
+    let err = refused(&model);
     assert!(
         err.starts_with("model.moe.balancing.auxLossFree")
             && err.contains("auxLossFree.enabled false"),
@@ -214,15 +213,11 @@ fn what_no_architecture_computes_is_refused_naming_the_field() {
 #[test]
 fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     let dir = scratch_dir("export-cli");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe");
+    let fixture = crate::pretrained::fixture("qwen3_moe");
     let mut config = config_json(&dir);
-    config["model"] = json!({
-        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
-        "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
-        "qkNorm": "perHead", "normEpsilon": 1e-6, "seqLen": 32, "ropeTheta": 1000000.0,
-        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax",
-                "normalizeTopK": true, "balancing": {"auxLossFree": {"enabled": false}}}
-    });
+    config["model"] = crate::pretrained::qwen3_model(
+        json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
+    );
     std::fs::write(dir.join("corpus.txt"), "The quick brown fox. ".repeat(400)).unwrap();
     config["dataDir"] = dir.to_string_lossy().into();
     config["data"] = json!({"volume": {"claimName": "local", "path": "corpus.txt"},

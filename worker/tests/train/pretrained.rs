@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::{config_json, scratch_dir};
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/hf")
         .join(name)
@@ -40,6 +40,11 @@ fn spec(patch: Value) -> ModelSpec {
 /// The job's `model` for the Qwen3-MoE fixture: a dense first layer, heads
 /// of 32 on a hidden size of 64, per-head q/k norms, ε 1e-6.
 fn qwen3_spec(patch: Value) -> ModelSpec {
+    serde_json::from_value(qwen3_model(patch)).expect("a valid ModelSpec")
+}
+
+/// [`qwen3_spec`] as JSON, for a worker config.
+pub(crate) fn qwen3_model(patch: Value) -> Value {
     let mut model = json!({
         "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
         "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
@@ -48,7 +53,7 @@ fn qwen3_spec(patch: Value) -> ModelSpec {
                 "normalizeTopK": true}
     });
     moe_crds::fixtures::merge_patch(&mut model, &patch);
-    serde_json::from_value(model).expect("a valid ModelSpec")
+    model
 }
 
 fn load(dir: &Path, spec: &ModelSpec) -> Result<moe_worker::model::Model<f32>, String> {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::{config_json, scratch_dir};
 
 fn qwen3() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen3_moe")
+    crate::pretrained::fixture("qwen3_moe")
 }
 
 fn chat(turns: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -58,13 +58,9 @@ fn only_the_assistants_turns_are_trained() {
 /// Trains from the Qwen3-MoE fixture on `file` as `format`; the summary.
 fn train(dir: &Path, format: &str) -> Value {
     let mut config = config_json(dir);
-    config["model"] = json!({
-        "vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
-        "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
-        "qkNorm": "perHead", "normEpsilon": 1e-6, "seqLen": 32, "ropeTheta": 1000000.0,
-        "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 16, "router": "softmax",
-                "normalizeTopK": true, "balancing": {"auxLossFree": {"enabled": false}}}
-    });
+    config["model"] = crate::pretrained::qwen3_model(
+        json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
+    );
     config["dataDir"] = dir.to_string_lossy().into();
     config["data"] = json!({"volume": {"claimName": "local", "path": "chats.jsonl"},
                             "tokenizer": "huggingface", "format": format});
