@@ -74,11 +74,6 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.training.globalBatchSize % (self.training.microBatchSize * ((self.parallelism.nodes * self.parallelism.processesPerNode) / self.parallelism.sequenceParallel)) == 0")
         .message("training.globalBatchSize must be a multiple of microBatchSize × data-parallel size (nodes × processesPerNode / sequenceParallel)")
         .field_path(".training.globalBatchSize"),
-    // A conversation's loss is the mean over its assistant tokens, which a
-    // rank's slice of a sequence cannot weigh alone.
-    validation = Rule::new("self.data.format != 'chat' || self.parallelism.sequenceParallel == 1")
-        .message("data.format chat does not run with parallelism.sequenceParallel above 1 yet")
-        .field_path(".data.format"),
     // A text corpus needs its tokenizer; a fine-tuning job has the model's.
     validation = Rule::new("self.data.tokenizer != 'huggingface' || has(self.data.tokenizerFile) || has(self.model.initFrom)")
         .message("data.tokenizer huggingface needs data.tokenizerFile, the tokenizer.json in data.volume or data.huggingface (or model.initFrom, whose tokenizer.json it then reads)")

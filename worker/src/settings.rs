@@ -235,13 +235,6 @@ impl TrainSettings {
         let world_size = world_ranks(config)?;
         let mut model = ModelConfig::from_spec(&config.model)?;
         let sequence_parallel = sequence_parallel(config, world_size, &model)?;
-        // A rank's slice of a conversation cannot weigh its share of the
-        // mean over the assistant's tokens alone.
-        require(
-            sequence_parallel == 1 || config.data.format != moe_crds::DataFormat::Chat,
-            "data.format",
-            "chat does not run with parallelism.sequenceParallel above 1 yet".into(),
-        )?;
         let expert_parallel = expert_parallel(config, world_size, sequence_parallel, &model)?;
         (model.gemm_precision, model.head_precision) = gemm_precision(config);
         let training = training_settings(config, world_size, sequence_parallel)?;

@@ -30,6 +30,7 @@ use crate::model::{
 use crate::moe::MoeLayer;
 use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
 use crate::ops::attention::AttentionShape;
+use crate::ops::cross_entropy::LossScale;
 use crate::ops::rope::RopeTable;
 use moe_kernels::cudarc::driver::CudaSlice;
 use std::ops::Range;
@@ -605,7 +606,14 @@ impl DeviceModel {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> Result<DeviceForward> {
-        self.forward_parallel(gpu, tokens, targets, memory, Parallel::default())
+        self.forward_parallel(
+            gpu,
+            tokens,
+            targets,
+            memory,
+            Parallel::default(),
+            LossScale::PassMean,
+        )
     }
 
     /// [`Self::forward_with`] spread over `parallel`'s groups, as
@@ -614,6 +622,7 @@ impl DeviceModel {
     /// switches to whole sequences of this rank's heads (Ulysses); with
     /// expert parallelism this model holds its rank's share of the routed
     /// experts. Every rank of a group runs the same layers at the same time.
+    /// The trained targets weigh in the loss as `loss` says.
     pub fn forward_parallel(
         &self,
         gpu: &Gpu,
@@ -621,6 +630,7 @@ impl DeviceModel {
         targets: &[u32],
         memory: ActivationMemory,
         parallel: Parallel<'_>,
+        loss: LossScale,
     ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
@@ -639,7 +649,7 @@ impl DeviceModel {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let (weights, targets) = crate::ops::cross_entropy::mean_over_targets(targets);
+        let (weights, targets) = crate::ops::cross_entropy::target_weights(targets, loss);
         let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(&targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
         gpu.span("fwd.embedding", || {

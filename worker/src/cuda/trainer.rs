@@ -17,7 +17,7 @@ use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{Shard, StepReport, Trainer, schedule};
+use crate::train::{Shard, StepReport, Trainer, draw_step, schedule};
 
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
@@ -183,11 +183,14 @@ impl<'g> DeviceTrainer<'g> {
             rank: world.rank() / sp,
             ranks: world.size() / sp,
         };
-        let share = settings.micro_steps * settings.micro_batch;
         gpu.span("step.zero_grads", || self.grads.zero(gpu))?;
-        // The other ranks' windows of the global batch are skipped, so the
-        // stream ends every step where one process's would.
-        self.data.skip(shard.rank * share);
+        let step = draw_step(
+            &mut self.data,
+            settings,
+            shard,
+            parallel.sequence,
+            Some(&mut *world),
+        )?;
         let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         // Over NCCL the last micro-batch's backward pass overlaps the
@@ -198,15 +201,10 @@ impl<'g> DeviceTrainer<'g> {
         // also reduces its two kinds of tensors over two groups.
         let plain = parallel.sequence.is_none() && parallel.experts.is_none();
         let overlap = plain && shard.ranks > 1 && world.as_nccl().is_some();
-        for micro_step in 0..settings.micro_steps {
+        for (micro_step, batch) in step.batches.iter().enumerate() {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
-            }
-            let mut batch = self.data.next_batch(settings.micro_batch);
-            if let Some(sp) = parallel.sequence {
-                batch.inputs = sp.local_tokens(&batch.inputs);
-                batch.targets = sp.local_tokens(&batch.targets);
             }
             let pass = self.model.forward_parallel(
                 gpu,
@@ -214,6 +212,7 @@ impl<'g> DeviceTrainer<'g> {
                 &batch.targets,
                 settings.activation_memory,
                 parallel,
+                step.loss,
             )?;
             match world.as_nccl() {
                 Some(nccl) if overlap && micro_step + 1 == settings.micro_steps => {
@@ -252,8 +251,6 @@ impl<'g> DeviceTrainer<'g> {
                 }
             }
         }
-        self.data
-            .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         let micro_steps = settings.micro_steps as f64;
         let norm_span = gpu.span_start("step.grad_norm")?;
         let squares = match parallel.experts {

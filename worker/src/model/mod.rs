@@ -26,8 +26,9 @@ use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
 use crate::moe::{MoeLayer, MoeParams};
+use crate::ops::cross_entropy::{self, LossScale};
 use crate::ops::rope::RopeTable;
-use crate::ops::{cross_entropy, embedding, rmsnorm};
+use crate::ops::{embedding, rmsnorm};
 use crate::rng::SplitMix64;
 use crate::scalar::Scalar;
 
@@ -112,14 +113,15 @@ pub struct ForwardPass<T> {
     tokens: Vec<u32>,
     /// With ignored ones replaced by 0 (see `loss_weights`).
     targets: Vec<u32>,
-    /// Each position's share of the mean cross-entropy (0 for an ignored target).
+    /// Each position's weight in `cross_entropy` (0 for an ignored target).
     loss_weights: Vec<T>,
     blocks: Vec<BlockActivations<T>>,
     final_input: Vec<T>,
     final_normed: Vec<T>,
     final_rstd: Vec<T>,
     probs: Vec<T>,
-    /// Mean next-token cross-entropy, in nats.
+    /// Next-token cross-entropy, in nats: the mean over the trained
+    /// targets, or the pass's share of its step's ([`LossScale`]).
     pub cross_entropy: f64,
     /// Sum of the MoE layers' sequence-wise balance losses (0 when off);
     /// with sequence parallelism, the whole sequences' (the same on every
@@ -355,7 +357,13 @@ impl<T: Scalar> Model<T> {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> ForwardPass<T> {
-        self.forward_in(tokens, targets, memory, Parallel::default())
+        self.forward_in(
+            tokens,
+            targets,
+            memory,
+            Parallel::default(),
+            LossScale::PassMean,
+        )
     }
 
     /// [`Self::forward_with`] on this rank's tokens, with the MoE layers'
@@ -374,14 +382,15 @@ impl<T: Scalar> Model<T> {
             experts: Some(experts),
             ..Parallel::default()
         };
-        self.forward_parallel(tokens, targets, memory, parallel)
+        self.forward_parallel(tokens, targets, memory, parallel, LossScale::PassMean)
     }
 
     /// [`Self::forward_with`] as one rank of `parallel`'s groups: with
     /// sequence parallelism `tokens` and `targets` are this rank's slice of
     /// each sequence ([`SequenceParallel::local_tokens`]), and
-    /// [`ForwardPass::cross_entropy`] is the mean over them. Every rank of
-    /// the groups must call it at the same point; the pass must be
+    /// [`ForwardPass::cross_entropy`] weighs their trained targets as `loss`
+    /// says (the mean over them, or a trainer's share of its step's). Every
+    /// rank of the groups must call it at the same point; the pass must be
     /// differentiated with [`Self::backward_parallel`] and the same groups.
     pub fn forward_parallel(
         &self,
@@ -389,8 +398,9 @@ impl<T: Scalar> Model<T> {
         targets: &[u32],
         memory: ActivationMemory,
         parallel: Parallel<'_>,
+        loss: LossScale,
     ) -> Result<ForwardPass<T>, DistError> {
-        let pass = self.forward_in(tokens, targets, memory, parallel);
+        let pass = self.forward_in(tokens, targets, memory, parallel, loss);
         parallel.take_failure()?;
         Ok(pass)
     }
@@ -401,6 +411,7 @@ impl<T: Scalar> Model<T> {
         targets: &[u32],
         memory: ActivationMemory,
         parallel: Parallel<'_>,
+        loss: LossScale,
     ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
@@ -419,7 +430,7 @@ impl<T: Scalar> Model<T> {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let (weights, targets) = cross_entropy::mean_over_targets(targets);
+        let (weights, targets) = cross_entropy::target_weights(targets, loss);
         let weights: Vec<T> = weights.into_iter().map(T::from_f64).collect();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
@@ -453,7 +464,8 @@ impl<T: Scalar> Model<T> {
         let mut probs = vec![T::ZERO; n * vocab];
         cross_entropy::forward(&mut losses, &mut probs, &logits, &targets, vocab);
         // The mean over the positions with a target (every one, unless
-        // some are ignored: a prompt's tokens in supervised fine-tuning).
+        // some are ignored: a prompt's tokens in supervised fine-tuning),
+        // or this pass's share of its step's.
         let cross_entropy = losses
             .iter()
             .zip(&weights)

@@ -9,16 +9,53 @@ use crate::scalar::Scalar;
 /// fine-tuning, which the model reads but is not trained to produce.
 pub const IGNORED: u32 = u32::MAX;
 
-/// Each position's share of the mean loss — `1 / (positions with a
-/// target)`, 0 where the target is [`IGNORED`] (all 0 when every one is) —
-/// and the targets with the ignored ones replaced by 0, a valid id whose
-/// weight 0 keeps it out of the loss and its gradient.
-pub fn mean_over_targets(targets: &[u32]) -> (Vec<f64>, Vec<u32>) {
-    let counted = targets.iter().filter(|&&t| t != IGNORED).count();
-    let share = if counted == 0 {
-        0.0
-    } else {
-        1.0 / counted as f64
+/// How the trained targets of one forward pass weigh in the loss it
+/// reports and differentiates.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum LossScale {
+    /// The mean over this pass's own trained targets.
+    #[default]
+    PassMean,
+    /// Each trained target weighs this much: a trainer's share of the
+    /// mean over a whole step's batch ([`LossScale::step_share`]).
+    PerTarget(f64),
+}
+
+impl LossScale {
+    /// The scale that makes a step's loss the mean over every trained
+    /// target of its global batch, whatever the micro-batches, data- and
+    /// sequence-parallel ranks it is split into: `trained` of them in the
+    /// whole step, over `ranks` ranks whose gradients are averaged, each
+    /// running `micro_steps` passes whose gradients are averaged. So a
+    /// pass of few assistant tokens (supervised fine-tuning) weighs less
+    /// than one of many, as in the whole batch's mean, not as much (a
+    /// mean of means over-weighs short answers). With every target
+    /// trained and equal passes it is each pass's own mean.
+    pub fn step_share(trained: usize, ranks: usize, micro_steps: usize) -> Self {
+        Self::PerTarget(if trained == 0 {
+            0.0
+        } else {
+            (ranks * micro_steps) as f64 / trained as f64
+        })
+    }
+}
+
+/// The positions with a target (not [`IGNORED`]).
+pub fn trained_targets(targets: &[u32]) -> usize {
+    targets.iter().filter(|&&t| t != IGNORED).count()
+}
+
+/// Each position's weight in the loss — the mean's `1 / (positions with a
+/// target)` or `scale`'s, 0 where the target is [`IGNORED`] (all 0 when
+/// every one is) — and the targets with the ignored ones replaced by 0, a
+/// valid id whose weight 0 keeps it out of the loss and its gradient.
+pub fn target_weights(targets: &[u32], scale: LossScale) -> (Vec<f64>, Vec<u32>) {
+    let share = match scale {
+        LossScale::PerTarget(share) => share,
+        LossScale::PassMean => match trained_targets(targets) {
+            0 => 0.0,
+            counted => 1.0 / counted as f64,
+        },
     };
     targets
         .iter()
@@ -94,11 +131,43 @@ mod tests {
 
     #[test]
     fn ignored_targets_take_no_share_of_the_mean() {
-        let (weights, targets) = mean_over_targets(&[3, IGNORED, 5, IGNORED]);
+        let (weights, targets) = target_weights(&[3, IGNORED, 5, IGNORED], LossScale::PassMean);
         assert_eq!(weights, [0.5, 0.0, 0.5, 0.0]);
         assert_eq!(targets, [3, 0, 5, 0]);
-        let (weights, _) = mean_over_targets(&[IGNORED; 3]);
+        let (weights, _) = target_weights(&[IGNORED; 3], LossScale::PassMean);
         assert_eq!(weights, [0.0; 3]);
+        let (weights, _) = target_weights(&[IGNORED, 1, 2], LossScale::PerTarget(0.25));
+        assert_eq!(weights, [0.0, 0.25, 0.25]);
+    }
+
+    #[test]
+    fn a_steps_share_weighs_every_trained_target_of_its_batch_alike() {
+        // Two ranks of two micro-batches each, 1 + 3 + 0 + 4 trained targets.
+        let passes: [&[u32]; 4] = [
+            &[IGNORED, 7, IGNORED, IGNORED],
+            &[1, 2, 3, IGNORED],
+            &[IGNORED; 4],
+            &[4, 5, 6, 7],
+        ];
+        let trained: usize = passes.iter().map(|p| trained_targets(p)).sum();
+        assert_eq!(trained, 8);
+        let scale = LossScale::step_share(trained, 2, 2);
+        // The trainers average over ranks and micro-batches: each target
+        // then weighs 1/8, as in the whole batch's mean.
+        let weight_of_each: Vec<f64> = passes
+            .iter()
+            .flat_map(|p| target_weights(p, scale).0)
+            .filter(|&w| w != 0.0)
+            .map(|w| w / 4.0)
+            .collect();
+        assert_eq!(weight_of_each, [0.125; 8]);
+        // Every target trained, equal passes: each pass's own mean.
+        let full = [1u32, 2, 3, 4];
+        assert_eq!(
+            target_weights(&full, LossScale::step_share(16, 2, 2)),
+            target_weights(&full, LossScale::PassMean)
+        );
+        assert_eq!(LossScale::step_share(0, 2, 2), LossScale::PerTarget(0.0));
     }
 
     #[test]

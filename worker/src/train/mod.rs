@@ -10,11 +10,12 @@ pub mod schedule;
 
 use std::ops::Range;
 
-use crate::data::{DataLoader, DataPosition};
+use crate::data::{Batch, DataLoader, DataPosition};
 use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistError, data_parallel};
 use crate::model::{Gradients, Model, ModelConfig, Parallel, TensorBytes};
+use crate::ops::cross_entropy::{LossScale, trained_targets};
 use crate::settings::TrainingSettings;
 
 pub use optimizer::AdamW;
@@ -168,8 +169,11 @@ impl Trainer {
     /// answers true the partial step is discarded (data position included)
     /// and `None` returned, leaving the trainer exactly at the last step.
     pub fn step(&mut self, stop: &dyn Fn() -> bool) -> Option<StepReport> {
+        let start = self.data.position();
+        let step = draw_step(&mut self.data, &self.settings, Shard::WHOLE, None, None)
+            .expect("a single process has no peers to fail");
         let accumulated = self
-            .accumulate(stop, Shard::WHOLE, Parallel::default())
+            .accumulate(stop, step, start, Parallel::default())
             .expect("a single process has no peers to fail")?;
         let grad_norm = global_norm(&self.grads, self.model.config());
         Some(self.apply(accumulated, grad_norm))
@@ -239,7 +243,15 @@ impl Trainer {
             rank: world.rank() / sp,
             ranks: world.size() / sp,
         };
-        let Some(mut acc) = self.accumulate(stop, shard, parallel)? else {
+        let start = self.data.position();
+        let step = draw_step(
+            &mut self.data,
+            &self.settings,
+            shard,
+            parallel.sequence,
+            Some(world),
+        )?;
+        let Some(mut acc) = self.accumulate(stop, step, start, parallel)? else {
             return Ok(None);
         };
         let bucket = data_parallel::BUCKET_FLOATS;
@@ -301,48 +313,33 @@ impl Trainer {
 
     /// This rank's micro-batches of one step: gradients summed into
     /// `self.grads`, losses and loads summed. `None` when `stop` interrupted
-    /// it (the data position is then back at the step's start).
+    /// it (the data position is then back at `start`, the step's start).
     fn accumulate(
         &mut self,
         stop: &dyn Fn() -> bool,
-        shard: Shard,
+        step: StepBatches,
+        start: DataPosition,
         parallel: Parallel<'_>,
     ) -> Result<Option<Accumulated>, DistError> {
-        let settings = &self.settings;
-        let start = self.data.position();
+        let memory = self.settings.activation_memory;
         for g in self.grads.tensors_mut() {
             g.fill(0.0);
         }
-        let share = settings.micro_steps * settings.micro_batch;
-        self.data.skip(shard.rank * share);
         let mut acc = Accumulated::default();
-        for _ in 0..settings.micro_steps {
+        for batch in &step.batches {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
             }
-            let mut batch = self.data.next_batch(settings.micro_batch);
-            if let Some(sp) = parallel.sequence {
-                batch.inputs = sp.local_tokens(&batch.inputs);
-                batch.targets = sp.local_tokens(&batch.targets);
-            }
-            let (inputs, targets, memory) =
-                (&batch.inputs, &batch.targets, settings.activation_memory);
-            let pass = match (parallel.sequence, parallel.experts) {
-                (None, None) => {
-                    let pass = self.model.forward_with(inputs, targets, memory);
-                    self.model.backward(&pass, &mut self.grads);
-                    pass
-                }
-                _ => {
-                    let pass = self
-                        .model
-                        .forward_parallel(inputs, targets, memory, parallel)?;
-                    self.model
-                        .backward_parallel(&pass, &mut self.grads, parallel)?;
-                    pass
-                }
-            };
+            let pass = self.model.forward_parallel(
+                &batch.inputs,
+                &batch.targets,
+                memory,
+                parallel,
+                step.loss,
+            )?;
+            self.model
+                .backward_parallel(&pass, &mut self.grads, parallel)?;
             acc.loss += pass.cross_entropy;
             acc.aux_loss += pass.aux_loss;
             acc.tokens += batch.inputs.len();
@@ -357,8 +354,6 @@ impl Trainer {
                 }
             }
         }
-        self.data
-            .skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
         Ok(Some(acc))
     }
 
@@ -413,6 +408,57 @@ pub struct Shard {
 impl Shard {
     /// A single process reads the whole batch.
     pub const WHOLE: Self = Self { rank: 0, ranks: 1 };
+}
+
+/// A rank's micro-batches of one step, and how their trained targets weigh
+/// in its loss.
+pub struct StepBatches {
+    pub batches: Vec<Batch>,
+    pub loss: LossScale,
+}
+
+/// Draws `shard`'s micro-batches of the next step from `data` (skipping the
+/// other shards' windows, so the stream ends the step where one process's
+/// would), each sequence sliced to this rank's part under `sequence`, and
+/// agrees with `world` (every rank of the step; `None`: this process alone)
+/// on how many trained targets the whole step has: the loss is the mean
+/// over all of them ([`LossScale::step_share`]), not a mean of each
+/// micro-batch's and each rank's means — the two differ when micro-batches
+/// hold different numbers of trained targets (supervised fine-tuning), and
+/// only the first is independent of how the batch is split.
+pub fn draw_step(
+    data: &mut DataLoader,
+    settings: &TrainingSettings,
+    shard: Shard,
+    sequence: Option<&SequenceParallel>,
+    world: Option<&mut dyn Collective>,
+) -> Result<StepBatches, DistError> {
+    let share = settings.micro_steps * settings.micro_batch;
+    data.skip(shard.rank * share);
+    let batches: Vec<Batch> = (0..settings.micro_steps)
+        .map(|_| {
+            let mut batch = data.next_batch(settings.micro_batch);
+            if let Some(sp) = sequence {
+                batch.inputs = sp.local_tokens(&batch.inputs);
+                batch.targets = sp.local_tokens(&batch.targets);
+            }
+            batch
+        })
+        .collect();
+    data.skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
+    let here: usize = batches.iter().map(|b| trained_targets(&b.targets)).sum();
+    let (trained, ranks) = match world {
+        // Exact: the counts are integers far below 2^53.
+        Some(world) if world.size() > 1 => (
+            data_parallel::sum(world, here as f64)? as usize,
+            world.size(),
+        ),
+        _ => (here, 1),
+    };
+    Ok(StepBatches {
+        batches,
+        loss: LossScale::step_share(trained, ranks, settings.micro_steps),
+    })
 }
 
 /// What a rank's micro-batches sum to over one step.

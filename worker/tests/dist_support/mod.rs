@@ -135,6 +135,20 @@ pub fn compare(
     got: &[(String, Vec<f32>)],
     want: &[(String, Vec<f32>)],
 ) -> Drift {
+    compare_within(what, one, ranks, got, want, 0.0)
+}
+
+/// [`compare`], the first step's losses within `first_loss` relative (0:
+/// bit-equal): a loss weighted by a share that is no power of two (fine-
+/// tuning's mean over its trained targets) is summed in another order.
+pub fn compare_within(
+    what: &str,
+    one: &[StepReport],
+    ranks: &[&[StepReport]],
+    got: &[(String, Vec<f32>)],
+    want: &[(String, Vec<f32>)],
+    first_loss_tolerance: f64,
+) -> Drift {
     for (rank, reports) in ranks.iter().enumerate() {
         assert_eq!(*reports, ranks[0], "{what} rank {rank}: reports");
     }
@@ -167,9 +181,15 @@ pub fn compare(
     eprintln!(
         "{what}: first loss {first_loss:.2e}, worst loss {worst_loss:.2e} relative; weights RMS {rms:.2e}, worst {worst:.2e} of Adam's budget ({worst_at})"
     );
-    assert_eq!(
-        reports[0].loss.to_bits(),
-        one[0].loss.to_bits(),
+    if first_loss_tolerance == 0.0 {
+        assert_eq!(
+            reports[0].loss.to_bits(),
+            one[0].loss.to_bits(),
+            "{what}: the first step's loss (same tokens, same weights, same rows) differs by {first_loss:e}"
+        );
+    }
+    assert!(
+        first_loss <= first_loss_tolerance,
         "{what}: the first step's loss (same tokens, same weights, same rows) differs by {first_loss:e}"
     );
     assert!(

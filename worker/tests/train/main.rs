@@ -113,12 +113,26 @@ pub(crate) fn worst_against_served(model: &moe_worker::model::Model<f32>, dir: &
 /// `moe-worker train` on `config`, written to `dir/config.json` (the
 /// status endpoint off): how it exited.
 pub(crate) fn train_binary(dir: &Path, config: &Value) -> std::process::Output {
+    train_binary_on(dir, config, 1)
+}
+
+/// [`train_binary`] as a pod of `ranks` local ranks (`config` must say as
+/// many `processesPerNode`) runs it: the launcher and its ranks.
+pub(crate) fn train_binary_on(dir: &Path, config: &Value, ranks: usize) -> std::process::Output {
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"));
+    command
         .args(["train", "--config"])
         .arg(&path)
-        .env("MOE_STATUS_ADDR", "off")
-        .output()
-        .unwrap()
+        .env("MOE_STATUS_ADDR", "off");
+    if ranks > 1 {
+        let port = moe_worker::dist::launch::free_local_port().unwrap();
+        command
+            .env("MOE_WORLD_SIZE", ranks.to_string())
+            .env("MOE_PROCS_PER_NODE", ranks.to_string())
+            .env("MOE_NODE_RANK", "0")
+            .env("MOE_COORDINATOR", format!("127.0.0.1:{port}"));
+    }
+    command.output().unwrap()
 }

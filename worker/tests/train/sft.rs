@@ -55,8 +55,15 @@ fn only_the_assistants_turns_are_trained() {
     assert!(!none.contains(&true));
 }
 
-/// Trains from the Qwen3-MoE fixture on `file` as `format`; the summary.
+/// Trains from the Qwen3-MoE fixture on `dir`'s `chats.jsonl` as `format`;
+/// the summary.
 fn train(dir: &Path, format: &str) -> Value {
+    train_with(dir, format, 30, |_| {})
+}
+
+/// [`train`] for `steps` steps, `patch` applied to the config, on as many
+/// local ranks as it asks for.
+fn train_with(dir: &Path, format: &str, steps: u64, patch: impl Fn(&mut Value)) -> Value {
     let mut config = config_json(dir);
     config["model"] = crate::pretrained::qwen3_model(
         json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
@@ -65,10 +72,14 @@ fn train(dir: &Path, format: &str) -> Value {
     config["data"] = json!({"volume": {"claimName": "local", "path": "chats.jsonl"},
                             "tokenizer": "huggingface", "format": format});
     config["initDir"] = qwen3().to_string_lossy().into();
-    config["training"]["steps"] = 30.into();
+    config["training"]["steps"] = steps.into();
     config["training"]["optimizer"] = json!({"learningRate": 0.005, "minLearningRate": 0.001,
                                              "warmupSteps": 2});
-    let out = crate::train_binary(dir, &config);
+    patch(&mut config);
+    let ranks = config["parallelism"]["processesPerNode"]
+        .as_u64()
+        .unwrap_or(1);
+    let out = crate::train_binary_on(dir, &config, ranks as usize);
     assert!(
         out.status.success(),
         "{}",
@@ -77,25 +88,34 @@ fn train(dir: &Path, format: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[test]
-fn the_loss_is_the_assistants_alone() {
-    // Users ask anything (random words); the assistant always answers the
-    // same. Trained on the answers alone, the loss falls toward 0; trained
-    // on the whole text it cannot, the questions being random.
+/// Conversations in which users ask anything (`questions` random words)
+/// and the assistant always answers `answer`, as JSONL.
+fn conversations(questions: usize, answer: impl Fn(usize) -> String) -> String {
     let words = [
         "fox", "dog", "tree", "river", "stone", "cloud", "moon", "bread",
     ];
     let mut rng = moe_worker::rng::SplitMix64::new(11);
     let mut lines = String::new();
-    for _ in 0..200 {
-        let question: Vec<&str> = (0..6).map(|_| words[rng.below(words.len())]).collect();
+    for i in 0..200 {
+        let question: Vec<&str> = (0..questions)
+            .map(|_| words[rng.below(words.len())])
+            .collect();
         let line = json!({"messages": [
             {"role": "user", "content": question.join(" ")},
-            {"role": "assistant", "content": "Yes."}
+            {"role": "assistant", "content": answer(i)}
         ]});
         lines.push_str(&line.to_string());
         lines.push('\n');
     }
+    lines
+}
+
+#[test]
+fn the_loss_is_the_assistants_alone() {
+    // Users ask anything (random words); the assistant always answers the
+    // same. Trained on the answers alone, the loss falls toward 0; trained
+    // on the whole text it cannot, the questions being random.
+    let lines = conversations(6, |_| "Yes.".into());
     let run = |format: &str| {
         let dir = scratch_dir(&format!("sft-{format}"));
         std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
@@ -113,6 +133,41 @@ fn the_loss_is_the_assistants_alone() {
         loss(&text, "finalLoss") > 3.0 * loss(&chat, "finalLoss"),
         "the whole text's loss counts the random questions: {text}"
     );
+}
+
+/// Fine-tuning with each sequence split over 2 ranks (Ulysses): every
+/// rank's slice holds its own number of the answers' tokens (some slices
+/// none), and the loss is still the mean over all of the step's. The run
+/// of two processes trains like one; a mean of the ranks' means would not
+/// (docs/distributed.md; the in-process test `dist_sequence_parallel`
+/// measures every split).
+#[test]
+fn fine_tuning_splits_each_conversation_over_sequence_parallel_ranks() {
+    // Answers of 1 to 12 words, after questions of 2 words.
+    let lines = conversations(2, |i| vec!["yes"; 1 + i % 12].join(" "));
+    let run = |ranks: usize| {
+        let dir = scratch_dir(&format!("sft-sp-{ranks}"));
+        std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
+        let summary = train_with(&dir, "chat", 8, |config| {
+            config["training"]["logIntervalSteps"] = 1.into();
+            config["parallelism"] = json!({"processesPerNode": ranks, "sequenceParallel": ranks});
+        });
+        (summary, crate::logged_steps(&dir))
+    };
+    let (one, one_steps) = run(1);
+    let (two, two_steps) = run(2);
+    eprintln!("one process: {one}\nSP 2: {two}");
+    assert_eq!(one_steps.len(), 8);
+    assert_eq!(
+        one_steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        two_steps.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    for ((step, a), (_, b)) in one_steps.iter().zip(&two_steps) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a,
+            "step {step}: one process {a}, SP 2 {b}"
+        );
+    }
 }
 
 #[test]
