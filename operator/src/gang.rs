@@ -104,6 +104,23 @@ pub fn pod_affinity(
     }
 }
 
+/// Whether spare pods that run show that the whole gang would now be
+/// placed, so that a smaller attempt of an elastic job may grow back:
+/// where the scheduler places the gang pod by pod (the spares take the
+/// gang's pod affinity, so they run in its domain), and where Kueue admits
+/// it, queued like the gang (Kueue admits them only when its quota holds
+/// them, and the scheduler then binds them) — unless the gang needs one
+/// topology domain: Kueue places the spares in a domain of its choosing,
+/// maybe not the gang's, and their room would not prove the gang's. Not
+/// under the Workload API, whose PodGroup binds the gang whole.
+pub fn spares_show_room(mechanism: Mechanism, placement: &Placement) -> bool {
+    match mechanism {
+        Mechanism::Scheduler => true,
+        Mechanism::Kueue => required_topology(placement).is_none(),
+        Mechanism::WorkloadApi => false,
+    }
+}
+
 fn required_topology(placement: &Placement) -> Option<&str> {
     placement
         .topology
@@ -310,6 +327,22 @@ mod tests {
         assert_eq!(mechanism(&plain, WorkloadApi, 4), Mechanism::WorkloadApi);
         assert_eq!(mechanism(&plain, WorkloadApi, 1), Mechanism::Scheduler);
         assert_eq!(mechanism(&plain, None, 4), Mechanism::Scheduler);
+    }
+
+    #[test]
+    fn spares_show_room_pod_by_pod_and_under_kueue_without_a_required_domain() {
+        let plain = placement(serde_json::json!({"queueName": "gpus"}));
+        let preferred = placement(serde_json::json!({
+            "queueName": "gpus", "topology": {"preferred": "topology.moe.dev/rack"}
+        }));
+        let required = placement(serde_json::json!({
+            "queueName": "gpus", "topology": {"required": "topology.moe.dev/rack"}
+        }));
+        assert!(spares_show_room(Mechanism::Kueue, &plain));
+        assert!(spares_show_room(Mechanism::Kueue, &preferred));
+        assert!(!spares_show_room(Mechanism::Kueue, &required));
+        assert!(spares_show_room(Mechanism::Scheduler, &required));
+        assert!(!spares_show_room(Mechanism::WorkloadApi, &plain));
     }
 
     #[test]

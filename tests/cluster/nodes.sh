@@ -5,8 +5,8 @@
 # Kueue's tests reach (Kueue's ResourceFlavors add the toleration of their
 # moe.dev/pool taint): 4 nodes for quota and preemption (node.moe.dev/pool:
 # kueue-quota), 4 more (kueue-spare), 8 for topology-aware scheduling
-# (kueue-tas: 2 blocks of 2 racks of 2 nodes), and 2 for an elastic queued job
-# (kueue-elastic). Their own pools, so the tests'
+# (kueue-tas: 2 blocks of 2 racks of 2 nodes), and 4 for an elastic queued job
+# (kueue-elastic: its quota, not the nodes, shrinks it and lets it grow). Their own pools, so the tests'
 # gangs neither crowd other tests' pods nor find a node taken by one. Kueue's
 # quota is per test, the nodes are not: no two tests that run at once share a
 # pool (tests/e2e/src/kueue.rs). One more tainted pool, gang (5 nodes: a rack
@@ -69,7 +69,7 @@ tainted_pool() { # pool, node index, block, rack
 for i in 0 1 2 3; do tainted_pool kueue-quota "$i" block-quota rack-quota; done
 for i in 0 1 2 3; do tainted_pool kueue-spare "$i" block-spare rack-spare; done
 for i in 0 1 2 3 4 5 6 7; do tainted_pool kueue-tas "$i" "block-tas-$((i / 4))" "rack-tas-$((i / 2))"; done
-for i in 0 1; do tainted_pool kueue-elastic "$i" block-kueue-elastic rack-kueue-elastic; done
+for i in 0 1 2 3; do tainted_pool kueue-elastic "$i" block-kueue-elastic rack-kueue-elastic; done
 for i in 0 1 2 3 4; do tainted_pool gang "$i" block-gang "rack-gang-$((i < 2 ? 0 : 1))"; done
 for i in 0 1; do tainted_pool dra "$i" block-dra rack-dra; done
 for i in 0 1 2 3; do tainted_pool elastic "$i" block-elastic rack-elastic; done

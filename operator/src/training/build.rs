@@ -406,19 +406,25 @@ fn pod_template(
 /// scheduler has room for the whole gang, and the operator restarts it on
 /// every node. They mount nothing and join nothing (no subdomain, no
 /// PodGroup); their container pulls the worker image, so the node has it
-/// when the grown gang lands there.
+/// when the grown gang lands there. A queued job's spares are queued too
+/// (suspended, with its queue and preferred topology), so they run only
+/// once Kueue's quota holds them beside the attempt.
 pub fn spare_job(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, count: i32) -> Job {
+    let placement = &job.spec.placement;
     let mut meta = child_meta(job, spare_job_name(job, attempt));
     let job_labels = meta.labels.get_or_insert_with(BTreeMap::new);
     job_labels.insert(labels::ROLE.into(), labels::ROLE_SPARE.into());
     job_labels.insert(labels::SPARE_FOR_ATTEMPT.into(), attempt.to_string());
+    if let Some(queue) = &placement.queue_name {
+        job_labels.insert(labels::KUEUE_QUEUE_NAME.into(), queue.clone());
+    }
     let mut template = pod_template(job, ctx, attempt, job.spec.parallelism.nodes);
     if let Some(meta) = template.metadata.as_mut() {
         let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
         pod_labels.remove(labels::ATTEMPT);
         pod_labels.insert(labels::ROLE.into(), labels::ROLE_SPARE.into());
         pod_labels.insert(labels::SPARE_FOR_ATTEMPT.into(), attempt.to_string());
-        meta.annotations = None;
+        meta.annotations = kueue_topology_annotation(placement).map(|a| BTreeMap::from([a]));
     }
     if let Some(pod) = template.spec.as_mut() {
         let worker = &job.spec.worker;
@@ -443,6 +449,7 @@ pub fn spare_job(job: &MoETrainingJob, ctx: &BuildContext, attempt: i32, count: 
             parallelism: Some(count),
             // A spare that fails is replaced; they hold until deleted.
             backoff_limit: Some(count.saturating_mul(4)),
+            suspend: placement.queue_name.as_ref().map(|_| true),
             template,
             ..Default::default()
         }),
@@ -1129,7 +1136,7 @@ mod tests {
         let ctx = BuildContext::default();
         let spare = spare_job(&j, &ctx, 1, 2);
         assert_eq!(spare.name_any(), "big-a1-spare");
-        let job_labels = spare.labels();
+        let job_labels = spare.labels().clone();
         assert_eq!(job_labels.get(labels::ROLE).unwrap(), labels::ROLE_SPARE);
         assert_eq!(job_labels.get(labels::SPARE_FOR_ATTEMPT).unwrap(), "1");
         assert!(!job_labels.contains_key(labels::ATTEMPT));
@@ -1179,6 +1186,39 @@ mod tests {
         );
         // Nothing else: no volumes, no download, no rendezvous name.
         assert!(pod.volumes.is_none() && pod.init_containers.is_none() && pod.subdomain.is_none());
+        // Not queued: created to be scheduled.
+        assert_eq!(spec.suspend, None);
+        assert!(!job_labels.contains_key(labels::KUEUE_QUEUE_NAME));
+    }
+
+    /// A queued job's spares wait for Kueue like its attempts: suspended in
+    /// its queue, with its preferred topology, so they run only when the
+    /// quota holds them beside the attempt.
+    #[test]
+    fn a_queued_jobs_spares_wait_in_its_queue() {
+        let mut j = job(serde_json::json!({
+            "queueName": "gpus",
+            "topology": {"preferred": "topology.moe.dev/block"}
+        }));
+        j.spec.parallelism.nodes = 4;
+        let spare = spare_job(&j, &BuildContext::default(), 1, 2);
+        assert_eq!(
+            spare
+                .labels()
+                .get(labels::KUEUE_QUEUE_NAME)
+                .map(String::as_str),
+            Some("gpus")
+        );
+        let spec = spare.spec.unwrap();
+        assert_eq!(spec.suspend, Some(true));
+        let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations,
+            BTreeMap::from([(
+                labels::KUEUE_PREFERRED_TOPOLOGY.to_string(),
+                "topology.moe.dev/block".to_string()
+            )])
+        );
     }
 
     /// The worker reads `data.volume.path` and `tokenizerFile` inside

@@ -172,10 +172,11 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
             invalid: invalid.clone(),
             progress,
             spares: observe_spares(ctx, job, &ns),
-            pod_by_pod: ctx
-                .build
-                .gang(&job.spec.placement, job.spec.parallelism.nodes)
-                == gang::Mechanism::Scheduler,
+            spares_show_room: gang::spares_show_room(
+                ctx.build
+                    .gang(&job.spec.placement, job.spec.parallelism.nodes),
+                &job.spec.placement,
+            ),
             export,
         },
     );

@@ -98,10 +98,10 @@ pub struct Observed {
     pub progress: Option<TrainingProgress>,
     /// The job's spare Jobs (an elastic job's smaller attempts ask for room).
     pub spares: Vec<SpareState>,
-    /// Whether the scheduler places this job's whole gang pod by pod (no
-    /// Kueue queue, no Workload API PodGroup): then spare pods that run
-    /// show that it would place the gang, and a smaller attempt may grow.
-    pub pod_by_pod: bool,
+    /// Whether spare pods that run show that the whole gang would be
+    /// placed ([`crate::gang::spares_show_room`]): then a smaller attempt
+    /// asks for them, and grows once they run.
+    pub spares_show_room: bool,
     /// The export Job (`output.huggingface`), if there is one.
     pub export: Option<ExportState>,
 }
@@ -802,7 +802,8 @@ fn shrink(
 /// for the nodes it lacks; once they all run, the scheduler has room for the
 /// whole gang, and the attempt gives way to one on `parallelism.nodes`
 /// (deleted, its pods checkpoint at their next step as they stop). Only
-/// where the scheduler places the gang pod by pod. Returns whether it grew.
+/// where spares that run prove it ([`Observed::spares_show_room`]).
+/// Returns whether it grew.
 fn grow(
     job: &MoETrainingJob,
     old: &MoETrainingJobStatus,
@@ -816,7 +817,7 @@ fn grow(
     let Some(elastic) = spec.parallelism.elastic.as_ref().filter(|e| e.grow) else {
         return false;
     };
-    if missing <= 0 || !observed.pod_by_pod || cur.succeeded > 0 {
+    if missing <= 0 || !observed.spares_show_room || cur.succeeded > 0 {
         return false;
     }
     // A smaller attempt trains `shrinkAfterSeconds` before it asks for
@@ -855,7 +856,7 @@ fn grow(
         ..Default::default()
     };
     let msg = format!(
-        "attempt {}: trained on {} of {} nodes, and the scheduler now runs {missing} spare pod(s) for the rest; stopping it (it checkpoints at its next step) and restarting on all {} as attempt {attempt} (not counted as a restart)",
+        "attempt {}: trained on {} of {} nodes, and {missing} spare pod(s) now run for the rest; stopping it (it checkpoints at its next step) and restarting on all {} as attempt {attempt} (not counted as a restart)",
         cur.attempt, cur.nodes, spec.parallelism.nodes, spec.parallelism.nodes
     );
     plan.transitions.push(info(GANG_GROWN, msg.clone()));

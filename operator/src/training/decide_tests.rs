@@ -31,7 +31,7 @@ fn observed(attempts: Vec<AttemptState>) -> Observed {
         invalid: None,
         progress: None,
         spares: vec![],
-        pod_by_pod: true,
+        spares_show_room: true,
         export: None,
     }
 }
@@ -444,10 +444,10 @@ fn a_smaller_attempt_asks_for_spare_pods_and_grows_back_once_they_all_run() {
     assert_eq!(plan.spares, None);
     assert_eq!(plan.delete, vec!["train-a1-spare"]);
 
-    // No spares where the scheduler does not place the gang pod by pod
-    // (Kueue, the Workload API), nor with grow: false.
+    // No spares where they would not show room for the gang (the Workload
+    // API, a required domain under Kueue), nor with grow: false.
     let mut obs = observed(vec![small.clone()]);
-    obs.pod_by_pod = false;
+    obs.spares_show_room = false;
     assert_eq!(decide(&ran, &obs).spares, None);
     let mut fixed = job(&ELASTIC.replace(
         "shrinkAfterSeconds: 300",

@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 pub const QUOTA_POOL: &str = "kueue-quota";
 pub const SPARE_POOL: &str = "kueue-spare";
 pub const TAS_POOL: &str = "kueue-tas";
-/// 2 nodes, for the elastic job that Kueue admits only once it has shrunk.
+/// 4 nodes, for the elastic job that Kueue admits only once it has shrunk
+/// to its quota, and that grows back when the quota does.
 pub const ELASTIC_KUEUE_POOL: &str = "kueue-elastic";
 
 /// The fake cluster's topology levels, widest first.

@@ -762,13 +762,15 @@ async fn pending_because(jobs: &Api<MoETrainingJob>, name: &str, reason: &str) -
 /// An elastic job Kueue cannot admit whole (quota for 2 of its 4 nodes):
 /// after the wait the operator asks for 2, which Kueue admits, and it runs.
 #[tokio::test]
-async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_what_its_quota_holds() -> Result<()> {
+async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_its_quota_and_grows_back_with_it()
+-> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-kueue-elastic").await?;
     let kueue = KueueSetup::create(&client, &ns.name, ELASTIC_KUEUE_POOL, 16, false).await?;
     let _op = Operator::start(&ns.name).await?;
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
     let elastic = queued(json!({"spec": {
         "parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 5}},
         "worker": {"terminationGracePeriodSeconds": 5}
@@ -785,6 +787,61 @@ async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_what_its_quota_holds() ->
     // Kueue's flavor put the shrunk gang on its pool.
     let pools = placed(&client, &pods, "wide", 2, "node.moe.dev/pool").await?;
     ensure!(pools.iter().all(|p| p == ELASTIC_KUEUE_POOL), "{pools:?}");
+
+    // Attempt 1 asks for room for the other 2 nodes in the queue: a spare
+    // Job, suspended, that Kueue does not admit while the attempt holds
+    // the whole quota (the pool's 2 free nodes notwithstanding).
+    let spare = eventually("the spare Job, queued", WAIT, || async {
+        Ok(k8s_jobs.get_opt("wide-a1-spare").await?)
+    })
+    .await?;
+    ensure!(
+        spare
+            .labels()
+            .get("kueue.x-k8s.io/queue-name")
+            .map(String::as_str)
+            == Some(KueueSetup::QUEUE),
+        "{:?}",
+        spare.labels()
+    );
+    let spare_pods = || async {
+        let sel = "moe.dev/job-name=wide,moe.dev/role=spare";
+        Ok::<_, anyhow::Error>(pods.list(&ListParams::default().labels(sel)).await?.items)
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        spare_pods().await?.is_empty(),
+        "no spare pod before Kueue admits them"
+    );
+    ensure!(
+        k8s_jobs
+            .get("wide-a1-spare")
+            .await?
+            .spec
+            .and_then(|s| s.suspend)
+            == Some(true)
+    );
+    ensure!(jobs.get("wide").await?.status.unwrap_or_default().attempt == 1);
+
+    // The quota grows to the whole gang's: Kueue admits the spares, they
+    // run, and the gang grows back to 4 as attempt 2, not counted, admitted
+    // by Kueue in turn once the smaller attempt and the spares are gone.
+    kueue.set_gpus(32).await?;
+    running_uncounted_on(&jobs, "wide", 2, 4).await?;
+    wait_event(&client, &ns.name, "wide", "GangGrown").await?;
+    let pools = placed(&client, &pods, "wide", 4, "node.moe.dev/pool").await?;
+    ensure!(pools.iter().all(|p| p == ELASTIC_KUEUE_POOL), "{pools:?}");
+    for pod in &pods_of(&pods, "wide", 2).await? {
+        ensure!(env_of(pod, "MOE_NODES").as_deref() == Some("4"));
+    }
+    eventually("the spare Job gone", WAIT, || async {
+        Ok(k8s_jobs
+            .get_opt("wide-a1-spare")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
     kueue.delete().await?;
     ns.delete().await
 }
