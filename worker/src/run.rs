@@ -297,12 +297,27 @@ pub fn train_as(
         unigram_entropy_nats = unigram_entropy,
         "loaded training data"
     );
+    let cut = tokens.conversations().map(|all| {
+        let seq_len = settings.model.seq_len;
+        (
+            all.len(),
+            all.iter().filter(|c| c.len() > seq_len + 1).count(),
+        )
+    });
     let loader = DataLoader::new(
         tokens,
         settings.model.seq_len,
         settings.training.seed,
         &source,
     )?;
+    if let (Some((conversations, cut)), Some(in_reach)) = (cut, loader.conversations_in_reach()) {
+        tracing::info!(
+            conversations,
+            cut,
+            without_answer_in_reach = conversations - in_reach,
+            "one conversation per sequence: longer ones cut to model.seqLen, shorter ones padded; those cut before their first answer are never drawn"
+        );
+    }
     // The groups first (making them needs no communication): with expert
     // parallelism each rank holds, resumes, computes and checkpoints only
     // its own routed experts. With sequence parallelism each rank trains on

@@ -3,6 +3,7 @@
 //! trains, and the ranks on a node share one copy in the page cache.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,6 +21,10 @@ pub struct Corpus {
     /// Which tokens the model is trained to predict (supervised
     /// fine-tuning: the assistant's turns); `None`: every one.
     trained: Option<Arc<Vec<bool>>>,
+    /// Supervised fine-tuning's conversations, each a range of positions:
+    /// a training sequence is one of them from its start
+    /// ([`crate::data::DataLoader`]); `None`: windows start anywhere.
+    conversations: Option<Arc<Vec<Range<usize>>>>,
 }
 
 enum Storage {
@@ -108,6 +113,31 @@ impl Corpus {
         corpus
     }
 
+    /// [`Self::with_trained`], made of `conversations` (ranges of
+    /// positions, in order, not overlapping): each training sequence is
+    /// one of them, never a window across two.
+    pub fn with_conversations(
+        tokens: Vec<u32>,
+        trained: Vec<bool>,
+        conversations: Vec<Range<usize>>,
+    ) -> Self {
+        assert!(
+            conversations
+                .iter()
+                .all(|c| c.start < c.end && c.end <= tokens.len()),
+            "conversations within the tokens"
+        );
+        let mut corpus = Self::with_trained(tokens, trained);
+        corpus.conversations = Some(Arc::new(conversations));
+        corpus
+    }
+
+    /// The conversations a training sequence is drawn from, if the corpus
+    /// is made of them.
+    pub fn conversations(&self) -> Option<&[Range<usize>]> {
+        self.conversations.as_deref().map(Vec::as_slice)
+    }
+
     /// Whether the token at `position` is one the model is trained to predict.
     pub fn is_trained(&self, position: usize) -> bool {
         self.trained.as_ref().is_none_or(|t| t[position])
@@ -119,6 +149,7 @@ impl Corpus {
             len: 0,
             counts: Arc::default(),
             trained: None,
+            conversations: None,
         };
         let counts = TokenCounts::of(corpus.iter());
         corpus.len = counts.total();

@@ -1,9 +1,14 @@
 //! Training windows drawn at seeded random offsets.
 //!
 //! Each sequence starts at a uniformly random token, so every offset (not
-//! just multiples of `seq_len`) is seen. The whole position in the stream
+//! just multiples of `seq_len`) is seen; or, in a corpus of conversations
+//! (supervised fine-tuning), is a uniformly random conversation from its
+//! start, cut or padded to `seq_len`. The whole position in the stream
 //! is the generator's state plus a count, which a checkpoint stores: a
 //! resumed run draws exactly the windows the uninterrupted run would have.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +41,9 @@ pub struct Batch {
 #[derive(Clone, Debug)]
 pub struct DataLoader {
     tokens: Corpus,
+    /// A corpus of conversations: those with an assistant token within a
+    /// sequence of their start, which each sequence is one of.
+    conversations: Option<Arc<[Range<usize>]>>,
     seq_len: usize,
     sequences: u64,
     rng: SplitMix64,
@@ -51,7 +59,27 @@ impl DataLoader {
         source: &str,
     ) -> Result<Self, DataError> {
         let tokens = tokens.into();
-        if tokens.len() <= seq_len {
+        // A conversation of any length makes a sequence (padded), but one
+        // cut before its first answer trains nothing: never drawn.
+        let conversations = tokens.conversations().map(|all| {
+            all.iter()
+                .filter(|c| {
+                    let reach = c.start + 1..c.end.min(c.start + seq_len + 1);
+                    reach.into_iter().any(|p| tokens.is_trained(p))
+                })
+                .cloned()
+                .collect::<Arc<[_]>>()
+        });
+        if let Some(drawn) = &conversations
+            && drawn.is_empty()
+        {
+            return Err(DataError::NoAnswerInReach {
+                source: source.to_owned(),
+                needed: seq_len + 1,
+                conversations: tokens.conversations().map_or(0, <[_]>::len),
+            });
+        }
+        if conversations.is_none() && tokens.len() <= seq_len {
             return Err(DataError::TooShort {
                 source: source.to_owned(),
                 tokens: tokens.len(),
@@ -60,6 +88,7 @@ impl DataLoader {
         }
         Ok(Self {
             tokens,
+            conversations,
             seq_len,
             sequences: 0,
             rng: SplitMix64::new(seed ^ DATA_STREAM),
@@ -86,15 +115,22 @@ impl DataLoader {
             inputs: Vec::with_capacity(n),
             targets: Vec::with_capacity(n),
         };
-        // Starts in 0..len - seq_len, so the last target is in bounds.
-        let starts = self.tokens.len() - self.seq_len;
         let mut window = Vec::with_capacity(self.seq_len + 1);
         for _ in 0..sequences {
-            let start = self.rng.below(starts);
+            let drawn = self.rng.below(self.choices());
+            let (start, len) = match self.conversations.as_deref() {
+                // Only the conversation, from its start: its first turns
+                // are the context of its answers, and nothing of another
+                // conversation is in it.
+                Some(conversations) => {
+                    let c = &conversations[drawn];
+                    (c.start, c.len().min(self.seq_len + 1))
+                }
+                None => (drawn, self.seq_len + 1),
+            };
             window.clear();
-            self.tokens
-                .extend_window(start, self.seq_len + 1, &mut window);
-            batch.inputs.extend_from_slice(&window[..self.seq_len]);
+            self.tokens.extend_window(start, len, &mut window);
+            batch.inputs.extend_from_slice(&window[..len - 1]);
             batch
                 .targets
                 .extend(window[1..].iter().enumerate().map(|(i, &t)| {
@@ -104,6 +140,17 @@ impl DataLoader {
                         crate::ops::cross_entropy::IGNORED
                     }
                 }));
+            // A short conversation is padded at the end, where causal
+            // attention keeps the padding out of every real position; its
+            // targets are left out of the loss. Any id would do as input.
+            let padding = self.seq_len + 1 - len;
+            batch
+                .inputs
+                .extend(std::iter::repeat_n(window[len - 1], padding));
+            batch.targets.extend(std::iter::repeat_n(
+                crate::ops::cross_entropy::IGNORED,
+                padding,
+            ));
         }
         self.sequences += sequences as u64;
         batch
@@ -114,11 +161,27 @@ impl DataLoader {
     /// (see [`crate::train::Shard`]). Draws exactly what [`Self::next_batch`]
     /// would, so the position afterwards is the same.
     pub fn skip(&mut self, sequences: usize) {
-        let starts = self.tokens.len() - self.seq_len;
+        let choices = self.choices();
         for _ in 0..sequences {
-            self.rng.below(starts);
+            self.rng.below(choices);
         }
         self.sequences += sequences as u64;
+    }
+}
+
+impl DataLoader {
+    /// How many sequences a draw picks among: the conversations, or the
+    /// window starts `0..len - seq_len` (so the last target is in bounds).
+    fn choices(&self) -> usize {
+        self.conversations
+            .as_deref()
+            .map_or(self.tokens.len() - self.seq_len, <[_]>::len)
+    }
+
+    /// In a corpus of conversations, how many a sequence is drawn from:
+    /// those with an assistant token within `seq_len + 1` of their start.
+    pub fn conversations_in_reach(&self) -> Option<usize> {
+        self.conversations.as_deref().map(<[_]>::len)
     }
 }
 
@@ -173,6 +236,98 @@ mod tests {
             }
         }
         assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn a_conversation_is_a_sequence_from_its_start_cut_or_padded() {
+        use crate::ops::cross_entropy::IGNORED;
+        // Conversations of 4, 9 and 20 tokens (ids are positions + 100);
+        // the second token of each and everything from the sixth on is
+        // trained (the answers).
+        let ranges = [0..4, 4..13, 13..33];
+        let tokens: Vec<u32> = (100..133).collect();
+        let trained = (0..33)
+            .map(|p| {
+                let c = ranges.iter().find(|c| c.contains(&p)).unwrap();
+                p - c.start == 1 || p - c.start >= 5
+            })
+            .collect();
+        let corpus = Corpus::with_conversations(tokens, trained, ranges.to_vec());
+        let seq_len = 8;
+        let mut loader = DataLoader::new(corpus, seq_len, 3, "test").unwrap();
+        let mut skipped = loader.clone();
+        let batch = loader.next_batch(30);
+        let mut seen = [false; 3];
+        for (inputs, targets) in batch
+            .inputs
+            .chunks_exact(seq_len)
+            .zip(batch.targets.chunks_exact(seq_len))
+        {
+            let which = ranges
+                .iter()
+                .position(|c| c.start as u32 + 100 == inputs[0])
+                .expect("every sequence starts a conversation");
+            seen[which] = true;
+            let c = &ranges[which];
+            // Real tokens: the conversation's own, in order, as far as
+            // they go (at most seq_len inputs and their targets).
+            let real = (c.len() - 1).min(seq_len);
+            for i in 0..real {
+                assert_eq!(inputs[i], (c.start + i) as u32 + 100);
+                let trained = i + 1 == 1 || i + 1 >= 5;
+                let want = if trained { inputs[i] + 1 } else { IGNORED };
+                assert_eq!(targets[i], want, "conversation {which}, position {i}");
+            }
+            // Then padding: never a token of the next conversation, never trained.
+            for i in real..seq_len {
+                assert_eq!(inputs[i], (c.start + real) as u32 + 100);
+                assert_eq!(targets[i], IGNORED);
+            }
+        }
+        assert_eq!(seen, [true; 3], "every conversation drawn");
+        // Skipping draws what reading does.
+        skipped.skip(30);
+        assert_eq!(skipped.position(), loader.position());
+        assert_eq!(skipped.next_batch(2), loader.next_batch(2));
+        // A conversation shorter than a sequence still makes one.
+        let short = Corpus::with_conversations(
+            vec![1, 2, 3],
+            vec![false, true, true],
+            std::iter::once(0..3).collect(),
+        );
+        assert!(DataLoader::new(short, 8, 0, "short").is_ok());
+    }
+
+    #[test]
+    fn a_conversation_cut_before_its_answer_is_never_drawn() {
+        // Answers at positions 2 and 9..12 (conversation 0..12), and 14
+        // (conversation 13..16): the first is in reach of a sequence of 4,
+        // so is the second; with an answer only at 9..12 the first is not.
+        let tokens: Vec<u32> = (0..16).collect();
+        let answers = |at: &[usize]| (0..16).map(|p| at.contains(&p)).collect::<Vec<_>>();
+        let ranges = vec![0..12, 13..16];
+        let both = Corpus::with_conversations(
+            tokens.clone(),
+            answers(&[2, 9, 10, 11, 14]),
+            ranges.clone(),
+        );
+        let loader = DataLoader::new(both, 4, 1, "chats").unwrap();
+        assert_eq!(loader.conversations_in_reach(), Some(2));
+        let late =
+            Corpus::with_conversations(tokens.clone(), answers(&[9, 10, 11, 14]), ranges.clone());
+        let mut loader = DataLoader::new(late, 4, 1, "chats").unwrap();
+        assert_eq!(loader.conversations_in_reach(), Some(1));
+        let batch = loader.next_batch(10);
+        assert!(batch.inputs.chunks_exact(4).all(|s| s[0] == 13));
+        // None in reach: an error that says what to raise.
+        let none = Corpus::with_conversations(tokens, answers(&[9, 10, 11]), ranges);
+        let error = DataLoader::new(none, 4, 1, "chats")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("model.seqLen") && error.contains("none of the 2 conversations"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub enum DataError {
         tokens: usize,
         needed: usize,
     },
+    /// No conversation has an assistant token within a sequence of its
+    /// start (`seq_len + 1` tokens): cut there, none trains anything.
+    NoAnswerInReach {
+        source: String,
+        needed: usize,
+        conversations: usize,
+    },
     /// A pre-tokenized file that is not token ids as expected.
     TokenFile {
         path: PathBuf,
@@ -74,6 +81,14 @@ impl fmt::Display for DataError {
             } => write!(
                 f,
                 "{source} has {tokens} tokens, fewer than one training window of seqLen + 1 = {needed}"
+            ),
+            Self::NoAnswerInReach {
+                source,
+                needed,
+                conversations,
+            } => write!(
+                f,
+                "model.seqLen: none of the {conversations} conversations of {source} has an assistant token within its first seqLen + 1 = {needed} tokens, and each sequence is one conversation cut there: nothing would be trained; raise model.seqLen"
             ),
             Self::TokenFile { path, error } => {
                 write!(f, "data.volume: {} {error}", path.display())
@@ -211,6 +226,9 @@ pub fn describe(source: &DataSource) -> String {
 /// (`{"messages": [{"role": …, "content": …}, …]}`), rendered through the
 /// chat template beside `tokenizer_file` and joined in path order, only
 /// the assistant's turns trained ([`crate::serve::hf::HfTokenizer::encode_conversation`]).
+/// Each conversation with an assistant turn is one training sequence
+/// ([`Corpus::conversations`]); one without has nothing to train and is
+/// never drawn.
 fn conversations(path: &Path, tokenizer_file: &Path) -> Result<Corpus, DataError> {
     #[derive(serde::Deserialize)]
     struct Line {
@@ -240,7 +258,8 @@ fn conversations(path: &Path, tokenizer_file: &Path) -> Result<Corpus, DataError
     let files = data_files(path, Some(tokenizer_file))?;
     let encoded = crate::ops::pool_map(files, |_, file| {
         let text = String::from_utf8(read(&file)?).map_err(|_| DataError::NotText(file.clone()))?;
-        let mut out = (Vec::new(), Vec::new());
+        // Ids, trained flags, and each drawable conversation's range.
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -261,25 +280,34 @@ fn conversations(path: &Path, tokenizer_file: &Path) -> Result<Corpus, DataError
                 .map(|m| (m.role, m.content))
                 .collect();
             let (ids, trained) = tokenizer.encode_conversation(&messages).map_err(bad)?;
+            if trained.contains(&true) {
+                out.2.push(out.0.len()..out.0.len() + ids.len());
+            }
             out.0.extend(ids);
             out.1.extend(trained);
         }
         Ok(out)
     });
-    let (mut ids, mut trained) = (Vec::new(), Vec::new());
+    let (mut ids, mut trained, mut conversations) = (Vec::new(), Vec::new(), Vec::new());
     for file in encoded {
-        let (file_ids, file_trained) = file?;
+        let (file_ids, file_trained, file_conversations) = file?;
+        let offset = ids.len();
+        conversations.extend(
+            file_conversations
+                .into_iter()
+                .map(|c: std::ops::Range<usize>| c.start + offset..c.end + offset),
+        );
         ids.extend(file_ids);
         trained.extend(file_trained);
     }
-    if !trained.contains(&true) {
+    if conversations.is_empty() {
         return Err(DataError::Conversation {
             path: path.to_path_buf(),
             line: 0,
             problem: "no assistant turn to train on".into(),
         });
     }
-    Ok(Corpus::with_trained(ids, trained))
+    Ok(Corpus::with_conversations(ids, trained, conversations))
 }
 
 fn read(file: &Path) -> Result<Vec<u8>, DataError> {
