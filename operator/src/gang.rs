@@ -107,17 +107,18 @@ pub fn pod_affinity(
 /// Whether spare pods that run show that the whole gang would now be
 /// placed, so that a smaller attempt of an elastic job may grow back:
 /// where the scheduler places the gang pod by pod (the spares take the
-/// gang's pod affinity, so they run in its domain), and where Kueue admits
-/// it, queued like the gang (Kueue admits them only when its quota holds
-/// them, and the scheduler then binds them) — unless the gang needs one
-/// topology domain: Kueue places the spares in a domain of its choosing,
-/// maybe not the gang's, and their room would not prove the gang's. Not
-/// under the Workload API, whose PodGroup binds the gang whole.
+/// gang's pod affinity, so they run in its domain); where Kueue admits it,
+/// queued like the gang (Kueue admits them only when its quota holds them,
+/// and the scheduler then binds them); and under the Workload API, whose
+/// scheduler binds them pod by pod beside the smaller attempt (they are in
+/// no PodGroup), so once all run the nodes they hold and the attempt's are
+/// room for the whole gang. Not when the gang needs one domain of a
+/// required topology that Kueue or the PodGroup picks: the spares would
+/// land in a domain of their own, maybe not the gang's, and prove nothing.
 pub fn spares_show_room(mechanism: Mechanism, placement: &Placement) -> bool {
     match mechanism {
         Mechanism::Scheduler => true,
-        Mechanism::Kueue => required_topology(placement).is_none(),
-        Mechanism::WorkloadApi => false,
+        Mechanism::Kueue | Mechanism::WorkloadApi => required_topology(placement).is_none(),
     }
 }
 
@@ -330,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn spares_show_room_pod_by_pod_and_under_kueue_without_a_required_domain() {
+    fn spares_show_room_pod_by_pod_and_elsewhere_without_a_required_domain() {
         let plain = placement(serde_json::json!({"queueName": "gpus"}));
         let preferred = placement(serde_json::json!({
             "queueName": "gpus", "topology": {"preferred": "topology.moe.dev/rack"}
@@ -342,7 +343,8 @@ mod tests {
         assert!(spares_show_room(Mechanism::Kueue, &preferred));
         assert!(!spares_show_room(Mechanism::Kueue, &required));
         assert!(spares_show_room(Mechanism::Scheduler, &required));
-        assert!(!spares_show_room(Mechanism::WorkloadApi, &plain));
+        assert!(spares_show_room(Mechanism::WorkloadApi, &preferred));
+        assert!(!spares_show_room(Mechanism::WorkloadApi, &required));
     }
 
     #[test]

@@ -16,7 +16,8 @@
 # (fabric.moe.dev: a ResourceSlice per node, published here as a driver's
 # kubelet plugin would, and the DeviceClass that selects them), for claims
 # the scheduler allocates (Dynamic Resource Allocation). A tainted pool elastic
-# (4 nodes) for an elastic job's gang that the test crowds and then frees. KWOK manages every node annotated
+# (4 nodes) for an elastic job's gang that the test crowds and then frees, and
+# gang-elastic (4 nodes) for the same under the Workload API. KWOK manages every node annotated
 # kwok.x-k8s.io/node=fake and marks it Ready.
 # Usage: nodes.sh [GPU_NODES]   (default 16; up.sh passes 24)
 set -euo pipefail
@@ -73,6 +74,7 @@ for i in 0 1 2 3; do tainted_pool kueue-elastic "$i" block-kueue-elastic rack-ku
 for i in 0 1 2 3 4; do tainted_pool gang "$i" block-gang "rack-gang-$((i < 2 ? 0 : 1))"; done
 for i in 0 1; do tainted_pool dra "$i" block-dra rack-dra; done
 for i in 0 1 2 3; do tainted_pool elastic "$i" block-elastic rack-elastic; done
+for i in 0 1 2 3; do tainted_pool gang-elastic "$i" block-gang-elastic rack-gang-elastic; done
 cat <<YAML
 ---
 apiVersion: resource.k8s.io/v1

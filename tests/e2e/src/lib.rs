@@ -303,6 +303,9 @@ pub const WORKLOAD_API: [&str; 2] = ["--gang-scheduling", "workload-api"];
 /// job test, which crowds it with pods of its own; one test uses it.
 pub const ELASTIC_POOL: &str = "elastic";
 
+/// The same for the elastic job under the Workload API.
+pub const GANG_ELASTIC_POOL: &str = "gang-elastic";
+
 /// The pool of fake nodes with a device of the fake DRA driver each
 /// (`tests/cluster/nodes.sh`: 2 nodes, DeviceClass [`DRA_CLASS`]).
 pub const DRA_POOL: &str = "dra";

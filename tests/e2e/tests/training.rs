@@ -19,9 +19,9 @@ use moe_e2e::kubelet::Kubelet;
 use moe_e2e::kueue::{ELASTIC_KUEUE_POOL, KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL, admitted};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
-    DRA_CLASS, DRA_POOL, ELASTIC_POOL, GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API,
-    admin_client, api_message, bound_claim, eventually, gpu_job, metric_sum, on_pool,
-    rejection_problems,
+    DRA_CLASS, DRA_POOL, ELASTIC_POOL, GANG_ELASTIC_POOL, GANG_POOL, HOLD, TestNamespace,
+    UrgentClass, WORKLOAD_API, admin_client, api_message, bound_claim, eventually, gpu_job,
+    metric_sum, on_pool, rejection_problems,
 };
 use serde_json::{Value, json};
 
@@ -1087,7 +1087,12 @@ async fn topology_without_kueue_keeps_the_gang_with_its_first_pod() -> Result<()
 
 /// How many pods of `job`'s first attempt exist, and how many are bound to a node.
 async fn bound(pods: &Api<Pod>, job: &str) -> Result<(usize, usize)> {
-    let list = pods_of(pods, job, 0).await?;
+    bound_in(pods, job, 0).await
+}
+
+/// [`bound`] for attempt `attempt`.
+async fn bound_in(pods: &Api<Pod>, job: &str, attempt: i32) -> Result<(usize, usize)> {
+    let list = pods_of(pods, job, attempt).await?;
     let bound = list
         .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
@@ -1098,13 +1103,18 @@ async fn bound(pods: &Api<Pod>, job: &str) -> Result<(usize, usize)> {
 /// A pod that takes a whole node of the elastic pool (8 GPUs), as another
 /// team's workload would.
 fn blocker(name: &str) -> Pod {
+    blocker_on(ELASTIC_POOL, name)
+}
+
+/// [`blocker`] on `pool`.
+fn blocker_on(pool: &str, name: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {HOLD: "true"}},
         "spec": {
-            "nodeSelector": {"node.moe.dev/pool": ELASTIC_POOL},
+            "nodeSelector": {"node.moe.dev/pool": pool},
             "tolerations": [
-                {"key": "moe.dev/pool", "operator": "Equal", "value": ELASTIC_POOL, "effect": "NoSchedule"},
+                {"key": "moe.dev/pool", "operator": "Equal", "value": pool, "effect": "NoSchedule"},
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ],
             "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -1261,6 +1271,76 @@ async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_
     })
     .await?;
     Ok(())
+}
+
+/// Under the Workload API a gang is bound whole or not at all: a 4-node
+/// elastic gang on a 4-node pool where other pods hold 2 nodes is bound
+/// nowhere, shrinks to 2 (one fewer would be 3, which does not split its
+/// global batch), and asks for its 2 missing nodes with spare pods, which
+/// are in no PodGroup and wait, unscheduled. Once the other pods are gone the spares run, and
+/// the gang grows back to 4, its PodGroup of 4 bound whole.
+#[tokio::test]
+async fn under_the_workload_api_an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back()
+-> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-gang-elastic").await?;
+    let _op = Operator::start_with(&ns.name, &WORKLOAD_API).await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let groups: Api<PodGroup> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams::default();
+    for name in ["other-0", "other-1"] {
+        pods.create(&pp, &blocker_on(GANG_ELASTIC_POOL, name))
+            .await?;
+    }
+    let elastic = json!({"spec": {
+        "parallelism": {"elastic": {"minNodes": 1, "shrinkAfterSeconds": 5}},
+        "worker": {"terminationGracePeriodSeconds": 5}
+    }});
+    jobs.create(
+        &pp,
+        &gpu_job("wide", 4, on_pool(GANG_ELASTIC_POOL, elastic)),
+    )
+    .await?;
+    running_uncounted_on(&jobs, "wide", 1, 2).await?;
+    wait_event(&client, &ns.name, "wide", "GangShrunk").await?;
+    let spares = eventually("2 spare pods, unscheduled", WAIT, || async {
+        let sel = "moe.dev/job-name=wide,moe.dev/role=spare,moe.dev/spare-for-attempt=1";
+        let spares = pods.list(&ListParams::default().labels(sel)).await?.items;
+        let waiting = spares
+            .iter()
+            .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_none()))
+            .count();
+        Ok((spares.len() == 2 && waiting == 2).then_some(spares))
+    })
+    .await?;
+    ensure!(
+        spares.iter().all(|p| p
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.scheduling_group.is_none())),
+        "spares join no PodGroup"
+    );
+
+    for name in ["other-0", "other-1"] {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    running_uncounted_on(&jobs, "wide", 2, 4).await?;
+    wait_event(&client, &ns.name, "wide", "GangGrown").await?;
+    ensure!(bound_in(&pods, "wide", 2).await? == (4, 4));
+    let group = groups.get("wide-a2").await?;
+    ensure!(
+        group
+            .spec
+            .scheduling_policy
+            .gang
+            .as_ref()
+            .map(|g| g.min_count)
+            == Some(4),
+        "{:?}",
+        group.spec
+    );
+    ns.delete().await
 }
 
 #[tokio::test]
