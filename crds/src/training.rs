@@ -912,9 +912,10 @@ pub struct ElasticSpec {
     /// nodes with spare pods (a Job `<name>-a<attempt>-spare`: the workers'
     /// resources and placement, running nothing); once they all run, stop
     /// the gang (it checkpoints at the next step) and restart it on all
-    /// `nodes`. Only for gangs the scheduler places pod by pod: under Kueue
-    /// (`placement.queueName`) or the Workload API an attempt grows back
-    /// when it restarts.
+    /// `nodes`. Under Kueue (`placement.queueName`) the spares wait in the
+    /// queue for quota. Not with a `placement.topology.required` under
+    /// Kueue or the Workload API (they would place the spares in a domain
+    /// of their own): there an attempt grows back when it restarts.
     #[serde(default = "yes")]
     pub grow: bool,
 }
