@@ -162,6 +162,9 @@ struct MetricsLine {
     aux_loss: f64,
     lr: f64,
     grad_norm: f64,
+    /// The step's tokens whose next token is in the loss (every one for
+    /// text; the assistant's for conversations).
+    trained_tokens: usize,
     #[serde(flatten)]
     pace: Pace,
     /// The most tokens any expert of any MoE layer received in the step.
@@ -942,6 +945,7 @@ fn metrics_line(
         aux_loss: report.aux_loss,
         lr: report.learning_rate,
         grad_norm: report.grad_norm,
+        trained_tokens: report.trained_tokens,
         pace,
         expert_load_max: report
             .expert_loads

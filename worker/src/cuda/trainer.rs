@@ -184,7 +184,7 @@ impl<'g> DeviceTrainer<'g> {
             ranks: world.size() / sp,
         };
         gpu.span("step.zero_grads", || self.grads.zero(gpu))?;
-        let step = draw_step(
+        let drawn = draw_step(
             &mut self.data,
             settings,
             shard,
@@ -201,7 +201,7 @@ impl<'g> DeviceTrainer<'g> {
         // also reduces its two kinds of tensors over two groups.
         let plain = parallel.sequence.is_none() && parallel.experts.is_none();
         let overlap = plain && shard.ranks > 1 && world.as_nccl().is_some();
-        for (micro_step, batch) in step.batches.iter().enumerate() {
+        for (micro_step, batch) in drawn.batches.iter().enumerate() {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
@@ -212,7 +212,7 @@ impl<'g> DeviceTrainer<'g> {
                 &batch.targets,
                 settings.activation_memory,
                 parallel,
-                step.loss,
+                drawn.loss,
             )?;
             match world.as_nccl() {
                 Some(nccl) if overlap && micro_step + 1 == settings.micro_steps => {
@@ -343,6 +343,7 @@ impl<'g> DeviceTrainer<'g> {
             learning_rate: lr,
             grad_norm,
             tokens,
+            trained_tokens: drawn.trained,
             expert_loads,
         }))
     }

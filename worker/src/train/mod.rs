@@ -34,6 +34,9 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Tokens of the step's global batch (every replica's).
     pub tokens: usize,
+    /// Those of them whose next token is in the loss: every one for text;
+    /// the assistant's, for conversations (the rest are context and padding).
+    pub trained_tokens: usize,
     /// Tokens routed to each expert over the step (by every replica), one
     /// list per MoE block.
     pub expert_loads: Vec<Vec<usize>>,
@@ -325,7 +328,10 @@ impl Trainer {
         for g in self.grads.tensors_mut() {
             g.fill(0.0);
         }
-        let mut acc = Accumulated::default();
+        let mut acc = Accumulated {
+            trained_tokens: step.trained,
+            ..Accumulated::default()
+        };
         for batch in &step.batches {
             if stop() {
                 self.data.restore(start);
@@ -385,6 +391,7 @@ impl Trainer {
             learning_rate: lr,
             grad_norm,
             tokens: acc.tokens,
+            trained_tokens: acc.trained_tokens,
             expert_loads: acc.expert_loads,
         }
     }
@@ -415,6 +422,8 @@ impl Shard {
 pub struct StepBatches {
     pub batches: Vec<Batch>,
     pub loss: LossScale,
+    /// Trained targets in the whole step (every rank's).
+    pub trained: usize,
 }
 
 /// Draws `shard`'s micro-batches of the next step from `data` (skipping the
@@ -458,6 +467,7 @@ pub fn draw_step(
     Ok(StepBatches {
         batches,
         loss: LossScale::step_share(trained, ranks, settings.micro_steps),
+        trained,
     })
 }
 
@@ -467,6 +477,8 @@ struct Accumulated {
     loss: f64,
     aux_loss: f64,
     tokens: usize,
+    /// The whole step's, every rank's (known before it runs).
+    trained_tokens: usize,
     /// Per MoE block, per expert.
     expert_loads: Vec<Vec<usize>>,
 }

@@ -158,6 +158,10 @@ pub fn compare_within(
         assert_eq!(g.step, w.step);
         assert_eq!(g.tokens, w.tokens, "{what}: tokens of the global batch");
         assert_eq!(
+            g.trained_tokens, w.trained_tokens,
+            "{what}: trained tokens of the global batch"
+        );
+        assert_eq!(
             g.expert_loads, w.expert_loads,
             "{what}: step {} loads",
             g.step

@@ -113,6 +113,19 @@ fn conversations(questions: usize, answer: impl Fn(usize) -> String) -> String {
     lines
 }
 
+/// Each logged step's `trainedTokens` in `dir`'s `metrics.jsonl`.
+fn trained_tokens(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("out").join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["trainedTokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn the_loss_is_the_assistants_alone() {
     // Users ask anything (random words); the assistant always answers the
@@ -122,10 +135,20 @@ fn the_loss_is_the_assistants_alone() {
     let run = |format: &str| {
         let dir = scratch_dir(&format!("sft-{format}"));
         std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
-        train(&dir, format)
+        (train(&dir, format), trained_tokens(&dir))
     };
-    let chat = run("chat");
-    let text = run("text");
+    let (chat, chat_trained) = run("chat");
+    let (text, text_trained) = run("text");
+    // A global batch of 4 sequences of 96: text trains on every token; a
+    // conversation on its answer alone ("Yes." and the end of the turn).
+    assert!(
+        text_trained.iter().all(|&t| t == 4 * 96),
+        "{text_trained:?}"
+    );
+    assert!(
+        chat_trained.iter().all(|&t| (4..=4 * 8).contains(&t)),
+        "{chat_trained:?}"
+    );
     let loss = |v: &Value, key: &str| v[key].as_f64().unwrap();
     eprintln!("chat: {chat}\ntext: {text}");
     assert!(
