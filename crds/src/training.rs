@@ -212,9 +212,9 @@ pub struct HuggingFaceOutput {
     /// (the master weights exactly).
     #[serde(default)]
     pub precision: ExportPrecision,
-    /// The export pod's resources. Default: 1 CPU, and memory for the model
-    /// in f32 plus 5 GiB (it decodes the weights, not the optimizer moments,
-    /// and encodes one 2 GB shard at a time).
+    /// The export pod's resources. Default: 1 CPU, and memory for one 2 GB
+    /// shard, twelve bytes per value of the largest tensor and 1 GiB (the
+    /// export reads the checkpoint one tensor at a time, never the model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }

@@ -228,22 +228,30 @@ fn main() -> ExitCode {
 }
 
 fn export(args: ExportArgs) -> ExitCode {
+    use moe_worker::checkpoint::CheckpointWeights;
     use moe_worker::model::hf_export::{self, ExportPrecision};
-    use moe_worker::serve::load::{self, LoadedWeights};
-    let loaded = match load::load(
+    use moe_worker::serve::load::{self, Detected};
+    let path = match load::detect(
         &args.model,
         Some(moe_crds::ModelFormat::Native),
         args.checkpoint_step,
     ) {
-        Ok(loaded) => loaded,
+        Ok(Detected::Native(path)) => path,
+        Ok(Detected::HuggingFace(_)) => return fail("--model: not a worker checkpoint", 2),
         Err(e) => return fail(&format!("--model: {e}"), 2),
     };
-    let LoadedWeights::Native(model) = &loaded.model else {
-        return fail("--model: not a worker checkpoint", 2);
+    // Read one tensor at a time out of the mapped files: the export holds
+    // a shard's bytes and a tensor, not the model.
+    let weights = match CheckpointWeights::open(&path) {
+        Ok(weights) => weights,
+        Err(e) => return fail(&format!("--model: {e}"), 2),
     };
     // The checkpoint's tokenizer.json, else the byte tokenizer written as
-    // one (a checkpoint of pre-tokenized ids without theirs does not load).
-    let file = loaded.path.join(moe_worker::checkpoint::TOKENIZER);
+    // one (a checkpoint of pre-tokenized ids without theirs is refused).
+    if let Err(e) = load::native_tokenizer(&path, weights.manifest()) {
+        return fail(&format!("--model: {e}"), 2);
+    }
+    let file = path.join(moe_worker::checkpoint::TOKENIZER);
     let tokenizer = if file.is_file() {
         hf_export::ExportTokenizer::File(&file)
     } else {
@@ -254,12 +262,12 @@ fn export(args: ExportArgs) -> ExitCode {
         ExportPrecisionArg::F32 => ExportPrecision::F32,
     };
     let shard_bytes = args.shard_size_mb.saturating_mul(1_000_000);
-    match hf_export::export(model, tokenizer, &args.out, precision, shard_bytes) {
+    match hf_export::export(&weights, tokenizer, &args.out, precision, shard_bytes) {
         Ok(exported) => {
             let summary = serde_json::json!({
                 "architecture": exported.architecture.class_name(),
-                "checkpoint": loaded.path,
-                "step": loaded.step,
+                "checkpoint": path,
+                "step": weights.manifest().step,
                 "out": args.out,
                 "files": exported.files,
                 "tensorBytes": exported.tensor_bytes,

@@ -477,38 +477,39 @@ pub fn export_path(job: &MoETrainingJob) -> String {
     join_path(&[path, &ns, &job.name_any()])
 }
 
-/// Parameters of `model` (every routed expert), counted from its shapes:
-/// what sizes the export pod's memory.
-fn parameters(model: &moe_crds::ModelSpec) -> u64 {
+/// The export pod's memory: the export reads the checkpoint a tensor at a
+/// time (`moe-worker export`), so it holds one shard being encoded (at most
+/// [`EXPORT_SHARD_BYTES`], or one larger tensor), and the tensor being
+/// read with its reordered copy: a shard and twelve bytes per value of the
+/// largest tensor bound it, and 1 GiB of room. Not the model's size.
+fn export_memory(model: &moe_crds::ModelSpec) -> u64 {
+    EXPORT_SHARD_BYTES + 12 * largest_tensor(model) + (1 << 30)
+}
+
+/// Shards of 2 GB.
+const EXPORT_SHARD_BYTES: u64 = 2_000_000_000;
+
+/// Values of the largest tensor of `model`: the embedding or the head
+/// (`vocab × hidden`) in any model that has one of them larger than the
+/// rest.
+fn largest_tensor(model: &moe_crds::ModelSpec) -> u64 {
     let n = |v: i32| u64::try_from(v).unwrap_or(0);
-    let (h, v, layers, dense) = (
-        n(model.hidden_size),
-        n(model.vocab_size),
-        n(model.layers),
-        n(model.dense_layers),
-    );
+    let h = n(model.hidden_size);
     let heads = n(model.attention_heads).max(1);
     let d = model.head_dim.map_or(h / heads, n);
-    let (q, kv) = (heads * d, n(model.kv_heads) * d);
     let dense_hidden = model.dense_hidden_size.map_or(4 * h, n);
     let moe = &model.moe;
-    let (experts, shared, width) = (
+    [
+        n(model.vocab_size),
+        heads * d,
+        dense_hidden,
         n(moe.experts),
-        n(moe.shared_experts),
         n(moe.expert_hidden_size),
-    );
-    let qk_norms = match model.qk_norm {
-        None => 0,
-        Some(moe_crds::QkNormSpec::PerHead) => 2 * d,
-        Some(moe_crds::QkNormSpec::Whole) => q + kv,
-    };
-    let attention = 2 * q * h + 2 * kv * h + 2 * h + qk_norms;
-    let moe_layer = experts * h + (experts + shared) * 3 * width * h;
-    2 * v * h
-        + h
-        + layers * attention
-        + dense * 3 * dense_hidden * h
-        + layers.saturating_sub(dense) * moe_layer
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+        * h
 }
 
 /// The export pod's command (`moe-worker export`), its paths in the pod:
@@ -529,9 +530,9 @@ pub fn export_command(job: &MoETrainingJob) -> Option<Vec<String>> {
         format!("{EXPORT_MOUNT}/{}", export_path(job)),
         "--precision".into(),
         precision.into(),
-        // Shards of 2 GB: the pod's memory holds one being encoded.
+        // The pod's memory holds one shard being encoded (export_memory).
         "--shard-size-mb".into(),
-        "2000".into(),
+        (EXPORT_SHARD_BYTES / 1_000_000).to_string(),
     ])
 }
 
@@ -554,9 +555,7 @@ pub fn export_job(job: &MoETrainingJob, ctx: &BuildContext) -> Option<Job> {
     pod_labels.extend(child_labels(job));
     pod_labels.insert(labels::ROLE.into(), labels::ROLE_EXPORT.into());
     let resources = output.resources.clone().unwrap_or_else(|| {
-        // The model in f32 (the export decodes the weights alone, from the
-        // mapped checkpoint), a 2 GB shard being encoded, and room.
-        let bytes = 4 * parameters(&job.spec.model) + (5 << 30);
+        let bytes = export_memory(&job.spec.model);
         let memory = Quantity(format!("{}Mi", bytes.div_ceil(1 << 20)));
         ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -956,8 +955,9 @@ mod tests {
             pod.tolerations.is_none() && pod.node_selector.is_none(),
             "no GPU"
         );
-        // The model in f32 and 5 GiB.
-        let params = parameters(&j.spec.model);
+        // A shard, twelve bytes per value of the largest tensor (the
+        // embedding: vocab × hidden), 1 GiB: far below the model's size.
+        let largest = u64::try_from(j.spec.model.vocab_size * j.spec.model.hidden_size).unwrap();
         let memory = &container
             .resources
             .as_ref()
@@ -967,27 +967,13 @@ mod tests {
             .unwrap()["memory"];
         assert_eq!(
             memory.0,
-            format!("{}Mi", (4 * params + (5 << 30)).div_ceil(1 << 20))
+            format!(
+                "{}Mi",
+                (2_000_000_000 + 12 * largest + (1 << 30)).div_ceil(1 << 20)
+            )
         );
         // Without output.huggingface, no export.
         assert!(export_job(&job(serde_json::json!({})), &BuildContext::default()).is_none());
-    }
-
-    #[test]
-    fn the_parameter_count_is_the_models() {
-        // hidden 8, vocab 16, 1 layer, heads 2 × 4 (kv 1), 2 experts of 4, no dense.
-        let mut v = moe_crds::fixtures::valid_training_job();
-        moe_crds::fixtures::merge_patch(
-            &mut v,
-            &serde_json::json!({"spec": {"model": {"vocabSize": 16, "hiddenSize": 8, "layers": 1,
-                "denseLayers": 0, "attentionHeads": 2, "kvHeads": 1, "headDim": 4, "qkNorm": "whole",
-                "moe": {"experts": 2, "topK": 1, "sharedExperts": 1, "expertHiddenSize": 4}}}}),
-        );
-        let j: MoETrainingJob = serde_json::from_value(v).unwrap();
-        // embedding + head 2·16·8, final norm 8; attention wq 8·8, wk 4·8, wv 4·8,
-        // wo 8·8, two norms 8 + 8, q/k gains 8 + 4; router 2·8; 3 experts × 3 × 4·8.
-        let want = 256 + 8 + (64 + 32 + 32 + 64 + 16 + 12) + 16 + 3 * 3 * 32;
-        assert_eq!(parameters(&j.spec.model), want);
     }
 
     #[test]

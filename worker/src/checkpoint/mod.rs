@@ -347,6 +347,109 @@ pub fn load_model(
     Ok((manifest, model))
 }
 
+/// The weights of the checkpoint in `path`, read one tensor at a time out
+/// of its mapped files (its state file and expert shards, each checked
+/// against the manifest first): what export reads, holding one tensor
+/// where [`load_model`] holds the model.
+pub struct CheckpointWeights {
+    path: PathBuf,
+    manifest: Manifest,
+    config: ModelConfig,
+    state: state_file::MappedTensors,
+    /// Expert shards, with the experts each holds and its file name (none
+    /// unsharded).
+    shards: Vec<(Range<usize>, String, state_file::MappedTensors)>,
+}
+
+impl CheckpointWeights {
+    /// The checkpoint in `path`, of the model its manifest records.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let corrupt = corruption(path);
+        let manifest = read_manifest(path)?;
+        let config = &ModelConfig::from_spec(&manifest.model)
+            .map_err(|e| corrupt(format!("{MANIFEST}: its model: {e}")))?;
+        let state = state_file::MappedTensors::new(verified_state(path, &manifest)?)
+            .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
+        let every = 0..config.moe.n_routed_experts;
+        let mut shards = Vec::new();
+        for shard in needed_shards(&manifest, config, &every).map_err(&corrupt)? {
+            let map = verified(path, &shard.file, shard.bytes, &shard.fnv1a)?;
+            let tensors = state_file::MappedTensors::new(map)
+                .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+            shards.push((shard.first..shard.end, shard.file.clone(), tensors));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            manifest,
+            config: config.clone(),
+            state,
+            shards,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Tensor `name` of the model (any but a routed expert's), of `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let rows = 0..shape.first().copied().unwrap_or(1);
+        self.state
+            .weight_rows(name, shape, rows)
+            .map_err(|problem| self.corrupt(&self.manifest.state_file, problem))
+    }
+
+    /// Routed expert `expert`'s part of expert tensor `name`, whose whole
+    /// shape (every expert along the first dimension) is `shape`.
+    pub fn expert(
+        &self,
+        name: &str,
+        shape: &[usize],
+        expert: usize,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        if self.shards.is_empty() {
+            return self
+                .state
+                .weight_rows(name, shape, expert..expert + 1)
+                .map_err(|problem| self.corrupt(&self.manifest.state_file, problem));
+        }
+        // The shards cover every expert once (checked at open).
+        let (held, file, shard) = self
+            .shards
+            .iter()
+            .find(|(held, _, _)| held.contains(&expert))
+            .ok_or_else(|| {
+                corruption(&self.path)(format!("no expert shard holds expert {expert}"))
+            })?;
+        let mut local = shape.to_vec();
+        local[0] = held.len();
+        let row = expert - held.start;
+        shard
+            .weight_rows(name, &local, row..row + 1)
+            .map_err(|problem| self.corrupt(file, problem))
+    }
+
+    /// Each MoE layer's selection biases, in order.
+    pub fn selection_biases(&self) -> Result<Vec<Vec<f32>>, CheckpointError> {
+        let experts = self.config.moe.n_routed_experts;
+        (self.config.dense_layers..self.config.layers)
+            .map(|block| {
+                self.state
+                    .selection_bias(block, experts)
+                    .map_err(|problem| self.corrupt(&self.manifest.state_file, problem))
+            })
+            .collect()
+    }
+
+    fn corrupt(&self, file: &str, problem: String) -> CheckpointError {
+        corruption(&self.path)(format!("{file}: {problem}"))
+    }
+}
+
 fn corruption(path: &Path) -> impl Fn(String) -> CheckpointError + '_ {
     move |problem| CheckpointError::Corrupt {
         path: path.to_path_buf(),
@@ -357,6 +460,19 @@ fn corruption(path: &Path) -> impl Fn(String) -> CheckpointError + '_ {
 /// The manifest of the checkpoint in `path`, of this format and of a model
 /// that is `model_spec`.
 fn checked_manifest(path: &Path, model_spec: &ModelSpec) -> Result<Manifest, CheckpointError> {
+    let manifest = read_manifest(path)?;
+    let differences = manifest::model_differences(&manifest.model, model_spec);
+    if !differences.is_empty() {
+        return Err(CheckpointError::ModelMismatch {
+            path: path.to_path_buf(),
+            differences,
+        });
+    }
+    Ok(manifest)
+}
+
+/// The manifest of the checkpoint in `path`, of this format.
+fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
     let corrupt = corruption(path);
     let manifest_path = path.join(MANIFEST);
     let json = fs::read(&manifest_path).map_err(io(&manifest_path))?;
@@ -367,13 +483,6 @@ fn checked_manifest(path: &Path, model_spec: &ModelSpec) -> Result<Manifest, Che
             "format version {} is not the supported {FORMAT_VERSION}",
             manifest.format_version
         )));
-    }
-    let differences = manifest::model_differences(&manifest.model, model_spec);
-    if !differences.is_empty() {
-        return Err(CheckpointError::ModelMismatch {
-            path: path.to_path_buf(),
-            differences,
-        });
     }
     Ok(manifest)
 }

@@ -327,16 +327,77 @@ fn read_rows(
     let view = file
         .tensor(name)
         .map_err(|_| format!("tensor {name} is missing"))?;
-    if view.dtype() != Dtype::F32 || view.shape() != shape {
+    f32_rows(name, (view.dtype(), view.shape()), view.data(), shape, rows)
+}
+
+/// Rows `rows` of the f32 tensor `name` stored as `stored` (dtype, shape)
+/// in `data`, once its shape is checked to be `shape`.
+fn f32_rows(
+    name: &str,
+    stored: (Dtype, &[usize]),
+    data: &[u8],
+    shape: &[usize],
+    rows: Range<usize>,
+) -> Result<Vec<f32>, String> {
+    if stored.0 != Dtype::F32 || stored.1 != shape {
         return Err(format!(
             "tensor {name} is {:?} {:?}, expected F32 {shape:?}",
-            view.dtype(),
-            view.shape()
+            stored.0, stored.1
         ));
     }
     let row_bytes = 4 * shape.iter().skip(1).product::<usize>();
-    Ok(view.data()[rows.start * row_bytes..rows.end * row_bytes]
+    Ok(data[rows.start * row_bytes..rows.end * row_bytes]
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect())
+}
+
+/// A state file or an expert shard, mapped, its header parsed once: export
+/// reads the weights one tensor at a time, so it holds one tensor, never
+/// the model.
+pub struct MappedTensors {
+    map: memmap2::Mmap,
+    data_start: usize,
+    metadata: safetensors::tensor::Metadata,
+}
+
+impl MappedTensors {
+    pub fn new(map: memmap2::Mmap) -> Result<Self, String> {
+        let (header, metadata) = SafeTensors::read_metadata(&map).map_err(|e| e.to_string())?;
+        Ok(Self {
+            data_start: 8 + header,
+            metadata,
+            map,
+        })
+    }
+
+    /// Rows `rows` of weight tensor `name` (the model's name for it),
+    /// whose shape in this file must be `shape`.
+    pub fn weight_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, String> {
+        self.rows(&format!("{WEIGHTS}/{name}"), shape, rows)
+    }
+
+    /// The selection biases of MoE block `block` (`experts` of them).
+    pub fn selection_bias(&self, block: usize, experts: usize) -> Result<Vec<f32>, String> {
+        self.rows(
+            &format!("{SELECTION_BIAS}/blocks.{block}"),
+            &[experts],
+            0..experts,
+        )
+    }
+
+    fn rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>, String> {
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| format!("tensor {name} is missing"))?;
+        let (start, end) = info.data_offsets;
+        let data = &self.map[self.data_start + start..self.data_start + end];
+        f32_rows(name, (info.dtype, &info.shape), data, shape, rows)
+    }
 }

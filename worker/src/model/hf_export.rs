@@ -21,10 +21,9 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
+use crate::model::Model;
 use crate::model::config::{ModelConfig, QkNorm};
-use crate::model::weights::FeedForward;
-use crate::model::{Model, Weights};
-use crate::moe::{MoeLayer, ScoreFunction};
+use crate::moe::ScoreFunction;
 
 /// The number type of the exported weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +106,9 @@ pub enum ExportError {
         error: std::io::Error,
     },
     Safetensors(String),
+    /// The weights could not be read (a checkpoint's file), or hold
+    /// non-finite values.
+    Source(String),
 }
 
 impl std::fmt::Display for ExportError {
@@ -119,6 +121,7 @@ impl std::fmt::Display for ExportError {
             ),
             Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
             Self::Safetensors(e) => write!(f, "writing safetensors: {e}"),
+            Self::Source(e) => write!(f, "reading the weights: {e}"),
         }
     }
 }
@@ -129,10 +132,10 @@ fn unexportable(field: &'static str, reason: String) -> ExportError {
     ExportError::Unexportable { field, reason }
 }
 
-/// The architecture that computes `model` exactly, or the field that
-/// keeps any from doing so.
-pub fn architecture_for(model: &Model<f32>) -> Result<HfArchitecture, ExportError> {
-    let c = model.config();
+/// The architecture that computes the model of `source` exactly, or the
+/// field that keeps any from doing so.
+pub fn architecture_for(source: &dyn ExportSource) -> Result<HfArchitecture, ExportError> {
+    let c = source.config();
     let moe = &c.moe;
     if moe.score_function != ScoreFunction::Softmax {
         return Err(unexportable(
@@ -159,10 +162,11 @@ pub fn architecture_for(model: &Model<f32>) -> Result<HfArchitecture, ExportErro
             format!("is {}", moe.routed_scaling_factor),
         ));
     }
-    if let Some((layer, _)) = model
-        .moe_layers()
+    if let Some((layer, _)) = source
+        .selection_biases()?
+        .iter()
         .enumerate()
-        .find(|(_, layer)| layer.selection_bias.iter().any(|&b| b != 0.0))
+        .find(|(_, bias)| bias.iter().any(|&b| b != 0.0))
     {
         return Err(unexportable(
             "model.moe.balancing.auxLossFree",
@@ -270,145 +274,320 @@ fn hf_config(
     json
 }
 
-/// One exported tensor: its name, shape and f32 values (the model's own
-/// where nothing is reordered: an export holds no second copy of it).
-struct HfTensor<'a> {
+/// One exported tensor: its Hugging Face name and shape, and where its
+/// values come from (read when its shard is written, so an export holds
+/// one shard's bytes and one tensor's values, never the model).
+#[derive(Clone, Debug, PartialEq)]
+struct HfTensor {
     name: String,
     shape: Vec<usize>,
-    values: Cow<'a, [f32]>,
+    source: Source,
 }
 
-/// Every tensor of `weights` under its Hugging Face name, in the order
-/// `save_pretrained` shards them (embedding, layers, final norm, head).
-fn hf_tensors<'a>(
-    config: &ModelConfig,
-    weights: &'a Weights<f32, MoeLayer<f32>>,
-    architecture: HfArchitecture,
-) -> Vec<HfTensor<'a>> {
-    let (h, v, qw, kv, d) = (
+/// A tensor of the training model (its name in `Weights::tensors` and the
+/// checkpoint, and its whole shape), whole or one routed expert's part, with
+/// each head's rows turned from RoPE pairs to halves when `halve` says the
+/// rows' width.
+#[derive(Clone, Debug, PartialEq)]
+struct Source {
+    tensor: String,
+    shape: Vec<usize>,
+    expert: Option<usize>,
+    halve: Option<usize>,
+}
+
+/// The weights an export reads, one tensor at a time: a model in memory
+/// ([`Model`]), or a checkpoint's mapped files
+/// ([`crate::checkpoint::CheckpointWeights`]).
+pub trait ExportSource {
+    fn config(&self) -> &ModelConfig;
+    /// Tensor `name` of the model (not a routed expert's), of `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Cow<'_, [f32]>, ExportError>;
+    /// Routed expert `expert`'s part of expert tensor `name` (whole shape
+    /// `shape`, every expert along its first dimension).
+    fn expert(
+        &self,
+        name: &str,
+        shape: &[usize],
+        expert: usize,
+    ) -> Result<Cow<'_, [f32]>, ExportError>;
+    /// Each MoE layer's selection biases, in order.
+    fn selection_biases(&self) -> Result<Vec<Vec<f32>>, ExportError>;
+}
+
+impl ExportSource for Model<f32> {
+    fn config(&self) -> &ModelConfig {
+        Model::config(self)
+    }
+
+    fn tensor(&self, name: &str, _shape: &[usize]) -> Result<Cow<'_, [f32]>, ExportError> {
+        let config = Model::config(self);
+        self.weights
+            .tensors(config)
+            .into_iter()
+            .find(|t| t.name == name)
+            .map(|t| Cow::Borrowed(t.values))
+            .ok_or_else(|| ExportError::Source(format!("the model has no tensor {name}")))
+    }
+
+    fn expert(
+        &self,
+        name: &str,
+        shape: &[usize],
+        expert: usize,
+    ) -> Result<Cow<'_, [f32]>, ExportError> {
+        let held = self.held_experts();
+        if !held.contains(&expert) {
+            return Err(ExportError::Source(format!(
+                "the model holds experts {held:?}, not {expert}"
+            )));
+        }
+        let whole = self.tensor(name, shape)?;
+        let Cow::Borrowed(values) = whole else {
+            unreachable!("a model's tensors are borrowed");
+        };
+        let per = values.len() / held.len();
+        let at = (expert - held.start) * per;
+        Ok(Cow::Borrowed(&values[at..at + per]))
+    }
+
+    fn selection_biases(&self) -> Result<Vec<Vec<f32>>, ExportError> {
+        Ok(self
+            .moe_layers()
+            .map(|layer| layer.selection_bias.clone())
+            .collect())
+    }
+}
+
+impl ExportSource for crate::checkpoint::CheckpointWeights {
+    fn config(&self) -> &ModelConfig {
+        crate::checkpoint::CheckpointWeights::config(self)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Cow<'_, [f32]>, ExportError> {
+        crate::checkpoint::CheckpointWeights::tensor(self, name, shape)
+            .map(Cow::Owned)
+            .map_err(|e| ExportError::Source(e.to_string()))
+    }
+
+    fn expert(
+        &self,
+        name: &str,
+        shape: &[usize],
+        expert: usize,
+    ) -> Result<Cow<'_, [f32]>, ExportError> {
+        crate::checkpoint::CheckpointWeights::expert(self, name, shape, expert)
+            .map(Cow::Owned)
+            .map_err(|e| ExportError::Source(e.to_string()))
+    }
+
+    fn selection_biases(&self) -> Result<Vec<Vec<f32>>, ExportError> {
+        crate::checkpoint::CheckpointWeights::selection_biases(self)
+            .map_err(|e| ExportError::Source(e.to_string()))
+    }
+}
+
+impl HfTensor {
+    /// Its values, read from `source` and rearranged as Hugging Face lays
+    /// them out; non-finite ones refused (a diverged run's checkpoint).
+    fn values<'s>(
+        &self,
+        source: &'s dyn ExportSource,
+        head_dim: usize,
+    ) -> Result<Cow<'s, [f32]>, ExportError> {
+        let from = &self.source;
+        let values = match from.expert {
+            Some(e) => source.expert(&from.tensor, &from.shape, e)?,
+            None => source.tensor(&from.tensor, &from.shape)?,
+        };
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ExportError::Source(format!(
+                "tensor {} holds non-finite values (NaN or infinity): the run diverged, or \
+                 the checkpoint is corrupt",
+                from.tensor
+            )));
+        }
+        Ok(match from.halve {
+            Some(width) => Cow::Owned(halve_rope_rows(
+                &values,
+                values.len() / (head_dim * width),
+                head_dim,
+                width,
+            )),
+            None => values,
+        })
+    }
+}
+
+/// Every tensor of a model of `config` under its Hugging Face name, in the
+/// order `save_pretrained` shards them (embedding, layers, final norm,
+/// head), with the training model's tensor each comes from.
+fn hf_tensors(config: &ModelConfig, architecture: HfArchitecture) -> Vec<HfTensor> {
+    let (h, v, qw, kv) = (
         config.hidden,
         config.vocab,
         config.q_width(),
         config.kv_width(),
-        config.head_dim,
     );
     let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, values: Cow<'a, [f32]>| {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
-        out.push(HfTensor {
-            name,
-            shape,
-            values,
-        });
-    };
-    let halves = |w: &[f32], width: usize| -> Cow<'a, [f32]> {
-        Cow::Owned(halve_rope_rows(w, w.len() / (d * width), d, width))
-    };
+    let mut push =
+        |name: String, shape: Vec<usize>, tensor: String, whole: Vec<usize>, expert, halve| {
+            out.push(HfTensor {
+                name,
+                shape,
+                source: Source {
+                    tensor,
+                    shape: whole,
+                    expert,
+                    halve,
+                },
+            });
+        };
     push(
         "model.embed_tokens.weight".into(),
         vec![v, h],
-        Cow::Borrowed(&weights.embedding),
+        "embedding".into(),
+        vec![v, h],
+        None,
+        None,
     );
-    for (i, block) in weights.blocks.iter().enumerate() {
+    for i in 0..config.layers {
         let p = format!("model.layers.{i}");
         let attn = format!("{p}.self_attn");
+        let ours = |name: &str| format!("blocks.{i}.{name}");
         push(
             format!("{p}.input_layernorm.weight"),
             vec![h],
-            Cow::Borrowed(&block.attention_norm),
+            ours("attention_norm"),
+            vec![h],
+            None,
+            None,
         );
         push(
             format!("{attn}.q_proj.weight"),
             vec![qw, h],
-            halves(&block.wq, h),
+            ours("wq"),
+            vec![qw, h],
+            None,
+            Some(h),
         );
         push(
             format!("{attn}.k_proj.weight"),
             vec![kv, h],
-            halves(&block.wk, h),
+            ours("wk"),
+            vec![kv, h],
+            None,
+            Some(h),
         );
         push(
             format!("{attn}.v_proj.weight"),
             vec![kv, h],
-            Cow::Borrowed(&block.wv),
+            ours("wv"),
+            vec![kv, h],
+            None,
+            None,
         );
         push(
             format!("{attn}.o_proj.weight"),
             vec![h, qw],
-            Cow::Borrowed(&block.wo),
+            ours("wo"),
+            vec![h, qw],
+            None,
+            None,
         );
-        if config.qk_norm.is_some() {
-            let (q, k) = (&block.q_norm, &block.k_norm);
-            push(format!("{attn}.q_norm.weight"), vec![q.len()], halves(q, 1));
-            push(format!("{attn}.k_norm.weight"), vec![k.len()], halves(k, 1));
+        if let Some((q, k)) = config.qk_norm_widths() {
+            push(
+                format!("{attn}.q_norm.weight"),
+                vec![q],
+                ours("q_norm"),
+                vec![q],
+                None,
+                Some(1),
+            );
+            push(
+                format!("{attn}.k_norm.weight"),
+                vec![k],
+                ours("k_norm"),
+                vec![k],
+                None,
+                Some(1),
+            );
         }
         push(
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
-            Cow::Borrowed(&block.ffn_norm),
+            ours("ffn_norm"),
+            vec![h],
+            None,
+            None,
         );
-        match &block.ffn {
-            FeedForward::Dense(dense) => {
-                let dh = config.dense_hidden;
-                let mlp = format!("{p}.mlp");
+        if i < config.dense_layers {
+            let dh = config.dense_hidden;
+            let mlp = format!("{p}.mlp");
+            for (name, theirs, shape) in [
+                ("dense.w1", "gate_proj", vec![dh, h]),
+                ("dense.w3", "up_proj", vec![dh, h]),
+                ("dense.w2", "down_proj", vec![h, dh]),
+            ] {
                 push(
-                    format!("{mlp}.gate_proj.weight"),
-                    vec![dh, h],
-                    Cow::Borrowed(&dense.w1),
-                );
-                push(
-                    format!("{mlp}.up_proj.weight"),
-                    vec![dh, h],
-                    Cow::Borrowed(&dense.w3),
-                );
-                push(
-                    format!("{mlp}.down_proj.weight"),
-                    vec![h, dh],
-                    Cow::Borrowed(&dense.w2),
+                    format!("{mlp}.{theirs}.weight"),
+                    shape.clone(),
+                    ours(name),
+                    shape,
+                    None,
+                    None,
                 );
             }
-            FeedForward::Moe(layer) => {
-                let params = &layer.params;
-                let eh = config.moe.expert_hidden;
-                let (moe, names) = match architecture {
-                    HfArchitecture::Mixtral => {
-                        (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"])
-                    }
-                    _ => (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"]),
-                };
+            continue;
+        }
+        let (n, eh) = (config.moe.n_routed_experts, config.moe.expert_hidden);
+        let (moe, names) = match architecture {
+            HfArchitecture::Mixtral => (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"]),
+            _ => (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"]),
+        };
+        push(
+            format!("{moe}.gate.weight"),
+            vec![n, h],
+            ours("moe.router"),
+            vec![n, h],
+            None,
+            None,
+        );
+        for e in 0..n {
+            let expert = format!("{moe}.experts.{e}");
+            for (theirs, name, shape) in [
+                (names[0], "moe.experts_w1", vec![eh, h]),
+                (names[1], "moe.experts_w3", vec![eh, h]),
+                (names[2], "moe.experts_w2", vec![h, eh]),
+            ] {
+                let mut whole = vec![n];
+                whole.extend(&shape);
                 push(
-                    format!("{moe}.gate.weight"),
-                    vec![config.moe.n_routed_experts, h],
-                    Cow::Borrowed(&params.router),
+                    format!("{expert}.{theirs}.weight"),
+                    shape,
+                    ours(name),
+                    whole,
+                    Some(e),
+                    None,
                 );
-                let size = eh * h;
-                for (local, e) in params.experts.clone().enumerate() {
-                    let at = local * size..(local + 1) * size;
-                    let expert = format!("{moe}.experts.{e}");
-                    for (name, shape, values) in [
-                        (names[0], vec![eh, h], &params.experts_w1),
-                        (names[1], vec![eh, h], &params.experts_w3),
-                        (names[2], vec![h, eh], &params.experts_w2),
-                    ] {
-                        push(
-                            format!("{expert}.{name}.weight"),
-                            shape,
-                            Cow::Borrowed(&values[at.clone()]),
-                        );
-                    }
-                }
             }
         }
     }
     push(
         "model.norm.weight".into(),
         vec![h],
-        Cow::Borrowed(&weights.final_norm),
+        "final_norm".into(),
+        vec![h],
+        None,
+        None,
     );
     push(
         "lm_head.weight".into(),
         vec![v, h],
-        Cow::Borrowed(&weights.lm_head),
+        "lm_head".into(),
+        vec![v, h],
+        None,
+        None,
     );
     out
 }
@@ -481,20 +660,21 @@ pub struct Exported {
     pub tensor_bytes: u64,
 }
 
-/// Writes `model` into the new directory `out` (refused if it exists),
-/// with `tokenizer` beside the weights. The files are written into a
+/// Writes the model of `source` into the new directory `out` (refused if
+/// it exists), with `tokenizer` beside the weights, reading one tensor at
+/// a time: it holds one shard's bytes and one tensor's values. The files are written into a
 /// sibling directory that is renamed to `out` once complete: an
 /// interrupted export leaves no half-written model.
 /// Shards hold at most `shard_bytes` of tensor data (a larger tensor gets
 /// one to itself).
 pub fn export(
-    model: &Model<f32>,
+    source: &dyn ExportSource,
     tokenizer: ExportTokenizer<'_>,
     out: &Path,
     precision: ExportPrecision,
     shard_bytes: u64,
 ) -> Result<Exported, ExportError> {
-    let architecture = architecture_for(model)?;
+    let architecture = architecture_for(source)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |error| ExportError::Io { path, error }
@@ -514,8 +694,8 @@ pub fn export(
     }
     fs::create_dir_all(&partial).map_err(io(&partial))?;
 
-    let config = model.config();
-    let tensors = hf_tensors(config, &model.weights, architecture);
+    let config = source.config();
+    let tensors = hf_tensors(config, architecture);
     let shards = plan_shards(&tensors, precision, shard_bytes);
     let n = shards.len();
     let file_name = |i: usize| {
@@ -538,13 +718,10 @@ pub fn export(
             .iter()
             .map(|&t| {
                 let t = &tensors[t];
-                (
-                    t.name.as_str(),
-                    t.shape.clone(),
-                    precision.encode(&t.values),
-                )
+                let values = t.values(source, config.head_dim)?;
+                Ok((t.name.as_str(), t.shape.clone(), precision.encode(&values)))
             })
-            .collect();
+            .collect::<Result<_, ExportError>>()?;
         let views = encoded
             .iter()
             .map(|(name, shape, bytes)| {
@@ -637,7 +814,7 @@ fn plan_shards(tensors: &[HfTensor], precision: ExportPrecision, limit: u64) -> 
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut used = 0u64;
     for (i, t) in tensors.iter().enumerate() {
-        let bytes = (t.values.len() * precision.width()) as u64;
+        let bytes = (t.shape.iter().product::<usize>() * precision.width()) as u64;
         let last = shards.last_mut().expect("never empty");
         if !last.is_empty() && used + bytes > limit {
             shards.push(vec![i]);
@@ -666,12 +843,64 @@ mod tests {
         assert_eq!(halve_rope_rows(&one, 1, 4, 1), vec![0.0, 2.0, 1.0, 3.0]);
     }
 
-    fn tensor(len: usize) -> HfTensor<'static> {
+    fn tensor(len: usize) -> HfTensor {
         HfTensor {
             name: String::new(),
             shape: vec![len],
-            values: Cow::Owned(vec![0.0; len]),
+            source: Source {
+                tensor: String::new(),
+                shape: vec![len],
+                expert: None,
+                halve: None,
+            },
         }
+    }
+
+    /// The plan names the training model's tensors itself (it reads a
+    /// checkpoint without building the model): every one of them, with its
+    /// shape, and each routed expert's part of the expert tensors once.
+    #[test]
+    fn the_plan_reads_every_tensor_of_the_model_once() {
+        let spec: moe_crds::ModelSpec = serde_json::from_value(json!({
+            "vocabSize": 260, "hiddenSize": 16, "layers": 3, "denseLayers": 1,
+            "denseHiddenSize": 24, "attentionHeads": 4, "kvHeads": 2, "headDim": 8,
+            "qkNorm": "perHead", "seqLen": 8,
+            "moe": {"experts": 4, "topK": 2, "expertHiddenSize": 8, "router": "softmax",
+                    "normalizeTopK": true}
+        }))
+        .unwrap();
+        let config = ModelConfig::from_spec(&spec).unwrap();
+        let model = Model::<f32>::initial(config.clone(), 1);
+        let mut want: Vec<(String, Vec<usize>)> = model
+            .tensors()
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        let plan = hf_tensors(&config, HfArchitecture::Qwen3Moe);
+        let mut got: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut parts = std::collections::BTreeMap::<String, Vec<usize>>::new();
+        for t in &plan {
+            let s = &t.source;
+            let read = (s.tensor.clone(), s.shape.clone());
+            if !got.contains(&read) {
+                got.push(read);
+            }
+            if let Some(e) = s.expert {
+                parts.entry(s.tensor.clone()).or_default().push(e);
+            }
+            // What is written is what is read: one expert's part, or all.
+            let read_len: usize = s.shape.iter().product::<usize>() / s.expert.map_or(1, |_| 4);
+            assert_eq!(t.shape.iter().product::<usize>(), read_len, "{}", t.name);
+        }
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(
+            parts.len(),
+            3 * 2,
+            "3 expert tensors in each of 2 MoE layers"
+        );
+        assert!(parts.values().all(|e| e == &[0, 1, 2, 3]), "{parts:?}");
     }
 
     #[test]

@@ -399,7 +399,10 @@ fn load_native(path: &Path, experts: Option<Range<usize>>) -> Result<LoadedModel
 /// run kept in it ([`checkpoint::TOKENIZER`]), else bytes — unless the run
 /// read pre-tokenized ids without naming their tokenizer, which leaves
 /// nothing to turn prompts into them or them into text.
-fn native_tokenizer(path: &Path, manifest: &Manifest) -> Result<Tokenizer, LoadError> {
+/// The tokenizer of the worker checkpoint in `path`: its `tokenizer.json`,
+/// else the byte tokenizer it was trained with; refused when it was
+/// trained on ids from a tokenizer it does not carry.
+pub fn native_tokenizer(path: &Path, manifest: &Manifest) -> Result<Tokenizer, LoadError> {
     use moe_crds::Tokenizer as Trained;
     if path.join(checkpoint::TOKENIZER).is_file() {
         let tokenizer = hf::HfTokenizer::read(path, &[]).map_err(LoadError::HuggingFace)?;

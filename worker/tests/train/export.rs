@@ -210,6 +210,73 @@ fn what_no_architecture_computes_is_refused_naming_the_field() {
     );
 }
 
+/// Exports the newest checkpoint under `run` from memory (the model loaded
+/// whole, as serving loads it) into `to`, and checks that `exported` (what
+/// `moe-worker export` wrote from the checkpoint's files) is the same,
+/// file by file, byte by byte.
+fn same_as_from_memory(run: &Path, exported: &Path, to: &Path) {
+    let loaded = moe_worker::serve::load::load(run, None, None).unwrap();
+    let model = loaded.model.native().expect("a worker checkpoint");
+    let tokenizer = loaded.path.join(moe_worker::checkpoint::TOKENIZER);
+    let tokenizer = if tokenizer.is_file() {
+        ExportTokenizer::File(&tokenizer)
+    } else {
+        ExportTokenizer::Bytes
+    };
+    let from_memory =
+        hf_export::export(model, tokenizer, to, ExportPrecision::Bf16, 5_000_000_000).unwrap();
+    for file in &from_memory.files {
+        assert!(
+            std::fs::read(exported.join(file)).unwrap() == std::fs::read(to.join(file)).unwrap(),
+            "{file} differs"
+        );
+    }
+}
+
+/// A run with expert parallelism checkpoints each rank's experts in a shard
+/// of its own: the command reads each expert out of its shard.
+#[test]
+fn export_reads_each_expert_from_its_shard() {
+    let dir = scratch_dir("export-sharded");
+    let mut config = config_json(&dir);
+    config["model"] = crate::pretrained::qwen3_model(
+        json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
+    );
+    config["training"]["steps"] = 2.into();
+    config["training"]["optimizer"]["warmupSteps"] = 1.into();
+    config["checkpoint"]["intervalSteps"] = 2.into();
+    config["parallelism"] = json!({"processesPerNode": 2, "expertParallel": 2});
+    let out = crate::train_binary_on(&dir, &config, 2);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let checkpoint = dir.join("checkpoints").join("step-00000002");
+    assert!(
+        std::fs::read_dir(&checkpoint).unwrap().any(|f| f
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("experts-")),
+        "an expert-sharded checkpoint"
+    );
+    let hf = dir.join("hf");
+    let out = Command::new(BINARY)
+        .args(["export", "--model"])
+        .arg(dir.join("checkpoints"))
+        .arg("--out")
+        .arg(&hf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    same_as_from_memory(&dir.join("checkpoints"), &hf, &dir.join("hf-memory"));
+}
+
 #[test]
 fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     let dir = scratch_dir("export-cli");
@@ -287,6 +354,10 @@ fn export_writes_a_fine_tuned_run_for_transformers_and_refuses_to_overwrite() {
     assert_eq!(config["head_dim"], 32);
     assert_eq!(config["rms_norm_eps"], 1e-6);
     assert_eq!(config["mlp_only_layers"], json!([0]));
+
+    // The command reads the checkpoint's files a tensor at a time; the
+    // model loaded whole and exported from memory writes the same bytes.
+    same_as_from_memory(&dir.join("checkpoints"), &hf, &dir.join("hf-memory"));
 
     // Not over what is there.
     let again = export(&hf);
