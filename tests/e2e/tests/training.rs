@@ -834,14 +834,7 @@ async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_its_quota_and_grows_back_
     for pod in &pods_of(&pods, "wide", 2).await? {
         ensure!(env_of(pod, "MOE_NODES").as_deref() == Some("4"));
     }
-    eventually("the spare Job gone", WAIT, || async {
-        Ok(k8s_jobs
-            .get_opt("wide-a1-spare")
-            .await?
-            .is_none()
-            .then_some(()))
-    })
-    .await?;
+    gone(&k8s_jobs, "wide-a1-spare").await?;
     kueue.delete().await?;
     ns.delete().await
 }
@@ -1262,15 +1255,15 @@ async fn an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back_when_there_
     for pod in &pods_of(&pods, "big", 2).await? {
         ensure!(env_of(pod, "MOE_WORLD_SIZE").as_deref() == Some("32"));
     }
-    eventually("the spare Job gone", WAIT, || async {
-        Ok(k8s_jobs
-            .get_opt("big-a1-spare")
-            .await?
-            .is_none()
-            .then_some(()))
+    gone(&k8s_jobs, "big-a1-spare").await
+}
+
+/// Waits for Job `name` to be gone.
+async fn gone(jobs: &Api<Job>, name: &str) -> Result<()> {
+    eventually(&format!("{name} gone"), WAIT, || async {
+        Ok(jobs.get_opt(name).await?.is_none().then_some(()))
     })
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Under the Workload API a gang is bound whole or not at all: a 4-node

@@ -429,113 +429,67 @@ fn hf_tensors(config: &ModelConfig, architecture: HfArchitecture) -> Vec<HfTenso
         config.q_width(),
         config.kv_width(),
     );
+    // A tensor of the training model, whole (halved by rows of `halve`).
+    let whole = |tensor: String, shape: Vec<usize>, halve: Option<usize>| Source {
+        tensor,
+        shape,
+        expert: None,
+        halve,
+    };
     let mut out = Vec::new();
-    let mut push =
-        |name: String, shape: Vec<usize>, tensor: String, whole: Vec<usize>, expert, halve| {
-            out.push(HfTensor {
-                name,
-                shape,
-                source: Source {
-                    tensor,
-                    shape: whole,
-                    expert,
-                    halve,
-                },
-            });
-        };
+    // The exported shape is the source's (one expert's part of it).
+    let mut push = |name: String, source: Source| {
+        let skip = usize::from(source.expert.is_some());
+        out.push(HfTensor {
+            name,
+            shape: source.shape[skip..].to_vec(),
+            source,
+        });
+    };
     push(
         "model.embed_tokens.weight".into(),
-        vec![v, h],
-        "embedding".into(),
-        vec![v, h],
-        None,
-        None,
+        whole("embedding".into(), vec![v, h], None),
     );
     for i in 0..config.layers {
         let p = format!("model.layers.{i}");
         let attn = format!("{p}.self_attn");
         let ours = |name: &str| format!("blocks.{i}.{name}");
-        push(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            ours("attention_norm"),
-            vec![h],
-            None,
-            None,
-        );
-        push(
-            format!("{attn}.q_proj.weight"),
-            vec![qw, h],
-            ours("wq"),
-            vec![qw, h],
-            None,
-            Some(h),
-        );
-        push(
-            format!("{attn}.k_proj.weight"),
-            vec![kv, h],
-            ours("wk"),
-            vec![kv, h],
-            None,
-            Some(h),
-        );
-        push(
-            format!("{attn}.v_proj.weight"),
-            vec![kv, h],
-            ours("wv"),
-            vec![kv, h],
-            None,
-            None,
-        );
-        push(
-            format!("{attn}.o_proj.weight"),
-            vec![h, qw],
-            ours("wo"),
-            vec![h, qw],
-            None,
-            None,
-        );
+        for (theirs, name, shape, halve) in [
+            ("input_layernorm", "attention_norm", vec![h], None),
+            ("self_attn.q_proj", "wq", vec![qw, h], Some(h)),
+            ("self_attn.k_proj", "wk", vec![kv, h], Some(h)),
+            ("self_attn.v_proj", "wv", vec![kv, h], None),
+            ("self_attn.o_proj", "wo", vec![h, qw], None),
+        ] {
+            push(
+                format!("{p}.{theirs}.weight"),
+                whole(ours(name), shape, halve),
+            );
+        }
         if let Some((q, k)) = config.qk_norm_widths() {
             push(
                 format!("{attn}.q_norm.weight"),
-                vec![q],
-                ours("q_norm"),
-                vec![q],
-                None,
-                Some(1),
+                whole(ours("q_norm"), vec![q], Some(1)),
             );
             push(
                 format!("{attn}.k_norm.weight"),
-                vec![k],
-                ours("k_norm"),
-                vec![k],
-                None,
-                Some(1),
+                whole(ours("k_norm"), vec![k], Some(1)),
             );
         }
         push(
             format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            ours("ffn_norm"),
-            vec![h],
-            None,
-            None,
+            whole(ours("ffn_norm"), vec![h], None),
         );
         if i < config.dense_layers {
             let dh = config.dense_hidden;
-            let mlp = format!("{p}.mlp");
-            for (name, theirs, shape) in [
-                ("dense.w1", "gate_proj", vec![dh, h]),
-                ("dense.w3", "up_proj", vec![dh, h]),
-                ("dense.w2", "down_proj", vec![h, dh]),
+            for (theirs, name, shape) in [
+                ("gate_proj", "dense.w1", vec![dh, h]),
+                ("up_proj", "dense.w3", vec![dh, h]),
+                ("down_proj", "dense.w2", vec![h, dh]),
             ] {
                 push(
-                    format!("{mlp}.{theirs}.weight"),
-                    shape.clone(),
-                    ours(name),
-                    shape,
-                    None,
-                    None,
+                    format!("{p}.mlp.{theirs}.weight"),
+                    whole(ours(name), shape, None),
                 );
             }
             continue;
@@ -547,47 +501,29 @@ fn hf_tensors(config: &ModelConfig, architecture: HfArchitecture) -> Vec<HfTenso
         };
         push(
             format!("{moe}.gate.weight"),
-            vec![n, h],
-            ours("moe.router"),
-            vec![n, h],
-            None,
-            None,
+            whole(ours("moe.router"), vec![n, h], None),
         );
         for e in 0..n {
-            let expert = format!("{moe}.experts.{e}");
             for (theirs, name, shape) in [
-                (names[0], "moe.experts_w1", vec![eh, h]),
-                (names[1], "moe.experts_w3", vec![eh, h]),
-                (names[2], "moe.experts_w2", vec![h, eh]),
+                (names[0], "moe.experts_w1", vec![n, eh, h]),
+                (names[1], "moe.experts_w3", vec![n, eh, h]),
+                (names[2], "moe.experts_w2", vec![n, h, eh]),
             ] {
-                let mut whole = vec![n];
-                whole.extend(&shape);
-                push(
-                    format!("{expert}.{theirs}.weight"),
-                    shape,
-                    ours(name),
-                    whole,
-                    Some(e),
-                    None,
-                );
+                let source = Source {
+                    expert: Some(e),
+                    ..whole(ours(name), shape, None)
+                };
+                push(format!("{moe}.experts.{e}.{theirs}.weight"), source);
             }
         }
     }
     push(
         "model.norm.weight".into(),
-        vec![h],
-        "final_norm".into(),
-        vec![h],
-        None,
-        None,
+        whole("final_norm".into(), vec![h], None),
     );
     push(
         "lm_head.weight".into(),
-        vec![v, h],
-        "lm_head".into(),
-        vec![v, h],
-        None,
-        None,
+        whole("lm_head".into(), vec![v, h], None),
     );
     out
 }
