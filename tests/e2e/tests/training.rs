@@ -760,7 +760,8 @@ async fn pending_because(jobs: &Api<MoETrainingJob>, name: &str, reason: &str) -
 }
 
 /// An elastic job Kueue cannot admit whole (quota for 2 of its 4 nodes):
-/// after the wait the operator asks for 2, which Kueue admits, and it runs.
+/// after the wait the operator asks for 2, which Kueue admits, and it runs;
+/// its spares wait in the queue until the quota grows, and it grows back.
 #[tokio::test]
 async fn an_elastic_gang_kueue_cannot_admit_shrinks_to_its_quota_and_grows_back_with_it()
 -> Result<()> {
@@ -1270,8 +1271,9 @@ async fn gone(jobs: &Api<Job>, name: &str) -> Result<()> {
 /// elastic gang on a 4-node pool where other pods hold 2 nodes is bound
 /// nowhere, shrinks to 2 (one fewer would be 3, which does not split its
 /// global batch), and asks for its 2 missing nodes with spare pods, which
-/// are in no PodGroup and wait, unscheduled. Once the other pods are gone the spares run, and
-/// the gang grows back to 4, its PodGroup of 4 bound whole.
+/// are in no PodGroup and wait, unscheduled. Once the other pods are gone
+/// the spares run, and the gang grows back to 4, its PodGroup of 4 bound
+/// whole.
 #[tokio::test]
 async fn under_the_workload_api_an_elastic_gang_shrinks_to_the_room_there_is_and_grows_back()
 -> Result<()> {

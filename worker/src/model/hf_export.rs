@@ -321,19 +321,13 @@ impl ExportSource for Model<f32> {
     }
 
     fn tensor(&self, name: &str, _shape: &[usize]) -> Result<Cow<'_, [f32]>, ExportError> {
-        let config = Model::config(self);
-        self.weights
-            .tensors(config)
-            .into_iter()
-            .find(|t| t.name == name)
-            .map(|t| Cow::Borrowed(t.values))
-            .ok_or_else(|| ExportError::Source(format!("the model has no tensor {name}")))
+        named(self, name).map(Cow::Borrowed)
     }
 
     fn expert(
         &self,
         name: &str,
-        shape: &[usize],
+        _shape: &[usize],
         expert: usize,
     ) -> Result<Cow<'_, [f32]>, ExportError> {
         let held = self.held_experts();
@@ -342,10 +336,7 @@ impl ExportSource for Model<f32> {
                 "the model holds experts {held:?}, not {expert}"
             )));
         }
-        let whole = self.tensor(name, shape)?;
-        let Cow::Borrowed(values) = whole else {
-            unreachable!("a model's tensors are borrowed");
-        };
+        let values = named(self, name)?;
         let per = values.len() / held.len();
         let at = (expert - held.start) * per;
         Ok(Cow::Borrowed(&values[at..at + per]))
@@ -357,6 +348,17 @@ impl ExportSource for Model<f32> {
             .map(|layer| layer.selection_bias.clone())
             .collect())
     }
+}
+
+/// The values of `model`'s tensor `name`.
+fn named<'m>(model: &'m Model<f32>, name: &str) -> Result<&'m [f32], ExportError> {
+    model
+        .weights
+        .tensors(model.config())
+        .into_iter()
+        .find(|t| t.name == name)
+        .map(|t| t.values)
+        .ok_or_else(|| ExportError::Source(format!("the model has no tensor {name}")))
 }
 
 impl ExportSource for crate::checkpoint::CheckpointWeights {
