@@ -2,8 +2,9 @@
 //!
 //! Each sequence starts at a uniformly random token, so every offset (not
 //! just multiples of `seq_len`) is seen; or, in a corpus of conversations
-//! (supervised fine-tuning), is a uniformly random conversation from its
-//! start, cut or padded to `seq_len`. The whole position in the stream
+//! (supervised fine-tuning), is one conversation from its start, cut or
+//! padded to `seq_len`, in epochs: each conversation once per epoch, in an
+//! order shuffled from the seed and the epoch. The whole position in the stream
 //! is the generator's state plus a count, which a checkpoint stores: a
 //! resumed run draws exactly the windows the uninterrupted run would have.
 
@@ -44,6 +45,10 @@ pub struct DataLoader {
     /// A corpus of conversations: those with an assistant token within a
     /// sequence of their start, which each sequence is one of.
     conversations: Option<Arc<[Range<usize>]>>,
+    /// The current epoch's order of the conversations (computed from the
+    /// seed and the epoch, so a position's sequence count restores it).
+    order: Option<(u64, Vec<usize>)>,
+    seed: u64,
     seq_len: usize,
     sequences: u64,
     rng: SplitMix64,
@@ -89,6 +94,8 @@ impl DataLoader {
         Ok(Self {
             tokens,
             conversations,
+            order: None,
+            seed,
             seq_len,
             sequences: 0,
             rng: SplitMix64::new(seed ^ DATA_STREAM),
@@ -116,17 +123,19 @@ impl DataLoader {
             targets: Vec::with_capacity(n),
         };
         let mut window = Vec::with_capacity(self.seq_len + 1);
-        for _ in 0..sequences {
-            let drawn = self.rng.below(self.choices());
-            let (start, len) = match self.conversations.as_deref() {
+        for k in 0..sequences as u64 {
+            let (start, len) = match self.conversations.clone() {
                 // Only the conversation, from its start: its first turns
                 // are the context of its answers, and nothing of another
                 // conversation is in it.
                 Some(conversations) => {
-                    let c = &conversations[drawn];
+                    let c = &conversations[self.conversation(self.sequences + k)];
                     (c.start, c.len().min(self.seq_len + 1))
                 }
-                None => (drawn, self.seq_len + 1),
+                None => (
+                    self.rng.below(self.tokens.len() - self.seq_len),
+                    self.seq_len + 1,
+                ),
             };
             window.clear();
             self.tokens.extend_window(start, len, &mut window);
@@ -161,21 +170,40 @@ impl DataLoader {
     /// (see [`crate::train::Shard`]). Draws exactly what [`Self::next_batch`]
     /// would, so the position afterwards is the same.
     pub fn skip(&mut self, sequences: usize) {
-        let choices = self.choices();
-        for _ in 0..sequences {
-            self.rng.below(choices);
+        if self.conversations.is_none() {
+            // Window starts in 0..len - seq_len, so the last target is in bounds.
+            let starts = self.tokens.len() - self.seq_len;
+            for _ in 0..sequences {
+                self.rng.below(starts);
+            }
         }
         self.sequences += sequences as u64;
     }
 }
 
 impl DataLoader {
-    /// How many sequences a draw picks among: the conversations, or the
-    /// window starts `0..len - seq_len` (so the last target is in bounds).
-    fn choices(&self) -> usize {
-        self.conversations
-            .as_deref()
-            .map_or(self.tokens.len() - self.seq_len, <[_]>::len)
+    /// Which conversation is sequence `index` of the stream: epoch
+    /// `index / n` goes through all `n` once, in its own order (a
+    /// Fisher–Yates shuffle seeded by the seed and the epoch), so every
+    /// conversation trains as often as every other, as supervised
+    /// fine-tuning's epochs do, and a position is its sequence count.
+    fn conversation(&mut self, index: u64) -> usize {
+        let n = self.conversations.as_deref().map_or(0, <[_]>::len);
+        let epoch = index / n as u64;
+        let order = match &mut self.order {
+            Some((at, order)) if *at == epoch => order,
+            slot => {
+                let mut rng = SplitMix64::new(
+                    self.seed ^ DATA_STREAM ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                let mut order: Vec<usize> = (0..n).collect();
+                for i in (1..n).rev() {
+                    order.swap(i, rng.below(i + 1));
+                }
+                &mut slot.insert((epoch, order)).1
+            }
+        };
+        order[(index % n as u64) as usize]
     }
 
     /// In a corpus of conversations, how many a sequence is drawn from:
@@ -296,6 +324,43 @@ mod tests {
             std::iter::once(0..3).collect(),
         );
         assert!(DataLoader::new(short, 8, 0, "short").is_ok());
+    }
+
+    /// Supervised fine-tuning goes through its conversations in epochs:
+    /// each once per epoch, the order shuffled anew every epoch, and the
+    /// same from a restored position, or for a rank that skipped there.
+    #[test]
+    fn conversations_are_drawn_once_per_epoch_in_a_shuffled_order() {
+        let n = 7;
+        let tokens: Vec<u32> = (0..3 * n as u32).collect();
+        let ranges: Vec<_> = (0..n).map(|c| 3 * c..3 * c + 3).collect();
+        let trained = (0..3 * n).map(|p| p % 3 == 2).collect();
+        let corpus = Corpus::with_conversations(tokens, trained, ranges);
+        let mut loader = DataLoader::new(corpus, 4, 9, "chats").unwrap();
+        let mut skipped = loader.clone();
+        let first_of = |batch: &Batch| -> Vec<u32> {
+            batch.inputs.chunks_exact(4).map(|s| s[0] / 3).collect()
+        };
+        let epochs: Vec<Vec<u32>> = (0..3).map(|_| first_of(&loader.next_batch(n))).collect();
+        for order in &epochs {
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>(), "{epochs:?}");
+        }
+        assert!(
+            epochs[0] != epochs[1] || epochs[1] != epochs[2],
+            "{epochs:?}"
+        );
+        // Mid-epoch: a restored position and a rank that skipped go on alike.
+        let mut reader = loader.clone();
+        reader.next_batch(3);
+        let at = reader.position();
+        let next = reader.next_batch(9);
+        reader.restore(at);
+        assert_eq!(reader.next_batch(9), next);
+        skipped.skip(3 * n + 3);
+        assert_eq!(skipped.position(), at);
+        assert_eq!(skipped.next_batch(9), next);
     }
 
     #[test]
