@@ -457,11 +457,11 @@ pub fn draw_step(
     data.skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
     let here: usize = batches.iter().map(|b| trained_targets(&b.targets)).sum();
     let (trained, ranks) = match world {
-        // Exact: the counts are integers far below 2^53.
-        Some(world) if world.size() > 1 => (
-            data_parallel::sum(world, here as f64)? as usize,
-            world.size(),
-        ),
+        Some(world) if world.size() > 1 => {
+            let mut counts = [vec![here]];
+            data_parallel::sum_counts(world, &mut counts)?;
+            (counts[0][0], world.size())
+        }
         _ => (here, 1),
     };
     Ok(StepBatches {
