@@ -158,6 +158,9 @@ enum Targets {
     /// trains on conversations: each window, and each rank's slice of one,
     /// holds its own number of trained targets, some none.
     Answers,
+    /// Conversations of 6 to 50 tokens whose last third is the answer:
+    /// each sequence is one from its start, most padded, some cut.
+    Conversations,
 }
 
 /// A trainer holding routed experts `experts` (all of them, or an
@@ -175,6 +178,21 @@ fn trainer(settings: &TrainSettings, experts: std::ops::Range<usize>, targets: T
             }
             trained.truncate(tokens.len());
             Corpus::with_trained(tokens.iter().collect(), trained)
+        }
+        Targets::Conversations => {
+            let mut rng = SplitMix64::new(6);
+            let (mut trained, mut conversations) = (vec![false; tokens.len()], Vec::new());
+            let mut start = 0;
+            loop {
+                let len = 6 + rng.below(45);
+                if start + len > tokens.len() {
+                    break;
+                }
+                trained[start + len - len / 3..start + len].fill(true);
+                conversations.push(start..start + len);
+                start += len;
+            }
+            Corpus::with_conversations(tokens.iter().collect(), trained, conversations)
         }
     };
     let loader = DataLoader::new(
@@ -413,8 +431,9 @@ fn worst_aux_gap(one: &Outcome, ranks: &[Outcome]) -> f64 {
 /// parallelism's tolerances ([`compare`]), and the balance loss every step
 /// within 10⁻⁵ relative (its statistics cross the wire as f32). A group that
 /// did not sum them would report each slice's loss and train on each
-/// slice's `f_i`. The sums cost `experts × sequences × 2 × 4` bytes per MoE
-/// layer and micro-batch (one MoE layer and one sequence per micro-batch here).
+/// slice's `f_i`. The sums cost `(2 × experts + 1) × sequences × 4` bytes per
+/// MoE layer and micro-batch (counts, score sums and the real tokens; one
+/// MoE layer and one sequence per micro-batch here).
 #[test]
 fn sequence_parallel_training_with_the_sequence_wise_aux_loss_matches_one_process() {
     let one = alone(AUX);
@@ -438,10 +457,40 @@ fn sequence_parallel_training_with_the_sequence_wise_aux_loss_matches_one_proces
         for o in &run {
             assert_eq!(
                 o.summed,
-                (micro_steps * STEPS * 4 * 2 * 4) as u64,
+                (micro_steps * STEPS * (2 * 4 + 1) * 4) as u64,
                 "{what}: bytes summed"
             );
         }
+    }
+}
+
+/// Fine-tuning on conversations padded to the sequence (some cut), with
+/// the balance loss and aux-loss-free biases: each rank's slice of a
+/// sequence holds its own share of the padding (the second slice of a
+/// short conversation nothing but padding), which the MoE layers leave out
+/// of the loads and the balance loss, and the group's sums of real tokens
+/// give every rank the whole sequences' `T`. Against one process: the
+/// expert loads exactly, the balance loss within 10⁻⁵. A rank that counted
+/// its slice as all real would report other loads.
+#[test]
+fn padded_conversations_balance_alike_however_they_are_split() {
+    let sft = |ranks: usize, sp: usize, ep: usize| {
+        settings_of(config_with_aux(ranks, sp, ep, false, AUX))
+    };
+    let one = alone_on(&sft(1, 1, 1), Targets::Conversations);
+    for (what, ranks, sp, ep) in [
+        ("SP 2", 2, 2, 1),
+        ("SP 2 × EP 2", 4, 2, 2),
+        ("DP 2", 2, 1, 1),
+    ] {
+        let run = parallel_run_on(ranks, sp, ep, &sft(ranks, sp, ep), Targets::Conversations);
+        let aux_gap = worst_aux_gap(&one, &run);
+        eprintln!("{what}, padded conversations: balance losses differ by at most {aux_gap:.2e}");
+        assert!(
+            aux_gap <= 1e-5,
+            "{what}: balance losses differ by {aux_gap:e}"
+        );
+        compare_within(what, &one, &run, 1e-12);
     }
 }
 

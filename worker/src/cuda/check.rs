@@ -19,6 +19,7 @@ use super::{
 };
 use crate::fp8::quantize::{Fp8Matrix, TILE, TileShape};
 use crate::linear::{GemmPrecision, Linears};
+use crate::moe::Sequences;
 use crate::moe::config::{GroupLimit, MoeConfig, ScoreFunction};
 use crate::moe::dispatch::Dispatch;
 use crate::ops;
@@ -1866,13 +1867,14 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
             moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0),
         ),
         // DeepSeek-V3's small sequence-wise balance loss beside the bias:
-        // its value and its gradient through the router.
-        ("sigmoid E8 k2 +balance loss", {
+        // its value and its gradient through the router, over padded
+        // sequences (the padding left out of it and of the loads).
+        ("sigmoid E8 k2 +balance loss, padded", {
             let mut c = moe_config(8, 2, ScoreFunction::Sigmoid, None, true, 1.0);
             c.aux_loss_alpha = 0.01;
             c
         }),
-        ("softmax E8 k2 +balance loss", {
+        ("softmax E8 k2 +balance loss, padded", {
             let mut c = moe_config(8, 2, ScoreFunction::Softmax, None, false, 1.0);
             c.aux_loss_alpha = 0.01;
             c
@@ -1886,10 +1888,16 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         layer.selection_bias[0] = 0.3;
         layer.selection_bias[last] = -10.0;
         let (seq_len, tokens) = (16, 64);
+        let sequences = if config.aux_loss_alpha > 0.0 {
+            Sequences::padded(seq_len, vec![16, 9, 16, 1])
+        } else {
+            Sequences::whole(tokens, seq_len)
+        };
         let x = random(tokens * config.hidden, 91);
-        let cpu = layer.forward(&x, seq_len);
+        let cpu = layer.forward_in(Linears::FP32, &x, &sequences, None);
         let device = super::moe_layer::DeviceMoeLayer::upload(gpu, &layer)?;
-        let forward = device.forward(gpu, Arithmetic::Tf32, &gpu.upload(&x)?, seq_len, None)?;
+        let x_d = gpu.upload(&x)?;
+        let forward = device.forward(gpu, Arithmetic::Tf32, &x_d, &sequences, None)?;
         checks.push(close_to_scale(
             "moe_layer.aux_loss",
             name,
@@ -1900,7 +1908,7 @@ fn check_moe_layer(gpu: &Gpu) -> Result<Vec<Check>> {
         checks.push(exact(
             "moe_layer.load",
             name,
-            &forward.routed.load,
+            forward.expert_load(),
             &cpu.expert_load(),
         ));
         checks.push(close_to_scale(

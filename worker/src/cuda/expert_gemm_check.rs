@@ -27,6 +27,7 @@ use super::grouped_gemm::{self, GroupedLt, Problem};
 use super::matmul::{self, Arithmetic, Prepared};
 use super::moe_layer::{DeviceMoeGrads, DeviceMoeLayer};
 use super::{Gpu, Result};
+use crate::moe::Sequences;
 use crate::moe::layer::MoeLayer;
 use crate::moe::params::MoeParams;
 use crate::rng::SplitMix64;
@@ -178,7 +179,8 @@ fn layer_pass(
     seq_len: usize,
 ) -> Result<Vec<(&'static str, Vec<f32>)>> {
     let x_d = gpu.upload(x)?;
-    let forward = device.forward(gpu, arithmetic, &x_d, seq_len, None)?;
+    let sequences = Sequences::whole(x.len() / device.config.hidden, seq_len);
+    let forward = device.forward(gpu, arithmetic, &x_d, &sequences, None)?;
     let mut dx = gpu.zeros::<f32>(x.len())?;
     let mut grads = DeviceMoeGrads::zeros(gpu, device)?;
     device.backward(

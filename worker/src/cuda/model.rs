@@ -20,6 +20,7 @@ use super::{
     Gpu, GpuError, Result, attention, cross_entropy, embedding, flash_attention, matmul, rmsnorm,
     swiglu, vector,
 };
+use crate::data::Batch;
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::fp8::Fp8Recipe;
 use crate::linear::GemmPrecision;
@@ -27,8 +28,8 @@ use crate::model::{
     ATTENTION_LINEARS, ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel, WK,
     WO, WQ, WV,
 };
-use crate::moe::MoeLayer;
 use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
+use crate::moe::{MoeLayer, Sequences};
 use crate::ops::attention::AttentionShape;
 use crate::ops::cross_entropy::LossScale;
 use crate::ops::rope::RopeTable;
@@ -351,6 +352,8 @@ enum StoredBlock {
 pub struct DeviceForward {
     /// On the host: the embedding backward groups them by id there.
     tokens: Vec<u32>,
+    /// How the tokens split into sequences, and which are padding.
+    sequences: Sequences,
     /// Ignored targets replaced by 0 (weighted 0: `loss_weights`).
     targets: CudaSlice<u32>,
     /// Each position's share of the mean cross-entropy, as the CPU model's.
@@ -606,10 +609,11 @@ impl DeviceModel {
         targets: &[u32],
         memory: ActivationMemory,
     ) -> Result<DeviceForward> {
-        self.forward_parallel(
+        self.forward_in(
             gpu,
             tokens,
             targets,
+            None,
             memory,
             Parallel::default(),
             LossScale::PassMean,
@@ -622,12 +626,37 @@ impl DeviceModel {
     /// switches to whole sequences of this rank's heads (Ulysses); with
     /// expert parallelism this model holds its rank's share of the routed
     /// experts. Every rank of a group runs the same layers at the same time.
-    /// The trained targets weigh in the loss as `loss` says.
+    /// The trained targets weigh in the loss as `loss` says; the batch's
+    /// padding is left out of the MoE layers' loads and balance loss.
     pub fn forward_parallel(
+        &self,
+        gpu: &Gpu,
+        batch: &Batch,
+        memory: ActivationMemory,
+        parallel: Parallel<'_>,
+        loss: LossScale,
+    ) -> Result<DeviceForward> {
+        let (tokens, targets) = (&batch.inputs, &batch.targets);
+        self.forward_in(
+            gpu,
+            tokens,
+            targets,
+            Some(&batch.real),
+            memory,
+            parallel,
+            loss,
+        )
+    }
+
+    /// The forward pass; `real`: each sequence's (or slice's) real tokens,
+    /// `None` when none is padded.
+    #[allow(clippy::too_many_arguments)] // forward_parallel's, the batch taken apart
+    fn forward_in(
         &self,
         gpu: &Gpu,
         tokens: &[u32],
         targets: &[u32],
+        real: Option<&[usize]>,
         memory: ActivationMemory,
         parallel: Parallel<'_>,
         loss: LossScale,
@@ -649,6 +678,11 @@ impl DeviceModel {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
+        let sequences = match real {
+            Some(real) => Sequences::padded(seq_len, real.to_vec()),
+            None => Sequences::whole(n, seq_len),
+        };
+        assert_eq!(sequences.tokens(), n, "a real-token count per sequence");
         let (weights, targets) = crate::ops::cross_entropy::target_weights(targets, loss);
         let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(&targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
@@ -658,10 +692,10 @@ impl DeviceModel {
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for (index, block) in self.weights.blocks.iter().enumerate() {
-            let (output, pass) = self.block_forward(gpu, index, block, x, parallel)?;
+            let (output, pass) = self.block_forward(gpu, index, block, x, parallel, &sequences)?;
             match &pass.ffn {
                 FeedForwardPass::Moe(moe) => {
-                    loads.push(moe.routed.load.clone());
+                    loads.push(moe.expert_load().to_vec());
                     aux_loss += moe.aux_loss;
                 }
                 FeedForwardPass::MoeExpertParallel(moe) => {
@@ -709,6 +743,7 @@ impl DeviceModel {
         Ok(DeviceForward {
             aux_loss,
             tokens: tokens.to_vec(),
+            sequences,
             targets,
             loss_weights,
             blocks,
@@ -728,6 +763,7 @@ impl DeviceModel {
         block: &DeviceBlock<DeviceMoeLayer>,
         input: CudaSlice<f32>,
         parallel: Parallel<'_>,
+        sequences: &Sequences,
     ) -> Result<(CudaSlice<f32>, BlockPass)> {
         let c = &self.config;
         let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
@@ -888,11 +924,10 @@ impl DeviceModel {
             }
             DeviceFeedForward::Moe(layer) => {
                 let sequence = parallel.sequence;
-                let seq_len = sequence.map_or(self.config.seq_len, SequenceParallel::local_len);
                 match parallel.experts {
                     None => {
                         let mut pass =
-                            layer.forward(gpu, ffn_linears, &ffn_normed, seq_len, sequence)?;
+                            layer.forward(gpu, ffn_linears, &ffn_normed, sequences, sequence)?;
                         let mut out = std::mem::replace(&mut pass.output, gpu.zeros::<f32>(0)?);
                         gpu.span("fwd.ffn.residual", || vector::add(gpu, &mut out, &mid))?;
                         (out, FeedForwardPass::Moe(Box::new(pass)))
@@ -903,7 +938,7 @@ impl DeviceModel {
                             gpu,
                             ffn_linears,
                             &ffn_normed,
-                            seq_len,
+                            sequences,
                             sequence,
                             &mut exchange,
                         )?;
@@ -1020,7 +1055,9 @@ impl DeviceModel {
                 StoredBlock::Kept(block_pass) => block_pass,
                 StoredBlock::Input(input) => {
                     let input = gpu.stream().clone_dtod(input)?;
-                    recomputed = self.block_forward(gpu, index, block, input, parallel)?.1;
+                    recomputed = self
+                        .block_forward(gpu, index, block, input, parallel, &pass.sequences)?
+                        .1;
                     &recomputed
                 }
             };

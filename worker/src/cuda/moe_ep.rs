@@ -40,6 +40,7 @@ use super::serve_ep::{DeviceExchange, LocalExperts, Overlapped, gather, local_ex
 use super::{Gpu, GpuError, Result, dispatch, vector};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
+use crate::moe::Sequences;
 use crate::serve::exchange_order::DevicePlan;
 
 /// An expert-parallel forward pass and what its backward pass needs.
@@ -59,12 +60,15 @@ pub struct DeviceExpertParallelForward {
     /// The sequence-wise balance loss of this rank's sequences.
     pub aux_loss: f64,
     balance: Option<BalanceLoss>,
+    /// Real tokens this rank routed to each expert ([`Routed::real_load`]).
+    load: Vec<usize>,
 }
 
 impl DeviceExpertParallelForward {
-    /// Tokens this rank routed to each expert (every expert, not only its own).
+    /// Real tokens this rank routed to each expert (every expert, not only
+    /// its own; padding is computed, not counted).
     pub fn expert_load(&self) -> &[usize] {
-        &self.routed.load
+        &self.load
     }
 }
 
@@ -78,7 +82,7 @@ impl DeviceMoeLayer {
         gpu: &Gpu,
         arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
-        seq_len: usize,
+        sequences: &Sequences,
         sequence: Option<&SequenceParallel>,
         exchange: &mut DeviceExchange<E>,
     ) -> Result<DeviceExpertParallelForward> {
@@ -160,10 +164,17 @@ impl DeviceMoeLayer {
             vector::add(gpu, &mut output, &shared_out)?;
         }
         let balance = if c.aux_loss_alpha > 0.0 {
-            Some(BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)?)
+            Some(BalanceLoss::of(
+                gpu,
+                c,
+                &routed.routing,
+                sequences,
+                sequence,
+            )?)
         } else {
             None
         };
+        let load = routed.real_load(gpu, sequences)?;
         Ok(DeviceExpertParallelForward {
             output,
             aux_loss: balance.as_ref().map_or(0.0, |b| b.loss(c.aux_loss_alpha)),
@@ -173,6 +184,7 @@ impl DeviceMoeLayer {
             combined,
             shared,
             balance,
+            load,
         })
     }
 

@@ -27,6 +27,7 @@ use super::{Gpu, GpuError, Result};
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::nccl::NcclCollective;
 use crate::dist::{Collective, Solo};
+use crate::moe::Sequences;
 use crate::moe::config::ScoreFunction;
 use crate::moe::layer::MoeLayer;
 use crate::moe::params::MoeParams;
@@ -163,8 +164,9 @@ fn check_over(
             let device =
                 DeviceMoeLayer::upload(gpu, &share_of(layer, &own)).map_err(|e| text(&e))?;
             let x = gpu.upload(&xs[rank]).map_err(|e| text(&e))?;
+            let sequences = Sequences::whole(xs[rank].len() / layer.config().hidden, SEQ_LEN);
             let pass = device
-                .forward_expert_parallel(gpu, Arithmetic::Tf32, &x, SEQ_LEN, None, &mut exchange)
+                .forward_expert_parallel(gpu, Arithmetic::Tf32, &x, &sequences, None, &mut exchange)
                 .map_err(|e| text(&e))?;
             let mut dx = gpu.upload(&dx0s[rank]).map_err(|e| text(&e))?;
             let dout = gpu.upload(&douts[rank]).map_err(|e| text(&e))?;

@@ -7,6 +7,7 @@
 use super::matmul::{self, Arithmetic, Derived, Prepared, WeightCache};
 use super::{Gpu, Result, dispatch, expert_grouped, routing, swiglu, vector};
 use crate::dist::sequence_parallel::SequenceParallel;
+use crate::moe::Sequences;
 use crate::moe::balance::{self, SequenceRoutingSums, SlicedBalanceLoss};
 use crate::moe::config::MoeConfig;
 use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
@@ -49,6 +50,15 @@ pub struct DeviceMoeForward {
     /// the routing it was computed from, on the host (see [`BalanceLoss`]).
     pub aux_loss: f64,
     balance: Option<BalanceLoss>,
+    /// Real tokens routed to each expert ([`Routed::real_load`]).
+    load: Vec<usize>,
+}
+
+impl DeviceMoeForward {
+    /// Real tokens routed to each expert (padding is computed, not counted).
+    pub fn expert_load(&self) -> &[usize] {
+        &self.load
+    }
 }
 
 /// The sequence-wise balance loss of one pass, computed on the host by
@@ -59,20 +69,20 @@ pub struct DeviceMoeForward {
 /// and the values are the CPU's for the same scores.
 pub(crate) struct BalanceLoss {
     routing: Routing<f32>,
-    seq_len: usize,
+    sequences: Sequences,
     /// With sequence parallelism: the loss of the whole sequences, their
     /// statistics summed over the group, as the CPU layer takes it.
     sliced: Option<SlicedBalanceLoss>,
 }
 
 impl BalanceLoss {
-    /// The loss of `routing` (this rank's tokens, `seq_len` of each
-    /// sequence: a slice of it under `sequence`).
+    /// The loss of `routing` (this rank's tokens, laid out as `sequences`:
+    /// slices of them under `sequence`).
     pub(crate) fn of(
         gpu: &Gpu,
         c: &MoeConfig,
         routing: &routing::DeviceRouting,
-        seq_len: usize,
+        sequences: &Sequences,
         sequence: Option<&SequenceParallel>,
     ) -> Result<Self> {
         let experts = gpu.download(&routing.experts)?;
@@ -85,20 +95,15 @@ impl BalanceLoss {
         };
         let sliced = match sequence {
             Some(sp) if sp.size() > 1 => {
-                let mut sums = SequenceRoutingSums::of(&routing, seq_len);
+                let mut sums = SequenceRoutingSums::of(&routing, sequences);
                 sp.sum_over_group(sums.values_mut());
-                Some(SlicedBalanceLoss::new(
-                    &sums,
-                    sp.seq_len(),
-                    sp.size(),
-                    c.aux_loss_alpha,
-                ))
+                Some(SlicedBalanceLoss::new(&sums, sp.size(), c.aux_loss_alpha))
             }
             _ => None,
         };
         Ok(Self {
             routing,
-            seq_len,
+            sequences: sequences.clone(),
             sliced,
         })
     }
@@ -108,7 +113,7 @@ impl BalanceLoss {
             Some(sliced) => sliced.loss,
             None => f64::from(balance::sequence_balance_loss(
                 &self.routing,
-                self.seq_len,
+                &self.sequences,
                 alpha,
             )),
         }
@@ -120,11 +125,11 @@ impl BalanceLoss {
         let r = &self.routing;
         let mut dscores = vec![0.0f32; r.scores.len()];
         match &self.sliced {
-            Some(sliced) => sliced.add_score_gradient(&mut dscores, r),
+            Some(sliced) => sliced.add_score_gradient(&mut dscores, r, &self.sequences),
             None => balance::sequence_balance_loss_backward(
                 &mut dscores,
                 r,
-                self.seq_len,
+                &self.sequences,
                 c.aux_loss_alpha,
             ),
         }
@@ -184,16 +189,16 @@ impl DeviceMoeLayer {
     }
 
     /// Runs the layer on `x: [tokens, hidden]` (hidden a multiple of 4: rows
-    /// are permuted as 16-byte vectors), whole sequences of `seq_len`
-    /// tokens (the unit of the sequence-wise balance loss; with `sequence`,
-    /// this rank's slices of them). The experts' GEMMs multiply in
-    /// `arithmetic`; the router's is always exact f32.
+    /// are permuted as 16-byte vectors), laid out as `sequences` (the unit
+    /// of the sequence-wise balance loss; with `sequence`, this rank's
+    /// slices of them; padding left out of it and of the loads). The
+    /// experts' GEMMs multiply in `arithmetic`; the router's is always exact f32.
     pub fn forward(
         &self,
         gpu: &Gpu,
         arithmetic: Arithmetic,
         x: &CudaSlice<f32>,
-        seq_len: usize,
+        sequences: &Sequences,
         sequence: Option<&SequenceParallel>,
     ) -> Result<DeviceMoeForward> {
         let c = &self.config;
@@ -213,11 +218,12 @@ impl DeviceMoeLayer {
         })?;
         let balance = if c.aux_loss_alpha > 0.0 {
             Some(gpu.span("fwd.moe.balance", || {
-                BalanceLoss::of(gpu, c, &routed.routing, seq_len, sequence)
+                BalanceLoss::of(gpu, c, &routed.routing, sequences, sequence)
             })?)
         } else {
             None
         };
+        let load = routed.real_load(gpu, sequences)?;
         Ok(DeviceMoeForward {
             output,
             routed,
@@ -225,6 +231,7 @@ impl DeviceMoeLayer {
             shared,
             aux_loss: balance.as_ref().map_or(0.0, |b| b.loss(c.aux_loss_alpha)),
             balance,
+            load,
         })
     }
 }
@@ -311,6 +318,24 @@ pub(crate) struct Routed {
     pub load: Vec<usize>,
     /// `[tokens * top_k, hidden]`, expert-major.
     pub permuted: CudaSlice<f32>,
+}
+
+impl Routed {
+    /// Real tokens routed to each expert: [`Self::load`] unless `sequences`
+    /// have padding, which every row's count includes; then counted on the
+    /// host from the choices (`[tokens, top_k]` indices, read back once).
+    pub fn real_load(&self, gpu: &Gpu, sequences: &Sequences) -> Result<Vec<usize>> {
+        if !sequences.is_padded() {
+            return Ok(self.load.clone());
+        }
+        let experts: Vec<usize> = gpu
+            .download(&self.routing.experts)?
+            .into_iter()
+            .map(|e| e as usize)
+            .collect();
+        let (top_k, n_experts) = (self.routing.top_k, self.routing.n_experts);
+        Ok(sequences.real_load(&experts, top_k, n_experts))
+    }
 }
 
 /// Router (exact f32) → routing → dispatch → permute, for `x: [tokens,

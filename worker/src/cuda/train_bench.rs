@@ -12,6 +12,7 @@ use super::{Gpu, Result, attention, flash_attention, profile};
 use crate::data::DataLoader;
 use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
+use crate::moe::Sequences;
 use crate::ops::attention::AttentionShape;
 use crate::settings::{OptimizerSettings, TrainingSettings};
 
@@ -163,12 +164,11 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     let (moe_forward_ms, moe_backward_ms) =
         match trainer.model().weights().blocks.last().map(|b| &b.ffn) {
             Some(super::model::DeviceFeedForward::Moe(layer)) => {
+                let whole = Sequences::whole(n, config.seq_len);
                 let forward = time_runs(gpu, 1, 2, || {
-                    layer
-                        .forward(gpu, linear, &x, config.seq_len, None)
-                        .map(drop)
+                    layer.forward(gpu, linear, &x, &whole, None).map(drop)
                 })?;
-                let pass = layer.forward(gpu, linear, &x, config.seq_len, None)?;
+                let pass = layer.forward(gpu, linear, &x, &whole, None)?;
                 let mut dx = gpu.zeros::<f32>(x.len())?;
                 let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
                 let backward = time_runs(gpu, 1, 2, || {
@@ -466,8 +466,9 @@ fn grouped_expert_figures(
     let dy = gpu.upload(&super::bench::random_f32(values, 32))?;
     let mut dx = gpu.zeros::<f32>(values)?;
     let mut grads = super::moe_layer::DeviceMoeGrads::zeros(gpu, layer)?;
+    let whole = Sequences::whole(tokens, config.seq_len);
     let mut pass = || -> Result<()> {
-        let forward = layer.forward(gpu, linear, &x, config.seq_len, None)?;
+        let forward = layer.forward(gpu, linear, &x, &whole, None)?;
         layer.backward(gpu, linear, &forward, &x, &dy, &mut dx, &mut grads)
     };
     let (grouped_before, streams_before) = (gpu.set_grouped_gemm(false), gpu.set_expert_streams(1));

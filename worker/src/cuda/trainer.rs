@@ -208,8 +208,7 @@ impl<'g> DeviceTrainer<'g> {
             }
             let pass = self.model.forward_parallel(
                 gpu,
-                &batch.inputs,
-                &batch.targets,
+                batch,
                 settings.activation_memory,
                 parallel,
                 drawn.loss,

@@ -37,6 +37,11 @@ pub struct DataPosition {
 pub struct Batch {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+    /// Each sequence's real tokens, from its start: the rest is padding (a
+    /// conversation shorter than the sequence), which the MoE layers leave
+    /// out of their loads and balance loss ([`crate::moe::Sequences`]).
+    /// Every token for text.
+    pub real: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +126,7 @@ impl DataLoader {
         let mut batch = Batch {
             inputs: Vec::with_capacity(n),
             targets: Vec::with_capacity(n),
+            real: Vec::with_capacity(sequences),
         };
         let mut window = Vec::with_capacity(self.seq_len + 1);
         for k in 0..sequences as u64 {
@@ -153,6 +159,7 @@ impl DataLoader {
             // attention keeps the padding out of every real position; its
             // targets are left out of the loss. Any id would do as input.
             let padding = self.seq_len + 1 - len;
+            batch.real.push(len - 1);
             batch
                 .inputs
                 .extend(std::iter::repeat_n(window[len - 1], padding));
@@ -286,10 +293,12 @@ mod tests {
         let mut skipped = loader.clone();
         let batch = loader.next_batch(30);
         let mut seen = [false; 3];
-        for (inputs, targets) in batch
+        assert_eq!(batch.real.len(), 30, "a real-token count per sequence");
+        for ((inputs, targets), &said) in batch
             .inputs
             .chunks_exact(seq_len)
             .zip(batch.targets.chunks_exact(seq_len))
+            .zip(&batch.real)
         {
             let which = ranges
                 .iter()
@@ -300,6 +309,7 @@ mod tests {
             // Real tokens: the conversation's own, in order, as far as
             // they go (at most seq_len inputs and their targets).
             let real = (c.len() - 1).min(seq_len);
+            assert_eq!(said, real, "conversation {which}'s real tokens");
             for i in 0..real {
                 assert_eq!(inputs[i], (c.start + i) as u32 + 100);
                 let trained = i + 1 == 1 || i + 1 >= 5;

@@ -23,6 +23,7 @@ use std::ops::Range;
 
 use super::collective::Collective;
 use super::error::DistError;
+use crate::moe::sequences::Sequences;
 use crate::scalar::Scalar;
 
 /// One rank's sequence-parallel group and the slice of each sequence it holds.
@@ -88,6 +89,14 @@ impl SequenceParallel {
     /// This rank's slice of every sequence of `batch` (whole sequences).
     pub fn local_tokens<V: Copy>(&self, batch: &[V]) -> Vec<V> {
         slice_sequences(batch, self.seq_len, self.positions())
+    }
+
+    /// How many of this rank's tokens of each sequence are real, from each
+    /// sequence's real tokens (the rest padding at its end).
+    pub fn local_real(&self, real: &[usize]) -> Vec<usize> {
+        Sequences::padded(self.seq_len, real.to_vec())
+            .slice(self.positions())
+            .into_real()
     }
 
     /// Payload bytes sent to other ranks by layout switches so far.

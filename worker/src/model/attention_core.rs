@@ -28,12 +28,6 @@ pub(crate) struct Attended<T> {
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
-    /// Tokens of each sequence in this rank's passes.
-    pub(crate) fn local_seq_len(&self) -> usize {
-        self.sequence
-            .map_or(self.config.seq_len, SequenceParallel::local_len)
-    }
-
     /// The shape attention runs at: whole sequences, this rank's heads.
     fn attention_shape(&self) -> AttentionShape {
         let sp = self.sequence.map_or(1, SequenceParallel::size);

@@ -14,7 +14,7 @@ use crate::model::weights::{BlockWeights, FeedForward};
 use crate::moe::expert::SwiGluActivations;
 use crate::moe::expert_parallel::{self, ExpertParallelForward};
 use crate::moe::routing::Routing;
-use crate::moe::{MoeForward, MoeLayer, MoeParams};
+use crate::moe::{MoeForward, MoeLayer, MoeParams, Sequences};
 use crate::ops::attention::Qkv;
 use crate::ops::rmsnorm;
 use crate::ops::rope::RopeTable;
@@ -115,6 +115,8 @@ pub(crate) struct BlockContext<'a, T> {
     pub experts: Option<&'a ExpertParallel>,
     /// Whole sequences here, or this rank's slice of each (Ulysses).
     pub sequence: Option<&'a SequenceParallel>,
+    /// The pass's sequences (or this rank's slices), and their padding.
+    pub sequences: &'a Sequences,
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
@@ -187,12 +189,8 @@ impl<T: Scalar> BlockContext<'_, T> {
             }
             FeedForward::Moe(layer) => match self.experts {
                 None => {
-                    let mut pass = layer.forward_in(
-                        linears.ffn,
-                        &ffn_normed,
-                        self.local_seq_len(),
-                        self.sequence,
-                    );
+                    let mut pass =
+                        layer.forward_in(linears.ffn, &ffn_normed, self.sequences, self.sequence);
                     (std::mem::take(&mut pass.output), FeedForwardPass::Moe(pass))
                 }
                 Some(ep) => {
@@ -201,7 +199,7 @@ impl<T: Scalar> BlockContext<'_, T> {
                         ep,
                         linears.ffn,
                         &ffn_normed,
-                        self.local_seq_len(),
+                        self.sequences,
                         self.sequence,
                     );
                     let output = std::mem::take(&mut pass.output);

@@ -16,6 +16,7 @@ pub mod weights;
 use std::fmt;
 use std::ops::Range;
 
+use crate::data::Batch;
 use crate::dist::DistError;
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
@@ -25,7 +26,7 @@ use crate::memory::HeldBytes;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
-use crate::moe::{MoeLayer, MoeParams};
+use crate::moe::{MoeLayer, MoeParams, Sequences};
 use crate::ops::cross_entropy::{self, LossScale};
 use crate::ops::rope::RopeTable;
 use crate::ops::{embedding, rmsnorm};
@@ -111,6 +112,8 @@ impl Parallel<'_> {
 #[derive(Clone, Debug)]
 pub struct ForwardPass<T> {
     tokens: Vec<u32>,
+    /// How the tokens split into sequences, and which are padding.
+    sequences: Sequences,
     /// With ignored ones replaced by 0 (see `loss_weights`).
     targets: Vec<u32>,
     /// Each position's weight in `cross_entropy` (0 for an ignored target).
@@ -333,12 +336,17 @@ impl<T: Scalar> Model<T> {
         }
     }
 
-    fn context<'a>(&'a self, parallel: Parallel<'a>) -> BlockContext<'a, T> {
+    fn context<'a>(
+        &'a self,
+        parallel: Parallel<'a>,
+        sequences: &'a Sequences,
+    ) -> BlockContext<'a, T> {
         BlockContext {
             config: &self.config,
             rope: &self.rope,
             experts: parallel.experts,
             sequence: parallel.sequence,
+            sequences,
         }
     }
 
@@ -360,6 +368,7 @@ impl<T: Scalar> Model<T> {
         self.forward_in(
             tokens,
             targets,
+            None,
             memory,
             Parallel::default(),
             LossScale::PassMean,
@@ -382,33 +391,39 @@ impl<T: Scalar> Model<T> {
             experts: Some(experts),
             ..Parallel::default()
         };
-        self.forward_parallel(tokens, targets, memory, parallel, LossScale::PassMean)
-    }
-
-    /// [`Self::forward_with`] as one rank of `parallel`'s groups: with
-    /// sequence parallelism `tokens` and `targets` are this rank's slice of
-    /// each sequence ([`SequenceParallel::local_tokens`]), and
-    /// [`ForwardPass::cross_entropy`] weighs their trained targets as `loss`
-    /// says (the mean over them, or a trainer's share of its step's). Every
-    /// rank of the groups must call it at the same point; the pass must be
-    /// differentiated with [`Self::backward_parallel`] and the same groups.
-    pub fn forward_parallel(
-        &self,
-        tokens: &[u32],
-        targets: &[u32],
-        memory: ActivationMemory,
-        parallel: Parallel<'_>,
-        loss: LossScale,
-    ) -> Result<ForwardPass<T>, DistError> {
-        let pass = self.forward_in(tokens, targets, memory, parallel, loss);
+        let pass = self.forward_in(tokens, targets, None, memory, parallel, LossScale::PassMean);
         parallel.take_failure()?;
         Ok(pass)
     }
 
+    /// [`Self::forward_with`] on `batch` as one rank of `parallel`'s
+    /// groups: with sequence parallelism the batch holds this rank's slice
+    /// of each sequence ([`SequenceParallel::local_tokens`]), and
+    /// [`ForwardPass::cross_entropy`] weighs its trained targets as `loss`
+    /// says (the mean over them, or a trainer's share of its step's). Its
+    /// padding is left out of the MoE layers' loads and balance loss. Every
+    /// rank of the groups must call it at the same point; the pass must be
+    /// differentiated with [`Self::backward_parallel`] and the same groups.
+    pub fn forward_parallel(
+        &self,
+        batch: &Batch,
+        memory: ActivationMemory,
+        parallel: Parallel<'_>,
+        loss: LossScale,
+    ) -> Result<ForwardPass<T>, DistError> {
+        let (tokens, targets, real) = (&batch.inputs, &batch.targets, Some(&batch.real[..]));
+        let pass = self.forward_in(tokens, targets, real, memory, parallel, loss);
+        parallel.take_failure()?;
+        Ok(pass)
+    }
+
+    /// The forward pass; `real`: each sequence's (or slice's) real tokens,
+    /// `None` when none is padded.
     fn forward_in(
         &self,
         tokens: &[u32],
         targets: &[u32],
+        real: Option<&[usize]>,
         memory: ActivationMemory,
         parallel: Parallel<'_>,
         loss: LossScale,
@@ -430,11 +445,16 @@ impl<T: Scalar> Model<T> {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
+        let sequences = match real {
+            Some(real) => Sequences::padded(seq_len, real.to_vec()),
+            None => Sequences::whole(n, seq_len),
+        };
+        assert_eq!(sequences.tokens(), n, "a real-token count per sequence");
         let (weights, targets) = cross_entropy::target_weights(targets, loss);
         let weights: Vec<T> = weights.into_iter().map(T::from_f64).collect();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
-        let context = self.context(parallel);
+        let context = self.context(parallel, &sequences);
         let mut blocks = Vec::with_capacity(config.layers);
         let precision = config.gemm_precision;
         let mut aux_loss = 0.0;
@@ -473,6 +493,7 @@ impl<T: Scalar> Model<T> {
             .sum::<f64>();
         ForwardPass {
             tokens: tokens.to_vec(),
+            sequences,
             targets,
             loss_weights: weights,
             blocks,
@@ -560,7 +581,7 @@ impl<T: Scalar> Model<T> {
             &self.weights.final_norm,
             &pass.final_rstd,
         );
-        let context = self.context(parallel);
+        let context = self.context(parallel, &pass.sequences);
         let precision = config.gemm_precision;
         let layers = self
             .weights

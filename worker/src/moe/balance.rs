@@ -5,7 +5,9 @@
 
 use crate::memory::HeldBytes;
 use crate::moe::routing::Routing;
+use crate::moe::sequences::Sequences;
 use crate::scalar::Scalar;
+use std::ops::Range;
 
 /// After a step, nudges each expert's selection bias towards the mean load:
 /// `bias_e += rate * sign(mean_load - load_e)` (no change at exactly the mean).
@@ -38,37 +40,45 @@ pub fn load_imbalance(load: &[usize]) -> f64 {
     }
 }
 
-/// DeepSeek-V3's sequence-wise balance loss, averaged over the sequences of
-/// `seq_len` consecutive tokens in `routing`:
+/// DeepSeek-V3's sequence-wise balance loss, averaged over `sequences`:
 ///
 /// `L = alpha * sum_i f_i P_i`, with `f_i = N / (K T) * #{t : i selected for t}`
 /// and `P_i = mean_t s'_{i,t}`, where `s'_{i,t} = s_{i,t} / sum_j s_{j,t}`
-/// (`N` experts, `K` = top-k, `T` = `seq_len`). `f` counts the biased
-/// selection and is treated as a constant; the gradient flows through `P`.
-pub fn sequence_balance_loss<T: Scalar>(routing: &Routing<T>, seq_len: usize, alpha: f64) -> T {
+/// (`N` experts, `K` = top-k, `T` the sequence's real tokens: its padding
+/// counts in neither). `f` counts the biased selection and is treated as a
+/// constant; the gradient flows through `P`.
+pub fn sequence_balance_loss<T: Scalar>(
+    routing: &Routing<T>,
+    sequences: &Sequences,
+    alpha: f64,
+) -> T {
     let mut loss = 0.0;
-    for_each_sequence(routing, seq_len, |scores, fractions| {
-        for row in scores.chunks_exact(routing.n_experts) {
-            let sum: T = row.iter().copied().sum();
-            loss += row
+    let n_experts = routing.n_experts;
+    for_each_sequence(routing, sequences, |range, fractions| {
+        let (real, rows) = (range.len(), range.start * n_experts..range.end * n_experts);
+        let mut sum = 0.0;
+        for row in routing.scores[rows].chunks_exact(n_experts) {
+            let total: T = row.iter().copied().sum();
+            sum += row
                 .iter()
                 .zip(fractions)
-                .map(|(&s, &f)| f * (s / sum).to_f64())
+                .map(|(&s, &f)| f * (s / total).to_f64())
                 .sum::<f64>();
         }
+        loss += sum / real as f64;
     });
-    let sequences = routing.tokens() / seq_len;
-    T::from_f64(alpha * loss / (seq_len * sequences) as f64)
+    T::from_f64(alpha * loss / sequences.count() as f64)
 }
 
 /// Adds the gradient of [`sequence_balance_loss`] with respect to the scores into `dscores`.
 ///
-/// `dL/ds'_{i,t} = alpha f_i / (T B)` for `B` sequences; through the
-/// normalisation `ds_{i,t} = (ds'_{i,t} - sum_j ds'_{j,t} s'_{j,t}) / sum_j s_{j,t}`.
+/// `dL/ds'_{i,t} = alpha f_i / (T B)` for `B` sequences (nothing for
+/// padding); through the normalisation
+/// `ds_{i,t} = (ds'_{i,t} - sum_j ds'_{j,t} s'_{j,t}) / sum_j s_{j,t}`.
 pub fn sequence_balance_loss_backward<T: Scalar>(
     dscores: &mut [T],
     routing: &Routing<T>,
-    seq_len: usize,
+    sequences: &Sequences,
     alpha: f64,
 ) {
     assert_eq!(
@@ -76,13 +86,13 @@ pub fn sequence_balance_loss_backward<T: Scalar>(
         routing.scores.len(),
         "router score gradient shape"
     );
-    let sequences = routing.tokens() / seq_len;
-    let per_token = alpha / (seq_len * sequences) as f64;
-    let mut sequence_start = 0;
-    for_each_sequence(routing, seq_len, |scores, fractions| {
-        let dscores = &mut dscores[sequence_start..sequence_start + scores.len()];
-        add_sequence_score_gradient(dscores, scores, fractions, per_token);
-        sequence_start += scores.len();
+    let n_experts = routing.n_experts;
+    let count = sequences.count() as f64;
+    for_each_sequence(routing, sequences, |range, fractions| {
+        let per_token = alpha / (range.len() as f64 * count);
+        let rows = range.start * n_experts..range.end * n_experts;
+        let scores = &routing.scores[rows.clone()];
+        add_sequence_score_gradient(&mut dscores[rows], scores, fractions, per_token);
     });
 }
 
@@ -113,42 +123,41 @@ fn add_sequence_score_gradient<T: Scalar>(
 }
 
 /// Each sequence's routing statistics over the tokens of it a rank holds
-/// (`slice_len` consecutive tokens per sequence, the whole sequence
-/// without sequence parallelism): per expert, how many of those tokens
-/// selected it and the sum of their normalised scores `s'`. Statistics of
-/// disjoint slices of a sequence add up to the whole sequence's, so a
+/// (its slice under sequence parallelism, the whole sequence without):
+/// per expert, how many of the real ones selected it and the sum of their
+/// normalised scores `s'`, and how many are real. Statistics of disjoint
+/// slices of a sequence add up to the whole sequence's, so a
 /// sequence-parallel group sums them ([`Self::values_mut`], an all-reduce)
-/// and every rank then holds the whole sequences' `f_i` and `P_i`.
+/// and every rank then holds the whole sequences' `f_i`, `P_i` and `T`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SequenceRoutingSums {
     n_experts: usize,
     top_k: usize,
-    /// Per sequence, `n_experts` selection counts, then `n_experts` score
-    /// sums. f32, the collectives' type: counts stay exact below 2^24.
+    /// Per sequence, `n_experts` selection counts, `n_experts` score sums,
+    /// then the real tokens. f32, the collectives' type: counts stay exact
+    /// below 2^24.
     values: Vec<f32>,
 }
 
 impl SequenceRoutingSums {
-    /// The statistics of `routing`'s tokens, `slice_len` per sequence.
-    pub fn of<T: Scalar>(routing: &Routing<T>, slice_len: usize) -> Self {
+    /// The statistics of `routing`'s tokens, laid out as `slices` says.
+    pub fn of<T: Scalar>(routing: &Routing<T>, slices: &Sequences) -> Self {
         let (n_experts, top_k) = (routing.n_experts, routing.top_k);
-        assert!(
-            slice_len > 0 && routing.tokens().is_multiple_of(slice_len),
+        assert_eq!(
+            routing.tokens(),
+            slices.tokens(),
             "tokens must split into whole slices of sequences"
         );
-        let sequences = routing
-            .scores
-            .chunks_exact(slice_len * n_experts)
-            .zip(routing.experts.chunks_exact(slice_len * top_k));
-        let mut values = Vec::with_capacity(routing.tokens() / slice_len * 2 * n_experts);
+        let mut values = Vec::with_capacity(slices.count() * (2 * n_experts + 1));
         let mut score_sums = vec![0.0; n_experts];
-        for (scores, experts) in sequences {
+        for range in slices.real_ranges() {
             let counts_start = values.len();
             values.resize(counts_start + n_experts, 0.0);
-            for &e in experts {
+            for &e in &routing.experts[range.start * top_k..range.end * top_k] {
                 values[counts_start + e] += 1.0;
             }
             score_sums.fill(0.0);
+            let scores = &routing.scores[range.start * n_experts..range.end * n_experts];
             for row in scores.chunks_exact(n_experts) {
                 let sum: T = row.iter().copied().sum();
                 for (total, &s) in score_sums.iter_mut().zip(row) {
@@ -156,6 +165,7 @@ impl SequenceRoutingSums {
                 }
             }
             values.extend(score_sums.iter().map(|&s| s as f32));
+            values.push(range.len() as f32);
         }
         Self {
             n_experts,
@@ -170,42 +180,59 @@ impl SequenceRoutingSums {
     }
 
     pub fn sequences(&self) -> usize {
-        self.values.len() / (2 * self.n_experts)
+        self.values.len() / (2 * self.n_experts + 1)
     }
 
-    /// Each sequence's `(selection counts, score sums)`.
-    fn per_sequence(&self) -> impl Iterator<Item = (&[f32], &[f32])> {
-        self.values
-            .chunks_exact(2 * self.n_experts)
-            .map(|v| v.split_at(self.n_experts))
+    /// Each sequence's `(selection counts, score sums, real tokens)`.
+    fn per_sequence(&self) -> impl Iterator<Item = (&[f32], &[f32], f32)> {
+        self.values.chunks_exact(2 * self.n_experts + 1).map(|v| {
+            let (counts, rest) = v.split_at(self.n_experts);
+            (counts, &rest[..self.n_experts], rest[self.n_experts])
+        })
     }
 
-    /// Each sequence's `f_i = N / (K T) · count_i`, `[sequences, n_experts]`,
-    /// for sequences of `seq_len` (`T`) tokens: the statistics must be the
-    /// whole sequences'.
-    pub fn fractions(&self, seq_len: usize) -> Vec<f64> {
-        let scale = self.n_experts as f64 / (self.top_k * seq_len) as f64;
+    /// Each sequence's `f_i = N / (K T) · count_i`, `[sequences, n_experts]`
+    /// (zeros for a sequence without real tokens): the statistics must be
+    /// the whole sequences'.
+    pub fn fractions(&self) -> Vec<f64> {
+        let n = self.n_experts as f64;
+        let top_k = self.top_k as f64;
         self.per_sequence()
-            .flat_map(|(counts, _)| counts.iter().map(move |&c| scale * f64::from(c)))
+            .flat_map(|(counts, _, real)| {
+                let scale = if real > 0.0 {
+                    n / (top_k * f64::from(real))
+                } else {
+                    0.0
+                };
+                counts.iter().map(move |&c| scale * f64::from(c))
+            })
             .collect()
     }
 
     /// [`sequence_balance_loss`] from the whole sequences' statistics:
     /// `alpha · sum_i f_i P_i` with `P_i = score_sum_i / T`, averaged over
     /// the sequences.
-    pub fn loss(&self, seq_len: usize, alpha: f64) -> f64 {
-        let fractions = self.fractions(seq_len);
+    pub fn loss(&self, alpha: f64) -> f64 {
+        let fractions = self.fractions();
         let sum: f64 = self
             .per_sequence()
             .zip(fractions.chunks_exact(self.n_experts))
-            .map(|((_, score_sums), f)| {
-                f.iter()
+            .filter(|((_, _, real), _)| *real > 0.0)
+            .map(|((_, score_sums, real), f)| {
+                let weighted: f64 = f
+                    .iter()
                     .zip(score_sums)
                     .map(|(&f, &s)| f * f64::from(s))
-                    .sum::<f64>()
+                    .sum();
+                weighted / f64::from(real)
             })
             .sum();
-        alpha * sum / (seq_len * self.sequences()) as f64
+        alpha * sum / self.sequences() as f64
+    }
+
+    /// Each sequence's real tokens.
+    fn real(&self) -> impl Iterator<Item = f64> + '_ {
+        self.per_sequence().map(|(_, _, real)| f64::from(real))
     }
 }
 
@@ -218,89 +245,100 @@ pub struct SlicedBalanceLoss {
     pub loss: f64,
     /// The whole sequences' `f_i`, `[sequences, n_experts]`.
     fractions: Vec<f64>,
-    /// `dL/ds'_{i,t} / f_i` for this rank's tokens, see [`Self::new`].
-    per_token: f64,
-    slice_len: usize,
+    /// `dL/ds'_{i,t} / f_i` for this rank's tokens of each sequence, see [`Self::new`].
+    per_token: Vec<f64>,
 }
 
 impl HeldBytes for SlicedBalanceLoss {
     fn held_bytes(&self) -> usize {
-        self.fractions.held_bytes()
+        self.fractions.held_bytes() + self.per_token.held_bytes()
     }
 }
 
 impl SlicedBalanceLoss {
     /// From `whole`, the statistics summed over the `parts` ranks holding
-    /// `seq_len / parts` tokens of each sequence each.
+    /// a slice of each sequence each.
     ///
     /// Every rank reports the whole loss `L`, so the ranks' mean is `L`.
     /// Their gradients are averaged too, though, and each rank only
     /// back-propagates through its own tokens, so each takes
-    /// `parts · dL/ds'` for them: `alpha f_i / (L B)` with `L` the slice
-    /// length, just as each rank's cross-entropy is the mean over its slice.
-    pub fn new(whole: &SequenceRoutingSums, seq_len: usize, parts: usize, alpha: f64) -> Self {
-        assert!(
-            parts > 0 && seq_len.is_multiple_of(parts),
-            "sequences split evenly over the ranks"
-        );
-        let slice_len = seq_len / parts;
+    /// `parts · dL/ds'` for them: `parts · alpha f_i / (T B)`.
+    pub fn new(whole: &SequenceRoutingSums, parts: usize, alpha: f64) -> Self {
+        assert!(parts > 0, "a group of no ranks");
+        let count = whole.sequences() as f64;
+        let per_token = whole
+            .real()
+            .map(|real| {
+                if real > 0.0 {
+                    parts as f64 * alpha / (real * count)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         Self {
-            loss: whole.loss(seq_len, alpha),
-            fractions: whole.fractions(seq_len),
-            per_token: alpha / (slice_len * whole.sequences()) as f64,
-            slice_len,
+            loss: whole.loss(alpha),
+            fractions: whole.fractions(),
+            per_token,
         }
     }
 
     /// Adds this rank's share of the loss's gradient with respect to its
-    /// tokens' scores (`routing`, `slice_len` tokens per sequence) into `dscores`.
-    pub fn add_score_gradient<T: Scalar>(&self, dscores: &mut [T], routing: &Routing<T>) {
+    /// tokens' scores (`routing`, laid out as `slices`) into `dscores`.
+    pub fn add_score_gradient<T: Scalar>(
+        &self,
+        dscores: &mut [T],
+        routing: &Routing<T>,
+        slices: &Sequences,
+    ) {
         let n_experts = routing.n_experts;
         assert_eq!(
             dscores.len(),
             routing.scores.len(),
             "router score gradient shape"
         );
-        let rows = self.slice_len * n_experts;
-        assert_eq!(
-            routing.scores.len(),
-            rows * self.fractions.len() / n_experts,
+        assert!(
+            routing.tokens() == slices.tokens() && slices.count() == self.per_token.len(),
             "the slices the statistics were taken over"
         );
-        let slices = dscores
-            .chunks_exact_mut(rows)
-            .zip(routing.scores.chunks_exact(rows))
-            .zip(self.fractions.chunks_exact(n_experts));
-        for ((dscores, scores), fractions) in slices {
-            add_sequence_score_gradient(dscores, scores, fractions, self.per_token);
+        let sequences = slices
+            .real_ranges()
+            .zip(self.fractions.chunks_exact(n_experts))
+            .zip(&self.per_token);
+        for ((range, fractions), &per_token) in sequences {
+            let rows = range.start * n_experts..range.end * n_experts;
+            add_sequence_score_gradient(
+                &mut dscores[rows.clone()],
+                &routing.scores[rows],
+                fractions,
+                per_token,
+            );
         }
     }
 }
 
-/// Calls `visit(scores, f)` per sequence, with the sequence's score rows and
-/// each expert's `f_i` (its selection count scaled by `N / (K T)`).
+/// Calls `visit(tokens, f)` per sequence with real tokens, with the range
+/// of its `T` real tokens and each expert's `f_i` (its selection count
+/// among them scaled by `N / (K T)`).
 fn for_each_sequence<T: Scalar>(
     routing: &Routing<T>,
-    seq_len: usize,
-    mut visit: impl FnMut(&[T], &[f64]),
+    sequences: &Sequences,
+    mut visit: impl FnMut(Range<usize>, &[f64]),
 ) {
     let (n_experts, top_k) = (routing.n_experts, routing.top_k);
-    assert!(
-        seq_len > 0 && routing.tokens().is_multiple_of(seq_len),
+    assert_eq!(
+        routing.tokens(),
+        sequences.tokens(),
         "tokens must split into whole sequences"
     );
-    let scale = n_experts as f64 / (top_k * seq_len) as f64;
     let mut fractions = vec![0.0; n_experts];
-    let sequences = routing
-        .scores
-        .chunks_exact(seq_len * n_experts)
-        .zip(routing.experts.chunks_exact(seq_len * top_k));
-    for (scores, experts) in sequences {
+    for range in sequences.real_ranges().filter(|r| !r.is_empty()) {
+        let scale = n_experts as f64 / (top_k * range.len()) as f64;
         fractions.fill(0.0);
-        for &e in experts {
+        for &e in &routing.experts[range.start * top_k..range.end * top_k] {
             fractions[e] += scale;
         }
-        visit(scores, &fractions);
+        visit(range, &fractions);
     }
 }
 
@@ -357,72 +395,143 @@ mod tests {
         (a - b).abs() / b.abs().max(1e-30)
     }
 
+    /// The tokens `range` of `whole`: a routing of its own.
+    fn rows(whole: &Routing<f32>, range: std::ops::Range<usize>) -> Routing<f32> {
+        Routing {
+            scores: whole.scores[range.start * N_EXPERTS..range.end * N_EXPERTS].to_vec(),
+            experts: whole.experts[range.start * TOP_K..range.end * TOP_K].to_vec(),
+            gates: whole.gates[range.start * TOP_K..range.end * TOP_K].to_vec(),
+            ..whole.clone()
+        }
+    }
+
+    /// Padded sequences' loss and gradient are those of their real tokens
+    /// alone: each sequence's real rows, taken as one unpadded sequence,
+    /// the losses averaged over the sequences. The padding gets no
+    /// gradient, and moving its routing changes nothing.
+    #[test]
+    fn padding_counts_in_neither_the_loss_nor_its_gradient() {
+        let (seq_len, alpha) = (12, 0.01);
+        let real = vec![12, 7, 1, 5];
+        let sequences = Sequences::padded(seq_len, real.clone());
+        let mut padded = routing(seq_len * real.len(), 3);
+        let loss = f64::from(sequence_balance_loss(&padded, &sequences, alpha));
+        let mut grad = vec![0f32; padded.scores.len()];
+        sequence_balance_loss_backward(&mut grad, &padded, &sequences, alpha);
+
+        let mut want_loss = 0.0;
+        for (s, range) in sequences.real_ranges().enumerate() {
+            let alone = rows(&padded, range.clone());
+            let one = Sequences::whole(range.len(), range.len());
+            want_loss += f64::from(sequence_balance_loss(&alone, &one, alpha)) / real.len() as f64;
+            let mut want = vec![0f32; alone.scores.len()];
+            sequence_balance_loss_backward(&mut want, &alone, &one, alpha / real.len() as f64);
+            let got = &grad[range.start * N_EXPERTS..range.end * N_EXPERTS];
+            for (&g, &w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "sequence {s}: {g} vs {w}"
+                );
+            }
+            let padding = range.end * N_EXPERTS..(s + 1) * seq_len * N_EXPERTS;
+            assert!(
+                grad[padding].iter().all(|&g| g == 0.0),
+                "sequence {s}'s padding"
+            );
+        }
+        assert!(relative(loss, want_loss) < 1e-6, "{loss} vs {want_loss}");
+
+        // The padding's scores and choices are not read.
+        for range in sequences.real_ranges() {
+            let padding = range.end..range.start + seq_len;
+            padded.experts[padding.start * TOP_K..padding.end * TOP_K].fill(0);
+            padded.scores[padding.start * N_EXPERTS..padding.end * N_EXPERTS].fill(0.9);
+        }
+        let moved = f64::from(sequence_balance_loss(&padded, &sequences, alpha));
+        assert_eq!(moved.to_bits(), loss.to_bits());
+        // Counted as whole sequences, the same routing gives another loss.
+        let unmasked = f64::from(sequence_balance_loss(
+            &padded,
+            &Sequences::whole(padded.tokens(), seq_len),
+            alpha,
+        ));
+        assert!(relative(unmasked, loss) > 1e-2, "{unmasked} vs {loss}");
+    }
+
     /// Three sequences of 12 tokens split over 1, 2, 3 and 4 simulated
-    /// ranks: each rank's slice statistics, summed as the group's
-    /// all-reduce sums them, give the whole sequences' loss, and each
-    /// rank's score gradients, averaged over the ranks as training averages
-    /// them, are the whole sequences' gradient at its tokens. Without the
-    /// sum (each rank on its slice alone) both are wrong.
+    /// ranks, whole and padded: each rank's slice statistics, summed as the
+    /// group's all-reduce sums them, give the whole sequences' loss, and
+    /// each rank's score gradients, averaged over the ranks as training
+    /// averages them, are the whole sequences' gradient at its tokens.
+    /// Without the sum (each rank on its slice alone) both are wrong.
     #[test]
     fn slice_statistics_summed_over_ranks_give_the_whole_sequences_loss_and_gradient() {
-        let (seq_len, sequences, alpha) = (12, 3, 0.01);
-        let whole = routing(seq_len * sequences, 5);
-        let want_loss = f64::from(sequence_balance_loss(&whole, seq_len, alpha));
-        let mut want_grad = vec![0f32; whole.scores.len()];
-        sequence_balance_loss_backward(&mut want_grad, &whole, seq_len, alpha);
-        for parts in [1, 2, 3, 4] {
-            let slices: Vec<Routing<f32>> = (0..parts)
-                .map(|r| slice(&whole, seq_len, parts, r))
-                .collect();
-            let local: Vec<SequenceRoutingSums> = slices
-                .iter()
-                .map(|s| SequenceRoutingSums::of(s, seq_len / parts))
-                .collect();
-            let mut summed = local[0].clone();
-            for other in &local[1..] {
-                for (v, &o) in summed.values_mut().iter_mut().zip(&other.values) {
-                    *v += o;
+        let (seq_len, alpha) = (12, 0.01);
+        for real in [vec![12, 12, 12], vec![12, 5, 9]] {
+            let sequences = Sequences::padded(seq_len, real.clone());
+            let whole = routing(sequences.tokens(), 5);
+            let want_loss = f64::from(sequence_balance_loss(&whole, &sequences, alpha));
+            let mut want_grad = vec![0f32; whole.scores.len()];
+            sequence_balance_loss_backward(&mut want_grad, &whole, &sequences, alpha);
+            for parts in [1, 2, 3, 4] {
+                let l = seq_len / parts;
+                let layouts: Vec<Sequences> = (0..parts)
+                    .map(|r| sequences.slice(r * l..(r + 1) * l))
+                    .collect();
+                let slices: Vec<Routing<f32>> = (0..parts)
+                    .map(|r| slice(&whole, seq_len, parts, r))
+                    .collect();
+                let local: Vec<SequenceRoutingSums> = slices
+                    .iter()
+                    .zip(&layouts)
+                    .map(|(s, layout)| SequenceRoutingSums::of(s, layout))
+                    .collect();
+                let mut summed = local[0].clone();
+                for other in &local[1..] {
+                    for (v, &o) in summed.values_mut().iter_mut().zip(&other.values) {
+                        *v += o;
+                    }
                 }
-            }
-            let (mut worst_loss, mut worst_grad) = (0f64, 0f64);
-            for (r, part) in slices.iter().enumerate() {
-                let loss = SlicedBalanceLoss::new(&summed, seq_len, parts, alpha);
-                worst_loss = worst_loss.max(relative(loss.loss, want_loss));
-                let mut grad = vec![0f32; part.scores.len()];
-                loss.add_score_gradient(&mut grad, part);
-                let want = slice(
-                    &Routing {
-                        scores: want_grad.clone(),
-                        ..whole.clone()
-                    },
-                    seq_len,
-                    parts,
-                    r,
-                )
-                .scores;
-                for (&g, &w) in grad.iter().zip(&want) {
-                    let averaged = f64::from(g) / parts as f64;
-                    worst_grad = worst_grad.max((averaged - f64::from(w)).abs());
+                let (mut worst_loss, mut worst_grad) = (0f64, 0f64);
+                for (r, part) in slices.iter().enumerate() {
+                    let loss = SlicedBalanceLoss::new(&summed, parts, alpha);
+                    worst_loss = worst_loss.max(relative(loss.loss, want_loss));
+                    let mut grad = vec![0f32; part.scores.len()];
+                    loss.add_score_gradient(&mut grad, part, &layouts[r]);
+                    let want = slice(
+                        &Routing {
+                            scores: want_grad.clone(),
+                            ..whole.clone()
+                        },
+                        seq_len,
+                        parts,
+                        r,
+                    )
+                    .scores;
+                    for (&g, &w) in grad.iter().zip(&want) {
+                        let averaged = f64::from(g) / parts as f64;
+                        worst_grad = worst_grad.max((averaged - f64::from(w)).abs());
+                    }
                 }
-            }
-            let scale = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
-            eprintln!(
-                "{parts} ranks: loss off by {worst_loss:.1e} relative, gradient by {worst_grad:.1e} (largest {scale:.1e})"
-            );
-            assert!(
-                worst_loss < 1e-6,
-                "{parts} ranks: loss off by {worst_loss:e}"
-            );
-            assert!(
-                worst_grad <= 1e-6 * f64::from(scale),
-                "{parts} ranks: gradient off by {worst_grad:e} (largest {scale:e})"
-            );
-            if parts > 1 {
-                let alone = SlicedBalanceLoss::new(&local[0], seq_len, parts, alpha);
-                assert!(
-                    relative(alone.loss, want_loss) > 1e-2,
-                    "{parts} ranks: a slice's own statistics should not give the whole loss"
+                let scale = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+                eprintln!(
+                    "{real:?}, {parts} ranks: loss off by {worst_loss:.1e} relative, gradient by {worst_grad:.1e} (largest {scale:.1e})"
                 );
+                assert!(
+                    worst_loss < 1e-6,
+                    "{parts} ranks: loss off by {worst_loss:e}"
+                );
+                assert!(
+                    worst_grad <= 1e-6 * f64::from(scale),
+                    "{parts} ranks: gradient off by {worst_grad:e} (largest {scale:e})"
+                );
+                if parts > 1 {
+                    let alone = SlicedBalanceLoss::new(&local[0], parts, alpha);
+                    assert!(
+                        relative(alone.loss, want_loss) > 1e-2,
+                        "{parts} ranks: a slice's own statistics should not give the whole loss"
+                    );
+                }
             }
         }
     }
@@ -431,10 +540,15 @@ mod tests {
     #[test]
     fn whole_sequence_statistics_give_the_single_rank_loss() {
         let whole = routing(16, 9);
-        for seq_len in [4, 8, 16] {
-            let sums = SequenceRoutingSums::of(&whole, seq_len);
-            let want = f64::from(sequence_balance_loss(&whole, seq_len, 0.3));
-            assert!(relative(sums.loss(seq_len, 0.3), want) < 1e-6, "{seq_len}");
+        for sequences in [
+            Sequences::whole(16, 4),
+            Sequences::whole(16, 8),
+            Sequences::whole(16, 16),
+            Sequences::padded(8, vec![3, 8]),
+        ] {
+            let sums = SequenceRoutingSums::of(&whole, &sequences);
+            let want = f64::from(sequence_balance_loss(&whole, &sequences, 0.3));
+            assert!(relative(sums.loss(0.3), want) < 1e-6, "{sequences:?}");
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::moe::expert::SwiGluActivations;
 use crate::moe::layer::MoeLayer;
 use crate::moe::params::MoeParams;
 use crate::moe::routing::{self, Routing};
+use crate::moe::sequences::Sequences;
 use crate::ops::matmul;
 use crate::scalar::Scalar;
 
@@ -144,7 +145,8 @@ pub struct ExpertParallelForward<T> {
     pub dispatch: Dispatch,
     /// As [`crate::moe::MoeForward::aux_loss`].
     pub aux_loss: T,
-    seq_len: usize,
+    /// As in [`crate::moe::MoeForward`]: the sequences and their padding.
+    sequences: Sequences,
     /// As in [`crate::moe::MoeForward`]: the whole sequences' balance
     /// statistics under sequence parallelism.
     sliced_balance: Option<SlicedBalanceLoss>,
@@ -158,9 +160,15 @@ pub struct ExpertParallelForward<T> {
 }
 
 impl<T> ExpertParallelForward<T> {
-    /// Tokens this rank routed to each expert (every expert, not just its own).
+    /// Real tokens this rank routed to each expert (every expert, not just
+    /// its own; padding is computed, but not counted).
     pub fn expert_load(&self) -> Vec<usize> {
-        self.dispatch.load()
+        if self.sequences.is_padded() {
+            let r = &self.routing;
+            self.sequences.real_load(&r.experts, r.top_k, r.n_experts)
+        } else {
+            self.dispatch.load()
+        }
     }
 }
 
@@ -200,11 +208,12 @@ pub fn forward<T: Scalar>(
     x: &[T],
     seq_len: usize,
 ) -> ExpertParallelForward<T> {
-    forward_in(layer, ep, linears, x, seq_len, None)
+    let sequences = Sequences::whole(x.len() / layer.config().hidden, seq_len);
+    forward_in(layer, ep, linears, x, &sequences, None)
 }
 
-/// [`forward`] on `seq_len` tokens of each sequence, which, with
-/// `sequence`, is this rank's slice of it. Routing happens here, on this
+/// [`forward`] on `sequences` (padding left out of the loads and the
+/// balance loss), which, with `sequence`, are this rank's slices. Routing happens here, on this
 /// rank's tokens, before any row is dispatched, so the balance loss's
 /// statistics are this rank's slices' and `sequence`'s group (not the
 /// expert-parallel one) sums them ([`MoeLayer::aux_loss_in`]).
@@ -213,7 +222,7 @@ pub(crate) fn forward_in<T: Scalar>(
     ep: &ExpertParallel,
     linears: Linears<'_>,
     x: &[T],
-    seq_len: usize,
+    sequences: &Sequences,
     sequence: Option<&SequenceParallel>,
 ) -> ExpertParallelForward<T> {
     let config = layer.config();
@@ -231,8 +240,9 @@ pub(crate) fn forward_in<T: Scalar>(
         ep.local_experts()
     );
     let tokens = x.len() / hidden;
-    assert!(
-        seq_len > 0 && tokens.is_multiple_of(seq_len),
+    assert_eq!(
+        tokens,
+        sequences.tokens(),
         "MoE input is not whole sequences of seq_len tokens"
     );
 
@@ -265,13 +275,13 @@ pub(crate) fn forward_in<T: Scalar>(
     dispatch.add_rows(&mut output, rows, Some(&routing.gates));
 
     let shared = layer.shared_forward(linears, x, &mut output);
-    let (aux_loss, sliced_balance) = layer.aux_loss_in(&routing, seq_len, sequence);
+    let (aux_loss, sliced_balance) = layer.aux_loss_in(&routing, sequences, sequence);
     ExpertParallelForward {
         output,
         routing,
         dispatch,
         aux_loss,
-        seq_len,
+        sequences: sequences.clone(),
         sliced_balance,
         plan,
         combined,
@@ -346,7 +356,7 @@ pub fn backward<T: Scalar>(
     }
     layer.router_backward(
         routing,
-        pass.seq_len,
+        &pass.sequences,
         pass.sliced_balance.as_ref(),
         x,
         &dgates,

@@ -10,6 +10,7 @@ use crate::moe::dispatch::Dispatch;
 use crate::moe::expert::{MLP_LINEARS, SwiGluActivations, SwiGluGrads, SwiGluMlp};
 use crate::moe::params::MoeParams;
 use crate::moe::routing::{self, Routing};
+use crate::moe::sequences::Sequences;
 use crate::ops::{self, matmul};
 use crate::scalar::Scalar;
 
@@ -34,7 +35,9 @@ pub struct MoeForward<T> {
     /// the training objective, and [`MoeLayer::backward`] includes its gradient.
     /// With sequence parallelism, the whole sequences' (see [`SlicedBalanceLoss`]).
     pub aux_loss: T,
-    seq_len: usize,
+    /// How the pass's tokens split into sequences (or this rank's slices
+    /// of them), and which are padding.
+    sequences: Sequences,
     /// The whole sequences' balance statistics when this pass held slices
     /// of them (sequence parallelism); `None` when every token of each
     /// sequence is here or the loss is off.
@@ -52,9 +55,15 @@ struct ExpertPass<T> {
 }
 
 impl<T> MoeForward<T> {
-    /// Tokens routed to each expert in this pass (for metrics and the bias update).
+    /// Real tokens routed to each expert in this pass (for metrics and the
+    /// bias update): padding is computed, but not counted.
     pub fn expert_load(&self) -> Vec<usize> {
-        self.dispatch.load()
+        if self.sequences.is_padded() {
+            let r = &self.routing;
+            self.sequences.real_load(&r.experts, r.top_k, r.n_experts)
+        } else {
+            self.dispatch.load()
+        }
     }
 }
 
@@ -135,36 +144,36 @@ impl<T: Scalar> MoeLayer<T> {
     }
 
     /// The sequence-level balance loss of `routing` (zero when its
-    /// coefficient is), over sequences of `seq_len` tokens all here.
-    pub(crate) fn aux_loss(&self, routing: &Routing<T>, seq_len: usize) -> T {
+    /// coefficient is), over `sequences` all here.
+    pub(crate) fn aux_loss(&self, routing: &Routing<T>, sequences: &Sequences) -> T {
         if self.config.aux_loss_alpha > 0.0 {
-            balance::sequence_balance_loss(routing, seq_len, self.config.aux_loss_alpha)
+            balance::sequence_balance_loss(routing, sequences, self.config.aux_loss_alpha)
         } else {
             T::ZERO
         }
     }
 
-    /// [`Self::aux_loss`] when `routing` covers `seq_len` tokens of each
-    /// sequence, split over `sequence`'s ranks or not. Split, every rank of
+    /// [`Self::aux_loss`] when `routing` covers `sequences` (slices of
+    /// them, split over `sequence`'s ranks, or whole). Split, every rank of
     /// the group sums its slices' routing statistics with the others' (one
-    /// all-reduce of `2 · n_experts` values per sequence: every rank of the
+    /// all-reduce of `2 · n_experts + 1` values per sequence: every rank of the
     /// group must call it at the same point) and gets the whole sequences'
     /// loss, plus what its backward pass needs. One process pays nothing.
     pub(crate) fn aux_loss_in(
         &self,
         routing: &Routing<T>,
-        seq_len: usize,
+        sequences: &Sequences,
         sequence: Option<&SequenceParallel>,
     ) -> (T, Option<SlicedBalanceLoss>) {
         let alpha = self.config.aux_loss_alpha;
         match sequence {
             Some(sp) if alpha > 0.0 && sp.size() > 1 => {
-                let mut sums = SequenceRoutingSums::of(routing, seq_len);
+                let mut sums = SequenceRoutingSums::of(routing, sequences);
                 sp.sum_over_group(sums.values_mut());
-                let sliced = SlicedBalanceLoss::new(&sums, sp.seq_len(), sp.size(), alpha);
+                let sliced = SlicedBalanceLoss::new(&sums, sp.size(), alpha);
                 (T::from_f64(sliced.loss), Some(sliced))
             }
-            _ => (self.aux_loss(routing, seq_len), None),
+            _ => (self.aux_loss(routing, sequences), None),
         }
     }
 
@@ -178,17 +187,19 @@ impl<T: Scalar> MoeLayer<T> {
     /// [`Self::forward`] with the experts' GEMMs computed as `linears` say
     /// (see [`Self::linear_count`]); the router's is always f32.
     pub fn forward_with(&self, linears: Linears<'_>, x: &[T], seq_len: usize) -> MoeForward<T> {
-        self.forward_in(linears, x, seq_len, None)
+        let sequences = Sequences::whole(x.len() / self.config.hidden, seq_len);
+        self.forward_in(linears, x, &sequences, None)
     }
 
-    /// [`Self::forward_with`] on `seq_len` tokens of each sequence, which,
-    /// with `sequence`, is this rank's slice of it: the balance loss is
-    /// then the whole sequences' ([`Self::aux_loss_in`]).
-    pub(crate) fn forward_in(
+    /// [`Self::forward_with`] on `sequences` (padding left out of the
+    /// loads and the balance loss), which, with `sequence`, are this
+    /// rank's slices: the balance loss is then the whole sequences'
+    /// ([`Self::aux_loss_in`]).
+    pub fn forward_in(
         &self,
         linears: Linears<'_>,
         x: &[T],
-        seq_len: usize,
+        sequences: &Sequences,
         sequence: Option<&SequenceParallel>,
     ) -> MoeForward<T> {
         let (config, hidden) = (&self.config, self.config.hidden);
@@ -199,8 +210,9 @@ impl<T: Scalar> MoeLayer<T> {
         );
         assert_eq!(x.len() % hidden, 0, "MoE input is not [tokens, hidden]");
         let tokens = x.len() / hidden;
-        assert!(
-            seq_len > 0 && tokens.is_multiple_of(seq_len),
+        assert_eq!(
+            tokens,
+            sequences.tokens(),
             "MoE input is not whole sequences of seq_len tokens"
         );
 
@@ -222,13 +234,13 @@ impl<T: Scalar> MoeLayer<T> {
         });
         dispatch.add_rows(&mut output, rows, Some(&routing.gates));
         let shared = self.shared_forward(linears, x, &mut output);
-        let (aux_loss, sliced_balance) = self.aux_loss_in(&routing, seq_len, sequence);
+        let (aux_loss, sliced_balance) = self.aux_loss_in(&routing, sequences, sequence);
         MoeForward {
             output,
             routing,
             dispatch,
             aux_loss,
-            seq_len,
+            sequences: sequences.clone(),
             sliced_balance,
             routed,
             shared,
@@ -315,7 +327,7 @@ impl<T: Scalar> MoeLayer<T> {
         }
         self.router_backward(
             &pass.routing,
-            pass.seq_len,
+            &pass.sequences,
             pass.sliced_balance.as_ref(),
             x,
             &dgates,
@@ -364,7 +376,7 @@ impl<T: Scalar> MoeLayer<T> {
     pub(crate) fn router_backward(
         &self,
         routing: &Routing<T>,
-        seq_len: usize,
+        sequences: &Sequences,
         sliced_balance: Option<&SlicedBalanceLoss>,
         x: &[T],
         dgates: &[T],
@@ -382,11 +394,11 @@ impl<T: Scalar> MoeLayer<T> {
             routing::gates_backward(config, dscores_row, dgates_row, scores_row, experts_row);
         }
         match sliced_balance {
-            Some(sliced) => sliced.add_score_gradient(&mut dscores, routing),
+            Some(sliced) => sliced.add_score_gradient(&mut dscores, routing, sequences),
             None if config.aux_loss_alpha > 0.0 => balance::sequence_balance_loss_backward(
                 &mut dscores,
                 routing,
-                seq_len,
+                sequences,
                 config.aux_loss_alpha,
             ),
             None => {}

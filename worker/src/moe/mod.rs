@@ -12,7 +12,9 @@ pub mod layer;
 pub mod params;
 pub mod placement;
 pub mod routing;
+pub mod sequences;
 
 pub use config::{GroupLimit, MoeConfig, MoeConfigError, ScoreFunction};
 pub use layer::{MoeForward, MoeLayer};
 pub use params::MoeParams;
+pub use sequences::Sequences;

@@ -337,13 +337,9 @@ impl Trainer {
                 self.data.restore(start);
                 return Ok(None);
             }
-            let pass = self.model.forward_parallel(
-                &batch.inputs,
-                &batch.targets,
-                memory,
-                parallel,
-                step.loss,
-            )?;
+            let pass = self
+                .model
+                .forward_parallel(batch, memory, parallel, step.loss)?;
             self.model
                 .backward_parallel(&pass, &mut self.grads, parallel)?;
             acc.loss += pass.cross_entropy;
@@ -450,6 +446,7 @@ pub fn draw_step(
             if let Some(sp) = sequence {
                 batch.inputs = sp.local_tokens(&batch.inputs);
                 batch.targets = sp.local_tokens(&batch.targets);
+                batch.real = sp.local_real(&batch.real);
             }
             batch
         })

@@ -1,5 +1,6 @@
 //! Load balancing: the selection-bias update and the balance loss.
 
+use moe_worker::moe::Sequences;
 use moe_worker::moe::balance::{load_imbalance, sequence_balance_loss, update_selection_bias};
 use moe_worker::moe::routing::Routing;
 use moe_worker::moe::{MoeConfig, ScoreFunction};
@@ -82,7 +83,9 @@ fn balance_loss_known_answers() {
         gates: vec![0.25; 4],
     };
     // f_i = 1 and P_i = 1/4 for all i: alpha * 4 * 1/4.
-    assert!((sequence_balance_loss(&uniform, 4, alpha) - alpha).abs() < 1e-15);
+    assert!(
+        (sequence_balance_loss(&uniform, &Sequences::whole(4, 4), alpha) - alpha).abs() < 1e-15
+    );
 
     // Every token to expert 0 with score 0.7: f = (4, 0, 0, 0), P_0 = 0.7.
     let mut skewed_scores = vec![0.1; 16];
@@ -94,7 +97,10 @@ fn balance_loss_known_answers() {
         experts: vec![0; 4],
         ..uniform.clone()
     };
-    assert!((sequence_balance_loss(&skewed, 4, alpha) - alpha * 4.0 * 0.7).abs() < 1e-15);
+    assert!(
+        (sequence_balance_loss(&skewed, &Sequences::whole(4, 4), alpha) - alpha * 4.0 * 0.7).abs()
+            < 1e-15
+    );
 
     // Tokens 0-1 to expert 0, tokens 2-3 to expert 1, each with score 0.7.
     // As one sequence of 4: f = (2, 2, 0, 0), P = (0.4, 0.4, 0.1, 0.1), loss 1.6 alpha.
@@ -109,6 +115,14 @@ fn balance_loss_known_answers() {
         experts: vec![0, 0, 1, 1],
         ..uniform.clone()
     };
-    assert!((sequence_balance_loss(&split, 4, alpha) - alpha * 1.6).abs() < 1e-15);
-    assert!((sequence_balance_loss(&split, 2, alpha) - alpha * 2.8).abs() < 1e-15);
+    assert!(
+        (sequence_balance_loss(&split, &Sequences::whole(4, 4), alpha) - alpha * 1.6).abs() < 1e-15
+    );
+    assert!(
+        (sequence_balance_loss(&split, &Sequences::whole(4, 2), alpha) - alpha * 2.8).abs() < 1e-15
+    );
+    // As one sequence of 4 whose last two tokens are padding: only tokens
+    // 0-1 count, so T = 2 and it is fully skewed again, 2.8 alpha.
+    let padded = Sequences::padded(4, vec![2]);
+    assert!((sequence_balance_loss(&split, &padded, alpha) - alpha * 2.8).abs() < 1e-15);
 }

@@ -1,12 +1,13 @@
 //! The whole model's backward pass against central differences in f64,
 //! for every parameter tensor.
 
+use moe_worker::data::Batch;
 use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
 use moe_worker::linear::GemmPrecision;
 use moe_worker::model::config::QkNorm;
-use moe_worker::model::{Gradients, Model, ModelConfig};
+use moe_worker::model::{ActivationMemory, Gradients, Model, ModelConfig, Parallel};
 use moe_worker::moe::{GroupLimit, MoeConfig, ScoreFunction};
-use moe_worker::ops::cross_entropy::IGNORED;
+use moe_worker::ops::cross_entropy::{IGNORED, LossScale};
 use moe_worker::rng::SplitMix64;
 
 /// Worst scaled error tolerated; see `FLOOR`. Measured worst case over these
@@ -64,6 +65,12 @@ fn check_model(config: ModelConfig, seed: u64) {
 /// [`check_model`] with the targets at `ignored` positions left out of the
 /// loss (supervised fine-tuning's prompt tokens).
 fn check_model_ignoring(config: ModelConfig, seed: u64, ignored: &[usize]) {
+    check_model_padded(config, seed, ignored, None);
+}
+
+/// [`check_model_ignoring`] on two sequences whose `real` tokens are
+/// followed by padding (left out of the MoE layers' balance loss).
+fn check_model_padded(config: ModelConfig, seed: u64, ignored: &[usize], real: Option<[usize; 2]>) {
     let mut model = Model::<f64>::initial(config.clone(), seed);
     let mut rng = SplitMix64::new(seed + 1);
     // Gains away from their initial 1, so a backward pass that forgot a
@@ -81,7 +88,23 @@ fn check_model_ignoring(config: ModelConfig, seed: u64, ignored: &[usize]) {
     for &i in ignored {
         targets[i] = IGNORED;
     }
-    let pass = model.forward(&tokens, &targets);
+    let batch = Batch {
+        inputs: tokens.clone(),
+        targets: targets.clone(),
+        real: real.map_or(vec![4, 4], |r| r.to_vec()),
+    };
+    let forward = |model: &Model<f64>| match real {
+        None => model.forward(&tokens, &targets),
+        Some(_) => model
+            .forward_parallel(
+                &batch,
+                ActivationMemory::KeepAll,
+                Parallel::default(),
+                LossScale::PassMean,
+            )
+            .expect("one process"),
+    };
+    let pass = forward(&model);
     if !ignored.is_empty() {
         // The mean over the other positions: what the same model's loss is
         // on them alone, position by position.
@@ -108,7 +131,7 @@ fn check_model_ignoring(config: ModelConfig, seed: u64, ignored: &[usize]) {
     let loss_with = |index: usize, values: &[f64]| {
         let mut moved = model.clone();
         *moved.weights.tensors_mut()[index] = values.to_vec();
-        let pass = moved.forward(&tokens, &targets);
+        let pass = forward(&moved);
         assert_eq!(
             pass.selected_experts(),
             selection,
@@ -167,6 +190,17 @@ fn ignored_targets_leave_the_loss_and_its_gradient() {
         50,
         &[0, 1, 2, 5],
     );
+}
+
+#[test]
+fn padding_leaves_the_balance_loss_and_its_gradient() {
+    // A conversation of 2 tokens padded to the sequence's 4: its padding
+    // is out of the loss (ignored targets) and out of the balance loss.
+    let moe = MoeConfig {
+        aux_loss_alpha: 0.1,
+        ..moe(ScoreFunction::Sigmoid)
+    };
+    check_model_padded(tiny_config(moe, 2, 1), 60, &[6, 7], Some([4, 2]));
 }
 
 #[test]

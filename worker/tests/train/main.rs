@@ -10,6 +10,7 @@ mod elastic;
 mod export;
 mod gradients;
 mod learning;
+mod padding;
 mod precision;
 mod pretrained;
 mod sft;
