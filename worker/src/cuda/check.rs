@@ -1208,7 +1208,7 @@ impl AttentionCase {
             k: &k,
             v: &v,
         };
-        ops::attention::forward(&mut out, &mut probs, qkv, shape);
+        ops::attention::forward(&mut out, &mut probs, qkv, shape, None);
         let grads0 = [random(q_len, 74), random(kv_len, 75), random(kv_len, 76)];
         let mut grads = grads0.clone();
         let [dq, dk, dv] = &mut grads;
@@ -1222,6 +1222,7 @@ impl AttentionCase {
             qkv,
             &probs,
             shape,
+            None,
         );
         Self {
             sequences,

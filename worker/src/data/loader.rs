@@ -42,6 +42,12 @@ pub struct Batch {
     /// out of their loads and balance loss ([`crate::moe::Sequences`]).
     /// Every token for text.
     pub real: Vec<usize>,
+    /// Packed sequences (`data.packing`): per token, the position in its
+    /// sequence where its document (conversation) starts; attention stays
+    /// within it and RoPE counts from it. Always the whole sequences', even
+    /// when `inputs` are a sequence-parallel rank's slices. `None`: each
+    /// sequence is one document.
+    pub documents: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +133,7 @@ impl DataLoader {
             inputs: Vec::with_capacity(n),
             targets: Vec::with_capacity(n),
             real: Vec::with_capacity(sequences),
+            documents: None,
         };
         let mut window = Vec::with_capacity(self.seq_len + 1);
         for k in 0..sequences as u64 {

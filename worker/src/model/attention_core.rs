@@ -9,10 +9,39 @@
 //! `dq`, `dk`, `dv` back to tokens). The projections, the residual and
 //! everything else in the block stay token-wise on the slice.
 
+use std::ops::Range;
+
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::model::block::BlockContext;
 use crate::ops::attention::{self, AttentionShape, Qkv, QkvGrads};
 use crate::scalar::Scalar;
+
+/// A packed batch's documents, as attention and RoPE need them.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedDocuments {
+    /// Per token of the whole sequences, where its document starts in its
+    /// sequence: attention sees whole sequences, under sequence parallelism too.
+    starts: Vec<u32>,
+    /// Per token this rank holds, its position in its document: RoPE
+    /// turns it by that, as if the document were a sequence of its own.
+    positions: Vec<u32>,
+}
+
+impl PackedDocuments {
+    /// From the whole sequences' document `starts` (of `seq_len` tokens
+    /// each), for a rank holding positions `here` of each sequence.
+    pub(crate) fn new(starts: Vec<u32>, seq_len: usize, here: Range<usize>) -> Self {
+        assert!(
+            seq_len > 0 && starts.len().is_multiple_of(seq_len),
+            "a document start per token of whole sequences"
+        );
+        let positions = starts
+            .chunks_exact(seq_len)
+            .flat_map(|s| here.clone().map(move |p| p as u32 - s[p]))
+            .collect();
+        Self { starts, positions }
+    }
+}
 
 /// What attention saw and produced.
 pub(crate) struct Attended<T> {
@@ -39,18 +68,27 @@ impl<T: Scalar> BlockContext<'_, T> {
         }
     }
 
-    /// RoPE on this rank's tokens, at their positions in the sequence.
+    /// Per token of the whole sequences, where its document starts (a
+    /// packed batch's), for attention.
+    fn document_starts(&self) -> Option<&[u32]> {
+        self.documents.map(|d| d.starts.as_slice())
+    }
+
+    /// RoPE on this rank's tokens, at their positions in the sequence
+    /// (in their documents, for a packed one).
     fn rotate(&self, x: &mut [T], heads: usize) {
-        match self.sequence {
-            None => self.rope.forward(x, heads),
-            Some(sp) => self.rope.forward_at(x, heads, sp.positions()),
+        match (self.documents, self.sequence) {
+            (Some(d), _) => self.rope.forward_positions(x, heads, &d.positions),
+            (None, None) => self.rope.forward(x, heads),
+            (None, Some(sp)) => self.rope.forward_at(x, heads, sp.positions()),
         }
     }
 
     fn rotate_back(&self, dx: &mut [T], heads: usize) {
-        match self.sequence {
-            None => self.rope.backward(dx, heads),
-            Some(sp) => self.rope.backward_at(dx, heads, sp.positions()),
+        match (self.documents, self.sequence) {
+            (Some(d), _) => self.rope.backward_positions(dx, heads, &d.positions),
+            (None, None) => self.rope.backward(dx, heads),
+            (None, Some(sp)) => self.rope.backward_at(dx, heads, sp.positions()),
         }
     }
 
@@ -84,6 +122,7 @@ impl<T: Scalar> BlockContext<'_, T> {
                 v: &v,
             },
             shape,
+            self.document_starts(),
         );
         let out = match self.sequence {
             None => out,
@@ -133,6 +172,7 @@ impl<T: Scalar> BlockContext<'_, T> {
             qkv,
             probs,
             self.attention_shape(),
+            self.document_starts(),
         );
         let (mut dq, mut dk, dv) = match self.sequence {
             None => (dq, dk, dv),

@@ -7,7 +7,7 @@
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::memory::HeldBytes;
-use crate::model::attention_core::Attended;
+use crate::model::attention_core::{Attended, PackedDocuments};
 use crate::model::config::ModelConfig;
 use crate::model::scales::{BlockLinears, WK, WO, WQ, WV};
 use crate::model::weights::{BlockWeights, FeedForward};
@@ -117,6 +117,8 @@ pub(crate) struct BlockContext<'a, T> {
     pub sequence: Option<&'a SequenceParallel>,
     /// The pass's sequences (or this rank's slices), and their padding.
     pub sequences: &'a Sequences,
+    /// A packed batch's documents: attention stays within each.
+    pub documents: Option<&'a PackedDocuments>,
 }
 
 impl<T: Scalar> BlockContext<'_, T> {

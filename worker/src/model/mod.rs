@@ -23,6 +23,7 @@ use crate::dist::sequence_parallel::SequenceParallel;
 use crate::fp8::DelayedScale;
 use crate::linear::{Linear, Linears};
 use crate::memory::HeldBytes;
+use crate::model::attention_core::PackedDocuments;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
@@ -85,6 +86,17 @@ impl fmt::Display for ShapeMismatch {
 
 impl std::error::Error for ShapeMismatch {}
 
+/// What a pass's tokens are besides whole sequences; the default: every
+/// token real, each sequence one document.
+#[derive(Clone, Copy, Default)]
+struct Layout<'a> {
+    /// Each sequence's (or this rank's slice's) real tokens, the rest padding.
+    real: Option<&'a [usize]>,
+    /// Packed sequences: per token of the whole sequences, where its
+    /// document starts ([`Batch::documents`]).
+    documents: Option<&'a [u32]>,
+}
+
 /// How a pass is spread over ranks; the default is one process.
 #[derive(Clone, Copy, Default)]
 pub struct Parallel<'a> {
@@ -114,6 +126,8 @@ pub struct ForwardPass<T> {
     tokens: Vec<u32>,
     /// How the tokens split into sequences, and which are padding.
     sequences: Sequences,
+    /// A packed batch's documents.
+    documents: Option<PackedDocuments>,
     /// With ignored ones replaced by 0 (see `loss_weights`).
     targets: Vec<u32>,
     /// Each position's weight in `cross_entropy` (0 for an ignored target).
@@ -340,6 +354,7 @@ impl<T: Scalar> Model<T> {
         &'a self,
         parallel: Parallel<'a>,
         sequences: &'a Sequences,
+        documents: Option<&'a PackedDocuments>,
     ) -> BlockContext<'a, T> {
         BlockContext {
             config: &self.config,
@@ -347,6 +362,7 @@ impl<T: Scalar> Model<T> {
             experts: parallel.experts,
             sequence: parallel.sequence,
             sequences,
+            documents,
         }
     }
 
@@ -368,7 +384,7 @@ impl<T: Scalar> Model<T> {
         self.forward_in(
             tokens,
             targets,
-            None,
+            Layout::default(),
             memory,
             Parallel::default(),
             LossScale::PassMean,
@@ -391,7 +407,14 @@ impl<T: Scalar> Model<T> {
             experts: Some(experts),
             ..Parallel::default()
         };
-        let pass = self.forward_in(tokens, targets, None, memory, parallel, LossScale::PassMean);
+        let pass = self.forward_in(
+            tokens,
+            targets,
+            Layout::default(),
+            memory,
+            parallel,
+            LossScale::PassMean,
+        );
         parallel.take_failure()?;
         Ok(pass)
     }
@@ -411,19 +434,28 @@ impl<T: Scalar> Model<T> {
         parallel: Parallel<'_>,
         loss: LossScale,
     ) -> Result<ForwardPass<T>, DistError> {
-        let (tokens, targets, real) = (&batch.inputs, &batch.targets, Some(&batch.real[..]));
-        let pass = self.forward_in(tokens, targets, real, memory, parallel, loss);
+        let layout = Layout {
+            real: Some(&batch.real),
+            documents: batch.documents.as_deref(),
+        };
+        let pass = self.forward_in(
+            &batch.inputs,
+            &batch.targets,
+            layout,
+            memory,
+            parallel,
+            loss,
+        );
         parallel.take_failure()?;
         Ok(pass)
     }
 
-    /// The forward pass; `real`: each sequence's (or slice's) real tokens,
-    /// `None` when none is padded.
+    /// The forward pass of sequences laid out as `layout` says.
     fn forward_in(
         &self,
         tokens: &[u32],
         targets: &[u32],
-        real: Option<&[usize]>,
+        layout: Layout<'_>,
         memory: ActivationMemory,
         parallel: Parallel<'_>,
         loss: LossScale,
@@ -445,7 +477,7 @@ impl<T: Scalar> Model<T> {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let sequences = match real {
+        let sequences = match layout.real {
             Some(real) => Sequences::padded(seq_len, real.to_vec()),
             None => Sequences::whole(n, seq_len),
         };
@@ -454,7 +486,13 @@ impl<T: Scalar> Model<T> {
         let weights: Vec<T> = weights.into_iter().map(T::from_f64).collect();
         let mut x = vec![T::ZERO; n * h];
         embedding::forward(&mut x, tokens, &self.weights.embedding, h);
-        let context = self.context(parallel, &sequences);
+        let documents = layout.documents.map(|starts| {
+            let here = parallel
+                .sequence
+                .map_or(0..config.seq_len, SequenceParallel::positions);
+            PackedDocuments::new(starts.to_vec(), config.seq_len, here)
+        });
+        let context = self.context(parallel, &sequences, documents.as_ref());
         let mut blocks = Vec::with_capacity(config.layers);
         let precision = config.gemm_precision;
         let mut aux_loss = 0.0;
@@ -494,6 +532,7 @@ impl<T: Scalar> Model<T> {
         ForwardPass {
             tokens: tokens.to_vec(),
             sequences,
+            documents,
             targets,
             loss_weights: weights,
             blocks,
@@ -581,7 +620,7 @@ impl<T: Scalar> Model<T> {
             &self.weights.final_norm,
             &pass.final_rstd,
         );
-        let context = self.context(parallel, &pass.sequences);
+        let context = self.context(parallel, &pass.sequences, pass.documents.as_ref());
         let precision = config.gemm_precision;
         let layers = self
             .weights

@@ -5,6 +5,11 @@
 //!
 //! Naive O(T^2) per head with the probabilities kept for the backward pass,
 //! as in llm.c; a flash-style kernel is the CUDA backend's business.
+//!
+//! A packed sequence holds several documents (fine-tuning conversations,
+//! [`crate::data::DataLoader`]): `documents` then gives each token the
+//! position in its sequence where its document starts, and a query sees
+//! only the keys from there to itself, never an earlier document's.
 
 use crate::ops::vector::{axpy, dot};
 use crate::scalar::Scalar;
@@ -84,10 +89,19 @@ impl Layout {
 }
 
 /// `out: [tokens, n_heads, head_dim]` and the attention probabilities
-/// `probs: [sequences, n_heads, seq_len, seq_len]` (zero above the diagonal).
-pub fn forward<T: Scalar>(out: &mut [T], probs: &mut [T], qkv: Qkv<'_, T>, shape: AttentionShape) {
+/// `probs: [sequences, n_heads, seq_len, seq_len]` (zero above the
+/// diagonal, and before each token's document's start: `documents`, per
+/// token, `None` when each sequence is one document).
+pub fn forward<T: Scalar>(
+    out: &mut [T],
+    probs: &mut [T],
+    qkv: Qkv<'_, T>,
+    shape: AttentionShape,
+    documents: Option<&[u32]>,
+) {
     let sequences = shape.sequences(qkv.q.len());
     check_lengths(&qkv, shape, sequences);
+    check_documents(documents, shape, sequences);
     assert!(
         out.len() == qkv.q.len() && probs.len() == shape.probs_len(sequences * shape.seq_len),
         "attention output shapes"
@@ -103,18 +117,48 @@ pub fn forward<T: Scalar>(out: &mut [T], probs: &mut [T], qkv: Qkv<'_, T>, shape
             k: &qkv.k[kv.clone()],
             v: &qkv.v[kv],
         };
-        forward_sequence(out, probs, qkv, shape);
+        let starts = sequence_starts(documents, shape, b);
+        forward_sequence(out, probs, qkv, shape, &starts);
     });
+}
+
+/// Sequence `b`'s first visible key per query: its document's start.
+fn sequence_starts(documents: Option<&[u32]>, shape: AttentionShape, b: usize) -> Vec<usize> {
+    let t = shape.seq_len;
+    match documents {
+        Some(starts) => starts[b * t..(b + 1) * t]
+            .iter()
+            .map(|&s| s as usize)
+            .collect(),
+        None => vec![0; t],
+    }
+}
+
+fn check_documents(documents: Option<&[u32]>, shape: AttentionShape, sequences: usize) {
+    if let Some(starts) = documents {
+        assert_eq!(
+            starts.len(),
+            sequences * shape.seq_len,
+            "a document start per token"
+        );
+        assert!(
+            starts
+                .chunks_exact(shape.seq_len)
+                .all(|s| s.iter().enumerate().all(|(t, &start)| start as usize <= t)),
+            "a token's document starts at or before it"
+        );
+    }
 }
 
 /// [`forward`] of one sequence: `out` and `q` hold its `[seq_len, n_heads,
 /// head_dim]`, `k` and `v` its `[seq_len, n_kv_heads, head_dim]`, `probs`
-/// its `[n_heads, seq_len, seq_len]`.
+/// its `[n_heads, seq_len, seq_len]`; query `t` sees keys `starts[t]..=t`.
 fn forward_sequence<T: Scalar>(
     out: &mut [T],
     probs: &mut [T],
     qkv: Qkv<'_, T>,
     shape: AttentionShape,
+    starts: &[usize],
 ) {
     let (t_len, hd) = (shape.seq_len, shape.head_dim);
     let (q_layout, kv_layout) = layouts(shape);
@@ -126,14 +170,14 @@ fn forward_sequence<T: Scalar>(
         let kv_head = h / group;
         for t in 0..t_len {
             let q = &qkv.q[q_layout.at(t, h)];
-            let row_start = (h * t_len + t) * t_len;
-            let row = &mut probs[row_start..row_start + t + 1];
-            for (t2, p) in row.iter_mut().enumerate() {
+            let (first, row_start) = (starts[t], (h * t_len + t) * t_len);
+            let row = &mut probs[row_start + first..row_start + t + 1];
+            for (t2, p) in (first..).zip(row.iter_mut()) {
                 *p = scale * dot(q, &qkv.k[kv_layout.at(t2, kv_head)]);
             }
             softmax_in_place(row);
             let out_row = &mut out[q_layout.at(t, h)];
-            for (t2, &p) in row.iter().enumerate() {
+            for (t2, &p) in (first..).zip(row.iter()) {
                 let v = &qkv.v[kv_layout.at(t2, kv_head)];
                 for (o, &vi) in out_row.iter_mut().zip(v) {
                     *o += p * vi;
@@ -155,9 +199,11 @@ pub fn backward<T: Scalar>(
     qkv: Qkv<'_, T>,
     probs: &[T],
     shape: AttentionShape,
+    documents: Option<&[u32]>,
 ) {
     let sequences = shape.sequences(qkv.q.len());
     check_lengths(&qkv, shape, sequences);
+    check_documents(documents, shape, sequences);
     assert!(
         dout.len() == qkv.q.len()
             && grads.q.len() == qkv.q.len()
@@ -189,6 +235,7 @@ pub fn backward<T: Scalar>(
             qkv_here,
             &probs[b * probs_len..(b + 1) * probs_len],
             shape,
+            &sequence_starts(documents, shape, b),
         );
     });
 }
@@ -200,6 +247,7 @@ fn backward_sequence<T: Scalar>(
     qkv: Qkv<'_, T>,
     probs: &[T],
     shape: AttentionShape,
+    starts: &[usize],
 ) {
     let (t_len, hd) = (shape.seq_len, shape.head_dim);
     let (q_layout, kv_layout) = layouts(shape);
@@ -209,11 +257,11 @@ fn backward_sequence<T: Scalar>(
     for h in 0..shape.n_heads {
         let kv_head = h / group;
         for t in 0..t_len {
-            let row_start = (h * t_len + t) * t_len;
-            let p_row = &probs[row_start..row_start + t + 1];
+            let (first, row_start) = (starts[t], (h * t_len + t) * t_len);
+            let p_row = &probs[row_start + first..row_start + t + 1];
             let dout_row = &dout[q_layout.at(t, h)];
-            let ds = &mut dscores[..t + 1];
-            for (t2, d) in ds.iter_mut().enumerate() {
+            let ds = &mut dscores[first..t + 1];
+            for (t2, d) in (first..).zip(ds.iter_mut()) {
                 *d = dot(dout_row, &qkv.v[kv_layout.at(t2, kv_head)]);
             }
             let projection: T = ds.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
@@ -221,7 +269,7 @@ fn backward_sequence<T: Scalar>(
                 *d = scale * p * (*d - projection);
             }
             let q = &qkv.q[q_layout.at(t, h)];
-            for (t2, (&d, &p)) in ds.iter().zip(p_row).enumerate() {
+            for (t2, (&d, &p)) in (first..).zip(ds.iter().zip(p_row)) {
                 let kv = kv_layout.at(t2, kv_head);
                 axpy(&mut grads.q[q_layout.at(t, h)], d, &qkv.k[kv.clone()]);
                 axpy(&mut grads.k[kv.clone()], d, q);
@@ -282,7 +330,7 @@ mod tests {
     fn run(q: &[f64], k: &[f64], v: &[f64], shape: AttentionShape) -> (Vec<f64>, Vec<f64>) {
         let mut out = vec![0.0; q.len()];
         let mut probs = vec![0.0; shape.probs_len(q.len() / (shape.n_heads * shape.head_dim))];
-        forward(&mut out, &mut probs, Qkv { q, k, v }, shape);
+        forward(&mut out, &mut probs, Qkv { q, k, v }, shape, None);
         (out, probs)
     }
 
@@ -371,6 +419,7 @@ mod tests {
             },
             &probs,
             GQA,
+            None,
         );
         assert_gradient("dq", &dq, &q, |x| loss(x, &k, &v));
         assert_gradient("dk", &dk, &k, |x| loss(&q, x, &v));
@@ -414,11 +463,83 @@ mod tests {
             },
             &probs,
             GQA,
+            None,
         );
         rope.backward(&mut dq, GQA.n_heads);
         rope.backward(&mut dk, GQA.n_kv_heads);
         assert_gradient("dq", &dq, &q, |x| loss(x, &k));
         assert_gradient("dk", &dk, &k, |x| loss(&q, x));
+    }
+
+    /// One sequence of 9 tokens packing three documents (4, 3 and 2 tokens),
+    /// RoPE counting from each document's start: the output is each
+    /// document's run as a sequence of its own, and the gradients (through
+    /// the rotation) match central differences.
+    #[test]
+    fn packed_documents_attend_as_sequences_of_their_own() {
+        let shape = AttentionShape { seq_len: 9, ..GQA };
+        let lengths = [4, 3, 2];
+        let starts: Vec<u32> = [0, 0, 0, 0, 4, 4, 4, 7, 7].to_vec();
+        let positions: Vec<u32> = (0..9).map(|t| t - starts[t as usize]).collect();
+        let (qw, kw) = (
+            shape.n_heads * shape.head_dim,
+            shape.n_kv_heads * shape.head_dim,
+        );
+        let (q, k, v) = (random(9 * qw, 91), random(9 * kw, 92), random(9 * kw, 93));
+        let dout = random(9 * qw, 94);
+        let rope = RopeTable::new(9, shape.head_dim, 10.0);
+        let packed = |q: &[f64], k: &[f64], v: &[f64]| {
+            let (mut q, mut k) = (q.to_vec(), k.to_vec());
+            rope.forward_positions(&mut q, shape.n_heads, &positions);
+            rope.forward_positions(&mut k, shape.n_kv_heads, &positions);
+            let mut out = vec![0.0; q.len()];
+            let mut probs = vec![0.0; shape.probs_len(9)];
+            let qkv = Qkv { q: &q, k: &k, v };
+            forward(&mut out, &mut probs, qkv, shape, Some(&starts));
+            (out, probs, q, k)
+        };
+        let (out, probs, q_rot, k_rot) = packed(&q, &k, &v);
+        let mut at = 0;
+        for len in lengths {
+            let alone = AttentionShape {
+                seq_len: len,
+                ..shape
+            };
+            let table = RopeTable::new(len, shape.head_dim, 10.0);
+            let (mut q1, mut k1) = (
+                q[at * qw..(at + len) * qw].to_vec(),
+                k[at * kw..(at + len) * kw].to_vec(),
+            );
+            table.forward(&mut q1, shape.n_heads);
+            table.forward(&mut k1, shape.n_kv_heads);
+            let (want, _) = run(&q1, &k1, &v[at * kw..(at + len) * kw], alone);
+            let got = &out[at * qw..(at + len) * qw];
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-12, "document at {at}: {g} vs {w}");
+            }
+            at += len;
+        }
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+            let (out, ..) = packed(q, k, v);
+            out.iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let grads = QkvGrads {
+            q: &mut dq,
+            k: &mut dk,
+            v: &mut dv,
+        };
+        let qkv = Qkv {
+            q: &q_rot,
+            k: &k_rot,
+            v: &v,
+        };
+        backward(grads, &dout, qkv, &probs, shape, Some(&starts));
+        rope.backward_positions(&mut dq, shape.n_heads, &positions);
+        rope.backward_positions(&mut dk, shape.n_kv_heads, &positions);
+        assert_gradient("dq", &dq, &q, |x| loss(x, &k, &v));
+        assert_gradient("dk", &dk, &k, |x| loss(&q, x, &v));
+        assert_gradient("dv", &dv, &v, |x| loss(&q, &k, x));
     }
 
     /// Forward and backward over 5 sequences in a pool of 3 threads give the
@@ -442,14 +563,14 @@ mod tests {
             };
             let mut out = vec![0.0; q_len];
             let mut probs = vec![0.0; shape.probs_len(tokens)];
-            forward(&mut out, &mut probs, qkv, shape);
+            forward(&mut out, &mut probs, qkv, shape, None);
             let (mut dq, mut dk, mut dv) = (vec![0.0; q_len], vec![0.0; kv_len], vec![0.0; kv_len]);
             let grads = QkvGrads {
                 q: &mut dq,
                 k: &mut dk,
                 v: &mut dv,
             };
-            backward(grads, &dout, qkv, &probs, shape);
+            backward(grads, &dout, qkv, &probs, shape, None);
             [out, probs, dq, dk, dv].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };
         let pool = rayon::ThreadPoolBuilder::new()

@@ -107,8 +107,33 @@ impl<T: Scalar> RopeTable<T> {
         self.rotate(dx, heads, positions, -T::ONE);
     }
 
+    /// Rotates `x: [tokens, heads, head_dim]` in place, token `t` at
+    /// `positions[t]`: a packed sequence's tokens at their places in their
+    /// own documents (each starts again at 0).
+    pub fn forward_positions(&self, x: &mut [T], heads: usize, positions: &[u32]) {
+        self.rotate_each(x, heads, positions, T::ONE);
+    }
+
+    /// The backward pass of [`Self::forward_positions`].
+    pub fn backward_positions(&self, dx: &mut [T], heads: usize, positions: &[u32]) {
+        self.rotate_each(dx, heads, positions, -T::ONE);
+    }
+
+    fn rotate_each(&self, x: &mut [T], heads: usize, positions: &[u32], direction: T) {
+        assert_eq!(
+            x.len(),
+            positions.len() * heads * self.head_dim,
+            "a RoPE position per token"
+        );
+        assert!(
+            positions.iter().all(|&p| (p as usize) < self.seq_len),
+            "RoPE positions beyond the table's {}",
+            self.seq_len
+        );
+        self.rotate_tokens(x, heads, |t| positions[t] as usize, direction);
+    }
+
     fn rotate(&self, x: &mut [T], heads: usize, positions: Range<usize>, direction: T) {
-        let pairs = self.head_dim / 2;
         let token_width = heads * self.head_dim;
         let span = positions.len();
         assert!(
@@ -120,8 +145,21 @@ impl<T: Scalar> RopeTable<T> {
             token_width > 0 && x.len().is_multiple_of(token_width * span),
             "RoPE input is not whole sequences of [heads, head_dim] tokens"
         );
+        self.rotate_tokens(x, heads, |t| positions.start + t % span, direction);
+    }
+
+    /// Rotates each `[heads, head_dim]` token `t` of `x` by `position(t)`.
+    fn rotate_tokens(
+        &self,
+        x: &mut [T],
+        heads: usize,
+        position: impl Fn(usize) -> usize,
+        direction: T,
+    ) {
+        let pairs = self.head_dim / 2;
+        let token_width = heads * self.head_dim;
         for (t, token) in x.chunks_exact_mut(token_width).enumerate() {
-            let position = positions.start + t % span;
+            let position = position(t);
             let angles = position * pairs..(position + 1) * pairs;
             let (cos, sin) = (&self.cos[angles.clone()], &self.sin[angles]);
             for head in token.chunks_exact_mut(self.head_dim) {

@@ -92,6 +92,7 @@ fn check_model_padded(config: ModelConfig, seed: u64, ignored: &[usize], real: O
         inputs: tokens.clone(),
         targets: targets.clone(),
         real: real.map_or(vec![4, 4], |r| r.to_vec()),
+        documents: None,
     };
     let forward = |model: &Model<f64>| match real {
         None => model.forward(&tokens, &targets),

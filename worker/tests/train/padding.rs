@@ -70,6 +70,7 @@ fn padding_is_counted_in_neither_the_expert_loads_nor_the_balance_loss() {
         inputs,
         targets,
         real: vec![16, 9],
+        documents: None,
     };
     let pass = |real: Vec<usize>| {
         let batch = Batch {
