@@ -514,6 +514,9 @@ fn default_bias_rate() -> f64 {
     validation = Rule::new("self.format != 'chat' || self.tokenizer == 'huggingface'")
         .message("data.format chat renders conversations through a Hugging Face tokenizer's chat template: it needs tokenizer huggingface")
         .field_path(".format"),
+    validation = Rule::new("!has(self.packing) || !self.packing || self.format == 'chat'")
+        .message("data.packing packs conversations several to a sequence: it needs format chat (text sequences are whole windows, never padded)")
+        .field_path(".packing"),
 )]
 pub struct DataSpec {
     /// A corpus shipped inside the worker image (demos, tests).
@@ -550,6 +553,15 @@ pub struct DataSpec {
     /// the assistant's turns).
     #[serde(default)]
     pub format: DataFormat,
+    /// With `format: chat`: pack several whole conversations into each
+    /// training sequence (as many as fit, in the epoch's order), each
+    /// attending only to itself with positions from its own start, rather
+    /// than one conversation per sequence padded to `model.seqLen`. Less
+    /// padding, so more of each step trains; the loss and its gradient per
+    /// conversation are those of the conversation alone. A conversation
+    /// longer than a sequence still fills one alone, cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
 }
 
 impl Default for DataSpec {
@@ -562,6 +574,7 @@ impl Default for DataSpec {
             token_bytes: None,
             tokenizer_file: None,
             format: DataFormat::default(),
+            packing: false,
         }
     }
 }

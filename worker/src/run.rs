@@ -307,19 +307,36 @@ pub fn train_as(
             all.iter().filter(|c| c.len() > seq_len + 1).count(),
         )
     });
-    let loader = DataLoader::new(
+    let mut loader = DataLoader::new(
         tokens,
         settings.model.seq_len,
         settings.training.seed,
         &source,
     )?;
-    if let (Some((conversations, cut)), Some(in_reach)) = (cut, loader.conversations_in_reach()) {
-        tracing::info!(
-            conversations,
-            cut,
-            without_answer_in_reach = conversations - in_reach,
-            "one conversation per sequence: longer ones cut to model.seqLen, shorter ones padded; those cut before their first answer are never drawn"
-        );
+    if settings.packing {
+        loader = loader.packed();
+    }
+    match (cut, loader.conversations_in_reach(), loader.packing_fill()) {
+        (Some((conversations, cut)), Some(in_reach), Some((sequences, real))) => {
+            let tokens = sequences * settings.model.seq_len;
+            tracing::info!(
+                conversations,
+                cut,
+                without_answer_in_reach = conversations - in_reach,
+                sequences_per_epoch = sequences,
+                real_tokens_percent = format!("{:.1}", 100.0 * real as f64 / tokens as f64),
+                "conversations packed into sequences (data.packing): as many whole ones as fit, each attending only to itself; longer ones cut to model.seqLen; those cut before their first answer are never drawn"
+            );
+        }
+        (Some((conversations, cut)), Some(in_reach), None) => {
+            tracing::info!(
+                conversations,
+                cut,
+                without_answer_in_reach = conversations - in_reach,
+                "one conversation per sequence: longer ones cut to model.seqLen, shorter ones padded; those cut before their first answer are never drawn"
+            );
+        }
+        _ => {}
     }
     // The groups first (making them needs no communication): with expert
     // parallelism each rank holds, resumes, computes and checkpoints only

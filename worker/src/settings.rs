@@ -134,6 +134,8 @@ pub struct TrainSettings {
     pub model: ModelConfig,
     pub training: TrainingSettings,
     pub data: DataSource,
+    /// `data.packing`: several conversations per sequence (format chat).
+    pub packing: bool,
     pub checkpoint: CheckpointSettings,
     pub output_dir: PathBuf,
     /// The pretrained model a fresh run starts from ([`crate::model::pretrained`]).
@@ -251,11 +253,23 @@ impl TrainSettings {
             model,
             training,
             data: data_source(config)?,
+            packing: packing(config)?,
             checkpoint: checkpoint_settings(config)?,
             output_dir: PathBuf::from(&config.output_dir),
             init_dir: config.init_dir.as_ref().map(PathBuf::from),
         })
     }
+}
+
+/// `data.packing`, which only conversations have use for.
+fn packing(config: &WorkerConfig) -> Result<bool, SettingsError> {
+    let packing = config.data.packing;
+    require(
+        !packing || config.data.format == moe_crds::DataFormat::Chat,
+        "data.packing",
+        "packs conversations several to a sequence: it needs format chat".to_owned(),
+    )?;
+    Ok(packing)
 }
 
 /// `parallelism`: the number of ranks.
@@ -360,6 +374,11 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
             "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
             config.model.hidden_size
         ),
+    )?;
+    require(
+        !config.data.packing,
+        "data.packing",
+        "is not on the CUDA trainer yet (its attention kernels are causal over whole sequences): use device: cpu, or one conversation per sequence".to_owned(),
     )
 }
 

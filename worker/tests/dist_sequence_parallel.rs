@@ -150,7 +150,7 @@ fn settings_of(config: Value) -> TrainSettings {
 }
 
 /// Which of the corpus's next tokens a run trains on.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Targets {
     /// Every one (pre-training).
     All,
@@ -158,9 +158,11 @@ enum Targets {
     /// trains on conversations: each window, and each rank's slice of one,
     /// holds its own number of trained targets, some none.
     Answers,
-    /// Conversations of 6 to 50 tokens whose last third is the answer:
+    /// Conversations of 4 to 43 tokens whose last third is the answer:
     /// each sequence is one from its start, most padded, some cut.
     Conversations,
+    /// The same conversations packed several to a sequence (`data.packing`).
+    PackedConversations,
 }
 
 /// A trainer holding routed experts `experts` (all of them, or an
@@ -179,12 +181,12 @@ fn trainer(settings: &TrainSettings, experts: std::ops::Range<usize>, targets: T
             trained.truncate(tokens.len());
             Corpus::with_trained(tokens.iter().collect(), trained)
         }
-        Targets::Conversations => {
+        Targets::Conversations | Targets::PackedConversations => {
             let mut rng = SplitMix64::new(6);
             let (mut trained, mut conversations) = (vec![false; tokens.len()], Vec::new());
             let mut start = 0;
             loop {
-                let len = 6 + rng.below(45);
+                let len = 4 + rng.below(40);
                 if start + len > tokens.len() {
                     break;
                 }
@@ -202,6 +204,10 @@ fn trainer(settings: &TrainSettings, experts: std::ops::Range<usize>, targets: T
         "tiny",
     )
     .expect("loader");
+    let loader = match targets {
+        Targets::PackedConversations => loader.packed(),
+        _ => loader,
+    };
     Trainer::new_with_experts(
         settings.model.clone(),
         settings.training.clone(),
@@ -471,27 +477,40 @@ fn sequence_parallel_training_with_the_sequence_wise_aux_loss_matches_one_proces
 /// of the loads and the balance loss, and the group's sums of real tokens
 /// give every rank the whole sequences' `T`. Against one process: the
 /// expert loads exactly, the balance loss within 10⁻⁵. A rank that counted
-/// its slice as all real would report other loads.
+/// its slice as all real would report other loads. Packed several to a
+/// sequence, the conversations attend within themselves over the whole
+/// sequence each rank's heads see, and RoPE turns each rank's slice from
+/// its documents' starts: the same again.
 #[test]
 fn padded_conversations_balance_alike_however_they_are_split() {
     let sft = |ranks: usize, sp: usize, ep: usize| {
         settings_of(config_with_aux(ranks, sp, ep, false, AUX))
     };
-    let one = alone_on(&sft(1, 1, 1), Targets::Conversations);
-    for (what, ranks, sp, ep) in [
-        ("SP 2", 2, 2, 1),
-        ("SP 2 × EP 2", 4, 2, 2),
-        ("DP 2", 2, 1, 1),
-    ] {
-        let run = parallel_run_on(ranks, sp, ep, &sft(ranks, sp, ep), Targets::Conversations);
-        let aux_gap = worst_aux_gap(&one, &run);
-        eprintln!("{what}, padded conversations: balance losses differ by at most {aux_gap:.2e}");
-        assert!(
-            aux_gap <= 1e-5,
-            "{what}: balance losses differ by {aux_gap:e}"
-        );
-        compare_within(what, &one, &run, 1e-12);
+    let trained = |one: &Outcome| one.reports.iter().map(|r| r.trained_tokens).sum::<usize>();
+    let mut trained_alone = Vec::new();
+    for targets in [Targets::Conversations, Targets::PackedConversations] {
+        let one = alone_on(&sft(1, 1, 1), targets);
+        trained_alone.push(trained(&one));
+        for (what, ranks, sp, ep) in [
+            ("SP 2", 2, 2, 1),
+            ("SP 2 × EP 2", 4, 2, 2),
+            ("DP 2", 2, 1, 1),
+        ] {
+            let run = parallel_run_on(ranks, sp, ep, &sft(ranks, sp, ep), targets);
+            let aux_gap = worst_aux_gap(&one, &run);
+            eprintln!("{what}, {targets:?}: balance losses differ by at most {aux_gap:.2e}");
+            assert!(
+                aux_gap <= 1e-5,
+                "{what}: balance losses differ by {aux_gap:e}"
+            );
+            compare_within(&format!("{what}, {targets:?}"), &one, &run, 1e-12);
+        }
     }
+    // Packed, the same steps train more of the conversations' answers.
+    assert!(
+        trained_alone[1] > trained_alone[0],
+        "trained tokens: {trained_alone:?}"
+    );
 }
 
 /// Activation checkpointing reruns each block's forward pass, layout

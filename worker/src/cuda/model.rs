@@ -636,6 +636,12 @@ impl DeviceModel {
         parallel: Parallel<'_>,
         loss: LossScale,
     ) -> Result<DeviceForward> {
+        if batch.documents.is_some() {
+            // Refused at start (settings); said again where it would matter.
+            return Err(GpuError::Unsupported(
+                "data.packing: the CUDA attention kernels are causal over whole sequences".into(),
+            ));
+        }
         let (tokens, targets) = (&batch.inputs, &batch.targets);
         self.forward_in(
             gpu,

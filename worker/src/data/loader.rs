@@ -28,6 +28,14 @@ pub struct DataPosition {
     pub sequences: u64,
     /// The SplitMix64 state that draws the next offset.
     pub rng_state: u64,
+    /// Conversations drawn so far when sequences pack several
+    /// (`data.packing`; absent otherwise): where the next one is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conversations: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `inputs[i]` is followed by `targets[i]` in the corpus; both `[sequences * seq_len]`.
@@ -62,6 +70,10 @@ pub struct DataLoader {
     seed: u64,
     seq_len: usize,
     sequences: u64,
+    /// Several whole conversations per sequence ([`Self::packed`]).
+    packing: bool,
+    /// Conversations drawn so far, when packing.
+    conversations_drawn: u64,
     rng: SplitMix64,
 }
 
@@ -109,14 +121,53 @@ impl DataLoader {
             seed,
             seq_len,
             sequences: 0,
+            packing: false,
+            conversations_drawn: 0,
             rng: SplitMix64::new(seed ^ DATA_STREAM),
         })
+    }
+
+    /// Packs several whole conversations into each sequence
+    /// (`data.packing`), when the corpus is made of them: as many as fit,
+    /// in the epochs' order, each attending only to itself
+    /// ([`Batch::documents`]); a conversation longer than a sequence fills
+    /// one alone, cut. Less padding, so more of each step trains.
+    pub fn packed(mut self) -> Self {
+        self.packing = self.conversations.is_some();
+        self
+    }
+
+    /// When packing: one epoch's sequences and their real tokens (the
+    /// rest padding), as the stream will draw them from the start.
+    pub fn packing_fill(&self) -> Option<(usize, usize)> {
+        let n = self
+            .conversations
+            .as_deref()
+            .filter(|_| self.packing)?
+            .len();
+        let mut epoch = self.clone();
+        epoch.restore(DataPosition {
+            sequences: 0,
+            rng_state: 0,
+            conversations: 0,
+        });
+        let (mut sequences, mut real) = (0, 0);
+        while epoch.conversations_drawn < n as u64 {
+            real += epoch
+                .next_packed()
+                .iter()
+                .map(|c| c.len() - 1)
+                .sum::<usize>();
+            sequences += 1;
+        }
+        Some((sequences, real))
     }
 
     pub fn position(&self) -> DataPosition {
         DataPosition {
             sequences: self.sequences,
             rng_state: self.rng.state(),
+            conversations: self.conversations_drawn,
         }
     }
 
@@ -124,6 +175,7 @@ impl DataLoader {
     pub fn restore(&mut self, position: DataPosition) {
         self.sequences = position.sequences;
         self.rng = SplitMix64::new(position.rng_state);
+        self.conversations_drawn = position.conversations;
     }
 
     /// The next `sequences` windows.
@@ -133,50 +185,94 @@ impl DataLoader {
             inputs: Vec::with_capacity(n),
             targets: Vec::with_capacity(n),
             real: Vec::with_capacity(sequences),
-            documents: None,
+            documents: self.packing.then(|| Vec::with_capacity(n)),
         };
         let mut window = Vec::with_capacity(self.seq_len + 1);
         for k in 0..sequences as u64 {
-            let (start, len) = match self.conversations.clone() {
-                // Only the conversation, from its start: its first turns
-                // are the context of its answers, and nothing of another
-                // conversation is in it.
-                Some(conversations) => {
-                    let c = &conversations[self.conversation(self.sequences + k)];
-                    (c.start, c.len().min(self.seq_len + 1))
+            let mut filled = 0;
+            for part in self.next_windows(self.sequences + k) {
+                window.clear();
+                self.tokens
+                    .extend_window(part.start, part.len(), &mut window);
+                let inputs = part.len() - 1;
+                batch.inputs.extend_from_slice(&window[..inputs]);
+                batch
+                    .targets
+                    .extend(window[1..].iter().enumerate().map(|(i, &t)| {
+                        if self.tokens.is_trained(part.start + 1 + i) {
+                            t
+                        } else {
+                            crate::ops::cross_entropy::IGNORED
+                        }
+                    }));
+                if let Some(documents) = &mut batch.documents {
+                    documents.extend(std::iter::repeat_n(filled as u32, inputs));
                 }
-                None => (
-                    self.rng.below(self.tokens.len() - self.seq_len),
-                    self.seq_len + 1,
-                ),
-            };
-            window.clear();
-            self.tokens.extend_window(start, len, &mut window);
-            batch.inputs.extend_from_slice(&window[..len - 1]);
-            batch
-                .targets
-                .extend(window[1..].iter().enumerate().map(|(i, &t)| {
-                    if self.tokens.is_trained(start + 1 + i) {
-                        t
-                    } else {
-                        crate::ops::cross_entropy::IGNORED
-                    }
-                }));
-            // A short conversation is padded at the end, where causal
-            // attention keeps the padding out of every real position; its
-            // targets are left out of the loss. Any id would do as input.
-            let padding = self.seq_len + 1 - len;
-            batch.real.push(len - 1);
+                filled += inputs;
+            }
+            // A short conversation (or the last of a packed sequence) is
+            // padded at the end, where causal attention keeps the padding
+            // out of every real position; its targets are left out of the
+            // loss. Any id would do as input.
+            let padding = self.seq_len - filled;
+            batch.real.push(filled);
             batch
                 .inputs
-                .extend(std::iter::repeat_n(window[len - 1], padding));
+                .extend(std::iter::repeat_n(window[window.len() - 1], padding));
             batch.targets.extend(std::iter::repeat_n(
                 crate::ops::cross_entropy::IGNORED,
                 padding,
             ));
+            if let Some(documents) = &mut batch.documents {
+                documents.extend(std::iter::repeat_n(filled as u32, padding));
+            }
         }
         self.sequences += sequences as u64;
         batch
+    }
+
+    /// The corpus windows sequence `index` is made of, each one more
+    /// token than it gives inputs (the last one's target): a random window
+    /// of text; one conversation from its start (its first turns are the
+    /// context of its answers, and nothing of another conversation is in
+    /// it), cut to a sequence; or, packed, as many whole conversations as
+    /// fit ([`Self::next_packed`]).
+    fn next_windows(&mut self, index: u64) -> Vec<Range<usize>> {
+        let window = |start: usize, len: usize| start..start + len;
+        match self.conversations.clone() {
+            None => vec![window(
+                self.rng.below(self.tokens.len() - self.seq_len),
+                self.seq_len + 1,
+            )],
+            Some(_) if self.packing => self.next_packed(),
+            Some(conversations) => {
+                let c = &conversations[self.conversation(index)];
+                vec![window(c.start, c.len().min(self.seq_len + 1))]
+            }
+        }
+    }
+
+    /// The next packed sequence's conversations, in the epochs' order: as
+    /// many as fit whole, and at least one (a conversation longer than a
+    /// sequence fills one alone, cut).
+    fn next_packed(&mut self) -> Vec<Range<usize>> {
+        let conversations = self
+            .conversations
+            .clone()
+            .expect("a corpus of conversations");
+        let (mut packed, mut filled) = (Vec::new(), 0);
+        while filled < self.seq_len {
+            let c = conversations[self.conversation(self.conversations_drawn)].clone();
+            let inputs = c.len() - 1;
+            if !packed.is_empty() && filled + inputs > self.seq_len {
+                break;
+            }
+            let taken = inputs.min(self.seq_len);
+            packed.push(c.start..c.start + taken + 1);
+            filled += taken;
+            self.conversations_drawn += 1;
+        }
+        packed
     }
 
     /// Advances past the next `sequences` windows without reading them:
@@ -184,7 +280,11 @@ impl DataLoader {
     /// (see [`crate::train::Shard`]). Draws exactly what [`Self::next_batch`]
     /// would, so the position afterwards is the same.
     pub fn skip(&mut self, sequences: usize) {
-        if self.conversations.is_none() {
+        if self.packing {
+            for _ in 0..sequences {
+                self.next_packed();
+            }
+        } else if self.conversations.is_none() {
             // Window starts in 0..len - seq_len, so the last target is in bounds.
             let starts = self.tokens.len() - self.seq_len;
             for _ in 0..sequences {
@@ -278,6 +378,100 @@ mod tests {
             }
         }
         assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
+    }
+
+    /// Packed, a sequence holds whole conversations in the epoch's order,
+    /// each its own document from its start, then padding; one longer than
+    /// a sequence fills one alone, cut. Each is drawn once per epoch;
+    /// skipping and restoring land where reading does.
+    #[test]
+    fn packed_sequences_hold_whole_conversations_each_its_own_document() {
+        use crate::ops::cross_entropy::IGNORED;
+        // Conversations of 4, 9, 20, 3 and 6 tokens (ids are positions +
+        // 100), every token after the first trained.
+        let ranges = [0..4, 4..13, 13..33, 33..36, 36..42];
+        let tokens: Vec<u32> = (100..142).collect();
+        let trained = (0..42).map(|p| !ranges.iter().any(|c| c.start == p));
+        let corpus = Corpus::with_conversations(tokens, trained.collect(), ranges.to_vec());
+        let seq_len = 8;
+        let mut loader = DataLoader::new(corpus, seq_len, 3, "test")
+            .unwrap()
+            .packed();
+        let mut skipped = loader.clone();
+        let batch = loader.next_batch(20);
+        let documents = batch.documents.as_ref().expect("packed");
+        let mut drawn = Vec::new();
+        for s in 0..20 {
+            let at = s * seq_len..(s + 1) * seq_len;
+            let (inputs, targets) = (&batch.inputs[at.clone()], &batch.targets[at.clone()]);
+            let starts = &documents[at];
+            let mut t = 0;
+            while t < batch.real[s] {
+                assert_eq!(
+                    starts[t] as usize, t,
+                    "sequence {s}: a document starts at {t}"
+                );
+                let c = ranges
+                    .iter()
+                    .find(|c| c.start as u32 + 100 == inputs[t])
+                    .expect("every document starts a conversation");
+                let len = (c.len() - 1).min(seq_len);
+                assert!(
+                    len == c.len() - 1 || (t == 0 && batch.real[s] == seq_len),
+                    "only a conversation alone in its sequence is cut"
+                );
+                for i in 0..len {
+                    assert_eq!(inputs[t + i], (c.start + i) as u32 + 100);
+                    assert_eq!(targets[t + i], inputs[t + i] + 1, "within its conversation");
+                    assert_eq!(starts[t + i] as usize, t);
+                }
+                drawn.push(c.start);
+                t += len;
+            }
+            assert_eq!(t, batch.real[s]);
+            for i in t..seq_len {
+                assert_eq!(targets[i], IGNORED, "padding is never trained");
+                assert_eq!(starts[i] as usize, t, "padding is a document of its own");
+            }
+            if t < seq_len {
+                // The next conversation would not have fit whole.
+                let next = *ranges
+                    .iter()
+                    .find(|c| {
+                        let following = batch.inputs.get((s + 1) * seq_len).copied();
+                        following == Some(c.start as u32 + 100)
+                    })
+                    .map(|c| c.len() - 1)
+                    .get_or_insert(usize::MAX);
+                assert!(t + next > seq_len || s == 19, "sequence {s} closed early");
+            }
+        }
+        // Epoch by epoch, every conversation once.
+        for epoch in drawn.chunks_exact(5) {
+            let mut starts = epoch.to_vec();
+            starts.sort_unstable();
+            assert_eq!(starts, [0, 4, 13, 33, 36]);
+        }
+        assert!(
+            drawn.len() > 20,
+            "{} conversations in 20 sequences",
+            drawn.len()
+        );
+        // Skipping draws what reading does; a position replays the stream.
+        skipped.skip(20);
+        assert_eq!(skipped.position(), loader.position());
+        let saved = loader.position();
+        let next = loader.next_batch(3);
+        assert_eq!(skipped.next_batch(3), next);
+        loader.restore(saved);
+        assert_eq!(loader.next_batch(3), next);
+        // One epoch: 5 conversations, 3 + 8 + 19 + 2 + 5 inputs, 26 real
+        // (the one of 20 cut to 8), in fewer sequences than conversations.
+        let (sequences, real) = loader.packing_fill().expect("packed");
+        assert!(
+            real >= 26 && sequences < 5,
+            "{sequences} sequences, {real} real"
+        );
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub fn snapshot<'a>(
         data: DataPosition {
             sequences: 0,
             rng_state: 0,
+            conversations: 0,
         },
         tokenizer: moe_crds::Tokenizer::Byte,
         tokenizer_file: None,

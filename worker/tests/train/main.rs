@@ -10,9 +10,9 @@ mod elastic;
 mod export;
 mod gradients;
 mod learning;
-mod padding;
 mod precision;
 mod pretrained;
+mod sequences;
 mod sft;
 mod sigkill;
 
