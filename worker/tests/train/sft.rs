@@ -201,6 +201,43 @@ fn fine_tuning_splits_each_conversation_over_sequence_parallel_ranks() {
     }
 }
 
+/// Packed (`data.packing`), a sequence of 192 holds three of these
+/// conversations (about 60 tokens each) rather than one and its padding:
+/// the same steps train on three times the answers, and they are learnt
+/// as well.
+#[test]
+fn packing_trains_several_conversations_per_sequence() {
+    let lines = conversations(2, |_| "Yes.".into());
+    // Without packing, a few steps to count what each trains.
+    let run = |packing: bool| {
+        let dir = scratch_dir(&format!("sft-packing-{packing}"));
+        std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
+        let steps = if packing { 20 } else { 4 };
+        let summary = train_with(&dir, "chat", steps, |config| {
+            config["model"]["seqLen"] = 192.into();
+            config["data"]["packing"] = packing.into();
+        });
+        (summary, trained_tokens(&dir))
+    };
+    let (one, one_trained) = run(false);
+    let (packed, packed_trained) = run(true);
+    eprintln!("one per sequence: {one} {one_trained:?}\npacked: {packed} {packed_trained:?}");
+    let most = one_trained.iter().max().unwrap();
+    assert!(
+        packed_trained.iter().all(|t| *t >= 2 * most),
+        "packed: {packed_trained:?}, one per sequence: {one_trained:?}"
+    );
+    let loss = |v: &Value, key: &str| v[key].as_f64().unwrap();
+    assert!(
+        loss(&packed, "initialLoss") > 1.0,
+        "the answers are trained: {packed}"
+    );
+    assert!(
+        loss(&packed, "finalLoss") < 0.5,
+        "the answers are learnt: {packed}"
+    );
+}
+
 #[test]
 fn a_line_that_is_not_a_conversation_is_named() {
     let dir = scratch_dir("sft-bad");
