@@ -161,30 +161,35 @@ extern "C" __global__ void attention_to_token_major_f32(float* dst, const float*
 }
 
 // In place, one warp per row (sequence, head, position t) of
-// probs [sequences * heads * seq_len, seq_len]: raw scores q.k in, the
-// causal softmax of scale * scores out (zero above the diagonal).
-extern "C" __global__ void attention_softmax_causal_f32(float* probs, size_t rows, int seq_len, float scale) {
+// probs [sequences * heads * seq_len, seq_len] (each sequence's heads
+// together): raw scores q.k in, the causal softmax of scale * scores out
+// over keys starts[sequence * seq_len + t] ..= t (the start of t's
+// document: 0 unless sequences are packed), zero elsewhere.
+extern "C" __global__ void attention_softmax_causal_f32(float* probs, const int* starts, size_t rows,
+                                                        int seq_len, int n_heads, float scale) {
     const int lane = threadIdx.x & 31;
     const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int t = (int)(row % seq_len);
+    const int first = starts[row / ((size_t)n_heads * seq_len) * seq_len + t];
     float* p = probs + row * seq_len;
     float max = -INFINITY;
-    for (int j = lane; j <= t; j += 32) max = fmaxf(max, scale * p[j]);
+    for (int j = first + lane; j <= t; j += 32) max = fmaxf(max, scale * p[j]);
     max = warp_max(max);
     float sum = 0.0f;
-    for (int j = lane; j <= t; j += 32) {
+    for (int j = first + lane; j <= t; j += 32) {
         const float e = expf(scale * p[j] - max);
         p[j] = e;
         sum += e;
     }
     sum = warp_sum(sum);
     const float inv = 1.0f / sum;
-    for (int j = lane; j < seq_len; j += 32) p[j] = j <= t ? p[j] * inv : 0.0f;
+    for (int j = lane; j < seq_len; j += 32) p[j] = j >= first && j <= t ? p[j] * inv : 0.0f;
 }
 
 // In place, one warp per row: d(probs) = dout . v_j in, the score gradient
-// ds_j = scale p_j (dp_j - sum_i p_i dp_i) out (zero above the diagonal).
+// ds_j = scale p_j (dp_j - sum_i p_i dp_i) out (zero above the diagonal,
+// and wherever the forward pass masked p_j to 0: an earlier document).
 extern "C" __global__ void attention_softmax_backward_f32(float* dscores, const float* probs, size_t rows,
                                                           int seq_len, float scale) {
     const int lane = threadIdx.x & 31;

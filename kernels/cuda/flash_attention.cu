@@ -13,6 +13,10 @@
 // per-row operation on them (the online softmax's rescale of O) finds each
 // element's row from a row map, see the forward kernel.
 //
+// starts [sequences * T]: each token's document start in its sequence
+// (packed sequences); a query sees keys from there to itself, 0 to itself
+// when every entry is 0.
+//
 // Tiles are staged in shared memory as [rows][ld] with the head dimension
 // zero-padded to a multiple of 16 (dp) and 8 floats of padding per row
 // (ld = dp + 8) against bank conflicts; rows past the sequence's end are
@@ -91,8 +95,8 @@ __device__ void fa_load_tile(float* dst, int ld, const float* src, int b, int ro
 // row index holds, in element e, the row of element e of every fragment of
 // that type (load, store and mma_sync share one layout).
 extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, const float* q, const float* k,
-                                                       const float* v, int seq_len, int n_heads, int n_kv_heads,
-                                                       int head_dim, float scale) {
+                                                       const float* v, const int* starts, int seq_len,
+                                                       int n_heads, int n_kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(128) float fa_smem[];
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_FWD_K + FA_PAD;
     float* qs = fa_smem;                 // [FA_FWD_Q][ld]; at the end, each warp's O rows
@@ -122,6 +126,7 @@ extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, c
 
     // The softmax's lanes: a pair per row of the warp, half the key tile each.
     const int row = lane >> 1, half = lane & 1, t = q0 + r0 + row;
+    const int first = t < seq_len ? starts[(size_t)b * seq_len + t] : 0;
     float m = -INFINITY, l = 0.0f;
     // Keys past the tile's last row are above every row's diagonal.
     const int key_tiles = (min(seq_len, q0 + FA_FWD_Q) - 1) / FA_FWD_K + 1;
@@ -161,7 +166,8 @@ extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, c
             float s[FA_FWD_K / 2], mx = -INFINITY;
 #pragma unroll
             for (int c = 0; c < half_width; ++c) {
-                s[c] = t < seq_len && k0 + half * half_width + c <= t ? srow[c] * scale_log2 : -INFINITY;
+                const int key = k0 + half * half_width + c;
+                s[c] = t < seq_len && key >= first && key <= t ? srow[c] * scale_log2 : -INFINITY;
                 mx = fmaxf(mx, s[c]);
             }
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
@@ -265,14 +271,15 @@ __device__ __forceinline__ void fa_products_abt(float* c, int ls, const float* a
 
 // Scores s[r][c] (query row q0 + r, key k0 + c) to probabilities
 // P = exp(scale s - lse) in place, and dp[r][c] to dS = P (dP - D); both 0
-// above the diagonal and past the end. lse_s is in log2 units.
+// above the diagonal, before the row's document start (`starts`: the
+// sequence's) and past the end. lse_s is in log2 units.
 __device__ __forceinline__ void fa_softmax_backward_tile(float* s, float* dp, int ls, const float* lse_s,
-                                                         const float* delta_s, int q0, int k0, int seq_len,
-                                                         float scale_log2) {
+                                                         const float* delta_s, const int* starts, int q0, int k0,
+                                                         int seq_len, float scale_log2) {
     for (int i = threadIdx.x; i < FA_BWD * FA_BWD; i += blockDim.x) {
         const int r = i / FA_BWD, c = i % FA_BWD, t = q0 + r;
         float p = 0.0f, ds = 0.0f;
-        if (t < seq_len && k0 + c <= t) {
+        if (t < seq_len && k0 + c <= t && k0 + c >= starts[t]) {
             p = exp2f(s[r * ls + c] * scale_log2 - lse_s[r]);
             ds = p * (dp[r * ls + c] - delta_s[r]);
         }
@@ -346,8 +353,8 @@ __device__ __forceinline__ void fa_load_row_terms(float* lse_s, float* delta_s, 
 // key tile. The block is the only writer of its dk and dv rows, so the sums
 // are deterministic without atomics.
 extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, float* dv, const float* dout, const float* q, const float* k,
-                                           const float* v, const float* lse, const float* delta, int seq_len,
-                                           int n_heads, int n_kv_heads, int head_dim, float scale) {
+                                           const float* v, const float* lse, const float* delta, const int* starts,
+                                           int seq_len, int n_heads, int n_kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(128) float fa_smem[];
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_BWD + FA_PAD;
     float* ks = fa_smem;            // [FA_BWD][ld] each
@@ -382,7 +389,8 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
             fa_products_abt(ss, ls, qs, ks, ld, dp);
             fa_products_abt(dps, ls, dos, vs, ld, dp);
             __syncthreads();
-            fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, q0, k0, seq_len, scale_log2);
+            fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, starts + (size_t)b * seq_len, q0, k0, seq_len,
+                                     scale_log2);
             __syncthreads();
             fa_accumulate<true>(dv_acc, ss, ls, dos, ld, dp);
             fa_accumulate<true>(dk_acc, dps, ls, qs, ld, dp);
@@ -405,8 +413,8 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
 // last query tiles (the most key tiles) first, over the key tiles up to the
 // diagonal. The only writer of its dq rows.
 extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const float* dout, const float* q, const float* k, const float* v,
-                                       const float* lse, const float* delta, int seq_len, int n_heads,
-                                       int n_kv_heads, int head_dim, float scale) {
+                                       const float* lse, const float* delta, const int* starts, int seq_len,
+                                       int n_heads, int n_kv_heads, int head_dim, float scale) {
     extern __shared__ __align__(128) float fa_smem[];
     const int dp = fa_padded_dim(head_dim), ld = dp + FA_PAD, ls = FA_BWD + FA_PAD;
     float* qs = fa_smem;            // [FA_BWD][ld] each; at the end: dq
@@ -439,7 +447,8 @@ extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const f
         fa_products_abt(ss, ls, qs, ks, ld, dp);
         fa_products_abt(dps, ls, dos, vs, ld, dp);
         __syncthreads();
-        fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, q0, k0, seq_len, scale_log2);
+        fa_softmax_backward_tile(ss, dps, ls, lse_s, delta_s, starts + (size_t)b * seq_len, q0, k0, seq_len,
+                                 scale_log2);
         __syncthreads();
         fa_accumulate<false>(dq_acc, dps, ls, ks, ld, dp);
     }

@@ -26,10 +26,12 @@ extern "C" __global__ void rope_f32(float* x, const float* cos_table, const floa
 // sequences at any positions), and the pairs either interleaved (2i, 2i + 1),
 // the worker's own models, or halves (i, i + head_dim / 2), `rotate_half` in
 // Hugging Face's Llama, Mixtral and Qwen. The table is the CPU engine's:
-// [context, head_dim / 2].
+// [context, head_dim / 2]. Training's packed sequences use it too, each
+// token at its place in its document, and rotate their gradient back
+// (direction -1).
 extern "C" __global__ void rope_positions_f32(float* x, const float* cos_table, const float* sin_table,
                                               const int* positions, int rows, int heads, int head_dim,
-                                              int halves) {
+                                              int halves, float direction) {
     const int pairs = head_dim / 2;
     const size_t total = (size_t)rows * heads * pairs;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
@@ -37,7 +39,7 @@ extern "C" __global__ void rope_positions_f32(float* x, const float* cos_table, 
         const size_t row_head = i / pairs;
         const size_t row = row_head / heads;
         const size_t angle = (size_t)positions[row] * pairs + pair;
-        const float c = cos_table[angle], s = sin_table[angle];
+        const float c = cos_table[angle], s = direction * sin_table[angle];
         float* head = x + row_head * head_dim;
         const int first = halves ? pair : 2 * pair, second = halves ? pair + pairs : 2 * pair + 1;
         const float a = head[first], b = head[second];

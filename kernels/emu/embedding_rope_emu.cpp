@@ -7,7 +7,9 @@
 // - rope_f32 over slices of `span` positions from `first` (a sequence-parallel
 //   rank's slice of each sequence), forward and back;
 // - rope_positions_f32 (serving: each row at its own position), pairs
-//   interleaved or in halves.
+//   interleaved or in halves, and back (training's packed sequences);
+// - attention_softmax_causal_f32 (the GEMM path's softmax) over each
+//   token's document (packed sequences) and plain causal (every start 0).
 // Every CUDA thread is an OS thread (include/cuda_host.h).
 //
 //   g++ -std=c++20 -O2 -pthread -w -Ikernels/emu/include \
@@ -23,6 +25,7 @@
 #include "../cuda/common.cuh"
 #include "../cuda/embedding.cu"
 #include "../cuda/rope.cu"
+#include "../cuda/attention.cu"
 
 static int failures = 0;
 
@@ -110,8 +113,15 @@ int main() {
         for (auto& v : x) v = normal(rng);
         auto y = x;
         grid_stride(x.size() / 2, [&] {
-            rope_positions_f32(y.data(), cos_t.data(), sin_t.data(), positions.data(), rows, heads, dim, halves);
+            rope_positions_f32(y.data(), cos_t.data(), sin_t.data(), positions.data(), rows, heads, dim, halves, 1.0f);
         });
+        // Direction -1 (training's backward pass, packed sequences) turns it back.
+        auto back = y;
+        grid_stride(x.size() / 2, [&] {
+            rope_positions_f32(back.data(), cos_t.data(), sin_t.data(), positions.data(), rows, heads, dim, halves, -1.0f);
+        });
+        double round_trip = 0;
+        for (size_t i = 0; i < x.size(); ++i) round_trip = std::max(round_trip, (double)std::fabs(back[i] - x[i]));
         double worst = 0;
         for (int r = 0; r < rows; ++r)
             for (int h = 0; h < heads; ++h)
@@ -121,8 +131,46 @@ int main() {
                     const double c = cos_t[angle], s = sin_t[angle], a = x[a_at], b = x[b_at];
                     worst = std::max({worst, std::fabs(y[a_at] - (a * c - b * s)), std::fabs(y[b_at] - (a * s + b * c))});
                 }
-        std::snprintf(detail, sizeof detail, "%s, max err %.1e", halves ? "halves" : "interleaved", worst);
-        report(worst < 1e-5, "rope (row positions)", detail);
+        std::snprintf(detail, sizeof detail, "%s, max err %.1e, back %.1e", halves ? "halves" : "interleaved", worst,
+                      round_trip);
+        report(worst < 1e-5 && round_trip < 1e-5, "rope (row positions)", detail);
+    }
+
+    // The GEMM path's causal softmax, one warp per row of probs [B, H, T, T],
+    // launched as worker/src/cuda/attention.rs does (8 warps a block): keys
+    // from the row's document start to itself, zeros elsewhere.
+    for (const bool packed : {false, true}) {
+        const int sequences = 2, heads = 3, t_len = 45;
+        const float scale = 0.3f;
+        std::vector<int> starts((size_t)sequences * t_len, 0);
+        if (packed)
+            for (int b = 0; b < sequences; ++b)
+                for (int t = 0, start = 0; t < t_len; ++t) {
+                    if (t > start && rng() % 7 == 0) start = t;
+                    starts[(size_t)b * t_len + t] = start;
+                }
+        const size_t rows = (size_t)sequences * heads * t_len;
+        std::vector<float> scores(rows * t_len);
+        for (auto& v : scores) v = 3.0f * normal(rng);
+        auto probs = scores;
+        launch_grid({(unsigned)((rows + 7) / 8), 1, 1}, 256, [] {}, [&] {
+            attention_softmax_causal_f32(probs.data(), starts.data(), rows, t_len, heads, scale);
+        });
+        double worst = 0;
+        for (size_t row = 0; row < rows; ++row) {
+            const int t = (int)(row % t_len), b = (int)(row / ((size_t)heads * t_len));
+            const int first = starts[(size_t)b * t_len + t];
+            const float* s = &scores[row * t_len];
+            double max = -1e300, sum = 0;
+            for (int j = first; j <= t; ++j) max = std::max(max, (double)scale * s[j]);
+            for (int j = first; j <= t; ++j) sum += std::exp(scale * s[j] - max);
+            for (int j = 0; j < t_len; ++j) {
+                const double want = j >= first && j <= t ? std::exp(scale * s[j] - max) / sum : 0.0;
+                worst = std::max(worst, std::fabs(probs[row * t_len + j] - want));
+            }
+        }
+        std::snprintf(detail, sizeof detail, "%s, max err %.1e", packed ? "packed documents" : "causal", worst);
+        report(worst < 1e-6, "softmax (documents)", detail);
     }
     std::printf(failures ? "SOME FAILED\n" : "ALL OK\n");
     return failures ? 1 : 0;

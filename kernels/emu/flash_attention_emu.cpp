@@ -148,10 +148,23 @@ int main(int argc, char** argv) {
     std::vector<Shape> shapes = {{1, 1, 1, 1, 8}, {2, 37, 4, 2, 32}, {1, 128, 8, 1, 64}, {3, 100, 4, 4, 64},
                                  {2, 130, 8, 2, 128}, {2, 65, 4, 1, 8}, {1, 70, 2, 2, 12}, {2, 33, 2, 1, 6}};
     bool all = true;
-    for (auto s : shapes) {
-        std::printf("B%d T%d H%d/%d D%d\n", s.B, s.T, s.H, s.KV, s.D);
+    for (size_t shape_index = 0; shape_index < shapes.size(); ++shape_index) {
+        const Shape s = shapes[shape_index];
+        // Every other shape packs documents of 1 to 40 tokens in each
+        // sequence (training's data.packing): a query sees keys from its
+        // document's start; the others are plain causal (every start 0).
+        const bool packed = shape_index % 2 == 1;
+        std::printf("B%d T%d H%d/%d D%d%s\n", s.B, s.T, s.H, s.KV, s.D, packed ? " packed" : "");
         std::mt19937 rng(1234 + s.T);
         std::normal_distribution<float> nd(0.f, 1.f);
+        std::vector<int> starts((size_t)s.B * s.T, 0);
+        if (packed)
+            for (int b = 0; b < s.B; ++b)
+                for (int t = 0, start = 0; t < s.T; ++t) {
+                    if (t > start && rng() % 13 == 0) start = t;
+                    if (t - start >= 40) start = t;
+                    starts[(size_t)b * s.T + t] = start;
+                }
         const size_t qn = (size_t)s.B * s.T * s.H * s.D, kn = (size_t)s.B * s.T * s.KV * s.D;
         std::vector<float> q(qn), k(kn), v(kn), dout(qn), dq0(qn), dk0(kn), dv0(kn);
         for (auto* x : {&q, &k, &v, &dout, &dq0, &dk0, &dv0}) for (auto& e : *x) e = nd(rng);
@@ -161,15 +174,16 @@ int main(int argc, char** argv) {
         auto qa = [&](int b, int t, int h) { return (((size_t)b * s.T + t) * s.H + h) * s.D; };
         auto ka = [&](int b, int t, int h) { return (((size_t)b * s.T + t) * s.KV + h) * s.D; };
         for (int b = 0; b < s.B; ++b) for (int h = 0; h < s.H; ++h) for (int t = 0; t < s.T; ++t) {
-            int kh = h / group; std::vector<double> p(t + 1); double mx = -1e300;
-            for (int j = 0; j <= t; ++j) { double d = 0; for (int i = 0; i < s.D; ++i) d += (double)q[qa(b,t,h)+i] * k[ka(b,j,kh)+i]; p[j] = d * scale; mx = std::max(mx, p[j]); }
-            double sum = 0; for (auto& x : p) { x = std::exp(x - mx); sum += x; }
-            for (auto& x : p) x /= sum;
+            const int f = starts[(size_t)b * s.T + t];
+            int kh = h / group; std::vector<double> p(t + 1, 0.0); double mx = -1e300;
+            for (int j = f; j <= t; ++j) { double d = 0; for (int i = 0; i < s.D; ++i) d += (double)q[qa(b,t,h)+i] * k[ka(b,j,kh)+i]; p[j] = d * scale; mx = std::max(mx, p[j]); }
+            double sum = 0; for (int j = f; j <= t; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+            for (int j = f; j <= t; ++j) p[j] /= sum;
             lse_r[((size_t)b * s.H + h) * s.T + t] = mx + std::log(sum);
-            for (int i = 0; i < s.D; ++i) { double o = 0; for (int j = 0; j <= t; ++j) o += p[j] * v[ka(b,j,kh)+i]; out_r[qa(b,t,h)+i] = o; }
-            std::vector<double> dp(t + 1); double proj = 0;
-            for (int j = 0; j <= t; ++j) { double d = 0; for (int i = 0; i < s.D; ++i) d += (double)dout[qa(b,t,h)+i] * v[ka(b,j,kh)+i]; dp[j] = d; proj += p[j] * d; }
-            for (int j = 0; j <= t; ++j) {
+            for (int i = 0; i < s.D; ++i) { double o = 0; for (int j = f; j <= t; ++j) o += p[j] * v[ka(b,j,kh)+i]; out_r[qa(b,t,h)+i] = o; }
+            std::vector<double> dp(t + 1, 0.0); double proj = 0;
+            for (int j = f; j <= t; ++j) { double d = 0; for (int i = 0; i < s.D; ++i) d += (double)dout[qa(b,t,h)+i] * v[ka(b,j,kh)+i]; dp[j] = d; proj += p[j] * d; }
+            for (int j = f; j <= t; ++j) {
                 double ds = p[j] * (dp[j] - proj);
                 for (int i = 0; i < s.D; ++i) {
                     dq_r[qa(b,t,h)+i] += scale * ds * k[ka(b,j,kh)+i];
@@ -183,14 +197,14 @@ int main(int argc, char** argv) {
         // The launcher's shared-memory sizes (flash_attention.rs), in floats.
         const size_t ld = (s.D + 15) / 16 * 16 + 8;
         const size_t forward_smem = 128 * ld + 64 * 40 + 64, backward_smem = 4 * 32 * ld + 2 * 32 * 40 + 64;
-        launch((s.T + 63) / 64, s.H, s.B, 128, forward_smem, [&] { flash_attention_forward_f32(out.data(), lse.data(), q.data(), k.data(), v.data(), s.T, s.H, s.KV, s.D, fscale); });
+        launch((s.T + 63) / 64, s.H, s.B, 128, forward_smem, [&] { flash_attention_forward_f32(out.data(), lse.data(), q.data(), k.data(), v.data(), starts.data(), s.T, s.H, s.KV, s.D, fscale); });
         all &= compare("out", out, out_r, 1e-2);
         all &= compare("lse", lse, lse_r, 0, 1e-2);
         int rows = s.B * s.H * s.T;
         launch((rows + 7) / 8, 1, 1, 256, 0, [&] { flash_attention_backward_delta_f32(delta.data(), dout.data(), out.data(), s.B, s.T, s.H, s.D); });
         std::vector<float> dq = dq0, dk = dk0, dv = dv0;
-        launch((s.T + 31) / 32, s.KV, s.B, 128, backward_smem, [&] { flash_attention_backward_key_value_f32(dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
-        launch((s.T + 31) / 32, s.H, s.B, 128, backward_smem, [&] { flash_attention_backward_query_f32(dq.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), s.T, s.H, s.KV, s.D, fscale); });
+        launch((s.T + 31) / 32, s.KV, s.B, 128, backward_smem, [&] { flash_attention_backward_key_value_f32(dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), starts.data(), s.T, s.H, s.KV, s.D, fscale); });
+        launch((s.T + 31) / 32, s.H, s.B, 128, backward_smem, [&] { flash_attention_backward_query_f32(dq.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(), delta.data(), starts.data(), s.T, s.H, s.KV, s.D, fscale); });
         all &= compare("dq", dq, dq_r, 1e-2);
         all &= compare("dk", dk, dk_r, 1e-2);
         all &= compare("dv", dv, dv_r, 1e-2);

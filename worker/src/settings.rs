@@ -374,11 +374,6 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
             "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
             config.model.hidden_size
         ),
-    )?;
-    require(
-        !config.data.packing,
-        "data.packing",
-        "is not on the CUDA trainer yet (its attention kernels are causal over whole sequences): use device: cpu, or one conversation per sequence".to_owned(),
     )
 }
 

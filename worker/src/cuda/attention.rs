@@ -345,8 +345,29 @@ fn warp_rows(
     Ok(())
 }
 
+/// Each of `tokens` tokens' document start in its sequence: `documents`
+/// (a packed batch's, `[sequences * T]`), or zeros (plain causal
+/// attention) made in `zeros`.
+pub(crate) fn document_starts<'a>(
+    gpu: &Gpu,
+    documents: Option<&'a CudaSlice<i32>>,
+    tokens: usize,
+    zeros: &'a mut Option<CudaSlice<i32>>,
+) -> Result<&'a CudaSlice<i32>> {
+    match documents {
+        Some(starts) => {
+            assert_eq!(starts.len(), tokens, "a document start per token");
+            Ok(starts)
+        }
+        None => Ok(zeros.insert(gpu.zeros::<i32>(tokens)?)),
+    }
+}
+
 /// As [`crate::ops::attention::forward`], the products on tensor cores
-/// (TF32): `out` and `probs` overwritten.
+/// (TF32): `out` and `probs` overwritten; `documents` as for
+/// [`super::flash_attention::forward`] (the probabilities before a token's
+/// document start are 0).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
     out: &mut CudaSlice<f32>,
@@ -355,6 +376,7 @@ pub fn forward(
     k: &CudaSlice<f32>,
     v: &CudaSlice<f32>,
     shape: AttentionShape,
+    documents: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let b = forward_sequences(shape, out, probs, q, k, v);
     let rows = b * shape.n_heads * shape.seq_len;
@@ -371,15 +393,19 @@ pub fn forward(
     // Raw scores q kᵀ into probs, then the causal softmax in place.
     query_key_products(gpu, &l, probs, &qh, &kh_v)?;
     let scale = 1.0 / (d as f32).sqrt();
-    warp_rows(
-        gpu,
-        "attention_softmax_causal_f32",
-        probs,
-        None,
-        rows,
-        t,
-        scale,
-    )?;
+    let mut zeros = None;
+    let starts = document_starts(gpu, documents, b * t, &mut zeros)?;
+    let f = gpu.function(&ATTENTION, "attention_softmax_causal_f32")?;
+    let (t_i, heads_i) = (int(t), int(shape.n_heads));
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(&mut *probs)
+        .arg(starts)
+        .arg(&rows)
+        .arg(&t_i)
+        .arg(&heads_i)
+        .arg(&scale);
+    unsafe { launch.launch(grid(rows.div_ceil(WARPS), (WARPS * 32) as u32, 0)) }?;
     for r in 0..l.group {
         let p_r = probs.slice(l.square_offset(r)..);
         let mut o_r = oh.slice_mut(l.query_offset(r)..);

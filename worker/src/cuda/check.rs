@@ -1192,10 +1192,37 @@ struct AttentionCase {
     /// The gradients' starting values, and after the CPU's backward pass.
     grads0: [Vec<f32>; 3],
     grads: [Vec<f32>; 3],
+    /// Packed sequences: each token's document start (else every start 0).
+    documents: Option<Vec<u32>>,
 }
 
 impl AttentionCase {
     fn new(sequences: usize, shape: crate::ops::attention::AttentionShape) -> Self {
+        Self::with_documents(sequences, shape, None)
+    }
+
+    /// [`Self::new`] on sequences packing documents of 1 to 40 tokens
+    /// (training's `data.packing`), drawn from `seed`.
+    fn packed(sequences: usize, shape: crate::ops::attention::AttentionShape, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let mut starts = Vec::with_capacity(sequences * shape.seq_len);
+        for _ in 0..sequences {
+            let mut start = 0;
+            for t in 0..shape.seq_len {
+                if (t > start && rng.below(13) == 0) || t - start >= 40 {
+                    start = t;
+                }
+                starts.push(start as u32);
+            }
+        }
+        Self::with_documents(sequences, shape, Some(starts))
+    }
+
+    fn with_documents(
+        sequences: usize,
+        shape: crate::ops::attention::AttentionShape,
+        documents: Option<Vec<u32>>,
+    ) -> Self {
         use crate::ops::attention::{Qkv, QkvGrads};
         let tokens = sequences * shape.seq_len;
         let q_len = tokens * shape.n_heads * shape.head_dim;
@@ -1208,7 +1235,7 @@ impl AttentionCase {
             k: &k,
             v: &v,
         };
-        ops::attention::forward(&mut out, &mut probs, qkv, shape, None);
+        ops::attention::forward(&mut out, &mut probs, qkv, shape, documents.as_deref());
         let grads0 = [random(q_len, 74), random(kv_len, 75), random(kv_len, 76)];
         let mut grads = grads0.clone();
         let [dq, dk, dv] = &mut grads;
@@ -1222,7 +1249,7 @@ impl AttentionCase {
             qkv,
             &probs,
             shape,
-            None,
+            documents.as_deref(),
         );
         Self {
             sequences,
@@ -1235,13 +1262,30 @@ impl AttentionCase {
             probs,
             grads0,
             grads,
+            documents,
         }
+    }
+
+    /// The document starts on the device, as the kernels take them.
+    fn device_documents(&self, gpu: &Gpu) -> Result<Option<CudaSlice<i32>>> {
+        self.documents
+            .as_ref()
+            .map(|starts| {
+                let starts: Vec<i32> = starts.iter().map(|&s| s as i32).collect();
+                gpu.upload(&starts)
+            })
+            .transpose()
     }
 
     fn name(&self) -> String {
         let s = self.shape;
+        let packed = if self.documents.is_some() {
+            " packed"
+        } else {
+            ""
+        };
         format!(
-            "B{} T{} H{}/{} D{}",
+            "B{} T{} H{}/{} D{}{packed}",
             self.sequences, s.seq_len, s.n_heads, s.n_kv_heads, s.head_dim
         )
     }
@@ -1258,7 +1302,11 @@ impl AttentionCase {
             for h in 0..s.n_heads {
                 for t in 0..t_len {
                     let q_at = ((b * t_len + t) * s.n_heads + h) * d;
-                    let scores: Vec<f64> = (0..=t)
+                    let first = self
+                        .documents
+                        .as_ref()
+                        .map_or(0, |starts| starts[b * t_len + t] as usize);
+                    let scores: Vec<f64> = (first..=t)
                         .map(|j| {
                             let k_at = ((b * t_len + j) * s.n_kv_heads + h / group) * d;
                             scale
@@ -1380,16 +1428,23 @@ fn check_flash_attention(gpu: &Gpu) -> Result<Vec<Check>> {
         (2, shape(33, 2, 1, 6)),
     ];
     let mut checks = Vec::new();
-    for (sequences, shape) in cases {
-        let c = AttentionCase::new(sequences, shape);
+    for (index, (sequences, shape)) in cases.into_iter().enumerate() {
+        // Every other case packs documents (training's data.packing).
+        let c = match index % 2 {
+            0 => AttentionCase::new(sequences, shape),
+            _ => AttentionCase::packed(sequences, shape, 80 + index as u64),
+        };
         let case = c.name();
         let [dq0, dk0, dv0] = &c.grads0;
         let [dq, dk, dv] = &c.grads;
         let (q_d, k_d, v_d) = (gpu.upload(&c.q)?, gpu.upload(&c.k)?, gpu.upload(&c.v)?);
+        let documents = c.device_documents(gpu)?;
         let tokens = sequences * shape.seq_len;
         let mut out_d = gpu.zeros(c.out.len())?;
         let mut lse_d = gpu.zeros(flash_attention::lse_len(shape, tokens))?;
-        flash_attention::forward(gpu, &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, shape)?;
+        let (q, k, v) = (&q_d, &k_d, &v_d);
+        let docs = documents.as_ref();
+        flash_attention::forward(gpu, &mut out_d, &mut lse_d, q, k, v, shape, docs)?;
         let dout_d = gpu.upload(&c.dout)?;
         let backward = || -> Result<[Vec<f32>; 3]> {
             let (mut dq_d, mut dk_d, mut dv_d) =
@@ -1408,6 +1463,7 @@ fn check_flash_attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 &out_d,
                 &lse_d,
                 shape,
+                documents.as_ref(),
             )?;
             Ok([
                 gpu.download(&dq_d)?,
@@ -1485,7 +1541,9 @@ const ATTENTION_PATHS: [AttentionPath; 2] = [
     },
     AttentionPath {
         name: "tensor cores",
-        forward: attention::forward,
+        forward: |gpu, out, probs, q, k, v, shape| {
+            attention::forward(gpu, out, probs, q, k, v, shape, None)
+        },
         backward: attention::backward,
         tf32: true,
     },

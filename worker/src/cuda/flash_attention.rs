@@ -12,7 +12,7 @@
 //! kernels'. Any `head_dim` up to [`MAX_HEAD_DIM`] works; larger heads are
 //! refused by [`supports`] and the caller keeps the GEMM path.
 
-use super::attention::AttentionGrads;
+use super::attention::{AttentionGrads, document_starts};
 use super::{Gpu, GpuError, Result, grid, int};
 use crate::ops::attention::AttentionShape;
 use moe_kernels::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -123,7 +123,10 @@ fn tiled_grid(tiles: usize, heads: usize, sequences: usize, bytes: usize) -> Lau
 
 /// As [`crate::ops::attention::forward`], the probabilities not kept:
 /// `out [tokens, n_heads, head_dim]` and `lse [sequences, n_heads, T]`
-/// overwritten (lse in natural-log units, of `scale · q·k`).
+/// overwritten (lse in natural-log units, of `scale · q·k`). `documents`:
+/// each token's document start in its sequence (packed sequences), `None`
+/// for plain causal attention.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
     out: &mut CudaSlice<f32>,
@@ -132,6 +135,7 @@ pub fn forward(
     k: &CudaSlice<f32>,
     v: &CudaSlice<f32>,
     shape: AttentionShape,
+    documents: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let b = sequences(shape, q.len())?;
     let kv_len = b * shape.seq_len * shape.n_kv_heads * shape.head_dim;
@@ -145,6 +149,8 @@ pub fn forward(
     if b == 0 {
         return Ok(());
     }
+    let mut zeros = None;
+    let starts = document_starts(gpu, documents, b * shape.seq_len, &mut zeros)?;
     let bytes = forward_shared_bytes(shape.head_dim);
     let f = tiled_kernel(gpu, "flash_attention_forward_f32", bytes)?;
     let (t, h, kv, d, scale) = dims(shape);
@@ -155,6 +161,7 @@ pub fn forward(
         .arg(q)
         .arg(k)
         .arg(v)
+        .arg(starts)
         .arg(&t)
         .arg(&h)
         .arg(&kv)
@@ -168,7 +175,7 @@ pub fn forward(
 /// As [`crate::ops::attention::backward`] from the forward pass's `out`
 /// and `lse` (the probabilities recomputed): adds into `grads`. `out` must
 /// be the attention output in `q`'s layout, the D term `rowsum(dout ∘ out)`
-/// standing in for `Σ_j p_j dp_j`.
+/// standing in for `Σ_j p_j dp_j`; `documents` the forward pass's.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -180,6 +187,7 @@ pub fn backward(
     out: &CudaSlice<f32>,
     lse: &CudaSlice<f32>,
     shape: AttentionShape,
+    documents: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let b = sequences(shape, q.len())?;
     assert!(
@@ -219,6 +227,8 @@ pub fn backward(
         ))
     }?;
 
+    let mut zeros = None;
+    let starts = document_starts(gpu, documents, b * shape.seq_len, &mut zeros)?;
     let tiles = shape.seq_len.div_ceil(BACKWARD_TILE);
     let bytes = backward_shared_bytes(shape.head_dim);
     let f = tiled_kernel(gpu, "flash_attention_backward_key_value_f32", bytes)?;
@@ -232,6 +242,7 @@ pub fn backward(
         .arg(v)
         .arg(lse)
         .arg(&delta)
+        .arg(starts)
         .arg(&t)
         .arg(&h)
         .arg(&kv)
@@ -249,6 +260,7 @@ pub fn backward(
         .arg(v)
         .arg(lse)
         .arg(&delta)
+        .arg(starts)
         .arg(&t)
         .arg(&h)
         .arg(&kv)

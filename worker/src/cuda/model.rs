@@ -25,8 +25,8 @@ use crate::dist::sequence_parallel::SequenceParallel;
 use crate::fp8::Fp8Recipe;
 use crate::linear::GemmPrecision;
 use crate::model::{
-    ATTENTION_LINEARS, ActivationMemory, FeedForward, Gradients, Model, ModelConfig, Parallel, WK,
-    WO, WQ, WV,
+    ATTENTION_LINEARS, ActivationMemory, BatchLayout, FeedForward, Gradients, Model, ModelConfig,
+    PackedDocuments, Parallel, WK, WO, WQ, WV,
 };
 use crate::moe::expert::{MLP_LINEARS, W1, W2, W3};
 use crate::moe::{MoeLayer, Sequences};
@@ -348,12 +348,38 @@ enum StoredBlock {
     Input(CudaSlice<f32>),
 }
 
+/// How a pass's tokens are laid out: sequences (or this rank's slices of
+/// them) and their padding, and a packed batch's documents.
+struct PassLayout {
+    sequences: Sequences,
+    documents: Option<DeviceDocuments>,
+}
+
+/// A packed batch's documents on the device ([`PackedDocuments`]): each
+/// token's document start in the whole sequences, for attention, and each
+/// of this rank's tokens' position in its document, for RoPE.
+struct DeviceDocuments {
+    starts: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+}
+
+impl DeviceDocuments {
+    fn upload(gpu: &Gpu, host: &PackedDocuments) -> Result<Self> {
+        let ints = |v: &[u32]| -> Vec<i32> { v.iter().map(|&x| super::int(x as usize)).collect() };
+        Ok(Self {
+            starts: gpu.upload(&ints(host.starts()))?,
+            positions: gpu.upload(&ints(host.positions()))?,
+        })
+    }
+}
+
 /// A forward pass on the device: the loss and what the backward pass needs.
 pub struct DeviceForward {
     /// On the host: the embedding backward groups them by id there.
     tokens: Vec<u32>,
-    /// How the tokens split into sequences, and which are padding.
-    sequences: Sequences,
+    /// How the tokens split into sequences, which are padding, and a
+    /// packed batch's documents.
+    layout: PassLayout,
     /// Ignored targets replaced by 0 (weighted 0: `loss_weights`).
     targets: CudaSlice<u32>,
     /// Each position's share of the mean cross-entropy, as the CPU model's.
@@ -613,7 +639,7 @@ impl DeviceModel {
             gpu,
             tokens,
             targets,
-            None,
+            BatchLayout::default(),
             memory,
             Parallel::default(),
             LossScale::PassMean,
@@ -636,18 +662,12 @@ impl DeviceModel {
         parallel: Parallel<'_>,
         loss: LossScale,
     ) -> Result<DeviceForward> {
-        if batch.documents.is_some() {
-            // Refused at start (settings); said again where it would matter.
-            return Err(GpuError::Unsupported(
-                "data.packing: the CUDA attention kernels are causal over whole sequences".into(),
-            ));
-        }
         let (tokens, targets) = (&batch.inputs, &batch.targets);
         self.forward_in(
             gpu,
             tokens,
             targets,
-            Some(&batch.real),
+            BatchLayout::of(batch),
             memory,
             parallel,
             loss,
@@ -662,7 +682,7 @@ impl DeviceModel {
         gpu: &Gpu,
         tokens: &[u32],
         targets: &[u32],
-        real: Option<&[usize]>,
+        layout: BatchLayout<'_>,
         memory: ActivationMemory,
         parallel: Parallel<'_>,
         loss: LossScale,
@@ -684,11 +704,26 @@ impl DeviceModel {
             "token id beyond the vocabulary"
         );
         let n = tokens.len();
-        let sequences = match real {
+        let sequences = match layout.real {
             Some(real) => Sequences::padded(seq_len, real.to_vec()),
             None => Sequences::whole(n, seq_len),
         };
         assert_eq!(sequences.tokens(), n, "a real-token count per sequence");
+        let documents = match layout.documents {
+            Some(starts) => {
+                let host = PackedDocuments::new(
+                    starts.to_vec(),
+                    c.seq_len,
+                    self.positions(parallel.sequence),
+                );
+                Some(DeviceDocuments::upload(gpu, &host)?)
+            }
+            None => None,
+        };
+        let layout = PassLayout {
+            sequences,
+            documents,
+        };
         let (weights, targets) = crate::ops::cross_entropy::target_weights(targets, loss);
         let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(&targets)?);
         let mut x = gpu.output::<f32>(n * h)?;
@@ -698,7 +733,7 @@ impl DeviceModel {
         let mut blocks = Vec::with_capacity(c.layers);
         let (mut loads, mut aux_loss) = (Vec::new(), 0.0);
         for (index, block) in self.weights.blocks.iter().enumerate() {
-            let (output, pass) = self.block_forward(gpu, index, block, x, parallel, &sequences)?;
+            let (output, pass) = self.block_forward(gpu, index, block, x, parallel, &layout)?;
             match &pass.ffn {
                 FeedForwardPass::Moe(moe) => {
                     loads.push(moe.expert_load().to_vec());
@@ -749,7 +784,7 @@ impl DeviceModel {
         Ok(DeviceForward {
             aux_loss,
             tokens: tokens.to_vec(),
-            sequences,
+            layout,
             targets,
             loss_weights,
             blocks,
@@ -769,8 +804,9 @@ impl DeviceModel {
         block: &DeviceBlock<DeviceMoeLayer>,
         input: CudaSlice<f32>,
         parallel: Parallel<'_>,
-        sequences: &Sequences,
+        layout: &PassLayout,
     ) -> Result<(CudaSlice<f32>, BlockPass)> {
+        let sequences = &layout.sequences;
         let c = &self.config;
         let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
         let tokens = input.len() / h;
@@ -823,10 +859,19 @@ impl DeviceModel {
         };
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
-        gpu.span("fwd.attention.rope", || {
-            self.rope
-                .forward_slice(gpu, &mut q, c.heads, positions.clone())?;
-            self.rope.forward_slice(gpu, &mut k, c.kv_heads, positions)
+        gpu.span("fwd.attention.rope", || match &layout.documents {
+            // A packed batch: each token at its place in its document.
+            Some(d) => {
+                self.rope
+                    .forward_positions(gpu, &mut q, &d.positions, c.heads)?;
+                self.rope
+                    .forward_positions(gpu, &mut k, &d.positions, c.kv_heads)
+            }
+            None => {
+                self.rope
+                    .forward_slice(gpu, &mut q, c.heads, positions.clone())?;
+                self.rope.forward_slice(gpu, &mut k, c.kv_heads, positions)
+            }
         })?;
         let core_span = gpu.span_start("fwd.attention.core")?;
         // Sequence parallelism: whole sequences of this rank's heads.
@@ -844,17 +889,19 @@ impl DeviceModel {
         let shape = self.attention_shape(sequence);
         let mut attention_out = gpu.output::<f32>(q.len())?;
         let rows = q.len() / (shape.n_heads * shape.head_dim);
+        let starts = layout.documents.as_ref().map(|d| &d.starts);
+        let out = &mut attention_out;
         let saved = if self.attention == AttentionKernel::Flash && flash_attention::supports(shape)
         {
             let mut lse = gpu.output::<f32>(flash_attention::lse_len(shape, rows))?;
-            flash_attention::forward(gpu, &mut attention_out, &mut lse, &q, &k, &v, shape)?;
+            flash_attention::forward(gpu, out, &mut lse, &q, &k, &v, shape, starts)?;
             AttentionSaved::Flash {
                 lse,
                 out_heads: None,
             }
         } else {
             let mut probs = gpu.output::<f32>(shape.probs_len(rows))?;
-            attention::forward(gpu, &mut attention_out, &mut probs, &q, &k, &v, shape)?;
+            attention::forward(gpu, out, &mut probs, &q, &k, &v, shape, starts)?;
             AttentionSaved::Probs(probs)
         };
         let (attention_out, attention) = match (sequence, saved) {
@@ -1062,7 +1109,7 @@ impl DeviceModel {
                 StoredBlock::Input(input) => {
                     let input = gpu.stream().clone_dtod(input)?;
                     recomputed = self
-                        .block_forward(gpu, index, block, input, parallel, &pass.sequences)?
+                        .block_forward(gpu, index, block, input, parallel, &pass.layout)?
                         .1;
                     &recomputed
                 }
@@ -1076,6 +1123,7 @@ impl DeviceModel {
                 &mut dres,
                 block_grads,
                 parallel,
+                &pass.layout,
             )?;
             done(block_grads.tensors_mut())?;
         }
@@ -1095,6 +1143,7 @@ impl DeviceModel {
         dres: &mut CudaSlice<f32>,
         grads: &mut DeviceBlock<DeviceMoeGrads>,
         parallel: Parallel<'_>,
+        layout: &PassLayout,
     ) -> Result<()> {
         let c = &self.config;
         let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
@@ -1232,6 +1281,7 @@ impl DeviceModel {
                 out_heads.as_ref().unwrap_or(&pass.attention_out),
                 lse,
                 shape,
+                layout.documents.as_ref().map(|d| &d.starts),
             )?,
         }
         drop(dattention);
@@ -1245,11 +1295,19 @@ impl DeviceModel {
         };
         gpu.span_end(core_span)?;
         let positions = self.positions(sequence);
-        gpu.span("bwd.attention.rope", || {
-            self.rope
-                .backward_slice(gpu, &mut dq, c.heads, positions.clone())?;
-            self.rope
-                .backward_slice(gpu, &mut dk, c.kv_heads, positions)
+        gpu.span("bwd.attention.rope", || match &layout.documents {
+            Some(d) => {
+                self.rope
+                    .backward_positions(gpu, &mut dq, &d.positions, c.heads)?;
+                self.rope
+                    .backward_positions(gpu, &mut dk, &d.positions, c.kv_heads)
+            }
+            None => {
+                self.rope
+                    .backward_slice(gpu, &mut dq, c.heads, positions.clone())?;
+                self.rope
+                    .backward_slice(gpu, &mut dk, c.kv_heads, positions)
+            }
         })?;
         // Through the q/k norms (before RoPE in the forward pass): their
         // input gradients into fresh zeros (the kernel adds), their gains'

@@ -53,6 +53,30 @@ impl DeviceRope {
         self.rotate(gpu, dx, heads, positions, -1.0)
     }
 
+    /// As [`RopeTable::forward_positions`]: `x: [tokens, heads, head_dim]`,
+    /// token `t` at `positions[t]` (a packed batch's tokens, each at its
+    /// place in its document), pairs interleaved.
+    pub fn forward_positions(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        heads: usize,
+    ) -> Result<()> {
+        self.rotate_rows(gpu, x, positions, heads, false, 1.0)
+    }
+
+    /// As [`RopeTable::backward_positions`].
+    pub fn backward_positions(
+        &self,
+        gpu: &Gpu,
+        dx: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        heads: usize,
+    ) -> Result<()> {
+        self.rotate_rows(gpu, dx, positions, heads, false, -1.0)
+    }
+
     /// The serving engine's rotation (`serve::engine`'s `rotate`): rotates
     /// `x: [rows, heads, head_dim]` in place, row `r` at `positions[r]`
     /// (each below the table's length), pairing dimensions in halves
@@ -64,6 +88,19 @@ impl DeviceRope {
         positions: &CudaSlice<i32>,
         heads: usize,
         halves: bool,
+    ) -> Result<()> {
+        self.rotate_rows(gpu, x, positions, heads, halves, 1.0)
+    }
+
+    /// Row `r` of `x` turned by `direction ×` its position's angles.
+    fn rotate_rows(
+        &self,
+        gpu: &Gpu,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        heads: usize,
+        halves: bool,
+        direction: f32,
     ) -> Result<()> {
         let rows = positions.len();
         assert_eq!(
@@ -87,7 +124,8 @@ impl DeviceRope {
             .arg(&rows_i)
             .arg(&heads_i)
             .arg(&dim_i)
-            .arg(&halves_i);
+            .arg(&halves_i)
+            .arg(&direction);
         unsafe { launch.launch(elementwise(pairs)) }?;
         Ok(())
     }

@@ -222,8 +222,20 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
     let kv = gpu.zeros::<f32>(n * config.kv_width())?;
     let mut out = gpu.zeros::<f32>(n * config.hidden)?;
     let mut probs = gpu.zeros::<f32>(shape.probs_len(n))?;
+    // Plain causal attention: every token's document starts at 0 (made
+    // once, so the timings hold the kernels alone).
+    let starts = gpu.zeros::<i32>(n)?;
     let attention_forward_ms = time_runs(gpu, 1, 2, || {
-        attention::forward(gpu, &mut out, &mut probs, &q, &kv, &kv, shape)
+        attention::forward(
+            gpu,
+            &mut out,
+            &mut probs,
+            &q,
+            &kv,
+            &kv,
+            shape,
+            Some(&starts),
+        )
     })?;
     let (mut dq, mut dk, mut dv) = (
         gpu.zeros(q.len())?,
@@ -315,7 +327,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         // unproven on a GPU, so that a fault in them cannot cost the figures above.
         let mut lse = gpu.zeros::<f32>(flash_attention::lse_len(shape, n))?;
         let flash_forward_ms = time_runs(gpu, 1, 2, || {
-            flash_attention::forward(gpu, &mut out, &mut lse, &q, &kv, &kv, shape)
+            flash_attention::forward(gpu, &mut out, &mut lse, &q, &kv, &kv, shape, Some(&starts))
         })?;
         let flash_backward_ms = time_runs(gpu, 1, 2, || {
             flash_attention::backward(
@@ -332,6 +344,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
                 &out,
                 &lse,
                 shape,
+                Some(&starts),
             )
         })?;
         figures.push(Figure {

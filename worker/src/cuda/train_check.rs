@@ -93,6 +93,36 @@ fn corpus() -> Vec<u32> {
     (0..4096).map(|_| rng.below(256) as u32).collect()
 }
 
+/// A micro-batch of the check corpus's windows cut into documents of 1 to
+/// 12 tokens, as `data.packing` lays conversations out, the last 5 tokens
+/// of each sequence padding.
+fn packed_batch(config: &ModelConfig, settings: &TrainingSettings) -> crate::data::Batch {
+    let mut batch = loader(config, settings).next_batch(settings.micro_batch);
+    let mut rng = SplitMix64::new(9);
+    let t_len = config.seq_len;
+    let mut starts = Vec::with_capacity(batch.inputs.len());
+    for s in 0..settings.micro_batch {
+        let mut start = 0;
+        for t in 0..t_len {
+            if t == t_len - 5 || (t < t_len - 5 && t > start && rng.below(6) == 0) {
+                start = t;
+            }
+            starts.push(start as u32);
+        }
+        // A document's last target is the next one's first token: not its own.
+        for t in 1..t_len {
+            if starts[s * t_len + t] as usize == t {
+                batch.targets[s * t_len + t - 1] = crate::ops::cross_entropy::IGNORED;
+            }
+        }
+        batch.targets[s * t_len + t_len - 5..(s + 1) * t_len]
+            .fill(crate::ops::cross_entropy::IGNORED);
+        batch.real[s] = t_len - 5;
+    }
+    batch.documents = Some(starts);
+    batch
+}
+
 fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
     DataLoader::new(corpus(), config.seq_len, settings.seed, "check corpus")
         .expect("the corpus is longer than a window")
@@ -236,12 +266,20 @@ fn one_batch_of(
 ) -> Result<Vec<Check>> {
     let config = model.config();
     let mut checks = Vec::new();
-    let cpu = model.forward(&batch.inputs, &batch.targets);
+    // The batch's padding and packed documents too, on both sides.
+    let (memory, one, mean) = (
+        ActivationMemory::KeepAll,
+        crate::model::Parallel::default(),
+        crate::ops::cross_entropy::LossScale::PassMean,
+    );
+    let cpu = model
+        .forward_parallel(batch, memory, one, mean)
+        .expect("one process");
     let mut cpu_grads = Gradients::zeros(config);
     model.backward(&cpu, &mut cpu_grads);
     let mut device = DeviceModel::upload(gpu, model)?;
     device.set_attention_kernel(attention);
-    let pass = device.forward(gpu, &batch.inputs, &batch.targets)?;
+    let pass = device.forward_parallel(gpu, batch, memory, one, mean)?;
     let mut grads = super::model::DeviceGradients::zeros_like(gpu, device.weights())?;
     device.backward(gpu, &pass, &mut grads)?;
     checks.push(close_to_scale(
@@ -351,6 +389,20 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         gemm,
         Agreement::Close,
     )?);
+    // Packed sequences (data.packing): documents of 1 to 12 tokens, each
+    // attending only to itself with RoPE from its start, the last one's
+    // tail padding (left out of the loss, the loads and the balance loss),
+    // with either attention kernel.
+    for kernel in [gemm, AttentionKernel::Flash] {
+        checks.extend(one_batch_of(
+            gpu,
+            &model,
+            &packed_batch(&config, &settings),
+            &format!("3 blocks, one batch, packed documents, {kernel:?} attention"),
+            kernel,
+            Agreement::Close,
+        )?);
+    }
     let mut balanced = config.clone();
     balanced.moe.aux_loss_alpha = 0.001;
     let balanced = Model::<f32>::initial(balanced, settings.seed);

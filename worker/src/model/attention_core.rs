@@ -41,6 +41,16 @@ impl PackedDocuments {
             .collect();
         Self { starts, positions }
     }
+
+    /// Per token of the whole sequences, where its document starts.
+    pub(crate) fn starts(&self) -> &[u32] {
+        &self.starts
+    }
+
+    /// Per token this rank holds, its position in its document.
+    pub(crate) fn positions(&self) -> &[u32] {
+        &self.positions
+    }
 }
 
 /// What attention saw and produced.
@@ -71,14 +81,14 @@ impl<T: Scalar> BlockContext<'_, T> {
     /// Per token of the whole sequences, where its document starts (a
     /// packed batch's), for attention.
     fn document_starts(&self) -> Option<&[u32]> {
-        self.documents.map(|d| d.starts.as_slice())
+        self.documents.map(PackedDocuments::starts)
     }
 
     /// RoPE on this rank's tokens, at their positions in the sequence
     /// (in their documents, for a packed one).
     fn rotate(&self, x: &mut [T], heads: usize) {
         match (self.documents, self.sequence) {
-            (Some(d), _) => self.rope.forward_positions(x, heads, &d.positions),
+            (Some(d), _) => self.rope.forward_positions(x, heads, d.positions()),
             (None, None) => self.rope.forward(x, heads),
             (None, Some(sp)) => self.rope.forward_at(x, heads, sp.positions()),
         }
@@ -86,7 +96,7 @@ impl<T: Scalar> BlockContext<'_, T> {
 
     fn rotate_back(&self, dx: &mut [T], heads: usize) {
         match (self.documents, self.sequence) {
-            (Some(d), _) => self.rope.backward_positions(dx, heads, &d.positions),
+            (Some(d), _) => self.rope.backward_positions(dx, heads, d.positions()),
             (None, None) => self.rope.backward(dx, heads),
             (None, Some(sp)) => self.rope.backward_at(dx, heads, sp.positions()),
         }

@@ -23,7 +23,7 @@ use crate::dist::sequence_parallel::SequenceParallel;
 use crate::fp8::DelayedScale;
 use crate::linear::{Linear, Linears};
 use crate::memory::HeldBytes;
-use crate::model::attention_core::PackedDocuments;
+pub(crate) use crate::model::attention_core::PackedDocuments;
 use crate::model::block::{BlockContext, FeedForwardPass};
 use crate::model::recompute::BlockActivations;
 use crate::model::scales::BlockScales;
@@ -89,12 +89,22 @@ impl std::error::Error for ShapeMismatch {}
 /// What a pass's tokens are besides whole sequences; the default: every
 /// token real, each sequence one document.
 #[derive(Clone, Copy, Default)]
-struct Layout<'a> {
+pub(crate) struct BatchLayout<'a> {
     /// Each sequence's (or this rank's slice's) real tokens, the rest padding.
-    real: Option<&'a [usize]>,
+    pub real: Option<&'a [usize]>,
     /// Packed sequences: per token of the whole sequences, where its
     /// document starts ([`Batch::documents`]).
-    documents: Option<&'a [u32]>,
+    pub documents: Option<&'a [u32]>,
+}
+
+impl<'a> BatchLayout<'a> {
+    /// `batch`'s padding and documents.
+    pub(crate) fn of(batch: &'a Batch) -> Self {
+        Self {
+            real: Some(&batch.real),
+            documents: batch.documents.as_deref(),
+        }
+    }
 }
 
 /// How a pass is spread over ranks; the default is one process.
@@ -384,7 +394,7 @@ impl<T: Scalar> Model<T> {
         self.forward_in(
             tokens,
             targets,
-            Layout::default(),
+            BatchLayout::default(),
             memory,
             Parallel::default(),
             LossScale::PassMean,
@@ -410,7 +420,7 @@ impl<T: Scalar> Model<T> {
         let pass = self.forward_in(
             tokens,
             targets,
-            Layout::default(),
+            BatchLayout::default(),
             memory,
             parallel,
             LossScale::PassMean,
@@ -434,14 +444,10 @@ impl<T: Scalar> Model<T> {
         parallel: Parallel<'_>,
         loss: LossScale,
     ) -> Result<ForwardPass<T>, DistError> {
-        let layout = Layout {
-            real: Some(&batch.real),
-            documents: batch.documents.as_deref(),
-        };
         let pass = self.forward_in(
             &batch.inputs,
             &batch.targets,
-            layout,
+            BatchLayout::of(batch),
             memory,
             parallel,
             loss,
@@ -455,7 +461,7 @@ impl<T: Scalar> Model<T> {
         &self,
         tokens: &[u32],
         targets: &[u32],
-        layout: Layout<'_>,
+        layout: BatchLayout<'_>,
         memory: ActivationMemory,
         parallel: Parallel<'_>,
         loss: LossScale,
