@@ -15,7 +15,10 @@
 //
 // starts [sequences * T]: each token's document start in its sequence
 // (packed sequences); a query sees keys from there to itself, 0 to itself
-// when every entry is 0.
+// when every entry is 0. Non-decreasing along a sequence (documents follow
+// one another), so a tile's first row has its smallest start: key tiles
+// wholly before it are skipped, which makes a sequence of short documents
+// cost about their own attention, not the whole sequence's.
 //
 // Tiles are staged in shared memory as [rows][ld] with the head dimension
 // zero-padded to a multiple of 16 (dp) and 8 floats of padding per row
@@ -128,9 +131,11 @@ extern "C" __global__ void flash_attention_forward_f32(float* out, float* lse, c
     const int row = lane >> 1, half = lane & 1, t = q0 + r0 + row;
     const int first = t < seq_len ? starts[(size_t)b * seq_len + t] : 0;
     float m = -INFINITY, l = 0.0f;
-    // Keys past the tile's last row are above every row's diagonal.
+    // Keys past the tile's last row are above every row's diagonal; keys
+    // before its first row's document start are before every row's.
     const int key_tiles = (min(seq_len, q0 + FA_FWD_Q) - 1) / FA_FWD_K + 1;
-    for (int kt = 0; kt < key_tiles; ++kt) {
+    const int first_key_tile = starts[(size_t)b * seq_len + min(q0, seq_len - 1)] / FA_FWD_K;
+    for (int kt = first_key_tile; kt < key_tiles; ++kt) {
         const int k0 = kt * FA_FWD_K;
         __syncthreads();  // every warp is done with the previous ks, vs (and the row map's tile)
         fa_load_tile(ks, ld, k, b, k0, FA_FWD_K, seq_len, n_kv_heads, kv_head, head_dim, dp);
@@ -378,8 +383,14 @@ extern "C" __global__ void flash_attention_backward_key_value_f32(float* dk, flo
     FaC dk_acc[FA_BWD_FRAGS], dv_acc[FA_BWD_FRAGS];
     fa_zero(dk_acc);
     fa_zero(dv_acc);
+    // The query tiles that see a key of this tile: from the diagonal on,
+    // up to the first whose first row's document starts after its last key.
+    int last_query_tile = tile;
+    while (last_query_tile + 1 < tiles &&
+           starts[(size_t)b * seq_len + (last_query_tile + 1) * FA_BWD] <= k0 + FA_BWD - 1)
+        ++last_query_tile;
     for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        for (int qt = tile; qt < tiles; ++qt) {
+        for (int qt = tile; qt <= last_query_tile; ++qt) {
             const int q0 = qt * FA_BWD;
             __syncthreads();  // the previous products are done with qs, dos, ss, dps
             fa_load_tile(qs, ld, q, b, q0, FA_BWD, seq_len, n_heads, h, head_dim, dp);
@@ -438,7 +449,7 @@ extern "C" __global__ void flash_attention_backward_query_f32(float* dq, const f
     fa_load_row_terms(lse_s, delta_s, lse, delta, b, h, q0, n_heads, seq_len);
     FaC dq_acc[FA_BWD_FRAGS];
     fa_zero(dq_acc);
-    for (int kt = 0; kt <= tile; ++kt) {
+    for (int kt = starts[(size_t)b * seq_len + q0] / FA_BWD; kt <= tile; ++kt) {
         const int k0 = kt * FA_BWD;
         __syncthreads();  // the previous products are done with ks, vs, dps
         fa_load_tile(ks, ld, k, b, k0, FA_BWD, seq_len, n_kv_heads, kv_head, head_dim, dp);

@@ -1359,15 +1359,26 @@ fn check_attention(gpu: &Gpu) -> Result<Vec<Check>> {
             },
         ),
     ];
-    for (sequences, shape) in shapes {
-        let c = AttentionCase::new(sequences, shape);
+    // Plain causal, and the second shape again over packed documents
+    // (training's data.packing) on the path that takes them.
+    let cases = shapes
+        .iter()
+        .map(|&(sequences, shape)| AttentionCase::new(sequences, shape))
+        .chain([AttentionCase::packed(shapes[1].0, shapes[1].1, 79)]);
+    for c in cases {
+        let shape = c.shape;
         let [dq0, dk0, dv0] = &c.grads0;
         let [dq, dk, dv] = &c.grads;
         let (q_d, k_d, v_d) = (gpu.upload(&c.q)?, gpu.upload(&c.k)?, gpu.upload(&c.v)?);
+        let documents = c.device_documents(gpu)?;
         for path in ATTENTION_PATHS {
+            if documents.is_some() && !path.documents {
+                continue;
+            }
             let case = format!("{} {}", c.name(), path.name);
             let (mut out_d, mut probs_d) = (gpu.zeros(c.out.len())?, gpu.zeros(c.probs.len())?);
-            (path.forward)(gpu, &mut out_d, &mut probs_d, &q_d, &k_d, &v_d, shape)?;
+            let (q, k, v, docs) = (&q_d, &k_d, &v_d, documents.as_ref());
+            (path.forward)(gpu, &mut out_d, &mut probs_d, q, k, v, shape, docs)?;
             let (mut dq_d, mut dk_d, mut dv_d) =
                 (gpu.upload(dq0)?, gpu.upload(dk0)?, gpu.upload(dv0)?);
             (path.backward)(
@@ -1512,6 +1523,7 @@ type AttentionForward = fn(
     &CudaSlice<f32>,
     &CudaSlice<f32>,
     crate::ops::attention::AttentionShape,
+    Option<&CudaSlice<i32>>,
 ) -> Result<()>;
 type AttentionBackward = fn(
     &Gpu,
@@ -1530,22 +1542,26 @@ struct AttentionPath {
     forward: AttentionForward,
     backward: AttentionBackward,
     tf32: bool,
+    /// Whether it takes packed documents (training runs the other path).
+    documents: bool,
 }
 
 const ATTENTION_PATHS: [AttentionPath; 2] = [
     AttentionPath {
         name: "exact",
-        forward: attention::forward_exact,
+        forward: |gpu, out, probs, q, k, v, shape, _| {
+            attention::forward_exact(gpu, out, probs, q, k, v, shape)
+        },
         backward: attention::backward_exact,
         tf32: false,
+        documents: false,
     },
     AttentionPath {
         name: "tensor cores",
-        forward: |gpu, out, probs, q, k, v, shape| {
-            attention::forward(gpu, out, probs, q, k, v, shape, None)
-        },
+        forward: attention::forward,
         backward: attention::backward,
         tf32: true,
+        documents: true,
     },
 ];
 
