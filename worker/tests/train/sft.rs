@@ -238,6 +238,46 @@ fn packing_trains_several_conversations_per_sequence() {
     );
 }
 
+/// A packed run resumed from its step-3 checkpoint trains steps 4 to 6 as
+/// the run straight through did: the checkpoint's data position counts the
+/// conversations packed so far, so the same ones are packed next (a count
+/// of sequences alone would restart the packing elsewhere).
+#[test]
+fn a_packed_run_resumes_where_it_stopped() {
+    let lines = conversations(2, |i| vec!["yes"; 1 + i % 5].join(" "));
+    let run = |name: &str| {
+        let dir = scratch_dir(name);
+        std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
+        dir
+    };
+    let patch = |config: &mut Value| {
+        config["model"]["seqLen"] = 192.into();
+        config["data"]["packing"] = true.into();
+        config["training"]["logIntervalSteps"] = 1.into();
+    };
+    let straight_dir = run("sft-packing-straight");
+    let straight = train_with(&straight_dir, "chat", 6, patch);
+    let resumed_dir = run("sft-packing-resumed");
+    let step3 = straight_dir.join("checkpoints").join("step-00000003");
+    let into = resumed_dir.join("checkpoints").join("step-00000003");
+    std::fs::create_dir_all(&into).unwrap();
+    for file in std::fs::read_dir(&step3).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), into.join(file.file_name())).unwrap();
+    }
+    let resumed = train_with(&resumed_dir, "chat", 6, patch);
+    let (a, b) = (
+        crate::logged_steps(&straight_dir),
+        crate::logged_steps(&resumed_dir),
+    );
+    eprintln!("straight: {a:?}\nresumed: {b:?}");
+    assert_eq!(b.iter().map(|s| s.0).collect::<Vec<_>>(), [4, 5, 6]);
+    for ((step, want), (_, got)) in a[3..].iter().zip(&b) {
+        assert_eq!(got.to_bits(), want.to_bits(), "step {step}");
+    }
+    assert_eq!(resumed["finalLoss"], straight["finalLoss"]);
+}
+
 #[test]
 fn a_line_that_is_not_a_conversation_is_named() {
     let dir = scratch_dir("sft-bad");
