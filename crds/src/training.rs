@@ -733,10 +733,40 @@ pub struct TrainingSpec {
     #[serde(default = "default_log_interval")]
     #[schemars(range(min = 1))]
     pub log_interval_steps: i32,
+    /// The loss on data held out of training (a share of `data` never
+    /// trained on), every `intervalSteps` steps and after the last: in
+    /// `metrics.jsonl` (`evalLoss`), the worker's `/progress` and
+    /// `/metrics`, and its summary. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationSpec>,
 }
 
 fn default_log_interval() -> i32 {
     10
+}
+
+/// Evaluation on held-out data (`training.evaluation`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationSpec {
+    /// Steps between evaluations (the last step is always evaluated).
+    #[schemars(range(min = 1))]
+    pub interval_steps: i32,
+    /// Percent of the data held out of training: the last conversations
+    /// of the files (`format: chat`), or the last tokens (text).
+    #[serde(default = "default_held_out_percent")]
+    #[schemars(range(min = 1, max = 50))]
+    pub held_out_percent: i32,
+    /// Global batches (`globalBatchSize` sequences each) of held-out data
+    /// each evaluation reads: the same sequences every time, so the
+    /// losses compare across steps.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub batches: i32,
+}
+
+fn default_held_out_percent() -> i32 {
+    5
 }
 
 /// AdamW with linear warm-up and cosine decay to `minLearningRate`.
@@ -1265,6 +1295,10 @@ pub struct TrainingProgress {
     /// What the attempt's fabric check (`parallelism.fabricCheck`) measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<FabricMeasurement>,
+    /// The loss on held-out data at the last evaluation
+    /// (`training.evaluation`), in nats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     /// When the report last changed (the hang watchdog's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Time>,

@@ -23,6 +23,7 @@ use crate::dist::{Collective, DistEnv, DistError, Solo, preflight};
 use crate::model::{Parallel, flops};
 use crate::settings::{SettingsError, TrainSettings};
 use crate::status::Progress;
+use crate::train::Evaluation;
 use crate::train::balance::Balance;
 use crate::train::{StepReport, Trainer};
 
@@ -139,6 +140,10 @@ pub struct Summary {
     pub steps: u64,
     /// Cross-entropy of the last step, in nats.
     pub final_loss: Option<f64>,
+    /// The loss on held-out data at the run's last evaluation
+    /// (`training.evaluation`), in nats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     /// Cross-entropy of the run's first step (kept across resumes), in nats.
     pub initial_loss: Option<f64>,
     /// Unigram entropy of the training tokens, in nats (comparable with the losses).
@@ -174,6 +179,9 @@ struct MetricsLine {
     /// The worst MoE layer's `max load / mean − 1` ([`Balance`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     expert_load_max_violation: Option<f64>,
+    /// The loss on held-out data, on a step `training.evaluation` evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_loss: Option<f64>,
 }
 
 /// How fast a logging interval went: in its `metrics.jsonl` line, and in
@@ -307,15 +315,40 @@ pub fn train_as(
             all.iter().filter(|c| c.len() > seq_len + 1).count(),
         )
     });
-    let mut loader = DataLoader::new(
-        tokens,
-        settings.model.seq_len,
-        settings.training.seed,
-        &source,
-    )?;
+    // training.evaluation: the last share of the data is never trained on.
+    let held_out = settings
+        .evaluation
+        .map(|e| data::held_out_start(&tokens, e.held_out_percent));
+    let held_out_part = held_out.map(|start| (tokens.clone(), start..tokens.len()));
+    let training_part = 0..held_out.unwrap_or(tokens.len());
+    let (seq_len, seed) = (settings.model.seq_len, settings.training.seed);
+    let mut loader = DataLoader::new_in(tokens, training_part, seq_len, seed, &source)?;
     if settings.packing {
         loader = loader.packed();
     }
+    let mut evaluation = match (settings.evaluation, held_out_part) {
+        (Some(e), Some((corpus, part))) => {
+            let held_out_source = format!("{source} (its held-out part, training.evaluation)");
+            let mut data =
+                DataLoader::new_in(corpus, part.clone(), seq_len, seed, &held_out_source)?;
+            if settings.packing {
+                data = data.packed();
+            }
+            tracing::info!(
+                held_out_percent = e.held_out_percent,
+                held_out_tokens = part.len(),
+                held_out_conversations = data.conversations_in_reach(),
+                every_steps = e.interval,
+                sequences = e.batches
+                    * settings.training.micro_batch
+                    * settings.training.micro_steps
+                    * (settings.world_size / settings.sequence_parallel),
+                "evaluation on held-out data, never trained on: the same sequences each time"
+            );
+            Some(Evaluation::new(data, e.batches))
+        }
+        _ => None,
+    };
     match (cut, loader.conversations_in_reach(), loader.packing_fill()) {
         (Some((conversations, cut)), Some(in_reach), Some((sequences, real))) => {
             let tokens = sequences * settings.model.seq_len;
@@ -464,6 +497,19 @@ pub fn train_as(
         };
         run.initial_loss.get_or_insert(report.loss);
         run.last_loss = Some(report.loss);
+        let eval_loss = match (&mut evaluation, settings.evaluation) {
+            (Some(eval), Some(e)) if e.due(report.step, total_steps) => {
+                let loss = trainer.evaluate(eval, dp, parallel)?;
+                tracing::info!(
+                    step = report.step,
+                    eval_loss = loss,
+                    "evaluated on held-out data"
+                );
+                run.last_eval = Some(loss);
+                Some(loss)
+            }
+            _ => None,
+        };
         tokens_done += report.tokens;
         interval.tokens += report.tokens;
         interval.steps += 1;
@@ -473,10 +519,15 @@ pub fn train_as(
             settings.model.moe.top_k,
             settings.model.dense_layers,
         );
-        if report.step.is_multiple_of(settings.training.log_interval) || report.step == total_steps
+        if report.step.is_multiple_of(settings.training.log_interval)
+            || report.step == total_steps
+            || eval_loss.is_some()
         {
             let pace = interval.pace(|rate| peak.map(|p| flops::mfu(&model_flops, rate, gpus, p)));
-            let line = metrics_line(&report, pace, &settings, &balance);
+            let line = MetricsLine {
+                eval_loss,
+                ..metrics_line(&report, pace, &settings, &balance)
+            };
             interval = Interval::new();
             last_pace = Some(pace);
             if let Some(metrics) = &mut metrics {
@@ -505,6 +556,7 @@ pub fn train_as(
                 last_checkpoint_step: run.saved_step,
                 expert_load: balance.as_ref().map(Balance::worst),
                 fabric: fabric.clone(),
+                eval_loss: run.last_eval,
             });
             if let Some(balance) = &balance {
                 board.publish_balance(balance);
@@ -565,6 +617,7 @@ pub fn train_as(
     Ok(Summary {
         steps: trainer.steps_done(),
         final_loss: run.last_loss,
+        eval_loss: run.last_eval,
         initial_loss: run.initial_loss,
         unigram_entropy,
         unigram_entropy_bits: unigram_entropy / std::f64::consts::LN_2,
@@ -624,6 +677,20 @@ impl Backend {
         }
     }
 
+    /// The loss on `eval`'s held-out sequences as a rank of `dp`.
+    fn evaluate(
+        &mut self,
+        eval: &mut Evaluation,
+        dp: &mut dyn Collective,
+        parallel: Parallel<'_>,
+    ) -> Result<f64, RunError> {
+        match self {
+            Self::Cpu(trainer) => Ok(trainer.evaluate_parallel(eval, dp, parallel)?),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { device, .. } => Ok(device.evaluate_with(eval, dp, parallel)?),
+        }
+    }
+
     /// The trainer to checkpoint from, brought up to date with the GPU's.
     fn host_state(&mut self) -> Result<&Trainer, RunError> {
         match self {
@@ -664,6 +731,8 @@ fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
 struct RunState {
     initial_loss: Option<f64>,
     last_loss: Option<f64>,
+    /// The loss on held-out data at the last evaluation of this attempt.
+    last_eval: Option<f64>,
     checkpoint: Option<PathBuf>,
     saved_step: Option<u64>,
 }
@@ -973,6 +1042,7 @@ fn metrics_line(
             .unwrap_or(0),
         expert_load_mean: (report.tokens * moe.top_k) as f64 / moe.n_routed_experts as f64,
         expert_load_max_violation: balance.as_ref().map(|b| b.worst().max_violation),
+        eval_loss: None,
     }
 }
 

@@ -136,10 +136,30 @@ pub struct TrainSettings {
     pub data: DataSource,
     /// `data.packing`: several conversations per sequence (format chat).
     pub packing: bool,
+    /// `training.evaluation`: the loss on held-out data, now and then.
+    pub evaluation: Option<EvaluationSettings>,
     pub checkpoint: CheckpointSettings,
     pub output_dir: PathBuf,
     /// The pretrained model a fresh run starts from ([`crate::model::pretrained`]).
     pub init_dir: Option<PathBuf>,
+}
+
+/// `training.evaluation`, as counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvaluationSettings {
+    /// Steps between evaluations (the last step is always evaluated).
+    pub interval: u64,
+    /// Percent of the data held out of training.
+    pub held_out_percent: usize,
+    /// Global batches each evaluation reads.
+    pub batches: usize,
+}
+
+impl EvaluationSettings {
+    /// Whether the run evaluates after `step` of `steps`.
+    pub fn due(&self, step: u64, steps: u64) -> bool {
+        step.is_multiple_of(self.interval) || step == steps
+    }
 }
 
 /// Optimisation settings, as counts and plain floats.
@@ -254,6 +274,15 @@ impl TrainSettings {
             training,
             data: data_source(config)?,
             packing: packing(config)?,
+            evaluation: config
+                .training
+                .evaluation
+                .as_ref()
+                .map(|e| EvaluationSettings {
+                    interval: e.interval_steps.max(1) as u64,
+                    held_out_percent: e.held_out_percent.clamp(1, 50) as usize,
+                    batches: e.batches.max(1) as usize,
+                }),
             checkpoint: checkpoint_settings(config)?,
             output_dir: PathBuf::from(&config.output_dir),
             init_dir: config.init_dir.as_ref().map(PathBuf::from),

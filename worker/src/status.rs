@@ -41,6 +41,10 @@ pub struct Progress {
     /// What the fabric check measured before training.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fabric: Option<FabricMeasurement>,
+    /// The loss on held-out data at the last evaluation
+    /// (`training.evaluation`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// One decoder layer (0-based, as in the checkpoint's tensor names).
@@ -63,6 +67,7 @@ struct Gauges {
     tokens_per_second: Gauge<f64, AtomicU64>,
     last_checkpoint_step: Gauge,
     mfu: Gauge<f64, AtomicU64>,
+    eval_loss: Gauge<f64, AtomicU64>,
     expert_load_max_violation: Family<LayerLabels, Gauge<f64, AtomicU64>>,
 }
 
@@ -95,6 +100,12 @@ impl Default for Gauges {
             "Model FLOPs utilisation of the gang's GPUs over the last logging interval (0 to 1; GPU runs only)",
             mfu.clone(),
         );
+        let eval_loss = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "eval_loss",
+            "Loss on the held-out data at the last evaluation (nats; training.evaluation)",
+            eval_loss.clone(),
+        );
         let expert_load_max_violation = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "expert_load_max_violation",
@@ -108,6 +119,7 @@ impl Default for Gauges {
             tokens_per_second,
             last_checkpoint_step,
             mfu,
+            eval_loss,
             expert_load_max_violation,
         }
     }
@@ -125,6 +137,9 @@ impl Board {
         }
         if let Some(m) = progress.mfu {
             self.gauges.mfu.set(m);
+        }
+        if let Some(l) = progress.eval_loss {
+            self.gauges.eval_loss.set(l);
         }
         if let Some(c) = progress.last_checkpoint_step {
             self.gauges.last_checkpoint_step.set(c as i64);
@@ -225,6 +240,7 @@ mod tests {
                 layer: 2,
             }),
             fabric: None,
+            eval_loss: Some(1.75),
         });
         board.publish_balance(&Balance {
             layers: vec![(1, 0.25), (2, 0.5)],
@@ -239,10 +255,11 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"step": 42, "totalSteps": 300, "loss": 1.5, "tokensPerSecond": 5000.0, "secondsPerStep": 1.5, "mfu": 0.375, "lastCheckpointStep": 40,
-                "expertLoad": {"maxViolation": 0.5, "layer": 2}})
+                "expertLoad": {"maxViolation": 0.5, "layer": 2}, "evalLoss": 1.75})
         );
         let metrics = get(addr, "/metrics");
         assert!(metrics.contains("moe_worker_step 42"), "{metrics}");
+        assert!(metrics.contains("moe_worker_eval_loss 1.75"), "{metrics}");
         assert!(
             metrics.contains("moe_worker_last_checkpoint_step 40"),
             "{metrics}"

@@ -8,7 +8,7 @@
 
 mod dist_support;
 
-use moe_worker::data::{Corpus, DataLoader, load_tokens};
+use moe_worker::data::{Corpus, DataLoader, held_out_start, load_tokens};
 use moe_worker::dist::expert_parallel::{ExpertParallel, is_expert_tensor};
 use moe_worker::dist::layout::{Layout, make_groups};
 use moe_worker::dist::sequence_parallel::{SequenceParallel, slice_sequences};
@@ -17,7 +17,7 @@ use moe_worker::model::Parallel;
 use moe_worker::ops::rope::RopeTable;
 use moe_worker::rng::SplitMix64;
 use moe_worker::settings::{TrainSettings, parse_worker_config};
-use moe_worker::train::{StepReport, Trainer};
+use moe_worker::train::{Evaluation, StepReport, Trainer};
 use serde_json::{Value, json};
 
 use dist_support::{copy_dir, world};
@@ -604,4 +604,69 @@ fn sequence_parallel_checkpoints_resume_with_another_parallelism() {
         assert!(after <= 1e-5, "{run}: step 4 loss differs by {after:e}");
     }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `training.evaluation` over ranks: each reads its shard of the held-out
+/// sequences (its slice of each, under SP) and the loss is the mean over
+/// all their targets, so SP 2, SP 2 × EP 2 and DP 2 report one process's
+/// held-out loss, on text and on padded conversations, every rank the same.
+#[test]
+fn the_held_out_loss_is_one_processs_however_the_ranks_split_it() {
+    let evaluation = |settings: &TrainSettings, targets: Targets| {
+        let t = trainer(settings, 0..4, targets);
+        let corpus = t.data().corpus().clone();
+        let start = held_out_start(&corpus, 20);
+        let (seq_len, seed) = (settings.model.seq_len, settings.training.seed);
+        let mut data =
+            DataLoader::new_in(corpus.clone(), start..corpus.len(), seq_len, seed, "tiny")
+                .expect("held-out data");
+        if let Targets::PackedConversations = targets {
+            data = data.packed();
+        }
+        Evaluation::new(data, 2)
+    };
+    for targets in [
+        Targets::All,
+        Targets::Conversations,
+        Targets::PackedConversations,
+    ] {
+        let one_settings = settings(1, 1, 1, false, AUX);
+        let mut alone = trainer(&one_settings, 0..4, targets);
+        let want = alone.evaluate(&mut evaluation(&one_settings, targets));
+        for (what, ranks, sp, ep) in [
+            ("SP 2", 2, 2, 1),
+            ("SP 2 × EP 2", 4, 2, 2),
+            ("DP 2", 2, 1, 1),
+        ] {
+            let s = settings(ranks, sp, ep, false, AUX);
+            let losses = world(ranks, |mut c| {
+                let (sequence, experts) = groups(&c, sp, ep, s.model.seq_len);
+                let parallel = Parallel {
+                    sequence: Some(&sequence),
+                    experts: experts.as_ref(),
+                };
+                let owned = experts.as_ref().map_or(0..4, ExpertParallel::local_experts);
+                let mut t = trainer(&s, owned, targets);
+                let mut eval = evaluation(&s, targets);
+                t.evaluate_parallel(&mut eval, &mut c, parallel)
+                    .expect("collectives")
+            });
+            eprintln!(
+                "{what}, {targets:?}: held-out loss {} vs one process {want}",
+                losses[0]
+            );
+            for loss in &losses {
+                assert_eq!(
+                    loss.to_bits(),
+                    losses[0].to_bits(),
+                    "{what}: every rank the same"
+                );
+            }
+            assert!(
+                (losses[0] - want).abs() <= 1e-6 * want,
+                "{what}, {targets:?}: {} vs {want}",
+                losses[0]
+            );
+        }
+    }
 }

@@ -1149,6 +1149,7 @@ fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not()
         last_checkpoint_step: None,
         expert_load: None,
         fabric: None,
+        eval_loss: None,
     };
     let p = super::super::progress::to_status(&report, now());
     let running = vec![attempt(0, AttemptOutcome::Running, Counters::default())];
@@ -1231,6 +1232,7 @@ fn report_at(step: i64, time: &str) -> TrainingProgress {
         last_checkpoint_step: None,
         expert_load: None,
         fabric: None,
+        eval_loss: None,
     };
     super::super::progress::to_status(&report, at(time))
 }

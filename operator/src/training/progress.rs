@@ -38,6 +38,8 @@ pub struct Report {
     pub expert_load: Option<ExpertLoad>,
     #[serde(default)]
     pub fabric: Option<FabricMeasurement>,
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
 }
 
 /// The status block for a report. Loss and throughput are rounded so that
@@ -72,6 +74,7 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
             })
         }),
         fabric: report.fabric.clone(),
+        eval_loss: rounded(report.eval_loss, 4),
         update_time: Some(Time(now)),
     }
 }
@@ -140,6 +143,7 @@ mod tests {
                     layer: 3,
                 }),
                 fabric: None,
+                eval_loss: Some(2.345_678),
             },
             now,
         );
@@ -148,6 +152,7 @@ mod tests {
         assert_eq!(p.estimated_remaining_seconds, Some(3225));
         assert_eq!(p.mfu, Some(0.371));
         assert_eq!(p.loss, Some(1.2346));
+        assert_eq!(p.eval_loss, Some(2.3457));
         assert_eq!(
             p.expert_load,
             Some(ExpertLoad {
@@ -167,6 +172,7 @@ mod tests {
                 last_checkpoint_step: None,
                 expert_load: None,
                 fabric: None,
+                eval_loss: None,
             },
             now,
         );

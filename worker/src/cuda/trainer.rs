@@ -17,7 +17,7 @@ use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{Shard, StepReport, Trainer, draw_step, schedule};
+use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, schedule};
 
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
@@ -157,6 +157,41 @@ impl<'g> DeviceTrainer<'g> {
         world: &mut dyn Collective,
     ) -> std::result::Result<Option<StepReport>, ParallelError> {
         self.step_with(stop, world, Parallel::default())
+    }
+
+    /// As [`Trainer::evaluate_parallel`]: the mean loss over `eval`'s
+    /// held-out sequences, forward passes only, every rank of `world` at
+    /// the same step; the tensorwise FP8 amaxes they observed forgotten.
+    pub fn evaluate_with(
+        &mut self,
+        eval: &mut Evaluation,
+        world: &mut dyn Collective,
+        parallel: Parallel<'_>,
+    ) -> std::result::Result<f64, ParallelError> {
+        let gpu = self.gpu;
+        let sp = parallel.sequence.map_or(1, SequenceParallel::size);
+        let shard = Shard {
+            rank: world.rank() / sp,
+            ranks: world.size() / sp,
+        };
+        let (step, micro_steps) =
+            eval.draw(&self.settings, shard, parallel.sequence, Some(&mut *world))?;
+        let mut loss = 0.0;
+        for batch in &step.batches {
+            let memory = crate::model::ActivationMemory::RecomputeBlocks;
+            let pass = self
+                .model
+                .forward_parallel(gpu, batch, memory, parallel, step.loss)?;
+            loss += pass.cross_entropy;
+        }
+        if world.size() > 1 {
+            loss = host_parallel::mean(world, loss)?;
+        }
+        if let Some(scales) = self.model.delayed_scales_mut() {
+            let zeros = vec![0.0; scales.observed(gpu)?.len()];
+            scales.set_observed(gpu, &zeros)?;
+        }
+        Ok(loss / micro_steps as f64)
     }
 
     /// [`Self::step_parallel`] spread over `parallel`'s groups as well, as

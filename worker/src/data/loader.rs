@@ -61,6 +61,8 @@ pub struct Batch {
 #[derive(Clone, Debug)]
 pub struct DataLoader {
     tokens: Corpus,
+    /// The corpus positions this stream draws from ([`Self::new_in`]).
+    part: Range<usize>,
     /// A corpus of conversations: those with an assistant token within a
     /// sequence of their start, which each sequence is one of.
     conversations: Option<Arc<[Range<usize>]>>,
@@ -87,10 +89,26 @@ impl DataLoader {
         source: &str,
     ) -> Result<Self, DataError> {
         let tokens = tokens.into();
+        let all = 0..tokens.len();
+        Self::new_in(tokens, all, seq_len, seed, source)
+    }
+
+    /// [`Self::new`] drawing only from the corpus positions `part`: its
+    /// windows (text), or the conversations that start in it. Training
+    /// and evaluation read disjoint parts ([`held_out_start`]).
+    pub fn new_in(
+        tokens: Corpus,
+        part: Range<usize>,
+        seq_len: usize,
+        seed: u64,
+        source: &str,
+    ) -> Result<Self, DataError> {
+        assert!(part.end <= tokens.len(), "a part within the corpus");
         // A conversation of any length makes a sequence (padded), but one
         // cut before its first answer trains nothing: never drawn.
         let conversations = tokens.conversations().map(|all| {
             all.iter()
+                .filter(|c| part.contains(&c.start))
                 .filter(|c| {
                     let reach = c.start + 1..c.end.min(c.start + seq_len + 1);
                     reach.into_iter().any(|p| tokens.is_trained(p))
@@ -104,18 +122,21 @@ impl DataLoader {
             return Err(DataError::NoAnswerInReach {
                 source: source.to_owned(),
                 needed: seq_len + 1,
-                conversations: tokens.conversations().map_or(0, <[_]>::len),
+                conversations: tokens
+                    .conversations()
+                    .map_or(0, |c| c.iter().filter(|c| part.contains(&c.start)).count()),
             });
         }
-        if conversations.is_none() && tokens.len() <= seq_len {
+        if conversations.is_none() && part.len() <= seq_len {
             return Err(DataError::TooShort {
                 source: source.to_owned(),
-                tokens: tokens.len(),
+                tokens: part.len(),
                 needed: seq_len + 1,
             });
         }
         Ok(Self {
             tokens,
+            part,
             conversations,
             order: None,
             seed,
@@ -135,6 +156,11 @@ impl DataLoader {
     pub fn packed(mut self) -> Self {
         self.packing = self.conversations.is_some();
         self
+    }
+
+    /// The corpus this stream draws from (all of it, not only its part).
+    pub fn corpus(&self) -> &Corpus {
+        &self.tokens
     }
 
     /// When packing: one epoch's sequences and their real tokens (the
@@ -241,7 +267,7 @@ impl DataLoader {
         let window = |start: usize, len: usize| start..start + len;
         match self.conversations.clone() {
             None => vec![window(
-                self.rng.below(self.tokens.len() - self.seq_len),
+                self.part.start + self.rng.below(self.part.len() - self.seq_len),
                 self.seq_len + 1,
             )],
             Some(_) if self.packing => self.next_packed(),
@@ -285,13 +311,27 @@ impl DataLoader {
                 self.next_packed();
             }
         } else if self.conversations.is_none() {
-            // Window starts in 0..len - seq_len, so the last target is in bounds.
-            let starts = self.tokens.len() - self.seq_len;
+            // Window starts in 0..len - seq_len of the part, so the last
+            // target is in it.
+            let starts = self.part.len() - self.seq_len;
             for _ in 0..sequences {
                 self.rng.below(starts);
             }
         }
         self.sequences += sequences as u64;
+    }
+}
+
+/// Where the last `percent` of `corpus` starts (`training.evaluation`'s
+/// held-out part): at a conversation's start, the last `percent` of the
+/// conversations (at least one), or the last `percent` of the tokens.
+pub fn held_out_start(corpus: &Corpus, percent: usize) -> usize {
+    match corpus.conversations() {
+        Some(all) if !all.is_empty() => {
+            let held = (all.len() * percent).div_ceil(100).clamp(1, all.len());
+            all[all.len() - held].start
+        }
+        _ => corpus.len() - (corpus.len() * percent / 100).max(1).min(corpus.len()),
     }
 }
 
@@ -472,6 +512,32 @@ mod tests {
             real >= 26 && sequences < 5,
             "{sequences} sequences, {real} real"
         );
+    }
+
+    /// The held-out part starts at a conversation's start, the last 10 %
+    /// of them (at least one); the two parts draw disjoint conversations.
+    #[test]
+    fn held_out_conversations_are_the_last_ones_and_never_trained() {
+        let ranges: Vec<Range<usize>> = (0..25).map(|c| c * 4..c * 4 + 4).collect();
+        let trained = (0..100).map(|p| p % 4 != 0).collect();
+        let corpus = Corpus::with_conversations((0..100).collect(), trained, ranges);
+        let start = held_out_start(&corpus, 10);
+        assert_eq!(start, 88, "3 of 25 conversations (10 %, rounded up)");
+        assert_eq!(held_out_start(&corpus, 1), 96, "at least one");
+        let first = |part: Range<usize>| {
+            let mut loader = DataLoader::new_in(corpus.clone(), part, 8, 3, "test").unwrap();
+            let batch = loader.next_batch(50);
+            batch
+                .inputs
+                .chunks(8)
+                .map(|s| s[0])
+                .collect::<std::collections::BTreeSet<u32>>()
+        };
+        let training = first(0..start);
+        let held_out = first(start..100);
+        assert_eq!(training.len(), 22);
+        assert!(training.iter().all(|&t| (t as usize) < start));
+        assert_eq!(held_out.into_iter().collect::<Vec<_>>(), [88, 92, 96]);
     }
 
     #[test]

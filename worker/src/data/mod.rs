@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::settings::DataSource;
 
 pub use corpus::Corpus;
-pub use loader::{Batch, DataLoader, DataPosition};
+pub use loader::{Batch, DataLoader, DataPosition, held_out_start};
 
 /// Why the training text could not be loaded.
 #[derive(Debug)]

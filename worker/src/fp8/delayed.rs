@@ -73,6 +73,12 @@ impl DelayedScale {
         }
     }
 
+    /// Forgets what was observed since the last step: forward passes that
+    /// train nothing (an evaluation) must not steer the next scales.
+    pub fn forget_observed(&mut self) {
+        *self.observed.get_mut() = 0;
+    }
+
     /// The amaxes of past steps, oldest first.
     pub fn history(&self) -> impl Iterator<Item = f32> + '_ {
         self.history.iter().copied()
@@ -112,6 +118,13 @@ impl LinearScales {
         self.input.advance();
         self.weight.advance();
         self.grad_output.advance();
+    }
+
+    /// [`DelayedScale::forget_observed`] for all three.
+    pub fn forget_observed(&mut self) {
+        self.input.forget_observed();
+        self.weight.forget_observed();
+        self.grad_output.forget_observed();
     }
 }
 

@@ -360,6 +360,14 @@ impl<T: Scalar> Model<T> {
         }
     }
 
+    /// Forgets the FP8 amaxes observed since the last step: forward passes
+    /// that train nothing (an evaluation) must not steer the next scales.
+    pub fn forget_fp8_observed(&mut self) {
+        for block in &mut self.scales {
+            block.forget_observed();
+        }
+    }
+
     fn context<'a>(
         &'a self,
         parallel: Parallel<'a>,

@@ -72,6 +72,13 @@ impl BlockScales {
             scales.advance();
         }
     }
+
+    /// Forgets the amaxes observed since the last step.
+    pub fn forget_observed(&mut self) {
+        for scales in self.attention.iter_mut().chain(&mut self.ffn) {
+            scales.forget_observed();
+        }
+    }
 }
 
 #[cfg(test)]

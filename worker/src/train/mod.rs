@@ -314,6 +314,63 @@ impl Trainer {
         Ok(Some(self.apply(acc, grad_norm)))
     }
 
+    /// The mean loss over `eval`'s held-out sequences (forward passes
+    /// only, nothing trained), in one process.
+    pub fn evaluate(&mut self, eval: &mut Evaluation) -> f64 {
+        self.evaluate_in(eval, Shard::WHOLE, None, Parallel::default())
+            .expect("a single process has no peers to fail")
+    }
+
+    /// [`Self::evaluate`] as one rank of `world` with `parallel`'s groups,
+    /// every rank at the same step: each reads its shard of the held-out
+    /// batches (its slice of each sequence), and the loss is the mean over
+    /// all their trained targets, the same on every rank.
+    pub fn evaluate_parallel(
+        &mut self,
+        eval: &mut Evaluation,
+        world: &mut dyn Collective,
+        parallel: Parallel<'_>,
+    ) -> Result<f64, DistError> {
+        let sp = parallel.sequence.map_or(1, SequenceParallel::size);
+        let shard = Shard {
+            rank: world.rank() / sp,
+            ranks: world.size() / sp,
+        };
+        self.evaluate_in(eval, shard, Some(world), parallel)
+    }
+
+    fn evaluate_in(
+        &mut self,
+        eval: &mut Evaluation,
+        shard: Shard,
+        mut world: Option<&mut dyn Collective>,
+        parallel: Parallel<'_>,
+    ) -> Result<f64, DistError> {
+        let (step, micro_steps) = eval.draw(
+            &self.settings,
+            shard,
+            parallel.sequence,
+            world.as_mut().map(|w| &mut **w as &mut dyn Collective),
+        )?;
+        let mut loss = 0.0;
+        for batch in &step.batches {
+            // Only the forward pass: each block's input is all it need keep.
+            let memory = crate::model::ActivationMemory::RecomputeBlocks;
+            let pass = self
+                .model
+                .forward_parallel(batch, memory, parallel, step.loss)?;
+            loss += pass.cross_entropy;
+        }
+        if let Some(world) = world
+            && world.size() > 1
+        {
+            loss = data_parallel::mean(world, loss)?;
+        }
+        // Tensorwise FP8 observed these passes' amaxes: not training's.
+        self.model.forget_fp8_observed();
+        Ok(loss / micro_steps as f64)
+    }
+
     /// This rank's micro-batches of one step: gradients summed into
     /// `self.grads`, losses and loads summed. `None` when `stop` interrupted
     /// it (the data position is then back at `start`, the step's start).
@@ -411,6 +468,45 @@ pub struct Shard {
 impl Shard {
     /// A single process reads the whole batch.
     pub const WHOLE: Self = Self { rank: 0, ranks: 1 };
+}
+
+/// `training.evaluation`'s held-out stream: the same sequences every
+/// time it is read, `batches` global batches of them.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    data: DataLoader,
+    start: DataPosition,
+    batches: usize,
+}
+
+impl Evaluation {
+    pub fn new(data: DataLoader, batches: usize) -> Self {
+        Self {
+            start: data.position(),
+            data,
+            batches,
+        }
+    }
+
+    /// `shard`'s micro-batches of the whole evaluation, as one step of
+    /// `batches` times the training's micro-steps ([`draw_step`]: the loss
+    /// the mean over every trained target however it is split), and how
+    /// many micro-steps that is.
+    pub(crate) fn draw(
+        &mut self,
+        settings: &TrainingSettings,
+        shard: Shard,
+        sequence: Option<&SequenceParallel>,
+        world: Option<&mut dyn Collective>,
+    ) -> Result<(StepBatches, usize), DistError> {
+        self.data.restore(self.start);
+        let settings = TrainingSettings {
+            micro_steps: settings.micro_steps * self.batches,
+            ..settings.clone()
+        };
+        let step = draw_step(&mut self.data, &settings, shard, sequence, world)?;
+        Ok((step, settings.micro_steps))
+    }
 }
 
 /// A rank's micro-batches of one step, and how their trained targets weigh

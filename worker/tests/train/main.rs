@@ -7,6 +7,7 @@ mod data_parallel;
 #[path = "../dist_support/mod.rs"]
 mod dist_support;
 mod elastic;
+mod evaluation;
 mod export;
 mod gradients;
 mod learning;

@@ -1,0 +1,137 @@
+//! `training.evaluation`: the loss on held-out data, never trained on.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use moe_worker::data::{DataLoader, held_out_start, load_tokens};
+use moe_worker::model::Model;
+use moe_worker::ops::cross_entropy::IGNORED;
+use moe_worker::run;
+use moe_worker::settings::TrainSettings;
+use moe_worker::train::{Evaluation, Trainer};
+use serde_json::{Value, json};
+
+use crate::{config_json, scratch_dir, worker_config};
+
+fn with_evaluation(dir: &Path, interval: u64) -> Value {
+    let mut config = config_json(dir);
+    config["training"]["evaluation"] = json!({"intervalSteps": interval, "heldOutPercent": 10});
+    config
+}
+
+/// Each `metrics.jsonl` line of `dir`, parsed.
+fn lines(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out").join(run::METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every second step of six and the last, the held-out loss lands in that
+/// step's `metrics.jsonl` line and the summary; training on the rest of
+/// the text brings it down.
+#[test]
+fn the_held_out_loss_is_reported_every_interval_and_falls() {
+    let dir = scratch_dir("eval-interval");
+    let mut config = with_evaluation(&dir, 2);
+    config["training"]["logIntervalSteps"] = 3.into();
+    let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+    let evaluated: Vec<(u64, f64)> = lines(&dir)
+        .iter()
+        .filter_map(|l| Some((l["step"].as_u64()?, l["evalLoss"].as_f64()?)))
+        .collect();
+    eprintln!("{evaluated:?}");
+    assert_eq!(evaluated.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
+    // Logged steps 3 and 6, and the evaluated 2 and 4 too.
+    let logged: Vec<u64> = lines(&dir)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, [2, 3, 4, 6]);
+    assert_eq!(summary.eval_loss, Some(evaluated[2].1));
+    assert!(evaluated[2].1 < evaluated[0].1, "{evaluated:?}");
+}
+
+/// Evaluating after every step trains exactly what evaluating only at the
+/// end does — the same losses and the same checkpoint bytes — in f32 and
+/// with tensorwise FP8, whose forward passes record amaxes for the next
+/// scales (an evaluation's must be forgotten).
+#[test]
+fn evaluating_changes_nothing_in_training() {
+    for fp8 in [false, true] {
+        let run_every = |interval: u64| {
+            let dir = scratch_dir(&format!("eval-every-{interval}-{fp8}"));
+            let mut config = with_evaluation(&dir, interval);
+            config["training"]["logIntervalSteps"] = 1.into();
+            if fp8 {
+                config["training"]["precision"] =
+                    json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
+            }
+            let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+            let losses: Vec<u64> = lines(&dir)
+                .iter()
+                .map(|l| l["loss"].as_f64().unwrap().to_bits())
+                .collect();
+            let state =
+                std::fs::read(summary.checkpoint.unwrap().join("state.safetensors")).unwrap();
+            (losses, state, summary.eval_loss.unwrap())
+        };
+        let (every, every_state, every_eval) = run_every(1);
+        let (end, end_state, end_eval) = run_every(100);
+        assert_eq!(every, end, "fp8 {fp8}: the training losses");
+        assert!(
+            every_state == end_state,
+            "fp8 {fp8}: the checkpoints differ"
+        );
+        assert_eq!(every_eval.to_bits(), end_eval.to_bits(), "fp8 {fp8}");
+    }
+}
+
+/// The evaluation's loss is the mean cross-entropy over every target of
+/// its held-out sequences, computed here in one pass of the same model over
+/// all of them; it reads the same sequences every time; and the held-out
+/// part is the text's last tenth, which training never draws from.
+#[test]
+fn the_evaluation_is_the_mean_loss_over_the_held_out_sequences() {
+    let dir = scratch_dir("eval-mean");
+    let config = with_evaluation(&dir, 2);
+    let settings = TrainSettings::from_config(&worker_config(&config)).unwrap();
+    let corpus = load_tokens(&settings.data, settings.model.vocab).unwrap();
+    let start = held_out_start(&corpus, 10);
+    assert_eq!(start, corpus.len() - corpus.len() / 10);
+    let (seq_len, seed) = (settings.model.seq_len, settings.training.seed);
+    let held_out =
+        DataLoader::new_in(corpus.clone(), start..corpus.len(), seq_len, seed, "tiny").unwrap();
+    let mut training = DataLoader::new_in(corpus.clone(), 0..start, seq_len, seed, "tiny").unwrap();
+    let global = settings.training.micro_batch * settings.training.micro_steps;
+
+    // Every training window ends before the held-out part; every held-out
+    // window starts in it (their ids are the corpus's at those positions).
+    let positions = |batch: &moe_worker::data::Batch| -> Vec<Vec<u32>> {
+        batch.inputs.chunks(seq_len).map(<[u32]>::to_vec).collect()
+    };
+    let text: Vec<u32> = corpus.iter().collect();
+    let found = |window: &[u32]| {
+        (0..text.len() - seq_len)
+            .filter(|&p| text[p..p + seq_len] == *window)
+            .collect::<Vec<_>>()
+    };
+    for window in positions(&training.next_batch(50)) {
+        assert!(found(&window).iter().any(|&p| p + seq_len < start));
+    }
+    let mut reference = held_out.clone();
+    let batch = reference.next_batch(global);
+    for window in positions(&batch) {
+        assert!(found(&window).iter().any(|&p| p >= start));
+    }
+
+    let model = Model::<f32>::initial(settings.model.clone(), seed);
+    let want = model.forward(&batch.inputs, &batch.targets).cross_entropy;
+    assert!(batch.targets.iter().all(|&t| t != IGNORED));
+    let mut trainer = Trainer::new(settings.model.clone(), settings.training.clone(), training);
+    let mut eval = Evaluation::new(held_out, 1);
+    let got = trainer.evaluate(&mut eval);
+    assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+    assert_eq!(trainer.evaluate(&mut eval).to_bits(), got.to_bits());
+}
