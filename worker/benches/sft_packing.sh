@@ -24,6 +24,7 @@ run() {
       -e 's/^    steps: 30$/    steps: 20/' \
       -e 's/^    logIntervalSteps: 10$/    logIntervalSteps: 1/' \
       -e '/^  output:$/,/^      path: exports$/d' \
+      -e '/^    evaluation:$/,/^      heldOutPercent: 5$/d' \
       examples/training/tiny-sft.yaml > "$work/$name.yaml"
   grep -q "packing: $packing" "$work/$name.yaml"
   target/release/moectl run --local --workdir "$work" --worker-bin target/release/moe-worker \
