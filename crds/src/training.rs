@@ -35,6 +35,8 @@ pub const MAX_NAME_LEN: usize = 40;
     printcolumn(name = "Workers", type_ = "integer", json_path = ".status.workers.expected", priority = 1),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.display"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
+    printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.loss", priority = 1),
+    printcolumn(name = "Eval Loss", type_ = "number", json_path = ".status.progress.evalLoss", priority = 1),
     printcolumn(name = "Export", type_ = "string", json_path = ".status.output.phase", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 40")
