@@ -1843,7 +1843,7 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         .await?;
     wait_phase(&jobs, "prog", TrainingPhase::Running).await?;
     let server = play_rank_0(&pods, "prog", || {
-        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"secondsPerStep":36.0,"mfu":0.41234,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864}}"#.into()
+        r#"{"step":42,"totalSteps":100,"loss":1.23456,"tokensPerSecond":5000.4,"secondsPerStep":36.0,"mfu":0.41234,"lastCheckpointStep":40,"expertLoad":{"maxViolation":0.41234,"layer":1},"fabric":{"allToAllMBps":41250,"ranks":16,"messageBytes":67108864},"evalLoss":1.87654}"#.into()
     })
     .await?;
     let progress = eventually(
@@ -1862,7 +1862,9 @@ async fn progress_is_read_from_rank_0_into_the_status() -> Result<()> {
         "{progress:?}"
     );
     ensure!(
-        progress.loss == Some(1.2346) && progress.last_checkpoint_step == Some(40),
+        progress.loss == Some(1.2346)
+            && progress.eval_loss == Some(1.8765)
+            && progress.last_checkpoint_step == Some(40),
         "{progress:?}"
     );
     ensure!(
