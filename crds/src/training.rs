@@ -70,6 +70,9 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.placement.topology) || !has(self.placement.topology.expertGroups) || (has(self.placement.queueName) && self.parallelism.expertParallel > self.parallelism.processesPerNode && self.parallelism.expertParallel % self.parallelism.processesPerNode == 0)")
         .message("placement.topology.expertGroups needs placement.queueName (Kueue places the groups) and expert-parallel groups of whole nodes: parallelism.expertParallel a multiple of processesPerNode, above it")
         .field_path(".placement.topology.expertGroups"),
+    validation = Rule::new("!has(self.training.evaluation) || !has(self.training.evaluation.path) || !has(self.data.builtin)")
+        .message("training.evaluation.path is a file or directory beside the training data, in data.volume's claim or data.huggingface's repo: the built-in corpus has none")
+        .field_path(".training.evaluation.path"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),
@@ -748,8 +751,13 @@ fn default_log_interval() -> i32 {
 }
 
 /// Evaluation on held-out data (`training.evaluation`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.path) || (!self.path.matches('(^|/)[.][.]?(/|$)') && !self.path.contains('//'))")
+        .message("training.evaluation.path is a file or directory beside the training data: no '.' or '..' parts, no empty ones")
+        .field_path(".path"),
+)]
 pub struct EvaluationSpec {
     /// Steps between evaluations (the last step is always evaluated).
     #[schemars(range(min = 1))]
@@ -765,6 +773,15 @@ pub struct EvaluationSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub batches: i32,
+    /// Evaluate on these files instead of holding a share out (then
+    /// `heldOutPercent` is not used, and training reads all of `data`): a
+    /// file or directory in `data.volume`'s claim, or in
+    /// `data.huggingface`'s repo (downloaded with the training files),
+    /// read as the training data is (format, tokenizer), e.g. a dataset's
+    /// `validation` split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/\\](.*[^/])?$"))]
+    pub path: Option<String>,
 }
 
 fn default_held_out_percent() -> i32 {

@@ -315,27 +315,39 @@ pub fn train_as(
             all.iter().filter(|c| c.len() > seq_len + 1).count(),
         )
     });
-    // training.evaluation: the last share of the data is never trained on.
-    let held_out = settings
-        .evaluation
-        .map(|e| data::held_out_start(&tokens, e.held_out_percent));
-    let held_out_part = held_out.map(|start| (tokens.clone(), start..tokens.len()));
+    // training.evaluation: files of their own, or the last share of the
+    // data, never trained on.
+    let (held_out, held_out_part) = match &settings.evaluation {
+        Some(e) => match &e.source {
+            Some(files) => {
+                let corpus = data::load_tokens(files, settings.model.vocab)?;
+                let all = 0..corpus.len();
+                (None, Some((corpus, all, data::describe(files))))
+            }
+            None => {
+                let start = data::held_out_start(&tokens, e.held_out_percent);
+                let part = start..tokens.len();
+                let what = format!("{source} (its held-out part, training.evaluation)");
+                (Some(start), Some((tokens.clone(), part, what)))
+            }
+        },
+        None => (None, None),
+    };
     let training_part = 0..held_out.unwrap_or(tokens.len());
     let (seq_len, seed) = (settings.model.seq_len, settings.training.seed);
     let mut loader = DataLoader::new_in(tokens, training_part, seq_len, seed, &source)?;
     if settings.packing {
         loader = loader.packed();
     }
-    let mut evaluation = match (settings.evaluation, held_out_part) {
-        (Some(e), Some((corpus, part))) => {
-            let held_out_source = format!("{source} (its held-out part, training.evaluation)");
+    let mut evaluation = match (&settings.evaluation, held_out_part) {
+        (Some(e), Some((corpus, part, held_out_source))) => {
             let mut data =
                 DataLoader::new_in(corpus, part.clone(), seq_len, seed, &held_out_source)?;
             if settings.packing {
                 data = data.packed();
             }
             tracing::info!(
-                held_out_percent = e.held_out_percent,
+                data = %held_out_source,
                 held_out_tokens = part.len(),
                 held_out_conversations = data.conversations_in_reach(),
                 every_steps = e.interval,
@@ -497,7 +509,7 @@ pub fn train_as(
         };
         run.initial_loss.get_or_insert(report.loss);
         run.last_loss = Some(report.loss);
-        let eval_loss = match (&mut evaluation, settings.evaluation) {
+        let eval_loss = match (&mut evaluation, &settings.evaluation) {
             (Some(eval), Some(e)) if e.due(report.step, total_steps) => {
                 let loss = trainer.evaluate(eval, dp, parallel)?;
                 tracing::info!(

@@ -145,14 +145,17 @@ pub struct TrainSettings {
 }
 
 /// `training.evaluation`, as counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EvaluationSettings {
     /// Steps between evaluations (the last step is always evaluated).
     pub interval: u64,
-    /// Percent of the data held out of training.
+    /// Percent of the data held out of training (without `source`).
     pub held_out_percent: usize,
     /// Global batches each evaluation reads.
     pub batches: usize,
+    /// `training.evaluation.path`: files of their own to evaluate on,
+    /// read as the training data is; `None`: a held-out share.
+    pub source: Option<DataSource>,
 }
 
 impl EvaluationSettings {
@@ -274,20 +277,42 @@ impl TrainSettings {
             training,
             data: data_source(config)?,
             packing: packing(config)?,
-            evaluation: config
-                .training
-                .evaluation
-                .as_ref()
-                .map(|e| EvaluationSettings {
-                    interval: e.interval_steps.max(1) as u64,
-                    held_out_percent: e.held_out_percent.clamp(1, 50) as usize,
-                    batches: e.batches.max(1) as usize,
-                }),
+            evaluation: evaluation_settings(config)?,
             checkpoint: checkpoint_settings(config)?,
             output_dir: PathBuf::from(&config.output_dir),
             init_dir: config.init_dir.as_ref().map(PathBuf::from),
         })
     }
+}
+
+/// `training.evaluation`; its `path` read as `data`'s own path would be.
+fn evaluation_settings(config: &WorkerConfig) -> Result<Option<EvaluationSettings>, SettingsError> {
+    let Some(e) = &config.training.evaluation else {
+        return Ok(None);
+    };
+    let source = match &e.path {
+        None => None,
+        Some(path) => {
+            let mut beside = config.clone();
+            match (&mut beside.data.volume, &mut beside.data.huggingface) {
+                (Some(volume), _) => volume.path = path.clone(),
+                (_, Some(hub)) => hub.path = path.clone(),
+                _ => {
+                    return Err(SettingsError::new(
+                        "training.evaluation.path",
+                        "is a file or directory beside the training data: it needs data.volume or data.huggingface",
+                    ));
+                }
+            }
+            Some(data_source(&beside)?)
+        }
+    };
+    Ok(Some(EvaluationSettings {
+        interval: e.interval_steps.max(1) as u64,
+        held_out_percent: e.held_out_percent.clamp(1, 50) as usize,
+        batches: e.batches.max(1) as usize,
+        source,
+    }))
 }
 
 /// `data.packing`, which only conversations have use for.

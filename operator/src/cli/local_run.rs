@@ -383,6 +383,21 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // training.evaluation.path is downloaded with the training files.
+        job.spec.training.evaluation = Some(
+            serde_json::from_value(serde_json::json!({"intervalSteps": 10, "path": "validation"}))
+                .unwrap(),
+        );
+        let run = LocalRun::plan(&job, Path::new("runs")).unwrap();
+        let data = &run.download_commands(&job, Path::new("runs")).unwrap()[0];
+        assert_eq!(data.0, "data.huggingface");
+        assert!(
+            data.1
+                .join(" ")
+                .ends_with("--include train --include validation"),
+            "{:?}",
+            data.1
+        );
     }
 
     #[test]

@@ -670,15 +670,18 @@ fn pretrained_hub(job: &MoETrainingJob) -> Option<&moe_crds::HuggingFaceModel> {
     job.spec.model.init_from.as_ref()?.huggingface.as_ref()
 }
 
-/// The init container that downloads a Hub dataset's files (its `path` and
-/// the tokenizer) into the data volume before the worker starts.
+/// The init container that downloads a Hub dataset's files (its `path`,
+/// the tokenizer and `training.evaluation.path`) into the data volume
+/// before the worker starts.
 pub fn download_container(
     job: &MoETrainingJob,
     ctx: &BuildContext,
     hub: &moe_crds::HuggingFaceDataset,
 ) -> Container {
+    let evaluation = job.spec.training.evaluation.as_ref();
     let include = std::iter::once(hub.path.clone())
         .chain(job.spec.data.tokenizer_file.clone())
+        .chain(evaluation.and_then(|e| e.path.clone()))
         .map(|p| p.trim_matches('/').to_string())
         .collect();
     hub::download_container(

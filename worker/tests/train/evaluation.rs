@@ -135,3 +135,51 @@ fn the_evaluation_is_the_mean_loss_over_the_held_out_sequences() {
     assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
     assert_eq!(trainer.evaluate(&mut eval).to_bits(), got.to_bits());
 }
+
+/// `training.evaluation.path`: files beside the training data, read as it
+/// is, evaluated whole, while training reads all of `data`. With a zero
+/// learning rate and no bias update the weights stay the seed's, so the
+/// reported loss is the initial model's on those files: computed here.
+#[test]
+fn a_path_of_its_own_is_evaluated_instead_of_a_held_out_share() {
+    let dir = scratch_dir("eval-path");
+    let text: Vec<u8> = moe_worker::data::tiny::corpus().to_vec();
+    std::fs::create_dir_all(dir.join("corpus")).unwrap();
+    std::fs::write(dir.join("corpus/train.txt"), &text[..text.len() * 3 / 4]).unwrap();
+    std::fs::write(dir.join("val.txt"), &text[text.len() * 3 / 4..]).unwrap();
+    let mut config = config_json(&dir);
+    config["dataDir"] = dir.to_string_lossy().into();
+    config["data"] = json!({"volume": {"claimName": "local", "path": "corpus"}});
+    config["training"]["steps"] = 2.into();
+    config["training"]["optimizer"] = json!({"learningRate": 0.0, "minLearningRate": 0.0});
+    config["model"]["moe"]["balancing"] = json!({"auxLossFree": {"enabled": false}});
+    config["training"]["evaluation"] = json!({"intervalSteps": 1, "path": "val.txt"});
+    let settings = TrainSettings::from_config(&worker_config(&config)).unwrap();
+    let source = settings
+        .evaluation
+        .as_ref()
+        .unwrap()
+        .source
+        .clone()
+        .unwrap();
+    assert_eq!(
+        source,
+        moe_worker::settings::DataSource::Volume(dir.join("val.txt"))
+    );
+    let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+
+    let held_out = load_tokens(&source, settings.model.vocab).unwrap();
+    assert_eq!(held_out.len(), text.len() - text.len() * 3 / 4);
+    let (seq_len, seed) = (settings.model.seq_len, settings.training.seed);
+    let eval_data = DataLoader::new(held_out, seq_len, seed, "val").unwrap();
+    let training = DataLoader::new(
+        load_tokens(&settings.data, settings.model.vocab).unwrap(),
+        seq_len,
+        seed,
+        "train",
+    )
+    .unwrap();
+    let mut trainer = Trainer::new(settings.model.clone(), settings.training.clone(), training);
+    let want = trainer.evaluate(&mut Evaluation::new(eval_data, 1));
+    assert_eq!(summary.eval_loss.map(f64::to_bits), Some(want.to_bits()));
+}
