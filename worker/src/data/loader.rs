@@ -116,15 +116,21 @@ impl DataLoader {
                 .cloned()
                 .collect::<Arc<[_]>>()
         });
+        let in_part = tokens
+            .conversations()
+            .map_or(0, |c| c.iter().filter(|c| part.contains(&c.start)).count());
+        if conversations.is_some() && in_part == 0 {
+            return Err(DataError::NoConversations {
+                source: source.to_owned(),
+            });
+        }
         if let Some(drawn) = &conversations
             && drawn.is_empty()
         {
             return Err(DataError::NoAnswerInReach {
                 source: source.to_owned(),
                 needed: seq_len + 1,
-                conversations: tokens
-                    .conversations()
-                    .map_or(0, |c| c.iter().filter(|c| part.contains(&c.start)).count()),
+                conversations: in_part,
             });
         }
         if conversations.is_none() && part.len() <= seq_len {
@@ -524,6 +530,20 @@ mod tests {
         let start = held_out_start(&corpus, 10);
         assert_eq!(start, 88, "3 of 25 conversations (10 %, rounded up)");
         assert_eq!(held_out_start(&corpus, 1), 96, "at least one");
+        // A part without conversations is named as such.
+        let only = Corpus::with_conversations(
+            vec![1, 2, 3],
+            vec![false, true, true],
+            vec![Range { start: 0, end: 3 }],
+        );
+        let all_held_out = held_out_start(&only, 5);
+        let error = DataLoader::new_in(only.clone(), 0..all_held_out, 8, 3, "chats").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("chats has no conversation to draw from"),
+            "{error}"
+        );
         let first = |part: Range<usize>| {
             let mut loader = DataLoader::new_in(corpus.clone(), part, 8, 3, "test").unwrap();
             let batch = loader.next_batch(50);

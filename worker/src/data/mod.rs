@@ -30,6 +30,11 @@ pub enum DataError {
         tokens: usize,
         needed: usize,
     },
+    /// A part of the corpus with no conversation in it: training's, when
+    /// `training.evaluation` holds out the only one.
+    NoConversations {
+        source: String,
+    },
     /// No conversation has an assistant token within a sequence of its
     /// start (`seq_len + 1` tokens): cut there, none trains anything.
     NoAnswerInReach {
@@ -81,6 +86,10 @@ impl fmt::Display for DataError {
             } => write!(
                 f,
                 "{source} has {tokens} tokens, fewer than one training window of seqLen + 1 = {needed}"
+            ),
+            Self::NoConversations { source } => write!(
+                f,
+                "{source} has no conversation to draw from (training.evaluation.heldOutPercent holds out at least one: give the data more conversations, or evaluate on training.evaluation.path)"
             ),
             Self::NoAnswerInReach {
                 source,
