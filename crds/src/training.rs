@@ -782,6 +782,12 @@ pub struct EvaluationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/\\](.*[^/])?$"))]
     pub path: Option<String>,
+    /// Stop early, checkpointed and successful, once this many evaluations
+    /// in a row have not lowered the best held-out loss so far (training
+    /// has started to memorise). Unset: train every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub patience: Option<i32>,
 }
 
 fn default_held_out_percent() -> i32 {

@@ -21,7 +21,7 @@ use crate::dist::layout::{self, Layout};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistEnv, DistError, Solo, preflight};
 use crate::model::{Parallel, flops};
-use crate::settings::{SettingsError, TrainSettings};
+use crate::settings::{Patience, SettingsError, TrainSettings};
 use crate::status::Progress;
 use crate::train::Evaluation;
 use crate::train::balance::Balance;
@@ -156,6 +156,10 @@ pub struct Summary {
     pub checkpoint: Option<PathBuf>,
     /// Stopped early by SIGTERM or SIGINT.
     pub interrupted: bool,
+    /// Stopped early by `training.evaluation.patience`: the held-out loss
+    /// stopped improving (the run succeeded, checkpointed at that step).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_early: bool,
 }
 
 /// One `metrics.jsonl` line.
@@ -492,6 +496,7 @@ pub fn train_as(
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
+    let (mut stopped_early, mut patience) = (false, Patience::default());
     // The last logging interval's, kept for the reports between.
     let mut last_pace: Option<Pace> = None;
     // A single process stops between micro-batches; ranks must stop at the
@@ -518,6 +523,17 @@ pub fn train_as(
                     "evaluated on held-out data"
                 );
                 run.last_eval = Some(loss);
+                // Every rank has the same loss, so every rank stops alike.
+                if let Some(n) = e.patience
+                    && patience.exhausted_after(loss, n)
+                {
+                    tracing::info!(
+                        step = report.step,
+                        evaluations = n,
+                        "stopping early: the held-out loss has not improved on its best (training.evaluation.patience)"
+                    );
+                    stopped_early = true;
+                }
                 Some(loss)
             }
             _ => None,
@@ -587,15 +603,19 @@ pub fn train_as(
                 });
             }
         }
+        if stopped_early {
+            break;
+        }
     }
     if interrupted {
         tracing::info!(
             step = trainer.steps_done(),
             "stop requested: checkpointing and exiting"
         );
-        if trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done()) {
-            save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
-        }
+    }
+    let unsaved = trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done());
+    if (interrupted || stopped_early) && unsaved {
+        save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
     if let Some(ep) = experts {
@@ -641,6 +661,7 @@ pub fn train_as(
         wall_seconds: started.elapsed().as_secs_f64(),
         checkpoint: run.checkpoint,
         interrupted,
+        stopped_early,
     })
 }
 

@@ -156,12 +156,35 @@ pub struct EvaluationSettings {
     /// `training.evaluation.path`: files of their own to evaluate on,
     /// read as the training data is; `None`: a held-out share.
     pub source: Option<DataSource>,
+    /// `training.evaluation.patience`: evaluations in a row without a new
+    /// best held-out loss that stop the run.
+    pub patience: Option<usize>,
 }
 
 impl EvaluationSettings {
     /// Whether the run evaluates after `step` of `steps`.
     pub fn due(&self, step: u64, steps: u64) -> bool {
         step.is_multiple_of(self.interval) || step == steps
+    }
+}
+
+/// The early stop `training.evaluation.patience` asks for: the best
+/// held-out loss so far, and the evaluations since it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Patience {
+    best: Option<f64>,
+    since_best: usize,
+}
+
+impl Patience {
+    /// Records an evaluation's loss; whether `patience` evaluations in a
+    /// row have now not beaten the best (an equal loss is no progress).
+    pub fn exhausted_after(&mut self, loss: f64, patience: usize) -> bool {
+        match self.best {
+            Some(best) if loss >= best => self.since_best += 1,
+            _ => (self.best, self.since_best) = (Some(loss), 0),
+        }
+        self.since_best >= patience
     }
 }
 
@@ -312,6 +335,7 @@ fn evaluation_settings(config: &WorkerConfig) -> Result<Option<EvaluationSetting
         held_out_percent: e.held_out_percent.clamp(1, 50) as usize,
         batches: e.batches.max(1) as usize,
         source,
+        patience: e.patience.map(|p| p.max(1) as usize),
     }))
 }
 
@@ -950,5 +974,22 @@ mod tests {
                 (cuda, other) => panic!("{parallelism}, CUDA build {cuda}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod patience_tests {
+    use super::Patience;
+
+    #[test]
+    fn patience_runs_out_after_that_many_evaluations_without_a_new_best() {
+        let mut p = Patience::default();
+        let losses = [3.0, 2.5, 2.6, 2.5, 2.4, 2.45, 2.41, 2.4];
+        let exhausted: Vec<bool> = losses.iter().map(|&l| p.exhausted_after(l, 2)).collect();
+        // 2.6 and 2.5 do not beat 2.5; 2.4 does; 2.45 and 2.41 do not.
+        assert_eq!(
+            exhausted,
+            [false, false, false, true, false, false, true, true]
+        );
     }
 }

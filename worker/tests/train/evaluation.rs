@@ -183,3 +183,36 @@ fn a_path_of_its_own_is_evaluated_instead_of_a_held_out_share() {
     let want = trainer.evaluate(&mut Evaluation::new(eval_data, 1));
     assert_eq!(summary.eval_loss.map(f64::to_bits), Some(want.to_bits()));
 }
+
+/// `training.evaluation.patience`: with a zero learning rate the held-out
+/// loss never improves on its first value, so with a patience of 2 the run
+/// evaluates after steps 1, 2 and 3 and stops there, checkpointed and
+/// successful, instead of running its 6 steps.
+#[test]
+fn a_run_stops_early_once_the_held_out_loss_stops_improving() {
+    let dir = scratch_dir("eval-patience");
+    let mut config = with_evaluation(&dir, 1);
+    config["training"]["evaluation"]["patience"] = 2.into();
+    config["training"]["optimizer"] = json!({"learningRate": 0.0, "minLearningRate": 0.0});
+    config["model"]["moe"]["balancing"] = json!({"auxLossFree": {"enabled": false}});
+    let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+    assert!(summary.stopped_early && !summary.interrupted);
+    assert_eq!(summary.steps, 3);
+    assert!(summary.checkpoint.unwrap().ends_with("step-00000003"));
+    let evaluated: Vec<f64> = lines(&dir)
+        .iter()
+        .filter_map(|l| l["evalLoss"].as_f64())
+        .collect();
+    assert_eq!(evaluated.len(), 3);
+    assert!(
+        evaluated.iter().all(|&l| l == evaluated[0]),
+        "{evaluated:?}"
+    );
+    // Learning, the same run goes on to its last step.
+    let dir = scratch_dir("eval-patience-learning");
+    let mut config = with_evaluation(&dir, 1);
+    config["training"]["evaluation"]["patience"] = 2.into();
+    let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+    assert!(!summary.stopped_early);
+    assert_eq!(summary.steps, 6);
+}
