@@ -616,6 +616,12 @@ pub fn train_as(
     let unsaved = trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done());
     if (interrupted || stopped_early) && unsaved {
         save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
+        if let Some(board) = board {
+            board.publish(Progress {
+                last_checkpoint_step: run.saved_step,
+                ..board.progress()
+            });
+        }
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
     if let Some(ep) = experts {
