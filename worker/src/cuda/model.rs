@@ -349,28 +349,16 @@ enum StoredBlock {
 }
 
 /// How a pass's tokens are laid out: sequences (or this rank's slices of
-/// them) and their padding, and a packed batch's documents.
+/// them) and their padding, and where each token's document starts.
 struct PassLayout {
     sequences: Sequences,
-    documents: Option<DeviceDocuments>,
-}
-
-/// A packed batch's documents on the device ([`PackedDocuments`]): each
-/// token's document start in the whole sequences, for attention, and each
-/// of this rank's tokens' position in its document, for RoPE.
-struct DeviceDocuments {
+    /// Each token of the whole sequences' document start, for attention:
+    /// a packed batch's ([`PackedDocuments`]), or zeros (plain causal),
+    /// made once a pass for every layer's forward and backward.
     starts: CudaSlice<i32>,
-    positions: CudaSlice<i32>,
-}
-
-impl DeviceDocuments {
-    fn upload(gpu: &Gpu, host: &PackedDocuments) -> Result<Self> {
-        let ints = |v: &[u32]| -> Vec<i32> { v.iter().map(|&x| super::int(x as usize)).collect() };
-        Ok(Self {
-            starts: gpu.upload(&ints(host.starts()))?,
-            positions: gpu.upload(&ints(host.positions()))?,
-        })
-    }
+    /// A packed batch's: each of this rank's tokens' position in its
+    /// document, for RoPE.
+    positions: Option<CudaSlice<i32>>,
 }
 
 /// A forward pass on the device: the loss and what the backward pass needs.
@@ -709,20 +697,24 @@ impl DeviceModel {
             None => Sequences::whole(n, seq_len),
         };
         assert_eq!(sequences.tokens(), n, "a real-token count per sequence");
-        let documents = match layout.documents {
+        let ints = |v: &[u32]| -> Vec<i32> { v.iter().map(|&x| super::int(x as usize)).collect() };
+        let (starts, positions) = match layout.documents {
             Some(starts) => {
                 let host = PackedDocuments::new(
                     starts.to_vec(),
                     c.seq_len,
                     self.positions(parallel.sequence),
                 );
-                Some(DeviceDocuments::upload(gpu, &host)?)
+                let positions = gpu.upload(&ints(host.positions()))?;
+                (gpu.upload(&ints(host.starts()))?, Some(positions))
             }
-            None => None,
+            // Attention sees whole sequences, under sequence parallelism too.
+            None => (gpu.zeros::<i32>(sequences.count() * c.seq_len)?, None),
         };
         let layout = PassLayout {
             sequences,
-            documents,
+            starts,
+            positions,
         };
         let (weights, targets) = crate::ops::cross_entropy::target_weights(targets, loss);
         let (tokens_d, targets) = (gpu.upload(tokens)?, gpu.upload(&targets)?);
@@ -859,13 +851,11 @@ impl DeviceModel {
         };
         let sequence = parallel.sequence;
         let positions = self.positions(sequence);
-        gpu.span("fwd.attention.rope", || match &layout.documents {
+        gpu.span("fwd.attention.rope", || match &layout.positions {
             // A packed batch: each token at its place in its document.
-            Some(d) => {
-                self.rope
-                    .forward_positions(gpu, &mut q, &d.positions, c.heads)?;
-                self.rope
-                    .forward_positions(gpu, &mut k, &d.positions, c.kv_heads)
+            Some(at) => {
+                self.rope.forward_positions(gpu, &mut q, at, c.heads)?;
+                self.rope.forward_positions(gpu, &mut k, at, c.kv_heads)
             }
             None => {
                 self.rope
@@ -889,7 +879,7 @@ impl DeviceModel {
         let shape = self.attention_shape(sequence);
         let mut attention_out = gpu.output::<f32>(q.len())?;
         let rows = q.len() / (shape.n_heads * shape.head_dim);
-        let starts = layout.documents.as_ref().map(|d| &d.starts);
+        let starts = Some(&layout.starts);
         let out = &mut attention_out;
         let saved = if self.attention == AttentionKernel::Flash && flash_attention::supports(shape)
         {
@@ -1281,7 +1271,7 @@ impl DeviceModel {
                 out_heads.as_ref().unwrap_or(&pass.attention_out),
                 lse,
                 shape,
-                layout.documents.as_ref().map(|d| &d.starts),
+                Some(&layout.starts),
             )?,
         }
         drop(dattention);
@@ -1295,12 +1285,10 @@ impl DeviceModel {
         };
         gpu.span_end(core_span)?;
         let positions = self.positions(sequence);
-        gpu.span("bwd.attention.rope", || match &layout.documents {
-            Some(d) => {
-                self.rope
-                    .backward_positions(gpu, &mut dq, &d.positions, c.heads)?;
-                self.rope
-                    .backward_positions(gpu, &mut dk, &d.positions, c.kv_heads)
+        gpu.span("bwd.attention.rope", || match &layout.positions {
+            Some(at) => {
+                self.rope.backward_positions(gpu, &mut dq, at, c.heads)?;
+                self.rope.backward_positions(gpu, &mut dk, at, c.kv_heads)
             }
             None => {
                 self.rope
