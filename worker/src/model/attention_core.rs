@@ -35,6 +35,14 @@ impl PackedDocuments {
             seq_len > 0 && starts.len().is_multiple_of(seq_len),
             "a document start per token of whole sequences"
         );
+        // Documents follow one another: the CUDA flash kernels skip tiles
+        // by a tile's first start, which holds only if starts never fall.
+        assert!(
+            starts
+                .chunks_exact(seq_len)
+                .all(|s| s.windows(2).all(|w| w[0] <= w[1])),
+            "document starts never decrease along a sequence"
+        );
         let positions = starts
             .chunks_exact(seq_len)
             .flat_map(|s| here.clone().map(move |p| p as u32 - s[p]))
