@@ -1297,7 +1297,7 @@ pub struct TrainingProgress {
     pub step: i64,
     pub total_steps: i64,
     /// `step/totalSteps (percent%)`, with `, ETA <time>` once rank 0 has
-    /// timed its steps: the printer column.
+    /// timed its steps, or `, stopped early`: the printer column.
     pub display: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
@@ -1324,6 +1324,11 @@ pub struct TrainingProgress {
     /// (`training.evaluation`), in nats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The job ended before `totalSteps`: its held-out loss stopped
+    /// improving (`training.evaluation.patience`). Its final checkpoint is
+    /// at `lastCheckpointStep`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_early: bool,
     /// When the report last changed (the hang watchdog's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Time>,

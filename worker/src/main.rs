@@ -569,6 +569,12 @@ fn train(config: Option<PathBuf>) -> ExitCode {
             // One summary per run, as from a single process: rank 0's.
             if gang.rank == 0 {
                 println!("{line}");
+                // The operator reads the final step, checkpoint and losses
+                // from here once the job succeeded: a poll of `/progress`
+                // may not have come after the last steps.
+                let report =
+                    serde_json::to_string(&summary.report).expect("the report always serialises");
+                termination_message(&report);
             } else {
                 tracing::info!(rank = gang.rank, summary = %line, "rank done");
             }

@@ -160,6 +160,10 @@ pub struct Summary {
     /// stopped improving (the run succeeded, checkpointed at that step).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stopped_early: bool,
+    /// Rank 0's last report (what `/progress` served last): the final step,
+    /// checkpoint and losses, for the pod's termination message.
+    #[serde(skip)]
+    pub report: Progress,
 }
 
 /// One `metrics.jsonl` line.
@@ -499,6 +503,17 @@ pub fn train_as(
     let (mut stopped_early, mut patience) = (false, Patience::default());
     // The last logging interval's, kept for the reports between.
     let mut last_pace: Option<Pace> = None;
+    // Rank 0's report, as `/progress` serves it; the last one ends the run
+    // (the pod's termination message: what the operator reads of a job that
+    // succeeded, when no poll may follow the last steps).
+    let mut reported = Progress {
+        step: trainer.steps_done(),
+        total_steps,
+        last_checkpoint_step: run.saved_step,
+        fabric: fabric.clone(),
+        eval_loss: run.last_eval,
+        ..Progress::default()
+    };
     // A single process stops between micro-batches; ranks must stop at the
     // same step boundary, which they agree on before each step.
     let solo = dp.size() == 1;
@@ -573,19 +588,21 @@ pub fn train_as(
         // Every step, not only logged ones: the operator's hang watchdog
         // (runPolicy.progressDeadlineSeconds) reads a step that stops
         // moving as a hung gang.
+        reported = Progress {
+            step: report.step,
+            total_steps,
+            loss: Some(report.loss),
+            tokens_per_second: last_pace.map(|p| p.tokens_per_second),
+            seconds_per_step: last_pace.and_then(|p| p.seconds_per_step),
+            mfu: last_pace.and_then(|p| p.mfu),
+            last_checkpoint_step: run.saved_step,
+            expert_load: balance.as_ref().map(Balance::worst),
+            fabric: fabric.clone(),
+            eval_loss: run.last_eval,
+            stopped_early: false,
+        };
         if let Some(board) = board {
-            board.publish(Progress {
-                step: report.step,
-                total_steps,
-                loss: Some(report.loss),
-                tokens_per_second: last_pace.map(|p| p.tokens_per_second),
-                seconds_per_step: last_pace.and_then(|p| p.seconds_per_step),
-                mfu: last_pace.and_then(|p| p.mfu),
-                last_checkpoint_step: run.saved_step,
-                expert_load: balance.as_ref().map(Balance::worst),
-                fabric: fabric.clone(),
-                eval_loss: run.last_eval,
-            });
+            board.publish(reported.clone());
             if let Some(balance) = &balance {
                 board.publish_balance(balance);
             }
@@ -596,11 +613,9 @@ pub fn train_as(
             || report.step == total_steps
         {
             save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
+            reported.last_checkpoint_step = run.saved_step;
             if let Some(board) = board {
-                board.publish(Progress {
-                    last_checkpoint_step: run.saved_step,
-                    ..board.progress()
-                });
+                board.publish(reported.clone());
             }
         }
         if stopped_early {
@@ -616,12 +631,11 @@ pub fn train_as(
     let unsaved = trainer.steps_done() > 0 && run.saved_step != Some(trainer.steps_done());
     if (interrupted || stopped_early) && unsaved {
         save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
-        if let Some(board) = board {
-            board.publish(Progress {
-                last_checkpoint_step: run.saved_step,
-                ..board.progress()
-            });
-        }
+        reported.last_checkpoint_step = run.saved_step;
+    }
+    reported.stopped_early = stopped_early;
+    if let Some(board) = board {
+        board.publish(reported.clone());
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
     if let Some(ep) = experts {
@@ -668,6 +682,7 @@ pub fn train_as(
         checkpoint: run.checkpoint,
         interrupted,
         stopped_early,
+        report: reported,
     })
 }
 

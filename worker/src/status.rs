@@ -45,6 +45,10 @@ pub struct Progress {
     /// (`training.evaluation`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The run ended before `totalSteps` because the held-out loss stopped
+    /// improving (`training.evaluation.patience`); set only in the last report.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_early: bool,
 }
 
 /// One decoder layer (0-based, as in the checkpoint's tensor names).
@@ -241,6 +245,7 @@ mod tests {
             }),
             fabric: None,
             eval_loss: Some(1.75),
+            stopped_early: false,
         });
         board.publish_balance(&Balance {
             layers: vec![(1, 0.25), (2, 0.5)],

@@ -211,12 +211,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             };
         }
         Some(step) => step,
-        None => job
-            .status
-            .as_ref()
-            .and_then(|s| s.progress.as_ref())
-            .and_then(|p| p.last_checkpoint_step)
-            .unwrap_or(job.spec.training.steps),
+        None => final_checkpoint(job),
     };
     let uid = job.uid().unwrap_or_default();
     let short_uid: String = uid.chars().take(8).collect();
@@ -238,15 +233,26 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
     }))
 }
 
+/// The step of a succeeded job's final checkpoint: as rank 0 last reported
+/// it (earlier than `training.steps` when `training.evaluation.patience`
+/// stopped it), else its last step.
+fn final_checkpoint(job: &MoETrainingJob) -> i64 {
+    job.status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .and_then(|p| p.last_checkpoint_step)
+        .unwrap_or(job.spec.training.steps)
+}
+
 /// The checkpoint steps a finished job leaves on its claim, oldest first: the
 /// worker saves every `checkpoint.intervalSteps` and at the final step, and
 /// keeps the newest `checkpoint.keep`.
 pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
-    let steps = job.spec.training.steps.max(0);
+    let last = final_checkpoint(job).clamp(0, job.spec.training.steps.max(0));
     let interval = job.spec.checkpoint.interval_steps.max(1);
-    let mut saved: Vec<i64> = (1..=steps / interval).map(|k| k * interval).collect();
-    if saved.last() != Some(&steps) && steps > 0 {
-        saved.push(steps);
+    let mut saved: Vec<i64> = (1..=last / interval).map(|k| k * interval).collect();
+    if saved.last() != Some(&last) && last > 0 {
+        saved.push(last);
     }
     let keep = usize::try_from(job.spec.checkpoint.keep.max(1)).unwrap_or(1);
     saved.split_off(saved.len().saturating_sub(keep))
@@ -857,17 +863,20 @@ mod tests {
         };
         assert_eq!(m.checkpoint_step, Some(1000));
         assert_eq!(m.revision, "moetrainingjob/train/01234567@step-1000");
+        // Saved every 300 steps and at 1000, the newest 3 kept: 600, 900, 1000.
+        assert_eq!(kept_checkpoints(&done), vec![600, 900, 1000]);
+        // Stopped early (training.evaluation.patience) at step 990.
         done.status.as_mut().unwrap().progress = Some(moe_crds::TrainingProgress {
             last_checkpoint_step: Some(990),
+            stopped_early: true,
             ..Default::default()
         });
         let ModelState::Ready(m) = resolve_model(&latest, Some(&done)) else {
             panic!()
         };
         assert_eq!(m.checkpoint_step, Some(990));
-        // Saved every 300 steps and at 1000, the newest 3 kept: 600, 900, 1000.
-        assert_eq!(kept_checkpoints(&done), vec![600, 900, 1000]);
-        for gone in [300, 500, 1200] {
+        assert_eq!(kept_checkpoints(&done), vec![600, 900, 990]);
+        for gone in [300, 500, 1000, 1200] {
             let s = svc(
                 json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": gone}}}}),
             );
@@ -877,7 +886,7 @@ mod tests {
             assert_eq!(reason, reason::CHECKPOINT_NOT_FOUND);
             assert!(
                 message.starts_with(&format!("spec.model.fromTrainingJob.checkpoint ({gone})"))
-                    && message.contains("600, 900, 1000"),
+                    && message.contains("600, 900, 990"),
                 "{message}"
             );
         }

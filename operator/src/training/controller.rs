@@ -22,7 +22,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use moe_crds::{MoETrainingJob, MoETrainingJobStatus};
+use moe_crds::{MoETrainingJob, MoETrainingJobStatus, TrainingPhase};
 use tracing::{info, warn};
 
 use super::build::{self, BuildContext, Counters};
@@ -254,7 +254,8 @@ fn verdict(ctx: &Context, job: &MoETrainingJob) -> Option<String> {
     invalid
 }
 
-/// Progress from rank 0 of the current attempt, once its whole gang is up.
+/// Progress from rank 0 of the current attempt, once its whole gang is up;
+/// once it has completed, rank 0's last report (its termination message).
 async fn read_progress(
     ctx: &Context,
     job: &MoETrainingJob,
@@ -268,8 +269,29 @@ async fn read_progress(
     else {
         return Ok(None);
     };
-    if cur.outcome != AttemptOutcome::Running || cur.ready < cur.nodes {
-        return Ok(None);
+    let rank0 = || {
+        format!(
+            "{}={},{}={},{}=0",
+            labels::JOB_NAME,
+            job.name_any(),
+            labels::ATTEMPT,
+            cur.attempt,
+            labels::JOB_COMPLETION_INDEX
+        )
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match cur.outcome {
+        AttemptOutcome::Running if cur.ready >= cur.nodes => {}
+        // Read once: the status says Succeeded after this reconcile.
+        AttemptOutcome::Complete
+            if job.status.as_ref().and_then(|s| s.phase) != Some(TrainingPhase::Succeeded) =>
+        {
+            let list = pods.list(&ListParams::default().labels(&rank0())).await?;
+            ctx.metrics.api_call("list", "pods");
+            let report = list.items.iter().find_map(progress::final_report);
+            return Ok(report.map(|r| progress::to_status(&r, Timestamp::now())));
+        }
+        _ => return Ok(None),
     }
     let key = (job.uid().unwrap_or_default(), cur.attempt);
     let cached = ctx
@@ -281,20 +303,12 @@ async fn read_progress(
     let ip = match cached {
         Some(ip) => ip,
         None => {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-            let selector = format!(
-                "{}={},{}={},{}=0",
-                labels::JOB_NAME,
-                job.name_any(),
-                labels::ATTEMPT,
-                cur.attempt,
-                labels::JOB_COMPLETION_INDEX
-            );
             // From the apiserver's watch cache (resourceVersion 0), not a
             // quorum read through etcd: any pod that is ready has its IP there.
             let list = pods
-                .list(&ListParams::default().labels(&selector).match_any())
+                .list(&ListParams::default().labels(&rank0()).match_any())
                 .await?;
+            ctx.metrics.api_call("list", "pods");
             let ip = list
                 .items
                 .iter()

@@ -515,7 +515,18 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
         }
         AttemptOutcome::Complete => {
             plan.status.completion_time = Some(now.clone());
-            let msg = format!("training finished in attempt {}", cur.attempt);
+            // Rank 0's last report: the final step and checkpoint, which the
+            // polls while it ran may have missed.
+            if let Some(p) = &observed.progress {
+                plan.status.progress = Some(p.clone());
+            }
+            let msg = match plan.status.progress.as_ref().filter(|p| p.stopped_early) {
+                Some(p) => format!(
+                    "training stopped early at step {} of {} in attempt {}: the held-out loss stopped improving (training.evaluation.patience)",
+                    p.step, p.total_steps, cur.attempt
+                ),
+                None => format!("training finished in attempt {}", cur.attempt),
+            };
             set_phase(
                 &mut plan,
                 &old,

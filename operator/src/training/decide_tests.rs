@@ -943,6 +943,71 @@ fn completion_succeeds_and_the_ttl_then_deletes_the_job() {
     assert!(due.delete_self);
 }
 
+/// A completed attempt's rank 0 leaves its last report (its termination
+/// message): it replaces what the polls saw, which may predate the last
+/// steps, and an early stop is said in the condition and the Event.
+#[test]
+fn completion_takes_rank_0s_last_report_and_names_an_early_stop() {
+    let mut j = job(SPEC);
+    let polled = TrainingProgress {
+        step: 40,
+        total_steps: 100,
+        last_checkpoint_step: Some(40),
+        ..TrainingProgress::default()
+    };
+    j.status = Some(MoETrainingJobStatus {
+        phase: Some(TrainingPhase::Running),
+        progress: Some(polled.clone()),
+        ..MoETrainingJobStatus::default()
+    });
+    let complete = || {
+        observed(vec![attempt(
+            0,
+            AttemptOutcome::Complete,
+            Counters::default(),
+        )])
+    };
+    // No report (a pod gone, or a worker that wrote none): the polls' stays.
+    let done = decide(&j, &complete());
+    assert_eq!(done.status.progress, Some(polled));
+    assert_eq!(
+        done.transitions[0].message,
+        "training finished in attempt 0"
+    );
+    let last = TrainingProgress {
+        step: 45,
+        total_steps: 100,
+        last_checkpoint_step: Some(45),
+        stopped_early: true,
+        ..TrainingProgress::default()
+    };
+    let done = decide(
+        &j,
+        &Observed {
+            progress: Some(last.clone()),
+            ..complete()
+        },
+    );
+    assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
+    assert_eq!(done.status.progress, Some(last));
+    assert!(
+        done.transitions[0]
+            .message
+            .starts_with("training stopped early at step 45 of 100 in attempt 0"),
+        "{:?}",
+        done.transitions
+    );
+    let succeeded = done
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded");
+    assert_eq!(
+        succeeded.map(|c| c.message.as_str()),
+        Some(done.transitions[0].message.as_str())
+    );
+}
+
 const EXPORTED: &str = r#"
 model: {hiddenSize: 64, layers: 2, attentionHeads: 4, kvHeads: 2, seqLen: 64, headDim: 32,
         qkNorm: perHead,
@@ -1150,6 +1215,7 @@ fn progress_from_rank_0_lands_in_the_status_but_a_new_timestamp_alone_does_not()
         expert_load: None,
         fabric: None,
         eval_loss: None,
+        stopped_early: false,
     };
     let p = super::super::progress::to_status(&report, now());
     let running = vec![attempt(0, AttemptOutcome::Running, Counters::default())];
@@ -1233,6 +1299,7 @@ fn report_at(step: i64, time: &str) -> TrainingProgress {
         expert_load: None,
         fabric: None,
         eval_loss: None,
+        stopped_early: false,
     };
     super::super::progress::to_status(&report, at(time))
 }

@@ -1,7 +1,9 @@
 //! Training progress, read by the operator from rank 0's HTTP endpoint
 //! (`GET http://<rank-0 pod IP>:9400/progress`). Pulling keeps workers free
 //! of any API credentials (they mount no ServiceAccount token) and costs one
-//! small request per running job per poll interval.
+//! small request per running job per poll interval. A poll may not come
+//! after a job's last steps, so rank 0 also leaves its last report as its
+//! pod's termination message, read once the attempt has completed.
 
 use std::time::Duration;
 
@@ -9,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use moe_crds::{ExpertLoad, FabricMeasurement, TrainingProgress};
@@ -40,6 +43,10 @@ pub struct Report {
     pub fabric: Option<FabricMeasurement>,
     #[serde(default)]
     pub eval_loss: Option<f64>,
+    /// Only in the last report (the termination message of a run that
+    /// `training.evaluation.patience` ended).
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 /// The status block for a report. Loss and throughput are rounded so that
@@ -55,6 +62,7 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| ((report.total_steps - report.step).max(0) as f64 * s).round() as i64);
     let eta = match remaining {
+        _ if report.stopped_early => ", stopped early".to_string(),
         Some(left) if report.step < report.total_steps => format!(", ETA {}", duration(left)),
         _ => String::new(),
     };
@@ -75,8 +83,23 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
         }),
         fabric: report.fabric.clone(),
         eval_loss: rounded(report.eval_loss, 4),
+        stopped_early: report.stopped_early,
         update_time: Some(Time(now)),
     }
+}
+
+/// Rank 0's last report, from the termination message of a pod whose
+/// worker exited 0 (rank 0 writes it as it ends): what the operator learns
+/// of a job's last steps, which no poll may have seen.
+pub fn final_report(pod: &Pod) -> Option<Report> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let ended = c.state.as_ref()?.terminated.as_ref()?;
+        if ended.exit_code != 0 {
+            return None;
+        }
+        serde_json::from_str(ended.message.as_deref()?.trim()).ok()
+    })
 }
 
 /// `value` to `places` decimals; `None` for what JSON cannot carry (NaN, ±∞).
@@ -144,6 +167,7 @@ mod tests {
                 }),
                 fabric: None,
                 eval_loss: Some(2.345_678),
+                stopped_early: false,
             },
             now,
         );
@@ -173,6 +197,7 @@ mod tests {
                 expert_load: None,
                 fabric: None,
                 eval_loss: None,
+                stopped_early: false,
             },
             now,
         );
@@ -182,6 +207,38 @@ mod tests {
             zero.loss, None,
             "NaN cannot go into a status (JSON has no NaN)"
         );
+    }
+
+    /// A pod whose worker container ended with `code` and `message`.
+    fn ended(code: i32, message: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "train-a0-0-x"},
+            "status": {"containerStatuses": [{
+                "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "message": message}}
+            }]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_last_report_is_read_from_a_worker_that_exited_0() {
+        let last = r#"{"step":45,"totalSteps":100,"loss":1.5,"lastCheckpointStep":45,"evalLoss":1.75,"stoppedEarly":true}"#;
+        let report = final_report(&ended(0, &format!("{last}\n"))).unwrap();
+        assert_eq!(
+            (report.step, report.last_checkpoint_step, report.eval_loss),
+            (45, Some(45), Some(1.75))
+        );
+        assert!(report.stopped_early);
+        let now: Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        let status = to_status(&report, now);
+        assert_eq!(status.display, "45/100 (45%, stopped early)");
+        assert!(status.stopped_early);
+        // A failed worker's message is an error, not a report; an older
+        // worker's or a fallback to logs is not JSON.
+        assert_eq!(final_report(&ended(1, last)), None);
+        assert_eq!(final_report(&ended(0, "step 45 done")), None);
+        assert_eq!(final_report(&Pod::default()), None);
     }
 
     #[test]

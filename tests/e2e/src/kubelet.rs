@@ -134,7 +134,8 @@ impl Kubelet {
         })
     }
 
-    /// Tells KWOK how the `kind` (`init`, `crash`) container of `pod` ended.
+    /// Tells KWOK how the `kind` (`init`, `crash`, `failed`, `succeeded`)
+    /// container of `pod` ended.
     pub async fn report(
         &self,
         pods: &Api<Pod>,

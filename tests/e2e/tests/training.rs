@@ -2287,6 +2287,126 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
     ns.delete().await
 }
 
+/// A run that `training.evaluation.patience` stops early, end to end. The
+/// test plays the kubelet for the worker pod: the real `moe-worker train`
+/// with the config the operator rendered (at a zero learning rate the
+/// held-out loss never improves on its first value, so a patience of 2
+/// stops it after step 3 of 6), then reports how the container ended with
+/// the termination message the worker wrote. No poll of `/progress` saw
+/// the run: the operator reads the final step and checkpoint from that
+/// message, says the job stopped early, and a service of the job serves
+/// step 3, its final checkpoint, which it keeps.
+#[tokio::test]
+async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-early").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "ckpt").await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let job = gpu_job(
+        "early",
+        1,
+        json!({"spec": {
+            "model": {"hiddenSize": 32, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 32,
+                      "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 32,
+                              "balancing": {"auxLossFree": {"enabled": false}}}},
+            "training": {"steps": 6, "globalBatchSize": 4, "microBatchSize": 2,
+                         "optimizer": {"learningRate": 0.0, "minLearningRate": 0.0},
+                         "evaluation": {"intervalSteps": 1, "batches": 1, "patience": 2}},
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "checkpoint": {"claimName": "ckpt", "path": "runs", "intervalSteps": 2, "keep": 5},
+            "worker": {"device": "cpu"},
+            "runPolicy": {"backoffLimit": 0}
+        }}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    wait_phase(&jobs, "early", TrainingPhase::Running).await?;
+    let kubelet = Kubelet::new("early")?;
+    let pod = pods_of(&pods, "early", 0)
+        .await?
+        .into_iter()
+        .next()
+        .context("no worker pod")?;
+    let mut config = rendered_config(&client, &ns.name, "early").await?;
+    for path in ["/outputDir", "/checkpoint/dir"] {
+        let here = on_claims_here(
+            &kubelet,
+            config
+                .pointer(path)
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
+        *config.pointer_mut(path).context(path)? = json!(here);
+    }
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(trained.code == 0, "train: {}", trained.message);
+    let summary: Value = serde_json::from_str(trained.stdout.lines().last().unwrap_or_default())?;
+    ensure!(
+        summary["stoppedEarly"] == json!(true) && summary["steps"] == json!(3),
+        "{summary}"
+    );
+    kubelet
+        .report(&pods, &pod.name_any(), "succeeded", 0, &trained.message)
+        .await?;
+
+    let done = wait_phase(&jobs, "early", TrainingPhase::Succeeded).await?;
+    let status = done.status.unwrap_or_default();
+    let progress = status.progress.context("no status.progress")?;
+    let eval_loss = summary["evalLoss"].as_f64().context("no evalLoss")?;
+    ensure!(
+        progress.step == 3
+            && progress.total_steps == 6
+            && progress.last_checkpoint_step == Some(3)
+            && progress.stopped_early
+            && progress.display == "3/6 (50%, stopped early)"
+            && progress.eval_loss == Some((eval_loss * 1e4).round() / 1e4),
+        "{progress:?} from {}",
+        trained.message
+    );
+    let succeeded = status.conditions.iter().find(|c| c.type_ == "Succeeded");
+    ensure!(
+        succeeded.is_some_and(|c| c
+            .message
+            .starts_with("training stopped early at step 3 of 6 in attempt 0")),
+        "{succeeded:?}"
+    );
+    wait_event(&client, &ns.name, "early", "Succeeded").await?;
+
+    // A service of the job serves its final checkpoint: step 3, not 6.
+    let services: Api<moe_crds::MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let service: moe_crds::MoEInferenceService = serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1",
+        "kind": "MoEInferenceService",
+        "metadata": {"name": "served"},
+        "spec": {"model": {"fromTrainingJob": {"name": "early"}}, "replicas": 1,
+                 "worker": {"device": "cpu"}}
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let revision = eventually("the service's model revision", WAIT, || async {
+        Ok(services
+            .get("served")
+            .await?
+            .status
+            .and_then(|s| s.model_revision))
+    })
+    .await?;
+    ensure!(revision.ends_with("@step-3"), "{revision}");
+    ensure!(
+        kubelet
+            .path("ckpt")
+            .join(format!("runs/{}/early/checkpoints/step-00000003", ns.name))
+            .is_dir(),
+        "the served step is on the claim"
+    );
+    ns.delete().await
+}
+
 /// An export that fails (the test plays the kubelet: the export pod's own
 /// command, the real `moe-worker export`, finds no checkpoint on the claim)
 /// leaves the job Succeeded and says why in `status.output` and an Event.

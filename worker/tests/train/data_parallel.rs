@@ -170,10 +170,15 @@ fn a_two_rank_local_run_trains_like_one_process_and_resumes_after_a_rank_dies() 
 
 /// SIGTERM reaches the launcher only (as in a pod); it forwards it, the
 /// ranks agree on a step, rank 0 checkpoints it, and everyone exits 0.
+/// Rank 0 (a child of the launcher) leaves its last report as the pod's
+/// termination message: the step and checkpoint it stopped at.
 #[test]
 fn sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoint() {
     let dir = scratch_dir("dp-sigterm");
+    let log = dir.join("termination-log");
+    std::fs::write(&log, "").unwrap();
     let launcher = command(&config(&dir, 2), 2, "sigterm")
+        .env("MOE_TERMINATION_LOG", &log)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -202,6 +207,11 @@ fn sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_a_checkpoint() {
         newest.display()
     );
     assert!(stderr.contains("all 2 local ranks succeeded"), "{stderr}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    assert_eq!(report["step"], steps, "{report}");
+    assert_eq!(report["lastCheckpointStep"], steps, "{report}");
+    assert_eq!(report["totalSteps"], STEPS, "{report}");
+    assert_eq!(report["loss"], summary["finalLoss"], "{report}");
 }
 
 /// `parallelism.fabricCheck`: the ranks measure their all-to-all before

@@ -199,6 +199,13 @@ fn a_run_stops_early_once_the_held_out_loss_stops_improving() {
     assert!(summary.stopped_early && !summary.interrupted);
     assert_eq!(summary.steps, 3);
     assert!(summary.checkpoint.unwrap().ends_with("step-00000003"));
+    // Rank 0's last report (the pod's termination message) says so too.
+    let report = &summary.report;
+    assert!(report.stopped_early, "{report:?}");
+    assert_eq!((report.step, report.total_steps), (3, 6));
+    assert_eq!(report.last_checkpoint_step, Some(3));
+    assert_eq!(report.eval_loss, summary.eval_loss);
+    assert_eq!(report.loss, summary.final_loss);
     let evaluated: Vec<f64> = lines(&dir)
         .iter()
         .filter_map(|l| l["evalLoss"].as_f64())
@@ -215,4 +222,7 @@ fn a_run_stops_early_once_the_held_out_loss_stops_improving() {
     let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
     assert!(!summary.stopped_early);
     assert_eq!(summary.steps, 6);
+    let report = &summary.report;
+    assert!(!report.stopped_early, "{report:?}");
+    assert_eq!((report.step, report.last_checkpoint_step), (6, Some(6)));
 }
