@@ -73,6 +73,9 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.training.evaluation) || !has(self.training.evaluation.path) || !has(self.data.builtin)")
         .message("training.evaluation.path is a file or directory beside the training data, in data.volume's claim or data.huggingface's repo: the built-in corpus has none")
         .field_path(".training.evaluation.path"),
+    validation = Rule::new("!has(self.training.evaluation) || !has(self.training.evaluation.keepBest) || !self.training.evaluation.keepBest || self.checkpoint.intervalSteps % self.training.evaluation.intervalSteps == 0")
+        .message("training.evaluation.keepBest needs every checkpoint evaluated: checkpoint.intervalSteps must be a multiple of training.evaluation.intervalSteps")
+        .field_path(".training.evaluation.keepBest"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),
@@ -788,6 +791,14 @@ pub struct EvaluationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub patience: Option<i32>,
+    /// Keep the checkpoint with the lowest held-out loss, beyond
+    /// `checkpoint.keep`, and make it the job's model: what a service of
+    /// the job serves and what `output.huggingface` exports (its step in
+    /// `status.progress.bestCheckpointStep`). Every checkpoint is then
+    /// evaluated: `checkpoint.intervalSteps` must be a multiple of
+    /// `intervalSteps`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_best: bool,
 }
 
 fn default_held_out_percent() -> i32 {
@@ -1329,6 +1340,10 @@ pub struct TrainingProgress {
     /// at `lastCheckpointStep`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped_early: bool,
+    /// With `training.evaluation.keepBest`: the step of the checkpoint with
+    /// the lowest held-out loss so far (the job's model once it succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_checkpoint_step: Option<i64>,
     /// When the report last changed (the hang watchdog's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Time>,

@@ -443,6 +443,7 @@ fn run_local_gives_the_worker_the_contract_and_a_local_config() {
         "MOE_NODES=1",
         "MOE_NODE_RANK=0",
         "MOE_PROCS_PER_NODE=1",
+        "MOE_TERMINATION_LOG=runs/tiny/termination-log",
         "MOE_WORLD_SIZE=1",
     ] {
         assert!(record.lines().any(|l| l == line), "{line} not in {record}");

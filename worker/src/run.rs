@@ -154,6 +154,10 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// The newest checkpoint written or resumed from.
     pub checkpoint: Option<PathBuf>,
+    /// `training.evaluation.keepBest`: the checkpoint with the lowest
+    /// held-out loss, the run's model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_checkpoint: Option<PathBuf>,
     /// Stopped early by SIGTERM or SIGINT.
     pub interrupted: bool,
     /// Stopped early by `training.evaluation.patience`: the held-out loss
@@ -510,6 +514,7 @@ pub fn train_as(
         step: trainer.steps_done(),
         total_steps,
         last_checkpoint_step: run.saved_step,
+        best_checkpoint_step: run.best_step(),
         fabric: fabric.clone(),
         eval_loss: run.last_eval,
         ..Progress::default()
@@ -537,7 +542,7 @@ pub fn train_as(
                     eval_loss = loss,
                     "evaluated on held-out data"
                 );
-                run.last_eval = Some(loss);
+                (run.last_eval, run.evaluated_step) = (Some(loss), Some(report.step));
                 // Every rank has the same loss, so every rank stops alike.
                 if let Some(n) = e.patience
                     && patience.exhausted_after(loss, n)
@@ -596,6 +601,7 @@ pub fn train_as(
             seconds_per_step: last_pace.and_then(|p| p.seconds_per_step),
             mfu: last_pace.and_then(|p| p.mfu),
             last_checkpoint_step: run.saved_step,
+            best_checkpoint_step: run.best_step(),
             expert_load: balance.as_ref().map(Balance::worst),
             fabric: fabric.clone(),
             eval_loss: run.last_eval,
@@ -614,6 +620,7 @@ pub fn train_as(
         {
             save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
             reported.last_checkpoint_step = run.saved_step;
+            reported.best_checkpoint_step = run.best_step();
             if let Some(board) = board {
                 board.publish(reported.clone());
             }
@@ -632,6 +639,7 @@ pub fn train_as(
     if (interrupted || stopped_early) && unsaved {
         save(&settings, &mut trainer, &mut run, &gang, dp, experts)?;
         reported.last_checkpoint_step = run.saved_step;
+        reported.best_checkpoint_step = run.best_step();
     }
     reported.stopped_early = stopped_early;
     if let Some(board) = board {
@@ -680,6 +688,7 @@ pub fn train_as(
         },
         wall_seconds: started.elapsed().as_secs_f64(),
         checkpoint: run.checkpoint,
+        best_checkpoint: run.best.map(|(_, path)| path),
         interrupted,
         stopped_early,
         report: reported,
@@ -785,10 +794,21 @@ fn open_gpu() -> Result<&'static crate::cuda::Gpu, RunError> {
 struct RunState {
     initial_loss: Option<f64>,
     last_loss: Option<f64>,
-    /// The loss on held-out data at the last evaluation of this attempt.
+    /// The loss on held-out data at the last evaluation (of this attempt,
+    /// or the checkpoint's it resumed from), and its step.
     last_eval: Option<f64>,
+    evaluated_step: Option<u64>,
     checkpoint: Option<PathBuf>,
     saved_step: Option<u64>,
+    /// `training.evaluation.keepBest`: the checkpoint with the lowest
+    /// held-out loss so far (rank 0's view, after each save).
+    best: Option<(u64, PathBuf)>,
+}
+
+impl RunState {
+    fn best_step(&self) -> Option<u64> {
+        self.best.as_ref().map(|(step, _)| *step)
+    }
 }
 
 /// Tokens and time since the last metrics line.
@@ -848,8 +868,14 @@ fn resume(
     tracing::info!(checkpoint = %path.display(), step = manifest.step, "resuming");
     run.initial_loss = manifest.initial_loss;
     run.last_loss = manifest.loss;
+    if manifest.eval_loss.is_some() {
+        (run.last_eval, run.evaluated_step) = (manifest.eval_loss, Some(manifest.step));
+    }
     run.saved_step = Some(manifest.step);
     run.checkpoint = Some(restored.path);
+    if settings.checkpoint.keep_best {
+        run.best = checkpoint::best(&settings.checkpoint.dir, manifest.step)?;
+    }
     trainer.restore(restored.state);
     Ok(())
 }
@@ -1009,6 +1035,10 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunStat
         tokenizer_file: settings.data.tokenizer_file(),
         initial_loss: run.initial_loss,
         loss: run.last_loss,
+        // Only a loss of this very step ranks the checkpoint.
+        eval_loss: run
+            .last_eval
+            .filter(|_| run.evaluated_step == Some(trainer.steps_done())),
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     }
@@ -1025,7 +1055,7 @@ fn write_checkpoint(
     let trainer = backend.host_state()?;
     let path = checkpoint::commit(
         &settings.checkpoint.dir,
-        settings.checkpoint.keep,
+        settings.checkpoint.retention(),
         &snapshot(settings, trainer, run),
         temporary,
         expert_shards,
@@ -1033,6 +1063,9 @@ fn write_checkpoint(
     tracing::info!(checkpoint = %path.display(), "checkpoint written");
     run.saved_step = Some(trainer.steps_done());
     run.checkpoint = Some(path);
+    if settings.checkpoint.keep_best {
+        run.best = checkpoint::best(&settings.checkpoint.dir, trainer.steps_done())?;
+    }
     Ok(())
 }
 

@@ -274,7 +274,20 @@ pub struct CheckpointSettings {
     pub dir: PathBuf,
     pub interval_steps: u64,
     pub keep: usize,
+    /// `training.evaluation.keepBest`: the checkpoint with the lowest
+    /// held-out loss is kept besides the newest `keep`.
+    pub keep_best: bool,
     pub resume: bool,
+}
+
+impl CheckpointSettings {
+    /// Which checkpoints a save leaves.
+    pub fn retention(&self) -> crate::checkpoint::Retention {
+        crate::checkpoint::Retention {
+            newest: self.keep,
+            best: self.keep_best,
+        }
+    }
 }
 
 impl TrainSettings {
@@ -675,10 +688,24 @@ fn checkpoint_settings(config: &WorkerConfig) -> Result<CheckpointSettings, Sett
         "checkpoint.dir",
         "must not be empty".to_owned(),
     )?;
+    let interval_steps = positive("checkpoint.intervalSteps", spec.interval_steps)? as u64;
+    let evaluation = config.training.evaluation.as_ref();
+    let keep_best = evaluation.is_some_and(|e| e.keep_best);
+    if let Some(e) = evaluation.filter(|e| e.keep_best) {
+        let every = e.interval_steps.max(1) as u64;
+        require(
+            interval_steps.is_multiple_of(every),
+            "training.evaluation.keepBest",
+            format!(
+                "needs every checkpoint evaluated: checkpoint.intervalSteps ({interval_steps}) must be a multiple of training.evaluation.intervalSteps ({every})"
+            ),
+        )?;
+    }
     Ok(CheckpointSettings {
         dir: PathBuf::from(&spec.dir),
-        interval_steps: positive("checkpoint.intervalSteps", spec.interval_steps)? as u64,
+        interval_steps,
         keep: positive("checkpoint.keep", spec.keep)?,
+        keep_best,
         resume: spec.resume == ResumePolicy::Auto,
     })
 }

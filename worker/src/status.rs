@@ -35,6 +35,10 @@ pub struct Progress {
     pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_step: Option<u64>,
+    /// `training.evaluation.keepBest`: the checkpoint with the lowest
+    /// held-out loss so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_checkpoint_step: Option<u64>,
     /// The last step's worst MoE layer, by load violation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_load: Option<ExpertLoad>,
@@ -239,6 +243,7 @@ mod tests {
             seconds_per_step: Some(1.5),
             mfu: Some(0.375),
             last_checkpoint_step: Some(40),
+            best_checkpoint_step: None,
             expert_load: Some(ExpertLoad {
                 max_violation: 0.5,
                 layer: 2,

@@ -14,7 +14,7 @@ use moe_crds::contract::env;
 use moe_crds::{MoETrainingJob, WorkerConfig};
 
 use crate::cli::gang;
-use crate::training::build;
+use crate::training::{build, progress};
 
 /// Stands for the namespace in `MOE_JOB` and the config's `job`.
 pub const LOCAL_NAMESPACE: &str = "local";
@@ -29,6 +29,9 @@ pub struct LocalRun {
     /// `<dir>/config.json`, passed as `--config` and `MOE_CONFIG`.
     pub config_path: String,
     pub config: WorkerConfig,
+    /// `<dir>/termination-log`: node rank 0's termination message, as a
+    /// pod's; a run that succeeds leaves rank 0's last report there.
+    pub termination_log: PathBuf,
 }
 
 impl LocalRun {
@@ -66,6 +69,7 @@ impl LocalRun {
         };
         Ok(Self {
             config_path: text(&dir.join("config.json"))?,
+            termination_log: dir.join("termination-log"),
             dir,
             config,
         })
@@ -171,7 +175,32 @@ impl LocalRun {
                     format!("127.0.0.1:{}", moe_crds::contract::METRICS_PORT),
                 )
             }))
+            .chain((node_rank == 0).then(|| {
+                (
+                    env::TERMINATION_LOG.to_string(),
+                    self.termination_log.to_string_lossy().into_owned(),
+                )
+            }))
             .collect()
+    }
+
+    /// `job` as the operator sees it once the run succeeded: its
+    /// `status.progress` from rank 0's last report (the termination
+    /// message), which says which checkpoint is the job's model
+    /// (`training.evaluation.keepBest`); `job` as is without one.
+    pub fn finished(&self, job: &MoETrainingJob) -> MoETrainingJob {
+        let report = std::fs::read_to_string(&self.termination_log)
+            .ok()
+            .and_then(|text| serde_json::from_str(text.trim()).ok());
+        let mut finished = job.clone();
+        if let Some(report) = report {
+            let progress = progress::to_status(&report, k8s_openapi::jiff::Timestamp::now());
+            finished
+                .status
+                .get_or_insert_with(Default::default)
+                .progress = Some(progress);
+        }
+        finished
     }
 }
 
@@ -247,12 +276,15 @@ pub fn run(
         args.extend(["--threads", threads]);
     }
     let args: Vec<&OsStr> = args.into_iter().map(OsStr::new).collect();
+    // The worker writes its termination message only where the file is.
+    std::fs::write(&run.termination_log, "")
+        .with_context(|| format!("cannot write {}", run.termination_log.display()))?;
     let code = gang::run(worker, &args, &members)?;
     if code != 0 {
         return Ok(code);
     }
     // Trained: the export a cluster runs next, here.
-    let Some((export, out)) = run.export_command(job, workdir)? else {
+    let Some((export, out)) = run.export_command(&run.finished(job), workdir)? else {
         return Ok(0);
     };
     if out.exists() {
@@ -430,6 +462,37 @@ mod tests {
             "export --model runs/tiny/checkpoints --out runs/exports/local/tiny \
              --precision bf16 --shard-size-mb 2000"
         );
+        // training.evaluation.keepBest: rank 0's last report (its
+        // termination message, in the run directory) names the best.
+        job.spec.training.evaluation = Some(
+            serde_json::from_value(serde_json::json!({"intervalSteps": 10, "keepBest": true}))
+                .unwrap(),
+        );
+        let dir = std::env::temp_dir().join(format!("moectl-finished-{}", std::process::id()));
+        let run = LocalRun::plan(&job, &dir).unwrap();
+        std::fs::create_dir_all(&run.dir).unwrap();
+        let export = |run: &LocalRun| {
+            let (command, _) = run
+                .export_command(&run.finished(&job), &dir)
+                .unwrap()
+                .unwrap();
+            command.join(" ")
+        };
+        assert!(
+            export(&run).ends_with("--shard-size-mb 2000"),
+            "no report yet"
+        );
+        std::fs::write(
+            &run.termination_log,
+            r#"{"step":30,"totalSteps":30,"lastCheckpointStep":30,"bestCheckpointStep":20}"#,
+        )
+        .unwrap();
+        assert!(
+            export(&run).ends_with("--shard-size-mb 2000 --checkpoint-step 20"),
+            "{}",
+            export(&run)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

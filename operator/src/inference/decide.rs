@@ -211,7 +211,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             };
         }
         Some(step) => step,
-        None => final_checkpoint(job),
+        None => served_checkpoint(job),
     };
     let uid = job.uid().unwrap_or_default();
     let short_uid: String = uid.chars().take(8).collect();
@@ -244,9 +244,16 @@ fn final_checkpoint(job: &MoETrainingJob) -> i64 {
         .unwrap_or(job.spec.training.steps)
 }
 
+/// The step a service of the job serves unless it pins one: the job's best
+/// checkpoint with `training.evaluation.keepBest`, else its final one.
+fn served_checkpoint(job: &MoETrainingJob) -> i64 {
+    training_build::best_checkpoint(job).unwrap_or_else(|| final_checkpoint(job))
+}
+
 /// The checkpoint steps a finished job leaves on its claim, oldest first: the
 /// worker saves every `checkpoint.intervalSteps` and at the final step, and
-/// keeps the newest `checkpoint.keep`.
+/// keeps the newest `checkpoint.keep` (and its best, with
+/// `training.evaluation.keepBest`).
 pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
     let last = final_checkpoint(job).clamp(0, job.spec.training.steps.max(0));
     let interval = job.spec.checkpoint.interval_steps.max(1);
@@ -255,7 +262,14 @@ pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
         saved.push(last);
     }
     let keep = usize::try_from(job.spec.checkpoint.keep.max(1)).unwrap_or(1);
-    saved.split_off(saved.len().saturating_sub(keep))
+    let mut kept = saved.split_off(saved.len().saturating_sub(keep));
+    // The best is kept besides the newest.
+    if let Some(best) = training_build::best_checkpoint(job)
+        && saved.contains(&best)
+    {
+        kept.insert(0, best);
+    }
+    kept
 }
 
 /// The owned Deployment, as far as the decision needs it.
@@ -890,6 +904,31 @@ mod tests {
                 "{message}"
             );
         }
+        // training.evaluation.keepBest: the best checkpoint is the job's
+        // model, kept besides the newest.
+        done.spec.training.evaluation =
+            Some(serde_json::from_value(json!({"intervalSteps": 100, "keepBest": true})).unwrap());
+        done.status.as_mut().unwrap().progress = Some(moe_crds::TrainingProgress {
+            last_checkpoint_step: Some(1000),
+            best_checkpoint_step: Some(300),
+            ..Default::default()
+        });
+        let ModelState::Ready(m) = resolve_model(&latest, Some(&done)) else {
+            panic!()
+        };
+        assert_eq!(m.checkpoint_step, Some(300));
+        assert_eq!(kept_checkpoints(&done), vec![300, 600, 900, 1000]);
+        let pinned = svc(
+            json!({"spec": {"model": {"volume": null, "fromTrainingJob": {"name": "train", "checkpoint": 1000}}}}),
+        );
+        let ModelState::Ready(m) = resolve_model(&pinned, Some(&done)) else {
+            panic!()
+        };
+        assert_eq!(
+            m.checkpoint_step,
+            Some(1000),
+            "a pinned step is served as pinned"
+        );
     }
 
     #[test]

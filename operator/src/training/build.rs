@@ -521,7 +521,7 @@ pub fn export_command(job: &MoETrainingJob) -> Option<Vec<String>> {
         moe_crds::ExportPrecision::Bf16 => "bf16",
         moe_crds::ExportPrecision::Fp32 => "f32",
     };
-    Some(vec![
+    let mut command = vec![
         "moe-worker".to_string(),
         "export".into(),
         "--model".into(),
@@ -533,11 +533,28 @@ pub fn export_command(job: &MoETrainingJob) -> Option<Vec<String>> {
         // The pod's memory holds one shard being encoded (export_memory).
         "--shard-size-mb".into(),
         (EXPORT_SHARD_BYTES / 1_000_000).to_string(),
-    ])
+    ];
+    // Pinned only to the best: else the newest is the final checkpoint,
+    // even if no report of it reached the status.
+    if let Some(step) = best_checkpoint(job) {
+        command.extend(["--checkpoint-step".to_string(), step.to_string()]);
+    }
+    Some(command)
+}
+
+/// With `training.evaluation.keepBest`, the step of the checkpoint with the
+/// lowest held-out loss, as rank 0 last reported it: the job's model.
+pub fn best_checkpoint(job: &MoETrainingJob) -> Option<i64> {
+    let evaluation = job.spec.training.evaluation.as_ref()?;
+    if !evaluation.keep_best {
+        return None;
+    }
+    job.status.as_ref()?.progress.as_ref()?.best_checkpoint_step
 }
 
 /// The export Job of a succeeded job with `output.huggingface`: one pod
-/// running `moe-worker export` from the newest checkpoint (the checkpoint
+/// running `moe-worker export` from the job's model (its newest checkpoint,
+/// or its best with `training.evaluation.keepBest`; the checkpoint
 /// claim, read-only) into the output claim. It runs on any node (it needs
 /// no GPU) with the worker's image and pod labels, restricted like the
 /// workers; `None` without `output.huggingface`.
@@ -954,6 +971,31 @@ mod tests {
             .collect();
         assert_eq!(claims, [("ckpt".into(), true), ("models".into(), false)]);
         assert_eq!(pod.automount_service_account_token, Some(false));
+        // training.evaluation.keepBest: the best checkpoint, as reported.
+        let mut best = j.clone();
+        best.spec.training.evaluation = Some(
+            serde_json::from_value(serde_json::json!({"intervalSteps": 10, "keepBest": true}))
+                .unwrap(),
+        );
+        assert!(
+            export_command(&best)
+                .unwrap()
+                .ends_with(&["--shard-size-mb".into(), "2000".into()])
+        );
+        best.status = Some(moe_crds::MoETrainingJobStatus {
+            progress: Some(moe_crds::TrainingProgress {
+                best_checkpoint_step: Some(40),
+                last_checkpoint_step: Some(90),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(
+            export_command(&best)
+                .unwrap()
+                .join(" ")
+                .ends_with("--shard-size-mb 2000 --checkpoint-step 40")
+        );
         assert!(
             pod.tolerations.is_none() && pod.node_selector.is_none(),
             "no GPU"

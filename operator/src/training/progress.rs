@@ -38,6 +38,8 @@ pub struct Report {
     #[serde(default)]
     pub last_checkpoint_step: Option<i64>,
     #[serde(default)]
+    pub best_checkpoint_step: Option<i64>,
+    #[serde(default)]
     pub expert_load: Option<ExpertLoad>,
     #[serde(default)]
     pub fabric: Option<FabricMeasurement>,
@@ -75,6 +77,7 @@ pub fn to_status(report: &Report, now: Timestamp) -> TrainingProgress {
         loss: rounded(report.loss, 4),
         tokens_per_second: rounded(report.tokens_per_second, 0),
         last_checkpoint_step: report.last_checkpoint_step,
+        best_checkpoint_step: report.best_checkpoint_step,
         expert_load: report.expert_load.as_ref().and_then(|e| {
             Some(ExpertLoad {
                 max_violation: rounded(Some(e.max_violation), 3)?,
@@ -161,6 +164,7 @@ mod tests {
                 seconds_per_step: Some(12.5),
                 mfu: Some(0.371_23),
                 last_checkpoint_step: Some(0),
+                best_checkpoint_step: None,
                 expert_load: Some(ExpertLoad {
                     max_violation: 0.123_456,
                     layer: 3,
@@ -194,6 +198,7 @@ mod tests {
                 seconds_per_step: None,
                 mfu: None,
                 last_checkpoint_step: None,
+                best_checkpoint_step: None,
                 expert_load: None,
                 fabric: None,
                 eval_loss: None,

@@ -2294,10 +2294,12 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
 /// stops it after step 3 of 6), then reports how the container ended with
 /// the termination message the worker wrote. No poll of `/progress` saw
 /// the run: the operator reads the final step and checkpoint from that
-/// message, says the job stopped early, and a service of the job serves
-/// step 3, its final checkpoint, which it keeps.
+/// message and says the job stopped early. With `keepBest` the first
+/// checkpoint (step 2: every later loss only ties) is the job's model, kept
+/// besides the newest (`keep: 1`): a service of the job serves step 2.
 #[tokio::test]
-async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Result<()> {
+async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message_and_serves_its_best()
+-> Result<()> {
     let client = admin_client().await?;
     let ns = restricted_ns(&client, "mtj-early").await?;
     let _op = Operator::start(&ns.name).await?;
@@ -2313,10 +2315,11 @@ async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Re
                               "balancing": {"auxLossFree": {"enabled": false}}}},
             "training": {"steps": 6, "globalBatchSize": 4, "microBatchSize": 2,
                          "optimizer": {"learningRate": 0.0, "minLearningRate": 0.0},
-                         "evaluation": {"intervalSteps": 1, "batches": 1, "patience": 2}},
+                         "evaluation": {"intervalSteps": 1, "batches": 1, "patience": 2,
+                                        "keepBest": true}},
             "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
             "placement": {"gpuType": null},
-            "checkpoint": {"claimName": "ckpt", "path": "runs", "intervalSteps": 2, "keep": 5},
+            "checkpoint": {"claimName": "ckpt", "path": "runs", "intervalSteps": 2, "keep": 1},
             "worker": {"device": "cpu"},
             "runPolicy": {"backoffLimit": 0}
         }}),
@@ -2363,6 +2366,7 @@ async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Re
         progress.step == 3
             && progress.total_steps == 6
             && progress.last_checkpoint_step == Some(3)
+            && progress.best_checkpoint_step == Some(2)
             && progress.stopped_early
             && progress.display == "3/6 (50%, stopped early)"
             && progress.eval_loss == Some((eval_loss * 1e4).round() / 1e4),
@@ -2378,7 +2382,7 @@ async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Re
     );
     wait_event(&client, &ns.name, "early", "Succeeded").await?;
 
-    // A service of the job serves its final checkpoint: step 3, not 6.
+    // A service of the job serves its best checkpoint: step 2.
     let services: Api<moe_crds::MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
     let service: moe_crds::MoEInferenceService = serde_json::from_value(json!({
         "apiVersion": "moe.dev/v1alpha1",
@@ -2396,13 +2400,17 @@ async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message() -> Re
             .and_then(|s| s.model_revision))
     })
     .await?;
-    ensure!(revision.ends_with("@step-3"), "{revision}");
+    ensure!(revision.ends_with("@step-2"), "{revision}");
+    let checkpoints = kubelet
+        .path("ckpt")
+        .join(format!("runs/{}/early/checkpoints", ns.name));
+    let mut kept: Vec<String> = std::fs::read_dir(&checkpoints)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    kept.sort();
     ensure!(
-        kubelet
-            .path("ckpt")
-            .join(format!("runs/{}/early/checkpoints/step-00000003", ns.name))
-            .is_dir(),
-        "the served step is on the claim"
+        kept == ["step-00000002", "step-00000003"],
+        "the best and the newest are on the claim: {kept:?}"
     );
     ns.delete().await
 }

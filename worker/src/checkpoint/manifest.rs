@@ -39,6 +39,11 @@ pub struct Manifest {
     /// Loss of the checkpoint's own step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
+    /// The loss on held-out data at the checkpoint's own step, when that
+    /// step was evaluated (`training.evaluation`): what
+    /// `training.evaluation.keepBest` ranks checkpoints by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     pub state_file: String,
     pub state_bytes: u64,
     /// FNV-1a (64-bit, hex) of the state file: catches truncation and bit rot.

@@ -101,6 +101,8 @@ pub struct Snapshot<'a> {
     pub tokenizer_file: Option<&'a Path>,
     pub initial_loss: Option<f64>,
     pub loss: Option<f64>,
+    /// The held-out loss at this step, if it was evaluated.
+    pub eval_loss: Option<f64>,
     pub model: &'a Model<f32>,
     pub optimizer: &'a AdamW,
 }
@@ -118,10 +120,33 @@ pub fn step_dir_name(step: u64) -> String {
     format!("{PREFIX}{step:08}")
 }
 
+/// Which complete checkpoints a save leaves (of those up to its step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The newest this many (`checkpoint.keep`).
+    pub newest: usize,
+    /// And the one with the lowest held-out loss ([`best`];
+    /// `training.evaluation.keepBest`).
+    pub best: bool,
+}
+
+impl From<usize> for Retention {
+    fn from(newest: usize) -> Self {
+        Self {
+            newest,
+            best: false,
+        }
+    }
+}
+
 /// Writes the checkpoint of step `snapshot.optimizer.updates` under `dir`
-/// (replacing one of the same step), then deletes all but the newest `keep`
-/// complete checkpoints up to that step. Returns its path.
-pub fn save(dir: &Path, keep: usize, snapshot: &Snapshot<'_>) -> Result<PathBuf, CheckpointError> {
+/// (replacing one of the same step), then deletes the complete checkpoints
+/// up to that step that `keep` does not retain. Returns its path.
+pub fn save(
+    dir: &Path,
+    keep: impl Into<Retention>,
+    snapshot: &Snapshot<'_>,
+) -> Result<PathBuf, CheckpointError> {
     let temporary = begin(dir, snapshot.optimizer.updates)?;
     commit(dir, keep, snapshot, &temporary, Vec::new())
 }
@@ -183,7 +208,7 @@ pub fn write_expert_shard(
 /// shards), the manifest last, the rename, and pruning as in [`save`].
 pub fn commit(
     dir: &Path,
-    keep: usize,
+    keep: impl Into<Retention>,
     snapshot: &Snapshot<'_>,
     temporary: &Path,
     expert_shards: Vec<ExpertShard>,
@@ -222,6 +247,7 @@ pub fn commit(
         tokenizer: snapshot.tokenizer,
         initial_loss: snapshot.initial_loss,
         loss: snapshot.loss,
+        eval_loss: snapshot.eval_loss,
         state_file: STATE.to_owned(),
         state_bytes: state.len() as u64,
         state_fnv1a: manifest::fnv1a(&state),
@@ -244,7 +270,7 @@ pub fn commit(
         fs::rename(temporary, &final_path).map_err(io(&final_path))?;
     }
     sync_dir(dir)?;
-    prune(dir, step, keep)?;
+    prune(dir, step, keep.into())?;
     Ok(final_path)
 }
 
@@ -266,6 +292,25 @@ fn shards_cover(shards: &[ExpertShard], n_experts: usize) -> Result<(), String> 
         ));
     }
     Ok(())
+}
+
+/// The complete checkpoint up to `step` whose manifest records the lowest
+/// held-out loss (the earliest of equals: a later one is no improvement),
+/// as `(step, path)`; `None` if none records one.
+pub fn best(dir: &Path, step: u64) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
+    let mut complete = complete_checkpoints(dir)?;
+    complete.retain(|(s, _)| *s <= step);
+    complete.sort_by_key(|(s, _)| *s);
+    let mut best: Option<(f64, u64, PathBuf)> = None;
+    for (s, path) in complete {
+        let Some(loss) = read_manifest(&path)?.eval_loss else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(b, _, _)| loss < *b) {
+            best = Some((loss, s, path));
+        }
+    }
+    Ok(best.map(|(_, s, path)| (s, path)))
 }
 
 /// The newest complete checkpoint under `dir` (a `step-N` directory with a
@@ -577,14 +622,22 @@ fn remove_temporaries(dir: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Keeps the newest `keep` checkpoints up to `step`, the one just written.
-/// Later steps can only be an earlier run's (resume Never); they are left alone.
-fn prune(dir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
+/// Keeps what `keep` retains of the checkpoints up to `step`, the one just
+/// written. Later steps can only be an earlier run's (resume Never); they
+/// are left alone.
+fn prune(dir: &Path, step: u64, keep: Retention) -> Result<(), CheckpointError> {
+    let best = match keep.best {
+        true => best(dir, step)?.map(|(s, _)| s),
+        false => None,
+    };
     let mut complete = complete_checkpoints(dir)?;
     complete.retain(|(s, _)| *s <= step);
     complete.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
-    for (_, path) in complete.into_iter().skip(keep) {
-        fs::remove_dir_all(&path).map_err(io(&path))?;
+    for (i, (s, path)) in complete.into_iter().enumerate() {
+        // The best, when older than the newest, is kept besides them.
+        if i >= keep.newest && Some(s) != best {
+            fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
     }
     Ok(())
 }

@@ -121,6 +121,7 @@ pub fn snapshot<'a>(
         tokenizer_file: None,
         initial_loss: None,
         loss: None,
+        eval_loss: None,
         model,
         optimizer,
     }

@@ -63,6 +63,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
         tokenizer_file: None,
         initial_loss: None,
         loss: None,
+        eval_loss: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     };
@@ -210,6 +211,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer) -> Snapshot<'
         tokenizer_file: None,
         initial_loss: None,
         loss: None,
+        eval_loss: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     }

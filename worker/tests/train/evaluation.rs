@@ -226,3 +226,96 @@ fn a_run_stops_early_once_the_held_out_loss_stops_improving() {
     assert!(!report.stopped_early, "{report:?}");
     assert_eq!((report.step, report.last_checkpoint_step), (6, Some(6)));
 }
+
+/// The checkpoint steps under `dir`'s checkpoint directory, oldest first.
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().ok()?;
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// `training.evaluation.keepBest`: every checkpoint records its step's
+/// held-out loss, and the one with the lowest (the earliest of equals) is
+/// kept besides the newest `checkpoint.keep` and named the run's model.
+/// At a zero learning rate every evaluation ties, so the first checkpoint
+/// stays the best while `keep: 1` prunes every other; learning, the best is
+/// the lowest of the metrics' losses at checkpointed steps.
+#[test]
+fn keep_best_keeps_the_checkpoint_with_the_lowest_held_out_loss() {
+    let run_with = |name: &str, learning: bool, patience: Option<i32>| {
+        let dir = scratch_dir(name);
+        let mut config = with_evaluation(&dir, 1);
+        config["training"]["evaluation"]["keepBest"] = true.into();
+        if let Some(p) = patience {
+            config["training"]["evaluation"]["patience"] = p.into();
+        }
+        config["checkpoint"]["intervalSteps"] = 2.into();
+        config["checkpoint"]["keep"] = 1.into();
+        if !learning {
+            config["training"]["optimizer"] = json!({"learningRate": 0.0, "minLearningRate": 0.0});
+            config["model"]["moe"]["balancing"] = json!({"auxLossFree": {"enabled": false}});
+        }
+        let summary = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap();
+        (dir, summary)
+    };
+    let (dir, summary) = run_with("keep-best-ties", false, None);
+    assert_eq!(
+        checkpoint_steps(&dir),
+        [2, 6],
+        "the best (2) and the newest (6)"
+    );
+    assert!(summary.best_checkpoint.unwrap().ends_with("step-00000002"));
+    assert_eq!(summary.report.best_checkpoint_step, Some(2));
+    assert_eq!(summary.report.last_checkpoint_step, Some(6));
+
+    // With patience, as early stopping is used: stopped at 3, the model is 2's.
+    let (dir, summary) = run_with("keep-best-patience", false, Some(2));
+    assert!(summary.stopped_early);
+    assert_eq!(checkpoint_steps(&dir), [2, 3]);
+    assert_eq!(summary.report.best_checkpoint_step, Some(2));
+
+    let (dir, summary) = run_with("keep-best-learning", true, None);
+    let at_checkpoints: Vec<(u64, f64)> = lines(&dir)
+        .iter()
+        .filter_map(|l| Some((l["step"].as_u64()?, l["evalLoss"].as_f64()?)))
+        .filter(|(step, _)| step % 2 == 0)
+        .collect();
+    let best = at_checkpoints
+        .iter()
+        .fold(None::<(u64, f64)>, |b, &(s, l)| match b {
+            Some((_, bl)) if bl <= l => b,
+            _ => Some((s, l)),
+        })
+        .unwrap();
+    eprintln!("{at_checkpoints:?}: best {best:?}");
+    assert_eq!(summary.report.best_checkpoint_step, Some(best.0));
+    let mut kept = vec![best.0, 6];
+    kept.dedup();
+    assert_eq!(checkpoint_steps(&dir), kept);
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("checkpoints/step-{:08}/manifest.json", best.0))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["evalLoss"].as_f64(), Some(best.1));
+}
+
+/// Without every checkpoint evaluated there is no best to rank: refused.
+#[test]
+fn keep_best_needs_every_checkpoint_evaluated() {
+    let dir = scratch_dir("keep-best-refused");
+    let mut config = with_evaluation(&dir, 2);
+    config["training"]["evaluation"]["keepBest"] = true.into();
+    let error = run::train(&worker_config(&config), &AtomicBool::new(false)).unwrap_err();
+    assert!(
+        error.to_string().contains(
+            "training.evaluation.keepBest: needs every checkpoint evaluated: checkpoint.intervalSteps (3) must be a multiple of training.evaluation.intervalSteps (2)"
+        ),
+        "{error}"
+    );
+}
