@@ -504,7 +504,7 @@ pub fn train_as(
     let (mut tokens_done, mut interval) = (0usize, Interval::new());
     let total_steps = settings.training.steps;
     let mut interrupted = false;
-    let (mut stopped_early, mut patience) = (false, Patience::default());
+    let mut stopped_early = false;
     // The last logging interval's, kept for the reports between.
     let mut last_pace: Option<Pace> = None;
     // Rank 0's report, as `/progress` serves it; the last one ends the run
@@ -545,7 +545,7 @@ pub fn train_as(
                 (run.last_eval, run.evaluated_step) = (Some(loss), Some(report.step));
                 // Every rank has the same loss, so every rank stops alike.
                 if let Some(n) = e.patience
-                    && patience.exhausted_after(loss, n)
+                    && run.patience.exhausted_after(loss, n)
                 {
                     tracing::info!(
                         step = report.step,
@@ -803,6 +803,8 @@ struct RunState {
     /// `training.evaluation.keepBest`: the checkpoint with the lowest
     /// held-out loss so far (rank 0's view, after each save).
     best: Option<(u64, PathBuf)>,
+    /// `training.evaluation.patience`'s count, restored on resume.
+    patience: Patience,
 }
 
 impl RunState {
@@ -871,6 +873,7 @@ fn resume(
     if manifest.eval_loss.is_some() {
         (run.last_eval, run.evaluated_step) = (manifest.eval_loss, Some(manifest.step));
     }
+    run.patience = manifest.patience.unwrap_or_default();
     run.saved_step = Some(manifest.step);
     run.checkpoint = Some(restored.path);
     if settings.checkpoint.keep_best {
@@ -1039,6 +1042,11 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunStat
         eval_loss: run
             .last_eval
             .filter(|_| run.evaluated_step == Some(trainer.steps_done())),
+        patience: settings
+            .evaluation
+            .as_ref()
+            .and_then(|e| e.patience)
+            .map(|_| run.patience),
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     }

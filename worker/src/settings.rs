@@ -169,8 +169,10 @@ impl EvaluationSettings {
 }
 
 /// The early stop `training.evaluation.patience` asks for: the best
-/// held-out loss so far, and the evaluations since it.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// held-out loss so far, and the evaluations since it. Checkpoints carry
+/// it, so a resumed run counts on where it stood.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Patience {
     best: Option<f64>,
     since_best: usize,

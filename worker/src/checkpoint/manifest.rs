@@ -44,6 +44,10 @@ pub struct Manifest {
     /// `training.evaluation.keepBest` ranks checkpoints by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// Where `training.evaluation.patience` stood: the best held-out loss
+    /// so far and the evaluations since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patience: Option<crate::settings::Patience>,
     pub state_file: String,
     pub state_bytes: u64,
     /// FNV-1a (64-bit, hex) of the state file: catches truncation and bit rot.

@@ -103,6 +103,8 @@ pub struct Snapshot<'a> {
     pub loss: Option<f64>,
     /// The held-out loss at this step, if it was evaluated.
     pub eval_loss: Option<f64>,
+    /// Where `training.evaluation.patience` stands, with one.
+    pub patience: Option<crate::settings::Patience>,
     pub model: &'a Model<f32>,
     pub optimizer: &'a AdamW,
 }
@@ -248,6 +250,7 @@ pub fn commit(
         initial_loss: snapshot.initial_loss,
         loss: snapshot.loss,
         eval_loss: snapshot.eval_loss,
+        patience: snapshot.patience,
         state_file: STATE.to_owned(),
         state_bytes: state.len() as u64,
         state_fnv1a: manifest::fnv1a(&state),

@@ -122,6 +122,7 @@ pub fn snapshot<'a>(
         initial_loss: None,
         loss: None,
         eval_loss: None,
+        patience: None,
         model,
         optimizer,
     }

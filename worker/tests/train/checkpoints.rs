@@ -64,6 +64,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
         initial_loss: None,
         loss: None,
         eval_loss: None,
+        patience: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     };
@@ -212,6 +213,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer) -> Snapshot<'
         initial_loss: None,
         loss: None,
         eval_loss: None,
+        patience: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
     }

@@ -319,3 +319,32 @@ fn keep_best_needs_every_checkpoint_evaluated() {
         "{error}"
     );
 }
+
+/// A resumed run counts `training.evaluation.patience` on from where its
+/// checkpoint stood. At a zero learning rate no evaluation improves on the
+/// first: a patience of 3 stops a 6-step run after step 4. Run 2 steps
+/// first (evaluated after 1 and 2, checkpointed at 2), then resumed to 6:
+/// it stops after step 4 too; counting afresh it would run to 6.
+#[test]
+fn a_resumed_run_counts_patience_on_from_its_checkpoint() {
+    let config = |dir: &Path, steps: u64| {
+        let mut config = with_evaluation(dir, 1);
+        config["training"]["steps"] = steps.into();
+        config["training"]["evaluation"]["patience"] = 3.into();
+        config["training"]["optimizer"] = json!({"learningRate": 0.0, "minLearningRate": 0.0});
+        config["model"]["moe"]["balancing"] = json!({"auxLossFree": {"enabled": false}});
+        config["checkpoint"]["intervalSteps"] = 2.into();
+        worker_config(&config)
+    };
+    let straight = scratch_dir("patience-straight");
+    let summary = run::train(&config(&straight, 6), &AtomicBool::new(false)).unwrap();
+    assert!(summary.stopped_early);
+    assert_eq!(summary.steps, 4);
+
+    let resumed = scratch_dir("patience-resumed");
+    let first = run::train(&config(&resumed, 2), &AtomicBool::new(false)).unwrap();
+    assert!(!first.stopped_early);
+    let summary = run::train(&config(&resumed, 6), &AtomicBool::new(false)).unwrap();
+    assert!(summary.stopped_early, "{summary:?}");
+    assert_eq!(summary.steps, 4);
+}
