@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Supervised fine-tuning with and without `data.packing`, in the same run:
+# Supervised fine-tuning three ways, in the same run:
 # examples/training/tiny-sft.yaml at a context of 256 tokens (every one of
-# its 60 conversations whole), 20 steps each way, release build. Prints the
-# assistant tokens trained per second (the loss's tokens: `trainedTokens` in
-# metrics.jsonl over the run's wall time) and packing's ratio to one
-# conversation per sequence, plus each run's share of real tokens.
+# its 60 conversations whole), 20 steps each, release build: one
+# conversation per sequence padded to the context (MOE_KEEP_PADDING=1, the
+# baseline), the same with each micro-batch cut to its longest conversation
+# (the default), and `data.packing`. Prints the assistant tokens trained per
+# second (the loss's tokens: `trainedTokens` in metrics.jsonl over the run's
+# wall time), each run's ratio to the baseline, and each run's share of real
+# tokens.
 #
 #   bash worker/benches/sft_packing.sh
 #
@@ -16,7 +19,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 run() {
-  local name=$1 packing=$2
+  local name=$1 packing=$2 keep_padding=$3
   # The example, renamed, at seqLen 256, 20 steps logged each, no export.
   sed -e "s/^  name: tiny-sft$/  name: $name/" \
       -e 's/^    seqLen: 128 .*/    seqLen: 256/' \
@@ -24,10 +27,10 @@ run() {
       -e 's/^    steps: 30$/    steps: 20/' \
       -e 's/^    logIntervalSteps: 10$/    logIntervalSteps: 1/' \
       -e '/^  output:$/,/^      path: exports$/d' \
-      -e '/^    evaluation:$/,/^      heldOutPercent: 5$/d' \
+      -e '/^    evaluation:$/,/^      keepBest: true$/d' \
       examples/training/tiny-sft.yaml > "$work/$name.yaml"
   grep -q "packing: $packing" "$work/$name.yaml"
-  target/release/moectl run --local --workdir "$work" --worker-bin target/release/moe-worker \
+  MOE_KEEP_PADDING=$keep_padding target/release/moectl run --local --workdir "$work" --worker-bin target/release/moe-worker \
     "$work/$name.yaml" 2> "$work/$name.log" | tail -1 > "$work/$name.json"
   python3 - "$work/$name" "$name" <<'EOF'
 import json, sys, pathlib, re
@@ -44,13 +47,17 @@ print(json.dumps({"run": name, "steps": summary["steps"], "wallSeconds": round(s
 EOF
 }
 
-one=$(run sft-one-per-sequence false)
-packed=$(run sft-packed true)
-echo "$one"
+padded=$(run sft-padded false 1)
+trimmed=$(run sft-trimmed false 0)
+packed=$(run sft-packed true 0)
+echo "$padded"
+echo "$trimmed"
 echo "$packed"
-python3 - "$one" "$packed" <<'EOF'
+python3 - "$padded" "$trimmed" "$packed" <<'EOF'
 import json, sys
-one, packed = (json.loads(a) for a in sys.argv[1:])
-print(f"packing: {packed['trainedTokensPerSecond']} assistant tokens/s vs {one['trainedTokensPerSecond']} "
-      f"one conversation per sequence: {packed['trainedTokensPerSecond'] / one['trainedTokensPerSecond']:.2f}x")
+padded, trimmed, packed = (json.loads(a) for a in sys.argv[1:])
+base = padded["trainedTokensPerSecond"]
+for name, run in [("cut to the longest conversation", trimmed), ("packing", packed)]:
+    print(f"{name}: {run['trainedTokensPerSecond']} assistant tokens/s vs {base} padded to seqLen: "
+          f"{run['trainedTokensPerSecond'] / base:.2f}x")
 EOF

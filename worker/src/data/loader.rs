@@ -43,6 +43,10 @@ fn is_zero(n: &u64) -> bool {
 /// supervised fine-tuning) is [`crate::ops::cross_entropy::IGNORED`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// Tokens of each sequence in `inputs` (a sequence-parallel rank's
+    /// slice of one; fewer than the model's `seqLen` once
+    /// [`Self::trim_padding`] cut padding every sequence has).
+    pub seq_len: usize,
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     /// Each sequence's real tokens, from its start: the rest is padding (a
@@ -56,6 +60,33 @@ pub struct Batch {
     /// when `inputs` are a sequence-parallel rank's slices. `None`: each
     /// sequence is one document.
     pub documents: Option<Vec<u32>>,
+}
+
+impl Batch {
+    /// Cuts the padding at the end of every sequence that every sequence
+    /// has: each becomes as long as the longest one's real tokens, as a
+    /// collator padding to the batch's longest does. Causal attention kept
+    /// every real position from the padding after it, and padding trains
+    /// nothing, so the loss and gradients are the same (up to the order of
+    /// sums over tokens) for a fraction of the work: a batch of short
+    /// conversations is mostly padding. Not for packed sequences, whose
+    /// documents are laid out along the whole sequence.
+    pub fn trim_padding(&mut self) {
+        let longest = self.real.iter().copied().max().unwrap_or(0).max(1);
+        if longest >= self.seq_len || self.documents.is_some() {
+            return;
+        }
+        let keep = |values: &[u32]| -> Vec<u32> {
+            values
+                .chunks_exact(self.seq_len)
+                .flat_map(|sequence| &sequence[..longest])
+                .copied()
+                .collect()
+        };
+        self.inputs = keep(&self.inputs);
+        self.targets = keep(&self.targets);
+        self.seq_len = longest;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -214,6 +245,7 @@ impl DataLoader {
     pub fn next_batch(&mut self, sequences: usize) -> Batch {
         let n = sequences * self.seq_len;
         let mut batch = Batch {
+            seq_len: self.seq_len,
             inputs: Vec::with_capacity(n),
             targets: Vec::with_capacity(n),
             real: Vec::with_capacity(sequences),

@@ -75,11 +75,15 @@ pub(crate) struct Attended<T> {
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
-    /// The shape attention runs at: whole sequences, this rank's heads.
+    /// The shape attention runs at: whole sequences (the model's `seqLen`
+    /// when split over ranks, else the batch's), this rank's heads.
     fn attention_shape(&self) -> AttentionShape {
         let sp = self.sequence.map_or(1, SequenceParallel::size);
         AttentionShape {
-            seq_len: self.config.seq_len,
+            seq_len: match self.sequence {
+                Some(_) => self.config.seq_len,
+                None => self.sequences.seq_len(),
+            },
             n_heads: self.config.heads / sp,
             n_kv_heads: self.config.kv_heads / sp,
             head_dim: self.config.head_dim(),
@@ -97,7 +101,7 @@ impl<T: Scalar> BlockContext<'_, T> {
     fn rotate(&self, x: &mut [T], heads: usize) {
         match (self.documents, self.sequence) {
             (Some(d), _) => self.rope.forward_positions(x, heads, d.positions()),
-            (None, None) => self.rope.forward(x, heads),
+            (None, None) => self.rope.forward_at(x, heads, 0..self.sequences.seq_len()),
             (None, Some(sp)) => self.rope.forward_at(x, heads, sp.positions()),
         }
     }
@@ -105,7 +109,9 @@ impl<T: Scalar> BlockContext<'_, T> {
     fn rotate_back(&self, dx: &mut [T], heads: usize) {
         match (self.documents, self.sequence) {
             (Some(d), _) => self.rope.backward_positions(dx, heads, d.positions()),
-            (None, None) => self.rope.backward(dx, heads),
+            (None, None) => self
+                .rope
+                .backward_at(dx, heads, 0..self.sequences.seq_len()),
             (None, Some(sp)) => self.rope.backward_at(dx, heads, sp.positions()),
         }
     }

@@ -95,14 +95,19 @@ pub(crate) struct BatchLayout<'a> {
     /// Packed sequences: per token of the whole sequences, where its
     /// document starts ([`Batch::documents`]).
     pub documents: Option<&'a [u32]>,
+    /// Tokens per sequence (or slice) when not the model's `seqLen` (or a
+    /// sequence-parallel rank's share of it): a batch whose common padding
+    /// was cut ([`Batch::trim_padding`]).
+    pub seq_len: Option<usize>,
 }
 
 impl<'a> BatchLayout<'a> {
-    /// `batch`'s padding and documents.
+    /// `batch`'s padding, documents and length.
     pub(crate) fn of(batch: &'a Batch) -> Self {
         Self {
             real: Some(&batch.real),
             documents: batch.documents.as_deref(),
+            seq_len: Some(batch.seq_len),
         }
     }
 }
@@ -476,9 +481,24 @@ impl<T: Scalar> Model<T> {
     ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
-        let seq_len = parallel
-            .sequence
-            .map_or(config.seq_len, SequenceParallel::local_len);
+        let seq_len = match (parallel.sequence, layout.seq_len) {
+            (Some(sp), len) => {
+                assert!(
+                    len.is_none_or(|l| l == sp.local_len()),
+                    "a sequence-parallel rank's slices are whole shares of seqLen"
+                );
+                sp.local_len()
+            }
+            (None, Some(len)) => {
+                assert!(
+                    (1..=config.seq_len).contains(&len),
+                    "sequences of {len} tokens for a model of seqLen {}",
+                    config.seq_len
+                );
+                len
+            }
+            (None, None) => config.seq_len,
+        };
         assert!(
             tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
             "tokens and targets must be the same whole number of sequences (or slices)"

@@ -346,14 +346,15 @@ impl Trainer {
         mut world: Option<&mut dyn Collective>,
         parallel: Parallel<'_>,
     ) -> Result<f64, DistError> {
-        let (step, micro_steps) = eval.draw(
+        let (mut step, micro_steps) = eval.draw(
             &self.settings,
             shard,
             parallel.sequence,
             world.as_mut().map(|w| &mut **w as &mut dyn Collective),
         )?;
         let mut loss = 0.0;
-        for batch in &step.batches {
+        for batch in &mut step.batches {
+            trim_padding(batch, parallel);
             // Only the forward pass: each block's input is all it need keep.
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
@@ -377,7 +378,7 @@ impl Trainer {
     fn accumulate(
         &mut self,
         stop: &dyn Fn() -> bool,
-        step: StepBatches,
+        mut step: StepBatches,
         start: DataPosition,
         parallel: Parallel<'_>,
     ) -> Result<Option<Accumulated>, DistError> {
@@ -389,11 +390,14 @@ impl Trainer {
             trained_tokens: step.trained,
             ..Accumulated::default()
         };
-        for batch in &step.batches {
+        for batch in &mut step.batches {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
             }
+            // The batch's tokens as drawn: the same however it is run.
+            acc.tokens += batch.inputs.len();
+            trim_padding(batch, parallel);
             let pass = self
                 .model
                 .forward_parallel(batch, memory, parallel, step.loss)?;
@@ -401,7 +405,6 @@ impl Trainer {
                 .backward_parallel(&pass, &mut self.grads, parallel)?;
             acc.loss += pass.cross_entropy;
             acc.aux_loss += pass.aux_loss;
-            acc.tokens += batch.inputs.len();
             let loads = pass.expert_loads();
             if acc.expert_loads.is_empty() {
                 acc.expert_loads = loads;
@@ -509,6 +512,21 @@ impl Evaluation {
     }
 }
 
+/// Cuts the padding every sequence of `batch` has ([`Batch::trim_padding`]),
+/// unless the sequences are split over ranks (each rank's slice is a fixed
+/// share of a whole sequence) or [`KEEP_PADDING`] says not to.
+fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>) {
+    static TRIM: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var_os(KEEP_PADDING).is_none_or(|v| v != "1"));
+    if parallel.sequence.is_none() && *TRIM {
+        batch.trim_padding();
+    }
+}
+
+/// `MOE_KEEP_PADDING=1` keeps every sequence at `seqLen`, padding and
+/// all: the baseline `worker/benches/sft_packing.sh` measures against.
+pub const KEEP_PADDING: &str = "MOE_KEEP_PADDING";
+
 /// A rank's micro-batches of one step, and how their trained targets weigh
 /// in its loss.
 pub struct StepBatches {
@@ -543,6 +561,7 @@ pub fn draw_step(
                 batch.inputs = sp.local_tokens(&batch.inputs);
                 batch.targets = sp.local_tokens(&batch.targets);
                 batch.real = sp.local_real(&batch.real);
+                batch.seq_len = sp.local_len();
             }
             batch
         })

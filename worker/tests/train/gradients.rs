@@ -89,6 +89,7 @@ fn check_model_padded(config: ModelConfig, seed: u64, ignored: &[usize], real: O
         targets[i] = IGNORED;
     }
     let batch = Batch {
+        seq_len: 4,
         inputs: tokens.clone(),
         targets: targets.clone(),
         real: real.map_or(vec![4, 4], |r| r.to_vec()),

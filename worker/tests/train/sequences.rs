@@ -1,7 +1,8 @@
 //! How a batch's sequences are laid out, checked against the same weights
 //! run on each sequence's (or document's) real tokens as a sequence of its
 //! own: padding counts in no expert load and no balance loss; a packed
-//! sequence's documents train as each would alone.
+//! sequence's documents train as each would alone; a batch cut to its
+//! longest sequence trains as the padded one.
 
 use moe_worker::data::Batch;
 use moe_worker::linear::GemmPrecision;
@@ -68,6 +69,7 @@ fn padding_is_counted_in_neither_the_expert_loads_nor_the_balance_loss() {
     targets.extend(&conversation[1..]);
     targets.extend([IGNORED; 7]);
     let batch = Batch {
+        seq_len: 16,
         inputs,
         targets,
         real: vec![16, 9],
@@ -140,6 +142,7 @@ fn packed_conversations_train_as_each_would_alone() {
         })
         .collect();
     let mut batch = Batch {
+        seq_len: 16,
         inputs: Vec::new(),
         targets: Vec::new(),
         real: vec![14],
@@ -213,4 +216,69 @@ fn packed_conversations_train_as_each_would_alone() {
         (unpacked.cross_entropy - packed.cross_entropy).abs() > 1e-6,
         "attending across documents changes the loss"
     );
+}
+
+/// Two conversations of 9 and 5 real tokens padded to sequences of 16, as
+/// the data loader pads them, then cut to the longer one's 9
+/// (`Batch::trim_padding`, what the trainer runs): the same loss, expert
+/// loads and balance loss, and every gradient the same up to the order of
+/// sums over tokens, from 18 tokens instead of 32.
+#[test]
+fn a_batch_cut_to_its_longest_sequence_trains_as_the_padded_one() {
+    let config = config(16);
+    let model = Model::<f64>::initial(config.clone(), 7);
+    let mut rng = SplitMix64::new(8);
+    let mut batch = Batch {
+        seq_len: 16,
+        inputs: Vec::new(),
+        targets: Vec::new(),
+        real: vec![9, 5],
+        documents: None,
+    };
+    for real in [9, 5] {
+        let tokens: Vec<u32> = (0..=real).map(|_| rng.below(32) as u32).collect();
+        batch.inputs.extend(&tokens[..real]);
+        batch.inputs.extend(vec![tokens[real - 1]; 16 - real]);
+        let mut targets = tokens[1..].to_vec();
+        targets[0] = IGNORED;
+        batch.targets.extend(targets);
+        batch.targets.extend(vec![IGNORED; 16 - real]);
+    }
+    let run = |batch: &Batch| {
+        let (memory, one) = (ActivationMemory::KeepAll, Parallel::default());
+        let pass = model
+            .forward_parallel(batch, memory, one, LossScale::PassMean)
+            .expect("one process");
+        let mut grads = Gradients::zeros(&config);
+        model.backward(&pass, &mut grads);
+        (pass, grads)
+    };
+    let (padded, padded_grads) = run(&batch);
+    let mut cut = batch.clone();
+    cut.trim_padding();
+    assert_eq!((cut.seq_len, cut.inputs.len()), (9, 18));
+    assert_eq!(&cut.inputs[9..14], &batch.inputs[16..21]);
+    let (trimmed, trimmed_grads) = run(&cut);
+    assert!(
+        (padded.cross_entropy - trimmed.cross_entropy).abs() < 1e-13,
+        "{} vs {}",
+        padded.cross_entropy,
+        trimmed.cross_entropy
+    );
+    assert_eq!(padded.expert_loads(), trimmed.expert_loads());
+    assert!((padded.aux_loss - trimmed.aux_loss).abs() < 1e-15);
+    let tensors = padded_grads.tensors(&config);
+    for (a, b) in tensors.iter().zip(trimmed_grads.tensors(&config)) {
+        let scale = a.values.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
+        for (x, y) in a.values.iter().zip(b.values) {
+            assert!((x - y).abs() <= 1e-12 * scale, "{}: {x} vs {y}", a.name);
+        }
+    }
+    // Nothing to cut when one sequence is whole.
+    let mut whole = Batch {
+        real: vec![16, 5],
+        ..batch.clone()
+    };
+    whole.trim_padding();
+    assert_eq!(whole.inputs, batch.inputs);
 }
