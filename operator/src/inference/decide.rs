@@ -263,11 +263,13 @@ pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
     }
     let keep = usize::try_from(job.spec.checkpoint.keep.max(1)).unwrap_or(1);
     let mut kept = saved.split_off(saved.len().saturating_sub(keep));
-    // The best is kept besides the newest.
+    // The best is kept besides the newest (it may also be a step saved as
+    // the run stopped, off the interval).
     if let Some(best) = training_build::best_checkpoint(job)
-        && saved.contains(&best)
+        && !kept.contains(&best)
     {
-        kept.insert(0, best);
+        kept.push(best);
+        kept.sort_unstable();
     }
     kept
 }
