@@ -591,21 +591,34 @@ impl DeviceModel {
             })
     }
 
-    /// The shape attention runs at: whole sequences, this rank's heads.
-    fn attention_shape(&self, sequence: Option<&SequenceParallel>) -> AttentionShape {
+    /// The shape attention runs at: whole sequences (the model's `seqLen`
+    /// when split over ranks, else the batch's), this rank's heads.
+    fn attention_shape(
+        &self,
+        sequence: Option<&SequenceParallel>,
+        sequences: &Sequences,
+    ) -> AttentionShape {
         let sp = sequence.map_or(1, SequenceParallel::size);
         AttentionShape {
-            seq_len: self.config.seq_len,
+            seq_len: match sequence {
+                Some(_) => self.config.seq_len,
+                None => sequences.seq_len(),
+            },
             n_heads: self.config.heads / sp,
             n_kv_heads: self.config.kv_heads / sp,
             head_dim: self.config.head_dim(),
         }
     }
 
-    /// The positions of this rank's tokens in each sequence: all of them,
-    /// or a sequence-parallel rank's slice (RoPE rotates by these).
-    fn positions(&self, sequence: Option<&SequenceParallel>) -> Range<usize> {
-        sequence.map_or(0..self.config.seq_len, SequenceParallel::positions)
+    /// The positions of this rank's tokens in each sequence: all of them
+    /// (the batch's, cut to its longest), or a sequence-parallel rank's
+    /// slice (RoPE rotates by these).
+    fn positions(
+        &self,
+        sequence: Option<&SequenceParallel>,
+        sequences: &Sequences,
+    ) -> Range<usize> {
+        sequence.map_or(0..sequences.seq_len(), SequenceParallel::positions)
     }
 
     /// As [`Model::forward`]: `tokens` and `targets` whole sequences, every
@@ -677,9 +690,13 @@ impl DeviceModel {
     ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
-        let seq_len = parallel
-            .sequence
-            .map_or(c.seq_len, SequenceParallel::local_len);
+        // A sequence-parallel rank's share of seqLen, or the batch's length
+        // (cut to its longest sequence), as the CPU model.
+        let seq_len = match (parallel.sequence, layout.seq_len) {
+            (Some(sp), _) => sp.local_len(),
+            (None, Some(len)) => len.min(c.seq_len),
+            (None, None) => c.seq_len,
+        };
         assert!(
             tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
             "tokens and targets must be the same whole number of sequences (or slices)"
@@ -703,13 +720,16 @@ impl DeviceModel {
                 let host = PackedDocuments::new(
                     starts.to_vec(),
                     c.seq_len,
-                    self.positions(parallel.sequence),
+                    self.positions(parallel.sequence, &sequences),
                 );
                 let positions = gpu.upload(&ints(host.positions()))?;
                 (gpu.upload(&ints(host.starts()))?, Some(positions))
             }
             // Attention sees whole sequences, under sequence parallelism too.
-            None => (gpu.zeros::<i32>(sequences.count() * c.seq_len)?, None),
+            None => {
+                let whole = parallel.sequence.map_or(seq_len, |_| c.seq_len);
+                (gpu.zeros::<i32>(sequences.count() * whole)?, None)
+            }
         };
         let layout = PassLayout {
             sequences,
@@ -850,7 +870,7 @@ impl DeviceModel {
             })?,
         };
         let sequence = parallel.sequence;
-        let positions = self.positions(sequence);
+        let positions = self.positions(sequence, &layout.sequences);
         gpu.span("fwd.attention.rope", || match &layout.positions {
             // A packed batch: each token at its place in its document.
             Some(at) => {
@@ -876,7 +896,7 @@ impl DeviceModel {
                 )
             }
         };
-        let shape = self.attention_shape(sequence);
+        let shape = self.attention_shape(sequence, &layout.sequences);
         let mut attention_out = gpu.output::<f32>(q.len())?;
         let rows = q.len() / (shape.n_heads * shape.head_dim);
         let starts = Some(&layout.starts);
@@ -1249,7 +1269,7 @@ impl DeviceModel {
             k: &mut dk,
             v: &mut dv,
         };
-        let shape = self.attention_shape(sequence);
+        let shape = self.attention_shape(sequence, &layout.sequences);
         match &pass.attention {
             AttentionSaved::Probs(probs) => attention::backward(
                 gpu,
@@ -1284,7 +1304,7 @@ impl DeviceModel {
             ),
         };
         gpu.span_end(core_span)?;
-        let positions = self.positions(sequence);
+        let positions = self.positions(sequence, &layout.sequences);
         gpu.span("bwd.attention.rope", || match &layout.positions {
             Some(at) => {
                 self.rope.backward_positions(gpu, &mut dq, at, c.heads)?;

@@ -123,6 +123,26 @@ fn packed_batch(config: &ModelConfig, settings: &TrainingSettings) -> crate::dat
     batch
 }
 
+/// A micro-batch of the check corpus's windows as conversations of 21, 14,
+/// 9 and 5 tokens padded to `seqLen` (32) as the data loader pads them,
+/// then cut to the longest ([`crate::data::Batch::trim_padding`], what
+/// both trainers run): sequences of 21 tokens.
+fn cut_batch(config: &ModelConfig, settings: &TrainingSettings) -> crate::data::Batch {
+    let mut batch = loader(config, settings).next_batch(settings.micro_batch);
+    let t_len = config.seq_len;
+    for s in 0..settings.micro_batch {
+        let real = [21, 14, 9, 5][s % 4];
+        let sequence = s * t_len..(s + 1) * t_len;
+        let last = batch.inputs[sequence.start + real - 1];
+        batch.inputs[sequence.start + real..sequence.end].fill(last);
+        batch.targets[sequence.start + real..sequence.end].fill(crate::ops::cross_entropy::IGNORED);
+        batch.real[s] = real;
+    }
+    batch.trim_padding();
+    assert_eq!(batch.seq_len, 21, "cut to the longest conversation");
+    batch
+}
+
 fn loader(config: &ModelConfig, settings: &TrainingSettings) -> DataLoader {
     DataLoader::new(corpus(), config.seq_len, settings.seed, "check corpus")
         .expect("the corpus is longer than a window")
@@ -399,6 +419,19 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
             &model,
             &packed_batch(&config, &settings),
             &format!("3 blocks, one batch, packed documents, {kernel:?} attention"),
+            kernel,
+            Agreement::Close,
+        )?);
+    }
+    // Conversations padded to seqLen, the batch cut to its longest (as the
+    // trainers run one): sequences of 21 of the model's 32 positions
+    // through every kernel, with either attention kernel.
+    for kernel in [gemm, AttentionKernel::Flash] {
+        checks.extend(one_batch_of(
+            gpu,
+            &model,
+            &cut_batch(&config, &settings),
+            &format!("3 blocks, one batch cut to its longest conversation, {kernel:?} attention"),
             kernel,
             Agreement::Close,
         )?);

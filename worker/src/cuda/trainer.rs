@@ -17,7 +17,7 @@ use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, schedule};
+use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, schedule, trim_padding};
 
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
@@ -174,10 +174,11 @@ impl<'g> DeviceTrainer<'g> {
             rank: world.rank() / sp,
             ranks: world.size() / sp,
         };
-        let (step, micro_steps) =
+        let (mut step, micro_steps) =
             eval.draw(&self.settings, shard, parallel.sequence, Some(&mut *world))?;
         let mut loss = 0.0;
-        for batch in &step.batches {
+        for batch in &mut step.batches {
+            trim_padding(batch, parallel);
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
                 .model
@@ -219,7 +220,7 @@ impl<'g> DeviceTrainer<'g> {
             ranks: world.size() / sp,
         };
         gpu.span("step.zero_grads", || self.grads.zero(gpu))?;
-        let drawn = draw_step(
+        let mut drawn = draw_step(
             &mut self.data,
             settings,
             shard,
@@ -236,11 +237,14 @@ impl<'g> DeviceTrainer<'g> {
         // also reduces its two kinds of tensors over two groups.
         let plain = parallel.sequence.is_none() && parallel.experts.is_none();
         let overlap = plain && shard.ranks > 1 && world.as_nccl().is_some();
-        for (micro_step, batch) in drawn.batches.iter().enumerate() {
+        for (micro_step, batch) in drawn.batches.iter_mut().enumerate() {
             if stop() {
                 self.data.restore(start);
                 return Ok(None);
             }
+            // The batch's tokens as drawn: the same however it is run.
+            tokens += batch.inputs.len();
+            trim_padding(batch, parallel);
             let pass = self.model.forward_parallel(
                 gpu,
                 batch,
@@ -273,7 +277,6 @@ impl<'g> DeviceTrainer<'g> {
             }
             loss += pass.cross_entropy;
             aux_loss += pass.aux_loss;
-            tokens += batch.inputs.len();
             let loads = pass.expert_loads();
             if expert_loads.is_empty() {
                 expert_loads = loads;

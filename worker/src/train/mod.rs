@@ -515,7 +515,7 @@ impl Evaluation {
 /// Cuts the padding every sequence of `batch` has ([`Batch::trim_padding`]),
 /// unless the sequences are split over ranks (each rank's slice is a fixed
 /// share of a whole sequence) or [`KEEP_PADDING`] says not to.
-fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>) {
+pub(crate) fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>) {
     static TRIM: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| std::env::var_os(KEEP_PADDING).is_none_or(|v| v != "1"));
     if parallel.sequence.is_none() && *TRIM {
