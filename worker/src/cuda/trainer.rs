@@ -19,6 +19,11 @@ use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
 use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, schedule, trim_padding};
 
+/// A micro-batch cut to its longest conversation keeps a whole number of
+/// 64 positions (the flash kernels' tile): a few shapes for cuBLASLt's
+/// plans and the allocator, not one per length.
+const CUT_MULTIPLE: usize = 64;
+
 /// The model, its gradients and AdamW moments on one device, and the data stream.
 pub struct DeviceTrainer<'g> {
     gpu: &'g Gpu,
@@ -178,7 +183,7 @@ impl<'g> DeviceTrainer<'g> {
             eval.draw(&self.settings, shard, parallel.sequence, Some(&mut *world))?;
         let mut loss = 0.0;
         for batch in &mut step.batches {
-            trim_padding(batch, parallel);
+            trim_padding(batch, parallel, CUT_MULTIPLE);
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
                 .model
@@ -244,7 +249,7 @@ impl<'g> DeviceTrainer<'g> {
             }
             // The batch's tokens as drawn: the same however it is run.
             tokens += batch.inputs.len();
-            trim_padding(batch, parallel);
+            trim_padding(batch, parallel, CUT_MULTIPLE);
             let pass = self.model.forward_parallel(
                 gpu,
                 batch,

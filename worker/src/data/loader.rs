@@ -72,7 +72,15 @@ impl Batch {
     /// conversations is mostly padding. Not for packed sequences, whose
     /// documents are laid out along the whole sequence.
     pub fn trim_padding(&mut self) {
+        self.trim_padding_to(1);
+    }
+
+    /// [`Self::trim_padding`] to a whole number of `multiple` tokens (at
+    /// most the sequences' length): a GPU then sees a few lengths, not
+    /// every one, and whole tiles.
+    pub fn trim_padding_to(&mut self, multiple: usize) {
         let longest = self.real.iter().copied().max().unwrap_or(0).max(1);
+        let longest = longest.next_multiple_of(multiple.max(1)).min(self.seq_len);
         if longest >= self.seq_len || self.documents.is_some() {
             return;
         }

@@ -354,7 +354,7 @@ impl Trainer {
         )?;
         let mut loss = 0.0;
         for batch in &mut step.batches {
-            trim_padding(batch, parallel);
+            trim_padding(batch, parallel, 1);
             // Only the forward pass: each block's input is all it need keep.
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
@@ -397,7 +397,7 @@ impl Trainer {
             }
             // The batch's tokens as drawn: the same however it is run.
             acc.tokens += batch.inputs.len();
-            trim_padding(batch, parallel);
+            trim_padding(batch, parallel, 1);
             let pass = self
                 .model
                 .forward_parallel(batch, memory, parallel, step.loss)?;
@@ -512,14 +512,15 @@ impl Evaluation {
     }
 }
 
-/// Cuts the padding every sequence of `batch` has ([`Batch::trim_padding`]),
-/// unless the sequences are split over ranks (each rank's slice is a fixed
-/// share of a whole sequence) or [`KEEP_PADDING`] says not to.
-pub(crate) fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>) {
+/// Cuts the padding every sequence of `batch` has to a whole number of
+/// `multiple` tokens ([`Batch::trim_padding_to`]), unless the sequences are
+/// split over ranks (each rank's slice is a fixed share of a whole
+/// sequence) or [`KEEP_PADDING`] says not to.
+pub(crate) fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>, multiple: usize) {
     static TRIM: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| std::env::var_os(KEEP_PADDING).is_none_or(|v| v != "1"));
     if parallel.sequence.is_none() && *TRIM {
-        batch.trim_padding();
+        batch.trim_padding_to(multiple);
     }
 }
 

@@ -274,6 +274,15 @@ fn a_batch_cut_to_its_longest_sequence_trains_as_the_padded_one() {
             assert!((x - y).abs() <= 1e-12 * scale, "{}: {x} vs {y}", a.name);
         }
     }
+    // To a whole number of 4 positions (what a GPU asks for): 12, the same loss.
+    let mut to_4 = batch.clone();
+    to_4.trim_padding_to(4);
+    assert_eq!((to_4.seq_len, to_4.inputs.len()), (12, 24));
+    let (rounded, _) = run(&to_4);
+    assert!((padded.cross_entropy - rounded.cross_entropy).abs() < 1e-13);
+    let mut to_32 = batch.clone();
+    to_32.trim_padding_to(32);
+    assert_eq!(to_32.seq_len, 16, "never beyond the sequences");
     // Nothing to cut when one sequence is whole.
     let mut whole = Batch {
         real: vec![16, 5],
