@@ -349,7 +349,9 @@ pub struct ModelInit {
     pub huggingface: Option<crate::HuggingFaceModel>,
     /// A model directory on a PersistentVolumeClaim (mounted read-only): an
     /// air-gapped cluster's copy, what `huggingface-cli download` or
-    /// `save_pretrained` left. `path` is the directory inside the claim.
+    /// `save_pretrained` left, or a checkpoint of another MoETrainingJob of
+    /// the same model (its `step-N` directory: only its weights are
+    /// taken). `path` is the directory inside the claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeData>,
 }

@@ -446,12 +446,15 @@ pub fn train_as(
     let resuming = settings.checkpoint.resume
         && matches!(checkpoint::newest(&settings.checkpoint.dir), Ok(Some(_)));
     if let (Some(dir), false) = (&settings.init_dir, resuming) {
-        let model = crate::model::pretrained::load(
-            dir,
-            &settings.model_spec,
-            settings.model.clone(),
-            held.clone(),
-        )?;
+        let model = match checkpoint::is_checkpoint(dir) {
+            true => init_from_checkpoint(&settings, dir, held.clone())?,
+            false => crate::model::pretrained::load(
+                dir,
+                &settings.model_spec,
+                settings.model.clone(),
+                held.clone(),
+            )?,
+        };
         host.start_from(model);
         tracing::info!(dir = %dir.display(), experts = ?held, "starting from the pretrained model's weights");
     }
@@ -881,6 +884,45 @@ fn resume(
     }
     trainer.restore(restored.state);
     Ok(())
+}
+
+/// The weights of our own checkpoint at `dir` (another job's, e.g. a
+/// pretraining run's final step), for `model.initFrom`: the same model,
+/// its tokens from the same tokenizer; its optimizer state, step and data
+/// position are not carried over.
+fn init_from_checkpoint(
+    settings: &TrainSettings,
+    dir: &Path,
+    experts: std::ops::Range<usize>,
+) -> Result<crate::model::Model<f32>, RunError> {
+    let invalid = |problem: String| SettingsError::new("model.initFrom", problem);
+    let (manifest, model) = match checkpoint::load_model_for_init(
+        dir,
+        &settings.model_spec,
+        &settings.model,
+        experts,
+    ) {
+        Err(checkpoint::CheckpointError::ModelMismatch { path, differences }) => {
+            return Err(invalid(format!(
+                "checkpoint {} is of another model: {}",
+                path.display(),
+                differences.join("; ")
+            ))
+            .into());
+        }
+        loaded => loaded?,
+    };
+    let tokenizer = settings.data.tokenizer();
+    if manifest.tokenizer != tokenizer {
+        return Err(invalid(format!(
+            "checkpoint {} was trained on tokens of the {:?} tokenizer, data.tokenizer is {tokenizer:?}",
+            dir.display(),
+            manifest.tokenizer
+        ))
+        .into());
+    }
+    tracing::info!(checkpoint = %dir.display(), step = manifest.step, "starting from a checkpoint's weights");
+    Ok(model)
 }
 
 /// This rank's part in a data-parallel run.

@@ -380,8 +380,51 @@ pub fn load_model(
     config: &ModelConfig,
     experts: Range<usize>,
 ) -> Result<(Manifest, Model<f32>), CheckpointError> {
-    let corrupt = corruption(path);
     let manifest = checked_manifest(path, model_spec)?;
+    model_of(path, manifest, config, experts)
+}
+
+/// Whether `path` holds a checkpoint of ours (a manifest), rather than,
+/// say, a Hugging Face model directory.
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.join(MANIFEST).is_file()
+}
+
+/// [`load_model`] for a new run of `model_spec` to start from
+/// (`model.initFrom`): the checkpoint's model must be the same but for
+/// `initFrom` itself (a pretraining job's has none, the fine-tuning job's
+/// names the checkpoint).
+pub fn load_model_for_init(
+    path: &Path,
+    model_spec: &ModelSpec,
+    config: &ModelConfig,
+    experts: Range<usize>,
+) -> Result<(Manifest, Model<f32>), CheckpointError> {
+    let manifest = read_manifest(path)?;
+    let without_init = |spec: &ModelSpec| ModelSpec {
+        init_from: None,
+        ..spec.clone()
+    };
+    let differences =
+        manifest::model_differences(&without_init(&manifest.model), &without_init(model_spec));
+    if !differences.is_empty() {
+        return Err(CheckpointError::ModelMismatch {
+            path: path.to_path_buf(),
+            differences,
+        });
+    }
+    model_of(path, manifest, config, experts)
+}
+
+/// The model of the checkpoint at `path`, whose `manifest` was read and
+/// checked, its files verified against it.
+fn model_of(
+    path: &Path,
+    manifest: Manifest,
+    config: &ModelConfig,
+    experts: Range<usize>,
+) -> Result<(Manifest, Model<f32>), CheckpointError> {
+    let corrupt = corruption(path);
     let state = verified_state(path, &manifest)?;
     let sharded = !manifest.expert_shards.is_empty();
     let mut model = state_file::decode_model(&state, config, sharded, experts.clone())

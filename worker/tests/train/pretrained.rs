@@ -350,3 +350,64 @@ fn agrees_with_serving(dir: &Path, spec: &ModelSpec) -> f64 {
     assert!(worst < 2e-5, "{}: {worst}", dir.display());
     worst
 }
+
+/// Pretraining, then fine-tuning from its checkpoint: `initDir` may name
+/// one of our own checkpoints (another job's step directory) instead of a
+/// Hugging Face model. The second run starts from exactly those weights
+/// (at a zero learning rate its first checkpoint holds them, bit for bit)
+/// but from step 0, with fresh data and optimizer state; another model
+/// shape is refused naming the field that differs.
+#[test]
+fn train_starts_from_another_runs_checkpoint() {
+    use moe_worker::checkpoint;
+    use std::sync::atomic::AtomicBool;
+    let pretrain = scratch_dir("init-checkpoint-pretrain");
+    let mut config = config_json(&pretrain);
+    config["training"]["steps"] = 3.into();
+    config["model"]["moe"]["balancing"] = json!({"auxLossFree": {"enabled": false}});
+    let settings =
+        |c: &Value| -> moe_crds::WorkerConfig { serde_json::from_value(c.clone()).unwrap() };
+    let first = moe_worker::run::train(&settings(&config), &AtomicBool::new(false)).unwrap();
+    let source = first.checkpoint.expect("a final checkpoint");
+    assert!(source.ends_with("step-00000003"));
+
+    let tune = scratch_dir("init-checkpoint-tune");
+    let mut tuned = config_json(&tune);
+    tuned["model"] = config["model"].clone();
+    tuned["model"]["initFrom"] = json!({"volume": {"claimName": "ckpt", "path": "runs"}});
+    tuned["initDir"] = source.to_string_lossy().into();
+    tuned["training"]["steps"] = 1.into();
+    tuned["training"]["optimizer"] = json!({"learningRate": 0.0, "minLearningRate": 0.0});
+    tuned["checkpoint"]["intervalSteps"] = 1.into();
+    let second = moe_worker::run::train(&settings(&tuned), &AtomicBool::new(false)).unwrap();
+    let started = second.checkpoint.expect("a checkpoint");
+    assert!(
+        started.ends_with("step-00000001"),
+        "from step 0: {}",
+        started.display()
+    );
+    let weights = |path: &Path| {
+        let spec: ModelSpec = serde_json::from_value(config["model"].clone()).unwrap();
+        let model = ModelConfig::from_spec(&spec).unwrap();
+        let experts = 0..model.moe.n_routed_experts;
+        let (_, m) = checkpoint::load_model_for_init(path, &spec, &model, experts).unwrap();
+        m.tensors()
+            .iter()
+            .map(|t| t.values.to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert!(weights(&source) == weights(&started), "the weights moved");
+    assert_ne!(second.initial_loss, None, "it trained a step of its own");
+
+    let mut other = tuned.clone();
+    other["model"]["hiddenSize"] = 48.into();
+    other["checkpoint"]["dir"] = tune.join("other").to_string_lossy().into();
+    let error = moe_worker::run::train(&settings(&other), &AtomicBool::new(false)).unwrap_err();
+    assert!(
+        error.to_string().contains("model.initFrom: checkpoint")
+            && error
+                .to_string()
+                .contains("model.hiddenSize is 32 in the checkpoint but 48"),
+        "{error}"
+    );
+}
