@@ -17,7 +17,7 @@ use moe_crds::{
 
 use super::build::{self, ResolvedModel};
 use crate::reconcile::set_condition;
-use crate::training::build as training_build;
+use crate::training::checkpoints;
 
 /// Reasons of the Ready condition (and of the others where they apply).
 pub mod reason {
@@ -183,35 +183,19 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             };
         }
     }
-    // The training job writes under <mount>/<path>/<ns>/<name>/checkpoints on its claim.
-    let dir = training_build::worker_config(job).checkpoint.dir;
-    let path = dir
-        .strip_prefix(training_build::STATE_MOUNT)
-        .unwrap_or(&dir)
-        .trim_matches('/')
-        .to_string();
-    // The step is pinned: the job's final checkpoint unless one was chosen,
-    // and a chosen one must be among those the job keeps. "The newest in the
-    // directory" would change under the service if the directory changed.
-    let kept = kept_checkpoints(job);
-    let step = match from.checkpoint {
-        Some(step) if !kept.contains(&step) => {
+    let path = checkpoints::dir_in_claim(job);
+    let step = match checkpoints::pick(
+        job,
+        from.checkpoint,
+        "spec.model.fromTrainingJob.checkpoint",
+    ) {
+        Ok(step) => step,
+        Err(message) => {
             return ModelState::Broken {
                 reason: reason::CHECKPOINT_NOT_FOUND,
-                message: format!(
-                    "spec.model.fromTrainingJob.checkpoint ({step}) is not a checkpoint MoETrainingJob {} keeps: it has steps {} (every checkpoint.intervalSteps ({}) and the final step, the newest checkpoint.keep ({}))",
-                    from.name,
-                    kept.iter()
-                        .map(i64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    job.spec.checkpoint.interval_steps,
-                    job.spec.checkpoint.keep
-                ),
+                message,
             };
         }
-        Some(step) => step,
-        None => served_checkpoint(job),
     };
     let uid = job.uid().unwrap_or_default();
     let short_uid: String = uid.chars().take(8).collect();
@@ -231,47 +215,6 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
         }),
         revision: format!("moetrainingjob/{}/{short_uid}@step-{step}", from.name),
     }))
-}
-
-/// The step of a succeeded job's final checkpoint: as rank 0 last reported
-/// it (earlier than `training.steps` when `training.evaluation.patience`
-/// stopped it), else its last step.
-fn final_checkpoint(job: &MoETrainingJob) -> i64 {
-    job.status
-        .as_ref()
-        .and_then(|s| s.progress.as_ref())
-        .and_then(|p| p.last_checkpoint_step)
-        .unwrap_or(job.spec.training.steps)
-}
-
-/// The step a service of the job serves unless it pins one: the job's best
-/// checkpoint with `training.evaluation.keepBest`, else its final one.
-fn served_checkpoint(job: &MoETrainingJob) -> i64 {
-    training_build::best_checkpoint(job).unwrap_or_else(|| final_checkpoint(job))
-}
-
-/// The checkpoint steps a finished job leaves on its claim, oldest first: the
-/// worker saves every `checkpoint.intervalSteps` and at the final step, and
-/// keeps the newest `checkpoint.keep` (and its best, with
-/// `training.evaluation.keepBest`).
-pub fn kept_checkpoints(job: &MoETrainingJob) -> Vec<i64> {
-    let last = final_checkpoint(job).clamp(0, job.spec.training.steps.max(0));
-    let interval = job.spec.checkpoint.interval_steps.max(1);
-    let mut saved: Vec<i64> = (1..=last / interval).map(|k| k * interval).collect();
-    if saved.last() != Some(&last) && last > 0 {
-        saved.push(last);
-    }
-    let keep = usize::try_from(job.spec.checkpoint.keep.max(1)).unwrap_or(1);
-    let mut kept = saved.split_off(saved.len().saturating_sub(keep));
-    // The best is kept besides the newest (it may also be a step saved as
-    // the run stopped, off the interval).
-    if let Some(best) = training_build::best_checkpoint(job)
-        && !kept.contains(&best)
-    {
-        kept.push(best);
-        kept.sort_unstable();
-    }
-    kept
 }
 
 /// The owned Deployment, as far as the decision needs it.
@@ -693,6 +636,7 @@ fn replicas_verdict(desired: i32, dep: Option<&DeploymentState>, observed: &Obse
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::training::checkpoints::kept_checkpoints;
     use serde_json::json;
 
     fn svc(extra: serde_json::Value) -> MoEInferenceService {

@@ -1,6 +1,7 @@
 //! MoETrainingJob: builders, decisions and the controller.
 
 pub mod build;
+pub mod checkpoints;
 pub mod controller;
 pub mod decide;
 pub mod pacing;
