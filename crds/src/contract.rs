@@ -75,6 +75,12 @@ pub const COORDINATOR_PORT: u16 = 29400;
 /// Port of the worker's Prometheus `/metrics` and progress endpoint.
 pub const METRICS_PORT: u16 = 9400;
 
+/// The directory of a job's checkpoint of `step` inside its checkpoint
+/// directory (what the worker writes, and what others point at).
+pub fn checkpoint_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
 /// The worker's exit code when `parallelism.fabricCheck` measured the gang's
 /// all-to-all below its floor (0 done; 1 I/O, checkpoint or device error; 2
 /// config or data error; 3 another rank failed first).

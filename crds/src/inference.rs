@@ -312,8 +312,9 @@ pub struct TrainingJobModel {
     /// Name of the MoETrainingJob (same namespace).
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
-    /// Step of the checkpoint to serve. Unset: the newest complete checkpoint
-    /// (the final one of a Succeeded job).
+    /// Step of the checkpoint. Unset: the job's model once it Succeeded
+    /// (its best checkpoint with `training.evaluation.keepBest`, else its
+    /// final one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub checkpoint: Option<i64>,

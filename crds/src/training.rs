@@ -339,8 +339,8 @@ impl ModelSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("has(self.huggingface) != has(self.volume)")
-        .message("model.initFrom needs exactly one source: huggingface or volume"),
+    validation = Rule::new("[has(self.huggingface), has(self.volume), has(self.fromTrainingJob)].filter(x, x).size() == 1")
+        .message("model.initFrom needs exactly one source: huggingface, volume or fromTrainingJob"),
 )]
 pub struct ModelInit {
     /// A model on the Hugging Face Hub, downloaded by each worker pod's
@@ -354,6 +354,14 @@ pub struct ModelInit {
     /// taken). `path` is the directory inside the claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeData>,
+    /// A checkpoint of another MoETrainingJob in this namespace, e.g. a
+    /// pretraining run before fine-tuning: the job waits until that one has
+    /// Succeeded, then starts from its model (its best checkpoint with
+    /// `training.evaluation.keepBest`, else its final one; or the step
+    /// `checkpoint` names), read from its checkpoint claim. Its model must
+    /// be this one's, its tokenizer this job's `data.tokenizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_training_job: Option<crate::TrainingJobModel>,
 }
 
 fn default_vocab() -> i32 {
@@ -1236,9 +1244,29 @@ pub struct MoETrainingJobStatus {
     /// The Hugging Face export (`output.huggingface`), once the job succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputStatus>,
+    /// `model.initFrom.fromTrainingJob`, once resolved: the checkpoint
+    /// every attempt starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_checkpoint: Option<InitCheckpoint>,
     /// Training progress as reported by rank 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TrainingProgress>,
+}
+
+/// The checkpoint of another MoETrainingJob a job starts from
+/// (`model.initFrom.fromTrainingJob`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InitCheckpoint {
+    /// `namespace/name` of that job.
+    pub job: String,
+    /// Its uid: a job of the same name made later is another job.
+    pub uid: String,
+    pub step: i64,
+    /// The claim holding it (mounted read-only).
+    pub claim_name: String,
+    /// The step's directory inside the claim.
+    pub path: String,
 }
 
 /// Where the export of a succeeded job stands.

@@ -448,15 +448,18 @@ pub fn train_as(
     if let (Some(dir), false) = (&settings.init_dir, resuming) {
         let model = match checkpoint::is_checkpoint(dir) {
             true => init_from_checkpoint(&settings, dir, held.clone())?,
-            false => crate::model::pretrained::load(
-                dir,
-                &settings.model_spec,
-                settings.model.clone(),
-                held.clone(),
-            )?,
+            false => {
+                let model = crate::model::pretrained::load(
+                    dir,
+                    &settings.model_spec,
+                    settings.model.clone(),
+                    held.clone(),
+                )?;
+                tracing::info!(dir = %dir.display(), experts = ?held, "starting from the pretrained model's weights");
+                model
+            }
         };
         host.start_from(model);
-        tracing::info!(dir = %dir.display(), experts = ?held, "starting from the pretrained model's weights");
     }
 
     let mut run = RunState::default();

@@ -59,12 +59,19 @@ impl LocalRun {
             config.data_dir = Some(text(&dir.join("data"))?);
         }
         // A pretrained model on a volume is at its path from here, as data is.
-        config.init_dir = match job.spec.model.init_from.as_ref().map(|i| &i.volume) {
-            Some(Some(volume)) => Some(match volume.path.trim_start_matches('/') {
+        config.init_dir = match job
+            .spec
+            .model
+            .init_from
+            .as_ref()
+            .map(|i| (&i.volume, &i.from_training_job))
+        {
+            Some((Some(volume), _)) => Some(match volume.path.trim_start_matches('/') {
                 "" => ".".to_string(),
                 path => path.to_string(),
             }),
-            Some(None) => Some(text(&dir.join("init"))?),
+            Some((None, Some(from))) => Some(text(&local_checkpoint(workdir, from)?)?),
+            Some((None, None)) => Some(text(&dir.join("init"))?),
             None => None,
         };
         Ok(Self {
@@ -202,6 +209,53 @@ impl LocalRun {
         }
         finished
     }
+}
+
+/// `model.initFrom.fromTrainingJob` here: that job's local run in the same
+/// work directory (`moectl run --local` it first), at the step named, else
+/// at its model as its last report says (its best checkpoint with
+/// `training.evaluation.keepBest`, else its final one), else its newest.
+fn local_checkpoint(workdir: &Path, from: &moe_crds::TrainingJobModel) -> anyhow::Result<PathBuf> {
+    let run = workdir.join(&from.name);
+    let checkpoints = run.join("checkpoints");
+    let named = |step: i64| {
+        checkpoints.join(moe_crds::contract::checkpoint_dir_name(
+            u64::try_from(step).unwrap_or(0),
+        ))
+    };
+    let reported = || -> Option<i64> {
+        let text = std::fs::read_to_string(run.join("termination-log")).ok()?;
+        let report: progress::Report = serde_json::from_str(text.trim()).ok()?;
+        report.best_checkpoint_step.or(report.last_checkpoint_step)
+    };
+    let newest = || -> Option<PathBuf> {
+        std::fs::read_dir(&checkpoints)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                n.strip_prefix("step-")
+                    .is_some_and(|s| s.parse::<u64>().is_ok())
+            })
+            .max()
+            .map(|n| checkpoints.join(n))
+    };
+    let path = match from.checkpoint.or_else(reported) {
+        Some(step) => named(step),
+        None => newest().with_context(|| {
+            format!(
+                "model.initFrom.fromTrainingJob: {} has no checkpoint: run `moectl run --local` on MoETrainingJob {} first",
+                checkpoints.display(),
+                from.name
+            )
+        })?,
+    };
+    anyhow::ensure!(
+        path.is_dir(),
+        "model.initFrom.fromTrainingJob: {} does not exist: run `moectl run --local` on MoETrainingJob {} first",
+        path.display(),
+        from.name
+    );
+    Ok(path)
 }
 
 /// Names of the job's extra worker variables that take their value from the
@@ -492,6 +546,53 @@ mod tests {
             "{}",
             export(&run)
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `model.initFrom.fromTrainingJob` locally: that job's run in the same
+    /// work directory, at the step named, else its model as its last report
+    /// says, else its newest checkpoint; none there is an error saying what
+    /// to run first.
+    #[test]
+    fn a_job_starting_from_another_reads_that_jobs_local_run() {
+        let dir = std::env::temp_dir().join(format!("moectl-from-{}", std::process::id()));
+        let checkpoints = dir.join("pretrain/checkpoints");
+        let mut job = job();
+        job.spec.model.init_from = Some(
+            serde_json::from_value(serde_json::json!({"fromTrainingJob": {"name": "pretrain"}}))
+                .unwrap(),
+        );
+        let init = |job: &MoETrainingJob| LocalRun::plan(job, &dir).map(|r| r.config.init_dir);
+        let error = init(&job).unwrap_err().to_string();
+        assert!(
+            error.contains("run `moectl run --local` on MoETrainingJob pretrain first"),
+            "{error}"
+        );
+        for step in [100, 200, 300] {
+            std::fs::create_dir_all(checkpoints.join(format!("step-{step:08}"))).unwrap();
+        }
+        let at = |step: &str| Some(checkpoints.join(step).to_string_lossy().into_owned());
+        assert_eq!(init(&job).unwrap(), at("step-00000300"), "the newest");
+        std::fs::write(
+            dir.join("pretrain/termination-log"),
+            r#"{"step":300,"totalSteps":300,"lastCheckpointStep":300,"bestCheckpointStep":200}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            init(&job).unwrap(),
+            at("step-00000200"),
+            "its model: the best"
+        );
+        if let Some(from) = job
+            .spec
+            .model
+            .init_from
+            .as_mut()
+            .and_then(|i| i.from_training_job.as_mut())
+        {
+            from.checkpoint = Some(100);
+        }
+        assert_eq!(init(&job).unwrap(), at("step-00000100"), "the step named");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

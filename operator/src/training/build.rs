@@ -131,20 +131,30 @@ pub fn worker_config(job: &MoETrainingJob) -> WorkerConfig {
             (None, None) => None,
         },
         output_dir: base,
-        init_dir: spec
-            .model
-            .init_from
-            .as_ref()
-            .map(|init| match &init.volume {
-                // The claim is mounted at /init; the model is at `path` in it.
-                Some(volume) => [INIT_MOUNT, volume.path.trim_matches('/')]
+        init_dir: spec.model.init_from.as_ref().map(|init| {
+            // The claim is mounted at /init; the model is at `path` in it.
+            let in_claim = |path: &str| {
+                [INIT_MOUNT, path.trim_matches('/')]
                     .iter()
                     .filter(|p| !p.is_empty())
                     .cloned()
                     .collect::<Vec<_>>()
-                    .join("/"),
-                None => PINNED_INIT_LINK.to_string(),
-            }),
+                    .join("/")
+            };
+            match (&init.volume, &init.from_training_job) {
+                (Some(volume), _) => in_claim(&volume.path),
+                // The other job's checkpoint, once resolved (no attempt
+                // starts before); unresolved, an empty directory that a
+                // worker refuses rather than training from scratch.
+                (None, Some(_)) => in_claim(
+                    job.status
+                        .as_ref()
+                        .and_then(|s| s.init_checkpoint.as_ref())
+                        .map_or("", |at| at.path.as_str()),
+                ),
+                (None, None) => PINNED_INIT_LINK.to_string(),
+            }
+        }),
     }
 }
 
@@ -838,21 +848,29 @@ fn volumes(job: &MoETrainingJob) -> Vec<Volume> {
     if let Some(hub) = &spec.data.huggingface {
         out.push(download_volume("data", hub.cache_claim_name.as_ref()));
     }
+    let read_only_claim = |claim_name: &str| Volume {
+        name: "init".into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim_name.into(),
+            read_only: Some(true),
+        }),
+        ..Default::default()
+    };
     match spec
         .model
         .init_from
         .as_ref()
-        .map(|i| (&i.huggingface, &i.volume))
+        .map(|i| (&i.huggingface, &i.volume, &i.from_training_job))
     {
-        Some((Some(hub), _)) => out.push(download_volume("init", hub.cache_claim_name.as_ref())),
-        Some((None, Some(volume))) => out.push(Volume {
-            name: "init".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: volume.claim_name.clone(),
-                read_only: Some(true),
-            }),
-            ..Default::default()
-        }),
+        Some((Some(hub), _, _)) => out.push(download_volume("init", hub.cache_claim_name.as_ref())),
+        Some((None, Some(volume), _)) => out.push(read_only_claim(&volume.claim_name)),
+        // The other job's checkpoint claim, once resolved.
+        Some((None, None, Some(_))) => out.push(
+            match job.status.as_ref().and_then(|s| s.init_checkpoint.as_ref()) {
+                Some(at) => read_only_claim(&at.claim_name),
+                None => empty_dir("init", None, None),
+            },
+        ),
         _ => {}
     }
     if downloads(job) {
@@ -1155,6 +1173,51 @@ mod tests {
             (mount.mount_path.as_str(), mount.read_only),
             (INIT_MOUNT, Some(true))
         );
+    }
+
+    /// `model.initFrom.fromTrainingJob`: the other job's claim, read-only,
+    /// and its pinned checkpoint (`status.initCheckpoint`) as `initDir`;
+    /// unresolved (no attempt starts then), an empty directory a worker
+    /// would refuse rather than train from scratch.
+    #[test]
+    fn a_job_starting_from_another_reads_its_pinned_checkpoint_from_its_claim() {
+        let mut j = job(serde_json::json!({}));
+        j.spec.model.init_from = Some(
+            serde_json::from_value(serde_json::json!({"fromTrainingJob": {"name": "pretrain"}}))
+                .unwrap(),
+        );
+        let init_volume = |j: &MoETrainingJob| {
+            template(j)
+                .spec
+                .unwrap()
+                .volumes
+                .into_iter()
+                .flatten()
+                .find(|v| v.name == "init")
+                .unwrap()
+        };
+        assert_eq!(worker_config(&j).init_dir.as_deref(), Some(INIT_MOUNT));
+        assert!(init_volume(&j).empty_dir.is_some());
+        j.status = Some(moe_crds::MoETrainingJobStatus {
+            init_checkpoint: Some(moe_crds::InitCheckpoint {
+                job: "ml/pretrain".into(),
+                uid: "u".into(),
+                step: 1000,
+                claim_name: "ckpt".into(),
+                path: "runs/ml/pretrain/checkpoints/step-00001000".into(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            worker_config(&j).init_dir.as_deref(),
+            Some("/init/runs/ml/pretrain/checkpoints/step-00001000")
+        );
+        let claim = init_volume(&j).persistent_volume_claim.unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("ckpt", Some(true))
+        );
+        assert!(template(&j).spec.unwrap().init_containers.is_none());
     }
 
     #[test]

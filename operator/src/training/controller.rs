@@ -29,6 +29,7 @@ use super::build::{self, BuildContext, Counters};
 use super::decide::{
     AttemptOutcome, AttemptState, ExportState, FailureCause, Observed, Plan, SpareState, decide,
 };
+use super::init_source;
 use super::pacing::{self, StatusWrite};
 use super::progress;
 use super::validate::validate;
@@ -50,6 +51,9 @@ pub struct Context {
     pub services: Store<Service>,
     /// The attempts' PodGroups, when the Workload API schedules gangs.
     pub pod_groups: Option<Store<PodGroup>>,
+    /// Every MoETrainingJob (the controller's own cache): the jobs others
+    /// start from (`model.initFrom.fromTrainingJob`).
+    pub training_jobs: Store<MoETrainingJob>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
@@ -96,6 +100,10 @@ pub async fn run(
         (None, futures::stream::pending().boxed())
     };
 
+    let controller = Controller::new(
+        api::<MoETrainingJob>(&client, &namespace),
+        watcher::Config::default().any_semantic(),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         build,
@@ -103,6 +111,7 @@ pub async fn run(
         config_maps,
         services,
         pod_groups,
+        training_jobs: controller.store(),
         recorder,
         metrics,
         failures: Backoff::default(),
@@ -110,23 +119,20 @@ pub async fn run(
         status_writes: Mutex::new(HashMap::new()),
         rank0_ips: Mutex::new(HashMap::new()),
     });
-    Controller::new(
-        api::<MoETrainingJob>(&client, &namespace),
-        watcher::Config::default().any_semantic(),
-    )
-    .owns_stream(job_stream)
-    .owns_stream(cm_stream)
-    .owns_stream(svc_stream)
-    .owns_stream(pg_stream)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            // ObjectNotFound and friends: the object went away; nothing to do.
-            tracing::debug!(error = %e, "reconcile dispatch");
-        }
-    })
-    .await;
+    controller
+        .owns_stream(job_stream)
+        .owns_stream(cm_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(pg_stream)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                // ObjectNotFound and friends: the object went away; nothing to do.
+                tracing::debug!(error = %e, "reconcile dispatch");
+            }
+        })
+        .await;
 }
 
 fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -172,6 +178,7 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
             invalid: invalid.clone(),
             progress,
             spares: observe_spares(ctx, job, &ns),
+            init_source: init_source::resolve(job, init_source_job(ctx, job, &ns).as_deref()),
             spares_show_room: gang::spares_show_room(
                 ctx.build
                     .gang(&job.spec.placement, job.spec.parallelism.nodes),
@@ -225,6 +232,19 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
         Some(d) => Action::requeue(d.min(RESYNC)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// The job `job`'s `model.initFrom.fromTrainingJob` names, from the cache.
+fn init_source_job(ctx: &Context, job: &MoETrainingJob, ns: &str) -> Option<Arc<MoETrainingJob>> {
+    let from = job
+        .spec
+        .model
+        .init_from
+        .as_ref()?
+        .from_training_job
+        .as_ref()?;
+    ctx.training_jobs
+        .get(&ObjectRef::new(&from.name).within(ns))
 }
 
 /// A validation result and the generation it was computed for.

@@ -19,6 +19,7 @@ use moe_crds::{
 
 use super::build::Counters;
 pub use super::build::NewAttempt;
+use super::init_source::InitSource;
 pub use crate::gang::Unplaced;
 // The condition upsert is shared with the serving controller.
 use crate::reconcile::set_condition as set;
@@ -104,6 +105,8 @@ pub struct Observed {
     pub spares_show_room: bool,
     /// The export Job (`output.huggingface`), if there is one.
     pub export: Option<ExportState>,
+    /// Where `model.initFrom.fromTrainingJob` stands.
+    pub init_source: InitSource,
 }
 
 /// Where the export Job of a succeeded job stands.
@@ -178,6 +181,11 @@ impl Plan {
         self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
     }
 }
+
+/// How often a job waiting for the job it starts from looks at it again
+/// (a pretraining run takes hours; this costs no API call: the job is read
+/// from the operator's cache).
+pub const INIT_SOURCE_POLL: Duration = Duration::from_secs(30);
 
 /// Decide the next step for `job` given what was `observed`.
 pub fn decide(job: &MoETrainingJob, observed: &Observed) -> Plan {
@@ -288,6 +296,72 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
             &now,
         );
         return plan;
+    }
+
+    // model.initFrom.fromTrainingJob: no attempt until the checkpoint it
+    // starts from is known, then pinned in the status for every attempt.
+    match &observed.init_source {
+        InitSource::Settled => {}
+        InitSource::Ready(at) => {
+            plan.status.init_checkpoint = Some(at.clone());
+            let message = format!(
+                "starting from step {} of MoETrainingJob {}",
+                at.step, at.job
+            );
+            set_phase(
+                &mut plan,
+                &old,
+                TrainingPhase::Pending,
+                "InitCheckpointResolved",
+                &message,
+                &now,
+            );
+            // This reconcile's ConfigMap was rendered without it: the next
+            // one renders it with it and starts the attempt.
+            plan.look_again_within(Duration::from_secs(1));
+            return plan;
+        }
+        InitSource::Waiting { reason, message } => {
+            set_phase(
+                &mut plan,
+                &old,
+                TrainingPhase::Pending,
+                reason,
+                message,
+                &now,
+            );
+            plan.look_again_within(INIT_SOURCE_POLL);
+            return plan;
+        }
+        InitSource::Unusable { reason, message } => {
+            // Stalled, not Failed: pointing the spec elsewhere lets it run.
+            set_phase(
+                &mut plan,
+                &old,
+                TrainingPhase::Pending,
+                reason,
+                message,
+                &now,
+            );
+            let generation = plan.status.observed_generation;
+            for (type_, on) in [(READY, false), (RECONCILING, false), (STALLED, true)] {
+                set(
+                    &mut plan.status.conditions,
+                    type_,
+                    on,
+                    reason,
+                    message,
+                    generation,
+                    &now,
+                );
+            }
+            if !has_true(&old, STALLED) {
+                plan.transitions.clear();
+                plan.transitions.push(warning(reason, message.clone()));
+            }
+            plan.look_again_within(INIT_SOURCE_POLL);
+            return plan;
+        }
     }
 
     // Deadline, measured from the start of the current (unsuspended) run.

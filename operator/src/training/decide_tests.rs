@@ -1,6 +1,7 @@
 //! The gang-restart state machine, case by case, on inline specs.
 
 use super::*;
+use crate::training::init_source::InitSource;
 use moe_crds::{ExitCodeOperator, ExitCodes, FailureRule, MoETrainingJobSpec};
 
 fn job(yaml: &str) -> MoETrainingJob {
@@ -33,6 +34,7 @@ fn observed(attempts: Vec<AttemptState>) -> Observed {
         spares: vec![],
         spares_show_room: true,
         export: None,
+        init_source: InitSource::Settled,
     }
 }
 
@@ -1566,4 +1568,73 @@ fn the_hang_watchdog_leaves_a_finishing_gang_alone() {
         },
     );
     assert_eq!(hung.status.phase, Some(TrainingPhase::Restarting));
+}
+
+/// `model.initFrom.fromTrainingJob`: no attempt while the job it starts
+/// from runs (Pending, `WaitingForTrainingJob`, looked at again); once it
+/// resolves, the checkpoint is pinned in the status and the attempt comes
+/// with the next reconcile (its ConfigMap rendered with it); one it cannot
+/// start from stalls the job, naming why, until the spec changes.
+#[test]
+fn a_job_starting_from_another_waits_for_it_then_pins_its_checkpoint() {
+    let j = job(SPEC);
+    let waiting = decide(
+        &j,
+        &Observed {
+            init_source: InitSource::Waiting {
+                reason: "WaitingForTrainingJob",
+                message: "MoETrainingJob pretrain is Running".into(),
+            },
+            ..observed(vec![])
+        },
+    );
+    assert_eq!(created(&waiting), None);
+    assert_eq!(waiting.status.phase, Some(TrainingPhase::Pending));
+    assert_eq!(reason_of(&waiting, "Reconciling"), "WaitingForTrainingJob");
+    assert_eq!(waiting.requeue_after, Some(Duration::from_secs(30)));
+    assert_eq!(waiting.status.start_time, None, "no deadline clock yet");
+
+    let at = moe_crds::InitCheckpoint {
+        job: "ml/pretrain".into(),
+        uid: "u".into(),
+        step: 1000,
+        claim_name: "ckpt".into(),
+        path: "runs/ml/pretrain/checkpoints/step-00001000".into(),
+    };
+    let resolved = decide(
+        &j,
+        &Observed {
+            init_source: InitSource::Ready(at.clone()),
+            ..observed(vec![])
+        },
+    );
+    assert_eq!(
+        created(&resolved),
+        None,
+        "not with a ConfigMap rendered without it"
+    );
+    assert_eq!(resolved.status.init_checkpoint, Some(at));
+    assert_eq!(resolved.requeue_after, Some(Duration::from_secs(1)));
+    let started = decide(&after(j.clone(), &resolved), &observed(vec![]));
+    assert_eq!(created(&started).map(|c| c.0), Some(0));
+
+    let stalled = decide(
+        &j,
+        &Observed {
+            init_source: InitSource::Unusable {
+                reason: "ModelIncompatible",
+                message: "spec.model must be MoETrainingJob pretrain's: model.hiddenSize is 64 there, 96 here".into(),
+            },
+            ..observed(vec![])
+        },
+    );
+    assert_eq!(created(&stalled), None);
+    assert_eq!(condition(&stalled, "Stalled"), "True");
+    assert_eq!(reason_of(&stalled, "Stalled"), "ModelIncompatible");
+    assert!(
+        stalled
+            .transitions
+            .iter()
+            .any(|t| t.warning && t.reason == "ModelIncompatible")
+    );
 }

@@ -4,6 +4,7 @@ pub mod build;
 pub mod checkpoints;
 pub mod controller;
 pub mod decide;
+pub mod init_source;
 pub mod pacing;
 pub mod progress;
 pub mod validate;

@@ -2415,6 +2415,139 @@ async fn a_job_that_stops_early_is_read_from_rank_0s_termination_message_and_ser
     ns.delete().await
 }
 
+/// `model.initFrom.fromTrainingJob`, end to end: a fine-tuning job of a
+/// pretraining job's model waits (Pending, `WaitingForTrainingJob`, no
+/// attempt) while that one runs; once it has Succeeded, the checkpoint it
+/// starts from is pinned in `status.initCheckpoint`, and its pods mount
+/// that job's claim read-only with the step's directory as `initDir`. A
+/// job of another model shape stalls, naming the field. (The worker
+/// starting from such a checkpoint: `worker/tests/train/pretrained.rs`.)
+#[tokio::test]
+async fn a_job_starting_from_another_waits_for_it_and_mounts_its_pinned_checkpoint() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-chain").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "ckpt").await?;
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let cpu = |extra: Value| {
+        let mut spec = json!({"spec": {
+            "training": {"steps": 10, "globalBatchSize": 4, "microBatchSize": 2},
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "worker": {"device": "cpu"}
+        }});
+        merge_patch(&mut spec, &extra);
+        spec
+    };
+    let pretrain = gpu_job(
+        "pretrain",
+        1,
+        cpu(
+            json!({"spec": {"checkpoint": {"claimName": "ckpt", "path": "runs", "intervalSteps": 5}}}),
+        ),
+    );
+    jobs.create(&PostParams::default(), &pretrain).await?;
+    wait_phase(&jobs, "pretrain", TrainingPhase::Running).await?;
+    let from = json!({"initFrom": {"fromTrainingJob": {"name": "pretrain"}}});
+    let tune = gpu_job("tune", 1, cpu(json!({"spec": {"model": from}})));
+    jobs.create(&PostParams::default(), &tune).await?;
+    let wider = gpu_job(
+        "wider",
+        1,
+        cpu(json!({"spec": {"model": {"hiddenSize": 96, "initFrom": from["initFrom"]}}})),
+    );
+    jobs.create(&PostParams::default(), &wider).await?;
+    eventually("tune to wait for pretrain", WAIT, || async {
+        let j = jobs.get("tune").await?;
+        Ok(condition(&j, "Reconciling")
+            .is_some_and(|c| {
+                c.reason == "WaitingForTrainingJob" && c.message.contains("pretrain is Running")
+            })
+            .then_some(()))
+    })
+    .await?;
+    let k8s_jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let attempts = |name: &str| {
+        let k8s_jobs = k8s_jobs.clone();
+        let selector = format!("moe.dev/job-name={name}");
+        async move {
+            Ok::<_, anyhow::Error>(
+                k8s_jobs
+                    .list(&ListParams::default().labels(&selector))
+                    .await?
+                    .items
+                    .len(),
+            )
+        }
+    };
+    ensure!(
+        attempts("tune").await? == 0,
+        "no attempt while pretrain runs"
+    );
+
+    moe_e2e::release_job(&pods, "pretrain").await?;
+    wait_phase(&jobs, "pretrain", TrainingPhase::Succeeded).await?;
+    let at = eventually(
+        "tune's pinned checkpoint",
+        Duration::from_secs(90),
+        || async {
+            Ok(jobs
+                .get("tune")
+                .await?
+                .status
+                .and_then(|s| s.init_checkpoint))
+        },
+    )
+    .await?;
+    let path = format!("runs/{}/pretrain/checkpoints/step-00000010", ns.name);
+    ensure!(
+        at.step == 10
+            && at.claim_name == "ckpt"
+            && at.path == path
+            && at.job == format!("{}/pretrain", ns.name),
+        "{at:?}"
+    );
+    let pod = eventually("tune's worker pod", WAIT, || async {
+        Ok(pods_of(&pods, "tune", 0).await?.into_iter().next())
+    })
+    .await?;
+    let claim = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == "init"))
+        .and_then(|v| v.persistent_volume_claim.clone())
+        .context("no init claim")?;
+    ensure!(
+        claim.claim_name == "ckpt" && claim.read_only == Some(true),
+        "{claim:?}"
+    );
+    let config = rendered_config(&client, &ns.name, "tune").await?;
+    ensure!(
+        config["initDir"] == json!(format!("/init/{path}")),
+        "{config}"
+    );
+
+    let stalled = eventually("wider to stall", Duration::from_secs(90), || async {
+        let j = jobs.get("wider").await?;
+        Ok(condition(&j, "Stalled")
+            .filter(|c| c.status == "True" && c.reason == "ModelIncompatible")
+            .map(|c| c.message.clone()))
+    })
+    .await?;
+    ensure!(
+        stalled.contains("model.hiddenSize is 64 there, 96 here"),
+        "{stalled}"
+    );
+    ensure!(
+        attempts("wider").await? == 0,
+        "no attempt for a model it cannot start from"
+    );
+    wait_event(&client, &ns.name, "wider", "ModelIncompatible").await?;
+    ns.delete().await
+}
+
 /// An export that fails (the test plays the kubelet: the export pod's own
 /// command, the real `moe-worker export`, finds no checkpoint on the claim)
 /// leaves the job Succeeded and says why in `status.output` and an Event.

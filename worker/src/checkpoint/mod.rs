@@ -119,7 +119,7 @@ pub struct Restored {
 
 /// The directory name of step `step`.
 pub fn step_dir_name(step: u64) -> String {
-    format!("{PREFIX}{step:08}")
+    moe_crds::contract::checkpoint_dir_name(step)
 }
 
 /// Which complete checkpoints a save leaves (of those up to its step).
