@@ -19,8 +19,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use moe_crds::{MoETrainingJob, MoETrainingJobStatus, TrainingPhase};
 use tracing::{info, warn};
@@ -100,10 +100,27 @@ pub async fn run(
         (None, futures::stream::pending().boxed())
     };
 
-    let controller = Controller::new(
+    // One watch of MoETrainingJobs feeds both what the controller reconciles
+    // and what wakes a job waiting on another (`model.initFrom.
+    // fromTrainingJob`): the store is updated before either subscriber
+    // sees an object, so a woken job reads the other one as it now is.
+    let (jobs_store, writer) = reflector::store_shared(SHARED_STREAM_BUFFER);
+    let (roots, sources) = match (writer.subscribe(), writer.subscribe()) {
+        (Some(roots), Some(sources)) => (roots, sources),
+        _ => unreachable!("a shared store hands out subscribers"),
+    };
+    let root_watch = watcher(
         api::<MoETrainingJob>(&client, &namespace),
         watcher::Config::default().any_semantic(),
-    );
+    )
+    .default_backoff()
+    .reflect_shared(writer)
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            warn!(%error, "watching MoETrainingJobs (retrying with backoff)");
+        }
+    });
+    let controller = Controller::for_shared_stream(roots, jobs_store.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         build,
@@ -111,7 +128,7 @@ pub async fn run(
         config_maps,
         services,
         pod_groups,
-        training_jobs: controller.store(),
+        training_jobs: jobs_store.clone(),
         recorder,
         metrics,
         failures: Backoff::default(),
@@ -119,11 +136,14 @@ pub async fn run(
         status_writes: Mutex::new(HashMap::new()),
         rank0_ips: Mutex::new(HashMap::new()),
     });
-    controller
+    let reconciling = controller
         .owns_stream(job_stream)
         .owns_stream(cm_stream)
         .owns_stream(svc_stream)
         .owns_stream(pg_stream)
+        // A job starting from another reconciles when that one ends; its
+        // poll (INIT_SOURCE_POLL) only backs this up.
+        .watches_shared_stream(sources, move |source| waiting_on(&jobs_store, &source))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -131,9 +151,17 @@ pub async fn run(
                 // ObjectNotFound and friends: the object went away; nothing to do.
                 tracing::debug!(error = %e, "reconcile dispatch");
             }
-        })
-        .await;
+        });
+    // The controller ends on shutdown; the watch only with it.
+    tokio::select! {
+        () = reconciling => {}
+        () = root_watch => {}
+    }
 }
+
+/// How many MoETrainingJob events the shared watch holds for a subscriber
+/// that is behind before the watch waits for it.
+const SHARED_STREAM_BUFFER: usize = 1024;
 
 fn error_policy(job: Arc<MoETrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
     // 1s, 2s, 4s, ... capped at 5 minutes.
@@ -232,6 +260,41 @@ async fn reconcile_inner(job: &MoETrainingJob, ctx: &Context) -> Result<Action, 
         Some(d) => Action::requeue(d.min(RESYNC)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// The jobs that start from `source` (`model.initFrom.fromTrainingJob`)
+/// and have not pinned its checkpoint yet, once `source` has ended (what
+/// they wait for): most events are running jobs' progress, which wake none.
+fn waiting_on(
+    store: &Store<MoETrainingJob>,
+    source: &MoETrainingJob,
+) -> Vec<ObjectRef<MoETrainingJob>> {
+    let ended = source
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(TrainingPhase::is_finished);
+    if !ended {
+        return Vec::new();
+    }
+    let (ns, name) = (source.namespace(), source.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|j| {
+            j.namespace() == ns
+                && j.status
+                    .as_ref()
+                    .is_none_or(|s| s.init_checkpoint.is_none())
+                && j.spec
+                    .model
+                    .init_from
+                    .as_ref()
+                    .and_then(|i| i.from_training_job.as_ref())
+                    .is_some_and(|f| f.name == name)
+        })
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
 }
 
 /// The job `job`'s `model.initFrom.fromTrainingJob` names, from the cache.

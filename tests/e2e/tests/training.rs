@@ -2488,9 +2488,10 @@ async fn a_job_starting_from_another_waits_for_it_and_mounts_its_pinned_checkpoi
 
     moe_e2e::release_job(&pods, "pretrain").await?;
     wait_phase(&jobs, "pretrain", TrainingPhase::Succeeded).await?;
+    // Woken by pretrain's end, not by its 30 s poll.
     let at = eventually(
         "tune's pinned checkpoint",
-        Duration::from_secs(90),
+        Duration::from_secs(15),
         || async {
             Ok(jobs
                 .get("tune")
