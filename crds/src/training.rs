@@ -327,6 +327,52 @@ impl ModelSpec {
             None => "MixtralForCausalLM",
         }
     }
+
+    /// Every field where `other` differs from this model, by its path
+    /// (`model.moe.experts`), with this model's value and `other`'s (JSON),
+    /// in the order of the paths. `initFrom` counts only when `with_init`:
+    /// a job starting from another's checkpoint names it, that one not.
+    pub fn differences(
+        &self,
+        other: &ModelSpec,
+        with_init: bool,
+    ) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+        let as_value = |spec: &ModelSpec| {
+            let mut spec = spec.clone();
+            if !with_init {
+                spec.init_from = None;
+            }
+            serde_json::to_value(spec).unwrap_or(serde_json::Value::Null)
+        };
+        let mut out = Vec::new();
+        json_differences("model", &as_value(self), &as_value(other), &mut out);
+        out
+    }
+}
+
+fn json_differences(
+    path: &str,
+    this: &serde_json::Value,
+    other: &serde_json::Value,
+    out: &mut Vec<(String, serde_json::Value, serde_json::Value)>,
+) {
+    use serde_json::Value;
+    match (this, other) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let (x, y) = (
+                    a.get(key).unwrap_or(&Value::Null),
+                    b.get(key).unwrap_or(&Value::Null),
+                );
+                json_differences(&format!("{path}.{key}"), x, y, out);
+            }
+        }
+        (a, b) if a != b => out.push((path.to_string(), a.clone(), b.clone())),
+        _ => {}
+    }
 }
 
 /// Pretrained weights a training job starts from: a Hugging Face model

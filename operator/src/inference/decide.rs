@@ -11,9 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use moe_crds::condition::{AVAILABLE, DEGRADED, PROGRESSING, READY, RECONCILING, STALLED};
-use moe_crds::{
-    MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainedWith, TrainingPhase,
-};
+use moe_crds::{MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainedWith};
 
 use super::build::{self, ResolvedModel};
 use crate::reconcile::set_condition;
@@ -28,10 +26,9 @@ pub mod reason {
     pub const PODS_NOT_READY: &str = "PodsNotReady";
     pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
     pub const WAITING_FOR_ADMISSION: &str = "WaitingForAdmission";
-    pub const WAITING_FOR_TRAINING_JOB: &str = "WaitingForTrainingJob";
-    pub const TRAINING_JOB_NOT_FOUND: &str = "TrainingJobNotFound";
-    pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
-    pub const MODEL_NOT_PERSISTED: &str = "ModelNotPersisted";
+    pub use crate::training::checkpoints::reason::{
+        MODEL_NOT_PERSISTED, TRAINING_JOB_FAILED, TRAINING_JOB_NOT_FOUND, WAITING_FOR_TRAINING_JOB,
+    };
     pub const MODEL_INCOMPATIBLE: &str = "ModelIncompatible";
     pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
@@ -103,46 +100,14 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
                 .into(),
         };
     };
-    let Some(job) = job else {
-        return ModelState::Waiting {
-            reason: reason::TRAINING_JOB_NOT_FOUND,
-            message: format!(
-                "MoETrainingJob {} does not exist (yet) in this namespace",
-                from.name
-            ),
-        };
-    };
-    let phase = job.status.as_ref().and_then(|s| s.phase);
-    match phase {
-        Some(TrainingPhase::Succeeded) => {}
-        Some(TrainingPhase::Failed) => {
-            return ModelState::Broken {
-                reason: reason::TRAINING_JOB_FAILED,
-                message: format!(
-                    "MoETrainingJob {} failed: it has no final checkpoint to serve",
-                    from.name
-                ),
-            };
+    let (job, claim) = match checkpoints::available(&from.name, job, "serving starts") {
+        Ok(available) => available,
+        Err(checkpoints::Unavailable::Waiting { reason, message }) => {
+            return ModelState::Waiting { reason, message };
         }
-        other => {
-            let phase = other.map_or("Pending".to_string(), |p| format!("{p:?}"));
-            return ModelState::Waiting {
-                reason: reason::WAITING_FOR_TRAINING_JOB,
-                message: format!(
-                    "MoETrainingJob {} is {phase}; serving starts when it has Succeeded",
-                    from.name
-                ),
-            };
+        Err(checkpoints::Unavailable::Never { reason, message }) => {
+            return ModelState::Broken { reason, message };
         }
-    }
-    let Some(claim) = job.spec.checkpoint.claim_name.clone() else {
-        return ModelState::Broken {
-            reason: reason::MODEL_NOT_PERSISTED,
-            message: format!(
-                "MoETrainingJob {} keeps its checkpoints in an emptyDir (spec.checkpoint.claimName unset): nothing survives to serve",
-                from.name
-            ),
-        };
     };
     if job.spec.data.tokenizer == moe_crds::Tokenizer::Pretokenized
         && job.spec.data.tokenizer_file.is_none()

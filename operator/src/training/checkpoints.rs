@@ -4,9 +4,74 @@
 //! which one is its model.
 
 use kube::ResourceExt;
-use moe_crds::MoETrainingJob;
+use moe_crds::{MoETrainingJob, TrainingPhase};
 
 use super::build;
+
+/// Condition reasons of an object whose model is another job's, while that
+/// job's model is not there, or never will be.
+pub mod reason {
+    pub const WAITING_FOR_TRAINING_JOB: &str = "WaitingForTrainingJob";
+    pub const TRAINING_JOB_NOT_FOUND: &str = "TrainingJobNotFound";
+    pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
+    pub const MODEL_NOT_PERSISTED: &str = "ModelNotPersisted";
+}
+
+/// Why a job's model cannot be taken (yet).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Unavailable {
+    /// Not yet: the job does not exist yet, or has not succeeded.
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
+    /// Not as the spec stands: the job failed, or kept no checkpoints.
+    Never {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The job named `name` (`job`, if it exists) once its model can be taken,
+/// with the claim holding its checkpoints; else why not. `then` says what
+/// waits for it (`serving starts`).
+pub fn available<'a>(
+    name: &str,
+    job: Option<&'a MoETrainingJob>,
+    then: &str,
+) -> Result<(&'a MoETrainingJob, String), Unavailable> {
+    let Some(job) = job else {
+        return Err(Unavailable::Waiting {
+            reason: reason::TRAINING_JOB_NOT_FOUND,
+            message: format!("MoETrainingJob {name} does not exist (yet) in this namespace"),
+        });
+    };
+    match job.status.as_ref().and_then(|s| s.phase) {
+        Some(TrainingPhase::Succeeded) => {}
+        Some(TrainingPhase::Failed) => {
+            return Err(Unavailable::Never {
+                reason: reason::TRAINING_JOB_FAILED,
+                message: format!("MoETrainingJob {name} failed: it has no final checkpoint"),
+            });
+        }
+        other => {
+            let phase = other.map_or("Pending".to_string(), |p| format!("{p:?}"));
+            return Err(Unavailable::Waiting {
+                reason: reason::WAITING_FOR_TRAINING_JOB,
+                message: format!("MoETrainingJob {name} is {phase}; {then} when it has Succeeded"),
+            });
+        }
+    }
+    match job.spec.checkpoint.claim_name.clone() {
+        Some(claim) => Ok((job, claim)),
+        None => Err(Unavailable::Never {
+            reason: reason::MODEL_NOT_PERSISTED,
+            message: format!(
+                "MoETrainingJob {name} keeps its checkpoints in an emptyDir (spec.checkpoint.claimName unset): nothing of it survives"
+            ),
+        }),
+    }
+}
 
 /// Where the job's checkpoints are inside its checkpoint claim: it writes
 /// under `<mount>/<path>/<namespace>/<name>/checkpoints`.

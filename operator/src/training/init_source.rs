@@ -4,17 +4,13 @@
 //! every attempt.
 
 use kube::ResourceExt;
-use moe_crds::{InitCheckpoint, MoETrainingJob, TrainingPhase};
-use serde_json::Value;
+use moe_crds::{InitCheckpoint, MoETrainingJob};
 
 use super::checkpoints;
 
 /// Condition reasons of a job that cannot start yet, or from that job at all.
 pub mod reason {
-    pub const WAITING_FOR_TRAINING_JOB: &str = "WaitingForTrainingJob";
-    pub const TRAINING_JOB_NOT_FOUND: &str = "TrainingJobNotFound";
-    pub const TRAINING_JOB_FAILED: &str = "TrainingJobFailed";
-    pub const MODEL_NOT_PERSISTED: &str = "ModelNotPersisted";
+    pub use crate::training::checkpoints::reason::*;
     pub const MODEL_INCOMPATIBLE: &str = "ModelIncompatible";
     pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
 }
@@ -65,45 +61,15 @@ pub fn resolve(job: &MoETrainingJob, source: Option<&MoETrainingJob>) -> InitSou
             "spec.model.initFrom.fromTrainingJob names this job itself".into(),
         );
     }
-    let Some(source) = source else {
-        return InitSource::Waiting {
-            reason: reason::TRAINING_JOB_NOT_FOUND,
-            message: format!(
-                "MoETrainingJob {} does not exist (yet) in this namespace",
-                from.name
-            ),
-        };
-    };
-    match source.status.as_ref().and_then(|s| s.phase) {
-        Some(TrainingPhase::Succeeded) => {}
-        Some(TrainingPhase::Failed) => {
-            return unusable(
-                reason::TRAINING_JOB_FAILED,
-                format!(
-                    "MoETrainingJob {} failed: it has no model to start from",
-                    from.name
-                ),
-            );
+    let then = "this job starts from its model";
+    let (source, claim_name) = match checkpoints::available(&from.name, source, then) {
+        Ok(available) => available,
+        Err(checkpoints::Unavailable::Waiting { reason, message }) => {
+            return InitSource::Waiting { reason, message };
         }
-        other => {
-            let phase = other.map_or("Pending".to_string(), |p| format!("{p:?}"));
-            return InitSource::Waiting {
-                reason: reason::WAITING_FOR_TRAINING_JOB,
-                message: format!(
-                    "MoETrainingJob {} is {phase}; this job starts from its model when it has Succeeded",
-                    from.name
-                ),
-            };
+        Err(checkpoints::Unavailable::Never { reason, message }) => {
+            return InitSource::Unusable { reason, message };
         }
-    }
-    let Some(claim_name) = source.spec.checkpoint.claim_name.clone() else {
-        return unusable(
-            reason::MODEL_NOT_PERSISTED,
-            format!(
-                "MoETrainingJob {} kept its checkpoints in its pods (no checkpoint.claimName): they went with them",
-                from.name
-            ),
-        );
     };
     let differences = model_differences(source, job);
     if !differences.is_empty() {
@@ -146,40 +112,20 @@ pub fn resolve(job: &MoETrainingJob, source: Option<&MoETrainingJob>) -> InitSou
 /// Every field where `job`'s model differs from `source`'s (`initFrom`
 /// aside), as `model.hiddenSize is 64 there, 48 here`.
 fn model_differences(source: &MoETrainingJob, job: &MoETrainingJob) -> Vec<String> {
-    let model = |j: &MoETrainingJob| {
-        let mut model = j.spec.model.clone();
-        model.init_from = None;
-        serde_json::to_value(model).unwrap_or(Value::Null)
-    };
-    let mut out = Vec::new();
-    diff("model", &model(source), &model(job), &mut out);
-    out
-}
-
-fn diff(at: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
-    match (there, here) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in keys {
-                let (x, y) = (
-                    a.get(key).unwrap_or(&Value::Null),
-                    b.get(key).unwrap_or(&Value::Null),
-                );
-                diff(&format!("{at}.{key}"), x, y, out);
-            }
-        }
-        _ if there != here => out.push(format!("{at} is {there} there, {here} here")),
-        _ => {}
-    }
+    source
+        .spec
+        .model
+        .differences(&job.spec.model, false)
+        .into_iter()
+        .map(|(path, there, here)| format!("{path} is {there} there, {here} here"))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use moe_crds::fixtures::{merge_patch, valid_training_job};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn job(name: &str, patch: Value) -> MoETrainingJob {
         let mut v = valid_training_job();

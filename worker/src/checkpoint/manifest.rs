@@ -2,7 +2,6 @@
 //! It is written last, so a directory with a valid manifest is complete.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use moe_crds::{ModelSpec, Tokenizer};
 
@@ -80,35 +79,18 @@ pub fn fnv1a(bytes: &[u8]) -> String {
 }
 
 /// Every field where the two model specs differ, as
-/// `model.hiddenSize is 64 in the checkpoint but 128 in the config`.
-pub fn model_differences(checkpoint: &ModelSpec, config: &ModelSpec) -> Vec<String> {
-    let as_value = |spec: &ModelSpec| serde_json::to_value(spec).unwrap_or(Value::Null);
-    let mut out = Vec::new();
-    diff("model", &as_value(checkpoint), &as_value(config), &mut out);
-    out
-}
-
-fn diff(path: &str, checkpoint: &Value, config: &Value, out: &mut Vec<String>) {
-    match (checkpoint, config) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in keys {
-                let (x, y) = (
-                    a.get(key).unwrap_or(&Value::Null),
-                    b.get(key).unwrap_or(&Value::Null),
-                );
-                diff(&format!("{path}.{key}"), x, y, out);
-            }
-        }
-        (a, b) if a != b => {
-            out.push(format!(
-                "{path} is {a} in the checkpoint but {b} in the config"
-            ));
-        }
-        _ => {}
-    }
+/// `model.hiddenSize is 64 in the checkpoint but 128 in the config`
+/// (`initFrom` too when `with_init`).
+pub fn model_differences(
+    checkpoint: &ModelSpec,
+    config: &ModelSpec,
+    with_init: bool,
+) -> Vec<String> {
+    checkpoint
+        .differences(config, with_init)
+        .into_iter()
+        .map(|(path, a, b)| format!("{path} is {a} in the checkpoint but {b} in the config"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -401,12 +401,7 @@ pub fn load_model_for_init(
     experts: Range<usize>,
 ) -> Result<(Manifest, Model<f32>), CheckpointError> {
     let manifest = read_manifest(path)?;
-    let without_init = |spec: &ModelSpec| ModelSpec {
-        init_from: None,
-        ..spec.clone()
-    };
-    let differences =
-        manifest::model_differences(&without_init(&manifest.model), &without_init(model_spec));
+    let differences = manifest::model_differences(&manifest.model, model_spec, false);
     if !differences.is_empty() {
         return Err(CheckpointError::ModelMismatch {
             path: path.to_path_buf(),
@@ -552,7 +547,7 @@ fn corruption(path: &Path) -> impl Fn(String) -> CheckpointError + '_ {
 /// that is `model_spec`.
 fn checked_manifest(path: &Path, model_spec: &ModelSpec) -> Result<Manifest, CheckpointError> {
     let manifest = read_manifest(path)?;
-    let differences = manifest::model_differences(&manifest.model, model_spec);
+    let differences = manifest::model_differences(&manifest.model, model_spec, true);
     if !differences.is_empty() {
         return Err(CheckpointError::ModelMismatch {
             path: path.to_path_buf(),
