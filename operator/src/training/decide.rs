@@ -247,24 +247,7 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
             .phase
             .filter(|p| !p.is_finished())
             .unwrap_or(TrainingPhase::Pending);
-        set_phase(&mut plan, &old, phase, "InvalidSpec", message, &now);
-        plan.transitions.clear();
-        let generation = plan.status.observed_generation;
-        for (type_, on) in [(READY, false), (RECONCILING, false), (STALLED, true)] {
-            set(
-                &mut plan.status.conditions,
-                type_,
-                on,
-                "InvalidSpec",
-                message,
-                generation,
-                &now,
-            );
-        }
-        if !has_true(&old, STALLED) {
-            plan.transitions
-                .push(warning("InvalidSpec", message.clone()));
-        }
+        stall(&mut plan, &old, phase, "InvalidSpec", message, &now);
         return plan;
     }
 
@@ -335,7 +318,7 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
         }
         InitSource::Unusable { reason, message } => {
             // Stalled, not Failed: pointing the spec elsewhere lets it run.
-            set_phase(
+            stall(
                 &mut plan,
                 &old,
                 TrainingPhase::Pending,
@@ -343,22 +326,6 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
                 message,
                 &now,
             );
-            let generation = plan.status.observed_generation;
-            for (type_, on) in [(READY, false), (RECONCILING, false), (STALLED, true)] {
-                set(
-                    &mut plan.status.conditions,
-                    type_,
-                    on,
-                    reason,
-                    message,
-                    generation,
-                    &now,
-                );
-            }
-            if !has_true(&old, STALLED) {
-                plan.transitions.clear();
-                plan.transitions.push(warning(reason, message.clone()));
-            }
             plan.look_again_within(INIT_SOURCE_POLL);
             return plan;
         }
@@ -1105,6 +1072,36 @@ fn fail(plan: &mut Plan, old: &MoETrainingJobStatus, reason: &str, message: &str
         ..Default::default()
     };
     set_phase(plan, old, TrainingPhase::Failed, reason, message, now);
+}
+
+/// `phase`, Stalled (not Ready, not Reconciling) for `reason`: a job that
+/// will not get anywhere until its spec changes. The warning Event comes
+/// once, when it stalls.
+fn stall(
+    plan: &mut Plan,
+    old: &MoETrainingJobStatus,
+    phase: TrainingPhase,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) {
+    set_phase(plan, old, phase, reason, message, now);
+    plan.transitions.clear();
+    let generation = plan.status.observed_generation;
+    for (type_, on) in [(READY, false), (RECONCILING, false), (STALLED, true)] {
+        set(
+            &mut plan.status.conditions,
+            type_,
+            on,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+    if !has_true(old, STALLED) {
+        plan.transitions.push(warning(reason, message.into()));
+    }
 }
 
 fn has_true(status: &MoETrainingJobStatus, type_: &str) -> bool {
