@@ -201,7 +201,7 @@ fn status() {
     );
     println!("  moectl: crds, validate, render, run --local (with its Hub downloads and export)");
     println!(
-        "  operator: MoETrainingJob (gang attempts, restarts, elastic gangs, Kueue, fine-tuning, \
+        "  operator: MoETrainingJob (gang attempts, restarts, elastic gangs, Kueue, fine-tuning, jobs starting from jobs, \
          the Hugging Face export), MoEInferenceService (replica groups, expert parallelism, \
          autoscaling, routes)"
     );
