@@ -561,13 +561,28 @@ fn decide_attempts(job: &MoETrainingJob, observed: &Observed) -> Plan {
             if let Some(p) = &observed.progress {
                 plan.status.progress = Some(p.clone());
             }
-            let msg = match plan.status.progress.as_ref().filter(|p| p.stopped_early) {
+            let mut msg = match plan.status.progress.as_ref().filter(|p| p.stopped_early) {
                 Some(p) => format!(
                     "training stopped early at step {} of {} in attempt {}: the held-out loss stopped improving (training.evaluation.patience)",
                     p.step, p.total_steps, cur.attempt
                 ),
                 None => format!("training finished in attempt {}", cur.attempt),
             };
+            let keeps_best = spec
+                .training
+                .evaluation
+                .as_ref()
+                .is_some_and(|e| e.keep_best);
+            let best = plan
+                .status
+                .progress
+                .as_ref()
+                .and_then(|p| p.best_checkpoint_step);
+            if let (true, Some(best)) = (keeps_best, best) {
+                msg.push_str(&format!(
+                    "; its model is step {best}'s checkpoint, of the lowest held-out loss (training.evaluation.keepBest)"
+                ));
+            }
             set_phase(
                 &mut plan,
                 &old,

@@ -991,7 +991,7 @@ fn completion_takes_rank_0s_last_report_and_names_an_early_stop() {
         },
     );
     assert_eq!(done.status.phase, Some(TrainingPhase::Succeeded));
-    assert_eq!(done.status.progress, Some(last));
+    assert_eq!(done.status.progress, Some(last.clone()));
     assert!(
         done.transitions[0]
             .message
@@ -1007,6 +1007,28 @@ fn completion_takes_rank_0s_last_report_and_names_an_early_stop() {
     assert_eq!(
         succeeded.map(|c| c.message.as_str()),
         Some(done.transitions[0].message.as_str())
+    );
+    // With keepBest the message names the job's model.
+    let mut keeping = j.clone();
+    keeping.spec.training.evaluation = Some(
+        serde_json::from_value(serde_json::json!({"intervalSteps": 5, "keepBest": true})).unwrap(),
+    );
+    let done = decide(
+        &keeping,
+        &Observed {
+            progress: Some(TrainingProgress {
+                best_checkpoint_step: Some(40),
+                ..last
+            }),
+            ..complete()
+        },
+    );
+    assert!(
+        done.transitions[0].message.ends_with(
+            "; its model is step 40's checkpoint, of the lowest held-out loss (training.evaluation.keepBest)"
+        ),
+        "{:?}",
+        done.transitions
     );
 }
 
