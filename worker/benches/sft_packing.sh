@@ -4,7 +4,8 @@
 # its 60 conversations whole), 20 steps each, release build: one
 # conversation per sequence padded to the context (MOE_KEEP_PADDING=1, the
 # baseline), the same with each micro-batch cut to its longest conversation
-# (the default), and `data.packing`. Prints the assistant tokens trained per
+# (the default), and `data.packing`; then with micro-batches of 2, padded
+# and grouped by length and cut (the default). Prints the assistant tokens trained per
 # second (the loss's tokens: `trainedTokens` in metrics.jsonl over the run's
 # wall time), each run's ratio to the baseline, and each run's share of real
 # tokens.
@@ -19,12 +20,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 run() {
-  local name=$1 packing=$2 keep_padding=$3
+  local name=$1 packing=$2 keep_padding=$3 micro=${4:-8}
   # The example, renamed, at seqLen 256, 20 steps logged each, no export.
   sed -e "s/^  name: tiny-sft$/  name: $name/" \
       -e 's/^    seqLen: 128 .*/    seqLen: 256/' \
       -e "s/^    format: chat$/    format: chat\n    packing: $packing/" \
       -e 's/^    steps: 30$/    steps: 20/' \
+      -e "s/^    microBatchSize: 8$/    microBatchSize: $micro/" \
       -e 's/^    logIntervalSteps: 10$/    logIntervalSteps: 1/' \
       -e '/^  output:$/,/^      path: exports$/d' \
       -e '/^    evaluation:$/,/^      keepBest: true$/d' \
@@ -50,14 +52,17 @@ EOF
 padded=$(run sft-padded false 1)
 trimmed=$(run sft-trimmed false 0)
 packed=$(run sft-packed true 0)
-echo "$padded"
-echo "$trimmed"
-echo "$packed"
-python3 - "$padded" "$trimmed" "$packed" <<'EOF'
+# Micro-batches of 2 (4 per step): the step's conversations grouped by
+# length, then each micro-batch cut, against the same padded.
+padded2=$(run sft-padded-mb2 false 1 2)
+grouped2=$(run sft-grouped-mb2 false 0 2)
+for r in "$padded" "$trimmed" "$packed" "$padded2" "$grouped2"; do echo "$r"; done
+python3 - "$padded" "$trimmed" "$packed" "$padded2" "$grouped2" <<'EOF'
 import json, sys
-padded, trimmed, packed = (json.loads(a) for a in sys.argv[1:])
-base = padded["trainedTokensPerSecond"]
-for name, run in [("cut to the longest conversation", trimmed), ("packing", packed)]:
-    print(f"{name}: {run['trainedTokensPerSecond']} assistant tokens/s vs {base} padded to seqLen: "
-          f"{run['trainedTokensPerSecond'] / base:.2f}x")
+padded, trimmed, packed, padded2, grouped2 = (json.loads(a) for a in sys.argv[1:])
+rate = lambda r: r["trainedTokensPerSecond"]
+for name, run, base in [("cut to the longest conversation", trimmed, padded), ("packing", packed, padded),
+                        ("micro-batches of 2, grouped by length and cut", grouped2, padded2)]:
+    print(f"{name}: {rate(run)} assistant tokens/s vs {rate(base)} padded to seqLen: "
+          f"{rate(run) / rate(base):.2f}x")
 EOF

@@ -203,6 +203,12 @@ impl DataLoader {
         self
     }
 
+    /// Whether its sequences are one conversation each, padded at the end
+    /// when shorter (a corpus of conversations, not packed).
+    pub fn pads(&self) -> bool {
+        self.conversations.is_some() && !self.packing
+    }
+
     /// The corpus this stream draws from (all of it, not only its part).
     pub fn corpus(&self) -> &Corpus {
         &self.tokens

@@ -517,11 +517,55 @@ impl Evaluation {
 /// split over ranks (each rank's slice is a fixed share of a whole
 /// sequence) or [`KEEP_PADDING`] says not to.
 pub(crate) fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>, multiple: usize) {
-    static TRIM: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var_os(KEEP_PADDING).is_none_or(|v| v != "1"));
-    if parallel.sequence.is_none() && *TRIM {
+    if parallel.sequence.is_none() && cutting_padding() {
         batch.trim_padding_to(multiple);
     }
+}
+
+/// Whether micro-batches are grouped by length and cut to their longest
+/// sequence (unless [`KEEP_PADDING`]).
+fn cutting_padding() -> bool {
+    static CUT: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var_os(KEEP_PADDING).is_none_or(|v| v != "1"));
+    *CUT
+}
+
+/// A step's micro-batches regrouped so that each holds sequences of about
+/// one length, longest first (a stable sort of the step's sequences by real
+/// tokens): the same sequences, so the same step (its loss is the mean
+/// over all their trained targets, its gradient their sum, up to the order
+/// of sums), but each micro-batch cut to a length close to its sequences'
+/// own ([`Batch::trim_padding`]) rather than to the longest of a random
+/// few. Packed sequences (documents) and unpadded ones are left as drawn.
+fn group_by_length(batches: Vec<Batch>, micro_batch: usize) -> Vec<Batch> {
+    let padded = batches
+        .iter()
+        .any(|b| b.real.iter().any(|&r| r < b.seq_len));
+    if batches.len() < 2 || !padded || batches.iter().any(|b| b.documents.is_some()) {
+        return batches;
+    }
+    let seq_len = batches[0].seq_len;
+    let mut sequences: Vec<(usize, &[u32], &[u32])> = batches
+        .iter()
+        .flat_map(|b| {
+            b.real
+                .iter()
+                .zip(b.inputs.chunks_exact(b.seq_len))
+                .zip(b.targets.chunks_exact(b.seq_len))
+                .map(|((&real, inputs), targets)| (real, inputs, targets))
+        })
+        .collect();
+    sequences.sort_by_key(|&(real, _, _)| std::cmp::Reverse(real));
+    sequences
+        .chunks(micro_batch)
+        .map(|group| Batch {
+            seq_len,
+            inputs: group.iter().flat_map(|s| s.1).copied().collect(),
+            targets: group.iter().flat_map(|s| s.2).copied().collect(),
+            real: group.iter().map(|s| s.0).collect(),
+            documents: None,
+        })
+        .collect()
 }
 
 /// `MOE_KEEP_PADDING=1` keeps every sequence at `seqLen`, padding and
@@ -554,10 +598,30 @@ pub fn draw_step(
     world: Option<&mut dyn Collective>,
 ) -> Result<StepBatches, DistError> {
     let share = settings.micro_steps * settings.micro_batch;
-    data.skip(shard.rank * share);
-    let batches: Vec<Batch> = (0..settings.micro_steps)
-        .map(|_| {
-            let mut batch = data.next_batch(settings.micro_batch);
+    let batches: Vec<Batch> =
+        if data.pads() && cutting_padding() && shard.ranks * settings.micro_steps > 1 {
+            // The whole step (every shard's), grouped by length alike on
+            // every layout; this shard's are every `ranks`-th group, so each
+            // rank gets long and short ones alike.
+            let step: Vec<Batch> = (0..shard.ranks * settings.micro_steps)
+                .map(|_| data.next_batch(settings.micro_batch))
+                .collect();
+            group_by_length(step, settings.micro_batch)
+                .into_iter()
+                .skip(shard.rank)
+                .step_by(shard.ranks)
+                .collect()
+        } else {
+            data.skip(shard.rank * share);
+            let mine = (0..settings.micro_steps)
+                .map(|_| data.next_batch(settings.micro_batch))
+                .collect();
+            data.skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
+            mine
+        };
+    let batches: Vec<Batch> = batches
+        .into_iter()
+        .map(|mut batch| {
             if let Some(sp) = sequence {
                 batch.inputs = sp.local_tokens(&batch.inputs);
                 batch.targets = sp.local_tokens(&batch.targets);
@@ -567,7 +631,6 @@ pub fn draw_step(
             batch
         })
         .collect();
-    data.skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
     let here: usize = batches.iter().map(|b| trained_targets(&b.targets)).sum();
     let (trained, ranks) = match world {
         Some(world) if world.size() > 1 => {

@@ -121,13 +121,24 @@ pub(crate) fn train_binary(dir: &Path, config: &Value) -> std::process::Output {
 /// [`train_binary`] as a pod of `ranks` local ranks (`config` must say as
 /// many `processesPerNode`) runs it: the launcher and its ranks.
 pub(crate) fn train_binary_on(dir: &Path, config: &Value, ranks: usize) -> std::process::Output {
+    train_binary_with(dir, config, ranks, &[])
+}
+
+/// [`train_binary_on`] with `env` set too.
+pub(crate) fn train_binary_with(
+    dir: &Path,
+    config: &Value,
+    ranks: usize,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"));
     command
         .args(["train", "--config"])
         .arg(&path)
-        .env("MOE_STATUS_ADDR", "off");
+        .env("MOE_STATUS_ADDR", "off")
+        .envs(env.iter().copied());
     if ranks > 1 {
         let port = moe_worker::dist::launch::free_local_port().unwrap();
         command

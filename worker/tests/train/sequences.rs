@@ -291,3 +291,79 @@ fn a_batch_cut_to_its_longest_sequence_trains_as_the_padded_one() {
     whole.trim_padding();
     assert_eq!(whole.inputs, batch.inputs);
 }
+
+/// A step of conversations is drawn whole and grouped by length before it
+/// is dealt out (`draw_step`): each micro-batch holds conversations of
+/// about one length, longest first, so each is cut close to its own; and
+/// the micro-batches are the same whatever the layout, one process's six
+/// being two ranks' three each (every second one), the stream left at the
+/// same place.
+#[test]
+fn a_steps_conversations_are_grouped_by_length_alike_on_every_layout() {
+    use moe_worker::data::{Corpus, DataLoader};
+    use moe_worker::settings::{OptimizerSettings, TrainingSettings};
+    use moe_worker::train::{Shard, draw_step};
+    // Twelve conversations of 3 to 14 tokens, in shuffled lengths.
+    let lengths = [9, 3, 14, 5, 11, 7, 4, 13, 6, 10, 8, 12];
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for len in lengths {
+        ranges.push(start..start + len);
+        start += len;
+    }
+    let tokens: Vec<u32> = (0..start as u32).map(|t| t % 32).collect();
+    let trained = vec![true; start];
+    let corpus = Corpus::with_conversations(tokens, trained, ranges);
+    let loader = DataLoader::new(corpus, 16, 5, "test").unwrap();
+    let settings = |micro_steps: usize| TrainingSettings {
+        steps: 1,
+        micro_batch: 2,
+        micro_steps,
+        optimizer: OptimizerSettings {
+            learning_rate: 1e-3,
+            min_learning_rate: 1e-4,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            epsilon: 1e-8,
+            grad_clip: 1.0,
+        },
+        seed: 5,
+        log_interval: 1,
+        activation_memory: ActivationMemory::KeepAll,
+    };
+    let mut one = loader.clone();
+    let whole = draw_step(&mut one, &settings(6), Shard::WHOLE, None, None).unwrap();
+    let reals: Vec<usize> = whole.batches.iter().flat_map(|b| b.real.clone()).collect();
+    assert_eq!(reals.len(), 12);
+    assert!(
+        reals.windows(2).all(|w| w[0] >= w[1]),
+        "longest first: {reals:?}"
+    );
+    for (rank, batches) in [0, 1].map(|rank| {
+        let mut data = loader.clone();
+        let shard = Shard { rank, ranks: 2 };
+        let step = draw_step(&mut data, &settings(3), shard, None, None).unwrap();
+        assert_eq!(
+            data.position(),
+            one.position(),
+            "the stream at the same place"
+        );
+        (rank, step.batches)
+    }) {
+        let mine: Vec<&Batch> = whole.batches.iter().skip(rank).step_by(2).collect();
+        assert_eq!(batches.iter().collect::<Vec<_>>(), mine, "rank {rank}");
+    }
+    // Cut, the step's twelve conversations fill about what they are.
+    let cut: usize = whole
+        .batches
+        .into_iter()
+        .map(|mut b| {
+            b.trim_padding();
+            b.inputs.len()
+        })
+        .sum();
+    let real: usize = reals.iter().sum();
+    assert!(cut <= real + 6, "{cut} tokens run for {real} real");
+}

@@ -64,6 +64,17 @@ fn train(dir: &Path, format: &str) -> Value {
 /// [`train`] for `steps` steps, `patch` applied to the config, on as many
 /// local ranks as it asks for.
 fn train_with(dir: &Path, format: &str, steps: u64, patch: impl Fn(&mut Value)) -> Value {
+    train_with_env(dir, format, steps, patch, &[])
+}
+
+/// [`train_with`] with `env` set for the worker.
+fn train_with_env(
+    dir: &Path,
+    format: &str,
+    steps: u64,
+    patch: impl Fn(&mut Value),
+    env: &[(&str, &str)],
+) -> Value {
     let mut config = config_json(dir);
     // Each sequence is one conversation from its start: long enough for
     // the longest here (65 to 96 tokens), so every answer is in it.
@@ -82,7 +93,7 @@ fn train_with(dir: &Path, format: &str, steps: u64, patch: impl Fn(&mut Value)) 
     let ranks = config["parallelism"]["processesPerNode"]
         .as_u64()
         .unwrap_or(1);
-    let out = crate::train_binary_on(dir, &config, ranks as usize);
+    let out = crate::train_binary_with(dir, &config, ranks as usize, env);
     assert!(
         out.status.success(),
         "{}",
@@ -170,22 +181,40 @@ fn the_loss_is_the_assistants_alone() {
 /// none), and the loss is still the mean over all of the step's. The run
 /// of two processes trains like one; a mean of the ranks' means would not
 /// (docs/distributed.md; the in-process test `dist_sequence_parallel`
-/// measures every split).
+/// measures every split). Both at `seqLen`, padding and all
+/// (`MOE_KEEP_PADDING=1`): one process would cut each micro-batch to its
+/// longest conversation, which a rank's fixed slice cannot be, and the
+/// trajectories part by more than rounding once a routing choice flips.
+/// Cut and grouped by length (the default), one process trains the same
+/// first step.
 #[test]
 fn fine_tuning_splits_each_conversation_over_sequence_parallel_ranks() {
     // Answers of 1 to 12 words, after questions of 2 words.
     let lines = conversations(2, |i| vec!["yes"; 1 + i % 12].join(" "));
-    let run = |ranks: usize| {
-        let dir = scratch_dir(&format!("sft-sp-{ranks}"));
+    let run = |ranks: usize, keep_padding: &str| {
+        let dir = scratch_dir(&format!("sft-sp-{ranks}-{keep_padding}"));
         std::fs::write(dir.join("chats.jsonl"), &lines).unwrap();
-        let summary = train_with(&dir, "chat", 8, |config| {
-            config["training"]["logIntervalSteps"] = 1.into();
-            config["parallelism"] = json!({"processesPerNode": ranks, "sequenceParallel": ranks});
-        });
+        let summary = train_with_env(
+            &dir,
+            "chat",
+            8,
+            |config| {
+                config["training"]["logIntervalSteps"] = 1.into();
+                config["parallelism"] =
+                    json!({"processesPerNode": ranks, "sequenceParallel": ranks});
+            },
+            &[("MOE_KEEP_PADDING", keep_padding)],
+        );
         (summary, crate::logged_steps(&dir))
     };
-    let (one, one_steps) = run(1);
-    let (two, two_steps) = run(2);
+    let (one, one_steps) = run(1, "1");
+    let (two, two_steps) = run(2, "1");
+    let (_, cut_steps) = run(1, "0");
+    let (padded, cut) = (one_steps[0].1, cut_steps[0].1);
+    assert!(
+        (padded - cut).abs() <= 1e-6 * padded,
+        "first step: padded {padded}, cut and grouped {cut}"
+    );
     eprintln!("one process: {one}\nSP 2: {two}");
     assert_eq!(one_steps.len(), 8);
     assert!(one_steps[0].1 > 1.0, "the answers are trained: {one}");
