@@ -690,13 +690,7 @@ impl DeviceModel {
     ) -> Result<DeviceForward> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
-        // A sequence-parallel rank's share of seqLen, or the batch's length
-        // (cut to its longest sequence), as the CPU model.
-        let seq_len = match (parallel.sequence, layout.seq_len) {
-            (Some(sp), _) => sp.local_len(),
-            (None, Some(len)) => len.min(c.seq_len),
-            (None, None) => c.seq_len,
-        };
+        let seq_len = layout.seq_len_of(c, parallel.sequence);
         assert!(
             tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
             "tokens and targets must be the same whole number of sequences (or slices)"

@@ -102,6 +102,34 @@ pub(crate) struct BatchLayout<'a> {
 }
 
 impl<'a> BatchLayout<'a> {
+    /// Tokens per sequence (or slice) of a pass of `config` laid out so: a
+    /// sequence-parallel rank's share of `seqLen`, else the batch's length
+    /// (cut to its longest sequence), else `seqLen`.
+    pub(crate) fn seq_len_of(
+        &self,
+        config: &ModelConfig,
+        sequence: Option<&SequenceParallel>,
+    ) -> usize {
+        match (sequence, self.seq_len) {
+            (Some(sp), len) => {
+                assert!(
+                    len.is_none_or(|l| l == sp.local_len()),
+                    "a sequence-parallel rank's slices are whole shares of seqLen"
+                );
+                sp.local_len()
+            }
+            (None, Some(len)) => {
+                assert!(
+                    (1..=config.seq_len).contains(&len),
+                    "sequences of {len} tokens for a model of seqLen {}",
+                    config.seq_len
+                );
+                len
+            }
+            (None, None) => config.seq_len,
+        }
+    }
+
     /// `batch`'s padding, documents and length.
     pub(crate) fn of(batch: &'a Batch) -> Self {
         Self {
@@ -481,24 +509,7 @@ impl<T: Scalar> Model<T> {
     ) -> ForwardPass<T> {
         let config = &self.config;
         let (h, vocab) = (config.hidden, config.vocab);
-        let seq_len = match (parallel.sequence, layout.seq_len) {
-            (Some(sp), len) => {
-                assert!(
-                    len.is_none_or(|l| l == sp.local_len()),
-                    "a sequence-parallel rank's slices are whole shares of seqLen"
-                );
-                sp.local_len()
-            }
-            (None, Some(len)) => {
-                assert!(
-                    (1..=config.seq_len).contains(&len),
-                    "sequences of {len} tokens for a model of seqLen {}",
-                    config.seq_len
-                );
-                len
-            }
-            (None, None) => config.seq_len,
-        };
+        let seq_len = layout.seq_len_of(config, parallel.sequence);
         assert!(
             tokens.len() == targets.len() && tokens.len().is_multiple_of(seq_len),
             "tokens and targets must be the same whole number of sequences (or slices)"
