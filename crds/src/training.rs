@@ -76,6 +76,12 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.training.evaluation) || !has(self.training.evaluation.keepBest) || !self.training.evaluation.keepBest || self.checkpoint.intervalSteps % self.training.evaluation.intervalSteps == 0")
         .message("training.evaluation.keepBest needs every checkpoint evaluated: checkpoint.intervalSteps must be a multiple of training.evaluation.intervalSteps")
         .field_path(".training.evaluation.keepBest"),
+    validation = Rule::new("!has(self.training.lora) || !has(self.training.lora.routedExperts) || !self.training.lora.routedExperts || self.parallelism.expertParallel == 1")
+        .message("training.lora.routedExperts needs parallelism.expertParallel 1: the routed experts' adapters are not sharded")
+        .field_path(".training.lora.routedExperts"),
+    validation = Rule::new("!has(self.training.lora) || self.worker.device == 'cpu'")
+        .message("training.lora trains on the CPU (worker.device: cpu) for now: the CUDA trainer has no adapters yet")
+        .field_path(".training.lora"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),
@@ -803,6 +809,97 @@ pub struct TrainingSpec {
     /// `/metrics`, and its summary. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<EvaluationSpec>,
+    /// Low-rank adaptation (LoRA, Hu et al. 2021): train small adapters
+    /// instead of the model. Every other weight is frozen (the MoE
+    /// selection biases too); each targeted linear layer's weight becomes
+    /// `W + (alpha / rank) · B·A`, `A` of `rank` rows, `B` starting at
+    /// zero, so step 0 is the model as loaded (usually `model.initFrom`).
+    /// Checkpoints hold the merged weights, which is what is served and
+    /// exported, beside the adapters. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+}
+
+/// Low-rank adapters (`training.lora`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!self.routedExperts || self.targets.exists(t, t in ['gate_proj', 'up_proj', 'down_proj'])")
+        .message("training.lora.routedExperts adapts the routed experts' MLP projections: targets must name gate_proj, up_proj or down_proj")
+        .field_path(".routedExperts"),
+)]
+pub struct LoraSpec {
+    /// The adapters' rank `r`.
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: i32,
+    /// The update's scale numerator: `B·A` is multiplied by `alpha / rank`.
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(range(min = 0.0, max = 65536.0))]
+    pub alpha: f64,
+    /// The linear layers adapted, by their Hugging Face names: the
+    /// attention projections `q_proj`, `k_proj`, `v_proj`, `o_proj`, and
+    /// the MLP projections `gate_proj`, `up_proj`, `down_proj` of the dense
+    /// layers and the shared experts (of the routed experts too with
+    /// `routedExperts`). The router is never adapted.
+    #[serde(default = "default_lora_targets")]
+    #[schemars(length(min = 1, max = 7), extend("x-kubernetes-list-type" = "set"))]
+    pub targets: Vec<LoraTarget>,
+    /// Adapt each routed expert's targeted MLP projections too (one adapter
+    /// per expert and projection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routed_experts: bool,
+}
+
+/// A linear layer `training.lora` adapts, by its Hugging Face module name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum LoraTarget {
+    #[serde(rename = "q_proj")]
+    QProj,
+    #[serde(rename = "k_proj")]
+    KProj,
+    #[serde(rename = "v_proj")]
+    VProj,
+    #[serde(rename = "o_proj")]
+    OProj,
+    #[serde(rename = "gate_proj")]
+    GateProj,
+    #[serde(rename = "up_proj")]
+    UpProj,
+    #[serde(rename = "down_proj")]
+    DownProj,
+}
+
+impl LoraTarget {
+    /// The Hugging Face module name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+}
+
+fn default_lora_rank() -> i32 {
+    8
+}
+
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+
+fn default_lora_targets() -> Vec<LoraTarget> {
+    vec![
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+    ]
 }
 
 fn default_log_interval() -> i32 {

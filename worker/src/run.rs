@@ -885,6 +885,15 @@ fn resume(
     if settings.checkpoint.keep_best {
         run.best = checkpoint::best(&settings.checkpoint.dir, manifest.step)?;
     }
+    trainer.restorable(&restored.state).map_err(|problem| {
+        SettingsError::new(
+            "training.lora",
+            format!(
+                "cannot resume from checkpoint {}: {problem}; use another checkpoint.dir or set checkpoint.resume to Never",
+                path.display()
+            ),
+        )
+    })?;
     trainer.restore(restored.state);
     Ok(())
 }
@@ -1094,6 +1103,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer, run: &RunStat
             .map(|_| run.patience),
         model: trainer.model(),
         optimizer: trainer.optimizer(),
+        lora: trainer.lora(),
     }
 }
 

@@ -206,6 +206,8 @@ pub struct TrainingSettings {
     /// `training.activationCheckpointing`: recompute each block's
     /// activations in the backward pass instead of keeping them.
     pub activation_memory: ActivationMemory,
+    /// `training.lora`: adapters trained instead of the model.
+    pub lora: Option<crate::train::lora::LoraSettings>,
 }
 
 /// AdamW and its schedule.
@@ -301,6 +303,15 @@ impl TrainSettings {
         let expert_parallel = expert_parallel(config, world_size, sequence_parallel, &model)?;
         (model.gemm_precision, model.head_precision) = gemm_precision(config);
         let training = training_settings(config, world_size, sequence_parallel)?;
+        if let Some(lora) = &training.lora {
+            require(
+                !lora.routed_experts || expert_parallel == 1,
+                "training.lora.routedExperts",
+                format!(
+                    "is set with parallelism.expertParallel {expert_parallel}, but the routed experts' adapters are not sharded: use expertParallel 1"
+                ),
+            )?;
+        }
         if config.device == Device::Cuda {
             check_cuda(config)?;
         }
@@ -467,6 +478,11 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
             "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
             config.model.hidden_size
         ),
+    )?;
+    require(
+        config.training.lora.is_none(),
+        "training.lora",
+        "is set, but the CUDA trainer has no adapters yet: train them with device: cpu".to_owned(),
     )
 }
 
@@ -516,6 +532,11 @@ fn training_settings(
         } else {
             ActivationMemory::KeepAll
         },
+        lora: spec
+            .lora
+            .as_ref()
+            .map(crate::train::lora::LoraSettings::from_spec)
+            .transpose()?,
     })
 }
 

@@ -19,14 +19,14 @@ fn settings(ranks: usize, global_batch: usize, micro: usize) -> TrainSettings {
     settings_in(ranks, global_batch, micro, json!({}))
 }
 
-/// [`settings`] with `training.precision` set to `precision`.
+/// [`settings`] with `training`'s fields in `training` added or replaced.
 fn settings_in(
     ranks: usize,
     global_batch: usize,
     micro: usize,
-    precision: serde_json::Value,
+    training: serde_json::Value,
 ) -> TrainSettings {
-    let config = json!({
+    let mut config = json!({
         "job": "local/dp",
         "model": {
             "hiddenSize": 32, "layers": 2, "denseLayers": 1, "denseHiddenSize": 64,
@@ -40,14 +40,16 @@ fn settings_in(
         "training": {
             "steps": STEPS, "globalBatchSize": global_batch, "microBatchSize": micro, "seed": 7,
             "optimizer": {"learningRate": 0.01, "minLearningRate": 0.001, "warmupSteps": 1,
-                          "gradClip": 1.0},
-            "precision": precision
+                          "gradClip": 1.0}
         },
         "parallelism": {"processesPerNode": ranks},
         "checkpoint": {"dir": "unused", "intervalSteps": 100, "keep": 1, "resume": "Never"},
         "device": "cpu",
         "outputDir": "unused"
     });
+    for (field, value) in training.as_object().expect("training fields") {
+        config["training"][field] = value.clone();
+    }
     let config = parse_worker_config(&config.to_string()).expect("valid config");
     TrainSettings::from_config(&config).expect("valid settings")
 }
@@ -192,6 +194,34 @@ fn compare(one: &Outcome, replicas: &[Outcome]) {
     );
 }
 
+/// LoRA adapters (`training.lora`) train on two ranks as in one process:
+/// the adapters' gradients come from the averaged weight gradients, so the
+/// replicas' adapters, and the merged weights, stay identical.
+#[test]
+fn lora_ranks_match_one_process() {
+    let lora = || json!({"lora": {"rank": 4, "targets": ["q_proj", "o_proj", "gate_proj", "down_proj"], "routedExperts": true}});
+    let one = alone(&settings_in(1, 4, 2, lora()));
+    let replicas = data_parallel(&settings_in(2, 4, 2, lora()), 2);
+    compare(&one, &replicas);
+    // Something was trained, and only the adapted tensors moved.
+    let initial = weights(&trainer(&settings_in(1, 4, 2, lora())));
+    let moved: Vec<&str> = replicas[0]
+        .weights
+        .iter()
+        .zip(&initial)
+        .filter(|((_, got), (_, was))| got != was)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    assert!(moved.contains(&"blocks.0.wq"), "{moved:?}");
+    assert!(moved.contains(&"blocks.1.moe.experts_w1"), "{moved:?}");
+    assert!(
+        moved.iter().all(|name| ["wq", "wo", "w1", "w2"]
+            .iter()
+            .any(|leaf| name.ends_with(leaf))),
+        "only the adapted projections move: {moved:?}"
+    );
+}
+
 /// One micro-batch on each of two ranks vs two micro-batches in one process.
 #[test]
 fn two_ranks_of_one_micro_batch_match_one_process_of_two() {
@@ -223,7 +253,7 @@ fn four_ranks_match_one_process() {
 /// largest values. Then the replicas train on in step: identical weights.
 #[test]
 fn tensorwise_fp8_ranks_keep_the_amax_histories_of_one_process() {
-    let fp8 = || json!({"fp8": {"enabled": true, "recipe": "tensorwise"}});
+    let fp8 = || json!({"precision": {"fp8": {"enabled": true, "recipe": "tensorwise"}}});
     let mut one = trainer(&settings_in(1, 4, 2, fp8()));
     one.step(&|| false).expect("not stopped");
     let want = one.model().fp8_histories();

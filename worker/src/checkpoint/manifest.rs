@@ -56,6 +56,21 @@ pub struct Manifest {
     /// expert exactly once, in order. Empty (and absent) otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expert_shards: Vec<ExpertShard>,
+    /// With `training.lora`: the adapters' file (the state file's weights
+    /// are then the merged ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraFile>,
+}
+
+/// The adapters of a `training.lora` run and what they were made for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoraFile {
+    /// `training.lora` as the run had it: a resume must ask for the same.
+    pub settings: moe_crds::LoraSpec,
+    pub file: String,
+    pub bytes: u64,
+    pub fnv1a: String,
 }
 
 /// One rank's routed experts `first..end` of every MoE layer (weights and

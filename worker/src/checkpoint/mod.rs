@@ -32,9 +32,10 @@ use moe_crds::{ModelSpec, Tokenizer};
 
 use crate::data::DataPosition;
 use crate::model::{Model, ModelConfig};
+use crate::train::lora::{Lora, LoraSettings};
 use crate::train::{AdamW, TrainerState};
 
-pub use manifest::{ExpertShard, FORMAT_VERSION, Manifest};
+pub use manifest::{ExpertShard, FORMAT_VERSION, LoraFile, Manifest};
 
 const MANIFEST: &str = "manifest.json";
 /// The Hugging Face tokenizer the run's tokens came from, copied in (when
@@ -42,6 +43,7 @@ const MANIFEST: &str = "manifest.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 
 const STATE: &str = "state.safetensors";
+const LORA: &str = "lora.safetensors";
 const PREFIX: &str = "step-";
 const TEMPORARY_PREFIX: &str = ".tmp-";
 
@@ -107,6 +109,8 @@ pub struct Snapshot<'a> {
     pub patience: Option<crate::settings::Patience>,
     pub model: &'a Model<f32>,
     pub optimizer: &'a AdamW,
+    /// `training.lora`'s adapters (`model` then holds the merged weights).
+    pub lora: Option<&'a Lora>,
 }
 
 /// A loaded checkpoint.
@@ -233,6 +237,19 @@ pub fn commit(
     )
     .map_err(corrupt)?;
     write_synced(&temporary.join(STATE), &state)?;
+    let lora = match snapshot.lora {
+        Some(lora) => {
+            let bytes = state_file::encode_lora(lora).map_err(corrupt)?;
+            write_synced(&temporary.join(LORA), &bytes)?;
+            Some(LoraFile {
+                settings: lora.settings().spec(),
+                file: LORA.to_owned(),
+                bytes: bytes.len() as u64,
+                fnv1a: manifest::fnv1a(&bytes),
+            })
+        }
+        None => None,
+    };
     if let Some(tokenizer) = snapshot.tokenizer_file {
         // The tokenizer as `tokenizer.json`, its companions by their names.
         for (file, name) in crate::data::tokenizer_files(tokenizer) {
@@ -255,6 +272,7 @@ pub fn commit(
         state_bytes: state.len() as u64,
         state_fnv1a: manifest::fnv1a(&state),
         expert_shards,
+        lora,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
     write_synced(&temporary.join(MANIFEST), &json)?;
@@ -361,6 +379,14 @@ pub fn load_experts(
         let bytes = verified(path, &shard.file, shard.bytes, &shard.fnv1a)?;
         state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state)
             .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
+    }
+    if let Some(file) = &manifest.lora {
+        let settings = LoraSettings::from_spec(&file.settings)
+            .map_err(|e| corrupt(format!("{MANIFEST}: its lora: {e}")))?;
+        let bytes = verified(path, &file.file, file.bytes, &file.fnv1a)?;
+        let lora = state_file::decode_lora(&bytes, settings, &state.model)
+            .map_err(|problem| corrupt(format!("{}: {problem}", file.file)))?;
+        state.lora = Some(lora);
     }
     Ok(Restored {
         path: path.to_path_buf(),

@@ -15,6 +15,7 @@ use std::ops::Range;
 use crate::dist::expert_parallel::is_expert_tensor;
 use crate::model::{Gradients, Model, ModelConfig};
 use crate::train::TrainerState;
+use crate::train::lora::{Lora, LoraSettings};
 
 const WEIGHTS: &str = "weights";
 const FIRST_MOMENT: &str = "adam_m";
@@ -223,6 +224,7 @@ pub fn decode(
         second_moment,
         step,
         data,
+        lora: None,
     })
 }
 
@@ -400,4 +402,61 @@ impl MappedTensors {
         let data = &self.map[self.data_start + start..self.data_start + end];
         f32_rows(name, (info.dtype, &info.shape), data, shape, rows)
     }
+}
+
+/// `lora.safetensors`: every adapter of `lora` — its frozen weights `W₀`,
+/// `A`, `B` and their AdamW moments — named after the model tensor it
+/// adapts (`blocks.0.wq/a`).
+pub fn encode_lora(lora: &Lora) -> Result<Vec<u8>, String> {
+    let mut named = Vec::new();
+    for adapter in lora.adapters() {
+        let r = lora.settings().rank;
+        let (n, rows, cols) = (adapter.matrices, adapter.rows, adapter.cols);
+        let parts: [(&str, Vec<usize>, &[f32]); 7] = [
+            ("base", vec![n, rows, cols], &adapter.base),
+            ("a", vec![n, r, cols], &adapter.a.values),
+            ("a_m", vec![n, r, cols], &adapter.a.m),
+            ("a_v", vec![n, r, cols], &adapter.a.v),
+            ("b", vec![n, rows, r], &adapter.b.values),
+            ("b_m", vec![n, rows, r], &adapter.b.m),
+            ("b_v", vec![n, rows, r], &adapter.b.v),
+        ];
+        for (part, shape, values) in parts {
+            named.push((format!("{}/{part}", adapter.name), shape, to_bytes(values)));
+        }
+    }
+    serialize(&named)
+}
+
+/// The adapters `settings` puts on `model` (its tensors' names and
+/// shapes), their values read from `bytes` as [`encode_lora`] wrote them.
+pub fn decode_lora(
+    bytes: &[u8],
+    settings: LoraSettings,
+    model: &Model<f32>,
+) -> Result<Lora, String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut adapters = Lora::new(settings.clone(), model, 0).adapters().to_vec();
+    let r = settings.rank;
+    for adapter in &mut adapters {
+        let (n, rows, cols) = (adapter.matrices, adapter.rows, adapter.cols);
+        let name = |part: &str| format!("{}/{part}", adapter.name);
+        adapter.base = read(&file, &name("base"), &[n, rows, cols])?;
+        for (param, part, shape) in [
+            (&mut adapter.a, "a", [n, r, cols]),
+            (&mut adapter.b, "b", [n, rows, r]),
+        ] {
+            param.values = read(&file, &name(part), &shape)?;
+            param.m = read(&file, &name(&format!("{part}_m")), &shape)?;
+            param.v = read(&file, &name(&format!("{part}_v")), &shape)?;
+        }
+    }
+    let expected = 7 * adapters.len();
+    if file.len() != expected {
+        return Err(format!(
+            "it holds {} tensors, the adapters of training.lora are {expected}",
+            file.len()
+        ));
+    }
+    Ok(Lora::from_parts(settings, adapters))
 }

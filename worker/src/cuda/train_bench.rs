@@ -86,6 +86,7 @@ pub fn training_step_figures(gpu: &Gpu, dense_flops: f64) -> Result<(Vec<Figure>
         seed: 1,
         log_interval: 1,
         activation_memory: ActivationMemory::KeepAll,
+        lora: None,
     };
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let corpus: Vec<u32> = (0..(1 << 22))

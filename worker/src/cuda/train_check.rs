@@ -83,6 +83,7 @@ fn settings() -> TrainingSettings {
         seed: 7,
         log_interval: 1,
         activation_memory: ActivationMemory::KeepAll,
+        lora: None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! a data-, expert- and sequence-parallel gang ([`Trainer::step_parallel`]).
 
 pub mod balance;
+pub mod lora;
 pub mod optimizer;
 pub mod schedule;
 
@@ -18,6 +19,7 @@ use crate::model::{Gradients, Model, ModelConfig, Parallel, TensorBytes};
 use crate::ops::cross_entropy::{LossScale, trained_targets};
 use crate::settings::TrainingSettings;
 
+use lora::Lora;
 pub use optimizer::AdamW;
 
 /// What one optimizer step did.
@@ -50,6 +52,8 @@ pub struct Trainer {
     optimizer: AdamW,
     data: DataLoader,
     grads: Gradients<f32>,
+    /// `training.lora`: the adapters trained instead of the model.
+    lora: Option<Lora>,
 }
 
 /// Everything a checkpoint restores.
@@ -61,6 +65,8 @@ pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
     pub data: DataPosition,
+    /// The adapters of a `training.lora` run (`model` holds the merged weights).
+    pub lora: Option<Lora>,
 }
 
 impl Trainer {
@@ -83,12 +89,17 @@ impl Trainer {
     ) -> Self {
         let model = Model::initial_with_experts(config.clone(), settings.seed, experts.clone());
         let optimizer = AdamW::with_experts(&config, settings.optimizer, experts.clone());
+        let lora = settings
+            .lora
+            .clone()
+            .map(|lora| Lora::new(lora, &model, settings.seed));
         Self {
             grads: Gradients::zeros_with_experts(&config, experts),
             settings,
             model,
             optimizer,
             data,
+            lora,
         }
     }
 
@@ -104,6 +115,10 @@ impl Trainer {
             self.optimizer.updates, 0,
             "only a fresh trainer starts over"
         );
+        // The adapters go on the weights the run starts from.
+        if let Some(lora) = &mut self.lora {
+            *lora = Lora::new(lora.settings().clone(), &model, self.settings.seed);
+        }
         self.model = model;
     }
 
@@ -116,20 +131,33 @@ impl Trainer {
     /// moments, routed experts apart: with expert parallelism `ep` the
     /// routed experts' part is `1/ep` of one process's.
     pub fn state_bytes(&self) -> TensorBytes {
+        let adapters = self.lora.as_ref().map_or(0, Lora::bytes);
         self.model.weights.tensor_bytes()
             + self.grads.tensor_bytes()
             + self.optimizer.first_moment.tensor_bytes()
             + self.optimizer.second_moment.tensor_bytes()
+            + TensorBytes {
+                routed_experts: 0,
+                replicated: adapters,
+            }
     }
 
     /// Continues from a checkpoint's state, which must hold the same routed
-    /// experts as this trainer ([`crate::checkpoint::load`] reads those).
+    /// experts as this trainer ([`crate::checkpoint::load`] reads those),
+    /// and adapters exactly when this trainer has them (their settings are
+    /// this trainer's: [`Self::restorable`]).
     pub fn restore(&mut self, state: TrainerState) {
         assert_eq!(
             state.model.held_experts(),
             self.held_experts(),
             "a restored state holds this trainer's experts"
         );
+        assert_eq!(
+            state.lora.is_some(),
+            self.lora.is_some(),
+            "a restored state has adapters exactly when this trainer trains them"
+        );
+        self.lora = state.lora;
         self.model = state.model;
         self.optimizer.first_moment = state.first_moment;
         self.optimizer.second_moment = state.second_moment;
@@ -157,6 +185,32 @@ impl Trainer {
 
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
+    }
+
+    /// The adapters, when `training.lora` trains them.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Whether `state` can continue this trainer's run as far as adapters
+    /// go: none on either side, or the same `training.lora` on the same
+    /// tensors. The problem, if not, names `training.lora`.
+    pub fn restorable(&self, state: &TrainerState) -> Result<(), String> {
+        match (&self.lora, &state.lora) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err("the checkpoint was trained without training.lora, this run trains adapters: start LoRA from it with model.initFrom instead".to_owned()),
+            (None, Some(_)) => Err("the checkpoint holds training.lora adapters, this run has no training.lora".to_owned()),
+            (Some(mine), Some(theirs)) => {
+                if mine.settings() != theirs.settings() {
+                    return Err(format!(
+                        "the checkpoint's adapters were trained with {:?}, this run asks for {:?}",
+                        theirs.settings().spec(),
+                        mine.settings().spec()
+                    ));
+                }
+                theirs.check_fits(&state.model)
+            }
+        }
     }
 
     pub fn data_position(&self) -> DataPosition {
@@ -426,6 +480,17 @@ impl Trainer {
     fn apply(&mut self, acc: Accumulated, grad_norm: f64) -> StepReport {
         let settings = &self.settings;
         let micro_steps = settings.micro_steps as f64;
+        // With adapters the norm clipped and reported is theirs: they are
+        // what the step trains. (The weights' gradients are the same on
+        // every rank by now, so theirs are too.)
+        let lora_grads = self
+            .lora
+            .as_ref()
+            .map(|lora| lora.gradients(&self.grads, self.model.config()));
+        let grad_norm = match &lora_grads {
+            Some(grads) => lora::global_norm(grads),
+            None => grad_norm,
+        };
         // Each micro-batch's gradient is of its own mean loss; their mean is the step's.
         let grad_norm = grad_norm / micro_steps;
         let clip = settings.optimizer.grad_clip;
@@ -436,9 +501,25 @@ impl Trainer {
         };
         let step = self.optimizer.updates;
         let lr = schedule::learning_rate(&settings.optimizer, step, settings.steps);
-        self.optimizer
-            .update(&mut self.model, &self.grads, clip_scale / micro_steps, lr);
-        self.model.update_selection_biases(&acc.expert_loads);
+        match (&mut self.lora, lora_grads) {
+            (Some(lora), Some(grads)) => {
+                // Only the adapters move; the model takes their merge.
+                self.optimizer.updates += 1;
+                let update = optimizer::AdamWStep::new(
+                    &settings.optimizer,
+                    self.optimizer.updates,
+                    lr,
+                    clip_scale / micro_steps,
+                );
+                lora.update(update, &grads);
+                lora.merge_into(&mut self.model);
+            }
+            _ => {
+                self.optimizer
+                    .update(&mut self.model, &self.grads, clip_scale / micro_steps, lr);
+                self.model.update_selection_biases(&acc.expert_loads);
+            }
+        }
         self.model.advance_fp8_scales();
         StepReport {
             step: step + 1,

@@ -125,6 +125,7 @@ pub fn snapshot<'a>(
         patience: None,
         model,
         optimizer,
+        lora: None,
     }
 }
 

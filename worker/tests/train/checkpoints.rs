@@ -67,6 +67,7 @@ fn resuming_is_bit_identical_to_training_straight_through() {
         patience: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
+        lora: trainer.lora(),
     };
     checkpoint::save(
         &settings.checkpoint.dir,
@@ -216,6 +217,7 @@ fn snapshot<'a>(settings: &'a TrainSettings, trainer: &'a Trainer) -> Snapshot<'
         patience: None,
         model: trainer.model(),
         optimizer: trainer.optimizer(),
+        lora: trainer.lora(),
     }
 }
 

@@ -21,7 +21,7 @@ const FLOOR: f64 = 1e-3;
 
 /// Two blocks (dense then MoE) over a 16-token vocabulary: every tensor kind
 /// the model has, small enough to difference each of its ~2 000 weights.
-fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
+pub(crate) fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
     ModelConfig {
         vocab: 16,
         hidden: 8,
@@ -42,7 +42,7 @@ fn tiny_config(moe: MoeConfig, heads: usize, kv_heads: usize) -> ModelConfig {
     }
 }
 
-fn moe(score_function: ScoreFunction) -> MoeConfig {
+pub(crate) fn moe(score_function: ScoreFunction) -> MoeConfig {
     MoeConfig {
         hidden: 8,
         n_routed_experts: 4,

@@ -11,6 +11,7 @@ mod evaluation;
 mod export;
 mod gradients;
 mod learning;
+mod lora;
 mod precision;
 mod pretrained;
 mod sequences;

@@ -332,6 +332,7 @@ fn a_steps_conversations_are_grouped_by_length_alike_on_every_layout() {
         seed: 5,
         log_interval: 1,
         activation_memory: ActivationMemory::KeepAll,
+        lora: None,
     };
     let mut one = loader.clone();
     let whole = draw_step(&mut one, &settings(6), Shard::WHOLE, None, None).unwrap();

@@ -1,0 +1,404 @@
+//! `training.lora`: the adapters' gradients against central differences,
+//! the merge against a naive product, and training runs: what moves, how it
+//! resumes, what is refused.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use moe_crds::LoraTarget;
+use moe_worker::checkpoint;
+use moe_worker::gradcheck::{STEP, max_scaled_error, numeric_gradient};
+use moe_worker::model::{Gradients, Model};
+use moe_worker::moe::ScoreFunction;
+use moe_worker::rng::SplitMix64;
+use moe_worker::run::{self, RunError};
+use moe_worker::train::lora::{self, Adapter, Lora, LoraSettings};
+use serde_json::{Value, json};
+
+use crate::gradients::{moe, tiny_config};
+use crate::{config_json, scratch_dir, worker_config};
+
+const ALL: [LoraTarget; 7] = [
+    LoraTarget::QProj,
+    LoraTarget::KProj,
+    LoraTarget::VProj,
+    LoraTarget::OProj,
+    LoraTarget::GateProj,
+    LoraTarget::UpProj,
+    LoraTarget::DownProj,
+];
+
+fn settings(rank: usize, routed_experts: bool) -> LoraSettings {
+    LoraSettings {
+        rank,
+        alpha: 3.0,
+        targets: ALL.to_vec(),
+        routed_experts,
+    }
+}
+
+fn to_f64(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// Adapters on every projection of the tiny two-block model (dense, shared
+/// and routed experts), with `B` drawn too (it starts at zero, which would
+/// make `∂L/∂A` zero and prove nothing), then: the loss as a function of
+/// each adapter's `A` and `B` through the merged f64 model, differenced
+/// centrally, against the chain rule from the model's weight gradients.
+#[test]
+fn adapter_gradients_are_the_loss_derivatives_by_central_differences() {
+    let config = tiny_config(moe(ScoreFunction::Softmax), 2, 1);
+    let structure = Model::<f32>::initial(config.clone(), 3);
+    let fresh = Lora::new(settings(2, true), &structure, 5);
+    let mut rng = SplitMix64::new(11);
+    let adapters: Vec<Adapter> = fresh
+        .adapters()
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            for v in &mut a.b.values {
+                *v = (0.3 * rng.normal()) as f32;
+            }
+            a
+        })
+        .collect();
+    let names: Vec<&str> = adapters.iter().map(|a| a.name.as_str()).collect();
+    for expected in [
+        "blocks.0.wq",
+        "blocks.0.dense.w1",
+        "blocks.1.moe.experts_w2",
+        "blocks.1.moe.shared_w3",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+    assert!(!names.iter().any(|n| n.ends_with("router")), "{names:?}");
+    let scale = fresh.settings().scale();
+
+    let base = Model::<f64>::initial(config.clone(), 3);
+    let tokens: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    let targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+    let params: Vec<(Vec<f64>, Vec<f64>)> = adapters
+        .iter()
+        .map(|a| (to_f64(&a.a.values), to_f64(&a.b.values)))
+        .collect();
+    let merged = |params: &[(Vec<f64>, Vec<f64>)]| {
+        let mut model = base.clone();
+        let bases: Vec<Vec<f64>> = base.tensors().iter().map(|t| t.values.to_vec()).collect();
+        let mut tensors = model.weights.tensors_mut();
+        for (adapter, (a, b)) in adapters.iter().zip(params) {
+            lora::merge(
+                adapter,
+                &bases[adapter.tensor],
+                a,
+                b,
+                scale,
+                tensors[adapter.tensor],
+            );
+        }
+        model
+    };
+    let model = merged(&params);
+    let pass = model.forward(&tokens, &targets);
+    let selection: Vec<Vec<usize>> = pass.selected_experts().iter().map(|s| s.to_vec()).collect();
+    let mut grads = Gradients::zeros(&config);
+    model.backward(&pass, &mut grads);
+    let weight_grads = grads.tensors(&config);
+
+    let loss_with = |moved: &[(Vec<f64>, Vec<f64>)]| {
+        let pass = merged(moved).forward(&tokens, &targets);
+        assert_eq!(
+            pass.selected_experts(),
+            selection,
+            "a step changed the top-k choice"
+        );
+        pass.loss()
+    };
+    for (i, adapter) in adapters.iter().enumerate() {
+        let (a, b) = &params[i];
+        let analytic = lora::project(adapter, a, b, weight_grads[adapter.tensor].values, scale);
+        let numeric_a = numeric_gradient(a, STEP, |v| {
+            let mut moved = params.clone();
+            moved[i].0 = v.to_vec();
+            loss_with(&moved)
+        });
+        let numeric_b = numeric_gradient(b, STEP, |v| {
+            let mut moved = params.clone();
+            moved[i].1 = v.to_vec();
+            loss_with(&moved)
+        });
+        for (part, analytic, numeric) in
+            [("A", &analytic.a, numeric_a), ("B", &analytic.b, numeric_b)]
+        {
+            assert!(
+                numeric.iter().any(|g| g.abs() > 1e-4),
+                "{}.{part}: gradient ~0 everywhere",
+                adapter.name
+            );
+            let error = max_scaled_error(analytic, &numeric, 1e-3);
+            assert!(
+                error < 1e-6,
+                "{}.{part}: scaled error {error:e}",
+                adapter.name
+            );
+        }
+    }
+}
+
+/// `merge` against the product written out, on a tensor of several
+/// matrices (the routed experts'), in f64.
+#[test]
+fn the_merge_is_the_base_plus_the_scaled_product() {
+    let config = tiny_config(moe(ScoreFunction::Sigmoid), 2, 1);
+    let model = Model::<f32>::initial(config, 3);
+    let fresh = Lora::new(settings(3, true), &model, 9);
+    let adapter = fresh
+        .adapters()
+        .iter()
+        .find(|a| a.name == "blocks.1.moe.experts_w2")
+        .expect("the routed experts' down projection is adapted");
+    assert_eq!(adapter.matrices, 4);
+    let (n, rows, cols, r) = (adapter.matrices, adapter.rows, adapter.cols, 3);
+    let mut rng = SplitMix64::new(2);
+    let mut draw = |len: usize| -> Vec<f64> { (0..len).map(|_| rng.normal()).collect() };
+    let (base, a, b) = (
+        draw(n * rows * cols),
+        draw(n * r * cols),
+        draw(n * rows * r),
+    );
+    let mut out = vec![0.0; base.len()];
+    lora::merge(adapter, &base, &a, &b, 0.75, &mut out);
+    for k in 0..n {
+        for o in 0..rows {
+            for i in 0..cols {
+                let product: f64 = (0..r)
+                    .map(|j| b[(k * rows + o) * r + j] * a[(k * r + j) * cols + i])
+                    .sum();
+                let want = base[(k * rows + o) * cols + i] + 0.75 * product;
+                let got = out[(k * rows + o) * cols + i];
+                assert!(
+                    (got - want).abs() < 1e-12,
+                    "[{k}, {o}, {i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+fn train(config: &Value) -> Result<run::Summary, RunError> {
+    run::train(&worker_config(config), &AtomicBool::new(false))
+}
+
+/// The test config with adapters on three projections.
+fn lora_config(dir: &Path) -> Value {
+    let mut config = config_json(dir);
+    config["training"]["lora"] =
+        json!({"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]});
+    config["training"]["optimizer"]["learningRate"] = 0.02.into();
+    config
+}
+
+fn manifest(checkpoint: &Path) -> checkpoint::Manifest {
+    serde_json::from_slice(&fs::read(checkpoint.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn state_bits(checkpoint: &Path) -> Vec<(String, Vec<u32>)> {
+    let spec = manifest(checkpoint).model;
+    let config = moe_worker::model::ModelConfig::from_spec(&spec).unwrap();
+    let restored = checkpoint::load(checkpoint, &spec, &config).unwrap();
+    let model = &restored.state.model;
+    let mut bits: Vec<(String, Vec<u32>)> = model
+        .tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.values.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect();
+    for layer in model.moe_layers() {
+        bits.push((
+            "selection_bias".into(),
+            layer.selection_bias.iter().map(|v| v.to_bits()).collect(),
+        ));
+    }
+    bits
+}
+
+/// A run with adapters: every tensor but the adapted ones, and the
+/// selection biases, end as they started (step 0's model is the one
+/// loaded: `B` starts at zero); the adapted ones end at `W₀ + s·B·A` of
+/// the checkpoint's adapters; the loss falls.
+#[test]
+fn a_lora_run_trains_only_the_adapters_and_checkpoints_the_merged_model() {
+    let dir = scratch_dir("lora-run");
+    let mut config = lora_config(&dir);
+    config["training"]["steps"] = 12.into();
+    config["checkpoint"]["intervalSteps"] = 12.into();
+    let summary = train(&config).unwrap();
+    assert!(
+        summary.final_loss.unwrap() < summary.initial_loss.unwrap() - 0.3,
+        "the adapters learn: {:?} -> {:?}",
+        summary.initial_loss,
+        summary.final_loss
+    );
+    let final_checkpoint = summary.checkpoint.unwrap();
+    let lora_file = manifest(&final_checkpoint)
+        .lora
+        .expect("the manifest names the adapters");
+    assert_eq!(lora_file.settings.rank, 4);
+    assert!(final_checkpoint.join(&lora_file.file).is_file());
+
+    // Step 0's model: the same run with no step taken.
+    let mut at_start = lora_config(&scratch_dir("lora-run-start"));
+    at_start["training"]["steps"] = 12.into();
+    let settings =
+        moe_worker::settings::TrainSettings::from_config(&worker_config(&at_start)).unwrap();
+    let initial = Model::<f32>::initial(settings.model.clone(), settings.training.seed);
+    let initial_bits: Vec<Vec<u32>> = initial
+        .tensors()
+        .iter()
+        .map(|t| t.values.iter().map(|v| v.to_bits()).collect())
+        .collect();
+
+    let restored =
+        checkpoint::load(&final_checkpoint, &settings.model_spec, &settings.model).unwrap();
+    let adapters = restored
+        .state
+        .lora
+        .expect("the checkpoint restores its adapters");
+    let model = &restored.state.model;
+    let adapted: Vec<&str> = adapters
+        .adapters()
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(
+        adapted,
+        [
+            "blocks.0.wq",
+            "blocks.0.wv",
+            "blocks.0.dense.w2",
+            "blocks.1.wq",
+            "blocks.1.wv",
+            "blocks.1.moe.shared_w2"
+        ]
+    );
+    for (index, tensor) in model.tensors().iter().enumerate() {
+        let bits: Vec<u32> = tensor.values.iter().map(|v| v.to_bits()).collect();
+        match adapters.adapters().iter().find(|a| a.tensor == index) {
+            None => assert_eq!(bits, initial_bits[index], "{} is frozen", tensor.name),
+            Some(adapter) => {
+                assert_eq!(
+                    adapter.base.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    initial_bits[index],
+                    "{}: W₀ is the weights the run started from",
+                    tensor.name
+                );
+                assert_ne!(bits, initial_bits[index], "{} moved", tensor.name);
+                let mut want = vec![0f64; tensor.values.len()];
+                lora::merge(
+                    adapter,
+                    &to_f64(&adapter.base),
+                    &to_f64(&adapter.a.values),
+                    &to_f64(&adapter.b.values),
+                    2.0,
+                    &mut want,
+                );
+                for (got, want) in tensor.values.iter().zip(&want) {
+                    assert!(
+                        (f64::from(*got) - want).abs() < 1e-6,
+                        "{}: {got} is not W₀ + s·B·A = {want}",
+                        tensor.name
+                    );
+                }
+            }
+        }
+    }
+    for (layer, initial) in model.moe_layers().zip(initial.moe_layers()) {
+        assert_eq!(
+            layer.selection_bias, initial.selection_bias,
+            "selection biases are frozen"
+        );
+    }
+}
+
+/// Resuming from a LoRA checkpoint continues bit for bit: the run split at
+/// step 3 ends with the straight run's merged weights and adapters.
+#[test]
+fn a_lora_run_resumes_bit_for_bit() {
+    let straight_dir = scratch_dir("lora-straight");
+    let straight = train(&lora_config(&straight_dir)).unwrap();
+    let straight_end = straight.checkpoint.unwrap();
+
+    let split_dir = scratch_dir("lora-split");
+    let checkpoints = split_dir.join("checkpoints");
+    fs::create_dir_all(&checkpoints).unwrap();
+    let step_3 = straight_dir.join("checkpoints").join("step-00000003");
+    copy_dir(&step_3, &checkpoints.join("step-00000003"));
+    let split = train(&lora_config(&split_dir)).unwrap();
+    let split_end = split.checkpoint.unwrap();
+    assert_eq!(state_bits(&split_end), state_bits(&straight_end));
+    assert_eq!(
+        fs::read(split_end.join("lora.safetensors")).unwrap(),
+        fs::read(straight_end.join("lora.safetensors")).unwrap(),
+        "the adapters and their moments"
+    );
+}
+
+/// A checkpoint whose adapters differ from `training.lora`, or a run
+/// without adapters over a checkpoint with them (and the other way), is
+/// refused naming `training.lora`; the routed experts' adapters under
+/// expert parallelism, before anything is trained.
+#[test]
+fn mismatched_adapters_are_refused_naming_the_field() {
+    let dir = scratch_dir("lora-mismatch");
+    let mut config = lora_config(&dir);
+    config["training"]["steps"] = 3.into();
+    train(&config).unwrap();
+    for (lora, says) in [
+        (
+            json!({"rank": 2, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}),
+            "this run asks for",
+        ),
+        (Value::Null, "this run has no training.lora"),
+    ] {
+        let mut other = config.clone();
+        other["training"]["steps"] = 6.into();
+        other["training"]["lora"] = lora;
+        let error = train(&other).unwrap_err().to_string();
+        assert!(
+            error.contains("training.lora") && error.contains(says),
+            "{error}"
+        );
+    }
+    let full_dir = scratch_dir("lora-over-full");
+    let mut full = config_json(&full_dir);
+    full["training"]["steps"] = 3.into();
+    train(&full).unwrap();
+    full["training"]["lora"] = lora_config(&full_dir)["training"]["lora"].clone();
+    let error = train(&full).unwrap_err().to_string();
+    assert!(
+        error.contains("training.lora") && error.contains("model.initFrom"),
+        "{error}"
+    );
+
+    let mut sharded = lora_config(&scratch_dir("lora-ep"));
+    sharded["training"]["lora"]["routedExperts"] = true.into();
+    sharded["parallelism"] = json!({"processesPerNode": 2, "expertParallel": 2});
+    sharded["training"]["globalBatchSize"] = 4.into();
+    let error = moe_worker::settings::TrainSettings::from_config(&worker_config(&sharded))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("training.lora.routedExperts"), "{error}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
