@@ -462,6 +462,20 @@ pub fn train_as(
         host.start_from(model);
     }
 
+    if let Some(lora) = host.lora() {
+        let values: usize = host.model().tensors().iter().map(|t| t.values.len()).sum();
+        tracing::info!(
+            adapters = lora.adapters().len(),
+            rank = lora.settings().rank,
+            trained_values = lora.trainable_parameters(),
+            model_values = values,
+            trained_percent = format!(
+                "{:.2}",
+                100.0 * lora.trainable_parameters() as f64 / values as f64
+            ),
+            "training.lora: low-rank adapters trained, every other weight frozen"
+        );
+    }
     let mut run = RunState::default();
     if settings.checkpoint.resume {
         resume(&settings, &mut host, &mut run)?;

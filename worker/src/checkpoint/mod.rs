@@ -471,6 +471,8 @@ pub struct CheckpointWeights {
     /// Expert shards, with the experts each holds and its file name (none
     /// unsharded).
     shards: Vec<(Range<usize>, String, state_file::MappedTensors)>,
+    /// `training.lora`'s adapters, with the file holding them.
+    lora: Option<(LoraSettings, String, state_file::MappedTensors)>,
 }
 
 impl CheckpointWeights {
@@ -490,13 +492,50 @@ impl CheckpointWeights {
                 .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
             shards.push((shard.first..shard.end, shard.file.clone(), tensors));
         }
+        let lora = match &manifest.lora {
+            Some(file) => {
+                let settings = LoraSettings::from_spec(&file.settings)
+                    .map_err(|e| corrupt(format!("{MANIFEST}: its lora: {e}")))?;
+                let map = verified(path, &file.file, file.bytes, &file.fnv1a)?;
+                let tensors = state_file::MappedTensors::new(map)
+                    .map_err(|problem| corrupt(format!("{}: {problem}", file.file)))?;
+                Some((settings, file.file.clone(), tensors))
+            }
+            None => None,
+        };
         Ok(Self {
             path: path.to_path_buf(),
             manifest,
             config: config.clone(),
             state,
             shards,
+            lora,
         })
+    }
+
+    /// `training.lora` of the run, when it trained adapters.
+    pub fn lora(&self) -> Option<&LoraSettings> {
+        self.lora.as_ref().map(|(settings, _, _)| settings)
+    }
+
+    /// Matrices `matrices` of the adapter on model tensor `name`: its `A`
+    /// (`part` "a", whole shape `[n, rank, cols]`) or `B` ("b", `[n, rows,
+    /// rank]`), `n` the tensor's matrices (its routed experts, or 1).
+    pub fn adapter(
+        &self,
+        name: &str,
+        part: &str,
+        shape: &[usize],
+        matrices: Range<usize>,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let Some((_, file, tensors)) = &self.lora else {
+            return Err(corruption(&self.path)(format!(
+                "the checkpoint has no adapters, asked for {name}/{part}"
+            )));
+        };
+        tensors
+            .adapter_rows(name, part, shape, matrices)
+            .map_err(|problem| self.corrupt(file, problem))
     }
 
     pub fn manifest(&self) -> &Manifest {

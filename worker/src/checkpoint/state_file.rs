@@ -384,6 +384,18 @@ impl MappedTensors {
         self.rows(&format!("{WEIGHTS}/{name}"), shape, rows)
     }
 
+    /// Rows `rows` of part `part` (`a`, `b`, ...) of the adapter on model
+    /// tensor `name` in a `lora.safetensors` ([`encode_lora`]).
+    pub fn adapter_rows(
+        &self,
+        name: &str,
+        part: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, String> {
+        self.rows(&format!("{name}/{part}"), shape, rows)
+    }
+
     /// The selection biases of MoE block `block` (`experts` of them).
     pub fn selection_bias(&self, block: usize, experts: usize) -> Result<Vec<f32>, String> {
         self.rows(

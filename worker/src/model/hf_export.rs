@@ -16,6 +16,7 @@
 use std::borrow::Cow;
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use crate::model::Model;
 use crate::model::config::{ModelConfig, QkNorm};
 use crate::moe::ScoreFunction;
+use crate::train::lora::LoraSettings;
 
 /// The number type of the exported weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,6 +315,23 @@ pub trait ExportSource {
     ) -> Result<Cow<'_, [f32]>, ExportError>;
     /// Each MoE layer's selection biases, in order.
     fn selection_biases(&self) -> Result<Vec<Vec<f32>>, ExportError>;
+    /// `training.lora` of the run, when the weights are merged with adapters.
+    fn lora(&self) -> Option<&LoraSettings> {
+        None
+    }
+    /// Matrices `matrices` of the `A` (`part` "a", whole shape `[n, rank,
+    /// cols]`) or `B` ("b", `[n, rows, rank]`) of the adapter on tensor `name`.
+    fn adapter(
+        &self,
+        name: &str,
+        part: &str,
+        _shape: &[usize],
+        _matrices: Range<usize>,
+    ) -> Result<Cow<'_, [f32]>, ExportError> {
+        Err(ExportError::Source(format!(
+            "no adapters to read {name}/{part} from"
+        )))
+    }
 }
 
 impl ExportSource for Model<f32> {
@@ -385,6 +404,22 @@ impl ExportSource for crate::checkpoint::CheckpointWeights {
 
     fn selection_biases(&self) -> Result<Vec<Vec<f32>>, ExportError> {
         crate::checkpoint::CheckpointWeights::selection_biases(self)
+            .map_err(|e| ExportError::Source(e.to_string()))
+    }
+
+    fn lora(&self) -> Option<&LoraSettings> {
+        crate::checkpoint::CheckpointWeights::lora(self)
+    }
+
+    fn adapter(
+        &self,
+        name: &str,
+        part: &str,
+        shape: &[usize],
+        matrices: Range<usize>,
+    ) -> Result<Cow<'_, [f32]>, ExportError> {
+        crate::checkpoint::CheckpointWeights::adapter(self, name, part, shape, matrices)
+            .map(Cow::Owned)
             .map_err(|e| ExportError::Source(e.to_string()))
     }
 }
@@ -702,6 +737,13 @@ pub fn export(
             files.push("tokenizer.json".into());
         }
     }
+    if let Some(lora) = source.lora() {
+        let dir = partial.join(ADAPTER_DIR);
+        fs::create_dir(&dir).map_err(io(&dir))?;
+        for file in write_adapter(source, lora, &tensors, precision, &dir)? {
+            files.push(format!("{ADAPTER_DIR}/{file}"));
+        }
+    }
     // safetensors writes through a private temporary file (mode 0600):
     // give the shards the permissions the umask gave config.json, so
     // whoever may read the config may read the weights.
@@ -725,6 +767,93 @@ pub fn export(
         files,
         tensor_bytes,
     })
+}
+
+/// The directory of an export holding the adapters alone (PEFT's layout).
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// The adapters of a `training.lora` run in PEFT's layout, into `dir`:
+/// `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`
+/// `[r, in]` and `lora_B.weight` `[out, r]` for each adapted module of
+/// `tensors`, rows as Hugging Face orders them) and `adapter_config.json`
+/// (the modules by their full names, so nothing else matches). They apply
+/// to the weights the run started from, not to the merged ones exported
+/// beside them. Returns the files written.
+fn write_adapter(
+    source: &dyn ExportSource,
+    lora: &LoraSettings,
+    tensors: &[HfTensor],
+    precision: ExportPrecision,
+    dir: &Path,
+) -> Result<Vec<String>, ExportError> {
+    let (r, head_dim) = (lora.rank, source.config().head_dim);
+    let mut encoded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut modules = Vec::new();
+    for t in tensors {
+        let from = &t.source;
+        if lora.target_of(&from.tensor).is_none() {
+            continue;
+        }
+        // Whole tensors were stored as one matrix of `[1, rows, cols]`.
+        let (n, rows, cols) = match from.shape[..] {
+            [n, rows, cols] => (n, rows, cols),
+            [rows, cols] => (1, rows, cols),
+            _ => unreachable!("adapted tensors are matrices"),
+        };
+        let m = from.expert.unwrap_or(0);
+        let a = source.adapter(&from.tensor, "a", &[n, r, cols], m..m + 1)?;
+        let b = source.adapter(&from.tensor, "b", &[n, rows, r], m..m + 1)?;
+        // The weight's rows reordered (RoPE pairs to halves) are B's rows
+        // reordered: P·(W₀ + s·B·A) = P·W₀ + s·(P·B)·A.
+        let b = match from.halve {
+            Some(_) => Cow::Owned(halve_rope_rows(&b, rows / head_dim, head_dim, r)),
+            None => b,
+        };
+        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        for (part, shape, values) in [("lora_A", vec![r, cols], &a), ("lora_B", vec![rows, r], &b)]
+        {
+            encoded.push((
+                format!("base_model.model.{module}.{part}.weight"),
+                shape,
+                precision.encode(values),
+            ));
+        }
+        modules.push(module.to_owned());
+    }
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(precision.dtype(), shape.clone(), bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(|e| ExportError::Safetensors(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weights = dir.join("adapter_model.safetensors");
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_owned(),
+        "pt".to_owned(),
+    )]));
+    safetensors::serialize_to_file(views, metadata, &weights)
+        .map_err(|e| ExportError::Safetensors(format!("{}: {e}", weights.display())))?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": lora.alpha,
+        "target_modules": modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "base_model_name_or_path": null,
+    });
+    write_json(&dir.join("adapter_config.json"), &config)?;
+    Ok(vec![
+        "adapter_model.safetensors".to_owned(),
+        "adapter_config.json".to_owned(),
+    ])
 }
 
 /// Where the files are written before the rename: `.<name>.partial` beside `out`.

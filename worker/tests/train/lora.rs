@@ -402,3 +402,140 @@ fn copy_dir(from: &Path, to: &Path) {
         fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// The f32 tensors of a safetensors file, by name, with their shapes.
+fn read_safetensors(path: &Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// The export of a LoRA run writes its merged model and, under `adapter/`,
+/// the adapters alone in PEFT's layout. Held to the exported model: for
+/// every adapted module, the run's starting weights exported the same way
+/// plus `alpha / r · lora_B @ lora_A` are the merged weights (so names,
+/// shapes and the RoPE row order of `q_proj`/`k_proj` are Hugging Face's),
+/// and every other tensor is the starting one.
+#[test]
+fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
+    use moe_worker::checkpoint::CheckpointWeights;
+    use moe_worker::model::hf_export::{self, ExportPrecision, ExportTokenizer};
+
+    let dir = scratch_dir("lora-export");
+    let mut config = config_json(&dir);
+    config["model"] = crate::pretrained::qwen3_model(
+        json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
+    );
+    config["training"]["steps"] = 3.into();
+    config["checkpoint"]["intervalSteps"] = 3.into();
+    config["training"]["lora"] = json!({"rank": 3, "alpha": 6, "targets": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], "routedExperts": true});
+    config["training"]["optimizer"]["learningRate"] = 0.05.into();
+    let summary = train(&config).unwrap();
+    let merged_dir = dir.join("merged");
+    let weights = CheckpointWeights::open(&summary.checkpoint.unwrap()).unwrap();
+    let exported = hf_export::export(
+        &weights,
+        ExportTokenizer::Bytes,
+        &merged_dir,
+        ExportPrecision::F32,
+        5_000_000_000,
+    )
+    .unwrap();
+    assert!(
+        exported
+            .files
+            .contains(&"adapter/adapter_model.safetensors".to_owned()),
+        "{:?}",
+        exported.files
+    );
+
+    let settings =
+        moe_worker::settings::TrainSettings::from_config(&worker_config(&config)).unwrap();
+    let initial = Model::<f32>::initial(settings.model.clone(), settings.training.seed);
+    let base_dir = dir.join("base");
+    hf_export::export(
+        &initial,
+        ExportTokenizer::Bytes,
+        &base_dir,
+        ExportPrecision::F32,
+        5_000_000_000,
+    )
+    .unwrap();
+
+    let merged = read_safetensors(&merged_dir.join("model.safetensors"));
+    let base = read_safetensors(&base_dir.join("model.safetensors"));
+    let adapter = read_safetensors(&merged_dir.join("adapter").join("adapter_model.safetensors"));
+    let adapter_config: Value = serde_json::from_slice(
+        &fs::read(merged_dir.join("adapter").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter_config["peft_type"], "LORA");
+    assert_eq!(adapter_config["r"], 3);
+    assert_eq!(adapter_config["lora_alpha"], 6.0);
+    let modules: Vec<String> = adapter_config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
+    for expected in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.k_proj",
+        "model.layers.1.mlp.experts.7.up_proj",
+    ] {
+        assert!(
+            modules.contains(&expected.to_owned()),
+            "{expected} in {modules:?}"
+        );
+    }
+    assert!(
+        !modules
+            .iter()
+            .any(|m| m.ends_with("v_proj") || m.ends_with("gate_proj")),
+        "{modules:?}"
+    );
+    assert_eq!(adapter.len(), 2 * modules.len());
+
+    let scale = 2.0;
+    for (name, (shape, values)) in &merged {
+        let module = name.strip_suffix(".weight").unwrap();
+        let (_, start) = &base[name];
+        if !modules.contains(&module.to_owned()) {
+            assert_eq!(values, start, "{name} is frozen");
+            continue;
+        }
+        let (a_shape, a) = &adapter[&format!("base_model.model.{module}.lora_A.weight")];
+        let (b_shape, b) = &adapter[&format!("base_model.model.{module}.lora_B.weight")];
+        let (rows, cols) = (shape[0], shape[1]);
+        assert_eq!(
+            (a_shape.as_slice(), b_shape.as_slice()),
+            ([3, cols].as_slice(), [rows, 3].as_slice())
+        );
+        let mut worst = 0f64;
+        for o in 0..rows {
+            for i in 0..cols {
+                let product: f64 = (0..3)
+                    .map(|j| f64::from(b[o * 3 + j]) * f64::from(a[j * cols + i]))
+                    .sum();
+                let want = f64::from(start[o * cols + i]) + scale * product;
+                worst = worst.max((f64::from(values[o * cols + i]) - want).abs());
+            }
+        }
+        assert!(
+            worst < 1e-5,
+            "{name}: merged − (W₀ + s·B·A) reaches {worst:e}"
+        );
+        assert!(b.iter().any(|&v| v != 0.0), "{module}: B was trained");
+    }
+}
