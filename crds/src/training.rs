@@ -824,7 +824,7 @@ pub struct TrainingSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!self.routedExperts || self.targets.exists(t, t in ['gate_proj', 'up_proj', 'down_proj'])")
+    validation = Rule::new("!has(self.routedExperts) || !self.routedExperts || self.targets.exists(t, t in ['gate_proj', 'up_proj', 'down_proj'])")
         .message("training.lora.routedExperts adapts the routed experts' MLP projections: targets must name gate_proj, up_proj or down_proj")
         .field_path(".routedExperts"),
 )]

@@ -85,6 +85,23 @@ fn validate_accepts_every_example() {
     }
 }
 
+/// `training.lora` with every default (attention targets, no routed
+/// experts) is valid: a rule reading an unset optional field would fail
+/// here as on the apiserver (no schema default fills it), whatever serde
+/// defaults would say.
+#[test]
+fn validate_accepts_adapters_left_at_their_defaults() {
+    let mut job = moe_crds::fixtures::valid_training_job();
+    moe_crds::fixtures::merge_patch(
+        &mut job,
+        &serde_json::json!({"spec": {"training": {"lora": {}}, "worker": {"device": "cpu"}}}),
+    );
+    let file = scratch("lora-defaults").join("job.yaml");
+    write_yaml(&file, &job);
+    let output = moectl().arg("validate").arg(&file).output().unwrap();
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+}
+
 #[test]
 fn validate_rejects_every_invalid_case_naming_its_field_and_reason() {
     let cases = moe_crds::fixtures::invalid_training_jobs();

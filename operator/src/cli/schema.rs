@@ -75,7 +75,7 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
         Value::String(s) => check_string(schema, s, path, out),
         Value::Array(items) => {
             check_count(schema, items.len(), path, out);
-            check_map_keys(schema, items, path, out);
+            check_list_type(schema, items, path, out);
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
                     check(item_schema, item, &format!("{path}[{i}]"), out);
@@ -219,10 +219,20 @@ fn check_string(schema: &Value, s: &str, path: &str, out: &mut Vec<String>) {
     }
 }
 
-/// A list map (`x-kubernetes-list-type: map`): no two items with the same keys.
-fn check_map_keys(schema: &Value, items: &[Value], path: &str, out: &mut Vec<String>) {
-    if schema.get("x-kubernetes-list-type").and_then(Value::as_str) != Some("map") {
-        return;
+/// A list map (`x-kubernetes-list-type: map`): no two items with the same
+/// keys; a set (`set`): no two items alike.
+fn check_list_type(schema: &Value, items: &[Value], path: &str, out: &mut Vec<String>) {
+    match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+        Some("map") => {}
+        Some("set") => {
+            for (i, item) in items.iter().enumerate() {
+                if items[..i].contains(item) {
+                    out.push(format!("{path}[{i}]: Duplicate value: {item}"));
+                }
+            }
+            return;
+        }
+        _ => return,
     }
     let keys: Vec<&str> = schema
         .get("x-kubernetes-list-map-keys")
@@ -368,6 +378,20 @@ mod tests {
         assert_eq!(
             problems(&schema, &twice),
             [r#"claims[1]: Duplicate value: {"name":"a"}"#]
+        );
+    }
+
+    #[test]
+    fn a_list_set_refuses_an_item_twice() {
+        let schema = json!({"type": "object", "properties": {"targets": {
+            "type": "array",
+            "x-kubernetes-list-type": "set",
+            "items": {"type": "string"}
+        }}});
+        assert!(problems(&schema, &json!({"targets": ["a", "b"]})).is_empty());
+        assert_eq!(
+            problems(&schema, &json!({"targets": ["a", "b", "a"]})),
+            [r#"targets[2]: Duplicate value: "a""#]
         );
     }
 
