@@ -99,7 +99,12 @@ fn validate_accepts_adapters_left_at_their_defaults() {
     let file = scratch("lora-defaults").join("job.yaml");
     write_yaml(&file, &job);
     let output = moectl().arg("validate").arg(&file).output().unwrap();
-    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
 }
 
 #[test]

@@ -113,6 +113,16 @@ pub struct Snapshot<'a> {
     pub lora: Option<&'a Lora>,
 }
 
+impl Snapshot<'_> {
+    /// The moments a checkpoint keeps of the weights: none when only
+    /// adapters were trained (theirs are in the adapters' file).
+    fn moments(&self) -> state_file::Moments<'_> {
+        self.lora
+            .is_none()
+            .then_some([&self.optimizer.first_moment, &self.optimizer.second_moment])
+    }
+}
+
 /// A loaded checkpoint.
 #[derive(Clone, Debug)]
 pub struct Restored {
@@ -188,16 +198,11 @@ pub fn write_expert_shard(
     snapshot: &Snapshot<'_>,
     experts: Range<usize>,
 ) -> Result<ExpertShard, CheckpointError> {
-    let bytes = state_file::encode_experts(
-        snapshot.model,
-        &snapshot.optimizer.first_moment,
-        &snapshot.optimizer.second_moment,
-        experts.clone(),
-    )
-    .map_err(|problem| CheckpointError::Corrupt {
-        path: temporary.to_path_buf(),
-        problem,
-    })?;
+    let bytes = state_file::encode_experts(snapshot.model, snapshot.moments(), experts.clone())
+        .map_err(|problem| CheckpointError::Corrupt {
+            path: temporary.to_path_buf(),
+            problem,
+        })?;
     let file = expert_shard_name(&experts);
     write_synced(&temporary.join(&file), &bytes)?;
     Ok(ExpertShard {
@@ -231,8 +236,7 @@ pub fn commit(
     }
     let state = state_file::encode(
         snapshot.model,
-        &snapshot.optimizer.first_moment,
-        &snapshot.optimizer.second_moment,
+        snapshot.moments(),
         !expert_shards.is_empty(),
     )
     .map_err(corrupt)?;
@@ -366,6 +370,8 @@ pub fn load_experts(
     let manifest = checked_manifest(path, model_spec)?;
     let state = verified_state(path, &manifest)?;
     let sharded = !manifest.expert_shards.is_empty();
+    // A LoRA run's weights were frozen: only its adapters have moments.
+    let with_moments = manifest.lora.is_none();
     let mut state = state_file::decode(
         &state,
         config,
@@ -373,11 +379,12 @@ pub fn load_experts(
         manifest.data,
         sharded,
         experts.clone(),
+        with_moments,
     )
     .map_err(|problem| corrupt(format!("{}: {problem}", manifest.state_file)))?;
     for shard in needed_shards(&manifest, config, &experts).map_err(&corrupt)? {
         let bytes = verified(path, &shard.file, shard.bytes, &shard.fnv1a)?;
-        state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state)
+        state_file::decode_experts_into(&bytes, shard.first..shard.end, &mut state, with_moments)
             .map_err(|problem| corrupt(format!("{}: {problem}", shard.file)))?;
     }
     if let Some(file) = &manifest.lora {

@@ -22,12 +22,16 @@ const FIRST_MOMENT: &str = "adam_m";
 const SECOND_MOMENT: &str = "adam_v";
 const SELECTION_BIAS: &str = "selection_bias";
 
+/// The optimizer's first and second moments, when the model's weights are
+/// trained (a `training.lora` run trains only its adapters, whose moments
+/// are in `lora.safetensors`).
+pub type Moments<'a> = Option<[&'a Gradients<f32>; 2]>;
+
 /// The tensors of `model` and its optimizer moments as safetensors bytes;
 /// without the routed-expert tensors when `experts_in_shards`.
 pub fn encode(
     model: &Model<f32>,
-    first_moment: &Gradients<f32>,
-    second_moment: &Gradients<f32>,
+    moments: Moments<'_>,
     experts_in_shards: bool,
 ) -> Result<Vec<u8>, String> {
     let config = model.config();
@@ -39,12 +43,7 @@ pub fn encode(
         ));
     }
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let groups = [
-        (WEIGHTS, model.tensors()),
-        (FIRST_MOMENT, first_moment.tensors(config)),
-        (SECOND_MOMENT, second_moment.tensors(config)),
-    ];
-    for (prefix, tensors) in groups {
+    for (prefix, tensors) in groups(model, moments) {
         for t in tensors {
             if experts_in_shards && is_expert_tensor(&t.name) {
                 continue;
@@ -67,11 +66,9 @@ pub fn encode(
 /// one expert shard.
 pub fn encode_experts(
     model: &Model<f32>,
-    first_moment: &Gradients<f32>,
-    second_moment: &Gradients<f32>,
+    moments: Moments<'_>,
     experts: Range<usize>,
 ) -> Result<Vec<u8>, String> {
-    let config = model.config();
     let held = model.held_experts();
     if experts.start < held.start || experts.end > held.end {
         return Err(format!(
@@ -79,12 +76,7 @@ pub fn encode_experts(
         ));
     }
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let groups = [
-        (WEIGHTS, model.tensors()),
-        (FIRST_MOMENT, first_moment.tensors(config)),
-        (SECOND_MOMENT, second_moment.tensors(config)),
-    ];
-    for (prefix, tensors) in groups {
+    for (prefix, tensors) in groups(model, moments) {
         for t in tensors.into_iter().filter(|t| is_expert_tensor(&t.name)) {
             let per = t.values.len() / held.len();
             let mut shape = t.shape;
@@ -98,12 +90,16 @@ pub fn encode_experts(
 }
 
 /// Copies the experts an expert shard (experts `experts`) has in common
-/// with `state` into it.
+/// with `state` into it; the moments too `with_moments`.
 pub fn decode_experts_into(
     bytes: &[u8],
     experts: Range<usize>,
     state: &mut TrainerState,
+    with_moments: bool,
 ) -> Result<(), String> {
+    if !with_moments {
+        return decode_expert_weights_into(bytes, experts, &mut state.model);
+    }
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let (held, names_and_shapes) = layout(&state.model);
     let targets = [
@@ -112,6 +108,20 @@ pub fn decode_experts_into(
         (SECOND_MOMENT, state.second_moment.tensors_mut()),
     ];
     copy_experts(&file, experts, held, &names_and_shapes, targets)
+}
+
+/// The weights' tensors, then each moment's, by prefix.
+fn groups<'m>(
+    model: &'m Model<f32>,
+    moments: Moments<'m>,
+) -> Vec<(&'static str, Vec<crate::model::NamedTensor<'m, f32>>)> {
+    let config = model.config();
+    let mut groups = vec![(WEIGHTS, model.tensors())];
+    if let Some([first, second]) = moments {
+        groups.push((FIRST_MOMENT, first.tensors(config)));
+        groups.push((SECOND_MOMENT, second.tensors(config)));
+    }
+    groups
 }
 
 /// [`decode_experts_into`] for the model alone, the moments not read.
@@ -190,6 +200,7 @@ fn serialize(named: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, String>
 /// from the manifest. With `experts_in_shards` the routed-expert tensors
 /// are not in `bytes`: they are left zero for [`decode_experts_into`];
 /// otherwise the held experts' rows are read out of the whole tensors.
+/// Without `with_moments` (a LoRA run's) the moments are zero.
 pub fn decode(
     bytes: &[u8],
     config: &ModelConfig,
@@ -197,6 +208,7 @@ pub fn decode(
     data: crate::data::DataPosition,
     experts_in_shards: bool,
     experts: Range<usize>,
+    with_moments: bool,
 ) -> Result<TrainerState, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let model = model_from(&file, config, experts_in_shards, experts.clone())?;
@@ -208,7 +220,7 @@ pub fn decode(
         (FIRST_MOMENT, first_moment.tensors_mut()),
         (SECOND_MOMENT, second_moment.tensors_mut()),
     ];
-    for (prefix, tensors) in targets {
+    for (prefix, tensors) in targets.into_iter().filter(|_| with_moments) {
         read_tensors(
             &file,
             prefix,

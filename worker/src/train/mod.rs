@@ -131,15 +131,23 @@ impl Trainer {
     /// moments, routed experts apart: with expert parallelism `ep` the
     /// routed experts' part is `1/ep` of one process's.
     pub fn state_bytes(&self) -> TensorBytes {
-        let adapters = self.lora.as_ref().map_or(0, Lora::bytes);
-        self.model.weights.tensor_bytes()
-            + self.grads.tensor_bytes()
-            + self.optimizer.first_moment.tensor_bytes()
-            + self.optimizer.second_moment.tensor_bytes()
-            + TensorBytes {
-                routed_experts: 0,
-                replicated: adapters,
+        let weights = self.model.weights.tensor_bytes() + self.grads.tensor_bytes();
+        match &self.lora {
+            None => {
+                weights
+                    + self.optimizer.first_moment.tensor_bytes()
+                    + self.optimizer.second_moment.tensor_bytes()
             }
+            // The weights' moments are allocated zeroed and never written
+            // (nor checkpointed), so their pages are never mapped in.
+            Some(lora) => {
+                weights
+                    + TensorBytes {
+                        routed_experts: 0,
+                        replicated: lora.bytes(),
+                    }
+            }
+        }
     }
 
     /// Continues from a checkpoint's state, which must hold the same routed

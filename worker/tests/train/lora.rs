@@ -250,6 +250,16 @@ fn a_lora_run_trains_only_the_adapters_and_checkpoints_the_merged_model() {
         .expect("the manifest names the adapters");
     assert_eq!(lora_file.settings.rank, 4);
     assert!(final_checkpoint.join(&lora_file.file).is_file());
+    // The frozen weights' moments are not written: the adapters' are beside them.
+    let state = fs::read(final_checkpoint.join("state.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&state)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("weights/")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("adam_")), "{names:?}");
 
     // Step 0's model: the same run with no step taken.
     let mut at_start = lora_config(&scratch_dir("lora-run-start"));
