@@ -28,6 +28,9 @@
 # grouped GEMMs (MOE_CUDA_GROUPED_GEMM=1: 13.4+) and spread over four
 # streams otherwise (MOE_CUDA_EXPERT_STREAMS=4), both opt-in until this
 # passes on a GPU (the "training on the GPU" line says which ran).
+# 14. and 15. LoRA adapters (training.lora: rank 8 on every projection, the
+# routed experts' too; CHECK_LORA=1) trained for 40 steps on the device and
+# on the CPU (compile-checked until this passes on a GPU).
 # Passes when both runs learn (final loss well under the first), their final
 # losses agree within 3% (TF32 GEMMs drift apart step by step), the resumed
 # run starts at step 40, and the two-rank run starts from the one-rank run's
@@ -41,7 +44,9 @@
 # against the CPU's tensorwise run, and the flash runs start within
 # 1e-4 of run 1 (another TF32 rounding of attention) and end within 1% of it,
 # and run 13 starts within 1e-5 of run 5 (the same bf16 operands, f32 sums
-# in another order) and ends within 1% of it.
+# in another order) and ends within 1% of it, and the LoRA runs learn, start
+# within 1e-4 of each other (the same model, TF32 against exact f32) and end
+# within 3%.
 # Writes train-check.md to the given directory.
 #
 # MOE_CHECK_DEVICE=cpu runs the "cuda" runs on the CPU instead: a rehearsal of
@@ -58,7 +63,7 @@ export MOE_STATUS_ADDR=off
 
 config() { # device steps dir [ranks] [compute: fp32, bf16, fp8 or fp8tw] [expertParallel] [sequenceParallel]
   python3 - "$@" <<'EOF'
-import json, sys
+import json, os, sys
 device, steps, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ranks = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 compute = sys.argv[5] if len(sys.argv) > 5 else "fp32"
@@ -77,7 +82,11 @@ print(json.dumps({
                  "precision": ({"compute": "bf16", "fp8": {"enabled": True,
                                 "recipe": "tensorwise" if compute == "fp8tw" else "blockwise"}}
                                if compute.startswith("fp8") else {"compute": compute}),
-                 "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5}},
+                 "optimizer": {"learningRate": 0.003, "minLearningRate": 0.0003, "warmupSteps": 5},
+                 **({"lora": {"rank": 8, "alpha": 16, "routedExperts": True,
+                              "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                          "gate_proj", "up_proj", "down_proj"]}}
+                    if os.environ.get("CHECK_LORA") == "1" else {})},
     "parallelism": {"processesPerNode": ranks, "expertParallel": ep, "sequenceParallel": sp},
     "checkpoint": {"dir": d + "/checkpoints", "intervalSteps": 20, "keep": 2, "resume": "Auto"},
     "device": device,
@@ -118,6 +127,7 @@ run() { # name device steps dir [ranks] [compute] [expertParallel] [sequencePara
   run cpu cpu 40 "$work/cpu" &
   run fp8cpu cpu 40 "$work/fp8cpu" 1 fp8 &
   run fp8twcpu cpu 40 "$work/fp8twcpu" 1 fp8tw &
+  CHECK_LORA=1 run loracpu cpu 40 "$work/loracpu" &
   run cuda "$gpu" 40 "$work/cuda"
   run resumed "$gpu" 60 "$work/cuda"
   run dp2 "$gpu" 40 "$work/dp2" 2
@@ -129,6 +139,7 @@ run() { # name device steps dir [ranks] [compute] [expertParallel] [sequencePara
   MOE_CUDA_ATTENTION=flash run flash "$gpu" 40 "$work/flash"
   MOE_CUDA_ATTENTION=flash run sp2flash "$gpu" 40 "$work/sp2flash" 2 fp32 1 2
   MOE_CUDA_GROUPED_GEMM=1 MOE_CUDA_EXPERT_STREAMS=4 run bf16fast "$gpu" 40 "$work/bf16fast" 1 bf16
+  CHECK_LORA=1 run lora "$gpu" 40 "$work/lora"
   wait
   grep -h "training on the GPU\|resuming" "$work/cuda.log" "$work/resumed.log" "$work/bf16fast.log"
   echo '```'
@@ -216,6 +227,19 @@ for name, what in (("fp8", "FP8 linear layers (blockwise)"), ("fp8tw", "FP8 line
     if not fp8["finalLoss"] < 0.8 * fp8["initialLoss"] or emulated > 0.03 or tf32 > 0.05:
         failures.append(f"{name}: {fp8['initialLoss']:.3f} -> {fp8['finalLoss']:.3f}, "
                         f"{emulated:.2%} from the CPU's FP8, {tf32:.2%} from TF32")
+lora, loracpu = summary("lora"), summary("loracpu")
+if "finalLoss" not in lora or "finalLoss" not in loracpu:
+    failures.append(f"lora: no summary (device {lora}, cpu {loracpu})")
+else:
+    first = abs(lora["initialLoss"] - loracpu["initialLoss"]) / loracpu["initialLoss"]
+    last = abs(lora["finalLoss"] - loracpu["finalLoss"]) / loracpu["finalLoss"]
+    print(f"\nLoRA adapters: loss {lora['initialLoss']:.4f} -> {lora['finalLoss']:.4f}, vs the CPU's "
+          f"{loracpu['initialLoss']:.4f} -> {loracpu['finalLoss']:.4f}: first {first:.1e} apart "
+          f"(bound 1e-4), final {last:.2%} (bound 3%); tokens/s {lora['tokensPerSecond']:.0f} "
+          f"({lora['tokensPerSecond'] / cuda['tokensPerSecond']:.2f}x the whole model's)")
+    if not lora["finalLoss"] < 0.95 * lora["initialLoss"] or first > 1e-4 or last > 0.03:
+        failures.append(f"lora: {lora['initialLoss']:.3f} -> {lora['finalLoss']:.3f}, "
+                        f"first {first:.1e}, final {last:.2%} from the CPU's")
 print("\nPASS" if not failures else "\nFAIL: " + "; ".join(failures))
 sys.exit(1 if failures else 0)
 EOF

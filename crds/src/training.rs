@@ -79,9 +79,6 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("!has(self.training.lora) || !has(self.training.lora.routedExperts) || !self.training.lora.routedExperts || self.parallelism.expertParallel == 1")
         .message("training.lora.routedExperts needs parallelism.expertParallel 1: the routed experts' adapters are not sharded")
         .field_path(".training.lora.routedExperts"),
-    validation = Rule::new("!has(self.training.lora) || self.worker.device == 'cpu'")
-        .message("training.lora trains on the CPU (worker.device: cpu) for now: the CUDA trainer has no adapters yet")
-        .field_path(".training.lora"),
     validation = Rule::new("self.model.moe.experts % self.parallelism.expertParallel == 0")
         .message("model.moe.experts must be divisible by parallelism.expertParallel (each rank owns experts/expertParallel experts)")
         .field_path(".model.moe.experts"),

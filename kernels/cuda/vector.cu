@@ -16,6 +16,20 @@ extern "C" __global__ void divide_f32(float* x, size_t n, float d) {
         x[i] /= d;
 }
 
+// x[i] *= s: a LoRA adapter's gradient scaled by alpha / rank, as the CPU's
+// crate::train::lora::project scales it.
+extern "C" __global__ void scale_f32(float* x, size_t n, float s) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+// w[i] = base[i] + s * w[i], w holding the product B·A: a LoRA merge
+// W = W0 + (alpha / rank)·B·A, the CPU's operations in its order.
+extern "C" __global__ void lora_merge_f32(float* w, const float* base, size_t n, float s) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        w[i] = base[i] + s * w[i];
+}
+
 // out[i] += a[i]: a residual connection added onto a sublayer's output.
 extern "C" __global__ void add_f32(float* out, const float* a, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

@@ -120,6 +120,8 @@ pub const VECTOR: Family = family!(
         "add_sigmoid_gated_f32",
         "divide_f32",
         "to_bf16_f32",
+        "scale_f32",
+        "lora_merge_f32",
     ]
 );
 pub const PAGED_ATTENTION: Family =

@@ -478,11 +478,6 @@ fn check_cuda(config: &WorkerConfig) -> Result<(), SettingsError> {
             "is {}, but the CUDA trainer moves token rows as 16-byte vectors: use a multiple of 4",
             config.model.hidden_size
         ),
-    )?;
-    require(
-        config.training.lora.is_none(),
-        "training.lora",
-        "is set, but the CUDA trainer has no adapters yet: train them with device: cpu".to_owned(),
     )
 }
 

@@ -23,6 +23,7 @@ pub mod fp8_delayed;
 pub mod fp8_gemm;
 pub mod grouped_gemm;
 pub mod lanes;
+pub mod lora;
 pub mod lt_plan;
 pub mod matmul;
 pub mod model;

@@ -588,6 +588,8 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         ));
     }
 
+    checks.extend(lora_steps(gpu, &model, &settings)?);
+
     // The flash attention kernels in the whole model, the same bounds as
     // the GEMM path's; last while they are opt-in and unproven on a GPU, so
     // that a fault in them cannot cost the checks above.
@@ -646,6 +648,102 @@ fn trainer_steps(
             &[ours.grad_norm as f32],
             &[cpu.grad_norm as f32],
             1e-2,
+        ));
+    }
+    Ok(checks)
+}
+
+/// Two optimizer steps of the CPU and the device trainer training LoRA
+/// adapters (rank 4 on every projection, the routed experts' too) from
+/// the same start: losses and the adapters' norms as the trainer steps
+/// above; the adapters' values compared as updates are (`B` starts at
+/// zero, so after step 1 it is its update); every tensor not adapted, and
+/// the selection biases, still the start's bits on the device (a missed
+/// freeze moves them by about lr).
+fn lora_steps(gpu: &Gpu, model: &Model<f32>, settings: &TrainingSettings) -> Result<Vec<Check>> {
+    use crate::train::lora::LoraSettings;
+    use moe_crds::LoraTarget::{DownProj, GateProj, KProj, OProj, QProj, UpProj, VProj};
+    let settings = TrainingSettings {
+        lora: Some(LoraSettings {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec![QProj, KProj, VProj, OProj, GateProj, UpProj, DownProj],
+            routed_experts: true,
+        }),
+        ..settings.clone()
+    };
+    let config = model.config().clone();
+    let trainer = || {
+        let mut t = Trainer::new(config.clone(), settings.clone(), loader(&config, &settings));
+        t.start_from(model.clone());
+        t
+    };
+    let (mut cpu, mut host) = (trainer(), trainer());
+    let mut device = DeviceTrainer::new(gpu, model, settings.clone(), loader(&config, &settings))?;
+    let values = |t: &Trainer| -> Vec<f32> {
+        t.lora()
+            .expect("a LoRA trainer")
+            .adapters()
+            .iter()
+            .flat_map(|a| a.a.values.iter().chain(&a.b.values))
+            .copied()
+            .collect()
+    };
+    let start = values(&cpu);
+    let changes =
+        |now: Vec<f32>| -> Vec<f32> { now.iter().zip(&start).map(|(n, s)| n - s).collect() };
+    let adapted: Vec<usize> = cpu
+        .lora()
+        .expect("a LoRA trainer")
+        .adapters()
+        .iter()
+        .map(|a| a.tensor)
+        .collect();
+    let frozen = |m: &Model<f32>| -> Vec<u32> {
+        let mut kept: Vec<u32> = m
+            .tensors()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !adapted.contains(i))
+            .flat_map(|(_, t)| bits(t.values))
+            .collect();
+        kept.extend(m.moe_layers().flat_map(|l| bits(&l.selection_bias)));
+        kept
+    };
+    let lr = settings.optimizer.learning_rate as f32;
+    let mut checks = Vec::new();
+    for step in 1..=2 {
+        let case = format!("LoRA rank 4 on every projection, step {step}");
+        let theirs = cpu.step(&|| false).expect("never stopped");
+        let ours = device.step(&|| false)?.expect("never stopped");
+        checks.push(close_to_scale(
+            "trainer.loss",
+            &case,
+            &[ours.loss as f32],
+            &[theirs.loss as f32],
+            1e-3,
+        ));
+        checks.push(close_to_scale(
+            "trainer.grad_norm",
+            &case,
+            &[ours.grad_norm as f32],
+            &[theirs.grad_norm as f32],
+            1e-2,
+        ));
+        device.download_into(&mut host)?;
+        let budget = if step == 1 { 0.001 } else { 0.05 };
+        checks.push(updates_agree(
+            &case,
+            &changes(values(&host)),
+            &changes(values(&cpu)),
+            0.1 * lr,
+            budget,
+        ));
+        checks.push(exact(
+            "trainer.lora_frozen",
+            &case,
+            &frozen(host.model()),
+            &frozen(model),
         ));
     }
     Ok(checks)

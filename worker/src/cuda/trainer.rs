@@ -7,6 +7,7 @@
 //! the expert loads and the norm's partial sums come back each step.
 
 use super::data_parallel::{self, ParallelError};
+use super::lora::DeviceLora;
 use super::model::{DeviceGradients, DeviceModel, DeviceTensors};
 use super::{Gpu, Result, adamw, vector};
 use crate::data::{DataLoader, DataPosition};
@@ -30,8 +31,10 @@ pub struct DeviceTrainer<'g> {
     settings: TrainingSettings,
     model: DeviceModel,
     grads: DeviceGradients,
-    first_moment: DeviceGradients,
-    second_moment: DeviceGradients,
+    /// AdamW's first and second moments of the weights; none when only
+    /// `training.lora`'s adapters train (theirs are in `lora`).
+    moments: Option<(DeviceGradients, DeviceGradients)>,
+    lora: Option<DeviceLora>,
     /// Whether AdamW's weight decay applies, per tensor in canonical order.
     decays: Vec<bool>,
     /// Whether a tensor is a routed experts' (held for this rank's experts
@@ -45,19 +48,40 @@ pub struct DeviceTrainer<'g> {
 }
 
 impl<'g> DeviceTrainer<'g> {
-    /// Moves `model` (step 0, zero moments) to the device.
+    /// Moves `model` (step 0, zero moments; with `training.lora`, fresh
+    /// adapters on it, as [`Trainer::new`] makes them) to the device.
     pub fn new(
         gpu: &'g Gpu,
         model: &Model<f32>,
         settings: TrainingSettings,
         data: DataLoader,
     ) -> Result<Self> {
+        let lora = settings
+            .lora
+            .clone()
+            .map(|lora| crate::train::lora::Lora::new(lora, model, settings.seed));
+        Self::with_adapters(gpu, model, lora.as_ref(), settings, data)
+    }
+
+    /// [`Self::new`] with `lora`'s adapters (and their moments), if any:
+    /// then the weights have no moments of their own.
+    fn with_adapters(
+        gpu: &'g Gpu,
+        model: &Model<f32>,
+        lora: Option<&crate::train::lora::Lora>,
+        settings: TrainingSettings,
+        data: DataLoader,
+    ) -> Result<Self> {
         let device = DeviceModel::upload(gpu, model)?;
         let zeros = || DeviceGradients::zeros_like(gpu, device.weights());
+        let moments = match lora {
+            None => Some((zeros()?, zeros()?)),
+            Some(_) => None,
+        };
         Ok(Self {
             grads: zeros()?,
-            first_moment: zeros()?,
-            second_moment: zeros()?,
+            moments,
+            lora: lora.map(|lora| DeviceLora::upload(gpu, lora)).transpose()?,
             decays: model.tensors().iter().map(|t| t.kind.decays()).collect(),
             expert_tensors: model
                 .tensors()
@@ -79,20 +103,19 @@ impl<'g> DeviceTrainer<'g> {
     /// Takes over from `host` (fresh or restored from a checkpoint): its
     /// weights, moments, step count, settings and data position.
     pub fn resume(gpu: &'g Gpu, host: &Trainer) -> Result<Self> {
-        let mut trainer = Self::new(
+        let mut trainer = Self::with_adapters(
             gpu,
             host.model(),
+            host.lora(),
             host.settings().clone(),
             host.data().clone(),
         )?;
         let config = host.model().config().clone();
         let optimizer = host.optimizer();
-        trainer
-            .first_moment
-            .upload_from(gpu, host_values(&optimizer.first_moment, &config))?;
-        trainer
-            .second_moment
-            .upload_from(gpu, host_values(&optimizer.second_moment, &config))?;
+        if let Some((first, second)) = &mut trainer.moments {
+            first.upload_from(gpu, host_values(&optimizer.first_moment, &config))?;
+            second.upload_from(gpu, host_values(&optimizer.second_moment, &config))?;
+        }
         trainer.updates = optimizer.updates;
         Ok(trainer)
     }
@@ -106,12 +129,15 @@ impl<'g> DeviceTrainer<'g> {
         for (layer, bias) in model.moe_layers_mut().zip(&self.selection_biases) {
             layer.selection_bias.clone_from(bias);
         }
-        self.first_moment
-            .download_into(gpu, optimizer.first_moment.tensors_mut())?;
-        self.second_moment
-            .download_into(gpu, optimizer.second_moment.tensors_mut())?;
+        if let Some((first, second)) = &self.moments {
+            first.download_into(gpu, optimizer.first_moment.tensors_mut())?;
+            second.download_into(gpu, optimizer.second_moment.tensors_mut())?;
+        }
         optimizer.updates = self.updates;
         data.restore(self.data.position());
+        if let (Some(device), Some(lora)) = (&self.lora, host.lora_mut()) {
+            device.download_into(gpu, lora)?;
+        }
         Ok(())
     }
 
@@ -309,8 +335,17 @@ impl<'g> DeviceTrainer<'g> {
                 if world.size() > 1 && !overlap {
                     data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
                 }
-                vector::sum_squares(gpu, &self.grads.tensors())?
+                match self.lora {
+                    Some(_) => 0.0,
+                    None => vector::sum_squares(gpu, &self.grads.tensors())?,
+                }
             }
+        };
+        // With adapters the norm clipped and reported is theirs, from the
+        // weights' gradients (the same on every rank by now).
+        let squares = match &mut self.lora {
+            Some(lora) => lora.gradients(gpu, &self.grads.tensors())?,
+            None => squares,
         };
         gpu.span_end(norm_span)?;
         if world.size() > 1 {
@@ -346,25 +381,33 @@ impl<'g> DeviceTrainer<'g> {
             clip_scale / micro_steps,
         );
         let adamw_span = gpu.span_start("step.adamw")?;
-        let tensors = self
-            .model
-            .weights_mut()
-            .tensors_mut()
-            .into_iter()
-            .zip(self.grads.tensors())
-            .zip(self.first_moment.tensors_mut())
-            .zip(self.second_moment.tensors_mut())
-            .zip(&self.decays);
-        for ((((weights, grad), m), v), &decays) in tensors {
-            let update = if decays {
-                update
-            } else {
-                update.without_decay()
-            };
-            adamw::apply(gpu, &update, weights, m, v, grad)?;
+        if let Some(lora) = &mut self.lora {
+            // Only the adapters move; the model takes their merge.
+            lora.update(gpu, &update)?;
+            lora.merge_into(gpu, self.model.weights_mut().tensors_mut())?;
+        } else if let Some((first, second)) = &mut self.moments {
+            let tensors = self
+                .model
+                .weights_mut()
+                .tensors_mut()
+                .into_iter()
+                .zip(self.grads.tensors())
+                .zip(first.tensors_mut())
+                .zip(second.tensors_mut())
+                .zip(&self.decays);
+            for ((((weights, grad), m), v), &decays) in tensors {
+                let update = if decays {
+                    update
+                } else {
+                    update.without_decay()
+                };
+                adamw::apply(gpu, &update, weights, m, v, grad)?;
+            }
         }
         gpu.span_end(adamw_span)?;
-        if let Some(rate) = self.model.config().bias_update_rate {
+        // The selection biases are frozen with the rest of the model when
+        // adapters train.
+        if let (Some(rate), None) = (self.model.config().bias_update_rate, &self.lora) {
             let rate = rate as f32;
             for ((layer, bias), load) in self
                 .model

@@ -230,6 +230,12 @@ impl Lora {
         &self.adapters
     }
 
+    /// The adapters' values and moments, for a device trainer bringing
+    /// its host copy up to date (their shapes are not to change).
+    pub fn adapters_mut(&mut self) -> impl Iterator<Item = (&mut Param, &mut Param)> {
+        self.adapters.iter_mut().map(|a| (&mut a.a, &mut a.b))
+    }
+
     /// Bytes held: the frozen weights, `A`, `B` and their moments.
     pub fn bytes(&self) -> usize {
         let values: usize = self

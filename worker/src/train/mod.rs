@@ -200,6 +200,11 @@ impl Trainer {
         self.lora.as_ref()
     }
 
+    /// The adapters, for a device trainer bringing this host copy up to date.
+    pub fn lora_mut(&mut self) -> Option<&mut Lora> {
+        self.lora.as_mut()
+    }
+
     /// Whether `state` can continue this trainer's run as far as adapters
     /// go: none on either side, or the same `training.lora` on the same
     /// tensors. The problem, if not, names `training.lora`.
