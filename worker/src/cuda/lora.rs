@@ -81,9 +81,8 @@ impl DeviceLora {
     }
 
     /// The adapters' gradients from the weights' (`grads`, every tensor in
-    /// canonical order), as [`Lora::gradients`]; returns the sum of their
-    /// squares (the step's norm, before the micro-step mean).
-    pub fn gradients(&mut self, gpu: &Gpu, grads: &[&CudaSlice<f32>]) -> Result<f64> {
+    /// canonical order), as [`Lora::gradients`], into [`Self::grads_mut`].
+    pub fn gradients(&mut self, gpu: &Gpu, grads: &[&CudaSlice<f32>]) -> Result<()> {
         let r = self.rank;
         for adapter in &mut self.adapters {
             let (n, rows, cols) = (adapter.matrices, adapter.rows, adapter.cols);
@@ -134,6 +133,20 @@ impl DeviceLora {
             scale(gpu, &mut adapter.grad_a, self.scale)?;
             scale(gpu, &mut adapter.grad_b, self.scale)?;
         }
+        Ok(())
+    }
+
+    /// Every adapter's gradients (`A`'s, then `B`'s), for the ranks' mean.
+    pub fn grads_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
+        self.adapters
+            .iter_mut()
+            .flat_map(|a| [&mut a.grad_a, &mut a.grad_b])
+            .collect()
+    }
+
+    /// The sum of the squares of every adapter gradient (the step's norm,
+    /// before the micro-step mean).
+    pub fn sum_squares(&self, gpu: &Gpu) -> Result<f64> {
         let all: Vec<&CudaSlice<f32>> = self
             .adapters
             .iter()

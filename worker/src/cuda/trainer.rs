@@ -266,7 +266,9 @@ impl<'g> DeviceTrainer<'g> {
         // communicators during the backward pass, and NCCL operations of two
         // communicators in flight at once may deadlock; expert parallelism
         // also reduces its two kinds of tensors over two groups.
-        let plain = parallel.sequence.is_none() && parallel.experts.is_none();
+        // With adapters only their gradients are exchanged, after the pass.
+        let plain =
+            parallel.sequence.is_none() && parallel.experts.is_none() && self.lora.is_none();
         let overlap = plain && shard.ranks > 1 && world.as_nccl().is_some();
         for (micro_step, batch) in drawn.batches.iter_mut().enumerate() {
             if stop() {
@@ -321,31 +323,30 @@ impl<'g> DeviceTrainer<'g> {
         }
         let micro_steps = settings.micro_steps as f64;
         let norm_span = gpu.span_start("step.grad_norm")?;
-        let squares = match parallel.experts {
-            Some(ep) => data_parallel::reduce_expert_parallel(
+        let squares = match (&mut self.lora, parallel.experts) {
+            // Only adapters train: their gradients, from this rank's weight
+            // gradients, are all a step exchanges, over `world` (they sit on
+            // replicated tensors only), as the CPU trainer's are.
+            (Some(lora), _) => {
+                lora.gradients(gpu, &self.grads.tensors())?;
+                data_parallel::all_reduce_mean(gpu, world, &mut lora.grads_mut())?;
+                lora.sum_squares(gpu)?
+            }
+            (None, Some(ep)) => data_parallel::reduce_expert_parallel(
                 gpu,
                 world,
                 ep,
                 &mut self.grads.tensors_mut(),
                 &self.expert_tensors,
             )?,
-            None => {
+            (None, None) => {
                 // Over the whole world: the ranks of a sequence group hold
                 // gradients of different slices of the same sequences.
                 if world.size() > 1 && !overlap {
                     data_parallel::all_reduce_mean(gpu, world, &mut self.grads.tensors_mut())?;
                 }
-                match self.lora {
-                    Some(_) => 0.0,
-                    None => vector::sum_squares(gpu, &self.grads.tensors())?,
-                }
+                vector::sum_squares(gpu, &self.grads.tensors())?
             }
-        };
-        // With adapters the norm clipped and reported is theirs, from the
-        // weights' gradients (the same on every rank by now).
-        let squares = match &mut self.lora {
-            Some(lora) => lora.gradients(gpu, &self.grads.tensors())?,
-            None => squares,
         };
         gpu.span_end(norm_span)?;
         if world.size() > 1 {

@@ -200,6 +200,14 @@ impl Trainer {
         self.lora.as_ref()
     }
 
+    /// The adapters' gradients from this rank's weight gradients, when
+    /// adapters train.
+    fn adapter_gradients(&self) -> Option<Vec<lora::AdapterGrads<f32>>> {
+        self.lora
+            .as_ref()
+            .map(|lora| lora.gradients(&self.grads, self.model.config()))
+    }
+
     /// The adapters, for a device trainer bringing this host copy up to date.
     pub fn lora_mut(&mut self) -> Option<&mut Lora> {
         self.lora.as_mut()
@@ -245,8 +253,12 @@ impl Trainer {
         let accumulated = self
             .accumulate(stop, step, start, Parallel::default())
             .expect("a single process has no peers to fail")?;
-        let grad_norm = global_norm(&self.grads, self.model.config());
-        Some(self.apply(accumulated, grad_norm))
+        let grads = self.adapter_gradients();
+        let grad_norm = match &grads {
+            Some(grads) => lora::global_norm(grads),
+            None => global_norm(&self.grads, self.model.config()),
+        };
+        Some(self.apply(accumulated, grad_norm, grads))
     }
 
     /// One optimizer step as one data-parallel replica of `dp`'s ranks:
@@ -325,12 +337,27 @@ impl Trainer {
             return Ok(None);
         };
         let bucket = data_parallel::BUCKET_FLOATS;
-        let grad_norm = match parallel.experts {
-            None => {
+        // Only adapters train: their gradients, from this rank's weight
+        // gradients, are all a step exchanges (the projection is linear, so
+        // the ranks' mean of them is the mean gradient's): messages the
+        // size of the adapters, not of the model. They sit on replicated
+        // tensors only (no routed expert's under expert parallelism), so
+        // the mean is over `world`, as the replicated weights' is.
+        let mut adapter_grads = self.adapter_gradients();
+        let grad_norm = match (&mut adapter_grads, parallel.experts) {
+            (Some(grads), _) => {
+                let mut flat: Vec<&mut Vec<f32>> = grads
+                    .iter_mut()
+                    .flat_map(|g| [&mut g.a, &mut g.b])
+                    .collect();
+                data_parallel::all_reduce_mean(world, &mut flat, bucket)?;
+                lora::global_norm(grads)
+            }
+            (None, None) => {
                 data_parallel::all_reduce_mean(world, &mut self.grads.tensors_mut(), bucket)?;
                 global_norm(&self.grads, self.model.config())
             }
-            Some(ep) => {
+            (None, Some(ep)) => {
                 let config = self.model.config();
                 let is_expert: Vec<bool> = self
                     .grads
@@ -378,7 +405,7 @@ impl Trainer {
                 self.model.observe_fp8(&amaxes);
             }
         }
-        Ok(Some(self.apply(acc, grad_norm)))
+        Ok(Some(self.apply(acc, grad_norm, adapter_grads)))
     }
 
     /// The mean loss over `eval`'s held-out sequences (forward passes
@@ -489,21 +516,16 @@ impl Trainer {
     /// Ends a step whose gradient sum (over this rank's micro-batches,
     /// averaged over the replicas) is in `self.grads`: clipping, the update,
     /// the selection biases and FP8 scales.
-    /// `grad_norm` is the L2 norm of that sum.
-    fn apply(&mut self, acc: Accumulated, grad_norm: f64) -> StepReport {
+    /// `grad_norm` is the L2 norm of that sum: with adapters, of theirs
+    /// (`lora_grads`, the same on every rank), which is what the step trains.
+    fn apply(
+        &mut self,
+        acc: Accumulated,
+        grad_norm: f64,
+        lora_grads: Option<Vec<lora::AdapterGrads<f32>>>,
+    ) -> StepReport {
         let settings = &self.settings;
         let micro_steps = settings.micro_steps as f64;
-        // With adapters the norm clipped and reported is theirs: they are
-        // what the step trains. (The weights' gradients are the same on
-        // every rank by now, so theirs are too.)
-        let lora_grads = self
-            .lora
-            .as_ref()
-            .map(|lora| lora.gradients(&self.grads, self.model.config()));
-        let grad_norm = match &lora_grads {
-            Some(grads) => lora::global_norm(grads),
-            None => grad_norm,
-        };
         // Each micro-batch's gradient is of its own mean loss; their mean is the step's.
         let grad_norm = grad_norm / micro_steps;
         let clip = settings.optimizer.grad_clip;
