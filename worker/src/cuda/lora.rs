@@ -7,11 +7,10 @@
 //! experts, or one); the scaling and the merge's sum are the CPU's
 //! operations in the CPU's order (`scale_f32`, `lora_merge_f32`).
 
-use moe_kernels::cudarc::driver::{CudaSlice, PushKernelArg};
-use moe_kernels::registry::VECTOR;
+use moe_kernels::cudarc::driver::CudaSlice;
 
 use super::matmul::{self, Operand};
-use super::{Gpu, Result, adamw, elementwise, vector};
+use super::{Gpu, Result, adamw, vector};
 use crate::train::lora::Lora;
 use crate::train::optimizer::AdamWStep;
 
@@ -130,8 +129,8 @@ impl DeviceLora {
                 n,
                 false,
             )?;
-            scale(gpu, &mut adapter.grad_a, self.scale)?;
-            scale(gpu, &mut adapter.grad_b, self.scale)?;
+            vector::scale(gpu, &mut adapter.grad_a, self.scale)?;
+            vector::scale(gpu, &mut adapter.grad_b, self.scale)?;
         }
         Ok(())
     }
@@ -196,35 +195,8 @@ impl DeviceLora {
                 n,
                 false,
             )?;
-            merge(gpu, w, &adapter.base, self.scale)?;
+            vector::lora_merge(gpu, w, &adapter.base, self.scale)?;
         }
         Ok(())
     }
-}
-
-/// `x *= s`, elementwise.
-fn scale(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
-    let n = x.len();
-    if n == 0 {
-        return Ok(());
-    }
-    let f = gpu.function(&VECTOR, "scale_f32")?;
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(x).arg(&n).arg(&s);
-    unsafe { launch.launch(elementwise(n)) }?;
-    Ok(())
-}
-
-/// `w = base + s·w`, elementwise (`w` holding the product `B·A`).
-fn merge(gpu: &Gpu, w: &mut CudaSlice<f32>, base: &CudaSlice<f32>, s: f32) -> Result<()> {
-    let n = w.len();
-    assert_eq!(base.len(), n, "LoRA merge shapes");
-    if n == 0 {
-        return Ok(());
-    }
-    let f = gpu.function(&VECTOR, "lora_merge_f32")?;
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch.arg(w).arg(base).arg(&n).arg(&s);
-    unsafe { launch.launch(elementwise(n)) }?;
-    Ok(())
 }

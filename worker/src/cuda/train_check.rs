@@ -19,7 +19,7 @@ use crate::linear::GemmPrecision;
 use crate::model::{ActivationMemory, Gradients, Model, ModelConfig};
 use crate::rng::SplitMix64;
 use crate::settings::{OptimizerSettings, TrainingSettings};
-use crate::train::Trainer;
+use crate::train::{StepReport, Trainer};
 
 /// Three blocks (one dense, two MoE with a shared expert, sigmoid routing
 /// limited to 2 of 4 groups, bias balancing on), grouped-query attention.
@@ -548,20 +548,7 @@ pub fn check_training(gpu: &Gpu) -> Result<Vec<Check>> {
         let case = format!("step {step}");
         let cpu = cpu_trainer.step(&|| false).expect("never stopped");
         let device = device_trainer.step(&|| false)?.expect("never stopped");
-        checks.push(close_to_scale(
-            "trainer.loss",
-            &case,
-            &[device.loss as f32],
-            &[cpu.loss as f32],
-            1e-3,
-        ));
-        checks.push(close_to_scale(
-            "trainer.grad_norm",
-            &case,
-            &[device.grad_norm as f32],
-            &[cpu.grad_norm as f32],
-            1e-2,
-        ));
+        checks.extend(steps_agree(&case, &device, &cpu));
         let flat = |loads: &[Vec<usize>]| loads.concat();
         checks.push(mostly_equal(
             "trainer.expert_loads",
@@ -635,20 +622,7 @@ fn trainer_steps(
     for step in 1..=steps {
         let cpu = cpu.step(&|| false).expect("never stopped");
         let ours = device.step(&|| false)?.expect("never stopped");
-        checks.push(close_to_scale(
-            "trainer.loss",
-            &format!("{case}, step {step}"),
-            &[ours.loss as f32],
-            &[cpu.loss as f32],
-            1e-3,
-        ));
-        checks.push(close_to_scale(
-            "trainer.grad_norm",
-            &format!("{case}, step {step}"),
-            &[ours.grad_norm as f32],
-            &[cpu.grad_norm as f32],
-            1e-2,
-        ));
+        checks.extend(steps_agree(&format!("{case}, step {step}"), &ours, &cpu));
     }
     Ok(checks)
 }
@@ -716,20 +690,7 @@ fn lora_steps(gpu: &Gpu, model: &Model<f32>, settings: &TrainingSettings) -> Res
         let case = format!("LoRA rank 4 on every projection, step {step}");
         let theirs = cpu.step(&|| false).expect("never stopped");
         let ours = device.step(&|| false)?.expect("never stopped");
-        checks.push(close_to_scale(
-            "trainer.loss",
-            &case,
-            &[ours.loss as f32],
-            &[theirs.loss as f32],
-            1e-3,
-        ));
-        checks.push(close_to_scale(
-            "trainer.grad_norm",
-            &case,
-            &[ours.grad_norm as f32],
-            &[theirs.grad_norm as f32],
-            1e-2,
-        ));
+        checks.extend(steps_agree(&case, &ours, &theirs));
         device.download_into(&mut host)?;
         let budget = if step == 1 { 0.001 } else { 0.05 };
         checks.push(updates_agree(
@@ -747,6 +708,27 @@ fn lora_steps(gpu: &Gpu, model: &Model<f32>, settings: &TrainingSettings) -> Res
         ));
     }
     Ok(checks)
+}
+
+/// A device step's report against the CPU's: the loss within 1e-3, the
+/// gradient norm within 1e-2 (TF32 against exact f32).
+fn steps_agree(case: &str, ours: &StepReport, theirs: &StepReport) -> [Check; 2] {
+    [
+        close_to_scale(
+            "trainer.loss",
+            case,
+            &[ours.loss as f32],
+            &[theirs.loss as f32],
+            1e-3,
+        ),
+        close_to_scale(
+            "trainer.grad_norm",
+            case,
+            &[ours.grad_norm as f32],
+            &[theirs.grad_norm as f32],
+            1e-2,
+        ),
+    ]
 }
 
 /// Every weight's change from `start`, all tensors in canonical order.

@@ -154,3 +154,32 @@ pub fn add_sigmoid_gated(
     unsafe { launch.launch(elementwise(n)) }?;
     Ok(())
 }
+
+/// `x *= s`, elementwise (a LoRA adapter's gradient scaled by alpha / rank,
+/// as [`crate::train::lora::project`] scales it).
+pub fn scale(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "scale_f32")?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(x).arg(&n).arg(&s);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
+
+/// `w = base + s·w`, elementwise, `w` holding the product `B·A`: a LoRA
+/// merge `W₀ + s·B·A`, the CPU's [`crate::train::lora::merge`] sum.
+pub fn lora_merge(gpu: &Gpu, w: &mut CudaSlice<f32>, base: &CudaSlice<f32>, s: f32) -> Result<()> {
+    let n = w.len();
+    assert_eq!(base.len(), n, "LoRA merge shapes");
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&VECTOR, "lora_merge_f32")?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch.arg(w).arg(base).arg(&n).arg(&s);
+    unsafe { launch.launch(elementwise(n)) }?;
+    Ok(())
+}
