@@ -347,7 +347,7 @@ fn a_lora_run_resumes_bit_for_bit() {
     let checkpoints = split_dir.join("checkpoints");
     fs::create_dir_all(&checkpoints).unwrap();
     let step_3 = straight_dir.join("checkpoints").join("step-00000003");
-    copy_dir(&step_3, &checkpoints.join("step-00000003"));
+    crate::dist_support::copy_dir(&step_3, &checkpoints.join("step-00000003"));
     let split = train(&lora_config(&split_dir)).unwrap();
     let split_end = split.checkpoint.unwrap();
     assert_eq!(state_bits(&split_end), state_bits(&straight_end));
@@ -403,14 +403,6 @@ fn mismatched_adapters_are_refused_naming_the_field() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("training.lora.routedExperts"), "{error}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// The f32 tensors of a safetensors file, by name, with their shapes.
