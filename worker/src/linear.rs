@@ -60,7 +60,9 @@ impl Linear<'_> {
         }
     }
 
-    /// Adds `dout @ w` into `dx` and `doutᵀ @ x` into `dw`, as [`matmul::backward`].
+    /// Adds `dout @ w` into `dx` and `doutᵀ @ x` into `dw`, as
+    /// [`matmul::backward`]; an empty `dw` (a frozen weight) skips the
+    /// weight-gradient GEMM.
     #[allow(clippy::too_many_arguments)] // matmul::backward's shape
     pub fn backward<T: Scalar>(
         self,
@@ -77,7 +79,9 @@ impl Linear<'_> {
             Self::Bf16 => {
                 let dout = to_bf16(dout);
                 matmul::backward_input(dx, &dout, &to_bf16(w), in_dim, out_dim);
-                matmul::backward_weight(dw, &dout, &to_bf16(x), in_dim, out_dim);
+                if !dw.is_empty() {
+                    matmul::backward_weight(dw, &dout, &to_bf16(x), in_dim, out_dim);
+                }
             }
             Self::Fp8(scaling) => gemm::backward(scaling, dx, dw, dout, x, w, in_dim, out_dim),
         }

@@ -249,12 +249,12 @@ fn the_expert_parallel_layer_matches_one_rank_on_each_ranks_tokens() {
 /// A small MoE model with every balancing mechanism on, 4 routed experts,
 /// on `ranks` ranks of which `ep` form each expert-parallel group.
 fn settings(ranks: usize, ep: usize) -> TrainSettings {
-    settings_with(ranks, ep, false)
+    settings_with(ranks, ep, json!({}))
 }
 
-/// [`settings`], with activation checkpointing as `recompute` says.
-fn settings_with(ranks: usize, ep: usize, recompute: bool) -> TrainSettings {
-    let config = json!({
+/// [`settings`] with `training`'s fields in `training` added or replaced.
+fn settings_with(ranks: usize, ep: usize, training: serde_json::Value) -> TrainSettings {
+    let mut config = json!({
         "job": "local/ep",
         "model": {
             "hiddenSize": 32, "layers": 2, "denseLayers": 1, "denseHiddenSize": 64,
@@ -267,7 +267,6 @@ fn settings_with(ranks: usize, ep: usize, recompute: bool) -> TrainSettings {
         "data": {"builtin": {"corpus": "tiny"}},
         "training": {
             "steps": STEPS, "globalBatchSize": 4, "microBatchSize": 1, "seed": 7,
-            "activationCheckpointing": recompute,
             "optimizer": {"learningRate": 0.01, "minLearningRate": 0.001, "warmupSteps": 1,
                           "gradClip": 1.0}
         },
@@ -276,6 +275,9 @@ fn settings_with(ranks: usize, ep: usize, recompute: bool) -> TrainSettings {
         "device": "cpu",
         "outputDir": "unused"
     });
+    for (field, value) in training.as_object().expect("training fields") {
+        config["training"][field] = value.clone();
+    }
     let config = parse_worker_config(&config.to_string()).expect("valid config");
     TrainSettings::from_config(&config).expect("valid settings")
 }
@@ -402,7 +404,11 @@ fn compare(what: &str, one: &Outcome, ranks: &[Outcome]) {
 #[test]
 fn expert_parallelism_with_activation_checkpointing_trains_the_same_bits() {
     let kept = expert_parallel_run(2, 2);
-    let recomputed = expert_parallel_run_with(&settings_with(2, 2, true), 2, 2);
+    let recomputed = expert_parallel_run_with(
+        &settings_with(2, 2, json!({"activationCheckpointing": true})),
+        2,
+        2,
+    );
     for (k, r) in kept.iter().zip(&recomputed) {
         assert_eq!(k.reports, r.reports);
         assert_eq!(k.weights.len(), r.weights.len());
@@ -462,6 +468,41 @@ fn each_expert_parallel_rank_holds_only_its_experts() {
             }
         }
     }
+}
+
+/// LoRA adapters on the attention and shared-expert projections train
+/// under expert parallelism as in one process: each rank's routed experts
+/// are frozen (their gradients neither computed nor held), the adapters'
+/// gradients averaged over the world.
+#[test]
+fn lora_under_expert_parallelism_matches_one_process() {
+    let lora = || json!({"lora": {"rank": 4, "targets": ["q_proj", "o_proj", "down_proj"]}});
+    let mut alone = trainer(&settings_with(1, 1, lora()));
+    let reports = (0..STEPS)
+        .map(|_| alone.step(&|| false).expect("not stopped"))
+        .collect();
+    let one = Outcome {
+        reports,
+        ..owned_weights(&alone, 4)
+    };
+    let ranks = expert_parallel_run_with(&settings_with(2, 2, lora()), 2, 2);
+    compare("LoRA, EP 2", &one, &ranks);
+    let start = owned_weights(&trainer(&settings_with(1, 1, lora())), 4);
+    let (trained, started) = (assemble(&ranks), assemble(std::slice::from_ref(&start)));
+    let moved: Vec<&str> = trained
+        .iter()
+        .zip(&started)
+        .filter(|((_, got), (_, was))| got != was)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    assert!(
+        !moved.is_empty()
+            && moved
+                .iter()
+                .all(|n| n.ends_with("wq") || n.ends_with("wo") || n.ends_with("w2")),
+        "{moved:?}"
+    );
+    assert!(!moved.iter().any(|n| n.contains("experts_")), "{moved:?}");
 }
 
 #[test]

@@ -102,8 +102,13 @@ pub fn backward<T: Scalar>(
         in_dim,
         out_dim,
     );
+    // Quantised even for a frozen weight (an empty `dw`), so the tensorwise
+    // recipe observes the same amaxes either way.
     let dout_columns = scaling.quantize(Role::GradOutput, dout, rows, out_dim, TileShape::COLUMN);
     let x_columns = scaling.quantize(Role::Input, x, rows, in_dim, TileShape::COLUMN);
+    if dw.is_empty() {
+        return;
+    }
     matmul::backward_weight(
         dw,
         &dout_columns.dequantize(),

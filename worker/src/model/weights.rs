@@ -381,6 +381,69 @@ impl<T: Scalar> Weights<T, MoeParams<T>> {
     }
 }
 
+impl<T: Scalar> Weights<T, MoeParams<T>> {
+    /// [`Self::zeros_with_experts`] keeping only the tensors `keep` names
+    /// (as [`Weights::tensors`] names them): the others are left empty, a
+    /// frozen weight's gradient, which every backward routine skips
+    /// (`training.lora`: neither computed nor held).
+    pub fn zeros_keeping(
+        config: &ModelConfig,
+        experts: Range<usize>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut grads = Self::zeros_with_experts(config, experts);
+        // Listed before any is emptied: `tensors_mut` leaves out empty q/k
+        // gains and shared experts, `tensors` goes by the config.
+        let kept: Vec<bool> = grads
+            .tensors(config)
+            .iter()
+            .map(|t| keep(&t.name))
+            .collect();
+        for (tensor, kept) in grads.tensors_mut().into_iter().zip(kept) {
+            if !kept {
+                *tensor = Vec::new();
+            }
+        }
+        grads
+    }
+
+    /// Zeroes every tensor. Unlike a loop over [`Self::tensors_mut`], which
+    /// tells an absent q/k gain or shared expert by its being empty, this
+    /// reaches every one when some are kept empty ([`Self::zeros_keeping`]).
+    pub fn zero(&mut self) {
+        let mut all = vec![&mut self.embedding, &mut self.final_norm, &mut self.lm_head];
+        for block in &mut self.blocks {
+            all.extend([
+                &mut block.attention_norm,
+                &mut block.wq,
+                &mut block.wk,
+                &mut block.wv,
+                &mut block.wo,
+                &mut block.q_norm,
+                &mut block.k_norm,
+                &mut block.ffn_norm,
+            ]);
+            match &mut block.ffn {
+                FeedForward::Dense(dense) => {
+                    all.extend([&mut dense.w1, &mut dense.w3, &mut dense.w2])
+                }
+                FeedForward::Moe(p) => all.extend([
+                    &mut p.router,
+                    &mut p.experts_w1,
+                    &mut p.experts_w3,
+                    &mut p.experts_w2,
+                    &mut p.shared_w1,
+                    &mut p.shared_w3,
+                    &mut p.shared_w2,
+                ]),
+            }
+        }
+        for tensor in all {
+            tensor.fill(T::ZERO);
+        }
+    }
+}
+
 /// Initial weights, drawn in canonical order from `rng`.
 ///
 /// Embeddings N(0, 1) (the residual stream starts at unit scale, which every

@@ -140,13 +140,20 @@ impl<T: Scalar> MoeParams<T> {
         }
     }
 
-    /// Gradient slices for routed expert `e` (global; it must be held).
+    /// Gradient slices for routed expert `e` (global; it must be held);
+    /// empty for a frozen tensor (kept empty: `training.lora`).
     pub fn expert_grads<'a>(&'a mut self, config: &MoeConfig, e: usize) -> SwiGluGrads<'a, T> {
         let range = self.expert_range(config, e);
+        let part = |t: &'a mut Vec<T>| -> &'a mut [T] {
+            match t.is_empty() {
+                true => &mut [],
+                false => &mut t[range.clone()],
+            }
+        };
         SwiGluGrads {
-            w1: &mut self.experts_w1[range.clone()],
-            w3: &mut self.experts_w3[range.clone()],
-            w2: &mut self.experts_w2[range],
+            w1: part(&mut self.experts_w1),
+            w3: part(&mut self.experts_w3),
+            w2: part(&mut self.experts_w2),
         }
     }
 
@@ -154,10 +161,11 @@ impl<T: Scalar> MoeParams<T> {
     /// so the experts' backward passes can run side by side).
     pub fn routed_expert_grads(&mut self, config: &MoeConfig) -> Vec<SwiGluGrads<'_, T>> {
         let size = expert_size(config).max(1);
-        self.experts_w1
-            .chunks_mut(size)
-            .zip(self.experts_w3.chunks_mut(size))
-            .zip(self.experts_w2.chunks_mut(size))
+        let n = self.experts.len();
+        per_expert(&mut self.experts_w1, n, size)
+            .into_iter()
+            .zip(per_expert(&mut self.experts_w3, n, size))
+            .zip(per_expert(&mut self.experts_w2, n, size))
             .map(|((w1, w3), w2)| SwiGluGrads { w1, w3, w2 })
             .collect()
     }
@@ -181,6 +189,15 @@ impl<T: Scalar> MoeParams<T> {
             w3: &mut self.shared_w3,
             w2: &mut self.shared_w2,
         }
+    }
+}
+
+/// Each of `n` experts' part (`size` values) of an expert tensor; an empty
+/// slice each for a frozen tensor (kept empty: `training.lora`).
+fn per_expert<T>(t: &mut [T], n: usize, size: usize) -> Vec<&mut [T]> {
+    match t.is_empty() {
+        true => (0..n).map(|_| <&mut [T]>::default()).collect(),
+        false => t.chunks_mut(size).collect(),
     }
 }
 

@@ -15,8 +15,12 @@ pub fn forward<T: Scalar>(out: &mut [T], tokens: &[u32], table: &[T], dim: usize
     }
 }
 
-/// Adds `dout[t, :]` into `dtable[tokens[t], :]`; repeated tokens accumulate.
+/// Adds `dout[t, :]` into `dtable[tokens[t], :]`; repeated tokens
+/// accumulate. An empty `dtable` (a frozen table's) takes nothing.
 pub fn backward<T: Scalar>(dtable: &mut [T], dout: &[T], tokens: &[u32], dim: usize) {
+    if dtable.is_empty() {
+        return;
+    }
     assert!(
         dim > 0 && dtable.len().is_multiple_of(dim),
         "embedding table gradient shape"

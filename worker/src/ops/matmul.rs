@@ -108,7 +108,8 @@ fn transpose<T: Scalar>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-/// Adds `dout @ w` into `dx` and `dout^T @ x` into `dw`.
+/// Adds `dout @ w` into `dx` and `dout^T @ x` into `dw`; an empty `dw` (a
+/// frozen weight's: `training.lora`) skips the weight-gradient GEMM.
 pub fn backward<T: Scalar>(
     dx: &mut [T],
     dw: &mut [T],
@@ -120,7 +121,9 @@ pub fn backward<T: Scalar>(
 ) {
     assert_eq!(dx.len(), x.len(), "matmul input gradient shape");
     backward_input(dx, dout, w, in_dim, out_dim);
-    backward_weight(dw, dout, x, in_dim, out_dim);
+    if !dw.is_empty() {
+        backward_weight(dw, dout, x, in_dim, out_dim);
+    }
 }
 
 /// Adds `dout @ w` into `dx: [rows, in_dim]` (the input-gradient GEMM alone).

@@ -39,7 +39,12 @@ pub fn backward<T: Scalar>(
     check_shapes(x, dim, rstd.len());
     assert_eq!(dx.len(), x.len(), "rmsnorm input gradient shape");
     assert_eq!(dout.len(), x.len(), "rmsnorm output gradient shape");
-    assert_eq!(dweight.len(), dim, "rmsnorm weight gradient shape");
+    // Empty for a frozen gain (`training.lora`): its gradient is not kept.
+    let frozen = dweight.is_empty();
+    assert!(
+        frozen || dweight.len() == dim,
+        "rmsnorm weight gradient shape"
+    );
     let inv_dim = T::ONE / T::from_usize(dim);
     let rows = dx
         .chunks_exact_mut(dim)
@@ -56,7 +61,9 @@ pub fn backward<T: Scalar>(
         let r2 = r * r;
         for (j, dxj) in dx_row.iter_mut().enumerate() {
             *dxj += r * (weight[j] * dy_row[j] - x_row[j] * r2 * projection);
-            dweight[j] += dy_row[j] * x_row[j] * r;
+            if !frozen {
+                dweight[j] += dy_row[j] * x_row[j] * r;
+            }
         }
     }
 }

@@ -93,8 +93,17 @@ impl Trainer {
             .lora
             .clone()
             .map(|lora| Lora::new(lora, &model, settings.seed));
+        // With adapters only the adapted weights' gradients are needed
+        // (the adapters' come from them): the frozen ones are neither
+        // computed nor held.
+        let grads = match &settings.lora {
+            Some(lora) => {
+                Gradients::zeros_keeping(&config, experts, |name| lora.target_of(name).is_some())
+            }
+            None => Gradients::zeros_with_experts(&config, experts),
+        };
         Self {
-            grads: Gradients::zeros_with_experts(&config, experts),
+            grads,
             settings,
             model,
             optimizer,
@@ -477,9 +486,7 @@ impl Trainer {
         parallel: Parallel<'_>,
     ) -> Result<Option<Accumulated>, DistError> {
         let memory = self.settings.activation_memory;
-        for g in self.grads.tensors_mut() {
-            g.fill(0.0);
-        }
+        self.grads.zero();
         let mut acc = Accumulated {
             trained_tokens: step.trained,
             ..Accumulated::default()

@@ -350,7 +350,17 @@ fn a_lora_run_resumes_bit_for_bit() {
     crate::dist_support::copy_dir(&step_3, &checkpoints.join("step-00000003"));
     let split = train(&lora_config(&split_dir)).unwrap();
     let split_end = split.checkpoint.unwrap();
-    assert_eq!(state_bits(&split_end), state_bits(&straight_end));
+    let (split, straight) = (state_bits(&split_end), state_bits(&straight_end));
+    let differing: Vec<&str> = split
+        .iter()
+        .zip(&straight)
+        .filter(|(a, b)| a != b)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "the resumed run's {differing:?} differ"
+    );
     assert_eq!(
         fs::read(split_end.join("lora.safetensors")).unwrap(),
         fs::read(straight_end.join("lora.safetensors")).unwrap(),
@@ -539,5 +549,63 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
             "{name}: merged − (W₀ + s·B·A) reaches {worst:e}"
         );
         assert!(b.iter().any(|&v| v != 0.0), "{module}: B was trained");
+    }
+}
+
+/// A backward pass into gradients that keep only the adapted tensors
+/// ([`Gradients::zeros_keeping`]: the rest empty, neither computed nor
+/// held) gives those tensors, and nothing else, the very bits of a pass
+/// into full gradients — in every GEMM arithmetic, through the dense
+/// layer, the shared and the routed experts, the router, the norms and the
+/// embedding; and zeroing reaches every kept tensor.
+#[test]
+fn frozen_gradients_are_skipped_and_the_kept_ones_are_unchanged() {
+    use moe_worker::fp8::Fp8Recipe;
+    use moe_worker::linear::GemmPrecision;
+    let lora = LoraSettings {
+        rank: 2,
+        alpha: 2.0,
+        targets: vec![LoraTarget::QProj, LoraTarget::OProj, LoraTarget::UpProj],
+        routed_experts: true,
+    };
+    let precisions = [
+        GemmPrecision::Fp32,
+        GemmPrecision::Bf16,
+        GemmPrecision::Fp8(Fp8Recipe::Blockwise),
+    ];
+    for precision in precisions {
+        let mut config = tiny_config(moe(ScoreFunction::Sigmoid), 2, 1);
+        config.gemm_precision = precision;
+        let model = Model::<f32>::initial(config.clone(), 3);
+        let mut rng = SplitMix64::new(4);
+        let tokens: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+        let targets: Vec<u32> = (0..8).map(|_| rng.below(config.vocab) as u32).collect();
+        let pass = model.forward(&tokens, &targets);
+        let mut full = Gradients::zeros(&config);
+        model.backward(&pass, &mut full);
+        let experts = 0..config.moe.n_routed_experts;
+        let mut kept = Gradients::<f32>::zeros_keeping(&config, experts, |name| {
+            lora.target_of(name).is_some()
+        });
+        model.backward(&pass, &mut kept);
+        let mut adapted = 0;
+        for (f, k) in full.tensors(&config).iter().zip(kept.tensors(&config)) {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            if lora.target_of(&f.name).is_some() {
+                assert!(f.values.iter().any(|&v| v != 0.0), "{}", f.name);
+                assert_eq!(bits(f.values), bits(k.values), "{precision:?}: {}", f.name);
+                adapted += 1;
+            } else {
+                assert!(k.values.is_empty(), "{precision:?}: {} is kept", f.name);
+            }
+        }
+        // wq, wo of both blocks; the dense w3; the shared and routed w3.
+        assert_eq!(adapted, 7, "{precision:?}");
+        kept.zero();
+        assert!(
+            kept.tensors(&config)
+                .iter()
+                .all(|t| t.values.iter().all(|&v| v == 0.0))
+        );
     }
 }
