@@ -516,7 +516,6 @@ pub fn train_as(
     };
     #[cfg(not(feature = "cuda"))]
     let (mut trainer, peak) = (Backend::Cpu(Box::new(host)), None::<f64>);
-    let model_flops = flops::training_flops(&settings.model);
     let gpus = dp.size();
 
     let training_started = Instant::now();
@@ -580,6 +579,7 @@ pub fn train_as(
         };
         tokens_done += report.tokens;
         interval.tokens += report.tokens;
+        interval.flops += report.flops;
         interval.steps += 1;
         let balance = Balance::of(
             &report.expert_loads,
@@ -591,7 +591,7 @@ pub fn train_as(
             || report.step == total_steps
             || eval_loss.is_some()
         {
-            let pace = interval.pace(|rate| peak.map(|p| flops::mfu(&model_flops, rate, gpus, p)));
+            let pace = interval.pace(peak.map(|p| p * gpus as f64));
             let line = MetricsLine {
                 eval_loss,
                 ..metrics_line(&report, pace, &settings, &balance)
@@ -833,10 +833,12 @@ impl RunState {
     }
 }
 
-/// Tokens and time since the last metrics line.
+/// Tokens, model FLOPs and time since the last metrics line.
 struct Interval {
     started: Instant,
     tokens: usize,
+    /// As the steps ran ([`StepReport::flops`]): padding cut is not counted.
+    flops: f64,
     steps: u64,
 }
 
@@ -845,23 +847,20 @@ impl Interval {
         Self {
             started: Instant::now(),
             tokens: 0,
+            flops: 0.0,
             steps: 0,
         }
     }
 
-    /// The interval's pace; `mfu` turns its tokens per second into MFU
-    /// (on a GPU of known peak).
-    fn pace(&self, mfu: impl Fn(f64) -> Option<f64>) -> Pace {
+    /// The interval's pace; its MFU against `peak`, the gang's dense bf16
+    /// FLOP/s (on GPUs of known peak).
+    fn pace(&self, peak: Option<f64>) -> Pace {
         let seconds = self.started.elapsed().as_secs_f64();
-        let tokens_per_second = if seconds > 0.0 {
-            self.tokens as f64 / seconds
-        } else {
-            0.0
-        };
+        let per_second = |amount: f64| if seconds > 0.0 { amount / seconds } else { 0.0 };
         Pace {
-            tokens_per_second,
+            tokens_per_second: per_second(self.tokens as f64),
             seconds_per_step: (self.steps > 0).then(|| seconds / self.steps as f64),
-            mfu: mfu(tokens_per_second),
+            mfu: peak.map(|peak| flops::mfu_of(per_second(self.flops), 1, peak)),
         }
     }
 }

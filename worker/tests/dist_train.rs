@@ -157,6 +157,13 @@ fn compare(one: &Outcome, replicas: &[Outcome]) {
     for (got, want) in replica.reports.iter().zip(&one.reports) {
         assert_eq!(got.step, want.step);
         assert_eq!(got.tokens, want.tokens, "tokens of the global batch");
+        let flops_gap = (got.flops - want.flops).abs() / want.flops;
+        assert!(
+            flops_gap < 1e-12,
+            "the world's FLOPs: {} vs {}",
+            got.flops,
+            want.flops
+        );
         assert_eq!(got.expert_loads, want.expert_loads, "step {}", got.step);
         worst_loss = worst_loss.max((got.loss - want.loss).abs() / want.loss);
     }

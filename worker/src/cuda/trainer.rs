@@ -259,6 +259,10 @@ impl<'g> DeviceTrainer<'g> {
             Some(&mut *world),
         )?;
         let (mut loss, mut aux_loss, mut tokens) = (0.0, 0.0, 0);
+        let (model_flops, mut flops) = (
+            crate::model::flops::training_flops(self.model.config()),
+            0.0,
+        );
         let mut expert_loads: Vec<Vec<usize>> = Vec::new();
         // Over NCCL the last micro-batch's backward pass overlaps the
         // gradients' all-reduce (the earlier ones only accumulate). Not with
@@ -278,6 +282,7 @@ impl<'g> DeviceTrainer<'g> {
             // The batch's tokens as drawn: the same however it is run.
             tokens += batch.inputs.len();
             trim_padding(batch, parallel, CUT_MULTIPLE);
+            flops += crate::model::flops::batch_flops(&model_flops, batch, sp);
             let pass = self.model.forward_parallel(
                 gpu,
                 batch,
@@ -356,6 +361,7 @@ impl<'g> DeviceTrainer<'g> {
             loss = host_parallel::mean(world, loss / micro_steps)? * micro_steps;
             aux_loss = host_parallel::mean(world, aux_loss / micro_steps)? * micro_steps;
             tokens *= world.size();
+            flops = host_parallel::sum(world, flops)?;
             // Tensorwise FP8: every rank's histories take the world's amaxes,
             // as the CPU trainer's do (3 floats per linear layer, through
             // host memory once a step).
@@ -431,6 +437,7 @@ impl<'g> DeviceTrainer<'g> {
             tokens,
             trained_tokens: drawn.trained,
             expert_loads,
+            flops,
         }))
     }
 }

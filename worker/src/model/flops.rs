@@ -16,7 +16,19 @@ pub struct ModelFlops {
     pub parameters: usize,
     /// Parameters one token uses, the embedding excluded.
     pub active: f64,
+    /// At the config's `seqLen`: [`Self::per_token_at`] of it.
     pub per_token: f64,
+    /// Attention's score and value products per token and position
+    /// attended over (`12 · layers · heads · head_dim`).
+    pub attention_per_position: f64,
+}
+
+impl ModelFlops {
+    /// Training FLOPs of a token in a sequence of `len` positions (a
+    /// micro-batch cut to its longest conversation attends over fewer).
+    pub fn per_token_at(&self, len: usize) -> f64 {
+        6.0 * self.active + self.attention_per_position * len as f64
+    }
 }
 
 /// Counted from the config's shapes (an expert-parallel rank that holds a
@@ -36,11 +48,16 @@ pub fn training_flops(c: &ModelConfig) -> ModelFlops {
         c.layers * attention + c.dense_layers * dense + moe_layers * (router + shared) + head;
     let parameters = v * h + common + moe_layers * moe.n_routed_experts * routed_one;
     let active = common as f64 + (moe_layers * moe.top_k * routed_one) as f64;
-    let scores = 12.0 * (c.layers * q * c.seq_len) as f64;
-    ModelFlops {
+    let attention_per_position = 12.0 * (c.layers * q) as f64;
+    let flops = ModelFlops {
         parameters,
         active,
-        per_token: 6.0 * active + scores,
+        per_token: 0.0,
+        attention_per_position,
+    };
+    ModelFlops {
+        per_token: flops.per_token_at(c.seq_len),
+        ..flops
     }
 }
 
@@ -65,9 +82,27 @@ pub fn bf16_dense_peak(device: &str) -> Option<f64> {
 }
 
 /// MFU of a gang of `gpus` GPUs with dense bf16 peak `peak` each,
-/// training `tokens_per_second` tokens (the whole gang's).
+/// training `tokens_per_second` tokens (the whole gang's) of `seqLen`.
 pub fn mfu(flops: &ModelFlops, tokens_per_second: f64, gpus: usize, peak: f64) -> f64 {
-    flops.per_token * tokens_per_second / (gpus as f64 * peak)
+    mfu_of(flops.per_token * tokens_per_second, gpus, peak)
+}
+
+/// MFU of a gang of `gpus` GPUs with dense bf16 peak `peak` each doing
+/// `flops_per_second` of model FLOPs (the whole gang's).
+pub fn mfu_of(flops_per_second: f64, gpus: usize, peak: f64) -> f64 {
+    flops_per_second / (gpus as f64 * peak)
+}
+
+/// The training FLOPs of a micro-batch as it runs: each of its tokens at
+/// the length it attends over — the batch's own (cut to its longest
+/// conversation, or the model's `seqLen`), or with sequence parallelism
+/// the whole sequence its slice belongs to (`sequence_parallel` slices).
+pub fn batch_flops(
+    flops: &ModelFlops,
+    batch: &crate::data::Batch,
+    sequence_parallel: usize,
+) -> f64 {
+    batch.inputs.len() as f64 * flops.per_token_at(batch.seq_len * sequence_parallel)
 }
 
 #[cfg(test)]
@@ -123,12 +158,39 @@ mod tests {
         }
     }
 
+    /// A cut micro-batch's tokens attend over its own length; a
+    /// sequence-parallel slice's over its whole sequence.
+    #[test]
+    fn a_batch_costs_its_tokens_at_the_length_they_attend_over() {
+        let c = config(serde_json::json!({
+            "hiddenSize": 64, "layers": 2, "attentionHeads": 4, "kvHeads": 2, "seqLen": 128,
+            "moe": {"experts": 8, "topK": 2, "expertHiddenSize": 32}
+        }));
+        let f = training_flops(&c);
+        assert_eq!(f.per_token_at(128), f.per_token);
+        let scores = |len: usize| 12.0 * (2 * 4 * 16 * len) as f64;
+        assert_eq!(f.per_token_at(40), 6.0 * f.active + scores(40));
+        let batch = |seq_len: usize, rows: usize| crate::data::Batch {
+            seq_len,
+            inputs: vec![0; rows * seq_len],
+            targets: vec![0; rows * seq_len],
+            real: vec![seq_len; rows],
+            documents: None,
+        };
+        assert_eq!(
+            batch_flops(&f, &batch(40, 3), 1),
+            120.0 * f.per_token_at(40)
+        );
+        assert_eq!(batch_flops(&f, &batch(32, 2), 4), 64.0 * f.per_token);
+    }
+
     #[test]
     fn mfu_is_model_flops_over_the_gangs_peak() {
         let f = ModelFlops {
             parameters: 0,
             active: 1e9,
             per_token: 6e9,
+            attention_per_position: 0.0,
         };
         // 8 H200s at 989 TFLOP/s training 52,750 tokens/s: 6e9 × 52750 / 7.912e15 = 4 %.
         let peak = bf16_dense_peak("NVIDIA H200").unwrap();

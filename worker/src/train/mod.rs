@@ -15,7 +15,7 @@ use crate::data::{Batch, DataLoader, DataPosition};
 use crate::dist::expert_parallel::{self, ExpertParallel};
 use crate::dist::sequence_parallel::SequenceParallel;
 use crate::dist::{Collective, DistError, data_parallel};
-use crate::model::{Gradients, Model, ModelConfig, Parallel, TensorBytes};
+use crate::model::{Gradients, Model, ModelConfig, Parallel, TensorBytes, flops};
 use crate::ops::cross_entropy::{LossScale, trained_targets};
 use crate::settings::TrainingSettings;
 
@@ -42,6 +42,12 @@ pub struct StepReport {
     /// Tokens routed to each expert over the step (by every replica), one
     /// list per MoE block.
     pub expert_loads: Vec<Vec<usize>>,
+    /// Model FLOPs of the step as it ran (every replica's): each
+    /// micro-batch's tokens at the length they attended over
+    /// ([`crate::model::flops::batch_flops`]), so a micro-batch cut to its
+    /// longest conversation counts what it computed, not its padding. What
+    /// MFU divides by the time.
+    pub flops: f64,
 }
 
 /// The model, its optimizer and the data stream, advanced one step at a time.
@@ -405,6 +411,7 @@ impl Trainer {
             acc.loss = data_parallel::mean(world, acc.loss / micro_steps)? * micro_steps;
             acc.aux_loss = data_parallel::mean(world, acc.aux_loss / micro_steps)? * micro_steps;
             acc.tokens *= world.size();
+            acc.flops = data_parallel::sum(world, acc.flops)?;
             // Tensorwise FP8: every rank's histories take the world's
             // amaxes (each rank saw its own shard, slice or experts), so
             // they are the ones one process would keep.
@@ -486,6 +493,8 @@ impl Trainer {
         parallel: Parallel<'_>,
     ) -> Result<Option<Accumulated>, DistError> {
         let memory = self.settings.activation_memory;
+        let model_flops = flops::training_flops(self.model.config());
+        let sp = parallel.sequence.map_or(1, SequenceParallel::size);
         self.grads.zero();
         let mut acc = Accumulated {
             trained_tokens: step.trained,
@@ -499,6 +508,7 @@ impl Trainer {
             // The batch's tokens as drawn: the same however it is run.
             acc.tokens += batch.inputs.len();
             trim_padding(batch, parallel, 1);
+            acc.flops += flops::batch_flops(&model_flops, batch, sp);
             let pass = self
                 .model
                 .forward_parallel(batch, memory, parallel, step.loss)?;
@@ -572,6 +582,7 @@ impl Trainer {
             tokens: acc.tokens,
             trained_tokens: acc.trained_tokens,
             expert_loads: acc.expert_loads,
+            flops: acc.flops,
         }
     }
 }
@@ -780,6 +791,8 @@ struct Accumulated {
     trained_tokens: usize,
     /// Per MoE block, per expert.
     expert_loads: Vec<Vec<usize>>,
+    /// This rank's model FLOPs, then (after the step) every rank's.
+    flops: f64,
 }
 
 /// Sum of every value squared, in `f64`.

@@ -367,4 +367,28 @@ fn a_steps_conversations_are_grouped_by_length_alike_on_every_layout() {
         .sum();
     let real: usize = reals.iter().sum();
     assert!(cut <= real + 6, "{cut} tokens run for {real} real");
+
+    // A trainer's step counts the FLOPs of the micro-batches as cut (what
+    // MFU divides by the time), the tokens as drawn: here every
+    // micro-batch's tokens at its own length, not the 16 it was drawn at.
+    let mut trainer = moe_worker::train::Trainer::new(config(16), settings(6), loader.clone());
+    let report = trainer.step(&|| false).expect("not stopped");
+    let model_flops = moe_worker::model::flops::training_flops(&config(16));
+    let mut data = loader.clone();
+    let drawn = draw_step(&mut data, &settings(6), Shard::WHOLE, None, None).unwrap();
+    let want: f64 = drawn
+        .batches
+        .into_iter()
+        .map(|mut b| {
+            b.trim_padding();
+            b.inputs.len() as f64 * model_flops.per_token_at(b.seq_len)
+        })
+        .sum();
+    assert_eq!(report.tokens, 12 * 16, "the tokens as drawn");
+    assert!(
+        (report.flops - want).abs() <= 1e-12 * want,
+        "{} FLOPs counted, {want} run",
+        report.flops
+    );
+    assert!(report.flops < 0.8 * report.tokens as f64 * model_flops.per_token);
 }
