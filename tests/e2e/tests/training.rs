@@ -2194,8 +2194,26 @@ async fn a_pretrained_model_is_downloaded_by_the_pod_and_the_worker_starts_from_
 /// serving loader reads; reported done, the job says `Exported` and where.
 #[tokio::test]
 async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
+    exports_for_hugging_face("mtj-export", json!({})).await
+}
+
+/// The same with `training.lora` left at its defaults (admitted as the
+/// apiserver fills them in, rendered into the worker's config as given):
+/// the export holds the merged model and, under `adapter/`, the adapters
+/// in PEFT's layout on each layer's attention projections.
+#[tokio::test]
+async fn a_lora_jobs_export_holds_its_adapters_for_peft() -> Result<()> {
+    exports_for_hugging_face("mtj-export-lora", json!({"lora": {}})).await
+}
+
+/// [`a_succeeded_job_exports_its_model_for_hugging_face`], `training`
+/// merged into the job's.
+async fn exports_for_hugging_face(namespace: &str, training: serde_json::Value) -> Result<()> {
+    let lora = training.get("lora").is_some();
+    let mut training_spec = json!({"steps": 3, "globalBatchSize": 4, "microBatchSize": 2});
+    moe_crds::fixtures::merge_patch(&mut training_spec, &training);
     let client = admin_client().await?;
-    let ns = restricted_ns(&client, "mtj-export").await?;
+    let ns = restricted_ns(&client, namespace).await?;
     let _op = Operator::start(&ns.name).await?;
     for claim in ["ckpt", "models"] {
         bound_claim(&ns.name, claim).await?;
@@ -2211,7 +2229,7 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
                       "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
                               "router": "softmax",
                               "balancing": {"auxLossFree": {"enabled": false}}}},
-            "training": {"steps": 3, "globalBatchSize": 4, "microBatchSize": 2},
+            "training": training_spec,
             "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
             "placement": {"gpuType": null},
             "checkpoint": {"claimName": "ckpt", "path": "runs"},
@@ -2274,6 +2292,23 @@ async fn a_succeeded_job_exports_its_model_for_hugging_face() -> Result<()> {
             model_dir.join(file).is_file(),
             "no {file} in {}",
             model_dir.display()
+        );
+    }
+    let adapter = model_dir.join("adapter").join("adapter_config.json");
+    ensure!(
+        adapter.is_file() == lora,
+        "adapter/ exported: {}",
+        adapter.is_file()
+    );
+    if lora {
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&adapter)?)?;
+        ensure!(
+            config["peft_type"] == "LORA"
+                && config["r"] == 8
+                && config["target_modules"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == 8 && m[0] == "model.layers.0.self_attn.q_proj"),
+            "{config}"
         );
     }
     moe_e2e::release_job(&pods, "hf").await?;
