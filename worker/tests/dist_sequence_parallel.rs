@@ -496,7 +496,20 @@ fn padded_conversations_balance_alike_however_they_are_split() {
             ("SP 2 × EP 2", 4, 2, 2),
             ("DP 2", 2, 1, 1),
         ] {
-            let run = parallel_run_on(ranks, sp, ep, &sft(ranks, sp, ep), targets);
+            let settings = sft(ranks, sp, ep);
+            let run = parallel_run_on(ranks, sp, ep, &settings, targets);
+            if matches!(targets, Targets::Conversations) {
+                // Each micro-batch is cut to its longest conversation (to
+                // whole slices): fewer FLOPs than its tokens as drawn cost.
+                let full = moe_worker::model::flops::training_flops(&settings.model).per_token;
+                let report = &run[0].reports[0];
+                assert!(
+                    report.flops < 0.9 * report.tokens as f64 * full,
+                    "{what}: {} FLOPs for {} tokens drawn",
+                    report.flops,
+                    report.tokens
+                );
+            }
             let aux_gap = worst_aux_gap(&one, &run);
             eprintln!("{what}, {targets:?}: balance losses differ by at most {aux_gap:.2e}");
             assert!(

@@ -601,7 +601,7 @@ impl DeviceModel {
         let sp = sequence.map_or(1, SequenceParallel::size);
         AttentionShape {
             seq_len: match sequence {
-                Some(_) => self.config.seq_len,
+                Some(sp) => sp.seq_len(),
                 None => sequences.seq_len(),
             },
             n_heads: self.config.heads / sp,

@@ -18,7 +18,7 @@ use crate::model::{Gradients, Model, ModelConfig, Parallel};
 use crate::moe::balance;
 use crate::settings::TrainingSettings;
 use crate::train::optimizer::AdamWStep;
-use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, schedule, trim_padding};
+use crate::train::{Evaluation, Shard, StepReport, Trainer, draw_step, lay_out_batch, schedule};
 
 /// A micro-batch cut to its longest conversation keeps a whole number of
 /// 64 positions (the flash kernels' tile): a few shapes for cuBLASLt's
@@ -209,7 +209,7 @@ impl<'g> DeviceTrainer<'g> {
             eval.draw(&self.settings, shard, parallel.sequence, Some(&mut *world))?;
         let mut loss = 0.0;
         for batch in &mut step.batches {
-            trim_padding(batch, parallel, CUT_MULTIPLE);
+            lay_out_batch(batch, parallel, CUT_MULTIPLE);
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
                 .model
@@ -280,8 +280,8 @@ impl<'g> DeviceTrainer<'g> {
                 return Ok(None);
             }
             // The batch's tokens as drawn: the same however it is run.
-            tokens += batch.inputs.len();
-            trim_padding(batch, parallel, CUT_MULTIPLE);
+            tokens += batch.inputs.len() / sp;
+            lay_out_batch(batch, parallel, CUT_MULTIPLE);
             flops += crate::model::flops::batch_flops(&model_flops, batch, sp);
             let pass = self.model.forward_parallel(
                 gpu,

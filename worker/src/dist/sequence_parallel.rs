@@ -31,7 +31,12 @@ pub struct SequenceParallel {
     /// Numbered by slice: group rank `r` holds tokens `r·L..(r+1)·L` of
     /// every sequence and, inside attention, heads `r·heads/sp..`.
     group: RefCell<Box<dyn Collective>>,
-    seq_len: usize,
+    /// Tokens of the sequences now split: the model's `seqLen`, or less
+    /// for a micro-batch cut to its longest conversation
+    /// ([`Self::set_seq_len`]); always a multiple of the group's size.
+    seq_len: Cell<usize>,
+    /// The model's `seqLen`.
+    max_len: usize,
     failure: RefCell<Option<DistError>>,
     /// Payload bytes this rank sent to other ranks in layout switches.
     bytes_sent: Cell<u64>,
@@ -52,7 +57,8 @@ impl SequenceParallel {
         }
         Ok(Self {
             group: RefCell::new(group),
-            seq_len,
+            seq_len: Cell::new(seq_len),
+            max_len: seq_len,
             failure: RefCell::new(None),
             bytes_sent: Cell::new(0),
             bytes_summed: Cell::new(0),
@@ -69,14 +75,27 @@ impl SequenceParallel {
         self.group.borrow().rank()
     }
 
-    /// Tokens of a whole sequence.
+    /// Tokens of a whole sequence (of the micro-batch now split).
     pub fn seq_len(&self) -> usize {
-        self.seq_len
+        self.seq_len.get()
+    }
+
+    /// Splits sequences of `len` tokens from now on (a micro-batch cut to
+    /// its longest conversation; every rank of the group cuts the same
+    /// batch alike): a multiple of the group's size, at most `seqLen`.
+    pub fn set_seq_len(&self, len: usize) {
+        assert!(
+            len > 0 && len <= self.max_len && len.is_multiple_of(self.size()),
+            "sequences of {len} tokens over {} ranks (seqLen {})",
+            self.size(),
+            self.max_len
+        );
+        self.seq_len.set(len);
     }
 
     /// Tokens of each sequence this rank holds.
     pub fn local_len(&self) -> usize {
-        self.seq_len / self.size()
+        self.seq_len() / self.size()
     }
 
     /// The positions (within a sequence) of this rank's tokens: RoPE must
@@ -88,13 +107,13 @@ impl SequenceParallel {
 
     /// This rank's slice of every sequence of `batch` (whole sequences).
     pub fn local_tokens<V: Copy>(&self, batch: &[V]) -> Vec<V> {
-        slice_sequences(batch, self.seq_len, self.positions())
+        slice_sequences(batch, self.seq_len(), self.positions())
     }
 
     /// How many of this rank's tokens of each sequence are real, from each
     /// sequence's real tokens (the rest padding at its end).
     pub fn local_real(&self, real: &[usize]) -> Vec<usize> {
-        Sequences::padded(self.seq_len, real.to_vec())
+        Sequences::padded(self.seq_len(), real.to_vec())
             .slice(self.positions())
             .into_real()
     }

@@ -75,13 +75,13 @@ pub(crate) struct Attended<T> {
 }
 
 impl<T: Scalar> BlockContext<'_, T> {
-    /// The shape attention runs at: whole sequences (the model's `seqLen`
-    /// when split over ranks, else the batch's), this rank's heads.
+    /// The shape attention runs at: whole sequences (the group's current
+    /// length when split over ranks, else the batch's), this rank's heads.
     fn attention_shape(&self) -> AttentionShape {
         let sp = self.sequence.map_or(1, SequenceParallel::size);
         AttentionShape {
             seq_len: match self.sequence {
-                Some(_) => self.config.seq_len,
+                Some(sp) => sp.seq_len(),
                 None => self.sequences.seq_len(),
             },
             n_heads: self.config.heads / sp,

@@ -464,7 +464,7 @@ impl Trainer {
         )?;
         let mut loss = 0.0;
         for batch in &mut step.batches {
-            trim_padding(batch, parallel, 1);
+            lay_out_batch(batch, parallel, 1);
             // Only the forward pass: each block's input is all it need keep.
             let memory = crate::model::ActivationMemory::RecomputeBlocks;
             let pass = self
@@ -505,9 +505,10 @@ impl Trainer {
                 self.data.restore(start);
                 return Ok(None);
             }
-            // The batch's tokens as drawn: the same however it is run.
-            acc.tokens += batch.inputs.len();
-            trim_padding(batch, parallel, 1);
+            // This rank's tokens as drawn (its slices' with sequence
+            // parallelism): the same however they are run.
+            acc.tokens += batch.inputs.len() / sp;
+            lay_out_batch(batch, parallel, 1);
             acc.flops += flops::batch_flops(&model_flops, batch, sp);
             let pass = self
                 .model
@@ -646,13 +647,24 @@ impl Evaluation {
     }
 }
 
-/// Cuts the padding every sequence of `batch` has to a whole number of
-/// `multiple` tokens ([`Batch::trim_padding_to`]), unless the sequences are
-/// split over ranks (each rank's slice is a fixed share of a whole
-/// sequence) or [`KEEP_PADDING`] says not to.
-pub(crate) fn trim_padding(batch: &mut Batch, parallel: Parallel<'_>, multiple: usize) {
-    if parallel.sequence.is_none() && cutting_padding() {
-        batch.trim_padding_to(multiple);
+/// Lays a drawn micro-batch (whole sequences) out for this rank's pass:
+/// cuts the padding every sequence has ([`Batch::trim_padding_to`]; not
+/// when [`KEEP_PADDING`] says not to) to a whole number of `multiple`
+/// tokens per rank, then with sequence parallelism keeps this rank's slice
+/// of each sequence. The ranks of a sequence group hold the same batch, so
+/// they cut it alike; the group then splits sequences of the cut length
+/// ([`SequenceParallel::set_seq_len`]) for this micro-batch's passes.
+pub(crate) fn lay_out_batch(batch: &mut Batch, parallel: Parallel<'_>, multiple: usize) {
+    let sp = parallel.sequence.map_or(1, SequenceParallel::size);
+    if cutting_padding() {
+        batch.trim_padding_to(multiple * sp);
+    }
+    if let Some(sp) = parallel.sequence {
+        sp.set_seq_len(batch.seq_len);
+        batch.inputs = sp.local_tokens(&batch.inputs);
+        batch.targets = sp.local_tokens(&batch.targets);
+        batch.real = sp.local_real(&batch.real);
+        batch.seq_len = sp.local_len();
     }
 }
 
@@ -753,19 +765,14 @@ pub fn draw_step(
             data.skip(shard.ranks.saturating_sub(shard.rank + 1) * share);
             mine
         };
-    let batches: Vec<Batch> = batches
-        .into_iter()
-        .map(|mut batch| {
-            if let Some(sp) = sequence {
-                batch.inputs = sp.local_tokens(&batch.inputs);
-                batch.targets = sp.local_tokens(&batch.targets);
-                batch.real = sp.local_real(&batch.real);
-                batch.seq_len = sp.local_len();
-            }
-            batch
-        })
-        .collect();
-    let here: usize = batches.iter().map(|b| trained_targets(&b.targets)).sum();
+    // Whole sequences: each rank cuts and slices its micro-batches as it
+    // runs them ([`lay_out_batch`]). Every rank of a sequence group holds
+    // the same ones, so only the group's first counts their targets.
+    let counts = sequence.is_none_or(|sp| sp.rank() == 0);
+    let here: usize = match counts {
+        true => batches.iter().map(|b| trained_targets(&b.targets)).sum(),
+        false => 0,
+    };
     let (trained, ranks) = match world {
         Some(world) if world.size() > 1 => {
             let mut counts = [vec![here]];

@@ -182,11 +182,11 @@ fn the_loss_is_the_assistants_alone() {
 /// of two processes trains like one; a mean of the ranks' means would not
 /// (docs/distributed.md; the in-process test `dist_sequence_parallel`
 /// measures every split). Both at `seqLen`, padding and all
-/// (`MOE_KEEP_PADDING=1`): one process would cut each micro-batch to its
-/// longest conversation, which a rank's fixed slice cannot be, and the
-/// trajectories part by more than rounding once a routing choice flips.
-/// Cut and grouped by length (the default), one process trains the same
-/// first step.
+/// (`MOE_KEEP_PADDING=1`): cut, one process and two ranks cut a
+/// micro-batch to different lengths (the ranks to a multiple of 2 tokens),
+/// and the trajectories part by more than rounding once a routing choice
+/// flips. Cut and grouped by length (the default), one process and the
+/// two ranks each train the same first step as padded.
 #[test]
 fn fine_tuning_splits_each_conversation_over_sequence_parallel_ranks() {
     // Answers of 1 to 12 words, after questions of 2 words.
@@ -210,11 +210,17 @@ fn fine_tuning_splits_each_conversation_over_sequence_parallel_ranks() {
     let (one, one_steps) = run(1, "1");
     let (two, two_steps) = run(2, "1");
     let (_, cut_steps) = run(1, "0");
-    let (padded, cut) = (one_steps[0].1, cut_steps[0].1);
-    assert!(
-        (padded - cut).abs() <= 1e-6 * padded,
-        "first step: padded {padded}, cut and grouped {cut}"
-    );
+    let (_, two_cut_steps) = run(2, "0");
+    let padded = one_steps[0].1;
+    for (what, cut) in [
+        ("one process", cut_steps[0].1),
+        ("SP 2", two_cut_steps[0].1),
+    ] {
+        assert!(
+            (padded - cut).abs() <= 1e-6 * padded,
+            "first step: padded {padded}, {what} cut and grouped {cut}"
+        );
+    }
     eprintln!("one process: {one}\nSP 2: {two}");
     assert_eq!(one_steps.len(), 8);
     assert!(one_steps[0].1 > 1.0, "the answers are trained: {one}");
