@@ -319,6 +319,11 @@ pub trait ExportSource {
     fn lora(&self) -> Option<&LoraSettings> {
         None
     }
+    /// The Hub model the run started from (`model.initFrom.huggingface`),
+    /// as repository and revision: what its adapters apply to.
+    fn base_model(&self) -> Option<(&str, &str)> {
+        None
+    }
     /// Matrices `matrices` of the `A` (`part` "a", whole shape `[n, rank,
     /// cols]`) or `B` ("b", `[n, rows, rank]`) of the adapter on tensor `name`.
     fn adapter(
@@ -409,6 +414,17 @@ impl ExportSource for crate::checkpoint::CheckpointWeights {
 
     fn lora(&self) -> Option<&LoraSettings> {
         crate::checkpoint::CheckpointWeights::lora(self)
+    }
+
+    fn base_model(&self) -> Option<(&str, &str)> {
+        let hub = self
+            .manifest()
+            .model
+            .init_from
+            .as_ref()?
+            .huggingface
+            .as_ref()?;
+        Some((&hub.repo, &hub.revision))
     }
 
     fn adapter(
@@ -776,9 +792,10 @@ pub const ADAPTER_DIR: &str = "adapter";
 /// `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`
 /// `[r, in]` and `lora_B.weight` `[out, r]` for each adapted module of
 /// `tensors`, rows as Hugging Face orders them) and `adapter_config.json`
-/// (the modules by their full names, so nothing else matches). They apply
-/// to the weights the run started from, not to the merged ones exported
-/// beside them. Returns the files written.
+/// (the modules by their full names, so nothing else matches; the Hub
+/// model the run started from, if it did). They apply to the weights the
+/// run started from, not to the merged ones exported beside them. Returns
+/// the files written.
 fn write_adapter(
     source: &dyn ExportSource,
     lora: &LoraSettings,
@@ -847,7 +864,8 @@ fn write_adapter(
         "use_rslora": false,
         "use_dora": false,
         "inference_mode": true,
-        "base_model_name_or_path": null,
+        "base_model_name_or_path": source.base_model().map(|(repo, _)| repo),
+        "revision": source.base_model().map(|(_, revision)| revision),
     });
     write_json(&dir.join("adapter_config.json"), &config)?;
     Ok(vec![

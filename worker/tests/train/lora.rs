@@ -445,9 +445,12 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
 
     let dir = scratch_dir("lora-export");
     let mut config = config_json(&dir);
-    config["model"] = crate::pretrained::qwen3_model(
-        json!({"moe": {"balancing": {"auxLossFree": {"enabled": false}}}}),
-    );
+    // Named as a Hub model's fine-tuning (the weights start from the seed:
+    // no initDir), so the adapter names its base.
+    config["model"] = crate::pretrained::qwen3_model(json!({
+        "moe": {"balancing": {"auxLossFree": {"enabled": false}}},
+        "initFrom": {"huggingface": {"repo": "org/base", "revision": "v1"}}
+    }));
     config["training"]["steps"] = 3.into();
     config["checkpoint"]["intervalSteps"] = 3.into();
     config["training"]["lora"] = json!({"rank": 3, "alpha": 6, "targets": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], "routedExperts": true});
@@ -494,6 +497,8 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
     assert_eq!(adapter_config["peft_type"], "LORA");
     assert_eq!(adapter_config["r"], 3);
     assert_eq!(adapter_config["lora_alpha"], 6.0);
+    assert_eq!(adapter_config["base_model_name_or_path"], "org/base");
+    assert_eq!(adapter_config["revision"], "v1");
     let modules: Vec<String> = adapter_config["target_modules"]
         .as_array()
         .unwrap()
