@@ -20,9 +20,11 @@
 //!
 //! (two GEMMs of rank `r` per matrix). Only the adapters have AdamW moments;
 //! every other weight, the norms' gains and the MoE selection biases stay as
-//! loaded. What it does not save is the full weight gradient, which the
-//! backward pass still computes; its merged weights are what checkpoints,
-//! serving and export read, with no adapter to apply.
+//! loaded, and the frozen weights' gradients are neither computed nor held
+//! ([`Gradients::zeros_keeping`]). What it does not save is an adapted
+//! weight's full gradient `G`, which the backward pass computes for the
+//! projection. The merged weights are what checkpoints, serving and export
+//! read, with no adapter to apply.
 
 use moe_crds::{LoraSpec, LoraTarget};
 
