@@ -475,6 +475,11 @@ pub fn train_as(
             ),
             "training.lora: low-rank adapters trained, every other weight frozen"
         );
+        if gang.leader && settings.model_spec.init_from.is_none() {
+            tracing::warn!(
+                "training.lora without model.initFrom: the frozen model is the seed's random weights, which adapters can only nudge; name a pretrained model (or another job's) in model.initFrom"
+            );
+        }
     }
     let mut run = RunState::default();
     if settings.checkpoint.resume {

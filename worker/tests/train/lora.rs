@@ -614,3 +614,19 @@ fn frozen_gradients_are_skipped_and_the_kept_ones_are_unchanged() {
         );
     }
 }
+
+/// Adapters on a model that starts from the seed's random weights are
+/// almost surely a mistake (`model.initFrom` forgotten): the run says so.
+#[test]
+fn adapters_on_random_weights_are_warned_about() {
+    let dir = scratch_dir("lora-random");
+    let mut config = lora_config(&dir);
+    config["training"]["steps"] = 2.into();
+    let out = crate::train_binary_on(&dir, &config, 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("training.lora without model.initFrom"),
+        "{stderr}"
+    );
+}
