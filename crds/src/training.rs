@@ -846,6 +846,11 @@ pub struct LoraSpec {
     /// per expert and projection).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub routed_experts: bool,
+    /// Rank-stabilised scaling (rsLoRA, Kalajdzievski 2023; PEFT's
+    /// `use_rslora`): the update is multiplied by `alpha / √rank` instead of
+    /// `alpha / rank`, so higher ranks keep learning as fast.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rank_stabilized: bool,
 }
 
 /// A linear layer `training.lora` adapts, by its Hugging Face module name.

@@ -643,6 +643,7 @@ fn lora_steps(gpu: &Gpu, model: &Model<f32>, settings: &TrainingSettings) -> Res
             alpha: 8.0,
             targets: vec![QProj, KProj, VProj, OProj, GateProj, UpProj, DownProj],
             routed_experts: true,
+            rank_stabilized: false,
         }),
         ..settings.clone()
     };

@@ -861,7 +861,7 @@ fn write_adapter(
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": false,
-        "use_rslora": false,
+        "use_rslora": lora.rank_stabilized,
         "use_dora": false,
         "inference_mode": true,
         "base_model_name_or_path": source.base_model().map(|(repo, _)| repo),

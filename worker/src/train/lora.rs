@@ -42,6 +42,8 @@ pub struct LoraSettings {
     pub targets: Vec<LoraTarget>,
     /// The routed experts' MLP projections too.
     pub routed_experts: bool,
+    /// `alpha / √rank` rather than `alpha / rank` (rsLoRA).
+    pub rank_stabilized: bool,
 }
 
 impl LoraSettings {
@@ -91,6 +93,7 @@ impl LoraSettings {
             alpha: spec.alpha,
             targets,
             routed_experts: spec.routed_experts,
+            rank_stabilized: spec.rank_stabilized,
         })
     }
 
@@ -101,12 +104,17 @@ impl LoraSettings {
             alpha: self.alpha,
             targets: self.targets.clone(),
             routed_experts: self.routed_experts,
+            rank_stabilized: self.rank_stabilized,
         }
     }
 
-    /// `alpha / rank`, the update's scale.
+    /// The update's scale: `alpha / rank`, or `alpha / √rank` rank-stabilised.
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank as f64
+        let rank = self.rank as f64;
+        match self.rank_stabilized {
+            true => self.alpha / rank.sqrt(),
+            false => self.alpha / rank,
+        }
     }
 
     /// The adapted projection the model tensor `name` (as

@@ -35,6 +35,7 @@ fn settings(rank: usize, routed_experts: bool) -> LoraSettings {
         alpha: 3.0,
         targets: ALL.to_vec(),
         routed_experts,
+        rank_stabilized: false,
     }
 }
 
@@ -453,7 +454,9 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
     }));
     config["training"]["steps"] = 3.into();
     config["checkpoint"]["intervalSteps"] = 3.into();
-    config["training"]["lora"] = json!({"rank": 3, "alpha": 6, "targets": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], "routedExperts": true});
+    // Rank-stabilised: the merge and the export's reconstruction scale
+    // by alpha / √rank.
+    config["training"]["lora"] = json!({"rank": 3, "alpha": 6, "targets": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], "routedExperts": true, "rankStabilized": true});
     config["training"]["optimizer"]["learningRate"] = 0.05.into();
     let summary = train(&config).unwrap();
     let merged_dir = dir.join("merged");
@@ -498,6 +501,7 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
     assert_eq!(adapter_config["r"], 3);
     assert_eq!(adapter_config["lora_alpha"], 6.0);
     assert_eq!(adapter_config["base_model_name_or_path"], "org/base");
+    assert_eq!(adapter_config["use_rslora"], true);
     assert_eq!(adapter_config["revision"], "v1");
     let modules: Vec<String> = adapter_config["target_modules"]
         .as_array()
@@ -524,7 +528,7 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
     );
     assert_eq!(adapter.len(), 2 * modules.len());
 
-    let scale = 2.0;
+    let scale = 6.0 / 3f64.sqrt();
     for (name, (shape, values)) in &merged {
         let module = name.strip_suffix(".weight").unwrap();
         let (_, start) = &base[name];
@@ -572,6 +576,7 @@ fn frozen_gradients_are_skipped_and_the_kept_ones_are_unchanged() {
         alpha: 2.0,
         targets: vec![LoraTarget::QProj, LoraTarget::OProj, LoraTarget::UpProj],
         routed_experts: true,
+        rank_stabilized: false,
     };
     let precisions = [
         GemmPrecision::Fp32,
