@@ -108,6 +108,9 @@ pub const MAX_NAME_LEN: usize = 40;
         .field_path(".parallelism.elastic.minNodes"),
     // The Hugging Face export (output.huggingface) must have an architecture
     // that computes this model (the worker's `hf_export::architecture_for`).
+    validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || !has(self.output.huggingface.adapterOnly) || !self.output.huggingface.adapterOnly || has(self.training.lora)")
+        .message("output.huggingface.adapterOnly exports a LoRA run's adapters: it needs training.lora")
+        .field_path(".output.huggingface.adapterOnly"),
     validation = Rule::new("!has(self.output) || !has(self.output.huggingface) || has(self.checkpoint.claimName)")
         .message("output.huggingface needs checkpoint.claimName: the export reads the final checkpoint from that claim")
         .field_path(".output.huggingface"),
@@ -223,6 +226,11 @@ pub struct HuggingFaceOutput {
     /// (the master weights exactly).
     #[serde(default)]
     pub precision: ExportPrecision,
+    /// With `training.lora`: write the adapters alone (PEFT's layout, with
+    /// the tokenizer), not the merged model — megabytes instead of the
+    /// model's size. Default: the merged model, its adapters in `adapter/`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adapter_only: bool,
     /// The export pod's resources. Default: 1 CPU, and memory for one 2 GB
     /// shard, twelve bytes per value of the largest tensor and 1 GiB (the
     /// export reads the checkpoint one tensor at a time, never the model).

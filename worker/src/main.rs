@@ -102,6 +102,10 @@ struct ExportArgs {
     /// The most tensor data per safetensors file, in MB.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     shard_size_mb: u64,
+    /// A LoRA run's adapters alone, in PEFT's layout with the tokenizer,
+    /// not the merged model (`output.huggingface.adapterOnly`).
+    #[arg(long)]
+    adapter_only: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -262,7 +266,18 @@ fn export(args: ExportArgs) -> ExitCode {
         ExportPrecisionArg::F32 => ExportPrecision::F32,
     };
     let shard_bytes = args.shard_size_mb.saturating_mul(1_000_000);
-    match hf_export::export(&weights, tokenizer, &args.out, precision, shard_bytes) {
+    let contents = match args.adapter_only {
+        true => hf_export::ExportContents::AdapterOnly,
+        false => hf_export::ExportContents::Model,
+    };
+    match hf_export::export_with(
+        &weights,
+        tokenizer,
+        &args.out,
+        precision,
+        shard_bytes,
+        contents,
+    ) {
         Ok(exported) => {
             let summary = serde_json::json!({
                 "architecture": exported.architecture.class_name(),

@@ -502,6 +502,7 @@ mod tests {
                 claim_name: "models".into(),
                 path: "exports".into(),
                 precision: moe_crds::ExportPrecision::Bf16,
+                adapter_only: false,
                 resources: None,
             }),
         });

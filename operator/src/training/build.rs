@@ -549,6 +549,9 @@ pub fn export_command(job: &MoETrainingJob) -> Option<Vec<String>> {
     if let Some(step) = best_checkpoint(job) {
         command.extend(["--checkpoint-step".to_string(), step.to_string()]);
     }
+    if output.adapter_only {
+        command.push("--adapter-only".into());
+    }
     Some(command)
 }
 
@@ -1013,6 +1016,22 @@ mod tests {
                 .unwrap()
                 .join(" ")
                 .ends_with("--shard-size-mb 2000 --checkpoint-step 40")
+        );
+        // output.huggingface.adapterOnly: a LoRA run's adapters alone.
+        let mut adapters = j.clone();
+        if let Some(output) = adapters
+            .spec
+            .output
+            .as_mut()
+            .and_then(|o| o.huggingface.as_mut())
+        {
+            output.adapter_only = true;
+        }
+        assert!(
+            export_command(&adapters)
+                .unwrap()
+                .join(" ")
+                .ends_with("--shard-size-mb 2000 --adapter-only")
         );
         assert!(
             pod.tolerations.is_none() && pod.node_selector.is_none(),

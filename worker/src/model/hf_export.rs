@@ -649,6 +649,17 @@ pub struct Exported {
     pub tensor_bytes: u64,
 }
 
+/// What an export writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportContents {
+    /// The model (merged, for a LoRA run, with its adapters under
+    /// [`ADAPTER_DIR`]).
+    Model,
+    /// A LoRA run's adapters alone, in PEFT's layout, with the tokenizer:
+    /// what `PeftModel.from_pretrained(base, out)` reads.
+    AdapterOnly,
+}
+
 /// Writes the model of `source` into the new directory `out` (refused if
 /// it exists), with `tokenizer` beside the weights, reading one tensor at
 /// a time: it holds one shard's bytes and one tensor's values. The files are written into a
@@ -663,7 +674,34 @@ pub fn export(
     precision: ExportPrecision,
     shard_bytes: u64,
 ) -> Result<Exported, ExportError> {
+    export_with(
+        source,
+        tokenizer,
+        out,
+        precision,
+        shard_bytes,
+        ExportContents::Model,
+    )
+}
+
+/// [`export`] of `contents`: the model, or a LoRA run's adapters alone
+/// (refused, naming `output.huggingface.adapterOnly`, for a run without).
+pub fn export_with(
+    source: &dyn ExportSource,
+    tokenizer: ExportTokenizer<'_>,
+    out: &Path,
+    precision: ExportPrecision,
+    shard_bytes: u64,
+    contents: ExportContents,
+) -> Result<Exported, ExportError> {
     let architecture = architecture_for(source)?;
+    let adapter_only = contents == ExportContents::AdapterOnly;
+    if adapter_only && source.lora().is_none() {
+        return Err(unexportable(
+            "output.huggingface.adapterOnly",
+            "the run trained no adapters (training.lora): export its model instead".into(),
+        ));
+    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |error| ExportError::Io { path, error }
@@ -685,7 +723,11 @@ pub fn export(
 
     let config = source.config();
     let tensors = hf_tensors(config, architecture);
-    let shards = plan_shards(&tensors, precision, shard_bytes);
+    // Adapters alone: no model shards, no config.json.
+    let shards = match adapter_only {
+        true => Vec::new(),
+        false => plan_shards(&tensors, precision, shard_bytes),
+    };
     let n = shards.len();
     let file_name = |i: usize| {
         if n == 1 {
@@ -734,11 +776,13 @@ pub fn export(
         write_json(&partial.join("model.safetensors.index.json"), &index)?;
         files.push("model.safetensors.index.json".into());
     }
-    write_json(
-        &partial.join("config.json"),
-        &hf_config(config, architecture, precision),
-    )?;
-    files.push("config.json".into());
+    if !adapter_only {
+        write_json(
+            &partial.join("config.json"),
+            &hf_config(config, architecture, precision),
+        )?;
+        files.push("config.json".into());
+    }
     match tokenizer {
         ExportTokenizer::None => {}
         ExportTokenizer::File(tokenizer) => {
@@ -754,16 +798,25 @@ pub fn export(
         }
     }
     if let Some(lora) = source.lora() {
-        let dir = partial.join(ADAPTER_DIR);
-        fs::create_dir(&dir).map_err(io(&dir))?;
+        // Beside the model in a directory of their own, or alone at the top.
+        let (dir, prefix) = match adapter_only {
+            true => (partial.clone(), String::new()),
+            false => (partial.join(ADAPTER_DIR), format!("{ADAPTER_DIR}/")),
+        };
+        if !adapter_only {
+            fs::create_dir(&dir).map_err(io(&dir))?;
+        }
         for file in write_adapter(source, lora, &tensors, precision, &dir)? {
-            files.push(format!("{ADAPTER_DIR}/{file}"));
+            files.push(format!("{prefix}{file}"));
         }
     }
     // safetensors writes through a private temporary file (mode 0600):
-    // give the shards the permissions the umask gave config.json, so
+    // give the shards the permissions the umask gave the JSON config, so
     // whoever may read the config may read the weights.
-    let config_path = partial.join("config.json");
+    let config_path = partial.join(match adapter_only {
+        true => "adapter_config.json",
+        false => "config.json",
+    });
     let permissions = fs::metadata(&config_path)
         .map_err(io(&config_path))?
         .permissions();

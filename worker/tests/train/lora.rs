@@ -477,9 +477,71 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
         exported.files
     );
 
+    // The adapters alone (`output.huggingface.adapterOnly`): the same
+    // adapter files at the top, with the tokenizer, and no model.
+    let alone_dir = dir.join("adapter-only");
+    let alone = hf_export::export_with(
+        &weights,
+        ExportTokenizer::Bytes,
+        &alone_dir,
+        ExportPrecision::F32,
+        5_000_000_000,
+        hf_export::ExportContents::AdapterOnly,
+    )
+    .unwrap();
+    assert_eq!(
+        alone.files,
+        [
+            "tokenizer.json",
+            "adapter_model.safetensors",
+            "adapter_config.json"
+        ]
+        .map(String::from)
+    );
+    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert!(
+            fs::read(alone_dir.join(file)).unwrap()
+                == fs::read(merged_dir.join("adapter").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // The command the export pod runs, with `--adapter-only`.
+    let by_command = dir.join("adapter-only-command");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
+        .args(["export", "--precision", "f32", "--adapter-only", "--model"])
+        .arg(dir.join("checkpoints"))
+        .arg("--out")
+        .arg(&by_command)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!by_command.join("model.safetensors").exists());
+    assert!(
+        fs::read(by_command.join("adapter_model.safetensors")).unwrap()
+            == fs::read(alone_dir.join("adapter_model.safetensors")).unwrap()
+    );
+
     let settings =
         moe_worker::settings::TrainSettings::from_config(&worker_config(&config)).unwrap();
     let initial = Model::<f32>::initial(settings.model.clone(), settings.training.seed);
+    let refused = hf_export::export_with(
+        &initial,
+        ExportTokenizer::Bytes,
+        &dir.join("no-adapters"),
+        ExportPrecision::F32,
+        5_000_000_000,
+        hf_export::ExportContents::AdapterOnly,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("output.huggingface.adapterOnly"),
+        "{refused}"
+    );
     let base_dir = dir.join("base");
     hf_export::export(
         &initial,
