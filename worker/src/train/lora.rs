@@ -226,8 +226,8 @@ impl Lora {
         Self { settings, adapters }
     }
 
-    /// Adapters restored from a checkpoint; [`Self::check_fits`] holds
-    /// them to the model.
+    /// Adapters restored from a checkpoint (laid out by [`Self::new`] for
+    /// the settings it recorded, their values read from it).
     pub fn from_parts(settings: LoraSettings, adapters: Vec<Adapter>) -> Self {
         Self { settings, adapters }
     }
@@ -262,41 +262,6 @@ impl Lora {
             .iter()
             .map(|a| a.a.values.len() + a.b.values.len())
             .sum()
-    }
-
-    /// Whether these adapters are the ones `settings` asks for on `model`:
-    /// the same tensors, shapes and rank. The problem, if not.
-    pub fn check_fits(&self, model: &Model<f32>) -> Result<(), String> {
-        let expected = Self::new(self.settings.clone(), model, 0);
-        let shape = |a: &Adapter| {
-            (
-                a.name.clone(),
-                a.tensor,
-                a.matrices,
-                a.rows,
-                a.cols,
-                a.base.len(),
-                a.a.values.len(),
-                a.b.values.len(),
-            )
-        };
-        let want: Vec<_> = expected.adapters.iter().map(shape).collect();
-        let have: Vec<_> = self.adapters.iter().map(shape).collect();
-        if want != have {
-            let names = |list: &[Adapter]| {
-                list.iter()
-                    .map(|a| a.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            return Err(format!(
-                "the adapters are on [{}] at rank {}, training.lora asks for [{}]",
-                names(&self.adapters),
-                self.settings.rank,
-                names(&expected.adapters)
-            ));
-        }
-        Ok(())
     }
 
     /// The adapters' gradients from the model's weight gradients `grads`.
