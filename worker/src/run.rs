@@ -596,7 +596,7 @@ pub fn train_as(
             || report.step == total_steps
             || eval_loss.is_some()
         {
-            let pace = interval.pace(peak.map(|p| p * gpus as f64));
+            let pace = interval.pace(peak, gpus);
             let line = MetricsLine {
                 eval_loss,
                 ..metrics_line(&report, pace, &settings, &balance)
@@ -857,15 +857,15 @@ impl Interval {
         }
     }
 
-    /// The interval's pace; its MFU against `peak`, the gang's dense bf16
-    /// FLOP/s (on GPUs of known peak).
-    fn pace(&self, peak: Option<f64>) -> Pace {
+    /// The interval's pace; its MFU on `gpus` GPUs of dense bf16 peak
+    /// `peak` (when known).
+    fn pace(&self, peak: Option<f64>, gpus: usize) -> Pace {
         let seconds = self.started.elapsed().as_secs_f64();
         let per_second = |amount: f64| if seconds > 0.0 { amount / seconds } else { 0.0 };
         Pace {
             tokens_per_second: per_second(self.tokens as f64),
             seconds_per_step: (self.steps > 0).then(|| seconds / self.steps as f64),
-            mfu: peak.map(|peak| flops::mfu_of(per_second(self.flops), 1, peak)),
+            mfu: peak.map(|peak| flops::mfu(per_second(self.flops), gpus, peak)),
         }
     }
 }

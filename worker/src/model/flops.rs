@@ -81,15 +81,10 @@ pub fn bf16_dense_peak(device: &str) -> Option<f64> {
     })
 }
 
-/// MFU of a gang of `gpus` GPUs with dense bf16 peak `peak` each,
-/// training `tokens_per_second` tokens (the whole gang's) of `seqLen`.
-pub fn mfu(flops: &ModelFlops, tokens_per_second: f64, gpus: usize, peak: f64) -> f64 {
-    mfu_of(flops.per_token * tokens_per_second, gpus, peak)
-}
-
 /// MFU of a gang of `gpus` GPUs with dense bf16 peak `peak` each doing
-/// `flops_per_second` of model FLOPs (the whole gang's).
-pub fn mfu_of(flops_per_second: f64, gpus: usize, peak: f64) -> f64 {
+/// `flops_per_second` of model FLOPs (the whole gang's: its steps'
+/// [`batch_flops`] over their time).
+pub fn mfu(flops_per_second: f64, gpus: usize, peak: f64) -> f64 {
     flops_per_second / (gpus as f64 * peak)
 }
 
@@ -194,7 +189,7 @@ mod tests {
         };
         // 8 H200s at 989 TFLOP/s training 52,750 tokens/s: 6e9 × 52750 / 7.912e15 = 4 %.
         let peak = bf16_dense_peak("NVIDIA H200").unwrap();
-        assert!((mfu(&f, 52_750.0, 8, peak) - 0.04).abs() < 1e-4);
+        assert!((mfu(f.per_token * 52_750.0, 8, peak) - 0.04).abs() < 1e-4);
         assert_eq!(bf16_dense_peak("NVIDIA H100 80GB HBM3"), Some(989e12));
         assert_eq!(bf16_dense_peak("NVIDIA H100 PCIe"), Some(756e12));
         assert_eq!(bf16_dense_peak("NVIDIA A100-SXM4-80GB"), Some(312e12));
