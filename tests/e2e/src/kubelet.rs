@@ -18,8 +18,15 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
+    /// A kubelet with its own scratch directory, removed when it is
+    /// dropped. Tests run in parallel in one process and may share a
+    /// `name` (one helper serving two tests), so the directory is also
+    /// numbered: a test finishing first must not delete another's volumes.
     pub fn new(name: &str) -> Result<Self> {
-        let scratch = std::env::temp_dir().join(format!("moe-e2e-{name}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scratch =
+            std::env::temp_dir().join(format!("moe-e2e-{name}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
         Ok(Self { scratch })
     }

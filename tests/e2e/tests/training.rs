@@ -2239,7 +2239,7 @@ async fn exports_for_hugging_face(namespace: &str, training: serde_json::Value) 
         }}),
     );
     jobs.create(&PostParams::default(), &job).await?;
-    let kubelet = Kubelet::new("export")?;
+    let kubelet = Kubelet::new(namespace)?;
     let here = |arg: &str| on_claims_here(&kubelet, arg);
     let pod = eventually("the worker pod", WAIT, || async {
         Ok(pods_of(&pods, "hf", 0).await?.into_iter().next())
