@@ -198,6 +198,11 @@ struct ServeArgs {
     /// serving.prefixCaching can turn it off too).
     #[arg(long)]
     no_prefix_caching: bool,
+    /// A LoRA adapter to serve beside the model, NAME=DIR (a PEFT adapter
+    /// directory, as `moe-worker export` writes under adapter/); requests
+    /// naming NAME as their model run with it. Repeatable.
+    #[arg(long = "lora", value_name = "NAME=DIR")]
+    lora: Vec<String>,
     /// Where the model computes: cpu, or cuda (the GPU engine, in a worker
     /// built with the `cuda` feature; one process only). Default: the
     /// config's device, else cpu.
@@ -415,6 +420,7 @@ fn serve(mut args: ServeArgs) -> ExitCode {
         rebalance_interval_seconds: args.rebalance_interval_seconds,
         metrics_addr: std::env::var(env::STATUS_ADDR).ok(),
         no_prefix_caching: args.no_prefix_caching,
+        lora: args.lora,
         device: args.device.map(|d| match d.as_str() {
             "cuda" => moe_crds::Device::Cuda,
             _ => moe_crds::Device::Cpu,

@@ -133,6 +133,7 @@ fn logits(engine: &Engine, tokens: &[u32], prefill: usize) -> Vec<Vec<f32>> {
             start,
             tokens: &tokens[start..start + len],
             logits: Logits::Last,
+            adapter: None,
         };
         out.push(engine.step(&mut store, &[chunk]).expect("a valid step"));
         start += len;

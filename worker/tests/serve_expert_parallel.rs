@@ -259,6 +259,7 @@ fn drive(vocab: usize, mut step: impl FnMut(&[Chunk<'_>]) -> Vec<f32>) -> Trace 
                     start,
                     tokens: &seqs[i].tokens[start..start + len],
                     logits: Logits::last_if(logits),
+                    adapter: None,
                 })
                 .collect();
             let logits = step(&chunks);

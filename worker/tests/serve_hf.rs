@@ -111,6 +111,7 @@ fn greedy(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
             start,
             tokens: &tokens[start..],
             logits: Logits::Last,
+            adapter: None,
         };
         let logits = engine.step(&mut store, &[chunk]).expect("a valid step");
         start = tokens.len();

@@ -44,6 +44,7 @@ fn incremental_logits(
             start,
             tokens: &tokens[start..start + len],
             logits: Logits::Last,
+            adapter: None,
         };
         let logits = engine.step(store, &[chunk]).expect("a valid step");
         start += len;
@@ -169,6 +170,7 @@ fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
                 start: 0,
                 tokens: prompt,
                 logits: Logits::Last,
+                adapter: None,
             };
             engine.step(&mut store, &[chunk]).unwrap()
         })
@@ -191,6 +193,7 @@ fn a_sequence_computes_the_same_bits_alone_and_in_a_batch() {
             start: 0,
             tokens: prompt,
             logits: Logits::Last,
+            adapter: None,
         })
         .collect();
     let together = engine.step(&mut store, &chunks).unwrap();
@@ -228,6 +231,7 @@ fn threads_compute_the_same_bits_as_one() {
                     start: if s == 0 { start } else { start.min(1) },
                     tokens: tokens[s],
                     logits: Logits::Last,
+                    adapter: None,
                 })
                 .collect();
             engine.step(store, &chunks).unwrap()
@@ -253,6 +257,7 @@ fn a_chunk_without_logits_still_fills_the_cache() {
         start,
         tokens: &tokens[start..end],
         logits: Logits::last_if(logits),
+        adapter: None,
     };
     let mut store = KvStore::new(engine.kv_shape(PAGE_SIZE), pages.len());
     assert!(
@@ -285,12 +290,14 @@ fn every_row_of_a_scored_chunk_is_the_logits_of_its_prefix() {
             start: 0,
             tokens: &other,
             logits: Logits::Last,
+            adapter: None,
         },
         Chunk {
             pages: &pages,
             start: 0,
             tokens: &tokens,
             logits: Logits::All,
+            adapter: None,
         },
     ];
     let all = engine.step(&mut store, &chunks).unwrap();
@@ -302,6 +309,7 @@ fn every_row_of_a_scored_chunk_is_the_logits_of_its_prefix() {
             start: 0,
             tokens: &tokens[..len],
             logits: Logits::Last,
+            adapter: None,
         };
         engine.step(&mut store, &[chunk]).unwrap()
     };
@@ -326,6 +334,7 @@ fn impossible_steps_are_errors_not_panics() {
             start,
             tokens,
             logits: Logits::Last,
+            adapter: None,
         };
         engine.step(store, &[chunk]).map(|_| ())
     };

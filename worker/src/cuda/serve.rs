@@ -512,6 +512,9 @@ impl<'g> DeviceEngine<'g> {
             self.config.vocab,
             page_size,
             cache.pages(),
+            // Adapters are served by the CPU engine only (refused with
+            // the options), so a chunk naming one is a bug.
+            0,
         )?;
         let layout = StepLayout::new(chunks, page_size);
         // Nothing to run (every rank of a replica sees the same chunks, so

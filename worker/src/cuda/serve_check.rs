@@ -129,6 +129,7 @@ fn attention_case(
             start: 0,
             tokens,
             logits: Logits::Last,
+            adapter: None,
         })
         .collect();
     let layout = StepLayout::new(&chunks, page_size);
@@ -515,6 +516,7 @@ pub(super) fn run_schedule(
             start: a.cached,
             tokens: &a.tokens[a.cached..a.cached + a_new],
             logits: Logits::Last,
+            adapter: None,
         }];
         let mut owners = vec![0];
         if let Some((count, logits)) = b_part {
@@ -523,6 +525,7 @@ pub(super) fn run_schedule(
                 start: b.cached,
                 tokens: &b.tokens[b.cached..b.cached + count],
                 logits: Logits::last_if(logits),
+                adapter: None,
             });
             if logits {
                 owners.push(1);

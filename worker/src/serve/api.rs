@@ -319,14 +319,26 @@ pub struct Checked {
     pub include_usage: bool,
     /// Completions' `echo`: each prompt, as text, before its choices' text.
     pub echo: Option<Vec<String>>,
+    /// The model it named: the name responses carry.
+    pub model: String,
 }
 
 /// The model and generation limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Served<'a> {
     pub name: &'a str,
+    /// The adapters served beside the model (`serve/adapters.rs`), by
+    /// name; a request naming adapter `i` runs with the engine's `i`th.
+    pub adapters: &'a [String],
     pub tokenizer: &'a Tokenizer,
     pub context: usize,
+}
+
+impl Served<'_> {
+    /// The name of the model `adapter` selects (`None`: the base model).
+    pub fn model_name(&self, adapter: Option<usize>) -> &str {
+        adapter.map_or(self.name, |a| &self.adapters[a])
+    }
 }
 
 impl CompletionRequest {
@@ -489,11 +501,16 @@ impl DetokenizeRequest {
     }
 }
 
-/// A request naming another model than the served one is a 404.
-fn check_model(model: Option<&str>, served: Served<'_>) -> Result<(), ApiError> {
+/// The adapter a request's `model` names (`None`: the base model, also
+/// when it names none); a model served neither way is a 404.
+fn check_model(model: Option<&str>, served: Served<'_>) -> Result<Option<usize>, ApiError> {
     match model {
-        Some(model) if model != served.name => Err(ApiError::model_not_found(model)),
-        _ => Ok(()),
+        None => Ok(None),
+        Some(model) if model == served.name => Ok(None),
+        Some(model) => match served.adapters.iter().position(|a| a == model) {
+            Some(adapter) => Ok(Some(adapter)),
+            None => Err(ApiError::model_not_found(model)),
+        },
     }
 }
 
@@ -569,7 +586,7 @@ impl Sampling {
         logprobs: Option<usize>,
         score: Option<usize>,
     ) -> Result<Checked, ApiError> {
-        check_model(self.model.as_deref(), served)?;
+        let adapter = check_model(self.model.as_deref(), served)?;
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => default_max_tokens,
             Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -739,6 +756,7 @@ impl Sampling {
                 prompt_logprobs: score,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
                 min_tokens,
+                adapter,
             })
             .collect();
         Ok(Checked {
@@ -747,6 +765,7 @@ impl Sampling {
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             echo: None,
+            model: served.model_name(adapter).to_owned(),
         })
     }
 }
@@ -769,9 +788,43 @@ mod tests {
 
     const SERVED: Served<'static> = Served {
         name: "tiny",
+        adapters: &[],
         tokenizer: &Tokenizer::Bytes,
         context: 32,
     };
+
+    #[test]
+    fn a_request_naming_an_adapter_runs_with_it_and_answers_in_its_name() {
+        let adapters = ["tiny-sql".to_owned(), "tiny-chat".to_owned()];
+        let served = Served {
+            adapters: &adapters,
+            ..SERVED
+        };
+        let check = |body: &str| parse::<ChatRequest>(body.as_bytes())?.check(served);
+        let chat = |model: &str| {
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+        };
+        let named = check(&chat("tiny-chat")).unwrap();
+        assert_eq!(
+            (named.requests[0].adapter, named.model.as_str()),
+            (Some(1), "tiny-chat")
+        );
+        let base = check(&chat("tiny")).unwrap();
+        assert_eq!(
+            (base.requests[0].adapter, base.model.as_str()),
+            (None, "tiny")
+        );
+        let unnamed = check(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(unnamed.requests[0].adapter, None);
+        let e = check(&chat("tiny-math")).unwrap_err();
+        assert_eq!(e.code, Some("model_not_found"));
+        // Without adapters, an adapter's name is no model.
+        let e = parse::<ChatRequest>(chat("tiny-chat").as_bytes())
+            .unwrap()
+            .check(SERVED)
+            .unwrap_err();
+        assert_eq!(e.code, Some("model_not_found"));
+    }
 
     fn completion(body: &str) -> Result<Checked, ApiError> {
         parse::<CompletionRequest>(body.as_bytes())?.check(SERVED)

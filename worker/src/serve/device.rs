@@ -216,18 +216,21 @@ mod tests {
                 start: 0,
                 tokens: &a_tokens,
                 logits: Logits::Last,
+                adapter: None,
             },
             Chunk {
                 pages: &[5, 0, 3],
                 start: 9,
                 tokens: &[20],
                 logits: Logits::Last,
+                adapter: None,
             },
             Chunk {
                 pages: &[1, 6, 4],
                 start: 4,
                 tokens: &[30, 31],
                 logits: Logits::None,
+                adapter: None,
             },
             // D scores a prompt: every row's logits.
             Chunk {
@@ -235,6 +238,7 @@ mod tests {
                 start: 0,
                 tokens: &[40, 41, 42],
                 logits: Logits::All,
+                adapter: None,
             },
         ];
         let layout = StepLayout::new(&chunks, 4);

@@ -20,6 +20,7 @@ use crate::moe::placement::ExpertPlacement;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
+use crate::serve::adapters::{Adapter, BlockAdapter, LowRank};
 use crate::serve::expert_parallel;
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::latent::LatentAttention;
@@ -38,6 +39,9 @@ pub struct Chunk<'a> {
     pub tokens: &'a [u32],
     /// Which of the chunk's rows return their next-token logits.
     pub logits: Logits,
+    /// The engine's adapter its rows run with (`serve/adapters.rs`);
+    /// `None`: the base model.
+    pub adapter: Option<usize>,
 }
 
 /// The rows of a [`Chunk`] whose next-token logits a step returns, in row
@@ -86,6 +90,11 @@ pub enum StepError {
         page: PageId,
         pages: usize,
     },
+    /// An adapter index beyond the engine's adapters.
+    NoSuchAdapter {
+        adapter: usize,
+        adapters: usize,
+    },
     /// An expert-parallel exchange failed: the replica is broken (`peer`:
     /// because another rank failed), and no later step can run.
     Collective {
@@ -125,6 +134,12 @@ impl std::fmt::Display for StepError {
             Self::NoSuchPage { page, pages } => {
                 write!(f, "KV page {page} is beyond the cache's {pages} pages")
             }
+            Self::NoSuchAdapter { adapter, adapters } => {
+                write!(
+                    f,
+                    "adapter {adapter} is beyond the engine's {adapters} adapters"
+                )
+            }
             Self::Collective { message, .. } => {
                 write!(f, "the expert-parallel exchange failed: {message}")
             }
@@ -150,6 +165,8 @@ pub struct Engine {
     /// Whether steps compute logits (a follower rank's do not: the
     /// leader samples).
     logits: bool,
+    /// The low-rank adapters chunks may name (`serve/adapters.rs`).
+    adapters: Vec<Adapter>,
 }
 
 /// The exchanges, behind a lock so the engine stays `Sync` (a step runs
@@ -187,7 +204,15 @@ impl Engine {
             pool: None,
             parallel: None,
             logits: true,
+            adapters: Vec::new(),
         }
+    }
+
+    /// Serves `adapters` beside the base model: a chunk naming adapter `i`
+    /// runs with `adapters[i]`'s updates (loaded for this model's config).
+    pub fn with_adapters(mut self, adapters: Vec<Adapter>) -> Self {
+        self.adapters = adapters;
+        self
     }
 
     /// Stores the linear layers' weights at `precision` (see
@@ -400,6 +425,13 @@ impl Engine {
             };
             let mut mid = vec![0.0; m * h];
             block.wo.forward(&mut mid, &attention);
+            self.adapt(
+                &at,
+                &out_rows,
+                &attention,
+                &mut mid,
+                &[(|b| b.o.as_ref(), 0)],
+            );
             if let Some(o) = block.bias.as_ref().and_then(|b| b.o.as_ref()) {
                 add_bias(&mut mid, o);
             }
@@ -475,6 +507,18 @@ impl Engine {
         // One product for q, k and v: row r is [q | k | v].
         let mut qkv = vec![0.0; n * qkv_width];
         block.qkv.forward(&mut qkv, normed);
+        let every_row: Vec<usize> = (0..n).collect();
+        self.adapt(
+            at,
+            &every_row,
+            normed,
+            &mut qkv,
+            &[
+                (|b| b.q.as_ref(), 0),
+                (|b| b.k.as_ref(), qw),
+                (|b| b.v.as_ref(), qw + kv),
+            ],
+        );
         let mut q = Vec::with_capacity(n * qw);
         let mut k = Vec::with_capacity(n * kv);
         let mut v = Vec::with_capacity(n * kv);
@@ -564,6 +608,35 @@ impl Engine {
         latent.expand(&contexts)
     }
 
+    /// Adds to row `i` of `out` the updates that the adapter of step row
+    /// `rows[i]` (its chunk's, if any) makes to this layer's `projections`
+    /// of row `i` of `x`, each at its offset in `out`'s row.
+    fn adapt(
+        &self,
+        at: &Rows<'_>,
+        rows: &[usize],
+        x: &[f32],
+        out: &mut [f32],
+        projections: &[(Projection, usize)],
+    ) {
+        if rows.is_empty() || at.chunks.iter().all(|c| c.adapter.is_none()) {
+            return;
+        }
+        let (width, stride) = (x.len() / rows.len(), out.len() / rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            let Some(adapter) = at.chunks[at.rows[r].0].adapter else {
+                continue;
+            };
+            let block = &self.adapters[adapter].blocks[at.layer];
+            for &(pick, offset) in projections {
+                if let Some(low) = pick(block) {
+                    let out = &mut out[i * stride..(i + 1) * stride];
+                    low.add_rows(out, stride, offset, &x[i * width..(i + 1) * width]);
+                }
+            }
+        }
+    }
+
     fn check(&self, cache: &KvStore, chunks: &[Chunk<'_>]) -> Result<(), StepError> {
         let (context, vocab) = (self.context(), self.config().vocab);
         check_chunks(
@@ -572,6 +645,7 @@ impl Engine {
             vocab,
             cache.shape().page_size,
             cache.pages(),
+            self.adapters.len(),
         )
     }
 
@@ -596,6 +670,9 @@ impl Engine {
         attend(out, q, heads, cache, layer, pages, position);
     }
 }
+
+/// One projection of an adapter's block.
+type Projection = fn(&BlockAdapter) -> Option<&LowRank>;
 
 /// Where one layer's rows stand in a step.
 struct Rows<'a> {
@@ -661,8 +738,12 @@ pub(crate) fn check_chunks(
     vocab: usize,
     page_size: usize,
     pages: usize,
+    adapters: usize,
 ) -> Result<(), StepError> {
     for chunk in chunks {
+        if let Some(adapter) = chunk.adapter.filter(|&a| a >= adapters) {
+            return Err(StepError::NoSuchAdapter { adapter, adapters });
+        }
         let end = chunk.start + chunk.tokens.len();
         if chunk.tokens.is_empty() {
             return Err(StepError::EmptyChunk);

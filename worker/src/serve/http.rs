@@ -42,6 +42,11 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Unix seconds when the server started (the model's `created`).
     pub started: u64,
+    /// The adapters served beside the model: the names requests use and
+    /// their directories (`/v1/models` lists them with the model as
+    /// their `parent`, as vLLM does).
+    pub adapters: Arc<[(String, String)]>,
+    adapter_names: Arc<[String]>,
 }
 
 impl AppState {
@@ -52,7 +57,16 @@ impl AppState {
             engine: Arc::new(OnceLock::new()),
             metrics,
             started: unix_now(),
+            adapters: Arc::new([]),
+            adapter_names: Arc::new([]),
         }
+    }
+
+    /// Serves `adapters` (name, directory), in the engine's order.
+    pub fn with_adapters(mut self, adapters: Vec<(String, String)>) -> Self {
+        self.adapter_names = adapters.iter().map(|(name, _)| name.clone()).collect();
+        self.adapters = adapters.into();
+        self
     }
 
     fn engine(&self) -> Result<&EngineHandle, ApiError> {
@@ -168,17 +182,22 @@ async fn not_found() -> Response {
 
 async fn models(State(state): State<AppState>) -> Response {
     let context = state.engine.get().map(EngineHandle::context);
-    let body = json!({
-        "object": "list",
-        "data": [{
-            "id": &*state.model_name,
+    let model = |id: &str, root: &str, parent: Option<&str>| {
+        json!({
+            "id": id,
             "object": "model",
             "created": state.started,
             "owned_by": "moe-operator",
             "max_model_len": context,
-            "root": &*state.root,
-        }],
-    });
+            "root": root,
+            "parent": parent,
+        })
+    };
+    let mut data = vec![model(&state.model_name, &state.root, None)];
+    for (name, dir) in state.adapters.iter() {
+        data.push(model(name, dir, Some(&state.model_name)));
+    }
+    let body = json!({"object": "list", "data": data});
     api::json_response(StatusCode::OK, &body)
 }
 
@@ -222,6 +241,7 @@ fn against_served<T>(
     let tokenizer = engine.tokenizer();
     check(Served {
         name: &state.model_name,
+        adapters: &state.adapter_names,
         tokenizer: &tokenizer,
         context: engine.context(),
     })
@@ -262,7 +282,12 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
 async fn generate(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
     match start(state, endpoint, body).await {
         Ok(started) => {
-            let reply = Reply::new(state, endpoint, started.logprobs, started.echo);
+            let reply = Reply::new(
+                started.model.into(),
+                endpoint,
+                started.logprobs,
+                started.echo,
+            );
             if started.stream {
                 stream_reply(reply, started.choices, started.include_usage).into_response()
             } else {
@@ -282,6 +307,8 @@ struct Started {
     logprobs: bool,
     /// Each prompt's text, to come before its choices' (completions' `echo`).
     echo: Option<Vec<String>>,
+    /// The model the request named (the base model's or an adapter's name).
+    model: String,
 }
 
 /// One choice's events; the first may have been received already.
@@ -314,6 +341,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         stream,
         include_usage,
         echo,
+        model,
     } = against_served(state, |served| match endpoint {
         Endpoint::Completions => api::parse::<CompletionRequest>(body)?.check(served),
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served),
@@ -352,6 +380,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         include_usage,
         logprobs,
         echo,
+        model,
     })
 }
 
@@ -379,12 +408,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn new(
-        state: &AppState,
-        endpoint: Endpoint,
-        logprobs: bool,
-        echo: Option<Vec<String>>,
-    ) -> Self {
+    fn new(model: Arc<str>, endpoint: Endpoint, logprobs: bool, echo: Option<Vec<String>>) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let prefix = match endpoint {
@@ -395,7 +419,7 @@ impl Reply {
             endpoint,
             logprobs,
             id: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
-            model: Arc::clone(&state.model_name),
+            model,
             created: unix_now(),
             echo,
         }

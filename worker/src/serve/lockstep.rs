@@ -101,6 +101,9 @@ impl StepPlan {
                 start: c.start,
                 tokens: &c.tokens,
                 logits: c.logits,
+                // An expert-parallel replica serves no adapters (refused
+                // with the options), so plans carry none.
+                adapter: None,
             })
             .collect()
     }
@@ -454,6 +457,7 @@ mod tests {
                 start: 14,
                 tokens: &tokens,
                 logits: Logits::Last,
+                adapter: None,
             },
             // Position 0: one page.
             Chunk {
@@ -461,6 +465,7 @@ mod tests {
                 start: 0,
                 tokens: &tokens[..1],
                 logits: Logits::None,
+                adapter: None,
             },
         ];
         let plan = StepPlan::from_chunks(&chunks, 16);

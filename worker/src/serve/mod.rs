@@ -23,6 +23,7 @@
 //! - [`replica`], [`lockstep`]: one replica as several processes, each
 //!   holding a slice of the experts (expert parallelism), rank 0 leading.
 
+pub mod adapters;
 pub mod api;
 pub mod backend;
 pub mod device;
@@ -61,6 +62,7 @@ use moe_crds::{Device, ModelFormat, ModelSpec};
 use crate::dist::env::Timeouts;
 use crate::dist::{Collective, DistError};
 use crate::ops::packed_linear::WeightPrecision;
+use crate::serve::adapters::AdapterSource;
 use crate::serve::backend::Backend;
 use crate::serve::engine::Engine;
 use crate::serve::http::AppState;
@@ -120,6 +122,9 @@ pub struct ServeOptions {
     /// with the `cuda` feature and the model allows it, for one process and
     /// for each rank of an expert-parallel replica alike.
     pub device: Device,
+    /// LoRA adapters served beside the model (`serve/adapters.rs`), in the
+    /// order the engine indexes them.
+    pub adapters: Vec<AdapterSource>,
 }
 
 /// Why the server could not start.
@@ -184,6 +189,23 @@ impl ServeOptions {
                 return Err(ServeError::Options(format!("{what} must be at least 1")));
             }
         }
+        if let Some(first) = self.adapters.first() {
+            let refusal = if self.expert_parallel > 1 {
+                Some("by an expert-parallel replica (expertParallel above 1)")
+            } else if self.device == Device::Cuda {
+                Some("on device cuda: the GPU engine computes no adapter updates")
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                return Err(ServeError::Options(format!(
+                    "adapter {:?}: LoRA adapters are not served {refusal} yet; serve the \
+                     merged model (moe-worker export writes it beside the adapter), or serve \
+                     adapters on the CPU in one process",
+                    first.name
+                )));
+            }
+        }
         if self.redundant_experts > 0 {
             let refusal = if self.expert_parallel < 2 {
                 Some(
@@ -230,6 +252,16 @@ impl ServeOptions {
             Some((repo, commit)) => format!("huggingface/{repo}@{commit}"),
             None => self.model_dir.display().to_string(),
         }
+    }
+
+    /// What the HTTP handlers share, for these options.
+    fn app_state(&self, metrics: Metrics) -> AppState {
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|a| (a.name.clone(), a.dir.display().to_string()))
+            .collect();
+        AppState::new(&self.served_name(), &self.model_root(), metrics).with_adapters(adapters)
     }
 
     /// The id clients use: the flag, else the run's name (the directory
@@ -283,6 +315,17 @@ pub fn start_engine(
         ..
     } = loaded;
     let model = model.into_serve_model();
+    let adapters = adapters::load_all(&options.adapters, &options.served_name(), &model.config)
+        .map_err(ServeError::Options)?;
+    for adapter in &adapters {
+        tracing::info!(
+            adapter = %adapter.name,
+            dir = %adapter.dir.display(),
+            modules = ?adapter.modules(),
+            kib = adapter.bytes() >> 10,
+            "adapter loaded"
+        );
+    }
     #[cfg(feature = "cuda")]
     let model = if options.device == Device::Cuda {
         match gpu::place(model, options)? {
@@ -308,6 +351,7 @@ pub fn start_engine(
         model
     };
     let engine = Engine::serve(model)
+        .with_adapters(adapters)
         .with_weights(options.weights)
         .with_threads(options.threads)
         .map_err(|error| ServeError::Io {
@@ -448,11 +492,7 @@ impl Server {
         options: &ServeOptions,
         metrics: Metrics,
     ) -> Result<Self, ServeError> {
-        let state = AppState::new(
-            &options.served_name(),
-            &options.model_root(),
-            metrics.clone(),
-        );
+        let state = options.app_state(metrics.clone());
         // Set before the first connection: this server is ready from the start.
         let _ = state.engine.set(engine.clone());
         let (runtime, listener) = runtime_listening(2, options.listen)?;
@@ -560,11 +600,7 @@ async fn serve_until_stopped(
     replica: Option<ReplicaSetup>,
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
-    let state = AppState::new(
-        &options.served_name(),
-        &options.model_root(),
-        metrics.clone(),
-    );
+    let state = options.app_state(metrics.clone());
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await

@@ -11,6 +11,7 @@ use moe_crds::{Device, ModelFormat, ServingConfig, ServingPrecision};
 
 use crate::ops::packed_linear::WeightPrecision;
 
+use crate::serve::adapters::AdapterSource;
 use crate::serve::{DEFAULT_KV_CACHE_BYTES, DEFAULT_PAGE_SIZE, ServeError, ServeOptions};
 
 /// The operator's defaults (`spec.serving`), for a server started by hand.
@@ -52,6 +53,8 @@ pub struct Flags {
     pub no_prefix_caching: bool,
     /// Where the model computes (`device` in the config).
     pub device: Option<Device>,
+    /// `--lora NAME=DIR`, each an adapter served beside the model.
+    pub lora: Vec<String>,
 }
 
 /// Merges `config` (if any) and `flags`; the returned warnings are for the log.
@@ -167,6 +170,12 @@ pub fn resolve(
         )? as u64),
         prefix_caching: !flags.no_prefix_caching && config.is_none_or(|c| c.prefix_caching),
         device,
+        adapters: flags
+            .lora
+            .iter()
+            .map(|text| AdapterSource::parse(text))
+            .collect::<Result<_, _>>()
+            .map_err(ServeError::Options)?,
     };
     device_warnings(&options, &mut warnings);
     Ok((options, warnings))

@@ -35,6 +35,16 @@ use crate::serve::kv_cache::PageId;
 pub type BlockId = u64;
 pub const ROOT: BlockId = 0;
 
+/// The empty prefix of the model a sequence runs: [`ROOT`] for the base
+/// model, its own root for each adapter (`serve/adapters.rs`), whose keys
+/// and values differ from the base model's for the same tokens. Chains
+/// from different roots never meet, so a prompt only ever matches pages
+/// its own model computed. Published blocks count up from 1 and never
+/// reach the adapters' roots, which count down from the top.
+pub fn root(adapter: Option<usize>) -> BlockId {
+    adapter.map_or(ROOT, |a| BlockId::MAX - a as BlockId)
+}
+
 /// A page was released that no sequence holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotAllocated(pub PageId);
@@ -52,7 +62,7 @@ impl std::error::Error for NotAllocated {}
 pub struct Match {
     /// One page per matched block, in order.
     pub pages: Vec<PageId>,
-    /// The last matched block ([`ROOT`] when none matched): the parent of
+    /// The last matched block (the root when none matched): the parent of
     /// the next block the sequence publishes.
     pub last: BlockId,
 }
@@ -127,11 +137,16 @@ impl PagePool {
     }
 
     /// The longest chain of published blocks that `tokens` starts with
-    /// (whole pages only).
+    /// (whole pages only), from [`ROOT`].
     pub fn lookup(&self, tokens: &[u32]) -> Match {
+        self.lookup_from(ROOT, tokens)
+    }
+
+    /// [`Self::lookup`] from `root` (see [`root`]).
+    pub fn lookup_from(&self, root: BlockId, tokens: &[u32]) -> Match {
         let mut found = Match {
             pages: Vec::new(),
-            last: ROOT,
+            last: root,
         };
         if !self.caching {
             return found;

@@ -57,6 +57,9 @@ pub struct GenerationRequest {
     /// completion before this many tokens (vLLM's `min_tokens`; at most
     /// `max_tokens`).
     pub min_tokens: usize,
+    /// The adapter the request names as its `model` (an index into the
+    /// engine's, `serve/adapters.rs`); `None`: the base model.
+    pub adapter: Option<usize>,
 }
 
 /// Why a completion ended.
@@ -609,9 +612,11 @@ impl Runner {
         let prompt_len = request.prompt.len();
         let max_len = (prompt_len + request.max_tokens).min(self.engine.context());
         let queued = if request.prompt_logprobs.is_some() {
-            self.scheduler.enqueue_whole(id, &request.prompt, max_len)
+            self.scheduler
+                .enqueue_whole(id, &request.prompt, max_len, request.adapter)
         } else {
-            self.scheduler.enqueue(id, &request.prompt, max_len)
+            self.scheduler
+                .enqueue(id, &request.prompt, max_len, request.adapter)
         };
         if let Err(e) = queued {
             // The handle checked both limits already; this is a backstop.
@@ -691,6 +696,7 @@ impl Runner {
                     .get(&w.id)
                     .map_or(&[][..], |a| &a.tokens[w.start..w.start + w.len]),
                 logits: logits_of(w),
+                adapter: w.adapter,
             })
             .collect();
         self.metrics.batch_size.observe(work.len() as f64);

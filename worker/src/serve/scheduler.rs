@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 
 use crate::serve::kv_cache::{PageId, pages_for};
-use crate::serve::prefix_cache::{BlockId, NotAllocated, PagePool};
+use crate::serve::prefix_cache::{BlockId, NotAllocated, PagePool, root};
 
 /// Most rows of scored prompts ([`Scheduler::enqueue_whole`]) one step
 /// feeds: each returns a row of logits (`vocab` floats: 128 MiB at this
@@ -67,6 +67,7 @@ struct Waiting {
     /// Whether its prompt may start from cached pages (not when every
     /// prompt row's logits are wanted: a cached row computes none).
     reuse: bool,
+    adapter: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +85,8 @@ struct Running {
     parent: BlockId,
     /// Every prompt row's logits are wanted (prompt log-probabilities).
     scored: bool,
+    /// The adapter it runs with (`None`: the base model).
+    adapter: Option<usize>,
 }
 
 impl Running {
@@ -108,6 +111,8 @@ pub struct Work {
     /// Every row's logits are wanted (a chunk of a scored prompt).
     pub score: bool,
     pub pages: Vec<PageId>,
+    /// The adapter the sequence runs with (`None`: the base model).
+    pub adapter: Option<usize>,
 }
 
 /// The requests and the page pool.
@@ -154,14 +159,17 @@ impl Scheduler {
         self.pages.cached()
     }
 
-    /// Queues a request with `prompt` that may grow to `max_len` tokens.
+    /// Queues a request with `prompt` that may grow to `max_len` tokens,
+    /// run with `adapter` (`None`: the base model); its prompt reuses only
+    /// prefixes the same model computed.
     pub fn enqueue(
         &mut self,
         id: RequestId,
         prompt: &[u32],
         max_len: usize,
+        adapter: Option<usize>,
     ) -> Result<(), Rejected> {
-        self.queue(id, prompt, max_len, true)
+        self.queue(id, prompt, max_len, true, adapter)
     }
 
     /// [`Self::enqueue`] for a prompt that is computed whole, reusing no
@@ -172,8 +180,9 @@ impl Scheduler {
         id: RequestId,
         prompt: &[u32],
         max_len: usize,
+        adapter: Option<usize>,
     ) -> Result<(), Rejected> {
-        self.queue(id, prompt, max_len, false)
+        self.queue(id, prompt, max_len, false, adapter)
     }
 
     fn queue(
@@ -182,6 +191,7 @@ impl Scheduler {
         prompt: &[u32],
         max_len: usize,
         reuse: bool,
+        adapter: Option<usize>,
     ) -> Result<(), Rejected> {
         let pages = pages_for(max_len, self.limits.page_size);
         if pages > self.pages.total() {
@@ -198,6 +208,7 @@ impl Scheduler {
             prompt: prompt.to_vec(),
             max_len,
             reuse,
+            adapter,
         });
         Ok(())
     }
@@ -244,7 +255,9 @@ impl Scheduler {
             } else {
                 0
             };
-            let prefix = self.pages.lookup(&head.prompt[..reusable]);
+            let prefix = self
+                .pages
+                .lookup_from(root(head.adapter), &head.prompt[..reusable]);
             let needed = pages_for(head.max_len, self.limits.page_size);
             let Some(pages) = self
                 .pages
@@ -262,6 +275,7 @@ impl Scheduler {
                 published: prefix.pages.len(),
                 parent: prefix.last,
                 scored: !head.reuse,
+                adapter: head.adapter,
             };
             let mut len = budget.min(seq.known() - seq.cached);
             if seq.scored {
@@ -320,6 +334,7 @@ fn feed(seq: &Running, len: usize) -> Work {
         sample: seq.cached + len == seq.known(),
         score: seq.scoring(),
         pages: seq.pages.clone(),
+        adapter: seq.adapter,
     }
 }
 
@@ -366,8 +381,8 @@ mod tests {
     #[test]
     fn prompts_are_chunked_within_the_token_budget() {
         let mut s = Scheduler::new(limits(8, 4, 8), 100);
-        s.enqueue(1, &prompt(1, 10), 12).unwrap();
-        s.enqueue(2, &prompt(2, 3), 5).unwrap();
+        s.enqueue(1, &prompt(1, 10), 12, None).unwrap();
+        s.enqueue(2, &prompt(2, 3), 5, None).unwrap();
         assert_eq!(step(&mut s), [(1, 8, false)]);
         // Request 1 finishes its prompt; 2 is admitted with what is left.
         assert_eq!(step(&mut s), [(1, 2, true), (2, 3, true)]);
@@ -378,9 +393,9 @@ mod tests {
     #[test]
     fn decodes_go_before_prefills() {
         let mut s = Scheduler::new(limits(4, 4, 8), 100);
-        s.enqueue(1, &prompt(1, 2), 6).unwrap();
+        s.enqueue(1, &prompt(1, 2), 6, None).unwrap();
         assert_eq!(step(&mut s), [(1, 2, true)]);
-        s.enqueue(2, &prompt(2, 9), 12).unwrap();
+        s.enqueue(2, &prompt(2, 9), 12, None).unwrap();
         assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
         assert_eq!(step(&mut s), [(1, 1, true), (2, 3, false)]);
     }
@@ -389,9 +404,9 @@ mod tests {
     fn admission_is_first_in_first_out_and_waits_for_pages() {
         // 4 pages of 4 tokens: request 1 takes 3, request 2 needs 2.
         let mut s = Scheduler::new(limits(64, 8, 8), 4);
-        s.enqueue(1, &prompt(1, 4), 12).unwrap();
-        s.enqueue(2, &prompt(2, 4), 8).unwrap();
-        s.enqueue(3, &prompt(3, 1), 4).unwrap();
+        s.enqueue(1, &prompt(1, 4), 12, None).unwrap();
+        s.enqueue(2, &prompt(2, 4), 8, None).unwrap();
+        s.enqueue(3, &prompt(3, 1), 4, None).unwrap();
         assert_eq!(step(&mut s), [(1, 4, true)]);
         // Request 3 would fit, but 2 is first in line.
         assert_eq!(step(&mut s), [(1, 1, true)]);
@@ -412,7 +427,7 @@ mod tests {
     fn running_slots_bound_the_batch() {
         let mut s = Scheduler::new(limits(64, 2, 8), 100);
         for id in 1..=3 {
-            s.enqueue(id, &prompt(id, 1), 4).unwrap();
+            s.enqueue(id, &prompt(id, 1), 4, None).unwrap();
         }
         assert_eq!(step(&mut s), [(1, 1, true), (2, 1, true)]);
         assert_eq!((s.running(), s.waiting()), (2, 1));
@@ -424,34 +439,37 @@ mod tests {
     fn a_full_queue_and_an_oversized_request_are_refused() {
         let mut s = Scheduler::new(limits(8, 1, 2), 3);
         assert_eq!(
-            s.enqueue(9, &prompt(9, 4), 13),
+            s.enqueue(9, &prompt(9, 4), 13, None),
             Err(Rejected::TooLarge { pages: 4, total: 3 })
         );
-        s.enqueue(1, &prompt(1, 1), 4).unwrap();
-        s.enqueue(2, &prompt(2, 1), 4).unwrap();
-        assert_eq!(s.enqueue(3, &prompt(3, 1), 4), Err(Rejected::QueueFull));
+        s.enqueue(1, &prompt(1, 1), 4, None).unwrap();
+        s.enqueue(2, &prompt(2, 1), 4, None).unwrap();
+        assert_eq!(
+            s.enqueue(3, &prompt(3, 1), 4, None),
+            Err(Rejected::QueueFull)
+        );
         // Cancelling a waiting request frees its place in the queue.
         s.remove(2).unwrap();
-        s.enqueue(3, &prompt(3, 1), 4).unwrap();
+        s.enqueue(3, &prompt(3, 1), 4, None).unwrap();
     }
 
     #[test]
     fn a_prompt_starts_after_its_longest_cached_prefix() {
         let mut s = Scheduler::new(limits(64, 4, 8), 100);
         let system = prompt(1, 10);
-        s.enqueue(1, &system, 12).unwrap();
+        s.enqueue(1, &system, 12, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(1, 0, 10, true)]);
         s.remove(1).unwrap();
         // Pages 0 and 1 (tokens 0–7) were completed; the third was not.
         assert_eq!(s.pages_cached(), 2);
         let mut question = system[..9].to_vec();
         question.extend([5, 6, 7]);
-        s.enqueue(2, &question, 16).unwrap();
+        s.enqueue(2, &question, 16, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(2, 8, 4, true)]);
         // A different first page shares nothing.
         let mut other = question.clone();
         other[0] += 1;
-        s.enqueue(3, &other, 16).unwrap();
+        s.enqueue(3, &other, 16, None).unwrap();
         assert_eq!(
             step_with_start(&mut s),
             [(2, 12, 1, true), (3, 0, 12, true)]
@@ -459,27 +477,58 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_reuses_only_the_pages_its_own_model_computed() {
+        let mut s = Scheduler::new(limits(64, 4, 8), 100);
+        let system = prompt(1, 10);
+        s.enqueue(1, &system, 12, None).unwrap();
+        step(&mut s);
+        s.remove(1).unwrap();
+        // The same tokens under an adapter have other keys and values:
+        // nothing of the base model's is reused, and the work says which
+        // adapter runs.
+        s.enqueue(2, &system, 12, Some(0)).unwrap();
+        let work = s.plan();
+        assert_eq!(
+            work.iter()
+                .map(|w| (w.id, w.start, w.adapter))
+                .collect::<Vec<_>>(),
+            [(2, 0, Some(0))]
+        );
+        s.complete(&work);
+        s.append(2, 7);
+        s.remove(2).unwrap();
+        // Each model finds its own pages again; another adapter, none.
+        s.enqueue(3, &system, 12, Some(0)).unwrap();
+        s.enqueue(4, &system, 12, None).unwrap();
+        s.enqueue(5, &system, 12, Some(1)).unwrap();
+        assert_eq!(
+            step_with_start(&mut s),
+            [(3, 8, 2, true), (4, 8, 2, true), (5, 0, 10, true)]
+        );
+    }
+
+    #[test]
     fn a_wholly_cached_prompt_still_feeds_its_last_token() {
         let mut s = Scheduler::new(limits(64, 4, 8), 100);
-        s.enqueue(1, &prompt(1, 8), 9).unwrap();
+        s.enqueue(1, &prompt(1, 8), 9, None).unwrap();
         step(&mut s);
         s.remove(1).unwrap();
         assert_eq!(s.pages_cached(), 2);
         // Eight tokens, all cached: the second page is not taken (its last
         // token must be computed for its logits, and into a page of its own).
-        s.enqueue(2, &prompt(1, 8), 9).unwrap();
+        s.enqueue(2, &prompt(1, 8), 9, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(2, 4, 4, true)]);
     }
 
     #[test]
     fn running_sequences_share_pages_and_generated_pages_are_cached_too() {
         let mut s = Scheduler::new(limits(64, 4, 8), 100);
-        s.enqueue(1, &prompt(1, 6), 12).unwrap();
+        s.enqueue(1, &prompt(1, 6), 12, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(1, 0, 6, true)]);
         assert_eq!(s.pages_used(), 3);
         // While 1 decodes, 2 with the same first page joins: it holds that
         // page too, which is counted once.
-        s.enqueue(2, &prompt(1, 6), 8).unwrap();
+        s.enqueue(2, &prompt(1, 6), 8, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(1, 6, 1, true), (2, 4, 2, true)]);
         assert_eq!(s.pages_used(), 3 + 1);
         // Request 1 generates up to 10 tokens (7s): page 1 fills with
@@ -491,7 +540,7 @@ mod tests {
         s.remove(2).unwrap();
         let mut follow_up = prompt(1, 6);
         follow_up.extend([7, 7, 7, 7, 9]);
-        s.enqueue(3, &follow_up, 12).unwrap();
+        s.enqueue(3, &follow_up, 12, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(3, 8, 3, true)]);
     }
 
@@ -502,10 +551,10 @@ mod tests {
             ..limits(64, 4, 8)
         };
         let mut s = Scheduler::new(limits, 100);
-        s.enqueue(1, &prompt(1, 9), 12).unwrap();
+        s.enqueue(1, &prompt(1, 9), 12, None).unwrap();
         step(&mut s);
         s.remove(1).unwrap();
-        s.enqueue(2, &prompt(1, 9), 12).unwrap();
+        s.enqueue(2, &prompt(1, 9), 12, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(2, 0, 9, true)]);
         assert_eq!(s.pages_cached(), 0);
     }
@@ -513,22 +562,22 @@ mod tests {
     #[test]
     fn a_prompt_computed_whole_reuses_nothing_but_is_published() {
         let mut s = Scheduler::new(limits(64, 4, 8), 100);
-        s.enqueue(1, &prompt(1, 9), 12).unwrap();
+        s.enqueue(1, &prompt(1, 9), 12, None).unwrap();
         step(&mut s);
         s.remove(1).unwrap();
         assert_eq!(s.pages_cached(), 2);
         // Scored: from position 0 although two pages are cached; a prompt
         // of its own length and no room to generate (max_tokens 0) is fine.
-        s.enqueue_whole(2, &prompt(1, 9), 9).unwrap();
+        s.enqueue_whole(2, &prompt(1, 9), 9, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(2, 0, 9, true)]);
         s.remove(2).unwrap();
         // Its pages were published (the same blocks: the first copy stays).
         let mut longer = prompt(2, 12);
-        s.enqueue_whole(3, &longer, 12).unwrap();
+        s.enqueue_whole(3, &longer, 12, None).unwrap();
         step(&mut s);
         s.remove(3).unwrap();
         longer.push(5);
-        s.enqueue(4, &longer, 16).unwrap();
+        s.enqueue(4, &longer, 16, None).unwrap();
         assert_eq!(step_with_start(&mut s), [(4, 12, 1, true)]);
     }
 
@@ -536,9 +585,9 @@ mod tests {
     fn scored_rows_are_bounded_per_step_and_flagged() {
         let mut s = Scheduler::new(limits(1024, 4, 8), 1000);
         let long = prompt(1, 2 * MAX_SCORED_ROWS + 10);
-        s.enqueue_whole(1, &long, long.len() + 2).unwrap();
-        s.enqueue_whole(2, &prompt(2, 5), 6).unwrap();
-        s.enqueue(3, &prompt(3, 5), 6).unwrap();
+        s.enqueue_whole(1, &long, long.len() + 2, None).unwrap();
+        s.enqueue_whole(2, &prompt(2, 5), 6, None).unwrap();
+        s.enqueue(3, &prompt(3, 5), 6, None).unwrap();
         // Plans and completes a step: `(id, len, sample, score)` each.
         let step = |s: &mut Scheduler| {
             let work = s.plan();

@@ -150,6 +150,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         rebalance_interval: std::time::Duration::from_secs(600),
         prefix_caching: true,
         device: moe_crds::Device::Cpu,
+        adapters: Vec::new(),
     }
 }
 

@@ -98,6 +98,7 @@ pub(crate) fn worst_against_served(model: &moe_worker::model::Model<f32>, dir: &
         start: 0,
         tokens: &tokens,
         logits: Logits::All,
+        adapter: None,
     };
     let logits = engine.step(&mut store, &[chunk]).unwrap();
     let mut worst = 0f64;

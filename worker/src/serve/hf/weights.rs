@@ -80,6 +80,17 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// The tensors of one safetensors file (a PEFT adapter's
+    /// `adapter_model.safetensors`), checked as a model's are; FP8 is
+    /// refused (no config says how it is scaled).
+    pub fn read_single(path: &Path) -> Result<Self, HfError> {
+        let mut store = Self::default();
+        store.read_file(path, &HashSet::new())?;
+        store.dequantize(path, None)?;
+        store.check_finite(path)?;
+        Ok(store)
+    }
+
     /// Refuses a checkpoint with a NaN or infinite weight, naming the
     /// tensor: served, it would turn every logit into NaN with no error at
     /// all (an FP8 NaN code, a half-written file, a diverged run).

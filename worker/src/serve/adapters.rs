@@ -1,0 +1,320 @@
+//! Low-rank adapters (LoRA) served beside their base model: `--lora
+//! name=dir` loads a PEFT adapter directory (`adapter_config.json`,
+//! `adapter_model.safetensors`: what `moe-worker export` writes under
+//! `adapter/`, and what PEFT's `save_pretrained` writes), and a request
+//! naming `name` as its `model` runs the base model with the adapter's
+//! `scale · B·A` added to each adapted projection, row by row: one batch
+//! mixes requests for the base model and for any adapter.
+//!
+//! Why per row and not merged: merging `W₀ + s·B·A` would need a copy of
+//! every adapted weight per adapter; the low-rank product costs
+//! `2·r·(in + out)` per row and projection next to the weight's
+//! `2·in·out`, and the base weights stay shared (vLLM's multi-LoRA and
+//! S-LoRA serve adapters the same way).
+//!
+//! Served: the attention projections (`q_proj`, `k_proj`, `v_proj`,
+//! `o_proj`) of grouped-query attention, the default targets of
+//! `training.lora` and of PEFT. An adapter of any other module is refused
+//! at startup naming the tensor; its merged model (which the export writes
+//! beside the adapter) serves it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::pretrained::interleave_rope_rows;
+use crate::serve::hf::weights::TensorStore;
+use crate::serve::model::{RopeLayout, ServeConfig};
+
+/// An adapter to load: the name requests use and its PEFT directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSource {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl AdapterSource {
+    /// `name=dir`, as `--lora` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, dir) = text
+            .split_once('=')
+            .filter(|(name, dir)| !name.is_empty() && !dir.is_empty())
+            .ok_or_else(|| format!("--lora {text:?} is not NAME=DIR"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            dir: PathBuf::from(dir),
+        })
+    }
+}
+
+/// One adapted projection's update: `out += scale · B·(A·x)` per row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRank {
+    rank: usize,
+    input: usize,
+    output: usize,
+    /// `[rank, input]`.
+    a: Vec<f32>,
+    /// `[output, rank]`.
+    b: Vec<f32>,
+    scale: f32,
+}
+
+impl LowRank {
+    /// Adds the update of every row of `x` (`[rows, input]`) to the
+    /// matching row of `out`, each `stride` wide with the projection's
+    /// outputs at `offset` (q, k and v share one product's rows).
+    pub fn add_rows(&self, out: &mut [f32], stride: usize, offset: usize, x: &[f32]) {
+        let mut low = vec![0.0f32; self.rank];
+        for (x, out) in x.chunks_exact(self.input).zip(out.chunks_exact_mut(stride)) {
+            for (l, a) in low.iter_mut().zip(self.a.chunks_exact(self.input)) {
+                *l = self.scale * dot(a, x);
+            }
+            for (o, b) in out[offset..offset + self.output]
+                .iter_mut()
+                .zip(self.b.chunks_exact(self.rank))
+            {
+                *o += dot(b, &low);
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        (self.a.len() + self.b.len()) * size_of::<f32>()
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// The projections of one attention block an adapter changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockAdapter {
+    pub q: Option<LowRank>,
+    pub k: Option<LowRank>,
+    pub v: Option<LowRank>,
+    pub o: Option<LowRank>,
+}
+
+/// A loaded adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    pub name: String,
+    pub dir: PathBuf,
+    /// One per block of the model (blocks it leaves alone are empty).
+    pub blocks: Vec<BlockAdapter>,
+}
+
+impl Adapter {
+    /// Bytes of its matrices.
+    pub fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o])
+            .flatten()
+            .map(LowRank::bytes)
+            .sum()
+    }
+
+    /// The adapted modules, `"q_proj"`… in a fixed order, for the log.
+    pub fn modules(&self) -> Vec<&'static str> {
+        let mut seen = Vec::new();
+        for block in &self.blocks {
+            for (name, p) in PROJECTIONS
+                .iter()
+                .zip([&block.q, &block.k, &block.v, &block.o])
+            {
+                if p.is_some() && !seen.contains(name) {
+                    seen.push(*name);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// The modules served, in [`BlockAdapter`]'s order.
+const PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
+/// The fields of `adapter_config.json` serving reads; the ones that would
+/// change the arithmetic and are not implemented are refused by name.
+#[derive(Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    bias: Option<String>,
+    modules_to_save: Option<Value>,
+    #[serde(default)]
+    rank_pattern: BTreeMap<String, Value>,
+    #[serde(default)]
+    alpha_pattern: BTreeMap<String, Value>,
+}
+
+/// Loads every source for a model of `config`; the names must differ from
+/// each other and from `base` (the base model's name).
+pub fn load_all(
+    sources: &[AdapterSource],
+    base: &str,
+    config: &ServeConfig,
+) -> Result<Vec<Adapter>, String> {
+    let mut names = HashSet::from([base]);
+    for source in sources {
+        if !names.insert(&source.name) {
+            return Err(format!(
+                "adapter name {:?} is used twice (the base model is served as {base:?}); \
+                 requests tell models apart by name",
+                source.name
+            ));
+        }
+    }
+    sources.iter().map(|s| load(s, config)).collect()
+}
+
+/// Loads `source` for a model of `config`, refusing what it cannot serve
+/// exactly (naming the file, the field or the tensor).
+pub fn load(source: &AdapterSource, config: &ServeConfig) -> Result<Adapter, String> {
+    let dir = &source.dir;
+    let refuse =
+        |problem: String| format!("adapter {:?} ({}): {problem}", source.name, dir.display());
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read(&config_path)
+        .map_err(|e| refuse(format!("cannot read adapter_config.json: {e}")))?;
+    let peft: PeftConfig = serde_json::from_slice(&text).map_err(|e| {
+        refuse(format!(
+            "adapter_config.json is not a PEFT LoRA config: {e}"
+        ))
+    })?;
+    check_config(&peft).map_err(|p| refuse(format!("adapter_config.json: {p}")))?;
+    if config.latent.is_some() {
+        return Err(refuse(
+            "the model uses multi-head latent attention, whose projections adapters are not \
+             served on; serve the merged model instead"
+                .into(),
+        ));
+    }
+    let scale = if peft.use_rslora {
+        peft.lora_alpha / (peft.r as f64).sqrt()
+    } else {
+        peft.lora_alpha / peft.r as f64
+    } as f32;
+    let weights = dir.join("adapter_model.safetensors");
+    let mut store = TensorStore::read_single(&weights).map_err(|e| refuse(e.to_string()))?;
+    let mut blocks = vec![BlockAdapter::default(); config.layers];
+    let names: Vec<String> = store.left().into_iter().map(str::to_owned).collect();
+    for name in names.iter().filter(|n| n.ends_with(".lora_A.weight")) {
+        let module = name.strip_suffix(".lora_A.weight").expect("filtered");
+        let (layer, projection) = served_module(module, config.layers).ok_or_else(|| {
+            refuse(format!(
+                "tensor {name} adapts a module serving does not: only self_attn's q_proj, \
+                 k_proj, v_proj and o_proj of layers 0 to {} are served with adapters; serve \
+                 the merged model instead (moe-worker export writes it beside the adapter)",
+                config.layers.saturating_sub(1)
+            ))
+        })?;
+        let (input, output) = match projection {
+            0 => (config.hidden, config.q_width()),
+            1 | 2 => (config.hidden, config.kv_width()),
+            _ => (config.q_width(), config.hidden),
+        };
+        let r = peft.r;
+        let a = store
+            .take(name, &[r, input])
+            .map_err(|e| refuse(e.to_string()))?;
+        let b_name = format!("{module}.lora_B.weight");
+        let mut b = store
+            .take(&b_name, &[output, r])
+            .map_err(|e| refuse(e.to_string()))?;
+        // PEFT's B rows are in Hugging Face's RoPE layout (halves); the
+        // worker's own model rotates pairs, so q's and k's rows are
+        // reordered as its weights were when it was trained from one:
+        // P·(W₀ + s·B·A) = P·W₀ + s·(P·B)·A.
+        if config.rope_layout == RopeLayout::Interleaved && projection < 2 {
+            b = interleave_rope_rows(&b, output / config.head_dim, config.head_dim, r);
+        }
+        let low = LowRank {
+            rank: r,
+            input,
+            output,
+            a,
+            b,
+            scale,
+        };
+        let block = &mut blocks[layer];
+        *[&mut block.q, &mut block.k, &mut block.v, &mut block.o][projection] = Some(low);
+    }
+    if let Some(left) = store.left().into_iter().next() {
+        return Err(refuse(format!(
+            "tensor {left} is not the lora_B of a lora_A in the file (a LoRA adapter holds \
+             …lora_A.weight and …lora_B.weight of each module, nothing else)"
+        )));
+    }
+    let adapter = Adapter {
+        name: source.name.clone(),
+        dir: dir.clone(),
+        blocks,
+    };
+    if adapter.bytes() == 0 {
+        return Err(refuse(format!("{} holds no adapter", weights.display())));
+    }
+    Ok(adapter)
+}
+
+/// The config's fields that change what an adapter computes, refused when
+/// set to what is not implemented.
+fn check_config(peft: &PeftConfig) -> Result<(), String> {
+    let peft_type = peft.peft_type.as_deref().unwrap_or("LORA");
+    let refusal = if peft_type != "LORA" {
+        Some(format!(
+            "peft_type is {peft_type}; only LORA adapters are served"
+        ))
+    } else if peft.r == 0 {
+        Some("r is 0".to_owned())
+    } else if !peft.lora_alpha.is_finite() {
+        Some(format!("lora_alpha is {}", peft.lora_alpha))
+    } else if peft.use_dora {
+        Some("use_dora is true; DoRA adapters are not served".to_owned())
+    } else if peft.fan_in_fan_out {
+        Some("fan_in_fan_out is true (Conv1D layers, GPT-2's); not served".to_owned())
+    } else if peft.bias.as_deref().is_some_and(|b| b != "none") {
+        Some(format!(
+            "bias is {:?}; adapters that train biases are not served",
+            peft.bias.as_deref().unwrap_or_default()
+        ))
+    } else if peft
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        Some("modules_to_save is set; adapters carrying whole modules are not served".to_owned())
+    } else if !peft.rank_pattern.is_empty() || !peft.alpha_pattern.is_empty() {
+        Some(
+            "rank_pattern or alpha_pattern is set; per-module ranks and alphas are not served"
+                .to_owned(),
+        )
+    } else {
+        None
+    };
+    refusal.map_or(Ok(()), Err)
+}
+
+/// `[base_model.model.]model.layers.{i}.self_attn.{q,k,v,o}_proj`: the
+/// layer and the projection's index in [`PROJECTIONS`].
+fn served_module(module: &str, layers: usize) -> Option<(usize, usize)> {
+    let module = module.strip_prefix("base_model.model.").unwrap_or(module);
+    let rest = module.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok().filter(|&l| l < layers)?;
+    let projection = rest.strip_prefix("self_attn.")?;
+    let index = PROJECTIONS.iter().position(|p| *p == projection)?;
+    Some((layer, index))
+}
