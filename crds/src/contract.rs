@@ -198,4 +198,21 @@ pub struct ServingConfig {
     /// `spec.serving.prefixCaching` (absent in older configs: on).
     #[serde(default = "crate::inference::default_true")]
     pub prefix_caching: bool,
+    /// `spec.adapters`, each's PEFT directory as mounted (read-only), in
+    /// the spec's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<ServingAdapter>,
+}
+
+/// One adapter the server loads beside the model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingAdapter {
+    /// The model id requests name to use it.
+    pub name: String,
+    /// Its PEFT directory, as mounted.
+    pub dir: String,
+    /// Where it came from (`moetrainingjob/<name>/<uid>`, `pvc/<claim>/<path>`):
+    /// part of the config, so a new adapter at the same path rolls the pods.
+    pub revision: String,
 }

@@ -53,6 +53,10 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
         .message("metadata.name must be at most 40 characters: replica group StatefulSets <name>-g<group>-<incarnation> and their pods must fit DNS labels"),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
         .message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter): it names the Service"),
+    // The base model is served under the service's name.
+    validation = Rule::new("!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != self.metadata.name)")
+        .message("spec.adapters: an adapter cannot be named as the service, whose name requests use for the base model")
+        .field_path(".spec.adapters"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -72,6 +76,9 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName)")
         .message("placement.queueName is immutable: create a new service to serve from another queue")
         .field_path(".placement.queueName"),
+    validation = Rule::new("!has(self.adapters) || size(self.adapters) == 0 || (self.parallelism.expertParallel == 1 && self.worker.device == 'cpu')")
+        .message("adapters are served by one-process replicas on the CPU for now (parallelism.expertParallel 1, worker.device cpu): serve a merged model otherwise (a training job's export writes it beside its adapters)")
+        .field_path(".adapters"),
     validation = Rule::new("!has(self.parallelism.expertLoadBalancing) || self.worker.device == 'cpu'")
         .message("parallelism.expertLoadBalancing is not implemented on worker.device cuda yet: the GPU engine holds no expert copies")
         .field_path(".parallelism.expertLoadBalancing"),
@@ -94,6 +101,15 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
 pub struct MoEInferenceServiceSpec {
     /// Which weights to serve.
     pub model: ModelSource,
+    /// LoRA adapters served beside the model, each a model of its own
+    /// name: a request whose `model` names an adapter runs the base model
+    /// with the adapter's update, and one batch mixes requests for any of
+    /// them (`/v1/models` lists them with the base model as `parent`).
+    /// Names are unique: a list map keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub adapters: Vec<ServedAdapter>,
     /// Serving replicas; each is one complete copy of the model. The `/scale`
     /// subresource reads and writes it (kubectl scale, HPA, KEDA).
     #[serde(default = "one")]
@@ -248,6 +264,52 @@ pub struct ModelSource {
     /// server pod's init container before the server starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huggingface: Option<HuggingFaceModel>,
+}
+
+/// A LoRA adapter served beside the model. Exactly one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.fromTrainingJob) ? 1 : 0) + (has(self.volume) ? 1 : 0) == 1")
+    .message("each adapter needs exactly one source: fromTrainingJob or volume"))]
+pub struct ServedAdapter {
+    /// The model id requests name to use it (`"model": "<name>"`).
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub name: String,
+    /// The adapters a MoETrainingJob (same namespace) trained with
+    /// `training.lora` and exported with `output.huggingface`: served once
+    /// its export is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_training_job: Option<AdapterTrainingJob>,
+    /// A PEFT adapter directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`) on a PersistentVolumeClaim, mounted
+    /// read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<AdapterVolume>,
+}
+
+/// A training job whose export holds the adapters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterTrainingJob {
+    /// Name of the MoETrainingJob.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+}
+
+/// An adapter on a volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterVolume {
+    /// The claim holding the adapter.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// The adapter's directory inside the claim.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub path: String,
 }
 
 /// A Hugging Face Hub model: `config.json`, the tokenizer and the safetensors

@@ -16,7 +16,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use common::*;
-pub use contract::{CheckpointConfig, ServingConfig, TrainedWith, WorkerConfig};
+pub use contract::{CheckpointConfig, ServingAdapter, ServingConfig, TrainedWith, WorkerConfig};
 pub use inference::*;
 pub use training::*;
 

@@ -9,13 +9,12 @@ mod serve_support;
 
 use std::path::Path;
 
-use moe_worker::model::Model;
 use moe_worker::model::hf_export::halve_rope_rows;
+use moe_worker::model::{FeedForward, Model};
 use moe_worker::rng::SplitMix64;
 use moe_worker::serve::adapters::{self, Adapter, AdapterSource};
 use moe_worker::serve::engine::{Chunk, Engine, Logits};
 use moe_worker::serve::kv_cache::KvStore;
-use moe_worker::serve::model::ServeConfig;
 use moe_worker::serve::{ServeOptions, Server};
 use safetensors::{Dtype, tensor::TensorView};
 use serde_json::json;
@@ -38,14 +37,23 @@ struct Update {
 
 fn updates(model: &Model<f32>, seed: u64) -> Vec<Update> {
     let config = model.config();
-    let (h, qw, kv) = (config.hidden, config.q_width(), config.kv_width());
+    let (h, qw, kv, dh) = (
+        config.hidden,
+        config.q_width(),
+        config.kv_width(),
+        config.dense_hidden,
+    );
     let mut rng = SplitMix64::new(seed);
-    // Every projection of layer 0, and only v and o of layer 1.
+    // Every projection of layer 0 (dense: its MLP's too), and only v and
+    // o of layer 1 (a MoE layer).
     let chosen = [
         (0, "q_proj", qw, h),
         (0, "k_proj", kv, h),
         (0, "v_proj", kv, h),
         (0, "o_proj", h, qw),
+        (0, "gate_proj", dh, h),
+        (0, "up_proj", dh, h),
+        (0, "down_proj", h, dh),
         (1, "v_proj", kv, h),
         (1, "o_proj", h, qw),
     ];
@@ -67,11 +75,19 @@ fn merged(base: &Model<f32>, updates: &[Update], scale: f32) -> Model<f32> {
     let mut model = base.clone();
     for u in updates {
         let block = &mut model.weights.blocks[u.layer];
-        let w = match u.module {
-            "q_proj" => &mut block.wq,
-            "k_proj" => &mut block.wk,
-            "v_proj" => &mut block.wv,
-            _ => &mut block.wo,
+        let dense = match &mut block.ffn {
+            FeedForward::Dense(dense) => Some(dense),
+            FeedForward::Moe(_) => None,
+        };
+        let w = match (u.module, dense) {
+            ("q_proj", _) => &mut block.wq,
+            ("k_proj", _) => &mut block.wk,
+            ("v_proj", _) => &mut block.wv,
+            ("o_proj", _) => &mut block.wo,
+            ("gate_proj", Some(dense)) => &mut dense.w1,
+            ("up_proj", Some(dense)) => &mut dense.w3,
+            ("down_proj", Some(dense)) => &mut dense.w2,
+            _ => unreachable!("{} of layer {}", u.module, u.layer),
         };
         for i in 0..u.rows {
             for j in 0..u.cols {
@@ -96,8 +112,12 @@ fn write_peft(dir: &Path, updates: &[Update], head_dim: usize, alpha: f64, rslor
         } else {
             u.b.clone()
         };
+        let parent = match u.module {
+            "gate_proj" | "up_proj" | "down_proj" => "mlp",
+            _ => "self_attn",
+        };
         let module = format!(
-            "base_model.model.model.layers.{}.self_attn.{}",
+            "base_model.model.model.layers.{}.{parent}.{}",
             u.layer, u.module
         );
         for (part, shape, values) in [
@@ -127,13 +147,13 @@ fn write_peft(dir: &Path, updates: &[Update], head_dim: usize, alpha: f64, rslor
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
 }
 
-fn load(dir: &Path, name: &str, config: &ServeConfig) -> Result<Adapter, String> {
+fn load(dir: &Path, name: &str, engine: &Engine) -> Result<Adapter, String> {
     adapters::load(
         &AdapterSource {
             name: name.into(),
             dir: dir.to_path_buf(),
         },
-        config,
+        &engine.adapter_shape(),
     )
 }
 
@@ -197,8 +217,19 @@ fn an_adapter_served_beside_its_base_gives_the_merged_models_logits() {
         } as f32;
         let reference = Engine::new(merged(&base, &updates, scale));
         let plain = Engine::new(base.clone());
-        let adapter = load(&dir, name, plain.config()).expect("the adapter loads");
-        assert_eq!(adapter.modules(), ["q_proj", "k_proj", "v_proj", "o_proj"]);
+        let adapter = load(&dir, name, &plain).expect("the adapter loads");
+        assert_eq!(
+            adapter.modules(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj"
+            ]
+        );
         let served = Engine::new(base.clone()).with_adapters(vec![adapter]);
 
         let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 256).collect();
@@ -234,7 +265,7 @@ fn adapters_serving_cannot_compute_are_refused_naming_what() {
     let base = tiny_model(21);
     let head_dim = base.config().head_dim;
     let engine = Engine::new(base.clone());
-    let config = engine.config();
+    let shape = engine.adapter_shape();
     let tmp = TempDir::new("adapters-refused");
     let mut updates = updates(&base, 6);
 
@@ -260,25 +291,32 @@ fn adapters_serving_cannot_compute_are_refused_naming_what() {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &weights).unwrap();
-    let e = load(&dir, "mlp", config).unwrap_err();
+    let e = load(&dir, "mlp", &engine).unwrap_err();
     assert!(e.contains(gate) && e.contains("merged model"), "{e}");
 
     // A B without its A, a wrong rank, a layer the model lacks.
-    updates[5].layer = 7;
+    updates[8].layer = 7;
     let dir = tmp.0.join("layer");
     write_peft(&dir, &updates, head_dim, 8.0, false);
-    let e = load(&dir, "layer", config).unwrap_err();
+    let e = load(&dir, "layer", &engine).unwrap_err();
     assert!(e.contains("layers.7.self_attn.o_proj"), "{e}");
+    // A MoE layer's MLP projection names no module of the model.
+    updates[8].layer = 1;
+    updates[6].layer = 1;
+    let dir = tmp.0.join("moe-mlp");
+    write_peft(&dir, &updates, head_dim, 8.0, false);
+    let e = load(&dir, "moe-mlp", &engine).unwrap_err();
+    assert!(e.contains("layers.1.mlp.down_proj"), "{e}");
 
     // Config fields that change the arithmetic.
     let dir = tmp.0.join("config");
-    updates[5].layer = 1;
+    updates = self::updates(&base, 6);
     write_peft(&dir, &updates, head_dim, 8.0, false);
     let path = dir.join("adapter_config.json");
     let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     for (field, value, said) in [
         ("use_dora", json!(true), "use_dora"),
-        ("r", json!(8), "[8, 32]"),
+        ("r", json!(8), "the config implies [8, "),
         ("bias", json!("lora_only"), "bias"),
         ("modules_to_save", json!(["lm_head"]), "modules_to_save"),
         ("rank_pattern", json!({"q_proj": 2}), "rank_pattern"),
@@ -287,23 +325,23 @@ fn adapters_serving_cannot_compute_are_refused_naming_what() {
         let mut config_json = good.clone();
         config_json[field] = value;
         std::fs::write(&path, config_json.to_string()).unwrap();
-        let e = load(&dir, "config", config).unwrap_err();
+        let e = load(&dir, "config", &engine).unwrap_err();
         assert!(e.contains(said) && e.contains("\"config\""), "{field}: {e}");
     }
     std::fs::write(&path, good.to_string()).unwrap();
-    load(&dir, "config", config).expect("the restored config loads");
+    load(&dir, "config", &engine).expect("the restored config loads");
 
     // Names must tell the models apart.
     let source = |name: &str| AdapterSource {
         name: name.into(),
         dir: dir.clone(),
     };
-    let e = adapters::load_all(&[source("tiny")], "tiny", config).unwrap_err();
+    let e = adapters::load_all(&[source("tiny")], "tiny", &shape).unwrap_err();
     assert!(e.contains("used twice"), "{e}");
-    let e = adapters::load_all(&[source("a"), source("a")], "tiny", config).unwrap_err();
+    let e = adapters::load_all(&[source("a"), source("a")], "tiny", &shape).unwrap_err();
     assert!(e.contains("used twice"), "{e}");
     assert_eq!(
-        adapters::load_all(&[source("a"), source("b")], "tiny", config)
+        adapters::load_all(&[source("a"), source("b")], "tiny", &shape)
             .unwrap()
             .len(),
         2

@@ -1006,6 +1006,7 @@ fn launch_two_ranks_with(
         precision: ServingPrecision::Fp32,
         device: Device::Cpu,
         prefix_caching: true,
+        adapters: Vec::new(),
     };
     let path = model.join(format!("serving-{marker}.json"));
     std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
@@ -1319,6 +1320,7 @@ fn layouts_that_cannot_be_served_are_refused_before_any_rank_starts() {
         precision: ServingPrecision::Fp32,
         device: Device::Cpu,
         prefix_caching: true,
+        adapters: Vec::new(),
     })
     .unwrap();
     let path = dir.0.join("refused.json");

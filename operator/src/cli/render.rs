@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::gang::GangScheduling;
 use crate::inference::build as serving;
 use crate::inference::decide::{ModelState, resolve_model};
-use crate::inference::groups;
+use crate::inference::{adapters, groups};
 use crate::training::build::{self, BuildContext, Counters};
 
 /// Stands in for the uid the apiserver assigns, which owner references
@@ -124,8 +124,13 @@ pub fn render_inference(
                     job.checkpoint
                         .map_or("latest".to_string(), |s| format!("step-{s}"))
                 ),
+                adapters: Vec::new(),
             }
         }
+    };
+    let model = serving::ResolvedModel {
+        adapters: adapters::as_rendered(&svc),
+        ..model
     };
     let mut out = String::new();
     push_document(&mut out, &serving::config_map(&svc, &model))?;

@@ -35,7 +35,11 @@ use kube::{Resource, ResourceExt};
 use moe_crds::contract::{
     self, CONFIG_PATH, COORDINATOR_PORT, HEALTH_PATH, METRICS_PORT, READY_PATH, env,
 };
-use moe_crds::{MoEInferenceService, ModelFormat, ModelSpec, ServingConfig, TrainedWith};
+use moe_crds::{
+    MoEInferenceService, ModelFormat, ModelSpec, ServingAdapter, ServingConfig, TrainedWith,
+};
+
+use super::adapters::{self, ResolvedAdapter};
 
 use crate::gang::{self, Mechanism};
 pub use crate::hub::HUB_DIR;
@@ -80,6 +84,8 @@ pub struct ResolvedModel {
     /// Shown in `status.modelRevision` and stamped on the pod template, so a
     /// new model rolls the replicas.
     pub revision: String,
+    /// `spec.adapters`, resolved (`inference/adapters.rs`).
+    pub adapters: Vec<ResolvedAdapter>,
 }
 
 impl ResolvedModel {
@@ -190,6 +196,15 @@ pub fn serving_config(svc: &MoEInferenceService, model: &ResolvedModel) -> Servi
         precision: spec.serving.precision,
         device: spec.worker.device,
         prefix_caching: spec.serving.prefix_caching,
+        adapters: adapters::dirs(&model.adapters)
+            .into_iter()
+            .zip(&model.adapters)
+            .map(|((name, dir), a)| ServingAdapter {
+                name,
+                dir,
+                revision: a.revision.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -461,6 +476,10 @@ fn container(
             ]
             .into_iter()
             .flatten()
+            .chain(
+                (0..adapters::claims(&model.adapters).len())
+                    .map(|k| mount(&adapters::volume_name(k), &adapters::mount_path(k), true)),
+            )
             .collect(),
         ),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -564,6 +583,16 @@ fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
     if model.download.is_some() {
         volumes.push(empty_dir(PINNED_VOLUME, None, None));
     }
+    for (k, claim) in adapters::claims(&model.adapters).into_iter().enumerate() {
+        volumes.push(Volume {
+            name: adapters::volume_name(k),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.to_owned(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+    }
     volumes
 }
 
@@ -643,7 +672,7 @@ pub(crate) mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn model() -> ResolvedModel {
+    pub fn model() -> ResolvedModel {
         ResolvedModel {
             claim_name: Some("weights".into()),
             download: None,
@@ -652,6 +681,7 @@ pub(crate) mod tests {
             checkpoint_step: None,
             model: None,
             trained: None,
+            adapters: Vec::new(),
             revision: "pvc/weights/moe/9b".into(),
         }
     }

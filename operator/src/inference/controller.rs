@@ -27,10 +27,11 @@ use kube::{Client, Resource, ResourceExt};
 use moe_crds::{MoEInferenceService, MoETrainingJob};
 use tracing::{info, warn};
 
+use super::adapters;
 use super::build;
 use super::decide::{
     ContainerFailure, DeploymentState, Downloads, ModelState, Observed, Plan, decide, reason,
-    resolve_model,
+    resolve_model, with_adapters,
 };
 use super::groups::{self, GroupPlan, GroupState};
 use super::pool::{self, InferencePool};
@@ -164,11 +165,15 @@ pub async fn run(
                 .into_iter()
                 .filter(|s| {
                     s.namespace() == ns
-                        && s.spec
+                        && (s
+                            .spec
                             .model
                             .from_training_job
                             .as_ref()
                             .is_some_and(|f| f.name == name)
+                            || s.spec.adapters.iter().any(|a| {
+                                a.from_training_job.as_ref().is_some_and(|f| f.name == name)
+                            }))
                 })
                 .map(|s| ObjectRef::from_obj(s.as_ref()))
                 .collect::<Vec<_>>()
@@ -232,7 +237,12 @@ async fn reconcile_inner(svc: &MoEInferenceService, ctx: &Context) -> Result<Act
         .from_training_job
         .as_ref()
         .and_then(|f| ctx.training_jobs.get(&ObjectRef::new(&f.name).within(&ns)));
-    let model = resolve_model(svc, job.as_deref());
+    let model = with_adapters(
+        resolve_model(svc, job.as_deref()),
+        adapters::resolve(svc, |name| {
+            ctx.training_jobs.get(&ObjectRef::new(name).within(&ns))
+        }),
+    );
     let grouped = svc.spec.parallelism.pods_per_replica > 1;
     // A Hub model's pods say which commit they downloaded.
     let revision = match &model {

@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use moe_crds::condition::{AVAILABLE, DEGRADED, PROGRESSING, READY, RECONCILING, STALLED};
 use moe_crds::{MoEInferenceService, MoEInferenceServiceStatus, MoETrainingJob, TrainedWith};
 
+use super::adapters::ResolvedAdapter;
 use super::build::{self, ResolvedModel};
 use crate::reconcile::set_condition;
 use crate::training::checkpoints;
@@ -30,6 +31,8 @@ pub mod reason {
         MODEL_NOT_PERSISTED, TRAINING_JOB_FAILED, TRAINING_JOB_NOT_FOUND, WAITING_FOR_TRAINING_JOB,
     };
     pub const MODEL_INCOMPATIBLE: &str = "ModelIncompatible";
+    /// A training job's export, which `spec.adapters` serves from, failed.
+    pub const ADAPTER_EXPORT_FAILED: &str = "AdapterExportFailed";
     pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const GROUP_RESTART_LIMIT: &str = "GroupRestartLimit";
@@ -57,6 +60,22 @@ pub enum ModelState {
     },
 }
 
+/// `model` with the service's resolved `adapters` (`inference/adapters.rs`):
+/// ready only when both are, else the model's reason first.
+pub fn with_adapters(
+    model: ModelState,
+    adapters: Result<Vec<ResolvedAdapter>, ModelState>,
+) -> ModelState {
+    match (model, adapters) {
+        (ModelState::Ready(mut model), Ok(adapters)) => {
+            model.adapters = adapters;
+            ModelState::Ready(model)
+        }
+        (ModelState::Ready(_), Err(state)) => state,
+        (state, _) => state,
+    }
+}
+
 /// The model of `svc`, given the training job it names (if it names one and it exists).
 pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) -> ModelState {
     let source = &svc.spec.model;
@@ -78,6 +97,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             checkpoint_step: None,
             model: None,
             trained: None,
+            adapters: Vec::new(),
         }));
     }
     if let Some(hub) = &source.huggingface {
@@ -89,6 +109,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             checkpoint_step: None,
             model: None,
             trained: None,
+            adapters: Vec::new(),
             revision: format!("huggingface/{}@{}", hub.repo, hub.revision),
         }));
     }
@@ -179,6 +200,7 @@ pub fn resolve_model(svc: &MoEInferenceService, job: Option<&MoETrainingJob>) ->
             precision: job.spec.training.precision.clone(),
         }),
         revision: format!("moetrainingjob/{}/{short_uid}@step-{step}", from.name),
+        adapters: Vec::new(),
     }))
 }
 

@@ -567,6 +567,7 @@ mod tests {
             checkpoint_step: None,
             model: None,
             trained: None,
+            adapters: Vec::new(),
             revision: "pvc/w/".into(),
         }
     }

@@ -1,6 +1,7 @@
 //! MoEInferenceService: builders, decisions and the controller, on the
 //! machinery shared with training ([`crate::reconcile`], [`crate::pods`]).
 
+pub mod adapters;
 pub mod build;
 pub mod controller;
 pub mod decide;

@@ -14,8 +14,11 @@
 //!
 //! Served: the attention projections (`q_proj`, `k_proj`, `v_proj`,
 //! `o_proj`) of grouped-query attention, the default targets of
-//! `training.lora` and of PEFT. An adapter of any other module is refused
-//! at startup naming the tensor; its merged model (which the export writes
+//! `training.lora` and of PEFT, and the MLP projections (`gate_proj`,
+//! `up_proj`, `down_proj`) of dense layers: every module a training job's
+//! export holds adapters of, unless it trained the routed experts' too. An
+//! adapter of any other module (a routed or shared expert's) is refused at
+//! startup naming the tensor; its merged model (which the export writes
 //! beside the adapter) serves it.
 
 use std::collections::{BTreeMap, HashSet};
@@ -90,13 +93,46 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
-/// The projections of one attention block an adapter changes.
+/// The projections of one block an adapter changes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BlockAdapter {
     pub q: Option<LowRank>,
     pub k: Option<LowRank>,
     pub v: Option<LowRank>,
     pub o: Option<LowRank>,
+    /// A dense layer's MLP.
+    pub gate: Option<LowRank>,
+    pub up: Option<LowRank>,
+    pub down: Option<LowRank>,
+}
+
+impl BlockAdapter {
+    /// In [`PROJECTIONS`]' order.
+    fn projections(&self) -> [&Option<LowRank>; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn projection_mut(&mut self, index: usize) -> &mut Option<LowRank> {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ][index]
+    }
+}
+
+/// What adapters are loaded for: the model's config, and each block's
+/// dense MLP width (`None`: a MoE layer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterShape {
+    pub config: ServeConfig,
+    pub dense: Vec<Option<usize>>,
 }
 
 /// A loaded adapter.
@@ -113,31 +149,34 @@ impl Adapter {
     pub fn bytes(&self) -> usize {
         self.blocks
             .iter()
-            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o])
+            .flat_map(BlockAdapter::projections)
             .flatten()
             .map(LowRank::bytes)
             .sum()
     }
 
-    /// The adapted modules, `"q_proj"`… in a fixed order, for the log.
+    /// The adapted modules, `"q_proj"`… in [`PROJECTIONS`]' order, for the log.
     pub fn modules(&self) -> Vec<&'static str> {
-        let mut seen = Vec::new();
-        for block in &self.blocks {
-            for (name, p) in PROJECTIONS
-                .iter()
-                .zip([&block.q, &block.k, &block.v, &block.o])
-            {
-                if p.is_some() && !seen.contains(name) {
-                    seen.push(*name);
-                }
-            }
-        }
-        seen
+        PROJECTIONS
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.blocks.iter().any(|b| b.projections()[i].is_some()))
+            .map(|(_, name)| *name)
+            .collect()
     }
 }
 
-/// The modules served, in [`BlockAdapter`]'s order.
-const PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+/// The modules served, in [`BlockAdapter::projections`]' order: attention's
+/// (under `self_attn.`), then a dense MLP's (under `mlp.`).
+const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// The fields of `adapter_config.json` serving reads; the ones that would
 /// change the arithmetic and are not implemented are refused by name.
@@ -160,12 +199,12 @@ struct PeftConfig {
     alpha_pattern: BTreeMap<String, Value>,
 }
 
-/// Loads every source for a model of `config`; the names must differ from
+/// Loads every source for a model of `shape`; the names must differ from
 /// each other and from `base` (the base model's name).
 pub fn load_all(
     sources: &[AdapterSource],
     base: &str,
-    config: &ServeConfig,
+    shape: &AdapterShape,
 ) -> Result<Vec<Adapter>, String> {
     let mut names = HashSet::from([base]);
     for source in sources {
@@ -177,12 +216,13 @@ pub fn load_all(
             ));
         }
     }
-    sources.iter().map(|s| load(s, config)).collect()
+    sources.iter().map(|s| load(s, shape)).collect()
 }
 
-/// Loads `source` for a model of `config`, refusing what it cannot serve
+/// Loads `source` for a model of `shape`, refusing what it cannot serve
 /// exactly (naming the file, the field or the tensor).
-pub fn load(source: &AdapterSource, config: &ServeConfig) -> Result<Adapter, String> {
+pub fn load(source: &AdapterSource, shape: &AdapterShape) -> Result<Adapter, String> {
+    let config = &shape.config;
     let dir = &source.dir;
     let refuse =
         |problem: String| format!("adapter {:?} ({}): {problem}", source.name, dir.display());
@@ -213,19 +253,30 @@ pub fn load(source: &AdapterSource, config: &ServeConfig) -> Result<Adapter, Str
     let names: Vec<String> = store.left().into_iter().map(str::to_owned).collect();
     for name in names.iter().filter(|n| n.ends_with(".lora_A.weight")) {
         let module = name.strip_suffix(".lora_A.weight").expect("filtered");
-        let (layer, projection) = served_module(module, config.layers).ok_or_else(|| {
+        let served = served_module(module, config.layers).and_then(|(layer, projection)| {
+            let dense = shape.dense.get(layer).copied().flatten();
+            let (h, qw, kv) = (config.hidden, config.q_width(), config.kv_width());
+            let (input, output) = match (projection, dense) {
+                (0, _) => (h, qw),
+                (1 | 2, _) => (h, kv),
+                (3, _) => (qw, h),
+                (4 | 5, Some(width)) => (h, width),
+                (6, Some(width)) => (width, h),
+                // An MLP projection of a MoE layer names no module.
+                _ => return None,
+            };
+            Some((layer, projection, input, output))
+        });
+        let (layer, projection, input, output) = served.ok_or_else(|| {
             refuse(format!(
-                "tensor {name} adapts a module serving does not: only self_attn's q_proj, \
-                 k_proj, v_proj and o_proj of layers 0 to {} are served with adapters; serve \
-                 the merged model instead (moe-worker export writes it beside the adapter)",
+                "tensor {name} adapts a module serving does not: adapters are served on \
+                 self_attn's q_proj, k_proj, v_proj and o_proj of layers 0 to {}, and on the \
+                 gate_proj, up_proj and down_proj of dense layers' mlp (not of experts); \
+                 serve the merged model instead (moe-worker export writes it beside the \
+                 adapter)",
                 config.layers.saturating_sub(1)
             ))
         })?;
-        let (input, output) = match projection {
-            0 => (config.hidden, config.q_width()),
-            1 | 2 => (config.hidden, config.kv_width()),
-            _ => (config.q_width(), config.hidden),
-        };
         let r = peft.r;
         let a = store
             .take(name, &[r, input])
@@ -249,8 +300,7 @@ pub fn load(source: &AdapterSource, config: &ServeConfig) -> Result<Adapter, Str
             b,
             scale,
         };
-        let block = &mut blocks[layer];
-        *[&mut block.q, &mut block.k, &mut block.v, &mut block.o][projection] = Some(low);
+        *blocks[layer].projection_mut(projection) = Some(low);
     }
     if let Some(left) = store.left().into_iter().next() {
         return Err(refuse(format!(
@@ -307,14 +357,15 @@ fn check_config(peft: &PeftConfig) -> Result<(), String> {
     refusal.map_or(Ok(()), Err)
 }
 
-/// `[base_model.model.]model.layers.{i}.self_attn.{q,k,v,o}_proj`: the
-/// layer and the projection's index in [`PROJECTIONS`].
+/// `[base_model.model.]model.layers.{i}.self_attn.{q,k,v,o}_proj` or
+/// `….mlp.{gate,up,down}_proj`: the layer and the projection's index in
+/// [`PROJECTIONS`].
 fn served_module(module: &str, layers: usize) -> Option<(usize, usize)> {
     let module = module.strip_prefix("base_model.model.").unwrap_or(module);
     let rest = module.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok().filter(|&l| l < layers)?;
-    let projection = rest.strip_prefix("self_attn.")?;
+    let (parent, projection) = rest.split_once('.')?;
     let index = PROJECTIONS.iter().position(|p| *p == projection)?;
-    Some((layer, index))
+    (parent == if index < 4 { "self_attn" } else { "mlp" }).then_some((layer, index))
 }

@@ -20,7 +20,7 @@ use crate::moe::placement::ExpertPlacement;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
-use crate::serve::adapters::{Adapter, BlockAdapter, LowRank};
+use crate::serve::adapters::{Adapter, AdapterShape, BlockAdapter, LowRank};
 use crate::serve::expert_parallel;
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::latent::LatentAttention;
@@ -209,10 +209,26 @@ impl Engine {
     }
 
     /// Serves `adapters` beside the base model: a chunk naming adapter `i`
-    /// runs with `adapters[i]`'s updates (loaded for this model's config).
+    /// runs with `adapters[i]`'s updates (loaded for [`Self::adapter_shape`]).
     pub fn with_adapters(mut self, adapters: Vec<Adapter>) -> Self {
         self.adapters = adapters;
         self
+    }
+
+    /// What adapters for this model are loaded for.
+    pub fn adapter_shape(&self) -> AdapterShape {
+        AdapterShape {
+            config: self.config.clone(),
+            dense: self
+                .layers
+                .blocks
+                .iter()
+                .map(|b| match &b.ffn {
+                    Ffn::Dense(mlp) => Some(mlp.width()),
+                    Ffn::Moe(_) => None,
+                })
+                .collect(),
+        }
     }
 
     /// Stores the linear layers' weights at `precision` (see
@@ -399,6 +415,15 @@ impl Engine {
         let mut normed = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
         for (layer, block) in self.layers.blocks.iter().enumerate() {
+            // Each row's adapter of this block; empty when no chunk has one.
+            let row_adapters: Vec<Option<&BlockAdapter>> =
+                if chunks.iter().any(|c| c.adapter.is_some()) {
+                    rows.iter()
+                        .map(|&(c, _)| chunks[c].adapter.map(|a| &self.adapters[a].blocks[layer]))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
             // Attention: x + Wo attention(rope(Wq n), rope(Wk n), Wv n).
             rmsnorm::forward(&mut normed, &mut rstd, &x, &block.attention_norm, eps);
             // Every row's keys and values are cached by the attention;
@@ -418,6 +443,11 @@ impl Engine {
                 out_rows: &out_rows,
                 chunks,
                 layer,
+                adapters: &row_adapters,
+            };
+            let out_adapters: Vec<Option<&BlockAdapter>> = match row_adapters.is_empty() {
+                true => Vec::new(),
+                false => out_rows.iter().map(|&r| row_adapters[r]).collect(),
             };
             let attention = match &block.latent {
                 None => self.grouped_attention(block, &normed, cache, &at),
@@ -425,9 +455,8 @@ impl Engine {
             };
             let mut mid = vec![0.0; m * h];
             block.wo.forward(&mut mid, &attention);
-            self.adapt(
-                &at,
-                &out_rows,
+            add_updates(
+                &out_adapters,
                 &attention,
                 &mut mid,
                 &[(|b| b.o.as_ref(), 0)],
@@ -447,7 +476,7 @@ impl Engine {
             let mut out = match &block.ffn {
                 Ffn::Dense(mlp) => {
                     let mut out = vec![0.0; m * h];
-                    mlp.forward(&mut out, &normed);
+                    mlp.forward_adapted(&mut out, &normed, &out_adapters);
                     out
                 }
                 Ffn::Moe(moe) => match ep {
@@ -507,10 +536,8 @@ impl Engine {
         // One product for q, k and v: row r is [q | k | v].
         let mut qkv = vec![0.0; n * qkv_width];
         block.qkv.forward(&mut qkv, normed);
-        let every_row: Vec<usize> = (0..n).collect();
-        self.adapt(
-            at,
-            &every_row,
+        add_updates(
+            at.adapters,
             normed,
             &mut qkv,
             &[
@@ -608,35 +635,6 @@ impl Engine {
         latent.expand(&contexts)
     }
 
-    /// Adds to row `i` of `out` the updates that the adapter of step row
-    /// `rows[i]` (its chunk's, if any) makes to this layer's `projections`
-    /// of row `i` of `x`, each at its offset in `out`'s row.
-    fn adapt(
-        &self,
-        at: &Rows<'_>,
-        rows: &[usize],
-        x: &[f32],
-        out: &mut [f32],
-        projections: &[(Projection, usize)],
-    ) {
-        if rows.is_empty() || at.chunks.iter().all(|c| c.adapter.is_none()) {
-            return;
-        }
-        let (width, stride) = (x.len() / rows.len(), out.len() / rows.len());
-        for (i, &r) in rows.iter().enumerate() {
-            let Some(adapter) = at.chunks[at.rows[r].0].adapter else {
-                continue;
-            };
-            let block = &self.adapters[adapter].blocks[at.layer];
-            for &(pick, offset) in projections {
-                if let Some(low) = pick(block) {
-                    let out = &mut out[i * stride..(i + 1) * stride];
-                    low.add_rows(out, stride, offset, &x[i * width..(i + 1) * width]);
-                }
-            }
-        }
-    }
-
     fn check(&self, cache: &KvStore, chunks: &[Chunk<'_>]) -> Result<(), StepError> {
         let (context, vocab) = (self.context(), self.config().vocab);
         check_chunks(
@@ -674,6 +672,30 @@ impl Engine {
 /// One projection of an adapter's block.
 type Projection = fn(&BlockAdapter) -> Option<&LowRank>;
 
+/// Adds to row `i` of `out` the updates that row `i`'s adapter (if any)
+/// makes to its `projections` of row `i` of `x`, each at its offset in
+/// `out`'s row. `adapters` empty: no row has one.
+fn add_updates(
+    adapters: &[Option<&BlockAdapter>],
+    x: &[f32],
+    out: &mut [f32],
+    projections: &[(Projection, usize)],
+) {
+    if adapters.is_empty() {
+        return;
+    }
+    let (width, stride) = (x.len() / adapters.len(), out.len() / adapters.len());
+    for (i, block) in adapters.iter().enumerate() {
+        let Some(block) = block else { continue };
+        for &(pick, offset) in projections {
+            if let Some(low) = pick(block) {
+                let out = &mut out[i * stride..(i + 1) * stride];
+                low.add_rows(out, stride, offset, &x[i * width..(i + 1) * width]);
+            }
+        }
+    }
+}
+
 /// Where one layer's rows stand in a step.
 struct Rows<'a> {
     /// Each row's chunk and position.
@@ -682,6 +704,8 @@ struct Rows<'a> {
     out_rows: &'a [usize],
     chunks: &'a [Chunk<'a>],
     layer: usize,
+    /// Each row's adapter of this block (empty: none has one).
+    adapters: &'a [Option<&'a BlockAdapter>],
 }
 
 impl Rows<'_> {

@@ -18,6 +18,7 @@ use crate::moe::placement::ExpertPlacement;
 use crate::moe::routing::{self, Routing};
 use crate::ops::packed_linear::{PackedLinear, WeightPrecision};
 use crate::ops::swiglu;
+use crate::serve::adapters::BlockAdapter;
 use crate::serve::latent::LatentAttention;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
 
@@ -340,16 +341,52 @@ impl PackedMlp {
 
     /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`.
     pub fn forward(&self, out: &mut [f32], x: &[f32]) {
+        self.forward_adapted(out, x, &[]);
+    }
+
+    /// [`Self::forward`] with row `i`'s adapter (`adapters[i]`, if any; none
+    /// when empty) adding its updates to the row's gate, up and down
+    /// projections (`serve/adapters.rs`).
+    pub fn forward_adapted(&self, out: &mut [f32], x: &[f32], adapters: &[Option<&BlockAdapter>]) {
         let w = self.width;
-        let rows = x.len() / self.w13.in_dim();
+        let hidden = self.w13.in_dim();
+        let rows = x.len() / hidden;
         let mut ab = vec![0.0; rows * 2 * w];
         self.w13.forward(&mut ab, x);
+        let adapted = || {
+            adapters
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.map(|a| (i, a)))
+        };
+        for (i, a) in adapted() {
+            let (ab, x) = (
+                &mut ab[i * 2 * w..(i + 1) * 2 * w],
+                &x[i * hidden..(i + 1) * hidden],
+            );
+            for (low, offset) in [(&a.gate, 0), (&a.up, w)] {
+                if let Some(low) = low {
+                    low.add_rows(ab, 2 * w, offset, x);
+                }
+            }
+        }
         let mut h = vec![0.0; rows * w];
         for (h, ab) in h.chunks_exact_mut(w).zip(ab.chunks_exact(2 * w)) {
             let (a, b) = ab.split_at(w);
             swiglu::forward_f32(h, a, b);
         }
         self.w2.forward(out, &h);
+        for (i, a) in adapted() {
+            if let Some(down) = &a.down {
+                let out = &mut out[i * hidden..(i + 1) * hidden];
+                down.add_rows(out, hidden, 0, &h[i * w..(i + 1) * w]);
+            }
+        }
+    }
+
+    /// Its hidden width (the gate's and up projection's outputs).
+    pub fn width(&self) -> usize {
+        self.width
     }
 }
 

@@ -315,17 +315,6 @@ pub fn start_engine(
         ..
     } = loaded;
     let model = model.into_serve_model();
-    let adapters = adapters::load_all(&options.adapters, &options.served_name(), &model.config)
-        .map_err(ServeError::Options)?;
-    for adapter in &adapters {
-        tracing::info!(
-            adapter = %adapter.name,
-            dir = %adapter.dir.display(),
-            modules = ?adapter.modules(),
-            kib = adapter.bytes() >> 10,
-            "adapter loaded"
-        );
-    }
     #[cfg(feature = "cuda")]
     let model = if options.device == Device::Cuda {
         match gpu::place(model, options)? {
@@ -350,7 +339,23 @@ pub fn start_engine(
     } else {
         model
     };
-    let engine = Engine::serve(model)
+    let engine = Engine::serve(model);
+    let adapters = adapters::load_all(
+        &options.adapters,
+        &options.served_name(),
+        &engine.adapter_shape(),
+    )
+    .map_err(ServeError::Options)?;
+    for adapter in &adapters {
+        tracing::info!(
+            adapter = %adapter.name,
+            dir = %adapter.dir.display(),
+            modules = ?adapter.modules(),
+            kib = adapter.bytes() >> 10,
+            "adapter loaded"
+        );
+    }
+    let engine = engine
         .with_adapters(adapters)
         .with_weights(options.weights)
         .with_threads(options.threads)

@@ -170,10 +170,17 @@ pub fn resolve(
         )? as u64),
         prefix_caching: !flags.no_prefix_caching && config.is_none_or(|c| c.prefix_caching),
         device,
-        adapters: flags
-            .lora
+        // The service's adapters, then those of the command line.
+        adapters: config
             .iter()
-            .map(|text| AdapterSource::parse(text))
+            .flat_map(|c| &c.adapters)
+            .map(|a| {
+                Ok(AdapterSource {
+                    name: a.name.clone(),
+                    dir: PathBuf::from(&a.dir),
+                })
+            })
+            .chain(flags.lora.iter().map(|text| AdapterSource::parse(text)))
             .collect::<Result<_, _>>()
             .map_err(ServeError::Options)?,
     };
@@ -241,7 +248,47 @@ mod tests {
             precision: ServingPrecision::Fp32,
             device: Device::Cpu,
             prefix_caching: true,
+            adapters: vec![moe_crds::ServingAdapter {
+                name: "chat-sql".into(),
+                dir: "/adapters/0/exports/serve/tune/adapter".into(),
+                revision: "moetrainingjob/tune/0a1b2c3d".into(),
+            }],
         }
+    }
+
+    #[test]
+    fn adapters_come_from_the_config_then_the_command_line() {
+        let flags = Flags {
+            lora: vec!["chat-math=/tmp/math".into()],
+            ..Flags::default()
+        };
+        let (o, _) = resolve(Some(&config()), flags).unwrap();
+        assert_eq!(
+            o.adapters,
+            [
+                AdapterSource {
+                    name: "chat-sql".into(),
+                    dir: "/adapters/0/exports/serve/tune/adapter".into(),
+                },
+                AdapterSource {
+                    name: "chat-math".into(),
+                    dir: "/tmp/math".into(),
+                },
+            ]
+        );
+        let flags = Flags {
+            lora: vec!["/tmp/math".into()],
+            ..Flags::default()
+        };
+        let e = resolve(
+            None,
+            Flags {
+                model: Some("m".into()),
+                ..flags
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("NAME=DIR"), "{e}");
     }
 
     #[test]
