@@ -141,6 +141,25 @@ impl Kubelet {
         })
     }
 
+    /// Starts `command` (`moe-worker serve …`, a container that keeps
+    /// running) with only `env`; it is killed when the returned handle is
+    /// dropped.
+    pub fn start(&self, command: &[String], env: &[(String, String)]) -> Result<Running> {
+        ensure!(
+            command.first().map(String::as_str) == Some("moe-worker"),
+            "{command:?}"
+        );
+        let child = std::process::Command::new(crate::operator::worker_binary()?)
+            .args(&command[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("MOE_TERMINATION_LOG", self.path("termination-log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.path("stderr"))?)
+            .spawn()?;
+        Ok(Running(child))
+    }
+
     /// Tells KWOK how the `kind` (`init`, `crash`, `failed`, `succeeded`)
     /// container of `pod` ended.
     pub async fn report(
@@ -158,6 +177,16 @@ impl Kubelet {
         pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         Ok(())
+    }
+}
+
+/// A container [`Kubelet::start`] started: killed when dropped.
+pub struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

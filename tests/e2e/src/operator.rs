@@ -262,6 +262,14 @@ impl Drop for Operator {
 
 /// A minimal HTTP/1.0 GET on loopback (enough for /readyz and /metrics).
 async fn http_get(url: &str) -> Result<String> {
+    let (status, body) = http_request("GET", url, None).await?;
+    ensure!(status == 200, "{url}: status {status}: {body}");
+    Ok(body)
+}
+
+/// A minimal HTTP/1.0 request on loopback, `body` sent as JSON: the
+/// status and the body of the response.
+pub async fn http_request(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").context("http only")?;
     let (host, path) = rest
@@ -269,19 +277,32 @@ async fn http_get(url: &str) -> Result<String> {
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
     let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let content = body.map_or(String::new(), |b| {
+        format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            b.len()
+        )
+    });
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.0\r\nHost: {host}\r\n{content}\r\n{}",
+                body.unwrap_or_default()
+            )
+            .as_bytes(),
+        )
         .await?;
     let mut buf = String::new();
     stream.read_to_string(&mut buf).await?;
     let (head, body) = buf
         .split_once("\r\n\r\n")
         .context("malformed HTTP response")?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "{url}: {head}"
-    );
-    Ok(body.to_string())
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{url}: no status in {head:?}"))?;
+    Ok((status, body.to_string()))
 }
 
 /// Whether the operator's ServiceAccount may `verb` `resource` in every

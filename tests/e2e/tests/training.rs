@@ -2322,6 +2322,200 @@ async fn exports_for_hugging_face(namespace: &str, training: serde_json::Value) 
     ns.delete().await
 }
 
+/// `spec.adapters` end to end: a LoRA job fine-tunes the repository's tiny
+/// Qwen3-MoE (`model.initFrom.volume`) and exports its adapters; a service
+/// serving that model with the job's adapters waits for the export, then
+/// its pod mounts the export's claim read-only and its config names the
+/// adapter's directory. The test plays the kubelet for the training, the
+/// export and the server: the real `moe-worker serve`, with the pod's
+/// command and the config the operator rendered, its claims here, lists
+/// the adapter beside the model and answers a completion in its name.
+/// (That the adapter's arithmetic is the merged model's is
+/// worker/tests/serve_adapters.rs's to show.)
+#[tokio::test]
+async fn a_lora_jobs_adapters_are_served_beside_its_base_model() -> Result<()> {
+    use moe_crds::MoEInferenceService;
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mtj-adapters").await?;
+    let _op = Operator::start(&ns.name).await?;
+    for claim in ["ckpt", "models", "base"] {
+        bound_claim(&ns.name, claim).await?;
+    }
+    let kubelet = Kubelet::new(&ns.name)?;
+    let here = |arg: &str| on_claims_here(&kubelet, arg);
+    // The base model on its claim.
+    let fixture = moe_e2e::operator::repo_root().join("worker/tests/fixtures/hf/qwen3_moe");
+    let base = kubelet.path("base").join("qwen3");
+    std::fs::create_dir_all(&base)?;
+    for file in std::fs::read_dir(&fixture)? {
+        let file = file?;
+        std::fs::copy(file.path(), base.join(file.file_name()))?;
+    }
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // tiny-lora.yaml's model, shorter.
+    let job = gpu_job(
+        "tune",
+        1,
+        json!({"spec": {
+            "model": {"vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
+                      "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
+                      "qkNorm": "perHead", "normEpsilon": 1.0e-6, "seqLen": 32, "ropeTheta": 1000000,
+                      "moe": {"experts": 8, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
+                              "router": "softmax", "normalizeTopK": true,
+                              "balancing": {"auxLossFree": {"enabled": false}}},
+                      "initFrom": {"volume": {"claimName": "base", "path": "qwen3"}}},
+            "training": {"steps": 2, "globalBatchSize": 2, "microBatchSize": 2,
+                         "lora": {"targets": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}},
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "checkpoint": {"claimName": "ckpt", "path": "runs"},
+            "output": {"huggingface": {"claimName": "models", "path": "exports"}},
+            "worker": {"device": "cpu"},
+            "runPolicy": {"backoffLimit": 0}
+        }}),
+    );
+    jobs.create(&PostParams::default(), &job).await?;
+    let service: MoEInferenceService = serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "model": {"volume": {"claimName": "base", "path": "qwen3", "format": "huggingface"}},
+            "adapters": [{"name": "chat-tuned", "fromTrainingJob": {"name": "tune"}}],
+            "serving": {"precision": "fp32", "startupTimeoutSeconds": 120},
+            "worker": {"device": "cpu"}
+        }
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    // Until the job has exported, the service waits, naming it.
+    eventually("the service to wait for the job", WAIT, || async {
+        let s = services.get("chat").await?;
+        let conditions = s.status.map(|s| s.conditions).unwrap_or_default();
+        Ok(conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .filter(|c| c.reason == "WaitingForTrainingJob" && c.message.contains("tune"))
+            .cloned())
+    })
+    .await?;
+
+    // The job's worker, then its export, played here.
+    let pod = eventually("the worker pod", WAIT, || async {
+        Ok(pods_of(&pods, "tune", 0).await?.into_iter().next())
+    })
+    .await?;
+    let mut config = rendered_config(&client, &ns.name, "tune").await?;
+    for pointer in ["/outputDir", "/checkpoint/dir", "/initDir"] {
+        let path = config
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let moved = here(path);
+        *config.pointer_mut(pointer).context(pointer)? = json!(moved);
+    }
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(trained.code == 0, "train: {}", trained.message);
+    moe_e2e::release_job(&pods, "tune").await?;
+    wait_phase(&jobs, "tune", TrainingPhase::Succeeded).await?;
+    let export = running_export_pod(&pods, "tune").await?;
+    let exported = kubelet.run_for_output(&export_command_here(&kubelet, &export)?, &[])?;
+    ensure!(exported.code == 0, "export: {}", exported.message);
+    moe_e2e::release_job(&pods, "tune").await?;
+
+    // Then the service's pod mounts the export, read-only.
+    let server = eventually("the server pod", WAIT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("moe.dev/service-name=chat"))
+            .await?;
+        Ok(list.items.into_iter().next())
+    })
+    .await?;
+    let spec = server.spec.as_ref().context("no spec")?;
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "adapters-0")
+        .and_then(|v| v.persistent_volume_claim.as_ref())
+        .context("no adapters-0 volume")?;
+    ensure!(
+        volume.claim_name == "models" && volume.read_only == Some(true),
+        "{volume:?}"
+    );
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("chat-config")
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    let adapter_dir = format!("/adapters/0/exports/{}/tune/adapter", ns.name);
+    ensure!(
+        config["adapters"][0]["name"] == "chat-tuned"
+            && config["adapters"][0]["dir"] == adapter_dir,
+        "{config}"
+    );
+    // The server, its claims here.
+    config["modelDir"] = json!(kubelet.path("base").join("qwen3"));
+    config["adapters"][0]["dir"] = json!(
+        kubelet
+            .path("models")
+            .join(format!("exports/{}/tune/adapter", ns.name))
+    );
+    let config_path = kubelet.path("server.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (mut command, env) = Kubelet::main_container(&server, &config_path)?;
+    ensure!(command[..2] == ["moe-worker", "serve"], "{command:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    command.extend(["--host", "127.0.0.1", "--port", &port.to_string()].map(String::from));
+    let _running = kubelet.start(&command, &env)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let models = eventually("the server to list its models", WAIT, || async {
+        Ok(
+            match moe_e2e::operator::http_request("GET", &format!("{url}/v1/models"), None).await {
+                Ok((200, body)) => Some(serde_json::from_str::<Value>(&body)?),
+                _ => None,
+            },
+        )
+    })
+    .await?;
+    let listed: Vec<(&str, &str)> = models["data"]
+        .as_array()
+        .context("no data")?
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default(),
+                m["parent"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    ensure!(listed == [("chat", ""), ("chat-tuned", "chat")], "{models}");
+    let body = json!({"model": "chat-tuned", "prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let (status, reply) = moe_e2e::operator::http_request(
+        "POST",
+        &format!("{url}/v1/completions"),
+        Some(&body.to_string()),
+    )
+    .await?;
+    let reply: Value = serde_json::from_str(&reply)?;
+    ensure!(
+        status == 200 && reply["model"] == "chat-tuned" && reply["usage"]["completion_tokens"] == 4,
+        "{status}: {reply}"
+    );
+    ns.delete().await
+}
+
 /// A run that `training.evaluation.patience` stops early, end to end. The
 /// test plays the kubelet for the worker pod: the real `moe-worker train`
 /// with the config the operator rendered (at a zero learning rate the
@@ -2655,9 +2849,14 @@ async fn running_export_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
 
 /// A path in a training or export pod moved onto `kubelet`'s scratch: the
 /// checkpoint claim (mounted at /var/lib/moe) at `ckpt/`, the output claim
-/// (/output) at `models/`.
+/// (/output) at `models/`, the claim of `model.initFrom.volume` (/init) at
+/// `base/`.
 fn on_claims_here(kubelet: &Kubelet, arg: &str) -> String {
-    for (mount, scratch) in [("/var/lib/moe", "ckpt"), ("/output", "models")] {
+    for (mount, scratch) in [
+        ("/var/lib/moe", "ckpt"),
+        ("/output", "models"),
+        ("/init", "base"),
+    ] {
         if let Some(rest) = arg.strip_prefix(mount) {
             return format!("{}{rest}", kubelet.path(scratch).display());
         }
