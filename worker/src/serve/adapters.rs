@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::model::pretrained::interleave_rope_rows;
+use crate::ops::vector;
 use crate::serve::hf::weights::TensorStore;
 use crate::serve::model::{RopeLayout, ServeConfig};
 
@@ -60,12 +61,31 @@ pub struct LowRank {
     output: usize,
     /// `[rank, input]`.
     a: Vec<f32>,
-    /// `[output, rank]`.
-    b: Vec<f32>,
+    /// `Bᵀ`, `[rank, output]`: the update is `rank` whole-row multiply-adds.
+    bt: Vec<f32>,
     scale: f32,
 }
 
 impl LowRank {
+    /// `scale · B·A` with `a: [rank, input]`, `b: [output, rank]`.
+    fn new(a: Vec<f32>, b: &[f32], input: usize, output: usize, scale: f32) -> Self {
+        let rank = a.len() / input;
+        let mut bt = vec![0.0; rank * output];
+        for (o, row) in b.chunks_exact(rank).enumerate() {
+            for (k, &value) in row.iter().enumerate() {
+                bt[k * output + o] = value;
+            }
+        }
+        Self {
+            rank,
+            input,
+            output,
+            a,
+            bt,
+            scale,
+        }
+    }
+
     /// Adds the update of every row of `x` (`[rows, input]`) to the
     /// matching row of `out`, each `stride` wide with the projection's
     /// outputs at `offset` (q, k and v share one product's rows).
@@ -73,24 +93,18 @@ impl LowRank {
         let mut low = vec![0.0f32; self.rank];
         for (x, out) in x.chunks_exact(self.input).zip(out.chunks_exact_mut(stride)) {
             for (l, a) in low.iter_mut().zip(self.a.chunks_exact(self.input)) {
-                *l = self.scale * dot(a, x);
+                *l = self.scale * vector::dot_f32(a, x);
             }
-            for (o, b) in out[offset..offset + self.output]
-                .iter_mut()
-                .zip(self.b.chunks_exact(self.rank))
-            {
-                *o += dot(b, &low);
+            let out = &mut out[offset..offset + self.output];
+            for (&l, bt) in low.iter().zip(self.bt.chunks_exact(self.output)) {
+                vector::axpy(out, l, bt);
             }
         }
     }
 
     fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * size_of::<f32>()
+        (self.a.len() + self.bt.len()) * size_of::<f32>()
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 /// The projections of one block an adapter changes.
@@ -292,14 +306,7 @@ pub fn load(source: &AdapterSource, shape: &AdapterShape) -> Result<Adapter, Str
         if config.rope_layout == RopeLayout::Interleaved && projection < 2 {
             b = interleave_rope_rows(&b, output / config.head_dim, config.head_dim, r);
         }
-        let low = LowRank {
-            rank: r,
-            input,
-            output,
-            a,
-            b,
-            scale,
-        };
+        let low = LowRank::new(a, &b, input, output, scale);
         *blocks[layer].projection_mut(projection) = Some(low);
     }
     if let Some(left) = store.left().into_iter().next() {
