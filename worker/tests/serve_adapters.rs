@@ -408,6 +408,14 @@ fn the_server_serves_adapters_by_name_beside_the_model() {
         &json!({"model": "tiny-math", "prompt": "a"}),
     );
     assert_eq!(missing.status, 404);
+    // Each model's requests are counted under its name.
+    let metrics = String::from_utf8(request(server.addr, "GET", "/metrics", b"").body).unwrap();
+    for line in [
+        "moe_serving_model_requests_total{model=\"tiny-sql\"} 1",
+        "moe_serving_model_requests_total{model=\"tiny\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
 
     // Where adapters are not computed, the server does not start.
     let refused = |options: ServeOptions| {

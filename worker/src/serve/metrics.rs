@@ -20,6 +20,12 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// The model a request named: the base model's name or an adapter's.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
 /// Payload bytes of one kind of expert-parallel collective.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CollectiveLabels {
@@ -52,6 +58,9 @@ pub struct ImbalanceLabels {
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
+    /// Generating requests accepted, by the model they named (the base
+    /// model or a LoRA adapter: `serve/adapters.rs`).
+    pub model_requests: Family<ModelLabels, Counter>,
     pub prompt_tokens: Counter,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub prompt_tokens_cached: Counter,
@@ -97,6 +106,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("moe_serving");
         let requests = Family::<RequestLabels, Counter>::default();
+        let model_requests = Family::<ModelLabels, Counter>::default();
         let prompt_tokens = Counter::default();
         let prompt_tokens_cached = Counter::default();
         let prompt_tokens_scored = Counter::default();
@@ -118,6 +128,11 @@ impl Metrics {
             "requests",
             "HTTP responses by endpoint and status code",
             requests.clone(),
+        );
+        registry.register(
+            "model_requests",
+            "Generating requests accepted, by the model they named (the base model or a LoRA adapter)",
+            model_requests.clone(),
         );
         registry.register(
             "prompt_tokens",
@@ -213,6 +228,7 @@ impl Metrics {
         );
         Self {
             requests,
+            model_requests,
             prompt_tokens,
             prompt_tokens_cached,
             prompt_tokens_scored,
