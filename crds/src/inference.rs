@@ -76,8 +76,8 @@ pub const MAX_SERVICE_NAME_LEN: usize = 40;
     validation = Rule::new("has(self.placement.queueName) == has(oldSelf.placement.queueName) && (!has(self.placement.queueName) || self.placement.queueName == oldSelf.placement.queueName)")
         .message("placement.queueName is immutable: create a new service to serve from another queue")
         .field_path(".placement.queueName"),
-    validation = Rule::new("!has(self.adapters) || size(self.adapters) == 0 || (self.parallelism.expertParallel == 1 && self.worker.device == 'cpu')")
-        .message("adapters are served by one-process replicas on the CPU for now (parallelism.expertParallel 1, worker.device cpu): serve a merged model otherwise (a training job's export writes it beside its adapters)")
+    validation = Rule::new("!has(self.adapters) || size(self.adapters) == 0 || self.worker.device == 'cpu'")
+        .message("adapters are served on the CPU for now (worker.device cpu): serve a merged model on GPUs (a training job's export writes it beside its adapters)")
         .field_path(".adapters"),
     validation = Rule::new("!has(self.parallelism.expertLoadBalancing) || self.worker.device == 'cpu'")
         .message("parallelism.expertLoadBalancing is not implemented on worker.device cuda yet: the GPU engine holds no expert copies")

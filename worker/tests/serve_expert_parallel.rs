@@ -811,6 +811,89 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
     }
 }
 
+/// LoRA adapters on an expert-parallel replica: every rank loads them and
+/// runs the same attention and dense layers with them (each plan names its
+/// chunks' adapters), so a replica of 2 answers requests for an adapter
+/// and for the base model as one process does, to the bit. A rank that
+/// loaded other adapters is refused at the join, naming them.
+#[test]
+fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them() {
+    use moe_worker::serve::adapters::AdapterSource;
+    use serve_support::lora::{updates, write_peft};
+    let dir = TempDir::new("ep-lora");
+    let model = model8(21);
+    serve_support::write_checkpoint(&dir.0, &spec8(), &model);
+    let adapter = dir.0.join("adapter");
+    write_peft(
+        &adapter,
+        &updates(&model, 5),
+        model.config().head_dim,
+        8.0,
+        false,
+    );
+    let options = ServeOptions {
+        adapters: vec![AdapterSource {
+            name: "tiny-sql".into(),
+            dir: adapter,
+        }],
+        ..options(&dir.0)
+    };
+    let bodies: Vec<Value> = ["tiny-sql", "tiny", "tiny-sql"]
+        .iter()
+        .map(|model| {
+            json!({"model": model, "prompt": "the quick brown fox", "max_tokens": 8,
+                   "temperature": 0, "logprobs": 2})
+        })
+        .collect();
+    let one = Server::start(load::load(&dir.0, None, None).unwrap(), &options).unwrap();
+    let want: Vec<Value> = bodies.iter().map(|b| answer(one.addr, b)).collect();
+    drop(one);
+    assert_ne!(want[0], want[1], "the adapter changes the completion");
+    assert_eq!(want[0], want[2]);
+
+    let replica = |follower: ServeOptions| {
+        dist_support::world(2, |world| {
+            let rank = world.rank();
+            let experts = replica::experts_of(rank, 2, 8).unwrap();
+            let loaded = load::load_experts(&dir.0, None, None, Some(experts)).unwrap();
+            let timeouts = timeouts(Duration::from_secs(20));
+            if rank > 0 {
+                let metrics = Metrics::new();
+                return serve::follow(Box::new(world), loaded, &follower, &timeouts, &metrics)
+                    .map(|()| Vec::new())
+                    .map_err(|e| e.to_string());
+            }
+            let server = Server::start_leader(Box::new(world), loaded, &options, &timeouts)
+                .map_err(|e| e.to_string())?;
+            // Two at once: one step mixes the adapter's rows and the base model's.
+            let got = std::thread::scope(|scope| {
+                let handles: Vec<_> = bodies
+                    .iter()
+                    .map(|body| scope.spawn(move || answer(server.addr, body)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            server.engine.shutdown(Duration::from_secs(10));
+            Ok(got)
+        })
+    };
+    let mut outcomes = replica(options.clone()).into_iter();
+    let got = outcomes.next().unwrap().unwrap();
+    assert_eq!(got, want);
+    for follower in outcomes {
+        follower.expect("the follower exits cleanly when the leader stops");
+    }
+
+    let without = ServeOptions {
+        adapters: Vec::new(),
+        ..options.clone()
+    };
+    for outcome in replica(without) {
+        let e = outcome.unwrap_err();
+        assert!(e.contains("adapters (names and weights)"), "{e}");
+    }
+}
+
 #[derive(Debug)]
 enum Ended {
     Leader {

@@ -326,6 +326,30 @@ pub fn load(source: &AdapterSource, shape: &AdapterShape) -> Result<Adapter, Str
     Ok(adapter)
 }
 
+/// What every rank of a replica must agree on: each adapter's name, shape
+/// and values, in order.
+pub fn fingerprint(adapters: &[Adapter]) -> u64 {
+    let mut bytes = Vec::new();
+    for adapter in adapters {
+        bytes.extend_from_slice(adapter.name.as_bytes());
+        bytes.push(0);
+        for (i, low) in adapter
+            .blocks
+            .iter()
+            .flat_map(BlockAdapter::projections)
+            .enumerate()
+        {
+            let Some(low) = low else { continue };
+            bytes.extend_from_slice(&(i as u64).to_le_bytes());
+            bytes.extend_from_slice(&low.scale.to_le_bytes());
+            for value in low.a.iter().chain(&low.bt) {
+                bytes.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
+    crate::dist::schedule::fnv1a(&bytes)
+}
+
 /// The config's fields that change what an adapter computes, refused when
 /// set to what is not implemented.
 fn check_config(peft: &PeftConfig) -> Result<(), String> {

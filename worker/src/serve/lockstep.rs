@@ -24,6 +24,7 @@
 //!                     | payload bytes u64
 //!  step payload:      chunks u32, then per chunk:
 //!                     start u32 | tokens u32 | pages u32 | logits u8 (0 none, 1 the last row, 2 every row)
+//!                     | adapter u32 (the engine's adapter index; u32::MAX: the base model)
 //!                     | tokens × u32 | pages × u32
 //! ```
 //!
@@ -39,7 +40,9 @@ use crate::serve::kv_cache::{PageId, pages_for};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"MOEP");
 const HEADER_LEN: usize = 16;
-const CHUNK_HEADER_LEN: usize = 13;
+const CHUNK_HEADER_LEN: usize = 17;
+/// The adapter word of a chunk run with the base model.
+const NO_ADAPTER: u32 = u32::MAX;
 const OP: &str = "serve plan";
 
 /// What the leader tells its followers.
@@ -72,6 +75,8 @@ pub struct PlannedChunk {
     pub start: usize,
     pub tokens: Vec<u32>,
     pub logits: Logits,
+    /// The engine's adapter the chunk runs with (`None`: the base model).
+    pub adapter: Option<usize>,
 }
 
 impl StepPlan {
@@ -86,6 +91,7 @@ impl StepPlan {
                     start: c.start,
                     tokens: c.tokens.to_vec(),
                     logits: c.logits,
+                    adapter: c.adapter,
                 }
             })
             .collect();
@@ -101,9 +107,7 @@ impl StepPlan {
                 start: c.start,
                 tokens: &c.tokens,
                 logits: c.logits,
-                // An expert-parallel replica serves no adapters (refused
-                // with the options), so plans carry none.
-                adapter: None,
+                adapter: c.adapter,
             })
             .collect()
     }
@@ -158,6 +162,14 @@ pub fn encode_payload(message: &Message) -> Result<Vec<u8>, PlanError> {
             Logits::Last => 1,
             Logits::All => 2,
         });
+        let adapter = match c.adapter {
+            Some(a) => u32::try_from(a)
+                .ok()
+                .filter(|&a| a != NO_ADAPTER)
+                .ok_or_else(|| PlanError(format!("adapter {a} does not fit the plan")))?,
+            None => NO_ADAPTER,
+        };
+        out.extend_from_slice(&adapter.to_le_bytes());
         for &t in &c.tokens {
             out.extend_from_slice(&t.to_le_bytes());
         }
@@ -273,12 +285,17 @@ fn decode_step(payload: &[u8]) -> Result<StepPlan, PlanError> {
                 )));
             }
         };
+        let adapter = match r.word("a chunk's adapter")? {
+            NO_ADAPTER => None,
+            a => Some(a as usize),
+        };
         let tokens = r.words(tokens, "a chunk's tokens")?;
         let pages = r.words(pages, "a chunk's pages")?;
         chunks.push(PlannedChunk {
             pages,
             start,
             tokens,
+            adapter,
             logits,
         });
     }
@@ -405,18 +422,21 @@ mod tests {
                     start: 0,
                     tokens: vec![1, 2, 3, 255, 17],
                     logits: Logits::All,
+                    adapter: Some(2),
                 },
                 PlannedChunk {
                     pages: vec![0],
                     start: 12,
                     tokens: vec![u32::MAX],
                     logits: Logits::None,
+                    adapter: None,
                 },
                 PlannedChunk {
                     pages: vec![9, 8, 5, 4],
                     start: 63,
                     tokens: vec![42],
                     logits: Logits::Last,
+                    adapter: Some(0),
                 },
             ],
         }
@@ -441,7 +461,7 @@ mod tests {
         ] {
             assert_eq!(round_trip(&message), message);
         }
-        // 4 + 3 × 13 header bytes, 7 tokens and 7 pages.
+        // 4 + 3 × 17 header bytes, 7 tokens and 7 pages.
         let payload = encode_payload(&Message::Step(plan())).unwrap();
         assert_eq!(payload.len(), 4 + 3 * CHUNK_HEADER_LEN + 14 * 4);
     }
@@ -457,7 +477,7 @@ mod tests {
                 start: 14,
                 tokens: &tokens,
                 logits: Logits::Last,
-                adapter: None,
+                adapter: Some(1),
             },
             // Position 0: one page.
             Chunk {
@@ -473,10 +493,18 @@ mod tests {
         assert_eq!(plan.chunks[1].pages, [4]);
         let back = plan.chunks();
         assert_eq!(
-            (back[0].start, back[0].tokens, back[0].logits),
-            (14, &tokens[..], Logits::Last)
+            (
+                back[0].start,
+                back[0].tokens,
+                back[0].logits,
+                back[0].adapter
+            ),
+            (14, &tokens[..], Logits::Last, Some(1))
         );
-        assert_eq!((back[1].start, back[1].tokens), (0, &tokens[..1]));
+        assert_eq!(
+            (back[1].start, back[1].tokens, back[1].adapter),
+            (0, &tokens[..1], None)
+        );
     }
 
     #[test]

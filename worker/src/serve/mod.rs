@@ -189,22 +189,15 @@ impl ServeOptions {
                 return Err(ServeError::Options(format!("{what} must be at least 1")));
             }
         }
-        if let Some(first) = self.adapters.first() {
-            let refusal = if self.expert_parallel > 1 {
-                Some("by an expert-parallel replica (expertParallel above 1)")
-            } else if self.device == Device::Cuda {
-                Some("on device cuda: the GPU engine computes no adapter updates")
-            } else {
-                None
-            };
-            if let Some(refusal) = refusal {
-                return Err(ServeError::Options(format!(
-                    "adapter {:?}: LoRA adapters are not served {refusal} yet; serve the \
-                     merged model (moe-worker export writes it beside the adapter), or serve \
-                     adapters on the CPU in one process",
-                    first.name
-                )));
-            }
+        if let Some(first) = self.adapters.first()
+            && self.device == Device::Cuda
+        {
+            return Err(ServeError::Options(format!(
+                "adapter {:?}: LoRA adapters are not served on device cuda yet (the GPU \
+                 engine computes no adapter updates); serve the merged model (moe-worker \
+                 export writes it beside the adapter), or serve adapters on the CPU",
+                first.name
+            )));
         }
         if self.redundant_experts > 0 {
             let refusal = if self.expert_parallel < 2 {

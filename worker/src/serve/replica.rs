@@ -231,9 +231,15 @@ fn join_with(
     let own = ep.local_experts();
     let fingerprint = model_fingerprint(&model);
     let expert_bytes = routed_expert_bytes(&model);
-    let (engine, kv_pages) = build_engine(model, ep, options, rank, gpu)?;
+    let (engine, kv_pages, adapters) = build_engine(model, ep, options, rank, gpu)?;
     // What every rank must agree on (the fields of `check_same`).
-    let mine = [fingerprint, step, kv_pages as u64, options.page_size as u64];
+    let mine = [
+        fingerprint,
+        step,
+        kv_pages as u64,
+        options.page_size as u64,
+        adapters,
+    ];
     check_same(world.as_mut(), &mine, timeouts)?;
     let device = match &engine {
         RankEngine::Cpu(_) => "cpu",
@@ -258,20 +264,24 @@ fn join_with(
     ))
 }
 
-/// This rank's engine over `ep` and the KV pages its cache holds: on the
-/// GPU when `gpu` and `options.device` allow it, else on the CPU.
+/// This rank's engine over `ep`, the KV pages its cache holds and the
+/// fingerprint of the adapters it serves beside the model
+/// (`serve/adapters.rs`; every rank runs the same attention, adapters
+/// included): on the GPU when `gpu` and `options.device` allow it, else
+/// on the CPU.
 fn build_engine(
     model: ServeModel,
     ep: ExpertParallel,
     options: &ServeOptions,
     rank: usize,
     gpu: bool,
-) -> Result<(RankEngine, usize), ServeError> {
+) -> Result<(RankEngine, usize, u64), ServeError> {
     #[cfg(feature = "cuda")]
     let (model, ep) = if gpu && options.device == moe_crds::Device::Cuda {
         match super::gpu::place_share(model, ep, options, rank == 0)? {
+            // The options refuse adapters on the GPU.
             super::gpu::SharePlacement::Gpu { backend, kv_pages } => {
-                return Ok((RankEngine::Gpu(Box::new(backend)), kv_pages));
+                return Ok((RankEngine::Gpu(Box::new(backend)), kv_pages, 0));
             }
             super::gpu::SharePlacement::Cpu(model, ep) => (*model, ep),
         }
@@ -280,7 +290,16 @@ fn build_engine(
     };
     #[cfg(not(feature = "cuda"))]
     let _ = gpu;
-    let engine = Engine::serve(model)
+    let engine = Engine::serve(model);
+    let adapters = super::adapters::load_all(
+        &options.adapters,
+        &options.served_name(),
+        &engine.adapter_shape(),
+    )
+    .map_err(ServeError::Options)?;
+    let adapters_fingerprint = super::adapters::fingerprint(&adapters);
+    let engine = engine
+        .with_adapters(adapters)
         .with_weights(options.weights)
         .with_threads(options.threads)
         .map_err(|error| ServeError::Io {
@@ -295,7 +314,11 @@ fn build_engine(
         engine.without_logits()
     };
     let kv_pages = super::kv_pages(engine.kv_shape(options.page_size), options)?;
-    Ok((RankEngine::Cpu(Box::new(engine)), kv_pages))
+    Ok((
+        RankEngine::Cpu(Box::new(engine)),
+        kv_pages,
+        adapters_fingerprint,
+    ))
 }
 
 /// All-gathers every rank's fingerprint and refuses any that differs from
@@ -303,7 +326,7 @@ fn build_engine(
 /// timeout: ranks load at different speeds.
 fn check_same(
     world: &mut dyn Collective,
-    mine: &[u64; 4],
+    mine: &[u64; 5],
     timeouts: &Timeouts,
 ) -> Result<(), ServeError> {
     let size = world.size();
@@ -322,18 +345,19 @@ fn check_same(
         .chunks_exact(8)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         .collect();
-    let leader = &words[..4];
-    const FIELDS: [&str; 4] = [
+    let leader = &words[..FIELDS.len()];
+    const FIELDS: [&str; 5] = [
         "model (shape, options or weights)",
         "checkpoint step",
         "KV cache pages",
         "KV page size",
+        "adapters (names and weights)",
     ];
-    for (rank, theirs) in words.chunks_exact(4).enumerate().skip(1) {
-        if let Some(i) = (0..4).find(|&i| theirs[i] != leader[i]) {
+    for (rank, theirs) in words.chunks_exact(FIELDS.len()).enumerate().skip(1) {
+        if let Some(i) = (0..FIELDS.len()).find(|&i| theirs[i] != leader[i]) {
             return Err(ServeError::Options(format!(
                 "rank {rank} of the replica loaded a different {} than rank 0 ({} vs {}): every \
-                 rank must serve the same checkpoint with the same --kv-cache-mib",
+                 rank must serve the same checkpoint and adapters with the same --kv-cache-mib",
                 FIELDS[i], theirs[i], leader[i]
             )));
         }

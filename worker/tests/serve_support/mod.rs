@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod lora;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
