@@ -16,7 +16,7 @@ use moe_worker::serve::kv_cache::KvStore;
 use moe_worker::serve::{ServeOptions, Server};
 use safetensors::{Dtype, tensor::TensorView};
 use serde_json::json;
-use serve_support::lora::{RANK, merged, updates, write_peft};
+use serve_support::lora::{RANK, expert_updates, merged, updates, write_peft};
 use serve_support::{TempDir, post_json, request, tiny_model};
 
 const PAGE_SIZE: usize = 4;
@@ -79,7 +79,9 @@ fn max_difference(a: &[f32], b: &[f32]) -> f32 {
 fn an_adapter_served_beside_its_base_gives_the_merged_models_logits() {
     let base = tiny_model(21);
     let head_dim = base.config().head_dim;
-    let updates = updates(&base, 5);
+    // Attention, a dense MLP, routed experts and the shared experts.
+    let mut updates = updates(&base, 5);
+    updates.extend(expert_updates(&base, 7));
     let tmp = TempDir::new("adapters-merged");
     for (name, alpha, rslora) in [("plain", 8.0, false), ("rs", 8.0, true)] {
         let dir = tmp.0.join(name);
@@ -101,7 +103,12 @@ fn an_adapter_served_beside_its_base_gives_the_merged_models_logits() {
                 "o_proj",
                 "gate_proj",
                 "up_proj",
-                "down_proj"
+                "down_proj",
+                "experts.gate_proj",
+                "experts.up_proj",
+                "experts.down_proj",
+                "shared_experts.gate_proj",
+                "shared_experts.down_proj",
             ]
         );
         let served = Engine::new(base.clone()).with_adapters(vec![adapter]);
@@ -143,7 +150,7 @@ fn adapters_serving_cannot_compute_are_refused_naming_what() {
     let tmp = TempDir::new("adapters-refused");
     let mut updates = updates(&base, 6);
 
-    // An MLP module: named, with what to do instead.
+    // The router: named, with what to do instead.
     let dir = tmp.0.join("mlp");
     write_peft(&dir, &updates, head_dim, 8.0, false);
     let weights = dir.join("adapter_model.safetensors");
@@ -153,7 +160,7 @@ fn adapters_serving_cannot_compute_are_refused_naming_what() {
         .into_iter()
         .map(|(name, view)| (name, view.shape().to_vec(), view.data().to_vec()))
         .collect::<Vec<_>>();
-    let gate = "base_model.model.model.layers.1.mlp.shared_experts.gate_proj.lora_A.weight";
+    let gate = "base_model.model.model.layers.1.mlp.gate.lora_A.weight";
     tensors.push((gate.into(), vec![RANK, 32], vec![0; RANK * 32 * 4]));
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()

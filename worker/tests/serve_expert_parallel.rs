@@ -819,7 +819,7 @@ fn a_leader_and_its_followers_answer_like_one_server_over_http() {
 #[test]
 fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them() {
     use moe_worker::serve::adapters::AdapterSource;
-    use serve_support::lora::{updates, write_peft};
+    use serve_support::lora::{expert_updates, updates, write_peft};
     let dir = TempDir::new("ep-lora");
     let model = model8(21);
     serve_support::write_checkpoint(&dir.0, &spec8(), &model);
@@ -851,7 +851,7 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
     assert_ne!(want[0], want[1], "the adapter changes the completion");
     assert_eq!(want[0], want[2]);
 
-    let replica = |follower: ServeOptions| {
+    let replica = |leader: &ServeOptions, follower: &ServeOptions| {
         dist_support::world(2, |world| {
             let rank = world.rank();
             let experts = replica::experts_of(rank, 2, 8).unwrap();
@@ -859,11 +859,11 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
             let timeouts = timeouts(Duration::from_secs(20));
             if rank > 0 {
                 let metrics = Metrics::new();
-                return serve::follow(Box::new(world), loaded, &follower, &timeouts, &metrics)
+                return serve::follow(Box::new(world), loaded, follower, &timeouts, &metrics)
                     .map(|()| Vec::new())
                     .map_err(|e| e.to_string());
             }
-            let server = Server::start_leader(Box::new(world), loaded, &options, &timeouts)
+            let server = Server::start_leader(Box::new(world), loaded, leader, &timeouts)
                 .map_err(|e| e.to_string())?;
             // Two at once: one step mixes the adapter's rows and the base model's.
             let got = std::thread::scope(|scope| {
@@ -877,7 +877,7 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
             Ok(got)
         })
     };
-    let mut outcomes = replica(options.clone()).into_iter();
+    let mut outcomes = replica(&options, &options).into_iter();
     let got = outcomes.next().unwrap().unwrap();
     assert_eq!(got, want);
     for follower in outcomes {
@@ -888,9 +888,30 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
         adapters: Vec::new(),
         ..options.clone()
     };
-    for outcome in replica(without) {
+    for outcome in replica(&options, &without) {
         let e = outcome.unwrap_err();
         assert!(e.contains("adapters (names and weights)"), "{e}");
+    }
+    // Adapters of the experts: rows cross ranks to their experts without
+    // their adapters, so a replica refuses them (one process serves them).
+    let experts = dir.0.join("experts-adapter");
+    write_peft(
+        &experts,
+        &expert_updates(&model, 6),
+        model.config().head_dim,
+        8.0,
+        false,
+    );
+    let with_experts = ServeOptions {
+        adapters: vec![AdapterSource {
+            name: "tiny-moe".into(),
+            dir: experts,
+        }],
+        ..options.clone()
+    };
+    for outcome in replica(&with_experts, &with_experts) {
+        let e = outcome.unwrap_err();
+        assert!(e.contains("\"tiny-moe\" adapts MoE experts"), "{e}");
     }
 }
 

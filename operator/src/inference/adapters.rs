@@ -38,12 +38,14 @@ pub fn resolve(
     svc.spec
         .adapters
         .iter()
-        .map(|adapter| resolve_one(adapter, &job))
+        .map(|adapter| resolve_one(adapter, svc.spec.parallelism.expert_parallel, &job))
         .collect()
 }
 
+/// `adapter` for a replica of `expert_parallel` ranks.
 fn resolve_one(
     adapter: &ServedAdapter,
+    expert_parallel: i32,
     job: &impl Fn(&str) -> Option<Arc<MoETrainingJob>>,
 ) -> Result<ResolvedAdapter, ModelState> {
     let name = adapter.name.clone();
@@ -73,9 +75,18 @@ fn resolve_one(
         reason: reason::MODEL_INCOMPATIBLE,
         message: format!("spec.adapters[{name}]: MoETrainingJob {} {why}", from.name),
     };
-    if job.spec.training.lora.is_none() {
+    let Some(lora) = &job.spec.training.lora else {
         return Err(incompatible(
             "trained no adapters (spec.training.lora unset): serve its model instead",
+        ));
+    };
+    // The server would refuse them at the join (rows cross ranks to their
+    // experts without their adapters): said here, before any pod starts.
+    if lora.routed_experts && expert_parallel > 1 {
+        return Err(incompatible(
+            "trained adapters of the routed experts (spec.training.lora.routedExperts), which an \
+             expert-parallel replica does not serve yet: serve them with \
+             parallelism.expertParallel 1, or serve the job's merged model",
         ));
     }
     let Some(output) = job
@@ -384,6 +395,19 @@ mod tests {
         );
         let (_, message) = broken(resolved(Some(no_export)));
         assert!(message.contains("spec.output.huggingface"), "{message}");
+        // Routed experts' adapters: one process serves them, a replica of
+        // several ranks does not.
+        let routed = tune(
+            "Succeeded",
+            Some("Exported"),
+            json!({"spec": {"training": {"lora": {"routedExperts": true}}}}),
+        );
+        assert!(resolved(Some(routed.clone())).is_ok());
+        let mut replica = service();
+        replica.spec.parallelism.expert_parallel = 2;
+        let (why, message) = broken(resolve(&replica, |_| Some(routed.clone())));
+        assert_eq!(why, reason::MODEL_INCOMPATIBLE);
+        assert!(message.contains("routedExperts"), "{message}");
 
         // The model's own state comes first; a ready model waits for its adapters.
         let model = ModelState::Ready(Box::new(build::tests::model()));

@@ -15,11 +15,15 @@
 //! Served: the attention projections (`q_proj`, `k_proj`, `v_proj`,
 //! `o_proj`) of grouped-query attention, the default targets of
 //! `training.lora` and of PEFT, and the MLP projections (`gate_proj`,
-//! `up_proj`, `down_proj`) of dense layers: every module a training job's
-//! export holds adapters of, unless it trained the routed experts' too. An
-//! adapter of any other module (a routed or shared expert's) is refused at
+//! `up_proj`, `down_proj`) of dense layers, of routed experts (applied to
+//! the rows each expert computes, for the tokens routed to it) and of the
+//! shared experts: every module a training job's export holds adapters of.
+//! An adapter of any other module (the router, an embedding) is refused at
 //! startup naming the tensor; its merged model (which the export writes
-//! beside the adapter) serves it.
+//! beside the adapter) serves it. Expert-parallel replicas serve adapters
+//! of attention and dense layers (every rank runs those); experts' rows
+//! cross ranks without their adapters, so adapters of experts are refused
+//! there (`serve/replica.rs`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -107,6 +111,26 @@ impl LowRank {
     }
 }
 
+/// One SwiGLU MLP's adapted projections: a dense layer's, a routed
+/// expert's, or a MoE layer's shared experts'.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MlpAdapter {
+    pub gate: Option<LowRank>,
+    pub up: Option<LowRank>,
+    pub down: Option<LowRank>,
+}
+
+impl MlpAdapter {
+    fn projections(&self) -> [&Option<LowRank>; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    /// Whether it adapts nothing.
+    pub fn is_empty(&self) -> bool {
+        self.projections().iter().all(|p| p.is_none())
+    }
+}
+
 /// The projections of one block an adapter changes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BlockAdapter {
@@ -115,38 +139,173 @@ pub struct BlockAdapter {
     pub v: Option<LowRank>,
     pub o: Option<LowRank>,
     /// A dense layer's MLP.
-    pub gate: Option<LowRank>,
-    pub up: Option<LowRank>,
-    pub down: Option<LowRank>,
+    pub mlp: MlpAdapter,
+    /// A MoE layer's routed experts, by expert (empty: none adapted).
+    pub experts: Vec<MlpAdapter>,
+    /// A MoE layer's shared experts (fused, or Qwen2-MoE's gated one).
+    pub shared: MlpAdapter,
 }
 
 impl BlockAdapter {
-    /// In [`PROJECTIONS`]' order.
-    fn projections(&self) -> [&Option<LowRank>; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+    /// Every adapted projection, with where it is.
+    fn projections(&self) -> impl Iterator<Item = (Site, Projection, &LowRank)> {
+        let attention = [
+            (Projection::Q, &self.q),
+            (Projection::K, &self.k),
+            (Projection::V, &self.v),
+            (Projection::O, &self.o),
         ]
+        .into_iter()
+        .map(|(p, low)| (Site::Attention, p, low));
+        attention
+            .chain(mlp(Site::Mlp, &self.mlp))
+            .chain(
+                self.experts
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(e, m)| mlp(Site::Expert(e), m)),
+            )
+            .chain(mlp(Site::Shared, &self.shared))
+            .filter_map(|(site, p, low)| low.as_ref().map(|low| (site, p, low)))
     }
 
-    fn projection_mut(&mut self, index: usize) -> &mut Option<LowRank> {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ][index]
+    /// Whether it adapts a MoE layer's experts (routed or shared).
+    pub fn adapts_experts(&self) -> bool {
+        !self.shared.is_empty() || self.experts.iter().any(|e| !e.is_empty())
+    }
+
+    fn slot(&mut self, site: Site, projection: Projection, experts: usize) -> &mut Option<LowRank> {
+        let mlp = match site {
+            Site::Attention => {
+                return match projection {
+                    Projection::Q => &mut self.q,
+                    Projection::K => &mut self.k,
+                    Projection::V => &mut self.v,
+                    _ => &mut self.o,
+                };
+            }
+            Site::Mlp => &mut self.mlp,
+            Site::Shared => &mut self.shared,
+            Site::Expert(e) => {
+                if self.experts.is_empty() {
+                    self.experts = vec![MlpAdapter::default(); experts];
+                }
+                &mut self.experts[e]
+            }
+        };
+        match projection {
+            Projection::Gate => &mut mlp.gate,
+            Projection::Up => &mut mlp.up,
+            _ => &mut mlp.down,
+        }
     }
 }
 
+/// `mlp`'s projections at `site`.
+fn mlp(site: Site, mlp: &MlpAdapter) -> impl Iterator<Item = (Site, Projection, &Option<LowRank>)> {
+    [Projection::Gate, Projection::Up, Projection::Down]
+        .into_iter()
+        .zip(mlp.projections())
+        .map(move |(p, low)| (site, p, low))
+}
+
+/// Where an adapted projection is in a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Site {
+    Attention,
+    /// A dense layer's MLP.
+    Mlp,
+    /// Routed expert `e` of a MoE layer.
+    Expert(usize),
+    /// A MoE layer's shared experts.
+    Shared,
+}
+
+/// Which projection, by Hugging Face's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+}
+
+/// A block's feed-forward layer, as adapters see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnShape {
+    Dense {
+        width: usize,
+    },
+    Moe {
+        experts: usize,
+        expert_width: usize,
+        /// The shared experts' (fused) width, if any.
+        shared_width: Option<usize>,
+    },
+}
+
 /// What adapters are loaded for: the model's config, and each block's
-/// dense MLP width (`None`: a MoE layer).
+/// feed-forward layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterShape {
     pub config: ServeConfig,
-    pub dense: Vec<Option<usize>>,
+    pub ffn: Vec<FfnShape>,
+}
+
+impl AdapterShape {
+    /// `(input, output)` of `projection` at `site` of block `layer`, if the
+    /// model has it.
+    fn dims(&self, layer: usize, site: Site, projection: Projection) -> Option<(usize, usize)> {
+        let c = &self.config;
+        let (h, qw, kv) = (c.hidden, c.q_width(), c.kv_width());
+        let width = match (site, self.ffn.get(layer)?) {
+            (Site::Attention, _) => {
+                return Some(match projection {
+                    Projection::Q => (h, qw),
+                    Projection::K | Projection::V => (h, kv),
+                    _ => (qw, h),
+                });
+            }
+            (Site::Mlp, FfnShape::Dense { width }) => *width,
+            (
+                Site::Expert(e),
+                FfnShape::Moe {
+                    experts,
+                    expert_width,
+                    ..
+                },
+            ) if e < *experts => *expert_width,
+            (
+                Site::Shared,
+                FfnShape::Moe {
+                    shared_width: Some(width),
+                    ..
+                },
+            ) => *width,
+            _ => return None,
+        };
+        Some(match projection {
+            Projection::Down => (width, h),
+            _ => (h, width),
+        })
+    }
 }
 
 /// A loaded adapter.
@@ -164,33 +323,32 @@ impl Adapter {
         self.blocks
             .iter()
             .flat_map(BlockAdapter::projections)
-            .flatten()
-            .map(LowRank::bytes)
+            .map(|(_, _, low)| low.bytes())
             .sum()
     }
 
-    /// The adapted modules, `"q_proj"`… in [`PROJECTIONS`]' order, for the log.
-    pub fn modules(&self) -> Vec<&'static str> {
-        PROJECTIONS
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| self.blocks.iter().any(|b| b.projections()[i].is_some()))
-            .map(|(_, name)| *name)
-            .collect()
+    /// The adapted modules (`"q_proj"`, `"experts.gate_proj"`,
+    /// `"shared_experts.down_proj"`…), each once, for the log.
+    pub fn modules(&self) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        for (site, projection, _) in self.blocks.iter().flat_map(BlockAdapter::projections) {
+            let name = match site {
+                Site::Attention | Site::Mlp => projection.name().to_owned(),
+                Site::Expert(_) => format!("experts.{}", projection.name()),
+                Site::Shared => format!("shared_experts.{}", projection.name()),
+            };
+            if !seen.contains(&name) {
+                seen.push(name);
+            }
+        }
+        seen
+    }
+
+    /// Whether it adapts some MoE layer's experts (routed or shared).
+    pub fn adapts_experts(&self) -> bool {
+        self.blocks.iter().any(BlockAdapter::adapts_experts)
     }
 }
-
-/// The modules served, in [`BlockAdapter::projections`]' order: attention's
-/// (under `self_attn.`), then a dense MLP's (under `mlp.`).
-const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// The fields of `adapter_config.json` serving reads; the ones that would
 /// change the arithmetic and are not implemented are refused by name.
@@ -267,26 +425,18 @@ pub fn load(source: &AdapterSource, shape: &AdapterShape) -> Result<Adapter, Str
     let names: Vec<String> = store.left().into_iter().map(str::to_owned).collect();
     for name in names.iter().filter(|n| n.ends_with(".lora_A.weight")) {
         let module = name.strip_suffix(".lora_A.weight").expect("filtered");
-        let served = served_module(module, config.layers).and_then(|(layer, projection)| {
-            let dense = shape.dense.get(layer).copied().flatten();
-            let (h, qw, kv) = (config.hidden, config.q_width(), config.kv_width());
-            let (input, output) = match (projection, dense) {
-                (0, _) => (h, qw),
-                (1 | 2, _) => (h, kv),
-                (3, _) => (qw, h),
-                (4 | 5, Some(width)) => (h, width),
-                (6, Some(width)) => (width, h),
-                // An MLP projection of a MoE layer names no module.
-                _ => return None,
-            };
-            Some((layer, projection, input, output))
+        let served = served_module(module, config.layers).and_then(|(layer, site, projection)| {
+            let (input, output) = shape.dims(layer, site, projection)?;
+            Some((layer, site, projection, input, output))
         });
-        let (layer, projection, input, output) = served.ok_or_else(|| {
+        let (layer, site, projection, input, output) = served.ok_or_else(|| {
             refuse(format!(
-                "tensor {name} adapts a module serving does not: adapters are served on \
-                 self_attn's q_proj, k_proj, v_proj and o_proj of layers 0 to {}, and on the \
-                 gate_proj, up_proj and down_proj of dense layers' mlp (not of experts); \
-                 serve the merged model instead (moe-worker export writes it beside the \
+                "tensor {name} adapts a module this model does not have where it says, or one \
+                 serving does not adapt: adapters are served on self_attn's q_proj, k_proj, \
+                 v_proj and o_proj, and on the gate_proj, up_proj and down_proj of dense \
+                 layers' mlp, of MoE layers' experts (mlp.experts.<e>, or Mixtral's \
+                 block_sparse_moe.experts.<e> w1, w3, w2) and shared experts, in layers 0 to \
+                 {}; serve the merged model instead (moe-worker export writes it beside the \
                  adapter)",
                 config.layers.saturating_sub(1)
             ))
@@ -303,11 +453,17 @@ pub fn load(source: &AdapterSource, shape: &AdapterShape) -> Result<Adapter, Str
         // worker's own model rotates pairs, so q's and k's rows are
         // reordered as its weights were when it was trained from one:
         // P·(W₀ + s·B·A) = P·W₀ + s·(P·B)·A.
-        if config.rope_layout == RopeLayout::Interleaved && projection < 2 {
+        if config.rope_layout == RopeLayout::Interleaved
+            && matches!(projection, Projection::Q | Projection::K)
+        {
             b = interleave_rope_rows(&b, output / config.head_dim, config.head_dim, r);
         }
         let low = LowRank::new(a, &b, input, output, scale);
-        *blocks[layer].projection_mut(projection) = Some(low);
+        let experts = match shape.ffn[layer] {
+            FfnShape::Moe { experts, .. } => experts,
+            FfnShape::Dense { .. } => 0,
+        };
+        *blocks[layer].slot(site, projection, experts) = Some(low);
     }
     if let Some(left) = store.left().into_iter().next() {
         return Err(refuse(format!(
@@ -333,17 +489,13 @@ pub fn fingerprint(adapters: &[Adapter]) -> u64 {
     for adapter in adapters {
         bytes.extend_from_slice(adapter.name.as_bytes());
         bytes.push(0);
-        for (i, low) in adapter
-            .blocks
-            .iter()
-            .flat_map(BlockAdapter::projections)
-            .enumerate()
-        {
-            let Some(low) = low else { continue };
-            bytes.extend_from_slice(&(i as u64).to_le_bytes());
-            bytes.extend_from_slice(&low.scale.to_le_bytes());
-            for value in low.a.iter().chain(&low.bt) {
-                bytes.extend_from_slice(&value.to_le_bytes());
+        for (layer, block) in adapter.blocks.iter().enumerate() {
+            for (site, projection, low) in block.projections() {
+                bytes.extend_from_slice(format!("{layer}.{site:?}.{projection:?}").as_bytes());
+                bytes.extend_from_slice(&low.scale.to_le_bytes());
+                for value in low.a.iter().chain(&low.bt) {
+                    bytes.extend_from_slice(&value.to_le_bytes());
+                }
             }
         }
     }
@@ -388,15 +540,43 @@ fn check_config(peft: &PeftConfig) -> Result<(), String> {
     refusal.map_or(Ok(()), Err)
 }
 
-/// `[base_model.model.]model.layers.{i}.self_attn.{q,k,v,o}_proj` or
-/// `….mlp.{gate,up,down}_proj`: the layer and the projection's index in
-/// [`PROJECTIONS`].
-fn served_module(module: &str, layers: usize) -> Option<(usize, usize)> {
+/// Where a PEFT module is: `[base_model.model.]model.layers.{i}.` then
+/// `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` (a dense layer),
+/// `mlp.experts.{e}.{gate,up,down}_proj` or Mixtral's
+/// `block_sparse_moe.experts.{e}.{w1,w3,w2}` (a routed expert), or
+/// `mlp.shared_experts.…` / `mlp.shared_expert.…` (the shared experts).
+fn served_module(module: &str, layers: usize) -> Option<(usize, Site, Projection)> {
     let module = module.strip_prefix("base_model.model.").unwrap_or(module);
     let rest = module.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok().filter(|&l| l < layers)?;
-    let (parent, projection) = rest.split_once('.')?;
-    let index = PROJECTIONS.iter().position(|p| *p == projection)?;
-    (parent == if index < 4 { "self_attn" } else { "mlp" }).then_some((layer, index))
+    let (path, leaf) = rest.rsplit_once('.')?;
+    let projection = match leaf {
+        "q_proj" => Projection::Q,
+        "k_proj" => Projection::K,
+        "v_proj" => Projection::V,
+        "o_proj" => Projection::O,
+        "gate_proj" | "w1" => Projection::Gate,
+        "up_proj" | "w3" => Projection::Up,
+        "down_proj" | "w2" => Projection::Down,
+        _ => return None,
+    };
+    let mixtral = matches!(leaf, "w1" | "w2" | "w3");
+    let attention = matches!(
+        projection,
+        Projection::Q | Projection::K | Projection::V | Projection::O
+    );
+    let expert = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|e| e.parse::<usize>().ok())
+    };
+    let site = match path {
+        "self_attn" if attention => Site::Attention,
+        _ if attention => return None,
+        "mlp" if !mixtral => Site::Mlp,
+        "mlp.shared_experts" | "mlp.shared_expert" if !mixtral => Site::Shared,
+        _ if mixtral => Site::Expert(expert("block_sparse_moe.experts.")?),
+        _ => Site::Expert(expert("mlp.experts.")?),
+    };
+    Some((layer, site, projection))
 }

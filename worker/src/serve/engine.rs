@@ -20,7 +20,7 @@ use crate::moe::placement::ExpertPlacement;
 use crate::ops::packed_linear::WeightPrecision;
 use crate::ops::rope::RopeTable;
 use crate::ops::{rmsnorm, vector};
-use crate::serve::adapters::{Adapter, AdapterShape, BlockAdapter, LowRank};
+use crate::serve::adapters::{Adapter, AdapterShape, BlockAdapter, FfnShape, LowRank, MlpAdapter};
 use crate::serve::expert_parallel;
 use crate::serve::kv_cache::{KvShape, KvStore, PageId};
 use crate::serve::latent::LatentAttention;
@@ -219,13 +219,17 @@ impl Engine {
     pub fn adapter_shape(&self) -> AdapterShape {
         AdapterShape {
             config: self.config.clone(),
-            dense: self
+            ffn: self
                 .layers
                 .blocks
                 .iter()
                 .map(|b| match &b.ffn {
-                    Ffn::Dense(mlp) => Some(mlp.width()),
-                    Ffn::Moe(_) => None,
+                    Ffn::Dense(mlp) => FfnShape::Dense { width: mlp.width() },
+                    Ffn::Moe(moe) => FfnShape::Moe {
+                        experts: moe.config().n_routed_experts,
+                        expert_width: moe.config().expert_hidden,
+                        shared_width: moe.shared_width(),
+                    },
                 })
                 .collect(),
         }
@@ -476,12 +480,15 @@ impl Engine {
             let mut out = match &block.ffn {
                 Ffn::Dense(mlp) => {
                     let mut out = vec![0.0; m * h];
-                    mlp.forward_adapted(&mut out, &normed, &out_adapters);
+                    let mlps: Vec<Option<&MlpAdapter>> =
+                        out_adapters.iter().map(|a| a.map(|a| &a.mlp)).collect();
+                    mlp.forward_adapted(&mut out, &normed, &mlps);
                     out
                 }
                 Ffn::Moe(moe) => match ep {
+                    // The replica refuses adapters of experts at the join.
                     Some(ep) => expert_parallel::forward(moe, &normed, ep),
-                    None => moe.forward(&normed),
+                    None => moe.forward_adapted(&normed, &out_adapters),
                 },
             };
             add_into(&mut out, &mid);

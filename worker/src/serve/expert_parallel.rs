@@ -117,6 +117,6 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
         0..n_experts,
         &in_dispatch_order,
     );
-    moe.add_shared(mine, &mut output);
+    moe.add_shared(mine, &mut output, &[]);
     ep.all_gather_rows(&output, &counts, hidden)
 }

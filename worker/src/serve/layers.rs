@@ -18,7 +18,7 @@ use crate::moe::placement::ExpertPlacement;
 use crate::moe::routing::{self, Routing};
 use crate::ops::packed_linear::{PackedLinear, WeightPrecision};
 use crate::ops::swiglu;
-use crate::serve::adapters::BlockAdapter;
+use crate::serve::adapters::{BlockAdapter, MlpAdapter};
 use crate::serve::latent::LatentAttention;
 use crate::serve::model::{AttentionBias, Mlp, ServeFfn, ServeModel};
 
@@ -347,7 +347,7 @@ impl PackedMlp {
     /// [`Self::forward`] with row `i`'s adapter (`adapters[i]`, if any; none
     /// when empty) adding its updates to the row's gate, up and down
     /// projections (`serve/adapters.rs`).
-    pub fn forward_adapted(&self, out: &mut [f32], x: &[f32], adapters: &[Option<&BlockAdapter>]) {
+    pub fn forward_adapted(&self, out: &mut [f32], x: &[f32], adapters: &[Option<&MlpAdapter>]) {
         let w = self.width;
         let hidden = self.w13.in_dim();
         let rows = x.len() / hidden;
@@ -593,9 +593,20 @@ impl Moe {
         }
     }
 
+    /// The shared experts' (fused) width, if the layer has any.
+    pub fn shared_width(&self) -> Option<usize> {
+        self.shared
+            .as_ref()
+            .or(self.gated_shared.as_ref().map(|(mlp, _)| mlp))
+            .map(PackedMlp::width)
+    }
+
     /// The layer's output for `x: [tokens, hidden]` (unrelated tokens:
-    /// routing is per token), with every routed expert held here.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+    /// routing is per token), with every routed expert held here, and
+    /// token `t`'s adapter (`adapters[t]`, if any; none when empty) adding
+    /// its updates to the projections of the routed experts it is sent to
+    /// and of the shared experts.
+    pub fn forward_adapted(&self, x: &[f32], adapters: &[Option<&BlockAdapter>]) -> Vec<f32> {
         let hidden = self.config.hidden;
         assert_eq!(
             self.held,
@@ -616,22 +627,32 @@ impl Moe {
                 input.extend_from_slice(&x[token * hidden..(token + 1) * hidden]);
             }
             let mut expert_output = vec![0.0; input.len()];
-            expert.forward(&mut expert_output, &input);
+            let expert_adapters: Vec<Option<&MlpAdapter>> = match adapters.is_empty() {
+                true => Vec::new(),
+                false => slots
+                    .iter()
+                    .map(|&slot| adapters[dispatch.token(slot)].and_then(|a| a.experts.get(e)))
+                    .collect(),
+            };
+            expert.forward_adapted(&mut expert_output, &input, &expert_adapters);
             self.count_rows(e, slots.len());
             self.add_routed(&mut output, &routing, &dispatch, e..e + 1, &expert_output);
         }
-        self.add_shared(x, &mut output);
+        let shared: Vec<Option<&MlpAdapter>> =
+            adapters.iter().map(|a| a.map(|a| &a.shared)).collect();
+        self.add_shared(x, &mut output, &shared);
         output
     }
 
     /// Adds the shared experts' output for `x` into `output` (after the
-    /// routed experts', as the training layer does).
-    pub fn add_shared(&self, x: &[f32], output: &mut [f32]) {
+    /// routed experts', as the training layer does), with row `t`'s
+    /// adapter (`adapters[t]`, if any; none when empty).
+    pub fn add_shared(&self, x: &[f32], output: &mut [f32], adapters: &[Option<&MlpAdapter>]) {
         let hidden = self.config.hidden;
         let tokens = x.len() / hidden;
         if let Some(shared) = &self.shared {
             let mut shared_output = vec![0.0; x.len()];
-            shared.forward(&mut shared_output, x);
+            shared.forward_adapted(&mut shared_output, x, adapters);
             for (o, s) in output.iter_mut().zip(shared_output) {
                 *o += s;
             }
@@ -639,7 +660,7 @@ impl Moe {
         // Qwen2-MoE: out += sigmoid(x · gate) * shared(x).
         if let Some((mlp, gate)) = &self.gated_shared {
             let mut shared_output = vec![0.0; x.len()];
-            mlp.forward(&mut shared_output, x);
+            mlp.forward_adapted(&mut shared_output, x, adapters);
             let mut gates = vec![0.0; tokens];
             gate.forward(&mut gates, x);
             for ((row, shared_row), &g) in output

@@ -16,7 +16,9 @@ pub const RANK: usize = 4;
 /// One adapted projection, with `B` in the worker's row order.
 pub struct Update {
     pub layer: usize,
-    pub module: &'static str,
+    /// Its Hugging Face path in the block: `self_attn.q_proj`,
+    /// `mlp.gate_proj`, `mlp.experts.2.up_proj`, `mlp.shared_experts.down_proj`.
+    pub module: String,
     /// `[RANK, cols]`.
     pub a: Vec<f32>,
     /// `[rows, RANK]`.
@@ -25,28 +27,8 @@ pub struct Update {
     pub cols: usize,
 }
 
-pub fn updates(model: &Model<f32>, seed: u64) -> Vec<Update> {
-    let config = model.config();
-    let (h, qw, kv, dh) = (
-        config.hidden,
-        config.q_width(),
-        config.kv_width(),
-        config.dense_hidden,
-    );
+fn random(chosen: Vec<(usize, String, usize, usize)>, seed: u64) -> Vec<Update> {
     let mut rng = SplitMix64::new(seed);
-    // Every projection of layer 0 (dense: its MLP's too), and only v and
-    // o of layer 1 (a MoE layer).
-    let chosen = [
-        (0, "q_proj", qw, h),
-        (0, "k_proj", kv, h),
-        (0, "v_proj", kv, h),
-        (0, "o_proj", h, qw),
-        (0, "gate_proj", dh, h),
-        (0, "up_proj", dh, h),
-        (0, "down_proj", h, dh),
-        (1, "v_proj", kv, h),
-        (1, "o_proj", h, qw),
-    ];
     chosen
         .into_iter()
         .map(|(layer, module, rows, cols)| Update {
@@ -60,23 +42,89 @@ pub fn updates(model: &Model<f32>, seed: u64) -> Vec<Update> {
         .collect()
 }
 
+/// Every projection of layer 0 (dense: its MLP's too), and only v and o of
+/// layer 1 (a MoE layer).
+pub fn updates(model: &Model<f32>, seed: u64) -> Vec<Update> {
+    let config = model.config();
+    let (h, qw, kv, dh) = (
+        config.hidden,
+        config.q_width(),
+        config.kv_width(),
+        config.dense_hidden,
+    );
+    let chosen = [
+        (0, "self_attn.q_proj", qw, h),
+        (0, "self_attn.k_proj", kv, h),
+        (0, "self_attn.v_proj", kv, h),
+        (0, "self_attn.o_proj", h, qw),
+        (0, "mlp.gate_proj", dh, h),
+        (0, "mlp.up_proj", dh, h),
+        (0, "mlp.down_proj", h, dh),
+        (1, "self_attn.v_proj", kv, h),
+        (1, "self_attn.o_proj", h, qw),
+    ];
+    random(
+        chosen
+            .into_iter()
+            .map(|(l, m, r, c)| (l, m.to_owned(), r, c))
+            .collect(),
+        seed,
+    )
+}
+
+/// Layer 1's (a MoE layer's) experts: every projection of routed expert 0,
+/// the up projection of expert 2, and the shared experts' gate and down.
+pub fn expert_updates(model: &Model<f32>, seed: u64) -> Vec<Update> {
+    let config = model.config();
+    let (h, eh, sh) = (
+        config.hidden,
+        config.moe.expert_hidden,
+        config.moe.shared_hidden(),
+    );
+    let chosen = vec![
+        (1, "mlp.experts.0.gate_proj".to_owned(), eh, h),
+        (1, "mlp.experts.0.up_proj".to_owned(), eh, h),
+        (1, "mlp.experts.0.down_proj".to_owned(), h, eh),
+        (1, "mlp.experts.2.up_proj".to_owned(), eh, h),
+        (1, "mlp.shared_experts.gate_proj".to_owned(), sh, h),
+        (1, "mlp.shared_experts.down_proj".to_owned(), h, sh),
+    ];
+    random(chosen, seed)
+}
+
 /// `base` with each update folded in, naively: `W += scale · B·A`.
 pub fn merged(base: &Model<f32>, updates: &[Update], scale: f32) -> Model<f32> {
     let mut model = base.clone();
     for u in updates {
         let block = &mut model.weights.blocks[u.layer];
-        let dense = match &mut block.ffn {
-            FeedForward::Dense(dense) => Some(dense),
-            FeedForward::Moe(_) => None,
-        };
-        let w = match (u.module, dense) {
-            ("q_proj", _) => &mut block.wq,
-            ("k_proj", _) => &mut block.wk,
-            ("v_proj", _) => &mut block.wv,
-            ("o_proj", _) => &mut block.wo,
-            ("gate_proj", Some(dense)) => &mut dense.w1,
-            ("up_proj", Some(dense)) => &mut dense.w3,
-            ("down_proj", Some(dense)) => &mut dense.w2,
+        let (path, leaf) = u.module.rsplit_once('.').unwrap();
+        let w: &mut [f32] = match (path, &mut block.ffn) {
+            ("self_attn", _) => match leaf {
+                "q_proj" => &mut block.wq,
+                "k_proj" => &mut block.wk,
+                "v_proj" => &mut block.wv,
+                _ => &mut block.wo,
+            },
+            ("mlp", FeedForward::Dense(dense)) => match leaf {
+                "gate_proj" => &mut dense.w1,
+                "up_proj" => &mut dense.w3,
+                _ => &mut dense.w2,
+            },
+            ("mlp.shared_experts", FeedForward::Moe(moe)) => match leaf {
+                "gate_proj" => &mut moe.params.shared_w1,
+                "up_proj" => &mut moe.params.shared_w3,
+                _ => &mut moe.params.shared_w2,
+            },
+            (path, FeedForward::Moe(moe)) => {
+                let e: usize = path.strip_prefix("mlp.experts.").unwrap().parse().unwrap();
+                let size = u.rows * u.cols;
+                let stacked = match leaf {
+                    "gate_proj" => &mut moe.params.experts_w1,
+                    "up_proj" => &mut moe.params.experts_w3,
+                    _ => &mut moe.params.experts_w2,
+                };
+                &mut stacked[e * size..(e + 1) * size]
+            }
             _ => unreachable!("{} of layer {}", u.module, u.layer),
         };
         for i in 0..u.rows {
@@ -97,19 +145,12 @@ pub fn write_peft(dir: &Path, updates: &[Update], head_dim: usize, alpha: f64, r
     std::fs::create_dir_all(dir).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for u in updates {
-        let b = if matches!(u.module, "q_proj" | "k_proj") {
+        let b = if matches!(u.module.as_str(), "self_attn.q_proj" | "self_attn.k_proj") {
             halve_rope_rows(&u.b, u.rows / head_dim, head_dim, RANK)
         } else {
             u.b.clone()
         };
-        let parent = match u.module {
-            "gate_proj" | "up_proj" | "down_proj" => "mlp",
-            _ => "self_attn",
-        };
-        let module = format!(
-            "base_model.model.model.layers.{}.{parent}.{}",
-            u.layer, u.module
-        );
+        let module = format!("base_model.model.model.layers.{}.{}", u.layer, u.module);
         for (part, shape, values) in [
             ("lora_A", vec![RANK, u.cols], &u.a),
             ("lora_B", vec![u.rows, RANK], &b),
