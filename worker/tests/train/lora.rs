@@ -460,7 +460,8 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
     config["training"]["optimizer"]["learningRate"] = 0.05.into();
     let summary = train(&config).unwrap();
     let merged_dir = dir.join("merged");
-    let weights = CheckpointWeights::open(&summary.checkpoint.unwrap()).unwrap();
+    let checkpoint = summary.checkpoint.unwrap();
+    let weights = CheckpointWeights::open(&checkpoint).unwrap();
     let exported = hf_export::export(
         &weights,
         ExportTokenizer::Bytes,
@@ -620,6 +621,66 @@ fn the_export_of_a_lora_run_holds_its_adapters_in_peft_layout() {
             "{name}: merged − (W₀ + s·B·A) reaches {worst:e}"
         );
         assert!(b.iter().any(|&v| v != 0.0), "{module}: B was trained");
+    }
+
+    // Served beside its base, the exported adapter gives the merged
+    // model's logits: training, export and serving agree, for the base
+    // and merged exports (Hugging Face's RoPE halves) and for the initial
+    // model and the run's checkpoint (the worker's RoPE pairs, into which
+    // the adapter's q and k rows are put back).
+    use moe_worker::serve::adapters::{self, AdapterSource};
+    use moe_worker::serve::engine::{Chunk, Engine, Logits};
+    use moe_worker::serve::{kv_cache::KvStore, load};
+    let engine_of = |dir: &Path| {
+        Engine::serve(
+            load::load(dir, None, None)
+                .unwrap()
+                .model
+                .into_serve_model(),
+        )
+    };
+    let logits = |engine: &Engine, adapter| {
+        let vocab = engine.config().vocab as u32;
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 29 + 3) % vocab).collect();
+        let mut store = KvStore::new(engine.kv_shape(16), 1);
+        let chunk = Chunk {
+            pages: &[0],
+            start: 0,
+            tokens: &tokens,
+            logits: Logits::All,
+            adapter,
+        };
+        engine.step(&mut store, &[chunk]).unwrap()
+    };
+    let differ = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let source = AdapterSource {
+        name: "tuned".into(),
+        dir: merged_dir.join("adapter"),
+    };
+    for (base, merged) in [
+        (engine_of(&base_dir), engine_of(&merged_dir)),
+        (Engine::new(initial.clone()), engine_of(&checkpoint)),
+    ] {
+        let adapter = adapters::load(&source, &base.adapter_shape()).unwrap();
+        assert!(
+            adapter.modules().iter().any(|m| m == "experts.up_proj"),
+            "{:?}",
+            adapter.modules()
+        );
+        let without = logits(&base, None);
+        let served = base.with_adapters(vec![adapter]);
+        let with = logits(&served, Some(0));
+        let want = logits(&merged, None);
+        let (worst, moved) = (differ(&with, &want), differ(&without, &want));
+        assert!(
+            worst < 1e-4 && moved > 100.0 * worst,
+            "served vs merged {worst:e}, base vs merged {moved:e}"
+        );
     }
 }
 
