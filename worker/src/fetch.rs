@@ -1,6 +1,9 @@
 //! `moe-worker fetch`: a model from the Hugging Face Hub into a directory,
 //! as a serving pod's init container runs it before the server starts
-//! (`spec.model.huggingface`, docs/inference-services.md).
+//! (`spec.model.huggingface`, docs/inference-services.md); a LoRA adapter
+//! (`spec.adapters[].huggingface`: `adapter_config.json` and
+//! `adapter_model.safetensors` alone) or a training job's dataset
+//! (`data.huggingface`: the files it names) the same way.
 //!
 //! ```text
 //!  GET {endpoint}/api/models/{repo}/revision/{revision}        → the commit the revision names
@@ -86,13 +89,16 @@ pub enum RepoKind {
     Model,
     /// A dataset, for training (`data.huggingface`).
     Dataset,
+    /// A PEFT LoRA adapter (a model repo), served beside a model
+    /// (`adapters[].huggingface`).
+    Adapter,
 }
 
 impl RepoKind {
     /// The Hub API's collection (`/api/{this}/…`).
     fn api(self) -> &'static str {
         match self {
-            Self::Model => "models",
+            Self::Model | Self::Adapter => "models",
             Self::Dataset => "datasets",
         }
     }
@@ -100,7 +106,7 @@ impl RepoKind {
     /// What precedes the repo in file URLs and local directories.
     fn prefix(self) -> &'static str {
         match self {
-            Self::Model => "",
+            Self::Model | Self::Adapter => "",
             Self::Dataset => "datasets/",
         }
     }
@@ -110,6 +116,7 @@ impl RepoKind {
         match self {
             Self::Model => "model.huggingface",
             Self::Dataset => "data.huggingface",
+            Self::Adapter => "adapters[].huggingface",
         }
     }
 
@@ -117,6 +124,7 @@ impl RepoKind {
         match self {
             Self::Model => "model",
             Self::Dataset => "dataset",
+            Self::Adapter => "adapter",
         }
     }
 }
@@ -318,9 +326,13 @@ pub fn check(request: &FetchRequest) -> Result<(), FetchError> {
         return Err(FetchError::Invalid("--parallel must be at least 1".into()));
     }
     match request.kind {
-        RepoKind::Model if !request.include.is_empty() => Err(FetchError::Invalid(
-            "--include chooses a dataset's files; a model's are what serving reads".into(),
-        )),
+        RepoKind::Model | RepoKind::Adapter if !request.include.is_empty() => {
+            Err(FetchError::Invalid(
+                "--include chooses a dataset's files; a model's or an adapter's are what \
+                 serving reads"
+                    .into(),
+            ))
+        }
         RepoKind::Dataset if request.include.is_empty() => Err(FetchError::Invalid(
             "a dataset fetch needs --include: the files or directories of the repo to take \
              (data.huggingface.path)"
@@ -620,6 +632,7 @@ pub fn fetch(request: &FetchRequest, token: Option<&str>) -> Result<Fetched, Fet
     let files = match request.kind {
         RepoKind::Model => model_files(&hub, request, &commit, &commit_dir, listed, &url)?,
         RepoKind::Dataset => dataset_files(request, &commit, listed)?,
+        RepoKind::Adapter => adapter_files(request, &commit, listed)?,
     };
     fs::create_dir_all(&commit_dir)
         .map_err(io_error(format!("creating {}", commit_dir.display())))?;
@@ -756,6 +769,39 @@ fn dataset_files(
     }) {
         Some(missing) => Err(FetchError::Hub(format!(
             "the dataset {} at {commit} has no file or directory {missing:?}",
+            request.repo
+        ))),
+        None => Ok(files),
+    }
+}
+
+/// The files a PEFT adapter is served from: `adapter_config.json` and
+/// `adapter_model.safetensors` (never the pickled `adapter_model.bin`).
+pub const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// Of an adapter repo's `listed` files, [`ADAPTER_FILES`]; fails naming
+/// what is missing.
+fn adapter_files(
+    request: &FetchRequest,
+    commit: &str,
+    listed: Vec<TreeEntry>,
+) -> Result<Vec<TreeEntry>, FetchError> {
+    let pickled = listed.iter().any(|f| f.path == "adapter_model.bin");
+    let files: Vec<TreeEntry> = listed
+        .into_iter()
+        .filter(|e| ADAPTER_FILES.contains(&e.path.as_str()))
+        .collect();
+    match ADAPTER_FILES
+        .iter()
+        .find(|want| !files.iter().any(|f| f.path == **want))
+    {
+        Some(&"adapter_model.safetensors") if pickled => Err(FetchError::Hub(format!(
+            "{} at {commit} holds adapter_model.bin only: pickled weights are code, not data, \
+             and are not read; save the adapter with safe_serialization (PEFT's default)",
+            request.repo
+        ))),
+        Some(missing) => Err(FetchError::Hub(format!(
+            "{} at {commit} has no {missing}: not a PEFT LoRA adapter this server reads",
             request.repo
         ))),
         None => Ok(files),

@@ -76,7 +76,8 @@ struct FetchArgs {
     /// revision names later.
     #[arg(long)]
     link: Option<PathBuf>,
-    /// A model (what serving reads) or a dataset (the files --include names).
+    /// A model (what serving reads), a dataset (the files --include names)
+    /// or a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors).
     #[arg(long, value_enum, default_value = "model")]
     repo_type: RepoType,
     /// A dataset's file or directory to take (repeatable; a directory's
@@ -118,6 +119,7 @@ enum ExportPrecisionArg {
 enum RepoType {
     Model,
     Dataset,
+    Adapter,
 }
 
 impl From<RepoType> for moe_worker::fetch::RepoKind {
@@ -125,6 +127,7 @@ impl From<RepoType> for moe_worker::fetch::RepoKind {
         match t {
             RepoType::Model => Self::Model,
             RepoType::Dataset => Self::Dataset,
+            RepoType::Adapter => Self::Adapter,
         }
     }
 }

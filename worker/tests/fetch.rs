@@ -777,6 +777,94 @@ fn a_dataset_brings_the_files_under_its_path_and_training_reads_them_through_the
     );
 }
 
+/// A PEFT adapter (`--repo-type adapter`): its config and safetensors
+/// alone, from the model API, and the server serves it beside the model;
+/// a repo with only the pickled weights, or no adapter config, is refused
+/// naming what it lacks.
+#[test]
+fn an_adapter_brings_its_config_and_safetensors_and_is_served_beside_its_model() {
+    let adapter = fixture("qwen3_moe_lora");
+    let file = |name: &str| (name.to_string(), std::fs::read(adapter.join(name)).unwrap());
+    let hub = FakeHub::start();
+    let files = vec![
+        file("adapter_config.json"),
+        file("adapter_model.safetensors"),
+        ("README.md".into(), b"# an adapter".to_vec()),
+        ("adapter_model.bin".into(), vec![7; 64]),
+        (
+            "checkpoint-100/adapter_model.safetensors".into(),
+            vec![9; 64],
+        ),
+    ];
+    {
+        let mut state = hub.state.lock().unwrap();
+        let main = state.main.clone();
+        state.commits.insert(main, files.clone());
+    }
+    let dir = TempDir::new("adapter");
+    let link = dir.0.join("pod-0/adapter");
+    let report = fetch_command(
+        Command::new(BINARY)
+            .args(["fetch", "--repo-type", "adapter", "--repo", REPO, "--into"])
+            .arg(dir.0.join("claim"))
+            .args(["--endpoint", &hub.endpoint, "--link"])
+            .arg(&link),
+    );
+    assert_eq!(report.files, 2);
+    assert_eq!(
+        tree_of(&std::fs::canonicalize(&link).unwrap()),
+        ["adapter_config.json", "adapter_model.safetensors"]
+    );
+    let log = hub.state.lock().unwrap().hub_log.clone();
+    assert!(
+        log.iter().all(|(u, _)| !u.starts_with("/api/datasets/")),
+        "{log:?}"
+    );
+    // Served beside the model it adapts.
+    let engine = moe_worker::serve::engine::Engine::serve(
+        moe_worker::serve::load::load(&fixture("qwen3_moe"), None, None)
+            .unwrap()
+            .model
+            .into_serve_model(),
+    );
+    let source = moe_worker::serve::adapters::AdapterSource {
+        name: "tuned".into(),
+        dir: link.clone(),
+    };
+    let loaded = moe_worker::serve::adapters::load(&source, &engine.adapter_shape()).unwrap();
+    assert!(
+        loaded.modules().iter().any(|m| m == "experts.up_proj"),
+        "{:?}",
+        loaded.modules()
+    );
+
+    for (without, says) in [
+        ("adapter_model.safetensors", "adapter_model.bin only"),
+        ("adapter_config.json", "has no adapter_config.json"),
+    ] {
+        {
+            let mut state = hub.state.lock().unwrap();
+            let main = state.main.clone();
+            let kept = files
+                .iter()
+                .filter(|(p, _)| p != without)
+                .cloned()
+                .collect();
+            state.commits.insert(main, kept);
+        }
+        let into = TempDir::new("adapter-refused");
+        let request = FetchRequest {
+            kind: RepoKind::Adapter,
+            ..hub.request(&into.0)
+        };
+        let error = fetch::fetch(&request, None).unwrap_err();
+        assert!(
+            error.exit_code() == 2 && error.to_string().contains(says),
+            "{without}: {error}"
+        );
+    }
+}
+
 /// What a dataset fetch refuses, naming it: a path the repo lacks (a typo
 /// must not train on less), a path out of the repo, `--include` for a model
 /// or none for a dataset, and a Hub listing a path that climbs out.
