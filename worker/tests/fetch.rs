@@ -900,7 +900,7 @@ fn a_dataset_fetch_refuses_missing_and_escaping_paths() {
         (
             &["train"][..],
             RepoKind::Model,
-            "a model's are what serving reads",
+            "are what serving reads",
         ),
     ] {
         let error = fetch::fetch(&request(include, kind), None).unwrap_err();
