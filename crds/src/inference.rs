@@ -269,8 +269,8 @@ pub struct ModelSource {
 /// A LoRA adapter served beside the model. Exactly one source.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.fromTrainingJob) ? 1 : 0) + (has(self.volume) ? 1 : 0) == 1")
-    .message("each adapter needs exactly one source: fromTrainingJob or volume"))]
+#[x_kube(validation = Rule::new("(has(self.fromTrainingJob) ? 1 : 0) + (has(self.volume) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) == 1")
+    .message("each adapter needs exactly one source: fromTrainingJob, volume or huggingface"))]
 pub struct ServedAdapter {
     /// The model id requests name to use it (`"model": "<name>"`).
     #[schemars(
@@ -288,6 +288,12 @@ pub struct ServedAdapter {
     /// read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<AdapterVolume>,
+    /// A PEFT adapter on the Hugging Face Hub (or a mirror): its
+    /// `adapter_config.json` and `adapter_model.safetensors`, downloaded by
+    /// each server pod's init container before the server starts, as
+    /// `model.huggingface` is (a token from a Secret, a cache claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<HuggingFaceModel>,
 }
 
 /// A training job whose export holds the adapters.

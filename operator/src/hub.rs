@@ -30,9 +30,26 @@ pub const HUB_DIR: &str = "huggingface";
 pub const PINNED_VOLUME: &str = "pinned";
 pub const PINNED_MOUNT: &str = "/run/moe";
 
+/// The init containers that download a serving pod's Hub adapters
+/// (`adapters[].huggingface`) are this and the adapter's index.
+pub const ADAPTER_DOWNLOAD_PREFIX: &str = "download-adapter-";
+
 /// Whether the container `name` is one of the downloads.
 pub fn is_download_container(name: &str) -> bool {
-    name == DOWNLOAD_CONTAINER || name == MODEL_DOWNLOAD_CONTAINER
+    name == DOWNLOAD_CONTAINER
+        || name == MODEL_DOWNLOAD_CONTAINER
+        || name.starts_with(ADAPTER_DOWNLOAD_PREFIX)
+}
+
+/// What a download takes from its repo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetches {
+    /// A model: what serving reads.
+    Model,
+    /// A dataset's files or directories.
+    Dataset(Vec<String>),
+    /// A PEFT adapter: its config and safetensors.
+    Adapter,
 }
 
 /// One pod's download.
@@ -43,8 +60,7 @@ pub struct Download<'a> {
     pub revision: &'a str,
     pub endpoint: Option<&'a str>,
     pub token_secret: Option<&'a SecretKey>,
-    /// A dataset's files or directories; empty: a model (what serving reads).
-    pub dataset_include: Vec<String>,
+    pub fetches: Fetches,
     /// The volume the files go on, and where it is mounted.
     pub volume: &'a str,
     pub mount_path: &'a str,
@@ -60,8 +76,10 @@ pub fn download_container(ctx: &BuildContext, worker: &WorkerSpec, d: &Download)
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if !d.dataset_include.is_empty() {
-        command.extend(["--repo-type".into(), "dataset".into()]);
+    match &d.fetches {
+        Fetches::Model => {}
+        Fetches::Dataset(_) => command.extend(["--repo-type".into(), "dataset".into()]),
+        Fetches::Adapter => command.extend(["--repo-type".into(), "adapter".into()]),
     }
     command.extend([
         "--repo".into(),
@@ -73,8 +91,10 @@ pub fn download_container(ctx: &BuildContext, worker: &WorkerSpec, d: &Download)
         "--link".into(),
         d.link.into(),
     ]);
-    for path in &d.dataset_include {
-        command.extend(["--include".into(), path.clone()]);
+    if let Fetches::Dataset(include) = &d.fetches {
+        for path in include {
+            command.extend(["--include".into(), path.clone()]);
+        }
     }
     if let Some(endpoint) = d.endpoint {
         command.extend(["--endpoint".to_string(), endpoint.to_string()]);
@@ -191,9 +211,14 @@ pub fn failure_of(pod: &Pod, status: &ContainerStatus) -> Option<ContainerFailur
 pub fn downloads_of(pods: &[Pod]) -> Downloads {
     let mut downloads = Downloads::default();
     for pod in pods {
-        for status in [DOWNLOAD_CONTAINER, MODEL_DOWNLOAD_CONTAINER]
-            .iter()
-            .filter_map(|name| container_status(pod, name, true))
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.clone())
+            .unwrap_or_default();
+        for status in statuses
+            .into_iter()
+            .filter(|s| is_download_container(&s.name))
         {
             if status
                 .state

@@ -202,8 +202,9 @@ struct ServeArgs {
     #[arg(long)]
     no_prefix_caching: bool,
     /// A LoRA adapter to serve beside the model, NAME=DIR (a PEFT adapter
-    /// directory, as `moe-worker export` writes under adapter/); requests
-    /// naming NAME as their model run with it. Repeatable.
+    /// directory, as `moe-worker export` writes under adapter/), or
+    /// NAME=hf://org/name[@revision] (downloaded first, as --model's);
+    /// requests naming NAME as their model run with it. Repeatable.
     #[arg(long = "lora", value_name = "NAME=DIR")]
     lora: Vec<String>,
     /// Where the model computes: cpu, or cuda (the GPU engine, in a worker
@@ -358,24 +359,39 @@ fn serve(mut args: ServeArgs) -> ExitCode {
         .as_deref()
         .and_then(|m| m.to_str())
         .and_then(moe_worker::fetch::parse_uri);
-    if let Some((repo, revision)) = hub {
-        use moe_worker::fetch;
+    use moe_worker::fetch;
+    // `hf://org/name[@revision]`: downloaded into the cache first.
+    let from_hub = |repo: &str, revision: String, kind: fetch::RepoKind| {
         let request = fetch::FetchRequest {
-            repo: repo.clone(),
+            repo: repo.to_owned(),
             revision,
             into: fetch::cache_dir(),
             endpoint: fetch::endpoint_from_env(),
             parallel: 4,
-            kind: fetch::RepoKind::Model,
+            kind,
             include: Vec::new(),
         };
-        match fetch::fetch(&request, std::env::var("HF_TOKEN").ok().as_deref()) {
+        fetch::fetch(&request, std::env::var("HF_TOKEN").ok().as_deref())
+    };
+    if let Some((repo, revision)) = hub {
+        match from_hub(&repo, revision, fetch::RepoKind::Model) {
             Ok(fetched) => {
                 args.model = Some(fetched.dir);
                 args.format.get_or_insert_with(|| "huggingface".into());
                 args.served_model_name.get_or_insert(repo);
             }
             Err(e) => return fail(&e.to_string(), e.exit_code()),
+        }
+    }
+    for lora in &mut args.lora {
+        let Some((name, uri)) = lora.split_once('=') else {
+            continue;
+        };
+        if let Some((repo, revision)) = fetch::parse_uri(uri) {
+            match from_hub(&repo, revision, fetch::RepoKind::Adapter) {
+                Ok(fetched) => *lora = format!("{name}={}", fetched.dir.display()),
+                Err(e) => return fail(&e.to_string(), e.exit_code()),
+            }
         }
     }
     // The operator's pods pass --config; a hand-started server passes --model.

@@ -837,6 +837,56 @@ fn an_adapter_brings_its_config_and_safetensors_and_is_served_beside_its_model()
         "{:?}",
         loaded.modules()
     );
+    // By hand: `--lora NAME=hf://…` downloads it into the cache first.
+    let cache = TempDir::new("adapter-uri");
+    let port = moe_worker::dist::launch::free_local_port().unwrap();
+    let mut server = Command::new(BINARY)
+        .arg("serve")
+        .arg("--model")
+        .arg(fixture("qwen3_moe"))
+        .args([
+            "--lora",
+            &format!("tuned=hf://{REPO}@main"),
+            "--host",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string(), "--kv-cache-mib", "4"])
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("MOE_HF_CACHE", &cache.0)
+        .env("MOE_STATUS_ADDR", "off")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let body = r#"{"model": "tuned", "prompt": "Hello", "max_tokens": 3, "temperature": 0}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let reply = loop {
+        assert!(server.try_wait().unwrap().is_none(), "the server exited");
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let request = format!(
+                "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).unwrap();
+            if raw.starts_with("HTTP/1.1 200") {
+                break raw;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(reply.contains("\"model\":\"tuned\""), "{reply}");
+    let commit = hub.state.lock().unwrap().main.clone();
+    assert!(cache.0.join(REPO).join(&commit).join(COMPLETE).is_file());
 
     for (without, says) in [
         ("adapter_model.safetensors", "adapter_model.bin only"),
@@ -897,11 +947,7 @@ fn a_dataset_fetch_refuses_missing_and_escaping_paths() {
             "not a path inside the repo",
         ),
         (&[][..], RepoKind::Dataset, "needs --include"),
-        (
-            &["train"][..],
-            RepoKind::Model,
-            "are what serving reads",
-        ),
+        (&["train"][..], RepoKind::Model, "are what serving reads"),
     ] {
         let error = fetch::fetch(&request(include, kind), None).unwrap_err();
         assert!(

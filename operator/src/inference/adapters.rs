@@ -1,13 +1,24 @@
 //! `spec.adapters`: where each LoRA adapter's PEFT directory is, resolved
-//! from its source (pure), and how the server pods mount them: one
-//! read-only volume per claim, at `/adapters/<k>`, the adapter's directory
-//! inside it written into the server's config.
+//! from its source (pure), and how the server pods get them: one read-only
+//! volume per claim, at `/adapters/<k>`; a Hub adapter downloaded by an
+//! init container of its own (`download-adapter-<i>`) into its cache claim
+//! or an emptyDir at `/adapters/hub-<i>`, read through the pod's link to
+//! the commit it fetched (`/run/moe/adapter-<i>`). Each adapter's directory
+//! as the server sees it is written into the server's config.
 
 use std::sync::Arc;
 
-use moe_crds::{AdapterVolume, MoEInferenceService, MoETrainingJob, OutputPhase, ServedAdapter};
+use k8s_openapi::api::core::v1::{
+    Container, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
+};
+use moe_crds::{
+    AdapterVolume, HuggingFaceModel, MoEInferenceService, MoETrainingJob, OutputPhase,
+    ServedAdapter, WorkerSpec,
+};
 
 use super::decide::{ModelState, reason};
+use crate::hub::{ADAPTER_DOWNLOAD_PREFIX, Download, Fetches, PINNED_MOUNT, download_container};
+use crate::pods::{BuildContext, empty_dir, mount};
 use crate::training::checkpoints::{self, Unavailable};
 
 /// Where the claims holding adapters are mounted, one directory each.
@@ -16,16 +27,23 @@ pub const ADAPTER_MOUNT: &str = "/adapters";
 /// (unless it exported them alone: then at the top).
 const EXPORT_ADAPTER_DIR: &str = "adapter";
 
-/// An adapter's PEFT directory on a claim.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An adapter, resolved.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedAdapter {
     /// The model id requests name it by.
     pub name: String,
-    pub claim_name: String,
-    /// The directory inside the claim.
-    pub path: String,
-    /// What it is, for `status.modelRevision` (a new one rolls the pods).
+    pub place: AdapterPlace,
+    /// What it is, for the server's config (a new one rolls the pods).
     pub revision: String,
+}
+
+/// Where an adapter's PEFT directory is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdapterPlace {
+    /// The directory `path` on a claim.
+    Claim { claim_name: String, path: String },
+    /// A Hub repo each pod downloads before its server starts.
+    Hub(HuggingFaceModel),
 }
 
 /// Every adapter of `svc`, in the spec's order, given the training jobs
@@ -52,11 +70,19 @@ fn resolve_one(
     if let Some(volume) = &adapter.volume {
         return Ok(on_volume(name, volume));
     }
+    if let Some(hub) = &adapter.huggingface {
+        return Ok(ResolvedAdapter {
+            revision: format!("huggingface/{}@{}", hub.repo, hub.revision),
+            place: AdapterPlace::Hub(hub.clone()),
+            name,
+        });
+    }
     let Some(from) = &adapter.from_training_job else {
         return Err(ModelState::Broken {
             reason: reason::INVALID_SPEC,
             message: format!(
-                "spec.adapters[{name}] needs exactly one source: fromTrainingJob or volume"
+                "spec.adapters[{name}] needs exactly one source: fromTrainingJob, volume or \
+                 huggingface"
             ),
         });
     };
@@ -142,8 +168,10 @@ fn resolve_one(
         .collect();
     Ok(ResolvedAdapter {
         revision: format!("moetrainingjob/{}/{uid}", from.name),
-        claim_name: output.claim_name.clone(),
-        path,
+        place: AdapterPlace::Claim {
+            claim_name: output.claim_name.clone(),
+            path,
+        },
         name,
     })
 }
@@ -152,8 +180,10 @@ fn on_volume(name: String, volume: &AdapterVolume) -> ResolvedAdapter {
     let path = volume.path.trim_matches('/').to_owned();
     ResolvedAdapter {
         revision: format!("pvc/{}/{path}", volume.claim_name),
-        claim_name: volume.claim_name.clone(),
-        path,
+        place: AdapterPlace::Claim {
+            claim_name: volume.claim_name.clone(),
+            path,
+        },
         name,
     }
 }
@@ -164,18 +194,25 @@ pub fn as_rendered(svc: &MoEInferenceService) -> Vec<ResolvedAdapter> {
     svc.spec
         .adapters
         .iter()
-        .map(|a| match (&a.volume, &a.from_training_job) {
-            (Some(volume), _) => on_volume(a.name.clone(), volume),
-            (None, job) => {
-                let job = job.as_ref().map_or("unknown", |j| j.name.as_str());
-                ResolvedAdapter {
-                    name: a.name.clone(),
-                    claim_name: format!("{job}-export"),
-                    path: EXPORT_ADAPTER_DIR.into(),
-                    revision: format!("moetrainingjob/{job}"),
+        .map(
+            |a| match resolve_one(a, svc.spec.parallelism.expert_parallel, &|_| None) {
+                Ok(resolved) => resolved,
+                Err(_) => {
+                    let job = a
+                        .from_training_job
+                        .as_ref()
+                        .map_or("unknown", |j| j.name.as_str());
+                    ResolvedAdapter {
+                        name: a.name.clone(),
+                        place: AdapterPlace::Claim {
+                            claim_name: format!("{job}-export"),
+                            path: EXPORT_ADAPTER_DIR.into(),
+                        },
+                        revision: format!("moetrainingjob/{job}"),
+                    }
                 }
-            }
-        })
+            },
+        )
         .collect()
 }
 
@@ -184,21 +221,39 @@ pub fn as_rendered(svc: &MoEInferenceService) -> Vec<ResolvedAdapter> {
 pub fn claims(adapters: &[ResolvedAdapter]) -> Vec<&str> {
     let mut claims: Vec<&str> = Vec::new();
     for adapter in adapters {
-        if !claims.contains(&adapter.claim_name.as_str()) {
-            claims.push(&adapter.claim_name);
+        if let AdapterPlace::Claim { claim_name, .. } = &adapter.place
+            && !claims.contains(&claim_name.as_str())
+        {
+            claims.push(claim_name);
         }
     }
     claims
 }
 
-/// The volume of claim `k`.
-pub fn volume_name(k: usize) -> String {
-    format!("adapters-{k}")
+/// The Hub adapters, by their index in the spec.
+fn downloads(adapters: &[ResolvedAdapter]) -> impl Iterator<Item = (usize, &HuggingFaceModel)> {
+    adapters
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| match &a.place {
+            AdapterPlace::Hub(hub) => Some((i, hub)),
+            AdapterPlace::Claim { .. } => None,
+        })
 }
 
-/// Where claim `k` is mounted.
-pub fn mount_path(k: usize) -> String {
-    format!("{ADAPTER_MOUNT}/{k}")
+/// Whether some adapter is downloaded (the pod's links volume is needed).
+pub fn downloads_any(adapters: &[ResolvedAdapter]) -> bool {
+    downloads(adapters).next().is_some()
+}
+
+/// Adapter `i`'s download: its volume, where the volume is mounted, and
+/// the pod's link to the commit it fetched.
+fn download_paths(i: usize) -> (String, String, String) {
+    (
+        format!("adapter-download-{i}"),
+        format!("{ADAPTER_MOUNT}/hub-{i}"),
+        format!("{PINNED_MOUNT}/adapter-{i}"),
+    )
 }
 
 /// Each adapter's name and directory as the server sees them.
@@ -206,16 +261,93 @@ pub fn dirs(adapters: &[ResolvedAdapter]) -> Vec<(String, String)> {
     let claims = claims(adapters);
     adapters
         .iter()
-        .map(|a| {
-            let k = claims
-                .iter()
-                .position(|c| *c == a.claim_name)
-                .expect("every adapter's claim is listed");
-            let dir = match a.path.as_str() {
-                "" => mount_path(k),
-                path => format!("{}/{path}", mount_path(k)),
+        .enumerate()
+        .map(|(i, a)| {
+            let dir = match &a.place {
+                AdapterPlace::Claim { claim_name, path } => {
+                    let k = claims
+                        .iter()
+                        .position(|c| c == claim_name)
+                        .expect("every adapter's claim is listed");
+                    match path.as_str() {
+                        "" => format!("{ADAPTER_MOUNT}/{k}"),
+                        path => format!("{ADAPTER_MOUNT}/{k}/{path}"),
+                    }
+                }
+                AdapterPlace::Hub(_) => download_paths(i).2,
             };
             (a.name.clone(), dir)
+        })
+        .collect()
+}
+
+/// The pod's volumes for the adapters: each claim's, read-only; each Hub
+/// adapter's cache claim (written by its download) or emptyDir.
+pub fn volumes(adapters: &[ResolvedAdapter]) -> Vec<Volume> {
+    let claim = |name: String, claim: &str, read_only: bool| Volume {
+        name,
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only: Some(read_only),
+        }),
+        ..Default::default()
+    };
+    let mut volumes: Vec<Volume> = claims(adapters)
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| claim(format!("adapters-{k}"), c, true))
+        .collect();
+    for (i, hub) in downloads(adapters) {
+        let (volume, _, _) = download_paths(i);
+        volumes.push(match &hub.cache_claim_name {
+            Some(c) => claim(volume, c, false),
+            None => empty_dir(&volume, None, None),
+        });
+    }
+    volumes
+}
+
+/// The server container's mounts of [`volumes`], all read-only.
+pub fn server_mounts(adapters: &[ResolvedAdapter]) -> Vec<VolumeMount> {
+    let claims = (0..claims(adapters).len()).map(|k| {
+        mount(
+            &format!("adapters-{k}"),
+            &format!("{ADAPTER_MOUNT}/{k}"),
+            true,
+        )
+    });
+    let downloads = downloads(adapters).map(|(i, _)| {
+        let (volume, at, _) = download_paths(i);
+        mount(&volume, &at, true)
+    });
+    claims.chain(downloads).collect()
+}
+
+/// An init container per Hub adapter (`download-adapter-<i>`): `moe-worker
+/// fetch --repo-type adapter` into its volume, linked for the server.
+pub fn init_containers(
+    ctx: &BuildContext,
+    worker: &WorkerSpec,
+    adapters: &[ResolvedAdapter],
+) -> Vec<Container> {
+    downloads(adapters)
+        .map(|(i, hub)| {
+            let (volume, at, link) = download_paths(i);
+            download_container(
+                ctx,
+                worker,
+                &Download {
+                    container: &format!("{ADAPTER_DOWNLOAD_PREFIX}{i}"),
+                    repo: &hub.repo,
+                    revision: &hub.revision,
+                    endpoint: hub.endpoint.as_deref(),
+                    token_secret: hub.token_secret.as_ref(),
+                    fetches: Fetches::Adapter,
+                    volume: &volume,
+                    mount_path: &at,
+                    link: &link,
+                },
+            )
         })
         .collect()
 }
@@ -236,6 +368,8 @@ mod tests {
                 {"name": "chat-sql", "fromTrainingJob": {"name": "tune"}},
                 {"name": "chat-legal", "volume": {"claimName": "adapters", "path": "/legal/v2/"}},
                 {"name": "chat-math", "volume": {"claimName": "adapters", "path": "math"}},
+                {"name": "chat-hub", "huggingface": {"repo": "org/lora", "revision": "v2",
+                                                    "tokenSecret": {"name": "hf"}}},
             ],
         }}))
     }
@@ -262,6 +396,14 @@ mod tests {
         Arc::new(serde_json::from_value(v).unwrap())
     }
 
+    /// A claim adapter's claim and path (`("", "")` for a Hub one).
+    fn place(adapter: &ResolvedAdapter) -> (&str, &str) {
+        match &adapter.place {
+            AdapterPlace::Claim { claim_name, path } => (claim_name, path),
+            AdapterPlace::Hub(_) => ("", ""),
+        }
+    }
+
     fn resolved(job: Option<Arc<MoETrainingJob>>) -> Result<Vec<ResolvedAdapter>, ModelState> {
         resolve(&service(), |name| {
             assert_eq!(name, "tune");
@@ -275,12 +417,13 @@ mod tests {
         assert_eq!(
             adapters
                 .iter()
-                .map(|a| (a.name.as_str(), a.claim_name.as_str(), a.path.as_str()))
+                .map(|a| (a.name.as_str(), place(a)))
                 .collect::<Vec<_>>(),
             [
-                ("chat-sql", "models", "exports/serve/tune/adapter"),
-                ("chat-legal", "adapters", "legal/v2"),
-                ("chat-math", "adapters", "math"),
+                ("chat-sql", ("models", "exports/serve/tune/adapter")),
+                ("chat-legal", ("adapters", "legal/v2")),
+                ("chat-math", ("adapters", "math")),
+                ("chat-hub", ("", "")),
             ]
         );
         // One volume per claim; the config names each adapter's directory.
@@ -300,9 +443,11 @@ mod tests {
                 ("chat-sql", "/adapters/0/exports/serve/tune/adapter"),
                 ("chat-legal", "/adapters/1/legal/v2"),
                 ("chat-math", "/adapters/1/math"),
+                ("chat-hub", "/run/moe/adapter-3"),
             ]
         );
         assert_eq!(config.adapters[0].revision, "moetrainingjob/tune/0a1b2c3d");
+        assert_eq!(config.adapters[3].revision, "huggingface/org/lora@v2");
         let template = build::pod_template(&svc, &BuildContext::default(), &model, None);
         let pod = template.spec.unwrap();
         let claims: Vec<(String, String, Option<bool>)> = pod
@@ -336,13 +481,72 @@ mod tests {
                 ("adapters-1".into(), "/adapters/1".into(), Some(true)),
             ]
         );
+        // The Hub adapter: its own init container fetches it into an
+        // emptyDir with the token of its Secret, linked for the server,
+        // which mounts both read-only and never sees the token.
+        let init = pod.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0].name, "download-adapter-3");
+        let command = init[0].command.as_ref().unwrap().join(" ");
+        assert!(
+            command.contains("fetch --repo-type adapter --repo org/lora --revision v2")
+                && command.contains("--into /adapters/hub-3/huggingface")
+                && command.contains("--link /run/moe/adapter-3"),
+            "{command}"
+        );
+        let token = init[0].env.as_ref().unwrap()[0]
+            .value_from
+            .as_ref()
+            .unwrap();
+        assert_eq!(token.secret_key_ref.as_ref().unwrap().name, "hf");
+        let volume = |name: &str| {
+            pod.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == name)
+                .cloned()
+        };
+        assert!(volume("adapter-download-3").unwrap().empty_dir.is_some());
+        assert!(volume("pinned").is_some());
+        let server = &pod.containers[0];
+        let server_mounts: Vec<(&str, &str, Option<bool>)> = server
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+            .collect();
+        for want in [
+            ("adapter-download-3", "/adapters/hub-3", Some(true)),
+            ("pinned", "/run/moe", Some(true)),
+        ] {
+            assert!(
+                server_mounts.contains(&want),
+                "{want:?} in {server_mounts:?}"
+            );
+        }
+        assert!(server.env.iter().flatten().all(|e| e.name != "HF_TOKEN"));
+        // With a cache claim, the download writes to the claim.
+        let cached = service_fixture(json!({"spec": {"adapters": [{"name": "c",
+            "huggingface": {"repo": "org/lora", "cacheClaimName": "hub-cache"}}]}}));
+        let adapters = resolve(&cached, |_| None).unwrap();
+        let claim = volumes(&adapters)[0]
+            .persistent_volume_claim
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("hub-cache", Some(false))
+        );
         // Exported alone, the adapters are the export's top directory.
         let alone = tune(
             "Succeeded",
             Some("Exported"),
             json!({"spec": {"output": {"huggingface": {"adapterOnly": true}}}}),
         );
-        assert_eq!(resolved(Some(alone)).unwrap()[0].path, "exports/serve/tune");
+        assert_eq!(
+            place(&resolved(Some(alone)).unwrap()[0]),
+            ("models", "exports/serve/tune")
+        );
     }
 
     #[test]

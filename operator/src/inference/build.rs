@@ -89,6 +89,12 @@ pub struct ResolvedModel {
 }
 
 impl ResolvedModel {
+    /// Whether the pod downloads something (the model, an adapter), and so
+    /// holds the links to what it fetched.
+    pub fn pinned(&self) -> bool {
+        self.download.is_some() || adapters::downloads_any(&self.adapters)
+    }
+
     /// Directory of the weights inside the container: a downloaded model's
     /// is the pod's own link to the commit its download resolved.
     pub fn dir(&self) -> String {
@@ -369,23 +375,31 @@ pub fn pod_template(
             tolerations: tolerations(&spec.placement, worker.device),
             priority_class_name: spec.placement.priority_class_name.clone(),
             scheduler_name: spec.placement.scheduler_name.clone(),
-            init_containers: model.download.as_ref().map(|hub| {
-                vec![crate::hub::download_container(
-                    ctx,
-                    worker,
-                    &Download {
-                        container: DOWNLOAD_CONTAINER,
-                        repo: &hub.repo,
-                        revision: &hub.revision,
-                        endpoint: hub.endpoint.as_deref(),
-                        token_secret: hub.token_secret.as_ref(),
-                        dataset_include: Vec::new(),
-                        volume: "model",
-                        mount_path: MODEL_MOUNT,
-                        link: PINNED_MODEL_LINK,
-                    },
-                )]
-            }),
+            init_containers: Some(
+                model
+                    .download
+                    .iter()
+                    .map(|hub| {
+                        crate::hub::download_container(
+                            ctx,
+                            worker,
+                            &Download {
+                                container: DOWNLOAD_CONTAINER,
+                                repo: &hub.repo,
+                                revision: &hub.revision,
+                                endpoint: hub.endpoint.as_deref(),
+                                token_secret: hub.token_secret.as_ref(),
+                                fetches: crate::hub::Fetches::Model,
+                                volume: "model",
+                                mount_path: MODEL_MOUNT,
+                                link: PINNED_MODEL_LINK,
+                            },
+                        )
+                    })
+                    .chain(adapters::init_containers(ctx, worker, &model.adapters))
+                    .collect::<Vec<_>>(),
+            )
+            .filter(|c| !c.is_empty()),
             containers: vec![container(svc, ctx, group, model)],
             volumes: Some(volumes(svc, model)),
             resource_claims: resource_claims(worker),
@@ -468,18 +482,14 @@ fn container(
                 Some(mount("config", "/etc/moe", true)),
                 Some(mount("model", MODEL_MOUNT, true)),
                 model
-                    .download
-                    .as_ref()
-                    .map(|_| mount(PINNED_VOLUME, PINNED_MOUNT, true)),
+                    .pinned()
+                    .then(|| mount(PINNED_VOLUME, PINNED_MOUNT, true)),
                 Some(mount("shm", "/dev/shm", false)),
                 Some(mount("tmp", "/tmp", false)),
             ]
             .into_iter()
             .flatten()
-            .chain(
-                (0..adapters::claims(&model.adapters).len())
-                    .map(|k| mount(&adapters::volume_name(k), &adapters::mount_path(k), true)),
-            )
+            .chain(adapters::server_mounts(&model.adapters))
             .collect(),
         ),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -580,19 +590,10 @@ fn volumes(svc: &MoEInferenceService, model: &ResolvedModel) -> Vec<Volume> {
         ),
         empty_dir("tmp", None, None),
     ];
-    if model.download.is_some() {
+    if model.pinned() {
         volumes.push(empty_dir(PINNED_VOLUME, None, None));
     }
-    for (k, claim) in adapters::claims(&model.adapters).into_iter().enumerate() {
-        volumes.push(Volume {
-            name: adapters::volume_name(k),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim.to_owned(),
-                read_only: Some(true),
-            }),
-            ..Default::default()
-        });
-    }
+    volumes.extend(adapters::volumes(&model.adapters));
     volumes
 }
 

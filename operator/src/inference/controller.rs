@@ -871,6 +871,17 @@ mod tests {
             ),
             // No download at all.
             pod("e", json!({})),
+            // A Hub adapter's download, refused; another container's
+            // failure is not a download's.
+            pod(
+                "f",
+                json!({"status": {"phase": "Pending", "initContainerStatuses": [
+                    {"name": "download-adapter-1", "ready": false, "restartCount": 0,
+                     "image": "w", "imageID": "", "state": {"terminated": {"exitCode": 2,
+                     "reason": "Error", "message": "org/lora at c0ffee holds adapter_model.bin only"}}},
+                    {"name": "setup", "ready": false, "restartCount": 0, "image": "w",
+                     "imageID": "", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}),
+            ),
         ];
         let d = downloads_of(&pods);
         assert_eq!(d.running, 1);
@@ -886,6 +897,11 @@ mod tests {
                     pod: "p-c".into(),
                     exit_code: 1,
                     message: "Error".into()
+                },
+                ContainerFailure {
+                    pod: "p-f".into(),
+                    exit_code: 2,
+                    message: "org/lora at c0ffee holds adapter_model.bin only".into()
                 },
             ]
         );

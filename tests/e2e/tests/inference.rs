@@ -884,6 +884,134 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
     ns.delete().await
 }
 
+/// A LoRA adapter on the Hub (`adapters[].huggingface`), end to end: each
+/// server pod's init container `download-adapter-0` (the real `moe-worker
+/// fetch --repo-type adapter`, played here against a Hub on loopback)
+/// brings the adapter's config and safetensors and links them for the
+/// server; the real server, run with the pod's command and the config the
+/// operator rendered (its volumes here), serves it by name beside the
+/// model it adapts, which comes from a claim.
+#[tokio::test]
+async fn a_hub_adapter_is_downloaded_by_its_pods_and_served_by_name() -> Result<()> {
+    let client = admin_client().await?;
+    let ns = restricted_ns(&client, "mis-hub-adapter").await?;
+    let _op = Operator::start(&ns.name).await?;
+    bound_claim(&ns.name, "moe-models").await?;
+    let fixtures = moe_e2e::operator::repo_root().join("worker/tests/fixtures/hf");
+    let files = |dir: &std::path::Path| -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .context("a file")?
+                .to_string_lossy()
+                .into_owned();
+            files.push((name, std::fs::read(&path)?));
+        }
+        Ok(files)
+    };
+    let mut adapter = files(&fixtures.join("qwen3_moe_lora"))?;
+    adapter.push(("README.md".into(), b"# a tiny adapter".to_vec()));
+    let hub = FakeHub::start(&("c0ffee".repeat(6) + "abcd"), adapter)?;
+    let kubelet = Kubelet::new(&ns.name)?;
+    // The base model on its claim.
+    let base = kubelet.path("models").join("qwen3");
+    std::fs::create_dir_all(&base)?;
+    for (name, bytes) in files(&fixtures.join("qwen3_moe"))? {
+        std::fs::write(base.join(name), bytes)?;
+    }
+    let api: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let svc: MoEInferenceService = serde_json::from_value(json!({
+        "apiVersion": "moe.dev/v1alpha1", "kind": "MoEInferenceService",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "model": {"volume": {"claimName": "moe-models", "path": "qwen3", "format": "huggingface"}},
+            "adapters": [{"name": "chat-tuned",
+                          "huggingface": {"repo": "moe-tests/qwen3-moe-lora", "endpoint": hub.endpoint}}],
+            "serving": {"precision": "fp32", "startupTimeoutSeconds": 120},
+            "worker": {"device": "cpu", "podMetadata": {"labels": {"kwok.test/init": "hold"}}}
+        }
+    }))?;
+    api.create(&PostParams::default(), &svc).await?;
+    let pod = eventually("the pod to be downloading its adapter", WAIT, || async {
+        let list = server_pods(&pods, "chat").await?;
+        Ok(list.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .is_some_and(|c| {
+                    c.name == "download-adapter-0"
+                        && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                })
+        }))
+    })
+    .await?;
+    let link = kubelet.path("pinned").join("adapter-0");
+    let (code, message) = kubelet.run_init(
+        &pod,
+        Some("download-adapter-0"),
+        &[("--into", kubelet.path("hub")), ("--link", link.clone())],
+    )?;
+    ensure!(code == 0, "exit {code}: {message}");
+    kubelet
+        .report(&pods, &pod.name_any(), "init", code, &message)
+        .await?;
+    ensure!(
+        link.join("adapter_model.safetensors").is_file() && !link.join("README.md").exists(),
+        "{}",
+        link.display()
+    );
+
+    // The server, its volumes here.
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("chat-config")
+        .await?;
+    let mut config: Value = serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?;
+    ensure!(
+        config["adapters"][0]["dir"] == "/run/moe/adapter-0"
+            && config["adapters"][0]["revision"] == "huggingface/moe-tests/qwen3-moe-lora@main",
+        "{config}"
+    );
+    config["modelDir"] = json!(base);
+    config["adapters"][0]["dir"] = json!(link);
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (mut command, env) = Kubelet::main_container(&pod, &config_path)?;
+    ensure!(env.iter().all(|(name, _)| name != "HF_TOKEN"));
+    let port = moe_worker_free_port()?;
+    command.extend(["--host", "127.0.0.1", "--port", &port.to_string()].map(String::from));
+    let _server = kubelet.start(&command, &env)?;
+    let url = format!("http://127.0.0.1:{port}/v1/completions");
+    let body = json!({"model": "chat-tuned", "prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let reply = eventually(
+        "the server to answer in the adapter's name",
+        WAIT,
+        || async {
+            Ok(
+                match moe_e2e::operator::http_request("POST", &url, Some(&body.to_string())).await {
+                    Ok((200, reply)) => Some(serde_json::from_str::<Value>(&reply)?),
+                    _ => None,
+                },
+            )
+        },
+    )
+    .await?;
+    ensure!(
+        reply["model"] == "chat-tuned" && reply["usage"]["completion_tokens"] == 4,
+        "{reply}"
+    );
+    ns.delete().await
+}
+
 /// A free loopback port for a process the test runs.
 fn moe_worker_free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
