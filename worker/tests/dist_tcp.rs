@@ -840,8 +840,18 @@ fn abandoned_all_reduce(
 ) -> Vec<(DistError, Duration, Option<DistError>)> {
     // Survivors keep their communicators open until all have failed, so
     // rank 1 learns of the failure from the others' abort, not from their
-    // sockets closing on exit.
-    let survivors = std::sync::Barrier::new(3);
+    // sockets closing on exit. Not a `std::sync::Barrier`: a survivor that
+    // panicked would leave the others waiting forever (the test hung
+    // instead of failing); they give up after a while and the panic fails
+    // the test.
+    let survivors = std::sync::atomic::AtomicUsize::new(0);
+    let all_failed = || {
+        survivors.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + RENDEZVOUS;
+        while survivors.load(std::sync::atomic::Ordering::SeqCst) < 3 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    };
     let results = run_ranks(
         &[0, 1, 2, 3],
         &[identity(4); 4],
@@ -853,6 +863,10 @@ fn abandoned_all_reduce(
             c.all_reduce_sum(&mut warmup)
                 .expect("first all_reduce succeeds");
             assert_eq!(warmup[999], 4.0);
+            // Every rank past the warm-up before rank 3 goes: a rank
+            // closing its sockets with a message unread resets them, which
+            // could cut a slower rank's last warm-up receive.
+            c.barrier().expect("the warm-up barrier");
             if rank == 3 {
                 rank_3(c);
                 return None;
@@ -864,7 +878,7 @@ fn abandoned_all_reduce(
                 .expect_err("all_reduce without rank 3 must fail");
             let took = started.elapsed();
             let after = c.barrier().err();
-            survivors.wait();
+            all_failed();
             Some((err, took, after))
         },
     );
