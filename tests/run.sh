@@ -60,7 +60,10 @@ lint() {
 [[ ${MOE_SKIP_LINT:-} == 1 ]] || phase lint lint
 # The OpenAI Python client, for the serving test that uses it (pinned, cached).
 worker/tests/openai-client/setup.sh >/dev/null
-phase unit tested cargo test --locked
+# A hung test fails its phase (libtest has named it: "has been running for
+# over 60 seconds") instead of the whole run's time limit. The phases take
+# minutes; the bounds are several times that.
+phase unit tested timeout --kill-after=30 2400 cargo test --locked
 # Every CUDA kernel compiles for sm_90a and sm_80 with NVRTC and ptxas from
 # PyPI wheels (no GPU, no toolkit); the test fails rather than skips under CI=true.
 cuda_compile() {
@@ -100,7 +103,7 @@ e2e_diagnosis() {
 # Not `phase … || e2e_diagnosis`: errexit is off in the left side of `||`, so
 # a failed test would not stop the run.
 e2e() {
-  if ! tested cargo test --locked -p moe-e2e -- --test-threads=12; then
+  if ! tested timeout --kill-after=30 2400 cargo test --locked -p moe-e2e -- --test-threads=12; then
     e2e_diagnosis
   fi
 }
