@@ -558,6 +558,51 @@ fn a_gated_model_needs_a_token_and_the_token_is_never_printed() {
 
 /// `moe-worker serve --model hf://…`: downloaded into the cache, served
 /// under the repo's name, and a completion answers.
+/// `method path` with `body` (JSON) sent to the server `server` listens
+/// for on loopback `port` until it answers 200, within 60 s: the raw
+/// response. Fails with the server's log if it exits.
+fn until_ok(
+    server: &mut std::process::Child,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> String {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(Some(exit)) = server.try_wait() {
+            let mut log = String::new();
+            server
+                .stderr
+                .as_mut()
+                .unwrap()
+                .read_to_string(&mut log)
+                .unwrap();
+            panic!("the server exited: {exit}\n{log}");
+        }
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            let request = format!(
+                "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).unwrap();
+            if raw.starts_with("HTTP/1.1 200") {
+                return raw;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn serve_takes_a_hub_model_by_its_uri() {
     let hub = FakeHub::start();
@@ -578,31 +623,7 @@ fn serve_takes_a_hub_model_by_its_uri() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let models = loop {
-        if let Ok(Some(exit)) = server.try_wait() {
-            let mut log = String::new();
-            std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut log).unwrap();
-            panic!("the server exited: {exit}\n{log}");
-        }
-        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let head =
-                format!("GET /v1/models HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-            stream.write_all(head.as_bytes()).unwrap();
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw).unwrap();
-            if raw.starts_with("HTTP/1.1 200") {
-                break raw;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not serving within 60 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let models = until_ok(&mut server, port, "GET", "/v1/models", "");
     let _ = server.kill();
     let _ = server.wait();
     assert!(models.contains(&format!("\"id\":\"{REPO}\"")), "{models}");
@@ -854,34 +875,11 @@ fn an_adapter_brings_its_config_and_safetensors_and_is_served_beside_its_model()
         .env("HF_ENDPOINT", &hub.endpoint)
         .env("MOE_HF_CACHE", &cache.0)
         .env("MOE_STATUS_ADDR", "off")
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let body = r#"{"model": "tuned", "prompt": "Hello", "max_tokens": 3, "temperature": 0}"#;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let reply = loop {
-        assert!(server.try_wait().unwrap().is_none(), "the server exited");
-        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let request = format!(
-                "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
-                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(request.as_bytes()).unwrap();
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw).unwrap();
-            if raw.starts_with("HTTP/1.1 200") {
-                break raw;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not serving within 60 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let reply = until_ok(&mut server, port, "POST", "/v1/completions", body);
     let _ = server.kill();
     let _ = server.wait();
     assert!(reply.contains("\"model\":\"tuned\""), "{reply}");

@@ -234,6 +234,21 @@ pub async fn rejection_problems(
     Ok(problems)
 }
 
+/// The config the operator rendered for the job or service `name`: its
+/// ConfigMap `<name>-config`'s `config.json` (a worker's or a server's).
+pub async fn rendered_config(client: &Client, ns: &str, name: &str) -> Result<serde_json::Value> {
+    let config_map = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .get(&format!("{name}-config"))
+        .await?;
+    Ok(serde_json::from_str(
+        config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get("config.json"))
+            .context("no config.json")?,
+    )?)
+}
+
 /// A bound PersistentVolumeClaim `name` (a static PV pre-bound to it).
 pub async fn bound_claim(ns: &str, name: &str) -> Result<()> {
     operator::sh(&format!(

@@ -24,7 +24,7 @@ use moe_e2e::kueue::{KueueSetup, QUOTA_POOL, SPARE_POOL, TAS_POOL};
 use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     GANG_POOL, HOLD, TestNamespace, UrgentClass, WORKLOAD_API, admin_client, bound_claim,
-    eventually, gpu_job, metric_sum, on_pool, rejection_problems, release_job,
+    eventually, gpu_job, metric_sum, on_pool, rejection_problems, release_job, rendered_config,
 };
 use serde_json::{Value, json};
 
@@ -832,17 +832,10 @@ async fn a_server_that_cannot_load_its_model_stalls_the_service_in_the_workers_w
         .next()
         .context("no server pod")?;
     // The config the pod mounts, here in a scratch directory.
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("chat-config")
-        .await?;
-    let config = config_map
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.json"))
-        .context("no config.json")?;
+    let config = rendered_config(&client, &ns.name, "chat").await?;
     let kubelet = Kubelet::new("crash")?;
     let config_path = kubelet.path("config.json");
-    std::fs::write(&config_path, config)?;
+    std::fs::write(&config_path, config.to_string())?;
     let (mut args, env) = Kubelet::main_container(&pod, &config_path)?;
     ensure!(args[..2] == ["moe-worker", "serve"], "{args:?}");
     let port = moe_worker_free_port()?;
@@ -966,16 +959,7 @@ async fn a_hub_adapter_is_downloaded_by_its_pods_and_served_by_name() -> Result<
     );
 
     // The server, its volumes here.
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("chat-config")
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
+    let mut config = rendered_config(&client, &ns.name, "chat").await?;
     ensure!(
         config["adapters"][0]["dir"] == "/run/moe/adapter-0"
             && config["adapters"][0]["revision"] == "huggingface/moe-tests/qwen3-moe-lora@main",

@@ -21,7 +21,7 @@ use moe_e2e::operator::{Operator, install, operator_can, sh};
 use moe_e2e::{
     DRA_CLASS, DRA_POOL, ELASTIC_POOL, GANG_ELASTIC_POOL, GANG_POOL, HOLD, TestNamespace,
     UrgentClass, WORKLOAD_API, admin_client, api_message, bound_claim, eventually, gpu_job,
-    metric_sum, on_pool, rejection_problems,
+    metric_sum, on_pool, rejection_problems, rendered_config,
 };
 use serde_json::{Value, json};
 
@@ -2025,20 +2025,6 @@ async fn run_rendered_worker(
     Ok((trained, summary))
 }
 
-/// The worker config the operator rendered for `job` (its ConfigMap's).
-async fn rendered_config(client: &Client, ns: &str, job: &str) -> Result<Value> {
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get(&format!("{job}-config"))
-        .await?;
-    Ok(serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?)
-}
-
 /// Runs the pod's init container's own command (the real `moe-worker
 /// fetch`) with its volumes in `kubelet`'s scratch directory: the claim at
 /// `claim/`, the pod's link at `pinned/data`.
@@ -2447,16 +2433,7 @@ async fn a_lora_jobs_adapters_are_served_beside_its_base_model() -> Result<()> {
         volume.claim_name == "models" && volume.read_only == Some(true),
         "{volume:?}"
     );
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("chat-config")
-        .await?;
-    let mut config: Value = serde_json::from_str(
-        config_map
-            .data
-            .as_ref()
-            .and_then(|d| d.get("config.json"))
-            .context("no config.json")?,
-    )?;
+    let mut config = rendered_config(&client, &ns.name, "chat").await?;
     let adapter_dir = format!("/adapters/0/exports/{}/tune/adapter", ns.name);
     ensure!(
         config["adapters"][0]["name"] == "chat-tuned"
