@@ -831,14 +831,30 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
         8.0,
         false,
     );
+    // Another adapting layer 1's routed and shared experts: its rows carry
+    // their index to the rank of their expert.
+    let experts = dir.0.join("experts-adapter");
+    write_peft(
+        &experts,
+        &expert_updates(&model, 6),
+        model.config().head_dim,
+        8.0,
+        false,
+    );
     let options = ServeOptions {
-        adapters: vec![AdapterSource {
-            name: "tiny-sql".into(),
-            dir: adapter,
-        }],
+        adapters: vec![
+            AdapterSource {
+                name: "tiny-sql".into(),
+                dir: adapter,
+            },
+            AdapterSource {
+                name: "tiny-moe".into(),
+                dir: experts,
+            },
+        ],
         ..options(&dir.0)
     };
-    let bodies: Vec<Value> = ["tiny-sql", "tiny", "tiny-sql"]
+    let bodies: Vec<Value> = ["tiny-sql", "tiny", "tiny-moe", "tiny-sql", "tiny-moe"]
         .iter()
         .map(|model| {
             json!({"model": model, "prompt": "the quick brown fox", "max_tokens": 8,
@@ -849,7 +865,11 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
     let want: Vec<Value> = bodies.iter().map(|b| answer(one.addr, b)).collect();
     drop(one);
     assert_ne!(want[0], want[1], "the adapter changes the completion");
-    assert_eq!(want[0], want[2]);
+    assert_ne!(
+        want[2], want[1],
+        "the experts' adapter changes the completion"
+    );
+    assert_eq!((&want[0], &want[2]), (&want[3], &want[4]));
 
     let replica = |leader: &ServeOptions, follower: &ServeOptions| {
         dist_support::world(2, |world| {
@@ -865,7 +885,7 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
             }
             let server = Server::start_leader(Box::new(world), loaded, leader, &timeouts)
                 .map_err(|e| e.to_string())?;
-            // Two at once: one step mixes the adapter's rows and the base model's.
+            // All at once: steps mix the adapters' rows and the base model's.
             let got = std::thread::scope(|scope| {
                 let handles: Vec<_> = bodies
                     .iter()
@@ -891,27 +911,6 @@ fn adapters_on_a_replica_answer_like_one_process_and_every_rank_must_load_them()
     for outcome in replica(&options, &without) {
         let e = outcome.unwrap_err();
         assert!(e.contains("adapters (names and weights)"), "{e}");
-    }
-    // Adapters of the experts: rows cross ranks to their experts without
-    // their adapters, so a replica refuses them (one process serves them).
-    let experts = dir.0.join("experts-adapter");
-    write_peft(
-        &experts,
-        &expert_updates(&model, 6),
-        model.config().head_dim,
-        8.0,
-        false,
-    );
-    let with_experts = ServeOptions {
-        adapters: vec![AdapterSource {
-            name: "tiny-moe".into(),
-            dir: experts,
-        }],
-        ..options.clone()
-    };
-    for outcome in replica(&with_experts, &with_experts) {
-        let e = outcome.unwrap_err();
-        assert!(e.contains("\"tiny-moe\" adapts MoE experts"), "{e}");
     }
 }
 

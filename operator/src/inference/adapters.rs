@@ -56,14 +56,12 @@ pub fn resolve(
     svc.spec
         .adapters
         .iter()
-        .map(|adapter| resolve_one(adapter, svc.spec.parallelism.expert_parallel, &job))
+        .map(|adapter| resolve_one(adapter, &job))
         .collect()
 }
 
-/// `adapter` for a replica of `expert_parallel` ranks.
 fn resolve_one(
     adapter: &ServedAdapter,
-    expert_parallel: i32,
     job: &impl Fn(&str) -> Option<Arc<MoETrainingJob>>,
 ) -> Result<ResolvedAdapter, ModelState> {
     let name = adapter.name.clone();
@@ -101,18 +99,9 @@ fn resolve_one(
         reason: reason::MODEL_INCOMPATIBLE,
         message: format!("spec.adapters[{name}]: MoETrainingJob {} {why}", from.name),
     };
-    let Some(lora) = &job.spec.training.lora else {
+    if job.spec.training.lora.is_none() {
         return Err(incompatible(
             "trained no adapters (spec.training.lora unset): serve its model instead",
-        ));
-    };
-    // The server would refuse them at the join (rows cross ranks to their
-    // experts without their adapters): said here, before any pod starts.
-    if lora.routed_experts && expert_parallel > 1 {
-        return Err(incompatible(
-            "trained adapters of the routed experts (spec.training.lora.routedExperts), which an \
-             expert-parallel replica does not serve yet: serve them with \
-             parallelism.expertParallel 1, or serve the job's merged model",
         ));
     }
     let Some(output) = job
@@ -194,25 +183,23 @@ pub fn as_rendered(svc: &MoEInferenceService) -> Vec<ResolvedAdapter> {
     svc.spec
         .adapters
         .iter()
-        .map(
-            |a| match resolve_one(a, svc.spec.parallelism.expert_parallel, &|_| None) {
-                Ok(resolved) => resolved,
-                Err(_) => {
-                    let job = a
-                        .from_training_job
-                        .as_ref()
-                        .map_or("unknown", |j| j.name.as_str());
-                    ResolvedAdapter {
-                        name: a.name.clone(),
-                        place: AdapterPlace::Claim {
-                            claim_name: format!("{job}-export"),
-                            path: EXPORT_ADAPTER_DIR.into(),
-                        },
-                        revision: format!("moetrainingjob/{job}"),
-                    }
+        .map(|a| match resolve_one(a, &|_| None) {
+            Ok(resolved) => resolved,
+            Err(_) => {
+                let job = a
+                    .from_training_job
+                    .as_ref()
+                    .map_or("unknown", |j| j.name.as_str());
+                ResolvedAdapter {
+                    name: a.name.clone(),
+                    place: AdapterPlace::Claim {
+                        claim_name: format!("{job}-export"),
+                        path: EXPORT_ADAPTER_DIR.into(),
+                    },
+                    revision: format!("moetrainingjob/{job}"),
                 }
-            },
-        )
+            }
+        })
         .collect()
 }
 
@@ -599,19 +586,6 @@ mod tests {
         );
         let (_, message) = broken(resolved(Some(no_export)));
         assert!(message.contains("spec.output.huggingface"), "{message}");
-        // Routed experts' adapters: one process serves them, a replica of
-        // several ranks does not.
-        let routed = tune(
-            "Succeeded",
-            Some("Exported"),
-            json!({"spec": {"training": {"lora": {"routedExperts": true}}}}),
-        );
-        assert!(resolved(Some(routed.clone())).is_ok());
-        let mut replica = service();
-        replica.spec.parallelism.expert_parallel = 2;
-        let (why, message) = broken(resolve(&replica, |_| Some(routed.clone())));
-        assert_eq!(why, reason::MODEL_INCOMPATIBLE);
-        assert!(message.contains("routedExperts"), "{message}");
 
         // The model's own state comes first; a ready model waits for its adapters.
         let model = ModelState::Ready(Box::new(build::tests::model()));

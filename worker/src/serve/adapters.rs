@@ -20,10 +20,10 @@
 //! shared experts: every module a training job's export holds adapters of.
 //! An adapter of any other module (the router, an embedding) is refused at
 //! startup naming the tensor; its merged model (which the export writes
-//! beside the adapter) serves it. Expert-parallel replicas serve adapters
-//! of attention and dense layers (every rank runs those); experts' rows
-//! cross ranks without their adapters, so adapters of experts are refused
-//! there (`serve/replica.rs`).
+//! beside the adapter) serves it. Expert-parallel replicas serve them too:
+//! every rank runs attention and the dense layers with them, and a row sent
+//! to another rank's expert carries its index in the step, by which that
+//! rank finds its adapter (`serve/expert_parallel.rs`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -342,11 +342,6 @@ impl Adapter {
             }
         }
         seen
-    }
-
-    /// Whether it adapts some MoE layer's experts (routed or shared).
-    pub fn adapts_experts(&self) -> bool {
-        self.blocks.iter().any(BlockAdapter::adapts_experts)
     }
 }
 

@@ -486,8 +486,7 @@ impl Engine {
                     out
                 }
                 Ffn::Moe(moe) => match ep {
-                    // The replica refuses adapters of experts at the join.
-                    Some(ep) => expert_parallel::forward(moe, &normed, ep),
+                    Some(ep) => expert_parallel::forward(moe, &normed, ep, &out_adapters),
                     None => moe.forward_adapted(&normed, &out_adapters),
                 },
             };

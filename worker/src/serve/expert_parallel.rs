@@ -26,11 +26,23 @@
 use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::schedule::balanced_counts;
 use crate::moe::expert_parallel::{ExchangePlan, dispatch_order};
+use crate::serve::adapters::{BlockAdapter, MlpAdapter};
 use crate::serve::layers::Moe;
 
 /// The layer's output for `x: [rows, hidden]` (the same rows on every rank
-/// of `ep`, which must all call it at the same point), on every rank.
-pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
+/// of `ep`, which must all call it at the same point), on every rank, with
+/// row `r`'s adapter (`adapters[r]`, the same on every rank; none when
+/// empty) adding its updates to the experts it is routed to and to the
+/// shared experts. A row sent to another rank's expert carries its index
+/// in the step as one more value, by which that rank finds its adapter
+/// (only in steps where some row's adapter adapts experts: every rank
+/// sees the same rows, so all agree on the rows' width).
+pub(crate) fn forward(
+    moe: &Moe,
+    x: &[f32],
+    ep: &ExpertParallel,
+    adapters: &[Option<&BlockAdapter>],
+) -> Vec<f32> {
     let config = moe.config();
     let (hidden, n_experts) = (config.hidden, config.n_routed_experts);
     let placement = moe
@@ -72,24 +84,46 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
         order.sort_by_key(|&k| copy[k]);
     }
     let plan = ExchangePlan::new(&load, ep.exchange_counts(&load), ep.size());
-    let mut send = Vec::with_capacity(order.len() * hidden);
+    let indexed = adapters
+        .iter()
+        .any(|a| a.is_some_and(BlockAdapter::adapts_experts));
+    let width = hidden + usize::from(indexed);
+    let mut send = Vec::with_capacity(order.len() * width);
     for &k in &order {
         let token = dispatch.token(assignments[k]);
         send.extend_from_slice(&mine[token * hidden..(token + 1) * hidden]);
+        if indexed {
+            // Exact: a step's rows number far fewer than 2^24.
+            send.push((first + token) as f32);
+        }
     }
-    let received = ep.exchange_rows(&send, plan.send_rows(), &plan.recv_rows(), hidden);
+    let received = ep.exchange_rows(&send, plan.send_rows(), &plan.recv_rows(), width);
     drop(send);
 
     let outputs: Vec<Vec<f32>> = plan
-        .to_batches(&received, hidden)
+        .to_batches(&received, width)
         .into_iter()
         .enumerate()
-        .map(|(slot, input)| {
+        .map(|(slot, batch)| {
+            let (input, expert_adapters) = match indexed {
+                false => (batch, Vec::new()),
+                true => {
+                    let expert = placement.slot_expert(ep.rank(), slot);
+                    let mut input = Vec::with_capacity(batch.len() / width * hidden);
+                    let mut rows = Vec::with_capacity(batch.len() / width);
+                    for row in batch.chunks_exact(width) {
+                        input.extend_from_slice(&row[..hidden]);
+                        let adapter = adapters.get(row[hidden] as usize).copied().flatten();
+                        rows.push(adapter.zip(expert).and_then(|(a, e)| a.experts.get(e)));
+                    }
+                    (input, rows)
+                }
+            };
             let mut out = vec![0.0; input.len()];
             if !input.is_empty() {
                 moe.slot(slot)
                     .expect("rows arrive only for a filled slot")
-                    .forward(&mut out, &input);
+                    .forward_adapted(&mut out, &input, &expert_adapters);
                 moe.count_slot_rows(slot, input.len() / hidden);
             }
             out
@@ -117,6 +151,13 @@ pub(crate) fn forward(moe: &Moe, x: &[f32], ep: &ExpertParallel) -> Vec<f32> {
         0..n_experts,
         &in_dispatch_order,
     );
-    moe.add_shared(mine, &mut output, &[]);
+    let shared: Vec<Option<&MlpAdapter>> = match adapters.is_empty() {
+        true => Vec::new(),
+        false => adapters[first..first + counts[ep.rank()]]
+            .iter()
+            .map(|a| a.map(|a| &a.shared))
+            .collect(),
+    };
+    moe.add_shared(mine, &mut output, &shared);
     ep.all_gather_rows(&output, &counts, hidden)
 }

@@ -339,14 +339,10 @@ impl PackedMlp {
         self.w2.round_to(precision);
     }
 
-    /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`.
-    pub fn forward(&self, out: &mut [f32], x: &[f32]) {
-        self.forward_adapted(out, x, &[]);
-    }
-
-    /// [`Self::forward`] with row `i`'s adapter (`adapters[i]`, if any; none
-    /// when empty) adding its updates to the row's gate, up and down
-    /// projections (`serve/adapters.rs`).
+    /// `out = (silu(x w1ᵀ) * (x w3ᵀ)) w2ᵀ` for `x, out: [rows, hidden]`,
+    /// with row `i`'s adapter (`adapters[i]`, if any; none when empty)
+    /// adding its updates to the row's gate, up and down projections
+    /// (`serve/adapters.rs`).
     pub fn forward_adapted(&self, out: &mut [f32], x: &[f32], adapters: &[Option<&MlpAdapter>]) {
         let w = self.width;
         let hidden = self.w13.in_dim();
@@ -717,8 +713,8 @@ mod tests {
                 "{precision:?}: stored alike"
             );
             let (mut want, mut got) = (vec![0.0; rows * hidden], vec![0.0; rows * hidden]);
-            mlp.forward(&mut want, &x);
-            copy.forward(&mut got, &x);
+            mlp.forward_adapted(&mut want, &x, &[]);
+            copy.forward_adapted(&mut got, &x, &[]);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{precision:?}");
         }

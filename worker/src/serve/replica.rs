@@ -297,14 +297,6 @@ fn build_engine(
         &engine.adapter_shape(),
     )
     .map_err(ServeError::Options)?;
-    // Rows cross ranks to their experts without their adapters.
-    if let Some(adapter) = adapters.iter().find(|a| a.adapts_experts()) {
-        return Err(ServeError::Options(format!(
-            "adapter {:?} adapts MoE experts (routed or shared), which an expert-parallel \
-             replica does not serve yet: serve it from one process, or serve the merged model",
-            adapter.name
-        )));
-    }
     let adapters_fingerprint = super::adapters::fingerprint(&adapters);
     let engine = engine
         .with_adapters(adapters)
