@@ -294,6 +294,9 @@ fn the_server_serves_adapters_by_name_beside_the_model() {
     for line in [
         "moe_serving_model_requests_total{model=\"tiny-sql\"} 1",
         "moe_serving_model_requests_total{model=\"tiny\"} 1",
+        // What an endpoint picker's LoRA affinity reads.
+        "moe_serving_lora_requests_info{max_lora=\"1\",running_lora_adapters=\"tiny-sql\",\
+         waiting_lora_adapters=\"\"} ",
     ] {
         assert!(metrics.contains(line), "{line} not in {metrics}");
     }

@@ -26,6 +26,19 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+/// The LoRA adapters a server holds, as the Gateway API Inference
+/// Extension's endpoint picker reads them (its model server protocol,
+/// vLLM's `lora_requests_info`): every adapter is loaded at startup and
+/// stays, so all are running and none waits to load.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoraInfoLabels {
+    /// Adapters one batch may mix: all of them.
+    pub max_lora: String,
+    /// Comma-separated.
+    pub running_lora_adapters: String,
+    pub waiting_lora_adapters: String,
+}
+
 /// Payload bytes of one kind of expert-parallel collective.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CollectiveLabels {
@@ -61,6 +74,9 @@ pub struct Metrics {
     /// Generating requests accepted, by the model they named (the base
     /// model or a LoRA adapter: `serve/adapters.rs`).
     pub model_requests: Family<ModelLabels, Counter>,
+    /// The adapters held (value: when it was set, unix seconds, so a
+    /// reader takes the newest series).
+    pub lora_requests_info: Family<LoraInfoLabels, Gauge>,
     pub prompt_tokens: Counter,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub prompt_tokens_cached: Counter,
@@ -107,6 +123,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("moe_serving");
         let requests = Family::<RequestLabels, Counter>::default();
         let model_requests = Family::<ModelLabels, Counter>::default();
+        let lora_requests_info = Family::<LoraInfoLabels, Gauge>::default();
         let prompt_tokens = Counter::default();
         let prompt_tokens_cached = Counter::default();
         let prompt_tokens_scored = Counter::default();
@@ -128,6 +145,11 @@ impl Metrics {
             "requests",
             "HTTP responses by endpoint and status code",
             requests.clone(),
+        );
+        registry.register(
+            "lora_requests_info",
+            "The LoRA adapters served (labels; the value is when they were set, unix seconds), as endpoint pickers read vLLM's lora_requests_info",
+            lora_requests_info.clone(),
         );
         registry.register(
             "model_requests",
@@ -229,6 +251,7 @@ impl Metrics {
         Self {
             requests,
             model_requests,
+            lora_requests_info,
             prompt_tokens,
             prompt_tokens_cached,
             prompt_tokens_scored,
@@ -250,6 +273,23 @@ impl Metrics {
             kv_cache_usage,
             registry: std::sync::Arc::new(registry),
         }
+    }
+
+    /// Says which adapters the server holds (none: no series).
+    pub fn set_adapters(&self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.lora_requests_info
+            .get_or_create(&LoraInfoLabels {
+                max_lora: names.len().to_string(),
+                running_lora_adapters: names.join(","),
+                waiting_lora_adapters: String::new(),
+            })
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// Counts one HTTP response.

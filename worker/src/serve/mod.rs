@@ -379,6 +379,13 @@ fn spawn_runner(
     metrics: &Metrics,
     lockstep: Option<Lockstep>,
 ) -> Result<EngineHandle, ServeError> {
+    metrics.set_adapters(
+        &options
+            .adapters
+            .iter()
+            .map(|a| a.name.clone())
+            .collect::<Vec<_>>(),
+    );
     let settings = RunnerSettings {
         limits: options.limits(),
         kv_pages,
