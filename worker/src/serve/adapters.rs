@@ -44,12 +44,19 @@ pub struct AdapterSource {
 }
 
 impl AdapterSource {
-    /// `name=dir`, as `--lora` takes it.
+    /// `name=dir`, as `--lora` takes it. The name is a model id: no
+    /// whitespace or commas (metrics list adapters comma-separated).
     pub fn parse(text: &str) -> Result<Self, String> {
         let (name, dir) = text
             .split_once('=')
             .filter(|(name, dir)| !name.is_empty() && !dir.is_empty())
             .ok_or_else(|| format!("--lora {text:?} is not NAME=DIR"))?;
+        if name.contains(|c: char| c.is_whitespace() || c == ',') {
+            return Err(format!(
+                "--lora {text:?}: the name {name:?} holds whitespace or a comma; name the \
+                 adapter as requests will (e.g. support-v2)"
+            ));
+        }
         Ok(Self {
             name: name.to_owned(),
             dir: PathBuf::from(dir),

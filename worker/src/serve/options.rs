@@ -276,19 +276,15 @@ mod tests {
                 },
             ]
         );
-        let flags = Flags {
-            lora: vec!["/tmp/math".into()],
-            ..Flags::default()
-        };
-        let e = resolve(
-            None,
-            Flags {
+        for (lora, says) in [("/tmp/math", "NAME=DIR"), ("a,b=/tmp/x", "a comma")] {
+            let flags = Flags {
                 model: Some("m".into()),
-                ..flags
-            },
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("NAME=DIR"), "{e}");
+                lora: vec![lora.into()],
+                ..Flags::default()
+            };
+            let e = resolve(None, flags).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]
