@@ -6,23 +6,29 @@
 # with rank-8 adapters on every projection but the routed experts' and
 # exported (the merged model and adapter/), then served with that adapter.
 # Requests alternate between the base model's name and the adapter's (the
-# machines are shared and noisy): one at a time (64 prompt tokens, 64
+# machines are shared and noisy): one at a time (64 prompt tokens unless told, 64
 # generated, greedy, end-of-sequence ignored), then 8 at once all for the
 # base model, all for the adapter, and half each (one batch mixing them).
 # Prints each figure's median and its ratio to the base model's.
 #
-#   bash worker/benches/serve_lora.sh [rounds (default 5)]
+#   bash worker/benches/serve_lora.sh [rounds (default 5)] [prompt tokens (default 64)] [hidden (default 256)]
+#
+# MOE_WORKER=<binary> measures that build instead of building this tree's
+# (an older one, to compare two implementations by their ratios).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-5}
-cargo build --release -q -p moe-worker --bin moe-worker
+prompt_tokens=${2:-64}
+hidden=${3:-256}
+worker=${MOE_WORKER:-target/release/moe-worker}
+[ -n "${MOE_WORKER:-}" ] || cargo build --release -q -p moe-worker --bin moe-worker
 work=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
 cat > "$work/train.json" <<EOF
 {"job": "local/bench",
- "model": {"hiddenSize": 256, "layers": 4, "denseLayers": 1, "denseHiddenSize": 512,
+ "model": {"hiddenSize": $hidden, "layers": 4, "denseLayers": 1, "denseHiddenSize": $((2 * hidden)),
            "attentionHeads": 8, "kvHeads": 2, "qkNorm": "perHead", "seqLen": 256,
            "moe": {"experts": 16, "topK": 4, "sharedExperts": 0, "expertHiddenSize": 128,
                    "router": "softmax", "balancing": {"auxLossFree": {"enabled": false}}}},
@@ -37,28 +43,26 @@ cat > "$work/train.json" <<EOF
  "device": "cpu",
  "outputDir": "$work/run/out"}
 EOF
-MOE_STATUS_ADDR=off target/release/moe-worker train --config "$work/train.json" \
-  > /dev/null 2> "$work/train.log"
-target/release/moe-worker export --model "$work/run" --out "$work/export" --precision f32 \
-  > /dev/null
+MOE_STATUS_ADDR=off "$worker" train --config "$work/train.json" > /dev/null 2> "$work/train.log"
+"$worker" export --model "$work/run" --out "$work/export" --precision f32 > /dev/null
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-MOE_STATUS_ADDR=off target/release/moe-worker serve --model "$work/export" \
+MOE_STATUS_ADDR=off "$worker" serve --model "$work/export" \
   --served-model-name base --lora adapter="$work/export/adapter" \
   --host 127.0.0.1 --port "$port" 2> "$work/serve.log" &
 server=$!
 
-python3 - "$port" "$rounds" <<'EOF'
+python3 - "$port" "$rounds" "$prompt_tokens" <<'EOF'
 import concurrent.futures, json, statistics, sys, time, urllib.request
 
-port, rounds = int(sys.argv[1]), int(sys.argv[2])
+port, rounds, prompt_tokens = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 url = f"http://127.0.0.1:{port}"
-for _ in range(300):
-    try:
-        urllib.request.urlopen(f"{url}/v1/models", timeout=1).read()
+for _ in range(3000):
+    try:  # 200 once the model is loaded (503 while loading)
+        urllib.request.urlopen(f"{url}/health", timeout=1).read()
         break
     except OSError:
         time.sleep(0.1)
-prompt = [7 + (i * 37) % 200 for i in range(64)]
+prompt = [7 + (i * 37) % 200 for i in range(prompt_tokens)]
 
 def complete(model):
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 64, "temperature": 0,

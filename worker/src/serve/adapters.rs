@@ -582,3 +582,34 @@ fn served_module(module: &str, layers: usize) -> Option<(usize, Site, Projection
     };
     Some((layer, site, projection))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Rows updated together get the bits each gets alone.
+    #[test]
+    fn a_run_of_rows_is_updated_as_each_row_alone() {
+        let (rank, input, output, rows) = (3, 40, 24, 5);
+        let mut rng = SplitMix64::new(9);
+        let a = rng.normal_vec(rank * input, 1.0);
+        let b = rng.normal_vec(output * rank, 1.0);
+        let low = LowRank::new(a, &b, input, output, 0.7);
+        let x = rng.normal_vec(rows * input, 1.0);
+        // q, k, v stacked: the update goes to the middle of each row.
+        let stride = output + 10;
+        let start = rng.normal_vec(rows * stride, 1.0);
+        let mut together = start.clone();
+        low.add_rows(&mut together, stride, 4, &x);
+        let mut alone = start.clone();
+        for i in 0..rows {
+            let out = &mut alone[i * stride..(i + 1) * stride];
+            low.add_rows(out, stride, 4, &x[i * input..(i + 1) * input]);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&together), bits(&alone));
+        assert_ne!(bits(&together), bits(&start));
+        assert_eq!(together[..4], start[..4], "outside the offset untouched");
+    }
+}
