@@ -2206,44 +2206,17 @@ async fn exports_for_hugging_face(namespace: &str, training: serde_json::Value) 
     }
     let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let job = gpu_job(
+    let job = exporting_job(
         "hf",
-        1,
-        json!({"spec": {
-            "model": {"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
-                      "kvHeads": 2, "headDim": 12, "qkNorm": "perHead", "seqLen": 32,
-                      "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
-                              "router": "softmax",
-                              "balancing": {"auxLossFree": {"enabled": false}}}},
-            "training": training_spec,
-            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
-            "placement": {"gpuType": null},
-            "checkpoint": {"claimName": "ckpt", "path": "runs"},
-            "output": {"huggingface": {"claimName": "models", "path": "exports"}},
-            "worker": {"device": "cpu"},
-            "runPolicy": {"backoffLimit": 0}
-        }}),
+        json!({"vocabSize": 256, "hiddenSize": 32, "layers": 2, "attentionHeads": 4,
+               "kvHeads": 2, "headDim": 12, "qkNorm": "perHead", "seqLen": 32,
+               "moe": {"experts": 4, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
+                       "router": "softmax", "balancing": {"auxLossFree": {"enabled": false}}}}),
+        training_spec,
     );
     jobs.create(&PostParams::default(), &job).await?;
     let kubelet = Kubelet::new(namespace)?;
-    let here = |arg: &str| on_claims_here(&kubelet, arg);
-    let pod = eventually("the worker pod", WAIT, || async {
-        Ok(pods_of(&pods, "hf", 0).await?.into_iter().next())
-    })
-    .await?;
-    let mut config = rendered_config(&client, &ns.name, "hf").await?;
-    let output_dir = here(config["outputDir"].as_str().unwrap_or_default());
-    config["outputDir"] = json!(output_dir);
-    let dir = here(config["checkpoint"]["dir"].as_str().unwrap_or_default());
-    config["checkpoint"]["dir"] = json!(dir);
-    let config_path = kubelet.path("config.json");
-    std::fs::write(&config_path, config.to_string())?;
-    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
-    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
-    let trained = kubelet.run_for_output(&command, &env)?;
-    ensure!(trained.code == 0, "train: {}", trained.message);
-    moe_e2e::release_job(&pods, "hf").await?;
-    wait_phase(&jobs, "hf", TrainingPhase::Succeeded).await?;
+    train_here(&client, &ns.name, &kubelet, "hf").await?;
 
     let export = running_export_pod(&pods, "hf").await?;
     let exporting = jobs.get("hf").await?;
@@ -2328,7 +2301,6 @@ async fn a_lora_jobs_adapters_are_served_beside_its_base_model() -> Result<()> {
         bound_claim(&ns.name, claim).await?;
     }
     let kubelet = Kubelet::new(&ns.name)?;
-    let here = |arg: &str| on_claims_here(&kubelet, arg);
     // The base model on its claim.
     let fixture = moe_e2e::operator::repo_root().join("worker/tests/fixtures/hf/qwen3_moe");
     let base = kubelet.path("base").join("qwen3");
@@ -2341,26 +2313,17 @@ async fn a_lora_jobs_adapters_are_served_beside_its_base_model() -> Result<()> {
     let services: Api<MoEInferenceService> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     // tiny-lora.yaml's model, shorter.
-    let job = gpu_job(
+    let job = exporting_job(
         "tune",
-        1,
-        json!({"spec": {
-            "model": {"vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
-                      "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
-                      "qkNorm": "perHead", "normEpsilon": 1.0e-6, "seqLen": 32, "ropeTheta": 1000000,
-                      "moe": {"experts": 8, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
-                              "router": "softmax", "normalizeTopK": true,
-                              "balancing": {"auxLossFree": {"enabled": false}}},
-                      "initFrom": {"volume": {"claimName": "base", "path": "qwen3"}}},
-            "training": {"steps": 2, "globalBatchSize": 2, "microBatchSize": 2,
-                         "lora": {"targets": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}},
-            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
-            "placement": {"gpuType": null},
-            "checkpoint": {"claimName": "ckpt", "path": "runs"},
-            "output": {"huggingface": {"claimName": "models", "path": "exports"}},
-            "worker": {"device": "cpu"},
-            "runPolicy": {"backoffLimit": 0}
-        }}),
+        json!({"vocabSize": 330, "hiddenSize": 64, "layers": 2, "denseLayers": 1,
+               "denseHiddenSize": 64, "attentionHeads": 4, "kvHeads": 2, "headDim": 32,
+               "qkNorm": "perHead", "normEpsilon": 1.0e-6, "seqLen": 32, "ropeTheta": 1000000,
+               "moe": {"experts": 8, "topK": 2, "sharedExperts": 0, "expertHiddenSize": 16,
+                       "router": "softmax", "normalizeTopK": true,
+                       "balancing": {"auxLossFree": {"enabled": false}}},
+               "initFrom": {"volume": {"claimName": "base", "path": "qwen3"}}}),
+        json!({"steps": 2, "globalBatchSize": 2, "microBatchSize": 2,
+               "lora": {"targets": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}}),
     );
     jobs.create(&PostParams::default(), &job).await?;
     let service: MoEInferenceService = serde_json::from_value(json!({
@@ -2387,27 +2350,7 @@ async fn a_lora_jobs_adapters_are_served_beside_its_base_model() -> Result<()> {
     .await?;
 
     // The job's worker, then its export, played here.
-    let pod = eventually("the worker pod", WAIT, || async {
-        Ok(pods_of(&pods, "tune", 0).await?.into_iter().next())
-    })
-    .await?;
-    let mut config = rendered_config(&client, &ns.name, "tune").await?;
-    for pointer in ["/outputDir", "/checkpoint/dir", "/initDir"] {
-        let path = config
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let moved = here(path);
-        *config.pointer_mut(pointer).context(pointer)? = json!(moved);
-    }
-    let config_path = kubelet.path("config.json");
-    std::fs::write(&config_path, config.to_string())?;
-    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
-    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
-    let trained = kubelet.run_for_output(&command, &env)?;
-    ensure!(trained.code == 0, "train: {}", trained.message);
-    moe_e2e::release_job(&pods, "tune").await?;
-    wait_phase(&jobs, "tune", TrainingPhase::Succeeded).await?;
+    train_here(&client, &ns.name, &kubelet, "tune").await?;
     let export = running_export_pod(&pods, "tune").await?;
     let exported = kubelet.run_for_output(&export_command_here(&kubelet, &export)?, &[])?;
     ensure!(exported.code == 0, "export: {}", exported.message);
@@ -2822,6 +2765,55 @@ async fn running_export_pod(pods: &Api<Pod>, job: &str) -> Result<Pod> {
             .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
     })
     .await
+}
+
+/// A one-process CPU job `name` of `model` and `training` that checkpoints
+/// on claim `ckpt` (under `runs/`) and exports on claim `models` (under
+/// `exports/`), with no restarts.
+fn exporting_job(name: &str, model: Value, training: Value) -> MoETrainingJob {
+    gpu_job(
+        name,
+        1,
+        json!({"spec": {
+            "model": model,
+            "training": training,
+            "parallelism": {"nodes": 1, "processesPerNode": 1, "expertParallel": 1},
+            "placement": {"gpuType": null},
+            "checkpoint": {"claimName": "ckpt", "path": "runs"},
+            "output": {"huggingface": {"claimName": "models", "path": "exports"}},
+            "worker": {"device": "cpu"},
+            "runPolicy": {"backoffLimit": 0}
+        }}),
+    )
+}
+
+/// Plays the kubelet for job `name`'s worker: the real `moe-worker train`
+/// with the config the operator rendered, its claims on `kubelet`'s
+/// scratch ([`on_claims_here`]); then releases the pod and waits for the
+/// job to succeed.
+async fn train_here(client: &Client, ns: &str, kubelet: &Kubelet, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let jobs: Api<MoETrainingJob> = Api::namespaced(client.clone(), ns);
+    let pod = eventually("the worker pod", WAIT, || async {
+        Ok(pods_of(&pods, name, 0).await?.into_iter().next())
+    })
+    .await?;
+    let mut config = rendered_config(client, ns, name).await?;
+    for pointer in ["/outputDir", "/checkpoint/dir", "/initDir"] {
+        if let Some(path) = config.pointer(pointer).and_then(Value::as_str) {
+            let moved = on_claims_here(kubelet, path);
+            *config.pointer_mut(pointer).context(pointer)? = json!(moved);
+        }
+    }
+    let config_path = kubelet.path("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let (command, mut env) = Kubelet::main_container(&pod, &config_path)?;
+    env.push(("MOE_NODE_RANK".to_string(), "0".to_string()));
+    let trained = kubelet.run_for_output(&command, &env)?;
+    ensure!(trained.code == 0, "train: {}", trained.message);
+    moe_e2e::release_job(&pods, name).await?;
+    wait_phase(&jobs, name, TrainingPhase::Succeeded).await?;
+    Ok(())
 }
 
 /// A path in a training or export pod moved onto `kubelet`'s scratch: the
