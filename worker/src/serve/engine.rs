@@ -418,16 +418,16 @@ impl Engine {
         let eps = config.norm_eps;
         let mut normed = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
+        let adapted = chunks.iter().any(|c| c.adapter.is_some());
         for (layer, block) in self.layers.blocks.iter().enumerate() {
             // Each row's adapter of this block; empty when no chunk has one.
-            let row_adapters: Vec<Option<&BlockAdapter>> =
-                if chunks.iter().any(|c| c.adapter.is_some()) {
-                    rows.iter()
-                        .map(|&(c, _)| chunks[c].adapter.map(|a| &self.adapters[a].blocks[layer]))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+            let row_adapters: Vec<Option<&BlockAdapter>> = if adapted {
+                rows.iter()
+                    .map(|&(c, _)| chunks[c].adapter.map(|a| &self.adapters[a].blocks[layer]))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             // Attention: x + Wo attention(rope(Wq n), rope(Wk n), Wv n).
             rmsnorm::forward(&mut normed, &mut rstd, &x, &block.attention_norm, eps);
             // Every row's keys and values are cached by the attention;

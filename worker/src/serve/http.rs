@@ -26,7 +26,7 @@ use moe_crds::contract::{HEALTH_PATH, READY_PATH};
 
 use crate::serve::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Served};
 use crate::serve::logprobs::{self, PromptLogprobs, TokenLogprobs};
-use crate::serve::metrics::{Metrics, ModelLabels};
+use crate::serve::metrics::Metrics;
 use crate::serve::runner::{EngineHandle, Event, FinishReason, SubmitError, Usage};
 
 /// What every handler shares.
@@ -347,13 +347,7 @@ async fn start(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Star
         Endpoint::Chat => api::parse::<ChatRequest>(body)?.check(served),
     })?;
     let engine = state.engine()?;
-    state
-        .metrics
-        .model_requests
-        .get_or_create(&ModelLabels {
-            model: model.clone(),
-        })
-        .inc();
+    state.metrics.model_request(&model);
     let logprobs = requests.iter().any(|r| r.logprobs.is_some());
     let submit = |prompt: usize, index: usize| {
         let mut choice = requests[prompt].clone();

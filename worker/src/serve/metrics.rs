@@ -292,6 +292,16 @@ impl Metrics {
             .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
+    /// Counts one generating request for `model` (the base model's name or
+    /// an adapter's).
+    pub fn model_request(&self, model: &str) {
+        self.model_requests
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts one HTTP response.
     pub fn response(&self, endpoint: &str, status: u16) {
         self.requests

@@ -275,6 +275,30 @@ fn name_from_dir(dir: &Path) -> String {
         .to_owned()
 }
 
+/// `options.adapters`, loaded for `engine`'s model and logged: one
+/// process's, or every rank's of an expert-parallel replica.
+fn load_adapters(
+    options: &ServeOptions,
+    engine: &Engine,
+) -> Result<Vec<adapters::Adapter>, ServeError> {
+    let adapters = adapters::load_all(
+        &options.adapters,
+        &options.served_name(),
+        &engine.adapter_shape(),
+    )
+    .map_err(ServeError::Options)?;
+    for adapter in &adapters {
+        tracing::info!(
+            adapter = %adapter.name,
+            dir = %adapter.dir.display(),
+            modules = ?adapter.modules(),
+            kib = adapter.bytes() >> 10,
+            "adapter loaded"
+        );
+    }
+    Ok(adapters)
+}
+
 /// KV pages `options.kv_cache_bytes` affords for a cache of `shape`.
 fn kv_pages(shape: KvShape, options: &ServeOptions) -> Result<usize, ServeError> {
     let kv_pages = shape.pages_within(options.kv_cache_bytes);
@@ -333,21 +357,7 @@ pub fn start_engine(
         model
     };
     let engine = Engine::serve(model);
-    let adapters = adapters::load_all(
-        &options.adapters,
-        &options.served_name(),
-        &engine.adapter_shape(),
-    )
-    .map_err(ServeError::Options)?;
-    for adapter in &adapters {
-        tracing::info!(
-            adapter = %adapter.name,
-            dir = %adapter.dir.display(),
-            modules = ?adapter.modules(),
-            kib = adapter.bytes() >> 10,
-            "adapter loaded"
-        );
-    }
+    let adapters = load_adapters(options, &engine)?;
     let engine = engine
         .with_adapters(adapters)
         .with_weights(options.weights)

@@ -291,12 +291,7 @@ fn build_engine(
     #[cfg(not(feature = "cuda"))]
     let _ = gpu;
     let engine = Engine::serve(model);
-    let adapters = super::adapters::load_all(
-        &options.adapters,
-        &options.served_name(),
-        &engine.adapter_shape(),
-    )
-    .map_err(ServeError::Options)?;
+    let adapters = super::load_adapters(options, &engine)?;
     let adapters_fingerprint = super::adapters::fingerprint(&adapters);
     let engine = engine
         .with_adapters(adapters)
