@@ -384,12 +384,13 @@ fn serve(mut args: ServeArgs) -> ExitCode {
         }
     }
     for lora in &mut args.lora {
-        let Some((name, uri)) = lora.split_once('=') else {
+        // A malformed one is refused, named, with the other options.
+        let Ok(source) = serve::adapters::AdapterSource::parse(lora) else {
             continue;
         };
-        if let Some((repo, revision)) = fetch::parse_uri(uri) {
+        if let Some((repo, revision)) = source.dir.to_str().and_then(fetch::parse_uri) {
             match from_hub(&repo, revision, fetch::RepoKind::Adapter) {
-                Ok(fetched) => *lora = format!("{name}={}", fetched.dir.display()),
+                Ok(fetched) => *lora = format!("{}={}", source.name, fetched.dir.display()),
                 Err(e) => return fail(&e.to_string(), e.exit_code()),
             }
         }
